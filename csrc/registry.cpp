@@ -1,0 +1,6 @@
+#include "registry.h"
+
+namespace fastft {
+// Op families add a `register_<family>(m)` declaration and call here.
+void register_all(pybind11::module_& /*m*/) {}
+}  // namespace fastft

@@ -1,0 +1,24 @@
+"""fastft: fused Triton kernels and a thin PEFT layer for fast LoRA / QLoRA fine-tuning."""
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+from fastft.ops import lora_linear  # noqa: E402
+
+# Heavier entry points (they import peft/transformers) load on first use.
+_LAZY = {
+    "get_peft_model": "fastft.integration.peft_lora",
+    "patch_peft": "fastft.integration.peft_lora",
+    "load_adapter": "fastft.integration.peft_lora",
+    "add_adapter": "fastft.integration.peft_lora",
+}
+
+__all__ = ["lora_linear", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'fastft' has no attribute {name!r}")

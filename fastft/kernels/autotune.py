@@ -1,0 +1,58 @@
+"""A small autotuner: time each launch config once per problem key, keep the fastest.
+
+Unlike `triton.autotune` it skips configs that fail to compile on this triton/GPU (so one
+broken variant, e.g. warp specialization on an older triton, never breaks the op), and under
+the interpreter or with FASTFT_AUTOTUNE=0 it takes the first config without timing anything.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Callable, Hashable, Sequence
+
+from fastft.kernels.runtime import INTERPRET
+
+log = logging.getLogger(__name__)
+
+Config = dict  # kernel meta-parameters, including num_warps / num_stages
+
+
+class Tuner:
+    def __init__(self, name: str, configs: Sequence[Config]):
+        if not configs:
+            raise ValueError(f"{name}: at least one config is needed")
+        self.name = name
+        self.configs = list(configs)
+        self.best: dict[Hashable, Config] = {}
+
+    def run(self, key: Hashable, launch: Callable[[Config], None]) -> None:
+        """Launch with the best config for `key`; tune first if `key` is new.
+
+        `launch(config)` must be idempotent (it overwrites its outputs), since tuning runs it repeatedly.
+        """
+        config = self.best.get(key)
+        if config is None:
+            config = self._tune(key, launch)
+        launch(config)
+
+    def _tune(self, key: Hashable, launch: Callable[[Config], None]) -> Config:
+        if INTERPRET or len(self.configs) == 1 or os.environ.get("FASTFT_AUTOTUNE", "1") == "0":
+            self.best[key] = self.configs[0]
+            return self.configs[0]
+        from triton.testing import do_bench
+
+        timings, last_error = [], None
+        for config in self.configs:
+            try:
+                launch(config)  # compile outside the timed region
+                ms = do_bench(lambda: launch(config), warmup=5, rep=20, return_mode="median")
+                timings.append((ms, config))
+            except Exception as err:  # noqa: BLE001 - a config that cannot compile or run is skipped
+                log.debug("%s: config %s failed: %s", self.name, config, err)
+                last_error = err
+        if not timings:
+            raise RuntimeError(f"{self.name}: no launch config compiled for {key}") from last_error
+        best = min(timings, key=lambda t: t[0])[1]
+        log.info("%s %s -> %s", self.name, key, best)
+        self.best[key] = best
+        return best

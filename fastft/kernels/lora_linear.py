@@ -1,0 +1,390 @@
+"""Triton kernels of the fused LoRA linear  y = x·Wᵀ + b + s·(dropout(x)·Aᵀ)·Bᵀ.
+
+Shapes: x (M×K), W (N×K) frozen, A (r×K), B (N×r). The rank is padded to R ≥ 16 (a power of two)
+with zero rows/columns, so every tail step is one full tensor-core tile.
+
+The design follows ../shared/notes/lora-roofline.md: the LoRA terms never cost a full-size
+elementwise pass over y or dx.
+
+forward   xs = c·(keep∘x)·Aᵀ                 one skinny pass over x (M×R, kept for backward)
+          y  = x·Wᵀ + xs·Bᵀ + b              one GEMM; the LoRA term is R extra reduction steps
+backward  g  = c·dy·B                        one skinny pass over dy (M×R)
+          dx = dy·W + keep∘(g·A)             one GEMM; the LoRA term again R extra steps
+          dA = gᵀ·(keep∘x)                   one skinny pass over x (split over M)
+          dB = dyᵀ·xs                        one skinny pass over dy (split over M)
+with c = s/(1-p). The dropout mask `keep` is never stored: every kernel regenerates it from the
+seed and the element's (row, column) index in x with Philox.
+
+Three kernels serve all six products: `_lora_gemm_kernel` (the big GEMM with the rank tail),
+`_rank_project_kernel` (M×K times K×R) and `_rank_reduce_kernel` (Rᵀ×M times M×N). Launchers below
+them take 2-D operands, pick configs and grids; validation lives in fastft.ops.lora_linear.
+"""
+from __future__ import annotations
+
+import torch
+
+from fastft.kernels.autotune import Tuner
+from fastft.kernels.runtime import (
+    INTERPRET,
+    device_sms,
+    ensure_descriptor_allocator,
+    has_tma,
+    next_power_of_2,
+    tma_compatible,
+    triton,
+)
+
+import triton.language as tl
+
+
+@triton.jit
+def dropout_keep(seed, rows, cols, n_cols, p):
+    """Keep-mask of inverted dropout for element (row, col) of a matrix with n_cols columns."""
+    offsets = rows.to(tl.int64)[:, None] * n_cols + cols[None, :]
+    return tl.rand(seed, offsets) >= p
+
+
+@triton.jit
+def _tile_coords(tile_id, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    # Grouped ordering: GROUP_M row-tiles share their column tiles while those sit in L2.
+    group_size = GROUP_M * num_pid_n
+    first_m = (tile_id // group_size) * GROUP_M
+    rows_in_group = min(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (tile_id % group_size) % rows_in_group
+    pid_n = (tile_id % group_size) // rows_in_group
+    return pid_m, pid_n
+
+
+@triton.jit
+def _lora_gemm_kernel(
+    a_ptr, b_ptr, l_ptr, t_ptr, bias_ptr, c_ptr,
+    M, N, K,
+    stride_am, stride_ak, stride_bn, stride_bk, stride_lm, stride_tn, stride_tr, stride_cm,
+    p_drop, seed,
+    HAS_BIAS: tl.constexpr, TAIL_DROPOUT: tl.constexpr, B_NK: tl.constexpr,
+    USE_TMA: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr, FLATTEN: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+):
+    """c[M,N] = a[M,K]·bᵀ + l[M,R]·tᵀ (+ bias), b logically [N,K] and t logically [N,R].
+
+    B_NK: b and t are stored N-major ([N,K] / [N,R], the forward) or K-major ([K,N] / [R,N], dx).
+    TAIL_DROPOUT: the tail is masked by dropout_keep(row, col) of c (dx of a dropout LoRA).
+    Persistent: NUM_SMS programs walk the output tiles.
+    """
+    start_pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_tiles = num_pid_m * num_pid_n
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    dtype = c_ptr.dtype.element_ty
+
+    if USE_TMA:
+        a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[stride_am, 1],
+                                           block_shape=[BLOCK_M, BLOCK_K])
+        l_desc = tl.make_tensor_descriptor(l_ptr, shape=[M, BLOCK_R], strides=[stride_lm, 1],
+                                           block_shape=[BLOCK_M, BLOCK_R])
+        c_desc = tl.make_tensor_descriptor(c_ptr, shape=[M, N], strides=[stride_cm, 1],
+                                           block_shape=[BLOCK_M, BLOCK_N])
+        if B_NK:
+            b_desc = tl.make_tensor_descriptor(b_ptr, shape=[N, K], strides=[stride_bn, 1],
+                                               block_shape=[BLOCK_N, BLOCK_K])
+            t_desc = tl.make_tensor_descriptor(t_ptr, shape=[N, BLOCK_R], strides=[stride_tn, 1],
+                                               block_shape=[BLOCK_N, BLOCK_R])
+        else:
+            b_desc = tl.make_tensor_descriptor(b_ptr, shape=[K, N], strides=[stride_bk, 1],
+                                               block_shape=[BLOCK_K, BLOCK_N])
+            t_desc = tl.make_tensor_descriptor(t_ptr, shape=[BLOCK_R, N], strides=[stride_tr, 1],
+                                               block_shape=[BLOCK_R, BLOCK_N])
+
+    offs_r = tl.arange(0, BLOCK_R)
+    for tile_id in tl.range(start_pid, num_tiles, NUM_SMS, flatten=FLATTEN, warp_specialize=WARP_SPECIALIZE):
+        pid_m, pid_n = _tile_coords(tile_id, num_pid_m, num_pid_n, GROUP_M)
+        off_m = pid_m * BLOCK_M
+        off_n = pid_n * BLOCK_N
+        rows = off_m + tl.arange(0, BLOCK_M)
+        cols = off_n + tl.arange(0, BLOCK_N)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for ki in range(k_tiles):
+            off_k = ki * BLOCK_K
+            if USE_TMA:
+                a = a_desc.load([off_m, off_k])
+                if B_NK:
+                    b = b_desc.load([off_n, off_k]).T
+                else:
+                    b = b_desc.load([off_k, off_n])
+            else:
+                ks = off_k + tl.arange(0, BLOCK_K)
+                a = tl.load(a_ptr + rows[:, None] * stride_am + ks[None, :] * stride_ak,
+                            mask=(rows[:, None] < M) & (ks[None, :] < K), other=0.0)
+                b = tl.load(b_ptr + ks[:, None] * stride_bk + cols[None, :] * stride_bn,
+                            mask=(ks[:, None] < K) & (cols[None, :] < N), other=0.0)
+            if UPCAST:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+        # The LoRA term: R more reduction steps over the rank-R factors.
+        if USE_TMA:
+            lo = l_desc.load([off_m, 0])
+            if B_NK:
+                tr = t_desc.load([off_n, 0]).T
+            else:
+                tr = t_desc.load([0, off_n])
+        else:
+            lo = tl.load(l_ptr + rows[:, None] * stride_lm + offs_r[None, :], mask=rows[:, None] < M, other=0.0)
+            tr = tl.load(t_ptr + offs_r[:, None] * stride_tr + cols[None, :] * stride_tn,
+                         mask=cols[None, :] < N, other=0.0)
+        if UPCAST:
+            lo = lo.to(tl.float32)
+            tr = tr.to(tl.float32)
+        if TAIL_DROPOUT:
+            tail = tl.dot(lo, tr, input_precision=DOT_PRECISION)
+            acc += tl.where(dropout_keep(seed, rows, cols, N, p_drop), tail, 0.0)
+        else:
+            acc = tl.dot(lo, tr, acc, input_precision=DOT_PRECISION)
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + cols, mask=cols < N, other=0.0)
+            acc += bias.to(tl.float32)[None, :]
+
+        if USE_TMA:
+            c_desc.store([off_m, off_n], acc.to(dtype))
+        else:
+            tl.store(c_ptr + rows[:, None] * stride_cm + cols[None, :], acc.to(dtype),
+                     mask=(rows[:, None] < M) & (cols[None, :] < N))
+
+
+@triton.jit
+def _rank_project_kernel(
+    x_ptr, w_ptr, out_ptr,
+    M, K,
+    stride_xm, stride_xk, stride_wr, stride_wk, stride_om,
+    scale, p_drop, seed,
+    DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """out[M,R] = scale · (keep∘x)[M,K] · wᵀ, w logically [R,K] (any strides); one pass over x."""
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = tl.arange(0, BLOCK_R)
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for off_k in range(0, K, BLOCK_K):
+        ks = off_k + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :] * stride_xk,
+                    mask=(rows[:, None] < M) & (ks[None, :] < K), other=0.0)
+        if DROPOUT:
+            x = tl.where(dropout_keep(seed, rows, ks, K, p_drop), x, 0.0)
+        w = tl.load(w_ptr + ks[:, None] * stride_wk + offs_r[None, :] * stride_wr,
+                    mask=ks[:, None] < K, other=0.0)
+        if UPCAST:
+            x = x.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
+    acc = acc * scale
+    tl.store(out_ptr + rows[:, None] * stride_om + offs_r[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=rows[:, None] < M)
+
+
+@triton.jit
+def _rank_reduce_kernel(
+    l_ptr, y_ptr, part_ptr,
+    M, N, rows_per_split,
+    stride_lm, stride_ym, stride_yn,
+    p_drop, seed,
+    DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """part[split, R, N] = l[rows, R]ᵀ · (keep∘y)[rows, N] over this split's rows (fp32 partial sums)."""
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, BLOCK_R)
+    row_start = pid_s * rows_per_split
+    row_end = min(M, row_start + rows_per_split)
+    acc = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
+    for off_m in range(row_start, row_end, BLOCK_M):
+        rows = off_m + tl.arange(0, BLOCK_M)
+        in_rows = rows < row_end
+        lo = tl.load(l_ptr + rows[:, None] * stride_lm + offs_r[None, :], mask=in_rows[:, None], other=0.0)
+        y = tl.load(y_ptr + rows[:, None] * stride_ym + cols[None, :] * stride_yn,
+                    mask=in_rows[:, None] & (cols[None, :] < N), other=0.0)
+        if DROPOUT:
+            y = tl.where(dropout_keep(seed, rows, cols, N, p_drop), y, 0.0)
+        if UPCAST:
+            lo = lo.to(tl.float32)
+            y = y.to(tl.float32)
+        acc = tl.dot(lo.T, y, acc, input_precision=DOT_PRECISION)
+    out = part_ptr + pid_s * BLOCK_R * N + offs_r[:, None] * N + cols[None, :]
+    tl.store(out, acc, mask=cols[None, :] < N)
+
+
+@triton.jit
+def _dropout_mask_kernel(out_ptr, M, K, p_drop, seed, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    keep = dropout_keep(seed, rows, cols, K, p_drop)
+    tl.store(out_ptr + rows[:, None] * K + cols[None, :], keep.to(tl.int8),
+             mask=(rows[:, None] < M) & (cols[None, :] < K))
+
+
+# ----------------------------------------------------------------------------------------------
+# Launch configs. Hopper configs follow ../shared/anchors (128×256×64, 3 stages, 8 warps reached
+# 1.006–1.05× cuBLAS with descriptors and a persistent grid); the interpreter gets one small tile.
+
+def _gemm_configs(use_tma: bool, elem_bytes: int) -> list[dict]:
+    if INTERPRET:
+        return [dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, FLATTEN=False, WARP_SPECIALIZE=False,
+                     num_warps=4, num_stages=1)]
+    if elem_bytes == 4:
+        return [dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, FLATTEN=False, WARP_SPECIALIZE=False,
+                     num_warps=4, num_stages=3)]
+    if use_tma:
+        shapes = [(128, 256, 64, 3, 8), (128, 128, 64, 4, 8), (128, 128, 128, 3, 8), (128, 256, 64, 3, 4)]
+        configs = []
+        for bm, bn, bk, stages, warps in shapes:
+            for flatten, ws in ((True, False), (False, False), (False, True)):
+                configs.append(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, FLATTEN=flatten,
+                                    WARP_SPECIALIZE=ws, num_warps=warps, num_stages=stages))
+        return configs
+    return [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, FLATTEN=False, WARP_SPECIALIZE=False,
+                 num_warps=w, num_stages=s)
+            for bm, bn, bk, s, w in [(128, 128, 64, 4, 8), (128, 256, 64, 3, 8), (64, 128, 64, 4, 4)]]
+
+
+def _project_configs(elem_bytes: int) -> list[dict]:
+    if INTERPRET:
+        return [dict(BLOCK_M=32, BLOCK_K=32, num_warps=4, num_stages=1)]
+    return [dict(BLOCK_M=bm, BLOCK_K=bk, num_warps=w, num_stages=s)
+            for bm, bk, w, s in [(64, 128, 4, 4), (32, 256, 4, 4), (128, 64, 8, 4), (64, 256, 8, 3)]]
+
+
+def _reduce_configs(elem_bytes: int) -> list[dict]:
+    if INTERPRET:
+        return [dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)]
+    return [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s)
+            for bm, bn, w, s in [(64, 128, 4, 4), (128, 64, 4, 4), (64, 256, 8, 3), (128, 128, 8, 3)]]
+
+
+_TUNERS: dict[tuple, Tuner] = {}
+
+
+def _tuner(name: str, configs: list[dict]) -> Tuner:
+    key = (name, tuple(tuple(sorted(c.items())) for c in configs))
+    if key not in _TUNERS:
+        _TUNERS[key] = Tuner(name, configs)
+    return _TUNERS[key]
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 callers expect fp32 accuracy (torch's default matmul is not tf32); bf16/fp16 ignore this.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _upcast(dtype: torch.dtype) -> bool:
+    # The interpreter computes bf16/fp16 dots wrongly; on the GPU the tensor cores take them directly.
+    return INTERPRET and dtype != torch.float32
+
+
+def rank_pad(r: int) -> int:
+    return max(16, next_power_of_2(r))
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers (2-D operands, already validated).
+
+def lora_gemm(a, b, lo, t, bias, *, b_nk: bool, p_drop: float = 0.0, seed: int = 0) -> torch.Tensor:
+    """c = a·bᵀ + lo·tᵀ (+ bias), b logical [N,K], t logical [N,R]; tail masked by dropout if p_drop > 0.
+
+    b_nk: b is W stored [N,K] (and t is B [N,R]) — the forward; else b is W [K,N] seen transposed (and t
+    is A [R,N]) — dx. lo is [M,R] contiguous with R = rank_pad(r).
+    """
+    M, K = a.shape
+    N = b.shape[0] if b_nk else b.shape[1]
+    R = lo.shape[1]
+    c = torch.empty((M, N), device=a.device, dtype=a.dtype)
+    # logical b[n, k] and t[n, r] strides, whatever the storage
+    stride_bn, stride_bk = (b.stride(0), b.stride(1)) if b_nk else (b.stride(1), b.stride(0))
+    stride_tn, stride_tr = (t.stride(0), t.stride(1)) if b_nk else (t.stride(1), t.stride(0))
+    use_tma = has_tma(a.device) and all(tma_compatible(x) for x in (a, b, lo, t, c))
+    if use_tma:
+        ensure_descriptor_allocator()
+    sms = device_sms(a.device)
+    precision = _dot_precision(a.dtype)
+
+    def launch(cfg):
+        cfg = dict(cfg)
+        tiles = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
+        grid = (max(1, min(sms, tiles)),)
+        _lora_gemm_kernel[grid](
+            a, b, lo, t, bias if bias is not None else c, c,
+            M, N, K,
+            a.stride(0), a.stride(1), stride_bn, stride_bk, lo.stride(0), stride_tn, stride_tr, c.stride(0),
+            p_drop, seed,
+            HAS_BIAS=bias is not None, TAIL_DROPOUT=p_drop > 0.0, B_NK=b_nk,
+            USE_TMA=use_tma, UPCAST=_upcast(a.dtype), DOT_PRECISION=precision,
+            BLOCK_R=R, NUM_SMS=grid[0], **cfg,
+        )
+
+    key = (M, N, K, R, a.dtype, b_nk, bias is not None, p_drop > 0.0, use_tma)
+    _tuner("lora_gemm", _gemm_configs(use_tma, a.element_size())).run(key, launch)
+    return c
+
+
+def rank_project(x, w, *, scale: float, p_drop: float = 0.0, seed: int = 0, out_dtype=None) -> torch.Tensor:
+    """out[M,R] = scale·(keep∘x)·wᵀ with w logical [R,K] (pass B.t() for dy·B); R = w.shape[0] padded."""
+    M, K = x.shape
+    R = w.shape[0]
+    out = torch.empty((M, R), device=x.device, dtype=out_dtype or x.dtype)
+
+    def launch(cfg):
+        cfg = dict(cfg)
+        _rank_project_kernel[(triton.cdiv(M, cfg["BLOCK_M"]),)](
+            x, w, out, M, K,
+            x.stride(0), x.stride(1), w.stride(0), w.stride(1), out.stride(0),
+            scale, p_drop, seed,
+            DROPOUT=p_drop > 0.0, UPCAST=_upcast(x.dtype), DOT_PRECISION=_dot_precision(x.dtype),
+            BLOCK_R=R, **cfg,
+        )
+
+    key = (M, K, R, x.dtype, p_drop > 0.0)
+    _tuner("rank_project", _project_configs(x.element_size())).run(key, launch)
+    return out
+
+
+def rank_reduce(lo, y, *, p_drop: float = 0.0, seed: int = 0) -> torch.Tensor:
+    """loᵀ·(keep∘y) in fp32, shape [R, N]: the weight gradients of the rank-R factors."""
+    M, N = y.shape
+    R = lo.shape[1]
+    sms = device_sms(y.device)
+
+    def launch(cfg):
+        cfg = dict(cfg)
+        n_tiles = triton.cdiv(N, cfg["BLOCK_N"])
+        # Split M so the grid covers the chip about twice; partial sums are added up by torch after.
+        splits = max(1, min(triton.cdiv(2 * sms, n_tiles), triton.cdiv(M, 4 * cfg["BLOCK_M"])))
+        rows_per_split = triton.cdiv(triton.cdiv(M, splits), cfg["BLOCK_M"]) * cfg["BLOCK_M"]
+        splits = triton.cdiv(M, rows_per_split) if M else 1
+        part = torch.empty((splits, R, N), device=y.device, dtype=torch.float32)
+        if M == 0:
+            part.zero_()
+        _rank_reduce_kernel[(n_tiles, splits)](
+            lo, y, part, M, N, rows_per_split,
+            lo.stride(0), y.stride(0), y.stride(1),
+            p_drop, seed,
+            DROPOUT=p_drop > 0.0, UPCAST=_upcast(y.dtype), DOT_PRECISION=_dot_precision(y.dtype),
+            BLOCK_R=R, **cfg,
+        )
+        launch.result = part
+
+    key = (M, N, R, y.dtype, p_drop > 0.0)
+    _tuner("rank_reduce", _reduce_configs(y.element_size())).run(key, launch)
+    part = launch.result
+    return part[0] if part.shape[0] == 1 else part.sum(0)
+
+
+def dropout_mask(seed: int, M: int, K: int, p_drop: float, device) -> torch.Tensor:
+    """The keep-mask (M×K, bool) every kernel regenerates for this seed: for tests and debugging."""
+    out = torch.empty((M, K), dtype=torch.int8, device=device)
+    grid = (triton.cdiv(M, 32), triton.cdiv(K, 32))
+    _dropout_mask_kernel[grid](out, M, K, p_drop, seed, BLOCK_M=32, BLOCK_K=32)
+    return out.bool()

@@ -1,0 +1,80 @@
+"""What the Triton kernels need to know about where they run.
+
+`TRITON_INTERPRET=1` must be set before triton is first imported; tests do that in conftest.py.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl  # noqa: F401
+
+    HAS_TRITON = True
+except ImportError:  # CPU-only installs may lack triton: the torch reference path still works.
+    triton = None
+    HAS_TRITON = False
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_runs_on(device: torch.device) -> bool:
+    """Triton kernels run on CUDA devices, and on the CPU under the interpreter."""
+    if not HAS_TRITON:
+        return False
+    return device.type == "cuda" or (INTERPRET and device.type == "cpu")
+
+
+@functools.lru_cache(maxsize=None)
+def num_sms(device_index: int | None) -> int:
+    if INTERPRET or not torch.cuda.is_available():
+        return 4  # small, so the interpreter still walks several tiles per persistent program
+    return torch.cuda.get_device_properties(device_index or 0).multi_processor_count
+
+
+def device_sms(device: torch.device) -> int:
+    return num_sms(device.index if device.type == "cuda" else None)
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(device_index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device_index)
+
+
+def has_tma(device: torch.device) -> bool:
+    """Tensor descriptors (TMA on Hopper+); the interpreter emulates them."""
+    if device.type == "cpu":
+        return INTERPRET
+    return device.type == "cuda" and _capability(device.index or 0)[0] >= 9
+
+
+def tma_compatible(t: torch.Tensor) -> bool:
+    """A 2-D tensor a descriptor can address: unit last stride, 16-byte aligned base and row stride."""
+    if t.dim() != 2 or t.stride(1) != 1:
+        return False
+    size = t.element_size()
+    return t.data_ptr() % 16 == 0 and (t.stride(0) * size) % 16 == 0
+
+
+_allocator_set = False
+
+
+def ensure_descriptor_allocator() -> None:
+    """Device-side tensor descriptors need a scratch allocator registered with triton."""
+    global _allocator_set
+    if _allocator_set:
+        return
+
+    def alloc(size: int, alignment: int, stream):
+        device = "cpu" if INTERPRET else "cuda"
+        return torch.empty(size, dtype=torch.int8, device=device)
+
+    triton.set_allocator(alloc)
+    _allocator_set = True
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())

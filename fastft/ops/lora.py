@@ -1,0 +1,163 @@
+"""The fused LoRA linear op:  y = x·Wᵀ + b + s·(dropout(x)·Aᵀ)·Bᵀ.
+
+`lora_linear` validates its inputs once, then dispatches: the Triton kernels (fastft.kernels.lora_linear)
+on CUDA, the pure-torch `lora_linear_reference` everywhere else. The reference is the ground truth the
+tests compare against, and the CPU path.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from fastft.kernels.runtime import triton_runs_on
+
+BACKENDS = ("auto", "triton", "torch")
+
+
+def lora_linear_reference(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, *, keep_mask=None):
+    """Plain torch, autograd through torch. `keep_mask` (bool, x-shaped) replaces torch's own dropout draw."""
+    y = F.linear(x, weight, bias)
+    lora_in = x
+    if keep_mask is not None:
+        lora_in = x * keep_mask.to(x.dtype) / (1.0 - dropout_p)
+    elif dropout_p > 0.0:
+        lora_in = F.dropout(x, dropout_p, training=True)
+    lora = F.linear(F.linear(lora_in, lora_A.to(x.dtype)), lora_B.to(x.dtype))
+    return y + scaling * lora
+
+
+def _check(cond: bool, message: str) -> None:
+    if not cond:
+        raise ValueError(message)
+
+
+def validate_lora_linear_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p) -> None:
+    for name, t in (("x", x), ("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B)):
+        _check(isinstance(t, torch.Tensor), f"lora_linear: `{name}` must be a torch.Tensor, got {type(t).__name__}")
+        _check(t.is_floating_point(), f"lora_linear: `{name}` must be a floating-point tensor, got {t.dtype}")
+    _check(x.dim() >= 1, "lora_linear: `x` needs at least one dimension (..., in_features)")
+    _check(weight.dim() == 2, f"lora_linear: `weight` must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
+    N, K = weight.shape
+    _check(x.shape[-1] == K, f"lora_linear: `x` has {x.shape[-1]} features in its last dimension but `weight` "
+                             f"expects {K} (weight shape {tuple(weight.shape)})")
+    _check(lora_A.dim() == 2 and lora_A.shape[1] == K and lora_A.shape[0] >= 1,
+           f"lora_linear: `lora_A` must have shape (r, {K}), got {tuple(lora_A.shape)}")
+    r = lora_A.shape[0]
+    _check(tuple(lora_B.shape) == (N, r), f"lora_linear: `lora_B` must have shape ({N}, {r}) to match `weight` "
+                                          f"and `lora_A`, got {tuple(lora_B.shape)}")
+    if bias is not None:
+        _check(isinstance(bias, torch.Tensor) and bias.is_floating_point(),
+               "lora_linear: `bias` must be a floating-point tensor or None")
+        _check(tuple(bias.shape) == (N,), f"lora_linear: `bias` must have shape ({N},), got {tuple(bias.shape)}")
+    _check(x.dtype == weight.dtype, f"lora_linear: `x` is {x.dtype} but `weight` is {weight.dtype}; cast one of "
+                                    "them or run under torch.autocast")
+    devices = {t.device for t in (x, weight, lora_A, lora_B) + ((bias,) if bias is not None else ())}
+    _check(len(devices) == 1, f"lora_linear: all tensors must be on one device, got {sorted(map(str, devices))}")
+    _check(isinstance(scaling, (int, float)) and math.isfinite(scaling),
+           f"lora_linear: `scaling` must be a finite number, got {scaling!r}")
+    _check(isinstance(dropout_p, (int, float)) and 0.0 <= dropout_p < 1.0,
+           f"lora_linear: `dropout_p` must be in [0, 1), got {dropout_p!r}")
+
+
+def _draw_seed() -> int:
+    # From torch's CPU generator: reproducible under torch.manual_seed, restored by activation
+    # checkpointing's RNG-state handling, and no device synchronisation.
+    return int(torch.randint(0, 2**31 - 1, (), dtype=torch.int64).item())
+
+
+def _padded(t: torch.Tensor, rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
+    """t zero-padded to (rows, cols), contiguous, in dtype; t itself when nothing changes."""
+    if tuple(t.shape) == (rows, cols) and t.dtype == dtype and t.is_contiguous():
+        return t
+    out = torch.zeros((rows, cols), dtype=dtype, device=t.device)
+    out[: t.shape[0], : t.shape[1]] = t
+    return out
+
+
+def _as_rows(t: torch.Tensor) -> torch.Tensor:
+    """(…, F) → (M, F), a view where the strides allow, with a unit last stride."""
+    t2 = t.reshape(-1, t.shape[-1])
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+
+class LoRALinearFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p):
+        from fastft.kernels import lora_linear as kernels
+
+        K = x.shape[-1]
+        N, r = lora_B.shape
+        R = kernels.rank_pad(r)
+        dtype = x.dtype
+        x2 = _as_rows(x)
+        A_p = _padded(lora_A, R, K, dtype)
+        B_p = _padded(lora_B, N, R, dtype)
+        seed = _draw_seed() if dropout_p > 0.0 else 0
+        coef = scaling / (1.0 - dropout_p)
+        xs = kernels.rank_project(x2, A_p, scale=coef, p_drop=dropout_p, seed=seed)
+        y = kernels.lora_gemm(x2, weight, xs, B_p, bias, b_nk=True)
+        ctx.save_for_backward(x2, weight, lora_A, lora_B, xs)
+        ctx.meta = (x.shape, coef, dropout_p, seed, None if bias is None else bias.dtype)
+        return y.view(*x.shape[:-1], N)
+
+    @staticmethod
+    def backward(ctx, dy):
+        from fastft.kernels import lora_linear as kernels
+
+        x2, weight, lora_A, lora_B, xs = ctx.saved_tensors
+        x_shape, coef, dropout_p, seed, bias_dtype = ctx.meta
+        need_x, need_w, need_b, need_A, need_B = ctx.needs_input_grad[:5]
+        N, r = lora_B.shape
+        K = x2.shape[1]
+        R = xs.shape[1]
+        dtype = x2.dtype
+        dy2 = dy.reshape(-1, N).to(dtype)
+        if not dy2.is_contiguous():
+            dy2 = dy2.contiguous()
+
+        dx = dW = db = dA = dB = None
+        if need_x or need_A:
+            g = kernels.rank_project(dy2, _padded(lora_B, N, R, dtype).t(), scale=coef)
+            if need_x:
+                A_p = _padded(lora_A, R, K, dtype)
+                dx = kernels.lora_gemm(dy2, weight, g, A_p, None, b_nk=False, p_drop=dropout_p, seed=seed)
+                dx = dx.view(x_shape)
+            if need_A:
+                dA = kernels.rank_reduce(g, x2, p_drop=dropout_p, seed=seed)[:r].to(lora_A.dtype)
+        if need_B:
+            dB = kernels.rank_reduce(xs, dy2)[:r].t().to(lora_B.dtype)
+        if need_w:
+            dW = (dy2.t() @ x2).to(weight.dtype)
+        if need_b and bias_dtype is not None:
+            db = dy2.sum(0, dtype=torch.float32).to(bias_dtype)
+        return dx, dW, db, dA, dB, None, None
+
+
+def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, *, backend="auto"):
+    """y = x·Wᵀ + b + s·(dropout(x)·Aᵀ)·Bᵀ with W (N×K) frozen, A (r×K) and B (N×r).
+
+    x: (..., K). weight and x share a dtype (fp16/bf16/fp32), or run under torch.autocast. lora_A/lora_B may be
+    kept in another float dtype (e.g. fp32 masters): the product is computed in x's dtype and their gradients
+    come back in their own dtype. dropout_p applies inverted dropout to the LoRA input only (pass 0 in eval).
+    backend: "auto" (Triton on CUDA, torch elsewhere), "triton" or "torch".
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"lora_linear: `backend` must be one of {BACKENDS}, got {backend!r}")
+    device_type = x.device.type if isinstance(x, torch.Tensor) else "cpu"
+    if torch.is_autocast_enabled(device_type) and isinstance(x, torch.Tensor):
+        dtype = torch.get_autocast_dtype(device_type)
+        x, weight = x.to(dtype), weight.to(dtype)
+    validate_lora_linear_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
+    scaling, dropout_p = float(scaling), float(dropout_p)
+
+    if backend == "auto":
+        backend = "triton" if x.device.type == "cuda" and triton_runs_on(x.device) else "torch"
+    if backend == "triton" and not triton_runs_on(x.device):
+        raise ValueError(f"lora_linear: backend='triton' needs a CUDA tensor (or TRITON_INTERPRET=1 on CPU); "
+                         f"`x` is on {x.device}")
+    if backend == "torch" or x.numel() == 0:
+        return lora_linear_reference(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
+    with torch.autocast(device_type, enabled=False):
+        return LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, scaling, dropout_p)

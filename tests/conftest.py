@@ -1,0 +1,30 @@
+"""Test setup.
+
+On a machine without CUDA, TRITON_INTERPRET=1 is set here, before triton is first imported, so the
+Triton kernels run on the CPU through the interpreter. On a machine with CUDA the interpreter stays off:
+`pytest -m gpu` runs the GPU tests natively, and interpreter-only tests skip.
+"""
+import os
+
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
