@@ -13,6 +13,7 @@ _LAZY = {
     "patch_peft": "fastft.integration.peft_lora",
     "load_adapter": "fastft.integration.peft_lora",
     "add_adapter": "fastft.integration.peft_lora",
+    "save_adapter": "fastft.integration.peft_lora",
 }
 
 __all__ = ["lora_linear", *_LAZY]

@@ -1,0 +1,188 @@
+"""The thin PEFT layer for LoRA: peft does the bookkeeping, fastft does the hot path.
+
+peft's LoraModel already handles target matching, layers_to_transform, rank/alpha patterns,
+modules_to_save, named adapters, merging and its save format, and the ecosystem reads that format.
+fastft validates the config up front (clear errors), lets peft build the model, then swaps each
+plain LoRA Linear to `FusedLoraLinear` (same state, fused forward).
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import peft
+from peft import LoraConfig, PeftModel
+from peft.tuners.lora import Linear as PeftLoraLinear
+from peft.tuners.tuners_utils import check_target_module_exists
+from torch import nn
+
+from fastft.modules.lora import FusedLoraLinear
+
+# Fields that change the LoRA forward into something the fused op does not compute; each must stay off
+# (None/False). Initialisation schemes and modules_to_save are fine: the forward stays plain LoRA.
+_UNSUPPORTED_FIELDS = (
+    "use_dora", "lora_bias", "fan_in_fan_out", "use_qalora", "alora_invocation_tokens", "arrow_config",
+    "use_bdlora", "velora_config", "monteclora_config", "kasa_config", "megatron_config", "layer_replication",
+    "target_parameters",
+)
+_SUPPORTED_INITS = (True, False, "gaussian", "olora", "orthogonal")
+
+
+def _config_error(field: str, value, why: str) -> ValueError:
+    return ValueError(f"LoraConfig.{field}={value!r} is not supported by fastft: {why}")
+
+
+def validate_lora_config(config, model: nn.Module) -> None:
+    """Raise a ValueError naming the field for anything fastft cannot run or that would silently do nothing."""
+    if not isinstance(config, LoraConfig):
+        raise TypeError(f"fastft expects a peft.LoraConfig, got {type(config).__name__}")
+    for field in _UNSUPPORTED_FIELDS:
+        value = getattr(config, field, None)
+        if value not in (None, False):
+            raise _config_error(field, value, "it changes the LoRA forward beyond x·Wᵀ + s·(x·Aᵀ)·Bᵀ; "
+                                              "use peft directly for it")
+    init = config.init_lora_weights
+    if not (init in _SUPPORTED_INITS or (isinstance(init, str) and init.startswith("pissa"))):
+        raise _config_error("init_lora_weights", init, f"supported: {_SUPPORTED_INITS} and 'pissa*'")
+    if not 0.0 <= config.lora_dropout < 1.0:
+        raise _config_error("lora_dropout", config.lora_dropout, "expected a probability in [0, 1)")
+    if not isinstance(config.r, int) or config.r <= 0:
+        raise _config_error("r", config.r, "expected a positive integer rank")
+    _check_targets(config, model)
+
+
+def _linear_names(model: nn.Module) -> list[str]:
+    return [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+
+
+def _check_targets(config: LoraConfig, model: nn.Module) -> None:
+    targets = config.target_modules
+    if targets is None or targets == "all-linear":
+        return  # peft resolves these from the model type / all linear layers
+    names = [name for name, _ in model.named_modules() if name]
+    matched = [n for n in names if check_target_module_exists(config, n) is True
+               or isinstance(check_target_module_exists(config, n), re.Match)]
+    if not matched:
+        suffixes = sorted({n.rsplit(".", 1)[-1] for n in _linear_names(model)})
+        raise ValueError(f"LoraConfig.target_modules={targets!r} matches no module of {type(model).__name__}"
+                         f" (with layers_to_transform={config.layers_to_transform!r}); its linear layers are "
+                         f"named {suffixes}")
+    for field in ("rank_pattern", "alpha_pattern"):
+        for key in getattr(config, field) or {}:
+            if not any(re.match(rf"(.*\.)?({key})$", n) for n in matched):
+                raise ValueError(f"LoraConfig.{field} key {key!r} matches none of the targeted modules "
+                                 f"(e.g. {matched[:3]})")
+
+
+def patch_peft(model: nn.Module) -> nn.Module:
+    """Turn every plain peft LoRA Linear inside `model` into a FusedLoraLinear, in place.
+
+    The state dict, adapters and peft methods are unchanged; outputs are the same up to rounding.
+    Returns the model. Raises ValueError if it holds no peft LoRA Linear at all.
+    """
+    found = 0
+    for module in model.modules():
+        if isinstance(module, PeftLoraLinear):
+            found += 1
+            if type(module) is PeftLoraLinear:
+                module.__class__ = FusedLoraLinear
+    if not found:
+        raise ValueError(f"patch_peft: {type(model).__name__} contains no peft LoRA Linear layer "
+                         "(build it with peft.get_peft_model(model, LoraConfig(...)) first)")
+    return model
+
+
+def get_peft_model(model: nn.Module, config: LoraConfig, adapter_name: str = "default", **kwargs) -> PeftModel:
+    """Like `peft.get_peft_model`, with fused LoRA layers. Only adapter (and modules_to_save) weights train."""
+    validate_lora_config(config, model)
+    peft_model = peft.get_peft_model(model, config, adapter_name=adapter_name, **kwargs)
+    return patch_peft(peft_model)
+
+
+def add_adapter(model: PeftModel, adapter_name: str, config: LoraConfig) -> PeftModel:
+    """`model.add_adapter` with validation, keeping every LoRA layer fused."""
+    if not isinstance(model, PeftModel):
+        raise TypeError(f"add_adapter expects a PeftModel (from fastft.get_peft_model), got {type(model).__name__}")
+    validate_lora_config(config, model.get_base_model())
+    model.add_adapter(adapter_name, config)
+    return patch_peft(model)
+
+
+def _read_adapter(path: Path) -> tuple[LoraConfig, dict[str, tuple[int, ...]]]:
+    config_file, weights_file = path / "adapter_config.json", path / "adapter_model.safetensors"
+    for f in (config_file, weights_file):
+        if not f.is_file():
+            raise FileNotFoundError(f"load_adapter: {f} not found (expected a peft adapter directory)")
+    config = peft.PeftConfig.from_pretrained(str(path))
+    if not isinstance(config, LoraConfig):
+        raise ValueError(f"load_adapter: {config_file} describes a {type(config).__name__}, not a LoraConfig")
+    from safetensors import safe_open
+
+    with safe_open(str(weights_file), framework="pt") as f:
+        shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+    return config, shapes
+
+
+def check_adapter_fits(base_model: nn.Module, path: str | os.PathLike) -> LoraConfig:
+    """Check every LoRA tensor in a saved adapter against the module it belongs to; return its config."""
+    path = Path(path)
+    config, shapes = _read_adapter(path)
+    modules = dict(base_model.named_modules())
+    for key, shape in shapes.items():
+        match = re.fullmatch(r"base_model\.model\.(.+)\.(lora_A|lora_B)\.weight", key)
+        if match is None:
+            continue  # modules_to_save and other extras are checked by peft itself
+        module_name, which = match.groups()
+        module = modules.get(module_name)
+        if module is None:
+            raise ValueError(f"load_adapter: {path} has '{key}' but {type(base_model).__name__} has no module "
+                             f"'{module_name}'")
+        base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
+        in_f, out_f = getattr(base, "in_features", None), getattr(base, "out_features", None)
+        ok = (len(shape) == 2 and (shape[1] == in_f if which == "lora_A" else shape[0] == out_f))
+        if not ok:
+            want = f"(r, {in_f})" if which == "lora_A" else f"({out_f}, r)"
+            raise ValueError(f"load_adapter: '{key}' in {path} has shape {shape}, but module '{module_name}' "
+                             f"needs {want}: the adapter was trained for a different model")
+    return config
+
+
+def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default",
+                 is_trainable: bool = False) -> PeftModel:
+    """Load a peft-format LoRA adapter (saved by peft or fastft) into `model`, with fused layers.
+
+    `model` is a plain transformers model (a PeftModel is built around it) or a PeftModel (the adapter is
+    added under `adapter_name`). The adapter is checked against the model first.
+    """
+    if isinstance(model, PeftModel):
+        check_adapter_fits(model.get_base_model(), path)
+        model.load_adapter(str(path), adapter_name=adapter_name, is_trainable=is_trainable)
+        return patch_peft(model)
+    check_adapter_fits(model, path)
+    peft_model = PeftModel.from_pretrained(model, str(path), adapter_name=adapter_name, is_trainable=is_trainable)
+    return patch_peft(peft_model)
+
+
+def save_adapter(model: PeftModel, path: str | os.PathLike, **kwargs) -> Path:
+    """`model.save_pretrained(path)` made atomic: written to a temporary sibling, then moved into place,
+    so an interrupted save never leaves a half-written adapter behind."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        model.save_pretrained(str(tmp), **kwargs)
+        old = None
+        if path.exists():
+            old = path.with_name(f".{path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+

@@ -1,0 +1,78 @@
+"""peft's LoRA Linear with its forward through fastft's fused op.
+
+`FusedLoraLinear` subclasses `peft.tuners.lora.Linear` and adds no state: same attributes, same
+submodules (base_layer, lora_A.<name>, lora_B.<name>), same state dict, and peft's own merge/unmerge,
+adapter management and saving keep working. Only the hot path changes: instead of peft's base GEMM
+plus five full-size passes (dropout, x·Aᵀ, ·Bᵀ, scale, add), one `fastft.ops.lora_linear` call.
+
+Cases the fused op does not cover (a LoRA variant such as DoRA, lora_bias, mixed-adapter batches,
+hooked or non-Linear base layers, disabled or merged adapters) take peft's forward unchanged.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+from peft.tuners.lora import Linear as PeftLoraLinear
+from torch import nn
+
+from fastft.ops.lora import BACKENDS, lora_linear
+
+
+def default_backend() -> str:
+    """`FASTFT_LORA_BACKEND` = auto (Triton on CUDA) | triton | torch."""
+    backend = os.environ.get("FASTFT_LORA_BACKEND", "auto")
+    if backend not in BACKENDS:
+        raise ValueError(f"FASTFT_LORA_BACKEND must be one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
+def _plain_linear(module: nn.Module) -> bool:
+    return (isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
+            and not module._forward_hooks and not module._forward_pre_hooks)
+
+
+class FusedLoraLinear(PeftLoraLinear):
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        operands = self._fused_operands(x, args, kwargs)
+        if operands is None:
+            return super().forward(x, *args, **kwargs)
+        lora_A, lora_B, scaling, dropout_p = operands
+        base = self.base_layer
+        return lora_linear(x, base.weight, base.bias, lora_A, lora_B, scaling, dropout_p,
+                           backend=default_backend())
+
+    def _fused_operands(self, x, args, kwargs):
+        """(A, B, scaling, dropout_p) for the fused op, or None where peft's forward must run."""
+        if args or any(v is not None for v in kwargs.values()):
+            return None
+        if self.disable_adapters or self.merged or self.fan_in_fan_out:
+            return None
+        base = self.base_layer
+        if not _plain_linear(base) or x.dtype != base.weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            return None
+        names = [a for a in self.active_adapters if a in self.lora_A]
+        if not names:
+            return None
+        dropouts = set()
+        for name in names:
+            if name in self.lora_variant or self.lora_bias.get(name, False):
+                return None
+            dropout = self.lora_dropout[name]
+            if isinstance(dropout, nn.Identity):
+                dropouts.add(0.0)
+            elif type(dropout) is nn.Dropout:
+                dropouts.add(dropout.p if dropout.training else 0.0)
+            else:
+                return None
+        if len(dropouts) != 1:
+            return None  # active adapters with different dropout cannot share one mask
+        dropout_p = dropouts.pop()
+        if len(names) == 1:
+            name = names[0]
+            return self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name], dropout_p
+        # Several active adapters are one LoRA of summed rank: stack the A's, scale and stack the B's.
+        dtype = self.lora_A[names[0]].weight.dtype
+        lora_A = torch.cat([self.lora_A[n].weight.to(dtype) for n in names], dim=0)
+        lora_B = torch.cat([self.lora_B[n].weight.to(dtype) * self.scaling[n] for n in names], dim=1)
+        return lora_A, lora_B, 1.0, dropout_p
