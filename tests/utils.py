@@ -23,3 +23,26 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 def assert_close(out, ref, dtype, what=""):
     err = rel_err(out, ref)
     assert err <= TOL[dtype], f"{what}: relative error {err:.3e} > {TOL[dtype]:.1e} ({dtype})"
+
+
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def tiny_llama(seed: int = 0, **overrides):
+    """A small random Llama (GQA, 2 layers) for integration tests."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    config.update(overrides)
+    return LlamaForCausalLM(LlamaConfig(**config)).eval()
+
+
+def randomize_lora_B(model, std: float = 0.1, seed: int = 1):
+    """peft initialises B to zero (LoRA starts as a no-op); make the adapters do something."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * std)

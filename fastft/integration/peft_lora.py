@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import peft
@@ -67,7 +68,8 @@ def _check_targets(config: LoraConfig, model: nn.Module) -> None:
                or isinstance(check_target_module_exists(config, n), re.Match)]
     if not matched:
         suffixes = sorted({n.rsplit(".", 1)[-1] for n in _linear_names(model)})
-        raise ValueError(f"LoraConfig.target_modules={targets!r} matches no module of {type(model).__name__}"
+        shown = sorted(targets) if isinstance(targets, (set, list, tuple)) else targets
+        raise ValueError(f"LoraConfig.target_modules={shown!r} matches no module of {type(model).__name__}"
                          f" (with layers_to_transform={config.layers_to_transform!r}); its linear layers are "
                          f"named {suffixes}")
     for field in ("rank_pattern", "alpha_pattern"):
@@ -98,7 +100,10 @@ def patch_peft(model: nn.Module) -> nn.Module:
 def get_peft_model(model: nn.Module, config: LoraConfig, adapter_name: str = "default", **kwargs) -> PeftModel:
     """Like `peft.get_peft_model`, with fused LoRA layers. Only adapter (and modules_to_save) weights train."""
     validate_lora_config(config, model)
-    peft_model = peft.get_peft_model(model, config, adapter_name=adapter_name, **kwargs)
+    with warnings.catch_warnings():
+        # peft reads transformers' deprecated `is_gradient_checkpointing`; nothing for the user to act on.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        peft_model = peft.get_peft_model(model, config, adapter_name=adapter_name, **kwargs)
     return patch_peft(peft_model)
 
 

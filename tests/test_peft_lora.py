@@ -1,0 +1,208 @@
+"""The thin PEFT layer on a tiny random Llama: same outputs as peft, peft's format both ways, adapter
+management, merging and clear errors."""
+import copy
+
+import peft
+import pytest
+import torch
+from peft import LoraConfig, PeftModel
+from torch import nn
+
+import fastft
+from fastft.modules.lora import FusedLoraLinear
+from tests.utils import ALL_LINEAR, interpreter_only, randomize_lora_B, tiny_llama
+
+IDS = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(5))
+
+
+def _pair(config: LoraConfig, base=None):
+    """(peft model, fastft model) with identical weights and adapters."""
+    base = base or tiny_llama()
+    ref = peft.get_peft_model(copy.deepcopy(base), copy.deepcopy(config))
+    randomize_lora_B(ref)
+    ours = fastft.get_peft_model(copy.deepcopy(base), copy.deepcopy(config))
+    ours.load_state_dict(ref.state_dict())
+    return ref, ours
+
+
+def _logits(model):
+    with torch.no_grad():
+        return model(IDS).logits
+
+
+def _fused_layers(model):
+    return [m for m in model.modules() if isinstance(m, FusedLoraLinear)]
+
+
+@pytest.fixture
+def triton_backend(monkeypatch):
+    monkeypatch.setenv("FASTFT_LORA_BACKEND", "triton")
+
+
+def test_layers_are_fused_and_only_adapters_train():
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=ALL_LINEAR, modules_to_save=["lm_head"])
+    model = fastft.get_peft_model(tiny_llama(), config)
+    assert len(_fused_layers(model)) == 2 * len(ALL_LINEAR)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n or "modules_to_save" in n for n in trainable)
+    assert any("modules_to_save" in n for n in trainable)
+
+
+CONFIGS = {
+    "plain": LoraConfig(r=8, lora_alpha=16, target_modules=ALL_LINEAR),
+    "rslora": LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], use_rslora=True),
+    "patterns": LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"],
+                           rank_pattern={"down_proj": 12}, alpha_pattern={"q_proj": 3}),
+    "layers": LoraConfig(r=4, lora_alpha=8, target_modules=["o_proj", "up_proj"], layers_to_transform=[1]),
+    "gaussian_bias_all": LoraConfig(r=4, lora_alpha=4, target_modules=["gate_proj"], init_lora_weights="gaussian",
+                                    bias="all"),
+}
+
+
+@interpreter_only
+@pytest.mark.parametrize("name", CONFIGS)
+def test_triton_path_matches_peft(name, triton_backend):
+    ref, ours = _pair(CONFIGS[name])
+    ref.train(), ours.train()
+    loss_ref = ref(IDS, labels=IDS).loss
+    loss_ours = ours(IDS, labels=IDS).loss
+    loss_ref.backward()
+    loss_ours.backward()
+    assert torch.allclose(loss_ours, loss_ref, rtol=1e-5, atol=1e-6)
+    grads_ref = {n: p.grad for n, p in ref.named_parameters() if p.requires_grad}
+    grads = {n: p.grad for n, p in ours.named_parameters() if p.requires_grad}
+    assert grads.keys() == grads_ref.keys()
+    for n in grads:
+        assert torch.allclose(grads[n], grads_ref[n], rtol=1e-4, atol=1e-6), n
+
+
+def test_save_with_fastft_load_with_peft(tmp_path):
+    ref, ours = _pair(CONFIGS["patterns"])
+    fastft.save_adapter(ours, tmp_path / "adapter")
+    loaded = PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "adapter"))
+    assert torch.allclose(_logits(loaded), _logits(ours), atol=1e-6)
+    assert not torch.allclose(_logits(loaded), _logits(tiny_llama()), atol=1e-4)  # the adapter mattered
+
+
+def test_save_with_peft_load_with_fastft(tmp_path):
+    ref, _ = _pair(CONFIGS["plain"])
+    ref.save_pretrained(str(tmp_path / "adapter"))
+    loaded = fastft.load_adapter(tiny_llama(), tmp_path / "adapter")
+    assert _fused_layers(loaded)
+    assert torch.allclose(_logits(loaded), _logits(ref), atol=1e-6)
+
+
+def test_save_adapter_replaces_atomically(tmp_path):
+    _, ours = _pair(CONFIGS["plain"])
+    target = tmp_path / "adapter"
+    fastft.save_adapter(ours, target)
+    first = (target / "adapter_model.safetensors").read_bytes()
+    randomize_lora_B(ours, seed=9)
+    fastft.save_adapter(ours, target)
+    assert (target / "adapter_model.safetensors").read_bytes() != first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]  # no temporary leftovers
+
+
+def test_patch_peft_in_place_keeps_state_and_outputs():
+    ref, _ = _pair(CONFIGS["plain"])
+    expected = _logits(ref)
+    state = {k: v.clone() for k, v in ref.state_dict().items()}
+    patched = fastft.patch_peft(ref)
+    assert patched is ref and len(_fused_layers(ref)) == 2 * len(ALL_LINEAR)
+    assert ref.state_dict().keys() == state.keys()
+    assert all(torch.equal(ref.state_dict()[k], v) for k, v in state.items())
+    assert torch.allclose(_logits(ref), expected, atol=1e-6)
+
+
+def test_named_adapters_switch_disable_delete():
+    ref, ours = _pair(CONFIGS["plain"])
+    second = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"])
+    ref.add_adapter("second", copy.deepcopy(second))
+    fastft.add_adapter(ours, "second", copy.deepcopy(second))
+    randomize_lora_B(ref, seed=3)
+    ours.load_state_dict(ref.state_dict())
+    base_logits = _logits(tiny_llama())
+
+    for adapter in ("second", "default"):
+        ref.set_adapter(adapter)
+        ours.set_adapter(adapter)
+        assert torch.allclose(_logits(ours), _logits(ref), atol=1e-6), adapter
+    with ours.disable_adapter():
+        assert torch.allclose(_logits(ours), base_logits, atol=1e-6)
+    # two adapters active at once: one fused op over the stacked ranks
+    ref.base_model.set_adapter(["default", "second"])
+    ours.base_model.set_adapter(["default", "second"])
+    assert torch.allclose(_logits(ours), _logits(ref), atol=1e-6)
+    ours.set_adapter("default")
+    ours.delete_adapter("second")
+    assert "second" not in ours.peft_config
+    ref.set_adapter("default")
+    assert torch.allclose(_logits(ours), _logits(ref), atol=1e-6)
+
+
+def test_merge_unmerge_and_unload():
+    _, ours = _pair(CONFIGS["plain"])
+    expected = _logits(ours)
+    weights = {n: p.clone() for n, p in ours.named_parameters() if "base_layer.weight" in n}
+    ours.merge_adapter()
+    assert torch.allclose(_logits(ours), expected, atol=1e-5)
+    ours.unmerge_adapter()
+    for n, p in ours.named_parameters():
+        if n in weights:
+            assert torch.allclose(p, weights[n], atol=1e-6), n
+    assert torch.allclose(_logits(ours), expected, atol=1e-6)
+    merged = ours.merge_and_unload()
+    assert not _fused_layers(merged)
+    assert all(type(m) is nn.Linear for n, m in merged.named_modules() if n.endswith("q_proj"))
+    assert torch.allclose(_logits(merged), expected, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------- errors
+
+@pytest.mark.parametrize("config,message", [
+    (LoraConfig(target_modules=["qproj"]), r"target_modules=\['qproj'\] matches no module.*q_proj"),
+    (LoraConfig(target_modules=["q_proj"], use_dora=True), r"LoraConfig.use_dora=True is not supported"),
+    (LoraConfig(target_modules=["q_proj"], init_lora_weights="eva"), r"LoraConfig.init_lora_weights=.eva."),
+    (LoraConfig(target_modules=["q_proj"], rank_pattern={"v_proj": 4}), r"rank_pattern key 'v_proj' matches none"),
+    (LoraConfig(target_modules=["q_proj"], lora_bias=True), r"LoraConfig.lora_bias=True is not supported"),
+])
+def test_bad_configs_name_the_field(config, message):
+    with pytest.raises(ValueError, match=message):
+        fastft.get_peft_model(tiny_llama(), config)
+
+
+def test_not_a_lora_config():
+    with pytest.raises(TypeError, match="expects a peft.LoraConfig"):
+        fastft.get_peft_model(tiny_llama(), peft.IA3Config(target_modules=["q_proj"]))
+
+
+def test_adapter_for_another_model_is_refused(tmp_path):
+    other = peft.get_peft_model(tiny_llama(hidden_size=32, intermediate_size=48),
+                                LoraConfig(r=4, target_modules=["q_proj"]))
+    other.save_pretrained(str(tmp_path / "other"))
+    with pytest.raises(ValueError, match=r"lora_A.weight' in .* has shape \(4, 32\).*needs \(r, 64\)"):
+        fastft.load_adapter(tiny_llama(), tmp_path / "other")
+
+
+def test_adapter_with_unknown_module_is_refused(tmp_path):
+    deeper = peft.get_peft_model(tiny_llama(num_hidden_layers=3), LoraConfig(r=4, target_modules=["q_proj"]))
+    deeper.save_pretrained(str(tmp_path / "deeper"))
+    with pytest.raises(ValueError, match=r"has no module 'model.layers.2.self_attn.q_proj'"):
+        fastft.load_adapter(tiny_llama(), tmp_path / "deeper")
+
+
+def test_missing_adapter_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="adapter_config.json not found"):
+        fastft.load_adapter(tiny_llama(), tmp_path)
+
+
+def test_patch_peft_needs_lora_layers():
+    with pytest.raises(ValueError, match="contains no peft LoRA Linear"):
+        fastft.patch_peft(tiny_llama())
+
+
+def test_bad_backend_variable(monkeypatch):
+    monkeypatch.setenv("FASTFT_LORA_BACKEND", "cuda")
+    model = fastft.get_peft_model(tiny_llama(), LoraConfig(target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="FASTFT_LORA_BACKEND must be one of"):
+        model(IDS)

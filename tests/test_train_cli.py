@@ -1,0 +1,49 @@
+"""`fastft train` end to end, shortened: real model, real data, adapter saved in peft's format."""
+import json
+
+import pytest
+import torch
+from peft import PeftModel
+
+from fastft.apps.cli import main
+from fastft.apps.datasets import EVAL_SIZE, load_task
+from fastft.apps.models import load_causal_lm
+
+pytestmark = pytest.mark.slow
+
+
+def test_train_runs_and_saves_a_loadable_adapter(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--steps", "3", "--batch-size", "4", "--eval-examples", "8", "--max-length", "32",
+                 "--output-dir", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["eval_before"]["examples"] == 8 and metrics["eval_after"]["examples"] == 8
+    assert metrics["tokens_per_second"] > 0 and metrics["peak_memory_gib"] > 0
+    assert (out / "adapter" / "adapter_config.json").is_file()
+    model, _ = load_causal_lm()
+    loaded = PeftModel.from_pretrained(model, str(out / "adapter"))
+    assert any(torch.count_nonzero(p) for n, p in loaded.named_parameters() if "lora_B" in n)
+    printed = capsys.readouterr().out
+    assert "before: accuracy" in printed and "after:  accuracy" in printed
+
+
+def test_task_splits_are_fixed_and_disjoint():
+    a, b = load_task("mr", seed=0), load_task("mr", seed=0)
+    assert a.eval == b.eval and len(a.eval) == EVAL_SIZE
+    assert not set(t for t, _ in a.eval) & set(t for t, _ in a.train[:2000])
+    assert {label for _, label in a.train} == {0, 1}
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["train", "--steps", "0"], "--steps must be at least 1"),
+    (["train", "--task", "imdb"], "invalid choice: 'imdb'"),
+])
+def test_bad_arguments(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        main(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_unknown_model_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match="expected 'smollm2-135m' or a local checkpoint"):
+        main(["train", "--model", str(tmp_path / "nope"), "--steps", "1"])
