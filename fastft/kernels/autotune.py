@@ -54,5 +54,7 @@ class Tuner:
             raise RuntimeError(f"{self.name}: no launch config compiled for {key}") from last_error
         best = min(timings, key=lambda t: t[0])[1]
         log.info("%s %s -> %s", self.name, key, best)
+        for ms, config in sorted(timings, key=lambda t: t[0]):
+            log.debug("  %.4f ms  %s", ms, config)
         self.best[key] = best
         return best

@@ -21,6 +21,8 @@ them take 2-D operands, pick configs and grids; validation lives in fastft.ops.l
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from fastft.kernels.autotune import Tuner
@@ -60,17 +62,17 @@ def _lora_gemm_kernel(
     a_ptr, b_ptr, l_ptr, t_ptr, bias_ptr, c_ptr,
     M, N, K,
     stride_am, stride_ak, stride_bn, stride_bk, stride_lm, stride_tn, stride_tr, stride_cm,
-    p_drop, seed,
+    p_drop, seed, num_programs,
     HAS_BIAS: tl.constexpr, TAIL_DROPOUT: tl.constexpr, B_NK: tl.constexpr,
     USE_TMA: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr, FLATTEN: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+    GROUP_M: tl.constexpr, FLATTEN: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
 ):
     """c[M,N] = a[M,K]·bᵀ + l[M,R]·tᵀ (+ bias), b logically [N,K] and t logically [N,R].
 
     B_NK: b and t are stored N-major ([N,K] / [N,R], the forward) or K-major ([K,N] / [R,N], dx).
     TAIL_DROPOUT: the tail is masked by dropout_keep(row, col) of c (dx of a dropout LoRA).
-    Persistent: NUM_SMS programs walk the output tiles.
+    Persistent: `num_programs` programs (about one per SM) walk the output tiles.
     """
     start_pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -98,7 +100,7 @@ def _lora_gemm_kernel(
                                                block_shape=[BLOCK_R, BLOCK_N])
 
     offs_r = tl.arange(0, BLOCK_R)
-    for tile_id in tl.range(start_pid, num_tiles, NUM_SMS, flatten=FLATTEN, warp_specialize=WARP_SPECIALIZE):
+    for tile_id in tl.range(start_pid, num_tiles, num_programs, flatten=FLATTEN, warp_specialize=WARP_SPECIALIZE):
         pid_m, pid_n = _tile_coords(tile_id, num_pid_m, num_pid_n, GROUP_M)
         off_m = pid_m * BLOCK_M
         off_n = pid_n * BLOCK_N
@@ -239,13 +241,12 @@ def _gemm_configs(use_tma: bool, elem_bytes: int) -> list[dict]:
         return [dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, FLATTEN=False, WARP_SPECIALIZE=False,
                      num_warps=4, num_stages=3)]
     if use_tma:
-        shapes = [(128, 256, 64, 3, 8), (128, 128, 64, 4, 8), (128, 128, 128, 3, 8), (128, 256, 64, 3, 4)]
-        configs = []
-        for bm, bn, bk, stages, warps in shapes:
-            for flatten, ws in ((True, False), (False, False), (False, True)):
-                configs.append(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, FLATTEN=flatten,
-                                    WARP_SPECIALIZE=ws, num_warps=warps, num_stages=stages))
-        return configs
+        # (BM, BN, BK, stages, warps, flatten, warp-specialize)
+        variants = [(128, 256, 64, 3, 8, True, False), (128, 256, 64, 3, 8, False, True),
+                    (128, 256, 64, 3, 8, False, False), (128, 128, 64, 4, 8, True, False),
+                    (128, 128, 128, 3, 8, False, False)]
+        return [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, FLATTEN=fl, WARP_SPECIALIZE=ws,
+                     num_warps=w, num_stages=s) for bm, bn, bk, s, w, fl, ws in variants]
     return [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, FLATTEN=False, WARP_SPECIALIZE=False,
                  num_warps=w, num_stages=s)
             for bm, bn, bk, s, w in [(128, 128, 64, 4, 8), (128, 256, 64, 3, 8), (64, 128, 64, 4, 4)]]
@@ -255,14 +256,14 @@ def _project_configs(elem_bytes: int) -> list[dict]:
     if INTERPRET:
         return [dict(BLOCK_M=32, BLOCK_K=32, num_warps=4, num_stages=1)]
     return [dict(BLOCK_M=bm, BLOCK_K=bk, num_warps=w, num_stages=s)
-            for bm, bk, w, s in [(64, 128, 4, 4), (32, 256, 4, 4), (128, 64, 8, 4), (64, 256, 8, 3)]]
+            for bm, bk, w, s in [(64, 128, 4, 4), (32, 256, 4, 4), (128, 64, 8, 4)]]
 
 
 def _reduce_configs(elem_bytes: int) -> list[dict]:
     if INTERPRET:
         return [dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)]
     return [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s)
-            for bm, bn, w, s in [(64, 128, 4, 4), (128, 64, 4, 4), (64, 256, 8, 3), (128, 128, 8, 3)]]
+            for bm, bn, w, s in [(64, 128, 4, 4), (128, 64, 4, 4), (128, 128, 8, 3)]]
 
 
 _TUNERS: dict[tuple, Tuner] = {}
@@ -285,6 +286,11 @@ def _upcast(dtype: torch.dtype) -> bool:
     return INTERPRET and dtype != torch.float32
 
 
+def _bucket(m: int) -> int:
+    # Token counts change every step (variable sequence lengths): tune once per power-of-two bucket.
+    return next_power_of_2(m)
+
+
 def rank_pad(r: int) -> int:
     return max(16, next_power_of_2(r))
 
@@ -305,13 +311,14 @@ def lora_gemm(a, b, lo, t, bias, *, b_nk: bool, p_drop: float = 0.0, seed: int =
     # logical b[n, k] and t[n, r] strides, whatever the storage
     stride_bn, stride_bk = (b.stride(0), b.stride(1)) if b_nk else (b.stride(1), b.stride(0))
     stride_tn, stride_tr = (t.stride(0), t.stride(1)) if b_nk else (t.stride(1), t.stride(0))
-    use_tma = has_tma(a.device) and all(tma_compatible(x) for x in (a, b, lo, t, c))
+    use_tma = (has_tma(a.device) and a.device.type not in _NO_TMA
+               and all(tma_compatible(x) for x in (a, b, lo, t, c)))
     if use_tma:
         ensure_descriptor_allocator()
     sms = device_sms(a.device)
     precision = _dot_precision(a.dtype)
 
-    def launch(cfg):
+    def launch(cfg, use_tma=use_tma):
         cfg = dict(cfg)
         tiles = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
         grid = (max(1, min(sms, tiles)),)
@@ -319,15 +326,27 @@ def lora_gemm(a, b, lo, t, bias, *, b_nk: bool, p_drop: float = 0.0, seed: int =
             a, b, lo, t, bias if bias is not None else c, c,
             M, N, K,
             a.stride(0), a.stride(1), stride_bn, stride_bk, lo.stride(0), stride_tn, stride_tr, c.stride(0),
-            p_drop, seed,
+            p_drop, seed, grid[0],
             HAS_BIAS=bias is not None, TAIL_DROPOUT=p_drop > 0.0, B_NK=b_nk,
             USE_TMA=use_tma, UPCAST=_upcast(a.dtype), DOT_PRECISION=precision,
-            BLOCK_R=R, NUM_SMS=grid[0], **cfg,
+            BLOCK_R=R, **cfg,
         )
 
-    key = (M, N, K, R, a.dtype, b_nk, bias is not None, p_drop > 0.0, use_tma)
-    _tuner("lora_gemm", _gemm_configs(use_tma, a.element_size())).run(key, launch)
+    key = (_bucket(M), N, K, R, a.dtype, b_nk, bias is not None, p_drop > 0.0, use_tma)
+    try:
+        _tuner("lora_gemm", _gemm_configs(use_tma, a.element_size())).run(key, launch)
+    except RuntimeError as err:
+        if not use_tma or "no launch config compiled" not in str(err):
+            raise
+        # This triton cannot build the descriptor variant here: use pointer loads from now on.
+        warnings.warn(f"fastft: tensor-descriptor GEMM unavailable ({err.__cause__!r}); using pointer loads")
+        _NO_TMA.add(a.device.type)
+        key = key[:-1] + (False,)
+        _tuner("lora_gemm", _gemm_configs(False, a.element_size())).run(key, lambda cfg: launch(cfg, False))
     return c
+
+
+_NO_TMA: set[str] = set()  # device types where the descriptor GEMM failed to compile
 
 
 def rank_project(x, w, *, scale: float, p_drop: float = 0.0, seed: int = 0, out_dtype=None) -> torch.Tensor:
@@ -346,7 +365,7 @@ def rank_project(x, w, *, scale: float, p_drop: float = 0.0, seed: int = 0, out_
             BLOCK_R=R, **cfg,
         )
 
-    key = (M, K, R, x.dtype, p_drop > 0.0)
+    key = (_bucket(M), K, R, x.dtype, p_drop > 0.0)
     _tuner("rank_project", _project_configs(x.element_size())).run(key, launch)
     return out
 
@@ -376,7 +395,7 @@ def rank_reduce(lo, y, *, p_drop: float = 0.0, seed: int = 0) -> torch.Tensor:
         )
         launch.result = part
 
-    key = (M, N, R, y.dtype, p_drop > 0.0)
+    key = (_bucket(M), N, R, y.dtype, p_drop > 0.0)
     _tuner("rank_reduce", _reduce_configs(y.element_size())).run(key, launch)
     part = launch.result
     return part[0] if part.shape[0] == 1 else part.sum(0)

@@ -1,0 +1,147 @@
+"""GPU benchmark of the fused LoRA linear (one run, one card): forward+backward against the frozen bf16
+base and against peft's LoRA layer, M = 8192 tokens, bf16 everywhere (adapters too), dropout 0.
+
+Per (K→N, r): median ms of fwd+bwd (dX for the base; dX, dA, dB for LoRA), ratio to the base, and peak
+memory above the inputs. Then a breakdown of fastft's kernels at r=16. Run: python benchmarks/gpu_lora.py
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import peft
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastft.apps.bench import card_name, markdown_table, peak_memory_mib, time_ms, write_results
+from fastft.kernels import lora_linear as K
+from fastft.ops import lora_linear, lora_linear_reference
+
+M = 8192
+SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]
+RANKS = [int(r) for r in os.environ.get("LORA_BENCH_RANKS", "8,16,64").split(",")]
+DTYPE = torch.bfloat16
+
+
+def check_correctness() -> list[str]:
+    """fp64 reference on fresh random inputs before timing anything; returns failures."""
+    failures = []
+    for (m, k, n, r) in [(1037, 4096, 4096, 16), (8192, 4096, 1024, 64), (333, 14336, 512, 8)]:
+        x = torch.randn(m, k, device="cuda", dtype=DTYPE, requires_grad=True)
+        W = torch.randn(n, k, device="cuda", dtype=DTYPE) * k**-0.5
+        A = (torch.randn(r, k, device="cuda", dtype=DTYPE) * k**-0.5).requires_grad_()
+        B = (torch.randn(n, r, device="cuda", dtype=DTYPE) * 0.1).requires_grad_()
+        y = lora_linear(x, W, None, A, B, 2.0)
+        dy = torch.randn_like(y)
+        grads = torch.autograd.grad(y, [x, A, B], dy)
+        leaves = [t.detach().double().requires_grad_() for t in (x, A, B)]
+        y_ref = lora_linear_reference(leaves[0], W.double(), None, leaves[1], leaves[2], 2.0)
+        refs = torch.autograd.grad(y_ref, leaves, dy.double())
+        for name, got, ref in zip(("y", "dx", "dA", "dB"), (y, *grads), (y_ref, *refs)):
+            err = ((got.double() - ref).norm() / ref.norm()).item()
+            if not err < 2e-2:
+                failures.append(f"{name} at {(m, k, n, r)}: rel err {err:.2e}")
+    return failures
+
+
+def peft_layer(k: int, n: int, r: int) -> nn.Module:
+    holder = nn.Sequential()
+    holder.add_module("proj", nn.Linear(k, n, bias=False, device="cuda", dtype=DTYPE))
+    model = peft.get_peft_model(holder, peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=["proj"]),
+                                autocast_adapter_dtype=False)
+    layer = model.base_model.model.proj
+    nn.init.normal_(layer.lora_B["default"].weight, std=0.02)
+    return layer
+
+
+def bench_shape(k: int, n: int) -> list[dict]:
+    x = torch.randn(M, k, device="cuda", dtype=DTYPE, requires_grad=True)
+    dy = torch.randn(M, n, device="cuda", dtype=DTYPE)
+    rows = []
+    base_layer = peft_layer(k, n, 8).base_layer
+    W = base_layer.weight
+
+    def base():
+        torch.autograd.grad(F.linear(x, W), [x], dy)
+
+    t_base = time_ms(base)
+    tflops = 2 * 2 * M * k * n / t_base / 1e9
+    rows.append(dict(shape=f"{k}->{n}", method="frozen bf16 base", r="-", ms=t_base, ratio=1.0,
+                     tflops=tflops, peak_mib=peak_memory_mib(base)))
+    for r in RANKS:
+        layer = peft_layer(k, n, r)
+        layer.base_layer.weight = W
+        A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+
+        def peft_step():
+            torch.autograd.grad(layer(x), [x, A, B], dy)
+
+        def fastft_step():
+            torch.autograd.grad(lora_linear(x, W, None, A, B, 2.0), [x, A, B], dy)
+
+        for method, fn in (("peft LoRA", peft_step), ("fastft fused", fastft_step)):
+            fn()  # compile and autotune outside the timing
+            t = time_ms(fn)
+            rows.append(dict(shape=f"{k}->{n}", method=method, r=r, ms=t, ratio=t / t_base,
+                             peak_mib=peak_memory_mib(fn)))
+    return rows
+
+
+def breakdown(k: int, n: int, r: int = 16) -> dict:
+    """Each fastft kernel alone at r=16, with cuBLAS's plain GEMMs for the same products."""
+    x = torch.randn(M, k, device="cuda", dtype=DTYPE)
+    dy = torch.randn(M, n, device="cuda", dtype=DTYPE)
+    W = torch.randn(n, k, device="cuda", dtype=DTYPE) * k**-0.5
+    R = K.rank_pad(r)
+    A = torch.randn(R, k, device="cuda", dtype=DTYPE) * 0.01
+    B = torch.randn(n, R, device="cuda", dtype=DTYPE) * 0.01
+    xs = K.rank_project(x, A, scale=2.0)
+    g = K.rank_project(dy, B.t(), scale=2.0)
+    parts = {
+        "cublas x@W.T": lambda: x @ W.t(),
+        "cublas dy@W": lambda: dy @ W,
+        "fwd rank_project (x·Aᵀ)": lambda: K.rank_project(x, A, scale=2.0),
+        "fwd lora_gemm": lambda: K.lora_gemm(x, W, xs, B, None, b_nk=True),
+        "bwd rank_project (dy·B)": lambda: K.rank_project(dy, B.t(), scale=2.0),
+        "bwd lora_gemm (dx)": lambda: K.lora_gemm(dy, W, g, A, None, b_nk=False),
+        "bwd rank_reduce (dA)": lambda: K.rank_reduce(g, x),
+        "bwd rank_reduce (dB)": lambda: K.rank_reduce(xs, dy),
+    }
+    out = {}
+    for name, fn in parts.items():
+        fn()
+        out[name] = time_ms(fn)
+    return out
+
+
+def main() -> int:
+    if os.environ.get("FASTFT_TUNE_LOG"):
+        logging.basicConfig(level=logging.DEBUG, format="%(message)s")
+        logging.getLogger("fastft.kernels.autotune").setLevel(logging.DEBUG)
+    card = card_name()
+    print(f"card: {card}; torch {torch.__version__}", flush=True)
+    failures = check_correctness()
+    print("correctness:", "ok" if not failures else failures, flush=True)
+    rows, parts = [], {}
+    for k, n in SHAPES:
+        try:
+            rows += bench_shape(k, n)
+            parts[f"{k}->{n}"] = breakdown(k, n)
+        except Exception as err:  # noqa: BLE001 - report and keep measuring the other shapes
+            rows.append(dict(shape=f"{k}->{n}", method=f"FAILED: {type(err).__name__}: {err}"[:200]))
+        print(markdown_table(rows[-7:], ["shape", "method", "r", "ms", "ratio", "peak_mib"]), flush=True)
+    write_results("lora", dict(card=card, torch=torch.__version__, M=M, dtype=str(DTYPE), rows=rows,
+                               breakdown_ms=parts, correctness_failures=failures))
+    print(f"\n## fused LoRA linear fwd+bwd, M={M}, bf16, on {card} (ratio = ms / frozen base ms)")
+    print(markdown_table(rows, ["shape", "method", "r", "ms", "ratio", "peak_mib"]))
+    print("\n## fastft kernel breakdown at r=16 (ms)")
+    names = list(next(iter(parts.values())).keys()) if parts else []
+    print(markdown_table([dict(kernel=nm, **{s: p[nm] for s, p in parts.items()}) for nm in names],
+                         ["kernel", *parts.keys()]))
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
