@@ -230,3 +230,17 @@ def test_bad_scaling():
     x, W, b, A, B = _inputs(8, 32, 24, 4, torch.float32)
     with pytest.raises(ValueError, match="`scaling` must be a finite number"):
         lora_linear(x, W, b, A, B, float("nan"))
+
+
+@interpreter_only
+def test_split_variants_of_the_rank_kernels(monkeypatch, captured_seeds):
+    """The GPU configs split the skinny products over K (fp32 partials) and over M: same results."""
+    from fastft.kernels import lora_linear as K
+
+    monkeypatch.setattr(K, "_project_configs",
+                        lambda e: [dict(BLOCK_M=16, BLOCK_K=16, SPLIT_K=3, num_warps=4, num_stages=1)])
+    monkeypatch.setattr(K, "_reduce_configs",
+                        lambda e: [dict(BLOCK_M=16, BLOCK_N=16, PER_SM=8, num_warps=4, num_stages=1)])
+    monkeypatch.setattr(K, "_TUNERS", {})
+    x, W, b, A, B = _inputs(70, 80, 40, 6, torch.float32)
+    _check_against_reference(x, W, b, A, B, s=2.0, p=0.2, seeds=captured_seeds)

@@ -159,32 +159,39 @@ def _lora_gemm_kernel(
 @triton.jit
 def _rank_project_kernel(
     x_ptr, w_ptr, out_ptr,
-    M, K,
-    stride_xm, stride_xk, stride_wr, stride_wk, stride_om,
+    M, K, k_per_split,
+    stride_xm, stride_xk, stride_wr, stride_wk, stride_os, stride_om,
     scale, p_drop, seed,
     DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    """out[M,R] = scale · (keep∘x)[M,K] · wᵀ, w logically [R,K] (any strides); one pass over x."""
+    """out[split, M, R] = scale · (keep∘x)[M, Ks] · w[R, Ks]ᵀ over this split's columns Ks of K (w any strides).
+
+    With one split this is the whole product; several splits (fp32 partials, summed after) put more
+    loads in flight when M alone gives too few programs to saturate memory bandwidth.
+    """
     pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_r = tl.arange(0, BLOCK_R)
+    k_start = pid_k * k_per_split
+    k_end = min(K, k_start + k_per_split)
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for off_k in range(0, K, BLOCK_K):
+    for off_k in range(k_start, k_end, BLOCK_K):
         ks = off_k + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :] * stride_xk,
-                    mask=(rows[:, None] < M) & (ks[None, :] < K), other=0.0)
+                    mask=(rows[:, None] < M) & (ks[None, :] < k_end), other=0.0)
         if DROPOUT:
             x = tl.where(dropout_keep(seed, rows, ks, K, p_drop), x, 0.0)
         w = tl.load(w_ptr + ks[:, None] * stride_wk + offs_r[None, :] * stride_wr,
-                    mask=ks[:, None] < K, other=0.0)
+                    mask=ks[:, None] < k_end, other=0.0)
         if UPCAST:
             x = x.to(tl.float32)
             w = w.to(tl.float32)
         acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
     acc = acc * scale
-    tl.store(out_ptr + rows[:, None] * stride_om + offs_r[None, :], acc.to(out_ptr.dtype.element_ty),
-             mask=rows[:, None] < M)
+    out = out_ptr + pid_k * stride_os + rows[:, None] * stride_om + offs_r[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=rows[:, None] < M)
 
 
 @triton.jit
@@ -254,16 +261,19 @@ def _gemm_configs(use_tma: bool, elem_bytes: int) -> list[dict]:
 
 def _project_configs(elem_bytes: int) -> list[dict]:
     if INTERPRET:
-        return [dict(BLOCK_M=32, BLOCK_K=32, num_warps=4, num_stages=1)]
-    return [dict(BLOCK_M=bm, BLOCK_K=bk, num_warps=w, num_stages=s)
-            for bm, bk, w, s in [(64, 128, 4, 4), (32, 256, 4, 4), (128, 64, 8, 4)]]
+        return [dict(BLOCK_M=32, BLOCK_K=32, SPLIT_K=1, num_warps=4, num_stages=1)]
+    return [dict(BLOCK_M=bm, BLOCK_K=bk, SPLIT_K=sk, num_warps=w, num_stages=s)
+            for bm, bk, sk, w, s in [(64, 128, 1, 4, 4), (32, 256, 1, 4, 4), (16, 256, 1, 4, 4),
+                                     (64, 128, 2, 4, 4), (64, 128, 4, 4, 4), (128, 64, 4, 8, 4)]]
 
 
 def _reduce_configs(elem_bytes: int) -> list[dict]:
+    # PER_SM: how many programs per SM the M-split aims for.
     if INTERPRET:
-        return [dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)]
-    return [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s)
-            for bm, bn, w, s in [(64, 128, 4, 4), (128, 64, 4, 4), (128, 128, 8, 3)]]
+        return [dict(BLOCK_M=32, BLOCK_N=32, PER_SM=2, num_warps=4, num_stages=1)]
+    return [dict(BLOCK_M=bm, BLOCK_N=bn, PER_SM=f, num_warps=w, num_stages=s)
+            for bm, bn, f, w, s in [(64, 128, 2, 4, 4), (64, 128, 4, 4, 4), (128, 64, 4, 4, 4),
+                                    (32, 128, 4, 4, 4), (128, 128, 2, 8, 3)]]
 
 
 _TUNERS: dict[tuple, Tuner] = {}
@@ -349,25 +359,30 @@ def lora_gemm(a, b, lo, t, bias, *, b_nk: bool, p_drop: float = 0.0, seed: int =
 _NO_TMA: set[str] = set()  # device types where the descriptor GEMM failed to compile
 
 
-def rank_project(x, w, *, scale: float, p_drop: float = 0.0, seed: int = 0, out_dtype=None) -> torch.Tensor:
-    """out[M,R] = scale·(keep∘x)·wᵀ with w logical [R,K] (pass B.t() for dy·B); R = w.shape[0] padded."""
+def rank_project(x, w, *, scale: float, p_drop: float = 0.0, seed: int = 0) -> torch.Tensor:
+    """out[M,R] = scale·(keep∘x)·wᵀ in x's dtype, w logical [R,K] (pass B.t() for dy·B); R = w.shape[0]."""
     M, K = x.shape
     R = w.shape[0]
-    out = torch.empty((M, R), device=x.device, dtype=out_dtype or x.dtype)
+    result = {}
 
     def launch(cfg):
         cfg = dict(cfg)
-        _rank_project_kernel[(triton.cdiv(M, cfg["BLOCK_M"]),)](
-            x, w, out, M, K,
-            x.stride(0), x.stride(1), w.stride(0), w.stride(1), out.stride(0),
+        splits = min(cfg.pop("SPLIT_K"), triton.cdiv(K, cfg["BLOCK_K"]))
+        k_per_split = triton.cdiv(triton.cdiv(K, splits), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
+        splits = triton.cdiv(K, k_per_split)
+        out = torch.empty((splits, M, R), device=x.device, dtype=x.dtype if splits == 1 else torch.float32)
+        _rank_project_kernel[(triton.cdiv(M, cfg["BLOCK_M"]), splits)](
+            x, w, out, M, K, k_per_split,
+            x.stride(0), x.stride(1), w.stride(0), w.stride(1), out.stride(0), out.stride(1),
             scale, p_drop, seed,
             DROPOUT=p_drop > 0.0, UPCAST=_upcast(x.dtype), DOT_PRECISION=_dot_precision(x.dtype),
             BLOCK_R=R, **cfg,
         )
+        result["out"] = out[0] if splits == 1 else out.sum(0).to(x.dtype)
 
     key = (_bucket(M), K, R, x.dtype, p_drop > 0.0)
     _tuner("rank_project", _project_configs(x.element_size())).run(key, launch)
-    return out
+    return result["out"]
 
 
 def rank_reduce(lo, y, *, p_drop: float = 0.0, seed: int = 0) -> torch.Tensor:
@@ -375,17 +390,17 @@ def rank_reduce(lo, y, *, p_drop: float = 0.0, seed: int = 0) -> torch.Tensor:
     M, N = y.shape
     R = lo.shape[1]
     sms = device_sms(y.device)
+    result = {}
 
     def launch(cfg):
         cfg = dict(cfg)
+        per_sm = cfg.pop("PER_SM")
         n_tiles = triton.cdiv(N, cfg["BLOCK_N"])
-        # Split M so the grid covers the chip about twice; partial sums are added up by torch after.
-        splits = max(1, min(triton.cdiv(2 * sms, n_tiles), triton.cdiv(M, 4 * cfg["BLOCK_M"])))
+        # Split M so the grid covers the chip PER_SM times; partial sums are added up by torch after.
+        splits = max(1, min(triton.cdiv(per_sm * sms, n_tiles), triton.cdiv(M, 4 * cfg["BLOCK_M"])))
         rows_per_split = triton.cdiv(triton.cdiv(M, splits), cfg["BLOCK_M"]) * cfg["BLOCK_M"]
-        splits = triton.cdiv(M, rows_per_split) if M else 1
+        splits = triton.cdiv(M, rows_per_split)
         part = torch.empty((splits, R, N), device=y.device, dtype=torch.float32)
-        if M == 0:
-            part.zero_()
         _rank_reduce_kernel[(n_tiles, splits)](
             lo, y, part, M, N, rows_per_split,
             lo.stride(0), y.stride(0), y.stride(1),
@@ -393,12 +408,11 @@ def rank_reduce(lo, y, *, p_drop: float = 0.0, seed: int = 0) -> torch.Tensor:
             DROPOUT=p_drop > 0.0, UPCAST=_upcast(y.dtype), DOT_PRECISION=_dot_precision(y.dtype),
             BLOCK_R=R, **cfg,
         )
-        launch.result = part
+        result["out"] = part[0] if splits == 1 else part.sum(0)
 
     key = (_bucket(M), N, R, y.dtype, p_drop > 0.0)
     _tuner("rank_reduce", _reduce_configs(y.element_size())).run(key, launch)
-    part = launch.result
-    return part[0] if part.shape[0] == 1 else part.sum(0)
+    return result["out"]
 
 
 def dropout_mask(seed: int, M: int, K: int, p_drop: float, device) -> torch.Tensor:
