@@ -36,20 +36,21 @@ class Tuner:
         launch(config)
 
     def _tune(self, key: Hashable, launch: Callable[[Config], None]) -> Config:
-        if INTERPRET or len(self.configs) == 1 or os.environ.get("FASTFT_AUTOTUNE", "1") == "0":
-            self.best[key] = self.configs[0]
-            return self.configs[0]
-        from triton.testing import do_bench
-
+        timed = not (INTERPRET or len(self.configs) == 1 or os.environ.get("FASTFT_AUTOTUNE", "1") == "0")
         timings, last_error = [], None
         for config in self.configs:
             try:
-                launch(config)  # compile outside the timed region
-                ms = do_bench(lambda: launch(config), warmup=5, rep=20, return_mode="median")
-                timings.append((ms, config))
+                launch(config)  # compiles; raises for a config this GPU cannot run (e.g. too much shared memory)
             except Exception as err:  # noqa: BLE001 - a config that cannot compile or run is skipped
                 log.debug("%s: config %s failed: %s", self.name, config, err)
                 last_error = err
+                continue
+            if not timed:  # untimed: the first config that runs
+                self.best[key] = config
+                return config
+            from triton.testing import do_bench
+
+            timings.append((do_bench(lambda: launch(config), warmup=5, rep=20, return_mode="median"), config))
         if not timings:
             raise RuntimeError(f"{self.name}: no launch config compiled for {key}") from last_error
         best = min(timings, key=lambda t: t[0])[1]
