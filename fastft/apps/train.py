@@ -124,7 +124,8 @@ def train(cfg: TrainConfig) -> dict:
 
     import fastft
 
-    accelerator = Accelerator()
+    # cpu=True lets accelerate set up gloo for multi-process runs (torchrun) on machines without a GPU.
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
     device = accelerator.device
     set_seed(cfg.seed)
     log = accelerator.print
@@ -133,7 +134,9 @@ def train(cfg: TrainConfig) -> dict:
     task = load_task(cfg.task, seed=cfg.seed)
     label_ids = label_token_ids(tokenizer, task)
     collate = make_collate(tokenizer, task, label_ids, cfg.max_length)
-    train_loader = torch.utils.data.DataLoader(task.train, batch_size=cfg.batch_size, shuffle=True,
+    # A seeded order fixed up front: the same global batches whatever the number of processes.
+    order = torch.randperm(len(task.train), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+    train_loader = torch.utils.data.DataLoader([task.train[i] for i in order], batch_size=cfg.batch_size,
                                                collate_fn=collate, drop_last=True)
     eval_loader = torch.utils.data.DataLoader(task.eval[: cfg.eval_examples], batch_size=cfg.eval_batch_size,
                                               collate_fn=collate)
@@ -179,7 +182,7 @@ def train(cfg: TrainConfig) -> dict:
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
         tokens += int(batch["attention_mask"].sum()) * accelerator.num_processes
-        losses.append(loss.item())
+        losses.append(accelerator.reduce(loss.detach(), "mean").item())  # the global batch's loss
         elapsed = time.perf_counter() - start
         bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{tokens / elapsed:,.0f}",
                         mem=f"{peak_memory_gib(device):.2f}GiB")
@@ -192,7 +195,7 @@ def train(cfg: TrainConfig) -> dict:
         "config": asdict(cfg), "device": str(device), "processes": accelerator.num_processes,
         "trainable_parameters": trainable, "total_parameters": total,
         "eval_before": before, "eval_after": after,
-        "train_loss_first": losses[0], "train_loss_last": losses[-1],
+        "train_losses": losses,
         "train_seconds": train_seconds, "tokens_per_second": tokens / train_seconds,
         "peak_memory_gib": peak, "peak_memory_kind": "cuda allocated" if device.type == "cuda" else "process RSS",
     }
