@@ -13,6 +13,7 @@ _LAZY = {
     "patch_peft": "fastft.integration.peft_lora",
     "load_adapter": "fastft.integration.peft_lora",
     "add_adapter": "fastft.integration.peft_lora",
+    "register_attention": "fastft.integration.attention",
 }
 
 __all__ = ["lora_linear", *_LAZY]
