@@ -161,12 +161,13 @@ def forward_configs(dtype: torch.dtype, head_dim: int, tma_ok: bool) -> list[dic
     def cfg(bm, bn, warps, stages, tma=False, ws=False):
         return dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, USE_TMA=tma, WARP_SPECIALIZE=ws)
 
+    wide = block_d(head_dim) > 128  # 256-wide rows: smaller tiles to fit shared memory and registers
     if INTERPRET:
         return [cfg(32, 32, 4, 1, tma_ok)]
-    if dtype == torch.float32:
-        return [cfg(64, 32, 4, 2), cfg(32, 32, 4, 2)]
-    if block_d(head_dim) > 128:
-        return [cfg(64, 64, 4, 2, tma_ok), cfg(128, 64, 8, 2, tma_ok)]
+    if dtype == torch.float32:  # exact (ieee) fp32 dots: for tests and references, not speed
+        return [cfg(32, 32, 4, 1), cfg(16, 32, 4, 1)] if wide else [cfg(64, 32, 4, 2), cfg(32, 32, 4, 2)]
+    if wide:
+        return [cfg(64, 64, 4, 2, tma_ok), cfg(128, 64, 8, 2, tma_ok), cfg(64, 32, 4, 2)]
     if tma_ok:
         return [cfg(128, 128, 8, 3, True), cfg(128, 64, 8, 3, True), cfg(128, 128, 8, 2, True, ws=True),
                 cfg(128, 64, 4, 3)]

@@ -59,21 +59,18 @@ def tma_compatible(t: torch.Tensor) -> bool:
     return t.data_ptr() % 16 == 0 and (t.stride(0) * size) % 16 == 0
 
 
-_allocator_set = False
+def _descriptor_scratch(size: int, alignment: int, stream):
+    device = "cpu" if INTERPRET else "cuda"
+    return torch.empty(size, dtype=torch.int8, device=device)
 
 
 def ensure_descriptor_allocator() -> None:
-    """Device-side tensor descriptors need a scratch allocator registered with triton."""
-    global _allocator_set
-    if _allocator_set:
-        return
+    """Device-side tensor descriptors need a scratch allocator registered with triton.
 
-    def alloc(size: int, alignment: int, stream):
-        device = "cpu" if INTERPRET else "cuda"
-        return torch.empty(size, dtype=torch.int8, device=device)
-
-    triton.set_allocator(alloc)
-    _allocator_set = True
+    triton keeps it in a ContextVar, i.e. per thread, and autograd runs CUDA backward passes on its own
+    worker thread: so set it on every call (a cheap ContextVar.set), not once per process.
+    """
+    triton.set_allocator(_descriptor_scratch)
 
 
 def next_power_of_2(n: int) -> int:
