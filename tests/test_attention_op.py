@@ -112,6 +112,13 @@ def test_launch_configs(tma):
     check_configs(args, fwd, bwd, torch.float32, causal=True, window=21)
 
 
+@interpreter_only
+def test_launch_configs_packed_dq_kernel():
+    """Packed documents through the separate dQ kernel (the interpreter's default config uses atomics)."""
+    args = make_problem(cu=[0, 30, 31, 75], heads=4, kv_heads=2, prefix=6, prefix_batch=2)
+    check_configs(args, [_fwd_cfg(16, 32, False)], [_bwd_cfg(32, 16, 32, 16, False, True)], torch.float32)
+
+
 # ----------------------------------------------------------------------------------------------
 # The reference itself, against independent implementations.
 

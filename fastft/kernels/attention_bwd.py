@@ -20,7 +20,6 @@ import os
 import torch
 
 from fastft.kernels.attention import (
-    INTERPRET,
     LOG2E,
     band,
     block_d,
@@ -36,7 +35,7 @@ from fastft.kernels.attention import (
     upcast,
     visible,
 )
-from fastft.kernels.runtime import ensure_descriptor_allocator, triton
+from fastft.kernels.runtime import INTERPRET, ensure_descriptor_allocator, triton
 
 import triton.language as tl
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import torch
 
 from fastft.kernels.attention import (
-    INTERPRET,
     LOG2E,
     band,
     block_d,
@@ -29,7 +28,7 @@ from fastft.kernels.attention import (
     upcast,
     visible,
 )
-from fastft.kernels.runtime import ensure_descriptor_allocator, triton
+from fastft.kernels.runtime import INTERPRET, ensure_descriptor_allocator, triton
 
 import triton.language as tl
 
