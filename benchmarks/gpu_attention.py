@@ -130,7 +130,8 @@ def check_configs():
         except Exception as err:  # noqa: BLE001 - report and go on
             row.update(ok=False, error=short(err))
         ROWS.append(row)
-        log(f"check forward  {row['config']:40s} {'ok' if row['ok'] else 'FAILED'} {row.get('rel_err', row.get('error'))}")
+        log(f"check forward  {row['config']:40s} {'ok' if row['ok'] else 'FAILED'} "
+            f"{row.get('rel_err', row.get('error'))}")
     if o is None:
         raise RuntimeError("no forward config passed the correctness check")
     for cfg in kbwd.backward_configs(DTYPE, D, tma):
@@ -148,7 +149,8 @@ def check_configs():
         except Exception as err:  # noqa: BLE001
             row.update(ok=False, error=short(err))
         ROWS.append(row)
-        log(f"check backward {row['config']:40s} {'ok' if row['ok'] else 'FAILED'} {row.get('rel_err', row.get('error'))}")
+        log(f"check backward {row['config']:40s} {'ok' if row['ok'] else 'FAILED'} "
+            f"{row.get('rel_err', row.get('error'))}")
     if not good_bwd:
         raise RuntimeError("no backward config passed the correctness check")
     # The default path tunes only among the configs verified here.
@@ -303,8 +305,9 @@ def packed_vs_padded(best_fwd, best_bwd):
     kw = dict(cu_seqlens=cu, max_seqlen=S, **common)
     try:
         o, lse = kfwd.attention_forward(q, k, v, config=best_fwd, **kw)
+        bounds = cu.tolist()[:4]
         ref = torch.cat([attention_reference(q[None, a:b].float(), k[None, a:b].float(), v[None, a:b].float(),
-                                             causal=True)[0] for a, b in zip(cu[:-1].tolist()[:3], cu[1:].tolist()[:3])])
+                                             causal=True)[0] for a, b in zip(bounds[:-1], bounds[1:])])
         log(f"packed output (first 3 docs) vs fp32 reference: rel err {rel_err(o[:int(cu[3])], ref):.2e}")
     except Exception as err:  # noqa: BLE001
         log(f"packed check failed: {short(err)}")
@@ -374,7 +377,8 @@ def main():
             json.dump(payload, f, indent=1)
 
     print(f"\n### Attention on {card} (causal, H={H}, D={D}, bf16; FLOPs: fwd 4·B·H·S²·D/2, fwd+bwd 3.5× that)")
-    print("| shape | method | fwd ms | fwd TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s | peak GiB | fwd+bwd speed-up vs flash | vs cuDNN |")
+    print("| shape | method | fwd ms | fwd TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s | peak GiB "
+          "| fwd+bwd speed-up vs flash | vs cuDNN |")
     print("|---|---|---|---|---|---|---|---|---|")
     for shape in SHAPES:
         name = f"B{shape[0]}xS{shape[1]}"
@@ -384,7 +388,8 @@ def main():
                          else None) for p in ("sdpa_flash", "sdpa_cudnn")}
             print(f"| {name} | {method} | {fmt(r.get('fwd_ms'), '.3f')} | {fmt(r.get('fwd_tflops'), '.0f')} | "
                   f"{fmt(r.get('fwdbwd_ms'), '.3f')} | {fmt(r.get('fwdbwd_tflops'), '.0f')} | "
-                  f"{fmt(r.get('peak_gib'), '.2f')} | {fmt(ratio['sdpa_flash'], '.2f')} | {fmt(ratio['sdpa_cudnn'], '.2f')} |")
+                  f"{fmt(r.get('peak_gib'), '.2f')} | {fmt(ratio['sdpa_flash'], '.2f')} | "
+                  f"{fmt(ratio['sdpa_cudnn'], '.2f')} |")
     if pack_rows:
         base = next((r for r in pack_rows if r["layout"] == "packed" and "fwdbwd_ms" in r), None)
         print(f"\n### Packed vs padded fwd+bwd: {info['n_docs']} documents, {info['total_tokens']} tokens "

@@ -210,4 +210,5 @@ def test_gpu_tiny_llama_bf16(fastft_attention, monkeypatch, kind):
         else:
             want = ref_grads
         ours_err, sdpa_err = rel_err(ours, want), rel_err(theirs, want)
-        assert ours_err <= 1.5 * sdpa_err + 1e-3, f"{kind} {what}: fastft bf16 error {ours_err:.2e}, sdpa {sdpa_err:.2e}"
+        assert ours_err <= 1.5 * sdpa_err + 1e-3, \
+            f"{kind} {what}: fastft bf16 error {ours_err:.2e}, sdpa {sdpa_err:.2e}"

@@ -37,7 +37,8 @@ class PackingCollator:
     def __init__(self, pad_to_multiple_of: int | None = None, pad_token_id: int = 0,
                  return_flash_kwargs: bool = True):
         if pad_to_multiple_of is not None and (not isinstance(pad_to_multiple_of, int) or pad_to_multiple_of < 1):
-            raise ValueError(f"PackingCollator: `pad_to_multiple_of` must be a positive int, got {pad_to_multiple_of!r}")
+            raise ValueError("PackingCollator: `pad_to_multiple_of` must be a positive int, got "
+                             f"{pad_to_multiple_of!r}")
         self.pad_to_multiple_of = pad_to_multiple_of
         self.pad_token_id = pad_token_id
         self.return_flash_kwargs = return_flash_kwargs

@@ -306,9 +306,11 @@ def backward_configs(dtype: torch.dtype, head_dim: int, tma_ok: bool) -> list[di
     elif wide:
         configs = [cfg(64, 32, 8, 2, 64, 32, 8, 2, tma=tma_ok), cfg(64, 64, 8, 1, 64, 64, 8, 2, tma=tma_ok),
                    cfg(32, 32, 4, 2, 32, 32, 4, 2)]
-    elif tma_ok:
-        configs = [cfg(128, 64, 8, 2, 128, 64, 8, 2, tma=True), cfg(128, 64, 8, 2, 128, 64, 8, 2, atomic=True, tma=True),
-                   cfg(64, 64, 4, 3, 128, 64, 8, 2, tma=True), cfg(128, 64, 8, 2, 128, 64, 8, 2)]
+    elif tma_ok:  # FA2's 128 keys × 64 rows; Triton's tutorial's thinner 128 × 32 with deeper pipelines; pointers
+        configs = [cfg(128, 64, 8, 2, 128, 64, 8, 2, tma=True),
+                   cfg(128, 64, 8, 2, 128, 64, 8, 2, atomic=True, tma=True),
+                   cfg(128, 32, 4, 4, 128, 32, 4, 4, tma=True),
+                   cfg(128, 64, 8, 2, 128, 64, 8, 2)]
     else:
         configs = [cfg(128, 64, 8, 2, 128, 64, 8, 2), cfg(128, 64, 8, 2, 128, 64, 8, 2, atomic=True),
                    cfg(64, 64, 4, 3, 64, 64, 4, 3)]

@@ -167,8 +167,8 @@ def forward_configs(dtype: torch.dtype, head_dim: int, tma_ok: bool) -> list[dic
         return [cfg(32, 32, 4, 1), cfg(16, 32, 4, 1)] if wide else [cfg(64, 32, 4, 2), cfg(32, 32, 4, 2)]
     if wide:
         return [cfg(64, 64, 4, 2, tma_ok), cfg(128, 64, 8, 2, tma_ok), cfg(64, 32, 4, 2)]
-    if tma_ok:
-        return [cfg(128, 128, 8, 3, True), cfg(128, 64, 8, 3, True), cfg(128, 128, 8, 2, True, ws=True),
+    if tma_ok:  # the last one, on plain pointers, stays in case descriptors fail to compile here
+        return [cfg(128, 128, 8, 3, True), cfg(128, 64, 4, 3, True), cfg(128, 128, 8, 2, True, ws=True),
                 cfg(128, 64, 4, 3)]
     return [cfg(128, 64, 8, 3), cfg(128, 128, 8, 2), cfg(64, 64, 4, 3)]
 
