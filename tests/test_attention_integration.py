@@ -123,6 +123,25 @@ def test_generate_with_cache_matches_sdpa(fastft_attention):
         assert_close(scores["fastft"], scores["sdpa"], torch.float32, f"generation scores, batch {len(seqs)}")
 
 
+@interpreter_only
+def test_peft_prefix_tuning_matches_sdpa(fastft_attention):
+    """peft's prefix tuning hands the virtual tokens over as a KV cache: more keys than queries, bottom-right causal."""
+    from peft import PrefixTuningConfig, get_peft_model
+
+    model = get_peft_model(tiny_llama(), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=5))
+    ids = torch.randint(3, 128, (2, 11))
+    results = {}
+    for impl in ("fastft", "sdpa"):
+        model.base_model.set_attn_implementation(impl)
+        model.zero_grad(set_to_none=True)
+        out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        grads = torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None])
+        results[impl] = (out.logits.detach(), grads)
+    assert_close(results["fastft"][0], results["sdpa"][0], torch.float32, "logits")
+    assert_close(results["fastft"][1], results["sdpa"][1], torch.float32, "prefix gradients")
+
+
 def test_attention_dropout_is_refused(fastft_attention):
     model = tiny_llama(attention_dropout=0.1).train()
     with pytest.raises(ValueError, match="no attention dropout"):
