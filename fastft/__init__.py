@@ -14,6 +14,7 @@ _LAZY = {
     "load_adapter": "fastft.integration.peft_lora",
     "add_adapter": "fastft.integration.peft_lora",
     "save_adapter": "fastft.integration.peft_lora",
+    "register_attention": "fastft.integration.attention",
 }
 
 __all__ = ["lora_linear", *_LAZY]

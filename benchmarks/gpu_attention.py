@@ -1,0 +1,411 @@
+#!/usr/bin/env python3
+"""fastft attention on the GPU: correctness first, then forward / forward+backward TFLOP/s against torch SDPA's
+FlashAttention-2 and cuDNN backends, packed vs padded batches, peak memory.
+
+Run from the repository root: `python3 benchmarks/gpu_attention.py` (writes $OUT/attention.json if $OUT is set).
+FASTFT_BENCH_SMOKE=1 runs the same script on the CPU through the Triton interpreter at toy sizes: it checks the
+script, not the speed (tests/test_attention_benchmark.py does that in CI).
+
+1. Every launch config of the kernels (forward, backward) at a small ragged shape of the benchmark's kind
+   (causal, D=128, bf16; the same specialisations, so the compiles are reused) against an fp64 reference,
+   outputs poisoned with NaN first. Configs that fail to compile or to match are reported and left out of
+   the tuner for the rest of the run.
+2. B4×S2048 and B1×S8192, H=32, D=128, causal, bf16: each config alone, the default (tuned) autograd path,
+   SDPA flash and cuDNN. Times are medians of triton.testing.do_bench.
+3. A realistic mix of document lengths: fastft packed (varlen) vs padded batches for fastft and SDPA.
+
+FLOPs: forward 4·B·H·S²·D·(½ if causal); backward 2.5× the forward; forward+backward timed together counts
+3.5× the forward (the convention of ../shared/anchors, whose H200 peers are flash 234/292 and cuDNN 414/507).
+Packed-vs-padded rates count only the useful FLOPs (Σ over documents of their own L²).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+import traceback
+
+SMOKE = os.environ.get("FASTFT_BENCH_SMOKE") == "1"
+if SMOKE:
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import triton  # noqa: E402
+from triton.testing import do_bench  # noqa: E402
+
+import fastft.kernels.attention_bwd as kbwd  # noqa: E402
+import fastft.kernels.attention_fwd as kfwd  # noqa: E402
+from fastft.kernels.attention import tma_eligible  # noqa: E402
+from fastft.ops import flash_attention  # noqa: E402
+from fastft.ops.attention import attention_reference  # noqa: E402
+
+T0 = time.time()
+DTYPE = torch.bfloat16
+DEVICE = "cpu" if SMOKE else "cuda"
+H, D = (2, 64) if SMOKE else (32, 128)
+SHAPES = [(2, 40), (1, 72)] if SMOKE else [(4, 2048), (1, 8192)]
+CHECK_SHAPE = (2, 40) if SMOKE else (2, 320)  # ragged against 128-row blocks, S % 16 == 0 like SHAPES
+UNBOUNDED = 1 << 30
+BACKEND = "triton" if SMOKE else "auto"  # the smoke run forces the kernels (interpreted) over the CPU reference
+ROWS: list[dict] = []
+
+
+def log(msg: str) -> None:
+    print(f"[{time.time() - T0:6.1f}s] {msg}", flush=True)
+
+
+def fwd_flops(B, S, causal=True, h=H, d=D):
+    return 4 * B * h * S * S * d * (0.5 if causal else 1.0)
+
+
+def rel_err(a, b) -> float:
+    a, b = a.double(), b.double()
+    if not torch.isfinite(a).all():
+        return float("inf")
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def bench(fn) -> float:
+    if SMOKE:
+        start = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start) * 1e3
+    return do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def sync() -> None:
+    if not SMOKE:
+        torch.cuda.synchronize()
+
+
+def short(err: Exception) -> str:
+    return f"{type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}"
+
+
+def cfg_name(cfg: dict) -> str:
+    keys = ("BLOCK_M", "BLOCK_N", "BLOCK_M2", "BLOCK_N2", "num_warps", "WARPS", "num_stages", "STAGES")
+    dims = "/".join(str(cfg[k]) for k in keys if k in cfg)
+    flags = [f for f in ("USE_TMA", "WARP_SPECIALIZE", "ATOMIC_DQ") if cfg.get(f)]
+    return dims + ("+" + "+".join(f.lower() for f in flags) if flags else "")
+
+
+def causal_inputs(B, S, h=H, kv=H, requires_grad=False):
+    q = torch.randn(B, S, h, D, device=DEVICE, dtype=DTYPE)
+    k = torch.randn(B, S, kv, D, device=DEVICE, dtype=DTYPE)
+    v = torch.randn(B, S, kv, D, device=DEVICE, dtype=DTYPE)
+    return [t.requires_grad_(requires_grad) for t in (q, k, v)]
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. Correctness of every config
+
+def check_configs():
+    B, S = CHECK_SHAPE
+    q, k, v = causal_inputs(B, S)
+    do = torch.randn_like(q)
+    q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
+    ref = attention_reference(q64, k64, v64, causal=True)
+    ref_grads = torch.autograd.grad(ref, (q64, k64, v64), do.double())
+    tma = tma_eligible(D, q, k, v)
+    common = dict(sm_scale=D ** -0.5, left=UNBOUNDED, right=0)
+    tol = 2e-2
+    good_fwd, good_bwd, o, lse = [], [], None, None
+    for cfg in kfwd.forward_configs(DTYPE, D, tma):
+        row = dict(section="correctness", kernel="forward", config=cfg_name(cfg))
+        try:
+            out = torch.full_like(q, float("nan"))
+            lse_buf = torch.full((B, H, S), float("nan"), device=DEVICE)
+            kfwd.attention_forward(q, k, v, config=cfg, out=out, lse=lse_buf, **common)
+            sync()
+            row["rel_err"] = rel_err(out, ref)
+            row["ok"] = row["rel_err"] <= tol and bool(torch.isfinite(lse_buf).all())
+            if row["ok"]:
+                good_fwd.append(cfg)
+                o, lse = out, lse_buf
+        except Exception as err:  # noqa: BLE001 - report and go on
+            row.update(ok=False, error=short(err))
+        ROWS.append(row)
+        log(f"check forward  {row['config']:40s} {'ok' if row['ok'] else 'FAILED'} "
+            f"{row.get('rel_err', row.get('error'))}")
+    if o is None:
+        raise RuntimeError("no forward config passed the correctness check")
+    for cfg in kbwd.backward_configs(DTYPE, D, tma):
+        row = dict(section="correctness", kernel="backward", config=cfg_name(cfg))
+        try:
+            bufs = dict(dq=torch.full_like(q, float("nan")), dk=torch.full_like(k, float("nan")),
+                        dv=torch.full_like(v, float("nan")))
+            grads = kbwd.attention_backward(do, q, k, v, o, lse, config=cfg, **bufs, **common)
+            sync()
+            errs = [rel_err(g, r) for g, r in zip(grads[:3], ref_grads)]
+            row["rel_err"] = max(errs)
+            row["ok"] = row["rel_err"] <= tol
+            if row["ok"]:
+                good_bwd.append(cfg)
+        except Exception as err:  # noqa: BLE001
+            row.update(ok=False, error=short(err))
+        ROWS.append(row)
+        log(f"check backward {row['config']:40s} {'ok' if row['ok'] else 'FAILED'} "
+            f"{row.get('rel_err', row.get('error'))}")
+    if not good_bwd:
+        raise RuntimeError("no backward config passed the correctness check")
+    # The default path tunes only among the configs verified here.
+    kfwd.forward_configs = lambda *a, _c=good_fwd: list(_c)
+    kbwd.backward_configs = lambda *a, _c=good_bwd: list(_c)
+    return good_fwd, good_bwd
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Dense causal: configs, the default path, SDPA
+
+def peak_gib(fn) -> float | None:
+    if SMOKE:
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**30
+
+
+def sdpa_fns(q, k, v, do, backend):
+    from torch.nn.attention import sdpa_kernel
+
+    qt, kt, vt = (t.detach().transpose(1, 2).contiguous().requires_grad_() for t in (q, k, v))
+    dot = do.transpose(1, 2).contiguous()
+    F = torch.nn.functional.scaled_dot_product_attention
+
+    def fwd():
+        with sdpa_kernel(backend), torch.no_grad():
+            return F(qt, kt, vt, is_causal=True)
+
+    def fwd_bwd():
+        with sdpa_kernel(backend):
+            out = F(qt, kt, vt, is_causal=True)
+            return torch.autograd.grad(out, (qt, kt, vt), dot)
+
+    return fwd, fwd_bwd
+
+
+def time_method(shape, method, fwd, fwd_bwd, flops):
+    row = dict(section="dense", shape=f"B{shape[0]}xS{shape[1]}", B=shape[0], S=shape[1], H=H, D=D,
+               method=method)
+    try:
+        row["fwd_ms"] = bench(fwd)
+        row["fwdbwd_ms"] = bench(fwd_bwd)
+        row["fwd_tflops"] = flops / row["fwd_ms"] * 1e-9
+        row["fwdbwd_tflops"] = 3.5 * flops / row["fwdbwd_ms"] * 1e-9
+        row["peak_gib"] = peak_gib(fwd_bwd)
+    except Exception as err:  # noqa: BLE001
+        row["error"] = short(err)
+    ROWS.append(row)
+    log(f"{row['shape']:10s} {method:22s} " + (f"fwd {row['fwd_ms']:.3f} ms ({row['fwd_tflops']:.0f} TFLOP/s), "
+        f"fwd+bwd {row['fwdbwd_ms']:.3f} ms ({row['fwdbwd_tflops']:.0f})" if "error" not in row else row["error"]))
+    return row
+
+
+def dense(shape, good_fwd, good_bwd):
+    from torch.nn.attention import SDPBackend
+
+    B, S = shape
+    flops = fwd_flops(B, S)
+    q, k, v = causal_inputs(B, S, requires_grad=True)
+    do = torch.randn_like(q)
+    common = dict(sm_scale=D ** -0.5, left=UNBOUNDED, right=0)
+    qd, kd, vd = (t.detach() for t in (q, k, v))
+
+    # each config alone (forward; backward = delta + dK/dV (+ dQ) kernels)
+    o, lse = kfwd.attention_forward(qd, kd, vd, config=good_fwd[0], **common)
+    for kernel, configs in (("forward", good_fwd), ("backward", good_bwd)):
+        for cfg in configs:
+            row = dict(section="configs", shape=f"B{B}xS{S}", kernel=kernel, config=cfg_name(cfg))
+            try:
+                if kernel == "forward":
+                    row["ms"] = bench(lambda: kfwd.attention_forward(qd, kd, vd, config=cfg, **common))
+                    row["tflops"] = flops / row["ms"] * 1e-9
+                else:
+                    row["ms"] = bench(lambda: kbwd.attention_backward(do, qd, kd, vd, o, lse, config=cfg, **common))
+                    row["tflops"] = 2.5 * flops / row["ms"] * 1e-9
+            except Exception as err:  # noqa: BLE001
+                row["error"] = short(err)
+            ROWS.append(row)
+            log(f"{row['shape']:10s} {kernel:8s} {row['config']:40s} "
+                + (f"{row['ms']:.3f} ms {row['tflops']:.0f} TFLOP/s" if "ms" in row else row["error"]))
+
+    def ours_fwd():
+        with torch.no_grad():
+            return flash_attention(qd, kd, vd, causal=True, backend=BACKEND)
+
+    def ours_fwd_bwd():
+        return torch.autograd.grad(flash_attention(q, k, v, causal=True, backend=BACKEND), (q, k, v), do)
+
+    ours_fwd_bwd()  # tunes both passes outside the timed region
+    out = ours_fwd()
+    rows = [time_method(shape, "fastft", ours_fwd, ours_fwd_bwd, flops)]
+    for name, backend in (("sdpa_flash", SDPBackend.FLASH_ATTENTION), ("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION)):
+        try:
+            f, fb = sdpa_fns(q, k, v, do, backend)
+            agree = rel_err(out, f().transpose(1, 2))
+            log(f"{'':10s} fastft vs {name} output: rel err {agree:.2e}")
+        except Exception as err:  # noqa: BLE001
+            log(f"{name} unavailable: {short(err)}")
+            ROWS.append(dict(section="dense", shape=f"B{B}xS{S}", method=name, error=short(err)))
+            continue
+        row = time_method(shape, name, f, fb, flops)
+        row["fastft_rel_err"] = agree
+        rows.append(row)
+    del q, k, v, do, o, lse
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Packed vs padded
+
+def doc_lengths(n=32, median=500, sigma=0.8, lo=16, hi=2048, seed=0):
+    if SMOKE:
+        n, median, hi = 4, 20, 48
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, generator=g, dtype=torch.float64) * sigma + math.log(median)
+    return [int(min(hi, max(lo, round(math.exp(t))))) for t in x.tolist()]
+
+
+def packed_vs_padded(best_fwd, best_bwd):
+    from torch.nn.attention import SDPBackend
+
+    lengths = doc_lengths()
+    n, total, S = len(lengths), sum(lengths), max(lengths)
+    useful = sum(fwd_flops(1, L) for L in lengths)
+    info = dict(n_docs=n, total_tokens=total, max_len=S, mean_len=total / n, padded_tokens=n * S)
+    log(f"packed vs padded: {info}")
+    cu = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0).to(torch.int32).to(DEVICE)
+    q, k, v = (torch.randn(total, H, D, device=DEVICE, dtype=DTYPE) for _ in range(3))
+    do = torch.randn_like(q)
+    common = dict(sm_scale=D ** -0.5, left=UNBOUNDED, right=0)
+    rows = []
+
+    def add(method, layout, fn):
+        row = dict(section="packing", method=method, layout=layout, **info)
+        try:
+            row["fwdbwd_ms"] = bench(fn)
+            row["useful_tflops"] = 3.5 * useful / row["fwdbwd_ms"] * 1e-9
+            row["peak_gib"] = peak_gib(fn)
+        except Exception as err:  # noqa: BLE001
+            row["error"] = short(err)
+        ROWS.append(row)
+        rows.append(row)
+        log(f"{method:12s} {layout:7s} " + (f"{row['fwdbwd_ms']:.3f} ms, useful {row['useful_tflops']:.0f} TFLOP/s"
+                                             if "error" not in row else row["error"]))
+
+    # packed: the varlen kernels with the configs that won the dense runs (no extra tuning compiles)
+    kw = dict(cu_seqlens=cu, max_seqlen=S, **common)
+    try:
+        o, lse = kfwd.attention_forward(q, k, v, config=best_fwd, **kw)
+        bounds = cu.tolist()[:4]
+        ref = torch.cat([attention_reference(q[None, a:b].float(), k[None, a:b].float(), v[None, a:b].float(),
+                                             causal=True)[0] for a, b in zip(bounds[:-1], bounds[1:])])
+        log(f"packed output (first 3 docs) vs fp32 reference: rel err {rel_err(o[:int(cu[3])], ref):.2e}")
+    except Exception as err:  # noqa: BLE001
+        log(f"packed check failed: {short(err)}")
+
+    def packed():
+        o, lse = kfwd.attention_forward(q, k, v, config=best_fwd, **kw)
+        return kbwd.attention_backward(do, q, k, v, o, lse, config=best_bwd, **kw)
+
+    add("fastft", "packed", packed)
+    # padded: right padding keeps causal rows of real tokens exact, so every method computes the same values
+    pad = lambda t: torch.nn.utils.rnn.pad_sequence(list(t.split(lengths)), batch_first=True)  # noqa: E731
+    qp, kp, vp, dop = (pad(t) for t in (q, k, v, do))
+
+    def padded():
+        o, lse = kfwd.attention_forward(qp, kp, vp, config=best_fwd, **common)
+        return kbwd.attention_backward(dop, qp, kp, vp, o, lse, config=best_bwd, **common)
+
+    add("fastft", "padded", padded)
+    for name, backend in (("sdpa_flash", SDPBackend.FLASH_ATTENTION), ("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION)):
+        _, fb = sdpa_fns(qp, kp, vp, dop, backend)
+        add(name, "padded", fb)
+    return rows, info
+
+
+# ----------------------------------------------------------------------------------------------
+
+def fmt(x, spec):
+    return format(x, spec) if isinstance(x, (int, float)) else "—"
+
+
+def main():
+    if not SMOKE and not torch.cuda.is_available():
+        print("needs a CUDA GPU (or FASTFT_BENCH_SMOKE=1 for a CPU smoke run)")
+        return 1
+    card = "cpu (smoke run, Triton interpreter)" if SMOKE else torch.cuda.get_device_name()
+    log(f"{card}; torch {torch.__version__}, triton {triton.__version__}")
+    torch.manual_seed(0)
+    good_fwd, good_bwd = check_configs()
+    dense_rows = []
+    for shape in SHAPES:
+        dense_rows += dense(shape, good_fwd, good_bwd)
+        if not SMOKE:
+            torch.cuda.empty_cache()
+
+    def best(kernel):
+        rows = [r for r in ROWS if r.get("section") == "configs" and r.get("kernel") == kernel
+                and r.get("shape") == f"B{SHAPES[0][0]}xS{SHAPES[0][1]}" and "ms" in r]
+        configs = good_fwd if kernel == "forward" else good_bwd
+        if not rows:
+            return configs[0]
+        name = min(rows, key=lambda r: r["ms"])["config"]
+        return next(c for c in configs if cfg_name(c) == name)
+
+    pack_rows, info = [], {}
+    try:
+        pack_rows, info = packed_vs_padded(best("forward"), best("backward"))
+    except Exception:  # noqa: BLE001
+        traceback.print_exc()
+
+    out_dir = os.environ.get("OUT")
+    payload = dict(card=card, torch=torch.__version__, triton=triton.__version__, dtype=str(DTYPE),
+                   flops_convention="fwd 4*B*H*S^2*D*(0.5 causal); bwd 2.5x fwd; fwd+bwd 3.5x fwd",
+                   elapsed_s=time.time() - T0, rows=ROWS)
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, "attention.json"), "w") as f:
+            json.dump(payload, f, indent=1)
+
+    print(f"\n### Attention on {card} (causal, H={H}, D={D}, bf16; FLOPs: fwd 4·B·H·S²·D/2, fwd+bwd 3.5× that)")
+    print("| shape | method | fwd ms | fwd TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s | peak GiB "
+          "| fwd+bwd speed-up vs flash | vs cuDNN |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for shape in SHAPES:
+        name = f"B{shape[0]}xS{shape[1]}"
+        rows = {r["method"]: r for r in dense_rows if r["shape"] == name}
+        for method, r in rows.items():
+            ratio = {p: (rows[p]["fwdbwd_ms"] / r["fwdbwd_ms"] if "fwdbwd_ms" in rows.get(p, {}) and "fwdbwd_ms" in r
+                         else None) for p in ("sdpa_flash", "sdpa_cudnn")}
+            print(f"| {name} | {method} | {fmt(r.get('fwd_ms'), '.3f')} | {fmt(r.get('fwd_tflops'), '.0f')} | "
+                  f"{fmt(r.get('fwdbwd_ms'), '.3f')} | {fmt(r.get('fwdbwd_tflops'), '.0f')} | "
+                  f"{fmt(r.get('peak_gib'), '.2f')} | {fmt(ratio['sdpa_flash'], '.2f')} | "
+                  f"{fmt(ratio['sdpa_cudnn'], '.2f')} |")
+    if pack_rows:
+        base = next((r for r in pack_rows if r["layout"] == "packed" and "fwdbwd_ms" in r), None)
+        print(f"\n### Packed vs padded fwd+bwd: {info['n_docs']} documents, {info['total_tokens']} tokens "
+              f"(mean {info['mean_len']:.0f}, max {info['max_len']}; padded {info['padded_tokens']})")
+        print("| method | layout | fwd+bwd ms | useful TFLOP/s | peak GiB | time ÷ fastft packed |")
+        print("|---|---|---|---|---|---|")
+        for r in pack_rows:
+            rel = r["fwdbwd_ms"] / base["fwdbwd_ms"] if base and "fwdbwd_ms" in r else None
+            print(f"| {r['method']} | {r['layout']} | {fmt(r.get('fwdbwd_ms'), '.3f')} | "
+                  f"{fmt(r.get('useful_tflops'), '.0f')} | {fmt(r.get('peak_gib'), '.2f')} | {fmt(rel, '.2f')} |")
+    failed = [r for r in ROWS if r.get("section") == "correctness" and not r.get("ok")]
+    print(f"\nconfigs failing to compile or check: {len(failed)}"
+          + "".join(f"\n- {r['kernel']} {r['config']}: {r.get('error', r.get('rel_err'))}" for r in failed))
+    print(f"total {time.time() - T0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

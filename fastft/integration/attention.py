@@ -1,0 +1,153 @@
+"""`attn_implementation="fastft"` for transformers models (Llama family): attention through fastft.ops.flash_attention.
+
+Importing this module registers the implementation (and `register_attention()` does it again, harmlessly).
+It mirrors transformers' FlashAttention integration:
+
+- the mask function returns None unless the 2-D padding mask has padding, so plain batches run the dense
+  causal kernel;
+- padded batches are unpadded into packed documents (varlen) and padded back;
+- packed batches (one row of concatenated documents, no attention mask) run varlen, with the document
+  boundaries taken from `cu_seq_lens_q`/`cu_seq_lens_k` when the collator passes them (see
+  fastft.integration.packing), else from `position_ids` restarting at their minimum, exactly as
+  transformers' `_is_packed_sequence` / `prepare_fa_kwargs_from_position_ids` detect them;
+- a KV cache or peft prefix tuning gives more keys than queries: causal then aligns bottom-right.
+
+Not supported (ValueError): attention dropout, logit softcapping, attention sinks. Custom 4-D masks and
+padded decoding with a cache (q_len != kv_len) fall back to torch SDPA.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from fastft.ops.attention import BACKENDS, flash_attention
+
+NAME = "fastft"
+_backend = "auto"
+
+
+def _is_packed(position_ids, batch_size: int) -> bool:
+    """transformers' test: one row whose positions are not a single run min, min+1, ... (reads the values)."""
+    if position_ids is None or batch_size != 1 or position_ids.shape[-1] == 1:
+        return False
+    run = torch.arange(position_ids.shape[-1], device=position_ids.device) + position_ids.min()
+    return bool((position_ids.reshape(-1) != run).any())
+
+
+def _cu_seqlens_from_position_ids(position_ids) -> tuple[torch.Tensor, int]:
+    """Documents start where the position equals its minimum (not always 0, e.g. RoBERTa-like models)."""
+    pos = position_ids.reshape(-1)
+    starts = (pos == pos.min()).nonzero().reshape(-1).to(torch.int32)
+    total = torch.tensor([pos.numel()], dtype=torch.int32, device=pos.device)
+    cu = torch.cat([starts, total])
+    return cu, int(cu.diff().max())
+
+
+def _as_int(x) -> int:
+    return int(x.item()) if isinstance(x, torch.Tensor) else int(x)
+
+
+def _varlen(q, k, v, cu, max_len, **kw):
+    """(1, T, H, D) packed row -> (T, H, D) documents -> back."""
+    out = flash_attention(q.reshape(-1, *q.shape[-2:]), k.reshape(-1, *k.shape[-2:]), v.reshape(-1, *v.shape[-2:]),
+                          cu_seqlens=cu, max_seqlen=max_len, backend=_backend, **kw)
+    return out.view(q.shape)
+
+
+def _unpadded(q, k, v, mask, **kw):
+    """Right- or left-padded batch (q_len == kv_len): run only the kept tokens, as packed documents."""
+    B, S = mask.shape
+    keep = mask.reshape(-1).nonzero().reshape(-1)
+    lengths = mask.sum(1, dtype=torch.int32)
+    cu = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
+    flat = [t.reshape(B * S, *t.shape[-2:]).index_select(0, keep) for t in (q, k, v)]
+    out = flash_attention(*flat, cu_seqlens=cu, max_seqlen=int(lengths.max()), backend=_backend, **kw)
+    full = out.new_zeros(B * S, *out.shape[-2:]).index_copy(0, keep, out)
+    return full.view(B, S, *out.shape[-2:])
+
+
+def _sdpa_fallback(query, key, value, mask, scaling, is_causal):
+    """Masks the kernel does not express (custom 4-D masks, padded decoding): torch SDPA with an explicit mask."""
+    group = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(group, dim=1), value.repeat_interleave(group, dim=1)
+    n_q, n_k = query.shape[2], key.shape[2]
+    if mask is not None and mask.dim() == 2:
+        mask = mask[:, None, None, -n_k:].bool()
+        if is_causal:
+            d = torch.arange(n_q, device=query.device)[:, None] + (n_k - n_q) - torch.arange(n_k, device=query.device)
+            mask = mask & (d >= 0)
+    elif mask is None and is_causal:
+        d = torch.arange(n_q, device=query.device)[:, None] + (n_k - n_q) - torch.arange(n_k, device=query.device)
+        mask = d >= 0
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling)
+    return out.transpose(1, 2)
+
+
+def fastft_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
+                             sliding_window=None, softcap=None, is_causal=None, **kwargs):
+    """transformers attention interface: query (B, H, S, D), key/value (B, KV, S_k, D) -> ((B, S, H, D), None)."""
+    if dropout:
+        raise ValueError(f"attn_implementation='fastft' has no attention dropout (got dropout={dropout}); set the "
+                         "model's attention_dropout to 0")
+    if softcap is not None or kwargs.get("s_aux") is not None:
+        raise ValueError("attn_implementation='fastft' supports neither logit softcapping nor attention sinks; "
+                         "use 'sdpa' or 'eager' for this model")
+    is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4:
+        return _sdpa_fallback(query, key, value, attention_mask, scaling, False), None
+    kw = dict(causal=bool(is_causal), softmax_scale=scaling, window=sliding_window)
+    # (B, H, S, D) -> (B, S, H, D) views: the kernels take any token/head strides
+    q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+    B = q.shape[0]
+
+    if attention_mask is not None:
+        if q.shape[1] != k.shape[1]:
+            return _sdpa_fallback(query, key, value, attention_mask, scaling, is_causal), None
+        return _unpadded(q, k, v, attention_mask.bool(), **kw), None
+
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    max_q, max_k = kwargs.get("max_length_q"), kwargs.get("max_length_k")
+    if all(x is not None for x in (cu_q, cu_k, max_q, max_k)):
+        # one set of boundaries for queries and keys (self-attention); comparing values would sync every layer
+        if cu_q.shape != cu_k.shape:
+            raise ValueError("attn_implementation='fastft': packed sequences need cu_seq_lens_q == cu_seq_lens_k")
+        return _varlen(q, k, v, cu_q.to(torch.int32), max(_as_int(max_q), _as_int(max_k)), **kw), None
+
+    position_ids = kwargs.get("position_ids")
+    if _is_packed(position_ids, B):
+        cu, max_len = _cu_seqlens_from_position_ids(position_ids)
+        return _varlen(q, k, v, cu, max_len, **kw), None
+
+    return flash_attention(q, k, v, backend=_backend, **kw), None
+
+
+def fastft_attention_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
+                          attention_mask=None, **kwargs):
+    """The 2-D padding mask (sliced to the keys), or None when there is no padding: like FlashAttention's."""
+    if attention_mask is None:
+        return None
+    attention_mask = attention_mask[:, -kv_length:]
+    if attention_mask.shape[1] == kv_length and bool(attention_mask.all()):
+        return None
+    return attention_mask
+
+
+def register_attention(backend: str = "auto") -> str:
+    """Register `attn_implementation="fastft"` with transformers (idempotent); returns the name.
+
+    backend: as in flash_attention ("auto": Triton on CUDA, the torch reference elsewhere; "triton" forces the
+    kernels, e.g. on the CPU under TRITON_INTERPRET=1).
+    """
+    global _backend
+    if backend not in BACKENDS:
+        raise ValueError(f"register_attention: `backend` must be one of {BACKENDS}, got {backend!r}")
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    _backend = backend
+    AttentionInterface.register(NAME, fastft_attention_forward)
+    AttentionMaskInterface.register(NAME, fastft_attention_mask)
+    return NAME
+
+
+register_attention()

@@ -1,0 +1,164 @@
+"""FlashAttention in Triton: what the forward (attention_fwd.py) and backward (attention_bwd.py) kernels share.
+
+Notation. Row i of q attends key j when it is *visible*:
+
+    -right <= (i + off) - j <= left,     off = n_k - n_q   (causal masks align bottom-right, as FA2 does)
+
+`left`/`right` encode causal and sliding-window masks: causal is right = 0, no window is left = UNBOUNDED,
+window w is left = w - 1. Prefix keys (prefix tuning) are visible to every row and never masked.
+
+Layouts. q is (B, S, H, D) and k/v are (B, S, KV, D), any strides with a unit last stride; packed
+(varlen) inputs are (T, H, D) with documents at cu_seqlens[b] .. cu_seqlens[b+1]. Launchers reduce both to
+(batch stride, token stride, head stride) plus an optional per-document token start. The log-sum-exp is kept
+in base 2 of the scaled scores (lse = max + log2(sum)), fp32, in a (B, H, S) or (H, T) buffer.
+
+Blocks. For a tile of rows, `band` splits the key blocks into a masked leading part, a fully visible middle
+(no mask arithmetic in that loop) and a masked trailing part; the backward runs the same split transposed.
+"""
+from __future__ import annotations
+
+import torch
+
+from fastft.kernels.runtime import INTERPRET, has_tma, next_power_of_2, triton
+
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+UNBOUNDED = 1 << 30  # "no limit" for left/right; small enough that sums of positions stay in int32
+
+
+@triton.jit
+def band(x0, BLOCK_X: tl.constexpr, BLOCK_Y: tl.constexpr, shift, n_y, below, above):
+    """Column blocks for the rows x0 .. x0+BLOCK_X-1, where row x sees columns y < n_y with
+    x + shift - below <= y <= x + shift + above.
+
+    Returns lo <= full_lo <= full_hi <= hi: [lo, hi) holds every visible column (as BLOCK_Y blocks from lo),
+    [full_lo, full_hi) only blocks that every row sees whole. lo, full_lo, full_hi are multiples of BLOCK_Y.
+    """
+    first = x0 + shift
+    last = x0 + (BLOCK_X - 1) + shift
+    lo = tl.maximum(first - below, 0)
+    lo = (lo // BLOCK_Y) * BLOCK_Y  # non-negative before dividing: no floor/trunc ambiguity
+    hi = tl.maximum(tl.minimum(last + above + 1, n_y), lo)
+    full_lo = tl.maximum(last - below, lo)
+    full_lo = tl.minimum(((full_lo + BLOCK_Y - 1) // BLOCK_Y) * BLOCK_Y, hi)
+    full_hi = tl.maximum(tl.minimum(first + above + 1, n_y), 0)
+    full_hi = tl.minimum(tl.maximum((full_hi // BLOCK_Y) * BLOCK_Y, full_lo), hi)
+    return lo, full_lo, full_hi, hi
+
+
+@triton.jit
+def visible(x_pos, y, n_y, below, above):
+    """[len(x_pos), len(y)] mask: column y < n_y lies in [x_pos - below, x_pos + above]."""
+    d = x_pos[:, None] - y[None, :]
+    return (y[None, :] < n_y) & (d <= below) & (d >= -above)
+
+
+@triton.jit
+def load_tile(src, stride, row0, n_rows, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
+              USE_TMA: tl.constexpr, CHECK_ROWS: tl.constexpr):
+    """Rows row0 .. row0+BLOCK-1 of a (n_rows, HEAD_DIM) matrix as a [BLOCK, BLOCK_D] tile, zeros outside.
+
+    `src` is a tensor descriptor (USE_TMA: bounds come free) or a base pointer with row stride `stride`.
+    """
+    if USE_TMA:
+        tile = src.load([row0, 0])
+    else:
+        rows = row0 + tl.arange(0, BLOCK)
+        cols = tl.arange(0, BLOCK_D)
+        ptrs = src + rows.to(tl.int64)[:, None] * stride + cols[None, :]
+        if CHECK_ROWS:
+            tile = tl.load(ptrs, mask=(rows[:, None] < n_rows) & (cols[None, :] < HEAD_DIM), other=0.0)
+        elif BLOCK_D != HEAD_DIM:
+            tile = tl.load(ptrs, mask=cols[None, :] < HEAD_DIM, other=0.0)
+        else:
+            tile = tl.load(ptrs)
+    return tile
+
+
+@triton.jit
+def store_tile(dst, stride, row0, n_rows, tile, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
+               HEAD_DIM: tl.constexpr, USE_TMA: tl.constexpr):
+    """Store a [BLOCK, BLOCK_D] tile into rows row0.. of a (n_rows, HEAD_DIM) matrix, clipped at its edges."""
+    if USE_TMA:
+        dst.store([row0, 0], tile)
+    else:
+        rows = row0 + tl.arange(0, BLOCK)
+        cols = tl.arange(0, BLOCK_D)
+        ptrs = dst + rows.to(tl.int64)[:, None] * stride + cols[None, :]
+        tl.store(ptrs, tile, mask=(rows[:, None] < n_rows) & (cols[None, :] < HEAD_DIM))
+
+
+# ----------------------------------------------------------------------------------------------
+# Host-side helpers shared by the launchers.
+
+def token_strides(t: torch.Tensor, varlen: bool) -> tuple[int, int, int]:
+    """(batch, token, head) strides of a (B, S, H, D) tensor, or of a packed (T, H, D) one (batch stride 0)."""
+    if varlen:
+        return 0, t.stride(0), t.stride(1)
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def block_d(head_dim: int) -> int:
+    return max(16, next_power_of_2(head_dim))
+
+
+def tma_eligible(head_dim: int, *tensors: torch.Tensor) -> bool:
+    """Descriptors need a power-of-two head dim (the tile is the full row) and 16-byte aligned addressing."""
+    first = tensors[0]
+    if not has_tma(first.device) or head_dim != block_d(head_dim) or head_dim > 256:
+        return False
+    for t in tensors:
+        if t is None:
+            continue
+        size = t.element_size()
+        if t.stride(-1) != 1 or t.data_ptr() % 16:
+            return False
+        if any((s * size) % 16 for s in t.stride()[:-1]):
+            return False
+    return True
+
+
+def bucket(n: int) -> int:
+    """Tuning keys use powers of two so changing lengths in training do not re-tune every step."""
+    return next_power_of_2(max(1, int(n)))
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    # fp32 callers expect fp32 accuracy; bf16/fp16 ignore this.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def upcast(dtype: torch.dtype) -> bool:
+    # The interpreter computes bf16/fp16 dots wrongly; on the GPU tensor cores take them directly.
+    return INTERPRET and dtype != torch.float32
+
+
+def grid_rows(batch: int, heads: int, seqlen: int, block: int) -> tuple[int, int]:
+    return triton.cdiv(max(seqlen, 1), block), batch * heads
+
+
+@triton.jit
+def doc_bounds(cu_ptr, b, seqlen_q, seqlen_k, VARLEN: tl.constexpr):
+    """(first token as int64, n_q, n_k) of sequence b: a packed document, or row b of a padded batch."""
+    if VARLEN:
+        start = tl.load(cu_ptr + b).to(tl.int64)
+        n_q = tl.load(cu_ptr + b + 1) - tl.load(cu_ptr + b)
+        n_k = n_q
+    else:
+        start = b.to(tl.int64) * 0
+        n_q = seqlen_q
+        n_k = seqlen_k
+    return start, n_q, n_k
+
+
+_TUNERS: dict = {}
+
+
+def tuner(name: str, configs: list[dict]):
+    from fastft.kernels.autotune import Tuner
+
+    key = (name, tuple(tuple(sorted(c.items())) for c in configs))
+    if key not in _TUNERS:
+        _TUNERS[key] = Tuner(name, configs)
+    return _TUNERS[key]

@@ -1,0 +1,413 @@
+"""FlashAttention backward, recomputing P from the saved log-sum-exp (base 2, scaled scores):
+
+    P = exp2(scale·log2e·Q·Kᵀ − lse)      dV = Pᵀ·dO       dP = dO·Vᵀ
+    dS = P ∘ (dP − Δ),  Δ = rowsum(dO ∘ O)    dK = scale·dSᵀ·Q    dQ = scale·dS·K
+
+Kernels: `_attn_bwd_delta_kernel` (Δ), `_attn_bwd_dkdv_kernel` — one program per (key block, sequence,
+KV head) holding dK/dV in registers while it walks the row blocks of every query head of its GQA group,
+so no atomics are needed for dK/dV, and prefix blocks are the same kernel with PREFIX set (their
+gradients go to an fp32 per-sequence buffer that the launcher sums when the prefix is shared) — and
+`_attn_bwd_dq_kernel`, one program per (query block, sequence, head), the forward's loop structure.
+
+Two ways to get dQ, picked by the tuner: the dq kernel (recomputes P and dP: 7 matmuls in all, no
+atomics, deterministic), or ATOMIC_DQ, where the dK/dV kernel also adds dS·K into an fp32 buffer with
+atomics (5 matmuls, FlashAttention-2's choice).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from fastft.kernels.attention import (
+    LOG2E,
+    band,
+    block_d,
+    bucket,
+    doc_bounds,
+    dot_precision,
+    grid_rows,
+    load_tile,
+    store_tile,
+    tma_eligible,
+    token_strides,
+    tuner,
+    upcast,
+    visible,
+)
+from fastft.kernels.runtime import INTERPRET, ensure_descriptor_allocator, triton
+
+import triton.language as tl
+
+
+@triton.jit
+def _attn_bwd_delta_kernel(
+    o_ptr, do_ptr, delta_ptr, cu_ptr,
+    stride_ob, stride_os, stride_oh, stride_dob, stride_dos, stride_doh, stride_lb, stride_lh,
+    seqlen_q, n_heads,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, VARLEN: tl.constexpr,
+):
+    pid_bh = tl.program_id(1)
+    b = pid_bh // n_heads
+    h = (pid_bh % n_heads).to(tl.int64)
+    start, n_q, _ = doc_bounds(cu_ptr, b, seqlen_q, seqlen_q, VARLEN)
+    m0 = tl.program_id(0) * BLOCK_M
+    if m0 >= n_q:
+        return
+    b64 = b.to(tl.int64)
+    o_base = o_ptr + b64 * stride_ob + start * stride_os + h * stride_oh
+    do_base = do_ptr + b64 * stride_dob + start * stride_dos + h * stride_doh
+    o = load_tile(o_base, stride_os, m0, n_q, BLOCK_M, BLOCK_D, HEAD_DIM, False, True).to(tl.float32)
+    do = load_tile(do_base, stride_dos, m0, n_q, BLOCK_M, BLOCK_D, HEAD_DIM, False, True).to(tl.float32)
+    rows = m0 + tl.arange(0, BLOCK_M)
+    tl.store(delta_ptr + b64 * stride_lb + h * stride_lh + start + rows, tl.sum(o * do, 1), mask=rows < n_q)
+
+
+@triton.jit
+def _dkdv_steps(dk, dv, k, v, q_src, do_src, stride_q, stride_do, lse_base, delta_base, dq_base, stride_dq,
+                lo, hi, n_q, keys, n_keys, shift, left, right, qk_scale,
+                BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, MASK: tl.constexpr,
+                ATOMIC_DQ: tl.constexpr, USE_TMA: tl.constexpr, UPCAST: tl.constexpr,
+                DOT_PRECISION: tl.constexpr):
+    """Row blocks [lo, hi) of one query head against this program's keys, in the transposed frame
+    (scores are [BLOCK_N, BLOCK_M]). MASK: 0 all visible, 1 positions and bounds, 2 key bound only;
+    rows past n_q load lse = +inf, so their P is 0 without a mask."""
+    offs_m = tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_D)
+    for m0 in tl.range(lo, hi, BLOCK_M):
+        rows = m0 + offs_m
+        q = load_tile(q_src, stride_q, m0, n_q, BLOCK_M, BLOCK_D, HEAD_DIM, USE_TMA, MASK != 0)
+        do = load_tile(do_src, stride_do, m0, n_q, BLOCK_M, BLOCK_D, HEAD_DIM, USE_TMA, MASK != 0)
+        if MASK != 0:
+            lse = tl.load(lse_base + rows, mask=rows < n_q, other=float("inf"))
+            delta = tl.load(delta_base + rows, mask=rows < n_q, other=0.0)
+        else:
+            lse = tl.load(lse_base + rows)
+            delta = tl.load(delta_base + rows)
+        if UPCAST:
+            q = q.to(tl.float32)
+            do = do.to(tl.float32)
+        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
+        p_t = tl.math.exp2(s_t * qk_scale - lse[None, :])
+        # Masking P (not S) also drops keys past the end, whose zero K could make exp2 overflow.
+        if MASK == 1:
+            p_t = tl.where(visible(keys + shift, rows, n_q, right, left) & (keys < n_keys)[:, None], p_t, 0.0)
+        elif MASK == 2:
+            p_t = tl.where((keys < n_keys)[:, None], p_t, 0.0)
+        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+        if ATOMIC_DQ:
+            dq = tl.dot(tl.trans(ds_t.to(k.dtype)), k, input_precision=DOT_PRECISION)
+            # relaxed: only the sum matters, no ordering with other memory
+            tl.atomic_add(dq_base + rows.to(tl.int64)[:, None] * stride_dq + cols[None, :], dq,
+                          mask=(rows < n_q)[:, None] & (cols < HEAD_DIM)[None, :], sem="relaxed")
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, cu_ptr, dk_ptr, dv_ptr, dq_ptr,
+    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+    stride_dob, stride_dos, stride_doh, stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh,
+    stride_dqb, stride_dqs, stride_dqh, stride_lb, stride_lh,
+    seqlen_q, seqlen_k, n_prefix, n_kv_heads, group, qk_scale, sm_scale, left, right,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    VARLEN: tl.constexpr, PREFIX: tl.constexpr, ATOMIC_DQ: tl.constexpr, USE_TMA: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """PREFIX: k/v/dk/dv address the prefix (n_prefix keys per sequence, no token start, never masked)."""
+    pid_bh = tl.program_id(1)
+    b = pid_bh // n_kv_heads
+    kvh = (pid_bh % n_kv_heads).to(tl.int64)
+    start, n_q, n_k = doc_bounds(cu_ptr, b, seqlen_q, seqlen_k, VARLEN)
+    n0 = tl.program_id(0) * BLOCK_N
+    b64 = b.to(tl.int64)
+    if PREFIX:
+        n_k = n_prefix
+        k_start = start * 0
+    else:
+        k_start = start
+    if n0 >= n_k:
+        return
+    keys = n0 + tl.arange(0, BLOCK_N)
+    k_base = k_ptr + b64 * stride_kb + k_start * stride_ks + kvh * stride_kh
+    v_base = v_ptr + b64 * stride_vb + k_start * stride_vs + kvh * stride_vh
+    k = load_tile(k_base, stride_ks, n0, n_k, BLOCK_N, BLOCK_D, HEAD_DIM, False, True)
+    v = load_tile(v_base, stride_vs, n0, n_k, BLOCK_N, BLOCK_D, HEAD_DIM, False, True)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+
+    shift = n_q - n_k
+    if PREFIX:
+        lo = 0
+        full_lo = 0
+        full_hi = 0
+        hi = n_q
+    else:
+        lo, full_lo, full_hi, hi = band(n0, BLOCK_N, BLOCK_M, shift, n_q, right, left)
+        if n0 + BLOCK_N > n_k:  # a ragged key block: every step masks (see _dkdv_steps)
+            full_lo = hi
+            full_hi = hi
+
+    for g in range(group):
+        h = kvh * group + g
+        q_base = q_ptr + b64 * stride_qb + start * stride_qs + h * stride_qh
+        do_base = do_ptr + b64 * stride_dob + start * stride_dos + h * stride_doh
+        lse_base = lse_ptr + b64 * stride_lb + h * stride_lh + start
+        delta_base = delta_ptr + b64 * stride_lb + h * stride_lh + start
+        dq_base = dq_ptr + b64 * stride_dqb + start * stride_dqs + h * stride_dqh
+        if USE_TMA:
+            q_src = tl.make_tensor_descriptor(q_base, shape=[n_q, HEAD_DIM], strides=[stride_qs, 1],
+                                              block_shape=[BLOCK_M, BLOCK_D])
+            do_src = tl.make_tensor_descriptor(do_base, shape=[n_q, HEAD_DIM], strides=[stride_dos, 1],
+                                               block_shape=[BLOCK_M, BLOCK_D])
+        else:
+            q_src = q_base
+            do_src = do_base
+        if PREFIX:
+            dk, dv = _dkdv_steps(dk, dv, k, v, q_src, do_src, stride_qs, stride_dos, lse_base, delta_base,
+                                 dq_base, stride_dqs, lo, hi, n_q, keys, n_k, shift, left, right, qk_scale,
+                                 BLOCK_M, BLOCK_D, HEAD_DIM, 2, ATOMIC_DQ, USE_TMA, UPCAST, DOT_PRECISION)
+        else:
+            dk, dv = _dkdv_steps(dk, dv, k, v, q_src, do_src, stride_qs, stride_dos, lse_base, delta_base,
+                                 dq_base, stride_dqs, lo, full_lo, n_q, keys, n_k, shift, left, right, qk_scale,
+                                 BLOCK_M, BLOCK_D, HEAD_DIM, 1, ATOMIC_DQ, USE_TMA, UPCAST, DOT_PRECISION)
+            dk, dv = _dkdv_steps(dk, dv, k, v, q_src, do_src, stride_qs, stride_dos, lse_base, delta_base,
+                                 dq_base, stride_dqs, full_lo, full_hi, n_q, keys, n_k, shift, left, right,
+                                 qk_scale, BLOCK_M, BLOCK_D, HEAD_DIM, 0, ATOMIC_DQ, USE_TMA, UPCAST,
+                                 DOT_PRECISION)
+            dk, dv = _dkdv_steps(dk, dv, k, v, q_src, do_src, stride_qs, stride_dos, lse_base, delta_base,
+                                 dq_base, stride_dqs, full_hi, hi, n_q, keys, n_k, shift, left, right, qk_scale,
+                                 BLOCK_M, BLOCK_D, HEAD_DIM, 1, ATOMIC_DQ, USE_TMA, UPCAST, DOT_PRECISION)
+
+    dk_base = dk_ptr + b64 * stride_dkb + k_start * stride_dks + kvh * stride_dkh
+    dv_base = dv_ptr + b64 * stride_dvb + k_start * stride_dvs + kvh * stride_dvh
+    store_tile(dk_base, stride_dks, n0, n_k, (dk * sm_scale).to(dk_ptr.dtype.element_ty),
+               BLOCK_N, BLOCK_D, HEAD_DIM, False)
+    store_tile(dv_base, stride_dvs, n0, n_k, dv.to(dv_ptr.dtype.element_ty), BLOCK_N, BLOCK_D, HEAD_DIM, False)
+
+
+@triton.jit
+def _dq_steps(dq, q, do, lse, delta, k_src, v_src, stride_k, stride_v, lo, hi, n_keys, q_pos, left, right,
+              qk_scale, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, MASK: tl.constexpr,
+              USE_TMA: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """dQ over key blocks [lo, hi); MASK as in the forward (0 none, 1 positions and bounds, 2 bounds)."""
+    offs_n = tl.arange(0, BLOCK_N)
+    for n0 in tl.range(lo, hi, BLOCK_N):
+        k = load_tile(k_src, stride_k, n0, n_keys, BLOCK_N, BLOCK_D, HEAD_DIM, USE_TMA, MASK != 0)
+        v = load_tile(v_src, stride_v, n0, n_keys, BLOCK_N, BLOCK_D, HEAD_DIM, USE_TMA, MASK != 0)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        p = tl.math.exp2(s * qk_scale - lse[:, None])
+        if MASK == 1:
+            p = tl.where(visible(q_pos, n0 + offs_n, n_keys, left, right), p, 0.0)
+        elif MASK == 2:
+            p = tl.where((n0 + offs_n)[None, :] < n_keys, p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
+    return dq
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, do_ptr, lse_ptr, delta_ptr, cu_ptr, dq_ptr,
+    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+    stride_pkb, stride_pks, stride_pkh, stride_pvb, stride_pvs, stride_pvh,
+    stride_dob, stride_dos, stride_doh, stride_dqb, stride_dqs, stride_dqh, stride_lb, stride_lh,
+    seqlen_q, seqlen_k, n_prefix, n_heads, group, qk_scale, sm_scale, left, right,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    VARLEN: tl.constexpr, HAS_PREFIX: tl.constexpr, USE_TMA: tl.constexpr, UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // n_heads
+    h = (pid_bh % n_heads).to(tl.int64)
+    kvh = h // group
+    start, n_q, n_k = doc_bounds(cu_ptr, b, seqlen_q, seqlen_k, VARLEN)
+    m0 = pid_m * BLOCK_M
+    if m0 >= n_q:
+        return
+    b64 = b.to(tl.int64)
+    q_base = q_ptr + b64 * stride_qb + start * stride_qs + h * stride_qh
+    do_base = do_ptr + b64 * stride_dob + start * stride_dos + h * stride_doh
+    k_base = k_ptr + b64 * stride_kb + start * stride_ks + kvh * stride_kh
+    v_base = v_ptr + b64 * stride_vb + start * stride_vs + kvh * stride_vh
+    dq_base = dq_ptr + b64 * stride_dqb + start * stride_dqs + h * stride_dqh
+    if USE_TMA:
+        k_src = tl.make_tensor_descriptor(k_base, shape=[n_k, HEAD_DIM], strides=[stride_ks, 1],
+                                          block_shape=[BLOCK_N, BLOCK_D])
+        v_src = tl.make_tensor_descriptor(v_base, shape=[n_k, HEAD_DIM], strides=[stride_vs, 1],
+                                          block_shape=[BLOCK_N, BLOCK_D])
+    else:
+        k_src = k_base
+        v_src = v_base
+    q = load_tile(q_base, stride_qs, m0, n_q, BLOCK_M, BLOCK_D, HEAD_DIM, False, True)
+    do = load_tile(do_base, stride_dos, m0, n_q, BLOCK_M, BLOCK_D, HEAD_DIM, False, True)
+    if UPCAST:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+    rows = m0 + tl.arange(0, BLOCK_M)
+    lse = tl.load(lse_ptr + b64 * stride_lb + h * stride_lh + start + rows, mask=rows < n_q, other=float("inf"))
+    delta = tl.load(delta_ptr + b64 * stride_lb + h * stride_lh + start + rows, mask=rows < n_q, other=0.0)
+    q_pos = rows + (n_k - n_q)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+
+    if HAS_PREFIX:
+        pk_base = pk_ptr + b64 * stride_pkb + kvh * stride_pkh
+        pv_base = pv_ptr + b64 * stride_pvb + kvh * stride_pvh
+        if USE_TMA:
+            pk_src = tl.make_tensor_descriptor(pk_base, shape=[n_prefix, HEAD_DIM], strides=[stride_pks, 1],
+                                               block_shape=[BLOCK_N, BLOCK_D])
+            pv_src = tl.make_tensor_descriptor(pv_base, shape=[n_prefix, HEAD_DIM], strides=[stride_pvs, 1],
+                                               block_shape=[BLOCK_N, BLOCK_D])
+        else:
+            pk_src = pk_base
+            pv_src = pv_base
+        dq = _dq_steps(dq, q, do, lse, delta, pk_src, pv_src, stride_pks, stride_pvs, 0, n_prefix, n_prefix,
+                       q_pos, left, right, qk_scale, BLOCK_N, BLOCK_D, HEAD_DIM, 2, USE_TMA, UPCAST, DOT_PRECISION)
+
+    lo, full_lo, full_hi, hi = band(m0, BLOCK_M, BLOCK_N, n_k - n_q, n_k, left, right)
+    dq = _dq_steps(dq, q, do, lse, delta, k_src, v_src, stride_ks, stride_vs, lo, full_lo, n_k, q_pos, left, right,
+                   qk_scale, BLOCK_N, BLOCK_D, HEAD_DIM, 1, USE_TMA, UPCAST, DOT_PRECISION)
+    dq = _dq_steps(dq, q, do, lse, delta, k_src, v_src, stride_ks, stride_vs, full_lo, full_hi, n_k, q_pos, left,
+                   right, qk_scale, BLOCK_N, BLOCK_D, HEAD_DIM, 0, USE_TMA, UPCAST, DOT_PRECISION)
+    dq = _dq_steps(dq, q, do, lse, delta, k_src, v_src, stride_ks, stride_vs, full_hi, hi, n_k, q_pos, left, right,
+                   qk_scale, BLOCK_N, BLOCK_D, HEAD_DIM, 1, USE_TMA, UPCAST, DOT_PRECISION)
+    store_tile(dq_base, stride_dqs, m0, n_q, (dq * sm_scale).to(dq_ptr.dtype.element_ty),
+               BLOCK_M, BLOCK_D, HEAD_DIM, False)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launch configs: BLOCK_N × BLOCK_M for the dK/dV kernel (keys × rows), BLOCK_M2 × BLOCK_N2 for dQ.
+# FlashAttention-2 runs 128 keys × 64 rows with 8 warps for D = 128; dQ mirrors the forward.
+
+def backward_configs(dtype: torch.dtype, head_dim: int, tma_ok: bool) -> list[dict]:
+    def cfg(bn, bm, warps, stages, bm2, bn2, dq_warps, dq_stages, atomic=False, tma=False):
+        return dict(BLOCK_N=bn, BLOCK_M=bm, WARPS=warps, STAGES=stages, BLOCK_M2=bm2, BLOCK_N2=bn2,
+                    DQ_WARPS=dq_warps, DQ_STAGES=dq_stages, ATOMIC_DQ=atomic, USE_TMA=tma)
+
+    if INTERPRET:  # atomic dQ: one kernel fewer to interpret (tests force the dQ kernel too)
+        return [cfg(32, 16, 4, 1, 32, 16, 4, 1, True, tma_ok)]
+    configs: list[dict]
+    wide = block_d(head_dim) > 128
+    if dtype == torch.float32 and wide:
+        configs = [cfg(32, 16, 4, 1, 32, 16, 4, 1), cfg(16, 16, 4, 1, 16, 16, 4, 1, atomic=True)]
+    elif dtype == torch.float32:
+        configs = [cfg(64, 32, 4, 2, 64, 32, 4, 2), cfg(32, 32, 4, 2, 32, 32, 4, 2, atomic=True)]
+    elif wide:
+        configs = [cfg(64, 32, 8, 2, 64, 32, 8, 2, tma=tma_ok), cfg(64, 64, 8, 1, 64, 64, 8, 2, tma=tma_ok),
+                   cfg(32, 32, 4, 2, 32, 32, 4, 2)]
+    elif tma_ok:  # FA2's 128 keys × 64 rows; Triton's tutorial's thinner 128 × 32 with deeper pipelines; pointers
+        configs = [cfg(128, 64, 8, 2, 128, 64, 8, 2, tma=True),
+                   cfg(128, 64, 8, 2, 128, 64, 8, 2, atomic=True, tma=True),
+                   cfg(128, 32, 4, 4, 128, 32, 4, 4, tma=True),
+                   cfg(128, 64, 8, 2, 128, 64, 8, 2)]
+    else:
+        configs = [cfg(128, 64, 8, 2, 128, 64, 8, 2), cfg(128, 64, 8, 2, 128, 64, 8, 2, atomic=True),
+                   cfg(64, 64, 4, 3, 64, 64, 4, 3)]
+    if os.environ.get("FASTFT_DETERMINISTIC", "0") == "1":  # atomics add in a run-dependent order
+        configs = [c for c in configs if not c["ATOMIC_DQ"]] or [dict(configs[0], ATOMIC_DQ=False)]
+    return configs
+
+
+def attention_backward(do, q, k, v, o, lse, *, sm_scale: float, left: int, right: int, cu_seqlens=None,
+                       max_seqlen=None, prefix_k=None, prefix_v=None, config: dict | None = None,
+                       dq=None, dk=None, dv=None):
+    """Launch the backward on validated inputs (do with a unit last stride). Returns
+    (dq, dk, dv, dprefix_k, dprefix_v); the prefix gradients are None without a prefix."""
+    varlen = cu_seqlens is not None
+    n_heads, head_dim = q.shape[-2], q.shape[-1]
+    n_kv = k.shape[-2]
+    group = n_heads // n_kv
+    if varlen:
+        batch, seqlen_q, seqlen_k = cu_seqlens.numel() - 1, int(max_seqlen), int(max_seqlen)
+    else:
+        batch, seqlen_q, seqlen_k = q.shape[0], q.shape[1], k.shape[1]
+    dev = q.device
+    dq = dq if dq is not None else torch.empty(q.shape, dtype=q.dtype, device=dev)
+    dk = dk if dk is not None else torch.empty(k.shape, dtype=k.dtype, device=dev)
+    dv = dv if dv is not None else torch.empty(v.shape, dtype=v.dtype, device=dev)
+    stride_lb, stride_lh = (0, lse.stride(0)) if varlen else (lse.stride(0), lse.stride(1))
+    cu = cu_seqlens if varlen else q
+    BD = block_d(head_dim)
+    qk_scale = sm_scale * LOG2E
+
+    delta = torch.empty_like(lse)
+    _attn_bwd_delta_kernel[grid_rows(batch, n_heads, seqlen_q, 64)](
+        o, do, delta, cu, *token_strides(o, varlen), *token_strides(do, varlen), stride_lb, stride_lh,
+        seqlen_q, n_heads, HEAD_DIM=head_dim, BLOCK_D=BD, BLOCK_M=64, VARLEN=varlen,
+    )
+
+    has_prefix = prefix_k is not None
+    n_prefix = prefix_k.shape[1] if has_prefix else 0
+    if has_prefix:
+        # fp32 per-sequence prefix gradients; summed below when one prefix serves every sequence
+        dpk = torch.empty((batch, n_prefix, n_kv, head_dim), dtype=torch.float32, device=dev)
+        dpv = torch.empty_like(dpk)
+        pk_strides, pv_strides = token_strides(prefix_k, False), token_strides(prefix_v, False)
+        if prefix_k.shape[0] == 1:
+            pk_strides, pv_strides = (0, *pk_strides[1:]), (0, *pv_strides[1:])
+    tma_ok = tma_eligible(head_dim, q, k, v, do, *((prefix_k, prefix_v) if has_prefix else ()))
+    common = dict(HEAD_DIM=head_dim, BLOCK_D=BD, VARLEN=varlen, UPCAST=upcast(q.dtype),
+                  DOT_PRECISION=dot_precision(q.dtype))
+    q_strides, do_strides = token_strides(q, varlen), token_strides(do, varlen)
+
+    def launch(cfg):
+        use_tma = cfg["USE_TMA"] and tma_ok
+        if use_tma:
+            ensure_descriptor_allocator()
+        atomic = cfg["ATOMIC_DQ"]
+        dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=dev) if atomic else dq
+        meta = dict(common, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], ATOMIC_DQ=atomic, USE_TMA=use_tma,
+                    num_warps=cfg["WARPS"], num_stages=cfg["STAGES"])
+        kv_grid = (triton.cdiv(max(seqlen_k, 1), cfg["BLOCK_N"]), batch * n_kv)
+        _attn_bwd_dkdv_kernel[kv_grid](
+            q, k, v, do, lse, delta, cu, dk, dv, dq_acc,
+            *q_strides, *token_strides(k, varlen), *token_strides(v, varlen), *do_strides,
+            *token_strides(dk, varlen), *token_strides(dv, varlen), *token_strides(dq_acc, varlen),
+            stride_lb, stride_lh, seqlen_q, seqlen_k, n_prefix, n_kv, group, qk_scale, sm_scale, left, right,
+            PREFIX=False, **meta,
+        )
+        if has_prefix:
+            _attn_bwd_dkdv_kernel[(triton.cdiv(n_prefix, cfg["BLOCK_N"]), batch * n_kv)](
+                q, prefix_k, prefix_v, do, lse, delta, cu, dpk, dpv, dq_acc,
+                *q_strides, *pk_strides, *pv_strides, *do_strides,
+                *token_strides(dpk, False), *token_strides(dpv, False), *token_strides(dq_acc, varlen),
+                stride_lb, stride_lh, seqlen_q, seqlen_k, n_prefix, n_kv, group, qk_scale, sm_scale, left, right,
+                PREFIX=True, **meta,
+            )
+        if atomic:
+            torch.mul(dq_acc, sm_scale, out=dq_acc)
+            dq.copy_(dq_acc)
+            return
+        _attn_bwd_dq_kernel[grid_rows(batch, n_heads, seqlen_q, cfg["BLOCK_M2"])](
+            q, k, v, prefix_k if has_prefix else q, prefix_v if has_prefix else q, do, lse, delta, cu, dq,
+            *q_strides, *token_strides(k, varlen), *token_strides(v, varlen),
+            *(pk_strides if has_prefix else (0, 0, 0)), *(pv_strides if has_prefix else (0, 0, 0)),
+            *do_strides, *token_strides(dq, varlen), stride_lb, stride_lh,
+            seqlen_q, seqlen_k, n_prefix, n_heads, group, qk_scale, sm_scale, left, right,
+            BLOCK_M=cfg["BLOCK_M2"], BLOCK_N=cfg["BLOCK_N2"], HAS_PREFIX=has_prefix, USE_TMA=use_tma,
+            num_warps=cfg["DQ_WARPS"], num_stages=cfg["DQ_STAGES"], **common,
+        )
+
+    if config is not None:
+        launch(config)
+    else:
+        key = (q.dtype, head_dim, group, varlen, has_prefix, right == 0, left < seqlen_k, tma_ok,
+               bucket(seqlen_q), bucket(seqlen_k), bucket(batch * n_heads))
+        tuner("attention_bwd", backward_configs(q.dtype, head_dim, tma_ok)).run(key, launch)
+
+    if not has_prefix:
+        return dq, dk, dv, None, None
+    if prefix_k.shape[0] == 1 and batch > 1:
+        dpk, dpv = dpk.sum(0, keepdim=True), dpv.sum(0, keepdim=True)
+    return dq, dk, dv, dpk.to(prefix_k.dtype), dpv.to(prefix_v.dtype)

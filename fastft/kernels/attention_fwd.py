@@ -1,0 +1,222 @@
+"""FlashAttention forward: O = softmax(scale·Q·Kᵀ + mask)·V with an online softmax, saving only the log-sum-exp.
+
+One program per (query block, sequence, head). It keeps its Q tile, an fp32 accumulator and the running
+row max / row sum in registers, and walks the key blocks it can see: the prefix keys first (never masked),
+then the blocks `band` returns — masked edges and an unmasked middle, so the bulk of the work carries no
+mask arithmetic. GQA maps head h to KV head h // group; K/V are never repeated in memory.
+
+Hopper: Q/K/V/O go through tensor descriptors (TMA) when the head dim is a power of two and addresses are
+16-byte aligned; the unmasked loop may be warp-specialized. Both are launch options the tuner may drop.
+"""
+from __future__ import annotations
+
+import torch
+
+from fastft.kernels.attention import (
+    LOG2E,
+    band,
+    block_d,
+    bucket,
+    doc_bounds,
+    dot_precision,
+    grid_rows,
+    load_tile,
+    store_tile,
+    tma_eligible,
+    token_strides,
+    tuner,
+    upcast,
+    visible,
+)
+from fastft.kernels.runtime import INTERPRET, ensure_descriptor_allocator, triton
+
+import triton.language as tl
+
+
+@triton.jit
+def _fwd_steps(acc, m_i, l_i, q, k_src, v_src, stride_k, stride_v, lo, hi, n_keys, q_pos, left, right, qk_scale,
+               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, MASK: tl.constexpr,
+               USE_TMA: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+               WARP_SPECIALIZE: tl.constexpr):
+    """Online-softmax steps over key blocks [lo, hi). MASK: 0 every key visible, 1 positions and bounds,
+    2 bounds only (prefix). m_i is the running max of the scaled scores (base 2), l_i the running sum."""
+    offs_n = tl.arange(0, BLOCK_N)
+    for n0 in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
+        k = load_tile(k_src, stride_k, n0, n_keys, BLOCK_N, BLOCK_D, HEAD_DIM, USE_TMA, MASK != 0)
+        v = load_tile(v_src, stride_v, n0, n_keys, BLOCK_N, BLOCK_D, HEAD_DIM, USE_TMA, MASK != 0)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        if MASK == 1:
+            s = tl.where(visible(q_pos, n0 + offs_n, n_keys, left, right), s, float("-inf"))
+        elif MASK == 2:
+            s = tl.where((n0 + offs_n)[None, :] < n_keys, s, float("-inf"))
+        # scale > 0, so scaling the row max equals the max of the scaled row (one multiply per row)
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+        if MASK != 0:
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
+        else:
+            m_use = m_new
+        p = tl.math.exp2(s * qk_scale - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, o_ptr, lse_ptr, cu_ptr,
+    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+    stride_pkb, stride_pks, stride_pkh, stride_pvb, stride_pvs, stride_pvh,
+    stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
+    seqlen_q, seqlen_k, n_prefix, n_heads, group, qk_scale, left, right,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    VARLEN: tl.constexpr, HAS_PREFIX: tl.constexpr, USE_TMA: tl.constexpr, UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+):
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # causal: the longest rows start first
+    pid_bh = tl.program_id(1)
+    b = pid_bh // n_heads
+    h = (pid_bh % n_heads).to(tl.int64)
+    kvh = h // group
+    start, n_q, n_k = doc_bounds(cu_ptr, b, seqlen_q, seqlen_k, VARLEN)
+    m0 = pid_m * BLOCK_M
+    if m0 >= n_q:
+        return
+    b64 = b.to(tl.int64)
+    q_base = q_ptr + b64 * stride_qb + start * stride_qs + h * stride_qh
+    k_base = k_ptr + b64 * stride_kb + start * stride_ks + kvh * stride_kh
+    v_base = v_ptr + b64 * stride_vb + start * stride_vs + kvh * stride_vh
+    o_base = o_ptr + b64 * stride_ob + start * stride_os + h * stride_oh
+    if USE_TMA:
+        q_src = tl.make_tensor_descriptor(q_base, shape=[n_q, HEAD_DIM], strides=[stride_qs, 1],
+                                          block_shape=[BLOCK_M, BLOCK_D])
+        k_src = tl.make_tensor_descriptor(k_base, shape=[n_k, HEAD_DIM], strides=[stride_ks, 1],
+                                          block_shape=[BLOCK_N, BLOCK_D])
+        v_src = tl.make_tensor_descriptor(v_base, shape=[n_k, HEAD_DIM], strides=[stride_vs, 1],
+                                          block_shape=[BLOCK_N, BLOCK_D])
+        o_dst = tl.make_tensor_descriptor(o_base, shape=[n_q, HEAD_DIM], strides=[stride_os, 1],
+                                          block_shape=[BLOCK_M, BLOCK_D])
+    else:
+        q_src = q_base
+        k_src = k_base
+        v_src = v_base
+        o_dst = o_base
+
+    q = load_tile(q_src, stride_qs, m0, n_q, BLOCK_M, BLOCK_D, HEAD_DIM, USE_TMA, True)
+    if UPCAST:
+        q = q.to(tl.float32)
+    rows = m0 + tl.arange(0, BLOCK_M)
+    q_pos = rows + (n_k - n_q)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+
+    if HAS_PREFIX:
+        pk_base = pk_ptr + b64 * stride_pkb + kvh * stride_pkh
+        pv_base = pv_ptr + b64 * stride_pvb + kvh * stride_pvh
+        if USE_TMA:
+            pk_src = tl.make_tensor_descriptor(pk_base, shape=[n_prefix, HEAD_DIM], strides=[stride_pks, 1],
+                                               block_shape=[BLOCK_N, BLOCK_D])
+            pv_src = tl.make_tensor_descriptor(pv_base, shape=[n_prefix, HEAD_DIM], strides=[stride_pvs, 1],
+                                               block_shape=[BLOCK_N, BLOCK_D])
+        else:
+            pk_src = pk_base
+            pv_src = pv_base
+        acc, m_i, l_i = _fwd_steps(acc, m_i, l_i, q, pk_src, pv_src, stride_pks, stride_pvs, 0, n_prefix,
+                                   n_prefix, q_pos, left, right, qk_scale, BLOCK_N, BLOCK_D, HEAD_DIM, 2,
+                                   USE_TMA, UPCAST, DOT_PRECISION, False)
+
+    lo, full_lo, full_hi, hi = band(m0, BLOCK_M, BLOCK_N, n_k - n_q, n_k, left, right)
+    acc, m_i, l_i = _fwd_steps(acc, m_i, l_i, q, k_src, v_src, stride_ks, stride_vs, lo, full_lo, n_k, q_pos,
+                               left, right, qk_scale, BLOCK_N, BLOCK_D, HEAD_DIM, 1,
+                               USE_TMA, UPCAST, DOT_PRECISION, False)
+    acc, m_i, l_i = _fwd_steps(acc, m_i, l_i, q, k_src, v_src, stride_ks, stride_vs, full_lo, full_hi, n_k,
+                               q_pos, left, right, qk_scale, BLOCK_N, BLOCK_D, HEAD_DIM, 0,
+                               USE_TMA, UPCAST, DOT_PRECISION, WARP_SPECIALIZE)
+    acc, m_i, l_i = _fwd_steps(acc, m_i, l_i, q, k_src, v_src, stride_ks, stride_vs, full_hi, hi, n_k, q_pos,
+                               left, right, qk_scale, BLOCK_N, BLOCK_D, HEAD_DIM, 1,
+                               USE_TMA, UPCAST, DOT_PRECISION, False)
+
+    # Rows that see no key at all (possible only when n_q > n_k) output 0 and get lse = +inf, so the
+    # backward's exp2(s - lse) is 0 for them.
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    store_tile(o_dst, stride_os, m0, n_q, out.to(o_ptr.dtype.element_ty), BLOCK_M, BLOCK_D, HEAD_DIM, USE_TMA)
+    lse = tl.where(empty, float("inf"), m_i + tl.math.log2(l_safe))
+    tl.store(lse_ptr + b64 * stride_lb + h * stride_lh + start + rows, lse, mask=rows < n_q)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launch configs. Few on purpose: each costs a compile. BLOCK_M=128 × BLOCK_N=128 with 8 warps and 3
+# stages is the usual Hopper sweet spot for D ≤ 128; 256-wide heads need smaller tiles for shared memory.
+
+def forward_configs(dtype: torch.dtype, head_dim: int, tma_ok: bool) -> list[dict]:
+    def cfg(bm, bn, warps, stages, tma=False, ws=False):
+        return dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, USE_TMA=tma, WARP_SPECIALIZE=ws)
+
+    wide = block_d(head_dim) > 128  # 256-wide rows: smaller tiles to fit shared memory and registers
+    if INTERPRET:
+        return [cfg(32, 32, 4, 1, tma_ok)]
+    if dtype == torch.float32:  # exact (ieee) fp32 dots: for tests and references, not speed
+        return [cfg(32, 32, 4, 1), cfg(16, 32, 4, 1)] if wide else [cfg(64, 32, 4, 2), cfg(32, 32, 4, 2)]
+    if wide:
+        return [cfg(64, 64, 4, 2, tma_ok), cfg(128, 64, 8, 2, tma_ok), cfg(64, 32, 4, 2)]
+    if tma_ok:  # the last one, on plain pointers, stays in case descriptors fail to compile here
+        return [cfg(128, 128, 8, 3, True), cfg(128, 64, 4, 3, True), cfg(128, 128, 8, 2, True, ws=True),
+                cfg(128, 64, 4, 3)]
+    return [cfg(128, 64, 8, 3), cfg(128, 128, 8, 2), cfg(64, 64, 4, 3)]
+
+
+def attention_forward(q, k, v, *, sm_scale: float, left: int, right: int, cu_seqlens=None, max_seqlen=None,
+                      prefix_k=None, prefix_v=None, config: dict | None = None, out=None, lse=None):
+    """Launch the forward on validated inputs; returns (o, lse). `config` forces a launch config (tests);
+    `out`/`lse` let tests pass pre-poisoned buffers."""
+    varlen = cu_seqlens is not None
+    n_heads, head_dim = q.shape[-2], q.shape[-1]
+    n_kv = k.shape[-2]
+    if varlen:
+        batch, seqlen_q, seqlen_k = cu_seqlens.numel() - 1, int(max_seqlen), int(max_seqlen)
+    else:
+        batch, seqlen_q, seqlen_k = q.shape[0], q.shape[1], k.shape[1]
+    o = out if out is not None else torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if lse is None:
+        shape = (n_heads, q.shape[0]) if varlen else (batch, n_heads, seqlen_q)
+        lse = torch.empty(shape, dtype=torch.float32, device=q.device)
+    stride_lb, stride_lh = (0, lse.stride(0)) if varlen else (lse.stride(0), lse.stride(1))
+    has_prefix = prefix_k is not None
+    n_prefix = prefix_k.shape[1] if has_prefix else 0
+    pk, pv = (prefix_k, prefix_v) if has_prefix else (q, q)
+    pk_strides = token_strides(pk, False) if has_prefix else (0, 0, 0)
+    pv_strides = token_strides(pv, False) if has_prefix else (0, 0, 0)
+    if has_prefix and prefix_k.shape[0] == 1:  # one prefix shared by every sequence
+        pk_strides, pv_strides = (0, *pk_strides[1:]), (0, *pv_strides[1:])
+    tma_ok = tma_eligible(head_dim, q, k, v, o, *((prefix_k, prefix_v) if has_prefix else ()))
+
+    def launch(cfg):
+        cfg = dict(cfg)
+        use_tma = cfg.pop("USE_TMA") and tma_ok
+        if use_tma:
+            ensure_descriptor_allocator()
+        grid = grid_rows(batch, n_heads, seqlen_q, cfg["BLOCK_M"])
+        _attn_fwd_kernel[grid](
+            q, k, v, pk, pv, o, lse, cu_seqlens if varlen else q,
+            *token_strides(q, varlen), *token_strides(k, varlen), *token_strides(v, varlen),
+            *pk_strides, *pv_strides, *token_strides(o, varlen), stride_lb, stride_lh,
+            seqlen_q, seqlen_k, n_prefix, n_heads, n_heads // n_kv, sm_scale * LOG2E, left, right,
+            HEAD_DIM=head_dim, BLOCK_D=block_d(head_dim), VARLEN=varlen, HAS_PREFIX=has_prefix,
+            USE_TMA=use_tma, UPCAST=upcast(q.dtype), DOT_PRECISION=dot_precision(q.dtype), **cfg,
+        )
+
+    if config is not None:
+        launch(config)
+    else:
+        key = (q.dtype, head_dim, n_heads // n_kv, varlen, has_prefix, right == 0, left < seqlen_k, tma_ok,
+               bucket(seqlen_q), bucket(seqlen_k), bucket(batch * n_heads))
+        tuner("attention_fwd", forward_configs(q.dtype, head_dim, tma_ok)).run(key, launch)
+    return o, lse

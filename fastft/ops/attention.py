@@ -1,0 +1,226 @@
+"""Exact attention with O(S) memory: `flash_attention` (causal, GQA, packed sequences, prefix-KV, sliding window).
+
+`flash_attention` validates once, then dispatches: the Triton kernels (fastft.kernels.attention_fwd / _bwd)
+on CUDA, the pure-torch `attention_reference` elsewhere. The reference materialises the scores; it is the
+ground truth of the tests and the CPU path.
+
+Masks, with query i of a sequence of n_q queries and n_k keys aligned bottom-right (off = n_k - n_q, so
+with a KV cache the last query is the last position): key j is visible when
+    causal:        j <= i + off
+    window = w:    j >  i + off - w   (and, without causal, j < i + off + w), as transformers' sliding_window
+Prefix keys are visible to every query, whatever the mask.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from fastft.kernels.runtime import triton_runs_on
+
+BACKENDS = ("auto", "triton", "torch")
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 256
+
+
+def _check(cond: bool, message: str) -> None:
+    if not cond:
+        raise ValueError(message)
+
+
+def mask_bounds(causal: bool, window) -> tuple[int, int]:
+    """(left, right): key j is visible to query position p when p - left <= j <= p + right."""
+    from fastft.kernels.attention import UNBOUNDED
+
+    left = UNBOUNDED if window is None else int(window) - 1
+    right = 0 if causal else (UNBOUNDED if window is None else int(window) - 1)
+    return left, right
+
+
+# ----------------------------------------------------------------------------------------------
+# Reference
+
+def visible_mask(n_q: int, n_k: int, causal: bool, window, device=None) -> torch.Tensor:
+    """(n_q, n_k) bool: which keys each query sees (bottom-right aligned)."""
+    left, right = mask_bounds(causal, window)
+    d = (torch.arange(n_q, device=device)[:, None] + (n_k - n_q)) - torch.arange(n_k, device=device)[None, :]
+    return (d <= left) & (d >= -right)
+
+
+def _reference_dense(q, k, v, causal, scale, prefix_k, prefix_v, window):
+    B, n_q, H, D = q.shape
+    n_k, n_kv = k.shape[1], k.shape[2]
+    group = H // n_kv
+    s = torch.einsum("bqhd,bkhd->bhqk", q, k.repeat_interleave(group, dim=2)) * scale
+    s = s.masked_fill(~visible_mask(n_q, n_k, causal, window, q.device), float("-inf"))
+    vals = v.repeat_interleave(group, dim=2)
+    if prefix_k is not None:
+        pk = prefix_k.expand(B, -1, -1, -1).repeat_interleave(group, dim=2)
+        s = torch.cat([torch.einsum("bqhd,bkhd->bhqk", q, pk) * scale, s], dim=-1)
+        vals = torch.cat([prefix_v.expand(B, -1, -1, -1).repeat_interleave(group, dim=2), vals], dim=1)
+    seen = torch.isfinite(s).any(-1, keepdim=True)
+    p = torch.softmax(s, dim=-1).masked_fill(~seen, 0.0)  # queries that see nothing output 0
+    return torch.einsum("bhqk,bkhd->bqhd", p, vals)
+
+
+def attention_reference(q, k, v, *, causal=False, softmax_scale=None, cu_seqlens=None, prefix_k=None,
+                        prefix_v=None, window=None):
+    """softmax(scale·Q·Kᵀ + mask)·V in plain torch (autograd through torch), same arguments as flash_attention.
+
+    Computes in fp32 for fp16/bf16 inputs (fp64 stays fp64) and returns q's dtype.
+    """
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+    work = torch.float64 if q.dtype == torch.float64 else torch.float32
+    q_, k_, v_ = q.to(work), k.to(work), v.to(work)
+    pk = prefix_k.to(work) if prefix_k is not None else None
+    pv = prefix_v.to(work) if prefix_v is not None else None
+    if cu_seqlens is None:
+        return _reference_dense(q_, k_, v_, causal, scale, pk, pv, window).to(q.dtype)
+    bounds = cu_seqlens.tolist()
+    outs = []
+    for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+        pki = pvi = None
+        if pk is not None:
+            j = 0 if pk.shape[0] == 1 else i
+            pki, pvi = pk[j : j + 1], pv[j : j + 1]
+        outs.append(_reference_dense(q_[None, a:b], k_[None, a:b], v_[None, a:b], causal, scale, pki, pvi, window)[0])
+    return torch.cat(outs, dim=0).to(q.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation
+
+def _validate(q, k, v, causal, softmax_scale, cu_seqlens, max_seqlen, prefix_k, prefix_v, window):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check(isinstance(t, torch.Tensor), f"flash_attention: `{name}` must be a torch.Tensor, got {type(t).__name__}")
+        _check(t.dtype in DTYPES, f"flash_attention: `{name}` must be float16, bfloat16 or float32, got {t.dtype}")
+    varlen = cu_seqlens is not None
+    rank, layout = (3, "(total_tokens, heads, head_dim)") if varlen else (4, "(batch, seqlen, heads, head_dim)")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check(t.dim() == rank, f"flash_attention: `{name}` must be {rank}-D {layout}"
+                                f"{' with cu_seqlens' if varlen else ''}, got shape {tuple(t.shape)}")
+    _check(k.shape == v.shape, f"flash_attention: `k` and `v` must have the same shape, got {tuple(k.shape)} "
+                               f"and {tuple(v.shape)}")
+    D, H, n_kv = q.shape[-1], q.shape[-2], k.shape[-2]
+    _check(k.shape[-1] == D, f"flash_attention: `k` has head_dim {k.shape[-1]} but `q` has {D}")
+    _check(D % 8 == 0 and 16 <= D <= MAX_HEAD_DIM,
+           f"flash_attention: head_dim must be a multiple of 8 in [16, {MAX_HEAD_DIM}] (e.g. 64, 80, 96, 128, "
+           f"256), got {D}")
+    _check(n_kv >= 1 and H % n_kv == 0,
+           f"flash_attention: `q` has {H} heads, which is not a multiple of the {n_kv} KV heads of `k` (GQA "
+           "needs heads % kv_heads == 0)")
+    _check(q.dtype == k.dtype == v.dtype, f"flash_attention: `q`, `k`, `v` must share a dtype, got {q.dtype}, "
+                                          f"{k.dtype}, {v.dtype}")
+    tensors = [q, k, v] + [t for t in (prefix_k, prefix_v, cu_seqlens) if t is not None]
+    devices = {t.device for t in tensors if isinstance(t, torch.Tensor)}
+    _check(len(devices) == 1, f"flash_attention: all tensors must be on one device, got {sorted(map(str, devices))}")
+    if varlen:
+        _check(isinstance(cu_seqlens, torch.Tensor) and cu_seqlens.dtype == torch.int32 and cu_seqlens.dim() == 1
+               and cu_seqlens.numel() >= 2,
+               "flash_attention: `cu_seqlens` must be a 1-D int32 tensor of length n_docs + 1 (cumulative lengths "
+               f"starting at 0), got {getattr(cu_seqlens, 'dtype', type(cu_seqlens).__name__)} "
+               f"{tuple(getattr(cu_seqlens, 'shape', ()))}")
+        _check(k.shape[0] == q.shape[0], f"flash_attention: packed `q` has {q.shape[0]} tokens but `k` has "
+                                         f"{k.shape[0]}; packed self-attention needs one token count")
+        if max_seqlen is not None:
+            _check(isinstance(max_seqlen, int) and max_seqlen >= 0,
+                   f"flash_attention: `max_seqlen` must be a non-negative int, got {max_seqlen!r}")
+    else:
+        _check(k.shape[0] == q.shape[0], f"flash_attention: `k` has batch {k.shape[0]} but `q` has {q.shape[0]}")
+        _check(k.shape[1] >= 1 and q.shape[1] >= 1, "flash_attention: `q` and `k` need at least one position each")
+        _check(max_seqlen is None, "flash_attention: `max_seqlen` only goes with `cu_seqlens`")
+    _check((prefix_k is None) == (prefix_v is None), "flash_attention: pass both `prefix_k` and `prefix_v`, or neither")
+    if prefix_k is not None:
+        n_seq = cu_seqlens.numel() - 1 if varlen else q.shape[0]
+        for name, t in (("prefix_k", prefix_k), ("prefix_v", prefix_v)):
+            _check(isinstance(t, torch.Tensor) and t.dim() == 4 and t.shape[0] in (1, n_seq) and t.shape[1] >= 1
+                   and tuple(t.shape[2:]) == (n_kv, D),
+                   f"flash_attention: `{name}` must have shape (1 or {n_seq}, prefix_len, {n_kv}, {D}), got "
+                   f"{tuple(getattr(t, 'shape', ()))}")
+            _check(t.dtype == q.dtype, f"flash_attention: `{name}` is {t.dtype} but `q` is {q.dtype}")
+        _check(prefix_k.shape == prefix_v.shape, "flash_attention: `prefix_k` and `prefix_v` must have the same shape")
+    if softmax_scale is not None:
+        _check(isinstance(softmax_scale, (int, float)) and math.isfinite(softmax_scale) and softmax_scale > 0,
+               f"flash_attention: `softmax_scale` must be a positive finite number, got {softmax_scale!r}")
+    if window is not None:
+        _check(isinstance(window, int) and not isinstance(window, bool) and window >= 1,
+               f"flash_attention: `window` must be a positive int (keys within `window` positions), got {window!r}")
+    _check(isinstance(causal, bool), f"flash_attention: `causal` must be a bool, got {causal!r}")
+
+
+def _check_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> int:
+    """Checks the values (one device sync) and returns the longest document."""
+    lengths = cu_seqlens.diff()
+    stats = torch.stack([cu_seqlens[0], cu_seqlens[-1], lengths.min(), lengths.max()]).tolist()
+    _check(stats[0] == 0 and stats[1] == total and stats[2] >= 0,
+           f"flash_attention: `cu_seqlens` must rise from 0 to the {total} packed tokens without decreasing, "
+           f"got first {stats[0]}, last {stats[1]}, smallest step {stats[2]}")
+    return int(stats[3])
+
+
+# ----------------------------------------------------------------------------------------------
+# Autograd
+
+def _unit_last(t):
+    return t if t is None or t.stride(-1) == 1 else t.contiguous()
+
+
+class FlashAttentionFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, prefix_k, prefix_v, cu_seqlens, max_seqlen, scale, left, right):
+        from fastft.kernels.attention_fwd import attention_forward
+
+        q, k, v, prefix_k, prefix_v = (_unit_last(t) for t in (q, k, v, prefix_k, prefix_v))
+        o, lse = attention_forward(q, k, v, sm_scale=scale, left=left, right=right, cu_seqlens=cu_seqlens,
+                                   max_seqlen=max_seqlen, prefix_k=prefix_k, prefix_v=prefix_v)
+        ctx.save_for_backward(q, k, v, o, lse, prefix_k, prefix_v, cu_seqlens)
+        ctx.meta = (max_seqlen, scale, left, right)
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        from fastft.kernels.attention_bwd import attention_backward
+
+        q, k, v, o, lse, prefix_k, prefix_v, cu_seqlens = ctx.saved_tensors
+        max_seqlen, scale, left, right = ctx.meta
+        dq, dk, dv, dpk, dpv = attention_backward(
+            _unit_last(do.to(q.dtype)), q, k, v, o, lse, sm_scale=scale, left=left, right=right,
+            cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, prefix_k=prefix_k, prefix_v=prefix_v)
+        return dq, dk, dv, dpk, dpv, None, None, None, None, None
+
+
+def flash_attention(q, k, v, *, causal=False, softmax_scale=None, cu_seqlens=None, max_seqlen=None,
+                    prefix_k=None, prefix_v=None, window=None, backend="auto"):
+    """Exact attention softmax(scale·Q·Kᵀ + mask)·V, forward and backward in O(sequence) memory.
+
+    q: (batch, seqlen_q, heads, head_dim); k, v: (batch, seqlen_k, kv_heads, head_dim), heads % kv_heads == 0
+    (GQA/MQA without repeating K/V). Packed: with `cu_seqlens` (int32, n_docs + 1 cumulative lengths) q/k/v
+    are (total_tokens, heads, head_dim) and no token attends across documents; `max_seqlen` (the longest
+    document) saves a device sync. `prefix_k`/`prefix_v`: (batch or 1, P, kv_heads, head_dim) keys every query
+    attends to, unmasked (prefix tuning); they get gradients. `causal` aligns bottom-right when seqlen_q !=
+    seqlen_k; `window` = w keeps the w most recent keys (and, without causal, those < w ahead).
+    head_dim: a multiple of 8 up to 256; fp16/bf16/fp32. Returns q's shape and dtype.
+    backend: "auto" (Triton on CUDA, torch elsewhere), "triton" or "torch".
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"flash_attention: `backend` must be one of {BACKENDS}, got {backend!r}")
+    if isinstance(q, torch.Tensor) and torch.is_autocast_enabled(q.device.type):
+        dtype = torch.get_autocast_dtype(q.device.type)
+        q, k, v = (t.to(dtype) if isinstance(t, torch.Tensor) else t for t in (q, k, v))
+        prefix_k, prefix_v = (t.to(dtype) if isinstance(t, torch.Tensor) else t for t in (prefix_k, prefix_v))
+    _validate(q, k, v, causal, softmax_scale, cu_seqlens, max_seqlen, prefix_k, prefix_v, window)
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+
+    if backend == "auto":
+        backend = "triton" if q.device.type == "cuda" and triton_runs_on(q.device) else "torch"
+    if backend == "triton" and not triton_runs_on(q.device):
+        raise ValueError(f"flash_attention: backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 on CPU); "
+                         f"`q` is on {q.device}")
+    if backend == "torch" or q.numel() == 0:
+        return attention_reference(q, k, v, causal=causal, softmax_scale=scale, cu_seqlens=cu_seqlens,
+                                   prefix_k=prefix_k, prefix_v=prefix_v, window=window)
+    if cu_seqlens is not None and max_seqlen is None:
+        max_seqlen = _check_cu_seqlens(cu_seqlens, q.shape[0])
+    left, right = mask_bounds(causal, window)
+    with torch.autocast(q.device.type, enabled=False):
+        return FlashAttentionFunction.apply(q, k, v, prefix_k, prefix_v, cu_seqlens, max_seqlen, scale, left, right)

@@ -1,0 +1,233 @@
+"""attn_implementation="fastft" in transformers, and the packing collator.
+
+A tiny random Llama checks every path of the attention function (plain, padded, packed from position_ids or
+from the collator's cu_seq_lens, KV-cache decoding) against "sdpa"; the real SmolLM2 (slow) checks a full
+forward and backward. On the CPU the kernels run through the interpreter (backend "triton").
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastft.integration.packing import IGNORE_INDEX, PackingCollator
+from utils import assert_close, interpreter_only
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture
+def fastft_attention():
+    import fastft
+
+    on_gpu = torch.cuda.is_available()
+    yield fastft.register_attention(backend="auto" if on_gpu else "triton")
+    fastft.register_attention()
+
+
+def tiny_llama(attn="fastft", **overrides):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    cfg = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, head_dim=16, max_position_embeddings=256, pad_token_id=0)
+    cfg.update(overrides)
+    return AutoModelForCausalLM.from_config(LlamaConfig(**cfg), attn_implementation=attn)
+
+
+def fwd_bwd(model, impl, batch):
+    model.set_attn_implementation(impl)
+    model.zero_grad(set_to_none=True)
+    out = model(**batch, use_cache=False)
+    out.loss.backward()
+    return out, torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+
+
+def compare_to_sdpa(model, batch, valid=None, dtype=torch.float32):
+    out, grads = fwd_bwd(model, "fastft", batch)
+    ref, ref_grads = fwd_bwd(model, "sdpa", batch)
+    keep = (lambda t: t[valid]) if valid is not None else (lambda t: t)
+    assert_close(keep(out.logits.detach()), keep(ref.logits.detach()), dtype, "logits")
+    assert_close(out.loss.detach(), ref.loss.detach(), dtype, "loss")
+    assert_close(grads, ref_grads, dtype, "parameter gradients")
+
+
+def test_registered_and_idempotent():
+    import fastft
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    from fastft.integration.attention import fastft_attention_forward
+
+    assert fastft.register_attention() == "fastft"
+    assert fastft.register_attention() == "fastft"
+    assert AttentionInterface._global_mapping["fastft"] is fastft_attention_forward
+    assert "fastft" in AttentionMaskInterface._global_mapping
+    with pytest.raises(ValueError, match="`backend` must be one of"):
+        fastft.register_attention(backend="fast")
+
+
+def _texts(lengths, vocab=128, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (n,), generator=g) for n in lengths]
+
+
+def _padded(seqs, left=False):
+    S = max(len(s) for s in seqs)
+    ids = torch.zeros(len(seqs), S, dtype=torch.long)
+    mask = torch.zeros(len(seqs), S, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        sl = slice(S - len(s), S) if left else slice(0, len(s))
+        ids[i, sl], mask[i, sl] = s, 1
+    labels = ids.masked_fill(mask == 0, IGNORE_INDEX)
+    return dict(input_ids=ids, attention_mask=mask, labels=labels), mask.bool()
+
+
+@interpreter_only
+@pytest.mark.parametrize("kind", ["plain", "padded_right", "padded_left", "packed_position_ids", "packed_collator"])
+def test_tiny_llama_matches_sdpa(fastft_attention, kind):
+    model = tiny_llama()
+    seqs = _texts([13, 7, 20])
+    if kind == "plain":
+        ids = torch.stack([s[:7] for s in seqs])
+        compare_to_sdpa(model, dict(input_ids=ids, labels=ids))
+    elif kind.startswith("padded"):
+        batch, valid = _padded(seqs, left=kind.endswith("left"))
+        compare_to_sdpa(model, batch, valid)
+    else:
+        batch = PackingCollator(return_flash_kwargs=kind == "packed_collator")([{"input_ids": s} for s in seqs])
+        compare_to_sdpa(model, batch)
+
+
+@interpreter_only
+def test_packed_equals_separate_sequences(fastft_attention):
+    """No attention across documents: the packed row's logits equal each sequence run alone."""
+    model = tiny_llama()
+    seqs = _texts([5, 11, 8], seed=1)
+    packed = model(**PackingCollator()([{"input_ids": s} for s in seqs]), use_cache=False).logits[0]
+    alone = torch.cat([model(input_ids=s[None], use_cache=False).logits[0] for s in seqs])
+    assert_close(packed.detach(), alone.detach(), torch.float32, "packed vs separate")
+
+
+@interpreter_only
+def test_generate_with_cache_matches_sdpa(fastft_attention):
+    """Decoding with a KV cache (one query, many keys: bottom-right causal), with and without padding."""
+    model = tiny_llama().eval()
+    for seqs in ([_texts([9])[0]], _texts([9, 4], seed=2)):
+        batch, _ = _padded(seqs, left=True)
+        batch.pop("labels")
+        scores = {}
+        for impl in ("fastft", "sdpa"):
+            model.set_attn_implementation(impl)
+            gen = model.generate(**batch, max_new_tokens=4, do_sample=False, output_scores=True,
+                                 return_dict_in_generate=True, pad_token_id=0)
+            scores[impl] = torch.stack(gen.scores)
+        assert_close(scores["fastft"], scores["sdpa"], torch.float32, f"generation scores, batch {len(seqs)}")
+
+
+@interpreter_only
+def test_peft_prefix_tuning_matches_sdpa(fastft_attention):
+    """peft's prefix tuning hands the virtual tokens over as a KV cache: more keys than queries, bottom-right causal."""
+    from peft import PrefixTuningConfig, get_peft_model
+
+    model = get_peft_model(tiny_llama(), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=5))
+    ids = torch.randint(3, 128, (2, 11))
+    results = {}
+    for impl in ("fastft", "sdpa"):
+        model.base_model.set_attn_implementation(impl)
+        model.zero_grad(set_to_none=True)
+        out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        grads = torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None])
+        results[impl] = (out.logits.detach(), grads)
+    assert_close(results["fastft"][0], results["sdpa"][0], torch.float32, "logits")
+    assert_close(results["fastft"][1], results["sdpa"][1], torch.float32, "prefix gradients")
+
+
+def test_attention_dropout_is_refused(fastft_attention):
+    model = tiny_llama(attention_dropout=0.1).train()
+    with pytest.raises(ValueError, match="no attention dropout"):
+        model(input_ids=torch.randint(3, 128, (1, 6)))
+
+
+# ----------------------------------------------------------------------------------------------
+# The collator
+
+def test_packing_collator_fields():
+    feats = [{"input_ids": [5, 6, 7]}, {"input_ids": torch.tensor([8, 9]), "labels": [1, 2]}, {"input_ids": [4]}]
+    batch = PackingCollator(pad_to_multiple_of=8, pad_token_id=0)(feats)
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9, 4, 0, 0]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 0, 1]]
+    assert batch["labels"].tolist() == [[-100, 6, 7, -100, 2, -100, -100, -100]]
+    assert batch["cu_seq_lens_q"].dtype == torch.int32
+    assert batch["cu_seq_lens_q"].tolist() == [0, 3, 5, 6, 8] == batch["cu_seq_lens_k"].tolist()
+    assert batch["max_length_q"] == batch["max_length_k"] == 3
+    plain = PackingCollator(return_flash_kwargs=False)(feats)
+    assert set(plain) == {"input_ids", "labels", "position_ids"} and plain["input_ids"].shape == (1, 6)
+
+
+@pytest.mark.parametrize("feats, pattern", [
+    ([], "empty list"),
+    ([{"labels": [1]}], "has no 'input_ids'"),
+    ([{"input_ids": []}], "has no tokens"),
+    ([{"input_ids": [1, 2], "labels": [1]}], "2 input_ids but 1 labels"),
+])
+def test_packing_collator_errors(feats, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        PackingCollator()(feats)
+
+
+# ----------------------------------------------------------------------------------------------
+# The real SmolLM2 (Llama: 30 layers, 9 heads / 3 KV heads, head_dim 64)
+
+@pytest.mark.slow
+@interpreter_only
+def test_smollm2_forward_backward_matches_sdpa(fastft_attention):
+    from smollm2_checkpoint import smollm2_path
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = smollm2_path()
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="fastft", dtype=torch.float32)
+    assert model.config._attn_implementation == "fastft"
+    # One short sequence through all 30 layers, forward and backward (dense causal GQA kernels). Every interpreted
+    # program costs ~15 ms, so packed/padded batches are left to the tiny model above (each adds ~20 s here).
+    ids = torch.tensor([tok("The quick brown fox jumps over the lazy dog. Attention needs only the log-sum-exp.")
+                        ["input_ids"]])
+    compare_to_sdpa(model, dict(input_ids=ids, labels=ids))
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU: the same model paths with the CUDA kernels in bf16, judged against fp32 SDPA: fastft's bf16 error may
+# not exceed SDPA's own bf16 error by much.
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["plain", "padded_right", "packed_collator"])
+def test_gpu_tiny_llama_bf16(fastft_attention, monkeypatch, kind):
+    import copy
+
+    from utils import rel_err
+
+    monkeypatch.setenv("FASTFT_AUTOTUNE", "0")  # one compile per kernel, not one per config
+    model32 = tiny_llama(hidden_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=64).cuda()
+    model16 = copy.deepcopy(model32).to(torch.bfloat16)
+    seqs = _texts([130, 77, 200])
+    valid = None
+    if kind == "plain":
+        ids = torch.stack([s[:77] for s in seqs])
+        batch = dict(input_ids=ids, labels=ids)
+    elif kind == "padded_right":
+        batch, valid = _padded(seqs)
+        valid = valid.cuda()
+    else:
+        batch = PackingCollator()([{"input_ids": s} for s in seqs])
+    batch = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+    keep = (lambda t: t[valid]) if valid is not None else (lambda t: t)
+    ref, ref_grads = fwd_bwd(model32, "sdpa", batch)
+    for what, ours, theirs in zip(("logits", "gradients"), fwd_bwd(model16, "fastft", batch),
+                                  fwd_bwd(model16, "sdpa", batch)):
+        if what == "logits":
+            ours, theirs, want = keep(ours.logits.detach()), keep(theirs.logits.detach()), keep(ref.logits.detach())
+        else:
+            want = ref_grads
+        ours_err, sdpa_err = rel_err(ours, want), rel_err(theirs, want)
+        assert ours_err <= 1.5 * sdpa_err + 1e-3, \
+            f"{kind} {what}: fastft bf16 error {ours_err:.2e}, sdpa {sdpa_err:.2e}"

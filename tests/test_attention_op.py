@@ -1,0 +1,241 @@
+"""flash_attention against an fp64 softmax(QKᵀ/√d)V: output and every gradient (dq, dk, dv, dprefix_k, dprefix_v).
+
+On the CPU the Triton kernels run through TRITON_INTERPRET=1 (backend="triton"); sizes stay small and
+ragged. GPU tests (`-m gpu`) run every launch config the tuner may pick, into NaN-poisoned buffers.
+"""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from attention_cases import make_problem, reference_with_grads, run_with_grads
+from fastft.ops import flash_attention
+from fastft.ops.attention import attention_reference, mask_bounds, visible_mask
+from utils import assert_close, interpreter_only
+
+CASES = {
+    "causal_gqa_ragged": (dict(batch=2, seqlen_q=37, heads=4, kv_heads=2), dict(causal=True)),
+    "full_mqa_d32": (dict(batch=1, seqlen_q=100, heads=3, kv_heads=1, head_dim=32), dict(causal=False)),
+    "kv_cache_bottom_right": (dict(batch=1, seqlen_q=20, seqlen_k=53), dict(causal=True)),
+    "more_queries_than_keys": (dict(batch=1, seqlen_q=45, seqlen_k=30, heads=2), dict(causal=True)),
+    "single_query": (dict(batch=2, seqlen_q=1, seqlen_k=40, heads=2, kv_heads=1), dict(causal=True)),
+    "sliding_window": (dict(batch=1, seqlen_q=90, heads=2, kv_heads=1), dict(causal=True, window=17)),
+    "window_bidirectional": (dict(batch=1, seqlen_q=50, heads=2), dict(causal=False, window=9)),
+    "prefix_shared": (dict(batch=2, seqlen_q=29, prefix=7), dict(causal=True)),
+    "prefix_per_batch_d80_window": (dict(batch=2, seqlen_q=40, head_dim=80, prefix=19, prefix_batch=2),
+                                    dict(causal=True, window=8)),
+    "varlen": (dict(cu=[0, 1, 38, 38, 100]), dict(causal=True)),
+    "varlen_prefix_window": (dict(cu=[0, 23, 60], heads=3, kv_heads=1, prefix=5, prefix_batch=2),
+                             dict(causal=True, window=10)),
+    "transformers_layout": (dict(batch=2, seqlen_q=33, layout="bhsd"), dict(causal=True, softmax_scale=0.3)),
+    "head_dim_256": (dict(batch=1, seqlen_q=20, heads=2, kv_heads=1, head_dim=256), dict(causal=True)),
+}
+
+
+@interpreter_only
+@pytest.mark.parametrize("name", list(CASES))
+def test_matches_fp64_reference(name):
+    shape, kw = CASES[name]
+    args = make_problem(**shape)
+    dout = torch.randn(args["q"].shape)
+    out, grads = run_with_grads(flash_attention, args, dout, backend="triton", **kw)
+    ref, ref_grads = reference_with_grads(args, dout, **kw)
+    assert out.shape == args["q"].shape and out.dtype == args["q"].dtype
+    assert_close(out, ref, torch.float32, f"{name}: out")
+    for n, g in grads.items():
+        assert_close(g, ref_grads[n], torch.float32, f"{name}: d{n}")
+
+
+@interpreter_only
+def test_last_dim_strided_inputs_and_bf16():
+    """A non-unit last stride (copied by the op) and bf16 (the kernels' UPCAST path under the interpreter)."""
+    args = make_problem(batch=1, seqlen_q=26, heads=2, kv_heads=1, prefix=3, dtype=torch.bfloat16)
+    args["q"] = torch.randn(1, 26, 2, 128, dtype=torch.bfloat16)[..., ::2]
+    dout = torch.randn(args["q"].shape, dtype=torch.bfloat16)
+    out, grads = run_with_grads(flash_attention, args, dout, backend="triton", causal=True)
+    ref, ref_grads = reference_with_grads(args, dout, causal=True)
+    assert out.dtype == torch.bfloat16
+    assert_close(out, ref, torch.bfloat16, "out")
+    for n, g in grads.items():
+        assert g.dtype == torch.bfloat16
+        assert_close(g, ref_grads[n], torch.bfloat16, f"d{n}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Launch configs, called at the launcher level into NaN-poisoned buffers (catches unwritten elements).
+
+def _fwd_cfg(bm, bn, tma, ws=False, warps=4, stages=1):
+    return dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, USE_TMA=tma, WARP_SPECIALIZE=ws)
+
+
+def _bwd_cfg(bn, bm, bm2, bn2, atomic, tma, warps=4, stages=1):
+    return dict(BLOCK_N=bn, BLOCK_M=bm, WARPS=warps, STAGES=stages, BLOCK_M2=bm2, BLOCK_N2=bn2,
+                DQ_WARPS=warps, DQ_STAGES=stages, ATOMIC_DQ=atomic, USE_TMA=tma)
+
+
+def check_configs(args, fwd_configs, bwd_configs, dtype, causal=True, window=None, strict=True):
+    """Every forward config and every backward config against the fp64 reference.
+
+    strict=False (GPU): a config that cannot launch here (compile error, too much shared memory) is only
+    warned about, as the tuner skips it too; at least one of each must run, and whatever runs must match.
+    """
+    from fastft.kernels.attention_bwd import attention_backward
+    from fastft.kernels.attention_fwd import attention_forward
+
+    q, k, v, pk, pv, cu = (args.get(n) for n in ("q", "k", "v", "prefix_k", "prefix_v", "cu_seqlens"))
+    dout = torch.randn(q.shape, dtype=dtype, device=q.device)
+    ref, ref_grads = reference_with_grads(args, dout, causal=causal, window=window)
+    left, right = mask_bounds(causal, window)
+    scale = q.shape[-1] ** -0.5
+    max_seqlen = int(cu.diff().max()) if cu is not None else None
+    common = dict(sm_scale=scale, left=left, right=right, cu_seqlens=cu, max_seqlen=max_seqlen,
+                  prefix_k=pk, prefix_v=pv)
+    lse_shape = (q.shape[1], q.shape[0]) if cu is not None else (q.shape[0], q.shape[2], q.shape[1])
+
+    def launch(what, cfg, fn):
+        try:
+            return fn()
+        except Exception as err:  # noqa: BLE001 - see strict
+            if strict:
+                raise
+            warnings.warn(f"{what} config {cfg} cannot run here: {type(err).__name__}: {err}")
+            return None
+
+    o = lse = None
+    for cfg in fwd_configs:
+        out = torch.full_like(q, float("nan"))
+        out_lse = torch.full(lse_shape, float("nan"), device=q.device)
+        if launch("forward", cfg, lambda: attention_forward(q, k, v, config=cfg, out=out, lse=out_lse, **common)):
+            assert_close(out, ref, dtype, f"forward {cfg}")
+            o, lse = out, out_lse
+    assert o is not None, "no forward config could run"
+    ran = 0
+    for cfg in bwd_configs:
+        bufs = dict(dq=torch.full_like(q, float("nan")), dk=torch.full_like(k, float("nan")),
+                    dv=torch.full_like(v, float("nan")))
+        grads = launch("backward", cfg, lambda: attention_backward(dout, q, k, v, o, lse, config=cfg, **bufs, **common))
+        if grads is None:
+            continue
+        ran += 1
+        for n, g in zip(("q", "k", "v", "prefix_k", "prefix_v"), grads):
+            if g is not None:
+                assert_close(g, ref_grads[n], dtype, f"backward {cfg}: d{n}")
+    assert ran, "no backward config could run"
+
+
+@interpreter_only
+@pytest.mark.parametrize("tma", [False, True], ids=["pointers", "descriptors"])
+def test_launch_configs(tma):
+    args = make_problem(batch=2, seqlen_q=45, heads=4, kv_heads=2, prefix=7)
+    fwd = [_fwd_cfg(16, 32, tma), _fwd_cfg(32, 16, tma, ws=True)]
+    bwd = [_bwd_cfg(16, 32, 16, 32, True, tma), _bwd_cfg(32, 16, 32, 16, False, tma)]
+    check_configs(args, fwd, bwd, torch.float32, causal=True, window=21)
+
+
+@interpreter_only
+def test_launch_configs_packed_dq_kernel():
+    """Packed documents through the separate dQ kernel (the interpreter's default config uses atomics)."""
+    args = make_problem(cu=[0, 30, 31, 75], heads=4, kv_heads=2, prefix=6, prefix_batch=2)
+    check_configs(args, [_fwd_cfg(16, 32, False)], [_bwd_cfg(32, 16, 32, 16, False, True)], torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# The reference itself, against independent implementations.
+
+def test_reference_matches_sdpa_with_masks():
+    q, k, v = torch.randn(2, 4, 23, 16, dtype=torch.float64), torch.randn(2, 2, 31, 16, dtype=torch.float64), \
+        torch.randn(2, 2, 31, 16, dtype=torch.float64)
+    for causal, window in ((True, None), (False, None), (True, 6), (False, 5)):
+        mask = visible_mask(23, 31, causal, window)
+        want = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
+                                              attn_mask=mask).transpose(1, 2)
+        got = attention_reference(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal,
+                                  window=window)
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def test_reference_prefix_is_concatenated_unmasked_kv():
+    q = torch.randn(1, 12, 2, 16, dtype=torch.float64)
+    k, v = torch.randn(1, 12, 2, 16, dtype=torch.float64), torch.randn(1, 12, 2, 16, dtype=torch.float64)
+    pk, pv = torch.randn(1, 3, 2, 16, dtype=torch.float64), torch.randn(1, 3, 2, 16, dtype=torch.float64)
+    mask = torch.cat([torch.ones(12, 3, dtype=torch.bool), visible_mask(12, 12, True, None)], dim=1)
+    kk, vv = torch.cat([pk, k], 1).transpose(1, 2), torch.cat([pv, v], 1).transpose(1, 2)
+    want = F.scaled_dot_product_attention(q.transpose(1, 2), kk, vv, attn_mask=mask).transpose(1, 2)
+    got = attention_reference(q, k, v, causal=True, prefix_k=pk, prefix_v=pv)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def test_reference_packed_equals_block_diagonal_mask():
+    cu = [0, 5, 5, 17, 30]
+    q, k, v = (torch.randn(30, 2, 16, dtype=torch.float64) for _ in range(3))
+    doc = torch.repeat_interleave(torch.arange(4), torch.tensor(cu).diff())
+    mask = (doc[:, None] == doc[None, :]) & visible_mask(30, 30, True, None)
+    want = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+                                          attn_mask=mask).transpose(0, 1)
+    got = attention_reference(q, k, v, causal=True, cu_seqlens=torch.tensor(cu, dtype=torch.int32))
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def test_auto_backend_on_cpu_is_the_reference():
+    args = make_problem(batch=1, seqlen_q=9, heads=2, kv_heads=1, head_dim=16)
+    out = flash_attention(**args, causal=True)
+    torch.testing.assert_close(out, attention_reference(**args, causal=True), rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU: every config the tuner may pick into poisoned buffers; the other paths with the first config only
+# (FASTFT_AUTOTUNE=0), since every new specialisation costs a compile per config.
+
+@pytest.fixture
+def first_config_only(monkeypatch):
+    monkeypatch.setenv("FASTFT_AUTOTUNE", "0")
+
+
+@pytest.mark.gpu
+def test_gpu_every_config_bf16():
+    from fastft.kernels.attention import tma_eligible
+    from fastft.kernels.attention_bwd import backward_configs
+    from fastft.kernels.attention_fwd import forward_configs
+
+    args = make_problem(batch=2, seqlen_q=333, heads=8, kv_heads=2, head_dim=128, prefix=19,
+                        dtype=torch.bfloat16, device="cuda")
+    tma = tma_eligible(128, args["q"], args["k"], args["v"])
+    fwd = forward_configs(torch.bfloat16, 128, tma)
+    bwd = backward_configs(torch.bfloat16, 128, tma)
+    check_configs(args, fwd, bwd, torch.bfloat16, causal=True, strict=False)
+
+
+GPU_CASES = [("varlen_prefix_window", torch.bfloat16), ("varlen_prefix_window", torch.float16),
+             ("varlen_prefix_window", torch.float32), ("prefix_per_batch_d80_window", torch.bfloat16),
+             ("transformers_layout", torch.bfloat16), ("more_queries_than_keys", torch.bfloat16),
+             ("single_query", torch.float16)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name, dtype", GPU_CASES, ids=[f"{n}-{str(d)[6:]}" for n, d in GPU_CASES])
+def test_gpu_paths(first_config_only, name, dtype):
+    shape, kw = CASES[name]
+    args = make_problem(**shape, dtype=dtype, device="cuda")
+    dout = torch.randn(args["q"].shape, dtype=dtype, device="cuda")
+    out, grads = run_with_grads(flash_attention, args, dout, **kw)
+    ref, ref_grads = reference_with_grads(args, dout, **kw)
+    assert_close(out, ref, dtype, f"{name}: out")
+    for n, g in grads.items():
+        assert_close(g, ref_grads[n], dtype, f"{name}: d{n}")
+
+
+@pytest.mark.gpu
+def test_gpu_long_causal_gqa_bf16(first_config_only):
+    """Long enough for many unmasked blocks; fp32 reference on the GPU."""
+    args = make_problem(batch=1, seqlen_q=2048 + 77, heads=8, kv_heads=2, head_dim=128, dtype=torch.bfloat16,
+                        device="cuda")
+    dout = torch.randn(args["q"].shape, dtype=torch.bfloat16, device="cuda")
+    out, grads = run_with_grads(flash_attention, args, dout, causal=True)
+    args32 = {n: (t.float() if isinstance(t, torch.Tensor) else t) for n, t in args.items()}
+    ref, ref_grads = run_with_grads(attention_reference, args32, dout.float(), causal=True)
+    assert_close(out, ref, torch.bfloat16, "out")
+    for n, g in grads.items():
+        assert_close(g, ref_grads[n], torch.bfloat16, f"d{n}")
