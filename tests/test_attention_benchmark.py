@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from utils import interpreter_only
+from tests.utils import interpreter_only
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fastft.integration.packing import IGNORE_INDEX, PackingCollator
-from utils import assert_close, interpreter_only
+from tests.utils import assert_close, interpreter_only
 
 transformers = pytest.importorskip("transformers")
 
@@ -181,10 +181,11 @@ def test_packing_collator_errors(feats, pattern):
 @pytest.mark.slow
 @interpreter_only
 def test_smollm2_forward_backward_matches_sdpa(fastft_attention):
-    from smollm2_checkpoint import smollm2_path
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = smollm2_path()
+    from fastft.apps.models import smollm2_checkpoint
+
+    path = smollm2_checkpoint()
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="fastft", dtype=torch.float32)
     assert model.config._attn_implementation == "fastft"
@@ -204,7 +205,7 @@ def test_smollm2_forward_backward_matches_sdpa(fastft_attention):
 def test_gpu_tiny_llama_bf16(fastft_attention, monkeypatch, kind):
     import copy
 
-    from utils import rel_err
+    from tests.utils import rel_err
 
     monkeypatch.setenv("FASTFT_AUTOTUNE", "0")  # one compile per kernel, not one per config
     model32 = tiny_llama(hidden_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=64).cuda()

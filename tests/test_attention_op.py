@@ -11,10 +11,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from attention_cases import make_problem, reference_with_grads, run_with_grads
+from tests.attention_cases import make_problem, reference_with_grads, run_with_grads
 from fastft.ops import flash_attention
 from fastft.ops.attention import attention_reference, mask_bounds, visible_mask
-from utils import assert_close, interpreter_only
+from tests.utils import assert_close, interpreter_only
 
 CASES = {
     "causal_gqa_ragged": (dict(batch=2, seqlen_q=37, heads=4, kv_heads=2), dict(causal=True)),
