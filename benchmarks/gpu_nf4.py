@@ -110,6 +110,14 @@ def check_correctness():
     yf.backward(dy.float())
     out["qlora rel err y / dx / dA / dB (bf16, vs fp32)"] = [rel(y, yf), rel(x.grad, xf.grad), rel(A.grad, Af.grad),
                                                              rel(B.grad, Bf.grad)]
+    from fastft.kernels.qlora_linear import gemm_configs, nf4_lora_gemm
+    for cfg in gemm_configs(2):  # every config the tuner may pick, forward and dx, within bf16 rounding
+        def one(cfg=cfg):
+            yc = nf4_lora_gemm(x.detach(), w.kernel_operand(), None, None, None, w_nk=True, config=cfg)
+            dxc = nf4_lora_gemm(dy, w.kernel_operand(), None, None, None, w_nk=False, config=cfg)
+            errs = (rel(yc, x.detach().float() @ W.T), rel(dxc, dy.float() @ W))
+            return max(errs) < 1e-2
+        out[f"gemm config {cfg} within 1e-2 of fp32"] = attempt(f"gemm config {cfg}", one)
     from fastft.kernels import nf4_cuda
     if nf4_cuda.available():
         for batch in BATCHES:

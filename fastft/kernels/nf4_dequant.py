@@ -11,47 +11,88 @@ add, and a fused multiply-add would round differently.
 """
 from __future__ import annotations
 
+import struct
+
 import torch
 
 from fastft.kernels.autotune import Tuner
+from fastft.kernels.nf4_codes import NF4_CODE_VALUES
 from fastft.kernels.runtime import INTERPRET, triton
 
 import triton.language as tl
 
-# The NF4 code values (as in fastft.quant.nf4_format, which owns the format; kernels may not import it).
-_C0, _C1, _C2, _C3 = -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453
-_C4, _C5, _C6, _C7 = -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0
-_C8, _C9, _C10, _C11 = 0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224
-_C12, _C13, _C14, _C15 = 0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0
+# Globals a @triton.jit function reads must be constexpr (triton >= 3.2 refuses plain Python floats).
+_C0, _C1, _C2, _C3, _C4, _C5, _C6, _C7, _C8, _C9, _C10, _C11, _C12, _C13, _C14, _C15 = (
+    tl.constexpr(v) for v in NF4_CODE_VALUES)
 
 DECODE_GATHER = 0  # code[nibble] read from a 16-entry table in global memory (L1-resident)
 DECODE_SELECT = 1  # code[nibble] picked by a 4-level select tree on the nibble's bits (ALU only)
+DECODE_PRMT = 2    # bf16 code[nibble] by byte-permute lookups in PTX (GPU only): ~4 instructions an element
+
+
+def _bf16_bits(v: float) -> int:
+    b = struct.unpack("<I", struct.pack("<f", v))[0]
+    return ((b + 0x7FFF + ((b >> 16) & 1)) >> 16) & 0xFFFF
+
+
+def _prmt_lookup_asm() -> str:
+    """PTX turning 4 packed bytes (8 codes) into 8 bf16 NF4 values: $0,$1 the high nibbles' values of bytes
+    0..3, $2,$3 the low nibbles', two bf16 a register, byte 0's first; $4 the input.
+
+    The 16 bf16 values are kept as two byte planes (low bytes, high bytes) of four registers each. `prmt`
+    picks 4 bytes out of 8 by 3-bit indices, so one plane lookup is two prmts (entries 0–7 and 8–15) and a
+    third choosing per byte by bit 3 of the code; two more interleave the planes into bf16 pairs.
+    """
+    bits = [_bf16_bits(v) for v in NF4_CODE_VALUES]
+    plane = lambda shift, i: sum(((bits[4 * i + j] >> shift) & 0xFF) << (8 * j) for j in range(4))  # noqa: E731
+    lo = [plane(0, i) for i in range(4)]
+    hi = [plane(8, i) for i in range(4)]
+    tables = "".join(f"mov.b32 L{i}, {lo[i]:#010x}; mov.b32 H{i}, {hi[i]:#010x}; " for i in range(4))
+
+    def lookup(sel: str, out0: str, out1: str) -> str:
+        return (f"and.b32 s7, {sel}, 0x7777; shr.b32 m, {sel}, 1; and.b32 m, m, 0x4444; or.b32 m, m, 0x3210; "
+                "prmt.b32 a, L0, L1, s7; prmt.b32 b, L2, L3, s7; prmt.b32 lo4, a, b, m; "
+                "prmt.b32 a, H0, H1, s7; prmt.b32 b, H2, H3, s7; prmt.b32 hi4, a, b, m; "
+                f"prmt.b32 {out0}, lo4, hi4, 0x5140; prmt.b32 {out1}, lo4, hi4, 0x7362; ")
+
+    return ("{ .reg .b32 L0, L1, L2, L3, H0, H1, H2, H3, t, u, v, s7, m, a, b, lo4, hi4; " + tables +
+            # nibble indices one per byte, then squeezed to prmt's 4-bit selector format (bytes 0 and 2 of y | y>>4)
+            "shr.b32 t, $4, 4; and.b32 t, t, 0x0F0F0F0F; and.b32 u, $4, 0x0F0F0F0F; "
+            "shr.b32 v, t, 4; or.b32 t, t, v; prmt.b32 t, t, 0, 0x4420; "
+            "shr.b32 v, u, 4; or.b32 u, u, v; prmt.b32 u, u, 0, 0x4420; "
+            + lookup("t", "$0", "$1") + lookup("u", "$2", "$3") + "}")
+
+
+_PRMT_ASM = tl.constexpr(_prmt_lookup_asm())
+
+
+@triton.jit
+def nf4_bf16_codes_prmt(byte):
+    """[R, C] packed bytes → [R, 2C] bf16 NF4 values (the high nibble first), by PTX byte permutes."""
+    R: tl.constexpr = byte.shape[0]
+    C: tl.constexpr = byte.shape[1]
+    hi, lo = tl.inline_asm_elementwise(_PRMT_ASM, "=r,=r,=r,=r,r", [byte], dtype=(tl.bfloat16, tl.bfloat16),
+                                       is_pure=True, pack=4)
+    return tl.join(hi, lo).reshape(R, 2 * C)
 
 
 @triton.jit
 def nf4_code_values(nib, code_ptr, DECODE: tl.constexpr):
     """fp32 NF4 value of each 4-bit code in `nib` (int32)."""
+    # One return per jit function: triton type-checks every return, even under a constexpr branch not taken.
     if DECODE == 0:
-        return tl.load(code_ptr + nib)
-    b0 = (nib & 1) != 0
-    b1 = (nib & 2) != 0
-    b2 = (nib & 4) != 0
-    b3 = (nib & 8) != 0
-    v0 = tl.where(b0, _C1, _C0)
-    v1 = tl.where(b0, _C3, _C2)
-    v2 = tl.where(b0, _C5, _C4)
-    v3 = tl.where(b0, _C7, _C6)
-    v4 = tl.where(b0, _C9, _C8)
-    v5 = tl.where(b0, _C11, _C10)
-    v6 = tl.where(b0, _C13, _C12)
-    v7 = tl.where(b0, _C15, _C14)
-    w0 = tl.where(b1, v1, v0)
-    w1 = tl.where(b1, v3, v2)
-    w2 = tl.where(b1, v5, v4)
-    w3 = tl.where(b1, v7, v6)
-    u0 = tl.where(b2, w1, w0)
-    u1 = tl.where(b2, w3, w2)
-    return tl.where(b3, u1, u0)
+        values = tl.load(code_ptr + nib)
+    else:
+        b0 = (nib & 1) != 0
+        b1 = (nib & 2) != 0
+        b2 = (nib & 4) != 0
+        b3 = (nib & 8) != 0
+        w0 = tl.where(b1, tl.where(b0, _C3, _C2), tl.where(b0, _C1, _C0))
+        w1 = tl.where(b1, tl.where(b0, _C7, _C6), tl.where(b0, _C5, _C4))
+        w2 = tl.where(b1, tl.where(b0, _C11, _C10), tl.where(b0, _C9, _C8))
+        w3 = tl.where(b1, tl.where(b0, _C15, _C14), tl.where(b0, _C13, _C12))
+        values = tl.where(b3, tl.where(b2, w3, w2), tl.where(b2, w1, w0))
+    return values
 
 
 @triton.jit
@@ -60,8 +101,10 @@ def nf4_block_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset, block, mask, NBS
     """fp32 absmax of each block index in `block` (decoding the 8-bit nested codes when NESTED)."""
     if NESTED:
         q = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
-        return tl.load(code2_ptr + q) * tl.load(absmax2_ptr + block // NBS, mask=mask, other=0.0) + offset
-    return tl.load(absmax_ptr + block, mask=mask, other=0.0)
+        scale = tl.load(code2_ptr + q) * tl.load(absmax2_ptr + block // NBS, mask=mask, other=0.0) + offset
+    else:
+        scale = tl.load(absmax_ptr + block, mask=mask, other=0.0)
+    return scale
 
 
 @triton.jit
@@ -81,8 +124,10 @@ def round_to(values, dtype: tl.constexpr, BF16_BY_HAND: tl.constexpr):
     if BF16_BY_HAND:
         bits = values.to(tl.uint32, bitcast=True)
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-        return bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    return values.to(dtype)
+        out = bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        out = values.to(dtype)
+    return out
 
 
 def bf16_by_hand(dtype: torch.dtype) -> bool:

@@ -1,9 +1,9 @@
 """Triton GEMM over an NF4 weight, with the fused LoRA tail:  c = a·Wᵀ + l·tᵀ (+ bias),  W dequantized in tiles.
 
 The QLoRA linear y = x·Wᵀ + b + s·(dropout(x)·Aᵀ)·Bᵀ with W (N×K) stored as NF4 (bitsandbytes layout). It is
-`_lora_gemm_kernel` of fastft/kernels/lora_linear.py with one change: each W tile is loaded as packed bytes
-(0.5 byte an element) and dequantized in registers right before the tensor-core dot, so no bf16 copy of W is
-ever written to memory. The skinny rank-R passes (x·Aᵀ, dy·B, dA, dB) are lora_linear's `rank_project` and
+`_lora_gemm_kernel` of fastft/kernels/lora_linear.py (persistent grid, grouped tile order, rank-R tail after
+the K loop) with one change: each W tile is loaded as packed bytes (0.5 byte an element) and dequantized in
+registers, where it feeds the tensor-core dot directly, so no bf16 copy of W is ever written to memory. The skinny rank-R passes (x·Aᵀ, dy·B, dA, dB) are lora_linear's `rank_project` and
 `rank_reduce`, unchanged.
 
 forward   xs = c·(keep∘x)·Aᵀ          rank_project
@@ -16,15 +16,19 @@ Requires an even in_features that the blocksize divides (every real model); the 
 """
 from __future__ import annotations
 
+import logging
 from typing import NamedTuple
 
 import torch
 
 from fastft.kernels.autotune import Tuner
 from fastft.kernels.lora_linear import _tile_coords, dropout_keep
+from fastft.kernels.nf4_codes import NF4_CODE_VALUES
 from fastft.kernels.nf4_dequant import (
     DECODE_GATHER,
+    DECODE_PRMT,
     DECODE_SELECT,
+    nf4_bf16_codes_prmt,
     nf4_block_scale,
     nf4_code_values,
     nf4_unpack_pairs,
@@ -40,6 +44,7 @@ from fastft.kernels.runtime import (
 
 import triton.language as tl
 
+log = logging.getLogger(__name__)
 
 class NF4Operand(NamedTuple):
     """The tensors and constants of one NF4 weight W [rows, cols], as the kernels take them."""
@@ -72,19 +77,24 @@ def _nf4_w_tile(w_ptr, w_desc, absmax_ptr, absmax2_ptr, code2_ptr, code_ptr, off
         bcols = col0 // 2 + tl.arange(0, C // 2)
         byte = tl.load(w_ptr + rows[:, None] * (WK // 2) + bcols[None, :],
                        mask=(rows[:, None] < WN) & (bcols[None, :] < WK // 2), other=0)
-    vals = nf4_code_values(nf4_unpack_pairs(byte), code_ptr, DECODE)
+    if DECODE == 2:
+        vals = nf4_bf16_codes_prmt(byte).to(tl.float32)
+    else:
+        vals = nf4_code_values(nf4_unpack_pairs(byte), code_ptr, DECODE)
     blocks_per_row = WK // BS
     if C <= BS:  # the tile's columns lie in one block: one scale per row
         blk = rows * blocks_per_row + col0 // BS
         scale = nf4_block_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset, blk, (rows < WN) & (col0 < WK),
                                 NBS, NESTED)
-        return vals * scale[:, None]
-    G: tl.constexpr = C // BS
-    groups = col0 // BS + tl.arange(0, G)
-    blk = rows[:, None] * blocks_per_row + groups[None, :]
-    scale = nf4_block_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset, blk,
-                            (rows[:, None] < WN) & (groups[None, :] < blocks_per_row), NBS, NESTED)
-    return (vals.reshape(R, G, BS) * scale[:, :, None]).reshape(R, C)
+        tile = vals * scale[:, None]
+    else:
+        G: tl.constexpr = C // BS
+        groups = col0 // BS + tl.arange(0, G)
+        blk = rows[:, None] * blocks_per_row + groups[None, :]
+        scale = nf4_block_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset, blk,
+                                (rows[:, None] < WN) & (groups[None, :] < blocks_per_row), NBS, NESTED)
+        tile = (vals.reshape(R, G, BS) * scale[:, :, None]).reshape(R, C)
+    return tile
 
 
 @triton.jit
@@ -103,6 +113,10 @@ def _nf4_lora_gemm_kernel(
 
     W_NK: b is W itself (the forward: N = WN, K = WK); else b = Wᵀ (dx: N = WK, K = WN). t is logically
     [N, R] at (stride_tn, stride_tr). TAIL_DROPOUT masks the tail by dropout_keep(row, col) of c.
+
+    The tile is computed transposed, cᵀ[BLOCK_N, BLOCK_M] = b_tile · a_tileᵀ, so the dequantized W tile is
+    the MMA's register operand: it never goes through shared memory, and the next tile's decode overlaps the
+    running asynchronous MMA (with W as the shared-memory operand triton waits for each MMA to finish).
     """
     start_pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -130,7 +144,7 @@ def _nf4_lora_gemm_kernel(
         off_n = pid_n * BLOCK_N
         rows = off_m + tl.arange(0, BLOCK_M)
         cols = off_n + tl.arange(0, BLOCK_N)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # cᵀ
         for ki in range(k_tiles):
             off_k = ki * BLOCK_K
             if USE_TMA:
@@ -141,42 +155,45 @@ def _nf4_lora_gemm_kernel(
                             mask=(rows[:, None] < M) & (ks[None, :] < K), other=0.0)
             if W_NK:
                 w = _nf4_w_tile(w_ptr, w_desc, absmax_ptr, absmax2_ptr, code2_ptr, code_ptr, offset, off_n, off_k,
-                                WN, WK, WR, WC, BS, NBS, NESTED, DECODE, USE_TMA).T
+                                WN, WK, WR, WC, BS, NBS, NESTED, DECODE, USE_TMA)
             else:
                 w = _nf4_w_tile(w_ptr, w_desc, absmax_ptr, absmax2_ptr, code2_ptr, code_ptr, offset, off_k, off_n,
-                                WN, WK, WR, WC, BS, NBS, NESTED, DECODE, USE_TMA)
+                                WN, WK, WR, WC, BS, NBS, NESTED, DECODE, USE_TMA).T
             if UPCAST:
                 a = a.to(tl.float32)
             else:
                 w = w.to(dtype)
-            acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
+            acc = tl.dot(w, a.T, acc, input_precision=DOT_PRECISION)
 
         if HAS_TAIL:  # the LoRA term: R more reduction steps over the rank-R factors
+            tr = tl.load(t_ptr + cols[:, None] * stride_tn + offs_r[None, :] * stride_tr,
+                         mask=cols[:, None] < N, other=0.0)
             lo = tl.load(l_ptr + rows[:, None] * stride_lm + offs_r[None, :], mask=rows[:, None] < M, other=0.0)
-            tr = tl.load(t_ptr + offs_r[:, None] * stride_tr + cols[None, :] * stride_tn,
-                         mask=cols[None, :] < N, other=0.0)
             if UPCAST:
                 lo = lo.to(tl.float32)
                 tr = tr.to(tl.float32)
             if TAIL_DROPOUT:
-                tail = tl.dot(lo, tr, input_precision=DOT_PRECISION)
-                acc += tl.where(dropout_keep(seed, rows, cols, N, p_drop), tail, 0.0)
+                tail = tl.dot(tr, lo.T, input_precision=DOT_PRECISION)
+                acc += tl.where(dropout_keep(seed, rows, cols, N, p_drop).T, tail, 0.0)
             else:
-                acc = tl.dot(lo, tr, acc, input_precision=DOT_PRECISION)
+                acc = tl.dot(tr, lo.T, acc, input_precision=DOT_PRECISION)
         if HAS_BIAS:
             bias = tl.load(bias_ptr + cols, mask=cols < N, other=0.0)
-            acc += bias.to(tl.float32)[None, :]
+            acc += bias.to(tl.float32)[:, None]
 
+        out = acc.T.to(dtype)
         if USE_TMA:
-            c_desc.store([off_m, off_n], acc.to(dtype))
+            c_desc.store([off_m, off_n], out)
         else:
-            tl.store(c_ptr + rows[:, None] * stride_cm + cols[None, :], acc.to(dtype),
+            tl.store(c_ptr + rows[:, None] * stride_cm + cols[None, :], out,
                      mask=(rows[:, None] < M) & (cols[None, :] < N))
 
 
 # ----------------------------------------------------------------------------------------------
-# Launch configs. Few on purpose: each one is a compile. The select-tree decode costs ALU work but no
-# dependent load; the table gather costs an L1 load per element. Which wins is the tuner's call.
+# Launch configs. Few on purpose: each one is a compile. Decoding costs ALU work per W element while the
+# tensor-core work per W element grows with BLOCK_M, so tall tiles (BLOCK_M = 256) hide the decode best.
+# Per k-step of a 256×128×64 tile (sm_90 SASS): ~420 instructions a thread with the byte-permute decode,
+# ~780 with the select tree; the table gather pipelines its loads through shared memory instead.
 
 def gemm_configs(elem_bytes: int) -> list[dict]:
     if INTERPRET:
@@ -185,14 +202,42 @@ def gemm_configs(elem_bytes: int) -> list[dict]:
     if elem_bytes == 4:
         return [dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, DECODE=DECODE_SELECT, num_warps=4,
                      num_stages=3)]
-    # Decode work is per W element, tensor-core work per W element × BLOCK_M: tall tiles amortize the decode.
-    shapes = [(256, 128, 64, 8, 3, DECODE_GATHER), (128, 128, 64, 8, 3, DECODE_GATHER),
-              (128, 256, 64, 8, 3, DECODE_GATHER), (256, 128, 64, 8, 3, DECODE_SELECT),
-              (128, 128, 64, 8, 3, DECODE_SELECT)]
+    shapes = [(256, 128, 64, 8, 3, DECODE_PRMT), (128, 128, 64, 8, 4, DECODE_PRMT),
+              (256, 128, 64, 8, 3, DECODE_SELECT), (128, 128, 64, 8, 3, DECODE_GATHER)]
     return [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, DECODE=d, num_warps=w, num_stages=s)
             for bm, bn, bk, w, s, d in shapes]
 
 
+def _prmt_checked(device: torch.device, dtype: torch.dtype) -> bool:
+    """Once per device and dtype: the byte-permute decode (inline PTX) agrees with the select tree.
+
+    A safety net for the one decode the CPU interpreter cannot run: if a triton version lowered its inline
+    assembly differently, the tuner must not pick a fast wrong kernel. On a mismatch the PRMT configs are dropped.
+    """
+    key = (device, dtype)
+    if key not in _PRMT_OK:
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        K = N = 256
+        packed = torch.randint(0, 256, (N * K // 2,), dtype=torch.uint8, generator=gen).to(device)
+        absmax = torch.rand(N * K // 64, generator=gen).to(device) + 0.5
+        code = torch.tensor(NF4_CODE_VALUES, dtype=torch.float32, device=device)
+        w = NF4Operand(packed, absmax, None, None, 0.0, 256, code, 64, N, K)
+        a = (torch.randn(256, K, generator=gen) / 16).to(device=device, dtype=dtype)
+        base = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
+        try:
+            fast = nf4_lora_gemm(a, w, None, None, None, w_nk=True, config=dict(base, DECODE=DECODE_PRMT)).float()
+            ref = nf4_lora_gemm(a, w, None, None, None, w_nk=True, config=dict(base, DECODE=DECODE_SELECT)).float()
+            ok = bool(((fast - ref).norm() / ref.norm()).item() < 1e-2)
+        except Exception as err:  # noqa: BLE001 - no PTX path on this GPU/triton: the tuner goes without it
+            log.info("nf4 byte-permute decode unavailable: %s", err)
+            ok = False
+        if not ok:
+            log.warning("nf4_lora_gemm: the byte-permute decode disagrees with the reference here; not using it")
+        _PRMT_OK[key] = ok
+    return _PRMT_OK[key]
+
+
+_PRMT_OK: dict[tuple, bool] = {}
 _TUNERS: dict[tuple, Tuner] = {}
 
 
@@ -248,5 +293,8 @@ def nf4_lora_gemm(a, w: NF4Operand, lo, t, bias, *, w_nk: bool, p_drop: float = 
         launch(config)
     else:
         key = (M, N, K, R, a.dtype, w_nk, w.blocksize, nested, has_tail, bias is not None, p_drop > 0.0, use_tma)
-        _tuner("nf4_lora_gemm", gemm_configs(a.element_size())).run(key, launch)
+        configs = gemm_configs(a.element_size())
+        if any(c["DECODE"] == DECODE_PRMT for c in configs) and not _prmt_checked(a.device, a.dtype):
+            configs = [c for c in configs if c["DECODE"] != DECODE_PRMT]
+        _tuner("nf4_lora_gemm", configs).run(key, launch)
     return c
