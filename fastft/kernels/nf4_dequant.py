@@ -137,7 +137,7 @@ def bf16_by_hand(dtype: torch.dtype) -> bool:
 @triton.jit
 def _nf4_dequant_kernel(
     packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, code_ptr, out_ptr,
-    numel, offset,
+    numel, nbytes, offset,
     BS: tl.constexpr, NBS: tl.constexpr, NESTED: tl.constexpr, DECODE: tl.constexpr, BF16_BY_HAND: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -145,7 +145,8 @@ def _nf4_dequant_kernel(
     pid = tl.program_id(0).to(tl.int64)
     first = pid * BLOCK
     bytes_at = first // 2 + tl.arange(0, BLOCK // 2)
-    byte = tl.load(packed_ptr + bytes_at, mask=bytes_at < (numel + 1) // 2, other=0)
+    # nbytes is its own argument so triton sees its divisibility and vectorizes the masked byte load
+    byte = tl.load(packed_ptr + bytes_at, mask=bytes_at < nbytes, other=0)
     nib = nf4_unpack_pairs(byte.reshape(1, BLOCK // 2)).reshape(BLOCK)
     values = nf4_code_values(nib, code_ptr, DECODE)
     elems = first + tl.arange(0, BLOCK)
@@ -194,7 +195,7 @@ def nf4_dequantize(packed, absmax, numel: int, blocksize: int, out_dtype: torch.
         grid = (triton.cdiv(numel, cfg["BLOCK"]),)
         _nf4_dequant_kernel[grid](
             packed, absmax, absmax2 if nested else absmax, code2 if nested else code, code, out,
-            numel, float(offset),
+            numel, (numel + 1) // 2, float(offset),
             BS=blocksize, NBS=nested_blocksize, NESTED=nested, BF16_BY_HAND=bf16_by_hand(out_dtype),
             **cfg, **launch_options(),
         )

@@ -2,7 +2,7 @@
 
 The QLoRA linear y = x·Wᵀ + b + s·(dropout(x)·Aᵀ)·Bᵀ with W (N×K) stored as NF4 (bitsandbytes layout). It is
 `_lora_gemm_kernel` of fastft/kernels/lora_linear.py (persistent grid, grouped tile order, rank-R tail after
-the K loop) with one change: each W tile is loaded as packed bytes (0.5 byte an element) and dequantized in
+the K loop; a dropout-masked tail goes before it, see the kernel) with one change: each W tile is loaded as packed bytes (0.5 byte an element) and dequantized in
 registers, where it feeds the tensor-core dot directly, so no bf16 copy of W is ever written to memory. The skinny rank-R passes (x·Aᵀ, dy·B, dA, dB) are lora_linear's `rank_project` and
 `rank_reduce`, unchanged.
 
@@ -98,6 +98,17 @@ def _nf4_w_tile(w_ptr, w_desc, absmax_ptr, absmax2_ptr, code2_ptr, code_ptr, off
 
 
 @triton.jit
+def _tail_operands(t_ptr, l_ptr, rows, cols, offs_r, M, N, stride_tn, stride_tr, stride_lm, UPCAST: tl.constexpr):
+    """The rank-R factors of this tile: t [BLOCK_N, R] and l [BLOCK_M, R]."""
+    tr = tl.load(t_ptr + cols[:, None] * stride_tn + offs_r[None, :] * stride_tr, mask=cols[:, None] < N, other=0.0)
+    lo = tl.load(l_ptr + rows[:, None] * stride_lm + offs_r[None, :], mask=rows[:, None] < M, other=0.0)
+    if UPCAST:
+        tr = tr.to(tl.float32)
+        lo = lo.to(tl.float32)
+    return tr, lo
+
+
+@triton.jit
 def _nf4_lora_gemm_kernel(
     a_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, code_ptr, l_ptr, t_ptr, bias_ptr, c_ptr,
     M, N, K, WN, WK,
@@ -145,6 +156,12 @@ def _nf4_lora_gemm_kernel(
         rows = off_m + tl.arange(0, BLOCK_M)
         cols = off_n + tl.arange(0, BLOCK_N)
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # cᵀ
+        if HAS_TAIL and TAIL_DROPOUT:
+            # The masked tail needs its own product; taken before the K loop it becomes the accumulator's
+            # starting value, so two BLOCK_N×BLOCK_M fp32 tiles are never live at once (they spill at 256×128).
+            tr, lo = _tail_operands(t_ptr, l_ptr, rows, cols, offs_r, M, N, stride_tn, stride_tr, stride_lm, UPCAST)
+            tail = tl.dot(tr, lo.T, input_precision=DOT_PRECISION)
+            acc = tl.where(dropout_keep(seed, rows, cols, N, p_drop).T, tail, 0.0)
         for ki in range(k_tiles):
             off_k = ki * BLOCK_K
             if USE_TMA:
@@ -165,18 +182,9 @@ def _nf4_lora_gemm_kernel(
                 w = w.to(dtype)
             acc = tl.dot(w, a.T, acc, input_precision=DOT_PRECISION)
 
-        if HAS_TAIL:  # the LoRA term: R more reduction steps over the rank-R factors
-            tr = tl.load(t_ptr + cols[:, None] * stride_tn + offs_r[None, :] * stride_tr,
-                         mask=cols[:, None] < N, other=0.0)
-            lo = tl.load(l_ptr + rows[:, None] * stride_lm + offs_r[None, :], mask=rows[:, None] < M, other=0.0)
-            if UPCAST:
-                lo = lo.to(tl.float32)
-                tr = tr.to(tl.float32)
-            if TAIL_DROPOUT:
-                tail = tl.dot(tr, lo.T, input_precision=DOT_PRECISION)
-                acc += tl.where(dropout_keep(seed, rows, cols, N, p_drop).T, tail, 0.0)
-            else:
-                acc = tl.dot(tr, lo.T, acc, input_precision=DOT_PRECISION)
+        if HAS_TAIL and not TAIL_DROPOUT:  # the LoRA term: R more reduction steps over the rank-R factors
+            tr, lo = _tail_operands(t_ptr, l_ptr, rows, cols, offs_r, M, N, stride_tn, stride_tr, stride_lm, UPCAST)
+            acc = tl.dot(tr, lo.T, acc, input_precision=DOT_PRECISION)
         if HAS_BIAS:
             bias = tl.load(bias_ptr + cols, mask=cols < N, other=0.0)
             acc += bias.to(tl.float32)[:, None]
