@@ -48,6 +48,16 @@ def test_bytes_and_values_match_bitsandbytes(dtype, blocksize, shape, double_qua
     assert torch.equal(out, ref)
 
 
+def test_without_the_extension_the_torch_path_matches(monkeypatch):
+    monkeypatch.setattr(nf4_cpu, "_C", None)  # as if fastft._C were not built
+    assert not nf4_cpu.available()
+    x = _weights((40, 256), torch.bfloat16)
+    w = quantize_nf4(x, blocksize=128)
+    packed, state = _bnb_quantize(x, 128, True)
+    assert torch.equal(w.packed, packed.view(-1)) and torch.equal(w.absmax, state.absmax)
+    assert torch.equal(w.dequantize(), bnbf.dequantize_4bit(packed, state))
+
+
 @pytest.mark.parametrize("numel", [1, 7, 65])
 def test_odd_numel_matches_bitsandbytes(numel):
     x = torch.randn(numel)
