@@ -16,19 +16,27 @@ DEV = "cuda"
 HALF = (torch.float16, torch.bfloat16)
 
 
+@pytest.fixture(autouse=True)
+def _first_config(monkeypatch):
+    # Each new problem kind would compile and time every config; the tests check configs one by one where
+    # it matters (test_gemm_every_config, the dequant sweep) and otherwise run the first, to keep compiles few.
+    monkeypatch.setenv("FASTFT_AUTOTUNE", "0")
+
+
 def _nf4(shape, dtype=torch.bfloat16, blocksize=64, double_quant=True, scale=0.05):
     # quantized on the host (bit-exact with bitsandbytes), then moved
     return quantize_nf4(torch.randn(shape, dtype=dtype) * scale, blocksize, double_quant).to(DEV)
 
 
 @pytest.mark.parametrize("dtype", (torch.float32, *HALF))
-@pytest.mark.parametrize("blocksize,shape", [(64, (4096, 1000)), (32, (333, 96)), (4096, (5, 8191)), (256, (7,))])
+@pytest.mark.parametrize("blocksize,shape", [(64, (4096, 1000)), (32, (333, 96)), (4096, (5, 8191)), (64, (7,))])
 @pytest.mark.parametrize("double_quant", [False, True])
 def test_triton_dequant_is_bit_exact(dtype, blocksize, shape, double_quant):
     from fastft.kernels.nf4_dequant import _configs, nf4_dequantize
     w = _nf4(shape, dtype, blocksize, double_quant, scale=1.0)
     ref = fmt.dequantize_nf4_torch(w.packed, w.block_absmax(), w.numel(), blocksize, dtype).view(shape)
-    for config in _configs():
+    sweep = dtype == torch.bfloat16 and blocksize == 64  # every config once; the first elsewhere
+    for config in _configs() if sweep else _configs()[:1]:
         out = nf4_dequantize(w.packed, w.absmax, w.numel(), blocksize, dtype, w.code, absmax2=w.absmax2,
                              code2=w.code2, offset=w.offset, nested_blocksize=w.nested_blocksize, config=config)
         assert torch.equal(out.view(shape), ref), config
@@ -57,8 +65,9 @@ def test_gpu_quantize_matches_host():
     assert torch.allclose(nested.block_absmax().cpu(), quantize_nf4(x).block_absmax(), rtol=1e-2, atol=1e-6)
 
 
-@pytest.mark.parametrize("dtype", HALF)
-@pytest.mark.parametrize("M,N,K,blocksize", [(1000, 1024, 1024, 64), (257, 776, 512, 32), (64, 520, 4096, 128)])
+@pytest.mark.parametrize("dtype,M,N,K,blocksize", [(torch.bfloat16, 1000, 1024, 1024, 64),
+                                                    (torch.bfloat16, 257, 776, 512, 32),
+                                                    (torch.float16, 64, 520, 4096, 64)])
 def test_gemm_every_config(dtype, M, N, K, blocksize):
     from fastft.kernels.qlora_linear import gemm_configs, nf4_lora_gemm
     w = _nf4((N, K), dtype, blocksize)

@@ -36,10 +36,11 @@ class NF4Weight:
         self.shape = torch.Size(shape)
         self.dtype = dtype
         self.blocksize = fmt.check_blocksize(blocksize, "NF4Weight")
-        self.packed = packed.reshape(-1)
-        self.absmax = absmax.reshape(-1)
-        self.absmax2 = None if absmax2 is None else absmax2.reshape(-1)
-        self.code2 = None if code2 is None else code2.reshape(-1)
+        # flat, contiguous, and the nested tables fp32: the form every kernel (Triton, C++, CUDA) reads
+        self.packed = packed.reshape(-1).contiguous()
+        self.absmax = absmax.reshape(-1).contiguous()
+        self.absmax2 = None if absmax2 is None else absmax2.reshape(-1).contiguous().float()
+        self.code2 = None if code2 is None else code2.reshape(-1).contiguous().float()
         self.offset = float(offset)
         self.nested_blocksize = int(nested_blocksize)
         self.code = fmt.nf4_code(str(packed.device)) if code is None else code.reshape(-1)
