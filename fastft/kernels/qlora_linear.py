@@ -21,8 +21,7 @@ from typing import NamedTuple
 
 import torch
 
-from fastft.kernels.autotune import Tuner
-from fastft.kernels.lora_linear import _tile_coords, dropout_keep
+from fastft.kernels.lora_linear import _dot_precision, _tile_coords, _tuner, _upcast, dropout_keep
 from fastft.kernels.nf4_codes import NF4_CODE_VALUES
 from fastft.kernels.nf4_dequant import (
     DECODE_GATHER,
@@ -253,16 +252,6 @@ def _prmt_checked(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 _PRMT_OK: dict[tuple, bool] = {}
-_TUNERS: dict[tuple, Tuner] = {}
-
-
-def _tuner(name: str, configs: list[dict]) -> Tuner:
-    key = (name, tuple(tuple(sorted(c.items())) for c in configs))
-    if key not in _TUNERS:
-        _TUNERS[key] = Tuner(name, configs)
-    return _TUNERS[key]
-
-
 def nf4_lora_gemm(a, w: NF4Operand, lo, t, bias, *, w_nk: bool, p_drop: float = 0.0, seed: int = 0,
                   config: dict | None = None) -> torch.Tensor:
     """c = a·bᵀ (+ lo·tᵀ) (+ bias) with b = W (w_nk, the forward) or Wᵀ (dx); operands validated by the caller.
@@ -285,8 +274,8 @@ def nf4_lora_gemm(a, w: NF4Operand, lo, t, bias, *, w_nk: bool, p_drop: float = 
         ensure_descriptor_allocator()
     sms = device_sms(a.device)
     nested = w.absmax2 is not None
-    upcast = INTERPRET and a.dtype != torch.float32
-    precision = "ieee" if a.dtype == torch.float32 else "tf32"
+    upcast = _upcast(a.dtype)
+    precision = _dot_precision(a.dtype)
 
     def launch(cfg):
         cfg = dict(cfg)
