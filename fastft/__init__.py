@@ -5,7 +5,8 @@ import importlib
 
 __version__ = "0.1.0"
 
-from fastft.ops import lora_linear  # noqa: E402
+from fastft import quant  # noqa: E402,F401
+from fastft.ops import lora_linear, qlora_linear  # noqa: E402
 
 # Heavier entry points (they import peft/transformers) load on first use.
 _LAZY = {
@@ -15,9 +16,12 @@ _LAZY = {
     "add_adapter": "fastft.integration.peft_lora",
     "save_adapter": "fastft.integration.peft_lora",
     "register_attention": "fastft.integration.attention",
+    "quantize_model": "fastft.integration.nf4_model",
+    "load_nf4_model": "fastft.integration.nf4_model",
+    "save_nf4_model": "fastft.integration.nf4_model",
 }
 
-__all__ = ["lora_linear", *_LAZY]
+__all__ = ["lora_linear", "qlora_linear", "quant", *_LAZY]
 
 
 def __getattr__(name: str):

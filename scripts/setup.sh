@@ -6,7 +6,8 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 venv="${FASTFT_VENV:-$root/.venv}"
 stamp="$venv/.fastft-installed"
-want="$(cat requirements/cpu.txt requirements/data.txt pyproject.toml CMakeLists.txt csrc/* 2>/dev/null | sha1sum | cut -c1-16)"
+# csrc/ is hashed recursively (csrc/cuda/ holds the .cu sources); `cat csrc/*` would fail on the folder.
+want="$(cat requirements/cpu.txt requirements/data.txt pyproject.toml CMakeLists.txt $(find csrc -type f | sort) | sha1sum | cut -c1-16)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
   "$venv/bin/python" -m pip install -q --disable-pip-version-check -r requirements/cpu.txt

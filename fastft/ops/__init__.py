@@ -1,5 +1,7 @@
 """Autograd ops with their pure-torch references beside them."""
 from fastft.ops.attention import attention_reference, flash_attention
 from fastft.ops.lora import lora_linear, lora_linear_reference
+from fastft.ops.qlora import nf4_linear, nf4_linear_reference, qlora_linear, qlora_linear_reference
 
-__all__ = ["attention_reference", "flash_attention", "lora_linear", "lora_linear_reference"]
+__all__ = ["attention_reference", "flash_attention", "lora_linear", "lora_linear_reference", "nf4_linear",
+           "nf4_linear_reference", "qlora_linear", "qlora_linear_reference"]

@@ -1,0 +1,344 @@
+"""NF4 / QLoRA on the GPU: correctness first, then dequant bandwidth, QLoRA linear fwd+bwd, decode GEMV, memory.
+
+    PYTHONPATH=$PWD/.peers:$PWD python3 benchmarks/gpu_nf4.py      # bitsandbytes/peft as peers when importable
+
+Peers timed in the same run: bitsandbytes (dequantize_4bit, Linear4bit), peft LoRA on bitsandbytes NF4, and the
+frozen bf16 base (x @ W.T forward + dy @ W backward). Every variant runs in its own try: one that fails is
+reported, the rest go on. Timings are medians of triton.testing.do_bench. Writes $OUT/nf4.json when $OUT is set
+and prints short markdown tables last. Budget: about 3 minutes on an H100 including compilation.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import traceback
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from triton.testing import do_bench  # noqa: E402
+
+import fastft  # noqa: E402
+from fastft.quant import NF4Weight, quantize_nf4  # noqa: E402
+
+DEV = "cuda"
+BF16 = torch.bfloat16
+SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]  # (K in, N out), as in ../shared/anchors
+M_TRAIN, RANK, ALPHA = 8192, 16, 32
+BATCHES = (1, 4, 16)
+DEADLINE_S = 165  # optional variants are skipped past this, so the run stays within ~3 minutes
+T0 = time.time()
+RESULTS: dict = {"errors": []}
+
+try:
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as bnbf
+except Exception as err:  # noqa: BLE001
+    bnb = bnbf = None
+    RESULTS["errors"].append(f"bitsandbytes not importable: {err}")
+
+
+def log(msg: str) -> None:
+    print(f"[{time.time() - T0:6.1f}s] {msg}", flush=True)
+
+
+def attempt(what: str, fn, optional: bool = False):
+    if optional and time.time() - T0 > DEADLINE_S:
+        RESULTS["errors"].append(f"{what}: skipped (time budget)")
+        return None
+    try:
+        return fn()
+    except Exception as err:  # noqa: BLE001 - report and keep going
+        RESULTS["errors"].append(f"{what}: {type(err).__name__}: {err}")
+        log(f"FAILED {what}: {type(err).__name__}: {err}")
+        traceback.print_exc(limit=3)
+        return None
+
+
+def bench(fn, grad_to_none=None) -> float:
+    return do_bench(fn, warmup=10, rep=40, grad_to_none=grad_to_none, return_mode="median")
+
+
+def rel(out, ref) -> float:
+    out, ref = out.double(), ref.double()
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def dequant_bytes(w: NF4Weight, out_dtype) -> int:
+    return w.nbytes + w.numel() * torch.empty((), dtype=out_dtype).element_size()
+
+
+def bnb_state(x: torch.Tensor):
+    packed, state = bnbf.quantize_4bit(x, blocksize=64, compress_statistics=True, quant_type="nf4")
+    sd = {f"w.{k}": v for k, v in state.as_dict(packed=True).items()}
+    sd["w"] = packed
+    return packed, state, NF4Weight.from_bnb_state_dict(sd, "w")
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. correctness
+
+def check_correctness():
+    out = {}
+    from fastft.kernels.nf4_dequant import _configs, nf4_dequantize
+    from fastft.quant import nf4_format as fmt
+    for K, N in SHAPES:
+        w = quantize_nf4(torch.randn(N, K, dtype=BF16, device=DEV) * 0.02)
+        ref = fmt.dequantize_nf4_torch(w.packed, w.block_absmax(), w.numel(), 64, BF16)
+        for cfg in _configs():
+            got = nf4_dequantize(w.packed, w.absmax, w.numel(), 64, BF16, w.code, absmax2=w.absmax2, code2=w.code2,
+                                 offset=w.offset, config=cfg)
+            out[f"dequant {K}x{N} {cfg} exact vs torch"] = bool(torch.equal(got, ref))
+        if bnbf is not None:
+            packed, state, ours = bnb_state(torch.randn(N, K, dtype=BF16, device=DEV))
+            out[f"dequant {K}x{N} exact vs bitsandbytes"] = bool(torch.equal(ours.dequantize(),
+                                                                             bnbf.dequantize_4bit(packed, state)))
+    (K, N), M = SHAPES[0], 1024
+    w = quantize_nf4(torch.randn(N, K, dtype=BF16, device=DEV) * 0.02)
+    W = w.dequantize(torch.float32)
+    x = torch.randn(M, K, dtype=BF16, device=DEV, requires_grad=True)
+    A = (torch.randn(RANK, K, device=DEV) * 0.02).requires_grad_()
+    B = (torch.randn(N, RANK, device=DEV) * 0.02).requires_grad_()
+    dy = torch.randn(M, N, dtype=BF16, device=DEV)
+    y = fastft.qlora_linear(x, w, None, A, B, 2.0)
+    y.backward(dy)
+    xf, Af, Bf = (t.detach().float().requires_grad_() for t in (x, A, B))
+    yf = xf @ W.T + 2.0 * (xf @ Af.T) @ Bf.T
+    yf.backward(dy.float())
+    out["qlora rel err y / dx / dA / dB (bf16, vs fp32)"] = [rel(y, yf), rel(x.grad, xf.grad), rel(A.grad, Af.grad),
+                                                             rel(B.grad, Bf.grad)]
+    from fastft.kernels.qlora_linear import gemm_configs, nf4_lora_gemm
+    lo = torch.randn(M, 16, dtype=BF16, device=DEV) * 0.02
+    Bt = torch.randn(N, 16, dtype=BF16, device=DEV) * 0.02
+    At = torch.randn(16, K, dtype=BF16, device=DEV) * 0.02
+    for cfg in gemm_configs(2):  # every config the tuner may pick (the kernels QLoRA compiles anyway)
+        def one(cfg=cfg):
+            op = w.kernel_operand()
+            yc = nf4_lora_gemm(x.detach(), op, lo, Bt, None, w_nk=True, config=cfg)
+            dxc = nf4_lora_gemm(dy, op, lo, At, None, w_nk=False, config=cfg)
+            errs = (rel(yc, x.detach().float() @ W.T + lo.float() @ Bt.float().T),
+                    rel(dxc, dy.float() @ W + lo.float() @ At.float()))
+            return max(errs) < 1e-2
+        out[f"gemm config {cfg} within 1e-2 of fp32"] = attempt(f"gemm config {cfg}", one)
+    from fastft.kernels import nf4_cuda
+    if nf4_cuda.available():
+        for batch in BATCHES:
+            xb = torch.randn(batch, K, dtype=BF16, device=DEV)
+            out[f"gemv batch {batch} rel err"] = attempt(
+                f"gemv batch {batch}", lambda: rel(nf4_cuda.nf4_gemv(xb, w.kernel_operand(), None), xb.float() @ W.T))
+    else:
+        RESULTS["errors"].append("fastft._C has no CUDA GEMV (built without nvcc?)")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. dequantization bandwidth
+
+def time_dequant():
+    rows = []
+    for K, N in SHAPES:
+        x = torch.randn(N, K, dtype=BF16, device=DEV) * 0.02
+        w = quantize_nf4(x)
+        ms = bench(lambda: w.dequantize(BF16))
+        row = {"shape": f"{N}x{K}", "fastft_ms": ms, "fastft_TBps": dequant_bytes(w, BF16) / ms / 1e9}
+        if bnbf is not None:
+            packed, state, ours = bnb_state(x)
+            ms_b = bench(lambda: bnbf.dequantize_4bit(packed, state))
+            row.update(bnb_ms=ms_b, bnb_TBps=dequant_bytes(ours, BF16) / ms_b / 1e9)
+        rows.append(row)
+        log(f"dequant {row}")
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. QLoRA linear forward + backward at M = 8192
+
+def _peft_bnb_layer(W: torch.Tensor):
+    from peft import LoraConfig, get_peft_model
+    from torch import nn
+
+    class One(nn.Module):
+        def __init__(self, proj):
+            super().__init__()
+            self.proj = proj
+
+        def forward(self, x):
+            return self.proj(x)
+
+    N, K = W.shape
+    lin = bnb.nn.Linear4bit(K, N, bias=False, compute_dtype=BF16, compress_statistics=True, quant_type="nf4")
+    lin.weight = bnb.nn.Params4bit(W.cpu(), requires_grad=False, compress_statistics=True, quant_type="nf4",
+                                   blocksize=64)
+    model = get_peft_model(One(lin).to(DEV), LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=["proj"],
+                                                        lora_dropout=0.0))
+    for p in model.parameters():  # peft initializes B to zero; a random B times the real work
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.02)
+    return model
+
+
+def _peak(fn, clear=()) -> float:
+    for t in clear:
+        t.grad = None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def time_qlora():
+    rows = []
+    for K, N in SHAPES:
+        W = torch.randn(N, K, dtype=BF16, device=DEV) * 0.02
+        w = quantize_nf4(W)
+        x = torch.randn(M_TRAIN, K, dtype=BF16, device=DEV, requires_grad=True)
+        dy = torch.randn(M_TRAIN, N, dtype=BF16, device=DEV)
+        A = (torch.randn(RANK, K, device=DEV) * 0.02).requires_grad_()
+        B = (torch.randn(N, RANK, device=DEV) * 0.02).requires_grad_()
+        s = ALPHA / RANK
+        row = {"shape": f"{K}->{N}"}
+        xd = x.detach()
+
+        def base():
+            (xd @ W.T, dy @ W)
+        row["bf16_base_ms"] = attempt(f"bf16 base {K}->{N}", lambda: bench(base))
+        row["bf16_base_peak_MiB"] = attempt("peak", lambda: _peak(base))
+
+        def fused():
+            fastft.qlora_linear(x, w, None, A, B, s).backward(dy)
+        row["fastft_ms"] = attempt(f"fastft qlora {K}->{N}", lambda: (fused(), bench(fused, [x, A, B]))[1])
+        row["fastft_peak_MiB"] = attempt("peak", lambda: _peak(fused, (x, A, B)))
+
+        def dequant_then_base():  # what a materialize-W design pays at least: two dequantizations + cuBLAS
+            Wd = w.dequantize(BF16)
+            xd @ Wd.T
+            dy @ w.dequantize(BF16)
+        row["dequant_base_ms"] = attempt(f"dequant+bf16 base {K}->{N}", lambda: bench(dequant_then_base))
+
+        if bnb is not None:
+            def setup_peft():
+                model = _peft_bnb_layer(W)
+                xp = x.detach().clone().requires_grad_()
+
+                def step():
+                    model(xp).backward(dy)
+                step()
+                return model, xp, step
+            made = attempt(f"peft+bnb setup {K}->{N}", setup_peft, optional=True)
+            if made is not None:
+                model, xp, step = made
+                grads = [xp] + [p for p in model.parameters() if p.requires_grad]
+                row["peft_bnb_ms"] = attempt(f"peft+bnb {K}->{N}", lambda: bench(step, grads))
+                row["peft_bnb_peak_MiB"] = attempt("peak", lambda: _peak(step, grads))
+                del model
+        if row.get("bf16_base_ms"):
+            for key in ("fastft_ms", "dequant_base_ms", "peft_bnb_ms"):
+                if row.get(key):
+                    row[key.replace("_ms", "_x_base")] = row[key] / row["bf16_base_ms"]
+        rows.append(row)
+        log(f"qlora {row}")
+        x.grad = A.grad = B.grad = None
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. decode GEMV
+
+def time_gemv():
+    from fastft.kernels import nf4_cuda
+    rows = []
+    for K, N in SHAPES:
+        W = torch.randn(N, K, dtype=BF16, device=DEV) * 0.02
+        w = quantize_nf4(W)
+        op = w.kernel_operand()
+        lin = None
+        if bnb is not None:
+            lin = attempt("bnb Linear4bit", lambda: bnb.nn.Linear4bit(
+                K, N, bias=False, compute_dtype=BF16, compress_statistics=True, quant_type="nf4").to(DEV))
+            if lin is not None:
+                lin.weight = bnb.nn.Params4bit(W.cpu(), requires_grad=False, compress_statistics=True,
+                                               quant_type="nf4", blocksize=64).to(DEV)
+        for batch in BATCHES:
+            x = torch.randn(batch, K, dtype=BF16, device=DEV)
+            read = w.nbytes + x.numel() * 2 + batch * N * 2
+            row = {"shape": f"{K}->{N}", "batch": batch}
+            with torch.no_grad():
+                if nf4_cuda.available():
+                    row["fastft_us"] = attempt(f"gemv {K}->{N} b{batch}",
+                                               lambda: 1e3 * bench(lambda: nf4_cuda.nf4_gemv(x, op, None)))
+                row["bf16_us"] = attempt("bf16 gemv", lambda: 1e3 * bench(lambda: x @ W.T))
+                if lin is not None:
+                    row["bnb_us"] = attempt(f"bnb {K}->{N} b{batch}", lambda: 1e3 * bench(lambda: lin(x)))
+            if row.get("fastft_us"):
+                row["fastft_TBps"] = read / (row["fastft_us"] * 1e-6) / 1e12
+            rows.append(row)
+            log(f"gemv {row}")
+    return rows
+
+
+def _fmt(v, spec=".3f"):
+    return "—" if v is None else format(v, spec)
+
+
+def print_tables():
+    print("\n## NF4 / QLoRA on", RESULTS["device"])
+    print("\n| dequant W | fastft ms | TB/s | bnb ms | bnb TB/s |\n|---|---|---|---|---|")
+    for r in RESULTS.get("dequant") or []:
+        print(f"| {r['shape']} | {_fmt(r['fastft_ms'])} | {_fmt(r['fastft_TBps'], '.2f')} | "
+              f"{_fmt(r.get('bnb_ms'))} | {_fmt(r.get('bnb_TBps'), '.2f')} |")
+    print(f"\n| QLoRA fwd+bwd M={M_TRAIN} r={RANK} | bf16 base ms | fastft ms (÷base) | dequant+base, no LoRA ms (÷base) "
+          "| peft+bnb ms (÷base) | peak MiB base / fastft / peft |\n|---|---|---|---|---|---|")
+    for r in RESULTS.get("qlora") or []:
+        print(f"| {r['shape']} | {_fmt(r.get('bf16_base_ms'))} | {_fmt(r.get('fastft_ms'))} "
+              f"({_fmt(r.get('fastft_x_base'), '.2f')}) | {_fmt(r.get('dequant_base_ms'))} "
+              f"({_fmt(r.get('dequant_base_x_base'), '.2f')}) | {_fmt(r.get('peft_bnb_ms'))} "
+              f"({_fmt(r.get('peft_bnb_x_base'), '.2f')}) | {_fmt(r.get('bf16_base_peak_MiB'), '.0f')} / "
+              f"{_fmt(r.get('fastft_peak_MiB'), '.0f')} / {_fmt(r.get('peft_bnb_peak_MiB'), '.0f')} |")
+    print("\n| decode K->N | batch | fastft µs (TB/s) | bnb µs | bf16 µs |\n|---|---|---|---|---|")
+    for r in RESULTS.get("gemv") or []:
+        print(f"| {r['shape']} | {r['batch']} | {_fmt(r.get('fastft_us'), '.1f')} "
+              f"({_fmt(r.get('fastft_TBps'), '.2f')}) | {_fmt(r.get('bnb_us'), '.1f')} | {_fmt(r.get('bf16_us'), '.1f')} |")
+    checks = RESULTS.get("correctness")
+    bad = [k for k, v in (checks or {}).items() if v is False]
+    verdict = "did not run" if checks is None else "FAILED: " + ", ".join(bad) if bad else "all exact checks passed"
+    print(f"\ncorrectness: {verdict}")
+    for k, v in (checks or {}).items():
+        if not isinstance(v, bool):
+            print(f"- {k}: {v}")
+    if RESULTS["errors"]:
+        print("errors / skipped:\n- " + "\n- ".join(RESULTS["errors"]))
+
+
+def main():
+    if not torch.cuda.is_available():
+        print("gpu_nf4: no CUDA device; nothing to do")
+        return
+    import triton
+    from fastft.kernels import nf4_cuda
+    RESULTS["device"] = torch.cuda.get_device_name()
+    RESULTS["versions"] = {"torch": torch.__version__, "triton": triton.__version__,
+                           "bitsandbytes": getattr(bnb, "__version__", None), "cuda_gemv": nf4_cuda.available()}
+    log(f"{RESULTS['device']} {RESULTS['versions']}")
+    torch.manual_seed(0)
+    RESULTS["correctness"] = attempt("correctness", check_correctness)
+    log(f"correctness {RESULTS['correctness']}")
+    RESULTS["dequant"] = attempt("dequant", time_dequant)
+    RESULTS["qlora"] = attempt("qlora", time_qlora)
+    RESULTS["gemv"] = attempt("gemv", time_gemv)
+    RESULTS["wall_s"] = time.time() - T0
+    out_dir = os.environ.get("OUT")
+    if out_dir:
+        path = os.path.join(out_dir, "nf4.json")
+        with open(path + ".tmp", "w") as f:
+            json.dump(RESULTS, f, indent=1, default=str)
+        os.replace(path + ".tmp", path)
+    print_tables()
+
+
+if __name__ == "__main__":
+    main()

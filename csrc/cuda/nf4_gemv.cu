@@ -1,0 +1,256 @@
+// Decode-time NF4 GEMV / small-batch GEMM:  y[b, n] = sum_k x[b, k] * W[n, k] (+ bias[n]),  batch 1..16.
+//
+// Memory-bound: W is read once, 0.5 byte an element plus its scales. Each warp owns 16 rows of W and walks K in
+// steps of 128; the eight warps of a block split K between them and add their partial sums at the end. The
+// dequantized W goes straight into tensor-core MMAs (m16n8k16, W as the 16-row A operand, the batch as the
+// 8-column B operand), so the batch dimension costs no extra arithmetic and batch 16 reads W exactly once.
+//
+// K is permuted inside each 128-wide step (the reduction does not care about its order, only that W and x use
+// the same one): lane (g, t) loads 16 contiguous bytes (32 elements) of rows g and g+8 at k = 32t, and the
+// MMA of sub-step j takes elements 32t + 4j + {0..3} as the fragment's k = {2t, 2t+1, 2t+8, 2t+9}. Then
+// each lane's W and x loads are single 16-byte vectors, and the 32 elements share one absmax (blocksize >= 32).
+// Dequantized values are code[nibble] * absmax in fp32, rounded once (bit-identical to bitsandbytes); a
+// double-quantized absmax is code2[q] * absmax2 + offset with both operations rounded (no fused multiply-add).
+#include "nf4_gemv.h"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+namespace fastft {
+namespace {
+
+constexpr int kWarps = 8;
+constexpr int kRowsPerBlock = 16;
+constexpr int kStepK = 128;
+
+__constant__ float kNF4Code[16] = {
+    -1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f,
+    -0.28444138169288635f, -0.18477343022823334f, -0.09105003625154495f, 0.0f,
+    0.07958029955625534f, 0.16093020141124725f, 0.24611230194568634f, 0.33791524171829224f,
+    0.44070982933044434f, 0.5626170039176941f, 0.7229568362236023f, 1.0f};
+
+template <typename T>
+struct Mma;
+
+template <>
+struct Mma<__nv_bfloat16> {
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+  }
+  static __device__ __forceinline__ void run(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+  static __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+  static __device__ __forceinline__ __nv_bfloat16 from_float(float v) { return __float2bfloat16_rn(v); }
+};
+
+template <>
+struct Mma<__half> {
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    __half2 v = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+  }
+  static __device__ __forceinline__ void run(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+  static __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+  static __device__ __forceinline__ __half from_float(float v) { return __float2half_rn(v); }
+};
+
+// W is streamed once: read-only path, no L1 allocation.
+__device__ __forceinline__ uint4 load_stream(const uint8_t* p) {
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+  return v;
+}
+
+// One warp step's operands: 16 bytes of W for rows g and g+8, their absmax, 32 x-elements per batch tile.
+template <int NT>
+struct Fragment {
+  uint4 w[2];
+  float scale[2];
+  uint4 x[NT][4];
+};
+
+template <int NT>
+__device__ __forceinline__ void load_step(Fragment<NT>& f, const Nf4GemvArgs& p, int64_t step, int g, int t,
+                                          int64_t row0, int bs_shift, int nbs_shift) {
+  const int64_t k0 = step * kStepK + t * 32;
+  const bool k_ok = k0 < p.k;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int64_t row = row0 + g + 8 * h;
+    f.w[h] = make_uint4(0u, 0u, 0u, 0u);
+    f.scale[h] = 0.0f;
+    if (k_ok && row < p.n) {
+      const int64_t flat = row * p.k + k0;
+      f.w[h] = load_stream(p.packed + flat / 2);
+      const int64_t block = flat >> bs_shift;
+      if (p.absmax2 != nullptr) {
+        const uint8_t q = __ldg(static_cast<const uint8_t*>(p.absmax) + block);
+        f.scale[h] = __fadd_rn(__fmul_rn(__ldg(p.code2 + q), __ldg(p.absmax2 + (block >> nbs_shift))), p.offset);
+      } else {
+        f.scale[h] = __ldg(static_cast<const float*>(p.absmax) + block);
+      }
+    }
+  }
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    const int b = g + 8 * nt;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) f.x[nt][i] = make_uint4(0u, 0u, 0u, 0u);
+    if (k_ok && b < p.batch) {
+      const uint4* xp = reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(p.x) + b * p.ldx + k0);
+#pragma unroll
+      for (int i = 0; i < 4; ++i) f.x[nt][i] = __ldg(xp + i);
+    }
+  }
+}
+
+__device__ __forceinline__ uint32_t word_of(const uint4& v, int i) {
+  return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
+}
+
+template <typename T, int NT>
+__device__ __forceinline__ void compute_step(float (&acc)[NT][4], const Fragment<NT>& f, const float* code) {
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    uint32_t a[4];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      // bytes 2j and 2j+1 of this row's 16: elements 4j, 4j+1 (byte 2j) and 4j+2, 4j+3 (byte 2j+1)
+      const uint32_t word = word_of(f.w[h], j >> 1) >> (16 * (j & 1));
+      const uint32_t b_lo = word & 0xFFu, b_hi = (word >> 8) & 0xFFu;
+      const float s = f.scale[h];
+      a[h] = Mma<T>::pack(code[b_lo >> 4] * s, code[b_lo & 0xFu] * s);
+      a[2 + h] = Mma<T>::pack(code[b_hi >> 4] * s, code[b_hi & 0xFu] * s);
+    }
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      Mma<T>::run(acc[nt], a, word_of(f.x[nt][j >> 1], 2 * (j & 1)), word_of(f.x[nt][j >> 1], 2 * (j & 1) + 1));
+    }
+  }
+}
+
+template <typename T, int NT>
+__global__ void __launch_bounds__(kWarps * 32) nf4_gemv_kernel(const Nf4GemvArgs p, int bs_shift, int nbs_shift) {
+  __shared__ float code[16];
+  __shared__ float partial[kWarps][NT * 4][32];
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int g = lane >> 2;
+  const int t = lane & 3;
+  if (threadIdx.x < 16) code[threadIdx.x] = kNF4Code[threadIdx.x];
+  __syncthreads();
+
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock;
+  const int64_t steps = (p.k + kStepK - 1) / kStepK;
+  float acc[NT][4];
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) acc[nt][i] = 0.0f;
+
+  // Two steps in flight: the next step's loads are issued before this step's math.
+  Fragment<NT> cur, next;
+  if (warp < steps) load_step(cur, p, warp, g, t, row0, bs_shift, nbs_shift);
+  for (int64_t s = warp; s < steps; s += kWarps) {
+    if (s + kWarps < steps) load_step(next, p, s + kWarps, g, t, row0, bs_shift, nbs_shift);
+    compute_step<T, NT>(acc, cur, code);
+    cur = next;
+  }
+
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) partial[warp][nt * 4 + i][lane] = acc[nt][i];
+  __syncthreads();
+  if (warp != 0) return;
+  T* y = static_cast<T*>(p.y);
+  const T* bias = static_cast<const T*>(p.bias);
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      float v = 0.0f;
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w) v += partial[w][nt * 4 + i][lane];
+      // accumulator fragment: c0, c1 -> row g, columns 2t, 2t+1; c2, c3 -> row g+8
+      const int64_t row = row0 + g + (i >= 2 ? 8 : 0);
+      const int b = 8 * nt + 2 * t + (i & 1);
+      if (row < p.n && b < p.batch) {
+        if (bias != nullptr) v += Mma<T>::to_float(bias[row]);
+        y[b * p.ldy + row] = Mma<T>::from_float(v);
+      }
+    }
+  }
+}
+
+int log2_exact(int64_t v) {
+  if (v <= 0 || (v & (v - 1)) != 0) return -1;
+  int s = 0;
+  while ((int64_t{1} << s) < v) ++s;
+  return s;
+}
+
+template <typename T>
+void launch_typed(const Nf4GemvArgs& p, int bs_shift, int nbs_shift, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>((p.n + kRowsPerBlock - 1) / kRowsPerBlock));
+  const dim3 block(kWarps * 32);
+  if (p.batch <= 8) {
+    nf4_gemv_kernel<T, 1><<<grid, block, 0, stream>>>(p, bs_shift, nbs_shift);
+  } else {
+    nf4_gemv_kernel<T, 2><<<grid, block, 0, stream>>>(p, bs_shift, nbs_shift);
+  }
+}
+
+enum Error : int { kOk = 0, kBadBatch, kBadK, kBadBlocksize, kBadDtype, kMisaligned, kCudaError };
+
+}  // namespace
+
+const char* nf4_gemv_error_string(int code) {
+  switch (code) {
+    case kBadBatch: return "nf4_gemv_cuda: batch must be 1..16";
+    case kBadK: return "nf4_gemv_cuda: k must be a positive multiple of 32";
+    case kBadBlocksize: return "nf4_gemv_cuda: blocksize must be a power of two >= 32 (and nested_blocksize a power of two)";
+    case kBadDtype: return "nf4_gemv_cuda: dtype must be 1 (fp16) or 2 (bf16)";
+    case kMisaligned: return "nf4_gemv_cuda: x, packed and ldx must be 16-byte aligned";
+    case kCudaError: return "nf4_gemv_cuda: the kernel launch failed (see cudaGetLastError)";
+    default: return "nf4_gemv_cuda: unknown error";
+  }
+}
+
+int nf4_gemv_launch(const Nf4GemvArgs& p, void* stream_handle) {
+  if (p.batch < 1 || p.batch > 16) return kBadBatch;
+  if (p.k <= 0 || p.k % 32 != 0) return kBadK;
+  const int bs_shift = log2_exact(p.blocksize);
+  const int nbs_shift = p.absmax2 != nullptr ? log2_exact(p.nested_blocksize) : 0;
+  if (bs_shift < 5 || nbs_shift < 0) return kBadBlocksize;
+  if (reinterpret_cast<uintptr_t>(p.x) % 16 != 0 || reinterpret_cast<uintptr_t>(p.packed) % 16 != 0 ||
+      p.ldx % 8 != 0)
+    return kMisaligned;
+  if (p.n == 0) return kOk;
+  cudaStream_t stream = static_cast<cudaStream_t>(stream_handle);
+  if (p.dtype == 2) {
+    launch_typed<__nv_bfloat16>(p, bs_shift, nbs_shift, stream);
+  } else if (p.dtype == 1) {
+    launch_typed<__half>(p, bs_shift, nbs_shift, stream);
+  } else {
+    return kBadDtype;
+  }
+  return cudaGetLastError() == cudaSuccess ? kOk : kCudaError;
+}
+
+}  // namespace fastft

@@ -1,0 +1,220 @@
+"""NF4 models: quantize one in memory, load a checkpoint into NF4 layers, save one in bitsandbytes' format.
+
+- `quantize_model(model, "nf4")` swaps nn.Linear modules for fastft NF4Linear (default skip: lm_head).
+- `load_nf4_model(path)` builds a transformers model with NF4Linear layers from a safetensors checkpoint:
+  a transformers + bitsandbytes 4-bit NF4 checkpoint loads as is (no bitsandbytes needed); a dense
+  bf16/fp32 one is quantized tensor by tensor while it streams in, so host memory peaks near one layer
+  on top of the NF4 model, never at the dense model.
+- `save_nf4_model(model, path)` writes config.json (with a bitsandbytes quantization_config) and
+  model.safetensors in bitsandbytes' key layout, so transformers + bitsandbytes load it back.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections import defaultdict
+
+import torch
+from torch import nn
+
+from fastft.modules.nf4_linear import NF4Linear
+from fastft.quant.nf4_weight import QUANT_STATE_KEY, NF4Weight, quantize_nf4
+
+DEFAULT_SKIP = ("lm_head",)
+_INDEX_FILE = "model.safetensors.index.json"
+_SINGLE_FILE = "model.safetensors"
+
+
+def _skipped(name: str, skip) -> bool:
+    """`skip` entries match a module name or any run of its dotted components ("lm_head", "mlp.down_proj")."""
+    padded = f".{name}."
+    return any(name == s or f".{s}." in padded for s in skip)
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, leaf, module)
+
+
+def quantize_model(model: nn.Module, quant_type: str = "nf4", *, blocksize: int = 64, double_quant: bool = True,
+                   skip=DEFAULT_SKIP) -> nn.Module:
+    """Replace every nn.Linear of `model` (in place) by an NF4Linear holding its quantized weight.
+
+    skip: module names (or dotted name parts) to leave dense; lm_head by default (often tied to the embedding).
+    One layer is quantized at a time and its dense weight dropped, so memory falls as the walk proceeds.
+    """
+    if quant_type != "nf4":
+        raise ValueError(f"quantize_model: only quant_type='nf4' is supported, got {quant_type!r}")
+    skip = tuple(skip or ())
+    targets = [(name, m) for name, m in model.named_modules()
+               if isinstance(m, nn.Linear) and name and not _skipped(name, skip)]
+    for name, linear in targets:
+        _set_submodule(model, name, NF4Linear.from_linear(linear, blocksize=blocksize, double_quant=double_quant))
+        linear.weight = None  # drop the dense weight now, not when the whole walk ends
+    return model
+
+
+# ----------------------------------------------------------------------------------------------
+# loading
+
+def _checkpoint_files(path: str) -> dict[str, list[str]]:
+    """file → keys it holds, for a single-file or sharded safetensors checkpoint."""
+    from safetensors import safe_open
+
+    index = os.path.join(path, _INDEX_FILE)
+    if os.path.exists(index):
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+        files: dict[str, list[str]] = defaultdict(list)
+        for key, file in weight_map.items():
+            files[os.path.join(path, file)].append(key)
+        return dict(files)
+    single = os.path.join(path, _SINGLE_FILE)
+    if not os.path.exists(single):
+        raise FileNotFoundError(f"load_nf4_model: no {_SINGLE_FILE} or {_INDEX_FILE} in {path!r} "
+                                "(only safetensors checkpoints are supported)")
+    with safe_open(single, framework="pt") as f:
+        return {single: list(f.keys())}
+
+
+def _assign(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    """Put a loaded tensor in place of the (meta) parameter or buffer `name`."""
+    owner_name, _, leaf = name.rpartition(".")
+    owner = model.get_submodule(owner_name) if owner_name else model
+    if leaf in owner._parameters:
+        old = owner._parameters[leaf]
+        owner._parameters[leaf] = nn.Parameter(value, requires_grad=old.requires_grad if old is not None else False)
+    elif leaf in owner._buffers:
+        owner._buffers[leaf] = value
+    else:
+        raise KeyError(f"load_nf4_model: the checkpoint has '{name}', which the model does not")
+
+
+def _nf4_targets(model: nn.Module, keys: set[str], skip) -> dict[str, bool]:
+    """Linear module name → True when its weight is bnb-NF4 in the checkpoint, False when dense (to quantize)."""
+    targets = {}
+    for name, m in model.named_modules():
+        if not isinstance(m, nn.Linear) or not name:
+            continue
+        if f"{name}.weight.{QUANT_STATE_KEY}" in keys:
+            targets[name] = True
+        elif any(k.startswith(f"{name}.weight.quant_state.bitsandbytes__") for k in keys):
+            raise ValueError(f"load_nf4_model: '{name}.weight' is stored 4-bit but not as NF4 (only nf4 is supported)")
+        elif not _skipped(name, skip) and f"{name}.weight" in keys:
+            targets[name] = False
+    return targets
+
+
+def load_nf4_model(path: str, *, model_cls=None, dtype: torch.dtype = torch.bfloat16, blocksize: int = 64,
+                   double_quant: bool = True, skip=DEFAULT_SKIP, device="cpu") -> nn.Module:
+    """A transformers model from the checkpoint folder `path`, its linear layers as fastft NF4Linear.
+
+    bitsandbytes NF4 weights load as stored (their blocksize and double quantization kept); dense linear
+    weights outside `skip` are quantized (blocksize, double_quant) as they stream in. Other floating tensors are
+    cast to `dtype`. model_cls: a transformers model class (default AutoModelForCausalLM).
+    """
+    from accelerate import init_empty_weights
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    files = _checkpoint_files(path)  # first: a wrong path fails here, naming the file it looked for
+    config = AutoConfig.from_pretrained(path)
+    if getattr(config, "quantization_config", None) is not None:
+        del config.quantization_config  # the layers are fastft's; nothing for transformers to quantize
+    model_cls = model_cls or AutoModelForCausalLM
+    with init_empty_weights(include_buffers=False):  # parameters on meta: no memory until loaded
+        model = model_cls.from_config(config, dtype=dtype)
+    keys = {k for ks in files.values() for k in ks}
+    targets = _nf4_targets(model, keys, tuple(skip or ()))
+    for name, _ in targets.items():
+        linear = model.get_submodule(name)
+        layer = NF4Linear(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                          blocksize=blocksize, double_quant=double_quant, device="meta", dtype=dtype)
+        _set_submodule(model, name, layer)
+
+    bnb_parts: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)  # packed codes and scales: small
+    for file, file_keys in files.items():
+        with safe_open(file, framework="pt", device="cpu") as f:
+            for key in file_keys:
+                module_name = key.split(".weight", 1)[0] if ".weight" in key else None
+                if targets.get(module_name):
+                    bnb_parts[module_name][key] = f.get_tensor(key)
+                    continue
+                tensor = f.get_tensor(key)
+                if tensor.is_floating_point():
+                    tensor = tensor.to(dtype)  # as transformers casts before bitsandbytes quantizes
+                if module_name in targets and key == f"{module_name}.weight":  # a dense linear weight
+                    model.get_submodule(module_name).weight = quantize_nf4(
+                        tensor, blocksize=blocksize, double_quant=double_quant).to(device)
+                    del tensor  # this layer's dense copy is gone before the next one is read
+                    continue
+                _assign(model, key, tensor.to(device))
+    for module_name, parts in bnb_parts.items():
+        model.get_submodule(module_name).weight = NF4Weight.from_bnb_state_dict(parts, f"{module_name}.weight",
+                                                                                device=device)
+
+    model.tie_weights()
+    missing = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
+    missing += [n for n in targets if model.get_submodule(n).weight is None]
+    if missing:
+        raise KeyError(f"load_nf4_model: the checkpoint in {path!r} lacks {missing[:8]}"
+                       + (f" and {len(missing) - 8} more" if len(missing) > 8 else ""))
+    return model.to(device).eval()
+
+
+# ----------------------------------------------------------------------------------------------
+# saving
+
+def _atomic_write(path: str, write) -> None:
+    """write(tmp_path), then os.replace onto `path`: a crash never leaves a half-written file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _quantization_config(model: nn.Module, dtype: torch.dtype) -> dict:
+    layers = [m for m in model.modules() if isinstance(m, NF4Linear) and m.weight is not None]
+    nested = {m.weight.is_nested for m in layers}
+    if len(nested) > 1:
+        raise ValueError("save_nf4_model: some NF4 layers use double quantization and some do not; bitsandbytes' "
+                         "config has one bnb_4bit_use_double_quant flag")
+    dense = sorted(name for name, m in model.named_modules() if isinstance(m, nn.Linear))
+    return {"quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False,
+            "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": next(iter(nested), False),
+            "bnb_4bit_compute_dtype": str(dtype).removeprefix("torch."), "bnb_4bit_quant_storage": "uint8",
+            "llm_int8_skip_modules": dense or None, "llm_int8_threshold": 6.0,
+            "llm_int8_has_fp16_weight": False, "llm_int8_enable_fp32_cpu_offload": False}
+
+
+def save_nf4_model(model: nn.Module, path: str, *, compute_dtype: torch.dtype = torch.bfloat16) -> None:
+    """Write `model` (with NF4Linear layers) to the folder `path` as transformers + bitsandbytes save 4-bit models."""
+    from safetensors.torch import save_file
+
+    os.makedirs(path, exist_ok=True)
+    state, seen = {}, {}
+    for key, t in model.state_dict().items():
+        t = t.detach()
+        ptr = (t.device, t.untyped_storage().data_ptr()) if t.numel() else None
+        if ptr is not None and ptr in seen and seen[ptr].shape == t.shape:
+            continue  # a tied weight (lm_head = embed_tokens): saved once, re-tied on load
+        if ptr is not None:
+            seen[ptr] = t
+        state[key] = t.contiguous().cpu()
+    _atomic_write(os.path.join(path, _SINGLE_FILE), lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    config = getattr(model, "config", None)
+    if config is not None:
+        cfg = config.to_dict()
+        cfg["quantization_config"] = _quantization_config(model, compute_dtype)
+
+        def write_config(tmp):
+            with open(tmp, "w") as f:
+                json.dump(cfg, f, indent=2, sort_keys=True)
+        _atomic_write(os.path.join(path, "config.json"), write_config)

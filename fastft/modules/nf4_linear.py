@@ -1,0 +1,113 @@
+"""`NF4Linear`: a frozen linear layer whose weight is an NF4Weight (bitsandbytes' NF4 layout).
+
+`.weight` is the quantized weight itself (fastft.quant.NF4Weight: `.dequantize()`, `.shape`, `.dtype`, ...),
+`.bias` an ordinary Parameter. The state dict uses bitsandbytes' keys, so `load_state_dict` takes a
+transformers + bitsandbytes 4-bit checkpoint directly — or a dense float weight, which it quantizes.
+A LoRA wrapper calls `fastft.ops.qlora_linear(x, layer.weight, layer.bias, A, B, scaling, dropout_p)`.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fastft.ops.qlora import nf4_linear
+from fastft.quant.nf4_format import check_blocksize
+from fastft.quant.nf4_weight import NF4Weight, quantize_nf4
+
+
+class NF4Linear(nn.Module):
+    """y = x·Wᵀ + b with W stored as NF4 (frozen); computes in x's dtype.
+
+    Built empty (weight None, e.g. before loading a checkpoint) or with `weight=`; `from_linear` quantizes an
+    nn.Linear. blocksize / double_quant are used when a dense weight is quantized into this layer.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, weight: NF4Weight | None = None,
+                 blocksize: int = 64, double_quant: bool = True, device=None, dtype=None):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.blocksize = check_blocksize(blocksize, "NF4Linear")
+        self.double_quant = double_quant
+        if weight is not None:
+            self._check_weight(weight)
+        self.weight = weight
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype))
+        else:
+            self.register_parameter("bias", None)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, blocksize: int = 64, double_quant: bool = True) -> NF4Linear:
+        """Quantize an nn.Linear (its bias is kept as is, same tensor)."""
+        weight = quantize_nf4(linear.weight.detach(), blocksize=blocksize, double_quant=double_quant)
+        layer = cls(linear.in_features, linear.out_features, bias=False, weight=weight, blocksize=blocksize,
+                    double_quant=double_quant)
+        layer.bias = linear.bias
+        return layer
+
+    def _check_weight(self, weight: NF4Weight) -> None:
+        if not isinstance(weight, NF4Weight):
+            raise TypeError(f"NF4Linear: `weight` must be an NF4Weight, got {type(weight).__name__}")
+        if tuple(weight.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"NF4Linear: weight has shape {tuple(weight.shape)} but the layer is "
+                             f"({self.out_features}, {self.in_features}) (out_features, in_features)")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight is None:
+            raise RuntimeError("NF4Linear: the layer has no weight yet (load a state dict or pass weight=)")
+        return nf4_linear(x, self.weight, self.bias)
+
+    def dequantize_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return self.weight.dequantize(dtype)
+
+    def to_linear(self, dtype: torch.dtype | None = None) -> nn.Linear:
+        """A dense nn.Linear with the dequantized weight (e.g. to merge an adapter into)."""
+        w = self.weight.dequantize(dtype)
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=w.device,
+                           dtype=w.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(w)
+            if self.bias is not None:
+                linear.bias.copy_(self.bias)
+        return linear
+
+    # Moves: `module.to(device)` / `.cuda()` move the codes and scales with the module; dtype casts
+    # (`.half()`, `.to(torch.bfloat16)`) never touch them (the weight is quantized; only bias follows).
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        if self.weight is not None:
+            target = fn(torch.empty(0, dtype=torch.uint8, device=self.weight.device)).device
+            self.weight = self.weight.to(target)
+        return self
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.weight is not None:
+            destination.update(self.weight.bnb_state_dict(prefix + "weight"))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        key = prefix + "weight"
+        device = self.bias.device if self.bias is not None and self.bias.device.type != "meta" else None
+        if NF4Weight.has_bnb_state(state_dict, key):
+            weight = NF4Weight.from_bnb_state_dict(state_dict, key, device=device)
+            for k in [k for k in state_dict if k == key or k.startswith(key + ".")]:
+                del state_dict[k]
+        elif key in state_dict:  # a dense checkpoint: quantize on load
+            dense = state_dict.pop(key)
+            dense = dense if device is None else dense.to(device)
+            weight = quantize_nf4(dense, blocksize=self.blocksize, double_quant=self.double_quant)
+        else:
+            weight = None
+            if strict:
+                missing_keys.append(key)
+        if weight is not None:
+            self._check_weight(weight)
+            self.weight = weight
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"weight={self.weight!r}")

@@ -1,0 +1,226 @@
+"""Linear layers over an NF4 weight: the QLoRA linear and the plain NF4 linear.
+
+qlora_linear  y = x·Wᵀ + b + s·(dropout(x)·Aᵀ)·Bᵀ    W an NF4Weight (frozen), A (r×K), B (N×r) trained
+nf4_linear    y = x·Wᵀ + b                          W an NF4Weight (frozen)
+
+Both validate once and dispatch: on CUDA the Triton GEMM that dequantizes W tile by tile inside its loads
+(fastft.kernels.qlora_linear) composed with lora_linear's rank-R kernels, or for 1–16 tokens without LoRA the
+CUDA decode GEMV (fastft.kernels.nf4_cuda); everywhere else the pure-torch references below (dequantize, then
+the dense op). Weights whose rows do not hold whole blocks (in_features odd or not a multiple of the
+blocksize) take the dequantize-then-dense path on CUDA too. No weight gradient: W is frozen.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from fastft.kernels.runtime import triton_runs_on
+from fastft.ops import lora as lora_ops
+from fastft.ops.lora import _as_rows, _padded, lora_linear, lora_linear_reference
+from fastft.quant.nf4_weight import NF4Weight
+
+BACKENDS = ("auto", "triton", "torch")
+
+
+def qlora_linear_reference(x, qweight, bias, lora_A, lora_B, scaling, dropout_p=0.0, *, keep_mask=None):
+    """Dequantize W to x's dtype, then lora_linear_reference (autograd through torch)."""
+    return lora_linear_reference(x, qweight.dequantize(x.dtype), _bias_as(bias, x), lora_A, lora_B, scaling,
+                                 dropout_p, keep_mask=keep_mask)
+
+
+def nf4_linear_reference(x, qweight, bias):
+    return F.linear(x, qweight.dequantize(x.dtype), _bias_as(bias, x))
+
+
+def _bias_as(bias, x):
+    # The fused kernels add any float bias in fp32; the references match that by casting it to x's dtype.
+    return bias if bias is None or bias.dtype == x.dtype else bias.to(x.dtype)
+
+
+def _check(cond: bool, message: str) -> None:
+    if not cond:
+        raise ValueError(message)
+
+
+def _validate_base(op: str, x, qweight, bias) -> None:
+    _check(isinstance(qweight, NF4Weight), f"{op}: `qweight` must be a fastft.quant.NF4Weight (from quantize_nf4), "
+                                           f"got {type(qweight).__name__}")
+    _check(qweight.ndim == 2, f"{op}: `qweight` must be 2-D (out_features, in_features), got shape "
+                              f"{tuple(qweight.shape)}")
+    _check(isinstance(x, torch.Tensor), f"{op}: `x` must be a torch.Tensor, got {type(x).__name__}")
+    _check(x.dtype in (torch.float32, torch.float16, torch.bfloat16),
+           f"{op}: `x` must be float32, float16 or bfloat16, got {x.dtype}")
+    _check(x.dim() >= 1, f"{op}: `x` needs at least one dimension (..., in_features)")
+    N, K = qweight.shape
+    _check(x.shape[-1] == K, f"{op}: `x` has {x.shape[-1]} features in its last dimension but `qweight` expects "
+                             f"{K} (qweight shape {tuple(qweight.shape)})")
+    _check(x.device == qweight.device, f"{op}: `x` is on {x.device} but `qweight` is on {qweight.device}; "
+                                       "move the weight with qweight.to(device)")
+    if bias is not None:
+        _check(isinstance(bias, torch.Tensor) and bias.is_floating_point(),
+               f"{op}: `bias` must be a floating-point tensor or None")
+        _check(tuple(bias.shape) == (N,), f"{op}: `bias` must have shape ({N},), got {tuple(bias.shape)}")
+        _check(bias.device == x.device, f"{op}: `bias` is on {bias.device} but `x` is on {x.device}")
+
+
+def validate_qlora_linear_args(x, qweight, bias, lora_A, lora_B, scaling, dropout_p) -> None:
+    op = "qlora_linear"
+    _validate_base(op, x, qweight, bias)
+    N, K = qweight.shape
+    for name, t in (("lora_A", lora_A), ("lora_B", lora_B)):
+        _check(isinstance(t, torch.Tensor) and t.is_floating_point(),
+               f"{op}: `{name}` must be a floating-point tensor, got {type(t).__name__}")
+        _check(t.device == x.device, f"{op}: `{name}` is on {t.device} but `x` is on {x.device}")
+    _check(lora_A.dim() == 2 and lora_A.shape[1] == K and lora_A.shape[0] >= 1,
+           f"{op}: `lora_A` must have shape (r, {K}), got {tuple(lora_A.shape)}")
+    r = lora_A.shape[0]
+    _check(tuple(lora_B.shape) == (N, r), f"{op}: `lora_B` must have shape ({N}, {r}) to match `qweight` and "
+                                          f"`lora_A`, got {tuple(lora_B.shape)}")
+    _check(isinstance(scaling, (int, float)) and math.isfinite(scaling),
+           f"{op}: `scaling` must be a finite number, got {scaling!r}")
+    _check(isinstance(dropout_p, (int, float)) and 0.0 <= dropout_p < 1.0,
+           f"{op}: `dropout_p` must be in [0, 1), got {dropout_p!r}")
+
+
+class QLoRALinearFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, qweight, bias, lora_A, lora_B, scaling, dropout_p):
+        from fastft.kernels import lora_linear as lk
+        from fastft.kernels.qlora_linear import nf4_lora_gemm
+
+        K = x.shape[-1]
+        N, r = lora_B.shape
+        R = lk.rank_pad(r)
+        dtype = x.dtype
+        x2 = _as_rows(x)
+        A_p = _padded(lora_A, R, K, dtype)
+        B_p = _padded(lora_B, N, R, dtype)
+        seed = lora_ops._draw_seed() if dropout_p > 0.0 else 0  # looked up on the module: tests capture it
+        coef = scaling / (1.0 - dropout_p)
+        xs = lk.rank_project(x2, A_p, scale=coef, p_drop=dropout_p, seed=seed)
+        y = nf4_lora_gemm(x2, qweight.kernel_operand(), xs, B_p, bias, w_nk=True)
+        ctx.save_for_backward(x2, lora_A, lora_B, xs)
+        ctx.qweight = qweight
+        ctx.meta = (x.shape, coef, dropout_p, seed, None if bias is None else bias.dtype)
+        return y.view(*x.shape[:-1], N)
+
+    @staticmethod
+    def backward(ctx, dy):
+        from fastft.kernels import lora_linear as lk
+        from fastft.kernels.qlora_linear import nf4_lora_gemm
+
+        x2, lora_A, lora_B, xs = ctx.saved_tensors
+        x_shape, coef, dropout_p, seed, bias_dtype = ctx.meta
+        need_x, _, need_b, need_A, need_B = ctx.needs_input_grad[:5]
+        N, r = lora_B.shape
+        K = x2.shape[1]
+        R = xs.shape[1]
+        dtype = x2.dtype
+        dy2 = dy.reshape(-1, N).to(dtype)
+        if not dy2.is_contiguous():
+            dy2 = dy2.contiguous()
+
+        dx = db = dA = dB = None
+        if need_x or need_A:
+            g = lk.rank_project(dy2, _padded(lora_B, N, R, dtype).t(), scale=coef)
+            if need_x:
+                A_p = _padded(lora_A, R, K, dtype)
+                dx = nf4_lora_gemm(dy2, ctx.qweight.kernel_operand(), g, A_p, None, w_nk=False, p_drop=dropout_p,
+                                   seed=seed).view(x_shape)
+            if need_A:
+                dA = lk.rank_reduce(g, x2, p_drop=dropout_p, seed=seed)[:r].to(lora_A.dtype)
+        if need_B:
+            dB = lk.rank_reduce(xs, dy2)[:r].t().to(lora_B.dtype)
+        if need_b and bias_dtype is not None:
+            db = dy2.sum(0, dtype=torch.float32).to(bias_dtype)
+        return dx, None, db, dA, dB, None, None
+
+
+class NF4LinearFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, qweight, bias):
+        from fastft.kernels import nf4_cuda
+        from fastft.kernels.qlora_linear import nf4_lora_gemm
+
+        N = qweight.shape[0]
+        x2 = _as_rows(x)
+        w = qweight.kernel_operand()
+        if nf4_cuda.supported(x2, w):  # decode: 1–16 tokens
+            y = nf4_cuda.nf4_gemv(x2, w, bias)
+        else:
+            y = nf4_lora_gemm(x2, w, None, None, bias, w_nk=True)
+        ctx.qweight = qweight
+        ctx.meta = (x.shape, None if bias is None else bias.dtype)
+        return y.view(*x.shape[:-1], N)
+
+    @staticmethod
+    def backward(ctx, dy):
+        from fastft.kernels.qlora_linear import nf4_lora_gemm
+
+        x_shape, bias_dtype = ctx.meta
+        N = ctx.qweight.shape[0]
+        dy2 = dy.reshape(-1, N).contiguous()
+        dx = db = None
+        if ctx.needs_input_grad[0]:
+            dx = nf4_lora_gemm(dy2, ctx.qweight.kernel_operand(), None, None, None, w_nk=False).view(x_shape)
+        if ctx.needs_input_grad[2] and bias_dtype is not None:
+            db = dy2.sum(0, dtype=torch.float32).to(bias_dtype)
+        return dx, None, db
+
+
+def _autocast(x, device_type):
+    if isinstance(x, torch.Tensor) and torch.is_autocast_enabled(device_type):
+        return x.to(torch.get_autocast_dtype(device_type))
+    return x
+
+
+def _pick_backend(op: str, backend: str, x) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"{op}: `backend` must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "triton" if x.device.type == "cuda" and triton_runs_on(x.device) else "torch"
+    if backend == "triton" and not triton_runs_on(x.device):
+        raise ValueError(f"{op}: backend='triton' needs a CUDA tensor (or TRITON_INTERPRET=1 on CPU); `x` is on "
+                         f"{x.device}")
+    return backend
+
+
+def _fused_ok(qweight: NF4Weight) -> bool:
+    from fastft.kernels.qlora_linear import fused_supported
+    return fused_supported(qweight.kernel_operand())
+
+
+def qlora_linear(x, qweight, bias, lora_A, lora_B, scaling, dropout_p=0.0, *, backend="auto"):
+    """y = x·Wᵀ + b + s·(dropout(x)·Aᵀ)·Bᵀ with W an NF4Weight (N×K, frozen), A (r×K), B (N×r).
+
+    x: (..., K) in fp16/bf16/fp32 (or under torch.autocast); W is dequantized to x's dtype inside the GEMM's tile
+    loads. lora_A/lora_B may be kept in another float dtype (fp32 masters): their gradients come back in it.
+    dropout_p applies inverted dropout to the LoRA input only (pass 0 in eval). Gradients: x, bias, A, B.
+    backend: "auto" (Triton on CUDA, torch elsewhere), "triton" or "torch".
+    """
+    device_type = x.device.type if isinstance(x, torch.Tensor) else "cpu"
+    x = _autocast(x, device_type)
+    validate_qlora_linear_args(x, qweight, bias, lora_A, lora_B, scaling, dropout_p)
+    scaling, dropout_p = float(scaling), float(dropout_p)
+    backend = _pick_backend("qlora_linear", backend, x)
+    if backend == "torch" or x.numel() == 0:
+        return qlora_linear_reference(x, qweight, bias, lora_A, lora_B, scaling, dropout_p)
+    if not _fused_ok(qweight):  # rows that do not hold whole blocks: dequantize, then the dense fused op
+        return lora_linear(x, qweight.dequantize(x.dtype), bias, lora_A, lora_B, scaling, dropout_p,
+                           backend="triton")
+    with torch.autocast(device_type, enabled=False):
+        return QLoRALinearFunction.apply(x, qweight, bias, lora_A, lora_B, scaling, dropout_p)
+
+
+def nf4_linear(x, qweight, bias=None, *, backend="auto"):
+    """y = x·Wᵀ + b with W an NF4Weight (N×K, frozen); gradients for x and bias. See qlora_linear."""
+    device_type = x.device.type if isinstance(x, torch.Tensor) else "cpu"
+    x = _autocast(x, device_type)
+    _validate_base("nf4_linear", x, qweight, bias)
+    backend = _pick_backend("nf4_linear", backend, x)
+    if backend == "torch" or x.numel() == 0 or not _fused_ok(qweight):
+        return nf4_linear_reference(x, qweight, bias)
+    with torch.autocast(device_type, enabled=False):
+        return NF4LinearFunction.apply(x, qweight, bias)

@@ -1,0 +1,153 @@
+"""NF4Linear, quantize_model, and NF4 checkpoints: bitsandbytes' format in and out, quantize-while-loading."""
+import json
+import weakref
+
+import pytest
+import torch
+from torch import nn
+
+import fastft
+from fastft.integration import nf4_model
+from fastft.modules.nf4_linear import NF4Linear
+from fastft.quant import NF4Weight, quantize_nf4
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("bitsandbytes")
+
+
+def _tiny_llama():
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=96,
+                                      tie_word_embeddings=False)
+    return transformers.LlamaForCausalLM(config)
+
+
+def _bnb_config(double_quant=True):
+    return transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                           bnb_4bit_use_double_quant=double_quant,
+                                           bnb_4bit_compute_dtype=torch.bfloat16)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """A dense fp32 tiny Llama, and the same saved 4-bit NF4 by transformers + bitsandbytes (on the CPU)."""
+    root = tmp_path_factory.mktemp("nf4ckpt")
+    torch.manual_seed(0)
+    _tiny_llama().save_pretrained(root / "dense")
+    bnb_model = transformers.LlamaForCausalLM.from_pretrained(root / "dense", quantization_config=_bnb_config(),
+                                                              device_map="cpu", dtype=torch.bfloat16)
+    bnb_model.save_pretrained(root / "bnb")
+    return root, bnb_model
+
+
+def _linear_names(model):
+    return [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, NF4Linear)) and n != "lm_head"]
+
+
+def test_nf4_linear_module():
+    linear = nn.Linear(64, 24)
+    layer = NF4Linear.from_linear(linear, blocksize=32)
+    assert isinstance(layer.weight, NF4Weight) and layer.in_features == 64 and layer.out_features == 24
+    assert layer.bias is linear.bias
+    x = torch.randn(5, 64)
+    assert torch.allclose(layer(x), x @ layer.weight.dequantize().T + linear.bias, atol=1e-5)
+    keys = set(layer.state_dict())
+    assert {"weight", "weight.absmax", "weight.quant_map", "weight.nested_absmax", "weight.nested_quant_map",
+            "weight.quant_state.bitsandbytes__nf4", "bias"} == keys
+    fresh = NF4Linear(64, 24)
+    fresh.load_state_dict(layer.state_dict())
+    assert torch.equal(fresh.weight.packed, layer.weight.packed) and fresh.weight.blocksize == 32
+    dense = NF4Linear(64, 24, blocksize=128, double_quant=False)
+    dense.load_state_dict(linear.state_dict())  # a dense weight is quantized on load
+    assert torch.equal(dense.weight.packed, quantize_nf4(linear.weight.detach(), 128, False).packed)
+    assert dense.to(torch.bfloat16).weight.dtype == torch.float32 and dense.bias.dtype == torch.bfloat16
+    assert torch.allclose(layer.to_linear()(x), layer(x), atol=1e-5)
+    with pytest.raises(ValueError, match=r"\(24, 64\)"):
+        NF4Linear(64, 24).load_state_dict(NF4Linear.from_linear(nn.Linear(32, 24)).state_dict())
+    with pytest.raises(RuntimeError, match="no weight"):
+        NF4Linear(64, 24)(x)
+
+
+def test_quantize_model_in_memory():
+    torch.manual_seed(0)
+    model = _tiny_llama().eval()
+    ids = torch.randint(0, 96, (1, 9))
+    with torch.no_grad():
+        dense_logits = model(ids).logits
+    fastft.quantize_model(model, "nf4", skip=["lm_head", "mlp.down_proj"])
+    assert isinstance(model.lm_head, nn.Linear) and not isinstance(model.lm_head, NF4Linear)
+    assert not isinstance(model.model.layers[0].mlp.down_proj, NF4Linear)
+    assert isinstance(model.model.layers[1].self_attn.q_proj, NF4Linear)
+    with torch.no_grad():
+        logits = model(ids).logits
+    assert (logits - dense_logits).norm() / dense_logits.norm() < 0.2  # 4-bit weights, same function
+    with pytest.raises(ValueError, match="nf4"):
+        fastft.quantize_model(model, "fp4")
+
+
+def test_load_bitsandbytes_checkpoint(checkpoints):
+    from safetensors.torch import load_file
+    root, bnb_model = checkpoints
+    model = fastft.load_nf4_model(str(root / "bnb"), dtype=torch.bfloat16)
+    stored = load_file(root / "bnb" / "model.safetensors")
+    for name in _linear_names(model):
+        layer = model.get_submodule(name)
+        assert isinstance(layer, NF4Linear), name
+        assert torch.equal(layer.weight.packed, stored[f"{name}.weight"].view(-1)), name
+        ref = bnb_model.get_submodule(name).weight
+        import bitsandbytes.functional as bnbf
+        assert torch.equal(layer.weight.dequantize(), bnbf.dequantize_4bit(ref.data, ref.quant_state)), name
+    ids = torch.randint(0, 96, (2, 6))
+    with torch.no_grad():
+        ours, theirs = model(ids).logits.float(), bnb_model(ids).logits.float()
+    assert (ours - theirs).norm() / theirs.norm() < 2e-2
+
+
+def test_quantize_while_loading_matches_bitsandbytes_and_holds_one_layer(checkpoints, monkeypatch):
+    root, bnb_model = checkpoints
+    alive = []
+    quantize = nf4_model.quantize_nf4
+
+    def watched(tensor, *args, **kwargs):
+        # every dense weight handed over earlier must be freed by now: one dense layer at a time
+        assert all(ref() is None for ref in alive), "a dense layer outlived its quantization"
+        alive.append(weakref.ref(tensor))
+        return quantize(tensor, *args, **kwargs)
+
+    monkeypatch.setattr(nf4_model, "quantize_nf4", watched)
+    model = fastft.load_nf4_model(str(root / "dense"), dtype=torch.bfloat16)
+    assert len(alive) == len(_linear_names(model))
+    for name in _linear_names(model):
+        ours, theirs = model.get_submodule(name).weight, bnb_model.get_submodule(name).weight
+        assert torch.equal(ours.packed, theirs.data.view(-1)) and torch.equal(ours.absmax, theirs.quant_state.absmax)
+    assert not isinstance(model.lm_head, NF4Linear)
+
+
+def test_save_loads_back_in_bitsandbytes(checkpoints, tmp_path):
+    root, _ = checkpoints
+    model = fastft.load_nf4_model(str(root / "dense"), dtype=torch.bfloat16)
+    fastft.save_nf4_model(model, str(tmp_path))
+    config = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "bitsandbytes" and config["bnb_4bit_quant_type"] == "nf4"
+    assert config["bnb_4bit_use_double_quant"] is True
+    reloaded = transformers.LlamaForCausalLM.from_pretrained(tmp_path, device_map="cpu")
+    for name in _linear_names(model):
+        assert torch.equal(reloaded.get_submodule(name).weight.data.view(-1), model.get_submodule(name).weight.packed)
+    again = fastft.load_nf4_model(str(tmp_path), dtype=torch.bfloat16)
+    ids = torch.randint(0, 96, (1, 5))
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, model(ids).logits)
+    assert not list(tmp_path.glob(".tmp-*"))  # atomic writes leave no temporaries
+
+
+def test_checkpoint_missing_a_quant_state_key_is_named(checkpoints, tmp_path):
+    from safetensors.torch import load_file, save_file
+    root, _ = checkpoints
+    (tmp_path / "config.json").write_text((root / "bnb" / "config.json").read_text())
+    state = load_file(root / "bnb" / "model.safetensors")
+    del state["model.layers.1.mlp.up_proj.weight.nested_absmax"]
+    save_file(state, tmp_path / "model.safetensors")
+    with pytest.raises(KeyError, match=r"model\.layers\.1\.mlp\.up_proj\.weight\.nested_absmax"):
+        fastft.load_nf4_model(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="safetensors"):
+        fastft.load_nf4_model(str(root / "missing"))
