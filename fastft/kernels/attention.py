@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from fastft.kernels.runtime import INTERPRET, has_tma, next_power_of_2, triton
+from fastft.kernels.runtime import INTERPRET, cdiv, has_tma, next_power_of_2, triton
 
 import triton.language as tl
 
@@ -135,7 +135,7 @@ def upcast(dtype: torch.dtype) -> bool:
 
 
 def grid_rows(batch: int, heads: int, seqlen: int, block: int) -> tuple[int, int]:
-    return triton.cdiv(max(seqlen, 1), block), batch * heads
+    return cdiv(max(seqlen, 1), block), batch * heads
 
 
 @triton.jit
@@ -152,13 +152,3 @@ def doc_bounds(cu_ptr, b, seqlen_q, seqlen_k, VARLEN: tl.constexpr):
     return start, n_q, n_k
 
 
-_TUNERS: dict = {}
-
-
-def tuner(name: str, configs: list[dict]):
-    from fastft.kernels.autotune import Tuner
-
-    key = (name, tuple(tuple(sorted(c.items())) for c in configs))
-    if key not in _TUNERS:
-        _TUNERS[key] = Tuner(name, configs)
-    return _TUNERS[key]

@@ -15,10 +15,13 @@ atomics (5 matmuls, FlashAttention-2's choice).
 """
 from __future__ import annotations
 
+import functools
+
 import os
 
 import torch
 
+from fastft.kernels.autotune import tuner
 from fastft.kernels.attention import (
     LOG2E,
     band,
@@ -31,11 +34,10 @@ from fastft.kernels.attention import (
     store_tile,
     tma_eligible,
     token_strides,
-    tuner,
     upcast,
     visible,
 )
-from fastft.kernels.runtime import INTERPRET, ensure_descriptor_allocator, triton
+from fastft.kernels.runtime import INTERPRET, cdiv, ensure_descriptor_allocator, triton
 
 import triton.language as tl
 
@@ -290,6 +292,7 @@ def _attn_bwd_dq_kernel(
 # Launch configs: BLOCK_N × BLOCK_M for the dK/dV kernel (keys × rows), BLOCK_M2 × BLOCK_N2 for dQ.
 # FlashAttention-2 runs 128 keys × 64 rows with 8 warps for D = 128; dQ mirrors the forward.
 
+@functools.lru_cache(maxsize=None)
 def backward_configs(dtype: torch.dtype, head_dim: int, tma_ok: bool) -> list[dict]:
     def cfg(bn, bm, warps, stages, bm2, bn2, dq_warps, dq_stages, atomic=False, tma=False):
         return dict(BLOCK_N=bn, BLOCK_M=bm, WARPS=warps, STAGES=stages, BLOCK_M2=bm2, BLOCK_N2=bn2,
@@ -369,7 +372,7 @@ def attention_backward(do, q, k, v, o, lse, *, sm_scale: float, left: int, right
         dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=dev) if atomic else dq
         meta = dict(common, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], ATOMIC_DQ=atomic, USE_TMA=use_tma,
                     num_warps=cfg["WARPS"], num_stages=cfg["STAGES"])
-        kv_grid = (triton.cdiv(max(seqlen_k, 1), cfg["BLOCK_N"]), batch * n_kv)
+        kv_grid = (cdiv(max(seqlen_k, 1), cfg["BLOCK_N"]), batch * n_kv)
         _attn_bwd_dkdv_kernel[kv_grid](
             q, k, v, do, lse, delta, cu, dk, dv, dq_acc,
             *q_strides, *token_strides(k, varlen), *token_strides(v, varlen), *do_strides,
@@ -378,7 +381,7 @@ def attention_backward(do, q, k, v, o, lse, *, sm_scale: float, left: int, right
             PREFIX=False, **meta,
         )
         if has_prefix:
-            _attn_bwd_dkdv_kernel[(triton.cdiv(n_prefix, cfg["BLOCK_N"]), batch * n_kv)](
+            _attn_bwd_dkdv_kernel[(cdiv(n_prefix, cfg["BLOCK_N"]), batch * n_kv)](
                 q, prefix_k, prefix_v, do, lse, delta, cu, dpk, dpv, dq_acc,
                 *q_strides, *pk_strides, *pv_strides, *do_strides,
                 *token_strides(dpk, False), *token_strides(dpv, False), *token_strides(dq_acc, varlen),

@@ -10,8 +10,11 @@ Hopper: Q/K/V/O go through tensor descriptors (TMA) when the head dim is a power
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
+from fastft.kernels.autotune import tuner
 from fastft.kernels.attention import (
     LOG2E,
     band,
@@ -24,7 +27,6 @@ from fastft.kernels.attention import (
     store_tile,
     tma_eligible,
     token_strides,
-    tuner,
     upcast,
     visible,
 )
@@ -156,6 +158,7 @@ def _attn_fwd_kernel(
 # Launch configs. Few on purpose: each costs a compile. BLOCK_M=128 × BLOCK_N=128 with 8 warps and 3
 # stages is the usual Hopper sweet spot for D ≤ 128; 256-wide heads need smaller tiles for shared memory.
 
+@functools.lru_cache(maxsize=None)
 def forward_configs(dtype: torch.dtype, head_dim: int, tma_ok: bool) -> list[dict]:
     def cfg(bm, bn, warps, stages, tma=False, ws=False):
         return dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, USE_TMA=tma, WARP_SPECIALIZE=ws)

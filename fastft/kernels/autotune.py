@@ -59,3 +59,24 @@ class Tuner:
             log.debug("  %.4f ms  %s", ms, config)
         self.best[key] = best
         return best
+
+
+_REGISTRY: dict = {}
+
+
+def tuner(name: str, configs: Sequence[Config]) -> Tuner:
+    """The shared Tuner for a kernel name and config list, so tuning results persist across calls.
+
+    Looked up by the list's identity first (config functions wrapped in functools.lru_cache return the same
+    list every time: a dict hit on the hot path), then by content.
+    """
+    fast = (name, id(configs))
+    found = _REGISTRY.get(fast)
+    if found is not None and found[0] is configs:
+        return found[1]
+    slow = (name, tuple(tuple(sorted(c.items())) for c in configs))
+    if slow not in _REGISTRY:
+        _REGISTRY[slow] = Tuner(name, configs)
+    _REGISTRY[fast] = (configs, _REGISTRY[slow])  # keeps `configs` alive, so its id is not reused
+    return _REGISTRY[slow]
+

@@ -21,13 +21,15 @@ them take 2-D operands, pick configs and grids; validation lives in fastft.ops.l
 """
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
 
-from fastft.kernels.autotune import Tuner
+from fastft.kernels.autotune import tuner
 from fastft.kernels.runtime import (
     INTERPRET,
+    cdiv,
     device_sms,
     ensure_descriptor_allocator,
     has_tma,
@@ -240,6 +242,7 @@ def _dropout_mask_kernel(out_ptr, M, K, p_drop, seed, BLOCK_M: tl.constexpr, BLO
 # Launch configs. Hopper configs follow ../shared/anchors (128×256×64, 3 stages, 8 warps reached
 # 1.006–1.05× cuBLAS with descriptors and a persistent grid); the interpreter gets one small tile.
 
+@functools.lru_cache(maxsize=None)
 def _gemm_configs(use_tma: bool, elem_bytes: int) -> list[dict]:
     if INTERPRET:
         return [dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, FLATTEN=False, WARP_SPECIALIZE=False,
@@ -259,6 +262,7 @@ def _gemm_configs(use_tma: bool, elem_bytes: int) -> list[dict]:
             for bm, bn, bk, s, w in [(128, 128, 64, 4, 8), (128, 256, 64, 3, 8), (64, 128, 64, 4, 4)]]
 
 
+@functools.lru_cache(maxsize=None)
 def _project_configs(elem_bytes: int) -> list[dict]:
     if INTERPRET:
         return [dict(BLOCK_M=32, BLOCK_K=32, SPLIT_K=1, num_warps=4, num_stages=1)]
@@ -267,6 +271,7 @@ def _project_configs(elem_bytes: int) -> list[dict]:
                                      (64, 128, 2, 4, 4), (64, 128, 4, 4, 4), (128, 64, 4, 8, 4)]]
 
 
+@functools.lru_cache(maxsize=None)
 def _reduce_configs(elem_bytes: int) -> list[dict]:
     # PER_SM: how many programs per SM the M-split aims for.
     if INTERPRET:
@@ -274,16 +279,6 @@ def _reduce_configs(elem_bytes: int) -> list[dict]:
     return [dict(BLOCK_M=bm, BLOCK_N=bn, PER_SM=f, num_warps=w, num_stages=s)
             for bm, bn, f, w, s in [(64, 128, 2, 4, 4), (64, 128, 4, 4, 4), (128, 64, 4, 4, 4),
                                     (32, 128, 4, 4, 4), (128, 128, 2, 8, 3)]]
-
-
-_TUNERS: dict[tuple, Tuner] = {}
-
-
-def _tuner(name: str, configs: list[dict]) -> Tuner:
-    key = (name, tuple(tuple(sorted(c.items())) for c in configs))
-    if key not in _TUNERS:
-        _TUNERS[key] = Tuner(name, configs)
-    return _TUNERS[key]
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -330,7 +325,7 @@ def lora_gemm(a, b, lo, t, bias, *, b_nk: bool, p_drop: float = 0.0, seed: int =
 
     def launch(cfg, use_tma=use_tma):
         cfg = dict(cfg)
-        tiles = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
+        tiles = cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"])
         grid = (max(1, min(sms, tiles)),)
         _lora_gemm_kernel[grid](
             a, b, lo, t, bias if bias is not None else c, c,
@@ -344,7 +339,7 @@ def lora_gemm(a, b, lo, t, bias, *, b_nk: bool, p_drop: float = 0.0, seed: int =
 
     key = (_bucket(M), N, K, R, a.dtype, b_nk, bias is not None, p_drop > 0.0, use_tma)
     try:
-        _tuner("lora_gemm", _gemm_configs(use_tma, a.element_size())).run(key, launch)
+        tuner("lora_gemm", _gemm_configs(use_tma, a.element_size())).run(key, launch)
     except RuntimeError as err:
         if not use_tma or "no launch config compiled" not in str(err):
             raise
@@ -352,7 +347,7 @@ def lora_gemm(a, b, lo, t, bias, *, b_nk: bool, p_drop: float = 0.0, seed: int =
         warnings.warn(f"fastft: tensor-descriptor GEMM unavailable ({err.__cause__!r}); using pointer loads")
         _NO_TMA.add(a.device.type)
         key = key[:-1] + (False,)
-        _tuner("lora_gemm", _gemm_configs(False, a.element_size())).run(key, lambda cfg: launch(cfg, False))
+        tuner("lora_gemm", _gemm_configs(False, a.element_size())).run(key, lambda cfg: launch(cfg, False))
     return c
 
 
@@ -367,11 +362,11 @@ def rank_project(x, w, *, scale: float, p_drop: float = 0.0, seed: int = 0) -> t
 
     def launch(cfg):
         cfg = dict(cfg)
-        splits = min(cfg.pop("SPLIT_K"), triton.cdiv(K, cfg["BLOCK_K"]))
-        k_per_split = triton.cdiv(triton.cdiv(K, splits), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
-        splits = triton.cdiv(K, k_per_split)
+        splits = min(cfg.pop("SPLIT_K"), cdiv(K, cfg["BLOCK_K"]))
+        k_per_split = cdiv(cdiv(K, splits), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
+        splits = cdiv(K, k_per_split)
         out = torch.empty((splits, M, R), device=x.device, dtype=x.dtype if splits == 1 else torch.float32)
-        _rank_project_kernel[(triton.cdiv(M, cfg["BLOCK_M"]), splits)](
+        _rank_project_kernel[(cdiv(M, cfg["BLOCK_M"]), splits)](
             x, w, out, M, K, k_per_split,
             x.stride(0), x.stride(1), w.stride(0), w.stride(1), out.stride(0), out.stride(1),
             scale, p_drop, seed,
@@ -381,7 +376,7 @@ def rank_project(x, w, *, scale: float, p_drop: float = 0.0, seed: int = 0) -> t
         result["out"] = out[0] if splits == 1 else out.sum(0).to(x.dtype)
 
     key = (_bucket(M), K, R, x.dtype, p_drop > 0.0)
-    _tuner("rank_project", _project_configs(x.element_size())).run(key, launch)
+    tuner("rank_project", _project_configs(x.element_size())).run(key, launch)
     return result["out"]
 
 
@@ -395,11 +390,11 @@ def rank_reduce(lo, y, *, p_drop: float = 0.0, seed: int = 0) -> torch.Tensor:
     def launch(cfg):
         cfg = dict(cfg)
         per_sm = cfg.pop("PER_SM")
-        n_tiles = triton.cdiv(N, cfg["BLOCK_N"])
+        n_tiles = cdiv(N, cfg["BLOCK_N"])
         # Split M so the grid covers the chip PER_SM times; partial sums are added up by torch after.
-        splits = max(1, min(triton.cdiv(per_sm * sms, n_tiles), triton.cdiv(M, 4 * cfg["BLOCK_M"])))
-        rows_per_split = triton.cdiv(triton.cdiv(M, splits), cfg["BLOCK_M"]) * cfg["BLOCK_M"]
-        splits = triton.cdiv(M, rows_per_split)
+        splits = max(1, min(cdiv(per_sm * sms, n_tiles), cdiv(M, 4 * cfg["BLOCK_M"])))
+        rows_per_split = cdiv(cdiv(M, splits), cfg["BLOCK_M"]) * cfg["BLOCK_M"]
+        splits = cdiv(M, rows_per_split)
         part = torch.empty((splits, R, N), device=y.device, dtype=torch.float32)
         _rank_reduce_kernel[(n_tiles, splits)](
             lo, y, part, M, N, rows_per_split,
@@ -411,13 +406,13 @@ def rank_reduce(lo, y, *, p_drop: float = 0.0, seed: int = 0) -> torch.Tensor:
         result["out"] = part[0] if splits == 1 else part.sum(0)
 
     key = (_bucket(M), N, R, y.dtype, p_drop > 0.0)
-    _tuner("rank_reduce", _reduce_configs(y.element_size())).run(key, launch)
+    tuner("rank_reduce", _reduce_configs(y.element_size())).run(key, launch)
     return result["out"]
 
 
 def dropout_mask(seed: int, M: int, K: int, p_drop: float, device) -> torch.Tensor:
     """The keep-mask (M×K, bool) every kernel regenerates for this seed: for tests and debugging."""
     out = torch.empty((M, K), dtype=torch.int8, device=device)
-    grid = (triton.cdiv(M, 32), triton.cdiv(K, 32))
+    grid = (cdiv(M, 32), cdiv(K, 32))
     _dropout_mask_kernel[grid](out, M, K, p_drop, seed, BLOCK_M=32, BLOCK_K=32)
     return out.bool()

@@ -17,7 +17,7 @@ import torch
 
 from fastft.kernels.autotune import Tuner
 from fastft.kernels.nf4_codes import NF4_CODE_VALUES
-from fastft.kernels.runtime import INTERPRET, triton
+from fastft.kernels.runtime import INTERPRET, cdiv, triton
 
 import triton.language as tl
 
@@ -192,7 +192,7 @@ def nf4_dequantize(packed, absmax, numel: int, blocksize: int, out_dtype: torch.
 
     def launch(cfg):
         cfg = dict(cfg)
-        grid = (triton.cdiv(numel, cfg["BLOCK"]),)
+        grid = (cdiv(numel, cfg["BLOCK"]),)
         _nf4_dequant_kernel[grid](
             packed, absmax, absmax2 if nested else absmax, code2 if nested else code, code, out,
             numel, (numel + 1) // 2, float(offset),
@@ -203,6 +203,6 @@ def nf4_dequantize(packed, absmax, numel: int, blocksize: int, out_dtype: torch.
     if config is not None:
         launch(config)
     else:
-        key = (triton.cdiv(numel, 1 << 20), blocksize, nested, out_dtype)
+        key = (cdiv(numel, 1 << 20), blocksize, nested, out_dtype)
         _TUNER.run(key, launch)
     return out

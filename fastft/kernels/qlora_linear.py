@@ -16,12 +16,15 @@ Requires an even in_features that the blocksize divides (every real model); the 
 """
 from __future__ import annotations
 
+import functools
+
 import logging
 from typing import NamedTuple
 
 import torch
 
-from fastft.kernels.lora_linear import _dot_precision, _tile_coords, _tuner, _upcast, dropout_keep
+from fastft.kernels.autotune import tuner
+from fastft.kernels.lora_linear import _bucket, _dot_precision, _tile_coords, _upcast, dropout_keep
 from fastft.kernels.nf4_codes import NF4_CODE_VALUES
 from fastft.kernels.nf4_dequant import (
     DECODE_GATHER,
@@ -33,6 +36,7 @@ from fastft.kernels.nf4_dequant import (
     nf4_unpack_pairs,
 )
 from fastft.kernels.runtime import (
+    cdiv,
     INTERPRET,
     device_sms,
     ensure_descriptor_allocator,
@@ -202,6 +206,14 @@ def _nf4_lora_gemm_kernel(
 # Per k-step of a 256×128×64 tile (sm_90 SASS): ~420 instructions a thread with the byte-permute decode,
 # ~780 with the select tree; the table gather pipelines its loads through shared memory instead.
 
+@functools.lru_cache(maxsize=None)
+def _usable_configs(elem_bytes: int, prmt_ok: bool) -> list[dict]:
+    """gemm_configs without the PRMT decode where its self-check failed (the same list object per arguments)."""
+    configs = gemm_configs(elem_bytes)
+    return configs if prmt_ok else [c for c in configs if c["DECODE"] != DECODE_PRMT]
+
+
+@functools.lru_cache(maxsize=None)
 def gemm_configs(elem_bytes: int) -> list[dict]:
     if INTERPRET:
         return [dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, DECODE=DECODE_SELECT, num_warps=4,
@@ -279,7 +291,7 @@ def nf4_lora_gemm(a, w: NF4Operand, lo, t, bias, *, w_nk: bool, p_drop: float = 
 
     def launch(cfg):
         cfg = dict(cfg)
-        tiles = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
+        tiles = cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"])
         grid = (max(1, min(sms, tiles)),)
         _nf4_lora_gemm_kernel[grid](
             a, w.packed, w.absmax, w.absmax2 if nested else w.absmax, w.code2 if nested else w.code, w.code,
@@ -296,9 +308,9 @@ def nf4_lora_gemm(a, w: NF4Operand, lo, t, bias, *, w_nk: bool, p_drop: float = 
     if config is not None:
         launch(config)
     else:
-        key = (M, N, K, R, a.dtype, w_nk, w.blocksize, nested, has_tail, bias is not None, p_drop > 0.0, use_tma)
+        key = (_bucket(M), N, K, R, a.dtype, w_nk, w.blocksize, nested, has_tail, bias is not None, p_drop > 0.0, use_tma)
         configs = gemm_configs(a.element_size())
-        if any(c["DECODE"] == DECODE_PRMT for c in configs) and not _prmt_checked(a.device, a.dtype):
-            configs = [c for c in configs if c["DECODE"] != DECODE_PRMT]
-        _tuner("nf4_lora_gemm", configs).run(key, launch)
+        if any(c["DECODE"] == DECODE_PRMT for c in configs):
+            configs = _usable_configs(a.element_size(), _prmt_checked(a.device, a.dtype))
+        tuner("nf4_lora_gemm", configs).run(key, launch)
     return c
