@@ -15,6 +15,7 @@ _LAZY = {
     "load_adapter": "fastft.integration.peft_lora",
     "add_adapter": "fastft.integration.peft_lora",
     "save_adapter": "fastft.integration.peft_lora",
+    "merge_and_unload": "fastft.integration.peft_lora",
     "register_attention": "fastft.integration.attention",
     "quantize_model": "fastft.integration.nf4_model",
     "load_nf4_model": "fastft.integration.nf4_model",

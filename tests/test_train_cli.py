@@ -94,3 +94,15 @@ def test_two_processes_match_one(tiny_checkpoint, tmp_path):
     assert a.keys() == b.keys()
     for key in a:
         assert torch.allclose(a[key], b[key], atol=3e-3), key
+
+
+def test_qlora_training_reports_merge_costs(tiny_checkpoint, tmp_path):
+    out = tmp_path / "qlora"
+    assert main(["train", "--model", str(tiny_checkpoint), "--quantize", "nf4", "--steps", "2", "--batch-size", "4",
+                 "--eval-examples", "8", "--max-length", "32", "--output-dir", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["config"]["quantize"] == "nf4"
+    merged = metrics["eval_merged"]
+    # merging into dequantized weights is exact: the same evaluation as the trained QLoRA model
+    assert merged["dense"]["loss"] == pytest.approx(metrics["eval_after"]["loss"], rel=1e-4)
+    assert merged["requantized"]["examples"] == 8

@@ -29,6 +29,8 @@ def _add_train(sub) -> None:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--output-dir", default=d.output_dir)
     p.add_argument("--dtype", default=d.dtype, choices=["auto", "bf16", "fp16", "fp32"])
+    p.add_argument("--quantize", default=d.quantize, choices=["nf4"],
+                   help="QLoRA: quantize the base linear layers to NF4 first (lm_head stays dense)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -42,6 +42,7 @@ class TrainConfig:
     seed: int = 0
     output_dir: str = "runs/lora-smollm2-mr"
     dtype: str = "auto"  # auto: bf16 on a GPU, fp32 on the CPU
+    quantize: str | None = None  # "nf4": QLoRA on NF4 base weights (lm_head stays dense)
 
 
 def _dtype(name: str, device: torch.device) -> torch.dtype:
@@ -117,6 +118,23 @@ def _write_json_atomic(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+def _evaluate_merges(model, eval_loader, label_ids, accelerator, log) -> dict:
+    """QLoRA: what merging costs. The adapter merged into dequantized (dense) weights, and merged then
+    quantized to NF4 again, each evaluated like the trained model."""
+    import copy
+
+    import fastft
+
+    results = {}
+    unwrapped = accelerator.unwrap_model(model)
+    for name, requantize in (("dense", False), ("requantized", True)):
+        merged = fastft.merge_and_unload(copy.deepcopy(unwrapped), requantize=requantize)
+        results[name] = evaluate(merged, eval_loader, label_ids, accelerator)
+        log(f"merged ({name}): accuracy {results[name]['accuracy']:.3f}, loss {results[name]['loss']:.3f}")
+        del merged
+    return results
+
+
 def train(cfg: TrainConfig) -> dict:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -148,11 +166,17 @@ def train(cfg: TrainConfig) -> dict:
     before = evaluate(model, eval_loader, label_ids, accelerator)
     log(f"before: accuracy {before['accuracy']:.3f}, loss {before['loss']:.3f}")
 
+    if cfg.quantize:
+        fastft.quantize_model(model, cfg.quantize)
+        before_q = evaluate(model, eval_loader, label_ids, accelerator)
+        log(f"quantized to {cfg.quantize}: accuracy {before_q['accuracy']:.3f}, loss {before_q['loss']:.3f}")
     lora_config = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, use_rslora=cfg.rslora,
                              target_modules=list(cfg.target_modules), task_type="CAUSAL_LM")
     model = fastft.get_peft_model(model, lora_config)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    total = sum(p.numel() for p in model.parameters()) + sum(  # NF4 weights are not Parameters
+        m.weight.numel() for m in model.modules() if getattr(m, "weight", None) is not None
+        and not isinstance(m.weight, torch.Tensor))
     log(f"LoRA r={cfg.rank} alpha={cfg.alpha} on {', '.join(cfg.target_modules)}: "
         f"{trainable:,} trainable of {total:,} parameters")
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
@@ -191,12 +215,14 @@ def train(cfg: TrainConfig) -> dict:
 
     after = evaluate(model, eval_loader, label_ids, accelerator)
     log(f"after:  accuracy {after['accuracy']:.3f}, loss {after['loss']:.3f}")
+    merged = _evaluate_merges(model, eval_loader, label_ids, accelerator, log) if cfg.quantize else None
     metrics = {
         "config": asdict(cfg), "device": str(device), "processes": accelerator.num_processes,
         "trainable_parameters": trainable, "total_parameters": total,
         "eval_before": before, "eval_after": after,
         "train_losses": losses,
         "train_seconds": train_seconds, "tokens_per_second": tokens / train_seconds,
+        "eval_merged": merged,
         "peak_memory_gib": peak, "peak_memory_kind": "cuda allocated" if device.type == "cuda" else "process RSS",
     }
     if accelerator.is_main_process:

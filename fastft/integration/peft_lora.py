@@ -21,6 +21,8 @@ from peft.tuners.tuners_utils import check_target_module_exists
 from torch import nn
 
 from fastft.modules.lora import FusedLoraLinear
+from fastft.modules.nf4_linear import NF4Linear
+from fastft.modules.qlora import FusedQLoraLinear
 
 # Fields that change the LoRA forward into something the fused op does not compute; each must stay off
 # (None/False). Initialisation schemes and modules_to_save are fine: the forward stays plain LoRA.
@@ -56,7 +58,14 @@ def validate_lora_config(config, model: nn.Module) -> None:
 
 
 def _linear_names(model: nn.Module) -> list[str]:
-    return [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    return [name for name, m in model.named_modules() if isinstance(m, (nn.Linear, NF4Linear))]
+
+
+def _with_quantized_targets(config: LoraConfig, model: nn.Module) -> LoraConfig:
+    """QLoRA: have peft wrap fastft's NF4Linear layers in FusedQLoraLinear (peft knows only its own types)."""
+    if any(isinstance(m, NF4Linear) for m in model.modules()):
+        config._register_custom_module({NF4Linear: FusedQLoraLinear})
+    return config
 
 
 def _check_targets(config: LoraConfig, model: nn.Module) -> None:
@@ -98,8 +107,13 @@ def patch_peft(model: nn.Module) -> nn.Module:
 
 
 def get_peft_model(model: nn.Module, config: LoraConfig, adapter_name: str = "default", **kwargs) -> PeftModel:
-    """Like `peft.get_peft_model`, with fused LoRA layers. Only adapter (and modules_to_save) weights train."""
+    """Like `peft.get_peft_model`, with fused LoRA layers. Only adapter (and modules_to_save) weights train.
+
+    On a model quantized by `fastft.quantize_model` / `load_nf4_model` this is QLoRA: the NF4 layers get
+    FusedQLoraLinear adapters (forward through fastft.ops.qlora_linear).
+    """
     validate_lora_config(config, model)
+    _with_quantized_targets(config, model)
     with warnings.catch_warnings():
         # peft reads transformers' deprecated `is_gradient_checkpointing`; nothing for the user to act on.
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
@@ -112,7 +126,7 @@ def add_adapter(model: PeftModel, adapter_name: str, config: LoraConfig) -> Peft
     if not isinstance(model, PeftModel):
         raise TypeError(f"add_adapter expects a PeftModel (from fastft.get_peft_model), got {type(model).__name__}")
     validate_lora_config(config, model.get_base_model())
-    model.add_adapter(adapter_name, config)
+    model.add_adapter(adapter_name, _with_quantized_targets(config, model.get_base_model()))
     return patch_peft(model)
 
 
@@ -162,13 +176,35 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     `model` is a plain transformers model (a PeftModel is built around it) or a PeftModel (the adapter is
     added under `adapter_name`). The adapter is checked against the model first.
     """
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    config = _with_quantized_targets(check_adapter_fits(base, path), base)
+    config.inference_mode = not is_trainable
     if isinstance(model, PeftModel):
-        check_adapter_fits(model.get_base_model(), path)
+        if adapter_name in model.peft_config:
+            raise ValueError(f"load_adapter: the model already has an adapter named {adapter_name!r}")
+        add_adapter(model, adapter_name, config)  # so peft builds fused (and QLoRA) layers for it
+        if is_trainable:
+            model.set_requires_grad(adapter_name)
         model.load_adapter(str(path), adapter_name=adapter_name, is_trainable=is_trainable)
         return patch_peft(model)
-    check_adapter_fits(model, path)
-    peft_model = PeftModel.from_pretrained(model, str(path), adapter_name=adapter_name, is_trainable=is_trainable)
+    peft_model = PeftModel.from_pretrained(model, str(path), adapter_name=adapter_name, is_trainable=is_trainable,
+                                           config=config)
     return patch_peft(peft_model)
+
+
+def merge_and_unload(model: PeftModel, *, requantize: bool = False, dtype=None, safe_merge: bool = False):
+    """Merge the active adapters into the base weights and return the plain model (peft's merge_and_unload).
+
+    QLoRA layers are dequantized first and come back as dense nn.Linear (in `dtype`, default the weight's
+    original dtype): W + ΔW exactly, no second rounding. With requantize=True they stay NF4Linear: W + ΔW is
+    quantized again, which keeps the 4-bit footprint at the cost of one more NF4 rounding (README: "QLoRA").
+    """
+    if not isinstance(model, PeftModel):
+        raise TypeError(f"merge_and_unload expects a PeftModel, got {type(model).__name__}")
+    if not requantize:
+        for module in [m for m in model.modules() if isinstance(m, FusedQLoraLinear)]:
+            module.to_dense(dtype)
+    return model.merge_and_unload(safe_merge=safe_merge)
 
 
 def save_adapter(model: PeftModel, path: str | os.PathLike, **kwargs) -> Path:

@@ -32,24 +32,26 @@ def _plain_linear(module: nn.Module) -> bool:
             and not module._forward_hooks and not module._forward_pre_hooks)
 
 
-class FusedLoraLinear(PeftLoraLinear):
+class _FusedForward(PeftLoraLinear):
+    """The forward that hands the active adapters to one fused op; subclasses say which op and base."""
+
+    def _base_ok(self, x: torch.Tensor) -> bool:
+        raise NotImplementedError
+
+    def _fused(self, x, lora_A, lora_B, scaling, dropout_p):
+        raise NotImplementedError
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        operands = self._fused_operands(x, args, kwargs)
+        operands = self._adapter_operands(x, args, kwargs)
         if operands is None:
             return super().forward(x, *args, **kwargs)
-        lora_A, lora_B, scaling, dropout_p = operands
-        base = self.base_layer
-        return lora_linear(x, base.weight, base.bias, lora_A, lora_B, scaling, dropout_p,
-                           backend=default_backend())
+        return self._fused(x, *operands)
 
-    def _fused_operands(self, x, args, kwargs):
+    def _adapter_operands(self, x, args, kwargs):
         """(A, B, scaling, dropout_p) for the fused op, or None where peft's forward must run."""
         if args or any(v is not None for v in kwargs.values()):
             return None
-        if self.disable_adapters or self.merged or self.fan_in_fan_out:
-            return None
-        base = self.base_layer
-        if not _plain_linear(base) or x.dtype != base.weight.dtype and not torch.is_autocast_enabled(x.device.type):
+        if self.disable_adapters or self.merged or self.fan_in_fan_out or not self._base_ok(x):
             return None
         names = [a for a in self.active_adapters if a in self.lora_A]
         if not names:
@@ -76,3 +78,15 @@ class FusedLoraLinear(PeftLoraLinear):
         lora_A = torch.cat([self.lora_A[n].weight.to(dtype) for n in names], dim=0)
         lora_B = torch.cat([self.lora_B[n].weight.to(dtype) * self.scaling[n] for n in names], dim=1)
         return lora_A, lora_B, 1.0, dropout_p
+
+
+class FusedLoraLinear(_FusedForward):
+    """LoRA on a plain nn.Linear through fastft.ops.lora_linear."""
+
+    def _base_ok(self, x):
+        base = self.base_layer
+        return _plain_linear(base) and (x.dtype == base.weight.dtype or torch.is_autocast_enabled(x.device.type))
+
+    def _fused(self, x, lora_A, lora_B, scaling, dropout_p):
+        base = self.base_layer
+        return lora_linear(x, base.weight, base.bias, lora_A, lora_B, scaling, dropout_p, backend=default_backend())

@@ -1,0 +1,61 @@
+"""QLoRA: peft's LoRA Linear around a fastft NF4Linear base, forward through fastft.ops.qlora_linear.
+
+Built by peft itself (fastft.get_peft_model registers this class for NF4Linear targets), so adapters,
+saving and peft's methods work as for plain LoRA. Merging into a 4-bit weight re-quantizes it: merge
+dequantizes W, adds the adapters' deltas in fp32 and quantizes the sum again with the same blocksize and
+double quantization (lossy; unmerge cannot restore the original codes exactly).
+fastft.merge_and_unload(model) instead returns dense layers by default (no second rounding).
+"""
+from __future__ import annotations
+
+import torch
+from peft.tuners.tuners_utils import check_adapters_to_merge
+
+from fastft.modules.lora import _FusedForward, default_backend
+from fastft.modules.nf4_linear import NF4Linear
+from fastft.ops.qlora import qlora_linear
+from fastft.quant.nf4_weight import quantize_nf4
+
+
+class FusedQLoraLinear(_FusedForward):
+    def _get_in_out_features(self, module):
+        return module.in_features, module.out_features
+
+    def _base_ok(self, x):
+        base = self.base_layer
+        return type(base) is NF4Linear and base.weight is not None and not base._forward_hooks \
+            and not base._forward_pre_hooks
+
+    def _fused(self, x, lora_A, lora_B, scaling, dropout_p):
+        base = self.base_layer
+        return qlora_linear(x, base.weight, base.bias, lora_A, lora_B, scaling, dropout_p, backend=default_backend())
+
+    def _requantize_with(self, adapters: list[str], sign: float, safe: bool = False) -> None:
+        base = self.get_base_layer()
+        w = base.weight.dequantize(torch.float32)
+        for name in adapters:
+            w += sign * self.get_delta_weight(name).to(device=w.device, dtype=torch.float32)
+        if safe and not torch.isfinite(w).all():
+            raise ValueError(f"NaNs detected in the merged weights of adapters {adapters}")
+        base.weight = quantize_nf4(w.to(base.weight.dtype), blocksize=base.weight.blocksize,
+                                   double_quant=base.weight.is_nested)
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        adapters = [a for a in check_adapters_to_merge(self, adapter_names) if a in self.lora_A]
+        if adapters:
+            self._requantize_with(adapters, +1.0, safe=safe_merge)
+            self.merged_adapters.extend(adapters)
+
+    def unmerge(self) -> None:
+        adapters = [a for a in self.merged_adapters if a in self.lora_A]
+        if adapters:
+            self._requantize_with(adapters, -1.0)
+        self.merged_adapters = []
+
+    def to_dense(self, dtype: torch.dtype | None = None):
+        """This layer with its base dequantized into an nn.Linear: plain LoRA, same adapters."""
+        from fastft.modules.lora import FusedLoraLinear
+
+        self.base_layer = self.get_base_layer().to_linear(dtype)
+        self.__class__ = FusedLoraLinear
+        return self

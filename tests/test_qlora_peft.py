@@ -1,0 +1,133 @@
+"""QLoRA end to end on a tiny random Llama: fastft.quantize_model + fastft.get_peft_model against peft LoRA on
+the dequantized (dense) twin, peft's format both ways, merging (dense and re-quantized), training."""
+import copy
+
+import peft
+import pytest
+import torch
+from peft import LoraConfig, PeftModel
+from torch import nn
+
+import fastft
+from fastft.modules.nf4_linear import NF4Linear
+from fastft.modules.qlora import FusedQLoraLinear
+from fastft.quant import quantize_nf4
+from tests.utils import ALL_LINEAR, interpreter_only, randomize_lora_B, tiny_llama
+
+IDS = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(5))
+CONFIG = LoraConfig(r=8, lora_alpha=16, target_modules=ALL_LINEAR)
+
+
+def _qlora(config=CONFIG):
+    """(QLoRA model, peft LoRA on the dense dequantized twin) with identical adapters."""
+    base = tiny_llama()
+    quantized = fastft.quantize_model(copy.deepcopy(base), "nf4")
+    dense = copy.deepcopy(base)
+    for name, module in quantized.named_modules():
+        if isinstance(module, NF4Linear):
+            dense.get_submodule(name).weight.data = module.weight.dequantize(torch.float32)
+    ours = fastft.get_peft_model(quantized, copy.deepcopy(config))
+    randomize_lora_B(ours)
+    ref = peft.get_peft_model(dense, copy.deepcopy(config))
+    ref.load_state_dict({k: v for k, v in ours.state_dict().items() if "lora_" in k}, strict=False)
+    return ours, ref
+
+
+def _logits(model):
+    with torch.no_grad():
+        return model(IDS).logits
+
+
+def test_quantized_model_gets_qlora_layers():
+    ours, _ = _qlora()
+    layers = [m for m in ours.modules() if isinstance(m, FusedQLoraLinear)]
+    assert len(layers) == 2 * len(ALL_LINEAR)
+    assert all(isinstance(m.base_layer, NF4Linear) for m in layers)
+    trainable = {n for n, p in ours.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=interpreter_only)])
+def test_forward_and_grads_match_lora_on_the_dense_twin(backend, monkeypatch):
+    monkeypatch.setenv("FASTFT_LORA_BACKEND", backend)
+    ours, ref = _qlora()
+    ours.train(), ref.train()
+    loss, loss_ref = ours(IDS, labels=IDS).loss, ref(IDS, labels=IDS).loss
+    loss.backward()
+    loss_ref.backward()
+    assert torch.allclose(loss, loss_ref, rtol=1e-5)
+    grads_ref = {n: p.grad for n, p in ref.named_parameters() if p.requires_grad}
+    for n, p in ours.named_parameters():
+        if p.requires_grad:
+            assert torch.allclose(p.grad, grads_ref[n], rtol=1e-4, atol=1e-6), n
+
+
+def test_adapter_round_trips(tmp_path):
+    ours, ref = _qlora()
+    expected = _logits(ours)
+    fastft.save_adapter(ours, tmp_path / "qlora")
+    # into a freshly quantized model through fastft, and into the dense twin through peft
+    again = fastft.load_adapter(fastft.quantize_model(tiny_llama(), "nf4"), tmp_path / "qlora")
+    assert any(isinstance(m, FusedQLoraLinear) for m in again.modules())
+    assert torch.allclose(_logits(again), expected, atol=1e-6)
+    by_peft = PeftModel.from_pretrained(copy.deepcopy(ref.get_base_model()), str(tmp_path / "qlora"))
+    assert torch.allclose(_logits(by_peft), expected, atol=1e-5)
+
+
+def test_second_adapter_on_a_qlora_model(tmp_path):
+    ours, _ = _qlora()
+    fastft.save_adapter(ours, tmp_path / "first")
+    fastft.load_adapter(ours, tmp_path / "first", adapter_name="again")
+    ours.set_adapter("again")
+    expected = _logits(ours)
+    ours.set_adapter("default")
+    assert torch.allclose(_logits(ours), expected, atol=1e-6)
+    with pytest.raises(ValueError, match="already has an adapter named 'again'"):
+        fastft.load_adapter(ours, tmp_path / "first", adapter_name="again")
+
+
+def test_merge_and_unload_dense_is_exact():
+    ours, ref = _qlora()
+    expected = _logits(ours)
+    merged = fastft.merge_and_unload(ours)
+    assert not any(isinstance(m, NF4Linear) for m in merged.modules())
+    assert isinstance(merged.model.layers[0].self_attn.q_proj, nn.Linear)
+    assert torch.allclose(_logits(merged), expected, atol=1e-5)
+
+
+def test_merge_and_unload_requantized_is_one_more_nf4_rounding():
+    ours, ref = _qlora()
+    exact = fastft.merge_and_unload(copy.deepcopy(ours))  # dense W + ΔW
+    merged = fastft.merge_and_unload(ours, requantize=True)
+    layer = merged.model.layers[1].mlp.down_proj
+    assert isinstance(layer, NF4Linear)
+    expected = quantize_nf4(exact.model.layers[1].mlp.down_proj.weight.detach(), blocksize=64, double_quant=True)
+    assert torch.equal(layer.weight.packed, expected.packed)
+
+
+def test_peft_merge_adapter_requantizes_in_place():
+    ours, _ = _qlora()
+    layer = ours.base_model.model.model.layers[0].self_attn.v_proj
+    before = layer.base_layer.weight.dequantize(torch.float32)
+    delta = layer.get_delta_weight("default").float()
+    ours.merge_adapter()
+    assert layer.merged
+    assert torch.equal(layer.base_layer.weight.packed, quantize_nf4(before + delta).packed)
+    merged = layer.base_layer.weight.dequantize(torch.float32)
+    ours.unmerge_adapter()
+    assert not layer.merged
+    assert torch.equal(layer.base_layer.weight.packed, quantize_nf4(merged - delta).packed)
+
+
+def test_qlora_trains():
+    ours, _ = _qlora()
+    ours.train()
+    opt = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(5):
+        loss = ours(IDS, labels=IDS).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
