@@ -28,3 +28,16 @@ def pytest_collection_modifyitems(config, items):
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def captured_seeds(monkeypatch):
+    """The seeds the fused LoRA ops draw for dropout, in order, so a test can regenerate the kernels' mask
+    (fastft.kernels.lora_linear.dropout_mask) for its reference."""
+    import fastft.ops.lora as lora_ops
+
+    seeds = []
+    draw = lora_ops._draw_seed
+    monkeypatch.setattr(lora_ops, "_draw_seed", lambda: seeds.append(draw()) or seeds[-1])
+    return seeds
+

@@ -5,7 +5,6 @@ import random
 import pytest
 import torch
 
-import fastft.ops.lora as lora_ops
 from fastft.ops import lora_linear, lora_linear_reference
 from tests.utils import TOL, assert_close, interpreter_only, rel_err
 
@@ -112,19 +111,6 @@ def test_only_adapter_grads_when_input_is_frozen():
     x.requires_grad_(False)
     _check_against_reference(x, W, b, A, B, s=1.0)
     assert x.grad is None
-
-
-@pytest.fixture
-def captured_seeds(monkeypatch):
-    seeds = []
-    draw = lora_ops._draw_seed
-
-    def capture():
-        seeds.append(draw())
-        return seeds[-1]
-
-    monkeypatch.setattr(lora_ops, "_draw_seed", capture)
-    return seeds
 
 
 @interpreter_only

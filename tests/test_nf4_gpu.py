@@ -93,8 +93,7 @@ def test_gemm_every_config(dtype, M, N, K, blocksize):
 
 @pytest.mark.parametrize("dtype", (torch.float32, *HALF))
 @pytest.mark.parametrize("p", [0.0, 0.1])
-def test_qlora_linear_forward_and_gradients(monkeypatch, dtype, p):
-    import fastft.ops.lora as lora_ops
+def test_qlora_linear_forward_and_gradients(captured_seeds, dtype, p):
     from fastft.kernels.lora_linear import dropout_mask
     from fastft.ops import lora_linear_reference, qlora_linear
     M, K, N, r = 777, 1024, 1536, 16
@@ -103,9 +102,7 @@ def test_qlora_linear_forward_and_gradients(monkeypatch, dtype, p):
     A = (torch.randn(r, K, device=DEV) * 0.02).requires_grad_()
     B = (torch.randn(N, r, device=DEV) * 0.02).requires_grad_()
     bias = torch.randn(N, dtype=dtype, device=DEV, requires_grad=True)
-    seeds = []
-    draw = lora_ops._draw_seed
-    monkeypatch.setattr(lora_ops, "_draw_seed", lambda: seeds.append(draw()) or seeds[-1])
+    seeds = captured_seeds
     y = qlora_linear(x, w, bias, A, B, 2.0, p)
     dy = torch.randn_like(y)
     y.backward(dy)

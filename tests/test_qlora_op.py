@@ -2,7 +2,6 @@
 import pytest
 import torch
 
-import fastft.ops.lora as lora_ops
 from fastft.ops import lora_linear_reference, nf4_linear, qlora_linear, qlora_linear_reference
 from fastft.quant import quantize_nf4
 from tests.utils import assert_close, interpreter_only
@@ -16,18 +15,6 @@ CASES = [
 ]
 
 
-def _capture_seeds(monkeypatch):
-    seeds = []
-    draw = lora_ops._draw_seed
-
-    def capture():
-        seeds.append(draw())
-        return seeds[-1]
-
-    monkeypatch.setattr(lora_ops, "_draw_seed", capture)
-    return seeds
-
-
 def _fp64_reference(x, w, bias, A, B, scaling, p, keep):
     leaves = [t.detach().double().requires_grad_() for t in (x, A, B, bias)]
     x64, A64, B64, b64 = leaves
@@ -39,14 +26,14 @@ def _fp64_reference(x, w, bias, A, B, scaling, p, keep):
 @interpreter_only
 @pytest.mark.parametrize("dtype", (torch.float32, torch.float16, torch.bfloat16))
 @pytest.mark.parametrize("lead,K,N,r,blocksize,double_quant,p", CASES)
-def test_forward_and_gradients_match_fp64(monkeypatch, dtype, lead, K, N, r, blocksize, double_quant, p):
+def test_forward_and_gradients_match_fp64(captured_seeds, dtype, lead, K, N, r, blocksize, double_quant, p):
     from fastft.kernels.lora_linear import dropout_mask
     w = quantize_nf4(torch.randn(N, K, dtype=dtype) * 0.05, blocksize=blocksize, double_quant=double_quant)
     x = torch.randn(*lead, K, dtype=dtype, requires_grad=True)
     A = (torch.randn(r, K) * 0.1).requires_grad_()  # fp32 masters, as peft keeps them
     B = (torch.randn(N, r) * 0.1).requires_grad_()
     bias = torch.randn(N, dtype=dtype, requires_grad=True)
-    seeds = _capture_seeds(monkeypatch)
+    seeds = captured_seeds
     y = qlora_linear(x, w, bias, A, B, 2.0, p, backend="triton")
     dy = torch.randn_like(y)
     y.backward(dy)

@@ -82,56 +82,72 @@ def _as_rows(t: torch.Tensor) -> torch.Tensor:
     return t2 if t2.stride(-1) == 1 else t2.contiguous()
 
 
+def fused_lora_forward(ctx, x, bias, lora_A, lora_B, scaling, dropout_p, base_gemm, extra=()):
+    """The forward every fused LoRA op shares: xs = c·(keep∘x)·Aᵀ, then `base_gemm(x2, xs, B_p, bias)`, the
+    op's base GEMM with the rank tail (dense W for lora_linear, NF4 W for qlora_linear). Saves for
+    fused_lora_backward through ctx.save_for_backward (so checkpointing and offload hooks see the tensors),
+    with `extra` tensors appended; returns y."""
+    from fastft.kernels import lora_linear as kernels
+
+    K = x.shape[-1]
+    N, r = lora_B.shape
+    R = kernels.rank_pad(r)
+    dtype = x.dtype
+    x2 = _as_rows(x)
+    seed = _draw_seed() if dropout_p > 0.0 else 0
+    coef = scaling / (1.0 - dropout_p)
+    xs = kernels.rank_project(x2, _padded(lora_A, R, K, dtype), scale=coef, p_drop=dropout_p, seed=seed)
+    y = base_gemm(x2, xs, _padded(lora_B, N, R, dtype), bias)
+    ctx.save_for_backward(x2, lora_A, lora_B, xs, *extra)
+    ctx.meta = (x.shape, coef, dropout_p, seed, None if bias is None else bias.dtype)
+    return y.view(*x.shape[:-1], N)
+
+
+def fused_lora_backward(ctx, dy, dx_gemm, need_x, need_b, need_A, need_B):
+    """(x2, dy2, dx, db, dA, dB) from dy; `dx_gemm(dy2, g, A_p, p_drop, seed)` is the op's dx GEMM with the tail."""
+    from fastft.kernels import lora_linear as kernels
+
+    x2, lora_A, lora_B, xs = ctx.saved_tensors[:4]
+    x_shape, coef, dropout_p, seed, bias_dtype = ctx.meta
+    N, r = lora_B.shape
+    K, R, dtype = x2.shape[1], xs.shape[1], x2.dtype
+    dy2 = dy.reshape(-1, N).to(dtype)
+    if not dy2.is_contiguous():
+        dy2 = dy2.contiguous()
+    dx = db = dA = dB = None
+    if need_x or need_A:
+        g = kernels.rank_project(dy2, _padded(lora_B, N, R, dtype).t(), scale=coef)
+        if need_x:
+            dx = dx_gemm(dy2, g, _padded(lora_A, R, K, dtype), dropout_p, seed).view(x_shape)
+        if need_A:
+            dA = kernels.rank_reduce(g, x2, p_drop=dropout_p, seed=seed)[:r].to(lora_A.dtype)
+    if need_B:
+        dB = kernels.rank_reduce(xs, dy2)[:r].t().to(lora_B.dtype)
+    if need_b and bias_dtype is not None:
+        db = dy2.sum(0, dtype=torch.float32).to(bias_dtype)
+    return x2, dy2, dx, db, dA, dB
+
+
 class LoRALinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p):
         from fastft.kernels import lora_linear as kernels
 
-        K = x.shape[-1]
-        N, r = lora_B.shape
-        R = kernels.rank_pad(r)
-        dtype = x.dtype
-        x2 = _as_rows(x)
-        A_p = _padded(lora_A, R, K, dtype)
-        B_p = _padded(lora_B, N, R, dtype)
-        seed = _draw_seed() if dropout_p > 0.0 else 0
-        coef = scaling / (1.0 - dropout_p)
-        xs = kernels.rank_project(x2, A_p, scale=coef, p_drop=dropout_p, seed=seed)
-        y = kernels.lora_gemm(x2, weight, xs, B_p, bias, b_nk=True)
-        ctx.save_for_backward(x2, weight, lora_A, lora_B, xs)
-        ctx.meta = (x.shape, coef, dropout_p, seed, None if bias is None else bias.dtype)
-        return y.view(*x.shape[:-1], N)
+        return fused_lora_forward(ctx, x, bias, lora_A, lora_B, scaling, dropout_p,
+                                  lambda x2, xs, B_p, b: kernels.lora_gemm(x2, weight, xs, B_p, b, b_nk=True),
+                                  extra=(weight,))
 
     @staticmethod
     def backward(ctx, dy):
         from fastft.kernels import lora_linear as kernels
 
-        x2, weight, lora_A, lora_B, xs = ctx.saved_tensors
-        x_shape, coef, dropout_p, seed, bias_dtype = ctx.meta
+        weight = ctx.saved_tensors[4]
         need_x, need_w, need_b, need_A, need_B = ctx.needs_input_grad[:5]
-        N, r = lora_B.shape
-        K = x2.shape[1]
-        R = xs.shape[1]
-        dtype = x2.dtype
-        dy2 = dy.reshape(-1, N).to(dtype)
-        if not dy2.is_contiguous():
-            dy2 = dy2.contiguous()
-
-        dx = dW = db = dA = dB = None
-        if need_x or need_A:
-            g = kernels.rank_project(dy2, _padded(lora_B, N, R, dtype).t(), scale=coef)
-            if need_x:
-                A_p = _padded(lora_A, R, K, dtype)
-                dx = kernels.lora_gemm(dy2, weight, g, A_p, None, b_nk=False, p_drop=dropout_p, seed=seed)
-                dx = dx.view(x_shape)
-            if need_A:
-                dA = kernels.rank_reduce(g, x2, p_drop=dropout_p, seed=seed)[:r].to(lora_A.dtype)
-        if need_B:
-            dB = kernels.rank_reduce(xs, dy2)[:r].t().to(lora_B.dtype)
-        if need_w:
-            dW = (dy2.t() @ x2).to(weight.dtype)
-        if need_b and bias_dtype is not None:
-            db = dy2.sum(0, dtype=torch.float32).to(bias_dtype)
+        x2, dy2, dx, db, dA, dB = fused_lora_backward(
+            ctx, dy, lambda dy2, g, A_p, p, seed: kernels.lora_gemm(dy2, weight, g, A_p, None, b_nk=False,
+                                                                    p_drop=p, seed=seed),
+            need_x, need_b, need_A, need_B)
+        dW = (dy2.t() @ x2).to(weight.dtype) if need_w else None
         return dx, dW, db, dA, dB, None, None
 
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from fastft.kernels.runtime import triton_runs_on
 from fastft.ops import lora as lora_ops
-from fastft.ops.lora import _as_rows, _padded, lora_linear, lora_linear_reference
+from fastft.ops.lora import _as_rows, fused_lora_backward, fused_lora_forward, lora_linear, lora_linear_reference
 from fastft.quant.nf4_weight import NF4Weight
 
 BACKENDS = ("auto", "triton", "torch")
@@ -85,56 +85,26 @@ def validate_qlora_linear_args(x, qweight, bias, lora_A, lora_B, scaling, dropou
 
 
 class QLoRALinearFunction(torch.autograd.Function):
+    """lora_linear's fused forward/backward with the NF4 GEMM as the base GEMM (no weight gradient)."""
+
     @staticmethod
     def forward(ctx, x, qweight, bias, lora_A, lora_B, scaling, dropout_p):
-        from fastft.kernels import lora_linear as lk
         from fastft.kernels.qlora_linear import nf4_lora_gemm
 
-        K = x.shape[-1]
-        N, r = lora_B.shape
-        R = lk.rank_pad(r)
-        dtype = x.dtype
-        x2 = _as_rows(x)
-        A_p = _padded(lora_A, R, K, dtype)
-        B_p = _padded(lora_B, N, R, dtype)
-        seed = lora_ops._draw_seed() if dropout_p > 0.0 else 0  # looked up on the module: tests capture it
-        coef = scaling / (1.0 - dropout_p)
-        xs = lk.rank_project(x2, A_p, scale=coef, p_drop=dropout_p, seed=seed)
-        y = nf4_lora_gemm(x2, qweight.kernel_operand(), xs, B_p, bias, w_nk=True)
-        ctx.save_for_backward(x2, lora_A, lora_B, xs)
         ctx.qweight = qweight
-        ctx.meta = (x.shape, coef, dropout_p, seed, None if bias is None else bias.dtype)
-        return y.view(*x.shape[:-1], N)
+        return fused_lora_forward(ctx, x, bias, lora_A, lora_B, scaling, dropout_p,
+                                  lambda x2, xs, B_p, b: nf4_lora_gemm(x2, qweight.kernel_operand(), xs, B_p, b,
+                                                                       w_nk=True))
 
     @staticmethod
     def backward(ctx, dy):
-        from fastft.kernels import lora_linear as lk
         from fastft.kernels.qlora_linear import nf4_lora_gemm
 
-        x2, lora_A, lora_B, xs = ctx.saved_tensors
-        x_shape, coef, dropout_p, seed, bias_dtype = ctx.meta
         need_x, _, need_b, need_A, need_B = ctx.needs_input_grad[:5]
-        N, r = lora_B.shape
-        K = x2.shape[1]
-        R = xs.shape[1]
-        dtype = x2.dtype
-        dy2 = dy.reshape(-1, N).to(dtype)
-        if not dy2.is_contiguous():
-            dy2 = dy2.contiguous()
-
-        dx = db = dA = dB = None
-        if need_x or need_A:
-            g = lk.rank_project(dy2, _padded(lora_B, N, R, dtype).t(), scale=coef)
-            if need_x:
-                A_p = _padded(lora_A, R, K, dtype)
-                dx = nf4_lora_gemm(dy2, ctx.qweight.kernel_operand(), g, A_p, None, w_nk=False, p_drop=dropout_p,
-                                   seed=seed).view(x_shape)
-            if need_A:
-                dA = lk.rank_reduce(g, x2, p_drop=dropout_p, seed=seed)[:r].to(lora_A.dtype)
-        if need_B:
-            dB = lk.rank_reduce(xs, dy2)[:r].t().to(lora_B.dtype)
-        if need_b and bias_dtype is not None:
-            db = dy2.sum(0, dtype=torch.float32).to(bias_dtype)
+        _, _, dx, db, dA, dB = fused_lora_backward(
+            ctx, dy, lambda dy2, g, A_p, p, seed: nf4_lora_gemm(dy2, ctx.qweight.kernel_operand(), g, A_p, None,
+                                                                w_nk=False, p_drop=p, seed=seed),
+            need_x, need_b, need_A, need_B)
         return dx, None, db, dA, dB, None, None
 
 
