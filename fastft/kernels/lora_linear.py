@@ -17,7 +17,7 @@ seed and the element's (row, column) index in x with Philox.
 
 Three kernels serve all six products: `_lora_gemm_kernel` (the big GEMM with the rank tail),
 `_rank_project_kernel` (M×K times K×R) and `_rank_reduce_kernel` (Rᵀ×M times M×N). Launchers below
-them take 2-D operands, pick configs and grids; validation lives in fastft.ops.lora_linear.
+them take 2-D operands, pick configs and grids; validation lives in fastft.ops.lora.
 """
 from __future__ import annotations
 
