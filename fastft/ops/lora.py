@@ -96,10 +96,13 @@ def fused_lora_forward(ctx, x, bias, lora_A, lora_B, scaling, dropout_p, base_ge
     x2 = _as_rows(x)
     seed = _draw_seed() if dropout_p > 0.0 else 0
     coef = scaling / (1.0 - dropout_p)
-    xs = kernels.rank_project(x2, _padded(lora_A, R, K, dtype), scale=coef, p_drop=dropout_p, seed=seed)
-    y = base_gemm(x2, xs, _padded(lora_B, N, R, dtype), bias)
-    ctx.save_for_backward(x2, lora_A, lora_B, xs, *extra)
-    ctx.meta = (x.shape, coef, dropout_p, seed, None if bias is None else bias.dtype)
+    # Rank-padded copies in x's dtype (the factors themselves when nothing changes), kept for backward so it
+    # does not pad and cast them again.
+    A_p, B_p = _padded(lora_A, R, K, dtype), _padded(lora_B, N, R, dtype)
+    xs = kernels.rank_project(x2, A_p, scale=coef, p_drop=dropout_p, seed=seed)
+    y = base_gemm(x2, xs, B_p, bias)
+    ctx.save_for_backward(x2, A_p, B_p, xs, *extra)
+    ctx.meta = (x.shape, coef, dropout_p, seed, None if bias is None else bias.dtype, r, lora_A.dtype, lora_B.dtype)
     return y.view(*x.shape[:-1], N)
 
 
@@ -107,22 +110,22 @@ def fused_lora_backward(ctx, dy, dx_gemm, need_x, need_b, need_A, need_B):
     """(x2, dy2, dx, db, dA, dB) from dy; `dx_gemm(dy2, g, A_p, p_drop, seed)` is the op's dx GEMM with the tail."""
     from fastft.kernels import lora_linear as kernels
 
-    x2, lora_A, lora_B, xs = ctx.saved_tensors[:4]
-    x_shape, coef, dropout_p, seed, bias_dtype = ctx.meta
-    N, r = lora_B.shape
-    K, R, dtype = x2.shape[1], xs.shape[1], x2.dtype
+    x2, A_p, B_p, xs = ctx.saved_tensors[:4]
+    x_shape, coef, dropout_p, seed, bias_dtype, r, A_dtype, B_dtype = ctx.meta
+    N = B_p.shape[0]
+    dtype = x2.dtype
     dy2 = dy.reshape(-1, N).to(dtype)
     if not dy2.is_contiguous():
         dy2 = dy2.contiguous()
     dx = db = dA = dB = None
     if need_x or need_A:
-        g = kernels.rank_project(dy2, _padded(lora_B, N, R, dtype).t(), scale=coef)
+        g = kernels.rank_project(dy2, B_p.t(), scale=coef)
         if need_x:
-            dx = dx_gemm(dy2, g, _padded(lora_A, R, K, dtype), dropout_p, seed).view(x_shape)
+            dx = dx_gemm(dy2, g, A_p, dropout_p, seed).view(x_shape)
         if need_A:
-            dA = kernels.rank_reduce(g, x2, p_drop=dropout_p, seed=seed)[:r].to(lora_A.dtype)
+            dA = kernels.rank_reduce(g, x2, p_drop=dropout_p, seed=seed)[:r].to(A_dtype)
     if need_B:
-        dB = kernels.rank_reduce(xs, dy2)[:r].t().to(lora_B.dtype)
+        dB = kernels.rank_reduce(xs, dy2)[:r].t().to(B_dtype)
     if need_b and bias_dtype is not None:
         db = dy2.sum(0, dtype=torch.float32).to(bias_dtype)
     return x2, dy2, dx, db, dA, dB
