@@ -119,21 +119,6 @@ def tma_eligible(head_dim: int, *tensors: torch.Tensor) -> bool:
     return True
 
 
-def bucket(n: int) -> int:
-    """Tuning keys use powers of two so changing lengths in training do not re-tune every step."""
-    return next_power_of_2(max(1, int(n)))
-
-
-def dot_precision(dtype: torch.dtype) -> str:
-    # fp32 callers expect fp32 accuracy; bf16/fp16 ignore this.
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
-def upcast(dtype: torch.dtype) -> bool:
-    # The interpreter computes bf16/fp16 dots wrongly; on the GPU tensor cores take them directly.
-    return INTERPRET and dtype != torch.float32
-
-
 def grid_rows(batch: int, heads: int, seqlen: int, block: int) -> tuple[int, int]:
     return cdiv(max(seqlen, 1), block), batch * heads
 

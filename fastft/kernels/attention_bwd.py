@@ -26,17 +26,15 @@ from fastft.kernels.attention import (
     LOG2E,
     band,
     block_d,
-    bucket,
     doc_bounds,
-    dot_precision,
     grid_rows,
     load_tile,
     store_tile,
     tma_eligible,
     token_strides,
-    upcast,
     visible,
 )
+from fastft.kernels.shared import bucket, dot_precision, upcast
 from fastft.kernels.runtime import INTERPRET, cdiv, ensure_descriptor_allocator, triton
 
 import triton.language as tl

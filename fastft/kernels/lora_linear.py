@@ -27,6 +27,7 @@ import warnings
 import torch
 
 from fastft.kernels.autotune import tuner
+from fastft.kernels.shared import bucket, dot_precision, dropout_keep, tile_coords, upcast
 from fastft.kernels.runtime import (
     INTERPRET,
     cdiv,
@@ -39,24 +40,6 @@ from fastft.kernels.runtime import (
 )
 
 import triton.language as tl
-
-
-@triton.jit
-def dropout_keep(seed, rows, cols, n_cols, p):
-    """Keep-mask of inverted dropout for element (row, col) of a matrix with n_cols columns."""
-    offsets = rows.to(tl.int64)[:, None] * n_cols + cols[None, :]
-    return tl.rand(seed, offsets) >= p
-
-
-@triton.jit
-def _tile_coords(tile_id, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
-    # Grouped ordering: GROUP_M row-tiles share their column tiles while those sit in L2.
-    group_size = GROUP_M * num_pid_n
-    first_m = (tile_id // group_size) * GROUP_M
-    rows_in_group = min(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (tile_id % group_size) % rows_in_group
-    pid_n = (tile_id % group_size) // rows_in_group
-    return pid_m, pid_n
 
 
 @triton.jit
@@ -103,7 +86,7 @@ def _lora_gemm_kernel(
 
     offs_r = tl.arange(0, BLOCK_R)
     for tile_id in tl.range(start_pid, num_tiles, num_programs, flatten=FLATTEN, warp_specialize=WARP_SPECIALIZE):
-        pid_m, pid_n = _tile_coords(tile_id, num_pid_m, num_pid_n, GROUP_M)
+        pid_m, pid_n = tile_coords(tile_id, num_pid_m, num_pid_n, GROUP_M)
         off_m = pid_m * BLOCK_M
         off_n = pid_n * BLOCK_N
         rows = off_m + tl.arange(0, BLOCK_M)
@@ -281,21 +264,6 @@ def _reduce_configs(elem_bytes: int) -> list[dict]:
                                     (32, 128, 4, 4, 4), (128, 128, 2, 8, 3)]]
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    # fp32 callers expect fp32 accuracy (torch's default matmul is not tf32); bf16/fp16 ignore this.
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
-def _upcast(dtype: torch.dtype) -> bool:
-    # The interpreter computes bf16/fp16 dots wrongly; on the GPU the tensor cores take them directly.
-    return INTERPRET and dtype != torch.float32
-
-
-def _bucket(m: int) -> int:
-    # Token counts change every step (variable sequence lengths): tune once per power-of-two bucket.
-    return next_power_of_2(m)
-
-
 def rank_pad(r: int) -> int:
     return max(16, next_power_of_2(r))
 
@@ -321,7 +289,7 @@ def lora_gemm(a, b, lo, t, bias, *, b_nk: bool, p_drop: float = 0.0, seed: int =
     if use_tma:
         ensure_descriptor_allocator()
     sms = device_sms(a.device)
-    precision = _dot_precision(a.dtype)
+    precision = dot_precision(a.dtype)
 
     def launch(cfg, use_tma=use_tma):
         cfg = dict(cfg)
@@ -333,11 +301,11 @@ def lora_gemm(a, b, lo, t, bias, *, b_nk: bool, p_drop: float = 0.0, seed: int =
             a.stride(0), a.stride(1), stride_bn, stride_bk, lo.stride(0), stride_tn, stride_tr, c.stride(0),
             p_drop, seed, grid[0],
             HAS_BIAS=bias is not None, TAIL_DROPOUT=p_drop > 0.0, B_NK=b_nk,
-            USE_TMA=use_tma, UPCAST=_upcast(a.dtype), DOT_PRECISION=precision,
+            USE_TMA=use_tma, UPCAST=upcast(a.dtype), DOT_PRECISION=precision,
             BLOCK_R=R, **cfg,
         )
 
-    key = (_bucket(M), N, K, R, a.dtype, b_nk, bias is not None, p_drop > 0.0, use_tma)
+    key = (bucket(M), N, K, R, a.dtype, b_nk, bias is not None, p_drop > 0.0, use_tma)
     try:
         tuner("lora_gemm", _gemm_configs(use_tma, a.element_size())).run(key, launch)
     except RuntimeError as err:
@@ -370,12 +338,12 @@ def rank_project(x, w, *, scale: float, p_drop: float = 0.0, seed: int = 0) -> t
             x, w, out, M, K, k_per_split,
             x.stride(0), x.stride(1), w.stride(0), w.stride(1), out.stride(0), out.stride(1),
             scale, p_drop, seed,
-            DROPOUT=p_drop > 0.0, UPCAST=_upcast(x.dtype), DOT_PRECISION=_dot_precision(x.dtype),
+            DROPOUT=p_drop > 0.0, UPCAST=upcast(x.dtype), DOT_PRECISION=dot_precision(x.dtype),
             BLOCK_R=R, **cfg,
         )
         result["out"] = out[0] if splits == 1 else out.sum(0).to(x.dtype)
 
-    key = (_bucket(M), K, R, x.dtype, p_drop > 0.0)
+    key = (bucket(M), K, R, x.dtype, p_drop > 0.0)
     tuner("rank_project", _project_configs(x.element_size())).run(key, launch)
     return result["out"]
 
@@ -400,12 +368,12 @@ def rank_reduce(lo, y, *, p_drop: float = 0.0, seed: int = 0) -> torch.Tensor:
             lo, y, part, M, N, rows_per_split,
             lo.stride(0), y.stride(0), y.stride(1),
             p_drop, seed,
-            DROPOUT=p_drop > 0.0, UPCAST=_upcast(y.dtype), DOT_PRECISION=_dot_precision(y.dtype),
+            DROPOUT=p_drop > 0.0, UPCAST=upcast(y.dtype), DOT_PRECISION=dot_precision(y.dtype),
             BLOCK_R=R, **cfg,
         )
         result["out"] = part[0] if splits == 1 else part.sum(0)
 
-    key = (_bucket(M), N, R, y.dtype, p_drop > 0.0)
+    key = (bucket(M), N, R, y.dtype, p_drop > 0.0)
     tuner("rank_reduce", _reduce_configs(y.element_size())).run(key, launch)
     return result["out"]
 

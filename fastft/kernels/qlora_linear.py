@@ -24,7 +24,7 @@ from typing import NamedTuple
 import torch
 
 from fastft.kernels.autotune import tuner
-from fastft.kernels.lora_linear import _bucket, _dot_precision, _tile_coords, _upcast, dropout_keep
+from fastft.kernels.shared import bucket, dot_precision, dropout_keep, tile_coords, upcast
 from fastft.kernels.nf4_codes import NF4_CODE_VALUES
 from fastft.kernels.nf4_dequant import (
     DECODE_GATHER,
@@ -153,7 +153,7 @@ def _nf4_lora_gemm_kernel(
 
     offs_r = tl.arange(0, BLOCK_R)
     for tile_id in tl.range(start_pid, num_tiles, NUM_SMS):
-        pid_m, pid_n = _tile_coords(tile_id, num_pid_m, num_pid_n, GROUP_M)
+        pid_m, pid_n = tile_coords(tile_id, num_pid_m, num_pid_n, GROUP_M)
         off_m = pid_m * BLOCK_M
         off_n = pid_n * BLOCK_N
         rows = off_m + tl.arange(0, BLOCK_M)
@@ -286,8 +286,8 @@ def nf4_lora_gemm(a, w: NF4Operand, lo, t, bias, *, w_nk: bool, p_drop: float = 
         ensure_descriptor_allocator()
     sms = device_sms(a.device)
     nested = w.absmax2 is not None
-    upcast = _upcast(a.dtype)
-    precision = _dot_precision(a.dtype)
+    upcast_tiles = upcast(a.dtype)
+    precision = dot_precision(a.dtype)
 
     def launch(cfg):
         cfg = dict(cfg)
@@ -301,14 +301,14 @@ def nf4_lora_gemm(a, w: NF4Operand, lo, t, bias, *, w_nk: bool, p_drop: float = 
             float(w.offset), p_drop, seed,
             BS=w.blocksize, NBS=w.nested_blocksize, NESTED=nested,
             HAS_TAIL=has_tail, HAS_BIAS=bias is not None, TAIL_DROPOUT=has_tail and p_drop > 0.0, W_NK=w_nk,
-            USE_TMA=use_tma, UPCAST=upcast, DOT_PRECISION=precision,
+            USE_TMA=use_tma, UPCAST=upcast_tiles, DOT_PRECISION=precision,
             BLOCK_R=R, NUM_SMS=grid[0], **cfg,
         )
 
     if config is not None:
         launch(config)
     else:
-        key = (_bucket(M), N, K, R, a.dtype, w_nk, w.blocksize, nested, has_tail, bias is not None, p_drop > 0.0, use_tma)
+        key = (bucket(M), N, K, R, a.dtype, w_nk, w.blocksize, nested, has_tail, bias is not None, p_drop > 0.0, use_tma)
         configs = gemm_configs(a.element_size())
         if any(c["DECODE"] == DECODE_PRMT for c in configs):
             configs = _usable_configs(a.element_size(), _prmt_checked(a.device, a.dtype))

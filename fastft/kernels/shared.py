@@ -1,0 +1,45 @@
+"""Triton helpers every kernel family shares: dropout masks, tile order, dot precision and the
+interpreter's upcast rule, tuning buckets. One place, so no family imports another's private names."""
+from __future__ import annotations
+
+import torch
+
+from fastft.kernels.runtime import INTERPRET, next_power_of_2, triton
+
+import triton.language as tl
+
+
+@triton.jit
+def dropout_keep(seed, rows, cols, n_cols, p):
+    """Keep-mask of inverted dropout for element (row, col) of a matrix with n_cols columns (Philox)."""
+    offsets = rows.to(tl.int64)[:, None] * n_cols + cols[None, :]
+    return tl.rand(seed, offsets) >= p
+
+
+@triton.jit
+def tile_coords(tile_id, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of a linear tile id in grouped order: GROUP_M row-tiles share their column tiles
+    while those sit in L2."""
+    group_size = GROUP_M * num_pid_n
+    first_m = (tile_id // group_size) * GROUP_M
+    rows_in_group = min(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (tile_id % group_size) % rows_in_group
+    pid_n = (tile_id % group_size) // rows_in_group
+    return pid_m, pid_n
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """`tl.dot` input_precision: fp32 callers expect fp32 accuracy (torch's default matmul is not tf32);
+    bf16/fp16 ignore it."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def upcast(dtype: torch.dtype) -> bool:
+    """True when loaded bf16/fp16 tiles must be converted to fp32 before arithmetic: the interpreter
+    computes bf16/fp16 dots (and bf16 arithmetic) wrongly; on the GPU tensor cores take them directly."""
+    return INTERPRET and dtype != torch.float32
+
+
+def bucket(n: int) -> int:
+    """Tuning keys use powers of two so token counts that change every step do not re-tune every step."""
+    return next_power_of_2(max(1, int(n)))
