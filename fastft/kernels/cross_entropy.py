@@ -108,13 +108,15 @@ def _kl_rows_kernel(
     for v0 in range(0, V, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         mask = cols < V
-        s = tl.where(mask, tl.load(s_row + cols, mask=mask, other=0.0).to(tl.float32) * inv_temp, float("-inf"))
-        t = tl.where(mask, tl.load(t_row + cols, mask=mask, other=0.0).to(tl.float32) * inv_temp, float("-inf"))
+        s = tl.load(s_row + cols, mask=mask, other=0.0).to(tl.float32) * inv_temp
+        t = tl.load(t_row + cols, mask=mask, other=0.0).to(tl.float32) * inv_temp
+        diff = s - t
+        s = tl.where(mask, s, float("-inf"))
+        t = tl.where(mask, t, float("-inf"))
         ms_new = tl.maximum(ms, tl.max(s, axis=0))
         mt_new = tl.maximum(mt, tl.max(t, axis=0))
         es = tl.exp(s - ms_new)
         et = tl.exp(t - mt_new)
-        diff = tl.where(mask, s - t, 0.0)
         if REVERSE:
             cross = cross * tl.exp(ms - ms_new) + tl.sum(es * diff, axis=0)
         else:

@@ -154,6 +154,7 @@ class Plan:
     rows: int
     vocab: int
     nf4: NF4Weight | None = None
+    nf4_rows: int = 4096
     scaling: float = 1.0
     dropout_p: float = 0.0
     seed: int = 0
@@ -162,7 +163,8 @@ class Plan:
 
     def head(self, hidden, weight, bias, lora_A, lora_B) -> Head:
         return Head(self.vocab, hidden.dtype, weight=weight, nf4=self.nf4, bias=bias, lora_A=lora_A,
-                    lora_B=lora_B, scaling=self.scaling, dropout_p=self.dropout_p, seed=self.seed)
+                    lora_B=lora_B, scaling=self.scaling, dropout_p=self.dropout_p, seed=self.seed,
+                    nf4_rows=self.nf4_rows)
 
 
 def as_rows(t: torch.Tensor) -> torch.Tensor:

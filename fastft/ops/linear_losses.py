@@ -163,7 +163,9 @@ def _head_cross_entropy(op: str, hidden, head: HeadArgs, labels, *, ignore_index
         return ce_rows(x, labels2[t0:t1], scale, ignore_index=ignore_index, label_smoothing=label_smoothing,
                        softcap=softcap, compute_grad=compute_grad)
 
-    plan = Plan(row_fn, rows, head.vocab, nf4=head.nf4, scaling=head.scaling, dropout_p=head.dropout_p,
+    # an NF4 head is dequantized a block of vocab rows at a time, each block at most half a chunk's budget
+    nf4_rows = max(1, chunk_budget_bytes(hidden.device) // (2 * hidden.shape[-1] * hidden.element_size()))
+    plan = Plan(row_fn, rows, head.vocab, nf4=head.nf4, nf4_rows=nf4_rows, scaling=head.scaling, dropout_p=head.dropout_p,
                 seed=_draw_seed() if head.dropout_p > 0.0 else 0,
                 grad_scale=_grad_scale(reduction, labels2, ignore_index, T, num_items, hidden.device))
     loss = _run(plan, reduction, hidden, head, hidden.device.type)
