@@ -68,8 +68,10 @@ def _inputs(lead, H, V, dtype, ignore_index, *, bias, noncontiguous):
 
 
 @pytest.mark.parametrize("seed", range(18))
-def test_cross_entropy_matches_fp64_reference(seed):
+def test_cross_entropy_matches_fp64_reference(seed, monkeypatch):
     dtype, lead, H, V, opts, chunk, bias, noncontig = _ce_case(seed)
+    if seed % 2:  # dW accumulated in W's dtype (what a large vocab gets) instead of fp32
+        monkeypatch.setattr(chunked_logits, "FP32_WEIGHT_GRAD_MIB", 0)
     hidden, weight, b, labels = _inputs(lead, H, V, dtype, opts["ignore_index"], bias=bias, noncontiguous=noncontig)
     if V > 3 and opts["ignore_index"] == 3:
         labels[labels == 3] = 2  # the ignore_index 3 also in range: make sure rows with it are the only ignored ones

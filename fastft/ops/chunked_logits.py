@@ -138,9 +138,10 @@ class Grads:
 
 
 def _weight_grad_buffer(weight: torch.Tensor) -> torch.Tensor:
+    """fp32 zeros when small (or W is fp32); else uninitialised in W's dtype (the first chunk writes it)."""
     if weight.dtype == torch.float32 or weight.numel() * 4 <= FP32_WEIGHT_GRAD_MIB * 2**20:
         return torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-    return torch.zeros_like(weight, memory_format=torch.contiguous_format)
+    return torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
 
 
 RowFn = Callable[[torch.Tensor, int, int, torch.Tensor, bool], torch.Tensor]
@@ -207,7 +208,9 @@ def run_chunks(plan: Plan, head: Head, h2: torch.Tensor, scale: torch.Tensor, lo
                 dh = dh_scratch[: t1 - t0]
             u = head.grad_hidden(dl, t0, dh)
         if grads.weight is not None:
-            if grads.weight.dtype == head.dtype:
+            if grads.weight.dtype == head.dtype and t0 == 0:
+                torch.mm(dl.t(), hc, out=grads.weight)  # no memset, no read of zeros
+            elif grads.weight.dtype == head.dtype:
                 grads.weight.addmm_(dl.t(), hc)
             else:
                 grads.weight += (dl.t() @ hc).float()
