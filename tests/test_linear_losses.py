@@ -256,6 +256,49 @@ def test_lora_lm_head_dropout_is_honoured(monkeypatch):
         assert rel_err(g, w) <= 1e-5, name
 
 
+def test_lora_lm_head_per_token_losses_with_dropout_and_two_adapters(monkeypatch):
+    """reduction="none" recomputes the logits in backward: the dropout mask drawn there must be the forward's; two
+    active adapters act as one LoRA of summed rank."""
+    torch.manual_seed(1)
+    model = peft.get_peft_model(_Holder(nn.Linear(24, 53)), peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.2,
+                                                                           target_modules=["lm_head"]))
+    model.add_adapter("second", peft.LoraConfig(r=3, lora_alpha=5, lora_dropout=0.2, target_modules=["lm_head"],
+                                                init_lora_weights=False))
+    head = model.base_model.model.lm_head.train()
+    head.set_adapter(["default", "second"])
+    with torch.no_grad():
+        head.lora_B["default"].weight.normal_(std=0.3)
+    masks = []
+    keep = chunked_logits.Head._keep
+    monkeypatch.setattr(chunked_logits.Head, "_keep", lambda self, h, t0: masks.append(keep(self, h, t0)) or masks[-1])
+    monkeypatch.setenv("FASTFT_LOSS_CHUNK_MIB", str(16 * 53 * 16 / 2**20))
+    hidden = _leaf(torch.randn(2, 15, 24))
+    labels = torch.randint(0, 53, (2, 15))
+    params = [hidden] + [p for n, p in head.named_parameters() if "lora_" in n]
+    assert len(params) == 5
+    loss = lm_head_cross_entropy(hidden, head, labels, reduction="none")
+    assert loss.shape == (2, 15) and len(masks) == 2  # forward: logits only, 2 chunks
+    go = torch.randn(2, 15)
+    got = _grads(loss, params, go)
+    assert len(masks) == 6 and all(torch.equal(masks[i], masks[2 + 2 * i]) for i in range(2))
+    mask = torch.cat(masks[:2]).view(hidden.shape) / 0.8
+    logits = head.get_base_layer()(hidden)
+    for name in ("default", "second"):
+        logits = logits + head.scaling[name] * head.lora_B[name](head.lora_A[name](hidden * mask))
+    ref = F.cross_entropy(logits.reshape(-1, 53), labels.reshape(-1), reduction="none").view(2, 15)
+    assert torch.allclose(loss, ref, rtol=1e-5, atol=1e-6)
+    for g, w in zip(got, _grads(ref, params, go)):
+        assert rel_err(g, w) <= 1e-5
+
+
+def test_traces_under_torch_compile_without_graph_breaks():
+    hidden, weight = torch.randn(2, 9, 16, requires_grad=True), torch.randn(33, 16, requires_grad=True)
+    labels = torch.randint(0, 33, (2, 9))
+    explained = torch._dynamo.explain(lambda h, w, y: linear_cross_entropy(h, w, y, backend="torch"))(hidden, weight,
+                                                                                                         labels)
+    assert explained.graph_break_count == 0, explained.break_reasons
+
+
 def test_nf4_lm_head_matches_dequantized_dense(monkeypatch):
     torch.manual_seed(2)
     linear = nn.Linear(64, 300)

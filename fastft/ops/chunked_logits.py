@@ -248,7 +248,8 @@ class EagerChunkedLoss(torch.autograd.Function):
         ctx.used = True
         saved = iter(ctx.saved_tensors)
         g = grad_output.float().reshape(1)
-        unit = bool((g == 1.0).all())  # the common case (loss.backward()): no pass over dW at all
+        # the common case (loss.backward()): no pass over dW at all; a sync, so not while torch.compile traces
+        unit = not torch.compiler.is_compiling() and bool((g == 1.0).all())
         out = []
         for present, meta in zip(ctx.present, ctx.shapes):
             if not present:

@@ -64,7 +64,9 @@ def _check_labels(op: str, name: str, labels, hidden: torch.Tensor, vocab: int, 
     _check(labels.device == hidden.device, f"{op}: `{name}` is on {labels.device} but `{hidden_name}` on {hidden.device}")
     labels2 = labels.reshape(-1).to(torch.int64).contiguous()
     bad = (labels2 != ignore_index) & ((labels2 < 0) | (labels2 >= vocab))
-    if labels2.numel() and bool(bad.any()):  # one device sync; a wrong label would read out of bounds
+    # one device sync (skipped while torch.compile traces: it would break the graph); a wrong label would read
+    # out of bounds
+    if labels2.numel() and not torch.compiler.is_compiling() and bool(bad.any()):
         first = labels2[bad][0].item()
         raise ValueError(f"{op}: `{name}` holds {first}, outside [0, {vocab}) and not ignore_index={ignore_index}")
     return labels2
