@@ -122,10 +122,10 @@ def _logit_bytes(backend: str, dtype: torch.dtype, buffers: int = 1) -> int:
 
 
 def _run(plan: Plan, reduction: str, hidden, head: HeadArgs, device_type: str):
+    plan.extra["grad_enabled"] = torch.is_grad_enabled()
     with torch.autocast(device_type, enabled=False):
         if reduction == "none":
             return DeferredChunkedLoss.apply(plan, hidden, head.weight, head.bias, head.lora_A, head.lora_B)
-        plan.extra["grad_enabled"] = torch.is_grad_enabled()
         return EagerChunkedLoss.apply(plan, hidden, head.weight, head.bias, head.lora_A, head.lora_B)
 
 
