@@ -336,6 +336,24 @@ def test_nf4_lm_head_matches_dequantized_dense(monkeypatch):
     _assert_grads(got, _grads(ref, [ref_h, ref_b]), torch.float32, ["hidden", "bias"])
 
 
+def test_modules_to_save_lm_head_trains_the_copy():
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.lm_head = nn.Linear(8, 8), nn.Linear(8, 13)
+
+    model = peft.get_peft_model(Model(), peft.LoraConfig(r=2, target_modules=["q"], modules_to_save=["lm_head"]))
+    wrapper = model.base_model.model.lm_head
+    copy = wrapper.modules_to_save["default"]
+    hidden, labels = torch.randn(5, 8), torch.randint(0, 13, (5,))
+    loss = lm_head_cross_entropy(hidden, wrapper, labels)
+    got = _grads(loss, [copy.weight, copy.bias])
+    ref = F.cross_entropy(wrapper(hidden), labels)
+    assert torch.allclose(loss, ref, rtol=1e-5)
+    for g, w in zip(got, _grads(ref, [copy.weight, copy.bias])):
+        assert rel_err(g, w) <= 1e-5
+
+
 def test_plain_linear_head_and_refusals():
     linear = nn.Linear(8, 13, bias=False)
     hidden, labels = _leaf(torch.randn(4, 8)), torch.randint(0, 13, (4,))

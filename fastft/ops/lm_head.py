@@ -1,8 +1,9 @@
 """What the fused linear losses need to know of an lm_head: its weight (dense or NF4), bias, LoRA factors.
 
 `head_of_module` reads an nn.Linear, a module whose `.weight` is an NF4Weight (fastft's NF4Linear), or a peft
-LoRA Linear (peft's own, fastft's FusedLoraLinear / FusedQLoraLinear) around either, by duck typing (the ops
-layer does not import fastft.modules). Anything else is refused with the list of what is supported.
+LoRA Linear (peft's own, fastft's FusedLoraLinear / FusedQLoraLinear) around either, or peft's
+ModulesToSaveWrapper (a trainable copy of lm_head) around any of them, by duck typing for fastft's own classes
+(the ops layer does not import fastft.modules). Anything else is refused with the list of what is supported.
 """
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from torch import nn
 from fastft.quant.nf4_weight import NF4Weight
 
 SUPPORTED = ("torch.nn.Linear", "fastft NF4Linear (an NF4Weight .weight)",
-             "peft LoRA Linear (peft.tuners.lora.Linear, fastft FusedLoraLinear / FusedQLoraLinear) over either")
+             "peft LoRA Linear (peft.tuners.lora.Linear, fastft FusedLoraLinear / FusedQLoraLinear) over either",
+             "peft ModulesToSaveWrapper (modules_to_save) around any of these")
 
 
 @dataclass
@@ -81,8 +83,13 @@ def head_of_module(op: str, lm_head: nn.Module) -> HeadArgs:
         raise TypeError(f"{op}: `lm_head` must be an nn.Module, got {type(lm_head).__name__}")
     try:
         from peft.tuners.lora import Linear as PeftLoraLinear
+        from peft.utils import ModulesToSaveWrapper
     except ImportError:  # peft is a dependency; without it there is no LoRA head to recognise
-        PeftLoraLinear = ()
+        PeftLoraLinear = ModulesToSaveWrapper = ()
+    if isinstance(lm_head, ModulesToSaveWrapper):  # modules_to_save=["lm_head"]: the copy peft would run
+        active = lm_head.active_adapters
+        passthrough = lm_head.disable_adapters or not active or any(a not in lm_head.modules_to_save for a in active)
+        return head_of_module(op, lm_head.original_module if passthrough else lm_head.modules_to_save[active[0]])
     if not isinstance(lm_head, PeftLoraLinear):
         return _base_head(op, lm_head, "")
     base = _base_head(op, lm_head.get_base_layer(), "base layer")
