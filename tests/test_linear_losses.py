@@ -196,8 +196,8 @@ def test_per_token_losses_with_a_frozen_head(backend):
 
 
 def test_chunk_rows_bounds_the_buffer():
-    assert chunk_rows(8192, 128256, 2, 128 * 2**20) == 512  # 125 MiB of bf16 logits at Llama-3's vocab
-    assert chunk_rows(10, 128256, 2, 128 * 2**20) == 10
+    assert chunk_rows(8192, 128256, 2, 96 * 2**20) == 384  # 94 MiB of bf16 logits at Llama-3's vocab
+    assert chunk_rows(10, 128256, 2, 96 * 2**20) == 10
     assert chunk_rows(8192, 10**9, 4, 2**20) == 1
     assert 100 * 37 * 2 <= 2**20 and chunk_rows(100, 37, 2, 2**20) == 100
 

@@ -24,14 +24,16 @@ import torch.nn.functional as F
 
 from fastft.quant.nf4_weight import NF4Weight
 
-DEFAULT_CHUNK_MIB = {"cuda": 128, "cpu": 32}
+# 96 MiB: 384 rows at V = 128256 in bf16, inside issue 7's 0.1 GiB workspace target; larger chunks cut dW's
+# read-modify-write traffic (2·V·H·2 B per chunk) at the cost of memory (benchmarks/gpu_losses.py sweeps both)
+DEFAULT_CHUNK_MIB = {"cuda": 96, "cpu": 32}
 # dW is accumulated in fp32 when that accumulator (and one chunk's bf16 product) fits this; otherwise in W's
 # dtype by addmm (fp32 inside each GEMM, one rounding per chunk).
 FP32_WEIGHT_GRAD_MIB = 256
 
 
 def chunk_budget_bytes(device: torch.device) -> int:
-    """Bytes one logits chunk may take: FASTFT_LOSS_CHUNK_MIB, else 128 MiB on a GPU, 32 MiB on the CPU."""
+    """Bytes one logits chunk may take: FASTFT_LOSS_CHUNK_MIB, else 96 MiB on a GPU, 32 MiB on the CPU."""
     mib = os.environ.get("FASTFT_LOSS_CHUNK_MIB")
     if mib is not None:
         try:

@@ -16,9 +16,10 @@ Cost at T tokens, hidden H, vocab V (mean/sum reductions, trainable W):
   bf16: 6.3 GB, ~1.5 ms at 4.3 TB/s); dW in W's dtype is read and written once per chunk (2·V·H·2 B each:
   the reason chunks are not small). reduction="none" and log-probs recompute the logits in backward: one
   more GEMM.
-- Memory: one (rows × V) chunk in the compute dtype (FASTFT_LOSS_CHUNK_MIB, default 128 MiB on a GPU:
-  512 rows at V = 128256 in bf16; 32 MiB on the CPU), the outputs (dh, dW in W's dtype; fp32 when it is
-  small), nothing of size T × V.
+- Memory: one (rows × V) chunk in the compute dtype (FASTFT_LOSS_CHUNK_MIB, default 96 MiB on a GPU:
+  384 rows at V = 128256 in bf16; 32 MiB on the CPU, where the torch row functions' fp32 temporaries count
+  in it), the outputs (dh; dW in W's dtype, fp32 when that is small), nothing of size T × V. Chunk size
+  trades memory for dW traffic: at 384 rows the dW GEMM (K = 384) sits near the H200's ridge point.
 
 Semantics (documented differences from torch): the loss is fp32 for every input dtype; "mean" over zero
 counted tokens (all labels ignored) is 0 with zero gradients, not NaN; reduction "none" returns fp32 per-token
@@ -207,7 +208,9 @@ def lm_head_cross_entropy(hidden, lm_head, labels, *, ignore_index=-100, reducti
     a vocab block at a time), or a peft LoRA Linear over either (fastft's FusedLoraLinear / FusedQLoraLinear or
     peft's own). A LoRA head's adapters get their gradients; LoRA dropout in training mode is honoured (with
     fastft's own mask draw). Refused with a clear error: DoRA and other LoRA variants, lora_bias,
-    fan_in_fan_out, other base layers. Backend and chunking as linear_cross_entropy's "auto" / defaults."""
+    fan_in_fan_out, other base layers. Backend and chunking as linear_cross_entropy's "auto" / defaults.
+    An NF4 head is dequantized twice per token chunk (for the logits and for dh), a block of vocab rows of at
+    most half the chunk budget at a time: never the whole weight in the compute dtype."""
     head = head_of_module("lm_head_cross_entropy", lm_head)
     return _head_cross_entropy("lm_head_cross_entropy", hidden, head, labels, ignore_index=ignore_index,
                                reduction=reduction, label_smoothing=label_smoothing, softcap=softcap,
