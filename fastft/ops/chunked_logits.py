@@ -245,9 +245,10 @@ class EagerChunkedLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         if ctx.used:
+            # the first backward handed out (or scaled in place) the buffers the gradients live in
             raise RuntimeError("fastft fused linear loss: backward ran twice through the same graph; its gradients "
-                               "are made in the forward and scaled in place (recompute the loss instead of "
-                               "retain_graph=True)")
+                               "are made in the forward and handed out by the first backward (recompute the loss "
+                               "instead of retain_graph=True)")
         ctx.used = True
         saved = iter(ctx.saved_tensors)
         g = grad_output.float().reshape(1)
