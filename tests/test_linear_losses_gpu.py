@@ -91,7 +91,8 @@ def test_lora_and_nf4_lm_heads_gpu():
 
     H, V = 512, 32003
     for quantized in (False, True):
-        linear = nn.Linear(H, V, bias=False, device="cuda", dtype=torch.bfloat16)
+        # with a bias: an NF4Linear without one has no parameters, which peft.get_peft_model cannot place
+        linear = nn.Linear(H, V, device="cuda", dtype=torch.bfloat16)
         base = NF4Linear.from_linear(linear) if quantized else linear
         model = fastft.get_peft_model(Holder(base), peft.LoraConfig(r=8, lora_alpha=16, target_modules=["lm_head"]))
         head = model.base_model.model.lm_head
