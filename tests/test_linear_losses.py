@@ -167,6 +167,18 @@ def test_gradient_accumulation_with_num_items_equals_one_batch():
     assert rel_err(torch.cat(dh), g_big[0]) <= 1e-5
 
 
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=interpreter_only)])
+def test_fp16_gradients_do_not_flush_to_zero(backend):
+    """A mean over many tokens makes every dlogit tiny; fp16 chunks keep them unscaled until backward."""
+    hidden, weight, _, labels = _inputs((40,), 16, 300, torch.float16, -100, bias=False, noncontiguous=False)
+    leaves = [_leaf(hidden), _leaf(weight)]
+    loss = linear_cross_entropy(*leaves, labels, num_items=2_000_000, backend=backend, chunk_size=16)
+    refs = [_leaf(t, torch.float64) for t in leaves]
+    ref = linear_cross_entropy_reference(*refs, labels, num_items=2_000_000)
+    scale = 2.0**16  # what a loss scaler multiplies in
+    _assert_grads(_grads(loss * scale, leaves), _grads(ref * scale, refs), torch.float16, ["hidden", "weight"])
+
+
 def test_autocast_and_frozen_weight():
     hidden, weight = _leaf(torch.randn(2, 9, 16)), torch.randn(23, 16)
     labels = torch.randint(0, 23, (2, 9))

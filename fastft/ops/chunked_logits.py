@@ -235,7 +235,12 @@ class EagerChunkedLoss(torch.autograd.Function):
         h2 = as_rows(hidden)
         head = plan.head(h2, weight, bias, lora_A, lora_B)
         losses = torch.empty(h2.shape[0], dtype=torch.float32, device=h2.device)
-        grads = run_chunks(plan, head, h2, plan.grad_scale, losses, needs if any(needs) else None)
+        # fp16 has no room below 6e-8: dlogits scaled by 1/N (N tokens) would flush to zero, and the grad_output
+        # that loss scaling brings arrives only in backward. So fp16 chunks keep dlogits unscaled (|·| <= 1) and
+        # the reduction's factor joins grad_output there.
+        ctx.post_scale = plan.grad_scale if head.dtype == torch.float16 else None
+        row_scale = torch.ones_like(plan.grad_scale) if ctx.post_scale is not None else plan.grad_scale
+        grads = run_chunks(plan, head, h2, row_scale, losses, needs if any(needs) else None)
         ctx.shapes = [(t.shape, t.dtype) if t is not None else None for t in (hidden, weight, bias, lora_A, lora_B)]
         ctx.present = [g is not None for g in grads.as_tuple()]
         ctx.save_for_backward(*[g for g in grads.as_tuple() if g is not None])
@@ -252,6 +257,8 @@ class EagerChunkedLoss(torch.autograd.Function):
         ctx.used = True
         saved = iter(ctx.saved_tensors)
         g = grad_output.float().reshape(1)
+        if ctx.post_scale is not None:
+            g = g * ctx.post_scale
         # the common case (loss.backward()): no pass over dW at all; a sync, so not while torch.compile traces
         unit = not torch.compiler.is_compiling() and bool((g == 1.0).all())
         out = []
