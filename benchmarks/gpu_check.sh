@@ -3,12 +3,12 @@
 # pybind11, scikit-build-core, cmake, nvcc preinstalled; no network). Carry `.peers` (bash
 # ../shared/gpu/fetch-peers.sh) for bitsandbytes as a peer. Correctness comes first in every section, then
 # timings; a failing section does not stop the next, and each gets what is left of the time budget.
-#   bash benchmarks/gpu_check.sh [section ...]    sections: build nf4 attention lora-tests lora
+#   bash benchmarks/gpu_check.sh [section ...]    sections: build nf4 attention lora-tests lora losses-tests losses
 set -uo pipefail
 export PYTHONPATH="$PWD/.peers:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 : "${OUT:=/tmp/fastft-out}"; mkdir -p "$OUT"; export OUT
 budget="${FASTFT_GPU_BUDGET:-560}"   # seconds for all sections together
-sections="${*:-build nf4 attention lora-tests lora}"
+sections="${*:-build nf4 attention lora-tests lora losses-tests losses}"
 start=$SECONDS
 status=0
 
@@ -35,6 +35,8 @@ for s in $sections; do
     lora-tests) FASTFT_AUTOTUNE=0 run 70 lora-tests python3 -m pytest -q -m gpu tests/test_lora_gpu.py -p no:cacheprovider ;;
     lora) run 130 lora python3 benchmarks/gpu_lora.py ;;
     nf4-tests) run 150 nf4-tests python3 -m pytest -q -m gpu tests/test_nf4_gpu.py -p no:cacheprovider ;;
+    losses-tests) run 120 losses-tests python3 -m pytest -q -m gpu tests/test_linear_losses_gpu.py -p no:cacheprovider ;;
+    losses) run 150 losses python3 benchmarks/gpu_losses.py ;;
     attention-tests) FASTFT_AUTOTUNE=0 run 150 attention-tests python3 -m pytest -q -m gpu tests/test_attention_op.py tests/test_attention_integration.py -p no:cacheprovider ;;
     *) echo "unknown section $s"; status=1 ;;
   esac
