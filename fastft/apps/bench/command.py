@@ -37,7 +37,7 @@ def run_bench(args) -> int:
     from fastft.apps.bench.methods import bench_methods
     from fastft.apps.bench.report import markdown, write_report
 
-    result = bench_methods(cfg)
+    result = bench_methods(cfg, on_row=lambda partial: write_report(partial, cfg.output_dir, plot=False))
     paths = write_report(result, cfg.output_dir)
     print("\n" + markdown(result))
     print("wrote " + ", ".join(str(p) for p in paths.values()))

@@ -14,7 +14,7 @@ from fastft.apps.bench import peers
 from fastft.apps.bench.config import BenchConfig
 from fastft.apps.bench.harness import environment
 from fastft.apps.bench.run import run_one
-from fastft.apps.bench.shapes import resolve_dtype
+from fastft.apps.bench.shapes import DTYPES, resolve_dtype
 
 
 def planned_runs(cfg: BenchConfig) -> list[tuple[str, str]]:
@@ -26,12 +26,20 @@ def planned_runs(cfg: BenchConfig) -> list[tuple[str, str]]:
     return runs
 
 
-def bench_methods(cfg: BenchConfig, device: torch.device | None = None, progress: bool = True) -> dict:
-    """Run the table; returns {"environment", "config", "rows", "wall_s"} (what results.json holds)."""
+def bench_methods(cfg: BenchConfig, device: torch.device | None = None, progress: bool = True,
+                  on_row=None) -> dict:
+    """Run the table; returns {"environment", "config", "rows", "wall_s"} (what results.json holds).
+    `on_row(result so far)` is called after each run (the CLI rewrites its files, so a run cut short by a
+    time limit still leaves every finished row on disk)."""
     cfg.validate()
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     start = time.perf_counter()
+    env = environment()
+    env["device"] = str(device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    config = vars(cfg) | {"device": str(device), "dtype_resolved": next(k for k, v in DTYPES.items() if v == dtype)}
     rows = []
+    result = {"environment": env, "config": config, "rows": rows, "wall_s": 0.0}
     bar = tqdm(planned_runs(cfg), desc="fastft bench", unit="run", disable=not progress, dynamic_ncols=True)
     for method, implementation in bar:
         bar.set_postfix_str(f"{method} / {peers.label(implementation, method)}")
@@ -43,10 +51,8 @@ def bench_methods(cfg: BenchConfig, device: torch.device | None = None, progress
         else:
             bar.write(f"{method:8s} {row['implementation']:16s} {row['status']}: "
                       f"{row.get('reason') or row.get('error')}")
-    env = environment()
-    env["device"] = str(device)
-    dtype = str(resolve_dtype(cfg.dtype, device)).removeprefix("torch.")
-    config = vars(cfg) | {"device": str(device), "dtype_resolved": {"bfloat16": "bf16", "float16": "fp16",
-                                                                      "float32": "fp32"}[dtype]}
-    return {"environment": env, "config": config, "rows": rows,
-            "wall_s": time.perf_counter() - start}
+        result["wall_s"] = time.perf_counter() - start
+        if on_row is not None:
+            on_row(result)
+    result["wall_s"] = time.perf_counter() - start
+    return result

@@ -16,14 +16,13 @@ COLUMNS = ("method", "implementation", "status", "tokens/s", "step ms", "peak Gi
            "× peer memory", "note")
 
 
-def write_report(result: dict, out_dir: str | Path) -> dict[str, Path]:
-    """Write <out_dir>/bench_methods.{json,md,png}; returns their paths."""
+def write_report(result: dict, out_dir: str | Path, plot: bool = True) -> dict[str, Path]:
+    """Write <out_dir>/bench_methods.{json,md} and, with `plot`, .png; returns their paths."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     paths = {"json": write_json(out / f"{STEM}.json", result),
              "md": atomic_write(out / f"{STEM}.md", markdown(result))}
-    png = plot_png(result)
-    paths["png"] = atomic_write(out / f"{STEM}.png", png)
+    if plot:
+        paths["png"] = atomic_write(out / f"{STEM}.png", plot_png(result))
     return paths
 
 
