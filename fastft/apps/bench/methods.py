@@ -38,6 +38,7 @@ def bench_methods(cfg: BenchConfig, device: torch.device | None = None, progress
     env["device"] = str(device)
     dtype = resolve_dtype(cfg.dtype, device)
     config = vars(cfg) | {"device": str(device), "dtype_resolved": next(k for k, v in DTYPES.items() if v == dtype)}
+    peers.preload()
     rows = []
     result = {"environment": env, "config": config, "rows": rows, "wall_s": 0.0}
     bar = tqdm(planned_runs(cfg), desc="fastft bench", unit="run", disable=not progress, dynamic_ncols=True)

@@ -12,6 +12,7 @@ from fastft.apps.bench.targets import check_targets
 from fastft.integration.files import atomic_write
 
 STEM = "bench_methods"
+COLORS = {"fastft": "tab:red", "peft": "tab:blue", "liger": "tab:green", "unsloth": "tab:purple"}
 COLUMNS = ("method", "implementation", "status", "tokens/s", "step ms", "peak GiB", "trainable", "× peer tokens/s",
            "× peer memory", "note")
 
@@ -81,8 +82,9 @@ def plot_png(result: dict) -> bytes:
 
     rows, cfg = result["rows"], result["config"]
     methods = list(dict.fromkeys(r["method"] for r in rows))
-    impls = [i for i in IMPLEMENTATIONS if any(r["peer"] == i for r in rows)]
-    fig = Figure(figsize=(max(7.0, 1.3 * len(methods) * max(1, len(impls)) / 2 + 3), 7.5), layout="constrained")
+    # peers not installed at all get no bar slot (the table says so)
+    impls = [i for i in IMPLEMENTATIONS if any(r["peer"] == i and r["status"] != "not installed" for r in rows)]
+    fig = Figure(figsize=(max(7.0, 0.45 * len(methods) * max(2, len(impls)) + 2), 7.0), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(2, 1, sharex=True)
     width = 0.8 / max(1, len(impls))
@@ -98,16 +100,15 @@ def plot_png(result: dict) -> bytes:
                     xs.append(x)
                     ys.append(r[key])
                 else:   # no bar: say why under the axis
-                    ax.text(x, 0, "n/a" if r["status"] != "not installed" else "n/i", ha="center", va="bottom",
-                            fontsize=7, rotation=90, color="gray")
-            ax.bar(xs, ys, width=width, label=impl if impl == "fastft" else f"{impl} peer")
+                    ax.text(x, 0, "n/a", ha="center", va="bottom", fontsize=7, rotation=90, color="gray")
+            ax.bar(xs, ys, width=width, color=COLORS[impl], label=impl if impl == "fastft" else f"{impl} peer")
         ax.set_ylabel(ylabel)
         ax.grid(axis="y", alpha=0.3)
     axes[1].set_xticks(range(len(methods)), methods)
     axes[0].legend(fontsize=8, ncols=max(1, len(impls)))
     what = cfg["model"] or cfg["shape"]
     fig.suptitle(f"fastft bench: {what}, B{cfg['batch_size']}×S{cfg['seq_len']}, {cfg['dtype_resolved']}, "
-                 f"{result['environment']['card']}  (n/a: unavailable or failed; n/i: not installed)", fontsize=9)
+                 f"{result['environment']['card']}  (n/a: unavailable or failed)", fontsize=9)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     return buf.getvalue()
