@@ -134,7 +134,7 @@ class PeakMemory:
 
     CUDA: `torch.cuda.max_memory_allocated` over the stretch (reset at its start): everything live at the
     peak, weights and optimizer state included. CPU: the process's peak resident set size during the stretch,
-    sampled every millisecond from /proc/self/statm, above `baseline_rss` (taken when the meter is made: make it
+    sampled every 10 ms from /proc/self/statm, above `baseline_rss` (taken when the meter is made: make it
     before building the model); memory freed earlier and kept by the allocator can hide part of it.
     """
 
@@ -142,7 +142,7 @@ class PeakMemory:
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
         self.kind = ("cuda max_memory_allocated" if self.cuda
-                     else "cpu peak RSS above the RSS before the model was built (sampled each 1 ms)")
+                     else "cpu peak RSS above the RSS before the model was built (sampled each 10 ms)")
         self.baseline_rss = None if self.cuda else _rss_bytes()
         self.peak_gib: float | None = None
         self._stop = None
@@ -158,7 +158,7 @@ class PeakMemory:
         self._stop = threading.Event()
 
         def sample():
-            while not self._stop.wait(0.001):
+            while not self._stop.wait(0.01):  # coarse: each wake-up takes the GIL from the step
                 self._peak_rss = max(self._peak_rss, _rss_bytes())
         self._thread = threading.Thread(target=sample, daemon=True)
         self._thread.start()

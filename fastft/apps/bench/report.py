@@ -45,7 +45,8 @@ def table_rows(result: dict) -> list[dict]:
             "× peer tokens/s": fmt(r["tokens_per_s"] / peer["tokens_per_s"], ".2f") if peer else "",
             "× peer memory": (fmt(r["peak_gib"] / peer["peak_gib"], ".2f")   # CPU RSS deltas are too rough
                               if peer and peer.get("peak_gib") and r["memory_kind"].startswith("cuda") else ""),
-            "note": (r.get("reason") or r.get("error") or "").replace("|", "/")[:160],
+            "note": (r.get("reason") or r.get("error") or ("model patched by fastft.patch_model" if r.get("patched")
+                                                           else "")).replace("|", "/")[:160],
         })
     return out
 

@@ -39,7 +39,7 @@ def run_one(cfg: BenchConfig, method: str, implementation: str, device: torch.de
         row.update(status="oom", error=_one_line(err))
     except Exception as err:  # noqa: BLE001 - recorded in the row; the other runs go on
         row.update(status="error", error=f"{type(err).__name__}: {_one_line(err)}",
-                   traceback=traceback.format_exc(limit=6))
+                   traceback=traceback.format_exc(limit=-8))  # the innermost frames
     finally:
         _release(device)
     return row
