@@ -8,6 +8,7 @@ import torch
 from fastft.apps import cli
 from fastft.apps.bench import peers, run
 from fastft.apps.bench.config import BenchConfig
+from fastft.apps.bench.methods import planned_runs
 from fastft.apps.bench.targets import check_targets
 from fastft.integration.files import atomic_write
 from fastft.integration.methods import METHODS
@@ -153,3 +154,26 @@ def test_targets_check():
                     batch_size=1, gradient_checkpointing=True)
     assert check_targets(eight)[0].endswith("**met**")
     assert check_targets(_result([], dtype_resolved="fp32", device="cpu"))[0].startswith("- not checked")
+
+
+def test_process_wide_patchers_run_last():
+    runs = planned_runs(BenchConfig(methods=("lora", "full"), peers=("unsloth", "liger", "peft")))
+    assert runs == [("lora", "fastft"), ("lora", "peft"), ("full", "fastft"), ("full", "peft"),
+                    ("lora", "liger"), ("full", "liger"), ("lora", "unsloth"), ("full", "unsloth")]
+    assert planned_runs(BenchConfig(methods=("qlora",), peers=())) == [("qlora", "fastft")]
+
+
+@pytest.mark.gpu
+def test_tiny_bench_on_gpu(tmp_path):
+    """The table on CUDA: bf16, fused kernels, CUDA peak memory; LoRA and QLoRA beside peft / peft+bnb."""
+    argv = ["bench", "--shape", "tiny", "--steps", "2", "--warmup", "1", "--seq-len", "64", "--batch-size", "2",
+            "--methods", "lora,qlora,full", "--peers", "peft", "--output-dir", str(tmp_path)]
+    assert cli.main(argv) == 0
+    result = json.loads((tmp_path / "bench_methods.json").read_text())
+    assert result["config"]["dtype_resolved"] == "bf16" and result["environment"]["card"] != "cpu"
+    for r in result["rows"]:
+        if (r["method"], r["implementation"]) in {("lora", "fastft"), ("lora", "peft"), ("qlora", "fastft"),
+                                                  ("full", "fastft")}:
+            assert r["status"] == "ok", r
+            assert r["tokens_per_s"] > 0 and r["peak_gib"] > 0 and r["memory_kind"].startswith("cuda")
+    assert (tmp_path / "bench_methods.png").read_bytes()[:4] == b"\x89PNG"

@@ -1,7 +1,7 @@
 """The settings of a `fastft bench methods` table (the CLI's flags and their defaults)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from fastft.apps.bench.peers import PEERS
 from fastft.apps.bench.shapes import DTYPES, SHAPES
@@ -26,7 +26,6 @@ class BenchConfig:
     lr: float = 1e-5
     seed: int = 0
     output_dir: str = "bench-results"
-    extra: dict = field(default_factory=dict)
 
     def validate(self) -> None:
         bad = [m for m in self.methods if m not in METHODS]
