@@ -34,38 +34,9 @@ def _add_train(sub) -> None:
 
 
 def _add_bench(sub) -> None:
-    from fastft.apps.bench.config import BenchConfig
-    from fastft.apps.bench.kernels import FAMILIES
-    from fastft.apps.bench.peers import PEERS
-    from fastft.apps.bench.shapes import DTYPES, SHAPES
-    from fastft.integration.methods import METHODS
+    from fastft.apps.bench.command import add_bench_parser
 
-    d = BenchConfig()
-    p = sub.add_parser("bench", help="tokens/s, step time, peak memory and trainable parameters per fine-tuning "
-                       "method beside the peers (methods, the default), or the kernel micro-benchmarks (kernels)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("what", nargs="?", choices=("methods", "kernels"), default="methods",
-                   help="methods: the end-to-end training-step table; kernels: benchmarks/gpu_*.py (CUDA only)")
-    p.add_argument("--shape", default=d.shape, choices=list(SHAPES), help="random-init model of this shape")
-    p.add_argument("--model", default=d.model,
-                   help="a real model instead of --shape: 'smollm2-135m' or a local checkpoint dir")
-    p.add_argument("--methods", nargs="+", default=",".join(d.methods), metavar="METHOD",
-                   help=f"methods to run, space- or comma-separated, from: {', '.join(METHODS)}")
-    p.add_argument("--peers", nargs="+", default=",".join(d.peers), metavar="PEER",
-                   help=f"peers to run beside fastft, from: {', '.join(PEERS)}; 'none' for fastft alone")
-    p.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens per sequence")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences per step")
-    p.add_argument("--steps", type=int, default=d.steps, help="timed training steps per run")
-    p.add_argument("--warmup", type=int, default=d.warmup, help="untimed steps before them")
-    p.add_argument("--gradient-checkpointing", action="store_true", help="activation checkpointing per layer")
-    p.add_argument("--dtype", default=d.dtype, choices=["auto", *DTYPES], help="auto: bf16 on CUDA, fp32 on CPU")
-    p.add_argument("--rank", type=int, default=d.rank, help="lora/qlora/dora rank")
-    p.add_argument("--alpha", type=float, default=d.alpha, help="lora/qlora/dora alpha")
-    p.add_argument("--num-virtual-tokens", type=int, default=d.num_virtual_tokens, help="prefix/prompt tuning")
-    p.add_argument("--seed", type=int, default=d.seed, help="model weights and token ids")
-    p.add_argument("--output-dir", default=d.output_dir,
-                   help="where bench_methods.{json,md,png} (or <family>.json for kernels) go")
-    p.add_argument("--family", default="all", choices=[*FAMILIES, "all"], help="kernels: which benchmark family")
+    add_bench_parser(sub)
 
 
 def main(argv: list[str] | None = None) -> int:
