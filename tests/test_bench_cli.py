@@ -91,7 +91,7 @@ def test_help_lists_every_knob(capsys):
     assert exit_.value.code == 0
     text = capsys.readouterr().out
     for flag in ("--shape", "--model", "--methods", "--peers", "--seq-len", "--batch-size", "--steps", "--warmup",
-                 "--gradient-checkpointing", "--dtype", "--output-dir", "--seed", "--family", "kernels"):
+                 "--gradient-checkpointing", "--dtype", "--output-dir", "--seed", "--family", "kernels", "--no-patch-model"):
         assert flag in text, flag
     assert "llama-1b" in text and "llama-8b" in text and "tiny" in text and "(default: 2048)" in text
 

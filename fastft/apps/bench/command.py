@@ -32,6 +32,9 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--steps", type=int, default=d.steps, help="timed training steps per run")
     p.add_argument("--warmup", type=int, default=d.warmup, help="untimed steps before them")
     p.add_argument("--gradient-checkpointing", action="store_true", help="activation checkpointing per layer")
+    p.add_argument("--no-patch-model", dest="patch_model", action="store_false",
+                   help="fastft rows without fastft.patch_model (the fused norm/RoPE/GLU/loss patching), to separate "
+                        "its gain from the method's")
     p.add_argument("--dtype", default=d.dtype, choices=["auto", *DTYPES], help="auto: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--rank", type=int, default=d.rank, help="lora/qlora/dora rank")
     p.add_argument("--alpha", type=float, default=d.alpha, help="lora/qlora/dora alpha")
@@ -54,6 +57,7 @@ def config_from_args(args) -> BenchConfig:
     return BenchConfig(shape=args.shape, model=args.model, methods=_split(args.methods),
                        peers=() if peers == ("none",) else peers, seq_len=args.seq_len, batch_size=args.batch_size,
                        steps=args.steps, warmup=args.warmup, gradient_checkpointing=args.gradient_checkpointing,
+                       patch_model=args.patch_model,
                        dtype=args.dtype, rank=args.rank, alpha=args.alpha, num_virtual_tokens=args.num_virtual_tokens,
                        seed=args.seed, output_dir=args.output_dir)
 

@@ -58,17 +58,19 @@ def preload() -> None:
     import fastft.integration.peft_lora  # noqa: F401
 
 
-def prepare(implementation: str, method: str, options: MethodOptions, build) -> tuple[nn.Module, dict]:
-    """(model to train, notes for the row) for one run; `build()` returns a fresh base model."""
+def prepare(implementation: str, method: str, options: MethodOptions, build,
+            patch_model: bool = True) -> tuple[nn.Module, dict]:
+    """(model to train, notes for the row) for one run; `build()` returns a fresh base model. `patch_model`:
+    fastft rows go through fastft.patch_model when it exists."""
     with warnings.catch_warnings():
         # peft reads transformers' deprecated `is_gradient_checkpointing`; nothing for the user to act on.
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        return _prepare(implementation, method, options, build)
+        return _prepare(implementation, method, options, build, patch_model)
 
 
-def _prepare(implementation, method, options, build):
+def _prepare(implementation, method, options, build, patch_model):
     if implementation == "fastft":
-        return _fastft(method, options, build)
+        return _fastft(method, options, build, patch_model)
     if implementation in ("peft", "liger"):
         return _peft(method, options, build, liger=implementation == "liger")
     if implementation == "unsloth":
@@ -76,11 +78,11 @@ def _prepare(implementation, method, options, build):
     raise ValueError(f"unknown implementation {implementation!r}; expected one of {', '.join(IMPLEMENTATIONS)}")
 
 
-def _fastft(method, options, build):
+def _fastft(method, options, build, patch_model):
     import fastft
 
     model = apply_method(build(), method, options, implementation="fastft")
-    patch = getattr(fastft, "patch_model", None)   # issue 7's fused model patching, once it exists
+    patch = getattr(fastft, "patch_model", None) if patch_model else None   # issue 7's fused model patching
     if patch is not None:
         patch(model)
     return model, {"patched": patch is not None}

@@ -55,7 +55,7 @@ def _measure(cfg: BenchConfig, method: str, implementation: str, device: torch.d
                            dtype=dtype, device=device, seed=cfg.seed, gradient_checkpointing=cfg.gradient_checkpointing)
 
     start = time.perf_counter()
-    model, notes = peers.prepare(implementation, method, method_options(cfg), build)
+    model, notes = peers.prepare(implementation, method, method_options(cfg), build, patch_model=cfg.patch_model)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
