@@ -13,6 +13,8 @@ from fastft.integration.files import atomic_write
 
 STEM = "bench_methods"
 COLORS = {"fastft": "tab:red", "peft": "tab:blue", "liger": "tab:green", "unsloth": "tab:purple"}
+LEGEND = {"fastft": "fastft", "peft": "peft (peft+bnb for qlora, transformers for full)", "liger": "peft+Liger",
+          "unsloth": "Unsloth"}
 COLUMNS = ("method", "implementation", "status", "tokens/s", "step ms", "peak GiB", "trainable", "× peer tokens/s",
            "× peer memory", "note")
 
@@ -32,8 +34,10 @@ def _peer_row(rows: list[dict], method: str) -> dict | None:
 
 
 def table_rows(result: dict) -> list[dict]:
+    """The markdown rows, grouped by method (runs are ordered by when they can run, not by method)."""
+    order = {m: i for i, m in enumerate(dict.fromkeys(r["method"] for r in result["rows"]))}
     out = []
-    for r in result["rows"]:
+    for r in sorted(result["rows"], key=lambda r: (order[r["method"]], IMPLEMENTATIONS.index(r["peer"]))):
         ok = r["status"] == "ok"
         peer = _peer_row(result["rows"], r["method"]) if ok and r["peer"] != "peft" else None
         out.append({
@@ -102,7 +106,7 @@ def plot_png(result: dict) -> bytes:
                     ys.append(r[key])
                 else:   # no bar: say why under the axis
                     ax.text(x, 0, "n/a", ha="center", va="bottom", fontsize=7, rotation=90, color="gray")
-            ax.bar(xs, ys, width=width, color=COLORS[impl], label=impl if impl == "fastft" else f"{impl} peer")
+            ax.bar(xs, ys, width=width, color=COLORS[impl], label=LEGEND[impl])
         ax.set_ylabel(ylabel)
         ax.grid(axis="y", alpha=0.3)
     axes[1].set_xticks(range(len(methods)), methods)
