@@ -63,6 +63,15 @@ def test_tiny_bench_table_and_plot(tiny_bench):
     assert not list(tiny_bench.glob(".tmp-*"))
 
 
+def test_report_redrawn_from_json(tiny_bench, tmp_path):
+    from fastft.apps.bench import report
+
+    assert report.main([str(tiny_bench / "bench_methods.json"), str(tmp_path)]) == 0
+    assert (tmp_path / "bench_methods.md").read_text() == (tiny_bench / "bench_methods.md").read_text()
+    assert (tmp_path / "bench_methods.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (tmp_path / "bench_methods.json").exists()
+
+
 def test_not_implemented_and_failures_become_rows(monkeypatch):
     cfg = BenchConfig(shape="tiny", steps=1, warmup=0, seq_len=8, batch_size=1)
     cpu = torch.device("cpu")
@@ -91,14 +100,15 @@ def test_help_lists_every_knob(capsys):
     assert exit_.value.code == 0
     text = capsys.readouterr().out
     for flag in ("--shape", "--model", "--methods", "--peers", "--seq-len", "--batch-size", "--steps", "--warmup",
-                 "--gradient-checkpointing", "--dtype", "--output-dir", "--seed", "--family", "kernels", "--no-patch-model"):
+                 "--gradient-checkpointing", "--dtype", "--output-dir", "--seed", "--family", "kernels", "--no-patch-model", "--formats"):
         assert flag in text, flag
     assert "llama-1b" in text and "llama-8b" in text and "tiny" in text and "(default: 2048)" in text
 
 
 @pytest.mark.parametrize("argv, names", [(["--methods", "lora,foo"], ["'foo'", *METHODS]),
                                           (["--peers", "bar"], ["'bar'", "peft", "liger", "unsloth"]),
-                                          (["--steps", "0"], ["--steps"])])
+                                          (["--steps", "0"], ["--steps"]),
+                                          (["--formats", "json,pdf"], ["'pdf'", "json, md, png"])])
 def test_bad_flags_one_line_error(capsys, argv, names):
     assert cli.main(["bench", *argv]) == 2
     err = capsys.readouterr().err.strip()

@@ -42,6 +42,9 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=d.seed, help="model weights and token ids")
     p.add_argument("--output-dir", default=d.output_dir,
                    help="where bench_methods.{json,md,png} (or <family>.json for kernels) go")
+    p.add_argument("--formats", nargs="+", default=",".join(d.formats), metavar="FORMAT",
+                   help="files to write, from json, md, png (python -m fastft.apps.bench.report turns the JSON into "
+                        "the others later)")
     p.add_argument("--family", default="all", choices=[*FAMILIES, "all"], help="kernels: which benchmark family")
 
 
@@ -59,7 +62,7 @@ def config_from_args(args) -> BenchConfig:
                        steps=args.steps, warmup=args.warmup, gradient_checkpointing=args.gradient_checkpointing,
                        patch_model=args.patch_model,
                        dtype=args.dtype, rank=args.rank, alpha=args.alpha, num_virtual_tokens=args.num_virtual_tokens,
-                       seed=args.seed, output_dir=args.output_dir)
+                       seed=args.seed, output_dir=args.output_dir, formats=_split(args.formats))
 
 
 def run_bench(args) -> int:
@@ -77,8 +80,9 @@ def run_bench(args) -> int:
     from fastft.apps.bench.methods import bench_methods
     from fastft.apps.bench.report import markdown, write_report
 
-    result = bench_methods(cfg, on_row=lambda partial: write_report(partial, cfg.output_dir, plot=False))
-    paths = write_report(result, cfg.output_dir)
+    every_row = tuple(f for f in cfg.formats if f != "png")   # the plot once, at the end
+    result = bench_methods(cfg, on_row=lambda partial: write_report(partial, cfg.output_dir, every_row))
+    paths = write_report(result, cfg.output_dir, cfg.formats)
     print("\n" + markdown(result))
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0

@@ -27,6 +27,7 @@ class BenchConfig:
     lr: float = 1e-5
     seed: int = 0
     output_dir: str = "bench-results"
+    formats: tuple[str, ...] = ("json", "md", "png")   # files written to output_dir
 
     def validate(self) -> None:
         bad = [m for m in self.methods if m not in METHODS]
@@ -44,5 +45,9 @@ class BenchConfig:
         for name in ("seq_len", "batch_size", "steps", "rank", "num_virtual_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        bad = [f for f in self.formats if f not in ("json", "md", "png")]
+        if bad or not self.formats:
+            raise ValueError(f"--formats: unknown format {', '.join(map(repr, bad)) or '(none given)'}; expected some "
+                             "of json, md, png")
         if self.warmup < 0:
             raise ValueError(f"--warmup must be at least 0, got {self.warmup}")

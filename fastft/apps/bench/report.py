@@ -1,8 +1,15 @@
 """The method table's files: results JSON (raw rows + environment + settings), a markdown table and a PNG
-plot (tokens/s and peak memory per method, fastft beside each peer), each written atomically."""
+plot (tokens/s and peak memory per method, fastft beside each peer), each written atomically.
+
+    python -m fastft.apps.bench.report RESULTS.json [OUT_DIR]   # the table and plot again from a results file
+(a GPU run can bring back only the JSON; the rest is drawn here).
+"""
 from __future__ import annotations
 
+import importlib.util
 import io
+import json
+import sys
 from pathlib import Path
 
 from fastft.apps.bench.harness import fmt, write_json
@@ -19,13 +26,24 @@ COLUMNS = ("method", "implementation", "status", "tokens/s", "step ms", "peak Gi
            "× peer memory", "note")
 
 
-def write_report(result: dict, out_dir: str | Path, plot: bool = True) -> dict[str, Path]:
-    """Write <out_dir>/bench_methods.{json,md} and, with `plot`, .png; returns their paths."""
+FORMATS = ("json", "md", "png")
+
+
+def write_report(result: dict, out_dir: str | Path, formats=FORMATS) -> dict[str, Path]:
+    """Write <out_dir>/bench_methods.<format> for each of `formats`; returns their paths. Without matplotlib
+    the PNG is left out (said on stderr)."""
     out = Path(out_dir)
-    paths = {"json": write_json(out / f"{STEM}.json", result),
-             "md": atomic_write(out / f"{STEM}.md", markdown(result))}
-    if plot:
-        paths["png"] = atomic_write(out / f"{STEM}.png", plot_png(result))
+    paths = {}
+    if "json" in formats:
+        paths["json"] = write_json(out / f"{STEM}.json", result)
+    if "md" in formats:
+        paths["md"] = atomic_write(out / f"{STEM}.md", markdown(result))
+    if "png" in formats:
+        if importlib.util.find_spec("matplotlib") is None:
+            print("fastft bench: matplotlib is not installed, so no plot (python -m fastft.apps.bench.report "
+                  f"{out / f'{STEM}.json'} draws it where it is)", file=sys.stderr)
+        else:
+            paths["png"] = atomic_write(out / f"{STEM}.png", plot_png(result))
     return paths
 
 
@@ -117,3 +135,19 @@ def plot_png(result: dict) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     return buf.getvalue()
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) not in (1, 2):
+        print("usage: python -m fastft.apps.bench.report RESULTS.json [OUT_DIR]", file=sys.stderr)
+        return 2
+    source = Path(argv[0])
+    result = json.loads(source.read_text())
+    paths = write_report(result, argv[1] if len(argv) == 2 else source.parent, formats=("md", "png"))
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
