@@ -33,11 +33,22 @@ def _add_train(sub) -> None:
                    help="QLoRA: quantize the base linear layers to NF4 first (lm_head stays dense)")
 
 
+def _add_bench(sub) -> None:
+    from fastft.apps.bench.command import add_bench_parser
+
+    add_bench_parser(sub)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fastft", description="fastft: fast LoRA / QLoRA fine-tuning")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)
+    _add_bench(sub)
     args = parser.parse_args(argv)
+    if args.command == "bench":
+        from fastft.apps.bench.command import run_bench
+
+        return run_bench(args)
     if args.command == "train":
         from fastft.apps.train import train
 
