@@ -131,3 +131,14 @@ def training_rows(task: StudyTask, regime: str, seed: int) -> list[Example]:
         picked += rng.sample(members, min(FEW_SHOT_PER_CLASS, len(members)))
     rng.shuffle(picked)
     return picked
+
+
+def majority_baseline(task: StudyTask, max_test: int | None = None) -> dict:
+    """Test metrics of always predicting the training split's most common class (the floor every method must
+    beat), on the test rows the cells evaluate."""
+    majority = Counter(y for _, y in task.train).most_common(1)[0][0]
+    test = task.test[:max_test] if max_test else task.test
+    hits = sum(y == majority for _, y in test)
+    f1_majority = 2 * hits / (hits + len(test))  # F1 of the majority class; every other class scores 0
+    return {"label": task.label_words[majority].strip(), "accuracy": hits / len(test),
+            "macro_f1": f1_majority / task.num_classes, "examples": len(test)}
