@@ -35,7 +35,7 @@ def _parse_lr(values: list[str]) -> dict:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true",
                    help="a small study (MiniLM; subj, sms-spam; lora, full, ia3, prompt, dora; 32 per class; one "
-                        "seed; 12 steps of 8 × 32 tokens): minutes on a CPU. Other flags given override it")
+                        "seed; 16 steps of 8 × 32 tokens): minutes on a CPU. Other flags given override it")
     p.add_argument("--methods", nargs="+", choices=METHODS, help=f"default: all ({', '.join(METHODS)})")
     p.add_argument("--tasks", nargs="+", choices=STUDY_TASKS, help=f"default: all ({', '.join(STUDY_TASKS)})")
     p.add_argument("--models", nargs="+", choices=MODEL_FAMILIES, help="default: both (minilm, smollm2)")
@@ -47,7 +47,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-length", type=int, help="tokens per example (default 128)")
     p.add_argument("--lr", nargs="+", metavar="[METHOD=]RATE",
                    help=f"learning rate for every method, or per method; defaults (MiniLM/SmolLM2): {_lr_table()}")
-    p.add_argument("--head-lr", type=float, help="MiniLM's fresh classification head, every method (default 1e-3)")
+    p.add_argument("--head-lr", type=float, help="MiniLM's fresh classification head, every method (default 3e-3)")
     p.add_argument("--evals", type=int, help="dev evaluations per cell; the best is tested (default 6)")
     p.add_argument("--max-dev", type=int, help="evaluate on the first N dev rows (default: all)")
     p.add_argument("--max-test", type=int, help="test on the first N test rows (default: all)")

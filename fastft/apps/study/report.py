@@ -125,6 +125,21 @@ def accuracy_table(groups, tasks_info, model, regime) -> str:
     return "\n".join(lines)
 
 
+def majority_check(groups, tasks_info, model, regime) -> str:
+    """For each method: the tasks on which its mean score beats always predicting the majority class."""
+    lines = ["| method | beats the majority class on | does not |", "|---|---|---|"]
+    for method, impl in _rows_of(groups, model, regime):
+        done = {k[2]: g for k, g in groups.items() if k[:2] == (model, regime) and k[3:] == (method, impl)
+                and g["status"] == "done"}
+        if not done:
+            continue
+        floor = {t: 100 * tasks_info[t]["majority"][tasks_info[t]["metric"]] for t in done}
+        wins = [t for t, g in done.items() if g["score"] > floor[t]]
+        lines.append(f"| {_label(method, impl)} | {', '.join(wins) or 'none'} | "
+                     f"{', '.join(t for t in done if t not in wins) or '—'} |")
+    return "\n".join(lines)
+
+
 def cost_table(groups, model, regime) -> str:
     lines = ["| method | trainable params | % of model | tokens/s | peak memory (GiB) | wall s / cell |",
              "|---|---|---|---|---|---|"]
@@ -251,6 +266,12 @@ def _bars(groups, tasks_info, model, regime, path: Path) -> None:
     _save_figure(fig, path)
 
 
+def _steps_by_regime() -> str:
+    from fastft.apps.study.runner import STEPS_DEFAULT
+
+    return "per regime (" + ", ".join(f"{k} {v}" for k, v in STEPS_DEFAULT.items()) + ")"
+
+
 def _tasks_section(tasks_info: dict) -> str:
     lines = ["| task | headline metric | train | dev | test | duplicates dropped | test balance | majority (test) |",
              "|---|---|---|---|---|---|---|---|"]
@@ -282,7 +303,7 @@ def write_report(results: dict, output_dir) -> dict[str, Path]:
     parts = ["# fastft study", "",
              f"Device: {env.get('device_name', '?')} (torch {env.get('torch', '?')}, {env.get('threads', '?')} threads). "
              f"Seeds: {config['seeds']}; batch {config['batch_size']}; max length {config['max_length']}; "
-             f"steps {config['steps'] or 'per regime (60 / 200)'}; dev evaluations per cell {config['evals']}"
+             f"steps {config['steps'] or _steps_by_regime()}; dev evaluations per cell {config['evals']}"
              + (f"; dev capped at {config['max_dev']} rows" if config.get("max_dev") else "")
              + (f"; test capped at {config['max_test']} rows" if config.get("max_test") else "") + ".",
              "", "## Headline", "", headline(groups, tasks_info), "", "## Tasks", "", _tasks_section(tasks_info)]
@@ -293,7 +314,8 @@ def write_report(results: dict, output_dir) -> dict[str, Path]:
         parts += ["", f"## {MODEL_NAMES.get(model, model)} — {regime}", "",
                   "Test score (%) of the dev-selected checkpoint, mean ± std over seeds (* some seeds missing).", "",
                   accuracy_table(groups, tasks_info, model, regime), "", "Cost (means over tasks and seeds):", "",
-                  cost_table(groups, model, regime), "", f"![per task](plots/tasks_{name}.png)"]
+                  cost_table(groups, model, regime), "", majority_check(groups, tasks_info, model, regime), "",
+                  f"![per task](plots/tasks_{name}.png)"]
     parts += ["", "## Score against cost", "", "![score vs trainable parameters](plots/score_vs_params.png)",
               "![score vs tokens/s](plots/score_vs_tokens_per_second.png)"]
     anchors = anchor_rows(groups)
