@@ -151,7 +151,8 @@ def cost_table(groups, model, regime) -> str:
         n = len(done)
         trainable = sum(g["trainable"] for g in done) / n
         share = 100 * trainable / (sum(g["total"] for g in done) / n)
-        lines.append(f"| {_label(method, impl)} | {_fmt_count(trainable)} | {share:.2g} | "
+        share_text = f"{share:.1f}" if share >= 1 else f"{share:.2g}"
+        lines.append(f"| {_label(method, impl)} | {_fmt_count(trainable)} | {share_text} | "
                      f"{sum(g['tokens_per_second'] for g in done) / n:,.0f} | "
                      f"{max(g['peak_memory_gib'] for g in done):.2f} | {sum(g['wall_seconds'] for g in done) / n:.1f} |")
     return "\n".join(lines)
@@ -261,7 +262,8 @@ def _bars(groups, tasks_info, model, regime, path: Path) -> None:
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(tasks))], tasks)
     ax.set_ylabel("test score (%) — dashed: majority class")
     ax.set_title(f"{MODEL_NAMES.get(model, model)}, {regime}", fontsize=9)
-    ax.legend(fontsize=7, ncol=2)
+    ax.set_ylim(0, 105)
+    ax.legend(fontsize=7, bbox_to_anchor=(1.01, 1), loc="upper left")
     ax.grid(axis="y", alpha=0.3)
     _save_figure(fig, path)
 
