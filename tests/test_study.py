@@ -138,6 +138,7 @@ def test_one_seed_threshold_is_three_points():
     (["study", "--lr", "nope=1e-3"], "--lr: expected positive rates"),
     (["study", "--methods", "bitfit"], "invalid choice: 'bitfit'"),
     (["study", "--quick", "--max-test", "0"], "--max-test must be at least 1"),
+    (["study", "--threads", "0"], "--threads must be at least 1"),
 ])
 def test_bad_arguments(argv, message, capsys):
     from fastft.apps.cli import main

@@ -55,7 +55,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="run peft's own implementation of each method beside fastft's (default)")
     p.add_argument("--no-peft", dest="with_peft", action="store_false")
     p.add_argument("--output-dir", help="default runs/study (runs/study-quick with --quick)")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=int,
+                   help="torch CPU threads (default: torch's choice; on a busy CPU, 1 is often fastest)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -76,6 +77,8 @@ def config_from_args(args, parser: argparse.ArgumentParser) -> StudyConfig:
         config.validate()
     except ValueError as e:
         parser.error(str(e))
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be at least 1, got {args.threads}")
     for n in ("max_dev", "max_test"):
         if getattr(config, n) is not None and getattr(config, n) < 1:
             parser.error(f"--{n.replace('_', '-')} must be at least 1, got {getattr(config, n)}")
@@ -89,9 +92,13 @@ def run(args, parser: argparse.ArgumentParser) -> int:
     from fastft.apps.study.runner import run_study
 
     config = config_from_args(args, parser)
+    threads = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
-    results = run_study(config, progress=not args.no_progress)
-    paths = write_report(results, config.output_dir)
+    try:
+        results = run_study(config, progress=not args.no_progress)
+        paths = write_report(results, config.output_dir)
+    finally:  # a caller in the same process (a test) keeps its own setting
+        torch.set_num_threads(threads)
     print(f"report: {paths['report']}")
     return 0
