@@ -207,3 +207,40 @@ def test_lora_and_full_beat_the_majority_class(killed_and_resumed):
         assert c["test_examples"] == 100 and c["dev_examples"] == 32
         assert c["trainable_parameters"] > 0 and c["tokens_per_second"] > 0 and c["peak_memory_gib"] > 0
         assert c["test_accuracy"] > floor + 0.05, (c["method"], c["test_accuracy"], floor)
+
+
+def test_mean_pooler_counts_real_tokens_only():
+    import torch
+
+    from fastft.apps.study.models import MaskedMeanPooler
+
+    pooler = MaskedMeanPooler()
+    states = torch.randn(2, 5, 3, dtype=torch.float64)
+    pooler.mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    out = pooler(states)
+    assert torch.allclose(out[0], states[0, :3].mean(0)) and torch.allclose(out[1], states[1].mean(0))
+    pooler.mask = torch.tensor([[1, 1, 0], [1, 1, 1]])  # prompt tuning: 2 virtual tokens in front, not in the mask
+    assert torch.allclose(pooler(states)[0], states[0, :4].mean(0))
+    pooler.mask = torch.tensor([[1, 1, 1, 1, 1, 1, 0], [1] * 7])  # prefix tuning: the mask covers the prefix too
+    assert torch.allclose(pooler(states)[0], states[0, :4].mean(0))
+
+
+@pytest.mark.slow
+def test_smollm2_cell_trains_through_label_words():
+    """One real SmolLM2 cell, one step: LoRA only (no head: the LM head scores the label words)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        settings = CellSettings(steps=1, batch_size=2, max_length=16, lr=1e-3, head_lr=1e-3, eval_every=1,
+                                max_dev=4, max_test=4)
+        result = run_cell(CellSpec("smollm2", "trec", "32-per-class", "lora", "fastft", 0), settings)
+    finally:
+        torch.set_num_threads(threads)
+    assert result["status"] == "done", result.get("traceback")
+    # r=16 × (in + out) of each of the 7 linears (q, k, v, o, gate, up, down) in 30 layers; nothing else trains
+    shapes = [(576, 576), (576, 192), (576, 192), (576, 576), (576, 1536), (576, 1536), (1536, 576)]
+    assert result["trainable_parameters"] == 30 * sum(16 * (i + o) for i, o in shapes)
+    assert result["test_examples"] == 4 and result["metric"] == "macro_f1"
+    assert result["tokens_per_second"] > 0 and result["peak_memory_gib"] > 0
