@@ -244,3 +244,12 @@ def test_smollm2_cell_trains_through_label_words():
     assert result["trainable_parameters"] == 30 * sum(16 * (i + o) for i, o in shapes)
     assert result["test_examples"] == 4 and result["metric"] == "macro_f1"
     assert result["tokens_per_second"] > 0 and result["peak_memory_gib"] > 0
+
+
+def test_plan_flag_prints_the_cells_and_runs_nothing(tmp_path, capsys):
+    from fastft.apps.cli import main
+
+    assert main(["study", "--plan", "--output-dir", str(tmp_path / "none")]) == 0
+    printed = capsys.readouterr().out
+    assert "1008 cells, 105,840 training steps" in printed and "smollm2: 288 fastft, 216 peft" in printed
+    assert not (tmp_path / "none").exists()

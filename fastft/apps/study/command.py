@@ -58,6 +58,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int,
                    help="torch CPU threads (default: torch's choice; on a busy CPU, 1 is often fastest)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--plan", action="store_true", help="print the cells and training steps it would run, then stop")
 
 
 def config_from_args(args, parser: argparse.ArgumentParser) -> StudyConfig:
@@ -85,6 +86,24 @@ def config_from_args(args, parser: argparse.ArgumentParser) -> StudyConfig:
     return config
 
 
+def describe_plan(config: StudyConfig) -> str:
+    from collections import Counter
+
+    from fastft.apps.study.runner import plan
+
+    cells = plan(config)
+    count, steps = Counter(), Counter()
+    for spec, settings in cells:
+        count[(spec.model, spec.implementation)] += 1
+        steps[spec.model] += settings.steps
+    lines = [f"{len(cells)} cells, {sum(steps.values()):,} training steps of batch {config.batch_size} × "
+             f"≤{config.max_length} tokens, into {config.output_dir}"]
+    for model in config.models:
+        lines.append(f"  {model}: " + ", ".join(f"{count[(model, impl)]} {impl}" for impl in ("fastft", "peft")
+                                                 if count[(model, impl)]) + f"; {steps[model]:,} steps")
+    return "\n".join(lines)
+
+
 def run(args, parser: argparse.ArgumentParser) -> int:
     import torch
 
@@ -92,6 +111,9 @@ def run(args, parser: argparse.ArgumentParser) -> int:
     from fastft.apps.study.runner import run_study
 
     config = config_from_args(args, parser)
+    if args.plan:
+        print(describe_plan(config))
+        return 0
     threads = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
