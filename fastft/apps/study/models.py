@@ -162,7 +162,8 @@ def _prepare_minilm(task, max_length: int) -> PreparedModel:
     def loss(m, batch):
         return F.cross_entropy(class_logits(m, batch), batch["labels"])
 
-    # BERT's linear layers: query/key/value, and three called `dense` (attention output, intermediate, output). IA3 as peft's BERT default: key, value and the feed-forward output (input-scaled).
+    # BERT's linear layers: query/key/value, and three called `dense` (attention output, intermediate, output).
+    # IA3 as peft's BERT default: key, value and the feed-forward output (input-scaled).
     options = MethodOptions(target_modules=("query", "key", "value", "dense"),
                             ia3_target_modules=("key", "value", "output.dense"),
                             ia3_feedforward_modules=("output.dense",), num_virtual_tokens=16)

@@ -154,7 +154,8 @@ def cost_table(groups, model, regime) -> str:
         share_text = f"{share:.1f}" if share >= 1 else f"{share:.2g}"
         lines.append(f"| {_label(method, impl)} | {_fmt_count(trainable)} | {share_text} | "
                      f"{sum(g['tokens_per_second'] for g in done) / n:,.0f} | "
-                     f"{max(g['peak_memory_gib'] for g in done):.2f} | {sum(g['wall_seconds'] for g in done) / n:.1f} |")
+                     f"{max(g['peak_memory_gib'] for g in done):.2f} | "
+                     f"{sum(g['wall_seconds'] for g in done) / n:.1f} |")
     return "\n".join(lines)
 
 
@@ -303,7 +304,8 @@ def write_report(results: dict, output_dir) -> dict[str, Path]:
     written["score_vs_tokens_per_second"] = out / "plots" / "score_vs_tokens_per_second.png"
     env = results.get("environment", {})
     parts = ["# fastft study", "",
-             f"Device: {env.get('device_name', '?')} (torch {env.get('torch', '?')}, {env.get('threads', '?')} threads). "
+             f"Device: {env.get('device_name', '?')} (torch {env.get('torch', '?')}, "
+             f"{env.get('threads', '?')} threads). "
              f"Seeds: {config['seeds']}; batch {config['batch_size']}; max length {config['max_length']}; "
              f"steps {config['steps'] or _steps_by_regime()}; dev evaluations per cell {config['evals']}"
              + (f"; dev capped at {config['max_dev']} rows" if config.get("max_dev") else "")
@@ -325,8 +327,9 @@ def write_report(results: dict, output_dir) -> dict[str, Path]:
     if anchors:
         parts += ["| model | regime | task | method | fastft | peft | diff | noise threshold | seeds | flag |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
-        parts += [f"| {r['model']} | {r['regime']} | {r['task']} | {r['method']} | {r['fastft']:.1f} | {r['peft']:.1f} | "
-                  f"{r['diff']:+.1f} | {r['threshold']:.1f} | {r['seeds']} | {'**differs**' if r['flagged'] else 'ok'} |"
+        parts += [f"| {r['model']} | {r['regime']} | {r['task']} | {r['method']} | {r['fastft']:.1f} | "
+                  f"{r['peft']:.1f} | {r['diff']:+.1f} | {r['threshold']:.1f} | {r['seeds']} | "
+                  f"{'**differs**' if r['flagged'] else 'ok'} |"
                   for r in anchors]
     else:
         parts.append("No method has finished with both implementations.")
