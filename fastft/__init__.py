@@ -17,6 +17,8 @@ _LAZY = {
     "save_adapter": "fastft.integration.peft_lora",
     "merge_and_unload": "fastft.integration.peft_lora",
     "register_attention": "fastft.integration.attention",
+    "apply_method": "fastft.integration.methods",
+    "MethodOptions": "fastft.integration.methods",
     "quantize_model": "fastft.integration.nf4_model",
     "load_nf4_model": "fastft.integration.nf4_model",
     "save_nf4_model": "fastft.integration.nf4_model",

@@ -1,7 +1,10 @@
 """Autograd ops with their pure-torch references beside them."""
 from fastft.ops.attention import attention_reference, flash_attention
+from fastft.ops.dora import dora_linear, dora_linear_reference
+from fastft.ops.ia3 import ia3_linear, ia3_linear_reference
 from fastft.ops.lora import lora_linear, lora_linear_reference
 from fastft.ops.qlora import nf4_linear, nf4_linear_reference, qlora_linear, qlora_linear_reference
 
-__all__ = ["attention_reference", "flash_attention", "lora_linear", "lora_linear_reference", "nf4_linear",
+__all__ = ["attention_reference", "dora_linear", "dora_linear_reference", "flash_attention", "ia3_linear",
+           "ia3_linear_reference", "lora_linear", "lora_linear_reference", "nf4_linear",
            "nf4_linear_reference", "qlora_linear", "qlora_linear_reference"]

@@ -67,14 +67,97 @@ def _apply_full(model, options, implementation):
     return model
 
 
+def _apply_dora(model, options, implementation):
+    import peft
+
+    import fastft
+
+    config = _lora_config(options, use_dora=True)
+    return fastft.get_peft_model(model, config) if implementation == "fastft" else peft.get_peft_model(model, config)
+
+
+def _ia3_config(options: MethodOptions):
+    from peft import IA3Config
+
+    return IA3Config(target_modules=list(options.ia3_target_modules),
+                     feedforward_modules=list(options.ia3_feedforward_modules), task_type="CAUSAL_LM")
+
+
+def _apply_ia3(model, options, implementation):
+    import peft
+
+    import fastft
+
+    config = _ia3_config(options)
+    return fastft.get_peft_model(model, config) if implementation == "fastft" else peft.get_peft_model(model, config)
+
+
 def _not_yet(name):
     def apply(model, options, implementation):
         raise NotImplementedError(f"method {name!r} has no fastft room yet")
     return apply
 
 
-_APPLY = {"lora": _apply_lora, "qlora": _apply_qlora, "full": _apply_full,
-          **{m: _not_yet(m) for m in ("dora", "prefix", "prompt", "ia3", "adapter")}}
+_APPLY = {"lora": _apply_lora, "qlora": _apply_qlora, "full": _apply_full, "dora": _apply_dora, "ia3": _apply_ia3,
+          **{m: _not_yet(m) for m in ("prefix", "prompt", "adapter")}}
+
+# Config type name -> (room module, injection function). LoraConfig without DoRA stays in peft_lora.
+_ROOMS = {
+    "IA3Config": ("fastft.integration.methods.ia3", "get_ia3_model"),
+}
+# peft_type of a saved adapter -> (room module, load function); LORA (and DoRA) load in peft_lora.
+_LOADERS = {
+    "IA3": ("fastft.integration.methods.ia3", "load_ia3_adapter"),
+}
+
+
+def _room(table, key):
+    import importlib
+
+    module, name = table[key]
+    return getattr(importlib.import_module(module), name)
+
+
+def supported_configs() -> list[str]:
+    return ["LoraConfig", "LoraConfig(use_dora=True)", *_ROOMS]
+
+
+def get_method_model(model: nn.Module, config, adapter_name: str = "default", **kwargs):
+    """fastft.get_peft_model for every config that is not plain LoRA: dispatch on the config type."""
+    from peft import LoraConfig
+
+    if isinstance(config, LoraConfig):
+        if not config.use_dora:
+            import fastft
+
+            return fastft.get_peft_model(model, config, adapter_name=adapter_name, **kwargs)
+        from fastft.integration.methods.dora import get_dora_model
+
+        return get_dora_model(model, config, adapter_name=adapter_name, **kwargs)
+    name = type(config).__name__
+    if name not in _ROOMS:
+        raise TypeError(f"fastft.get_peft_model: {name} is not supported by fastft; supported configs: "
+                        f"{', '.join(supported_configs())} (use peft.get_peft_model for other methods)")
+    return _room(_ROOMS, name)(model, config, adapter_name=adapter_name, **kwargs)
+
+
+def load_method_adapter(model: nn.Module, path, adapter_name: str = "default", is_trainable: bool = False):
+    """Load a saved non-LoRA adapter through its room; None for a LoRA/DoRA adapter (peft_lora loads it)."""
+    from pathlib import Path
+
+    path = Path(path)
+    if not (path / "adapter_config.json").is_file():
+        return None  # peft_lora reports the missing file
+    import peft
+
+    config = peft.PeftConfig.from_pretrained(str(path))
+    peft_type = getattr(config.peft_type, "value", config.peft_type)
+    if peft_type == "LORA":
+        return None
+    if peft_type not in _LOADERS:
+        raise TypeError(f"load_adapter: {path} holds a {type(config).__name__} adapter, which fastft does not "
+                        f"support; supported: {', '.join(supported_configs())}")
+    return _room(_LOADERS, peft_type)(model, path, config, adapter_name, is_trainable)
 
 
 def apply_method(model: nn.Module, method: str, options: MethodOptions | None = None, *,
