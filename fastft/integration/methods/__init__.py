@@ -92,6 +92,24 @@ def _apply_ia3(model, options, implementation):
     return fastft.get_peft_model(model, config) if implementation == "fastft" else peft.get_peft_model(model, config)
 
 
+def _apply_prefix(model, options, implementation):
+    import peft
+
+    import fastft
+
+    config = peft.PrefixTuningConfig(num_virtual_tokens=options.num_virtual_tokens, task_type="CAUSAL_LM")
+    return fastft.get_peft_model(model, config) if implementation == "fastft" else peft.get_peft_model(model, config)
+
+
+def _apply_prompt(model, options, implementation):
+    import peft
+
+    import fastft
+
+    config = peft.PromptTuningConfig(num_virtual_tokens=options.num_virtual_tokens, task_type="CAUSAL_LM")
+    return fastft.get_peft_model(model, config) if implementation == "fastft" else peft.get_peft_model(model, config)
+
+
 def _not_yet(name):
     def apply(model, options, implementation):
         raise NotImplementedError(f"method {name!r} has no fastft room yet")
@@ -99,15 +117,21 @@ def _not_yet(name):
 
 
 _APPLY = {"lora": _apply_lora, "qlora": _apply_qlora, "full": _apply_full, "dora": _apply_dora, "ia3": _apply_ia3,
-          **{m: _not_yet(m) for m in ("prefix", "prompt", "adapter")}}
+          "prefix": _apply_prefix, "prompt": _apply_prompt, **{m: _not_yet(m) for m in ("adapter",)}}
 
 # Config type name -> (room module, injection function). LoraConfig without DoRA stays in peft_lora.
 _ROOMS = {
     "IA3Config": ("fastft.integration.methods.ia3", "get_ia3_model"),
+    "PrefixTuningConfig": ("fastft.integration.methods.prefix", "get_prefix_model"),
+    "PromptTuningConfig": ("fastft.integration.methods.prompt", "get_prompt_model"),
+    "PromptEncoderConfig": ("fastft.integration.methods.prompt", "get_prompt_model"),
 }
 # peft_type of a saved adapter -> (room module, load function); LORA (and DoRA) load in peft_lora.
 _LOADERS = {
     "IA3": ("fastft.integration.methods.ia3", "load_ia3_adapter"),
+    "PREFIX_TUNING": ("fastft.integration.methods.prefix", "load_prefix_adapter"),
+    "PROMPT_TUNING": ("fastft.integration.methods.prompt", "load_prompt_adapter"),
+    "P_TUNING": ("fastft.integration.methods.prompt", "load_prompt_adapter"),
 }
 
 
