@@ -19,6 +19,7 @@ _LAZY = {
     "register_attention": "fastft.integration.attention",
     "apply_method": "fastft.integration.methods",
     "MethodOptions": "fastft.integration.methods",
+    "BottleneckAdapterConfig": "fastft.integration.methods.adapter",
     "quantize_model": "fastft.integration.nf4_model",
     "load_nf4_model": "fastft.integration.nf4_model",
     "save_nf4_model": "fastft.integration.nf4_model",

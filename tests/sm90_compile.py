@@ -14,7 +14,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, compile as triton_compile
 
-from fastft.kernels import column_dot, lora_linear, nf4_dequant, qlora_linear
+from fastft.kernels import bottleneck_adapter, column_dot, lora_linear, nf4_dequant, qlora_linear
 
 TARGET = GPUTarget("cuda", 90, 32)
 SMEM_LIMIT = 232448  # bytes of shared memory a block may use on sm_90
@@ -54,7 +54,8 @@ def _check(what, kernel_fn, sig, consts, aligned, options) -> int:
 
 def lora_family() -> int:
     """The dense LoRA GEMM with the DoRA/IA3 scales (every variant the methods launch, with the first bf16
-    descriptor config; the DoRA forward with every config) and the column-dot reduction."""
+    descriptor config; the DoRA forward with every config), the column-dot reduction and the bottleneck
+    adapter's kernels."""
     failures = 0
     sig = dict(a_ptr="*bf16", b_ptr="*bf16", l_ptr="*bf16", t_ptr="*bf16", bias_ptr="*bf16", c_ptr="*bf16",
                col_scale_ptr="*fp32", k_scale_ptr="*fp32", M="i32", N="i32", K="i32", stride_am="i32",
@@ -82,6 +83,23 @@ def lora_family() -> int:
                    stride_am="i32", stride_an="i32", stride_bm="i32", stride_bn="i32")
         failures += _check(f"column_dot {cfg}", column_dot._column_dot_kernel, sig, cfg, ["a_ptr", "b_ptr"],
                            dict(num_warps=warps, num_stages=stages))
+    for act, cfg in itertools.product(bottleneck_adapter.ACTIVATIONS, bottleneck_adapter._down_configs()[:2]):
+        cfg = dict(cfg)
+        warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+        sig = dict(h_ptr="*bf16", d_ptr="*bf16", bias_ptr="*fp32", z_ptr="*bf16", p_ptr="*bf16", M="i32", N="i32",
+                   stride_hm="i32", stride_hn="i32", stride_dr="i32", stride_dn="i32")
+        consts = dict(ACT=act, HAS_BIAS=True, UPCAST=False, DOT_PRECISION="tf32", BLOCK_R=64, **cfg)
+        failures += _check(f"adapter down_act {act} {cfg}", bottleneck_adapter._down_act_kernel, sig, consts,
+                           ["h_ptr", "d_ptr", "z_ptr", "p_ptr"], dict(num_warps=warps, num_stages=stages))
+    for cfg in bottleneck_adapter._up_configs():
+        cfg = dict(cfg)
+        warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+        sig = dict(res_ptr="*bf16", l_ptr="*bf16", t_ptr="*bf16", bias_ptr="*bf16", out_ptr="*bf16", M="i32",
+                   N="i32", stride_rm="i32", stride_rn="i32", stride_lm="i32", stride_tn="i32", stride_tr="i32",
+                   stride_om="i32")
+        consts = dict(HAS_BIAS=True, UPCAST=False, DOT_PRECISION="tf32", BLOCK_R=64, **cfg)
+        failures += _check(f"adapter up_residual {cfg}", bottleneck_adapter._up_residual_kernel, sig, consts,
+                           ["res_ptr", "l_ptr", "t_ptr", "out_ptr"], dict(num_warps=warps, num_stages=stages))
     return failures
 
 

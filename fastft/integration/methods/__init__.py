@@ -30,6 +30,7 @@ class MethodOptions:
     ia3_feedforward_modules: tuple[str, ...] = ("down_proj",)                  # ia3: scale the input, not output
     adapter_size: int = 64              # adapter: bottleneck width
     adapter_placement: str = "pfeiffer"  # adapter: "pfeiffer" (after the MLP) or "houlsby" (after attn and MLP)
+    adapter_activation: str = "relu"    # adapter: relu, silu, gelu_tanh or tanh
     quant_type: str = "nf4"             # qlora
     extra: dict = field(default_factory=dict)  # method-specific extras, validated by the method's room
 
@@ -110,14 +111,19 @@ def _apply_prompt(model, options, implementation):
     return fastft.get_peft_model(model, config) if implementation == "fastft" else peft.get_peft_model(model, config)
 
 
-def _not_yet(name):
-    def apply(model, options, implementation):
-        raise NotImplementedError(f"method {name!r} has no fastft room yet")
-    return apply
+def _apply_adapter(model, options, implementation):
+    if implementation == "peft":
+        raise NotImplementedError("method 'adapter' has no implementation='peft': peft has no bottleneck adapters "
+                                  "(fastft's own room is the only one)")
+    from fastft.integration.methods.adapter import BottleneckAdapterConfig, get_adapter_model
+
+    config = BottleneckAdapterConfig(size=options.adapter_size, placement=options.adapter_placement,
+                                     activation=options.adapter_activation)
+    return get_adapter_model(model, config)
 
 
 _APPLY = {"lora": _apply_lora, "qlora": _apply_qlora, "full": _apply_full, "dora": _apply_dora, "ia3": _apply_ia3,
-          "prefix": _apply_prefix, "prompt": _apply_prompt, **{m: _not_yet(m) for m in ("adapter",)}}
+          "prefix": _apply_prefix, "prompt": _apply_prompt, "adapter": _apply_adapter}
 
 # Config type name -> (room module, injection function). LoraConfig without DoRA stays in peft_lora.
 _ROOMS = {
@@ -125,6 +131,7 @@ _ROOMS = {
     "PrefixTuningConfig": ("fastft.integration.methods.prefix", "get_prefix_model"),
     "PromptTuningConfig": ("fastft.integration.methods.prompt", "get_prompt_model"),
     "PromptEncoderConfig": ("fastft.integration.methods.prompt", "get_prompt_model"),
+    "BottleneckAdapterConfig": ("fastft.integration.methods.adapter", "get_adapter_model"),
 }
 # peft_type of a saved adapter -> (room module, load function); LORA (and DoRA) load in peft_lora.
 _LOADERS = {
@@ -172,6 +179,10 @@ def load_method_adapter(model: nn.Module, path, adapter_name: str = "default", i
     path = Path(path)
     if not (path / "adapter_config.json").is_file():
         return None  # peft_lora reports the missing file
+    from fastft.integration.methods.adapter import is_bottleneck_adapter, load_bottleneck_adapter
+
+    if is_bottleneck_adapter(path):
+        return load_bottleneck_adapter(model, path, adapter_name, is_trainable)
     import peft
 
     config = peft.PeftConfig.from_pretrained(str(path))
