@@ -1,7 +1,7 @@
 """Helpers the per-method tests share: perturb the trainable parameters, run a step, compare with peft."""
 import torch
 
-from tests.utils import assert_close
+from tests.utils import assert_close, rel_err
 
 
 def perturb_trainables(model, std: float = 0.1, seed: int = 1):
@@ -33,9 +33,17 @@ def step(model, ids, attention_mask=None, seed: int = 0):
     return out.logits.detach(), grads
 
 
-def assert_same_step(a, b, what: str, dtype=torch.float32):
+def assert_same_step(a, b, what: str, dtype=torch.float32, tol: float | None = None):
+    """tol: a relative-error bound replacing the dtype's (deep real models accumulate more rounding)."""
     logits_a, grads_a = a
     logits_b, grads_b = b
+    if tol is not None:
+        for name in grads_a:
+            err = rel_err(grads_a[name], grads_b[name])
+            assert err <= tol, f"{what} grad {name}: relative error {err:.3e} > {tol:.1e}"
+        err = rel_err(logits_a, logits_b)
+        assert err <= tol and set(grads_a) == set(grads_b) and grads_a, f"{what} logits: relative error {err:.3e}"
+        return
     assert_close(logits_a, logits_b, dtype, f"{what} logits")
     assert set(grads_a) == set(grads_b) and grads_a, f"{what}: trainable parameters differ"
     for name in grads_a:

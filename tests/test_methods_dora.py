@@ -163,3 +163,13 @@ def test_nf4_base_dora_matches_reference_on_dequantized_weights(monkeypatch):
     assert_close(y, y_ref, torch.float32, "y")
     for name, t in dict(x=x, A=A, B=B, m=mag).items():
         assert_close(t.grad, grads[name], torch.float32, f"d{name}")
+
+
+def test_dora_adapter_added_beside_a_lora_one_is_fused():
+    model = fastft.get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj"]))
+    fastft.add_adapter(model, "dora", _dora_config())
+    model.set_adapter("dora")
+    layer = next(m for n, m in model.named_modules() if n.endswith("q_proj") and hasattr(m, "lora_A"))
+    assert isinstance(layer, FusedDoraLinear) and "dora" in layer.lora_magnitude_vector
+    with torch.no_grad():
+        model(input_ids=ids())

@@ -137,7 +137,11 @@ def add_adapter(model: PeftModel, adapter_name: str, config: LoraConfig) -> Peft
     """`model.add_adapter` with validation, keeping every LoRA layer fused."""
     if not isinstance(model, PeftModel):
         raise TypeError(f"add_adapter expects a PeftModel (from fastft.get_peft_model), got {type(model).__name__}")
-    validate_lora_config(config, model.get_base_model())
+    if getattr(config, "use_dora", False):
+        from fastft.integration.methods.dora import validate_dora_config as validate
+    else:
+        validate = validate_lora_config
+    validate(config, model.get_base_model())
     model.add_adapter(adapter_name, _with_quantized_targets(config, model.get_base_model()))
     return patch_peft(model)
 
