@@ -100,3 +100,11 @@ def test_generation_takes_the_cache_path():
 def test_bad_config_is_named():
     with pytest.raises(ValueError, match="PrefixTuningConfig.task_type='SEQ_CLS'"):
         fastft.get_peft_model(tiny_llama(), PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=5))
+
+
+def test_gradient_checkpointing_keeps_the_prefix():
+    """transformers' checkpointing re-runs each layer with the same keyword arguments: the prefix comes along."""
+    ours, theirs = _pair()
+    ours.train(), theirs.train()
+    ours.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert_same_step(step(ours, ids()), step(theirs, ids()), "prefix tuning with checkpointing")

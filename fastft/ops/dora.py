@@ -35,12 +35,9 @@ def _dense(weight, dtype):
 
 @torch.no_grad()
 def weight_row_sq_norm(weight) -> torch.Tensor:
-    """‖W_n‖² per output row in fp32 (N,); NF4 weights are dequantized in row chunks, never whole in fp32."""
-    if isinstance(weight, NF4Weight):
-        dense = weight.dequantize(torch.float32 if weight.device.type == "cpu" else torch.bfloat16)
-        # bf16 dequantization is exact for NF4 codes × fp32 absmax rounded once; the sum is fp32.
-        return torch.cat([c.float().pow(2).sum(1) for c in dense.split(4096)])
-    return torch.cat([c.float().pow(2).sum(1) for c in weight.detach().split(4096)])
+    """‖W_n‖² per output row in fp32 (N,), summed in row chunks; NF4 weights are dequantized (fp32) once here."""
+    dense = weight.dequantize(torch.float32) if isinstance(weight, NF4Weight) else weight.detach()
+    return torch.cat([c.float().pow(2).sum(1) for c in dense.split(4096)])
 
 
 @torch.no_grad()
