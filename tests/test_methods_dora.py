@@ -173,3 +173,23 @@ def test_dora_adapter_added_beside_a_lora_one_is_fused():
     assert isinstance(layer, FusedDoraLinear) and "dora" in layer.lora_magnitude_vector
     with torch.no_grad():
         model(input_ids=ids())
+
+
+def test_nf4_dora_saves_loads_and_merges(tmp_path):
+    """QDoRA: save, load onto a freshly quantized model (FusedQDoraLinear again), and merge_and_unload (dense)."""
+    def quantized():
+        return fastft.quantize_model(tiny_llama(intermediate_size=128), "nf4")
+
+    ours = fastft.get_peft_model(quantized(), _dora_config())
+    perturb_trainables(ours)
+    batch = ids()
+    with torch.no_grad():
+        want = ours(input_ids=batch).logits
+    fastft.save_adapter(ours, tmp_path / "qdora")
+    loaded = fastft.load_adapter(quantized(), tmp_path / "qdora")
+    assert any(isinstance(m, FusedQDoraLinear) for m in loaded.modules())
+    with torch.no_grad():
+        assert_close(loaded(input_ids=batch).logits, want, torch.float32, "reloaded QDoRA")
+        merged = fastft.merge_and_unload(loaded)
+        assert not any(hasattr(m, "lora_A") for m in merged.modules())
+        assert_close(merged(input_ids=batch).logits, want, torch.float32, "merged QDoRA")
