@@ -1,7 +1,6 @@
 """Bottleneck adapters (Houlsby / Pfeiffer): the fused op (Triton through the interpreter) against an fp64
 reference, the model against a plain-torch reference module (forward hooks adding h + up(act(down(h)))), the
 near-identity init, safetensors + JSON save/load, and config errors naming the field."""
-import copy
 import json
 import random
 
