@@ -64,9 +64,10 @@ def dora_row_norm(weight, lora_A, lora_B, scaling: float, weight_sq_norm: torch.
     dtype = dtype or lora_A.dtype
     w_sq = weight_row_sq_norm(weight) if weight_sq_norm is None else weight_sq_norm
     A, B = lora_A.detach().float(), lora_B.detach().float()
-    cross = (B * _weight_times_A(weight, lora_A, dtype)).sum(1)
-    quad = ((B @ (A @ A.t())) * B).sum(1)
-    return (w_sq + (2.0 * scaling) * cross + (scaling * scaling) * quad).clamp_min(0.0).sqrt()
+    # Σ_j B_nj·(2s·(W·Aᵀ)_nj + s²·(B·A·Aᵀ)_nj): the cross and quadratic terms in one row sum
+    inner = torch.addmm(_weight_times_A(weight, lora_A, dtype), B, A @ A.t(), beta=2.0 * scaling,
+                        alpha=scaling * scaling)
+    return (w_sq + (B * inner).sum(1)).clamp_min(0.0).sqrt()
 
 
 def dora_linear_reference(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p=0.0, *, keep_mask=None,
