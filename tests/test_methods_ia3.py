@@ -96,3 +96,30 @@ def test_save_load_round_trips_with_peft(tmp_path):
 def test_unfusable_ia3_option_is_named():
     with pytest.raises(ValueError, match="IA3Config.fan_in_fan_out=True"):
         fastft.get_peft_model(tiny_llama(), _config(fan_in_fan_out=True))
+
+
+@interpreter_only
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("b_nk, tail, col, kscale", [(True, True, True, True), (False, True, True, True),
+                                                     (True, False, True, True), (False, False, False, True)])
+def test_lora_gemm_scale_features_against_fp64(dtype, b_nk, tail, col, kscale):
+    """The kernel feature itself: c = (a·diag(k)·bᵀ + l·tᵀ)·diag(col) + bias, every combination the methods use
+    and both together, ragged sizes, both storage orders of b."""
+    from fastft.kernels.lora_linear import lora_gemm
+
+    M, K, N, R = 37, 48, 45, 16
+    a = torch.randn(M, K).to(dtype)
+    w = (torch.randn(N, K) * K**-0.5).to(dtype)
+    b = w if b_nk else w.t().contiguous()  # logical [N, K] either way
+    lo = torch.randn(M, R).to(dtype) if tail else None
+    t = (torch.randn(N, R) * 0.1).to(dtype) if tail else None
+    t_arg = None if t is None else (t if b_nk else t.t().contiguous())
+    bias = torch.randn(N).to(dtype)
+    cs = (1 + 0.5 * torch.randn(N)) if col else None
+    ks = (1 + 0.5 * torch.randn(K)) if kscale else None
+    got = lora_gemm(a, b, lo, t_arg, bias, b_nk=b_nk, col_scale=cs, k_scale=ks)
+    ref = (a.double() * (ks.double() if kscale else 1.0)) @ w.double().t()
+    if tail:
+        ref = ref + lo.double() @ t.double().t()
+    ref = ref * (cs.double() if col else 1.0) + bias.double()
+    assert_close(got, ref, dtype, "c")
