@@ -50,7 +50,8 @@ def quantize_model(model: nn.Module, quant_type: str = "nf4", *, blocksize: int 
     targets = [(name, m) for name, m in model.named_modules()
                if isinstance(m, nn.Linear) and name and not _skipped(name, skip)]
     for name, linear in targets:
-        _set_submodule(model, name, NF4Linear.from_linear(linear, blocksize=blocksize, double_quant=double_quant))
+        _set_submodule(model, name, NF4Linear.from_linear(linear, blocksize=blocksize, double_quant=double_quant,
+                                                          name=name))
         linear.weight = None  # drop the dense weight now, not when the whole walk ends
     return model
 
@@ -146,7 +147,7 @@ def load_nf4_model(path: str, *, model_cls=None, dtype: torch.dtype = torch.bflo
                     tensor = tensor.to(dtype)  # as transformers casts before bitsandbytes quantizes
                 if module_name in targets and key == f"{module_name}.weight":  # a dense linear weight
                     model.get_submodule(module_name).weight = quantize_nf4(
-                        tensor, blocksize=blocksize, double_quant=double_quant).to(device)
+                        tensor, blocksize=blocksize, double_quant=double_quant, name=key).to(device)
                     del tensor  # this layer's dense copy is gone before the next one is read
                     continue
                 _assign(model, key, tensor.to(device))
@@ -182,7 +183,7 @@ def _atomic_write(path: str, write) -> None:
 
 def _quantization_config(model: nn.Module, dtype: torch.dtype) -> dict:
     layers = [m for m in model.modules() if isinstance(m, NF4Linear) and m.weight is not None]
-    nested = {m.weight.is_nested for m in layers}
+    nested = {m.weight.double_quant for m in layers}
     if len(nested) > 1:
         raise ValueError("save_nf4_model: some NF4 layers use double quantization and some do not; bitsandbytes' "
                          "config has one bnb_4bit_use_double_quant flag")
