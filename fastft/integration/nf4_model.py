@@ -219,3 +219,59 @@ def save_nf4_model(model: nn.Module, path: str, *, compute_dtype: torch.dtype = 
             with open(tmp, "w") as f:
                 json.dump(cfg, f, indent=2, sort_keys=True)
         _atomic_write(os.path.join(path, "config.json"), write_config)
+
+
+# ----------------------------------------------------------------------------------------------
+# FSDP2
+
+def _decoder_layer_names(model: nn.Module) -> set[str]:
+    """transformers names the blocks that must stay whole (`_no_split_modules`); look through peft's wrappers."""
+    for m in model.modules():
+        names = getattr(m, "_no_split_modules", None)
+        if names:
+            return set(names)
+    return set()
+
+
+def shard_model(model: nn.Module, mesh=None, *, reshard_after_forward: bool = True, mp_policy=None,
+                layer_classes=None) -> nn.Module:
+    """FSDP2-shard `model` in place: `fully_shard` on every decoder layer, then on the root; returns it.
+
+    Works on a plain, an NF4-quantized (`quantize_model` / `load_nf4_model`) and a peft-wrapped
+    (`fastft.get_peft_model`) model — apply LoRA first, then shard. NF4 weights shard their packed bytes and
+    scales (each rank holds 1/world of them; the forward all-gathers 4-bit codes, not a dense copy).
+    mesh: a 1-D DeviceMesh (default: all ranks of the initialised process group, on the parameters' device type);
+    the model must already be on that device. mp_policy: a torch.distributed.fsdp.MixedPrecisionPolicy.
+    layer_classes: class names of the blocks to shard one by one (default: the model's `_no_split_modules`).
+    Raises ValueError, naming the weight, for an NF4 weight that cannot shard evenly over the mesh.
+    """
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from fastft.quant.nf4_tensor_ops import check_shardable
+
+    if mesh is None:
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError("shard_model: no mesh given and torch.distributed is not initialised "
+                               "(launch with torchrun / accelerate, or pass mesh=init_device_mesh(...))")
+        device_type = next((p.device.type for p in model.parameters()), "cpu")
+        mesh = init_device_mesh(device_type, (dist.get_world_size(),))
+    if mesh.ndim != 1:
+        raise ValueError(f"shard_model: expected a 1-D device mesh, got {mesh.ndim}-D ({mesh})")
+    world = mesh.size()
+    for name, p in model.named_parameters():
+        if isinstance(p, NF4Weight):
+            check_shardable(p, world, name)
+    names = set(layer_classes) if layer_classes else _decoder_layer_names(model)
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        raise ValueError(f"shard_model: no layer of {type(model).__name__} is one of {sorted(names)}; pass "
+                         "layer_classes=[...] (the class names of its transformer blocks)")
+    kwargs = {"mesh": mesh, "reshard_after_forward": reshard_after_forward}
+    if mp_policy is not None:
+        kwargs["mp_policy"] = mp_policy
+    for layer in layers:
+        fully_shard(layer, **kwargs)
+    fully_shard(model, **kwargs)
+    return model

@@ -95,7 +95,10 @@ def row_range(w, r0: int, r1: int):
 
 
 def _zeros_like_layout(w, shape):
-    """An all-zero NF4Weight of `shape` with the layout row_range gives a same-sized piece of w."""
+    """An all-zero NF4Weight of `shape` with the layout row_range gives a same-sized piece of w.
+
+    A nested one keeps w's offset: the offset is plain metadata, so a later copy_ of a piece of w into this
+    buffer cannot reach the views (narrow, view) taken of it before; with the same offset nothing has to."""
     n = math.prod(shape)
     blocks = fmt.num_blocks(n, w.blocksize)
     nested = w.double_quant and (torch.Size(shape) == w.shape or blocks % w.nested_blocksize == 0)
@@ -104,7 +107,7 @@ def _zeros_like_layout(w, shape):
     if nested:
         return w.with_parts(packed=packed, absmax=torch.zeros(blocks, dtype=torch.uint8, device=device),
                             absmax2=torch.zeros(fmt.num_blocks(blocks, w.nested_blocksize), device=device),
-                            code2=w.code2.clone(), code=w.code.clone(), offset=0.0, shape=shape)
+                            code2=w.code2.clone(), code=w.code.clone(), offset=w.offset, shape=shape)
     return w.with_parts(packed=packed, absmax=torch.zeros(blocks, device=device), absmax2=None, code2=None,
                         code=w.code.clone(), offset=0.0, shape=shape)
 
@@ -226,7 +229,7 @@ def _copy_(func, dst, src, non_blocking=False):
         raise ValueError(f"NF4Weight.copy_: layouts differ ({src!r} into {dst!r})")
     for a, b in zip(dst._tensors(), src._tensors()):
         a.copy_(b, non_blocking=non_blocking)
-    dst.offset = src.offset  # plain metadata (the nested scales' mean)
+    dst.offset = src.offset  # plain metadata (the nested scales' mean): views taken before keep theirs
     return dst
 
 
