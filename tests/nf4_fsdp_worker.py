@@ -107,6 +107,10 @@ def main(out_dir):
 
     train(model, local_ids)
     state = lora_state(model)
+    from peft import get_peft_model_state_dict  # what saving the adapter reads: works on the sharded model
+    adapter = get_peft_model_state_dict(model)
+    report["adapter_state_matches"] = len(adapter) == len(state) and all(
+        torch.equal(v.full_tensor(), state[k.replace(".weight", ".default.weight")]) for k, v in adapter.items())
 
     # a layer whose shards split groups of nested scales (48 blocks a shard): un-nested shards, bf16 compute
     torch.manual_seed(3)

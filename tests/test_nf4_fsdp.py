@@ -172,6 +172,7 @@ def test_qlora_under_fsdp2_matches_one_process(tmp_path):
     assert report["unnested_local_absmax_dtype"] == "torch.float32"
     assert report["unnested_forward_max_diff"] == 0.0 and report["unnested_out_dtype"] == "torch.bfloat16"
 
+    assert report["adapter_state_matches"]  # peft's adapter state dict reads the sharded model
     sharded = torch.load(tmp_path / "lora.pt")
     model = worker.build_qlora_model()
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}

@@ -7,6 +7,8 @@
   on top of the NF4 model, never at the dense model.
 - `save_nf4_model(model, path)` writes config.json (with a bitsandbytes quantization_config) and
   model.safetensors in bitsandbytes' key layout, so transformers + bitsandbytes load it back.
+- `shard_model(model, mesh)` shards a (quantized, peft-wrapped) model with FSDP2, decoder layer by layer; NF4
+  weights shard their packed bytes and scales.
 """
 from __future__ import annotations
 
