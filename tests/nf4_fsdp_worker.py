@@ -4,7 +4,8 @@
 Each rank builds the same NF4 + LoRA tiny Llama, shards it with fastft.shard_model and checks, against an
 unsharded copy in the same process: the forward is equal; each rank stores half of the NF4 bytes; the forward
 sees whole NF4Weights gathered from packed bytes. Then it trains a few AdamW steps on its half of a fixed
-global batch; rank 0 saves the gathered LoRA weights for the test to compare with one process on the whole batch.
+global batch, sharded and again under DDP; rank 0 saves both LoRA states for the test to compare with one
+process on the whole batch.
 A second, small layer whose shards do not hold whole groups of nested scales checks the un-nested path and bf16
 mixed precision.
 """
@@ -112,6 +113,12 @@ def main(out_dir):
     report["adapter_state_matches"] = len(adapter) == len(state) and all(
         torch.equal(v.full_tensor(), state[k.replace(".weight", ".default.weight")]) for k, v in adapter.items())
 
+    # the same QLoRA model under DDP (the frozen NF4 weights are left out of DDP's start-up broadcast)
+    from torch.nn.parallel import DistributedDataParallel
+    ddp_model = fastft.ignore_nf4_in_ddp(build_qlora_model())
+    train(DistributedDataParallel(ddp_model), local_ids)
+    ddp_state = lora_state(ddp_model)
+
     # a layer whose shards split groups of nested scales (48 blocks a shard): un-nested shards, bf16 compute
     torch.manual_seed(3)
     layer = NF4Linear.from_linear(nn.Linear(96, 64))
@@ -127,6 +134,7 @@ def main(out_dir):
 
     if rank == 0:
         torch.save(state, os.path.join(out_dir, "lora.pt"))
+        torch.save(ddp_state, os.path.join(out_dir, "lora_ddp.pt"))
         with open(os.path.join(out_dir, "report.json"), "w") as f:
             json.dump(report, f)
     dist.barrier()

@@ -151,7 +151,7 @@ def test_non_finite_weights_are_refused(bad, double_quant):
         NF4Linear(64, 16).load_state_dict({"weight": x, "bias": torch.zeros(16)})
 
 
-def test_qlora_under_fsdp2_matches_one_process(tmp_path):
+def test_qlora_under_fsdp2_and_ddp_matches_one_process(tmp_path):
     """2 ranks (gloo), each half of the batch, against one process on the whole batch: same adapter."""
     from tests import nf4_fsdp_worker as worker
 
@@ -173,7 +173,7 @@ def test_qlora_under_fsdp2_matches_one_process(tmp_path):
     assert report["unnested_forward_max_diff"] == 0.0 and report["unnested_out_dtype"] == "torch.bfloat16"
 
     assert report["adapter_state_matches"]  # peft's adapter state dict reads the sharded model
-    sharded = torch.load(tmp_path / "lora.pt")
+    sharded, ddp = torch.load(tmp_path / "lora.pt"), torch.load(tmp_path / "lora_ddp.pt")
     model = worker.build_qlora_model()
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     worker.train(model, worker.batch())
@@ -181,5 +181,6 @@ def test_qlora_under_fsdp2_matches_one_process(tmp_path):
     assert sharded.keys() == single.keys() and len(single) == 2 * 7 * 2
     for name, value in single.items():
         assert not torch.equal(value, before[name]), f"{name} did not train"
-        assert torch.allclose(sharded[name], value, rtol=1e-4, atol=1e-6), \
-            f"{name}: max diff {(sharded[name] - value).abs().max().item():.2e}"
+        for how, got in (("FSDP2", sharded), ("DDP", ddp)):
+            assert torch.allclose(got[name], value, rtol=1e-4, atol=1e-6), \
+                f"{how} {name}: max diff {(got[name] - value).abs().max().item():.2e}"

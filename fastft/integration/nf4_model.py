@@ -277,3 +277,19 @@ def shard_model(model: nn.Module, mesh=None, *, reshard_after_forward: bool = Tr
         fully_shard(layer, **kwargs)
     fully_shard(model, **kwargs)
     return model
+
+
+def ignore_nf4_in_ddp(model: nn.Module) -> nn.Module:
+    """Tell DistributedDataParallel not to broadcast `model`'s NF4 weights; returns the model.
+
+    DDP broadcasts every parameter from rank 0 when it wraps a model, by concatenating them — which a packed NF4
+    weight cannot take part in. The NF4 weights are frozen and every rank quantizes or loads the same bytes, so
+    there is nothing to synchronise. Call on the module you hand to DDP (or to accelerate's `prepare`), after
+    `get_peft_model`: the names are relative to it.
+    """
+    from torch.nn.parallel import DistributedDataParallel
+
+    names = [name for name, p in model.named_parameters() if isinstance(p, NF4Weight)]
+    names += list(getattr(model, "_ddp_params_and_buffers_to_ignore", ()))
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, sorted(set(names)))
+    return model

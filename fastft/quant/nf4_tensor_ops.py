@@ -245,6 +245,10 @@ def _pin_memory(func, w, *args, **kwargs):
 
 def dispatch(func, args, kwargs):
     handler = _TABLE.get(func)
+    if handler is None and func is aten.cat.default:
+        raise NotImplementedError("NF4Weight cannot be concatenated (aten.cat). DistributedDataParallel does so to "
+                                  "broadcast parameters: call fastft.integration.nf4_model.ignore_nf4_in_ddp(model) "
+                                  "before wrapping (frozen NF4 weights need no synchronisation)")
     if handler is None:
         raise NotImplementedError(f"NF4Weight does not support {func} (it is a frozen quantized weight: use "
                                   "weight.dequantize() for math on its values)")
