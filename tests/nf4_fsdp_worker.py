@@ -96,6 +96,12 @@ def main(out_dir):
     report["local_nested"] = all(p._local_tensor.double_quant for p in model.parameters()
                                  if isinstance(getattr(p, "_local_tensor", None), NF4Weight))
 
+    # a checkpoint's full state dict gathers a sharded NF4 weight back whole (DTensor.full_tensor)
+    name = "base_model.model.model.layers.1.mlp.down_proj.base_layer.weight"
+    gathered = dict(model.named_parameters())[name].full_tensor()
+    report["full_tensor_equal"] = isinstance(gathered, NF4Weight) and all(
+        torch.equal(a, b) for a, b in zip(gathered._tensors(), dict(plain.named_parameters())[name]._tensors()))
+
     seen = []  # what the forward of an NF4 layer finds as its weight once FSDP2 has all-gathered it
     probe = next(m for m in model.modules() if isinstance(m, NF4Linear))
     probe.register_forward_pre_hook(lambda m, args: seen.append((type(m.weight).__name__, m.weight.packed.numel(),

@@ -50,6 +50,8 @@ def test_nf4_weight_is_a_frozen_parameter_moved_by_the_module():
     half = copy.deepcopy(model).half()  # dtype casts leave quantized codes alone; the bias follows
     assert half.up.weight.dtype == torch.float32 and half.up.bias.dtype == torch.float16
     assert torch.equal(half.up.weight.packed, model.up.weight.packed)
+    empty = copy.deepcopy(model).to_empty(device="cpu")
+    assert isinstance(empty.up.weight, NF4Weight) and not empty.up.weight.dequantize().any()
     clone = copy.deepcopy(model)
     assert clone.up.weight.packed.data_ptr() != model.up.weight.packed.data_ptr()
     assert torch.equal(clone(x), expected)
@@ -172,6 +174,7 @@ def test_qlora_under_fsdp2_and_ddp_matches_one_process(tmp_path):
     assert report["unnested_local_absmax_dtype"] == "torch.float32"
     assert report["unnested_forward_max_diff"] == 0.0 and report["unnested_out_dtype"] == "torch.bfloat16"
 
+    assert report["full_tensor_equal"]  # DTensor.full_tensor() gathers the same bytes back
     assert report["adapter_state_matches"]  # peft's adapter state dict reads the sharded model
     sharded, ddp = torch.load(tmp_path / "lora.pt"), torch.load(tmp_path / "lora_ddp.pt")
     model = worker.build_qlora_model()

@@ -217,6 +217,13 @@ def _new_zeros(func, w, size, *args, dtype=None, device=None, **kwargs):
     return _zeros_like_layout(w, torch.Size(size))
 
 
+@_implements(aten.empty_like.default, aten.zeros_like.default)
+def _zeros_like(func, w, *args, device=None, **kwargs):
+    # `module.to_empty(device=...)`: a zero weight of the same layout, on the device
+    zeros = _zeros_like_layout(w, w.shape)
+    return zeros if device is None else apply_to_parts(zeros, lambda t: t.to(device))
+
+
 @_implements(aten.copy_.default)
 def _copy_(func, dst, src, non_blocking=False):
     from fastft.quant.nf4_weight import NF4Weight
@@ -243,8 +250,29 @@ def _pin_memory(func, w, *args, **kwargs):
     return apply_to_parts(w, lambda t: t.pin_memory())
 
 
+# DTensor.full_tensor() of a sharded NF4 weight (state dicts, checkpoints): gather the bytes and scales along rows
+
+@_implements(torch.ops._c10d_functional.all_gather_into_tensor.default)
+def _all_gather(func, w, group_size, group_name):
+    wait = torch.ops._c10d_functional.wait_tensor.default
+    gather = lambda t: wait(func(t, group_size, group_name))  # noqa: E731
+    parts = dict(packed=gather(w.packed), absmax=gather(w.absmax))
+    if w.double_quant:
+        parts["absmax2"] = gather(w.absmax2)
+    return w.with_parts(shape=(w.shape[0] * group_size, *w.shape[1:]), **parts)
+
+
+def _already_waited(func, w):
+    return w  # the inner collectives were waited for when they were issued: no async wrapper needed
+
+
+# by name: `_wrap_tensor_autograd` is registered only once torch.distributed._functional_collectives is imported
+_TABLE_BY_NAME = {"_c10d_functional::wait_tensor": _already_waited,
+                  "_c10d_functional::_wrap_tensor_autograd": _already_waited}
+
+
 def dispatch(func, args, kwargs):
-    handler = _TABLE.get(func)
+    handler = _TABLE.get(func) or _TABLE_BY_NAME.get(func._schema.name)
     if handler is None and func is aten.cat.default:
         raise NotImplementedError("NF4Weight cannot be concatenated (aten.cat). DistributedDataParallel does so to "
                                   "broadcast parameters: call fastft.integration.nf4_model.ignore_nf4_in_ddp(model) "
