@@ -58,7 +58,8 @@ def lora_state(model):
 
 
 def nf4_bytes(model):
-    """(sharded bytes: packed + scales, table bytes: code tables) of every NF4 weight's local part."""
+    """(bytes of storage behind the packed codes and scales, bytes of the code tables) of every NF4 weight's local
+    part: storage, not numel, so a shard that were a view into the whole weight would count it whole."""
     from torch.distributed.tensor import DTensor
     from fastft.quant import NF4Weight
 
@@ -67,7 +68,7 @@ def nf4_bytes(model):
         local = p._local_tensor if isinstance(p, DTensor) else p
         if isinstance(local, NF4Weight):
             parts = [local.packed, local.absmax] + ([local.absmax2] if local.double_quant else [])
-            sharded += sum(t.numel() * t.element_size() for t in parts)
+            sharded += sum(t.untyped_storage().nbytes() for t in parts)
             tables += local.nbytes - sum(t.numel() * t.element_size() for t in parts)
     return sharded, tables
 

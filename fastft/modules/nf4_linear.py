@@ -2,8 +2,9 @@
 
 `.weight` is the quantized weight itself (fastft.quant.NF4Weight, a tensor subclass: `.dequantize()`, `.shape`,
 `.dtype`, ...) registered as a frozen Parameter, so `model.parameters()`, `module.to(device)`, peft and FSDP2
-see it; assigning an NF4Weight to `.weight` registers it the same way. `.bias` is an ordinary Parameter. The state dict uses bitsandbytes' keys, so `load_state_dict` takes a
-transformers + bitsandbytes 4-bit checkpoint directly — or a dense float weight, which it quantizes.
+see it; assigning an NF4Weight to `.weight` registers it the same way. `.bias` is an ordinary Parameter.
+The state dict uses bitsandbytes' keys, so `load_state_dict` takes a transformers + bitsandbytes 4-bit
+checkpoint directly — or a dense float weight, which it quantizes.
 A LoRA wrapper calls `fastft.ops.qlora_linear(x, layer.weight, layer.bias, A, B, scaling, dropout_p)`.
 """
 from __future__ import annotations
