@@ -128,6 +128,13 @@ def test_compiles_without_graph_breaks():
     explained = torch._dynamo.explain(layer)(x)
     assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
     assert torch.equal(torch.compile(layer, backend="aot_eager", fullgraph=True)(x), layer(x))
+    # layers differ in their nested offset (a tensor, not graph metadata): one graph serves them all
+    others = [NF4Linear.from_linear(nn.Linear(128, 48)) for _ in range(2)]
+    assert len({w.weight.offset for w in [layer, *others]}) == 3
+    run = torch.compile(lambda module, inp: module(inp), backend="aot_eager", fullgraph=True)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for module in [layer, *others]:
+            assert torch.equal(run(module, x), module(x))
     qlora = fastft.get_peft_model(_nf4_only_model(), LoraConfig(r=4, target_modules=["up", "down"]))
     x = torch.randn(5, 64, requires_grad=True)
     compiled = torch.compile(qlora, backend="aot_eager", fullgraph=True)

@@ -33,20 +33,28 @@ _ZERO_BYTE = (fmt.NF4_ZERO_CODE << 4) | fmt.NF4_ZERO_CODE  # two zero codes: an 
 # ----------------------------------------------------------------------------------------------
 # dequantization as one custom op: eager picks the fastest path, torch.compile sees one node
 
-@torch.library.custom_op("fastft::nf4_dequantize", mutates_args=())
-def nf4_dequantize(packed: torch.Tensor, absmax: torch.Tensor, absmax2: torch.Tensor | None,
-                   code2: torch.Tensor | None, code: torch.Tensor, offset: float, nested_blocksize: int,
-                   blocksize: int, numel: int, dtype: torch.dtype) -> torch.Tensor:
-    """Flat [numel] tensor in dtype from an NF4Weight's parts (bit-identical to bitsandbytes)."""
+def dequantize_parts(packed, absmax, absmax2, code2, code, offset, nested_blocksize: int, blocksize: int, numel: int,
+                     dtype: torch.dtype) -> torch.Tensor:
+    """Flat [numel] tensor in dtype from an NF4Weight's parts (bit-identical to bitsandbytes); offset: float or
+    0-d fp32 tensor."""
     if packed.device.type == "cuda" and HAS_TRITON:
         from fastft.kernels.nf4_dequant import nf4_dequantize as triton_dequantize
         return triton_dequantize(packed, absmax, numel, blocksize, dtype, code, absmax2=absmax2, code2=code2,
-                                 offset=offset, nested_blocksize=nested_blocksize)
+                                 offset=float(offset), nested_blocksize=nested_blocksize)
     scales = absmax if absmax2 is None else fmt.dequantize_blockwise8_torch(absmax, absmax2, code2, offset,
                                                                             nested_blocksize)
     if packed.device.type == "cpu" and nf4_cpu.available():
         return nf4_cpu.dequantize(packed, scales, numel, blocksize, dtype)
     return fmt.dequantize_nf4_torch(packed, scales, numel, blocksize, dtype)
+
+
+@torch.library.custom_op("fastft::nf4_dequantize", mutates_args=())
+def nf4_dequantize(packed: torch.Tensor, absmax: torch.Tensor, absmax2: torch.Tensor | None,
+                   code2: torch.Tensor | None, code: torch.Tensor, offset: torch.Tensor | None, nested_blocksize: int,
+                   blocksize: int, numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """dequantize_parts as one op for torch.compile (the offset a tensor, so graphs do not specialise on it)."""
+    return dequantize_parts(packed, absmax, absmax2, code2, code, 0.0 if offset is None else offset,
+                            nested_blocksize, blocksize, numel, dtype)
 
 
 @nf4_dequantize.register_fake
@@ -61,9 +69,12 @@ def apply_to_parts(w, fn: Callable[[torch.Tensor], torch.Tensor], **changes):
     """The same weight with fn applied to every inner tensor (device moves, clone, detach, pin)."""
     parts = dict(packed=fn(w.packed), absmax=fn(w.absmax), code=fn(w.code))
     if w.double_quant:
-        parts.update(absmax2=fn(w.absmax2), code2=fn(w.code2))
+        parts.update(absmax2=fn(w.absmax2), code2=fn(w.code2), offset=fn(w.nested_offset))
     parts.update(changes)
-    return w.with_parts(**parts)
+    out = w.with_parts(**parts)
+    if out.double_quant and w._offset_cache is not None:  # same value: keep the float, no device read
+        out._offset_cache = (out.nested_offset._version, w._offset_cache[1])
+    return out
 
 
 def _row_numel(w) -> int:
@@ -97,8 +108,7 @@ def row_range(w, r0: int, r1: int):
 def _zeros_like_layout(w, shape):
     """An all-zero NF4Weight of `shape` with the layout row_range gives a same-sized piece of w.
 
-    A nested one keeps w's offset: the offset is plain metadata, so a later copy_ of a piece of w into this
-    buffer cannot reach the views (narrow, view) taken of it before; with the same offset nothing has to."""
+    A nested one starts with w's offset, so copying a piece of w in leaves it as it is."""
     n = math.prod(shape)
     blocks = fmt.num_blocks(n, w.blocksize)
     nested = w.double_quant and (torch.Size(shape) == w.shape or blocks % w.nested_blocksize == 0)
@@ -236,7 +246,8 @@ def _copy_(func, dst, src, non_blocking=False):
         raise ValueError(f"NF4Weight.copy_: layouts differ ({src!r} into {dst!r})")
     for a, b in zip(dst._tensors(), src._tensors()):
         a.copy_(b, non_blocking=non_blocking)
-    dst.offset = src.offset  # plain metadata (the nested scales' mean): views taken before keep theirs
+    if dst.double_quant:  # in place, so views taken of dst before see it too (their cached float is re-read)
+        dst.nested_offset.copy_(src.nested_offset, non_blocking=non_blocking)
     return dst
 
 
@@ -292,7 +303,7 @@ def fsdp_pre_all_gather(w, mesh, outer_size):
         raise ValueError(f"NF4Weight: FSDP shard of shape {tuple(w.shape)} is not 1/{world} of {tuple(outer_size)}"
                          " (NF4 weights shard only evenly; see fastft.quant.nf4_tensor_ops.check_shardable)")
     inputs = (w.packed, w.absmax) + ((w.absmax2,) if w.double_quant else ())
-    meta = (torch.Size(outer_size), w.blocksize, w.nested_blocksize, w.offset, w.code, w.code2)
+    meta = (torch.Size(outer_size), w.blocksize, w.nested_blocksize, w.nested_offset, w.code, w.code2)
     return inputs, meta
 
 
@@ -307,5 +318,7 @@ def fsdp_post_all_gather(w, outputs, meta, param_dtype, *, out=None):
         return None
     absmax2 = outputs[2] if len(outputs) > 2 else None
     full = NF4Weight(outputs[0], outputs[1], shape, param_dtype, blocksize, absmax2=absmax2, code2=code2,
-                     offset=offset, nested_blocksize=nested_blocksize, code=code)
+                     offset=0.0 if offset is None else offset, nested_blocksize=nested_blocksize, code=code)
+    if full.double_quant and w.nested_offset is offset:
+        full._offset_cache = w._offset_cache
     return full, tuple(outputs)

@@ -38,7 +38,8 @@ class NF4Weight(torch.Tensor):
     """An NF4-quantized tensor: packed uint8 codes (`.packed`), per-block scales, logical shape and dtype.
 
     Scales are `.absmax` (fp32 per block), or with double quantization (`.double_quant`) 8-bit codes in
-    `.absmax` plus `.absmax2` (fp32 per 256 blocks), `.code2` (256 fp32) and `.offset` (a float).
+    `.absmax` plus `.absmax2` (fp32 per 256 blocks), `.code2` (256 fp32) and `.offset` (a float; stored as the
+    0-d fp32 tensor `.nested_offset`, so that torch.compile does not specialise, and recompile, on every layer's).
     `.dtype` is the original (compute) dtype, what `.dequantize()` returns; the codes never change dtype.
     """
 
@@ -48,8 +49,9 @@ class NF4Weight(torch.Tensor):
 
     @staticmethod
     def __new__(cls, packed: torch.Tensor, absmax: torch.Tensor, shape, dtype: torch.dtype, blocksize: int = 64,
-                *, absmax2: torch.Tensor | None = None, code2: torch.Tensor | None = None, offset: float = 0.0,
-                nested_blocksize: int = fmt.NESTED_BLOCKSIZE, code: torch.Tensor | None = None):
+                *, absmax2: torch.Tensor | None = None, code2: torch.Tensor | None = None,
+                offset: float | torch.Tensor = 0.0, nested_blocksize: int = fmt.NESTED_BLOCKSIZE,
+                code: torch.Tensor | None = None):
         shape = torch.Size(shape)
         if dtype not in fmt.FLOAT_DTYPES:
             raise ValueError(f"NF4Weight of shape {tuple(shape)}: dtype must be one of {fmt.FLOAT_DTYPES}, "
@@ -58,15 +60,22 @@ class NF4Weight(torch.Tensor):
                                                    requires_grad=False)
 
     def __init__(self, packed: torch.Tensor, absmax: torch.Tensor, shape, dtype: torch.dtype, blocksize: int = 64,
-                 *, absmax2: torch.Tensor | None = None, code2: torch.Tensor | None = None, offset: float = 0.0,
-                 nested_blocksize: int = fmt.NESTED_BLOCKSIZE, code: torch.Tensor | None = None):
+                 *, absmax2: torch.Tensor | None = None, code2: torch.Tensor | None = None,
+                 offset: float | torch.Tensor = 0.0, nested_blocksize: int = fmt.NESTED_BLOCKSIZE,
+                 code: torch.Tensor | None = None):
         self.blocksize = fmt.check_blocksize(blocksize, "NF4Weight")
         # flat, contiguous, and the nested tables fp32: the form every kernel (Triton, C++, CUDA) reads
         self.packed = _flat(packed)
         self.absmax = _flat(absmax)
         self.absmax2 = None if absmax2 is None else _flat(absmax2).float()
         self.code2 = None if code2 is None else _flat(code2).float()
-        self.offset = float(offset)
+        self.nested_offset, self._offset_cache = None, None
+        if self.absmax2 is not None:
+            if isinstance(offset, torch.Tensor):
+                self.nested_offset = offset.reshape(()) if offset.dim() else offset
+            else:
+                self.nested_offset = torch.tensor(float(offset), dtype=torch.float32, device=packed.device)
+                self._offset_cache = (self.nested_offset._version, float(offset))
         self.nested_blocksize = int(nested_blocksize)
         self.code = fmt.nf4_code(str(packed.device)) if code is None else _flat(code)
         self._validate()
@@ -92,7 +101,9 @@ class NF4Weight(torch.Tensor):
             if self.absmax2.numel() != fmt.num_blocks(blocks, self.nested_blocksize):
                 raise ValueError(f"{what}: nested_absmax needs {fmt.num_blocks(blocks, self.nested_blocksize)} "
                                  f"values, got {self.absmax2.numel()}")
-        devices = {t.device for t in self._tensors()}
+            if self.nested_offset.dtype != torch.float32:
+                raise ValueError(f"{what}: the nested offset must be fp32, got {self.nested_offset.dtype}")
+        devices = {t.device for t in self._tensors()} | ({self.nested_offset.device} if self.double_quant else set())
         if len(devices) != 1:
             raise ValueError(f"{what}: all parts must be on one device, got {sorted(map(str, devices))}")
 
@@ -105,6 +116,17 @@ class NF4Weight(torch.Tensor):
 
         (Not called `is_nested`: torch.Tensor.is_nested means a nested tensor, and torch reads it.)"""
         return self.absmax2 is not None
+
+    @property
+    def offset(self) -> float:
+        """The nested scales' mean as a float (0.0 without double quantization); read once, then cached until
+        `.nested_offset` changes in place."""
+        if self.nested_offset is None:
+            return 0.0
+        version = self.nested_offset._version
+        if self._offset_cache is None or self._offset_cache[0] != version:
+            self._offset_cache = (version, float(self.nested_offset))
+        return self._offset_cache[1]
 
     @property
     def nbytes(self) -> int:
@@ -132,13 +154,17 @@ class NF4Weight(torch.Tensor):
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The tensor in `dtype` (default: the original dtype), bit-identical to bitsandbytes' dequantize_4bit.
 
-        One custom op (fastft::nf4_dequantize) on the inner tensors, so torch.compile traces it whole."""
+        Under torch.compile one custom op (fastft::nf4_dequantize) on the inner tensors, traced whole."""
         dtype = self.dtype if dtype is None else dtype
         if dtype not in fmt.FLOAT_DTYPES:
             raise ValueError(f"NF4Weight.dequantize: dtype must be one of {fmt.FLOAT_DTYPES}, got {dtype}")
-        flat = torch.ops.fastft.nf4_dequantize(self.packed, self.absmax, self.absmax2, self.code2, self.code,
-                                               self.offset, self.nested_blocksize, self.blocksize, self.numel(),
-                                               dtype)
+        if torch.compiler.is_compiling():
+            flat = torch.ops.fastft.nf4_dequantize(self.packed, self.absmax, self.absmax2, self.code2, self.code,
+                                                   self.nested_offset, self.nested_blocksize, self.blocksize,
+                                                   self.numel(), dtype)
+        else:  # eager: the cached float offset, no device sync
+            flat = ops.dequantize_parts(self.packed, self.absmax, self.absmax2, self.code2, self.code, self.offset,
+                                        self.nested_blocksize, self.blocksize, self.numel(), dtype)
         return flat.view(self.shape)
 
     def kernel_operand(self):
@@ -150,12 +176,18 @@ class NF4Weight(torch.Tensor):
                           self.code, self.blocksize, self.shape[0], self.shape[1])
 
     def with_parts(self, **parts) -> NF4Weight:
-        """A new NF4Weight with some fields replaced (packed, absmax, shape, dtype, absmax2, ...)."""
+        """A new NF4Weight with some fields replaced (packed, absmax, shape, dtype, absmax2, offset, ...).
+
+        Without a new `offset` it shares this one's `.nested_offset` tensor (and its cached float)."""
         fields = dict(packed=self.packed, absmax=self.absmax, shape=self.shape, dtype=self.dtype,
-                      blocksize=self.blocksize, absmax2=self.absmax2, code2=self.code2, offset=self.offset,
+                      blocksize=self.blocksize, absmax2=self.absmax2, code2=self.code2,
+                      offset=0.0 if self.nested_offset is None else self.nested_offset,
                       nested_blocksize=self.nested_blocksize, code=self.code)
         fields.update(parts)
-        return NF4Weight(**fields)
+        out = NF4Weight(**fields)
+        if out.nested_offset is not None and out.nested_offset is self.nested_offset:
+            out._offset_cache = self._offset_cache
+        return out
 
     # ------------------------------------------------------------------------------------------
     # devices. Dtype casts (`module.half()`, `.to(torch.bfloat16)`) leave the weight as it is: it is quantized.
@@ -181,14 +213,15 @@ class NF4Weight(torch.Tensor):
     # tensor subclass protocol (torch.compile, FSDP2, aten ops)
 
     def __tensor_flatten__(self):
-        names = ["packed", "absmax", "code"] + (["absmax2", "code2"] if self.double_quant else [])
-        return names, (self.dtype, self.blocksize, self.nested_blocksize, self.offset)
+        names = ["packed", "absmax", "code"] + (["absmax2", "code2", "nested_offset"] if self.double_quant else [])
+        return names, (self.dtype, self.blocksize, self.nested_blocksize)
 
     @staticmethod
     def __tensor_unflatten__(inner, meta, outer_size, outer_stride):
-        dtype, blocksize, nested_blocksize, offset = meta
+        dtype, blocksize, nested_blocksize = meta
         return NF4Weight(inner["packed"], inner["absmax"], outer_size, dtype, blocksize,
-                         absmax2=inner.get("absmax2"), code2=inner.get("code2"), offset=offset,
+                         absmax2=inner.get("absmax2"), code2=inner.get("code2"),
+                         offset=inner.get("nested_offset", 0.0),
                          nested_blocksize=nested_blocksize, code=inner["code"])
 
     @classmethod
