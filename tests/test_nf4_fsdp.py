@@ -194,3 +194,29 @@ def test_qlora_under_fsdp2_and_ddp_matches_one_process(tmp_path):
         for how, got in (("FSDP2", sharded), ("DDP", ddp)):
             assert torch.allclose(got[name], value, rtol=1e-4, atol=1e-6), \
                 f"{how} {name}: max diff {(got[name] - value).abs().max().item():.2e}"
+
+
+@pytest.mark.gpu
+def test_on_cuda_moves_compiles_and_shards_on_one_rank(tmp_path):
+    """The CUDA side of the above (never run on a GPU in the session that wrote it): module.cuda() moves the
+    parts, the compiled dequantize (inductor, custom op) equals eager, FSDP2 over NCCL on one rank runs it."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    layer = NF4Linear.from_linear(nn.Linear(256, 128)).cuda()
+    w = layer.weight
+    assert all(t.is_cuda for t in (w.packed, w.absmax, w.absmax2, w.code2, w.code, w.nested_offset))
+    x = torch.randn(4, 256, device="cuda", dtype=torch.bfloat16)
+    eager = layer(x)
+    ref = x.double() @ w.dequantize(torch.float32).double().T + layer.bias.double()
+    assert (eager.double() - ref).norm() / ref.norm() < 2e-2
+    compiled = torch.compile(lambda m, dtype: m.weight.dequantize(dtype), fullgraph=True)
+    assert torch.equal(compiled(layer, torch.bfloat16), w.dequantize(torch.bfloat16))
+    dist.init_process_group("nccl", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        fully_shard(layer, mesh=init_device_mesh("cuda", (1,)))
+        assert torch.equal(layer(x), eager)
+    finally:
+        dist.destroy_process_group()
