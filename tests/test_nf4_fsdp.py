@@ -189,10 +189,11 @@ def test_qlora_under_fsdp2_and_ddp_matches_one_process(tmp_path):
     worker.train(model, worker.batch())
     single = worker.lora_state(model)
     assert sharded.keys() == single.keys() and len(single) == 2 * 7 * 2
-    for name, value in single.items():
-        assert not torch.equal(value, before[name]), f"{name} did not train"
+    for name, value in single.items():  # observed: differences ~2e-6 against updates of ~3e-3 (rounding order);
+        # gradients not reduced across the ranks (each rank's half of the batch alone) are off by ~6e-3
+        assert (value - before[name]).abs().max() > 1e-3, f"{name} barely trained"
         for how, got in (("FSDP2", sharded), ("DDP", ddp)):
-            assert torch.allclose(got[name], value, rtol=1e-4, atol=1e-6), \
+            assert torch.allclose(got[name], value, rtol=1e-4, atol=1e-5), \
                 f"{how} {name}: max diff {(got[name] - value).abs().max().item():.2e}"
 
 
