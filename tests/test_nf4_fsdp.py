@@ -60,6 +60,14 @@ def test_nf4_weight_is_a_frozen_parameter_moved_by_the_module():
     buffer.seek(0)
     again = torch.load(buffer)  # weights_only: NF4Weight is a registered safe global
     assert isinstance(again, NF4Weight) and torch.equal(again.dequantize(), model.up.weight.dequantize())
+    buffer = io.BytesIO()
+    torch.save(model, buffer)  # the whole module, pickled: still a frozen Parameter after loading
+    buffer.seek(0)
+    whole = torch.load(buffer, weights_only=False)
+    assert isinstance(whole.up.weight, nn.Parameter) and torch.equal(whole(x), expected)
+    fresh = NF4Linear(64, 128)
+    fresh.load_state_dict(model.up.state_dict(), assign=True)  # bitsandbytes keys, assign as well
+    assert torch.equal(fresh.weight.packed, model.up.weight.packed) and fresh.bias is not None
 
 
 def test_peft_on_an_nf4_only_model():

@@ -236,7 +236,8 @@ class NF4Weight(torch.Tensor):
 
     def __reduce_ex__(self, proto):
         return (_rebuild_nf4_weight, (self.packed, self.absmax, tuple(self.shape), self.dtype, self.blocksize,
-                                      self.absmax2, self.code2, self.offset, self.nested_blocksize, self.code))
+                                      self.absmax2, self.code2, self.offset, self.nested_blocksize, self.code,
+                                      isinstance(self, torch.nn.Parameter)))
 
     # ------------------------------------------------------------------------------------------
     # bitsandbytes state dict
@@ -297,9 +298,11 @@ class NF4Weight(torch.Tensor):
                    code=code, **nested)
 
 
-def _rebuild_nf4_weight(packed, absmax, shape, dtype, blocksize, absmax2, code2, offset, nested_blocksize, code):
-    return NF4Weight(packed, absmax, shape, dtype, blocksize, absmax2=absmax2, code2=code2, offset=offset,
-                     nested_blocksize=nested_blocksize, code=code)
+def _rebuild_nf4_weight(packed, absmax, shape, dtype, blocksize, absmax2, code2, offset, nested_blocksize, code,
+                        is_param=False):
+    w = NF4Weight(packed, absmax, shape, dtype, blocksize, absmax2=absmax2, code2=code2, offset=offset,
+                  nested_blocksize=nested_blocksize, code=code)
+    return torch.nn.Parameter(w, requires_grad=False) if is_param else w
 
 
 torch.serialization.add_safe_globals([NF4Weight, _rebuild_nf4_weight])
