@@ -159,6 +159,9 @@ def test_non_finite_weights_are_refused(bad, double_quant):
     x[3, 5] = bad
     with pytest.raises(ValueError, match=r"`w` \(shape \(16, 64\)\) has 1 non-finite.*\(3, 5\)"):
         quantize_nf4(x, double_quant=double_quant, name="w")
+    from fastft.quant.nf4_weight import _refuse_non_finite
+    with pytest.raises(ValueError, match=r"the first at index \(3, 5\)"):
+        _refuse_non_finite(x, "`w`", chunk=64)  # found in the fourth chunk
     model = _TwoNF4()
     with torch.no_grad():
         model.down.weight[0, 0] = bad

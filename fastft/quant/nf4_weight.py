@@ -308,6 +308,20 @@ def _rebuild_nf4_weight(packed, absmax, shape, dtype, blocksize, absmax2, code2,
 torch.serialization.add_safe_globals([NF4Weight, _rebuild_nf4_weight])
 
 
+def _refuse_non_finite(t: torch.Tensor, what: str, chunk: int = 1 << 24) -> None:
+    """ValueError naming the tensor, its count of NaN/inf and the first one's index; checked in chunks so the
+    check adds at most `chunk` bytes to a quantize-while-loading peak."""
+    flat = t.reshape(-1)
+    for start in range(0, flat.numel(), chunk):
+        if bool(torch.isfinite(flat[start:start + chunk]).all()):
+            continue
+        bad = ~torch.isfinite(flat)
+        first = tuple(int(i) for i in torch.unravel_index(bad.nonzero()[0, 0], t.shape))
+        raise ValueError(f"quantize_nf4: {what} (shape {tuple(t.shape)}) has {int(bad.sum())} non-finite value(s) "
+                         f"(NaN/inf), the first at index {first}; NF4 cannot represent them — fix the weights (or "
+                         "the merge that produced them) before quantizing")
+
+
 def quantize_nf4(tensor: torch.Tensor, blocksize: int = 64, double_quant: bool = True, *,
                  name: str | None = None) -> NF4Weight:
     """Quantize `tensor` (fp32/fp16/bf16, any shape and device) to NF4, bit-identical to bitsandbytes'
@@ -331,14 +345,7 @@ def quantize_nf4(tensor: torch.Tensor, blocksize: int = 64, double_quant: bool =
         raise ValueError(f"quantize_nf4: {what} is empty")
     with torch.no_grad():
         t = tensor.detach()
-        finite = torch.isfinite(t)
-        if not bool(finite.all()):
-            bad = (~finite).sum().item()
-            first = tuple((~finite).nonzero()[0].tolist())
-            raise ValueError(f"quantize_nf4: {what} (shape {tuple(t.shape)}) has {bad} non-finite value(s) "
-                             f"(NaN/inf), the first at index {first}; NF4 cannot represent them — fix the "
-                             "weights (or the merge that produced them) before quantizing")
-        del finite
+        _refuse_non_finite(t, what)
         if t.device.type == "cpu" and nf4_cpu.available():
             packed, absmax = nf4_cpu.quantize(t, blocksize)
         else:
