@@ -23,6 +23,8 @@ _LAZY = {
     "quantize_model": "fastft.integration.nf4_model",
     "load_nf4_model": "fastft.integration.nf4_model",
     "save_nf4_model": "fastft.integration.nf4_model",
+    "shard_model": "fastft.integration.nf4_model",
+    "ignore_nf4_in_ddp": "fastft.integration.nf4_model",
 }
 
 __all__ = ["lora_linear", "qlora_linear", "quant", *_LAZY]
