@@ -10,7 +10,7 @@ from peft import LoraConfig
 import fastft
 from fastft.integration.methods.dora import FusedDoraLinear, FusedQDoraLinear
 from fastft.ops.dora import dora_linear, dora_linear_reference, dora_row_norm, weight_row_sq_norm
-from fastft.quant.nf4_weight import quantize_nf4
+from fastft.quant.nf4_weight import NF4Weight, quantize_nf4
 from tests.methods_utils import assert_same_step, copy_trainables, ids, perturb_trainables, step
 from tests.utils import ALL_LINEAR, INTERPRET, assert_close, interpreter_only, tiny_llama
 
@@ -30,7 +30,7 @@ def _inputs(M, K, N, r, dtype, *, bias=True, batch=()):
 def _fp64_reference(x, W, b, A, B, m, s, dy):
     leaves = {k: v.detach().double().requires_grad_(v.requires_grad)
               for k, v in dict(x=x, b=b, A=A, B=B, m=m).items() if v is not None}
-    Wd = W.double() if isinstance(W, torch.Tensor) else W.dequantize(torch.float32).double()
+    Wd = W.dequantize(torch.float32).double() if isinstance(W, NF4Weight) else W.double()
     y = dora_linear_reference(leaves["x"], Wd, leaves.get("b"), leaves["A"], leaves["B"], leaves["m"], s)
     y.backward(dy.double())
     return y, {k: v.grad for k, v in leaves.items()}

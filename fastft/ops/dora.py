@@ -113,7 +113,7 @@ def validate_dora_linear_args(x, weight, bias, lora_A, lora_B, magnitude, scalin
     if bias is not None:
         _check(isinstance(bias, torch.Tensor) and tuple(bias.shape) == (N,),
                f"{op}: `bias` must be None or a tensor of shape ({N},)")
-    if isinstance(weight, torch.Tensor):
+    if not isinstance(weight, NF4Weight):  # an NF4 weight's dtype is its compute dtype, not a storage constraint
         _check(x.dtype == weight.dtype, f"{op}: `x` is {x.dtype} but `weight` is {weight.dtype}; cast one of them "
                                         "or run under torch.autocast")
     devices = {t.device for t in (x, weight, lora_A, lora_B, magnitude)}

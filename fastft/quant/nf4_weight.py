@@ -176,17 +176,17 @@ class NF4Weight(torch.Tensor):
         if not 0 <= start <= stop <= rows:
             raise ValueError(f"NF4Weight.dequantize_rows: need 0 <= start <= stop <= {rows}, got {start}, {stop}")
         n = self.numel()
-        unit = self.blocksize * (self.nested_blocksize if self.is_nested else 1)
+        unit = self.blocksize * (self.nested_blocksize if self.double_quant else 1)
         e0, e1 = start * cols, stop * cols
         a0, a1 = (e0 // unit) * unit, min(n, -(-e1 // unit) * unit)
         if (a0, a1) == (0, n):
             return self.dequantize(dtype)[start:stop]
         b0, b1 = a0 // self.blocksize, fmt.num_blocks(a1, self.blocksize)
         nested = {}
-        if self.is_nested:
+        if self.double_quant:
             g0 = a0 // unit
             nested = dict(absmax2=self.absmax2[g0: g0 + fmt.num_blocks(b1 - b0, self.nested_blocksize)],
-                          code2=self.code2, offset=self.offset, nested_blocksize=self.nested_blocksize)
+                          code2=self.code2, offset=self.nested_offset, nested_blocksize=self.nested_blocksize)
         part = NF4Weight(self.packed[a0 // 2: (a1 + 1) // 2], self.absmax[b0:b1], (a1 - a0,), self.dtype,
                          self.blocksize, code=self.code, **nested)
         return part.dequantize(dtype)[e0 - a0: e1 - a0].view(stop - start, cols)
