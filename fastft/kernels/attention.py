@@ -24,7 +24,7 @@ from fastft.kernels.runtime import INTERPRET, cdiv, has_tma, next_power_of_2, tr
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
-UNBOUNDED = 1 << 30  # "no limit" for left/right; small enough that sums of positions stay in int32
+UNBOUNDED = 1 << 30  # "no limit" for left/right (ops clamp larger windows to it); sums with positions stay in int32
 
 
 @triton.jit
@@ -35,8 +35,10 @@ def band(x0, BLOCK_X: tl.constexpr, BLOCK_Y: tl.constexpr, shift, n_y, below, ab
     Returns lo <= full_lo <= full_hi <= hi: [lo, hi) holds every visible column (as BLOCK_Y blocks from lo),
     [full_lo, full_hi) only blocks that every row sees whole. lo, full_lo, full_hi are multiples of BLOCK_Y.
     """
-    first = x0 + shift
-    last = x0 + (BLOCK_X - 1) + shift
+    # int64: position ± a bound near 2**31 would wrap in int32 (a few scalar ops per program). The results lie in
+    # [0, n_y] and go back to int32, so the loops over them stay 32-bit.
+    first = x0.to(tl.int64) + shift
+    last = first + (BLOCK_X - 1)  # first and last are int64, so every sum below is too
     lo = tl.maximum(first - below, 0)
     lo = (lo // BLOCK_Y) * BLOCK_Y  # non-negative before dividing: no floor/trunc ambiguity
     hi = tl.maximum(tl.minimum(last + above + 1, n_y), lo)
@@ -44,7 +46,7 @@ def band(x0, BLOCK_X: tl.constexpr, BLOCK_Y: tl.constexpr, shift, n_y, below, ab
     full_lo = tl.minimum(((full_lo + BLOCK_Y - 1) // BLOCK_Y) * BLOCK_Y, hi)
     full_hi = tl.maximum(tl.minimum(first + above + 1, n_y), 0)
     full_hi = tl.minimum(tl.maximum((full_hi // BLOCK_Y) * BLOCK_Y, full_lo), hi)
-    return lo, full_lo, full_hi, hi
+    return lo.to(tl.int32), full_lo.to(tl.int32), full_hi.to(tl.int32), hi.to(tl.int32)
 
 
 @triton.jit

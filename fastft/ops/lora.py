@@ -18,6 +18,8 @@ BACKENDS = ("auto", "triton", "torch")
 
 def lora_linear_reference(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, *, keep_mask=None):
     """Plain torch, autograd through torch. `keep_mask` (bool, x-shaped) replaces torch's own dropout draw."""
+    if bias is not None and bias.dtype != x.dtype:  # the fused kernels take any float bias (added in fp32)
+        bias = bias.to(x.dtype)
     y = F.linear(x, weight, bias)
     lora_in = x
     if keep_mask is not None:
@@ -114,7 +116,7 @@ def fused_lora_backward(ctx, dy, dx_gemm, need_x, need_b, need_A, need_B):
     x_shape, coef, dropout_p, seed, bias_dtype, r, A_dtype, B_dtype = ctx.meta
     N = B_p.shape[0]
     dtype = x2.dtype
-    dy2 = dy.reshape(-1, N).to(dtype)
+    dy2 = dy.reshape(x2.shape[0], N).to(dtype)  # not (-1, N): N may be 0
     if not dy2.is_contiguous():
         dy2 = dy2.contiguous()
     dx = db = dA = dB = None
@@ -176,7 +178,7 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, *, back
     if backend == "triton" and not triton_runs_on(x.device):
         raise ValueError(f"lora_linear: backend='triton' needs a CUDA tensor (or TRITON_INTERPRET=1 on CPU); "
                          f"`x` is on {x.device}")
-    if backend == "torch" or x.numel() == 0:
+    if backend == "torch" or x.numel() == 0 or weight.shape[0] == 0:  # empty y: nothing for the kernels to do
         return lora_linear_reference(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
     with torch.autocast(device_type, enabled=False):
         return LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
