@@ -228,6 +228,10 @@ def flash_attention(q, k, v, *, causal=False, softmax_scale=None, cu_seqlens=Non
         raise ValueError(f"flash_attention: backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 on CPU); "
                          f"`q` is on {q.device}")
     if backend == "torch" or q.numel() == 0:
+        if cu_seqlens is not None:  # the reference reads cu_seqlens on the host anyway: checking is free
+            longest = _check_cu_seqlens(cu_seqlens, q.shape[0])
+            _check(max_seqlen is None or longest <= max_seqlen,
+                   f"flash_attention: `max_seqlen`={max_seqlen} is smaller than the longest document ({longest} tokens)")
         return attention_reference(q, k, v, causal=causal, softmax_scale=scale, cu_seqlens=cu_seqlens,
                                    prefix_k=prefix_k, prefix_v=prefix_v, window=window)
     if cu_seqlens is not None and max_seqlen is None:

@@ -91,7 +91,7 @@ def run_and_check(args, dy, backend):
 
 
 @interpreter_only
-@fuzz(60)
+@fuzz(40)
 @given(data=st.data())
 def test_lora_linear_triton(data):
     args, dy = draw_problem(data)
