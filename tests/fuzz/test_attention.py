@@ -99,7 +99,7 @@ def test_flash_attention_torch(data):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["triton", "torch"])
-@fuzz(40)
+@fuzz(20)
 @given(data=st.data())
 def test_flash_attention_gpu(data, backend):
     run_and_check(*draw_problem(data, device="cuda", max_len=400, head_dims=(16, 64, 80, 128, 256)), backend)

@@ -127,7 +127,7 @@ def test_lora_dropout_statistics(backend):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["triton", "torch"])
-@fuzz(40)
+@fuzz(20)
 @given(data=st.data())
 def test_lora_linear_gpu(data, backend, exact_cuda_reductions):
     args, dy = draw_problem(data, device="cuda", max_rows=300, max_features=520, dropout=backend == "triton")
