@@ -35,10 +35,12 @@ def band(x0, BLOCK_X: tl.constexpr, BLOCK_Y: tl.constexpr, shift, n_y, below, ab
     Returns lo <= full_lo <= full_hi <= hi: [lo, hi) holds every visible column (as BLOCK_Y blocks from lo),
     [full_lo, full_hi) only blocks that every row sees whole. lo, full_lo, full_hi are multiples of BLOCK_Y.
     """
-    # int64: position ± a bound near 2**31 would wrap in int32 (a few scalar ops per program). The results lie in
-    # [0, n_y] and go back to int32, so the loops over them stay 32-bit.
-    first = x0.to(tl.int64) + shift
-    last = first + (BLOCK_X - 1)  # first and last are int64, so every sum below is too
+    # A position ± a bound near 2**31 would wrap in int32: cap the bounds at UNBOUNDED (2**30), which changes no
+    # mask for sequences shorter than 2**30 (the ops clamp windows the same way; this guards other callers).
+    below = tl.minimum(below, 1 << 30)
+    above = tl.minimum(above, 1 << 30)
+    first = x0 + shift
+    last = x0 + (BLOCK_X - 1) + shift
     lo = tl.maximum(first - below, 0)
     lo = (lo // BLOCK_Y) * BLOCK_Y  # non-negative before dividing: no floor/trunc ambiguity
     hi = tl.maximum(tl.minimum(last + above + 1, n_y), lo)
@@ -46,7 +48,7 @@ def band(x0, BLOCK_X: tl.constexpr, BLOCK_Y: tl.constexpr, shift, n_y, below, ab
     full_lo = tl.minimum(((full_lo + BLOCK_Y - 1) // BLOCK_Y) * BLOCK_Y, hi)
     full_hi = tl.maximum(tl.minimum(first + above + 1, n_y), 0)
     full_hi = tl.minimum(tl.maximum((full_hi // BLOCK_Y) * BLOCK_Y, full_lo), hi)
-    return lo.to(tl.int32), full_lo.to(tl.int32), full_hi.to(tl.int32), hi.to(tl.int32)
+    return lo, full_lo, full_hi, hi
 
 
 @triton.jit
