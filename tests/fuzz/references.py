@@ -182,9 +182,9 @@ def _attend(q, k, v, pk, pv, causal, scale, window, do):
     n_q, H, D = q.shape
     n_k, KV = k.shape[0], k.shape[1]
     g = H // KV
-    mask = visible_keys(n_q, n_k, causal, window)
+    mask = visible_keys(n_q, n_k, causal, window).to(q.device)
     if pk is not None:
-        mask = torch.cat([torch.ones(n_q, pk.shape[0], dtype=torch.bool), mask], dim=1)
+        mask = torch.cat([torch.ones(n_q, pk.shape[0], dtype=torch.bool, device=q.device), mask], dim=1)
         k, v = torch.cat([pk, k]), torch.cat([pv, v])
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     qq, kk, vv = leaves
