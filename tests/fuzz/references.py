@@ -18,7 +18,9 @@ make the error larger than a multiple of `mag`, however small the result itself 
   n_round counts those roundings on the longest path of either backend (stated at each call site).
 - L: each reduction length on that path (K, N, M, rank, keys), accumulated in fp32. 8·sqrt(L)·u is
   Higham & Mary's probabilistic bound on summation error with λ = 8 (failure odds below 1e-13 per element).
-- s(dtype): the spacing of subnormals (2⁻²⁴ for fp16), for roundings into the subnormal range.
+- s(dtype): the spacing of subnormals (2⁻²⁴ for fp16), for roundings into the subnormal range. Ops whose
+  fp32 intermediates can underflow (attention's P = exp(s − lse)) add `flush_floor`, far below anything a
+  real defect produces (~1e-30 absolute).
 A comparison passes when the largest ratio |out − ref| / bound is <= 1; `record` keeps the worst ratio
 per (op, dtype) for the report (FASTFT_FUZZ_REPORT=path writes them as JSON at the end of the session).
 """
@@ -46,12 +48,23 @@ STATS: dict = defaultdict(lambda: {"comparisons": 0, "worst": 0.0, "where": ""})
 EXAMPLES: dict = defaultdict(int)  # op -> examples run
 
 
-def bound(mag: torch.Tensor, dtype: torch.dtype, n_round: int, lengths, extra_rel: float = 0.0) -> torch.Tensor:
+def bound(mag: torch.Tensor, dtype: torch.dtype, n_round: int, lengths, extra_rel: float = 0.0,
+          abs_floor: float = 0.0) -> torch.Tensor:
     """extra_rel: a further relative error an op states at its call site (attention: the softmax's response
-    to fp32 score rounding, see `softmax_shift`)."""
+    to fp32 score rounding, see `softmax_shift`); abs_floor: a further absolute one (see `flush_floor`)."""
     u, u32 = UNIT_ROUNDOFF[dtype], UNIT_ROUNDOFF[torch.float32]
     acc = LAMBDA * u32 * sum(math.sqrt(max(1, int(n))) for n in lengths)
-    return (n_round * u + acc + extra_rel) * mag + n_round * SUBNORMAL[dtype]
+    return (n_round * u + acc + extra_rel) * mag + n_round * SUBNORMAL[dtype] + abs_floor
+
+
+FP32_MIN_NORMAL = 2.0**-126
+
+
+def flush_floor(n_terms: int, weight: float) -> float:
+    """Absolute error from fp32 intermediates below 2⁻¹²⁶, which GPUs flush to zero (exp2.approx.ftz) and CPU
+    BLAS may treat as zero (denormals-are-zero): each of `n_terms` flushed values is off by < 2⁻¹²⁶ and reaches
+    the result multiplied by at most `weight` (the largest magnitude it is later multiplied by)."""
+    return FP32_MIN_NORMAL * n_terms * weight
 
 
 def softmax_shift(score_mag: float, head_dim: int) -> float:
@@ -62,7 +75,7 @@ def softmax_shift(score_mag: float, head_dim: int) -> float:
 
 
 def check(op: str, what: str, out, ref: torch.Tensor, mag: torch.Tensor, dtype: torch.dtype, n_round: int,
-          lengths, extra_rel: float = 0.0) -> float:
+          lengths, extra_rel: float = 0.0, abs_floor: float = 0.0) -> float:
     """Assert |out − ref| <= bound elementwise (see the module docstring); returns and records the worst ratio."""
     assert out is not None, f"{op} {what}: no gradient returned"
     assert tuple(out.shape) == tuple(ref.shape), f"{op} {what}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
@@ -70,7 +83,7 @@ def check(op: str, what: str, out, ref: torch.Tensor, mag: torch.Tensor, dtype: 
     assert torch.isfinite(out64).all(), f"{op} {what}: NaN/Inf in the result"
     if ref.numel() == 0:
         return 0.0
-    b = bound(mag.double(), dtype, n_round, lengths, extra_rel)
+    b = bound(mag.double(), dtype, n_round, lengths, extra_rel, abs_floor)
     err = (out64 - ref.double()).abs()
     ratio = float((err / b).max())
     record(op, dtype, ratio, what)
