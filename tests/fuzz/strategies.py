@@ -8,11 +8,12 @@ Fuzzing a new op (fused losses, RMSNorm, RoPE, SwiGLU, ...) takes four steps:
      (reaches 0, 1 and odd sizes), a dtype with `data.draw(float_dtypes())`, and each tensor argument with
      `tensor(data, shape, dtype)`, which picks its layout: contiguous, last two dims transposed, dims -3/-2
      swapped (attention's (B, H, S, D) storage), row-sliced, strided last dim, stride-0 expanded, or at a
-     storage offset (`layouts=` narrows the choice where the op documents a
-     restriction). Values are seeded N(0, 1)·scale, exact in the dtype.
+     storage offset (`layouts=` narrows the choice where the op documents a restriction). Values are seeded
+     N(0, 1)·scale, exact in the dtype; `windows()`, `doc_lengths()` and INT32_EDGES cover integer arguments.
   3. Forward and every gradient are compared with `references.check(op, what, out, ref, mag, dtype,
-     n_round, lengths)`, n_round and lengths stated from the op's arithmetic at the call site, and
-     `references.count_example(op)` counts the example for the report.
+     n_round, lengths)`, n_round and lengths stated from the op's arithmetic at the call site (extra_rel /
+     abs_floor where the op has further error sources), and `references.count_example(op)` counts the
+     example for the report.
   4. Decorate with `@fuzz(n)`: n examples in the CI profile (tests/fuzz/conftest.py: fixed seed, the example
      database in tests/fuzz/.hypothesis-examples), FASTFT_FUZZ_EXAMPLES=N for long runs. A GPU variant carries
      `@pytest.mark.gpu`, passes device="cuda" and larger size limits (see test_lora_linear.py).
