@@ -23,8 +23,20 @@ EXAMPLES_DB = Path(__file__).parent / ".hypothesis-examples"
 # The fixed seed itself is applied per test by strategies.fuzz (hypothesis ties derandomize to "no database").
 settings.register_profile("ci", database=ReadOnlyDatabase(DirectoryBasedExampleDatabase(EXAMPLES_DB)),
                           print_blob=True, phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.shrink])
-settings.register_profile("dev", derandomize=False, database=DirectoryBasedExampleDatabase(EXAMPLES_DB),
-                          print_blob=True)
+
+
+class KeepingExampleDatabase(DirectoryBasedExampleDatabase):
+    """Never forgets an example: hypothesis drops saved failures that pass again, but a fixed failure should stay
+    a regression case that CI replays."""
+
+    def delete(self, key, value):
+        pass
+
+    def move(self, src, dest, value):
+        self.save(dest, value)
+
+
+settings.register_profile("dev", derandomize=False, database=KeepingExampleDatabase(EXAMPLES_DB), print_blob=True)
 settings.load_profile(os.environ.get("FASTFT_FUZZ_PROFILE", "ci"))
 
 
