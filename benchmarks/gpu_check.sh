@@ -3,13 +3,13 @@
 # pybind11, scikit-build-core, cmake, nvcc preinstalled; no network). Carry `.peers` (bash
 # ../shared/gpu/fetch-peers.sh) for bitsandbytes as a peer. Correctness comes first in every section, then
 # timings; a failing section does not stop the next, and each gets what is left of the time budget.
-#   bash benchmarks/gpu_check.sh [section ...]    sections: build nf4 attention lora-tests lora losses-tests losses
+#   bash benchmarks/gpu_check.sh [section ...]    sections: build nf4 attention lora-tests fuzz-tests lora losses-tests losses
 #   (also: nf4-tests attention-tests methods-tests methods bench-1b bench-8b)
 set -uo pipefail
 export PYTHONPATH="$PWD/.peers:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 : "${OUT:=/tmp/fastft-out}"; mkdir -p "$OUT"; export OUT
 budget="${FASTFT_GPU_BUDGET:-560}"   # seconds for all sections together
-sections="${*:-build nf4 attention lora-tests lora losses-tests losses}"
+sections="${*:-build nf4 attention lora-tests fuzz-tests lora losses-tests losses}"
 start=$SECONDS
 status=0
 
@@ -50,6 +50,7 @@ for s in $sections; do
     nf4) run 200 nf4 python3 benchmarks/gpu_nf4.py ;;
     attention) run 170 attention python3 benchmarks/gpu_attention.py ;;
     lora-tests) FASTFT_AUTOTUNE=0 run 70 lora-tests python3 -m pytest -q -m gpu tests/test_lora_gpu.py -p no:cacheprovider ;;
+    fuzz-tests) FASTFT_AUTOTUNE=0 run 120 fuzz-tests python3 -m pytest -q -m gpu tests/fuzz -p no:cacheprovider ;;
     lora) run 130 lora python3 benchmarks/gpu_lora.py ;;
     nf4-tests) run 150 nf4-tests python3 -m pytest -q -m gpu tests/test_nf4_gpu.py -p no:cacheprovider ;;
     losses-tests) run 120 losses-tests python3 -m pytest -q -m gpu tests/test_linear_losses_gpu.py -p no:cacheprovider ;;

@@ -173,10 +173,9 @@ def train(cfg: TrainConfig) -> dict:
     lora_config = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, use_rslora=cfg.rslora,
                              target_modules=list(cfg.target_modules), task_type="CAUSAL_LM")
     model = fastft.get_peft_model(model, lora_config)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters()) + sum(  # NF4 weights are not Parameters
-        m.weight.numel() for m in model.modules() if getattr(m, "weight", None) is not None
-        and not isinstance(m.weight, torch.Tensor))
+    from fastft.integration.parameter_count import parameter_counts  # NF4 weights once, by logical size
+
+    trainable, total = parameter_counts(model)
     log(f"LoRA r={cfg.rank} alpha={cfg.alpha} on {', '.join(cfg.target_modules)}: "
         f"{trainable:,} trainable of {total:,} parameters")
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)

@@ -24,7 +24,7 @@ from fastft.kernels.runtime import INTERPRET, cdiv, has_tma, next_power_of_2, tr
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
-UNBOUNDED = 1 << 30  # "no limit" for left/right; small enough that sums of positions stay in int32
+UNBOUNDED = 1 << 30  # "no limit" for left/right (ops clamp larger windows to it); sums with positions stay in int32
 
 
 @triton.jit
@@ -35,6 +35,10 @@ def band(x0, BLOCK_X: tl.constexpr, BLOCK_Y: tl.constexpr, shift, n_y, below, ab
     Returns lo <= full_lo <= full_hi <= hi: [lo, hi) holds every visible column (as BLOCK_Y blocks from lo),
     [full_lo, full_hi) only blocks that every row sees whole. lo, full_lo, full_hi are multiples of BLOCK_Y.
     """
+    # A position ± a bound near 2**31 would wrap in int32: cap the bounds at UNBOUNDED (2**30), which changes no
+    # mask for sequences shorter than 2**30 (the ops clamp windows the same way; this guards other callers).
+    below = tl.minimum(below, 1 << 30)
+    above = tl.minimum(above, 1 << 30)
     first = x0 + shift
     last = x0 + (BLOCK_X - 1) + shift
     lo = tl.maximum(first - below, 0)

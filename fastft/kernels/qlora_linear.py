@@ -277,6 +277,8 @@ def nf4_lora_gemm(a, w: NF4Operand, lo, t, bias, *, w_nk: bool, p_drop: float = 
     has_tail = lo is not None
     R = lo.shape[1] if has_tail else 16
     c = torch.empty((M, N), device=a.device, dtype=a.dtype)
+    if bias is not None and bias.stride(0) != 1:  # the kernel reads bias[n] at bias_ptr + n
+        bias = bias.contiguous()
     stride_tn, stride_tr = (0, 0)
     if has_tail:
         stride_tn, stride_tr = (t.stride(0), t.stride(1)) if w_nk else (t.stride(1), t.stride(0))

@@ -13,6 +13,7 @@ Prefix keys are visible to every query, whatever the mask.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
@@ -32,8 +33,10 @@ def mask_bounds(causal: bool, window) -> tuple[int, int]:
     """(left, right): key j is visible to query position p when p - left <= j <= p + right."""
     from fastft.kernels.attention import UNBOUNDED
 
-    left = UNBOUNDED if window is None else int(window) - 1
-    right = 0 if causal else (UNBOUNDED if window is None else int(window) - 1)
+    # Windows past UNBOUNDED (2**30) mean the same as no window for any sequence the kernels can take; clamping
+    # keeps the kernels' int32 arguments and position sums far from overflow (window=2**31-1 is a common "no limit").
+    left = UNBOUNDED if window is None else min(int(window) - 1, UNBOUNDED)
+    right = 0 if causal else left
     return left, right
 
 
@@ -123,8 +126,13 @@ def _validate(q, k, v, causal, softmax_scale, cu_seqlens, max_seqlen, prefix_k, 
         _check(k.shape[0] == q.shape[0], f"flash_attention: packed `q` has {q.shape[0]} tokens but `k` has "
                                          f"{k.shape[0]}; packed self-attention needs one token count")
         if max_seqlen is not None:
-            _check(isinstance(max_seqlen, int) and max_seqlen >= 0,
+            _check(isinstance(max_seqlen, int) and not isinstance(max_seqlen, bool) and max_seqlen >= 0,
                    f"flash_attention: `max_seqlen` must be a non-negative int, got {max_seqlen!r}")
+            n_docs = cu_seqlens.numel() - 1
+            # No device sync: n_docs documents of at most max_seqlen tokens cannot hold more tokens than that.
+            _check(max_seqlen * n_docs >= q.shape[0],
+                   f"flash_attention: `max_seqlen`={max_seqlen} is smaller than the longest document: {n_docs} "
+                   f"documents of at most {max_seqlen} tokens cannot hold the {q.shape[0]} packed tokens")
     else:
         _check(k.shape[0] == q.shape[0], f"flash_attention: `k` has batch {k.shape[0]} but `q` has {q.shape[0]}")
         _check(k.shape[1] >= 1 and q.shape[1] >= 1, "flash_attention: `q` and `k` need at least one position each")
@@ -196,9 +204,12 @@ def flash_attention(q, k, v, *, causal=False, softmax_scale=None, cu_seqlens=Non
     q: (batch, seqlen_q, heads, head_dim); k, v: (batch, seqlen_k, kv_heads, head_dim), heads % kv_heads == 0
     (GQA/MQA without repeating K/V). Packed: with `cu_seqlens` (int32, n_docs + 1 cumulative lengths) q/k/v
     are (total_tokens, heads, head_dim) and no token attends across documents; `max_seqlen` (the longest
-    document) saves a device sync. `prefix_k`/`prefix_v`: (batch or 1, P, kv_heads, head_dim) keys every query
+    document) saves a device sync. Contract: max_seqlen >= the longest document (a larger value is only
+    slower; a smaller one would leave rows uncomputed). A cheap check rejects values that cannot hold all
+    tokens; FASTFT_DEBUG=1 checks it exactly (one device sync) and validates cu_seqlens. `prefix_k`/`prefix_v`: (batch or 1, P, kv_heads, head_dim) keys every query
     attends to, unmasked (prefix tuning); they get gradients. `causal` aligns bottom-right when seqlen_q !=
-    seqlen_k; `window` = w keeps the w most recent keys (and, without causal, those < w ahead).
+    seqlen_k; `window` = w keeps the w most recent keys (and, without causal, those < w ahead); any w > 2**30
+    (e.g. 2**31 - 1 as "no limit") means no window.
     head_dim: a multiple of 8 up to 256; fp16/bf16/fp32. Returns q's shape and dtype.
     backend: "auto" (Triton on CUDA, torch elsewhere), "triton" or "torch".
     """
@@ -217,10 +228,20 @@ def flash_attention(q, k, v, *, causal=False, softmax_scale=None, cu_seqlens=Non
         raise ValueError(f"flash_attention: backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 on CPU); "
                          f"`q` is on {q.device}")
     if backend == "torch" or q.numel() == 0:
+        if cu_seqlens is not None:  # the reference reads cu_seqlens on the host anyway: checking is free
+            longest = _check_cu_seqlens(cu_seqlens, q.shape[0])
+            _check(max_seqlen is None or longest <= max_seqlen,
+                   f"flash_attention: `max_seqlen`={max_seqlen} is smaller than the longest document ({longest} tokens)")
         return attention_reference(q, k, v, causal=causal, softmax_scale=scale, cu_seqlens=cu_seqlens,
                                    prefix_k=prefix_k, prefix_v=prefix_v, window=window)
     if cu_seqlens is not None and max_seqlen is None:
         max_seqlen = _check_cu_seqlens(cu_seqlens, q.shape[0])
+    elif cu_seqlens is not None:
+        if os.environ.get("FASTFT_DEBUG", "0") == "1":  # the caller's contract, checked at the cost of a sync
+            longest = _check_cu_seqlens(cu_seqlens, q.shape[0])
+            _check(longest <= max_seqlen, f"flash_attention: `max_seqlen`={max_seqlen} is smaller than the longest "
+                                          f"document ({longest} tokens)")
+        max_seqlen = min(max_seqlen, q.shape[0])  # no document is longer than all tokens: bounds the grid
     left, right = mask_bounds(causal, window)
     with torch.autocast(q.device.type, enabled=False):
         return FlashAttentionFunction.apply(q, k, v, prefix_k, prefix_v, cu_seqlens, max_seqlen, scale, left, right)

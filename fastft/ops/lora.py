@@ -14,10 +14,13 @@ import torch.nn.functional as F
 from fastft.kernels.runtime import triton_runs_on
 
 BACKENDS = ("auto", "triton", "torch")
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def lora_linear_reference(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, *, keep_mask=None):
     """Plain torch, autograd through torch. `keep_mask` (bool, x-shaped) replaces torch's own dropout draw."""
+    if bias is not None and bias.dtype != x.dtype:  # the fused kernels take any float bias (added in fp32)
+        bias = bias.to(x.dtype)
     y = F.linear(x, weight, bias)
     lora_in = x
     if keep_mask is not None:
@@ -114,7 +117,7 @@ def fused_lora_backward(ctx, dy, dx_gemm, need_x, need_b, need_A, need_B):
     x_shape, coef, dropout_p, seed, bias_dtype, r, A_dtype, B_dtype = ctx.meta
     N = B_p.shape[0]
     dtype = x2.dtype
-    dy2 = dy.reshape(-1, N).to(dtype)
+    dy2 = dy.reshape(x2.shape[0], N).to(dtype)  # not (-1, N): N may be 0
     if not dy2.is_contiguous():
         dy2 = dy2.contiguous()
     dx = db = dA = dB = None
@@ -157,9 +160,10 @@ class LoRALinearFunction(torch.autograd.Function):
 def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, *, backend="auto"):
     """y = x·Wᵀ + b + s·(dropout(x)·Aᵀ)·Bᵀ with W (N×K) frozen, A (r×K) and B (N×r).
 
-    x: (..., K). weight and x share a dtype (fp16/bf16/fp32), or run under torch.autocast. lora_A/lora_B may be
-    kept in another float dtype (e.g. fp32 masters): the product is computed in x's dtype and their gradients
-    come back in their own dtype. dropout_p applies inverted dropout to the LoRA input only (pass 0 in eval).
+    x: (..., K). weight and x share a dtype (fp16/bf16/fp32; the torch backend also takes fp64), or run under
+    torch.autocast. lora_A/lora_B may be kept in another float dtype (e.g. fp32 masters), and the bias too: the
+    product is computed in x's dtype and their gradients come back in their own dtype. dropout_p applies
+    inverted dropout to the LoRA input only (pass 0 in eval).
     backend: "auto" (Triton on CUDA, torch elsewhere), "triton" or "torch".
     """
     if backend not in BACKENDS:
@@ -172,11 +176,15 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, *, back
     scaling, dropout_p = float(scaling), float(dropout_p)
 
     if backend == "auto":
-        backend = "triton" if x.device.type == "cuda" and triton_runs_on(x.device) else "torch"
+        backend = ("triton" if x.device.type == "cuda" and triton_runs_on(x.device) and x.dtype in KERNEL_DTYPES
+                   else "torch")
     if backend == "triton" and not triton_runs_on(x.device):
         raise ValueError(f"lora_linear: backend='triton' needs a CUDA tensor (or TRITON_INTERPRET=1 on CPU); "
                          f"`x` is on {x.device}")
-    if backend == "torch" or x.numel() == 0:
+    _check(backend != "triton" or x.dtype in KERNEL_DTYPES,
+           f"lora_linear: backend='triton' computes in float16, bfloat16 or float32; `x` is {x.dtype} "
+           "(backend='torch' takes any float dtype)")
+    if backend == "torch" or x.numel() == 0 or weight.shape[0] == 0:  # empty y: nothing for the kernels to do
         return lora_linear_reference(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
     with torch.autocast(device_type, enabled=False):
         return LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, scaling, dropout_p)

@@ -1,0 +1,29 @@
+"""How many parameters a model holds: each stored weight counted once.
+
+NF4 weights are not nn.Parameters (fastft.quant.NF4Weight), so `model.parameters()` misses them, while
+`module.weight` over-counts them: peft's LoRA wrapper forwards `.weight` to the NF4Linear it wraps, so
+the same NF4Weight is reached through two modules.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from fastft.quant.nf4_weight import NF4Weight
+
+
+def parameter_counts(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) element counts of what `model` stores, each tensor once.
+
+    Parameters as `model.parameters()` yields them (shared/tied ones once); every NF4Weight once, by its
+    logical element count (out_features × in_features, not its packed bytes). NF4 weights are frozen.
+    """
+    params = list(model.parameters())
+    trainable = sum(p.numel() for p in params if p.requires_grad)
+    total = sum(p.numel() for p in params)
+    seen: set[int] = set()
+    for module in model.modules():
+        weight = vars(module).get("weight")  # the stored attribute, not a wrapper's forwarding property
+        if isinstance(weight, NF4Weight) and id(weight) not in seen:
+            seen.add(id(weight))
+            total += weight.numel()
+    return trainable, total

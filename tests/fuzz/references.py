@@ -1,0 +1,267 @@
+"""Independent fp64 references for the fuzz suite, and the error bound every comparison uses.
+
+The references are written from the math here; none calls fastft's own `*_reference` functions (those
+are the ops' torch backends, which the suite tests too). Gradients come from torch autograd on these fp64
+functions.
+
+Tolerance rule (decided once, from the arithmetic; never tuned to make a test pass)
+-----------------------------------------------------------------------------------
+An op's result is a sum of products. For each output element we compute, in fp64, its *magnitude*
+`mag`: the same sum with every term replaced by its absolute value (|x|·|W|ᵀ + |b| + |s|·(|x|·|A|ᵀ)·|B|ᵀ
+for a linear layer; P·|V| and friends for attention, see `attention_with_magnitudes`). Cancellation cannot
+make the error larger than a multiple of `mag`, however small the result itself is. Then
+
+    |out − ref| <= (n_round · u(dtype) + 8 · Σ sqrt(L) · u(fp32)) · mag  +  n_round · s(dtype)
+
+- u(dtype): unit roundoff (2⁻²⁴ fp32, 2⁻¹¹ fp16, 2⁻⁸ bf16). Inputs are exact in their dtype; every
+  rounding of an intermediate or of the output to the compute dtype adds at most u·|value| <= u·mag.
+  n_round counts those roundings on the longest path of either backend (stated at each call site).
+- L: each reduction length on that path (K, N, M, rank, keys), accumulated in fp32. 8·sqrt(L)·u is
+  Higham & Mary's probabilistic bound on summation error with λ = 8 (failure odds below 1e-13 per element).
+- s(dtype): the spacing of subnormals (2⁻²⁴ for fp16), for roundings into the subnormal range. Ops whose
+  fp32 intermediates can underflow (attention's P = exp(s − lse)) add `flush_floor`, far below anything a
+  real defect produces (~1e-30 absolute).
+A comparison passes when the largest ratio |out − ref| / bound is <= 1; `record` keeps the worst ratio
+per (op, dtype) for the report (FASTFT_FUZZ_REPORT=path writes them as JSON at the end of the session).
+"""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import torch
+
+UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
+SUBNORMAL = {torch.float32: 2.0**-149, torch.float16: 2.0**-24, torch.bfloat16: 2.0**-133}
+LAMBDA = 8.0
+
+# The QLoRA paper's NF4 table (quantiles of N(0, 1) normalised to [-1, 1]), copied from the paper/bitsandbytes.
+NF4_TABLE = (
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+)
+
+# (op, dtype name) -> {"examples": n comparisons, "worst": max ratio, "where": what}
+STATS: dict = defaultdict(lambda: {"comparisons": 0, "worst": 0.0, "where": ""})
+EXAMPLES: dict = defaultdict(int)  # op -> examples run
+
+
+def bound(mag: torch.Tensor, dtype: torch.dtype, n_round: int, lengths, extra_rel: float = 0.0,
+          abs_floor: float = 0.0) -> torch.Tensor:
+    """extra_rel: a further relative error an op states at its call site (attention: the softmax's response
+    to fp32 score rounding, see `softmax_shift`); abs_floor: a further absolute one (see `flush_floor`)."""
+    u, u32 = UNIT_ROUNDOFF[dtype], UNIT_ROUNDOFF[torch.float32]
+    acc = LAMBDA * u32 * sum(math.sqrt(max(1, int(n))) for n in lengths)
+    return (n_round * u + acc + extra_rel) * mag + n_round * SUBNORMAL[dtype] + abs_floor
+
+
+FP32_MIN_NORMAL = 2.0**-126
+
+
+def flush_floor(n_terms: int, weight: float) -> float:
+    """Absolute error from fp32 intermediates below 2⁻¹²⁶, which GPUs flush to zero (exp2.approx.ftz) and CPU
+    BLAS may treat as zero (denormals-are-zero): each of `n_terms` flushed values is off by < 2⁻¹²⁶ and reaches
+    the result multiplied by at most `weight` (the largest magnitude it is later multiplied by)."""
+    return FP32_MIN_NORMAL * n_terms * weight
+
+
+def softmax_shift(score_mag: float, head_dim: int) -> float:
+    """Relative error of P from fp32 scores: each score s = c·q·k is off by δs <= (8·sqrt(D) + 2)·u32·c·|q|·|k|
+    (the dot's accumulation, the scale and log2(e) products, exp2), and P_j = exp(s_j − lse) by up to
+    2·max δs relative (δlse is a P-weighted mean of the δs)."""
+    return 2.0 * (LAMBDA * math.sqrt(head_dim) + 2.0) * UNIT_ROUNDOFF[torch.float32] * float(score_mag)
+
+
+def check(op: str, what: str, out, ref: torch.Tensor, mag: torch.Tensor, dtype: torch.dtype, n_round: int,
+          lengths, extra_rel: float = 0.0, abs_floor: float = 0.0) -> float:
+    """Assert |out − ref| <= bound elementwise (see the module docstring); returns and records the worst ratio."""
+    assert out is not None, f"{op} {what}: no gradient returned"
+    assert tuple(out.shape) == tuple(ref.shape), f"{op} {what}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
+    out64 = out.detach().double()
+    assert torch.isfinite(out64).all(), f"{op} {what}: NaN/Inf in the result"
+    if ref.numel() == 0:
+        return 0.0
+    b = bound(mag.double(), dtype, n_round, lengths, extra_rel, abs_floor)
+    err = (out64 - ref.double()).abs()
+    ratio = float((err / b).max())
+    record(op, dtype, ratio, what)
+    if not ratio <= 1.0:
+        i = int((err / b).argmax())
+        raise AssertionError(f"{op} {what} ({dtype}): error {err.view(-1)[i]:.3e} exceeds the bound "
+                             f"{b.view(-1)[i]:.3e} by {ratio:.2f}x (ref {ref.reshape(-1)[i]:.4e}, "
+                             f"out {out64.reshape(-1)[i]:.4e}, mag {mag.reshape(-1)[i]:.3e})")
+    return ratio
+
+
+def record(op: str, dtype: torch.dtype, ratio: float, what: str) -> None:
+    s = STATS[(op, str(dtype).replace("torch.", ""))]
+    s["comparisons"] += 1
+    if ratio > s["worst"]:
+        s["worst"], s["where"] = ratio, what
+
+
+def count_example(op: str) -> None:
+    EXAMPLES[op] += 1
+
+
+# ----------------------------------------------------------------------------------------------
+# Linear layers
+
+def f64(t):
+    return None if t is None else t.detach().to(torch.float64)
+
+
+def lora_math(x, W, b, A, B, s, keep=None, p=0.0):
+    """y = x·Wᵀ + b + s·((keep∘x)/(1−p))·Aᵀ·Bᵀ, in whatever dtype the inputs are (fp64 here)."""
+    y = x @ W.transpose(0, 1)
+    if b is not None:
+        y = y + b
+    if A is not None:
+        xin = x if keep is None else x * keep / (1.0 - p)
+        y = y + s * ((xin @ A.transpose(0, 1)) @ B.transpose(0, 1))
+    return y
+
+
+def linear_with_grads(x, W, b, A, B, s, dy, *, keep=None, p=0.0, grad_w=True, weight_mag=None):
+    """fp64 (y, grads, mags): grads and mags are dicts over x, weight, bias, lora_A, lora_B (those present).
+
+    mags: the same multilinear function at |inputs| (and |dy| for gradients), keep (0/1) and 1/(1−p) unchanged;
+    `weight_mag` replaces |W| where W is itself a computed sum (a dequantized NF4 weight).
+    """
+    names = ("x", "weight", "bias", "lora_A", "lora_B")
+    keep64 = None if keep is None else keep.to(torch.float64)
+
+    def run(vals, scaling, dy_):
+        vals = {n: (None if t is None else t.clone().requires_grad_(n != "weight" or grad_w)) for n, t in vals.items()}
+        y = lora_math(vals["x"], vals["weight"], vals["bias"], vals["lora_A"], vals["lora_B"], scaling, keep64, p)
+        leaves = [n for n in names if vals[n] is not None and vals[n].requires_grad]
+        grads = torch.autograd.grad(y, [vals[n] for n in leaves], dy_, allow_unused=True)
+        return y.detach(), {n: (torch.zeros_like(vals[n]) if g is None else g) for n, g in zip(leaves, grads)}
+
+    vals = dict(zip(names, map(f64, (x, W, b, A, B))))
+    y, grads = run(vals, float(s), f64(dy))
+    absvals = {n: (None if t is None else t.abs()) for n, t in vals.items()}
+    if weight_mag is not None:
+        absvals["weight"] = f64(weight_mag)
+    ymag, gmags = run(absvals, abs(float(s)), f64(dy).abs())
+    return y, grads, ymag, gmags
+
+
+def nf4_dequantize_f64(qweight) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W, W_mag) in fp64 from an NF4Weight's stored fields (bitsandbytes layout: element 2i in the high nibble of
+    byte i, absmax per block of `blocksize` elements, optionally itself 8-bit coded: code2[q]·absmax2[block] +
+    offset). W_mag = |code|·(|code2[q]·absmax2| + |offset|): the magnitude of the terms the kernels sum in fp32."""
+    n = math.prod(qweight.shape)
+    packed = qweight.packed.cpu().to(torch.int64)
+    nibbles = torch.stack([packed >> 4, packed & 15], dim=1).reshape(-1)[:n]
+    values = torch.tensor(NF4_TABLE, dtype=torch.float64)[nibbles]
+    if qweight.absmax2 is not None:
+        q = qweight.absmax.cpu().to(torch.int64)
+        blocks2 = torch.arange(q.numel()) // qweight.nested_blocksize
+        prod = qweight.code2.cpu().double()[q] * qweight.absmax2.cpu().double()[blocks2]
+        absmax, absmag = prod + float(qweight.offset), prod.abs() + abs(float(qweight.offset))
+    else:
+        absmax = qweight.absmax.cpu().double()
+        absmag = absmax.abs()
+    block = torch.arange(n) // qweight.blocksize
+    shape = tuple(qweight.shape)
+    W, W_mag = (values * absmax[block]).view(shape), (values.abs() * absmag[block]).view(shape)
+    return W.to(qweight.device), W_mag.to(qweight.device)
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention
+
+def visible_keys(n_q: int, n_k: int, causal: bool, window) -> torch.Tensor:
+    """(n_q, n_k) bool, from the definition: query i sits at position i + (n_k − n_q) (bottom-right aligned);
+    key j is visible when j <= pos (causal) and pos − w < j (window w), and without causal also j < pos + w."""
+    pos = torch.arange(n_q, dtype=torch.int64)[:, None] + (n_k - n_q)
+    j = torch.arange(n_k, dtype=torch.int64)[None, :]
+    ok = torch.ones(n_q, n_k, dtype=torch.bool)
+    if causal:
+        ok &= j <= pos
+    if window is not None:
+        ok &= j > pos - int(window)  # python ints: no overflow for any window
+        if not causal:
+            ok &= j < pos + int(window)
+    return ok
+
+
+def _attend(q, k, v, pk, pv, causal, scale, window, do):
+    """One sequence: q (n_q, H, D), k/v (n_k, KV, D), prefix (P, KV, D) or None, do like q. fp64 throughout.
+    Returns o, grads {q, k, v, prefix_k, prefix_v}, mags of the same."""
+    n_q, H, D = q.shape
+    n_k, KV = k.shape[0], k.shape[1]
+    g = H // KV
+    mask = visible_keys(n_q, n_k, causal, window).to(q.device)
+    if pk is not None:
+        mask = torch.cat([torch.ones(n_q, pk.shape[0], dtype=torch.bool, device=q.device), mask], dim=1)
+        k, v = torch.cat([pk, k]), torch.cat([pv, v])
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    qq, kk, vv = leaves
+    kh, vh = kk.repeat_interleave(g, dim=1), vv.repeat_interleave(g, dim=1)  # (keys, H, D)
+    s = torch.einsum("qhd,khd->hqk", qq, kh) * scale
+    s = s.masked_fill(~mask, float("-inf"))
+    seen = mask.any(1)[None, :, None]
+    p = torch.where(seen, torch.softmax(torch.where(seen, s, 0.0), -1), 0.0)  # rows that see nothing: 0
+    o = torch.einsum("hqk,khd->qhd", p, vh)
+    dq, dk, dv = torch.autograd.grad(o, leaves, do)
+    p = p.detach()
+    # magnitudes: O = P·V;  dV = Pᵀ·dO;  dS = P∘(dP − δ), dP = dO·Vᵀ, δ = rowsum(dO∘O);  dQ = c·dS·K, dK = c·dSᵀ·Q
+    qa, kha, vha, doa = q.abs(), kh.detach().abs(), vh.detach().abs(), do.abs()
+    mo = torch.einsum("hqk,khd->qhd", p, vha)
+    dp_abs = torch.einsum("qhd,khd->hqk", doa, vha)
+    ds_abs = p * (dp_abs + (p * dp_abs).sum(-1, keepdim=True))
+    mdq = scale * torch.einsum("hqk,khd->qhd", ds_abs, kha)
+    mdk = (scale * torch.einsum("hqk,qhd->khd", ds_abs, qa)).unflatten(1, (KV, g)).sum(2)
+    mdv = torch.einsum("hqk,qhd->khd", p, doa).unflatten(1, (KV, g)).sum(2)
+    # scores: fp32 dot over D; their error shifts P by up to 2·max|δs| relative (covered via `score_mag`)
+    score_mag = (scale * torch.einsum("qhd,khd->hqk", qa, kha)).masked_fill(~mask, 0.0)
+    score_mag = score_mag.amax(-1) if score_mag.shape[-1] else score_mag.new_zeros(score_mag.shape[:-1])  # (H, n_q)
+    P = 0 if pk is None else pk.shape[0]
+    grads = dict(q=dq, k=dk[P:], v=dv[P:], prefix_k=dk[:P] if P else None, prefix_v=dv[:P] if P else None)
+    mags = dict(q=mdq, k=mdk[P:], v=mdv[P:], prefix_k=mdk[:P] if P else None, prefix_v=mdv[:P] if P else None)
+    return o.detach(), mo, grads, mags, score_mag
+
+
+def attention_with_grads(q, k, v, do, *, causal=False, scale=None, cu_seqlens=None, prefix_k=None, prefix_v=None,
+                         window=None):
+    """fp64 (o, o_mag, grads, mags, score_mag) for flash_attention's arguments (dense or packed).
+
+    score_mag: max over visible keys of scale·|q|·|k| per (query row), shaped like o without head_dim; the
+    softmax's sensitivity to fp32 score rounding scales with it (see `attention_bound_terms`)."""
+    D = q.shape[-1]
+    scale = D**-0.5 if scale is None else float(scale)
+    q, k, v, do, pk, pv = map(f64, (q, k, v, do, prefix_k, prefix_v))
+    if cu_seqlens is None:
+        seqs = [(q[b], k[b], v[b], do[b], b) for b in range(q.shape[0])]
+    else:
+        cu = cu_seqlens.tolist()
+        seqs = [(q[a:e], k[a:e], v[a:e], do[a:e], i) for i, (a, e) in enumerate(zip(cu[:-1], cu[1:]))]
+    outs, omags, smags = [], [], []
+    grads = {n: [] for n in ("q", "k", "v")}
+    mags = {n: [] for n in ("q", "k", "v")}
+    pgrads = {"prefix_k": None, "prefix_v": None}
+    pmags = {"prefix_k": None, "prefix_v": None}
+    for qs, ks, vs, dos, i in seqs:
+        pki = pvi = None
+        if pk is not None:
+            j = 0 if pk.shape[0] == 1 else i
+            pki, pvi = pk[j], pv[j]
+        o, mo, g, m, sm = _attend(qs, ks, vs, pki, pvi, causal, scale, window, dos)
+        outs.append(o), omags.append(mo), smags.append(sm.transpose(0, 1))
+        for n in ("q", "k", "v"):
+            grads[n].append(g[n]), mags[n].append(m[n])
+        if pk is not None:
+            for n in ("prefix_k", "prefix_v"):
+                if pgrads[n] is None:
+                    pgrads[n] = torch.zeros_like(pk if n == "prefix_k" else pv)
+                    pmags[n] = torch.zeros_like(pgrads[n])
+                pgrads[n][j] += g[n]
+                pmags[n][j] += m[n]
+    join = (lambda xs: torch.stack(xs)) if cu_seqlens is None else (lambda xs: torch.cat(xs))
+    grads = {n: join(grads[n]) for n in grads} | pgrads
+    mags = {n: join(mags[n]) for n in mags} | pmags
+    return join(outs), join(omags), grads, mags, join(smags)
