@@ -20,6 +20,8 @@ _LAZY = {
     "quantize_model": "fastft.integration.nf4_model",
     "load_nf4_model": "fastft.integration.nf4_model",
     "save_nf4_model": "fastft.integration.nf4_model",
+    "patch_model": "fastft.integration.patching",
+    "unpatch_model": "fastft.integration.patching",
 }
 
 __all__ = ["lora_linear", "qlora_linear", "quant", *_LAZY]
