@@ -338,3 +338,29 @@ def test_smollm2_patched_matches_unpatched():
     assert abs(got[1].item() - want[1].item()) <= 1e-5 * want[1].item()
     for name, g in got[2].items():
         assert rel_err(g, want[2][name]) <= 1e-4, name
+
+
+def test_positional_arguments_reach_the_same_forward():
+    model = fastft.patch_model(tiny("llama"))
+    ids, labels = _batch()
+    mask = torch.ones_like(ids)
+    want = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    assert torch.equal(model(ids, mask, labels=labels).loss, want)
+    with torch.no_grad():
+        assert torch.equal(model(ids, mask).logits, model(input_ids=ids, attention_mask=mask).logits)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
+def test_patched_bf16_on_gpu_matches_unpatched(arch):
+    """On the GPU the patched model runs the Triton layer kernels, fastft attention and the fused loss, in bf16."""
+    model = _peft(tiny(arch).to("cuda", torch.bfloat16))
+    ids, labels = (t.cuda() for t in _batch(seq=64))
+    want = _run(model, ids, labels)
+    fastft.patch_model(model)
+    got = _run(model, ids, labels)
+    assert got[3] is None
+    assert rel_err(got[0], want[0]) <= TOL[torch.bfloat16]
+    assert abs(got[1].item() - want[1].item()) <= 1e-2 * abs(want[1].item())
+    for name, g in got[2].items():
+        assert rel_err(g, want[2][name]) <= 5e-2, name

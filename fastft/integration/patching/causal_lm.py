@@ -9,7 +9,9 @@ Without labels the model's own forward runs unchanged (generation, evaluation of
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
+import inspect
 
 import torch.nn.functional as F
 from transformers.modeling_outputs import CausalLMOutputWithPast
@@ -20,32 +22,39 @@ def lm_head_cross_entropy(*args, **kwargs):
     return importlib.import_module("fastft.ops.linear_losses").lm_head_cross_entropy(*args, **kwargs)
 
 
+def _output(loss, outputs):
+    """CausalLMOutputWithPast without logits; the cache field is `cache` in recent transformers, `past_key_values`
+    before (the GPU machine runs an older one)."""
+    fields = {f.name for f in dataclasses.fields(CausalLMOutputWithPast)}
+    name = "cache" if "cache" in fields else "past_key_values"
+    cache = outputs.get("cache", outputs.get("past_key_values"))
+    return CausalLMOutputWithPast(loss=loss, logits=None, hidden_states=outputs.hidden_states,
+                                  attentions=outputs.attentions, **{name: cache})
+
+
 class FusedLossCausalLMForward:
     _fastft_softcap_attr = None  # config attribute holding the final logit softcap, if the architecture has one
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
-                labels=None, use_cache=None, logits_to_keep=0, **kwargs):
+    def forward(self, *args, labels=None, logits_to_keep=0, **kwargs):
+        if args:  # positional arguments, named as the model's own forward names them
+            names = [n for n in inspect.signature(super().forward).parameters][: len(args)]
+            kwargs.update(zip(names, args))
+            labels = kwargs.pop("labels", labels)
         shift_labels = kwargs.pop("shift_labels", None)
         if labels is None and shift_labels is None:
-            return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                   cache=cache, inputs_embeds=inputs_embeds, use_cache=use_cache,
-                                   logits_to_keep=logits_to_keep, **kwargs)
+            return super().forward(logits_to_keep=logits_to_keep, **kwargs)
         if not (isinstance(logits_to_keep, int) and logits_to_keep == 0):
             raise ValueError("fastft.patch_model: with labels the loss covers every position; logits_to_keep must be 0 "
                              f"(got {logits_to_keep!r})")
         return_dict = kwargs.pop("return_dict", None)
         num_items = kwargs.pop("num_items_in_batch", None)
         ignore_index = kwargs.pop("ignore_index", -100)
-        if "past_key_values" in kwargs:  # the decorator the original forward has renames it
-            cache = kwargs.pop("past_key_values")
-        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                             cache=cache, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
+        outputs = self.model(**kwargs)  # input_ids, masks, positions, cache, use_cache, attention kwargs: as given
         hidden = outputs.last_hidden_state
         if shift_labels is None:  # tokens < n predict n, as transformers' ForCausalLMLoss shifts
             shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
         softcap = getattr(self.config, self._fastft_softcap_attr, None) if self._fastft_softcap_attr else None
         loss = lm_head_cross_entropy(hidden, self.lm_head, shift_labels.to(hidden.device), ignore_index=ignore_index,
                                      reduction="mean", softcap=softcap, num_items=num_items)
-        out = CausalLMOutputWithPast(loss=loss, logits=None, cache=getattr(outputs, "cache", None),
-                                     hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+        out = _output(loss, outputs)
         return out.to_tuple() if return_dict is False else out
