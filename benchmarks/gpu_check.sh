@@ -4,7 +4,6 @@
 # ../shared/gpu/fetch-peers.sh) for bitsandbytes as a peer. Correctness comes first in every section, then
 # timings; a failing section does not stop the next, and each gets what is left of the time budget.
 #   bash benchmarks/gpu_check.sh [section ...]    sections: build nf4 attention lora-tests lora
-#   also (not in the default list, to keep its time): layers-tests layers patch-step (layer ops, patch_model)
 set -uo pipefail
 export PYTHONPATH="$PWD/.peers:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 : "${OUT:=/tmp/fastft-out}"; mkdir -p "$OUT"; export OUT
@@ -37,6 +36,7 @@ for s in $sections; do
     lora) run 130 lora python3 benchmarks/gpu_lora.py ;;
     nf4-tests) run 150 nf4-tests python3 -m pytest -q -m gpu tests/test_nf4_gpu.py -p no:cacheprovider ;;
     attention-tests) FASTFT_AUTOTUNE=0 run 150 attention-tests python3 -m pytest -q -m gpu tests/test_attention_op.py tests/test_attention_integration.py -p no:cacheprovider ;;
+    # layer ops and patch_model; not in the default list (time): gpu_check.sh layers-tests layers patch-step
     layers-tests) run 120 layers-tests python3 -m pytest -q -m gpu tests/test_layer_ops.py tests/test_patch_model.py -p no:cacheprovider ;;
     layers) run 150 layers python3 benchmarks/gpu_layers.py ;;
     patch-step) FASTFT_STEP_TIMEOUT=100 run 330 patch-step python3 benchmarks/gpu_patch_step.py ;;

@@ -1,4 +1,4 @@
-"""Compile the NF4 and layer (RMSNorm, RoPE, GLU) Triton kernels for sm_90 on a machine without a GPU (triton's own ptxas), as `python -m`.
+"""Compile the NF4 Triton kernels for sm_90 on a machine without a GPU (triton's own ptxas), as `python -m`.
 
 Catches what the CPU interpreter cannot: triton's GPU lowering, the inline PTX, register spills and shared
 memory of every launch config the tuner may pick. Prints one line per kernel; exits 1 on any failure.
@@ -14,7 +14,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, compile as triton_compile
 
-from fastft.kernels import glu, nf4_dequant, qlora_linear, rms_norm, rope
+from fastft.kernels import nf4_dequant, qlora_linear
 
 TARGET = GPUTarget("cuda", 90, 32)
 SMEM_LIMIT = 232448  # bytes of shared memory a block may use on sm_90
@@ -37,9 +37,56 @@ def spills(kernel) -> int:
     return max(int(w.split(":")[1]) for w in stack) if stack else 0
 
 
+def main() -> int:
+    failures = 0
+    for nested, cfg in itertools.product([True], nf4_dequant._configs()):
+        cfg = dict(cfg)
+        warps = cfg.pop("num_warps")
+        sig = dict(packed_ptr="*u8", absmax_ptr="*u8" if nested else "*fp32", absmax2_ptr="*fp32",
+                   code2_ptr="*fp32", code_ptr="*fp32", out_ptr="*bf16", numel="i32", nbytes="i32", offset="fp32")
+        try:
+            k = build(nf4_dequant._nf4_dequant_kernel, sig,
+                      dict(BS=64, NBS=256, NESTED=nested, BF16_BY_HAND=False, **cfg),
+                      ["packed_ptr", "absmax_ptr", "out_ptr", "numel", "nbytes"],
+                      dict(num_warps=warps, **nf4_dequant.launch_options()))
+            print(f"ok dequant nested={nested} {cfg} smem={k.metadata.shared} stack={spills(k)}")
+        except Exception as err:  # noqa: BLE001 - report every failure, then fail
+            failures += 1
+            print(f"FAILED dequant nested={nested} {cfg}: {err}\n{err.__cause__!r}")
+    # the forward never masks its tail (dropout acts on x·Aᵀ there); dx does when the LoRA has dropout
+    for (w_nk, dropout), cfg in itertools.product([(True, False), (False, False), (False, True)],
+                                                  qlora_linear.gemm_configs(2)):
+        cfg = dict(cfg)
+        warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+        sig = dict(a_ptr="*bf16", w_ptr="*u8", absmax_ptr="*u8", absmax2_ptr="*fp32", code2_ptr="*fp32",
+                   code_ptr="*fp32", l_ptr="*bf16", t_ptr="*bf16", bias_ptr="*bf16", c_ptr="*bf16", M="i32", N="i32",
+                   K="i32", WN="i32", WK="i32", stride_am="i32", stride_ak="i32", stride_lm="i32", stride_tn="i32",
+                   stride_tr="i32", stride_cm="i32", offset="fp32", p_drop="fp32", seed="i32")
+        consts = dict(BS=64, NBS=256, NESTED=True, HAS_TAIL=True, HAS_BIAS=False, TAIL_DROPOUT=dropout, W_NK=w_nk,
+                      USE_TMA=True, UPCAST=False, DOT_PRECISION="tf32", BLOCK_R=16, NUM_SMS=132, **cfg)
+        what = f"gemm w_nk={w_nk} dropout={dropout} {cfg} stages={stages}"
+        try:
+            k = build(qlora_linear._nf4_lora_gemm_kernel, sig, consts,
+                      ["a_ptr", "w_ptr", "absmax_ptr", "l_ptr", "t_ptr", "c_ptr", "K", "WK", "stride_am", "stride_cm"],
+                      dict(num_warps=warps, num_stages=stages))
+            stack, smem = spills(k), k.metadata.shared
+            print(f"ok {what} smem={smem} stack={stack}")
+            main_config = cfg["DECODE"] == nf4_dequant.DECODE_PRMT
+            if smem > SMEM_LIMIT or (main_config and stack > 0):
+                failures += 1
+                print(f"FAILED {what}: shared memory {smem} (limit {SMEM_LIMIT}) or register spills {stack} B")
+        except Exception as err:  # noqa: BLE001
+            failures += 1
+            print(f"FAILED {what}: {err}\n{err.__cause__!r}")
+    failures += layer_kernels()
+    return 1 if failures else 0
+
+
 def layer_kernels() -> int:
     """RMSNorm (hidden sizes up to 8192), RoPE (head_dim 64/128/256, up to 64 q heads), SwiGLU/GeGLU: bf16, no
     spills allowed."""
+    from fastft.kernels import glu, rms_norm, rope
+
     failures = 0
     jobs = []
     for block_n, residual, cast in itertools.product([1024, 2048, 4096, 8192], [False, True], [False, True]):
@@ -91,51 +138,5 @@ def layer_kernels() -> int:
     return failures
 
 
-def main() -> int:
-    failures = layer_kernels()
-    if sys.argv[1:] == ["layers"]:
-        return 1 if failures else 0
-    for nested, cfg in itertools.product([True], nf4_dequant._configs()):
-        cfg = dict(cfg)
-        warps = cfg.pop("num_warps")
-        sig = dict(packed_ptr="*u8", absmax_ptr="*u8" if nested else "*fp32", absmax2_ptr="*fp32",
-                   code2_ptr="*fp32", code_ptr="*fp32", out_ptr="*bf16", numel="i32", nbytes="i32", offset="fp32")
-        try:
-            k = build(nf4_dequant._nf4_dequant_kernel, sig,
-                      dict(BS=64, NBS=256, NESTED=nested, BF16_BY_HAND=False, **cfg),
-                      ["packed_ptr", "absmax_ptr", "out_ptr", "numel", "nbytes"],
-                      dict(num_warps=warps, **nf4_dequant.launch_options()))
-            print(f"ok dequant nested={nested} {cfg} smem={k.metadata.shared} stack={spills(k)}")
-        except Exception as err:  # noqa: BLE001 - report every failure, then fail
-            failures += 1
-            print(f"FAILED dequant nested={nested} {cfg}: {err}\n{err.__cause__!r}")
-    # the forward never masks its tail (dropout acts on x·Aᵀ there); dx does when the LoRA has dropout
-    for (w_nk, dropout), cfg in itertools.product([(True, False), (False, False), (False, True)],
-                                                  qlora_linear.gemm_configs(2)):
-        cfg = dict(cfg)
-        warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
-        sig = dict(a_ptr="*bf16", w_ptr="*u8", absmax_ptr="*u8", absmax2_ptr="*fp32", code2_ptr="*fp32",
-                   code_ptr="*fp32", l_ptr="*bf16", t_ptr="*bf16", bias_ptr="*bf16", c_ptr="*bf16", M="i32", N="i32",
-                   K="i32", WN="i32", WK="i32", stride_am="i32", stride_ak="i32", stride_lm="i32", stride_tn="i32",
-                   stride_tr="i32", stride_cm="i32", offset="fp32", p_drop="fp32", seed="i32")
-        consts = dict(BS=64, NBS=256, NESTED=True, HAS_TAIL=True, HAS_BIAS=False, TAIL_DROPOUT=dropout, W_NK=w_nk,
-                      USE_TMA=True, UPCAST=False, DOT_PRECISION="tf32", BLOCK_R=16, NUM_SMS=132, **cfg)
-        what = f"gemm w_nk={w_nk} dropout={dropout} {cfg} stages={stages}"
-        try:
-            k = build(qlora_linear._nf4_lora_gemm_kernel, sig, consts,
-                      ["a_ptr", "w_ptr", "absmax_ptr", "l_ptr", "t_ptr", "c_ptr", "K", "WK", "stride_am", "stride_cm"],
-                      dict(num_warps=warps, num_stages=stages))
-            stack, smem = spills(k), k.metadata.shared
-            print(f"ok {what} smem={smem} stack={stack}")
-            main_config = cfg["DECODE"] == nf4_dequant.DECODE_PRMT
-            if smem > SMEM_LIMIT or (main_config and stack > 0):
-                failures += 1
-                print(f"FAILED {what}: shared memory {smem} (limit {SMEM_LIMIT}) or register spills {stack} B")
-        except Exception as err:  # noqa: BLE001
-            failures += 1
-            print(f"FAILED {what}: {err}\n{err.__cause__!r}")
-    return 1 if failures else 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit((1 if layer_kernels() else 0) if sys.argv[1:] == ["layers"] else main())
