@@ -364,3 +364,13 @@ def test_patched_bf16_on_gpu_matches_unpatched(arch):
     assert abs(got[1].item() - want[1].item()) <= 1e-2 * abs(want[1].item())
     for name, g in got[2].items():
         assert rel_err(g, want[2][name]) <= 5e-2, name
+
+
+def test_qlora_model_patched_matches_unpatched():
+    """NF4 base layers (fastft.quantize_model) with LoRA through fastft.get_peft_model: the patched MLP and
+    attention call the QLoRA layers as they are."""
+    model = _peft(fastft.quantize_model(tiny("llama", num_hidden_layers=1)))
+    ids, labels = _batch(seq=8)
+    want = _run(model, ids, labels)
+    fastft.patch_model(model)
+    _assert_matches(_run(model, ids, labels), want)
