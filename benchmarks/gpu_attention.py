@@ -2,7 +2,9 @@
 """fastft attention on the GPU: correctness first, then forward / forward+backward TFLOP/s against torch SDPA's
 FlashAttention-2 and cuDNN backends, packed vs padded batches, peak memory.
 
-Run from the repository root: `python3 benchmarks/gpu_attention.py` (writes $OUT/attention.json if $OUT is set).
+Run from the repository root: `python3 benchmarks/gpu_attention.py` (writes $OUT/attention.json if $OUT is set), or
+`fastft bench kernels --family attention`. Timing, memory, the card and the results file come from the shared
+harness (fastft.apps.bench.harness).
 FASTFT_BENCH_SMOKE=1 runs the same script on the CPU through the Triton interpreter at toy sizes: it checks the
 script, not the speed (tests/test_attention_benchmark.py does that in CI).
 
@@ -20,7 +22,6 @@ Packed-vs-padded rates count only the useful FLOPs (Σ over documents of their o
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
@@ -36,12 +37,12 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import triton  # noqa: E402
-from triton.testing import do_bench  # noqa: E402
 
 import fastft.kernels.attention_bwd as kbwd  # noqa: E402
 import fastft.kernels.attention_fwd as kfwd  # noqa: E402
 from fastft.kernels.attention import tma_eligible  # noqa: E402
 from fastft.ops import flash_attention  # noqa: E402
+from fastft.apps.bench.harness import card_name, log, peak_memory_gib, time_ms, write_results  # noqa: E402
 from fastft.ops.attention import attention_reference  # noqa: E402
 
 T0 = time.time()
@@ -53,10 +54,6 @@ CHECK_SHAPE = (2, 40) if SMOKE else (2, 320)  # ragged against 128-row blocks, S
 UNBOUNDED = 1 << 30
 BACKEND = "triton" if SMOKE else "auto"  # the smoke run forces the kernels (interpreted) over the CPU reference
 ROWS: list[dict] = []
-
-
-def log(msg: str) -> None:
-    print(f"[{time.time() - T0:6.1f}s] {msg}", flush=True)
 
 
 def fwd_flops(B, S, causal=True, h=H, d=D):
@@ -71,11 +68,8 @@ def rel_err(a, b) -> float:
 
 
 def bench(fn) -> float:
-    if SMOKE:
-        start = time.perf_counter()
-        fn()
-        return (time.perf_counter() - start) * 1e3
-    return do_bench(fn, warmup=25, rep=100, return_mode="median")
+    """Median ms on CUDA; in the smoke run the wall-clock of one interpreted call (it checks the script only)."""
+    return time_ms(fn, warmup=25, rep=100)
 
 
 def sync() -> None:
@@ -163,14 +157,7 @@ def check_configs():
 # 2. Dense causal: configs, the default path, SDPA
 
 def peak_gib(fn) -> float | None:
-    if SMOKE:
-        return None
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**30
+    return None if SMOKE else peak_memory_gib(fn)
 
 
 def sdpa_fns(q, k, v, do, backend):
@@ -342,7 +329,7 @@ def main():
     if not SMOKE and not torch.cuda.is_available():
         print("needs a CUDA GPU (or FASTFT_BENCH_SMOKE=1 for a CPU smoke run)")
         return 1
-    card = "cpu (smoke run, Triton interpreter)" if SMOKE else torch.cuda.get_device_name()
+    card = "cpu (smoke run, Triton interpreter)" if SMOKE else card_name()
     log(f"{card}; torch {torch.__version__}, triton {triton.__version__}")
     torch.manual_seed(0)
     good_fwd, good_bwd = check_configs()
@@ -367,14 +354,10 @@ def main():
     except Exception:  # noqa: BLE001
         traceback.print_exc()
 
-    out_dir = os.environ.get("OUT")
     payload = dict(card=card, torch=torch.__version__, triton=triton.__version__, dtype=str(DTYPE),
                    flops_convention="fwd 4*B*H*S^2*D*(0.5 causal); bwd 2.5x fwd; fwd+bwd 3.5x fwd",
                    elapsed_s=time.time() - T0, rows=ROWS)
-    if out_dir:
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, "attention.json"), "w") as f:
-            json.dump(payload, f, indent=1)
+    write_results("attention", payload)
 
     print(f"\n### Attention on {card} (causal, H={H}, D={D}, bf16; FLOPs: fwd 4·B·H·S²·D/2, fwd+bwd 3.5× that)")
     print("| shape | method | fwd ms | fwd TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s | peak GiB "

@@ -3,12 +3,12 @@
 # pybind11, scikit-build-core, cmake, nvcc preinstalled; no network). Carry `.peers` (bash
 # ../shared/gpu/fetch-peers.sh) for bitsandbytes as a peer. Correctness comes first in every section, then
 # timings; a failing section does not stop the next, and each gets what is left of the time budget.
-#   bash benchmarks/gpu_check.sh [section ...]    sections: build nf4 attention lora-tests lora
+#   bash benchmarks/gpu_check.sh [section ...]    sections: build nf4 attention lora-tests lora losses-tests losses
 set -uo pipefail
 export PYTHONPATH="$PWD/.peers:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 : "${OUT:=/tmp/fastft-out}"; mkdir -p "$OUT"; export OUT
 budget="${FASTFT_GPU_BUDGET:-560}"   # seconds for all sections together
-sections="${*:-build nf4 attention lora-tests lora}"
+sections="${*:-build nf4 attention lora-tests lora losses-tests losses}"
 start=$SECONDS
 status=0
 
@@ -26,8 +26,24 @@ run() {  # run CAP NAME CMD...: at most CAP seconds and never past the budget; o
 
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv,noheader
 python3 -c "import torch, triton, transformers, peft; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
+# Optional sections (not in the default list; name them): nf4-tests attention-tests, and the method tables of
+# `fastft bench` (random-init models, fastft beside peft / peft+bnb / peft+Liger in the same process; files under
+# $OUT/bench-*/bench_methods.json, rewritten after every run so a time-out keeps the finished rows; the table is
+# printed last; `python -m fastft.apps.bench.report bench_methods.json` draws table + plot back home). On an H200:
+#   bench-1b  llama-1b B4×S2048 bf16, 7 methods × (fastft, peft, Liger): model builds ~2 s each, Triton
+#             compiles/tuning in each fastft method's first step ~20–60 s, 4 steps of ~0.1–0.4 s: ~4–7 min.
+#             Liger rows run last, so a time-out drops them first (--peers peft to skip them).
+#   bench-8b  llama-8b QLoRA B1×S2048 with checkpointing × (fastft, peft+bnb, Liger): an 8B build + NF4
+#             quantization ~20–40 s per run, NF4 kernel compiles ~30–60 s, steps ~0.5 s: ~2–3 min.
+# e.g. bash benchmarks/gpu_check.sh bench-1b bench-8b   (or FASTFT_GPU_BUDGET=... with the default sections)
 for s in $sections; do
   case "$s" in
+    bench-1b) run 420 bench-1b python3 -m fastft.apps.cli bench methods --shape llama-1b --seq-len 2048 \
+                --batch-size 4 --methods lora,qlora,full,dora,prefix,prompt,ia3 --steps 3 --warmup 1 \
+                --formats json --output-dir "$OUT/bench-1b" ;;
+    bench-8b) run 200 bench-8b python3 -m fastft.apps.cli bench methods --shape llama-8b --seq-len 2048 \
+                --batch-size 1 --methods qlora --gradient-checkpointing --steps 3 --warmup 1 \
+                --formats json --output-dir "$OUT/bench-8b" ;;
     build) run 120 build python3 -m pip install -q --no-build-isolation --no-deps -e . \
              --config-settings=cmake.define.CMAKE_CUDA_ARCHITECTURES=90 ;;
     nf4) run 200 nf4 python3 benchmarks/gpu_nf4.py ;;
@@ -35,6 +51,8 @@ for s in $sections; do
     lora-tests) FASTFT_AUTOTUNE=0 run 70 lora-tests python3 -m pytest -q -m gpu tests/test_lora_gpu.py -p no:cacheprovider ;;
     lora) run 130 lora python3 benchmarks/gpu_lora.py ;;
     nf4-tests) run 150 nf4-tests python3 -m pytest -q -m gpu tests/test_nf4_gpu.py -p no:cacheprovider ;;
+    losses-tests) run 120 losses-tests python3 -m pytest -q -m gpu tests/test_linear_losses_gpu.py -p no:cacheprovider ;;
+    losses) run 150 losses python3 benchmarks/gpu_losses.py ;;
     attention-tests) FASTFT_AUTOTUNE=0 run 150 attention-tests python3 -m pytest -q -m gpu tests/test_attention_op.py tests/test_attention_integration.py -p no:cacheprovider ;;
     # layer ops and patch_model; not in the default list (time): gpu_check.sh layers-tests layers patch-step
     layers-tests) run 120 layers-tests python3 -m pytest -q -m gpu tests/test_layer_ops.py tests/test_patch_model.py -p no:cacheprovider ;;

@@ -4,12 +4,12 @@
 
 Peers timed in the same run: bitsandbytes (dequantize_4bit, Linear4bit), peft LoRA on bitsandbytes NF4, and the
 frozen bf16 base (x @ W.T forward + dy @ W backward). Every variant runs in its own try: one that fails is
-reported, the rest go on. Timings are medians of triton.testing.do_bench. Writes $OUT/nf4.json when $OUT is set
-and prints short markdown tables last. Budget: about 3 minutes on an H100 including compilation.
+reported, the rest go on. Timing, memory, the card and the results file come from the shared harness
+(fastft.apps.bench.harness; medians of triton.testing.do_bench). Writes $OUT/nf4.json when $OUT is set (or the
+--output-dir of `fastft bench kernels --family nf4`) and prints short markdown tables last. Budget: about 3 minutes on an H100 including compilation.
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -19,9 +19,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from triton.testing import do_bench  # noqa: E402
-
 import fastft  # noqa: E402
+from fastft.apps.bench.harness import card_name, log, peak_memory_mib, time_ms, versions, write_results  # noqa: E402
 from fastft.quant import NF4Weight, quantize_nf4  # noqa: E402
 
 DEV = "cuda"
@@ -41,10 +40,6 @@ except Exception as err:  # noqa: BLE001
     RESULTS["errors"].append(f"bitsandbytes not importable: {err}")
 
 
-def log(msg: str) -> None:
-    print(f"[{time.time() - T0:6.1f}s] {msg}", flush=True)
-
-
 def attempt(what: str, fn, optional: bool = False):
     if optional and time.time() - T0 > DEADLINE_S:
         RESULTS["errors"].append(f"{what}: skipped (time budget)")
@@ -59,7 +54,7 @@ def attempt(what: str, fn, optional: bool = False):
 
 
 def bench(fn, grad_to_none=None) -> float:
-    return do_bench(fn, warmup=10, rep=40, grad_to_none=grad_to_none, return_mode="median")
+    return time_ms(fn, warmup=10, rep=40, grad_to_none=grad_to_none)
 
 
 def rel(out, ref) -> float:
@@ -181,14 +176,9 @@ def _peft_bnb_layer(W: torch.Tensor):
 
 
 def _peak(fn, clear=()) -> float:
-    for t in clear:
+    for t in clear:  # gradients left by the timing runs would count as memory held before the call
         t.grad = None
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
+    return peak_memory_mib(fn)
 
 
 def time_qlora():
@@ -318,11 +308,10 @@ def main():
     if not torch.cuda.is_available():
         print("gpu_nf4: no CUDA device; nothing to do")
         return
-    import triton
     from fastft.kernels import nf4_cuda
-    RESULTS["device"] = torch.cuda.get_device_name()
-    RESULTS["versions"] = {"torch": torch.__version__, "triton": triton.__version__,
-                           "bitsandbytes": getattr(bnb, "__version__", None), "cuda_gemv": nf4_cuda.available()}
+    RESULTS["device"] = card_name()
+    RESULTS["versions"] = dict(versions(), bitsandbytes=getattr(bnb, "__version__", None),
+                               cuda_gemv=nf4_cuda.available())
     log(f"{RESULTS['device']} {RESULTS['versions']}")
     torch.manual_seed(0)
     RESULTS["correctness"] = attempt("correctness", check_correctness)
@@ -331,12 +320,7 @@ def main():
     RESULTS["qlora"] = attempt("qlora", time_qlora)
     RESULTS["gemv"] = attempt("gemv", time_gemv)
     RESULTS["wall_s"] = time.time() - T0
-    out_dir = os.environ.get("OUT")
-    if out_dir:
-        path = os.path.join(out_dir, "nf4.json")
-        with open(path + ".tmp", "w") as f:
-            json.dump(RESULTS, f, indent=1, default=str)
-        os.replace(path + ".tmp", path)
+    write_results("nf4", RESULTS)
     print_tables()
 
 

@@ -1,4 +1,4 @@
-"""Compile the NF4 Triton kernels for sm_90 on a machine without a GPU (triton's own ptxas), as `python -m`.
+"""Compile the NF4 and loss-row Triton kernels for sm_90 on a machine without a GPU (triton's own ptxas), as `python -m`.
 
 Catches what the CPU interpreter cannot: triton's GPU lowering, the inline PTX, register spills and shared
 memory of every launch config the tuner may pick. Prints one line per kernel; exits 1 on any failure.
@@ -14,7 +14,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, compile as triton_compile
 
-from fastft.kernels import nf4_dequant, qlora_linear
+from fastft.kernels import cross_entropy, nf4_dequant, qlora_linear
 
 TARGET = GPUTarget("cuda", 90, 32)
 SMEM_LIMIT = 232448  # bytes of shared memory a block may use on sm_90
@@ -37,8 +37,36 @@ def spills(kernel) -> int:
     return max(int(w.split(":")[1]) for w in stack) if stack else 0
 
 
-def main() -> int:
+def compile_loss_rows() -> int:
+    """The cross-entropy / KL row kernels at the GPU launch config, every feature on; no spills allowed."""
     failures = 0
+    block, warps = cross_entropy._block_v(128256)
+    ce_sig = dict(x_ptr="*bf16", stride_x="i32", labels_ptr="*i64", scale_ptr="*fp32", scale_stride="i32",
+                  loss_ptr="*fp32", V="i32", ignore_index="i32", smoothing="fp32", softcap="fp32")
+    kl_sig = dict(s_ptr="*bf16", stride_s="i32", t_ptr="*bf16", stride_t="i32", labels_ptr="*i64", scale_ptr="*fp32",
+                  scale_stride="i32", loss_ptr="*fp32", V="i32", ignore_index="i32", inv_temp="fp32")
+    cases = [("ce", cross_entropy._ce_rows_kernel, ce_sig, dict(HAS_SOFTCAP=cap, HAS_SMOOTHING=cap, COMPUTE_GRAD=True))
+             for cap in (False, True)]
+    cases += [("kl", cross_entropy._kl_rows_kernel, kl_sig, dict(HAS_LABELS=True, REVERSE=rev, COMPUTE_GRAD=True))
+              for rev in (False, True)]
+    for name, fn, sig, consts in cases:
+        what = f"{name}_rows {consts} BLOCK_V={block} warps={warps}"
+        try:
+            k = build(fn, sig, dict(BLOCK_V=block, **consts), ["x_ptr" if name == "ce" else "s_ptr", "loss_ptr"],
+                      dict(num_warps=warps))
+            stack = spills(k)
+            print(f"ok {what} smem={k.metadata.shared} stack={stack}")
+            if stack > 0 or k.metadata.shared > SMEM_LIMIT:
+                failures += 1
+                print(f"FAILED {what}: register spills {stack} B or shared memory {k.metadata.shared}")
+        except Exception as err:  # noqa: BLE001
+            failures += 1
+            print(f"FAILED {what}: {err}\n{err.__cause__!r}")
+    return failures
+
+
+def main() -> int:
+    failures = compile_loss_rows()
     for nested, cfg in itertools.product([True], nf4_dequant._configs()):
         cfg = dict(cfg)
         warps = cfg.pop("num_warps")

@@ -1,4 +1,5 @@
-"""The NF4 Triton kernels compile for sm_90 (H100/H200) on this CPU-only machine, without spilling."""
+"""The NF4 and loss-row Triton kernels (tests/sm90_compile.py) compile for sm_90 (H100/H200) on this CPU-only
+machine, without spilling."""
 import os
 import subprocess
 import sys

@@ -8,8 +8,6 @@ the op level (tests/test_layer_ops.py) and wired end to end once here with backe
 """
 import copy
 import importlib
-import sys
-import types
 
 import pytest
 import torch
@@ -21,32 +19,6 @@ from tests.utils import ALL_LINEAR, TOL, interpreter_only, randomize_lora_B, rel
 
 ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text"]
 S = 12
-
-
-def _stand_in_lm_head_cross_entropy(hidden, lm_head, labels, *, ignore_index=-100, reduction="mean",
-                                    label_smoothing=0.0, softcap=None, num_items=None):
-    """STAND-IN for fastft.ops.lm_head_cross_entropy (branch `losses`): full logits + F.cross_entropy, same
-    signature and semantics. Remove once fastft/ops/linear_losses.py is on main (the fixture then uses it)."""
-    logits = lm_head(hidden).float()
-    if softcap is not None:
-        logits = softcap * torch.tanh(logits / softcap)
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=ignore_index,
-                           reduction="sum" if num_items is not None or reduction == "sum" else reduction,
-                           label_smoothing=label_smoothing)
-    if reduction == "mean" and num_items is not None:
-        loss = loss / num_items
-    return loss
-
-
-@pytest.fixture(autouse=True)
-def fused_loss(monkeypatch):
-    """The real fused loss when it is importable, else the stand-in above."""
-    try:
-        importlib.import_module("fastft.ops.linear_losses")
-    except ImportError:
-        stub = types.ModuleType("fastft.ops.linear_losses")
-        stub.lm_head_cross_entropy = _stand_in_lm_head_cross_entropy
-        monkeypatch.setitem(sys.modules, "fastft.ops.linear_losses", stub)
 
 
 def tiny(arch: str, seed: int = 0, **overrides):

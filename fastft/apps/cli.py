@@ -33,11 +33,35 @@ def _add_train(sub) -> None:
                    help="QLoRA: quantize the base linear layers to NF4 first (lm_head stays dense)")
 
 
+def _add_bench(sub) -> None:
+    from fastft.apps.bench.command import add_bench_parser
+
+    add_bench_parser(sub)
+
+
+def _add_study(sub) -> None:
+    from fastft.apps.study.command import DESCRIPTION, add_arguments
+
+    p = sub.add_parser("study", help="every method × six real tasks × two models: accuracy beside speed and memory",
+                       description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fastft", description="fastft: fast LoRA / QLoRA fine-tuning")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)
+    _add_bench(sub)
+    _add_study(sub)
     args = parser.parse_args(argv)
+    if args.command == "bench":
+        from fastft.apps.bench.command import run_bench
+
+        return run_bench(args)
+    if args.command == "study":
+        from fastft.apps.study.command import run as run_study
+
+        return run_study(args, parser)
     if args.command == "train":
         from fastft.apps.train import train
 

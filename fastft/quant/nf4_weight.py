@@ -134,6 +134,30 @@ class NF4Weight:
             flat = fmt.dequantize_nf4_torch(self.packed, self.block_absmax(), n, self.blocksize, dtype)
         return flat.view(self.shape)
 
+    def dequantize_rows(self, start: int, stop: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Rows start..stop-1 of a 2-D weight, dequantized alone (e.g. a vocab chunk of an lm_head): only the
+        blocks that hold them (whole nested-scale groups, ≤ blocksize·256 elements either side) are decoded."""
+        if self.ndim != 2:
+            raise ValueError(f"NF4Weight.dequantize_rows: needs a 2-D weight, got shape {tuple(self.shape)}")
+        rows, cols = self.shape
+        if not 0 <= start <= stop <= rows:
+            raise ValueError(f"NF4Weight.dequantize_rows: need 0 <= start <= stop <= {rows}, got {start}, {stop}")
+        n = self.numel()
+        unit = self.blocksize * (self.nested_blocksize if self.is_nested else 1)
+        e0, e1 = start * cols, stop * cols
+        a0, a1 = (e0 // unit) * unit, min(n, -(-e1 // unit) * unit)
+        if (a0, a1) == (0, n):
+            return self.dequantize(dtype)[start:stop]
+        b0, b1 = a0 // self.blocksize, fmt.num_blocks(a1, self.blocksize)
+        nested = {}
+        if self.is_nested:
+            g0 = a0 // unit
+            nested = dict(absmax2=self.absmax2[g0: g0 + fmt.num_blocks(b1 - b0, self.nested_blocksize)],
+                          code2=self.code2, offset=self.offset, nested_blocksize=self.nested_blocksize)
+        part = NF4Weight(self.packed[a0 // 2: (a1 + 1) // 2], self.absmax[b0:b1], (a1 - a0,), self.dtype,
+                         self.blocksize, code=self.code, **nested)
+        return part.dequantize(dtype)[e0 - a0: e1 - a0].view(stop - start, cols)
+
     def kernel_operand(self):
         """The 2-D weight as the Triton kernels take it (fastft.kernels.qlora_linear.NF4Operand)."""
         from fastft.kernels.qlora_linear import NF4Operand

@@ -10,16 +10,12 @@ Without labels the model's own forward runs unchanged (generation, evaluation of
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import inspect
 
 import torch.nn.functional as F
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-
-def lm_head_cross_entropy(*args, **kwargs):
-    """fastft.ops.lm_head_cross_entropy, imported at call time (the losses live in fastft.ops.linear_losses)."""
-    return importlib.import_module("fastft.ops.linear_losses").lm_head_cross_entropy(*args, **kwargs)
+from fastft.ops.linear_losses import lm_head_cross_entropy
 
 
 def _output(loss, outputs):

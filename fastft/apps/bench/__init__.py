@@ -1,0 +1,18 @@
+"""`fastft bench`: the end-to-end method table (`methods`) and the kernel micro-benchmarks (`kernels`),
+on one harness (`harness`: timing, memory, card, results files).
+
+Files, one job each: `shapes` (the named model shapes, building a random-init model), `peers` (how each
+implementation — fastft, peft, peft+bnb, peft+Liger, Unsloth — builds a model for a method), `run` (one
+timed training run), `methods` (every run of a table, with a progress bar), `report` (JSON, markdown, PNG),
+`kernels` (the benchmarks/gpu_*.py families).
+"""
+from fastft.apps.bench.harness import (  # noqa: F401 - the harness API the kernel benchmarks import
+    card_name,
+    environment,
+    log,
+    markdown_table,
+    peak_memory_gib,
+    peak_memory_mib,
+    time_ms,
+    write_results,
+)

@@ -1,0 +1,53 @@
+"""The settings of a `fastft bench methods` table (the CLI's flags and their defaults)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fastft.apps.bench.peers import PEERS
+from fastft.apps.bench.shapes import DTYPES, SHAPES
+from fastft.integration.methods import METHODS
+
+
+@dataclass
+class BenchConfig:
+    shape: str = "llama-1b"             # a name in fastft.apps.bench.shapes.SHAPES (random init) ...
+    model: str | None = None            # ... or a real model (built-in name or local checkpoint) instead
+    methods: tuple[str, ...] = METHODS
+    peers: tuple[str, ...] = PEERS      # besides fastft; () for fastft alone
+    seq_len: int = 2048
+    batch_size: int = 4
+    steps: int = 6                      # timed steps (the anchors: mean of 6 steps after 2 warm-ups)
+    warmup: int = 2                     # untimed steps first (compilation, autotuning, allocator warm-up)
+    gradient_checkpointing: bool = False
+    patch_model: bool = True            # fastft rows: apply fastft.patch_model (issue 7) when it exists
+    dtype: str = "auto"                 # bf16 on CUDA, fp32 on CPU
+    rank: int = 16                      # lora, qlora, dora
+    alpha: float = 32.0
+    num_virtual_tokens: int = 32        # prefix, prompt
+    lr: float = 1e-5
+    seed: int = 0
+    output_dir: str = "bench-results"
+    formats: tuple[str, ...] = ("json", "md", "png")   # files written to output_dir
+
+    def validate(self) -> None:
+        bad = [m for m in self.methods if m not in METHODS]
+        if bad or not self.methods:
+            raise ValueError(f"--methods: unknown method {', '.join(map(repr, bad)) or '(none given)'}; "
+                             f"expected some of {', '.join(METHODS)}")
+        bad = [p for p in self.peers if p not in PEERS]
+        if bad:
+            raise ValueError(f"--peers: unknown peer {', '.join(map(repr, bad))}; expected some of {', '.join(PEERS)}"
+                             " (or none)")
+        if self.model is None and self.shape not in SHAPES:
+            raise ValueError(f"--shape: unknown shape {self.shape!r}; expected one of {', '.join(SHAPES)}")
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise ValueError(f"--dtype: expected auto or one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        for name in ("seq_len", "batch_size", "steps", "rank", "num_virtual_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        bad = [f for f in self.formats if f not in ("json", "md", "png")]
+        if bad or not self.formats:
+            raise ValueError(f"--formats: unknown format {', '.join(map(repr, bad)) or '(none given)'}; expected some "
+                             "of json, md, png")
+        if self.warmup < 0:
+            raise ValueError(f"--warmup must be at least 0, got {self.warmup}")

@@ -1,0 +1,186 @@
+"""The one benchmark harness: timing, peak memory, the card and versions, tables and results files.
+
+Used by `fastft bench methods` and by the kernel micro-benchmarks (benchmarks/gpu_*.py, run by
+`fastft bench kernels`). On CUDA, timings are medians of `triton.testing.do_bench` (CUDA events, warm-up
+excluded) and memory is the peak allocated during one call above what was allocated before it. Without
+CUDA (smoke runs only) a timing is the wall-clock median of `cpu_rep` calls and memory is not measured.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from fastft.integration.files import atomic_write
+
+_T0 = time.time()
+PEER_PACKAGES = ("torch", "triton", "transformers", "peft", "accelerate", "bitsandbytes", "liger-kernel", "unsloth")
+
+
+def card_name() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+def versions() -> dict:
+    """Installed versions of fastft and its peers (None where a package is not installed)."""
+    out = {"python": platform.python_version(), "fastft": _version("fastft")}
+    for name in PEER_PACKAGES:
+        out[name] = _version(name)
+    out["torch"] = torch.__version__  # the imported one, whatever the metadata says
+    out["cuda"] = torch.version.cuda
+    return out
+
+
+def _version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def environment() -> dict:
+    """What a results file records about where it was measured."""
+    env = {"card": card_name(), "versions": versions(), "platform": platform.platform(),
+           "cpu_count": os.cpu_count(), "argv": sys.argv}
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        env.update(gpu_memory_gib=props.total_memory / 2**30, sm_count=props.multi_processor_count,
+                   capability=f"{props.major}.{props.minor}")
+    return env
+
+
+def log(msg: str) -> None:
+    """A progress line with the seconds since the harness was imported."""
+    print(f"[{time.time() - _T0:6.1f}s] {msg}", flush=True)
+
+
+def time_ms(fn, warmup: int = 25, rep: int = 100, grad_to_none=None, cpu_rep: int = 1) -> float:
+    """Median milliseconds of one call of `fn`."""
+    if torch.cuda.is_available():
+        from triton.testing import do_bench
+
+        return do_bench(fn, warmup=warmup, rep=rep, grad_to_none=grad_to_none, return_mode="median")
+    times = []
+    for _ in range(max(1, cpu_rep)):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def peak_memory_mib(fn) -> float | None:
+    """CUDA memory allocated at the peak of one call of `fn`, above what was allocated before (None on CPU)."""
+    if not torch.cuda.is_available():
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / 2**20
+
+
+def peak_memory_gib(fn) -> float | None:
+    mib = peak_memory_mib(fn)
+    return None if mib is None else mib / 1024
+
+
+def fmt(value, spec: str = ".3f") -> str:
+    """A table cell: numbers formatted with `spec`, None as a dash."""
+    if value is None:
+        return "—"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value)
+    return format(value, spec)
+
+
+def markdown_table(rows: list[dict], columns: list[str], formats: dict | None = None) -> str:
+    """A markdown table of `rows` (dicts) over `columns`; floats with 3 decimals unless `formats` says."""
+    formats = formats or {}
+
+    def cell(row, col):
+        v = row.get(col)
+        if v is None:
+            return ""
+        return fmt(v, formats.get(col, ".3f")) if isinstance(v, float) or col in formats else str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(r, c) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def write_json(path: str | os.PathLike, payload: dict) -> Path:
+    return atomic_write(path, json.dumps(payload, indent=2, default=str))
+
+
+def write_results(name: str, payload: dict, out_dir: str | os.PathLike | None = None) -> Path | None:
+    """Write payload as JSON to <out_dir>/<name>.json, out_dir defaulting to $OUT (the GPU machine's result
+    folder); nothing is written when neither is set."""
+    out = out_dir or os.environ.get("OUT")
+    if not out:
+        return None
+    return write_json(Path(out) / f"{name}.json", payload)
+
+
+class PeakMemory:
+    """Peak memory over a stretch of code: `with meter: ...`, then `meter.peak_gib`.
+
+    CUDA: `torch.cuda.max_memory_allocated` over the stretch (reset at its start): everything live at the
+    peak, weights and optimizer state included. CPU: the process's peak resident set size during the stretch,
+    sampled every 10 ms from /proc/self/statm, above `baseline_rss` (taken when the meter is made: make it
+    before building the model); memory freed earlier and kept by the allocator can hide part of it.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        self.kind = ("cuda max_memory_allocated" if self.cuda
+                     else "cpu peak RSS above the RSS before the model was built (sampled each 10 ms)")
+        self.baseline_rss = None if self.cuda else _rss_bytes()
+        self.peak_gib: float | None = None
+        self._stop = None
+
+    def __enter__(self):
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return self
+        import threading
+
+        self._peak_rss = _rss_bytes()
+        self._stop = threading.Event()
+
+        def sample():
+            while not self._stop.wait(0.01):  # coarse: each wake-up takes the GIL from the step
+                self._peak_rss = max(self._peak_rss, _rss_bytes())
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            self.peak_gib = torch.cuda.max_memory_allocated(self.device) / 2**30
+        else:
+            self._stop.set()
+            self._thread.join()
+            peak = max(self._peak_rss, _rss_bytes())
+            self.peak_gib = max(0, peak - self.baseline_rss) / 2**30
+        return False
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:  # not Linux: the lifetime peak is the best the OS offers
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)

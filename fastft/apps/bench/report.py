@@ -1,0 +1,153 @@
+"""The method table's files: results JSON (raw rows + environment + settings), a markdown table and a PNG
+plot (tokens/s and peak memory per method, fastft beside each peer), each written atomically.
+
+    python -m fastft.apps.bench.report RESULTS.json [OUT_DIR]   # the table and plot again from a results file
+(a GPU run can bring back only the JSON; the rest is drawn here).
+"""
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import sys
+from pathlib import Path
+
+from fastft.apps.bench.harness import fmt, write_json
+from fastft.apps.bench.peers import IMPLEMENTATIONS
+from fastft.apps.bench.shapes import DESCRIPTIONS
+from fastft.apps.bench.targets import check_targets
+from fastft.integration.files import atomic_write
+
+STEM = "bench_methods"
+COLORS = {"fastft": "tab:red", "peft": "tab:blue", "liger": "tab:green", "unsloth": "tab:purple"}
+LEGEND = {"fastft": "fastft", "peft": "peft (peft+bnb for qlora, transformers for full)", "liger": "peft+Liger",
+          "unsloth": "Unsloth"}
+COLUMNS = ("method", "implementation", "status", "tokens/s", "step ms", "peak GiB", "trainable", "× peer tokens/s",
+           "× peer memory", "note")
+
+
+FORMATS = ("json", "md", "png")
+
+
+def write_report(result: dict, out_dir: str | Path, formats=FORMATS) -> dict[str, Path]:
+    """Write <out_dir>/bench_methods.<format> for each of `formats`; returns their paths. Without matplotlib
+    the PNG is left out (said on stderr)."""
+    out = Path(out_dir)
+    paths = {}
+    if "json" in formats:
+        paths["json"] = write_json(out / f"{STEM}.json", result)
+    if "md" in formats:
+        paths["md"] = atomic_write(out / f"{STEM}.md", markdown(result))
+    if "png" in formats:
+        if importlib.util.find_spec("matplotlib") is None:
+            print("fastft bench: matplotlib is not installed, so no plot (python -m fastft.apps.bench.report "
+                  f"{out / f'{STEM}.json'} draws it where it is)", file=sys.stderr)
+        else:
+            paths["png"] = atomic_write(out / f"{STEM}.png", plot_png(result))
+    return paths
+
+
+def _peer_row(rows: list[dict], method: str) -> dict | None:
+    return next((r for r in rows if r["method"] == method and r["peer"] == "peft" and r["status"] == "ok"), None)
+
+
+def table_rows(result: dict) -> list[dict]:
+    """The markdown rows, grouped by method (runs are ordered by when they can run, not by method)."""
+    order = {m: i for i, m in enumerate(dict.fromkeys(r["method"] for r in result["rows"]))}
+    out = []
+    for r in sorted(result["rows"], key=lambda r: (order[r["method"]], IMPLEMENTATIONS.index(r["peer"]))):
+        ok = r["status"] == "ok"
+        peer = _peer_row(result["rows"], r["method"]) if ok and r["peer"] != "peft" else None
+        out.append({
+            "method": r["method"], "implementation": r["implementation"], "status": r["status"],
+            "tokens/s": fmt(r.get("tokens_per_s"), ",.0f") if ok else "—",
+            "step ms": fmt(r.get("step_ms"), ".1f") if ok else "—",
+            "peak GiB": fmt(r.get("peak_gib"), ".2f") if ok else "—",
+            "trainable": fmt(r.get("trainable_params"), ",d") if ok else "—",
+            "× peer tokens/s": fmt(r["tokens_per_s"] / peer["tokens_per_s"], ".2f") if peer else "",
+            "× peer memory": (fmt(r["peak_gib"] / peer["peak_gib"], ".2f")   # CPU RSS deltas are too rough
+                              if peer and peer.get("peak_gib") and r["memory_kind"].startswith("cuda") else ""),
+            "note": (r.get("reason") or r.get("error") or ("model patched by fastft.patch_model" if r.get("patched")
+                                                           else "")).replace("|", "/")[:160],
+        })
+    return out
+
+
+def markdown(result: dict) -> str:
+    cfg, env = result["config"], result["environment"]
+    v = env["versions"]
+    what = cfg["model"] or f"random-init {cfg['shape']} ({DESCRIPTIONS.get(cfg['shape'], '')})"
+    kinds = sorted({r["memory_kind"] for r in result["rows"] if r.get("memory_kind")})
+    lines = [
+        f"# fastft bench methods on {env['card']}",
+        "",
+        f"{what}; B{cfg['batch_size']}×S{cfg['seq_len']}, dtype {cfg['dtype_resolved']}, gradient checkpointing "
+        f"{'on' if cfg['gradient_checkpointing'] else 'off'}; {cfg['steps']} timed steps after {cfg['warmup']} "
+        f"warm-up; LoRA/DoRA r={cfg['rank']} alpha={cfg['alpha']:g}; {cfg['num_virtual_tokens']} virtual tokens.",
+        f"torch {v.get('torch')}, triton {v.get('triton')}, transformers {v.get('transformers')}, peft {v.get('peft')}, "
+        f"bitsandbytes {v.get('bitsandbytes')}, liger-kernel {v.get('liger-kernel')}, unsloth {v.get('unsloth')}.",
+        f"Peak memory: {'; '.join(kinds) or 'not measured'}. tokens/s = B·S / mean step time (forward, backward, "
+        "AdamW step). × peer: against the peft row of the same method (peft+bnb for qlora, plain transformers "
+        "for full).",
+        "",
+        "| " + " | ".join(COLUMNS) + " |",
+        "|" + "---|" * len(COLUMNS),
+    ]
+    lines += ["| " + " | ".join(row[c] for c in COLUMNS) + " |" for row in table_rows(result)]
+    lines += ["", "## Issue 8 targets", *check_targets(result), ""]
+    return "\n".join(lines)
+
+
+def plot_png(result: dict) -> bytes:
+    """Two panels, tokens/s and peak GiB: per method a group of bars, one per implementation."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    rows, cfg = result["rows"], result["config"]
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    # peers not installed at all get no bar slot (the table says so)
+    impls = [i for i in IMPLEMENTATIONS if any(r["peer"] == i and r["status"] != "not installed" for r in rows)]
+    fig = Figure(figsize=(max(7.0, 0.45 * len(methods) * max(2, len(impls)) + 2), 7.0), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(2, 1, sharex=True)
+    width = 0.8 / max(1, len(impls))
+    for ax, key, ylabel in ((axes[0], "tokens_per_s", "tokens/s"), (axes[1], "peak_gib", "peak memory (GiB)")):
+        for k, impl in enumerate(impls):
+            xs, ys = [], []
+            for i, method in enumerate(methods):
+                r = next((r for r in rows if r["method"] == method and r["peer"] == impl), None)
+                x = i - 0.4 + width * (k + 0.5)
+                if r is None:
+                    continue
+                if r["status"] == "ok" and r.get(key) is not None:
+                    xs.append(x)
+                    ys.append(r[key])
+                else:   # no bar: say why under the axis
+                    ax.text(x, 0, "n/a", ha="center", va="bottom", fontsize=7, rotation=90, color="gray")
+            ax.bar(xs, ys, width=width, color=COLORS[impl], label=LEGEND[impl])
+        ax.set_ylabel(ylabel)
+        ax.grid(axis="y", alpha=0.3)
+    axes[1].set_xticks(range(len(methods)), methods)
+    axes[0].legend(fontsize=8, ncols=max(1, len(impls)))
+    what = cfg["model"] or cfg["shape"]
+    fig.suptitle(f"fastft bench: {what}, B{cfg['batch_size']}×S{cfg['seq_len']}, {cfg['dtype_resolved']}, "
+                 f"{result['environment']['card']}  (n/a: unavailable or failed)", fontsize=9)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    return buf.getvalue()
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) not in (1, 2):
+        print("usage: python -m fastft.apps.bench.report RESULTS.json [OUT_DIR]", file=sys.stderr)
+        return 2
+    source = Path(argv[0])
+    result = json.loads(source.read_text())
+    paths = write_report(result, argv[1] if len(argv) == 2 else source.parent, formats=("md", "png"))
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,118 @@
+"""One benchmark run: a fresh model for (method, implementation), warm-up steps, timed training steps, memory.
+
+A step is forward (labels = inputs, the model's own LM loss) + backward + AdamW step (fused on CUDA) +
+zero_grad, on random token ids. Each timed step is bracketed by device synchronisation; tokens/s counts the
+batch's B×S tokens (prompt and prefix tuning's virtual tokens are not counted). Any failure becomes the row's
+status (unavailable / not installed / oom / error) and the next run goes on.
+"""
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+import traceback
+
+import torch
+
+from fastft.apps.bench import peers
+from fastft.apps.bench.config import BenchConfig
+from fastft.apps.bench.harness import PeakMemory
+from fastft.apps.bench.shapes import build_model, resolve_dtype
+from fastft.integration.methods import MethodOptions
+
+
+def method_options(cfg: BenchConfig) -> MethodOptions:
+    return MethodOptions(rank=cfg.rank, alpha=cfg.alpha, num_virtual_tokens=cfg.num_virtual_tokens)
+
+
+def run_one(cfg: BenchConfig, method: str, implementation: str, device: torch.device) -> dict:
+    """The row of one run (never raises for a failure of the run itself)."""
+    row = {"method": method, "implementation": peers.label(implementation, method), "peer": implementation}
+    missing = peers.missing_package(implementation, method)
+    if missing:
+        return dict(row, status="not installed", reason=f"{missing} is not installed")
+    try:
+        row.update(_measure(cfg, method, implementation, device), status="ok")
+    except NotImplementedError as err:   # a method fastft (or the peer) does not have yet
+        row.update(status="unavailable", reason=_one_line(err))
+    except torch.OutOfMemoryError as err:
+        row.update(status="oom", error=_one_line(err))
+    except Exception as err:  # noqa: BLE001 - recorded in the row; the other runs go on
+        row.update(status="error", error=f"{type(err).__name__}: {_one_line(err)}",
+                   traceback=traceback.format_exc(limit=-8))  # the innermost frames
+    finally:
+        _release(device)
+    return row
+
+
+def _measure(cfg: BenchConfig, method: str, implementation: str, device: torch.device) -> dict:
+    dtype = resolve_dtype(cfg.dtype, device)
+    _release(device)
+    meter = PeakMemory(device)   # on CPU its baseline is the RSS before the model exists
+
+    def build():
+        return build_model(shape=None if cfg.model else cfg.shape, model=cfg.model, seq_len=cfg.seq_len,
+                           dtype=dtype, device=device, seed=cfg.seed, gradient_checkpointing=cfg.gradient_checkpointing)
+
+    start = time.perf_counter()
+    model, notes = peers.prepare(implementation, method, method_options(cfg), build, patch_model=cfg.patch_model)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise RuntimeError(f"{method} ({implementation}) left no parameter requiring grad")
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0, fused=device.type == "cuda")
+    build_s = time.perf_counter() - start
+    vocab = model.config.vocab_size if hasattr(model, "config") else model.get_base_model().config.vocab_size
+    tokens = torch.randint(0, vocab, (cfg.batch_size, cfg.seq_len),
+                           generator=torch.Generator().manual_seed(cfg.seed)).to(device)
+
+    def step():
+        loss = model(input_ids=tokens, labels=tokens).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    start = time.perf_counter()
+    losses = [step() for _ in range(cfg.warmup)]
+    _sync(device)
+    warmup_s = time.perf_counter() - start
+    step_ms = []
+    with meter:
+        for _ in range(cfg.steps):
+            _sync(device)
+            t0 = time.perf_counter()
+            losses.append(step())
+            _sync(device)
+            step_ms.append((time.perf_counter() - t0) * 1e3)
+    losses = [float(v) for v in losses]
+    mean_ms = statistics.fmean(step_ms)
+    return {
+        "tokens_per_s": cfg.batch_size * cfg.seq_len / (mean_ms / 1e3),
+        "step_ms": mean_ms,
+        "step_ms_median": statistics.median(step_ms),
+        "step_ms_all": step_ms,
+        "peak_gib": meter.peak_gib,
+        "memory_kind": meter.kind,
+        "trainable_params": sum(p.numel() for p in params),
+        "loss_first": losses[0], "loss_last": losses[-1],
+        "build_s": build_s, "warmup_s": warmup_s,
+        **notes,
+    }
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _release(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return (text[0] if text else type(err).__name__)[:300]

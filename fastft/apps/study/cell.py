@@ -1,0 +1,208 @@
+"""One cell of the study: (model family, task, regime, method, implementation, seed) → one result dict.
+
+A cell trains a fresh copy of the model with the method for a fixed number of steps, evaluates on the dev
+split every `eval_every` steps, keeps the best dev state in memory (only the trainable tensors change, so
+only they are copied) and reports the test metrics of that state. Beside accuracy it measures the cost:
+training tokens/s (real tokens, dev evaluation excluded), peak memory, trainable parameters, wall time.
+
+A method that is not implemented (yet) is recorded as status "unavailable" with the reason; any other
+error as "failed" with the error. Neither carries a number.
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+import traceback
+import uuid
+from dataclasses import asdict, dataclass
+
+import torch
+
+from fastft.apps.study.models import count_parameters, prepare_model, unfreeze_head
+from fastft.apps.study.tasks import load_study_task, training_rows
+from fastft.integration.methods import apply_method
+
+
+@dataclass(frozen=True)
+class CellSpec:
+    model: str
+    task: str
+    regime: str
+    method: str
+    implementation: str
+    seed: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.model}__{self.task}__{self.regime}__{self.method}__{self.implementation}__seed{self.seed}"
+
+
+@dataclass(frozen=True)
+class CellSettings:
+    steps: int
+    batch_size: int
+    max_length: int
+    lr: float            # the method's parameters (and, for full fine-tuning, the whole model)
+    head_lr: float       # the fresh classification head (MiniLM), the same under every method
+    eval_every: int
+    max_dev: int | None  # evaluate on the first max_dev dev rows (the split itself is fixed)
+    max_test: int | None
+    eval_batch_size: int = 64
+
+
+def macro_f1(predictions: list[int], labels: list[int], num_classes: int) -> float:
+    """Mean over classes of F1; a class with no true and no predicted example counts as F1 = 0."""
+    scores = []
+    for c in range(num_classes):
+        tp = sum(p == c and y == c for p, y in zip(predictions, labels))
+        fp = sum(p == c and y != c for p, y in zip(predictions, labels))
+        fn = sum(p != c and y == c for p, y in zip(predictions, labels))
+        scores.append(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
+    return sum(scores) / num_classes
+
+
+def _to(batch: dict, device) -> dict:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def evaluate(prepared, model, rows, num_classes: int, batch_size: int, device, autocast) -> dict:
+    model.eval()
+    predictions, labels = [], []
+    for i in range(0, len(rows), batch_size):
+        batch = _to(prepared.collate(rows[i:i + batch_size]), device)
+        with autocast():
+            predictions += prepared.class_logits(model, batch).argmax(-1).tolist()
+        labels += batch["labels"].tolist()
+    model.train()
+    accuracy = sum(p == y for p, y in zip(predictions, labels)) / len(labels)
+    return {"accuracy": accuracy, "macro_f1": macro_f1(predictions, labels, num_classes), "examples": len(labels)}
+
+
+def _current_rss_gib() -> float:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30  # resident pages
+    except OSError:  # not Linux: the process's peak so far
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+class _PeakMemory:
+    """CUDA: the allocator's peak during the cell. CPU: the process's resident set, sampled every step."""
+
+    def __init__(self, device):
+        self.cuda = device.type == "cuda"
+        self.kind = "cuda max allocated" if self.cuda else "process RSS, sampled per step"
+        self.peak = 0.0
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        self.device = device
+
+    def sample(self) -> None:
+        if not self.cuda:
+            self.peak = max(self.peak, _current_rss_gib())
+
+    def gib(self) -> float:
+        return torch.cuda.max_memory_allocated(self.device) / 2**30 if self.cuda else self.peak
+
+
+def _schedule(steps: int):
+    warmup = max(1, steps // 10)
+    return lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
+
+
+def _train_and_test(spec: CellSpec, settings: CellSettings, device) -> dict:
+    task = load_study_task(spec.task)
+    train_rows = training_rows(task, spec.regime, spec.seed)
+    dev_rows = task.dev[: settings.max_dev] if settings.max_dev else task.dev
+    test_rows = task.test[: settings.max_test] if settings.max_test else task.test
+
+    prepared = prepare_model(spec.model, task, settings.max_length, spec.seed)
+    torch.manual_seed(spec.seed)  # the method's initialisation draws from here: the same for fastft and peft
+    model = apply_method(prepared.model, spec.method, prepared.options, implementation=spec.implementation)
+    unfreeze_head(model, prepared.head_names)
+    model.to(device)
+    trainable, total = count_parameters(model)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not named:
+        raise RuntimeError(f"method {spec.method!r} left no trainable parameters")
+    head = [p for n, p in named if any(h in n for h in prepared.head_names)]
+    body = [p for n, p in named if not any(h in n for h in prepared.head_names)]
+    groups = [{"params": body, "lr": settings.lr}] + ([{"params": head, "lr": settings.head_lr}] if head else [])
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(settings.steps))
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else (
+        lambda: torch.autocast("cpu", enabled=False))
+
+    order = torch.Generator().manual_seed(spec.seed)
+
+    def shuffled_forever():  # a fresh seeded permutation each epoch
+        while True:
+            yield from torch.randperm(len(train_rows), generator=order).tolist()
+
+    indices = shuffled_forever()
+
+    memory = _PeakMemory(device)
+    model.train()
+    tokens, train_seconds, losses, dev_curve = 0, 0.0, [], []
+    best = {"metric": -1.0, "step": 0, "state": None}
+    for step in range(1, settings.steps + 1):
+        batch = _to(prepared.collate([train_rows[next(indices)] for _ in range(settings.batch_size)]), device)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        with autocast():
+            loss = prepared.loss(model, batch)
+        loss.backward()
+        memory.sample()
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        train_seconds += time.perf_counter() - start
+        memory.sample()
+        tokens += int(batch["attention_mask"].sum())
+        losses.append(loss.item())
+        if step % settings.eval_every == 0 or step == settings.steps:
+            dev = evaluate(prepared, model, dev_rows, task.num_classes, settings.eval_batch_size, device, autocast)
+            dev_curve.append({"step": step, **dev})
+            if dev[task.metric] > best["metric"]:
+                best = {"metric": dev[task.metric], "step": step,
+                        "state": {n: p.detach().clone() for n, p in named}}
+    with torch.no_grad():
+        for n, p in named:
+            p.copy_(best["state"][n])
+    test = evaluate(prepared, model, test_rows, task.num_classes, settings.eval_batch_size, device, autocast)
+    return {
+        "test_accuracy": test["accuracy"], "test_macro_f1": test["macro_f1"], "test_examples": test["examples"],
+        "metric": task.metric, "test_metric": test[task.metric],
+        "dev_best": best["metric"], "dev_best_step": best["step"], "dev_examples": len(dev_rows),
+        "dev_curve": dev_curve, "train_losses": losses, "train_examples": len(train_rows),
+        "tokens_per_second": tokens / train_seconds, "train_tokens": tokens, "train_seconds": train_seconds,
+        "peak_memory_gib": memory.gib(), "peak_memory_kind": memory.kind,
+        "trainable_parameters": trainable, "total_parameters": total,
+    }
+
+
+def run_cell(spec: CellSpec, settings: CellSettings, device: torch.device | None = None) -> dict:
+    """Run one cell; never raises for a method that cannot run (the result says why)."""
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    result = {"key": spec.key, **asdict(spec), "settings": asdict(settings), "device": str(device),
+              "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              "run_id": uuid.uuid4().hex, "started_at": time.time()}
+    random.seed(spec.seed)
+    start = time.perf_counter()
+    try:
+        result.update(status="done", **_train_and_test(spec, settings, device))
+    except NotImplementedError as e:
+        result.update(status="unavailable", reason=str(e) or "not implemented")
+    except Exception as e:  # noqa: BLE001 — one broken cell must not stop the study; the report shows it
+        result.update(status="failed", reason=f"{type(e).__name__}: {e}", traceback=traceback.format_exc())
+    result["wall_seconds"] = time.perf_counter() - start
+    result["finished_at"] = time.time()
+    return result

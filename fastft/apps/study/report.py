@@ -1,0 +1,355 @@
+"""The study's report: markdown tables, PNG plots and a headline paragraph, all from results.json's cells.
+
+Scores are each task's headline metric (accuracy; macro-F1 on the unbalanced SMS, TREC and BBC), in
+percent, mean ± sample standard deviation over seeds. Every file is written atomically.
+"""
+from __future__ import annotations
+
+import io
+import math
+import os
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+MODEL_NAMES = {"minilm": "MiniLM-L6 (22.7M, encoder + head)", "smollm2": "SmolLM2-135M (decoder, label words)"}
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return mean, std
+
+
+def aggregate(cells: list[dict]) -> dict:
+    """(model, regime, task, method, implementation) → scores over seeds, costs, or why there is no score."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for c in cells:
+        groups[(c["model"], c["regime"], c["task"], c["method"], c["implementation"])].append(c)
+    out = {}
+    for key, members in groups.items():
+        done = [c for c in members if c["status"] == "done"]
+        if not done:
+            first = members[0]
+            out[key] = {"status": first["status"], "reason": first.get("reason", ""), "n": 0}
+            continue
+        score, score_std = _mean_std([100 * c["test_metric"] for c in done])
+        out[key] = {"status": "done", "n": len(done), "metric": done[0]["metric"], "score": score,
+                    "std": score_std, "accuracy": _mean_std([100 * c["test_accuracy"] for c in done])[0],
+                    "macro_f1": _mean_std([100 * c["test_macro_f1"] for c in done])[0],
+                    "trainable": done[0]["trainable_parameters"], "total": done[0]["total_parameters"],
+                    "tokens_per_second": _mean_std([c["tokens_per_second"] for c in done])[0],
+                    "peak_memory_gib": max(c["peak_memory_gib"] for c in done),
+                    "peak_memory_kind": done[0]["peak_memory_kind"],
+                    "wall_seconds": _mean_std([c["wall_seconds"] for c in done])[0],
+                    "incomplete": len(done) < len(members)}
+    return out
+
+
+def _fmt_count(n: float) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:.3g}{unit}"
+    return f"{n:.0f}"
+
+
+def anchor_rows(groups: dict) -> list[dict]:
+    """fastft against peft's own implementation of the same method, same seeds and data. Flagged when they
+    differ by more than noise: > 2 standard deviations (the larger of the two, at least 1 point) with several
+    seeds, > 3 points with one."""
+    rows = []
+    for (model, regime, task, method, impl), g in sorted(groups.items()):
+        if impl != "fastft" or g["status"] != "done":
+            continue
+        peft = groups.get((model, regime, task, method, "peft"))
+        if not peft or peft["status"] != "done":
+            continue
+        diff = g["score"] - peft["score"]
+        n = min(g["n"], peft["n"])
+        threshold = max(2 * max(g["std"], peft["std"]), 1.0) if n > 1 else 3.0
+        rows.append({"model": model, "regime": regime, "task": task, "method": method, "fastft": g["score"],
+                     "peft": peft["score"], "diff": diff, "threshold": threshold, "seeds": n,
+                     "flagged": abs(diff) > threshold})
+    return rows
+
+
+def _score_cell(g: dict | None) -> str:
+    if g is None:
+        return ""
+    if g["status"] != "done":
+        return g["status"]
+    text = f"{g['score']:.1f} ± {g['std']:.1f}" if g["n"] > 1 else f"{g['score']:.1f}"
+    if g["metric"] == "macro_f1":  # accuracy beside the F1 of an unbalanced task
+        text += f" (acc {g['accuracy']:.1f})"
+    return text + ("*" if g["incomplete"] else "")
+
+
+def _rows_of(groups, model, regime):
+    methods = []
+    for (m, r, _, method, impl) in groups:
+        if m == model and r == regime and (method, impl) not in methods:
+            methods.append((method, impl))
+    return sorted(methods, key=lambda x: (x[0], x[1] != "fastft"))
+
+
+def _label(method: str, impl: str) -> str:
+    return method if impl == "fastft" else f"{method} (peft)"
+
+
+def method_means(groups: dict, model: str, regime: str, tasks: list[str]) -> dict:
+    """(method, impl) → mean score over tasks, only where every task has a score."""
+    means = {}
+    for method, impl in _rows_of(groups, model, regime):
+        scores = [groups.get((model, regime, t, method, impl)) for t in tasks]
+        if all(s and s["status"] == "done" for s in scores):
+            means[(method, impl)] = sum(s["score"] for s in scores) / len(scores)
+    return means
+
+
+def accuracy_table(groups, tasks_info, model, regime) -> str:
+    tasks = [t for t in tasks_info if any(k[0] == model and k[1] == regime and k[2] == t for k in groups)]
+    metric = {t: "F1" if tasks_info[t]["metric"] == "macro_f1" else "acc" for t in tasks}
+    means = method_means(groups, model, regime, tasks)
+    lines = ["| method | " + " | ".join(f"{t} ({metric[t]})" for t in tasks) + " | mean |",
+             "|---|" + "---|" * (len(tasks) + 1)]
+    for method, impl in _rows_of(groups, model, regime):
+        mean = means.get((method, impl))
+        lines.append(f"| {_label(method, impl)} | " + " | ".join(
+            _score_cell(groups.get((model, regime, t, method, impl))) for t in tasks) +
+            f" | {'' if mean is None else f'{mean:.1f}'} |")
+    def floor(t):
+        majority = tasks_info[t]["majority"]
+        if tasks_info[t]["metric"] == "macro_f1":
+            return f"{100 * majority['macro_f1']:.1f} (acc {100 * majority['accuracy']:.1f})"
+        return f"{100 * majority['accuracy']:.1f}"
+
+    lines.append("| majority class | " + " | ".join(floor(t) for t in tasks) + " | |")
+    return "\n".join(lines)
+
+
+def majority_check(groups, tasks_info, model, regime) -> str:
+    """For each method: the tasks on which its mean score beats always predicting the majority class."""
+    lines = ["| method | beats the majority class on | does not |", "|---|---|---|"]
+    for method, impl in _rows_of(groups, model, regime):
+        done = {k[2]: g for k, g in groups.items() if k[:2] == (model, regime) and k[3:] == (method, impl)
+                and g["status"] == "done"}
+        if not done:
+            continue
+        floor = {t: 100 * tasks_info[t]["majority"][tasks_info[t]["metric"]] for t in done}
+        wins = [t for t, g in done.items() if g["score"] > floor[t]]
+        lines.append(f"| {_label(method, impl)} | {', '.join(wins) or 'none'} | "
+                     f"{', '.join(t for t in done if t not in wins) or '—'} |")
+    return "\n".join(lines)
+
+
+def cost_table(groups, model, regime) -> str:
+    lines = ["| method | trainable params | % of model | tokens/s | peak memory (GiB) | wall s / cell |",
+             "|---|---|---|---|---|---|"]
+    for method, impl in _rows_of(groups, model, regime):
+        done = [g for k, g in groups.items() if k[:2] == (model, regime) and k[3:] == (method, impl)
+                and g["status"] == "done"]
+        if not done:
+            continue
+        n = len(done)
+        trainable = sum(g["trainable"] for g in done) / n
+        share = 100 * trainable / (sum(g["total"] for g in done) / n)
+        share_text = f"{share:.1f}" if share >= 1 else f"{share:.2g}"
+        lines.append(f"| {_label(method, impl)} | {_fmt_count(trainable)} | {share_text} | "
+                     f"{sum(g['tokens_per_second'] for g in done) / n:,.0f} | "
+                     f"{max(g['peak_memory_gib'] for g in done):.2f} | "
+                     f"{sum(g['wall_seconds'] for g in done) / n:.1f} |")
+    return "\n".join(lines)
+
+
+def headline(groups: dict, tasks_info: dict) -> str:
+    """One paragraph per (model, regime): the best method on average, per-task winners, and its cost against
+    full fine-tuning and against the cheapest method that scores within 2 points of it."""
+    sentences = []
+    for model, regime in sorted({k[:2] for k in groups}):
+        tasks = [t for t in tasks_info if (model, regime, t) in {k[:3] for k in groups}]
+        means = {k: v for k, v in method_means(groups, model, regime, tasks).items() if k[1] == "fastft"}
+        if not means:
+            continue
+        best = max(means, key=means.get)
+        cost = {m: [g for k, g in groups.items() if k[:2] == (model, regime) and k[3:] == m and g["status"] == "done"]
+                for m in means}
+        trainable = {m: sum(g["trainable"] for g in cost[m]) / len(cost[m]) for m in means}
+        speed = {m: sum(g["tokens_per_second"] for g in cost[m]) / len(cost[m]) for m in means}
+        text = (f"**{MODEL_NAMES.get(model, model)}, {regime}:** {best[0]} scores best on average "
+                f"({means[best]:.1f} over {len(tasks)} task{'s' * (len(tasks) > 1)}, "
+                f"{_fmt_count(trainable[best])} trainable parameters, {speed[best]:,.0f} tokens/s)")
+        winners = []
+        for t in tasks:
+            scored = {m: groups[(model, regime, t) + m]["score"] for m in means}
+            top = max(scored, key=scored.get)
+            winners.append(f"{top[0]} on {t} ({scored[top]:.1f})")
+        text += "; per task: " + ", ".join(winners) + "."
+        full = ("full", "fastft")
+        if best != full and full in means:
+            text += (f" Full fine-tuning scores {means[full]:.1f} with {trainable[full] / trainable[best]:.0f}× the "
+                     f"trainable parameters at {speed[full] / speed[best]:.2f}× the tokens/s.")
+        close = [m for m in means if means[m] >= means[best] - 2.0 and m != best]
+        if close:
+            cheapest = min(close, key=trainable.get)
+            if trainable[cheapest] < trainable[best]:
+                text += (f" {cheapest[0]} comes within 2 points ({means[cheapest]:.1f}) with "
+                         f"{_fmt_count(trainable[cheapest])} trainable parameters.")
+        baseline = [t for t in tasks if means and groups[(model, regime, t) + best]["score"] <=
+                    100 * tasks_info[t]["majority"][tasks_info[t]["metric"]]]
+        if baseline:
+            text += f" It does not beat the majority class on {', '.join(baseline)}."
+        sentences.append(text)
+    if not sentences:
+        return "No cell has finished yet."
+    flagged = [r for r in anchor_rows(groups) if r["flagged"]]
+    anchors = len(anchor_rows(groups))
+    if anchors:
+        sentences.append(f"peft's own implementation agrees with fastft's within noise in {anchors - len(flagged)} of "
+                         f"{anchors} comparisons" + (f"; see the flagged rows below." if flagged else "."))
+    return "\n\n".join(sentences)
+
+
+def _write_bytes_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _save_figure(fig, path: Path) -> None:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    _write_bytes_atomic(path, buffer.getvalue())
+
+
+def _scatter(groups, tasks_info, x_key: str, x_label: str, log_x: bool, path: Path) -> None:
+    models = sorted({k[0] for k in groups})
+    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        for regime, marker in zip(sorted({k[1] for k in groups if k[0] == model}), "os^"):
+            tasks = [t for t in tasks_info if (model, regime, t) in {k[:3] for k in groups}]
+            for (method, impl), mean in method_means(groups, model, regime, tasks).items():
+                done = [g for k, g in groups.items() if k[:2] == (model, regime) and k[3:] == (method, impl)]
+                x = sum(g[x_key] for g in done) / len(done)
+                ax.scatter(x, mean, marker=marker, facecolors="none" if impl == "peft" else None,
+                           edgecolors="C0" if impl == "peft" else None, color=None if impl == "peft" else "C0",
+                           label=regime if method == "full" and impl == "fastft" else None)
+                ax.annotate(_label(method, impl), (x, mean), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        if log_x:
+            ax.set_xscale("log")
+        ax.set_xlabel(x_label)
+        ax.set_ylabel("mean score over tasks (%)")
+        ax.set_title(MODEL_NAMES.get(model, model), fontsize=9)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    _save_figure(fig, path)
+
+
+def _bars(groups, tasks_info, model, regime, path: Path) -> None:
+    tasks = [t for t in tasks_info if (model, regime, t) in {k[:3] for k in groups}]
+    methods = [m for m in _rows_of(groups, model, regime)
+               if any(groups.get((model, regime, t) + m, {}).get("status") == "done" for t in tasks)]
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(tasks) + 2), 4))
+    width = 0.8 / max(1, len(methods))
+    for i, m in enumerate(methods):
+        values = [groups.get((model, regime, t) + m, {}) for t in tasks]
+        ax.bar([j + i * width for j in range(len(tasks))], [v.get("score", 0) for v in values], width,
+               yerr=[v.get("std", 0) for v in values], label=_label(*m), capsize=2)
+    for j, t in enumerate(tasks):
+        floor = 100 * tasks_info[t]["majority"][tasks_info[t]["metric"]]
+        ax.hlines(floor, j - width / 2, j + 0.8 - width / 2, colors="k", linestyles="dashed", linewidth=1)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(tasks))], tasks)
+    ax.set_ylabel("test score (%) — dashed: majority class")
+    ax.set_title(f"{MODEL_NAMES.get(model, model)}, {regime}", fontsize=9)
+    ax.set_ylim(0, 105)
+    ax.legend(fontsize=7, bbox_to_anchor=(1.01, 1), loc="upper left")
+    ax.grid(axis="y", alpha=0.3)
+    _save_figure(fig, path)
+
+
+def _steps_by_regime() -> str:
+    from fastft.apps.study.runner import STEPS_DEFAULT
+
+    return "per regime (" + ", ".join(f"{k} {v}" for k, v in STEPS_DEFAULT.items()) + ")"
+
+
+def _tasks_section(tasks_info: dict) -> str:
+    lines = ["| task | headline metric | train | dev | test | duplicates dropped | test balance | majority (test) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, t in tasks_info.items():
+        s = t["sizes"]
+        balance = ", ".join(f"{k} {v}" for k, v in t["balance"]["test"].items())
+        lines.append(f"| {name} | {t['metric']} | {s['train']} | {s['dev']} | {s['test']} | "
+                     f"{t['duplicates_dropped']} | {balance} | {t['majority']['label']} "
+                     f"({100 * t['majority']['accuracy']:.1f}% acc) |")
+    seed = next(iter(tasks_info.values()))["split_seed"] if tasks_info else ""
+    return (f"Fixed stratified splits, split seed {seed} (test 20% up to 1,000 rows, dev 10% up to 500); "
+            "the study's seeds draw the 32-per-class sample, the initialisation and the batch order.\n\n"
+            + "\n".join(lines))
+
+
+def write_report(results: dict, output_dir) -> dict[str, Path]:
+    """report.md and plots/*.png from the combined results; returns the paths written."""
+    out = Path(output_dir)
+    (out / "plots").mkdir(parents=True, exist_ok=True)
+    tasks_info, cells, config = results["tasks"], results["cells"], results["config"]
+    groups = aggregate(cells)
+    written = {}
+    _scatter(groups, tasks_info, "trainable", "trainable parameters (log)", True, out / "plots" / "score_vs_params.png")
+    _scatter(groups, tasks_info, "tokens_per_second", "training tokens/s", False,
+             out / "plots" / "score_vs_tokens_per_second.png")
+    written["score_vs_params"] = out / "plots" / "score_vs_params.png"
+    written["score_vs_tokens_per_second"] = out / "plots" / "score_vs_tokens_per_second.png"
+    env = results.get("environment", {})
+    parts = ["# fastft study", "",
+             f"Device: {env.get('device_name', '?')} (torch {env.get('torch', '?')}, "
+             f"{env.get('threads', '?')} threads). "
+             f"Seeds: {config['seeds']}; batch {config['batch_size']}; max length {config['max_length']}; "
+             f"steps {config['steps'] or _steps_by_regime()}; dev evaluations per cell {config['evals']}"
+             + (f"; dev capped at {config['max_dev']} rows" if config.get("max_dev") else "")
+             + (f"; test capped at {config['max_test']} rows" if config.get("max_test") else "") + ".",
+             "", "## Headline", "", headline(groups, tasks_info), "", "## Tasks", "", _tasks_section(tasks_info)]
+    for model, regime in sorted({k[:2] for k in groups}):
+        name = f"{model}-{regime}"
+        _bars(groups, tasks_info, model, regime, out / "plots" / f"tasks_{name}.png")
+        written[f"tasks_{name}"] = out / "plots" / f"tasks_{name}.png"
+        parts += ["", f"## {MODEL_NAMES.get(model, model)} — {regime}", "",
+                  "Test score (%) of the dev-selected checkpoint, mean ± std over seeds (* some seeds missing); "
+                  "macro-F1 tasks show the accuracy beside.", "",
+                  accuracy_table(groups, tasks_info, model, regime), "", "Cost (means over tasks and seeds):", "",
+                  cost_table(groups, model, regime), "", majority_check(groups, tasks_info, model, regime), "",
+                  f"![per task](plots/tasks_{name}.png)"]
+    parts += ["", "## Score against cost", "", "![score vs trainable parameters](plots/score_vs_params.png)",
+              "![score vs tokens/s](plots/score_vs_tokens_per_second.png)"]
+    anchors = anchor_rows(groups)
+    parts += ["", "## fastft against peft's own implementation", ""]
+    if anchors:
+        parts += ["| model | regime | task | method | fastft | peft | diff | noise threshold | seeds | flag |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        parts += [f"| {r['model']} | {r['regime']} | {r['task']} | {r['method']} | {r['fastft']:.1f} | "
+                  f"{r['peft']:.1f} | {r['diff']:+.1f} | {r['threshold']:.1f} | {r['seeds']} | "
+                  f"{'**differs**' if r['flagged'] else 'ok'} |"
+                  for r in anchors]
+    else:
+        parts.append("No method has finished with both implementations.")
+    missing = sorted({(k[0], k[3], k[4], g["status"], g["reason"]) for k, g in groups.items() if g["status"] != "done"})
+    if missing:
+        parts += ["", "## Cells without a score", "", "| model | method | implementation | status | reason |",
+                  "|---|---|---|---|---|"]
+        parts += [f"| {m} | {method} | {impl} | {status} | {reason.splitlines()[0][:200] if reason else ''} |"
+                  for m, method, impl, status, reason in missing]
+    peak_kinds = sorted({g["peak_memory_kind"] for g in groups.values() if g["status"] == "done"})
+    parts += ["", f"Peak memory: {', '.join(peak_kinds) or 'n/a'}. Tokens/s counts real (non-padding) training "
+              "tokens over the time of forward, backward and optimizer steps (dev evaluation excluded). Raw results: "
+              "results.json and cells/*.json.", ""]
+    _write_bytes_atomic(out / "report.md", "\n".join(parts).encode())
+    written["report"] = out / "report.md"
+    return written

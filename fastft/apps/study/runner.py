@@ -1,0 +1,186 @@
+"""The study's plan and its resumable runner.
+
+Every cell's result is a JSON file under `<output>/cells/`, written atomically when the cell ends; on a
+restart the finished ("done") cells whose settings match are read back, not rerun. Cells that were
+unavailable or failed are tried again (a method that has landed since then runs). After each cell the
+combined `results.json` is rewritten; the report is written at the end.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from fastft.apps.study.cell import CellSettings, CellSpec, run_cell
+from fastft.apps.study.models import MODEL_FAMILIES
+from fastft.apps.study.tasks import REGIMES, STUDY_TASKS, load_study_task, majority_baseline
+from fastft.integration.methods import METHODS
+
+# Learning rates per method, (MiniLM, SmolLM2). Full fine-tuning moves every pretrained weight, so it takes
+# the smallest steps (2e-5…1e-4; the smaller, deeper SmolLM2 the lower end). LoRA-family and bottleneck
+# adapters start from a zero update and train ~1% of the weights: 1e-3. IA3 scales activations around 1:
+# 3e-3. Prompt and prefix tuning train a few embedding-sized vectors that must move far: 1e-2…3e-2.
+LR_DEFAULTS = {
+    "full": (1e-4, 3e-5),
+    "lora": (1e-3, 1e-3),
+    "qlora": (1e-3, 1e-3),
+    "dora": (1e-3, 1e-3),
+    "adapter": (1e-3, 1e-3),
+    "ia3": (3e-3, 3e-3),
+    "prefix": (1e-2, 1e-2),
+    "prompt": (3e-2, 3e-2),
+}
+HEAD_LR = 3e-3  # MiniLM's fresh classification head, the same under every method so only the method differs
+
+# Steps per cell by regime (batch 16): the 32-per-class sets (64–192 rows) get ~5–12 epochs; the full
+# training sets are sampled for 150 steps (2,400 rows: about one epoch of the smaller tasks, a quarter of MR).
+STEPS_DEFAULT = {"32-per-class": 60, "full": 150}
+# peft has no full fine-tuning and no bottleneck adapter: those cells get no peft anchor.
+NO_PEFT_ANCHOR = ("full", "adapter")
+
+
+@dataclass
+class StudyConfig:
+    methods: tuple[str, ...] = METHODS
+    tasks: tuple[str, ...] = STUDY_TASKS
+    models: tuple[str, ...] = MODEL_FAMILIES
+    regimes: tuple[str, ...] = REGIMES
+    seeds: int = 3
+    steps: int | None = None          # None: STEPS_DEFAULT per regime
+    batch_size: int = 16
+    max_length: int = 128
+    lr: dict = field(default_factory=dict)  # method -> lr, overriding LR_DEFAULTS for both families
+    head_lr: float = HEAD_LR
+    evals: int = 6                    # dev evaluations per cell (every steps/evals steps)
+    max_dev: int | None = None        # None: the whole dev split
+    max_test: int | None = None       # None: the whole test split
+    with_peft: bool = True
+    output_dir: str = "runs/study"
+    quick: bool = False
+
+    def validate(self) -> None:
+        for name, values, allowed in (("methods", self.methods, METHODS), ("tasks", self.tasks, STUDY_TASKS),
+                                      ("models", self.models, MODEL_FAMILIES), ("regimes", self.regimes, REGIMES)):
+            bad = [v for v in values if v not in allowed]
+            if bad or not values:
+                raise ValueError(f"--{name}: expected one or more of {', '.join(allowed)}, got {list(values)}")
+        for name in ("seeds", "batch_size", "evals"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"--steps must be at least 1, got {self.steps}")
+        if self.max_length < 8:
+            raise ValueError(f"--max-length must be at least 8, got {self.max_length}")
+        bad_lr = [m for m in self.lr if m not in METHODS]
+        if bad_lr or any(v <= 0 for v in self.lr.values()):
+            raise ValueError(f"--lr: expected positive rates for methods among {', '.join(METHODS)}, got {self.lr}")
+
+
+def quick_config(**overrides) -> StudyConfig:
+    """`--quick`: MiniLM, two tasks, five methods, 32 per class, one seed, a few short steps."""
+    values = dict(methods=("lora", "full", "ia3", "prompt", "dora"), tasks=("subj", "sms-spam"),
+                  models=("minilm",), regimes=("32-per-class",), seeds=1, steps=16, batch_size=8,
+                  max_length=32, evals=4, max_dev=48, max_test=160, quick=True, output_dir="runs/study-quick")
+    values.update(overrides)
+    return StudyConfig(**values)
+
+
+def learning_rate(config: StudyConfig, method: str, model: str) -> float:
+    if method in config.lr:
+        return config.lr[method]
+    return LR_DEFAULTS[method][MODEL_FAMILIES.index(model)]
+
+
+def plan(config: StudyConfig) -> list[tuple[CellSpec, CellSettings]]:
+    """Every cell, ordered so each (model, task, regime) finishes all its methods before the next starts."""
+    cells = []
+    for model in config.models:
+        for regime in config.regimes:
+            steps = config.steps or STEPS_DEFAULT[regime]
+            for task in config.tasks:
+                for seed in range(config.seeds):
+                    for method in config.methods:
+                        settings = CellSettings(steps=steps, batch_size=config.batch_size,
+                                                max_length=config.max_length,
+                                                lr=learning_rate(config, method, model), head_lr=config.head_lr,
+                                                eval_every=max(1, steps // config.evals),
+                                                max_dev=config.max_dev, max_test=config.max_test)
+                        implementations = ["fastft"]
+                        if config.with_peft and method not in NO_PEFT_ANCHOR:
+                            implementations.append("peft")
+                        for implementation in implementations:
+                            cells.append((CellSpec(model, task, regime, method, implementation, seed), settings))
+    return cells
+
+
+def write_json_atomic(path: Path, data) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def cell_path(output_dir: Path, spec: CellSpec) -> Path:
+    return output_dir / "cells" / f"{spec.key}.json"
+
+
+def _finished(path: Path, settings: CellSettings) -> dict | None:
+    """The cell's stored result when it finished under the same settings; else None (run it)."""
+    if not path.is_file():
+        return None
+    try:
+        result = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if result.get("status") == "done" and result.get("settings") == asdict(settings):
+        return result
+    return None
+
+
+def run_study(config: StudyConfig, *, progress: bool = True, log=print) -> dict:
+    """Run (or resume) the study; returns the combined results, also written to `<output>/results.json`."""
+    config.validate()
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cells = plan(config)
+    tasks = {}
+    for name in config.tasks:
+        task = load_study_task(name)
+        tasks[name] = {**task.summary(), "majority": majority_baseline(task, config.max_test)}
+    results, resumed = [], 0
+    log(f"fastft study: {len(cells)} cells ({len(config.models)} models × {len(config.tasks)} tasks × "
+        f"{len(config.regimes)} regimes × {config.seeds} seeds × methods/implementations) → {out}")
+    bar = tqdm(cells, desc="study", unit="cell", disable=not progress, dynamic_ncols=True)
+    for spec, settings in bar:
+        bar.set_postfix_str(f"{spec.model} {spec.task} {spec.method}/{spec.implementation} s{spec.seed}")
+        path = cell_path(out, spec)
+        result = _finished(path, settings)
+        if result is not None:
+            resumed += 1
+        else:
+            result = run_cell(spec, settings)
+            write_json_atomic(path, result)
+        results.append(result)
+        combined = _combined(config, tasks, results, resumed)
+        write_json_atomic(out / "results.json", combined)
+    log(f"{resumed} finished cells read back, {len(cells) - resumed} run")
+    return combined
+
+
+def _combined(config: StudyConfig, tasks: dict, results: list[dict], resumed: int) -> dict:
+    import platform
+
+    import torch
+
+    slim = [{k: v for k, v in r.items() if k not in ("traceback", "train_losses", "dev_curve")} for r in results]
+    return {"config": asdict(config), "tasks": tasks, "cells": slim, "resumed_cells": resumed,
+            "environment": {"torch": torch.__version__, "python": platform.python_version(),
+                            "device": "cuda" if torch.cuda.is_available() else "cpu",
+                            "device_name": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+                            "threads": torch.get_num_threads()}}

@@ -1,0 +1,202 @@
+"""Row kernels of the fused linear losses: one program per row of a logits chunk, fp32 inside.
+
+`ce_rows` computes, per row i of a (n, V) logits chunk x with label y_i (optionally softcapped,
+z = c·tanh(x/c)), an online log-sum-exp and
+
+    loss_i = (1-ε)·(lse_i - z_{y_i}) + ε·(lse_i - mean_j z_j)            (0 where y_i == ignore_index)
+
+and, when asked, overwrites the chunk in place with its gradient scaled by g_i (a scalar or per-row factor):
+
+    dx_ij = g_i · (softmax(z_i)_j - (1-ε)·[j == y_i] - ε/V) · (1 - (z_ij/c)²)
+
+`kl_rows` does the same for the KL divergence between a student chunk s and a teacher chunk t at
+temperature τ (forward KL(p_t‖p_s) or reverse KL(p_s‖p_t)), writing dKL/ds into the student chunk.
+Two reads of the chunk and one write: the kernels are memory-bound, ~3·n·V·bytes per chunk.
+"""
+from __future__ import annotations
+
+import torch
+
+from fastft.kernels.runtime import INTERPRET, next_power_of_2, triton
+
+import triton.language as tl
+
+
+@triton.jit
+def _tanh(x):
+    # no libdevice under the interpreter: tanh through exp; saturates cleanly to ±1 for large |x|
+    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+
+@triton.jit
+def _capped(x, softcap, HAS_SOFTCAP: tl.constexpr):
+    if HAS_SOFTCAP:
+        x = softcap * _tanh(x / softcap)
+    return x
+
+
+@triton.jit
+def _ce_rows_kernel(
+    x_ptr, stride_x, labels_ptr, scale_ptr, scale_stride, loss_ptr,
+    V, ignore_index, smoothing, softcap,
+    HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr, COMPUTE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * stride_x
+    label = tl.load(labels_ptr + row)
+    ignored = label == ignore_index
+    safe_label = tl.where(ignored, 0, label)
+
+    # pass 1: running max m and sum d of exp(z - m); Σz for label smoothing
+    m = float("-inf")
+    d = 0.0
+    zsum = 0.0
+    for v0 in range(0, V, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        mask = cols < V
+        z = _capped(tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32), softcap, HAS_SOFTCAP)
+        z = tl.where(mask, z, float("-inf"))
+        m_new = tl.maximum(m, tl.max(z, axis=0))
+        d = d * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
+        m = m_new
+        if HAS_SMOOTHING:
+            zsum += tl.sum(tl.where(mask, z, 0.0), axis=0)
+    lse = m + tl.log(d)
+    z_y = _capped(tl.load(x_row + safe_label).to(tl.float32), softcap, HAS_SOFTCAP)
+    loss = lse - z_y
+    if HAS_SMOOTHING:
+        loss = (1.0 - smoothing) * loss + smoothing * (lse - zsum / V)
+    tl.store(loss_ptr + row, tl.where(ignored, 0.0, loss))
+
+    if COMPUTE_GRAD:
+        # pass 2: the gradient, written over the logits it was computed from
+        g = tl.load(scale_ptr + row * scale_stride).to(tl.float32)
+        g = tl.where(ignored, 0.0, g)
+        for v0 in range(0, V, BLOCK_V):
+            cols = v0 + tl.arange(0, BLOCK_V)
+            mask = cols < V
+            z = _capped(tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32), softcap, HAS_SOFTCAP)
+            dz = tl.exp(z - lse) - tl.where(cols == safe_label, 1.0 - smoothing, 0.0)
+            if HAS_SMOOTHING:
+                dz -= smoothing / V
+            if HAS_SOFTCAP:
+                dz *= 1.0 - (z / softcap) * (z / softcap)
+            tl.store(x_row + cols, (dz * g).to(x_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _kl_rows_kernel(
+    s_ptr, stride_s, t_ptr, stride_t, labels_ptr, scale_ptr, scale_stride, loss_ptr,
+    V, ignore_index, inv_temp,
+    HAS_LABELS: tl.constexpr, REVERSE: tl.constexpr, COMPUTE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    s_row = s_ptr + row * stride_s
+    t_row = t_ptr + row * stride_t
+    if HAS_LABELS:
+        ignored = tl.load(labels_ptr + row) == ignore_index
+    else:
+        ignored = row < 0  # never
+
+    # pass 1: online log-sum-exp of both, and Σ e^{a-m_a}(a - b) for the distribution a the KL weighs by
+    # (a = teacher for forward KL, student for reverse), rescaled as the running max moves
+    ms = float("-inf")
+    ds = 0.0
+    mt = float("-inf")
+    dt = 0.0
+    cross = 0.0
+    for v0 in range(0, V, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        mask = cols < V
+        s = tl.load(s_row + cols, mask=mask, other=0.0).to(tl.float32) * inv_temp
+        t = tl.load(t_row + cols, mask=mask, other=0.0).to(tl.float32) * inv_temp
+        diff = s - t
+        s = tl.where(mask, s, float("-inf"))
+        t = tl.where(mask, t, float("-inf"))
+        ms_new = tl.maximum(ms, tl.max(s, axis=0))
+        mt_new = tl.maximum(mt, tl.max(t, axis=0))
+        es = tl.exp(s - ms_new)
+        et = tl.exp(t - mt_new)
+        if REVERSE:
+            cross = cross * tl.exp(ms - ms_new) + tl.sum(es * diff, axis=0)
+        else:
+            cross = cross * tl.exp(mt - mt_new) - tl.sum(et * diff, axis=0)
+        ds = ds * tl.exp(ms - ms_new) + tl.sum(es, axis=0)
+        dt = dt * tl.exp(mt - mt_new) + tl.sum(et, axis=0)
+        ms = ms_new
+        mt = mt_new
+    lse_s = ms + tl.log(ds)
+    lse_t = mt + tl.log(dt)
+    if REVERSE:  # Σ p_s (s - t) - lse_s + lse_t
+        kl = cross / ds - lse_s + lse_t
+    else:  # Σ p_t (t - s) - lse_t + lse_s
+        kl = cross / dt - lse_t + lse_s
+    tl.store(loss_ptr + row, tl.where(ignored, 0.0, kl))
+
+    if COMPUTE_GRAD:
+        g = tl.load(scale_ptr + row * scale_stride).to(tl.float32) * inv_temp
+        g = tl.where(ignored, 0.0, g)
+        for v0 in range(0, V, BLOCK_V):
+            cols = v0 + tl.arange(0, BLOCK_V)
+            mask = cols < V
+            s = tl.load(s_row + cols, mask=mask, other=0.0).to(tl.float32) * inv_temp
+            t = tl.load(t_row + cols, mask=mask, other=0.0).to(tl.float32) * inv_temp
+            log_ps = s - lse_s
+            ps = tl.exp(log_ps)
+            if REVERSE:  # d/ds Σ p_s (log p_s - log p_t) = p_s·(log p_s - log p_t - KL)
+                ds_ = ps * (log_ps - (t - lse_t) - kl)
+            else:  # d/ds Σ p_t (log p_t - log p_s) = p_s - p_t
+                ds_ = ps - tl.exp(t - lse_t)
+            tl.store(s_row + cols, (ds_ * g).to(s_ptr.dtype.element_ty), mask=mask)
+
+
+def _block_v(V: int) -> tuple[int, int]:
+    """(BLOCK_V, num_warps): wide blocks on the GPU (few loop trips over 128k columns), small under the
+    interpreter so tests walk several blocks and a ragged tail."""
+    if INTERPRET:
+        return min(64, next_power_of_2(V)), 4
+    block = min(4096, next_power_of_2(V))
+    return block, (16 if block >= 4096 else 8 if block >= 2048 else 4)
+
+
+def _row_scale(scale: torch.Tensor, n: int) -> tuple[torch.Tensor, int]:
+    """fp32 per-row factors as (tensor, stride): one value broadcast (stride 0) or one per row."""
+    return scale, (0 if scale.numel() == 1 else 1)
+
+
+def ce_rows(x: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor, *, ignore_index: int,
+            label_smoothing: float, softcap: float | None, compute_grad: bool) -> torch.Tensor:
+    """Per-row loss (fp32, n) of the (n, V) logits chunk x (unit last stride); with compute_grad, x is
+    overwritten with scale·dloss/dx. labels: int64 (n,), contiguous; scale: fp32 contiguous, 1 or n values."""
+    n, V = x.shape
+    loss = torch.empty(n, dtype=torch.float32, device=x.device)
+    if n == 0:
+        return loss
+    block, warps = _block_v(V)
+    scale, scale_stride = _row_scale(scale, n)
+    _ce_rows_kernel[(n,)](
+        x, x.stride(0), labels, scale, scale_stride, loss,
+        V, ignore_index, float(label_smoothing), float(softcap or 1.0),
+        HAS_SOFTCAP=softcap is not None, HAS_SMOOTHING=label_smoothing > 0.0, COMPUTE_GRAD=compute_grad,
+        BLOCK_V=block, num_warps=warps,
+    )
+    return loss
+
+
+def kl_rows(s: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None, scale: torch.Tensor, *,
+            ignore_index: int, temperature: float, reverse: bool, compute_grad: bool) -> torch.Tensor:
+    """Per-row KL (fp32, n) between student chunk s and teacher chunk t, both (n, V) with unit last stride;
+    with compute_grad, s is overwritten with scale·dKL/ds. Rows whose label is ignore_index give 0."""
+    n, V = s.shape
+    loss = torch.empty(n, dtype=torch.float32, device=s.device)
+    if n == 0:
+        return loss
+    block, warps = _block_v(V)
+    scale, scale_stride = _row_scale(scale, n)
+    _kl_rows_kernel[(n,)](
+        s, s.stride(0), t, t.stride(0), labels if labels is not None else loss, scale, scale_stride, loss,
+        V, ignore_index, 1.0 / float(temperature),
+        HAS_LABELS=labels is not None, REVERSE=reverse, COMPUTE_GRAD=compute_grad,
+        BLOCK_V=block, num_warps=warps,
+    )
+    return loss

@@ -1,0 +1,372 @@
+"""The chunked machinery behind fastft.ops.linear_losses: logits one token chunk at a time, never all of them.
+
+For each chunk of n token rows: logits = h·Wᵀ (+ b) (+ s·(drop(h)·Aᵀ)·Bᵀ for a LoRA head) into one reused
+(n, V) buffer, a row function (fastft.kernels.cross_entropy on Triton, the torch functions below otherwise)
+turns it into per-row losses and overwrites it with dloss/dlogits, then dh = dlogits·W (+ the LoRA term) and
+dW += dlogitsᵀ·h, dA, dB, db accumulate. The buffer is the only O(n·V) memory.
+
+Two autograd Functions share that loop:
+- `EagerChunkedLoss` (scalar losses: mean, sum): gradients are made in the forward (3 GEMMs in all);
+  backward only multiplies them by the incoming scalar.
+- `DeferredChunkedLoss` (per-row losses: reduction "none", per-sequence log-probs): the forward makes
+  losses only (1 GEMM); backward recomputes each chunk's logits and scales row i's gradient by the
+  incoming g_i (3 more GEMMs with a trainable W or LoRA head). When only dh is wanted, the forward makes
+  the unscaled dh instead (2 GEMMs in all) and backward scales its rows.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from fastft.quant.nf4_weight import NF4Weight
+
+# 96 MiB: 384 rows at V = 128256 in bf16, inside issue 7's 0.1 GiB workspace target; larger chunks cut dW's
+# read-modify-write traffic (2·V·H·2 B per chunk) at the cost of memory (benchmarks/gpu_losses.py sweeps both)
+DEFAULT_CHUNK_MIB = {"cuda": 96, "cpu": 32}
+# dW is accumulated in fp32 when that accumulator (and one chunk's bf16 product) fits this; otherwise in W's
+# dtype by addmm (fp32 inside each GEMM, one rounding per chunk).
+FP32_WEIGHT_GRAD_MIB = 256
+
+
+def chunk_budget_bytes(device: torch.device) -> int:
+    """Bytes one logits chunk may take: FASTFT_LOSS_CHUNK_MIB, else 96 MiB on a GPU, 32 MiB on the CPU."""
+    mib = os.environ.get("FASTFT_LOSS_CHUNK_MIB")
+    if mib is not None:
+        try:
+            value = float(mib)
+        except ValueError:
+            value = -1.0
+        if not value > 0:
+            raise ValueError(f"FASTFT_LOSS_CHUNK_MIB must be a positive number of MiB, got {mib!r}")
+        return int(value * 2**20)
+    return DEFAULT_CHUNK_MIB.get(device.type, 128) * 2**20
+
+
+def chunk_rows(tokens: int, vocab: int, bytes_per_logit: int, budget: int) -> int:
+    """Token rows per chunk: as many as the budget allows, a multiple of 64 when above 64 (GEMM tiles),
+    at least 1, at most all tokens."""
+    rows = max(1, budget // max(1, vocab * bytes_per_logit))
+    if rows > 64:
+        rows -= rows % 64
+    return max(1, min(rows, tokens))
+
+
+# ----------------------------------------------------------------------------------------------
+# the head: logits of a chunk and the gradients that flow back through them
+
+@dataclass
+class Head:
+    """logits = h·Wᵀ + b + s·(drop(h)·Aᵀ)·Bᵀ with W dense (`weight`) or NF4 (`nf4`); all in `dtype`."""
+    vocab: int
+    dtype: torch.dtype
+    weight: torch.Tensor | None = None
+    nf4: NF4Weight | None = None
+    bias: torch.Tensor | None = None
+    lora_A: torch.Tensor | None = None
+    lora_B: torch.Tensor | None = None
+    scaling: float = 1.0
+    dropout_p: float = 0.0
+    seed: int = 0
+    nf4_rows: int = 4096  # vocab rows of an NF4 weight dequantized at a time
+
+    def __post_init__(self):
+        # LoRA factors may be fp32 masters: cast once per op call, not once per chunk
+        if self.lora_A is not None:
+            self.lora_A, self.lora_B = self.lora_A.to(self.dtype), self.lora_B.to(self.dtype)
+
+    def _keep(self, h: torch.Tensor, t0: int) -> torch.Tensor:
+        """The dropout keep-mask of the LoRA input rows starting at t0: the same in forward and backward."""
+        gen = torch.Generator(device=h.device)
+        gen.manual_seed((self.seed * 1_000_003 + t0) % (2**63 - 1))
+        return torch.rand(h.shape, generator=gen, device=h.device) >= self.dropout_p
+
+    def _nf4_blocks(self):
+        for v0 in range(0, self.vocab, self.nf4_rows):
+            v1 = min(self.vocab, v0 + self.nf4_rows)
+            yield v0, v1, self.nf4.dequantize_rows(v0, v1, self.dtype)
+
+    def logits(self, out: torch.Tensor, h: torch.Tensor, t0: int) -> tuple:
+        """Writes the (n, V) logits of rows h into out; returns what the gradient needs of this chunk."""
+        if self.nf4 is not None:
+            for v0, v1, w in self._nf4_blocks():
+                out[:, v0:v1] = h @ w.t()
+            if self.bias is not None:
+                out += self.bias
+        elif self.bias is not None:
+            torch.addmm(self.bias, h, self.weight.t(), out=out)
+        else:
+            torch.mm(h, self.weight.t(), out=out)
+        if self.lora_A is None:
+            return None, None
+        hd = h
+        if self.dropout_p > 0.0:
+            hd = h * self._keep(h, t0).to(h.dtype) / (1.0 - self.dropout_p)
+        hA = hd @ self.lora_A.t()
+        out.addmm_(hA, self.lora_B.t(), alpha=self.scaling)
+        return hd, hA
+
+    def grad_hidden(self, dl: torch.Tensor, t0: int, out: torch.Tensor) -> torch.Tensor | None:
+        """out = dlogits·W (+ the LoRA term); returns dlogits·B (n, r) for the LoRA A gradient."""
+        if self.nf4 is not None:
+            out.zero_()
+            for v0, v1, w in self._nf4_blocks():
+                out.addmm_(dl[:, v0:v1], w)
+        else:
+            torch.mm(dl, self.weight, out=out)
+        if self.lora_A is None:
+            return None
+        u = dl @ self.lora_B
+        lora = (u @ self.lora_A) * self.scaling
+        if self.dropout_p > 0.0:
+            lora *= self._keep(out, t0).to(lora.dtype) / (1.0 - self.dropout_p)
+        out += lora
+        return u
+
+
+@dataclass
+class Grads:
+    """What the chunks accumulate; None for what nobody asked for."""
+    hidden: torch.Tensor | None = None
+    weight: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+    lora_A: torch.Tensor | None = None
+    lora_B: torch.Tensor | None = None
+
+    def as_tuple(self):
+        return self.hidden, self.weight, self.bias, self.lora_A, self.lora_B
+
+
+def _weight_grad_buffer(weight: torch.Tensor) -> torch.Tensor:
+    """fp32 zeros when small (or W is fp32); else uninitialised in W's dtype (the first chunk writes it)."""
+    if weight.dtype == torch.float32 or weight.numel() * 4 <= FP32_WEIGHT_GRAD_MIB * 2**20:
+        return torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+    return torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
+
+
+RowFn = Callable[[torch.Tensor, int, int, torch.Tensor, bool], torch.Tensor]
+
+
+@dataclass
+class Plan:
+    """One call's fixed parts: the row function (loss per row of a logits chunk, gradient in place), chunk
+    rows, the NF4 / LoRA facts of the head that are not autograd inputs, and the reduction's scales."""
+    row_fn: RowFn
+    rows: int
+    vocab: int
+    nf4: NF4Weight | None = None
+    nf4_rows: int = 4096
+    scaling: float = 1.0
+    dropout_p: float = 0.0
+    seed: int = 0
+    grad_scale: torch.Tensor | None = None  # fp32 (1,): d(loss)/d(row loss), the eager path's row factor
+    extra: dict = field(default_factory=dict)
+
+    def head(self, hidden, weight, bias, lora_A, lora_B) -> Head:
+        return Head(self.vocab, hidden.dtype, weight=weight, nf4=self.nf4, bias=bias, lora_A=lora_A,
+                    lora_B=lora_B, scaling=self.scaling, dropout_p=self.dropout_p, seed=self.seed,
+                    nf4_rows=self.nf4_rows)
+
+
+def as_rows(t: torch.Tensor) -> torch.Tensor:
+    """(…, H) → (T, H), contiguous (the GEMMs and row slices want it)."""
+    return t.reshape(-1, t.shape[-1]).contiguous()
+
+
+def run_chunks(plan: Plan, head: Head, h2: torch.Tensor, scale: torch.Tensor, losses: torch.Tensor,
+               needs: tuple[bool, ...] | None) -> Grads:
+    """The loop. needs = (hidden, weight, bias, lora_A, lora_B) gradients wanted, or None for losses only.
+    scale: fp32, 1 value or one per row (d(loss)/d(row loss))."""
+    T = h2.shape[0]
+    grads = Grads()
+    if needs is not None:
+        need_h, need_w, need_b, need_A, need_B = needs
+        grads.hidden = torch.empty_like(h2) if need_h else None
+        grads.weight = _weight_grad_buffer(head.weight) if need_w else None
+        grads.bias = torch.zeros(head.vocab, dtype=torch.float32, device=h2.device) if need_b else None
+        grads.lora_A = torch.zeros(head.lora_A.shape, dtype=torch.float32, device=h2.device) if need_A else None
+        grads.lora_B = torch.zeros(head.lora_B.shape, dtype=torch.float32, device=h2.device) if need_B else None
+    if T == 0:
+        return grads
+    buf = torch.empty(min(plan.rows, T), head.vocab, dtype=head.dtype, device=h2.device)
+    dh_scratch = None
+    for t0 in range(0, T, plan.rows):
+        t1 = min(T, t0 + plan.rows)
+        dl, hc = buf[: t1 - t0], h2[t0:t1]
+        hd, hA = head.logits(dl, hc, t0)
+        row_scale = scale if scale.numel() == 1 else scale[t0:t1]
+        losses[t0:t1] = plan.row_fn(dl, t0, t1, row_scale, needs is not None)
+        if needs is None:
+            continue
+        # dl now holds dloss/dlogits of the chunk
+        u = None
+        if grads.hidden is not None or grads.lora_A is not None:
+            if grads.hidden is not None:
+                dh = grads.hidden[t0:t1]
+            else:
+                dh_scratch = torch.empty_like(hc) if dh_scratch is None else dh_scratch
+                dh = dh_scratch[: t1 - t0]
+            u = head.grad_hidden(dl, t0, dh)
+        if grads.weight is not None:
+            if grads.weight.dtype == head.dtype and t0 == 0:
+                torch.mm(dl.t(), hc, out=grads.weight)  # no memset, no read of zeros
+            elif grads.weight.dtype == head.dtype:
+                grads.weight.addmm_(dl.t(), hc)
+            else:
+                grads.weight += (dl.t() @ hc).float()
+        if grads.bias is not None:
+            grads.bias += dl.sum(0, dtype=torch.float32)
+        if grads.lora_B is not None:
+            grads.lora_B += (dl.t() @ hA).float() * head.scaling
+        if grads.lora_A is not None:
+            grads.lora_A += (u.t() @ hd).float() * head.scaling
+    return grads
+
+
+class EagerChunkedLoss(torch.autograd.Function):
+    """A scalar loss Σ_i row_loss_i · plan.grad_scale with its gradients made during the forward."""
+
+    @staticmethod
+    def forward(ctx, plan: Plan, hidden, weight, bias, lora_A, lora_B):
+        needs = tuple(ctx.needs_input_grad[1:6]) if plan.extra.get("grad_enabled", True) else (False,) * 5
+        h2 = as_rows(hidden)
+        head = plan.head(h2, weight, bias, lora_A, lora_B)
+        losses = torch.empty(h2.shape[0], dtype=torch.float32, device=h2.device)
+        # fp16 has no room below 6e-8: dlogits scaled by 1/N (N tokens) would flush to zero, and the grad_output
+        # that loss scaling brings arrives only in backward. So fp16 chunks keep dlogits unscaled (|·| <= 1) and
+        # the reduction's factor joins grad_output there.
+        ctx.post_scale = plan.grad_scale if head.dtype == torch.float16 else None
+        row_scale = torch.ones_like(plan.grad_scale) if ctx.post_scale is not None else plan.grad_scale
+        grads = run_chunks(plan, head, h2, row_scale, losses, needs if any(needs) else None)
+        ctx.shapes = [(t.shape, t.dtype) if t is not None else None for t in (hidden, weight, bias, lora_A, lora_B)]
+        ctx.present = [g is not None for g in grads.as_tuple()]
+        ctx.save_for_backward(*[g for g in grads.as_tuple() if g is not None])
+        ctx.used = False
+        return (losses.sum() * plan.grad_scale).reshape(())
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        if ctx.used:
+            # the first backward handed out (or scaled in place) the buffers the gradients live in
+            raise RuntimeError("fastft fused linear loss: backward ran twice through the same graph; its gradients "
+                               "are made in the forward and handed out by the first backward (recompute the loss "
+                               "instead of retain_graph=True)")
+        ctx.used = True
+        saved = iter(ctx.saved_tensors)
+        g = grad_output.float().reshape(1)
+        if ctx.post_scale is not None:
+            g = g * ctx.post_scale
+        # the common case (loss.backward()): no pass over dW at all; a sync, so not while torch.compile traces
+        unit = not torch.compiler.is_compiling() and bool((g == 1.0).all())
+        out = []
+        for present, meta in zip(ctx.present, ctx.shapes):
+            if not present:
+                out.append(None)
+                continue
+            t = next(saved)
+            shape, dtype = meta
+            if unit:
+                t = t.to(dtype)
+            elif t.dtype == torch.float32:
+                t = t.mul_(g).to(dtype)
+            else:
+                t = t.mul_(g.to(t.dtype)) if t.dtype == dtype else (t.float() * g).to(dtype)
+            out.append(t.view(shape))
+        return (None, *out)
+
+
+class DeferredChunkedLoss(torch.autograd.Function):
+    """Per-row losses (T,); backward recomputes the chunks with row i's gradient scaled by grad_output[i]."""
+
+    @staticmethod
+    def forward(ctx, plan: Plan, hidden, weight, bias, lora_A, lora_B):
+        h2 = as_rows(hidden)
+        head = plan.head(h2, weight, bias, lora_A, lora_B)
+        losses = torch.empty(h2.shape[0], dtype=torch.float32, device=h2.device)
+        one = torch.ones(1, dtype=torch.float32, device=h2.device)
+        ctx.plan = plan
+        ctx.hidden_shape = hidden.shape
+        # Only dh wanted (a frozen head, e.g. DPO on LoRA layers): row t's dh is linear in its g_t, so the
+        # unscaled dh is made now and backward scales its rows; no recompute (2 GEMMs instead of 3).
+        ctx.dh_only = plan.extra.get("grad_enabled", True) and tuple(ctx.needs_input_grad[1:6]) == (
+            True, False, False, False, False)
+        grads = run_chunks(plan, head, h2, one, losses, (True,) + (False,) * 4 if ctx.dh_only else None)
+        if ctx.dh_only:
+            ctx.save_for_backward(grads.hidden)
+        else:
+            ctx.save_for_backward(h2, weight, bias, lora_A, lora_B)
+        return losses
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        if ctx.dh_only:
+            (dh,) = ctx.saved_tensors
+            g = grad_output.reshape(-1, 1).to(dh.dtype)
+            return None, (dh * g).view(ctx.hidden_shape), None, None, None, None
+        h2, weight, bias, lora_A, lora_B = ctx.saved_tensors
+        needs = tuple(ctx.needs_input_grad[1:6])
+        if not any(needs):
+            return None, None, None, None, None, None
+        plan = ctx.plan
+        head = plan.head(h2, weight, bias, lora_A, lora_B)
+        scale = grad_output.reshape(-1).float().contiguous()
+        losses = torch.empty(h2.shape[0], dtype=torch.float32, device=h2.device)
+        grads = run_chunks(plan, head, h2, scale, losses, needs)
+        dh, dW, db, dA, dB = grads.as_tuple()
+        like = (h2, weight, bias, lora_A, lora_B)
+        dh, dW, db, dA, dB = [None if g is None else g.to(t.dtype) for g, t in zip((dh, dW, db, dA, dB), like)]
+        if dh is not None:
+            dh = dh.view(ctx.hidden_shape)
+        return None, dh, dW, db, dA, dB
+
+
+# ----------------------------------------------------------------------------------------------
+# torch row functions: the CPU path, and the reference the Triton row kernels are tested against
+
+def ce_rows_torch(x: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor, *, ignore_index: int,
+                  label_smoothing: float, softcap: float | None, compute_grad: bool) -> torch.Tensor:
+    """Same contract as fastft.kernels.cross_entropy.ce_rows, in torch (fp32 inside)."""
+    z = x.double() if x.dtype == torch.float64 else x.float()
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    lse = torch.logsumexp(z, dim=-1)
+    ignored = labels == ignore_index
+    safe = labels.masked_fill(ignored, 0)
+    loss = lse - z.gather(1, safe[:, None])[:, 0]
+    if label_smoothing > 0.0:
+        loss = (1.0 - label_smoothing) * loss + label_smoothing * (lse - z.mean(dim=-1))
+    loss = loss.masked_fill(ignored, 0.0)
+    if compute_grad:
+        grad = torch.exp(z - lse[:, None])
+        grad.scatter_add_(1, safe[:, None], torch.full_like(lse[:, None], -(1.0 - label_smoothing)))
+        if label_smoothing > 0.0:
+            grad -= label_smoothing / x.shape[1]
+        if softcap is not None:
+            grad *= 1.0 - (z / softcap) ** 2
+        g = scale.expand(x.shape[0]).masked_fill(ignored, 0.0)
+        x.copy_(grad * g[:, None])
+    return loss
+
+
+def kl_rows_torch(s: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None, scale: torch.Tensor, *,
+                  ignore_index: int, temperature: float, reverse: bool, compute_grad: bool) -> torch.Tensor:
+    """Same contract as fastft.kernels.cross_entropy.kl_rows, in torch (fp32 inside)."""
+    up = torch.float64 if s.dtype == torch.float64 else torch.float32
+    log_ps = F.log_softmax(s.to(up) / temperature, dim=-1)
+    log_pt = F.log_softmax(t.to(up) / temperature, dim=-1)
+    ps = log_ps.exp()
+    if reverse:
+        kl = (ps * (log_ps - log_pt)).sum(-1)
+    else:
+        pt = log_pt.exp()
+        kl = (pt * (log_pt - log_ps)).sum(-1)
+    ignored = labels == ignore_index if labels is not None else torch.zeros_like(kl, dtype=torch.bool)
+    kl = kl.masked_fill(ignored, 0.0)
+    if compute_grad:
+        grad = ps * (log_ps - log_pt - kl[:, None]) if reverse else ps - pt
+        g = (scale / temperature).expand(s.shape[0]).masked_fill(ignored, 0.0)
+        s.copy_(grad * g[:, None])
+    return kl

@@ -1,0 +1,404 @@
+"""Fused linear losses: an lm_head GEMM and its loss without the (tokens × vocab) logits tensor.
+
+`linear_cross_entropy(hidden, weight, labels)` equals `F.cross_entropy(F.linear(hidden, weight).float(),
+labels)` (with optional bias, ignore_index, label_smoothing, Gemma-2 softcap, reduction and an outside token
+count `num_items`), but works one chunk of token rows at a time (fastft.ops.chunked_logits): the logits of a
+chunk go into one reused buffer, a row kernel (fastft.kernels.cross_entropy) turns them into losses and
+overwrites them with dloss/dlogits, and the hidden / weight / bias (/ LoRA) gradients are made right there,
+during the forward. Backward only scales them by grad_output. The same loop serves `lm_head_cross_entropy`
+(an nn.Linear, an NF4 or a LoRA lm_head module), `linear_kl_div` (distillation), `linear_sequence_logprobs`
+and `linear_dpo_loss`.
+
+Cost at T tokens, hidden H, vocab V (mean/sum reductions, trainable W):
+- FLOPs: three GEMMs of 2·T·V·H each (logits, dh = dlogits·W, dW = dlogitsᵀ·h): the floor. At 8192 × 4096
+  × 128256 that is 25.8 TFLOP, ~34 ms at an H200's 757 TFLOP/s. A frozen W (LoRA fine-tuning) skips dW.
+- Bytes beyond the GEMMs' own: the row kernel reads each logits chunk twice and writes it once (3·T·V·2 B in
+  bf16: 6.3 GB, ~1.5 ms at 4.3 TB/s); dW in W's dtype is read and written once per chunk (2·V·H·2 B each:
+  the reason chunks are not small). reduction="none" and log-probs recompute the logits in backward: one
+  more GEMM.
+- Memory: one (rows × V) chunk in the compute dtype (FASTFT_LOSS_CHUNK_MIB, default 96 MiB on a GPU:
+  384 rows at V = 128256 in bf16; 32 MiB on the CPU, where the torch row functions' fp32 temporaries count
+  in it), the outputs (dh; dW in W's dtype, fp32 when that is small), nothing of size T × V. Chunk size
+  trades memory for dW traffic: at 384 rows the dW GEMM (K = 384) sits near the H200's ridge point.
+
+Semantics (documented differences from torch): the loss is fp32 for every input dtype; "mean" over zero
+counted tokens (all labels ignored) is 0 with zero gradients, not NaN; reduction "none" returns fp32 per-token
+losses (0 at ignored tokens) and backward honours a per-token grad_output (by recomputing the logits, or,
+when only dhidden is wanted, by scaling the rows of a dhidden made in the forward). Gradients made in the
+forward are handed out by the first backward: a second backward through the same graph is refused. In
+fp16, chunk gradients stay unscaled until backward (1/N would flush them below fp16's range before a loss
+scaler's factor arrives); in bf16/fp32 the reduction's 1/N is applied inside the row kernel.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+import torch.nn.functional as F
+
+from fastft.kernels.runtime import triton_runs_on
+from fastft.ops.chunked_logits import (DeferredChunkedLoss, EagerChunkedLoss, Plan, ce_rows_torch, chunk_budget_bytes,
+                                       chunk_rows, kl_rows_torch)
+from fastft.ops.lm_head import HeadArgs, head_of_module
+
+BACKENDS = ("auto", "triton", "torch")
+REDUCTIONS = ("mean", "sum", "none")
+DIRECTIONS = ("forward", "reverse")
+
+
+def _check(cond: bool, message: str) -> None:
+    if not cond:
+        raise ValueError(message)
+
+
+def _check_tensor(op: str, name: str, t, *, floating: bool = True) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: `{name}` must be a torch.Tensor, got {type(t).__name__}")
+    if floating:
+        _check(t.is_floating_point(), f"{op}: `{name}` must be a floating-point tensor, got {t.dtype}")
+
+
+def _check_labels(op: str, name: str, labels, hidden: torch.Tensor, vocab: int, ignore_index: int,
+                  hidden_name: str = "hidden") -> torch.Tensor:
+    _check_tensor(op, name, labels, floating=False)
+    _check(labels.dtype in (torch.int64, torch.int32), f"{op}: `{name}` must be int64 (or int32), got {labels.dtype}")
+    _check(tuple(labels.shape) == tuple(hidden.shape[:-1]),
+           f"{op}: `{name}` has shape {tuple(labels.shape)} but `{hidden_name}` {tuple(hidden.shape)} needs "
+           f"{tuple(hidden.shape[:-1])} (one label per row)")
+    _check(labels.device == hidden.device, f"{op}: `{name}` is on {labels.device} but `{hidden_name}` on {hidden.device}")
+    labels2 = labels.reshape(-1).to(torch.int64).contiguous()
+    bad = (labels2 != ignore_index) & ((labels2 < 0) | (labels2 >= vocab))
+    # one device sync (skipped while torch.compile traces: it would break the graph); a wrong label would read
+    # out of bounds
+    if labels2.numel() and not torch.compiler.is_compiling() and bool(bad.any()):
+        first = labels2[bad][0].item()
+        raise ValueError(f"{op}: `{name}` holds {first}, outside [0, {vocab}) and not ignore_index={ignore_index}")
+    return labels2
+
+
+def _check_options(op: str, reduction: str, ignore_index, num_items, backend: str) -> None:
+    _check(reduction in REDUCTIONS, f"{op}: `reduction` must be one of {REDUCTIONS}, got {reduction!r}")
+    _check(isinstance(ignore_index, numbers.Integral) and not isinstance(ignore_index, bool),
+           f"{op}: `ignore_index` must be an int, got {ignore_index!r}")
+    _check(backend in BACKENDS, f"{op}: `backend` must be one of {BACKENDS}, got {backend!r}")
+    if num_items is None:
+        return
+    _check(reduction == "mean", f"{op}: `num_items` is the denominator of reduction='mean'; got reduction={reduction!r}")
+    if isinstance(num_items, torch.Tensor):
+        _check(num_items.numel() == 1 and not num_items.dtype == torch.bool,
+               f"{op}: `num_items` must be a number or a one-element tensor, got shape {tuple(num_items.shape)}")
+    else:
+        _check(isinstance(num_items, numbers.Real) and not isinstance(num_items, bool) and num_items > 0
+               and math.isfinite(num_items), f"{op}: `num_items` must be a positive number, got {num_items!r}")
+
+
+def _pick_backend(op: str, backend: str, device: torch.device) -> str:
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and triton_runs_on(device) else "torch"
+    if backend == "triton" and not triton_runs_on(device):
+        raise ValueError(f"{op}: backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 on CPU); got {device}")
+    return backend
+
+
+def _grad_scale(reduction: str, labels2: torch.Tensor | None, ignore_index: int, tokens: int, num_items,
+                device) -> torch.Tensor:
+    """fp32 (1,) d(loss)/d(row loss): 1 for "sum", 1/denominator for "mean" (num_items, else the counted rows,
+    at least 1). Stays on the device: no sync."""
+    if reduction == "sum":
+        return torch.ones(1, dtype=torch.float32, device=device)
+    if num_items is not None:
+        denom = torch.as_tensor(num_items, dtype=torch.float32, device=device).reshape(1)
+    elif labels2 is not None:
+        denom = (labels2 != ignore_index).sum().float().clamp(min=1.0).reshape(1)
+    else:
+        denom = torch.full((1,), float(max(tokens, 1)), dtype=torch.float32, device=device)
+    return 1.0 / denom
+
+
+def _draw_seed() -> int:
+    return int(torch.randint(0, 2**31 - 1, (), dtype=torch.int64).item())
+
+
+def _logit_bytes(backend: str, dtype: torch.dtype, buffers: int = 1) -> int:
+    """Bytes per logit a chunk row costs: the buffer(s), plus the torch row functions' fp32 temporaries."""
+    size = torch.empty((), dtype=dtype).element_size()
+    return buffers * size + (12 if backend == "torch" else 0)
+
+
+def _run(plan: Plan, reduction: str, hidden, head: HeadArgs, device_type: str):
+    plan.extra["grad_enabled"] = torch.is_grad_enabled()
+    with torch.autocast(device_type, enabled=False):
+        if reduction == "none":
+            return DeferredChunkedLoss.apply(plan, hidden, head.weight, head.bias, head.lora_A, head.lora_B)
+        return EagerChunkedLoss.apply(plan, hidden, head.weight, head.bias, head.lora_A, head.lora_B)
+
+
+def _autocast(hidden: torch.Tensor, head: HeadArgs) -> tuple[torch.Tensor, HeadArgs]:
+    device_type = hidden.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return hidden, head
+    dtype = torch.get_autocast_dtype(device_type)
+    cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+    return hidden.to(dtype), HeadArgs(cast(head.weight), head.nf4, cast(head.bias), head.lora_A, head.lora_B,
+                                      head.scaling, head.dropout_p)
+
+
+def _head_cross_entropy(op: str, hidden, head: HeadArgs, labels, *, ignore_index, reduction, label_smoothing,
+                        softcap, num_items, backend, chunk_size):
+    _check_tensor(op, "hidden", hidden)
+    _check_options(op, reduction, ignore_index, num_items, backend)
+    _check(isinstance(label_smoothing, numbers.Real) and 0.0 <= label_smoothing <= 1.0,
+           f"{op}: `label_smoothing` must be in [0, 1], got {label_smoothing!r}")
+    _check(softcap is None or (isinstance(softcap, numbers.Real) and softcap > 0 and math.isfinite(softcap)),
+           f"{op}: `softcap` must be None or a positive number, got {softcap!r}")
+    hidden, head = _autocast(hidden, head)
+    head.validate(op, hidden)
+    labels2 = _check_labels(op, "labels", labels, hidden, head.vocab, int(ignore_index))
+    backend = _pick_backend(op, backend, hidden.device)
+    ignore_index, label_smoothing = int(ignore_index), float(label_smoothing)
+    softcap = None if softcap is None else float(softcap)
+    T = labels2.numel()
+    rows = _chunk(op, chunk_size, T, head.vocab, _logit_bytes(backend, hidden.dtype), hidden.device)
+
+    if backend == "triton":
+        from fastft.kernels.cross_entropy import ce_rows
+    else:
+        ce_rows = ce_rows_torch
+
+    def row_fn(x, t0, t1, scale, compute_grad):
+        return ce_rows(x, labels2[t0:t1], scale, ignore_index=ignore_index, label_smoothing=label_smoothing,
+                       softcap=softcap, compute_grad=compute_grad)
+
+    # an NF4 head is dequantized a block of vocab rows at a time, each block at most half a chunk's budget
+    nf4_rows = max(1, chunk_budget_bytes(hidden.device) // (2 * hidden.shape[-1] * hidden.element_size()))
+    plan = Plan(row_fn, rows, head.vocab, nf4=head.nf4, nf4_rows=nf4_rows, scaling=head.scaling, dropout_p=head.dropout_p,
+                seed=_draw_seed() if head.dropout_p > 0.0 else 0,
+                grad_scale=_grad_scale(reduction, labels2, ignore_index, T, num_items, hidden.device))
+    loss = _run(plan, reduction, hidden, head, hidden.device.type)
+    return loss.view(labels.shape) if reduction == "none" else loss
+
+
+def _chunk(op: str, chunk_size, tokens: int, vocab: int, bytes_per_logit: int, device) -> int:
+    if chunk_size is not None:
+        _check(isinstance(chunk_size, numbers.Integral) and not isinstance(chunk_size, bool) and chunk_size > 0,
+               f"{op}: `chunk_size` must be a positive int (token rows per chunk), got {chunk_size!r}")
+        return int(chunk_size)
+    return chunk_rows(tokens, vocab, bytes_per_logit, chunk_budget_bytes(device))
+
+
+def linear_cross_entropy(hidden, weight, labels, *, bias=None, ignore_index=-100, reduction="mean",
+                         label_smoothing=0.0, softcap=None, num_items=None, backend="auto", chunk_size=None):
+    """Cross-entropy of logits = hidden·weightᵀ + bias against labels, without materialising the logits.
+
+    hidden (..., H) fp32/fp16/bf16; weight (V, H) in hidden's dtype (or under torch.autocast); labels (...) int64
+    with ignore_index marking rows that do not count. softcap c: logits → c·tanh(logits/c) first (Gemma 2).
+    label_smoothing as torch's F.cross_entropy. reduction "mean" divides by `num_items` when given (a number
+    or a one-element tensor: the token count of the whole accumulated batch, for exact gradient
+    accumulation), else by the count of non-ignored labels. Returns an fp32 loss (per-row fp32 losses of
+    labels' shape for "none"). backend "auto" (Triton row kernel on CUDA, torch elsewhere) | "triton" |
+    "torch"; chunk_size: token rows per chunk (default from FASTFT_LOSS_CHUNK_MIB).
+    """
+    op = "linear_cross_entropy"
+    _check_tensor(op, "weight", weight)
+    return _head_cross_entropy(op, hidden, HeadArgs(weight=weight, bias=bias), labels, ignore_index=ignore_index,
+                               reduction=reduction, label_smoothing=label_smoothing, softcap=softcap,
+                               num_items=num_items, backend=backend, chunk_size=chunk_size)
+
+
+def lm_head_cross_entropy(hidden, lm_head, labels, *, ignore_index=-100, reduction="mean", label_smoothing=0.0,
+                          softcap=None, num_items=None):
+    """linear_cross_entropy through an lm_head module: nn.Linear, fastft's NF4Linear (its weight dequantized
+    a vocab block at a time), or a peft LoRA Linear over either (fastft's FusedLoraLinear / FusedQLoraLinear or
+    peft's own). A LoRA head's adapters get their gradients; LoRA dropout in training mode is honoured (with
+    fastft's own mask draw). Refused with a clear error: DoRA and other LoRA variants, lora_bias,
+    fan_in_fan_out, other base layers. Backend and chunking as linear_cross_entropy's "auto" / defaults.
+    An NF4 head is dequantized twice per token chunk (for the logits and for dh), a block of vocab rows of at
+    most half the chunk budget at a time: never the whole weight in the compute dtype."""
+    head = head_of_module("lm_head_cross_entropy", lm_head)
+    return _head_cross_entropy("lm_head_cross_entropy", hidden, head, labels, ignore_index=ignore_index,
+                               reduction=reduction, label_smoothing=label_smoothing, softcap=softcap,
+                               num_items=num_items, backend="auto", chunk_size=None)
+
+
+def linear_kl_div(student_hidden, student_weight, teacher_hidden, teacher_weight, *, temperature=1.0,
+                  direction="forward", labels=None, ignore_index=-100, reduction="mean", num_items=None,
+                  backend="auto", chunk_size=None):
+    """KL divergence between the student's and the teacher's next-token distributions at `temperature`,
+    from hidden states and heads, chunked like linear_cross_entropy (no logits tensor for either side).
+
+    p_s = softmax(h_s·W_sᵀ/τ), p_t = softmax(h_t·W_tᵀ/τ); direction "forward": KL(p_t‖p_s) (teacher-weighted,
+    the usual distillation loss), "reverse": KL(p_s‖p_t). Summed over the vocab, per row; rows whose `labels`
+    equal ignore_index do not count; "mean" divides by num_items, else the counted rows. No τ² factor (multiply
+    the result for Hinton-style scaling). The teacher side gets no gradient. Shapes: student_hidden (..., Hs),
+    student_weight (V, Hs), teacher_hidden (..., Ht) with the same leading shape, teacher_weight (V, Ht).
+    """
+    op = "linear_kl_div"
+    for name, t in (("student_hidden", student_hidden), ("student_weight", student_weight),
+                    ("teacher_hidden", teacher_hidden), ("teacher_weight", teacher_weight)):
+        _check_tensor(op, name, t)
+    _check_options(op, reduction, ignore_index, num_items, backend)
+    _check(direction in DIRECTIONS, f"{op}: `direction` must be one of {DIRECTIONS}, got {direction!r}")
+    _check(isinstance(temperature, numbers.Real) and temperature > 0 and math.isfinite(temperature),
+           f"{op}: `temperature` must be a positive number, got {temperature!r}")
+    head = HeadArgs(weight=student_weight)
+    student_hidden, head = _autocast(student_hidden, head)
+    teacher_hidden, teacher = _autocast(teacher_hidden, HeadArgs(weight=teacher_weight))
+    head.validate(op, student_hidden, hidden_name="student_hidden", weight_name="student_weight")
+    teacher.validate(op, teacher_hidden, hidden_name="teacher_hidden", weight_name="teacher_weight")
+    _check(teacher.vocab == head.vocab, f"{op}: `teacher_weight` has {teacher.vocab} rows but `student_weight` "
+                                        f"{head.vocab}: student and teacher need one vocabulary")
+    _check(tuple(teacher_hidden.shape[:-1]) == tuple(student_hidden.shape[:-1]),
+           f"{op}: `teacher_hidden` {tuple(teacher_hidden.shape)} and `student_hidden` "
+           f"{tuple(student_hidden.shape)} need the same leading shape (one row each per token)")
+    ignore_index = int(ignore_index)
+    labels2 = None
+    if labels is not None:
+        labels2 = _check_labels(op, "labels", labels, student_hidden, head.vocab, ignore_index, "student_hidden")
+    backend = _pick_backend(op, backend, student_hidden.device)
+    T = math.prod(student_hidden.shape[:-1])
+    rows = _chunk(op, chunk_size, T, head.vocab, _logit_bytes(backend, student_hidden.dtype, buffers=2),
+                  student_hidden.device)
+    th2 = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1]).contiguous()
+    tw = teacher.weight.detach()
+    reverse, temperature = direction == "reverse", float(temperature)
+
+    if backend == "triton":
+        from fastft.kernels.cross_entropy import kl_rows
+    else:
+        kl_rows = kl_rows_torch
+
+    def row_fn(x, t0, t1, scale, compute_grad):
+        teacher_logits = th2[t0:t1] @ tw.t()  # one chunk, freed after the row
+        return kl_rows(x, teacher_logits, None if labels2 is None else labels2[t0:t1], scale,
+                       ignore_index=ignore_index, temperature=temperature, reverse=reverse, compute_grad=compute_grad)
+
+    plan = Plan(row_fn, rows, head.vocab,
+                grad_scale=_grad_scale(reduction, labels2, ignore_index, T, num_items, student_hidden.device))
+    loss = _run(plan, reduction, student_hidden, head, student_hidden.device.type)
+    return loss.view(student_hidden.shape[:-1]) if reduction == "none" else loss
+
+
+def linear_sequence_logprobs(hidden, weight, labels, *, bias=None, ignore_index=-100, softcap=None,
+                             backend="auto", chunk_size=None):
+    """Σ over the last dimension of log p(label) under logits = hidden·weightᵀ + bias: hidden (B, S, H),
+    labels (B, S) → (B,) fp32 (ignored positions add 0). Differentiable (the logits are recomputed in backward);
+    under torch.no_grad it is the reference pass of DPO (one GEMM, nothing kept)."""
+    op = "linear_sequence_logprobs"
+    _check_tensor(op, "hidden", hidden)
+    _check(hidden.dim() >= 2, f"{op}: `hidden` must be (..., S, H), got shape {tuple(hidden.shape)}")
+    _check_tensor(op, "weight", weight)
+    token_losses = _head_cross_entropy(op, hidden, HeadArgs(weight=weight, bias=bias), labels,
+                                       ignore_index=ignore_index, reduction="none", label_smoothing=0.0,
+                                       softcap=softcap, num_items=None, backend=backend, chunk_size=chunk_size)
+    return -token_losses.sum(-1)
+
+
+def linear_dpo_loss(policy_chosen_hidden, policy_rejected_hidden, weight, chosen_labels, rejected_labels, *,
+                    ref_chosen_logps, ref_rejected_logps, beta=0.1, ignore_index=-100, bias=None):
+    """DPO (sigmoid loss) from the policy's hidden states and head: returns (loss, chosen_rewards,
+    rejected_rewards) with loss = -mean log σ(β·((π_c - ref_c) - (π_r - ref_r))), rewards β·(π - ref) (detached,
+    per sequence). π_c, π_r are per-sequence summed log-probs (linear_sequence_logprobs) of chosen_labels /
+    rejected_labels; ref_* are the caller's (B,) reference log-probs, e.g. linear_sequence_logprobs of the
+    reference model under torch.no_grad. Chosen and rejected rows go through one chunked pass."""
+    op = "linear_dpo_loss"
+    for name, t in (("policy_chosen_hidden", policy_chosen_hidden), ("policy_rejected_hidden", policy_rejected_hidden),
+                    ("ref_chosen_logps", ref_chosen_logps), ("ref_rejected_logps", ref_rejected_logps)):
+        _check_tensor(op, name, t)
+    for name, h in (("policy_chosen_hidden", policy_chosen_hidden), ("policy_rejected_hidden", policy_rejected_hidden)):
+        _check(h.dim() >= 2, f"{op}: `{name}` must be (B, S, H), got shape {tuple(h.shape)}")
+    B = policy_chosen_hidden.shape[0]
+    _check(policy_rejected_hidden.shape[0] == B and policy_rejected_hidden.shape[-1] == policy_chosen_hidden.shape[-1],
+           f"{op}: `policy_rejected_hidden` {tuple(policy_rejected_hidden.shape)} must match the batch and hidden size "
+           f"of `policy_chosen_hidden` {tuple(policy_chosen_hidden.shape)}")
+    for name, t in (("ref_chosen_logps", ref_chosen_logps), ("ref_rejected_logps", ref_rejected_logps)):
+        _check(tuple(t.shape) == (B,), f"{op}: `{name}` must have shape ({B},) (one log-prob per sequence), "
+                                       f"got {tuple(t.shape)}")
+    _check(isinstance(beta, numbers.Real) and math.isfinite(beta), f"{op}: `beta` must be a finite number, got {beta!r}")
+    for name, lab, h in (("chosen_labels", chosen_labels, policy_chosen_hidden),
+                         ("rejected_labels", rejected_labels, policy_rejected_hidden)):
+        _check_tensor(op, name, lab, floating=False)
+        _check(tuple(lab.shape) == tuple(h.shape[:-1]), f"{op}: `{name}` has shape {tuple(lab.shape)} but its hidden "
+                                                        f"states need {tuple(h.shape[:-1])}")
+    H = policy_chosen_hidden.shape[-1]
+    rows = torch.cat([policy_chosen_hidden.reshape(-1, H), policy_rejected_hidden.reshape(-1, H)])
+    labels = torch.cat([chosen_labels.reshape(-1), rejected_labels.reshape(-1)])
+    token_losses = _head_cross_entropy(op, rows, HeadArgs(weight=weight, bias=bias), labels,
+                                       ignore_index=ignore_index, reduction="none", label_smoothing=0.0, softcap=None,
+                                       num_items=None, backend="auto", chunk_size=None)
+    n_c = chosen_labels.numel()
+    chosen = -token_losses[:n_c].view(chosen_labels.shape).sum(-1)
+    rejected = -token_losses[n_c:].view(rejected_labels.shape).sum(-1)
+    return _dpo(chosen, rejected, ref_chosen_logps, ref_rejected_logps, float(beta))
+
+
+def _dpo(chosen, rejected, ref_chosen, ref_rejected, beta):
+    chosen_rewards = beta * (chosen - ref_chosen.float())
+    rejected_rewards = beta * (rejected - ref_rejected.float())
+    loss = -F.logsigmoid(chosen_rewards - rejected_rewards).mean()
+    return loss, chosen_rewards.detach(), rejected_rewards.detach()
+
+
+# ----------------------------------------------------------------------------------------------
+# references: plain torch with the logits materialised (the ground truth of the tests)
+
+def _reference_denominator(labels, ignore_index, num_items):
+    if num_items is not None:
+        return torch.as_tensor(num_items, dtype=torch.float64).reshape(())
+    return (labels != ignore_index).sum().clamp(min=1)
+
+
+def linear_cross_entropy_reference(hidden, weight, labels, *, bias=None, ignore_index=-100, reduction="mean",
+                                   label_smoothing=0.0, softcap=None, num_items=None):
+    logits = F.linear(hidden, weight, bias)
+    logits = logits.double() if logits.dtype == torch.float64 else logits.float()
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    flat = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=ignore_index,
+                           reduction="none", label_smoothing=label_smoothing)
+    if reduction == "none":
+        return flat.view(labels.shape)
+    if reduction == "sum":
+        return flat.sum()
+    return flat.sum() / _reference_denominator(labels, ignore_index, num_items).to(flat.device, flat.dtype)
+
+
+def linear_kl_div_reference(student_hidden, student_weight, teacher_hidden, teacher_weight, *, temperature=1.0,
+                            direction="forward", labels=None, ignore_index=-100, reduction="mean", num_items=None):
+    up = lambda t: t.double() if t.dtype == torch.float64 else t.float()  # noqa: E731
+    log_ps = F.log_softmax(up(F.linear(student_hidden, student_weight)) / temperature, dim=-1)
+    log_pt = F.log_softmax(up(F.linear(teacher_hidden, teacher_weight)).detach() / temperature, dim=-1)
+    if direction == "forward":
+        kl = (log_pt.exp() * (log_pt - log_ps)).sum(-1)
+    else:
+        kl = (log_ps.exp() * (log_ps - log_pt)).sum(-1)
+    if labels is not None:
+        kl = kl.masked_fill(labels == ignore_index, 0.0)
+    if reduction == "none":
+        return kl
+    if reduction == "sum":
+        return kl.sum()
+    if num_items is None and labels is None:
+        return kl.sum() / max(kl.numel(), 1)
+    return kl.sum() / _reference_denominator(labels, ignore_index, num_items).to(kl.device, kl.dtype)
+
+
+def linear_sequence_logprobs_reference(hidden, weight, labels, *, bias=None, ignore_index=-100, softcap=None):
+    return -linear_cross_entropy_reference(hidden, weight, labels, bias=bias, ignore_index=ignore_index,
+                                           reduction="none", softcap=softcap).sum(-1)
+
+
+def linear_dpo_loss_reference(policy_chosen_hidden, policy_rejected_hidden, weight, chosen_labels, rejected_labels, *,
+                              ref_chosen_logps, ref_rejected_logps, beta=0.1, ignore_index=-100, bias=None):
+    chosen = linear_sequence_logprobs_reference(policy_chosen_hidden, weight, chosen_labels, bias=bias,
+                                                ignore_index=ignore_index)
+    rejected = linear_sequence_logprobs_reference(policy_rejected_hidden, weight, rejected_labels, bias=bias,
+                                                  ignore_index=ignore_index)
+    rewards_c = beta * (chosen - ref_chosen_logps.to(chosen.dtype))
+    rewards_r = beta * (rejected - ref_rejected_logps.to(rejected.dtype))
+    return -F.logsigmoid(rewards_c - rewards_r).mean(), rewards_c.detach(), rewards_r.detach()
+
+
+__all__ = ["linear_cross_entropy", "linear_cross_entropy_reference", "linear_dpo_loss",
+           "linear_dpo_loss_reference", "linear_kl_div", "linear_kl_div_reference", "linear_sequence_logprobs",
+           "linear_sequence_logprobs_reference", "lm_head_cross_entropy"]

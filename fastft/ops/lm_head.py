@@ -1,0 +1,129 @@
+"""What the fused linear losses need to know of an lm_head: its weight (dense or NF4), bias, LoRA factors.
+
+`head_of_module` reads an nn.Linear, a module whose `.weight` is an NF4Weight (fastft's NF4Linear), or a peft
+LoRA Linear (peft's own, fastft's FusedLoraLinear / FusedQLoraLinear) around either, or peft's
+ModulesToSaveWrapper (a trainable copy of lm_head) around any of them, by duck typing for fastft's own classes
+(the ops layer does not import fastft.modules). Anything else is refused with the list of what is supported.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from fastft.quant.nf4_weight import NF4Weight
+
+SUPPORTED = ("torch.nn.Linear", "fastft NF4Linear (an NF4Weight .weight)",
+             "peft LoRA Linear (peft.tuners.lora.Linear, fastft FusedLoraLinear / FusedQLoraLinear) over either",
+             "peft ModulesToSaveWrapper (modules_to_save) around any of these")
+
+
+@dataclass
+class HeadArgs:
+    """logits = h·Wᵀ + b + scaling·(dropout(h)·Aᵀ)·Bᵀ; W is `weight` (dense) or `nf4`."""
+    weight: torch.Tensor | None = None
+    nf4: NF4Weight | None = None
+    bias: torch.Tensor | None = None
+    lora_A: torch.Tensor | None = None
+    lora_B: torch.Tensor | None = None
+    scaling: float = 1.0
+    dropout_p: float = 0.0
+
+    @property
+    def vocab(self) -> int:
+        return (self.weight if self.weight is not None else self.nf4).shape[0]
+
+    def validate(self, op: str, hidden: torch.Tensor, hidden_name: str = "hidden", weight_name: str = "weight") -> None:
+        def check(cond, message):
+            if not cond:
+                raise ValueError(f"{op}: {message}")
+
+        w = self.weight if self.weight is not None else self.nf4
+        check(hidden.dim() >= 1, f"`{hidden_name}` needs a last (hidden) dimension")
+        check(len(w.shape) == 2, f"`{weight_name}` must be 2-D (vocab, hidden), got shape {tuple(w.shape)}")
+        V, H = w.shape
+        check(V >= 1, f"`{weight_name}` has no rows (vocab size 0)")
+        check(hidden.shape[-1] == H, f"`{hidden_name}` has {hidden.shape[-1]} features in its last dimension but "
+                                     f"`{weight_name}` {tuple(w.shape)} expects {H}")
+        check(hidden.dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64),
+              f"`{hidden_name}` must be fp32, fp16, bf16 (or fp64), got {hidden.dtype}")
+        if self.weight is not None:
+            check(self.weight.dtype == hidden.dtype, f"`{hidden_name}` is {hidden.dtype} but `{weight_name}` is "
+                                                     f"{self.weight.dtype}; cast one of them or run under torch.autocast")
+        check(w.device == hidden.device, f"`{hidden_name}` is on {hidden.device} but `{weight_name}` on {w.device}")
+        if self.bias is not None:
+            check(isinstance(self.bias, torch.Tensor) and tuple(self.bias.shape) == (V,),
+                  f"`bias` must be a tensor of shape ({V},), got "
+                  f"{tuple(self.bias.shape) if isinstance(self.bias, torch.Tensor) else type(self.bias).__name__}")
+            check(self.bias.device == hidden.device, f"`bias` is on {self.bias.device} but `{hidden_name}` on "
+                                                     f"{hidden.device}")
+            if self.bias.dtype != hidden.dtype:
+                self.bias = self.bias.to(hidden.dtype)
+        if self.lora_A is not None:
+            r = self.lora_A.shape[0]
+            check(tuple(self.lora_A.shape) == (r, H) and tuple(self.lora_B.shape) == (V, r),
+                  f"LoRA factors must be A ({r}, {H}) and B ({V}, {r}), got {tuple(self.lora_A.shape)} and "
+                  f"{tuple(self.lora_B.shape)}")
+
+
+def _base_head(op: str, base: nn.Module, what: str) -> HeadArgs:
+    weight = getattr(base, "weight", None)
+    if isinstance(weight, NF4Weight):
+        return HeadArgs(nf4=weight, bias=getattr(base, "bias", None))
+    if type(base) is nn.Linear or (isinstance(base, nn.Linear) and isinstance(weight, torch.Tensor)
+                                   and type(weight) in (torch.Tensor, nn.Parameter)):
+        return HeadArgs(weight=base.weight, bias=base.bias)
+    raise TypeError(f"{op}: `lm_head` {what} is a {type(base).__module__}.{type(base).__name__}; supported: "
+                    + "; ".join(SUPPORTED))
+
+
+def head_of_module(op: str, lm_head: nn.Module) -> HeadArgs:
+    if not isinstance(lm_head, nn.Module):
+        raise TypeError(f"{op}: `lm_head` must be an nn.Module, got {type(lm_head).__name__}")
+    try:
+        from peft.tuners.lora import Linear as PeftLoraLinear
+        from peft.utils import ModulesToSaveWrapper
+    except ImportError:  # peft is a dependency; without it there is no LoRA head to recognise
+        PeftLoraLinear = ModulesToSaveWrapper = ()
+    if isinstance(lm_head, ModulesToSaveWrapper):  # modules_to_save=["lm_head"]: the copy peft would run
+        active = lm_head.active_adapters
+        passthrough = lm_head.disable_adapters or not active or any(a not in lm_head.modules_to_save for a in active)
+        return head_of_module(op, lm_head.original_module if passthrough else lm_head.modules_to_save[active[0]])
+    if not isinstance(lm_head, PeftLoraLinear):
+        return _base_head(op, lm_head, "")
+    base = _base_head(op, lm_head.get_base_layer(), "base layer")
+    names = [a for a in lm_head.active_adapters if a in lm_head.lora_A]
+    if lm_head.disable_adapters or lm_head.merged or not names:
+        return base  # merged adapters live in the base weight; disabled ones do nothing
+    if lm_head.fan_in_fan_out:
+        raise ValueError(f"{op}: `lm_head` LoRA with fan_in_fan_out=True is not supported")
+    dropouts = set()
+    for name in names:
+        if name in getattr(lm_head, "lora_variant", {}):
+            raise ValueError(f"{op}: `lm_head` adapter {name!r} is a LoRA variant "
+                             f"({type(lm_head.lora_variant[name]).__name__}, e.g. DoRA): not supported by the fused loss")
+        if lm_head.lora_bias.get(name, False):
+            raise ValueError(f"{op}: `lm_head` adapter {name!r} has lora_bias=True: not supported by the fused loss")
+        dropout = lm_head.lora_dropout[name]
+        if isinstance(dropout, nn.Identity):
+            dropouts.add(0.0)
+        elif type(dropout) is nn.Dropout:
+            dropouts.add(float(dropout.p) if dropout.training else 0.0)
+        else:
+            raise ValueError(f"{op}: `lm_head` adapter {name!r} has a {type(dropout).__name__} as lora_dropout; only "
+                             "nn.Dropout / nn.Identity are supported")
+    if len(dropouts) != 1:
+        raise ValueError(f"{op}: `lm_head` active adapters {names} use different dropout rates {sorted(dropouts)}; "
+                         "the fused loss draws one mask for all of them")
+    dropout_p = dropouts.pop()
+    if len(names) == 1:
+        name = names[0]
+        A, B, scaling = lm_head.lora_A[name].weight, lm_head.lora_B[name].weight, float(lm_head.scaling[name])
+    else:  # several active adapters are one LoRA of summed rank
+        dtype = lm_head.lora_A[names[0]].weight.dtype
+        A = torch.cat([lm_head.lora_A[n].weight.to(dtype) for n in names], dim=0)
+        B = torch.cat([lm_head.lora_B[n].weight.to(dtype) * lm_head.scaling[n] for n in names], dim=1)
+        scaling = 1.0
+    return HeadArgs(weight=base.weight, nf4=base.nf4, bias=base.bias, lora_A=A, lora_B=B, scaling=scaling,
+                    dropout_p=dropout_p)

@@ -1,0 +1,189 @@
+"""`fastft bench`: the tiny-shape method table on the CPU writes its JSON, markdown table and PNG plot; failures
+become rows, never crashes or numbers; the CLI's help and errors; the atomic writer; the targets check."""
+import json
+
+import pytest
+import torch
+
+from fastft.apps import cli
+from fastft.apps.bench import peers, run
+from fastft.apps.bench.config import BenchConfig
+from fastft.apps.bench.methods import planned_runs
+from fastft.apps.bench.targets import check_targets
+from fastft.integration.files import atomic_write
+from fastft.integration.methods import METHODS
+
+STATUSES = {"ok", "unavailable", "not installed", "error", "oom"}
+TINY = ["--shape", "tiny", "--steps", "2", "--warmup", "1", "--seq-len", "32", "--batch-size", "2"]
+
+
+@pytest.fixture(scope="module")
+def tiny_bench(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    assert cli.main(["bench", *TINY, "--output-dir", str(out)]) == 0
+    return out
+
+
+def test_tiny_bench_rows(tiny_bench):
+    result = json.loads((tiny_bench / "bench_methods.json").read_text())
+    rows = {(r["method"], r["implementation"]): r for r in result["rows"]}
+    assert {r["method"] for r in result["rows"]} == set(METHODS)
+    assert all(r["status"] in STATUSES for r in result["rows"])
+    failed = [r for r in result["rows"] if r["status"] in ("error", "oom")]
+    assert not failed, [(r["method"], r["implementation"], r.get("error"), r.get("traceback")) for r in failed]
+    for key in [("lora", "fastft"), ("lora", "peft"), ("qlora", "fastft"), ("qlora", "peft+bnb"), ("full", "fastft")]:
+        r = rows[key]
+        assert r["status"] == "ok", r
+        assert r["tokens_per_s"] > 0 and r["step_ms"] > 0 and len(r["step_ms_all"]) == 2
+        assert r["tokens_per_s"] == pytest.approx(2 * 32 / (r["step_ms"] / 1e3))
+        assert r["peak_gib"] >= 0 and r["memory_kind"].startswith("cpu")
+        assert r["loss_first"] == r["loss_first"]  # finite, not NaN
+    # LoRA r=16 on the 7 linears of 2 tiny layers, the same count whoever builds it; full trains everything
+    lora = 2 * 16 * (2 * (64 + 64) + 2 * (64 + 32) + 2 * (64 + 128) + (128 + 64))
+    assert rows[("lora", "fastft")]["trainable_params"] == rows[("lora", "peft")]["trainable_params"] == lora
+    assert rows[("qlora", "peft+bnb")]["quantized_by"] == "bitsandbytes nf4"
+    assert rows[("full", "fastft")]["trainable_params"] == 512 * 64 + 2 * (3 * 64 * 64 + 3 * 64 * 128 + 128) + 64
+    # rows without a measurement carry the reason and no number
+    assert rows[("adapter", "peft")]["status"] == "unavailable" and "peft has no" in rows[("adapter", "peft")]["reason"]
+    for r in result["rows"]:
+        if r["status"] != "ok":
+            assert (r.get("reason") or r.get("error")) and "tokens_per_s" not in r, r
+    env = result["environment"]
+    assert env["card"] == "cpu" and env["versions"]["torch"] == torch.__version__ and env["versions"]["peft"]
+    assert result["config"]["shape"] == "tiny" and result["config"]["dtype_resolved"] == "fp32"
+
+
+def test_tiny_bench_table_and_plot(tiny_bench):
+    table = (tiny_bench / "bench_methods.md").read_text()
+    assert "| lora | fastft | ok |" in table and "| lora | peft | ok |" in table
+    assert "| adapter | peft | unavailable |" in table
+    assert "cpu peak RSS" in table and "not checked" in table  # memory kind named; targets not claimed
+    png = (tiny_bench / "bench_methods.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    assert not list(tiny_bench.glob(".tmp-*"))
+
+
+def test_report_redrawn_from_json(tiny_bench, tmp_path):
+    from fastft.apps.bench import report
+
+    assert report.main([str(tiny_bench / "bench_methods.json"), str(tmp_path)]) == 0
+    assert (tmp_path / "bench_methods.md").read_text() == (tiny_bench / "bench_methods.md").read_text()
+    assert (tmp_path / "bench_methods.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (tmp_path / "bench_methods.json").exists()
+
+
+def test_not_implemented_and_failures_become_rows(monkeypatch):
+    cfg = BenchConfig(shape="tiny", steps=1, warmup=0, seq_len=8, batch_size=1)
+    cpu = torch.device("cpu")
+
+    def fail(exc):
+        def prepare(*args, **kwargs):
+            raise exc
+        return prepare
+
+    monkeypatch.setattr(peers, "prepare", fail(NotImplementedError("method 'x' has no fastft room yet")))
+    row = run.run_one(cfg, "dora", "fastft", cpu)
+    assert row["status"] == "unavailable" and row["reason"] == "method 'x' has no fastft room yet"
+    assert "tokens_per_s" not in row
+    monkeypatch.setattr(peers, "prepare", fail(RuntimeError("boom\nsecond line")))
+    row = run.run_one(cfg, "lora", "fastft", cpu)
+    assert row["status"] == "error" and row["error"] == "RuntimeError: boom" and "tokens_per_s" not in row
+    monkeypatch.setattr(peers, "missing_package", lambda impl, method: "liger_kernel")
+    row = run.run_one(cfg, "lora", "liger", cpu)
+    assert row == {"method": "lora", "implementation": "peft+liger", "peer": "liger", "status": "not installed",
+                   "reason": "liger_kernel is not installed"}
+
+
+def test_help_lists_every_knob(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["bench", "--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--shape", "--model", "--methods", "--peers", "--seq-len", "--batch-size", "--steps", "--warmup",
+                 "--gradient-checkpointing", "--dtype", "--output-dir", "--seed", "--family", "kernels", "--no-patch-model", "--formats"):
+        assert flag in text, flag
+    assert "llama-1b" in text and "llama-8b" in text and "tiny" in text and "(default: 2048)" in text
+
+
+@pytest.mark.parametrize("argv, names", [(["--methods", "lora,foo"], ["'foo'", *METHODS]),
+                                          (["--peers", "bar"], ["'bar'", "peft", "liger", "unsloth"]),
+                                          (["--steps", "0"], ["--steps"]),
+                                          (["--formats", "json,pdf"], ["'pdf'", "json, md, png"])])
+def test_bad_flags_one_line_error(capsys, argv, names):
+    assert cli.main(["bench", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("fastft bench: error:")
+    assert all(n in err for n in names), err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU message")
+def test_kernels_on_cpu_says_so(capsys, tmp_path):
+    assert cli.main(["bench", "kernels", "--output-dir", str(tmp_path)]) == 0
+    assert "need a CUDA GPU" in capsys.readouterr().out
+    assert not list(tmp_path.iterdir())
+
+
+def test_atomic_write(tmp_path):
+    assert atomic_write(tmp_path / "a" / "t.txt", "text").read_text() == "text"
+    assert atomic_write(tmp_path / "b.bin", b"\x00\x01").read_bytes() == b"\x00\x01"
+    atomic_write(tmp_path / "c.txt", lambda p: open(p, "w").write("by callable"))
+    assert (tmp_path / "c.txt").read_text() == "by callable"
+
+    def broken(path):
+        open(path, "w").write("half")
+        raise OSError("disk full")
+    with pytest.raises(OSError):
+        atomic_write(tmp_path / "b.bin", broken)
+    assert (tmp_path / "b.bin").read_bytes() == b"\x00\x01"  # the old file is intact, no temporary is left
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["a", "b.bin", "c.txt", "t.txt"]
+
+
+def _result(rows, **config):
+    cfg = dict(shape="llama-1b", model=None, batch_size=4, seq_len=2048, gradient_checkpointing=False,
+               dtype_resolved="bf16", device="cuda")
+    cfg.update(config)
+    full = [dict(method=m, peer=p, status="ok", tokens_per_s=t, peak_gib=g, step_ms=4 * 2048 / t * 1e3)
+            for m, p, t, g in rows]
+    return {"config": cfg, "environment": {"card": "NVIDIA H200"}, "rows": full}
+
+
+def test_targets_check():
+    lines = check_targets(_result([("lora", "fastft", 95e3, 14.0), ("qlora", "fastft", 70e3, 11.0),
+                                   ("dora", "fastft", 40e3, 30.0), ("dora", "peft", 24.5e3, 52.8),
+                                   ("ia3", "fastft", 60e3, 20.0), ("ia3", "peft", 55e3, 29.6),
+                                   ("full", "fastft", 61e3, 33.0)]))
+    text = "\n".join(lines)
+    assert "lora ≥ 90k" in lines[0] and lines[0].endswith("**met**")
+    assert lines[1].endswith("**missed**")                        # qlora below 80k
+    assert "dora" in lines[2] and "1.63×" in lines[2] and lines[2].endswith("**met**")
+    assert "prefix" in lines[3] and "not measured" in lines[3]
+    assert "ia3" in lines[5] and lines[5].endswith("**missed**")   # 1.09×
+    assert "LoRA step faster" in lines[6] and lines[6].endswith("**met**")
+    assert "H200 targets" not in text
+    eight = _result([("qlora", "fastft", 12e3, 5.0), ("qlora", "peft", 4.17e3, 9.8)], shape="llama-8b",
+                    batch_size=1, gradient_checkpointing=True)
+    assert check_targets(eight)[0].endswith("**met**")
+    assert check_targets(_result([], dtype_resolved="fp32", device="cpu"))[0].startswith("- not checked")
+
+
+def test_process_wide_patchers_run_last():
+    runs = planned_runs(BenchConfig(methods=("lora", "full"), peers=("unsloth", "liger", "peft")))
+    assert runs == [("lora", "fastft"), ("lora", "peft"), ("full", "fastft"), ("full", "peft"),
+                    ("lora", "liger"), ("full", "liger"), ("lora", "unsloth"), ("full", "unsloth")]
+    assert planned_runs(BenchConfig(methods=("qlora",), peers=())) == [("qlora", "fastft")]
+
+
+@pytest.mark.gpu
+def test_tiny_bench_on_gpu(tmp_path):
+    """The table on CUDA: bf16, fused kernels, CUDA peak memory; LoRA and QLoRA beside peft / peft+bnb."""
+    argv = ["bench", "--shape", "tiny", "--steps", "2", "--warmup", "1", "--seq-len", "64", "--batch-size", "2",
+            "--methods", "lora,qlora,full", "--peers", "peft", "--output-dir", str(tmp_path)]
+    assert cli.main(argv) == 0
+    result = json.loads((tmp_path / "bench_methods.json").read_text())
+    assert result["config"]["dtype_resolved"] == "bf16" and result["environment"]["card"] != "cpu"
+    for r in result["rows"]:
+        if (r["method"], r["implementation"]) in {("lora", "fastft"), ("lora", "peft"), ("qlora", "fastft"),
+                                                  ("full", "fastft")}:
+            assert r["status"] == "ok", r
+            assert r["tokens_per_s"] > 0 and r["peak_gib"] > 0 and r["memory_kind"].startswith("cuda")
+    assert (tmp_path / "bench_methods.png").read_bytes()[:4] == b"\x89PNG"
