@@ -248,32 +248,42 @@ def test_unsupported_activation_and_double_patch_leave_model_as_it_was():
 
 
 def test_rope_is_routed_per_patched_instance(monkeypatch):
-    """A patched model's attention runs fastft's RoPE; another Llama in the process keeps transformers' own."""
+    """A patched model's attention runs fastft's RoPE; transformers' module is not touched, so another Llama in
+    the process keeps transformers' own function."""
     import transformers.models.llama.modeling_llama as llama
 
-    from fastft.integration.patching import rope_dispatch
+    from fastft.integration.patching import rope_binding
 
-    def transformers_rope():
-        fn = llama.apply_rotary_pos_emb
-        return getattr(fn, "fastft_original", fn)  # models patched elsewhere and never unpatched keep the dispatcher
-
-    original = transformers_rope()
+    original = llama.apply_rotary_pos_emb
     ids = _batch()[0]
     other = tiny("llama")
     with torch.no_grad():
         before = other(input_ids=ids).logits
     calls = []
-    real = rope_dispatch.rope
-    monkeypatch.setattr(rope_dispatch, "rope", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = rope_binding.rope
+    monkeypatch.setattr(rope_binding, "rope", lambda *a, **k: calls.append(1) or real(*a, **k))
     patched = fastft.patch_model(tiny("llama"))
-    assert llama.apply_rotary_pos_emb is not original and transformers_rope() is original
     with torch.no_grad():
         patched(input_ids=ids)
         assert len(calls) == 2  # one per layer
         assert torch.equal(other(input_ids=ids).logits, before)
     assert len(calls) == 2  # the unpatched model used transformers' function
+    assert llama.apply_rotary_pos_emb is original
     fastft.unpatch_model(patched)
-    assert transformers_rope() is original
+
+
+def test_patched_model_compiles_without_graph_breaks_in_the_layers():
+    """torch.compile sees plain functions: no graph break from the patching itself (class swaps, the rebound
+    attention forward, the fused-loss forward)."""
+    import torch._dynamo
+
+    model = fastft.patch_model(tiny("llama", num_hidden_layers=1))
+    ids, labels = _batch(seq=6)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(model)(input_ids=ids, labels=labels)
+    reasons = [str(r.reason) for r in explained.break_reasons]
+    assert not any("fastft" in r or "ContextVar" in r or "dataclass" in r for r in reasons), reasons
+    torch._dynamo.reset()
 
 
 @pytest.mark.slow

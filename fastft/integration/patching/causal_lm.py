@@ -18,14 +18,15 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from fastft.ops.linear_losses import lm_head_cross_entropy
 
 
+# The cache field is `cache` in recent transformers, `past_key_values` before (the GPU machine runs an older one).
+_CACHE_FIELD = "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} else "past_key_values"
+
+
 def _output(loss, outputs):
-    """CausalLMOutputWithPast without logits; the cache field is `cache` in recent transformers, `past_key_values`
-    before (the GPU machine runs an older one)."""
-    fields = {f.name for f in dataclasses.fields(CausalLMOutputWithPast)}
-    name = "cache" if "cache" in fields else "past_key_values"
+    """CausalLMOutputWithPast without logits."""
     cache = outputs.get("cache", outputs.get("past_key_values"))
     return CausalLMOutputWithPast(loss=loss, logits=None, hidden_states=outputs.hidden_states,
-                                  attentions=outputs.attentions, **{name: cache})
+                                  attentions=outputs.attentions, **{_CACHE_FIELD: cache})
 
 
 class FusedLossCausalLMForward:

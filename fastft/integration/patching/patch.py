@@ -6,14 +6,14 @@ attention and the *ForCausalLM get a subclass of their own class (same name, so 
 
 - RMSNorm → fastft.ops.rms_norm (Llama or Gemma flavour and rounding);
 - MLP → the model's own projections (plain, LoRA or NF4 layers stay as they are) around fastft.ops.swiglu/geglu;
-- attention → the model's own forward with RoPE through fastft.ops.rope (see rope_dispatch), and
+- attention → the model's own forward code with RoPE through fastft.ops.rope (see rope_binding), and
   `attn_implementation="fastft"` (fastft.integration.attention) unless the architecture's attention logit
   softcapping is set (Gemma2's default) or the config has attention dropout: fastft attention has neither;
 - *ForCausalLM → with labels, the loss through fastft.ops.lm_head_cross_entropy (see causal_lm): no logits.
 
 Everything is checked before anything changes: an unsupported architecture, activation or an already patched
-model raises and leaves the model as it was. `unpatch_model` restores the classes, the attention setting and
-transformers' RoPE function exactly. Works on a transformers model or a peft PeftModel around one, before or
+model raises and leaves the model as it was. `unpatch_model` restores the classes and the attention setting exactly
+(nothing module-level is changed, so unpatched models in the same process are never affected). Works on a transformers model or a peft PeftModel around one, before or
 after `fastft.get_peft_model` (LoRA layers are children of the swapped modules and are not touched).
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from fastft.integration.patching import rope_dispatch
+from fastft.integration.patching import rope_binding
 from fastft.integration.patching.causal_lm import FusedLossCausalLMForward
 from fastft.integration.patching.table import ARCHITECTURES, GELU_TANH, Architecture
 from fastft.modules.fused_layers import FusedGLUMLPForward, FusedRMSNormForward
@@ -51,13 +51,13 @@ def _transformers_model(model: nn.Module) -> nn.Module:
     return get_base() if callable(get_base) and hasattr(model, "peft_config") else model
 
 
-def _subclass(cls: type, mixin: type, **attrs) -> type:
-    """cls with `mixin`'s forward in front, same name; one per (cls, mixin, attrs)."""
-    key = (cls, mixin, tuple(sorted(attrs.items())))
+def _subclass(cls: type, mixin: type | None, **attrs) -> type:
+    """cls with `mixin`'s forward in front (or `attrs` alone), same name; one per (cls, mixin, attrs)."""
+    key = (cls, mixin, tuple(sorted(attrs.items(), key=lambda kv: kv[0])))
     if key not in _SUBCLASSES:
-        _SUBCLASSES[key] = type(cls.__name__, (mixin, cls), {"__module__": cls.__module__,
-                                                            "__qualname__": cls.__qualname__,
-                                                            "_fastft_original_class": cls, **attrs})
+        bases = (mixin, cls) if mixin is not None else (cls,)
+        _SUBCLASSES[key] = type(cls.__name__, bases, {"__module__": cls.__module__, "__qualname__": cls.__qualname__,
+                                                      "_fastft_original_class": cls, **attrs})
     return _SUBCLASSES[key]
 
 
@@ -84,8 +84,9 @@ def _plan(base: nn.Module, backend: str, attention: bool):
             raise _fail(base, f"{arch.module} has no class {name}: this transformers version is not one fastft's "
                               "patch table knows")
         classes[role] = cls
-    if not rope_dispatch.has_rope_hook(arch.module):
-        raise _fail(base, f"{arch.module} has no apply_rotary_pos_emb to route to fastft's RoPE")
+    if not rope_binding.calls_rope(classes["attention"]):
+        raise _fail(base, f"{arch.attention}.forward does not call {rope_binding.ROPE_NAME}: this transformers "
+                          "version is not one fastft's patch table knows")
     activation = getattr(config, arch.activation_attr, None)
     if activation not in GELU_TANH:
         raise _fail(base, f"MLP activation config.{arch.activation_attr}={activation!r} has no fused GLU; supported: "
@@ -94,9 +95,9 @@ def _plan(base: nn.Module, backend: str, attention: bool):
     attrs = {"norm": dict(_fastft_offset=arch.norm_offset, _fastft_eps_attr=arch.norm_eps_attr,
                           _fastft_backend=backend),
              "mlp": dict(_fastft_gelu=GELU_TANH[activation], _fastft_backend=backend),
-             "attention": dict(_fastft_backend=backend),
+             "attention": dict(forward=rope_binding.forward_with_fastft_rope(classes["attention"], backend)),
              "causal_lm": dict(_fastft_softcap_attr=arch.final_softcap_attr)}
-    mixins = {"norm": FusedRMSNormForward, "mlp": FusedGLUMLPForward, "attention": rope_dispatch.RoPEAttentionForward,
+    mixins = {"norm": FusedRMSNormForward, "mlp": FusedGLUMLPForward, "attention": None,
               "causal_lm": FusedLossCausalLMForward}
     swaps, counts = [], dict.fromkeys(classes, 0)
     for name, module in base.named_modules():
@@ -143,7 +144,6 @@ def patch_model(model: nn.Module, *, backend: str = "auto", attention: bool = Tr
     base = _transformers_model(model)
     arch, swaps, attn_change, summary = _plan(base, backend, attention)
     record = PatchRecord(arch=arch, summary=summary)
-    rope_dispatch.install(arch.module)
     for module, new_cls in swaps:
         record.swapped.append((module, type(module)))
         module.__class__ = new_cls
@@ -158,7 +158,7 @@ def patch_model(model: nn.Module, *, backend: str = "auto", attention: bool = Tr
 
 
 def unpatch_model(model: nn.Module) -> nn.Module:
-    """Undo patch_model exactly: original classes, attention implementation and RoPE function. Returns the model."""
+    """Undo patch_model exactly: original classes and attention implementation. Returns the model."""
     base = _transformers_model(model)
     record = getattr(base, "_fastft_patch", None)
     if record is None:
@@ -167,6 +167,5 @@ def unpatch_model(model: nn.Module) -> nn.Module:
         module.__class__ = cls
     if record.attn_implementation is not None:
         base.set_attn_implementation(record.attn_implementation)
-    rope_dispatch.uninstall(record.arch.module)
     del base._fastft_patch
     return model
