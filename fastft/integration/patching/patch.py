@@ -12,9 +12,11 @@ attention and the *ForCausalLM get a subclass of their own class (same name, so 
 - *ForCausalLM → with labels, the loss through fastft.ops.lm_head_cross_entropy (see causal_lm): no logits.
 
 Everything is checked before anything changes: an unsupported architecture, activation or an already patched
-model raises and leaves the model as it was. `unpatch_model` restores the classes and the attention setting exactly
-(nothing module-level is changed, so unpatched models in the same process are never affected). Works on a transformers model or a peft PeftModel around one, before or
-after `fastft.get_peft_model` (LoRA layers are children of the swapped modules and are not touched).
+model raises and leaves the model as it was. `unpatch_model` restores the classes and the attention setting
+exactly; nothing module-level changes, so unpatched models in the same process are never affected. Works on a
+transformers model or a peft PeftModel around one, before or after `fastft.get_peft_model` (LoRA layers are
+children of the swapped modules and are not touched). While patched, the model does not pickle (its classes
+are made at run time); unpatch it first, or save its state dict / adapters as usual.
 """
 from __future__ import annotations
 
