@@ -1,4 +1,4 @@
-"""Compile the NF4 and loss-row Triton kernels for sm_90 on a machine without a GPU (triton's own ptxas), as `python -m`.
+"""Compile the NF4 and loss-row Triton kernels (default) or the LoRA/DoRA/IA3 ones (argument `lora`) for sm_90 on a machine without a GPU (triton's own ptxas), as `python -m`.
 
 Catches what the CPU interpreter cannot: triton's GPU lowering, the inline PTX, register spills and shared
 memory of every launch config the tuner may pick. Prints one line per kernel; exits 1 on any failure.
@@ -14,7 +14,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, compile as triton_compile
 
-from fastft.kernels import cross_entropy, nf4_dequant, qlora_linear
+from fastft.kernels import bottleneck_adapter, column_dot, cross_entropy, lora_linear, nf4_dequant, qlora_linear
 
 TARGET = GPUTarget("cuda", 90, 32)
 SMEM_LIMIT = 232448  # bytes of shared memory a block may use on sm_90
@@ -35,6 +35,72 @@ def spills(kernel) -> int:
         out = subprocess.run([CUOBJDUMP, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
     stack = [w for line in out.splitlines() for w in line.split() if w.startswith("STACK:")]
     return max(int(w.split(":")[1]) for w in stack) if stack else 0
+
+
+def _check(what, kernel_fn, sig, consts, aligned, options) -> int:
+    """Compile one variant; 1 on failure (compile error, spills, shared memory over the limit), else 0."""
+    try:
+        k = build(kernel_fn, sig, consts, aligned, options)
+    except Exception as err:  # noqa: BLE001
+        print(f"FAILED {what}: {err}\n{err.__cause__!r}")
+        return 1
+    stack, smem = spills(k), k.metadata.shared
+    print(f"ok {what} smem={smem} stack={stack}")
+    if smem > SMEM_LIMIT or stack > 0:
+        print(f"FAILED {what}: shared memory {smem} (limit {SMEM_LIMIT}) or register spills {stack} B")
+        return 1
+    return 0
+
+
+def lora_family() -> int:
+    """The dense LoRA GEMM with the DoRA/IA3 scales (every variant the methods launch, with the first bf16
+    descriptor config; the DoRA forward with every config), the column-dot reduction and the bottleneck
+    adapter's kernels."""
+    failures = 0
+    sig = dict(a_ptr="*bf16", b_ptr="*bf16", l_ptr="*bf16", t_ptr="*bf16", bias_ptr="*bf16", c_ptr="*bf16",
+               col_scale_ptr="*fp32", k_scale_ptr="*fp32", M="i32", N="i32", K="i32", stride_am="i32",
+               stride_ak="i32", stride_bn="i32", stride_bk="i32", stride_lm="i32", stride_tn="i32", stride_tr="i32",
+               stride_cm="i32", p_drop="fp32", seed="i32", num_programs="i32")
+    # (B_NK, HAS_TAIL, HAS_COL_SCALE, HAS_K_SCALE): DoRA fwd / dx, IA3 output-scale fwd / dx, input-scale fwd / dx
+    variants = [(True, True, True, False), (False, True, False, True), (True, False, True, False),
+                (False, False, False, True), (True, False, False, True), (False, False, True, False)]
+    configs = lora_linear._gemm_configs(True, 2)
+    jobs = [(v, configs[0]) for v in variants] + [(variants[0], c) for c in configs[1:]]
+    for (b_nk, tail, col, ks), cfg in jobs:
+        cfg = dict(cfg)
+        warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+        consts = dict(HAS_BIAS=True, TAIL_DROPOUT=False, B_NK=b_nk, HAS_TAIL=tail, HAS_COL_SCALE=col, HAS_K_SCALE=ks,
+                      USE_TMA=True, UPCAST=False, DOT_PRECISION="tf32", BLOCK_R=16, **cfg)
+        failures += _check(f"lora_gemm b_nk={b_nk} tail={tail} col_scale={col} k_scale={ks} {cfg} stages={stages}",
+                           lora_linear._lora_gemm_kernel, sig, consts,
+                           ["a_ptr", "b_ptr", "l_ptr", "t_ptr", "c_ptr", "K", "stride_am", "stride_cm"],
+                           dict(num_warps=warps, num_stages=stages))
+    for cfg in column_dot._configs():
+        cfg = dict(cfg)
+        warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+        cfg.pop("PER_SM")
+        sig = dict(a_ptr="*bf16", b_ptr="*bf16", part_ptr="*fp32", M="i32", N="i32", rows_per_split="i32",
+                   stride_am="i32", stride_an="i32", stride_bm="i32", stride_bn="i32")
+        failures += _check(f"column_dot {cfg}", column_dot._column_dot_kernel, sig, cfg, ["a_ptr", "b_ptr"],
+                           dict(num_warps=warps, num_stages=stages))
+    for act, cfg in itertools.product(bottleneck_adapter.ACTIVATIONS, bottleneck_adapter._down_configs()[:2]):
+        cfg = dict(cfg)
+        warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+        sig = dict(h_ptr="*bf16", d_ptr="*bf16", bias_ptr="*fp32", z_ptr="*bf16", p_ptr="*bf16", M="i32", N="i32",
+                   stride_hm="i32", stride_hn="i32", stride_dr="i32", stride_dn="i32")
+        consts = dict(ACT=act, HAS_BIAS=True, UPCAST=False, DOT_PRECISION="tf32", BLOCK_R=64, **cfg)
+        failures += _check(f"adapter down_act {act} {cfg}", bottleneck_adapter._down_act_kernel, sig, consts,
+                           ["h_ptr", "d_ptr", "z_ptr", "p_ptr"], dict(num_warps=warps, num_stages=stages))
+    for cfg in bottleneck_adapter._up_configs():
+        cfg = dict(cfg)
+        warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+        sig = dict(res_ptr="*bf16", l_ptr="*bf16", t_ptr="*bf16", bias_ptr="*bf16", out_ptr="*bf16", M="i32",
+                   N="i32", stride_rm="i32", stride_rn="i32", stride_lm="i32", stride_tn="i32", stride_tr="i32",
+                   stride_om="i32")
+        consts = dict(HAS_BIAS=True, UPCAST=False, DOT_PRECISION="tf32", BLOCK_R=64, **cfg)
+        failures += _check(f"adapter up_residual {cfg}", bottleneck_adapter._up_residual_kernel, sig, consts,
+                           ["res_ptr", "l_ptr", "t_ptr", "out_ptr"], dict(num_warps=warps, num_stages=stages))
+    return failures
 
 
 def compile_loss_rows() -> int:
@@ -66,6 +132,8 @@ def compile_loss_rows() -> int:
 
 
 def main() -> int:
+    if sys.argv[1:] == ["lora"]:
+        return 1 if lora_family() else 0
     failures = compile_loss_rows()
     for nested, cfg in itertools.product([True], nf4_dequant._configs()):
         cfg = dict(cfg)

@@ -32,3 +32,24 @@ def test_unknown_method_is_named():
     with pytest.raises(ValueError, match="unknown method 'lorra'.*lora"):
         apply_method(_tiny_llama(), "lorra")
     assert len(METHODS) == 8
+
+
+@pytest.mark.parametrize("method", ["dora", "ia3", "prefix", "prompt"])
+def test_every_peft_method_builds_the_same_trainables_in_both_implementations(method):
+    options = MethodOptions(rank=4, num_virtual_tokens=3)
+    names = {}
+    for implementation in ("fastft", "peft"):
+        model = apply_method(_tiny_llama(), method, options, implementation=implementation)
+        names[implementation] = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+        assert names[implementation], f"{method} ({implementation}) trains nothing"
+    assert names["fastft"] == names["peft"]
+
+
+def test_a_peft_config_fastft_lacks_lists_the_supported_ones():
+    import peft
+
+    import fastft
+
+    with pytest.raises(TypeError, match=r"LoHaConfig is not supported by fastft; supported configs: LoraConfig, "
+                                        r"LoraConfig\(use_dora=True\), IA3Config, PrefixTuningConfig"):
+        fastft.get_peft_model(_tiny_llama(), peft.LoHaConfig(target_modules=["q_proj"]))

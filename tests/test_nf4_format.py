@@ -113,7 +113,7 @@ def test_cpp_rounding_of_tiny_and_huge_values():
 def test_weight_value_api():
     x = torch.randn(40, 96, dtype=torch.bfloat16)
     w = quantize_nf4(x)
-    assert w.shape == (40, 96) and w.dtype == torch.bfloat16 and w.blocksize == 64 and w.is_nested
+    assert w.shape == (40, 96) and w.dtype == torch.bfloat16 and w.blocksize == 64 and w.double_quant
     assert w.packed.dtype == torch.uint8 and w.packed.numel() == 40 * 96 // 2
     assert w.numel() == 40 * 96 and w.ndim == 2 and w.size(1) == 96 and w.device.type == "cpu"
     blocks = 40 * 96 // 64

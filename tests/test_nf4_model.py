@@ -156,3 +156,14 @@ def test_checkpoint_missing_a_quant_state_key_is_named(checkpoints, tmp_path):
         fastft.load_nf4_model(str(tmp_path))
     with pytest.raises(FileNotFoundError, match="safetensors"):
         fastft.load_nf4_model(str(root / "missing"))
+
+
+def test_non_finite_dense_weight_is_named_while_loading(checkpoints, tmp_path):
+    from safetensors.torch import load_file, save_file
+    root, _ = checkpoints
+    (tmp_path / "config.json").write_text((root / "dense" / "config.json").read_text())
+    state = load_file(root / "dense" / "model.safetensors")
+    state["model.layers.1.mlp.up_proj.weight"][2, 3] = float("inf")
+    save_file(state, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match=r"`model\.layers\.1\.mlp\.up_proj\.weight`.*non-finite"):
+        fastft.load_nf4_model(str(tmp_path))

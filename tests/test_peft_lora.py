@@ -161,7 +161,8 @@ def test_merge_unmerge_and_unload():
 
 @pytest.mark.parametrize("config,message", [
     (LoraConfig(target_modules=["qproj"]), r"target_modules=\['qproj'\] matches no module.*q_proj"),
-    (LoraConfig(target_modules=["q_proj"], use_dora=True), r"LoraConfig.use_dora=True is not supported"),
+    (LoraConfig(target_modules=["q_proj"], use_dora=True, fan_in_fan_out=True),
+     r"LoraConfig.fan_in_fan_out=True with use_dora=True is not supported"),
     (LoraConfig(target_modules=["q_proj"], init_lora_weights="eva"), r"LoraConfig.init_lora_weights=.eva."),
     (LoraConfig(target_modules=["q_proj"], rank_pattern={"v_proj": 4}), r"rank_pattern key 'v_proj' matches none"),
     (LoraConfig(target_modules=["q_proj"], lora_bias=True), r"LoraConfig.lora_bias=True is not supported"),
@@ -171,9 +172,9 @@ def test_bad_configs_name_the_field(config, message):
         fastft.get_peft_model(tiny_llama(), config)
 
 
-def test_not_a_lora_config():
-    with pytest.raises(TypeError, match="expects a peft.LoraConfig"):
-        fastft.get_peft_model(tiny_llama(), peft.IA3Config(target_modules=["q_proj"]))
+def test_a_peft_config_fastft_lacks_is_named():
+    with pytest.raises(TypeError, match="LoHaConfig is not supported by fastft; supported configs: LoraConfig"):
+        fastft.get_peft_model(tiny_llama(), peft.LoHaConfig(target_modules=["q_proj"]))
 
 
 def test_adapter_for_another_model_is_refused(tmp_path):

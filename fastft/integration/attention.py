@@ -10,7 +10,9 @@ It mirrors transformers' FlashAttention integration:
   boundaries taken from `cu_seq_lens_q`/`cu_seq_lens_k` when the collator passes them (see
   fastft.integration.packing), else from `position_ids` restarting at their minimum, exactly as
   transformers' `_is_packed_sequence` / `prepare_fa_kwargs_from_position_ids` detect them;
-- a KV cache or peft prefix tuning gives more keys than queries: causal then aligns bottom-right.
+- a KV cache or peft prefix tuning gives more keys than queries: causal then aligns bottom-right;
+- fastft's prefix-tuning room (fastft.integration.methods.prefix) passes `fastft_prefix`, per layer the
+  (prefix_k, prefix_v) every query attends to: handed to the op as prefix_k/prefix_v, no concatenation.
 
 Not supported (ValueError): attention dropout, logit softcapping, attention sinks. Custom 4-D masks and
 padded decoding with a cache (q_len != kv_len) fall back to torch SDPA.
@@ -93,9 +95,15 @@ def fastft_attention_forward(module, query, key, value, attention_mask, dropout=
         raise ValueError("attn_implementation='fastft' supports neither logit softcapping nor attention sinks; "
                          "use 'sdpa' or 'eager' for this model")
     is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    kw = dict(causal=bool(is_causal), softmax_scale=scaling, window=sliding_window)
+    prefix = kwargs.get("fastft_prefix")
+    if prefix is not None:
+        kw["prefix_k"], kw["prefix_v"] = prefix[module.layer_idx]
+        if isinstance(attention_mask, torch.Tensor) and (attention_mask.dim() == 4 or query.shape[2] != key.shape[2]):
+            raise ValueError("attn_implementation='fastft': a fastft prefix cannot combine with a custom 4-D mask or "
+                             "a KV cache")
     if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4:
         return _sdpa_fallback(query, key, value, attention_mask, scaling, False), None
-    kw = dict(causal=bool(is_causal), softmax_scale=scaling, window=sliding_window)
     # (B, H, S, D) -> (B, S, H, D) views: the kernels take any token/head strides
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
     B = q.shape[0]

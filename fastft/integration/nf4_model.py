@@ -7,6 +7,8 @@
   on top of the NF4 model, never at the dense model.
 - `save_nf4_model(model, path)` writes config.json (with a bitsandbytes quantization_config) and
   model.safetensors in bitsandbytes' key layout, so transformers + bitsandbytes load it back.
+- `shard_model(model, mesh)` shards a (quantized, peft-wrapped) model with FSDP2, decoder layer by layer; NF4
+  weights shard their packed bytes and scales.
 """
 from __future__ import annotations
 
@@ -50,7 +52,8 @@ def quantize_model(model: nn.Module, quant_type: str = "nf4", *, blocksize: int 
     targets = [(name, m) for name, m in model.named_modules()
                if isinstance(m, nn.Linear) and name and not _skipped(name, skip)]
     for name, linear in targets:
-        _set_submodule(model, name, NF4Linear.from_linear(linear, blocksize=blocksize, double_quant=double_quant))
+        _set_submodule(model, name, NF4Linear.from_linear(linear, blocksize=blocksize, double_quant=double_quant,
+                                                          name=name))
         linear.weight = None  # drop the dense weight now, not when the whole walk ends
     return model
 
@@ -146,7 +149,7 @@ def load_nf4_model(path: str, *, model_cls=None, dtype: torch.dtype = torch.bflo
                     tensor = tensor.to(dtype)  # as transformers casts before bitsandbytes quantizes
                 if module_name in targets and key == f"{module_name}.weight":  # a dense linear weight
                     model.get_submodule(module_name).weight = quantize_nf4(
-                        tensor, blocksize=blocksize, double_quant=double_quant).to(device)
+                        tensor, blocksize=blocksize, double_quant=double_quant, name=key).to(device)
                     del tensor  # this layer's dense copy is gone before the next one is read
                     continue
                 _assign(model, key, tensor.to(device))
@@ -168,7 +171,7 @@ def load_nf4_model(path: str, *, model_cls=None, dtype: torch.dtype = torch.bflo
 
 def _quantization_config(model: nn.Module, dtype: torch.dtype) -> dict:
     layers = [m for m in model.modules() if isinstance(m, NF4Linear) and m.weight is not None]
-    nested = {m.weight.is_nested for m in layers}
+    nested = {m.weight.double_quant for m in layers}
     if len(nested) > 1:
         raise ValueError("save_nf4_model: some NF4 layers use double quantization and some do not; bitsandbytes' "
                          "config has one bnb_4bit_use_double_quant flag")
@@ -204,3 +207,75 @@ def save_nf4_model(model: nn.Module, path: str, *, compute_dtype: torch.dtype = 
             with open(tmp, "w") as f:
                 json.dump(cfg, f, indent=2, sort_keys=True)
         _atomic_write(os.path.join(path, "config.json"), write_config)
+
+
+# ----------------------------------------------------------------------------------------------
+# FSDP2
+
+def _decoder_layer_names(model: nn.Module) -> set[str]:
+    """transformers names the blocks that must stay whole (`_no_split_modules`); look through peft's wrappers."""
+    for m in model.modules():
+        names = getattr(m, "_no_split_modules", None)
+        if names:
+            return set(names)
+    return set()
+
+
+def shard_model(model: nn.Module, mesh=None, *, reshard_after_forward: bool = True, mp_policy=None,
+                layer_classes=None) -> nn.Module:
+    """FSDP2-shard `model` in place: `fully_shard` on every decoder layer, then on the root; returns it.
+
+    Works on a plain, an NF4-quantized (`quantize_model` / `load_nf4_model`) and a peft-wrapped
+    (`fastft.get_peft_model`) model — apply LoRA first, then shard. NF4 weights shard their packed bytes and
+    scales (each rank holds 1/world of them; the forward all-gathers 4-bit codes, not a dense copy).
+    mesh: a 1-D DeviceMesh (default: all ranks of the initialised process group, on the parameters' device type);
+    the model must already be on that device. mp_policy: a torch.distributed.fsdp.MixedPrecisionPolicy.
+    layer_classes: class names of the blocks to shard one by one (default: the model's `_no_split_modules`).
+    Raises ValueError, naming the weight, for an NF4 weight that cannot shard evenly over the mesh.
+    """
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from fastft.quant.nf4_tensor_ops import check_shardable
+
+    if mesh is None:
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError("shard_model: no mesh given and torch.distributed is not initialised "
+                               "(launch with torchrun / accelerate, or pass mesh=init_device_mesh(...))")
+        device_type = next((p.device.type for p in model.parameters()), "cpu")
+        mesh = init_device_mesh(device_type, (dist.get_world_size(),))
+    if mesh.ndim != 1:
+        raise ValueError(f"shard_model: expected a 1-D device mesh, got {mesh.ndim}-D ({mesh})")
+    world = mesh.size()
+    for name, p in model.named_parameters():
+        if isinstance(p, NF4Weight):
+            check_shardable(p, world, name)
+    names = set(layer_classes) if layer_classes else _decoder_layer_names(model)
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        raise ValueError(f"shard_model: no layer of {type(model).__name__} is one of {sorted(names)}; pass "
+                         "layer_classes=[...] (the class names of its transformer blocks)")
+    kwargs = {"mesh": mesh, "reshard_after_forward": reshard_after_forward}
+    if mp_policy is not None:
+        kwargs["mp_policy"] = mp_policy
+    for layer in layers:
+        fully_shard(layer, **kwargs)
+    fully_shard(model, **kwargs)
+    return model
+
+
+def ignore_nf4_in_ddp(model: nn.Module) -> nn.Module:
+    """Tell DistributedDataParallel not to broadcast `model`'s NF4 weights; returns the model.
+
+    DDP broadcasts every parameter from rank 0 when it wraps a model, by concatenating them — which a packed NF4
+    weight cannot take part in. The NF4 weights are frozen and every rank quantizes or loads the same bytes, so
+    there is nothing to synchronise. Call on the module you hand to DDP (or to accelerate's `prepare`), after
+    `get_peft_model`: the names are relative to it.
+    """
+    from torch.nn.parallel import DistributedDataParallel
+
+    names = [name for name, p in model.named_parameters() if isinstance(p, NF4Weight)]
+    names += list(getattr(model, "_ddp_params_and_buffers_to_ignore", ()))
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, sorted(set(names)))
+    return model

@@ -63,6 +63,10 @@ def _linear_names(model: nn.Module) -> list[str]:
 
 def _with_quantized_targets(config: LoraConfig, model: nn.Module) -> LoraConfig:
     """QLoRA: have peft wrap fastft's NF4Linear layers in FusedQLoraLinear (peft knows only its own types)."""
+    if getattr(config, "use_dora", False):
+        from fastft.integration.methods.dora import register_quantized
+
+        return register_quantized(config, model)
     if any(isinstance(m, NF4Linear) for m in model.modules()):
         config._register_custom_module({NF4Linear: FusedQLoraLinear})
     return config
@@ -94,24 +98,32 @@ def patch_peft(model: nn.Module) -> nn.Module:
     The state dict, adapters and peft methods are unchanged; outputs are the same up to rounding.
     Returns the model. Raises ValueError if it holds no peft LoRA Linear at all.
     """
+    from fastft.integration.methods.dora import fused_class_for
+
     found = 0
     for module in model.modules():
         if isinstance(module, PeftLoraLinear):
             found += 1
-            if type(module) is PeftLoraLinear:
-                module.__class__ = FusedLoraLinear
+            if type(module) is PeftLoraLinear or (type(module) is FusedLoraLinear and module.lora_magnitude_vector):
+                module.__class__ = fused_class_for(module)
     if not found:
         raise ValueError(f"patch_peft: {type(model).__name__} contains no peft LoRA Linear layer "
                          "(build it with peft.get_peft_model(model, LoraConfig(...)) first)")
     return model
 
 
-def get_peft_model(model: nn.Module, config: LoraConfig, adapter_name: str = "default", **kwargs) -> PeftModel:
+def get_peft_model(model: nn.Module, config, adapter_name: str = "default", **kwargs) -> PeftModel:
     """Like `peft.get_peft_model`, with fused LoRA layers. Only adapter (and modules_to_save) weights train.
 
     On a model quantized by `fastft.quantize_model` / `load_nf4_model` this is QLoRA: the NF4 layers get
-    FusedQLoraLinear adapters (forward through fastft.ops.qlora_linear).
+    FusedQLoraLinear adapters (forward through fastft.ops.qlora_linear). Other methods' configs (LoraConfig with
+    use_dora, IA3Config, PrefixTuningConfig, PromptTuningConfig, PromptEncoderConfig, fastft's
+    BottleneckAdapterConfig) go to their rooms in fastft.integration.methods.
     """
+    if not isinstance(config, LoraConfig) or config.use_dora:
+        from fastft.integration.methods import get_method_model
+
+        return get_method_model(model, config, adapter_name=adapter_name, **kwargs)
     validate_lora_config(config, model)
     _with_quantized_targets(config, model)
     with warnings.catch_warnings():
@@ -125,7 +137,11 @@ def add_adapter(model: PeftModel, adapter_name: str, config: LoraConfig) -> Peft
     """`model.add_adapter` with validation, keeping every LoRA layer fused."""
     if not isinstance(model, PeftModel):
         raise TypeError(f"add_adapter expects a PeftModel (from fastft.get_peft_model), got {type(model).__name__}")
-    validate_lora_config(config, model.get_base_model())
+    if getattr(config, "use_dora", False):
+        from fastft.integration.methods.dora import validate_dora_config as validate
+    else:
+        validate = validate_lora_config
+    validate(config, model.get_base_model())
     model.add_adapter(adapter_name, _with_quantized_targets(config, model.get_base_model()))
     return patch_peft(model)
 
@@ -174,8 +190,14 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     """Load a peft-format LoRA adapter (saved by peft or fastft) into `model`, with fused layers.
 
     `model` is a plain transformers model (a PeftModel is built around it) or a PeftModel (the adapter is
-    added under `adapter_name`). The adapter is checked against the model first.
+    added under `adapter_name`). The adapter is checked against the model first. Other methods' adapters (IA3,
+    prefix, prompt, P-tuning in peft's format; fastft bottleneck adapters) load through their rooms.
     """
+    from fastft.integration.methods import load_method_adapter
+
+    loaded = load_method_adapter(model, path, adapter_name=adapter_name, is_trainable=is_trainable)
+    if loaded is not None:
+        return loaded
     base = model.get_base_model() if isinstance(model, PeftModel) else model
     config = _with_quantized_targets(check_adapter_fits(base, path), base)
     config.inference_mode = not is_trainable

@@ -44,16 +44,21 @@ import triton.language as tl
 
 @triton.jit
 def _lora_gemm_kernel(
-    a_ptr, b_ptr, l_ptr, t_ptr, bias_ptr, c_ptr,
+    a_ptr, b_ptr, l_ptr, t_ptr, bias_ptr, c_ptr, col_scale_ptr, k_scale_ptr,
     M, N, K,
     stride_am, stride_ak, stride_bn, stride_bk, stride_lm, stride_tn, stride_tr, stride_cm,
     p_drop, seed, num_programs,
     HAS_BIAS: tl.constexpr, TAIL_DROPOUT: tl.constexpr, B_NK: tl.constexpr,
+    HAS_TAIL: tl.constexpr, HAS_COL_SCALE: tl.constexpr, HAS_K_SCALE: tl.constexpr,
     USE_TMA: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr, FLATTEN: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
 ):
-    """c[M,N] = a[M,K]·bᵀ + l[M,R]·tᵀ (+ bias), b logically [N,K] and t logically [N,R].
+    """c[M,N] = (a[M,K]·diag(k_scale)·bᵀ + l[M,R]·tᵀ)·diag(col_scale) (+ bias), b logically [N,K], t [N,R].
+
+    HAS_TAIL: the rank-R term is there (else l/t are unused). HAS_K_SCALE: each loaded a-tile is scaled along K
+    (IA3's input scale; DoRA's/IA3's σ on dy for dx). HAS_COL_SCALE: the accumulator is scaled per output
+    column before the bias (DoRA's m/‖W'‖, IA3's output scale). Both scales are fp32 vectors.
 
     B_NK: b and t are stored N-major ([N,K] / [N,R], the forward) or K-major ([K,N] / [R,N], dx).
     TAIL_DROPOUT: the tail is masked by dropout_keep(row, col) of c (dx of a dropout LoRA).
@@ -69,20 +74,23 @@ def _lora_gemm_kernel(
     if USE_TMA:
         a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[stride_am, 1],
                                            block_shape=[BLOCK_M, BLOCK_K])
-        l_desc = tl.make_tensor_descriptor(l_ptr, shape=[M, BLOCK_R], strides=[stride_lm, 1],
-                                           block_shape=[BLOCK_M, BLOCK_R])
+        if HAS_TAIL:
+            l_desc = tl.make_tensor_descriptor(l_ptr, shape=[M, BLOCK_R], strides=[stride_lm, 1],
+                                               block_shape=[BLOCK_M, BLOCK_R])
         c_desc = tl.make_tensor_descriptor(c_ptr, shape=[M, N], strides=[stride_cm, 1],
                                            block_shape=[BLOCK_M, BLOCK_N])
         if B_NK:
             b_desc = tl.make_tensor_descriptor(b_ptr, shape=[N, K], strides=[stride_bn, 1],
                                                block_shape=[BLOCK_N, BLOCK_K])
-            t_desc = tl.make_tensor_descriptor(t_ptr, shape=[N, BLOCK_R], strides=[stride_tn, 1],
-                                               block_shape=[BLOCK_N, BLOCK_R])
+            if HAS_TAIL:
+                t_desc = tl.make_tensor_descriptor(t_ptr, shape=[N, BLOCK_R], strides=[stride_tn, 1],
+                                                   block_shape=[BLOCK_N, BLOCK_R])
         else:
             b_desc = tl.make_tensor_descriptor(b_ptr, shape=[K, N], strides=[stride_bk, 1],
                                                block_shape=[BLOCK_K, BLOCK_N])
-            t_desc = tl.make_tensor_descriptor(t_ptr, shape=[BLOCK_R, N], strides=[stride_tr, 1],
-                                               block_shape=[BLOCK_R, BLOCK_N])
+            if HAS_TAIL:
+                t_desc = tl.make_tensor_descriptor(t_ptr, shape=[BLOCK_R, N], strides=[stride_tr, 1],
+                                                   block_shape=[BLOCK_R, BLOCK_N])
 
     offs_r = tl.arange(0, BLOCK_R)
     for tile_id in tl.range(start_pid, num_tiles, num_programs, flatten=FLATTEN, warp_specialize=WARP_SPECIALIZE):
@@ -109,27 +117,34 @@ def _lora_gemm_kernel(
             if UPCAST:
                 a = a.to(tl.float32)
                 b = b.to(tl.float32)
+            if HAS_K_SCALE:
+                ksc = tl.load(k_scale_ptr + off_k + tl.arange(0, BLOCK_K), mask=off_k + tl.arange(0, BLOCK_K) < K,
+                              other=0.0)
+                a = (a.to(tl.float32) * ksc[None, :]).to(b.dtype)
             acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
 
         # The LoRA term: R more reduction steps over the rank-R factors.
-        if USE_TMA:
-            lo = l_desc.load([off_m, 0])
-            if B_NK:
-                tr = t_desc.load([off_n, 0]).T
+        if HAS_TAIL:
+            if USE_TMA:
+                lo = l_desc.load([off_m, 0])
+                if B_NK:
+                    tr = t_desc.load([off_n, 0]).T
+                else:
+                    tr = t_desc.load([0, off_n])
             else:
-                tr = t_desc.load([0, off_n])
-        else:
-            lo = tl.load(l_ptr + rows[:, None] * stride_lm + offs_r[None, :], mask=rows[:, None] < M, other=0.0)
-            tr = tl.load(t_ptr + offs_r[:, None] * stride_tr + cols[None, :] * stride_tn,
-                         mask=cols[None, :] < N, other=0.0)
-        if UPCAST:
-            lo = lo.to(tl.float32)
-            tr = tr.to(tl.float32)
-        if TAIL_DROPOUT:
-            tail = tl.dot(lo, tr, input_precision=DOT_PRECISION)
-            acc += tl.where(dropout_keep(seed, rows, cols, N, p_drop), tail, 0.0)
-        else:
-            acc = tl.dot(lo, tr, acc, input_precision=DOT_PRECISION)
+                lo = tl.load(l_ptr + rows[:, None] * stride_lm + offs_r[None, :], mask=rows[:, None] < M, other=0.0)
+                tr = tl.load(t_ptr + offs_r[:, None] * stride_tr + cols[None, :] * stride_tn,
+                             mask=cols[None, :] < N, other=0.0)
+            if UPCAST:
+                lo = lo.to(tl.float32)
+                tr = tr.to(tl.float32)
+            if TAIL_DROPOUT:
+                tail = tl.dot(lo, tr, input_precision=DOT_PRECISION)
+                acc += tl.where(dropout_keep(seed, rows, cols, N, p_drop), tail, 0.0)
+            else:
+                acc = tl.dot(lo, tr, acc, input_precision=DOT_PRECISION)
+        if HAS_COL_SCALE:
+            acc = acc * tl.load(col_scale_ptr + cols, mask=cols < N, other=0.0)[None, :]
         if HAS_BIAS:
             bias = tl.load(bias_ptr + cols, mask=cols < N, other=0.0)
             acc += bias.to(tl.float32)[None, :]
@@ -271,21 +286,26 @@ def rank_pad(r: int) -> int:
 # ----------------------------------------------------------------------------------------------
 # Launchers (2-D operands, already validated).
 
-def lora_gemm(a, b, lo, t, bias, *, b_nk: bool, p_drop: float = 0.0, seed: int = 0) -> torch.Tensor:
-    """c = a·bᵀ + lo·tᵀ (+ bias), b logical [N,K], t logical [N,R]; tail masked by dropout if p_drop > 0.
+def lora_gemm(a, b, lo, t, bias, *, b_nk: bool, p_drop: float = 0.0, seed: int = 0, col_scale=None,
+              k_scale=None) -> torch.Tensor:
+    """c = (a·diag(k_scale)·bᵀ + lo·tᵀ)·diag(col_scale) (+ bias), b logical [N,K], t logical [N,R]; tail masked
+    by dropout if p_drop > 0. lo/t None: no tail. col_scale (N,) / k_scale (K,): fp32 contiguous vectors or None.
 
     b_nk: b is W stored [N,K] (and t is B [N,R]) — the forward; else b is W [K,N] seen transposed (and t
     is A [R,N]) — dx. lo is [M,R] contiguous with R = rank_pad(r).
     """
     M, K = a.shape
     N = b.shape[0] if b_nk else b.shape[1]
-    R = lo.shape[1]
+    has_tail = lo is not None
+    R = lo.shape[1] if has_tail else 16
     c = torch.empty((M, N), device=a.device, dtype=a.dtype)
+    if not has_tail:
+        lo = t = c  # never read
     # logical b[n, k] and t[n, r] strides, whatever the storage
     stride_bn, stride_bk = (b.stride(0), b.stride(1)) if b_nk else (b.stride(1), b.stride(0))
     stride_tn, stride_tr = (t.stride(0), t.stride(1)) if b_nk else (t.stride(1), t.stride(0))
     use_tma = (has_tma(a.device) and a.device.type not in _NO_TMA
-               and all(tma_compatible(x) for x in (a, b, lo, t, c)))
+               and all(tma_compatible(x) for x in ((a, b, lo, t, c) if has_tail else (a, b, c))))
     if use_tma:
         ensure_descriptor_allocator()
     sms = device_sms(a.device)
@@ -297,15 +317,18 @@ def lora_gemm(a, b, lo, t, bias, *, b_nk: bool, p_drop: float = 0.0, seed: int =
         grid = (max(1, min(sms, tiles)),)
         _lora_gemm_kernel[grid](
             a, b, lo, t, bias if bias is not None else c, c,
+            col_scale if col_scale is not None else c, k_scale if k_scale is not None else c,
             M, N, K,
             a.stride(0), a.stride(1), stride_bn, stride_bk, lo.stride(0), stride_tn, stride_tr, c.stride(0),
             p_drop, seed, grid[0],
             HAS_BIAS=bias is not None, TAIL_DROPOUT=p_drop > 0.0, B_NK=b_nk,
+            HAS_TAIL=has_tail, HAS_COL_SCALE=col_scale is not None, HAS_K_SCALE=k_scale is not None,
             USE_TMA=use_tma, UPCAST=upcast(a.dtype), DOT_PRECISION=precision,
             BLOCK_R=R, **cfg,
         )
 
-    key = (bucket(M), N, K, R, a.dtype, b_nk, bias is not None, p_drop > 0.0, use_tma)
+    key = (bucket(M), N, K, R, a.dtype, b_nk, bias is not None, p_drop > 0.0, has_tail, col_scale is not None,
+           k_scale is not None, use_tma)
     try:
         tuner("lora_gemm", _gemm_configs(use_tma, a.element_size())).run(key, launch)
     except RuntimeError as err:

@@ -1,8 +1,10 @@
 """`NF4Linear`: a frozen linear layer whose weight is an NF4Weight (bitsandbytes' NF4 layout).
 
-`.weight` is the quantized weight itself (fastft.quant.NF4Weight: `.dequantize()`, `.shape`, `.dtype`, ...),
-`.bias` an ordinary Parameter. The state dict uses bitsandbytes' keys, so `load_state_dict` takes a
-transformers + bitsandbytes 4-bit checkpoint directly — or a dense float weight, which it quantizes.
+`.weight` is the quantized weight itself (fastft.quant.NF4Weight, a tensor subclass: `.dequantize()`, `.shape`,
+`.dtype`, ...) registered as a frozen Parameter, so `model.parameters()`, `module.to(device)`, peft and FSDP2
+see it; assigning an NF4Weight to `.weight` registers it the same way. `.bias` is an ordinary Parameter.
+The state dict uses bitsandbytes' keys, so `load_state_dict` takes a transformers + bitsandbytes 4-bit
+checkpoint directly — or a dense float weight, which it quantizes.
 A LoRA wrapper calls `fastft.ops.qlora_linear(x, layer.weight, layer.bias, A, B, scaling, dropout_p)`.
 """
 from __future__ import annotations
@@ -29,22 +31,30 @@ class NF4Linear(nn.Module):
         self.out_features = out_features
         self.blocksize = check_blocksize(blocksize, "NF4Linear")
         self.double_quant = double_quant
+        self.register_parameter("weight", None)
         if weight is not None:
-            self._check_weight(weight)
-        self.weight = weight
+            self.weight = weight
         if bias:
             self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype))
         else:
             self.register_parameter("bias", None)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, blocksize: int = 64, double_quant: bool = True) -> NF4Linear:
-        """Quantize an nn.Linear (its bias is kept as is, same tensor)."""
-        weight = quantize_nf4(linear.weight.detach(), blocksize=blocksize, double_quant=double_quant)
+    def from_linear(cls, linear: nn.Linear, blocksize: int = 64, double_quant: bool = True, *,
+                    name: str | None = None) -> NF4Linear:
+        """Quantize an nn.Linear (its bias is kept as is, same tensor). name: the layer's, for errors."""
+        weight = quantize_nf4(linear.weight.detach(), blocksize=blocksize, double_quant=double_quant,
+                              name=f"{name}.weight" if name else None)
         layer = cls(linear.in_features, linear.out_features, bias=False, weight=weight, blocksize=blocksize,
                     double_quant=double_quant)
         layer.bias = linear.bias
         return layer
+
+    def __setattr__(self, name, value):
+        if name == "weight" and isinstance(value, NF4Weight) and not isinstance(value, nn.Parameter):
+            self._check_weight(value)
+            value = nn.Parameter(value, requires_grad=False)  # frozen: the codes have no gradient
+        super().__setattr__(name, value)
 
     def _check_weight(self, weight: NF4Weight) -> None:
         if not isinstance(weight, NF4Weight):
@@ -72,18 +82,14 @@ class NF4Linear(nn.Module):
                 linear.bias.copy_(self.bias)
         return linear
 
-    # Moves: `module.to(device)` / `.cuda()` move the codes and scales with the module; dtype casts
-    # (`.half()`, `.to(torch.bfloat16)`) never touch them (the weight is quantized; only bias follows).
-    def _apply(self, fn, recurse=True):
-        super()._apply(fn, recurse)
-        if self.weight is not None:
-            target = fn(torch.empty(0, dtype=torch.uint8, device=self.weight.device)).device
-            self.weight = self.weight.to(target)
-        return self
+    # Moves need no code here: `module.to(device)` moves the weight's codes and scales (NF4Weight.to), and dtype
+    # casts (`.half()`, `.to(torch.bfloat16)`) leave them alone (the weight is quantized; only bias follows).
+    # The state dict uses bitsandbytes' keys instead of the weight tensor itself.
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        if self.weight is not None:
+        if isinstance(self.weight, NF4Weight):  # under FSDP2 it is a sharded DTensor: kept as the tensor itself
+            del destination[prefix + "weight"]
             destination.update(self.weight.bnb_state_dict(prefix + "weight"))
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
@@ -97,16 +103,19 @@ class NF4Linear(nn.Module):
         elif key in state_dict:  # a dense checkpoint: quantize on load
             dense = state_dict.pop(key)
             dense = dense if device is None else dense.to(device)
-            weight = quantize_nf4(dense, blocksize=self.blocksize, double_quant=self.double_quant)
+            weight = quantize_nf4(dense, blocksize=self.blocksize, double_quant=self.double_quant, name=key)
         else:
             weight = None
             if strict:
                 missing_keys.append(key)
         if weight is not None:
-            self._check_weight(weight)
             self.weight = weight
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
+        current, self._parameters["weight"] = self._parameters["weight"], None  # handled above, not by torch
+        try:
+            super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                          error_msgs)
+        finally:
+            self._parameters["weight"] = current
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "

@@ -38,7 +38,7 @@ class FusedQLoraLinear(_FusedForward):
         if safe and not torch.isfinite(w).all():
             raise ValueError(f"NaNs detected in the merged weights of adapters {adapters}")
         base.weight = quantize_nf4(w.to(base.weight.dtype), blocksize=base.weight.blocksize,
-                                   double_quant=base.weight.is_nested)
+                                   double_quant=base.weight.double_quant, name=f"weight merged with adapters {adapters}")
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         adapters = [a for a in check_adapters_to_merge(self, adapter_names) if a in self.lora_A]

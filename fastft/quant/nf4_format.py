@@ -155,12 +155,14 @@ def quantize_blockwise8_torch(v: torch.Tensor, blocksize: int = NESTED_BLOCKSIZE
     return q.view(-1)[:n], am
 
 
-def dequantize_blockwise8_torch(q: torch.Tensor, absmax2: torch.Tensor, code: torch.Tensor, offset: float,
+def dequantize_blockwise8_torch(q: torch.Tensor, absmax2: torch.Tensor, code: torch.Tensor, offset,
                                 blocksize: int = NESTED_BLOCKSIZE) -> torch.Tensor:
     """fp32 code[q] * absmax2[block] + offset, as two separately rounded operations (no fused multiply-add)."""
     scale = absmax2.repeat_interleave(blocksize)[: q.numel()]
     out = code.to(q.device)[q.long()] * scale
-    return out + torch.tensor(offset, dtype=torch.float32, device=q.device)
+    if not isinstance(offset, torch.Tensor):  # a float, or a 0-d fp32 tensor (NF4Weight.nested_offset)
+        offset = torch.tensor(offset, dtype=torch.float32, device=q.device)
+    return out + offset
 
 
 def double_quantize(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:

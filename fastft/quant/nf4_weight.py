@@ -1,9 +1,16 @@
-"""`NF4Weight`: a frozen NF4-quantized tensor (bitsandbytes layout) as one value, and `quantize_nf4`.
+"""`NF4Weight`: a frozen NF4-quantized tensor (bitsandbytes layout) as a torch tensor subclass, and `quantize_nf4`.
 
-Modelled on torchao's NF4Tensor: the object knows its shape, dtype and scales, dequantizes, moves between
-devices and serializes; every operation it supports is a method here. Its state dict is bitsandbytes' own
-(`weight`, `weight.absmax`, `weight.quant_map`, `weight.nested_absmax`, `weight.nested_quant_map`,
-`weight.quant_state.bitsandbytes__nf4`), so checkpoints move between fastft and transformers + bitsandbytes.
+Modelled on torchao's NF4Tensor: a wrapper tensor whose logical shape and dtype are the weight's (N, K) and its
+compute dtype, holding the packed uint8 codes and the block scales as inner tensors. Because it is a tensor it
+can be a frozen `nn.Parameter` (visible to `model.parameters()`, moved by `module.to(device)`, seen by peft),
+traced by torch.compile (`__tensor_flatten__`), and sharded by FSDP2 (`fsdp_pre_all_gather` /
+`fsdp_post_all_gather` gather the packed bytes and scales, not a dense copy). The aten ops it supports are
+listed in one table (fastft/quant/nf4_tensor_ops.py); any other op raises, naming it — arithmetic on the
+weight goes through `.dequantize()`.
+
+Its state dict is bitsandbytes' own (`weight`, `weight.absmax`, `weight.quant_map`, `weight.nested_absmax`,
+`weight.nested_quant_map`, `weight.quant_state.bitsandbytes__nf4`), so checkpoints move between fastft and
+transformers + bitsandbytes.
 """
 from __future__ import annotations
 
@@ -13,55 +20,80 @@ import math
 import torch
 
 from fastft.kernels import nf4_cpu
-from fastft.kernels.runtime import HAS_TRITON
 from fastft.quant import nf4_format as fmt
+from fastft.quant import nf4_tensor_ops as ops
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 _DTYPES_BY_NAME = {v: k for k, v in _DTYPE_NAMES.items()}
 QUANT_STATE_KEY = "quant_state.bitsandbytes__nf4"
 
 
-class NF4Weight:
-    """An NF4-quantized tensor: packed uint8 codes (`.packed`), per-block scales, shape and original dtype.
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    # no op on the common path: the constructor also runs inside compiled graphs (unflatten)
+    t = t if t.dim() == 1 else t.reshape(-1)
+    return t if t.is_contiguous() else t.contiguous()
 
-    Scales are `.absmax` (fp32 per block), or with double quantization 8-bit codes in `.absmax` plus
-    `.absmax2` (fp32 per 256 blocks), `.code2` (256 fp32) and `.offset` (a float).
+
+class NF4Weight(torch.Tensor):
+    """An NF4-quantized tensor: packed uint8 codes (`.packed`), per-block scales, logical shape and dtype.
+
+    Scales are `.absmax` (fp32 per block), or with double quantization (`.double_quant`) 8-bit codes in
+    `.absmax` plus `.absmax2` (fp32 per 256 blocks), `.code2` (256 fp32) and `.offset` (a float; stored as the
+    0-d fp32 tensor `.nested_offset`, so that torch.compile does not specialise, and recompile, on every layer's).
+    `.dtype` is the original (compute) dtype, what `.dequantize()` returns; the codes never change dtype.
     """
 
     quant_type = "nf4"
+    # Methods and torch functions run as on a plain tensor and reach __torch_dispatch__ as aten ops.
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    @staticmethod
+    def __new__(cls, packed: torch.Tensor, absmax: torch.Tensor, shape, dtype: torch.dtype, blocksize: int = 64,
+                *, absmax2: torch.Tensor | None = None, code2: torch.Tensor | None = None,
+                offset: float | torch.Tensor = 0.0, nested_blocksize: int = fmt.NESTED_BLOCKSIZE,
+                code: torch.Tensor | None = None):
+        shape = torch.Size(shape)
+        if dtype not in fmt.FLOAT_DTYPES:
+            raise ValueError(f"NF4Weight of shape {tuple(shape)}: dtype must be one of {fmt.FLOAT_DTYPES}, "
+                             f"got {dtype}")
+        return torch.Tensor._make_wrapper_subclass(cls, shape, dtype=dtype, device=packed.device,
+                                                   requires_grad=False)
 
     def __init__(self, packed: torch.Tensor, absmax: torch.Tensor, shape, dtype: torch.dtype, blocksize: int = 64,
-                 *, absmax2: torch.Tensor | None = None, code2: torch.Tensor | None = None, offset: float = 0.0,
-                 nested_blocksize: int = fmt.NESTED_BLOCKSIZE, code: torch.Tensor | None = None):
-        self.shape = torch.Size(shape)
-        self.dtype = dtype
+                 *, absmax2: torch.Tensor | None = None, code2: torch.Tensor | None = None,
+                 offset: float | torch.Tensor = 0.0, nested_blocksize: int = fmt.NESTED_BLOCKSIZE,
+                 code: torch.Tensor | None = None):
         self.blocksize = fmt.check_blocksize(blocksize, "NF4Weight")
         # flat, contiguous, and the nested tables fp32: the form every kernel (Triton, C++, CUDA) reads
-        self.packed = packed.reshape(-1).contiguous()
-        self.absmax = absmax.reshape(-1).contiguous()
-        self.absmax2 = None if absmax2 is None else absmax2.reshape(-1).contiguous().float()
-        self.code2 = None if code2 is None else code2.reshape(-1).contiguous().float()
-        self.offset = float(offset)
+        self.packed = _flat(packed)
+        self.absmax = _flat(absmax)
+        self.absmax2 = None if absmax2 is None else _flat(absmax2).float()
+        self.code2 = None if code2 is None else _flat(code2).float()
+        self.nested_offset, self._offset_cache = None, None
+        if self.absmax2 is not None:
+            if isinstance(offset, torch.Tensor):
+                self.nested_offset = offset.reshape(()) if offset.dim() else offset
+            else:
+                self.nested_offset = torch.tensor(float(offset), dtype=torch.float32, device=packed.device)
+                self._offset_cache = (self.nested_offset._version, float(offset))
         self.nested_blocksize = int(nested_blocksize)
-        self.code = fmt.nf4_code(str(packed.device)) if code is None else code.reshape(-1)
+        self.code = fmt.nf4_code(str(packed.device)) if code is None else _flat(code)
         self._validate()
 
     def _validate(self) -> None:
         n, what = self.numel(), f"NF4Weight of shape {tuple(self.shape)}"
-        if self.dtype not in fmt.FLOAT_DTYPES:
-            raise ValueError(f"{what}: dtype must be one of {fmt.FLOAT_DTYPES}, got {self.dtype}")
         if self.packed.dtype != torch.uint8 or self.packed.numel() != (n + 1) // 2:
             raise ValueError(f"{what}: packed data must be {(n + 1) // 2} uint8 values, got "
                              f"{self.packed.numel()} of {self.packed.dtype}")
         blocks = fmt.num_blocks(n, self.blocksize)
-        want = torch.uint8 if self.is_nested else torch.float32
+        want = torch.uint8 if self.double_quant else torch.float32
         if self.absmax.dtype != want or self.absmax.numel() != blocks:
             raise ValueError(f"{what}: blocksize {self.blocksize} needs {blocks} absmax values of {want}, got "
                              f"{self.absmax.numel()} of {self.absmax.dtype}")
         if self.code.numel() != 16 or self.code.dtype != torch.float32:
             raise ValueError(f"{what}: the code table must be 16 fp32 values, got {self.code.numel()} of "
                              f"{self.code.dtype}")
-        if self.is_nested:
+        if self.double_quant:
             if self.code2 is None or self.code2.numel() != 256:
                 raise ValueError(f"{what}: double quantization needs a 256-entry nested_quant_map")
             if self.nested_blocksize <= 0 or self.nested_blocksize & (self.nested_blocksize - 1):
@@ -69,7 +101,9 @@ class NF4Weight:
             if self.absmax2.numel() != fmt.num_blocks(blocks, self.nested_blocksize):
                 raise ValueError(f"{what}: nested_absmax needs {fmt.num_blocks(blocks, self.nested_blocksize)} "
                                  f"values, got {self.absmax2.numel()}")
-        devices = {t.device for t in self._tensors()}
+            if self.nested_offset.dtype != torch.float32:
+                raise ValueError(f"{what}: the nested offset must be fp32, got {self.nested_offset.dtype}")
+        devices = {t.device for t in self._tensors()} | ({self.nested_offset.device} if self.double_quant else set())
         if len(devices) != 1:
             raise ValueError(f"{what}: all parts must be on one device, got {sorted(map(str, devices))}")
 
@@ -77,22 +111,22 @@ class NF4Weight:
     # what it is
 
     @property
-    def is_nested(self) -> bool:
+    def double_quant(self) -> bool:
+        """True when the block scales are themselves 8-bit quantized (bitsandbytes' compress_statistics).
+
+        (Not called `is_nested`: torch.Tensor.is_nested means a nested tensor, and torch reads it.)"""
         return self.absmax2 is not None
 
     @property
-    def device(self) -> torch.device:
-        return self.packed.device
-
-    @property
-    def ndim(self) -> int:
-        return len(self.shape)
-
-    def size(self, dim: int | None = None):
-        return self.shape if dim is None else self.shape[dim]
-
-    def numel(self) -> int:
-        return math.prod(self.shape)
+    def offset(self) -> float:
+        """The nested scales' mean as a float (0.0 without double quantization); read once, then cached until
+        `.nested_offset` changes in place."""
+        if self.nested_offset is None:
+            return 0.0
+        version = self.nested_offset._version
+        if self._offset_cache is None or self._offset_cache[0] != version:
+            self._offset_cache = (version, float(self.nested_offset))
+        return self._offset_cache[1]
 
     @property
     def nbytes(self) -> int:
@@ -100,10 +134,10 @@ class NF4Weight:
 
     def _tensors(self) -> list[torch.Tensor]:
         parts = [self.packed, self.absmax, self.code]
-        return parts + ([self.absmax2, self.code2] if self.is_nested else [])
+        return parts + ([self.absmax2, self.code2] if self.double_quant else [])
 
-    def __repr__(self) -> str:
-        nested = f", double_quant(blocksize={self.nested_blocksize})" if self.is_nested else ""
+    def __repr__(self, *, tensor_contents=None) -> str:
+        nested = f", double_quant(blocksize={self.nested_blocksize})" if self.double_quant else ""
         return (f"NF4Weight(shape={tuple(self.shape)}, dtype={self.dtype}, blocksize={self.blocksize}{nested}, "
                 f"device={self.device}, {self.nbytes / 2**20:.2f} MiB)")
 
@@ -112,26 +146,25 @@ class NF4Weight:
 
     def block_absmax(self) -> torch.Tensor:
         """fp32 absmax per block (the nested codes decoded)."""
-        if not self.is_nested:
+        if not self.double_quant:
             return self.absmax
         return fmt.dequantize_blockwise8_torch(self.absmax, self.absmax2, self.code2, self.offset,
                                                self.nested_blocksize)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The tensor in `dtype` (default: the original dtype), bit-identical to bitsandbytes' dequantize_4bit."""
+        """The tensor in `dtype` (default: the original dtype), bit-identical to bitsandbytes' dequantize_4bit.
+
+        Under torch.compile one custom op (fastft::nf4_dequantize) on the inner tensors, traced whole."""
         dtype = self.dtype if dtype is None else dtype
         if dtype not in fmt.FLOAT_DTYPES:
             raise ValueError(f"NF4Weight.dequantize: dtype must be one of {fmt.FLOAT_DTYPES}, got {dtype}")
-        n = self.numel()
-        if self.device.type == "cuda" and HAS_TRITON:
-            from fastft.kernels.nf4_dequant import nf4_dequantize
-            flat = nf4_dequantize(self.packed, self.absmax, n, self.blocksize, dtype, self.code,
-                                  absmax2=self.absmax2, code2=self.code2, offset=self.offset,
-                                  nested_blocksize=self.nested_blocksize)
-        elif self.device.type == "cpu" and nf4_cpu.available():
-            flat = nf4_cpu.dequantize(self.packed, self.block_absmax(), n, self.blocksize, dtype)
-        else:
-            flat = fmt.dequantize_nf4_torch(self.packed, self.block_absmax(), n, self.blocksize, dtype)
+        if torch.compiler.is_compiling():
+            flat = torch.ops.fastft.nf4_dequantize(self.packed, self.absmax, self.absmax2, self.code2, self.code,
+                                                   self.nested_offset, self.nested_blocksize, self.blocksize,
+                                                   self.numel(), dtype)
+        else:  # eager: the cached float offset, no device sync
+            flat = ops.dequantize_parts(self.packed, self.absmax, self.absmax2, self.code2, self.code, self.offset,
+                                        self.nested_blocksize, self.blocksize, self.numel(), dtype)
         return flat.view(self.shape)
 
     def dequantize_rows(self, start: int, stop: int, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -143,17 +176,17 @@ class NF4Weight:
         if not 0 <= start <= stop <= rows:
             raise ValueError(f"NF4Weight.dequantize_rows: need 0 <= start <= stop <= {rows}, got {start}, {stop}")
         n = self.numel()
-        unit = self.blocksize * (self.nested_blocksize if self.is_nested else 1)
+        unit = self.blocksize * (self.nested_blocksize if self.double_quant else 1)
         e0, e1 = start * cols, stop * cols
         a0, a1 = (e0 // unit) * unit, min(n, -(-e1 // unit) * unit)
         if (a0, a1) == (0, n):
             return self.dequantize(dtype)[start:stop]
         b0, b1 = a0 // self.blocksize, fmt.num_blocks(a1, self.blocksize)
         nested = {}
-        if self.is_nested:
+        if self.double_quant:
             g0 = a0 // unit
             nested = dict(absmax2=self.absmax2[g0: g0 + fmt.num_blocks(b1 - b0, self.nested_blocksize)],
-                          code2=self.code2, offset=self.offset, nested_blocksize=self.nested_blocksize)
+                          code2=self.code2, offset=self.nested_offset, nested_blocksize=self.nested_blocksize)
         part = NF4Weight(self.packed[a0 // 2: (a1 + 1) // 2], self.absmax[b0:b1], (a1 - a0,), self.dtype,
                          self.blocksize, code=self.code, **nested)
         return part.dequantize(dtype)[e0 - a0: e1 - a0].view(stop - start, cols)
@@ -166,24 +199,69 @@ class NF4Weight:
         return NF4Operand(self.packed, self.absmax, self.absmax2, self.code2, self.offset, self.nested_blocksize,
                           self.code, self.blocksize, self.shape[0], self.shape[1])
 
-    # ------------------------------------------------------------------------------------------
-    # devices
+    def with_parts(self, **parts) -> NF4Weight:
+        """A new NF4Weight with some fields replaced (packed, absmax, shape, dtype, absmax2, offset, ...).
 
-    def to(self, device=None, *, non_blocking: bool = False) -> NF4Weight:
-        """A copy on `device` (the codes and scales never change dtype); self when already there."""
-        device = torch.device(device) if device is not None else self.device
+        Without a new `offset` it shares this one's `.nested_offset` tensor (and its cached float)."""
+        fields = dict(packed=self.packed, absmax=self.absmax, shape=self.shape, dtype=self.dtype,
+                      blocksize=self.blocksize, absmax2=self.absmax2, code2=self.code2,
+                      offset=0.0 if self.nested_offset is None else self.nested_offset,
+                      nested_blocksize=self.nested_blocksize, code=self.code)
+        fields.update(parts)
+        out = NF4Weight(**fields)
+        if out.nested_offset is not None and out.nested_offset is self.nested_offset:
+            out._offset_cache = self._offset_cache
+        return out
+
+    # ------------------------------------------------------------------------------------------
+    # devices. Dtype casts (`module.half()`, `.to(torch.bfloat16)`) leave the weight as it is: it is quantized.
+
+    def to(self, *args, **kwargs) -> NF4Weight:
+        """A copy on the target device (the codes and scales never change dtype); self when already there."""
+        device, _, non_blocking, _ = torch._C._nn._parse_to(*args, **kwargs)
+        device = self.device if device is None else torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
         if device == self.device:
             return self
-        move = lambda t: None if t is None else t.to(device, non_blocking=non_blocking)  # noqa: E731
-        return NF4Weight(move(self.packed), move(self.absmax), self.shape, self.dtype, self.blocksize,
-                         absmax2=move(self.absmax2), code2=move(self.code2), offset=self.offset,
-                         nested_blocksize=self.nested_blocksize, code=move(self.code))
+        return ops.apply_to_parts(self, lambda t: t.to(device, non_blocking=non_blocking))
 
-    def cuda(self, device: int | None = None) -> NF4Weight:
-        return self.to(torch.device("cuda", torch.cuda.current_device() if device is None else device))
+    def cuda(self, device=None, non_blocking: bool = False, **_) -> NF4Weight:
+        device = torch.cuda.current_device() if device is None else device
+        return self.to(torch.device("cuda", device) if isinstance(device, int) else device, non_blocking=non_blocking)
 
-    def cpu(self) -> NF4Weight:
+    def cpu(self, **_) -> NF4Weight:
         return self.to("cpu")
+
+    # ------------------------------------------------------------------------------------------
+    # tensor subclass protocol (torch.compile, FSDP2, aten ops)
+
+    def __tensor_flatten__(self):
+        names = ["packed", "absmax", "code"] + (["absmax2", "code2", "nested_offset"] if self.double_quant else [])
+        return names, (self.dtype, self.blocksize, self.nested_blocksize)
+
+    @staticmethod
+    def __tensor_unflatten__(inner, meta, outer_size, outer_stride):
+        dtype, blocksize, nested_blocksize = meta
+        return NF4Weight(inner["packed"], inner["absmax"], outer_size, dtype, blocksize,
+                         absmax2=inner.get("absmax2"), code2=inner.get("code2"),
+                         offset=inner.get("nested_offset", 0.0),
+                         nested_blocksize=nested_blocksize, code=inner["code"])
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        return ops.dispatch(func, args, kwargs or {})
+
+    def fsdp_pre_all_gather(self, mesh, outer_size, outer_stride, module, mp_policy):
+        return ops.fsdp_pre_all_gather(self, mesh, outer_size)
+
+    def fsdp_post_all_gather(self, all_gather_outputs, metadata, param_dtype, *, out=None):
+        return ops.fsdp_post_all_gather(self, all_gather_outputs, metadata, param_dtype, out=out)
+
+    def __reduce_ex__(self, proto):
+        return (_rebuild_nf4_weight, (self.packed, self.absmax, tuple(self.shape), self.dtype, self.blocksize,
+                                      self.absmax2, self.code2, self.offset, self.nested_blocksize, self.code,
+                                      isinstance(self, torch.nn.Parameter)))
 
     # ------------------------------------------------------------------------------------------
     # bitsandbytes state dict
@@ -195,7 +273,7 @@ class NF4Weight:
         # tables cloned: weights share them in memory, but a state dict must not (safetensors, tie detection)
         out = {prefix: self.packed.view(-1, 1), f"{prefix}.absmax": self.absmax,
                f"{prefix}.quant_map": self.code.clone()}
-        if self.is_nested:
+        if self.double_quant:
             meta.update(nested_blocksize=self.nested_blocksize, nested_dtype="float32", nested_offset=self.offset)
             out[f"{prefix}.nested_absmax"] = self.absmax2
             out[f"{prefix}.nested_quant_map"] = self.code2.clone()
@@ -244,18 +322,54 @@ class NF4Weight:
                    code=code, **nested)
 
 
-def quantize_nf4(tensor: torch.Tensor, blocksize: int = 64, double_quant: bool = True) -> NF4Weight:
+def _rebuild_nf4_weight(packed, absmax, shape, dtype, blocksize, absmax2, code2, offset, nested_blocksize, code,
+                        is_param=False):
+    w = NF4Weight(packed, absmax, shape, dtype, blocksize, absmax2=absmax2, code2=code2, offset=offset,
+                  nested_blocksize=nested_blocksize, code=code)
+    return torch.nn.Parameter(w, requires_grad=False) if is_param else w
+
+
+torch.serialization.add_safe_globals([NF4Weight, _rebuild_nf4_weight])
+
+
+def _refuse_non_finite(t: torch.Tensor, what: str, chunk: int = 1 << 24) -> None:
+    """ValueError naming the tensor, its count of NaN/inf and the first one's index; checked in chunks so the
+    check adds at most `chunk` bytes to a quantize-while-loading peak."""
+    flat = t.reshape(-1)
+    for start in range(0, flat.numel(), chunk):
+        if bool(torch.isfinite(flat[start:start + chunk]).all()):
+            continue
+        bad = ~torch.isfinite(flat)
+        first = tuple(int(i) for i in torch.unravel_index(bad.nonzero()[0, 0], t.shape))
+        raise ValueError(f"quantize_nf4: {what} (shape {tuple(t.shape)}) has {int(bad.sum())} non-finite value(s) "
+                         f"(NaN/inf), the first at index {first}; NF4 cannot represent them — fix the weights (or "
+                         "the merge that produced them) before quantizing")
+
+
+def quantize_nf4(tensor: torch.Tensor, blocksize: int = 64, double_quant: bool = True, *,
+                 name: str | None = None) -> NF4Weight:
     """Quantize `tensor` (fp32/fp16/bf16, any shape and device) to NF4, bit-identical to bitsandbytes'
-    `quantize_4bit(tensor, blocksize, compress_statistics=double_quant, quant_type="nf4")`."""
+    `quantize_4bit(tensor, blocksize, compress_statistics=double_quant, quant_type="nf4")`.
+
+    name: what to call the tensor in errors (e.g. the layer's weight key).
+    Non-finite values are refused (ValueError) rather than copied from bitsandbytes: there a NaN makes its
+    whole block NaN and an inf makes its block's scale inf (inf·0 = NaN for the other codes), so the
+    quantized weight is garbage either way; a NaN/inf weight is a broken checkpoint or a diverged merge, and
+    saying so where it enters beats a model that silently outputs NaN. The check is one pass over the input.
+    """
+    what = f"`{name}`" if name else "`tensor`"
     if not isinstance(tensor, torch.Tensor):
-        raise TypeError(f"quantize_nf4: `tensor` must be a torch.Tensor, got {type(tensor).__name__}")
+        raise TypeError(f"quantize_nf4: {what} must be a torch.Tensor, got {type(tensor).__name__}")
+    if isinstance(tensor, NF4Weight):
+        raise TypeError(f"quantize_nf4: {what} is already an NF4Weight")
     if tensor.dtype not in fmt.FLOAT_DTYPES:
-        raise ValueError(f"quantize_nf4: `tensor` must be float32, float16 or bfloat16, got {tensor.dtype}")
+        raise ValueError(f"quantize_nf4: {what} must be float32, float16 or bfloat16, got {tensor.dtype}")
     fmt.check_blocksize(blocksize, "quantize_nf4")
     if tensor.numel() == 0:
-        raise ValueError("quantize_nf4: `tensor` is empty")
+        raise ValueError(f"quantize_nf4: {what} is empty")
     with torch.no_grad():
         t = tensor.detach()
+        _refuse_non_finite(t, what)
         if t.device.type == "cpu" and nf4_cpu.available():
             packed, absmax = nf4_cpu.quantize(t, blocksize)
         else:

@@ -30,6 +30,7 @@ class MethodOptions:
     ia3_feedforward_modules: tuple[str, ...] = ("down_proj",)                  # ia3: scale the input, not output
     adapter_size: int = 64              # adapter: bottleneck width
     adapter_placement: str = "pfeiffer"  # adapter: "pfeiffer" (after the MLP) or "houlsby" (after attn and MLP)
+    adapter_activation: str = "relu"    # adapter: relu, silu, gelu_tanh or tanh
     quant_type: str = "nf4"             # qlora
     extra: dict = field(default_factory=dict)  # method-specific extras, validated by the method's room
 
@@ -67,14 +68,131 @@ def _apply_full(model, options, implementation):
     return model
 
 
-def _not_yet(name):
-    def apply(model, options, implementation):
-        raise NotImplementedError(f"method {name!r} has no fastft room yet")
-    return apply
+def _apply_dora(model, options, implementation):
+    import peft
+
+    import fastft
+
+    config = _lora_config(options, use_dora=True)
+    return fastft.get_peft_model(model, config) if implementation == "fastft" else peft.get_peft_model(model, config)
 
 
-_APPLY = {"lora": _apply_lora, "qlora": _apply_qlora, "full": _apply_full,
-          **{m: _not_yet(m) for m in ("dora", "prefix", "prompt", "ia3", "adapter")}}
+def _ia3_config(options: MethodOptions):
+    from peft import IA3Config
+
+    return IA3Config(target_modules=list(options.ia3_target_modules),
+                     feedforward_modules=list(options.ia3_feedforward_modules), task_type="CAUSAL_LM")
+
+
+def _apply_ia3(model, options, implementation):
+    import peft
+
+    import fastft
+
+    config = _ia3_config(options)
+    return fastft.get_peft_model(model, config) if implementation == "fastft" else peft.get_peft_model(model, config)
+
+
+def _apply_prefix(model, options, implementation):
+    import peft
+
+    import fastft
+
+    config = peft.PrefixTuningConfig(num_virtual_tokens=options.num_virtual_tokens, task_type="CAUSAL_LM")
+    return fastft.get_peft_model(model, config) if implementation == "fastft" else peft.get_peft_model(model, config)
+
+
+def _apply_prompt(model, options, implementation):
+    import peft
+
+    import fastft
+
+    config = peft.PromptTuningConfig(num_virtual_tokens=options.num_virtual_tokens, task_type="CAUSAL_LM")
+    return fastft.get_peft_model(model, config) if implementation == "fastft" else peft.get_peft_model(model, config)
+
+
+def _apply_adapter(model, options, implementation):
+    if implementation == "peft":
+        raise NotImplementedError("method 'adapter' has no implementation='peft': peft has no bottleneck adapters "
+                                  "(fastft's own room is the only one)")
+    from fastft.integration.methods.adapter import BottleneckAdapterConfig, get_adapter_model
+
+    config = BottleneckAdapterConfig(size=options.adapter_size, placement=options.adapter_placement,
+                                     activation=options.adapter_activation)
+    return get_adapter_model(model, config)
+
+
+_APPLY = {"lora": _apply_lora, "qlora": _apply_qlora, "full": _apply_full, "dora": _apply_dora, "ia3": _apply_ia3,
+          "prefix": _apply_prefix, "prompt": _apply_prompt, "adapter": _apply_adapter}
+
+# Config type name -> (room module, injection function). LoraConfig without DoRA stays in peft_lora.
+_ROOMS = {
+    "IA3Config": ("fastft.integration.methods.ia3", "get_ia3_model"),
+    "PrefixTuningConfig": ("fastft.integration.methods.prefix", "get_prefix_model"),
+    "PromptTuningConfig": ("fastft.integration.methods.prompt", "get_prompt_model"),
+    "PromptEncoderConfig": ("fastft.integration.methods.prompt", "get_prompt_model"),
+    "BottleneckAdapterConfig": ("fastft.integration.methods.adapter", "get_adapter_model"),
+}
+# peft_type of a saved adapter -> (room module, load function); LORA (and DoRA) load in peft_lora.
+_LOADERS = {
+    "IA3": ("fastft.integration.methods.ia3", "load_ia3_adapter"),
+    "PREFIX_TUNING": ("fastft.integration.methods.prefix", "load_prefix_adapter"),
+    "PROMPT_TUNING": ("fastft.integration.methods.prompt", "load_prompt_adapter"),
+    "P_TUNING": ("fastft.integration.methods.prompt", "load_prompt_adapter"),
+}
+
+
+def _room(table, key):
+    import importlib
+
+    module, name = table[key]
+    return getattr(importlib.import_module(module), name)
+
+
+def supported_configs() -> list[str]:
+    return ["LoraConfig", "LoraConfig(use_dora=True)", *_ROOMS]
+
+
+def get_method_model(model: nn.Module, config, adapter_name: str = "default", **kwargs):
+    """fastft.get_peft_model for every config that is not plain LoRA: dispatch on the config type."""
+    from peft import LoraConfig
+
+    if isinstance(config, LoraConfig):
+        if not config.use_dora:
+            import fastft
+
+            return fastft.get_peft_model(model, config, adapter_name=adapter_name, **kwargs)
+        from fastft.integration.methods.dora import get_dora_model
+
+        return get_dora_model(model, config, adapter_name=adapter_name, **kwargs)
+    name = type(config).__name__
+    if name not in _ROOMS:
+        raise TypeError(f"fastft.get_peft_model: {name} is not supported by fastft; supported configs: "
+                        f"{', '.join(supported_configs())} (use peft.get_peft_model for other methods)")
+    return _room(_ROOMS, name)(model, config, adapter_name=adapter_name, **kwargs)
+
+
+def load_method_adapter(model: nn.Module, path, adapter_name: str = "default", is_trainable: bool = False):
+    """Load a saved non-LoRA adapter through its room; None for a LoRA/DoRA adapter (peft_lora loads it)."""
+    from pathlib import Path
+
+    path = Path(path)
+    if not (path / "adapter_config.json").is_file():
+        return None  # peft_lora reports the missing file
+    from fastft.integration.methods.adapter import is_bottleneck_adapter, load_bottleneck_adapter
+
+    if is_bottleneck_adapter(path):
+        return load_bottleneck_adapter(model, path, adapter_name, is_trainable)
+    import peft
+
+    config = peft.PeftConfig.from_pretrained(str(path))
+    peft_type = getattr(config.peft_type, "value", config.peft_type)
+    if peft_type == "LORA":
+        return None
+    if peft_type not in _LOADERS:
+        raise TypeError(f"load_adapter: {path} holds a {type(config).__name__} adapter, which fastft does not "
+                        f"support; supported: {', '.join(supported_configs())}")
+    return _room(_LOADERS, peft_type)(model, path, config, adapter_name, is_trainable)
 
 
 def apply_method(model: nn.Module, method: str, options: MethodOptions | None = None, *,

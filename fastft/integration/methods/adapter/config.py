@@ -1,0 +1,73 @@
+"""The bottleneck adapter's config: fastft's own dataclass (peft has no bottleneck adapters)."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from fastft.ops.bottleneck_adapter import ACTIVATIONS
+
+PEFT_TYPE = "FASTFT_BOTTLENECK_ADAPTER"  # written to adapter_config.json so loaders can tell it from peft's
+PLACEMENTS = ("pfeiffer", "houlsby")
+
+
+@dataclass
+class BottleneckAdapterConfig:
+    """Bottleneck adapters h + up(act(down(h))) on sublayer outputs, before the residual add.
+
+    placement: "pfeiffer" — after the MLP only (Pfeiffer et al., 2020); "houlsby" — after attention and after the
+    MLP (Houlsby et al., 2019). The adapter wraps the sublayer's output projection: `attn_output_modules` (Llama:
+    o_proj) and `mlp_output_modules` (Llama: down_proj). Initialised near identity: the down-projection
+    ~ N(0, init_std²), the up-projection and both biases zero, so the model starts unchanged.
+    """
+    size: int = 64
+    placement: str = "pfeiffer"
+    activation: str = "relu"
+    init_std: float = 0.01
+    attn_output_modules: tuple[str, ...] = ("o_proj",)
+    mlp_output_modules: tuple[str, ...] = ("down_proj",)
+    inference_mode: bool = False
+
+    def __post_init__(self):
+        self.attn_output_modules = tuple(self.attn_output_modules)
+        self.mlp_output_modules = tuple(self.mlp_output_modules)
+        self.validate()
+
+    def validate(self) -> None:
+        def bad(field, why):
+            return ValueError(f"BottleneckAdapterConfig.{field}={getattr(self, field)!r}: {why}")
+
+        if not isinstance(self.size, int) or isinstance(self.size, bool) or self.size <= 0:
+            raise bad("size", "expected a positive integer bottleneck width")
+        if self.placement not in PLACEMENTS:
+            raise bad("placement", f"expected one of {PLACEMENTS}")
+        if self.activation not in ACTIVATIONS:
+            raise bad("activation", f"expected one of {ACTIVATIONS}")
+        if not isinstance(self.init_std, (int, float)) or not 0.0 <= self.init_std < 1.0:
+            raise bad("init_std", "expected a standard deviation in [0, 1)")
+        for field in ("attn_output_modules", "mlp_output_modules"):
+            names = getattr(self, field)
+            if not names or not all(isinstance(n, str) and n for n in names):
+                raise bad(field, "expected a non-empty tuple of module names")
+
+    def target_suffixes(self) -> tuple[str, ...]:
+        attn = self.attn_output_modules if self.placement == "houlsby" else ()
+        return attn + self.mlp_output_modules
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.pop("inference_mode")
+        d["attn_output_modules"] = list(self.attn_output_modules)
+        d["mlp_output_modules"] = list(self.mlp_output_modules)
+        return {"peft_type": PEFT_TYPE, **d}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> BottleneckAdapterConfig:
+        d = dict(d)
+        kind = d.pop("peft_type", None)
+        if kind != PEFT_TYPE:
+            raise ValueError(f"not a fastft bottleneck adapter config (peft_type={kind!r}, expected {PEFT_TYPE!r})")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"BottleneckAdapterConfig: unknown fields {unknown} in the saved config")
+        return cls(**d)

@@ -1,0 +1,47 @@
+"""The bottleneck adapter layer and the wrapper that puts it after a sublayer's output projection."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fastft.modules.lora import default_backend
+from fastft.ops.bottleneck_adapter import bottleneck_adapter
+
+
+class BottleneckAdapter(nn.Module):
+    """h + up(act(down(h))), forward through fastft.ops.bottleneck_adapter (fused on CUDA). Parameters are kept
+    in `dtype` (fp32 masters by default) and cast to h's dtype inside the op."""
+
+    def __init__(self, features: int, size: int, activation: str, init_std: float, *, device=None,
+                 dtype=torch.float32):
+        super().__init__()
+        self.activation = activation
+        self.down = nn.Linear(features, size, device=device, dtype=dtype)
+        self.up = nn.Linear(size, features, device=device, dtype=dtype)
+        with torch.no_grad():
+            self.down.weight.normal_(0.0, init_std)
+            self.down.bias.zero_()
+            self.up.weight.zero_()  # near identity: the adapter adds nothing until it trains
+            self.up.bias.zero_()
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return bottleneck_adapter(h, self.down.weight, self.down.bias, self.up.weight, self.up.bias, self.activation,
+                                  backend=default_backend())
+
+    def extra_repr(self) -> str:
+        return f"activation={self.activation!r}"
+
+
+class AdapterAfter(nn.Module):
+    """`base_layer` (a sublayer's output projection), then the adapter on its output."""
+
+    def __init__(self, base_layer: nn.Module, adapter: BottleneckAdapter):
+        super().__init__()
+        self.base_layer = base_layer
+        self.adapter = adapter
+
+    def forward(self, x, *args, **kwargs):
+        return self.adapter(self.base_layer(x, *args, **kwargs))
+
+    def get_base_layer(self) -> nn.Module:
+        return self.base_layer

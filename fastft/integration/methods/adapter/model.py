@@ -1,0 +1,163 @@
+"""Injecting bottleneck adapters into a transformers model, and their save format.
+
+`get_adapter_model(model, config)` freezes the model, wraps every matching output projection in `AdapterAfter`
+and returns a `BottleneckAdapterModel` (a thin wrapper like peft's PeftModel: forward, attribute access and
+`generate` go to the model; `save_pretrained` writes the adapter). Saved as `adapter_config.json` (the config
+with peft_type "FASTFT_BOTTLENECK_ADAPTER") and `adapter_model.safetensors` (only the adapter tensors, keyed by
+module path), each written to a temporary file and renamed into place. `load_bottleneck_adapter` checks every
+tensor against the model before loading.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fastft.integration.methods.adapter.config import PEFT_TYPE, BottleneckAdapterConfig
+from fastft.integration.methods.adapter.layer import AdapterAfter, BottleneckAdapter
+
+CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
+
+
+class BottleneckAdapterModel(nn.Module):
+    """The model with bottleneck adapters; only the adapters train."""
+
+    def __init__(self, model: nn.Module, config: BottleneckAdapterConfig):
+        super().__init__()
+        self.base_model = model
+        self.adapter_config = config
+
+    def forward(self, *args, **kwargs):
+        return self.base_model(*args, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        return self.base_model.generate(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("base_model"), name)
+
+    def get_base_model(self) -> nn.Module:
+        return self.base_model
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach() for k, v in self.base_model.state_dict().items() if ".adapter." in k}
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        return trainable, sum(p.numel() for p in self.parameters())
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+
+    def save_pretrained(self, path, **kwargs) -> None:
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.contiguous().cpu() for k, v in self.adapter_state_dict().items()}
+        _atomic(path / WEIGHTS_NAME, lambda f: save_file(tensors, f, metadata={"format": "pt"}))
+        text = json.dumps(self.adapter_config.to_dict(), indent=2, sort_keys=True)
+        _atomic(path / CONFIG_NAME, lambda f: Path(f).write_text(text))
+
+
+def _atomic(target: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _targets(model: nn.Module, config: BottleneckAdapterConfig) -> list[str]:
+    suffixes = config.target_suffixes()
+    return [n for n, m in model.named_modules() if n and n.rsplit(".", 1)[-1] in suffixes
+            and not isinstance(m, AdapterAfter)]
+
+
+def get_adapter_model(model: nn.Module, config: BottleneckAdapterConfig, adapter_name: str = "default",
+                      **kwargs) -> BottleneckAdapterModel:
+    if not isinstance(config, BottleneckAdapterConfig):
+        raise TypeError(f"get_adapter_model expects a fastft BottleneckAdapterConfig, got {type(config).__name__}")
+    if adapter_name != "default" or kwargs:
+        raise ValueError("bottleneck adapters support one adapter named 'default' and no extra options")
+    config.validate()
+    if any(isinstance(m, AdapterAfter) for m in model.modules()):
+        raise ValueError(f"{type(model).__name__} already has bottleneck adapters")
+    names = _targets(model, config)
+    if not names:
+        field = "mlp_output_modules" if config.placement == "pfeiffer" else "attn_output_modules/mlp_output_modules"
+        raise ValueError(f"BottleneckAdapterConfig.{field} matches no module of {type(model).__name__} "
+                         f"(looked for names ending in {config.target_suffixes()})")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        base = getattr(parent, child)
+        features = getattr(base, "out_features", None)
+        if not isinstance(features, int):
+            raise ValueError(f"bottleneck adapter target '{name}' ({type(base).__name__}) has no out_features")
+        device = next((t.device for t in base.parameters()), None)
+        adapter = BottleneckAdapter(features, config.size, config.activation, config.init_std, device=device)
+        setattr(parent, child, AdapterAfter(base, adapter))
+    if config.inference_mode:
+        for p in model.parameters():
+            p.requires_grad_(False)
+    return BottleneckAdapterModel(model, config)
+
+
+def is_bottleneck_adapter(path) -> bool:
+    config_file = Path(path) / CONFIG_NAME
+    if not config_file.is_file():
+        return False
+    try:
+        return json.loads(config_file.read_text()).get("peft_type") == PEFT_TYPE
+    except (json.JSONDecodeError, AttributeError):
+        return False
+
+
+def load_bottleneck_adapter(model: nn.Module, path, adapter_name: str = "default",
+                            is_trainable: bool = False) -> BottleneckAdapterModel:
+    """Rebuild the adapters described in `path` on `model` (a plain transformers model) and load their weights."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    for f in (path / CONFIG_NAME, path / WEIGHTS_NAME):
+        if not f.is_file():
+            raise FileNotFoundError(f"load_adapter: {f} not found (expected a fastft bottleneck adapter directory)")
+    if isinstance(model, BottleneckAdapterModel) or not isinstance(model, nn.Module):
+        raise ValueError("load_adapter: bottleneck adapters load into a plain transformers model")
+    config = BottleneckAdapterConfig.from_dict(json.loads((path / CONFIG_NAME).read_text()))
+    config.inference_mode = not is_trainable
+    wrapped = get_adapter_model(model, config, adapter_name)
+    own = wrapped.adapter_state_dict()
+    with safe_open(str(path / WEIGHTS_NAME), framework="pt") as f:
+        keys = set(f.keys())
+        if keys != set(own):
+            missing, extra = sorted(set(own) - keys)[:3], sorted(keys - set(own))[:3]
+            raise ValueError(f"load_adapter: {path} does not fit {type(model).__name__}: missing {missing}, "
+                             f"unexpected {extra}")
+        loaded = {}
+        for key in keys:
+            t = f.get_tensor(key)
+            if tuple(t.shape) != tuple(own[key].shape):
+                raise ValueError(f"load_adapter: '{key}' in {path} has shape {tuple(t.shape)}, but the model needs "
+                                 f"{tuple(own[key].shape)}: the adapter was trained for a different model")
+            loaded[key] = t
+    wrapped.base_model.load_state_dict(loaded, strict=False)
+    if not is_trainable:
+        wrapped.eval()
+    return wrapped

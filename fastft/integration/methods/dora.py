@@ -1,0 +1,163 @@
+"""DoRA's room: `LoraConfig(use_dora=True)` accepted, a fused DoRA layer, injection through peft.
+
+Config: peft's LoraConfig with use_dora=True. Everything plain LoRA accepts, minus what the fused DoRA op does not
+compute (fan_in_fan_out, lora_bias: refused naming the field).
+Layer: `FusedDoraLinear` / `FusedQDoraLinear` — peft's LoRA Linear (DoRA variant, same state: lora_A, lora_B,
+lora_magnitude_vector) whose forward for one active DoRA adapter is `fastft.ops.dora_linear` (fused GEMM with σ
+as a column-scale epilogue; ‖W‖² cached per weight). Other cases (several adapters, disabled, merged) take
+peft's forward. NF4 bases: peft's DoRA cannot read an NF4Weight, so `FusedQDoraLinear` initialises the
+magnitude from the dequantized rows (fastft.ops.dora.dora_row_norm) and only supports the fused forward.
+Injection: peft builds the model; `patch_peft` swaps the layers (peft's save format, keys
+`...lora_magnitude_vector`, unchanged).
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+from typing import Any
+
+import torch
+from peft import LoraConfig
+from peft.tuners.lora.dora import DoraLinearLayer
+from peft.tuners.lora.variants import DoraLinearVariant
+from torch import nn
+
+from fastft.modules.lora import FusedLoraLinear, default_backend
+from fastft.modules.nf4_linear import NF4Linear
+from fastft.modules.qlora import FusedQLoraLinear
+from fastft.ops.dora import dora_linear, dora_row_norm, weight_row_sq_norm
+from fastft.quant.nf4_weight import NF4Weight
+
+# LoraConfig fields plain fused LoRA accepts but the fused DoRA op does not compute.
+_DORA_UNSUPPORTED = {
+    "fan_in_fan_out": "the fused DoRA op takes W as (out_features, in_features)",
+    "lora_bias": "peft's DoRA with a LoRA bias adds it outside the magnitude scale; the fused op has no such term",
+}
+
+
+def validate_dora_config(config, model: nn.Module) -> None:
+    """ValueError naming the field for a DoRA option fastft cannot fuse; then plain LoRA's checks."""
+    from fastft.integration.peft_lora import validate_lora_config
+
+    if not isinstance(config, LoraConfig) or not config.use_dora:
+        raise TypeError(f"validate_dora_config expects a peft.LoraConfig with use_dora=True, got {config!r}")
+    for field, why in _DORA_UNSUPPORTED.items():
+        value = getattr(config, field, None)
+        if value not in (None, False):
+            raise ValueError(f"LoraConfig.{field}={value!r} with use_dora=True is not supported by fastft: {why}; "
+                             "use peft directly for it")
+    plain = copy.copy(config)
+    plain.use_dora = False
+    validate_lora_config(plain, model)
+
+
+class _DoraForward:
+    """The fused forward for one active DoRA adapter; peft's forward (via the LoRA parent) otherwise."""
+
+    def _weight_sq_norm(self) -> torch.Tensor:
+        """‖W_n‖², computed once per weight (recomputed only if the weight is replaced or changed in place)."""
+        w = self.get_base_layer().weight
+        t = w.packed if isinstance(w, NF4Weight) else w
+        key = (id(w), t.data_ptr(), t._version, str(t.device))
+        cached = self.__dict__.get("_fastft_weight_sq_norm")
+        if cached is None or cached[0] != key:
+            cached = (key, weight_row_sq_norm(w))
+            self.__dict__["_fastft_weight_sq_norm"] = cached
+        return cached[1]
+
+    def _dora_operands(self, x, args, kwargs):
+        if args or any(v is not None for v in kwargs.values()):
+            return None
+        if self.disable_adapters or self.merged or self.fan_in_fan_out or not self._base_ok(x):
+            return None
+        names = [a for a in self.active_adapters if a in self.lora_A]
+        if len(names) != 1 or names[0] not in self.lora_magnitude_vector or self.lora_bias.get(names[0], False):
+            return None
+        name = names[0]
+        dropout = self.lora_dropout[name]
+        if isinstance(dropout, nn.Identity):
+            p = 0.0
+        elif type(dropout) is nn.Dropout:
+            p = dropout.p if dropout.training else 0.0
+        else:
+            return None
+        return (self.lora_A[name].weight, self.lora_B[name].weight, self.lora_magnitude_vector[name].weight,
+                self.scaling[name], p)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        operands = self._dora_operands(x, args, kwargs)
+        if operands is None:
+            return super().forward(x, *args, **kwargs)
+        lora_A, lora_B, magnitude, scaling, p = operands
+        base = self.get_base_layer()
+        return dora_linear(x, base.weight, base.bias, lora_A, lora_B, magnitude, scaling, p,
+                           weight_sq_norm=self._weight_sq_norm(), backend=default_backend())
+
+
+class FusedDoraLinear(_DoraForward, FusedLoraLinear):
+    """DoRA (and plain LoRA adapters beside it) on a dense nn.Linear."""
+
+
+class _NF4DoraVariant(DoraLinearVariant):
+    """peft's DoRA variant with the magnitude initialised from the NF4 weight (peft cannot dequantize ours)."""
+
+    @staticmethod
+    def init(module, adapter_name: str, **kwargs: Any) -> None:
+        if not module.lora_magnitude_vector:
+            module.adapter_layer_names = module.adapter_layer_names[:] + ("lora_magnitude_vector",)
+        layer = DoraLinearLayer(fan_in_fan_out=False)
+        lora_A, lora_B = module.lora_A[adapter_name].weight, module.lora_B[adapter_name].weight
+        norm = dora_row_norm(module.get_base_layer().weight, lora_A, lora_B, module.scaling[adapter_name],
+                             dtype=torch.float32)
+        layer.weight = nn.Parameter(norm.to(lora_A.dtype), requires_grad=True)
+        module.lora_magnitude_vector[adapter_name] = layer
+
+    @staticmethod
+    def forward(module, active_adapter, x, result, **kwargs):
+        raise NotImplementedError("fastft: DoRA on an NF4 base runs only the fused forward (one active adapter, no "
+                                  "extra forward arguments); merge it with fastft.merge_and_unload for other uses")
+
+
+class FusedQDoraLinear(_DoraForward, FusedQLoraLinear):
+    """DoRA on a fastft NF4Linear; plain LoRA adapters beside it keep the QLoRA path."""
+
+    @property
+    def lora_variants(self):
+        return {("use_dora",): _NF4DoraVariant}
+
+    def merge(self, safe_merge: bool = False, adapter_names=None) -> None:
+        if any(a in self.lora_magnitude_vector for a in (adapter_names or self.active_adapters)):
+            raise NotImplementedError("fastft: merging DoRA into an NF4 weight is not supported; "
+                                      "fastft.merge_and_unload(model) dequantizes first and merges in dense")
+        super().merge(safe_merge=safe_merge, adapter_names=adapter_names)
+
+    def to_dense(self, dtype: torch.dtype | None = None):
+        super().to_dense(dtype)
+        self.__class__ = FusedDoraLinear
+        return self
+
+
+def fused_class_for(module) -> type:
+    """The fastft class for a plain peft LoRA Linear: the DoRA-capable one when it holds a DoRA adapter."""
+    return FusedDoraLinear if len(module.lora_magnitude_vector) else FusedLoraLinear
+
+
+def register_quantized(config: LoraConfig, model: nn.Module) -> LoraConfig:
+    """Have peft wrap NF4Linear targets in FusedQDoraLinear."""
+    if any(isinstance(m, NF4Linear) for m in model.modules()):
+        config._register_custom_module({NF4Linear: FusedQDoraLinear})
+    return config
+
+
+def get_dora_model(model: nn.Module, config: LoraConfig, adapter_name: str = "default", **kwargs):
+    """peft.get_peft_model with LoraConfig(use_dora=True), validated, with fused DoRA layers."""
+    import peft
+
+    from fastft.integration.peft_lora import patch_peft
+
+    validate_dora_config(config, model)
+    register_quantized(config, model)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        peft_model = peft.get_peft_model(model, config, adapter_name=adapter_name, **kwargs)
+    return patch_peft(peft_model)

@@ -1,0 +1,94 @@
+"""IA3's room: peft's `IA3Config` accepted, a fused IA3 layer, injection through peft.
+
+Config: peft's IA3Config; fields whose forward the fused op does not compute are refused naming the field.
+Layer: `FusedIA3Linear` — peft's IA3 Linear (same state `ia3_l`, same save format) whose forward goes through
+`fastft.ops.ia3_linear`: the learned vector folded into the GEMM (input scale as a prologue on x's K-columns
+for feed-forward modules, output scale as an epilogue column scale otherwise). Several active adapters
+multiply their vectors first, as peft does. Disabled or merged adapters, fan_in_fan_out, non-Linear or hooked
+bases take peft's forward.
+Injection: peft builds the model; every plain peft IA3 Linear is swapped in place (no state changes).
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from peft import IA3Config
+from peft.tuners.ia3 import Linear as PeftIA3Linear
+from torch import nn
+
+from fastft.modules.lora import _plain_linear, default_backend
+from fastft.ops.ia3 import ia3_linear
+
+
+def validate_ia3_config(config, model: nn.Module) -> None:
+    if not isinstance(config, IA3Config):
+        raise TypeError(f"validate_ia3_config expects a peft.IA3Config, got {type(config).__name__}")
+    if config.fan_in_fan_out:
+        raise ValueError("IA3Config.fan_in_fan_out=True is not supported by fastft: the fused IA3 op takes W as "
+                         "(out_features, in_features); use peft directly for Conv1D models")
+    targets, ff = config.target_modules, config.feedforward_modules
+    if isinstance(targets, (list, set, tuple)) and isinstance(ff, (list, set, tuple)):
+        stray = sorted(set(ff) - set(targets))
+        if stray:
+            raise ValueError(f"IA3Config.feedforward_modules={sorted(ff)} names modules not in target_modules "
+                             f"({sorted(targets)}): {stray}")
+
+
+class FusedIA3Linear(PeftIA3Linear):
+    def _scale(self, x) -> torch.Tensor | None:
+        base = self.get_base_layer()
+        if self.disable_adapters or self.merged or self.fan_in_fan_out or not _plain_linear(base):
+            return None
+        if x.dtype != base.weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            return None
+        names = [a for a in self.active_adapters if a in self.ia3_l]
+        if not names:
+            return None
+        scale = self.ia3_l[names[0]].flatten()
+        for name in names[1:]:
+            scale = scale * self.ia3_l[name].flatten()
+        return scale
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        scale = None if args or kwargs else self._scale(x)
+        if scale is None:
+            return super().forward(x, *args, **kwargs)
+        base = self.get_base_layer()
+        return ia3_linear(x, base.weight, base.bias, scale, feedforward=self.is_feedforward,
+                          backend=default_backend())
+
+
+def patch_ia3(model: nn.Module) -> nn.Module:
+    found = 0
+    for module in model.modules():
+        if isinstance(module, PeftIA3Linear):
+            found += 1
+            if type(module) is PeftIA3Linear:
+                module.__class__ = FusedIA3Linear
+    if not found:
+        raise ValueError(f"patch_ia3: {type(model).__name__} contains no peft IA3 Linear layer")
+    return model
+
+
+def get_ia3_model(model: nn.Module, config: IA3Config, adapter_name: str = "default", **kwargs):
+    import peft
+
+    validate_ia3_config(config, model)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        peft_model = peft.get_peft_model(model, config, adapter_name=adapter_name, **kwargs)
+    return patch_ia3(peft_model)
+
+
+def load_ia3_adapter(model: nn.Module, path, config: IA3Config, adapter_name: str, is_trainable: bool):
+    from peft import PeftModel
+
+    validate_ia3_config(config, model)
+    config.inference_mode = not is_trainable
+    if isinstance(model, PeftModel):
+        model.load_adapter(str(path), adapter_name=adapter_name, is_trainable=is_trainable)
+        return patch_ia3(model)
+    return patch_ia3(PeftModel.from_pretrained(model, str(path), adapter_name=adapter_name,
+                                               is_trainable=is_trainable, config=config))

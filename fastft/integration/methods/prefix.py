@@ -1,0 +1,105 @@
+"""Prefix tuning's room: peft's `PrefixTuningConfig` accepted; the prefix fed straight to fastft's attention op.
+
+Config: peft's PrefixTuningConfig (CAUSAL_LM, decoder-only models whose attention modules carry `layer_idx`).
+Layer: the attention op itself — `fastft.ops.flash_attention(q, k, v, prefix_k=, prefix_v=)` attends every query
+to the layer's P virtual keys/values unmasked, with no concatenated K/V and no cache object; the integration
+(fastft/integration/attention.py) reads them from the `fastft_prefix` keyword that transformers hands down to
+the attention interface. Gradients reach the prefix through the op.
+Injection: peft builds its PeftModelForCausalLM (its PrefixEncoder, its state dict and save format unchanged);
+`FastftPrefixModel` replaces the forward: the prefix encoder's output (1, P, layers·2·kv_heads·head_dim) is viewed
+per layer as (1, P, kv_heads, head_dim) keys and values (views, no copies), real tokens are placed at positions
+P, P+1, … as peft's cache path does, and the model runs with attn_implementation="fastft". Calls with a
+`past_key_values` (generation) take peft's cache path, which the fastft attention also serves.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+from peft import PeftModel, PeftModelForCausalLM, PrefixTuningConfig
+from torch import nn
+
+
+def validate_prefix_config(config, model: nn.Module) -> None:
+    from peft.utils import TRANSFORMERS_MODELS_TO_PREFIX_TUNING_POSTPROCESS_MAPPING
+
+    if not isinstance(config, PrefixTuningConfig):
+        raise TypeError(f"validate_prefix_config expects a peft.PrefixTuningConfig, got {type(config).__name__}")
+    task = getattr(config.task_type, "value", config.task_type)
+    if task != "CAUSAL_LM":
+        raise ValueError(f"PrefixTuningConfig.task_type={task!r} is not supported by fastft: expected 'CAUSAL_LM'")
+    model_type = getattr(getattr(model, "config", None), "model_type", "")
+    if model_type in TRANSFORMERS_MODELS_TO_PREFIX_TUNING_POSTPROCESS_MAPPING or "gemma" in model_type:
+        raise ValueError(f"fastft prefix tuning: model_type {model_type!r} reshapes its prefix cache in peft; "
+                         "use peft directly for it")
+    attn = [m for n, m in model.named_modules() if n.endswith("self_attn")]
+    if not attn or not all(hasattr(m, "layer_idx") for m in attn):
+        raise ValueError(f"fastft prefix tuning needs a decoder whose self_attn modules carry layer_idx (Llama "
+                         f"family); {type(model).__name__} has none")
+
+
+class FastftPrefixModel(PeftModelForCausalLM):
+    """peft's causal-LM PeftModel whose prefix-tuning forward hands the prefix to the fastft attention op."""
+
+    def prefix_key_values(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer (prefix_k, prefix_v), each (1, P, kv_heads, head_dim): views of the encoder's output."""
+        config = self.active_peft_config
+        encoder = self.prompt_encoder[self.active_adapter]
+        P = config.num_virtual_tokens
+        if config.inference_mode:
+            table = encoder.embedding.weight[None]
+        else:
+            tokens = self.prompt_tokens[self.active_adapter][:P].unsqueeze(0).to(encoder.embedding.weight.device)
+            table = encoder(tokens)
+        if self.base_model_torch_dtype is not None:
+            table = table.to(self.base_model_torch_dtype)
+        heads = config.num_attention_heads
+        table = table.view(1, P, config.num_layers * 2, heads, config.token_dim // heads)
+        return [(table[:, :, 2 * i], table[:, :, 2 * i + 1]) for i in range(config.num_layers)]
+
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, output_attentions=None,
+                output_hidden_states=None, return_dict=None, task_ids=None, **kwargs):
+        config = self.active_peft_config
+        if not isinstance(config, PrefixTuningConfig) or kwargs.get("past_key_values") is not None \
+                or kwargs.get("use_cache") or self.get_base_model().config._attn_implementation != "fastft":
+            return super().forward(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                                   labels=labels, output_attentions=output_attentions,
+                                   output_hidden_states=output_hidden_states, return_dict=return_dict,
+                                   task_ids=task_ids, **kwargs)
+        ref = input_ids if input_ids is not None else inputs_embeds
+        batch, seq = ref.shape[0], ref.shape[1]
+        P = config.num_virtual_tokens
+        if kwargs.get("position_ids") is None:  # peft's cache path starts the real tokens at position P
+            kwargs["position_ids"] = torch.arange(P, P + seq, device=ref.device).unsqueeze(0).expand(batch, -1)
+        kwargs.pop("use_cache", None)
+        return self.base_model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                               labels=labels, output_attentions=output_attentions,
+                               output_hidden_states=output_hidden_states, return_dict=return_dict, use_cache=False,
+                               fastft_prefix=self.prefix_key_values(), **kwargs)
+
+
+def _use_fastft(model: PeftModel) -> PeftModel:
+    from fastft.integration.attention import NAME  # importing registers attn_implementation="fastft"
+
+    model.get_base_model().set_attn_implementation(NAME)
+    model.__class__ = FastftPrefixModel
+    return model
+
+
+def get_prefix_model(model: nn.Module, config: PrefixTuningConfig, adapter_name: str = "default", **kwargs):
+    import peft
+
+    validate_prefix_config(config, model)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        peft_model = peft.get_peft_model(model, config, adapter_name=adapter_name, **kwargs)
+    return _use_fastft(peft_model)
+
+
+def load_prefix_adapter(model: nn.Module, path, config: PrefixTuningConfig, adapter_name: str, is_trainable: bool):
+    if isinstance(model, PeftModel):
+        raise ValueError("load_adapter: a prefix-tuning adapter loads into a plain transformers model, not into a "
+                         "PeftModel")
+    validate_prefix_config(config, model)
+    return _use_fastft(PeftModel.from_pretrained(model, str(path), adapter_name=adapter_name,
+                                                 is_trainable=is_trainable))

@@ -1,0 +1,51 @@
+"""Prompt tuning's and P-tuning's room: peft's `PromptTuningConfig` / `PromptEncoderConfig` accepted.
+
+These methods only prepend learned embeddings to the input (P-tuning computes them with a small MLP/LSTM
+encoder): the cost is the base model on P more tokens, nothing a fused kernel changes. So the layer and the
+injection are peft's own (PeftModelForCausalLM, its save format); fastft's entry point validates the config
+with errors naming the field, and the model keeps whatever attention implementation it has (fastft's included).
+"""
+from __future__ import annotations
+
+import warnings
+
+from peft import PeftModel, PromptEncoderConfig, PromptTuningConfig
+from torch import nn
+
+CONFIGS = (PromptTuningConfig, PromptEncoderConfig)
+
+
+def validate_prompt_config(config, model: nn.Module) -> None:
+    if not isinstance(config, CONFIGS):
+        raise TypeError(f"validate_prompt_config expects a peft.PromptTuningConfig or PromptEncoderConfig, got "
+                        f"{type(config).__name__}")
+    name = type(config).__name__
+    task = getattr(config.task_type, "value", config.task_type)
+    if task != "CAUSAL_LM":
+        raise ValueError(f"{name}.task_type={task!r} is not supported by fastft: expected 'CAUSAL_LM'")
+    if not isinstance(config.num_virtual_tokens, int) or config.num_virtual_tokens <= 0:
+        raise ValueError(f"{name}.num_virtual_tokens={config.num_virtual_tokens!r}: expected a positive integer")
+    init = getattr(config, "prompt_tuning_init", None)
+    if isinstance(config, PromptTuningConfig) and getattr(init, "value", init) == "TEXT" \
+            and not config.tokenizer_name_or_path:
+        raise ValueError(f"{name}.prompt_tuning_init='TEXT' needs tokenizer_name_or_path (the tokenizer that "
+                         "encodes prompt_tuning_init_text)")
+    if model.get_input_embeddings() is None:
+        raise ValueError(f"{type(model).__name__} has no input embeddings for {name} to extend")
+
+
+def get_prompt_model(model: nn.Module, config, adapter_name: str = "default", **kwargs):
+    import peft
+
+    validate_prompt_config(config, model)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return peft.get_peft_model(model, config, adapter_name=adapter_name, **kwargs)
+
+
+def load_prompt_adapter(model: nn.Module, path, config, adapter_name: str, is_trainable: bool):
+    if isinstance(model, PeftModel):
+        model.load_adapter(str(path), adapter_name=adapter_name, is_trainable=is_trainable)
+        return model
+    validate_prompt_config(config, model)
+    return PeftModel.from_pretrained(model, str(path), adapter_name=adapter_name, is_trainable=is_trainable)

@@ -1,0 +1,234 @@
+"""The fused DoRA linear op:  y = σ ⊙ (x·Wᵀ + s·(x·Aᵀ)·Bᵀ) + b,  σ = m / ‖W + s·B·A‖_row (detached).
+
+peft's DoRA (tuners/lora/dora.py) with its semantics: the row norm is detached from the graph (DoRA §4.3),
+the bias is added after the magnitude scale, and with dropout the base term sees the undropped x:
+    y = x·Wᵀ + b + (σ − 1)⊙(x_d·Wᵀ) + σ⊙s·(x_d·Aᵀ)·Bᵀ,   x_d = dropout(x).
+
+The row norm never materialises W + s·B·A (N×K):
+    ‖W'_n‖² = ‖W_n‖² + 2s·Σ_j B_nj (W·Aᵀ)_nj + s²·B_n (A·Aᵀ) B_nᵀ
+with ‖W_n‖² constant (computed once per weight by the caller, `weight_row_sq_norm`), W·Aᵀ one N×K×r product and
+A·Aᵀ an r×r Gram matrix.
+
+Fused path (Triton, dropout 0): the LoRA GEMM of fastft.kernels.lora_linear with σ as an epilogue column scale
+(before the bias). Backward: dz = σ⊙dy never exists either — dx's GEMM scales dy's K-columns by σ as it loads
+them, g = s·dy·diag(σ)·B, dB = diag(σ)·dyᵀ·xs, and dm = Σ_tokens dy⊙(y − b) / m (a split-M column reduction
+over the saved output). NF4 bases (qweight an NF4Weight): the NF4 GEMM without a column-scale epilogue, so σ
+and dy·σ are one small elementwise pass each. CPU, dropout > 0 and backend="torch": `dora_linear_reference`.
+Limitation: a magnitude entry that is exactly 0 gets gradient 0 on the fused path (its column's output is 0, so
+the saved output carries no z); peft initialises m = ‖W‖ > 0.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from fastft.kernels.runtime import triton_runs_on
+from fastft.ops.lora import BACKENDS, _as_rows, _padded
+from fastft.quant.nf4_weight import NF4Weight
+
+
+def _dense(weight, dtype):
+    return weight.dequantize(dtype) if isinstance(weight, NF4Weight) else weight.to(dtype)
+
+
+@torch.no_grad()
+def weight_row_sq_norm(weight) -> torch.Tensor:
+    """‖W_n‖² per output row in fp32 (N,), summed in row chunks; NF4 weights are dequantized (fp32) once here."""
+    dense = weight.dequantize(torch.float32) if isinstance(weight, NF4Weight) else weight.detach()
+    return torch.cat([c.float().pow(2).sum(1) for c in dense.split(4096)])
+
+
+@torch.no_grad()
+def _weight_times_A(weight, lora_A, dtype) -> torch.Tensor:
+    """W·Aᵀ (N×r) in fp32 from one skinny product in `dtype` (the NF4 GEMM on CUDA, no dense W)."""
+    if isinstance(weight, NF4Weight):
+        from fastft.ops.qlora import _fused_ok
+
+        if weight.device.type == "cuda" and triton_runs_on(weight.device) and _fused_ok(weight):
+            from fastft.kernels import lora_linear as kernels
+            from fastft.kernels.qlora_linear import nf4_lora_gemm
+
+            r, K = lora_A.shape
+            A_p = _padded(lora_A.detach(), kernels.rank_pad(r), K, dtype)
+            return nf4_lora_gemm(A_p, weight.kernel_operand(), None, None, None, w_nk=True)[:r].t().float()
+        return (weight.dequantize(dtype) @ lora_A.detach().to(dtype).t()).float()
+    return (weight.detach().to(dtype) @ lora_A.detach().to(dtype).t()).float()
+
+
+@torch.no_grad()
+def dora_row_norm(weight, lora_A, lora_B, scaling: float, weight_sq_norm: torch.Tensor | None = None,
+                  dtype: torch.dtype | None = None) -> torch.Tensor:
+    """‖W + s·B·A‖ per output row, fp32 (N,), from ‖W‖² (given, or computed), W·Aᵀ and the Gram A·Aᵀ."""
+    dtype = dtype or lora_A.dtype
+    w_sq = weight_row_sq_norm(weight) if weight_sq_norm is None else weight_sq_norm
+    A, B = lora_A.detach().float(), lora_B.detach().float()
+    # Σ_j B_nj·(2s·(W·Aᵀ)_nj + s²·(B·A·Aᵀ)_nj): the cross and quadratic terms in one row sum
+    inner = torch.addmm(_weight_times_A(weight, lora_A, dtype), B, A @ A.t(), beta=2.0 * scaling,
+                        alpha=scaling * scaling)
+    return (w_sq + (B * inner).sum(1)).clamp_min(0.0).sqrt()
+
+
+def dora_linear_reference(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p=0.0, *, keep_mask=None,
+                          row_norm=None):
+    """peft's DoRA forward in plain torch (autograd through torch); `weight` dense or NF4Weight.
+    `row_norm` (detached ‖W'‖) is computed directly from W + s·B·A when not given: the ground truth."""
+    W = _dense(weight, x.dtype)
+    if row_norm is None:
+        with torch.no_grad():
+            row_norm = torch.linalg.norm(W.float() + scaling * (lora_B.float() @ lora_A.float()), dim=1)
+    sigma = (magnitude / row_norm.detach().to(magnitude.dtype)).view(1, -1)
+    bias = None if bias is None else bias.to(x.dtype)
+    if keep_mask is None and dropout_p == 0.0:
+        lora = F.linear(F.linear(x, lora_A.to(x.dtype)), lora_B.to(x.dtype))
+        y = (sigma * (F.linear(x, W) + scaling * lora)).to(x.dtype)
+        return y if bias is None else y + bias
+    x_d = x * keep_mask.to(x.dtype) / (1.0 - dropout_p) if keep_mask is not None else F.dropout(x, dropout_p, True)
+    lora = F.linear(F.linear(x_d, lora_A.to(x.dtype)), lora_B.to(x.dtype))
+    extra = (sigma - 1) * F.linear(x_d, W) + sigma * lora * scaling
+    return (F.linear(x, W, bias) + extra).to(x.dtype)
+
+
+def _check(cond: bool, message: str) -> None:
+    if not cond:
+        raise ValueError(message)
+
+
+def validate_dora_linear_args(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p) -> None:
+    op = "dora_linear"
+    for name, t in (("x", x), ("lora_A", lora_A), ("lora_B", lora_B), ("magnitude", magnitude)):
+        _check(isinstance(t, torch.Tensor) and t.is_floating_point(),
+               f"{op}: `{name}` must be a floating-point tensor, got {type(t).__name__}")
+    _check(isinstance(weight, (torch.Tensor, NF4Weight)) and len(weight.shape) == 2,
+           f"{op}: `weight` must be a 2-D tensor or NF4Weight (out_features, in_features)")
+    N, K = weight.shape
+    _check(x.dim() >= 1 and x.shape[-1] == K, f"{op}: `x` must have {K} features in its last dimension (weight shape "
+                                              f"{tuple(weight.shape)}), got shape {tuple(x.shape)}")
+    _check(lora_A.dim() == 2 and lora_A.shape[1] == K, f"{op}: `lora_A` must have shape (r, {K}), got "
+                                                       f"{tuple(lora_A.shape)}")
+    r = lora_A.shape[0]
+    _check(tuple(lora_B.shape) == (N, r), f"{op}: `lora_B` must have shape ({N}, {r}), got {tuple(lora_B.shape)}")
+    _check(tuple(magnitude.shape) == (N,), f"{op}: `magnitude` must have shape ({N},), got {tuple(magnitude.shape)}")
+    if bias is not None:
+        _check(isinstance(bias, torch.Tensor) and tuple(bias.shape) == (N,),
+               f"{op}: `bias` must be None or a tensor of shape ({N},)")
+    if not isinstance(weight, NF4Weight):  # an NF4 weight's dtype is its compute dtype, not a storage constraint
+        _check(x.dtype == weight.dtype, f"{op}: `x` is {x.dtype} but `weight` is {weight.dtype}; cast one of them "
+                                        "or run under torch.autocast")
+    devices = {t.device for t in (x, weight, lora_A, lora_B, magnitude)}
+    _check(len(devices) == 1, f"{op}: all tensors must be on one device, got {sorted(map(str, devices))}")
+    _check(isinstance(scaling, (int, float)) and math.isfinite(scaling),
+           f"{op}: `scaling` must be a finite number, got {scaling!r}")
+    _check(isinstance(dropout_p, (int, float)) and 0.0 <= dropout_p < 1.0,
+           f"{op}: `dropout_p` must be in [0, 1), got {dropout_p!r}")
+
+
+class DoRALinearFunction(torch.autograd.Function):
+    """Dropout-free DoRA through the fused kernels; `weight` dense (column-scale epilogue) or NF4Weight."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, magnitude, scaling, row_norm):
+        from fastft.kernels import lora_linear as kernels
+
+        K = x.shape[-1]
+        N, r = lora_B.shape
+        R = kernels.rank_pad(r)
+        dtype = x.dtype
+        x2 = _as_rows(x)
+        sigma = (magnitude.detach().float() / row_norm).contiguous()
+        A_p, B_p = _padded(lora_A, R, K, dtype), _padded(lora_B, N, R, dtype)
+        xs = kernels.rank_project(x2, A_p, scale=scaling)
+        nf4 = isinstance(weight, NF4Weight)
+        if nf4:
+            from fastft.kernels.qlora_linear import nf4_lora_gemm
+
+            z = nf4_lora_gemm(x2, weight.kernel_operand(), xs, B_p, None, w_nk=True)
+            y = z.float() * sigma
+            y = (y if bias is None else y + bias.float()).to(dtype)
+            saved_out = z  # the unscaled output: dm = Σ dy·z / ‖W'‖
+            ctx.qweight, weight_t = weight, None
+        else:
+            y = kernels.lora_gemm(x2, weight, xs, B_p, bias, b_nk=True, col_scale=sigma)
+            saved_out = y  # dm = Σ dy·(y − b) / m
+            weight_t = weight
+        ctx.save_for_backward(x2, A_p, B_p, xs, sigma, row_norm, magnitude, saved_out, bias, weight_t)
+        ctx.meta = (x.shape, scaling, r, nf4, lora_A.dtype, lora_B.dtype)
+        return y.view(*x.shape[:-1], N)
+
+    @staticmethod
+    def backward(ctx, dy):
+        from fastft.kernels import lora_linear as kernels
+        from fastft.kernels.column_dot import column_dot
+
+        x2, A_p, B_p, xs, sigma, row_norm, magnitude, saved_out, bias, weight = ctx.saved_tensors
+        x_shape, scaling, r, nf4, A_dtype, B_dtype = ctx.meta
+        need_x, _, need_b, need_A, need_B, need_m = ctx.needs_input_grad[:6]
+        N = B_p.shape[0]
+        dtype = x2.dtype
+        dy2 = dy.reshape(-1, N).to(dtype)
+        if not dy2.is_contiguous():
+            dy2 = dy2.contiguous()
+        dx = db = dA = dB = dm = None
+        if need_x or need_A:
+            B_sigma = (B_p.float() * sigma[:, None]).to(dtype)
+            g = kernels.rank_project(dy2, B_sigma.t(), scale=scaling)  # s·dy·diag(σ)·B
+            if need_x:
+                if nf4:
+                    from fastft.kernels.qlora_linear import nf4_lora_gemm
+
+                    dz = (dy2.float() * sigma).to(dtype)
+                    dx = nf4_lora_gemm(dz, ctx.qweight.kernel_operand(), g, A_p, None, w_nk=False)
+                else:
+                    dx = kernels.lora_gemm(dy2, weight, g, A_p, None, b_nk=False, k_scale=sigma)
+                dx = dx.view(x_shape)
+            if need_A:
+                dA = kernels.rank_reduce(g, x2)[:r].to(A_dtype)
+        if need_B:
+            dB = (kernels.rank_reduce(xs, dy2)[:r].t() * sigma[:, None]).to(B_dtype)
+        if need_m:
+            if nf4:
+                dm = column_dot(dy2, saved_out) / row_norm
+            else:
+                dm = column_dot(dy2, saved_out)
+                if bias is not None:
+                    dm = dm - bias.float() * dy2.sum(0, dtype=torch.float32)
+                m = magnitude.detach().float()
+                dm = torch.where(m != 0, dm / torch.where(m != 0, m, 1.0), 0.0)
+            dm = dm.to(magnitude.dtype)
+        if need_b and bias is not None:
+            db = dy2.sum(0, dtype=torch.float32).to(bias.dtype)
+        return dx, None, db, dA, dB, dm, None, None
+
+
+def dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p=0.0, *, weight_sq_norm=None,
+                backend="auto"):
+    """peft's DoRA linear (see module doc) with W (N×K) frozen — a tensor or an NF4Weight — A (r×K), B (N×r) and
+    the magnitude m (N,) trained. `weight_sq_norm`: ‖W_n‖² (fp32, N) cached by the caller (computed when None).
+    backend: "auto" (Triton on CUDA, torch elsewhere), "triton" or "torch"."""
+    if backend not in BACKENDS:
+        raise ValueError(f"dora_linear: `backend` must be one of {BACKENDS}, got {backend!r}")
+    device_type = x.device.type if isinstance(x, torch.Tensor) else "cpu"
+    if torch.is_autocast_enabled(device_type) and isinstance(x, torch.Tensor):
+        dtype = torch.get_autocast_dtype(device_type)
+        x = x.to(dtype)
+        weight = weight if isinstance(weight, NF4Weight) else weight.to(dtype)
+    validate_dora_linear_args(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p)
+    scaling, dropout_p = float(scaling), float(dropout_p)
+    row_norm = dora_row_norm(weight, lora_A, lora_B, scaling, weight_sq_norm, dtype=x.dtype)
+    if backend == "auto":
+        backend = "triton" if x.device.type == "cuda" and triton_runs_on(x.device) else "torch"
+    if backend == "triton" and not triton_runs_on(x.device):
+        raise ValueError(f"dora_linear: backend='triton' needs a CUDA tensor (or TRITON_INTERPRET=1 on CPU); `x` is "
+                         f"on {x.device}")
+    fusable = not isinstance(weight, NF4Weight) or _nf4_fusable(weight)
+    if backend == "torch" or dropout_p > 0.0 or x.numel() == 0 or not fusable:
+        return dora_linear_reference(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p,
+                                     row_norm=row_norm)
+    with torch.autocast(device_type, enabled=False):
+        return DoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, magnitude, scaling, row_norm)
+
+
+def _nf4_fusable(weight: NF4Weight) -> bool:
+    from fastft.ops.qlora import _fused_ok
+    return _fused_ok(weight)

@@ -1,0 +1,117 @@
+"""The fused IA3 linear op (peft's IA3, tuners/ia3/layer.py), the learned vector l folded into the GEMM:
+
+    output scale (attention k/v):   y = (x·Wᵀ + b) ⊙ l          l ∈ ℝᴺ — an epilogue column scale
+    input scale (feed-forward):     y = (x ⊙ l)·Wᵀ + b          l ∈ ℝᴷ — a prologue scale on x's K-columns
+
+Both are fastft.kernels.lora_linear's GEMM without a rank tail, with its column-scale epilogue or its K-scale
+on the A-operand loads; no separate elementwise pass over x or y. Backward:
+    output scale: dx = (dy ⊙ l)·W  (K-scale on dy's loads),  dl = Σ_tokens dy ⊙ y / l
+    input scale:  dx = (dy·W) ⊙ l  (column-scale epilogue),  dl = Σ_tokens x ⊙ dx / l
+with the Σ_tokens a split-M column reduction (fastft.kernels.column_dot). A vector entry exactly 0 gets
+gradient 0 on the fused path (its column carries nothing to divide); peft initialises l = 1.
+CPU and backend="torch": `ia3_linear_reference`, the same math in torch.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from fastft.kernels.runtime import triton_runs_on
+from fastft.ops.lora import BACKENDS, _as_rows
+
+
+def ia3_linear_reference(x, weight, bias, ia3_l, feedforward: bool):
+    """peft's IA3 Linear forward in torch (autograd through torch)."""
+    if feedforward:
+        return F.linear((x * ia3_l.flatten()).to(x.dtype), weight, bias)
+    y = F.linear(x, weight, bias)
+    return (y * ia3_l.flatten()).to(y.dtype)
+
+
+def _safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    return torch.where(den != 0, num / torch.where(den != 0, den, 1.0), 0.0)
+
+
+class IA3LinearFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, ia3_l, feedforward):
+        from fastft.kernels import lora_linear as kernels
+
+        x2 = _as_rows(x)
+        N = weight.shape[0]
+        scale = ia3_l.detach().reshape(-1).float().contiguous()
+        if feedforward:
+            y = kernels.lora_gemm(x2, weight, None, None, bias, b_nk=True, k_scale=scale)
+        else:
+            scaled_bias = None if bias is None else (bias.float() * scale).contiguous()
+            y = kernels.lora_gemm(x2, weight, None, None, scaled_bias, b_nk=True, col_scale=scale)
+        ctx.save_for_backward(x2 if feedforward else None, y if not feedforward else None, weight, scale, bias)
+        ctx.meta = (x.shape, feedforward, ia3_l.shape, ia3_l.dtype)
+        return y.view(*x.shape[:-1], N)
+
+    @staticmethod
+    def backward(ctx, dy):
+        from fastft.kernels import lora_linear as kernels
+        from fastft.kernels.column_dot import column_dot
+
+        x2, y, weight, scale, bias = ctx.saved_tensors
+        x_shape, feedforward, l_shape, l_dtype = ctx.meta
+        need_x, _, need_b, need_l = ctx.needs_input_grad[:4]
+        N = weight.shape[0]
+        dy2 = dy.reshape(-1, N).to(weight.dtype)
+        if not dy2.is_contiguous():
+            dy2 = dy2.contiguous()
+        dx = db = dl = None
+        if feedforward:
+            if need_x or need_l:
+                dx = kernels.lora_gemm(dy2, weight, None, None, None, b_nk=False, col_scale=scale)
+                if need_l:
+                    dl = _safe_div(column_dot(x2, dx), scale).reshape(l_shape).to(l_dtype)
+                dx = dx.view(x_shape) if need_x else None
+            if need_b and bias is not None:
+                db = dy2.sum(0, dtype=torch.float32).to(bias.dtype)
+        else:
+            if need_x:
+                dx = kernels.lora_gemm(dy2, weight, None, None, None, b_nk=False, k_scale=scale).view(x_shape)
+            if need_l:
+                dl = _safe_div(column_dot(dy2, y), scale).reshape(l_shape).to(l_dtype)
+            if need_b and bias is not None:
+                db = (dy2.sum(0, dtype=torch.float32) * scale).to(bias.dtype)
+        return dx, None, db, dl, None
+
+
+def ia3_linear(x, weight, bias, ia3_l, *, feedforward: bool, backend="auto"):
+    """peft's IA3 linear: feedforward → y = (x⊙l)·Wᵀ + b with l of shape (1, K); else y = (x·Wᵀ + b)⊙l with l of
+    shape (N, 1) (peft's parameter shapes; any shape with K or N elements is accepted). W frozen.
+    backend: "auto" (Triton on CUDA, torch elsewhere), "triton" or "torch"."""
+    if backend not in BACKENDS:
+        raise ValueError(f"ia3_linear: `backend` must be one of {BACKENDS}, got {backend!r}")
+    device_type = x.device.type if isinstance(x, torch.Tensor) else "cpu"
+    if torch.is_autocast_enabled(device_type) and isinstance(x, torch.Tensor):
+        dtype = torch.get_autocast_dtype(device_type)
+        x, weight = x.to(dtype), weight.to(dtype)
+    for name, t in (("x", x), ("weight", weight), ("ia3_l", ia3_l)):
+        if not (isinstance(t, torch.Tensor) and t.is_floating_point()):
+            raise ValueError(f"ia3_linear: `{name}` must be a floating-point tensor, got {type(t).__name__}")
+    if weight.dim() != 2 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"ia3_linear: `x` (shape {tuple(x.shape)}) and `weight` (shape {tuple(weight.shape)}) do "
+                         "not match: expected x (..., K) and weight (N, K)")
+    N, K = weight.shape
+    want = K if feedforward else N
+    if ia3_l.numel() != want:
+        raise ValueError(f"ia3_linear: `ia3_l` must have {want} elements ({'in' if feedforward else 'out'}_features "
+                         f"for feedforward={feedforward}), got shape {tuple(ia3_l.shape)}")
+    if x.dtype != weight.dtype:
+        raise ValueError(f"ia3_linear: `x` is {x.dtype} but `weight` is {weight.dtype}; cast one of them or run "
+                         "under torch.autocast")
+    if bias is not None and tuple(bias.shape) != (N,):
+        raise ValueError(f"ia3_linear: `bias` must be None or of shape ({N},), got {tuple(bias.shape)}")
+    if backend == "auto":
+        backend = "triton" if x.device.type == "cuda" and triton_runs_on(x.device) else "torch"
+    if backend == "triton" and not triton_runs_on(x.device):
+        raise ValueError(f"ia3_linear: backend='triton' needs a CUDA tensor (or TRITON_INTERPRET=1 on CPU); `x` is "
+                         f"on {x.device}")
+    if backend == "torch" or x.numel() == 0:
+        return ia3_linear_reference(x, weight, bias, ia3_l, feedforward)
+    with torch.autocast(device_type, enabled=False):
+        return IA3LinearFunction.apply(x, weight, bias, ia3_l, bool(feedforward))

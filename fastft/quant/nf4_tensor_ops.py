@@ -1,0 +1,324 @@
+"""What an NF4Weight (fastft/quant/nf4_weight.py) supports as a tensor: its aten op table, row slicing for
+sharding, the FSDP2 all-gather hooks, and the `fastft::nf4_dequantize` custom op.
+
+The op table is small and explicit (as torchao's NF4Tensor): the ops `nn.Module` moves, `nn.Parameter`,
+deepcopy, FSDP2's `fully_shard` (chunk → split, new_zeros, narrow → slice, copy_, view(-1), as_strided) and
+DTensor need. Every one of them keeps the bytes as they are; anything else raises NotImplementedError naming
+the op (math on the weight goes through `.dequantize()`).
+
+Sharding. bitsandbytes' layout is row-major over the whole flattened weight, so rows [r0, r1) of W (N×K) are
+the contiguous byte run [r0·K/2, r1·K/2) and absmax blocks [r0·K/bs, r1·K/bs) as long as r0·K and r1·K are
+multiples of the blocksize; a cut inside a block is refused with a clear error. Double quantization groups 256
+block scales under one fp32 `absmax2`: a row range whose blocks start and count on whole groups keeps the
+8-bit nested scales (the common case on real models: e.g. 4096×4096 / 8 ranks = 8192 groups a rank); any
+other range is *un-nested* — its block scales decoded to fp32 (exactly the values dequantization uses), so
+the shard stands alone at 4 bytes instead of 1 per block. FSDP2 then all-gathers the packed bytes and the
+scales (4.1–4.5 bits a weight), never a dense copy.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+from fastft.kernels import nf4_cpu
+from fastft.kernels.runtime import HAS_TRITON
+from fastft.quant import nf4_format as fmt
+
+aten = torch.ops.aten
+_ZERO_BYTE = (fmt.NF4_ZERO_CODE << 4) | fmt.NF4_ZERO_CODE  # two zero codes: an all-zero weight at any scale
+
+
+# ----------------------------------------------------------------------------------------------
+# dequantization as one custom op: eager picks the fastest path, torch.compile sees one node
+
+def dequantize_parts(packed, absmax, absmax2, code2, code, offset, nested_blocksize: int, blocksize: int, numel: int,
+                     dtype: torch.dtype) -> torch.Tensor:
+    """Flat [numel] tensor in dtype from an NF4Weight's parts (bit-identical to bitsandbytes); offset: float or
+    0-d fp32 tensor."""
+    if packed.device.type == "cuda" and HAS_TRITON:
+        from fastft.kernels.nf4_dequant import nf4_dequantize as triton_dequantize
+        return triton_dequantize(packed, absmax, numel, blocksize, dtype, code, absmax2=absmax2, code2=code2,
+                                 offset=float(offset), nested_blocksize=nested_blocksize)
+    scales = absmax if absmax2 is None else fmt.dequantize_blockwise8_torch(absmax, absmax2, code2, offset,
+                                                                            nested_blocksize)
+    if packed.device.type == "cpu" and nf4_cpu.available():
+        return nf4_cpu.dequantize(packed, scales, numel, blocksize, dtype)
+    return fmt.dequantize_nf4_torch(packed, scales, numel, blocksize, dtype)
+
+
+@torch.library.custom_op("fastft::nf4_dequantize", mutates_args=())
+def nf4_dequantize(packed: torch.Tensor, absmax: torch.Tensor, absmax2: torch.Tensor | None,
+                   code2: torch.Tensor | None, code: torch.Tensor, offset: torch.Tensor | None, nested_blocksize: int,
+                   blocksize: int, numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """dequantize_parts as one op for torch.compile (the offset a tensor, so graphs do not specialise on it)."""
+    return dequantize_parts(packed, absmax, absmax2, code2, code, 0.0 if offset is None else offset,
+                            nested_blocksize, blocksize, numel, dtype)
+
+
+@nf4_dequantize.register_fake
+def _(packed, absmax, absmax2, code2, code, offset, nested_blocksize, blocksize, numel, dtype):
+    return packed.new_empty(numel, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# building blocks
+
+def apply_to_parts(w, fn: Callable[[torch.Tensor], torch.Tensor], **changes):
+    """The same weight with fn applied to every inner tensor (device moves, clone, detach, pin)."""
+    parts = dict(packed=fn(w.packed), absmax=fn(w.absmax), code=fn(w.code))
+    if w.double_quant:
+        parts.update(absmax2=fn(w.absmax2), code2=fn(w.code2), offset=fn(w.nested_offset))
+    parts.update(changes)
+    out = w.with_parts(**parts)
+    if out.double_quant and w._offset_cache is not None:  # same value: keep the float, no device read
+        out._offset_cache = (out.nested_offset._version, w._offset_cache[1])
+    return out
+
+
+def _row_numel(w) -> int:
+    return math.prod(w.shape[1:])
+
+
+def row_range(w, r0: int, r1: int):
+    """Rows [r0, r1) of w along dim 0, sharing its bytes (see the module docstring for the rules)."""
+    if w.ndim == 0:
+        raise NotImplementedError("NF4Weight: a 0-d weight has no rows to slice")
+    n, bs, row = w.numel(), w.blocksize, _row_numel(w)
+    e0, e1 = r0 * row, r1 * row
+    if (r0, r1) == (0, w.shape[0]):
+        return w.with_parts(shape=w.shape)
+    if e0 % bs or (e1 % bs and e1 != n):
+        raise ValueError(f"NF4Weight of shape {tuple(w.shape)}: rows {r0}:{r1} cut through a quantization block of "
+                         f"{bs} elements; slices and shards must hold whole blocks (rows·{row} a multiple of {bs})")
+    b0, b1 = e0 // bs, fmt.num_blocks(e1, bs)
+    shape = (r1 - r0, *w.shape[1:])
+    packed = w.packed[e0 // 2: (e1 + 1) // 2]
+    if not w.double_quant:
+        return w.with_parts(packed=packed, absmax=w.absmax[b0:b1], shape=shape)
+    g = w.nested_blocksize
+    if b0 % g == 0 and (b1 - b0) % g == 0:  # whole groups of nested scales: keep them 8-bit
+        return w.with_parts(packed=packed, absmax=w.absmax[b0:b1], absmax2=w.absmax2[b0 // g: b1 // g], shape=shape)
+    # un-nest: the decoded fp32 scales of these blocks (what dequantize computes), so the slice stands alone
+    return w.with_parts(packed=packed, absmax=w.block_absmax()[b0:b1].clone(), absmax2=None, code2=None,
+                        offset=0.0, shape=shape)
+
+
+def _zeros_like_layout(w, shape):
+    """An all-zero NF4Weight of `shape` with the layout row_range gives a same-sized piece of w.
+
+    A nested one starts with w's offset, so copying a piece of w in leaves it as it is."""
+    n = math.prod(shape)
+    blocks = fmt.num_blocks(n, w.blocksize)
+    nested = w.double_quant and (torch.Size(shape) == w.shape or blocks % w.nested_blocksize == 0)
+    device = w.device
+    packed = torch.full(((n + 1) // 2,), _ZERO_BYTE, dtype=torch.uint8, device=device)
+    if nested:
+        return w.with_parts(packed=packed, absmax=torch.zeros(blocks, dtype=torch.uint8, device=device),
+                            absmax2=torch.zeros(fmt.num_blocks(blocks, w.nested_blocksize), device=device),
+                            code2=w.code2.clone(), code=w.code.clone(), offset=w.offset, shape=shape)
+    return w.with_parts(packed=packed, absmax=torch.zeros(blocks, device=device), absmax2=None, code2=None,
+                        code=w.code.clone(), offset=0.0, shape=shape)
+
+
+def check_shardable(w, world: int, name: str = "weight") -> None:
+    """Raise a ValueError naming `name` unless dim-0 shards of w over `world` ranks hold whole blocks."""
+    if w.ndim < 1 or w.shape[0] % world:
+        raise ValueError(f"{name}: an NF4 weight of shape {tuple(w.shape)} cannot be sharded over {world} ranks: "
+                         f"its {w.shape[0] if w.ndim else 0} rows do not split evenly (uneven NF4 shards would "
+                         "need padding inside the packed bytes)")
+    rows = w.shape[0] // world
+    if (rows * _row_numel(w)) % w.blocksize:
+        raise ValueError(f"{name}: an NF4 weight of shape {tuple(w.shape)} cannot be sharded over {world} ranks: "
+                         f"a shard of {rows} rows holds {rows * _row_numel(w)} values, not a multiple of the "
+                         f"blocksize {w.blocksize}")
+
+
+# ----------------------------------------------------------------------------------------------
+# the aten op table
+
+_TABLE: dict = {}
+
+
+def _implements(*aten_ops):
+    def register(fn):
+        for op in aten_ops:
+            _TABLE[op] = fn
+        return fn
+    return register
+
+
+def _same_numel(w, shape, op) -> torch.Size:
+    shape = list(shape)
+    if shape.count(-1) == 1:
+        known = math.prod(s for s in shape if s != -1)
+        shape[shape.index(-1)] = w.numel() // known if known else 0
+    if math.prod(shape) != w.numel():
+        raise NotImplementedError(f"NF4Weight: {op} to shape {tuple(shape)} changes the number of elements "
+                                  f"({w.numel()})")
+    return torch.Size(shape)
+
+
+@_implements(aten.detach.default, aten.alias.default)
+def _detach(func, w, *args, **kwargs):
+    return w.with_parts(shape=w.shape)
+
+
+@_implements(aten.clone.default)
+def _clone(func, w, *args, **kwargs):
+    return apply_to_parts(w, torch.clone)
+
+
+@_implements(aten._to_copy.default)
+def _to_copy(func, w, *args, dtype=None, device=None, non_blocking=False, **kwargs):
+    # `module.half()` and friends: the codes and scales keep their dtypes; a device moves them.
+    device = w.device if device is None else torch.device(device)
+    return apply_to_parts(w, lambda t: t.to(device, non_blocking=non_blocking, copy=True))
+
+
+@_implements(aten.view.default, aten._unsafe_view.default, aten.reshape.default)
+def _view(func, w, shape, *args, **kwargs):
+    # the layout is over the flattened weight, so any shape with the same numel is the same bytes
+    return w.with_parts(shape=_same_numel(w, shape, "view"))
+
+
+@_implements(aten.as_strided.default)
+def _as_strided(func, w, size, stride, storage_offset=None, *args, **kwargs):
+    size = torch.Size(size)
+    contiguous = tuple(torch._prims_common.make_contiguous_strides_for(size))
+    if tuple(stride) != contiguous or (storage_offset or 0) != 0:
+        raise NotImplementedError(f"NF4Weight: as_strided only to a contiguous layout at offset 0, got "
+                                  f"stride {tuple(stride)}, offset {storage_offset}")
+    return w.with_parts(shape=_same_numel(w, size, "as_strided"))
+
+
+def _check_dim0(dim, w, op):
+    if dim not in (0, -w.ndim):
+        raise NotImplementedError(f"NF4Weight: {op} only along dim 0 (rows), got dim={dim}")
+
+
+@_implements(aten.slice.Tensor)
+def _slice(func, w, dim=0, start=None, end=None, step=1):
+    _check_dim0(dim, w, "slice")
+    if step != 1:
+        raise NotImplementedError(f"NF4Weight: slice with step {step}")
+    r0, r1, _ = slice(start, end).indices(w.shape[0])
+    return row_range(w, r0, max(r0, r1))
+
+
+@_implements(aten.split.Tensor)
+def _split(func, w, split_size, dim=0):
+    _check_dim0(dim, w, "split")
+    n = w.shape[0]
+    return [row_range(w, r, min(n, r + split_size)) for r in range(0, n, split_size)]
+
+
+@_implements(aten.split_with_sizes.default)
+def _split_with_sizes(func, w, sizes, dim=0):
+    _check_dim0(dim, w, "split_with_sizes")
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    return [row_range(w, s, s + size) for s, size in zip(starts, sizes)]
+
+
+@_implements(aten.new_zeros.default, aten.new_empty.default)
+def _new_zeros(func, w, size, *args, dtype=None, device=None, **kwargs):
+    # FSDP2 pads each shard into a buffer of the shard's size: a zero weight with the shard's layout
+    return _zeros_like_layout(w, torch.Size(size))
+
+
+@_implements(aten.empty_like.default, aten.zeros_like.default)
+def _zeros_like(func, w, *args, device=None, **kwargs):
+    # `module.to_empty(device=...)`: a zero weight of the same layout, on the device
+    zeros = _zeros_like_layout(w, w.shape)
+    return zeros if device is None else apply_to_parts(zeros, lambda t: t.to(device))
+
+
+@_implements(aten.copy_.default)
+def _copy_(func, dst, src, non_blocking=False):
+    from fastft.quant.nf4_weight import NF4Weight
+
+    if not isinstance(src, NF4Weight):
+        raise NotImplementedError(f"NF4Weight.copy_: the source must be an NF4Weight, got {type(src).__name__} "
+                                  "(quantize it first with fastft.quant.quantize_nf4)")
+    if (src.shape, src.blocksize, src.double_quant, src.absmax.dtype) != \
+            (dst.shape, dst.blocksize, dst.double_quant, dst.absmax.dtype):
+        raise ValueError(f"NF4Weight.copy_: layouts differ ({src!r} into {dst!r})")
+    for a, b in zip(dst._tensors(), src._tensors()):
+        a.copy_(b, non_blocking=non_blocking)
+    if dst.double_quant:  # in place, so views taken of dst before see it too (their cached float is re-read)
+        dst.nested_offset.copy_(src.nested_offset, non_blocking=non_blocking)
+    return dst
+
+
+@_implements(aten.is_pinned.default)
+def _is_pinned(func, w, *args, **kwargs):
+    return all(t.is_pinned() for t in w._tensors())
+
+
+@_implements(aten._pin_memory.default)
+def _pin_memory(func, w, *args, **kwargs):
+    return apply_to_parts(w, lambda t: t.pin_memory())
+
+
+# DTensor.full_tensor() of a sharded NF4 weight (state dicts, checkpoints): gather the bytes and scales along rows
+
+@_implements(torch.ops._c10d_functional.all_gather_into_tensor.default)
+def _all_gather(func, w, group_size, group_name):
+    wait = torch.ops._c10d_functional.wait_tensor.default
+    gather = lambda t: wait(func(t, group_size, group_name))  # noqa: E731
+    parts = dict(packed=gather(w.packed), absmax=gather(w.absmax))
+    if w.double_quant:
+        parts["absmax2"] = gather(w.absmax2)
+    return w.with_parts(shape=(w.shape[0] * group_size, *w.shape[1:]), **parts)
+
+
+def _already_waited(func, w):
+    return w  # the inner collectives were waited for when they were issued: no async wrapper needed
+
+
+# by name: `_wrap_tensor_autograd` is registered only once torch.distributed._functional_collectives is imported
+_TABLE_BY_NAME = {"_c10d_functional::wait_tensor": _already_waited,
+                  "_c10d_functional::_wrap_tensor_autograd": _already_waited}
+
+
+def dispatch(func, args, kwargs):
+    handler = _TABLE.get(func) or _TABLE_BY_NAME.get(func._schema.name)
+    if handler is None and func is aten.cat.default:
+        raise NotImplementedError("NF4Weight cannot be concatenated (aten.cat). DistributedDataParallel does so to "
+                                  "broadcast parameters: call fastft.integration.nf4_model.ignore_nf4_in_ddp(model) "
+                                  "before wrapping (frozen NF4 weights need no synchronisation)")
+    if handler is None:
+        raise NotImplementedError(f"NF4Weight does not support {func} (it is a frozen quantized weight: use "
+                                  "weight.dequantize() for math on its values)")
+    return handler(func, *args, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------
+# FSDP2 all-gather extension: gather packed bytes and scales; tables and offset travel as metadata
+
+def fsdp_pre_all_gather(w, mesh, outer_size):
+    world = mesh.size()
+    if w.ndim < 1 or tuple(outer_size) != (w.shape[0] * world, *w.shape[1:]):
+        raise ValueError(f"NF4Weight: FSDP shard of shape {tuple(w.shape)} is not 1/{world} of {tuple(outer_size)}"
+                         " (NF4 weights shard only evenly; see fastft.quant.nf4_tensor_ops.check_shardable)")
+    inputs = (w.packed, w.absmax) + ((w.absmax2,) if w.double_quant else ())
+    meta = (torch.Size(outer_size), w.blocksize, w.nested_blocksize, w.nested_offset, w.code, w.code2)
+    return inputs, meta
+
+
+def fsdp_post_all_gather(w, outputs, meta, param_dtype, *, out=None):
+    from fastft.quant.nf4_weight import NF4Weight
+
+    shape, blocksize, nested_blocksize, offset, code, code2 = meta
+    if out is not None:  # later all-gathers write into the buffers `out` already views
+        for mine, gathered in zip((out.packed, out.absmax, out.absmax2), outputs):
+            if mine.untyped_storage().data_ptr() != gathered.untyped_storage().data_ptr():
+                raise RuntimeError("NF4Weight: FSDP all-gather output is not the unsharded weight's storage")
+        return None
+    absmax2 = outputs[2] if len(outputs) > 2 else None
+    full = NF4Weight(outputs[0], outputs[1], shape, param_dtype, blocksize, absmax2=absmax2, code2=code2,
+                     offset=0.0 if offset is None else offset, nested_blocksize=nested_blocksize, code=code)
+    if full.double_quant and w.nested_offset is offset:
+        full._offset_cache = w._offset_cache
+    return full, tuple(outputs)

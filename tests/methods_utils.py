@@ -1,0 +1,55 @@
+"""Helpers the per-method tests share: perturb the trainable parameters, run a step, compare with peft."""
+import torch
+
+from tests.utils import assert_close, rel_err
+
+
+def perturb_trainables(model, std: float = 0.1, seed: int = 1):
+    """peft initialises most methods as a no-op (B = 0, l = 1): move every trainable parameter off it."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g).to(p.dtype) * std)
+
+
+def copy_trainables(src, dst):
+    """Copy every trainable parameter of src into dst by name (the same method built by two implementations)."""
+    dst_params = dict(dst.named_parameters())
+    with torch.no_grad():
+        for name, p in src.named_parameters():
+            if p.requires_grad:
+                assert name in dst_params, f"{name} missing in the other model"
+                dst_params[name].copy_(p)
+
+
+def step(model, ids, attention_mask=None, seed: int = 0):
+    """Logits and gradients of every trainable parameter (by name) for one forward/backward."""
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    out = model(input_ids=ids, attention_mask=attention_mask, labels=ids)
+    out.loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    return out.logits.detach(), grads
+
+
+def assert_same_step(a, b, what: str, dtype=torch.float32, tol: float | None = None):
+    """tol: a relative-error bound replacing the dtype's (deep real models accumulate more rounding)."""
+    logits_a, grads_a = a
+    logits_b, grads_b = b
+    if tol is not None:
+        for name in grads_a:
+            err = rel_err(grads_a[name], grads_b[name])
+            assert err <= tol, f"{what} grad {name}: relative error {err:.3e} > {tol:.1e}"
+        err = rel_err(logits_a, logits_b)
+        assert err <= tol and set(grads_a) == set(grads_b) and grads_a, f"{what} logits: relative error {err:.3e}"
+        return
+    assert_close(logits_a, logits_b, dtype, f"{what} logits")
+    assert set(grads_a) == set(grads_b) and grads_a, f"{what}: trainable parameters differ"
+    for name in grads_a:
+        assert grads_a[name] is not None and torch.isfinite(grads_a[name]).all(), f"{what}: {name} has no gradient"
+        assert_close(grads_a[name], grads_b[name], dtype, f"{what} grad {name}")
+
+
+def ids(batch=2, seq=9, vocab=128, seed=5):
+    return torch.randint(3, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))

@@ -1,0 +1,152 @@
+"""QLoRA under FSDP2 on the CPU: run by tests/test_nf4_fsdp.py as
+`python -m torch.distributed.run --standalone --nproc_per_node 2 -m tests.nf4_fsdp_worker OUT_DIR` (gloo).
+
+Each rank builds the same NF4 + LoRA tiny Llama, shards it with fastft.shard_model and checks, against an
+unsharded copy in the same process: the forward is equal; each rank stores half of the NF4 bytes; the forward
+sees whole NF4Weights gathered from packed bytes. Then it trains a few AdamW steps on its half of a fixed
+global batch, sharded and again under DDP; rank 0 saves both LoRA states for the test to compare with one
+process on the whole batch.
+A second, small layer whose shards do not hold whole groups of nested scales checks the un-nested path and bf16
+mixed precision.
+"""
+import copy
+import json
+import os
+import sys
+
+import torch
+from torch import nn
+
+import fastft
+from tests.utils import ALL_LINEAR, randomize_lora_B, tiny_llama
+
+STEPS = 3
+GLOBAL_BATCH, SEQ = 4, 12
+
+
+def build_qlora_model():
+    """hidden 256: every (rows/2)·K of the Llama's linears is a multiple of 256·64, so shards keep nested scales."""
+    from peft import LoraConfig
+
+    model = tiny_llama(seed=0, hidden_size=256, intermediate_size=512, num_attention_heads=4,
+                       num_key_value_heads=2)
+    fastft.quantize_model(model, "nf4")
+    model = fastft.get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=ALL_LINEAR,
+                                                    lora_dropout=0.0))
+    randomize_lora_B(model)
+    return model
+
+
+def batch():
+    return torch.randint(0, 128, (GLOBAL_BATCH, SEQ), generator=torch.Generator().manual_seed(7))
+
+
+def train(model, ids, steps=STEPS):
+    """A few AdamW steps on `ids`; the mean token loss of equal-sized halves averages to the whole batch's."""
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    for _ in range(steps):
+        model(ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def lora_state(model):
+    from torch.distributed.tensor import DTensor
+    return {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
+            for n, p in model.named_parameters() if p.requires_grad}
+
+
+def nf4_bytes(model):
+    """(bytes of storage behind the packed codes and scales, bytes of the code tables) of every NF4 weight's local
+    part: storage, not numel, so a shard that were a view into the whole weight would count it whole."""
+    from torch.distributed.tensor import DTensor
+    from fastft.quant import NF4Weight
+
+    sharded = tables = 0
+    for p in model.parameters():
+        local = p._local_tensor if isinstance(p, DTensor) else p
+        if isinstance(local, NF4Weight):
+            parts = [local.packed, local.absmax] + ([local.absmax2] if local.double_quant else [])
+            sharded += sum(t.untyped_storage().nbytes() for t in parts)
+            tables += local.nbytes - sum(t.numel() * t.element_size() for t in parts)
+    return sharded, tables
+
+
+def main(out_dir):
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    from fastft.modules.nf4_linear import NF4Linear
+    from fastft.quant import NF4Weight
+
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mesh = init_device_mesh("cpu", (world,))
+    ids = batch()
+    local_ids = ids.chunk(world)[rank]
+    report = {}
+
+    model = build_qlora_model()
+    plain = copy.deepcopy(model)
+    full_bytes, _ = nf4_bytes(plain)
+    fastft.shard_model(model, mesh)
+    report["local_nf4_bytes"], report["table_bytes"] = nf4_bytes(model)
+    report["full_nf4_bytes"] = full_bytes
+    report["local_nested"] = all(p._local_tensor.double_quant for p in model.parameters()
+                                 if isinstance(getattr(p, "_local_tensor", None), NF4Weight))
+
+    # a checkpoint's full state dict gathers a sharded NF4 weight back whole (DTensor.full_tensor)
+    name = "base_model.model.model.layers.1.mlp.down_proj.base_layer.weight"
+    gathered = dict(model.named_parameters())[name].full_tensor()
+    report["full_tensor_equal"] = isinstance(gathered, NF4Weight) and all(
+        torch.equal(a, b) for a, b in zip(gathered._tensors(), dict(plain.named_parameters())[name]._tensors()))
+
+    seen = []  # what the forward of an NF4 layer finds as its weight once FSDP2 has all-gathered it
+    probe = next(m for m in model.modules() if isinstance(m, NF4Linear))
+    probe.register_forward_pre_hook(lambda m, args: seen.append((type(m.weight).__name__, m.weight.packed.numel(),
+                                                                 tuple(m.weight.shape))))
+    model.eval(), plain.eval()
+    with torch.no_grad():
+        sharded_logits, plain_logits = model(local_ids).logits, plain(local_ids).logits
+    report["forward_max_diff"] = (sharded_logits - plain_logits).abs().max().item()
+    report["gathered_weight"] = seen[0]
+
+    train(model, local_ids)
+    state = lora_state(model)
+    from peft import get_peft_model_state_dict  # what saving the adapter reads: works on the sharded model
+    adapter = get_peft_model_state_dict(model)
+    report["adapter_state_matches"] = len(adapter) == len(state) and all(
+        torch.equal(v.full_tensor(), state[k.replace(".weight", ".default.weight")]) for k, v in adapter.items())
+
+    # the same QLoRA model under DDP (the frozen NF4 weights are left out of DDP's start-up broadcast)
+    from torch.nn.parallel import DistributedDataParallel
+    ddp_model = fastft.ignore_nf4_in_ddp(build_qlora_model())
+    train(DistributedDataParallel(ddp_model), local_ids)
+    ddp_state = lora_state(ddp_model)
+
+    # a layer whose shards split groups of nested scales (48 blocks a shard): un-nested shards, bf16 compute
+    torch.manual_seed(3)
+    layer = NF4Linear.from_linear(nn.Linear(96, 64))
+    ref_layer = copy.deepcopy(layer)
+    fully_shard(layer, mesh=mesh, mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16))
+    report["unnested_local_absmax_dtype"] = str(layer.weight._local_tensor.absmax.dtype)
+    x = torch.randn(5, 96)
+    with torch.no_grad():
+        y = layer(x)
+        y_ref = ref_layer(x.bfloat16())
+    report["unnested_forward_max_diff"] = (y.float() - y_ref.float()).abs().max().item()
+    report["unnested_out_dtype"] = str(y.dtype)
+
+    if rank == 0:
+        torch.save(state, os.path.join(out_dir, "lora.pt"))
+        torch.save(ddp_state, os.path.join(out_dir, "lora_ddp.pt"))
+        with open(os.path.join(out_dir, "report.json"), "w") as f:
+            json.dump(report, f)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -1,0 +1,125 @@
+"""IA3: the fused op (the LoRA GEMM's K-scale prologue / column-scale epilogue, through the interpreter) and the
+column-dot reduction against fp64 references; the model against peft's IA3 (forward and every gradient);
+save/load both ways with peft; refused options."""
+import random
+
+import peft
+import pytest
+import torch
+from peft import IA3Config
+
+import fastft
+from fastft.integration.methods.ia3 import FusedIA3Linear
+from fastft.ops.ia3 import ia3_linear, ia3_linear_reference
+from tests.methods_utils import assert_same_step, copy_trainables, ids, perturb_trainables, step
+from tests.utils import INTERPRET, assert_close, interpreter_only, tiny_llama
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@interpreter_only
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("feedforward", [False, True])
+@pytest.mark.parametrize("case", range(2))
+def test_fused_op_fuzzed_shapes_forward_and_grads(dtype, feedforward, case):
+    rng = random.Random(10 * case + DTYPES.index(dtype) + 100 * feedforward)
+    M, N = rng.choice([1, 7, 37, 70]), rng.choice([16, 33, 80])
+    K = rng.choice([16, 37, 64]) if dtype == torch.float32 else rng.choice([16, 40, 64])
+    x = torch.randn(2, M, K).to(dtype)
+    if case == 1:
+        x = x.transpose(0, 1).contiguous().transpose(0, 1)  # non-contiguous leading dims
+    x.requires_grad_()
+    W = (torch.randn(N, K) * K**-0.5).to(dtype)
+    b = (torch.randn(N) * 0.1).to(dtype).requires_grad_() if case == 0 else None
+    l = (1 + 0.3 * torch.randn((1, K) if feedforward else (N, 1))).requires_grad_()  # peft's shapes, fp32
+    y = ia3_linear(x, W, b, l, feedforward=feedforward, backend="triton")
+    assert y.dtype == dtype and y.shape == (2, M, N)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    leaves = {k: v.detach().double().requires_grad_(v.requires_grad) for k, v in dict(x=x, b=b, l=l).items()
+              if v is not None}
+    y_ref = ia3_linear_reference(leaves["x"], W.double(), leaves.get("b"), leaves["l"], feedforward)
+    y_ref.backward(dy.double())
+    assert_close(y, y_ref, dtype, "y")
+    for name, leaf in leaves.items():
+        got = dict(x=x, b=b, l=l)[name].grad
+        assert got is not None and got.shape == leaf.shape, f"d{name}"
+        assert_close(got, leaf.grad, dtype, f"d{name}")
+
+
+@interpreter_only
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_column_dot_matches_fp64(dtype):
+    from fastft.kernels.column_dot import column_dot
+
+    for M, N in [(1, 5), (37, 33), (300, 70)]:
+        a, b = torch.randn(M, N).to(dtype), torch.randn(N, M).to(dtype).t()  # b column-major
+        ref = (a.double() * b.double()).sum(0)
+        assert_close(column_dot(a, b), ref, dtype, f"column_dot {M}x{N}")
+
+
+def _config(**kw):
+    return IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"],
+                     task_type="CAUSAL_LM", **kw)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_model_matches_peft_ia3(backend, monkeypatch):
+    if backend == "triton" and not INTERPRET:
+        pytest.skip("Triton on CPU needs the interpreter")
+    monkeypatch.setenv("FASTFT_LORA_BACKEND", backend)
+    ours = fastft.get_peft_model(tiny_llama(), _config())
+    theirs = peft.get_peft_model(tiny_llama(), _config())
+    assert sum(isinstance(m, FusedIA3Linear) for m in ours.modules()) == 6
+    perturb_trainables(ours)
+    copy_trainables(ours, theirs)
+    assert_same_step(step(ours, ids()), step(theirs, ids()), f"IA3 ({backend})")
+
+
+def test_save_load_round_trips_with_peft(tmp_path):
+    ours = fastft.get_peft_model(tiny_llama(), _config())
+    perturb_trainables(ours)
+    batch = ids()
+    with torch.no_grad():
+        want = ours(input_ids=batch).logits
+    fastft.save_adapter(ours, tmp_path / "ours")
+    by_peft = peft.PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "ours"))
+    with torch.no_grad():
+        assert_close(by_peft(input_ids=batch).logits, want, torch.float32, "fastft → peft")
+    by_peft.save_pretrained(str(tmp_path / "theirs"))
+    by_fastft = fastft.load_adapter(tiny_llama(), tmp_path / "theirs")
+    assert any(isinstance(m, FusedIA3Linear) for m in by_fastft.modules())
+    with torch.no_grad():
+        assert_close(by_fastft(input_ids=batch).logits, want, torch.float32, "peft → fastft")
+
+
+def test_unfusable_ia3_option_is_named():
+    with pytest.raises(ValueError, match="IA3Config.fan_in_fan_out=True"):
+        fastft.get_peft_model(tiny_llama(), _config(fan_in_fan_out=True))
+
+
+@interpreter_only
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("b_nk, tail, col, kscale", [(True, True, True, True), (False, True, True, True),
+                                                     (True, False, True, True), (False, False, False, True)])
+def test_lora_gemm_scale_features_against_fp64(dtype, b_nk, tail, col, kscale):
+    """The kernel feature itself: c = (a·diag(k)·bᵀ + l·tᵀ)·diag(col) + bias, every combination the methods use
+    and both together, ragged sizes, both storage orders of b."""
+    from fastft.kernels.lora_linear import lora_gemm
+
+    M, K, N, R = 37, 48, 45, 16
+    a = torch.randn(M, K).to(dtype)
+    w = (torch.randn(N, K) * K**-0.5).to(dtype)
+    b = w if b_nk else w.t().contiguous()  # logical [N, K] either way
+    lo = torch.randn(M, R).to(dtype) if tail else None
+    t = (torch.randn(N, R) * 0.1).to(dtype) if tail else None
+    t_arg = None if t is None else (t if b_nk else t.t().contiguous())
+    bias = torch.randn(N).to(dtype)
+    cs = (1 + 0.5 * torch.randn(N)) if col else None
+    ks = (1 + 0.5 * torch.randn(K)) if kscale else None
+    got = lora_gemm(a, b, lo, t_arg, bias, b_nk=b_nk, col_scale=cs, k_scale=ks)
+    ref = (a.double() * (ks.double() if kscale else 1.0)) @ w.double().t()
+    if tail:
+        ref = ref + lo.double() @ t.double().t()
+    ref = ref * (cs.double() if col else 1.0) + bias.double()
+    assert_close(got, ref, dtype, "c")
