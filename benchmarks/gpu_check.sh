@@ -58,6 +58,10 @@ for s in $sections; do
     attention-tests) FASTFT_AUTOTUNE=0 run 150 attention-tests python3 -m pytest -q -m gpu tests/test_attention_op.py tests/test_attention_integration.py -p no:cacheprovider ;;
     methods-tests) FASTFT_AUTOTUNE=0 run 120 methods-tests python3 -m pytest -q -m gpu tests/test_methods_gpu.py -p no:cacheprovider ;;
     methods) run 150 methods python3 benchmarks/gpu_methods.py ;;
+    # layer ops and patch_model; not in the default list (time): gpu_check.sh layers-tests layers patch-step
+    layers-tests) run 120 layers-tests python3 -m pytest -q -m gpu tests/test_layer_ops.py tests/test_patch_model.py -p no:cacheprovider ;;
+    layers) run 150 layers python3 benchmarks/gpu_layers.py ;;
+    patch-step) FASTFT_STEP_TIMEOUT=100 run 330 patch-step python3 benchmarks/gpu_patch_step.py ;;
     *) echo "unknown section $s"; status=1 ;;
   esac
 done

@@ -25,6 +25,8 @@ _LAZY = {
     "save_nf4_model": "fastft.integration.nf4_model",
     "shard_model": "fastft.integration.nf4_model",
     "ignore_nf4_in_ddp": "fastft.integration.nf4_model",
+    "patch_model": "fastft.integration.patching",
+    "unpatch_model": "fastft.integration.patching",
 }
 
 __all__ = ["lora_linear", "qlora_linear", "quant", *_LAZY]

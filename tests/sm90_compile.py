@@ -174,8 +174,65 @@ def main() -> int:
         except Exception as err:  # noqa: BLE001
             failures += 1
             print(f"FAILED {what}: {err}\n{err.__cause__!r}")
+    failures += layer_kernels()
     return 1 if failures else 0
 
 
+def layer_kernels() -> int:
+    """RMSNorm (hidden sizes up to 8192), RoPE (head_dim 64/128/256, up to 64 q heads), SwiGLU/GeGLU: bf16, no
+    spills allowed."""
+    from fastft.kernels import glu, rms_norm, rope
+
+    failures = 0
+    jobs = []
+    for block_n, residual, cast in itertools.product([1024, 2048, 4096, 8192], [False, True], [False, True]):
+        sig = dict(x_ptr="*bf16", res_ptr="*bf16", w_ptr="*bf16", y_ptr="*bf16", h_ptr="*bf16", rstd_ptr="*fp32",
+                   N="i32", stride_x="i32", stride_r="i32", stride_y="i32", stride_h="i32", eps="fp32", offset="fp32")
+        consts = dict(HAS_RESIDUAL=residual, CAST_INPUT=cast, RTNE_X=False, RTNE_Y=False, BLOCK_N=block_n)
+        jobs.append((f"rms_norm fwd N={block_n} residual={residual} cast_input={cast}", rms_norm._rms_norm_fwd_kernel,
+                     sig, consts, ["x_ptr", "y_ptr"], rms_norm._warps(block_n)))
+    for block_n, dh in itertools.product([1024, 2048, 4096, 8192], [False, True]):
+        sig = dict(dy_ptr="*bf16", h_ptr="*bf16", w_ptr="*bf16", rstd_ptr="*fp32", dh_in_ptr="*bf16", dx_ptr="*bf16",
+                   dw_ptr="*fp32", M="i32", N="i32", stride_dy="i32", stride_h="i32", stride_dhi="i32",
+                   stride_dx="i32", offset="fp32", rows_per_program="i32")
+        consts = dict(HAS_DH=dh, NEED_DW=True, RTNE=False, BLOCK_N=block_n)
+        jobs.append((f"rms_norm bwd N={block_n} dh={dh}", rms_norm._rms_norm_bwd_kernel, sig, consts,
+                     ["dy_ptr", "dx_ptr"], rms_norm._warps(block_n)))
+    for half, hq, inverse in itertools.product([32, 64, 128], [8, 32, 64], [False, True]):
+        hk = max(hq // 4, 1)
+        names = ["q_ptr", "q_out", "k_ptr", "k_out"]
+        sig = {**{n: "*bf16" for n in names}, "cos_ptr": "*bf16", "sin_ptr": "*bf16", "S": "i32", "HQ": "i32",
+               "HK": "i32", "HALF": "i32"}
+        for prefix in ("q", "qo", "k", "ko"):
+            sig.update({f"{prefix}{d}": "i32" for d in "bshd"})
+        sig.update(cb="i32", cs="i32", cd="i32")
+        consts = dict(INVERSE=inverse, RTNE=False, BLOCK_HQ=hq, BLOCK_HK=hk, BLOCK_HALF=half)
+        jobs.append((f"rope head_dim={2 * half} heads={hq}/{hk} inverse={inverse}", rope._rope_kernel, sig, consts,
+                     names, rope.launch_warps(hq, hk, half)))
+    for gelu, backward in itertools.product([False, True], [False, True]):
+        if backward:
+            fn = glu._glu_bwd_kernel
+            sig = dict(dy_ptr="*bf16", gate_ptr="*bf16", up_ptr="*bf16", dg_ptr="*bf16", du_ptr="*bf16", N="i32",
+                       stride_dy="i32", stride_g="i32", stride_u="i32", stride_dg="i32", stride_du="i32")
+        else:
+            fn = glu._glu_fwd_kernel
+            sig = dict(gate_ptr="*bf16", up_ptr="*bf16", y_ptr="*bf16", N="i32", stride_g="i32", stride_u="i32",
+                       stride_y="i32")
+        jobs.append((f"glu gelu={gelu} backward={backward}", fn, sig, dict(GELU=gelu, RTNE=False, BLOCK=1024),
+                     ["gate_ptr", "up_ptr"], 4))
+    for what, fn, sig, consts, aligned, warps in jobs:
+        try:
+            k = build(fn, sig, consts, aligned, dict(num_warps=warps))
+            stack = spills(k)
+            print(f"ok {what} warps={warps} smem={k.metadata.shared} stack={stack}")
+            if stack > 0:
+                failures += 1
+                print(f"FAILED {what}: register spills {stack} B")
+        except Exception as err:  # noqa: BLE001 - report every failure, then fail
+            failures += 1
+            print(f"FAILED {what}: {err}\n{err.__cause__!r}")
+    return failures
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit((1 if layer_kernels() else 0) if sys.argv[1:] == ["layers"] else main())

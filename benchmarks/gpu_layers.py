@@ -1,0 +1,214 @@
+"""GPU benchmark of the layer ops (one run, one card): RMSNorm (+ residual), RoPE on q and k, SwiGLU/GeGLU,
+forward and forward+backward, bf16, against torch eager (the references, as transformers writes them) and
+Liger-Kernel when importable (`.peers`). Sizes of a B4 × S2048 step: 8192 tokens, hidden 4096, 32/8 heads of
+128, intermediate 14336.
+
+Correctness first (fp64 references, outputs allocated over NaN-poisoned memory), then medians of do_bench.
+Bandwidth counts the bytes each op must move (inputs read once, outputs written once) and is compared with a
+device-to-device copy of the same size measured in the same run; the target is ≥ 85% of copy bandwidth.
+Run: python benchmarks/gpu_layers.py   (FASTFT_BENCH_SMOKE=1: a CPU dry run of the script at toy sizes)
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import torch
+
+from fastft.apps.bench import card_name, markdown_table, time_ms, write_results
+from fastft.ops import (geglu, geglu_reference, rms_norm, rms_norm_reference, rope, rope_, rope_cos_sin,
+                        rope_reference, swiglu, swiglu_reference)
+
+SMOKE = os.environ.get("FASTFT_BENCH_SMOKE") == "1"
+DEVICE = "cpu" if SMOKE else "cuda"
+B, S, HIDDEN, HQ, HK, D, INTER = (2, 16, 64, 4, 2, 16, 96) if SMOKE else (4, 2048, 4096, 32, 8, 128, 14336)
+T = B * S
+DTYPE = torch.bfloat16
+
+
+def timed(fn) -> float:
+    if not SMOKE:
+        return time_ms(fn)
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1e3
+
+
+def poison():
+    """Fill free cached memory with NaN so outputs a kernel forgets to write show up as NaN."""
+    if SMOKE:
+        return
+    free = torch.cuda.mem_get_info()[0]
+    junk = torch.full((min(free // 4, 8 << 30) // 2,), float("nan"), dtype=torch.bfloat16, device=DEVICE)
+    del junk
+
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    return float("inf") if not torch.isfinite(a).all() else ((a - b).norm() / b.norm()).item()
+
+
+def inputs():
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    x = torch.randn(B, S, HIDDEN, device=DEVICE, dtype=DTYPE, generator=g)
+    res = torch.randn_like(x)
+    w = (torch.randn(HIDDEN, device=DEVICE, generator=g) * 0.1 + 1).to(DTYPE)
+    q = torch.randn(B, S, HQ * D, device=DEVICE, dtype=DTYPE, generator=g).view(B, S, HQ, D).transpose(1, 2)
+    k = torch.randn(B, S, HK * D, device=DEVICE, dtype=DTYPE, generator=g).view(B, S, HK, D).transpose(1, 2)
+    inv_freq = 1.0 / (500000 ** (torch.arange(0, D, 2, device=DEVICE, dtype=torch.float32) / D))
+    cos, sin = rope_cos_sin(torch.arange(S, device=DEVICE)[None], inv_freq, 1.0, DTYPE)
+    gate = torch.randn(T, INTER, device=DEVICE, dtype=DTYPE, generator=g)
+    up = torch.randn_like(gate)
+    return dict(x=x, res=res, w=w, q=q, k=k, cos=cos, sin=sin, gate=gate, up=up)
+
+
+def check(t) -> list[str]:
+    failures = []
+
+    def expect(name, got, ref, tol=2e-2):
+        err = rel(got, ref)
+        if not err < tol:
+            failures.append(f"{name}: rel err {err:.2e}")
+
+    for offset in (0.0, 1.0):
+        x, res, w = (t[n].clone().requires_grad_() for n in ("x", "res", "w"))
+        poison()
+        y, h = rms_norm(x, w, 1e-5, offset=offset, residual=res)
+        leaves = [v.detach().double().requires_grad_() for v in (x, w, res)]
+        ry, rh = rms_norm_reference(leaves[0], leaves[1], 1e-5, offset=offset, residual=leaves[2])
+        expect(f"rms_norm y offset={offset}", y, ry)
+        expect(f"rms_norm h offset={offset}", h, rh)
+        dy, dh = torch.randn_like(y), torch.randn_like(h)
+        got = torch.autograd.grad((y, h), (x, w, res), (dy, dh))
+        want = torch.autograd.grad((ry, rh), leaves, (dy.double(), dh.double()))
+        for name, a, b in zip(("dx", "dw", "dres"), got, want):
+            expect(f"rms_norm {name} offset={offset}", a, b)
+    q, k = t["q"].clone().requires_grad_(), t["k"].clone().requires_grad_()
+    poison()
+    qo, ko = rope(q, k, t["cos"], t["sin"])
+    qd, kd = q.detach().double().requires_grad_(), k.detach().double().requires_grad_()
+    qr, kr = rope_reference(qd, kd, t["cos"].double(), t["sin"].double())
+    expect("rope q", qo, qr)
+    expect("rope k", ko, kr)
+    gq, gk = torch.randn_like(qo), torch.randn_like(ko)
+    for name, a, b in zip(("dq", "dk"), torch.autograd.grad((qo, ko), (q, k), (gq, gk)),
+                          torch.autograd.grad((qr, kr), (qd, kd), (gq.double(), gk.double()))):
+        expect(f"rope {name}", a, b)
+    for name, op, ref in (("swiglu", swiglu, swiglu_reference), ("geglu", geglu, geglu_reference)):
+        gate, up = t["gate"][:1031 if not SMOKE else 7].clone().requires_grad_(), t["up"][:1031 if not SMOKE else 7].clone().requires_grad_()
+        poison()
+        y = op(gate, up)
+        gd, ud = gate.detach().double().requires_grad_(), up.detach().double().requires_grad_()
+        yr = ref(gd, ud)
+        expect(f"{name} y", y, yr)
+        dy = torch.randn_like(y)
+        for gname, a, b in zip(("dgate", "dup"), torch.autograd.grad(y, (gate, up), dy),
+                               torch.autograd.grad(yr, (gd, ud), dy.double())):
+            expect(f"{name} {gname}", a, b)
+    return failures
+
+
+def liger():
+    """Liger's functional ops, or None when liger_kernel is not importable."""
+    try:
+        from liger_kernel.transformers import functional as lf
+    except Exception:  # noqa: BLE001 - any import failure means "no peer"
+        return None
+    return lf
+
+
+def cases(t, lf):
+    """(op, pass, bytes moved, {method: fn})"""
+    e = DTYPE.itemsize
+    x, res, w, q, k, cos, sin, gate, up = (t[n] for n in ("x", "res", "w", "q", "k", "cos", "sin", "gate", "up"))
+    xg, wg, resg = x.clone().requires_grad_(), w.clone().requires_grad_(), res.clone().requires_grad_()
+    qg, kg = q.clone().requires_grad_(), k.clone().requires_grad_()
+    gg, ug = gate.clone().requires_grad_(), up.clone().requires_grad_()
+    dy_x, dy_g = torch.randn_like(x), torch.randn_like(gate)
+    dq, dk = torch.randn_like(q), torch.randn_like(k)
+    n_x, n_qk, n_g = x.numel(), q.numel() + k.numel(), gate.numel()
+    out = []
+
+    def fwd_bwd(fn, leaves, grads):
+        def run():
+            outs = fn()
+            outs = outs if isinstance(outs, tuple) else (outs,)
+            torch.autograd.grad(outs, leaves, grads[: len(outs)])
+        return run
+
+    rms = {"fastft": lambda: rms_norm(x, w, 1e-5), "torch": lambda: rms_norm_reference(x, w, 1e-5)}
+    rms_bwd = {"fastft": fwd_bwd(lambda: rms_norm(xg, wg, 1e-5), (xg, wg), (dy_x,)),
+               "torch": fwd_bwd(lambda: rms_norm_reference(xg, wg, 1e-5), (xg, wg), (dy_x,))}
+    res_fwd = {"fastft": lambda: rms_norm(x, w, 1e-5, residual=res),
+               "torch": lambda: rms_norm_reference(x, w, 1e-5, residual=res)}
+    rope_fwd = {"fastft": lambda: rope(q, k, cos, sin), "fastft in place": lambda: rope_(q, k, cos, sin),
+                "torch": lambda: rope_reference(q, k, cos, sin)}
+    rope_bwd = {"fastft": fwd_bwd(lambda: rope(qg, kg, cos, sin), (qg, kg), (dq, dk)),
+                "torch": fwd_bwd(lambda: rope_reference(qg, kg, cos, sin), (qg, kg), (dq, dk))}
+    glu = {}
+    for name, op, ref in (("swiglu", swiglu, swiglu_reference), ("geglu", geglu, geglu_reference)):
+        glu[name] = ({"fastft": (lambda op=op: op(gate, up)), "torch": (lambda ref=ref: ref(gate, up))},
+                     {"fastft": fwd_bwd(lambda op=op: op(gg, ug), (gg, ug), (dy_g,)),
+                      "torch": fwd_bwd(lambda ref=ref: ref(gg, ug), (gg, ug), (dy_g,))})
+    if lf is not None:
+        if hasattr(lf, "liger_rms_norm"):
+            rms["liger"] = lambda: lf.liger_rms_norm(x, w, eps=1e-5)
+            rms_bwd["liger"] = fwd_bwd(lambda: lf.liger_rms_norm(xg, wg, eps=1e-5), (xg, wg), (dy_x,))
+        if hasattr(lf, "liger_rope"):
+            rope_fwd["liger"] = lambda: lf.liger_rope(q, k, cos, sin)
+            rope_bwd["liger"] = fwd_bwd(lambda: lf.liger_rope(qg, kg, cos, sin), (qg, kg), (dq, dk))
+        for name, attr in (("swiglu", "liger_swiglu"), ("geglu", "liger_geglu")):
+            if hasattr(lf, attr):
+                fn = getattr(lf, attr)
+                glu[name][0]["liger"] = lambda fn=fn: fn(gate, up)
+                glu[name][1]["liger"] = fwd_bwd(lambda fn=fn: fn(gg, ug), (gg, ug), (dy_g,))
+    # bytes: RMSNorm fwd reads x, writes y; bwd (fwd+bwd here) adds reading dy and x again, writing dx
+    out.append(("rms_norm", "fwd", 2 * n_x * e, rms))
+    out.append(("rms_norm", "fwd+bwd", 5 * n_x * e, rms_bwd))
+    out.append(("rms_norm+residual", "fwd", 4 * n_x * e, res_fwd))
+    out.append(("rope q,k", "fwd", 2 * n_qk * e, rope_fwd))
+    out.append(("rope q,k", "fwd+bwd", 4 * n_qk * e, rope_bwd))
+    for name, (f, fb) in glu.items():
+        out.append((name, "fwd", 3 * n_g * e, f))
+        out.append((name, "fwd+bwd", 8 * n_g * e, fb))
+    return out
+
+
+def copy_gbps(nbytes: int) -> float:
+    """GB/s of a device-to-device copy that moves `nbytes` in all (half read, half written)."""
+    src = torch.empty(nbytes // 4, dtype=torch.bfloat16, device=DEVICE).normal_()
+    dst = torch.empty_like(src)
+    ms = timed(lambda: dst.copy_(src))
+    return nbytes / ms / 1e6
+
+
+def main() -> int:
+    card = card_name()
+    print(f"card: {card}; torch {torch.__version__}", flush=True)
+    t = inputs()
+    failures = check(t)
+    print("correctness:", "ok" if not failures else failures, flush=True)
+    lf = liger()
+    print("liger:", "importable" if lf is not None else "not importable (peer rows missing)", flush=True)
+    rows = []
+    for op, what, nbytes, methods in cases(t, lf):
+        copy = copy_gbps(nbytes)
+        for method, fn in methods.items():
+            try:
+                fn()
+                ms = timed(fn)
+                gbps = nbytes / ms / 1e6
+                rows.append(dict(op=op, pass_=what, method=method, ms=ms, GBps=gbps, copy_frac=gbps / copy))
+            except Exception as err:  # noqa: BLE001 - report, keep measuring
+                rows.append(dict(op=op, pass_=what, method=f"{method} FAILED: {type(err).__name__}: {err}"[:160]))
+        print(markdown_table(rows[-len(methods):], ["op", "pass_", "method", "ms", "GBps", "copy_frac"]), flush=True)
+    write_results("layers", dict(card=card, torch=torch.__version__, tokens=T, dtype=str(DTYPE), rows=rows,
+                                 correctness_failures=failures, liger=lf is not None))
+    print(f"\n## layer ops, {T} tokens, bf16, on {card} (copy_frac = GB/s ÷ device copy of the same bytes)")
+    print(markdown_table(rows, ["op", "pass_", "method", "ms", "GBps", "copy_frac"]))
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,173 @@
+"""`patch_model` / `unpatch_model`: one function reading the table in fastft.integration.patching.table.
+
+Patching swaps classes of module *instances* (never transformers' classes or code): each RMSNorm, gated MLP,
+attention and the *ForCausalLM get a subclass of their own class (same name, so saving, `isinstance` and
+`config.architectures` are unaffected) whose forward is fastft's:
+
+- RMSNorm → fastft.ops.rms_norm (Llama or Gemma flavour and rounding);
+- MLP → the model's own projections (plain, LoRA or NF4 layers stay as they are) around fastft.ops.swiglu/geglu;
+- attention → the model's own forward code with RoPE through fastft.ops.rope (see rope_binding), and
+  `attn_implementation="fastft"` (fastft.integration.attention) unless the architecture's attention logit
+  softcapping is set (Gemma2's default) or the config has attention dropout: fastft attention has neither;
+- *ForCausalLM → with labels, the loss through fastft.ops.lm_head_cross_entropy (see causal_lm): no logits.
+
+Everything is checked before anything changes: an unsupported architecture, activation or an already patched
+model raises and leaves the model as it was. `unpatch_model` restores the classes and the attention setting
+exactly; nothing module-level changes, so unpatched models in the same process are never affected. Works on a
+transformers model or a peft PeftModel around one, before or after `fastft.get_peft_model` (LoRA layers are
+children of the swapped modules and are not touched). While patched, the model does not pickle (its classes
+are made at run time); unpatch it first, or save its state dict / adapters as usual.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from fastft.integration.patching import rope_binding
+from fastft.integration.patching.causal_lm import FusedLossCausalLMForward
+from fastft.integration.patching.table import ARCHITECTURES, GELU_TANH, Architecture
+from fastft.modules.fused_layers import FusedGLUMLPForward, FusedRMSNormForward
+from fastft.ops.layer_dispatch import BACKENDS
+
+_SUBCLASSES: dict[tuple, type] = {}
+
+
+@dataclass
+class PatchRecord:
+    """What patch_model changed, so unpatch_model can put it back (kept on the model as `_fastft_patch`)."""
+    arch: Architecture
+    swapped: list = field(default_factory=list)  # (module, original class)
+    attn_implementation: str | None = None  # the original, when it was changed
+    summary: dict = field(default_factory=dict)
+
+
+def supported_architectures() -> list[str]:
+    return sorted(ARCHITECTURES)
+
+
+def _transformers_model(model: nn.Module) -> nn.Module:
+    """The transformers model inside a peft PeftModel (or the model itself)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) and hasattr(model, "peft_config") else model
+
+
+def _subclass(cls: type, mixin: type | None, **attrs) -> type:
+    """cls with `mixin`'s forward in front (or `attrs` alone), same name; one per (cls, mixin, attrs)."""
+    key = (cls, mixin, tuple(sorted(attrs.items(), key=lambda kv: kv[0])))
+    if key not in _SUBCLASSES:
+        bases = (mixin, cls) if mixin is not None else (cls,)
+        _SUBCLASSES[key] = type(cls.__name__, bases, {"__module__": cls.__module__, "__qualname__": cls.__qualname__,
+                                                      "_fastft_original_class": cls, **attrs})
+    return _SUBCLASSES[key]
+
+
+def _fail(model: nn.Module, message: str) -> ValueError:
+    return ValueError(f"fastft.patch_model({type(model).__name__}): {message}")
+
+
+def _plan(base: nn.Module, backend: str, attention: bool):
+    """(arch, [(module, new class)], attention change or None, summary): checks everything, changes nothing."""
+    config = getattr(base, "config", None)
+    model_type = getattr(config, "model_type", None)
+    arch = ARCHITECTURES.get(model_type)
+    if arch is None:
+        raise _fail(base, f"architecture {model_type!r} is not supported; supported model types: "
+                          f"{', '.join(supported_architectures())}")
+    if getattr(base, "_fastft_patch", None) is not None:
+        raise _fail(base, "the model is already patched (call fastft.unpatch_model first)")
+    modeling = importlib.import_module(arch.module)
+    classes = {}
+    for role in ("norm", "mlp", "attention", "causal_lm"):
+        name = getattr(arch, role)
+        cls = getattr(modeling, name, None)
+        if cls is None:
+            raise _fail(base, f"{arch.module} has no class {name}: this transformers version is not one fastft's "
+                              "patch table knows")
+        classes[role] = cls
+    if not rope_binding.calls_rope(classes["attention"]):
+        raise _fail(base, f"{arch.attention}.forward does not call {rope_binding.ROPE_NAME}: this transformers "
+                          "version is not one fastft's patch table knows")
+    activation = getattr(config, arch.activation_attr, None)
+    if activation not in GELU_TANH:
+        raise _fail(base, f"MLP activation config.{arch.activation_attr}={activation!r} has no fused GLU; supported: "
+                          f"{sorted(GELU_TANH)}")
+
+    attrs = {"norm": dict(_fastft_offset=arch.norm_offset, _fastft_eps_attr=arch.norm_eps_attr,
+                          _fastft_backend=backend),
+             "mlp": dict(_fastft_gelu=GELU_TANH[activation], _fastft_backend=backend),
+             "attention": dict(forward=rope_binding.forward_with_fastft_rope(classes["attention"], backend)),
+             "causal_lm": dict(_fastft_softcap_attr=arch.final_softcap_attr)}
+    mixins = {"norm": FusedRMSNormForward, "mlp": FusedGLUMLPForward, "attention": None,
+              "causal_lm": FusedLossCausalLMForward}
+    swaps, counts = [], dict.fromkeys(classes, 0)
+    for name, module in base.named_modules():
+        for role, cls in classes.items():
+            if isinstance(module, cls):
+                if type(module) is not cls:
+                    raise _fail(base, f"module '{name or '<root>'}' is a {type(module).__qualname__}, a subclass of "
+                                      f"{cls.__name__} fastft does not know (patched already?)")
+                swaps.append((module, _subclass(cls, mixins[role], **attrs[role])))
+                counts[role] += 1
+    missing = [getattr(arch, role) for role in ("norm", "mlp", "attention") if counts[role] == 0]
+    if missing:
+        raise _fail(base, f"found no {', '.join(missing)} module to patch; nothing was changed")
+
+    attn_change = None
+    softcap = getattr(config, arch.attention_softcap_attr, None) if arch.attention_softcap_attr else None
+    dropout = getattr(config, "attention_dropout", 0.0) or 0.0
+    if not attention:
+        attention_note = f"kept {config._attn_implementation!r} (attention=False)"
+    elif softcap is not None:
+        attention_note = f"kept {config._attn_implementation!r}: attention logit softcapping {softcap}"
+    elif dropout:
+        attention_note = f"kept {config._attn_implementation!r}: attention dropout {dropout}"
+    else:
+        attn_change = config._attn_implementation
+        attention_note = "fastft"
+    summary = {"model_type": model_type, "rms_norm": counts["norm"], "glu_mlp": counts["mlp"],
+               "rope_attention": counts["attention"], "fused_loss": counts["causal_lm"] > 0,
+               "attention": attention_note, "backend": backend}
+    return arch, swaps, attn_change, summary
+
+
+def patch_model(model: nn.Module, *, backend: str = "auto", attention: bool = True) -> nn.Module:
+    """Route a supported transformers causal LM (or a PeftModel around one) through fastft's kernels, in place.
+
+    backend: for the layer ops ("auto": Triton on CUDA, torch elsewhere; "triton"; "torch"). The fused attention
+    keeps its own setting (fastft.register_attention(backend)), the LoRA layers theirs (FASTFT_LORA_BACKEND).
+    attention: switch to attn_implementation="fastft" where the architecture allows it (see the module docstring).
+    Returns the model. The record of the changes (and a summary) is `model._fastft_patch` on the transformers
+    model. With labels the patched forward returns logits=None (call it without labels for logits).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"fastft.patch_model: `backend` must be one of {BACKENDS}, got {backend!r}")
+    base = _transformers_model(model)
+    arch, swaps, attn_change, summary = _plan(base, backend, attention)
+    record = PatchRecord(arch=arch, summary=summary)
+    for module, new_cls in swaps:
+        record.swapped.append((module, type(module)))
+        module.__class__ = new_cls
+    if attn_change is not None:
+        # importing registers "fastft"; its kernel backend is fastft.register_attention's setting, not `backend`
+        from fastft.integration.attention import NAME
+
+        base.set_attn_implementation(NAME)
+        record.attn_implementation = attn_change
+    base._fastft_patch = record
+    return model
+
+
+def unpatch_model(model: nn.Module) -> nn.Module:
+    """Undo patch_model exactly: original classes and attention implementation. Returns the model."""
+    base = _transformers_model(model)
+    record = getattr(base, "_fastft_patch", None)
+    if record is None:
+        raise ValueError(f"fastft.unpatch_model: {type(base).__name__} is not patched (fastft.patch_model)")
+    for module, cls in reversed(record.swapped):
+        module.__class__ = cls
+    if record.attn_implementation is not None:
+        base.set_attn_implementation(record.attn_implementation)
+    del base._fastft_patch
+    return model

@@ -1,0 +1,61 @@
+"""RoPE inside transformers' attention modules without rewriting their forward or mutating their module.
+
+Each supported attention forward calls its modeling module's global `apply_rotary_pos_emb(q, k, cos, sin)`.
+The patched attention class gets the *same* forward code (its innermost function, under transformers'
+decorators) bound to a copy of that module's globals in which `apply_rotary_pos_emb` is fastft's RoPE kernel
+(a shadow module, `fastft.integration.patching.rope_binding.bound.<module>.<backend>`).
+Nothing global changes: unpatched models of the same architecture, in any thread, keep transformers' function;
+the forward stays a plain function, so torch.compile traces it without graph breaks.
+
+(The decorators left out are argument shims such as `deprecate_kwarg("past_key_values" -> "cache")`; the
+decoder layers call the attention with the current names.)
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import sys
+import types
+
+from fastft.ops.rope import rope
+
+ROPE_NAME = "apply_rotary_pos_emb"
+
+
+def _fastft_rope(backend: str):
+    def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
+        return rope(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim, backend=backend)
+
+    return apply_rotary_pos_emb
+
+
+def calls_rope(cls: type) -> bool:
+    """Whether cls.forward's own code looks up the module-level RoPE function."""
+    fn = inspect.unwrap(cls.forward)
+    return ROPE_NAME in fn.__code__.co_names and ROPE_NAME in fn.__globals__
+
+
+def _shadow_module(fn, backend: str) -> types.ModuleType:
+    """A module holding a copy of fn's module globals with fastft's RoPE in them, registered in sys.modules
+    under its own name (torch.compile resolves a function's globals through its module name)."""
+    name = f"{__name__}.bound.{fn.__module__.replace('.', '_')}.{backend}"
+    module = sys.modules.get(name)
+    if module is None:
+        module = types.ModuleType(name)
+        module.__dict__.update({k: v for k, v in fn.__globals__.items() if k not in ("__name__", "__spec__",
+                                                                                    "__loader__", "__package__")})
+        module.__dict__[ROPE_NAME] = _fastft_rope(backend)
+        sys.modules[name] = module
+    return module
+
+
+@functools.lru_cache(maxsize=None)
+def forward_with_fastft_rope(cls: type, backend: str):
+    """cls.forward's function with `apply_rotary_pos_emb` resolved to fastft's RoPE (one per class and backend)."""
+    fn = inspect.unwrap(cls.forward)
+    scope = _shadow_module(fn, backend).__dict__
+    new = types.FunctionType(fn.__code__, scope, fn.__name__, fn.__defaults__, fn.__closure__)
+    new.__kwdefaults__ = dict(fn.__kwdefaults__) if fn.__kwdefaults__ else None
+    new.__qualname__, new.__doc__ = fn.__qualname__, fn.__doc__
+    new.__dict__.update(fn.__dict__)
+    return new

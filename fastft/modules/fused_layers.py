@@ -1,0 +1,35 @@
+"""Forwards for transformers' RMSNorm and gated-MLP modules through fastft's layer ops.
+
+These are mixins, not modules with state of their own: `fastft.patch_model` puts one in front of a model's own
+class (a subclass per original class, same name), so parameters, state dict, hooks and `isinstance` stay as
+they were and `unpatch_model` only has to put the original class back. Class attributes set by the patcher:
+
+- RMSNorm: `_fastft_offset` (0 Llama, 1 Gemma), `_fastft_eps_attr` (where the module keeps eps);
+- MLP: `_fastft_gelu` (GeGLU instead of SwiGLU);
+- both: `_fastft_backend` ("auto" | "triton" | "torch", as the ops take it).
+"""
+from __future__ import annotations
+
+from fastft.ops.glu import geglu, swiglu
+from fastft.ops.rms_norm import rms_norm
+
+
+class FusedRMSNormForward:
+    _fastft_offset = 0.0
+    _fastft_eps_attr = "variance_epsilon"
+    _fastft_backend = "auto"
+
+    def forward(self, hidden_states):
+        return rms_norm(hidden_states, self.weight, getattr(self, self._fastft_eps_attr), offset=self._fastft_offset,
+                        backend=self._fastft_backend)
+
+
+class FusedGLUMLPForward:
+    """down_proj(act(gate_proj(x)) · up_proj(x)) with the activation and product in one op (the projections stay
+    the model's own modules: plain, LoRA or NF4)."""
+    _fastft_gelu = False
+    _fastft_backend = "auto"
+
+    def forward(self, x):
+        glu = geglu if self._fastft_gelu else swiglu
+        return self.down_proj(glu(self.gate_proj(x), self.up_proj(x), backend=self._fastft_backend))

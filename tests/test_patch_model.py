@@ -1,0 +1,358 @@
+"""fastft.patch_model / unpatch_model on tiny random models of the six supported architectures (and the real
+SmolLM2): patched vs unpatched logits, loss and every trainable gradient with LoRA on all linear layers and
+lm_head, in either order with fastft.get_peft_model; unpatch restores bit-identical outputs; training and
+gradient accumulation (num_items_in_batch) match; unsupported models get clear errors and stay untouched.
+
+The model-level tests run the layer ops with backend "auto" (torch on CPU); the Triton kernels are covered at
+the op level (tests/test_layer_ops.py) and wired end to end once here with backend="triton" (interpreter).
+"""
+import copy
+import importlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig
+
+import fastft
+from tests.utils import ALL_LINEAR, TOL, interpreter_only, randomize_lora_B, rel_err
+
+ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text"]
+S = 12
+
+
+def tiny(arch: str, seed: int = 0, **overrides):
+    """hidden 64, 2 layers, vocab 128, head_dim 16 (4 q heads, 2 kv heads); norms randomised so Gemma's 1 + w
+    and Llama's w differ from the identity."""
+    import transformers as tf
+
+    common = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16, max_position_embeddings=64)
+    extra = {
+        "llama": (tf.LlamaConfig, tf.LlamaForCausalLM, {}),
+        "mistral": (tf.MistralConfig, tf.MistralForCausalLM, dict(sliding_window=8)),
+        "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM, {}),
+        "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM, {}),
+        "gemma2": (tf.Gemma2Config, tf.Gemma2ForCausalLM, dict(query_pre_attn_scalar=16, sliding_window=8)),
+        "gemma3_text": (tf.Gemma3TextConfig, tf.Gemma3ForCausalLM,
+                        dict(query_pre_attn_scalar=16, sliding_window=8, final_logit_softcapping=20.0,
+                             layer_types=["sliding_attention", "full_attention"])),
+    }[arch]
+    config_cls, model_cls, kw = extra
+    torch.manual_seed(seed)
+    model = model_cls(config_cls(**{**common, **kw, **overrides})).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.2)
+    return model
+
+
+LORA = dict(r=4, lora_alpha=8, target_modules=ALL_LINEAR + ["lm_head"])
+
+
+def _peft(model, seed=3):
+    torch.manual_seed(seed)
+    peft_model = fastft.get_peft_model(model, LoraConfig(**LORA))
+    randomize_lora_B(peft_model)
+    return peft_model
+
+
+def _batch(seed=5, batch=2, seq=S):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 128, (batch, seq), generator=g)
+    labels = ids.clone()
+    labels[0, :3] = -100  # a prompt that does not count
+    return ids, labels
+
+
+def _run(model, ids, labels):
+    """(logits without labels, loss with labels, {name: grad} of every trainable parameter, logits with labels).
+    Unpatched, the forward with labels also gives the logits; patched it gives none, so they take a no-grad pass."""
+    model.zero_grad(set_to_none=True)
+    out = model(input_ids=ids, labels=labels)
+    logits = out.logits.detach() if out.logits is not None else None
+    out.loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert grads and all(g is not None for g in grads.values())
+    if logits is None:
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits
+    return logits, out.loss.detach(), grads, out.logits
+
+
+def _assert_matches(got, want, grad_tol=1e-4):
+    logits, loss, grads, logits_with_labels = got
+    assert logits_with_labels is None  # the fused loss made no logits tensor
+    assert rel_err(logits, want[0]) <= TOL[torch.float32]
+    assert abs(loss.item() - want[1].item()) <= 1e-5 * abs(want[1].item())
+    assert grads.keys() == want[2].keys()
+    lm_head_lora = [n for n in grads if "lm_head" in n and "lora_" in n]
+    assert len(lm_head_lora) == 2  # the lm_head adapter trains through the fused loss
+    for name, g in grads.items():
+        assert rel_err(g, want[2][name]) <= grad_tol, name
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_patch_after_get_peft_model_matches_and_unpatch_restores(arch):
+    model = _peft(tiny(arch))
+    ids, labels = _batch()
+    want = _run(model, ids, labels)
+    fastft.patch_model(model)
+    summary = model.get_base_model()._fastft_patch.summary
+    per_layer = 2 + 2 * (arch.startswith("gemma")) + 2 * (arch in ("qwen3", "gemma3_text"))  # sandwich, q/k norms
+    assert summary["rms_norm"] == 2 * per_layer + 1
+    assert summary["glu_mlp"] == 2 and summary["rope_attention"] == 2 and summary["fused_loss"]
+    assert summary["attention"] == ("fastft" if arch != "gemma2" else "kept 'eager': attention logit softcapping 50.0")
+    _assert_matches(_run(model, ids, labels), want)
+    fastft.unpatch_model(model)
+    again = _run(model, ids, labels)
+    assert torch.equal(again[0], want[0]) and torch.equal(again[1], want[1])
+    assert all(torch.equal(again[2][n], g) for n, g in want[2].items())
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma3_text"])
+def test_patch_before_get_peft_model_matches(arch):
+    base = tiny(arch)
+    ids, labels = _batch(seed=7)
+    want = _run(_peft(copy.deepcopy(base)), ids, labels)
+    patched = _peft(fastft.patch_model(base))
+    _assert_matches(_run(patched, ids, labels), want)
+    fastft.unpatch_model(patched)
+    assert torch.equal(_run(patched, ids, labels)[0], want[0])
+
+
+@interpreter_only
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
+def test_triton_kernels_wired_end_to_end(arch):
+    """backend="triton" (interpreter): the patched model runs fastft's RMSNorm, RoPE and GLU kernels."""
+    # (fastft.ops re-exports functions named like these modules: fetch the modules themselves)
+    norm_ops, rope_ops, glu_ops = (importlib.import_module(f"fastft.ops.{m}") for m in ("rms_norm", "rope", "glu"))
+    calls = []
+    for mod, fn in ((norm_ops, "RMSNormFunction"), (rope_ops, "RoPEFunction"), (glu_ops, "GLUFunction")):
+        cls = getattr(mod, fn)
+        orig = cls.apply
+        cls.apply = (lambda orig, fn: lambda *a: calls.append(fn) or orig(*a))(orig, fn)
+    try:
+        model = _peft(tiny(arch))
+        ids, labels = _batch(seq=6)
+        want = _run(model, ids, labels)
+        fastft.patch_model(model, backend="triton")
+        _assert_matches(_run(model, ids, labels), want)
+        fastft.unpatch_model(model)
+    finally:
+        for mod, fn in ((norm_ops, "RMSNormFunction"), (rope_ops, "RoPEFunction"), (glu_ops, "GLUFunction")):
+            del getattr(mod, fn).apply  # back to the autograd.Function's own classmethod
+    assert {"RMSNormFunction", "RoPEFunction", "GLUFunction"} <= set(calls)
+
+
+def test_training_steps_converge_like_unpatched():
+    """30 AdamW steps from the same seed, patched vs unpatched: the loss curves and the adapters stay together
+    (fp32; Liger's convergence tests use the same kind of bounds)."""
+
+    def train(patch):
+        model = _peft(tiny("llama", num_hidden_layers=1))
+        if patch:
+            fastft.patch_model(model)
+        model.train()
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3)
+        losses = []
+        for step in range(30):
+            ids, labels = _batch(seed=100 + step % 5, batch=2, seq=8)
+            loss = model(input_ids=ids, labels=labels).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+        return torch.tensor(losses), {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+    ref_losses, ref_params = train(False)
+    losses, params = train(True)
+    assert ref_losses[-1] < ref_losses[0] - 0.1  # it trains at all
+    assert torch.allclose(losses, ref_losses, rtol=1e-4, atol=1e-5), (losses - ref_losses).abs().max()
+    for name, p in params.items():
+        assert torch.allclose(p, ref_params[name], rtol=1e-3, atol=5e-5), name
+
+
+def test_gradient_accumulation_with_num_items_equals_one_big_batch():
+    """4 micro-batches with unequal counts of labelled tokens, each loss divided by the whole batch's count
+    (transformers' num_items_in_batch): the summed gradients are those of one batch holding all of them."""
+    model = fastft.patch_model(_peft(tiny("qwen3")))
+    g = torch.Generator().manual_seed(9)
+    micro = []
+    for rows, prompt in ((1, 2), (2, 7), (1, 5), (3, 0)):
+        ids = torch.randint(0, 128, (rows, 10), generator=g)
+        labels = ids.clone()
+        labels[:, :prompt] = -100
+        labels[-1, -2:] = -100  # padding at the end of the last row
+        micro.append((ids, labels))
+    num_items = sum(int((F.pad(lab, (0, 1), value=-100)[..., 1:] != -100).sum()) for _, lab in micro)
+    counts = {int((F.pad(lab, (0, 1), value=-100)[..., 1:] != -100).sum()) for _, lab in micro}
+    assert len(counts) == 4  # unequal token counts
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    total = 0.0
+    for ids, labels in micro:
+        loss = model(input_ids=ids, labels=labels, num_items_in_batch=torch.tensor(num_items)).loss
+        loss.backward()
+        total += loss.item()
+    accumulated = [p.grad.clone() for p in params]
+    model.zero_grad(set_to_none=True)
+    big = model(input_ids=torch.cat([i for i, _ in micro]), labels=torch.cat([lab for _, lab in micro])).loss
+    big.backward()
+    assert abs(total - big.item()) <= 1e-5 * big.item()
+    for acc, p in zip(accumulated, params):
+        assert rel_err(acc, p.grad) <= 1e-5
+    # without num_items each micro-batch is its own mean: a different (wrong) total, so the check above can fail
+    model.zero_grad(set_to_none=True)
+    naive = sum(model(input_ids=i, labels=lab).loss.item() / 4 for i, lab in micro)
+    assert abs(naive - big.item()) > 1e-3
+
+
+def test_return_dict_false_and_shift_labels():
+    model = fastft.patch_model(tiny("mistral"))
+    ids, labels = _batch()
+    want = model(input_ids=ids, labels=labels).loss
+    loss = model(input_ids=ids, labels=labels, return_dict=False)[0]
+    assert torch.equal(loss, want)
+    shifted = F.pad(labels, (0, 1), value=-100)[..., 1:]
+    assert torch.equal(model(input_ids=ids, shift_labels=shifted).loss, want)
+    with pytest.raises(ValueError, match="logits_to_keep must be 0"):
+        model(input_ids=ids, labels=labels, logits_to_keep=1)
+
+
+def test_unsupported_architecture_is_refused_untouched():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=2))
+    with pytest.raises(ValueError, match="'gpt2' is not supported; supported model types: gemma2, gemma3_text, "
+                                         "llama, mistral, qwen2, qwen3"):
+        fastft.patch_model(model)
+    assert not hasattr(model, "_fastft_patch")
+
+
+def test_unsupported_activation_and_double_patch_leave_model_as_it_was():
+    model = tiny("llama", hidden_act="gelu")
+    classes = [type(m) for m in model.modules()]
+    with pytest.raises(ValueError, match="config.hidden_act='gelu' has no fused GLU"):
+        fastft.patch_model(model)
+    assert [type(m) for m in model.modules()] == classes
+    model = fastft.patch_model(tiny("qwen2"))
+    with pytest.raises(ValueError, match="already patched"):
+        fastft.patch_model(model)
+    fastft.unpatch_model(model)
+    with pytest.raises(ValueError, match="is not patched"):
+        fastft.unpatch_model(model)
+    with pytest.raises(ValueError, match="`backend` must be one of"):
+        fastft.patch_model(model, backend="cuda")
+
+
+def test_rope_is_routed_per_patched_instance(monkeypatch):
+    """A patched model's attention runs fastft's RoPE; transformers' module is not touched, so another Llama in
+    the process keeps transformers' own function."""
+    import transformers.models.llama.modeling_llama as llama
+
+    from fastft.integration.patching import rope_binding
+
+    original = llama.apply_rotary_pos_emb
+    ids = _batch()[0]
+    other = tiny("llama")
+    with torch.no_grad():
+        before = other(input_ids=ids).logits
+    calls = []
+    real = rope_binding.rope
+    monkeypatch.setattr(rope_binding, "rope", lambda *a, **k: calls.append(1) or real(*a, **k))
+    patched = fastft.patch_model(tiny("llama"))
+    with torch.no_grad():
+        patched(input_ids=ids)
+        assert len(calls) == 2  # one per layer
+        assert torch.equal(other(input_ids=ids).logits, before)
+    assert len(calls) == 2  # the unpatched model used transformers' function
+    assert llama.apply_rotary_pos_emb is original
+    fastft.unpatch_model(patched)
+
+
+def test_patched_model_compiles_without_graph_breaks_in_the_layers():
+    """torch.compile sees plain functions: no graph break from the patching itself (class swaps, the rebound
+    attention forward, the fused-loss forward)."""
+    import torch._dynamo
+
+    model = fastft.patch_model(tiny("llama", num_hidden_layers=1))
+    ids, labels = _batch(seq=6)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(model)(input_ids=ids, labels=labels)
+    reasons = [str(r.reason) for r in explained.break_reasons]
+    assert not any("fastft" in r or "ContextVar" in r or "dataclass" in r for r in reasons), reasons
+    torch._dynamo.reset()
+
+
+@pytest.mark.slow
+def test_smollm2_patched_matches_unpatched():
+    from fastft.apps.models import load_causal_lm
+
+    model, tokenizer = load_causal_lm()
+    model.eval()
+    batch = tokenizer(["The quick brown fox jumps over the lazy dog.", "LoRA adapts a model."],
+                      return_tensors="pt", padding=True)
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    torch.manual_seed(0)
+    model = fastft.get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj",
+                                                                                       "down_proj", "lm_head"]))
+    randomize_lora_B(model, std=0.02)
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        out = model(**batch, labels=labels)
+        out.loss.backward()
+        logits = out.logits
+        if logits is None:  # patched: the fused loss made none
+            with torch.no_grad():
+                logits = model(**batch).logits
+        return logits, out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    want = run()
+    fastft.patch_model(model)
+    assert model.get_base_model()._fastft_patch.summary["rms_norm"] == 61
+    got = run()
+    fastft.unpatch_model(model)
+    mask = batch["attention_mask"].bool()
+    assert rel_err(got[0][mask], want[0][mask]) <= 1e-5
+    assert abs(got[1].item() - want[1].item()) <= 1e-5 * want[1].item()
+    for name, g in got[2].items():
+        assert rel_err(g, want[2][name]) <= 1e-4, name
+
+
+def test_positional_arguments_reach_the_same_forward():
+    model = fastft.patch_model(tiny("llama"))
+    ids, labels = _batch()
+    mask = torch.ones_like(ids)
+    want = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    assert torch.equal(model(ids, mask, labels=labels).loss, want)
+    with torch.no_grad():
+        assert torch.equal(model(ids, mask).logits, model(input_ids=ids, attention_mask=mask).logits)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
+def test_patched_bf16_on_gpu_matches_unpatched(arch):
+    """On the GPU the patched model runs the Triton layer kernels, fastft attention and the fused loss, in bf16."""
+    model = _peft(tiny(arch).to("cuda", torch.bfloat16))
+    ids, labels = (t.cuda() for t in _batch(seq=64))
+    want = _run(model, ids, labels)
+    fastft.patch_model(model)
+    got = _run(model, ids, labels)
+    assert got[3] is None
+    assert rel_err(got[0], want[0]) <= TOL[torch.bfloat16]
+    assert abs(got[1].item() - want[1].item()) <= 1e-2 * abs(want[1].item())
+    for name, g in got[2].items():
+        assert rel_err(g, want[2][name]) <= 5e-2, name
+
+
+def test_qlora_model_patched_matches_unpatched():
+    """NF4 base layers (fastft.quantize_model) with LoRA through fastft.get_peft_model: the patched MLP and
+    attention call the QLoRA layers as they are."""
+    model = _peft(fastft.quantize_model(tiny("llama", num_hidden_layers=1)))
+    ids, labels = _batch(seq=8)
+    want = _run(model, ids, labels)
+    fastft.patch_model(model)
+    _assert_matches(_run(model, ids, labels), want)
