@@ -57,7 +57,7 @@ QW = None
 
 def _qlora_args():
     global QW
-    QW = QW or quantize_nf4(torch.randn(6, 64))
+    QW = quantize_nf4(torch.randn(6, 64)) if QW is None else QW
     return dict(x=torch.randn(3, 64), qweight=QW, bias=torch.randn(6), lora_A=torch.randn(2, 64),
                 lora_B=torch.randn(6, 2), scaling=1.0, dropout_p=0.0)
 
