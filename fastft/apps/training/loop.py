@@ -51,12 +51,16 @@ def lr_factor(cfg: TrainConfig):
 
 
 def make_accelerator(cfg: TrainConfig):
-    """accelerate sets up the processes (torchrun / `accelerate launch`); --distributed fsdp asks for FSDP2."""
+    """accelerate sets up the processes (torchrun / `accelerate launch`); --distributed fsdp asks for FSDP2.
+
+    accelerate runs FSDP only on accelerators (on the CPU it picks plain multi-CPU data parallelism), so on a
+    machine without a GPU `--distributed fsdp` applies torch's `fully_shard` itself (`shard_model`), which is
+    what accelerate's FSDP2 plugin does on a GPU: every decoder layer, then the root."""
     from accelerate import Accelerator
 
     kwargs = {"cpu": not torch.cuda.is_available(),  # cpu=True: gloo for torchrun on machines without a GPU
               "mixed_precision": None if cfg.mixed_precision == "no" else cfg.mixed_precision}
-    if cfg.distributed == "fsdp":
+    if cfg.distributed == "fsdp" and torch.cuda.is_available():
         from accelerate import FullyShardedDataParallelPlugin
 
         kwargs["fsdp_plugin"] = FullyShardedDataParallelPlugin(
@@ -68,13 +72,29 @@ def make_accelerator(cfg: TrainConfig):
     return accelerator
 
 
-def shard_model(model, cfg: TrainConfig, accelerator):
-    """Hook for quantized bases under FSDP2: QLoRA needs the NF4 storage itself sharded (branch `nf4fsdp`
-    provides that function); until it lands, say so instead of gathering 4-bit weights as if they were dense."""
-    if cfg.method == "qlora" and accelerator.distributed_type.name == "FSDP":
+def shard_model(objective: ObjectiveModel, cfg: TrainConfig, accelerator) -> bool:
+    """FSDP2 without accelerate's plugin (CPU/gloo): fully_shard each decoder layer, then the root.
+    Returns whether it sharded (then accelerate must not wrap the model in DDP as well).
+
+    QLoRA: the NF4 storage itself must be something FSDP2 can shard and all-gather; that comes from the
+    `nf4fsdp` work as a function that shards a quantized model. Until then QLoRA under FSDP is refused here
+    (the one place to call it from)."""
+    fsdp = cfg.distributed == "fsdp" or accelerator.distributed_type.name == "FSDP"
+    if fsdp and cfg.method == "qlora":
         raise ConfigError("--distributed fsdp with QLoRA needs NF4 storage FSDP2 can shard (not in this build); "
                           "use --distributed ddp for QLoRA")
-    return model
+    if cfg.distributed != "fsdp" or torch.cuda.is_available() or accelerator.num_processes == 1:
+        return False
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (accelerator.num_processes,))
+    layers = set(objective._no_split_modules or ())
+    for module in objective.modules():
+        if type(module).__name__ in layers:
+            fully_shard(module, mesh=mesh)
+    fully_shard(objective, mesh=mesh)
+    return True
 
 
 def _load_models(cfg: TrainConfig, device, accelerator):
@@ -162,13 +182,34 @@ def accumulate(prepared, count_of, micro: list[dict], accelerator, offload=conte
     count, tokens = (int(x) for x in accelerator.reduce(counts, "sum").tolist())
     loss_sum = torch.zeros((), device=device, dtype=torch.float32)
     for m, batch in enumerate(micro):
-        sync = contextlib.nullcontext() if m == len(micro) - 1 else accelerator.no_sync(prepared)
+        sync = contextlib.nullcontext() if m == len(micro) - 1 else _no_sync(prepared, accelerator)
         with sync:
             with offload():
                 loss, _ = prepared(batch)
             accelerator.backward(loss * (world / max(count, 1)))
         loss_sum += loss.detach().float()
     return loss_sum, count, tokens
+
+
+@contextlib.contextmanager
+def _no_sync(prepared, accelerator):
+    """No gradient all-reduce / reduce-scatter for this micro-batch (the last one of the step syncs)."""
+    if hasattr(prepared, "set_requires_gradient_sync"):  # fully_shard'ed
+        prepared.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            prepared.set_requires_gradient_sync(True)
+    else:
+        with accelerator.no_sync(prepared):
+            yield
+
+
+def _clip(params, max_norm: float, accelerator, sharded_here: bool) -> float:
+    if not sharded_here:
+        return float(accelerator.clip_grad_norm_(params, max_norm))
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)  # DTensor gradients: the global norm
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
 
 def _describe(name: str, result: dict | None) -> str:
@@ -223,7 +264,6 @@ def train(cfg: TrainConfig) -> dict:
         log(_describe("before", history["eval_before"]))
 
     model = apply_method(model, cfg.method, method_options(cfg))
-    model = shard_model(model, cfg, accelerator)
     if cfg.gradient_checkpointing:
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -241,14 +281,21 @@ def train(cfg: TrainConfig) -> dict:
         history[key] = evaluate(objective, eval_records, make_batch, cfg.eval_batch_size, accelerator)
         log(_describe("before" if key == "eval_before" else "quantized", history[key]))
 
+    sharded_here = shard_model(objective, cfg, accelerator)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg))
-    prepared, optimizer = accelerator.prepare(objective, optimizer)
-    objective = accelerator.unwrap_model(prepared)
+    if sharded_here:
+        prepared, optimizer = objective, accelerator.prepare(optimizer)
+    else:
+        prepared, optimizer = accelerator.prepare(objective, optimizer)
+        objective = accelerator.unwrap_model(prepared)
     inner = objective.model
     torch_optimizer = getattr(optimizer, "optimizer", optimizer)
     is_peft = hasattr(inner, "peft_config")
+    distribution = {"type": "FSDP2 (fully_shard)" if sharded_here else accelerator.distributed_type.value,
+                    "sharded": ckpt.is_sharded(inner)}
+    log(f"distribution: {distribution['type']}{' (parameters sharded)' if distribution['sharded'] else ''}")
 
     def save_adapter_to(path, weights):
         inner.save_pretrained(str(path), state_dict=weights)
@@ -293,7 +340,7 @@ def train(cfg: TrainConfig) -> dict:
             stop(step + 1, f"the loss is {step_loss} (try a lower --lr, --max-grad-norm, or fp32)")
         grad_norm = None
         if cfg.max_grad_norm > 0:
-            grad_norm = float(accelerator.clip_grad_norm_(params, cfg.max_grad_norm))
+            grad_norm = _clip(params, cfg.max_grad_norm, accelerator, sharded_here)
         lr = schedule.get_last_lr()[0]
         optimizer.step()
         schedule.step()
@@ -326,7 +373,7 @@ def train(cfg: TrainConfig) -> dict:
     runlog.close()
     seconds = history["train_seconds"]
     metrics = {
-        "config": dataclasses.asdict(cfg), "device": str(device), "processes": world,
+        "config": dataclasses.asdict(cfg), "device": str(device), "processes": world, "distribution": distribution,
         "trainable_parameters": trainable, "total_parameters": total,
         "eval_before": history["eval_before"], "eval_quantized": history["eval_quantized"], "eval_after": after,
         "evals": history["evals"], "train_losses": history["train_losses"],
