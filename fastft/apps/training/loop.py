@@ -57,7 +57,9 @@ def make_accelerator(cfg: TrainConfig):
     machine without a GPU `--distributed fsdp` applies torch's `fully_shard` itself (`shard_model`), which is
     what accelerate's FSDP2 plugin does on a GPU: every decoder layer, then the root."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
+    AcceleratorState._reset_state()  # a second run in one process may change the precision; keeps process groups
     kwargs = {"cpu": not torch.cuda.is_available(),  # cpu=True: gloo for torchrun on machines without a GPU
               "mixed_precision": None if cfg.mixed_precision == "no" else cfg.mixed_precision}
     if cfg.distributed == "fsdp" and torch.cuda.is_available():
@@ -266,7 +268,11 @@ def train(cfg: TrainConfig) -> dict:
     model = apply_method(model, cfg.method, method_options(cfg))
     if cfg.gradient_checkpointing:
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable = getattr(base, "activation_checkpointing_enable", None)  # transformers >= 5.x; older: the alias
+        if enable is not None:
+            enable({"use_reentrant": False})
+        else:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         base.config.use_cache = False
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters()) + sum(  # NF4 weights are not Parameters
