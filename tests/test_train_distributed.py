@@ -14,6 +14,9 @@ from fastft.apps.cli import main
 from tests.train_utils import save_tiny_checkpoint
 
 
+pytestmark = pytest.mark.slow  # runs training jobs
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("dist")

@@ -10,6 +10,9 @@ from fastft.apps.cli import main
 from tests.train_utils import save_tiny_checkpoint
 
 
+pytestmark = pytest.mark.slow  # runs training jobs
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny"))

@@ -357,7 +357,8 @@ def train(cfg: TrainConfig) -> dict:
         speed = history["tokens"] / max(history["train_seconds"], 1e-9)
         memory = peak_memory_gib(device)
         runlog.write({"step": step + 1, "loss": step_loss, "lr": lr, "grad_norm": grad_norm, "targets": count,
-                      "tokens": tokens, "tokens_per_second": speed, "memory_gib": memory})
+                      "tokens": tokens, "step_seconds": time.perf_counter() - started, "tokens_per_second": speed,
+                      "memory_gib": memory})
         bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{speed:,.0f}", mem=f"{memory:.2f}GiB")
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
             result = evaluate(objective, eval_records, make_batch, cfg.eval_batch_size, accelerator)
