@@ -309,6 +309,8 @@ def train(cfg: TrainConfig) -> dict:
     def trainer_state():
         return {"scheduler": schedule.state_dict(), "plan": plan.state_dict(), "history": history}
 
+    if world > 1:  # same initialisation everywhere (above), but each process its own dropout masks from here on
+        torch.manual_seed(cfg.seed * 1_000_003 + rank)
     start_step = 0
     if resume_from is not None:
         state = checkpoints.load(resume_from, inner, torch_optimizer)
