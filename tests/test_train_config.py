@@ -1,5 +1,4 @@
 """`fastft train`'s settings: flags, YAML files, validation before anything loads, one-line errors."""
-import json
 import pytest
 import yaml
 

@@ -12,7 +12,7 @@ import dataclasses
 import importlib.util
 import os
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from fastft.apps.datasets import TASK_NAMES
