@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import importlib.util
 import os
+import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -170,7 +171,7 @@ def flag(name: str) -> str:
 def _base_type(name: str):
     t = _TYPES[name]
     args = [a for a in typing.get_args(t) if a is not type(None)]
-    return args[0] if typing.get_origin(t) in (typing.Union, getattr(__import__("types"), "UnionType", ())) else t
+    return args[0] if typing.get_origin(t) in (typing.Union, types.UnionType) else t  # `X | None` -> X
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import json
 import math
 import time
 from pathlib import Path
@@ -248,7 +249,9 @@ def train(cfg: TrainConfig) -> dict:
             raise ConfigError(f"--teacher {cfg.teacher}: its tokenizer differs from the student's; distillation "
                               "on logits needs the same vocabulary")
     if accelerator.is_main_process:
-        ckpt.write_atomic(out / "config.yaml", __import__("yaml").safe_dump(to_yaml_dict(cfg), sort_keys=False))
+        import yaml
+
+        ckpt.write_atomic(out / "config.yaml", yaml.safe_dump(to_yaml_dict(cfg), sort_keys=False))
     model = load_model(model_path).to(device)
     if cfg.objective == "distill":
         teacher = load_model(teacher_path).to(device).eval().requires_grad_(False)
@@ -398,7 +401,7 @@ def train(cfg: TrainConfig) -> dict:
         else:
             saved = ckpt.replace_folder(out / "model", lambda tmp: (inner.save_pretrained(str(tmp), state_dict=weights),
                                                                     tokenizer.save_pretrained(str(tmp))))
-        ckpt.write_atomic(out / "metrics.json", __import__("json").dumps(metrics, indent=2))
+        ckpt.write_atomic(out / "metrics.json", json.dumps(metrics, indent=2))
         log(f"{metrics['tokens_per_second']:,.0f} tokens/s, peak memory {peak:.2f} GiB ({metrics['peak_memory_kind']}); "
             f"{'adapter' if is_peft else 'model'} saved to {saved}")
     accelerator.wait_for_everyone()
