@@ -48,11 +48,16 @@ def test_two_processes_train_the_adapter_of_one(setup, distributed):
     root, common = setup
     out = root / distributed
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "-m", "fastft.apps.cli", *common, "--batch-size", "2", "--distributed", distributed,
-                          "--save-every", "2", "--output-dir", str(out)],
-                         env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
+
+    def torchrun(*extra):
+        run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                              "-m", "fastft.apps.cli", *common, "--batch-size", "2", "--distributed", distributed,
+                              "--save-every", "2", "--output-dir", str(out), *extra],
+                             env=env, capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0, run.stderr[-3000:]
+        return load_file(str(out / "adapter" / "adapter_model.safetensors"))
+
+    straight = torchrun()
     two, one = (json.loads((d / "metrics.json").read_text()) for d in (out, root / "one"))
     assert two["processes"] == 2 and two["distribution"]["sharded"] == (distributed == "fsdp")
     # the same global batches and the same exactly normalised loss: the same losses step by step
@@ -65,3 +70,8 @@ def test_two_processes_train_the_adapter_of_one(setup, distributed):
         assert torch.allclose(a[key], b[key], atol=3e-3), key
     checkpoint = load_file(str(out / "checkpoints" / "step-00000002" / "trainable.safetensors"))
     assert {tuple(v.shape) for v in checkpoint.values()} == {tuple(v.shape) for v in a.values()}  # whole, not shards
+    # resuming from step 2 (weights, optimizer and RNG scattered back to both processes) redoes step 3 exactly
+    resumed = torchrun("--resume")
+    assert json.loads((out / "metrics.json").read_text())["resumed_from"].endswith("step-00000002")
+    for key in straight:
+        assert torch.equal(resumed[key], straight[key]), key
