@@ -74,7 +74,7 @@ def test_accumulated_micro_batches_equal_one_batch():
     loss, _ = objective(whole)
     (loss / objective.count(whole)).backward()
     assert count == objective.count(whole) and tokens == whole["input_ids"].numel()
-    assert float(loss_sum) == pytest.approx(float(loss), rel=1e-5)
+    assert float(loss_sum) == pytest.approx(float(loss.detach()), rel=1e-5)
     for n, g in _grads(model).items():
         assert torch.allclose(accumulated[n], g, rtol=1e-5, atol=1e-7), n
     model.zero_grad()
@@ -166,3 +166,21 @@ def test_builtin_sets_are_deterministic_and_held_out(tokenizer):
         assert user.split("\n\n", 1)[-1] in held_out or answer in held_out
     pairs, _ = builtin_preferences("mr", 0)
     assert {(p["chosen"], p["rejected"]) for p in pairs} == {(" positive", " negative"), (" negative", " positive")}
+
+
+@pytest.mark.parametrize("kind", ["prompt", "prefix"])
+def test_prompt_learning_runs_documents_apart(kind):
+    """peft's prompt-learning forward ignores position_ids: packed documents would see each other, so each
+    runs on its own; the loss equals the documents' losses summed one by one."""
+    import peft
+
+    config = (peft.PromptTuningConfig if kind == "prompt" else peft.PrefixTuningConfig)(
+        num_virtual_tokens=4, task_type="CAUSAL_LM")
+    model = peft.get_peft_model(tiny_llama(), config)
+    objective = ObjectiveModel(model, "sft").train()
+    docs = _docs([6, 9, 5])
+    loss, _ = objective(pack(docs, pad_token_id=0, flash_kwargs=False))
+    alone = sum(float(objective(pack([d], pad_token_id=0, flash_kwargs=False))[0].detach()) for d in docs)
+    assert float(loss.detach()) == pytest.approx(alone, rel=1e-5)
+    loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters() if p.requires_grad)

@@ -18,15 +18,19 @@ from fastft.integration.packing import IGNORE_INDEX
 
 # ------------------------------------------------------------------ the fused-loss places (plain torch today)
 
+def _logits(hidden, weight, bias) -> torch.Tensor:
+    """hidden·Wᵀ + b in fp32; weight None: `hidden` are logits already (peft prompt-learning models)."""
+    return (hidden if weight is None else F.linear(hidden, weight, bias)).float()
+
+
 def token_cross_entropy_sum(hidden, weight, bias, targets) -> torch.Tensor:
     """Σ CE(hidden·Wᵀ + b, targets) over rows. Fused: fastft.ops.linear_cross_entropy(hidden, weight, targets,
     bias=bias, reduction="sum")."""
-    logits = F.linear(hidden, weight, bias).float()
-    return F.cross_entropy(logits, targets, reduction="sum")
+    return F.cross_entropy(_logits(hidden, weight, bias), targets, reduction="sum")
 
 
 def _sequence_logprobs(hidden, weight, bias, targets, target_docs, num_docs) -> torch.Tensor:
-    logp = -F.cross_entropy(F.linear(hidden, weight, bias).float(), targets, reduction="none")
+    logp = -F.cross_entropy(_logits(hidden, weight, bias), targets, reduction="none")
     return logp.new_zeros(num_docs).index_add_(0, target_docs, logp)
 
 
@@ -44,9 +48,9 @@ def distill_loss_sum(hidden, weight, bias, teacher_hidden, teacher_weight, teach
                      kl_weight, reverse_kl_weight, ce_weight, temperature) -> torch.Tensor:
     """Σ over target tokens of kl·T²·KL(teacher‖student) + rkl·T²·KL(student‖teacher) + ce·CE(student, labels).
     Fused: fastft.ops.linear_kl_div (one call per direction) + linear_cross_entropy."""
-    student = F.linear(hidden, weight, bias).float()
+    student = _logits(hidden, weight, bias)
     with torch.no_grad():
-        teacher = F.linear(teacher_hidden, teacher_weight, teacher_bias).float()
+        teacher = _logits(teacher_hidden, teacher_weight, teacher_bias)
     s_log = F.log_softmax(student / temperature, -1)
     t_log = F.log_softmax(teacher / temperature, -1)
     loss = student.new_zeros(())
@@ -86,10 +90,15 @@ def hidden_at_targets(model: nn.Module, batch: dict):
     keep = targets != IGNORE_INDEX
     docs = batch["document_ids"][:, :-1][keep]
     if _is_prompt_learning(model):
-        logits = model(**_model_inputs(batch), use_cache=False).logits
-        rows = logits[:, -batch["input_ids"].shape[1]:][:, :-1][keep]
-        eye = torch.eye(rows.shape[-1], device=rows.device, dtype=rows.dtype)
-        return rows, targets[keep], docs, eye, None
+        # peft's prompt-learning forward ignores position_ids, so a packed row would let documents attend to
+        # each other: each document runs on its own (no padding either), virtual tokens cut off the logits.
+        rows = []
+        ids, doc_of = batch["input_ids"][0], batch["document_ids"][0]
+        for d in range(batch["num_documents"]):
+            span = (doc_of == d).nonzero()[:, 0]
+            logits = model(input_ids=ids[span][None], use_cache=False).logits[0, -len(span):]
+            rows.append(logits[:-1][keep[0, span[:-1]]])
+        return torch.cat(rows), targets[keep], docs, None, None  # logits already: no head
     backbone, head = causal_lm_parts(model)
     # use_cache=False: transformers gives sdpa/eager the packed block mask only without a cache
     hidden = backbone(**_model_inputs(batch), use_cache=False).last_hidden_state
@@ -139,6 +148,6 @@ class ObjectiveModel(nn.Module):
             if not self.training and "choices" in batch:  # classification: accuracy among the label words
                 with torch.no_grad():
                     choices = batch["choices"].to(hidden.device)[docs]
-                    logits = F.linear(hidden, weight, bias).float().gather(1, choices)
+                    logits = _logits(hidden, weight, bias).gather(1, choices)
                     stats["hits"] = (choices.gather(1, logits.argmax(1, keepdim=True))[:, 0] == targets).sum()
         return loss, stats
