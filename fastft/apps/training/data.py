@@ -160,6 +160,7 @@ class Encoder:
         self.max_length = max_length
         self.eos = tokenizer.eos_token_id
         self._label_ids: dict[str, tuple[int, ...]] = {}
+        self._templates: dict[str, str] = {}
 
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -167,6 +168,7 @@ class Encoder:
     def label_ids(self, task_name: str) -> tuple[int, ...]:
         if task_name not in self._label_ids:
             task = load_task(task_name)
+            self._templates[task_name] = task.template
             ids = []
             for word in task.label_words:
                 tokens = self._ids(word)
@@ -189,10 +191,8 @@ class Encoder:
 
     def classification(self, record: dict) -> Example:
         """Prompt cut from the left (the template's tail stays) + the label word, the only trained token."""
-        from fastft.apps.datasets import _TASKS
-
         choices = self.label_ids(record["task"])
-        prompt = self._ids(_TASKS[record["task"]][1].format(text=record["text"]))[-(self.max_length - 1):]
+        prompt = self._ids(self._templates[record["task"]].format(text=record["text"]))[-(self.max_length - 1):]
         return Example(prompt + [choices[record["label"]]], [IGNORE_INDEX] * len(prompt) + [choices[record["label"]]],
                        choices)
 
