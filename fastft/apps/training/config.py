@@ -326,6 +326,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         need(cfg.method in ("lora", "qlora"), f"--quantize nf4 is QLoRA: it cannot be combined with --method "
                                                f"{cfg.method}")
         cfg = dataclasses.replace(cfg, method="qlora")
+    need(not (cfg.distributed == "fsdp" and cfg.method == "qlora"),
+         "--distributed fsdp with QLoRA needs NF4 storage FSDP2 can shard (not in this build); use --distributed ddp")
     need(not cfg.offload_activations or cfg.gradient_checkpointing,
          "--offload-activations needs --gradient-checkpointing (it offloads the checkpointed layer inputs)")
     if cfg.objective == "dpo":
