@@ -4,7 +4,8 @@
 # ../shared/gpu/fetch-peers.sh) for bitsandbytes as a peer. Correctness comes first in every section, then
 # timings; a failing section does not stop the next, and each gets what is left of the time budget.
 #   bash benchmarks/gpu_check.sh [section ...]    sections: build nf4 attention lora-tests fuzz-tests lora losses-tests losses
-#   (also: nf4-tests attention-tests methods-tests methods bench-1b bench-8b)
+#   (on request: nf4-tests attention-tests methods-tests methods layers-tests layers patch-step train-tests train
+#    bench-1b bench-8b)
 set -uo pipefail
 export PYTHONPATH="$PWD/.peers:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 : "${OUT:=/tmp/fastft-out}"; mkdir -p "$OUT"; export OUT
@@ -55,6 +56,8 @@ for s in $sections; do
     nf4-tests) run 150 nf4-tests python3 -m pytest -q -m gpu tests/test_nf4_gpu.py -p no:cacheprovider ;;
     losses-tests) run 120 losses-tests python3 -m pytest -q -m gpu tests/test_linear_losses_gpu.py -p no:cacheprovider ;;
     losses) run 150 losses python3 benchmarks/gpu_losses.py ;;
+    train-tests) run 120 train-tests python3 -m pytest -q -m gpu tests/test_train_gpu.py -p no:cacheprovider ;;
+    train) run 300 train python3 benchmarks/gpu_train.py ;;
     attention-tests) FASTFT_AUTOTUNE=0 run 150 attention-tests python3 -m pytest -q -m gpu tests/test_attention_op.py tests/test_attention_integration.py -p no:cacheprovider ;;
     methods-tests) FASTFT_AUTOTUNE=0 run 120 methods-tests python3 -m pytest -q -m gpu tests/test_methods_gpu.py -p no:cacheprovider ;;
     methods) run 150 methods python3 benchmarks/gpu_methods.py ;;

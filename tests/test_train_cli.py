@@ -44,9 +44,12 @@ def test_bad_arguments(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
-def test_unknown_model_path(tmp_path):
-    with pytest.raises(FileNotFoundError, match="expected 'smollm2-135m' or a local checkpoint"):
+def test_unknown_model_path(tmp_path, capsys):
+    """A user error: one line on stderr, exit status 2, no traceback (was a FileNotFoundError)."""
+    with pytest.raises(SystemExit) as info:
         main(["train", "--model", str(tmp_path / "nope"), "--steps", "1"])
+    assert info.value.code == 2
+    assert "expected 'smollm2-135m' or a local checkpoint" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")

@@ -1,36 +1,25 @@
-"""The `fastft` command line."""
+"""The `fastft` command line: train, bench, study. User errors (bad settings, missing or malformed files) print
+one line and exit with status 2, before any model is loaded; a run that has to stop (non-finite loss, out of
+memory) prints one line and exits with status 1."""
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 
-from fastft.apps.datasets import TASK_NAMES
-from fastft.apps.train import TrainConfig
+import fastft
+from fastft.apps.training.config import ConfigError, add_train_arguments, config_from_args
 
 
-def _add_train(sub) -> None:
-    d = TrainConfig()
-    p = sub.add_parser("train", help="LoRA fine-tune a causal LM on a labelled text task (defaults: SmolLM2-135M on MR)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default=d.model, help="built-in 'smollm2-135m' or a local transformers checkpoint dir")
-    p.add_argument("--task", default=d.task, choices=TASK_NAMES)
-    p.add_argument("--steps", type=int, default=d.steps)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--rank", type=int, default=d.rank)
-    p.add_argument("--alpha", type=float, default=d.alpha)
-    p.add_argument("--dropout", type=float, default=d.dropout)
-    p.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(r) instead of alpha/r")
-    p.add_argument("--target-modules", nargs="+", default=list(d.target_modules))
-    p.add_argument("--max-length", type=int, default=d.max_length)
-    p.add_argument("--eval-examples", type=int, default=d.eval_examples)
-    p.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--output-dir", default=d.output_dir)
-    p.add_argument("--dtype", default=d.dtype, choices=["auto", "bf16", "fp16", "fp32"])
-    p.add_argument("--quantize", default=d.quantize, choices=["nf4"],
-                   help="QLoRA: quantize the base linear layers to NF4 first (lm_head stays dense)")
+def _add_train(sub) -> argparse.ArgumentParser:
+    train = sub.add_parser(
+        "train", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        usage="fastft train [options]   (fastft train --help lists them with their defaults)",
+        help="fine-tune a causal LM (defaults: LoRA on SmolLM2-135M, MR sentiment)",
+        description="Fine-tune a causal LM: sft/dpo/distill objectives, on built-in data or your jsonl, with "
+                    "packing, exact gradient accumulation, checkpoints and --resume; DDP/FSDP2 through "
+                    "accelerate (torchrun --nproc_per_node N -m fastft.apps.cli train ...).")
+    add_train_arguments(train)
+    return train
 
 
 def _add_bench(sub) -> None:
@@ -47,12 +36,19 @@ def _add_study(sub) -> None:
     add_arguments(p)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fastft", description="fastft: fast LoRA / QLoRA fine-tuning")
+def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+    parser = argparse.ArgumentParser(prog="fastft", description="fastft: fast fine-tuning of transformer LLMs")
+    parser.add_argument("--version", action="version", version=f"fastft {fastft.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    _add_train(sub)
+    train = _add_train(sub)
     _add_bench(sub)
     _add_study(sub)
+    return parser, train
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser, train_parser = _parser()
     args = parser.parse_args(argv)
     if args.command == "bench":
         from fastft.apps.bench.command import run_bench
@@ -63,17 +59,16 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_study(args, parser)
     if args.command == "train":
-        from fastft.apps.train import train
+        from fastft.apps.training import TrainingStopped, train, validate
 
-        fields = {f.name for f in dataclasses.fields(TrainConfig)}
-        values = {k: v for k, v in vars(args).items() if k in fields}
-        values["target_modules"] = tuple(values["target_modules"])
-        for name in ("steps", "batch_size", "rank", "max_length", "eval_examples", "eval_batch_size"):
-            if values[name] < 1:
-                parser.error(f"--{name.replace('_', '-')} must be at least 1, got {values[name]}")
-        if values["max_length"] < 8:
-            parser.error(f"--max-length must be at least 8, got {values['max_length']}")
-        train(TrainConfig(**values))
+        try:
+            train(validate(config_from_args(train_parser, args, argv)))
+        except ConfigError as e:
+            print(f"fastft train: error: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
+        except (TrainingStopped, NotImplementedError) as e:
+            print(f"fastft train: {e}", file=sys.stderr)
+            return 1
     return 0
 
 

@@ -1,8 +1,9 @@
 """How many parameters a model holds: each stored weight counted once.
 
-NF4 weights are not nn.Parameters (fastft.quant.NF4Weight), so `model.parameters()` misses them, while
-`module.weight` over-counts them: peft's LoRA wrapper forwards `.weight` to the NF4Linear it wraps, so
-the same NF4Weight is reached through two modules.
+NF4 weights (fastft.quant.NF4Weight) are frozen Parameters whose numel is the logical size, so
+`model.parameters()` counts them once; `module.weight` would over-count them (peft's LoRA wrapper forwards
+`.weight` to the NF4Linear it wraps, so the same weight is reached through two modules). An NF4Weight held
+as a plain attribute (not registered) is still counted, once.
 """
 from __future__ import annotations
 

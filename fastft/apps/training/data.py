@@ -1,0 +1,309 @@
+"""Training data: local jsonl files and the built-in sets, tokenized into documents, packed without padding.
+
+Records (one per jsonl line): `{"text": ...}` (every token trained), `{"messages": [...]}` (a chat rendered by
+the tokenizer's chat template, loss on assistant turns only) or, for dpo, `{"prompt", "chosen", "rejected"}`.
+The built-in classification tasks become prompt → label-word documents; the built-in instruction set turns
+the same real text into chat instructions ("Is this review positive or negative?" → "positive", and "Write a
+positive movie review." → a real review), generated deterministically, no network.
+
+A micro-batch is one packed row (`fastft.integration.packing.PackingCollator`): documents back to back,
+position_ids restarting per document. transformers gives sdpa/eager a block-diagonal causal mask from those
+position_ids (masking_utils.find_packed_sequence_indices); attn_implementation="fastft" runs varlen attention
+over the collator's cu_seq_lens. No document attends to another, nor predicts across a boundary.
+"""
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fastft.apps.datasets import TASK_NAMES, load_task
+from fastft.apps.training.config import INSTRUCTIONS, ConfigError, TrainConfig
+from fastft.integration.packing import IGNORE_INDEX, PackingCollator
+
+_ROLES = ("system", "user", "assistant")
+
+
+class DataError(ConfigError):
+    """A malformed data file or record; the message names file and line."""
+
+
+@dataclass
+class Example:
+    """One document: labels are the input_ids where trained, IGNORE_INDEX elsewhere (not shifted)."""
+    input_ids: list[int]
+    labels: list[int]
+    choices: tuple[int, ...] | None = None  # classification: the label words' token ids
+
+
+@dataclass
+class Pair:
+    """A preference pair: two documents sharing a prompt."""
+    chosen: Example
+    rejected: Example
+
+
+# ----------------------------------------------------------------------------------------------- records
+
+def _record_problem(record, objective: str) -> str | None:
+    if not isinstance(record, dict):
+        return f"expected a JSON object, got {type(record).__name__}"
+    if objective == "dpo":
+        for key in ("prompt", "chosen", "rejected"):
+            if not isinstance(record.get(key), str):
+                return f"a dpo record needs string fields prompt, chosen, rejected ('{key}' is missing or not text)"
+        return None
+    if "text" in record:
+        return None if isinstance(record["text"], str) and record["text"] else "'text' must be a non-empty string"
+    if "messages" in record:
+        messages = record["messages"]
+        if not isinstance(messages, list) or not messages:
+            return "'messages' must be a non-empty list"
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or m.get("role") not in _ROLES or not isinstance(m.get("content"), str):
+                return f"messages[{i}] must be {{\"role\": one of {'/'.join(_ROLES)}, \"content\": text}}"
+        if not any(m["role"] == "assistant" for m in messages):
+            return "'messages' has no assistant turn (nothing to train on)"
+        return None
+    return "expected a 'text' or a 'messages' field"
+
+
+def read_jsonl(path: str | Path, objective: str) -> list[dict]:
+    """Every record of a jsonl file, checked; a DataError names the file and line of the first bad one."""
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+            problem = _record_problem(record, objective)
+            if problem:
+                raise DataError(f"{path}:{lineno}: {problem}")
+            records.append(record)
+    if not records:
+        raise DataError(f"{path}: no records")
+    return records
+
+
+def builtin_instructions(seed: int) -> tuple[list[dict], list[dict]]:
+    """(train, eval) chat records from the classification tasks' real text; eval from their held-out splits."""
+    def records(rows_by_task, rng):
+        out = []
+        for name, rows in rows_by_task.items():
+            for text, label in rows:
+                if name == "mr":
+                    word = ("negative", "positive")[label]
+                    if rng.random() < 0.7:
+                        out.append([f"Is this movie review positive or negative?\n\n{text}", word])
+                    else:
+                        out.append([f"Write a short {word} movie review.", text])
+                else:
+                    out.append([f"Is this SMS message spam? Answer yes or no.\n\n{text}", ("no", "yes")[label]])
+        rng.shuffle(out)
+        return [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in out]
+
+    tasks = {name: load_task(name, seed=seed) for name in TASK_NAMES}
+    rng = random.Random(seed)
+    return (records({n: t.train for n, t in tasks.items()}, rng), records({n: t.eval for n, t in tasks.items()}, rng))
+
+
+def builtin_preferences(task_name: str, seed: int) -> tuple[list[dict], list[dict]]:
+    """(train, eval) preference records from a classification task: the right label word is chosen."""
+    task = load_task(task_name, seed=seed)
+
+    def pairs(rows):
+        return [{"prompt": task.template.format(text=text), "chosen": task.label_words[label],
+                 "rejected": task.label_words[1 - label] if len(task.label_words) == 2 else task.label_words[0]}
+                for text, label in rows]
+    return pairs(task.train), pairs(task.eval)
+
+
+def load_records(cfg: TrainConfig) -> tuple[list[dict], list[dict], str]:
+    """(train, eval, description) records for the configured data, objective-appropriate. No tokenizer needed,
+    so this runs before any model is loaded."""
+    if cfg.data is not None:
+        train = read_jsonl(cfg.data, cfg.objective)
+        if cfg.eval_data is not None:
+            evaluation = read_jsonl(cfg.eval_data, cfg.objective)[: cfg.eval_examples]
+        else:
+            held = min(cfg.eval_examples, len(train) // 10)
+            train, evaluation = (train[:-held], train[-held:]) if held else (train, [])
+        return train, evaluation, f"{cfg.data} ({len(train)} records)"
+    if cfg.task == INSTRUCTIONS:
+        if cfg.objective == "dpo":
+            raise ConfigError(f"--objective dpo has no built-in data for --task {INSTRUCTIONS}; "
+                              f"use a classification --task ({', '.join(TASK_NAMES)}) or --data")
+        train, evaluation = builtin_instructions(cfg.seed)
+        return train, evaluation[: cfg.eval_examples], "built-in instruction set (MR + SMS spam as chat)"
+    if cfg.objective == "dpo":
+        train, evaluation = builtin_preferences(cfg.task, cfg.seed)
+        return train, evaluation[: cfg.eval_examples], f"{cfg.task} as preference pairs (right vs wrong label word)"
+    task = load_task(cfg.task, seed=cfg.seed)
+    train = [{"task": cfg.task, "text": t, "label": y} for t, y in task.train]
+    evaluation = [{"task": cfg.task, "text": t, "label": y} for t, y in task.eval[: cfg.eval_examples]]
+    return train, evaluation, f"{task.description} (split seed {cfg.seed})"
+
+
+# ---------------------------------------------------------------------------------------------- tokenizing
+
+class Encoder:
+    """Records → Examples / Pairs for one tokenizer, memoised (records are encoded when first batched)."""
+
+    def __init__(self, tokenizer, max_length: int):
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.eos = tokenizer.eos_token_id
+        self._label_ids: dict[str, tuple[int, ...]] = {}
+        self._templates: dict[str, str] = {}
+
+    def _ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def label_ids(self, task_name: str) -> tuple[int, ...]:
+        if task_name not in self._label_ids:
+            task = load_task(task_name)
+            self._templates[task_name] = task.template
+            ids = []
+            for word in task.label_words:
+                tokens = self._ids(word)
+                if len(tokens) != 1:
+                    raise ConfigError(f"task {task_name}: label word {word!r} is {len(tokens)} tokens for this "
+                                      "tokenizer; label words must be single tokens")
+                ids.append(tokens[0])
+            self._label_ids[task_name] = tuple(ids)
+        return self._label_ids[task_name]
+
+    def encode(self, record: dict):
+        if "chosen" in record:
+            return self.pair(record)
+        if "task" in record:
+            return self.classification(record)
+        if "messages" in record:
+            return self.chat(record["messages"])
+        ids = (self.tokenizer(record["text"])["input_ids"] + [self.eos])[: self.max_length]
+        return Example(ids, list(ids))
+
+    def classification(self, record: dict) -> Example:
+        """Prompt cut from the left (the template's tail stays) + the label word, the only trained token."""
+        choices = self.label_ids(record["task"])
+        prompt = self._ids(self._templates[record["task"]].format(text=record["text"]))[-(self.max_length - 1):]
+        return Example(prompt + [choices[record["label"]]], [IGNORE_INDEX] * len(prompt) + [choices[record["label"]]],
+                       choices)
+
+    def chat(self, messages: list[dict]) -> Example:
+        """The template rendered after each turn; the text each assistant turn adds is trained (its end-of-turn
+        token included, so the model learns to stop), the rest (system, user, generation prompts) is not."""
+        template = self.tokenizer.apply_chat_template
+        ids, labels, done = [], [], ""
+        for i, message in enumerate(messages):
+            pieces = []
+            if message["role"] == "assistant":
+                pieces.append((template(messages[:i], tokenize=False, add_generation_prompt=True) if i else "", False))
+            pieces.append((template(messages[: i + 1], tokenize=False), message["role"] == "assistant"))
+            for text, trained in pieces:
+                if not text.startswith(done):
+                    raise ConfigError("the tokenizer's chat template does not render a conversation as a prefix of "
+                                      "its continuation; convert the chats to {\"text\": ...} records")
+                piece = self._ids(text[len(done):])
+                ids += piece
+                labels += piece if trained else [IGNORE_INDEX] * len(piece)
+                done = text
+        return Example(ids[: self.max_length], labels[: self.max_length])
+
+    def pair(self, record: dict) -> Pair:
+        """Responses (with end of sequence) keep at most half the length; the prompt is cut from its left."""
+        prompt = self._ids(record["prompt"])
+        responses = [(self._ids(record[k]) + [self.eos])[: self.max_length // 2] for k in ("chosen", "rejected")]
+        room = self.max_length - max(len(r) for r in responses)
+        prompt = prompt[-room:] if room > 0 else prompt[:1]
+        chosen, rejected = (Example(prompt + r, [IGNORE_INDEX] * len(prompt) + r) for r in responses)
+        return Pair(chosen, rejected)
+
+
+def check_tokenizer(tokenizer, records: list[dict]) -> None:
+    """Fail before the model loads when the tokenizer cannot encode the data (no chat template, ...)."""
+    encoder = Encoder(tokenizer, 64)
+    if any("messages" in r for r in records[:1]) and not getattr(tokenizer, "chat_template", None):
+        raise ConfigError("the data has chat records but the tokenizer has no chat template")
+    encoder.encode(records[0])
+
+
+# --------------------------------------------------------------------------------------------------- batches
+
+def documents(items) -> list[Example]:
+    """Examples in packing order; a pair contributes its chosen then its rejected document."""
+    out = []
+    for item in items:
+        out += [item.chosen, item.rejected] if isinstance(item, Pair) else [item]
+    return out
+
+
+def pack(items, *, pad_token_id: int, flash_kwargs: bool) -> dict:
+    """One packed row for a micro-batch of Examples or Pairs; `document_ids` maps each token to its document."""
+    docs = documents(items)
+    batch = PackingCollator(pad_token_id=pad_token_id, return_flash_kwargs=flash_kwargs)(
+        [{"input_ids": d.input_ids, "labels": d.labels} for d in docs])
+    lengths = torch.tensor([len(d.input_ids) for d in docs])
+    batch["document_ids"] = torch.repeat_interleave(torch.arange(len(docs)), lengths)[None]
+    batch["num_documents"] = len(docs)
+    choices = [d.choices for d in docs]
+    if all(c is not None for c in choices):
+        batch["choices"] = torch.tensor(choices)
+    return batch
+
+
+def target_count(batch: dict) -> int:
+    """Tokens that carry a loss after the causal shift."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+class BatchPlan:
+    """Which records each step trains on, as a cursor that a checkpoint stores.
+
+    Every step takes the next `processes × grad_accum × batch_size` records of a seeded per-epoch order;
+    process r's micro-batch m holds the slice (m·processes + r)·batch_size of them. The global set of a step
+    depends only on the global batch size, so 2 processes × batch 4 train on what 1 process × batch 8 does.
+    An epoch's tail shorter than a step is skipped.
+    """
+
+    def __init__(self, num_records: int, batch_size: int, grad_accum: int, processes: int, seed: int):
+        self.num_records, self.batch_size, self.grad_accum, self.processes = num_records, batch_size, grad_accum, processes
+        self.per_step = processes * grad_accum * batch_size
+        if self.per_step > num_records:
+            raise ConfigError(f"one step needs {self.per_step} records (processes × --grad-accum × --batch-size) "
+                              f"but the data has {num_records}")
+        self.seed = seed
+        self.epoch, self.index = 0, 0
+        self._order = None
+
+    def _epoch_order(self) -> list[int]:
+        if self._order is None or self._order[0] != self.epoch:
+            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            self._order = (self.epoch, torch.randperm(self.num_records, generator=g).tolist())
+        return self._order[1]
+
+    def next_step(self, rank: int) -> list[list[int]]:
+        """Record indices of this process's micro-batches for the next step."""
+        if self.index + self.per_step > self.num_records:
+            self.epoch, self.index = self.epoch + 1, 0
+        order = self._epoch_order()[self.index: self.index + self.per_step]
+        self.index += self.per_step
+        bs = self.batch_size
+        return [order[(m * self.processes + rank) * bs: (m * self.processes + rank + 1) * bs]
+                for m in range(self.grad_accum)]
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index, "per_step": self.per_step, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["per_step"] != self.per_step or state["seed"] != self.seed:
+            raise ConfigError(f"--resume: the checkpoint was written with {state['per_step']} records a step and "
+                              f"seed {state['seed']}, this run has {self.per_step} and {self.seed}; resume with the "
+                              "same number of processes, --grad-accum, --batch-size and --seed")
+        self.epoch, self.index = state["epoch"], state["index"]

@@ -1,0 +1,64 @@
+"""Run logs: JSON lines (OUTPUT_DIR/logs.jsonl, one object per step or evaluation), TensorBoard when it is
+installed, and the progress bar's figures (loss, tokens/s, memory)."""
+from __future__ import annotations
+
+import json
+import resource
+from pathlib import Path
+
+import torch
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+class RunLog:
+    """Appends to logs.jsonl (main process only). On resume, lines past the checkpoint's step are dropped:
+    the killed run wrote them, the resumed run writes them again."""
+
+    def __init__(self, output_dir: str, enabled: bool, resume_step: int | None = None):
+        self.path = Path(output_dir) / "logs.jsonl"
+        self.enabled = enabled
+        self.tensorboard = None
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is None:
+            self.path.write_text("")
+        elif self.path.exists():
+            from fastft.apps.training.checkpoints import write_atomic
+
+            kept = [line for line in self.path.read_text().splitlines(keepends=True)
+                    if line.strip() and _step_of(line) is not None and _step_of(line) <= resume_step]
+            write_atomic(self.path, "".join(kept))
+        try:
+            from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
+        except ImportError:
+            return
+        self.tensorboard = SummaryWriter(str(Path(output_dir) / "tensorboard"))
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tensorboard is not None:
+            prefix = "eval/" if "eval" in record else "train/"
+            values = record.get("eval", record)
+            for key, value in values.items():
+                if isinstance(value, (int, float)) and key != "step":
+                    self.tensorboard.add_scalar(prefix + key, value, record["step"])
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+
+
+def _step_of(line: str) -> int | None:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None

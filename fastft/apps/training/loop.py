@@ -1,0 +1,414 @@
+"""`fastft train`'s run: build the model through `apply_method`, train with exact accumulation on accelerate,
+evaluate, checkpoint, resume, save.
+
+A step's loss is Σ (loss over every target of every micro-batch of every process) / (their number): the
+target count is all-reduced first (one small all-reduce a step), then each micro-batch's summed loss is
+divided by it (times the process count, which DDP's gradient averaging divides out again).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from fastft.apps.training import checkpoints as ckpt
+from fastft.integration.parameter_count import parameter_counts
+from fastft.apps.training.config import ConfigError, TrainConfig, to_yaml_dict, validate
+from fastft.apps.training.data import BatchPlan, Encoder, check_tokenizer, load_records, pack
+from fastft.apps.training.logs import RunLog, peak_memory_gib
+from fastft.apps.training.objectives import ObjectiveModel
+
+
+class TrainingStopped(RuntimeError):
+    """The run cannot go on (non-finite loss, out of memory); the message says where the last checkpoint is."""
+
+
+def _dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+
+
+def method_options(cfg: TrainConfig):
+    from fastft.integration.methods import MethodOptions
+
+    return MethodOptions(rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, rslora=cfg.rslora,
+                         target_modules=tuple(cfg.target_modules), num_virtual_tokens=cfg.num_virtual_tokens,
+                         adapter_size=cfg.adapter_size, adapter_placement=cfg.adapter_placement)
+
+
+def lr_factor(cfg: TrainConfig):
+    """Linear warm-up over warmup_ratio·steps, then cosine / linear decay to 0, or constant."""
+    warm = max(1, int(cfg.steps * cfg.warmup_ratio))
+    decay = {"cosine": lambda s: 0.5 * (1 + math.cos(math.pi * s / cfg.steps)),
+             "linear": lambda s: 1.0 - s / cfg.steps, "constant": lambda s: 1.0}[cfg.schedule]
+    return lambda s: min(1.0, (s + 1) / warm) * decay(s)
+
+
+def make_accelerator(cfg: TrainConfig):
+    """accelerate sets up the processes (torchrun / `accelerate launch`); --distributed fsdp asks for FSDP2.
+
+    accelerate runs FSDP only on accelerators (on the CPU it picks plain multi-CPU data parallelism), so on a
+    machine without a GPU `--distributed fsdp` applies torch's `fully_shard` itself (`shard_model`), which is
+    what accelerate's FSDP2 plugin does on a GPU: every decoder layer, then the root."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()  # a second run in one process may change the precision; keeps process groups
+    kwargs = {"cpu": not torch.cuda.is_available(),  # cpu=True: gloo for torchrun on machines without a GPU
+              "mixed_precision": None if cfg.mixed_precision == "no" else cfg.mixed_precision}
+    if cfg.distributed == "fsdp" and torch.cuda.is_available():
+        from accelerate import FullyShardedDataParallelPlugin
+
+        kwargs["fsdp_plugin"] = FullyShardedDataParallelPlugin(
+            fsdp_version=2, auto_wrap_policy="transformer_based_wrap", reshard_after_forward=True,
+            state_dict_type="FULL_STATE_DICT", cpu_ram_efficient_loading=False)
+    accelerator = Accelerator(**kwargs)
+    if cfg.distributed == "none" and accelerator.num_processes > 1:
+        raise ConfigError(f"--distributed none, but {accelerator.num_processes} processes were launched")
+    return accelerator
+
+
+def shard_model(objective: ObjectiveModel, cfg: TrainConfig, accelerator) -> bool:
+    """FSDP2 without accelerate's plugin: `fastft.shard_model` (fully_shard each decoder layer, then the root;
+    NF4 weights shard their packed bytes). Returns whether it sharded (then accelerate must not wrap the model
+    in DDP as well). Used on CPU/gloo, where accelerate runs no FSDP, and for QLoRA everywhere (accelerate's
+    plugin knows nothing of NF4 storage). For DDP, the frozen NF4 weights are left out of DDP's broadcast."""
+    from fastft.integration.nf4_model import ignore_nf4_in_ddp, shard_model as shard
+
+    if cfg.distributed != "fsdp" or accelerator.num_processes == 1:
+        if cfg.method == "qlora" and accelerator.num_processes > 1:
+            ignore_nf4_in_ddp(objective)
+        return False
+    if torch.cuda.is_available() and cfg.method != "qlora":
+        return False  # accelerate's FSDP2 plugin shards it in prepare
+    shard(objective, layer_classes=set(objective._no_split_modules or ()) or None)
+    return True
+
+
+def _load_models(cfg: TrainConfig, device, accelerator):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fastft.apps.models import resolve_model_path
+
+    if cfg.attn_implementation == "fastft":
+        import fastft.integration.attention  # noqa: F401 - registers attn_implementation="fastft"
+
+    def load(name):
+        path = resolve_model_path(name)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        return path, tokenizer
+
+    path, tokenizer = load(cfg.model)
+    return path, tokenizer, (lambda p: AutoModelForCausalLM.from_pretrained(
+        p, dtype=_dtype(cfg.dtype, device), attn_implementation=cfg.attn_implementation)), load
+
+
+class _Batches:
+    """Records → packed micro-batches on the device (records are tokenized when first used)."""
+
+    def __init__(self, encoder: Encoder, device, flash_kwargs: bool):
+        self.encoder, self.device, self.flash_kwargs = encoder, device, flash_kwargs
+        self.cache: dict[int, object] = {}
+
+    def __call__(self, records, indices, cache: bool = True) -> dict:
+        items = []
+        for i in indices:
+            item = self.cache.get(i) if cache else None
+            if item is None:
+                item = self.encoder.encode(records[i])
+                if cache:
+                    self.cache[i] = item
+            items.append(item)
+        batch = pack(items, pad_token_id=self.encoder.tokenizer.pad_token_id, flash_kwargs=self.flash_kwargs)
+        return {k: v.to(self.device) if isinstance(v, torch.Tensor) and k != "choices" else v
+                for k, v in batch.items()}
+
+
+@torch.no_grad()
+def evaluate(module: ObjectiveModel, records, make_batch, batch_size: int, accelerator) -> dict | None:
+    """The objective's mean loss on held-out records (+ accuracy for classification, reward accuracy for dpo),
+    summed over all processes. Every process runs the same number of forwards (FSDP2 gathers in each)."""
+    if not records:
+        return None
+    world, rank = accelerator.num_processes, accelerator.process_index
+    was_training = module.training
+    module.eval()
+    sums = torch.zeros(4, dtype=torch.float64)  # loss, count, hits, examples
+    chunk = world * batch_size
+    for start in range(0, len(records), chunk):
+        mine = list(range(start + rank * batch_size, min(start + (rank + 1) * batch_size, len(records))))
+        batch = make_batch(records, mine or [start], cache=False)
+        with accelerator.autocast():
+            loss, stats = module(batch)
+        if mine:
+            examples = batch["num_documents"] // 2 if module.objective == "dpo" else batch["num_documents"]
+            hits = stats.get("hits", stats.get("preferred", stats.get("ce", 0.0)))
+            sums += torch.tensor([float(loss), module.count(batch), float(hits), examples], dtype=torch.float64)
+    sums = accelerator.reduce(sums.to(accelerator.device), "sum").cpu()
+    module.train(was_training)
+    loss, count, hits, examples = sums.tolist()
+    result = {"loss": loss / max(count, 1), "examples": int(examples)}
+    if module.objective == "dpo":
+        result["reward_accuracy"] = hits / max(examples, 1)
+    elif module.objective == "distill":
+        result["ce"] = hits / max(count, 1)
+    elif "choices" in make_batch(records, [0], cache=False):
+        result["accuracy"] = hits / max(examples, 1)
+    return result
+
+
+def accumulate(prepared, count_of, micro: list[dict], accelerator, offload=contextlib.nullcontext):
+    """Forward and backward over this process's micro-batches of one step, each micro-batch's summed loss
+    divided by the step's target count over all micro-batches and processes (counted first: one all-reduce).
+    DDP averages gradients over processes, so the loss is scaled up by the process count to give Σ/count.
+    Returns (this process's summed loss, the global count, the global number of tokens)."""
+    device, world = accelerator.device, accelerator.num_processes
+    counts = torch.tensor([sum(count_of(b) for b in micro), sum(b["input_ids"].numel() for b in micro)],
+                          device=device)
+    count, tokens = (int(x) for x in accelerator.reduce(counts, "sum").tolist())
+    loss_sum = torch.zeros((), device=device, dtype=torch.float32)
+    for m, batch in enumerate(micro):
+        sync = contextlib.nullcontext() if m == len(micro) - 1 else _no_sync(prepared, accelerator)
+        with sync:
+            with offload():
+                loss, _ = prepared(batch)
+            accelerator.backward(loss * (world / max(count, 1)))
+        loss_sum += loss.detach().float()
+    return loss_sum, count, tokens
+
+
+@contextlib.contextmanager
+def _no_sync(prepared, accelerator):
+    """No gradient all-reduce / reduce-scatter for this micro-batch (the last one of the step syncs)."""
+    if hasattr(prepared, "set_requires_gradient_sync"):  # fully_shard'ed
+        prepared.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            prepared.set_requires_gradient_sync(True)
+    else:
+        with accelerator.no_sync(prepared):
+            yield
+
+
+def _clip(params, max_norm: float, accelerator, sharded_here: bool) -> float:
+    if not sharded_here:
+        return float(accelerator.clip_grad_norm_(params, max_norm))
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)  # DTensor gradients: the global norm
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+
+def _describe(name: str, result: dict | None) -> str:
+    if result is None:
+        return f"{name}: no evaluation data"
+    first = [k for k in ("accuracy", "reward_accuracy") if k in result]
+    parts = [f"{k} {result[k]:.3f}" for k in first + [k for k in result if k not in first and k != "examples"]]
+    return f"{(name + ':').ljust(7)} {', '.join(parts)}"
+
+
+def train(cfg: TrainConfig) -> dict:
+    from accelerate.utils import set_seed
+
+    import fastft
+    from fastft.integration.methods import apply_method
+
+    cfg = validate(cfg)
+    train_records, eval_records, description = load_records(cfg)  # malformed data fails before any model loads
+    accelerator = make_accelerator(cfg)
+    device, log = accelerator.device, accelerator.print
+    world, rank = accelerator.num_processes, accelerator.process_index
+    out = Path(cfg.output_dir)
+    checkpoints = ckpt.Checkpoints(out, accelerator)
+    resume_from = checkpoints.latest() if cfg.resume else None
+    plan = BatchPlan(len(train_records), cfg.batch_size, cfg.grad_accum, world, cfg.seed)
+    set_seed(cfg.seed)
+
+    model_path, tokenizer, load_model, load_tokenizer = _load_models(cfg, device, accelerator)
+    check_tokenizer(tokenizer, train_records)
+    teacher = None
+    if cfg.objective == "distill":
+        teacher_path, teacher_tokenizer = load_tokenizer(cfg.teacher)
+        if teacher_tokenizer.get_vocab() != tokenizer.get_vocab():
+            raise ConfigError(f"--teacher {cfg.teacher}: its tokenizer differs from the student's; distillation "
+                              "on logits needs the same vocabulary")
+    if accelerator.is_main_process:
+        import yaml
+
+        ckpt.write_atomic(out / "config.yaml", yaml.safe_dump(to_yaml_dict(cfg), sort_keys=False))
+    model = load_model(model_path).to(device)
+    if cfg.objective == "distill":
+        teacher = load_model(teacher_path).to(device).eval().requires_grad_(False)
+    log(f"fastft train: {cfg.model} on {description}; {len(train_records)} train / {len(eval_records)} eval "
+        f"records; objective {cfg.objective}, method {cfg.method}; device {device}, {world} process(es)")
+
+    make_batch = _Batches(Encoder(tokenizer, cfg.max_length), device, cfg.attn_implementation == "fastft")
+    knobs = dict(teacher=teacher, dpo_beta=cfg.dpo_beta, kl_weight=cfg.kl_weight,
+                 reverse_kl_weight=cfg.reverse_kl_weight, ce_weight=cfg.ce_weight, temperature=cfg.temperature)
+    history = {"eval_before": None, "eval_quantized": None, "evals": [], "train_losses": [], "tokens": 0,
+               "train_seconds": 0.0}
+    if resume_from is None and cfg.objective != "dpo":  # dpo's reference needs the adapters: evaluated below
+        history["eval_before"] = evaluate(ObjectiveModel(model, cfg.objective, **knobs), eval_records, make_batch,
+                                          cfg.eval_batch_size, accelerator)
+        log(_describe("before", history["eval_before"]))
+
+    model = apply_method(model, cfg.method, method_options(cfg))
+    if cfg.gradient_checkpointing:
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        enable = getattr(base, "activation_checkpointing_enable", None)  # transformers >= 5.x; older: the alias
+        if enable is not None:
+            enable({"use_reentrant": False})
+        else:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        base.config.use_cache = False
+    trainable, total = parameter_counts(model)  # each stored weight once (NF4 by its logical size)
+    log(f"{cfg.method}: {trainable:,} trainable of {total:,} parameters")
+    objective = ObjectiveModel(model, cfg.objective, **knobs)
+    objective._no_split_modules = getattr(model.get_base_model() if hasattr(model, "get_base_model") else model,
+                                          "_no_split_modules", None)  # FSDP2's auto-wrap reads this
+    if resume_from is None and (cfg.objective == "dpo" or cfg.method == "qlora"):
+        key = "eval_before" if cfg.objective == "dpo" else "eval_quantized"
+        history[key] = evaluate(objective, eval_records, make_batch, cfg.eval_batch_size, accelerator)
+        log(_describe("before" if key == "eval_before" else "quantized", history[key]))
+
+    sharded_here = shard_model(objective, cfg, accelerator)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg))
+    if sharded_here:
+        prepared, optimizer = objective, accelerator.prepare(optimizer)
+    else:
+        prepared, optimizer = accelerator.prepare(objective, optimizer)
+        objective = accelerator.unwrap_model(prepared)
+    inner = objective.model
+    torch_optimizer = getattr(optimizer, "optimizer", optimizer)
+    is_peft = hasattr(inner, "peft_config")
+    distribution = {"type": "FSDP2 (fully_shard)" if sharded_here else accelerator.distributed_type.value,
+                    "sharded": ckpt.is_sharded(inner)}
+    log(f"distribution: {distribution['type']}{' (parameters sharded)' if distribution['sharded'] else ''}")
+
+    def save_adapter_to(path, weights):
+        inner.save_pretrained(str(path), state_dict=weights)
+
+    def trainer_state():
+        return {"scheduler": schedule.state_dict(), "plan": plan.state_dict(), "history": history}
+
+    if world > 1:  # same initialisation everywhere (above), but each process its own dropout masks from here on
+        torch.manual_seed(cfg.seed * 1_000_003 + rank)
+    start_step = 0
+    if resume_from is not None:
+        state = checkpoints.load(resume_from, inner, torch_optimizer)
+        schedule.load_state_dict(state["scheduler"])
+        plan.load_state_dict(state["plan"])
+        history, start_step = state["history"], state["step"]
+        log(f"resumed from {resume_from} (step {start_step} of {cfg.steps})")
+    elif cfg.resume:
+        log(f"--resume: no checkpoint in {checkpoints.root}; starting at step 0")
+    runlog = RunLog(cfg.output_dir, accelerator.is_main_process, start_step if resume_from is not None else None)
+
+    def stop(step: int, why: str):
+        last = checkpoints.latest()
+        where = f"the last good checkpoint is {last} (fastft train ... --resume continues from it)" if last else \
+            "no checkpoint was written (--save-every N writes them)"
+        raise TrainingStopped(f"step {step}: {why}; stopped before the optimizer step, {where}")
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    prepared.train()
+    offload = (lambda: torch.autograd.graph.save_on_cpu(pin_memory=device.type == "cuda")) \
+        if cfg.offload_activations else contextlib.nullcontext
+    bar = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps, desc="train",
+               disable=not accelerator.is_local_main_process, dynamic_ncols=True)
+    for step in bar:
+        started = time.perf_counter()
+        micro = [make_batch(train_records, indices) for indices in plan.next_step(rank)]
+        try:
+            loss_sum, count, tokens = accumulate(prepared, objective.count, micro, accelerator, offload)
+        except torch.OutOfMemoryError as e:
+            stop(step + 1, f"out of memory ({str(e).splitlines()[0]}); try a smaller --batch-size with a larger "
+                           "--grad-accum, --gradient-checkpointing or --offload-activations")
+        step_loss = float(accelerator.reduce(loss_sum, "sum")) / max(count, 1)
+        if not math.isfinite(step_loss):
+            stop(step + 1, f"the loss is {step_loss} (try a lower --lr, --max-grad-norm, or fp32)")
+        grad_norm = None
+        if cfg.max_grad_norm > 0:
+            grad_norm = _clip(params, cfg.max_grad_norm, accelerator, sharded_here)
+        lr = schedule.get_last_lr()[0]
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        history["train_seconds"] += time.perf_counter() - started
+        history["tokens"] += tokens
+        history["train_losses"].append(step_loss)
+        speed = history["tokens"] / max(history["train_seconds"], 1e-9)
+        memory = peak_memory_gib(device)
+        runlog.write({"step": step + 1, "loss": step_loss, "lr": lr, "grad_norm": grad_norm, "targets": count,
+                      "tokens": tokens, "step_seconds": time.perf_counter() - started, "tokens_per_second": speed,
+                      "memory_gib": memory})
+        bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{speed:,.0f}", mem=f"{memory:.2f}GiB")
+        if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
+            result = evaluate(objective, eval_records, make_batch, cfg.eval_batch_size, accelerator)
+            if result is not None:
+                history["evals"].append({"step": step + 1, **result})
+                runlog.write({"step": step + 1, "eval": result})
+                bar.write(_describe(f"step {step + 1}", result)) if accelerator.is_local_main_process else None
+        if cfg.save_every and (step + 1) % cfg.save_every == 0:
+            checkpoints.save(step + 1, inner, torch_optimizer, trainer_state(), save_adapter_to if is_peft else None)
+    bar.close()
+    peak = peak_memory_gib(device)
+
+    after = evaluate(objective, eval_records, make_batch, cfg.eval_batch_size, accelerator)
+    log(_describe("after", after))
+    # merging needs the whole model in one process (a copy of it): not under FSDP2's shards
+    merged = _evaluate_merges(inner, objective, eval_records, make_batch, cfg, accelerator, log) \
+        if cfg.method == "qlora" and eval_records and not sharded_here else None
+    if after is not None:
+        runlog.write({"step": cfg.steps, "eval": after})
+    runlog.close()
+    seconds = history["train_seconds"]
+    metrics = {
+        "config": dataclasses.asdict(cfg), "device": str(device), "processes": world, "distribution": distribution,
+        "trainable_parameters": trainable, "total_parameters": total,
+        "eval_before": history["eval_before"], "eval_quantized": history["eval_quantized"], "eval_after": after,
+        "evals": history["evals"], "train_losses": history["train_losses"],
+        "train_seconds": seconds, "tokens_per_second": history["tokens"] / max(seconds, 1e-9),
+        "eval_merged": merged, "resumed_from": str(resume_from) if resume_from else None,
+        "peak_memory_gib": peak, "peak_memory_kind": "cuda allocated" if device.type == "cuda" else "process RSS",
+    }
+    weights = ckpt.full_state_dict(inner, trainable_only=is_peft)  # collective under FSDP2
+    if accelerator.is_main_process:
+        if is_peft:
+            fastft.save_adapter(inner, out / "adapter", state_dict=weights)
+            saved = out / "adapter"
+        else:
+            saved = ckpt.replace_folder(out / "model", lambda tmp: (inner.save_pretrained(str(tmp), state_dict=weights),
+                                                                    tokenizer.save_pretrained(str(tmp))))
+        ckpt.write_atomic(out / "metrics.json", json.dumps(metrics, indent=2))
+        log(f"{metrics['tokens_per_second']:,.0f} tokens/s, peak memory {peak:.2f} GiB ({metrics['peak_memory_kind']}); "
+            f"{'adapter' if is_peft else 'model'} saved to {saved}")
+    accelerator.wait_for_everyone()
+    return metrics
+
+
+def _evaluate_merges(inner, objective, eval_records, make_batch, cfg, accelerator, log) -> dict:
+    """QLoRA: what merging costs. The adapter merged into dequantized (dense) weights, and merged then
+    quantized to NF4 again, each evaluated like the trained model."""
+    import fastft
+
+    results = {}
+    for name, requantize in (("dense", False), ("requantized", True)):
+        merged = fastft.merge_and_unload(copy.deepcopy(inner), requantize=requantize)
+        module = ObjectiveModel(merged, objective.objective, teacher=objective._teacher[0])
+        results[name] = evaluate(module, eval_records, make_batch, cfg.eval_batch_size, accelerator)
+        log(_describe(f"merged ({name})", results[name]))
+        del merged, module
+    return results

@@ -1,0 +1,153 @@
+"""What a micro-batch's loss is: next-token cross-entropy (sft), DPO against the adapter-free base, and
+distillation from a teacher's logits — each as a *sum* over the micro-batch, so the loop can divide by the
+step's true target count (exact gradient accumulation).
+
+Hidden states, not logits, come out of the model: the LM head is applied only at positions that carry a
+loss, and the three functions that apply it are the one place each where a fused linear loss goes:
+`token_cross_entropy_sum` (fastft.ops.linear_cross_entropy), `dpo_loss_sum` (fastft.ops.linear_dpo_loss),
+`distill_loss_sum` (fastft.ops.linear_kl_div).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastft.integration.packing import IGNORE_INDEX
+
+
+# ------------------------------------------------------------------ the fused-loss places (plain torch today)
+
+def _logits(hidden, weight, bias) -> torch.Tensor:
+    """hidden·Wᵀ + b in fp32; weight None: `hidden` are logits already (peft prompt-learning models)."""
+    return (hidden if weight is None else F.linear(hidden, weight, bias)).float()
+
+
+def token_cross_entropy_sum(hidden, weight, bias, targets) -> torch.Tensor:
+    """Σ CE(hidden·Wᵀ + b, targets) over rows. Fused: fastft.ops.linear_cross_entropy(hidden, weight, targets,
+    bias=bias, reduction="sum")."""
+    return F.cross_entropy(_logits(hidden, weight, bias), targets, reduction="sum")
+
+
+def _sequence_logprobs(hidden, weight, bias, targets, target_docs, num_docs) -> torch.Tensor:
+    logp = -F.cross_entropy(_logits(hidden, weight, bias), targets, reduction="none")
+    return logp.new_zeros(num_docs).index_add_(0, target_docs, logp)
+
+
+def dpo_loss_sum(hidden, ref_hidden, weight, bias, targets, target_docs, num_docs, beta):
+    """Σ over pairs of −log σ(β·((π_c − ref_c) − (π_r − ref_r))), documents alternating chosen, rejected;
+    also the number of pairs whose implicit reward prefers the chosen. Fused: fastft.ops.linear_dpo_loss."""
+    policy = _sequence_logprobs(hidden, weight, bias, targets, target_docs, num_docs)
+    with torch.no_grad():
+        ref = _sequence_logprobs(ref_hidden, weight, bias, targets, target_docs, num_docs)
+    margin = beta * ((policy[0::2] - ref[0::2]) - (policy[1::2] - ref[1::2]))
+    return -F.logsigmoid(margin).sum(), (margin > 0).sum()
+
+
+def distill_loss_sum(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, targets, *,
+                     kl_weight, reverse_kl_weight, ce_weight, temperature) -> torch.Tensor:
+    """Σ over target tokens of kl·T²·KL(teacher‖student) + rkl·T²·KL(student‖teacher) + ce·CE(student, labels).
+    Fused: fastft.ops.linear_kl_div (one call per direction) + linear_cross_entropy."""
+    student = _logits(hidden, weight, bias)
+    with torch.no_grad():
+        teacher = _logits(teacher_hidden, teacher_weight, teacher_bias)
+    s_log = F.log_softmax(student / temperature, -1)
+    t_log = F.log_softmax(teacher / temperature, -1)
+    loss = student.new_zeros(())
+    if kl_weight:
+        loss = loss + kl_weight * temperature**2 * F.kl_div(s_log, t_log, log_target=True, reduction="sum")
+    if reverse_kl_weight:
+        loss = loss + reverse_kl_weight * temperature**2 * F.kl_div(t_log, s_log, log_target=True, reduction="sum")
+    if ce_weight:
+        loss = loss + ce_weight * F.cross_entropy(student, targets, reduction="sum")
+    return loss
+
+
+# ---------------------------------------------------------------------------------------------- the model
+
+def _is_prompt_learning(model) -> bool:
+    config = getattr(model, "active_peft_config", None)
+    return bool(getattr(config, "is_prompt_learning", False))
+
+
+def causal_lm_parts(model: nn.Module):
+    """(backbone, lm_head) of a transformers causal LM, or of the one inside a PeftModel."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.base_model, base.get_output_embeddings()
+
+
+def _model_inputs(batch: dict) -> dict:
+    keys = ("input_ids", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+    return {k: batch[k] for k in keys if k in batch}
+
+
+def hidden_at_targets(model: nn.Module, batch: dict):
+    """(hidden rows at the positions that predict a target, their targets, their documents, head weight, bias).
+
+    Peft prompt-learning methods (prefix/prompt tuning) must run through the PeftModel's own forward (it adds
+    the virtual tokens): their logits come back and the head is the identity."""
+    targets = batch["labels"][:, 1:]
+    keep = targets != IGNORE_INDEX
+    docs = batch["document_ids"][:, :-1][keep]
+    if _is_prompt_learning(model):
+        # peft's prompt-learning forward ignores position_ids, so a packed row would let documents attend to
+        # each other: each document runs on its own (no padding either), virtual tokens cut off the logits.
+        rows = []
+        ids, doc_of = batch["input_ids"][0], batch["document_ids"][0]
+        for d in range(batch["num_documents"]):
+            span = (doc_of == d).nonzero()[:, 0]
+            logits = model(input_ids=ids[span][None], use_cache=False).logits[0, -len(span):]
+            rows.append(logits[:-1][keep[0, span[:-1]]])
+        return torch.cat(rows), targets[keep], docs, None, None  # logits already: no head
+    backbone, head = causal_lm_parts(model)
+    # use_cache=False: transformers gives sdpa/eager the packed block mask only without a cache
+    hidden = backbone(**_model_inputs(batch), use_cache=False).last_hidden_state
+    return hidden[:, :-1][keep], targets[keep], docs, head.weight, head.bias
+
+
+class ObjectiveModel(nn.Module):
+    """The trained model with its objective: forward(batch) → (loss summed over the micro-batch, stats).
+
+    This is what accelerate wraps (DDP/FSDP), so gradient sync and parameter gathering happen around the whole
+    loss. The teacher is held outside the module tree: it is not trained, synced or sharded.
+    """
+
+    def __init__(self, model: nn.Module, objective: str, *, teacher: nn.Module | None = None, dpo_beta: float = 0.1,
+                 kl_weight: float = 1.0, reverse_kl_weight: float = 0.0, ce_weight: float = 0.0,
+                 temperature: float = 1.0):
+        super().__init__()
+        self.model = model
+        self.objective = objective
+        self._teacher = (teacher,)
+        self.dpo_beta = dpo_beta
+        self.distill = dict(kl_weight=kl_weight, reverse_kl_weight=reverse_kl_weight, ce_weight=ce_weight,
+                            temperature=temperature)
+
+    def count(self, batch: dict) -> int:
+        """What the step's loss is averaged over: target tokens, or pairs for dpo."""
+        if self.objective == "dpo":
+            return batch["num_documents"] // 2
+        return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+    def forward(self, batch: dict):
+        hidden, targets, docs, weight, bias = hidden_at_targets(self.model, batch)
+        stats = {}
+        if self.objective == "dpo":
+            with torch.no_grad(), self.model.disable_adapter():
+                ref_hidden = hidden_at_targets(self.model, batch)[0]
+            loss, stats["preferred"] = dpo_loss_sum(hidden, ref_hidden, weight, bias, targets, docs,
+                                                    batch["num_documents"], self.dpo_beta)
+        elif self.objective == "distill":
+            with torch.no_grad():
+                t_hidden, _, _, t_weight, t_bias = hidden_at_targets(self._teacher[0], batch)
+            loss = distill_loss_sum(hidden, weight, bias, t_hidden, t_weight, t_bias, targets, **self.distill)
+            with torch.no_grad():
+                stats["ce"] = token_cross_entropy_sum(hidden, weight, bias, targets)
+        else:
+            loss = token_cross_entropy_sum(hidden, weight, bias, targets)
+            if not self.training and "choices" in batch:  # classification: accuracy among the label words
+                with torch.no_grad():
+                    choices = batch["choices"].to(hidden.device)[docs]
+                    logits = _logits(hidden, weight, bias).gather(1, choices)
+                    stats["hits"] = (choices.gather(1, logits.argmax(1, keepdim=True))[:, 0] == targets).sum()
+        return loss, stats

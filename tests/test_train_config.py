@@ -1,0 +1,126 @@
+"""`fastft train`'s settings: flags, YAML files, validation before anything loads, one-line errors."""
+import pytest
+import yaml
+
+from fastft.apps.cli import main
+from fastft.apps.training import config as config_module
+from fastft.apps.training.config import FIELDS, TrainConfig, flag
+
+
+@pytest.fixture
+def no_model_loads(monkeypatch):
+    """Fail the test if anything gets as far as loading a model or tokenizer."""
+    import fastft.apps.training.loop as loop
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the settings were validated")
+    monkeypatch.setattr(loop, "_load_models", refuse)
+    monkeypatch.setattr(loop, "make_accelerator", refuse)
+
+
+def _error(argv, capsys) -> str:
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err
+    return err.splitlines()[-1]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--dropout", "1.5"], "--dropout must be a probability in [0, 1), got 1.5"),
+    (["--lr", "-1"], "--lr must be a positive number, got -1.0"),
+    (["--lr", "nan"], "--lr must be a positive number"),
+    (["--grad-accum", "0"], "--grad-accum must be at least 1, got 0"),
+    (["--steps", "0"], "--steps must be at least 1"),
+    (["--max-length", "4"], "--max-length must be at least 8"),
+    (["--model", "nonexistent"], "--model 'nonexistent': expected 'smollm2-135m' or a local checkpoint"),
+    (["--data", "/no/such.jsonl"], "--data /no/such.jsonl: file not found"),
+    (["--objective", "distill"], "--objective distill needs --teacher"),
+    (["--teacher", "smollm2-135m"], "--teacher is only used by --objective distill"),
+    (["--objective", "dpo", "--method", "full"], "it needs an adapter method, not --method full"),
+    (["--quantize", "nf4", "--method", "full"], "--quantize nf4 is QLoRA"),
+    (["--offload-activations"], "--offload-activations needs --gradient-checkpointing"),
+    (["--quantize", "nf4", "--distributed", "fsdp"], "--distributed fsdp with QLoRA needs NF4 storage"),
+    (["--resume", "--output-dir", "/no/such/run"], "nothing to resume"),
+])
+def test_bad_settings_fail_in_one_line_before_loading(argv, message, capsys, no_model_loads):
+    assert message in _error(["train", *argv], capsys)
+
+
+def test_malformed_jsonl_names_file_and_line(tmp_path, capsys, no_model_loads):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "fine"}\n\n{"text": "also fine"}\n{"messages": [{"role": "user", "content": "q"}]}\n')
+    assert f"{data}:4: 'messages' has no assistant turn" in _error(["train", "--data", str(data)], capsys)
+    data.write_text('{"text": "fine"}\n{"text": oops}\n')
+    assert f"{data}:2: not valid JSON" in _error(["train", "--data", str(data)], capsys)
+    data.write_text('{"prompt": "p", "chosen": "a"}\n')
+    assert f"{data}:1: a dpo record needs" in _error(["train", "--objective", "dpo", "--data", str(data)], capsys)
+
+
+def test_yaml_config_flags_override_and_unknown_keys(tmp_path, capsys, monkeypatch):
+    seen = {}
+    monkeypatch.setattr("fastft.apps.training.train", lambda cfg: seen.setdefault("cfg", cfg))
+    run = tmp_path / "run.yaml"
+    run.write_text(yaml.safe_dump({"save_every": 10, "lr": 0.002, "target_modules": ["q_proj"], "rslora": True,
+                                   "grad-accum": 3}))
+    assert main(["train", "--config", str(run), "--lr", "0.005"]) == 0
+    cfg = seen["cfg"]
+    assert (cfg.save_every, cfg.lr, cfg.target_modules, cfg.rslora, cfg.grad_accum) == (10, 0.005, ("q_proj",), True, 3)
+    seen.clear()
+    assert main(["train", "--config", str(run), "--no-rslora"]) == 0 and seen["cfg"].rslora is False
+
+    run.write_text("save_evry: 10\n")
+    assert "unknown key 'save_evry'" in _error(["train", "--config", str(run)], capsys)
+    run.write_text("steps: many\n")
+    assert "key 'steps' must be int, got 'many'" in _error(["train", "--config", str(run)], capsys)
+    run.write_text("dropout: 1.5\n")
+    assert "--dropout must be a probability" in _error(["train", "--config", str(run)], capsys)
+
+
+def test_saved_config_reads_back_as_the_same_config(tmp_path):
+    values = config_module.read_yaml_config(_write(tmp_path / "c.yaml", config_module.to_yaml_dict(TrainConfig())))
+    assert TrainConfig(**values) == TrainConfig()
+
+
+def _write(path, data):
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_version_and_help_show_every_default(capsys, monkeypatch):
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0 and capsys.readouterr().out.startswith("fastft 0.")
+    monkeypatch.setenv("COLUMNS", "10000")
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    assert info.value.code == 0
+    entries, current = {}, None
+    for line in out.splitlines():
+        if line.startswith("  --"):
+            current = line.split()[0].rstrip(",")
+            entries[current] = line
+        elif current and line.startswith("    "):
+            entries[current] += line
+        else:
+            current = None
+    for name in FIELDS:
+        assert "(default:" in entries[flag(name)], name
+    for method in ("lora", "qlora", "dora", "prefix", "prompt", "ia3", "adapter", "full"):
+        assert method in out
+    assert "--num-virtual-tokens" in out and "--adapter-placement" in out
+
+
+def test_readme_head_dim_range_agrees_with_the_op():
+    from pathlib import Path
+
+    import torch
+
+    from fastft.ops.attention import MAX_HEAD_DIM, flash_attention
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    assert f"head_dim a multiple of 8 from 16 to {MAX_HEAD_DIM}" in readme and "multiple of 8 up to" not in readme
+    q = torch.randn(1, 4, 1, 8)
+    with pytest.raises(ValueError, match="head_dim must be a multiple of 8 in \\[16"):
+        flash_attention(q, q, q)

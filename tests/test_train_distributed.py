@@ -1,0 +1,105 @@
+"""2 processes (torchrun + gloo on the CPU) train the same adapter as 1 process with the same global batch:
+DDP and FSDP2, SFT on a jsonl of unequal documents (text and chat), with gradient accumulation."""
+import json
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fastft.apps.cli import main
+from tests.train_utils import save_tiny_checkpoint
+
+
+pytestmark = pytest.mark.slow  # runs training jobs
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dist")
+    tiny = save_tiny_checkpoint(root / "tiny")
+    rng = random.Random(0)
+    words = "the a model packs tokens documents never attend across each other exact counts".split()
+    lines = []
+    for i in range(24):
+        text = " ".join(rng.choice(words) for _ in range(rng.randint(2, 30)))
+        if i % 3:
+            lines.append({"text": text})
+        else:
+            lines.append({"messages": [{"role": "user", "content": text[:20]}, {"role": "assistant", "content": text}]})
+    data = root / "sft.jsonl"
+    data.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    common = ["train", "--model", str(tiny), "--data", str(data), "--steps", "3", "--grad-accum", "2",
+              "--eval-examples", "2", "--max-length", "48", "--dropout", "0", "--lr", "3e-3"]
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main([*common, "--batch-size", "4", "--output-dir", str(root / "one")]) == 0
+    finally:
+        torch.set_num_threads(before)
+    return root, common
+
+
+@pytest.mark.parametrize("distributed", ["ddp", "fsdp"])
+def test_two_processes_train_the_adapter_of_one(setup, distributed):
+    root, common = setup
+    out = root / distributed
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+
+    def torchrun(*extra):
+        run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                              "-m", "fastft.apps.cli", *common, "--batch-size", "2", "--distributed", distributed,
+                              "--save-every", "2", "--output-dir", str(out), *extra],
+                             env=env, capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0, run.stderr[-3000:]
+        return load_file(str(out / "adapter" / "adapter_model.safetensors"))
+
+    straight = torchrun()
+    two, one = (json.loads((d / "metrics.json").read_text()) for d in (out, root / "one"))
+    assert two["processes"] == 2 and two["distribution"]["sharded"] == (distributed == "fsdp")
+    # the same global batches and the same exactly normalised loss: the same losses step by step
+    assert two["train_losses"] == pytest.approx(one["train_losses"], rel=1e-5)
+    assert two["eval_after"]["loss"] == pytest.approx(one["eval_after"]["loss"], rel=1e-5)
+    a = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(root / "one" / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and a
+    for key in a:  # Adam magnifies rounding in near-zero gradients: compared loosely
+        assert torch.allclose(a[key], b[key], atol=3e-3), key
+    checkpoint = load_file(str(out / "checkpoints" / "step-00000002" / "trainable.safetensors"))
+    assert {tuple(v.shape) for v in checkpoint.values()} == {tuple(v.shape) for v in a.values()}  # whole, not shards
+    # resuming from step 2 (weights, optimizer and RNG scattered back to both processes) redoes step 3 exactly
+    resumed = torchrun("--resume")
+    assert json.loads((out / "metrics.json").read_text())["resumed_from"].endswith("step-00000002")
+    for key in straight:
+        assert torch.equal(resumed[key], straight[key]), key
+
+
+@pytest.mark.parametrize("distributed", ["ddp", "fsdp"])
+def test_two_processes_train_the_qlora_adapter_of_one(setup, distributed):
+    """QLoRA: DDP leaves the frozen NF4 weights out of its broadcast; FSDP2 shards their packed bytes."""
+    root, common = setup
+    one, out = root / "qlora-one", root / f"qlora-{distributed}"
+    qlora = [*common, "--method", "qlora"]
+    if not (one / "adapter").exists():
+        before = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            assert main([*qlora, "--batch-size", "4", "--output-dir", str(one)]) == 0
+        finally:
+            torch.set_num_threads(before)
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "fastft.apps.cli", *qlora, "--batch-size", "2", "--distributed", distributed,
+                          "--output-dir", str(out)],
+                         env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    two, ref = (json.loads((d / "metrics.json").read_text()) for d in (out, one))
+    assert two["processes"] == 2 and two["distribution"]["sharded"] == (distributed == "fsdp")
+    assert two["train_losses"] == pytest.approx(ref["train_losses"], rel=1e-5)
+    a = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(one / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and a
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=3e-3), key

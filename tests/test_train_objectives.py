@@ -1,0 +1,71 @@
+"""`fastft train` end to end on a tiny model: every objective on built-in data and on a user's jsonl, full
+fine-tuning, and the memory options together."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fastft.apps.cli import main
+from tests.train_utils import save_tiny_checkpoint
+
+
+pytestmark = pytest.mark.slow  # runs training jobs
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny"))
+
+
+def _run(tiny, out, *extra):
+    assert main(["train", "--model", str(tiny), "--steps", "2", "--batch-size", "2", "--eval-examples", "4",
+                 "--max-length", "40", "--output-dir", str(out), *extra]) == 0
+    return json.loads((out / "metrics.json").read_text())
+
+
+def _changed(out) -> bool:
+    weights = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    return any(torch.count_nonzero(v) for k, v in weights.items() if "lora_B" in k)
+
+
+def test_dpo_on_builtin_pairs_and_on_a_jsonl(tiny, tmp_path):
+    metrics = _run(tiny, tmp_path / "builtin", "--objective", "dpo")
+    before = metrics["eval_before"]
+    assert before["loss"] == pytest.approx(0.6931, abs=1e-3) and before["examples"] == 4  # policy = reference
+    assert "reward_accuracy" in metrics["eval_after"] and _changed(tmp_path / "builtin")
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"Q{i}: colour?", "chosen": " blue", "rejected": " red"}) + "\n"
+                             for i in range(12)))
+    metrics = _run(tiny, tmp_path / "file", "--objective", "dpo", "--data", str(pairs), "--dpo-beta", "0.5")
+    assert metrics["eval_after"]["examples"] == 1  # 10% of 12 held out
+
+
+def test_distill_from_a_teacher_on_builtin_instructions(tiny, tmp_path):
+    teacher = save_tiny_checkpoint(tmp_path / "teacher", seed=1, layers=1)
+    metrics = _run(tiny, tmp_path / "run", "--objective", "distill", "--teacher", str(teacher), "--task",
+                   "instructions", "--kl-weight", "0.5", "--reverse-kl-weight", "0.5", "--ce-weight", "0.1",
+                   "--temperature", "2", "--max-length", "96")
+    assert metrics["eval_after"]["ce"] > 0 and metrics["eval_after"]["loss"] < metrics["eval_before"]["loss"]
+
+
+def test_full_fine_tuning_with_checkpointing_offload_bf16_and_a_chat_jsonl(tiny, tmp_path):
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Count to {i}"},
+                                                     {"role": "assistant", "content": " ".join(map(str, range(i)))}]})
+                            + "\n" for i in range(2, 14)))
+    out = tmp_path / "full"
+    metrics = _run(tiny, out, "--method", "full", "--data", str(data), "--gradient-checkpointing",
+                   "--offload-activations", "--mixed-precision", "bf16", "--schedule", "linear", "--eval-every", "1",
+                   "--lr", "1e-4")
+    assert metrics["trainable_parameters"] == metrics["total_parameters"]
+    assert (out / "model" / "config.json").is_file() and (out / "model" / "tokenizer.json").is_file()
+    from transformers import AutoModelForCausalLM
+
+    trained = AutoModelForCausalLM.from_pretrained(out / "model")
+    base = AutoModelForCausalLM.from_pretrained(tiny)
+    assert not torch.equal(trained.model.layers[0].mlp.up_proj.weight, base.model.layers[0].mlp.up_proj.weight)
+    logs = [json.loads(line) for line in (out / "logs.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logs if "eval" in r] == [1, 2] and all("tokens_per_second" in r for r in logs
+                                                                        if "eval" not in r)
+    assert (out / "config.yaml").read_text().count("method: full") == 1

@@ -1,0 +1,97 @@
+"""Kill-safe training: a run killed with SIGKILL resumes to bit-identical weights; a non-finite loss or an
+out-of-memory stops with one line and the last good checkpoint intact."""
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fastft.apps.cli import main
+from tests.train_utils import save_tiny_checkpoint
+
+
+pytestmark = pytest.mark.slow  # runs training jobs
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture
+def one_thread():
+    """The same thread count in every run: CPU GEMMs may block differently with more threads."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _argv(tiny, out, *extra):
+    return ["train", "--model", str(tiny), "--steps", "12", "--batch-size", "3", "--grad-accum", "2",
+            "--eval-examples", "4", "--max-length", "24", "--dropout", "0.1", "--lr", "3e-3", "--save-every", "2",
+            "--output-dir", str(out), *extra]
+
+
+def test_sigkill_then_resume_is_bit_identical(tiny, tmp_path, one_thread):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "fastft.apps.cli", *_argv(tiny, killed)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 600
+    while not any((killed / "checkpoints").glob("step-*")):
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.01)
+    time.sleep(random.uniform(0.0, 0.3))  # any moment: mid-step, mid-save, mid-evaluation
+    proc.kill()
+    assert proc.wait() == -9, "the run finished before it could be killed"
+    assert not (killed / "adapter").exists()
+
+    assert main(_argv(tiny, killed, "--resume")) == 0
+    assert main(_argv(tiny, tmp_path / "straight")) == 0
+    a = load_file(str(killed / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "straight" / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and a
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    resumed, straight = (json.loads((d / "metrics.json").read_text()) for d in (killed, tmp_path / "straight"))
+    assert resumed["resumed_from"] and resumed["train_losses"] == straight["train_losses"]
+    steps = [json.loads(line)["step"] for line in (killed / "logs.jsonl").read_text().splitlines()
+             if "eval" not in json.loads(line)]
+    assert steps == list(range(1, 13))  # the killed run's lines past its checkpoint were dropped
+    assert sorted(p.name for p in (killed / "checkpoints").iterdir()) == ["step-00000012"]
+
+
+@pytest.mark.parametrize("failure", ["nan", "oom"])
+def test_failure_stops_with_the_last_checkpoint_intact(tiny, tmp_path, monkeypatch, capsys, failure):
+    from fastft.apps.training.objectives import ObjectiveModel
+
+    forward = ObjectiveModel.forward
+    calls = {"train": 0}
+
+    def failing(self, batch):
+        if self.training:
+            calls["train"] += 1
+            if calls["train"] > 4:  # step 3 (2 micro-batches a step)
+                if failure == "oom":
+                    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+                loss, stats = forward(self, batch)
+                return loss * float("nan"), stats
+        return forward(self, batch)
+
+    monkeypatch.setattr(ObjectiveModel, "forward", failing)
+    out = tmp_path / "run"
+    assert main(_argv(tiny, out)) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("fastft train: step 3:") and str(out / "checkpoints" / "step-00000002") in err
+    assert ("out of memory" in err) if failure == "oom" else ("the loss is nan" in err)
+    checkpoint = out / "checkpoints" / "step-00000002"
+    assert load_file(str(checkpoint / "trainable.safetensors"))
+    assert torch.load(checkpoint / "trainer_state.pt", weights_only=False)["step"] == 2
+    assert not (out / "adapter").exists()

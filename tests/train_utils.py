@@ -1,0 +1,17 @@
+"""Shared by the `fastft train` tests: a tiny random Llama checkpoint with SmolLM2's real tokenizer."""
+import torch
+
+
+def save_tiny_checkpoint(path, seed: int = 0, layers: int = 2):
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from fastft.apps.models import smollm2_checkpoint
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_checkpoint())
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         tie_word_embeddings=True)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
