@@ -69,3 +69,30 @@ def test_full_fine_tuning_with_checkpointing_offload_bf16_and_a_chat_jsonl(tiny,
     assert [r["step"] for r in logs if "eval" in r] == [1, 2] and all("tokens_per_second" in r for r in logs
                                                                         if "eval" not in r)
     assert (out / "config.yaml").read_text().count("method: full") == 1
+
+
+def test_fused_token_loss_trains_a_lora_lm_head():
+    """The SFT loss goes through fastft.ops.lm_head_cross_entropy: same loss and gradients as full logits +
+    F.cross_entropy, and a LoRA adapter on lm_head gets its gradient (the peers' fused losses give it none)."""
+    import torch.nn.functional as F
+    from peft import LoraConfig
+    from torch import nn
+
+    import fastft
+    from fastft.apps.training.objectives import token_cross_entropy_sum
+
+    torch.manual_seed(0)
+    holder = nn.Module()
+    holder.lm_head = nn.Linear(32, 50, bias=False)
+    model = fastft.get_peft_model(holder, LoraConfig(r=4, lora_alpha=8, target_modules=["lm_head"],
+                                                     init_lora_weights=False))
+    head = model.base_model.model.lm_head
+    hidden = torch.randn(13, 32, requires_grad=True)
+    targets = torch.randint(0, 50, (13,))
+    fused = token_cross_entropy_sum(hidden, head, targets)
+    fused_grads = torch.autograd.grad(fused, [hidden, head.lora_A["default"].weight, head.lora_B["default"].weight])
+    plain = F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+    plain_grads = torch.autograd.grad(plain, [hidden, head.lora_A["default"].weight, head.lora_B["default"].weight])
+    assert torch.allclose(fused, plain, rtol=1e-5)
+    for a, b in zip(fused_grads, plain_grads):
+        assert a.abs().sum() > 0 and torch.allclose(a, b, rtol=1e-4, atol=1e-6)

@@ -146,16 +146,22 @@ def add_adapter(model: PeftModel, adapter_name: str, config: LoraConfig) -> Peft
     return patch_peft(model)
 
 
+def read_peft_config(path: Path) -> peft.PeftConfig:
+    """The peft config saved in adapter directory `path`, or a ValueError naming the file and what to do."""
+    config_file = Path(path) / "adapter_config.json"
+    try:
+        return peft.PeftConfig.from_pretrained(str(path))
+    except (ValueError, TypeError, OSError) as e:  # json.JSONDecodeError is a ValueError
+        raise ValueError(f"load_adapter: {config_file} is not a readable peft adapter config ({e}); "
+                         "save the adapter again or restore the file from a copy") from None
+
+
 def _read_adapter(path: Path) -> tuple[LoraConfig, dict[str, tuple[int, ...]]]:
     config_file, weights_file = path / "adapter_config.json", path / "adapter_model.safetensors"
     for f in (config_file, weights_file):
         if not f.is_file():
             raise FileNotFoundError(f"load_adapter: {f} not found (expected a peft adapter directory)")
-    try:
-        config = peft.PeftConfig.from_pretrained(str(path))
-    except (ValueError, TypeError, OSError) as e:  # json.JSONDecodeError is a ValueError
-        raise ValueError(f"load_adapter: {config_file} is not a readable peft adapter config ({e}); "
-                         "save the adapter again or restore the file from a copy") from None
+    config = read_peft_config(path)
     if not isinstance(config, LoraConfig):
         raise ValueError(f"load_adapter: {config_file} describes a {type(config).__name__}, not a LoraConfig")
     from safetensors import SafetensorError, safe_open

@@ -91,6 +91,9 @@ def read_jsonl(path: str | Path, objective: str) -> list[dict]:
     return records
 
 
+INSTRUCTION_TASKS = ("mr", "sms-spam")  # the tasks the built-in instruction set is phrased for
+
+
 def builtin_instructions(seed: int) -> tuple[list[dict], list[dict]]:
     """(train, eval) chat records from the classification tasks' real text; eval from their held-out splits."""
     def records(rows_by_task, rng):
@@ -108,7 +111,7 @@ def builtin_instructions(seed: int) -> tuple[list[dict], list[dict]]:
         rng.shuffle(out)
         return [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in out]
 
-    tasks = {name: load_task(name, seed=seed) for name in TASK_NAMES}
+    tasks = {name: load_task(name, seed=seed) for name in INSTRUCTION_TASKS}
     rng = random.Random(seed)
     return (records({n: t.train for n, t in tasks.items()}, rng), records({n: t.eval for n, t in tasks.items()}, rng))
 

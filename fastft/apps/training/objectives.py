@@ -3,9 +3,9 @@ distillation from a teacher's logits — each as a *sum* over the micro-batch, s
 step's true target count (exact gradient accumulation).
 
 Hidden states, not logits, come out of the model: the LM head is applied only at positions that carry a
-loss, and the three functions that apply it are the one place each where a fused linear loss goes:
-`token_cross_entropy_sum` (fastft.ops.linear_cross_entropy), `dpo_loss_sum` (fastft.ops.linear_dpo_loss),
-`distill_loss_sum` (fastft.ops.linear_kl_div).
+loss, through fastft's fused linear losses where they fit: `token_cross_entropy_sum` and the DPO sequence
+log-probs go through fastft.ops.lm_head_cross_entropy (no logits tensor; LoRA and NF4 heads train);
+`distill_loss_sum` applies the heads in torch (fastft.ops.linear_kl_div takes plain weights only).
 """
 from __future__ import annotations
 
@@ -14,43 +14,53 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastft.integration.packing import IGNORE_INDEX
+from fastft.ops.linear_losses import lm_head_cross_entropy
 
 
-# ------------------------------------------------------------------ the fused-loss places (plain torch today)
+# ------------------------------------------------------------------ the fused-loss places
+# `head` is the model's lm_head module (plain, LoRA-adapted or NF4): the fused losses apply it a chunk of tokens
+# at a time, so no (tokens × vocab) logits tensor is made and a LoRA adapter on lm_head gets its gradient.
+# head None: `hidden` are logits already (peft prompt-learning models).
 
-def _logits(hidden, weight, bias) -> torch.Tensor:
-    """hidden·Wᵀ + b in fp32; weight None: `hidden` are logits already (peft prompt-learning models)."""
-    return (hidden if weight is None else F.linear(hidden, weight, bias)).float()
-
-
-def token_cross_entropy_sum(hidden, weight, bias, targets) -> torch.Tensor:
-    """Σ CE(hidden·Wᵀ + b, targets) over rows. Fused: fastft.ops.linear_cross_entropy(hidden, weight, targets,
-    bias=bias, reduction="sum")."""
-    return F.cross_entropy(_logits(hidden, weight, bias), targets, reduction="sum")
+def _logits(hidden, head) -> torch.Tensor:
+    """head(hidden) in fp32 (or `hidden` itself when head is None)."""
+    return (hidden if head is None else head(hidden)).float()
 
 
-def _sequence_logprobs(hidden, weight, bias, targets, target_docs, num_docs) -> torch.Tensor:
-    logp = -F.cross_entropy(_logits(hidden, weight, bias), targets, reduction="none")
+def token_cross_entropy_sum(hidden, head, targets) -> torch.Tensor:
+    """Σ CE(head(hidden), targets) over rows, through fastft.ops.lm_head_cross_entropy."""
+    if head is None:
+        return F.cross_entropy(hidden.float(), targets, reduction="sum")
+    return lm_head_cross_entropy(hidden, head, targets, reduction="sum")
+
+
+def _sequence_logprobs(hidden, head, targets, target_docs, num_docs) -> torch.Tensor:
+    if head is None:
+        logp = -F.cross_entropy(hidden.float(), targets, reduction="none")
+    else:
+        logp = -lm_head_cross_entropy(hidden, head, targets, reduction="none")
     return logp.new_zeros(num_docs).index_add_(0, target_docs, logp)
 
 
-def dpo_loss_sum(hidden, ref_hidden, weight, bias, targets, target_docs, num_docs, beta):
+def dpo_loss_sum(hidden, ref_hidden, head, targets, target_docs, num_docs, beta):
     """Σ over pairs of −log σ(β·((π_c − ref_c) − (π_r − ref_r))), documents alternating chosen, rejected;
-    also the number of pairs whose implicit reward prefers the chosen. Fused: fastft.ops.linear_dpo_loss."""
-    policy = _sequence_logprobs(hidden, weight, bias, targets, target_docs, num_docs)
+    also the number of pairs whose implicit reward prefers the chosen. Sequence log-probs through the fused
+    per-token cross-entropy (fastft.ops.linear_dpo_loss is the same loss for separate chosen/rejected batches)."""
+    policy = _sequence_logprobs(hidden, head, targets, target_docs, num_docs)
     with torch.no_grad():
-        ref = _sequence_logprobs(ref_hidden, weight, bias, targets, target_docs, num_docs)
+        ref = _sequence_logprobs(ref_hidden, head, targets, target_docs, num_docs)
     margin = beta * ((policy[0::2] - ref[0::2]) - (policy[1::2] - ref[1::2]))
     return -F.logsigmoid(margin).sum(), (margin > 0).sum()
 
 
-def distill_loss_sum(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, targets, *,
+def distill_loss_sum(hidden, head, teacher_hidden, teacher_head, targets, *,
                      kl_weight, reverse_kl_weight, ce_weight, temperature) -> torch.Tensor:
     """Σ over target tokens of kl·T²·KL(teacher‖student) + rkl·T²·KL(student‖teacher) + ce·CE(student, labels).
-    Fused: fastft.ops.linear_kl_div (one call per direction) + linear_cross_entropy."""
-    student = _logits(hidden, weight, bias)
+    The heads run in torch here, so a LoRA or NF4 head trains too; fastft.ops.linear_kl_div is the fused form for
+    plain head weights."""
+    student = _logits(hidden, head)
     with torch.no_grad():
-        teacher = _logits(teacher_hidden, teacher_weight, teacher_bias)
+        teacher = _logits(teacher_hidden, teacher_head)
     s_log = F.log_softmax(student / temperature, -1)
     t_log = F.log_softmax(teacher / temperature, -1)
     loss = student.new_zeros(())
@@ -82,7 +92,7 @@ def _model_inputs(batch: dict) -> dict:
 
 
 def hidden_at_targets(model: nn.Module, batch: dict):
-    """(hidden rows at the positions that predict a target, their targets, their documents, head weight, bias).
+    """(hidden rows at the positions that predict a target, their targets, their documents, the lm_head module).
 
     Peft prompt-learning methods (prefix/prompt tuning) must run through the PeftModel's own forward (it adds
     the virtual tokens): their logits come back and the head is the identity."""
@@ -98,11 +108,11 @@ def hidden_at_targets(model: nn.Module, batch: dict):
             span = (doc_of == d).nonzero()[:, 0]
             logits = model(input_ids=ids[span][None], use_cache=False).logits[0, -len(span):]
             rows.append(logits[:-1][keep[0, span[:-1]]])
-        return torch.cat(rows), targets[keep], docs, None, None  # logits already: no head
+        return torch.cat(rows), targets[keep], docs, None  # logits already: no head
     backbone, head = causal_lm_parts(model)
     # use_cache=False: transformers gives sdpa/eager the packed block mask only without a cache
     hidden = backbone(**_model_inputs(batch), use_cache=False).last_hidden_state
-    return hidden[:, :-1][keep], targets[keep], docs, head.weight, head.bias
+    return hidden[:, :-1][keep], targets[keep], docs, head
 
 
 class ObjectiveModel(nn.Module):
@@ -130,24 +140,24 @@ class ObjectiveModel(nn.Module):
         return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
     def forward(self, batch: dict):
-        hidden, targets, docs, weight, bias = hidden_at_targets(self.model, batch)
+        hidden, targets, docs, head = hidden_at_targets(self.model, batch)
         stats = {}
         if self.objective == "dpo":
             with torch.no_grad(), self.model.disable_adapter():
                 ref_hidden = hidden_at_targets(self.model, batch)[0]
-            loss, stats["preferred"] = dpo_loss_sum(hidden, ref_hidden, weight, bias, targets, docs,
+            loss, stats["preferred"] = dpo_loss_sum(hidden, ref_hidden, head, targets, docs,
                                                     batch["num_documents"], self.dpo_beta)
         elif self.objective == "distill":
             with torch.no_grad():
-                t_hidden, _, _, t_weight, t_bias = hidden_at_targets(self._teacher[0], batch)
-            loss = distill_loss_sum(hidden, weight, bias, t_hidden, t_weight, t_bias, targets, **self.distill)
+                t_hidden, _, _, t_head = hidden_at_targets(self._teacher[0], batch)
+            loss = distill_loss_sum(hidden, head, t_hidden, t_head, targets, **self.distill)
             with torch.no_grad():
-                stats["ce"] = token_cross_entropy_sum(hidden, weight, bias, targets)
+                stats["ce"] = token_cross_entropy_sum(hidden, head, targets)
         else:
-            loss = token_cross_entropy_sum(hidden, weight, bias, targets)
+            loss = token_cross_entropy_sum(hidden, head, targets)
             if not self.training and "choices" in batch:  # classification: accuracy among the label words
                 with torch.no_grad():
                     choices = batch["choices"].to(hidden.device)[docs]
-                    logits = _logits(hidden, weight, bias).gather(1, choices)
+                    logits = _logits(hidden, head).gather(1, choices)
                     stats["hits"] = (choices.gather(1, logits.argmax(1, keepdim=True))[:, 0] == targets).sum()
         return loss, stats

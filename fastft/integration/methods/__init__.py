@@ -183,9 +183,9 @@ def load_method_adapter(model: nn.Module, path, adapter_name: str = "default", i
 
     if is_bottleneck_adapter(path):
         return load_bottleneck_adapter(model, path, adapter_name, is_trainable)
-    import peft
+    from fastft.integration.peft_lora import read_peft_config
 
-    config = peft.PeftConfig.from_pretrained(str(path))
+    config = read_peft_config(path)
     peft_type = getattr(config.peft_type, "value", config.peft_type)
     if peft_type == "LORA":
         return None
