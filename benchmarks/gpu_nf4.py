@@ -105,7 +105,7 @@ def check_correctness():
     yf.backward(dy.float())
     out["qlora rel err y / dx / dA / dB (bf16, vs fp32)"] = [rel(y, yf), rel(x.grad, xf.grad), rel(A.grad, Af.grad),
                                                              rel(B.grad, Bf.grad)]
-    from fastft.kernels.qlora_linear import gemm_configs, nf4_lora_gemm
+    from fastft.kernels.nf4_gemm import gemm_configs, nf4_lora_gemm
     lo = torch.randn(M, 16, dtype=BF16, device=DEV) * 0.02
     Bt = torch.randn(N, 16, dtype=BF16, device=DEV) * 0.02
     At = torch.randn(16, K, dtype=BF16, device=DEV) * 0.02

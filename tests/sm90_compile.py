@@ -14,7 +14,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, compile as triton_compile
 
-from fastft.kernels import bottleneck_adapter, column_dot, cross_entropy, lora_linear, nf4_dequant, qlora_linear
+from fastft.kernels import bottleneck_adapter, column_dot, cross_entropy, lora_linear, nf4_dequant, nf4_gemm
 
 TARGET = GPUTarget("cuda", 90, 32)
 SMEM_LIMIT = 232448  # bytes of shared memory a block may use on sm_90
@@ -151,7 +151,7 @@ def main() -> int:
             print(f"FAILED dequant nested={nested} {cfg}: {err}\n{err.__cause__!r}")
     # the forward never masks its tail (dropout acts on x·Aᵀ there); dx does when the LoRA has dropout
     for (w_nk, dropout), cfg in itertools.product([(True, False), (False, False), (False, True)],
-                                                  qlora_linear.gemm_configs(2)):
+                                                  nf4_gemm.gemm_configs(2)):
         cfg = dict(cfg)
         warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
         sig = dict(a_ptr="*bf16", w_ptr="*u8", absmax_ptr="*u8", absmax2_ptr="*fp32", code2_ptr="*fp32",
@@ -162,7 +162,7 @@ def main() -> int:
                       USE_TMA=True, UPCAST=False, DOT_PRECISION="tf32", BLOCK_R=16, NUM_SMS=132, **cfg)
         what = f"gemm w_nk={w_nk} dropout={dropout} {cfg} stages={stages}"
         try:
-            k = build(qlora_linear._nf4_lora_gemm_kernel, sig, consts,
+            k = build(nf4_gemm._nf4_lora_gemm_kernel, sig, consts,
                       ["a_ptr", "w_ptr", "absmax_ptr", "l_ptr", "t_ptr", "c_ptr", "K", "WK", "stride_am", "stride_cm"],
                       dict(num_warps=warps, num_stages=stages))
             stack, smem = spills(k), k.metadata.shared

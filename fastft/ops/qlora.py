@@ -4,7 +4,7 @@ qlora_linear  y = x·Wᵀ + b + s·(dropout(x)·Aᵀ)·Bᵀ    W an NF4Weight (f
 nf4_linear    y = x·Wᵀ + b                          W an NF4Weight (frozen)
 
 Both validate once and dispatch: on CUDA the Triton GEMM that dequantizes W tile by tile inside its loads
-(fastft.kernels.qlora_linear) composed with lora_linear's rank-R kernels, or for 1–16 tokens without LoRA the
+(fastft.kernels.nf4_gemm) composed with lora_linear's rank-R kernels, or for 1–16 tokens without LoRA the
 CUDA decode GEMV (fastft.kernels.nf4_cuda); everywhere else the pure-torch references below (dequantize, then
 the dense op). Weights whose rows do not hold whole blocks (in_features odd or not a multiple of the
 blocksize) take the dequantize-then-dense path on CUDA too. No weight gradient: W is frozen.
@@ -89,7 +89,7 @@ class QLoRALinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, qweight, bias, lora_A, lora_B, scaling, dropout_p):
-        from fastft.kernels.qlora_linear import nf4_lora_gemm
+        from fastft.kernels.nf4_gemm import nf4_lora_gemm
 
         ctx.qweight = qweight
         return fused_lora_forward(ctx, x, bias, lora_A, lora_B, scaling, dropout_p,
@@ -98,7 +98,7 @@ class QLoRALinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        from fastft.kernels.qlora_linear import nf4_lora_gemm
+        from fastft.kernels.nf4_gemm import nf4_lora_gemm
 
         need_x, _, need_b, need_A, need_B = ctx.needs_input_grad[:5]
         _, _, dx, db, dA, dB = fused_lora_backward(
@@ -112,7 +112,7 @@ class NF4LinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, qweight, bias):
         from fastft.kernels import nf4_cuda
-        from fastft.kernels.qlora_linear import nf4_lora_gemm
+        from fastft.kernels.nf4_gemm import nf4_lora_gemm
 
         N = qweight.shape[0]
         x2 = _as_rows(x)
@@ -127,7 +127,7 @@ class NF4LinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        from fastft.kernels.qlora_linear import nf4_lora_gemm
+        from fastft.kernels.nf4_gemm import nf4_lora_gemm
 
         x_shape, bias_dtype = ctx.meta
         N = ctx.qweight.shape[0]
@@ -158,7 +158,7 @@ def _pick_backend(op: str, backend: str, x) -> str:
 
 
 def _fused_ok(qweight: NF4Weight) -> bool:
-    from fastft.kernels.qlora_linear import fused_supported
+    from fastft.kernels.nf4_gemm import fused_supported
     return fused_supported(qweight.kernel_operand())
 
 
