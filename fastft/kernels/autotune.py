@@ -42,10 +42,13 @@ class Tuner:
         """
         config = self.best.get(key)
         if config is None:
-            config = self._tune(key, launch)
+            config, outputs_written = self._tune(key, launch)
+            if outputs_written:  # untimed: the one launch that picked the config already wrote the outputs
+                return
         launch(config)
 
-    def _tune(self, key: Hashable, launch: Callable[[Config], None]) -> Config:
+    def _tune(self, key: Hashable, launch: Callable[[Config], None]) -> tuple[Config, bool]:
+        """(best config, whether the last launch was that config's, so its outputs stand)."""
         timed = self.timed
         if timed is None:
             timed = not (INTERPRET or len(self.configs) == 1 or os.environ.get("FASTFT_AUTOTUNE", "1") == "0")
@@ -59,7 +62,7 @@ class Tuner:
                 continue
             if not timed:  # untimed: the first config that runs
                 self.best[key] = config
-                return config
+                return config, True
             timings.append((bench(lambda: launch(config)), config))
         if not timings:
             raise RuntimeError(f"{self.name}: no launch config compiled for {key}") from last_error
@@ -68,7 +71,7 @@ class Tuner:
         for ms, config in sorted(timings, key=lambda t: t[0]):
             log.debug("  %.4f ms  %s", ms, config)
         self.best[key] = best
-        return best
+        return best, False
 
 
 _REGISTRY: dict = {}

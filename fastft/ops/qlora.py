@@ -6,10 +6,10 @@ nf4_linear    y = x·Wᵀ + b                          W an NF4Weight (frozen)
 Both validate once and dispatch: on CUDA qlora_linear composes lora_linear's rank-R kernels with the base GEMM
 fastft.ops.qlora_path selects per shape by measurement (the Triton GEMM that dequantizes W tile by tile inside
 its loads, fastft.kernels.nf4_gemm, or W dequantized into one shared scratch buffer + the dense LoRA GEMM);
-nf4_linear takes the in-register GEMM, or for 1–16 tokens the CUDA decode GEMV (fastft.kernels.nf4_cuda);
-everywhere else the pure-torch references below (dequantize, then the dense op). Weights whose rows do not hold
-whole blocks (in_features odd or not a multiple of the blocksize) take a dequantize-then-dense path on CUDA
-too. No weight gradient: W is frozen.
+nf4_linear the same selected GEMM without the rank tail, or for 1–16 tokens the CUDA decode GEMV
+(fastft.kernels.nf4_cuda); everywhere else the pure-torch references below (dequantize, then the dense op).
+Weights whose rows do not hold whole blocks (in_features odd or not a multiple of the blocksize) take a
+dequantize-then-dense path on CUDA too. No weight gradient: W is frozen.
 """
 from __future__ import annotations
 
@@ -109,13 +109,15 @@ class QLoRALinearFunction(torch.autograd.Function):
 
 
 def _base_gemm(qweight, a, lo, t, bias, *, forward: bool, p_drop: float = 0.0, seed: int = 0):
-    """The forward's y = a·Wᵀ + lo·tᵀ + b (t = B_p) or dx = a·W + keep∘(lo·t) (t = A_p) on the selected path."""
+    """The forward's y = a·Wᵀ + lo·tᵀ + b (t = B_p) or dx = a·W + keep∘(lo·t) (t = A_p) on the selected path;
+    lo = t = None: no rank tail (nf4_linear)."""
     from fastft.kernels.lora_linear import lora_gemm
     from fastft.kernels.nf4_gemm import nf4_lora_gemm
 
     N, K = qweight.shape
     out_cols, red = (N, K) if forward else (K, N)
-    key = qlora_path.path_key(a.shape[0], out_cols, red, lo.shape[1], a.dtype, "forward" if forward else "dx")
+    rank = 0 if lo is None else lo.shape[1]  # nf4_linear: no rank tail
+    key = qlora_path.path_key(a.shape[0], out_cols, red, rank, a.dtype, "forward" if forward else "dx")
 
     def run(path):
         if path == "fused":
@@ -131,7 +133,6 @@ class NF4LinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, qweight, bias):
         from fastft.kernels import nf4_cuda
-        from fastft.kernels.nf4_gemm import nf4_lora_gemm
 
         N = qweight.shape[0]
         x2 = _as_rows(x)
@@ -139,21 +140,19 @@ class NF4LinearFunction(torch.autograd.Function):
         if nf4_cuda.supported(x2, w):  # decode: 1–16 tokens
             y = nf4_cuda.nf4_gemv(x2, w, bias)
         else:
-            y = nf4_lora_gemm(x2, w, None, None, bias, w_nk=True)
+            y = _base_gemm(qweight, x2, None, None, bias, forward=True)
         ctx.qweight = qweight
         ctx.meta = (x.shape, None if bias is None else bias.dtype)
         return y.view(*x.shape[:-1], N)
 
     @staticmethod
     def backward(ctx, dy):
-        from fastft.kernels.nf4_gemm import nf4_lora_gemm
-
         x_shape, bias_dtype = ctx.meta
         N = ctx.qweight.shape[0]
         dy2 = dy.reshape(-1, N).contiguous()
         dx = db = None
         if ctx.needs_input_grad[0]:
-            dx = nf4_lora_gemm(dy2, ctx.qweight.kernel_operand(), None, None, None, w_nk=False).view(x_shape)
+            dx = _base_gemm(ctx.qweight, dy2, None, None, None, forward=False).view(x_shape)
         if ctx.needs_input_grad[2] and bias_dtype is not None:
             db = dy2.sum(0, dtype=torch.float32).to(bias_dtype)
         return dx, None, db
