@@ -53,7 +53,7 @@ for s in $sections; do
     lora-tests) FASTFT_AUTOTUNE=0 run 70 lora-tests python3 -m pytest -q -m gpu tests/test_lora_gpu.py -p no:cacheprovider ;;
     fuzz-tests) FASTFT_AUTOTUNE=0 run 120 fuzz-tests python3 -m pytest -q -m gpu tests/fuzz -p no:cacheprovider ;;
     lora) run 130 lora python3 benchmarks/gpu_lora.py ;;
-    nf4-tests) run 150 nf4-tests python3 -m pytest -q -m gpu tests/test_nf4_gpu.py -p no:cacheprovider ;;
+    nf4-tests) run 180 nf4-tests python3 -m pytest -q -m gpu tests/test_nf4_gpu.py tests/test_qlora_path.py -p no:cacheprovider ;;
     losses-tests) run 120 losses-tests python3 -m pytest -q -m gpu tests/test_linear_losses_gpu.py -p no:cacheprovider ;;
     losses) run 150 losses python3 benchmarks/gpu_losses.py ;;
     train-tests) run 120 train-tests python3 -m pytest -q -m gpu tests/test_train_gpu.py -p no:cacheprovider ;;

@@ -3,13 +3,16 @@
     PYTHONPATH=$PWD/.peers:$PWD python3 benchmarks/gpu_nf4.py      # bitsandbytes/peft as peers when importable
 
 Peers timed in the same run: bitsandbytes (dequantize_4bit, Linear4bit), peft LoRA on bitsandbytes NF4, and the
-frozen bf16 base (x @ W.T forward + dy @ W backward). Every variant runs in its own try: one that fails is
+frozen bf16 base (x @ W.T forward + dy @ W backward). fastft's QLoRA is timed on both base-GEMM paths (fused: NF4
+decoded in registers; dequant: one shared scratch + the dense LoRA GEMM) and on the one fastft.ops.qlora_path
+selects, each checked against fp32 first. Every variant runs in its own try: one that fails is
 reported, the rest go on. Timing, memory, the card and the results file come from the shared harness
 (fastft.apps.bench.harness; medians of triton.testing.do_bench). Writes $OUT/nf4.json when $OUT is set (or the
 --output-dir of `fastft bench kernels --family nf4`) and prints short markdown tables last. Budget: about 3 minutes on an H100 including compilation.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -21,6 +24,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import fastft  # noqa: E402
 from fastft.apps.bench.harness import card_name, log, peak_memory_mib, time_ms, versions, write_results  # noqa: E402
+from fastft.kernels.lora_linear import rank_pad  # noqa: E402
+from fastft.ops import qlora_path  # noqa: E402
 from fastft.quant import NF4Weight, quantize_nf4  # noqa: E402
 
 DEV = "cuda"
@@ -31,6 +36,21 @@ BATCHES = (1, 4, 16)
 DEADLINE_S = 165  # optional variants are skipped past this, so the run stays within ~3 minutes
 T0 = time.time()
 RESULTS: dict = {"errors": []}
+PATHS = ("fused", "dequant", "auto")  # QLoRA base GEMM: in-register NF4, shared-scratch dequant, measured choice
+
+
+@contextlib.contextmanager
+def qlora_path_forced(path: str):
+    """FASTFT_QLORA_PATH set to `path` inside the block (auto: the selector measures per shape)."""
+    old = os.environ.get(qlora_path.ENV)
+    os.environ[qlora_path.ENV] = path
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[qlora_path.ENV]
+        else:
+            os.environ[qlora_path.ENV] = old
 
 try:
     import bitsandbytes as bnb
@@ -98,14 +118,20 @@ def check_correctness():
     A = (torch.randn(RANK, K, device=DEV) * 0.02).requires_grad_()
     B = (torch.randn(N, RANK, device=DEV) * 0.02).requires_grad_()
     dy = torch.randn(M, N, dtype=BF16, device=DEV)
-    y = fastft.qlora_linear(x, w, None, A, B, 2.0)
-    y.backward(dy)
     xf, Af, Bf = (t.detach().float().requires_grad_() for t in (x, A, B))
     yf = xf @ W.T + 2.0 * (xf @ Af.T) @ Bf.T
     yf.backward(dy.float())
-    out["qlora rel err y / dx / dA / dB (bf16, vs fp32)"] = [rel(y, yf), rel(x.grad, xf.grad), rel(A.grad, Af.grad),
-                                                             rel(B.grad, Bf.grad)]
-    from fastft.kernels.qlora_linear import gemm_configs, nf4_lora_gemm
+    for path in PATHS:  # both base-GEMM paths, then the one the selector measures and picks
+        def one(path=path):
+            x.grad = A.grad = B.grad = None
+            with qlora_path_forced(path):
+                y = fastft.qlora_linear(x, w, None, A, B, 2.0)
+                y.backward(dy)
+            errs = [rel(y, yf), rel(x.grad, xf.grad), rel(A.grad, Af.grad), rel(B.grad, Bf.grad)]
+            out[f"qlora {path} rel err y / dx / dA / dB (bf16, vs fp32)"] = errs
+            return max(errs) < 1e-2
+        out[f"qlora {path} within 1e-2 of fp32"] = attempt(f"qlora {path} correctness", one)
+    from fastft.kernels.nf4_gemm import gemm_configs, nf4_lora_gemm
     lo = torch.randn(M, 16, dtype=BF16, device=DEV) * 0.02
     Bt = torch.randn(N, 16, dtype=BF16, device=DEV) * 0.02
     At = torch.randn(16, K, dtype=BF16, device=DEV) * 0.02
@@ -199,10 +225,22 @@ def time_qlora():
         row["bf16_base_ms"] = attempt(f"bf16 base {K}->{N}", lambda: bench(base))
         row["bf16_base_peak_MiB"] = attempt("peak", lambda: _peak(base))
 
-        def fused():
+        def step():
             fastft.qlora_linear(x, w, None, A, B, s).backward(dy)
-        row["fastft_ms"] = attempt(f"fastft qlora {K}->{N}", lambda: (fused(), bench(fused, [x, A, B]))[1])
-        row["fastft_peak_MiB"] = attempt("peak", lambda: _peak(fused, (x, A, B)))
+
+        def peak_with_scratch():  # the scratch freed first, so the peak counts the one buffer the call allocates
+            qlora_path.release_dequant_scratch()
+            return _peak(step, (x, A, B))
+        for path in PATHS:  # auto last: the first call times both paths for this shape and caches the winner
+            with qlora_path_forced(path):
+                row[f"{path}_ms"] = attempt(f"fastft qlora {path} {K}->{N}",
+                                            lambda: (step(), bench(step, [x, A, B]))[1])
+                row[f"{path}_peak_MiB"] = attempt("peak", peak_with_scratch)
+        row["selected"] = "fwd {} / dx {}".format(
+            qlora_path.chosen_path(qlora_path.path_key(M_TRAIN, N, K, rank_pad(RANK), BF16, "forward")),
+            qlora_path.chosen_path(qlora_path.path_key(M_TRAIN, K, N, rank_pad(RANK), BF16, "dx")))
+        row["scratch_MiB"] = N * K * 2 / 2**20
+        qlora_path.release_dequant_scratch()
 
         def dequant_then_base():  # what a materialize-W design pays at least: two dequantizations + cuBLAS
             Wd = w.dequantize(BF16)
@@ -227,7 +265,7 @@ def time_qlora():
                 row["peft_bnb_peak_MiB"] = attempt("peak", lambda: _peak(step, grads))
                 del model
         if row.get("bf16_base_ms"):
-            for key in ("fastft_ms", "dequant_base_ms", "peft_bnb_ms"):
+            for key in ("fused_ms", "dequant_ms", "auto_ms", "dequant_base_ms", "peft_bnb_ms"):
                 if row.get(key):
                     row[key.replace("_ms", "_x_base")] = row[key] / row["bf16_base_ms"]
         rows.append(row)
@@ -281,14 +319,17 @@ def print_tables():
     for r in RESULTS.get("dequant") or []:
         print(f"| {r['shape']} | {_fmt(r['fastft_ms'])} | {_fmt(r['fastft_TBps'], '.2f')} | "
               f"{_fmt(r.get('bnb_ms'))} | {_fmt(r.get('bnb_TBps'), '.2f')} |")
-    print(f"\n| QLoRA fwd+bwd M={M_TRAIN} r={RANK} | bf16 base ms | fastft ms (÷base) | dequant+base, no LoRA ms (÷base) "
-          "| peft+bnb ms (÷base) | peak MiB base / fastft / peft |\n|---|---|---|---|---|---|")
+    print(f"\n| QLoRA fwd+bwd M={M_TRAIN} r={RANK} | bf16 base ms | fused ms (÷base) | dequant ms (÷base) "
+          "| selected ms (÷base), path | dequant+base, no LoRA (÷base) | peft+bnb ms (÷base) "
+          "| peak MiB base / fused / dequant / selected / peft (scratch) |\n|---|---|---|---|---|---|---|---|")
     for r in RESULTS.get("qlora") or []:
-        print(f"| {r['shape']} | {_fmt(r.get('bf16_base_ms'))} | {_fmt(r.get('fastft_ms'))} "
-              f"({_fmt(r.get('fastft_x_base'), '.2f')}) | {_fmt(r.get('dequant_base_ms'))} "
-              f"({_fmt(r.get('dequant_base_x_base'), '.2f')}) | {_fmt(r.get('peft_bnb_ms'))} "
-              f"({_fmt(r.get('peft_bnb_x_base'), '.2f')}) | {_fmt(r.get('bf16_base_peak_MiB'), '.0f')} / "
-              f"{_fmt(r.get('fastft_peak_MiB'), '.0f')} / {_fmt(r.get('peft_bnb_peak_MiB'), '.0f')} |")
+        cells = [f"{_fmt(r.get(k + '_ms'))} ({_fmt(r.get(k + '_x_base'), '.2f')})"
+                 for k in ("fused", "dequant", "auto", "dequant_base", "peft_bnb")]
+        cells[2] += f", {r.get('selected')}"
+        peaks = " / ".join(_fmt(r.get(k + "_peak_MiB"), ".0f") for k in ("bf16_base", "fused", "dequant", "auto",
+                                                                          "peft_bnb"))
+        print(f"| {r['shape']} | {_fmt(r.get('bf16_base_ms'))} | " + " | ".join(cells) +
+              f" | {peaks} ({_fmt(r.get('scratch_MiB'), '.0f')}) |")
     print("\n| decode K->N | batch | fastft µs (TB/s) | bnb µs | bf16 µs |\n|---|---|---|---|---|")
     for r in RESULTS.get("gemv") or []:
         print(f"| {r['shape']} | {r['batch']} | {_fmt(r.get('fastft_us'), '.1f')} "

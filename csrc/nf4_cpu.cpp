@@ -6,6 +6,7 @@
 // clamped to 1e-38 before either (and the tail block stores the clamped value), codes are the count of
 // fp32 midpoints strictly below the scaled value. fp16/bf16 are widened exactly, results rounded to nearest-even.
 #include "nf4_cpu.h"
+#include "nf4_codes.h"
 
 #include <algorithm>
 #include <cmath>
@@ -14,11 +15,7 @@
 namespace fastft {
 namespace {
 
-constexpr float kNF4Code[16] = {
-    -1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f,
-    -0.28444138169288635f, -0.18477343022823334f, -0.09105003625154495f, 0.0f,
-    0.07958029955625534f, 0.16093020141124725f, 0.24611230194568634f, 0.33791524171829224f,
-    0.44070982933044434f, 0.5626170039176941f, 0.7229568362236023f, 1.0f};
+constexpr float kNF4Code[16] = FASTFT_NF4_CODE_VALUES;  // csrc/nf4_codes.h
 constexpr float kTiny = 1e-38f;  // bitsandbytes' clamp before the reciprocal
 
 struct Midpoints {

@@ -1,4 +1,6 @@
-"""Compile the NF4 and loss-row Triton kernels (default) or the LoRA/DoRA/IA3 ones (argument `lora`) for sm_90 on a machine without a GPU (triton's own ptxas), as `python -m`.
+"""Compile the NF4 and loss-row Triton kernels (default), the LoRA/DoRA/IA3 ones (argument `lora`), the layer kernels
+(`layers`) or the attention forward/backward (`attention`) for sm_90 on a machine without a GPU (triton's own ptxas),
+as `python -m`.
 
 Catches what the CPU interpreter cannot: triton's GPU lowering, the inline PTX, register spills and shared
 memory of every launch config the tuner may pick. Prints one line per kernel; exits 1 on any failure.
@@ -10,11 +12,12 @@ import subprocess
 import sys
 import tempfile
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, compile as triton_compile
 
-from fastft.kernels import bottleneck_adapter, column_dot, cross_entropy, lora_linear, nf4_dequant, qlora_linear
+from fastft.kernels import bottleneck_adapter, column_dot, cross_entropy, lora_linear, nf4_dequant, nf4_gemm
 
 TARGET = GPUTarget("cuda", 90, 32)
 SMEM_LIMIT = 232448  # bytes of shared memory a block may use on sm_90
@@ -131,9 +134,94 @@ def compile_loss_rows() -> int:
     return failures
 
 
+def _attention_signature(fn, fp32_ptrs=(), i32_ptrs=("cu_ptr",)) -> dict:
+    """Signature of an attention kernel from its argument names: *_ptr tensors bf16 (or as listed), the two
+    scales fp32, every other runtime argument (strides, sizes, bounds) i32."""
+    sig = {}
+    for i, name in enumerate(fn.arg_names):
+        if fn.params[i].is_constexpr:
+            continue
+        if name.endswith("_ptr"):
+            sig[name] = "*fp32" if name in fp32_ptrs else "*i32" if name in i32_ptrs else "*bf16"
+        else:
+            sig[name] = "fp32" if name in ("qk_scale", "sm_scale") else "i32"
+    return sig
+
+
+# Register spills the attention backward's main config has today (bytes a thread, triton 3.7.1, sm_90): a ceiling
+# so they cannot grow unnoticed, printed as KNOWN on every run. D=128 keeps dK and dV ([BLOCK_N, 128] fp32 each)
+# in registers beside the recomputed P and dS: 128 keys x 64 rows over 8 warps needs more than 255 registers a
+# thread, and 64 x 64 still spills 72 B (measured). Remove an entry when the backward stops spilling (issue 10).
+KNOWN_ATTENTION_SPILLS = {("bwd dkdv", 128): 640, ("bwd dq", 128): 88}
+
+
+def attention_kernels(every_config: bool = False) -> int:
+    """FlashAttention forward, backward dK/dV and dQ and the delta pre-pass for head_dim 64 and 128, bf16, on sm_90
+    with descriptors: the main config of each list (the first: the untimed default and the usual winner) in the
+    causal batch layout and varlen with a prefix, must compile, fit shared memory and not spill (beyond
+    KNOWN_ATTENTION_SPILLS). every_config (argument `attention all`, ~1.5 min): also every other config the
+    tuner may pick, which must compile and fit shared memory (their spills are reported)."""
+    from fastft.kernels import attention_bwd, attention_fwd
+
+    failures = 0
+    fwd_sig = _attention_signature(attention_fwd._attn_fwd_kernel, fp32_ptrs=("lse_ptr",))
+    dkdv_sig = _attention_signature(attention_bwd._attn_bwd_dkdv_kernel, fp32_ptrs=("lse_ptr", "delta_ptr", "dq_ptr"))
+    dq_sig = _attention_signature(attention_bwd._attn_bwd_dq_kernel, fp32_ptrs=("lse_ptr", "delta_ptr"))
+    delta_sig = _attention_signature(attention_bwd._attn_bwd_delta_kernel, fp32_ptrs=("delta_ptr",))
+    aligned = ["q_ptr", "k_ptr", "v_ptr", "o_ptr"]
+    jobs = []
+    for head_dim in (64, 128):
+        common = dict(HEAD_DIM=head_dim, BLOCK_D=head_dim, UPCAST=False, DOT_PRECISION="tf32")
+        # (VARLEN, prefix): the batch layout for every config; varlen with a prefix for the main one
+        fwd_configs = attention_fwd.forward_configs(torch.bfloat16, head_dim, True)
+        for i, cfg in enumerate(fwd_configs if every_config else fwd_configs[:1]):
+            cfg = dict(cfg)
+            warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+            for varlen, prefix in ((False, False),) + (((True, True),) if i == 0 else ()):
+                jobs.append((f"attention fwd D={head_dim} varlen={varlen} prefix={prefix} {cfg} warps={warps} "
+                             f"stages={stages}", attention_fwd._attn_fwd_kernel, fwd_sig,
+                             dict(common, VARLEN=varlen, HAS_PREFIX=prefix, **cfg), aligned,
+                             dict(num_warps=warps, num_stages=stages), i == 0))
+        bwd_configs = attention_bwd.backward_configs(torch.bfloat16, head_dim, True)
+        for i, cfg in enumerate(bwd_configs if every_config else bwd_configs[:1]):
+            for varlen, prefix in ((False, False),) + (((True, True),) if i == 0 else ()):
+                tag = f"D={head_dim} varlen={varlen} prefix={prefix} {cfg}"
+                jobs.append((f"attention bwd dkdv {tag}", attention_bwd._attn_bwd_dkdv_kernel, dkdv_sig,
+                             dict(common, VARLEN=varlen, PREFIX=False, ATOMIC_DQ=cfg["ATOMIC_DQ"],
+                                  USE_TMA=cfg["USE_TMA"], BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"]),
+                             aligned[:3], dict(num_warps=cfg["WARPS"], num_stages=cfg["STAGES"]), i == 0))
+                if not cfg["ATOMIC_DQ"]:
+                    jobs.append((f"attention bwd dq {tag}", attention_bwd._attn_bwd_dq_kernel, dq_sig,
+                                 dict(common, VARLEN=varlen, HAS_PREFIX=prefix, USE_TMA=cfg["USE_TMA"],
+                                      BLOCK_M=cfg["BLOCK_M2"], BLOCK_N=cfg["BLOCK_N2"]),
+                                 aligned[:3], dict(num_warps=cfg["DQ_WARPS"], num_stages=cfg["DQ_STAGES"]), i == 0))
+        jobs.append((f"attention bwd delta D={head_dim}", attention_bwd._attn_bwd_delta_kernel, delta_sig,
+                     dict(HEAD_DIM=head_dim, BLOCK_D=head_dim, BLOCK_M=64, VARLEN=False), ["o_ptr", "do_ptr"],
+                     dict(num_warps=4), True))
+    for what, fn, sig, consts, aligned_args, options, main_config in jobs:
+        try:
+            k = build(fn, sig, consts, aligned_args, options)
+        except Exception as err:  # noqa: BLE001 - report every failure, then fail
+            failures += 1
+            print(f"FAILED {what}: {err}\n{err.__cause__!r}")
+            continue
+        stack, smem = spills(k), k.metadata.shared
+        print(f"ok {what} smem={smem} stack={stack}{' (main)' if main_config else ''}")
+        kernel, head_dim = " ".join(what.split()[1:3]), consts["HEAD_DIM"]
+        allowed = KNOWN_ATTENTION_SPILLS.get((kernel, head_dim), 0) if main_config else None
+        if allowed and 0 < stack <= allowed:
+            print(f"KNOWN {what}: spills {stack} B (ceiling {allowed} B, KNOWN_ATTENTION_SPILLS)")
+        if smem > SMEM_LIMIT or (main_config and stack > allowed):
+            failures += 1
+            print(f"FAILED {what}: shared memory {smem} (limit {SMEM_LIMIT}) or register spills {stack} B")
+    return failures
+
+
 def main() -> int:
     if sys.argv[1:] == ["lora"]:
         return 1 if lora_family() else 0
+    if sys.argv[1:2] == ["attention"]:
+        return 1 if attention_kernels(every_config=sys.argv[2:] == ["all"]) else 0
     failures = compile_loss_rows()
     for nested, cfg in itertools.product([True], nf4_dequant._configs()):
         cfg = dict(cfg)
@@ -151,7 +239,7 @@ def main() -> int:
             print(f"FAILED dequant nested={nested} {cfg}: {err}\n{err.__cause__!r}")
     # the forward never masks its tail (dropout acts on x·Aᵀ there); dx does when the LoRA has dropout
     for (w_nk, dropout), cfg in itertools.product([(True, False), (False, False), (False, True)],
-                                                  qlora_linear.gemm_configs(2)):
+                                                  nf4_gemm.gemm_configs(2)):
         cfg = dict(cfg)
         warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
         sig = dict(a_ptr="*bf16", w_ptr="*u8", absmax_ptr="*u8", absmax2_ptr="*fp32", code2_ptr="*fp32",
@@ -162,7 +250,7 @@ def main() -> int:
                       USE_TMA=True, UPCAST=False, DOT_PRECISION="tf32", BLOCK_R=16, NUM_SMS=132, **cfg)
         what = f"gemm w_nk={w_nk} dropout={dropout} {cfg} stages={stages}"
         try:
-            k = build(qlora_linear._nf4_lora_gemm_kernel, sig, consts,
+            k = build(nf4_gemm._nf4_lora_gemm_kernel, sig, consts,
                       ["a_ptr", "w_ptr", "absmax_ptr", "l_ptr", "t_ptr", "c_ptr", "K", "WK", "stride_am", "stride_cm"],
                       dict(num_warps=warps, num_stages=stages))
             stack, smem = spills(k), k.metadata.shared

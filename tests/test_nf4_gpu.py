@@ -69,7 +69,7 @@ def test_gpu_quantize_matches_host():
                                                     (torch.bfloat16, 257, 776, 512, 32),
                                                     (torch.float16, 64, 520, 4096, 64)])
 def test_gemm_every_config(dtype, M, N, K, blocksize):
-    from fastft.kernels.qlora_linear import gemm_configs, nf4_lora_gemm
+    from fastft.kernels.nf4_gemm import gemm_configs, nf4_lora_gemm
     w = _nf4((N, K), dtype, blocksize)
     W = w.dequantize(torch.float32).double()
     x = torch.randn(M, K, dtype=dtype, device=DEV)

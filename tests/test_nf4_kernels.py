@@ -42,7 +42,7 @@ def test_dequant_kernel_other_output_dtypes():
 
 
 def _gemm(a, w, lo, t, bias, w_nk, p_drop=0.0, seed=0, decode=None):
-    from fastft.kernels.qlora_linear import gemm_configs, nf4_lora_gemm
+    from fastft.kernels.nf4_gemm import gemm_configs, nf4_lora_gemm
     config = dict(gemm_configs(a.element_size())[0])
     if decode is not None:
         config["DECODE"] = decode

@@ -12,6 +12,7 @@
 // Dequantized values are code[nibble] * absmax in fp32, rounded once (bit-identical to bitsandbytes); a
 // double-quantized absmax is code2[q] * absmax2 + offset with both operations rounded (no fused multiply-add).
 #include "nf4_gemv.h"
+#include "../nf4_codes.h"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -24,11 +25,7 @@ constexpr int kWarps = 8;
 constexpr int kRowsPerBlock = 16;
 constexpr int kStepK = 128;
 
-__constant__ float kNF4Code[16] = {
-    -1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f,
-    -0.28444138169288635f, -0.18477343022823334f, -0.09105003625154495f, 0.0f,
-    0.07958029955625534f, 0.16093020141124725f, 0.24611230194568634f, 0.33791524171829224f,
-    0.44070982933044434f, 0.5626170039176941f, 0.7229568362236023f, 1.0f};
+__constant__ float kNF4Code[16] = FASTFT_NF4_CODE_VALUES;  // csrc/nf4_codes.h
 
 template <typename T>
 struct Mma;

@@ -17,12 +17,22 @@ log = logging.getLogger(__name__)
 Config = dict  # kernel meta-parameters, including num_warps / num_stages
 
 
+def bench(fn: Callable[[], None]) -> float:
+    """Median milliseconds of fn() on the GPU: the one timing helper the tuners use (tests replace it)."""
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=5, rep=20, return_mode="median")
+
+
 class Tuner:
-    def __init__(self, name: str, configs: Sequence[Config]):
+    def __init__(self, name: str, configs: Sequence[Config], *, timed: bool | None = None):
+        """timed: None times the configs except under the interpreter, for a single config or with
+        FASTFT_AUTOTUNE=0; True/False force it (e.g. a test with a stubbed `bench`)."""
         if not configs:
             raise ValueError(f"{name}: at least one config is needed")
         self.name = name
         self.configs = list(configs)
+        self.timed = timed
         self.best: dict[Hashable, Config] = {}
 
     def run(self, key: Hashable, launch: Callable[[Config], None]) -> None:
@@ -32,11 +42,16 @@ class Tuner:
         """
         config = self.best.get(key)
         if config is None:
-            config = self._tune(key, launch)
+            config, outputs_written = self._tune(key, launch)
+            if outputs_written:  # untimed: the one launch that picked the config already wrote the outputs
+                return
         launch(config)
 
-    def _tune(self, key: Hashable, launch: Callable[[Config], None]) -> Config:
-        timed = not (INTERPRET or len(self.configs) == 1 or os.environ.get("FASTFT_AUTOTUNE", "1") == "0")
+    def _tune(self, key: Hashable, launch: Callable[[Config], None]) -> tuple[Config, bool]:
+        """(best config, whether the last launch was that config's, so its outputs stand)."""
+        timed = self.timed
+        if timed is None:
+            timed = not (INTERPRET or len(self.configs) == 1 or os.environ.get("FASTFT_AUTOTUNE", "1") == "0")
         timings, last_error = [], None
         for config in self.configs:
             try:
@@ -47,10 +62,8 @@ class Tuner:
                 continue
             if not timed:  # untimed: the first config that runs
                 self.best[key] = config
-                return config
-            from triton.testing import do_bench
-
-            timings.append((do_bench(lambda: launch(config), warmup=5, rep=20, return_mode="median"), config))
+                return config, True
+            timings.append((bench(lambda: launch(config)), config))
         if not timings:
             raise RuntimeError(f"{self.name}: no launch config compiled for {key}") from last_error
         best = min(timings, key=lambda t: t[0])[1]
@@ -58,7 +71,7 @@ class Tuner:
         for ms, config in sorted(timings, key=lambda t: t[0]):
             log.debug("  %.4f ms  %s", ms, config)
         self.best[key] = best
-        return best
+        return best, False
 
 
 _REGISTRY: dict = {}

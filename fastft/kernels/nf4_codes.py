@@ -1,6 +1,12 @@
 """The 16 NF4 code values (quantiles of N(0, 1) scaled to [-1, 1], the QLoRA paper's table), as bitsandbytes
-stores them. One home for the Python side: the Triton kernels and fastft.quant both read them from here
-(csrc/ keeps its own copy; the tests hold all of them to bitsandbytes' table)."""
+stores them. The single source for Python, C++ and CUDA: the Triton kernels and fastft.quant read them from
+here, and csrc/nf4_codes.h (included by csrc/nf4_cpu.cpp and csrc/cuda/nf4_gemv.cu) is generated from this
+file by `python -m fastft.kernels.nf4_codes csrc/nf4_codes.h`. The header is checked in so the C++ build
+needs no Python step; tests/test_nf4_codes_header.py fails when it drifts from this table."""
+
+import os
+import sys
+import tempfile
 
 NF4_CODE_VALUES = (
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
@@ -8,3 +14,33 @@ NF4_CODE_VALUES = (
     0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
     0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
 )
+
+
+def c_header() -> str:
+    """csrc/nf4_codes.h: the table as a brace initializer macro (usable for constexpr and __constant__ arrays)."""
+    rows = [", ".join(f"{v!r}f" for v in NF4_CODE_VALUES[i:i + 4]) for i in range(0, 16, 4)]
+    body = ", \\\n    ".join(rows)
+    return ("// Generated from fastft/kernels/nf4_codes.py by `python -m fastft.kernels.nf4_codes csrc/nf4_codes.h`;\n"
+            "// do not edit (tests/test_nf4_codes_header.py fails when this drifts from the Python table).\n"
+            "#pragma once\n\n"
+            "// The 16 NF4 code values, bitsandbytes' table: `float table[16] = FASTFT_NF4_CODE_VALUES;`\n"
+            f"#define FASTFT_NF4_CODE_VALUES {{ \\\n    {body}}}\n")
+
+
+def write_header(path: str) -> None:
+    """Write c_header() to `path` atomically."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(c_header())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m fastft.kernels.nf4_codes PATH/nf4_codes.h")
+    write_header(sys.argv[1])

@@ -21,7 +21,7 @@ def available() -> bool:
 
 
 def supported(x2: torch.Tensor, w) -> bool:
-    """x2 [batch, K] and w a fastft.kernels.qlora_linear.NF4Operand."""
+    """x2 [batch, K] and w a fastft.kernels.nf4_gemm.NF4Operand."""
     return (available() and x2.is_cuda and x2.dtype in _DTYPE_CODES and 1 <= x2.shape[0] <= MAX_BATCH
             and w.cols % 32 == 0 and w.blocksize >= 32 and w.packed.data_ptr() % 16 == 0)
 

@@ -179,13 +179,18 @@ def launch_options() -> dict:
 
 def nf4_dequantize(packed, absmax, numel: int, blocksize: int, out_dtype: torch.dtype, code: torch.Tensor, *,
                    absmax2=None, code2=None, offset: float = 0.0, nested_blocksize: int = 256,
-                   config: dict | None = None) -> torch.Tensor:
+                   config: dict | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """Flat [numel] tensor in out_dtype from NF4 data (validated by the caller, all on one device).
 
     absmax: fp32 [blocks], or uint8 codes with absmax2/code2/offset given (double quantization).
     config: force one launch config (tests); otherwise the tuner picks per size.
+    out: a contiguous [numel] out_dtype tensor to write into (a reused scratch buffer), else a new one.
     """
-    out = torch.empty(numel, dtype=out_dtype, device=packed.device)
+    if out is None:
+        out = torch.empty(numel, dtype=out_dtype, device=packed.device)
+    elif out.shape != (numel,) or out.dtype != out_dtype or not out.is_contiguous():
+        raise ValueError(f"nf4_dequantize: `out` must be a contiguous ({numel},) {out_dtype} tensor, got "
+                         f"{tuple(out.shape)} {out.dtype}")
     if numel == 0:
         return out
     nested = absmax2 is not None

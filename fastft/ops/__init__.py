@@ -9,6 +9,7 @@ from fastft.ops.linear_losses import (linear_cross_entropy, linear_cross_entropy
                                       lm_head_cross_entropy)
 from fastft.ops.lora import lora_linear, lora_linear_reference
 from fastft.ops.qlora import nf4_linear, nf4_linear_reference, qlora_linear, qlora_linear_reference
+from fastft.ops.qlora_path import release_dequant_scratch
 from fastft.ops.rms_norm import rms_norm, rms_norm_reference
 from fastft.ops.rope import rope, rope_, rope_cos_sin, rope_reference
 
@@ -17,5 +18,5 @@ __all__ = ["attention_reference", "dora_linear", "dora_linear_reference", "flash
            "linear_dpo_loss", "linear_dpo_loss_reference", "linear_kl_div", "linear_kl_div_reference",
            "linear_sequence_logprobs", "linear_sequence_logprobs_reference", "lm_head_cross_entropy", "lora_linear",
            "lora_linear_reference", "nf4_linear", "nf4_linear_reference", "qlora_linear", "qlora_linear_reference",
-           "rms_norm", "rms_norm_reference", "rope", "rope_", "rope_cos_sin", "rope_reference", "swiglu",
+           "release_dequant_scratch", "rms_norm", "rms_norm_reference", "rope", "rope_", "rope_cos_sin", "rope_reference", "swiglu",
            "swiglu_reference"]

@@ -48,7 +48,7 @@ def _weight_times_A(weight, lora_A, dtype) -> torch.Tensor:
 
         if weight.device.type == "cuda" and triton_runs_on(weight.device) and _fused_ok(weight):
             from fastft.kernels import lora_linear as kernels
-            from fastft.kernels.qlora_linear import nf4_lora_gemm
+            from fastft.kernels.nf4_gemm import nf4_lora_gemm
 
             r, K = lora_A.shape
             A_p = _padded(lora_A.detach(), kernels.rank_pad(r), K, dtype)
@@ -141,7 +141,7 @@ class DoRALinearFunction(torch.autograd.Function):
         xs = kernels.rank_project(x2, A_p, scale=scaling)
         nf4 = isinstance(weight, NF4Weight)
         if nf4:
-            from fastft.kernels.qlora_linear import nf4_lora_gemm
+            from fastft.kernels.nf4_gemm import nf4_lora_gemm
 
             z = nf4_lora_gemm(x2, weight.kernel_operand(), xs, B_p, None, w_nk=True)
             y = z.float() * sigma
@@ -175,7 +175,7 @@ class DoRALinearFunction(torch.autograd.Function):
             g = kernels.rank_project(dy2, B_sigma.t(), scale=scaling)  # s·dy·diag(σ)·B
             if need_x:
                 if nf4:
-                    from fastft.kernels.qlora_linear import nf4_lora_gemm
+                    from fastft.kernels.nf4_gemm import nf4_lora_gemm
 
                     dz = (dy2.float() * sigma).to(dtype)
                     dx = nf4_lora_gemm(dz, ctx.qweight.kernel_operand(), g, A_p, None, w_nk=False)

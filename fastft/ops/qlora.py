@@ -3,11 +3,13 @@
 qlora_linear  y = x·Wᵀ + b + s·(dropout(x)·Aᵀ)·Bᵀ    W an NF4Weight (frozen), A (r×K), B (N×r) trained
 nf4_linear    y = x·Wᵀ + b                          W an NF4Weight (frozen)
 
-Both validate once and dispatch: on CUDA the Triton GEMM that dequantizes W tile by tile inside its loads
-(fastft.kernels.qlora_linear) composed with lora_linear's rank-R kernels, or for 1–16 tokens without LoRA the
-CUDA decode GEMV (fastft.kernels.nf4_cuda); everywhere else the pure-torch references below (dequantize, then
-the dense op). Weights whose rows do not hold whole blocks (in_features odd or not a multiple of the
-blocksize) take the dequantize-then-dense path on CUDA too. No weight gradient: W is frozen.
+Both validate once and dispatch: on CUDA qlora_linear composes lora_linear's rank-R kernels with the base GEMM
+fastft.ops.qlora_path selects per shape by measurement (the Triton GEMM that dequantizes W tile by tile inside
+its loads, fastft.kernels.nf4_gemm, or W dequantized into one shared scratch buffer + the dense LoRA GEMM);
+nf4_linear the same selected GEMM without the rank tail, or for 1–16 tokens the CUDA decode GEMV
+(fastft.kernels.nf4_cuda); everywhere else the pure-torch references below (dequantize, then the dense op).
+Weights whose rows do not hold whole blocks (in_features odd or not a multiple of the blocksize) take a
+dequantize-then-dense path on CUDA too. No weight gradient: W is frozen.
 """
 from __future__ import annotations
 
@@ -17,8 +19,9 @@ import torch
 import torch.nn.functional as F
 
 from fastft.kernels.runtime import triton_runs_on
-from fastft.ops import lora as lora_ops
-from fastft.ops.lora import _as_rows, fused_lora_backward, fused_lora_forward, lora_linear, lora_linear_reference
+from fastft.ops import qlora_path
+from fastft.ops.qlora_path import release_dequant_scratch  # noqa: F401 - public here too
+from fastft.ops.lora import _as_rows, fused_lora_backward, fused_lora_forward, lora_linear_reference
 from fastft.quant.nf4_weight import NF4Weight
 
 BACKENDS = ("auto", "triton", "torch")
@@ -85,34 +88,51 @@ def validate_qlora_linear_args(x, qweight, bias, lora_A, lora_B, scaling, dropou
 
 
 class QLoRALinearFunction(torch.autograd.Function):
-    """lora_linear's fused forward/backward with the NF4 GEMM as the base GEMM (no weight gradient)."""
+    """lora_linear's fused forward/backward with an NF4 base GEMM (no weight gradient): per shape the in-register
+    NF4 GEMM or the shared-scratch dequantize + dense LoRA GEMM, whichever measured faster (fastft.ops.qlora_path).
+    """
 
     @staticmethod
     def forward(ctx, x, qweight, bias, lora_A, lora_B, scaling, dropout_p):
-        from fastft.kernels.qlora_linear import nf4_lora_gemm
-
         ctx.qweight = qweight
         return fused_lora_forward(ctx, x, bias, lora_A, lora_B, scaling, dropout_p,
-                                  lambda x2, xs, B_p, b: nf4_lora_gemm(x2, qweight.kernel_operand(), xs, B_p, b,
-                                                                       w_nk=True))
+                                  lambda x2, xs, B_p, b: _base_gemm(qweight, x2, xs, B_p, b, forward=True))
 
     @staticmethod
     def backward(ctx, dy):
-        from fastft.kernels.qlora_linear import nf4_lora_gemm
-
         need_x, _, need_b, need_A, need_B = ctx.needs_input_grad[:5]
         _, _, dx, db, dA, dB = fused_lora_backward(
-            ctx, dy, lambda dy2, g, A_p, p, seed: nf4_lora_gemm(dy2, ctx.qweight.kernel_operand(), g, A_p, None,
-                                                                w_nk=False, p_drop=p, seed=seed),
+            ctx, dy, lambda dy2, g, A_p, p, seed: _base_gemm(ctx.qweight, dy2, g, A_p, None, forward=False,
+                                                             p_drop=p, seed=seed),
             need_x, need_b, need_A, need_B)
         return dx, None, db, dA, dB, None, None
+
+
+def _base_gemm(qweight, a, lo, t, bias, *, forward: bool, p_drop: float = 0.0, seed: int = 0):
+    """The forward's y = a·Wᵀ + lo·tᵀ + b (t = B_p) or dx = a·W + keep∘(lo·t) (t = A_p) on the selected path;
+    lo = t = None: no rank tail (nf4_linear)."""
+    from fastft.kernels.lora_linear import lora_gemm
+    from fastft.kernels.nf4_gemm import nf4_lora_gemm
+
+    N, K = qweight.shape
+    out_cols, red = (N, K) if forward else (K, N)
+    rank = 0 if lo is None else lo.shape[1]  # nf4_linear: no rank tail
+    key = qlora_path.path_key(a.shape[0], out_cols, red, rank, a.dtype, "forward" if forward else "dx")
+
+    def run(path):
+        if path == "fused":
+            return nf4_lora_gemm(a, qweight.kernel_operand(), lo, t, bias, w_nk=forward, p_drop=p_drop, seed=seed)
+        # the scratch is overwritten by the next layer: used here and dropped
+        w = qlora_path.dequant_scratch(qweight, a.dtype)
+        return lora_gemm(a, w, lo, t, bias, b_nk=forward, p_drop=p_drop, seed=seed)
+
+    return qlora_path.select(key, run, fused_ok=_fused_ok(qweight))
 
 
 class NF4LinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, qweight, bias):
         from fastft.kernels import nf4_cuda
-        from fastft.kernels.qlora_linear import nf4_lora_gemm
 
         N = qweight.shape[0]
         x2 = _as_rows(x)
@@ -120,21 +140,19 @@ class NF4LinearFunction(torch.autograd.Function):
         if nf4_cuda.supported(x2, w):  # decode: 1–16 tokens
             y = nf4_cuda.nf4_gemv(x2, w, bias)
         else:
-            y = nf4_lora_gemm(x2, w, None, None, bias, w_nk=True)
+            y = _base_gemm(qweight, x2, None, None, bias, forward=True)
         ctx.qweight = qweight
         ctx.meta = (x.shape, None if bias is None else bias.dtype)
         return y.view(*x.shape[:-1], N)
 
     @staticmethod
     def backward(ctx, dy):
-        from fastft.kernels.qlora_linear import nf4_lora_gemm
-
         x_shape, bias_dtype = ctx.meta
         N = ctx.qweight.shape[0]
         dy2 = dy.reshape(-1, N).contiguous()
         dx = db = None
         if ctx.needs_input_grad[0]:
-            dx = nf4_lora_gemm(dy2, ctx.qweight.kernel_operand(), None, None, None, w_nk=False).view(x_shape)
+            dx = _base_gemm(ctx.qweight, dy2, None, None, None, forward=False).view(x_shape)
         if ctx.needs_input_grad[2] and bias_dtype is not None:
             db = dy2.sum(0, dtype=torch.float32).to(bias_dtype)
         return dx, None, db
@@ -158,16 +176,19 @@ def _pick_backend(op: str, backend: str, x) -> str:
 
 
 def _fused_ok(qweight: NF4Weight) -> bool:
-    from fastft.kernels.qlora_linear import fused_supported
+    from fastft.kernels.nf4_gemm import fused_supported
     return fused_supported(qweight.kernel_operand())
 
 
 def qlora_linear(x, qweight, bias, lora_A, lora_B, scaling, dropout_p=0.0, *, backend="auto"):
     """y = x·Wᵀ + b + s·(dropout(x)·Aᵀ)·Bᵀ with W an NF4Weight (N×K, frozen), A (r×K), B (N×r).
 
-    x: (..., K) in fp16/bf16/fp32 (or under torch.autocast); W is dequantized to x's dtype inside the GEMM's tile
-    loads. lora_A/lora_B may be kept in another float dtype (fp32 masters): their gradients come back in it.
-    dropout_p applies inverted dropout to the LoRA input only (pass 0 in eval). Gradients: x, bias, A, B.
+    x: (..., K) in fp16/bf16/fp32 (or under torch.autocast). On the Triton backend W is dequantized to x's dtype
+    either inside the GEMM's tile loads or into one scratch buffer shared by all layers, whichever measured faster
+    for the shape (fastft.ops.qlora_path; FASTFT_QLORA_PATH=fused|dequant|auto). Peak memory on the dequant path:
+    at most the bf16 LoRA layer's plus one scratch buffer (the largest weight), freed by
+    release_dequant_scratch(). lora_A/lora_B may be kept in another float dtype (fp32 masters): their gradients
+    come back in it. dropout_p applies inverted dropout to the LoRA input only (pass 0 in eval). Gradients: x, bias, A, B.
     backend: "auto" (Triton on CUDA, torch elsewhere), "triton" or "torch".
     """
     device_type = x.device.type if isinstance(x, torch.Tensor) else "cpu"
@@ -177,9 +198,6 @@ def qlora_linear(x, qweight, bias, lora_A, lora_B, scaling, dropout_p=0.0, *, ba
     backend = _pick_backend("qlora_linear", backend, x)
     if backend == "torch" or x.numel() == 0:
         return qlora_linear_reference(x, qweight, bias, lora_A, lora_B, scaling, dropout_p)
-    if not _fused_ok(qweight):  # rows that do not hold whole blocks: dequantize, then the dense fused op
-        return lora_linear(x, qweight.dequantize(x.dtype), bias, lora_A, lora_B, scaling, dropout_p,
-                           backend="triton")
     with torch.autocast(device_type, enabled=False):
         return QLoRALinearFunction.apply(x, qweight, bias, lora_A, lora_B, scaling, dropout_p)
 

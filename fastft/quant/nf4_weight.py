@@ -192,8 +192,8 @@ class NF4Weight(torch.Tensor):
         return part.dequantize(dtype)[e0 - a0: e1 - a0].view(stop - start, cols)
 
     def kernel_operand(self):
-        """The 2-D weight as the Triton kernels take it (fastft.kernels.qlora_linear.NF4Operand)."""
-        from fastft.kernels.qlora_linear import NF4Operand
+        """The 2-D weight as the Triton kernels take it (fastft.kernels.nf4_gemm.NF4Operand)."""
+        from fastft.kernels.nf4_gemm import NF4Operand
         if self.ndim != 2:
             raise ValueError(f"NF4Weight: a matrix operand must be 2-D, got shape {tuple(self.shape)}")
         return NF4Operand(self.packed, self.absmax, self.absmax2, self.code2, self.offset, self.nested_blocksize,

@@ -1,4 +1,4 @@
-"""Triton GEMM over an NF4 weight, with the fused LoRA tail:  c = a·Wᵀ + l·tᵀ (+ bias),  W dequantized in tiles.
+"""Triton GEMM over an NF4 weight with an optional rank-R tail:  c = a·Wᵀ (+ l·tᵀ) (+ bias),  W dequantized in tiles.
 
 The QLoRA linear y = x·Wᵀ + b + s·(dropout(x)·Aᵀ)·Bᵀ with W (N×K) stored as NF4 (bitsandbytes layout). It is
 `_lora_gemm_kernel` of fastft/kernels/lora_linear.py (persistent grid, grouped tile order, rank-R tail after

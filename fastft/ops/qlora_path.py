@@ -1,0 +1,112 @@
+"""The two ways to run the QLoRA base GEMM, and the measured choice between them per shape.
+
+fused    fastft.kernels.nf4_gemm.nf4_lora_gemm: W decoded in registers inside the GEMM's tile loads; W never
+         exists in memory as bf16.
+dequant  W decoded whole into ONE scratch buffer shared by every layer (fastft.kernels.nf4_dequant), then the
+         dense fused LoRA GEMM (fastft.kernels.lora_linear.lora_gemm) over it. On an H100 (docs/gpu-results.md)
+         the decode inside the MMA loop does not hide, and dequantize + dense GEMM was ~2× faster at M=8192.
+
+Memory: the scratch holds one weight (the largest seen so far, per device and dtype) and is reused by the next
+layer's forward and by every backward, which decodes W again; no layer keeps a bf16 copy. Peak memory of a QLoRA
+model on the dequant path is therefore at most that of the same model's bf16 LoRA layers plus one scratch buffer
+(tests/test_qlora_path.py checks it on the GPU). The buffer lives until `release_dequant_scratch()`.
+Launches are stream-ordered: a layer's GEMM finishes reading the scratch before the next layer's decode writes
+it, on one stream; a caller that runs QLoRA layers on several streams at once must force FASTFT_QLORA_PATH=fused.
+
+Choice: `select(key, run)` times both paths once per key (bucketed M, N, K, R, dtype, direction) with the
+autotuner's machinery (fastft.kernels.autotune: a path that fails to run is skipped) and caches the winner.
+FASTFT_QLORA_PATH=fused|dequant forces one; `auto` (the default) measures. Untimed (the CPU interpreter,
+FASTFT_AUTOTUNE=0) the first that runs, fused, is taken. Weights whose rows do not hold whole blocks can only
+take the dequant path.
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import torch
+
+from fastft.kernels.autotune import Tuner
+from fastft.kernels.shared import bucket
+
+PATHS = ("fused", "dequant")
+ENV = "FASTFT_QLORA_PATH"
+
+# One Tuner over the two paths: the first config is the untimed default.
+TUNER = Tuner("qlora_path", [{"path": p} for p in PATHS])
+
+_SCRATCH: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+
+def forced_path() -> str | None:
+    """The path FASTFT_QLORA_PATH forces, or None for `auto`."""
+    value = os.environ.get(ENV, "auto").strip().lower() or "auto"
+    if value == "auto":
+        return None
+    if value not in PATHS:
+        raise ValueError(f"{ENV} must be one of fused, dequant or auto, got {value!r}")
+    return value
+
+
+def path_key(M: int, N: int, K: int, R: int, dtype: torch.dtype, direction: str) -> tuple:
+    """The selector's key: token counts bucketed to powers of two, so a changing batch does not re-time."""
+    return (bucket(M), N, K, R, dtype, direction)
+
+
+def select(key: tuple, run: Callable[[str], torch.Tensor], *, fused_ok: bool = True) -> torch.Tensor:
+    """run(path) for the path chosen for `key`: forced by FASTFT_QLORA_PATH, the only one that can run, or the
+    measured winner (both timed the first time `key` is seen). Returns run's output."""
+    forced = forced_path()
+    if not fused_ok:
+        return run("dequant")
+    if forced is not None:
+        return run(forced)
+    result = {}
+
+    def launch(config):
+        result["out"] = run(config["path"])
+
+    TUNER.run(key, launch)
+    return result["out"]
+
+
+def chosen_path(key: tuple) -> str | None:
+    """The cached winner for `key` (None before it was measured)."""
+    config = TUNER.best.get(key)
+    return None if config is None else config["path"]
+
+
+def reset_path_choices() -> None:
+    """Forget every measured choice (they are re-timed on next use)."""
+    TUNER.best.clear()
+
+
+def dequant_scratch(qweight, dtype: torch.dtype) -> torch.Tensor:
+    """qweight (a 2-D NF4Weight) decoded into the shared scratch buffer of its device and `dtype`, as an (N, K)
+    view. Valid until the next call for the same device and dtype: never keep it across layers."""
+    from fastft.kernels.nf4_dequant import nf4_dequantize
+
+    numel = qweight.numel()
+    slot = (qweight.device, dtype)
+    buf = _SCRATCH.get(slot)
+    if buf is None or buf.numel() < numel:
+        _SCRATCH.pop(slot, None)  # drop the old buffer before allocating: peak stays one buffer
+        del buf
+        buf = torch.empty(numel, dtype=dtype, device=qweight.device)
+        _SCRATCH[slot] = buf
+    w = qweight.kernel_operand()
+    nested = w.absmax2 is not None
+    flat = nf4_dequantize(w.packed, w.absmax, numel, w.blocksize, dtype, w.code,
+                          absmax2=w.absmax2 if nested else None, code2=w.code2 if nested else None,
+                          offset=w.offset if nested else 0.0, nested_blocksize=w.nested_blocksize, out=buf[:numel])
+    return flat.view(w.rows, w.cols)
+
+
+def dequant_scratch_bytes() -> int:
+    """Bytes held by the scratch buffers (all devices and dtypes)."""
+    return sum(b.numel() * b.element_size() for b in _SCRATCH.values())
+
+
+def release_dequant_scratch() -> None:
+    """Free the scratch buffers (e.g. before evaluation or after training); the next QLoRA call reallocates."""
+    _SCRATCH.clear()

@@ -1,0 +1,42 @@
+"""fastft.kernels.autotune.Tuner with a stubbed timer: the fastest config per key, cached, failures skipped, and
+an untimed pick launched once (its outputs stand)."""
+import pytest
+
+from fastft.kernels import autotune
+
+
+def _tuner(monkeypatch, ms, timed):
+    launched = []
+    monkeypatch.setattr(autotune, "bench", lambda fn: (fn(), ms[launched[-1]])[1])
+    tuner = autotune.Tuner("test", [{"c": name} for name in ms], timed=timed)
+
+    def launch(config):
+        if ms[config["c"]] is None:
+            raise RuntimeError("does not compile here")
+        launched.append(config["c"])
+    return tuner, launched, launch
+
+
+def test_timed_picks_the_fastest_per_key_and_caches_it(monkeypatch):
+    tuner, launched, launch = _tuner(monkeypatch, {"a": 3.0, "b": 1.0, "broken": None, "c": 2.0}, timed=True)
+    tuner.run("k", launch)
+    # each runnable config compiled once and timed once, then the winner launched for real
+    assert launched == ["a", "a", "b", "b", "c", "c", "b"] and tuner.best["k"] == {"c": "b"}
+    launched.clear()
+    tuner.run("k", launch)
+    assert launched == ["b"]
+
+
+def test_untimed_takes_the_first_that_runs_and_launches_it_once(monkeypatch):
+    tuner, launched, launch = _tuner(monkeypatch, {"broken": None, "a": 3.0, "b": 1.0}, timed=False)
+    monkeypatch.setattr(autotune, "bench", lambda fn: pytest.fail("untimed must not time"))
+    tuner.run("k", launch)
+    assert launched == ["a"] and tuner.best["k"] == {"c": "a"}
+    tuner.run("k", launch)
+    assert launched == ["a", "a"]
+
+
+def test_no_config_runs(monkeypatch):
+    tuner, _, launch = _tuner(monkeypatch, {"x": None}, timed=True)
+    with pytest.raises(RuntimeError, match="no launch config compiled"):
+        tuner.run("k", launch)
