@@ -120,3 +120,19 @@ def test_help_lists_every_method_and_its_knobs(capsys):
     for knob in ("--rank", "--num-virtual-tokens", "--ia3-target-modules", "--ia3-feedforward-modules",
                  "--adapter-size", "--adapter-placement", "--adapter-activation", "--patch-model"):
         assert knob in text
+
+
+def test_every_method_knob_reaches_method_options():
+    """Each MethodOptions knob has its `fastft train` flag, and a non-default value of it arrives."""
+    import dataclasses
+
+    from fastft.apps.training.loop import method_options
+
+    values = dict(rank=3, alpha=7.0, dropout=0.25, rslora=True, target_modules=("q_proj",), num_virtual_tokens=5,
+                  ia3_target_modules=("v_proj", "up_proj"), ia3_feedforward_modules=("up_proj",), adapter_size=9,
+                  adapter_placement="houlsby", adapter_activation="silu")
+    knobs = {f.name for f in dataclasses.fields(methods.MethodOptions)} - {"quant_type", "extra"}  # qlora: nf4 only
+    assert knobs == set(values)
+    options = method_options(TrainConfig(**values))
+    assert {k: getattr(options, k) for k in knobs} == values
+    assert all(values[k] != getattr(methods.MethodOptions(), k) for k in knobs)
