@@ -88,7 +88,9 @@ def test_patch_model_on_matches_the_unpatched_run(tiny, tmp_path, capsys):
     """--patch-model on: fastft.patch_model (fused RMSNorm/RoPE/SwiGLU, fastft attention) under the training
     objectives (backbone + separate head), same losses as the unpatched run in fp32."""
     patched, _ = _train(tiny, tmp_path / "on", "--method", "lora", "--lr", "1e-2", "--patch-model", "on", steps=2)
-    assert "patched by fastft.patch_model: llama:" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "patched by fastft.patch_model: llama:" in printed
+    assert "attention: fastft (set by --patch-model), not --attn-implementation sdpa" in printed
     plain, _ = _train(tiny, tmp_path / "off", "--method", "lora", "--lr", "1e-2", "--patch-model", "off", steps=2)
     assert "patched by" not in capsys.readouterr().out
     assert patched["train_losses"] == pytest.approx(plain["train_losses"], rel=1e-5, abs=1e-5)

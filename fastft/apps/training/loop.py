@@ -292,10 +292,12 @@ def train(cfg: TrainConfig) -> dict:
         log(_describe("before", history["eval_before"]))
 
     model = apply_method(model, cfg.method, method_options(cfg))
-    if maybe_patch(model, cfg, device, log):
-        # patching may switch the attention to fastft's: packed rows then carry their document boundaries
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        make_batch.flash_kwargs = base.config._attn_implementation == "fastft"
+    patched = maybe_patch(model, cfg, device, log)
+    attention = (model.get_base_model() if hasattr(model, "get_base_model") else model).config._attn_implementation
+    if attention != cfg.attn_implementation:  # prefix tuning and patching run fastft's attention
+        log(f"attention: {attention} (set by {'--patch-model' if patched else f'--method {cfg.method}'}), not "
+            f"--attn-implementation {cfg.attn_implementation}")
+    make_batch.flash_kwargs = attention == "fastft"  # packed rows then carry their document boundaries
     if cfg.gradient_checkpointing:
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         enable = getattr(base, "activation_checkpointing_enable", None)  # transformers >= 5.x; older: the alias
