@@ -41,7 +41,6 @@ def _error(argv, capsys) -> str:
     (["--objective", "dpo", "--method", "full"], "it needs an adapter method, not --method full"),
     (["--quantize", "nf4", "--method", "full"], "--quantize nf4 is QLoRA"),
     (["--offload-activations"], "--offload-activations needs --gradient-checkpointing"),
-    (["--quantize", "nf4", "--distributed", "fsdp"], "--distributed fsdp with QLoRA needs NF4 storage"),
     (["--resume", "--output-dir", "/no/such/run"], "nothing to resume"),
 ])
 def test_bad_settings_fail_in_one_line_before_loading(argv, message, capsys, no_model_loads):
