@@ -35,8 +35,8 @@ def _train(tiny, out, *extra, steps=3, eval_examples=4, monkeypatch=None):
         apply = methods.apply_method
         monkeypatch.setattr(methods, "apply_method", lambda *a, **k: built.append(apply(*a, **k)) or built[-1])
     argv = ["train", "--model", str(tiny), "--steps", str(steps), "--batch-size", "4", "--eval-examples",
-            str(eval_examples), "--eval-batch-size", "8", "--max-length", "32", "--schedule", "constant", "--warmup-ratio", "0",
-            "--dropout", "0", "--output-dir", str(out), *extra]
+            str(eval_examples), "--eval-batch-size", "8", "--max-length", "32", "--schedule", "constant",
+            "--warmup-ratio", "0", "--dropout", "0", "--output-dir", str(out), *extra]
     assert main(argv) == 0
     return json.loads((out / "metrics.json").read_text()), (built[0] if built else None)
 
@@ -71,8 +71,10 @@ def test_method_trains_from_the_cli_and_its_save_loads_back(method, tiny, tmp_pa
     with torch.no_grad():
         want = trained.eval()(input_ids=ids).logits
         got = loaded.eval()(input_ids=ids).logits
+        untrained = AutoModelForCausalLM.from_pretrained(tiny).eval()(input_ids=ids).logits
     assert want.shape == got.shape
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert (got[:, -ids.shape[1]:] - untrained).abs().max() > 1e-3  # what loaded is the trained method, not a no-op
 
 
 @pytest.mark.parametrize("method", ["qlora", "adapter"])
