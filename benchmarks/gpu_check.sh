@@ -5,7 +5,7 @@
 # timings; a failing section does not stop the next, and each gets what is left of the time budget.
 #   bash benchmarks/gpu_check.sh [section ...]    sections: build nf4 attention lora-tests fuzz-tests lora losses-tests losses
 #   (on request: nf4-tests attention-tests methods-tests methods layers-tests layers patch-step train-tests train
-#    bench-1b bench-8b)
+#    train-methods-tests bench-1b bench-8b)
 set -uo pipefail
 export PYTHONPATH="$PWD/.peers:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 : "${OUT:=/tmp/fastft-out}"; mkdir -p "$OUT"; export OUT
@@ -58,6 +58,8 @@ for s in $sections; do
     losses) run 150 losses python3 benchmarks/gpu_losses.py ;;
     train-tests) run 120 train-tests python3 -m pytest -q -m gpu tests/test_train_gpu.py -p no:cacheprovider ;;
     train) run 300 train python3 benchmarks/gpu_train.py ;;
+    # every method through `fastft train`, patched (--patch-model auto) in bf16; patched vs unpatched losses
+    train-methods-tests) run 300 train-methods-tests python3 -m pytest -q -m gpu tests/test_train_methods.py -p no:cacheprovider ;;
     attention-tests) FASTFT_AUTOTUNE=0 run 150 attention-tests python3 -m pytest -q -m gpu tests/test_attention_op.py tests/test_attention_integration.py -p no:cacheprovider ;;
     methods-tests) FASTFT_AUTOTUNE=0 run 120 methods-tests python3 -m pytest -q -m gpu tests/test_methods_gpu.py -p no:cacheprovider ;;
     methods) run 150 methods python3 benchmarks/gpu_methods.py ;;

@@ -43,6 +43,16 @@ def test_tiny_bench_rows(tiny_bench):
     assert rows[("lora", "fastft")]["trainable_params"] == rows[("lora", "peft")]["trainable_params"] == lora
     assert rows[("qlora", "peft+bnb")]["quantized_by"] == "bitsandbytes nf4"
     assert rows[("full", "fastft")]["trainable_params"] == 512 * 64 + 2 * (3 * 64 * 64 + 3 * 64 * 128 + 128) + 64
+    # every method measured by fastft (patched) and by its plain peer wherever peft has the method, same method
+    # size either way
+    plain_peer = {"qlora": "peft+bnb", "full": "transformers"}
+    for method in METHODS:
+        ours = rows[(method, "fastft")]
+        assert ours["status"] == "ok" and ours["tokens_per_s"] > 0 and ours["patched"], ours
+        if method != "adapter":
+            peer = rows[(method, plain_peer.get(method, "peft"))]
+            assert peer["status"] == "ok" and peer["tokens_per_s"] > 0, peer
+            assert peer["trainable_params"] == ours["trainable_params"], (method, peer, ours)
     # rows without a measurement carry the reason and no number
     assert rows[("adapter", "peft")]["status"] == "unavailable" and "peft has no" in rows[("adapter", "peft")]["reason"]
     for r in result["rows"]:

@@ -18,7 +18,8 @@ from pathlib import Path
 
 from fastft.apps.datasets import TASK_NAMES
 from fastft.apps.models import SMOLLM2
-from fastft.integration.methods import ALL_LINEAR, METHODS
+from fastft.integration.methods import ALL_LINEAR, METHODS, MethodOptions
+from fastft.ops.bottleneck_adapter import ACTIVATIONS
 
 INSTRUCTIONS = "instructions"  # the built-in instruction set (fastft.apps.training.data)
 TASKS = (*TASK_NAMES, INSTRUCTIONS)
@@ -26,6 +27,8 @@ OBJECTIVES = ("sft", "dpo", "distill")
 SCHEDULES = ("cosine", "linear", "constant")
 DISTRIBUTED = ("auto", "none", "ddp", "fsdp")
 ADAPTER_METHODS = ("lora", "qlora", "dora", "prefix", "prompt", "ia3", "adapter")
+PATCH_MODEL = ("auto", "on", "off")
+_IA3 = MethodOptions()
 
 
 class ConfigError(ValueError):
@@ -50,8 +53,11 @@ class TrainConfig:
     rslora: bool = False
     target_modules: tuple[str, ...] = ALL_LINEAR
     num_virtual_tokens: int = 32
+    ia3_target_modules: tuple[str, ...] = _IA3.ia3_target_modules
+    ia3_feedforward_modules: tuple[str, ...] = _IA3.ia3_feedforward_modules
     adapter_size: int = 64
     adapter_placement: str = "pfeiffer"
+    adapter_activation: str = "relu"
     # optimisation
     steps: int = 40
     batch_size: int = 8
@@ -80,6 +86,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     offload_activations: bool = False
     attn_implementation: str = "sdpa"
+    patch_model: str = "auto"
     distributed: str = "auto"
     # checkpoints
     save_every: int = 0
@@ -107,6 +114,9 @@ _HELP = {
     "num_virtual_tokens": "prefix/prompt: number of virtual tokens",
     "adapter_size": "adapter: bottleneck width",
     "adapter_placement": "adapter: pfeiffer (after the MLP) or houlsby (after attention and MLP)",
+    "adapter_activation": "adapter: the bottleneck's activation",
+    "ia3_target_modules": "ia3: module names whose activations are scaled",
+    "ia3_feedforward_modules": "ia3: those of --ia3-target-modules scaled at their input (feed-forward), not output",
     "steps": "optimizer steps",
     "batch_size": "documents per micro-batch per process (packed into one row without padding)",
     "grad_accum": "micro-batches per optimizer step; the loss is normalised by the step's true target count",
@@ -133,6 +143,9 @@ _HELP = {
                            "checkpointed layer inputs)",
     "attn_implementation": "attention: sdpa/eager get a block-diagonal mask for packed documents; fastft runs "
                            "fastft's varlen flash attention",
+    "patch_model": "fastft.patch_model after the method is applied (fused RMSNorm/RoPE/GLU kernels, fastft "
+                   "attention): auto: on a GPU when the architecture is supported (else a note, unpatched), off on "
+                   "the CPU; on: always (an unsupported architecture is an error); off: never",
     "distributed": "auto: whatever `accelerate launch`/torchrun set up (DDP with several processes); "
                    "ddp; fsdp (FSDP2 through accelerate); none",
     "save_every": "write a resumable checkpoint every N steps (0: none)",
@@ -141,7 +154,8 @@ _HELP = {
 
 _CHOICES = {
     "task": TASKS, "objective": OBJECTIVES, "method": METHODS, "quantize": ("nf4",), "schedule": SCHEDULES,
-    "adapter_placement": ("pfeiffer", "houlsby"), "dtype": ("auto", "bf16", "fp16", "fp32"),
+    "adapter_placement": ("pfeiffer", "houlsby"), "adapter_activation": ACTIVATIONS, "patch_model": PATCH_MODEL,
+    "dtype": ("auto", "bf16", "fp16", "fp32"),
     "mixed_precision": ("no", "bf16", "fp16"), "attn_implementation": ("sdpa", "eager", "fastft"),
     "distributed": DISTRIBUTED,
 }
@@ -150,18 +164,19 @@ _GROUPS = {
     "what to train": ("model", "task", "data", "eval_data", "objective", "teacher"),
     "method (--method " + "|".join(METHODS) + ") and its knobs": (
         "method", "quantize", "rank", "alpha", "dropout", "rslora", "target_modules", "num_virtual_tokens",
-        "adapter_size", "adapter_placement"),
+        "ia3_target_modules", "ia3_feedforward_modules", "adapter_size", "adapter_placement", "adapter_activation"),
     "optimisation": ("steps", "batch_size", "grad_accum", "lr", "weight_decay", "schedule", "warmup_ratio",
                      "max_grad_norm", "max_length"),
     "objectives' knobs": ("dpo_beta", "kl_weight", "reverse_kl_weight", "ce_weight", "temperature"),
     "evaluation and output": ("eval_examples", "eval_batch_size", "eval_every", "seed", "output_dir"),
     "precision, memory, distribution": ("dtype", "mixed_precision", "gradient_checkpointing", "offload_activations",
-                                        "attn_implementation", "distributed"),
+                                        "attn_implementation", "patch_model", "distributed"),
     "checkpoints": ("save_every", "resume"),
 }
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 _TYPES = typing.get_type_hints(TrainConfig)
+_TUPLE_FIELDS = [name for name, t in _TYPES.items() if typing.get_origin(t) is tuple]
 
 
 def flag(name: str) -> str:
@@ -261,7 +276,8 @@ def config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace, 
         for name, value in read_yaml_config(args.config).items():
             if name not in explicit:
                 values[name] = value
-    values["target_modules"] = tuple(values["target_modules"])
+    for name in _TUPLE_FIELDS:
+        values[name] = tuple(values[name])
     return TrainConfig(**values)
 
 
@@ -281,7 +297,8 @@ def _explicit_dests(parser: argparse.ArgumentParser, argv) -> set[str]:
 
 def to_yaml_dict(cfg: TrainConfig) -> dict:
     out = dataclasses.asdict(cfg)
-    out["target_modules"] = list(cfg.target_modules)
+    for name in _TUPLE_FIELDS:
+        out[name] = list(getattr(cfg, name))
     return out
 
 
@@ -318,7 +335,11 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     need(cfg.alpha > 0, f"--alpha must be positive, got {cfg.alpha}")
     need(cfg.dpo_beta > 0, f"--dpo-beta must be positive, got {cfg.dpo_beta}")
     need(cfg.temperature > 0, f"--temperature must be positive, got {cfg.temperature}")
-    need(bool(cfg.target_modules) and all(cfg.target_modules), "--target-modules needs at least one module name")
+    for name in _TUPLE_FIELDS:
+        need(bool(getattr(cfg, name)) and all(getattr(cfg, name)), f"{flag(name)} needs at least one module name")
+    extra = sorted(set(cfg.ia3_feedforward_modules) - set(cfg.ia3_target_modules))
+    need(not extra, f"--ia3-feedforward-modules {' '.join(extra)}: not among --ia3-target-modules "
+                    f"{' '.join(cfg.ia3_target_modules)}")
     for name, choices in _CHOICES.items():
         value = getattr(cfg, name)
         need(value is None or value in choices, f"{flag(name)} must be one of {', '.join(choices)}, got {value!r}")

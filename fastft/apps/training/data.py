@@ -121,9 +121,9 @@ def builtin_preferences(task_name: str, seed: int) -> tuple[list[dict], list[dic
     task = load_task(task_name, seed=seed)
 
     def pairs(rows):
-        return [{"prompt": task.template.format(text=text), "chosen": task.label_words[label],
-                 "rejected": task.label_words[1 - label] if len(task.label_words) == 2 else task.label_words[0]}
-                for text, label in rows]
+        words = task.label_words  # rejected: the next label's word (never the chosen one, also for 3+ classes)
+        return [{"prompt": task.template.format(text=text), "chosen": words[label],
+                 "rejected": words[(label + 1) % len(words)]} for text, label in rows]
     return pairs(task.train), pairs(task.eval)
 
 

@@ -41,7 +41,37 @@ def method_options(cfg: TrainConfig):
 
     return MethodOptions(rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, rslora=cfg.rslora,
                          target_modules=tuple(cfg.target_modules), num_virtual_tokens=cfg.num_virtual_tokens,
-                         adapter_size=cfg.adapter_size, adapter_placement=cfg.adapter_placement)
+                         ia3_target_modules=tuple(cfg.ia3_target_modules),
+                         ia3_feedforward_modules=tuple(cfg.ia3_feedforward_modules),
+                         adapter_size=cfg.adapter_size, adapter_placement=cfg.adapter_placement,
+                         adapter_activation=cfg.adapter_activation)
+
+
+def maybe_patch(model, cfg: TrainConfig, device, log) -> bool:
+    """--patch-model: fastft.patch_model on the model `apply_method` returned. auto patches on a GPU when the
+    architecture is supported (otherwise one line says why not and training goes on unpatched); on patches
+    or stops with a ConfigError; off leaves the model alone. Returns whether it patched."""
+    import fastft
+
+    if cfg.patch_model == "off":
+        return False
+    if cfg.patch_model == "auto" and device.type != "cuda":
+        log(f"not patched: --patch-model auto patches on a GPU only (device {device.type}; --patch-model on "
+            "patches anyway)")
+        return False
+    try:
+        fastft.patch_model(model)
+    except ValueError as e:
+        if cfg.patch_model == "on":
+            raise ConfigError(f"--patch-model on: {e}") from None
+        log(f"not patched: {e}; training goes on unpatched (--patch-model off silences this)")
+        return False
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    summary = (getattr(base, "_fastft_patch", None) or model._fastft_patch).summary  # bottleneck wrapper: on it
+    log(f"patched by fastft.patch_model: {summary['model_type']}: {summary['rms_norm']} RMSNorm, "
+        f"{summary['glu_mlp']} GLU MLP, {summary['rope_attention']} RoPE attention, attention "
+        f"{summary['attention']}")
+    return True
 
 
 def lr_factor(cfg: TrainConfig):
@@ -262,6 +292,12 @@ def train(cfg: TrainConfig) -> dict:
         log(_describe("before", history["eval_before"]))
 
     model = apply_method(model, cfg.method, method_options(cfg))
+    patched = maybe_patch(model, cfg, device, log)
+    attention = (model.get_base_model() if hasattr(model, "get_base_model") else model).config._attn_implementation
+    if attention != cfg.attn_implementation:  # prefix tuning and patching run fastft's attention
+        log(f"attention: {attention} (set by {'--patch-model' if patched else f'--method {cfg.method}'}), not "
+            f"--attn-implementation {cfg.attn_implementation}")
+    make_batch.flash_kwargs = attention == "fastft"  # packed rows then carry their document boundaries
     if cfg.gradient_checkpointing:
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         enable = getattr(base, "activation_checkpointing_enable", None)  # transformers >= 5.x; older: the alias
@@ -291,7 +327,7 @@ def train(cfg: TrainConfig) -> dict:
         objective = accelerator.unwrap_model(prepared)
     inner = objective.model
     torch_optimizer = getattr(optimizer, "optimizer", optimizer)
-    is_peft = hasattr(inner, "peft_config")
+    is_peft = cfg.method != "full"  # an adapter is saved: peft's format, or the bottleneck adapter's own
     distribution = {"type": "FSDP2 (fully_shard)" if sharded_here else accelerator.distributed_type.value,
                     "sharded": ckpt.is_sharded(inner)}
     log(f"distribution: {distribution['type']}{' (parameters sharded)' if distribution['sharded'] else ''}")
@@ -368,9 +404,10 @@ def train(cfg: TrainConfig) -> dict:
 
     after = evaluate(objective, eval_records, make_batch, cfg.eval_batch_size, accelerator)
     log(_describe("after", after))
-    # merging needs the whole model in one process (a copy of it): not under FSDP2's shards
+    # merging needs the whole model in one process (a copy of it): not under FSDP2's shards; not for dpo, whose
+    # reference (the adapter-free model) a merged model no longer has
     merged = _evaluate_merges(inner, objective, eval_records, make_batch, cfg, accelerator, log) \
-        if cfg.method == "qlora" and eval_records and not sharded_here else None
+        if cfg.method == "qlora" and eval_records and not sharded_here and cfg.objective != "dpo" else None
     if after is not None:
         runlog.write({"step": cfg.steps, "eval": after})
     runlog.close()

@@ -33,15 +33,18 @@ class BottleneckAdapter(nn.Module):
 
 
 class AdapterAfter(nn.Module):
-    """`base_layer` (a sublayer's output projection), then the adapter on its output."""
+    """`base_layer` (a sublayer's output projection), then the adapter on its output (skipped while
+    `disabled`: BottleneckAdapterModel.disable_adapter, e.g. DPO's adapter-free reference)."""
 
     def __init__(self, base_layer: nn.Module, adapter: BottleneckAdapter):
         super().__init__()
         self.base_layer = base_layer
         self.adapter = adapter
+        self.disabled = False
 
     def forward(self, x, *args, **kwargs):
-        return self.adapter(self.base_layer(x, *args, **kwargs))
+        out = self.base_layer(x, *args, **kwargs)
+        return out if self.disabled else self.adapter(out)
 
     def get_base_layer(self) -> nn.Module:
         return self.base_layer

@@ -9,6 +9,7 @@ tensor against the model before loading.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -46,6 +47,19 @@ class BottleneckAdapterModel(nn.Module):
     def get_base_model(self) -> nn.Module:
         return self.base_model
 
+    @contextlib.contextmanager
+    def disable_adapter(self):
+        """The base model alone inside the block (peft's PeftModel.disable_adapter): DPO's reference."""
+        layers = [m for m in self.base_model.modules() if isinstance(m, AdapterAfter)]
+        before = [m.disabled for m in layers]
+        for m in layers:
+            m.disabled = True
+        try:
+            yield
+        finally:
+            for m, was in zip(layers, before):
+                m.disabled = was
+
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v.detach() for k, v in self.base_model.state_dict().items() if ".adapter." in k}
 
@@ -57,12 +71,18 @@ class BottleneckAdapterModel(nn.Module):
         trainable, total = self.get_nb_trainable_parameters()
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
 
-    def save_pretrained(self, path, **kwargs) -> None:
+    def save_pretrained(self, path, state_dict: dict | None = None, **kwargs) -> None:
+        """Writes the adapter; `state_dict`: this wrapper's weights gathered elsewhere (e.g. from FSDP2 shards,
+        keys as in `self.named_parameters()`), of which the adapter tensors are saved."""
         from safetensors.torch import save_file
 
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.contiguous().cpu() for k, v in self.adapter_state_dict().items()}
+        if state_dict is None:
+            state_dict = self.adapter_state_dict()
+        else:
+            state_dict = {k.removeprefix("base_model."): v for k, v in state_dict.items() if ".adapter." in k}
+        tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
         _atomic(path / WEIGHTS_NAME, lambda f: save_file(tensors, f, metadata={"format": "pt"}))
         text = json.dumps(self.adapter_config.to_dict(), indent=2, sort_keys=True)
         _atomic(path / CONFIG_NAME, lambda f: Path(f).write_text(text))
