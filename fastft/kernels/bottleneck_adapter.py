@@ -21,7 +21,7 @@ import torch
 
 from fastft.kernels.autotune import tuner
 from fastft.kernels.runtime import INTERPRET, cdiv, triton
-from fastft.kernels.shared import bucket, dot_precision, upcast
+from fastft.kernels.shared import bucket, dot_precision, unit_stride, upcast
 
 import triton.language as tl
 
@@ -138,6 +138,7 @@ def up_residual(res: torch.Tensor, lo: torch.Tensor, t: torch.Tensor, bias: torc
     """res + lo·tᵀ (+ bias): res [M, N], lo [M, R] contiguous, t logical [N, R] (any strides), bias [N] or None."""
     M, N = res.shape
     R = lo.shape[1]
+    bias = unit_stride(bias)
     out = torch.empty((M, N), device=res.device, dtype=res.dtype)
 
     def launch(cfg):

@@ -27,7 +27,7 @@ import warnings
 import torch
 
 from fastft.kernels.autotune import tuner
-from fastft.kernels.shared import bucket, dot_precision, dropout_keep, tile_coords, upcast
+from fastft.kernels.shared import bucket, dot_precision, dropout_keep, tile_coords, unit_stride, upcast
 from fastft.kernels.runtime import (
     INTERPRET,
     cdiv,
@@ -279,11 +279,6 @@ def _reduce_configs(elem_bytes: int) -> list[dict]:
                                     (32, 128, 4, 4, 4), (128, 128, 2, 8, 3)]]
 
 
-def unit_stride_bias(bias):
-    """The kernels read bias[n] at bias_ptr + n: a strided or expanded (stride-0) bias is copied first (N elements)."""
-    return bias if bias is None or bias.stride(0) == 1 else bias.contiguous()
-
-
 def rank_pad(r: int) -> int:
     return max(16, next_power_of_2(r))
 
@@ -306,7 +301,7 @@ def lora_gemm(a, b, lo, t, bias, *, b_nk: bool, p_drop: float = 0.0, seed: int =
     c = torch.empty((M, N), device=a.device, dtype=a.dtype)
     if not has_tail:
         lo = t = c  # never read
-    bias = unit_stride_bias(bias)
+    bias = unit_stride(bias)
     # logical b[n, k] and t[n, r] strides, whatever the storage
     stride_bn, stride_bk = (b.stride(0), b.stride(1)) if b_nk else (b.stride(1), b.stride(0))
     stride_tn, stride_tr = (t.stride(0), t.stride(1)) if b_nk else (t.stride(1), t.stride(0))

@@ -18,6 +18,7 @@ import torch
 
 from fastft.kernels.rounding import emulate_rtne, round_to
 from fastft.kernels.runtime import cdiv, device_sms, next_power_of_2, triton
+from fastft.kernels.shared import unit_stride
 
 import triton.language as tl
 
@@ -82,6 +83,7 @@ def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: 
                      out_dtype: torch.dtype, residual: torch.Tensor | None = None):
     """(y, h, rstd) for rows x (M, N); h is None without a residual (then h is x itself)."""
     M, N = x.shape
+    weight = unit_stride(weight)
     block_n = next_power_of_2(N)
     y = torch.empty((M, N), dtype=out_dtype, device=x.device)
     rstd = torch.empty((M,), dtype=torch.float32, device=x.device)
@@ -101,6 +103,7 @@ def rms_norm_backward(dy: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, r
                       dh_in: torch.Tensor | None, need_dw: bool):
     """(dh, dw): dh in h's dtype (the gradient of x and of the residual), dw in fp32 or None."""
     M, N = h.shape
+    weight = unit_stride(weight)
     block_n = next_power_of_2(N)
     dx = torch.empty((M, N), dtype=h.dtype, device=h.device)
     programs = max(1, min(M, 4 * device_sms(h.device)))

@@ -43,3 +43,9 @@ def upcast(dtype: torch.dtype) -> bool:
 def bucket(n: int) -> int:
     """Tuning keys use powers of two so token counts that change every step do not re-tune every step."""
     return next_power_of_2(max(1, int(n)))
+
+
+def unit_stride(vector: torch.Tensor | None) -> torch.Tensor | None:
+    """Kernels read a per-column vector (bias, norm weight) at ptr + n: a strided or expanded (stride-0) one is
+    copied first (N elements); None stays None."""
+    return vector if vector is None or vector.stride(-1) == 1 else vector.contiguous()
