@@ -265,3 +265,68 @@ def attention_with_grads(q, k, v, do, *, causal=False, scale=None, cu_seqlens=No
     grads = {n: join(grads[n]) for n in grads} | pgrads
     mags = {n: join(mags[n]) for n in mags} | pmags
     return join(outs), join(omags), grads, mags, join(smags)
+
+
+# ----------------------------------------------------------------------------------------------
+# Layer ops: RMSNorm, RoPE, gated linear units (elementwise / row-wise; grads by autograd on fp64)
+
+def rms_norm_with_grads(h, w, eps, offset, dy, dh=None):
+    """fp64 (y, dh_total, dw, mags) of y = (offset + w)·h/sqrt(mean(h²) + eps) for rows h (M, N) (the residual sum
+    is formed by the caller); dh_total = ∂/∂h of <y, dy> (+ dh, the gradient arriving at the h output).
+    mags: y: (|w| + |offset|)·|ĥ|; dh: r·((|w|+|o|)|dy| + |ĥ|·mean(|ĥ|(|w|+|o|)|dy|)) + |dh|; dw: Σ_rows |dy||ĥ|."""
+    h, w, dy = f64(h).clone().requires_grad_(), f64(w).clone().requires_grad_(), f64(dy)
+    r = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    y = (offset + w) * (h * r)
+    gh, gw = torch.autograd.grad(y, [h, w], dy)
+    if dh is not None:
+        gh = gh + f64(dh)
+    r, hh = r.detach(), (h * r).detach().abs()
+    wa = w.detach().abs() + abs(offset)
+    mag_y = wa * hh
+    mag_dh = r * (wa * dy.abs() + hh * (hh * wa * dy.abs()).mean(-1, keepdim=True))
+    if dh is not None:
+        mag_dh = mag_dh + f64(dh).abs()
+    return y.detach(), gh, gw, {"y": mag_y, "x": mag_dh, "weight": (dy.abs() * hh).sum(0)}
+
+
+def rotate_half(x):
+    d = x.shape[-1] // 2
+    return torch.cat([-x[..., d:], x[..., :d]], dim=-1)
+
+
+def rope_with_grads(q, cos, sin, do):
+    """fp64 (o, dq, o_mag, dq_mag) of o = q·cos + rotate_half(q)·sin, cos/sin already broadcast to q's shape."""
+    q, c, s, do = f64(q).clone().requires_grad_(), f64(cos), f64(sin), f64(do)
+    o = q * c + rotate_half(q) * s
+    (dq,) = torch.autograd.grad(o, [q], do)
+    qa, ca, sa, da = q.detach().abs(), c.abs(), s.abs(), do.abs()
+    o_mag = qa * ca + rotate_half(qa).abs() * sa
+    dq_mag = da * ca + rotate_half(da * sa).abs()  # the transpose of rotate_half moves |do·sin| the other way
+    return o.detach(), dq, o_mag, dq_mag
+
+
+GELU_K, GELU_C = math.sqrt(2.0 / math.pi), 0.044715
+
+
+def glu_with_grads(gate, up, dy, gelu: bool):
+    """fp64 (y, d_gate, d_up, mags) of act(gate)·up, act = silu or gelu_tanh.
+    mags: the activation and its derivative with every term of their formulas at its absolute value
+    (silu' = σ(1 + g(1 − σ)) → σ(1 + |g|(1 − σ)); gelu: ½|g|(1 + |t|), ½(1 + |t|) + ½|g|(1 − t²)|u'|)."""
+    g, u, dy = f64(gate).clone().requires_grad_(), f64(up).clone().requires_grad_(), f64(dy)
+    if gelu:
+        a = 0.5 * g * (1.0 + torch.tanh(GELU_K * (g + GELU_C * g**3)))
+    else:
+        a = g * torch.sigmoid(g)
+    y = a * u
+    dg, du = torch.autograd.grad(y, [g, u], dy)
+    g, u, a = g.detach(), u.detach(), a.detach()
+    if gelu:
+        t = torch.tanh(GELU_K * (g + GELU_C * g**3))
+        a_mag = 0.5 * g.abs() * (1.0 + t.abs())
+        da_mag = 0.5 * (1.0 + t.abs()) + 0.5 * g.abs() * (1.0 - t * t) * GELU_K * (1.0 + 3 * GELU_C * g * g)
+    else:
+        sg = torch.sigmoid(g)
+        a_mag = a.abs()
+        da_mag = sg * (1.0 + g.abs() * (1.0 - sg))
+    mags = {"y": a_mag * u.abs(), "gate": dy.abs() * u.abs() * da_mag, "up": dy.abs() * a_mag}
+    return y.detach(), dg, du, mags
