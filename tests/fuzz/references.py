@@ -330,3 +330,97 @@ def glu_with_grads(gate, up, dy, gelu: bool):
         da_mag = sg * (1.0 + g.abs() * (1.0 - sg))
     mags = {"y": a_mag * u.abs(), "gate": dy.abs() * u.abs() * da_mag, "up": dy.abs() * a_mag}
     return y.detach(), dg, du, mags
+
+
+# ----------------------------------------------------------------------------------------------
+# Fused linear losses (cross-entropy, KL, sequence log-probs): row losses of logits z = h·Wᵀ + b.
+#
+# The bound follows the logits' error through the loss by the mean value theorem. Each logit the op makes is
+# off by at most e = (n·u + λ·sqrt(H)·u32)·(|h|·|W|ᵀ + |b|) (`logit_error`). Along the segment between the
+# exact and the computed logits, softmax probabilities change by a factor within exp(±2Δ), Δ = max_j e_j of
+# the row, so with ρ = expm1(2Δ + 2·r) (r: the row's own fp32 arithmetic, below) a row loss with gradient
+# p − (target) is off by <= (1 + ρ)·Σ p·e + Σ |target|·e, and its gradient p − target by <= ρ·p elementwise.
+# fp32 row arithmetic (exp, log, the length-V sums): r = (8 + λ·sqrt(V))·u32·(1 + max|z| + |lse|) absolute.
+
+def logit_error(h, W, b, dtype, n_round: int, scale: float = 1.0):
+    """(z, e): fp64 logits of (T, H) rows times `scale`, and the bound on the op's error in each."""
+    h, W, b = f64(h), f64(W), f64(b)
+    z = h @ W.t() + (0 if b is None else b)
+    mz = h.abs() @ W.abs().t() + (0 if b is None else b.abs())
+    e = (n_round * UNIT_ROUNDOFF[dtype] + LAMBDA * UNIT_ROUNDOFF[torch.float32] * math.sqrt(max(1, h.shape[-1])))
+    return z * scale, (e * mz + n_round * SUBNORMAL[dtype]) * abs(scale)
+
+
+def _row_fp32(z, lse):
+    V = z.shape[-1]
+    r32 = (8.0 + LAMBDA * math.sqrt(max(1, V))) * UNIT_ROUNDOFF[torch.float32]
+    return r32, r32 * (1.0 + z.abs().amax(-1) + lse.abs())
+
+
+def ce_rows(z, e, labels, ignore_index, label_smoothing=0.0, softcap=None):
+    """Per row of exact logits z (T, V) with error bounds e: (loss, dloss/dz, loss_err, dz_mag, dz_err).
+    loss = lse(z̃) − (1−ε)·z̃_y − ε/V·Σ z̃ with z̃ = c·tanh(z/c) (softcap c; 1-Lipschitz, so e bounds z̃ too);
+    rows whose label is ignore_index are 0 with 0 gradient."""
+    T, V = z.shape
+    valid = labels != ignore_index
+    y = torch.where(valid, labels, 0)
+    zt = z if softcap is None else softcap * torch.tanh(z / softcap)
+    lse = torch.logsumexp(zt, -1) if V else z.new_zeros(T)
+    p = torch.softmax(zt, -1)
+    eps = float(label_smoothing)
+    target = (1 - eps) * torch.nn.functional.one_hot(y, V).double() + eps / V
+    loss = (lse - (target * zt).sum(-1)).where(valid, 0.0)
+    dsc = 1.0 if softcap is None else 1.0 - (zt / softcap) ** 2
+    dz = ((p - target) * dsc).where(valid[:, None], 0.0)
+    r32, row_abs = _row_fp32(zt, lse)
+    rho = torch.expm1(2 * e.amax(-1) + 2 * row_abs)[:, None]
+    loss_err = ((1 + rho[:, 0]) * (p * e).sum(-1) + (target * e).sum(-1) + row_abs).where(valid, 0.0)
+    dz_mag = (p + target).where(valid[:, None], 0.0)
+    # the softcap factor 1 − tanh² moves by at most (4/(3√3))/c per unit of logit error
+    cap = 0.0 if softcap is None else (4 / (3 * math.sqrt(3))) / softcap * e
+    dz_err = (rho * p + cap * dz_mag + r32 * dz_mag).where(valid[:, None], 0.0)
+    return loss, dz, loss_err, dz_mag, dz_err
+
+
+def kl_rows(zs, es, zt, et, reverse: bool):
+    """Per row of student / teacher logits (already /τ) with error bounds: (kl, dkl/dzs, kl_err, dz_mag, dz_err).
+    forward: KL(p_t‖p_s), gradient p_s − p_t; reverse: KL(p_s‖p_t), gradient p_s∘(d − Σp_s·d), d = log p_s −
+    log p_t. The teacher term of the forward's error: ∂KL/∂z_t = p_t∘(d_t − Σ p_t·d_t) with d_t = −d, bounded
+    by (1 + ρ_t)·p_t·(|d| + max|d| + 4Δ) along the segment (and symmetrically for reverse)."""
+    ls, lt = torch.log_softmax(zs, -1), torch.log_softmax(zt, -1)
+    ps, pt = ls.exp(), lt.exp()
+    Ds, Dt = es.amax(-1, keepdim=True), et.amax(-1, keepdim=True)
+    r32, abs_s = _row_fp32(zs, torch.logsumexp(zs, -1))
+    _, abs_t = _row_fp32(zt, torch.logsumexp(zt, -1))
+    row_abs = (abs_s + abs_t)[:, None]
+    rho_s, rho_t = torch.expm1(2 * Ds + 2 * row_abs), torch.expm1(2 * Dt + 2 * row_abs)
+    if not reverse:
+        d = lt - ls
+        kl = (pt * d).sum(-1)
+        dz = ps - pt
+        dmax = d.abs().amax(-1, keepdim=True)
+        err = ((1 + rho_s) * ps * es + pt * es).sum(-1) + ((1 + rho_t) * pt * (d.abs() + dmax + 4 * Dt) * et).sum(-1)
+        dz_mag = ps + pt
+        dz_err = rho_s * ps + rho_t * pt + r32 * dz_mag
+    else:
+        d = ls - lt
+        kl = (ps * d).sum(-1)
+        dbar = (ps * d).sum(-1, keepdim=True)
+        dz = ps * (d - dbar)
+        dmax = d.abs().amax(-1, keepdim=True)
+        err = ((1 + rho_s) * ps * (d.abs() + dmax + 4 * Ds) * es).sum(-1) + ((1 + rho_t) * pt * et + ps * et).sum(-1)
+        pabs = (ps * d.abs()).sum(-1, keepdim=True)
+        dz_mag = ps * (d.abs() + pabs)
+        dz_err = rho_s * ps * (d - dbar).abs() + (1 + rho_s) * ps * (4 * (Ds + Dt) + rho_s * pabs) + r32 * dz_mag
+    err = err * (1 + rho_s[:, 0]) * (1 + rho_t[:, 0]) + row_abs[:, 0] * (1 + dmax[:, 0])  # cross terms; fp32 log ratios
+    return kl, dz, err, dz_mag, dz_err
+
+
+def head_grads(h, W, w_rows, dz, dz_mag, dz_err):
+    """Gradients of Σ_t w_t·loss_t through z = h·Wᵀ + b, given dloss/dz per row: {x, weight, bias} each as
+    (exact, magnitude, absolute error inherited from dz_err)."""
+    h, W, w = f64(h), f64(W), f64(w_rows)[:, None]
+    G, Gm, Ge = w * dz, w.abs() * dz_mag, w.abs() * dz_err
+    return {"x": (G @ W, Gm @ W.abs(), Ge @ W.abs()),
+            "weight": (G.t() @ h, Gm.t() @ h.abs(), Ge.t() @ h.abs()),
+            "bias": (G.sum(0), Gm.sum(0), Ge.sum(0))}
