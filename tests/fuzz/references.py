@@ -424,3 +424,100 @@ def head_grads(h, W, w_rows, dz, dz_mag, dz_err):
     return {"x": (G @ W, Gm @ W.abs(), Ge @ W.abs()),
             "weight": (G.t() @ h, Gm.t() @ h.abs(), Ge.t() @ h.abs()),
             "bias": (G.sum(0), Gm.sum(0), Ge.sum(0))}
+
+
+# ----------------------------------------------------------------------------------------------
+# PEFT method ops: DoRA, IA3, bottleneck adapters
+
+def grads_and_mags(fn, values: dict, dy, abs_values: dict | None = None):
+    """fp64 (y, grads, y_mag, grad_mags) of y = fn(**values) for a function multilinear in the tensors that need
+    a gradient (None-valued and non-tensor entries pass through): the magnitudes are the same function at
+    |values| (or `abs_values`) with |dy|, so every summed term counts with its absolute value."""
+    def run(vals, dy_):
+        vals = {n: (t.clone().requires_grad_() if isinstance(t, torch.Tensor) else t) for n, t in vals.items()}
+        y = fn(**vals)
+        names = [n for n, t in vals.items() if isinstance(t, torch.Tensor)]
+        gs = torch.autograd.grad(y, [vals[n] for n in names], dy_, allow_unused=True)
+        return y.detach(), {n: (torch.zeros_like(vals[n]) if g is None else g) for n, g in zip(names, gs)}
+
+    vals = {n: (f64(t) if isinstance(t, torch.Tensor) else t) for n, t in values.items()}
+    y, grads = run(vals, f64(dy))
+    if abs_values is None:
+        abs_values = {n: (t.abs() if isinstance(t, torch.Tensor) else (abs(t) if isinstance(t, float) else t))
+                      for n, t in vals.items()}
+    ymag, gmags = run(abs_values, f64(dy).abs())
+    return y, grads, ymag, gmags
+
+
+def dora_math(x, weight, bias, lora_A, lora_B, magnitude, scaling, row_norm):
+    """y = (m / ‖W + s·B·A‖_row)·(x·Wᵀ + s·(x·Aᵀ)·Bᵀ) + b, the row norm a constant (detached, as DoRA does)."""
+    z = x @ weight.t() + scaling * ((x @ lora_A.t()) @ lora_B.t())
+    y = (magnitude / row_norm) * z
+    return y if bias is None else y + bias
+
+
+def dora_row_norm_error(W, A, B, s, dtype):
+    """(‖W + s·B·A‖_row exact, relative error bound of the op's σ = m/‖·‖). The op forms ‖W'‖² = ‖W‖² + 2s·Σ B∘(W·Aᵀ)
+    + s²·B(A·Aᵀ)Bᵀ: W·Aᵀ rounded once to the compute dtype, the rest fp32 (lengths K, r, r); the error of the sum is
+    at most that times M² = Σ_k (|W| + |s|·|B|·|A|)², and ‖·‖ halves a relative error; σ is then one division."""
+    W, A, B = f64(W), f64(A), f64(B)
+    Wp = W + s * (B @ A)
+    sq = (Wp * Wp).sum(1)
+    M2 = ((W.abs() + abs(s) * (B.abs() @ A.abs())) ** 2).sum(1)
+    u32 = UNIT_ROUNDOFF[torch.float32]
+    K, r = W.shape[1], A.shape[0]
+    c = UNIT_ROUNDOFF[dtype] + LAMBDA * u32 * (math.sqrt(max(K, 1)) + 2 * math.sqrt(max(r, 1))) + 8 * u32
+    return sq.sqrt(), c * M2 / (2 * sq) + 2 * u32
+
+
+ACT_LIPSCHITZ = 1.13  # max |act'| over relu, tanh, silu (1.0998) and gelu_tanh (1.129)
+ACT_CURVATURE = 1.0  # max |act''| over tanh (0.77), silu (0.5) and gelu_tanh (0.80); relu's is a jump at 0
+
+
+def _act(name, p):
+    if name == "relu":
+        return torch.relu(p)
+    if name == "tanh":
+        return torch.tanh(p)
+    if name == "silu":
+        return p * torch.sigmoid(p)
+    return 0.5 * p * (1.0 + torch.tanh(GELU_K * (p + GELU_C * p**3)))
+
+
+def bottleneck_with_grads(h, D, bd, U, bu, activation, dy, pre_rel: float):
+    """fp64 y = h + act(h·Dᵀ + b_d)·Uᵀ + b_u, its gradients, and for each (magnitude, absolute extra).
+
+    The pre-activation p is off by <= pre_rel·mag_p (mag_p = |h|·|D|ᵀ + |b_d|, pre_rel = n·u + λ·sqrt(N)·u32 from
+    the caller); act is ACT_LIPSCHITZ-Lipschitz, so z = act(p) counts with magnitude |z| + L·mag_p, and act'(p)
+    with |act'| + ACT_CURVATURE·mag_p (smooth) — for relu, act' may flip wherever |p| <= pre_rel·mag_p, an
+    absolute error of |dz| there, carried as the `extra` of the gradients downstream."""
+    shape = tuple(h.shape)
+    h, dy = h.reshape(-1, shape[-1]), dy.reshape(-1, shape[-1])
+    vals = dict(h=h, D=D, bd=bd, U=U, bu=bu)
+    v = {n: (None if t is None else f64(t).clone().requires_grad_()) for n, t in vals.items()}
+    p = v["h"] @ v["D"].t() + (0 if v["bd"] is None else v["bd"])
+    z = _act(activation, p)
+    y = v["h"] + z @ v["U"].t() + (0 if v["bu"] is None else v["bu"])
+    names = [n for n in vals if v[n] is not None]
+    gs = dict(zip(names, torch.autograd.grad(y, [v[n] for n in names], f64(dy))))
+    hA, DA, UA, dyA = (f64(t).abs() for t in (h, D, U, dy))
+    p, z = p.detach(), z.detach()
+    mag_p = hA @ DA.t() + (0 if bd is None else f64(bd).abs())
+    zmag = z.abs() + ACT_LIPSCHITZ * mag_p
+    pp = p.clone().requires_grad_()
+    (da,) = torch.autograd.grad(_act(activation, pp).sum(), [pp])
+    dzmag = dyA @ UA
+    if activation == "relu":
+        damag = da.abs()
+        dp_extra = dzmag * (p.abs() <= pre_rel * mag_p).double()
+    else:
+        damag = da.abs() + ACT_CURVATURE * mag_p
+        dp_extra = torch.zeros_like(p)
+    dpmag = dzmag * damag
+    zero = lambda t: torch.zeros_like(t)  # noqa: E731
+    mags = {"h": (dyA + dpmag @ DA, dp_extra @ DA), "D": (dpmag.t() @ hA, dp_extra.t() @ hA),
+            "bd": (dpmag.sum(0), dp_extra.sum(0)), "U": (dyA.t() @ zmag, zero(UA)), "bu": (dyA.sum(0), 0.0)}
+    ymag = hA + zmag @ UA.t() + (0 if bu is None else f64(bu).abs())
+    gs["h"] = gs["h"].view(shape)
+    mags["h"] = tuple(t.view(shape) for t in mags["h"])
+    return y.detach().view(shape), gs, ymag.view(shape), mags
