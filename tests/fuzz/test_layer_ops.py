@@ -33,14 +33,14 @@ RMS_EXTRA = 8 * U32
 RMS_WEIGHT_LAYOUTS = ("contiguous", "offset")
 
 
-def _rms_problem(data, max_rows=24, max_n=64, weight_layouts=RMS_WEIGHT_LAYOUTS):
+def _rms_problem(data, max_rows=24, max_n=64, weight_layouts=RMS_WEIGHT_LAYOUTS, min_n=1):
     dtype = data.draw(float_dtypes(), label="dtype")
     offset = data.draw(st.sampled_from([0.0, 1.0]), label="offset")
     cast = data.draw(st.sampled_from([None, "input", "fp32"]), label="cast")
     eff_cast = cast or ("input" if offset == 0.0 else "fp32")
     w_dtype = data.draw(st.sampled_from([dtype, torch.float32]), label="weight dtype") if eff_cast == "input" else dtype
     lead = data.draw(st.sampled_from([(), (2,), (1, 3)]), label="leading dims")
-    M, N = dim(data, 1, max_rows, label="rows"), dim(data, 1, max_n, label="N")
+    M, N = dim(data, 1, max_rows, label="rows"), dim(data, min_n, max_n, label="N")
     eps = data.draw(st.sampled_from([1e-6, 1e-5, 0.5]), label="eps")
     x = tensor(data, lead + (M, N), dtype, label="x", requires_grad=True)
     w = tensor(data, (N,), w_dtype, label="weight", requires_grad=True, scale=0.5, layouts=weight_layouts)
@@ -96,10 +96,11 @@ def test_rms_norm(data, backend):
 @pytest.mark.xfail(strict=True, reason="rms_norm backend='triton' ignores weight's stride (kernels read "
                    "w_ptr + cols): a strided weight (torch.randn(16)[::2]) or a stride-0 one "
                    "(torch.tensor([.5]).expand(8)) gives wrong y and dx; the torch backend is right")
-@fuzz(4)
+@fuzz(3)
 @given(data=st.data())
 def test_rms_norm_strided_weight(data):
-    args, dy, dh = _rms_problem(data, weight_layouts=("last_strided", "expanded"))
+    # min_n=2: a one-element weight has no stride to ignore
+    args, dy, dh = _rms_problem(data, weight_layouts=("last_strided", "expanded"), min_n=2)
     _check_rms(args, dy, dh, "triton")
 
 

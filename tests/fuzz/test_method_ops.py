@@ -136,20 +136,20 @@ BOTTLENECK_N_ROUND = 8
 UP_BIAS_LAYOUTS = ("contiguous", "offset")
 
 
-def _bottleneck_case(data, backend, up_bias_layouts=UP_BIAS_LAYOUTS):
+def _bottleneck_case(data, backend, up_bias_layouts=UP_BIAS_LAYOUTS, force_up_bias=False):
     op = "bottleneck_adapter"
     dtype = data.draw(float_dtypes(), label="dtype")
     wdtype = data.draw(st.sampled_from([dtype, torch.float32]), label="adapter dtype")
     act = data.draw(st.sampled_from(ACTIVATIONS), label="activation")
     lead = _lead(data)
-    M, N, r = dim(data, 1, 24, label="rows"), dim(data, 1, 48, label="N"), dim(data, 1, 33, label="r")
+    M, N, r = dim(data, 1, 24, label="rows"), dim(data, 2 if force_up_bias else 1, 48, label="N"), dim(data, 1, 33, label="r")
     g = dict(requires_grad=True)
     h = tensor(data, lead + (M, N), dtype, label="h", **g)
     D = tensor(data, (r, N), wdtype, label="down_weight", scale=0.3, **g)
     U = tensor(data, (N, r), wdtype, label="up_weight", **g)
     bd = tensor(data, (r,), wdtype, label="down_bias", **g) if data.draw(st.booleans(), label="down bias") else None
     bu = tensor(data, (N,), wdtype, label="up_bias", layouts=up_bias_layouts, **g) \
-        if data.draw(st.booleans(), label="up bias") else None
+        if force_up_bias or data.draw(st.booleans(), label="up bias") else None
     dy = tensor(data, lead + (M, N), dtype, label="dy")
     y = bottleneck_adapter(h, D, bd, U, bu, act, backend=backend)
     inputs = {n: t for n, t in (("h", h), ("D", D), ("bd", bd), ("U", U), ("bu", bu)) if t is not None}
@@ -174,7 +174,7 @@ def test_bottleneck_adapter(data, backend):
 @pytest.mark.xfail(strict=True, reason="bottleneck_adapter backend='triton' ignores up_bias's stride: "
                    "h, D, U = randn(3, 8), randn(4, 8), randn(8, 4); up_bias = randn(16)[::2] differs from the "
                    "torch backend by 1.5 (up_bias = tensor([.5]).expand(8): by 3e29); down_bias views are right")
-@fuzz(4)
+@fuzz(3)
 @given(data=st.data())
 def test_bottleneck_adapter_strided_up_bias(data):
-    _bottleneck_case(data, "triton", up_bias_layouts=("last_strided", "expanded"))
+    _bottleneck_case(data, "triton", up_bias_layouts=("last_strided", "expanded"), force_up_bias=True)
