@@ -265,3 +265,259 @@ def attention_with_grads(q, k, v, do, *, causal=False, scale=None, cu_seqlens=No
     grads = {n: join(grads[n]) for n in grads} | pgrads
     mags = {n: join(mags[n]) for n in mags} | pmags
     return join(outs), join(omags), grads, mags, join(smags)
+
+
+# ----------------------------------------------------------------------------------------------
+# Layer ops: RMSNorm, RoPE, gated linear units (elementwise / row-wise; grads by autograd on fp64)
+
+def rms_norm_with_grads(h, w, eps, offset, dy, dh=None):
+    """fp64 (y, dh_total, dw, mags) of y = (offset + w)·h/sqrt(mean(h²) + eps) for rows h (M, N) (the residual sum
+    is formed by the caller); dh_total = ∂/∂h of <y, dy> (+ dh, the gradient arriving at the h output).
+    mags: y: (|w| + |offset|)·|ĥ|; dh: r·((|w|+|o|)|dy| + |ĥ|·mean(|ĥ|(|w|+|o|)|dy|)) + |dh|; dw: Σ_rows |dy||ĥ|."""
+    h, w, dy = f64(h).clone().requires_grad_(), f64(w).clone().requires_grad_(), f64(dy)
+    r = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    y = (offset + w) * (h * r)
+    gh, gw = torch.autograd.grad(y, [h, w], dy)
+    if dh is not None:
+        gh = gh + f64(dh)
+    r, hh = r.detach(), (h * r).detach().abs()
+    wa = w.detach().abs() + abs(offset)
+    mag_y = wa * hh
+    mag_dh = r * (wa * dy.abs() + hh * (hh * wa * dy.abs()).mean(-1, keepdim=True))
+    if dh is not None:
+        mag_dh = mag_dh + f64(dh).abs()
+    return y.detach(), gh, gw, {"y": mag_y, "x": mag_dh, "weight": (dy.abs() * hh).sum(0)}
+
+
+def rotate_half(x):
+    d = x.shape[-1] // 2
+    return torch.cat([-x[..., d:], x[..., :d]], dim=-1)
+
+
+def rope_with_grads(q, cos, sin, do):
+    """fp64 (o, dq, o_mag, dq_mag) of o = q·cos + rotate_half(q)·sin, cos/sin already broadcast to q's shape."""
+    q, c, s, do = f64(q).clone().requires_grad_(), f64(cos), f64(sin), f64(do)
+    o = q * c + rotate_half(q) * s
+    (dq,) = torch.autograd.grad(o, [q], do)
+    qa, ca, sa, da = q.detach().abs(), c.abs(), s.abs(), do.abs()
+    o_mag = qa * ca + rotate_half(qa).abs() * sa
+    dq_mag = da * ca + rotate_half(da * sa).abs()  # the transpose of rotate_half moves |do·sin| the other way
+    return o.detach(), dq, o_mag, dq_mag
+
+
+GELU_K, GELU_C = math.sqrt(2.0 / math.pi), 0.044715
+
+
+def glu_with_grads(gate, up, dy, gelu: bool):
+    """fp64 (y, d_gate, d_up, mags) of act(gate)·up, act = silu or gelu_tanh.
+    mags: the activation and its derivative with every term of their formulas at its absolute value
+    (silu' = σ(1 + g(1 − σ)) → σ(1 + |g|(1 − σ)); gelu: ½|g|(1 + |t|), ½(1 + |t|) + ½|g|(1 − t²)|u'|)."""
+    g, u, dy = f64(gate).clone().requires_grad_(), f64(up).clone().requires_grad_(), f64(dy)
+    if gelu:
+        a = 0.5 * g * (1.0 + torch.tanh(GELU_K * (g + GELU_C * g**3)))
+    else:
+        a = g * torch.sigmoid(g)
+    y = a * u
+    dg, du = torch.autograd.grad(y, [g, u], dy)
+    g, u, a = g.detach(), u.detach(), a.detach()
+    if gelu:
+        t = torch.tanh(GELU_K * (g + GELU_C * g**3))
+        a_mag = 0.5 * g.abs() * (1.0 + t.abs())
+        da_mag = 0.5 * (1.0 + t.abs()) + 0.5 * g.abs() * (1.0 - t * t) * GELU_K * (1.0 + 3 * GELU_C * g * g)
+    else:
+        sg = torch.sigmoid(g)
+        a_mag = a.abs()
+        da_mag = sg * (1.0 + g.abs() * (1.0 - sg))
+    mags = {"y": a_mag * u.abs(), "gate": dy.abs() * u.abs() * da_mag, "up": dy.abs() * a_mag}
+    return y.detach(), dg, du, mags
+
+
+# ----------------------------------------------------------------------------------------------
+# Fused linear losses (cross-entropy, KL, sequence log-probs): row losses of logits z = h·Wᵀ + b.
+#
+# The bound follows the logits' error through the loss by the mean value theorem. Each logit the op makes is
+# off by at most e = (n·u + λ·sqrt(H)·u32)·(|h|·|W|ᵀ + |b|) (`logit_error`). Along the segment between the
+# exact and the computed logits, softmax probabilities change by a factor within exp(±2Δ), Δ = max_j e_j of
+# the row, so with ρ = expm1(2Δ + 2·r) (r: the row's own fp32 arithmetic, below) a row loss with gradient
+# p − (target) is off by <= (1 + ρ)·Σ p·e + Σ |target|·e, and its gradient p − target by <= ρ·p elementwise.
+# fp32 row arithmetic (exp, log, the length-V sums): r = (8 + λ·sqrt(V))·u32·(1 + max|z| + |lse|) absolute.
+
+def logit_error(h, W, b, dtype, n_round: int, scale: float = 1.0):
+    """(z, e): fp64 logits of (T, H) rows times `scale`, and the bound on the op's error in each."""
+    h, W, b = f64(h), f64(W), f64(b)
+    z = h @ W.t() + (0 if b is None else b)
+    mz = h.abs() @ W.abs().t() + (0 if b is None else b.abs())
+    e = (n_round * UNIT_ROUNDOFF[dtype] + LAMBDA * UNIT_ROUNDOFF[torch.float32] * math.sqrt(max(1, h.shape[-1])))
+    return z * scale, (e * mz + n_round * SUBNORMAL[dtype]) * abs(scale)
+
+
+def _row_fp32(z, lse):
+    V = z.shape[-1]
+    r32 = (8.0 + LAMBDA * math.sqrt(max(1, V))) * UNIT_ROUNDOFF[torch.float32]
+    return r32, r32 * (1.0 + z.abs().amax(-1) + lse.abs())
+
+
+def ce_rows(z, e, labels, ignore_index, label_smoothing=0.0, softcap=None):
+    """Per row of exact logits z (T, V) with error bounds e: (loss, dloss/dz, loss_err, dz_mag, dz_err).
+    loss = lse(z̃) − (1−ε)·z̃_y − ε/V·Σ z̃ with z̃ = c·tanh(z/c) (softcap c; 1-Lipschitz, so e bounds z̃ too);
+    rows whose label is ignore_index are 0 with 0 gradient."""
+    T, V = z.shape
+    valid = labels != ignore_index
+    y = torch.where(valid, labels, 0)
+    zt = z if softcap is None else softcap * torch.tanh(z / softcap)
+    lse = torch.logsumexp(zt, -1) if V else z.new_zeros(T)
+    p = torch.softmax(zt, -1)
+    eps = float(label_smoothing)
+    target = (1 - eps) * torch.nn.functional.one_hot(y, V).double() + eps / V
+    loss = (lse - (target * zt).sum(-1)).where(valid, 0.0)
+    dsc = 1.0 if softcap is None else 1.0 - (zt / softcap) ** 2
+    dz = ((p - target) * dsc).where(valid[:, None], 0.0)
+    r32, row_abs = _row_fp32(zt, lse)
+    rho = torch.expm1(2 * e.amax(-1) + 2 * row_abs)[:, None]
+    loss_err = ((1 + rho[:, 0]) * (p * e).sum(-1) + (target * e).sum(-1) + row_abs).where(valid, 0.0)
+    dz_mag = (p + target).where(valid[:, None], 0.0)
+    # the softcap factor 1 − tanh² moves by at most (4/(3√3))/c per unit of logit error
+    cap = 0.0 if softcap is None else (4 / (3 * math.sqrt(3))) / softcap * e
+    dz_err = (rho * p + cap * dz_mag + r32 * dz_mag).where(valid[:, None], 0.0)
+    return loss, dz, loss_err, dz_mag, dz_err
+
+
+def kl_rows(zs, es, zt, et, reverse: bool):
+    """Per row of student / teacher logits (already /τ) with error bounds: (kl, dkl/dzs, kl_err, dz_mag, dz_err).
+    forward: KL(p_t‖p_s), gradient p_s − p_t; reverse: KL(p_s‖p_t), gradient p_s∘(d − Σp_s·d), d = log p_s −
+    log p_t. The teacher term of the forward's error: ∂KL/∂z_t = p_t∘(d_t − Σ p_t·d_t) with d_t = −d, bounded
+    by (1 + ρ_t)·p_t·(|d| + max|d| + 4Δ) along the segment (and symmetrically for reverse)."""
+    ls, lt = torch.log_softmax(zs, -1), torch.log_softmax(zt, -1)
+    ps, pt = ls.exp(), lt.exp()
+    Ds, Dt = es.amax(-1, keepdim=True), et.amax(-1, keepdim=True)
+    r32, abs_s = _row_fp32(zs, torch.logsumexp(zs, -1))
+    _, abs_t = _row_fp32(zt, torch.logsumexp(zt, -1))
+    row_abs = (abs_s + abs_t)[:, None]
+    rho_s, rho_t = torch.expm1(2 * Ds + 2 * row_abs), torch.expm1(2 * Dt + 2 * row_abs)
+    if not reverse:
+        d = lt - ls
+        kl = (pt * d).sum(-1)
+        dz = ps - pt
+        dmax = d.abs().amax(-1, keepdim=True)
+        err = ((1 + rho_s) * ps * es + pt * es).sum(-1) + ((1 + rho_t) * pt * (d.abs() + dmax + 4 * Dt) * et).sum(-1)
+        dz_mag = ps + pt
+        dz_err = rho_s * ps + rho_t * pt + r32 * dz_mag
+    else:
+        d = ls - lt
+        kl = (ps * d).sum(-1)
+        dbar = (ps * d).sum(-1, keepdim=True)
+        dz = ps * (d - dbar)
+        dmax = d.abs().amax(-1, keepdim=True)
+        err = ((1 + rho_s) * ps * (d.abs() + dmax + 4 * Ds) * es).sum(-1) + ((1 + rho_t) * pt * et + ps * et).sum(-1)
+        pabs = (ps * d.abs()).sum(-1, keepdim=True)
+        dz_mag = ps * (d.abs() + pabs)
+        dz_err = rho_s * ps * (d - dbar).abs() + (1 + rho_s) * ps * (4 * (Ds + Dt) + rho_s * pabs) + r32 * dz_mag
+    err = err * (1 + rho_s[:, 0]) * (1 + rho_t[:, 0]) + row_abs[:, 0] * (1 + dmax[:, 0])  # cross terms; fp32 log ratios
+    return kl, dz, err, dz_mag, dz_err
+
+
+def head_grads(h, W, w_rows, dz, dz_mag, dz_err):
+    """Gradients of Σ_t w_t·loss_t through z = h·Wᵀ + b, given dloss/dz per row: {x, weight, bias} each as
+    (exact, magnitude, absolute error inherited from dz_err)."""
+    h, W, w = f64(h), f64(W), f64(w_rows)[:, None]
+    G, Gm, Ge = w * dz, w.abs() * dz_mag, w.abs() * dz_err
+    return {"x": (G @ W, Gm @ W.abs(), Ge @ W.abs()),
+            "weight": (G.t() @ h, Gm.t() @ h.abs(), Ge.t() @ h.abs()),
+            "bias": (G.sum(0), Gm.sum(0), Ge.sum(0))}
+
+
+# ----------------------------------------------------------------------------------------------
+# PEFT method ops: DoRA, IA3, bottleneck adapters
+
+def grads_and_mags(fn, values: dict, dy, abs_values: dict | None = None):
+    """fp64 (y, grads, y_mag, grad_mags) of y = fn(**values) for a function multilinear in the tensors that need
+    a gradient (None-valued and non-tensor entries pass through): the magnitudes are the same function at
+    |values| (or `abs_values`) with |dy|, so every summed term counts with its absolute value."""
+    def run(vals, dy_):
+        vals = {n: (t.clone().requires_grad_() if isinstance(t, torch.Tensor) else t) for n, t in vals.items()}
+        y = fn(**vals)
+        names = [n for n, t in vals.items() if isinstance(t, torch.Tensor)]
+        gs = torch.autograd.grad(y, [vals[n] for n in names], dy_, allow_unused=True)
+        return y.detach(), {n: (torch.zeros_like(vals[n]) if g is None else g) for n, g in zip(names, gs)}
+
+    vals = {n: (f64(t) if isinstance(t, torch.Tensor) else t) for n, t in values.items()}
+    y, grads = run(vals, f64(dy))
+    if abs_values is None:
+        abs_values = {n: (t.abs() if isinstance(t, torch.Tensor) else (abs(t) if isinstance(t, float) else t))
+                      for n, t in vals.items()}
+    ymag, gmags = run(abs_values, f64(dy).abs())
+    return y, grads, ymag, gmags
+
+
+def dora_math(x, weight, bias, lora_A, lora_B, magnitude, scaling, row_norm):
+    """y = (m / ‖W + s·B·A‖_row)·(x·Wᵀ + s·(x·Aᵀ)·Bᵀ) + b, the row norm a constant (detached, as DoRA does)."""
+    z = x @ weight.t() + scaling * ((x @ lora_A.t()) @ lora_B.t())
+    y = (magnitude / row_norm) * z
+    return y if bias is None else y + bias
+
+
+def dora_row_norm_error(W, A, B, s, dtype):
+    """(‖W + s·B·A‖_row exact, relative error bound of the op's σ = m/‖·‖). The op forms ‖W'‖² = ‖W‖² + 2s·Σ B∘(W·Aᵀ)
+    + s²·B(A·Aᵀ)Bᵀ: W·Aᵀ rounded once to the compute dtype, the rest fp32 (lengths K, r, r); the error of the sum is
+    at most that times M² = Σ_k (|W| + |s|·|B|·|A|)², and ‖·‖ halves a relative error; σ is then one division."""
+    W, A, B = f64(W), f64(A), f64(B)
+    Wp = W + s * (B @ A)
+    sq = (Wp * Wp).sum(1)
+    M2 = ((W.abs() + abs(s) * (B.abs() @ A.abs())) ** 2).sum(1)
+    u32 = UNIT_ROUNDOFF[torch.float32]
+    K, r = W.shape[1], A.shape[0]
+    c = UNIT_ROUNDOFF[dtype] + LAMBDA * u32 * (math.sqrt(max(K, 1)) + 2 * math.sqrt(max(r, 1))) + 8 * u32
+    return sq.sqrt(), c * M2 / (2 * sq) + 2 * u32
+
+
+ACT_LIPSCHITZ = 1.13  # max |act'| over relu, tanh, silu (1.0998) and gelu_tanh (1.129)
+ACT_CURVATURE = 1.0  # max |act''| over tanh (0.77), silu (0.5) and gelu_tanh (0.80); relu's is a jump at 0
+
+
+def _act(name, p):
+    if name == "relu":
+        return torch.relu(p)
+    if name == "tanh":
+        return torch.tanh(p)
+    if name == "silu":
+        return p * torch.sigmoid(p)
+    return 0.5 * p * (1.0 + torch.tanh(GELU_K * (p + GELU_C * p**3)))
+
+
+def bottleneck_with_grads(h, D, bd, U, bu, activation, dy, pre_rel: float):
+    """fp64 y = h + act(h·Dᵀ + b_d)·Uᵀ + b_u, its gradients, and for each (magnitude, absolute extra).
+
+    The pre-activation p is off by <= pre_rel·mag_p (mag_p = |h|·|D|ᵀ + |b_d|, pre_rel = n·u + λ·sqrt(N)·u32 from
+    the caller); act is ACT_LIPSCHITZ-Lipschitz, so z = act(p) counts with magnitude |z| + L·mag_p, and act'(p)
+    with |act'| + ACT_CURVATURE·mag_p (smooth) — for relu, act' may flip wherever |p| <= pre_rel·mag_p, an
+    absolute error of |dz| there, carried as the `extra` of the gradients downstream."""
+    shape = tuple(h.shape)
+    h, dy = h.reshape(-1, shape[-1]), dy.reshape(-1, shape[-1])
+    vals = dict(h=h, D=D, bd=bd, U=U, bu=bu)
+    v = {n: (None if t is None else f64(t).clone().requires_grad_()) for n, t in vals.items()}
+    p = v["h"] @ v["D"].t() + (0 if v["bd"] is None else v["bd"])
+    z = _act(activation, p)
+    y = v["h"] + z @ v["U"].t() + (0 if v["bu"] is None else v["bu"])
+    names = [n for n in vals if v[n] is not None]
+    gs = dict(zip(names, torch.autograd.grad(y, [v[n] for n in names], f64(dy))))
+    hA, DA, UA, dyA = (f64(t).abs() for t in (h, D, U, dy))
+    p, z = p.detach(), z.detach()
+    mag_p = hA @ DA.t() + (0 if bd is None else f64(bd).abs())
+    zmag = z.abs() + ACT_LIPSCHITZ * mag_p
+    pp = p.clone().requires_grad_()
+    (da,) = torch.autograd.grad(_act(activation, pp).sum(), [pp])
+    dzmag = dyA @ UA
+    if activation == "relu":
+        damag = da.abs()
+        dp_extra = dzmag * (p.abs() <= pre_rel * mag_p).double()
+    else:
+        damag = da.abs() + ACT_CURVATURE * mag_p
+        dp_extra = torch.zeros_like(p)
+    dpmag = dzmag * damag
+    zero = lambda t: torch.zeros_like(t)  # noqa: E731
+    mags = {"h": (dyA + dpmag @ DA, dp_extra @ DA), "D": (dpmag.t() @ hA, dp_extra.t() @ hA),
+            "bd": (dpmag.sum(0), dp_extra.sum(0)), "U": (dyA.t() @ zmag, zero(UA)), "bu": (dyA.sum(0), 0.0)}
+    ymag = hA + zmag @ UA.t() + (0 if bu is None else f64(bu).abs())
+    gs["h"] = gs["h"].view(shape)
+    mags["h"] = tuple(t.view(shape) for t in mags["h"])
+    return y.detach().view(shape), gs, ymag.view(shape), mags

@@ -1,0 +1,185 @@
+"""Property-based fuzzing of the fused linear losses — linear_cross_entropy, linear_kl_div,
+linear_sequence_logprobs — on both backends against fp64 losses written from the math (references.ce_rows,
+kl_rows, head_grads): every option, small chunk sizes (T spans several chunks), views, sizes 1 and odd."""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from fastft.ops.linear_losses import linear_cross_entropy, linear_kl_div, linear_sequence_logprobs
+from tests.fuzz import references as ref
+from tests.fuzz.strategies import dim, float_dtypes, fuzz, tensor
+from tests.utils import interpreter_only
+
+BACKENDS = ["torch", pytest.param("triton", marks=interpreter_only)]
+# Logits: the GEMM's output and the bias add, each rounded to the compute dtype: 2 (the rest of the loss is fp32,
+# covered by the row terms in references.ce_rows / kl_rows).
+LOGIT_N_ROUND = 2
+# Gradients: dloss/dz rounded into the chunk buffer, the dh GEMM's output, the fp16 path's deferred 1/N, the
+# grad_output product, the final cast of the fp32 dW / db accumulators: 5. dW and db sum over all T rows in fp32.
+GRAD_N_ROUND = 5
+CHUNKS = (None, 1, 2, 3, 5)
+SCALAR_GRADS = (1.0, 0.5, -3.0)
+# The losses are fp32 results: nothing is finer than fp32's subnormal spacing (keeps 0/0 out of exact zeros).
+FP32_TINY = ref.SUBNORMAL[torch.float32]
+
+
+def _labels(data, shape, V, ignore_index):
+    frac = data.draw(st.sampled_from([0.0, 0.3, 1.0]), label="ignored fraction")
+    gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**32 - 1), label="labels seed"))
+    labels = torch.randint(0, V, shape, generator=gen)
+    return torch.where(torch.rand(shape, generator=gen) < frac, ignore_index, labels)
+
+
+def _row_weights(data, reduction, loss_shape, dtype, valid_count, num_items):
+    """(grad_output to pass, fp64 d(total)/d(row loss) per row, the reduction's denominator)."""
+    if reduction == "none":
+        g = tensor(data, loss_shape, torch.float32, label="grad_output")
+        return g, ref.f64(g).reshape(-1), 1.0
+    g = data.draw(st.sampled_from(SCALAR_GRADS), label="grad_output")
+    n = int(torch.tensor(loss_shape).prod()) if loss_shape else 1
+    if reduction == "sum":
+        den = 1.0
+    elif num_items is not None:
+        den = float(num_items)
+    else:
+        den = float(max(valid_count, 1))
+    return torch.tensor(g), torch.full((n,), g / den, dtype=torch.float64), den
+
+
+def _check_reduced(op, what, out, reduction, loss_rows, loss_err, den, dtype, g_scalar=None):
+    if reduction == "none":
+        ref.check(op, what, out.reshape(-1), loss_rows, loss_rows.abs(), dtype, 0, (), abs_floor=loss_err + FP32_TINY)
+    else:
+        ref.check(op, what, out.reshape(()), loss_rows.sum() / den, loss_rows.abs().sum() / den, dtype, 0,
+                  (loss_rows.numel(),), abs_floor=float(loss_err.sum()) / den + FP32_TINY)
+
+
+def _check_grads(op, backend, inputs, grads, refs, dtype, T, V):
+    lengths = {"x": (V,), "weight": (T,), "bias": (T,)}
+    for name, t in inputs.items():
+        exact, mag, err = refs[name]
+        g = grads[name]
+        ref.check(op, f"{backend} d{name}", g.reshape(exact.shape), exact, mag, dtype, GRAD_N_ROUND, lengths[name],
+                  abs_floor=err)
+        assert g.dtype == t.dtype, f"{op} d{name} should come back in {t.dtype}, got {g.dtype}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@fuzz(10)
+@given(data=st.data())
+def test_linear_cross_entropy(data, backend):
+    op = "linear_cross_entropy"
+    dtype = data.draw(float_dtypes(), label="dtype")
+    lead = data.draw(st.sampled_from([(1,), (2, 3), ()]), label="leading dims")
+    lead = lead or (dim(data, 1, 24, label="T"),)
+    H, V = dim(data, 1, 40, label="H"), dim(data, 1, 64, label="V")
+    ignore_index = data.draw(st.sampled_from([-100, -1, 0]), label="ignore_index")
+    reduction = data.draw(st.sampled_from(["mean", "sum", "none"]), label="reduction")
+    num_items = data.draw(st.sampled_from([None, 7, torch.tensor(3.0)]), label="num_items") \
+        if reduction == "mean" else None
+    smoothing = data.draw(st.sampled_from([0.0, 0.1]), label="label_smoothing")
+    softcap = data.draw(st.sampled_from([None, 3.0, 30.0]), label="softcap")
+    chunk = data.draw(st.sampled_from(CHUNKS), label="chunk_size")
+    h = tensor(data, lead + (H,), dtype, label="hidden", requires_grad=True)
+    W = tensor(data, (V, H), dtype, label="weight", scale=0.3,
+               requires_grad=data.draw(st.booleans(), label="weight grad"))
+    b = tensor(data, (V,), dtype, label="bias", requires_grad=True) if data.draw(st.booleans(), label="bias") else None
+    labels = _labels(data, lead, V, ignore_index)
+    T = labels.numel()
+    g, w_rows, den = _row_weights(data, reduction, lead, dtype, int((labels != ignore_index).sum()), num_items)
+
+    loss = linear_cross_entropy(h, W, labels, bias=b, ignore_index=ignore_index, reduction=reduction,
+                                label_smoothing=smoothing, softcap=softcap, num_items=num_items, backend=backend,
+                                chunk_size=chunk)
+    assert loss.dtype == torch.float32 and tuple(loss.shape) == (lead if reduction == "none" else ())
+    inputs = {n: t for n, t in (("x", h), ("weight", W), ("bias", b)) if t is not None and t.requires_grad}
+    grads = dict(zip(inputs, torch.autograd.grad(loss, list(inputs.values()), g)))
+
+    z, e = ref.logit_error(h.reshape(T, H), W, b, dtype, LOGIT_N_ROUND)
+    rows, dz, loss_err, dz_mag, dz_err = ref.ce_rows(z, e, labels.reshape(-1), ignore_index, smoothing, softcap)
+    _check_reduced(op, f"{backend} loss[{reduction}]", loss, reduction, rows, loss_err, den, dtype)
+    _check_grads(op, backend, inputs, grads, ref.head_grads(h.reshape(T, H), W, w_rows, dz, dz_mag, dz_err),
+                 dtype, T, V)
+    ref.count_example(f"{op}[{backend}]")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@fuzz(8)
+@given(data=st.data())
+def test_linear_kl_div(data, backend):
+    op = "linear_kl_div"
+    dtype = data.draw(float_dtypes(), label="dtype")
+    lead = (dim(data, 1, 2, label="B"), dim(data, 1, 9, label="S"))
+    Hs, Ht, V = dim(data, 1, 33, label="Hs"), dim(data, 1, 33, label="Ht"), dim(data, 1, 64, label="V")
+    tau = data.draw(st.sampled_from([1.0, 0.7, 2.5]), label="temperature")
+    reverse = data.draw(st.booleans(), label="reverse")
+    reduction = data.draw(st.sampled_from(["mean", "sum", "none"]), label="reduction")
+    ignore_index = -100
+    labels = _labels(data, lead, V, ignore_index) if data.draw(st.booleans(), label="labels") else None
+    num_items = data.draw(st.sampled_from([None, 5]), label="num_items") if reduction == "mean" else None
+    chunk = data.draw(st.sampled_from(CHUNKS), label="chunk_size")
+    hs = tensor(data, lead + (Hs,), dtype, label="student_hidden", requires_grad=True)
+    Ws = tensor(data, (V, Hs), dtype, label="student_weight", scale=0.3,
+                requires_grad=data.draw(st.booleans(), label="weight grad"))
+    ht = tensor(data, lead + (Ht,), dtype, label="teacher_hidden")
+    Wt = tensor(data, (V, Ht), dtype, label="teacher_weight", scale=0.3)
+    T = hs.shape[0] * hs.shape[1]
+    valid = T if labels is None else int((labels != ignore_index).sum())
+    g, w_rows, den = _row_weights(data, reduction, lead, dtype, valid, num_items)
+
+    loss = linear_kl_div(hs, Ws, ht, Wt, temperature=tau, direction="reverse" if reverse else "forward",
+                         labels=labels, ignore_index=ignore_index, reduction=reduction, num_items=num_items,
+                         backend=backend, chunk_size=chunk)
+    assert loss.dtype == torch.float32
+    inputs = {n: t for n, t in (("x", hs), ("weight", Ws)) if t.requires_grad}
+    grads = dict(zip(inputs, torch.autograd.grad(loss, list(inputs.values()), g)))
+
+    zs, es = ref.logit_error(hs.reshape(T, Hs), Ws, None, dtype, LOGIT_N_ROUND, 1 / tau)
+    zt, et = ref.logit_error(ht.reshape(T, Ht), Wt, None, dtype, LOGIT_N_ROUND, 1 / tau)
+    rows, dz, err, dz_mag, dz_err = ref.kl_rows(zs, es, zt, et, reverse)
+    if labels is not None:
+        keep = (labels.reshape(-1) != ignore_index).double()
+        rows, err = rows * keep, err * keep
+        dz, dz_mag, dz_err = dz * keep[:, None], dz_mag * keep[:, None], dz_err * keep[:, None]
+    dz, dz_mag, dz_err = dz / tau, dz_mag / tau, dz_err / tau  # z = h·Wᵀ/τ
+    _check_reduced(op, f"{backend} loss[{reduction}]", loss, reduction, rows, err, den, dtype)
+    _check_grads(op, backend, inputs, grads, ref.head_grads(hs.reshape(T, Hs), Ws, w_rows, dz, dz_mag, dz_err),
+                 dtype, T, V)
+    ref.count_example(f"{op}[{backend}]")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@fuzz(8)
+@given(data=st.data())
+def test_linear_sequence_logprobs(data, backend):
+    op = "linear_sequence_logprobs"
+    dtype = data.draw(float_dtypes(), label="dtype")
+    B, S = dim(data, 1, 3, label="B"), dim(data, 1, 9, label="S")
+    H, V = dim(data, 1, 40, label="H"), dim(data, 1, 64, label="V")
+    softcap = data.draw(st.sampled_from([None, 3.0]), label="softcap")
+    chunk = data.draw(st.sampled_from(CHUNKS), label="chunk_size")
+    h = tensor(data, (B, S, H), dtype, label="hidden", requires_grad=True)
+    W = tensor(data, (V, H), dtype, label="weight", scale=0.3,
+               requires_grad=data.draw(st.booleans(), label="weight grad"))
+    b = tensor(data, (V,), dtype, label="bias", requires_grad=True) if data.draw(st.booleans(), label="bias") else None
+    labels = _labels(data, (B, S), V, -100)
+    g = tensor(data, (B,), torch.float32, label="grad_output")
+
+    out = linear_sequence_logprobs(h, W, labels, bias=b, softcap=softcap, backend=backend, chunk_size=chunk)
+    assert out.dtype == torch.float32 and tuple(out.shape) == (B,)
+    inputs = {n: t for n, t in (("x", h), ("weight", W), ("bias", b)) if t is not None and t.requires_grad}
+    grads = dict(zip(inputs, torch.autograd.grad(out, list(inputs.values()), g)))
+
+    T = B * S
+    z, e = ref.logit_error(h.reshape(T, H), W, b, dtype, LOGIT_N_ROUND)
+    rows, dz, loss_err, dz_mag, dz_err = ref.ce_rows(z, e, labels.reshape(-1), -100, 0.0, softcap)
+    rows_bs = rows.view(B, S)
+    ref.check(op, f"{backend} logprobs", out, -rows_bs.sum(-1), rows_bs.abs().sum(-1), dtype, 0, (S,),
+              abs_floor=loss_err.view(B, S).sum(-1) + FP32_TINY)
+    w_rows = (-ref.f64(g))[:, None].expand(B, S).reshape(-1)
+    _check_grads(op, backend, inputs, grads, ref.head_grads(h.reshape(T, H), W, w_rows, dz, dz_mag, dz_err),
+                 dtype, T, V)
+    ref.count_example(f"{op}[{backend}]")

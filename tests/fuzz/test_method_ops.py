@@ -1,0 +1,200 @@
+"""Property-based fuzzing of the PEFT method ops — dora_linear, ia3_linear, bottleneck_adapter — on both backends
+against fp64 references written from the math (references.dora_math, grads_and_mags, bottleneck_with_grads)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from fastft.ops.bottleneck_adapter import ACTIVATIONS, bottleneck_adapter
+from fastft.ops.dora import dora_linear
+from fastft.ops.ia3 import ia3_linear
+from tests.fuzz import references as ref
+from tests.fuzz.strategies import dim, float_dtypes, fuzz, tensor
+from tests.utils import interpreter_only
+
+BACKENDS = ["torch", pytest.param("triton", marks=interpreter_only)]
+SCALINGS = (1.0, 0.5, -2.0, 1 / 33)
+
+
+def _lead(data):
+    return data.draw(st.sampled_from([(), (2,), (1, 3)]), label="leading dims")
+
+
+def _check_all(op, backend, inputs, grads, y, y64, ymag, g64, gmags, dtype, n_round, lengths, *, y_extra=0.0,
+               extras=None):
+    ref.check(op, f"{backend} y", y, y64, ymag, dtype, n_round, lengths["y"], abs_floor=y_extra)
+    for name, t in inputs.items():
+        ref.check(op, f"{backend} d{name}", grads[name], g64[name], gmags[name], dtype, n_round, lengths[name],
+                  abs_floor=(extras or {}).get(name, 0.0))
+        assert grads[name].dtype == t.dtype, f"{op} d{name} should come back in {t.dtype}"
+    ref.count_example(f"{op}[{backend}]")
+
+
+# ----------------------------------------------------------------------------------------------
+# dora_linear (dense frozen W; dropout 0, the fused path's domain — dropout > 0 is the torch reference with
+# torch's own mask)
+# Roundings, torch path (the longer): the A/B casts, x·Aᵀ, (x·Aᵀ)·Bᵀ, x·Wᵀ, s·lora, the sum, σ·z in the promoted
+# dtype and its cast, + b: 9; backward the same chain plus dm's division: 10. σ's own error (the expanded row
+# norm) is `dora_row_norm_error`'s relative bound, carried as an absolute extra. The fused path's dm is
+# Σ dy⊙(y − b)/m: y's rounding includes |b|, so dm's magnitude counts Σ|dy|·|b|/|m| too.
+DORA_N_ROUND = 10
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@fuzz(10)
+@given(data=st.data())
+def test_dora_linear(data, backend):
+    op = "dora_linear"
+    dtype = data.draw(float_dtypes(), label="dtype")
+    adapter_dtype = data.draw(st.sampled_from([dtype, torch.float32]), label="adapter dtype")
+    lead = _lead(data)
+    M, K, N, r = dim(data, 1, 24, label="rows"), dim(data, 1, 48, label="K"), dim(data, 1, 48, label="N"), \
+        dim(data, 1, 17, label="r")
+    g = dict(requires_grad=True)
+    x = tensor(data, lead + (M, K), dtype, label="x", **g)
+    W = tensor(data, (N, K), dtype, label="weight")
+    b = tensor(data, (N,), dtype, label="bias", **g) if data.draw(st.booleans(), label="bias") else None
+    A = tensor(data, (r, K), adapter_dtype, label="lora_A", **g)
+    B = tensor(data, (N, r), adapter_dtype, label="lora_B", **g)
+    m = tensor(data, (N,), adapter_dtype, label="magnitude", **g)
+    s = data.draw(st.sampled_from(SCALINGS), label="scaling")
+    dy = tensor(data, lead + (M, N), dtype, label="dy")
+    y = dora_linear(x, W, b, A, B, m, s, backend=backend)
+    inputs = {n: t for n, t in (("x", x), ("bias", b), ("lora_A", A), ("lora_B", B), ("magnitude", m))
+              if t is not None}
+    grads = dict(zip(inputs, torch.autograd.grad(y, list(inputs.values()), dy)))
+
+    norm, sig_rel = ref.dora_row_norm_error(W, A, B, s, dtype)
+    vals = dict(x=x, weight=W, bias=b, lora_A=A, lora_B=B, magnitude=m, scaling=float(s), row_norm=norm)
+    y64, g64, ymag, gmags = ref.grads_and_mags(ref.dora_math, vals, dy)
+    # σ's relative error, pushed through the same multilinear function (a column scale of |y| and |dy|)
+    absvals = {n: (t.abs() if isinstance(t, torch.Tensor) else t) for n, t in
+               {**{k: ref.f64(v) if isinstance(v, torch.Tensor) else v for k, v in vals.items()},
+                "scaling": abs(float(s)), "bias": None}.items()}
+    absvals["magnitude"] = absvals["magnitude"] * sig_rel
+    y_extra, g_extra = ref.grads_and_mags(ref.dora_math, absvals, ref.f64(dy).abs(), absvals)[2:]
+    y_extra = y_extra.abs()
+    g_extra = {n: t.abs() for n, t in g_extra.items()}
+    g_extra["magnitude"] = gmags["magnitude"] * sig_rel
+    if b is not None:
+        dyA = ref.f64(dy).abs().reshape(-1, N)
+        gmags["magnitude"] = gmags["magnitude"] + (dyA * (ref.f64(b).abs() / ref.f64(m).abs())).sum(0)
+    T = M * (1 if not lead else int(torch.tensor(lead).prod()))
+    lengths = {"y": (K, r), "x": (N, r), "bias": (T,), "lora_A": (N, T), "lora_B": (K, T), "magnitude": (T,)}
+    _check_all(op, backend, inputs, grads, y, y64, ymag, g64, gmags, dtype, DORA_N_ROUND, lengths, y_extra=y_extra,
+               extras=g_extra)
+
+
+# ----------------------------------------------------------------------------------------------
+# ia3_linear: peft's shapes, l (1, K) feed-forward or (N, 1) otherwise; any view
+# Roundings: x⊙l (or x·Wᵀ + b), the GEMM, ⊙l, the output cast: 4; backward dy⊙l / dy·W, ⊙l, dl's division by l
+# of a rounded value: 5.
+IA3_N_ROUND = 5
+
+
+def _ia3_math(x, weight, bias, l, feedforward):
+    if feedforward:
+        return (x * l.reshape(-1)) @ weight.t() + (0 if bias is None else bias)
+    return (x @ weight.t() + (0 if bias is None else bias)) * l.reshape(-1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@fuzz(10)
+@given(data=st.data())
+def test_ia3_linear(data, backend):
+    op = "ia3_linear"
+    dtype = data.draw(float_dtypes(), label="dtype")
+    ff = data.draw(st.booleans(), label="feedforward")
+    lead = _lead(data)
+    M, K, N = dim(data, 1, 24, label="rows"), dim(data, 1, 48, label="K"), dim(data, 1, 48, label="N")
+    x = tensor(data, lead + (M, K), dtype, label="x", requires_grad=True)
+    W = tensor(data, (N, K), dtype, label="weight")
+    b = tensor(data, (N,), dtype, label="bias", requires_grad=True) if data.draw(st.booleans(), label="bias") \
+        else None
+    l_dtype = data.draw(st.sampled_from([dtype, torch.float32]), label="ia3_l dtype")
+    l = tensor(data, (1, K) if ff else (N, 1), l_dtype, label="ia3_l", requires_grad=True)
+    dy = tensor(data, lead + (M, N), dtype, label="dy")
+    y = ia3_linear(x, W, b, l, feedforward=ff, backend=backend)
+    inputs = {n: t for n, t in (("x", x), ("bias", b), ("ia3_l", l)) if t is not None}
+    grads = dict(zip(inputs, torch.autograd.grad(y, list(inputs.values()), dy)))
+    vals = {"x": x, "weight": W, "bias": b, "l": l, "feedforward": ff}
+    y64, g64, ymag, gmags = ref.grads_and_mags(_ia3_math, vals, dy)
+    g64["ia3_l"], gmags["ia3_l"] = g64.pop("l"), gmags.pop("l")
+    T = M * (1 if not lead else int(torch.tensor(lead).prod()))
+    lengths = {"y": (K,), "x": (N,), "bias": (T,), "ia3_l": (T, N)}
+    _check_all(op, backend, inputs, grads, y, y64, ymag, g64, gmags, dtype, IA3_N_ROUND, lengths)
+
+
+# ----------------------------------------------------------------------------------------------
+# bottleneck_adapter
+# Roundings: the D/U/bias casts to h's dtype, h·Dᵀ, + b_d, act, z·Uᵀ, + b_u, h + …: 8 (forward and backward).
+BOTTLENECK_N_ROUND = 8
+# The Triton path ignores up_bias's stride (a strided or stride-0 up_bias gives wrong y; down_bias is right):
+# test_bottleneck_adapter_strided_up_bias, xfail until fixed. The fuzz test draws up_bias in the layouts that work.
+UP_BIAS_LAYOUTS = ("contiguous", "offset")
+
+
+def _bottleneck_case(data, backend, up_bias_layouts=UP_BIAS_LAYOUTS, force_up_bias=False):
+    op = "bottleneck_adapter"
+    dtype = data.draw(float_dtypes(), label="dtype")
+    wdtype = data.draw(st.sampled_from([dtype, torch.float32]), label="adapter dtype")
+    act = data.draw(st.sampled_from(ACTIVATIONS), label="activation")
+    lead = _lead(data)
+    M, N, r = dim(data, 1, 24, label="rows"), dim(data, 2 if force_up_bias else 1, 48, label="N"), dim(data, 1, 33, label="r")
+    g = dict(requires_grad=True)
+    h = tensor(data, lead + (M, N), dtype, label="h", **g)
+    D = tensor(data, (r, N), wdtype, label="down_weight", scale=0.3, **g)
+    U = tensor(data, (N, r), wdtype, label="up_weight", **g)
+    bd = tensor(data, (r,), wdtype, label="down_bias", **g) if data.draw(st.booleans(), label="down bias") else None
+    bu = tensor(data, (N,), wdtype, label="up_bias", layouts=up_bias_layouts, **g) \
+        if force_up_bias or data.draw(st.booleans(), label="up bias") else None
+    dy = tensor(data, lead + (M, N), dtype, label="dy")
+    y = bottleneck_adapter(h, D, bd, U, bu, act, backend=backend)
+    inputs = {n: t for n, t in (("h", h), ("D", D), ("bd", bd), ("U", U), ("bu", bu)) if t is not None}
+    grads = dict(zip(inputs, torch.autograd.grad(y, list(inputs.values()), dy)))
+    u32 = ref.UNIT_ROUNDOFF[torch.float32]
+    pre_rel = BOTTLENECK_N_ROUND * ref.UNIT_ROUNDOFF[dtype] + ref.LAMBDA * u32 * N**0.5
+    y64, g64, ymag, mags = ref.bottleneck_with_grads(h, D, bd, U, bu, act, dy, pre_rel)
+    T = M * (1 if not lead else int(torch.tensor(lead).prod()))
+    lengths = {"y": (N, r), "h": (N, r), "D": (T, N), "bd": (T, N), "U": (T,), "bu": (T,)}
+    _check_all(op, backend, inputs, grads, y, y64, ymag, g64, {n: m[0] for n, m in mags.items()}, dtype,
+               BOTTLENECK_N_ROUND, lengths, extras={n: m[1] for n, m in mags.items()})
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@fuzz(10)
+@given(data=st.data())
+def test_bottleneck_adapter(data, backend):
+    _bottleneck_case(data, backend)
+
+
+@interpreter_only
+@pytest.mark.xfail(strict=True, reason="bottleneck_adapter backend='triton' ignores up_bias's stride: "
+                   "h, D, U = randn(3, 8), randn(4, 8), randn(8, 4); up_bias = randn(16)[::2] differs from the "
+                   "torch backend by 1.5 (up_bias = tensor([.5]).expand(8): by 3e29); down_bias views are right")
+@fuzz(3)
+@given(data=st.data())
+def test_bottleneck_adapter_strided_up_bias(data):
+    _bottleneck_case(data, "triton", up_bias_layouts=("last_strided", "expanded"), force_up_bias=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.xfail(strict=True, reason="dora_linear's row norm from the expansion ‖W‖² + 2s·Σ B∘(W·Aᵀ) + s²·B(A·Aᵀ)Bᵀ "
+                   "(W·Aᵀ rounded to fp16) comes out 0 when W + s·B·A nearly cancels in a row: σ = m/0 = inf and y is "
+                   "inf on both backends, where peft's ‖W + s·B·A‖ (0.0037 here) gives y = 1.696. Found by "
+                   "FASTFT_FUZZ_PROFILE=dev; needs a clamp or the direct norm for cancelling rows")
+def test_dora_linear_cancelling_row_norm(backend):
+    def r(shape, seed, dt):
+        return torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(dt)
+
+    x, W = r((1, 1), 0, torch.float16), r((15, 1), 17, torch.float16)
+    A, B, m = r((1, 1), 553, torch.float32), r((15, 1), 391, torch.float32), r((15,), 0, torch.float32)
+    s = -2.0
+    y = dora_linear(x, W, None, A, B, m, s, backend=backend)
+    norm, sig_rel = ref.dora_row_norm_error(W, A, B, s, torch.float16)
+    vals = dict(x=x, weight=W, bias=None, lora_A=A, lora_B=B, magnitude=m, scaling=s, row_norm=norm)
+    y64, _, ymag, _ = ref.grads_and_mags(ref.dora_math, vals, torch.ones(1, 15))
+    ref.check("dora_linear", f"{backend} y (cancelling row)", y, y64, ymag, torch.float16, DORA_N_ROUND, (1, 1),
+              abs_floor=sig_rel * ymag)
