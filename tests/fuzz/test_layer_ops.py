@@ -13,7 +13,7 @@ from fastft.ops.glu import geglu, swiglu
 from fastft.ops.rms_norm import rms_norm
 from fastft.ops.rope import rope, rope_
 from tests.fuzz import references as ref
-from tests.fuzz.strategies import dim, float_dtypes, fuzz, tensor
+from tests.fuzz.strategies import LAYOUTS, dim, float_dtypes, fuzz, tensor
 from tests.utils import interpreter_only
 
 U32 = ref.UNIT_ROUNDOFF[torch.float32]
@@ -27,10 +27,9 @@ BACKENDS = ["torch", pytest.param("triton", marks=interpreter_only)]
 # around it add `RMS_EXTRA` relative.
 RMS_N_ROUND = 4
 RMS_EXTRA = 8 * U32
-# The Triton kernels read `w_ptr + cols`, ignoring weight's stride: a strided or stride-0 weight gives wrong
-# results (test_rms_norm_strided_weight, xfail until fixed). The fuzz tests draw the weight layouts that work
-# there; every other argument takes every layout.
-RMS_WEIGHT_LAYOUTS = ("contiguous", "offset")
+# The weight takes every layout (a strided or stride-0 weight was read wrongly by the Triton kernels until
+# kernels/shared.py `unit_stride`; test_rms_norm_strided_weight keeps that case).
+RMS_WEIGHT_LAYOUTS = LAYOUTS
 
 
 def _rms_problem(data, max_rows=24, max_n=64, weight_layouts=RMS_WEIGHT_LAYOUTS, min_n=1):
@@ -93,9 +92,6 @@ def test_rms_norm(data, backend):
 
 
 @interpreter_only
-@pytest.mark.xfail(strict=True, reason="rms_norm backend='triton' ignores weight's stride (kernels read "
-                   "w_ptr + cols): a strided weight (torch.randn(16)[::2]) or a stride-0 one "
-                   "(torch.tensor([.5]).expand(8)) gives wrong y and dx; the torch backend is right")
 @fuzz(3)
 @given(data=st.data())
 def test_rms_norm_strided_weight(data):

@@ -11,7 +11,7 @@ from fastft.ops.bottleneck_adapter import ACTIVATIONS, bottleneck_adapter
 from fastft.ops.dora import dora_linear
 from fastft.ops.ia3 import ia3_linear
 from tests.fuzz import references as ref
-from tests.fuzz.strategies import dim, float_dtypes, fuzz, tensor
+from tests.fuzz.strategies import LAYOUTS, dim, float_dtypes, fuzz, tensor
 from tests.utils import interpreter_only
 
 BACKENDS = ["torch", pytest.param("triton", marks=interpreter_only)]
@@ -131,9 +131,9 @@ def test_ia3_linear(data, backend):
 # bottleneck_adapter
 # Roundings: the D/U/bias casts to h's dtype, h·Dᵀ, + b_d, act, z·Uᵀ, + b_u, h + …: 8 (forward and backward).
 BOTTLENECK_N_ROUND = 8
-# The Triton path ignores up_bias's stride (a strided or stride-0 up_bias gives wrong y; down_bias is right):
-# test_bottleneck_adapter_strided_up_bias, xfail until fixed. The fuzz test draws up_bias in the layouts that work.
-UP_BIAS_LAYOUTS = ("contiguous", "offset")
+# up_bias takes every layout (the Triton path read a strided or stride-0 up_bias wrongly until kernels/shared.py
+# `unit_stride`; test_bottleneck_adapter_strided_up_bias keeps that case).
+UP_BIAS_LAYOUTS = LAYOUTS
 
 
 def _bottleneck_case(data, backend, up_bias_layouts=UP_BIAS_LAYOUTS, force_up_bias=False):
@@ -171,9 +171,6 @@ def test_bottleneck_adapter(data, backend):
 
 
 @interpreter_only
-@pytest.mark.xfail(strict=True, reason="bottleneck_adapter backend='triton' ignores up_bias's stride: "
-                   "h, D, U = randn(3, 8), randn(4, 8), randn(8, 4); up_bias = randn(16)[::2] differs from the "
-                   "torch backend by 1.5 (up_bias = tensor([.5]).expand(8): by 3e29); down_bias views are right")
 @fuzz(3)
 @given(data=st.data())
 def test_bottleneck_adapter_strided_up_bias(data):
