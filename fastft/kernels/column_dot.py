@@ -12,7 +12,7 @@ import torch
 
 from fastft.kernels.autotune import tuner
 from fastft.kernels.runtime import INTERPRET, cdiv, device_sms, triton
-from fastft.kernels.shared import bucket
+from fastft.kernels.shared import bucket, split_rows
 
 import triton.language as tl
 
@@ -58,9 +58,7 @@ def column_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         cfg = dict(cfg)
         per_sm = cfg.pop("PER_SM")
         n_tiles = cdiv(N, cfg["BLOCK_N"])
-        splits = max(1, min(cdiv(per_sm * sms, n_tiles), cdiv(M, 4 * cfg["BLOCK_M"])))
-        rows_per_split = cdiv(cdiv(M, splits), cfg["BLOCK_M"]) * cfg["BLOCK_M"]
-        splits = cdiv(M, rows_per_split)
+        splits, rows_per_split = split_rows(M, n_tiles, per_sm, sms, cfg["BLOCK_M"])
         part = torch.empty((splits, N), device=a.device, dtype=torch.float32)
         _column_dot_kernel[(n_tiles, splits)](
             a, b, part, M, N, rows_per_split, a.stride(0), a.stride(1), b.stride(0), b.stride(1), **cfg)

@@ -27,7 +27,7 @@ import warnings
 import torch
 
 from fastft.kernels.autotune import tuner
-from fastft.kernels.shared import bucket, dot_precision, dropout_keep, tile_coords, unit_stride, upcast
+from fastft.kernels.shared import bucket, dot_precision, dropout_keep, split_rows, tile_coords, unit_stride, upcast
 from fastft.kernels.runtime import (
     INTERPRET,
     cdiv,
@@ -383,10 +383,7 @@ def rank_reduce(lo, y, *, p_drop: float = 0.0, seed: int = 0) -> torch.Tensor:
         cfg = dict(cfg)
         per_sm = cfg.pop("PER_SM")
         n_tiles = cdiv(N, cfg["BLOCK_N"])
-        # Split M so the grid covers the chip PER_SM times; partial sums are added up by torch after.
-        splits = max(1, min(cdiv(per_sm * sms, n_tiles), cdiv(M, 4 * cfg["BLOCK_M"])))
-        rows_per_split = cdiv(cdiv(M, splits), cfg["BLOCK_M"]) * cfg["BLOCK_M"]
-        splits = cdiv(M, rows_per_split)
+        splits, rows_per_split = split_rows(M, n_tiles, per_sm, sms, cfg["BLOCK_M"])
         part = torch.empty((splits, R, N), device=y.device, dtype=torch.float32)
         _rank_reduce_kernel[(n_tiles, splits)](
             lo, y, part, M, N, rows_per_split,

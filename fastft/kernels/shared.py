@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from fastft.kernels.runtime import INTERPRET, next_power_of_2, triton
+from fastft.kernels.runtime import INTERPRET, cdiv, next_power_of_2, triton
 
 import triton.language as tl
 
@@ -49,3 +49,11 @@ def unit_stride(vector: torch.Tensor | None) -> torch.Tensor | None:
     """Kernels read a per-column vector (bias, norm weight) at ptr + n: a strided or expanded (stride-0) one is
     copied first (N elements); None stays None."""
     return vector if vector is None or vector.stride(-1) == 1 else vector.contiguous()
+
+
+def split_rows(M: int, n_tiles: int, per_sm: int, sms: int, block_m: int) -> tuple[int, int]:
+    """(splits, rows_per_split) of a split-M reduction: enough splits that the grid covers the chip `per_sm`
+    times (at least 4 row-blocks a split), each split a whole number of BLOCK_M rows; partials summed after."""
+    splits = max(1, min(cdiv(per_sm * sms, n_tiles), cdiv(M, 4 * block_m)))
+    rows_per_split = cdiv(cdiv(M, splits), block_m) * block_m
+    return cdiv(M, rows_per_split), rows_per_split
