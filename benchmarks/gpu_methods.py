@@ -18,7 +18,6 @@ from torch import nn
 from fastft.apps.bench import card_name, markdown_table, peak_memory_mib, time_ms, write_results
 from fastft.ops import dora_linear, dora_linear_reference, ia3_linear, ia3_linear_reference, lora_linear
 from fastft.ops.bottleneck_adapter import bottleneck_adapter, bottleneck_adapter_reference
-from fastft.ops.dora import weight_row_sq_norm
 
 M, R, DTYPE, DEV = 8192, 16, torch.bfloat16, "cuda"
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]
@@ -79,7 +78,6 @@ def bench_shape(k: int, n: int, rounds: int = 3) -> list[dict]:
     A = (torch.randn(R, k, device=DEV, dtype=DTYPE) * k**-0.5).requires_grad_()
     B = (torch.randn(n, R, device=DEV, dtype=DTYPE) * 0.02).requires_grad_()
     mag = W.float().norm(dim=1).to(DTYPE).requires_grad_()
-    w_sq = weight_row_sq_norm(W)
     dora_peft = _peft_layer(peft.LoraConfig(r=R, lora_alpha=2 * R, target_modules=["proj"], use_dora=True), k, n)
     dora_peft.base_layer.weight.data = W
     ia3_out = _peft_layer(peft.IA3Config(target_modules=["proj"], feedforward_modules=[]), k, n)
@@ -93,7 +91,7 @@ def bench_shape(k: int, n: int, rounds: int = 3) -> list[dict]:
     cases = {
         "frozen base": lambda: torch.autograd.grad(F.linear(x, W), [x], dy),
         "fastft LoRA": lambda: torch.autograd.grad(lora_linear(x, W, None, A, B, 2.0), [x, A, B], dy),
-        "fastft DoRA": lambda: torch.autograd.grad(dora_linear(x, W, None, A, B, mag, 2.0, weight_sq_norm=w_sq),
+        "fastft DoRA": lambda: torch.autograd.grad(dora_linear(x, W, None, A, B, mag, 2.0),
                                                    [x, A, B, mag], dy),
         "peft DoRA": lambda: torch.autograd.grad(dora_peft(x), [x, *pd], dy),
         "fastft IA3 out": lambda: torch.autograd.grad(ia3_linear(x, W, None, l_out, feedforward=False), [x, l_out], dy),

@@ -17,7 +17,8 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, compile as triton_compile
 
-from fastft.kernels import bottleneck_adapter, column_dot, cross_entropy, lora_linear, nf4_dequant, nf4_gemm
+from fastft.kernels import (bottleneck_adapter, column_dot, cross_entropy, dora_row_norm, lora_linear, nf4_dequant,
+                            nf4_gemm)
 
 TARGET = GPUTarget("cuda", 90, 32)
 SMEM_LIMIT = 232448  # bytes of shared memory a block may use on sm_90
@@ -57,8 +58,8 @@ def _check(what, kernel_fn, sig, consts, aligned, options) -> int:
 
 def lora_family() -> int:
     """The dense LoRA GEMM with the DoRA/IA3 scales (every variant the methods launch, with the first bf16
-    descriptor config; the DoRA forward with every config), the column-dot reduction and the bottleneck
-    adapter's kernels."""
+    descriptor config; the DoRA forward with every config), the column-dot reduction, DoRA's row norm and the
+    bottleneck adapter's kernels."""
     failures = 0
     sig = dict(a_ptr="*bf16", b_ptr="*bf16", l_ptr="*bf16", t_ptr="*bf16", bias_ptr="*bf16", c_ptr="*bf16",
                col_scale_ptr="*fp32", k_scale_ptr="*fp32", M="i32", N="i32", K="i32", stride_am="i32",
@@ -86,6 +87,16 @@ def lora_family() -> int:
                    stride_am="i32", stride_an="i32", stride_bm="i32", stride_bn="i32")
         failures += _check(f"column_dot {cfg}", column_dot._column_dot_kernel, sig, cfg, ["a_ptr", "b_ptr"],
                            dict(num_warps=warps, num_stages=stages))
+    norm_configs = dora_row_norm._configs()
+    for cfg, R in [(c, 16) for c in norm_configs] + [(c, 128) for c in norm_configs]:
+        cfg = dict(cfg)
+        warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+        cfg.pop("PER_SM")
+        sig = dict(w_ptr="*bf16", a_ptr="*bf16", b_ptr="*bf16", part_ptr="*fp32", N="i32", K="i32",
+                   cols_per_split="i32", scaling="fp32", stride_wn="i32", stride_wk="i32")
+        consts = dict(R=R, UPCAST=False, DOT_PRECISION="tf32", **cfg)
+        failures += _check(f"dora row_sq_norm R={R} {cfg}", dora_row_norm._row_sq_norm_kernel, sig, consts,
+                           ["w_ptr", "a_ptr", "b_ptr"], dict(num_warps=warps, num_stages=stages))
     for act, cfg in itertools.product(bottleneck_adapter.ACTIVATIONS, bottleneck_adapter._down_configs()[:2]):
         cfg = dict(cfg)
         warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")

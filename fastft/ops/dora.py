@@ -4,10 +4,10 @@ peft's DoRA (tuners/lora/dora.py) with its semantics: the row norm is detached f
 the bias is added after the magnitude scale, and with dropout the base term sees the undropped x:
     y = x·Wᵀ + b + (σ − 1)⊙(x_d·Wᵀ) + σ⊙s·(x_d·Aᵀ)·Bᵀ,   x_d = dropout(x).
 
-The row norm never materialises W + s·B·A (N×K):
-    ‖W'_n‖² = ‖W_n‖² + 2s·Σ_j B_nj (W·Aᵀ)_nj + s²·B_n (A·Aᵀ) B_nᵀ
-with ‖W_n‖² constant (computed once per weight by the caller, `weight_row_sq_norm`), W·Aᵀ one N×K×r product and
-A·Aᵀ an r×r Gram matrix.
+The row norm ‖W + s·B·A‖ is summed directly, in fp32, without storing W + s·B·A (N×K): on the Triton path one
+kernel forms it tile by tile (fastft.kernels.dora_row_norm), on the torch path in row chunks. (The expansion
+‖W‖² + 2s·ΣB∘(W·Aᵀ) + s²·B(A·Aᵀ)Bᵀ costs the same pass over W but cancels to 0 — σ = inf — for rows where W + s·B·A
+is small against W: fuzzing found it in fp16.)
 
 Fused path (Triton, dropout 0): the LoRA GEMM of fastft.kernels.lora_linear with σ as an epilogue column scale
 (before the bias). Backward: dz = σ⊙dy never exists either — dx's GEMM scales dy's K-columns by σ as it loads
@@ -33,41 +33,37 @@ def _dense(weight, dtype):
     return weight.dequantize(dtype) if isinstance(weight, NF4Weight) else weight.to(dtype)
 
 
-@torch.no_grad()
-def weight_row_sq_norm(weight) -> torch.Tensor:
-    """‖W_n‖² per output row in fp32 (N,), summed in row chunks; NF4 weights are dequantized (fp32) once here."""
-    dense = weight.dequantize(torch.float32) if isinstance(weight, NF4Weight) else weight.detach()
-    return torch.cat([c.float().pow(2).sum(1) for c in dense.split(4096)])
+_TORCH_CHUNK = 1 << 22  # elements of W' per chunk on the torch path (16 MiB in fp32)
 
 
 @torch.no_grad()
-def _weight_times_A(weight, lora_A, dtype) -> torch.Tensor:
-    """W·Aᵀ (N×r) in fp32 from one skinny product in `dtype` (the NF4 GEMM on CUDA, no dense W)."""
-    if isinstance(weight, NF4Weight):
-        from fastft.ops.qlora import _fused_ok
-
-        if weight.device.type == "cuda" and triton_runs_on(weight.device) and _fused_ok(weight):
-            from fastft.kernels import lora_linear as kernels
-            from fastft.kernels.nf4_gemm import nf4_lora_gemm
-
-            r, K = lora_A.shape
-            A_p = _padded(lora_A.detach(), kernels.rank_pad(r), K, dtype)
-            return nf4_lora_gemm(A_p, weight.kernel_operand(), None, None, None, w_nk=True)[:r].t().float()
-        return (weight.dequantize(dtype) @ lora_A.detach().to(dtype).t()).float()
-    return (weight.detach().to(dtype) @ lora_A.detach().to(dtype).t()).float()
-
-
-@torch.no_grad()
-def dora_row_norm(weight, lora_A, lora_B, scaling: float, weight_sq_norm: torch.Tensor | None = None,
-                  dtype: torch.dtype | None = None) -> torch.Tensor:
-    """‖W + s·B·A‖ per output row, fp32 (N,), from ‖W‖² (given, or computed), W·Aᵀ and the Gram A·Aᵀ."""
+def dora_row_norm(weight, lora_A, lora_B, scaling: float, dtype: torch.dtype | None = None,
+                  backend: str = "auto") -> torch.Tensor:
+    """‖W + s·B·A‖ per output row, fp32 (N,), with W + s·B·A summed directly (never stored: the Triton kernel forms
+    it tile by tile; the torch path in row chunks), so a row that nearly cancels keeps its small norm.
+    Triton: A and B in `dtype` (what the fused GEMM applies), NF4 weights decoded into the shared scratch buffer;
+    torch: fp32 adapters."""
     dtype = dtype or lora_A.dtype
-    w_sq = weight_row_sq_norm(weight) if weight_sq_norm is None else weight_sq_norm
+    device = lora_A.device
+    if backend == "auto":
+        backend = "triton" if device.type == "cuda" and triton_runs_on(device) else "torch"
+    if backend == "triton":
+        from fastft.kernels import lora_linear as kernels
+        from fastft.kernels.dora_row_norm import row_sq_norm
+
+        if isinstance(weight, NF4Weight):
+            from fastft.ops.qlora_path import dequant_scratch
+
+            weight = dequant_scratch(weight, dtype)  # read once by the kernel below, before any later reuse
+        N, K = weight.shape
+        R = kernels.rank_pad(lora_A.shape[0])
+        A_p, B_p = _padded(lora_A.detach(), R, K, dtype), _padded(lora_B.detach(), N, R, dtype)
+        return row_sq_norm(weight.detach().to(dtype), A_p, B_p, scaling).sqrt()
+    W = weight.dequantize(dtype) if isinstance(weight, NF4Weight) else weight.detach()
     A, B = lora_A.detach().float(), lora_B.detach().float()
-    # Σ_j B_nj·(2s·(W·Aᵀ)_nj + s²·(B·A·Aᵀ)_nj): the cross and quadratic terms in one row sum
-    inner = torch.addmm(_weight_times_A(weight, lora_A, dtype), B, A @ A.t(), beta=2.0 * scaling,
-                        alpha=scaling * scaling)
-    return (w_sq + (B * inner).sum(1)).clamp_min(0.0).sqrt()
+    rows = max(1, _TORCH_CHUNK // max(1, W.shape[1]))
+    return torch.cat([torch.linalg.vector_norm(w.float() + scaling * (b @ A), dim=1)
+                      for w, b in zip(W.split(rows), B.split(rows))]) if W.shape[0] else W.new_zeros(0).float()
 
 
 def dora_linear_reference(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p=0.0, *, keep_mask=None,
@@ -201,10 +197,9 @@ class DoRALinearFunction(torch.autograd.Function):
         return dx, None, db, dA, dB, dm, None, None
 
 
-def dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p=0.0, *, weight_sq_norm=None,
-                backend="auto"):
+def dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p=0.0, *, backend="auto"):
     """peft's DoRA linear (see module doc) with W (N×K) frozen — a tensor or an NF4Weight — A (r×K), B (N×r) and
-    the magnitude m (N,) trained. `weight_sq_norm`: ‖W_n‖² (fp32, N) cached by the caller (computed when None).
+    the magnitude m (N,) trained.
     backend: "auto" (Triton on CUDA, torch elsewhere), "triton" or "torch"."""
     if backend not in BACKENDS:
         raise ValueError(f"dora_linear: `backend` must be one of {BACKENDS}, got {backend!r}")
@@ -215,12 +210,12 @@ def dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p=0
         weight = weight if isinstance(weight, NF4Weight) else weight.to(dtype)
     validate_dora_linear_args(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p)
     scaling, dropout_p = float(scaling), float(dropout_p)
-    row_norm = dora_row_norm(weight, lora_A, lora_B, scaling, weight_sq_norm, dtype=x.dtype)
     if backend == "auto":
         backend = "triton" if x.device.type == "cuda" and triton_runs_on(x.device) else "torch"
     if backend == "triton" and not triton_runs_on(x.device):
         raise ValueError(f"dora_linear: backend='triton' needs a CUDA tensor (or TRITON_INTERPRET=1 on CPU); `x` is "
                          f"on {x.device}")
+    row_norm = dora_row_norm(weight, lora_A, lora_B, scaling, dtype=x.dtype, backend=backend)
     fusable = not isinstance(weight, NF4Weight) or _nf4_fusable(weight)
     if backend == "torch" or dropout_p > 0.0 or x.numel() == 0 or not fusable:
         return dora_linear_reference(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p,

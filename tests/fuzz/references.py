@@ -457,17 +457,21 @@ def dora_math(x, weight, bias, lora_A, lora_B, magnitude, scaling, row_norm):
 
 
 def dora_row_norm_error(W, A, B, s, dtype):
-    """(‖W + s·B·A‖_row exact, relative error bound of the op's σ = m/‖·‖). The op forms ‖W'‖² = ‖W‖² + 2s·Σ B∘(W·Aᵀ)
-    + s²·B(A·Aᵀ)Bᵀ: W·Aᵀ rounded once to the compute dtype, the rest fp32 (lengths K, r, r); the error of the sum is
-    at most that times M² = Σ_k (|W| + |s|·|B|·|A|)², and ‖·‖ halves a relative error; σ is then one division."""
+    """(‖W + s·B·A‖_row exact, relative error bound of the op's σ = m/‖·‖). The op sums W'² = (W + s·B·A)² directly
+    in fp32: A and B rounded to the compute dtype (the Triton path; the torch path keeps fp32), B·A an fp32 sum of
+    r products, s·(B·A) and the add one rounding each — so each W'_nk is off by at most c·M_nk, M = |W| + |s|·|B|·|A|
+    — then squares summed over K in fp32. With Cauchy–Schwarz, ‖W'‖² is off by 2c·‖W'‖·‖M‖ + c²‖M‖² + the sum's
+    rounding; ‖·‖ at most keeps that relative error ρ, and σ = m/‖·‖ turns it into ρ(1 + 2ρ) (ρ ≤ ½) + a division."""
     W, A, B = f64(W), f64(A), f64(B)
     Wp = W + s * (B @ A)
     sq = (Wp * Wp).sum(1)
     M2 = ((W.abs() + abs(s) * (B.abs() @ A.abs())) ** 2).sum(1)
     u32 = UNIT_ROUNDOFF[torch.float32]
     K, r = W.shape[1], A.shape[0]
-    c = UNIT_ROUNDOFF[dtype] + LAMBDA * u32 * (math.sqrt(max(K, 1)) + 2 * math.sqrt(max(r, 1))) + 8 * u32
-    return sq.sqrt(), c * M2 / (2 * sq) + 2 * u32
+    c = 2 * UNIT_ROUNDOFF[dtype] + LAMBDA * u32 * math.sqrt(max(r, 1)) + 2 * u32
+    ratio = M2 / sq  # inf where W' is exactly 0: no bound then
+    rho = 2 * c * ratio.sqrt() + c * c * ratio + (LAMBDA * math.sqrt(max(K, 1)) + 4) * u32
+    return sq.sqrt(), rho * (1 + 2 * rho) + 2 * u32
 
 
 ACT_LIPSCHITZ = 1.13  # max |act'| over relu, tanh, silu (1.0998) and gelu_tanh (1.129)

@@ -25,8 +25,7 @@ from torch import nn
 from fastft.modules.lora import FusedLoraLinear, default_backend
 from fastft.modules.nf4_linear import NF4Linear
 from fastft.modules.qlora import FusedQLoraLinear
-from fastft.ops.dora import dora_linear, dora_row_norm, weight_row_sq_norm
-from fastft.quant.nf4_weight import NF4Weight
+from fastft.ops.dora import dora_linear, dora_row_norm
 
 # LoraConfig fields plain fused LoRA accepts but the fused DoRA op does not compute.
 _DORA_UNSUPPORTED = {
@@ -54,17 +53,6 @@ def validate_dora_config(config, model: nn.Module) -> None:
 class _DoraForward:
     """The fused forward for one active DoRA adapter; peft's forward (via the LoRA parent) otherwise."""
 
-    def _weight_sq_norm(self) -> torch.Tensor:
-        """‖W_n‖², computed once per weight (recomputed only if the weight is replaced or changed in place)."""
-        w = self.get_base_layer().weight
-        t = w.packed if isinstance(w, NF4Weight) else w
-        key = (id(w), t.data_ptr(), t._version, str(t.device))
-        cached = self.__dict__.get("_fastft_weight_sq_norm")
-        if cached is None or cached[0] != key:
-            cached = (key, weight_row_sq_norm(w))
-            self.__dict__["_fastft_weight_sq_norm"] = cached
-        return cached[1]
-
     def _dora_operands(self, x, args, kwargs):
         if args or any(v is not None for v in kwargs.values()):
             return None
@@ -90,8 +78,7 @@ class _DoraForward:
             return super().forward(x, *args, **kwargs)
         lora_A, lora_B, magnitude, scaling, p = operands
         base = self.get_base_layer()
-        return dora_linear(x, base.weight, base.bias, lora_A, lora_B, magnitude, scaling, p,
-                           weight_sq_norm=self._weight_sq_norm(), backend=default_backend())
+        return dora_linear(x, base.weight, base.bias, lora_A, lora_B, magnitude, scaling, p, backend=default_backend())
 
 
 class FusedDoraLinear(_DoraForward, FusedLoraLinear):
@@ -107,8 +94,8 @@ class _NF4DoraVariant(DoraLinearVariant):
             module.adapter_layer_names = module.adapter_layer_names[:] + ("lora_magnitude_vector",)
         layer = DoraLinearLayer(fan_in_fan_out=False)
         lora_A, lora_B = module.lora_A[adapter_name].weight, module.lora_B[adapter_name].weight
-        norm = dora_row_norm(module.get_base_layer().weight, lora_A, lora_B, module.scaling[adapter_name],
-                             dtype=torch.float32)
+        weight = module.get_base_layer().weight  # the norm in its compute dtype, as the fused forward forms it
+        norm = dora_row_norm(weight, lora_A, lora_B, module.scaling[adapter_name], dtype=weight.dtype)
         layer.weight = nn.Parameter(norm.to(lora_A.dtype), requires_grad=True)
         module.lora_magnitude_vector[adapter_name] = layer
 
