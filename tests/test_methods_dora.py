@@ -87,6 +87,19 @@ def test_row_norm_matches_fp64(backend, dtype):
 
 
 @interpreter_only
+def test_row_norm_nf4_weight_triton_matches_dequantized():
+    """An NF4 base on the Triton path (decoded into the shared scratch buffer) against fp64 on its dequantized W."""
+    g = torch.Generator().manual_seed(5)
+    N, K, r, s = 40, 128, 5, 2.0
+    qweight = quantize_nf4(torch.randn(N, K, generator=g), blocksize=64)
+    A, B = torch.randn(r, K, generator=g), 0.1 * torch.randn(N, r, generator=g)
+    W = qweight.dequantize(torch.float32).double()
+    exact = torch.linalg.norm(W + s * (B.double() @ A.double()), dim=1)
+    got = dora_row_norm(qweight, A, B, s, dtype=torch.float32, backend="triton").double()
+    assert torch.allclose(got, exact, rtol=1e-5, atol=0), (got - exact).abs().max()
+
+
+@interpreter_only
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_op_on_nf4_weight(dtype):
     x, W, b, A, B, m = _inputs(21, 128, 40, 4, dtype)

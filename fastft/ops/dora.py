@@ -59,11 +59,17 @@ def dora_row_norm(weight, lora_A, lora_B, scaling: float, dtype: torch.dtype | N
         R = kernels.rank_pad(lora_A.shape[0])
         A_p, B_p = _padded(lora_A.detach(), R, K, dtype), _padded(lora_B.detach(), N, R, dtype)
         return row_sq_norm(weight.detach().to(dtype), A_p, B_p, scaling).sqrt()
-    W = weight.dequantize(dtype) if isinstance(weight, NF4Weight) else weight.detach()
+    N, K = weight.shape
     A, B = lora_A.detach().float(), lora_B.detach().float()
-    rows = max(1, _TORCH_CHUNK // max(1, W.shape[1]))
-    return torch.cat([torch.linalg.vector_norm(w.float() + scaling * (b @ A), dim=1)
-                      for w, b in zip(W.split(rows), B.split(rows))]) if W.shape[0] else W.new_zeros(0).float()
+    rows = max(1, _TORCH_CHUNK // max(1, K))
+
+    def dense_rows(start, stop):
+        stop = min(stop, N)
+        return weight.dequantize_rows(start, stop, dtype) if isinstance(weight, NF4Weight) else weight[start:stop]
+
+    norms = [torch.linalg.vector_norm(dense_rows(i, i + rows).detach().float() + scaling * (B[i:i + rows] @ A), dim=1)
+             for i in range(0, N, rows)]
+    return torch.cat(norms) if norms else torch.zeros(0, device=device)
 
 
 def dora_linear_reference(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p=0.0, *, keep_mask=None,
