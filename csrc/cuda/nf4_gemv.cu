@@ -24,6 +24,7 @@ namespace {
 constexpr int kWarps = 8;
 constexpr int kRowsPerBlock = 16;
 constexpr int kStepK = 128;
+static_assert(kWarps * 32 == 256, "one thread per entry of the 256-entry nested code table");
 
 __constant__ float kNF4Code[16] = FASTFT_NF4_CODE_VALUES;  // csrc/nf4_codes.h
 
@@ -73,11 +74,14 @@ __device__ __forceinline__ uint4 load_stream(const uint8_t* p) {
   return v;
 }
 
-// One warp step's operands: 16 bytes of W for rows g and g+8, their absmax, 32 x-elements per batch tile.
+// One warp step's operands: 16 bytes of W for rows g and g+8, their absmax (or its 8-bit code and the nested
+// absmax: the code-table lookup waits for compute_step, so no load in load_step depends on another load),
+// 32 x-elements per batch tile.
 template <int NT>
 struct Fragment {
   uint4 w[2];
-  float scale[2];
+  float scale[2];   // the absmax, or the nested absmax2 when double-quantized
+  uint32_t code[2]; // the absmax's 8-bit code when double-quantized
   uint4 x[NT][4];
 };
 
@@ -91,13 +95,14 @@ __device__ __forceinline__ void load_step(Fragment<NT>& f, const Nf4GemvArgs& p,
     const int64_t row = row0 + g + 8 * h;
     f.w[h] = make_uint4(0u, 0u, 0u, 0u);
     f.scale[h] = 0.0f;
+    f.code[h] = 0u;
     if (k_ok && row < p.n) {
       const int64_t flat = row * p.k + k0;
       f.w[h] = load_stream(p.packed + flat / 2);
       const int64_t block = flat >> bs_shift;
       if (p.absmax2 != nullptr) {
-        const uint8_t q = __ldg(static_cast<const uint8_t*>(p.absmax) + block);
-        f.scale[h] = __fadd_rn(__fmul_rn(__ldg(p.code2 + q), __ldg(p.absmax2 + (block >> nbs_shift))), p.offset);
+        f.code[h] = __ldg(static_cast<const uint8_t*>(p.absmax) + block);
+        f.scale[h] = __ldg(p.absmax2 + (block >> nbs_shift));
       } else {
         f.scale[h] = __ldg(static_cast<const float*>(p.absmax) + block);
       }
@@ -120,8 +125,14 @@ __device__ __forceinline__ uint32_t word_of(const uint4& v, int i) {
   return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
 }
 
+// nested: the block's absmax is code2[q] * absmax2 + offset, both operations rounded (no fused multiply-add)
 template <typename T, int NT>
-__device__ __forceinline__ void compute_step(float (&acc)[NT][4], const Fragment<NT>& f, const float* code) {
+__device__ __forceinline__ void compute_step(float (&acc)[NT][4], const Fragment<NT>& f, const float* code,
+                                             const float* code2, bool nested, float offset) {
+  float scale[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h)
+    scale[h] = nested ? __fadd_rn(__fmul_rn(code2[f.code[h]], f.scale[h]), offset) : f.scale[h];
 #pragma unroll
   for (int j = 0; j < 8; ++j) {
     uint32_t a[4];
@@ -130,7 +141,7 @@ __device__ __forceinline__ void compute_step(float (&acc)[NT][4], const Fragment
       // bytes 2j and 2j+1 of this row's 16: elements 4j, 4j+1 (byte 2j) and 4j+2, 4j+3 (byte 2j+1)
       const uint32_t word = word_of(f.w[h], j >> 1) >> (16 * (j & 1));
       const uint32_t b_lo = word & 0xFFu, b_hi = (word >> 8) & 0xFFu;
-      const float s = f.scale[h];
+      const float s = scale[h];
       a[h] = Mma<T>::pack(code[b_lo >> 4] * s, code[b_lo & 0xFu] * s);
       a[2 + h] = Mma<T>::pack(code[b_hi >> 4] * s, code[b_hi & 0xFu] * s);
     }
@@ -144,12 +155,15 @@ __device__ __forceinline__ void compute_step(float (&acc)[NT][4], const Fragment
 template <typename T, int NT>
 __global__ void __launch_bounds__(kWarps * 32) nf4_gemv_kernel(const Nf4GemvArgs p, int bs_shift, int nbs_shift) {
   __shared__ float code[16];
+  __shared__ float code2[256];  // the nested absmax code table, when double-quantized
   __shared__ float partial[kWarps][NT * 4][32];
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   const int g = lane >> 2;
   const int t = lane & 3;
+  const bool nested = p.absmax2 != nullptr;
   if (threadIdx.x < 16) code[threadIdx.x] = kNF4Code[threadIdx.x];
+  if (nested) code2[threadIdx.x] = __ldg(p.code2 + threadIdx.x);  // kWarps * 32 == 256 threads
   __syncthreads();
 
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock;
@@ -165,7 +179,7 @@ __global__ void __launch_bounds__(kWarps * 32) nf4_gemv_kernel(const Nf4GemvArgs
   if (warp < steps) load_step(cur, p, warp, g, t, row0, bs_shift, nbs_shift);
   for (int64_t s = warp; s < steps; s += kWarps) {
     if (s + kWarps < steps) load_step(next, p, s + kWarps, g, t, row0, bs_shift, nbs_shift);
-    compute_step<T, NT>(acc, cur, code);
+    compute_step<T, NT>(acc, cur, code, code2, nested, p.offset);
     cur = next;
   }
 
