@@ -150,3 +150,22 @@ def test_dequantize_nf4(data, backend):
         stop = data.draw(st.integers(start, rows), label="stop")
         assert torch.equal(qweight.dequantize_rows(start, stop, out_dtype), out[start:stop])
     ref.count_example(f"nf4_dequantize[{backend}]")
+
+
+@pytest.mark.gpu
+@fuzz(20)
+@given(data=st.data())
+def test_nf4_quant_roundtrip_gpu(data):
+    """On the GPU: quantize_nf4 (torch on CUDA) matches the CPU quantizer bit for bit, and dequantize (the Triton
+    kernel) is within one rounding of the fp64 value, at sizes of many kernel blocks."""
+    dtype = data.draw(float_dtypes(), label="dtype")
+    blocksize = data.draw(st.sampled_from([64, 128, 256]), label="blocksize")
+    shape = (dim(data, 1, 700, label="rows"), dim(data, 1, 900, label="cols"))
+    x = tensor(data, shape, dtype, label="x")
+    double = data.draw(st.booleans(), label="double quant")
+    q_gpu, q_cpu = quantize_nf4(x.cuda(), blocksize, double), quantize_nf4(x, blocksize, double)
+    assert torch.equal(q_gpu.packed.cpu(), q_cpu.packed) and torch.equal(q_gpu.absmax.cpu(), q_cpu.absmax)
+    out_dtype = data.draw(float_dtypes(), label="out dtype")
+    W, W_mag = ref.nf4_dequantize_f64(q_gpu)
+    ref.check("nf4_dequantize", "cuda", q_gpu.dequantize(out_dtype), W, W_mag, out_dtype, 1, (), extra_rel=3 * U32)
+    ref.count_example("nf4_dequantize[cuda]")
