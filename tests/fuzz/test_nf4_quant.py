@@ -156,8 +156,8 @@ def test_dequantize_nf4(data, backend):
 @fuzz(20)
 @given(data=st.data())
 def test_nf4_quant_roundtrip_gpu(data):
-    """On the GPU: quantize_nf4 (torch on CUDA) matches the CPU quantizer bit for bit (codes and absmax), and dequantize (the Triton
-    kernel) is within one rounding of the fp64 value, at sizes of many kernel blocks."""
+    """On the GPU: quantize_nf4 (torch on CUDA) matches the CPU quantizer bit for bit (codes and absmax), and
+    dequantize (the Triton kernel) is within one rounding of the fp64 value, at sizes of many kernel blocks."""
     dtype = data.draw(float_dtypes(), label="dtype")
     blocksize = data.draw(st.sampled_from([64, 128, 256]), label="blocksize")
     shape = (dim(data, 1, 700, label="rows"), dim(data, 1, 900, label="cols"))
