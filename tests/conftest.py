@@ -37,7 +37,7 @@ def captured_seeds(monkeypatch):
     import fastft.ops.lora as lora_ops
 
     seeds = []
-    draw = lora_ops._draw_seed
-    monkeypatch.setattr(lora_ops, "_draw_seed", lambda: seeds.append(draw()) or seeds[-1])
+    draw = lora_ops.draw_seed
+    monkeypatch.setattr(lora_ops, "draw_seed", lambda: seeds.append(draw()) or seeds[-1])
     return seeds
 
