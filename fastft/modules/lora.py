@@ -27,7 +27,8 @@ def default_backend() -> str:
     return backend
 
 
-def _plain_linear(module: nn.Module) -> bool:
+def plain_linear(module: nn.Module) -> bool:
+    """A plain nn.Linear (its own forward, no hooks): the fused ops may stand in for its forward."""
     return (isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
             and not module._forward_hooks and not module._forward_pre_hooks)
 
@@ -85,7 +86,7 @@ class FusedLoraLinear(_FusedForward):
 
     def _base_ok(self, x):
         base = self.base_layer
-        return _plain_linear(base) and (x.dtype == base.weight.dtype or torch.is_autocast_enabled(x.device.type))
+        return plain_linear(base) and (x.dtype == base.weight.dtype or torch.is_autocast_enabled(x.device.type))
 
     def _fused(self, x, lora_A, lora_B, scaling, dropout_p):
         base = self.base_layer
