@@ -41,3 +41,12 @@ def captured_seeds(monkeypatch):
     monkeypatch.setattr(lora_ops, "draw_seed", lambda: seeds.append(draw()) or seeds[-1])
     return seeds
 
+
+@pytest.fixture
+def poison_cuda_allocator():
+    """Fill the caching allocator's free blocks with NaN: a kernel that skips an element leaves NaN behind
+    (GPU tests: `pytestmark = pytest.mark.usefixtures("poison_cuda_allocator")`)."""
+    torch.cuda.empty_cache()
+    blocks = [torch.full((64 << 20,), float("nan"), device="cuda") for _ in range(4)]
+    del blocks
+    yield
