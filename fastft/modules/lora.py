@@ -33,8 +33,9 @@ def plain_linear(module: nn.Module) -> bool:
             and not module._forward_hooks and not module._forward_pre_hooks)
 
 
-class _FusedForward(PeftLoraLinear):
-    """The forward that hands the active adapters to one fused op; subclasses say which op and base."""
+class FusedLoraBase(PeftLoraLinear):
+    """The base of the fused LoRA linears (dense, NF4): the forward that hands the active adapters to one fused op;
+    subclasses say which op and base."""
 
     def _base_ok(self, x: torch.Tensor) -> bool:
         raise NotImplementedError
@@ -81,7 +82,7 @@ class _FusedForward(PeftLoraLinear):
         return lora_A, lora_B, 1.0, dropout_p
 
 
-class FusedLoraLinear(_FusedForward):
+class FusedLoraLinear(FusedLoraBase):
     """LoRA on a plain nn.Linear through fastft.ops.lora_linear."""
 
     def _base_ok(self, x):
