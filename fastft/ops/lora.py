@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from fastft.ops.shared import (BACKENDS, as_rows, autocast_inputs, check, check_backend, draw_seed, padded,
                                resolve_backend)
+
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
