@@ -37,7 +37,16 @@ def captured_seeds(monkeypatch):
     import fastft.ops.lora as lora_ops
 
     seeds = []
-    draw = lora_ops._draw_seed
-    monkeypatch.setattr(lora_ops, "_draw_seed", lambda: seeds.append(draw()) or seeds[-1])
+    draw = lora_ops.draw_seed
+    monkeypatch.setattr(lora_ops, "draw_seed", lambda: seeds.append(draw()) or seeds[-1])
     return seeds
 
+
+@pytest.fixture
+def poison_cuda_allocator():
+    """Fill the caching allocator's free blocks with NaN: a kernel that skips an element leaves NaN behind
+    (GPU tests: `pytestmark = pytest.mark.usefixtures("poison_cuda_allocator")`)."""
+    torch.cuda.empty_cache()
+    blocks = [torch.full((64 << 20,), float("nan"), device="cuda") for _ in range(4)]
+    del blocks
+    yield

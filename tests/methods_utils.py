@@ -1,7 +1,9 @@
 """Helpers the per-method tests share: perturb the trainable parameters, run a step, compare with peft."""
+import peft
 import torch
 
-from tests.utils import assert_close, rel_err
+import fastft
+from tests.utils import assert_close, rel_err, tiny_llama
 
 
 def perturb_trainables(model, std: float = 0.1, seed: int = 1):
@@ -53,3 +55,31 @@ def assert_same_step(a, b, what: str, dtype=torch.float32, tol: float | None = N
 
 def ids(batch=2, seq=9, vocab=128, seed=5):
     return torch.randint(3, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def fastft_and_peft(make_config):
+    """(fastft model, peft model) of the tiny llama with the same trained-looking adapters; `make_config()` builds
+    each model its own config."""
+    ours = fastft.get_peft_model(tiny_llama(), make_config())
+    theirs = peft.get_peft_model(tiny_llama(), make_config())
+    perturb_trainables(ours)
+    copy_trainables(ours, theirs)
+    return ours, theirs
+
+
+def assert_round_trips_with_peft(ours, tmp_path, what: str = "", peft_model=None):
+    """fastft.save_adapter → peft loads the same logits; peft's save_pretrained (of `peft_model`, else of the model
+    peft loaded) → fastft.load_adapter loads them too. Returns the model fastft loaded."""
+    label = f"{what}: " if what else ""
+    batch = ids()
+    with torch.no_grad():
+        want = ours(input_ids=batch).logits
+    fastft.save_adapter(ours, tmp_path / "ours")
+    by_peft = peft.PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "ours"))
+    with torch.no_grad():
+        assert_close(by_peft(input_ids=batch).logits, want, torch.float32, f"{label}fastft → peft")
+    (by_peft if peft_model is None else peft_model).save_pretrained(str(tmp_path / "theirs"))
+    by_fastft = fastft.load_adapter(tiny_llama(), tmp_path / "theirs")
+    with torch.no_grad():
+        assert_close(by_fastft(input_ids=batch).logits, want, torch.float32, f"{label}peft → fastft")
+    return by_fastft

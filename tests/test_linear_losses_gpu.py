@@ -9,16 +9,8 @@ from fastft.ops import (linear_cross_entropy, linear_cross_entropy_reference, li
                         lm_head_cross_entropy)
 from tests.utils import rel_err
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("poison_cuda_allocator")]
 TOL = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2}  # fp32: cuBLAS may use tf32-free fp32
-
-
-@pytest.fixture(autouse=True)
-def poison_allocator():
-    torch.cuda.empty_cache()
-    blocks = [torch.full((64 << 20,), float("nan"), device="cuda") for _ in range(4)]
-    del blocks
-    yield
 
 
 def _leaves(*ts):

@@ -6,16 +6,7 @@ import torch
 from fastft.ops import lora_linear, lora_linear_reference
 from tests.utils import assert_close
 
-pytestmark = pytest.mark.gpu
-
-
-@pytest.fixture(autouse=True)
-def poison_allocator():
-    """Fill the caching allocator's free blocks with NaN: a kernel that skips an element leaves NaN behind."""
-    torch.cuda.empty_cache()
-    blocks = [torch.full((64 << 20,), float("nan"), device="cuda") for _ in range(4)]
-    del blocks
-    yield
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("poison_cuda_allocator")]
 
 
 def _run(M, K, N, r, dtype, *, p=0.0, bias=True, adapter_dtype=None, batch=(), seeds=None):

@@ -2,7 +2,6 @@
 peft's DoRA (forward and every gradient), NF4 bases, save/load both ways with peft, and refused options."""
 import random
 
-import peft
 import pytest
 import torch
 from peft import LoraConfig
@@ -11,7 +10,7 @@ import fastft
 from fastft.integration.methods.dora import FusedDoraLinear, FusedQDoraLinear
 from fastft.ops.dora import dora_linear, dora_linear_reference, dora_row_norm
 from fastft.quant.nf4_weight import NF4Weight, quantize_nf4
-from tests.methods_utils import assert_same_step, copy_trainables, ids, perturb_trainables, step
+from tests.methods_utils import assert_round_trips_with_peft, assert_same_step, fastft_and_peft, ids, perturb_trainables, step
 from tests.utils import ALL_LINEAR, INTERPRET, assert_close, interpreter_only, tiny_llama
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -116,11 +115,7 @@ def _dora_config(**kw):
 
 def _pair(config_kw=None):
     """(fastft DoRA model, peft DoRA model) with the same trained-looking adapters."""
-    ours = fastft.get_peft_model(tiny_llama(), _dora_config(**(config_kw or {})))
-    theirs = peft.get_peft_model(tiny_llama(), _dora_config(**(config_kw or {})))
-    perturb_trainables(ours)
-    copy_trainables(ours, theirs)
-    return ours, theirs
+    return fastft_and_peft(lambda: _dora_config(**(config_kw or {})))
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
@@ -143,18 +138,8 @@ def test_dropout_training_matches_peft_with_the_same_draws():
 
 def test_save_load_round_trips_with_peft(tmp_path):
     ours, theirs = _pair()
-    batch = ids()
-    with torch.no_grad():
-        want = ours(input_ids=batch).logits
-    fastft.save_adapter(ours, tmp_path / "ours")
-    loaded_by_peft = peft.PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "ours"))
-    with torch.no_grad():
-        assert_close(loaded_by_peft(input_ids=batch).logits, want, torch.float32, "fastft → peft")
-    theirs.save_pretrained(str(tmp_path / "theirs"))
-    loaded_by_fastft = fastft.load_adapter(tiny_llama(), tmp_path / "theirs")
+    loaded_by_fastft = assert_round_trips_with_peft(ours, tmp_path, peft_model=theirs)
     assert any(isinstance(m, FusedDoraLinear) for m in loaded_by_fastft.modules())
-    with torch.no_grad():
-        assert_close(loaded_by_fastft(input_ids=batch).logits, want, torch.float32, "peft → fastft")
 
 
 @pytest.mark.parametrize("field, value", [("fan_in_fan_out", True), ("lora_bias", True)])

@@ -3,7 +3,6 @@ column-dot reduction against fp64 references; the model against peft's IA3 (forw
 save/load both ways with peft; refused options."""
 import random
 
-import peft
 import pytest
 import torch
 from peft import IA3Config
@@ -11,7 +10,7 @@ from peft import IA3Config
 import fastft
 from fastft.integration.methods.ia3 import FusedIA3Linear
 from fastft.ops.ia3 import ia3_linear, ia3_linear_reference
-from tests.methods_utils import assert_same_step, copy_trainables, ids, perturb_trainables, step
+from tests.methods_utils import assert_round_trips_with_peft, assert_same_step, fastft_and_peft, ids, step
 from tests.utils import INTERPRET, assert_close, interpreter_only, tiny_llama
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -68,29 +67,15 @@ def test_model_matches_peft_ia3(backend, monkeypatch):
     if backend == "triton" and not INTERPRET:
         pytest.skip("Triton on CPU needs the interpreter")
     monkeypatch.setenv("FASTFT_LORA_BACKEND", backend)
-    ours = fastft.get_peft_model(tiny_llama(), _config())
-    theirs = peft.get_peft_model(tiny_llama(), _config())
+    ours, theirs = fastft_and_peft(_config)
     assert sum(isinstance(m, FusedIA3Linear) for m in ours.modules()) == 6
-    perturb_trainables(ours)
-    copy_trainables(ours, theirs)
     assert_same_step(step(ours, ids()), step(theirs, ids()), f"IA3 ({backend})")
 
 
 def test_save_load_round_trips_with_peft(tmp_path):
-    ours = fastft.get_peft_model(tiny_llama(), _config())
-    perturb_trainables(ours)
-    batch = ids()
-    with torch.no_grad():
-        want = ours(input_ids=batch).logits
-    fastft.save_adapter(ours, tmp_path / "ours")
-    by_peft = peft.PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "ours"))
-    with torch.no_grad():
-        assert_close(by_peft(input_ids=batch).logits, want, torch.float32, "fastft → peft")
-    by_peft.save_pretrained(str(tmp_path / "theirs"))
-    by_fastft = fastft.load_adapter(tiny_llama(), tmp_path / "theirs")
+    ours, _ = fastft_and_peft(_config)
+    by_fastft = assert_round_trips_with_peft(ours, tmp_path)
     assert any(isinstance(m, FusedIA3Linear) for m in by_fastft.modules())
-    with torch.no_grad():
-        assert_close(by_fastft(input_ids=batch).logits, want, torch.float32, "peft → fastft")
 
 
 def test_unfusable_ia3_option_is_named():

@@ -1,15 +1,14 @@
 """Prefix tuning: fastft's room feeds each layer's prefix to flash_attention's prefix_k/prefix_v (no
 concatenated K/V, no cache object) and matches peft's PrefixTuningConfig (its KV-cache path on SDPA) in logits
 and gradients, with and without padding; save/load both ways with peft."""
-import peft
 import pytest
 import torch
 from peft import PrefixTuningConfig
 
 import fastft
 from fastft.integration.methods.prefix import FastftPrefixModel
-from tests.methods_utils import assert_same_step, copy_trainables, ids, perturb_trainables, step
-from tests.utils import INTERPRET, assert_close, tiny_llama
+from tests.methods_utils import assert_round_trips_with_peft, assert_same_step, fastft_and_peft, ids, step
+from tests.utils import INTERPRET, tiny_llama
 
 
 def _config(**kw):
@@ -17,11 +16,7 @@ def _config(**kw):
 
 
 def _pair(**kw):
-    ours = fastft.get_peft_model(tiny_llama(), _config(**kw))
-    theirs = peft.get_peft_model(tiny_llama(), _config(**kw))
-    perturb_trainables(ours)
-    copy_trainables(ours, theirs)
-    return ours, theirs
+    return fastft_and_peft(lambda: _config(**kw))
 
 
 def _step_masked(model, batch, mask):
@@ -74,19 +69,9 @@ def test_triton_attention_kernels_with_prefix():
 
 
 def test_save_load_round_trips_with_peft(tmp_path):
-    ours, theirs = _pair()
-    batch = ids()
-    with torch.no_grad():
-        want = ours(input_ids=batch).logits
-    fastft.save_adapter(ours, tmp_path / "ours")
-    by_peft = peft.PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "ours"))
-    with torch.no_grad():
-        assert_close(by_peft(input_ids=batch).logits, want, torch.float32, "fastft → peft")
-    by_peft.save_pretrained(str(tmp_path / "theirs"))
-    by_fastft = fastft.load_adapter(tiny_llama(), tmp_path / "theirs")
+    ours, _ = _pair()
+    by_fastft = assert_round_trips_with_peft(ours, tmp_path)
     assert isinstance(by_fastft, FastftPrefixModel)
-    with torch.no_grad():
-        assert_close(by_fastft(input_ids=batch).logits, want, torch.float32, "peft → fastft")
 
 
 def test_generation_takes_the_cache_path():

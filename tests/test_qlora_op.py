@@ -4,7 +4,7 @@ import torch
 
 from fastft.ops import lora_linear_reference, nf4_linear, qlora_linear, qlora_linear_reference
 from fastft.quant import quantize_nf4
-from tests.utils import assert_close, interpreter_only
+from tests.utils import assert_close, check_nf4_linear_fp64, interpreter_only
 
 # (M, K, N, r, blocksize, double_quant, dropout_p): ragged sizes, every blocksize path, x as 2-D or 3-D
 CASES = [
@@ -69,16 +69,7 @@ def test_non_contiguous_input_and_no_bias():
 @interpreter_only
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
 def test_nf4_linear_forward_and_gradients(dtype):
-    w = quantize_nf4(torch.randn(33, 96, dtype=dtype) * 0.05, blocksize=32)
-    x = torch.randn(2, 9, 96, dtype=dtype, requires_grad=True)
-    bias = torch.randn(33, dtype=dtype, requires_grad=True)
-    y = nf4_linear(x, w, bias, backend="triton")
-    dy = torch.randn_like(y)
-    y.backward(dy)
-    W = w.dequantize(torch.float32).double()
-    assert_close(y, x.detach().double() @ W.T + bias.detach().double(), dtype, "y")
-    assert_close(x.grad, dy.double() @ W, dtype, "dx")
-    assert_close(bias.grad, dy.double().sum((0, 1)), dtype, "db")
+    check_nf4_linear_fp64((2, 9), dtype)
 
 
 @interpreter_only

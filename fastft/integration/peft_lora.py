@@ -126,11 +126,15 @@ def get_peft_model(model: nn.Module, config, adapter_name: str = "default", **kw
         return get_method_model(model, config, adapter_name=adapter_name, **kwargs)
     validate_lora_config(config, model)
     _with_quantized_targets(config, model)
+    return patch_peft(quiet_peft_model(model, config, adapter_name, **kwargs))
+
+
+def quiet_peft_model(model: nn.Module, config, adapter_name: str = "default", **kwargs) -> PeftModel:
+    """`peft.get_peft_model`, without the FutureWarning peft raises reading transformers' deprecated
+    `is_gradient_checkpointing` (nothing for the user to act on). Every method's room builds through it."""
     with warnings.catch_warnings():
-        # peft reads transformers' deprecated `is_gradient_checkpointing`; nothing for the user to act on.
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        peft_model = peft.get_peft_model(model, config, adapter_name=adapter_name, **kwargs)
-    return patch_peft(peft_model)
+        return peft.get_peft_model(model, config, adapter_name=adapter_name, **kwargs)
 
 
 def add_adapter(model: PeftModel, adapter_name: str, config: LoraConfig) -> PeftModel:

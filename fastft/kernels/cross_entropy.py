@@ -159,44 +159,35 @@ def _block_v(V: int) -> tuple[int, int]:
     return block, (16 if block >= 4096 else 8 if block >= 2048 else 4)
 
 
-def _row_scale(scale: torch.Tensor, n: int) -> tuple[torch.Tensor, int]:
-    """fp32 per-row factors as (tensor, stride): one value broadcast (stride 0) or one per row."""
-    return scale, (0 if scale.numel() == 1 else 1)
+def _launch_rows(kernel, chunk: torch.Tensor, scale: torch.Tensor, args, **constexprs) -> torch.Tensor:
+    """One program per row of the (n, V) chunk; returns the fp32 (n,) row losses the kernel writes.
+    `args(loss, scale_stride)` gives the kernel's arguments; scale is fp32, one value (broadcast: stride 0) or n."""
+    n, V = chunk.shape
+    loss = torch.empty(n, dtype=torch.float32, device=chunk.device)
+    if n == 0:
+        return loss
+    block, warps = _block_v(V)
+    kernel[(n,)](*args(loss, 0 if scale.numel() == 1 else 1), **constexprs, BLOCK_V=block, num_warps=warps)
+    return loss
 
 
 def ce_rows(x: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor, *, ignore_index: int,
             label_smoothing: float, softcap: float | None, compute_grad: bool) -> torch.Tensor:
     """Per-row loss (fp32, n) of the (n, V) logits chunk x (unit last stride); with compute_grad, x is
     overwritten with scale·dloss/dx. labels: int64 (n,), contiguous; scale: fp32 contiguous, 1 or n values."""
-    n, V = x.shape
-    loss = torch.empty(n, dtype=torch.float32, device=x.device)
-    if n == 0:
-        return loss
-    block, warps = _block_v(V)
-    scale, scale_stride = _row_scale(scale, n)
-    _ce_rows_kernel[(n,)](
-        x, x.stride(0), labels, scale, scale_stride, loss,
-        V, ignore_index, float(label_smoothing), float(softcap or 1.0),
-        HAS_SOFTCAP=softcap is not None, HAS_SMOOTHING=label_smoothing > 0.0, COMPUTE_GRAD=compute_grad,
-        BLOCK_V=block, num_warps=warps,
-    )
-    return loss
+    return _launch_rows(
+        _ce_rows_kernel, x, scale,
+        lambda loss, scale_stride: (x, x.stride(0), labels, scale, scale_stride, loss, x.shape[1], ignore_index,
+                                    float(label_smoothing), float(softcap or 1.0)),
+        HAS_SOFTCAP=softcap is not None, HAS_SMOOTHING=label_smoothing > 0.0, COMPUTE_GRAD=compute_grad)
 
 
 def kl_rows(s: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None, scale: torch.Tensor, *,
             ignore_index: int, temperature: float, reverse: bool, compute_grad: bool) -> torch.Tensor:
     """Per-row KL (fp32, n) between student chunk s and teacher chunk t, both (n, V) with unit last stride;
     with compute_grad, s is overwritten with scale·dKL/ds. Rows whose label is ignore_index give 0."""
-    n, V = s.shape
-    loss = torch.empty(n, dtype=torch.float32, device=s.device)
-    if n == 0:
-        return loss
-    block, warps = _block_v(V)
-    scale, scale_stride = _row_scale(scale, n)
-    _kl_rows_kernel[(n,)](
-        s, s.stride(0), t, t.stride(0), labels if labels is not None else loss, scale, scale_stride, loss,
-        V, ignore_index, 1.0 / float(temperature),
-        HAS_LABELS=labels is not None, REVERSE=reverse, COMPUTE_GRAD=compute_grad,
-        BLOCK_V=block, num_warps=warps,
-    )
-    return loss
+    return _launch_rows(
+        _kl_rows_kernel, s, scale,
+        lambda loss, scale_stride: (s, s.stride(0), t, t.stride(0), labels if labels is not None else loss, scale,
+                                    scale_stride, loss, s.shape[1], ignore_index, 1.0 / float(temperature)),
+        HAS_LABELS=labels is not None, REVERSE=reverse, COMPUTE_GRAD=compute_grad)

@@ -27,13 +27,15 @@ def default_backend() -> str:
     return backend
 
 
-def _plain_linear(module: nn.Module) -> bool:
+def plain_linear(module: nn.Module) -> bool:
+    """A plain nn.Linear (its own forward, no hooks): the fused ops may stand in for its forward."""
     return (isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
             and not module._forward_hooks and not module._forward_pre_hooks)
 
 
-class _FusedForward(PeftLoraLinear):
-    """The forward that hands the active adapters to one fused op; subclasses say which op and base."""
+class FusedLoraBase(PeftLoraLinear):
+    """The base of the fused LoRA linears (dense, NF4): the forward that hands the active adapters to one fused op;
+    subclasses say which op and base."""
 
     def _base_ok(self, x: torch.Tensor) -> bool:
         raise NotImplementedError
@@ -80,12 +82,12 @@ class _FusedForward(PeftLoraLinear):
         return lora_A, lora_B, 1.0, dropout_p
 
 
-class FusedLoraLinear(_FusedForward):
+class FusedLoraLinear(FusedLoraBase):
     """LoRA on a plain nn.Linear through fastft.ops.lora_linear."""
 
     def _base_ok(self, x):
         base = self.base_layer
-        return _plain_linear(base) and (x.dtype == base.weight.dtype or torch.is_autocast_enabled(x.device.type))
+        return plain_linear(base) and (x.dtype == base.weight.dtype or torch.is_autocast_enabled(x.device.type))
 
     def _fused(self, x, lora_A, lora_B, scaling, dropout_p):
         base = self.base_layer

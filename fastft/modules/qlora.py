@@ -11,13 +11,13 @@ from __future__ import annotations
 import torch
 from peft.tuners.tuners_utils import check_adapters_to_merge
 
-from fastft.modules.lora import _FusedForward, default_backend
+from fastft.modules.lora import FusedLoraBase, default_backend
 from fastft.modules.nf4_linear import NF4Linear
 from fastft.ops.qlora import qlora_linear
 from fastft.quant.nf4_weight import quantize_nf4
 
 
-class FusedQLoraLinear(_FusedForward):
+class FusedQLoraLinear(FusedLoraBase):
     def _get_in_out_features(self, module):
         return module.in_features, module.out_features
 

@@ -17,16 +17,11 @@ import os
 
 import torch
 
-from fastft.kernels.runtime import triton_runs_on
+from fastft.ops.shared import BACKENDS, autocast_inputs, check_backend, resolve_backend
+from fastft.ops.shared import check as _check  # the name this file's many checks use
 
-BACKENDS = ("auto", "triton", "torch")
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
-
-
-def _check(cond: bool, message: str) -> None:
-    if not cond:
-        raise ValueError(message)
 
 
 def mask_bounds(causal: bool, window) -> tuple[int, int]:
@@ -213,20 +208,12 @@ def flash_attention(q, k, v, *, causal=False, softmax_scale=None, cu_seqlens=Non
     head_dim: a multiple of 8 up to 256; fp16/bf16/fp32. Returns q's shape and dtype.
     backend: "auto" (Triton on CUDA, torch elsewhere), "triton" or "torch".
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"flash_attention: `backend` must be one of {BACKENDS}, got {backend!r}")
-    if isinstance(q, torch.Tensor) and torch.is_autocast_enabled(q.device.type):
-        dtype = torch.get_autocast_dtype(q.device.type)
-        q, k, v = (t.to(dtype) if isinstance(t, torch.Tensor) else t for t in (q, k, v))
-        prefix_k, prefix_v = (t.to(dtype) if isinstance(t, torch.Tensor) else t for t in (prefix_k, prefix_v))
+    check_backend("flash_attention", backend)
+    q, k, v, prefix_k, prefix_v = autocast_inputs(q, k, v, prefix_k, prefix_v)
     _validate(q, k, v, causal, softmax_scale, cu_seqlens, max_seqlen, prefix_k, prefix_v, window)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
 
-    if backend == "auto":
-        backend = "triton" if q.device.type == "cuda" and triton_runs_on(q.device) else "torch"
-    if backend == "triton" and not triton_runs_on(q.device):
-        raise ValueError(f"flash_attention: backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 on CPU); "
-                         f"`q` is on {q.device}")
+    backend = resolve_backend("flash_attention", backend, q.device, arg="q")
     if backend == "torch" or q.numel() == 0:
         if cu_seqlens is not None:  # the reference reads cu_seqlens on the host anyway: checking is free
             longest = _check_cu_seqlens(cu_seqlens, q.shape[0])

@@ -9,8 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fastft.kernels.runtime import triton_runs_on
-from fastft.ops.lora import BACKENDS, _as_rows, _padded
+from fastft.ops.shared import as_rows, autocast_inputs, check_backend, padded, resolve_backend
 
 ACTIVATIONS = ("relu", "silu", "gelu_tanh", "tanh")
 
@@ -52,10 +51,10 @@ class BottleneckAdapterFunction(torch.autograd.Function):
         r, N = down_weight.shape
         R = rank_pad(r)
         dtype = h.dtype
-        h2 = _as_rows(h)
-        D_p = _padded(down_weight, R, N, dtype)
-        U_p = _padded(up_weight, N, R, dtype)
-        bd = None if down_bias is None else _padded(down_bias.float()[None], 1, R, torch.float32)[0]
+        h2 = as_rows(h)
+        D_p = padded(down_weight, R, N, dtype)
+        U_p = padded(up_weight, N, R, dtype)
+        bd = None if down_bias is None else padded(down_bias.float()[None], 1, R, torch.float32)[0]
         z, p = kernels.down_act(h2, D_p, bd, activation)
         bu = None if up_bias is None else up_bias.to(dtype)
         y = kernels.up_residual(h2, z, U_p, bu)
@@ -96,13 +95,10 @@ class BottleneckAdapterFunction(torch.autograd.Function):
 def bottleneck_adapter(h, down_weight, down_bias, up_weight, up_bias, activation: str = "relu", *, backend="auto"):
     """y = h + act(h·Dᵀ + b_d)·Uᵀ + b_u with h (..., N), D (r, N), U (N, r); biases optional.
     backend: "auto" (Triton on CUDA, torch elsewhere), "triton" or "torch"."""
-    if backend not in BACKENDS:
-        raise ValueError(f"bottleneck_adapter: `backend` must be one of {BACKENDS}, got {backend!r}")
+    check_backend("bottleneck_adapter", backend)
     if activation not in ACTIVATIONS:
         raise ValueError(f"bottleneck_adapter: `activation` must be one of {ACTIVATIONS}, got {activation!r}")
-    device_type = h.device.type if isinstance(h, torch.Tensor) else "cpu"
-    if torch.is_autocast_enabled(device_type) and isinstance(h, torch.Tensor):
-        h = h.to(torch.get_autocast_dtype(device_type))
+    (h,) = autocast_inputs(h)
     if not (isinstance(h, torch.Tensor) and h.is_floating_point() and h.dim() >= 1):
         raise ValueError("bottleneck_adapter: `h` must be a floating-point tensor (..., features)")
     N = h.shape[-1]
@@ -114,12 +110,8 @@ def bottleneck_adapter(h, down_weight, down_bias, up_weight, up_bias, activation
     for name, b, n in (("down_bias", down_bias, r), ("up_bias", up_bias, N)):
         if b is not None and tuple(b.shape) != (n,):
             raise ValueError(f"bottleneck_adapter: `{name}` must be None or of shape ({n},), got {tuple(b.shape)}")
-    if backend == "auto":
-        backend = "triton" if h.device.type == "cuda" and triton_runs_on(h.device) else "torch"
-    if backend == "triton" and not triton_runs_on(h.device):
-        raise ValueError(f"bottleneck_adapter: backend='triton' needs a CUDA tensor (or TRITON_INTERPRET=1 on CPU); "
-                         f"`h` is on {h.device}")
+    backend = resolve_backend("bottleneck_adapter", backend, h.device, arg="h")
     if backend == "torch" or h.numel() == 0:
         return bottleneck_adapter_reference(h, down_weight, down_bias, up_weight, up_bias, activation)
-    with torch.autocast(device_type, enabled=False):
+    with torch.autocast(h.device.type, enabled=False):
         return BottleneckAdapterFunction.apply(h, down_weight, down_bias, up_weight, up_bias, activation)

@@ -24,8 +24,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from fastft.kernels.runtime import triton_runs_on
-from fastft.ops.lora import BACKENDS, _as_rows, _padded
+from fastft.ops.shared import as_rows, autocast_inputs, check, check_backend, nf4_fused_ok, padded, resolve_backend
 from fastft.quant.nf4_weight import NF4Weight
 
 
@@ -45,8 +44,7 @@ def dora_row_norm(weight, lora_A, lora_B, scaling: float, dtype: torch.dtype | N
     torch: fp32 adapters."""
     dtype = dtype or lora_A.dtype
     device = lora_A.device
-    if backend == "auto":
-        backend = "triton" if device.type == "cuda" and triton_runs_on(device) else "torch"
+    backend = resolve_backend("dora_row_norm", backend, device, arg="lora_A")
     if backend == "triton":
         from fastft.kernels import lora_linear as kernels
         from fastft.kernels.dora_row_norm import row_sq_norm
@@ -57,7 +55,7 @@ def dora_row_norm(weight, lora_A, lora_B, scaling: float, dtype: torch.dtype | N
             weight = dequant_scratch(weight, dtype)  # read once by the kernel below, before any later reuse
         N, K = weight.shape
         R = kernels.rank_pad(lora_A.shape[0])
-        A_p, B_p = _padded(lora_A.detach(), R, K, dtype), _padded(lora_B.detach(), N, R, dtype)
+        A_p, B_p = padded(lora_A.detach(), R, K, dtype), padded(lora_B.detach(), N, R, dtype)
         return row_sq_norm(weight.detach().to(dtype), A_p, B_p, scaling).sqrt()
     N, K = weight.shape
     A, B = lora_A.detach().float(), lora_B.detach().float()
@@ -92,38 +90,33 @@ def dora_linear_reference(x, weight, bias, lora_A, lora_B, magnitude, scaling, d
     return (F.linear(x, W, bias) + extra).to(x.dtype)
 
 
-def _check(cond: bool, message: str) -> None:
-    if not cond:
-        raise ValueError(message)
-
-
 def validate_dora_linear_args(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p) -> None:
     op = "dora_linear"
     for name, t in (("x", x), ("lora_A", lora_A), ("lora_B", lora_B), ("magnitude", magnitude)):
-        _check(isinstance(t, torch.Tensor) and t.is_floating_point(),
-               f"{op}: `{name}` must be a floating-point tensor, got {type(t).__name__}")
-    _check(isinstance(weight, (torch.Tensor, NF4Weight)) and len(weight.shape) == 2,
-           f"{op}: `weight` must be a 2-D tensor or NF4Weight (out_features, in_features)")
+        check(isinstance(t, torch.Tensor) and t.is_floating_point(),
+              f"{op}: `{name}` must be a floating-point tensor, got {type(t).__name__}")
+    check(isinstance(weight, (torch.Tensor, NF4Weight)) and len(weight.shape) == 2,
+          f"{op}: `weight` must be a 2-D tensor or NF4Weight (out_features, in_features)")
     N, K = weight.shape
-    _check(x.dim() >= 1 and x.shape[-1] == K, f"{op}: `x` must have {K} features in its last dimension (weight shape "
-                                              f"{tuple(weight.shape)}), got shape {tuple(x.shape)}")
-    _check(lora_A.dim() == 2 and lora_A.shape[1] == K, f"{op}: `lora_A` must have shape (r, {K}), got "
-                                                       f"{tuple(lora_A.shape)}")
+    check(x.dim() >= 1 and x.shape[-1] == K, f"{op}: `x` must have {K} features in its last dimension (weight shape "
+                                             f"{tuple(weight.shape)}), got shape {tuple(x.shape)}")
+    check(lora_A.dim() == 2 and lora_A.shape[1] == K, f"{op}: `lora_A` must have shape (r, {K}), got "
+                                                      f"{tuple(lora_A.shape)}")
     r = lora_A.shape[0]
-    _check(tuple(lora_B.shape) == (N, r), f"{op}: `lora_B` must have shape ({N}, {r}), got {tuple(lora_B.shape)}")
-    _check(tuple(magnitude.shape) == (N,), f"{op}: `magnitude` must have shape ({N},), got {tuple(magnitude.shape)}")
+    check(tuple(lora_B.shape) == (N, r), f"{op}: `lora_B` must have shape ({N}, {r}), got {tuple(lora_B.shape)}")
+    check(tuple(magnitude.shape) == (N,), f"{op}: `magnitude` must have shape ({N},), got {tuple(magnitude.shape)}")
     if bias is not None:
-        _check(isinstance(bias, torch.Tensor) and tuple(bias.shape) == (N,),
-               f"{op}: `bias` must be None or a tensor of shape ({N},)")
+        check(isinstance(bias, torch.Tensor) and tuple(bias.shape) == (N,),
+              f"{op}: `bias` must be None or a tensor of shape ({N},)")
     if not isinstance(weight, NF4Weight):  # an NF4 weight's dtype is its compute dtype, not a storage constraint
-        _check(x.dtype == weight.dtype, f"{op}: `x` is {x.dtype} but `weight` is {weight.dtype}; cast one of them "
-                                        "or run under torch.autocast")
+        check(x.dtype == weight.dtype, f"{op}: `x` is {x.dtype} but `weight` is {weight.dtype}; cast one of them "
+                                       "or run under torch.autocast")
     devices = {t.device for t in (x, weight, lora_A, lora_B, magnitude)}
-    _check(len(devices) == 1, f"{op}: all tensors must be on one device, got {sorted(map(str, devices))}")
-    _check(isinstance(scaling, (int, float)) and math.isfinite(scaling),
-           f"{op}: `scaling` must be a finite number, got {scaling!r}")
-    _check(isinstance(dropout_p, (int, float)) and 0.0 <= dropout_p < 1.0,
-           f"{op}: `dropout_p` must be in [0, 1), got {dropout_p!r}")
+    check(len(devices) == 1, f"{op}: all tensors must be on one device, got {sorted(map(str, devices))}")
+    check(isinstance(scaling, (int, float)) and math.isfinite(scaling),
+          f"{op}: `scaling` must be a finite number, got {scaling!r}")
+    check(isinstance(dropout_p, (int, float)) and 0.0 <= dropout_p < 1.0,
+          f"{op}: `dropout_p` must be in [0, 1), got {dropout_p!r}")
 
 
 class DoRALinearFunction(torch.autograd.Function):
@@ -137,9 +130,9 @@ class DoRALinearFunction(torch.autograd.Function):
         N, r = lora_B.shape
         R = kernels.rank_pad(r)
         dtype = x.dtype
-        x2 = _as_rows(x)
+        x2 = as_rows(x)
         sigma = (magnitude.detach().float() / row_norm).contiguous()
-        A_p, B_p = _padded(lora_A, R, K, dtype), _padded(lora_B, N, R, dtype)
+        A_p, B_p = padded(lora_A, R, K, dtype), padded(lora_B, N, R, dtype)
         xs = kernels.rank_project(x2, A_p, scale=scaling)
         nf4 = isinstance(weight, NF4Weight)
         if nf4:
@@ -207,29 +200,15 @@ def dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p=0
     """peft's DoRA linear (see module doc) with W (N×K) frozen — a tensor or an NF4Weight — A (r×K), B (N×r) and
     the magnitude m (N,) trained.
     backend: "auto" (Triton on CUDA, torch elsewhere), "triton" or "torch"."""
-    if backend not in BACKENDS:
-        raise ValueError(f"dora_linear: `backend` must be one of {BACKENDS}, got {backend!r}")
-    device_type = x.device.type if isinstance(x, torch.Tensor) else "cpu"
-    if torch.is_autocast_enabled(device_type) and isinstance(x, torch.Tensor):
-        dtype = torch.get_autocast_dtype(device_type)
-        x = x.to(dtype)
-        weight = weight if isinstance(weight, NF4Weight) else weight.to(dtype)
+    check_backend("dora_linear", backend)
+    x, weight = autocast_inputs(x, weight)
     validate_dora_linear_args(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p)
     scaling, dropout_p = float(scaling), float(dropout_p)
-    if backend == "auto":
-        backend = "triton" if x.device.type == "cuda" and triton_runs_on(x.device) else "torch"
-    if backend == "triton" and not triton_runs_on(x.device):
-        raise ValueError(f"dora_linear: backend='triton' needs a CUDA tensor (or TRITON_INTERPRET=1 on CPU); `x` is "
-                         f"on {x.device}")
+    backend = resolve_backend("dora_linear", backend, x.device, arg="x")
     row_norm = dora_row_norm(weight, lora_A, lora_B, scaling, dtype=x.dtype, backend=backend)
-    fusable = not isinstance(weight, NF4Weight) or _nf4_fusable(weight)
+    fusable = not isinstance(weight, NF4Weight) or nf4_fused_ok(weight)
     if backend == "torch" or dropout_p > 0.0 or x.numel() == 0 or not fusable:
         return dora_linear_reference(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p,
                                      row_norm=row_norm)
-    with torch.autocast(device_type, enabled=False):
+    with torch.autocast(x.device.type, enabled=False):
         return DoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, magnitude, scaling, row_norm)
-
-
-def _nf4_fusable(weight: NF4Weight) -> bool:
-    from fastft.ops.qlora import _fused_ok
-    return _fused_ok(weight)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fastft.ops.layer_dispatch import as_rows, check, check_tensor, resolve_backend
+from fastft.ops.shared import as_rows, check, check_tensor, resolve_backend
 
 
 def swiglu_reference(gate, up):

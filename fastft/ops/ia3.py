@@ -16,8 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fastft.kernels.runtime import triton_runs_on
-from fastft.ops.lora import BACKENDS, _as_rows
+from fastft.ops.shared import as_rows, autocast_inputs, check_backend, resolve_backend
 
 
 def ia3_linear_reference(x, weight, bias, ia3_l, feedforward: bool):
@@ -37,7 +36,7 @@ class IA3LinearFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, ia3_l, feedforward):
         from fastft.kernels import lora_linear as kernels
 
-        x2 = _as_rows(x)
+        x2 = as_rows(x)
         N = weight.shape[0]
         scale = ia3_l.detach().reshape(-1).float().contiguous()
         if feedforward:
@@ -84,12 +83,8 @@ def ia3_linear(x, weight, bias, ia3_l, *, feedforward: bool, backend="auto"):
     """peft's IA3 linear: feedforward → y = (x⊙l)·Wᵀ + b with l of shape (1, K); else y = (x·Wᵀ + b)⊙l with l of
     shape (N, 1) (peft's parameter shapes; any shape with K or N elements is accepted). W frozen.
     backend: "auto" (Triton on CUDA, torch elsewhere), "triton" or "torch"."""
-    if backend not in BACKENDS:
-        raise ValueError(f"ia3_linear: `backend` must be one of {BACKENDS}, got {backend!r}")
-    device_type = x.device.type if isinstance(x, torch.Tensor) else "cpu"
-    if torch.is_autocast_enabled(device_type) and isinstance(x, torch.Tensor):
-        dtype = torch.get_autocast_dtype(device_type)
-        x, weight = x.to(dtype), weight.to(dtype)
+    check_backend("ia3_linear", backend)
+    x, weight = autocast_inputs(x, weight)
     for name, t in (("x", x), ("weight", weight), ("ia3_l", ia3_l)):
         if not (isinstance(t, torch.Tensor) and t.is_floating_point()):
             raise ValueError(f"ia3_linear: `{name}` must be a floating-point tensor, got {type(t).__name__}")
@@ -106,12 +101,8 @@ def ia3_linear(x, weight, bias, ia3_l, *, feedforward: bool, backend="auto"):
                          "under torch.autocast")
     if bias is not None and tuple(bias.shape) != (N,):
         raise ValueError(f"ia3_linear: `bias` must be None or of shape ({N},), got {tuple(bias.shape)}")
-    if backend == "auto":
-        backend = "triton" if x.device.type == "cuda" and triton_runs_on(x.device) else "torch"
-    if backend == "triton" and not triton_runs_on(x.device):
-        raise ValueError(f"ia3_linear: backend='triton' needs a CUDA tensor (or TRITON_INTERPRET=1 on CPU); `x` is "
-                         f"on {x.device}")
+    backend = resolve_backend("ia3_linear", backend, x.device, arg="x")
     if backend == "torch" or x.numel() == 0:
         return ia3_linear_reference(x, weight, bias, ia3_l, feedforward)
-    with torch.autocast(device_type, enabled=False):
+    with torch.autocast(x.device.type, enabled=False):
         return IA3LinearFunction.apply(x, weight, bias, ia3_l, bool(feedforward))

@@ -37,19 +37,14 @@ import numbers
 import torch
 import torch.nn.functional as F
 
-from fastft.kernels.runtime import triton_runs_on
 from fastft.ops.chunked_logits import (DeferredChunkedLoss, EagerChunkedLoss, Plan, ce_rows_torch, chunk_budget_bytes,
                                        chunk_rows, kl_rows_torch)
 from fastft.ops.lm_head import HeadArgs, head_of_module
+from fastft.ops.shared import BACKENDS, draw_seed, resolve_backend
+from fastft.ops.shared import check as _check  # the name this file's many checks use
 
-BACKENDS = ("auto", "triton", "torch")
 REDUCTIONS = ("mean", "sum", "none")
 DIRECTIONS = ("forward", "reverse")
-
-
-def _check(cond: bool, message: str) -> None:
-    if not cond:
-        raise ValueError(message)
 
 
 def _check_tensor(op: str, name: str, t, *, floating: bool = True) -> None:
@@ -93,14 +88,6 @@ def _check_options(op: str, reduction: str, ignore_index, num_items, backend: st
                and math.isfinite(num_items), f"{op}: `num_items` must be a positive number, got {num_items!r}")
 
 
-def _pick_backend(op: str, backend: str, device: torch.device) -> str:
-    if backend == "auto":
-        return "triton" if device.type == "cuda" and triton_runs_on(device) else "torch"
-    if backend == "triton" and not triton_runs_on(device):
-        raise ValueError(f"{op}: backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 on CPU); got {device}")
-    return backend
-
-
 def _grad_scale(reduction: str, labels2: torch.Tensor | None, ignore_index: int, tokens: int, num_items,
                 device) -> torch.Tensor:
     """fp32 (1,) d(loss)/d(row loss): 1 for "sum", 1/denominator for "mean" (num_items, else the counted rows,
@@ -114,10 +101,6 @@ def _grad_scale(reduction: str, labels2: torch.Tensor | None, ignore_index: int,
     else:
         denom = torch.full((1,), float(max(tokens, 1)), dtype=torch.float32, device=device)
     return 1.0 / denom
-
-
-def _draw_seed() -> int:
-    return int(torch.randint(0, 2**31 - 1, (), dtype=torch.int64).item())
 
 
 def _logit_bytes(backend: str, dtype: torch.dtype, buffers: int = 1) -> int:
@@ -155,7 +138,7 @@ def _head_cross_entropy(op: str, hidden, head: HeadArgs, labels, *, ignore_index
     hidden, head = _autocast(hidden, head)
     head.validate(op, hidden)
     labels2 = _check_labels(op, "labels", labels, hidden, head.vocab, int(ignore_index))
-    backend = _pick_backend(op, backend, hidden.device)
+    backend = resolve_backend(op, backend, hidden.device)
     ignore_index, label_smoothing = int(ignore_index), float(label_smoothing)
     softcap = None if softcap is None else float(softcap)
     T = labels2.numel()
@@ -173,7 +156,7 @@ def _head_cross_entropy(op: str, hidden, head: HeadArgs, labels, *, ignore_index
     # an NF4 head is dequantized a block of vocab rows at a time, each block at most half a chunk's budget
     nf4_rows = max(1, chunk_budget_bytes(hidden.device) // (2 * hidden.shape[-1] * hidden.element_size()))
     plan = Plan(row_fn, rows, head.vocab, nf4=head.nf4, nf4_rows=nf4_rows, scaling=head.scaling, dropout_p=head.dropout_p,
-                seed=_draw_seed() if head.dropout_p > 0.0 else 0,
+                seed=draw_seed() if head.dropout_p > 0.0 else 0,
                 grad_scale=_grad_scale(reduction, labels2, ignore_index, T, num_items, hidden.device))
     loss = _run(plan, reduction, hidden, head, hidden.device.type)
     return loss.view(labels.shape) if reduction == "none" else loss
@@ -255,7 +238,7 @@ def linear_kl_div(student_hidden, student_weight, teacher_hidden, teacher_weight
     labels2 = None
     if labels is not None:
         labels2 = _check_labels(op, "labels", labels, student_hidden, head.vocab, ignore_index, "student_hidden")
-    backend = _pick_backend(op, backend, student_hidden.device)
+    backend = resolve_backend(op, backend, student_hidden.device)
     T = math.prod(student_hidden.shape[:-1])
     rows = _chunk(op, chunk_size, T, head.vocab, _logit_bytes(backend, student_hidden.dtype, buffers=2),
                   student_hidden.device)

@@ -11,9 +11,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from fastft.kernels.runtime import triton_runs_on
+from fastft.ops.shared import (BACKENDS, as_rows, autocast_inputs, check, check_backend, draw_seed, padded,
+                               resolve_backend)
 
-BACKENDS = ("auto", "triton", "torch")
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -31,58 +31,32 @@ def lora_linear_reference(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.
     return y + scaling * lora
 
 
-def _check(cond: bool, message: str) -> None:
-    if not cond:
-        raise ValueError(message)
-
-
 def validate_lora_linear_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p) -> None:
     for name, t in (("x", x), ("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B)):
-        _check(isinstance(t, torch.Tensor), f"lora_linear: `{name}` must be a torch.Tensor, got {type(t).__name__}")
-        _check(t.is_floating_point(), f"lora_linear: `{name}` must be a floating-point tensor, got {t.dtype}")
-    _check(x.dim() >= 1, "lora_linear: `x` needs at least one dimension (..., in_features)")
-    _check(weight.dim() == 2, f"lora_linear: `weight` must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
+        check(isinstance(t, torch.Tensor), f"lora_linear: `{name}` must be a torch.Tensor, got {type(t).__name__}")
+        check(t.is_floating_point(), f"lora_linear: `{name}` must be a floating-point tensor, got {t.dtype}")
+    check(x.dim() >= 1, "lora_linear: `x` needs at least one dimension (..., in_features)")
+    check(weight.dim() == 2, f"lora_linear: `weight` must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
     N, K = weight.shape
-    _check(x.shape[-1] == K, f"lora_linear: `x` has {x.shape[-1]} features in its last dimension but `weight` "
-                             f"expects {K} (weight shape {tuple(weight.shape)})")
-    _check(lora_A.dim() == 2 and lora_A.shape[1] == K and lora_A.shape[0] >= 1,
-           f"lora_linear: `lora_A` must have shape (r, {K}), got {tuple(lora_A.shape)}")
+    check(x.shape[-1] == K, f"lora_linear: `x` has {x.shape[-1]} features in its last dimension but `weight` "
+                            f"expects {K} (weight shape {tuple(weight.shape)})")
+    check(lora_A.dim() == 2 and lora_A.shape[1] == K and lora_A.shape[0] >= 1,
+          f"lora_linear: `lora_A` must have shape (r, {K}), got {tuple(lora_A.shape)}")
     r = lora_A.shape[0]
-    _check(tuple(lora_B.shape) == (N, r), f"lora_linear: `lora_B` must have shape ({N}, {r}) to match `weight` "
-                                          f"and `lora_A`, got {tuple(lora_B.shape)}")
+    check(tuple(lora_B.shape) == (N, r), f"lora_linear: `lora_B` must have shape ({N}, {r}) to match `weight` "
+                                         f"and `lora_A`, got {tuple(lora_B.shape)}")
     if bias is not None:
-        _check(isinstance(bias, torch.Tensor) and bias.is_floating_point(),
-               "lora_linear: `bias` must be a floating-point tensor or None")
-        _check(tuple(bias.shape) == (N,), f"lora_linear: `bias` must have shape ({N},), got {tuple(bias.shape)}")
-    _check(x.dtype == weight.dtype, f"lora_linear: `x` is {x.dtype} but `weight` is {weight.dtype}; cast one of "
-                                    "them or run under torch.autocast")
+        check(isinstance(bias, torch.Tensor) and bias.is_floating_point(),
+              "lora_linear: `bias` must be a floating-point tensor or None")
+        check(tuple(bias.shape) == (N,), f"lora_linear: `bias` must have shape ({N},), got {tuple(bias.shape)}")
+    check(x.dtype == weight.dtype, f"lora_linear: `x` is {x.dtype} but `weight` is {weight.dtype}; cast one of "
+                                   "them or run under torch.autocast")
     devices = {t.device for t in (x, weight, lora_A, lora_B) + ((bias,) if bias is not None else ())}
-    _check(len(devices) == 1, f"lora_linear: all tensors must be on one device, got {sorted(map(str, devices))}")
-    _check(isinstance(scaling, (int, float)) and math.isfinite(scaling),
-           f"lora_linear: `scaling` must be a finite number, got {scaling!r}")
-    _check(isinstance(dropout_p, (int, float)) and 0.0 <= dropout_p < 1.0,
-           f"lora_linear: `dropout_p` must be in [0, 1), got {dropout_p!r}")
-
-
-def _draw_seed() -> int:
-    # From torch's CPU generator: reproducible under torch.manual_seed, restored by activation
-    # checkpointing's RNG-state handling, and no device synchronisation.
-    return int(torch.randint(0, 2**31 - 1, (), dtype=torch.int64).item())
-
-
-def _padded(t: torch.Tensor, rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
-    """t zero-padded to (rows, cols), contiguous, in dtype; t itself when nothing changes."""
-    if tuple(t.shape) == (rows, cols) and t.dtype == dtype and t.is_contiguous():
-        return t
-    out = torch.zeros((rows, cols), dtype=dtype, device=t.device)
-    out[: t.shape[0], : t.shape[1]] = t
-    return out
-
-
-def _as_rows(t: torch.Tensor) -> torch.Tensor:
-    """(…, F) → (M, F), a view where the strides allow, with a unit last stride."""
-    t2 = t.reshape(-1, t.shape[-1])
-    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+    check(len(devices) == 1, f"lora_linear: all tensors must be on one device, got {sorted(map(str, devices))}")
+    check(isinstance(scaling, (int, float)) and math.isfinite(scaling),
+          f"lora_linear: `scaling` must be a finite number, got {scaling!r}")
+    check(isinstance(dropout_p, (int, float)) and 0.0 <= dropout_p < 1.0,
+          f"lora_linear: `dropout_p` must be in [0, 1), got {dropout_p!r}")
 
 
 def fused_lora_forward(ctx, x, bias, lora_A, lora_B, scaling, dropout_p, base_gemm, extra=()):
@@ -96,12 +70,12 @@ def fused_lora_forward(ctx, x, bias, lora_A, lora_B, scaling, dropout_p, base_ge
     N, r = lora_B.shape
     R = kernels.rank_pad(r)
     dtype = x.dtype
-    x2 = _as_rows(x)
-    seed = _draw_seed() if dropout_p > 0.0 else 0
+    x2 = as_rows(x)
+    seed = draw_seed() if dropout_p > 0.0 else 0
     coef = scaling / (1.0 - dropout_p)
     # Rank-padded copies in x's dtype (the factors themselves when nothing changes), kept for backward so it
     # does not pad and cast them again.
-    A_p, B_p = _padded(lora_A, R, K, dtype), _padded(lora_B, N, R, dtype)
+    A_p, B_p = padded(lora_A, R, K, dtype), padded(lora_B, N, R, dtype)
     xs = kernels.rank_project(x2, A_p, scale=coef, p_drop=dropout_p, seed=seed)
     y = base_gemm(x2, xs, B_p, bias)
     ctx.save_for_backward(x2, A_p, B_p, xs, *extra)
@@ -166,25 +140,15 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, *, back
     inverted dropout to the LoRA input only (pass 0 in eval).
     backend: "auto" (Triton on CUDA, torch elsewhere), "triton" or "torch".
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"lora_linear: `backend` must be one of {BACKENDS}, got {backend!r}")
-    device_type = x.device.type if isinstance(x, torch.Tensor) else "cpu"
-    if torch.is_autocast_enabled(device_type) and isinstance(x, torch.Tensor):
-        dtype = torch.get_autocast_dtype(device_type)
-        x, weight = x.to(dtype), weight.to(dtype)
+    check_backend("lora_linear", backend)
+    x, weight = autocast_inputs(x, weight)
     validate_lora_linear_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
     scaling, dropout_p = float(scaling), float(dropout_p)
-
-    if backend == "auto":
-        backend = ("triton" if x.device.type == "cuda" and triton_runs_on(x.device) and x.dtype in KERNEL_DTYPES
-                   else "torch")
-    if backend == "triton" and not triton_runs_on(x.device):
-        raise ValueError(f"lora_linear: backend='triton' needs a CUDA tensor (or TRITON_INTERPRET=1 on CPU); "
-                         f"`x` is on {x.device}")
-    _check(backend != "triton" or x.dtype in KERNEL_DTYPES,
-           f"lora_linear: backend='triton' computes in float16, bfloat16 or float32; `x` is {x.dtype} "
-           "(backend='torch' takes any float dtype)")
+    backend = resolve_backend("lora_linear", backend, x.device, arg="x", auto_triton=x.dtype in KERNEL_DTYPES)
+    check(backend != "triton" or x.dtype in KERNEL_DTYPES,
+          f"lora_linear: backend='triton' computes in float16, bfloat16 or float32; `x` is {x.dtype} "
+          "(backend='torch' takes any float dtype)")
     if backend == "torch" or x.numel() == 0 or weight.shape[0] == 0:  # empty y: nothing for the kernels to do
         return lora_linear_reference(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
-    with torch.autocast(device_type, enabled=False):
+    with torch.autocast(x.device.type, enabled=False):
         return LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, scaling, dropout_p)

@@ -18,13 +18,12 @@ import math
 import torch
 import torch.nn.functional as F
 
-from fastft.kernels.runtime import triton_runs_on
 from fastft.ops import qlora_path
 from fastft.ops.qlora_path import release_dequant_scratch  # noqa: F401 - public here too
-from fastft.ops.lora import _as_rows, fused_lora_backward, fused_lora_forward, lora_linear_reference
+from fastft.ops.lora import fused_lora_backward, fused_lora_forward, lora_linear_reference
+from fastft.ops.shared import as_rows, autocast_inputs, check, nf4_fused_ok, resolve_backend
 from fastft.quant.nf4_weight import NF4Weight
 
-BACKENDS = ("auto", "triton", "torch")
 
 
 def qlora_linear_reference(x, qweight, bias, lora_A, lora_B, scaling, dropout_p=0.0, *, keep_mask=None):
@@ -42,30 +41,25 @@ def _bias_as(bias, x):
     return bias if bias is None or bias.dtype == x.dtype else bias.to(x.dtype)
 
 
-def _check(cond: bool, message: str) -> None:
-    if not cond:
-        raise ValueError(message)
-
-
 def _validate_base(op: str, x, qweight, bias) -> None:
-    _check(isinstance(qweight, NF4Weight), f"{op}: `qweight` must be a fastft.quant.NF4Weight (from quantize_nf4), "
-                                           f"got {type(qweight).__name__}")
-    _check(qweight.ndim == 2, f"{op}: `qweight` must be 2-D (out_features, in_features), got shape "
-                              f"{tuple(qweight.shape)}")
-    _check(isinstance(x, torch.Tensor), f"{op}: `x` must be a torch.Tensor, got {type(x).__name__}")
-    _check(x.dtype in (torch.float32, torch.float16, torch.bfloat16),
-           f"{op}: `x` must be float32, float16 or bfloat16, got {x.dtype}")
-    _check(x.dim() >= 1, f"{op}: `x` needs at least one dimension (..., in_features)")
+    check(isinstance(qweight, NF4Weight), f"{op}: `qweight` must be a fastft.quant.NF4Weight (from quantize_nf4), "
+                                          f"got {type(qweight).__name__}")
+    check(qweight.ndim == 2, f"{op}: `qweight` must be 2-D (out_features, in_features), got shape "
+                             f"{tuple(qweight.shape)}")
+    check(isinstance(x, torch.Tensor), f"{op}: `x` must be a torch.Tensor, got {type(x).__name__}")
+    check(x.dtype in (torch.float32, torch.float16, torch.bfloat16),
+          f"{op}: `x` must be float32, float16 or bfloat16, got {x.dtype}")
+    check(x.dim() >= 1, f"{op}: `x` needs at least one dimension (..., in_features)")
     N, K = qweight.shape
-    _check(x.shape[-1] == K, f"{op}: `x` has {x.shape[-1]} features in its last dimension but `qweight` expects "
-                             f"{K} (qweight shape {tuple(qweight.shape)})")
-    _check(x.device == qweight.device, f"{op}: `x` is on {x.device} but `qweight` is on {qweight.device}; "
-                                       "move the weight with qweight.to(device)")
+    check(x.shape[-1] == K, f"{op}: `x` has {x.shape[-1]} features in its last dimension but `qweight` expects "
+                            f"{K} (qweight shape {tuple(qweight.shape)})")
+    check(x.device == qweight.device, f"{op}: `x` is on {x.device} but `qweight` is on {qweight.device}; "
+                                      "move the weight with qweight.to(device)")
     if bias is not None:
-        _check(isinstance(bias, torch.Tensor) and bias.is_floating_point(),
-               f"{op}: `bias` must be a floating-point tensor or None")
-        _check(tuple(bias.shape) == (N,), f"{op}: `bias` must have shape ({N},), got {tuple(bias.shape)}")
-        _check(bias.device == x.device, f"{op}: `bias` is on {bias.device} but `x` is on {x.device}")
+        check(isinstance(bias, torch.Tensor) and bias.is_floating_point(),
+              f"{op}: `bias` must be a floating-point tensor or None")
+        check(tuple(bias.shape) == (N,), f"{op}: `bias` must have shape ({N},), got {tuple(bias.shape)}")
+        check(bias.device == x.device, f"{op}: `bias` is on {bias.device} but `x` is on {x.device}")
 
 
 def validate_qlora_linear_args(x, qweight, bias, lora_A, lora_B, scaling, dropout_p) -> None:
@@ -73,18 +67,18 @@ def validate_qlora_linear_args(x, qweight, bias, lora_A, lora_B, scaling, dropou
     _validate_base(op, x, qweight, bias)
     N, K = qweight.shape
     for name, t in (("lora_A", lora_A), ("lora_B", lora_B)):
-        _check(isinstance(t, torch.Tensor) and t.is_floating_point(),
-               f"{op}: `{name}` must be a floating-point tensor, got {type(t).__name__}")
-        _check(t.device == x.device, f"{op}: `{name}` is on {t.device} but `x` is on {x.device}")
-    _check(lora_A.dim() == 2 and lora_A.shape[1] == K and lora_A.shape[0] >= 1,
-           f"{op}: `lora_A` must have shape (r, {K}), got {tuple(lora_A.shape)}")
+        check(isinstance(t, torch.Tensor) and t.is_floating_point(),
+              f"{op}: `{name}` must be a floating-point tensor, got {type(t).__name__}")
+        check(t.device == x.device, f"{op}: `{name}` is on {t.device} but `x` is on {x.device}")
+    check(lora_A.dim() == 2 and lora_A.shape[1] == K and lora_A.shape[0] >= 1,
+          f"{op}: `lora_A` must have shape (r, {K}), got {tuple(lora_A.shape)}")
     r = lora_A.shape[0]
-    _check(tuple(lora_B.shape) == (N, r), f"{op}: `lora_B` must have shape ({N}, {r}) to match `qweight` and "
-                                          f"`lora_A`, got {tuple(lora_B.shape)}")
-    _check(isinstance(scaling, (int, float)) and math.isfinite(scaling),
-           f"{op}: `scaling` must be a finite number, got {scaling!r}")
-    _check(isinstance(dropout_p, (int, float)) and 0.0 <= dropout_p < 1.0,
-           f"{op}: `dropout_p` must be in [0, 1), got {dropout_p!r}")
+    check(tuple(lora_B.shape) == (N, r), f"{op}: `lora_B` must have shape ({N}, {r}) to match `qweight` and "
+                                         f"`lora_A`, got {tuple(lora_B.shape)}")
+    check(isinstance(scaling, (int, float)) and math.isfinite(scaling),
+          f"{op}: `scaling` must be a finite number, got {scaling!r}")
+    check(isinstance(dropout_p, (int, float)) and 0.0 <= dropout_p < 1.0,
+          f"{op}: `dropout_p` must be in [0, 1), got {dropout_p!r}")
 
 
 class QLoRALinearFunction(torch.autograd.Function):
@@ -126,7 +120,7 @@ def _base_gemm(qweight, a, lo, t, bias, *, forward: bool, p_drop: float = 0.0, s
         w = qlora_path.dequant_scratch(qweight, a.dtype)
         return lora_gemm(a, w, lo, t, bias, b_nk=forward, p_drop=p_drop, seed=seed)
 
-    return qlora_path.select(key, run, fused_ok=_fused_ok(qweight))
+    return qlora_path.select(key, run, fused_ok=nf4_fused_ok(qweight))
 
 
 class NF4LinearFunction(torch.autograd.Function):
@@ -135,7 +129,7 @@ class NF4LinearFunction(torch.autograd.Function):
         from fastft.kernels import nf4_cuda
 
         N = qweight.shape[0]
-        x2 = _as_rows(x)
+        x2 = as_rows(x)
         w = qweight.kernel_operand()
         if nf4_cuda.supported(x2, w):  # decode: 1–16 tokens
             y = nf4_cuda.nf4_gemv(x2, w, bias)
@@ -158,28 +152,6 @@ class NF4LinearFunction(torch.autograd.Function):
         return dx, None, db
 
 
-def _autocast(x, device_type):
-    if isinstance(x, torch.Tensor) and torch.is_autocast_enabled(device_type):
-        return x.to(torch.get_autocast_dtype(device_type))
-    return x
-
-
-def _pick_backend(op: str, backend: str, x) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"{op}: `backend` must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        return "triton" if x.device.type == "cuda" and triton_runs_on(x.device) else "torch"
-    if backend == "triton" and not triton_runs_on(x.device):
-        raise ValueError(f"{op}: backend='triton' needs a CUDA tensor (or TRITON_INTERPRET=1 on CPU); `x` is on "
-                         f"{x.device}")
-    return backend
-
-
-def _fused_ok(qweight: NF4Weight) -> bool:
-    from fastft.kernels.nf4_gemm import fused_supported
-    return fused_supported(qweight.kernel_operand())
-
-
 def qlora_linear(x, qweight, bias, lora_A, lora_B, scaling, dropout_p=0.0, *, backend="auto"):
     """y = x·Wᵀ + b + s·(dropout(x)·Aᵀ)·Bᵀ with W an NF4Weight (N×K, frozen), A (r×K), B (N×r).
 
@@ -191,24 +163,22 @@ def qlora_linear(x, qweight, bias, lora_A, lora_B, scaling, dropout_p=0.0, *, ba
     come back in it. dropout_p applies inverted dropout to the LoRA input only (pass 0 in eval). Gradients: x, bias, A, B.
     backend: "auto" (Triton on CUDA, torch elsewhere), "triton" or "torch".
     """
-    device_type = x.device.type if isinstance(x, torch.Tensor) else "cpu"
-    x = _autocast(x, device_type)
+    (x,) = autocast_inputs(x)
     validate_qlora_linear_args(x, qweight, bias, lora_A, lora_B, scaling, dropout_p)
     scaling, dropout_p = float(scaling), float(dropout_p)
-    backend = _pick_backend("qlora_linear", backend, x)
+    backend = resolve_backend("qlora_linear", backend, x.device, arg="x")
     if backend == "torch" or x.numel() == 0:
         return qlora_linear_reference(x, qweight, bias, lora_A, lora_B, scaling, dropout_p)
-    with torch.autocast(device_type, enabled=False):
+    with torch.autocast(x.device.type, enabled=False):
         return QLoRALinearFunction.apply(x, qweight, bias, lora_A, lora_B, scaling, dropout_p)
 
 
 def nf4_linear(x, qweight, bias=None, *, backend="auto"):
     """y = x·Wᵀ + b with W an NF4Weight (N×K, frozen); gradients for x and bias. See qlora_linear."""
-    device_type = x.device.type if isinstance(x, torch.Tensor) else "cpu"
-    x = _autocast(x, device_type)
+    (x,) = autocast_inputs(x)
     _validate_base("nf4_linear", x, qweight, bias)
-    backend = _pick_backend("nf4_linear", backend, x)
-    if backend == "torch" or x.numel() == 0 or not _fused_ok(qweight):
+    backend = resolve_backend("nf4_linear", backend, x.device, arg="x")
+    if backend == "torch" or x.numel() == 0 or not nf4_fused_ok(qweight):
         return nf4_linear_reference(x, qweight, bias)
-    with torch.autocast(device_type, enabled=False):
+    with torch.autocast(x.device.type, enabled=False):
         return NF4LinearFunction.apply(x, qweight, bias)

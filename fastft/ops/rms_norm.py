@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from fastft.ops.layer_dispatch import as_rows, check, check_tensor, resolve_backend
+from fastft.ops.shared import as_rows, check, check_tensor, resolve_backend
 
 CASTS = ("input", "fp32")
 

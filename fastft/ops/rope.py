@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from fastft.ops.layer_dispatch import check, check_tensor, resolve_backend
+from fastft.ops.shared import check, check_tensor, resolve_backend
 
 
 def rotate_half(x):

@@ -28,8 +28,8 @@ SCALINGS = (0.0, 1.0, 0.5, -2.0, 1 / 33, 16.0)
 def captured_seeds():
     """The dropout seeds the fused op draws, so the test can regenerate the kernels' exact keep-mask."""
     seeds = []
-    draw = lora_ops._draw_seed
-    with mock.patch.object(lora_ops, "_draw_seed", lambda: seeds.append(draw()) or seeds[-1]):
+    draw = lora_ops.draw_seed
+    with mock.patch.object(lora_ops, "draw_seed", lambda: seeds.append(draw()) or seeds[-1]):
         yield seeds
 
 

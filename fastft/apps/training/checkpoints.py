@@ -2,7 +2,7 @@
 
 A checkpoint holds everything the next step reads: the trained weights, the optimizer and scheduler state,
 the step, the data cursor, the logs so far, and every RNG of every process (torch's CPU generator also
-seeds fastft's LoRA dropout, see fastft.ops.lora._draw_seed). It is written into a temporary folder,
+seeds fastft's LoRA dropout, see fastft.ops.shared.draw_seed). It is written into a temporary folder,
 each file fsynced, then renamed into place; the previous checkpoint is removed only after that, so a
 SIGKILL at any moment leaves at least one complete checkpoint.
 """

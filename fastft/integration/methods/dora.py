@@ -13,7 +13,6 @@ Injection: peft builds the model; `patch_peft` swaps the layers (peft's save for
 from __future__ import annotations
 
 import copy
-import warnings
 from typing import Any
 
 import torch
@@ -138,13 +137,8 @@ def register_quantized(config: LoraConfig, model: nn.Module) -> LoraConfig:
 
 def get_dora_model(model: nn.Module, config: LoraConfig, adapter_name: str = "default", **kwargs):
     """peft.get_peft_model with LoraConfig(use_dora=True), validated, with fused DoRA layers."""
-    import peft
-
-    from fastft.integration.peft_lora import patch_peft
+    from fastft.integration.peft_lora import patch_peft, quiet_peft_model
 
     validate_dora_config(config, model)
     register_quantized(config, model)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        peft_model = peft.get_peft_model(model, config, adapter_name=adapter_name, **kwargs)
-    return patch_peft(peft_model)
+    return patch_peft(quiet_peft_model(model, config, adapter_name, **kwargs))

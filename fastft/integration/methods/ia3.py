@@ -10,7 +10,6 @@ Injection: peft builds the model; every plain peft IA3 Linear is swapped in plac
 """
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import torch
@@ -18,7 +17,7 @@ from peft import IA3Config
 from peft.tuners.ia3 import Linear as PeftIA3Linear
 from torch import nn
 
-from fastft.modules.lora import _plain_linear, default_backend
+from fastft.modules.lora import default_backend, plain_linear
 from fastft.ops.ia3 import ia3_linear
 
 
@@ -39,7 +38,7 @@ def validate_ia3_config(config, model: nn.Module) -> None:
 class FusedIA3Linear(PeftIA3Linear):
     def _scale(self, x) -> torch.Tensor | None:
         base = self.get_base_layer()
-        if self.disable_adapters or self.merged or self.fan_in_fan_out or not _plain_linear(base):
+        if self.disable_adapters or self.merged or self.fan_in_fan_out or not plain_linear(base):
             return None
         if x.dtype != base.weight.dtype and not torch.is_autocast_enabled(x.device.type):
             return None
@@ -73,13 +72,10 @@ def patch_ia3(model: nn.Module) -> nn.Module:
 
 
 def get_ia3_model(model: nn.Module, config: IA3Config, adapter_name: str = "default", **kwargs):
-    import peft
+    from fastft.integration.peft_lora import quiet_peft_model
 
     validate_ia3_config(config, model)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        peft_model = peft.get_peft_model(model, config, adapter_name=adapter_name, **kwargs)
-    return patch_ia3(peft_model)
+    return patch_ia3(quiet_peft_model(model, config, adapter_name, **kwargs))
 
 
 def load_ia3_adapter(model: nn.Module, path, config: IA3Config, adapter_name: str, is_trainable: bool):

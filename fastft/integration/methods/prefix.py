@@ -13,7 +13,6 @@ P, P+1, … as peft's cache path does, and the model runs with attn_implementati
 """
 from __future__ import annotations
 
-import warnings
 
 import torch
 from peft import PeftModel, PeftModelForCausalLM, PrefixTuningConfig
@@ -87,13 +86,10 @@ def _use_fastft(model: PeftModel) -> PeftModel:
 
 
 def get_prefix_model(model: nn.Module, config: PrefixTuningConfig, adapter_name: str = "default", **kwargs):
-    import peft
+    from fastft.integration.peft_lora import quiet_peft_model
 
     validate_prefix_config(config, model)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        peft_model = peft.get_peft_model(model, config, adapter_name=adapter_name, **kwargs)
-    return _use_fastft(peft_model)
+    return _use_fastft(quiet_peft_model(model, config, adapter_name, **kwargs))
 
 
 def load_prefix_adapter(model: nn.Module, path, config: PrefixTuningConfig, adapter_name: str, is_trainable: bool):

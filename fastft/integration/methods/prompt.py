@@ -7,7 +7,6 @@ with errors naming the field, and the model keeps whatever attention implementat
 """
 from __future__ import annotations
 
-import warnings
 
 from peft import PeftModel, PromptEncoderConfig, PromptTuningConfig
 from torch import nn
@@ -35,12 +34,10 @@ def validate_prompt_config(config, model: nn.Module) -> None:
 
 
 def get_prompt_model(model: nn.Module, config, adapter_name: str = "default", **kwargs):
-    import peft
+    from fastft.integration.peft_lora import quiet_peft_model
 
     validate_prompt_config(config, model)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        return peft.get_peft_model(model, config, adapter_name=adapter_name, **kwargs)
+    return quiet_peft_model(model, config, adapter_name, **kwargs)
 
 
 def load_prompt_adapter(model: nn.Module, path, config, adapter_name: str, is_trainable: bool):

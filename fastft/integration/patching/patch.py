@@ -29,7 +29,7 @@ from fastft.integration.patching import rope_binding
 from fastft.integration.patching.causal_lm import FusedLossCausalLMForward
 from fastft.integration.patching.table import ARCHITECTURES, GELU_TANH, Architecture
 from fastft.modules.fused_layers import FusedGLUMLPForward, FusedRMSNormForward
-from fastft.ops.layer_dispatch import BACKENDS
+from fastft.ops.shared import BACKENDS
 
 _SUBCLASSES: dict[tuple, type] = {}
 

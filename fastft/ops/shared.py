@@ -1,0 +1,81 @@
+"""What the ops share: backend choice, autocast casting, the argument checks' wording, row views and padding.
+
+Every op validates with `check` (ValueError naming the argument), picks its backend with `check_backend` (at the
+start, before anything else is looked at) and `resolve_backend` (after validation), and casts its inputs with
+`autocast_inputs` so it behaves like torch's own ops under torch.autocast.
+"""
+from __future__ import annotations
+
+import torch
+
+from fastft.kernels.runtime import triton_runs_on
+
+BACKENDS = ("auto", "triton", "torch")
+
+
+def check(cond: bool, message: str) -> None:
+    if not cond:
+        raise ValueError(message)
+
+
+def check_tensor(op: str, name: str, t, dim: int | None = None) -> None:
+    check(isinstance(t, torch.Tensor), f"{op}: `{name}` must be a torch.Tensor, got {type(t).__name__}")
+    check(t.is_floating_point(), f"{op}: `{name}` must be a floating-point tensor, got {t.dtype}")
+    if dim is not None:
+        check(t.dim() >= dim, f"{op}: `{name}` needs at least {dim} dimension(s), got shape {tuple(t.shape)}")
+
+
+def check_backend(op: str, backend: str) -> None:
+    check(backend in BACKENDS, f"{op}: `backend` must be one of {BACKENDS}, got {backend!r}")
+
+
+def resolve_backend(op: str, backend: str, device: torch.device, *, arg: str | None = None,
+                    auto_triton: bool = True) -> str:
+    """"triton" or "torch": auto is Triton on CUDA (the interpreter is for tests, chosen explicitly) when
+    `auto_triton` (the op's kernels take the inputs). `arg` names the input a refusal points at (else "the inputs")."""
+    check_backend(op, backend)
+    if backend == "auto":
+        return "triton" if auto_triton and device.type == "cuda" and triton_runs_on(device) else "torch"
+    if backend == "triton":
+        where = "CUDA tensors" if arg is None else "a CUDA tensor"
+        what = "the inputs are" if arg is None else f"`{arg}` is"
+        check(triton_runs_on(device), f"{op}: backend='triton' needs {where} (or TRITON_INTERPRET=1 on CPU); "
+                                      f"{what} on {device}")
+    return backend
+
+
+def autocast_inputs(*tensors):
+    """The inputs cast to torch.autocast's dtype when autocast is on for the first one's device (an NF4Weight
+    stays as it is: it is quantized); non-tensors (None, wrong types left for validation) pass unchanged."""
+    lead = tensors[0]
+    if not (isinstance(lead, torch.Tensor) and torch.is_autocast_enabled(lead.device.type)):
+        return tensors
+    dtype = torch.get_autocast_dtype(lead.device.type)
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) else t for t in tensors)
+
+
+def as_rows(t: torch.Tensor) -> torch.Tensor:
+    """(…, F) → (M, F), a view where the strides allow, with a unit last stride."""
+    t2 = t.reshape(-1, t.shape[-1])
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+
+def padded(t: torch.Tensor, rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
+    """t zero-padded to (rows, cols), contiguous, in dtype; t itself when nothing changes."""
+    if tuple(t.shape) == (rows, cols) and t.dtype == dtype and t.is_contiguous():
+        return t
+    out = torch.zeros((rows, cols), dtype=dtype, device=t.device)
+    out[: t.shape[0], : t.shape[1]] = t
+    return out
+
+
+def draw_seed() -> int:
+    """A dropout seed from torch's CPU generator: reproducible under torch.manual_seed, restored by activation
+    checkpointing's RNG-state handling, and no device synchronisation."""
+    return int(torch.randint(0, 2**31 - 1, (), dtype=torch.int64).item())
+
+
+def nf4_fused_ok(qweight) -> bool:
+    """Whether the fused NF4 GEMM (fastft.kernels.nf4_gemm) takes this NF4Weight's layout."""
+    from fastft.kernels.nf4_gemm import fused_supported
+    return fused_supported(qweight.kernel_operand())
