@@ -1,7 +1,6 @@
-"""Compile the NF4 and loss-row Triton kernels (default), the LoRA/DoRA/IA3 ones (argument `lora`; `lora-fold [all]` only the
-folded LoRA GEMM), the layer kernels
-(`layers`) or the attention forward/backward (`attention`) for sm_90 on a machine without a GPU (triton's own ptxas),
-as `python -m`.
+"""Compile the NF4 and loss-row Triton kernels (default), the LoRA/DoRA/IA3 ones (argument `lora`; `lora-fold [all]`
+only the folded LoRA GEMM), the layer kernels (`layers`) or the attention forward/backward (`attention`) for sm_90
+on a machine without a GPU (triton's own ptxas), as `python -m`.
 
 Catches what the CPU interpreter cannot: triton's GPU lowering, the inline PTX, register spills and shared
 memory of every launch config the tuner may pick. Prints one line per kernel; exits 1 on any failure.

@@ -332,7 +332,9 @@ def gemm_configs(use_tma: bool, elem_bytes: int, fold_rank: int = 0, dropout: bo
     dropout_dx_configs)."""
     if not fold_rank:
         return _gemm_configs(use_tma, elem_bytes)
-    return dropout_dx_configs(use_tma, elem_bytes, fold_rank) if dropout else _fold_configs(use_tma, elem_bytes, fold_rank)
+    if dropout:
+        return dropout_dx_configs(use_tma, elem_bytes, fold_rank)
+    return _fold_configs(use_tma, elem_bytes, fold_rank)
 
 
 @functools.lru_cache(maxsize=None)
