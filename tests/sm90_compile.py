@@ -64,9 +64,10 @@ LORA_GEMM_SIG = dict(a_ptr="*bf16", b_ptr="*bf16", l_ptr="*bf16", t_ptr="*bf16",
 
 def lora_fold(every_config: bool = False) -> int:
     """The folded LoRA GEMM (x·Aᵀ / dy·B computed in the GEMM's own K loop), bf16, R = 16 and 64: forward and dx
-    with descriptors, the pointer-load variant at R = 64 (the most registers), dx with a dropout tail; the first
-    config of each list (the untimed default). every_config (argument `lora-fold all`, ~2.5 min): every config the
-    tuner may pick, descriptors and pointer loads. No spills, shared memory within the limit."""
+    with descriptors, the pointer-load variant at R = 64 (the most registers), dx with a dropout tail, and the
+    pair reduction for dA + dB; the first config of each list (the untimed default). every_config (argument
+    `lora-fold all`, ~3 min): every config the tuner may pick, descriptors and pointer loads. No spills, shared
+    memory within the limit."""
     failures = 0
     jobs = []
     top = (lambda configs: configs) if every_config else (lambda configs: configs[:1])
@@ -86,6 +87,20 @@ def lora_fold(every_config: bool = False) -> int:
                            f"warps={warps} stages={stages}", lora_linear._lora_gemm_kernel, LORA_GEMM_SIG, consts,
                            ["a_ptr", "b_ptr", "l_ptr", "t_ptr", "c_ptr", "p_ptr", "K", "stride_am", "stride_cm"],
                            dict(num_warps=warps, num_stages=stages))
+    # the fold path's dA + dB in one launch, with and without dropout
+    sig = dict(la_ptr="*bf16", ya_ptr="*bf16", parta_ptr="*fp32", lb_ptr="*bf16", yb_ptr="*bf16", partb_ptr="*fp32",
+               M="i32", NA="i32", NB="i32", tiles_a="i32", rows_per_split="i32", stride_lam="i32", stride_yam="i32",
+               stride_yan="i32", stride_lbm="i32", stride_ybm="i32", stride_ybn="i32", p_drop="fp32", seed="i32")
+    for rank, dropout in itertools.product((16, lora_linear.FOLD_MAX_RANK), (False, True)):
+        for cfg in top(lora_linear.pair_reduce_configs(2, dropout)):
+            cfg = dict(cfg)
+            warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+            cfg.pop("PER_SM")
+            consts = dict(DROPOUT=dropout, UPCAST=False, DOT_PRECISION="tf32", BLOCK_R=rank, **cfg)
+            failures += _check(f"rank_reduce_pair R={rank} dropout={dropout} {cfg} warps={warps} stages={stages}",
+                               lora_linear._rank_reduce_pair_kernel, sig, consts,
+                               ["la_ptr", "ya_ptr", "parta_ptr", "lb_ptr", "yb_ptr", "partb_ptr"],
+                               dict(num_warps=warps, num_stages=stages))
     return failures
 
 

@@ -16,20 +16,45 @@ from tests.utils import assert_close, interpreter_only
 def launches(monkeypatch):
     """FASTFT_LORA_PATH=fold, and a count of each rank-R launcher's calls (to see which path ran)."""
     monkeypatch.setenv(lora_path.ENV, "fold")
-    counts = dict(folded_fwd=0, folded_dx=0, rank_project=0)
+    counts = dict(folded_fwd=0, folded_dx=0, rank_project=0, rank_reduce=0, rank_reduce_pair=0)
 
     def folded(*args, b_nk, **kw):
         counts["folded_fwd" if b_nk else "folded_dx"] += 1
-        return real_folded(*args, b_nk=b_nk, **kw)
+        return real["lora_gemm_folded"](*args, b_nk=b_nk, **kw)
 
-    def project(*args, **kw):
-        counts["rank_project"] += 1
-        return real_project(*args, **kw)
+    def counting(name):
+        def call(*args, **kw):
+            counts[name] += 1
+            return real[name](*args, **kw)
+        return call
 
-    real_folded, real_project = kernels.lora_gemm_folded, kernels.rank_project
+    real = {name: getattr(kernels, name) for name in ("lora_gemm_folded", "rank_project", "rank_reduce",
+                                                      "rank_reduce_pair")}
     monkeypatch.setattr(kernels, "lora_gemm_folded", folded)
-    monkeypatch.setattr(kernels, "rank_project", project)
+    for name in ("rank_project", "rank_reduce", "rank_reduce_pair"):
+        monkeypatch.setattr(kernels, name, counting(name))
+    monkeypatch.setattr(kernels, "_lora_gemm_kernel", _RecordVariant(kernels._lora_gemm_kernel))
     return counts
+
+
+class _RecordVariant:
+    """Wraps the GEMM kernel: records (FOLD, USE_TMA) of every launch in `variants`, then launches."""
+    variants: list = []
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+        _RecordVariant.variants = []
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+
+        def run(*args, **kw):
+            _RecordVariant.variants.append((kw["FOLD"], kw["USE_TMA"]))
+            return launch(*args, **kw)
+        return run
+
+
+FOLDED = dict(folded_fwd=1, folded_dx=1, rank_project=0, rank_reduce=0, rank_reduce_pair=1)  # 3 launches
 
 
 @interpreter_only
@@ -38,12 +63,14 @@ def launches(monkeypatch):
 def test_fold_forward_and_grads_match_fp64(dtype, r, launches):
     rng = random.Random(100 * r + DTYPES.index(dtype))
     M = rng.choice([1, 37, 70])
-    # fp32: odd K (rows not 16-byte aligned: the pointer-load variant); half: aligned K (the descriptor variant)
-    K = rng.choice([37, 48, 100]) if dtype == torch.float32 else rng.choice([40, 64, 96])
-    N = rng.choice([1, 45, 70])  # several 32-wide N tiles: only pid_n == 0 writes xs / g
+    # fp32: odd K and N (rows not 16-byte aligned: the pointer-load variant); half: aligned rows (descriptors).
+    # Several 32-wide N tiles: only pid_n == 0 writes xs / g.
+    K, N = (rng.choice([37, 100]), rng.choice([1, 45, 70])) if dtype == torch.float32 else (
+        rng.choice([40, 64, 96]), rng.choice([40, 72]))
     x, W, b, A, B = _inputs(M, K, N, r, dtype, bias=rng.random() < 0.7)
     _check_against_reference(x, W, b, A, B, s=rng.choice([0.5, 2.0]))
-    assert launches == dict(folded_fwd=1, folded_dx=1, rank_project=0)
+    assert launches == FOLDED
+    assert _RecordVariant.variants == [(True, dtype != torch.float32)] * 2  # forward and dx, both folded
 
 
 @interpreter_only
@@ -57,7 +84,7 @@ def test_fold_non_contiguous_and_batched_inputs(dtype, launches):
     B = (torch.randn(6, 40) * 0.2).to(dtype).t().requires_grad_()
     b = torch.randn(40).requires_grad_()  # an fp32 bias on a half base
     _check_against_reference(x, W, b, A, B, s=2.0)
-    assert launches["folded_fwd"] == 1 and launches["folded_dx"] == 1
+    assert launches == FOLDED
 
 
 @interpreter_only
@@ -78,7 +105,17 @@ def test_fold_with_dropout_projects_forward_and_folds_backward(launches, capture
     # the forward's mask acts on x before A: the forward stays split; the backward's g = c·dy·B has no mask
     x, W, b, A, B = _inputs(45, 64, 50, 6, torch.bfloat16)
     _check_against_reference(x, W, b, A, B, s=2.0, p=0.3, seeds=captured_seeds)
-    assert launches == dict(folded_fwd=0, folded_dx=1, rank_project=1)
+    assert launches == dict(FOLDED, folded_fwd=0, rank_project=1)
+
+
+@interpreter_only
+def test_fold_split_m_reductions_with_dropout(monkeypatch, launches, captured_seeds):
+    """The GPU configs split dA/dB over M (fp32 partials summed after): the pair launch with several splits."""
+    monkeypatch.setattr(kernels, "_reduce_configs",
+                        lambda e: [dict(BLOCK_M=16, BLOCK_N=16, PER_SM=8, num_warps=4, num_stages=1)])
+    x, W, b, A, B = _inputs(70, 40, 24, 6, torch.float32)
+    _check_against_reference(x, W, b, A, B, s=2.0, p=0.2, seeds=captured_seeds)
+    assert launches["rank_reduce_pair"] == 1
 
 
 @interpreter_only
@@ -87,7 +124,7 @@ def test_fold_frozen_input_still_gets_adapter_grads(launches):
     x, W, b, A, B = _inputs(20, 32, 24, 4, torch.float32, bias=False)
     x.requires_grad_(False)
     _check_against_reference(x, W, b, A, B, s=1.0)
-    assert launches == dict(folded_fwd=1, folded_dx=0, rank_project=1)
+    assert launches == dict(FOLDED, folded_dx=0, rank_project=1)
 
 
 @interpreter_only
@@ -112,6 +149,20 @@ def test_folded_gemm_launcher(b_nk, dtype):
     assert lo.dtype == dtype and lo.shape == (M, R)
     assert_close(lo, lo_ref, dtype, "lo")
     assert_close(c, c_ref, dtype, "c")
+
+
+@interpreter_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rank_reduce_pair(dtype):
+    """Both reductions of one launch against fp64: dropout on the first pair's y only, ragged column tiles."""
+    M, NA, NB, R, p, seed = 45, 70, 33, 16, 0.3, 1234
+    la, lb = torch.randn(M, R).to(dtype), torch.randn(M, R).to(dtype)
+    ya, yb = torch.randn(M, NA).to(dtype), torch.randn(NB, M).to(dtype).t()  # yb column-major
+    da, db = kernels.rank_reduce_pair(la, ya, lb, yb, p_drop=p, seed=seed)
+    keep = kernels.dropout_mask(seed, M, NA, p, "cpu")
+    assert da.dtype == db.dtype == torch.float32 and da.shape == (R, NA) and db.shape == (R, NB)
+    assert_close(da, la.double().t() @ (ya.double() * keep), dtype, "da")
+    assert_close(db, lb.double().t() @ yb.double(), dtype, "db")
 
 
 def test_path_choice_defaults_to_split(monkeypatch):

@@ -15,6 +15,11 @@ backward  g  = c·dy·B                        one skinny pass over dy (M×R)
 with c = s/(1-p). The dropout mask `keep` is never stored: every kernel regenerates it from the
 seed and the element's (row, column) index in x with Philox.
 
+The fold variant (FOLD, `lora_gemm_folded`; chosen per shape by fastft.ops.lora_path) drops the first two
+skinny passes: the forward GEMM accumulates x_tile·A_tileᵀ beside x_tile·W_tileᵀ in its own K loop and
+writes xs from its pid_n == 0 tiles; the dx GEMM does the same with dy_tile·B_tile and writes g. Every N
+tile recomputes that BLOCK_M×R projection (R/BLOCK_N more MMA work) instead of reading x or dy again.
+
 Three kernels serve all six products: `_lora_gemm_kernel` (the big GEMM with the rank tail),
 `_rank_project_kernel` (M×K times K×R) and `_rank_reduce_kernel` (Rᵀ×M times M×N). Launchers below
 them take 2-D operands, pick configs and grids; validation lives in fastft.ops.lora.
@@ -225,6 +230,28 @@ def _rank_project_kernel(
 
 
 @triton.jit
+def _reduce_rows(l_ptr, y_ptr, row_start, row_end, cols, N, stride_lm, stride_ym, stride_yn, p_drop, seed,
+                 DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+    """l[rows, R]ᵀ · (keep∘y)[rows, cols] over rows [row_start, row_end), fp32 [R, BLOCK_N]."""
+    offs_r = tl.arange(0, BLOCK_R)
+    acc = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
+    for off_m in range(row_start, row_end, BLOCK_M):
+        rows = off_m + tl.arange(0, BLOCK_M)
+        in_rows = rows < row_end
+        lo = tl.load(l_ptr + rows[:, None] * stride_lm + offs_r[None, :], mask=in_rows[:, None], other=0.0)
+        y = tl.load(y_ptr + rows[:, None] * stride_ym + cols[None, :] * stride_yn,
+                    mask=in_rows[:, None] & (cols[None, :] < N), other=0.0)
+        if DROPOUT:
+            y = tl.where(dropout_keep(seed, rows, cols, N, p_drop), y, 0.0)
+        if UPCAST:
+            lo = lo.to(tl.float32)
+            y = y.to(tl.float32)
+        acc = tl.dot(lo.T, y, acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.jit
 def _rank_reduce_kernel(
     l_ptr, y_ptr, part_ptr,
     M, N, rows_per_split,
@@ -240,21 +267,41 @@ def _rank_reduce_kernel(
     offs_r = tl.arange(0, BLOCK_R)
     row_start = pid_s * rows_per_split
     row_end = min(M, row_start + rows_per_split)
-    acc = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
-    for off_m in range(row_start, row_end, BLOCK_M):
-        rows = off_m + tl.arange(0, BLOCK_M)
-        in_rows = rows < row_end
-        lo = tl.load(l_ptr + rows[:, None] * stride_lm + offs_r[None, :], mask=in_rows[:, None], other=0.0)
-        y = tl.load(y_ptr + rows[:, None] * stride_ym + cols[None, :] * stride_yn,
-                    mask=in_rows[:, None] & (cols[None, :] < N), other=0.0)
-        if DROPOUT:
-            y = tl.where(dropout_keep(seed, rows, cols, N, p_drop), y, 0.0)
-        if UPCAST:
-            lo = lo.to(tl.float32)
-            y = y.to(tl.float32)
-        acc = tl.dot(lo.T, y, acc, input_precision=DOT_PRECISION)
+    acc = _reduce_rows(l_ptr, y_ptr, row_start, row_end, cols, N, stride_lm, stride_ym, stride_yn, p_drop, seed,
+                       DROPOUT, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_R)
     out = part_ptr + pid_s * BLOCK_R * N + offs_r[:, None] * N + cols[None, :]
     tl.store(out, acc, mask=cols[None, :] < N)
+
+
+@triton.jit
+def _rank_reduce_pair_kernel(
+    la_ptr, ya_ptr, parta_ptr, lb_ptr, yb_ptr, partb_ptr,
+    M, NA, NB, tiles_a, rows_per_split,
+    stride_lam, stride_yam, stride_yan, stride_lbm, stride_ybm, stride_ybn,
+    p_drop, seed,
+    DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """Two reductions over the same rows in one launch (the LoRA backward's dA and dB): column tiles
+    [0, tiles_a) give parta[split, R, NA] = laᵀ·(keep∘ya) (dropout on ya only), the rest partb[split, R, NB] =
+    lbᵀ·yb."""
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_r = tl.arange(0, BLOCK_R)
+    row_start = pid_s * rows_per_split
+    row_end = min(M, row_start + rows_per_split)
+    if pid_n < tiles_a:
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        acc = _reduce_rows(la_ptr, ya_ptr, row_start, row_end, cols, NA, stride_lam, stride_yam, stride_yan,
+                           p_drop, seed, DROPOUT, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_R)
+        tl.store(parta_ptr + pid_s * BLOCK_R * NA + offs_r[:, None] * NA + cols[None, :], acc,
+                 mask=cols[None, :] < NA)
+    else:
+        cols = (pid_n - tiles_a) * BLOCK_N + tl.arange(0, BLOCK_N)
+        acc = _reduce_rows(lb_ptr, yb_ptr, row_start, row_end, cols, NB, stride_lbm, stride_ybm, stride_ybn,
+                           p_drop, seed, False, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_R)
+        tl.store(partb_ptr + pid_s * BLOCK_R * NB + offs_r[:, None] * NB + cols[None, :], acc,
+                 mask=cols[None, :] < NB)
 
 
 @triton.jit
@@ -356,6 +403,17 @@ def _reduce_configs(elem_bytes: int) -> list[dict]:
                                     (32, 128, 4, 4, 4), (128, 128, 2, 8, 3)]]
 
 
+@functools.lru_cache(maxsize=None)
+def pair_reduce_configs(elem_bytes: int, dropout: bool) -> list[dict]:
+    """rank_reduce_pair's configs: rank_reduce's but 128×64 (spills at R=64), or with dropout (Philox on every loaded y
+    element costs registers: wider tiles spill 400–1900 B) narrower ones; no spills on sm_90 (tests/sm90_compile.py)."""
+    if INTERPRET:
+        return _reduce_configs(elem_bytes)
+    variants = ([(64, 64, 4, 4, 4), (32, 128, 4, 4, 4), (32, 64, 4, 4, 4)] if dropout else
+                [(64, 128, 2, 4, 4), (64, 128, 4, 4, 4), (32, 128, 4, 4, 4), (128, 128, 2, 8, 3)])
+    return [dict(BLOCK_M=bm, BLOCK_N=bn, PER_SM=f, num_warps=w, num_stages=s) for bm, bn, f, w, s in variants]
+
+
 def rank_pad(r: int) -> int:
     return max(16, next_power_of_2(r))
 
@@ -375,9 +433,9 @@ def lora_gemm(a, b, lo, t, bias, *, b_nk: bool, p_drop: float = 0.0, seed: int =
                  k_scale=k_scale, fold_scale=1.0)
 
 
-def lora_gemm_folded(a, b, p, t, bias, *, b_nk: bool, scale: float, p_drop: float = 0.0, seed: int = 0,
-                     k_scale=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(c, lo) with lo = scale·a·diag(k_scale)·p (in a's dtype, [M,R]) computed inside the GEMM's own K loop and
+def lora_gemm_folded(a, b, p, t, bias, *, b_nk: bool, scale: float, p_drop: float = 0.0,
+                     seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(c, lo) with lo = scale·a·p (in a's dtype, [M,R]) computed inside the GEMM's own K loop and
     c = lora_gemm(a, b, lo, t, bias, ...): the rank projection costs R more MMA columns, not a pass over a.
 
     b_nk (forward): p is A [R,K] (stored like b), t is B [N,R]; else (dx): p is B [K,R] and t is A [R,N].
@@ -386,7 +444,7 @@ def lora_gemm_folded(a, b, p, t, bias, *, b_nk: bool, scale: float, p_drop: floa
     """
     R = p.shape[0] if b_nk else p.shape[1]
     lo = torch.empty((a.shape[0], R), device=a.device, dtype=a.dtype)
-    c = _gemm(a, b, lo, t, p, bias, b_nk=b_nk, p_drop=p_drop, seed=seed, col_scale=None, k_scale=k_scale,
+    c = _gemm(a, b, lo, t, p, bias, b_nk=b_nk, p_drop=p_drop, seed=seed, col_scale=None, k_scale=None,
               fold_scale=scale)
     return c, lo
 
@@ -502,6 +560,36 @@ def rank_reduce(lo, y, *, p_drop: float = 0.0, seed: int = 0) -> torch.Tensor:
 
     key = (bucket(M), N, R, y.dtype, p_drop > 0.0)
     tuner("rank_reduce", _reduce_configs(y.element_size())).run(key, launch)
+    return result["out"]
+
+
+def rank_reduce_pair(la, ya, lb, yb, *, p_drop: float = 0.0, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(laᵀ·(keep∘ya), lbᵀ·yb) in fp32, shapes [R, NA] and [R, NB], in one launch: rank_reduce twice over the same
+    M rows (the LoRA backward's dA = gᵀ·(keep∘x) and dB-transposed = xsᵀ·dy)."""
+    M, NA = ya.shape
+    NB = yb.shape[1]
+    R = la.shape[1]
+    sms = device_sms(ya.device)
+    result = {}
+
+    def launch(cfg):
+        cfg = dict(cfg)
+        per_sm = cfg.pop("PER_SM")
+        tiles_a, tiles_b = cdiv(NA, cfg["BLOCK_N"]), cdiv(NB, cfg["BLOCK_N"])
+        splits, rows_per_split = split_rows(M, tiles_a + tiles_b, per_sm, sms, cfg["BLOCK_M"])
+        part_a = torch.empty((splits, R, NA), device=ya.device, dtype=torch.float32)
+        part_b = torch.empty((splits, R, NB), device=ya.device, dtype=torch.float32)
+        _rank_reduce_pair_kernel[(tiles_a + tiles_b, splits)](
+            la, ya, part_a, lb, yb, part_b, M, NA, NB, tiles_a, rows_per_split,
+            la.stride(0), ya.stride(0), ya.stride(1), lb.stride(0), yb.stride(0), yb.stride(1),
+            p_drop, seed,
+            DROPOUT=p_drop > 0.0, UPCAST=upcast(ya.dtype), DOT_PRECISION=dot_precision(ya.dtype),
+            BLOCK_R=R, **cfg,
+        )
+        result["out"] = tuple(p[0] if splits == 1 else p.sum(0) for p in (part_a, part_b))
+
+    key = (bucket(M), NA, NB, R, ya.dtype, p_drop > 0.0)
+    tuner("rank_reduce_pair", pair_reduce_configs(ya.element_size(), p_drop > 0.0)).run(key, launch)
     return result["out"]
 
 

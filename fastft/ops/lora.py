@@ -72,12 +72,11 @@ def _draw_seed() -> int:
 
 
 def _padded(t: torch.Tensor, rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
-    """t zero-padded to (rows, cols), contiguous, in dtype; t itself when nothing changes."""
-    if tuple(t.shape) == (rows, cols) and t.dtype == dtype and t.is_contiguous():
-        return t
-    out = torch.zeros((rows, cols), dtype=dtype, device=t.device)
-    out[: t.shape[0], : t.shape[1]] = t
-    return out
+    """t zero-padded to (rows, cols), contiguous, in dtype; t itself when nothing changes. One device op for a cast
+    or a pad alone (a launch costs host time on small layers), two for both."""
+    if tuple(t.shape) == (rows, cols):
+        return t.to(dtype, memory_format=torch.contiguous_format)  # t itself when already so
+    return F.pad(t.to(dtype), (0, cols - t.shape[1], 0, rows - t.shape[0])).contiguous()
 
 
 def _as_rows(t: torch.Tensor) -> torch.Tensor:
@@ -121,7 +120,8 @@ def fused_lora_backward(ctx, dy, dx_gemm, need_x, need_b, need_A, need_B, dx_fol
     """(x2, dy2, dx, db, dA, dB) from dy; `dx_gemm(dy2, g, A_p, p_drop, seed)` is the op's dx GEMM with the tail.
 
     dx_fold_gemm(dy2, B_p, A_p, coef, p_drop, seed) -> (dx, g), when given: the dx GEMM that computes g = c·dy·B in
-    its own loop over dy (the fold path), used instead of the skinny pass + dx_gemm when dx is needed."""
+    its own loop over dy (the fold path), used instead of the skinny pass + dx_gemm when dx is needed; dA and dB
+    then come from one launch (rank_reduce_pair)."""
     from fastft.kernels import lora_linear as kernels
 
     x2, A_p, B_p, xs = ctx.saved_tensors[:4]
@@ -139,9 +139,12 @@ def fused_lora_backward(ctx, dy, dx_gemm, need_x, need_b, need_A, need_B, dx_fol
         g = kernels.rank_project(dy2, B_p.t(), scale=coef)
         if need_x:
             dx = dx_gemm(dy2, g, A_p, dropout_p, seed).view(x_shape)
-    if need_A:
+    if need_A and need_B and dx_fold_gemm is not None:  # the fold path: dA and dB in one launch
+        dA, dBt = kernels.rank_reduce_pair(g, x2, xs, dy2, p_drop=dropout_p, seed=seed)
+        dA, dB = dA[:r].to(A_dtype), dBt[:r].t().to(B_dtype)
+    elif need_A:
         dA = kernels.rank_reduce(g, x2, p_drop=dropout_p, seed=seed)[:r].to(A_dtype)
-    if need_B:
+    if need_B and dB is None:
         dB = kernels.rank_reduce(xs, dy2)[:r].t().to(B_dtype)
     if need_b and bias_dtype is not None:
         db = dy2.sum(0, dtype=torch.float32).to(bias_dtype)
