@@ -103,8 +103,9 @@ def fused_lora_forward(ctx, x, bias, lora_A, lora_B, scaling, dropout_p, base_ge
     seed = _draw_seed() if dropout_p > 0.0 else 0
     coef = scaling / (1.0 - dropout_p)
     # Rank-padded copies in x's dtype (the factors themselves when nothing changes), kept for backward so it
-    # does not pad and cast them again. Not cached across calls: fused optimizers (torch.optim.AdamW(fused=True))
-    # update parameters in place without bumping their _version, so no cheap key says a cached copy is stale.
+    # does not pad and cast them again. Not cached across calls: torch.optim.AdamW(fused=True) (torch 2.13) and
+    # writes through .data update parameters in place without bumping their _version, so no cheap key says a
+    # cached copy is stale (tests/test_lora_fold.py).
     A_p, B_p = _padded(lora_A, R, K, dtype), _padded(lora_B, N, R, dtype)
     if fold_gemm is not None and dropout_p == 0.0:
         y, xs = fold_gemm(x2, A_p, B_p, bias, coef)
