@@ -5,7 +5,7 @@
 # timings; a failing section does not stop the next, and each gets what is left of the time budget.
 #   bash benchmarks/gpu_check.sh [section ...]    sections: build nf4 attention lora-tests fuzz-tests lora losses-tests losses
 #   (on request: nf4-tests attention-tests methods-tests methods layers-tests layers patch-step train-tests train
-#    train-methods-tests bench-1b bench-8b)
+#    train-methods-tests bench-1b bench-8b lora-paths)
 set -uo pipefail
 export PYTHONPATH="$PWD/.peers:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 : "${OUT:=/tmp/fastft-out}"; mkdir -p "$OUT"; export OUT
@@ -50,9 +50,13 @@ for s in $sections; do
              --config-settings=cmake.define.CMAKE_CUDA_ARCHITECTURES=90 ;;
     nf4) run 200 nf4 python3 benchmarks/gpu_nf4.py ;;
     attention) run 170 attention python3 benchmarks/gpu_attention.py ;;
-    lora-tests) FASTFT_AUTOTUNE=0 run 70 lora-tests python3 -m pytest -q -m gpu tests/test_lora_gpu.py -p no:cacheprovider ;;
+    lora-tests) FASTFT_AUTOTUNE=0 run 110 lora-tests python3 -m pytest -q -m gpu tests/test_lora_gpu.py -p no:cacheprovider ;;
     fuzz-tests) FASTFT_AUTOTUNE=0 run 120 fuzz-tests python3 -m pytest -q -m gpu tests/fuzz -p no:cacheprovider ;;
     lora) run 130 lora python3 benchmarks/gpu_lora.py ;;
+    # LoRA split vs fold (x·Aᵀ, dy·B inside the GEMMs): both paths vs fp64, then fwd / bwd / fwd+bwd and host time at
+    # M=8192, the three shapes, r 8/16/64; prints the MEASURED entries for fastft/ops/lora_path.py (~3–4 min with
+    # compiles and tuning). The GPU tests of the fold path are in lora-tests and fuzz-tests.
+    lora-paths) run 300 lora-paths python3 benchmarks/gpu_lora_paths.py ;;
     nf4-tests) run 180 nf4-tests python3 -m pytest -q -m gpu tests/test_nf4_gpu.py tests/test_qlora_path.py -p no:cacheprovider ;;
     losses-tests) run 120 losses-tests python3 -m pytest -q -m gpu tests/test_linear_losses_gpu.py -p no:cacheprovider ;;
     losses) run 150 losses python3 benchmarks/gpu_losses.py ;;

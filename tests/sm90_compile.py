@@ -1,6 +1,6 @@
-"""Compile the NF4 and loss-row Triton kernels (default), the LoRA/DoRA/IA3 ones (argument `lora`), the layer kernels
-(`layers`) or the attention forward/backward (`attention`) for sm_90 on a machine without a GPU (triton's own ptxas),
-as `python -m`.
+"""Compile the NF4 and loss-row Triton kernels (default), the LoRA/DoRA/IA3 ones (argument `lora`; `lora-fold [all]`
+only the folded LoRA GEMM), the layer kernels (`layers`) or the attention forward/backward (`attention`) for sm_90
+on a machine without a GPU (triton's own ptxas), as `python -m`.
 
 Catches what the CPU interpreter cannot: triton's GPU lowering, the inline PTX, register spills and shared
 memory of every launch config the tuner may pick. Prints one line per kernel; exits 1 on any failure.
@@ -56,15 +56,61 @@ def _check(what, kernel_fn, sig, consts, aligned, options) -> int:
     return 0
 
 
+LORA_GEMM_SIG = dict(a_ptr="*bf16", b_ptr="*bf16", l_ptr="*bf16", t_ptr="*bf16", bias_ptr="*bf16", c_ptr="*bf16",
+                     col_scale_ptr="*fp32", k_scale_ptr="*fp32", p_ptr="*bf16", M="i32", N="i32", K="i32",
+                     stride_am="i32", stride_ak="i32", stride_bn="i32", stride_bk="i32", stride_lm="i32",
+                     stride_tn="i32", stride_tr="i32", stride_cm="i32", stride_pk="i32", stride_pr="i32",
+                     p_drop="fp32", seed="i32", num_programs="i32", fold_scale="fp32")
+
+
+def lora_fold(every_config: bool = False) -> int:
+    """The folded LoRA GEMM (x·Aᵀ / dy·B computed in the GEMM's own K loop), bf16, R = 16 and 64: forward and dx
+    with descriptors, the pointer-load variant at R = 64 (the most registers), dx with a dropout tail, and the
+    pair reduction for dA + dB; the first config of each list (the untimed default). every_config (argument
+    `lora-fold all`, ~3 min): every config the tuner may pick, descriptors and pointer loads. No spills, shared
+    memory within the limit."""
+    failures = 0
+    jobs = []
+    top = (lambda configs: configs) if every_config else (lambda configs: configs[:1])
+    for rank, b_nk, use_tma in itertools.product((16, lora_linear.FOLD_MAX_RANK), (True, False), (True, False)):
+        if use_tma or every_config or rank == lora_linear.FOLD_MAX_RANK:
+            jobs += [(rank, b_nk, False, use_tma, cfg) for cfg in top(lora_linear.gemm_configs(use_tma, 2, rank))]
+    for rank, use_tma in itertools.product((16, lora_linear.FOLD_MAX_RANK), (True, False)):
+        if use_tma or every_config:
+            jobs += [(rank, False, True, use_tma, cfg) for cfg in top(lora_linear.dropout_dx_configs(use_tma, 2, rank))]
+    for rank, b_nk, dropout, use_tma, cfg in jobs:
+        cfg = dict(cfg)
+        warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+        consts = dict(HAS_BIAS=b_nk, TAIL_DROPOUT=dropout, B_NK=b_nk, HAS_TAIL=True, HAS_COL_SCALE=False,
+                      HAS_K_SCALE=False, FOLD=True, USE_TMA=use_tma, UPCAST=False, DOT_PRECISION="tf32",
+                      BLOCK_R=rank, **cfg)
+        failures += _check(f"lora_gemm FOLD R={rank} b_nk={b_nk} dropout={dropout} tma={use_tma} {cfg} "
+                           f"warps={warps} stages={stages}", lora_linear._lora_gemm_kernel, LORA_GEMM_SIG, consts,
+                           ["a_ptr", "b_ptr", "l_ptr", "t_ptr", "c_ptr", "p_ptr", "K", "stride_am", "stride_cm"],
+                           dict(num_warps=warps, num_stages=stages))
+    # the fold path's dA + dB in one launch, with and without dropout
+    sig = dict(la_ptr="*bf16", ya_ptr="*bf16", parta_ptr="*fp32", lb_ptr="*bf16", yb_ptr="*bf16", partb_ptr="*fp32",
+               M="i32", NA="i32", NB="i32", tiles_a="i32", rows_per_split="i32", stride_lam="i32", stride_yam="i32",
+               stride_yan="i32", stride_lbm="i32", stride_ybm="i32", stride_ybn="i32", p_drop="fp32", seed="i32")
+    for rank, dropout in itertools.product((16, lora_linear.FOLD_MAX_RANK), (False, True)):
+        for cfg in top(lora_linear.pair_reduce_configs(2, dropout)):
+            cfg = dict(cfg)
+            warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+            cfg.pop("PER_SM")
+            consts = dict(DROPOUT=dropout, UPCAST=False, DOT_PRECISION="tf32", BLOCK_R=rank, **cfg)
+            failures += _check(f"rank_reduce_pair R={rank} dropout={dropout} {cfg} warps={warps} stages={stages}",
+                               lora_linear._rank_reduce_pair_kernel, sig, consts,
+                               ["la_ptr", "ya_ptr", "parta_ptr", "lb_ptr", "yb_ptr", "partb_ptr"],
+                               dict(num_warps=warps, num_stages=stages))
+    return failures
+
+
 def lora_family() -> int:
     """The dense LoRA GEMM with the DoRA/IA3 scales (every variant the methods launch, with the first bf16
-    descriptor config; the DoRA forward with every config), the column-dot reduction, DoRA's row norm and the
-    bottleneck adapter's kernels."""
-    failures = 0
-    sig = dict(a_ptr="*bf16", b_ptr="*bf16", l_ptr="*bf16", t_ptr="*bf16", bias_ptr="*bf16", c_ptr="*bf16",
-               col_scale_ptr="*fp32", k_scale_ptr="*fp32", M="i32", N="i32", K="i32", stride_am="i32",
-               stride_ak="i32", stride_bn="i32", stride_bk="i32", stride_lm="i32", stride_tn="i32", stride_tr="i32",
-               stride_cm="i32", p_drop="fp32", seed="i32", num_programs="i32")
+    descriptor config; the DoRA forward with every config), the folded LoRA GEMM (lora_fold), the column-dot
+    reduction, DoRA's row norm and the bottleneck adapter's kernels."""
+    failures = lora_fold()
+    sig = LORA_GEMM_SIG
     # (B_NK, HAS_TAIL, HAS_COL_SCALE, HAS_K_SCALE): DoRA fwd / dx, IA3 output-scale fwd / dx, input-scale fwd / dx
     variants = [(True, True, True, False), (False, True, False, True), (True, False, True, False),
                 (False, False, False, True), (True, False, False, True), (False, False, True, False)]
@@ -74,7 +120,7 @@ def lora_family() -> int:
         cfg = dict(cfg)
         warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
         consts = dict(HAS_BIAS=True, TAIL_DROPOUT=False, B_NK=b_nk, HAS_TAIL=tail, HAS_COL_SCALE=col, HAS_K_SCALE=ks,
-                      USE_TMA=True, UPCAST=False, DOT_PRECISION="tf32", BLOCK_R=16, **cfg)
+                      FOLD=False, USE_TMA=True, UPCAST=False, DOT_PRECISION="tf32", BLOCK_R=16, **cfg)
         failures += _check(f"lora_gemm b_nk={b_nk} tail={tail} col_scale={col} k_scale={ks} {cfg} stages={stages}",
                            lora_linear._lora_gemm_kernel, sig, consts,
                            ["a_ptr", "b_ptr", "l_ptr", "t_ptr", "c_ptr", "K", "stride_am", "stride_cm"],
@@ -231,6 +277,8 @@ def attention_kernels(every_config: bool = False) -> int:
 def main() -> int:
     if sys.argv[1:] == ["lora"]:
         return 1 if lora_family() else 0
+    if sys.argv[1:2] == ["lora-fold"]:
+        return 1 if lora_fold(every_config=sys.argv[2:] == ["all"]) else 0
     if sys.argv[1:2] == ["attention"]:
         return 1 if attention_kernels(every_config=sys.argv[2:] == ["all"]) else 0
     failures = compile_loss_rows()

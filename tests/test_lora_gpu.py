@@ -55,3 +55,25 @@ def test_fp32_adapters_on_bf16_base():
 
 def test_large_training_shape():
     _run(4096, 4096, 4096, 16, torch.bfloat16)
+
+
+@pytest.fixture
+def fold_path(monkeypatch):
+    from fastft.ops import lora_path
+
+    monkeypatch.setenv(lora_path.ENV, "fold")
+
+
+@pytest.mark.parametrize("case", [
+    (1037, 512, 384, 16, torch.bfloat16), (1037, 512, 384, 16, torch.float16), (1037, 512, 384, 16, torch.float32),
+    (300, 4096, 1000, 8, torch.bfloat16), (64, 1024, 4096, 64, torch.bfloat16), (1, 256, 128, 5, torch.bfloat16),
+    (513, 1001, 333, 33, torch.bfloat16),  # unaligned K: the pointer-load variant
+])
+def test_fold_matches_fp64(case, fold_path):
+    *shape, dtype = case
+    _run(*shape, dtype)
+
+
+def test_fold_dropout_and_fp32_adapters(fold_path, captured_seeds):
+    _run(777, 1024, 512, 16, torch.bfloat16, p=0.1, batch=(2,), seeds=captured_seeds)
+    _run(512, 2048, 768, 16, torch.bfloat16, adapter_dtype=torch.float32, bias=False)

@@ -15,6 +15,11 @@ backward  g  = c·dy·B                        one skinny pass over dy (M×R)
 with c = s/(1-p). The dropout mask `keep` is never stored: every kernel regenerates it from the
 seed and the element's (row, column) index in x with Philox.
 
+The fold variant (FOLD, `lora_gemm_folded`; chosen per shape by fastft.ops.lora_path) drops the first two
+skinny passes: the forward GEMM accumulates x_tile·A_tileᵀ beside x_tile·W_tileᵀ in its own K loop and
+writes xs from its pid_n == 0 tiles; the dx GEMM does the same with dy_tile·B_tile and writes g. Every N
+tile recomputes that BLOCK_M×R projection (R/BLOCK_N more MMA work) instead of reading x or dy again.
+
 Three kernels serve all six products: `_lora_gemm_kernel` (the big GEMM with the rank tail),
 `_rank_project_kernel` (M×K times K×R) and `_rank_reduce_kernel` (Rᵀ×M times M×N). Launchers below
 them take 2-D operands, pick configs and grids; validation lives in fastft.ops.lora.
@@ -44,12 +49,12 @@ import triton.language as tl
 
 @triton.jit
 def _lora_gemm_kernel(
-    a_ptr, b_ptr, l_ptr, t_ptr, bias_ptr, c_ptr, col_scale_ptr, k_scale_ptr,
+    a_ptr, b_ptr, l_ptr, t_ptr, bias_ptr, c_ptr, col_scale_ptr, k_scale_ptr, p_ptr,
     M, N, K,
-    stride_am, stride_ak, stride_bn, stride_bk, stride_lm, stride_tn, stride_tr, stride_cm,
-    p_drop, seed, num_programs,
+    stride_am, stride_ak, stride_bn, stride_bk, stride_lm, stride_tn, stride_tr, stride_cm, stride_pk, stride_pr,
+    p_drop, seed, num_programs, fold_scale,
     HAS_BIAS: tl.constexpr, TAIL_DROPOUT: tl.constexpr, B_NK: tl.constexpr,
-    HAS_TAIL: tl.constexpr, HAS_COL_SCALE: tl.constexpr, HAS_K_SCALE: tl.constexpr,
+    HAS_TAIL: tl.constexpr, HAS_COL_SCALE: tl.constexpr, HAS_K_SCALE: tl.constexpr, FOLD: tl.constexpr,
     USE_TMA: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr, FLATTEN: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
@@ -62,6 +67,9 @@ def _lora_gemm_kernel(
 
     B_NK: b and t are stored N-major ([N,K] / [N,R], the forward) or K-major ([K,N] / [R,N], dx).
     TAIL_DROPOUT: the tail is masked by dropout_keep(row, col) of c (dx of a dropout LoRA).
+    FOLD (with HAS_TAIL): l is not read but computed in the same K loop, l = fold_scale·a·p with p logically
+    [K,R] (stored like b: [R,K] when B_NK, else [K,R]), rounded to c's dtype as a stored l would be; the tiles
+    with pid_n == 0 write it to l_ptr (every N tile computes the same values in the same order).
     Persistent: `num_programs` programs (about one per SM) walk the output tiles.
     """
     start_pid = tl.program_id(0)
@@ -74,7 +82,7 @@ def _lora_gemm_kernel(
     if USE_TMA:
         a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[stride_am, 1],
                                            block_shape=[BLOCK_M, BLOCK_K])
-        if HAS_TAIL:
+        if HAS_TAIL and not FOLD:
             l_desc = tl.make_tensor_descriptor(l_ptr, shape=[M, BLOCK_R], strides=[stride_lm, 1],
                                                block_shape=[BLOCK_M, BLOCK_R])
         c_desc = tl.make_tensor_descriptor(c_ptr, shape=[M, N], strides=[stride_cm, 1],
@@ -85,12 +93,18 @@ def _lora_gemm_kernel(
             if HAS_TAIL:
                 t_desc = tl.make_tensor_descriptor(t_ptr, shape=[N, BLOCK_R], strides=[stride_tn, 1],
                                                    block_shape=[BLOCK_N, BLOCK_R])
+            if FOLD:
+                p_desc = tl.make_tensor_descriptor(p_ptr, shape=[BLOCK_R, K], strides=[stride_pr, 1],
+                                                   block_shape=[BLOCK_R, BLOCK_K])
         else:
             b_desc = tl.make_tensor_descriptor(b_ptr, shape=[K, N], strides=[stride_bk, 1],
                                                block_shape=[BLOCK_K, BLOCK_N])
             if HAS_TAIL:
                 t_desc = tl.make_tensor_descriptor(t_ptr, shape=[BLOCK_R, N], strides=[stride_tr, 1],
                                                    block_shape=[BLOCK_R, BLOCK_N])
+            if FOLD:
+                p_desc = tl.make_tensor_descriptor(p_ptr, shape=[K, BLOCK_R], strides=[stride_pk, 1],
+                                                   block_shape=[BLOCK_K, BLOCK_R])
 
     offs_r = tl.arange(0, BLOCK_R)
     for tile_id in tl.range(start_pid, num_tiles, num_programs, flatten=FLATTEN, warp_specialize=WARP_SPECIALIZE):
@@ -100,6 +114,8 @@ def _lora_gemm_kernel(
         rows = off_m + tl.arange(0, BLOCK_M)
         cols = off_n + tl.arange(0, BLOCK_N)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if FOLD:
+            acc_l = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
         for ki in range(k_tiles):
             off_k = ki * BLOCK_K
             if USE_TMA:
@@ -122,17 +138,36 @@ def _lora_gemm_kernel(
                               other=0.0)
                 a = (a.to(tl.float32) * ksc[None, :]).to(b.dtype)
             acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+            if FOLD:  # the rank-R projection of the same a tile: R more columns of MMA, no extra pass over a
+                if USE_TMA:
+                    if B_NK:
+                        pt = p_desc.load([0, off_k]).T
+                    else:
+                        pt = p_desc.load([off_k, 0])
+                else:
+                    kp = off_k + tl.arange(0, BLOCK_K)
+                    pt = tl.load(p_ptr + kp[:, None] * stride_pk + offs_r[None, :] * stride_pr,
+                                 mask=kp[:, None] < K, other=0.0)
+                if UPCAST:
+                    pt = pt.to(tl.float32)
+                acc_l = tl.dot(a, pt, acc_l, input_precision=DOT_PRECISION)
 
         # The LoRA term: R more reduction steps over the rank-R factors.
         if HAS_TAIL:
-            if USE_TMA:
+            if FOLD:
+                lo = (acc_l * fold_scale).to(dtype)
+                if pid_n == 0:
+                    tl.store(l_ptr + rows[:, None] * stride_lm + offs_r[None, :], lo, mask=rows[:, None] < M)
+            elif USE_TMA:
                 lo = l_desc.load([off_m, 0])
+            else:
+                lo = tl.load(l_ptr + rows[:, None] * stride_lm + offs_r[None, :], mask=rows[:, None] < M, other=0.0)
+            if USE_TMA:
                 if B_NK:
                     tr = t_desc.load([off_n, 0]).T
                 else:
                     tr = t_desc.load([0, off_n])
             else:
-                lo = tl.load(l_ptr + rows[:, None] * stride_lm + offs_r[None, :], mask=rows[:, None] < M, other=0.0)
                 tr = tl.load(t_ptr + offs_r[:, None] * stride_tr + cols[None, :] * stride_tn,
                              mask=cols[None, :] < N, other=0.0)
             if UPCAST:
@@ -195,6 +230,28 @@ def _rank_project_kernel(
 
 
 @triton.jit
+def _reduce_rows(l_ptr, y_ptr, row_start, row_end, cols, N, stride_lm, stride_ym, stride_yn, p_drop, seed,
+                 DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+    """l[rows, R]ᵀ · (keep∘y)[rows, cols] over rows [row_start, row_end), fp32 [R, BLOCK_N]."""
+    offs_r = tl.arange(0, BLOCK_R)
+    acc = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
+    for off_m in range(row_start, row_end, BLOCK_M):
+        rows = off_m + tl.arange(0, BLOCK_M)
+        in_rows = rows < row_end
+        lo = tl.load(l_ptr + rows[:, None] * stride_lm + offs_r[None, :], mask=in_rows[:, None], other=0.0)
+        y = tl.load(y_ptr + rows[:, None] * stride_ym + cols[None, :] * stride_yn,
+                    mask=in_rows[:, None] & (cols[None, :] < N), other=0.0)
+        if DROPOUT:
+            y = tl.where(dropout_keep(seed, rows, cols, N, p_drop), y, 0.0)
+        if UPCAST:
+            lo = lo.to(tl.float32)
+            y = y.to(tl.float32)
+        acc = tl.dot(lo.T, y, acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.jit
 def _rank_reduce_kernel(
     l_ptr, y_ptr, part_ptr,
     M, N, rows_per_split,
@@ -210,21 +267,41 @@ def _rank_reduce_kernel(
     offs_r = tl.arange(0, BLOCK_R)
     row_start = pid_s * rows_per_split
     row_end = min(M, row_start + rows_per_split)
-    acc = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
-    for off_m in range(row_start, row_end, BLOCK_M):
-        rows = off_m + tl.arange(0, BLOCK_M)
-        in_rows = rows < row_end
-        lo = tl.load(l_ptr + rows[:, None] * stride_lm + offs_r[None, :], mask=in_rows[:, None], other=0.0)
-        y = tl.load(y_ptr + rows[:, None] * stride_ym + cols[None, :] * stride_yn,
-                    mask=in_rows[:, None] & (cols[None, :] < N), other=0.0)
-        if DROPOUT:
-            y = tl.where(dropout_keep(seed, rows, cols, N, p_drop), y, 0.0)
-        if UPCAST:
-            lo = lo.to(tl.float32)
-            y = y.to(tl.float32)
-        acc = tl.dot(lo.T, y, acc, input_precision=DOT_PRECISION)
+    acc = _reduce_rows(l_ptr, y_ptr, row_start, row_end, cols, N, stride_lm, stride_ym, stride_yn, p_drop, seed,
+                       DROPOUT, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_R)
     out = part_ptr + pid_s * BLOCK_R * N + offs_r[:, None] * N + cols[None, :]
     tl.store(out, acc, mask=cols[None, :] < N)
+
+
+@triton.jit
+def _rank_reduce_pair_kernel(
+    la_ptr, ya_ptr, parta_ptr, lb_ptr, yb_ptr, partb_ptr,
+    M, NA, NB, tiles_a, rows_per_split,
+    stride_lam, stride_yam, stride_yan, stride_lbm, stride_ybm, stride_ybn,
+    p_drop, seed,
+    DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """Two reductions over the same rows in one launch (the LoRA backward's dA and dB): column tiles
+    [0, tiles_a) give parta[split, R, NA] = laᵀ·(keep∘ya) (dropout on ya only), the rest partb[split, R, NB] =
+    lbᵀ·yb."""
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_r = tl.arange(0, BLOCK_R)
+    row_start = pid_s * rows_per_split
+    row_end = min(M, row_start + rows_per_split)
+    if pid_n < tiles_a:
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        acc = _reduce_rows(la_ptr, ya_ptr, row_start, row_end, cols, NA, stride_lam, stride_yam, stride_yan,
+                           p_drop, seed, DROPOUT, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_R)
+        tl.store(parta_ptr + pid_s * BLOCK_R * NA + offs_r[:, None] * NA + cols[None, :], acc,
+                 mask=cols[None, :] < NA)
+    else:
+        cols = (pid_n - tiles_a) * BLOCK_N + tl.arange(0, BLOCK_N)
+        acc = _reduce_rows(lb_ptr, yb_ptr, row_start, row_end, cols, NB, stride_lbm, stride_ybm, stride_ybn,
+                           p_drop, seed, False, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_R)
+        tl.store(partb_ptr + pid_s * BLOCK_R * NB + offs_r[:, None] * NB + cols[None, :], acc,
+                 mask=cols[None, :] < NB)
 
 
 @triton.jit
@@ -260,6 +337,53 @@ def _gemm_configs(use_tma: bool, elem_bytes: int) -> list[dict]:
             for bm, bn, bk, s, w in [(128, 128, 64, 4, 8), (128, 256, 64, 3, 8), (64, 128, 64, 4, 4)]]
 
 
+FOLD_MAX_RANK = 64  # the folded GEMM keeps a BLOCK_M×R fp32 accumulator beside the main one: checked up to 64
+
+
+@functools.lru_cache(maxsize=None)
+def _fold_configs(use_tma: bool, elem_bytes: int, rank: int) -> list[dict]:
+    """The folded GEMM's configs: the plain GEMM's that fit sm_90's shared memory and registers with the extra
+    R-wide projection tile per stage and the BLOCK_M×R accumulator (tests/sm90_compile.py `lora` checks them)."""
+    if INTERPRET or elem_bytes == 4:
+        return _gemm_configs(use_tma, elem_bytes)
+    if use_tma:
+        # (BM, BN, BK, stages, warps, flatten, warp-specialize)
+        variants = ([(128, 256, 64, 3, 8, False, True), (128, 256, 64, 3, 8, False, False),
+                     (128, 256, 64, 3, 8, True, False), (128, 128, 64, 4, 8, True, False)] if rank <= 16 else
+                    [(128, 128, 64, 4, 8, True, False), (128, 128, 64, 4, 8, False, False),
+                     (128, 256, 64, 2, 8, False, False), (128, 128, 64, 3, 8, False, True)])
+        return [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, FLATTEN=fl, WARP_SPECIALIZE=ws,
+                     num_warps=w, num_stages=s) for bm, bn, bk, s, w, fl, ws in variants]
+    # pointer loads (unaligned rows): 128×256 spills at R=16, all but 128×64 at R=64 (sm_90 check)
+    return [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, FLATTEN=False, WARP_SPECIALIZE=False,
+                 num_warps=w, num_stages=s)
+            for bm, bn, bk, s, w in ([(128, 128, 64, 4, 8), (64, 128, 64, 4, 4)] if rank <= 16
+                                     else [(128, 64, 64, 4, 4)])]
+
+
+@functools.lru_cache(maxsize=None)
+def dropout_dx_configs(use_tma: bool, elem_bytes: int, rank: int) -> list[dict]:
+    """The folded dx GEMM with a dropout tail keeps the masked tail in a second BLOCK_M×BLOCK_N fp32 tile: configs
+    narrow enough not to spill (the plain GEMM's 128×256 ones do, folded or not; sm_90 check)."""
+    if INTERPRET or elem_bytes == 4:
+        return _gemm_configs(use_tma, elem_bytes)
+    # (BM, BN, BK, stages, warps); with descriptors the flattened 4-stage 128×128 one spills 40–96 B
+    variants = ([(128, 128, 64, 3, 8), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4)] if use_tma else
+                [(128, 128, 64, 3, 8)] if rank <= 16 else [(64, 64, 64, 4, 4)])
+    return [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, FLATTEN=False, WARP_SPECIALIZE=False,
+                 num_warps=w, num_stages=s) for bm, bn, bk, s, w in variants]
+
+
+def gemm_configs(use_tma: bool, elem_bytes: int, fold_rank: int = 0, dropout: bool = False) -> list[dict]:
+    """Launch configs of _lora_gemm_kernel; fold_rank (the padded R) > 0: of its FOLD variant (with a dropout tail:
+    dropout_dx_configs)."""
+    if not fold_rank:
+        return _gemm_configs(use_tma, elem_bytes)
+    if dropout:
+        return dropout_dx_configs(use_tma, elem_bytes, fold_rank)
+    return _fold_configs(use_tma, elem_bytes, fold_rank)
+
+
 @functools.lru_cache(maxsize=None)
 def _project_configs(elem_bytes: int) -> list[dict]:
     if INTERPRET:
@@ -279,6 +403,17 @@ def _reduce_configs(elem_bytes: int) -> list[dict]:
                                     (32, 128, 4, 4, 4), (128, 128, 2, 8, 3)]]
 
 
+@functools.lru_cache(maxsize=None)
+def pair_reduce_configs(elem_bytes: int, dropout: bool) -> list[dict]:
+    """rank_reduce_pair's configs: rank_reduce's but 128×64 (spills at R=64), or with dropout (Philox on every loaded y
+    element costs registers: wider tiles spill 400–1900 B) narrower ones; no spills on sm_90 (tests/sm90_compile.py)."""
+    if INTERPRET:
+        return _reduce_configs(elem_bytes)
+    variants = ([(64, 64, 4, 4, 4), (32, 128, 4, 4, 4), (32, 64, 4, 4, 4)] if dropout else
+                [(64, 128, 2, 4, 4), (64, 128, 4, 4, 4), (32, 128, 4, 4, 4), (128, 128, 2, 8, 3)])
+    return [dict(BLOCK_M=bm, BLOCK_N=bn, PER_SM=f, num_warps=w, num_stages=s) for bm, bn, f, w, s in variants]
+
+
 def rank_pad(r: int) -> int:
     return max(16, next_power_of_2(r))
 
@@ -294,44 +429,72 @@ def lora_gemm(a, b, lo, t, bias, *, b_nk: bool, p_drop: float = 0.0, seed: int =
     b_nk: b is W stored [N,K] (and t is B [N,R]) — the forward; else b is W [K,N] seen transposed (and t
     is A [R,N]) — dx. lo is [M,R] contiguous with R = rank_pad(r).
     """
+    return _gemm(a, b, lo, t, None, bias, b_nk=b_nk, p_drop=p_drop, seed=seed, col_scale=col_scale,
+                 k_scale=k_scale, fold_scale=1.0)
+
+
+def lora_gemm_folded(a, b, p, t, bias, *, b_nk: bool, scale: float, p_drop: float = 0.0,
+                     seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(c, lo) with lo = scale·a·p (in a's dtype, [M,R]) computed inside the GEMM's own K loop and
+    c = lora_gemm(a, b, lo, t, bias, ...): the rank projection costs R more MMA columns, not a pass over a.
+
+    b_nk (forward): p is A [R,K] (stored like b), t is B [N,R]; else (dx): p is B [K,R] and t is A [R,N].
+    R = rank_pad(r) rows/columns of p and t, zero-padded. No dropout on a here (the forward's dropout acts on x
+    before A: callers with dropout project with rank_project); p_drop masks the tail as in lora_gemm (dx).
+    """
+    R = p.shape[0] if b_nk else p.shape[1]
+    lo = torch.empty((a.shape[0], R), device=a.device, dtype=a.dtype)
+    c = _gemm(a, b, lo, t, p, bias, b_nk=b_nk, p_drop=p_drop, seed=seed, col_scale=None, k_scale=None,
+              fold_scale=scale)
+    return c, lo
+
+
+def _gemm(a, b, lo, t, proj, bias, *, b_nk, p_drop, seed, col_scale, k_scale, fold_scale) -> torch.Tensor:
+    """lora_gemm's and lora_gemm_folded's launch: proj None reads lo, else lo is written (FOLD)."""
     M, K = a.shape
     N = b.shape[0] if b_nk else b.shape[1]
     has_tail = lo is not None
+    fold = proj is not None
     R = lo.shape[1] if has_tail else 16
     c = torch.empty((M, N), device=a.device, dtype=a.dtype)
     if not has_tail:
         lo = t = c  # never read
+    if not fold:
+        proj = c  # never read
     bias = unit_stride(bias)
-    # logical b[n, k] and t[n, r] strides, whatever the storage
+    # logical b[n, k], t[n, r] and proj[k, r] strides, whatever the storage
     stride_bn, stride_bk = (b.stride(0), b.stride(1)) if b_nk else (b.stride(1), b.stride(0))
     stride_tn, stride_tr = (t.stride(0), t.stride(1)) if b_nk else (t.stride(1), t.stride(0))
-    use_tma = (has_tma(a.device) and a.device.type not in _NO_TMA
-               and all(tma_compatible(x) for x in ((a, b, lo, t, c) if has_tail else (a, b, c))))
+    stride_pr, stride_pk = (proj.stride(0), proj.stride(1)) if b_nk else (proj.stride(1), proj.stride(0))
+    # lo is read through a descriptor (split) or stored with pointers (fold); proj is read through one (fold)
+    described = (a, b, c) + ((t, proj) if fold else (lo, t) if has_tail else ())
+    use_tma = has_tma(a.device) and a.device.type not in _NO_TMA and all(tma_compatible(x) for x in described)
     if use_tma:
         ensure_descriptor_allocator()
     sms = device_sms(a.device)
     precision = dot_precision(a.dtype)
 
     def launch(cfg, use_tma=use_tma):
-        cfg = dict(cfg)
         tiles = cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"])
         grid = (max(1, min(sms, tiles)),)
         _lora_gemm_kernel[grid](
             a, b, lo, t, bias if bias is not None else c, c,
-            col_scale if col_scale is not None else c, k_scale if k_scale is not None else c,
+            col_scale if col_scale is not None else c, k_scale if k_scale is not None else c, proj,
             M, N, K,
             a.stride(0), a.stride(1), stride_bn, stride_bk, lo.stride(0), stride_tn, stride_tr, c.stride(0),
-            p_drop, seed, grid[0],
+            stride_pk, stride_pr,
+            p_drop, seed, grid[0], fold_scale,
             HAS_BIAS=bias is not None, TAIL_DROPOUT=p_drop > 0.0, B_NK=b_nk,
-            HAS_TAIL=has_tail, HAS_COL_SCALE=col_scale is not None, HAS_K_SCALE=k_scale is not None,
+            HAS_TAIL=has_tail, HAS_COL_SCALE=col_scale is not None, HAS_K_SCALE=k_scale is not None, FOLD=fold,
             USE_TMA=use_tma, UPCAST=upcast(a.dtype), DOT_PRECISION=precision,
             BLOCK_R=R, **cfg,
         )
 
     key = (bucket(M), N, K, R, a.dtype, b_nk, bias is not None, p_drop > 0.0, has_tail, col_scale is not None,
-           k_scale is not None, use_tma)
+           k_scale is not None, fold, use_tma)
+    name = "lora_gemm_folded" if fold else "lora_gemm"
     try:
-        tuner("lora_gemm", _gemm_configs(use_tma, a.element_size())).run(key, launch)
+        tuner(name, gemm_configs(use_tma, a.element_size(), R if fold else 0, p_drop > 0.0)).run(key, launch)
     except RuntimeError as err:
         if not use_tma or "no launch config compiled" not in str(err):
             raise
@@ -339,7 +502,8 @@ def lora_gemm(a, b, lo, t, bias, *, b_nk: bool, p_drop: float = 0.0, seed: int =
         warnings.warn(f"fastft: tensor-descriptor GEMM unavailable ({err.__cause__!r}); using pointer loads")
         _NO_TMA.add(a.device.type)
         key = key[:-1] + (False,)
-        tuner("lora_gemm", _gemm_configs(False, a.element_size())).run(key, lambda cfg: launch(cfg, False))
+        tuner(name, gemm_configs(False, a.element_size(), R if fold else 0, p_drop > 0.0)).run(
+            key, lambda cfg: launch(cfg, False))
     return c
 
 
@@ -396,6 +560,36 @@ def rank_reduce(lo, y, *, p_drop: float = 0.0, seed: int = 0) -> torch.Tensor:
 
     key = (bucket(M), N, R, y.dtype, p_drop > 0.0)
     tuner("rank_reduce", _reduce_configs(y.element_size())).run(key, launch)
+    return result["out"]
+
+
+def rank_reduce_pair(la, ya, lb, yb, *, p_drop: float = 0.0, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(laᵀ·(keep∘ya), lbᵀ·yb) in fp32, shapes [R, NA] and [R, NB], in one launch: rank_reduce twice over the same
+    M rows (the LoRA backward's dA = gᵀ·(keep∘x) and dB-transposed = xsᵀ·dy)."""
+    M, NA = ya.shape
+    NB = yb.shape[1]
+    R = la.shape[1]
+    sms = device_sms(ya.device)
+    result = {}
+
+    def launch(cfg):
+        cfg = dict(cfg)
+        per_sm = cfg.pop("PER_SM")
+        tiles_a, tiles_b = cdiv(NA, cfg["BLOCK_N"]), cdiv(NB, cfg["BLOCK_N"])
+        splits, rows_per_split = split_rows(M, tiles_a + tiles_b, per_sm, sms, cfg["BLOCK_M"])
+        part_a = torch.empty((splits, R, NA), device=ya.device, dtype=torch.float32)
+        part_b = torch.empty((splits, R, NB), device=ya.device, dtype=torch.float32)
+        _rank_reduce_pair_kernel[(tiles_a + tiles_b, splits)](
+            la, ya, part_a, lb, yb, part_b, M, NA, NB, tiles_a, rows_per_split,
+            la.stride(0), ya.stride(0), ya.stride(1), lb.stride(0), yb.stride(0), yb.stride(1),
+            p_drop, seed,
+            DROPOUT=p_drop > 0.0, UPCAST=upcast(ya.dtype), DOT_PRECISION=dot_precision(ya.dtype),
+            BLOCK_R=R, **cfg,
+        )
+        result["out"] = tuple(p[0] if splits == 1 else p.sum(0) for p in (part_a, part_b))
+
+    key = (bucket(M), NA, NB, R, ya.dtype, p_drop > 0.0)
+    tuner("rank_reduce_pair", pair_reduce_configs(ya.element_size(), p_drop > 0.0)).run(key, launch)
     return result["out"]
 
 

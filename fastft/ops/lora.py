@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from fastft.ops.shared import (BACKENDS, as_rows, autocast_inputs, check, check_backend, draw_seed, padded,
                                resolve_backend)
+from fastft.ops import lora_path
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -59,11 +60,14 @@ def validate_lora_linear_args(x, weight, bias, lora_A, lora_B, scaling, dropout_
           f"lora_linear: `dropout_p` must be in [0, 1), got {dropout_p!r}")
 
 
-def fused_lora_forward(ctx, x, bias, lora_A, lora_B, scaling, dropout_p, base_gemm, extra=()):
+def fused_lora_forward(ctx, x, bias, lora_A, lora_B, scaling, dropout_p, base_gemm, extra=(), fold_gemm=None):
     """The forward every fused LoRA op shares: xs = c·(keep∘x)·Aᵀ, then `base_gemm(x2, xs, B_p, bias)`, the
     op's base GEMM with the rank tail (dense W for lora_linear, NF4 W for qlora_linear). Saves for
     fused_lora_backward through ctx.save_for_backward (so checkpointing and offload hooks see the tensors),
-    with `extra` tensors appended; returns y."""
+    with `extra` tensors appended; returns y.
+
+    fold_gemm(x2, A_p, B_p, bias, coef) -> (y, xs), when given: the GEMM that computes xs in its own K loop
+    (fastft.ops.lora_path's fold path), used instead of the skinny pass + base_gemm when there is no dropout."""
     from fastft.kernels import lora_linear as kernels
 
     K = x.shape[-1]
@@ -74,17 +78,26 @@ def fused_lora_forward(ctx, x, bias, lora_A, lora_B, scaling, dropout_p, base_ge
     seed = draw_seed() if dropout_p > 0.0 else 0
     coef = scaling / (1.0 - dropout_p)
     # Rank-padded copies in x's dtype (the factors themselves when nothing changes), kept for backward so it
-    # does not pad and cast them again.
+    # does not pad and cast them again. Not cached across calls: torch.optim.AdamW(fused=True) (torch 2.13) and
+    # writes through .data update parameters in place without bumping their _version, so no cheap key says a
+    # cached copy is stale (tests/test_lora_fold.py).
     A_p, B_p = padded(lora_A, R, K, dtype), padded(lora_B, N, R, dtype)
-    xs = kernels.rank_project(x2, A_p, scale=coef, p_drop=dropout_p, seed=seed)
-    y = base_gemm(x2, xs, B_p, bias)
+    if fold_gemm is not None and dropout_p == 0.0:
+        y, xs = fold_gemm(x2, A_p, B_p, bias, coef)
+    else:
+        xs = kernels.rank_project(x2, A_p, scale=coef, p_drop=dropout_p, seed=seed)
+        y = base_gemm(x2, xs, B_p, bias)
     ctx.save_for_backward(x2, A_p, B_p, xs, *extra)
     ctx.meta = (x.shape, coef, dropout_p, seed, None if bias is None else bias.dtype, r, lora_A.dtype, lora_B.dtype)
     return y.view(*x.shape[:-1], N)
 
 
-def fused_lora_backward(ctx, dy, dx_gemm, need_x, need_b, need_A, need_B):
-    """(x2, dy2, dx, db, dA, dB) from dy; `dx_gemm(dy2, g, A_p, p_drop, seed)` is the op's dx GEMM with the tail."""
+def fused_lora_backward(ctx, dy, dx_gemm, need_x, need_b, need_A, need_B, dx_fold_gemm=None):
+    """(x2, dy2, dx, db, dA, dB) from dy; `dx_gemm(dy2, g, A_p, p_drop, seed)` is the op's dx GEMM with the tail.
+
+    dx_fold_gemm(dy2, B_p, A_p, coef, p_drop, seed) -> (dx, g), when given: the dx GEMM that computes g = c·dy·B in
+    its own loop over dy (the fold path), used instead of the skinny pass + dx_gemm when dx is needed; dA and dB
+    then come from one launch (rank_reduce_pair)."""
     from fastft.kernels import lora_linear as kernels
 
     x2, A_p, B_p, xs = ctx.saved_tensors[:4]
@@ -95,13 +108,19 @@ def fused_lora_backward(ctx, dy, dx_gemm, need_x, need_b, need_A, need_B):
     if not dy2.is_contiguous():
         dy2 = dy2.contiguous()
     dx = db = dA = dB = None
-    if need_x or need_A:
+    if need_x and dx_fold_gemm is not None:
+        dx, g = dx_fold_gemm(dy2, B_p, A_p, coef, dropout_p, seed)
+        dx = dx.view(x_shape)
+    elif need_x or need_A:
         g = kernels.rank_project(dy2, B_p.t(), scale=coef)
         if need_x:
             dx = dx_gemm(dy2, g, A_p, dropout_p, seed).view(x_shape)
-        if need_A:
-            dA = kernels.rank_reduce(g, x2, p_drop=dropout_p, seed=seed)[:r].to(A_dtype)
-    if need_B:
+    if need_A and need_B and dx_fold_gemm is not None:  # the fold path: dA and dB in one launch
+        dA, dBt = kernels.rank_reduce_pair(g, x2, xs, dy2, p_drop=dropout_p, seed=seed)
+        dA, dB = dA[:r].to(A_dtype), dBt[:r].t().to(B_dtype)
+    elif need_A:
+        dA = kernels.rank_reduce(g, x2, p_drop=dropout_p, seed=seed)[:r].to(A_dtype)
+    if need_B and dB is None:
         dB = kernels.rank_reduce(xs, dy2)[:r].t().to(B_dtype)
     if need_b and bias_dtype is not None:
         db = dy2.sum(0, dtype=torch.float32).to(bias_dtype)
@@ -113,9 +132,15 @@ class LoRALinearFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p):
         from fastft.kernels import lora_linear as kernels
 
-        return fused_lora_forward(ctx, x, bias, lora_A, lora_B, scaling, dropout_p,
-                                  lambda x2, xs, B_p, b: kernels.lora_gemm(x2, weight, xs, B_p, b, b_nk=True),
-                                  extra=(weight,))
+        N, K = weight.shape
+        M, R = x.numel() // K, kernels.rank_pad(lora_A.shape[0])
+        fold_fwd = lora_path.choose("forward", M, K, N, R, x.dtype, dropout=dropout_p > 0.0) == "fold"
+        ctx.fold_backward = lora_path.choose("backward", M, K, N, R, x.dtype) == "fold"
+        return fused_lora_forward(
+            ctx, x, bias, lora_A, lora_B, scaling, dropout_p,
+            lambda x2, xs, B_p, b: kernels.lora_gemm(x2, weight, xs, B_p, b, b_nk=True), extra=(weight,),
+            fold_gemm=(lambda x2, A_p, B_p, b, coef: kernels.lora_gemm_folded(x2, weight, A_p, B_p, b, b_nk=True,
+                                                                              scale=coef)) if fold_fwd else None)
 
     @staticmethod
     def backward(ctx, dy):
@@ -126,7 +151,10 @@ class LoRALinearFunction(torch.autograd.Function):
         x2, dy2, dx, db, dA, dB = fused_lora_backward(
             ctx, dy, lambda dy2, g, A_p, p, seed: kernels.lora_gemm(dy2, weight, g, A_p, None, b_nk=False,
                                                                     p_drop=p, seed=seed),
-            need_x, need_b, need_A, need_B)
+            need_x, need_b, need_A, need_B,
+            dx_fold_gemm=(lambda dy2, B_p, A_p, coef, p, seed: kernels.lora_gemm_folded(
+                dy2, weight, B_p, A_p, None, b_nk=False, scale=coef, p_drop=p, seed=seed))
+            if ctx.fold_backward else None)
         dW = (dy2.t() @ x2).to(weight.dtype) if need_w else None
         return dx, dW, db, dA, dB, None, None
 
@@ -138,7 +166,9 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, *, back
     torch.autocast. lora_A/lora_B may be kept in another float dtype (e.g. fp32 masters), and the bias too: the
     product is computed in x's dtype and their gradients come back in their own dtype. dropout_p applies
     inverted dropout to the LoRA input only (pass 0 in eval).
-    backend: "auto" (Triton on CUDA, torch elsewhere), "triton" or "torch".
+    backend: "auto" (Triton on CUDA, torch elsewhere), "triton" or "torch". On the Triton backend the rank-R
+    products run split (skinny passes) or folded into the GEMMs' own loops, per shape: fastft.ops.lora_path
+    (FASTFT_LORA_PATH=split|fold|auto).
     """
     check_backend("lora_linear", backend)
     x, weight = autocast_inputs(x, weight)

@@ -7,6 +7,7 @@ start, before anything else is looked at) and `resolve_backend` (after validatio
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from fastft.kernels.runtime import triton_runs_on
 
@@ -61,12 +62,11 @@ def as_rows(t: torch.Tensor) -> torch.Tensor:
 
 
 def padded(t: torch.Tensor, rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
-    """t zero-padded to (rows, cols), contiguous, in dtype; t itself when nothing changes."""
-    if tuple(t.shape) == (rows, cols) and t.dtype == dtype and t.is_contiguous():
-        return t
-    out = torch.zeros((rows, cols), dtype=dtype, device=t.device)
-    out[: t.shape[0], : t.shape[1]] = t
-    return out
+    """t zero-padded to (rows, cols), contiguous, in dtype; t itself when nothing changes. One device op for a cast
+    or a pad alone (a launch costs host time on small layers), two for both."""
+    if tuple(t.shape) == (rows, cols):
+        return t.to(dtype, memory_format=torch.contiguous_format)  # t itself when already so
+    return F.pad(t.to(dtype), (0, cols - t.shape[1], 0, rows - t.shape[0])).contiguous()
 
 
 def draw_seed() -> int:

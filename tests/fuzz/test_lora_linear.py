@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from unittest import mock
 
 import pytest
@@ -98,6 +99,16 @@ def test_lora_linear_triton(data):
     run_and_check(args, dy, "triton")
 
 
+@interpreter_only
+@fuzz(12)
+@given(data=st.data())
+def test_lora_linear_triton_fold(data):
+    """The folded path (x·Aᵀ and dy·B inside the GEMMs' loops, FASTFT_LORA_PATH=fold) on the same kind of draws."""
+    args, dy = draw_problem(data)
+    with mock.patch.dict(os.environ, {"FASTFT_LORA_PATH": "fold"}):
+        run_and_check(args, dy, "triton")
+
+
 @fuzz(60)
 @given(data=st.data())
 def test_lora_linear_torch(data):
@@ -132,3 +143,13 @@ def test_lora_dropout_statistics(backend):
 def test_lora_linear_gpu(data, backend, exact_cuda_reductions):
     args, dy = draw_problem(data, device="cuda", max_rows=300, max_features=520, dropout=backend == "triton")
     run_and_check(args, dy, backend)
+
+
+@pytest.mark.gpu
+@fuzz(20)
+@given(data=st.data())
+def test_lora_linear_gpu_fold(data, exact_cuda_reductions):
+    """The folded path on the GPU (descriptor and pointer-load variants, dropout in the backward)."""
+    args, dy = draw_problem(data, device="cuda", max_rows=300, max_features=520)
+    with mock.patch.dict(os.environ, {"FASTFT_LORA_PATH": "fold"}):
+        run_and_check(args, dy, "triton")

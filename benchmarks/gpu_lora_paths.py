@@ -1,0 +1,192 @@
+"""GPU check of the LoRA linear's two paths (fastft.ops.lora_path): split (skinny passes for x·Aᵀ and dy·B) and fold
+(both computed inside the GEMMs' own loops). One run, one card, M = 8192 tokens, bf16 everywhere, dropout 0.
+
+1. Correctness first: both paths against an fp64 reference (y, dx, dA, dB, bias grad) at ragged shapes.
+2. Timings, interleaved rounds (best round counts): the frozen base (x·Wᵀ and dx), then per (K→N, r) and path the
+   forward alone, the backward alone and forward+backward, and the host time of one fwd+bwd call (CPU time of
+   20 calls queued without synchronising: when it is near the GPU time the call is host-bound).
+3. The MEASURED entries fastft/ops/lora_path.py should carry: `fold` for a direction and shape only where the fold
+   path passed step 1 and was faster than split by more than MARGIN for every r with that padded rank.
+
+Writes $OUT/lora_paths.json; prints the tables and the entries. Run: python benchmarks/gpu_lora_paths.py.
+FASTFT_BENCH_SMOKE=1 runs it on the CPU (Triton interpreter, toy sizes, fp32) to catch script errors.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from contextlib import contextmanager
+
+SMOKE = os.environ.get("FASTFT_BENCH_SMOKE") == "1"
+if SMOKE:
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from fastft.apps.bench import card_name, markdown_table, time_ms, write_results  # noqa: E402
+from fastft.kernels.lora_linear import rank_pad  # noqa: E402
+from fastft.ops import lora_linear, lora_linear_reference, lora_path  # noqa: E402
+
+M = 40 if SMOKE else 8192
+SHAPES = [(48, 40)] if SMOKE else [(4096, 4096), (4096, 14336), (14336, 4096)]
+RANKS = [8] if SMOKE else [int(r) for r in os.environ.get("LORA_BENCH_RANKS", "8,16,64").split(",")]
+DTYPE = torch.float32 if SMOKE else torch.bfloat16
+DEVICE = "cpu" if SMOKE else "cuda"
+BACKEND = "triton" if SMOKE else "auto"  # the smoke run forces the kernels (interpreted) over the CPU path
+CHECKS = ([(37, 48, 40, 8), (5, 37, 70, 33)] if SMOKE else
+          [(1037, 4096, 4096, 16), (8192, 4096, 1024, 64), (333, 14336, 512, 8), (513, 1001, 333, 33),
+           (64, 1024, 4096, 64)])
+MARGIN = 0.02  # fold must beat split by more than 2% (the card's clock noise between rounds is ~1%)
+
+
+@contextmanager
+def path(name: str):
+    old = os.environ.get(lora_path.ENV)
+    os.environ[lora_path.ENV] = name
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[lora_path.ENV]
+        else:
+            os.environ[lora_path.ENV] = old
+
+
+def check_correctness() -> list[str]:
+    """Both paths against fp64 on fresh random inputs (descriptor and pointer-load variants, r padded and not)."""
+    failures = []
+    for name in lora_path.PATHS:
+        for m, k, n, r in CHECKS:
+            x = torch.randn(m, k, device=DEVICE, dtype=DTYPE, requires_grad=True)
+            W = torch.randn(n, k, device=DEVICE, dtype=DTYPE) * k**-0.5
+            b = (torch.randn(n, device=DEVICE, dtype=DTYPE) * 0.1).requires_grad_()
+            A = (torch.randn(r, k, device=DEVICE, dtype=DTYPE) * k**-0.5).requires_grad_()
+            B = (torch.randn(n, r, device=DEVICE, dtype=DTYPE) * 0.1).requires_grad_()
+            with path(name):
+                y = lora_linear(x, W, b, A, B, 2.0, backend=BACKEND)
+                dy = torch.randn_like(y)
+                grads = torch.autograd.grad(y, [x, b, A, B], dy)
+            leaves = [t.detach().double().requires_grad_() for t in (x, b, A, B)]
+            y_ref = lora_linear_reference(leaves[0], W.double(), leaves[1], leaves[2], leaves[3], 2.0)
+            refs = torch.autograd.grad(y_ref, leaves, dy.double())
+            for what, got, ref in zip(("y", "dx", "db", "dA", "dB"), (y, *grads), (y_ref, *refs)):
+                err = ((got.double() - ref).norm() / ref.norm()).item()
+                if not err < 2e-2:
+                    failures.append(f"{name} {what} at {(m, k, n, r)}: rel err {err:.2e}")
+    return failures
+
+
+def host_ms(fn, calls: int = 20) -> float:
+    """CPU milliseconds per call with the calls queued back to back (launches are asynchronous)."""
+    sync = torch.cuda.synchronize if DEVICE == "cuda" else (lambda: None)
+    calls = 1 if SMOKE else calls
+    sync()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    elapsed = (time.perf_counter() - start) * 1e3 / calls
+    sync()
+    return elapsed
+
+
+def bench_shape(k: int, n: int, rounds: int = 1 if SMOKE else 3) -> list[dict]:
+    x = torch.randn(M, k, device=DEVICE, dtype=DTYPE, requires_grad=True)
+    dy = torch.randn(M, n, device=DEVICE, dtype=DTYPE)
+    W = torch.randn(n, k, device=DEVICE, dtype=DTYPE) * k**-0.5
+    shape = f"{k}->{n}"
+
+    def base():
+        torch.autograd.grad(F.linear(x, W), [x], dy)
+
+    cases = [dict(shape=shape, r="-", path="frozen base", part="fwd+bwd", fn=base)]
+    for r in RANKS:
+        A = (torch.randn(r, k, device=DEVICE, dtype=DTYPE) * k**-0.5).requires_grad_()
+        B = (torch.randn(n, r, device=DEVICE, dtype=DTYPE) * 0.02).requires_grad_()
+        for name in lora_path.PATHS:
+            with path(name):
+                graph = lora_linear(x, W, None, A, B, 2.0, backend=BACKEND)  # backward path fixed at forward time
+
+            def step(name=name, A=A, B=B):
+                with path(name):
+                    torch.autograd.grad(lora_linear(x, W, None, A, B, 2.0, backend=BACKEND), [x, A, B], dy)
+
+            def forward(name=name, A=A, B=B):
+                with path(name), torch.no_grad():
+                    lora_linear(x, W, None, A, B, 2.0, backend=BACKEND)
+
+            def backward(graph=graph, A=A, B=B):
+                torch.autograd.grad(graph, [x, A, B], dy, retain_graph=True)
+
+            for part, fn in (("fwd+bwd", step), ("fwd", forward), ("bwd", backward)):
+                cases.append(dict(shape=shape, r=r, R=rank_pad(r), path=name, part=part, fn=fn))
+    for case in cases:
+        case["fn"]()  # compile and autotune outside the timing
+    for _ in range(rounds):
+        for case in cases:
+            case["ms"] = min(case.get("ms", float("inf")), time_ms(case["fn"]))
+    t_base = cases[0]["ms"]
+    rows = []
+    for case in cases:
+        fn = case.pop("fn")
+        row = dict(case, ratio=case["ms"] / t_base)
+        if case["part"] == "fwd+bwd":
+            row["host_ms"] = host_ms(fn)
+        rows.append(row)
+    return rows
+
+
+def measured_entries(rows: list[dict], correct: bool) -> dict:
+    """{MEASURED key: 'fold'} where fold beat split by more than MARGIN for every r sharing the padded rank."""
+    if not correct:
+        return {}
+    ms = {(r["shape"], r["r"], r["path"], r["part"]): r for r in rows if "R" in r}
+    verdict: dict[tuple, bool] = {}
+    for (shape, rank, name, part), row in ms.items():
+        if name != "fold" or part == "fwd+bwd":
+            continue
+        split = ms.get((shape, rank, "split", part))
+        if split is None:
+            continue
+        k, n = (int(v) for v in shape.split("->"))
+        key = lora_path.path_key("forward" if part == "fwd" else "backward", M, k, n, row["R"], DTYPE)
+        wins = row["ms"] < (1.0 - MARGIN) * split["ms"]
+        verdict[key] = verdict.get(key, True) and wins
+    return {key: "fold" for key, wins in verdict.items() if wins}
+
+
+def main() -> int:
+    card = card_name()
+    print(f"card: {card}; torch {torch.__version__}", flush=True)
+    failures = check_correctness()
+    print("correctness (split and fold vs fp64):", "ok" if not failures else failures, flush=True)
+    rows = []
+    for k, n in SHAPES:
+        try:
+            rows += bench_shape(k, n)
+        except Exception as err:  # noqa: BLE001 - report and keep measuring the other shapes
+            rows.append(dict(shape=f"{k}->{n}", path=f"FAILED: {type(err).__name__}: {err}"[:200]))
+        print(markdown_table([r for r in rows if r.get("shape") == f"{k}->{n}"],
+                             ["shape", "r", "path", "part", "ms", "ratio", "host_ms"]), flush=True)
+    entries = measured_entries(rows, not failures)
+    write_results("lora_paths", dict(card=card, torch=torch.__version__, M=M, dtype=str(DTYPE), margin=MARGIN,
+                                     rows=rows, correctness_failures=failures,
+                                     measured=[dict(key=list(key), path=p) for key, p in entries.items()]))
+    dtype = str(DTYPE).removeprefix("torch.")
+    print(f"\n## LoRA linear split vs fold, fwd+bwd, M={M}, {dtype}, on {card} (ratio = ms / frozen base fwd+bwd)")
+    table = [r for r in rows if r.get("part") == "fwd+bwd"]
+    print(markdown_table(table, ["shape", "r", "path", "ms", "ratio", "host_ms"]))
+    print("\n## per direction (ms)")
+    print(markdown_table([r for r in rows if r.get("part") in ("fwd", "bwd")], ["shape", "r", "path", "part", "ms"]))
+    print("\n## entries for fastft/ops/lora_path.py MEASURED (fold wins by > "
+          f"{MARGIN:.0%}; empty: keep split everywhere)")
+    for key, p in entries.items():
+        print(f"    {key!r}: {p!r},")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
