@@ -1,6 +1,7 @@
 """Compile the NF4 and loss-row Triton kernels (default), the LoRA/DoRA/IA3 ones (argument `lora`; `lora-fold [all]`
-only the folded LoRA GEMM), the layer kernels (`layers`) or the attention forward/backward (`attention`) for sm_90
-on a machine without a GPU (triton's own ptxas), as `python -m`.
+only the folded LoRA GEMM; `lora-split` the split path's rank kernels with every config), the layer kernels
+(`layers`) or the attention forward/backward (`attention`) for sm_90 on a machine without a GPU (triton's own
+ptxas), as `python -m`.
 
 Catches what the CPU interpreter cannot: triton's GPU lowering, the inline PTX, register spills and shared
 memory of every launch config the tuner may pick. Prints one line per kernel; exits 1 on any failure.
@@ -105,11 +106,56 @@ def lora_fold(every_config: bool = False) -> int:
     return failures
 
 
+def lora_split(every_config: bool = True) -> int:
+    """The split LoRA path's own kernels, bf16, R = 16 and 64, dropout on and off: the rank projection (x·Aᵀ, dy·B),
+    the split-M reduction (dA, dB) and the dx GEMM with a dropout tail (descriptors and pointer loads); every config
+    (argument `lora-split`, ~1 min) or the first of each list (inside `lora`). No spills, shared memory within the
+    limit."""
+    failures = 0
+    top = (lambda configs: configs) if every_config else (lambda configs: configs[:1])
+    proj_sig = dict(x_ptr="*bf16", w_ptr="*bf16", out_ptr="*bf16", M="i32", K="i32", k_per_split="i32",
+                    stride_xm="i32", stride_xk="i32", stride_wr="i32", stride_wk="i32", stride_os="i32",
+                    stride_om="i32", scale="fp32", p_drop="fp32", seed="i32")
+    red_sig = dict(l_ptr="*bf16", y_ptr="*bf16", part_ptr="*fp32", M="i32", N="i32", rows_per_split="i32",
+                   stride_lm="i32", stride_ym="i32", stride_yn="i32", p_drop="fp32", seed="i32")
+    for rank, dropout in itertools.product((16, 64), (False, True)):
+        for cfg in top(lora_linear.project_configs(2, dropout)):
+            cfg = dict(cfg)
+            warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+            cfg.pop("SPLIT_K")
+            consts = dict(DROPOUT=dropout, UPCAST=False, DOT_PRECISION="tf32", BLOCK_R=rank, **cfg)
+            failures += _check(f"rank_project R={rank} dropout={dropout} {cfg} warps={warps} stages={stages}",
+                               lora_linear._rank_project_kernel, proj_sig, consts, ["x_ptr", "w_ptr", "out_ptr"],
+                               dict(num_warps=warps, num_stages=stages))
+        for cfg in top(lora_linear.reduce_configs(2, dropout)):
+            cfg = dict(cfg)
+            warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+            cfg.pop("PER_SM")
+            consts = dict(DROPOUT=dropout, UPCAST=False, DOT_PRECISION="tf32", BLOCK_R=rank, **cfg)
+            failures += _check(f"rank_reduce R={rank} dropout={dropout} {cfg} warps={warps} stages={stages}",
+                               lora_linear._rank_reduce_kernel, red_sig, consts, ["l_ptr", "y_ptr", "part_ptr"],
+                               dict(num_warps=warps, num_stages=stages))
+        if not dropout:
+            continue
+        for use_tma in (True, False):
+            for cfg in top(lora_linear.gemm_configs(use_tma, 2, dropout=True, rank=rank)):
+                cfg = dict(cfg)
+                warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+                consts = dict(HAS_BIAS=False, TAIL_DROPOUT=True, B_NK=False, HAS_TAIL=True, HAS_COL_SCALE=False,
+                              HAS_K_SCALE=False, FOLD=False, USE_TMA=use_tma, UPCAST=False, DOT_PRECISION="tf32",
+                              BLOCK_R=rank, **cfg)
+                failures += _check(f"lora_gemm dx dropout R={rank} tma={use_tma} {cfg} warps={warps} stages={stages}",
+                                   lora_linear._lora_gemm_kernel, LORA_GEMM_SIG, consts,
+                                   ["a_ptr", "b_ptr", "l_ptr", "t_ptr", "c_ptr", "K", "stride_am", "stride_cm"],
+                                   dict(num_warps=warps, num_stages=stages))
+    return failures
+
+
 def lora_family() -> int:
     """The dense LoRA GEMM with the DoRA/IA3 scales (every variant the methods launch, with the first bf16
     descriptor config; the DoRA forward with every config), the folded LoRA GEMM (lora_fold), the column-dot
     reduction, DoRA's row norm and the bottleneck adapter's kernels."""
-    failures = lora_fold()
+    failures = lora_fold() + lora_split(every_config=False)
     sig = LORA_GEMM_SIG
     # (B_NK, HAS_TAIL, HAS_COL_SCALE, HAS_K_SCALE): DoRA fwd / dx, IA3 output-scale fwd / dx, input-scale fwd / dx
     variants = [(True, True, True, False), (False, True, False, True), (True, False, True, False),
@@ -277,6 +323,8 @@ def attention_kernels(every_config: bool = False) -> int:
 def main() -> int:
     if sys.argv[1:] == ["lora"]:
         return 1 if lora_family() else 0
+    if sys.argv[1:] == ["lora-split"]:
+        return 1 if lora_split() else 0
     if sys.argv[1:2] == ["lora-fold"]:
         return 1 if lora_fold(every_config=sys.argv[2:] == ["all"]) else 0
     if sys.argv[1:2] == ["attention"]:

@@ -363,8 +363,8 @@ def _fold_configs(use_tma: bool, elem_bytes: int, rank: int) -> list[dict]:
 
 @functools.lru_cache(maxsize=None)
 def dropout_dx_configs(use_tma: bool, elem_bytes: int, rank: int) -> list[dict]:
-    """The folded dx GEMM with a dropout tail keeps the masked tail in a second BLOCK_M×BLOCK_N fp32 tile: configs
-    narrow enough not to spill (the plain GEMM's 128×256 ones do, folded or not; sm_90 check)."""
+    """The dx GEMM with a dropout tail, folded or not, keeps the masked tail in a second BLOCK_M×BLOCK_N fp32 tile:
+    configs narrow enough not to spill (the plain GEMM's 128×256 ones spill ~4.7 KB; sm_90 check)."""
     if INTERPRET or elem_bytes == 4:
         return _gemm_configs(use_tma, elem_bytes)
     # (BM, BN, BK, stages, warps); with descriptors the flattened 4-stage 128×128 one spills 40–96 B
@@ -374,43 +374,50 @@ def dropout_dx_configs(use_tma: bool, elem_bytes: int, rank: int) -> list[dict]:
                  num_warps=w, num_stages=s) for bm, bn, bk, s, w in variants]
 
 
-def gemm_configs(use_tma: bool, elem_bytes: int, fold_rank: int = 0, dropout: bool = False) -> list[dict]:
-    """Launch configs of _lora_gemm_kernel; fold_rank (the padded R) > 0: of its FOLD variant (with a dropout tail:
-    dropout_dx_configs)."""
+def gemm_configs(use_tma: bool, elem_bytes: int, fold_rank: int = 0, dropout: bool = False, rank: int = 16) -> list[dict]:
+    """Launch configs of _lora_gemm_kernel; fold_rank (the padded R) > 0: of its FOLD variant. With a dropout tail
+    (dx, folded or not; `rank` the padded R): dropout_dx_configs."""
+    if dropout:
+        return dropout_dx_configs(use_tma, elem_bytes, fold_rank or rank)
     if not fold_rank:
         return _gemm_configs(use_tma, elem_bytes)
-    if dropout:
-        return dropout_dx_configs(use_tma, elem_bytes, fold_rank)
     return _fold_configs(use_tma, elem_bytes, fold_rank)
 
 
 @functools.lru_cache(maxsize=None)
-def _project_configs(elem_bytes: int) -> list[dict]:
+def project_configs(elem_bytes: int, dropout: bool = False) -> list[dict]:
+    """rank_project's configs; with dropout (Philox on every loaded x element costs registers: 64×128 with 4 warps
+    spills 264–384 B on sm_90) 8 warps or narrower tiles."""
     if INTERPRET:
         return [dict(BLOCK_M=32, BLOCK_K=32, SPLIT_K=1, num_warps=4, num_stages=1)]
-    return [dict(BLOCK_M=bm, BLOCK_K=bk, SPLIT_K=sk, num_warps=w, num_stages=s)
-            for bm, bk, sk, w, s in [(64, 128, 1, 4, 4), (32, 256, 1, 4, 4), (16, 256, 1, 4, 4),
-                                     (64, 128, 2, 4, 4), (64, 128, 4, 4, 4), (128, 64, 4, 8, 4)]]
+    variants = ([(64, 128, 1, 8, 4), (32, 128, 1, 4, 4), (64, 64, 1, 4, 4), (64, 128, 4, 8, 4), (32, 128, 4, 4, 4)]
+                if dropout else
+                [(64, 128, 1, 4, 4), (32, 256, 1, 4, 4), (16, 256, 1, 4, 4), (64, 128, 2, 4, 4), (64, 128, 4, 4, 4),
+                 (128, 64, 4, 8, 4)])
+    return [dict(BLOCK_M=bm, BLOCK_K=bk, SPLIT_K=sk, num_warps=w, num_stages=s) for bm, bk, sk, w, s in variants]
 
 
 @functools.lru_cache(maxsize=None)
-def _reduce_configs(elem_bytes: int) -> list[dict]:
-    # PER_SM: how many programs per SM the M-split aims for.
+def reduce_configs(elem_bytes: int, dropout: bool = False) -> list[dict]:
+    """rank_reduce's configs (PER_SM: how many programs per SM the M-split aims for); with dropout (Philox on every
+    loaded y element: wider tiles spill 400–1600 B on sm_90) narrower ones."""
     if INTERPRET:
         return [dict(BLOCK_M=32, BLOCK_N=32, PER_SM=2, num_warps=4, num_stages=1)]
-    return [dict(BLOCK_M=bm, BLOCK_N=bn, PER_SM=f, num_warps=w, num_stages=s)
-            for bm, bn, f, w, s in [(64, 128, 2, 4, 4), (64, 128, 4, 4, 4), (128, 64, 4, 4, 4),
-                                    (32, 128, 4, 4, 4), (128, 128, 2, 8, 3)]]
+    variants = (_DROPOUT_REDUCE if dropout else
+                [(64, 128, 2, 4, 4), (64, 128, 4, 4, 4), (128, 64, 4, 4, 4), (32, 128, 4, 4, 4), (128, 128, 2, 8, 3)])
+    return [dict(BLOCK_M=bm, BLOCK_N=bn, PER_SM=f, num_warps=w, num_stages=s) for bm, bn, f, w, s in variants]
+
+
+_DROPOUT_REDUCE = [(64, 64, 4, 4, 4), (32, 128, 4, 4, 4), (32, 64, 4, 4, 4)]  # (BM, BN, PER_SM, warps, stages)
 
 
 @functools.lru_cache(maxsize=None)
 def pair_reduce_configs(elem_bytes: int, dropout: bool) -> list[dict]:
-    """rank_reduce_pair's configs: rank_reduce's but 128×64 (spills at R=64), or with dropout (Philox on every loaded y
-    element costs registers: wider tiles spill 400–1900 B) narrower ones; no spills on sm_90 (tests/sm90_compile.py)."""
-    if INTERPRET:
-        return _reduce_configs(elem_bytes)
-    variants = ([(64, 64, 4, 4, 4), (32, 128, 4, 4, 4), (32, 64, 4, 4, 4)] if dropout else
-                [(64, 128, 2, 4, 4), (64, 128, 4, 4, 4), (32, 128, 4, 4, 4), (128, 128, 2, 8, 3)])
+    """rank_reduce_pair's configs: rank_reduce's but 128×64 (spills at R=64), or with dropout rank_reduce's
+    narrower ones; no spills on sm_90 (tests/sm90_compile.py)."""
+    if INTERPRET or dropout:
+        return reduce_configs(elem_bytes, dropout)
+    variants = [(64, 128, 2, 4, 4), (64, 128, 4, 4, 4), (32, 128, 4, 4, 4), (128, 128, 2, 8, 3)]
     return [dict(BLOCK_M=bm, BLOCK_N=bn, PER_SM=f, num_warps=w, num_stages=s) for bm, bn, f, w, s in variants]
 
 
@@ -494,7 +501,7 @@ def _gemm(a, b, lo, t, proj, bias, *, b_nk, p_drop, seed, col_scale, k_scale, fo
            k_scale is not None, fold, use_tma)
     name = "lora_gemm_folded" if fold else "lora_gemm"
     try:
-        tuner(name, gemm_configs(use_tma, a.element_size(), R if fold else 0, p_drop > 0.0)).run(key, launch)
+        tuner(name, gemm_configs(use_tma, a.element_size(), R if fold else 0, p_drop > 0.0, R)).run(key, launch)
     except RuntimeError as err:
         if not use_tma or "no launch config compiled" not in str(err):
             raise
@@ -502,7 +509,7 @@ def _gemm(a, b, lo, t, proj, bias, *, b_nk, p_drop, seed, col_scale, k_scale, fo
         warnings.warn(f"fastft: tensor-descriptor GEMM unavailable ({err.__cause__!r}); using pointer loads")
         _NO_TMA.add(a.device.type)
         key = key[:-1] + (False,)
-        tuner(name, gemm_configs(False, a.element_size(), R if fold else 0, p_drop > 0.0)).run(
+        tuner(name, gemm_configs(False, a.element_size(), R if fold else 0, p_drop > 0.0, R)).run(
             key, lambda cfg: launch(cfg, False))
     return c
 
@@ -532,7 +539,7 @@ def rank_project(x, w, *, scale: float, p_drop: float = 0.0, seed: int = 0) -> t
         result["out"] = out[0] if splits == 1 else out.sum(0).to(x.dtype)
 
     key = (bucket(M), K, R, x.dtype, p_drop > 0.0)
-    tuner("rank_project", _project_configs(x.element_size())).run(key, launch)
+    tuner("rank_project", project_configs(x.element_size(), p_drop > 0.0)).run(key, launch)
     return result["out"]
 
 
@@ -559,7 +566,7 @@ def rank_reduce(lo, y, *, p_drop: float = 0.0, seed: int = 0) -> torch.Tensor:
         result["out"] = part[0] if splits == 1 else part.sum(0)
 
     key = (bucket(M), N, R, y.dtype, p_drop > 0.0)
-    tuner("rank_reduce", _reduce_configs(y.element_size())).run(key, launch)
+    tuner("rank_reduce", reduce_configs(y.element_size(), p_drop > 0.0)).run(key, launch)
     return result["out"]
 
 
