@@ -155,22 +155,29 @@ def _attn_fwd_kernel(
 # ----------------------------------------------------------------------------------------------
 # Launch configs. Few on purpose: each costs a compile. BLOCK_M=128 × BLOCK_N=128 with 8 warps and 3
 # stages is the usual Hopper sweet spot for D ≤ 128; 256-wide heads need smaller tiles for shared memory.
+# At D = 128 the others run 8 warps too: with 4 warps the [128, 128] fp32 accumulator alone takes 128
+# registers a thread and the sm_90 compile spilled (40 B with descriptors, 1264 B on pointers, whose
+# per-element addresses stay live as well); pointer configs take 32 keys a step there. All but two pointer
+# configs compile without spills (tests/sm90_compile.py `attention all`; those two spill 24 B).
 
 @functools.lru_cache(maxsize=None)
 def forward_configs(dtype: torch.dtype, head_dim: int, tma_ok: bool) -> list[dict]:
     def cfg(bm, bn, warps, stages, tma=False, ws=False):
         return dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, USE_TMA=tma, WARP_SPECIALIZE=ws)
 
-    wide = block_d(head_dim) > 128  # 256-wide rows: smaller tiles to fit shared memory and registers
+    bd = block_d(head_dim)
     if INTERPRET:
         return [cfg(32, 32, 4, 1, tma_ok)]
     if dtype == torch.float32:  # exact (ieee) fp32 dots: for tests and references, not speed
-        return [cfg(32, 32, 4, 1), cfg(16, 32, 4, 1)] if wide else [cfg(64, 32, 4, 2), cfg(32, 32, 4, 2)]
-    if wide:
+        return [cfg(32, 32, 4, 1), cfg(16, 32, 4, 1)] if bd > 128 else [cfg(64, 32, 4, 2), cfg(32, 32, 4, 2)]
+    if bd > 128:  # 256-wide rows: smaller tiles to fit shared memory and registers
         return [cfg(64, 64, 4, 2, tma_ok), cfg(128, 64, 8, 2, tma_ok), cfg(64, 32, 4, 2)]
     if tma_ok:  # the last one, on plain pointers, stays in case descriptors fail to compile here
-        return [cfg(128, 128, 8, 3, True), cfg(128, 64, 4, 3, True), cfg(128, 128, 8, 2, True, ws=True),
-                cfg(128, 64, 4, 3)]
+        warps = 4 if bd <= 64 else 8
+        pointers = cfg(128, 64, 8, 3) if bd <= 64 else cfg(128, 32, 8, 3)
+        return [cfg(128, 128, 8, 3, True), cfg(128, 64, warps, 3, True), cfg(128, 128, 8, 2, True, ws=True), pointers]
+    if bd == 128:
+        return [cfg(128, 32, 8, 3), cfg(128, 64, 8, 3), cfg(64, 64, 8, 3)]
     return [cfg(128, 64, 8, 3), cfg(128, 128, 8, 2), cfg(64, 64, 4, 3)]
 
 
