@@ -192,8 +192,8 @@ def _attn_fwd_kernel(
 # stages is the usual Hopper sweet spot for D ≤ 128; 256-wide heads need smaller tiles for shared memory.
 # At D = 128 the others run 8 warps too: with 4 warps the [128, 128] fp32 accumulator alone takes 128
 # registers a thread and the sm_90 compile spilled (40 B with descriptors, 1264 B on pointers, whose
-# per-element addresses stay live as well); pointer configs take 32 keys a step there. All but two pointer
-# configs compile without spills (tests/sm90_compile.py `attention all`; those two spill 24 B). PERSISTENT
+# per-element addresses stay live as well); pointer configs take 32 keys a step there. Descriptor configs
+# compile without spills, pointer ones with at most 24 B (tests/sm90_compile.py `attention all`). PERSISTENT
 # launches one program a multiprocessor that walks the row blocks in the same order (prepared, not yet timed).
 
 @functools.lru_cache(maxsize=None)
