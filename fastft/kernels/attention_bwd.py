@@ -67,8 +67,8 @@ def _attn_bwd_delta_kernel(
 
 
 @triton.jit
-def _dkdv_steps(dk, dv, k, v, q_src, do_src, stride_q, stride_do, lse_ptr, delta_ptr, row_off, dq_base, stride_dq,
-                lo, hi, n_q, keys, n_keys, shift, left, right, qk_scale,
+def _dkdv_steps(dk, dv, k, v, q_src, do_src, g, stride_qh, stride_doh, stride_q, stride_do, lse_ptr, delta_ptr,
+                row_off, dq_base, stride_dq, lo, hi, n_q, keys, n_keys, shift, left, right, qk_scale,
                 BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, MASK: tl.constexpr,
                 ATOMIC_DQ: tl.constexpr, USE_TMA: tl.constexpr, UPCAST: tl.constexpr,
                 DOT_PRECISION: tl.constexpr):
@@ -79,8 +79,12 @@ def _dkdv_steps(dk, dv, k, v, q_src, do_src, stride_q, stride_do, lse_ptr, delta
     cols = tl.arange(0, BLOCK_D)
     for m0 in tl.range(lo, hi, BLOCK_M):
         rows = m0 + offs_m
-        q = load_tile(q_src, stride_q, m0, n_q, BLOCK_M, BLOCK_D, HEAD_DIM, USE_TMA, MASK != 0)
-        do = load_tile(do_src, stride_do, m0, n_q, BLOCK_M, BLOCK_D, HEAD_DIM, USE_TMA, MASK != 0)
+        if USE_TMA:  # [n_q, group, D] descriptors: head g's [BLOCK_M, 1, BLOCK_D] box
+            q = q_src.load([m0, g, 0]).reshape(BLOCK_M, BLOCK_D)
+            do = do_src.load([m0, g, 0]).reshape(BLOCK_M, BLOCK_D)
+        else:  # the group's first head; head g is g head strides on
+            q = load_tile(q_src + g * stride_qh, stride_q, m0, n_q, BLOCK_M, BLOCK_D, HEAD_DIM, False, MASK != 0)
+            do = load_tile(do_src + g * stride_doh, stride_do, m0, n_q, BLOCK_M, BLOCK_D, HEAD_DIM, False, MASK != 0)
         if MASK != 0:
             lse = tl.load(lse_ptr + row_off + rows, mask=rows < n_q, other=float("inf"))
             delta = tl.load(delta_ptr + row_off + rows, mask=rows < n_q, other=0.0)
@@ -175,35 +179,35 @@ def _attn_bwd_dkdv_kernel(
             full_lo = hi
             full_hi = hi
 
+    # The group's query heads, one descriptor each for Q and dO made once, a head picked by its middle index:
+    # per-head descriptors cost a device-side build per head, and registers that pushed D=128 into spilling.
+    q_grp = q_ptr + b64 * stride_qb + start * stride_qs + (kvh * group) * stride_qh
+    do_grp = do_ptr + b64 * stride_dob + start * stride_dos + (kvh * group) * stride_doh
+    if USE_TMA:
+        q_src = tl.make_tensor_descriptor(q_grp, shape=[n_q, group, HEAD_DIM], strides=[stride_qs, stride_qh, 1],
+                                          block_shape=[BLOCK_M, 1, BLOCK_D])
+        do_src = tl.make_tensor_descriptor(do_grp, shape=[n_q, group, HEAD_DIM],
+                                           strides=[stride_dos, stride_doh, 1], block_shape=[BLOCK_M, 1, BLOCK_D])
+    else:
+        q_src = q_grp
+        do_src = do_grp
     for g in range(group):
         h = kvh * group + g
-        q_base = q_ptr + b64 * stride_qb + start * stride_qs + h * stride_qh
-        do_base = do_ptr + b64 * stride_dob + start * stride_dos + h * stride_doh
         # one offset for both (delta is laid out as lse): the kernel's pointer arguments cost no registers
         row_off = b64 * stride_lb + h * stride_lh + start
         dq_base = dq_ptr + b64 * stride_dqb + start * stride_dqs + h * stride_dqh
-        if USE_TMA:
-            q_src = tl.make_tensor_descriptor(q_base, shape=[n_q, HEAD_DIM], strides=[stride_qs, 1],
-                                              block_shape=[BLOCK_M, BLOCK_D])
-            do_src = tl.make_tensor_descriptor(do_base, shape=[n_q, HEAD_DIM], strides=[stride_dos, 1],
-                                               block_shape=[BLOCK_M, BLOCK_D])
-        else:
-            q_src = q_base
-            do_src = do_base
+        # (head g of the group, its lse/delta offset, dQ rows): the same for every row-block range below
+        head = (g, stride_qh, stride_doh, stride_qs, stride_dos, lse_ptr, delta_ptr, row_off, dq_base, stride_dqs)
+        keys_args = (n_q, keys, n_k, shift, left, right, qk_scale)
         if PREFIX:
-            dk, dv = _dkdv_steps(dk, dv, k, v, q_src, do_src, stride_qs, stride_dos, lse_ptr, delta_ptr, row_off,
-                                 dq_base, stride_dqs, lo, hi, n_q, keys, n_k, shift, left, right, qk_scale,
+            dk, dv = _dkdv_steps(dk, dv, k, v, q_src, do_src, *head, lo, hi, *keys_args,
                                  BLOCK_M, BLOCK_D, HEAD_DIM, 2, ATOMIC_DQ, USE_TMA, UPCAST, DOT_PRECISION)
         else:
-            dk, dv = _dkdv_steps(dk, dv, k, v, q_src, do_src, stride_qs, stride_dos, lse_ptr, delta_ptr, row_off,
-                                 dq_base, stride_dqs, lo, full_lo, n_q, keys, n_k, shift, left, right, qk_scale,
+            dk, dv = _dkdv_steps(dk, dv, k, v, q_src, do_src, *head, lo, full_lo, *keys_args,
                                  BLOCK_M, BLOCK_D, HEAD_DIM, 1, ATOMIC_DQ, USE_TMA, UPCAST, DOT_PRECISION)
-            dk, dv = _dkdv_steps(dk, dv, k, v, q_src, do_src, stride_qs, stride_dos, lse_ptr, delta_ptr, row_off,
-                                 dq_base, stride_dqs, full_lo, full_hi, n_q, keys, n_k, shift, left, right,
-                                 qk_scale, BLOCK_M, BLOCK_D, HEAD_DIM, 0, ATOMIC_DQ, USE_TMA, UPCAST,
-                                 DOT_PRECISION)
-            dk, dv = _dkdv_steps(dk, dv, k, v, q_src, do_src, stride_qs, stride_dos, lse_ptr, delta_ptr, row_off,
-                                 dq_base, stride_dqs, full_hi, hi, n_q, keys, n_k, shift, left, right, qk_scale,
+            dk, dv = _dkdv_steps(dk, dv, k, v, q_src, do_src, *head, full_lo, full_hi, *keys_args,
+                                 BLOCK_M, BLOCK_D, HEAD_DIM, 0, ATOMIC_DQ, USE_TMA, UPCAST, DOT_PRECISION)
+            dk, dv = _dkdv_steps(dk, dv, k, v, q_src, do_src, *head, full_hi, hi, *keys_args,
                                  BLOCK_M, BLOCK_D, HEAD_DIM, 1, ATOMIC_DQ, USE_TMA, UPCAST, DOT_PRECISION)
 
     store_tile(dk_dst, stride_dks, n0, n_k, (dk * sm_scale).to(dk_ptr.dtype.element_ty),
@@ -319,10 +323,12 @@ def _attn_bwd_dq_kernel(
 # Launch configs: BLOCK_N × BLOCK_M for the dK/dV kernel (keys × rows), BLOCK_M2 × BLOCK_N2 for dQ, per head
 # dim. The dK/dV kernel holds two [BLOCK_N, D] fp32 accumulators beside the recomputed P and dP: at D = 128
 # FlashAttention-2/3's 128 keys × 64 rows over 8 warps leaves no room in 255 registers a thread under Triton
-# (it spilled 624 B with 2 stages; 40 B of scalars with 1), so the main config takes 32-row blocks as the
-# Triton tutorial does (128 × 32) but with 8 warps, which halves the accumulators' registers a thread.
-# Every config here compiles for sm_90 without spilling in its inner loops (tests/sm90_compile.py
-# `attention all`); the atomic-dQ variant spills ≥ 200 B at D = 128 and is offered only for D ≤ 64.
+# (624 B spilled with 2 stages before descriptors for every tile, 72 B after; 24 B of scalars with 1 stage),
+# so the main config takes 32-row blocks as the Triton tutorial does (128 × 32) but with 8 warps, which
+# halves the accumulators' registers a thread. Every D ≤ 128 config here compiles for sm_90 without spilling
+# in its inner loops (tests/sm90_compile.py `attention all`); atomic dQ spills ≥ 200 B at D = 128, so it is
+# offered only for D ≤ 64. D = 256 with descriptors: 64 keys × 32 or 16 rows, 0 B (64 × 64 spilled 440 B);
+# its pointer fallback still spills (~330 B).
 
 @functools.lru_cache(maxsize=None)
 def backward_configs(dtype: torch.dtype, head_dim: int, tma_ok: bool) -> list[dict]:
@@ -339,7 +345,7 @@ def backward_configs(dtype: torch.dtype, head_dim: int, tma_ok: bool) -> list[di
     elif dtype == torch.float32:
         configs = [cfg(64, 32, 4, 2, 64, 32, 4, 2), cfg(32, 32, 4, 2, 32, 32, 4, 2, atomic=True)]
     elif bd > 128:
-        configs = [cfg(64, 32, 8, 2, 64, 32, 8, 2, tma=tma_ok), cfg(64, 64, 8, 1, 64, 64, 8, 2, tma=tma_ok),
+        configs = [cfg(64, 32, 8, 2, 64, 32, 8, 2, tma=tma_ok), cfg(64, 16, 8, 2, 64, 64, 8, 2, tma=tma_ok),
                    cfg(32, 32, 4, 2, 32, 32, 4, 2)]
     elif bd == 128 and tma_ok:  # 128 × 32 rows (main); FA2/FA3's 128 × 64 on one stage; 64 × 64; pointers
         configs = [cfg(128, 32, 8, 2, 128, 64, 8, 2, tma=True),
