@@ -323,12 +323,12 @@ def _attn_bwd_dq_kernel(
 # Launch configs: BLOCK_N × BLOCK_M for the dK/dV kernel (keys × rows), BLOCK_M2 × BLOCK_N2 for dQ, per head
 # dim. The dK/dV kernel holds two [BLOCK_N, D] fp32 accumulators beside the recomputed P and dP: at D = 128
 # FlashAttention-2/3's 128 keys × 64 rows over 8 warps leaves no room in 255 registers a thread under Triton
-# (624 B spilled with 2 stages before descriptors for every tile, 72 B after; 24 B of scalars with 1 stage),
-# so the main config takes 32-row blocks as the Triton tutorial does (128 × 32) but with 8 warps, which
-# halves the accumulators' registers a thread. Every D ≤ 128 config here compiles for sm_90 without spilling
-# in its inner loops (tests/sm90_compile.py `attention all`); atomic dQ spills ≥ 200 B at D = 128, so it is
-# offered only for D ≤ 64. D = 256 with descriptors: 64 keys × 32 or 16 rows, 0 B (64 × 64 spilled 440 B);
-# its pointer fallback still spills (~330 B).
+# (624 B spilled with 2 stages before descriptors for every tile, 72 B after, one local load an inner step;
+# 24 B of prologue scalars with 1 stage: both stay tuner options), so the main config takes 32-row blocks as
+# the Triton tutorial does (128 × 32) but with 8 warps, which halves the accumulators' registers a thread.
+# Every other D ≤ 128 config compiles without spills (tests/sm90_compile.py `attention all`). Atomic dQ
+# spills ≥ 200 B at D = 128, so it is offered only for D ≤ 64. D = 256 with descriptors: 64 keys × 32 or
+# 16 rows, 0 B (64 × 64 spilled 440 B); its pointer fallback still spills (~330 B).
 
 @functools.lru_cache(maxsize=None)
 def backward_configs(dtype: torch.dtype, head_dim: int, tma_ok: bool) -> list[dict]:
@@ -347,10 +347,10 @@ def backward_configs(dtype: torch.dtype, head_dim: int, tma_ok: bool) -> list[di
     elif bd > 128:
         configs = [cfg(64, 32, 8, 2, 64, 32, 8, 2, tma=tma_ok), cfg(64, 16, 8, 2, 64, 64, 8, 2, tma=tma_ok),
                    cfg(32, 32, 4, 2, 32, 32, 4, 2)]
-    elif bd == 128 and tma_ok:  # 128 × 32 rows (main); FA2/FA3's 128 × 64 on one stage; 64 × 64; pointers
+    elif bd == 128 and tma_ok:  # 128 × 32 rows (main); FA2/FA3's 128 × 64 on 2 stages and on 1; pointers
         configs = [cfg(128, 32, 8, 2, 128, 64, 8, 2, tma=True),
+                   cfg(128, 64, 8, 2, 128, 64, 8, 2, tma=True),
                    cfg(128, 64, 8, 1, 128, 128, 8, 2, tma=True),
-                   cfg(64, 64, 8, 3, 128, 32, 8, 3, tma=True),
                    cfg(64, 64, 8, 2, 64, 32, 8, 2)]
     elif bd == 128:  # pointers only (head dims 72..120, unaligned strides)
         configs = [cfg(64, 64, 8, 2, 64, 32, 8, 2), cfg(64, 32, 8, 2, 128, 16, 8, 2)]

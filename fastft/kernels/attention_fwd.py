@@ -6,7 +6,8 @@ then the blocks `band` returns — masked edges and an unmasked middle, so the b
 mask arithmetic. GQA maps head h to KV head h // group; K/V are never repeated in memory.
 
 Hopper: Q/K/V/O go through tensor descriptors (TMA) when the head dim is a power of two and addresses are
-16-byte aligned; the unmasked loop may be warp-specialized. Both are launch options the tuner may drop.
+16-byte aligned; the unmasked loop may be warp-specialized, the grid persistent (PERSISTENT: one program a
+multiprocessor walking the row blocks). All are launch options the tuner may drop.
 """
 from __future__ import annotations
 
