@@ -11,7 +11,7 @@ script, not the speed (tests/test_attention_benchmark.py does that in CI).
 1. Every launch config of the kernels (forward, backward) at a small ragged shape of the benchmark's kind
    (causal, D=128, bf16; the same specialisations, so the compiles are reused) against an fp64 reference,
    outputs poisoned with NaN first. Configs that fail to compile or to match are reported and left out of
-   the tuner for the rest of the run.
+   the tuner for the rest of the run. Then the registers and spills of every kernel compiled (this triton).
 2. B4×S2048 and B1×S8192, H=32, D=128, causal, bf16: each config alone, the default (tuned) autograd path,
    SDPA flash and cuDNN. Times are medians of triton.testing.do_bench.
 3. A realistic mix of document lengths: fastft packed (varlen) vs padded batches for fastft and SDPA.
@@ -84,7 +84,7 @@ def short(err: Exception) -> str:
 def cfg_name(cfg: dict) -> str:
     keys = ("BLOCK_M", "BLOCK_N", "BLOCK_M2", "BLOCK_N2", "num_warps", "WARPS", "num_stages", "STAGES")
     dims = "/".join(str(cfg[k]) for k in keys if k in cfg)
-    flags = [f for f in ("USE_TMA", "WARP_SPECIALIZE", "ATOMIC_DQ") if cfg.get(f)]
+    flags = [f for f in ("USE_TMA", "WARP_SPECIALIZE", "ATOMIC_DQ", "PERSISTENT") if cfg.get(f)]
     return dims + ("+" + "+".join(f.lower() for f in flags) if flags else "")
 
 
@@ -151,6 +151,24 @@ def check_configs():
     kfwd.forward_configs = lambda *a, _c=good_fwd: list(_c)
     kbwd.backward_configs = lambda *a, _c=good_bwd: list(_c)
     return good_fwd, good_bwd
+
+
+def compiled_spills():
+    """Registers and spills of every attention kernel compiled so far, on this machine's triton and ptxas (CI's
+    sm_90 compile check runs its own triton version). Reads triton's per-device kernel caches, an internal
+    structure: on a triton where it differs the report is skipped, nothing else."""
+    for fn in (kfwd._attn_fwd_kernel, kbwd._attn_bwd_dkdv_kernel, kbwd._attn_bwd_dq_kernel):
+        try:
+            kernels = [k for entry in fn.device_caches.values() for k in entry[0].values()]
+            for k in kernels:
+                md = k.metadata
+                row = dict(section="compiled", kernel=md.name, warps=md.num_warps, stages=md.num_stages,
+                           smem=md.shared, regs=getattr(k, "n_regs", None), spills=getattr(k, "n_spills", None))
+                ROWS.append(row)
+                log(f"compiled {row['kernel'][:40]:40s} warps {row['warps']} stages {row['stages']} "
+                    f"smem {row['smem']} regs {row['regs']} spills {row['spills']}")
+        except Exception as err:  # noqa: BLE001 - a report only
+            log(f"compiled-kernel report skipped for {getattr(fn, '__name__', fn)}: {short(err)}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -333,6 +351,8 @@ def main():
     log(f"{card}; torch {torch.__version__}, triton {triton.__version__}")
     torch.manual_seed(0)
     good_fwd, good_bwd = check_configs()
+    if not SMOKE:
+        compiled_spills()
     dense_rows = []
     for shape in SHAPES:
         dense_rows += dense(shape, good_fwd, good_bwd)

@@ -251,19 +251,24 @@ def _attention_signature(fn, fp32_ptrs=(), i32_ptrs=("cu_ptr",)) -> dict:
     return sig
 
 
-# Register spills the attention backward's main config has today (bytes a thread, triton 3.7.1, sm_90): a ceiling
-# so they cannot grow unnoticed, printed as KNOWN on every run. D=128 keeps dK and dV ([BLOCK_N, 128] fp32 each)
-# in registers beside the recomputed P and dS: 128 keys x 64 rows over 8 warps needs more than 255 registers a
-# thread, and 64 x 64 still spills 72 B (measured). Remove an entry when the backward stops spilling (issue 10).
-KNOWN_ATTENTION_SPILLS = {("bwd dkdv", 128): 640, ("bwd dq", 128): 88}
+# Register spills an attention kernel's main config may have (bytes a thread, triton 3.7.1, sm_90), keyed by
+# (kernel, head_dim): a ceiling, printed as KNOWN on every run. Empty since issue 10: the backward at D=128
+# spilled 640 B (dK/dV) and 88 B (dQ) until its key/row tiles went through descriptors (pointer tiles kept
+# their 64-bit row offsets live from load to store) and its dK/dV blocks became 128 keys x 32 rows over 8 warps.
+KNOWN_ATTENTION_SPILLS: dict = {}
+
+
+def _unique(configs: list[dict]) -> list[dict]:
+    return [c for i, c in enumerate(configs) if c not in configs[:i]]
 
 
 def attention_kernels(every_config: bool = False) -> int:
     """FlashAttention forward, backward dK/dV and dQ and the delta pre-pass for head_dim 64 and 128, bf16, on sm_90
     with descriptors: the main config of each list (the first: the untimed default and the usual winner) in the
     causal batch layout and varlen with a prefix, must compile, fit shared memory and not spill (beyond
-    KNOWN_ATTENTION_SPILLS). every_config (argument `attention all`, ~1.5 min): also every other config the
-    tuner may pick, which must compile and fit shared memory (their spills are reported)."""
+    KNOWN_ATTENTION_SPILLS). every_config (argument `attention all`, ~2 min): also every other config the
+    tuner may pick, with descriptors and from the pointer-only lists (head dims without descriptors), which must
+    compile and fit shared memory (their spills are reported)."""
     from fastft.kernels import attention_bwd, attention_fwd
 
     failures = 0
@@ -276,7 +281,10 @@ def attention_kernels(every_config: bool = False) -> int:
     for head_dim in (64, 128):
         common = dict(HEAD_DIM=head_dim, BLOCK_D=head_dim, UPCAST=False, DOT_PRECISION="tf32")
         # (VARLEN, prefix): the batch layout for every config; varlen with a prefix for the main one
+        # the pointer-only lists after the descriptor ones (`all`): i counts on, so they are never "main"
         fwd_configs = attention_fwd.forward_configs(torch.bfloat16, head_dim, True)
+        if every_config:
+            fwd_configs = _unique(fwd_configs + attention_fwd.forward_configs(torch.bfloat16, head_dim, False))
         for i, cfg in enumerate(fwd_configs if every_config else fwd_configs[:1]):
             cfg = dict(cfg)
             warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
@@ -286,6 +294,8 @@ def attention_kernels(every_config: bool = False) -> int:
                              dict(common, VARLEN=varlen, HAS_PREFIX=prefix, **cfg), aligned,
                              dict(num_warps=warps, num_stages=stages), i == 0))
         bwd_configs = attention_bwd.backward_configs(torch.bfloat16, head_dim, True)
+        if every_config:
+            bwd_configs = _unique(bwd_configs + attention_bwd.backward_configs(torch.bfloat16, head_dim, False))
         for i, cfg in enumerate(bwd_configs if every_config else bwd_configs[:1]):
             for varlen, prefix in ((False, False),) + (((True, True),) if i == 0 else ()):
                 tag = f"D={head_dim} varlen={varlen} prefix={prefix} {cfg}"
@@ -293,6 +303,12 @@ def attention_kernels(every_config: bool = False) -> int:
                              dict(common, VARLEN=varlen, PREFIX=False, ATOMIC_DQ=cfg["ATOMIC_DQ"],
                                   USE_TMA=cfg["USE_TMA"], BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"]),
                              aligned[:3], dict(num_warps=cfg["WARPS"], num_stages=cfg["STAGES"]), i == 0))
+                if prefix:  # the prefix keys' own dK/dV launch (no masks, fp32 gradients)
+                    jobs.append((f"attention bwd dkdv {tag} prefix-keys", attention_bwd._attn_bwd_dkdv_kernel,
+                                 dict(dkdv_sig, dk_ptr="*fp32", dv_ptr="*fp32"),
+                                 dict(common, VARLEN=varlen, PREFIX=True, ATOMIC_DQ=cfg["ATOMIC_DQ"],
+                                      USE_TMA=cfg["USE_TMA"], BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"]),
+                                 aligned[:3], dict(num_warps=cfg["WARPS"], num_stages=cfg["STAGES"]), i == 0))
                 if not cfg["ATOMIC_DQ"]:
                     jobs.append((f"attention bwd dq {tag}", attention_bwd._attn_bwd_dq_kernel, dq_sig,
                                  dict(common, VARLEN=varlen, HAS_PREFIX=prefix, USE_TMA=cfg["USE_TMA"],

@@ -67,8 +67,9 @@ def test_last_dim_strided_inputs_and_bf16():
 # ----------------------------------------------------------------------------------------------
 # Launch configs, called at the launcher level into NaN-poisoned buffers (catches unwritten elements).
 
-def _fwd_cfg(bm, bn, tma, ws=False, warps=4, stages=1):
-    return dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, USE_TMA=tma, WARP_SPECIALIZE=ws)
+def _fwd_cfg(bm, bn, tma, ws=False, warps=4, stages=1, persistent=False):
+    return dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, USE_TMA=tma, WARP_SPECIALIZE=ws,
+                PERSISTENT=persistent)
 
 
 def _bwd_cfg(bn, bm, bm2, bn2, atomic, tma, warps=4, stages=1):
@@ -130,7 +131,8 @@ def check_configs(args, fwd_configs, bwd_configs, dtype, causal=True, window=Non
 @pytest.mark.parametrize("tma", [False, True], ids=["pointers", "descriptors"])
 def test_launch_configs(tma):
     args = make_problem(batch=2, seqlen_q=45, heads=4, kv_heads=2, prefix=7)
-    fwd = [_fwd_cfg(16, 32, tma), _fwd_cfg(32, 16, tma, ws=True)]
+    # persistent: 4 programs on the CPU (runtime.num_sms) walk 3 row blocks x 8 sequence-heads
+    fwd = [_fwd_cfg(16, 32, tma), _fwd_cfg(32, 16, tma, ws=True), _fwd_cfg(16, 16, tma, persistent=True)]
     bwd = [_bwd_cfg(16, 32, 16, 32, True, tma), _bwd_cfg(32, 16, 32, 16, False, tma)]
     check_configs(args, fwd, bwd, torch.float32, causal=True, window=21)
 
@@ -139,7 +141,8 @@ def test_launch_configs(tma):
 def test_launch_configs_packed_dq_kernel():
     """Packed documents through the separate dQ kernel (the interpreter's default config uses atomics)."""
     args = make_problem(cu=[0, 30, 31, 75], heads=4, kv_heads=2, prefix=6, prefix_batch=2)
-    check_configs(args, [_fwd_cfg(16, 32, False)], [_bwd_cfg(32, 16, 32, 16, False, True)], torch.float32)
+    fwd = [_fwd_cfg(16, 32, False), _fwd_cfg(16, 32, True, persistent=True)]  # persistent: skips past short docs
+    check_configs(args, fwd, [_bwd_cfg(32, 16, 32, 16, False, True)], torch.float32)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -12,6 +12,9 @@ gradients go to an fp32 per-sequence buffer that the launcher sums when the pref
 Two ways to get dQ, picked by the tuner: the dq kernel (recomputes P and dP: 7 matmuls in all, no
 atomics, deterministic), or ATOMIC_DQ, where the dK/dV kernel also adds dS·K into an fp32 buffer with
 atomics (5 matmuls, FlashAttention-2's choice).
+
+Hopper (USE_TMA): every tile — Q/dO row blocks, K/V key blocks, the dK/dV/dQ outputs — goes through tensor
+descriptors; pointer tiles keep per-element 64-bit addresses live from load to store, which spilled at D=128.
 """
 from __future__ import annotations
 
@@ -64,8 +67,8 @@ def _attn_bwd_delta_kernel(
 
 
 @triton.jit
-def _dkdv_steps(dk, dv, k, v, q_src, do_src, stride_q, stride_do, lse_base, delta_base, dq_base, stride_dq,
-                lo, hi, n_q, keys, n_keys, shift, left, right, qk_scale,
+def _dkdv_steps(dk, dv, k, v, q_src, do_src, g, stride_qh, stride_doh, stride_q, stride_do, lse_ptr, delta_ptr,
+                row_off, dq_base, stride_dq, lo, hi, n_q, keys, n_keys, shift, left, right, qk_scale,
                 BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, MASK: tl.constexpr,
                 ATOMIC_DQ: tl.constexpr, USE_TMA: tl.constexpr, UPCAST: tl.constexpr,
                 DOT_PRECISION: tl.constexpr):
@@ -76,14 +79,18 @@ def _dkdv_steps(dk, dv, k, v, q_src, do_src, stride_q, stride_do, lse_base, delt
     cols = tl.arange(0, BLOCK_D)
     for m0 in tl.range(lo, hi, BLOCK_M):
         rows = m0 + offs_m
-        q = load_tile(q_src, stride_q, m0, n_q, BLOCK_M, BLOCK_D, HEAD_DIM, USE_TMA, MASK != 0)
-        do = load_tile(do_src, stride_do, m0, n_q, BLOCK_M, BLOCK_D, HEAD_DIM, USE_TMA, MASK != 0)
+        if USE_TMA:  # [n_q, group, D] descriptors: head g's [BLOCK_M, 1, BLOCK_D] box
+            q = q_src.load([m0, g, 0]).reshape(BLOCK_M, BLOCK_D)
+            do = do_src.load([m0, g, 0]).reshape(BLOCK_M, BLOCK_D)
+        else:  # the group's first head; head g is g head strides on
+            q = load_tile(q_src + g * stride_qh, stride_q, m0, n_q, BLOCK_M, BLOCK_D, HEAD_DIM, False, MASK != 0)
+            do = load_tile(do_src + g * stride_doh, stride_do, m0, n_q, BLOCK_M, BLOCK_D, HEAD_DIM, False, MASK != 0)
         if MASK != 0:
-            lse = tl.load(lse_base + rows, mask=rows < n_q, other=float("inf"))
-            delta = tl.load(delta_base + rows, mask=rows < n_q, other=0.0)
+            lse = tl.load(lse_ptr + row_off + rows, mask=rows < n_q, other=float("inf"))
+            delta = tl.load(delta_ptr + row_off + rows, mask=rows < n_q, other=0.0)
         else:
-            lse = tl.load(lse_base + rows)
-            delta = tl.load(delta_base + rows)
+            lse = tl.load(lse_ptr + row_off + rows)
+            delta = tl.load(delta_ptr + row_off + rows)
         if UPCAST:
             q = q.to(tl.float32)
             do = do.to(tl.float32)
@@ -134,8 +141,26 @@ def _attn_bwd_dkdv_kernel(
     keys = n0 + tl.arange(0, BLOCK_N)
     k_base = k_ptr + b64 * stride_kb + k_start * stride_ks + kvh * stride_kh
     v_base = v_ptr + b64 * stride_vb + k_start * stride_vs + kvh * stride_vh
-    k = load_tile(k_base, stride_ks, n0, n_k, BLOCK_N, BLOCK_D, HEAD_DIM, False, True)
-    v = load_tile(v_base, stride_vs, n0, n_k, BLOCK_N, BLOCK_D, HEAD_DIM, False, True)
+    dk_base = dk_ptr + b64 * stride_dkb + k_start * stride_dks + kvh * stride_dkh
+    dv_base = dv_ptr + b64 * stride_dvb + k_start * stride_dvs + kvh * stride_dvh
+    if USE_TMA:
+        # Descriptors for the key-block tiles too: pointer tiles would keep [BLOCK_N, BLOCK_D] 64-bit row
+        # offsets alive from the K/V load to the dK/dV store, which spilled at D=128.
+        k_src = tl.make_tensor_descriptor(k_base, shape=[n_k, HEAD_DIM], strides=[stride_ks, 1],
+                                          block_shape=[BLOCK_N, BLOCK_D])
+        v_src = tl.make_tensor_descriptor(v_base, shape=[n_k, HEAD_DIM], strides=[stride_vs, 1],
+                                          block_shape=[BLOCK_N, BLOCK_D])
+        dk_dst = tl.make_tensor_descriptor(dk_base, shape=[n_k, HEAD_DIM], strides=[stride_dks, 1],
+                                           block_shape=[BLOCK_N, BLOCK_D])
+        dv_dst = tl.make_tensor_descriptor(dv_base, shape=[n_k, HEAD_DIM], strides=[stride_dvs, 1],
+                                           block_shape=[BLOCK_N, BLOCK_D])
+    else:
+        k_src = k_base
+        v_src = v_base
+        dk_dst = dk_base
+        dv_dst = dv_base
+    k = load_tile(k_src, stride_ks, n0, n_k, BLOCK_N, BLOCK_D, HEAD_DIM, USE_TMA, True)
+    v = load_tile(v_src, stride_vs, n0, n_k, BLOCK_N, BLOCK_D, HEAD_DIM, USE_TMA, True)
     if UPCAST:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
@@ -154,42 +179,40 @@ def _attn_bwd_dkdv_kernel(
             full_lo = hi
             full_hi = hi
 
+    # The group's query heads, one descriptor each for Q and dO made once, a head picked by its middle index:
+    # per-head descriptors cost a device-side build per head, and registers that pushed D=128 into spilling.
+    q_grp = q_ptr + b64 * stride_qb + start * stride_qs + (kvh * group) * stride_qh
+    do_grp = do_ptr + b64 * stride_dob + start * stride_dos + (kvh * group) * stride_doh
+    if USE_TMA:
+        q_src = tl.make_tensor_descriptor(q_grp, shape=[n_q, group, HEAD_DIM], strides=[stride_qs, stride_qh, 1],
+                                          block_shape=[BLOCK_M, 1, BLOCK_D])
+        do_src = tl.make_tensor_descriptor(do_grp, shape=[n_q, group, HEAD_DIM],
+                                           strides=[stride_dos, stride_doh, 1], block_shape=[BLOCK_M, 1, BLOCK_D])
+    else:
+        q_src = q_grp
+        do_src = do_grp
     for g in range(group):
         h = kvh * group + g
-        q_base = q_ptr + b64 * stride_qb + start * stride_qs + h * stride_qh
-        do_base = do_ptr + b64 * stride_dob + start * stride_dos + h * stride_doh
-        lse_base = lse_ptr + b64 * stride_lb + h * stride_lh + start
-        delta_base = delta_ptr + b64 * stride_lb + h * stride_lh + start
+        # one offset for both (delta is laid out as lse): the kernel's pointer arguments cost no registers
+        row_off = b64 * stride_lb + h * stride_lh + start
         dq_base = dq_ptr + b64 * stride_dqb + start * stride_dqs + h * stride_dqh
-        if USE_TMA:
-            q_src = tl.make_tensor_descriptor(q_base, shape=[n_q, HEAD_DIM], strides=[stride_qs, 1],
-                                              block_shape=[BLOCK_M, BLOCK_D])
-            do_src = tl.make_tensor_descriptor(do_base, shape=[n_q, HEAD_DIM], strides=[stride_dos, 1],
-                                               block_shape=[BLOCK_M, BLOCK_D])
-        else:
-            q_src = q_base
-            do_src = do_base
+        # (head g of the group, its lse/delta offset, dQ rows): the same for every row-block range below
+        head = (g, stride_qh, stride_doh, stride_qs, stride_dos, lse_ptr, delta_ptr, row_off, dq_base, stride_dqs)
+        keys_args = (n_q, keys, n_k, shift, left, right, qk_scale)
         if PREFIX:
-            dk, dv = _dkdv_steps(dk, dv, k, v, q_src, do_src, stride_qs, stride_dos, lse_base, delta_base,
-                                 dq_base, stride_dqs, lo, hi, n_q, keys, n_k, shift, left, right, qk_scale,
+            dk, dv = _dkdv_steps(dk, dv, k, v, q_src, do_src, *head, lo, hi, *keys_args,
                                  BLOCK_M, BLOCK_D, HEAD_DIM, 2, ATOMIC_DQ, USE_TMA, UPCAST, DOT_PRECISION)
         else:
-            dk, dv = _dkdv_steps(dk, dv, k, v, q_src, do_src, stride_qs, stride_dos, lse_base, delta_base,
-                                 dq_base, stride_dqs, lo, full_lo, n_q, keys, n_k, shift, left, right, qk_scale,
+            dk, dv = _dkdv_steps(dk, dv, k, v, q_src, do_src, *head, lo, full_lo, *keys_args,
                                  BLOCK_M, BLOCK_D, HEAD_DIM, 1, ATOMIC_DQ, USE_TMA, UPCAST, DOT_PRECISION)
-            dk, dv = _dkdv_steps(dk, dv, k, v, q_src, do_src, stride_qs, stride_dos, lse_base, delta_base,
-                                 dq_base, stride_dqs, full_lo, full_hi, n_q, keys, n_k, shift, left, right,
-                                 qk_scale, BLOCK_M, BLOCK_D, HEAD_DIM, 0, ATOMIC_DQ, USE_TMA, UPCAST,
-                                 DOT_PRECISION)
-            dk, dv = _dkdv_steps(dk, dv, k, v, q_src, do_src, stride_qs, stride_dos, lse_base, delta_base,
-                                 dq_base, stride_dqs, full_hi, hi, n_q, keys, n_k, shift, left, right, qk_scale,
+            dk, dv = _dkdv_steps(dk, dv, k, v, q_src, do_src, *head, full_lo, full_hi, *keys_args,
+                                 BLOCK_M, BLOCK_D, HEAD_DIM, 0, ATOMIC_DQ, USE_TMA, UPCAST, DOT_PRECISION)
+            dk, dv = _dkdv_steps(dk, dv, k, v, q_src, do_src, *head, full_hi, hi, *keys_args,
                                  BLOCK_M, BLOCK_D, HEAD_DIM, 1, ATOMIC_DQ, USE_TMA, UPCAST, DOT_PRECISION)
 
-    dk_base = dk_ptr + b64 * stride_dkb + k_start * stride_dks + kvh * stride_dkh
-    dv_base = dv_ptr + b64 * stride_dvb + k_start * stride_dvs + kvh * stride_dvh
-    store_tile(dk_base, stride_dks, n0, n_k, (dk * sm_scale).to(dk_ptr.dtype.element_ty),
-               BLOCK_N, BLOCK_D, HEAD_DIM, False)
-    store_tile(dv_base, stride_dvs, n0, n_k, dv.to(dv_ptr.dtype.element_ty), BLOCK_N, BLOCK_D, HEAD_DIM, False)
+    store_tile(dk_dst, stride_dks, n0, n_k, (dk * sm_scale).to(dk_ptr.dtype.element_ty),
+               BLOCK_N, BLOCK_D, HEAD_DIM, USE_TMA)
+    store_tile(dv_dst, stride_dvs, n0, n_k, dv.to(dv_ptr.dtype.element_ty), BLOCK_N, BLOCK_D, HEAD_DIM, USE_TMA)
 
 
 @triton.jit
@@ -247,11 +270,21 @@ def _attn_bwd_dq_kernel(
                                           block_shape=[BLOCK_N, BLOCK_D])
         v_src = tl.make_tensor_descriptor(v_base, shape=[n_k, HEAD_DIM], strides=[stride_vs, 1],
                                           block_shape=[BLOCK_N, BLOCK_D])
+        # the row-block tiles through descriptors too (pointer tiles spilled their row offsets at D=128)
+        q_src = tl.make_tensor_descriptor(q_base, shape=[n_q, HEAD_DIM], strides=[stride_qs, 1],
+                                          block_shape=[BLOCK_M, BLOCK_D])
+        do_src = tl.make_tensor_descriptor(do_base, shape=[n_q, HEAD_DIM], strides=[stride_dos, 1],
+                                           block_shape=[BLOCK_M, BLOCK_D])
+        dq_dst = tl.make_tensor_descriptor(dq_base, shape=[n_q, HEAD_DIM], strides=[stride_dqs, 1],
+                                           block_shape=[BLOCK_M, BLOCK_D])
     else:
         k_src = k_base
         v_src = v_base
-    q = load_tile(q_base, stride_qs, m0, n_q, BLOCK_M, BLOCK_D, HEAD_DIM, False, True)
-    do = load_tile(do_base, stride_dos, m0, n_q, BLOCK_M, BLOCK_D, HEAD_DIM, False, True)
+        q_src = q_base
+        do_src = do_base
+        dq_dst = dq_base
+    q = load_tile(q_src, stride_qs, m0, n_q, BLOCK_M, BLOCK_D, HEAD_DIM, USE_TMA, True)
+    do = load_tile(do_src, stride_dos, m0, n_q, BLOCK_M, BLOCK_D, HEAD_DIM, USE_TMA, True)
     if UPCAST:
         q = q.to(tl.float32)
         do = do.to(tl.float32)
@@ -282,13 +315,20 @@ def _attn_bwd_dq_kernel(
                    right, qk_scale, BLOCK_N, BLOCK_D, HEAD_DIM, 0, USE_TMA, UPCAST, DOT_PRECISION)
     dq = _dq_steps(dq, q, do, lse, delta, k_src, v_src, stride_ks, stride_vs, full_hi, hi, n_k, q_pos, left, right,
                    qk_scale, BLOCK_N, BLOCK_D, HEAD_DIM, 1, USE_TMA, UPCAST, DOT_PRECISION)
-    store_tile(dq_base, stride_dqs, m0, n_q, (dq * sm_scale).to(dq_ptr.dtype.element_ty),
-               BLOCK_M, BLOCK_D, HEAD_DIM, False)
+    store_tile(dq_dst, stride_dqs, m0, n_q, (dq * sm_scale).to(dq_ptr.dtype.element_ty),
+               BLOCK_M, BLOCK_D, HEAD_DIM, USE_TMA)
 
 
 # ----------------------------------------------------------------------------------------------
-# Launch configs: BLOCK_N × BLOCK_M for the dK/dV kernel (keys × rows), BLOCK_M2 × BLOCK_N2 for dQ.
-# FlashAttention-2 runs 128 keys × 64 rows with 8 warps for D = 128; dQ mirrors the forward.
+# Launch configs: BLOCK_N × BLOCK_M for the dK/dV kernel (keys × rows), BLOCK_M2 × BLOCK_N2 for dQ, per head
+# dim. The dK/dV kernel holds two [BLOCK_N, D] fp32 accumulators beside the recomputed P and dP: at D = 128
+# FlashAttention-2/3's 128 keys × 64 rows over 8 warps leaves no room in 255 registers a thread under Triton
+# (624 B spilled with 2 stages before descriptors for every tile, 72 B after, one local load an inner step;
+# 24 B of prologue scalars with 1 stage: both stay tuner options), so the main config takes 32-row blocks as
+# the Triton tutorial does (128 × 32) but with 8 warps, which halves the accumulators' registers a thread.
+# Every other D ≤ 128 config compiles without spills (tests/sm90_compile.py `attention all`). Atomic dQ
+# spills ≥ 200 B at D = 128, so it is offered only for D ≤ 64. D = 256 with descriptors: 64 keys × 32 or
+# 16 rows, 0 B (64 × 64 spilled 440 B); its pointer fallback still spills (~330 B).
 
 @functools.lru_cache(maxsize=None)
 def backward_configs(dtype: torch.dtype, head_dim: int, tma_ok: bool) -> list[dict]:
@@ -299,22 +339,29 @@ def backward_configs(dtype: torch.dtype, head_dim: int, tma_ok: bool) -> list[di
     if INTERPRET:  # atomic dQ: one kernel fewer to interpret (tests force the dQ kernel too)
         return [cfg(32, 16, 4, 1, 32, 16, 4, 1, True, tma_ok)]
     configs: list[dict]
-    wide = block_d(head_dim) > 128
-    if dtype == torch.float32 and wide:
+    bd = block_d(head_dim)
+    if dtype == torch.float32 and bd > 128:
         configs = [cfg(32, 16, 4, 1, 32, 16, 4, 1), cfg(16, 16, 4, 1, 16, 16, 4, 1, atomic=True)]
     elif dtype == torch.float32:
         configs = [cfg(64, 32, 4, 2, 64, 32, 4, 2), cfg(32, 32, 4, 2, 32, 32, 4, 2, atomic=True)]
-    elif wide:
-        configs = [cfg(64, 32, 8, 2, 64, 32, 8, 2, tma=tma_ok), cfg(64, 64, 8, 1, 64, 64, 8, 2, tma=tma_ok),
+    elif bd > 128:
+        configs = [cfg(64, 32, 8, 2, 64, 32, 8, 2, tma=tma_ok), cfg(64, 16, 8, 2, 64, 64, 8, 2, tma=tma_ok),
                    cfg(32, 32, 4, 2, 32, 32, 4, 2)]
-    elif tma_ok:  # FA2's 128 keys × 64 rows; Triton's tutorial's thinner 128 × 32 with deeper pipelines; pointers
+    elif bd == 128 and tma_ok:  # 128 × 32 rows (main); FA2/FA3's 128 × 64 on 2 stages and on 1; pointers
+        configs = [cfg(128, 32, 8, 2, 128, 64, 8, 2, tma=True),
+                   cfg(128, 64, 8, 2, 128, 64, 8, 2, tma=True),
+                   cfg(128, 64, 8, 1, 128, 128, 8, 2, tma=True),
+                   cfg(64, 64, 8, 2, 64, 32, 8, 2)]
+    elif bd == 128:  # pointers only (head dims 72..120, unaligned strides)
+        configs = [cfg(64, 64, 8, 2, 64, 32, 8, 2), cfg(64, 32, 8, 2, 128, 16, 8, 2)]
+    elif tma_ok:  # D <= 64: FA2's 128 keys × 64 rows; atomic dQ on 32-row blocks; pointers
         configs = [cfg(128, 64, 8, 2, 128, 64, 8, 2, tma=True),
-                   cfg(128, 64, 8, 2, 128, 64, 8, 2, atomic=True, tma=True),
-                   cfg(128, 32, 4, 4, 128, 32, 4, 4, tma=True),
+                   cfg(128, 32, 8, 2, 128, 64, 8, 2, atomic=True, tma=True),
+                   cfg(128, 32, 8, 2, 128, 32, 8, 3, tma=True),
                    cfg(128, 64, 8, 2, 128, 64, 8, 2)]
     else:
-        configs = [cfg(128, 64, 8, 2, 128, 64, 8, 2), cfg(128, 64, 8, 2, 128, 64, 8, 2, atomic=True),
-                   cfg(64, 64, 4, 3, 64, 64, 4, 3)]
+        configs = [cfg(128, 64, 8, 2, 128, 64, 8, 2), cfg(128, 32, 8, 2, 128, 64, 8, 2, atomic=True),
+                   cfg(64, 64, 8, 3, 128, 32, 8, 3)]
     if os.environ.get("FASTFT_DETERMINISTIC", "0") == "1":  # atomics add in a run-dependent order
         configs = [c for c in configs if not c["ATOMIC_DQ"]] or [dict(configs[0], ATOMIC_DQ=False)]
     return configs
@@ -357,7 +404,8 @@ def attention_backward(do, q, k, v, o, lse, *, sm_scale: float, left: int, right
         pk_strides, pv_strides = token_strides(prefix_k, False), token_strides(prefix_v, False)
         if prefix_k.shape[0] == 1:
             pk_strides, pv_strides = (0, *pk_strides[1:]), (0, *pv_strides[1:])
-    tma_ok = tma_eligible(head_dim, q, k, v, do, *((prefix_k, prefix_v) if has_prefix else ()))
+    tma_ok = tma_eligible(head_dim, q, k, v, do, dq, dk, dv,
+                          *((prefix_k, prefix_v, dpk, dpv) if has_prefix else ()))
     common = dict(HEAD_DIM=head_dim, BLOCK_D=BD, VARLEN=varlen, UPCAST=upcast(q.dtype),
                   DOT_PRECISION=dot_precision(q.dtype))
     q_strides, do_strides = token_strides(q, varlen), token_strides(do, varlen)

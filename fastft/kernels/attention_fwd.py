@@ -6,7 +6,8 @@ then the blocks `band` returns — masked edges and an unmasked middle, so the b
 mask arithmetic. GQA maps head h to KV head h // group; K/V are never repeated in memory.
 
 Hopper: Q/K/V/O go through tensor descriptors (TMA) when the head dim is a power of two and addresses are
-16-byte aligned; the unmasked loop may be warp-specialized. Both are launch options the tuner may drop.
+16-byte aligned; the unmasked loop may be warp-specialized, the grid persistent (PERSISTENT: one program a
+multiprocessor walking the row blocks). All are launch options the tuner may drop.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from fastft.kernels.attention import (
     visible,
 )
 from fastft.kernels.shared import bucket, dot_precision, upcast
-from fastft.kernels.runtime import INTERPRET, ensure_descriptor_allocator, triton
+from fastft.kernels.runtime import INTERPRET, device_sms, ensure_descriptor_allocator, triton
 
 import triton.language as tl
 
@@ -68,7 +69,8 @@ def _fwd_steps(acc, m_i, l_i, q, k_src, v_src, stride_k, stride_v, lo, hi, n_key
 
 
 @triton.jit
-def _attn_fwd_kernel(
+def _fwd_tile(
+    pid_m, pid_bh,
     q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, o_ptr, lse_ptr, cu_ptr,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_pkb, stride_pks, stride_pkh, stride_pvb, stride_pvs, stride_pvh,
@@ -78,99 +80,145 @@ def _attn_fwd_kernel(
     VARLEN: tl.constexpr, HAS_PREFIX: tl.constexpr, USE_TMA: tl.constexpr, UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
 ):
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # causal: the longest rows start first
-    pid_bh = tl.program_id(1)
+    """Rows pid_m*BLOCK_M.. of sequence and head pid_bh: nothing when the block starts past the sequence."""
     b = pid_bh // n_heads
     h = (pid_bh % n_heads).to(tl.int64)
     kvh = h // group
     start, n_q, n_k = doc_bounds(cu_ptr, b, seqlen_q, seqlen_k, VARLEN)
     m0 = pid_m * BLOCK_M
-    if m0 >= n_q:
-        return
-    b64 = b.to(tl.int64)
-    q_base = q_ptr + b64 * stride_qb + start * stride_qs + h * stride_qh
-    k_base = k_ptr + b64 * stride_kb + start * stride_ks + kvh * stride_kh
-    v_base = v_ptr + b64 * stride_vb + start * stride_vs + kvh * stride_vh
-    o_base = o_ptr + b64 * stride_ob + start * stride_os + h * stride_oh
-    if USE_TMA:
-        q_src = tl.make_tensor_descriptor(q_base, shape=[n_q, HEAD_DIM], strides=[stride_qs, 1],
-                                          block_shape=[BLOCK_M, BLOCK_D])
-        k_src = tl.make_tensor_descriptor(k_base, shape=[n_k, HEAD_DIM], strides=[stride_ks, 1],
-                                          block_shape=[BLOCK_N, BLOCK_D])
-        v_src = tl.make_tensor_descriptor(v_base, shape=[n_k, HEAD_DIM], strides=[stride_vs, 1],
-                                          block_shape=[BLOCK_N, BLOCK_D])
-        o_dst = tl.make_tensor_descriptor(o_base, shape=[n_q, HEAD_DIM], strides=[stride_os, 1],
-                                          block_shape=[BLOCK_M, BLOCK_D])
-    else:
-        q_src = q_base
-        k_src = k_base
-        v_src = v_base
-        o_dst = o_base
-
-    q = load_tile(q_src, stride_qs, m0, n_q, BLOCK_M, BLOCK_D, HEAD_DIM, USE_TMA, True)
-    if UPCAST:
-        q = q.to(tl.float32)
-    rows = m0 + tl.arange(0, BLOCK_M)
-    q_pos = rows + (n_k - n_q)
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-
-    if HAS_PREFIX:
-        pk_base = pk_ptr + b64 * stride_pkb + kvh * stride_pkh
-        pv_base = pv_ptr + b64 * stride_pvb + kvh * stride_pvh
+    if m0 < n_q:
+        b64 = b.to(tl.int64)
+        q_base = q_ptr + b64 * stride_qb + start * stride_qs + h * stride_qh
+        k_base = k_ptr + b64 * stride_kb + start * stride_ks + kvh * stride_kh
+        v_base = v_ptr + b64 * stride_vb + start * stride_vs + kvh * stride_vh
+        o_base = o_ptr + b64 * stride_ob + start * stride_os + h * stride_oh
         if USE_TMA:
-            pk_src = tl.make_tensor_descriptor(pk_base, shape=[n_prefix, HEAD_DIM], strides=[stride_pks, 1],
-                                               block_shape=[BLOCK_N, BLOCK_D])
-            pv_src = tl.make_tensor_descriptor(pv_base, shape=[n_prefix, HEAD_DIM], strides=[stride_pvs, 1],
-                                               block_shape=[BLOCK_N, BLOCK_D])
+            q_src = tl.make_tensor_descriptor(q_base, shape=[n_q, HEAD_DIM], strides=[stride_qs, 1],
+                                              block_shape=[BLOCK_M, BLOCK_D])
+            k_src = tl.make_tensor_descriptor(k_base, shape=[n_k, HEAD_DIM], strides=[stride_ks, 1],
+                                              block_shape=[BLOCK_N, BLOCK_D])
+            v_src = tl.make_tensor_descriptor(v_base, shape=[n_k, HEAD_DIM], strides=[stride_vs, 1],
+                                              block_shape=[BLOCK_N, BLOCK_D])
+            o_dst = tl.make_tensor_descriptor(o_base, shape=[n_q, HEAD_DIM], strides=[stride_os, 1],
+                                              block_shape=[BLOCK_M, BLOCK_D])
         else:
-            pk_src = pk_base
-            pv_src = pv_base
-        acc, m_i, l_i = _fwd_steps(acc, m_i, l_i, q, pk_src, pv_src, stride_pks, stride_pvs, 0, n_prefix,
-                                   n_prefix, q_pos, left, right, qk_scale, BLOCK_N, BLOCK_D, HEAD_DIM, 2,
+            q_src = q_base
+            k_src = k_base
+            v_src = v_base
+            o_dst = o_base
+
+        q = load_tile(q_src, stride_qs, m0, n_q, BLOCK_M, BLOCK_D, HEAD_DIM, USE_TMA, True)
+        if UPCAST:
+            q = q.to(tl.float32)
+        rows = m0 + tl.arange(0, BLOCK_M)
+        q_pos = rows + (n_k - n_q)
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+
+        if HAS_PREFIX:
+            pk_base = pk_ptr + b64 * stride_pkb + kvh * stride_pkh
+            pv_base = pv_ptr + b64 * stride_pvb + kvh * stride_pvh
+            if USE_TMA:
+                pk_src = tl.make_tensor_descriptor(pk_base, shape=[n_prefix, HEAD_DIM], strides=[stride_pks, 1],
+                                                   block_shape=[BLOCK_N, BLOCK_D])
+                pv_src = tl.make_tensor_descriptor(pv_base, shape=[n_prefix, HEAD_DIM], strides=[stride_pvs, 1],
+                                                   block_shape=[BLOCK_N, BLOCK_D])
+            else:
+                pk_src = pk_base
+                pv_src = pv_base
+            acc, m_i, l_i = _fwd_steps(acc, m_i, l_i, q, pk_src, pv_src, stride_pks, stride_pvs, 0, n_prefix,
+                                       n_prefix, q_pos, left, right, qk_scale, BLOCK_N, BLOCK_D, HEAD_DIM, 2,
+                                       USE_TMA, UPCAST, DOT_PRECISION, False)
+
+        lo, full_lo, full_hi, hi = band(m0, BLOCK_M, BLOCK_N, n_k - n_q, n_k, left, right)
+        acc, m_i, l_i = _fwd_steps(acc, m_i, l_i, q, k_src, v_src, stride_ks, stride_vs, lo, full_lo, n_k, q_pos,
+                                   left, right, qk_scale, BLOCK_N, BLOCK_D, HEAD_DIM, 1,
+                                   USE_TMA, UPCAST, DOT_PRECISION, False)
+        acc, m_i, l_i = _fwd_steps(acc, m_i, l_i, q, k_src, v_src, stride_ks, stride_vs, full_lo, full_hi, n_k,
+                                   q_pos, left, right, qk_scale, BLOCK_N, BLOCK_D, HEAD_DIM, 0,
+                                   USE_TMA, UPCAST, DOT_PRECISION, WARP_SPECIALIZE)
+        acc, m_i, l_i = _fwd_steps(acc, m_i, l_i, q, k_src, v_src, stride_ks, stride_vs, full_hi, hi, n_k, q_pos,
+                                   left, right, qk_scale, BLOCK_N, BLOCK_D, HEAD_DIM, 1,
                                    USE_TMA, UPCAST, DOT_PRECISION, False)
 
-    lo, full_lo, full_hi, hi = band(m0, BLOCK_M, BLOCK_N, n_k - n_q, n_k, left, right)
-    acc, m_i, l_i = _fwd_steps(acc, m_i, l_i, q, k_src, v_src, stride_ks, stride_vs, lo, full_lo, n_k, q_pos,
-                               left, right, qk_scale, BLOCK_N, BLOCK_D, HEAD_DIM, 1,
-                               USE_TMA, UPCAST, DOT_PRECISION, False)
-    acc, m_i, l_i = _fwd_steps(acc, m_i, l_i, q, k_src, v_src, stride_ks, stride_vs, full_lo, full_hi, n_k,
-                               q_pos, left, right, qk_scale, BLOCK_N, BLOCK_D, HEAD_DIM, 0,
-                               USE_TMA, UPCAST, DOT_PRECISION, WARP_SPECIALIZE)
-    acc, m_i, l_i = _fwd_steps(acc, m_i, l_i, q, k_src, v_src, stride_ks, stride_vs, full_hi, hi, n_k, q_pos,
-                               left, right, qk_scale, BLOCK_N, BLOCK_D, HEAD_DIM, 1,
-                               USE_TMA, UPCAST, DOT_PRECISION, False)
+        # Rows that see no key at all (possible only when n_q > n_k) output 0 and get lse = +inf, so the
+        # backward's exp2(s - lse) is 0 for them.
+        empty = l_i == 0.0
+        l_safe = tl.where(empty, 1.0, l_i)
+        out = acc / l_safe[:, None]
+        store_tile(o_dst, stride_os, m0, n_q, out.to(o_ptr.dtype.element_ty), BLOCK_M, BLOCK_D, HEAD_DIM, USE_TMA)
+        lse = tl.where(empty, float("inf"), m_i + tl.math.log2(l_safe))
+        tl.store(lse_ptr + b64 * stride_lb + h * stride_lh + start + rows, lse, mask=rows < n_q)
 
-    # Rows that see no key at all (possible only when n_q > n_k) output 0 and get lse = +inf, so the
-    # backward's exp2(s - lse) is 0 for them.
-    empty = l_i == 0.0
-    l_safe = tl.where(empty, 1.0, l_i)
-    out = acc / l_safe[:, None]
-    store_tile(o_dst, stride_os, m0, n_q, out.to(o_ptr.dtype.element_ty), BLOCK_M, BLOCK_D, HEAD_DIM, USE_TMA)
-    lse = tl.where(empty, float("inf"), m_i + tl.math.log2(l_safe))
-    tl.store(lse_ptr + b64 * stride_lb + h * stride_lh + start + rows, lse, mask=rows < n_q)
+
+@triton.jit
+def _attn_fwd_kernel(
+    q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, o_ptr, lse_ptr, cu_ptr,
+    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+    stride_pkb, stride_pks, stride_pkh, stride_pvb, stride_pvs, stride_pvh,
+    stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
+    seqlen_q, seqlen_k, n_prefix, n_heads, group, qk_scale, left, right, n_seqs,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    VARLEN: tl.constexpr, HAS_PREFIX: tl.constexpr, USE_TMA: tl.constexpr, UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, PERSISTENT: tl.constexpr,
+):
+    """One program per (row block, sequence·head), or PERSISTENT: a grid of about the SM count, each program
+    walking tiles pid, pid + grid, ... of the same order (every head's last row block first)."""
+    if PERSISTENT:
+        n_m = tl.cdiv(seqlen_q, BLOCK_M)
+        n_bh = n_seqs * n_heads
+        for tile in range(tl.program_id(0), n_m * n_bh, tl.num_programs(0)):
+            _fwd_tile(n_m - 1 - tile // n_bh, tile % n_bh,
+                      q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, o_ptr, lse_ptr, cu_ptr,
+                      stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs,
+                      stride_vh, stride_pkb, stride_pks, stride_pkh, stride_pvb, stride_pvs, stride_pvh,
+                      stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
+                      seqlen_q, seqlen_k, n_prefix, n_heads, group, qk_scale, left, right,
+                      HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, VARLEN, HAS_PREFIX, USE_TMA, UPCAST, DOT_PRECISION,
+                      WARP_SPECIALIZE)
+    else:  # causal: the longest rows start first
+        _fwd_tile(tl.num_programs(0) - 1 - tl.program_id(0), tl.program_id(1),
+                  q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, o_ptr, lse_ptr, cu_ptr,
+                  stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                  stride_pkb, stride_pks, stride_pkh, stride_pvb, stride_pvs, stride_pvh,
+                  stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
+                  seqlen_q, seqlen_k, n_prefix, n_heads, group, qk_scale, left, right,
+                  HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, VARLEN, HAS_PREFIX, USE_TMA, UPCAST, DOT_PRECISION,
+                  WARP_SPECIALIZE)
 
 
 # ----------------------------------------------------------------------------------------------
 # Launch configs. Few on purpose: each costs a compile. BLOCK_M=128 × BLOCK_N=128 with 8 warps and 3
 # stages is the usual Hopper sweet spot for D ≤ 128; 256-wide heads need smaller tiles for shared memory.
+# At D = 128 the others run 8 warps too: with 4 warps the [128, 128] fp32 accumulator alone takes 128
+# registers a thread and the sm_90 compile spilled (40 B with descriptors, 1264 B on pointers, whose
+# per-element addresses stay live as well); pointer configs take 32 keys a step there. Descriptor configs
+# compile without spills, pointer ones with at most 24 B (tests/sm90_compile.py `attention all`). PERSISTENT
+# launches one program a multiprocessor that walks the row blocks in the same order (prepared, not yet timed).
 
 @functools.lru_cache(maxsize=None)
 def forward_configs(dtype: torch.dtype, head_dim: int, tma_ok: bool) -> list[dict]:
-    def cfg(bm, bn, warps, stages, tma=False, ws=False):
-        return dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, USE_TMA=tma, WARP_SPECIALIZE=ws)
+    def cfg(bm, bn, warps, stages, tma=False, ws=False, persistent=False):
+        return dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, USE_TMA=tma, WARP_SPECIALIZE=ws,
+                    PERSISTENT=persistent)
 
-    wide = block_d(head_dim) > 128  # 256-wide rows: smaller tiles to fit shared memory and registers
+    bd = block_d(head_dim)
     if INTERPRET:
         return [cfg(32, 32, 4, 1, tma_ok)]
     if dtype == torch.float32:  # exact (ieee) fp32 dots: for tests and references, not speed
-        return [cfg(32, 32, 4, 1), cfg(16, 32, 4, 1)] if wide else [cfg(64, 32, 4, 2), cfg(32, 32, 4, 2)]
-    if wide:
+        return [cfg(32, 32, 4, 1), cfg(16, 32, 4, 1)] if bd > 128 else [cfg(64, 32, 4, 2), cfg(32, 32, 4, 2)]
+    if bd > 128:  # 256-wide rows: smaller tiles to fit shared memory and registers
         return [cfg(64, 64, 4, 2, tma_ok), cfg(128, 64, 8, 2, tma_ok), cfg(64, 32, 4, 2)]
     if tma_ok:  # the last one, on plain pointers, stays in case descriptors fail to compile here
-        return [cfg(128, 128, 8, 3, True), cfg(128, 64, 4, 3, True), cfg(128, 128, 8, 2, True, ws=True),
-                cfg(128, 64, 4, 3)]
+        warps = 4 if bd <= 64 else 8
+        pointers = cfg(128, 64, 8, 3) if bd <= 64 else cfg(128, 32, 8, 3)
+        # persistent at D = 128 on 64-key steps: 128 x 128 needed 263 KB of shared memory (3 stages) or spilled
+        persistent = cfg(128, 128 if bd <= 64 else 64, 8, 3, True, persistent=True)
+        return [cfg(128, 128, 8, 3, True), persistent, cfg(128, 64, warps, 3, True),
+                cfg(128, 128, 8, 2, True, ws=True), pointers]
+    if bd == 128:
+        return [cfg(128, 32, 8, 3), cfg(128, 64, 8, 3), cfg(64, 64, 8, 3)]
     return [cfg(128, 64, 8, 3), cfg(128, 128, 8, 2), cfg(64, 64, 4, 3)]
 
 
@@ -204,14 +252,18 @@ def attention_forward(q, k, v, *, sm_scale: float, left: int, right: int, cu_seq
         use_tma = cfg.pop("USE_TMA") and tma_ok
         if use_tma:
             ensure_descriptor_allocator()
+        persistent = cfg.pop("PERSISTENT", False)
         grid = grid_rows(batch, n_heads, seqlen_q, cfg["BLOCK_M"])
+        if persistent:  # one resident program a multiprocessor (8 warps of up to 255 registers fill one)
+            grid = (max(1, min(grid[0] * grid[1], device_sms(q.device))),)
         _attn_fwd_kernel[grid](
             q, k, v, pk, pv, o, lse, cu_seqlens if varlen else q,
             *token_strides(q, varlen), *token_strides(k, varlen), *token_strides(v, varlen),
             *pk_strides, *pv_strides, *token_strides(o, varlen), stride_lb, stride_lh,
-            seqlen_q, seqlen_k, n_prefix, n_heads, n_heads // n_kv, sm_scale * LOG2E, left, right,
+            seqlen_q, seqlen_k, n_prefix, n_heads, n_heads // n_kv, sm_scale * LOG2E, left, right, batch,
             HEAD_DIM=head_dim, BLOCK_D=block_d(head_dim), VARLEN=varlen, HAS_PREFIX=has_prefix,
-            USE_TMA=use_tma, UPCAST=upcast(q.dtype), DOT_PRECISION=dot_precision(q.dtype), **cfg,
+            USE_TMA=use_tma, UPCAST=upcast(q.dtype), DOT_PRECISION=dot_precision(q.dtype), PERSISTENT=persistent,
+            **cfg,
         )
 
     if config is not None:
