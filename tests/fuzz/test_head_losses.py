@@ -67,14 +67,13 @@ def chunk_budget(rows, V, dtype, backend) -> int:
 
 @contextlib.contextmanager
 def steered(backend, rows, V, dtype):
-    """The op's "auto" backend forced to `backend`, `rows` token rows per chunk (None: the default budget)."""
+    """The op's "auto" backend replaced by `backend`, `rows` token rows per chunk (None: the default budget)."""
     env = {k: v for k, v in os.environ.items() if k != "FASTFT_LOSS_CHUNK_MIB"}
     if rows is not None:
         env["FASTFT_LOSS_CHUNK_MIB"] = repr(chunk_budget(rows, V, dtype, backend) / 2**20)  # exact: a power of 2
     with contextlib.ExitStack() as stack:
         stack.enter_context(mock.patch.dict(os.environ, env, clear=True))
-        if backend == "triton":
-            stack.enter_context(mock.patch.object(linear_losses, "_pick_backend", lambda op, b, device: "triton"))
+        stack.enter_context(mock.patch.object(linear_losses, "_pick_backend", lambda op, b, device: backend))
         yield
 
 
@@ -99,21 +98,26 @@ class _Holder(nn.Module):
         self.lm_head = lm_head
 
 
-def draw_head(data, kind, dtype, H, V):
+def cpu(t):
+    """The references run in fp64 on the CPU."""
+    return None if t is None else t.detach().cpu()
+
+
+def draw_head(data, kind, dtype, H, V, device="cpu"):
     """A head module with drawn tensors in drawn layouts. Returns (module, trainable {name: tensor}, facts): facts
     are W (fp64, dequantized for NF4), W_mag, bias, adapters [(A, B, s)], dropout p in effect, nf4 (bool)."""
-    W = tensor(data, (V, H), dtype, label="weight", scale=0.3)
-    b = tensor(data, (V,), dtype, label="bias") if data.draw(st.booleans(), label="bias") else None
+    W = tensor(data, (V, H), dtype, label="weight", scale=0.3, device=device)
+    b = tensor(data, (V,), dtype, label="bias", device=device) if data.draw(st.booleans(), label="bias") else None
     bias_grad = b is not None and data.draw(st.booleans(), label="bias grad")
-    facts = dict(W=W, W_mag=None, bias=b, adapters=[], p=0.0, nf4=kind in ("nf4", "qlora"))
+    facts = dict(W=cpu(W), W_mag=None, bias=cpu(b), adapters=[], p=0.0, nf4=kind in ("nf4", "qlora"))
     trainable = {}
     if facts["nf4"]:
         qweight = quantize_nf4(W.contiguous(), blocksize=data.draw(st.sampled_from([32, 64]), label="blocksize"),
                                double_quant=data.draw(st.booleans(), label="double quant"))
-        facts["W"], facts["W_mag"] = ref.nf4_dequantize_f64(qweight)
+        facts["W"], facts["W_mag"] = map(cpu, ref.nf4_dequantize_f64(qweight))
         base = NF4Linear(H, V, bias=False, weight=qweight)
     else:
-        base = nn.Linear(H, V, bias=False, dtype=dtype)
+        base = nn.Linear(H, V, bias=False, dtype=dtype, device=device)
         w_grad = kind == "linear" and data.draw(st.booleans(), label="weight grad")
         base.weight = nn.Parameter(W.detach(), requires_grad=w_grad)
         if w_grad:
@@ -142,11 +146,11 @@ def draw_head(data, kind, dtype, H, V):
     for i, name in enumerate(names):
         adapter_dtype = data.draw(st.sampled_from([dtype, torch.float32]), label=f"adapter {i} dtype")
         rank = head.r[name]
-        A = tensor(data, (rank, H), adapter_dtype, label=f"lora_A{i}", scale=0.3)
-        B = tensor(data, (V, rank), adapter_dtype, label=f"lora_B{i}", scale=0.3)
+        A = tensor(data, (rank, H), adapter_dtype, label=f"lora_A{i}", scale=0.3, device=device)
+        B = tensor(data, (V, rank), adapter_dtype, label=f"lora_B{i}", scale=0.3, device=device)
         head.lora_A[name].weight = trainable[f"lora_A{i}"] = nn.Parameter(A.detach())
         head.lora_B[name].weight = trainable[f"lora_B{i}"] = nn.Parameter(B.detach())
-        facts["adapters"].append((A, B, float(head.scaling[name])))
+        facts["adapters"].append((cpu(A), cpu(B), float(head.scaling[name])))
     training = p == 0.0 or data.draw(st.booleans(), label="training mode")  # eval mode: no dropout
     head.train(training)
     facts["p"] = p if training else 0.0
@@ -172,44 +176,42 @@ def masks_of(masks, facts, T):
         assert t0 in masks, f"no dropout mask drawn for the chunk at row {t0}"
         chain.append(masks[t0])
         t0 += masks[t0].shape[0]
-    return torch.cat(chain)
+    return cpu(torch.cat(chain))
 
 
-@pytest.mark.parametrize("kind", HEADS)
-@pytest.mark.parametrize("backend", BACKENDS)
-@fuzz(4)
-@given(data=st.data())
-def test_lm_head_cross_entropy(data, backend, kind):
+def run_lm_head_cross_entropy(data, backend, kind, *, device="cpu", max_rows=24, max_hidden=40, max_vocab=64,
+                              rows_per_chunk=ROWS_PER_CHUNK):
     op = "lm_head_cross_entropy"
     dtype = data.draw(float_dtypes(), label="dtype")
     lead = data.draw(st.sampled_from([(1,), (2, 3), ()]), label="leading dims")
-    lead = lead or (dim(data, 1, 24, label="T"),)
-    H, V = dim(data, 1, 40, label="H"), dim(data, 1, 64, label="V")
+    lead = lead or (dim(data, 1, max_rows, label="T"),)
+    H, V = dim(data, 1, max_hidden, label="H"), dim(data, 1, max_vocab, label="V")
     ignore_index = data.draw(st.sampled_from([-100, -1, 0]), label="ignore_index")
     reduction = data.draw(st.sampled_from(["mean", "sum", "none"]), label="reduction")
     num_items = data.draw(st.sampled_from([None, 7, torch.tensor(3.0)]), label="num_items") \
         if reduction == "mean" else None
     smoothing = data.draw(st.sampled_from([0.0, 0.1]), label="label_smoothing")
     softcap = data.draw(st.sampled_from([None, 3.0, 30.0]), label="softcap")
-    rows = data.draw(st.sampled_from(ROWS_PER_CHUNK), label="rows per chunk")
-    h = tensor(data, lead + (H,), dtype, label="hidden", requires_grad=True)
-    head, trainable, facts = draw_head(data, kind, dtype, H, V)
+    rows = data.draw(st.sampled_from(rows_per_chunk), label="rows per chunk")
+    h = tensor(data, lead + (H,), dtype, label="hidden", requires_grad=True, device=device)
+    head, trainable, facts = draw_head(data, kind, dtype, H, V, device)
     labels = _labels(data, lead, V, ignore_index)
     T = labels.numel()
     g, w_rows, den = _row_weights(data, reduction, lead, dtype, int((labels != ignore_index).sum()), num_items)
     inputs = {"x": h} | trainable
 
     with steered(backend, rows, V, dtype), captured_masks() as masks:
-        loss = lm_head_cross_entropy(h, head, labels, ignore_index=ignore_index, reduction=reduction,
+        loss = lm_head_cross_entropy(h, head, labels.to(device), ignore_index=ignore_index, reduction=reduction,
                                      label_smoothing=smoothing, softcap=softcap, num_items=num_items)
-        grads = dict(zip(inputs, torch.autograd.grad(loss, list(inputs.values()), g)))
+        grads = dict(zip(inputs, torch.autograd.grad(loss, list(inputs.values()), g.to(device))))
     assert loss.dtype == torch.float32 and tuple(loss.shape) == (lead if reduction == "none" else ())
+    loss, grads = cpu(loss), {n: cpu(t) for n, t in grads.items()}
 
     keep, p = masks_of(masks, facts, T), facts["p"]
     n_logit, n_grad = rounds(facts, nf4_vocab_blocks(rows, V, H, dtype, backend))
     r = sum(A.shape[0] for A, _, _ in facts["adapters"])
     extra = DEQUANT_REL if facts["nf4"] else 0.0
-    h2 = h.reshape(T, H)
+    h2 = cpu(h).reshape(T, H)
     z, zmag = ref.head_logits(h2, facts["W"], facts["bias"], facts["adapters"], keep, p, facts["W_mag"])
     u, u32 = ref.UNIT_ROUNDOFF[dtype], ref.UNIT_ROUNDOFF[torch.float32]
     e = (n_logit * u + ref.LAMBDA * u32 * (math.sqrt(H) + (math.sqrt(r) if r else 0.0)) + extra) * zmag \
@@ -229,38 +231,42 @@ def test_lm_head_cross_entropy(data, backend, kind):
     ref.count_example(f"{op}[{backend}]")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@fuzz(6)
-@given(data=st.data())
-def test_linear_dpo_loss(data, backend):
+def run_linear_dpo_loss(data, backend, *, device="cpu", max_batch=3, max_seq=9, max_hidden=40, max_vocab=64,
+                        rows_per_chunk=ROWS_PER_CHUNK):
     op = "linear_dpo_loss"
     dtype = data.draw(float_dtypes(), label="dtype")
-    Bn, Sc, Sr = dim(data, 1, 3, label="B"), dim(data, 1, 9, label="S chosen"), dim(data, 1, 9, label="S rejected")
-    H, V = dim(data, 1, 40, label="H"), dim(data, 1, 64, label="V")
+    Bn = dim(data, 1, max_batch, label="B")
+    Sc, Sr = dim(data, 1, max_seq, label="S chosen"), dim(data, 1, max_seq, label="S rejected")
+    H, V = dim(data, 1, max_hidden, label="H"), dim(data, 1, max_vocab, label="V")
     beta = data.draw(st.sampled_from([0.1, 0.5, 2.0, -0.3]), label="beta")
     ignore_index = data.draw(st.sampled_from([-100, -1]), label="ignore_index")
-    rows = data.draw(st.sampled_from(ROWS_PER_CHUNK), label="rows per chunk")
-    hc = tensor(data, (Bn, Sc, H), dtype, label="chosen hidden", requires_grad=True)
-    hr = tensor(data, (Bn, Sr, H), dtype, label="rejected hidden", requires_grad=True)
-    W = tensor(data, (V, H), dtype, label="weight", scale=0.3,
+    rows = data.draw(st.sampled_from(rows_per_chunk), label="rows per chunk")
+    on = dict(device=device, requires_grad=True)
+    hc = tensor(data, (Bn, Sc, H), dtype, label="chosen hidden", **on)
+    hr = tensor(data, (Bn, Sr, H), dtype, label="rejected hidden", **on)
+    W = tensor(data, (V, H), dtype, label="weight", scale=0.3, device=device,
                requires_grad=data.draw(st.booleans(), label="weight grad"))  # frozen: the dh-only path
-    b = tensor(data, (V,), dtype, label="bias", requires_grad=data.draw(st.booleans(), label="bias grad")) \
-        if data.draw(st.booleans(), label="bias") else None
+    b = tensor(data, (V,), dtype, label="bias", device=device,
+               requires_grad=data.draw(st.booleans(), label="bias grad")) if data.draw(st.booleans(), label="bias") \
+        else None
     lab_c, lab_r = _labels(data, (Bn, Sc), V, ignore_index), _labels(data, (Bn, Sr), V, ignore_index)
     ref_dtype = data.draw(st.sampled_from([torch.float32, dtype]), label="reference logps dtype")
     ref_grad = data.draw(st.booleans(), label="reference logps grad")
-    ref_c = tensor(data, (Bn,), ref_dtype, label="ref chosen", scale=5.0, requires_grad=ref_grad)
-    ref_r = tensor(data, (Bn,), ref_dtype, label="ref rejected", scale=5.0, requires_grad=ref_grad)
+    ref_c = tensor(data, (Bn,), ref_dtype, label="ref chosen", scale=5.0, device=device, requires_grad=ref_grad)
+    ref_r = tensor(data, (Bn,), ref_dtype, label="ref rejected", scale=5.0, device=device, requires_grad=ref_grad)
     g = data.draw(st.sampled_from(SCALAR_GRADS), label="grad_output")
     inputs = {n: t for n, t in (("chosen_x", hc), ("rejected_x", hr), ("weight", W), ("bias", b), ("ref_chosen", ref_c),
                                 ("ref_rejected", ref_r)) if t is not None and t.requires_grad}
 
     with steered(backend, rows, V, dtype):
-        loss, rewards_c, rewards_r = linear_dpo_loss(hc, hr, W, lab_c, lab_r, ref_chosen_logps=ref_c,
-                                                     ref_rejected_logps=ref_r, beta=beta, ignore_index=ignore_index,
-                                                     bias=b)
-        grads = dict(zip(inputs, torch.autograd.grad(loss, list(inputs.values()), torch.tensor(g))))
+        loss, rewards_c, rewards_r = linear_dpo_loss(hc, hr, W, lab_c.to(device), lab_r.to(device),
+                                                     ref_chosen_logps=ref_c, ref_rejected_logps=ref_r, beta=beta,
+                                                     ignore_index=ignore_index, bias=b)
+        grads = dict(zip(inputs, torch.autograd.grad(loss, list(inputs.values()), torch.tensor(g, device=device))))
     assert loss.dtype == torch.float32 and loss.shape == () and rewards_c.shape == rewards_r.shape == (Bn,)
+    loss, rewards_c, rewards_r = cpu(loss), cpu(rewards_c), cpu(rewards_r)
+    grads = {n: cpu(t) for n, t in grads.items()}
+    hc, hr, W, b, ref_c, ref_r = map(cpu, (hc, hr, W, b, ref_c, ref_r))
 
     per_side = []
     for hh, lab, S in ((hc, lab_c, Sc), (hr, lab_r, Sr)):
@@ -300,3 +306,41 @@ def test_linear_dpo_loss(data, backend):
                       (V,) if name in split else (T,), abs_floor=err)
         assert grads[name].dtype == t.dtype, f"{op} d{name} should come back in {t.dtype}, got {grads[name].dtype}"
     ref.count_example(f"{op}[{backend}]")
+
+
+@pytest.mark.parametrize("kind", HEADS)
+@pytest.mark.parametrize("backend", BACKENDS)
+@fuzz(4)
+@given(data=st.data())
+def test_lm_head_cross_entropy(data, backend, kind):
+    run_lm_head_cross_entropy(data, backend, kind)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@fuzz(6)
+@given(data=st.data())
+def test_linear_dpo_loss(data, backend):
+    run_linear_dpo_loss(data, backend)
+
+
+# GPU: larger shapes, natively (backend "triton" is what "auto" picks there); never small chunks of a large vocab
+GPU_ROWS_PER_CHUNK = (None, 7, 64, 100)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", HEADS)
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@fuzz(8)
+@given(data=st.data())
+def test_lm_head_cross_entropy_gpu(data, backend, kind, exact_cuda_reductions):
+    run_lm_head_cross_entropy(data, backend, kind, device="cuda", max_rows=300, max_hidden=520, max_vocab=1000,
+                              rows_per_chunk=GPU_ROWS_PER_CHUNK)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@fuzz(12)
+@given(data=st.data())
+def test_linear_dpo_loss_gpu(data, backend, exact_cuda_reductions):
+    run_linear_dpo_loss(data, backend, device="cuda", max_batch=4, max_seq=70, max_hidden=520, max_vocab=1000,
+                        rows_per_chunk=GPU_ROWS_PER_CHUNK)
