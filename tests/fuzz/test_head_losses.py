@@ -143,13 +143,16 @@ def draw_head(data, kind, dtype, H, V, device="cpu"):
         names.append("second")
     head = model.base_model.model.lm_head
     head.set_adapter(names)
+    adapters_grad = data.draw(st.booleans(), label="adapters trainable")  # all frozen, reduction "none": the dh-only path
     for i, name in enumerate(names):
         adapter_dtype = data.draw(st.sampled_from([dtype, torch.float32]), label=f"adapter {i} dtype")
         rank = head.r[name]
         A = tensor(data, (rank, H), adapter_dtype, label=f"lora_A{i}", scale=0.3, device=device)
         B = tensor(data, (V, rank), adapter_dtype, label=f"lora_B{i}", scale=0.3, device=device)
-        head.lora_A[name].weight = trainable[f"lora_A{i}"] = nn.Parameter(A.detach())
-        head.lora_B[name].weight = trainable[f"lora_B{i}"] = nn.Parameter(B.detach())
+        head.lora_A[name].weight = nn.Parameter(A.detach(), requires_grad=adapters_grad)
+        head.lora_B[name].weight = nn.Parameter(B.detach(), requires_grad=adapters_grad)
+        if adapters_grad:
+            trainable[f"lora_A{i}"], trainable[f"lora_B{i}"] = head.lora_A[name].weight, head.lora_B[name].weight
         facts["adapters"].append((cpu(A), cpu(B), float(head.scaling[name])))
     training = p == 0.0 or data.draw(st.booleans(), label="training mode")  # eval mode: no dropout
     head.train(training)
@@ -171,6 +174,8 @@ def masks_of(masks, facts, T):
     if facts["p"] == 0.0:
         assert not masks, "dropout masks drawn for a head without dropout in effect"
         return None
+    if T == 0:
+        return torch.ones(0, facts["W"].shape[1], dtype=torch.bool)
     chain, t0 = [], 0  # the chunks' masks, each starting where the last ended
     while t0 < T:
         assert t0 in masks, f"no dropout mask drawn for the chunk at row {t0}"
@@ -184,7 +189,7 @@ def run_lm_head_cross_entropy(data, backend, kind, *, device="cpu", max_rows=24,
     op = "lm_head_cross_entropy"
     dtype = data.draw(float_dtypes(), label="dtype")
     lead = data.draw(st.sampled_from([(1,), (2, 3), ()]), label="leading dims")
-    lead = lead or (dim(data, 1, max_rows, label="T"),)
+    lead = lead or (dim(data, 0, max_rows, label="T"),)
     H, V = dim(data, 1, max_hidden, label="H"), dim(data, 1, max_vocab, label="V")
     ignore_index = data.draw(st.sampled_from([-100, -1, 0]), label="ignore_index")
     reduction = data.draw(st.sampled_from(["mean", "sum", "none"]), label="reduction")
@@ -236,7 +241,7 @@ def run_linear_dpo_loss(data, backend, *, device="cpu", max_batch=3, max_seq=9, 
     op = "linear_dpo_loss"
     dtype = data.draw(float_dtypes(), label="dtype")
     Bn = dim(data, 1, max_batch, label="B")
-    Sc, Sr = dim(data, 1, max_seq, label="S chosen"), dim(data, 1, max_seq, label="S rejected")
+    Sc, Sr = dim(data, 0, max_seq, label="S chosen"), dim(data, 0, max_seq, label="S rejected")
     H, V = dim(data, 1, max_hidden, label="H"), dim(data, 1, max_vocab, label="V")
     beta = data.draw(st.sampled_from([0.1, 0.5, 2.0, -0.3]), label="beta")
     ignore_index = data.draw(st.sampled_from([-100, -1]), label="ignore_index")
