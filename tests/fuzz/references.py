@@ -567,7 +567,8 @@ def head_grads_lora(h, W, G, Gm, Ge, adapters=(), keep=None, p=0.0, W_mag=None):
         return out
 
     absads = [(A.abs(), B.abs(), abs(s)) for A, B, s in ads]
-    exact, mag, err = grads(f64(G), h, W, ads), grads(f64(Gm), h.abs(), Wm, absads), grads(f64(Ge), h.abs(), Wm, absads)
+    exact = grads(f64(G), h, W, ads)
+    mag, err = grads(f64(Gm), h.abs(), Wm, absads), grads(f64(Ge), h.abs(), Wm, absads)
     return {n: (exact[n], mag[n], err[n]) for n in exact}
 
 
