@@ -35,7 +35,7 @@ from tests.fuzz.test_linear_losses import (FP32_TINY, GRAD_N_ROUND, LOGIT_N_ROUN
 from tests.utils import interpreter_only
 
 BACKENDS = ["torch", pytest.param("triton", marks=interpreter_only)]
-HEADS = ("linear", "nf4", "peft_lora", "fastft_lora", "qlora")
+HEADS = ("linear", "modules_to_save", "nf4", "peft_lora", "fastft_lora", "qlora")
 ROWS_PER_CHUNK = (None, 1, 2, 3, 5)  # None: the default budget (one chunk here)
 DEQUANT_REL = 3 * ref.UNIT_ROUNDOFF[torch.float32]  # NF4 code·absmax (nested: code2·absmax2 + offset) in fp32
 
@@ -93,9 +93,36 @@ def captured_masks():
 
 
 class _Holder(nn.Module):
-    def __init__(self, lm_head):
+    def __init__(self, lm_head, **others):
         super().__init__()
         self.lm_head = lm_head
+        for name, module in others.items():
+            self.add_module(name, module)
+
+
+def saved_copy_wrapper(head: nn.Linear) -> nn.Module:
+    """peft's ModulesToSaveWrapper (modules_to_save=["lm_head"]) whose trainable copy is `head`. The original it
+    wraps is all zeros: a loss computed through it instead would differ."""
+    original = nn.Linear(head.in_features, head.out_features, bias=head.bias is not None, dtype=head.weight.dtype,
+                         device=head.weight.device)
+    nn.init.zeros_(original.weight)
+    model = peft.get_peft_model(_Holder(original, q=nn.Linear(2, 2)),
+                                peft.LoraConfig(r=1, target_modules=["q"], modules_to_save=["lm_head"]))
+    wrapper = model.base_model.model.lm_head
+    wrapper.modules_to_save["default"] = head
+    return wrapper
+
+
+def stored_dtype(data, dtype):
+    """The dtype the inputs are stored in: `dtype`, or for fp16 / bf16 sometimes fp32 under torch.autocast(dtype)
+    (the op casts hidden, weight and bias; values not exact in `dtype`: two more roundings on every path)."""
+    if dtype != torch.float32 and data.draw(st.booleans(), label="fp32 inputs under autocast"):
+        return torch.float32
+    return dtype
+
+
+def autocast(device, dtype, store):
+    return torch.autocast(torch.device(device).type, dtype=dtype, enabled=store != dtype)
 
 
 def cpu(t):
@@ -118,7 +145,7 @@ def draw_head(data, kind, dtype, H, V, device="cpu"):
         base = NF4Linear(H, V, bias=False, weight=qweight)
     else:
         base = nn.Linear(H, V, bias=False, dtype=dtype, device=device)
-        w_grad = kind == "linear" and data.draw(st.booleans(), label="weight grad")
+        w_grad = kind in ("linear", "modules_to_save") and data.draw(st.booleans(), label="weight grad")
         base.weight = nn.Parameter(W.detach(), requires_grad=w_grad)
         if w_grad:
             trainable["weight"] = base.weight
@@ -128,6 +155,8 @@ def draw_head(data, kind, dtype, H, V, device="cpu"):
             trainable["bias"] = base.bias
     if kind in ("linear", "nf4"):
         return base, trainable, facts
+    if kind == "modules_to_save":
+        return saved_copy_wrapper(base), trainable, facts
 
     p = data.draw(st.sampled_from([0.0, 0.3]), label="lora_dropout")
     r = dim(data, 1, 33, label="r")
@@ -190,6 +219,7 @@ def run_lm_head_cross_entropy(data, backend, kind, *, device="cpu", max_rows=24,
                               rows_per_chunk=ROWS_PER_CHUNK):
     op = "lm_head_cross_entropy"
     dtype = data.draw(float_dtypes(), label="dtype")
+    store = stored_dtype(data, dtype)
     lead = data.draw(st.sampled_from([(1,), (2, 3), ()]), label="leading dims")
     lead = lead or (dim(data, 0, max_rows, label="T"),)
     H, V = dim(data, 1, max_hidden, label="H"), dim(data, 1, max_vocab, label="V")
@@ -200,14 +230,14 @@ def run_lm_head_cross_entropy(data, backend, kind, *, device="cpu", max_rows=24,
     smoothing = data.draw(st.sampled_from([0.0, 0.1]), label="label_smoothing")
     softcap = data.draw(st.sampled_from([None, 3.0, 30.0]), label="softcap")
     rows = data.draw(st.sampled_from(rows_per_chunk), label="rows per chunk")
-    h = tensor(data, lead + (H,), dtype, label="hidden", requires_grad=True, device=device)
-    head, trainable, facts = draw_head(data, kind, dtype, H, V, device)
+    h = tensor(data, lead + (H,), store, label="hidden", requires_grad=True, device=device)
+    head, trainable, facts = draw_head(data, kind, store, H, V, device)
     labels = _labels(data, lead, V, ignore_index)
     T = labels.numel()
     g, w_rows, den = _row_weights(data, reduction, lead, dtype, int((labels != ignore_index).sum()), num_items)
     inputs = {"x": h} | trainable
 
-    with steered(backend, rows, V, dtype), captured_masks() as masks:
+    with steered(backend, rows, V, dtype), captured_masks() as masks, autocast(device, dtype, store):
         loss = lm_head_cross_entropy(h, head, labels.to(device), ignore_index=ignore_index, reduction=reduction,
                                      label_smoothing=smoothing, softcap=softcap, num_items=num_items)
         grads = dict(zip(inputs, torch.autograd.grad(loss, list(inputs.values()), g.to(device))))
@@ -216,6 +246,7 @@ def run_lm_head_cross_entropy(data, backend, kind, *, device="cpu", max_rows=24,
 
     keep, p = masks_of(masks, facts, T), facts["p"]
     n_logit, n_grad = rounds(facts, nf4_vocab_blocks(rows, V, H, dtype, backend))
+    n_logit, n_grad = n_logit + 2 * (store != dtype), n_grad + 2 * (store != dtype)  # autocast: h and W cast
     r = sum(A.shape[0] for A, _, _ in facts["adapters"])
     extra = DEQUANT_REL if facts["nf4"] else 0.0
     h2 = cpu(h).reshape(T, H)
@@ -242,6 +273,7 @@ def run_linear_dpo_loss(data, backend, *, device="cpu", max_batch=3, max_seq=9, 
                         rows_per_chunk=ROWS_PER_CHUNK):
     op = "linear_dpo_loss"
     dtype = data.draw(float_dtypes(), label="dtype")
+    store = stored_dtype(data, dtype)
     Bn = dim(data, 1, max_batch, label="B")
     Sc, Sr = dim(data, 0, max_seq, label="S chosen"), dim(data, 0, max_seq, label="S rejected")
     H, V = dim(data, 1, max_hidden, label="H"), dim(data, 1, max_vocab, label="V")
@@ -249,11 +281,11 @@ def run_linear_dpo_loss(data, backend, *, device="cpu", max_batch=3, max_seq=9, 
     ignore_index = data.draw(st.sampled_from([-100, -1]), label="ignore_index")
     rows = data.draw(st.sampled_from(rows_per_chunk), label="rows per chunk")
     on = dict(device=device, requires_grad=True)
-    hc = tensor(data, (Bn, Sc, H), dtype, label="chosen hidden", **on)
-    hr = tensor(data, (Bn, Sr, H), dtype, label="rejected hidden", **on)
-    W = tensor(data, (V, H), dtype, label="weight", scale=0.3, device=device,
+    hc = tensor(data, (Bn, Sc, H), store, label="chosen hidden", **on)
+    hr = tensor(data, (Bn, Sr, H), store, label="rejected hidden", **on)
+    W = tensor(data, (V, H), store, label="weight", scale=0.3, device=device,
                requires_grad=data.draw(st.booleans(), label="weight grad"))  # frozen: the dh-only path
-    b = tensor(data, (V,), dtype, label="bias", device=device,
+    b = tensor(data, (V,), store, label="bias", device=device,
                requires_grad=data.draw(st.booleans(), label="bias grad")) if data.draw(st.booleans(), label="bias") \
         else None
     lab_c, lab_r = _labels(data, (Bn, Sc), V, ignore_index), _labels(data, (Bn, Sr), V, ignore_index)
@@ -265,7 +297,7 @@ def run_linear_dpo_loss(data, backend, *, device="cpu", max_batch=3, max_seq=9, 
     inputs = {n: t for n, t in (("chosen_x", hc), ("rejected_x", hr), ("weight", W), ("bias", b), ("ref_chosen", ref_c),
                                 ("ref_rejected", ref_r)) if t is not None and t.requires_grad}
 
-    with steered(backend, rows, V, dtype):
+    with steered(backend, rows, V, dtype), autocast(device, dtype, store):
         loss, rewards_c, rewards_r = linear_dpo_loss(hc, hr, W, lab_c.to(device), lab_r.to(device),
                                                      ref_chosen_logps=ref_c, ref_rejected_logps=ref_r, beta=beta,
                                                      ignore_index=ignore_index, bias=b)
@@ -277,7 +309,7 @@ def run_linear_dpo_loss(data, backend, *, device="cpu", max_batch=3, max_seq=9, 
 
     per_side = []
     for hh, lab, S in ((hc, lab_c, Sc), (hr, lab_r, Sr)):
-        z, e = ref.logit_error(hh.reshape(-1, H), W, b, dtype, LOGIT_N_ROUND)
+        z, e = ref.logit_error(hh.reshape(-1, H), W, b, dtype, LOGIT_N_ROUND + 2 * (store != dtype))
         per_side.append(ref.ce_rows(z, e, lab.reshape(-1), ignore_index))
     (rows_c, dz_c, err_c, mag_c, derr_c), (rows_r, dz_r, err_r, mag_r, derr_r) = per_side
     dpo = ref.dpo_terms(rows_c.view(Bn, Sc), err_c.view(Bn, Sc), rows_r.view(Bn, Sr), err_r.view(Bn, Sr), ref_c, ref_r,
@@ -309,8 +341,8 @@ def run_linear_dpo_loss(data, backend, *, device="cpu", max_batch=3, max_seq=9, 
             exact, mag, err = expected["x" if name in split else name]
             if name in split:
                 exact, mag, err = (v[split[name]] for v in (exact, mag, err))
-            ref.check(op, f"{backend} d{name}", grads[name].reshape(exact.shape), exact, mag, dtype, GRAD_N_ROUND,
-                      (V,) if name in split else (T,), abs_floor=err)
+            ref.check(op, f"{backend} d{name}", grads[name].reshape(exact.shape), exact, mag, dtype,
+                      GRAD_N_ROUND + 2 * (store != dtype), (V,) if name in split else (T,), abs_floor=err)
         assert grads[name].dtype == t.dtype, f"{op} d{name} should come back in {t.dtype}, got {grads[name].dtype}"
     ref.count_example(f"{op}[{backend}]")
 
