@@ -525,3 +525,81 @@ def bottleneck_with_grads(h, D, bd, U, bu, activation, dy, pre_rel: float):
     gs["h"] = gs["h"].view(shape)
     mags["h"] = tuple(t.view(shape) for t in mags["h"])
     return y.detach().view(shape), gs, ymag.view(shape), mags
+
+
+# ----------------------------------------------------------------------------------------------
+# lm_head modules (dense / NF4 weight, bias, LoRA adapters) and DPO, for the fused losses
+
+def _adapter_terms(h, keep, p, adapters):
+    """[(h_d·Aᵀ, A, B, s)] with h_d = keep∘h/(1−p), the LoRA input after inverted dropout."""
+    hd = h if keep is None else h * keep / (1.0 - p)
+    return hd, [(hd @ A.t(), A, B, s) for A, B, s in adapters]
+
+
+def head_logits(h, W, b, adapters=(), keep=None, p=0.0, W_mag=None):
+    """fp64 (z, z_mag) of z = h·Wᵀ + b + Σ_a s_a·(h_d·A_aᵀ)·B_aᵀ for rows h (T, H); adapters [(A, B, s)];
+    z_mag: the same with every factor at its absolute value (W_mag for a dequantized weight)."""
+    h, W, b, keep = f64(h), f64(W), f64(b), f64(keep)
+    Wm = W.abs() if W_mag is None else f64(W_mag)
+    ads = [(f64(A), f64(B), float(s)) for A, B, s in adapters]
+    _, terms = _adapter_terms(h, keep, p, ads)
+    _, mterms = _adapter_terms(h.abs(), keep, p, [(A.abs(), B.abs(), abs(s)) for A, B, s in ads])
+    z, zm = h @ W.t(), h.abs() @ Wm.t()
+    if b is not None:
+        z, zm = z + b, zm + b.abs()
+    for (hA, _, B, s), (hAm, _, Bm, sm) in zip(terms, mterms):
+        z, zm = z + s * hA @ B.t(), zm + sm * hAm @ Bm.t()
+    return z, zm
+
+
+def head_grads_lora(h, W, G, Gm, Ge, adapters=(), keep=None, p=0.0, W_mag=None):
+    """Gradients of Σ G∘z through `head_logits`' z, given G = d(total)/dz (T, V) with its magnitude Gm and error
+    bound Ge: {x, weight, bias, lora_A<a>, lora_B<a>} each (exact, magnitude, absolute error from Ge):
+    dh = G·W + Σ s·((G·B)·A)∘keep/(1−p), dW = Gᵀ·h, db = Σ_t G, dA = s·(G·B)ᵀ·h_d, dB = s·Gᵀ·(h_d·Aᵀ)."""
+    h, W, keep = f64(h), f64(W), f64(keep)
+    Wm = W.abs() if W_mag is None else f64(W_mag)
+    ads = [(f64(A), f64(B), float(s)) for A, B, s in adapters]
+
+    def grads(G, h, W, ads):
+        hd, terms = _adapter_terms(h, keep, p, ads)
+        out = {"x": G @ W, "weight": G.t() @ h, "bias": G.sum(0)}
+        for i, (hA, A, B, s) in enumerate(terms):
+            GB = G @ B
+            drop = (GB @ A) if keep is None else (GB @ A) * keep / (1.0 - p)
+            out["x"] = out["x"] + s * drop
+            out[f"lora_A{i}"], out[f"lora_B{i}"] = s * GB.t() @ hd, s * G.t() @ hA
+        return out
+
+    absads = [(A.abs(), B.abs(), abs(s)) for A, B, s in ads]
+    exact = grads(f64(G), h, W, ads)
+    mag, err = grads(f64(Gm), h.abs(), Wm, absads), grads(f64(Ge), h.abs(), Wm, absads)
+    return {n: (exact[n], mag[n], err[n]) for n in exact}
+
+
+def dpo_terms(rows_c, err_c, rows_r, err_r, ref_c, ref_r, beta: float):
+    """DPO from per-token losses (B, S) of chosen / rejected (0 at ignored tokens) with their error bounds (the
+    op sums fp32 token losses): π = −Σ_s loss, reward = β·(π − ref), Δ = reward_c − reward_r,
+    loss = −mean_b log σ(Δ). Returns a dict of fp64 values with their error bounds ("*_err") and
+    w = d loss/d ref_c = −d loss/d π_c = β·σ(−Δ)/B with its bound "w_err" (the op's σ(−Δ) from its own Δ:
+    σ is ¼-Lipschitz; fp32 logsigmoid backward, mean, β products: 8·u32 relative)."""
+    u32 = UNIT_ROUNDOFF[torch.float32]
+    ref_c, ref_r = f64(ref_c), f64(ref_r)
+    Bn = rows_c.shape[0]
+    out = {}
+    for side, rows, err, ref in (("c", rows_c, err_c, ref_c), ("r", rows_r, err_r, ref_r)):
+        S = rows.shape[1]
+        pi = -rows.sum(-1)
+        pi_err = err.sum(-1) + LAMBDA * math.sqrt(max(1, S)) * u32 * rows.abs().sum(-1)
+        out[f"reward_{side}"] = beta * (pi - ref)
+        out[f"reward_{side}_err"] = abs(beta) * (pi_err + 3 * u32 * (pi.abs() + ref.abs()))
+    delta = out["reward_c"] - out["reward_r"]
+    delta_err = out["reward_c_err"] + out["reward_r_err"] + u32 * (out["reward_c"].abs() + out["reward_r"].abs())
+    logsig = torch.nn.functional.logsigmoid(delta)
+    out["loss"] = -logsig.mean()
+    out["loss_mag"] = logsig.abs().mean()
+    out["loss_err"] = (delta_err + 4 * u32 * (delta.abs() + 1)).mean() \
+        + (LAMBDA * math.sqrt(max(1, Bn)) + 1) * u32 * out["loss_mag"]
+    sig = torch.sigmoid(-delta)
+    out["w"] = beta * sig / Bn
+    out["w_err"] = abs(beta) / Bn * (delta_err / 4 + 8 * u32 * sig)
+    return out
