@@ -74,7 +74,7 @@ def steered(backend, rows, V, dtype):
         env["FASTFT_LOSS_CHUNK_MIB"] = repr(chunk_budget(rows, V, dtype, backend) / 2**20)  # exact: a power of 2
     with contextlib.ExitStack() as stack:
         stack.enter_context(mock.patch.dict(os.environ, env, clear=True))
-        stack.enter_context(mock.patch.object(linear_losses, "_pick_backend", lambda op, b, device: backend))
+        stack.enter_context(mock.patch.object(linear_losses, "resolve_backend", lambda op, b, device, **kw: backend))
         yield
 
 
