@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastft.apps.bench import card_name, markdown_table, peak_memory_mib, time_ms, write_results
-from fastft.kernels import lora_linear as K
+from fastft.kernels import rank_ops
+from fastft.kernels.lora_gemm import lora_gemm
 from fastft.ops import lora_linear, lora_linear_reference
 
 M = 8192
@@ -99,20 +100,20 @@ def breakdown(k: int, n: int, r: int = 16) -> dict:
     x = torch.randn(M, k, device="cuda", dtype=DTYPE)
     dy = torch.randn(M, n, device="cuda", dtype=DTYPE)
     W = torch.randn(n, k, device="cuda", dtype=DTYPE) * k**-0.5
-    R = K.rank_pad(r)
+    R = rank_ops.rank_pad(r)
     A = torch.randn(R, k, device="cuda", dtype=DTYPE) * 0.01
     B = torch.randn(n, R, device="cuda", dtype=DTYPE) * 0.01
-    xs = K.rank_project(x, A, scale=2.0)
-    g = K.rank_project(dy, B.t(), scale=2.0)
+    xs = rank_ops.rank_project(x, A, scale=2.0)
+    g = rank_ops.rank_project(dy, B.t(), scale=2.0)
     parts = {
         "cublas x@W.T": lambda: x @ W.t(),
         "cublas dy@W": lambda: dy @ W,
-        "fwd rank_project (x·Aᵀ)": lambda: K.rank_project(x, A, scale=2.0),
-        "fwd lora_gemm": lambda: K.lora_gemm(x, W, xs, B, None, b_nk=True),
-        "bwd rank_project (dy·B)": lambda: K.rank_project(dy, B.t(), scale=2.0),
-        "bwd lora_gemm (dx)": lambda: K.lora_gemm(dy, W, g, A, None, b_nk=False),
-        "bwd rank_reduce (dA)": lambda: K.rank_reduce(g, x),
-        "bwd rank_reduce (dB)": lambda: K.rank_reduce(xs, dy),
+        "fwd rank_project (x·Aᵀ)": lambda: rank_ops.rank_project(x, A, scale=2.0),
+        "fwd lora_gemm": lambda: lora_gemm(x, W, xs, B, None, b_nk=True),
+        "bwd rank_project (dy·B)": lambda: rank_ops.rank_project(dy, B.t(), scale=2.0),
+        "bwd lora_gemm (dx)": lambda: lora_gemm(dy, W, g, A, None, b_nk=False),
+        "bwd rank_reduce (dA)": lambda: rank_ops.rank_reduce(g, x),
+        "bwd rank_reduce (dB)": lambda: rank_ops.rank_reduce(xs, dy),
     }
     out = {}
     for name, fn in parts.items():

@@ -28,7 +28,7 @@ import torch.nn.functional as F  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from fastft.apps.bench import card_name, markdown_table, time_ms, write_results  # noqa: E402
-from fastft.kernels.lora_linear import rank_pad  # noqa: E402
+from fastft.kernels.rank_ops import rank_pad  # noqa: E402
 from fastft.ops import lora_linear, lora_linear_reference, lora_path  # noqa: E402
 
 M = 40 if SMOKE else 8192

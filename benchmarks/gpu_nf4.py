@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import fastft  # noqa: E402
 from fastft.apps.bench.harness import card_name, log, peak_memory_mib, time_ms, versions, write_results  # noqa: E402
-from fastft.kernels.lora_linear import rank_pad  # noqa: E402
+from fastft.kernels.rank_ops import rank_pad  # noqa: E402
 from fastft.ops import qlora_path  # noqa: E402
 from fastft.quant import NF4Weight, quantize_nf4  # noqa: E402
 

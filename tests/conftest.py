@@ -33,7 +33,7 @@ def _seed():
 @pytest.fixture
 def captured_seeds(monkeypatch):
     """The seeds the fused LoRA ops draw for dropout, in order, so a test can regenerate the kernels' mask
-    (fastft.kernels.lora_linear.dropout_mask) for its reference."""
+    (fastft.kernels.rank_ops.dropout_mask) for its reference."""
     import fastft.ops.lora as lora_ops
 
     seeds = []

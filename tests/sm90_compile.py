@@ -18,8 +18,8 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, compile as triton_compile
 
-from fastft.kernels import (bottleneck_adapter, column_dot, cross_entropy, dora_row_norm, lora_linear, nf4_dequant,
-                            nf4_gemm)
+from fastft.kernels import (bottleneck_adapter, column_dot, cross_entropy, dora_row_norm, lora_gemm, nf4_dequant,
+                            nf4_gemm, rank_ops)
 
 TARGET = GPUTarget("cuda", 90, 32)
 SMEM_LIMIT = 232448  # bytes of shared memory a block may use on sm_90
@@ -73,12 +73,12 @@ def lora_fold(every_config: bool = False) -> int:
     failures = 0
     jobs = []
     top = (lambda configs: configs) if every_config else (lambda configs: configs[:1])
-    for rank, b_nk, use_tma in itertools.product((16, lora_linear.FOLD_MAX_RANK), (True, False), (True, False)):
-        if use_tma or every_config or rank == lora_linear.FOLD_MAX_RANK:
-            jobs += [(rank, b_nk, False, use_tma, cfg) for cfg in top(lora_linear.gemm_configs(use_tma, 2, rank))]
-    for rank, use_tma in itertools.product((16, lora_linear.FOLD_MAX_RANK), (True, False)):
+    for rank, b_nk, use_tma in itertools.product((16, lora_gemm.FOLD_MAX_RANK), (True, False), (True, False)):
+        if use_tma or every_config or rank == lora_gemm.FOLD_MAX_RANK:
+            jobs += [(rank, b_nk, False, use_tma, cfg) for cfg in top(lora_gemm.gemm_configs(use_tma, 2, rank))]
+    for rank, use_tma in itertools.product((16, lora_gemm.FOLD_MAX_RANK), (True, False)):
         if use_tma or every_config:
-            jobs += [(rank, False, True, use_tma, cfg) for cfg in top(lora_linear.dropout_dx_configs(use_tma, 2, rank))]
+            jobs += [(rank, False, True, use_tma, cfg) for cfg in top(lora_gemm.dropout_dx_configs(use_tma, 2, rank))]
     for rank, b_nk, dropout, use_tma, cfg in jobs:
         cfg = dict(cfg)
         warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
@@ -86,21 +86,21 @@ def lora_fold(every_config: bool = False) -> int:
                       HAS_K_SCALE=False, FOLD=True, USE_TMA=use_tma, UPCAST=False, DOT_PRECISION="tf32",
                       BLOCK_R=rank, **cfg)
         failures += _check(f"lora_gemm FOLD R={rank} b_nk={b_nk} dropout={dropout} tma={use_tma} {cfg} "
-                           f"warps={warps} stages={stages}", lora_linear._lora_gemm_kernel, LORA_GEMM_SIG, consts,
+                           f"warps={warps} stages={stages}", lora_gemm._lora_gemm_kernel, LORA_GEMM_SIG, consts,
                            ["a_ptr", "b_ptr", "l_ptr", "t_ptr", "c_ptr", "p_ptr", "K", "stride_am", "stride_cm"],
                            dict(num_warps=warps, num_stages=stages))
     # the fold path's dA + dB in one launch, with and without dropout
     sig = dict(la_ptr="*bf16", ya_ptr="*bf16", parta_ptr="*fp32", lb_ptr="*bf16", yb_ptr="*bf16", partb_ptr="*fp32",
                M="i32", NA="i32", NB="i32", tiles_a="i32", rows_per_split="i32", stride_lam="i32", stride_yam="i32",
                stride_yan="i32", stride_lbm="i32", stride_ybm="i32", stride_ybn="i32", p_drop="fp32", seed="i32")
-    for rank, dropout in itertools.product((16, lora_linear.FOLD_MAX_RANK), (False, True)):
-        for cfg in top(lora_linear.pair_reduce_configs(2, dropout)):
+    for rank, dropout in itertools.product((16, lora_gemm.FOLD_MAX_RANK), (False, True)):
+        for cfg in top(rank_ops.pair_reduce_configs(2, dropout)):
             cfg = dict(cfg)
             warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
             cfg.pop("PER_SM")
             consts = dict(DROPOUT=dropout, UPCAST=False, DOT_PRECISION="tf32", BLOCK_R=rank, **cfg)
             failures += _check(f"rank_reduce_pair R={rank} dropout={dropout} {cfg} warps={warps} stages={stages}",
-                               lora_linear._rank_reduce_pair_kernel, sig, consts,
+                               rank_ops._rank_reduce_pair_kernel, sig, consts,
                                ["la_ptr", "ya_ptr", "parta_ptr", "lb_ptr", "yb_ptr", "partb_ptr"],
                                dict(num_warps=warps, num_stages=stages))
     return failures
@@ -119,33 +119,33 @@ def lora_split(every_config: bool = True) -> int:
     red_sig = dict(l_ptr="*bf16", y_ptr="*bf16", part_ptr="*fp32", M="i32", N="i32", rows_per_split="i32",
                    stride_lm="i32", stride_ym="i32", stride_yn="i32", p_drop="fp32", seed="i32")
     for rank, dropout in itertools.product((16, 64), (False, True)):
-        for cfg in top(lora_linear.project_configs(2, dropout)):
+        for cfg in top(rank_ops.project_configs(2, dropout)):
             cfg = dict(cfg)
             warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
             cfg.pop("SPLIT_K")
             consts = dict(DROPOUT=dropout, UPCAST=False, DOT_PRECISION="tf32", BLOCK_R=rank, **cfg)
             failures += _check(f"rank_project R={rank} dropout={dropout} {cfg} warps={warps} stages={stages}",
-                               lora_linear._rank_project_kernel, proj_sig, consts, ["x_ptr", "w_ptr", "out_ptr"],
+                               rank_ops._rank_project_kernel, proj_sig, consts, ["x_ptr", "w_ptr", "out_ptr"],
                                dict(num_warps=warps, num_stages=stages))
-        for cfg in top(lora_linear.reduce_configs(2, dropout)):
+        for cfg in top(rank_ops.reduce_configs(2, dropout)):
             cfg = dict(cfg)
             warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
             cfg.pop("PER_SM")
             consts = dict(DROPOUT=dropout, UPCAST=False, DOT_PRECISION="tf32", BLOCK_R=rank, **cfg)
             failures += _check(f"rank_reduce R={rank} dropout={dropout} {cfg} warps={warps} stages={stages}",
-                               lora_linear._rank_reduce_kernel, red_sig, consts, ["l_ptr", "y_ptr", "part_ptr"],
+                               rank_ops._rank_reduce_kernel, red_sig, consts, ["l_ptr", "y_ptr", "part_ptr"],
                                dict(num_warps=warps, num_stages=stages))
         if not dropout:
             continue
         for use_tma in (True, False):
-            for cfg in top(lora_linear.gemm_configs(use_tma, 2, dropout=True, rank=rank)):
+            for cfg in top(lora_gemm.gemm_configs(use_tma, 2, dropout=True, rank=rank)):
                 cfg = dict(cfg)
                 warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
                 consts = dict(HAS_BIAS=False, TAIL_DROPOUT=True, B_NK=False, HAS_TAIL=True, HAS_COL_SCALE=False,
                               HAS_K_SCALE=False, FOLD=False, USE_TMA=use_tma, UPCAST=False, DOT_PRECISION="tf32",
                               BLOCK_R=rank, **cfg)
                 failures += _check(f"lora_gemm dx dropout R={rank} tma={use_tma} {cfg} warps={warps} stages={stages}",
-                                   lora_linear._lora_gemm_kernel, LORA_GEMM_SIG, consts,
+                                   lora_gemm._lora_gemm_kernel, LORA_GEMM_SIG, consts,
                                    ["a_ptr", "b_ptr", "l_ptr", "t_ptr", "c_ptr", "K", "stride_am", "stride_cm"],
                                    dict(num_warps=warps, num_stages=stages))
     return failures
@@ -160,7 +160,7 @@ def lora_family() -> int:
     # (B_NK, HAS_TAIL, HAS_COL_SCALE, HAS_K_SCALE): DoRA fwd / dx, IA3 output-scale fwd / dx, input-scale fwd / dx
     variants = [(True, True, True, False), (False, True, False, True), (True, False, True, False),
                 (False, False, False, True), (True, False, False, True), (False, False, True, False)]
-    configs = lora_linear._gemm_configs(True, 2)
+    configs = lora_gemm._gemm_configs(True, 2)
     jobs = [(v, configs[0]) for v in variants] + [(variants[0], c) for c in configs[1:]]
     for (b_nk, tail, col, ks), cfg in jobs:
         cfg = dict(cfg)
@@ -168,7 +168,7 @@ def lora_family() -> int:
         consts = dict(HAS_BIAS=True, TAIL_DROPOUT=False, B_NK=b_nk, HAS_TAIL=tail, HAS_COL_SCALE=col, HAS_K_SCALE=ks,
                       FOLD=False, USE_TMA=True, UPCAST=False, DOT_PRECISION="tf32", BLOCK_R=16, **cfg)
         failures += _check(f"lora_gemm b_nk={b_nk} tail={tail} col_scale={col} k_scale={ks} {cfg} stages={stages}",
-                           lora_linear._lora_gemm_kernel, sig, consts,
+                           lora_gemm._lora_gemm_kernel, sig, consts,
                            ["a_ptr", "b_ptr", "l_ptr", "t_ptr", "c_ptr", "K", "stride_am", "stride_cm"],
                            dict(num_warps=warps, num_stages=stages))
     for cfg in column_dot._configs():

@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from fastft.kernels import lora_linear as kernels
+from fastft.kernels import lora_gemm, rank_ops
 from fastft.ops import lora_path
 from tests.test_lora_linear_op import DTYPES, _check_against_reference, _inputs
 from tests.utils import assert_close, interpreter_only
@@ -28,12 +28,12 @@ def launches(monkeypatch):
             return real[name](*args, **kw)
         return call
 
-    real = {name: getattr(kernels, name) for name in ("lora_gemm_folded", "rank_project", "rank_reduce",
-                                                      "rank_reduce_pair")}
-    monkeypatch.setattr(kernels, "lora_gemm_folded", folded)
-    for name in ("rank_project", "rank_reduce", "rank_reduce_pair"):
-        monkeypatch.setattr(kernels, name, counting(name))
-    monkeypatch.setattr(kernels, "_lora_gemm_kernel", _RecordVariant(kernels._lora_gemm_kernel))
+    rank_launchers = ("rank_project", "rank_reduce", "rank_reduce_pair")
+    real = {"lora_gemm_folded": lora_gemm.lora_gemm_folded, **{name: getattr(rank_ops, name) for name in rank_launchers}}
+    monkeypatch.setattr(lora_gemm, "lora_gemm_folded", folded)
+    for name in rank_launchers:
+        monkeypatch.setattr(rank_ops, name, counting(name))
+    monkeypatch.setattr(lora_gemm, "_lora_gemm_kernel", _RecordVariant(lora_gemm._lora_gemm_kernel))
     return counts
 
 
@@ -111,7 +111,7 @@ def test_fold_with_dropout_projects_forward_and_folds_backward(launches, capture
 @interpreter_only
 def test_fold_split_m_reductions_with_dropout(monkeypatch, launches, captured_seeds):
     """The GPU configs split dA/dB over M (fp32 partials summed after): the pair launch with several splits."""
-    monkeypatch.setattr(kernels, "reduce_configs",
+    monkeypatch.setattr(rank_ops, "reduce_configs",
                         lambda e, dropout=False: [dict(BLOCK_M=16, BLOCK_N=16, PER_SM=8, num_warps=4, num_stages=1)])
     x, W, b, A, B = _inputs(70, 40, 24, 6, torch.float32)
     _check_against_reference(x, W, b, A, B, s=2.0, p=0.2, seeds=captured_seeds)
@@ -139,9 +139,9 @@ def test_folded_gemm_launcher(b_nk, dtype):
     t = (torch.randn(N, R) * 0.2).to(dtype)
     bias = torch.randn(N) if b_nk else None
     if b_nk:  # forward: W [N,K], A [R,K], B [N,R]
-        c, lo = kernels.lora_gemm_folded(a, w, p.t().contiguous(), t, bias, b_nk=True, scale=s)
+        c, lo = lora_gemm.lora_gemm_folded(a, w, p.t().contiguous(), t, bias, b_nk=True, scale=s)
     else:  # dx: b is stored [K,N] (the layer's W [out,in] with out = this K), p is B [K,R], t is A [R,N]
-        c, lo = kernels.lora_gemm_folded(a, w.t().contiguous(), p, t.t().contiguous(), None, b_nk=False, scale=s)
+        c, lo = lora_gemm.lora_gemm_folded(a, w.t().contiguous(), p, t.t().contiguous(), None, b_nk=False, scale=s)
     lo_ref = s * a.double() @ p.double()
     c_ref = a.double() @ w.double().t() + lo.double() @ t.double().t()  # the tail uses lo as rounded
     if bias is not None:
@@ -158,8 +158,8 @@ def test_rank_reduce_pair(dtype):
     M, NA, NB, R, p, seed = 45, 70, 33, 16, 0.3, 1234
     la, lb = torch.randn(M, R).to(dtype), torch.randn(M, R).to(dtype)
     ya, yb = torch.randn(M, NA).to(dtype), torch.randn(NB, M).to(dtype).t()  # yb column-major
-    da, db = kernels.rank_reduce_pair(la, ya, lb, yb, p_drop=p, seed=seed)
-    keep = kernels.dropout_mask(seed, M, NA, p, "cpu")
+    da, db = rank_ops.rank_reduce_pair(la, ya, lb, yb, p_drop=p, seed=seed)
+    keep = rank_ops.dropout_mask(seed, M, NA, p, "cpu")
     assert da.dtype == db.dtype == torch.float32 and da.shape == (R, NA) and db.shape == (R, NB)
     assert_close(da, la.double().t() @ (ya.double() * keep), dtype, "da")
     assert_close(db, lb.double().t() @ yb.double(), dtype, "db")
@@ -188,7 +188,7 @@ def test_path_choice_forced_and_its_limits(monkeypatch):
     assert lora_path.choose("backward", 5, 64, 64, 64, torch.float32) == "fold"
     assert lora_path.choose("backward", 5, 64, 64, 128, torch.float32) == "split"  # above FOLD_MAX_RANK
     assert lora_path.choose("forward", 5, 64, 64, 16, torch.float32, dropout=True) == "split"
-    assert lora_path.FOLD_MAX_RANK == kernels.FOLD_MAX_RANK
+    assert lora_path.FOLD_MAX_RANK == lora_gemm.FOLD_MAX_RANK
     monkeypatch.setenv(lora_path.ENV, "fused")
     with pytest.raises(ValueError, match="FASTFT_LORA_PATH must be one of split, fold or auto"):
         lora_path.choose("forward", 5, 64, 64, 16, torch.float32)

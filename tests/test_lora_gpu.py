@@ -21,7 +21,7 @@ def _run(M, K, N, r, dtype, *, p=0.0, bias=True, adapter_dtype=None, batch=(), s
     y.backward(dy)
     mask = None
     if p > 0:
-        from fastft.kernels.lora_linear import dropout_mask
+        from fastft.kernels.rank_ops import dropout_mask
 
         mask = dropout_mask(seeds[0], x.numel() // K, K, p, dev).view(x.shape)
     leaves = {k: v.detach().double().requires_grad_(v.requires_grad)

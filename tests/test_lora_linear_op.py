@@ -39,7 +39,7 @@ def _check_against_reference(x, W, b, A, B, s, p=0.0, seeds=None):
     y.backward(dy)
     mask = None
     if p > 0:
-        from fastft.kernels.lora_linear import dropout_mask
+        from fastft.kernels.rank_ops import dropout_mask
 
         mask = dropout_mask(seeds[0], x.numel() // x.shape[-1], x.shape[-1], p, x.device).view(x.shape)
     y_ref, grads = _reference(x, W, b, A, B, s, p, mask, dy)
@@ -130,7 +130,7 @@ def test_dropout_ragged_shape(captured_seeds):
 @interpreter_only
 @pytest.mark.parametrize("p", [0.1, 0.5])
 def test_dropout_mask_statistics(p):
-    from fastft.kernels.lora_linear import dropout_mask
+    from fastft.kernels.rank_ops import dropout_mask
 
     M, K = 128, 256
     keep = dropout_mask(1234, M, K, p, "cpu").float()
@@ -221,11 +221,11 @@ def test_bad_scaling():
 @interpreter_only
 def test_split_variants_of_the_rank_kernels(monkeypatch, captured_seeds):
     """The GPU configs split the skinny products over K (fp32 partials) and over M: same results."""
-    from fastft.kernels import lora_linear as K
+    from fastft.kernels import rank_ops
 
-    monkeypatch.setattr(K, "project_configs",
+    monkeypatch.setattr(rank_ops, "project_configs",
                         lambda e, dropout=False: [dict(BLOCK_M=16, BLOCK_K=16, SPLIT_K=3, num_warps=4, num_stages=1)])
-    monkeypatch.setattr(K, "reduce_configs",
+    monkeypatch.setattr(rank_ops, "reduce_configs",
                         lambda e, dropout=False: [dict(BLOCK_M=16, BLOCK_N=16, PER_SM=8, num_warps=4, num_stages=1)])
     x, W, b, A, B = _inputs(70, 80, 40, 6, torch.float32)
     _check_against_reference(x, W, b, A, B, s=2.0, p=0.2, seeds=captured_seeds)

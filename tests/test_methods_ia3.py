@@ -90,7 +90,7 @@ def test_unfusable_ia3_option_is_named():
 def test_lora_gemm_scale_features_against_fp64(dtype, b_nk, tail, col, kscale):
     """The kernel feature itself: c = (a·diag(k)·bᵀ + l·tᵀ)·diag(col) + bias, every combination the methods use
     and both together, ragged sizes, both storage orders of b."""
-    from fastft.kernels.lora_linear import lora_gemm
+    from fastft.kernels.lora_gemm import lora_gemm
 
     M, K, N, R = 37, 48, 45, 16
     a = torch.randn(M, K).to(dtype)

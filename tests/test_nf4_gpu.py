@@ -94,7 +94,7 @@ def test_gemm_every_config(dtype, M, N, K, blocksize):
 @pytest.mark.parametrize("dtype", (torch.float32, *HALF))
 @pytest.mark.parametrize("p", [0.0, 0.1])
 def test_qlora_linear_forward_and_gradients(captured_seeds, dtype, p):
-    from fastft.kernels.lora_linear import dropout_mask
+    from fastft.kernels.rank_ops import dropout_mask
     from fastft.ops import lora_linear_reference, qlora_linear
     M, K, N, r = 777, 1024, 1536, 16
     w = _nf4((N, K), dtype)

@@ -68,7 +68,7 @@ def test_gemm_forward_and_dx_orientation(dtype, M, N, K, blocksize, double_quant
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
 def test_gemm_lora_tail_pointer_path(dtype):
     # a non-contiguous x takes the pointer-load path (no tensor descriptors)
-    from fastft.kernels.lora_linear import dropout_mask
+    from fastft.kernels.rank_ops import dropout_mask
     M, N, K, R = 50, 40, 96, 16
     w = quantize_nf4(torch.randn(N, K) * 0.1, blocksize=32)
     W = w.dequantize(torch.float32).double()

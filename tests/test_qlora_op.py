@@ -27,7 +27,7 @@ def _fp64_reference(x, w, bias, A, B, scaling, p, keep):
 @pytest.mark.parametrize("dtype", (torch.float32, torch.float16, torch.bfloat16))
 @pytest.mark.parametrize("lead,K,N,r,blocksize,double_quant,p", CASES)
 def test_forward_and_gradients_match_fp64(captured_seeds, dtype, lead, K, N, r, blocksize, double_quant, p):
-    from fastft.kernels.lora_linear import dropout_mask
+    from fastft.kernels.rank_ops import dropout_mask
     w = quantize_nf4(torch.randn(N, K, dtype=dtype) * 0.05, blocksize=blocksize, double_quant=double_quant)
     x = torch.randn(*lead, K, dtype=dtype, requires_grad=True)
     A = (torch.randn(r, K) * 0.1).requires_grad_()  # fp32 masters, as peft keeps them

@@ -30,7 +30,7 @@ def _problem(lead, K, N, r, dtype, blocksize=64, device="cpu"):
 
 
 def _check_against_fp64(seeds, w, x, A, B, bias, p, dtype, backend="triton"):
-    from fastft.kernels.lora_linear import dropout_mask
+    from fastft.kernels.rank_ops import dropout_mask
     y = qlora_linear(x, w, bias, A, B, 2.0, p, backend=backend)
     dy = torch.randn_like(y)
     y.backward(dy)

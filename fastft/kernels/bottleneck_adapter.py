@@ -7,10 +7,10 @@ forward   p = h·Dᵀ + b_d,  z = act(p)          `_down_act_kernel`: one skinny
                                                in its epilogue (z and p are M×R, kept for backward)
           y = h + z·Uᵀ + b_u                   `_up_residual_kernel`: R reduction steps, the residual h and
                                                the bias added in the epilogue
-backward  dz = dy·U                            lora_linear's rank_project
+backward  dz = dy·U                            rank_ops.rank_project
           dp = dz ∘ act'(p)                    M×R, torch
           dh = dy + dp·D                       `_up_residual_kernel` again (residual dy, t = Dᵀ)
-          dU = dyᵀ·z,  dD = dpᵀ·h              lora_linear's rank_reduce (split over M)
+          dU = dyᵀ·z,  dD = dpᵀ·h              rank_ops.rank_reduce (split over M)
 Activations without libdevice: relu, silu, gelu_tanh (tanh through tl.exp), tanh.
 """
 from __future__ import annotations

@@ -1,10 +1,10 @@
 """Triton GEMM over an NF4 weight with an optional rank-R tail:  c = a·Wᵀ (+ l·tᵀ) (+ bias),  W dequantized in tiles.
 
 The QLoRA linear y = x·Wᵀ + b + s·(dropout(x)·Aᵀ)·Bᵀ with W (N×K) stored as NF4 (bitsandbytes layout). It is
-`_lora_gemm_kernel` of fastft/kernels/lora_linear.py (persistent grid, grouped tile order, rank-R tail after
+`_lora_gemm_kernel` of fastft/kernels/lora_gemm.py (persistent grid, grouped tile order, rank-R tail after
 the K loop; a dropout-masked tail goes before it, see the kernel) with one change: each W tile is loaded as packed bytes (0.5 byte an element) and dequantized in
-registers, where it feeds the tensor-core dot directly, so no bf16 copy of W is ever written to memory. The skinny rank-R passes (x·Aᵀ, dy·B, dA, dB) are lora_linear's `rank_project` and
-`rank_reduce`, unchanged.
+registers, where it feeds the tensor-core dot directly, so no bf16 copy of W is ever written to memory. The skinny rank-R passes (x·Aᵀ, dy·B, dA, dB) are
+fastft/kernels/rank_ops.py's `rank_project` and `rank_reduce`, unchanged.
 
 forward   xs = c·(keep∘x)·Aᵀ          rank_project
           y  = x·Wᵀ + xs·Bᵀ + b       this kernel, W tiles [BLOCK_N rows of W, BLOCK_K columns], transposed

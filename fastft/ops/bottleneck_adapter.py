@@ -2,7 +2,7 @@
 
 `bottleneck_adapter` validates once, then dispatches: the Triton kernels (fastft.kernels.bottleneck_adapter: down
 projection + bias + activation in one kernel, up projection + bias + residual in the other's epilogue; the
-backward reuses them and lora_linear's rank-R kernels) on CUDA, `bottleneck_adapter_reference` elsewhere.
+backward reuses them and fastft.kernels.rank_ops) on CUDA, `bottleneck_adapter_reference` elsewhere.
 """
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ class BottleneckAdapterFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, down_weight, down_bias, up_weight, up_bias, activation):
         from fastft.kernels import bottleneck_adapter as kernels
-        from fastft.kernels.lora_linear import rank_pad
+        from fastft.kernels.rank_ops import rank_pad
 
         r, N = down_weight.shape
         R = rank_pad(r)
@@ -66,7 +66,7 @@ class BottleneckAdapterFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         from fastft.kernels import bottleneck_adapter as kernels
-        from fastft.kernels import lora_linear as rank
+        from fastft.kernels import rank_ops
 
         h2, D_p, U_p, z, p = ctx.saved_tensors
         h_shape, r, activation, D_dtype, U_dtype, bd_dtype, bu_dtype = ctx.meta
@@ -77,16 +77,16 @@ class BottleneckAdapterFunction(torch.autograd.Function):
         need_h, need_D, need_bd, need_U, need_bu = ctx.needs_input_grad[:5]
         dh = dD = dbd = dU = dbu = None
         if need_h or need_D or need_bd:
-            dz = rank.rank_project(dy2, U_p.t(), scale=1.0)                    # dy·U    [M, R]
+            dz = rank_ops.rank_project(dy2, U_p.t(), scale=1.0)                    # dy·U    [M, R]
             dp = (dz.float() * _activation_grad(p, activation)).to(h2.dtype)  # ∘ act'(p)
             if need_h:
                 dh = kernels.up_residual(dy2, dp, D_p.t(), None).view(h_shape)  # dy + dp·D
             if need_D:
-                dD = rank.rank_reduce(dp, h2)[:r].to(D_dtype)
+                dD = rank_ops.rank_reduce(dp, h2)[:r].to(D_dtype)
             if need_bd and bd_dtype is not None:
                 dbd = dp[:, :r].sum(0, dtype=torch.float32).to(bd_dtype)
         if need_U:
-            dU = rank.rank_reduce(z, dy2)[:r].t().to(U_dtype)
+            dU = rank_ops.rank_reduce(z, dy2)[:r].t().to(U_dtype)
         if need_bu and bu_dtype is not None:
             dbu = dy2.sum(0, dtype=torch.float32).to(bu_dtype)
         return dh, dD, dbd, dU, dbu, None

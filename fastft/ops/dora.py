@@ -9,7 +9,7 @@ kernel forms it tile by tile (fastft.kernels.dora_row_norm), on the torch path i
 ‖W‖² + 2s·ΣB∘(W·Aᵀ) + s²·B(A·Aᵀ)Bᵀ costs the same pass over W but cancels to 0 — σ = inf — for rows where W + s·B·A
 is small against W: fuzzing found it in fp16.)
 
-Fused path (Triton, dropout 0): the LoRA GEMM of fastft.kernels.lora_linear with σ as an epilogue column scale
+Fused path (Triton, dropout 0): the LoRA GEMM of fastft.kernels.lora_gemm with σ as an epilogue column scale
 (before the bias). Backward: dz = σ⊙dy never exists either — dx's GEMM scales dy's K-columns by σ as it loads
 them, g = s·dy·diag(σ)·B, dB = diag(σ)·dyᵀ·xs, and dm = Σ_tokens dy⊙(y − b) / m (a split-M column reduction
 over the saved output). NF4 bases (qweight an NF4Weight): the NF4 GEMM without a column-scale epilogue, so σ
@@ -46,15 +46,15 @@ def dora_row_norm(weight, lora_A, lora_B, scaling: float, dtype: torch.dtype | N
     device = lora_A.device
     backend = resolve_backend("dora_row_norm", backend, device, arg="lora_A")
     if backend == "triton":
-        from fastft.kernels import lora_linear as kernels
         from fastft.kernels.dora_row_norm import row_sq_norm
+        from fastft.kernels.rank_ops import rank_pad
 
         if isinstance(weight, NF4Weight):
             from fastft.ops.qlora_path import dequant_scratch
 
             weight = dequant_scratch(weight, dtype)  # read once by the kernel below, before any later reuse
         N, K = weight.shape
-        R = kernels.rank_pad(lora_A.shape[0])
+        R = rank_pad(lora_A.shape[0])
         A_p, B_p = padded(lora_A.detach(), R, K, dtype), padded(lora_B.detach(), N, R, dtype)
         return row_sq_norm(weight.detach().to(dtype), A_p, B_p, scaling).sqrt()
     N, K = weight.shape
@@ -124,16 +124,17 @@ class DoRALinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, magnitude, scaling, row_norm):
-        from fastft.kernels import lora_linear as kernels
+        from fastft.kernels.lora_gemm import lora_gemm
+        from fastft.kernels.rank_ops import rank_pad, rank_project
 
         K = x.shape[-1]
         N, r = lora_B.shape
-        R = kernels.rank_pad(r)
+        R = rank_pad(r)
         dtype = x.dtype
         x2 = as_rows(x)
         sigma = (magnitude.detach().float() / row_norm).contiguous()
         A_p, B_p = padded(lora_A, R, K, dtype), padded(lora_B, N, R, dtype)
-        xs = kernels.rank_project(x2, A_p, scale=scaling)
+        xs = rank_project(x2, A_p, scale=scaling)
         nf4 = isinstance(weight, NF4Weight)
         if nf4:
             from fastft.kernels.nf4_gemm import nf4_lora_gemm
@@ -144,7 +145,7 @@ class DoRALinearFunction(torch.autograd.Function):
             saved_out = z  # the unscaled output: dm = Σ dy·z / ‖W'‖
             ctx.qweight, weight_t = weight, None
         else:
-            y = kernels.lora_gemm(x2, weight, xs, B_p, bias, b_nk=True, col_scale=sigma)
+            y = lora_gemm(x2, weight, xs, B_p, bias, b_nk=True, col_scale=sigma)
             saved_out = y  # dm = Σ dy·(y − b) / m
             weight_t = weight
         ctx.save_for_backward(x2, A_p, B_p, xs, sigma, row_norm, magnitude, saved_out, bias, weight_t)
@@ -153,7 +154,8 @@ class DoRALinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        from fastft.kernels import lora_linear as kernels
+        from fastft.kernels.lora_gemm import lora_gemm
+        from fastft.kernels.rank_ops import rank_project, rank_reduce
         from fastft.kernels.column_dot import column_dot
 
         x2, A_p, B_p, xs, sigma, row_norm, magnitude, saved_out, bias, weight = ctx.saved_tensors
@@ -167,7 +169,7 @@ class DoRALinearFunction(torch.autograd.Function):
         dx = db = dA = dB = dm = None
         if need_x or need_A:
             B_sigma = (B_p.float() * sigma[:, None]).to(dtype)
-            g = kernels.rank_project(dy2, B_sigma.t(), scale=scaling)  # s·dy·diag(σ)·B
+            g = rank_project(dy2, B_sigma.t(), scale=scaling)  # s·dy·diag(σ)·B
             if need_x:
                 if nf4:
                     from fastft.kernels.nf4_gemm import nf4_lora_gemm
@@ -175,12 +177,12 @@ class DoRALinearFunction(torch.autograd.Function):
                     dz = (dy2.float() * sigma).to(dtype)
                     dx = nf4_lora_gemm(dz, ctx.qweight.kernel_operand(), g, A_p, None, w_nk=False)
                 else:
-                    dx = kernels.lora_gemm(dy2, weight, g, A_p, None, b_nk=False, k_scale=sigma)
+                    dx = lora_gemm(dy2, weight, g, A_p, None, b_nk=False, k_scale=sigma)
                 dx = dx.view(x_shape)
             if need_A:
-                dA = kernels.rank_reduce(g, x2)[:r].to(A_dtype)
+                dA = rank_reduce(g, x2)[:r].to(A_dtype)
         if need_B:
-            dB = (kernels.rank_reduce(xs, dy2)[:r].t() * sigma[:, None]).to(B_dtype)
+            dB = (rank_reduce(xs, dy2)[:r].t() * sigma[:, None]).to(B_dtype)
         if need_m:
             if nf4:
                 dm = column_dot(dy2, saved_out) / row_norm

@@ -3,7 +3,7 @@
     output scale (attention k/v):   y = (x·Wᵀ + b) ⊙ l          l ∈ ℝᴺ — an epilogue column scale
     input scale (feed-forward):     y = (x ⊙ l)·Wᵀ + b          l ∈ ℝᴷ — a prologue scale on x's K-columns
 
-Both are fastft.kernels.lora_linear's GEMM without a rank tail, with its column-scale epilogue or its K-scale
+Both are fastft.kernels.lora_gemm's GEMM without a rank tail, with its column-scale epilogue or its K-scale
 on the A-operand loads; no separate elementwise pass over x or y. Backward:
     output scale: dx = (dy ⊙ l)·W  (K-scale on dy's loads),  dl = Σ_tokens dy ⊙ y / l
     input scale:  dx = (dy·W) ⊙ l  (column-scale epilogue),  dl = Σ_tokens x ⊙ dx / l
@@ -34,23 +34,23 @@ def _safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
 class IA3LinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, ia3_l, feedforward):
-        from fastft.kernels import lora_linear as kernels
+        from fastft.kernels.lora_gemm import lora_gemm
 
         x2 = as_rows(x)
         N = weight.shape[0]
         scale = ia3_l.detach().reshape(-1).float().contiguous()
         if feedforward:
-            y = kernels.lora_gemm(x2, weight, None, None, bias, b_nk=True, k_scale=scale)
+            y = lora_gemm(x2, weight, None, None, bias, b_nk=True, k_scale=scale)
         else:
             scaled_bias = None if bias is None else (bias.float() * scale).contiguous()
-            y = kernels.lora_gemm(x2, weight, None, None, scaled_bias, b_nk=True, col_scale=scale)
+            y = lora_gemm(x2, weight, None, None, scaled_bias, b_nk=True, col_scale=scale)
         ctx.save_for_backward(x2 if feedforward else None, y if not feedforward else None, weight, scale, bias)
         ctx.meta = (x.shape, feedforward, ia3_l.shape, ia3_l.dtype)
         return y.view(*x.shape[:-1], N)
 
     @staticmethod
     def backward(ctx, dy):
-        from fastft.kernels import lora_linear as kernels
+        from fastft.kernels.lora_gemm import lora_gemm
         from fastft.kernels.column_dot import column_dot
 
         x2, y, weight, scale, bias = ctx.saved_tensors
@@ -63,7 +63,7 @@ class IA3LinearFunction(torch.autograd.Function):
         dx = db = dl = None
         if feedforward:
             if need_x or need_l:
-                dx = kernels.lora_gemm(dy2, weight, None, None, None, b_nk=False, col_scale=scale)
+                dx = lora_gemm(dy2, weight, None, None, None, b_nk=False, col_scale=scale)
                 if need_l:
                     dl = _safe_div(column_dot(x2, dx), scale).reshape(l_shape).to(l_dtype)
                 dx = dx.view(x_shape) if need_x else None
@@ -71,7 +71,7 @@ class IA3LinearFunction(torch.autograd.Function):
                 db = dy2.sum(0, dtype=torch.float32).to(bias.dtype)
         else:
             if need_x:
-                dx = kernels.lora_gemm(dy2, weight, None, None, None, b_nk=False, k_scale=scale).view(x_shape)
+                dx = lora_gemm(dy2, weight, None, None, None, b_nk=False, k_scale=scale).view(x_shape)
             if need_l:
                 dl = _safe_div(column_dot(dy2, y), scale).reshape(l_shape).to(l_dtype)
             if need_b and bias is not None:

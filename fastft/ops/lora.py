@@ -1,6 +1,6 @@
 """The fused LoRA linear op:  y = x·Wᵀ + b + s·(dropout(x)·Aᵀ)·Bᵀ.
 
-`lora_linear` validates its inputs once, then dispatches: the Triton kernels (fastft.kernels.lora_linear)
+`lora_linear` validates its inputs once, then dispatches: the Triton kernels (fastft.kernels.lora_gemm, rank_ops)
 on CUDA, the pure-torch `lora_linear_reference` everywhere else. The reference is the ground truth the
 tests compare against, and the CPU path.
 """
@@ -68,11 +68,11 @@ def fused_lora_forward(ctx, x, bias, lora_A, lora_B, scaling, dropout_p, base_ge
 
     fold_gemm(x2, A_p, B_p, bias, coef) -> (y, xs), when given: the GEMM that computes xs in its own K loop
     (fastft.ops.lora_path's fold path), used instead of the skinny pass + base_gemm when there is no dropout."""
-    from fastft.kernels import lora_linear as kernels
+    from fastft.kernels import rank_ops
 
     K = x.shape[-1]
     N, r = lora_B.shape
-    R = kernels.rank_pad(r)
+    R = rank_ops.rank_pad(r)
     dtype = x.dtype
     x2 = as_rows(x)
     seed = draw_seed() if dropout_p > 0.0 else 0
@@ -85,7 +85,7 @@ def fused_lora_forward(ctx, x, bias, lora_A, lora_B, scaling, dropout_p, base_ge
     if fold_gemm is not None and dropout_p == 0.0:
         y, xs = fold_gemm(x2, A_p, B_p, bias, coef)
     else:
-        xs = kernels.rank_project(x2, A_p, scale=coef, p_drop=dropout_p, seed=seed)
+        xs = rank_ops.rank_project(x2, A_p, scale=coef, p_drop=dropout_p, seed=seed)
         y = base_gemm(x2, xs, B_p, bias)
     ctx.save_for_backward(x2, A_p, B_p, xs, *extra)
     ctx.meta = (x.shape, coef, dropout_p, seed, None if bias is None else bias.dtype, r, lora_A.dtype, lora_B.dtype)
@@ -98,7 +98,7 @@ def fused_lora_backward(ctx, dy, dx_gemm, need_x, need_b, need_A, need_B, dx_fol
     dx_fold_gemm(dy2, B_p, A_p, coef, p_drop, seed) -> (dx, g), when given: the dx GEMM that computes g = c·dy·B in
     its own loop over dy (the fold path), used instead of the skinny pass + dx_gemm when dx is needed; dA and dB
     then come from one launch (rank_reduce_pair)."""
-    from fastft.kernels import lora_linear as kernels
+    from fastft.kernels import rank_ops
 
     x2, A_p, B_p, xs = ctx.saved_tensors[:4]
     x_shape, coef, dropout_p, seed, bias_dtype, r, A_dtype, B_dtype = ctx.meta
@@ -112,16 +112,16 @@ def fused_lora_backward(ctx, dy, dx_gemm, need_x, need_b, need_A, need_B, dx_fol
         dx, g = dx_fold_gemm(dy2, B_p, A_p, coef, dropout_p, seed)
         dx = dx.view(x_shape)
     elif need_x or need_A:
-        g = kernels.rank_project(dy2, B_p.t(), scale=coef)
+        g = rank_ops.rank_project(dy2, B_p.t(), scale=coef)
         if need_x:
             dx = dx_gemm(dy2, g, A_p, dropout_p, seed).view(x_shape)
     if need_A and need_B and dx_fold_gemm is not None:  # the fold path: dA and dB in one launch
-        dA, dBt = kernels.rank_reduce_pair(g, x2, xs, dy2, p_drop=dropout_p, seed=seed)
+        dA, dBt = rank_ops.rank_reduce_pair(g, x2, xs, dy2, p_drop=dropout_p, seed=seed)
         dA, dB = dA[:r].to(A_dtype), dBt[:r].t().to(B_dtype)
     elif need_A:
-        dA = kernels.rank_reduce(g, x2, p_drop=dropout_p, seed=seed)[:r].to(A_dtype)
+        dA = rank_ops.rank_reduce(g, x2, p_drop=dropout_p, seed=seed)[:r].to(A_dtype)
     if need_B and dB is None:
-        dB = kernels.rank_reduce(xs, dy2)[:r].t().to(B_dtype)
+        dB = rank_ops.rank_reduce(xs, dy2)[:r].t().to(B_dtype)
     if need_b and bias_dtype is not None:
         db = dy2.sum(0, dtype=torch.float32).to(bias_dtype)
     return x2, dy2, dx, db, dA, dB
@@ -130,29 +130,30 @@ def fused_lora_backward(ctx, dy, dx_gemm, need_x, need_b, need_A, need_B, dx_fol
 class LoRALinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p):
-        from fastft.kernels import lora_linear as kernels
+        from fastft.kernels.lora_gemm import lora_gemm, lora_gemm_folded
+        from fastft.kernels.rank_ops import rank_pad
 
         N, K = weight.shape
-        M, R = x.numel() // K, kernels.rank_pad(lora_A.shape[0])
+        M, R = x.numel() // K, rank_pad(lora_A.shape[0])
         fold_fwd = lora_path.choose("forward", M, K, N, R, x.dtype, dropout=dropout_p > 0.0) == "fold"
         ctx.fold_backward = lora_path.choose("backward", M, K, N, R, x.dtype) == "fold"
         return fused_lora_forward(
             ctx, x, bias, lora_A, lora_B, scaling, dropout_p,
-            lambda x2, xs, B_p, b: kernels.lora_gemm(x2, weight, xs, B_p, b, b_nk=True), extra=(weight,),
-            fold_gemm=(lambda x2, A_p, B_p, b, coef: kernels.lora_gemm_folded(x2, weight, A_p, B_p, b, b_nk=True,
-                                                                              scale=coef)) if fold_fwd else None)
+            lambda x2, xs, B_p, b: lora_gemm(x2, weight, xs, B_p, b, b_nk=True), extra=(weight,),
+            fold_gemm=(lambda x2, A_p, B_p, b, coef: lora_gemm_folded(x2, weight, A_p, B_p, b, b_nk=True,
+                                                                      scale=coef)) if fold_fwd else None)
 
     @staticmethod
     def backward(ctx, dy):
-        from fastft.kernels import lora_linear as kernels
+        from fastft.kernels.lora_gemm import lora_gemm, lora_gemm_folded
 
         weight = ctx.saved_tensors[4]
         need_x, need_w, need_b, need_A, need_B = ctx.needs_input_grad[:5]
         x2, dy2, dx, db, dA, dB = fused_lora_backward(
-            ctx, dy, lambda dy2, g, A_p, p, seed: kernels.lora_gemm(dy2, weight, g, A_p, None, b_nk=False,
-                                                                    p_drop=p, seed=seed),
+            ctx, dy, lambda dy2, g, A_p, p, seed: lora_gemm(dy2, weight, g, A_p, None, b_nk=False,
+                                                            p_drop=p, seed=seed),
             need_x, need_b, need_A, need_B,
-            dx_fold_gemm=(lambda dy2, B_p, A_p, coef, p, seed: kernels.lora_gemm_folded(
+            dx_fold_gemm=(lambda dy2, B_p, A_p, coef, p, seed: lora_gemm_folded(
                 dy2, weight, B_p, A_p, None, b_nk=False, scale=coef, p_drop=p, seed=seed))
             if ctx.fold_backward else None)
         dW = (dy2.t() @ x2).to(weight.dtype) if need_w else None

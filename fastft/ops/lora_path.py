@@ -4,7 +4,7 @@ split  forward: xs = c·(keep∘x)·Aᵀ (rank_project, a skinny pass over x), t
        backward: g = c·dy·B (rank_project, a pass over dy), the dx GEMM with the tail, dA and dB (rank_reduce).
        6 launches, 4 skinny passes (x, dy, x, dy).
 fold   forward: one GEMM that also accumulates x_tile·A_tileᵀ in its own K loop over x and adds (c·x·Aᵀ)·Bᵀ at
-       the end (fastft.kernels.lora_linear.lora_gemm_folded); its pid_n == 0 tiles write xs for dB.
+       the end (fastft.kernels.lora_gemm.lora_gemm_folded); its pid_n == 0 tiles write xs for dB.
        backward: the dx GEMM accumulates dy_tile·B_tile over its loop over dy and writes g for dA; dA, dB as split.
        4 launches, 2 skinny passes (x for dA, dy for dB). The price: every N tile recomputes the rank-R projection
        of its rows (R/BLOCK_N more MMA work, ~6% at R=16 with 256-wide tiles, 25–50% at R=64) — which of the two
@@ -27,7 +27,7 @@ from fastft.kernels.shared import bucket
 
 PATHS = ("split", "fold")
 ENV = "FASTFT_LORA_PATH"
-FOLD_MAX_RANK = 64  # fastft.kernels.lora_linear.FOLD_MAX_RANK (not imported: the kernels import triton)
+FOLD_MAX_RANK = 64  # fastft.kernels.lora_gemm.FOLD_MAX_RANK (not imported: the kernels import triton)
 
 # (direction, bucket(M), in_features K, out_features N, padded rank R, dtype name) -> path, from GPU measurements
 # (benchmarks/gpu_lora_paths.py). direction: "forward" (y) or "backward" (dx, with g for dA). Empty: nothing has

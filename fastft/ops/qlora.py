@@ -3,9 +3,10 @@
 qlora_linear  y = x·Wᵀ + b + s·(dropout(x)·Aᵀ)·Bᵀ    W an NF4Weight (frozen), A (r×K), B (N×r) trained
 nf4_linear    y = x·Wᵀ + b                          W an NF4Weight (frozen)
 
-Both validate once and dispatch: on CUDA qlora_linear composes lora_linear's rank-R kernels with the base GEMM
-fastft.ops.qlora_path selects per shape by measurement (the Triton GEMM that dequantizes W tile by tile inside
-its loads, fastft.kernels.nf4_gemm, or W dequantized into one shared scratch buffer + the dense LoRA GEMM);
+Both validate once and dispatch: on CUDA qlora_linear composes the rank-R kernels (fastft.kernels.rank_ops) with
+the base GEMM fastft.ops.qlora_path selects per shape by measurement (the Triton GEMM that dequantizes W tile by
+tile inside its loads, fastft.kernels.nf4_gemm, or W dequantized into one shared scratch buffer + the dense LoRA
+GEMM, fastft.kernels.lora_gemm);
 nf4_linear the same selected GEMM without the rank tail, or for 1–16 tokens the CUDA decode GEMV
 (fastft.kernels.nf4_cuda); everywhere else the pure-torch references below (dequantize, then the dense op).
 Weights whose rows do not hold whole blocks (in_features odd or not a multiple of the blocksize) take a
@@ -105,7 +106,7 @@ class QLoRALinearFunction(torch.autograd.Function):
 def _base_gemm(qweight, a, lo, t, bias, *, forward: bool, p_drop: float = 0.0, seed: int = 0):
     """The forward's y = a·Wᵀ + lo·tᵀ + b (t = B_p) or dx = a·W + keep∘(lo·t) (t = A_p) on the selected path;
     lo = t = None: no rank tail (nf4_linear)."""
-    from fastft.kernels.lora_linear import lora_gemm
+    from fastft.kernels.lora_gemm import lora_gemm
     from fastft.kernels.nf4_gemm import nf4_lora_gemm
 
     N, K = qweight.shape

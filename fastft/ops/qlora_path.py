@@ -3,7 +3,7 @@
 fused    fastft.kernels.nf4_gemm.nf4_lora_gemm: W decoded in registers inside the GEMM's tile loads; W never
          exists in memory as bf16.
 dequant  W decoded whole into ONE scratch buffer shared by every layer (fastft.kernels.nf4_dequant), then the
-         dense fused LoRA GEMM (fastft.kernels.lora_linear.lora_gemm) over it. On an H100 (docs/gpu-results.md)
+         dense fused LoRA GEMM (fastft.kernels.lora_gemm.lora_gemm) over it. On an H100 (docs/gpu-results.md)
          the decode inside the MMA loop does not hide, and dequantize + dense GEMM was ~2× faster at M=8192.
 
 Memory: the scratch holds one weight (the largest seen so far, per device and dtype) and is reused by the next

@@ -73,7 +73,7 @@ def run_and_check(args, dy, backend):
     keep = None
     if p > 0:
         if seeds:  # the fused path: its mask is a function of the seed and the element's (row, column)
-            from fastft.kernels.lora_linear import dropout_mask
+            from fastft.kernels.rank_ops import dropout_mask
             keep = dropout_mask(seeds[0], M, K, p, x.device).view(x.shape)
         else:  # the torch path draws its own mask: only empty problems, where no mask matters, may get here
             assert y.numel() == 0 or x.numel() == 0 or backend == "torch"

@@ -82,7 +82,7 @@ def run_and_check(op, args, dy, backend):
             assert x.numel() == 0 or backend == "torch"
             if x.numel():
                 return
-        from fastft.kernels.lora_linear import dropout_mask
+        from fastft.kernels.rank_ops import dropout_mask
         keep = dropout_mask(seeds[0], M, K, p, x.device).view(x.shape) if seeds else None
     W, W_mag = ref.nf4_dequantize_f64(qweight)
     y64, g64, ymag, gmag = ref.linear_with_grads(x, W, b, A, B, s, dy, keep=keep, p=p, grad_w=False,
