@@ -29,6 +29,7 @@ from fastft.ops import chunked_logits
 from fastft.ops.linear_losses import linear_dpo_loss, lm_head_cross_entropy
 from fastft.quant.nf4_weight import quantize_nf4
 from tests.fuzz import references as ref
+from tests.fuzz.checks import check_grads, draw_ce_options, grads_of, needing_grad
 from tests.fuzz.strategies import dim, float_dtypes, fuzz, tensor
 from tests.fuzz.test_linear_losses import (FP32_TINY, GRAD_N_ROUND, LOGIT_N_ROUND, SCALAR_GRADS, _check_reduced,
                                            _labels, _row_weights)
@@ -224,12 +225,7 @@ def run_lm_head_cross_entropy(data, backend, kind, *, device="cpu", max_rows=24,
     lead = data.draw(st.sampled_from([(), (2, 3), (1,)]), label="leading dims")  # (): T drawn, 0 to max_rows
     lead = lead or (dim(data, 0, max_rows, label="T"),)
     H, V = dim(data, 1, max_hidden, label="H"), dim(data, 1, max_vocab, label="V")
-    ignore_index = data.draw(st.sampled_from([-100, -1, 0]), label="ignore_index")
-    reduction = data.draw(st.sampled_from(["mean", "sum", "none"]), label="reduction")
-    num_items = data.draw(st.sampled_from([None, 7, torch.tensor(3.0)]), label="num_items") \
-        if reduction == "mean" else None
-    smoothing = data.draw(st.sampled_from([0.0, 0.1]), label="label_smoothing")
-    softcap = data.draw(st.sampled_from([None, 3.0, 30.0]), label="softcap")
+    ignore_index, reduction, num_items, smoothing, softcap = draw_ce_options(data)
     T = math.prod(lead)
     if kind in ("nf4", "qlora"):  # each vocab block of each chunk is one dequantization call: keep their count small
         rows_per_chunk = [n for n in rows_per_chunk
@@ -244,7 +240,7 @@ def run_lm_head_cross_entropy(data, backend, kind, *, device="cpu", max_rows=24,
     with steered(backend, rows, V, dtype), captured_masks() as masks, autocast(device, dtype, store):
         loss = lm_head_cross_entropy(h, head, labels.to(device), ignore_index=ignore_index, reduction=reduction,
                                      label_smoothing=smoothing, softcap=softcap, num_items=num_items)
-        grads = dict(zip(inputs, torch.autograd.grad(loss, list(inputs.values()), g.to(device))))
+        grads = grads_of(loss, inputs, g.to(device))
     assert loss.dtype == torch.float32 and tuple(loss.shape) == (lead if reduction == "none" else ())
     loss, grads = cpu(loss), {n: cpu(t) for n, t in grads.items()}
 
@@ -263,13 +259,9 @@ def run_lm_head_cross_entropy(data, backend, kind, *, device="cpu", max_rows=24,
     w = w_rows[:, None]
     expected = ref.head_grads_lora(h2, facts["W"], w * dz, w.abs() * dz_mag, w.abs() * dz_err, facts["adapters"],
                                    keep, p, facts["W_mag"])
-    lengths = {"x": (V, r), "weight": (T,), "bias": (T,)}
-    for name, t in inputs.items():
-        exact, mag, err = expected[name]
-        length = lengths.get(name) or ((V, T) if name.startswith("lora_A") else (r, T))
-        ref.check(op, f"{backend} {kind} d{name}", grads[name].reshape(exact.shape), exact, mag, dtype, n_grad,
-                  length, extra, abs_floor=err)
-        assert grads[name].dtype == t.dtype, f"{op} d{name} should come back in {t.dtype}, got {grads[name].dtype}"
+    fixed = {"x": (V, r), "weight": (T,), "bias": (T,)}
+    lengths = {n: fixed.get(n) or ((V, T) if n.startswith("lora_A") else (r, T)) for n in inputs}
+    check_grads(op, f"{backend} {kind}", inputs, grads, expected, dtype, n_grad, lengths, extra, reshape=True)
     ref.count_example(f"{op}[{backend}]")
 
 
@@ -298,14 +290,14 @@ def run_linear_dpo_loss(data, backend, *, device="cpu", max_batch=3, max_seq=9, 
     ref_c = tensor(data, (Bn,), ref_dtype, label="ref chosen", scale=5.0, device=device, requires_grad=ref_grad)
     ref_r = tensor(data, (Bn,), ref_dtype, label="ref rejected", scale=5.0, device=device, requires_grad=ref_grad)
     g = data.draw(st.sampled_from(SCALAR_GRADS), label="grad_output")
-    inputs = {n: t for n, t in (("chosen_x", hc), ("rejected_x", hr), ("weight", W), ("bias", b), ("ref_chosen", ref_c),
-                                ("ref_rejected", ref_r)) if t is not None and t.requires_grad}
+    inputs = needing_grad((("chosen_x", hc), ("rejected_x", hr), ("weight", W), ("bias", b), ("ref_chosen", ref_c),
+                           ("ref_rejected", ref_r)))
 
     with steered(backend, rows, V, dtype), autocast(device, dtype, store):
         loss, rewards_c, rewards_r = linear_dpo_loss(hc, hr, W, lab_c.to(device), lab_r.to(device),
                                                      ref_chosen_logps=ref_c, ref_rejected_logps=ref_r, beta=beta,
                                                      ignore_index=ignore_index, bias=b)
-        grads = dict(zip(inputs, torch.autograd.grad(loss, list(inputs.values()), torch.tensor(g, device=device))))
+        grads = grads_of(loss, inputs, torch.tensor(g, device=device))
     assert loss.dtype == torch.float32 and loss.shape == () and rewards_c.shape == rewards_r.shape == (Bn,)
     loss, rewards_c, rewards_r = cpu(loss), cpu(rewards_c), cpu(rewards_r)
     grads = {n: cpu(t) for n, t in grads.items()}

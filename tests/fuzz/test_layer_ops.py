@@ -13,6 +13,7 @@ from fastft.ops.glu import geglu, swiglu
 from fastft.ops.rms_norm import rms_norm
 from fastft.ops.rope import rope, rope_
 from tests.fuzz import references as ref
+from tests.fuzz.checks import grads_of
 from tests.fuzz.strategies import LAYOUTS, dim, float_dtypes, fuzz, tensor
 from tests.utils import interpreter_only
 
@@ -69,7 +70,7 @@ def _check_rms(args, dy, dh, backend):
         h = h_out  # y normalizes the rounded h (the rule: compare against a reference rounding the same values)
         outs, grads_out = [y, h_out], [dy] + ([dh] if dh is not None else [])
         outs = outs[:len(grads_out)]
-    grads = dict(zip(inputs, torch.autograd.grad(outs, list(inputs.values()), grads_out)))
+    grads = grads_of(outs, inputs, grads_out)
     y64, dh64, dw64, mags = ref.rms_norm_with_grads(h.reshape(-1, N), w, args["eps"], args["offset"],
                                                     dy.reshape(-1, N), None if dh is None else dh.reshape(-1, N))
     ref.check(op, f"{backend} y", y.reshape(-1, N), y64, mags["y"], dtype, RMS_N_ROUND, (N,), extra_rel=RMS_EXTRA)

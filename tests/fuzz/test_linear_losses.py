@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from fastft.ops.linear_losses import linear_cross_entropy, linear_kl_div, linear_sequence_logprobs
 from tests.fuzz import references as ref
+from tests.fuzz.checks import check_grads, draw_ce_options, grads_of, needing_grad
 from tests.fuzz.strategies import dim, float_dtypes, fuzz, tensor
 from tests.utils import interpreter_only
 
@@ -57,14 +58,13 @@ def _check_reduced(op, what, out, reduction, loss_rows, loss_err, den, dtype, g_
                   (loss_rows.numel(),), abs_floor=float(loss_err.sum()) / den + FP32_TINY)
 
 
-def _check_grads(op, backend, inputs, grads, refs, dtype, T, V):
-    lengths = {"x": (V,), "weight": (T,), "bias": (T,)}
-    for name, t in inputs.items():
-        exact, mag, err = refs[name]
-        g = grads[name]
-        ref.check(op, f"{backend} d{name}", g.reshape(exact.shape), exact, mag, dtype, GRAD_N_ROUND, lengths[name],
-                  abs_floor=err)
-        assert g.dtype == t.dtype, f"{op} d{name} should come back in {t.dtype}, got {g.dtype}"
+def _check_head_grads(op, backend, inputs, grads, h, W, w_rows, dz_terms, dtype):
+    """The gradients of a loss over logits z = h·Wᵀ (+ b), h [T, H], from dloss/dz's (value, magnitude, error) per
+    row (references.head_grads); then the example is counted."""
+    T, V = h.shape[0], W.shape[0]
+    check_grads(op, backend, inputs, grads, ref.head_grads(h, W, w_rows, *dz_terms), dtype, GRAD_N_ROUND,
+                {"x": (V,), "weight": (T,), "bias": (T,)}, reshape=True)
+    ref.count_example(f"{op}[{backend}]")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -76,12 +76,7 @@ def test_linear_cross_entropy(data, backend):
     lead = data.draw(st.sampled_from([(1,), (2, 3), ()]), label="leading dims")
     lead = lead or (dim(data, 1, 24, label="T"),)
     H, V = dim(data, 1, 40, label="H"), dim(data, 1, 64, label="V")
-    ignore_index = data.draw(st.sampled_from([-100, -1, 0]), label="ignore_index")
-    reduction = data.draw(st.sampled_from(["mean", "sum", "none"]), label="reduction")
-    num_items = data.draw(st.sampled_from([None, 7, torch.tensor(3.0)]), label="num_items") \
-        if reduction == "mean" else None
-    smoothing = data.draw(st.sampled_from([0.0, 0.1]), label="label_smoothing")
-    softcap = data.draw(st.sampled_from([None, 3.0, 30.0]), label="softcap")
+    ignore_index, reduction, num_items, smoothing, softcap = draw_ce_options(data)
     chunk = data.draw(st.sampled_from(CHUNKS), label="chunk_size")
     h = tensor(data, lead + (H,), dtype, label="hidden", requires_grad=True)
     W = tensor(data, (V, H), dtype, label="weight", scale=0.3,
@@ -95,15 +90,13 @@ def test_linear_cross_entropy(data, backend):
                                 label_smoothing=smoothing, softcap=softcap, num_items=num_items, backend=backend,
                                 chunk_size=chunk)
     assert loss.dtype == torch.float32 and tuple(loss.shape) == (lead if reduction == "none" else ())
-    inputs = {n: t for n, t in (("x", h), ("weight", W), ("bias", b)) if t is not None and t.requires_grad}
-    grads = dict(zip(inputs, torch.autograd.grad(loss, list(inputs.values()), g)))
+    inputs = needing_grad((("x", h), ("weight", W), ("bias", b)))
+    grads = grads_of(loss, inputs, g)
 
     z, e = ref.logit_error(h.reshape(T, H), W, b, dtype, LOGIT_N_ROUND)
     rows, dz, loss_err, dz_mag, dz_err = ref.ce_rows(z, e, labels.reshape(-1), ignore_index, smoothing, softcap)
     _check_reduced(op, f"{backend} loss[{reduction}]", loss, reduction, rows, loss_err, den, dtype)
-    _check_grads(op, backend, inputs, grads, ref.head_grads(h.reshape(T, H), W, w_rows, dz, dz_mag, dz_err),
-                 dtype, T, V)
-    ref.count_example(f"{op}[{backend}]")
+    _check_head_grads(op, backend, inputs, grads, h.reshape(T, H), W, w_rows, (dz, dz_mag, dz_err), dtype)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -134,8 +127,8 @@ def test_linear_kl_div(data, backend):
                          labels=labels, ignore_index=ignore_index, reduction=reduction, num_items=num_items,
                          backend=backend, chunk_size=chunk)
     assert loss.dtype == torch.float32
-    inputs = {n: t for n, t in (("x", hs), ("weight", Ws)) if t.requires_grad}
-    grads = dict(zip(inputs, torch.autograd.grad(loss, list(inputs.values()), g)))
+    inputs = needing_grad((("x", hs), ("weight", Ws)))
+    grads = grads_of(loss, inputs, g)
 
     zs, es = ref.logit_error(hs.reshape(T, Hs), Ws, None, dtype, LOGIT_N_ROUND, 1 / tau)
     zt, et = ref.logit_error(ht.reshape(T, Ht), Wt, None, dtype, LOGIT_N_ROUND, 1 / tau)
@@ -146,9 +139,7 @@ def test_linear_kl_div(data, backend):
         dz, dz_mag, dz_err = dz * keep[:, None], dz_mag * keep[:, None], dz_err * keep[:, None]
     dz, dz_mag, dz_err = dz / tau, dz_mag / tau, dz_err / tau  # z = h·Wᵀ/τ
     _check_reduced(op, f"{backend} loss[{reduction}]", loss, reduction, rows, err, den, dtype)
-    _check_grads(op, backend, inputs, grads, ref.head_grads(hs.reshape(T, Hs), Ws, w_rows, dz, dz_mag, dz_err),
-                 dtype, T, V)
-    ref.count_example(f"{op}[{backend}]")
+    _check_head_grads(op, backend, inputs, grads, hs.reshape(T, Hs), Ws, w_rows, (dz, dz_mag, dz_err), dtype)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -170,8 +161,8 @@ def test_linear_sequence_logprobs(data, backend):
 
     out = linear_sequence_logprobs(h, W, labels, bias=b, softcap=softcap, backend=backend, chunk_size=chunk)
     assert out.dtype == torch.float32 and tuple(out.shape) == (B,)
-    inputs = {n: t for n, t in (("x", h), ("weight", W), ("bias", b)) if t is not None and t.requires_grad}
-    grads = dict(zip(inputs, torch.autograd.grad(out, list(inputs.values()), g)))
+    inputs = needing_grad((("x", h), ("weight", W), ("bias", b)))
+    grads = grads_of(out, inputs, g)
 
     T = B * S
     z, e = ref.logit_error(h.reshape(T, H), W, b, dtype, LOGIT_N_ROUND)
@@ -180,6 +171,4 @@ def test_linear_sequence_logprobs(data, backend):
     ref.check(op, f"{backend} logprobs", out, -rows_bs.sum(-1), rows_bs.abs().sum(-1), dtype, 0, (S,),
               abs_floor=loss_err.view(B, S).sum(-1) + FP32_TINY)
     w_rows = (-ref.f64(g))[:, None].expand(B, S).reshape(-1)
-    _check_grads(op, backend, inputs, grads, ref.head_grads(h.reshape(T, H), W, w_rows, dz, dz_mag, dz_err),
-                 dtype, T, V)
-    ref.count_example(f"{op}[{backend}]")
+    _check_head_grads(op, backend, inputs, grads, h.reshape(T, H), W, w_rows, (dz, dz_mag, dz_err), dtype)

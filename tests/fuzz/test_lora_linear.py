@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 import fastft.ops.lora as lora_ops
 from fastft.ops.lora import lora_linear
 from tests.fuzz import references as ref
+from tests.fuzz.checks import check_example, grads_of, needing_grad
 from tests.fuzz.strategies import dim, float_dtypes, fuzz, tensor
 from tests.utils import interpreter_only
 
@@ -63,11 +64,10 @@ def run_and_check(args, dy, backend):
     """Run the op with autograd, regenerate the dropout mask the kernels used, compare all against fp64."""
     x, W, b, A, B = (args[n] for n in ("x", "weight", "bias", "lora_A", "lora_B"))
     s, p = args["scaling"], args["dropout_p"]
-    inputs = {n: t for n, t in (("x", x), ("weight", W), ("bias", b), ("lora_A", A), ("lora_B", B))
-              if t is not None and t.requires_grad}
+    inputs = needing_grad((("x", x), ("weight", W), ("bias", b), ("lora_A", A), ("lora_B", B)))
     with captured_seeds() as seeds:
         y = lora_linear(x, W, b, A, B, s, p, backend=backend)
-    grads = dict(zip(inputs, torch.autograd.grad(y, list(inputs.values()), dy, allow_unused=True)))
+    grads = grads_of(y, inputs, dy, allow_unused=True)
     M, K = math.prod(x.shape[:-1]), x.shape[-1]
     N, r = W.shape[0], A.shape[0]
     keep = None
@@ -82,13 +82,8 @@ def run_and_check(args, dy, backend):
             keep = torch.ones(x.shape, dtype=torch.bool, device=x.device)
     y64, g64, ymag, gmag = ref.linear_with_grads(x, W, b, A, B, s, dy, keep=keep, p=p,
                                                  grad_w=W.requires_grad)
-    dtype = x.dtype
-    ref.check(OP, f"{backend} y", y, y64, ymag, dtype, N_ROUND, (K, r))
-    lengths = {"x": (N, r), "weight": (M,), "bias": (M,), "lora_A": (N, M), "lora_B": (K, M)}
-    for name in inputs:
-        ref.check(OP, f"{backend} d{name}", grads[name], g64[name], gmag[name], dtype, N_ROUND, lengths[name])
-        assert grads[name].dtype == inputs[name].dtype, f"d{name} should come back in {inputs[name].dtype}"
-    ref.count_example(f"{OP}[{backend}]")
+    lengths = {"y": (K, r), "x": (N, r), "weight": (M,), "bias": (M,), "lora_A": (N, M), "lora_B": (K, M)}
+    check_example(OP, backend, inputs, grads, y, y64, ymag, g64, gmag, x.dtype, N_ROUND, lengths)
 
 
 @interpreter_only

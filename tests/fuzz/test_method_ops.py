@@ -11,6 +11,7 @@ from fastft.ops.bottleneck_adapter import ACTIVATIONS, bottleneck_adapter
 from fastft.ops.dora import dora_linear
 from fastft.ops.ia3 import ia3_linear
 from tests.fuzz import references as ref
+from tests.fuzz.checks import check_example, grads_of, needing_grad
 from tests.fuzz.strategies import LAYOUTS, dim, float_dtypes, fuzz, tensor
 from tests.utils import interpreter_only
 
@@ -20,16 +21,6 @@ SCALINGS = (1.0, 0.5, -2.0, 1 / 33)
 
 def _lead(data):
     return data.draw(st.sampled_from([(), (2,), (1, 3)]), label="leading dims")
-
-
-def _check_all(op, backend, inputs, grads, y, y64, ymag, g64, gmags, dtype, n_round, lengths, *, y_extra=0.0,
-               extras=None):
-    ref.check(op, f"{backend} y", y, y64, ymag, dtype, n_round, lengths["y"], abs_floor=y_extra)
-    for name, t in inputs.items():
-        ref.check(op, f"{backend} d{name}", grads[name], g64[name], gmags[name], dtype, n_round, lengths[name],
-                  abs_floor=(extras or {}).get(name, 0.0))
-        assert grads[name].dtype == t.dtype, f"{op} d{name} should come back in {t.dtype}"
-    ref.count_example(f"{op}[{backend}]")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -62,9 +53,8 @@ def test_dora_linear(data, backend):
     s = data.draw(st.sampled_from(SCALINGS), label="scaling")
     dy = tensor(data, lead + (M, N), dtype, label="dy")
     y = dora_linear(x, W, b, A, B, m, s, backend=backend)
-    inputs = {n: t for n, t in (("x", x), ("bias", b), ("lora_A", A), ("lora_B", B), ("magnitude", m))
-              if t is not None}
-    grads = dict(zip(inputs, torch.autograd.grad(y, list(inputs.values()), dy)))
+    inputs = needing_grad((("x", x), ("bias", b), ("lora_A", A), ("lora_B", B), ("magnitude", m)))
+    grads = grads_of(y, inputs, dy)
 
     norm, sig_rel = ref.dora_row_norm_error(W, A, B, s, dtype)
     vals = dict(x=x, weight=W, bias=b, lora_A=A, lora_B=B, magnitude=m, scaling=float(s), row_norm=norm)
@@ -83,8 +73,8 @@ def test_dora_linear(data, backend):
         gmags["magnitude"] = gmags["magnitude"] + (dyA * (ref.f64(b).abs() / ref.f64(m).abs())).sum(0)
     T = M * (1 if not lead else int(torch.tensor(lead).prod()))
     lengths = {"y": (K, r), "x": (N, r), "bias": (T,), "lora_A": (N, T), "lora_B": (K, T), "magnitude": (T,)}
-    _check_all(op, backend, inputs, grads, y, y64, ymag, g64, gmags, dtype, DORA_N_ROUND, lengths, y_extra=y_extra,
-               extras=g_extra)
+    check_example(op, backend, inputs, grads, y, y64, ymag, g64, gmags, dtype, DORA_N_ROUND, lengths, y_floor=y_extra,
+                  floors=g_extra)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -117,14 +107,14 @@ def test_ia3_linear(data, backend):
     l = tensor(data, (1, K) if ff else (N, 1), l_dtype, label="ia3_l", requires_grad=True)
     dy = tensor(data, lead + (M, N), dtype, label="dy")
     y = ia3_linear(x, W, b, l, feedforward=ff, backend=backend)
-    inputs = {n: t for n, t in (("x", x), ("bias", b), ("ia3_l", l)) if t is not None}
-    grads = dict(zip(inputs, torch.autograd.grad(y, list(inputs.values()), dy)))
+    inputs = needing_grad((("x", x), ("bias", b), ("ia3_l", l)))
+    grads = grads_of(y, inputs, dy)
     vals = {"x": x, "weight": W, "bias": b, "l": l, "feedforward": ff}
     y64, g64, ymag, gmags = ref.grads_and_mags(_ia3_math, vals, dy)
     g64["ia3_l"], gmags["ia3_l"] = g64.pop("l"), gmags.pop("l")
     T = M * (1 if not lead else int(torch.tensor(lead).prod()))
     lengths = {"y": (K,), "x": (N,), "bias": (T,), "ia3_l": (T, N)}
-    _check_all(op, backend, inputs, grads, y, y64, ymag, g64, gmags, dtype, IA3_N_ROUND, lengths)
+    check_example(op, backend, inputs, grads, y, y64, ymag, g64, gmags, dtype, IA3_N_ROUND, lengths)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -152,15 +142,15 @@ def _bottleneck_case(data, backend, up_bias_layouts=UP_BIAS_LAYOUTS, force_up_bi
         if force_up_bias or data.draw(st.booleans(), label="up bias") else None
     dy = tensor(data, lead + (M, N), dtype, label="dy")
     y = bottleneck_adapter(h, D, bd, U, bu, act, backend=backend)
-    inputs = {n: t for n, t in (("h", h), ("D", D), ("bd", bd), ("U", U), ("bu", bu)) if t is not None}
-    grads = dict(zip(inputs, torch.autograd.grad(y, list(inputs.values()), dy)))
+    inputs = needing_grad((("h", h), ("D", D), ("bd", bd), ("U", U), ("bu", bu)))
+    grads = grads_of(y, inputs, dy)
     u32 = ref.UNIT_ROUNDOFF[torch.float32]
     pre_rel = BOTTLENECK_N_ROUND * ref.UNIT_ROUNDOFF[dtype] + ref.LAMBDA * u32 * N**0.5
     y64, g64, ymag, mags = ref.bottleneck_with_grads(h, D, bd, U, bu, act, dy, pre_rel)
     T = M * (1 if not lead else int(torch.tensor(lead).prod()))
     lengths = {"y": (N, r), "h": (N, r), "D": (T, N), "bd": (T, N), "U": (T,), "bu": (T,)}
-    _check_all(op, backend, inputs, grads, y, y64, ymag, g64, {n: m[0] for n, m in mags.items()}, dtype,
-               BOTTLENECK_N_ROUND, lengths, extras={n: m[1] for n, m in mags.items()})
+    check_example(op, backend, inputs, grads, y, y64, ymag, g64, {n: m[0] for n, m in mags.items()}, dtype,
+                  BOTTLENECK_N_ROUND, lengths, floors={n: m[1] for n, m in mags.items()})
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from fastft.ops.qlora import nf4_linear, qlora_linear
 from fastft.quant.nf4_weight import quantize_nf4
 from tests.fuzz import references as ref
+from tests.fuzz.checks import check_example, grads_of, needing_grad
 from tests.fuzz.strategies import dim, float_dtypes, fuzz, tensor
 from tests.fuzz.test_lora_linear import SCALINGS, captured_seeds
 from tests.utils import interpreter_only
@@ -68,13 +69,13 @@ def run_and_check(op, args, dy, backend):
     x, qweight, b = args["x"], args["qweight"], args["bias"]
     A, B = args.get("lora_A"), args.get("lora_B")
     s, p = args.get("scaling", 0.0), args.get("dropout_p", 0.0)
-    inputs = {n: args[n] for n in ("x", "bias", "lora_A", "lora_B") if args.get(n) is not None}
+    inputs = needing_grad((n, args.get(n)) for n in ("x", "bias", "lora_A", "lora_B"))
     with captured_seeds() as seeds:
         if op == "qlora_linear":
             y = qlora_linear(x, qweight, b, A, B, s, p, backend=backend)
         else:
             y = nf4_linear(x, qweight, b, backend=backend)
-    grads = dict(zip(inputs, torch.autograd.grad(y, list(inputs.values()), dy, allow_unused=True)))
+    grads = grads_of(y, inputs, dy, allow_unused=True)
     M, K, N = math.prod(x.shape[:-1]), x.shape[-1], qweight.shape[0]
     keep = None
     if p > 0:
@@ -89,13 +90,8 @@ def run_and_check(op, args, dy, backend):
                                                  weight_mag=W_mag)
     n_round = QLORA_ROUND if op == "qlora_linear" else NF4_ROUND
     r = A.shape[0] if A is not None else 1
-    ref.check(op, f"{backend} y", y, y64, ymag, x.dtype, n_round, (K, r), DEQUANT_REL)
-    lengths = {"x": (N, r), "bias": (M,), "lora_A": (N, M), "lora_B": (K, M)}
-    for name in inputs:
-        ref.check(op, f"{backend} d{name}", grads[name], g64[name], gmag[name], x.dtype, n_round, lengths[name],
-                  DEQUANT_REL)
-        assert grads[name].dtype == inputs[name].dtype, f"d{name} should come back in {inputs[name].dtype}"
-    ref.count_example(f"{op}[{backend}]")
+    lengths = {"y": (K, r), "x": (N, r), "bias": (M,), "lora_A": (N, M), "lora_B": (K, M)}
+    check_example(op, backend, inputs, grads, y, y64, ymag, g64, gmag, x.dtype, n_round, lengths, DEQUANT_REL)
 
 
 @interpreter_only
