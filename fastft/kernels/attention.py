@@ -14,6 +14,11 @@ in base 2 of the scaled scores (lse = max + log2(sum)), fp32, in a (B, H, S) or 
 
 Blocks. For a tile of rows, `band` splits the key blocks into a masked leading part, a fully visible middle
 (no mask arithmetic in that loop) and a masked trailing part; the backward runs the same split transposed.
+
+Written once here for the forward, dK/dV and dQ kernels: the prologue (`program_seq_head`: program → sequence,
+head, GQA KV head, token start and lengths; `tile_source`: one head's rows as a descriptor or a pointer, for the
+batch, packed and prefix layouts alike; `stats_row`: its lse/Δ row) and the band walk (`key_band` for a query
+block's key blocks, `row_band` for a key block's query blocks, both on `band`).
 """
 from __future__ import annotations
 
@@ -48,6 +53,23 @@ def band(x0, BLOCK_X: tl.constexpr, BLOCK_Y: tl.constexpr, shift, n_y, below, ab
     full_lo = tl.minimum(((full_lo + BLOCK_Y - 1) // BLOCK_Y) * BLOCK_Y, hi)
     full_hi = tl.maximum(tl.minimum(first + above + 1, n_y), 0)
     full_hi = tl.minimum(tl.maximum((full_hi // BLOCK_Y) * BLOCK_Y, full_lo), hi)
+    return lo, full_lo, full_hi, hi
+
+
+@triton.jit
+def key_band(m0, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, n_q, n_k, left, right):
+    """`band` of the key blocks that query rows m0 .. m0+BLOCK_M-1 see (row i sits at key position i + n_k - n_q)."""
+    return band(m0, BLOCK_M, BLOCK_N, n_k - n_q, n_k, left, right)
+
+
+@triton.jit
+def row_band(n0, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, n_q, n_k, left, right):
+    """`band` transposed: the query-row blocks that see keys n0 .. n0+BLOCK_N-1 (left and right swap places).
+    A ragged key block (past n_k) has no unmasked middle: its keys past the end must be masked at every step."""
+    lo, full_lo, full_hi, hi = band(n0, BLOCK_N, BLOCK_M, n_q - n_k, n_q, right, left)
+    if n0 + BLOCK_N > n_k:
+        full_lo = hi
+        full_hi = hi
     return lo, full_lo, full_hi, hi
 
 
@@ -139,5 +161,43 @@ def doc_bounds(cu_ptr, b, seqlen_q, seqlen_k, VARLEN: tl.constexpr):
         n_q = seqlen_q
         n_k = seqlen_k
     return start, n_q, n_k
+
+
+@triton.jit
+def program_seq_head(pid_bh, n_heads, group, cu_ptr, seqlen_q, seqlen_k, VARLEN: tl.constexpr):
+    """Program axis pid_bh = sequence · n_heads + head → (sequence b, head h as int64, its KV head h // group (GQA),
+    first token, n_q, n_k). The dK/dV kernel numbers KV heads and passes group 1."""
+    b = pid_bh // n_heads
+    h = (pid_bh % n_heads).to(tl.int64)
+    kvh = h // group
+    start, n_q, n_k = doc_bounds(cu_ptr, b, seqlen_q, seqlen_k, VARLEN)
+    return b, h, kvh, start, n_q, n_k
+
+
+@triton.jit
+def head_rows(ptr, b, start, head, stride_b, stride_s, stride_h):
+    """Row 0 of one head of sequence b (its token `start` on in a packed layout): row t is at + t * stride_s.
+    64-bit offsets: batch × stride passes 2**31 elements long before a tensor runs out of memory."""
+    return ptr + b.to(tl.int64) * stride_b + start * stride_s + head * stride_h
+
+
+@triton.jit
+def tile_source(ptr, b, start, head, stride_b, stride_s, stride_h, n_rows, BLOCK: tl.constexpr,
+                BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, USE_TMA: tl.constexpr):
+    """What load_tile/store_tile take for one head's (n_rows, HEAD_DIM) rows: a descriptor of [BLOCK, BLOCK_D]
+    boxes (USE_TMA) or the base pointer."""
+    base = head_rows(ptr, b, start, head, stride_b, stride_s, stride_h)
+    if USE_TMA:
+        src = tl.make_tensor_descriptor(base, shape=[n_rows, HEAD_DIM], strides=[stride_s, 1],
+                                        block_shape=[BLOCK, BLOCK_D])
+    else:
+        src = base
+    return src
+
+
+@triton.jit
+def stats_row(ptr, b, h, start, stride_lb, stride_lh):
+    """Row 0 of (sequence b, head h) in an lse or Δ buffer (laid out alike): fp32, row t at + t."""
+    return ptr + b.to(tl.int64) * stride_lb + h * stride_lh + start
 
 

@@ -27,12 +27,16 @@ import torch
 from fastft.kernels.autotune import tuner
 from fastft.kernels.attention import (
     LOG2E,
-    band,
     block_d,
-    doc_bounds,
     grid_rows,
+    head_rows,
+    key_band,
     load_tile,
+    program_seq_head,
+    row_band,
+    stats_row,
     store_tile,
+    tile_source,
     tma_eligible,
     token_strides,
     visible,
@@ -50,20 +54,16 @@ def _attn_bwd_delta_kernel(
     seqlen_q, n_heads,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, VARLEN: tl.constexpr,
 ):
-    pid_bh = tl.program_id(1)
-    b = pid_bh // n_heads
-    h = (pid_bh % n_heads).to(tl.int64)
-    start, n_q, _ = doc_bounds(cu_ptr, b, seqlen_q, seqlen_q, VARLEN)
+    b, h, _, start, n_q, _ = program_seq_head(tl.program_id(1), n_heads, 1, cu_ptr, seqlen_q, seqlen_q, VARLEN)
     m0 = tl.program_id(0) * BLOCK_M
     if m0 >= n_q:
         return
-    b64 = b.to(tl.int64)
-    o_base = o_ptr + b64 * stride_ob + start * stride_os + h * stride_oh
-    do_base = do_ptr + b64 * stride_dob + start * stride_dos + h * stride_doh
+    o_base = head_rows(o_ptr, b, start, h, stride_ob, stride_os, stride_oh)
+    do_base = head_rows(do_ptr, b, start, h, stride_dob, stride_dos, stride_doh)
     o = load_tile(o_base, stride_os, m0, n_q, BLOCK_M, BLOCK_D, HEAD_DIM, False, True).to(tl.float32)
     do = load_tile(do_base, stride_dos, m0, n_q, BLOCK_M, BLOCK_D, HEAD_DIM, False, True).to(tl.float32)
     rows = m0 + tl.arange(0, BLOCK_M)
-    tl.store(delta_ptr + b64 * stride_lb + h * stride_lh + start + rows, tl.sum(o * do, 1), mask=rows < n_q)
+    tl.store(stats_row(delta_ptr, b, h, start, stride_lb, stride_lh) + rows, tl.sum(o * do, 1), mask=rows < n_q)
 
 
 @triton.jit
@@ -125,12 +125,9 @@ def _attn_bwd_dkdv_kernel(
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """PREFIX: k/v/dk/dv address the prefix (n_prefix keys per sequence, no token start, never masked)."""
-    pid_bh = tl.program_id(1)
-    b = pid_bh // n_kv_heads
-    kvh = (pid_bh % n_kv_heads).to(tl.int64)
-    start, n_q, n_k = doc_bounds(cu_ptr, b, seqlen_q, seqlen_k, VARLEN)
+    b, kvh, _, start, n_q, n_k = program_seq_head(tl.program_id(1), n_kv_heads, 1, cu_ptr, seqlen_q, seqlen_k,
+                                                  VARLEN)
     n0 = tl.program_id(0) * BLOCK_N
-    b64 = b.to(tl.int64)
     if PREFIX:
         n_k = n_prefix
         k_start = start * 0
@@ -139,26 +136,16 @@ def _attn_bwd_dkdv_kernel(
     if n0 >= n_k:
         return
     keys = n0 + tl.arange(0, BLOCK_N)
-    k_base = k_ptr + b64 * stride_kb + k_start * stride_ks + kvh * stride_kh
-    v_base = v_ptr + b64 * stride_vb + k_start * stride_vs + kvh * stride_vh
-    dk_base = dk_ptr + b64 * stride_dkb + k_start * stride_dks + kvh * stride_dkh
-    dv_base = dv_ptr + b64 * stride_dvb + k_start * stride_dvs + kvh * stride_dvh
-    if USE_TMA:
-        # Descriptors for the key-block tiles too: pointer tiles would keep [BLOCK_N, BLOCK_D] 64-bit row
-        # offsets alive from the K/V load to the dK/dV store, which spilled at D=128.
-        k_src = tl.make_tensor_descriptor(k_base, shape=[n_k, HEAD_DIM], strides=[stride_ks, 1],
-                                          block_shape=[BLOCK_N, BLOCK_D])
-        v_src = tl.make_tensor_descriptor(v_base, shape=[n_k, HEAD_DIM], strides=[stride_vs, 1],
-                                          block_shape=[BLOCK_N, BLOCK_D])
-        dk_dst = tl.make_tensor_descriptor(dk_base, shape=[n_k, HEAD_DIM], strides=[stride_dks, 1],
-                                           block_shape=[BLOCK_N, BLOCK_D])
-        dv_dst = tl.make_tensor_descriptor(dv_base, shape=[n_k, HEAD_DIM], strides=[stride_dvs, 1],
-                                           block_shape=[BLOCK_N, BLOCK_D])
-    else:
-        k_src = k_base
-        v_src = v_base
-        dk_dst = dk_base
-        dv_dst = dv_base
+    # Descriptors for the key-block tiles too: pointer tiles would keep [BLOCK_N, BLOCK_D] 64-bit row
+    # offsets alive from the K/V load to the dK/dV store, which spilled at D=128.
+    k_src = tile_source(k_ptr, b, k_start, kvh, stride_kb, stride_ks, stride_kh, n_k, BLOCK_N, BLOCK_D, HEAD_DIM,
+                        USE_TMA)
+    v_src = tile_source(v_ptr, b, k_start, kvh, stride_vb, stride_vs, stride_vh, n_k, BLOCK_N, BLOCK_D, HEAD_DIM,
+                        USE_TMA)
+    dk_dst = tile_source(dk_ptr, b, k_start, kvh, stride_dkb, stride_dks, stride_dkh, n_k, BLOCK_N, BLOCK_D,
+                         HEAD_DIM, USE_TMA)
+    dv_dst = tile_source(dv_ptr, b, k_start, kvh, stride_dvb, stride_dvs, stride_dvh, n_k, BLOCK_N, BLOCK_D,
+                         HEAD_DIM, USE_TMA)
     k = load_tile(k_src, stride_ks, n0, n_k, BLOCK_N, BLOCK_D, HEAD_DIM, USE_TMA, True)
     v = load_tile(v_src, stride_vs, n0, n_k, BLOCK_N, BLOCK_D, HEAD_DIM, USE_TMA, True)
     if UPCAST:
@@ -174,15 +161,12 @@ def _attn_bwd_dkdv_kernel(
         full_hi = 0
         hi = n_q
     else:
-        lo, full_lo, full_hi, hi = band(n0, BLOCK_N, BLOCK_M, shift, n_q, right, left)
-        if n0 + BLOCK_N > n_k:  # a ragged key block: every step masks (see _dkdv_steps)
-            full_lo = hi
-            full_hi = hi
+        lo, full_lo, full_hi, hi = row_band(n0, BLOCK_N, BLOCK_M, n_q, n_k, left, right)
 
     # The group's query heads, one descriptor each for Q and dO made once, a head picked by its middle index:
     # per-head descriptors cost a device-side build per head, and registers that pushed D=128 into spilling.
-    q_grp = q_ptr + b64 * stride_qb + start * stride_qs + (kvh * group) * stride_qh
-    do_grp = do_ptr + b64 * stride_dob + start * stride_dos + (kvh * group) * stride_doh
+    q_grp = head_rows(q_ptr, b, start, kvh * group, stride_qb, stride_qs, stride_qh)
+    do_grp = head_rows(do_ptr, b, start, kvh * group, stride_dob, stride_dos, stride_doh)
     if USE_TMA:
         q_src = tl.make_tensor_descriptor(q_grp, shape=[n_q, group, HEAD_DIM], strides=[stride_qs, stride_qh, 1],
                                           block_shape=[BLOCK_M, 1, BLOCK_D])
@@ -194,8 +178,8 @@ def _attn_bwd_dkdv_kernel(
     for g in range(group):
         h = kvh * group + g
         # one offset for both (delta is laid out as lse): the kernel's pointer arguments cost no registers
-        row_off = b64 * stride_lb + h * stride_lh + start
-        dq_base = dq_ptr + b64 * stride_dqb + start * stride_dqs + h * stride_dqh
+        row_off = b.to(tl.int64) * stride_lb + h * stride_lh + start
+        dq_base = head_rows(dq_ptr, b, start, h, stride_dqb, stride_dqs, stride_dqh)
         # (head g of the group, its lse/delta offset, dQ rows): the same for every row-block range below
         head = (g, stride_qh, stride_doh, stride_qs, stride_dos, lse_ptr, delta_ptr, row_off, dq_base, stride_dqs)
         keys_args = (n_q, keys, n_k, shift, left, right, qk_scale)
@@ -251,64 +235,38 @@ def _attn_bwd_dq_kernel(
     DOT_PRECISION: tl.constexpr,
 ):
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // n_heads
-    h = (pid_bh % n_heads).to(tl.int64)
-    kvh = h // group
-    start, n_q, n_k = doc_bounds(cu_ptr, b, seqlen_q, seqlen_k, VARLEN)
+    b, h, kvh, start, n_q, n_k = program_seq_head(tl.program_id(1), n_heads, group, cu_ptr, seqlen_q, seqlen_k, VARLEN)
     m0 = pid_m * BLOCK_M
     if m0 >= n_q:
         return
-    b64 = b.to(tl.int64)
-    q_base = q_ptr + b64 * stride_qb + start * stride_qs + h * stride_qh
-    do_base = do_ptr + b64 * stride_dob + start * stride_dos + h * stride_doh
-    k_base = k_ptr + b64 * stride_kb + start * stride_ks + kvh * stride_kh
-    v_base = v_ptr + b64 * stride_vb + start * stride_vs + kvh * stride_vh
-    dq_base = dq_ptr + b64 * stride_dqb + start * stride_dqs + h * stride_dqh
-    if USE_TMA:
-        k_src = tl.make_tensor_descriptor(k_base, shape=[n_k, HEAD_DIM], strides=[stride_ks, 1],
-                                          block_shape=[BLOCK_N, BLOCK_D])
-        v_src = tl.make_tensor_descriptor(v_base, shape=[n_k, HEAD_DIM], strides=[stride_vs, 1],
-                                          block_shape=[BLOCK_N, BLOCK_D])
-        # the row-block tiles through descriptors too (pointer tiles spilled their row offsets at D=128)
-        q_src = tl.make_tensor_descriptor(q_base, shape=[n_q, HEAD_DIM], strides=[stride_qs, 1],
-                                          block_shape=[BLOCK_M, BLOCK_D])
-        do_src = tl.make_tensor_descriptor(do_base, shape=[n_q, HEAD_DIM], strides=[stride_dos, 1],
-                                           block_shape=[BLOCK_M, BLOCK_D])
-        dq_dst = tl.make_tensor_descriptor(dq_base, shape=[n_q, HEAD_DIM], strides=[stride_dqs, 1],
-                                           block_shape=[BLOCK_M, BLOCK_D])
-    else:
-        k_src = k_base
-        v_src = v_base
-        q_src = q_base
-        do_src = do_base
-        dq_dst = dq_base
+    k_src = tile_source(k_ptr, b, start, kvh, stride_kb, stride_ks, stride_kh, n_k, BLOCK_N, BLOCK_D, HEAD_DIM, USE_TMA)
+    v_src = tile_source(v_ptr, b, start, kvh, stride_vb, stride_vs, stride_vh, n_k, BLOCK_N, BLOCK_D, HEAD_DIM, USE_TMA)
+    # the row-block tiles through descriptors too (pointer tiles spilled their row offsets at D=128)
+    q_src = tile_source(q_ptr, b, start, h, stride_qb, stride_qs, stride_qh, n_q, BLOCK_M, BLOCK_D, HEAD_DIM, USE_TMA)
+    do_src = tile_source(do_ptr, b, start, h, stride_dob, stride_dos, stride_doh, n_q, BLOCK_M, BLOCK_D, HEAD_DIM,
+                         USE_TMA)
+    dq_dst = tile_source(dq_ptr, b, start, h, stride_dqb, stride_dqs, stride_dqh, n_q, BLOCK_M, BLOCK_D, HEAD_DIM,
+                         USE_TMA)
     q = load_tile(q_src, stride_qs, m0, n_q, BLOCK_M, BLOCK_D, HEAD_DIM, USE_TMA, True)
     do = load_tile(do_src, stride_dos, m0, n_q, BLOCK_M, BLOCK_D, HEAD_DIM, USE_TMA, True)
     if UPCAST:
         q = q.to(tl.float32)
         do = do.to(tl.float32)
     rows = m0 + tl.arange(0, BLOCK_M)
-    lse = tl.load(lse_ptr + b64 * stride_lb + h * stride_lh + start + rows, mask=rows < n_q, other=float("inf"))
-    delta = tl.load(delta_ptr + b64 * stride_lb + h * stride_lh + start + rows, mask=rows < n_q, other=0.0)
+    lse = tl.load(stats_row(lse_ptr, b, h, start, stride_lb, stride_lh) + rows, mask=rows < n_q, other=float("inf"))
+    delta = tl.load(stats_row(delta_ptr, b, h, start, stride_lb, stride_lh) + rows, mask=rows < n_q, other=0.0)
     q_pos = rows + (n_k - n_q)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
-    if HAS_PREFIX:
-        pk_base = pk_ptr + b64 * stride_pkb + kvh * stride_pkh
-        pv_base = pv_ptr + b64 * stride_pvb + kvh * stride_pvh
-        if USE_TMA:
-            pk_src = tl.make_tensor_descriptor(pk_base, shape=[n_prefix, HEAD_DIM], strides=[stride_pks, 1],
-                                               block_shape=[BLOCK_N, BLOCK_D])
-            pv_src = tl.make_tensor_descriptor(pv_base, shape=[n_prefix, HEAD_DIM], strides=[stride_pvs, 1],
-                                               block_shape=[BLOCK_N, BLOCK_D])
-        else:
-            pk_src = pk_base
-            pv_src = pv_base
+    if HAS_PREFIX:  # prefix keys: rows 0 .. n_prefix-1 of every sequence, no token start
+        pk_src = tile_source(pk_ptr, b, 0, kvh, stride_pkb, stride_pks, stride_pkh, n_prefix, BLOCK_N, BLOCK_D,
+                             HEAD_DIM, USE_TMA)
+        pv_src = tile_source(pv_ptr, b, 0, kvh, stride_pvb, stride_pvs, stride_pvh, n_prefix, BLOCK_N, BLOCK_D,
+                             HEAD_DIM, USE_TMA)
         dq = _dq_steps(dq, q, do, lse, delta, pk_src, pv_src, stride_pks, stride_pvs, 0, n_prefix, n_prefix,
                        q_pos, left, right, qk_scale, BLOCK_N, BLOCK_D, HEAD_DIM, 2, USE_TMA, UPCAST, DOT_PRECISION)
 
-    lo, full_lo, full_hi, hi = band(m0, BLOCK_M, BLOCK_N, n_k - n_q, n_k, left, right)
+    lo, full_lo, full_hi, hi = key_band(m0, BLOCK_M, BLOCK_N, n_q, n_k, left, right)
     dq = _dq_steps(dq, q, do, lse, delta, k_src, v_src, stride_ks, stride_vs, lo, full_lo, n_k, q_pos, left, right,
                    qk_scale, BLOCK_N, BLOCK_D, HEAD_DIM, 1, USE_TMA, UPCAST, DOT_PRECISION)
     dq = _dq_steps(dq, q, do, lse, delta, k_src, v_src, stride_ks, stride_vs, full_lo, full_hi, n_k, q_pos, left,

@@ -18,12 +18,14 @@ import torch
 from fastft.kernels.autotune import tuner
 from fastft.kernels.attention import (
     LOG2E,
-    band,
     block_d,
-    doc_bounds,
     grid_rows,
+    key_band,
     load_tile,
+    program_seq_head,
+    stats_row,
     store_tile,
+    tile_source,
     tma_eligible,
     token_strides,
     visible,
@@ -81,31 +83,17 @@ def _fwd_tile(
     DOT_PRECISION: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
 ):
     """Rows pid_m*BLOCK_M.. of sequence and head pid_bh: nothing when the block starts past the sequence."""
-    b = pid_bh // n_heads
-    h = (pid_bh % n_heads).to(tl.int64)
-    kvh = h // group
-    start, n_q, n_k = doc_bounds(cu_ptr, b, seqlen_q, seqlen_k, VARLEN)
+    b, h, kvh, start, n_q, n_k = program_seq_head(pid_bh, n_heads, group, cu_ptr, seqlen_q, seqlen_k, VARLEN)
     m0 = pid_m * BLOCK_M
     if m0 < n_q:
-        b64 = b.to(tl.int64)
-        q_base = q_ptr + b64 * stride_qb + start * stride_qs + h * stride_qh
-        k_base = k_ptr + b64 * stride_kb + start * stride_ks + kvh * stride_kh
-        v_base = v_ptr + b64 * stride_vb + start * stride_vs + kvh * stride_vh
-        o_base = o_ptr + b64 * stride_ob + start * stride_os + h * stride_oh
-        if USE_TMA:
-            q_src = tl.make_tensor_descriptor(q_base, shape=[n_q, HEAD_DIM], strides=[stride_qs, 1],
-                                              block_shape=[BLOCK_M, BLOCK_D])
-            k_src = tl.make_tensor_descriptor(k_base, shape=[n_k, HEAD_DIM], strides=[stride_ks, 1],
-                                              block_shape=[BLOCK_N, BLOCK_D])
-            v_src = tl.make_tensor_descriptor(v_base, shape=[n_k, HEAD_DIM], strides=[stride_vs, 1],
-                                              block_shape=[BLOCK_N, BLOCK_D])
-            o_dst = tl.make_tensor_descriptor(o_base, shape=[n_q, HEAD_DIM], strides=[stride_os, 1],
-                                              block_shape=[BLOCK_M, BLOCK_D])
-        else:
-            q_src = q_base
-            k_src = k_base
-            v_src = v_base
-            o_dst = o_base
+        q_src = tile_source(q_ptr, b, start, h, stride_qb, stride_qs, stride_qh, n_q,
+                            BLOCK_M, BLOCK_D, HEAD_DIM, USE_TMA)
+        k_src = tile_source(k_ptr, b, start, kvh, stride_kb, stride_ks, stride_kh, n_k,
+                            BLOCK_N, BLOCK_D, HEAD_DIM, USE_TMA)
+        v_src = tile_source(v_ptr, b, start, kvh, stride_vb, stride_vs, stride_vh, n_k,
+                            BLOCK_N, BLOCK_D, HEAD_DIM, USE_TMA)
+        o_dst = tile_source(o_ptr, b, start, h, stride_ob, stride_os, stride_oh, n_q,
+                            BLOCK_M, BLOCK_D, HEAD_DIM, USE_TMA)
 
         q = load_tile(q_src, stride_qs, m0, n_q, BLOCK_M, BLOCK_D, HEAD_DIM, USE_TMA, True)
         if UPCAST:
@@ -116,22 +104,16 @@ def _fwd_tile(
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
-        if HAS_PREFIX:
-            pk_base = pk_ptr + b64 * stride_pkb + kvh * stride_pkh
-            pv_base = pv_ptr + b64 * stride_pvb + kvh * stride_pvh
-            if USE_TMA:
-                pk_src = tl.make_tensor_descriptor(pk_base, shape=[n_prefix, HEAD_DIM], strides=[stride_pks, 1],
-                                                   block_shape=[BLOCK_N, BLOCK_D])
-                pv_src = tl.make_tensor_descriptor(pv_base, shape=[n_prefix, HEAD_DIM], strides=[stride_pvs, 1],
-                                                   block_shape=[BLOCK_N, BLOCK_D])
-            else:
-                pk_src = pk_base
-                pv_src = pv_base
+        if HAS_PREFIX:  # the prefix keys have no token start: every sequence's are rows 0 .. n_prefix-1
+            pk_src = tile_source(pk_ptr, b, 0, kvh, stride_pkb, stride_pks, stride_pkh, n_prefix,
+                                 BLOCK_N, BLOCK_D, HEAD_DIM, USE_TMA)
+            pv_src = tile_source(pv_ptr, b, 0, kvh, stride_pvb, stride_pvs, stride_pvh, n_prefix,
+                                 BLOCK_N, BLOCK_D, HEAD_DIM, USE_TMA)
             acc, m_i, l_i = _fwd_steps(acc, m_i, l_i, q, pk_src, pv_src, stride_pks, stride_pvs, 0, n_prefix,
                                        n_prefix, q_pos, left, right, qk_scale, BLOCK_N, BLOCK_D, HEAD_DIM, 2,
                                        USE_TMA, UPCAST, DOT_PRECISION, False)
 
-        lo, full_lo, full_hi, hi = band(m0, BLOCK_M, BLOCK_N, n_k - n_q, n_k, left, right)
+        lo, full_lo, full_hi, hi = key_band(m0, BLOCK_M, BLOCK_N, n_q, n_k, left, right)
         acc, m_i, l_i = _fwd_steps(acc, m_i, l_i, q, k_src, v_src, stride_ks, stride_vs, lo, full_lo, n_k, q_pos,
                                    left, right, qk_scale, BLOCK_N, BLOCK_D, HEAD_DIM, 1,
                                    USE_TMA, UPCAST, DOT_PRECISION, False)
@@ -149,7 +131,7 @@ def _fwd_tile(
         out = acc / l_safe[:, None]
         store_tile(o_dst, stride_os, m0, n_q, out.to(o_ptr.dtype.element_ty), BLOCK_M, BLOCK_D, HEAD_DIM, USE_TMA)
         lse = tl.where(empty, float("inf"), m_i + tl.math.log2(l_safe))
-        tl.store(lse_ptr + b64 * stride_lb + h * stride_lh + start + rows, lse, mask=rows < n_q)
+        tl.store(stats_row(lse_ptr, b, h, start, stride_lb, stride_lh) + rows, lse, mask=rows < n_q)
 
 
 @triton.jit
