@@ -11,8 +11,8 @@ import functools
 import torch
 
 from fastft.kernels.autotune import tuner
-from fastft.kernels.runtime import INTERPRET, cdiv, device_sms, triton
-from fastft.kernels.shared import bucket, split_rows
+from fastft.kernels.runtime import INTERPRET, cdiv, triton
+from fastft.kernels.shared import bucket, split_partials, sum_partials
 
 import triton.language as tl
 
@@ -51,18 +51,14 @@ def _configs() -> list[dict]:
 def column_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Σ_m a[m, n]·b[m, n] for 2-D a, b of one shape (any strides), as an fp32 vector of length N."""
     M, N = a.shape
-    sms = device_sms(a.device)
     result = {}
 
     def launch(cfg):
-        cfg = dict(cfg)
-        per_sm = cfg.pop("PER_SM")
         n_tiles = cdiv(N, cfg["BLOCK_N"])
-        splits, rows_per_split = split_rows(M, n_tiles, per_sm, sms, cfg["BLOCK_M"])
-        part = torch.empty((splits, N), device=a.device, dtype=torch.float32)
+        cfg, splits, rows_per_split, (part,) = split_partials(cfg, M, n_tiles, "BLOCK_M", a.device, (N,))
         _column_dot_kernel[(n_tiles, splits)](
             a, b, part, M, N, rows_per_split, a.stride(0), a.stride(1), b.stride(0), b.stride(1), **cfg)
-        result["out"] = part[0] if splits == 1 else part.sum(0)
+        result["out"] = sum_partials(part)
 
     if M == 0:
         return torch.zeros(N, device=a.device, dtype=torch.float32)

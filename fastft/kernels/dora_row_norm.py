@@ -13,8 +13,8 @@ import functools
 import torch
 
 from fastft.kernels.autotune import tuner
-from fastft.kernels.runtime import INTERPRET, cdiv, device_sms, triton
-from fastft.kernels.shared import bucket, dot_precision, split_rows, upcast
+from fastft.kernels.runtime import INTERPRET, cdiv, triton
+from fastft.kernels.shared import bucket, dot_precision, split_partials, sum_partials, upcast
 
 import triton.language as tl
 
@@ -65,19 +65,15 @@ def row_sq_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor
     lora_B (N, R) contiguous, in weight's dtype, R a power of two ≥ 16 (zero-padded rank)."""
     N, K = weight.shape
     R = lora_A.shape[0]
-    sms = device_sms(weight.device)
     result = {}
 
     def launch(cfg):
-        cfg = dict(cfg)
-        per_sm = cfg.pop("PER_SM")
         n_tiles = cdiv(N, cfg["BLOCK_N"])
-        splits, cols_per_split = split_rows(K, n_tiles, per_sm, sms, cfg["BLOCK_K"])
-        part = torch.empty((splits, N), device=weight.device, dtype=torch.float32)
+        cfg, splits, cols_per_split, (part,) = split_partials(cfg, K, n_tiles, "BLOCK_K", weight.device, (N,))
         _row_sq_norm_kernel[(n_tiles, splits)](
             weight, lora_A, lora_B, part, N, K, cols_per_split, float(scaling), weight.stride(0), weight.stride(1),
             R=R, UPCAST=upcast(weight.dtype), DOT_PRECISION=dot_precision(weight.dtype), **cfg)
-        result["out"] = part[0] if splits == 1 else part.sum(0)
+        result["out"] = sum_partials(part)
 
     if N == 0 or K == 0:
         return torch.zeros(N, device=weight.device, dtype=torch.float32)

@@ -17,8 +17,8 @@ import functools
 import torch
 
 from fastft.kernels.autotune import tuner
-from fastft.kernels.shared import bucket, dot_precision, dropout_keep, split_rows, upcast
-from fastft.kernels.runtime import INTERPRET, cdiv, device_sms, next_power_of_2, triton
+from fastft.kernels.shared import bucket, dot_precision, dropout_keep, split_partials, sum_partials, upcast
+from fastft.kernels.runtime import INTERPRET, cdiv, next_power_of_2, triton
 
 import triton.language as tl
 
@@ -223,15 +223,11 @@ def rank_reduce(lo, y, *, p_drop: float = 0.0, seed: int = 0) -> torch.Tensor:
     """loᵀ·(keep∘y) in fp32, shape [R, N]: the weight gradients of the rank-R factors."""
     M, N = y.shape
     R = lo.shape[1]
-    sms = device_sms(y.device)
     result = {}
 
     def launch(cfg):
-        cfg = dict(cfg)
-        per_sm = cfg.pop("PER_SM")
         n_tiles = cdiv(N, cfg["BLOCK_N"])
-        splits, rows_per_split = split_rows(M, n_tiles, per_sm, sms, cfg["BLOCK_M"])
-        part = torch.empty((splits, R, N), device=y.device, dtype=torch.float32)
+        cfg, splits, rows_per_split, (part,) = split_partials(cfg, M, n_tiles, "BLOCK_M", y.device, (R, N))
         _rank_reduce_kernel[(n_tiles, splits)](
             lo, y, part, M, N, rows_per_split,
             lo.stride(0), y.stride(0), y.stride(1),
@@ -239,7 +235,7 @@ def rank_reduce(lo, y, *, p_drop: float = 0.0, seed: int = 0) -> torch.Tensor:
             DROPOUT=p_drop > 0.0, UPCAST=upcast(y.dtype), DOT_PRECISION=dot_precision(y.dtype),
             BLOCK_R=R, **cfg,
         )
-        result["out"] = part[0] if splits == 1 else part.sum(0)
+        result["out"] = sum_partials(part)
 
     key = (bucket(M), N, R, y.dtype, p_drop > 0.0)
     tuner("rank_reduce", reduce_configs(y.element_size(), p_drop > 0.0)).run(key, launch)
@@ -252,16 +248,12 @@ def rank_reduce_pair(la, ya, lb, yb, *, p_drop: float = 0.0, seed: int = 0) -> t
     M, NA = ya.shape
     NB = yb.shape[1]
     R = la.shape[1]
-    sms = device_sms(ya.device)
     result = {}
 
     def launch(cfg):
-        cfg = dict(cfg)
-        per_sm = cfg.pop("PER_SM")
         tiles_a, tiles_b = cdiv(NA, cfg["BLOCK_N"]), cdiv(NB, cfg["BLOCK_N"])
-        splits, rows_per_split = split_rows(M, tiles_a + tiles_b, per_sm, sms, cfg["BLOCK_M"])
-        part_a = torch.empty((splits, R, NA), device=ya.device, dtype=torch.float32)
-        part_b = torch.empty((splits, R, NB), device=ya.device, dtype=torch.float32)
+        cfg, splits, rows_per_split, (part_a, part_b) = split_partials(cfg, M, tiles_a + tiles_b, "BLOCK_M",
+                                                                       ya.device, (R, NA), (R, NB))
         _rank_reduce_pair_kernel[(tiles_a + tiles_b, splits)](
             la, ya, part_a, lb, yb, part_b, M, NA, NB, tiles_a, rows_per_split,
             la.stride(0), ya.stride(0), ya.stride(1), lb.stride(0), yb.stride(0), yb.stride(1),
@@ -269,7 +261,7 @@ def rank_reduce_pair(la, ya, lb, yb, *, p_drop: float = 0.0, seed: int = 0) -> t
             DROPOUT=p_drop > 0.0, UPCAST=upcast(ya.dtype), DOT_PRECISION=dot_precision(ya.dtype),
             BLOCK_R=R, **cfg,
         )
-        result["out"] = tuple(p[0] if splits == 1 else p.sum(0) for p in (part_a, part_b))
+        result["out"] = (sum_partials(part_a), sum_partials(part_b))
 
     key = (bucket(M), NA, NB, R, ya.dtype, p_drop > 0.0)
     tuner("rank_reduce_pair", pair_reduce_configs(ya.element_size(), p_drop > 0.0)).run(key, launch)

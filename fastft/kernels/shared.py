@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from fastft.kernels.runtime import INTERPRET, cdiv, next_power_of_2, triton
+from fastft.kernels.runtime import INTERPRET, cdiv, device_sms, next_power_of_2, triton
 
 import triton.language as tl
 
@@ -57,3 +57,16 @@ def split_rows(M: int, n_tiles: int, per_sm: int, sms: int, block_m: int) -> tup
     splits = max(1, min(cdiv(per_sm * sms, n_tiles), cdiv(M, 4 * block_m)))
     rows_per_split = cdiv(cdiv(M, splits), block_m) * block_m
     return cdiv(M, rows_per_split), rows_per_split
+
+
+def split_partials(cfg: dict, length: int, n_tiles: int, block: str, device, *shapes):
+    """A split reduction's launch plan: (cfg without PER_SM, splits, length_per_split, fp32 partial buffers of shape
+    (splits, *shape) for each shape): `length` (the reduced dimension) split in whole cfg[block]s over a grid of
+    n_tiles × splits (split_rows). Sum the partials with `sum_partials`."""
+    cfg = dict(cfg)
+    splits, per_split = split_rows(length, n_tiles, cfg.pop("PER_SM"), device_sms(device), cfg[block])
+    return cfg, splits, per_split, [torch.empty((splits, *s), device=device, dtype=torch.float32) for s in shapes]
+
+
+def sum_partials(part: torch.Tensor) -> torch.Tensor:
+    return part[0] if part.shape[0] == 1 else part.sum(0)
