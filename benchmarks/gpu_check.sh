@@ -5,12 +5,14 @@
 # timings; a failing section does not stop the next, and each gets what is left of the time budget.
 #   bash benchmarks/gpu_check.sh [section ...]    sections: build nf4 attention lora-tests fuzz-tests lora losses-tests losses
 #   (on request: nf4-tests attention-tests methods-tests methods layers-tests layers patch-step train-tests train
-#    train-methods-tests bench-1b bench-8b lora-paths)
+#    train-methods-tests bench-1b bench-8b lora-paths; `issue10` names the kernel-speed set, correctness first)
 set -uo pipefail
 export PYTHONPATH="$PWD/.peers:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 : "${OUT:=/tmp/fastft-out}"; mkdir -p "$OUT"; export OUT
 budget="${FASTFT_GPU_BUDGET:-560}"   # seconds for all sections together
 sections="${*:-build nf4 attention lora-tests fuzz-tests lora losses-tests losses}"
+# issue10: every kernel changed since the H100 run checked against fp64 first, then the issue's tables
+sections="${sections//issue10/build lora-tests attention-tests methods-tests nf4-tests nf4 attention lora-paths lora}"
 start=$SECONDS
 status=0
 
