@@ -43,6 +43,12 @@ def test_padded_and_as_rows():
     p = shared.padded(t, 4, 8, torch.float64)
     assert p.shape == (4, 8) and p.dtype == torch.float64 and p.is_contiguous()
     assert torch.equal(p[:3, :5], t.double()) and not p[3:].any() and not p[:, 5:].any()
+    # no padding needed but a strided or transposed view: a contiguous copy, same dtype or not (kernels such as DoRA's
+    # row norm read the result with unit strides; a strided lora_B once came back as itself)
+    for view in (torch.randn(3, 10)[:, ::2], torch.randn(5, 3).t()):
+        for dtype in (torch.float32, torch.float16):
+            q = shared.padded(view, 3, 5, dtype)
+            assert q.is_contiguous() and q.dtype == dtype and torch.equal(q, view.to(dtype))
     x = torch.randn(2, 7, 6)
     rows = shared.as_rows(x)
     assert rows.shape == (14, 6) and rows.data_ptr() == x.data_ptr()  # a view

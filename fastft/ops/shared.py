@@ -64,8 +64,8 @@ def as_rows(t: torch.Tensor) -> torch.Tensor:
 def padded(t: torch.Tensor, rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
     """t zero-padded to (rows, cols), contiguous, in dtype; t itself when nothing changes. One device op for a cast
     or a pad alone (a launch costs host time on small layers), two for both."""
-    if tuple(t.shape) == (rows, cols):
-        return t.to(dtype, memory_format=torch.contiguous_format)  # t itself when already so
+    if tuple(t.shape) == (rows, cols):  # (`.to(memory_format=)` returns t itself, strided or not, when the dtype matches)
+        return t.contiguous() if t.dtype == dtype else t.to(dtype, memory_format=torch.contiguous_format)
     return F.pad(t.to(dtype), (0, cols - t.shape[1], 0, rows - t.shape[0])).contiguous()
 
 

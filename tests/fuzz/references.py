@@ -456,19 +456,24 @@ def dora_math(x, weight, bias, lora_A, lora_B, magnitude, scaling, row_norm):
     return y if bias is None else y + bias
 
 
-def dora_row_norm_error(W, A, B, s, dtype):
+def dora_row_norm_error(W, A, B, s, dtype, *, weight_mag=None):
     """(‖W + s·B·A‖_row exact, relative error bound of the op's σ = m/‖·‖). The op sums W'² = (W + s·B·A)² directly
     in fp32: A and B rounded to the compute dtype (the Triton path; the torch path keeps fp32), B·A an fp32 sum of
     r products, s·(B·A) and the add one rounding each — so each W'_nk is off by at most c·M_nk, M = |W| + |s|·|B|·|A|
     — then squares summed over K in fp32. With Cauchy–Schwarz, ‖W'‖² is off by 2c·‖W'‖·‖M‖ + c²‖M‖² + the sum's
-    rounding; ‖·‖ at most keeps that relative error ρ, and σ = m/‖·‖ turns it into ρ(1 + 2ρ) (ρ ≤ ½) + a division."""
+    rounding; ‖·‖ at most keeps that relative error ρ, and σ = m/‖·‖ turns it into ρ(1 + 2ρ) (ρ ≤ ½) + a division.
+    weight_mag: W is a dequantized NF4 weight (fp64 value of its fields): |W| is replaced by this magnitude, and the
+    op's rounding of W to the compute dtype (one rounding and three fp32 ones in the dequantization) joins c."""
     W, A, B = f64(W), f64(A), f64(B)
     Wp = W + s * (B @ A)
     sq = (Wp * Wp).sum(1)
-    M2 = ((W.abs() + abs(s) * (B.abs() @ A.abs())) ** 2).sum(1)
+    W_abs = W.abs() if weight_mag is None else f64(weight_mag)
+    M2 = ((W_abs + abs(s) * (B.abs() @ A.abs())) ** 2).sum(1)
     u32 = UNIT_ROUNDOFF[torch.float32]
     K, r = W.shape[1], A.shape[0]
     c = 2 * UNIT_ROUNDOFF[dtype] + LAMBDA * u32 * math.sqrt(max(r, 1)) + 2 * u32
+    if weight_mag is not None:
+        c += UNIT_ROUNDOFF[dtype] + 3 * u32
     ratio = M2 / sq  # inf where W' is exactly 0: no bound then
     rho = 2 * c * ratio.sqrt() + c * c * ratio + (LAMBDA * math.sqrt(max(K, 1)) + 4) * u32
     return sq.sqrt(), rho * (1 + 2 * rho) + 2 * u32

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from fastft.ops.bottleneck_adapter import ACTIVATIONS, bottleneck_adapter
 from fastft.ops.dora import dora_linear
 from fastft.ops.ia3 import ia3_linear
+from fastft.quant.nf4_weight import quantize_nf4
 from tests.fuzz import references as ref
 from tests.fuzz.checks import check_example, grads_of, needing_grad
 from tests.fuzz.strategies import LAYOUTS, dim, float_dtypes, fuzz, tensor
@@ -37,15 +38,35 @@ DORA_N_ROUND = 10
 @fuzz(10)
 @given(data=st.data())
 def test_dora_linear(data, backend):
-    op = "dora_linear"
+    _dora_case(data, backend, nf4=False)
+
+
+# NF4 bases: W is quantized (blocksize 64, K a multiple of it on the fused path, ragged K on the reference path); the
+# reference is the fp64 value of the stored fields, |W| replaced by the dequantization's magnitude, and the op's
+# rounding of W to the compute dtype (one rounding, plus three fp32 ones inside the dequantization: each at most
+# u of any dtype) adds 4 to the count and joins the row norm's bound.
+@pytest.mark.parametrize("backend", BACKENDS)
+@fuzz(6)
+@given(data=st.data())
+def test_dora_linear_nf4_weight(data, backend):
+    _dora_case(data, backend, nf4=True)
+
+
+def _dora_case(data, backend, nf4):
+    op = "dora_linear" if not nf4 else "dora_linear nf4"
     dtype = data.draw(float_dtypes(), label="dtype")
     adapter_dtype = data.draw(st.sampled_from([dtype, torch.float32]), label="adapter dtype")
     lead = _lead(data)
     M, K, N, r = dim(data, 1, 24, label="rows"), dim(data, 1, 48, label="K"), dim(data, 1, 48, label="N"), \
         dim(data, 1, 17, label="r")
+    if nf4:
+        K = data.draw(st.sampled_from([64, 128, 70]), label="nf4 K")
     g = dict(requires_grad=True)
     x = tensor(data, lead + (M, K), dtype, label="x", **g)
     W = tensor(data, (N, K), dtype, label="weight")
+    W_mag = None
+    if nf4:
+        W = quantize_nf4(W, blocksize=64, double_quant=data.draw(st.booleans(), label="double quant"))
     b = tensor(data, (N,), dtype, label="bias", **g) if data.draw(st.booleans(), label="bias") else None
     A = tensor(data, (r, K), adapter_dtype, label="lora_A", **g)
     B = tensor(data, (N, r), adapter_dtype, label="lora_B", **g)
@@ -56,13 +77,16 @@ def test_dora_linear(data, backend):
     inputs = needing_grad((("x", x), ("bias", b), ("lora_A", A), ("lora_B", B), ("magnitude", m)))
     grads = grads_of(y, inputs, dy)
 
-    norm, sig_rel = ref.dora_row_norm_error(W, A, B, s, dtype)
+    if nf4:
+        W, W_mag = ref.nf4_dequantize_f64(W)
+    norm, sig_rel = ref.dora_row_norm_error(W, A, B, s, dtype, weight_mag=W_mag)
     vals = dict(x=x, weight=W, bias=b, lora_A=A, lora_B=B, magnitude=m, scaling=float(s), row_norm=norm)
-    y64, g64, ymag, gmags = ref.grads_and_mags(ref.dora_math, vals, dy)
+    y64, g64, ymag, gmags = ref.grads_and_mags(
+        ref.dora_math, vals, dy, None if W_mag is None else {**_abs_f64(vals), "weight": W_mag})
     # σ's relative error, pushed through the same multilinear function (a column scale of |y| and |dy|)
-    absvals = {n: (t.abs() if isinstance(t, torch.Tensor) else t) for n, t in
-               {**{k: ref.f64(v) if isinstance(v, torch.Tensor) else v for k, v in vals.items()},
-                "scaling": abs(float(s)), "bias": None}.items()}
+    absvals = {**_abs_f64(vals), "scaling": abs(float(s)), "bias": None}
+    if W_mag is not None:
+        absvals["weight"] = W_mag
     absvals["magnitude"] = absvals["magnitude"] * sig_rel
     y_extra, g_extra = ref.grads_and_mags(ref.dora_math, absvals, ref.f64(dy).abs(), absvals)[2:]
     y_extra = y_extra.abs()
@@ -73,8 +97,13 @@ def test_dora_linear(data, backend):
         gmags["magnitude"] = gmags["magnitude"] + (dyA * (ref.f64(b).abs() / ref.f64(m).abs())).sum(0)
     T = M * (1 if not lead else int(torch.tensor(lead).prod()))
     lengths = {"y": (K, r), "x": (N, r), "bias": (T,), "lora_A": (N, T), "lora_B": (K, T), "magnitude": (T,)}
-    check_example(op, backend, inputs, grads, y, y64, ymag, g64, gmags, dtype, DORA_N_ROUND, lengths, y_floor=y_extra,
-                  floors=g_extra)
+    check_example(op, backend, inputs, grads, y, y64, ymag, g64, gmags, dtype, DORA_N_ROUND + (4 if nf4 else 0),
+                  lengths, y_floor=y_extra, floors=g_extra)
+
+
+def _abs_f64(vals):
+    return {k: (ref.f64(v).abs() if isinstance(v, torch.Tensor) else (abs(v) if isinstance(v, float) else v))
+            for k, v in vals.items()}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from fastft.ops.attention import flash_attention
+from fastft.ops.dora import dora_row_norm
 from fastft.ops.lora import lora_linear
 from fastft.ops.qlora import nf4_linear, qlora_linear
 from fastft.quant.nf4_weight import quantize_nf4
@@ -170,3 +171,18 @@ def test_parameter_counts_quantized_lora_llama():
     fastft.quantize_model(model, "nf4")
     model = fastft.get_peft_model(model, LoraConfig(r=r, lora_alpha=8, target_modules=ALL_LINEAR))
     assert parameter_counts(model) == (lora, dense_total + lora)
+
+
+@interpreter_only
+@pytest.mark.parametrize("nf4", [False, True])
+def test_dora_row_norm_strided_lora_B(nf4):
+    """Found by fuzzing NF4-based DoRA: with r a power of two ≥ 16 the padded lora_B came back as the strided view
+    itself and the Triton row-norm kernel read it with unit strides (norm 32.37 instead of 27.58, y off by 15%)."""
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(3, 64, generator=g)
+    W = quantize_nf4(W, blocksize=64, double_quant=False) if nf4 else W
+    A, B = torch.randn(16, 64, generator=g), torch.randn(3, 32, generator=g)[:, ::2]
+    got = dora_row_norm(W, A, B, 1.0, dtype=torch.float32, backend="triton")
+    dense = W.dequantize(torch.float32) if nf4 else W
+    want = torch.linalg.norm(dense.double() + B.double() @ A.double(), dim=1)
+    assert torch.allclose(got.double(), want, rtol=1e-5), (got, want)
