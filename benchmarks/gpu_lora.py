@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastft.apps.bench import card_name, markdown_table, peak_memory_mib, time_ms, write_results
+from fastft.apps.bench import card_name, markdown_table, peak_memory_mib, time_cases, time_ms, write_results
 from fastft.kernels import rank_ops
 from fastft.kernels.lora_gemm import lora_gemm
 from fastft.ops import lora_linear, lora_linear_reference
@@ -81,11 +81,7 @@ def bench_shape(k: int, n: int, rounds: int = 3) -> list[dict]:
 
         cases += [dict(shape=f"{k}->{n}", method="peft LoRA", r=r, fn=peft_step),
                   dict(shape=f"{k}->{n}", method="fastft fused", r=r, fn=fastft_step)]
-    for case in cases:
-        case["fn"]()  # compile and autotune outside the timing
-    for _ in range(rounds):
-        for case in cases:
-            case["ms"] = min(case.get("ms", float("inf")), time_ms(case["fn"]))
+    time_cases(cases, rounds)
     t_base = cases[0]["ms"]
     rows = []
     for case in cases:

@@ -27,7 +27,7 @@ import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from fastft.apps.bench import card_name, markdown_table, time_ms, write_results  # noqa: E402
+from fastft.apps.bench import card_name, markdown_table, time_cases, write_results  # noqa: E402
 from fastft.kernels.rank_ops import rank_pad  # noqa: E402
 from fastft.ops import lora_linear, lora_linear_reference, lora_path  # noqa: E402
 
@@ -123,11 +123,7 @@ def bench_shape(k: int, n: int, rounds: int = 1 if SMOKE else 3) -> list[dict]:
 
             for part, fn in (("fwd+bwd", step), ("fwd", forward), ("bwd", backward)):
                 cases.append(dict(shape=shape, r=r, R=rank_pad(r), path=name, part=part, fn=fn))
-    for case in cases:
-        case["fn"]()  # compile and autotune outside the timing
-    for _ in range(rounds):
-        for case in cases:
-            case["ms"] = min(case.get("ms", float("inf")), time_ms(case["fn"]))
+    time_cases(cases, rounds)
     t_base = cases[0]["ms"]
     rows = []
     for case in cases:

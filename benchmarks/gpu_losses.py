@@ -24,7 +24,8 @@ import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from fastft.apps.bench import card_name, markdown_table, peak_memory_mib, time_ms, write_results  # noqa: E402
+from fastft.apps.bench import (card_name, markdown_table, peak_memory_mib, time_cases, time_ms,  # noqa: E402
+                               write_results)
 from fastft.ops import (linear_cross_entropy, linear_cross_entropy_reference, linear_kl_div,  # noqa: E402
                         linear_kl_div_reference)
 
@@ -123,11 +124,7 @@ def bench_ce(rounds: int = 1 if SMOKE else 3) -> list[dict]:
         cases.append(dict(method=f"fastft chunk {rows} rows", fn=lambda rows=rows: fastft_step(rows), grads=grad_bytes))
     cases.append(dict(method="fastft, frozen W (dh only)", fn=lambda: fastft_step(None, W_frozen),
                       grads=x.numel() * x.element_size()))
-    for case in cases:
-        case["fn"]()
-    for _ in range(rounds):
-        for case in cases:
-            case["ms"] = min(case.get("ms", float("inf")), timed_ms(case["fn"]))
+    time_cases(cases, rounds, timed_ms)
     rows = []
     for case in cases:
         fn, grads = case.pop("fn"), case.pop("grads")

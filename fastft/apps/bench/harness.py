@@ -75,6 +75,16 @@ def time_ms(fn, warmup: int = 25, rep: int = 100, grad_to_none=None, cpu_rep: in
     return statistics.median(times)
 
 
+def time_cases(cases: list[dict], rounds: int, timer=time_ms) -> None:
+    """Sets case["ms"] for each case dict (its "fn" called once first, so compiling and autotuning stay outside the
+    timing): the best of `rounds` rounds, the cases interleaved in each so clock drift hits them alike."""
+    for case in cases:
+        case["fn"]()
+    for _ in range(rounds):
+        for case in cases:
+            case["ms"] = min(case.get("ms", float("inf")), timer(case["fn"]))
+
+
 def peak_memory_mib(fn) -> float | None:
     """CUDA memory allocated at the peak of one call of `fn`, above what was allocated before (None on CPU)."""
     if not torch.cuda.is_available():
