@@ -10,8 +10,11 @@ Under torch.autocast nothing changes: transformers' norms are not autocast ops e
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
+from fastft.ops.compiled import compiling, needed, unused
 from fastft.ops.shared import as_rows, check, check_tensor, resolve_backend
 
 CASTS = ("input", "fp32")
@@ -35,37 +38,95 @@ def _out_dtype(x_dtype, w_dtype, cast):
     return torch.promote_types(x_dtype, w_dtype) if cast == "input" else x_dtype
 
 
+def _forward(x, weight, residual, eps, offset, cast):
+    """(y, h, rstd): y in x's shape, h (rows) or None without a residual, rstd per row."""
+    from fastft.kernels import rms_norm as kernels
+
+    r2 = as_rows(residual) if residual is not None else None
+    y, h, rstd = kernels.rms_norm_forward(as_rows(x), weight, eps, offset, cast == "input",
+                                          _out_dtype(x.dtype, weight.dtype, cast), r2)
+    return y.view(*x.shape[:-1], y.shape[-1]), h, rstd
+
+
+def _backward(dy, dh, h, weight, rstd, offset, need_w):
+    """(dx rows, dw in weight's dtype or None); dh: the gradient reaching the returned h, or None."""
+    from fastft.kernels import rms_norm as kernels
+
+    dx, dw = kernels.rms_norm_backward(as_rows(dy), h, weight, rstd, offset,
+                                       as_rows(dh) if dh is not None else None, need_w)
+    return dx, (dw.to(weight.dtype) if dw is not None else None)
+
+
+def _saved_h(x, h, residual):
+    """The normed input backward needs: h = x + residual when there is one, else x itself (as rows)."""
+    return as_rows(h) if residual is not None else as_rows(x)
+
+
+def _grads(needs, shape, has_residual, dx, dw):
+    dx = dx.view(shape)
+    return (dx if needs[0] else None), dw, (dx if has_residual and needs[2] else None), None, None, None
+
+
 class RMSNormFunction(torch.autograd.Function):
+    """The eager door (fastft.ops.compiled)."""
+
     @staticmethod
     def forward(ctx, x, weight, residual, eps, offset, cast):
-        from fastft.kernels import rms_norm as kernels
-
-        x2 = as_rows(x)
-        r2 = as_rows(residual) if residual is not None else None
-        y, h, rstd = kernels.rms_norm_forward(x2, weight, eps, offset, cast == "input",
-                                              _out_dtype(x.dtype, weight.dtype, cast), r2)
-        h_saved = h if h is not None else x2
-        ctx.save_for_backward(h_saved, weight, rstd)
+        y, h, rstd = _forward(x, weight, residual, eps, offset, cast)
+        ctx.save_for_backward(_saved_h(x, h, residual), weight, rstd)
         ctx.meta = (x.shape, offset, residual is not None)
-        y = y.view(*x.shape[:-1], y.shape[-1])
-        if residual is None:
-            return y
-        return y, h.view(x.shape)
+        return y if residual is None else (y, h.view(x.shape))
 
     @staticmethod
     def backward(ctx, dy, dh=None):
-        from fastft.kernels import rms_norm as kernels
-
         h, weight, rstd = ctx.saved_tensors
         shape, offset, has_residual = ctx.meta
-        dy2 = as_rows(dy)
-        dh2 = as_rows(dh) if (has_residual and dh is not None) else None
-        need_w = ctx.needs_input_grad[1]
-        dx, dw = kernels.rms_norm_backward(dy2, h, weight, rstd, offset, dh2, need_w)
-        dx = dx.view(shape)
-        dw = dw.to(weight.dtype) if dw is not None else None
-        dres = dx if has_residual and ctx.needs_input_grad[2] else None
-        return (dx if ctx.needs_input_grad[0] else None), dw, dres, None, None, None
+        dx, dw = _backward(dy, dh if has_residual else None, h, weight, rstd, offset, ctx.needs_input_grad[1])
+        return _grads(ctx.needs_input_grad, shape, has_residual, dx, dw)
+
+
+# The traced door: fastft::rms_norm and its backward as custom ops (fastft.ops.compiled).
+@torch.library.custom_op("fastft::rms_norm", mutates_args=())
+def rms_norm_op(x: torch.Tensor, weight: torch.Tensor, residual: Optional[torch.Tensor], eps: float, offset: float,
+                cast: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    y, h, rstd = _forward(x, weight, residual, eps, offset, cast)
+    return y, (h.view(x.shape) if h is not None else unused(x)), rstd
+
+
+@rms_norm_op.register_fake
+def _(x, weight, residual, eps, offset, cast):
+    y = x.new_empty(x.shape, dtype=_out_dtype(x.dtype, weight.dtype, cast))
+    h = x.new_empty(x.shape) if residual is not None else unused(x)
+    return y, h, x.new_empty((x.numel() // x.shape[-1],), dtype=torch.float32)
+
+
+@torch.library.custom_op("fastft::rms_norm_backward", mutates_args=())
+def rms_norm_backward_op(dy: torch.Tensor, dh: Optional[torch.Tensor], h: torch.Tensor, weight: torch.Tensor,
+                         rstd: torch.Tensor, offset: float, need_w: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    dx, dw = _backward(dy, dh, h, weight, rstd, offset, need_w)
+    return dx, (dw if need_w else unused(weight))
+
+
+@rms_norm_backward_op.register_fake
+def _(dy, dh, h, weight, rstd, offset, need_w):
+    return h.new_empty(h.shape), (weight.new_empty(weight.shape) if need_w else unused(weight))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, residual, eps, offset, cast = inputs
+    ctx.save_for_backward(_saved_h(x, output[1], residual), weight, output[2])
+    ctx.meta = (x.shape, offset, residual is not None)
+
+
+def _backward_op(ctx, dy, dh, _drstd):
+    h, weight, rstd = ctx.saved_tensors
+    shape, offset, has_residual = ctx.meta
+    need_w = ctx.needs_input_grad[1]
+    dx, dw = rms_norm_backward_op(dy, dh if has_residual else None, h, weight, rstd, offset, need_w)
+    return _grads(ctx.needs_input_grad, shape, has_residual, dx, needed(dw, need_w))
+
+
+rms_norm_op.register_autograd(_backward_op, setup_context=_setup_context)
 
 
 def validate_rms_norm_args(x, weight, eps, offset, residual, cast) -> None:
@@ -101,4 +162,7 @@ def rms_norm(x, weight, eps=1e-6, *, offset=0.0, residual=None, cast=None, backe
     if backend == "torch" or x.numel() == 0:
         return rms_norm_reference(x, weight, eps, offset=offset, residual=residual, cast=cast)
     with torch.autocast(x.device.type, enabled=False):
-        return RMSNormFunction.apply(x, weight, residual, float(eps), float(offset), cast)
+        if not compiling():
+            return RMSNormFunction.apply(x, weight, residual, float(eps), float(offset), cast)
+        y, h, _ = rms_norm_op(x, weight, residual, float(eps), float(offset), cast)
+        return y if residual is None else (y, h)
