@@ -6,9 +6,12 @@ backward reuses them and fastft.kernels.rank_ops) on CUDA, `bottleneck_adapter_r
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
+from fastft.ops.compiled import compiling, needed, unused
 from fastft.ops.shared import as_rows, autocast_inputs, check_backend, padded, resolve_backend
 
 ACTIVATIONS = ("relu", "silu", "gelu_tanh", "tanh")
@@ -42,54 +45,137 @@ def _activation_grad(p: torch.Tensor, activation: str) -> torch.Tensor:
     return 0.5 * (1 + t) + 0.5 * p * (1 - t * t) * c * (1 + 3 * 0.044715 * p * p)
 
 
+def _padded_weights(down_weight, up_weight, dtype):
+    """D (R, N) and U (N, R) zero-padded to the kernels' rank R, in h's dtype."""
+    from fastft.kernels.rank_ops import rank_pad
+
+    r, N = down_weight.shape
+    R = rank_pad(r)
+    return padded(down_weight, R, N, dtype), padded(up_weight, N, R, dtype)
+
+
+def _forward(h2, D_p, U_p, down_bias, up_bias, activation):
+    """(y rows, z, p): z = act(p), p = h·Dᵀ + b_d, both (M, R) (backward needs them)."""
+    from fastft.kernels import bottleneck_adapter as kernels
+
+    R = D_p.shape[0]
+    bd = None if down_bias is None else padded(down_bias.float()[None], 1, R, torch.float32)[0]
+    z, p = kernels.down_act(h2, D_p, bd, activation)
+    bu = None if up_bias is None else up_bias.to(h2.dtype)
+    return kernels.up_residual(h2, z, U_p, bu), z, p
+
+
+def _backward(dy, h2, D_p, U_p, z, p, r, activation, needs, dtypes):
+    """(dh rows, dD, dbd, dU, dbu), None where not needed; needs: (h, D, b_d, U, b_u); dtypes: D, U, b_d, b_u
+    (None for an absent bias)."""
+    from fastft.kernels import bottleneck_adapter as kernels
+    from fastft.kernels import rank_ops
+
+    D_dtype, U_dtype, bd_dtype, bu_dtype = dtypes
+    N = h2.shape[1]
+    dy2 = dy.reshape(-1, N).to(h2.dtype)
+    if not dy2.is_contiguous():
+        dy2 = dy2.contiguous()
+    need_h, need_D, need_bd, need_U, need_bu = needs
+    dh = dD = dbd = dU = dbu = None
+    if need_h or need_D or need_bd:
+        dz = rank_ops.rank_project(dy2, U_p.t(), scale=1.0)                    # dy·U    [M, R]
+        dp = (dz.float() * _activation_grad(p, activation)).to(h2.dtype)  # ∘ act'(p)
+        if need_h:
+            dh = kernels.up_residual(dy2, dp, D_p.t(), None)  # dy + dp·D
+        if need_D:
+            dD = rank_ops.rank_reduce(dp, h2)[:r].to(D_dtype)
+        if need_bd and bd_dtype is not None:
+            dbd = dp[:, :r].sum(0, dtype=torch.float32).to(bd_dtype)
+    if need_U:
+        dU = rank_ops.rank_reduce(z, dy2)[:r].t().to(U_dtype)
+    if need_bu and bu_dtype is not None:
+        dbu = dy2.sum(0, dtype=torch.float32).to(bu_dtype)
+    return dh, dD, dbd, dU, dbu
+
+
+def _dtype(t):
+    return None if t is None else t.dtype
+
+
 class BottleneckAdapterFunction(torch.autograd.Function):
+    """The eager door (fastft.ops.compiled)."""
+
     @staticmethod
     def forward(ctx, h, down_weight, down_bias, up_weight, up_bias, activation):
-        from fastft.kernels import bottleneck_adapter as kernels
-        from fastft.kernels.rank_ops import rank_pad
-
-        r, N = down_weight.shape
-        R = rank_pad(r)
-        dtype = h.dtype
         h2 = as_rows(h)
-        D_p = padded(down_weight, R, N, dtype)
-        U_p = padded(up_weight, N, R, dtype)
-        bd = None if down_bias is None else padded(down_bias.float()[None], 1, R, torch.float32)[0]
-        z, p = kernels.down_act(h2, D_p, bd, activation)
-        bu = None if up_bias is None else up_bias.to(dtype)
-        y = kernels.up_residual(h2, z, U_p, bu)
+        D_p, U_p = _padded_weights(down_weight, up_weight, h.dtype)
+        y, z, p = _forward(h2, D_p, U_p, down_bias, up_bias, activation)
         ctx.save_for_backward(h2, D_p, U_p, z, p)
-        ctx.meta = (h.shape, r, activation, down_weight.dtype, up_weight.dtype,
-                    None if down_bias is None else down_bias.dtype, None if up_bias is None else up_bias.dtype)
+        ctx.meta = (h.shape, down_weight.shape[0], activation,
+                    (down_weight.dtype, up_weight.dtype, _dtype(down_bias), _dtype(up_bias)))
         return y.view(h.shape)
 
     @staticmethod
     def backward(ctx, dy):
-        from fastft.kernels import bottleneck_adapter as kernels
-        from fastft.kernels import rank_ops
-
         h2, D_p, U_p, z, p = ctx.saved_tensors
-        h_shape, r, activation, D_dtype, U_dtype, bd_dtype, bu_dtype = ctx.meta
-        N = h2.shape[1]
-        dy2 = dy.reshape(-1, N).to(h2.dtype)
-        if not dy2.is_contiguous():
-            dy2 = dy2.contiguous()
-        need_h, need_D, need_bd, need_U, need_bu = ctx.needs_input_grad[:5]
-        dh = dD = dbd = dU = dbu = None
-        if need_h or need_D or need_bd:
-            dz = rank_ops.rank_project(dy2, U_p.t(), scale=1.0)                    # dy·U    [M, R]
-            dp = (dz.float() * _activation_grad(p, activation)).to(h2.dtype)  # ∘ act'(p)
-            if need_h:
-                dh = kernels.up_residual(dy2, dp, D_p.t(), None).view(h_shape)  # dy + dp·D
-            if need_D:
-                dD = rank_ops.rank_reduce(dp, h2)[:r].to(D_dtype)
-            if need_bd and bd_dtype is not None:
-                dbd = dp[:, :r].sum(0, dtype=torch.float32).to(bd_dtype)
-        if need_U:
-            dU = rank_ops.rank_reduce(z, dy2)[:r].t().to(U_dtype)
-        if need_bu and bu_dtype is not None:
-            dbu = dy2.sum(0, dtype=torch.float32).to(bu_dtype)
-        return dh, dD, dbd, dU, dbu, None
+        h_shape, r, activation, dtypes = ctx.meta
+        dh, dD, dbd, dU, dbu = _backward(dy, h2, D_p, U_p, z, p, r, activation, ctx.needs_input_grad[:5], dtypes)
+        return (None if dh is None else dh.view(h_shape)), dD, dbd, dU, dbu, None
+
+
+# The traced door: fastft::bottleneck_adapter and its backward as custom ops (fastft.ops.compiled). z and p are
+# extra outputs of the forward; the padded weights (often the weights themselves) are re-derived in the backward.
+@torch.library.custom_op("fastft::bottleneck_adapter", mutates_args=())
+def bottleneck_adapter_op(h: torch.Tensor, down_weight: torch.Tensor, down_bias: Optional[torch.Tensor],
+                          up_weight: torch.Tensor, up_bias: Optional[torch.Tensor],
+                          activation: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    D_p, U_p = _padded_weights(down_weight, up_weight, h.dtype)
+    y, z, p = _forward(as_rows(h), D_p, U_p, down_bias, up_bias, activation)
+    return y.view(h.shape), z, p
+
+
+@bottleneck_adapter_op.register_fake
+def _(h, down_weight, down_bias, up_weight, up_bias, activation):
+    from fastft.kernels.rank_ops import rank_pad
+
+    # int(): a symbolic rank is specialised (a guard; the rank is fixed per adapter), the token count stays symbolic
+    M, R = h.numel() // h.shape[-1], rank_pad(int(down_weight.shape[0]))
+    return h.new_empty(h.shape), h.new_empty((M, R)), h.new_empty((M, R))
+
+
+@torch.library.custom_op("fastft::bottleneck_adapter_backward", mutates_args=())
+def bottleneck_adapter_backward_op(
+        dy: torch.Tensor, h: torch.Tensor, down_weight: torch.Tensor, down_bias: Optional[torch.Tensor],
+        up_weight: torch.Tensor, up_bias: Optional[torch.Tensor], z: torch.Tensor, p: torch.Tensor, activation: str,
+        needs: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    D_p, U_p = _padded_weights(down_weight, up_weight, h.dtype)
+    dtypes = (down_weight.dtype, up_weight.dtype, _dtype(down_bias), _dtype(up_bias))
+    grads = _backward(dy, as_rows(h), D_p, U_p, z, p, down_weight.shape[0], activation, needs, dtypes)
+    grads = (None if grads[0] is None else grads[0].view(h.shape),) + grads[1:]
+    return tuple(unused(h) if g is None else g for g in grads)
+
+
+@bottleneck_adapter_backward_op.register_fake
+def _(dy, h, down_weight, down_bias, up_weight, up_bias, z, p, activation, needs):
+    like = (h, down_weight, down_bias, up_weight, up_bias)
+    grads = [t.new_empty(t.shape) if need and t is not None else unused(h) for t, need in zip(like, needs)]
+    if needs[3]:  # dU is the transpose of an (r, N) reduction: column-major, as the real op returns it
+        grads[3] = up_weight.new_empty((up_weight.shape[1], up_weight.shape[0])).t()
+    return tuple(grads)
+
+
+def _setup_context(ctx, inputs, output):
+    h, down_weight, down_bias, up_weight, up_bias, activation = inputs
+    ctx.save_for_backward(h, down_weight, down_bias, up_weight, up_bias, output[1], output[2])
+    ctx.activation = activation
+
+
+def _backward_op(ctx, dy, _dz, _dp):
+    h, down_weight, down_bias, up_weight, up_bias, z, p = ctx.saved_tensors
+    needs = [n and t is not None for n, t in zip(ctx.needs_input_grad[:5], (h, down_weight, down_bias, up_weight,
+                                                                              up_bias))]
+    grads = bottleneck_adapter_backward_op(dy, h, down_weight, down_bias, up_weight, up_bias, z, p, ctx.activation,
+                                           needs)
+    return (*(needed(g, n) for g, n in zip(grads, needs)), None)
+
+
+bottleneck_adapter_op.register_autograd(_backward_op, setup_context=_setup_context)
 
 
 def bottleneck_adapter(h, down_weight, down_bias, up_weight, up_bias, activation: str = "relu", *, backend="auto"):
@@ -114,4 +200,6 @@ def bottleneck_adapter(h, down_weight, down_bias, up_weight, up_bias, activation
     if backend == "torch" or h.numel() == 0:
         return bottleneck_adapter_reference(h, down_weight, down_bias, up_weight, up_bias, activation)
     with torch.autocast(h.device.type, enabled=False):
+        if compiling():
+            return bottleneck_adapter_op(h, down_weight, down_bias, up_weight, up_bias, activation)[0]
         return BottleneckAdapterFunction.apply(h, down_weight, down_bias, up_weight, up_bias, activation)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from fastft.ops.compiled import compiling
 from fastft.ops.shared import as_rows, check, check_tensor, resolve_backend
 
 
@@ -20,7 +21,23 @@ def geglu_reference(gate, up):
     return F.gelu(gate, approximate="tanh") * up
 
 
+def _forward(gate, up, gelu):
+    from fastft.kernels.glu import glu_forward
+
+    return glu_forward(as_rows(gate), as_rows(up), gelu).view(gate.shape)
+
+
+def _backward(dy, g2, u2, shape, gelu):
+    """(d_gate, d_up) in gate's shape; g2, u2: gate and up as rows."""
+    from fastft.kernels.glu import glu_backward
+
+    d_gate, d_up = glu_backward(as_rows(dy), g2, u2, gelu)
+    return d_gate.view(shape), d_up.view(shape)
+
+
 class GLUFunction(torch.autograd.Function):
+    """The eager door (fastft.ops.compiled)."""
+
     @staticmethod
     def forward(ctx, gate, up, gelu):
         from fastft.kernels.glu import glu_forward
@@ -32,12 +49,46 @@ class GLUFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        from fastft.kernels.glu import glu_backward
-
         g2, u2 = ctx.saved_tensors
         shape, gelu = ctx.meta
-        d_gate, d_up = glu_backward(as_rows(dy), g2, u2, gelu)
-        return d_gate.view(shape), d_up.view(shape), None
+        return (*_backward(dy, g2, u2, shape, gelu), None)
+
+
+# The traced door: fastft::glu and its backward as custom ops (fastft.ops.compiled). The backward op takes gate
+# and up as they came (a fused gate_up projection's halves stay views) and makes rows of them itself.
+@torch.library.custom_op("fastft::glu", mutates_args=())
+def glu_op(gate: torch.Tensor, up: torch.Tensor, gelu: bool) -> torch.Tensor:
+    return _forward(gate, up, gelu)
+
+
+@glu_op.register_fake
+def _(gate, up, gelu):
+    return gate.new_empty(gate.shape)
+
+
+@torch.library.custom_op("fastft::glu_backward", mutates_args=())
+def glu_backward_op(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
+                    gelu: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return _backward(dy, as_rows(gate), as_rows(up), gate.shape, gelu)
+
+
+@glu_backward_op.register_fake
+def _(dy, gate, up, gelu):
+    return gate.new_empty(gate.shape), up.new_empty(up.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    gate, up, gelu = inputs
+    ctx.save_for_backward(gate, up)
+    ctx.gelu = gelu
+
+
+def _backward_op(ctx, dy):
+    gate, up = ctx.saved_tensors
+    return (*glu_backward_op(dy, gate, up, ctx.gelu), None)
+
+
+glu_op.register_autograd(_backward_op, setup_context=_setup_context)
 
 
 def _glu(op, gate, up, gelu, backend):
@@ -49,6 +100,8 @@ def _glu(op, gate, up, gelu, backend):
     if resolve_backend(op, backend, gate.device) == "torch" or gate.numel() == 0:
         return (geglu_reference if gelu else swiglu_reference)(gate, up)
     with torch.autocast(gate.device.type, enabled=False):
+        if compiling():
+            return glu_op(gate, up, gelu)
         return GLUFunction.apply(gate, up, gelu)
 
 

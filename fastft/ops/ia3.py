@@ -13,9 +13,12 @@ CPU and backend="torch": `ia3_linear_reference`, the same math in torch.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
+from fastft.ops.compiled import compiling, needed, unused
 from fastft.ops.shared import as_rows, autocast_inputs, check_backend, resolve_backend
 
 
@@ -31,52 +34,117 @@ def _safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
     return torch.where(den != 0, num / torch.where(den != 0, den, 1.0), 0.0)
 
 
+def _scale(ia3_l: torch.Tensor) -> torch.Tensor:
+    return ia3_l.detach().reshape(-1).float().contiguous()
+
+
+def _forward(x2, weight, bias, scale, feedforward):
+    """y as rows (M, N)."""
+    from fastft.kernels.lora_gemm import lora_gemm
+
+    if feedforward:
+        return lora_gemm(x2, weight, None, None, bias, b_nk=True, k_scale=scale)
+    scaled_bias = None if bias is None else (bias.float() * scale).contiguous()
+    return lora_gemm(x2, weight, None, None, scaled_bias, b_nk=True, col_scale=scale)
+
+
+def _backward(dy, saved, weight, scale, bias, feedforward, need_x, need_b, need_l, x_shape, l_shape, l_dtype):
+    """(dx, db, dl), None where not needed; saved: x as rows (feedforward) or y as rows (output scale)."""
+    from fastft.kernels.lora_gemm import lora_gemm
+    from fastft.kernels.column_dot import column_dot
+
+    N = weight.shape[0]
+    dy2 = dy.reshape(-1, N).to(weight.dtype)
+    if not dy2.is_contiguous():
+        dy2 = dy2.contiguous()
+    dx = db = dl = None
+    if feedforward:
+        if need_x or need_l:
+            dx = lora_gemm(dy2, weight, None, None, None, b_nk=False, col_scale=scale)
+            if need_l:
+                dl = _safe_div(column_dot(saved, dx), scale).reshape(l_shape).to(l_dtype)
+            dx = dx.view(x_shape) if need_x else None
+        if need_b and bias is not None:
+            db = dy2.sum(0, dtype=torch.float32).to(bias.dtype)
+    else:
+        if need_x:
+            dx = lora_gemm(dy2, weight, None, None, None, b_nk=False, k_scale=scale).view(x_shape)
+        if need_l:
+            dl = _safe_div(column_dot(dy2, saved), scale).reshape(l_shape).to(l_dtype)
+        if need_b and bias is not None:
+            db = (dy2.sum(0, dtype=torch.float32) * scale).to(bias.dtype)
+    return dx, db, dl
+
+
 class IA3LinearFunction(torch.autograd.Function):
+    """The eager door (fastft.ops.compiled)."""
+
     @staticmethod
     def forward(ctx, x, weight, bias, ia3_l, feedforward):
-        from fastft.kernels.lora_gemm import lora_gemm
-
         x2 = as_rows(x)
-        N = weight.shape[0]
-        scale = ia3_l.detach().reshape(-1).float().contiguous()
-        if feedforward:
-            y = lora_gemm(x2, weight, None, None, bias, b_nk=True, k_scale=scale)
-        else:
-            scaled_bias = None if bias is None else (bias.float() * scale).contiguous()
-            y = lora_gemm(x2, weight, None, None, scaled_bias, b_nk=True, col_scale=scale)
+        scale = _scale(ia3_l)
+        y = _forward(x2, weight, bias, scale, feedforward)
         ctx.save_for_backward(x2 if feedforward else None, y if not feedforward else None, weight, scale, bias)
         ctx.meta = (x.shape, feedforward, ia3_l.shape, ia3_l.dtype)
-        return y.view(*x.shape[:-1], N)
+        return y.view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, dy):
-        from fastft.kernels.lora_gemm import lora_gemm
-        from fastft.kernels.column_dot import column_dot
-
         x2, y, weight, scale, bias = ctx.saved_tensors
         x_shape, feedforward, l_shape, l_dtype = ctx.meta
         need_x, _, need_b, need_l = ctx.needs_input_grad[:4]
-        N = weight.shape[0]
-        dy2 = dy.reshape(-1, N).to(weight.dtype)
-        if not dy2.is_contiguous():
-            dy2 = dy2.contiguous()
-        dx = db = dl = None
-        if feedforward:
-            if need_x or need_l:
-                dx = lora_gemm(dy2, weight, None, None, None, b_nk=False, col_scale=scale)
-                if need_l:
-                    dl = _safe_div(column_dot(x2, dx), scale).reshape(l_shape).to(l_dtype)
-                dx = dx.view(x_shape) if need_x else None
-            if need_b and bias is not None:
-                db = dy2.sum(0, dtype=torch.float32).to(bias.dtype)
-        else:
-            if need_x:
-                dx = lora_gemm(dy2, weight, None, None, None, b_nk=False, k_scale=scale).view(x_shape)
-            if need_l:
-                dl = _safe_div(column_dot(dy2, y), scale).reshape(l_shape).to(l_dtype)
-            if need_b and bias is not None:
-                db = (dy2.sum(0, dtype=torch.float32) * scale).to(bias.dtype)
+        dx, db, dl = _backward(dy, x2 if feedforward else y, weight, scale, bias, feedforward, need_x, need_b,
+                               need_l, x_shape, l_shape, l_dtype)
         return dx, None, db, dl, None
+
+
+# The traced door: fastft::ia3_linear and its backward as custom ops (fastft.ops.compiled). The backward op gets
+# x (feedforward) or the output y, and re-derives the fp32 scale from ia3_l.
+@torch.library.custom_op("fastft::ia3_linear", mutates_args=())
+def ia3_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], ia3_l: torch.Tensor,
+                  feedforward: bool) -> torch.Tensor:
+    return _forward(as_rows(x), weight, bias, _scale(ia3_l), feedforward).view(*x.shape[:-1], weight.shape[0])
+
+
+@ia3_linear_op.register_fake
+def _(x, weight, bias, ia3_l, feedforward):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+@torch.library.custom_op("fastft::ia3_linear_backward", mutates_args=())
+def ia3_linear_backward_op(dy: torch.Tensor, saved: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                           ia3_l: torch.Tensor, feedforward: bool, need_x: bool, need_b: bool,
+                           need_l: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    rows = as_rows(saved) if feedforward else saved.reshape(-1, weight.shape[0])
+    x_shape = (*dy.shape[:-1], weight.shape[1])
+    dx, db, dl = _backward(dy, rows, weight, _scale(ia3_l), bias, feedforward, need_x, need_b, need_l, x_shape,
+                           ia3_l.shape, ia3_l.dtype)
+    return (dx if dx is not None else unused(weight), db if db is not None else unused(weight),
+            dl if dl is not None else unused(weight))
+
+
+@ia3_linear_backward_op.register_fake
+def _(dy, saved, weight, bias, ia3_l, feedforward, need_x, need_b, need_l):
+    dx = weight.new_empty((*dy.shape[:-1], weight.shape[1])) if need_x else unused(weight)
+    db = bias.new_empty(bias.shape) if need_b and bias is not None else unused(weight)
+    return dx, db, (ia3_l.new_empty(ia3_l.shape) if need_l else unused(weight))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, ia3_l, feedforward = inputs
+    ctx.save_for_backward(x if feedforward else output, weight, bias, ia3_l)
+    ctx.feedforward = feedforward
+
+
+def _backward_op(ctx, dy):
+    saved, weight, bias, ia3_l = ctx.saved_tensors
+    need_x, _, need_b, need_l = ctx.needs_input_grad[:4]
+    need_b = need_b and bias is not None
+    dx, db, dl = ia3_linear_backward_op(dy, saved, weight, bias, ia3_l, ctx.feedforward, need_x, need_b, need_l)
+    return needed(dx, need_x), None, needed(db, need_b), needed(dl, need_l), None
+
+
+ia3_linear_op.register_autograd(_backward_op, setup_context=_setup_context)
 
 
 def ia3_linear(x, weight, bias, ia3_l, *, feedforward: bool, backend="auto"):
@@ -105,4 +173,6 @@ def ia3_linear(x, weight, bias, ia3_l, *, feedforward: bool, backend="auto"):
     if backend == "torch" or x.numel() == 0:
         return ia3_linear_reference(x, weight, bias, ia3_l, feedforward)
     with torch.autocast(x.device.type, enabled=False):
+        if compiling():
+            return ia3_linear_op(x, weight, bias, ia3_l, bool(feedforward))
         return IA3LinearFunction.apply(x, weight, bias, ia3_l, bool(feedforward))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from fastft.ops.compiled import compiling
 from fastft.ops.shared import check, check_tensor, resolve_backend
 
 
@@ -58,21 +59,26 @@ def _launch(q, k, cos, sin, q_out, k_out, unsqueeze_dim, inverse):
                 _bshd(k_out, unsqueeze_dim), inverse=inverse)
 
 
+def _rotate(q, k, cos, sin, unsqueeze_dim, inverse):
+    """The rotation (inverse: its transpose, the backward) of q and k into new tensors with their strides."""
+    q_out, k_out = torch.empty_like(q), torch.empty_like(k)
+    _launch(q, k, cos, sin, q_out, k_out, unsqueeze_dim, inverse=inverse)
+    return q_out, k_out
+
+
 def _inverse(ctx, dq, dk):
     cos, sin = ctx.saved_tensors
-    gq, gk = torch.empty_like(dq), torch.empty_like(dk)
-    _launch(dq, dk, cos, sin, gq, gk, ctx.unsqueeze_dim, inverse=True)
-    return gq, gk
+    return _rotate(dq, dk, cos, sin, ctx.unsqueeze_dim, inverse=True)
 
 
 class RoPEFunction(torch.autograd.Function):
+    """The eager door (fastft.ops.compiled)."""
+
     @staticmethod
     def forward(ctx, q, k, cos, sin, unsqueeze_dim):
-        q_out, k_out = torch.empty_like(q), torch.empty_like(k)
-        _launch(q, k, cos, sin, q_out, k_out, unsqueeze_dim, inverse=False)
         ctx.save_for_backward(cos, sin)
         ctx.unsqueeze_dim = unsqueeze_dim
-        return q_out, k_out
+        return _rotate(q, k, cos, sin, unsqueeze_dim, inverse=False)
 
     @staticmethod
     def backward(ctx, dq, dk):
@@ -93,11 +99,62 @@ class RoPEInplaceFunction(torch.autograd.Function):
         return (*_inverse(ctx, dq, dk), None, None, None)
 
 
+# The traced door (fastft.ops.compiled): fastft::rope and fastft::rope_backward (the inverse rotation), and
+# fastft::rope_, the in-place rotation for calls that record no autograd. torch refuses register_autograd on an op
+# that mutates its inputs, so `rope_` under autograd traces as fastft::rope plus q.copy_/k.copy_ (autograd records
+# the copies on the views, as it does for the eager out-of-place fallback).
+@torch.library.custom_op("fastft::rope", mutates_args=())
+def rope_op(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+            unsqueeze_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return _rotate(q, k, cos, sin, unsqueeze_dim, inverse=False)
+
+
+@rope_op.register_fake
+def _(q, k, cos, sin, unsqueeze_dim):
+    return torch.empty_like(q), torch.empty_like(k)
+
+
+@torch.library.custom_op("fastft::rope_backward", mutates_args=())
+def rope_backward_op(dq: torch.Tensor, dk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                     unsqueeze_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return _rotate(dq, dk, cos, sin, unsqueeze_dim, inverse=True)
+
+
+@rope_backward_op.register_fake
+def _(dq, dk, cos, sin, unsqueeze_dim):
+    return torch.empty_like(dq), torch.empty_like(dk)
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(inputs[2], inputs[3])
+    ctx.unsqueeze_dim = inputs[4]
+
+
+def _backward_op(ctx, dq, dk):
+    cos, sin = ctx.saved_tensors
+    return (*rope_backward_op(dq, dk, cos, sin, ctx.unsqueeze_dim), None, None, None)
+
+
+rope_op.register_autograd(_backward_op, setup_context=_setup_context)
+
+
+@torch.library.custom_op("fastft::rope_", mutates_args=("q", "k"))
+def rope_inplace_op(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                    unsqueeze_dim: int) -> None:
+    _launch(q, k, cos, sin, q, k, unsqueeze_dim, inverse=False)
+
+
+@rope_inplace_op.register_fake
+def _(q, k, cos, sin, unsqueeze_dim):
+    return None
+
+
 def validate_rope_args(q, k, cos, sin, unsqueeze_dim, op="rope") -> None:
     for name, t in (("q", q), ("k", k), ("cos", cos), ("sin", sin)):
         check_tensor(op, name, t)
-    check(unsqueeze_dim in (1, 2), f"{op}: `unsqueeze_dim` must be 1 (q is (B, H, S, D)) or 2 (q is (B, S, H, D)), "
-                                   f"got {unsqueeze_dim!r}")
+    if unsqueeze_dim not in (1, 2):  # (the message only on failure: traced with dynamic=True, an int is symbolic)
+        raise ValueError(f"{op}: `unsqueeze_dim` must be 1 (q is (B, H, S, D)) or 2 (q is (B, S, H, D)), got "
+                         f"{unsqueeze_dim!r}")
     check(q.dim() == 4 and k.dim() == 4, f"{op}: `q` and `k` must be 4-D, got shapes {tuple(q.shape)} and "
                                          f"{tuple(k.shape)}")
     seq_dim = 2 if unsqueeze_dim == 1 else 1
@@ -131,6 +188,8 @@ def rope(q, k, cos=None, sin=None, *, position_ids=None, inv_freq=None, attentio
     if backend == "torch" or q.numel() == 0 or cos.requires_grad or sin.requires_grad:
         return rope_reference(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim)
     with torch.autocast(q.device.type, enabled=False):
+        if compiling():
+            return rope_op(q, k, cos, sin, unsqueeze_dim)
         return RoPEFunction.apply(q, k, cos, sin, unsqueeze_dim)
 
 
@@ -141,7 +200,8 @@ def rope_(q, k, cos=None, sin=None, *, position_ids=None, inv_freq=None, attenti
     Autograd lets a Function mutate views only when it returns a single tensor, so when q or k is a view
     (transformers' transposed projections) and needs a gradient, the rotation is computed out of place and
     copied back (torch then records the in-place update of the view itself). Plain tensors, or no gradient:
-    one kernel, truly in place.
+    one kernel, truly in place. Under torch.compile: fastft::rope_ without autograd, fastft::rope and the copies
+    with it.
     """
     cos, sin = _cos_sin(position_ids, cos, sin, inv_freq, attention_scaling, q.dtype, "rope_")
     validate_rope_args(q, k, cos, sin, unsqueeze_dim, op="rope_")
@@ -151,8 +211,14 @@ def rope_(q, k, cos=None, sin=None, *, position_ids=None, inv_freq=None, attenti
         return q.copy_(q_new), k.copy_(k_new)
     with torch.autocast(q.device.type, enabled=False):
         if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)):
-            _launch(q, k, cos, sin, q, k, unsqueeze_dim, inverse=False)
+            if compiling():
+                rope_inplace_op(q, k, cos, sin, unsqueeze_dim)
+            else:
+                _launch(q, k, cos, sin, q, k, unsqueeze_dim, inverse=False)
             return q, k
+        if compiling():  # fastft::rope_ cannot carry autograd (see rope_inplace_op)
+            q_new, k_new = rope_op(q, k, cos, sin, unsqueeze_dim)
+            return q.copy_(q_new), k.copy_(k_new)
         if q._is_view() or k._is_view():
             q_new, k_new = RoPEFunction.apply(q, k, cos, sin, unsqueeze_dim)
             return q.copy_(q_new), k.copy_(k_new)
