@@ -40,3 +40,16 @@ def test_no_config_runs(monkeypatch):
     tuner, _, launch = _tuner(monkeypatch, {"x": None}, timed=True)
     with pytest.raises(RuntimeError, match="no launch config compiled"):
         tuner.run("k", launch)
+
+
+def test_a_key_first_seen_during_graph_capture_is_not_timed_nor_cached(monkeypatch):
+    tuner, launched, launch = _tuner(monkeypatch, {"broken": None, "a": 3.0, "b": 1.0}, timed=True)
+    monkeypatch.setattr(autotune, "capturing", lambda: True)
+    monkeypatch.setattr(autotune, "bench", lambda fn: pytest.fail("timing syncs the device: not while capturing"))
+    tuner.run("k", launch)
+    assert launched == ["a"] and "k" not in tuner.best
+    monkeypatch.setattr(autotune, "capturing", lambda: False)
+    monkeypatch.setattr(autotune, "bench", lambda fn: (fn(), {"a": 3.0, "b": 1.0}[launched[-1]])[1])
+    launched.clear()
+    tuner.run("k", launch)  # outside the capture it is tuned as usual
+    assert launched == ["a", "a", "b", "b", "b"] and tuner.best["k"] == {"c": "b"}

@@ -3,6 +3,8 @@
 Unlike `triton.autotune` it skips configs that fail to compile on this triton/GPU (so one
 broken variant, e.g. warp specialization on an older triton, never breaks the op), and under
 the interpreter or with FASTFT_AUTOTUNE=0 it takes the first config without timing anything.
+A key first seen while a CUDA graph is being captured is not timed either (timing syncs the device, which breaks
+the capture): the first config that runs is launched into the graph and the key stays untuned for later calls.
 """
 from __future__ import annotations
 
@@ -22,6 +24,13 @@ def bench(fn: Callable[[], None]) -> float:
     from triton.testing import do_bench
 
     return do_bench(fn, warmup=5, rep=20, return_mode="median")
+
+
+def capturing() -> bool:
+    """True while the current CUDA stream is capturing a graph (torch.cuda.graph, torch.compile reduce-overhead)."""
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 class Tuner:
@@ -52,6 +61,8 @@ class Tuner:
         timed = self.timed
         if timed is None:
             timed = not (INTERPRET or len(self.configs) == 1 or os.environ.get("FASTFT_AUTOTUNE", "1") == "0")
+        in_capture = capturing()
+        timed = timed and not in_capture
         timings, last_error = [], None
         for config in self.configs:
             try:
@@ -61,7 +72,8 @@ class Tuner:
                 last_error = err
                 continue
             if not timed:  # untimed: the first config that runs
-                self.best[key] = config
+                if not in_capture:
+                    self.best[key] = config
                 return config, True
             timings.append((bench(lambda: launch(config)), config))
         if not timings:
