@@ -165,18 +165,20 @@ class _Layer(torch.nn.Module):
 
 
 @interpreter_only
-@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("packed", [None, "int", "tensor"])
 def test_transformers_attention_function_compiles(packed, monkeypatch):
-    """What a compiled Llama runs per layer: the plain causal path, and the packing collator's (cu_seq_lens and
-    int max lengths). (A whole tiny Llama compiled fullgraph matched eager too; ~25 s, so not in CI.)"""
+    """What a compiled Llama runs per layer: the plain causal path, and the packing collator's (cu_seq_lens, with
+    max lengths as ints or as tensors, which the op then reads itself). (A whole tiny Llama compiled fullgraph
+    matched eager too, dense and packed; ~25 s each, so not in CI.)"""
     import fastft.integration.attention as integration
 
     monkeypatch.setattr(integration, "_backend", "triton")
     layer = _Layer()
     q = _t(1 if packed else 2, 4, 23, 16)  # transformers' (B, H, S, D)
     k, v = _t(q.shape[0], 2, 23, 16), _t(q.shape[0], 2, 23, 16)
-    extra = dict(cu_seq_lens_q=_cu(0, 9, 23), cu_seq_lens_k=_cu(0, 9, 23), max_length_q=14,
-                 max_length_k=14) if packed else {}
+    longest = torch.tensor(14, device=DEVICE) if packed == "tensor" else 14
+    extra = dict(cu_seq_lens_q=_cu(0, 9, 23), cu_seq_lens_k=_cu(0, 9, 23), max_length_q=longest,
+                 max_length_k=longest) if packed else {}
 
     def fn(q, k, v):
         return integration.fastft_attention_forward(layer, q, k, v, None, scaling=0.25, **extra)[0]
