@@ -66,7 +66,7 @@ for s in $sections; do
     train) run 300 train python3 benchmarks/gpu_train.py ;;
     # every method through `fastft train`, patched (--patch-model auto) in bf16; patched vs unpatched losses
     train-methods-tests) run 300 train-methods-tests python3 -m pytest -q -m gpu tests/test_train_methods.py -p no:cacheprovider ;;
-    attention-tests) FASTFT_AUTOTUNE=0 run 150 attention-tests python3 -m pytest -q -m gpu tests/test_attention_op.py tests/test_attention_integration.py -p no:cacheprovider ;;
+    attention-tests) FASTFT_AUTOTUNE=0 run 240 attention-tests python3 -m pytest -q -m gpu tests/test_attention_op.py tests/test_attention_integration.py tests/test_compile_attention.py -p no:cacheprovider ;;
     methods-tests) FASTFT_AUTOTUNE=0 run 120 methods-tests python3 -m pytest -q -m gpu tests/test_methods_gpu.py -p no:cacheprovider ;;
     methods) run 150 methods python3 benchmarks/gpu_methods.py ;;
     # layer ops and patch_model; not in the default list (time): gpu_check.sh layers-tests layers patch-step

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from fastft.ops.attention import BACKENDS, flash_attention
+from fastft.ops.compiled import compiling
 
 NAME = "fastft"
 _backend = "auto"
@@ -47,6 +48,14 @@ def _cu_seqlens_from_position_ids(position_ids) -> tuple[torch.Tensor, int]:
 
 def _as_int(x) -> int:
     return int(x.item()) if isinstance(x, torch.Tensor) else int(x)
+
+
+def _longest(max_q, max_k):
+    """The collator's max lengths as one bound. Tensors are read on the host, except under torch.compile, where
+    that read would break the graph: None then, and the op reads cu_seqlens inside its body instead."""
+    if compiling() and (isinstance(max_q, torch.Tensor) or isinstance(max_k, torch.Tensor)):
+        return None
+    return max(_as_int(max_q), _as_int(max_k))
 
 
 def _varlen(q, k, v, cu, max_len, **kw):
@@ -119,7 +128,7 @@ def fastft_attention_forward(module, query, key, value, attention_mask, dropout=
         # one set of boundaries for queries and keys (self-attention); comparing values would sync every layer
         if cu_q.shape != cu_k.shape:
             raise ValueError("attn_implementation='fastft': packed sequences need cu_seq_lens_q == cu_seq_lens_k")
-        return _varlen(q, k, v, cu_q.to(torch.int32), max(_as_int(max_q), _as_int(max_k)), **kw), None
+        return _varlen(q, k, v, cu_q.to(torch.int32), _longest(max_q, max_k), **kw), None
 
     position_ids = kwargs.get("position_ids")
     if _is_packed(position_ids, B):

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import math
 import os
+from typing import Optional
 
 import torch
 
+from fastft.ops.compiled import capturing, compiling, needed, unused
 from fastft.ops.shared import BACKENDS, autocast_inputs, check_backend, resolve_backend
 from fastft.ops.shared import check as _check  # the name this file's many checks use
 
@@ -88,7 +90,14 @@ def attention_reference(q, k, v, *, causal=False, softmax_scale=None, cu_seqlens
 # ----------------------------------------------------------------------------------------------
 # Validation
 
+def _is_int(x) -> bool:
+    """A Python int (not a bool), or the symbolic int torch.compile passes for one under dynamic shapes."""
+    return isinstance(x, (int, torch.SymInt)) and not isinstance(x, bool)
+
+
 def _validate(q, k, v, causal, softmax_scale, cu_seqlens, max_seqlen, prefix_k, prefix_v, window):
+    # Messages that name a token, batch or document count are built only on failure: under torch.compile with
+    # dynamic shapes, formatting a symbolic size would specialize the graph to that size.
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check(isinstance(t, torch.Tensor), f"flash_attention: `{name}` must be a torch.Tensor, got {type(t).__name__}")
         _check(t.dtype in DTYPES, f"flash_attention: `{name}` must be float16, bfloat16 or float32, got {t.dtype}")
@@ -118,36 +127,40 @@ def _validate(q, k, v, causal, softmax_scale, cu_seqlens, max_seqlen, prefix_k, 
                "flash_attention: `cu_seqlens` must be a 1-D int32 tensor of length n_docs + 1 (cumulative lengths "
                f"starting at 0), got {getattr(cu_seqlens, 'dtype', type(cu_seqlens).__name__)} "
                f"{tuple(getattr(cu_seqlens, 'shape', ()))}")
-        _check(k.shape[0] == q.shape[0], f"flash_attention: packed `q` has {q.shape[0]} tokens but `k` has "
-                                         f"{k.shape[0]}; packed self-attention needs one token count")
+        if not k.shape[0] == q.shape[0]:
+            raise ValueError(f"flash_attention: packed `q` has {q.shape[0]} tokens but `k` has {k.shape[0]}; packed "
+                             "self-attention needs one token count")
         if max_seqlen is not None:
-            _check(isinstance(max_seqlen, int) and not isinstance(max_seqlen, bool) and max_seqlen >= 0,
-                   f"flash_attention: `max_seqlen` must be a non-negative int, got {max_seqlen!r}")
+            if not (_is_int(max_seqlen) and max_seqlen >= 0):
+                raise ValueError(f"flash_attention: `max_seqlen` must be a non-negative int, got {max_seqlen!r}")
             n_docs = cu_seqlens.numel() - 1
             # No device sync: n_docs documents of at most max_seqlen tokens cannot hold more tokens than that.
-            _check(max_seqlen * n_docs >= q.shape[0],
-                   f"flash_attention: `max_seqlen`={max_seqlen} is smaller than the longest document: {n_docs} "
-                   f"documents of at most {max_seqlen} tokens cannot hold the {q.shape[0]} packed tokens")
+            if not max_seqlen * n_docs >= q.shape[0]:
+                raise ValueError(f"flash_attention: `max_seqlen`={max_seqlen} is smaller than the longest document: "
+                                 f"{n_docs} documents of at most {max_seqlen} tokens cannot hold the {q.shape[0]} "
+                                 "packed tokens")
     else:
-        _check(k.shape[0] == q.shape[0], f"flash_attention: `k` has batch {k.shape[0]} but `q` has {q.shape[0]}")
+        if not k.shape[0] == q.shape[0]:
+            raise ValueError(f"flash_attention: `k` has batch {k.shape[0]} but `q` has {q.shape[0]}")
         _check(k.shape[1] >= 1 and q.shape[1] >= 1, "flash_attention: `q` and `k` need at least one position each")
         _check(max_seqlen is None, "flash_attention: `max_seqlen` only goes with `cu_seqlens`")
     _check((prefix_k is None) == (prefix_v is None), "flash_attention: pass both `prefix_k` and `prefix_v`, or neither")
     if prefix_k is not None:
         n_seq = cu_seqlens.numel() - 1 if varlen else q.shape[0]
         for name, t in (("prefix_k", prefix_k), ("prefix_v", prefix_v)):
-            _check(isinstance(t, torch.Tensor) and t.dim() == 4 and t.shape[0] in (1, n_seq) and t.shape[1] >= 1
-                   and tuple(t.shape[2:]) == (n_kv, D),
-                   f"flash_attention: `{name}` must have shape (1 or {n_seq}, prefix_len, {n_kv}, {D}), got "
-                   f"{tuple(getattr(t, 'shape', ()))}")
+            if not (isinstance(t, torch.Tensor) and t.dim() == 4 and t.shape[0] in (1, n_seq) and t.shape[1] >= 1
+                    and tuple(t.shape[2:]) == (n_kv, D)):
+                raise ValueError(f"flash_attention: `{name}` must have shape (1 or {n_seq}, prefix_len, {n_kv}, {D}), "
+                                 f"got {tuple(getattr(t, 'shape', ()))}")
             _check(t.dtype == q.dtype, f"flash_attention: `{name}` is {t.dtype} but `q` is {q.dtype}")
         _check(prefix_k.shape == prefix_v.shape, "flash_attention: `prefix_k` and `prefix_v` must have the same shape")
     if softmax_scale is not None:
         _check(isinstance(softmax_scale, (int, float)) and math.isfinite(softmax_scale) and softmax_scale > 0,
                f"flash_attention: `softmax_scale` must be a positive finite number, got {softmax_scale!r}")
     if window is not None:
-        _check(isinstance(window, int) and not isinstance(window, bool) and window >= 1,
-               f"flash_attention: `window` must be a positive int (keys within `window` positions), got {window!r}")
+        if not (_is_int(window) and window >= 1):
+            raise ValueError(f"flash_attention: `window` must be a positive int (keys within `window` positions), "
+                             f"got {window!r}")
     _check(isinstance(causal, bool), f"flash_attention: `causal` must be a bool, got {causal!r}")
 
 
@@ -162,34 +175,125 @@ def _check_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> int:
 
 
 # ----------------------------------------------------------------------------------------------
-# Autograd
+# Autograd: the eager door (FlashAttentionFunction) and the traced door (fastft::flash_attention and its
+# backward as custom ops, fastft.ops.compiled) share _forward / _backward.
 
 def _unit_last(t):
     return t if t is None or t.stride(-1) == 1 else t.contiguous()
 
 
+def _resolve_max_seqlen(cu_seqlens, max_seqlen, total: int, device: torch.device, debug: bool = True):
+    """The grid bound of packed documents: the caller's max_seqlen (capped at all tokens), or the longest document,
+    read from cu_seqlens (one device sync). No sync while a CUDA graph is captured: a derived bound would be
+    frozen into the graph (and the sync itself is not allowed there), so max_seqlen is required then."""
+    if cu_seqlens is None:
+        return None
+    if max_seqlen is None:
+        _check(not capturing(device),
+               "flash_attention: pass `max_seqlen` (the longest document, a Python int) with `cu_seqlens` when "
+               "capturing a CUDA graph (torch.compile mode='reduce-overhead' or torch.cuda.graph): deriving it "
+               "reads cu_seqlens on the host, which a captured graph cannot do")
+        return _check_cu_seqlens(cu_seqlens, total)
+    if debug and os.environ.get("FASTFT_DEBUG", "0") == "1" and not capturing(device):
+        # the caller's contract, checked at the cost of a sync
+        longest = _check_cu_seqlens(cu_seqlens, total)
+        _check(longest <= max_seqlen, f"flash_attention: `max_seqlen`={max_seqlen} is smaller than the longest "
+                                      f"document ({longest} tokens)")
+    return min(max_seqlen, total)  # no document is longer than all tokens: bounds the grid
+
+
+def _forward(q, k, v, prefix_k, prefix_v, cu_seqlens, max_seqlen, scale, left, right):
+    """((q, k, v, prefix_k, prefix_v) with unit last strides, o, lse)."""
+    from fastft.kernels.attention_fwd import attention_forward
+
+    q, k, v, prefix_k, prefix_v = (_unit_last(t) for t in (q, k, v, prefix_k, prefix_v))
+    o, lse = attention_forward(q, k, v, sm_scale=scale, left=left, right=right, cu_seqlens=cu_seqlens,
+                               max_seqlen=max_seqlen, prefix_k=prefix_k, prefix_v=prefix_v)
+    return (q, k, v, prefix_k, prefix_v), o, lse
+
+
+def _backward(do, q, k, v, o, lse, prefix_k, prefix_v, cu_seqlens, max_seqlen, scale, left, right):
+    """(dq, dk, dv, dprefix_k, dprefix_v); the prefix gradients are None without a prefix."""
+    from fastft.kernels.attention_bwd import attention_backward
+
+    q, k, v, prefix_k, prefix_v = (_unit_last(t) for t in (q, k, v, prefix_k, prefix_v))
+    return attention_backward(_unit_last(do.to(q.dtype)), q, k, v, o, lse, sm_scale=scale, left=left, right=right,
+                              cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, prefix_k=prefix_k, prefix_v=prefix_v)
+
+
 class FlashAttentionFunction(torch.autograd.Function):
+    """The eager door (fastft.ops.compiled); max_seqlen comes resolved (_resolve_max_seqlen)."""
+
     @staticmethod
     def forward(ctx, q, k, v, prefix_k, prefix_v, cu_seqlens, max_seqlen, scale, left, right):
-        from fastft.kernels.attention_fwd import attention_forward
-
-        q, k, v, prefix_k, prefix_v = (_unit_last(t) for t in (q, k, v, prefix_k, prefix_v))
-        o, lse = attention_forward(q, k, v, sm_scale=scale, left=left, right=right, cu_seqlens=cu_seqlens,
-                                   max_seqlen=max_seqlen, prefix_k=prefix_k, prefix_v=prefix_v)
+        (q, k, v, prefix_k, prefix_v), o, lse = _forward(q, k, v, prefix_k, prefix_v, cu_seqlens, max_seqlen,
+                                                         scale, left, right)
         ctx.save_for_backward(q, k, v, o, lse, prefix_k, prefix_v, cu_seqlens)
         ctx.meta = (max_seqlen, scale, left, right)
         return o
 
     @staticmethod
     def backward(ctx, do):
-        from fastft.kernels.attention_bwd import attention_backward
-
         q, k, v, o, lse, prefix_k, prefix_v, cu_seqlens = ctx.saved_tensors
         max_seqlen, scale, left, right = ctx.meta
-        dq, dk, dv, dpk, dpv = attention_backward(
-            _unit_last(do.to(q.dtype)), q, k, v, o, lse, sm_scale=scale, left=left, right=right,
-            cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, prefix_k=prefix_k, prefix_v=prefix_v)
+        dq, dk, dv, dpk, dpv = _backward(do, q, k, v, o, lse, prefix_k, prefix_v, cu_seqlens, max_seqlen, scale,
+                                         left, right)
         return dq, dk, dv, dpk, dpv, None, None, None, None, None
+
+
+# The traced door. max_seqlen may be None with cu_seqlens: each body then reads the longest document from
+# cu_seqlens itself (a device sync, as eager does once), so tracing needs no data-dependent value.
+@torch.library.custom_op("fastft::flash_attention", mutates_args=())
+def flash_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: Optional[torch.Tensor],
+                       prefix_v: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor],
+                       max_seqlen: Optional[int], scale: float, left: int, right: int
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    max_seqlen = _resolve_max_seqlen(cu_seqlens, max_seqlen, q.shape[0], q.device)
+    _, o, lse = _forward(q, k, v, prefix_k, prefix_v, cu_seqlens, max_seqlen, scale, left, right)
+    return o, lse
+
+
+@flash_attention_op.register_fake
+def _(q, k, v, prefix_k, prefix_v, cu_seqlens, max_seqlen, scale, left, right):
+    lse_shape = (q.shape[1], q.shape[0]) if cu_seqlens is not None else (q.shape[0], q.shape[2], q.shape[1])
+    return q.new_empty(q.shape), q.new_empty(lse_shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("fastft::flash_attention_backward", mutates_args=())
+def flash_attention_backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                o: torch.Tensor, lse: torch.Tensor, prefix_k: Optional[torch.Tensor],
+                                prefix_v: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor],
+                                max_seqlen: Optional[int], scale: float, left: int, right: int
+                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    max_seqlen = _resolve_max_seqlen(cu_seqlens, max_seqlen, q.shape[0], q.device, debug=False)
+    dq, dk, dv, dpk, dpv = _backward(do, q, k, v, o, lse, prefix_k, prefix_v, cu_seqlens, max_seqlen, scale,
+                                     left, right)
+    return dq, dk, dv, (dpk if dpk is not None else unused(q)), (dpv if dpv is not None else unused(q))
+
+
+@flash_attention_backward_op.register_fake
+def _(do, q, k, v, o, lse, prefix_k, prefix_v, cu_seqlens, max_seqlen, scale, left, right):
+    prefix = (prefix_k.new_empty(prefix_k.shape), prefix_v.new_empty(prefix_v.shape)) if prefix_k is not None \
+        else (unused(q), unused(q))
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), *prefix
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, prefix_k, prefix_v, cu_seqlens, max_seqlen, scale, left, right = inputs
+    ctx.save_for_backward(q, k, v, output[0], output[1], prefix_k, prefix_v, cu_seqlens)
+    ctx.meta = (max_seqlen, scale, left, right)
+
+
+def _backward_op(ctx, do, _dlse):
+    q, k, v, o, lse, prefix_k, prefix_v, cu_seqlens = ctx.saved_tensors
+    max_seqlen, scale, left, right = ctx.meta
+    dq, dk, dv, dpk, dpv = flash_attention_backward_op(do, q, k, v, o, lse, prefix_k, prefix_v, cu_seqlens,
+                                                       max_seqlen, scale, left, right)
+    has_prefix = prefix_k is not None
+    return dq, dk, dv, needed(dpk, has_prefix), needed(dpv, has_prefix), None, None, None, None, None
+
+
+flash_attention_op.register_autograd(_backward_op, setup_context=_setup_context)
 
 
 def flash_attention(q, k, v, *, causal=False, softmax_scale=None, cu_seqlens=None, max_seqlen=None,
@@ -207,6 +311,8 @@ def flash_attention(q, k, v, *, causal=False, softmax_scale=None, cu_seqlens=Non
     (e.g. 2**31 - 1 as "no limit") means no window.
     head_dim: a multiple of 8 up to 256; fp16/bf16/fp32. Returns q's shape and dtype.
     backend: "auto" (Triton on CUDA, torch elsewhere), "triton" or "torch".
+    torch.compile traces the Triton backend as one custom op, fastft::flash_attention (fastft.ops.compiled); a
+    missing max_seqlen is then derived inside the op (one sync), which CUDA-graph capture refuses (ValueError).
     """
     check_backend("flash_attention", backend)
     q, k, v, prefix_k, prefix_v = autocast_inputs(q, k, v, prefix_k, prefix_v)
@@ -221,14 +327,9 @@ def flash_attention(q, k, v, *, causal=False, softmax_scale=None, cu_seqlens=Non
                    f"flash_attention: `max_seqlen`={max_seqlen} is smaller than the longest document ({longest} tokens)")
         return attention_reference(q, k, v, causal=causal, softmax_scale=scale, cu_seqlens=cu_seqlens,
                                    prefix_k=prefix_k, prefix_v=prefix_v, window=window)
-    if cu_seqlens is not None and max_seqlen is None:
-        max_seqlen = _check_cu_seqlens(cu_seqlens, q.shape[0])
-    elif cu_seqlens is not None:
-        if os.environ.get("FASTFT_DEBUG", "0") == "1":  # the caller's contract, checked at the cost of a sync
-            longest = _check_cu_seqlens(cu_seqlens, q.shape[0])
-            _check(longest <= max_seqlen, f"flash_attention: `max_seqlen`={max_seqlen} is smaller than the longest "
-                                          f"document ({longest} tokens)")
-        max_seqlen = min(max_seqlen, q.shape[0])  # no document is longer than all tokens: bounds the grid
     left, right = mask_bounds(causal, window)
     with torch.autocast(q.device.type, enabled=False):
+        if compiling():  # max_seqlen as given (None: the op body derives it)
+            return flash_attention_op(q, k, v, prefix_k, prefix_v, cu_seqlens, max_seqlen, scale, left, right)[0]
+        max_seqlen = _resolve_max_seqlen(cu_seqlens, max_seqlen, q.shape[0], q.device)
         return FlashAttentionFunction.apply(q, k, v, prefix_k, prefix_v, cu_seqlens, max_seqlen, scale, left, right)
