@@ -260,7 +260,21 @@ def test_opcheck_linear_row_losses_nf4_head_dh_only():
 
 
 # ----------------------------------------------------------------------------------------------
-# CUDA graphs (never run in the session that wrote them: no GPU there)
+# CUDA graphs (the GPU test never ran in the session that wrote it: no GPU there)
+
+@interpreter_only
+def test_lora_dropout_refuses_cuda_graph_capture(monkeypatch):
+    """While a CUDA graph is captured (faked here: no GPU) a host-drawn seed would be replayed: refused, saying what
+    to do."""
+    import fastft.ops.linear_losses_compiled as compiled
+    monkeypatch.setattr(compiled, "capturing", lambda device: True)
+    h, w, y = _t(5, H), _t(V, H), _labels(5)
+    A, B = _t(3, H), _t(V, 3)
+    options = _options()
+    options[10] = 0.2  # dropout_p
+    with pytest.raises(ValueError, match="lora_dropout to 0 or compile without mode='reduce-overhead'"):
+        row_losses_op(h, w, None, A, B, [], y, None, None, torch.ones(1), *options, False)
+
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("reduction", ["mean", "none"])
