@@ -140,9 +140,16 @@ class Grads:
         return self.hidden, self.weight, self.bias, self.lora_A, self.lora_B
 
 
+def weight_grad_dtype(weight: torch.Tensor) -> torch.dtype:
+    """The dtype dW is accumulated in: fp32 when small (or W is fp32), else W's."""
+    if weight.dtype == torch.float32 or weight.numel() * 4 <= FP32_WEIGHT_GRAD_MIB * 2**20:
+        return torch.float32
+    return weight.dtype
+
+
 def _weight_grad_buffer(weight: torch.Tensor) -> torch.Tensor:
     """fp32 zeros when small (or W is fp32); else uninitialised in W's dtype (the first chunk writes it)."""
-    if weight.dtype == torch.float32 or weight.numel() * 4 <= FP32_WEIGHT_GRAD_MIB * 2**20:
+    if weight_grad_dtype(weight) == torch.float32:
         return torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
     return torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
 
@@ -169,6 +176,44 @@ class Plan:
         return Head(self.vocab, hidden.dtype, weight=weight, nf4=self.nf4, bias=bias, lora_A=lora_A,
                     lora_B=lora_B, scaling=self.scaling, dropout_p=self.dropout_p, seed=self.seed,
                     nf4_rows=self.nf4_rows)
+
+
+@dataclass(frozen=True)
+class RowLoss:
+    """Which loss the rows of a chunk compute and its options (Python values only: the tensors it reads, labels
+    and the teacher's rows and head, come with the call). kind "ce": cross-entropy (and log-probs); "kl":
+    distillation, the teacher's logits of a chunk made beside the student's."""
+    kind: str
+    backend: str
+    ignore_index: int
+    label_smoothing: float = 0.0
+    softcap: float | None = None
+    temperature: float = 1.0
+    reverse: bool = False
+
+    def row_fn(self, labels2: torch.Tensor | None, teacher_h2: torch.Tensor | None = None,
+               teacher_w: torch.Tensor | None = None) -> RowFn:
+        if self.kind == "kl":
+            if self.backend == "triton":
+                from fastft.kernels.cross_entropy import kl_rows
+            else:
+                kl_rows = kl_rows_torch
+
+            def kl_fn(x, t0, t1, scale, compute_grad):
+                teacher_logits = teacher_h2[t0:t1] @ teacher_w.t()  # one chunk, freed after the row
+                return kl_rows(x, teacher_logits, None if labels2 is None else labels2[t0:t1], scale,
+                               ignore_index=self.ignore_index, temperature=self.temperature, reverse=self.reverse,
+                               compute_grad=compute_grad)
+            return kl_fn
+        if self.backend == "triton":
+            from fastft.kernels.cross_entropy import ce_rows
+        else:
+            ce_rows = ce_rows_torch
+
+        def ce_fn(x, t0, t1, scale, compute_grad):
+            return ce_rows(x, labels2[t0:t1], scale, ignore_index=self.ignore_index,
+                           label_smoothing=self.label_smoothing, softcap=self.softcap, compute_grad=compute_grad)
+        return ce_fn
 
 
 def as_rows(t: torch.Tensor) -> torch.Tensor:
@@ -226,26 +271,69 @@ def run_chunks(plan: Plan, head: Head, h2: torch.Tensor, scale: torch.Tensor, lo
     return grads
 
 
+# ----------------------------------------------------------------------------------------------
+# the bodies both doors share (fastft.ops.compiled): the autograd Functions below (eager) and the custom ops of
+# fastft.ops.linear_losses_compiled (torch.compile)
+
+def eager_losses(plan: Plan, hidden, weight, bias, lora_A, lora_B, needs: tuple[bool, ...]):
+    """The scalar loss Σ_i row_loss_i · grad_scale and its gradients (Grads, made now; None where not in needs),
+    and post_scale: the factor backward still owes them (grad_scale for fp16, else None)."""
+    h2 = as_rows(hidden)
+    head = plan.head(h2, weight, bias, lora_A, lora_B)
+    losses = torch.empty(h2.shape[0], dtype=torch.float32, device=h2.device)
+    # fp16 has no room below 6e-8: dlogits scaled by 1/N (N tokens) would flush to zero, and the grad_output
+    # that loss scaling brings arrives only in backward. So fp16 chunks keep dlogits unscaled (|·| <= 1) and
+    # the reduction's factor joins grad_output there.
+    post_scale = plan.grad_scale if head.dtype == torch.float16 else None
+    row_scale = torch.ones_like(plan.grad_scale) if post_scale is not None else plan.grad_scale
+    grads = run_chunks(plan, head, h2, row_scale, losses, needs if any(needs) else None)
+    return (losses.sum() * plan.grad_scale).reshape(()), grads, post_scale
+
+
+def scaled_grad(t: torch.Tensor, g: torch.Tensor, dtype: torch.dtype, *, in_place: bool) -> torch.Tensor:
+    """A gradient made in the forward times grad_output g (fp32, 1 value), in the input's dtype. in_place: into
+    t's own buffer (eager: the Function owns it); else a fresh tensor (a custom op's saved output). Same values."""
+    if t.dtype == torch.float32:
+        return (t.mul_(g) if in_place else t * g).to(dtype)
+    if t.dtype == dtype:
+        gt = g.to(t.dtype)
+        return t.mul_(gt) if in_place else t * gt
+    return (t.float() * g).to(dtype)
+
+
+def row_losses(plan: Plan, h2, weight, bias, lora_A, lora_B, dh_only: bool):
+    """Per-row losses (T,) fp32 of the rows h2 (as_rows); with dh_only also the unscaled dh rows (T, H)
+    (backward scales row t by g_t)."""
+    head = plan.head(h2, weight, bias, lora_A, lora_B)
+    losses = torch.empty(h2.shape[0], dtype=torch.float32, device=h2.device)
+    one = torch.ones(1, dtype=torch.float32, device=h2.device)
+    grads = run_chunks(plan, head, h2, one, losses, (True,) + (False,) * 4 if dh_only else None)
+    return losses, grads.hidden
+
+
+def row_losses_backward(plan: Plan, h2, weight, bias, lora_A, lora_B, grad_output, needs: tuple[bool, ...]):
+    """The recomputed chunks with row t's gradient scaled by grad_output[t]: (dh rows, dW, db, dA, dB), each in
+    its input's dtype, None where not in needs."""
+    head = plan.head(h2, weight, bias, lora_A, lora_B)
+    scale = grad_output.reshape(-1).float().contiguous()
+    losses = torch.empty(h2.shape[0], dtype=torch.float32, device=h2.device)
+    grads = run_chunks(plan, head, h2, scale, losses, needs)
+    like = (h2, weight, bias, lora_A, lora_B)
+    return tuple(None if g is None else g.to(t.dtype) for g, t in zip(grads.as_tuple(), like))
+
+
 class EagerChunkedLoss(torch.autograd.Function):
     """A scalar loss Σ_i row_loss_i · plan.grad_scale with its gradients made during the forward."""
 
     @staticmethod
     def forward(ctx, plan: Plan, hidden, weight, bias, lora_A, lora_B):
         needs = tuple(ctx.needs_input_grad[1:6]) if plan.extra.get("grad_enabled", True) else (False,) * 5
-        h2 = as_rows(hidden)
-        head = plan.head(h2, weight, bias, lora_A, lora_B)
-        losses = torch.empty(h2.shape[0], dtype=torch.float32, device=h2.device)
-        # fp16 has no room below 6e-8: dlogits scaled by 1/N (N tokens) would flush to zero, and the grad_output
-        # that loss scaling brings arrives only in backward. So fp16 chunks keep dlogits unscaled (|·| <= 1) and
-        # the reduction's factor joins grad_output there.
-        ctx.post_scale = plan.grad_scale if head.dtype == torch.float16 else None
-        row_scale = torch.ones_like(plan.grad_scale) if ctx.post_scale is not None else plan.grad_scale
-        grads = run_chunks(plan, head, h2, row_scale, losses, needs if any(needs) else None)
+        loss, grads, ctx.post_scale = eager_losses(plan, hidden, weight, bias, lora_A, lora_B, needs)
         ctx.shapes = [(t.shape, t.dtype) if t is not None else None for t in (hidden, weight, bias, lora_A, lora_B)]
         ctx.present = [g is not None for g in grads.as_tuple()]
         ctx.save_for_backward(*[g for g in grads.as_tuple() if g is not None])
         ctx.used = False
-        return (losses.sum() * plan.grad_scale).reshape(())
+        return loss
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -268,12 +356,7 @@ class EagerChunkedLoss(torch.autograd.Function):
                 continue
             t = next(saved)
             shape, dtype = meta
-            if unit:
-                t = t.to(dtype)
-            elif t.dtype == torch.float32:
-                t = t.mul_(g).to(dtype)
-            else:
-                t = t.mul_(g.to(t.dtype)) if t.dtype == dtype else (t.float() * g).to(dtype)
+            t = t.to(dtype) if unit else scaled_grad(t, g, dtype, in_place=True)
             out.append(t.view(shape))
         return (None, *out)
 
@@ -283,19 +366,16 @@ class DeferredChunkedLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, plan: Plan, hidden, weight, bias, lora_A, lora_B):
-        h2 = as_rows(hidden)
-        head = plan.head(h2, weight, bias, lora_A, lora_B)
-        losses = torch.empty(h2.shape[0], dtype=torch.float32, device=h2.device)
-        one = torch.ones(1, dtype=torch.float32, device=h2.device)
         ctx.plan = plan
         ctx.hidden_shape = hidden.shape
         # Only dh wanted (a frozen head, e.g. DPO on LoRA layers): row t's dh is linear in its g_t, so the
         # unscaled dh is made now and backward scales its rows; no recompute (2 GEMMs instead of 3).
         ctx.dh_only = plan.extra.get("grad_enabled", True) and tuple(ctx.needs_input_grad[1:6]) == (
             True, False, False, False, False)
-        grads = run_chunks(plan, head, h2, one, losses, (True,) + (False,) * 4 if ctx.dh_only else None)
+        h2 = as_rows(hidden)
+        losses, dh = row_losses(plan, h2, weight, bias, lora_A, lora_B, ctx.dh_only)
         if ctx.dh_only:
-            ctx.save_for_backward(grads.hidden)
+            ctx.save_for_backward(dh)
         else:
             ctx.save_for_backward(h2, weight, bias, lora_A, lora_B)
         return losses
@@ -310,14 +390,7 @@ class DeferredChunkedLoss(torch.autograd.Function):
         needs = tuple(ctx.needs_input_grad[1:6])
         if not any(needs):
             return None, None, None, None, None, None
-        plan = ctx.plan
-        head = plan.head(h2, weight, bias, lora_A, lora_B)
-        scale = grad_output.reshape(-1).float().contiguous()
-        losses = torch.empty(h2.shape[0], dtype=torch.float32, device=h2.device)
-        grads = run_chunks(plan, head, h2, scale, losses, needs)
-        dh, dW, db, dA, dB = grads.as_tuple()
-        like = (h2, weight, bias, lora_A, lora_B)
-        dh, dW, db, dA, dB = [None if g is None else g.to(t.dtype) for g, t in zip((dh, dW, db, dA, dB), like)]
+        dh, dW, db, dA, dB = row_losses_backward(ctx.plan, h2, weight, bias, lora_A, lora_B, grad_output, needs)
         if dh is not None:
             dh = dh.view(ctx.hidden_shape)
         return None, dh, dW, db, dA, dB

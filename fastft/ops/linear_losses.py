@@ -21,6 +21,9 @@ Cost at T tokens, hidden H, vocab V (mean/sum reductions, trainable W):
   in it), the outputs (dh; dW in W's dtype, fp32 when that is small), nothing of size T × V. Chunk size
   trades memory for dW traffic: at 384 rows the dW GEMM (K = 384) sits near the H200's ridge point.
 
+Under torch.compile a Triton-backend call traces as one custom op (fastft.ops.linear_losses_compiled; the convention
+is fastft.ops.compiled's); eager keeps the autograd Functions of fastft.ops.chunked_logits.
+
 Semantics (documented differences from torch): the loss is fp32 for every input dtype; "mean" over zero
 counted tokens (all labels ignored) is 0 with zero gradients, not NaN; reduction "none" returns fp32 per-token
 losses (0 at ignored tokens) and backward honours a per-token grad_output (by recomputing the logits, or,
@@ -37,55 +40,65 @@ import numbers
 import torch
 import torch.nn.functional as F
 
-from fastft.ops.chunked_logits import (DeferredChunkedLoss, EagerChunkedLoss, Plan, ce_rows_torch, chunk_budget_bytes,
-                                       chunk_rows, kl_rows_torch)
+from fastft.ops.chunked_logits import (DeferredChunkedLoss, EagerChunkedLoss, Plan, RowLoss, chunk_budget_bytes,
+                                       chunk_rows)
+from fastft.ops.compiled import capturing, compiling
+from fastft.ops.linear_losses_compiled import check_label_range, nf4_block_rows, traced_loss
 from fastft.ops.lm_head import HeadArgs, head_of_module
 from fastft.ops.shared import BACKENDS, draw_seed, resolve_backend
-from fastft.ops.shared import check as _check  # the name this file's many checks use
 
 REDUCTIONS = ("mean", "sum", "none")
 DIRECTIONS = ("forward", "reverse")
+
+
+def _check(cond, message) -> None:
+    """fastft.ops.shared.check, the message also a callable built only on failure: under torch.compile with
+    dynamic shapes, formatting a symbolic size into a string would break the graph."""
+    if not cond:
+        raise ValueError(message() if callable(message) else message)
 
 
 def _check_tensor(op: str, name: str, t, *, floating: bool = True) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{op}: `{name}` must be a torch.Tensor, got {type(t).__name__}")
     if floating:
-        _check(t.is_floating_point(), f"{op}: `{name}` must be a floating-point tensor, got {t.dtype}")
+        _check(t.is_floating_point(), lambda: f"{op}: `{name}` must be a floating-point tensor, got {t.dtype}")
 
 
 def _check_labels(op: str, name: str, labels, hidden: torch.Tensor, vocab: int, ignore_index: int,
                   hidden_name: str = "hidden") -> torch.Tensor:
     _check_tensor(op, name, labels, floating=False)
-    _check(labels.dtype in (torch.int64, torch.int32), f"{op}: `{name}` must be int64 (or int32), got {labels.dtype}")
+    _check(labels.dtype in (torch.int64, torch.int32),
+           lambda: f"{op}: `{name}` must be int64 (or int32), got {labels.dtype}")
     _check(tuple(labels.shape) == tuple(hidden.shape[:-1]),
-           f"{op}: `{name}` has shape {tuple(labels.shape)} but `{hidden_name}` {tuple(hidden.shape)} needs "
+           lambda: f"{op}: `{name}` has shape {tuple(labels.shape)} but `{hidden_name}` {tuple(hidden.shape)} needs "
            f"{tuple(hidden.shape[:-1])} (one label per row)")
-    _check(labels.device == hidden.device, f"{op}: `{name}` is on {labels.device} but `{hidden_name}` on {hidden.device}")
+    _check(labels.device == hidden.device,
+           lambda: f"{op}: `{name}` is on {labels.device} but `{hidden_name}` on {hidden.device}")
     labels2 = labels.reshape(-1).to(torch.int64).contiguous()
-    bad = (labels2 != ignore_index) & ((labels2 < 0) | (labels2 >= vocab))
-    # one device sync (skipped while torch.compile traces: it would break the graph); a wrong label would read
-    # out of bounds
-    if labels2.numel() and not torch.compiler.is_compiling() and bool(bad.any()):
-        first = labels2[bad][0].item()
-        raise ValueError(f"{op}: `{name}` holds {first}, outside [0, {vocab}) and not ignore_index={ignore_index}")
+    # one device sync; while torch.compile traces it would break the graph (the custom op's body checks instead),
+    # and a CUDA graph being captured cannot sync
+    if not compiling() and not capturing(labels2.device):
+        check_label_range(op, labels2, vocab, ignore_index)
     return labels2
 
 
 def _check_options(op: str, reduction: str, ignore_index, num_items, backend: str) -> None:
-    _check(reduction in REDUCTIONS, f"{op}: `reduction` must be one of {REDUCTIONS}, got {reduction!r}")
+    _check(reduction in REDUCTIONS, lambda: f"{op}: `reduction` must be one of {REDUCTIONS}, got {reduction!r}")
     _check(isinstance(ignore_index, numbers.Integral) and not isinstance(ignore_index, bool),
-           f"{op}: `ignore_index` must be an int, got {ignore_index!r}")
-    _check(backend in BACKENDS, f"{op}: `backend` must be one of {BACKENDS}, got {backend!r}")
+           lambda: f"{op}: `ignore_index` must be an int, got {ignore_index!r}")
+    _check(backend in BACKENDS, lambda: f"{op}: `backend` must be one of {BACKENDS}, got {backend!r}")
     if num_items is None:
         return
-    _check(reduction == "mean", f"{op}: `num_items` is the denominator of reduction='mean'; got reduction={reduction!r}")
+    _check(reduction == "mean",
+           lambda: f"{op}: `num_items` is the denominator of reduction='mean'; got reduction={reduction!r}")
     if isinstance(num_items, torch.Tensor):
         _check(num_items.numel() == 1 and not num_items.dtype == torch.bool,
-               f"{op}: `num_items` must be a number or a one-element tensor, got shape {tuple(num_items.shape)}")
+               lambda: f"{op}: `num_items` must be a number or a one-element tensor, got shape "
+                       f"{tuple(num_items.shape)}")
     else:
         _check(isinstance(num_items, numbers.Real) and not isinstance(num_items, bool) and num_items > 0
-               and math.isfinite(num_items), f"{op}: `num_items` must be a positive number, got {num_items!r}")
+               and math.isfinite(num_items), lambda: f"{op}: `num_items` must be a positive number, got {num_items!r}")
 
 
 def _grad_scale(reduction: str, labels2: torch.Tensor | None, ignore_index: int, tokens: int, num_items,
@@ -109,9 +122,21 @@ def _logit_bytes(backend: str, dtype: torch.dtype, buffers: int = 1) -> int:
     return buffers * size + (12 if backend == "torch" else 0)
 
 
-def _run(plan: Plan, reduction: str, hidden, head: HeadArgs, device_type: str):
-    plan.extra["grad_enabled"] = torch.is_grad_enabled()
-    with torch.autocast(device_type, enabled=False):
+def _run(op: str, reduction: str, hidden, head: HeadArgs, row: RowLoss, grad_scale, *, labels2=None,
+         teacher_h2=None, teacher_w=None, chunk_size, bytes_per_logit: int):
+    """The chunked loop through one of its two doors (fastft.ops.compiled): the autograd Functions, or while
+    torch.compile traces a Triton call, the custom ops (fastft.ops.linear_losses_compiled)."""
+    with torch.autocast(hidden.device.type, enabled=False):
+        if row.backend == "triton" and compiling():
+            return traced_loss(op, reduction, hidden, head, row, grad_scale, labels=labels2, teacher_hidden=teacher_h2,
+                               teacher_weight=teacher_w, chunk_size=chunk_size, bytes_per_logit=bytes_per_logit)
+        tokens = math.prod(hidden.shape[:-1])
+        rows = chunk_size if chunk_size is not None else chunk_rows(tokens, head.vocab, bytes_per_logit,
+                                                                    chunk_budget_bytes(hidden.device))
+        plan = Plan(row.row_fn(labels2, teacher_h2, teacher_w), rows, head.vocab, nf4=head.nf4,
+                    nf4_rows=nf4_block_rows(hidden), scaling=head.scaling, dropout_p=head.dropout_p,
+                    seed=draw_seed() if head.dropout_p > 0.0 else 0, grad_scale=grad_scale)
+        plan.extra["grad_enabled"] = torch.is_grad_enabled()
         if reduction == "none":
             return DeferredChunkedLoss.apply(plan, hidden, head.weight, head.bias, head.lora_A, head.lora_B)
         return EagerChunkedLoss.apply(plan, hidden, head.weight, head.bias, head.lora_A, head.lora_B)
@@ -132,42 +157,28 @@ def _head_cross_entropy(op: str, hidden, head: HeadArgs, labels, *, ignore_index
     _check_tensor(op, "hidden", hidden)
     _check_options(op, reduction, ignore_index, num_items, backend)
     _check(isinstance(label_smoothing, numbers.Real) and 0.0 <= label_smoothing <= 1.0,
-           f"{op}: `label_smoothing` must be in [0, 1], got {label_smoothing!r}")
+           lambda: f"{op}: `label_smoothing` must be in [0, 1], got {label_smoothing!r}")
     _check(softcap is None or (isinstance(softcap, numbers.Real) and softcap > 0 and math.isfinite(softcap)),
-           f"{op}: `softcap` must be None or a positive number, got {softcap!r}")
+           lambda: f"{op}: `softcap` must be None or a positive number, got {softcap!r}")
     hidden, head = _autocast(hidden, head)
     head.validate(op, hidden)
     labels2 = _check_labels(op, "labels", labels, hidden, head.vocab, int(ignore_index))
     backend = resolve_backend(op, backend, hidden.device)
     ignore_index, label_smoothing = int(ignore_index), float(label_smoothing)
     softcap = None if softcap is None else float(softcap)
-    T = labels2.numel()
-    rows = _chunk(op, chunk_size, T, head.vocab, _logit_bytes(backend, hidden.dtype), hidden.device)
-
-    if backend == "triton":
-        from fastft.kernels.cross_entropy import ce_rows
-    else:
-        ce_rows = ce_rows_torch
-
-    def row_fn(x, t0, t1, scale, compute_grad):
-        return ce_rows(x, labels2[t0:t1], scale, ignore_index=ignore_index, label_smoothing=label_smoothing,
-                       softcap=softcap, compute_grad=compute_grad)
-
-    # an NF4 head is dequantized a block of vocab rows at a time, each block at most half a chunk's budget
-    nf4_rows = max(1, chunk_budget_bytes(hidden.device) // (2 * hidden.shape[-1] * hidden.element_size()))
-    plan = Plan(row_fn, rows, head.vocab, nf4=head.nf4, nf4_rows=nf4_rows, scaling=head.scaling, dropout_p=head.dropout_p,
-                seed=draw_seed() if head.dropout_p > 0.0 else 0,
-                grad_scale=_grad_scale(reduction, labels2, ignore_index, T, num_items, hidden.device))
-    loss = _run(plan, reduction, hidden, head, hidden.device.type)
+    _check_chunk_size(op, chunk_size)
+    row = RowLoss("ce", backend, ignore_index, label_smoothing=label_smoothing, softcap=softcap)
+    grad_scale = _grad_scale(reduction, labels2, ignore_index, labels2.numel(), num_items, hidden.device)
+    loss = _run(op, reduction, hidden, head, row, grad_scale, labels2=labels2,
+                chunk_size=None if chunk_size is None else int(chunk_size),
+                bytes_per_logit=_logit_bytes(backend, hidden.dtype))
     return loss.view(labels.shape) if reduction == "none" else loss
 
 
-def _chunk(op: str, chunk_size, tokens: int, vocab: int, bytes_per_logit: int, device) -> int:
+def _check_chunk_size(op: str, chunk_size) -> None:
     if chunk_size is not None:
         _check(isinstance(chunk_size, numbers.Integral) and not isinstance(chunk_size, bool) and chunk_size > 0,
-               f"{op}: `chunk_size` must be a positive int (token rows per chunk), got {chunk_size!r}")
-        return int(chunk_size)
-    return chunk_rows(tokens, vocab, bytes_per_logit, chunk_budget_bytes(device))
+               lambda: f"{op}: `chunk_size` must be a positive int (token rows per chunk), got {chunk_size!r}")
 
 
 def linear_cross_entropy(hidden, weight, labels, *, bias=None, ignore_index=-100, reduction="mean",
@@ -190,18 +201,18 @@ def linear_cross_entropy(hidden, weight, labels, *, bias=None, ignore_index=-100
 
 
 def lm_head_cross_entropy(hidden, lm_head, labels, *, ignore_index=-100, reduction="mean", label_smoothing=0.0,
-                          softcap=None, num_items=None):
+                          softcap=None, num_items=None, backend="auto"):
     """linear_cross_entropy through an lm_head module: nn.Linear, fastft's NF4Linear (its weight dequantized
     a vocab block at a time), or a peft LoRA Linear over either (fastft's FusedLoraLinear / FusedQLoraLinear or
     peft's own). A LoRA head's adapters get their gradients; LoRA dropout in training mode is honoured (with
     fastft's own mask draw). Refused with a clear error: DoRA and other LoRA variants, lora_bias,
-    fan_in_fan_out, other base layers. Backend and chunking as linear_cross_entropy's "auto" / defaults.
+    fan_in_fan_out, other base layers. Backend as linear_cross_entropy's; chunking by its default budget.
     An NF4 head is dequantized twice per token chunk (for the logits and for dh), a block of vocab rows of at
     most half the chunk budget at a time: never the whole weight in the compute dtype."""
     head = head_of_module("lm_head_cross_entropy", lm_head)
     return _head_cross_entropy("lm_head_cross_entropy", hidden, head, labels, ignore_index=ignore_index,
                                reduction=reduction, label_smoothing=label_smoothing, softcap=softcap,
-                               num_items=num_items, backend="auto", chunk_size=None)
+                               num_items=num_items, backend=backend, chunk_size=None)
 
 
 def linear_kl_div(student_hidden, student_weight, teacher_hidden, teacher_weight, *, temperature=1.0,
@@ -221,44 +232,32 @@ def linear_kl_div(student_hidden, student_weight, teacher_hidden, teacher_weight
                     ("teacher_hidden", teacher_hidden), ("teacher_weight", teacher_weight)):
         _check_tensor(op, name, t)
     _check_options(op, reduction, ignore_index, num_items, backend)
-    _check(direction in DIRECTIONS, f"{op}: `direction` must be one of {DIRECTIONS}, got {direction!r}")
+    _check(direction in DIRECTIONS, lambda: f"{op}: `direction` must be one of {DIRECTIONS}, got {direction!r}")
     _check(isinstance(temperature, numbers.Real) and temperature > 0 and math.isfinite(temperature),
-           f"{op}: `temperature` must be a positive number, got {temperature!r}")
+           lambda: f"{op}: `temperature` must be a positive number, got {temperature!r}")
     head = HeadArgs(weight=student_weight)
     student_hidden, head = _autocast(student_hidden, head)
     teacher_hidden, teacher = _autocast(teacher_hidden, HeadArgs(weight=teacher_weight))
     head.validate(op, student_hidden, hidden_name="student_hidden", weight_name="student_weight")
     teacher.validate(op, teacher_hidden, hidden_name="teacher_hidden", weight_name="teacher_weight")
-    _check(teacher.vocab == head.vocab, f"{op}: `teacher_weight` has {teacher.vocab} rows but `student_weight` "
+    _check(teacher.vocab == head.vocab, lambda: f"{op}: `teacher_weight` has {teacher.vocab} rows but `student_weight` "
                                         f"{head.vocab}: student and teacher need one vocabulary")
     _check(tuple(teacher_hidden.shape[:-1]) == tuple(student_hidden.shape[:-1]),
-           f"{op}: `teacher_hidden` {tuple(teacher_hidden.shape)} and `student_hidden` "
+           lambda: f"{op}: `teacher_hidden` {tuple(teacher_hidden.shape)} and `student_hidden` "
            f"{tuple(student_hidden.shape)} need the same leading shape (one row each per token)")
     ignore_index = int(ignore_index)
     labels2 = None
     if labels is not None:
         labels2 = _check_labels(op, "labels", labels, student_hidden, head.vocab, ignore_index, "student_hidden")
     backend = resolve_backend(op, backend, student_hidden.device)
+    _check_chunk_size(op, chunk_size)
     T = math.prod(student_hidden.shape[:-1])
-    rows = _chunk(op, chunk_size, T, head.vocab, _logit_bytes(backend, student_hidden.dtype, buffers=2),
-                  student_hidden.device)
     th2 = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1]).contiguous()
-    tw = teacher.weight.detach()
-    reverse, temperature = direction == "reverse", float(temperature)
-
-    if backend == "triton":
-        from fastft.kernels.cross_entropy import kl_rows
-    else:
-        kl_rows = kl_rows_torch
-
-    def row_fn(x, t0, t1, scale, compute_grad):
-        teacher_logits = th2[t0:t1] @ tw.t()  # one chunk, freed after the row
-        return kl_rows(x, teacher_logits, None if labels2 is None else labels2[t0:t1], scale,
-                       ignore_index=ignore_index, temperature=temperature, reverse=reverse, compute_grad=compute_grad)
-
-    plan = Plan(row_fn, rows, head.vocab,
-                grad_scale=_grad_scale(reduction, labels2, ignore_index, T, num_items, student_hidden.device))
-    loss = _run(plan, reduction, student_hidden, head, student_hidden.device.type)
+    row = RowLoss("kl", backend, ignore_index, temperature=float(temperature), reverse=direction == "reverse")
+    grad_scale = _grad_scale(reduction, labels2, ignore_index, T, num_items, student_hidden.device)
+    loss = _run(op, reduction, student_hidden, head, row, grad_scale, labels2=labels2, teacher_h2=th2,
+                teacher_w=teacher.weight.detach(), chunk_size=None if chunk_size is None else int(chunk_size),
+                bytes_per_logit=_logit_bytes(backend, student_hidden.dtype, buffers=2))
     return loss.view(student_hidden.shape[:-1]) if reduction == "none" else loss
 
 
@@ -269,7 +268,7 @@ def linear_sequence_logprobs(hidden, weight, labels, *, bias=None, ignore_index=
     under torch.no_grad it is the reference pass of DPO (one GEMM, nothing kept)."""
     op = "linear_sequence_logprobs"
     _check_tensor(op, "hidden", hidden)
-    _check(hidden.dim() >= 2, f"{op}: `hidden` must be (..., S, H), got shape {tuple(hidden.shape)}")
+    _check(hidden.dim() >= 2, lambda: f"{op}: `hidden` must be (..., S, H), got shape {tuple(hidden.shape)}")
     _check_tensor(op, "weight", weight)
     token_losses = _head_cross_entropy(op, hidden, HeadArgs(weight=weight, bias=bias), labels,
                                        ignore_index=ignore_index, reduction="none", label_smoothing=0.0,
@@ -278,37 +277,39 @@ def linear_sequence_logprobs(hidden, weight, labels, *, bias=None, ignore_index=
 
 
 def linear_dpo_loss(policy_chosen_hidden, policy_rejected_hidden, weight, chosen_labels, rejected_labels, *,
-                    ref_chosen_logps, ref_rejected_logps, beta=0.1, ignore_index=-100, bias=None):
+                    ref_chosen_logps, ref_rejected_logps, beta=0.1, ignore_index=-100, bias=None, backend="auto"):
     """DPO (sigmoid loss) from the policy's hidden states and head: returns (loss, chosen_rewards,
     rejected_rewards) with loss = -mean log σ(β·((π_c - ref_c) - (π_r - ref_r))), rewards β·(π - ref) (detached,
     per sequence). π_c, π_r are per-sequence summed log-probs (linear_sequence_logprobs) of chosen_labels /
     rejected_labels; ref_* are the caller's (B,) reference log-probs, e.g. linear_sequence_logprobs of the
-    reference model under torch.no_grad. Chosen and rejected rows go through one chunked pass."""
+    reference model under torch.no_grad. Chosen and rejected rows go through one chunked pass; backend as
+    linear_cross_entropy's."""
     op = "linear_dpo_loss"
     for name, t in (("policy_chosen_hidden", policy_chosen_hidden), ("policy_rejected_hidden", policy_rejected_hidden),
                     ("ref_chosen_logps", ref_chosen_logps), ("ref_rejected_logps", ref_rejected_logps)):
         _check_tensor(op, name, t)
     for name, h in (("policy_chosen_hidden", policy_chosen_hidden), ("policy_rejected_hidden", policy_rejected_hidden)):
-        _check(h.dim() >= 2, f"{op}: `{name}` must be (B, S, H), got shape {tuple(h.shape)}")
+        _check(h.dim() >= 2, lambda: f"{op}: `{name}` must be (B, S, H), got shape {tuple(h.shape)}")
     B = policy_chosen_hidden.shape[0]
     _check(policy_rejected_hidden.shape[0] == B and policy_rejected_hidden.shape[-1] == policy_chosen_hidden.shape[-1],
-           f"{op}: `policy_rejected_hidden` {tuple(policy_rejected_hidden.shape)} must match the batch and hidden size "
-           f"of `policy_chosen_hidden` {tuple(policy_chosen_hidden.shape)}")
+           lambda: f"{op}: `policy_rejected_hidden` {tuple(policy_rejected_hidden.shape)} must match the batch and "
+                   f"hidden size of `policy_chosen_hidden` {tuple(policy_chosen_hidden.shape)}")
     for name, t in (("ref_chosen_logps", ref_chosen_logps), ("ref_rejected_logps", ref_rejected_logps)):
-        _check(tuple(t.shape) == (B,), f"{op}: `{name}` must have shape ({B},) (one log-prob per sequence), "
-                                       f"got {tuple(t.shape)}")
-    _check(isinstance(beta, numbers.Real) and math.isfinite(beta), f"{op}: `beta` must be a finite number, got {beta!r}")
+        _check(tuple(t.shape) == (B,), lambda: f"{op}: `{name}` must have shape ({B},) (one log-prob per "
+                                               f"sequence), got {tuple(t.shape)}")
+    _check(isinstance(beta, numbers.Real) and math.isfinite(beta),
+           lambda: f"{op}: `beta` must be a finite number, got {beta!r}")
     for name, lab, h in (("chosen_labels", chosen_labels, policy_chosen_hidden),
                          ("rejected_labels", rejected_labels, policy_rejected_hidden)):
         _check_tensor(op, name, lab, floating=False)
-        _check(tuple(lab.shape) == tuple(h.shape[:-1]), f"{op}: `{name}` has shape {tuple(lab.shape)} but its hidden "
-                                                        f"states need {tuple(h.shape[:-1])}")
+        _check(tuple(lab.shape) == tuple(h.shape[:-1]),
+               lambda: f"{op}: `{name}` has shape {tuple(lab.shape)} but its hidden states need {tuple(h.shape[:-1])}")
     H = policy_chosen_hidden.shape[-1]
     rows = torch.cat([policy_chosen_hidden.reshape(-1, H), policy_rejected_hidden.reshape(-1, H)])
     labels = torch.cat([chosen_labels.reshape(-1), rejected_labels.reshape(-1)])
     token_losses = _head_cross_entropy(op, rows, HeadArgs(weight=weight, bias=bias), labels,
                                        ignore_index=ignore_index, reduction="none", label_smoothing=0.0, softcap=None,
-                                       num_items=None, backend="auto", chunk_size=None)
+                                       num_items=None, backend=backend, chunk_size=None)
     n_c = chosen_labels.numel()
     chosen = -token_losses[:n_c].view(chosen_labels.shape).sum(-1)
     rejected = -token_losses[n_c:].view(rejected_labels.shape).sum(-1)

@@ -36,34 +36,38 @@ class HeadArgs:
 
     def validate(self, op: str, hidden: torch.Tensor, hidden_name: str = "hidden", weight_name: str = "weight") -> None:
         def check(cond, message):
+            # message may be a callable, called on failure only: a symbolic size (torch.compile, dynamic shapes)
+            # cannot be formatted into a string without breaking the graph
             if not cond:
-                raise ValueError(f"{op}: {message}")
+                raise ValueError(f"{op}: {message() if callable(message) else message}")
 
         w = self.weight if self.weight is not None else self.nf4
-        check(hidden.dim() >= 1, f"`{hidden_name}` needs a last (hidden) dimension")
-        check(len(w.shape) == 2, f"`{weight_name}` must be 2-D (vocab, hidden), got shape {tuple(w.shape)}")
+        check(hidden.dim() >= 1, lambda: f"`{hidden_name}` needs a last (hidden) dimension")
+        check(len(w.shape) == 2, lambda: f"`{weight_name}` must be 2-D (vocab, hidden), got shape {tuple(w.shape)}")
         V, H = w.shape
-        check(V >= 1, f"`{weight_name}` has no rows (vocab size 0)")
-        check(hidden.shape[-1] == H, f"`{hidden_name}` has {hidden.shape[-1]} features in its last dimension but "
-                                     f"`{weight_name}` {tuple(w.shape)} expects {H}")
+        check(V >= 1, lambda: f"`{weight_name}` has no rows (vocab size 0)")
+        check(hidden.shape[-1] == H, lambda: f"`{hidden_name}` has {hidden.shape[-1]} features in its last dimension "
+                                             f"but `{weight_name}` {tuple(w.shape)} expects {H}")
         check(hidden.dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64),
-              f"`{hidden_name}` must be fp32, fp16, bf16 (or fp64), got {hidden.dtype}")
+              lambda: f"`{hidden_name}` must be fp32, fp16, bf16 (or fp64), got {hidden.dtype}")
         if self.weight is not None:
-            check(self.weight.dtype == hidden.dtype, f"`{hidden_name}` is {hidden.dtype} but `{weight_name}` is "
-                                                     f"{self.weight.dtype}; cast one of them or run under torch.autocast")
-        check(w.device == hidden.device, f"`{hidden_name}` is on {hidden.device} but `{weight_name}` on {w.device}")
+            check(self.weight.dtype == hidden.dtype,
+                  lambda: f"`{hidden_name}` is {hidden.dtype} but `{weight_name}` is {self.weight.dtype}; cast one of "
+                          "them or run under torch.autocast")
+        check(w.device == hidden.device,
+              lambda: f"`{hidden_name}` is on {hidden.device} but `{weight_name}` on {w.device}")
         if self.bias is not None:
             check(isinstance(self.bias, torch.Tensor) and tuple(self.bias.shape) == (V,),
-                  f"`bias` must be a tensor of shape ({V},), got "
-                  f"{tuple(self.bias.shape) if isinstance(self.bias, torch.Tensor) else type(self.bias).__name__}")
-            check(self.bias.device == hidden.device, f"`bias` is on {self.bias.device} but `{hidden_name}` on "
+                  lambda: f"`bias` must be a tensor of shape ({V},), got "
+                          f"{tuple(self.bias.shape) if isinstance(self.bias, torch.Tensor) else type(self.bias).__name__}")
+            check(self.bias.device == hidden.device, lambda: f"`bias` is on {self.bias.device} but `{hidden_name}` on "
                                                      f"{hidden.device}")
             if self.bias.dtype != hidden.dtype:
                 self.bias = self.bias.to(hidden.dtype)
         if self.lora_A is not None:
             r = self.lora_A.shape[0]
             check(tuple(self.lora_A.shape) == (r, H) and tuple(self.lora_B.shape) == (V, r),
-                  f"LoRA factors must be A ({r}, {H}) and B ({V}, {r}), got {tuple(self.lora_A.shape)} and "
+                  lambda: f"LoRA factors must be A ({r}, {H}) and B ({V}, {r}), got {tuple(self.lora_A.shape)} and "
                   f"{tuple(self.lora_B.shape)}")
 
 
