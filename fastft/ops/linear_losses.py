@@ -45,35 +45,28 @@ from fastft.ops.chunked_logits import (DeferredChunkedLoss, EagerChunkedLoss, Pl
 from fastft.ops.compiled import capturing, compiling
 from fastft.ops.linear_losses_compiled import check_label_range, nf4_block_rows, traced_loss
 from fastft.ops.lm_head import HeadArgs, head_of_module
-from fastft.ops.shared import BACKENDS, draw_seed, resolve_backend
+from fastft.ops.shared import BACKENDS, check, draw_seed, resolve_backend
 
 REDUCTIONS = ("mean", "sum", "none")
 DIRECTIONS = ("forward", "reverse")
-
-
-def _check(cond, message) -> None:
-    """fastft.ops.shared.check, the message also a callable built only on failure: under torch.compile with
-    dynamic shapes, formatting a symbolic size into a string would break the graph."""
-    if not cond:
-        raise ValueError(message() if callable(message) else message)
 
 
 def _check_tensor(op: str, name: str, t, *, floating: bool = True) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{op}: `{name}` must be a torch.Tensor, got {type(t).__name__}")
     if floating:
-        _check(t.is_floating_point(), lambda: f"{op}: `{name}` must be a floating-point tensor, got {t.dtype}")
+        check(t.is_floating_point(), lambda: f"{op}: `{name}` must be a floating-point tensor, got {t.dtype}")
 
 
 def _check_labels(op: str, name: str, labels, hidden: torch.Tensor, vocab: int, ignore_index: int,
                   hidden_name: str = "hidden") -> torch.Tensor:
     _check_tensor(op, name, labels, floating=False)
-    _check(labels.dtype in (torch.int64, torch.int32),
+    check(labels.dtype in (torch.int64, torch.int32),
            lambda: f"{op}: `{name}` must be int64 (or int32), got {labels.dtype}")
-    _check(tuple(labels.shape) == tuple(hidden.shape[:-1]),
+    check(tuple(labels.shape) == tuple(hidden.shape[:-1]),
            lambda: f"{op}: `{name}` has shape {tuple(labels.shape)} but `{hidden_name}` {tuple(hidden.shape)} needs "
            f"{tuple(hidden.shape[:-1])} (one label per row)")
-    _check(labels.device == hidden.device,
+    check(labels.device == hidden.device,
            lambda: f"{op}: `{name}` is on {labels.device} but `{hidden_name}` on {hidden.device}")
     labels2 = labels.reshape(-1).to(torch.int64).contiguous()
     # one device sync; while torch.compile traces it would break the graph (the custom op's body checks instead),
@@ -84,20 +77,20 @@ def _check_labels(op: str, name: str, labels, hidden: torch.Tensor, vocab: int, 
 
 
 def _check_options(op: str, reduction: str, ignore_index, num_items, backend: str) -> None:
-    _check(reduction in REDUCTIONS, lambda: f"{op}: `reduction` must be one of {REDUCTIONS}, got {reduction!r}")
-    _check(isinstance(ignore_index, numbers.Integral) and not isinstance(ignore_index, bool),
+    check(reduction in REDUCTIONS, lambda: f"{op}: `reduction` must be one of {REDUCTIONS}, got {reduction!r}")
+    check(isinstance(ignore_index, numbers.Integral) and not isinstance(ignore_index, bool),
            lambda: f"{op}: `ignore_index` must be an int, got {ignore_index!r}")
-    _check(backend in BACKENDS, lambda: f"{op}: `backend` must be one of {BACKENDS}, got {backend!r}")
+    check(backend in BACKENDS, lambda: f"{op}: `backend` must be one of {BACKENDS}, got {backend!r}")
     if num_items is None:
         return
-    _check(reduction == "mean",
+    check(reduction == "mean",
            lambda: f"{op}: `num_items` is the denominator of reduction='mean'; got reduction={reduction!r}")
     if isinstance(num_items, torch.Tensor):
-        _check(num_items.numel() == 1 and not num_items.dtype == torch.bool,
+        check(num_items.numel() == 1 and not num_items.dtype == torch.bool,
                lambda: f"{op}: `num_items` must be a number or a one-element tensor, got shape "
                        f"{tuple(num_items.shape)}")
     else:
-        _check(isinstance(num_items, numbers.Real) and not isinstance(num_items, bool) and num_items > 0
+        check(isinstance(num_items, numbers.Real) and not isinstance(num_items, bool) and num_items > 0
                and math.isfinite(num_items), lambda: f"{op}: `num_items` must be a positive number, got {num_items!r}")
 
 
@@ -156,9 +149,9 @@ def _head_cross_entropy(op: str, hidden, head: HeadArgs, labels, *, ignore_index
                         softcap, num_items, backend, chunk_size):
     _check_tensor(op, "hidden", hidden)
     _check_options(op, reduction, ignore_index, num_items, backend)
-    _check(isinstance(label_smoothing, numbers.Real) and 0.0 <= label_smoothing <= 1.0,
+    check(isinstance(label_smoothing, numbers.Real) and 0.0 <= label_smoothing <= 1.0,
            lambda: f"{op}: `label_smoothing` must be in [0, 1], got {label_smoothing!r}")
-    _check(softcap is None or (isinstance(softcap, numbers.Real) and softcap > 0 and math.isfinite(softcap)),
+    check(softcap is None or (isinstance(softcap, numbers.Real) and softcap > 0 and math.isfinite(softcap)),
            lambda: f"{op}: `softcap` must be None or a positive number, got {softcap!r}")
     hidden, head = _autocast(hidden, head)
     head.validate(op, hidden)
@@ -177,7 +170,7 @@ def _head_cross_entropy(op: str, hidden, head: HeadArgs, labels, *, ignore_index
 
 def _check_chunk_size(op: str, chunk_size) -> None:
     if chunk_size is not None:
-        _check(isinstance(chunk_size, numbers.Integral) and not isinstance(chunk_size, bool) and chunk_size > 0,
+        check(isinstance(chunk_size, numbers.Integral) and not isinstance(chunk_size, bool) and chunk_size > 0,
                lambda: f"{op}: `chunk_size` must be a positive int (token rows per chunk), got {chunk_size!r}")
 
 
@@ -232,17 +225,17 @@ def linear_kl_div(student_hidden, student_weight, teacher_hidden, teacher_weight
                     ("teacher_hidden", teacher_hidden), ("teacher_weight", teacher_weight)):
         _check_tensor(op, name, t)
     _check_options(op, reduction, ignore_index, num_items, backend)
-    _check(direction in DIRECTIONS, lambda: f"{op}: `direction` must be one of {DIRECTIONS}, got {direction!r}")
-    _check(isinstance(temperature, numbers.Real) and temperature > 0 and math.isfinite(temperature),
+    check(direction in DIRECTIONS, lambda: f"{op}: `direction` must be one of {DIRECTIONS}, got {direction!r}")
+    check(isinstance(temperature, numbers.Real) and temperature > 0 and math.isfinite(temperature),
            lambda: f"{op}: `temperature` must be a positive number, got {temperature!r}")
     head = HeadArgs(weight=student_weight)
     student_hidden, head = _autocast(student_hidden, head)
     teacher_hidden, teacher = _autocast(teacher_hidden, HeadArgs(weight=teacher_weight))
     head.validate(op, student_hidden, hidden_name="student_hidden", weight_name="student_weight")
     teacher.validate(op, teacher_hidden, hidden_name="teacher_hidden", weight_name="teacher_weight")
-    _check(teacher.vocab == head.vocab, lambda: f"{op}: `teacher_weight` has {teacher.vocab} rows but `student_weight` "
+    check(teacher.vocab == head.vocab, lambda: f"{op}: `teacher_weight` has {teacher.vocab} rows but `student_weight` "
                                         f"{head.vocab}: student and teacher need one vocabulary")
-    _check(tuple(teacher_hidden.shape[:-1]) == tuple(student_hidden.shape[:-1]),
+    check(tuple(teacher_hidden.shape[:-1]) == tuple(student_hidden.shape[:-1]),
            lambda: f"{op}: `teacher_hidden` {tuple(teacher_hidden.shape)} and `student_hidden` "
            f"{tuple(student_hidden.shape)} need the same leading shape (one row each per token)")
     ignore_index = int(ignore_index)
@@ -268,7 +261,7 @@ def linear_sequence_logprobs(hidden, weight, labels, *, bias=None, ignore_index=
     under torch.no_grad it is the reference pass of DPO (one GEMM, nothing kept)."""
     op = "linear_sequence_logprobs"
     _check_tensor(op, "hidden", hidden)
-    _check(hidden.dim() >= 2, lambda: f"{op}: `hidden` must be (..., S, H), got shape {tuple(hidden.shape)}")
+    check(hidden.dim() >= 2, lambda: f"{op}: `hidden` must be (..., S, H), got shape {tuple(hidden.shape)}")
     _check_tensor(op, "weight", weight)
     token_losses = _head_cross_entropy(op, hidden, HeadArgs(weight=weight, bias=bias), labels,
                                        ignore_index=ignore_index, reduction="none", label_smoothing=0.0,
@@ -289,20 +282,20 @@ def linear_dpo_loss(policy_chosen_hidden, policy_rejected_hidden, weight, chosen
                     ("ref_chosen_logps", ref_chosen_logps), ("ref_rejected_logps", ref_rejected_logps)):
         _check_tensor(op, name, t)
     for name, h in (("policy_chosen_hidden", policy_chosen_hidden), ("policy_rejected_hidden", policy_rejected_hidden)):
-        _check(h.dim() >= 2, lambda: f"{op}: `{name}` must be (B, S, H), got shape {tuple(h.shape)}")
+        check(h.dim() >= 2, lambda: f"{op}: `{name}` must be (B, S, H), got shape {tuple(h.shape)}")
     B = policy_chosen_hidden.shape[0]
-    _check(policy_rejected_hidden.shape[0] == B and policy_rejected_hidden.shape[-1] == policy_chosen_hidden.shape[-1],
+    check(policy_rejected_hidden.shape[0] == B and policy_rejected_hidden.shape[-1] == policy_chosen_hidden.shape[-1],
            lambda: f"{op}: `policy_rejected_hidden` {tuple(policy_rejected_hidden.shape)} must match the batch and "
                    f"hidden size of `policy_chosen_hidden` {tuple(policy_chosen_hidden.shape)}")
     for name, t in (("ref_chosen_logps", ref_chosen_logps), ("ref_rejected_logps", ref_rejected_logps)):
-        _check(tuple(t.shape) == (B,), lambda: f"{op}: `{name}` must have shape ({B},) (one log-prob per "
+        check(tuple(t.shape) == (B,), lambda: f"{op}: `{name}` must have shape ({B},) (one log-prob per "
                                                f"sequence), got {tuple(t.shape)}")
-    _check(isinstance(beta, numbers.Real) and math.isfinite(beta),
+    check(isinstance(beta, numbers.Real) and math.isfinite(beta),
            lambda: f"{op}: `beta` must be a finite number, got {beta!r}")
     for name, lab, h in (("chosen_labels", chosen_labels, policy_chosen_hidden),
                          ("rejected_labels", rejected_labels, policy_rejected_hidden)):
         _check_tensor(op, name, lab, floating=False)
-        _check(tuple(lab.shape) == tuple(h.shape[:-1]),
+        check(tuple(lab.shape) == tuple(h.shape[:-1]),
                lambda: f"{op}: `{name}` has shape {tuple(lab.shape)} but its hidden states need {tuple(h.shape[:-1])}")
     H = policy_chosen_hidden.shape[-1]
     rows = torch.cat([policy_chosen_hidden.reshape(-1, H), policy_rejected_hidden.reshape(-1, H)])

@@ -14,9 +14,11 @@ from fastft.kernels.runtime import triton_runs_on
 BACKENDS = ("auto", "triton", "torch")
 
 
-def check(cond: bool, message: str) -> None:
+def check(cond: bool, message) -> None:
+    """ValueError(message) unless cond. `message` may be a callable that builds it, called only on failure: under
+    torch.compile with dynamic shapes, formatting a symbolic size into a string on every call breaks the graph."""
     if not cond:
-        raise ValueError(message)
+        raise ValueError(message() if callable(message) else message)
 
 
 def check_tensor(op: str, name: str, t, dim: int | None = None) -> None:
