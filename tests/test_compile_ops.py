@@ -38,3 +38,11 @@ def test_rms_norm_opcheck():
     torch.library.opcheck(rms_norm_op, (x, w, None, 1e-6, 1.0, "fp32"))
     h, rstd = x.detach(), torch.rand(3, device=DEVICE)
     torch.library.opcheck(rms_norm_backward_op, (torch.randn(3, 16), None, h, w.detach(), rstd, 0.0, True))
+
+
+@interpreter_only
+def test_rms_norm_compiles_with_dynamic_shapes():
+    torch.manual_seed(1)
+    x, w, res = _t(3, 7, 20), _t(20), _t(3, 7, 20)
+    assert_compiles_like_eager(lambda x, w, r: rms_norm(x, w, 1e-5, residual=r, backend="triton"), x, w, res,
+                               ops=("rms_norm",), dynamic=True)

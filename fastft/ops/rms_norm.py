@@ -135,18 +135,18 @@ def validate_rms_norm_args(x, weight, eps, offset, residual, cast) -> None:
     check_tensor(op, "weight", weight)
     N = x.shape[-1]
     check(weight.dim() == 1 and weight.shape[0] == N,
-          f"{op}: `weight` must have shape ({N},) to match x's last dimension, got {tuple(weight.shape)}")
-    check(weight.device == x.device, f"{op}: `weight` is on {weight.device} but `x` is on {x.device}")
-    check(isinstance(eps, (int, float)) and eps > 0, f"{op}: `eps` must be a positive number, got {eps!r}")
-    check(isinstance(offset, (int, float)), f"{op}: `offset` must be a number (0 for Llama, 1 for Gemma), got "
-                                            f"{offset!r}")
-    check(cast in CASTS, f"{op}: `cast` must be one of {CASTS} or None, got {cast!r}")
+          lambda: f"{op}: `weight` must have shape ({N},) to match x's last dimension, got {tuple(weight.shape)}")
+    check(weight.device == x.device, lambda: f"{op}: `weight` is on {weight.device} but `x` is on {x.device}")
+    check(isinstance(eps, (int, float)) and eps > 0, lambda: f"{op}: `eps` must be a positive number, got {eps!r}")
+    check(isinstance(offset, (int, float)),
+          lambda: f"{op}: `offset` must be a number (0 for Llama, 1 for Gemma), got {offset!r}")
+    check(cast in CASTS, lambda: f"{op}: `cast` must be one of {CASTS} or None, got {cast!r}")
     if residual is not None:
         check_tensor(op, "residual", residual)
-        check(residual.shape == x.shape, f"{op}: `residual` must have x's shape {tuple(x.shape)}, got "
-                                         f"{tuple(residual.shape)}")
-        check(residual.dtype == x.dtype, f"{op}: `residual` is {residual.dtype} but `x` is {x.dtype}")
-        check(residual.device == x.device, f"{op}: `residual` is on {residual.device} but `x` is on {x.device}")
+        check(residual.shape == x.shape,
+              lambda: f"{op}: `residual` must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
+        check(residual.dtype == x.dtype, lambda: f"{op}: `residual` is {residual.dtype} but `x` is {x.dtype}")
+        check(residual.device == x.device, lambda: f"{op}: `residual` is on {residual.device} but `x` is on {x.device}")
 
 
 def rms_norm(x, weight, eps=1e-6, *, offset=0.0, residual=None, cast=None, backend="auto"):

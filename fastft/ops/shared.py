@@ -22,10 +22,10 @@ def check(cond: bool, message) -> None:
 
 
 def check_tensor(op: str, name: str, t, dim: int | None = None) -> None:
-    check(isinstance(t, torch.Tensor), f"{op}: `{name}` must be a torch.Tensor, got {type(t).__name__}")
-    check(t.is_floating_point(), f"{op}: `{name}` must be a floating-point tensor, got {t.dtype}")
+    check(isinstance(t, torch.Tensor), lambda: f"{op}: `{name}` must be a torch.Tensor, got {type(t).__name__}")
+    check(t.is_floating_point(), lambda: f"{op}: `{name}` must be a floating-point tensor, got {t.dtype}")
     if dim is not None:
-        check(t.dim() >= dim, f"{op}: `{name}` needs at least {dim} dimension(s), got shape {tuple(t.shape)}")
+        check(t.dim() >= dim, lambda: f"{op}: `{name}` needs at least {dim} dimension(s), got shape {tuple(t.shape)}")
 
 
 def check_backend(op: str, backend: str) -> None:
