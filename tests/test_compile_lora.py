@@ -321,8 +321,11 @@ def test_reduce_overhead_matches_eager(op):
     want = run_with_grads(fn, leaves((x, A, B)))
     for _ in range(3):  # warm-up, record, replay
         got = run_with_grads(compiled, leaves((x, A, B)))
+    # the same kernels, except that under capture a double-quantized weight's block scales are decoded by torch
+    # (the offset cannot be read to the host there), possibly an FMA's rounding away from the kernels' decode
+    exact = dict(atol=0, rtol=0) if op != "qlora_linear" else {}
     for g, w_ in zip(got[0] + got[1], want[0] + want[1]):
-        torch.testing.assert_close(g, w_, atol=0, rtol=0)
+        torch.testing.assert_close(g, w_, **exact)
 
 
 @pytest.mark.gpu

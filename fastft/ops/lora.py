@@ -143,16 +143,22 @@ def fused_lora_backward(saved, meta, dy, dx_gemm, need_x, need_b, need_A, need_B
     return x2, dy2, dx, db, dA, dB
 
 
-def lora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p):
-    """Both doors' forward (fastft.ops.compiled): (y, saved, meta, fold_backward), the split/fold path chosen
-    here per direction (fastft.ops.lora_path)."""
-    from fastft.kernels.lora_gemm import lora_gemm, lora_gemm_folded
+def _folds(direction, x, weight, lora_A, dropout_p) -> bool:
+    """Whether `direction` of this call takes the fold path (fastft.ops.lora_path)."""
     from fastft.kernels.rank_ops import rank_pad
 
     N, K = weight.shape
     M, R = x.numel() // K, rank_pad(lora_A.shape[0])
-    fold_fwd = lora_path.choose("forward", M, K, N, R, x.dtype, dropout=dropout_p > 0.0) == "fold"
-    fold_backward = lora_path.choose("backward", M, K, N, R, x.dtype) == "fold"
+    return lora_path.choose(direction, M, K, N, R, x.dtype, dropout=dropout_p > 0.0) == "fold"
+
+
+def lora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p):
+    """Both doors' forward (fastft.ops.compiled): (y, saved, meta, fold_backward), the split/fold path chosen
+    here per direction (fastft.ops.lora_path)."""
+    from fastft.kernels.lora_gemm import lora_gemm, lora_gemm_folded
+
+    fold_fwd = _folds("forward", x, weight, lora_A, dropout_p)
+    fold_backward = _folds("backward", x, weight, lora_A, dropout_p)
     y, saved, meta = fused_lora_forward(
         x, bias, lora_A, lora_B, scaling, dropout_p,
         lambda x2, xs, B_p, b: lora_gemm(x2, weight, xs, B_p, b, b_nk=True),
@@ -218,11 +224,7 @@ def lora_linear_backward_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Ten
                             lora_A: torch.Tensor, lora_B: torch.Tensor, xs: torch.Tensor, seed: torch.Tensor,
                             scaling: float, dropout_p: float, need_x: bool, need_w: bool, need_b: bool, need_A: bool,
                             need_B: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    from fastft.kernels.rank_ops import rank_pad
-
-    N, K = weight.shape
-    M, R = x.numel() // K, rank_pad(lora_A.shape[0])
-    fold_backward = lora_path.choose("backward", M, K, N, R, x.dtype) == "fold"
+    fold_backward = _folds("backward", x, weight, lora_A, dropout_p)  # as the forward chose it
     saved = (*rank_operands(x, lora_A, lora_B), xs)
     meta = lora_meta(x, bias, lora_A, lora_B, scaling, dropout_p, int(seed))
     grads = lora_backward(saved, meta, fold_backward, weight, dy, need_x, need_w, need_b, need_A, need_B)
