@@ -96,17 +96,37 @@ def _dropout_case(op):
 
 
 @interpreter_only
+def test_dropout_under_activation_checkpointing(captured_seeds):
+    """A checkpointed region is recomputed in backward: the forward op takes its seed as an input (drawn by
+    fastft::draw_seed), so the recomputation regenerates the forward's mask and the gradients are eager's."""
+    fn, args = _dropout_case("lora_linear")
+
+    def checkpointed(x, b, A, B):
+        return torch.utils.checkpoint.checkpoint(lambda x: torch.relu(fn(x, b, A, B)) * 2, x, use_reentrant=False)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(checkpointed, backend="aot_eager", fullgraph=True)
+    run_with_grads(compiled, leaves(args))
+    torch.manual_seed(7)
+    want = run_with_grads(checkpointed, leaves(args))
+    torch.manual_seed(7)
+    got = run_with_grads(compiled, leaves(args))
+    for g, w in zip(got[0] + got[1], want[0] + want[1]):
+        torch.testing.assert_close(g, w, atol=0, rtol=0)
+
+
+@interpreter_only
 @pytest.mark.parametrize("op", ["lora_linear", "qlora_linear"])
 def test_dropout_seeds_are_drawn_in_the_op_body(captured_seeds, op):
-    """Under one torch.manual_seed the compiled op draws the seed eager draws (same mask: same outputs and
-    gradients, backward regenerating it), and each compiled call draws a new one (the seed is not a graph
-    constant)."""
+    """Under one torch.manual_seed the compiled op draws the seed eager draws (fastft::draw_seed's body, at run
+    time: same mask, same outputs and gradients, backward regenerating it), and each compiled call draws a new one
+    (the seed is not a graph constant)."""
     fn, args = _dropout_case(op)
     graphs, backend = _recording()
     torch._dynamo.reset()
     compiled = torch.compile(fn, backend=backend, fullgraph=True)
     run_with_grads(compiled, leaves(args))  # compile first: tracing draws nothing, but keep the draws in step
-    assert f"torch.ops.fastft.{op}." in "\n".join(graphs)
+    assert f"torch.ops.fastft.{op}." in "\n".join(graphs) and "torch.ops.fastft.draw_seed." in "\n".join(graphs)
     captured_seeds.clear()
     torch.manual_seed(7)
     want_out, want_grads = run_with_grads(fn, leaves(args))
@@ -240,7 +260,7 @@ def test_peft_model_compiles_whole(monkeypatch, quantized):
 def test_lora_linear_opcheck():
     x, W, b = _t(5, K), _t(N, K), _t(N)
     A, B = _adapters()
-    torch.library.opcheck(lora_linear_op, (x, W, b, A, B, 0.5, 0.0))
+    torch.library.opcheck(lora_linear_op, (x, W, b, A, B, None, 0.5, 0.0))
     xs = torch.randn(5, 16, device=DEVICE)
     args = (torch.randn(5, N, device=DEVICE), x.detach(), W.detach(), b.detach(), A.detach(), B.detach(), xs,
             seed_tensor(0), 0.5, 0.0)
@@ -254,7 +274,7 @@ def test_qlora_and_nf4_linear_opcheck():
     parts, ints = nf4_args(_nf4(True))  # double quantization: every part (the single-level weight: compile tests)
     x, b = _t(5, K), _t(N)
     A, B = _adapters()
-    torch.library.opcheck(qlora_linear_op, (x, parts, ints, b, A, B, 0.5, 0.0))
+    torch.library.opcheck(qlora_linear_op, (x, parts, ints, b, A, B, None, 0.5, 0.0))
     torch.library.opcheck(nf4_linear_op, (x, parts, ints, b))
     dy, xs = torch.randn(5, N, device=DEVICE), torch.randn(5, 16, device=DEVICE)
     torch.library.opcheck(qlora_linear_backward_op, (dy, x.detach(), parts, ints, b.detach(), A.detach(), B.detach(),
@@ -337,4 +357,4 @@ def test_dropout_under_cuda_graph_capture_is_refused():
     graph = torch.cuda.CUDAGraph()
     with pytest.raises(ValueError, match="dropout_p=0.1 cannot run inside a CUDA graph"):
         with torch.cuda.graph(graph):
-            lora_linear_op(x, W, None, A, B, 1.0, 0.1)
+            lora_linear_op(x, W, None, A, B, seed_tensor(1), 1.0, 0.1)

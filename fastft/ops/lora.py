@@ -19,6 +19,7 @@ from fastft.ops.shared import (BACKENDS, as_rows, autocast_inputs, check, check_
 from fastft.ops import lora_path
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+SEED_DEVICE = torch.device("cpu")  # dropout seeds come from torch's CPU generator (fastft.ops.shared.draw_seed)
 
 
 def lora_linear_reference(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, *, keep_mask=None):
@@ -83,18 +84,20 @@ def lora_meta(x, bias, lora_A, lora_B, scaling, dropout_p, seed) -> tuple:
             lora_B.shape[1], lora_A.dtype, lora_B.dtype)
 
 
-def fused_lora_forward(x, bias, lora_A, lora_B, scaling, dropout_p, base_gemm, fold_gemm=None):
+def fused_lora_forward(x, bias, lora_A, lora_B, scaling, dropout_p, base_gemm, fold_gemm=None, seed=None):
     """The forward every fused LoRA op shares: xs = c·(keep∘x)·Aᵀ, then `base_gemm(x2, xs, B_p, bias)`, the
     op's base GEMM with the rank tail (dense W for lora_linear, NF4 W for qlora_linear).
     Returns (y, saved, meta): saved = (x2, A_p, B_p, xs) and meta (lora_meta) are what fused_lora_backward takes
     (the eager Function saves them through ctx.save_for_backward, so checkpointing and offload hooks see them).
 
     fold_gemm(x2, A_p, B_p, bias, coef) -> (y, xs), when given: the GEMM that computes xs in its own K loop
-    (fastft.ops.lora_path's fold path), used instead of the skinny pass + base_gemm when there is no dropout."""
+    (fastft.ops.lora_path's fold path), used instead of the skinny pass + base_gemm when there is no dropout.
+    seed: the dropout seed when the caller drew it (the traced door), else drawn here."""
     from fastft.kernels import rank_ops
 
     N = lora_B.shape[0]
-    seed = draw_seed() if dropout_p > 0.0 else 0
+    if seed is None:
+        seed = draw_seed() if dropout_p > 0.0 else 0
     meta = lora_meta(x, bias, lora_A, lora_B, scaling, dropout_p, seed)
     coef = meta[1]
     # Rank-padded copies kept for backward so it does not pad and cast them again (rank_operands).
@@ -152,9 +155,9 @@ def _folds(direction, x, weight, lora_A, dropout_p) -> bool:
     return lora_path.choose(direction, M, K, N, R, x.dtype, dropout=dropout_p > 0.0) == "fold"
 
 
-def lora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p):
+def lora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed=None):
     """Both doors' forward (fastft.ops.compiled): (y, saved, meta, fold_backward), the split/fold path chosen
-    here per direction (fastft.ops.lora_path)."""
+    here per direction (fastft.ops.lora_path); seed as fused_lora_forward."""
     from fastft.kernels.lora_gemm import lora_gemm, lora_gemm_folded
 
     fold_fwd = _folds("forward", x, weight, lora_A, dropout_p)
@@ -163,7 +166,7 @@ def lora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p):
         x, bias, lora_A, lora_B, scaling, dropout_p,
         lambda x2, xs, B_p, b: lora_gemm(x2, weight, xs, B_p, b, b_nk=True),
         fold_gemm=(lambda x2, A_p, B_p, b, coef: lora_gemm_folded(x2, weight, A_p, B_p, b, b_nk=True,
-                                                                  scale=coef)) if fold_fwd else None)
+                                                                  scale=coef)) if fold_fwd else None, seed=seed)
     return y, saved, meta, fold_backward
 
 
@@ -198,35 +201,57 @@ class LoRALinearFunction(torch.autograd.Function):
                 None, None)
 
 
-# The traced door: fastft::lora_linear and its backward as custom ops (fastft.ops.compiled). The rank-padded
-# factors are padded again in backward from the inputs (a custom op cannot return its inputs), and the dropout
-# seed, drawn in the body, travels to backward as an int64 CPU tensor.
+# The traced door (fastft.ops.compiled): fastft::draw_seed, then fastft::lora_linear and its backward as custom ops.
+# With dropout the seed is drawn at run time by its own op, in its body, from the generator eager draws from (the same
+# draws in the same order as eager), and handed to the forward and backward ops as an int64 CPU tensor: the forward op
+# is then a function of its inputs, so activation checkpointing may recompute it (the draw op is tagged random: the
+# partitioner saves its value or replays it under the saved CPU generator state). The rank-padded factors are padded
+# again in backward from the inputs (a custom op cannot return its inputs).
+@torch.library.custom_op("fastft::draw_seed", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
+def draw_seed_op(*, device: torch.device) -> torch.Tensor:
+    """device: the generator's, always the CPU (a keyword: where the partitioner looks to save and restore the
+    generator's state when it replays the op)."""
+    return seed_tensor(draw_seed())
+
+
+@draw_seed_op.register_fake
+def _(*, device):
+    return seed_tensor_like()
+
+
+def seed_int(op: str, seed: Optional[torch.Tensor], dropout_p: float) -> int:
+    """The drawn seed as the bodies take it (0 without dropout)."""
+    check(seed is not None or dropout_p == 0.0, f"{op}: dropout_p > 0 needs the seed from fastft::draw_seed")
+    return 0 if seed is None else int(seed)
+
+
 @torch.library.custom_op("fastft::lora_linear", mutates_args=())
 def lora_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_A: torch.Tensor,
-                   lora_B: torch.Tensor, scaling: float, dropout_p: float
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   lora_B: torch.Tensor, seed: Optional[torch.Tensor], scaling: float, dropout_p: float
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     refuse_replayed_dropout("lora_linear", dropout_p, x.device)
-    y, saved, meta, _ = lora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
-    return y, saved[3], seed_tensor(meta[3])
+    seed = seed_int("lora_linear", seed, dropout_p)
+    y, saved, _, _ = lora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+    return y, saved[3]
 
 
 @lora_linear_op.register_fake
-def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p):
+def _(x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p):
     from fastft.kernels.rank_ops import rank_pad
 
     M = x.numel() // x.shape[-1]
-    return (x.new_empty((*x.shape[:-1], weight.shape[0])), x.new_empty((M, rank_pad(lora_A.shape[0]))),
-            seed_tensor_like())
+    return x.new_empty((*x.shape[:-1], weight.shape[0])), x.new_empty((M, rank_pad(lora_A.shape[0])))
 
 
 @torch.library.custom_op("fastft::lora_linear_backward", mutates_args=())
 def lora_linear_backward_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                            lora_A: torch.Tensor, lora_B: torch.Tensor, xs: torch.Tensor, seed: torch.Tensor,
-                            scaling: float, dropout_p: float, need_x: bool, need_w: bool, need_b: bool, need_A: bool,
-                            need_B: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                            lora_A: torch.Tensor, lora_B: torch.Tensor, xs: torch.Tensor,
+                            seed: Optional[torch.Tensor], scaling: float, dropout_p: float, need_x: bool,
+                            need_w: bool, need_b: bool, need_A: bool, need_B: bool
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     fold_backward = _folds("backward", x, weight, lora_A, dropout_p)  # as the forward chose it
     saved = (*rank_operands(x, lora_A, lora_B), xs)
-    meta = lora_meta(x, bias, lora_A, lora_B, scaling, dropout_p, int(seed))
+    meta = lora_meta(x, bias, lora_A, lora_B, scaling, dropout_p, seed_int("lora_linear", seed, dropout_p))
     grads = lora_backward(saved, meta, fold_backward, weight, dy, need_x, need_w, need_b, need_A, need_B)
     return tuple(g if g is not None else unused(like) for g, like in zip(grads, (x, weight, dy, lora_A, lora_B)))
 
@@ -239,17 +264,17 @@ def _(dy, x, weight, bias, lora_A, lora_B, xs, seed, scaling, dropout_p, need_x,
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, lora_A, lora_B, scaling, dropout_p = inputs
-    ctx.save_for_backward(x, weight, bias, lora_A, lora_B, output[1], output[2])
+    x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p = inputs
+    ctx.save_for_backward(x, weight, bias, lora_A, lora_B, output[1], seed)
     ctx.meta = (scaling, dropout_p)
 
 
-def _backward_op(ctx, dy, _dxs, _dseed):
+def _backward_op(ctx, dy, _dxs):
     x, weight, bias, lora_A, lora_B, xs, seed = ctx.saved_tensors
     needs = ctx.needs_input_grad[:5]
     needs = (needs[0], needs[1], needs[2] and bias is not None, needs[3], needs[4])
     grads = lora_linear_backward_op(dy, x, weight, bias, lora_A, lora_B, xs, seed, *ctx.meta, *needs)
-    return (*(needed(g, n) for g, n in zip(grads, needs)), None, None)
+    return (*(needed(g, n) for g, n in zip(grads, needs)), None, None, None)
 
 
 lora_linear_op.register_autograd(_backward_op, setup_context=_setup_context)
@@ -279,4 +304,5 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, *, back
     with torch.autocast(x.device.type, enabled=False):
         if not compiling():
             return LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
-        return lora_linear_op(x, weight, bias, lora_A, lora_B, scaling, dropout_p)[0]
+        seed = draw_seed_op(device=SEED_DEVICE) if dropout_p > 0.0 else None
+        return lora_linear_op(x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p)[0]

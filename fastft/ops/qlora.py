@@ -22,11 +22,10 @@ import torch.nn.functional as F
 
 from fastft.ops import qlora_path
 from fastft.ops.compiled import compiling, needed, unused
-from fastft.ops.compiled_args import (fresh_like, nf4_args, nf4_from_args, nf4_layout_ok, refuse_replayed_dropout,
-                                      seed_tensor, seed_tensor_like)
+from fastft.ops.compiled_args import fresh_like, nf4_args, nf4_from_args, nf4_layout_ok, refuse_replayed_dropout
 from fastft.ops.qlora_path import release_dequant_scratch  # noqa: F401 - public here too
-from fastft.ops.lora import (fused_lora_backward, fused_lora_forward, lora_linear_reference, lora_meta,
-                             rank_operands)
+from fastft.ops.lora import (SEED_DEVICE, draw_seed_op, fused_lora_backward, fused_lora_forward,
+                             lora_linear_reference, lora_meta, rank_operands, seed_int)
 from fastft.ops.shared import as_rows, autocast_inputs, check, nf4_fused_ok, resolve_backend
 from fastft.quant.nf4_weight import NF4Weight
 
@@ -88,10 +87,10 @@ def validate_qlora_linear_args(x, qweight, bias, lora_A, lora_B, scaling, dropou
         raise ValueError(f"{op}: `dropout_p` must be in [0, 1), got {dropout_p!r}")
 
 
-def qlora_forward(x, qweight, bias, lora_A, lora_B, scaling, dropout_p):
+def qlora_forward(x, qweight, bias, lora_A, lora_B, scaling, dropout_p, seed=None):
     """Both doors' forward (fastft.ops.compiled): (y, saved, meta) as fused_lora_forward."""
     return fused_lora_forward(x, bias, lora_A, lora_B, scaling, dropout_p,
-                              lambda x2, xs, B_p, b: _base_gemm(qweight, x2, xs, B_p, b, forward=True))
+                              lambda x2, xs, B_p, b: _base_gemm(qweight, x2, xs, B_p, b, forward=True), seed=seed)
 
 
 def qlora_backward(saved, meta, qweight, dy, need_x, need_b, need_A, need_B):
@@ -186,34 +185,34 @@ class NF4LinearFunction(torch.autograd.Function):
 
 # The traced doors: fastft::qlora_linear, fastft::nf4_linear and their backwards as custom ops
 # (fastft.ops.compiled). The NF4Weight crosses as its inner tensors and fields (compiled_args.nf4_args); the
-# rank-padded factors are padded again in backward from the inputs; the dropout seed, drawn in the body, travels to
-# backward as an int64 CPU tensor.
+# rank-padded factors are padded again in backward from the inputs; the dropout seed comes from fastft::draw_seed as
+# for lora_linear (fastft.ops.lora).
 @torch.library.custom_op("fastft::qlora_linear", mutates_args=())
 def qlora_linear_op(x: torch.Tensor, w_parts: list[torch.Tensor], w_ints: list[int], bias: Optional[torch.Tensor],
-                    lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, dropout_p: float
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    lora_A: torch.Tensor, lora_B: torch.Tensor, seed: Optional[torch.Tensor], scaling: float,
+                    dropout_p: float) -> tuple[torch.Tensor, torch.Tensor]:
     refuse_replayed_dropout("qlora_linear", dropout_p, x.device)
-    y, saved, meta = qlora_forward(x, nf4_from_args(w_parts, w_ints), bias, lora_A, lora_B, scaling, dropout_p)
-    return y, saved[3], seed_tensor(meta[3])
+    y, saved, _ = qlora_forward(x, nf4_from_args(w_parts, w_ints), bias, lora_A, lora_B, scaling, dropout_p,
+                                seed_int("qlora_linear", seed, dropout_p))
+    return y, saved[3]
 
 
 @qlora_linear_op.register_fake
-def _(x, w_parts, w_ints, bias, lora_A, lora_B, scaling, dropout_p):
+def _(x, w_parts, w_ints, bias, lora_A, lora_B, seed, scaling, dropout_p):
     from fastft.kernels.rank_ops import rank_pad
 
     M = x.numel() // x.shape[-1]
-    return (x.new_empty((*x.shape[:-1], w_ints[0])), x.new_empty((M, rank_pad(lora_A.shape[0]))),
-            seed_tensor_like())
+    return x.new_empty((*x.shape[:-1], w_ints[0])), x.new_empty((M, rank_pad(lora_A.shape[0])))
 
 
 @torch.library.custom_op("fastft::qlora_linear_backward", mutates_args=())
 def qlora_linear_backward_op(dy: torch.Tensor, x: torch.Tensor, w_parts: list[torch.Tensor], w_ints: list[int],
                              bias: Optional[torch.Tensor], lora_A: torch.Tensor, lora_B: torch.Tensor,
-                             xs: torch.Tensor, seed: torch.Tensor, scaling: float, dropout_p: float, need_x: bool,
-                             need_b: bool, need_A: bool, need_B: bool
+                             xs: torch.Tensor, seed: Optional[torch.Tensor], scaling: float, dropout_p: float,
+                             need_x: bool, need_b: bool, need_A: bool, need_B: bool
                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     saved = (*rank_operands(x, lora_A, lora_B), xs)
-    meta = lora_meta(x, bias, lora_A, lora_B, scaling, dropout_p, int(seed))
+    meta = lora_meta(x, bias, lora_A, lora_B, scaling, dropout_p, seed_int("qlora_linear", seed, dropout_p))
     grads = qlora_backward(saved, meta, nf4_from_args(w_parts, w_ints), dy, need_x, need_b, need_A, need_B)
     return tuple(g if g is not None else unused(like) for g, like in zip(grads, (x, dy, lora_A, lora_B)))
 
@@ -226,12 +225,12 @@ def _(dy, x, w_parts, w_ints, bias, lora_A, lora_B, xs, seed, scaling, dropout_p
 
 
 def _qlora_setup_context(ctx, inputs, output):
-    x, w_parts, w_ints, bias, lora_A, lora_B, scaling, dropout_p = inputs
-    ctx.save_for_backward(x, bias, lora_A, lora_B, output[1], output[2], *w_parts)
+    x, w_parts, w_ints, bias, lora_A, lora_B, seed, scaling, dropout_p = inputs
+    ctx.save_for_backward(x, bias, lora_A, lora_B, output[1], seed, *w_parts)
     ctx.meta = (w_ints, scaling, dropout_p)
 
 
-def _qlora_backward_op(ctx, dy, _dxs, _dseed):
+def _qlora_backward_op(ctx, dy, _dxs):
     x, bias, lora_A, lora_B, xs, seed, *w_parts = ctx.saved_tensors
     w_ints, scaling, dropout_p = ctx.meta
     need = ctx.needs_input_grad
@@ -239,7 +238,7 @@ def _qlora_backward_op(ctx, dy, _dxs, _dseed):
     dx, db, dA, dB = qlora_linear_backward_op(dy, x, w_parts, w_ints, bias, lora_A, lora_B, xs, seed, scaling,
                                               dropout_p, *needs)
     dx, db, dA, dB = (needed(g, n) for g, n in zip((dx, db, dA, dB), needs))
-    return dx, [None] * len(w_parts), None, db, dA, dB, None, None
+    return dx, [None] * len(w_parts), None, db, dA, dB, None, None, None
 
 
 qlora_linear_op.register_autograd(_qlora_backward_op, setup_context=_qlora_setup_context)
@@ -308,7 +307,8 @@ def qlora_linear(x, qweight, bias, lora_A, lora_B, scaling, dropout_p=0.0, *, ba
     with torch.autocast(x.device.type, enabled=False):
         if not compiling():
             return QLoRALinearFunction.apply(x, qweight, bias, lora_A, lora_B, scaling, dropout_p)
-        return qlora_linear_op(x, *nf4_args(qweight), bias, lora_A, lora_B, scaling, dropout_p)[0]
+        seed = draw_seed_op(device=SEED_DEVICE) if dropout_p > 0.0 else None
+        return qlora_linear_op(x, *nf4_args(qweight), bias, lora_A, lora_B, seed, scaling, dropout_p)[0]
 
 
 def nf4_linear(x, qweight, bias=None, *, backend="auto"):
