@@ -358,3 +358,43 @@ def test_dropout_under_cuda_graph_capture_is_refused():
     with pytest.raises(ValueError, match="dropout_p=0.1 cannot run inside a CUDA graph"):
         with torch.cuda.graph(graph):
             lora_linear_op(x, W, None, A, B, seed_tensor(1), 1.0, 0.1)
+
+
+@pytest.mark.gpu
+def test_dropout_under_reduce_overhead_never_repeats_a_mask():
+    """mode="reduce-overhead" with dropout: either the capture is refused (ValueError) or the graph runs uncaptured
+    (its CPU seed op keeps inductor from capturing it); a replayed, repeated mask is the one wrong outcome."""
+    torch.manual_seed(0)
+    x = torch.randn(128, 256, device="cuda", dtype=torch.bfloat16)
+    W = torch.randn(192, 256, device="cuda", dtype=torch.bfloat16) * 0.05
+    A, B = torch.randn(16, 256, device="cuda") * 0.05, torch.randn(192, 16, device="cuda") * 0.05
+    compiled = torch.compile(lambda x: lora_linear(x, W, None, A, B, 2.0, 0.1), mode="reduce-overhead",
+                             fullgraph=True)
+    try:
+        outs = [compiled(x).clone() for _ in range(4)]
+    except ValueError as err:
+        assert "cannot run inside a CUDA graph" in str(err)
+        return
+    assert all(not torch.equal(a, b) for a, b in zip(outs, outs[1:]))
+
+
+@pytest.mark.gpu
+def test_dropout_under_activation_checkpointing_with_inductor_on_gpu():
+    torch.manual_seed(0)
+    x = torch.randn(3, 77, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    W = torch.randn(192, 256, device="cuda", dtype=torch.bfloat16) * 0.05
+    A = (torch.randn(16, 256, device="cuda") * 0.05).requires_grad_(True)
+    B = (torch.randn(192, 16, device="cuda") * 0.05).requires_grad_(True)
+
+    def fn(x, A, B):
+        layer = lambda x: torch.relu(lora_linear(x, W, None, A, B, 2.0, 0.1)) * 2  # noqa: E731
+        return torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=False)
+
+    compiled = torch.compile(fn, fullgraph=True)
+    run_with_grads(compiled, leaves((x, A, B)))
+    torch.manual_seed(7)
+    want = run_with_grads(fn, leaves((x, A, B)))
+    torch.manual_seed(7)
+    got = run_with_grads(compiled, leaves((x, A, B)))
+    for g, w in zip(got[0] + got[1], want[0] + want[1]):
+        torch.testing.assert_close(g, w, atol=0, rtol=0)
