@@ -170,6 +170,25 @@ def test_layers_with_different_nested_offsets_share_one_graph():
             torch.testing.assert_close(compiled(w, x), fn(w, x), atol=0, rtol=0)
 
 
+@interpreter_only
+def test_under_capture_nested_scales_decode_on_device_and_dropout_is_refused(monkeypatch):
+    """While a CUDA graph is captured (simulated: the CPU has none) a double-quantized weight's nested offset
+    cannot be read to the host: the body decodes the block scales with torch instead, to the same values; and a
+    dropout seed would be replayed, so dropout is refused."""
+    from fastft.ops import compiled_args
+
+    w = _nf4(True)
+    x = _t(5, K, grad=False)
+    A, B = _adapters()
+    want = qlora_linear(x, w, None, A, B, 0.5, backend="triton")
+    monkeypatch.setattr(compiled_args, "capturing", lambda device: True)
+    monkeypatch.setattr(compiled_args, "_offset_value", lambda t: pytest.fail("read the offset to the host"))
+    got, _ = qlora_linear_op(x, *nf4_args(w), None, A, B, None, 0.5, 0.0)
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="lora_linear: dropout_p=0.1 cannot run inside a CUDA graph capture"):
+        qlora_linear_op(x, *nf4_args(w), None, A, B, seed_tensor(3), 0.5, 0.1)
+
+
 # ----------------------------------------------------------------------------------------------
 # dora_linear
 
