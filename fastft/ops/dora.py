@@ -20,10 +20,14 @@ the saved output carries no z); peft initialises m = ‖W‖ > 0.
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
+from fastft.ops.compiled import compiling, needed, unused
+from fastft.ops.compiled_args import fresh_like, nf4_layout_ok, weight_args, weight_from_args
+from fastft.ops.lora import rank_operands
 from fastft.ops.shared import as_rows, autocast_inputs, check, check_backend, nf4_fused_ok, padded, resolve_backend
 from fastft.quant.nf4_weight import NF4Weight
 
@@ -45,6 +49,8 @@ def dora_row_norm(weight, lora_A, lora_B, scaling: float, dtype: torch.dtype | N
     dtype = dtype or lora_A.dtype
     device = lora_A.device
     backend = resolve_backend("dora_row_norm", backend, device, arg="lora_A")
+    if backend == "triton" and compiling():
+        return dora_row_norm_op(*weight_args(weight), lora_A.detach(), lora_B.detach(), float(scaling), dtype)
     if backend == "triton":
         from fastft.kernels.dora_row_norm import row_sq_norm
         from fastft.kernels.rank_ops import rank_pad
@@ -113,89 +119,186 @@ def validate_dora_linear_args(x, weight, bias, lora_A, lora_B, magnitude, scalin
                                        "or run under torch.autocast")
     devices = {t.device for t in (x, weight, lora_A, lora_B, magnitude)}
     check(len(devices) == 1, f"{op}: all tensors must be on one device, got {sorted(map(str, devices))}")
-    check(isinstance(scaling, (int, float)) and math.isfinite(scaling),
-          f"{op}: `scaling` must be a finite number, got {scaling!r}")
-    check(isinstance(dropout_p, (int, float)) and 0.0 <= dropout_p < 1.0,
-          f"{op}: `dropout_p` must be in [0, 1), got {dropout_p!r}")
+    # messages built only on failure: dynamo cannot format a float while it traces with dynamic=True
+    if not (isinstance(scaling, (int, float)) and math.isfinite(scaling)):
+        raise ValueError(f"{op}: `scaling` must be a finite number, got {scaling!r}")
+    if not (isinstance(dropout_p, (int, float)) and 0.0 <= dropout_p < 1.0):
+        raise ValueError(f"{op}: `dropout_p` must be in [0, 1), got {dropout_p!r}")
+
+
+def dora_forward(x, weight, bias, lora_A, lora_B, magnitude, scaling, row_norm):
+    """Both doors' forward (fastft.ops.compiled): (y, saved, meta) with saved = (x2, A_p, B_p, xs, sigma, saved_out)."""
+    from fastft.kernels.lora_gemm import lora_gemm
+    from fastft.kernels.rank_ops import rank_project
+
+    N, r = lora_B.shape
+    dtype = x.dtype
+    x2, A_p, B_p = rank_operands(x, lora_A, lora_B)
+    sigma = (magnitude.detach().float() / row_norm).contiguous()
+    xs = rank_project(x2, A_p, scale=scaling)
+    nf4 = isinstance(weight, NF4Weight)
+    if nf4:
+        from fastft.kernels.nf4_gemm import nf4_lora_gemm
+
+        z = nf4_lora_gemm(x2, weight.kernel_operand(), xs, B_p, None, w_nk=True)
+        y = z.float() * sigma
+        y = (y if bias is None else y + bias.float()).to(dtype)
+        saved_out = z  # the unscaled output: dm = Σ dy·z / ‖W'‖
+    else:
+        y = lora_gemm(x2, weight, xs, B_p, bias, b_nk=True, col_scale=sigma)
+        saved_out = y  # dm = Σ dy·(y − b) / m
+    meta = (x.shape, scaling, r, nf4, lora_A.dtype, lora_B.dtype)
+    return y.view(*x.shape[:-1], N), (x2, A_p, B_p, xs, sigma, saved_out), meta
+
+
+def dora_backward(saved, meta, weight, dy, need_x, need_b, need_A, need_B, need_m):
+    """Both doors' backward: (dx, db, dA, dB, dm), None where not needed. saved: (x2, A_p, B_p, xs, sigma, row_norm,
+    magnitude, saved_out, bias); weight: the dense weight or the NF4Weight."""
+    from fastft.kernels.lora_gemm import lora_gemm
+    from fastft.kernels.rank_ops import rank_project, rank_reduce
+    from fastft.kernels.column_dot import column_dot
+
+    x2, A_p, B_p, xs, sigma, row_norm, magnitude, saved_out, bias = saved
+    x_shape, scaling, r, nf4, A_dtype, B_dtype = meta
+    N = B_p.shape[0]
+    dtype = x2.dtype
+    dy2 = dy.reshape(-1, N).to(dtype)
+    if not dy2.is_contiguous():
+        dy2 = dy2.contiguous()
+    dx = db = dA = dB = dm = None
+    if need_x or need_A:
+        B_sigma = (B_p.float() * sigma[:, None]).to(dtype)
+        g = rank_project(dy2, B_sigma.t(), scale=scaling)  # s·dy·diag(σ)·B
+        if need_x:
+            if nf4:
+                from fastft.kernels.nf4_gemm import nf4_lora_gemm
+
+                dz = (dy2.float() * sigma).to(dtype)
+                dx = nf4_lora_gemm(dz, weight.kernel_operand(), g, A_p, None, w_nk=False)
+            else:
+                dx = lora_gemm(dy2, weight, g, A_p, None, b_nk=False, k_scale=sigma)
+            dx = dx.view(x_shape)
+        if need_A:
+            dA = rank_reduce(g, x2)[:r].to(A_dtype)
+    if need_B:
+        dB = (rank_reduce(xs, dy2)[:r].t() * sigma[:, None]).to(B_dtype)
+    if need_m:
+        if nf4:
+            dm = column_dot(dy2, saved_out) / row_norm
+        else:
+            dm = column_dot(dy2, saved_out)
+            if bias is not None:
+                dm = dm - bias.float() * dy2.sum(0, dtype=torch.float32)
+            m = magnitude.detach().float()
+            dm = torch.where(m != 0, dm / torch.where(m != 0, m, 1.0), 0.0)
+        dm = dm.to(magnitude.dtype)
+    if need_b and bias is not None:
+        db = dy2.sum(0, dtype=torch.float32).to(bias.dtype)
+    return dx, db, dA, dB, dm
 
 
 class DoRALinearFunction(torch.autograd.Function):
-    """Dropout-free DoRA through the fused kernels; `weight` dense (column-scale epilogue) or NF4Weight."""
+    """Dropout-free DoRA through the fused kernels; `weight` dense (column-scale epilogue) or NF4Weight.
+    The eager door (fastft.ops.compiled)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, magnitude, scaling, row_norm):
-        from fastft.kernels.lora_gemm import lora_gemm
-        from fastft.kernels.rank_ops import rank_pad, rank_project
-
-        K = x.shape[-1]
-        N, r = lora_B.shape
-        R = rank_pad(r)
-        dtype = x.dtype
-        x2 = as_rows(x)
-        sigma = (magnitude.detach().float() / row_norm).contiguous()
-        A_p, B_p = padded(lora_A, R, K, dtype), padded(lora_B, N, R, dtype)
-        xs = rank_project(x2, A_p, scale=scaling)
-        nf4 = isinstance(weight, NF4Weight)
-        if nf4:
-            from fastft.kernels.nf4_gemm import nf4_lora_gemm
-
-            z = nf4_lora_gemm(x2, weight.kernel_operand(), xs, B_p, None, w_nk=True)
-            y = z.float() * sigma
-            y = (y if bias is None else y + bias.float()).to(dtype)
-            saved_out = z  # the unscaled output: dm = Σ dy·z / ‖W'‖
-            ctx.qweight, weight_t = weight, None
-        else:
-            y = lora_gemm(x2, weight, xs, B_p, bias, b_nk=True, col_scale=sigma)
-            saved_out = y  # dm = Σ dy·(y − b) / m
-            weight_t = weight
+        y, (x2, A_p, B_p, xs, sigma, saved_out), ctx.meta = dora_forward(x, weight, bias, lora_A, lora_B, magnitude,
+                                                                         scaling, row_norm)
+        nf4 = ctx.meta[3]
+        ctx.qweight, weight_t = (weight, None) if nf4 else (None, weight)
         ctx.save_for_backward(x2, A_p, B_p, xs, sigma, row_norm, magnitude, saved_out, bias, weight_t)
-        ctx.meta = (x.shape, scaling, r, nf4, lora_A.dtype, lora_B.dtype)
-        return y.view(*x.shape[:-1], N)
+        return y
 
     @staticmethod
     def backward(ctx, dy):
-        from fastft.kernels.lora_gemm import lora_gemm
-        from fastft.kernels.rank_ops import rank_project, rank_reduce
-        from fastft.kernels.column_dot import column_dot
-
-        x2, A_p, B_p, xs, sigma, row_norm, magnitude, saved_out, bias, weight = ctx.saved_tensors
-        x_shape, scaling, r, nf4, A_dtype, B_dtype = ctx.meta
+        *saved, weight = ctx.saved_tensors
         need_x, _, need_b, need_A, need_B, need_m = ctx.needs_input_grad[:6]
-        N = B_p.shape[0]
-        dtype = x2.dtype
-        dy2 = dy.reshape(-1, N).to(dtype)
-        if not dy2.is_contiguous():
-            dy2 = dy2.contiguous()
-        dx = db = dA = dB = dm = None
-        if need_x or need_A:
-            B_sigma = (B_p.float() * sigma[:, None]).to(dtype)
-            g = rank_project(dy2, B_sigma.t(), scale=scaling)  # s·dy·diag(σ)·B
-            if need_x:
-                if nf4:
-                    from fastft.kernels.nf4_gemm import nf4_lora_gemm
-
-                    dz = (dy2.float() * sigma).to(dtype)
-                    dx = nf4_lora_gemm(dz, ctx.qweight.kernel_operand(), g, A_p, None, w_nk=False)
-                else:
-                    dx = lora_gemm(dy2, weight, g, A_p, None, b_nk=False, k_scale=sigma)
-                dx = dx.view(x_shape)
-            if need_A:
-                dA = rank_reduce(g, x2)[:r].to(A_dtype)
-        if need_B:
-            dB = (rank_reduce(xs, dy2)[:r].t() * sigma[:, None]).to(B_dtype)
-        if need_m:
-            if nf4:
-                dm = column_dot(dy2, saved_out) / row_norm
-            else:
-                dm = column_dot(dy2, saved_out)
-                if bias is not None:
-                    dm = dm - bias.float() * dy2.sum(0, dtype=torch.float32)
-                m = magnitude.detach().float()
-                dm = torch.where(m != 0, dm / torch.where(m != 0, m, 1.0), 0.0)
-            dm = dm.to(magnitude.dtype)
-        if need_b and bias is not None:
-            db = dy2.sum(0, dtype=torch.float32).to(bias.dtype)
+        dx, db, dA, dB, dm = dora_backward(saved, ctx.meta, ctx.qweight if ctx.meta[3] else weight, dy, need_x,
+                                           need_b, need_A, need_B, need_m)
         return dx, None, db, dA, dB, dm, None, None
+
+
+# The traced doors (fastft.ops.compiled): fastft::dora_row_norm (the Triton row norm, no gradient) and
+# fastft::dora_linear + backward. The weight crosses as compiled_args.weight_args (a dense tensor, or an NF4Weight's
+# inner tensors and fields); the rank-padded factors are padded again in backward from the inputs; on a dense weight
+# the output itself is what backward reads for dm (custom-op outputs cannot alias), so z is returned only for NF4.
+@torch.library.custom_op("fastft::dora_row_norm", mutates_args=())
+def dora_row_norm_op(w_parts: list[torch.Tensor], w_ints: list[int], lora_A: torch.Tensor, lora_B: torch.Tensor,
+                     scaling: float, dtype: torch.dtype) -> torch.Tensor:
+    return dora_row_norm(weight_from_args(w_parts, w_ints), lora_A, lora_B, scaling, dtype, backend="triton")
+
+
+@dora_row_norm_op.register_fake
+def _(w_parts, w_ints, lora_A, lora_B, scaling, dtype):
+    return lora_A.new_empty((lora_B.shape[0],), dtype=torch.float32)
+
+
+@torch.library.custom_op("fastft::dora_linear", mutates_args=())
+def dora_linear_op(x: torch.Tensor, w_parts: list[torch.Tensor], w_ints: list[int], bias: Optional[torch.Tensor],
+                   lora_A: torch.Tensor, lora_B: torch.Tensor, magnitude: torch.Tensor, scaling: float,
+                   row_norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    weight = weight_from_args(w_parts, w_ints)
+    y, (_, _, _, xs, sigma, saved_out), meta = dora_forward(x, weight, bias, lora_A, lora_B, magnitude, scaling,
+                                                            row_norm)
+    return y, xs, sigma, (saved_out if meta[3] else unused(x))
+
+
+@dora_linear_op.register_fake
+def _(x, w_parts, w_ints, bias, lora_A, lora_B, magnitude, scaling, row_norm):
+    from fastft.kernels.rank_ops import rank_pad
+
+    N = lora_B.shape[0]
+    M = x.numel() // x.shape[-1]
+    z = x.new_empty((M, N)) if w_ints else unused(x)
+    return (x.new_empty((*x.shape[:-1], N)), x.new_empty((M, rank_pad(lora_A.shape[0]))),
+            x.new_empty((N,), dtype=torch.float32), z)
+
+
+@torch.library.custom_op("fastft::dora_linear_backward", mutates_args=())
+def dora_linear_backward_op(dy: torch.Tensor, x: torch.Tensor, w_parts: list[torch.Tensor], w_ints: list[int],
+                            bias: Optional[torch.Tensor], lora_A: torch.Tensor, lora_B: torch.Tensor,
+                            magnitude: torch.Tensor, row_norm: torch.Tensor, xs: torch.Tensor, sigma: torch.Tensor,
+                            saved_out: torch.Tensor, scaling: float, need_x: bool, need_b: bool, need_A: bool,
+                            need_B: bool, need_m: bool
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    weight = weight_from_args(w_parts, w_ints)
+    nf4 = isinstance(weight, NF4Weight)
+    saved = (*rank_operands(x, lora_A, lora_B), xs, sigma, row_norm, magnitude,
+             saved_out if nf4 else as_rows(saved_out), bias)
+    meta = (x.shape, scaling, lora_A.shape[0], nf4, lora_A.dtype, lora_B.dtype)
+    grads = dora_backward(saved, meta, weight, dy, need_x, need_b, need_A, need_B, need_m)
+    return tuple(g if g is not None else unused(like) for g, like in zip(grads, (x, dy, lora_A, lora_B, magnitude)))
+
+
+@dora_linear_backward_op.register_fake
+def _(dy, x, w_parts, w_ints, bias, lora_A, lora_B, magnitude, row_norm, xs, sigma, saved_out, scaling, need_x,
+      need_b, need_A, need_B, need_m):
+    db = bias.new_empty(bias.shape) if need_b and bias is not None else unused(dy)
+    dB = lora_B.new_empty(lora_B.shape[::-1]).t() if need_B else unused(lora_B)  # the kernels' layout: Bᵀ rows
+    return fresh_like(x, need_x), db, fresh_like(lora_A, need_A), dB, fresh_like(magnitude, need_m)
+
+
+def _setup_context(ctx, inputs, output):
+    x, w_parts, w_ints, bias, lora_A, lora_B, magnitude, scaling, row_norm = inputs
+    y, xs, sigma, z = output
+    ctx.save_for_backward(x, bias, lora_A, lora_B, magnitude, row_norm, xs, sigma, z if w_ints else y, *w_parts)
+    ctx.meta = (w_ints, scaling)
+
+
+def _backward_op(ctx, dy, _dxs, _dsigma, _dz):
+    x, bias, lora_A, lora_B, magnitude, row_norm, xs, sigma, saved_out, *w_parts = ctx.saved_tensors
+    w_ints, scaling = ctx.meta
+    need = ctx.needs_input_grad
+    needs = (need[0], need[3] and bias is not None, need[4], need[5], need[6])
+    grads = dora_linear_backward_op(dy, x, w_parts, w_ints, bias, lora_A, lora_B, magnitude, row_norm, xs, sigma,
+                                    saved_out, scaling, *needs)
+    dx, db, dA, dB, dm = (needed(g, n) for g, n in zip(grads, needs))
+    # no gradient for the weight's parts; an empty int list is a list to autograd's structure check, others a leaf
+    return dx, [None] * len(w_parts), (None if w_ints else []), db, dA, dB, dm, None, None
+
+
+dora_linear_op.register_autograd(_backward_op, setup_context=_setup_context)
 
 
 def dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p=0.0, *, backend="auto"):
@@ -208,9 +311,11 @@ def dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p=0
     scaling, dropout_p = float(scaling), float(dropout_p)
     backend = resolve_backend("dora_linear", backend, x.device, arg="x")
     row_norm = dora_row_norm(weight, lora_A, lora_B, scaling, dtype=x.dtype, backend=backend)
-    fusable = not isinstance(weight, NF4Weight) or nf4_fused_ok(weight)
+    fusable = not isinstance(weight, NF4Weight) or (nf4_layout_ok(weight) if compiling() else nf4_fused_ok(weight))
     if backend == "torch" or dropout_p > 0.0 or x.numel() == 0 or not fusable:
         return dora_linear_reference(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p,
                                      row_norm=row_norm)
     with torch.autocast(x.device.type, enabled=False):
-        return DoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, magnitude, scaling, row_norm)
+        if not compiling():
+            return DoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, magnitude, scaling, row_norm)
+        return dora_linear_op(x, *weight_args(weight), bias, lora_A, lora_B, magnitude, scaling, row_norm)[0]

@@ -7,15 +7,19 @@ tests compare against, and the CPU path.
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
+from fastft.ops.compiled import compiling, needed, unused
+from fastft.ops.compiled_args import fresh_like, refuse_replayed_dropout, seed_tensor, seed_tensor_like
 from fastft.ops.shared import (BACKENDS, as_rows, autocast_inputs, check, check_backend, draw_seed, padded,
                                resolve_backend)
 from fastft.ops import lora_path
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+SEED_DEVICE = torch.device("cpu")  # dropout seeds come from torch's CPU generator (fastft.ops.shared.draw_seed)
 
 
 def lora_linear_reference(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, *, keep_mask=None):
@@ -54,54 +58,69 @@ def validate_lora_linear_args(x, weight, bias, lora_A, lora_B, scaling, dropout_
                                    "them or run under torch.autocast")
     devices = {t.device for t in (x, weight, lora_A, lora_B) + ((bias,) if bias is not None else ())}
     check(len(devices) == 1, f"lora_linear: all tensors must be on one device, got {sorted(map(str, devices))}")
-    check(isinstance(scaling, (int, float)) and math.isfinite(scaling),
-          f"lora_linear: `scaling` must be a finite number, got {scaling!r}")
-    check(isinstance(dropout_p, (int, float)) and 0.0 <= dropout_p < 1.0,
-          f"lora_linear: `dropout_p` must be in [0, 1), got {dropout_p!r}")
+    # messages built only on failure: dynamo cannot format a float while it traces with dynamic=True
+    if not (isinstance(scaling, (int, float)) and math.isfinite(scaling)):
+        raise ValueError(f"lora_linear: `scaling` must be a finite number, got {scaling!r}")
+    if not (isinstance(dropout_p, (int, float)) and 0.0 <= dropout_p < 1.0):
+        raise ValueError(f"lora_linear: `dropout_p` must be in [0, 1), got {dropout_p!r}")
 
 
-def fused_lora_forward(ctx, x, bias, lora_A, lora_B, scaling, dropout_p, base_gemm, extra=(), fold_gemm=None):
-    """The forward every fused LoRA op shares: xs = c·(keep∘x)·Aᵀ, then `base_gemm(x2, xs, B_p, bias)`, the
-    op's base GEMM with the rank tail (dense W for lora_linear, NF4 W for qlora_linear). Saves for
-    fused_lora_backward through ctx.save_for_backward (so checkpointing and offload hooks see the tensors),
-    with `extra` tensors appended; returns y.
-
-    fold_gemm(x2, A_p, B_p, bias, coef) -> (y, xs), when given: the GEMM that computes xs in its own K loop
-    (fastft.ops.lora_path's fold path), used instead of the skinny pass + base_gemm when there is no dropout."""
-    from fastft.kernels import rank_ops
+def rank_operands(x, lora_A, lora_B):
+    """(x2, A_p, B_p): x as rows and the rank-padded factors in x's dtype (the factors themselves when nothing
+    changes). Not cached across calls: torch.optim.AdamW(fused=True) (torch 2.13) and writes through .data update
+    parameters in place without bumping their _version, so no cheap key says a cached copy is stale
+    (tests/test_lora_fold.py)."""
+    from fastft.kernels.rank_ops import rank_pad
 
     K = x.shape[-1]
     N, r = lora_B.shape
-    R = rank_ops.rank_pad(r)
-    dtype = x.dtype
-    x2 = as_rows(x)
-    seed = draw_seed() if dropout_p > 0.0 else 0
-    coef = scaling / (1.0 - dropout_p)
-    # Rank-padded copies in x's dtype (the factors themselves when nothing changes), kept for backward so it
-    # does not pad and cast them again. Not cached across calls: torch.optim.AdamW(fused=True) (torch 2.13) and
-    # writes through .data update parameters in place without bumping their _version, so no cheap key says a
-    # cached copy is stale (tests/test_lora_fold.py).
-    A_p, B_p = padded(lora_A, R, K, dtype), padded(lora_B, N, R, dtype)
+    R = rank_pad(r)
+    return as_rows(x), padded(lora_A, R, K, x.dtype), padded(lora_B, N, R, x.dtype)
+
+
+def lora_meta(x, bias, lora_A, lora_B, scaling, dropout_p, seed) -> tuple:
+    """What fused_lora_backward needs besides the saved tensors: Python metadata of the call."""
+    return (x.shape, scaling / (1.0 - dropout_p), dropout_p, seed, None if bias is None else bias.dtype,
+            lora_B.shape[1], lora_A.dtype, lora_B.dtype)
+
+
+def fused_lora_forward(x, bias, lora_A, lora_B, scaling, dropout_p, base_gemm, fold_gemm=None, seed=None):
+    """The forward every fused LoRA op shares: xs = c·(keep∘x)·Aᵀ, then `base_gemm(x2, xs, B_p, bias)`, the
+    op's base GEMM with the rank tail (dense W for lora_linear, NF4 W for qlora_linear).
+    Returns (y, saved, meta): saved = (x2, A_p, B_p, xs) and meta (lora_meta) are what fused_lora_backward takes
+    (the eager Function saves them through ctx.save_for_backward, so checkpointing and offload hooks see them).
+
+    fold_gemm(x2, A_p, B_p, bias, coef) -> (y, xs), when given: the GEMM that computes xs in its own K loop
+    (fastft.ops.lora_path's fold path), used instead of the skinny pass + base_gemm when there is no dropout.
+    seed: the dropout seed when the caller drew it (the traced door), else drawn here."""
+    from fastft.kernels import rank_ops
+
+    N = lora_B.shape[0]
+    if seed is None:
+        seed = draw_seed() if dropout_p > 0.0 else 0
+    meta = lora_meta(x, bias, lora_A, lora_B, scaling, dropout_p, seed)
+    coef = meta[1]
+    # Rank-padded copies kept for backward so it does not pad and cast them again (rank_operands).
+    x2, A_p, B_p = rank_operands(x, lora_A, lora_B)
     if fold_gemm is not None and dropout_p == 0.0:
         y, xs = fold_gemm(x2, A_p, B_p, bias, coef)
     else:
         xs = rank_ops.rank_project(x2, A_p, scale=coef, p_drop=dropout_p, seed=seed)
         y = base_gemm(x2, xs, B_p, bias)
-    ctx.save_for_backward(x2, A_p, B_p, xs, *extra)
-    ctx.meta = (x.shape, coef, dropout_p, seed, None if bias is None else bias.dtype, r, lora_A.dtype, lora_B.dtype)
-    return y.view(*x.shape[:-1], N)
+    return y.view(*x.shape[:-1], N), (x2, A_p, B_p, xs), meta
 
 
-def fused_lora_backward(ctx, dy, dx_gemm, need_x, need_b, need_A, need_B, dx_fold_gemm=None):
-    """(x2, dy2, dx, db, dA, dB) from dy; `dx_gemm(dy2, g, A_p, p_drop, seed)` is the op's dx GEMM with the tail.
+def fused_lora_backward(saved, meta, dy, dx_gemm, need_x, need_b, need_A, need_B, dx_fold_gemm=None):
+    """(x2, dy2, dx, db, dA, dB) from dy, with fused_lora_forward's `saved` (x2, A_p, B_p, xs) and `meta`;
+    `dx_gemm(dy2, g, A_p, p_drop, seed)` is the op's dx GEMM with the tail.
 
     dx_fold_gemm(dy2, B_p, A_p, coef, p_drop, seed) -> (dx, g), when given: the dx GEMM that computes g = c·dy·B in
     its own loop over dy (the fold path), used instead of the skinny pass + dx_gemm when dx is needed; dA and dB
     then come from one launch (rank_reduce_pair)."""
     from fastft.kernels import rank_ops
 
-    x2, A_p, B_p, xs = ctx.saved_tensors[:4]
-    x_shape, coef, dropout_p, seed, bias_dtype, r, A_dtype, B_dtype = ctx.meta
+    x2, A_p, B_p, xs = saved
+    x_shape, coef, dropout_p, seed, bias_dtype, r, A_dtype, B_dtype = meta
     N = B_p.shape[0]
     dtype = x2.dtype
     dy2 = dy.reshape(x2.shape[0], N).to(dtype)  # not (-1, N): N may be 0
@@ -127,37 +146,138 @@ def fused_lora_backward(ctx, dy, dx_gemm, need_x, need_b, need_A, need_B, dx_fol
     return x2, dy2, dx, db, dA, dB
 
 
+def _folds(direction, x, weight, lora_A, dropout_p) -> bool:
+    """Whether `direction` of this call takes the fold path (fastft.ops.lora_path)."""
+    from fastft.kernels.rank_ops import rank_pad
+
+    N, K = weight.shape
+    M, R = x.numel() // K, rank_pad(lora_A.shape[0])
+    return lora_path.choose(direction, M, K, N, R, x.dtype, dropout=dropout_p > 0.0) == "fold"
+
+
+def lora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed=None):
+    """Both doors' forward (fastft.ops.compiled): (y, saved, meta, fold_backward), the split/fold path chosen
+    here per direction (fastft.ops.lora_path); seed as fused_lora_forward."""
+    from fastft.kernels.lora_gemm import lora_gemm, lora_gemm_folded
+
+    fold_fwd = _folds("forward", x, weight, lora_A, dropout_p)
+    fold_backward = _folds("backward", x, weight, lora_A, dropout_p)
+    y, saved, meta = fused_lora_forward(
+        x, bias, lora_A, lora_B, scaling, dropout_p,
+        lambda x2, xs, B_p, b: lora_gemm(x2, weight, xs, B_p, b, b_nk=True),
+        fold_gemm=(lambda x2, A_p, B_p, b, coef: lora_gemm_folded(x2, weight, A_p, B_p, b, b_nk=True,
+                                                                  scale=coef)) if fold_fwd else None, seed=seed)
+    return y, saved, meta, fold_backward
+
+
+def lora_backward(saved, meta, fold_backward, weight, dy, need_x, need_w, need_b, need_A, need_B):
+    """Both doors' backward: (dx, dW, db, dA, dB), None where not needed."""
+    from fastft.kernels.lora_gemm import lora_gemm, lora_gemm_folded
+
+    x2, dy2, dx, db, dA, dB = fused_lora_backward(
+        saved, meta, dy, lambda dy2, g, A_p, p, seed: lora_gemm(dy2, weight, g, A_p, None, b_nk=False,
+                                                                p_drop=p, seed=seed),
+        need_x, need_b, need_A, need_B,
+        dx_fold_gemm=(lambda dy2, B_p, A_p, coef, p, seed: lora_gemm_folded(
+            dy2, weight, B_p, A_p, None, b_nk=False, scale=coef, p_drop=p, seed=seed))
+        if fold_backward else None)
+    dW = (dy2.t() @ x2).to(weight.dtype) if need_w else None
+    return dx, dW, db, dA, dB
+
+
 class LoRALinearFunction(torch.autograd.Function):
+    """The eager door (fastft.ops.compiled)."""
+
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p):
-        from fastft.kernels.lora_gemm import lora_gemm, lora_gemm_folded
-        from fastft.kernels.rank_ops import rank_pad
-
-        N, K = weight.shape
-        M, R = x.numel() // K, rank_pad(lora_A.shape[0])
-        fold_fwd = lora_path.choose("forward", M, K, N, R, x.dtype, dropout=dropout_p > 0.0) == "fold"
-        ctx.fold_backward = lora_path.choose("backward", M, K, N, R, x.dtype) == "fold"
-        return fused_lora_forward(
-            ctx, x, bias, lora_A, lora_B, scaling, dropout_p,
-            lambda x2, xs, B_p, b: lora_gemm(x2, weight, xs, B_p, b, b_nk=True), extra=(weight,),
-            fold_gemm=(lambda x2, A_p, B_p, b, coef: lora_gemm_folded(x2, weight, A_p, B_p, b, b_nk=True,
-                                                                      scale=coef)) if fold_fwd else None)
+        y, saved, ctx.meta, ctx.fold_backward = lora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
+        ctx.save_for_backward(*saved, weight)
+        return y
 
     @staticmethod
     def backward(ctx, dy):
-        from fastft.kernels.lora_gemm import lora_gemm, lora_gemm_folded
+        saved = ctx.saved_tensors
+        return (*lora_backward(saved[:4], ctx.meta, ctx.fold_backward, saved[4], dy, *ctx.needs_input_grad[:5]),
+                None, None)
 
-        weight = ctx.saved_tensors[4]
-        need_x, need_w, need_b, need_A, need_B = ctx.needs_input_grad[:5]
-        x2, dy2, dx, db, dA, dB = fused_lora_backward(
-            ctx, dy, lambda dy2, g, A_p, p, seed: lora_gemm(dy2, weight, g, A_p, None, b_nk=False,
-                                                            p_drop=p, seed=seed),
-            need_x, need_b, need_A, need_B,
-            dx_fold_gemm=(lambda dy2, B_p, A_p, coef, p, seed: lora_gemm_folded(
-                dy2, weight, B_p, A_p, None, b_nk=False, scale=coef, p_drop=p, seed=seed))
-            if ctx.fold_backward else None)
-        dW = (dy2.t() @ x2).to(weight.dtype) if need_w else None
-        return dx, dW, db, dA, dB, None, None
+
+# The traced door (fastft.ops.compiled): fastft::draw_seed, then fastft::lora_linear and its backward as custom ops.
+# With dropout the seed is drawn at run time by its own op, in its body, from the generator eager draws from (the same
+# draws in the same order as eager), and handed to the forward and backward ops as an int64 CPU tensor: the forward op
+# is then a function of its inputs, so activation checkpointing may recompute it (the draw op is tagged random: the
+# partitioner saves its value or replays it under the saved CPU generator state). The rank-padded factors are padded
+# again in backward from the inputs (a custom op cannot return its inputs).
+@torch.library.custom_op("fastft::draw_seed", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
+def draw_seed_op(*, device: torch.device) -> torch.Tensor:
+    """device: the generator's, always the CPU (a keyword: where the partitioner looks to save and restore the
+    generator's state when it replays the op)."""
+    return seed_tensor(draw_seed())
+
+
+@draw_seed_op.register_fake
+def _(*, device):
+    return seed_tensor_like()
+
+
+def seed_int(op: str, seed: Optional[torch.Tensor], dropout_p: float) -> int:
+    """The drawn seed as the bodies take it (0 without dropout)."""
+    check(seed is not None or dropout_p == 0.0, f"{op}: dropout_p > 0 needs the seed from fastft::draw_seed")
+    return 0 if seed is None else int(seed)
+
+
+@torch.library.custom_op("fastft::lora_linear", mutates_args=())
+def lora_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_A: torch.Tensor,
+                   lora_B: torch.Tensor, seed: Optional[torch.Tensor], scaling: float, dropout_p: float
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    refuse_replayed_dropout("lora_linear", dropout_p, x.device)
+    seed = seed_int("lora_linear", seed, dropout_p)
+    y, saved, _, _ = lora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+    return y, saved[3]
+
+
+@lora_linear_op.register_fake
+def _(x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p):
+    from fastft.kernels.rank_ops import rank_pad
+
+    M = x.numel() // x.shape[-1]
+    return x.new_empty((*x.shape[:-1], weight.shape[0])), x.new_empty((M, rank_pad(lora_A.shape[0])))
+
+
+@torch.library.custom_op("fastft::lora_linear_backward", mutates_args=())
+def lora_linear_backward_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                            lora_A: torch.Tensor, lora_B: torch.Tensor, xs: torch.Tensor,
+                            seed: Optional[torch.Tensor], scaling: float, dropout_p: float, need_x: bool,
+                            need_w: bool, need_b: bool, need_A: bool, need_B: bool
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    fold_backward = _folds("backward", x, weight, lora_A, dropout_p)  # as the forward chose it
+    saved = (*rank_operands(x, lora_A, lora_B), xs)
+    meta = lora_meta(x, bias, lora_A, lora_B, scaling, dropout_p, seed_int("lora_linear", seed, dropout_p))
+    grads = lora_backward(saved, meta, fold_backward, weight, dy, need_x, need_w, need_b, need_A, need_B)
+    return tuple(g if g is not None else unused(like) for g, like in zip(grads, (x, weight, dy, lora_A, lora_B)))
+
+
+@lora_linear_backward_op.register_fake
+def _(dy, x, weight, bias, lora_A, lora_B, xs, seed, scaling, dropout_p, need_x, need_w, need_b, need_A, need_B):
+    dB = lora_B.new_empty(lora_B.shape[::-1]).t() if need_B else unused(lora_B)  # the kernels' layout: Bᵀ rows
+    db = bias.new_empty(bias.shape) if need_b and bias is not None else unused(dy)
+    return fresh_like(x, need_x), fresh_like(weight, need_w), db, fresh_like(lora_A, need_A), dB
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p = inputs
+    ctx.save_for_backward(x, weight, bias, lora_A, lora_B, output[1], seed)
+    ctx.meta = (scaling, dropout_p)
+
+
+def _backward_op(ctx, dy, _dxs):
+    x, weight, bias, lora_A, lora_B, xs, seed = ctx.saved_tensors
+    needs = ctx.needs_input_grad[:5]
+    needs = (needs[0], needs[1], needs[2] and bias is not None, needs[3], needs[4])
+    grads = lora_linear_backward_op(dy, x, weight, bias, lora_A, lora_B, xs, seed, *ctx.meta, *needs)
+    return (*(needed(g, n) for g, n in zip(grads, needs)), None, None, None)
+
+
+lora_linear_op.register_autograd(_backward_op, setup_context=_setup_context)
 
 
 def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, *, backend="auto"):
@@ -182,4 +302,7 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, *, back
     if backend == "torch" or x.numel() == 0 or weight.shape[0] == 0:  # empty y: nothing for the kernels to do
         return lora_linear_reference(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
     with torch.autocast(x.device.type, enabled=False):
-        return LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
+        if not compiling():
+            return LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
+        seed = draw_seed_op(device=SEED_DEVICE) if dropout_p > 0.0 else None
+        return lora_linear_op(x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p)[0]

@@ -15,13 +15,17 @@ dequantize-then-dense path on CUDA too. No weight gradient: W is frozen.
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from fastft.ops import qlora_path
+from fastft.ops.compiled import compiling, needed, unused
+from fastft.ops.compiled_args import fresh_like, nf4_args, nf4_from_args, nf4_layout_ok, refuse_replayed_dropout
 from fastft.ops.qlora_path import release_dequant_scratch  # noqa: F401 - public here too
-from fastft.ops.lora import fused_lora_backward, fused_lora_forward, lora_linear_reference
+from fastft.ops.lora import (SEED_DEVICE, draw_seed_op, fused_lora_backward, fused_lora_forward,
+                             lora_linear_reference, lora_meta, rank_operands, seed_int)
 from fastft.ops.shared import as_rows, autocast_inputs, check, nf4_fused_ok, resolve_backend
 from fastft.quant.nf4_weight import NF4Weight
 
@@ -76,30 +80,44 @@ def validate_qlora_linear_args(x, qweight, bias, lora_A, lora_B, scaling, dropou
     r = lora_A.shape[0]
     check(tuple(lora_B.shape) == (N, r), f"{op}: `lora_B` must have shape ({N}, {r}) to match `qweight` and "
                                          f"`lora_A`, got {tuple(lora_B.shape)}")
-    check(isinstance(scaling, (int, float)) and math.isfinite(scaling),
-          f"{op}: `scaling` must be a finite number, got {scaling!r}")
-    check(isinstance(dropout_p, (int, float)) and 0.0 <= dropout_p < 1.0,
-          f"{op}: `dropout_p` must be in [0, 1), got {dropout_p!r}")
+    # messages built only on failure: dynamo cannot format a float while it traces with dynamic=True
+    if not (isinstance(scaling, (int, float)) and math.isfinite(scaling)):
+        raise ValueError(f"{op}: `scaling` must be a finite number, got {scaling!r}")
+    if not (isinstance(dropout_p, (int, float)) and 0.0 <= dropout_p < 1.0):
+        raise ValueError(f"{op}: `dropout_p` must be in [0, 1), got {dropout_p!r}")
+
+
+def qlora_forward(x, qweight, bias, lora_A, lora_B, scaling, dropout_p, seed=None):
+    """Both doors' forward (fastft.ops.compiled): (y, saved, meta) as fused_lora_forward."""
+    return fused_lora_forward(x, bias, lora_A, lora_B, scaling, dropout_p,
+                              lambda x2, xs, B_p, b: _base_gemm(qweight, x2, xs, B_p, b, forward=True), seed=seed)
+
+
+def qlora_backward(saved, meta, qweight, dy, need_x, need_b, need_A, need_B):
+    """Both doors' backward: (dx, db, dA, dB), None where not needed."""
+    _, _, dx, db, dA, dB = fused_lora_backward(
+        saved, meta, dy, lambda dy2, g, A_p, p, seed: _base_gemm(qweight, dy2, g, A_p, None, forward=False,
+                                                                 p_drop=p, seed=seed),
+        need_x, need_b, need_A, need_B)
+    return dx, db, dA, dB
 
 
 class QLoRALinearFunction(torch.autograd.Function):
     """lora_linear's fused forward/backward with an NF4 base GEMM (no weight gradient): per shape the in-register
     NF4 GEMM or the shared-scratch dequantize + dense LoRA GEMM, whichever measured faster (fastft.ops.qlora_path).
-    """
+    The eager door (fastft.ops.compiled)."""
 
     @staticmethod
     def forward(ctx, x, qweight, bias, lora_A, lora_B, scaling, dropout_p):
         ctx.qweight = qweight
-        return fused_lora_forward(ctx, x, bias, lora_A, lora_B, scaling, dropout_p,
-                                  lambda x2, xs, B_p, b: _base_gemm(qweight, x2, xs, B_p, b, forward=True))
+        y, saved, ctx.meta = qlora_forward(x, qweight, bias, lora_A, lora_B, scaling, dropout_p)
+        ctx.save_for_backward(*saved)
+        return y
 
     @staticmethod
     def backward(ctx, dy):
         need_x, _, need_b, need_A, need_B = ctx.needs_input_grad[:5]
-        _, _, dx, db, dA, dB = fused_lora_backward(
-            ctx, dy, lambda dy2, g, A_p, p, seed: _base_gemm(ctx.qweight, dy2, g, A_p, None, forward=False,
-                                                             p_drop=p, seed=seed),
-            need_x, need_b, need_A, need_B)
+        dx, db, dA, dB = qlora_backward(ctx.saved_tensors, ctx.meta, ctx.qweight, dy, need_x, need_b, need_A, need_B)
         return dx, None, db, dA, dB, None, None
 
 
@@ -124,33 +142,149 @@ def _base_gemm(qweight, a, lo, t, bias, *, forward: bool, p_drop: float = 0.0, s
     return qlora_path.select(key, run, fused_ok=nf4_fused_ok(qweight))
 
 
+def nf4_forward(x, qweight, bias):
+    """Both doors' forward of nf4_linear: y."""
+    from fastft.kernels import nf4_cuda
+
+    N = qweight.shape[0]
+    x2 = as_rows(x)
+    w = qweight.kernel_operand()
+    if nf4_cuda.supported(x2, w):  # decode: 1–16 tokens
+        y = nf4_cuda.nf4_gemv(x2, w, bias)
+    else:
+        y = _base_gemm(qweight, x2, None, None, bias, forward=True)
+    return y.view(*x.shape[:-1], N)
+
+
+def nf4_backward(qweight, dy, x_shape, bias_dtype, need_x, need_b):
+    """Both doors' backward of nf4_linear: (dx, db), None where not needed."""
+    N = qweight.shape[0]
+    dy2 = dy.reshape(-1, N).contiguous()
+    dx = db = None
+    if need_x:
+        dx = _base_gemm(qweight, dy2, None, None, None, forward=False).view(x_shape)
+    if need_b and bias_dtype is not None:
+        db = dy2.sum(0, dtype=torch.float32).to(bias_dtype)
+    return dx, db
+
+
 class NF4LinearFunction(torch.autograd.Function):
+    """The eager door (fastft.ops.compiled)."""
+
     @staticmethod
     def forward(ctx, x, qweight, bias):
-        from fastft.kernels import nf4_cuda
-
-        N = qweight.shape[0]
-        x2 = as_rows(x)
-        w = qweight.kernel_operand()
-        if nf4_cuda.supported(x2, w):  # decode: 1–16 tokens
-            y = nf4_cuda.nf4_gemv(x2, w, bias)
-        else:
-            y = _base_gemm(qweight, x2, None, None, bias, forward=True)
         ctx.qweight = qweight
         ctx.meta = (x.shape, None if bias is None else bias.dtype)
-        return y.view(*x.shape[:-1], N)
+        return nf4_forward(x, qweight, bias)
 
     @staticmethod
     def backward(ctx, dy):
-        x_shape, bias_dtype = ctx.meta
-        N = ctx.qweight.shape[0]
-        dy2 = dy.reshape(-1, N).contiguous()
-        dx = db = None
-        if ctx.needs_input_grad[0]:
-            dx = _base_gemm(ctx.qweight, dy2, None, None, None, forward=False).view(x_shape)
-        if ctx.needs_input_grad[2] and bias_dtype is not None:
-            db = dy2.sum(0, dtype=torch.float32).to(bias_dtype)
+        dx, db = nf4_backward(ctx.qweight, dy, *ctx.meta, ctx.needs_input_grad[0], ctx.needs_input_grad[2])
         return dx, None, db
+
+
+# The traced doors: fastft::qlora_linear, fastft::nf4_linear and their backwards as custom ops
+# (fastft.ops.compiled). The NF4Weight crosses as its inner tensors and fields (compiled_args.nf4_args); the
+# rank-padded factors are padded again in backward from the inputs; the dropout seed comes from fastft::draw_seed as
+# for lora_linear (fastft.ops.lora).
+@torch.library.custom_op("fastft::qlora_linear", mutates_args=())
+def qlora_linear_op(x: torch.Tensor, w_parts: list[torch.Tensor], w_ints: list[int], bias: Optional[torch.Tensor],
+                    lora_A: torch.Tensor, lora_B: torch.Tensor, seed: Optional[torch.Tensor], scaling: float,
+                    dropout_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    refuse_replayed_dropout("qlora_linear", dropout_p, x.device)
+    y, saved, _ = qlora_forward(x, nf4_from_args(w_parts, w_ints), bias, lora_A, lora_B, scaling, dropout_p,
+                                seed_int("qlora_linear", seed, dropout_p))
+    return y, saved[3]
+
+
+@qlora_linear_op.register_fake
+def _(x, w_parts, w_ints, bias, lora_A, lora_B, seed, scaling, dropout_p):
+    from fastft.kernels.rank_ops import rank_pad
+
+    M = x.numel() // x.shape[-1]
+    return x.new_empty((*x.shape[:-1], w_ints[0])), x.new_empty((M, rank_pad(lora_A.shape[0])))
+
+
+@torch.library.custom_op("fastft::qlora_linear_backward", mutates_args=())
+def qlora_linear_backward_op(dy: torch.Tensor, x: torch.Tensor, w_parts: list[torch.Tensor], w_ints: list[int],
+                             bias: Optional[torch.Tensor], lora_A: torch.Tensor, lora_B: torch.Tensor,
+                             xs: torch.Tensor, seed: Optional[torch.Tensor], scaling: float, dropout_p: float,
+                             need_x: bool, need_b: bool, need_A: bool, need_B: bool
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    saved = (*rank_operands(x, lora_A, lora_B), xs)
+    meta = lora_meta(x, bias, lora_A, lora_B, scaling, dropout_p, seed_int("qlora_linear", seed, dropout_p))
+    grads = qlora_backward(saved, meta, nf4_from_args(w_parts, w_ints), dy, need_x, need_b, need_A, need_B)
+    return tuple(g if g is not None else unused(like) for g, like in zip(grads, (x, dy, lora_A, lora_B)))
+
+
+@qlora_linear_backward_op.register_fake
+def _(dy, x, w_parts, w_ints, bias, lora_A, lora_B, xs, seed, scaling, dropout_p, need_x, need_b, need_A, need_B):
+    dB = lora_B.new_empty(lora_B.shape[::-1]).t() if need_B else unused(lora_B)  # the kernels' layout: Bᵀ rows
+    db = bias.new_empty(bias.shape) if need_b and bias is not None else unused(dy)
+    return fresh_like(x, need_x), db, fresh_like(lora_A, need_A), dB
+
+
+def _qlora_setup_context(ctx, inputs, output):
+    x, w_parts, w_ints, bias, lora_A, lora_B, seed, scaling, dropout_p = inputs
+    ctx.save_for_backward(x, bias, lora_A, lora_B, output[1], seed, *w_parts)
+    ctx.meta = (w_ints, scaling, dropout_p)
+
+
+def _qlora_backward_op(ctx, dy, _dxs):
+    x, bias, lora_A, lora_B, xs, seed, *w_parts = ctx.saved_tensors
+    w_ints, scaling, dropout_p = ctx.meta
+    need = ctx.needs_input_grad
+    needs = (need[0], need[3] and bias is not None, need[4], need[5])
+    dx, db, dA, dB = qlora_linear_backward_op(dy, x, w_parts, w_ints, bias, lora_A, lora_B, xs, seed, scaling,
+                                              dropout_p, *needs)
+    dx, db, dA, dB = (needed(g, n) for g, n in zip((dx, db, dA, dB), needs))
+    return dx, [None] * len(w_parts), None, db, dA, dB, None, None, None
+
+
+qlora_linear_op.register_autograd(_qlora_backward_op, setup_context=_qlora_setup_context)
+
+
+@torch.library.custom_op("fastft::nf4_linear", mutates_args=())
+def nf4_linear_op(x: torch.Tensor, w_parts: list[torch.Tensor], w_ints: list[int],
+                  bias: Optional[torch.Tensor]) -> torch.Tensor:
+    return nf4_forward(x, nf4_from_args(w_parts, w_ints), bias)
+
+
+@nf4_linear_op.register_fake
+def _(x, w_parts, w_ints, bias):
+    return x.new_empty((*x.shape[:-1], w_ints[0]))
+
+
+@torch.library.custom_op("fastft::nf4_linear_backward", mutates_args=())
+def nf4_linear_backward_op(dy: torch.Tensor, w_parts: list[torch.Tensor], w_ints: list[int],
+                           bias: Optional[torch.Tensor], need_x: bool, need_b: bool
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    x_shape = (*dy.shape[:-1], w_ints[1])
+    dx, db = nf4_backward(nf4_from_args(w_parts, w_ints), dy, x_shape, None if bias is None else bias.dtype,
+                          need_x, need_b)
+    return (dx if dx is not None else unused(dy)), (db if db is not None else unused(dy))
+
+
+@nf4_linear_backward_op.register_fake
+def _(dy, w_parts, w_ints, bias, need_x, need_b):
+    dx = dy.new_empty((*dy.shape[:-1], w_ints[1])) if need_x else unused(dy)
+    return dx, (bias.new_empty(bias.shape) if need_b and bias is not None else unused(dy))
+
+
+def _nf4_setup_context(ctx, inputs, output):
+    x, w_parts, w_ints, bias = inputs
+    ctx.save_for_backward(bias, *w_parts)
+    ctx.meta = w_ints
+
+
+def _nf4_backward_op(ctx, dy):
+    bias, *w_parts = ctx.saved_tensors
+    need_x, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[3] and bias is not None
+    dx, db = nf4_linear_backward_op(dy, w_parts, ctx.meta, bias, need_x, need_b)
+    return needed(dx, need_x), [None] * len(w_parts), None, needed(db, need_b)
+
+
+nf4_linear_op.register_autograd(_nf4_backward_op, setup_context=_nf4_setup_context)
 
 
 def qlora_linear(x, qweight, bias, lora_A, lora_B, scaling, dropout_p=0.0, *, backend="auto"):
@@ -171,7 +305,10 @@ def qlora_linear(x, qweight, bias, lora_A, lora_B, scaling, dropout_p=0.0, *, ba
     if backend == "torch" or x.numel() == 0:
         return qlora_linear_reference(x, qweight, bias, lora_A, lora_B, scaling, dropout_p)
     with torch.autocast(x.device.type, enabled=False):
-        return QLoRALinearFunction.apply(x, qweight, bias, lora_A, lora_B, scaling, dropout_p)
+        if not compiling():
+            return QLoRALinearFunction.apply(x, qweight, bias, lora_A, lora_B, scaling, dropout_p)
+        seed = draw_seed_op(device=SEED_DEVICE) if dropout_p > 0.0 else None
+        return qlora_linear_op(x, *nf4_args(qweight), bias, lora_A, lora_B, seed, scaling, dropout_p)[0]
 
 
 def nf4_linear(x, qweight, bias=None, *, backend="auto"):
@@ -179,7 +316,9 @@ def nf4_linear(x, qweight, bias=None, *, backend="auto"):
     (x,) = autocast_inputs(x)
     _validate_base("nf4_linear", x, qweight, bias)
     backend = resolve_backend("nf4_linear", backend, x.device, arg="x")
-    if backend == "torch" or x.numel() == 0 or not nf4_fused_ok(qweight):
+    if backend == "torch" or x.numel() == 0 or not (nf4_layout_ok(qweight) if compiling() else nf4_fused_ok(qweight)):
         return nf4_linear_reference(x, qweight, bias)
     with torch.autocast(x.device.type, enabled=False):
-        return NF4LinearFunction.apply(x, qweight, bias)
+        if not compiling():
+            return NF4LinearFunction.apply(x, qweight, bias)
+        return nf4_linear_op(x, *nf4_args(qweight), bias)

@@ -1,0 +1,108 @@
+"""What the fused ops' custom ops (fastft.ops.compiled) share beyond fastft.ops.compiled itself: the dropout seed as
+a tensor, the CUDA-graph refusal for dropout, fake gradients, and an NF4Weight passed as its inner tensors.
+
+A custom op takes tensors, numbers, bools and strings only, so an NF4Weight (a tensor subclass) crosses the
+boundary as `nf4_args(w)`: its inner tensors (the nested offset a 0-d tensor, so graphs do not specialise on each
+layer's) and its integer fields; the body rebuilds an NF4Weight around the same tensors with `nf4_from_args`.
+"""
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+from fastft.ops.compiled import capturing, unused
+from fastft.quant import nf4_format as fmt
+
+
+def seed_tensor(seed: int) -> torch.Tensor:
+    """A dropout seed drawn in a custom op's body, as the output that carries it to backward (CPU: no sync)."""
+    return torch.tensor(seed, dtype=torch.int64)
+
+
+def seed_tensor_like() -> torch.Tensor:
+    """seed_tensor's fake."""
+    return torch.empty((), dtype=torch.int64, device="cpu")
+
+
+def refuse_replayed_dropout(op: str, dropout_p: float, device: torch.device) -> None:
+    """A CUDA graph would replay the host-drawn seed unchanged: the same dropout mask every step."""
+    if dropout_p > 0.0 and capturing(device):
+        raise ValueError(f"{op}: dropout_p={dropout_p} cannot run inside a CUDA graph capture (torch.compile "
+                         "mode='reduce-overhead' or torch.cuda.graph): its seed is drawn on the host and would be "
+                         "replayed unchanged, the same mask every step. Use dropout 0 (e.g. lora_dropout=0.0) or "
+                         "compile without CUDA graphs (mode='default' or 'max-autotune-no-cudagraphs')")
+
+
+def fresh_like(t: torch.Tensor, wanted: bool) -> torch.Tensor:
+    """A fake gradient shaped like t (contiguous), or the placeholder when it is not computed."""
+    return t.new_empty(t.shape) if wanted else unused(t)
+
+
+# ----------------------------------------------------------------------------------------------
+# NF4Weight across the custom-op boundary
+
+def nf4_args(w) -> tuple[list[torch.Tensor], list[int]]:
+    """(tensors, ints) for a custom op: [packed, absmax, code] (+ [absmax2, code2, nested_offset] with double
+    quantization) and [rows, cols, blocksize, nested_blocksize, dtype index]."""
+    tensors = [w.packed, w.absmax, w.code]
+    if w.double_quant:
+        tensors += [w.absmax2, w.code2, w.nested_offset]
+    rows, cols = w.shape
+    return tensors, [rows, cols, w.blocksize, w.nested_blocksize, fmt.FLOAT_DTYPES.index(w.dtype)]
+
+
+_OFFSETS: dict[int, tuple] = {}  # id(nested_offset) -> (weakref, _version, float): the value read once per tensor
+
+
+def _offset_value(t: torch.Tensor) -> float:
+    """float(t), read from the device once per tensor and version (a read is a host sync)."""
+    hit = _OFFSETS.get(id(t))
+    if hit is not None and hit[0]() is t and hit[1] == t._version:
+        return hit[2]
+    value = float(t)
+    _OFFSETS[id(t)] = (weakref.ref(t, lambda _, key=id(t): _OFFSETS.pop(key, None)), t._version, value)
+    return value
+
+
+def nf4_from_args(tensors: list[torch.Tensor], ints: list[int]):
+    """The NF4Weight nf4_args took apart, around the same tensors. While a CUDA graph is captured the nested
+    scales are decoded to fp32 on the device instead (the offset cannot be read to the host there), the same
+    values the kernels decode."""
+    from fastft.quant.nf4_weight import NF4Weight
+
+    rows, cols, blocksize, nested_blocksize, dtype_index = ints
+    packed, absmax, code = tensors[:3]
+    dtype = fmt.FLOAT_DTYPES[dtype_index]
+    if len(tensors) == 3:
+        return NF4Weight(packed, absmax, (rows, cols), dtype, blocksize, code=code)
+    absmax2, code2, offset = tensors[3:]
+    if capturing(packed.device):
+        scales = fmt.dequantize_blockwise8_torch(absmax, absmax2, code2, offset, nested_blocksize)
+        return NF4Weight(packed, scales, (rows, cols), dtype, blocksize, code=code)
+    w = NF4Weight(packed, absmax, (rows, cols), dtype, blocksize, absmax2=absmax2, code2=code2, offset=offset,
+                  nested_blocksize=nested_blocksize, code=code)
+    w._offset_cache = (offset._version, _offset_value(offset))
+    return w
+
+
+def nf4_layout_ok(w) -> bool:
+    """fastft.ops.shared.nf4_fused_ok without reading the nested offset (a device read that dynamo cannot trace):
+    the layout rule needs only the shape, blocksize and byte count."""
+    from fastft.kernels.nf4_gemm import NF4Operand, fused_supported
+
+    rows, cols = w.shape
+    return fused_supported(NF4Operand(w.packed, w.absmax, w.absmax2, w.code2, 0.0, w.nested_blocksize, w.code,
+                                      w.blocksize, rows, cols))
+
+
+def weight_args(w) -> tuple[list[torch.Tensor], list[int]]:
+    """A weight that may be dense or an NF4Weight, for a custom op: ([w], []) or nf4_args(w)."""
+    from fastft.quant.nf4_weight import NF4Weight
+
+    return nf4_args(w) if isinstance(w, NF4Weight) else ([w], [])
+
+
+def weight_from_args(tensors: list[torch.Tensor], ints: list[int]):
+    """weight_args' inverse."""
+    return nf4_from_args(tensors, ints) if ints else tensors[0]
