@@ -31,6 +31,7 @@ def _output(loss, outputs):
 
 class FusedLossCausalLMForward:
     _fastft_softcap_attr = None  # config attribute holding the final logit softcap, if the architecture has one
+    _fastft_backend = "auto"  # patch_model's `backend`, for the fused loss as for the layer ops
 
     def forward(self, *args, labels=None, logits_to_keep=0, **kwargs):
         if args:  # positional arguments, named as the model's own forward names them
@@ -52,6 +53,7 @@ class FusedLossCausalLMForward:
             shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
         softcap = getattr(self.config, self._fastft_softcap_attr, None) if self._fastft_softcap_attr else None
         loss = lm_head_cross_entropy(hidden, self.lm_head, shift_labels.to(hidden.device), ignore_index=ignore_index,
-                                     reduction="mean", softcap=softcap, num_items=num_items)
+                                     reduction="mean", softcap=softcap, num_items=num_items,
+                                     backend=self._fastft_backend)
         out = _output(loss, outputs)
         return out.to_tuple() if return_dict is False else out

@@ -98,7 +98,7 @@ def _plan(base: nn.Module, backend: str, attention: bool):
                           _fastft_backend=backend),
              "mlp": dict(_fastft_gelu=GELU_TANH[activation], _fastft_backend=backend),
              "attention": dict(forward=rope_binding.forward_with_fastft_rope(classes["attention"], backend)),
-             "causal_lm": dict(_fastft_softcap_attr=arch.final_softcap_attr)}
+             "causal_lm": dict(_fastft_softcap_attr=arch.final_softcap_attr, _fastft_backend=backend)}
     mixins = {"norm": FusedRMSNormForward, "mlp": FusedGLUMLPForward, "attention": None,
               "causal_lm": FusedLossCausalLMForward}
     swaps, counts = [], dict.fromkeys(classes, 0)
@@ -135,8 +135,9 @@ def _plan(base: nn.Module, backend: str, attention: bool):
 def patch_model(model: nn.Module, *, backend: str = "auto", attention: bool = True) -> nn.Module:
     """Route a supported transformers causal LM (or a PeftModel around one) through fastft's kernels, in place.
 
-    backend: for the layer ops ("auto": Triton on CUDA, torch elsewhere; "triton"; "torch"). The fused attention
-    keeps its own setting (fastft.register_attention(backend)), the LoRA layers theirs (FASTFT_LORA_BACKEND).
+    backend: for the layer ops and the fused loss ("auto": Triton on CUDA, torch elsewhere; "triton"; "torch"). The
+    fused attention keeps its own setting (fastft.register_attention(backend)), the LoRA layers theirs
+    (FASTFT_LORA_BACKEND).
     attention: switch to attn_implementation="fastft" where the architecture allows it (see the module docstring).
     Returns the model. The record of the changes (and a summary) is `model._fastft_patch` on the transformers
     model. With labels the patched forward returns logits=None (call it without labels for logits).

@@ -1,0 +1,51 @@
+"""A whole LoRA training step of a patched model under torch.compile(fullgraph=True): a tiny Llama through
+fastft.patch_model (norms, RoPE, GLU MLP, fused attention, fused loss) with fastft's peft LoRA layers, every fused op
+a fastft:: custom op in one graph, the loss and every trainable gradient equal to eager's (the same kernels run;
+Triton through the interpreter on CPU)."""
+import torch
+
+from tests.utils import interpreter_only, randomize_lora_B, tiny_llama
+
+
+@interpreter_only
+def test_patched_lora_llama_training_step_compiles_whole(monkeypatch):
+    from peft import LoraConfig
+    from torch._dynamo.backends.debugging import aot_eager
+
+    import fastft
+    from fastft.integration.attention import register_attention
+    from fastft.integration.peft_lora import get_peft_model
+
+    monkeypatch.setenv("FASTFT_LORA_BACKEND", "triton")
+    register_attention("triton")
+    try:
+        model = tiny_llama(num_hidden_layers=1, hidden_size=32, intermediate_size=48, num_attention_heads=2,
+                           num_key_value_heads=1)
+        fastft.patch_model(model, backend="triton")
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+        randomize_lora_B(model)
+        ids = torch.randint(0, 128, (2, 5))
+        params = [p for p in model.parameters() if p.requires_grad]
+
+        def step(forward):
+            loss = forward(ids)
+            return [loss.detach(), *torch.autograd.grad(loss, params)]
+
+        graphs = []
+
+        def backend(gm, example_inputs):
+            graphs.append(gm.code)
+            return aot_eager(gm, example_inputs)
+
+        torch._dynamo.reset()
+        forward = lambda ids: model(input_ids=ids, labels=ids).loss  # noqa: E731
+        want = step(forward)
+        got = step(torch.compile(forward, backend=backend, fullgraph=True))
+    finally:
+        register_attention("auto")
+    code = "\n".join(graphs)
+    for op in ("rms_norm", "rope", "glu", "flash_attention", "lora_linear", "linear_loss"):
+        assert f"torch.ops.fastft.{op}." in code, f"fastft::{op} is not in the step's graph"
+    assert len(got) == len(want) == 1 + 2 * 3
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=0, rtol=0)
