@@ -120,7 +120,8 @@ def test_help_lists_every_knob(capsys):
                                           (["--peers", "bar"], ["'bar'", "peft", "liger", "unsloth"]),
                                           (["--steps", "0"], ["--steps"]),
                                           (["--formats", "json,pdf"], ["'pdf'", "json, md, png"]),
-                                          (["--compile", "default", "--warmup", "0"], ["--compile default", "--warmup"]),
+                                          (["--compile", "default", "--warmup", "0"],
+                                           ["--compile default", "--warmup"]),
                                           (["--compile", "max-autotune", "--compile-backend", "eager"],
                                            ["--compile max-autotune", "--compile-backend eager"])])
 def test_bad_flags_one_line_error(capsys, argv, names):

@@ -22,8 +22,8 @@ STEM = "bench_methods"
 COLORS = {"fastft": "tab:red", "peft": "tab:blue", "liger": "tab:green", "unsloth": "tab:purple"}
 LEGEND = {"fastft": "fastft", "peft": "peft (peft+bnb for qlora, transformers for full)", "liger": "peft+Liger",
           "unsloth": "Unsloth"}
-COLUMNS = ("method", "implementation", "status", "compile", "tokens/s", "step ms", "peak GiB", "trainable", "× peer tokens/s",
-           "× peer memory", "note")
+COLUMNS = ("method", "implementation", "status", "compile", "tokens/s", "step ms", "peak GiB", "trainable",
+           "× peer tokens/s", "× peer memory", "note")
 
 
 FORMATS = ("json", "md", "png")

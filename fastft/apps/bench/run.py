@@ -1,10 +1,11 @@
 """One benchmark run: a fresh model for (method, implementation), warm-up steps, timed training steps, memory.
 
 A step is forward (labels = inputs, the model's own LM loss) + backward + AdamW step (fused on CUDA) +
-zero_grad, on random token ids; a compiled run torch.compiles the model (forward, loss and the backward AOTAutograd
-derives from them; not the optimizer step) and compiles during the warm-up steps. Each timed step is bracketed by device synchronisation; tokens/s counts the
-batch's B×S tokens (prompt and prefix tuning's virtual tokens are not counted). Any failure becomes the row's
-status (unavailable / not installed / oom / error) and the next run goes on.
+zero_grad, on random token ids; a compiled run torch.compiles the model (forward, loss and the backward
+AOTAutograd derives from them; not the optimizer step), which compiles during the warm-up steps. Each timed step is
+bracketed by device synchronisation; tokens/s counts the batch's B×S tokens (prompt and prefix tuning's virtual
+tokens are not counted). Any failure becomes the row's status (unavailable / not installed / oom / error) and the
+next run goes on.
 """
 from __future__ import annotations
 

@@ -152,9 +152,10 @@ _HELP = {
     "distributed": "auto: whatever `accelerate launch`/torchrun set up (DDP with several processes); "
                    "ddp; fsdp (FSDP2 through accelerate); none",
     "compile": "torch.compile the training forward and backward (through accelerate's TorchDynamoPlugin): off, or "
-               "the mode: default; reduce-overhead (CUDA graphs: needs --dropout 0 with lora/qlora/dora, the fused "
-               "LoRA ops' dropout seed would be replayed); max-autotune (inductor tries more kernel configs). The "
-               "first steps are slower (compiling); evaluation runs uncompiled",
+               "torch.compile's mode: default; reduce-overhead (CUDA graphs: needs --dropout 0 with "
+               "lora/qlora/dora, the fused LoRA ops' dropout seed would be replayed); max-autotune (inductor tries "
+               "more kernel configs, and CUDA graphs); max-autotune-no-cudagraphs. The first steps are slower "
+               "(compiling); evaluation runs uncompiled",
     "compile_backend": "--compile's backend: inductor (generated kernels; on the CPU it needs a C++ compiler); "
                        "aot_eager (traced forward and backward graphs run by eager torch, no codegen: checks that "
                        "the model compiles, quickly); eager (dynamo tracing only)",
