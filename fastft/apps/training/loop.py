@@ -12,6 +12,7 @@ import copy
 import dataclasses
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -272,6 +273,10 @@ def train(cfg: TrainConfig) -> dict:
     accelerator = make_accelerator(cfg)
     device, log = accelerator.device, accelerator.print
     world, rank = accelerator.num_processes, accelerator.process_index
+    launcher_backend = os.environ.get("ACCELERATE_DYNAMO_BACKEND", "no").lower()
+    if cfg.compile == "off" and launcher_backend not in ("no", ""):
+        log(f"not compiled: accelerate's dynamo backend {launcher_backend} (ACCELERATE_DYNAMO_BACKEND, set by "
+            "`accelerate launch`) is not used; fastft train compiles with --compile MODE [--compile-backend NAME]")
     out = Path(cfg.output_dir)
     checkpoints = ckpt.Checkpoints(out, accelerator)
     resume_from = checkpoints.latest() if cfg.resume else None
