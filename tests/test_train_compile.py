@@ -243,3 +243,21 @@ def test_compiled_training_on_gpu_tracks_eager(setup, mode):
     assert compiled["compile"]["mode"] == mode and compiled["compile"]["graphs"] >= 1
     assert compiled["train_losses"] == pytest.approx(eager["train_losses"], rel=2e-2)
     assert compiled["eval_after"]["loss"] == pytest.approx(eager["eval_after"]["loss"], rel=2e-2)
+
+
+@pytest.mark.gpu
+def test_bench_compiled_rows_on_gpu(tmp_path):
+    """reduce-overhead (CUDA graphs) in the bench: the compiled rows run and compute the eager rows' losses."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    argv = ["bench", "--shape", "tiny", "--steps", "3", "--warmup", "2", "--seq-len", "64", "--batch-size", "2",
+            "--methods", "lora,full", "--peers", "peft", "--formats", "json", "--output-dir", str(tmp_path),
+            "--compile", "reduce-overhead"]
+    assert main(argv) == 0
+    rows = json.loads((tmp_path / "bench_methods.json").read_text())["rows"]
+    by = {(r["method"], r["peer"], r["compile"]): r for r in rows}
+    for method in ("lora", "full"):
+        for peer in ("fastft", "peft"):
+            eager, compiled = by[(method, peer, "off")], by[(method, peer, "reduce-overhead")]
+            assert eager["status"] == compiled["status"] == "ok", (eager, compiled)
+            assert compiled["loss_first"] == pytest.approx(eager["loss_first"], rel=2e-2)

@@ -79,7 +79,8 @@ def _measure(cfg: BenchConfig, method: str, implementation: str, device: torch.d
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return loss.detach()
+        # kept until the end: a CUDA graph's output (reduce-overhead) is overwritten by the next replay, so a copy
+        return loss.detach() if compile == "off" else loss.detach().clone()
 
     start = time.perf_counter()
     losses = [step() for _ in range(cfg.warmup)]
