@@ -100,8 +100,8 @@ def test_not_implemented_and_failures_become_rows(monkeypatch):
     assert row["status"] == "error" and row["error"] == "RuntimeError: boom" and "tokens_per_s" not in row
     monkeypatch.setattr(peers, "missing_package", lambda impl, method: "liger_kernel")
     row = run.run_one(cfg, "lora", "liger", cpu)
-    assert row == {"method": "lora", "implementation": "peft+liger", "peer": "liger", "status": "not installed",
-                   "reason": "liger_kernel is not installed"}
+    assert row == {"method": "lora", "implementation": "peft+liger", "peer": "liger", "compile": "off",
+                   "status": "not installed", "reason": "liger_kernel is not installed"}
 
 
 def test_help_lists_every_knob(capsys):
@@ -110,7 +110,8 @@ def test_help_lists_every_knob(capsys):
     assert exit_.value.code == 0
     text = capsys.readouterr().out
     for flag in ("--shape", "--model", "--methods", "--peers", "--seq-len", "--batch-size", "--steps", "--warmup",
-                 "--gradient-checkpointing", "--dtype", "--output-dir", "--seed", "--family", "kernels", "--no-patch-model", "--formats"):
+                 "--gradient-checkpointing", "--dtype", "--output-dir", "--seed", "--family", "kernels", "--no-patch-model", "--formats",
+                 "--compile", "--compile-backend"):
         assert flag in text, flag
     assert "llama-1b" in text and "llama-8b" in text and "tiny" in text and "(default: 2048)" in text
 
@@ -118,7 +119,11 @@ def test_help_lists_every_knob(capsys):
 @pytest.mark.parametrize("argv, names", [(["--methods", "lora,foo"], ["'foo'", *METHODS]),
                                           (["--peers", "bar"], ["'bar'", "peft", "liger", "unsloth"]),
                                           (["--steps", "0"], ["--steps"]),
-                                          (["--formats", "json,pdf"], ["'pdf'", "json, md, png"])])
+                                          (["--formats", "json,pdf"], ["'pdf'", "json, md, png"]),
+                                          (["--compile", "default", "--warmup", "0"],
+                                           ["--compile default", "--warmup"]),
+                                          (["--compile", "max-autotune", "--compile-backend", "eager"],
+                                           ["--compile max-autotune", "--compile-backend eager"])])
 def test_bad_flags_one_line_error(capsys, argv, names):
     assert cli.main(["bench", *argv]) == 2
     err = capsys.readouterr().err.strip()

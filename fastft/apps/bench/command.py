@@ -9,6 +9,7 @@ from fastft.apps.bench.config import BenchConfig
 from fastft.apps.bench.kernels import FAMILIES
 from fastft.apps.bench.peers import PEERS
 from fastft.apps.bench.shapes import DTYPES, SHAPES
+from fastft.apps.compiling import COMPILE_BACKENDS, COMPILE_MODES
 from fastft.integration.methods import METHODS
 
 
@@ -45,6 +46,14 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--formats", nargs="+", default=",".join(d.formats), metavar="FORMAT",
                    help="files to write, from json, md, png (python -m fastft.apps.bench.report turns the JSON into "
                         "the others later)")
+    p.add_argument("--compile", default=d.compile, choices=COMPILE_MODES, metavar="MODE",
+                   help="also time every run under torch.compile with this mode (default, reduce-overhead: CUDA "
+                        "graphs, max-autotune): each (method, implementation) then has an eager row and a compiled "
+                        f"row (column 'compile'); compilation happens in the warm-up steps. One of: "
+                        f"{', '.join(COMPILE_MODES)}")
+    p.add_argument("--compile-backend", default=d.compile_backend, choices=COMPILE_BACKENDS,
+                   help="--compile's backend (inductor on the CPU needs a C++ compiler; aot_eager: traced graphs run "
+                        "by eager torch)")
     p.add_argument("--family", default="all", choices=[*FAMILIES, "all"], help="kernels: which benchmark family")
 
 
@@ -62,7 +71,8 @@ def config_from_args(args) -> BenchConfig:
                        steps=args.steps, warmup=args.warmup, gradient_checkpointing=args.gradient_checkpointing,
                        patch_model=args.patch_model,
                        dtype=args.dtype, rank=args.rank, alpha=args.alpha, num_virtual_tokens=args.num_virtual_tokens,
-                       seed=args.seed, output_dir=args.output_dir, formats=_split(args.formats))
+                       seed=args.seed, output_dir=args.output_dir, formats=_split(args.formats),
+                       compile=args.compile, compile_backend=args.compile_backend)
 
 
 def run_bench(args) -> int:

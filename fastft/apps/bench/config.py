@@ -3,7 +3,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from fastft.apps.bench.peers import PEERS
+from fastft.apps.compiling import compile_problem
 from fastft.apps.bench.shapes import DTYPES, SHAPES
 from fastft.integration.methods import METHODS
 
@@ -28,6 +31,8 @@ class BenchConfig:
     seed: int = 0
     output_dir: str = "bench-results"
     formats: tuple[str, ...] = ("json", "md", "png")   # files written to output_dir
+    compile: str = "off"                # a torch.compile mode: each run is then timed eager and compiled
+    compile_backend: str = "inductor"
 
     def validate(self) -> None:
         bad = [m for m in self.methods if m not in METHODS]
@@ -51,3 +56,9 @@ class BenchConfig:
                              "of json, md, png")
         if self.warmup < 0:
             raise ValueError(f"--warmup must be at least 0, got {self.warmup}")
+        problem = compile_problem(self.compile, self.compile_backend, cuda=torch.cuda.is_available())
+        if problem:
+            raise ValueError(problem)
+        if self.compile != "off" and self.warmup < 1:
+            raise ValueError(f"--compile {self.compile} needs --warmup of at least 1 (the first step compiles; "
+                             "it must not be timed), got 0")

@@ -41,17 +41,19 @@ def bench_methods(cfg: BenchConfig, device: torch.device | None = None, progress
     peers.preload()
     rows = []
     result = {"environment": env, "config": config, "rows": rows, "wall_s": 0.0}
-    bar = tqdm(planned_runs(cfg), desc="fastft bench", unit="run", disable=not progress, dynamic_ncols=True)
-    for method, implementation in bar:
-        bar.set_postfix_str(f"{method} / {peers.label(implementation, method)}")
-        row = run_one(cfg, method, implementation, device)
+    modes = ("off",) if cfg.compile == "off" else ("off", cfg.compile)  # eager, then compiled: side by side
+    runs = [(method, implementation, mode) for method, implementation in planned_runs(cfg) for mode in modes]
+    bar = tqdm(runs, desc="fastft bench", unit="run", disable=not progress, dynamic_ncols=True)
+    for method, implementation, mode in bar:
+        name = peers.label(implementation, method) + ("" if mode == "off" else f" compiled ({mode})")
+        bar.set_postfix_str(f"{method} / {name}")
+        row = run_one(cfg, method, implementation, device, compile=mode)
         rows.append(row)
         if row["status"] == "ok":
-            bar.write(f"{method:8s} {row['implementation']:16s} {row['tokens_per_s']:>12,.0f} tokens/s "
+            bar.write(f"{method:8s} {name:16s} {row['tokens_per_s']:>12,.0f} tokens/s "
                       f"{row['step_ms']:9.1f} ms/step  peak {row['peak_gib']:.2f} GiB")
         else:
-            bar.write(f"{method:8s} {row['implementation']:16s} {row['status']}: "
-                      f"{row.get('reason') or row.get('error')}")
+            bar.write(f"{method:8s} {name:16s} {row['status']}: {row.get('reason') or row.get('error')}")
         result["wall_s"] = time.perf_counter() - start
         if on_row is not None:
             on_row(result)

@@ -22,8 +22,8 @@ STEM = "bench_methods"
 COLORS = {"fastft": "tab:red", "peft": "tab:blue", "liger": "tab:green", "unsloth": "tab:purple"}
 LEGEND = {"fastft": "fastft", "peft": "peft (peft+bnb for qlora, transformers for full)", "liger": "peft+Liger",
           "unsloth": "Unsloth"}
-COLUMNS = ("method", "implementation", "status", "tokens/s", "step ms", "peak GiB", "trainable", "× peer tokens/s",
-           "× peer memory", "note")
+COLUMNS = ("method", "implementation", "status", "compile", "tokens/s", "step ms", "peak GiB", "trainable",
+           "× peer tokens/s", "× peer memory", "note")
 
 
 FORMATS = ("json", "md", "png")
@@ -47,19 +47,28 @@ def write_report(result: dict, out_dir: str | Path, formats=FORMATS) -> dict[str
     return paths
 
 
-def _peer_row(rows: list[dict], method: str) -> dict | None:
-    return next((r for r in rows if r["method"] == method and r["peer"] == "peft" and r["status"] == "ok"), None)
+def _compile(row: dict) -> str:
+    """The row's torch.compile mode, "off" when eager (results written before the option have no field)."""
+    return row.get("compile", "off")
+
+
+def _peer_row(rows: list[dict], method: str, compile: str = "off") -> dict | None:
+    """The peft row a row is compared with: same method, compiled the same way."""
+    return next((r for r in rows if r["method"] == method and r["peer"] == "peft" and r["status"] == "ok"
+                 and _compile(r) == compile), None)
 
 
 def table_rows(result: dict) -> list[dict]:
     """The markdown rows, grouped by method (runs are ordered by when they can run, not by method)."""
     order = {m: i for i, m in enumerate(dict.fromkeys(r["method"] for r in result["rows"]))}
     out = []
-    for r in sorted(result["rows"], key=lambda r: (order[r["method"]], IMPLEMENTATIONS.index(r["peer"]))):
+    for r in sorted(result["rows"], key=lambda r: (order[r["method"]], IMPLEMENTATIONS.index(r["peer"]),
+                                                   _compile(r) != "off")):
         ok = r["status"] == "ok"
-        peer = _peer_row(result["rows"], r["method"]) if ok and r["peer"] != "peft" else None
+        peer = _peer_row(result["rows"], r["method"], _compile(r)) if ok and r["peer"] != "peft" else None
         out.append({
             "method": r["method"], "implementation": r["implementation"], "status": r["status"],
+            "compile": _compile(r) + (f" ({r['compile_backend']})" if r.get("compile_backend") else ""),
             "tokens/s": fmt(r.get("tokens_per_s"), ",.0f") if ok else "—",
             "step ms": fmt(r.get("step_ms"), ".1f") if ok else "—",
             "peak GiB": fmt(r.get("peak_gib"), ".2f") if ok else "—",
@@ -88,7 +97,8 @@ def markdown(result: dict) -> str:
         f"bitsandbytes {v.get('bitsandbytes')}, liger-kernel {v.get('liger-kernel')}, unsloth {v.get('unsloth')}.",
         f"Peak memory: {'; '.join(kinds) or 'not measured'}. tokens/s = B·S / mean step time (forward, backward, "
         "AdamW step). × peer: against the peft row of the same method (peft+bnb for qlora, plain transformers "
-        "for full).",
+        "for full), compiled the same way. compile: off (eager) or the torch.compile mode (backend) of the model's "
+        "forward and backward; compilation happens in the warm-up steps.",
         "",
         "| " + " | ".join(COLUMNS) + " |",
         "|" + "---|" * len(COLUMNS),
@@ -106,16 +116,19 @@ def plot_png(result: dict) -> bytes:
     rows, cfg = result["rows"], result["config"]
     methods = list(dict.fromkeys(r["method"] for r in rows))
     # peers not installed at all get no bar slot (the table says so)
-    impls = [i for i in IMPLEMENTATIONS if any(r["peer"] == i and r["status"] != "not installed" for r in rows)]
+    modes = list(dict.fromkeys(sorted((_compile(r) for r in rows), key=lambda m: m != "off")))
+    impls = [(i, m) for i in IMPLEMENTATIONS for m in modes
+             if any(r["peer"] == i and _compile(r) == m and r["status"] != "not installed" for r in rows)]
     fig = Figure(figsize=(max(7.0, 0.45 * len(methods) * max(2, len(impls)) + 2), 7.0), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(2, 1, sharex=True)
     width = 0.8 / max(1, len(impls))
     for ax, key, ylabel in ((axes[0], "tokens_per_s", "tokens/s"), (axes[1], "peak_gib", "peak memory (GiB)")):
-        for k, impl in enumerate(impls):
+        for k, (impl, mode) in enumerate(impls):
             xs, ys = [], []
             for i, method in enumerate(methods):
-                r = next((r for r in rows if r["method"] == method and r["peer"] == impl), None)
+                r = next((r for r in rows if r["method"] == method and r["peer"] == impl and _compile(r) == mode),
+                         None)
                 x = i - 0.4 + width * (k + 0.5)
                 if r is None:
                     continue
@@ -124,11 +137,15 @@ def plot_png(result: dict) -> bytes:
                     ys.append(r[key])
                 else:   # no bar: say why under the axis
                     ax.text(x, 0, "n/a", ha="center", va="bottom", fontsize=7, rotation=90, color="gray")
-            ax.bar(xs, ys, width=width, color=COLORS[impl], label=LEGEND[impl])
+            compiled = mode != "off"   # compiled runs: the implementation's colour, hatched
+            ax.bar(xs, ys, width=width, color=COLORS[impl], hatch="//" if compiled else None,
+                   edgecolor="white" if compiled else None,
+                   label=f"{impl}, compiled ({mode})" if compiled else LEGEND[impl])
         ax.set_ylabel(ylabel)
         ax.grid(axis="y", alpha=0.3)
     axes[1].set_xticks(range(len(methods)), methods)
-    axes[0].legend(fontsize=8, ncols=max(1, len(impls)))
+    # one column per implementation: its compiled entry under its eager one
+    axes[0].legend(fontsize=8, ncols=max(1, len({impl for impl, _ in impls})))
     what = cfg["model"] or cfg["shape"]
     fig.suptitle(f"fastft bench: {what}, B{cfg['batch_size']}×S{cfg['seq_len']}, {cfg['dtype_resolved']}, "
                  f"{result['environment']['card']}  (n/a: unavailable or failed)", fontsize=9)

@@ -1,9 +1,11 @@
 """One benchmark run: a fresh model for (method, implementation), warm-up steps, timed training steps, memory.
 
 A step is forward (labels = inputs, the model's own LM loss) + backward + AdamW step (fused on CUDA) +
-zero_grad, on random token ids. Each timed step is bracketed by device synchronisation; tokens/s counts the
-batch's B×S tokens (prompt and prefix tuning's virtual tokens are not counted). Any failure becomes the row's
-status (unavailable / not installed / oom / error) and the next run goes on.
+zero_grad, on random token ids; a compiled run torch.compiles the model (forward, loss and the backward
+AOTAutograd derives from them; not the optimizer step), which compiles during the warm-up steps. Each timed step is
+bracketed by device synchronisation; tokens/s counts the batch's B×S tokens (prompt and prefix tuning's virtual
+tokens are not counted). Any failure becomes the row's status (unavailable / not installed / oom / error) and the
+next run goes on.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from fastft.apps.bench import peers
 from fastft.apps.bench.config import BenchConfig
 from fastft.apps.bench.harness import PeakMemory
 from fastft.apps.bench.shapes import build_model, resolve_dtype
+from fastft.apps.compiling import compile_kwargs
 from fastft.integration.methods import MethodOptions
 
 
@@ -25,14 +28,18 @@ def method_options(cfg: BenchConfig) -> MethodOptions:
     return MethodOptions(rank=cfg.rank, alpha=cfg.alpha, num_virtual_tokens=cfg.num_virtual_tokens)
 
 
-def run_one(cfg: BenchConfig, method: str, implementation: str, device: torch.device) -> dict:
-    """The row of one run (never raises for a failure of the run itself)."""
-    row = {"method": method, "implementation": peers.label(implementation, method), "peer": implementation}
+def run_one(cfg: BenchConfig, method: str, implementation: str, device: torch.device, compile: str = "off") -> dict:
+    """The row of one run (never raises for a failure of the run itself). `compile`: "off" (eager) or the
+    torch.compile mode the model's forward is compiled with (backend cfg.compile_backend)."""
+    row = {"method": method, "implementation": peers.label(implementation, method), "peer": implementation,
+           "compile": compile}
+    if compile != "off":
+        row["compile_backend"] = cfg.compile_backend
     missing = peers.missing_package(implementation, method)
     if missing:
         return dict(row, status="not installed", reason=f"{missing} is not installed")
     try:
-        row.update(_measure(cfg, method, implementation, device), status="ok")
+        row.update(_measure(cfg, method, implementation, device, compile), status="ok")
     except NotImplementedError as err:   # a method fastft (or the peer) does not have yet
         row.update(status="unavailable", reason=_one_line(err))
     except torch.OutOfMemoryError as err:
@@ -45,7 +52,7 @@ def run_one(cfg: BenchConfig, method: str, implementation: str, device: torch.de
     return row
 
 
-def _measure(cfg: BenchConfig, method: str, implementation: str, device: torch.device) -> dict:
+def _measure(cfg: BenchConfig, method: str, implementation: str, device: torch.device, compile: str = "off") -> dict:
     dtype = resolve_dtype(cfg.dtype, device)
     _release(device)
     meter = PeakMemory(device)   # on CPU its baseline is the RSS before the model exists
@@ -63,15 +70,17 @@ def _measure(cfg: BenchConfig, method: str, implementation: str, device: torch.d
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0, fused=device.type == "cuda")
     build_s = time.perf_counter() - start
     vocab = model.config.vocab_size if hasattr(model, "config") else model.get_base_model().config.vocab_size
+    forward = model if compile == "off" else torch.compile(model, **compile_kwargs(compile, cfg.compile_backend))
     tokens = torch.randint(0, vocab, (cfg.batch_size, cfg.seq_len),
                            generator=torch.Generator().manual_seed(cfg.seed)).to(device)
 
     def step():
-        loss = model(input_ids=tokens, labels=tokens).loss
+        loss = forward(input_ids=tokens, labels=tokens).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return loss.detach()
+        # kept until the end: a CUDA graph's output (reduce-overhead) is overwritten by the next replay, so a copy
+        return loss.detach() if compile == "off" else loss.detach().clone()
 
     start = time.perf_counter()
     losses = [step() for _ in range(cfg.warmup)]

@@ -16,7 +16,8 @@ def _matches(config: dict, wanted: dict) -> bool:
 def check_targets(result: dict) -> list[str]:
     """Markdown lines: each target with its measured figures and met / missed / not measured."""
     config, env = result["config"], result["environment"]
-    ok = {(r["method"], r["peer"]): r for r in result["rows"] if r["status"] == "ok"}
+    ok = {(r["method"], r["peer"]): r for r in result["rows"]  # eager rows: the targets were set for them
+          if r["status"] == "ok" and r.get("compile", "off") == "off"}
     card = env.get("card", "?")
     bf16 = config.get("dtype_resolved") == "bf16" and "cuda" in str(config.get("device"))
     lines = []

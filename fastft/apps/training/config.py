@@ -16,6 +16,7 @@ import typing
 from dataclasses import dataclass
 from pathlib import Path
 
+from fastft.apps.compiling import COMPILE_BACKENDS, COMPILE_MODES, compile_problem
 from fastft.apps.datasets import TASK_NAMES
 from fastft.apps.models import SMOLLM2
 from fastft.integration.methods import ALL_LINEAR, METHODS, MethodOptions
@@ -88,6 +89,8 @@ class TrainConfig:
     attn_implementation: str = "sdpa"
     patch_model: str = "auto"
     distributed: str = "auto"
+    compile: str = "off"
+    compile_backend: str = "inductor"
     # checkpoints
     save_every: int = 0
     resume: bool = False
@@ -148,6 +151,14 @@ _HELP = {
                    "the CPU; on: always (an unsupported architecture is an error); off: never",
     "distributed": "auto: whatever `accelerate launch`/torchrun set up (DDP with several processes); "
                    "ddp; fsdp (FSDP2 through accelerate); none",
+    "compile": "torch.compile the training forward and backward (through accelerate's TorchDynamoPlugin): off, or "
+               "torch.compile's mode: default; reduce-overhead (CUDA graphs: needs --dropout 0 with "
+               "lora/qlora/dora, the fused LoRA ops' dropout seed would be replayed); max-autotune (inductor tries "
+               "more kernel configs, and CUDA graphs); max-autotune-no-cudagraphs. The first steps are slower "
+               "(compiling); evaluation runs uncompiled",
+    "compile_backend": "--compile's backend: inductor (generated kernels; on the CPU it needs a C++ compiler); "
+                       "aot_eager (traced forward and backward graphs run by eager torch, no codegen: checks that "
+                       "the model compiles, quickly); eager (dynamo tracing only)",
     "save_every": "write a resumable checkpoint every N steps (0: none)",
     "resume": "continue from the newest checkpoint in --output-dir (same settings)",
 }
@@ -157,7 +168,7 @@ _CHOICES = {
     "adapter_placement": ("pfeiffer", "houlsby"), "adapter_activation": ACTIVATIONS, "patch_model": PATCH_MODEL,
     "dtype": ("auto", "bf16", "fp16", "fp32"),
     "mixed_precision": ("no", "bf16", "fp16"), "attn_implementation": ("sdpa", "eager", "fastft"),
-    "distributed": DISTRIBUTED,
+    "distributed": DISTRIBUTED, "compile": COMPILE_MODES, "compile_backend": COMPILE_BACKENDS,
 }
 
 _GROUPS = {
@@ -171,6 +182,7 @@ _GROUPS = {
     "evaluation and output": ("eval_examples", "eval_batch_size", "eval_every", "seed", "output_dir"),
     "precision, memory, distribution": ("dtype", "mixed_precision", "gradient_checkpointing", "offload_activations",
                                         "attn_implementation", "patch_model", "distributed"),
+    "compilation": ("compile", "compile_backend"),
     "checkpoints": ("save_every", "resume"),
 }
 
@@ -315,6 +327,13 @@ def _model_error(name: str, what: str) -> str | None:
     return None
 
 
+def _compile_problem(cfg: TrainConfig) -> str | None:
+    import torch
+
+    return compile_problem(cfg.compile, cfg.compile_backend, cuda=torch.cuda.is_available(), dropout=cfg.dropout,
+                           methods=(cfg.method,))
+
+
 def validate(cfg: TrainConfig) -> TrainConfig:
     """Check every setting and the files it names; returns the config with aliases resolved.
     Raises ConfigError (one line, naming the flag) on the first problem."""
@@ -361,6 +380,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
              "--objective distill: --kl-weight, --reverse-kl-weight and --ce-weight are all 0")
     else:
         need(cfg.teacher is None, f"--teacher is only used by --objective distill (got --objective {cfg.objective})")
+    error = _compile_problem(cfg)
+    need(error is None, error or "")
     error = _model_error(cfg.model, "--model")
     need(error is None, error or "")
     if cfg.teacher is not None:

@@ -12,6 +12,7 @@ import copy
 import dataclasses
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -93,7 +94,8 @@ def make_accelerator(cfg: TrainConfig):
 
     AcceleratorState._reset_state()  # a second run in one process may change the precision; keeps process groups
     kwargs = {"cpu": not torch.cuda.is_available(),  # cpu=True: gloo for torchrun on machines without a GPU
-              "mixed_precision": None if cfg.mixed_precision == "no" else cfg.mixed_precision}
+              "mixed_precision": None if cfg.mixed_precision == "no" else cfg.mixed_precision,
+              "dynamo_plugin": dynamo_plugin(cfg)}
     if cfg.distributed == "fsdp" and torch.cuda.is_available():
         from accelerate import FullyShardedDataParallelPlugin
 
@@ -104,6 +106,18 @@ def make_accelerator(cfg: TrainConfig):
     if cfg.distributed == "none" and accelerator.num_processes > 1:
         raise ConfigError(f"--distributed none, but {accelerator.num_processes} processes were launched")
     return accelerator
+
+
+def dynamo_plugin(cfg: TrainConfig):
+    """--compile as accelerate's TorchDynamoPlugin: `prepare` then torch.compiles the wrapped model (after DDP /
+    FSDP2 wrapping, as torch recommends). Always given, so that `accelerate launch --dynamo_backend ...` (an
+    environment variable) cannot compile a run whose --compile is off: the setting recorded is the one that ran."""
+    from accelerate.utils import TorchDynamoPlugin
+
+    if cfg.compile == "off":
+        return TorchDynamoPlugin(backend="no")
+    return TorchDynamoPlugin(backend=cfg.compile_backend, mode=cfg.compile, fullgraph=False,
+                             use_regional_compilation=False)
 
 
 def shard_model(objective: ObjectiveModel, cfg: TrainConfig, accelerator) -> bool:
@@ -253,10 +267,16 @@ def train(cfg: TrainConfig) -> dict:
     from fastft.integration.methods import apply_method
 
     cfg = validate(cfg)
+    if cfg.compile != "off":  # a fresh dynamo, as in a new process: earlier runs' code caches (and their
+        torch._dynamo.reset()  # recompile limits) must not decide whether this run's model compiles
     train_records, eval_records, description = load_records(cfg)  # malformed data fails before any model loads
     accelerator = make_accelerator(cfg)
     device, log = accelerator.device, accelerator.print
     world, rank = accelerator.num_processes, accelerator.process_index
+    launcher_backend = os.environ.get("ACCELERATE_DYNAMO_BACKEND", "no").lower()
+    if cfg.compile == "off" and launcher_backend not in ("no", ""):
+        log(f"not compiled: accelerate's dynamo backend {launcher_backend} (ACCELERATE_DYNAMO_BACKEND, set by "
+            "`accelerate launch`) is not used; fastft train compiles with --compile MODE [--compile-backend NAME]")
     out = Path(cfg.output_dir)
     checkpoints = ckpt.Checkpoints(out, accelerator)
     resume_from = checkpoints.latest() if cfg.resume else None
@@ -320,17 +340,24 @@ def train(cfg: TrainConfig) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg))
-    if sharded_here:
+    if sharded_here:  # accelerate's prepare would wrap it again: compiled here as prepare would have
         prepared, optimizer = objective, accelerator.prepare(optimizer)
+        if cfg.compile != "off":
+            prepared = torch.compile(objective, **accelerator.state.dynamo_plugin.to_kwargs())
     else:
         prepared, optimizer = accelerator.prepare(objective, optimizer)
-        objective = accelerator.unwrap_model(prepared)
+        # the plain module (no DDP, no compiled wrapper): evaluation runs it eagerly, and its weights keep their
+        # names (a compiled wrapper's state dict adds `_orig_mod.`)
+        objective = accelerator.unwrap_model(prepared, keep_torch_compile=False)
     inner = objective.model
     torch_optimizer = getattr(optimizer, "optimizer", optimizer)
     is_peft = cfg.method != "full"  # an adapter is saved: peft's format, or the bottleneck adapter's own
     distribution = {"type": "FSDP2 (fully_shard)" if sharded_here else accelerator.distributed_type.value,
                     "sharded": ckpt.is_sharded(inner)}
     log(f"distribution: {distribution['type']}{' (parameters sharded)' if distribution['sharded'] else ''}")
+    compiled = CompileRecord(cfg, prepared)
+    if compiled.compiled:
+        log(f"compiled: torch.compile mode {cfg.compile}, backend {cfg.compile_backend} (the first steps compile)")
 
     def save_adapter_to(path, weights):
         inner.save_pretrained(str(path), state_dict=weights)
@@ -414,7 +441,7 @@ def train(cfg: TrainConfig) -> dict:
     seconds = history["train_seconds"]
     metrics = {
         "config": dataclasses.asdict(cfg), "device": str(device), "processes": world, "distribution": distribution,
-        "trainable_parameters": trainable, "total_parameters": total,
+        "compile": compiled.result(), "trainable_parameters": trainable, "total_parameters": total,
         "eval_before": history["eval_before"], "eval_quantized": history["eval_quantized"], "eval_after": after,
         "evals": history["evals"], "train_losses": history["train_losses"],
         "train_seconds": seconds, "tokens_per_second": history["tokens"] / max(seconds, 1e-9),
@@ -434,6 +461,30 @@ def train(cfg: TrainConfig) -> dict:
             f"{'adapter' if is_peft else 'model'} saved to {saved}")
     accelerator.wait_for_everyone()
     return metrics
+
+
+class CompileRecord:
+    """What metrics.json says about compilation: the setting, whether the trained module is compiled, and how
+    many graphs dynamo compiled and graph breaks it met in this process since (evaluation runs uncompiled)."""
+
+    def __init__(self, cfg: TrainConfig, prepared):
+        from accelerate.utils import is_compiled_module
+
+        self.cfg, self.compiled = cfg, is_compiled_module(prepared)
+        self.start = self._counts()
+
+    @staticmethod
+    def _counts() -> tuple[int, int]:
+        from torch._dynamo.utils import counters
+
+        return counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
+
+    def result(self) -> dict:
+        out = {"compiled": self.compiled, "mode": self.cfg.compile, "backend": self.cfg.compile_backend}
+        if self.compiled:
+            (graphs, breaks), (graphs0, breaks0) = self._counts(), self.start
+            out.update(graphs=graphs - graphs0, graph_breaks=breaks - breaks0)
+        return out
 
 
 def _evaluate_merges(inner, objective, eval_records, make_batch, cfg, accelerator, log) -> dict:

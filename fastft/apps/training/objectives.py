@@ -98,7 +98,6 @@ def hidden_at_targets(model: nn.Module, batch: dict):
     the virtual tokens): their logits come back and the head is the identity."""
     targets = batch["labels"][:, 1:]
     keep = targets != IGNORE_INDEX
-    docs = batch["document_ids"][:, :-1][keep]
     if _is_prompt_learning(model):
         # peft's prompt-learning forward ignores position_ids, so a packed row would let documents attend to
         # each other: each document runs on its own (no padding either), virtual tokens cut off the logits.
@@ -108,11 +107,20 @@ def hidden_at_targets(model: nn.Module, batch: dict):
             span = (doc_of == d).nonzero()[:, 0]
             logits = model(input_ids=ids[span][None], use_cache=False).logits[0, -len(span):]
             rows.append(logits[:-1][keep[0, span[:-1]]])
-        return torch.cat(rows), targets[keep], docs, None  # logits already: no head
+        return torch.cat(rows), targets[keep], batch["document_ids"][:, :-1][keep], None  # logits: no head
     backbone, head = causal_lm_parts(model)
     # use_cache=False: transformers gives sdpa/eager the packed block mask only without a cache
     hidden = backbone(**_model_inputs(batch), use_cache=False).last_hidden_state
-    return hidden[:, :-1][keep], targets[keep], docs, head
+    at = _targets_at(batch, keep)
+    return (hidden[:, :-1].flatten(0, 1).index_select(0, at), targets.flatten().index_select(0, at),
+            batch["document_ids"][:, :-1].flatten().index_select(0, at), head)
+
+
+def _targets_at(batch: dict, keep: torch.Tensor) -> torch.Tensor:
+    """Positions of the flattened shifted rows that carry a loss: `pack` found them on the host (a boolean mask
+    here would sync the device and, under torch.compile, break the graph: its size depends on the data)."""
+    at = batch.get("target_positions")
+    return keep.flatten().nonzero()[:, 0] if at is None else at.to(keep.device)
 
 
 class ObjectiveModel(nn.Module):
