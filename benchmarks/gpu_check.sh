@@ -5,7 +5,7 @@
 # timings; a failing section does not stop the next, and each gets what is left of the time budget.
 #   bash benchmarks/gpu_check.sh [section ...]    sections: build nf4 attention lora-tests fuzz-tests lora losses-tests losses
 #   (on request: nf4-tests attention-tests methods-tests methods layers-tests layers patch-step train-tests train
-#    train-methods-tests compile-lora-tests bench-1b bench-8b lora-paths; `issue10` names the kernel-speed set, correctness first)
+#    train-methods-tests compile-lora-tests compile-losses-tests bench-1b bench-8b lora-paths; `issue10` names the kernel-speed set, correctness first)
 set -uo pipefail
 export PYTHONPATH="$PWD/.peers:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 : "${OUT:=/tmp/fastft-out}"; mkdir -p "$OUT"; export OUT
@@ -69,6 +69,7 @@ for s in $sections; do
     attention-tests) FASTFT_AUTOTUNE=0 run 240 attention-tests python3 -m pytest -q -m gpu tests/test_attention_op.py tests/test_attention_integration.py tests/test_compile_attention.py -p no:cacheprovider ;;
     methods-tests) FASTFT_AUTOTUNE=0 run 120 methods-tests python3 -m pytest -q -m gpu tests/test_methods_gpu.py -p no:cacheprovider ;;
     compile-lora-tests) run 240 compile-lora-tests python3 -m pytest -q -m gpu tests/test_compile_lora.py -p no:cacheprovider ;;
+    compile-losses-tests) run 240 compile-losses-tests python3 -m pytest -q -m gpu tests/test_compile_losses.py -p no:cacheprovider ;;
     methods) run 150 methods python3 benchmarks/gpu_methods.py ;;
     # layer ops and patch_model; not in the default list (time): gpu_check.sh layers-tests layers patch-step
     layers-tests) run 120 layers-tests python3 -m pytest -q -m gpu tests/test_layer_ops.py tests/test_patch_model.py -p no:cacheprovider ;;
