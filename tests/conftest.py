@@ -32,13 +32,13 @@ def _seed():
 
 @pytest.fixture
 def captured_seeds(monkeypatch):
-    """The seeds the fused LoRA ops draw for dropout, in order, so a test can regenerate the kernels' mask
-    (fastft.kernels.rank_ops.dropout_mask) for its reference."""
-    import fastft.ops.lora as lora_ops
+    """The seeds the fused ops draw for dropout (fastft.ops.shared.draw_seed: every op family, eager and compiled),
+    in order, so a test can regenerate the kernels' mask (fastft.kernels.rank_ops.dropout_mask) for its reference."""
+    from fastft.ops import shared
 
     seeds = []
-    draw = lora_ops.draw_seed
-    monkeypatch.setattr(lora_ops, "draw_seed", lambda: seeds.append(draw()) or seeds[-1])
+    draw = shared.draw_seed
+    monkeypatch.setattr(shared, "draw_seed", lambda: seeds.append(draw()) or seeds[-1])
     return seeds
 
 

@@ -13,7 +13,8 @@ import fastft
 from fastft.modules.nf4_linear import NF4Linear
 from fastft.ops.linear_losses import (linear_cross_entropy, linear_dpo_loss, linear_kl_div, linear_sequence_logprobs,
                                       lm_head_cross_entropy)
-from fastft.ops.linear_losses_compiled import linear_loss_op, nf4_parts, row_losses_backward_op, row_losses_op
+from fastft.ops.compiled_args import nf4_args, seed_tensor
+from fastft.ops.linear_losses_compiled import linear_loss_op, row_losses_backward_op, row_losses_op
 from tests.compile_utils import assert_compiles_like_eager, leaves, run_with_grads
 from tests.utils import interpreter_only
 
@@ -169,15 +170,15 @@ def _run(fn, module, x, seed):
     params = [x] + [p for p in module.parameters() if p.requires_grad]
     torch.manual_seed(seed)
     out = fn(x)
-    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed))
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(out.device)
     return [out.detach()] + list(torch.autograd.grad((out * g).sum(), params))
 
 
 def _assert_head_compiles_like_eager(fn, module, x, ops, seed=0):
     graphs = []
 
-    def recording(gm, example_inputs):
-        graphs.append(gm.code)
+    def recording(gm, example_inputs):  # with the subgraphs of higher-order ops (a checkpointed region's body)
+        graphs.extend(m.code for m in gm.modules() if isinstance(m, torch.fx.GraphModule))
         return aot_eager(gm, example_inputs)
 
     torch._dynamo.reset()
@@ -208,25 +209,45 @@ def test_lm_head_cross_entropy_compiles(kind, reduction, monkeypatch):
 
 @interpreter_only
 def test_lora_head_dropout_is_drawn_per_call_under_compile(monkeypatch):
-    """A peft LoRA head with dropout in training mode. The dropout seed is drawn inside the op (from torch's
-    generator, as in eager), not baked into the graph: the same seed gives eager's masks exactly, two calls give
-    two masks."""
+    """A peft LoRA head with dropout in training mode. The dropout seed is drawn at run time by fastft::draw_seed
+    (in its body, from torch's generator, as in eager), not baked into the graph: the same seed gives eager's masks
+    exactly, two calls give two masks."""
     monkeypatch.setenv("FASTFT_LOSS_CHUNK_MIB", str(4 * V * 4 / 2**20))
     torch.manual_seed(8)
     head = _head("peft_lora", dropout=0.4).train()
     x, y = _t(2, 5, H), _labels(2, 5)
     fn = lambda x: lm_head_cross_entropy(x, head, y, reduction="none", backend="triton")  # noqa: E731
-    _assert_head_compiles_like_eager(fn, head, x, ROWS, seed=3)  # the seed drawn in forward, reused in backward
+    _assert_head_compiles_like_eager(fn, head, x, ROWS + ("draw_seed",), seed=3)  # one seed, forward and backward
     compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
     assert not torch.equal(compiled(x), compiled(x))
+
+
+@interpreter_only
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_lora_head_dropout_under_activation_checkpointing(reduction, monkeypatch):
+    """An lm_head LoRA with dropout inside a checkpointed region, which backward recomputes: the loss ops take the
+    seed as an input (drawn by fastft::draw_seed, which the partitioner saves or replays), so the recomputation
+    regenerates the forward's mask and the compiled gradients are the checkpointed eager run's, exactly. (With the
+    seed drawn in the loss op's body, the recomputation drew another mask.)"""
+    monkeypatch.setenv("FASTFT_LOSS_CHUNK_MIB", str(4 * V * 4 / 2**20))
+    torch.manual_seed(12)
+    head = _head("peft_lora", dropout=0.4).train()
+    x, y = _t(2, 5, H), _labels(2, 5)
+
+    def region(x):  # work before the head, so the recomputed region has more than the loss op
+        return lm_head_cross_entropy(torch.tanh(x) * 1.5, head, y, reduction=reduction, backend="triton")
+
+    fn = lambda x: torch.utils.checkpoint.checkpoint(region, x, use_reentrant=False)  # noqa: E731
+    _assert_head_compiles_like_eager(fn, head, x, (ROWS if reduction == "none" else SCALAR) + ("draw_seed",), seed=5)
 
 
 # ----------------------------------------------------------------------------------------------
 # opcheck: schema, fake kernels against the real ones, autograd registration, AOT dispatch
 
-def _options(kind="ce", vocab=V, scaling=1.0, nf4=(0, 0), chunk_size=3):
+def _options(kind="ce", vocab=V, scaling=1.0, nf4_ints=(), chunk_size=3):
+    """The Python options (op .. bytes_per_logit); the tensor arguments before them end with the seed."""
     return ["opcheck", kind, "triton", vocab, -100, 0.1 if kind == "ce" else 0.0, 3.0 if kind == "ce" else None,
-            1.5, False, scaling, 0.0, nf4[0], nf4[1], chunk_size, 4]
+            1.5, False, scaling, 0.0, list(nf4_ints), chunk_size, 4]
 
 
 @interpreter_only
@@ -234,7 +255,7 @@ def test_opcheck_linear_loss():
     torch.manual_seed(9)
     h, w, b, y = _t(5, H), _t(V, H, scale=0.3), _t(V), _labels(5)
     A, B = _t(3, H, scale=0.3), _t(V, 3, scale=0.3)
-    torch.library.opcheck(linear_loss_op, (h, w, b, A, B, [], y, None, None, torch.tensor([0.25]),
+    torch.library.opcheck(linear_loss_op, (h, w, b, A, B, [], y, None, None, torch.tensor([0.25]), None,
                                            *_options(scaling=2.0), [True, True, True, True, True]))
 
 
@@ -242,21 +263,20 @@ def test_opcheck_linear_loss():
 def test_opcheck_linear_row_losses_and_backward():
     torch.manual_seed(10)
     h, w, b, y = _t(5, H), _t(V, H, scale=0.3), _t(V), _labels(5)
-    args = (h, w, b, None, None, [], y, None, None, torch.ones(1), *_options())
+    args = (h, w, b, None, None, [], y, None, None, torch.ones(1), None, *_options())
     torch.library.opcheck(row_losses_op, (*args, False))
     detached = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
-    torch.library.opcheck(row_losses_backward_op, (*detached, torch.randn(5), torch.tensor([0]),
-                                                   [True, True, True, False, False]))
+    torch.library.opcheck(row_losses_backward_op, (*detached, torch.randn(5), [True, True, True, False, False]))
 
 
 @interpreter_only
 def test_opcheck_linear_row_losses_nf4_head_dh_only():
     torch.manual_seed(11)
     head = NF4Linear.from_linear(nn.Linear(H, V))
-    parts, blocksize, nested = nf4_parts(head.weight)
+    parts, ints = nf4_args(head.weight)
     h, y = _t(5, H), _labels(5)
     torch.library.opcheck(row_losses_op, (h, None, head.bias.detach(), None, None, parts, y, None, None,
-                                          torch.ones(1), *_options(nf4=(blocksize, nested)), True))
+                                          torch.ones(1), None, *_options(nf4_ints=ints), True))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -266,14 +286,40 @@ def test_opcheck_linear_row_losses_nf4_head_dh_only():
 def test_lora_dropout_refuses_cuda_graph_capture(monkeypatch):
     """While a CUDA graph is captured (faked here: no GPU) a host-drawn seed would be replayed: refused, saying what
     to do."""
+    import fastft.ops.compiled_args as compiled_args
     import fastft.ops.linear_losses_compiled as compiled
     monkeypatch.setattr(compiled, "capturing", lambda device: True)
+    monkeypatch.setattr(compiled_args, "capturing", lambda device: True)
     h, w, y = _t(5, H), _t(V, H), _labels(5)
     A, B = _t(3, H), _t(V, 3)
     options = _options()
     options[10] = 0.2  # dropout_p
-    with pytest.raises(ValueError, match="lora_dropout to 0 or compile without mode='reduce-overhead'"):
-        row_losses_op(h, w, None, A, B, [], y, None, None, torch.ones(1), *options, False)
+    with pytest.raises(ValueError, match=r"opcheck: dropout_p=0.2 cannot run inside a CUDA graph capture .* Use "
+                                         r"dropout 0 \(e.g. lora_dropout=0.0\) or compile without CUDA graphs"):
+        row_losses_op(h, w, None, A, B, [], y, None, None, torch.ones(1), seed_tensor(1), *options, False)
+
+
+@interpreter_only
+def test_double_quantized_nf4_head_under_capture_reads_no_offset(monkeypatch):
+    """While a CUDA graph is captured (faked here) a double-quantized NF4 head crosses as compiled_args.nf4_args and
+    has its nested scales decoded on the device (compiled_args.nf4_from_args): no host read of the offset, the same
+    losses and gradients."""
+    import fastft.ops.compiled_args as compiled_args
+    import fastft.ops.linear_losses_compiled as compiled
+    torch.manual_seed(13)
+    head = NF4Linear.from_linear(nn.Linear(H, V))
+    parts, ints = nf4_args(head.weight)
+    assert len(parts) == 6  # double quantization: absmax2, code2, nested_offset
+    h, y = _t(5, H, grad=False), _labels(5)
+    args = (h, None, head.bias.detach(), None, None, parts, y, None, None, torch.full((1,), 0.2), None,
+            *_options(nf4_ints=ints, chunk_size=None))
+    want = linear_loss_op(*args, [True, False, False, False, False])
+    monkeypatch.setattr(compiled, "capturing", lambda device: True)
+    monkeypatch.setattr(compiled_args, "capturing", lambda device: True)
+    monkeypatch.setattr(compiled_args, "_offset_value", lambda t: pytest.fail("read the offset to the host"))
+    got = linear_loss_op(*args, [True, False, False, False, False])
+    for g, w in zip(got[:2], want[:2]):  # the loss and dh
+        torch.testing.assert_close(g, w, atol=0, rtol=0)
 
 
 @pytest.mark.gpu
@@ -292,3 +338,20 @@ def test_reduce_overhead_matches_eager_on_gpu(reduction):
         got_out, got_grads = run_with_grads(compiled, leaves((h, w)))
     for got, want in zip(got_out + got_grads, want_out + want_grads):
         torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_lora_head_dropout_under_checkpointing_with_inductor_on_gpu(reduction):
+    """Inductor's partitioner recomputes the checkpointed loss with the seed fastft::draw_seed drew in the forward
+    (saved or replayed): eager's gradients (inductor may fuse the backward's scaling: a small tolerance)."""
+    torch.manual_seed(0)
+    head = _head("peft_lora", dropout=0.3).train().cuda()
+    x = torch.randn(4, 37, H, device="cuda", requires_grad=True)
+    y = torch.randint(0, V, (4, 37), device="cuda")
+    fn = lambda x: torch.utils.checkpoint.checkpoint(  # noqa: E731
+        lambda x: lm_head_cross_entropy(x, head, y, reduction=reduction, backend="triton"), x, use_reentrant=False)
+    want = _run(fn, head, x, seed=1)
+    got = _run(torch.compile(fn, fullgraph=True), head, x, seed=1)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)

@@ -11,6 +11,10 @@ Each fused op keeps two doors onto the same forward/backward bodies:
 
 Custom-op bodies return fresh tensors only (no output may alias an input): a tensor a body would pass through
 is re-derived from the inputs in `setup_context` instead, and an output a call does not need is `unused(like)`.
+A dropout seed is drawn at run time by its own op, `fastft::draw_seed` (fastft.ops.compiled_args), and enters the
+forward and backward ops as an input: the forward op is then a function of its inputs, so activation checkpointing
+may recompute it (a seed drawn inside the forward body would be drawn anew by the recompute: wrong gradients). An
+NF4Weight crosses a custom op as its inner tensors (compiled_args.nf4_args / nf4_from_args).
 """
 from __future__ import annotations
 

@@ -1,5 +1,12 @@
-"""What the fused ops' custom ops (fastft.ops.compiled) share beyond fastft.ops.compiled itself: the dropout seed as
-a tensor, the CUDA-graph refusal for dropout, fake gradients, and an NF4Weight passed as its inner tensors.
+"""What the fused ops' custom ops (fastft.ops.compiled) share beyond fastft.ops.compiled itself: the dropout seed
+(drawn by its own op, fastft::draw_seed, and passed to the op families as a tensor), the CUDA-graph refusal for
+dropout, fake gradients, and an NF4Weight passed as its inner tensors.
+
+The dropout seed is drawn at run time by `draw_seed_op`, in its body, from the generator eager draws from
+(fastft.ops.shared.draw_seed, called through its module so a test patches one name for every op family, eager and
+compiled), and handed to an op's forward and backward as an int64 CPU tensor (`Optional[Tensor]`, None without
+dropout): the forward op is then a function of its inputs, so activation checkpointing may recompute it (the draw op
+is tagged random: the partitioner saves its value or replays it under the saved CPU generator state).
 
 A custom op takes tensors, numbers, bools and strings only, so an NF4Weight (a tensor subclass) crosses the
 boundary as `nf4_args(w)`: its inner tensors (the nested offset a 0-d tensor, so graphs do not specialise on each
@@ -9,10 +16,15 @@ from __future__ import annotations
 
 import weakref
 
+from typing import Optional
+
 import torch
 
+from fastft.ops import shared
 from fastft.ops.compiled import capturing, unused
 from fastft.quant import nf4_format as fmt
+
+SEED_DEVICE = torch.device("cpu")  # dropout seeds come from torch's CPU generator (fastft.ops.shared.draw_seed)
 
 
 def seed_tensor(seed: int) -> torch.Tensor:
@@ -23,6 +35,24 @@ def seed_tensor(seed: int) -> torch.Tensor:
 def seed_tensor_like() -> torch.Tensor:
     """seed_tensor's fake."""
     return torch.empty((), dtype=torch.int64, device="cpu")
+
+
+@torch.library.custom_op("fastft::draw_seed", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
+def draw_seed_op(*, device: torch.device) -> torch.Tensor:
+    """device: the generator's, always the CPU (a keyword: where the partitioner looks to save and restore the
+    generator's state when it replays the op)."""
+    return seed_tensor(shared.draw_seed())
+
+
+@draw_seed_op.register_fake
+def _(*, device):
+    return seed_tensor_like()
+
+
+def seed_int(op: str, seed: Optional[torch.Tensor], dropout_p: float) -> int:
+    """The drawn seed as the bodies take it (0 without dropout)."""
+    shared.check(seed is not None or dropout_p == 0.0, f"{op}: dropout_p > 0 needs the seed from fastft::draw_seed")
+    return 0 if seed is None else int(seed)
 
 
 def refuse_replayed_dropout(op: str, dropout_p: float, device: torch.device) -> None:

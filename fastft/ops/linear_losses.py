@@ -40,12 +40,13 @@ import numbers
 import torch
 import torch.nn.functional as F
 
+from fastft.ops import shared
 from fastft.ops.chunked_logits import (DeferredChunkedLoss, EagerChunkedLoss, Plan, RowLoss, chunk_budget_bytes,
                                        chunk_rows)
 from fastft.ops.compiled import capturing, compiling
 from fastft.ops.linear_losses_compiled import check_label_range, nf4_block_rows, traced_loss
 from fastft.ops.lm_head import HeadArgs, head_of_module
-from fastft.ops.shared import BACKENDS, check, draw_seed, resolve_backend
+from fastft.ops.shared import BACKENDS, check, resolve_backend
 
 REDUCTIONS = ("mean", "sum", "none")
 DIRECTIONS = ("forward", "reverse")
@@ -128,7 +129,7 @@ def _run(op: str, reduction: str, hidden, head: HeadArgs, row: RowLoss, grad_sca
                                                                     chunk_budget_bytes(hidden.device))
         plan = Plan(row.row_fn(labels2, teacher_h2, teacher_w), rows, head.vocab, nf4=head.nf4,
                     nf4_rows=nf4_block_rows(hidden), scaling=head.scaling, dropout_p=head.dropout_p,
-                    seed=draw_seed() if head.dropout_p > 0.0 else 0, grad_scale=grad_scale)
+                    seed=shared.draw_seed() if head.dropout_p > 0.0 else 0, grad_scale=grad_scale)
         plan.extra["grad_enabled"] = torch.is_grad_enabled()
         if reduction == "none":
             return DeferredChunkedLoss.apply(plan, hidden, head.weight, head.bias, head.lora_A, head.lora_B)

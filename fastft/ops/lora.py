@@ -12,14 +12,12 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from fastft.ops import lora_path, shared
 from fastft.ops.compiled import compiling, needed, unused
-from fastft.ops.compiled_args import fresh_like, refuse_replayed_dropout, seed_tensor, seed_tensor_like
-from fastft.ops.shared import (BACKENDS, as_rows, autocast_inputs, check, check_backend, draw_seed, padded,
-                               resolve_backend)
-from fastft.ops import lora_path
+from fastft.ops.compiled_args import SEED_DEVICE, draw_seed_op, fresh_like, refuse_replayed_dropout, seed_int
+from fastft.ops.shared import BACKENDS, as_rows, autocast_inputs, check, check_backend, padded, resolve_backend
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-SEED_DEVICE = torch.device("cpu")  # dropout seeds come from torch's CPU generator (fastft.ops.shared.draw_seed)
 
 
 def lora_linear_reference(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, *, keep_mask=None):
@@ -97,7 +95,7 @@ def fused_lora_forward(x, bias, lora_A, lora_B, scaling, dropout_p, base_gemm, f
 
     N = lora_B.shape[0]
     if seed is None:
-        seed = draw_seed() if dropout_p > 0.0 else 0
+        seed = shared.draw_seed() if dropout_p > 0.0 else 0
     meta = lora_meta(x, bias, lora_A, lora_B, scaling, dropout_p, seed)
     coef = meta[1]
     # Rank-padded copies kept for backward so it does not pad and cast them again (rank_operands).
@@ -201,30 +199,9 @@ class LoRALinearFunction(torch.autograd.Function):
                 None, None)
 
 
-# The traced door (fastft.ops.compiled): fastft::draw_seed, then fastft::lora_linear and its backward as custom ops.
-# With dropout the seed is drawn at run time by its own op, in its body, from the generator eager draws from (the same
-# draws in the same order as eager), and handed to the forward and backward ops as an int64 CPU tensor: the forward op
-# is then a function of its inputs, so activation checkpointing may recompute it (the draw op is tagged random: the
-# partitioner saves its value or replays it under the saved CPU generator state). The rank-padded factors are padded
+# The traced door (fastft.ops.compiled): fastft::draw_seed (compiled_args), then fastft::lora_linear and its backward
+# as custom ops, the seed an input of both (checkpoint-safe, see compiled_args). The rank-padded factors are padded
 # again in backward from the inputs (a custom op cannot return its inputs).
-@torch.library.custom_op("fastft::draw_seed", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
-def draw_seed_op(*, device: torch.device) -> torch.Tensor:
-    """device: the generator's, always the CPU (a keyword: where the partitioner looks to save and restore the
-    generator's state when it replays the op)."""
-    return seed_tensor(draw_seed())
-
-
-@draw_seed_op.register_fake
-def _(*, device):
-    return seed_tensor_like()
-
-
-def seed_int(op: str, seed: Optional[torch.Tensor], dropout_p: float) -> int:
-    """The drawn seed as the bodies take it (0 without dropout)."""
-    check(seed is not None or dropout_p == 0.0, f"{op}: dropout_p > 0 needs the seed from fastft::draw_seed")
-    return 0 if seed is None else int(seed)
-
-
 @torch.library.custom_op("fastft::lora_linear", mutates_args=())
 def lora_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_A: torch.Tensor,
                    lora_B: torch.Tensor, seed: Optional[torch.Tensor], scaling: float, dropout_p: float

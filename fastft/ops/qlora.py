@@ -22,10 +22,11 @@ import torch.nn.functional as F
 
 from fastft.ops import qlora_path
 from fastft.ops.compiled import compiling, needed, unused
-from fastft.ops.compiled_args import fresh_like, nf4_args, nf4_from_args, nf4_layout_ok, refuse_replayed_dropout
+from fastft.ops.compiled_args import (SEED_DEVICE, draw_seed_op, fresh_like, nf4_args, nf4_from_args, nf4_layout_ok,
+                                      refuse_replayed_dropout, seed_int)
 from fastft.ops.qlora_path import release_dequant_scratch  # noqa: F401 - public here too
-from fastft.ops.lora import (SEED_DEVICE, draw_seed_op, fused_lora_backward, fused_lora_forward,
-                             lora_linear_reference, lora_meta, rank_operands, seed_int)
+from fastft.ops.lora import (fused_lora_backward, fused_lora_forward, lora_linear_reference, lora_meta,
+                             rank_operands)
 from fastft.ops.shared import as_rows, autocast_inputs, check, nf4_fused_ok, resolve_backend
 from fastft.quant.nf4_weight import NF4Weight
 
@@ -185,8 +186,8 @@ class NF4LinearFunction(torch.autograd.Function):
 
 # The traced doors: fastft::qlora_linear, fastft::nf4_linear and their backwards as custom ops
 # (fastft.ops.compiled). The NF4Weight crosses as its inner tensors and fields (compiled_args.nf4_args); the
-# rank-padded factors are padded again in backward from the inputs; the dropout seed comes from fastft::draw_seed as
-# for lora_linear (fastft.ops.lora).
+# rank-padded factors are padded again in backward from the inputs; the dropout seed comes from fastft::draw_seed
+# (fastft.ops.compiled_args) as for lora_linear.
 @torch.library.custom_op("fastft::qlora_linear", mutates_args=())
 def qlora_linear_op(x: torch.Tensor, w_parts: list[torch.Tensor], w_ints: list[int], bias: Optional[torch.Tensor],
                     lora_A: torch.Tensor, lora_B: torch.Tensor, seed: Optional[torch.Tensor], scaling: float,

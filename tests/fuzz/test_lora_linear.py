@@ -11,7 +11,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-import fastft.ops.lora as lora_ops
+from fastft.ops import shared
 from fastft.ops.lora import lora_linear
 from tests.fuzz import references as ref
 from tests.fuzz.checks import check_example, grads_of, needing_grad
@@ -30,8 +30,8 @@ SCALINGS = (0.0, 1.0, 0.5, -2.0, 1 / 33, 16.0)
 def captured_seeds():
     """The dropout seeds the fused op draws, so the test can regenerate the kernels' exact keep-mask."""
     seeds = []
-    draw = lora_ops.draw_seed
-    with mock.patch.object(lora_ops, "draw_seed", lambda: seeds.append(draw()) or seeds[-1]):
+    draw = shared.draw_seed
+    with mock.patch.object(shared, "draw_seed", lambda: seeds.append(draw()) or seeds[-1]):
         yield seeds
 
 
