@@ -2,7 +2,9 @@
 base and against peft's LoRA layer, M = 8192 tokens, bf16 everywhere (adapters too), dropout 0.
 
 Per (K→N, r): median ms of fwd+bwd (dX for the base; dX, dA, dB for LoRA), ratio to the base, and peak
-memory above the inputs. Then a breakdown of fastft's kernels at r=16. Run: python benchmarks/gpu_lora.py
+memory above the inputs; the base and fastft also replayed from a CUDA graph (one captured fwd+bwd step: no host
+time, what torch.compile mode="reduce-overhead" gives), which says how much of a ratio is host overhead. Then a
+breakdown of fastft's kernels at r=16. Run: python benchmarks/gpu_lora.py
 """
 from __future__ import annotations
 
@@ -57,6 +59,21 @@ def peft_layer(k: int, n: int, r: int) -> nn.Module:
     return layer
 
 
+def graphed(step):
+    """step captured in a CUDA graph after a warm-up on a side stream (compiles, tunes, allocates); returns the
+    replay, or raises when the step cannot be captured."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
+
+
 def bench_shape(k: int, n: int, rounds: int = 3) -> list[dict]:
     """Every method of this shape timed in `rounds` interleaved rounds; the best round counts (the card's
     clocks wander between runs of a few hundred ms, and interleaving spreads that over all methods)."""
@@ -81,12 +98,19 @@ def bench_shape(k: int, n: int, rounds: int = 3) -> list[dict]:
 
         cases += [dict(shape=f"{k}->{n}", method="peft LoRA", r=r, fn=peft_step),
                   dict(shape=f"{k}->{n}", method="fastft fused", r=r, fn=fastft_step)]
+    for method, r, step in [("frozen bf16 base, CUDA graph", "-", base)] + [
+            ("fastft fused, CUDA graph", c["r"], c["fn"]) for c in cases if c["method"] == "fastft fused"]:
+        try:
+            cases.append(dict(shape=f"{k}->{n}", method=method, r=r, fn=graphed(step)))
+        except Exception as err:  # noqa: BLE001 - a step that cannot be captured is reported, not timed
+            print(f"{method} r={r}: not captured: {type(err).__name__}: {err}"[:300], flush=True)
     time_cases(cases, rounds)
     t_base = cases[0]["ms"]
     rows = []
     for case in cases:
         fn = case.pop("fn")
-        rows.append(dict(case, ratio=case["ms"] / t_base, peak_mib=peak_memory_mib(fn)))
+        graph = "CUDA graph" in case["method"]  # a replay allocates nothing: its memory is the graph's pool
+        rows.append(dict(case, ratio=case["ms"] / t_base, peak_mib="-" if graph else peak_memory_mib(fn)))
     rows[0]["tflops"] = 2 * 2 * M * k * n / t_base / 1e9
     return rows
 
@@ -133,7 +157,7 @@ def main() -> int:
             parts[f"{k}->{n}"] = breakdown(k, n)
         except Exception as err:  # noqa: BLE001 - report and keep measuring the other shapes
             rows.append(dict(shape=f"{k}->{n}", method=f"FAILED: {type(err).__name__}: {err}"[:200]))
-        print(markdown_table(rows[-7:], ["shape", "method", "r", "ms", "ratio", "peak_mib"]), flush=True)
+        print(markdown_table(rows[-11:], ["shape", "method", "r", "ms", "ratio", "peak_mib"]), flush=True)
     write_results("lora", dict(card=card, torch=torch.__version__, M=M, dtype=str(DTYPE), rows=rows,
                                breakdown_ms=parts, correctness_failures=failures))
     print(f"\n## fused LoRA linear fwd+bwd, M={M}, bf16, on {card} (ratio = ms / frozen base ms)")
