@@ -15,7 +15,6 @@ layer's) and its integer fields; the body rebuilds an NF4Weight around the same 
 from __future__ import annotations
 
 import weakref
-
 from typing import Optional
 
 import torch
@@ -28,7 +27,7 @@ SEED_DEVICE = torch.device("cpu")  # dropout seeds come from torch's CPU generat
 
 
 def seed_tensor(seed: int) -> torch.Tensor:
-    """A dropout seed drawn in a custom op's body, as the output that carries it to backward (CPU: no sync)."""
+    """A drawn dropout seed as draw_seed_op returns it: an int64 CPU tensor (reading it back is no device sync)."""
     return torch.tensor(seed, dtype=torch.int64)
 
 
