@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from contextlib import contextmanager
+from unittest import mock
 
 SMOKE = os.environ.get("FASTFT_BENCH_SMOKE") == "1"
 if SMOKE:
@@ -43,17 +43,9 @@ CHECKS = ([(37, 48, 40, 8), (5, 37, 70, 33)] if SMOKE else
 MARGIN = 0.02  # fold must beat split by more than 2% (the card's clock noise between rounds is ~1%)
 
 
-@contextmanager
 def path(name: str):
-    old = os.environ.get(lora_path.ENV)
-    os.environ[lora_path.ENV] = name
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ[lora_path.ENV]
-        else:
-            os.environ[lora_path.ENV] = old
+    """FASTFT_LORA_PATH set to `name` inside the block."""
+    return mock.patch.dict(os.environ, {lora_path.ENV: name})
 
 
 def check_correctness() -> list[str]:

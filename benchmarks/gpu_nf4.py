@@ -12,11 +12,11 @@ reported, the rest go on. Timing, memory, the card and the results file come fro
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 import time
 import traceback
+from unittest import mock
 
 import torch
 
@@ -39,18 +39,10 @@ RESULTS: dict = {"errors": []}
 PATHS = ("fused", "dequant", "auto")  # QLoRA base GEMM: in-register NF4, shared-scratch dequant, measured choice
 
 
-@contextlib.contextmanager
 def qlora_path_forced(path: str):
     """FASTFT_QLORA_PATH set to `path` inside the block (auto: the selector measures per shape)."""
-    old = os.environ.get(qlora_path.ENV)
-    os.environ[qlora_path.ENV] = path
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ[qlora_path.ENV]
-        else:
-            os.environ[qlora_path.ENV] = old
+    return mock.patch.dict(os.environ, {qlora_path.ENV: path})
+
 
 try:
     import bitsandbytes as bnb
