@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastft.apps.bench import card_name, markdown_table, peak_memory_mib, time_cases, time_ms, write_results
+from fastft.apps.bench import (card_name, markdown_table, peak_memory_mib, rows_per_shape, time_cases, time_ms,
+                               write_results)
 from fastft.kernels import rank_ops
 from fastft.kernels.lora_gemm import lora_gemm
 from fastft.ops import lora_linear, lora_linear_reference
@@ -150,14 +151,14 @@ def main() -> int:
     print(f"card: {card}; torch {torch.__version__}", flush=True)
     failures = check_correctness()
     print("correctness:", "ok" if not failures else failures, flush=True)
-    rows, parts = [], {}
-    for k, n in SHAPES:
-        try:
-            rows += bench_shape(k, n)
-            parts[f"{k}->{n}"] = breakdown(k, n)
-        except Exception as err:  # noqa: BLE001 - report and keep measuring the other shapes
-            rows.append(dict(shape=f"{k}->{n}", method=f"FAILED: {type(err).__name__}: {err}"[:200]))
-        print(markdown_table(rows[-11:], ["shape", "method", "r", "ms", "ratio", "peak_mib"]), flush=True)
+    parts = {}
+
+    def shape_rows(k, n):
+        rows = bench_shape(k, n)
+        parts[f"{k}->{n}"] = breakdown(k, n)
+        return rows
+
+    rows = rows_per_shape(SHAPES, shape_rows, ["shape", "method", "r", "ms", "ratio", "peak_mib"])
     write_results("lora", dict(card=card, torch=torch.__version__, M=M, dtype=str(DTYPE), rows=rows,
                                breakdown_ms=parts, correctness_failures=failures))
     print(f"\n## fused LoRA linear fwd+bwd, M={M}, bf16, on {card} (ratio = ms / frozen base ms)")

@@ -27,7 +27,7 @@ import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from fastft.apps.bench import card_name, markdown_table, time_cases, write_results  # noqa: E402
+from fastft.apps.bench import card_name, markdown_table, rows_per_shape, time_cases, write_results  # noqa: E402
 from fastft.kernels.rank_ops import rank_pad  # noqa: E402
 from fastft.ops import lora_linear, lora_linear_reference, lora_path  # noqa: E402
 
@@ -151,14 +151,7 @@ def main() -> int:
     print(f"card: {card}; torch {torch.__version__}", flush=True)
     failures = check_correctness()
     print("correctness (split and fold vs fp64):", "ok" if not failures else failures, flush=True)
-    rows = []
-    for k, n in SHAPES:
-        try:
-            rows += bench_shape(k, n)
-        except Exception as err:  # noqa: BLE001 - report and keep measuring the other shapes
-            rows.append(dict(shape=f"{k}->{n}", path=f"FAILED: {type(err).__name__}: {err}"[:200]))
-        print(markdown_table([r for r in rows if r.get("shape") == f"{k}->{n}"],
-                             ["shape", "r", "path", "part", "ms", "ratio", "host_ms"]), flush=True)
+    rows = rows_per_shape(SHAPES, bench_shape, ["shape", "r", "path", "part", "ms", "ratio", "host_ms"], label="path")
     entries = measured_entries(rows, not failures)
     write_results("lora_paths", dict(card=card, torch=torch.__version__, M=M, dtype=str(DTYPE), margin=MARGIN,
                                      rows=rows, correctness_failures=failures,

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastft.apps.bench import card_name, markdown_table, peak_memory_mib, time_ms, write_results
+from fastft.apps.bench import card_name, markdown_table, peak_memory_mib, rows_per_shape, time_ms, write_results
 from fastft.ops import dora_linear, dora_linear_reference, ia3_linear, ia3_linear_reference, lora_linear
 from fastft.ops.bottleneck_adapter import bottleneck_adapter, bottleneck_adapter_reference
 
@@ -133,13 +133,7 @@ def main() -> int:
     print(f"card: {card}; torch {torch.__version__}", flush=True)
     failures = check_correctness()
     print("correctness:", "ok" if not failures else failures, flush=True)
-    rows = []
-    for k, n in SHAPES:
-        try:
-            rows += bench_shape(k, n)
-        except Exception as err:  # noqa: BLE001 - report and keep measuring the other shapes
-            rows.append(dict(shape=f"{k}->{n}", method=f"FAILED: {type(err).__name__}: {err}"[:200]))
-        print(markdown_table(rows[-8:], ["shape", "method", "ms", "vs_base", "vs_lora", "peak_mib"]), flush=True)
+    rows = rows_per_shape(SHAPES, bench_shape, ["shape", "method", "ms", "vs_base", "vs_lora", "peak_mib"])
     try:
         adapter_rows = bench_adapter()
     except Exception as err:  # noqa: BLE001

@@ -202,3 +202,17 @@ def test_tiny_bench_on_gpu(tmp_path):
             assert r["status"] == "ok", r
             assert r["tokens_per_s"] > 0 and r["peak_gib"] > 0 and r["memory_kind"].startswith("cuda")
     assert (tmp_path / "bench_methods.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_rows_per_shape_reports_a_failing_shape_and_measures_the_rest(capsys):
+    from fastft.apps.bench import rows_per_shape
+
+    def bench_shape(k, n):
+        if k == 2:
+            raise RuntimeError("out of memory")
+        return [dict(shape=f"{k}->{n}", method="m", ms=float(k))]
+
+    rows = rows_per_shape([(1, 4), (2, 4), (3, 4)], bench_shape, ["shape", "method", "ms"])
+    assert [r["shape"] for r in rows] == ["1->4", "2->4", "3->4"]
+    assert rows[1]["method"] == "FAILED: RuntimeError: out of memory" and rows[2]["ms"] == 3.0
+    assert capsys.readouterr().out.count("| shape |") == 3  # each shape's table printed as it finishes

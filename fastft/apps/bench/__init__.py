@@ -13,6 +13,7 @@ from fastft.apps.bench.harness import (  # noqa: F401 - the harness API the kern
     markdown_table,
     peak_memory_gib,
     peak_memory_mib,
+    rows_per_shape,
     time_cases,
     time_ms,
     write_results,

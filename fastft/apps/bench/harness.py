@@ -85,6 +85,20 @@ def time_cases(cases: list[dict], rounds: int, timer=time_ms) -> None:
             case["ms"] = min(case.get("ms", float("inf")), timer(case["fn"]))
 
 
+def rows_per_shape(shapes, bench_shape, columns: list[str], label: str = "method") -> list[dict]:
+    """bench_shape(k, n) -> rows for each (k, n) in `shapes`, each shape's table printed as it finishes; a shape
+    that raises becomes one row (its `label` column saying FAILED and why) and the others are still measured."""
+    rows = []
+    for k, n in shapes:
+        shape = f"{k}->{n}"
+        try:
+            rows += bench_shape(k, n)
+        except Exception as err:  # noqa: BLE001 - report and keep measuring the other shapes
+            rows.append({"shape": shape, label: f"FAILED: {type(err).__name__}: {err}"[:200]})
+        print(markdown_table([r for r in rows if r.get("shape") == shape], columns), flush=True)
+    return rows
+
+
 def peak_memory_mib(fn) -> float | None:
     """CUDA memory allocated at the peak of one call of `fn`, above what was allocated before (None on CPU)."""
     if not torch.cuda.is_available():
