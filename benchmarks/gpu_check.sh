@@ -5,7 +5,7 @@
 # timings; a failing section does not stop the next, and each gets what is left of the time budget.
 #   bash benchmarks/gpu_check.sh [section ...]    sections: build nf4 attention lora-tests fuzz-tests lora losses-tests losses
 #   (on request: nf4-tests attention-tests methods-tests methods layers-tests layers patch-step train-tests train
-#    train-methods-tests compile-tests bench-1b bench-8b lora-paths; `issue10` names the kernel-speed set, correctness first)
+#    train-methods-tests compile-tests bench-1b bench-1b-compile bench-8b lora-paths; `issue10` names the kernel-speed set, correctness first)
 set -uo pipefail
 export PYTHONPATH="$PWD/.peers:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 : "${OUT:=/tmp/fastft-out}"; mkdir -p "$OUT"; export OUT
@@ -39,12 +39,17 @@ python3 -c "import torch, triton, transformers, peft; print('torch', torch.__ver
 #             Liger rows run last, so a time-out drops them first (--peers peft to skip them).
 #   bench-8b  llama-8b QLoRA B1×S2048 with checkpointing × (fastft, peft+bnb, Liger): an 8B build + NF4
 #             quantization ~20–40 s per run, NF4 kernel compiles ~30–60 s, steps ~0.5 s: ~2–3 min.
+#   bench-1b-compile  llama-1b lora, qlora × (fastft, peft), each eager and under torch.compile (inductor): the
+#             compiled rows add ~1–2 min of compiling each (never run).
 # e.g. bash benchmarks/gpu_check.sh bench-1b bench-8b   (or FASTFT_GPU_BUDGET=... with the default sections)
 for s in $sections; do
   case "$s" in
     bench-1b) run 420 bench-1b python3 -m fastft.apps.cli bench methods --shape llama-1b --seq-len 2048 \
                 --batch-size 4 --methods lora,qlora,full,dora,prefix,prompt,ia3 --steps 3 --warmup 1 \
                 --formats json --output-dir "$OUT/bench-1b" ;;
+    bench-1b-compile) run 420 bench-1b-compile python3 -m fastft.apps.cli bench methods --shape llama-1b \
+                --seq-len 2048 --batch-size 4 --methods lora,qlora --peers peft --steps 3 --warmup 1 --compile default \
+                --formats json --output-dir "$OUT/bench-1b-compile" ;;
     bench-8b) run 200 bench-8b python3 -m fastft.apps.cli bench methods --shape llama-8b --seq-len 2048 \
                 --batch-size 1 --methods qlora --gradient-checkpointing --steps 3 --warmup 1 \
                 --formats json --output-dir "$OUT/bench-8b" ;;
