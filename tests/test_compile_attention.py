@@ -72,6 +72,18 @@ def test_varlen_compiles(max_seqlen):
 
 
 @interpreter_only
+def test_empty_packed_batch_with_a_prefix_compiles():
+    """No tokens at all (found by tests/fuzz/test_compiled.py): the eager door's empty-q shortcut, the reference,
+    reads cu_seqlens on the host, a data-dependent graph break; traced, the custom op answers it without a read
+    (an empty output; zero gradients for the prefix)."""
+    q, k, v = _qkv(0)
+    pk, pv = _t(1, 3, 2, 16), _t(1, 3, 2, 16)
+    assert_compiles_like_eager(lambda q, k, v, pk, pv, cu: flash_attention(q, k, v, cu_seqlens=cu, prefix_k=pk,
+                                                                           prefix_v=pv, backend="triton"),
+                               q, k, v, pk, pv, _cu(0, 0), ops=OPS)
+
+
+@interpreter_only
 def test_varlen_prefix_window_bf16_dynamic_compiles():
     """Per-document prefix, window and bf16, traced with dynamic shapes and max_seqlen as a symbolic int."""
     q, k, v = _qkv(30, heads=4, kv_heads=1, dtype=torch.bfloat16)  # (cu_seqlens has 3 entries: no size shared)

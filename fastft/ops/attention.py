@@ -248,15 +248,20 @@ def flash_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix
                        prefix_v: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor],
                        max_seqlen: Optional[int], scale: float, left: int, right: int
                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    if q.numel() == 0:  # no query (e.g. a packed batch of no tokens): nothing to attend, nothing to read
+        return q.new_empty(q.shape), q.new_empty(_lse_shape(q, cu_seqlens), dtype=torch.float32)
     max_seqlen = _resolve_max_seqlen(cu_seqlens, max_seqlen, q.shape[0], q.device)
     _, o, lse = _forward(q, k, v, prefix_k, prefix_v, cu_seqlens, max_seqlen, scale, left, right)
     return o, lse
 
 
+def _lse_shape(q, cu_seqlens) -> tuple:
+    return (q.shape[1], q.shape[0]) if cu_seqlens is not None else (q.shape[0], q.shape[2], q.shape[1])
+
+
 @flash_attention_op.register_fake
 def _(q, k, v, prefix_k, prefix_v, cu_seqlens, max_seqlen, scale, left, right):
-    lse_shape = (q.shape[1], q.shape[0]) if cu_seqlens is not None else (q.shape[0], q.shape[2], q.shape[1])
-    return q.new_empty(q.shape), q.new_empty(lse_shape, dtype=torch.float32)
+    return q.new_empty(q.shape), q.new_empty(_lse_shape(q, cu_seqlens), dtype=torch.float32)
 
 
 @torch.library.custom_op("fastft::flash_attention_backward", mutates_args=())
@@ -265,6 +270,10 @@ def flash_attention_backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tens
                                 prefix_v: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor],
                                 max_seqlen: Optional[int], scale: float, left: int, right: int
                                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    if q.numel() == 0:  # no query attended: the keys, values and prefix get zero gradients
+        prefix = (prefix_k.new_zeros(prefix_k.shape), prefix_v.new_zeros(prefix_v.shape)) if prefix_k is not None \
+            else (unused(q), unused(q))
+        return q.new_zeros(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape), *prefix
     max_seqlen = _resolve_max_seqlen(cu_seqlens, max_seqlen, q.shape[0], q.device, debug=False)
     dq, dk, dv, dpk, dpv = _backward(do, q, k, v, o, lse, prefix_k, prefix_v, cu_seqlens, max_seqlen, scale,
                                      left, right)
@@ -320,7 +329,8 @@ def flash_attention(q, k, v, *, causal=False, softmax_scale=None, cu_seqlens=Non
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
 
     backend = resolve_backend("flash_attention", backend, q.device, arg="q")
-    if backend == "torch" or q.numel() == 0:
+    # an empty q under torch.compile takes the custom op too (the reference would read cu_seqlens on the host)
+    if backend == "torch" or (q.numel() == 0 and not compiling()):
         if cu_seqlens is not None:  # the reference reads cu_seqlens on the host anyway: checking is free
             longest = _check_cu_seqlens(cu_seqlens, q.shape[0])
             _check(max_seqlen is None or longest <= max_seqlen,

@@ -1,8 +1,10 @@
-"""Property-based fuzzing of the traced door (fastft.ops.compiled): `lora_linear` on the Triton backend under
-torch.compile(fullgraph=True) — the fastft::lora_linear custom ops with their fake kernels — against the eager door
-on the same random problems (every layout, sizes 0/1/odd, fp32 adapter masters, bias dtypes, dropout, both LoRA
-paths). The same kernels run behind both doors, so outputs and every gradient must agree exactly; the eager door's
-accuracy against fp64 is test_lora_linear.py's. One dynamo reset per example (fresh guards, no recompile limit)."""
+"""Property-based fuzzing of the traced door (fastft.ops.compiled): lora_linear, qlora_linear / nf4_linear and
+flash_attention on the Triton backend under torch.compile(fullgraph=True) — their fastft:: custom ops, fake kernels
+and fastft::draw_seed — against the eager door on the same random problems (the draws of test_lora_linear.py,
+test_qlora_linear.py and test_attention.py: every layout, sizes 0/1/odd, fp32 adapter masters, bias dtypes, dropout,
+both LoRA paths, NF4 layouts, varlen, GQA, prefix, windows). The same kernels run behind both doors, so outputs and
+every gradient must agree exactly; each eager door's accuracy against fp64 is its own fuzz file's. One dynamo reset
+per example (fresh guards, no recompile limit)."""
 from __future__ import annotations
 
 import os
@@ -13,44 +15,80 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch._dynamo.backends.debugging import aot_eager
 
-from fastft.ops.lora import lora_linear
+from fastft.ops import flash_attention, lora_linear, nf4_linear, qlora_linear
+from fastft.ops.compiled_args import nf4_layout_ok
 from tests.fuzz import references as ref
+from tests.fuzz import test_attention, test_lora_linear, test_qlora_linear
 from tests.fuzz.checks import grads_of, needing_grad
 from tests.fuzz.strategies import fuzz
-from tests.fuzz.test_lora_linear import draw_problem
 from tests.utils import interpreter_only
 
 
-def _run(fn, args, dy, seed):
-    """fn's output and the gradients of the leaves, under one torch.manual_seed (the dropout seeds drawn alike)."""
-    named = (("x", args["x"]), ("weight", args["weight"]), ("bias", args["bias"]), ("lora_A", args["lora_A"]),
-             ("lora_B", args["lora_B"]))
+def assert_doors_agree(op: str, fn, named, grad_output, seed: int = 7, exact: bool = True) -> None:
+    """fn(*tensors of `named`) eager and compiled (aot_eager, fullgraph) under one torch.manual_seed (dropout seeds
+    drawn alike): the same output and the same gradient, in the same dtype, for every leaf that requires one.
+    exact=False where the op falls back to its torch reference, which the compiler traces into its own graph
+    (torch's own ops may then round differently: the dtype's default tolerance)."""
+    tol = dict(atol=0, rtol=0) if exact else {}
     inputs = needing_grad(named)
-    torch.manual_seed(seed)
-    y = fn(*(t for _, t in named), args["scaling"], args["dropout_p"])
-    return y.detach(), grads_of(y, inputs, dy, allow_unused=True)
+
+    def run(f):
+        torch.manual_seed(seed)
+        y = f(*(t for _, t in named))
+        return y.detach(), grads_of(y, inputs, grad_output, allow_unused=True)
+
+    torch._dynamo.reset()
+    y_eager, g_eager = run(fn)
+    y_comp, g_comp = run(torch.compile(fn, backend=aot_eager, fullgraph=True))
+    torch.testing.assert_close(y_comp, y_eager, **tol)
+    for name, want in g_eager.items():
+        got = g_comp[name]
+        if want is None:
+            assert got is None, f"{op} d{name}: eager gives none, compiled one"
+            continue
+        assert got.dtype == want.dtype, f"{op} d{name}: {got.dtype}, eager {want.dtype}"
+        torch.testing.assert_close(got, want, **tol, msg=lambda m: f"{op} d{name}: {m}")
+    ref.count_example(f"{op} compiled")
 
 
 @interpreter_only
 @fuzz(6)
 @given(data=st.data())
 def test_lora_linear_compiled_equals_eager(data):
-    args, dy = draw_problem(data)
+    args, dy = test_lora_linear.draw_problem(data)
     path = data.draw(st.sampled_from(["split", "fold"]), label="path")
-
-    def op(x, W, b, A, B, s, p):
-        return lora_linear(x, W, b, A, B, s, p, backend="triton")
-
-    torch._dynamo.reset()
+    s, p = args["scaling"], args["dropout_p"]
+    named = [(n, args[n]) for n in ("x", "weight", "bias", "lora_A", "lora_B")]
     with mock.patch.dict(os.environ, {"FASTFT_LORA_PATH": path}):
-        y_eager, g_eager = _run(op, args, dy, seed=7)
-        y_comp, g_comp = _run(torch.compile(op, backend=aot_eager, fullgraph=True), args, dy, seed=7)
-    torch.testing.assert_close(y_comp, y_eager, atol=0, rtol=0)
-    assert g_comp.keys() == g_eager.keys()
-    for name in g_eager:
-        if g_eager[name] is None:
-            assert g_comp[name] is None, f"d{name}: eager gives none, compiled one"
-            continue
-        assert g_comp[name].dtype == g_eager[name].dtype, f"d{name} dtype"
-        torch.testing.assert_close(g_comp[name], g_eager[name], atol=0, rtol=0, msg=lambda m: f"d{name}: {m}")
-    ref.count_example("lora_linear compiled")
+        assert_doors_agree("lora_linear", lambda x, W, b, A, B: lora_linear(x, W, b, A, B, s, p, backend="triton"),
+                           named, dy)
+
+
+@interpreter_only
+@fuzz(4)
+@given(data=st.data())
+def test_qlora_family_compiled_equals_eager(data):
+    lora = data.draw(st.booleans(), label="lora")
+    args, dy = test_qlora_linear.draw_problem(data, lora=lora)
+    named = [(n, args.get(n)) for n in ("x", "qweight", "bias")]
+    exact = nf4_layout_ok(args["qweight"])  # rows of whole blocks: the fused kernels; else the torch reference
+    if lora:
+        s, p = args["scaling"], args["dropout_p"]
+        named += [("lora_A", args["lora_A"]), ("lora_B", args["lora_B"])]
+        assert_doors_agree("qlora_linear",
+                           lambda x, W, b, A, B: qlora_linear(x, W, b, A, B, s, p, backend="triton"), named, dy,
+                           exact=exact)
+    else:
+        assert_doors_agree("nf4_linear", lambda x, W, b: nf4_linear(x, W, b, backend="triton"), named, dy,
+                           exact=exact)
+
+
+@interpreter_only
+@fuzz(4)
+@given(data=st.data())
+def test_flash_attention_compiled_equals_eager(data):
+    args, kw, do = test_attention.draw_problem(data, max_len=24)
+    names = [n for n in ("q", "k", "v", "prefix_k", "prefix_v") if n in args]
+    named = [(n, args[n]) for n in names]
+    assert_doors_agree("flash_attention",
+                       lambda *t: flash_attention(**dict(zip(names, t)), **kw, backend="triton"), named, do)
