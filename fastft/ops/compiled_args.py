@@ -115,16 +115,6 @@ def nf4_from_args(tensors: list[torch.Tensor], ints: list[int]):
     return w
 
 
-def nf4_layout_ok(w) -> bool:
-    """fastft.ops.shared.nf4_fused_ok without reading the nested offset (a device read that dynamo cannot trace):
-    the layout rule needs only the shape, blocksize and byte count."""
-    from fastft.kernels.nf4_gemm import NF4Operand, fused_supported
-
-    rows, cols = w.shape
-    return fused_supported(NF4Operand(w.packed, w.absmax, w.absmax2, w.code2, 0.0, w.nested_blocksize, w.code,
-                                      w.blocksize, rows, cols))
-
-
 def weight_args(w) -> tuple[list[torch.Tensor], list[int]]:
     """A weight that may be dense or an NF4Weight, for a custom op: ([w], []) or nf4_args(w)."""
     from fastft.quant.nf4_weight import NF4Weight

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from fastft.ops.compiled import compiling, needed, unused
-from fastft.ops.compiled_args import fresh_like, nf4_layout_ok, weight_args, weight_from_args
+from fastft.ops.compiled_args import fresh_like, weight_args, weight_from_args
 from fastft.ops.lora import rank_operands
 from fastft.ops.shared import as_rows, autocast_inputs, check, check_backend, nf4_fused_ok, padded, resolve_backend
 from fastft.quant.nf4_weight import NF4Weight
@@ -311,7 +311,7 @@ def dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p=0
     scaling, dropout_p = float(scaling), float(dropout_p)
     backend = resolve_backend("dora_linear", backend, x.device, arg="x")
     row_norm = dora_row_norm(weight, lora_A, lora_B, scaling, dtype=x.dtype, backend=backend)
-    fusable = not isinstance(weight, NF4Weight) or (nf4_layout_ok(weight) if compiling() else nf4_fused_ok(weight))
+    fusable = not isinstance(weight, NF4Weight) or nf4_fused_ok(weight)
     if backend == "torch" or dropout_p > 0.0 or x.numel() == 0 or not fusable:
         return dora_linear_reference(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p,
                                      row_norm=row_norm)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from fastft.ops import qlora_path
 from fastft.ops.compiled import compiling, needed, unused
-from fastft.ops.compiled_args import (SEED_DEVICE, draw_seed_op, fresh_like, nf4_args, nf4_from_args, nf4_layout_ok,
+from fastft.ops.compiled_args import (SEED_DEVICE, draw_seed_op, fresh_like, nf4_args, nf4_from_args,
                                       refuse_replayed_dropout, seed_int)
 from fastft.ops.qlora_path import release_dequant_scratch  # noqa: F401 - public here too
 from fastft.ops.lora import (fused_lora_backward, fused_lora_forward, lora_linear_reference, lora_meta,
@@ -317,7 +317,7 @@ def nf4_linear(x, qweight, bias=None, *, backend="auto"):
     (x,) = autocast_inputs(x)
     _validate_base("nf4_linear", x, qweight, bias)
     backend = resolve_backend("nf4_linear", backend, x.device, arg="x")
-    if backend == "torch" or x.numel() == 0 or not (nf4_layout_ok(qweight) if compiling() else nf4_fused_ok(qweight)):
+    if backend == "torch" or x.numel() == 0 or not nf4_fused_ok(qweight):
         return nf4_linear_reference(x, qweight, bias)
     with torch.autocast(x.device.type, enabled=False):
         if not compiling():

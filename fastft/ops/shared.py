@@ -78,6 +78,11 @@ def draw_seed() -> int:
 
 
 def nf4_fused_ok(qweight) -> bool:
-    """Whether the fused NF4 GEMM (fastft.kernels.nf4_gemm) takes this NF4Weight's layout."""
-    from fastft.kernels.nf4_gemm import fused_supported
-    return fused_supported(qweight.kernel_operand())
+    """Whether the fused NF4 GEMM (fastft.kernels.nf4_gemm) takes this NF4Weight's layout. The rule needs only the
+    shape, blocksize and byte count, so the nested offset is not read (a device read, which torch.compile cannot
+    trace)."""
+    from fastft.kernels.nf4_gemm import NF4Operand, fused_supported
+
+    rows, cols = qweight.shape
+    return fused_supported(NF4Operand(qweight.packed, qweight.absmax, qweight.absmax2, qweight.code2, 0.0,
+                                      qweight.nested_blocksize, qweight.code, qweight.blocksize, rows, cols))

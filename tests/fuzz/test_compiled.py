@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from torch._dynamo.backends.debugging import aot_eager
 
 from fastft.ops import flash_attention, lora_linear, nf4_linear, qlora_linear
-from fastft.ops.compiled_args import nf4_layout_ok
+from fastft.ops.shared import nf4_fused_ok
 from tests.fuzz import references as ref
 from tests.fuzz import test_attention, test_lora_linear, test_qlora_linear
 from tests.fuzz.checks import grads_of, needing_grad
@@ -71,7 +71,7 @@ def test_qlora_family_compiled_equals_eager(data):
     lora = data.draw(st.booleans(), label="lora")
     args, dy = test_qlora_linear.draw_problem(data, lora=lora)
     named = [(n, args.get(n)) for n in ("x", "qweight", "bias")]
-    exact = nf4_layout_ok(args["qweight"])  # rows of whole blocks: the fused kernels; else the torch reference
+    exact = nf4_fused_ok(args["qweight"])  # rows of whole blocks: the fused kernels; else the torch reference
     if lora:
         s, p = args["scaling"], args["dropout_p"]
         named += [("lora_A", args["lora_A"]), ("lora_B", args["lora_B"])]
