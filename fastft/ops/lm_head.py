@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from fastft.ops.shared import check as shared_check
 from fastft.quant.nf4_weight import NF4Weight
 
 SUPPORTED = ("torch.nn.Linear", "fastft NF4Linear (an NF4Weight .weight)",
@@ -35,11 +36,8 @@ class HeadArgs:
         return (self.weight if self.weight is not None else self.nf4).shape[0]
 
     def validate(self, op: str, hidden: torch.Tensor, hidden_name: str = "hidden", weight_name: str = "weight") -> None:
-        def check(cond, message):
-            # message may be a callable, called on failure only: a symbolic size (torch.compile, dynamic shapes)
-            # cannot be formatted into a string without breaking the graph
-            if not cond:
-                raise ValueError(f"{op}: {message() if callable(message) else message}")
+        def check(cond, message):  # fastft.ops.shared.check (lazy messages), each prefixed with the op's name
+            shared_check(cond, lambda: f"{op}: {message() if callable(message) else message}")
 
         w = self.weight if self.weight is not None else self.nf4
         check(hidden.dim() >= 1, lambda: f"`{hidden_name}` needs a last (hidden) dimension")
