@@ -300,13 +300,16 @@ def _gemm(a, b, lo, t, proj, bias, *, b_nk, p_drop, seed, col_scale, k_scale, fo
     if not fold:
         proj = c  # never read
     bias = unit_stride(bias)
-    # logical b[n, k], t[n, r] and proj[k, r] strides, whatever the storage
-    stride_bn, stride_bk = (b.stride(0), b.stride(1)) if b_nk else (b.stride(1), b.stride(0))
-    stride_tn, stride_tr = (t.stride(0), t.stride(1)) if b_nk else (t.stride(1), t.stride(0))
-    stride_pr, stride_pk = (proj.stride(0), proj.stride(1)) if b_nk else (proj.stride(1), proj.stride(0))
-    # lo is read through a descriptor (split) or stored with pointers (fold); proj is read through one (fold)
-    described = (a, b, c) + ((t, proj) if fold else (lo, t) if has_tail else ())
-    use_tma = has_tma(a.device) and a.device.type not in _NO_TMA and all(tma_compatible(x) for x in described)
+    # logical b[n, k], t[n, r] and proj[k, r] strides, whatever the storage (one .stride() call each: host time)
+    sa, sb, st, sp = a.stride(), b.stride(), t.stride(), proj.stride()
+    stride_bn, stride_bk = sb if b_nk else sb[::-1]
+    stride_tn, stride_tr = st if b_nk else st[::-1]
+    stride_pr, stride_pk = sp if b_nk else sp[::-1]
+    # lo is read through a descriptor (split) or stored with pointers (fold); proj is read through one (fold).
+    # c is a fresh contiguous allocation (aligned): only its row pitch can rule descriptors out.
+    described = (a, b) + ((t, proj) if fold else (lo, t) if has_tail else ())
+    use_tma = (has_tma(a.device) and a.device.type not in _NO_TMA and (N * a.element_size()) % 16 == 0
+               and all(tma_compatible(x) for x in described))
     if use_tma:
         ensure_descriptor_allocator()
     sms = device_sms(a.device)
@@ -319,7 +322,7 @@ def _gemm(a, b, lo, t, proj, bias, *, b_nk, p_drop, seed, col_scale, k_scale, fo
             a, b, lo, t, bias if bias is not None else c, c,
             col_scale if col_scale is not None else c, k_scale if k_scale is not None else c, proj,
             M, N, K,
-            a.stride(0), a.stride(1), stride_bn, stride_bk, lo.stride(0), stride_tn, stride_tr, c.stride(0),
+            sa[0], sa[1], stride_bn, stride_bk, lo.stride(0), stride_tn, stride_tr, N,
             stride_pk, stride_pr,
             p_drop, seed, grid[0], fold_scale,
             HAS_BIAS=bias is not None, TAIL_DROPOUT=p_drop > 0.0, B_NK=b_nk,

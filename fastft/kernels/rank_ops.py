@@ -197,22 +197,29 @@ def rank_project(x, w, *, scale: float, p_drop: float = 0.0, seed: int = 0) -> t
     """out[M,R] = scale·(keep∘x)·wᵀ in x's dtype, w logical [R,K] (pass B.t() for dy·B); R = w.shape[0]."""
     M, K = x.shape
     R = w.shape[0]
+    sx, sw = x.stride(), w.stride()
     result = {}
 
     def launch(cfg):
-        cfg = dict(cfg)
-        splits = min(cfg.pop("SPLIT_K"), cdiv(K, cfg["BLOCK_K"]))
-        k_per_split = cdiv(cdiv(K, splits), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
+        block_k = cfg["BLOCK_K"]
+        splits = min(cfg["SPLIT_K"], cdiv(K, block_k))
+        k_per_split = cdiv(cdiv(K, splits), block_k) * block_k
         splits = cdiv(K, k_per_split)
-        out = torch.empty((splits, M, R), device=x.device, dtype=x.dtype if splits == 1 else torch.float32)
+        if splits == 1:  # the product itself, in x's dtype
+            out = torch.empty((M, R), device=x.device, dtype=x.dtype)
+            stride_os = 0
+        else:  # fp32 partials, summed after
+            out = torch.empty((splits, M, R), device=x.device, dtype=torch.float32)
+            stride_os = M * R
         _rank_project_kernel[(cdiv(M, cfg["BLOCK_M"]), splits)](
             x, w, out, M, K, k_per_split,
-            x.stride(0), x.stride(1), w.stride(0), w.stride(1), out.stride(0), out.stride(1),
+            sx[0], sx[1], sw[0], sw[1], stride_os, R,
             scale, p_drop, seed,
             DROPOUT=p_drop > 0.0, UPCAST=upcast(x.dtype), DOT_PRECISION=dot_precision(x.dtype),
-            BLOCK_R=R, **cfg,
+            BLOCK_M=cfg["BLOCK_M"], BLOCK_K=block_k, BLOCK_R=R, num_warps=cfg["num_warps"],
+            num_stages=cfg["num_stages"],
         )
-        result["out"] = out[0] if splits == 1 else out.sum(0).to(x.dtype)
+        result["out"] = out if splits == 1 else out.sum(0).to(x.dtype)
 
     key = (bucket(M), K, R, x.dtype, p_drop > 0.0)
     tuner("rank_project", project_configs(x.element_size(), p_drop > 0.0)).run(key, launch)

@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from fastft.ops.compiled import compiling, needed, unused
 from fastft.ops.compiled_args import fresh_like, weight_args, weight_from_args
 from fastft.ops.lora import rank_operands
-from fastft.ops.shared import as_rows, autocast_inputs, check, check_backend, nf4_fused_ok, padded, resolve_backend
+from fastft.ops.shared import (as_rows, autocast_inputs, autocast_off, check, check_backend, nf4_fused_ok, padded,
+                               resolve_backend)
 from fastft.quant.nf4_weight import NF4Weight
 
 
@@ -100,25 +101,29 @@ def validate_dora_linear_args(x, weight, bias, lora_A, lora_B, magnitude, scalin
     op = "dora_linear"
     for name, t in (("x", x), ("lora_A", lora_A), ("lora_B", lora_B), ("magnitude", magnitude)):
         check(isinstance(t, torch.Tensor) and t.is_floating_point(),
-              f"{op}: `{name}` must be a floating-point tensor, got {type(t).__name__}")
+              lambda: f"{op}: `{name}` must be a floating-point tensor, got {type(t).__name__}")
     check(isinstance(weight, (torch.Tensor, NF4Weight)) and len(weight.shape) == 2,
-          f"{op}: `weight` must be a 2-D tensor or NF4Weight (out_features, in_features)")
+          lambda: f"{op}: `weight` must be a 2-D tensor or NF4Weight (out_features, in_features)")
     N, K = weight.shape
-    check(x.dim() >= 1 and x.shape[-1] == K, f"{op}: `x` must have {K} features in its last dimension (weight shape "
-                                             f"{tuple(weight.shape)}), got shape {tuple(x.shape)}")
-    check(lora_A.dim() == 2 and lora_A.shape[1] == K, f"{op}: `lora_A` must have shape (r, {K}), got "
-                                                      f"{tuple(lora_A.shape)}")
+    check(x.dim() >= 1 and x.shape[-1] == K,
+          lambda: f"{op}: `x` must have {K} features in its last dimension (weight shape {tuple(weight.shape)}), "
+                  f"got shape {tuple(x.shape)}")
+    check(lora_A.dim() == 2 and lora_A.shape[1] == K, lambda: f"{op}: `lora_A` must have shape (r, {K}), got "
+                                                              f"{tuple(lora_A.shape)}")
     r = lora_A.shape[0]
-    check(tuple(lora_B.shape) == (N, r), f"{op}: `lora_B` must have shape ({N}, {r}), got {tuple(lora_B.shape)}")
-    check(tuple(magnitude.shape) == (N,), f"{op}: `magnitude` must have shape ({N},), got {tuple(magnitude.shape)}")
+    check(tuple(lora_B.shape) == (N, r),
+          lambda: f"{op}: `lora_B` must have shape ({N}, {r}), got {tuple(lora_B.shape)}")
+    check(tuple(magnitude.shape) == (N,),
+          lambda: f"{op}: `magnitude` must have shape ({N},), got {tuple(magnitude.shape)}")
     if bias is not None:
         check(isinstance(bias, torch.Tensor) and tuple(bias.shape) == (N,),
-              f"{op}: `bias` must be None or a tensor of shape ({N},)")
+              lambda: f"{op}: `bias` must be None or a tensor of shape ({N},)")
     if not isinstance(weight, NF4Weight):  # an NF4 weight's dtype is its compute dtype, not a storage constraint
-        check(x.dtype == weight.dtype, f"{op}: `x` is {x.dtype} but `weight` is {weight.dtype}; cast one of them "
-                                       "or run under torch.autocast")
+        check(x.dtype == weight.dtype,
+              lambda: f"{op}: `x` is {x.dtype} but `weight` is {weight.dtype}; cast one of them or run under "
+                      "torch.autocast")
     devices = {t.device for t in (x, weight, lora_A, lora_B, magnitude)}
-    check(len(devices) == 1, f"{op}: all tensors must be on one device, got {sorted(map(str, devices))}")
+    check(len(devices) == 1, lambda: f"{op}: all tensors must be on one device, got {sorted(map(str, devices))}")
     # messages built only on failure: dynamo cannot format a float while it traces with dynamic=True
     if not (isinstance(scaling, (int, float)) and math.isfinite(scaling)):
         raise ValueError(f"{op}: `scaling` must be a finite number, got {scaling!r}")
@@ -155,7 +160,7 @@ def dora_backward(saved, meta, weight, dy, need_x, need_b, need_A, need_B, need_
     """Both doors' backward: (dx, db, dA, dB, dm), None where not needed. saved: (x2, A_p, B_p, xs, sigma, row_norm,
     magnitude, saved_out, bias); weight: the dense weight or the NF4Weight."""
     from fastft.kernels.lora_gemm import lora_gemm
-    from fastft.kernels.rank_ops import rank_project, rank_reduce
+    from fastft.kernels.rank_ops import rank_project, rank_reduce, rank_reduce_pair
     from fastft.kernels.column_dot import column_dot
 
     x2, A_p, B_p, xs, sigma, row_norm, magnitude, saved_out, bias = saved
@@ -178,9 +183,12 @@ def dora_backward(saved, meta, weight, dy, need_x, need_b, need_A, need_B, need_
             else:
                 dx = lora_gemm(dy2, weight, g, A_p, None, b_nk=False, k_scale=sigma)
             dx = dx.view(x_shape)
-        if need_A:
-            dA = rank_reduce(g, x2)[:r].to(A_dtype)
-    if need_B:
+    if need_A and need_B:  # one launch for both
+        dA, dBt = rank_reduce_pair(g, x2, xs, dy2)
+        dA, dB = dA[:r].to(A_dtype), (dBt[:r].t() * sigma[:, None]).to(B_dtype)
+    elif need_A:
+        dA = rank_reduce(g, x2)[:r].to(A_dtype)
+    elif need_B:
         dB = (rank_reduce(xs, dy2)[:r].t() * sigma[:, None]).to(B_dtype)
     if need_m:
         if nf4:
@@ -315,7 +323,7 @@ def dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p=0
     if backend == "torch" or dropout_p > 0.0 or x.numel() == 0 or not fusable:
         return dora_linear_reference(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p,
                                      row_norm=row_norm)
-    with torch.autocast(x.device.type, enabled=False):
+    with autocast_off(x.device.type):
         if not compiling():
             return DoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, magnitude, scaling, row_norm)
         return dora_linear_op(x, *weight_args(weight), bias, lora_A, lora_B, magnitude, scaling, row_norm)[0]

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from fastft.ops import lora_path, shared
 from fastft.ops.compiled import compiling, needed, unused
 from fastft.ops.compiled_args import SEED_DEVICE, draw_seed_op, fresh_like, refuse_replayed_dropout, seed_int
-from fastft.ops.shared import BACKENDS, as_rows, autocast_inputs, check, check_backend, padded, resolve_backend
+from fastft.ops.shared import (BACKENDS, as_rows, autocast_inputs, autocast_off, check, check_backend, padded,
+                               resolve_backend)
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -35,27 +36,35 @@ def lora_linear_reference(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.
 
 
 def validate_lora_linear_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p) -> None:
+    # messages are built only on failure (lambdas): formatting them on every call was a fifth of the op's host time
     for name, t in (("x", x), ("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B)):
-        check(isinstance(t, torch.Tensor), f"lora_linear: `{name}` must be a torch.Tensor, got {type(t).__name__}")
-        check(t.is_floating_point(), f"lora_linear: `{name}` must be a floating-point tensor, got {t.dtype}")
+        check(isinstance(t, torch.Tensor),
+              lambda: f"lora_linear: `{name}` must be a torch.Tensor, got {type(t).__name__}")
+        check(t.is_floating_point(), lambda: f"lora_linear: `{name}` must be a floating-point tensor, got {t.dtype}")
     check(x.dim() >= 1, "lora_linear: `x` needs at least one dimension (..., in_features)")
-    check(weight.dim() == 2, f"lora_linear: `weight` must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
+    check(weight.dim() == 2,
+          lambda: f"lora_linear: `weight` must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
     N, K = weight.shape
-    check(x.shape[-1] == K, f"lora_linear: `x` has {x.shape[-1]} features in its last dimension but `weight` "
-                            f"expects {K} (weight shape {tuple(weight.shape)})")
+    check(x.shape[-1] == K, lambda: f"lora_linear: `x` has {x.shape[-1]} features in its last dimension but "
+                                    f"`weight` expects {K} (weight shape {tuple(weight.shape)})")
     check(lora_A.dim() == 2 and lora_A.shape[1] == K and lora_A.shape[0] >= 1,
-          f"lora_linear: `lora_A` must have shape (r, {K}), got {tuple(lora_A.shape)}")
+          lambda: f"lora_linear: `lora_A` must have shape (r, {K}), got {tuple(lora_A.shape)}")
     r = lora_A.shape[0]
-    check(tuple(lora_B.shape) == (N, r), f"lora_linear: `lora_B` must have shape ({N}, {r}) to match `weight` "
-                                         f"and `lora_A`, got {tuple(lora_B.shape)}")
+    check(lora_B.dim() == 2 and lora_B.shape[0] == N and lora_B.shape[1] == r,
+          lambda: f"lora_linear: `lora_B` must have shape ({N}, {r}) to match `weight` and `lora_A`, "
+                  f"got {tuple(lora_B.shape)}")
     if bias is not None:
         check(isinstance(bias, torch.Tensor) and bias.is_floating_point(),
               "lora_linear: `bias` must be a floating-point tensor or None")
-        check(tuple(bias.shape) == (N,), f"lora_linear: `bias` must have shape ({N},), got {tuple(bias.shape)}")
-    check(x.dtype == weight.dtype, f"lora_linear: `x` is {x.dtype} but `weight` is {weight.dtype}; cast one of "
-                                   "them or run under torch.autocast")
-    devices = {t.device for t in (x, weight, lora_A, lora_B) + ((bias,) if bias is not None else ())}
-    check(len(devices) == 1, f"lora_linear: all tensors must be on one device, got {sorted(map(str, devices))}")
+        check(bias.dim() == 1 and bias.shape[0] == N,
+              lambda: f"lora_linear: `bias` must have shape ({N},), got {tuple(bias.shape)}")
+    check(x.dtype == weight.dtype, lambda: f"lora_linear: `x` is {x.dtype} but `weight` is {weight.dtype}; cast one "
+                                           "of them or run under torch.autocast")
+    device = x.device
+    if not (weight.device == device and lora_A.device == device and lora_B.device == device
+            and (bias is None or bias.device == device)):
+        devices = {t.device for t in (x, weight, lora_A, lora_B) + ((bias,) if bias is not None else ())}
+        raise ValueError(f"lora_linear: all tensors must be on one device, got {sorted(map(str, devices))}")
     # messages built only on failure: dynamo cannot format a float while it traces with dynamic=True
     if not (isinstance(scaling, (int, float)) and math.isfinite(scaling)):
         raise ValueError(f"lora_linear: `scaling` must be a finite number, got {scaling!r}")
@@ -113,8 +122,8 @@ def fused_lora_backward(saved, meta, dy, dx_gemm, need_x, need_b, need_A, need_B
     `dx_gemm(dy2, g, A_p, p_drop, seed)` is the op's dx GEMM with the tail.
 
     dx_fold_gemm(dy2, B_p, A_p, coef, p_drop, seed) -> (dx, g), when given: the dx GEMM that computes g = c·dy·B in
-    its own loop over dy (the fold path), used instead of the skinny pass + dx_gemm when dx is needed; dA and dB
-    then come from one launch (rank_reduce_pair)."""
+    its own loop over dy (the fold path), used instead of the skinny pass + dx_gemm when dx is needed. dA and dB
+    come from one launch (rank_reduce_pair) when both are needed."""
     from fastft.kernels import rank_ops
 
     x2, A_p, B_p, xs = saved
@@ -132,7 +141,7 @@ def fused_lora_backward(saved, meta, dy, dx_gemm, need_x, need_b, need_A, need_B
         g = rank_ops.rank_project(dy2, B_p.t(), scale=coef)
         if need_x:
             dx = dx_gemm(dy2, g, A_p, dropout_p, seed).view(x_shape)
-    if need_A and need_B and dx_fold_gemm is not None:  # the fold path: dA and dB in one launch
+    if need_A and need_B:  # dA and dB in one launch
         dA, dBt = rank_ops.rank_reduce_pair(g, x2, xs, dy2, p_drop=dropout_p, seed=seed)
         dA, dB = dA[:r].to(A_dtype), dBt[:r].t().to(B_dtype)
     elif need_A:
@@ -144,13 +153,15 @@ def fused_lora_backward(saved, meta, dy, dx_gemm, need_x, need_b, need_A, need_B
     return x2, dy2, dx, db, dA, dB
 
 
-def _folds(direction, x, weight, lora_A, dropout_p) -> bool:
-    """Whether `direction` of this call takes the fold path (fastft.ops.lora_path)."""
+def _fold_paths(x, weight, lora_A, dropout_p) -> tuple[bool, bool]:
+    """Whether the forward and the backward of this call take the fold path (fastft.ops.lora_path)."""
     from fastft.kernels.rank_ops import rank_pad
 
     N, K = weight.shape
     M, R = x.numel() // K, rank_pad(lora_A.shape[0])
-    return lora_path.choose(direction, M, K, N, R, x.dtype, dropout=dropout_p > 0.0) == "fold"
+    dropout = dropout_p > 0.0
+    return (lora_path.choose("forward", M, K, N, R, x.dtype, dropout=dropout) == "fold",
+            lora_path.choose("backward", M, K, N, R, x.dtype, dropout=dropout) == "fold")
 
 
 def lora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed=None):
@@ -158,8 +169,7 @@ def lora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed=None)
     here per direction (fastft.ops.lora_path); seed as fused_lora_forward."""
     from fastft.kernels.lora_gemm import lora_gemm, lora_gemm_folded
 
-    fold_fwd = _folds("forward", x, weight, lora_A, dropout_p)
-    fold_backward = _folds("backward", x, weight, lora_A, dropout_p)
+    fold_fwd, fold_backward = _fold_paths(x, weight, lora_A, dropout_p)
     y, saved, meta = fused_lora_forward(
         x, bias, lora_A, lora_B, scaling, dropout_p,
         lambda x2, xs, B_p, b: lora_gemm(x2, weight, xs, B_p, b, b_nk=True),
@@ -226,7 +236,7 @@ def lora_linear_backward_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Ten
                             seed: Optional[torch.Tensor], scaling: float, dropout_p: float, need_x: bool,
                             need_w: bool, need_b: bool, need_A: bool, need_B: bool
                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    fold_backward = _folds("backward", x, weight, lora_A, dropout_p)  # as the forward chose it
+    fold_backward = _fold_paths(x, weight, lora_A, dropout_p)[1]  # as the forward chose it
     saved = (*rank_operands(x, lora_A, lora_B), xs)
     meta = lora_meta(x, bias, lora_A, lora_B, scaling, dropout_p, seed_int("lora_linear", seed, dropout_p))
     grads = lora_backward(saved, meta, fold_backward, weight, dy, need_x, need_w, need_b, need_A, need_B)
@@ -274,11 +284,11 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, *, back
     scaling, dropout_p = float(scaling), float(dropout_p)
     backend = resolve_backend("lora_linear", backend, x.device, arg="x", auto_triton=x.dtype in KERNEL_DTYPES)
     check(backend != "triton" or x.dtype in KERNEL_DTYPES,
-          f"lora_linear: backend='triton' computes in float16, bfloat16 or float32; `x` is {x.dtype} "
-          "(backend='torch' takes any float dtype)")
+          lambda: f"lora_linear: backend='triton' computes in float16, bfloat16 or float32; `x` is {x.dtype} "
+                  "(backend='torch' takes any float dtype)")
     if backend == "torch" or x.numel() == 0 or weight.shape[0] == 0:  # empty y: nothing for the kernels to do
         return lora_linear_reference(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
-    with torch.autocast(x.device.type, enabled=False):
+    with autocast_off(x.device.type):
         if not compiling():
             return LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
         seed = draw_seed_op(device=SEED_DEVICE) if dropout_p > 0.0 else None

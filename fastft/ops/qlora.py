@@ -27,7 +27,7 @@ from fastft.ops.compiled_args import (SEED_DEVICE, draw_seed_op, fresh_like, nf4
 from fastft.ops.qlora_path import release_dequant_scratch  # noqa: F401 - public here too
 from fastft.ops.lora import (fused_lora_backward, fused_lora_forward, lora_linear_reference, lora_meta,
                              rank_operands)
-from fastft.ops.shared import as_rows, autocast_inputs, check, nf4_fused_ok, resolve_backend
+from fastft.ops.shared import as_rows, autocast_inputs, autocast_off, check, nf4_fused_ok, resolve_backend
 from fastft.quant.nf4_weight import NF4Weight
 
 
@@ -48,24 +48,24 @@ def _bias_as(bias, x):
 
 
 def _validate_base(op: str, x, qweight, bias) -> None:
-    check(isinstance(qweight, NF4Weight), f"{op}: `qweight` must be a fastft.quant.NF4Weight (from quantize_nf4), "
-                                          f"got {type(qweight).__name__}")
-    check(qweight.ndim == 2, f"{op}: `qweight` must be 2-D (out_features, in_features), got shape "
-                             f"{tuple(qweight.shape)}")
-    check(isinstance(x, torch.Tensor), f"{op}: `x` must be a torch.Tensor, got {type(x).__name__}")
+    check(isinstance(qweight, NF4Weight),
+          lambda: f"{op}: `qweight` must be a fastft.quant.NF4Weight (from quantize_nf4), got {type(qweight).__name__}")
+    check(qweight.ndim == 2, lambda: f"{op}: `qweight` must be 2-D (out_features, in_features), got shape "
+                                     f"{tuple(qweight.shape)}")
+    check(isinstance(x, torch.Tensor), lambda: f"{op}: `x` must be a torch.Tensor, got {type(x).__name__}")
     check(x.dtype in (torch.float32, torch.float16, torch.bfloat16),
-          f"{op}: `x` must be float32, float16 or bfloat16, got {x.dtype}")
-    check(x.dim() >= 1, f"{op}: `x` needs at least one dimension (..., in_features)")
+          lambda: f"{op}: `x` must be float32, float16 or bfloat16, got {x.dtype}")
+    check(x.dim() >= 1, lambda: f"{op}: `x` needs at least one dimension (..., in_features)")
     N, K = qweight.shape
-    check(x.shape[-1] == K, f"{op}: `x` has {x.shape[-1]} features in its last dimension but `qweight` expects "
-                            f"{K} (qweight shape {tuple(qweight.shape)})")
-    check(x.device == qweight.device, f"{op}: `x` is on {x.device} but `qweight` is on {qweight.device}; "
-                                      "move the weight with qweight.to(device)")
+    check(x.shape[-1] == K, lambda: f"{op}: `x` has {x.shape[-1]} features in its last dimension but `qweight` expects "
+                                    f"{K} (qweight shape {tuple(qweight.shape)})")
+    check(x.device == qweight.device, lambda: f"{op}: `x` is on {x.device} but `qweight` is on {qweight.device}; "
+                                              "move the weight with qweight.to(device)")
     if bias is not None:
         check(isinstance(bias, torch.Tensor) and bias.is_floating_point(),
-              f"{op}: `bias` must be a floating-point tensor or None")
-        check(tuple(bias.shape) == (N,), f"{op}: `bias` must have shape ({N},), got {tuple(bias.shape)}")
-        check(bias.device == x.device, f"{op}: `bias` is on {bias.device} but `x` is on {x.device}")
+              lambda: f"{op}: `bias` must be a floating-point tensor or None")
+        check(tuple(bias.shape) == (N,), lambda: f"{op}: `bias` must have shape ({N},), got {tuple(bias.shape)}")
+        check(bias.device == x.device, lambda: f"{op}: `bias` is on {bias.device} but `x` is on {x.device}")
 
 
 def validate_qlora_linear_args(x, qweight, bias, lora_A, lora_B, scaling, dropout_p) -> None:
@@ -74,13 +74,13 @@ def validate_qlora_linear_args(x, qweight, bias, lora_A, lora_B, scaling, dropou
     N, K = qweight.shape
     for name, t in (("lora_A", lora_A), ("lora_B", lora_B)):
         check(isinstance(t, torch.Tensor) and t.is_floating_point(),
-              f"{op}: `{name}` must be a floating-point tensor, got {type(t).__name__}")
-        check(t.device == x.device, f"{op}: `{name}` is on {t.device} but `x` is on {x.device}")
+              lambda: f"{op}: `{name}` must be a floating-point tensor, got {type(t).__name__}")
+        check(t.device == x.device, lambda: f"{op}: `{name}` is on {t.device} but `x` is on {x.device}")
     check(lora_A.dim() == 2 and lora_A.shape[1] == K and lora_A.shape[0] >= 1,
-          f"{op}: `lora_A` must have shape (r, {K}), got {tuple(lora_A.shape)}")
+          lambda: f"{op}: `lora_A` must have shape (r, {K}), got {tuple(lora_A.shape)}")
     r = lora_A.shape[0]
-    check(tuple(lora_B.shape) == (N, r), f"{op}: `lora_B` must have shape ({N}, {r}) to match `qweight` and "
-                                         f"`lora_A`, got {tuple(lora_B.shape)}")
+    check(tuple(lora_B.shape) == (N, r), lambda: f"{op}: `lora_B` must have shape ({N}, {r}) to match `qweight` and "
+                                                 f"`lora_A`, got {tuple(lora_B.shape)}")
     # messages built only on failure: dynamo cannot format a float while it traces with dynamic=True
     if not (isinstance(scaling, (int, float)) and math.isfinite(scaling)):
         raise ValueError(f"{op}: `scaling` must be a finite number, got {scaling!r}")
@@ -305,7 +305,7 @@ def qlora_linear(x, qweight, bias, lora_A, lora_B, scaling, dropout_p=0.0, *, ba
     backend = resolve_backend("qlora_linear", backend, x.device, arg="x")
     if backend == "torch" or x.numel() == 0:
         return qlora_linear_reference(x, qweight, bias, lora_A, lora_B, scaling, dropout_p)
-    with torch.autocast(x.device.type, enabled=False):
+    with autocast_off(x.device.type):
         if not compiling():
             return QLoRALinearFunction.apply(x, qweight, bias, lora_A, lora_B, scaling, dropout_p)
         seed = draw_seed_op(device=SEED_DEVICE) if dropout_p > 0.0 else None
@@ -319,7 +319,7 @@ def nf4_linear(x, qweight, bias=None, *, backend="auto"):
     backend = resolve_backend("nf4_linear", backend, x.device, arg="x")
     if backend == "torch" or x.numel() == 0 or not nf4_fused_ok(qweight):
         return nf4_linear_reference(x, qweight, bias)
-    with torch.autocast(x.device.type, enabled=False):
+    with autocast_off(x.device.type):
         if not compiling():
             return NF4LinearFunction.apply(x, qweight, bias)
         return nf4_linear_op(x, *nf4_args(qweight), bias)

@@ -6,6 +6,8 @@ start, before anything else is looked at) and `resolve_backend` (after validatio
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -29,7 +31,7 @@ def check_tensor(op: str, name: str, t, dim: int | None = None) -> None:
 
 
 def check_backend(op: str, backend: str) -> None:
-    check(backend in BACKENDS, f"{op}: `backend` must be one of {BACKENDS}, got {backend!r}")
+    check(backend in BACKENDS, lambda: f"{op}: `backend` must be one of {BACKENDS}, got {backend!r}")
 
 
 def resolve_backend(op: str, backend: str, device: torch.device, *, arg: str | None = None,
@@ -55,6 +57,15 @@ def autocast_inputs(*tensors):
         return tensors
     dtype = torch.get_autocast_dtype(lead.device.type)
     return tuple(t.to(dtype) if isinstance(t, torch.Tensor) else t for t in tensors)
+
+
+_NO_CONTEXT = contextlib.nullcontext()
+
+
+def autocast_off(device_type: str):
+    """A context in which torch.autocast is off for `device_type`: the fused ops compute in their inputs' dtypes.
+    Entering torch.autocast(enabled=False) costs ~3 µs of host time, so only when autocast is on."""
+    return torch.autocast(device_type, enabled=False) if torch.is_autocast_enabled(device_type) else _NO_CONTEXT
 
 
 def as_rows(t: torch.Tensor) -> torch.Tensor:
