@@ -5,14 +5,14 @@
 # timings; a failing section does not stop the next, and each gets what is left of the time budget.
 #   bash benchmarks/gpu_check.sh [section ...]    sections: build nf4 attention lora-tests fuzz-tests lora losses-tests losses
 #   (on request: nf4-tests attention-tests methods-tests methods layers-tests layers patch-step train-tests train
-#    train-methods-tests compile-tests bench-1b bench-1b-compile bench-8b lora-paths; `issue10` names the kernel-speed set, correctness first)
+#    train-methods-tests compile-tests bench-1b bench-1b-compile bench-8b lora-paths host; `issue10` names the kernel-speed set, correctness first)
 set -uo pipefail
 export PYTHONPATH="$PWD/.peers:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 : "${OUT:=/tmp/fastft-out}"; mkdir -p "$OUT"; export OUT
 budget="${FASTFT_GPU_BUDGET:-560}"   # seconds for all sections together
 sections="${*:-build nf4 attention lora-tests fuzz-tests lora losses-tests losses}"
 # issue10: every kernel changed since the H100 run checked against fp64 first, then the issue's tables
-sections="${sections//issue10/build lora-tests attention-tests methods-tests nf4-tests nf4 attention lora-paths lora}"
+sections="${sections//issue10/build lora-tests attention-tests methods-tests nf4-tests nf4 attention lora-paths lora host}"
 start=$SECONDS
 status=0
 
@@ -64,6 +64,9 @@ for s in $sections; do
     # M=8192, the three shapes, r 8/16/64; prints the MEASURED entries for fastft/ops/lora_path.py (~3–4 min with
     # compiles and tuning). The GPU tests of the fold path are in lora-tests and fuzz-tests.
     lora-paths) run 300 lora-paths python3 benchmarks/gpu_lora_paths.py ;;
+    # host time of each fused op's eager fwd+bwd at tiny shapes: launches stubbed (fastft's Python) and real (+ Triton's
+    # launch path); the gap says whether bypassing JITFunction.run is worth it (~30 s with compiles)
+    host) run 90 host python3 benchmarks/host_overhead.py ;;
     nf4-tests) run 180 nf4-tests python3 -m pytest -q -m gpu tests/test_nf4_gpu.py tests/test_qlora_path.py -p no:cacheprovider ;;
     losses-tests) run 120 losses-tests python3 -m pytest -q -m gpu tests/test_linear_losses_gpu.py -p no:cacheprovider ;;
     losses) run 150 losses python3 benchmarks/gpu_losses.py ;;

@@ -281,8 +281,9 @@ def nf4_lora_gemm(a, w: NF4Operand, lo, t, bias, *, w_nk: bool, p_drop: float = 
         bias = bias.contiguous()
     stride_tn, stride_tr = (0, 0)
     if has_tail:
-        stride_tn, stride_tr = (t.stride(0), t.stride(1)) if w_nk else (t.stride(1), t.stride(0))
-    use_tma = (has_tma(a.device) and tma_compatible(a) and tma_compatible(c) and w.cols % 32 == 0
+        stride_tn, stride_tr = t.stride() if w_nk else t.stride()[::-1]
+    # c is a fresh contiguous allocation (aligned): only its row pitch can rule descriptors out
+    use_tma = (has_tma(a.device) and tma_compatible(a) and (N * c.element_size()) % 16 == 0 and w.cols % 32 == 0
                and w.packed.data_ptr() % 16 == 0)
     if use_tma:
         ensure_descriptor_allocator()
@@ -291,15 +292,16 @@ def nf4_lora_gemm(a, w: NF4Operand, lo, t, bias, *, w_nk: bool, p_drop: float = 
     upcast_tiles = upcast(a.dtype)
     precision = dot_precision(a.dtype)
 
+    sa = a.stride()
+
     def launch(cfg):
-        cfg = dict(cfg)
         tiles = cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"])
         grid = (max(1, min(sms, tiles)),)
         _nf4_lora_gemm_kernel[grid](
             a, w.packed, w.absmax, w.absmax2 if nested else w.absmax, w.code2 if nested else w.code, w.code,
             lo if has_tail else c, t if has_tail else c, bias if bias is not None else c, c,
             M, N, K, w.rows, w.cols,
-            a.stride(0), a.stride(1), lo.stride(0) if has_tail else 0, stride_tn, stride_tr, c.stride(0),
+            sa[0], sa[1], lo.stride(0) if has_tail else 0, stride_tn, stride_tr, N,
             float(w.offset), p_drop, seed,
             BS=w.blocksize, NBS=w.nested_blocksize, NESTED=nested,
             HAS_TAIL=has_tail, HAS_BIAS=bias is not None, TAIL_DROPOUT=has_tail and p_drop > 0.0, W_NK=w_nk,

@@ -143,14 +143,19 @@ def fused_lora_backward(saved, meta, dy, dx_gemm, need_x, need_b, need_A, need_B
             dx = dx_gemm(dy2, g, A_p, dropout_p, seed).view(x_shape)
     if need_A and need_B:  # dA and dB in one launch
         dA, dBt = rank_ops.rank_reduce_pair(g, x2, xs, dy2, p_drop=dropout_p, seed=seed)
-        dA, dB = dA[:r].to(A_dtype), dBt[:r].t().to(B_dtype)
+        dA, dB = _unpadded(dA, r).to(A_dtype), _unpadded(dBt, r).t().to(B_dtype)
     elif need_A:
-        dA = rank_ops.rank_reduce(g, x2, p_drop=dropout_p, seed=seed)[:r].to(A_dtype)
+        dA = _unpadded(rank_ops.rank_reduce(g, x2, p_drop=dropout_p, seed=seed), r).to(A_dtype)
     if need_B and dB is None:
-        dB = rank_ops.rank_reduce(xs, dy2)[:r].t().to(B_dtype)
+        dB = _unpadded(rank_ops.rank_reduce(xs, dy2), r).t().to(B_dtype)
     if need_b and bias_dtype is not None:
         db = dy2.sum(0, dtype=torch.float32).to(bias_dtype)
     return x2, dy2, dx, db, dA, dB
+
+
+def _unpadded(t: torch.Tensor, r: int) -> torch.Tensor:
+    """The first r rows of a rank-padded result (t itself when nothing was padded: a slice costs host time)."""
+    return t if t.shape[0] == r else t[:r]
 
 
 def _fold_paths(x, weight, lora_A, dropout_p) -> tuple[bool, bool]:
