@@ -8,9 +8,10 @@ the figure is the host path alone). Triton's own launch cost (argument binding, 
 
     python benchmarks/host_overhead.py [--ops lora,qlora,...] [--calls 200] [--rounds 7]
 
-Prints µs per forward+backward, best of the rounds, beside the floor: a trivial autograd.Function with the same
-inputs (what any custom op pays); on a GPU also the time with real launches at these tiny shapes (kernels shorter
-than the host's work: still host time), whose difference from the stubbed figure is Triton's own launch path.
+Prints µs per forward+backward (launches stubbed), best of the rounds, beside the floor (a trivial
+autograd.Function with the same inputs: what any custom op pays) and peft's layer or model where there is one (its
+torch ops compute, but at these tiny sizes they are host-bound too); on a GPU also fastft's time with real launches
+(kernels shorter than the host's work: still host time), whose gap to the stubbed figure is Triton's launch path.
 Writes $OUT/host_overhead.json when OUT is set.
 """
 from __future__ import annotations
@@ -85,8 +86,22 @@ def lora_case(M=64, K=128, N=128, r=16):
 
     x, W, A, B = _leaf(M, K), _leaf(N, K, grad=False), _leaf(r, K), _leaf(N, r)
     dy = torch.randn(M, N, device=device(), dtype=dtype())
-    return (lambda: lora_linear(x, W, None, A, B, 2.0, backend="triton").backward(dy),
-            lambda: _Floor.apply(x, A, B).backward(torch.empty_like(x)))
+    layer = _peft_lora_layer(K, N, r)
+    return {"fastft": lambda: lora_linear(x, W, None, A, B, 2.0, backend="triton").backward(dy),
+            "floor": lambda: _Floor.apply(x, A, B).backward(torch.empty_like(x)),
+            "peft": lambda: layer(x).backward(dy)}
+
+
+def _peft_lora_layer(K: int, N: int, r: int):
+    """peft's LoRA layer over a frozen nn.Linear: its torch ops compute for real, but at these sizes they are
+    host-bound too, so its time is its host time."""
+    import peft
+
+    holder = torch.nn.Sequential()
+    holder.add_module("proj", torch.nn.Linear(K, N, bias=False, device=device(), dtype=dtype()))
+    model = peft.get_peft_model(holder, peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=["proj"]),
+                                autocast_adapter_dtype=False)
+    return model.base_model.model.proj
 
 
 def qlora_case(M=64, K=128, N=128, r=16):
@@ -96,11 +111,48 @@ def qlora_case(M=64, K=128, N=128, r=16):
     x, A, B = _leaf(M, K), _leaf(r, K), _leaf(N, r)
     qweight = quantize_nf4(torch.randn(N, K, device=device(), dtype=dtype()))
     dy = torch.randn(M, N, device=device(), dtype=dtype())
-    return (lambda: qlora_linear(x, qweight, None, A, B, 2.0, backend="triton").backward(dy),
-            lambda: _Floor.apply(x, A, B).backward(torch.empty_like(x)))
+    return {"fastft": lambda: qlora_linear(x, qweight, None, A, B, 2.0, backend="triton").backward(dy),
+            "floor": lambda: _Floor.apply(x, A, B).backward(torch.empty_like(x))}
 
 
-CASES = {"lora": lora_case, "qlora": qlora_case}
+def _tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=LAYERS,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaForCausalLM(config).to(device=device(), dtype=dtype())
+
+
+LAYERS = 2
+
+
+def llama_step_case():
+    """A whole LoRA training step of a tiny patched Llama (every fused op: norms, RoPE, GLU, attention, LoRA on all
+    seven projections, the fused loss) beside peft's unpatched model doing the same step in torch at these tiny
+    sizes, where torch's own ops are host-bound too: the host time per step of each."""
+    import peft
+
+    import fastft
+    from fastft.integration.attention import register_attention
+    from fastft.integration.peft_lora import get_peft_model
+
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    os.environ.setdefault("FASTFT_LORA_BACKEND", "triton")
+    register_attention("triton")
+    ours = _tiny_llama()
+    fastft.patch_model(ours, backend="triton")
+    ours = get_peft_model(ours, peft.LoraConfig(r=16, lora_alpha=32, target_modules=targets))
+    theirs = peft.get_peft_model(_tiny_llama(), peft.LoraConfig(r=16, lora_alpha=32, target_modules=targets))
+    ids = torch.randint(0, 128, (2, 64), device=device())
+    return {"fastft": lambda: ours(input_ids=ids, labels=ids).loss.backward(),
+            "peft": lambda: theirs(input_ids=ids, labels=ids).loss.backward()}
+
+
+# name -> a function building the calls to time: {"fastft": fwd+bwd, "floor": a trivial autograd.Function with the
+# same inputs (what any custom op pays), "peft": the peer's layer where one exists} (a 2-tuple: fastft, floor)
+CASES = {"lora": lora_case, "qlora": qlora_case, "llama-step": llama_step_case}
+
 
 
 def per_call_us(fn, calls: int, rounds: int, sync: bool = False) -> float:
@@ -131,20 +183,25 @@ def main(argv=None) -> int:
     unknown = [op for op in ops if op not in CASES]
     if unknown:
         parser.error(f"--ops: unknown {unknown}; choose from {', '.join(CASES)}")
-    real = torch.cuda.is_available()  # on a GPU also with real launches: the difference is Triton's launch cost
+    # One thread: host time is one thread's work, and torch's CPU ops must not fight other processes for cores.
+    # Stubbed kernels leave their outputs uninitialised; flushing denormals keeps torch's ops on such garbage fast.
+    torch.set_num_threads(1)
+    torch.set_flush_denormal(True)
+    real = torch.cuda.is_available()  # on a GPU also with real launches: the difference is Triton's launch path
     rows = []
     for op in ops:
-        call, floor = CASES[op]()
+        calls = CASES[op]()
+        if isinstance(calls, tuple):
+            calls = dict(zip(("fastft", "floor"), calls))
+        row = {"op": op, "device": str(device())}
         with launches_stubbed():
-            us, floor_us = per_call_us(call, args.calls, args.rounds), per_call_us(floor, args.calls, args.rounds)
-        row = {"op": op, "device": str(device()), "fwd_bwd_us": round(us, 1), "floor_us": round(floor_us, 1)}
-        line = (f"{op:12s} {us:8.1f} µs per fwd+bwd, launches stubbed   "
-                f"(floor {floor_us:.1f} µs: a trivial autograd.Function)")
+            for name, fn in calls.items():
+                row[f"{name}_us"] = round(per_call_us(fn, args.calls, args.rounds), 1)
         if real:  # tiny shapes: the kernels finish before the host queues the next, so this is host time too
-            row["real_launches_us"] = round(per_call_us(call, args.calls, args.rounds, sync=True), 1)
-            line += f";  with real launches {row['real_launches_us']:.1f} µs"
+            row["fastft_real_launches_us"] = round(per_call_us(calls["fastft"], args.calls, args.rounds, sync=True), 1)
         rows.append(row)
-        print(line)
+        print(f"{op:12s} " + "   ".join(f"{k.removesuffix('_us')} {v:.1f} µs" for k, v in row.items()
+                                        if k.endswith("_us")))
     if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], "host_overhead.json"), "w") as f:
             json.dump(rows, f, indent=2)
