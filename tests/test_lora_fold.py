@@ -160,9 +160,10 @@ def test_rank_reduce_pair(dtype):
     ya, yb = torch.randn(M, NA).to(dtype), torch.randn(NB, M).to(dtype).t()  # yb column-major
     da, db = rank_ops.rank_reduce_pair(la, ya, lb, yb, p_drop=p, seed=seed)
     keep = rank_ops.dropout_mask(seed, M, NA, p, "cpu")
-    assert da.dtype == db.dtype == torch.float32 and da.shape == (R, NA) and db.shape == (R, NB)
+    assert da.dtype == db.dtype == torch.float32 and da.shape == (R, NA) and db.shape == (NB, R)
+    assert db.is_contiguous()  # B's own layout: autograd accumulates it without a copy
     assert_close(da, la.double().t() @ (ya.double() * keep), dtype, "da")
-    assert_close(db, lb.double().t() @ yb.double(), dtype, "db")
+    assert_close(db, yb.double().t() @ lb.double(), dtype, "db")
 
 
 def test_path_choice_defaults_to_split(monkeypatch):

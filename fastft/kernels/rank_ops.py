@@ -115,8 +115,8 @@ def _rank_reduce_pair_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """Two reductions over the same rows in one launch (the LoRA backward's dA and dB): column tiles
-    [0, tiles_a) give parta[split, R, NA] = laᵀ·(keep∘ya) (dropout on ya only), the rest partb[split, R, NB] =
-    lbᵀ·yb."""
+    [0, tiles_a) give parta[split, R, NA] = laᵀ·(keep∘ya) (dropout on ya only), the rest partb[split, NB, R] =
+    (lbᵀ·yb)ᵀ = ybᵀ·lb, stored transposed: the LoRA dB in B's own (N, R) layout."""
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     offs_r = tl.arange(0, BLOCK_R)
@@ -132,7 +132,7 @@ def _rank_reduce_pair_kernel(
         cols = (pid_n - tiles_a) * BLOCK_N + tl.arange(0, BLOCK_N)
         acc = _reduce_rows(lb_ptr, yb_ptr, row_start, row_end, cols, NB, stride_lbm, stride_ybm, stride_ybn,
                            p_drop, seed, False, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_R)
-        tl.store(partb_ptr + pid_s * BLOCK_R * NB + offs_r[:, None] * NB + cols[None, :], acc,
+        tl.store(partb_ptr + pid_s * BLOCK_R * NB + cols[None, :] * BLOCK_R + offs_r[:, None], acc,
                  mask=cols[None, :] < NB)
 
 
@@ -250,8 +250,9 @@ def rank_reduce(lo, y, *, p_drop: float = 0.0, seed: int = 0) -> torch.Tensor:
 
 
 def rank_reduce_pair(la, ya, lb, yb, *, p_drop: float = 0.0, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(laᵀ·(keep∘ya), lbᵀ·yb) in fp32, shapes [R, NA] and [R, NB], in one launch: rank_reduce twice over the same
-    M rows (the LoRA backward's dA = gᵀ·(keep∘x) and dB-transposed = xsᵀ·dy)."""
+    """(laᵀ·(keep∘ya), ybᵀ·lb) in fp32, shapes [R, NA] and [NB, R], in one launch: rank_reduce twice over the same
+    M rows (the LoRA backward's dA = gᵀ·(keep∘x) and dB = dyᵀ·xs, the latter already in B's (N, R) layout: a
+    transposed gradient would cost autograd a copy into the parameter's layout)."""
     M, NA = ya.shape
     NB = yb.shape[1]
     R = la.shape[1]
@@ -260,7 +261,7 @@ def rank_reduce_pair(la, ya, lb, yb, *, p_drop: float = 0.0, seed: int = 0) -> t
     def launch(cfg):
         tiles_a, tiles_b = cdiv(NA, cfg["BLOCK_N"]), cdiv(NB, cfg["BLOCK_N"])
         cfg, splits, rows_per_split, (part_a, part_b) = split_partials(cfg, M, tiles_a + tiles_b, "BLOCK_M",
-                                                                       ya.device, (R, NA), (R, NB))
+                                                                       ya.device, (R, NA), (NB, R))
         _rank_reduce_pair_kernel[(tiles_a + tiles_b, splits)](
             la, ya, part_a, lb, yb, part_b, M, NA, NB, tiles_a, rows_per_split,
             la.stride(0), ya.stride(0), ya.stride(1), lb.stride(0), yb.stride(0), yb.stride(1),

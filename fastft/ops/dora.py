@@ -184,12 +184,12 @@ def dora_backward(saved, meta, weight, dy, need_x, need_b, need_A, need_B, need_
                 dx = lora_gemm(dy2, weight, g, A_p, None, b_nk=False, k_scale=sigma)
             dx = dx.view(x_shape)
     if need_A and need_B:  # one launch for both
-        dA, dBt = rank_reduce_pair(g, x2, xs, dy2)
-        dA, dB = dA[:r].to(A_dtype), (dBt[:r].t() * sigma[:, None]).to(B_dtype)
+        dA, dB = rank_reduce_pair(g, x2, xs, dy2)
+        dA, dB = dA[:r].to(A_dtype), (dB[:, :r] * sigma[:, None]).to(B_dtype)
     elif need_A:
         dA = rank_reduce(g, x2)[:r].to(A_dtype)
-    elif need_B:
-        dB = (rank_reduce(xs, dy2)[:r].t() * sigma[:, None]).to(B_dtype)
+    elif need_B:  # in B's own layout, as the pair gives it
+        dB = padded(rank_reduce(xs, dy2)[:r].t() * sigma[:, None], N, r, B_dtype)
     if need_m:
         if nf4:
             dm = column_dot(dy2, saved_out) / row_norm
@@ -283,7 +283,7 @@ def dora_linear_backward_op(dy: torch.Tensor, x: torch.Tensor, w_parts: list[tor
 def _(dy, x, w_parts, w_ints, bias, lora_A, lora_B, magnitude, row_norm, xs, sigma, saved_out, scaling, need_x,
       need_b, need_A, need_B, need_m):
     db = bias.new_empty(bias.shape) if need_b and bias is not None else unused(dy)
-    dB = lora_B.new_empty(lora_B.shape[::-1]).t() if need_B else unused(lora_B)  # the kernels' layout: Bᵀ rows
+    dB = lora_B.new_empty(lora_B.shape) if need_B else unused(lora_B)
     return fresh_like(x, need_x), db, fresh_like(lora_A, need_A), dB, fresh_like(magnitude, need_m)
 
 

@@ -142,12 +142,14 @@ def fused_lora_backward(saved, meta, dy, dx_gemm, need_x, need_b, need_A, need_B
         if need_x:
             dx = dx_gemm(dy2, g, A_p, dropout_p, seed).view(x_shape)
     if need_A and need_B:  # dA and dB in one launch
-        dA, dBt = rank_ops.rank_reduce_pair(g, x2, xs, dy2, p_drop=dropout_p, seed=seed)
-        dA, dB = _unpadded(dA, r).to(A_dtype), _unpadded(dBt, r).t().to(B_dtype)
+        dA, dB = rank_ops.rank_reduce_pair(g, x2, xs, dy2, p_drop=dropout_p, seed=seed)
+        dA, dB = _unpadded(dA, r).to(A_dtype), dB if dB.shape[1] == r else dB[:, :r]
     elif need_A:
         dA = _unpadded(rank_ops.rank_reduce(g, x2, p_drop=dropout_p, seed=seed), r).to(A_dtype)
     if need_B and dB is None:
-        dB = _unpadded(rank_ops.rank_reduce(xs, dy2), r).t().to(B_dtype)
+        dB = _unpadded(rank_ops.rank_reduce(xs, dy2), r).t()
+    if need_B:  # in B's own layout (a copy only where the rank was padded): autograd then accumulates it as it is
+        dB = padded(dB, *dB.shape, B_dtype)
     if need_b and bias_dtype is not None:
         db = dy2.sum(0, dtype=torch.float32).to(bias_dtype)
     return x2, dy2, dx, db, dA, dB
@@ -250,7 +252,7 @@ def lora_linear_backward_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Ten
 
 @lora_linear_backward_op.register_fake
 def _(dy, x, weight, bias, lora_A, lora_B, xs, seed, scaling, dropout_p, need_x, need_w, need_b, need_A, need_B):
-    dB = lora_B.new_empty(lora_B.shape[::-1]).t() if need_B else unused(lora_B)  # the kernels' layout: Bᵀ rows
+    dB = lora_B.new_empty(lora_B.shape) if need_B else unused(lora_B)
     db = bias.new_empty(bias.shape) if need_b and bias is not None else unused(dy)
     return fresh_like(x, need_x), fresh_like(weight, need_w), db, fresh_like(lora_A, need_A), dB
 

@@ -220,7 +220,7 @@ def qlora_linear_backward_op(dy: torch.Tensor, x: torch.Tensor, w_parts: list[to
 
 @qlora_linear_backward_op.register_fake
 def _(dy, x, w_parts, w_ints, bias, lora_A, lora_B, xs, seed, scaling, dropout_p, need_x, need_b, need_A, need_B):
-    dB = lora_B.new_empty(lora_B.shape[::-1]).t() if need_B else unused(lora_B)  # the kernels' layout: Bᵀ rows
+    dB = lora_B.new_empty(lora_B.shape) if need_B else unused(lora_B)
     db = bias.new_empty(bias.shape) if need_b and bias is not None else unused(dy)
     return fresh_like(x, need_x), db, fresh_like(lora_A, need_A), dB
 
