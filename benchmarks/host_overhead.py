@@ -98,7 +98,96 @@ def qlora_case(M=64, K=128, N=128, r=16):
             lambda: _Floor.apply(x, A, B).backward(torch.empty_like(x)))
 
 
-CASES = {"lora": lora_case, "qlora": qlora_case}
+def rms_norm_case(M=64, N=128, residual=False):
+    from fastft.ops import rms_norm
+
+    x, w = _leaf(M, N), _leaf(N)
+    dy = torch.randn(M, N, device=device(), dtype=dtype())
+    if not residual:
+        return (lambda: rms_norm(x, w, backend="triton").backward(dy),
+                lambda: _Floor.apply(x, w).backward(dy))
+    r = _leaf(M, N)
+
+    def call():
+        y, h = rms_norm(x, w, residual=r, backend="triton")
+        torch.autograd.backward((y, h), (dy, dy))
+
+    return call, lambda: _Floor.apply(x, w, r).backward(dy)
+
+
+def rope_case(B=1, H=4, S=32, D=64, in_place=False):
+    from fastft.ops import rope, rope_
+
+    q0, k0 = _leaf(B, H, S, D), _leaf(B, H, S, D)
+    cos, sin = _leaf(1, S, D, grad=False), _leaf(1, S, D, grad=False)
+    dq = torch.randn(B, H, S, D, device=device(), dtype=dtype())
+    if not in_place:
+        return (lambda: torch.autograd.backward(rope(q0, k0, cos, sin, backend="triton"), (dq, dq)),
+                lambda: _Floor.apply(q0, k0, cos, sin).backward(dq))
+
+    def call():  # rope_ rotates a non-leaf (a projection's output): clones, as the floor's
+        q, k = rope_(q0.clone(), k0.clone(), cos, sin, backend="triton")
+        torch.autograd.backward((q, k), (dq, dq))
+
+    return call, lambda: _Floor.apply(q0.clone(), k0.clone(), cos, sin).backward(dq)
+
+
+def swiglu_case(M=64, N=128):
+    from fastft.ops import swiglu
+
+    gate, up = _leaf(M, N), _leaf(M, N)
+    dy = torch.randn(M, N, device=device(), dtype=dtype())
+    return (lambda: swiglu(gate, up, backend="triton").backward(dy),
+            lambda: _Floor.apply(gate, up).backward(dy))
+
+
+def attention_case(B=1, S=64, H=2, D=32, varlen=False):
+    from fastft.ops import flash_attention
+
+    if not varlen:
+        q, k, v = _leaf(B, S, H, D), _leaf(B, S, H, D), _leaf(B, S, H, D)
+        kwargs = {}
+    else:  # two packed documents, max_seqlen given (as transformers passes it: no device read)
+        q, k, v = _leaf(B * S, H, D), _leaf(B * S, H, D), _leaf(B * S, H, D)
+        cu = torch.tensor([0, S // 3, B * S], dtype=torch.int32, device=device())
+        kwargs = dict(cu_seqlens=cu, max_seqlen=B * S - S // 3)
+    do = torch.randn(q.shape, device=device(), dtype=dtype())
+    return (lambda: flash_attention(q, k, v, causal=True, backend="triton", **kwargs).backward(do),
+            lambda: _Floor.apply(q, k, v).backward(do))
+
+
+def linear_cross_entropy_case(M=64, H=64, V=128):
+    from fastft.ops import linear_cross_entropy
+
+    hidden, weight = _leaf(M, H), _leaf(V, H)
+    labels = torch.randint(0, V, (M,), device=device())
+    return (lambda: linear_cross_entropy(hidden, weight, labels, backend="triton").backward(),
+            lambda: _Floor.apply(hidden, weight).backward(hidden.detach()))
+
+
+def ia3_case(M=64, K=128, N=128):
+    from fastft.ops import ia3_linear
+
+    x, W, l = _leaf(M, K), _leaf(N, K, grad=False), _leaf(N, 1)
+    dy = torch.randn(M, N, device=device(), dtype=dtype())
+    return (lambda: ia3_linear(x, W, None, l, feedforward=False, backend="triton").backward(dy),
+            lambda: _Floor.apply(x, l).backward(torch.empty_like(x)))
+
+
+def bottleneck_adapter_case(M=64, N=128, r=16):
+    from fastft.ops.bottleneck_adapter import bottleneck_adapter
+
+    h, D, bd, U, bu = _leaf(M, N), _leaf(r, N), _leaf(r), _leaf(N, r), _leaf(N)
+    dy = torch.randn(M, N, device=device(), dtype=dtype())
+    return (lambda: bottleneck_adapter(h, D, bd, U, bu, "relu", backend="triton").backward(dy),
+            lambda: _Floor.apply(h, D, bd, U, bu).backward(dy))
+
+
+CASES = {"lora": lora_case, "qlora": qlora_case,
+         "rms_norm": rms_norm_case, "rms_norm_residual": lambda: rms_norm_case(residual=True),
+         "rope": rope_case, "rope_": lambda: rope_case(in_place=True), "swiglu": swiglu_case,
+         "attention": attention_case, "attention_varlen": lambda: attention_case(B=2, varlen=True),
+         "linear_ce": linear_cross_entropy_case, "ia3": ia3_case, "adapter": bottleneck_adapter_case}
 
 
 def per_call_us(fn, calls: int, rounds: int) -> float:
@@ -130,7 +219,7 @@ def main(argv=None) -> int:
             call, floor = CASES[op]()
             us, floor_us = per_call_us(call, args.calls, args.rounds), per_call_us(floor, args.calls, args.rounds)
             rows.append({"op": op, "device": str(device()), "fwd_bwd_us": round(us, 1), "floor_us": round(floor_us, 1)})
-            print(f"{op:12s} {us:8.1f} µs per fwd+bwd   (floor {floor_us:.1f} µs: a trivial autograd.Function)")
+            print(f"{op:18s} {us:8.1f} µs per fwd+bwd   (floor {floor_us:.1f} µs: a trivial autograd.Function)")
     if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], "host_overhead.json"), "w") as f:
             json.dump(rows, f, indent=2)
