@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 
 from fastft.ops.compiled import capturing, compiling, needed, unused
-from fastft.ops.shared import BACKENDS, autocast_inputs, check_backend, resolve_backend
+from fastft.ops.shared import BACKENDS, autocast_inputs, autocast_off, check_backend, resolve_backend
 from fastft.ops.shared import check as _check  # the name this file's many checks use
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -338,7 +338,7 @@ def flash_attention(q, k, v, *, causal=False, softmax_scale=None, cu_seqlens=Non
         return attention_reference(q, k, v, causal=causal, softmax_scale=scale, cu_seqlens=cu_seqlens,
                                    prefix_k=prefix_k, prefix_v=prefix_v, window=window)
     left, right = mask_bounds(causal, window)
-    with torch.autocast(q.device.type, enabled=False):
+    with autocast_off(q.device.type):
         if compiling():  # max_seqlen as given (None: the op body derives it)
             return flash_attention_op(q, k, v, prefix_k, prefix_v, cu_seqlens, max_seqlen, scale, left, right)[0]
         max_seqlen = _resolve_max_seqlen(cu_seqlens, max_seqlen, q.shape[0], q.device)

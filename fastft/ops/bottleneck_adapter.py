@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from fastft.ops.compiled import compiling, needed, unused
-from fastft.ops.shared import as_rows, autocast_inputs, check_backend, padded, resolve_backend
+from fastft.ops.shared import as_rows, autocast_inputs, autocast_off, check_backend, padded, resolve_backend
 
 ACTIVATIONS = ("relu", "silu", "gelu_tanh", "tanh")
 
@@ -199,7 +199,7 @@ def bottleneck_adapter(h, down_weight, down_bias, up_weight, up_bias, activation
     backend = resolve_backend("bottleneck_adapter", backend, h.device, arg="h")
     if backend == "torch" or h.numel() == 0:
         return bottleneck_adapter_reference(h, down_weight, down_bias, up_weight, up_bias, activation)
-    with torch.autocast(h.device.type, enabled=False):
+    with autocast_off(h.device.type):
         if compiling():
             return bottleneck_adapter_op(h, down_weight, down_bias, up_weight, up_bias, activation)[0]
         return BottleneckAdapterFunction.apply(h, down_weight, down_bias, up_weight, up_bias, activation)

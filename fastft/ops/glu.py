@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from fastft.ops.compiled import compiling
-from fastft.ops.shared import as_rows, check, check_tensor, resolve_backend
+from fastft.ops.shared import as_rows, autocast_off, check, check_tensor, resolve_backend
 
 
 def swiglu_reference(gate, up):
@@ -99,7 +99,7 @@ def _glu(op, gate, up, gelu, backend):
     check(gate.device == up.device, f"{op}: `gate` is on {gate.device} but `up` is on {up.device}")
     if resolve_backend(op, backend, gate.device) == "torch" or gate.numel() == 0:
         return (geglu_reference if gelu else swiglu_reference)(gate, up)
-    with torch.autocast(gate.device.type, enabled=False):
+    with autocast_off(gate.device.type):
         if compiling():
             return glu_op(gate, up, gelu)
         return GLUFunction.apply(gate, up, gelu)

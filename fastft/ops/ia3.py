@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from fastft.ops.compiled import compiling, needed, unused
-from fastft.ops.shared import as_rows, autocast_inputs, check_backend, resolve_backend
+from fastft.ops.shared import as_rows, autocast_inputs, autocast_off, check_backend, resolve_backend
 
 
 def ia3_linear_reference(x, weight, bias, ia3_l, feedforward: bool):
@@ -172,7 +172,7 @@ def ia3_linear(x, weight, bias, ia3_l, *, feedforward: bool, backend="auto"):
     backend = resolve_backend("ia3_linear", backend, x.device, arg="x")
     if backend == "torch" or x.numel() == 0:
         return ia3_linear_reference(x, weight, bias, ia3_l, feedforward)
-    with torch.autocast(x.device.type, enabled=False):
+    with autocast_off(x.device.type):
         if compiling():
             return ia3_linear_op(x, weight, bias, ia3_l, bool(feedforward))
         return IA3LinearFunction.apply(x, weight, bias, ia3_l, bool(feedforward))

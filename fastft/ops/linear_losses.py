@@ -46,7 +46,7 @@ from fastft.ops.chunked_logits import (DeferredChunkedLoss, EagerChunkedLoss, Pl
 from fastft.ops.compiled import capturing, compiling
 from fastft.ops.linear_losses_compiled import check_label_range, nf4_block_rows, traced_loss
 from fastft.ops.lm_head import HeadArgs, head_of_module
-from fastft.ops.shared import BACKENDS, check, resolve_backend
+from fastft.ops.shared import BACKENDS, autocast_off, check, resolve_backend
 
 REDUCTIONS = ("mean", "sum", "none")
 DIRECTIONS = ("forward", "reverse")
@@ -120,7 +120,7 @@ def _run(op: str, reduction: str, hidden, head: HeadArgs, row: RowLoss, grad_sca
          teacher_h2=None, teacher_w=None, chunk_size, bytes_per_logit: int):
     """The chunked loop through one of its two doors (fastft.ops.compiled): the autograd Functions, or while
     torch.compile traces a Triton call, the custom ops (fastft.ops.linear_losses_compiled)."""
-    with torch.autocast(hidden.device.type, enabled=False):
+    with autocast_off(hidden.device.type):
         if row.backend == "triton" and compiling():
             return traced_loss(op, reduction, hidden, head, row, grad_scale, labels=labels2, teacher_hidden=teacher_h2,
                                teacher_weight=teacher_w, chunk_size=chunk_size, bytes_per_logit=bytes_per_logit)

@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 
 from fastft.ops.compiled import compiling, needed, unused
-from fastft.ops.shared import as_rows, check, check_tensor, resolve_backend
+from fastft.ops.shared import as_rows, autocast_off, check, check_tensor, resolve_backend
 
 CASTS = ("input", "fp32")
 
@@ -161,7 +161,7 @@ def rms_norm(x, weight, eps=1e-6, *, offset=0.0, residual=None, cast=None, backe
     backend = resolve_backend("rms_norm", backend, x.device)
     if backend == "torch" or x.numel() == 0:
         return rms_norm_reference(x, weight, eps, offset=offset, residual=residual, cast=cast)
-    with torch.autocast(x.device.type, enabled=False):
+    with autocast_off(x.device.type):
         if not compiling():
             return RMSNormFunction.apply(x, weight, residual, float(eps), float(offset), cast)
         y, h, _ = rms_norm_op(x, weight, residual, float(eps), float(offset), cast)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from fastft.ops.compiled import compiling
-from fastft.ops.shared import check, check_tensor, resolve_backend
+from fastft.ops.shared import autocast_off, check, check_tensor, resolve_backend
 
 
 def rotate_half(x):
@@ -187,7 +187,7 @@ def rope(q, k, cos=None, sin=None, *, position_ids=None, inv_freq=None, attentio
     backend = resolve_backend("rope", backend, q.device)
     if backend == "torch" or q.numel() == 0 or cos.requires_grad or sin.requires_grad:
         return rope_reference(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim)
-    with torch.autocast(q.device.type, enabled=False):
+    with autocast_off(q.device.type):
         if compiling():
             return rope_op(q, k, cos, sin, unsqueeze_dim)
         return RoPEFunction.apply(q, k, cos, sin, unsqueeze_dim)
@@ -209,7 +209,7 @@ def rope_(q, k, cos=None, sin=None, *, position_ids=None, inv_freq=None, attenti
     if backend == "torch" or q.numel() == 0 or cos.requires_grad or sin.requires_grad:
         q_new, k_new = rope_reference(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim)
         return q.copy_(q_new), k.copy_(k_new)
-    with torch.autocast(q.device.type, enabled=False):
+    with autocast_off(q.device.type):
         if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)):
             if compiling():
                 rope_inplace_op(q, k, cos, sin, unsqueeze_dim)
