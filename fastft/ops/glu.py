@@ -94,9 +94,10 @@ glu_op.register_autograd(_backward_op, setup_context=_setup_context)
 def _glu(op, gate, up, gelu, backend):
     check_tensor(op, "gate", gate, dim=1)
     check_tensor(op, "up", up, dim=1)
-    check(gate.shape == up.shape, f"{op}: `gate` {tuple(gate.shape)} and `up` {tuple(up.shape)} must have one shape")
-    check(gate.dtype == up.dtype, f"{op}: `gate` is {gate.dtype} but `up` is {up.dtype}")
-    check(gate.device == up.device, f"{op}: `gate` is on {gate.device} but `up` is on {up.device}")
+    check(gate.shape == up.shape,
+          lambda: f"{op}: `gate` {tuple(gate.shape)} and `up` {tuple(up.shape)} must have one shape")
+    check(gate.dtype == up.dtype, lambda: f"{op}: `gate` is {gate.dtype} but `up` is {up.dtype}")
+    check(gate.device == up.device, lambda: f"{op}: `gate` is on {gate.device} but `up` is on {up.device}")
     if resolve_backend(op, backend, gate.device) == "torch" or gate.numel() == 0:
         return (geglu_reference if gelu else swiglu_reference)(gate, up)
     with autocast_off(gate.device.type):
