@@ -69,7 +69,8 @@ def _check_labels(op: str, name: str, labels, hidden: torch.Tensor, vocab: int, 
            f"{tuple(hidden.shape[:-1])} (one label per row)")
     check(labels.device == hidden.device,
            lambda: f"{op}: `{name}` is on {labels.device} but `{hidden_name}` on {hidden.device}")
-    labels2 = labels.reshape(-1).to(torch.int64).contiguous()
+    labels2 = labels.reshape(-1)
+    labels2 = (labels2 if labels2.dtype == torch.int64 else labels2.to(torch.int64)).contiguous()
     # one device sync; while torch.compile traces it would break the graph (the custom op's body checks instead),
     # and a CUDA graph being captured cannot sync
     if not compiling() and not capturing(labels2.device):
@@ -107,13 +108,12 @@ def _grad_scale(reduction: str, labels2: torch.Tensor | None, ignore_index: int,
         denom = (labels2 != ignore_index).sum().float().clamp(min=1.0).reshape(1)
     else:
         denom = torch.full((1,), float(max(tokens, 1)), dtype=torch.float32, device=device)
-    return 1.0 / denom
+    return denom.reciprocal()  # = 1.0 / denom (Tensor.__rdiv__ is reciprocal() * 1.0), one device op fewer
 
 
 def _logit_bytes(backend: str, dtype: torch.dtype, buffers: int = 1) -> int:
     """Bytes per logit a chunk row costs: the buffer(s), plus the torch row functions' fp32 temporaries."""
-    size = torch.empty((), dtype=dtype).element_size()
-    return buffers * size + (12 if backend == "torch" else 0)
+    return buffers * dtype.itemsize + (12 if backend == "torch" else 0)
 
 
 def _run(op: str, reduction: str, hidden, head: HeadArgs, row: RowLoss, grad_scale, *, labels2=None,
@@ -127,8 +127,9 @@ def _run(op: str, reduction: str, hidden, head: HeadArgs, row: RowLoss, grad_sca
         tokens = math.prod(hidden.shape[:-1])
         rows = chunk_size if chunk_size is not None else chunk_rows(tokens, head.vocab, bytes_per_logit,
                                                                     chunk_budget_bytes(hidden.device))
-        plan = Plan(row.row_fn(labels2, teacher_h2, teacher_w), rows, head.vocab, nf4=head.nf4,
-                    nf4_rows=nf4_block_rows(hidden), scaling=head.scaling, dropout_p=head.dropout_p,
+        nf4_rows = nf4_block_rows(hidden) if head.nf4 is not None else Plan.nf4_rows  # (unused without NF4)
+        plan = Plan(row.row_fn(labels2, teacher_h2, teacher_w), rows, head.vocab, nf4=head.nf4, nf4_rows=nf4_rows,
+                    scaling=head.scaling, dropout_p=head.dropout_p,
                     seed=shared.draw_seed() if head.dropout_p > 0.0 else 0, grad_scale=grad_scale)
         plan.extra["grad_enabled"] = torch.is_grad_enabled()
         if reduction == "none":
