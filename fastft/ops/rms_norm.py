@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 
 from fastft.ops.compiled import compiling, needed, unused
-from fastft.ops.shared import as_rows, autocast_off, check, check_tensor, resolve_backend
+from fastft.ops.shared import as_rows, autocast_off, check, check_tensor, resolve_backend, to_dtype
 
 CASTS = ("input", "fp32")
 
@@ -54,7 +54,7 @@ def _backward(dy, dh, h, weight, rstd, offset, need_w):
 
     dx, dw = kernels.rms_norm_backward(as_rows(dy), h, weight, rstd, offset,
                                        as_rows(dh) if dh is not None else None, need_w)
-    return dx, (dw.to(weight.dtype) if dw is not None and dw.dtype != weight.dtype else dw)
+    return dx, (to_dtype(dw, weight.dtype) if dw is not None else None)
 
 
 def _saved_h(x, h, residual):

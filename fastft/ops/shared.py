@@ -70,6 +70,11 @@ def autocast_off(device_type: str):
     return _NO_CONTEXT
 
 
+def to_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t.to(dtype), skipped when t has that dtype already (the call alone costs ~1 µs of host time)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def as_rows(t: torch.Tensor) -> torch.Tensor:
     """(…, F) → (M, F), a view where the strides allow, with a unit last stride (t itself when it is such rows
     already: a reshape costs ~1 µs of host time)."""
