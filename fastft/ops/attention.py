@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 
 from fastft.ops.compiled import capturing, compiling, needed, unused
-from fastft.ops.shared import BACKENDS, autocast_inputs, autocast_off, check_backend, resolve_backend
+from fastft.ops.shared import BACKENDS, autocast_inputs, autocast_off, check_backend, resolve_backend, to_dtype
 from fastft.ops.shared import check as _check  # the name this file's many checks use
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -220,7 +220,7 @@ def _backward(do, q, k, v, o, lse, prefix_k, prefix_v, cu_seqlens, max_seqlen, s
     from fastft.kernels.attention_bwd import attention_backward
 
     q, k, v, prefix_k, prefix_v = (_unit_last(t) for t in (q, k, v, prefix_k, prefix_v))
-    return attention_backward(_unit_last(do.to(q.dtype)), q, k, v, o, lse, sm_scale=scale, left=left, right=right,
+    return attention_backward(_unit_last(to_dtype(do, q.dtype)), q, k, v, o, lse, sm_scale=scale, left=left, right=right,
                               cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, prefix_k=prefix_k, prefix_v=prefix_v)
 
 
