@@ -88,7 +88,7 @@ def lora_case(M=64, K=128, N=128, r=16):
     dy = torch.randn(M, N, device=device(), dtype=dtype())
     layer = _peft_lora_layer(K, N, r)
     return {"fastft": lambda: lora_linear(x, W, None, A, B, 2.0, backend="triton").backward(dy),
-            "floor": lambda: _Floor.apply(x, A, B).backward(torch.empty_like(x)),
+           "floor": lambda: _Floor.apply(x, A, B).backward(torch.empty_like(x)),
             "peft": lambda: layer(x).backward(dy)}
 
 
@@ -112,7 +112,92 @@ def qlora_case(M=64, K=128, N=128, r=16):
     qweight = quantize_nf4(torch.randn(N, K, device=device(), dtype=dtype()))
     dy = torch.randn(M, N, device=device(), dtype=dtype())
     return {"fastft": lambda: qlora_linear(x, qweight, None, A, B, 2.0, backend="triton").backward(dy),
-            "floor": lambda: _Floor.apply(x, A, B).backward(torch.empty_like(x))}
+           "floor": lambda: _Floor.apply(x, A, B).backward(torch.empty_like(x))}
+
+
+def rms_norm_case(M=64, N=128, residual=False):
+    from fastft.ops import rms_norm
+
+    x, w = _leaf(M, N), _leaf(N)
+    dy = torch.randn(M, N, device=device(), dtype=dtype())
+    if not residual:
+        return {"fastft": lambda: rms_norm(x, w, backend="triton").backward(dy),
+                "floor": lambda: _Floor.apply(x, w).backward(dy)}
+    r = _leaf(M, N)
+
+    def call():
+        y, h = rms_norm(x, w, residual=r, backend="triton")
+        torch.autograd.backward((y, h), (dy, dy))
+
+    return {"fastft": call, "floor": lambda: _Floor.apply(x, w, r).backward(dy)}
+
+
+def rope_case(B=1, H=4, S=32, D=64, in_place=False):
+    from fastft.ops import rope, rope_
+
+    q0, k0 = _leaf(B, H, S, D), _leaf(B, H, S, D)
+    cos, sin = _leaf(1, S, D, grad=False), _leaf(1, S, D, grad=False)
+    dq = torch.randn(B, H, S, D, device=device(), dtype=dtype())
+    if not in_place:
+        return {"fastft": lambda: torch.autograd.backward(rope(q0, k0, cos, sin, backend="triton"), (dq, dq)),
+                "floor": lambda: _Floor.apply(q0, k0, cos, sin).backward(dq)}
+
+    def call():  # rope_ rotates a non-leaf (a projection's output): clones, as the floor's
+        q, k = rope_(q0.clone(), k0.clone(), cos, sin, backend="triton")
+        torch.autograd.backward((q, k), (dq, dq))
+
+    return {"fastft": call, "floor": lambda: _Floor.apply(q0.clone(), k0.clone(), cos, sin).backward(dq)}
+
+
+def swiglu_case(M=64, N=128):
+    from fastft.ops import swiglu
+
+    gate, up = _leaf(M, N), _leaf(M, N)
+    dy = torch.randn(M, N, device=device(), dtype=dtype())
+    return {"fastft": lambda: swiglu(gate, up, backend="triton").backward(dy),
+            "floor": lambda: _Floor.apply(gate, up).backward(dy)}
+
+
+def attention_case(B=1, S=64, H=2, D=32, varlen=False):
+    from fastft.ops import flash_attention
+
+    if not varlen:
+        q, k, v = _leaf(B, S, H, D), _leaf(B, S, H, D), _leaf(B, S, H, D)
+        kwargs = {}
+    else:  # two packed documents, max_seqlen given (as transformers passes it: no device read)
+        q, k, v = _leaf(B * S, H, D), _leaf(B * S, H, D), _leaf(B * S, H, D)
+        cu = torch.tensor([0, S // 3, B * S], dtype=torch.int32, device=device())
+        kwargs = dict(cu_seqlens=cu, max_seqlen=B * S - S // 3)
+    do = torch.randn(q.shape, device=device(), dtype=dtype())
+    return {"fastft": lambda: flash_attention(q, k, v, causal=True, backend="triton", **kwargs).backward(do),
+            "floor": lambda: _Floor.apply(q, k, v).backward(do)}
+
+
+def linear_cross_entropy_case(M=64, H=64, V=128):
+    from fastft.ops import linear_cross_entropy
+
+    hidden, weight = _leaf(M, H), _leaf(V, H)
+    labels = torch.randint(0, V, (M,), device=device())
+    return {"fastft": lambda: linear_cross_entropy(hidden, weight, labels, backend="triton").backward(),
+            "floor": lambda: _Floor.apply(hidden, weight).backward(hidden.detach())}
+
+
+def ia3_case(M=64, K=128, N=128):
+    from fastft.ops import ia3_linear
+
+    x, W, l = _leaf(M, K), _leaf(N, K, grad=False), _leaf(N, 1)
+    dy = torch.randn(M, N, device=device(), dtype=dtype())
+    return {"fastft": lambda: ia3_linear(x, W, None, l, feedforward=False, backend="triton").backward(dy),
+            "floor": lambda: _Floor.apply(x, l).backward(torch.empty_like(x))}
+
+
+def bottleneck_adapter_case(M=64, N=128, r=16):
+    from fastft.ops.bottleneck_adapter import bottleneck_adapter
+
+    h, D, bd, U, bu = _leaf(M, N), _leaf(r, N), _leaf(r), _leaf(N, r), _leaf(N)
+    dy = torch.randn(M, N, device=device(), dtype=dtype())
+    return {"fastft": lambda: bottleneck_adapter(h, D, bd, U, bu, "relu", backend="triton").backward(dy),
+            "floor": lambda: _Floor.apply(h, D, bd, U, bu).backward(dy)}
 
 
 def _tiny_llama():
@@ -150,8 +235,13 @@ def llama_step_case():
 
 
 # name -> a function building the calls to time: {"fastft": fwd+bwd, "floor": a trivial autograd.Function with the
-# same inputs (what any custom op pays), "peft": the peer's layer where one exists} (a 2-tuple: fastft, floor)
-CASES = {"lora": lora_case, "qlora": qlora_case, "llama-step": llama_step_case}
+# same inputs (what any custom op pays), "peft": the peer's layer or model where one exists}
+CASES = {"lora": lora_case, "qlora": qlora_case,
+         "rms_norm": rms_norm_case, "rms_norm_residual": lambda: rms_norm_case(residual=True),
+         "rope": rope_case, "rope_": lambda: rope_case(in_place=True), "swiglu": swiglu_case,
+         "attention": attention_case, "attention_varlen": lambda: attention_case(B=2, varlen=True),
+         "linear_ce": linear_cross_entropy_case, "ia3": ia3_case, "adapter": bottleneck_adapter_case,
+         "llama-step": llama_step_case}
 
 
 
@@ -191,8 +281,6 @@ def main(argv=None) -> int:
     rows = []
     for op in ops:
         calls = CASES[op]()
-        if isinstance(calls, tuple):
-            calls = dict(zip(("fastft", "floor"), calls))
         row = {"op": op, "device": str(device())}
         with launches_stubbed():
             for name, fn in calls.items():
@@ -200,7 +288,7 @@ def main(argv=None) -> int:
         if real:  # tiny shapes: the kernels finish before the host queues the next, so this is host time too
             row["fastft_real_launches_us"] = round(per_call_us(calls["fastft"], args.calls, args.rounds, sync=True), 1)
         rows.append(row)
-        print(f"{op:12s} " + "   ".join(f"{k.removesuffix('_us')} {v:.1f} µs" for k, v in row.items()
+        print(f"{op:18s} " + "   ".join(f"{k.removesuffix('_us')} {v:.1f} µs" for k, v in row.items()
                                         if k.endswith("_us")))
     if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], "host_overhead.json"), "w") as f:

@@ -221,6 +221,24 @@ def test_rope_from_position_ids_equals_cos_sin():
 
 
 @interpreter_only
+@pytest.mark.parametrize("layout", ["view", "bshd"])
+def test_rope_tables_of_different_strides_and_batches(layout):
+    """The kernel reads cos and sin with one set of strides: tables that differ there (a batch-1 table beside a
+    per-batch one, a strided slice) are copied to one layout first; results equal those of plain tables."""
+    unsqueeze_dim = 2 if layout == "bshd" else 1
+    q, k = _qk(2, 9, 3, 1, 16, torch.float32, layout)
+    cos, sin = rope_cos_sin(_positions(2, 9, packed=False), _inv_freq(16))
+    strided_sin = torch.stack([sin, sin], dim=-1).flatten(-2)[..., ::2]  # sin's values, last stride 2
+    for c, s in ((cos[:1], sin), (cos, strided_sin), (cos[:1], sin[:1])):
+        want = rope(q, k, c.expand(2, 9, 16).contiguous(), s.expand(2, 9, 16).contiguous(),
+                    unsqueeze_dim=unsqueeze_dim, backend="triton")
+        got = rope(q, k, c, s, unsqueeze_dim=unsqueeze_dim, backend="triton")
+        assert all(torch.equal(g, w) for g, w in zip(got, want))
+        ref = rope_reference(q.double(), k.double(), c.double(), s.double(), unsqueeze_dim=unsqueeze_dim)
+        assert rel_err(got[0], ref[0]) < 1e-6 and rel_err(got[1], ref[1]) < 1e-6
+
+
+@interpreter_only
 def test_rope_matches_transformers_rotary_embedding():
     """cos/sin from LlamaRotaryEmbedding (packed positions) through the kernel = apply_rotary_pos_emb."""
     from transformers import LlamaConfig

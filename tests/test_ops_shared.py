@@ -55,3 +55,19 @@ def test_padded_and_as_rows():
     strided = torch.randn(2, 6, 7).transpose(1, 2)  # last stride 7
     rows = shared.as_rows(strided)
     assert rows.stride(-1) == 1 and torch.equal(rows, strided.reshape(14, 6))
+    rows2 = torch.randn(4, 6)
+    assert shared.as_rows(rows2) is rows2  # rows already: no reshape (host time)
+    assert shared.as_rows(torch.randn(6, 4).t()).is_contiguous()  # 2-D with last stride 4: a copy
+
+
+def test_autocast_off_and_to_dtype():
+    x = torch.randn(4, 4)
+    with shared.autocast_off("cpu"):  # autocast off: a no-op context
+        assert not torch.is_autocast_enabled("cpu")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with shared.autocast_off("cpu"):  # on: turned off inside, back on after
+            assert not torch.is_autocast_enabled("cpu") and (x @ x).dtype == torch.float32
+        assert torch.is_autocast_enabled("cpu") and (x @ x).dtype == torch.bfloat16
+    assert shared.to_dtype(x, torch.float32) is x
+    h = shared.to_dtype(x, torch.float16)
+    assert h.dtype == torch.float16 and torch.equal(h, x.half())

@@ -120,9 +120,8 @@ def store_tile(dst, stride, row0, n_rows, tile, BLOCK: tl.constexpr, BLOCK_D: tl
 
 def token_strides(t: torch.Tensor, varlen: bool) -> tuple[int, int, int]:
     """(batch, token, head) strides of a (B, S, H, D) tensor, or of a packed (T, H, D) one (batch stride 0)."""
-    if varlen:
-        return 0, t.stride(0), t.stride(1)
-    return t.stride(0), t.stride(1), t.stride(2)
+    s = t.stride()  # (one call: t.stride(i) costs as much as the whole tuple, and launchers call this often)
+    return (0, s[0], s[1]) if varlen else (s[0], s[1], s[2])
 
 
 def block_d(head_dim: int) -> int:
@@ -137,11 +136,12 @@ def tma_eligible(head_dim: int, *tensors: torch.Tensor) -> bool:
     for t in tensors:
         if t is None:
             continue
-        size = t.element_size()
-        if t.stride(-1) != 1 or t.data_ptr() % 16:
+        size, strides = t.element_size(), t.stride()
+        if strides[-1] != 1 or t.data_ptr() % 16:
             return False
-        if any((s * size) % 16 for s in t.stride()[:-1]):
-            return False
+        for s in strides[:-1]:
+            if (s * size) % 16:
+                return False
     return True
 
 

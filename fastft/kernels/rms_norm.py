@@ -109,7 +109,9 @@ def rms_norm_backward(dy: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, r
     programs = max(1, min(M, 4 * device_sms(h.device)))
     rows_per_program = cdiv(M, programs) if M else 0
     programs = cdiv(M, rows_per_program) if M else 1
-    partials = torch.zeros((programs, N), dtype=torch.float32, device=h.device) if need_dw else dx
+    # every launched program writes its partial row: no memset unless nothing is launched (M == 0)
+    alloc = torch.empty if M > 0 else torch.zeros
+    partials = alloc((programs, N), dtype=torch.float32, device=h.device) if need_dw else dx
     if M > 0:
         dhi = dh_in if dh_in is not None else dy
         _rms_norm_bwd_kernel[(programs,)](dy, h, weight, rstd, dhi, dx, partials, M, N, dy.stride(0), h.stride(0),

@@ -66,19 +66,38 @@ def launch_warps(block_hq: int, block_hk: int, block_half: int) -> int:
     return min(max((max(block_hq, block_hk) * block_half) // 256, 1), 8)
 
 
+def table_strides(t: torch.Tensor) -> tuple[int, int, int]:
+    """The (batch, token, column) strides the kernel reads a (B or 1, S, D) cos/sin table with: a batch of 1 is
+    broadcast (stride 0), as `expand` would make it."""
+    sb, ss, sd = t.stride()
+    return (0 if t.shape[0] == 1 else sb), ss, sd
+
+
+def _bshd_strides(t: torch.Tensor, heads_first: bool) -> tuple[int, ...]:
+    sb, s1, s2, sd = t.stride()
+    return (sb, s2, s1, sd) if heads_first else (sb, s1, s2, sd)
+
+
 def rope_rotate(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, q_out: torch.Tensor,
-                k_out: torch.Tensor, inverse: bool = False) -> None:
-    """Rotate q (B, S, HQ, D) and k (B, S, HK, D) into q_out/k_out (which may be q/k themselves: each element is
-    read before it is written, by the same program). cos/sin: (B, S, D), any strides (stride 0 broadcasts)."""
-    B, S, HQ, D = q.shape
-    HK = k.shape[2]
+                k_out: torch.Tensor, inverse: bool = False, heads_first: bool = False) -> None:
+    """Rotate q (B, S, HQ, D) and k (B, S, HK, D) — (B, HQ, S, D) and (B, HK, S, D) with heads_first, read through
+    their strides (no transposed views: each costs host time) — into q_out/k_out of the same layout (which may be
+    q/k themselves: each element is read before it is written, by the same program). cos/sin: (B or 1, S, D), any
+    strides as long as `table_strides` gives both the same."""
+    if heads_first:
+        B, HQ, S, D = q.shape
+        HK = k.shape[1]
+    else:
+        B, S, HQ, D = q.shape
+        HK = k.shape[2]
     if B * S == 0:
         return
     half = D // 2
     block_half = next_power_of_2(half)
     block_hq, block_hk = next_power_of_2(HQ), next_power_of_2(HK)
     warps = launch_warps(block_hq, block_hk, block_half)
-    _rope_kernel[(B * S,)](q, q_out, k, k_out, cos, sin, S, HQ, HK, half, *q.stride(), *q_out.stride(), *k.stride(),
-                           *k_out.stride(), *cos.stride(), INVERSE=inverse, RTNE=emulate_rtne(q_out.dtype),
-                           BLOCK_HQ=block_hq, BLOCK_HK=block_hk,
+    _rope_kernel[(B * S,)](q, q_out, k, k_out, cos, sin, S, HQ, HK, half, *_bshd_strides(q, heads_first),
+                           *_bshd_strides(q_out, heads_first), *_bshd_strides(k, heads_first),
+                           *_bshd_strides(k_out, heads_first), *table_strides(cos), INVERSE=inverse,
+                           RTNE=emulate_rtne(q_out.dtype), BLOCK_HQ=block_hq, BLOCK_HK=block_hk,
                            BLOCK_HALF=block_half, num_warps=warps)

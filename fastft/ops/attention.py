@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 
 from fastft.ops.compiled import capturing, compiling, needed, unused
-from fastft.ops.shared import BACKENDS, autocast_inputs, check_backend, resolve_backend
+from fastft.ops.shared import BACKENDS, autocast_inputs, autocast_off, check_backend, resolve_backend, to_dtype
 from fastft.ops.shared import check as _check  # the name this file's many checks use
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -99,33 +99,36 @@ def _validate(q, k, v, causal, softmax_scale, cu_seqlens, max_seqlen, prefix_k, 
     # Messages that name a token, batch or document count are built only on failure: under torch.compile with
     # dynamic shapes, formatting a symbolic size would specialize the graph to that size.
     for name, t in (("q", q), ("k", k), ("v", v)):
-        _check(isinstance(t, torch.Tensor), f"flash_attention: `{name}` must be a torch.Tensor, got {type(t).__name__}")
-        _check(t.dtype in DTYPES, f"flash_attention: `{name}` must be float16, bfloat16 or float32, got {t.dtype}")
+        _check(isinstance(t, torch.Tensor),
+               lambda: f"flash_attention: `{name}` must be a torch.Tensor, got {type(t).__name__}")
+        _check(t.dtype in DTYPES,
+               lambda: f"flash_attention: `{name}` must be float16, bfloat16 or float32, got {t.dtype}")
     varlen = cu_seqlens is not None
     rank, layout = (3, "(total_tokens, heads, head_dim)") if varlen else (4, "(batch, seqlen, heads, head_dim)")
     for name, t in (("q", q), ("k", k), ("v", v)):
-        _check(t.dim() == rank, f"flash_attention: `{name}` must be {rank}-D {layout}"
-                                f"{' with cu_seqlens' if varlen else ''}, got shape {tuple(t.shape)}")
-    _check(k.shape == v.shape, f"flash_attention: `k` and `v` must have the same shape, got {tuple(k.shape)} "
-                               f"and {tuple(v.shape)}")
+        _check(t.dim() == rank, lambda: f"flash_attention: `{name}` must be {rank}-D {layout}"
+                                        f"{' with cu_seqlens' if varlen else ''}, got shape {tuple(t.shape)}")
+    _check(k.shape == v.shape, lambda: f"flash_attention: `k` and `v` must have the same shape, got {tuple(k.shape)} "
+                                       f"and {tuple(v.shape)}")
     D, H, n_kv = q.shape[-1], q.shape[-2], k.shape[-2]
-    _check(k.shape[-1] == D, f"flash_attention: `k` has head_dim {k.shape[-1]} but `q` has {D}")
+    _check(k.shape[-1] == D, lambda: f"flash_attention: `k` has head_dim {k.shape[-1]} but `q` has {D}")
     _check(D % 8 == 0 and 16 <= D <= MAX_HEAD_DIM,
-           f"flash_attention: head_dim must be a multiple of 8 in [16, {MAX_HEAD_DIM}] (e.g. 64, 80, 96, 128, "
+           lambda: f"flash_attention: head_dim must be a multiple of 8 in [16, {MAX_HEAD_DIM}] (e.g. 64, 80, 96, 128, "
            f"256), got {D}")
     _check(n_kv >= 1 and H % n_kv == 0,
-           f"flash_attention: `q` has {H} heads, which is not a multiple of the {n_kv} KV heads of `k` (GQA "
+           lambda: f"flash_attention: `q` has {H} heads, which is not a multiple of the {n_kv} KV heads of `k` (GQA "
            "needs heads % kv_heads == 0)")
-    _check(q.dtype == k.dtype == v.dtype, f"flash_attention: `q`, `k`, `v` must share a dtype, got {q.dtype}, "
-                                          f"{k.dtype}, {v.dtype}")
+    _check(q.dtype == k.dtype == v.dtype, lambda: f"flash_attention: `q`, `k`, `v` must share a dtype, got "
+                                                  f"{q.dtype}, {k.dtype}, {v.dtype}")
     tensors = [q, k, v] + [t for t in (prefix_k, prefix_v, cu_seqlens) if t is not None]
     devices = {t.device for t in tensors if isinstance(t, torch.Tensor)}
-    _check(len(devices) == 1, f"flash_attention: all tensors must be on one device, got {sorted(map(str, devices))}")
+    _check(len(devices) == 1,
+           lambda: f"flash_attention: all tensors must be on one device, got {sorted(map(str, devices))}")
     if varlen:
         _check(isinstance(cu_seqlens, torch.Tensor) and cu_seqlens.dtype == torch.int32 and cu_seqlens.dim() == 1
                and cu_seqlens.numel() >= 2,
-               "flash_attention: `cu_seqlens` must be a 1-D int32 tensor of length n_docs + 1 (cumulative lengths "
-               f"starting at 0), got {getattr(cu_seqlens, 'dtype', type(cu_seqlens).__name__)} "
+               lambda: "flash_attention: `cu_seqlens` must be a 1-D int32 tensor of length n_docs + 1 (cumulative "
+               f"lengths starting at 0), got {getattr(cu_seqlens, 'dtype', type(cu_seqlens).__name__)} "
                f"{tuple(getattr(cu_seqlens, 'shape', ()))}")
         if not k.shape[0] == q.shape[0]:
             raise ValueError(f"flash_attention: packed `q` has {q.shape[0]} tokens but `k` has {k.shape[0]}; packed "
@@ -152,16 +155,16 @@ def _validate(q, k, v, causal, softmax_scale, cu_seqlens, max_seqlen, prefix_k, 
                     and tuple(t.shape[2:]) == (n_kv, D)):
                 raise ValueError(f"flash_attention: `{name}` must have shape (1 or {n_seq}, prefix_len, {n_kv}, {D}), "
                                  f"got {tuple(getattr(t, 'shape', ()))}")
-            _check(t.dtype == q.dtype, f"flash_attention: `{name}` is {t.dtype} but `q` is {q.dtype}")
+            _check(t.dtype == q.dtype, lambda: f"flash_attention: `{name}` is {t.dtype} but `q` is {q.dtype}")
         _check(prefix_k.shape == prefix_v.shape, "flash_attention: `prefix_k` and `prefix_v` must have the same shape")
     if softmax_scale is not None:
         _check(isinstance(softmax_scale, (int, float)) and math.isfinite(softmax_scale) and softmax_scale > 0,
-               f"flash_attention: `softmax_scale` must be a positive finite number, got {softmax_scale!r}")
+               lambda: f"flash_attention: `softmax_scale` must be a positive finite number, got {softmax_scale!r}")
     if window is not None:
         if not (_is_int(window) and window >= 1):
             raise ValueError(f"flash_attention: `window` must be a positive int (keys within `window` positions), "
                              f"got {window!r}")
-    _check(isinstance(causal, bool), f"flash_attention: `causal` must be a bool, got {causal!r}")
+    _check(isinstance(causal, bool), lambda: f"flash_attention: `causal` must be a bool, got {causal!r}")
 
 
 def _check_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> int:
@@ -217,7 +220,7 @@ def _backward(do, q, k, v, o, lse, prefix_k, prefix_v, cu_seqlens, max_seqlen, s
     from fastft.kernels.attention_bwd import attention_backward
 
     q, k, v, prefix_k, prefix_v = (_unit_last(t) for t in (q, k, v, prefix_k, prefix_v))
-    return attention_backward(_unit_last(do.to(q.dtype)), q, k, v, o, lse, sm_scale=scale, left=left, right=right,
+    return attention_backward(_unit_last(to_dtype(do, q.dtype)), q, k, v, o, lse, sm_scale=scale, left=left, right=right,
                               cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, prefix_k=prefix_k, prefix_v=prefix_v)
 
 
@@ -338,7 +341,7 @@ def flash_attention(q, k, v, *, causal=False, softmax_scale=None, cu_seqlens=Non
         return attention_reference(q, k, v, causal=causal, softmax_scale=scale, cu_seqlens=cu_seqlens,
                                    prefix_k=prefix_k, prefix_v=prefix_v, window=window)
     left, right = mask_bounds(causal, window)
-    with torch.autocast(q.device.type, enabled=False):
+    with autocast_off(q.device.type):
         if compiling():  # max_seqlen as given (None: the op body derives it)
             return flash_attention_op(q, k, v, prefix_k, prefix_v, cu_seqlens, max_seqlen, scale, left, right)[0]
         max_seqlen = _resolve_max_seqlen(cu_seqlens, max_seqlen, q.shape[0], q.device)

@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from fastft.ops.compiled import compiling, needed, unused
-from fastft.ops.shared import as_rows, autocast_inputs, check_backend, padded, resolve_backend
+from fastft.ops.shared import (as_rows, autocast_inputs, autocast_off, check_backend, padded, resolve_backend,
+                               to_dtype)
 
 ACTIVATIONS = ("relu", "silu", "gelu_tanh", "tanh")
 
@@ -30,10 +31,10 @@ def bottleneck_adapter_reference(h, down_weight, down_bias, up_weight, up_bias, 
 
 
 def _activation_grad(p: torch.Tensor, activation: str) -> torch.Tensor:
-    """act'(p) in fp32."""
-    p = p.float()
+    """act'(p) in fp32; relu's as a bool mask (a multiply casts it to 1.0/0.0 on the fly: two device ops fewer)."""
     if activation == "relu":
-        return (p > 0).float()
+        return p > 0
+    p = p.float()
     if activation == "tanh":
         return 1 - torch.tanh(p) ** 2
     if activation == "silu":
@@ -61,7 +62,7 @@ def _forward(h2, D_p, U_p, down_bias, up_bias, activation):
     R = D_p.shape[0]
     bd = None if down_bias is None else padded(down_bias.float()[None], 1, R, torch.float32)[0]
     z, p = kernels.down_act(h2, D_p, bd, activation)
-    bu = None if up_bias is None else up_bias.to(h2.dtype)
+    bu = None if up_bias is None else to_dtype(up_bias, h2.dtype)
     return kernels.up_residual(h2, z, U_p, bu), z, p
 
 
@@ -73,24 +74,24 @@ def _backward(dy, h2, D_p, U_p, z, p, r, activation, needs, dtypes):
 
     D_dtype, U_dtype, bd_dtype, bu_dtype = dtypes
     N = h2.shape[1]
-    dy2 = dy.reshape(-1, N).to(h2.dtype)
+    dy2 = to_dtype(dy.reshape(-1, N), h2.dtype)
     if not dy2.is_contiguous():
         dy2 = dy2.contiguous()
     need_h, need_D, need_bd, need_U, need_bu = needs
     dh = dD = dbd = dU = dbu = None
     if need_h or need_D or need_bd:
         dz = rank_ops.rank_project(dy2, U_p.t(), scale=1.0)                    # dy·U    [M, R]
-        dp = (dz.float() * _activation_grad(p, activation)).to(h2.dtype)  # ∘ act'(p)
+        dp = to_dtype(dz.float() * _activation_grad(p, activation), h2.dtype)  # ∘ act'(p)
         if need_h:
             dh = kernels.up_residual(dy2, dp, D_p.t(), None)  # dy + dp·D
         if need_D:
-            dD = rank_ops.rank_reduce(dp, h2)[:r].to(D_dtype)
+            dD = to_dtype(rank_ops.rank_reduce(dp, h2)[:r], D_dtype)
         if need_bd and bd_dtype is not None:
-            dbd = dp[:, :r].sum(0, dtype=torch.float32).to(bd_dtype)
+            dbd = to_dtype(dp[:, :r].sum(0, dtype=torch.float32), bd_dtype)
     if need_U:
-        dU = rank_ops.rank_reduce(z, dy2)[:r].t().to(U_dtype)
+        dU = to_dtype(rank_ops.rank_reduce(z, dy2)[:r].t(), U_dtype)
     if need_bu and bu_dtype is not None:
-        dbu = dy2.sum(0, dtype=torch.float32).to(bu_dtype)
+        dbu = to_dtype(dy2.sum(0, dtype=torch.float32), bu_dtype)
     return dh, dD, dbd, dU, dbu
 
 
@@ -109,14 +110,14 @@ class BottleneckAdapterFunction(torch.autograd.Function):
         ctx.save_for_backward(h2, D_p, U_p, z, p)
         ctx.meta = (h.shape, down_weight.shape[0], activation,
                     (down_weight.dtype, up_weight.dtype, _dtype(down_bias), _dtype(up_bias)))
-        return y.view(h.shape)
+        return y.view(*h.shape)  # (unpacked: a torch.Size argument costs ~1.5 µs more)
 
     @staticmethod
     def backward(ctx, dy):
         h2, D_p, U_p, z, p = ctx.saved_tensors
         h_shape, r, activation, dtypes = ctx.meta
         dh, dD, dbd, dU, dbu = _backward(dy, h2, D_p, U_p, z, p, r, activation, ctx.needs_input_grad[:5], dtypes)
-        return (None if dh is None else dh.view(h_shape)), dD, dbd, dU, dbu, None
+        return (None if dh is None else dh.view(*h_shape)), dD, dbd, dU, dbu, None
 
 
 # The traced door: fastft::bottleneck_adapter and its backward as custom ops (fastft.ops.compiled). z and p are
@@ -199,7 +200,7 @@ def bottleneck_adapter(h, down_weight, down_bias, up_weight, up_bias, activation
     backend = resolve_backend("bottleneck_adapter", backend, h.device, arg="h")
     if backend == "torch" or h.numel() == 0:
         return bottleneck_adapter_reference(h, down_weight, down_bias, up_weight, up_bias, activation)
-    with torch.autocast(h.device.type, enabled=False):
+    with autocast_off(h.device.type):
         if compiling():
             return bottleneck_adapter_op(h, down_weight, down_bias, up_weight, up_bias, activation)[0]
         return BottleneckAdapterFunction.apply(h, down_weight, down_bias, up_weight, up_bias, activation)

@@ -356,7 +356,10 @@ class EagerChunkedLoss(torch.autograd.Function):
                 continue
             t = next(saved)
             shape, dtype = meta
-            t = t.to(dtype) if unit else scaled_grad(t, g, dtype, in_place=True)
+            if not unit:
+                t = scaled_grad(t, g, dtype, in_place=True)
+            elif t.dtype != dtype:
+                t = t.to(dtype)
             out.append(t.view(shape))
         return (None, *out)
 

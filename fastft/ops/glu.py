@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from fastft.ops.compiled import compiling
-from fastft.ops.shared import as_rows, check, check_tensor, resolve_backend
+from fastft.ops.shared import as_rows, autocast_off, check, check_tensor, resolve_backend
 
 
 def swiglu_reference(gate, up):
@@ -24,7 +24,7 @@ def geglu_reference(gate, up):
 def _forward(gate, up, gelu):
     from fastft.kernels.glu import glu_forward
 
-    return glu_forward(as_rows(gate), as_rows(up), gelu).view(gate.shape)
+    return glu_forward(as_rows(gate), as_rows(up), gelu).view(*gate.shape)
 
 
 def _backward(dy, g2, u2, shape, gelu):
@@ -32,7 +32,7 @@ def _backward(dy, g2, u2, shape, gelu):
     from fastft.kernels.glu import glu_backward
 
     d_gate, d_up = glu_backward(as_rows(dy), g2, u2, gelu)
-    return d_gate.view(shape), d_up.view(shape)
+    return d_gate.view(*shape), d_up.view(*shape)  # (unpacked: a torch.Size argument costs ~1.5 µs more)
 
 
 class GLUFunction(torch.autograd.Function):
@@ -45,7 +45,7 @@ class GLUFunction(torch.autograd.Function):
         g2, u2 = as_rows(gate), as_rows(up)
         ctx.save_for_backward(g2, u2)
         ctx.meta = (gate.shape, gelu)
-        return glu_forward(g2, u2, gelu).view(gate.shape)
+        return glu_forward(g2, u2, gelu).view(*gate.shape)
 
     @staticmethod
     def backward(ctx, dy):
@@ -94,12 +94,13 @@ glu_op.register_autograd(_backward_op, setup_context=_setup_context)
 def _glu(op, gate, up, gelu, backend):
     check_tensor(op, "gate", gate, dim=1)
     check_tensor(op, "up", up, dim=1)
-    check(gate.shape == up.shape, f"{op}: `gate` {tuple(gate.shape)} and `up` {tuple(up.shape)} must have one shape")
-    check(gate.dtype == up.dtype, f"{op}: `gate` is {gate.dtype} but `up` is {up.dtype}")
-    check(gate.device == up.device, f"{op}: `gate` is on {gate.device} but `up` is on {up.device}")
+    check(gate.shape == up.shape,
+          lambda: f"{op}: `gate` {tuple(gate.shape)} and `up` {tuple(up.shape)} must have one shape")
+    check(gate.dtype == up.dtype, lambda: f"{op}: `gate` is {gate.dtype} but `up` is {up.dtype}")
+    check(gate.device == up.device, lambda: f"{op}: `gate` is on {gate.device} but `up` is on {up.device}")
     if resolve_backend(op, backend, gate.device) == "torch" or gate.numel() == 0:
         return (geglu_reference if gelu else swiglu_reference)(gate, up)
-    with torch.autocast(gate.device.type, enabled=False):
+    with autocast_off(gate.device.type):
         if compiling():
             return glu_op(gate, up, gelu)
         return GLUFunction.apply(gate, up, gelu)

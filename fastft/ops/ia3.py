@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from fastft.ops.compiled import compiling, needed, unused
-from fastft.ops.shared import as_rows, autocast_inputs, check_backend, resolve_backend
+from fastft.ops.shared import as_rows, autocast_inputs, autocast_off, check_backend, resolve_backend, to_dtype
 
 
 def ia3_linear_reference(x, weight, bias, ia3_l, feedforward: bool):
@@ -31,7 +31,8 @@ def ia3_linear_reference(x, weight, bias, ia3_l, feedforward: bool):
 
 
 def _safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
-    return torch.where(den != 0, num / torch.where(den != 0, den, 1.0), 0.0)
+    nonzero = den != 0
+    return torch.where(nonzero, num / torch.where(nonzero, den, 1.0), 0.0)
 
 
 def _scale(ia3_l: torch.Tensor) -> torch.Tensor:
@@ -54,7 +55,7 @@ def _backward(dy, saved, weight, scale, bias, feedforward, need_x, need_b, need_
     from fastft.kernels.column_dot import column_dot
 
     N = weight.shape[0]
-    dy2 = dy.reshape(-1, N).to(weight.dtype)
+    dy2 = to_dtype(dy.reshape(-1, N), weight.dtype)
     if not dy2.is_contiguous():
         dy2 = dy2.contiguous()
     dx = db = dl = None
@@ -62,15 +63,15 @@ def _backward(dy, saved, weight, scale, bias, feedforward, need_x, need_b, need_
         if need_x or need_l:
             dx = lora_gemm(dy2, weight, None, None, None, b_nk=False, col_scale=scale)
             if need_l:
-                dl = _safe_div(column_dot(saved, dx), scale).reshape(l_shape).to(l_dtype)
-            dx = dx.view(x_shape) if need_x else None
+                dl = to_dtype(_safe_div(column_dot(saved, dx), scale).reshape(l_shape), l_dtype)
+            dx = dx.view(*x_shape) if need_x else None
         if need_b and bias is not None:
             db = dy2.sum(0, dtype=torch.float32).to(bias.dtype)
     else:
         if need_x:
-            dx = lora_gemm(dy2, weight, None, None, None, b_nk=False, k_scale=scale).view(x_shape)
+            dx = lora_gemm(dy2, weight, None, None, None, b_nk=False, k_scale=scale).view(*x_shape)
         if need_l:
-            dl = _safe_div(column_dot(dy2, saved), scale).reshape(l_shape).to(l_dtype)
+            dl = to_dtype(_safe_div(column_dot(dy2, saved), scale).reshape(l_shape), l_dtype)
         if need_b and bias is not None:
             db = (dy2.sum(0, dtype=torch.float32) * scale).to(bias.dtype)
     return dx, db, dl
@@ -172,7 +173,7 @@ def ia3_linear(x, weight, bias, ia3_l, *, feedforward: bool, backend="auto"):
     backend = resolve_backend("ia3_linear", backend, x.device, arg="x")
     if backend == "torch" or x.numel() == 0:
         return ia3_linear_reference(x, weight, bias, ia3_l, feedforward)
-    with torch.autocast(x.device.type, enabled=False):
+    with autocast_off(x.device.type):
         if compiling():
             return ia3_linear_op(x, weight, bias, ia3_l, bool(feedforward))
         return IA3LinearFunction.apply(x, weight, bias, ia3_l, bool(feedforward))

@@ -46,7 +46,7 @@ from fastft.ops.chunked_logits import (DeferredChunkedLoss, EagerChunkedLoss, Pl
 from fastft.ops.compiled import capturing, compiling
 from fastft.ops.linear_losses_compiled import check_label_range, nf4_block_rows, traced_loss
 from fastft.ops.lm_head import HeadArgs, head_of_module
-from fastft.ops.shared import BACKENDS, check, resolve_backend
+from fastft.ops.shared import BACKENDS, autocast_off, check, resolve_backend
 
 REDUCTIONS = ("mean", "sum", "none")
 DIRECTIONS = ("forward", "reverse")
@@ -69,7 +69,8 @@ def _check_labels(op: str, name: str, labels, hidden: torch.Tensor, vocab: int, 
            f"{tuple(hidden.shape[:-1])} (one label per row)")
     check(labels.device == hidden.device,
            lambda: f"{op}: `{name}` is on {labels.device} but `{hidden_name}` on {hidden.device}")
-    labels2 = labels.reshape(-1).to(torch.int64).contiguous()
+    labels2 = labels.reshape(-1)
+    labels2 = (labels2 if labels2.dtype == torch.int64 else labels2.to(torch.int64)).contiguous()
     # one device sync; while torch.compile traces it would break the graph (the custom op's body checks instead),
     # and a CUDA graph being captured cannot sync
     if not compiling() and not capturing(labels2.device):
@@ -107,28 +108,28 @@ def _grad_scale(reduction: str, labels2: torch.Tensor | None, ignore_index: int,
         denom = (labels2 != ignore_index).sum().float().clamp(min=1.0).reshape(1)
     else:
         denom = torch.full((1,), float(max(tokens, 1)), dtype=torch.float32, device=device)
-    return 1.0 / denom
+    return denom.reciprocal()  # = 1.0 / denom (Tensor.__rdiv__ is reciprocal() * 1.0), one device op fewer
 
 
 def _logit_bytes(backend: str, dtype: torch.dtype, buffers: int = 1) -> int:
     """Bytes per logit a chunk row costs: the buffer(s), plus the torch row functions' fp32 temporaries."""
-    size = torch.empty((), dtype=dtype).element_size()
-    return buffers * size + (12 if backend == "torch" else 0)
+    return buffers * dtype.itemsize + (12 if backend == "torch" else 0)
 
 
 def _run(op: str, reduction: str, hidden, head: HeadArgs, row: RowLoss, grad_scale, *, labels2=None,
          teacher_h2=None, teacher_w=None, chunk_size, bytes_per_logit: int):
     """The chunked loop through one of its two doors (fastft.ops.compiled): the autograd Functions, or while
     torch.compile traces a Triton call, the custom ops (fastft.ops.linear_losses_compiled)."""
-    with torch.autocast(hidden.device.type, enabled=False):
+    with autocast_off(hidden.device.type):
         if row.backend == "triton" and compiling():
             return traced_loss(op, reduction, hidden, head, row, grad_scale, labels=labels2, teacher_hidden=teacher_h2,
                                teacher_weight=teacher_w, chunk_size=chunk_size, bytes_per_logit=bytes_per_logit)
         tokens = math.prod(hidden.shape[:-1])
         rows = chunk_size if chunk_size is not None else chunk_rows(tokens, head.vocab, bytes_per_logit,
                                                                     chunk_budget_bytes(hidden.device))
-        plan = Plan(row.row_fn(labels2, teacher_h2, teacher_w), rows, head.vocab, nf4=head.nf4,
-                    nf4_rows=nf4_block_rows(hidden), scaling=head.scaling, dropout_p=head.dropout_p,
+        nf4_rows = nf4_block_rows(hidden) if head.nf4 is not None else Plan.nf4_rows  # (unused without NF4)
+        plan = Plan(row.row_fn(labels2, teacher_h2, teacher_w), rows, head.vocab, nf4=head.nf4, nf4_rows=nf4_rows,
+                    scaling=head.scaling, dropout_p=head.dropout_p,
                     seed=shared.draw_seed() if head.dropout_p > 0.0 else 0, grad_scale=grad_scale)
         plan.extra["grad_enabled"] = torch.is_grad_enabled()
         if reduction == "none":

@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 
 from fastft.ops.compiled import compiling, needed, unused
-from fastft.ops.shared import as_rows, check, check_tensor, resolve_backend
+from fastft.ops.shared import as_rows, autocast_off, check, check_tensor, resolve_backend, to_dtype
 
 CASTS = ("input", "fp32")
 
@@ -45,7 +45,7 @@ def _forward(x, weight, residual, eps, offset, cast):
     r2 = as_rows(residual) if residual is not None else None
     y, h, rstd = kernels.rms_norm_forward(as_rows(x), weight, eps, offset, cast == "input",
                                           _out_dtype(x.dtype, weight.dtype, cast), r2)
-    return y.view(*x.shape[:-1], y.shape[-1]), h, rstd
+    return (y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[-1])), h, rstd
 
 
 def _backward(dy, dh, h, weight, rstd, offset, need_w):
@@ -54,7 +54,7 @@ def _backward(dy, dh, h, weight, rstd, offset, need_w):
 
     dx, dw = kernels.rms_norm_backward(as_rows(dy), h, weight, rstd, offset,
                                        as_rows(dh) if dh is not None else None, need_w)
-    return dx, (dw.to(weight.dtype) if dw is not None else None)
+    return dx, (to_dtype(dw, weight.dtype) if dw is not None else None)
 
 
 def _saved_h(x, h, residual):
@@ -63,7 +63,7 @@ def _saved_h(x, h, residual):
 
 
 def _grads(needs, shape, has_residual, dx, dw):
-    dx = dx.view(shape)
+    dx = dx.view(*shape)  # (unpacked: a view to a torch.Size argument costs ~1.5 µs more)
     return (dx if needs[0] else None), dw, (dx if has_residual and needs[2] else None), None, None, None
 
 
@@ -75,7 +75,7 @@ class RMSNormFunction(torch.autograd.Function):
         y, h, rstd = _forward(x, weight, residual, eps, offset, cast)
         ctx.save_for_backward(_saved_h(x, h, residual), weight, rstd)
         ctx.meta = (x.shape, offset, residual is not None)
-        return y if residual is None else (y, h.view(x.shape))
+        return y if residual is None else (y, h.view(*x.shape))
 
     @staticmethod
     def backward(ctx, dy, dh=None):
@@ -161,7 +161,7 @@ def rms_norm(x, weight, eps=1e-6, *, offset=0.0, residual=None, cast=None, backe
     backend = resolve_backend("rms_norm", backend, x.device)
     if backend == "torch" or x.numel() == 0:
         return rms_norm_reference(x, weight, eps, offset=offset, residual=residual, cast=cast)
-    with torch.autocast(x.device.type, enabled=False):
+    with autocast_off(x.device.type):
         if not compiling():
             return RMSNormFunction.apply(x, weight, residual, float(eps), float(offset), cast)
         y, h, _ = rms_norm_op(x, weight, residual, float(eps), float(offset), cast)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from fastft.ops.compiled import compiling
-from fastft.ops.shared import check, check_tensor, resolve_backend
+from fastft.ops.shared import autocast_off, check, check_tensor, resolve_backend
 
 
 def rotate_half(x):
@@ -38,25 +38,20 @@ def rope_cos_sin(position_ids, inv_freq, attention_scaling=1.0, dtype=torch.floa
     check(isinstance(position_ids, torch.Tensor) and position_ids.dim() == 2 and not position_ids.is_floating_point(),
           "rope_cos_sin: `position_ids` must be an integer tensor of shape (batch, seq)")
     check_tensor("rope_cos_sin", "inv_freq", inv_freq)
-    check(inv_freq.dim() == 1, f"rope_cos_sin: `inv_freq` must be 1-D (head_dim/2,), got {tuple(inv_freq.shape)}")
+    check(inv_freq.dim() == 1,
+          lambda: f"rope_cos_sin: `inv_freq` must be 1-D (head_dim/2,), got {tuple(inv_freq.shape)}")
     freqs = position_ids.float()[..., None] * inv_freq.float().to(position_ids.device)[None, None, :]
     emb = torch.cat((freqs, freqs), dim=-1)
     return (emb.cos() * attention_scaling).to(dtype), (emb.sin() * attention_scaling).to(dtype)
 
 
-def _bshd(t, unsqueeze_dim):
-    return t.transpose(1, 2) if unsqueeze_dim == 1 else t
-
-
 def _launch(q, k, cos, sin, q_out, k_out, unsqueeze_dim, inverse):
-    from fastft.kernels.rope import rope_rotate
+    from fastft.kernels.rope import rope_rotate, table_strides
 
-    B, S = (q.shape[0], q.shape[2]) if unsqueeze_dim == 1 else q.shape[:2]
-    cos, sin = cos.expand(B, S, cos.shape[-1]), sin.expand(B, S, sin.shape[-1])
-    if cos.stride() != sin.stride():
-        cos, sin = cos.contiguous(), sin.contiguous()
-    rope_rotate(_bshd(q, unsqueeze_dim), _bshd(k, unsqueeze_dim), cos, sin, _bshd(q_out, unsqueeze_dim),
-                _bshd(k_out, unsqueeze_dim), inverse=inverse)
+    if table_strides(cos) != table_strides(sin):  # the kernel reads both tables with one set of strides
+        B, S = (q.shape[0], q.shape[2]) if unsqueeze_dim == 1 else q.shape[:2]
+        cos, sin = cos.expand(B, S, cos.shape[-1]).contiguous(), sin.expand(B, S, sin.shape[-1]).contiguous()
+    rope_rotate(q, k, cos, sin, q_out, k_out, inverse=inverse, heads_first=unsqueeze_dim == 1)
 
 
 def _rotate(q, k, cos, sin, unsqueeze_dim, inverse):
@@ -155,27 +150,29 @@ def validate_rope_args(q, k, cos, sin, unsqueeze_dim, op="rope") -> None:
     if unsqueeze_dim not in (1, 2):  # (the message only on failure: traced with dynamic=True, an int is symbolic)
         raise ValueError(f"{op}: `unsqueeze_dim` must be 1 (q is (B, H, S, D)) or 2 (q is (B, S, H, D)), got "
                          f"{unsqueeze_dim!r}")
-    check(q.dim() == 4 and k.dim() == 4, f"{op}: `q` and `k` must be 4-D, got shapes {tuple(q.shape)} and "
-                                         f"{tuple(k.shape)}")
+    check(q.dim() == 4 and k.dim() == 4, lambda: f"{op}: `q` and `k` must be 4-D, got shapes {tuple(q.shape)} and "
+                                                 f"{tuple(k.shape)}")
     seq_dim = 2 if unsqueeze_dim == 1 else 1
     B, S, D = q.shape[0], q.shape[seq_dim], q.shape[-1]
-    check(D % 2 == 0, f"{op}: the head dimension must be even (rotate_half splits it), got {D}")
+    check(D % 2 == 0, lambda: f"{op}: the head dimension must be even (rotate_half splits it), got {D}")
     check(k.shape[0] == B and k.shape[seq_dim] == S and k.shape[-1] == D,
-          f"{op}: `k` {tuple(k.shape)} must match `q` {tuple(q.shape)} in batch, sequence and head_dim")
+          lambda: f"{op}: `k` {tuple(k.shape)} must match `q` {tuple(q.shape)} in batch, sequence and head_dim")
     for name, t in (("cos", cos), ("sin", sin)):
         check(t.dim() == 3 and t.shape[0] in (1, B) and t.shape[1] == S and t.shape[2] == D,
-              f"{op}: `{name}` must have shape ({B} or 1, {S}, {D}), got {tuple(t.shape)}")
-        check(t.device == q.device, f"{op}: `{name}` is on {t.device} but `q` is on {q.device}")
-    check(q.dtype == k.dtype, f"{op}: `q` is {q.dtype} but `k` is {k.dtype}")
-    check(k.device == q.device, f"{op}: `k` is on {k.device} but `q` is on {q.device}")
+              lambda: f"{op}: `{name}` must have shape ({B} or 1, {S}, {D}), got {tuple(t.shape)}")
+        check(t.device == q.device, lambda: f"{op}: `{name}` is on {t.device} but `q` is on {q.device}")
+    check(q.dtype == k.dtype, lambda: f"{op}: `q` is {q.dtype} but `k` is {k.dtype}")
+    check(k.device == q.device, lambda: f"{op}: `k` is on {k.device} but `q` is on {q.device}")
 
 
 def _cos_sin(position_ids, cos, sin, inv_freq, attention_scaling, dtype, op):
     if position_ids is None:
-        check(cos is not None and sin is not None, f"{op}: give `cos` and `sin`, or `position_ids` and `inv_freq`")
+        check(cos is not None and sin is not None,
+              lambda: f"{op}: give `cos` and `sin`, or `position_ids` and `inv_freq`")
         return cos, sin
-    check(cos is None and sin is None, f"{op}: give either `cos`/`sin` or `position_ids`, not both")
-    check(inv_freq is not None, f"{op}: `position_ids` needs `inv_freq` (the rotary embedding's inverse frequencies)")
+    check(cos is None and sin is None, lambda: f"{op}: give either `cos`/`sin` or `position_ids`, not both")
+    check(inv_freq is not None,
+          lambda: f"{op}: `position_ids` needs `inv_freq` (the rotary embedding's inverse frequencies)")
     return rope_cos_sin(position_ids, inv_freq, attention_scaling, dtype)
 
 
@@ -187,7 +184,7 @@ def rope(q, k, cos=None, sin=None, *, position_ids=None, inv_freq=None, attentio
     backend = resolve_backend("rope", backend, q.device)
     if backend == "torch" or q.numel() == 0 or cos.requires_grad or sin.requires_grad:
         return rope_reference(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim)
-    with torch.autocast(q.device.type, enabled=False):
+    with autocast_off(q.device.type):
         if compiling():
             return rope_op(q, k, cos, sin, unsqueeze_dim)
         return RoPEFunction.apply(q, k, cos, sin, unsqueeze_dim)
@@ -209,7 +206,7 @@ def rope_(q, k, cos=None, sin=None, *, position_ids=None, inv_freq=None, attenti
     if backend == "torch" or q.numel() == 0 or cos.requires_grad or sin.requires_grad:
         q_new, k_new = rope_reference(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim)
         return q.copy_(q_new), k.copy_(k_new)
-    with torch.autocast(q.device.type, enabled=False):
+    with autocast_off(q.device.type):
         if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)):
             if compiling():
                 rope_inplace_op(q, k, cos, sin, unsqueeze_dim)
