@@ -16,7 +16,7 @@ from fastft.ops import lora_path, shared
 from fastft.ops.compiled import compiling, needed, unused
 from fastft.ops.compiled_args import SEED_DEVICE, draw_seed_op, fresh_like, refuse_replayed_dropout, seed_int
 from fastft.ops.shared import (BACKENDS, as_rows, autocast_inputs, autocast_off, check, check_backend, padded,
-                               resolve_backend)
+                               resolve_backend, to_dtype)
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -130,22 +130,22 @@ def fused_lora_backward(saved, meta, dy, dx_gemm, need_x, need_b, need_A, need_B
     x_shape, coef, dropout_p, seed, bias_dtype, r, A_dtype, B_dtype = meta
     N = B_p.shape[0]
     dtype = x2.dtype
-    dy2 = dy.reshape(x2.shape[0], N).to(dtype)  # not (-1, N): N may be 0
+    dy2 = to_dtype(dy.reshape(x2.shape[0], N), dtype)  # not (-1, N): N may be 0
     if not dy2.is_contiguous():
         dy2 = dy2.contiguous()
     dx = db = dA = dB = None
     if need_x and dx_fold_gemm is not None:
         dx, g = dx_fold_gemm(dy2, B_p, A_p, coef, dropout_p, seed)
-        dx = dx.view(x_shape)
+        dx = dx.view(*x_shape)
     elif need_x or need_A:
         g = rank_ops.rank_project(dy2, B_p.t(), scale=coef)
         if need_x:
-            dx = dx_gemm(dy2, g, A_p, dropout_p, seed).view(x_shape)
+            dx = dx_gemm(dy2, g, A_p, dropout_p, seed).view(*x_shape)
     if need_A and need_B:  # dA and dB in one launch
         dA, dB = rank_ops.rank_reduce_pair(g, x2, xs, dy2, p_drop=dropout_p, seed=seed)
-        dA, dB = _unpadded(dA, r).to(A_dtype), dB if dB.shape[1] == r else dB[:, :r]
+        dA, dB = to_dtype(_unpadded(dA, r), A_dtype), dB if dB.shape[1] == r else dB[:, :r]
     elif need_A:
-        dA = _unpadded(rank_ops.rank_reduce(g, x2, p_drop=dropout_p, seed=seed), r).to(A_dtype)
+        dA = to_dtype(_unpadded(rank_ops.rank_reduce(g, x2, p_drop=dropout_p, seed=seed), r), A_dtype)
     if need_B and dB is None:
         dB = _unpadded(rank_ops.rank_reduce(xs, dy2), r).t()
     if need_B:  # in B's own layout (a copy only where the rank was padded): autograd then accumulates it as it is
