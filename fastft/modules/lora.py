@@ -50,19 +50,21 @@ class FusedLoraBase(PeftLoraLinear):
         return self._fused(x, *operands)
 
     def _adapter_operands(self, x, args, kwargs):
-        """(A, B, scaling, dropout_p) for the fused op, or None where peft's forward must run."""
-        if args or any(v is not None for v in kwargs.values()):
+        """(A, B, scaling, dropout_p) for the fused op, or None where peft's forward must run. (Runs on every
+        forward: submodule dicts are read once into locals, nn.Module attribute lookups cost host time.)"""
+        if args or (kwargs and any(v is not None for v in kwargs.values())):
             return None
         if self.disable_adapters or self.merged or self.fan_in_fan_out or not self._base_ok(x):
             return None
-        names = [a for a in self.active_adapters if a in self.lora_A]
+        lora_A, lora_B, lora_dropout = self.lora_A, self.lora_B, self.lora_dropout
+        names = [a for a in self.active_adapters if a in lora_A]
         if not names:
             return None
         dropouts = set()
         for name in names:
             if name in self.lora_variant or self.lora_bias.get(name, False):
                 return None
-            dropout = self.lora_dropout[name]
+            dropout = lora_dropout[name]
             if isinstance(dropout, nn.Identity):
                 dropouts.add(0.0)
             elif type(dropout) is nn.Dropout:
@@ -74,12 +76,12 @@ class FusedLoraBase(PeftLoraLinear):
         dropout_p = dropouts.pop()
         if len(names) == 1:
             name = names[0]
-            return self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name], dropout_p
+            return lora_A[name].weight, lora_B[name].weight, self.scaling[name], dropout_p
         # Several active adapters are one LoRA of summed rank: stack the A's, scale and stack the B's.
-        dtype = self.lora_A[names[0]].weight.dtype
-        lora_A = torch.cat([self.lora_A[n].weight.to(dtype) for n in names], dim=0)
-        lora_B = torch.cat([self.lora_B[n].weight.to(dtype) * self.scaling[n] for n in names], dim=1)
-        return lora_A, lora_B, 1.0, dropout_p
+        dtype = lora_A[names[0]].weight.dtype
+        A = torch.cat([lora_A[n].weight.to(dtype) for n in names], dim=0)
+        B = torch.cat([lora_B[n].weight.to(dtype) * self.scaling[n] for n in names], dim=1)
+        return A, B, 1.0, dropout_p
 
 
 class FusedLoraLinear(FusedLoraBase):
