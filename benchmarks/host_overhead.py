@@ -28,9 +28,33 @@ if "TRITON_INTERPRET" not in os.environ:
 
     if not _torch.cuda.is_available():
         os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
-os.environ.setdefault("FASTFT_AUTOTUNE", "0")  # a stubbed launch takes no time: nothing to tune
 
 import torch  # noqa: E402
+
+
+@contextlib.contextmanager
+def benchmark_settings():
+    """One thread (host time is one thread's work; torch's CPU ops must not fight other processes for cores),
+    denormals flushed (stubbed kernels leave their outputs uninitialised: torch's ops on such garbage stay fast), no
+    tuning (a stubbed launch takes no time) and the LoRA/attention backends the cases pick: all restored after,
+    since tests call main() in their own process."""
+    saved_env = {key: os.environ.get(key) for key in ("FASTFT_AUTOTUNE", "FASTFT_LORA_BACKEND")}
+    threads = torch.get_num_threads()
+    os.environ.setdefault("FASTFT_AUTOTUNE", "0")
+    torch.set_num_threads(1)
+    torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(False)
+        torch.set_num_threads(threads)
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        if "fastft.integration.attention" in sys.modules:
+            sys.modules["fastft.integration.attention"].register_attention("auto")
 
 
 @contextlib.contextmanager
@@ -273,23 +297,21 @@ def main(argv=None) -> int:
     unknown = [op for op in ops if op not in CASES]
     if unknown:
         parser.error(f"--ops: unknown {unknown}; choose from {', '.join(CASES)}")
-    # One thread: host time is one thread's work, and torch's CPU ops must not fight other processes for cores.
-    # Stubbed kernels leave their outputs uninitialised; flushing denormals keeps torch's ops on such garbage fast.
-    torch.set_num_threads(1)
-    torch.set_flush_denormal(True)
-    real = torch.cuda.is_available()  # on a GPU also with real launches: the difference is Triton's launch path
-    rows = []
-    for op in ops:
-        calls = CASES[op]()
-        row = {"op": op, "device": str(device())}
-        with launches_stubbed():
-            for name, fn in calls.items():
-                row[f"{name}_us"] = round(per_call_us(fn, args.calls, args.rounds), 1)
-        if real:  # tiny shapes: the kernels finish before the host queues the next, so this is host time too
-            row["fastft_real_launches_us"] = round(per_call_us(calls["fastft"], args.calls, args.rounds, sync=True), 1)
-        rows.append(row)
-        print(f"{op:18s} " + "   ".join(f"{k.removesuffix('_us')} {v:.1f} µs" for k, v in row.items()
-                                        if k.endswith("_us")))
+    with benchmark_settings():
+        real = torch.cuda.is_available()  # on a GPU also with real launches: the difference is Triton's launch path
+        rows = []
+        for op in ops:
+            calls = CASES[op]()
+            row = {"op": op, "device": str(device())}
+            with launches_stubbed():
+                for name, fn in calls.items():
+                    row[f"{name}_us"] = round(per_call_us(fn, args.calls, args.rounds), 1)
+            if real:  # tiny shapes: the kernels finish before the host queues the next, so this is host time too
+                real_us = per_call_us(calls["fastft"], args.calls, args.rounds, sync=True)
+                row["fastft_real_launches_us"] = round(real_us, 1)
+            rows.append(row)
+            print(f"{op:18s} " + "   ".join(f"{k.removesuffix('_us')} {v:.1f} µs" for k, v in row.items()
+                                            if k.endswith("_us")))
     if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], "host_overhead.json"), "w") as f:
             json.dump(rows, f, indent=2)

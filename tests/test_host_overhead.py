@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -27,7 +28,15 @@ def test_script_reports_every_op(monkeypatch, tmp_path, capsys):
     monkeypatch.setenv("OUT", str(tmp_path))
     import host_overhead
 
+    threads = torch.get_num_threads()
+    env = {key: os.environ.get(key) for key in ("FASTFT_AUTOTUNE", "FASTFT_LORA_BACKEND")}
     assert host_overhead.main(["--calls", "2", "--rounds", "1"]) == 0
+    # the benchmark's process settings do not leak into the tests that follow in this process
+    assert torch.get_num_threads() == threads
+    assert {key: os.environ.get(key) for key in env} == env
+    assert torch.tensor(1e-40) * 1.0 != 0  # denormals no longer flushed
+    from fastft.integration import attention
+    assert attention._backend == "auto"
     rows = json.loads((tmp_path / "host_overhead.json").read_text())
     assert [row["op"] for row in rows] == list(host_overhead.CASES)
     assert all(row["fastft_us"] > 0 and (row.get("floor_us") or row["peft_us"]) > 0 for row in rows)
