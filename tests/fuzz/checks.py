@@ -62,14 +62,16 @@ def reordered_tol(want: torch.Tensor, exact: bool) -> dict:
     return dict(rtol=16 * u, atol=16 * u * float(want.abs().max()) if want.numel() else 0.0)
 
 
-def assert_doors_agree(op: str, fn, named, grad_output, seed: int = 7, exact: bool = True) -> None:
+def assert_doors_agree(op: str, fn, named, grad_output, seed: int = 7, exact: bool = True,
+                       traced: bool = True) -> None:
     """fn(*tensors of `named`) eager and compiled (aot_eager, fullgraph) under one torch.manual_seed (dropout seeds
     drawn alike): the same outputs and the same gradient, in the same dtype, for every leaf that requires one.
     fn may return a tensor or a tuple of them (each compared); grad_output is a tensor or a sequence for the first
     outputs (the rest, e.g. DPO's rewards, are compared only), or None: outputs only (a no-grad call).
     exact=False where the op falls back to its torch reference, which the compiler traces into its own graph:
     torch's own ops may then round differently, and the traced backward may sum a gradient's terms in another order
-    (a few roundings of the terms, which may be larger than their sum): `reordered_tol`."""
+    (a few roundings of the terms, which may be larger than their sum): `reordered_tol`.
+    traced: the compiled graph must hold a fastft:: op (False where the op answers in plain torch, e.g. empty x)."""
     from torch._dynamo.backends.debugging import aot_eager
 
     inputs = needing_grad(named)
@@ -83,9 +85,17 @@ def assert_doors_agree(op: str, fn, named, grad_output, seed: int = 7, exact: bo
         grads = grads_of(outs[:len(grad_outputs)], inputs, grad_outputs, allow_unused=True) if grad_outputs else {}
         return [o.detach() for o in outs], grads
 
+    graphs = []
+
+    def recording(gm, example_inputs):
+        graphs.append(gm.code)
+        return aot_eager(gm, example_inputs)
+
     torch._dynamo.reset()
     y_eager, g_eager = run(fn)
-    y_comp, g_comp = run(torch.compile(fn, backend=aot_eager, fullgraph=True))
+    y_comp, g_comp = run(torch.compile(fn, backend=recording, fullgraph=True))
+    if traced:
+        assert "torch.ops.fastft." in "\n".join(graphs), f"{op}: no fastft:: op in the traced graph"
     assert len(y_comp) == len(y_eager), f"{op}: {len(y_comp)} outputs compiled, {len(y_eager)} eager"
     for i, (got, want) in enumerate(zip(y_comp, y_eager)):
         torch.testing.assert_close(got, want, **reordered_tol(want, exact), msg=lambda m: f"{op} output {i}: {m}")
