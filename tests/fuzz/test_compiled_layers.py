@@ -114,6 +114,6 @@ def test_dora_linear_compiled_equals_eager(data):
     # alike under one seed by both doors.
     exact = p == 0.0 and (not nf4 or nf4_fused_ok(W))
     named = [(n, args[n]) for n in ("x", "weight", "bias", "lora_A", "lora_B", "magnitude")]
-    assert_doors_agree("dora_linear" + (" nf4" if nf4 else ""),
+    assert_doors_agree("dora_linear" + (" nf4" if nf4 else "") + (" dropout" if p > 0 else ""),
                        lambda x, W, b, A, B, m: dora_linear(x, W, b, A, B, m, s, p, backend="triton"), named, dy,
                        exact=exact)

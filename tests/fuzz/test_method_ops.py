@@ -109,10 +109,10 @@ def captured_dropout_masks():
 
 
 def _dora_case(data, backend, nf4):
-    op = "dora_linear" if not nf4 else "dora_linear nf4"
     args, dy = draw_dora_problem(data, nf4)
     x, W, b, A, B, m = (args[n] for n in ("x", "weight", "bias", "lora_A", "lora_B", "magnitude"))
     s, p = args["scaling"], args["dropout_p"]
+    op = "dora_linear" + (" nf4" if nf4 else "") + (" dropout" if p > 0 else "")
     dtype, lead = x.dtype, tuple(x.shape[:-2])
     (M, K), (N, r) = x.shape[-2:], B.shape
     with captured_dropout_masks() as masks:
