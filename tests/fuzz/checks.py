@@ -1,6 +1,6 @@
 """Steps the fuzz tests share: which leaves need a gradient, their gradients from one autograd call, each output
-and gradient against its fp64 reference (references.check's bound) and in its leaf's dtype, and the
-cross-entropy options the loss tests draw."""
+and gradient against its fp64 reference (references.check's bound) and in its leaf's dtype, the cross-entropy
+options the loss tests draw, and the compiled-vs-eager comparison of an op's two doors (assert_doors_agree)."""
 from __future__ import annotations
 
 import torch
@@ -51,3 +51,60 @@ def draw_ce_options(data):
     smoothing = data.draw(st.sampled_from([0.0, 0.1]), label="label_smoothing")
     softcap = data.draw(st.sampled_from([None, 3.0, 30.0]), label="softcap")
     return ignore_index, reduction, num_items, smoothing, softcap
+
+
+def reordered_tol(want: torch.Tensor, exact: bool) -> dict:
+    """assert_close's tolerance between two runs of one computation: none when exact, else 16 unit roundoffs of the
+    dtype, relative and of the tensor's largest entry (roundings of terms in a different order)."""
+    if exact or not want.is_floating_point():
+        return dict(atol=0, rtol=0)
+    u = ref.UNIT_ROUNDOFF[want.dtype]
+    return dict(rtol=16 * u, atol=16 * u * float(want.abs().max()) if want.numel() else 0.0)
+
+
+def assert_doors_agree(op: str, fn, named, grad_output, seed: int = 7, exact: bool = True,
+                       traced: bool = True) -> None:
+    """fn(*tensors of `named`) eager and compiled (aot_eager, fullgraph) under one torch.manual_seed (dropout seeds
+    drawn alike): the same outputs and the same gradient, in the same dtype, for every leaf that requires one.
+    fn may return a tensor or a tuple of them (each compared); grad_output is a tensor or a sequence for the first
+    outputs (the rest, e.g. DPO's rewards, are compared only), or None: outputs only (a no-grad call).
+    exact=False where the op falls back to its torch reference, which the compiler traces into its own graph:
+    torch's own ops may then round differently, and the traced backward may sum a gradient's terms in another order
+    (a few roundings of the terms, which may be larger than their sum): `reordered_tol`.
+    traced: the compiled graph must hold a fastft:: op (False where the op answers in plain torch, e.g. empty x)."""
+    from torch._dynamo.backends.debugging import aot_eager
+
+    inputs = needing_grad(named)
+    grad_outputs = [] if grad_output is None else \
+        list(grad_output) if isinstance(grad_output, (tuple, list)) else [grad_output]
+
+    def run(f):
+        torch.manual_seed(seed)
+        out = f(*(t for _, t in named))
+        outs = list(out) if isinstance(out, (tuple, list)) else [out]
+        grads = grads_of(outs[:len(grad_outputs)], inputs, grad_outputs, allow_unused=True) if grad_outputs else {}
+        return [o.detach() for o in outs], grads
+
+    graphs = []
+
+    def recording(gm, example_inputs):
+        graphs.append(gm.code)
+        return aot_eager(gm, example_inputs)
+
+    torch._dynamo.reset()
+    y_eager, g_eager = run(fn)
+    y_comp, g_comp = run(torch.compile(fn, backend=recording, fullgraph=True))
+    if traced:
+        assert "torch.ops.fastft." in "\n".join(graphs), f"{op}: no fastft:: op in the traced graph"
+    assert len(y_comp) == len(y_eager), f"{op}: {len(y_comp)} outputs compiled, {len(y_eager)} eager"
+    for i, (got, want) in enumerate(zip(y_comp, y_eager)):
+        torch.testing.assert_close(got, want, **reordered_tol(want, exact), msg=lambda m: f"{op} output {i}: {m}")
+    for name, want in g_eager.items():
+        got = g_comp[name]
+        if want is None:
+            assert got is None, f"{op} d{name}: eager gives none, compiled one"
+            continue
+        assert got is not None, f"{op} d{name}: compiled gives none, eager one"
+        assert got.dtype == want.dtype, f"{op} d{name}: {got.dtype}, eager {want.dtype}"
+        torch.testing.assert_close(got, want, **reordered_tol(want, exact), msg=lambda m: f"{op} d{name}: {m}")
+    ref.count_example(f"{op} compiled")

@@ -449,10 +449,19 @@ def grads_and_mags(fn, values: dict, dy, abs_values: dict | None = None):
     return y, grads, ymag, gmags
 
 
-def dora_math(x, weight, bias, lora_A, lora_B, magnitude, scaling, row_norm):
-    """y = (m / ‖W + s·B·A‖_row)·(x·Wᵀ + s·(x·Aᵀ)·Bᵀ) + b, the row norm a constant (detached, as DoRA does)."""
-    z = x @ weight.t() + scaling * ((x @ lora_A.t()) @ lora_B.t())
-    y = (magnitude / row_norm) * z
+def dora_math(x, weight, bias, lora_A, lora_B, magnitude, scaling, row_norm, keep=None, p=0.0, mode="value"):
+    """y = (m / ‖W + s·B·A‖_row)·(x·Wᵀ + s·(x·Aᵀ)·Bᵀ) + b, the row norm a constant (detached, as DoRA does).
+    With dropout (keep, 0/1, and p), peft's form: y = x·Wᵀ + b + (σ − 1)·(x_d·Wᵀ) + σ·s·(x_d·Aᵀ)·Bᵀ, x_d = keep∘x/(1−p).
+    mode "mag" (called with |values|): |σ − 1| bounded by σ + 1, so every term counts with its absolute value;
+    "sigma": only the terms σ multiplies, σ·z_d (called with |values| and m scaled by σ's relative error)."""
+    sigma = magnitude / row_norm
+    xd = x if keep is None else x * keep / (1.0 - p)
+    zd = xd @ weight.t() + scaling * ((xd @ lora_A.t()) @ lora_B.t())
+    if keep is None or mode == "sigma":
+        y = sigma * zd
+    else:
+        base = (sigma + 1 if mode == "mag" else sigma - 1) * (xd @ weight.t())
+        y = x @ weight.t() + base + sigma * scaling * ((xd @ lora_A.t()) @ lora_B.t())
     return y if bias is None else y + bias
 
 

@@ -217,9 +217,10 @@ def masks_of(masks, facts, T):
     return cpu(torch.cat(chain))
 
 
-def run_lm_head_cross_entropy(data, backend, kind, *, device="cpu", max_rows=24, max_hidden=40, max_vocab=64,
-                              rows_per_chunk=ROWS_PER_CHUNK):
-    op = "lm_head_cross_entropy"
+def draw_lm_head_problem(data, backend, kind, *, device="cpu", max_rows=24, max_hidden=40, max_vocab=64,
+                         rows_per_chunk=ROWS_PER_CHUNK):
+    """A random lm_head_cross_entropy call on a `kind` head: a dict of its arguments (hidden, head, labels and the
+    options), what the checks need (dtype, store, rows per chunk, trainable, facts, grad_output g, w_rows, den)."""
     dtype = data.draw(float_dtypes(), label="dtype")
     store = stored_dtype(data, dtype)
     lead = data.draw(st.sampled_from([(), (2, 3), (1,)]), label="leading dims")  # (): T drawn, 0 to max_rows
@@ -235,6 +236,20 @@ def run_lm_head_cross_entropy(data, backend, kind, *, device="cpu", max_rows=24,
     head, trainable, facts = draw_head(data, kind, store, H, V, device)
     labels = _labels(data, lead, V, ignore_index)
     g, w_rows, den = _row_weights(data, reduction, lead, dtype, int((labels != ignore_index).sum()), num_items)
+    return dict(hidden=h, head=head, labels=labels, ignore_index=ignore_index, reduction=reduction,
+                label_smoothing=smoothing, softcap=softcap, num_items=num_items, dtype=dtype, store=store, rows=rows,
+                trainable=trainable, facts=facts, g=g, w_rows=w_rows, den=den)
+
+
+def run_lm_head_cross_entropy(data, backend, kind, *, device="cpu", **limits):
+    op = "lm_head_cross_entropy"
+    pb = draw_lm_head_problem(data, backend, kind, device=device, **limits)
+    h, head, labels, trainable, facts = (pb[n] for n in ("hidden", "head", "labels", "trainable", "facts"))
+    ignore_index, reduction, num_items, smoothing, softcap = (pb[n] for n in ("ignore_index", "reduction", "num_items",
+                                                                             "label_smoothing", "softcap"))
+    dtype, store, rows, g, w_rows, den = (pb[n] for n in ("dtype", "store", "rows", "g", "w_rows", "den"))
+    lead, (H, V) = tuple(labels.shape), facts["W"].shape[::-1]
+    T = math.prod(lead)
     inputs = {"x": h} | trainable
 
     with steered(backend, rows, V, dtype), captured_masks() as masks, autocast(device, dtype, store):
@@ -265,9 +280,10 @@ def run_lm_head_cross_entropy(data, backend, kind, *, device="cpu", max_rows=24,
     ref.count_example(f"{op}[{backend}]")
 
 
-def run_linear_dpo_loss(data, backend, *, device="cpu", max_batch=3, max_seq=9, max_hidden=40, max_vocab=64,
-                        rows_per_chunk=ROWS_PER_CHUNK):
-    op = "linear_dpo_loss"
+def draw_dpo_problem(data, *, device="cpu", max_batch=3, max_seq=9, max_hidden=40, max_vocab=64,
+                     rows_per_chunk=ROWS_PER_CHUNK):
+    """A random linear_dpo_loss call: a dict of its arguments (hidden, weight, labels, reference log-probs, beta,
+    ignore_index, bias) and what the checks need (dtype, store, rows per chunk, grad_output g)."""
     dtype = data.draw(float_dtypes(), label="dtype")
     store = stored_dtype(data, dtype)
     Bn = dim(data, 1, max_batch, label="B")
@@ -290,6 +306,19 @@ def run_linear_dpo_loss(data, backend, *, device="cpu", max_batch=3, max_seq=9, 
     ref_c = tensor(data, (Bn,), ref_dtype, label="ref chosen", scale=5.0, device=device, requires_grad=ref_grad)
     ref_r = tensor(data, (Bn,), ref_dtype, label="ref rejected", scale=5.0, device=device, requires_grad=ref_grad)
     g = data.draw(st.sampled_from(SCALAR_GRADS), label="grad_output")
+    return dict(policy_chosen_hidden=hc, policy_rejected_hidden=hr, weight=W, chosen_labels=lab_c,
+                rejected_labels=lab_r, ref_chosen_logps=ref_c, ref_rejected_logps=ref_r, beta=beta,
+                ignore_index=ignore_index, bias=b, dtype=dtype, store=store, rows=rows, g=g)
+
+
+def run_linear_dpo_loss(data, backend, *, device="cpu", **limits):
+    op = "linear_dpo_loss"
+    pb = draw_dpo_problem(data, device=device, **limits)
+    hc, hr, W, b, lab_c, lab_r, ref_c, ref_r = (pb[n] for n in (
+        "policy_chosen_hidden", "policy_rejected_hidden", "weight", "bias", "chosen_labels", "rejected_labels",
+        "ref_chosen_logps", "ref_rejected_logps"))
+    dtype, store, rows, g, beta, ignore_index = (pb[n] for n in ("dtype", "store", "rows", "g", "beta", "ignore_index"))
+    (Bn, Sc, H), Sr, V, ref_dtype = hc.shape, hr.shape[1], W.shape[0], ref_c.dtype
     inputs = needing_grad((("chosen_x", hc), ("rejected_x", hr), ("weight", W), ("bias", b), ("ref_chosen", ref_c),
                            ("ref_rejected", ref_r)))
 

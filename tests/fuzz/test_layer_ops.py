@@ -33,7 +33,8 @@ RMS_EXTRA = 8 * U32
 RMS_WEIGHT_LAYOUTS = LAYOUTS
 
 
-def _rms_problem(data, max_rows=24, max_n=64, weight_layouts=RMS_WEIGHT_LAYOUTS, min_n=1):
+def draw_rms_problem(data, max_rows=24, max_n=64, weight_layouts=RMS_WEIGHT_LAYOUTS, min_n=1):
+    """A random rms_norm call: (args, dy, dh) — dh, the residual stream's upstream gradient, only with a residual."""
     dtype = data.draw(float_dtypes(), label="dtype")
     offset = data.draw(st.sampled_from([0.0, 1.0]), label="offset")
     cast = data.draw(st.sampled_from([None, "input", "fp32"]), label="cast")
@@ -88,7 +89,7 @@ def _check_rms(args, dy, dh, backend):
 @fuzz(12)
 @given(data=st.data())
 def test_rms_norm(data, backend):
-    args, dy, dh = _rms_problem(data)
+    args, dy, dh = draw_rms_problem(data)
     _check_rms(args, dy, dh, backend)
 
 
@@ -97,7 +98,7 @@ def test_rms_norm(data, backend):
 @given(data=st.data())
 def test_rms_norm_strided_weight(data):
     # min_n=2: a one-element weight has no stride to ignore
-    args, dy, dh = _rms_problem(data, weight_layouts=("last_strided", "expanded"), min_n=2)
+    args, dy, dh = draw_rms_problem(data, weight_layouts=("last_strided", "expanded"), min_n=2)
     _check_rms(args, dy, dh, "triton")
 
 
@@ -114,7 +115,8 @@ def _cos_sin(data, Bc, S, D, dtype):
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
-def _rope_problem(data, plain=False):
+def draw_rope_problem(data, plain=False):
+    """A random rope call: (q, k, cos, sin, unsqueeze_dim, dq_out, dk_out); plain: contiguous q and k (rope_)."""
     dtype = data.draw(float_dtypes(), label="dtype")
     B, S = dim(data, 1, 3, label="B"), dim(data, 1, 17, label="S")
     HQ, HK = dim(data, 1, 5, label="HQ"), dim(data, 1, 3, label="HK")
@@ -146,7 +148,7 @@ def _check_rope(op, backend, q, k, outs, grads, cos, sin, unsq, do_q, do_k):
 @given(data=st.data())
 def test_rope(data, backend):
     """Out of place; q and k with different head counts, in transposed / sliced / expanded views."""
-    q, k, cos, sin, unsq, do_q, do_k = _rope_problem(data)
+    q, k, cos, sin, unsq, do_q, do_k = draw_rope_problem(data)
     qo, ko = rope(q, k, cos, sin, unsqueeze_dim=unsq, backend=backend)
     grads = torch.autograd.grad([qo, ko], [q, k], [do_q, do_k])
     _check_rope("rope", backend, q, k, (qo, ko), grads, cos, sin, unsq, do_q, do_k)
@@ -158,7 +160,7 @@ def test_rope(data, backend):
 def test_rope_inplace(data, backend):
     """rope_ on plain (non-view) tensors: rotated in place (the same tensors come back), gradients through the
     in-place Function to the leaves before it."""
-    q0, k0, cos, sin, unsq, do_q, do_k = _rope_problem(data, plain=True)
+    q0, k0, cos, sin, unsq, do_q, do_k = draw_rope_problem(data, plain=True)
     q, k = q0 * 1, k0 * 1  # non-leaf, non-view tensors that autograd lets us mutate
     qo, ko = rope_(q, k, cos, sin, unsqueeze_dim=unsq, backend=backend)
     assert qo is q and ko is k, "rope_ must return q and k themselves"
@@ -175,12 +177,8 @@ GLU_N_ROUND = 3
 GLU_EXTRA = 16 * U32
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("gelu", [False, True], ids=["swiglu", "geglu"])
-@fuzz(10)
-@given(data=st.data())
-def test_glu(data, gelu, backend):
-    op = "geglu" if gelu else "swiglu"
+def draw_glu_problem(data):
+    """A random swiglu / geglu call: (gate, up, dy)."""
     dtype = data.draw(float_dtypes(), label="dtype")
     lead = data.draw(st.sampled_from([(), (2,), (1, 3)]), label="leading dims")
     shape = lead + (dim(data, 1, 24, label="rows"), dim(data, 1, 64, label="N"))
@@ -188,6 +186,17 @@ def test_glu(data, gelu, backend):
     gate = tensor(data, shape, dtype, label="gate", requires_grad=True, scale=scale)
     up = tensor(data, shape, dtype, label="up", requires_grad=True)
     dy = tensor(data, shape, dtype, label="dy")
+    return gate, up, dy
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("gelu", [False, True], ids=["swiglu", "geglu"])
+@fuzz(10)
+@given(data=st.data())
+def test_glu(data, gelu, backend):
+    op = "geglu" if gelu else "swiglu"
+    gate, up, dy = draw_glu_problem(data)
+    dtype = gate.dtype
     y = (geglu if gelu else swiglu)(gate, up, backend=backend)
     dg, du = torch.autograd.grad(y, [gate, up], dy)
     y64, dg64, du64, mags = ref.glu_with_grads(gate, up, dy, gelu)

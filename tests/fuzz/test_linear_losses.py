@@ -67,11 +67,9 @@ def _check_head_grads(op, backend, inputs, grads, h, W, w_rows, dz_terms, dtype)
     ref.count_example(f"{op}[{backend}]")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@fuzz(10)
-@given(data=st.data())
-def test_linear_cross_entropy(data, backend):
-    op = "linear_cross_entropy"
+def draw_cross_entropy_problem(data):
+    """A random linear_cross_entropy call: (its arguments but the backend, (grad_output, fp64 d total / d row loss,
+    the reduction's denominator))."""
     dtype = data.draw(float_dtypes(), label="dtype")
     lead = data.draw(st.sampled_from([(1,), (2, 3), ()]), label="leading dims")
     lead = lead or (dim(data, 1, 24, label="T"),)
@@ -83,27 +81,14 @@ def test_linear_cross_entropy(data, backend):
                requires_grad=data.draw(st.booleans(), label="weight grad"))
     b = tensor(data, (V,), dtype, label="bias", requires_grad=True) if data.draw(st.booleans(), label="bias") else None
     labels = _labels(data, lead, V, ignore_index)
-    T = labels.numel()
-    g, w_rows, den = _row_weights(data, reduction, lead, dtype, int((labels != ignore_index).sum()), num_items)
-
-    loss = linear_cross_entropy(h, W, labels, bias=b, ignore_index=ignore_index, reduction=reduction,
-                                label_smoothing=smoothing, softcap=softcap, num_items=num_items, backend=backend,
-                                chunk_size=chunk)
-    assert loss.dtype == torch.float32 and tuple(loss.shape) == (lead if reduction == "none" else ())
-    inputs = needing_grad((("x", h), ("weight", W), ("bias", b)))
-    grads = grads_of(loss, inputs, g)
-
-    z, e = ref.logit_error(h.reshape(T, H), W, b, dtype, LOGIT_N_ROUND)
-    rows, dz, loss_err, dz_mag, dz_err = ref.ce_rows(z, e, labels.reshape(-1), ignore_index, smoothing, softcap)
-    _check_reduced(op, f"{backend} loss[{reduction}]", loss, reduction, rows, loss_err, den, dtype)
-    _check_head_grads(op, backend, inputs, grads, h.reshape(T, H), W, w_rows, (dz, dz_mag, dz_err), dtype)
+    weights = _row_weights(data, reduction, lead, dtype, int((labels != ignore_index).sum()), num_items)
+    return dict(hidden=h, weight=W, labels=labels, bias=b, ignore_index=ignore_index, reduction=reduction,
+                label_smoothing=smoothing, softcap=softcap, num_items=num_items, chunk_size=chunk), weights
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@fuzz(8)
-@given(data=st.data())
-def test_linear_kl_div(data, backend):
-    op = "linear_kl_div"
+def draw_kl_problem(data):
+    """A random linear_kl_div call: (its arguments but the backend, (grad_output, fp64 d total / d row loss, the
+    reduction's denominator))."""
     dtype = data.draw(float_dtypes(), label="dtype")
     lead = (dim(data, 1, 2, label="B"), dim(data, 1, 9, label="S"))
     Hs, Ht, V = dim(data, 1, 33, label="Hs"), dim(data, 1, 33, label="Ht"), dim(data, 1, 64, label="V")
@@ -121,11 +106,62 @@ def test_linear_kl_div(data, backend):
     Wt = tensor(data, (V, Ht), dtype, label="teacher_weight", scale=0.3)
     T = hs.shape[0] * hs.shape[1]
     valid = T if labels is None else int((labels != ignore_index).sum())
-    g, w_rows, den = _row_weights(data, reduction, lead, dtype, valid, num_items)
+    weights = _row_weights(data, reduction, lead, dtype, valid, num_items)
+    return dict(student_hidden=hs, student_weight=Ws, teacher_hidden=ht, teacher_weight=Wt, temperature=tau,
+                direction="reverse" if reverse else "forward", labels=labels, ignore_index=ignore_index,
+                reduction=reduction, num_items=num_items, chunk_size=chunk), weights
 
-    loss = linear_kl_div(hs, Ws, ht, Wt, temperature=tau, direction="reverse" if reverse else "forward",
-                         labels=labels, ignore_index=ignore_index, reduction=reduction, num_items=num_items,
-                         backend=backend, chunk_size=chunk)
+
+def draw_logprobs_problem(data):
+    """A random linear_sequence_logprobs call: (its arguments but the backend, grad_output (B,))."""
+    dtype = data.draw(float_dtypes(), label="dtype")
+    B, S = dim(data, 1, 3, label="B"), dim(data, 1, 9, label="S")
+    H, V = dim(data, 1, 40, label="H"), dim(data, 1, 64, label="V")
+    softcap = data.draw(st.sampled_from([None, 3.0]), label="softcap")
+    chunk = data.draw(st.sampled_from(CHUNKS), label="chunk_size")
+    h = tensor(data, (B, S, H), dtype, label="hidden", requires_grad=True)
+    W = tensor(data, (V, H), dtype, label="weight", scale=0.3,
+               requires_grad=data.draw(st.booleans(), label="weight grad"))
+    b = tensor(data, (V,), dtype, label="bias", requires_grad=True) if data.draw(st.booleans(), label="bias") else None
+    labels = _labels(data, (B, S), V, -100)
+    g = tensor(data, (B,), torch.float32, label="grad_output")
+    return dict(hidden=h, weight=W, labels=labels, bias=b, softcap=softcap, chunk_size=chunk), g
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@fuzz(10)
+@given(data=st.data())
+def test_linear_cross_entropy(data, backend):
+    op = "linear_cross_entropy"
+    call, (g, w_rows, den) = draw_cross_entropy_problem(data)
+    h, W, b, labels = (call[n] for n in ("hidden", "weight", "bias", "labels"))
+    ignore_index, reduction, smoothing, softcap = (call[n] for n in ("ignore_index", "reduction", "label_smoothing",
+                                                                     "softcap"))
+    dtype, lead, H, T = h.dtype, tuple(labels.shape), h.shape[-1], labels.numel()
+    loss = linear_cross_entropy(**call, backend=backend)
+    assert loss.dtype == torch.float32 and tuple(loss.shape) == (lead if reduction == "none" else ())
+    inputs = needing_grad((("x", h), ("weight", W), ("bias", b)))
+    grads = grads_of(loss, inputs, g)
+
+    z, e = ref.logit_error(h.reshape(T, H), W, b, dtype, LOGIT_N_ROUND)
+    rows, dz, loss_err, dz_mag, dz_err = ref.ce_rows(z, e, labels.reshape(-1), ignore_index, smoothing, softcap)
+    _check_reduced(op, f"{backend} loss[{reduction}]", loss, reduction, rows, loss_err, den, dtype)
+    _check_head_grads(op, backend, inputs, grads, h.reshape(T, H), W, w_rows, (dz, dz_mag, dz_err), dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@fuzz(8)
+@given(data=st.data())
+def test_linear_kl_div(data, backend):
+    op = "linear_kl_div"
+    call, (g, w_rows, den) = draw_kl_problem(data)
+    hs, Ws, ht, Wt, labels = (call[n] for n in ("student_hidden", "student_weight", "teacher_hidden", "teacher_weight",
+                                                "labels"))
+    tau, reverse, reduction, ignore_index = (call["temperature"], call["direction"] == "reverse", call["reduction"],
+                                             call["ignore_index"])
+    dtype, Hs, Ht = hs.dtype, hs.shape[-1], ht.shape[-1]
+    T = hs.shape[0] * hs.shape[1]
+    loss = linear_kl_div(**call, backend=backend)
     assert loss.dtype == torch.float32
     inputs = needing_grad((("x", hs), ("weight", Ws)))
     grads = grads_of(loss, inputs, g)
@@ -147,19 +183,10 @@ def test_linear_kl_div(data, backend):
 @given(data=st.data())
 def test_linear_sequence_logprobs(data, backend):
     op = "linear_sequence_logprobs"
-    dtype = data.draw(float_dtypes(), label="dtype")
-    B, S = dim(data, 1, 3, label="B"), dim(data, 1, 9, label="S")
-    H, V = dim(data, 1, 40, label="H"), dim(data, 1, 64, label="V")
-    softcap = data.draw(st.sampled_from([None, 3.0]), label="softcap")
-    chunk = data.draw(st.sampled_from(CHUNKS), label="chunk_size")
-    h = tensor(data, (B, S, H), dtype, label="hidden", requires_grad=True)
-    W = tensor(data, (V, H), dtype, label="weight", scale=0.3,
-               requires_grad=data.draw(st.booleans(), label="weight grad"))
-    b = tensor(data, (V,), dtype, label="bias", requires_grad=True) if data.draw(st.booleans(), label="bias") else None
-    labels = _labels(data, (B, S), V, -100)
-    g = tensor(data, (B,), torch.float32, label="grad_output")
-
-    out = linear_sequence_logprobs(h, W, labels, bias=b, softcap=softcap, backend=backend, chunk_size=chunk)
+    call, g = draw_logprobs_problem(data)
+    h, W, b, labels, softcap = (call[n] for n in ("hidden", "weight", "bias", "labels", "softcap"))
+    dtype, (B, S, H) = h.dtype, h.shape
+    out = linear_sequence_logprobs(**call, backend=backend)
     assert out.dtype == torch.float32 and tuple(out.shape) == (B,)
     inputs = needing_grad((("x", h), ("weight", W), ("bias", b)))
     grads = grads_of(out, inputs, g)
