@@ -84,12 +84,17 @@ def _backward(dy, h2, D_p, U_p, z, p, r, activation, needs, dtypes):
         dp = to_dtype(dz.float() * _activation_grad(p, activation), h2.dtype)  # ∘ act'(p)
         if need_h:
             dh = kernels.up_residual(dy2, dp, D_p.t(), None)  # dy + dp·D
-        if need_D:
+        if need_D and need_U:  # one launch for both, dU already in U's own (N, R) layout
+            dD, dU = rank_ops.rank_reduce_pair(dp, h2, z, dy2)
+            dD, dU = to_dtype(dD[:r], D_dtype), dU[:, :r]
+        elif need_D:
             dD = to_dtype(rank_ops.rank_reduce(dp, h2)[:r], D_dtype)
         if need_bd and bd_dtype is not None:
             dbd = to_dtype(dp[:, :r].sum(0, dtype=torch.float32), bd_dtype)
     if need_U:
-        dU = to_dtype(rank_ops.rank_reduce(z, dy2)[:r].t(), U_dtype)
+        if dU is None:
+            dU = rank_ops.rank_reduce(z, dy2)[:r].t()
+        dU = padded(dU, N, r, U_dtype)  # contiguous (N, r): autograd accumulates it without a layout copy
     if need_bu and bu_dtype is not None:
         dbu = to_dtype(dy2.sum(0, dtype=torch.float32), bu_dtype)
     return dh, dD, dbd, dU, dbu
@@ -155,10 +160,7 @@ def bottleneck_adapter_backward_op(
 @bottleneck_adapter_backward_op.register_fake
 def _(dy, h, down_weight, down_bias, up_weight, up_bias, z, p, activation, needs):
     like = (h, down_weight, down_bias, up_weight, up_bias)
-    grads = [t.new_empty(t.shape) if need and t is not None else unused(h) for t, need in zip(like, needs)]
-    if needs[3]:  # dU is the transpose of an (r, N) reduction: column-major, as the real op returns it
-        grads[3] = up_weight.new_empty((up_weight.shape[1], up_weight.shape[0])).t()
-    return tuple(grads)
+    return tuple(t.new_empty(t.shape) if need and t is not None else unused(h) for t, need in zip(like, needs))
 
 
 def _setup_context(ctx, inputs, output):
