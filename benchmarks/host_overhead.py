@@ -116,15 +116,26 @@ def lora_case(M=64, K=128, N=128, r=16):
             "peft": lambda: layer(x).backward(dy)}
 
 
-def _peft_lora_layer(K: int, N: int, r: int):
+def dora_case(M=64, K=128, N=128, r=16):
+    from fastft.ops import dora_linear
+
+    x, W, A, B, m = _leaf(M, K), _leaf(N, K, grad=False), _leaf(r, K), _leaf(N, r), _leaf(N)
+    dy = torch.randn(M, N, device=device(), dtype=dtype())
+    layer = _peft_lora_layer(K, N, r, use_dora=True)
+    return {"fastft": lambda: dora_linear(x, W, None, A, B, m, 2.0, backend="triton").backward(dy),
+            "floor": lambda: _Floor.apply(x, A, B, m).backward(torch.empty_like(x)),
+            "peft": lambda: layer(x).backward(dy)}
+
+
+def _peft_lora_layer(K: int, N: int, r: int, use_dora: bool = False):
     """peft's LoRA layer over a frozen nn.Linear: its torch ops compute for real, but at these sizes they are
     host-bound too, so its time is its host time."""
     import peft
 
     holder = torch.nn.Sequential()
     holder.add_module("proj", torch.nn.Linear(K, N, bias=False, device=device(), dtype=dtype()))
-    model = peft.get_peft_model(holder, peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=["proj"]),
-                                autocast_adapter_dtype=False)
+    model = peft.get_peft_model(holder, peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=["proj"],
+                                                        use_dora=use_dora), autocast_adapter_dtype=False)
     return model.base_model.model.proj
 
 
@@ -260,7 +271,7 @@ def llama_step_case():
 
 # name -> a function building the calls to time: {"fastft": fwd+bwd, "floor": a trivial autograd.Function with the
 # same inputs (what any custom op pays), "peft": the peer's layer or model where one exists}
-CASES = {"lora": lora_case, "qlora": qlora_case,
+CASES = {"lora": lora_case, "qlora": qlora_case, "dora": dora_case,
          "rms_norm": rms_norm_case, "rms_norm_residual": lambda: rms_norm_case(residual=True),
          "rope": rope_case, "rope_": lambda: rope_case(in_place=True), "swiglu": swiglu_case,
          "attention": attention_case, "attention_varlen": lambda: attention_case(B=2, varlen=True),

@@ -29,7 +29,7 @@ from fastft.ops.compiled import compiling, needed, unused
 from fastft.ops.compiled_args import fresh_like, weight_args, weight_from_args
 from fastft.ops.lora import rank_operands
 from fastft.ops.shared import (as_rows, autocast_inputs, autocast_off, check, check_backend, nf4_fused_ok, padded,
-                               resolve_backend)
+                               resolve_backend, to_dtype)
 from fastft.quant.nf4_weight import NF4Weight
 
 
@@ -146,7 +146,7 @@ def dora_forward(x, weight, bias, lora_A, lora_B, magnitude, scaling, row_norm):
         from fastft.kernels.nf4_gemm import nf4_lora_gemm
 
         z = nf4_lora_gemm(x2, weight.kernel_operand(), xs, B_p, None, w_nk=True)
-        y = z.float() * sigma
+        y = z * sigma  # in fp32 (sigma's dtype): one device op fewer than z.float() * sigma
         y = (y if bias is None else y + bias.float()).to(dtype)
         saved_out = z  # the unscaled output: dm = Σ dy·z / ‖W'‖
     else:
@@ -167,27 +167,27 @@ def dora_backward(saved, meta, weight, dy, need_x, need_b, need_A, need_B, need_
     x_shape, scaling, r, nf4, A_dtype, B_dtype = meta
     N = B_p.shape[0]
     dtype = x2.dtype
-    dy2 = dy.reshape(-1, N).to(dtype)
+    dy2 = to_dtype(dy.reshape(-1, N), dtype)
     if not dy2.is_contiguous():
         dy2 = dy2.contiguous()
     dx = db = dA = dB = dm = None
     if need_x or need_A:
-        B_sigma = (B_p.float() * sigma[:, None]).to(dtype)
+        B_sigma = (B_p * sigma[:, None]).to(dtype)  # computed in fp32 (sigma's dtype): one device op fewer
         g = rank_project(dy2, B_sigma.t(), scale=scaling)  # s·dy·diag(σ)·B
         if need_x:
             if nf4:
                 from fastft.kernels.nf4_gemm import nf4_lora_gemm
 
-                dz = (dy2.float() * sigma).to(dtype)
+                dz = (dy2 * sigma).to(dtype)  # in fp32, as sigma
                 dx = nf4_lora_gemm(dz, weight.kernel_operand(), g, A_p, None, w_nk=False)
             else:
                 dx = lora_gemm(dy2, weight, g, A_p, None, b_nk=False, k_scale=sigma)
-            dx = dx.view(x_shape)
+            dx = dx.view(*x_shape)
     if need_A and need_B:  # one launch for both
         dA, dB = rank_reduce_pair(g, x2, xs, dy2)
-        dA, dB = dA[:r].to(A_dtype), (dB[:, :r] * sigma[:, None]).to(B_dtype)
+        dA, dB = to_dtype(dA[:r], A_dtype), to_dtype(dB[:, :r] * sigma[:, None], B_dtype)
     elif need_A:
-        dA = rank_reduce(g, x2)[:r].to(A_dtype)
+        dA = to_dtype(rank_reduce(g, x2)[:r], A_dtype)
     elif need_B:  # in B's own layout, as the pair gives it
         dB = padded(rank_reduce(xs, dy2)[:r].t() * sigma[:, None], N, r, B_dtype)
     if need_m:
@@ -197,11 +197,12 @@ def dora_backward(saved, meta, weight, dy, need_x, need_b, need_A, need_B, need_
             dm = column_dot(dy2, saved_out)
             if bias is not None:
                 dm = dm - bias.float() * dy2.sum(0, dtype=torch.float32)
-            m = magnitude.detach().float()
-            dm = torch.where(m != 0, dm / torch.where(m != 0, m, 1.0), 0.0)
-        dm = dm.to(magnitude.dtype)
+            m = to_dtype(magnitude.detach(), torch.float32)
+            nonzero = m != 0
+            dm = torch.where(nonzero, dm / torch.where(nonzero, m, 1.0), 0.0)
+        dm = to_dtype(dm, magnitude.dtype)
     if need_b and bias is not None:
-        db = dy2.sum(0, dtype=torch.float32).to(bias.dtype)
+        db = to_dtype(dy2.sum(0, dtype=torch.float32), bias.dtype)
     return dx, db, dA, dB, dm
 
 
