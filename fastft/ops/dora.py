@@ -29,7 +29,7 @@ from fastft.ops.compiled import compiling, needed, unused
 from fastft.ops.compiled_args import fresh_like, weight_args, weight_from_args
 from fastft.ops.lora import rank_operands
 from fastft.ops.shared import (as_rows, autocast_inputs, autocast_off, check, check_backend, nf4_fused_ok, padded,
-                               resolve_backend, to_dtype)
+                               resolve_backend, safe_div, to_dtype)
 from fastft.quant.nf4_weight import NF4Weight
 
 
@@ -197,9 +197,7 @@ def dora_backward(saved, meta, weight, dy, need_x, need_b, need_A, need_B, need_
             dm = column_dot(dy2, saved_out)
             if bias is not None:
                 dm = dm - bias.float() * dy2.sum(0, dtype=torch.float32)
-            m = to_dtype(magnitude.detach(), torch.float32)
-            nonzero = m != 0
-            dm = torch.where(nonzero, dm / torch.where(nonzero, m, 1.0), 0.0)
+            dm = safe_div(dm, to_dtype(magnitude.detach(), torch.float32))
         dm = to_dtype(dm, magnitude.dtype)
     if need_b and bias is not None:
         db = to_dtype(dy2.sum(0, dtype=torch.float32), bias.dtype)

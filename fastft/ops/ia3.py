@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from fastft.ops.compiled import compiling, needed, unused
-from fastft.ops.shared import as_rows, autocast_inputs, autocast_off, check_backend, resolve_backend, to_dtype
+from fastft.ops.shared import (as_rows, autocast_inputs, autocast_off, check_backend, resolve_backend, safe_div,
+                               to_dtype)
 
 
 def ia3_linear_reference(x, weight, bias, ia3_l, feedforward: bool):
@@ -28,11 +29,6 @@ def ia3_linear_reference(x, weight, bias, ia3_l, feedforward: bool):
         return F.linear((x * ia3_l.flatten()).to(x.dtype), weight, bias)
     y = F.linear(x, weight, bias)
     return (y * ia3_l.flatten()).to(y.dtype)
-
-
-def _safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
-    nonzero = den != 0
-    return torch.where(nonzero, num / torch.where(nonzero, den, 1.0), 0.0)
 
 
 def _scale(ia3_l: torch.Tensor) -> torch.Tensor:
@@ -63,7 +59,7 @@ def _backward(dy, saved, weight, scale, bias, feedforward, need_x, need_b, need_
         if need_x or need_l:
             dx = lora_gemm(dy2, weight, None, None, None, b_nk=False, col_scale=scale)
             if need_l:
-                dl = to_dtype(_safe_div(column_dot(saved, dx), scale).reshape(l_shape), l_dtype)
+                dl = to_dtype(safe_div(column_dot(saved, dx), scale).reshape(l_shape), l_dtype)
             dx = dx.view(*x_shape) if need_x else None
         if need_b and bias is not None:
             db = dy2.sum(0, dtype=torch.float32).to(bias.dtype)
@@ -71,7 +67,7 @@ def _backward(dy, saved, weight, scale, bias, feedforward, need_x, need_b, need_
         if need_x:
             dx = lora_gemm(dy2, weight, None, None, None, b_nk=False, k_scale=scale).view(*x_shape)
         if need_l:
-            dl = to_dtype(_safe_div(column_dot(dy2, saved), scale).reshape(l_shape), l_dtype)
+            dl = to_dtype(safe_div(column_dot(dy2, saved), scale).reshape(l_shape), l_dtype)
         if need_b and bias is not None:
             db = (dy2.sum(0, dtype=torch.float32) * scale).to(bias.dtype)
     return dx, db, dl

@@ -75,6 +75,12 @@ def to_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
+def safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    """num / den, 0 where den is 0 (a gradient through a scale that is exactly 0: IA3's vector, DoRA's magnitude)."""
+    nonzero = den != 0
+    return torch.where(nonzero, num / torch.where(nonzero, den, 1.0), 0.0)
+
+
 def as_rows(t: torch.Tensor) -> torch.Tensor:
     """(…, F) → (M, F), a view where the strides allow, with a unit last stride (t itself when it is such rows
     already: a reshape costs ~1 µs of host time)."""
