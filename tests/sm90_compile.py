@@ -223,11 +223,14 @@ def _attention_signature(fn, fp32_ptrs=(), i32_ptrs=("cu_ptr",)) -> dict:
     return sig
 
 
-# Register spills an attention kernel's main config may have (bytes a thread, triton 3.7.1, sm_90), keyed by
-# (kernel, head_dim): a ceiling, printed as KNOWN on every run. Empty since issue 10: the backward at D=128
-# spilled 640 B (dK/dV) and 88 B (dQ) until its key/row tiles went through descriptors (pointer tiles kept
-# their 64-bit row offsets live from load to store) and its dK/dV blocks became 128 keys x 32 rows over 8 warps.
-KNOWN_ATTENTION_SPILLS: dict = {}
+# Register spills an attention kernel's main config may have (bytes a thread, sm_90), keyed by (triton
+# major.minor, kernel, head_dim): a ceiling, printed as KNOWN on every run. None under triton 3.7 since issue 10:
+# the backward at D=128 spilled 640 B (dK/dV) and 88 B (dQ) until its key/row tiles went through descriptors
+# (pointer tiles kept their 64-bit row offsets live from load to store) and its dK/dV blocks became 128 keys x 32
+# rows over 8 warps. Triton 3.6 (the GPU machine's) spills a little in the varlen dK/dV of those same configs
+# (the batch layout does not). Clean under both: 1 stage (no load pipelining) or, at D=128, 128 keys x 16 rows;
+# neither is measured against the main config on a GPU yet, so the ceilings stay.
+KNOWN_ATTENTION_SPILLS: dict = {("3.6", "bwd dkdv", 64): 8, ("3.6", "bwd dkdv", 128): 40}
 
 
 def _unique(configs: list[dict]) -> list[dict]:
@@ -291,7 +294,8 @@ def attention_kernels(every_config: bool = False) -> int:
                      dict(num_warps=4), True))
     for what, fn, sig, consts, aligned_args, options, main_config in jobs:
         kernel, head_dim = " ".join(what.split()[1:3]), consts["HEAD_DIM"]
-        allowed = KNOWN_ATTENTION_SPILLS.get((kernel, head_dim), 0) if main_config else None
+        version = ".".join(triton.__version__.split(".")[:2])
+        allowed = KNOWN_ATTENTION_SPILLS.get((version, kernel, head_dim), 0) if main_config else None
         if allowed:
             print(f"KNOWN {what}: may spill up to {allowed} B (KNOWN_ATTENTION_SPILLS)")
         failures += _check(what + (" (main)" if main_config else ""), fn, sig, consts, aligned_args, options,
@@ -322,7 +326,7 @@ def main() -> int:
                K="i32", WN="i32", WK="i32", stride_am="i32", stride_ak="i32", stride_lm="i32", stride_tn="i32",
                stride_tr="i32", stride_cm="i32", offset="fp32", p_drop="fp32", seed="i32")
     for w_nk, dropout in [(True, False), (False, False), (False, True)]:
-        for cfg in nf4_gemm.gemm_configs(2):
+        for cfg in nf4_gemm.gemm_configs(2, dropout):
             failures += _check_configs(f"gemm w_nk={w_nk} dropout={dropout}", nf4_gemm._nf4_lora_gemm_kernel, sig,
                                        [cfg], dict(BS=64, NBS=256, NESTED=True, HAS_TAIL=True, HAS_BIAS=False,
                                                    TAIL_DROPOUT=dropout, W_NK=w_nk, USE_TMA=True, UPCAST=False,
@@ -382,4 +386,5 @@ def layer_kernels() -> int:
 
 
 if __name__ == "__main__":
+    print(f"triton {triton.__version__} from {os.path.dirname(triton.__file__)}", flush=True)
     sys.exit((1 if layer_kernels() else 0) if sys.argv[1:] == ["layers"] else main())

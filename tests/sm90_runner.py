@@ -1,16 +1,38 @@
 """Runs tests/sm90_compile.py in a subprocess (without TRITON_INTERPRET: it compiles for a real sm_90 target) and
-fails the calling test when any kernel fails to compile, spills or exceeds shared memory."""
+fails the calling test when any kernel fails to compile, spills or exceeds shared memory.
+
+Under two tritons: the venv's own (CI's, 3.7) and the GPU machine's (3.6, installed by scripts/setup.sh into
+.venv/gpu-triton), since a kernel that compiles clean under one can spill under the other."""
 import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GPU_TRITON = os.path.join(sys.prefix, "gpu-triton")  # pip install --target, see requirements/gpu-triton.txt
+
+# pytest.mark.parametrize("triton_path", TRITONS): None = the venv's triton
+TRITONS = [pytest.param(None, id="venv-triton"), pytest.param(GPU_TRITON, id="gpu-machine-triton")]
 
 
-def run_sm90_compile(*family: str) -> str:
-    """The script's stdout; `family` selects a group ("lora", "attention", …), none the NF4 and loss-row kernels."""
+def run_sm90_compile(*family: str, triton_path: str | None = None) -> str:
+    """The script's stdout; `family` selects a group ("lora", "attention", …), none the NF4 and loss-row kernels.
+    triton_path: a folder holding another triton package, imported ahead of the venv's."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if triton_path is not None:
+        if not os.path.isdir(os.path.join(triton_path, "triton")):
+            pytest.fail(f"no triton under {triton_path}: run scripts/setup.sh, or python -m pip install --no-deps "
+                        f"--target {triton_path} -r requirements/gpu-triton.txt")
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (triton_path, ROOT, env.get("PYTHONPATH")) if p)
     run = subprocess.run([sys.executable, "-m", "tests.sm90_compile", *family], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    if triton_path is not None:  # the folder's triton was the one imported
+        assert f"triton {_version(triton_path)}" in run.stdout.splitlines()[0], run.stdout[:500]
     return run.stdout
+
+
+def _version(triton_path: str) -> str:
+    dist = [d for d in os.listdir(triton_path) if d.startswith("triton-") and d.endswith(".dist-info")]
+    return dist[0][len("triton-"):-len(".dist-info")]

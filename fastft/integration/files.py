@@ -29,6 +29,8 @@ def atomic_write(path: str | os.PathLike, content: Content) -> Path:
             Path(tmp).write_text(content)
         else:
             raise TypeError(f"atomic_write: content must be str, bytes or a callable, got {type(content).__name__}")
+        with open(tmp, "rb") as f:  # on disk before the rename, so a crash never leaves an empty target
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -226,11 +226,13 @@ def _fold_configs(use_tma: bool, elem_bytes: int, rank: int) -> list[dict]:
                      (128, 256, 64, 2, 8, False, False), (128, 128, 64, 3, 8, False, True)])
         return [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, FLATTEN=fl, WARP_SPECIALIZE=ws,
                      num_warps=w, num_stages=s) for bm, bn, bk, s, w, fl, ws in variants]
-    # pointer loads (unaligned rows): 128×256 spills at R=16, all but 128×64 at R=64 (sm_90 check)
+    # pointer loads (unaligned rows), spill-free under triton 3.6 and 3.7 (sm_90 check): at R=16 128×128 needs 32-wide
+    # k-steps (64: 8 B under 3.6) and 64×128 8 warps (4: 304 B under 3.6); at R=64 only 8-warp 128×64 / 64×128 stay
+    # clean (128×64 on 4 warps: 352–376 B under 3.6)
     return [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, FLATTEN=False, WARP_SPECIALIZE=False,
                  num_warps=w, num_stages=s)
-            for bm, bn, bk, s, w in ([(128, 128, 64, 4, 8), (64, 128, 64, 4, 4)] if rank <= 16
-                                     else [(128, 64, 64, 4, 4)])]
+            for bm, bn, bk, s, w in ([(128, 128, 32, 4, 8), (64, 128, 64, 4, 8), (128, 64, 64, 4, 4)] if rank <= 16
+                                     else [(128, 64, 64, 4, 8), (64, 128, 64, 4, 8)])]
 
 
 @functools.lru_cache(maxsize=None)
@@ -239,9 +241,11 @@ def dropout_dx_configs(use_tma: bool, elem_bytes: int, rank: int) -> list[dict]:
     configs narrow enough not to spill (the plain GEMM's 128×256 ones spill ~4.7 KB; sm_90 check)."""
     if INTERPRET or elem_bytes == 4:
         return _gemm_configs(use_tma, elem_bytes)
-    # (BM, BN, BK, stages, warps); with descriptors the flattened 4-stage 128×128 one spills 40–96 B
+    # (BM, BN, BK, stages, warps); with descriptors the flattened 4-stage 128×128 one spills 40–96 B. Pointer loads:
+    # 8-warp 64×128 / 128×64, the only ones spill-free under triton 3.6 too (128×128 8 B at R=16, 64×64 on 4 warps
+    # 64 B at R=64, 128×64 8 B at R=64)
     variants = ([(128, 128, 64, 3, 8), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4)] if use_tma else
-                [(128, 128, 64, 3, 8)] if rank <= 16 else [(64, 64, 64, 4, 4)])
+                [(64, 128, 64, 4, 8), (128, 64, 64, 4, 8)] if rank <= 16 else [(64, 128, 64, 4, 8)])
     return [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, FLATTEN=False, WARP_SPECIALIZE=False,
                  num_warps=w, num_stages=s) for bm, bn, bk, s, w in variants]
 

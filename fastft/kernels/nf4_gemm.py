@@ -207,22 +207,26 @@ def _nf4_lora_gemm_kernel(
 # ~780 with the select tree; the table gather pipelines its loads through shared memory instead.
 
 @functools.lru_cache(maxsize=None)
-def _usable_configs(elem_bytes: int, prmt_ok: bool) -> list[dict]:
+def _usable_configs(elem_bytes: int, prmt_ok: bool, dropout: bool = False) -> list[dict]:
     """gemm_configs without the PRMT decode where its self-check failed (the same list object per arguments)."""
-    configs = gemm_configs(elem_bytes)
+    configs = gemm_configs(elem_bytes, dropout)
     return configs if prmt_ok else [c for c in configs if c["DECODE"] != DECODE_PRMT]
 
 
 @functools.lru_cache(maxsize=None)
-def gemm_configs(elem_bytes: int) -> list[dict]:
+def gemm_configs(elem_bytes: int, dropout: bool = False) -> list[dict]:
+    """Launch configs; dropout: of dx with a dropout-masked tail, which keeps a second fp32 tile live (the 256-row
+    tiles spill ~2.6 KB under triton 3.6 there, the gather decode 128–280 B): 128×128 with the register decodes."""
     if INTERPRET:
         return [dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, DECODE=DECODE_SELECT, num_warps=4,
                      num_stages=1)]
     if elem_bytes == 4:
         return [dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, DECODE=DECODE_SELECT, num_warps=4,
                      num_stages=3)]
-    shapes = [(256, 128, 64, 8, 3, DECODE_PRMT), (128, 128, 64, 8, 4, DECODE_PRMT),
-              (256, 128, 64, 8, 3, DECODE_SELECT), (128, 128, 64, 8, 3, DECODE_GATHER)]
+    shapes = ([(128, 128, 64, 8, 4, DECODE_PRMT), (128, 128, 64, 8, 3, DECODE_PRMT),
+               (128, 128, 64, 8, 3, DECODE_SELECT)] if dropout else
+              [(256, 128, 64, 8, 3, DECODE_PRMT), (128, 128, 64, 8, 4, DECODE_PRMT),
+               (256, 128, 64, 8, 3, DECODE_SELECT), (128, 128, 64, 8, 3, DECODE_GATHER)])
     return [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, DECODE=d, num_warps=w, num_stages=s)
             for bm, bn, bk, w, s, d in shapes]
 
@@ -313,8 +317,9 @@ def nf4_lora_gemm(a, w: NF4Operand, lo, t, bias, *, w_nk: bool, p_drop: float = 
         launch(config)
     else:
         key = (bucket(M), N, K, R, a.dtype, w_nk, w.blocksize, nested, has_tail, bias is not None, p_drop > 0.0, use_tma)
-        configs = gemm_configs(a.element_size())
+        dropout = has_tail and p_drop > 0.0
+        configs = gemm_configs(a.element_size(), dropout)
         if any(c["DECODE"] == DECODE_PRMT for c in configs):
-            configs = _usable_configs(a.element_size(), _prmt_checked(a.device, a.dtype))
+            configs = _usable_configs(a.element_size(), _prmt_checked(a.device, a.dtype), dropout)
         tuner("nf4_lora_gemm", configs).run(key, launch)
     return c

@@ -151,10 +151,10 @@ def _dropout_mask_kernel(out_ptr, M, K, p_drop, seed, BLOCK_M: tl.constexpr, BLO
 @functools.lru_cache(maxsize=None)
 def project_configs(elem_bytes: int, dropout: bool = False) -> list[dict]:
     """rank_project's configs; with dropout (Philox on every loaded x element costs registers: 64×128 with 4 warps
-    spills 264–384 B on sm_90) 8 warps or narrower tiles."""
+    spills 264–384 B on sm_90, with 8 warps 8 B at R = 64 under triton 3.6) 64-wide steps or 32-row tiles."""
     if INTERPRET:
         return [dict(BLOCK_M=32, BLOCK_K=32, SPLIT_K=1, num_warps=4, num_stages=1)]
-    variants = ([(64, 128, 1, 8, 4), (32, 128, 1, 4, 4), (64, 64, 1, 4, 4), (64, 128, 4, 8, 4), (32, 128, 4, 4, 4)]
+    variants = ([(64, 64, 1, 8, 4), (32, 128, 1, 4, 4), (64, 64, 1, 4, 4), (64, 64, 4, 8, 4), (32, 128, 4, 4, 4)]
                 if dropout else
                 [(64, 128, 1, 4, 4), (32, 256, 1, 4, 4), (16, 256, 1, 4, 4), (64, 128, 2, 4, 4), (64, 128, 4, 4, 4),
                  (128, 64, 4, 8, 4)])
@@ -172,16 +172,18 @@ def reduce_configs(elem_bytes: int, dropout: bool = False) -> list[dict]:
     return [dict(BLOCK_M=bm, BLOCK_N=bn, PER_SM=f, num_warps=w, num_stages=s) for bm, bn, f, w, s in variants]
 
 
-_DROPOUT_REDUCE = [(64, 64, 4, 4, 4), (32, 128, 4, 4, 4), (32, 64, 4, 4, 4)]  # (BM, BN, PER_SM, warps, stages)
+# (BM, BN, PER_SM, warps, stages): no spills under triton 3.6 or 3.7 (64×64 and 32×128 on 4 warps spill 40–160 B
+# under 3.6, the GPU machine's version)
+_DROPOUT_REDUCE = [(64, 64, 4, 8, 4), (32, 128, 4, 8, 4), (32, 64, 4, 4, 4)]
 
 
 @functools.lru_cache(maxsize=None)
 def pair_reduce_configs(elem_bytes: int, dropout: bool) -> list[dict]:
-    """rank_reduce_pair's configs: rank_reduce's but 128×64 (spills at R=64), or with dropout rank_reduce's
-    narrower ones; no spills on sm_90 (tests/sm90_compile.py)."""
+    """rank_reduce_pair's configs: rank_reduce's but 128×64 (spills at R=64) and 128×128 (8 B at R=16 under
+    triton 3.6), or with dropout rank_reduce's narrower ones; no spills on sm_90 (tests/sm90_compile.py)."""
     if INTERPRET or dropout:
         return reduce_configs(elem_bytes, dropout)
-    variants = [(64, 128, 2, 4, 4), (64, 128, 4, 4, 4), (32, 128, 4, 4, 4), (128, 128, 2, 8, 3)]
+    variants = [(64, 128, 2, 4, 4), (64, 128, 4, 4, 4), (32, 128, 4, 4, 4), (64, 128, 2, 8, 4)]
     return [dict(BLOCK_M=bm, BLOCK_N=bn, PER_SM=f, num_warps=w, num_stages=s) for bm, bn, f, w, s in variants]
 
 

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from fastft.integration.files import atomic_write
 from fastft.integration.methods.adapter.config import PEFT_TYPE, BottleneckAdapterConfig
 from fastft.integration.methods.adapter.layer import AdapterAfter, BottleneckAdapter
 
@@ -83,22 +82,9 @@ class BottleneckAdapterModel(nn.Module):
         else:
             state_dict = {k.removeprefix("base_model."): v for k, v in state_dict.items() if ".adapter." in k}
         tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
-        _atomic(path / WEIGHTS_NAME, lambda f: save_file(tensors, f, metadata={"format": "pt"}))
+        atomic_write(path / WEIGHTS_NAME, lambda f: save_file(tensors, f, metadata={"format": "pt"}))
         text = json.dumps(self.adapter_config.to_dict(), indent=2, sort_keys=True)
-        _atomic(path / CONFIG_NAME, lambda f: Path(f).write_text(text))
-
-
-def _atomic(target: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        atomic_write(path / CONFIG_NAME, text)
 
 
 def _targets(model: nn.Module, config: BottleneckAdapterConfig) -> list[str]:
