@@ -4,7 +4,8 @@ only the folded LoRA GEMM; `lora-split` the split path's rank kernels with every
 ptxas), as `python -m`.
 
 Catches what the CPU interpreter cannot: triton's GPU lowering, the inline PTX, register spills and shared
-memory of every launch config the tuner may pick. Prints one line per kernel; exits 1 on any failure.
+memory of every launch config the tuner may pick, and that the GEMM-bound kernels use Hopper's warpgroup MMA.
+Prints one line per kernel; exits 1 on any failure.
 Run without TRITON_INTERPRET (tests/test_nf4_sm90_compile.py starts it in a subprocess).
 """
 import itertools
@@ -32,14 +33,32 @@ def build(fn, signature, constexprs, aligned, options):
     return triton_compile(src, target=TARGET, options=options)
 
 
-def spills(kernel) -> int:
-    """Bytes of stack a thread uses (register spills), from the cubin's resource usage."""
+def _cuobjdump(kernel, flag: str) -> str:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(kernel.asm["cubin"])
         f.flush()
-        out = subprocess.run([CUOBJDUMP, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+        return subprocess.run([CUOBJDUMP, flag, f.name], capture_output=True, text=True).stdout
+
+
+def spills(kernel) -> int:
+    """Bytes of stack a thread uses (register spills), from the cubin's resource usage."""
+    out = _cuobjdump(kernel, "--dump-resource-usage")
     stack = [w for line in out.splitlines() for w in line.split() if w.startswith("STACK:")]
     return max(int(w.split(":")[1]) for w in stack) if stack else 0
+
+
+def tensor_core_ops(kernel) -> str:
+    """The tensor-core instruction the SASS uses: HGMMA (Hopper's warpgroup MMA, wgmma), HMMA (mma.sync, about half
+    the rate on sm_90) or none."""
+    sass = _cuobjdump(kernel, "-sass")
+    return next((op for op in ("HGMMA", "HMMA") if op in sass), "none")
+
+
+# The GEMM-bound kernels: their dots must lower to wgmma on sm_90 (a layout or tile change that falls back to
+# mma.sync halves their peak and nothing on the CPU would show it). The skinny rank-R reductions and row kernels
+# are bandwidth-bound (R flops a byte) and may use mma.sync.
+WGMMA_KERNELS = {"_lora_gemm_kernel", "_nf4_lora_gemm_kernel", "_attn_fwd_kernel", "_attn_bwd_dkdv_kernel",
+                 "_attn_bwd_dq_kernel"}
 
 
 def _check(what, kernel_fn, sig, consts, aligned, options, *, spill_limit: int | None = 0) -> int:
@@ -50,10 +69,13 @@ def _check(what, kernel_fn, sig, consts, aligned, options, *, spill_limit: int |
     except Exception as err:  # noqa: BLE001 - report every failure, then fail
         print(f"FAILED {what}: {err}\n{err.__cause__!r}")
         return 1
-    stack, smem = spills(k), k.metadata.shared
-    print(f"ok {what} smem={smem} stack={stack}")
+    stack, smem, mma = spills(k), k.metadata.shared, tensor_core_ops(k)
+    print(f"ok {what} smem={smem} stack={stack} mma={mma}")
     if smem > SMEM_LIMIT or (spill_limit is not None and stack > spill_limit):
         print(f"FAILED {what}: shared memory {smem} (limit {SMEM_LIMIT}) or register spills {stack} B")
+        return 1
+    if kernel_fn.fn.__name__ in WGMMA_KERNELS and mma != "HGMMA":
+        print(f"FAILED {what}: its dots lower to {mma}, not warpgroup MMA (HGMMA)")
         return 1
     return 0
 
