@@ -57,7 +57,7 @@ for s in $sections; do
              --config-settings=cmake.define.CMAKE_CUDA_ARCHITECTURES=90 ;;
     nf4) run 200 nf4 python3 benchmarks/gpu_nf4.py ;;
     attention) run 170 attention python3 benchmarks/gpu_attention.py ;;
-    lora-tests) FASTFT_AUTOTUNE=0 run 110 lora-tests python3 -m pytest -q -m gpu tests/test_lora_gpu.py -p no:cacheprovider ;;
+    lora-tests) FASTFT_AUTOTUNE=0 run 170 lora-tests python3 -m pytest -q -m gpu tests/test_lora_gpu.py -p no:cacheprovider ;;
     fuzz-tests) FASTFT_AUTOTUNE=0 run 120 fuzz-tests python3 -m pytest -q -m gpu tests/fuzz -p no:cacheprovider ;;
     lora) run 130 lora python3 benchmarks/gpu_lora.py ;;
     # LoRA split vs fold (x·Aᵀ, dy·B inside the GEMMs): both paths vs fp64, then fwd / bwd / fwd+bwd and host time at

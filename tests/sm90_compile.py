@@ -4,7 +4,8 @@ only the folded LoRA GEMM; `lora-split` the split path's rank kernels with every
 ptxas), as `python -m`.
 
 Catches what the CPU interpreter cannot: triton's GPU lowering, the inline PTX, register spills and shared
-memory of every launch config the tuner may pick, and that the GEMM-bound kernels use Hopper's warpgroup MMA.
+memory of every launch config the tuner may pick, that the GEMM-bound kernels use Hopper's warpgroup MMA and that
+a warp-specialized config really is.
 Prints one line per kernel; exits 1 on any failure.
 Run without TRITON_INTERPRET (tests/test_nf4_sm90_compile.py starts it in a subprocess).
 """
@@ -47,11 +48,16 @@ def spills(kernel) -> int:
     return max(int(w.split(":")[1]) for w in stack) if stack else 0
 
 
-def tensor_core_ops(kernel) -> str:
+def tensor_core_ops(sass: str) -> str:
     """The tensor-core instruction the SASS uses: HGMMA (Hopper's warpgroup MMA, wgmma), HMMA (mma.sync, about half
     the rate on sm_90) or none."""
-    sass = _cuobjdump(kernel, "-sass")
     return next((op for op in ("HGMMA", "HMMA") if op in sass), "none")
+
+
+def warp_specialized(sass: str) -> bool:
+    """Whether the kernel was split into producer and consumer warpgroups: they rebalance registers with
+    setmaxnreg (USETMAXREG in the SASS)."""
+    return "USETMAXREG" in sass
 
 
 # The GEMM-bound kernels: their dots must lower to wgmma on sm_90 (a layout or tile change that falls back to
@@ -69,13 +75,17 @@ def _check(what, kernel_fn, sig, consts, aligned, options, *, spill_limit: int |
     except Exception as err:  # noqa: BLE001 - report every failure, then fail
         print(f"FAILED {what}: {err}\n{err.__cause__!r}")
         return 1
-    stack, smem, mma = spills(k), k.metadata.shared, tensor_core_ops(k)
-    print(f"ok {what} smem={smem} stack={stack} mma={mma}")
+    sass = _cuobjdump(k, "-sass")
+    stack, smem, mma = spills(k), k.metadata.shared, tensor_core_ops(sass)
+    print(f"ok {what} smem={smem} stack={stack} mma={mma}" + (" warp-specialized" if warp_specialized(sass) else ""))
     if smem > SMEM_LIMIT or (spill_limit is not None and stack > spill_limit):
         print(f"FAILED {what}: shared memory {smem} (limit {SMEM_LIMIT}) or register spills {stack} B")
         return 1
     if kernel_fn.fn.__name__ in WGMMA_KERNELS and mma != "HGMMA":
         print(f"FAILED {what}: its dots lower to {mma}, not warpgroup MMA (HGMMA)")
+        return 1
+    if consts.get("WARP_SPECIALIZE") and not warp_specialized(sass):  # e.g. 8 warps: the flag is silently ignored
+        print(f"FAILED {what}: WARP_SPECIALIZE=True compiled to a kernel that is not warp-specialized")
         return 1
     return 0
 

@@ -77,3 +77,51 @@ def test_fold_matches_fp64(case, fold_path):
 def test_fold_dropout_and_fp32_adapters(fold_path, captured_seeds):
     _run(777, 1024, 512, 16, torch.bfloat16, p=0.1, batch=(2,), seeds=captured_seeds)
     _run(512, 2048, 768, 16, torch.bfloat16, adapter_dtype=torch.float32, bias=False)
+
+
+def _descriptor_configs(rank: int, fold: bool, every: bool) -> list[dict]:
+    """The bf16 descriptor configs of the LoRA GEMM's tuner list: every one, or the untimed default and the
+    warp-specialized ones (a different compiler path: producer/consumer warpgroups)."""
+    from fastft.kernels import lora_gemm
+
+    configs = lora_gemm.gemm_configs(True, 2, rank if fold else 0)
+    return [c for i, c in enumerate(configs) if every or i == 0 or c["WARP_SPECIALIZE"]]
+
+
+@pytest.mark.parametrize("rank,fold", [(16, False), (16, True), (64, True)])
+def test_each_descriptor_config_matches_fp64(monkeypatch, rank, fold):
+    """Each config the tuner may pick, forced one at a time, forward (W [N,K]) and dx (W seen transposed) against
+    fp64, with a ragged M and N: tuning only keeps the fastest, so a wrong config would go unseen until it won.
+    FASTFT_GPU_SWEEP=1 checks every config; by default the first and the warp-specialized ones."""
+    import os
+
+    from fastft.kernels import lora_gemm
+
+    dev, dtype, M, K, N = "cuda", torch.bfloat16, 1037, 1024, 1000
+    a = torch.randn(M, K, device=dev).to(dtype)
+    dy = torch.randn(M, N, device=dev).to(dtype)
+    W = (torch.randn(N, K, device=dev) * K**-0.5).to(dtype)
+    A = (torch.randn(rank, K, device=dev) * K**-0.5).to(dtype)
+    B = (torch.randn(N, rank, device=dev) * 0.2).to(dtype)
+    lo_x = (a.double() @ A.double().T).to(dtype)  # the split path's x·Aᵀ, as the kernel reads it
+    lo_dy = (dy.double() @ B.double()).to(dtype)
+    y_ref = a.double() @ W.double().T + 2.0 * lo_x.double() @ B.double().T
+    dx_ref = dy.double() @ W.double() + 2.0 * lo_dy.double() @ A.double()
+    every = os.environ.get("FASTFT_GPU_SWEEP", "0") == "1"
+    for config in _descriptor_configs(rank, fold, every):
+        # one config: the tuner runs it untimed; a descriptor build failure would fall back to pointer loads
+        monkeypatch.setattr(lora_gemm, "gemm_configs", lambda *args, config=config: [config])
+        if fold:
+            y, lo = lora_gemm.lora_gemm_folded(a, W, A, B, None, b_nk=True, scale=2.0)
+            dx, _ = lora_gemm.lora_gemm_folded(dy, W, B, A, None, b_nk=False, scale=2.0)
+            assert_close(lo, 2.0 * lo_x.double(), dtype, f"x·Aᵀ {config}")
+            fold_y_ref = a.double() @ W.double().T + lo.double() @ B.double().T  # the tail the kernel rounded
+            fold_dx_ref = dy.double() @ W.double() + (2.0 * lo_dy.double()).to(dtype).double() @ A.double()
+            assert_close(y, fold_y_ref, dtype, f"forward {config}")
+            assert_close(dx, fold_dx_ref, dtype, f"dx {config}")
+        else:
+            y = lora_gemm.lora_gemm(a, W, (2.0 * lo_x.double()).to(dtype), B, None, b_nk=True)
+            dx = lora_gemm.lora_gemm(dy, W, (2.0 * lo_dy.double()).to(dtype), A, None, b_nk=False)
+            assert_close(y, y_ref, dtype, f"forward {config}")
+            assert_close(dx, dx_ref, dtype, f"dx {config}")
+        assert "cuda" not in lora_gemm._NO_TMA, f"{config}: the descriptor kernel failed to build"
