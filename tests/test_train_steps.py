@@ -9,6 +9,7 @@ import torch
 from peft import LoraConfig
 
 import fastft
+from fastft.apps.checkpointing import enable_checkpointing
 from fastft.apps.training.data import Encoder, Example, Pair, pack
 from fastft.apps.training.loop import accumulate
 from fastft.apps.training.objectives import ObjectiveModel, causal_lm_parts
@@ -92,7 +93,7 @@ def test_checkpointing_and_offloading_keep_the_gradients():
     for checkpointing, offload in ((False, False), (True, False), (True, True)):
         model = _lora(dropout=0.2)
         if checkpointing:
-            model.get_base_model().activation_checkpointing_enable({"use_reentrant": False})
+            enable_checkpointing(model.get_base_model())
         objective = ObjectiveModel(model, "sft")
         torch.manual_seed(7)
         context = torch.autograd.graph.save_on_cpu() if offload else torch.enable_grad()

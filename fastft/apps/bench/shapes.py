@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from fastft.apps.checkpointing import enable_checkpointing
+
 # name -> LlamaConfig fields. Sizes from each model's config.json.
 SHAPES: dict[str, dict] = {
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -64,20 +66,6 @@ def build_model(*, shape: str | None = None, model: str | None = None, seq_len: 
     if gradient_checkpointing:
         enable_checkpointing(lm)
     return lm.train()
-
-
-def enable_checkpointing(model) -> None:
-    """Non-reentrant activation checkpointing of every decoder layer (transformers 5's name, or the older one)."""
-    enable = getattr(model, "activation_checkpointing_enable", None)
-    if enable is not None:
-        enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-
-
-def checkpointing_enabled(model) -> bool:
-    flag = getattr(type(model), "is_activation_checkpointing", None)
-    return bool(model.is_activation_checkpointing if flag is not None else model.is_gradient_checkpointing)
 
 
 def vocab_size(model) -> int:

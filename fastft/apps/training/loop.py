@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from fastft.apps.checkpointing import enable_checkpointing
 from fastft.apps.training import checkpoints as ckpt
 from fastft.integration.parameter_count import parameter_counts
 from fastft.apps.training.config import ConfigError, TrainConfig, to_yaml_dict, validate
@@ -320,11 +321,7 @@ def train(cfg: TrainConfig) -> dict:
     make_batch.flash_kwargs = attention == "fastft"  # packed rows then carry their document boundaries
     if cfg.gradient_checkpointing:
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        enable = getattr(base, "activation_checkpointing_enable", None)  # transformers >= 5.x; older: the alias
-        if enable is not None:
-            enable({"use_reentrant": False})
-        else:
-            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(base)
         base.config.use_cache = False
     trainable, total = parameter_counts(model)  # each stored weight once (NF4 by its logical size)
     log(f"{cfg.method}: {trainable:,} trainable of {total:,} parameters")
