@@ -284,7 +284,9 @@ def _attn_bwd_dq_kernel(
 # (624 B spilled with 2 stages before descriptors for every tile, 72 B after, one local load an inner step;
 # 24 B of prologue scalars with 1 stage: both stay tuner options), so the main config takes 32-row blocks as
 # the Triton tutorial does (128 × 32) but with 8 warps, which halves the accumulators' registers a thread.
-# Every other D ≤ 128 config compiles without spills (tests/sm90_compile.py `attention all`). Atomic dQ
+# Every other D ≤ 128 config compiles without spills (tests/sm90_compile.py `attention all`, triton 3.7; under
+# 3.6, the GPU machine's, the 128 × 64 options spill 40-272 B and the main config's varlen dK/dV 8 / 40 B,
+# D = 64 / 128; the D ≤ 64 pointer configs were picked clean under both). Atomic dQ
 # spills ≥ 200 B at D = 128, so it is offered only for D ≤ 64. D = 256 with descriptors: 64 keys × 32 or
 # 16 rows, 0 B (64 × 64 spilled 440 B); its pointer fallback still spills (~330 B).
 
@@ -316,10 +318,10 @@ def backward_configs(dtype: torch.dtype, head_dim: int, tma_ok: bool) -> list[di
         configs = [cfg(128, 64, 8, 2, 128, 64, 8, 2, tma=True),
                    cfg(128, 32, 8, 2, 128, 64, 8, 2, atomic=True, tma=True),
                    cfg(128, 32, 8, 2, 128, 32, 8, 3, tma=True),
-                   cfg(128, 64, 8, 2, 128, 64, 8, 2)]
-    else:
-        configs = [cfg(128, 64, 8, 2, 128, 64, 8, 2), cfg(128, 32, 8, 2, 128, 64, 8, 2, atomic=True),
-                   cfg(64, 64, 8, 3, 128, 32, 8, 3)]
+                   cfg(128, 32, 8, 2, 128, 64, 8, 2)]
+    else:  # D <= 64 on pointers: 128 × 64 (2 stages) and 64 × 64 (3) spill 128-448 B under triton 3.6
+        configs = [cfg(128, 32, 8, 2, 128, 64, 8, 2), cfg(128, 32, 8, 2, 128, 64, 8, 2, atomic=True),
+                   cfg(64, 64, 8, 2, 128, 32, 8, 3)]
     if os.environ.get("FASTFT_DETERMINISTIC", "0") == "1":  # atomics add in a run-dependent order
         configs = [c for c in configs if not c["ATOMIC_DQ"]] or [dict(configs[0], ATOMIC_DQ=False)]
     return configs
