@@ -34,16 +34,12 @@ def build(fn, signature, constexprs, aligned, options):
     return triton_compile(src, target=TARGET, options=options)
 
 
-def _cuobjdump(kernel, flag: str) -> str:
+def spills(kernel) -> int:
+    """Bytes of stack a thread uses (register spills), from the cubin's resource usage."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(kernel.asm["cubin"])
         f.flush()
-        return subprocess.run([CUOBJDUMP, flag, f.name], capture_output=True, text=True).stdout
-
-
-def spills(kernel) -> int:
-    """Bytes of stack a thread uses (register spills), from the cubin's resource usage."""
-    out = _cuobjdump(kernel, "--dump-resource-usage")
+        out = subprocess.run([CUOBJDUMP, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
     stack = [w for line in out.splitlines() for w in line.split() if w.startswith("STACK:")]
     return max(int(w.split(":")[1]) for w in stack) if stack else 0
 
@@ -125,9 +121,8 @@ def lora_fold(every_config: bool = False) -> int:
     """The folded LoRA GEMM (x·Aᵀ / dy·B computed in the GEMM's own K loop), bf16, R = 16 and 64: forward and dx
     with descriptors, the pointer-load variant at R = 64 (the most registers), dx with a dropout tail, and the
     pair reduction for dA + dB; the first config of each list (the untimed default) and the warp-specialized
-    ones. every_config (argument
-    `lora-fold all`, ~3 min): every config the tuner may pick, descriptors and pointer loads. No spills, shared
-    memory within the limit."""
+    ones. every_config (argument `lora-fold all`, ~3 min): every config the tuner may pick, descriptors and
+    pointer loads. No spills, shared memory within the limit."""
     failures = 0
     # not every config: the first (the untimed default) and the warp-specialized ones (whether they specialize)
     top = (lambda configs: configs) if every_config else (
@@ -328,9 +323,9 @@ def attention_kernels(every_config: bool = False) -> int:
         jobs.append((f"attention bwd delta D={head_dim}", attention_bwd._attn_bwd_delta_kernel, delta_sig,
                      dict(HEAD_DIM=head_dim, BLOCK_D=head_dim, BLOCK_M=64, VARLEN=False), ["o_ptr", "do_ptr"],
                      dict(num_warps=4), True))
+    version = ".".join(triton.__version__.split(".")[:2])
     for what, fn, sig, consts, aligned_args, options, main_config in jobs:
         kernel, head_dim = " ".join(what.split()[1:3]), consts["HEAD_DIM"]
-        version = ".".join(triton.__version__.split(".")[:2])
         allowed = KNOWN_ATTENTION_SPILLS.get((version, kernel, head_dim), 0) if main_config else None
         if allowed:
             print(f"KNOWN {what}: may spill up to {allowed} B (KNOWN_ATTENTION_SPILLS)")
