@@ -259,8 +259,9 @@ def _attention_signature(fn, fp32_ptrs=(), i32_ptrs=("cu_ptr",)) -> dict:
 # the backward at D=128 spilled 640 B (dK/dV) and 88 B (dQ) until its key/row tiles went through descriptors
 # (pointer tiles kept their 64-bit row offsets live from load to store) and its dK/dV blocks became 128 keys x 32
 # rows over 8 warps. Triton 3.6 (the GPU machine's) spills a little in the varlen dK/dV of those same configs
-# (the batch layout does not). Clean under both: 1 stage (no load pipelining) or, at D=128, 128 keys x 16 rows;
-# neither is measured against the main config on a GPU yet, so the ceilings stay.
+# (the batch layout does not), all of it outside the MMA loops: in the SASS every local load/store sits before
+# the first HGMMA or after the last (prologue offsets, epilogue). Clean under both: 1 stage (no load pipelining)
+# or, at D=128, 128 keys x 16 rows; neither is measured against the main config on a GPU yet, so the ceilings stay.
 KNOWN_ATTENTION_SPILLS: dict = {("3.6", "bwd dkdv", 64): 8, ("3.6", "bwd dkdv", 128): 40}
 
 
