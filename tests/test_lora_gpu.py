@@ -1,5 +1,7 @@
 """The fused LoRA linear on a real GPU (`pytest -m gpu` on the GPU machine): Triton kernels natively,
 against an fp64 reference, with the allocator poisoned so unwritten outputs show up as NaN."""
+import os
+
 import pytest
 import torch
 
@@ -93,8 +95,6 @@ def test_each_descriptor_config_matches_fp64(monkeypatch, rank, fold):
     """Each config the tuner may pick, forced one at a time, forward (W [N,K]) and dx (W seen transposed) against
     fp64, with a ragged M and N: tuning only keeps the fastest, so a wrong config would go unseen until it won.
     FASTFT_GPU_SWEEP=1 checks every config; by default the first and the warp-specialized ones."""
-    import os
-
     from fastft.kernels import lora_gemm
 
     dev, dtype, M, K, N = "cuda", torch.bfloat16, 1037, 1024, 1000

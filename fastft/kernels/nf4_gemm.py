@@ -297,6 +297,7 @@ def nf4_lora_gemm(a, w: NF4Operand, lo, t, bias, *, w_nk: bool, p_drop: float = 
     precision = dot_precision(a.dtype)
 
     sa = a.stride()
+    tail_dropout = has_tail and p_drop > 0.0  # the kernel's TAIL_DROPOUT, which also picks the config list
 
     def launch(cfg):
         tiles = cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"])
@@ -308,7 +309,7 @@ def nf4_lora_gemm(a, w: NF4Operand, lo, t, bias, *, w_nk: bool, p_drop: float = 
             sa[0], sa[1], lo.stride(0) if has_tail else 0, stride_tn, stride_tr, N,
             float(w.offset), p_drop, seed,
             BS=w.blocksize, NBS=w.nested_blocksize, NESTED=nested,
-            HAS_TAIL=has_tail, HAS_BIAS=bias is not None, TAIL_DROPOUT=has_tail and p_drop > 0.0, W_NK=w_nk,
+            HAS_TAIL=has_tail, HAS_BIAS=bias is not None, TAIL_DROPOUT=tail_dropout, W_NK=w_nk,
             USE_TMA=use_tma, UPCAST=upcast_tiles, DOT_PRECISION=precision,
             BLOCK_R=R, NUM_SMS=grid[0], **cfg,
         )
@@ -317,9 +318,8 @@ def nf4_lora_gemm(a, w: NF4Operand, lo, t, bias, *, w_nk: bool, p_drop: float = 
         launch(config)
     else:
         key = (bucket(M), N, K, R, a.dtype, w_nk, w.blocksize, nested, has_tail, bias is not None, p_drop > 0.0, use_tma)
-        dropout = has_tail and p_drop > 0.0
-        configs = gemm_configs(a.element_size(), dropout)
+        configs = gemm_configs(a.element_size(), tail_dropout)
         if any(c["DECODE"] == DECODE_PRMT for c in configs):
-            configs = _usable_configs(a.element_size(), _prmt_checked(a.device, a.dtype), dropout)
+            configs = _usable_configs(a.element_size(), _prmt_checked(a.device, a.dtype), tail_dropout)
         tuner("nf4_lora_gemm", configs).run(key, launch)
     return c
