@@ -27,7 +27,16 @@ import warnings
 import torch
 
 from fastft.kernels.autotune import tuner
-from fastft.kernels.shared import bucket, dot_precision, dropout_keep, tile_coords, unit_stride, upcast
+from fastft.kernels.shared import (
+    bucket,
+    dot_precision,
+    dropout_keep,
+    kn_descriptor,
+    load_kn,
+    tile_coords,
+    unit_stride,
+    upcast,
+)
 from fastft.kernels.runtime import (
     INTERPRET,
     cdiv,
@@ -81,24 +90,11 @@ def _lora_gemm_kernel(
                                                block_shape=[BLOCK_M, BLOCK_R])
         c_desc = tl.make_tensor_descriptor(c_ptr, shape=[M, N], strides=[stride_cm, 1],
                                            block_shape=[BLOCK_M, BLOCK_N])
-        if B_NK:
-            b_desc = tl.make_tensor_descriptor(b_ptr, shape=[N, K], strides=[stride_bn, 1],
-                                               block_shape=[BLOCK_N, BLOCK_K])
-            if HAS_TAIL:
-                t_desc = tl.make_tensor_descriptor(t_ptr, shape=[N, BLOCK_R], strides=[stride_tn, 1],
-                                                   block_shape=[BLOCK_N, BLOCK_R])
-            if FOLD:
-                p_desc = tl.make_tensor_descriptor(p_ptr, shape=[BLOCK_R, K], strides=[stride_pr, 1],
-                                                   block_shape=[BLOCK_R, BLOCK_K])
-        else:
-            b_desc = tl.make_tensor_descriptor(b_ptr, shape=[K, N], strides=[stride_bk, 1],
-                                               block_shape=[BLOCK_K, BLOCK_N])
-            if HAS_TAIL:
-                t_desc = tl.make_tensor_descriptor(t_ptr, shape=[BLOCK_R, N], strides=[stride_tr, 1],
-                                                   block_shape=[BLOCK_R, BLOCK_N])
-            if FOLD:
-                p_desc = tl.make_tensor_descriptor(p_ptr, shape=[K, BLOCK_R], strides=[stride_pk, 1],
-                                                   block_shape=[BLOCK_K, BLOCK_R])
+        b_desc = kn_descriptor(b_ptr, K, N, stride_bn, stride_bk, BLOCK_K, BLOCK_N, B_NK)
+        if HAS_TAIL:
+            t_desc = kn_descriptor(t_ptr, BLOCK_R, N, stride_tn, stride_tr, BLOCK_R, BLOCK_N, B_NK)
+        if FOLD:
+            p_desc = kn_descriptor(p_ptr, K, BLOCK_R, stride_pr, stride_pk, BLOCK_K, BLOCK_R, B_NK)
 
     offs_r = tl.arange(0, BLOCK_R)
     for tile_id in tl.range(start_pid, num_tiles, num_programs, flatten=FLATTEN, warp_specialize=WARP_SPECIALIZE):
@@ -114,10 +110,7 @@ def _lora_gemm_kernel(
             off_k = ki * BLOCK_K
             if USE_TMA:
                 a = a_desc.load([off_m, off_k])
-                if B_NK:
-                    b = b_desc.load([off_n, off_k]).T
-                else:
-                    b = b_desc.load([off_k, off_n])
+                b = load_kn(b_desc, off_k, off_n, B_NK)
             else:
                 ks = off_k + tl.arange(0, BLOCK_K)
                 a = tl.load(a_ptr + rows[:, None] * stride_am + ks[None, :] * stride_ak,
@@ -134,10 +127,7 @@ def _lora_gemm_kernel(
             acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
             if FOLD:  # the rank-R projection of the same a tile: R more columns of MMA, no extra pass over a
                 if USE_TMA:
-                    if B_NK:
-                        pt = p_desc.load([0, off_k]).T
-                    else:
-                        pt = p_desc.load([off_k, 0])
+                    pt = load_kn(p_desc, off_k, 0, B_NK)
                 else:
                     kp = off_k + tl.arange(0, BLOCK_K)
                     pt = tl.load(p_ptr + kp[:, None] * stride_pk + offs_r[None, :] * stride_pr,
@@ -157,10 +147,7 @@ def _lora_gemm_kernel(
             else:
                 lo = tl.load(l_ptr + rows[:, None] * stride_lm + offs_r[None, :], mask=rows[:, None] < M, other=0.0)
             if USE_TMA:
-                if B_NK:
-                    tr = t_desc.load([off_n, 0]).T
-                else:
-                    tr = t_desc.load([0, off_n])
+                tr = load_kn(t_desc, 0, off_n, B_NK)
             else:
                 tr = tl.load(t_ptr + offs_r[:, None] * stride_tr + cols[None, :] * stride_tn,
                              mask=cols[None, :] < N, other=0.0)

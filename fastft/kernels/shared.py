@@ -28,6 +28,25 @@ def tile_coords(tile_id, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
     return pid_m, pid_n
 
 
+@triton.jit
+def kn_descriptor(ptr, K, N, stride_n, stride_k, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, N_MAJOR: tl.constexpr):
+    """Tensor descriptor of a GEMM operand that is logically [K, N] and stored N-major ([N, K], row stride
+    stride_n) or K-major ([K, N], row stride stride_k); read its [BLOCK_K, BLOCK_N] tiles with `load_kn`."""
+    if N_MAJOR:
+        return tl.make_tensor_descriptor(ptr, shape=[N, K], strides=[stride_n, 1], block_shape=[BLOCK_N, BLOCK_K])
+    else:
+        return tl.make_tensor_descriptor(ptr, shape=[K, N], strides=[stride_k, 1], block_shape=[BLOCK_K, BLOCK_N])
+
+
+@triton.jit
+def load_kn(desc, off_k, off_n, N_MAJOR: tl.constexpr):
+    """The [BLOCK_K, BLOCK_N] tile at (off_k, off_n) of a `kn_descriptor` operand, whichever its storage."""
+    if N_MAJOR:
+        return desc.load([off_n, off_k]).T
+    else:
+        return desc.load([off_k, off_n])
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """`tl.dot` input_precision: fp32 callers expect fp32 accuracy (torch's default matmul is not tf32);
     bf16/fp16 ignore it."""
