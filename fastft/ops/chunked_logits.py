@@ -22,6 +22,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from fastft.ops.lm_head import HeadArgs
 from fastft.quant.nf4_weight import NF4Weight
 
 # 96 MiB: 384 rows at V = 128256 in bf16, inside issue 7's 0.1 GiB workspace target; larger chunks cut dW's
@@ -58,20 +59,13 @@ def chunk_rows(tokens: int, vocab: int, bytes_per_logit: int, budget: int) -> in
 # ----------------------------------------------------------------------------------------------
 # the head: logits of a chunk and the gradients that flow back through them
 
-@dataclass
-class Head:
-    """logits = h·Wᵀ + b + s·(drop(h)·Aᵀ)·Bᵀ with W dense (`weight`) or NF4 (`nf4`); all in `dtype`."""
-    vocab: int
+@dataclass(kw_only=True)
+class Head(HeadArgs):
+    """An lm_head's arguments (fastft.ops.lm_head.HeadArgs) as one call computes with them: in `dtype`, LoRA
+    dropout drawn from `seed`, an NF4 weight dequantized `nf4_rows` vocab rows at a time."""
     dtype: torch.dtype
-    weight: torch.Tensor | None = None
-    nf4: NF4Weight | None = None
-    bias: torch.Tensor | None = None
-    lora_A: torch.Tensor | None = None
-    lora_B: torch.Tensor | None = None
-    scaling: float = 1.0
-    dropout_p: float = 0.0
     seed: int = 0
-    nf4_rows: int = 4096  # vocab rows of an NF4 weight dequantized at a time
+    nf4_rows: int = 4096
 
     def __post_init__(self):
         # LoRA factors may be fp32 masters: cast once per op call, not once per chunk
@@ -173,7 +167,7 @@ class Plan:
     extra: dict = field(default_factory=dict)
 
     def head(self, hidden, weight, bias, lora_A, lora_B) -> Head:
-        return Head(self.vocab, hidden.dtype, weight=weight, nf4=self.nf4, bias=bias, lora_A=lora_A,
+        return Head(dtype=hidden.dtype, weight=weight, nf4=self.nf4, bias=bias, lora_A=lora_A,
                     lora_B=lora_B, scaling=self.scaling, dropout_p=self.dropout_p, seed=self.seed,
                     nf4_rows=self.nf4_rows)
 
