@@ -3,7 +3,6 @@ what eager computes, forward and backward."""
 from __future__ import annotations
 
 import torch
-from torch._dynamo.backends.common import aot_autograd
 from torch._dynamo.backends.debugging import aot_eager
 
 

@@ -1,5 +1,5 @@
 """`fastft bench`: the tiny-shape method table on the CPU writes its JSON, markdown table and PNG plot; failures
-become rows, never crashes or numbers; the CLI's help and errors; the atomic writer; the targets check."""
+become rows, never crashes or numbers; the CLI's help and errors; the targets check."""
 import json
 
 import pytest
@@ -10,7 +10,6 @@ from fastft.apps.bench import peers, run
 from fastft.apps.bench.config import BenchConfig
 from fastft.apps.bench.methods import planned_runs
 from fastft.apps.bench.targets import check_targets
-from fastft.integration.files import atomic_write
 from fastft.integration.methods import METHODS
 
 STATUSES = {"ok", "unavailable", "not installed", "error", "oom"}
@@ -136,21 +135,6 @@ def test_kernels_on_cpu_says_so(capsys, tmp_path):
     assert cli.main(["bench", "kernels", "--output-dir", str(tmp_path)]) == 0
     assert "need a CUDA GPU" in capsys.readouterr().out
     assert not list(tmp_path.iterdir())
-
-
-def test_atomic_write(tmp_path):
-    assert atomic_write(tmp_path / "a" / "t.txt", "text").read_text() == "text"
-    assert atomic_write(tmp_path / "b.bin", b"\x00\x01").read_bytes() == b"\x00\x01"
-    atomic_write(tmp_path / "c.txt", lambda p: open(p, "w").write("by callable"))
-    assert (tmp_path / "c.txt").read_text() == "by callable"
-
-    def broken(path):
-        open(path, "w").write("half")
-        raise OSError("disk full")
-    with pytest.raises(OSError):
-        atomic_write(tmp_path / "b.bin", broken)
-    assert (tmp_path / "b.bin").read_bytes() == b"\x00\x01"  # the old file is intact, no temporary is left
-    assert sorted(p.name for p in tmp_path.rglob("*")) == ["a", "b.bin", "c.txt", "t.txt"]
 
 
 def _result(rows, **config):

@@ -19,7 +19,7 @@ from collections import defaultdict
 import torch
 from torch import nn
 
-from fastft.integration.files import atomic_write as _atomic_write
+from fastft.files import atomic_write as _atomic_write
 from fastft.modules.nf4_linear import NF4Linear
 from fastft.quant.nf4_weight import QUANT_STATE_KEY, NF4Weight, quantize_nf4
 

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -20,6 +18,7 @@ from peft.tuners.lora import Linear as PeftLoraLinear
 from peft.tuners.tuners_utils import check_target_module_exists
 from torch import nn
 
+from fastft.files import replace_folder
 from fastft.modules.lora import FusedLoraLinear
 from fastft.modules.nf4_linear import NF4Linear
 from fastft.modules.qlora import FusedQLoraLinear
@@ -252,40 +251,5 @@ def merge_and_unload(model: PeftModel, *, requantize: bool = False, dtype=None, 
 def save_adapter(model: PeftModel, path: str | os.PathLike, **kwargs) -> Path:
     """`model.save_pretrained(path)` made atomic: written to a temporary sibling, then moved into place,
     so an interrupted save never leaves a half-written adapter behind. Folders and files get the modes the
-    umask gives (as peft and transformers create them), not mkdtemp's private 0700."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    umask = os.umask(0)
-    os.umask(umask)
-
-    def remove(tree: Path) -> None:
-        # Not ignore_errors: a previous version that cannot be removed must be reported, not left behind.
-        def writable_then_retry(func, name, _exc):
-            os.chmod(os.path.dirname(name), 0o700)
-            func(name)
-        if tree.is_dir() and not tree.is_symlink():
-            shutil.rmtree(tree, onerror=writable_then_retry)  # onexc from 3.12 on
-        elif tree.exists() or tree.is_symlink():
-            tree.unlink()
-
-    old = path.with_name(f".{path.name}.old")
-    remove(old)  # left by a save interrupted between its two renames
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        model.save_pretrained(str(tmp), **kwargs)
-        for folder, _, files in os.walk(tmp):
-            os.chmod(folder, 0o777 & ~umask)
-            for name in files:
-                os.chmod(os.path.join(folder, name), 0o666 & ~umask)
-        if path.exists():
-            os.replace(path, old)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)  # only our own unfinished temporary folder
-    try:
-        remove(old)
-    except OSError as e:
-        raise OSError(f"save_adapter: the adapter is saved to {path}, but the previous version moved to {old} "
-                      f"could not be removed ({e}); delete it by hand") from e
-    return path
+    umask gives (as peft and transformers create them), not mkdtemp's private 0700 (fastft.files.replace_folder)."""
+    return replace_folder(path, lambda tmp: model.save_pretrained(str(tmp), **kwargs), what="save_adapter")

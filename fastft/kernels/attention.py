@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from fastft.kernels.runtime import INTERPRET, cdiv, has_tma, next_power_of_2, triton
+from fastft.kernels.runtime import cdiv, has_tma, next_power_of_2, triton
 
 import triton.language as tl
 

@@ -4,9 +4,9 @@ here, and csrc/nf4_codes.h (included by csrc/nf4_cpu.cpp and csrc/cuda/nf4_gemv.
 file by `python -m fastft.kernels.nf4_codes csrc/nf4_codes.h`. The header is checked in so the C++ build
 needs no Python step; tests/test_nf4_codes_header.py fails when it drifts from this table."""
 
-import os
 import sys
-import tempfile
+
+from fastft.files import atomic_write
 
 NF4_CODE_VALUES = (
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
@@ -29,15 +29,7 @@ def c_header() -> str:
 
 def write_header(path: str) -> None:
     """Write c_header() to `path` atomically."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(c_header())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    atomic_write(path, c_header())
 
 
 if __name__ == "__main__":

@@ -2,7 +2,6 @@
 fp64 references in references.py (forward and every gradient, views of every tensor, sizes 1 and odd)."""
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from fastft.integration.files import atomic_write
+from fastft.files import atomic_write
 
 _T0 = time.time()
 PEER_PACKAGES = ("torch", "triton", "transformers", "peft", "accelerate", "bitsandbytes", "liger-kernel", "unsloth")

@@ -16,7 +16,7 @@ from fastft.apps.bench.harness import fmt, write_json
 from fastft.apps.bench.peers import IMPLEMENTATIONS
 from fastft.apps.bench.shapes import DESCRIPTIONS
 from fastft.apps.bench.targets import check_targets
-from fastft.integration.files import atomic_write
+from fastft.files import atomic_write
 
 STEM = "bench_methods"
 COLORS = {"fastft": "tab:red", "peft": "tab:blue", "liger": "tab:green", "unsloth": "tab:purple"}

@@ -209,7 +209,7 @@ def headline(groups: dict, tasks_info: dict) -> str:
     anchors = len(anchor_rows(groups))
     if anchors:
         sentences.append(f"peft's own implementation agrees with fastft's within noise in {anchors - len(flagged)} of "
-                         f"{anchors} comparisons" + (f"; see the flagged rows below." if flagged else "."))
+                         f"{anchors} comparisons" + ("; see the flagged rows below." if flagged else "."))
     return "\n\n".join(sentences)
 
 

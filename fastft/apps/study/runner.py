@@ -8,7 +8,6 @@ combined `results.json` is rewritten; the report is written at the end.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from tqdm.auto import tqdm
 from fastft.apps.study.cell import CellSettings, CellSpec, run_cell
 from fastft.apps.study.models import MODEL_FAMILIES
 from fastft.apps.study.tasks import REGIMES, STUDY_TASKS, load_study_task, majority_baseline
+from fastft.files import atomic_write
 from fastft.integration.methods import METHODS
 
 # Learning rates per method, (MiniLM, SmolLM2). Full fine-tuning moves every pretrained weight, so it takes
@@ -117,13 +117,7 @@ def plan(config: StudyConfig) -> list[tuple[CellSpec, CellSettings]]:
 
 
 def write_json_atomic(path: Path, data) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(data, indent=1))
 
 
 def cell_path(output_dir: Path, spec: CellSpec) -> Path:

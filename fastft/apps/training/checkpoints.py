@@ -1,4 +1,4 @@
-"""Kill-safe files: atomic writes, resumable checkpoints and the final adapter or model.
+"""Resumable checkpoints (atomic single files and folders: fastft.files).
 
 A checkpoint holds everything the next step reads: the trained weights, the optimizer and scheduler state,
 the step, the data cursor, the logs so far, and every RNG of every process (torch's CPU generator also
@@ -12,81 +12,14 @@ import os
 import random
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from fastft.files import finish_folder, fsync_path
+
 _STEP_DIR = re.compile(r"step-(\d{8})")
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def finish_folder(folder: Path) -> None:
-    """Modes as the umask gives them (mkdtemp makes 0700, mkstemp 0600), and everything fsynced."""
-    mask = _umask()
-    for root, _, files in os.walk(folder):
-        for name in files:
-            os.chmod(os.path.join(root, name), 0o666 & ~mask)
-            _fsync(Path(root, name))
-        os.chmod(root, 0o777 & ~mask)
-        _fsync(Path(root))
-
-
-def write_atomic(path: str | os.PathLike, data: bytes | str) -> Path:
-    """Write a file by temp file + fsync + rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync(path.parent)
-    return path
-
-
-def replace_folder(path: str | os.PathLike, write) -> Path:
-    """`write(tmp_folder)`, then the folder takes `path`'s place; a previous `path` is removed afterwards."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        write(tmp)
-        finish_folder(tmp)
-        old = path.with_name(f".{path.name}.old")
-        if old.exists():
-            shutil.rmtree(old)
-        if path.exists():
-            os.replace(path, old)
-        os.replace(tmp, path)
-        _fsync(path.parent)
-        if old.exists():
-            shutil.rmtree(old)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)  # our own unfinished folder
-    return path
 
 
 # ----------------------------------------------------------------------------------------------- RNG states
@@ -181,7 +114,7 @@ class Checkpoints:
         if acc.is_main_process:
             finish_folder(tmp)
             os.replace(tmp, final)
-            _fsync(self.root)
+            fsync_path(self.root)
             for older in self.root.iterdir():  # the new one is complete: the previous ones can go
                 if _STEP_DIR.fullmatch(older.name) and older != final:
                     shutil.rmtree(older)

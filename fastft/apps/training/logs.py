@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from fastft.files import atomic_write
+
 
 def peak_memory_gib(device: torch.device) -> float:
     if device.type == "cuda":
@@ -29,11 +31,9 @@ class RunLog:
         if resume_step is None:
             self.path.write_text("")
         elif self.path.exists():
-            from fastft.apps.training.checkpoints import write_atomic
-
             kept = [line for line in self.path.read_text().splitlines(keepends=True)
                     if line.strip() and _step_of(line) is not None and _step_of(line) <= resume_step]
-            write_atomic(self.path, "".join(kept))
+            atomic_write(self.path, "".join(kept))
         try:
             from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
         except ImportError:

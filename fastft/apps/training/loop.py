@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from fastft.apps.checkpointing import enable_checkpointing
 from fastft.apps.training import checkpoints as ckpt
+from fastft.files import atomic_write, replace_folder
 from fastft.integration.parameter_count import parameter_counts
 from fastft.apps.training.config import ConfigError, TrainConfig, to_yaml_dict, validate
 from fastft.apps.training.data import BatchPlan, Encoder, check_tokenizer, load_records, pack
@@ -295,7 +296,7 @@ def train(cfg: TrainConfig) -> dict:
     if accelerator.is_main_process:
         import yaml
 
-        ckpt.write_atomic(out / "config.yaml", yaml.safe_dump(to_yaml_dict(cfg), sort_keys=False))
+        atomic_write(out / "config.yaml", yaml.safe_dump(to_yaml_dict(cfg), sort_keys=False))
     model = load_model(model_path).to(device)
     if cfg.objective == "distill":
         teacher = load_model(teacher_path).to(device).eval().requires_grad_(False)
@@ -451,9 +452,9 @@ def train(cfg: TrainConfig) -> dict:
             fastft.save_adapter(inner, out / "adapter", state_dict=weights)
             saved = out / "adapter"
         else:
-            saved = ckpt.replace_folder(out / "model", lambda tmp: (inner.save_pretrained(str(tmp), state_dict=weights),
-                                                                    tokenizer.save_pretrained(str(tmp))))
-        ckpt.write_atomic(out / "metrics.json", json.dumps(metrics, indent=2))
+            saved = replace_folder(out / "model", lambda tmp: (inner.save_pretrained(str(tmp), state_dict=weights),
+                                                               tokenizer.save_pretrained(str(tmp))))
+        atomic_write(out / "metrics.json", json.dumps(metrics, indent=2))
         log(f"{metrics['tokens_per_second']:,.0f} tokens/s, peak memory {peak:.2f} GiB ({metrics['peak_memory_kind']}); "
             f"{'adapter' if is_peft else 'model'} saved to {saved}")
     accelerator.wait_for_everyone()

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fastft.integration.files import atomic_write
+from fastft.files import atomic_write
 from fastft.integration.methods.adapter.config import PEFT_TYPE, BottleneckAdapterConfig
 from fastft.integration.methods.adapter.layer import AdapterAfter, BottleneckAdapter
 

@@ -1,0 +1,110 @@
+"""Writing files and folders atomically: the one place fastft does it (adapters, checkpoints, NF4 models, reports,
+study cells, the generated NF4 header). Standard library only, so every layer may use it.
+
+A file is written to a temporary sibling, fsynced, given the mode the umask gives (mkstemp makes 0600), renamed
+over the target, and its folder fsynced: a reader, a crash or a SIGKILL sees the old file or the new one, never
+half of one. A folder (an adapter, a saved model) is written whole into a temporary sibling and swapped in the
+same way; the previous version is removed only once the new one is in place.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable, Union
+
+Content = Union[str, bytes, Callable[[str], None]]
+
+
+def umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def fsync_path(path: str | os.PathLike) -> None:
+    """fsync a file or a folder (a folder's fsync makes the renames inside it durable)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | os.PathLike, content: Content) -> Path:
+    """Write `content` to `path` atomically: text, bytes, or a callable `write(tmp_path)` that writes the file
+    itself (safetensors, matplotlib). Creates the parent folder; returns the path."""
+    if not (callable(content) or isinstance(content, (str, bytes, bytearray))):
+        raise TypeError(f"atomic_write: content must be str, bytes or a callable, got {type(content).__name__}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.name)
+    os.close(fd)
+    try:
+        if callable(content):
+            content(tmp)
+        elif isinstance(content, str):
+            Path(tmp).write_text(content)
+        else:
+            Path(tmp).write_bytes(content)
+        os.chmod(tmp, 0o666 & ~umask())
+        fsync_path(tmp)  # on disk before the rename, so a crash never leaves an empty target
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    fsync_path(path.parent)
+    return path
+
+
+def finish_folder(folder: str | os.PathLike) -> None:
+    """Every folder and file below `folder` (itself included) gets the mode the umask gives (mkdtemp makes 0700,
+    mkstemp 0600) and is fsynced."""
+    mask = umask()
+    for root, _, files in os.walk(folder):
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~mask)
+            fsync_path(os.path.join(root, name))
+        os.chmod(root, 0o777 & ~mask)
+        fsync_path(root)
+
+
+def replace_folder(path: str | os.PathLike, write: Callable[[Path], object], *, what: str = "save") -> Path:
+    """`write(tmp_folder)` fills a temporary sibling of `path`, which then takes `path`'s place. The previous
+    version is moved aside and removed after the swap; one that cannot be removed is an error (`what` names the
+    caller in it), never left behind silently. Returns `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    old = path.with_name(f".{path.name}.old")
+    _remove(old)  # left by a save interrupted between its two renames
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        write(tmp)
+        finish_folder(tmp)
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+        fsync_path(path.parent)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)  # only our own unfinished temporary folder
+    try:
+        _remove(old)
+    except OSError as e:
+        raise OSError(f"{what}: the new version is saved to {path}, but the previous one moved to {old} could not "
+                      f"be removed ({e}); delete it by hand") from e
+    return path
+
+
+def _remove(tree: Path) -> None:
+    """Remove a file or folder, read-only subfolders included; errors are raised, not ignored."""
+    def writable_then_retry(func, name, _exc):
+        os.chmod(os.path.dirname(name), 0o700)
+        func(name)
+
+    if tree.is_dir() and not tree.is_symlink():
+        shutil.rmtree(tree, onerror=writable_then_retry)  # onexc from 3.12 on
+    elif tree.exists() or tree.is_symlink():
+        tree.unlink()
