@@ -11,7 +11,7 @@ backward  dz = dy·U                            rank_ops.rank_project
           dp = dz ∘ act'(p)                    M×R, torch
           dh = dy + dp·D                       `_up_residual_kernel` again (residual dy, t = Dᵀ)
           dU = dyᵀ·z,  dD = dpᵀ·h              rank_ops.rank_reduce (split over M)
-Activations without libdevice: relu, silu, gelu_tanh (tanh through tl.exp), tanh.
+Activations without libdevice: relu, silu, gelu_tanh (fastft.kernels.shared), tanh (through tl.exp).
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import torch
 
 from fastft.kernels.autotune import tuner
 from fastft.kernels.runtime import INTERPRET, cdiv, triton
-from fastft.kernels.shared import bucket, dot_precision, unit_stride, upcast
+from fastft.kernels.shared import bucket, dot_precision, gelu_tanh, unit_stride, upcast
 
 import triton.language as tl
 
@@ -40,7 +40,7 @@ def _activate(p, ACT: tl.constexpr):
     elif ACT == "silu":
         return p / (1.0 + tl.exp(-p))
     elif ACT == "gelu_tanh":
-        return 0.5 * p * (1.0 + _tanh(0.7978845608028654 * (p + 0.044715 * p * p * p)))
+        return gelu_tanh(p, False)[0]
     else:
         return _tanh(p)
 

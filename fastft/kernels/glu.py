@@ -3,11 +3,11 @@
 The backward recomputes the activation from the saved gate and up (no activation tensor is kept):
 
     a = act(gate),  y = a·up          d_up = dy·a,   d_gate = dy·up·act'(gate)
-    silu:       a = g·σ(g)                     act' = σ(g)·(1 + g·(1 − σ(g)))
-    gelu_tanh:  a = ½g(1 + t), t = tanh(u),    act' = ½(1 + t) + ½g(1 − t²)·u',
+    silu:       a = g·σ(g)                     act' = σ(g)·(1 + g·σ(−g))
+    gelu_tanh:  a = g·σ(2u)                    act' = σ(2u)·(1 + 2g·σ(−2u)·u')     (fastft.kernels.shared.gelu_tanh)
                 u = √(2/π)(g + 0.044715g³),    u' = √(2/π)(1 + 3·0.044715g²)
 
-fp32 inside, one rounding per output. tanh(u) = 2σ(2u) − 1 (no libdevice). Elementwise over rows (M, N) with a
+fp32 inside, one rounding per output; no libdevice (σ through tl.exp). Elementwise over rows (M, N) with a
 unit last stride and any row strides; a 2-D grid of (row, column block) programs.
 """
 from __future__ import annotations
@@ -16,28 +16,20 @@ import torch
 
 from fastft.kernels.rounding import emulate_rtne, round_to
 from fastft.kernels.runtime import cdiv, next_power_of_2, triton
+from fastft.kernels.shared import gelu_tanh
 
 import triton.language as tl
-
-SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
-GELU_C = tl.constexpr(0.044715)
 
 
 @triton.jit
 def _act_and_grad(g, GELU: tl.constexpr, NEED_GRAD: tl.constexpr):
     if GELU:
-        u = SQRT_2_OVER_PI * (g + GELU_C * g * g * g)
-        t = 2.0 * tl.sigmoid(2.0 * u) - 1.0
-        a = 0.5 * g * (1.0 + t)
-        if NEED_GRAD:
-            da = 0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_C * g * g)
-        else:
-            da = a
+        a, da = gelu_tanh(g, NEED_GRAD)
     else:
         sig = tl.sigmoid(g)
         a = g * sig
-        if NEED_GRAD:
-            da = sig * (1.0 + g * (1.0 - sig))
+        if NEED_GRAD:  # 1 − σ(g) as σ(−g): no cancellation where σ(g) is near 1
+            da = sig * (1.0 + g * tl.sigmoid(-g))
         else:
             da = a
     return a, da

@@ -47,6 +47,28 @@ def load_kn(desc, off_k, off_n, N_MAJOR: tl.constexpr):
         return desc.load([off_k, off_n])
 
 
+SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
+GELU_C = tl.constexpr(0.044715)
+
+
+@triton.jit
+def gelu_tanh(x, NEED_GRAD: tl.constexpr):
+    """(gelu_tanh(x), its derivative if NEED_GRAD else the value again), fp32, no libdevice.
+
+    gelu_tanh(x) = ½x(1 + tanh(u)) = x·σ(2u),  u = √(2/π)(x + 0.044715x³)
+    derivative   = ½(1 + tanh(u)) + ½x(1 − tanh²(u))·u' = σ(2u)·(1 + 2x·σ(−2u)·u'),  u' = √(2/π)(1 + 3·0.044715x²)
+    Written with σ(±2u): 1 + tanh and 1 − tanh² cancel where tanh is near ∓1 and ±1 (|x| of a few), losing
+    the digits an fp32 tanh carries (fuzz: 31 u32 of error in the derivative at x ≈ 3)."""
+    u = SQRT_2_OVER_PI * (x + GELU_C * x * x * x)
+    s = tl.sigmoid(2.0 * u)
+    a = x * s
+    if NEED_GRAD:
+        da = s * (1.0 + 2.0 * x * tl.sigmoid(-2.0 * u) * SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_C * x * x))
+    else:
+        da = a
+    return a, da
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """`tl.dot` input_precision: fp32 callers expect fp32 accuracy (torch's default matmul is not tf32);
     bf16/fp16 ignore it."""

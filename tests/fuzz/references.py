@@ -89,8 +89,8 @@ def check(op: str, what: str, out, ref: torch.Tensor, mag: torch.Tensor, dtype: 
     record(op, dtype, ratio, what)
     if not ratio <= 1.0:
         i = int((err / b).argmax())
-        raise AssertionError(f"{op} {what} ({dtype}): error {err.view(-1)[i]:.3e} exceeds the bound "
-                             f"{b.view(-1)[i]:.3e} by {ratio:.2f}x (ref {ref.reshape(-1)[i]:.4e}, "
+        raise AssertionError(f"{op} {what} ({dtype}): error {err.reshape(-1)[i]:.3e} exceeds the bound "
+                             f"{b.reshape(-1)[i]:.3e} by {ratio:.2f}x (ref {ref.reshape(-1)[i]:.4e}, "
                              f"out {out64.reshape(-1)[i]:.4e}, mag {mag.reshape(-1)[i]:.3e})")
     return ratio
 

@@ -41,10 +41,13 @@ def fuzz(ci_examples: int, *, deadline=None):
     fixed = os.environ.get("FASTFT_FUZZ_PROFILE", "ci") == "ci"
 
     def wrap(test):
-        test = settings(max_examples=n, deadline=deadline,
+        # seed first: hypothesis' @seed also sets database=None, and settings applied after it put the profile's
+        # database back (applied the other way round, CI never replayed the saved failures)
+        if fixed:
+            test = seed(FUZZ_SEED)(test)
+        return settings(max_examples=n, deadline=deadline,
                         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                                HealthCheck.function_scoped_fixture])(test)
-        return seed(FUZZ_SEED)(test) if fixed else test
 
     return wrap
 
