@@ -29,10 +29,12 @@ def test_lora_linear_compiled_equals_eager(data):
     path = data.draw(st.sampled_from(["split", "fold"]), label="path")
     s, p = args["scaling"], args["dropout_p"]
     named = [(n, args[n]) for n in ("x", "weight", "bias", "lora_A", "lora_B")]
-    traced = args["x"].numel() > 0 and args["weight"].shape[0] > 0  # else the torch reference (nothing to launch)
+    # else the torch reference (nothing to launch), traced by the compiler: torch's own roundings, not exact (fuzz:
+    # d(bias) of an empty x summed in another order, 1 ulp)
+    traced = args["x"].numel() > 0 and args["weight"].shape[0] > 0
     with mock.patch.dict(os.environ, {"FASTFT_LORA_PATH": path}):
         assert_doors_agree("lora_linear", lambda x, W, b, A, B: lora_linear(x, W, b, A, B, s, p, backend="triton"),
-                           named, dy, traced=traced)
+                           named, dy, exact=traced, traced=traced)
 
 
 @interpreter_only
@@ -42,8 +44,9 @@ def test_qlora_family_compiled_equals_eager(data):
     lora = data.draw(st.booleans(), label="lora")
     args, dy = test_qlora_linear.draw_problem(data, lora=lora)
     named = [(n, args.get(n)) for n in ("x", "qweight", "bias")]
-    exact = nf4_fused_ok(args["qweight"])  # rows of whole blocks: the fused kernels; else the torch reference
-    traced = args["x"].numel() > 0 and (lora or exact)  # nf4_linear's reference is plain torch, as is an empty x
+    fused = nf4_fused_ok(args["qweight"])  # rows of whole blocks: the fused kernels; else the torch reference
+    traced = args["x"].numel() > 0 and (lora or fused)  # nf4_linear's reference is plain torch, as is an empty x
+    exact = fused and args["x"].numel() > 0
     if lora:
         s, p = args["scaling"], args["dropout_p"]
         named += [("lora_A", args["lora_A"]), ("lora_B", args["lora_B"])]
