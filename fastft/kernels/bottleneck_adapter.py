@@ -11,7 +11,7 @@ backward  dz = dy·U                            rank_ops.rank_project
           dp = dz ∘ act'(p)                    M×R, torch
           dh = dy + dp·D                       `_up_residual_kernel` again (residual dy, t = Dᵀ)
           dU = dyᵀ·z,  dD = dpᵀ·h              rank_ops.rank_reduce (split over M)
-Activations without libdevice: relu, silu, gelu_tanh (fastft.kernels.shared), tanh (through tl.exp).
+Activations without libdevice: relu, silu, gelu_tanh and tanh (fastft.kernels.shared).
 """
 from __future__ import annotations
 
@@ -21,16 +21,11 @@ import torch
 
 from fastft.kernels.autotune import tuner
 from fastft.kernels.runtime import INTERPRET, cdiv, triton
-from fastft.kernels.shared import bucket, dot_precision, gelu_tanh, unit_stride, upcast
+from fastft.kernels.shared import bucket, dot_precision, gelu_tanh, tanh, unit_stride, upcast
 
 import triton.language as tl
 
 ACTIVATIONS = ("relu", "silu", "gelu_tanh", "tanh")
-
-
-@triton.jit
-def _tanh(x):
-    return 2.0 / (1.0 + tl.exp(-2.0 * x)) - 1.0
 
 
 @triton.jit
@@ -42,7 +37,7 @@ def _activate(p, ACT: tl.constexpr):
     elif ACT == "gelu_tanh":
         return gelu_tanh(p, False)[0]
     else:
-        return _tanh(p)
+        return tanh(p)
 
 
 @triton.jit

@@ -18,20 +18,15 @@ from __future__ import annotations
 import torch
 
 from fastft.kernels.runtime import INTERPRET, next_power_of_2, triton
+from fastft.kernels.shared import tanh
 
 import triton.language as tl
 
 
 @triton.jit
-def _tanh(x):
-    # no libdevice under the interpreter: tanh through exp; saturates cleanly to ±1 for large |x|
-    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
-
-
-@triton.jit
 def _capped(x, softcap, HAS_SOFTCAP: tl.constexpr):
     if HAS_SOFTCAP:
-        x = softcap * _tanh(x / softcap)
+        x = softcap * tanh(x / softcap)
     return x
 
 
