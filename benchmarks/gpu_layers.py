@@ -142,6 +142,8 @@ def cases(t, lf):
                "torch": fwd_bwd(lambda: rms_norm_reference(xg, wg, 1e-5), (xg, wg), (dy_x,))}
     res_fwd = {"fastft": lambda: rms_norm(x, w, 1e-5, residual=res),
                "torch": lambda: rms_norm_reference(x, w, 1e-5, residual=res)}
+    res_bwd = {name: fwd_bwd(lambda fn=fn: fn(xg, wg, 1e-5, residual=resg), (xg, wg, resg), (dy_x, dy_x))
+               for name, fn in (("fastft", rms_norm), ("torch", rms_norm_reference))}
     rope_fwd = {"fastft": lambda: rope(q, k, cos, sin), "fastft in place": lambda: rope_(q, k, cos, sin),
                 "torch": lambda: rope_reference(q, k, cos, sin)}
     rope_bwd = {"fastft": fwd_bwd(lambda: rope(qg, kg, cos, sin), (qg, kg), (dq, dk)),
@@ -167,6 +169,8 @@ def cases(t, lf):
     out.append(("rms_norm", "fwd", 2 * n_x * e, rms))
     out.append(("rms_norm", "fwd+bwd", 5 * n_x * e, rms_bwd))
     out.append(("rms_norm+residual", "fwd", 4 * n_x * e, res_fwd))
+    # + backward: reads dy, dh and h, writes dx (which is d(residual) too)
+    out.append(("rms_norm+residual", "fwd+bwd", 8 * n_x * e, res_bwd))
     out.append(("rope q,k", "fwd", 2 * n_qk * e, rope_fwd))
     out.append(("rope q,k", "fwd+bwd", 4 * n_qk * e, rope_bwd))
     for name, (f, fb) in glu.items():

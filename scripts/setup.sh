@@ -10,13 +10,18 @@ stamp="$venv/.fastft-installed"
 want="$(cat requirements/cpu.txt requirements/data.txt requirements/gpu-triton.txt pyproject.toml CMakeLists.txt $(find csrc -type f | sort) | sha1sum | cut -c1-16)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
-  "$venv/bin/python" -m pip install -q --disable-pip-version-check -r requirements/cpu.txt
-  "$venv/bin/python" -m pip install -q --disable-pip-version-check --no-deps -r requirements/data.txt
-  "$venv/bin/python" -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+  free_kb="$(df -Pk "$(dirname "$venv")" | awk 'NR == 2 {print $4}')"
+  if [ "${free_kb:-0}" -lt $((4 * 1024 * 1024)) ]; then
+    echo "setup: only $((free_kb / 1024)) MiB free beside $venv; the install needs ~3.5 GB (free some disk if pip fails with 'No space left')" >&2
+  fi
+  # no wheel cache: the venv is ~3 GB already, and a full disk fails the install (CI has seen it)
+  pip_install=("$venv/bin/python" -m pip install -q --disable-pip-version-check --no-cache-dir)
+  "${pip_install[@]}" -r requirements/cpu.txt
+  "${pip_install[@]}" --no-deps -r requirements/data.txt
+  "${pip_install[@]}" --no-deps --no-build-isolation -e .
   # the GPU machine's triton, beside the venv's (tests/sm90_runner.py compiles the kernels under both)
   rm -rf "$venv/gpu-triton"
-  "$venv/bin/python" -m pip install -q --disable-pip-version-check --no-deps --target "$venv/gpu-triton" \
-    -r requirements/gpu-triton.txt
+  "${pip_install[@]}" --no-deps --target "$venv/gpu-triton" -r requirements/gpu-triton.txt
   echo "$want" > "$stamp"
 fi
 export PATH="$venv/bin:$PATH"

@@ -302,6 +302,19 @@ def test_glu_matches_fp64(dtype, gelu, shape, fused_input):
         assert_close(g, r, dtype, "glu grad")
 
 
+@interpreter_only
+def test_geglu_gradient_is_finite_at_huge_gates():
+    """gelu'(x) has an x·u' term (u' ~ x²) that overflows fp32 past |x| ~ 1e13, where it multiplies an exact 0:
+    the Triton backward gave NaN there, and torch does past ~2e19. The derivative is 0 below and 1 above."""
+    gate = torch.tensor([-3e38, -1e20, -1e14, -3e13, -20.0, 20.0, 3e13, 1e20, 3e38], requires_grad=True)
+    up = torch.full_like(gate, 0.5, requires_grad=True)
+    y = geglu(gate, up, backend="triton")
+    d_gate, d_up = torch.autograd.grad(y, (gate, up), torch.ones_like(y))
+    gelu = torch.where(gate > 0, gate, 0.0).detach()  # exact in fp32 at these |x|
+    assert torch.equal(d_gate, (gate > 0).float() * 0.5)
+    assert torch.equal(d_up, gelu) and torch.equal(y, gelu * 0.5)
+
+
 def test_glu_validation():
     with pytest.raises(ValueError, match="must have one shape"):
         swiglu(torch.randn(2, 3), torch.randn(2, 4))

@@ -22,8 +22,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fastft.ops.attention import BACKENDS, flash_attention
+from fastft.ops.attention import flash_attention
 from fastft.ops.compiled import compiling
+from fastft.ops.shared import BACKENDS
 
 NAME = "fastft"
 _backend = "auto"

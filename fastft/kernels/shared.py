@@ -76,12 +76,15 @@ def gelu_tanh(x, NEED_GRAD: tl.constexpr):
     gelu_tanh(x) = ½x(1 + tanh(u)) = x·σ(2u),  u = √(2/π)(x + 0.044715x³)
     derivative   = ½(1 + tanh(u)) + ½x(1 − tanh²(u))·u' = σ(2u)·(1 + 2x·σ(−2u)·u'),  u' = √(2/π)(1 + 3·0.044715x²)
     Written with σ(±2u): 1 + tanh and 1 − tanh² cancel where tanh is near ∓1 and ±1 (|x| of a few), losing
-    the digits an fp32 tanh carries (fuzz: GeGLU's fp32 backward 1.6× over its bound)."""
+    the digits an fp32 tanh carries (fuzz: GeGLU's fp32 backward 1.6× over its bound).
+    x·u' overflows past |x| ~ 1e13, and 0·inf was NaN where the derivative is 0 or 1: the second term takes x
+    clamped to ±12, where σ(2u) (x < 0) or σ(−2u) (x > 0) is already 0 in fp32, so no finite value changes."""
     u = SQRT_2_OVER_PI * (x + GELU_C * x * x * x)
     s = tl.sigmoid(2.0 * u)
     a = x * s
     if NEED_GRAD:
-        da = s * (1.0 + 2.0 * x * tl.sigmoid(-2.0 * u) * SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_C * x * x))
+        xc = tl.minimum(tl.maximum(x, -12.0), 12.0)
+        da = s * (1.0 + 2.0 * xc * tl.sigmoid(-2.0 * u) * SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_C * xc * xc))
     else:
         da = a
     return a, da

@@ -16,7 +16,8 @@ import torch
 from peft.tuners.lora import Linear as PeftLoraLinear
 from torch import nn
 
-from fastft.ops.lora import BACKENDS, lora_linear
+from fastft.ops.lora import lora_linear
+from fastft.ops.shared import BACKENDS
 
 
 def default_backend() -> str:
