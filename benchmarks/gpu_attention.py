@@ -23,36 +23,29 @@ Packed-vs-padded rates count only the useful FLOPs (Σ over documents of their o
 from __future__ import annotations
 
 import math
-import os
 import sys
 import time
 import traceback
 
-SMOKE = os.environ.get("FASTFT_BENCH_SMOKE") == "1"
-if SMOKE:
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+from smoke_mode import BACKEND, DEVICE, SMOKE  # first: the interpreter before triton loads
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import triton
 
-import triton  # noqa: E402
-
-import fastft.kernels.attention_bwd as kbwd  # noqa: E402
-import fastft.kernels.attention_fwd as kfwd  # noqa: E402
-from fastft.kernels.attention import tma_eligible  # noqa: E402
-from fastft.ops import flash_attention  # noqa: E402
-from fastft.apps.bench.harness import card_name, log, peak_memory_gib, time_ms, write_results  # noqa: E402
-from fastft.ops.attention import attention_reference  # noqa: E402
+import fastft.kernels.attention_bwd as kbwd
+import fastft.kernels.attention_fwd as kfwd
+from fastft.kernels.attention import tma_eligible
+from fastft.ops import flash_attention
+from fastft.apps.bench.harness import card_name, log, peak_memory_gib, time_ms, write_results
+from fastft.ops.attention import attention_reference
 
 T0 = time.time()
 DTYPE = torch.bfloat16
-DEVICE = "cpu" if SMOKE else "cuda"
 H, D = (2, 64) if SMOKE else (32, 128)
 SHAPES = [(2, 40), (1, 72)] if SMOKE else [(4, 2048), (1, 8192)]
 CHECK_SHAPE = (2, 40) if SMOKE else (2, 320)  # ragged against 128-row blocks, S % 16 == 0 like SHAPES
 UNBOUNDED = 1 << 30
-BACKEND = "triton" if SMOKE else "auto"  # the smoke run forces the kernels (interpreted) over the CPU reference
 ROWS: list[dict] = []
 
 

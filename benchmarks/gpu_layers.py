@@ -10,9 +10,10 @@ Run: python benchmarks/gpu_layers.py   (FASTFT_BENCH_SMOKE=1: a CPU dry run of t
 """
 from __future__ import annotations
 
-import os
 import sys
 import time
+
+from smoke_mode import DEVICE, SMOKE  # first: the interpreter before triton loads
 
 import torch
 
@@ -20,8 +21,6 @@ from fastft.apps.bench import card_name, markdown_table, time_ms, write_results
 from fastft.ops import (geglu, geglu_reference, rms_norm, rms_norm_reference, rope, rope_, rope_cos_sin,
                         rope_reference, swiglu, swiglu_reference)
 
-SMOKE = os.environ.get("FASTFT_BENCH_SMOKE") == "1"
-DEVICE = "cpu" if SMOKE else "cuda"
 B, S, HIDDEN, HQ, HK, D, INTER = (2, 16, 64, 4, 2, 16, 96) if SMOKE else (4, 2048, 4096, 32, 8, 128, 14336)
 T = B * S
 DTYPE = torch.bfloat16

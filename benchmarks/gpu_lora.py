@@ -5,6 +5,7 @@ Per (K→N, r): median ms of fwd+bwd (dX for the base; dX, dA, dB for LoRA), rat
 memory above the inputs; the base and fastft also replayed from a CUDA graph (one captured fwd+bwd step: no host
 time, what torch.compile mode="reduce-overhead" gives), which says how much of a ratio is host overhead. Then a
 breakdown of fastft's kernels at r=16. Run: python benchmarks/gpu_lora.py
+FASTFT_BENCH_SMOKE=1 runs it on the CPU (Triton interpreter, toy sizes, fp32, no CUDA graphs) to catch script errors.
 """
 from __future__ import annotations
 
@@ -12,32 +13,36 @@ import logging
 import os
 import sys
 
+from smoke_mode import BACKEND, DEVICE, SMOKE  # first: the interpreter before triton loads
+
 import peft
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastft.apps.bench import (card_name, markdown_table, peak_memory_mib, rows_per_shape, time_cases, time_ms,
-                               write_results)
+from fastft.apps.bench import (card_name, markdown_table, peak_memory_mib, rows_per_shape, time_cases,
+                               time_ms, write_results)
 from fastft.kernels import rank_ops
 from fastft.kernels.lora_gemm import lora_gemm
 from fastft.ops import lora_linear, lora_linear_reference
 
-M = 8192
-SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]
-RANKS = [int(r) for r in os.environ.get("LORA_BENCH_RANKS", "8,16,64").split(",")]
-DTYPE = torch.bfloat16
+M = 40 if SMOKE else 8192
+SHAPES = [(48, 40), (37, 70)] if SMOKE else [(4096, 4096), (4096, 14336), (14336, 4096)]
+RANKS = [8] if SMOKE else [int(r) for r in os.environ.get("LORA_BENCH_RANKS", "8,16,64").split(",")]
+DTYPE = torch.float32 if SMOKE else torch.bfloat16
+CHECKS = [(37, 48, 40, 8), (5, 37, 70, 16)] if SMOKE else [(1037, 4096, 4096, 16), (8192, 4096, 1024, 64),
+                                                           (333, 14336, 512, 8)]
 
 
 def check_correctness() -> list[str]:
     """fp64 reference on fresh random inputs before timing anything; returns failures."""
     failures = []
-    for (m, k, n, r) in [(1037, 4096, 4096, 16), (8192, 4096, 1024, 64), (333, 14336, 512, 8)]:
-        x = torch.randn(m, k, device="cuda", dtype=DTYPE, requires_grad=True)
-        W = torch.randn(n, k, device="cuda", dtype=DTYPE) * k**-0.5
-        A = (torch.randn(r, k, device="cuda", dtype=DTYPE) * k**-0.5).requires_grad_()
-        B = (torch.randn(n, r, device="cuda", dtype=DTYPE) * 0.1).requires_grad_()
-        y = lora_linear(x, W, None, A, B, 2.0)
+    for (m, k, n, r) in CHECKS:
+        x = torch.randn(m, k, device=DEVICE, dtype=DTYPE, requires_grad=True)
+        W = torch.randn(n, k, device=DEVICE, dtype=DTYPE) * k**-0.5
+        A = (torch.randn(r, k, device=DEVICE, dtype=DTYPE) * k**-0.5).requires_grad_()
+        B = (torch.randn(n, r, device=DEVICE, dtype=DTYPE) * 0.1).requires_grad_()
+        y = lora_linear(x, W, None, A, B, 2.0, backend=BACKEND)
         dy = torch.randn_like(y)
         grads = torch.autograd.grad(y, [x, A, B], dy)
         leaves = [t.detach().double().requires_grad_() for t in (x, A, B)]
@@ -52,7 +57,7 @@ def check_correctness() -> list[str]:
 
 def peft_layer(k: int, n: int, r: int) -> nn.Module:
     holder = nn.Sequential()
-    holder.add_module("proj", nn.Linear(k, n, bias=False, device="cuda", dtype=DTYPE))
+    holder.add_module("proj", nn.Linear(k, n, bias=False, device=DEVICE, dtype=DTYPE))
     model = peft.get_peft_model(holder, peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=["proj"]),
                                 autocast_adapter_dtype=False)
     layer = model.base_model.model.proj
@@ -75,11 +80,11 @@ def graphed(step):
     return graph.replay
 
 
-def bench_shape(k: int, n: int, rounds: int = 3) -> list[dict]:
+def bench_shape(k: int, n: int, rounds: int = 1 if SMOKE else 3) -> list[dict]:
     """Every method of this shape timed in `rounds` interleaved rounds; the best round counts (the card's
     clocks wander between runs of a few hundred ms, and interleaving spreads that over all methods)."""
-    x = torch.randn(M, k, device="cuda", dtype=DTYPE, requires_grad=True)
-    dy = torch.randn(M, n, device="cuda", dtype=DTYPE)
+    x = torch.randn(M, k, device=DEVICE, dtype=DTYPE, requires_grad=True)
+    dy = torch.randn(M, n, device=DEVICE, dtype=DTYPE)
     W = peft_layer(k, n, 8).base_layer.weight
 
     def base():
@@ -95,12 +100,13 @@ def bench_shape(k: int, n: int, rounds: int = 3) -> list[dict]:
             torch.autograd.grad(layer(x), [x, A, B], dy)
 
         def fastft_step(A=A, B=B):
-            torch.autograd.grad(lora_linear(x, W, None, A, B, 2.0), [x, A, B], dy)
+            torch.autograd.grad(lora_linear(x, W, None, A, B, 2.0, backend=BACKEND), [x, A, B], dy)
 
         cases += [dict(shape=f"{k}->{n}", method="peft LoRA", r=r, fn=peft_step),
                   dict(shape=f"{k}->{n}", method="fastft fused", r=r, fn=fastft_step)]
-    for method, r, step in [("frozen bf16 base, CUDA graph", "-", base)] + [
-            ("fastft fused, CUDA graph", c["r"], c["fn"]) for c in cases if c["method"] == "fastft fused"]:
+    graph_cases = [("frozen bf16 base, CUDA graph", "-", base)] + [
+        ("fastft fused, CUDA graph", c["r"], c["fn"]) for c in cases if c["method"] == "fastft fused"]
+    for method, r, step in graph_cases if DEVICE == "cuda" else []:  # no graphs on the CPU (smoke run)
         try:
             cases.append(dict(shape=f"{k}->{n}", method=method, r=r, fn=graphed(step)))
         except Exception as err:  # noqa: BLE001 - a step that cannot be captured is reported, not timed
@@ -118,12 +124,12 @@ def bench_shape(k: int, n: int, rounds: int = 3) -> list[dict]:
 
 def breakdown(k: int, n: int, r: int = 16) -> dict:
     """Each fastft kernel alone at r=16, with cuBLAS's plain GEMMs for the same products."""
-    x = torch.randn(M, k, device="cuda", dtype=DTYPE)
-    dy = torch.randn(M, n, device="cuda", dtype=DTYPE)
-    W = torch.randn(n, k, device="cuda", dtype=DTYPE) * k**-0.5
+    x = torch.randn(M, k, device=DEVICE, dtype=DTYPE)
+    dy = torch.randn(M, n, device=DEVICE, dtype=DTYPE)
+    W = torch.randn(n, k, device=DEVICE, dtype=DTYPE) * k**-0.5
     R = rank_ops.rank_pad(r)
-    A = torch.randn(R, k, device="cuda", dtype=DTYPE) * 0.01
-    B = torch.randn(n, R, device="cuda", dtype=DTYPE) * 0.01
+    A = torch.randn(R, k, device=DEVICE, dtype=DTYPE) * 0.01
+    B = torch.randn(n, R, device=DEVICE, dtype=DTYPE) * 0.01
     xs = rank_ops.rank_project(x, A, scale=2.0)
     g = rank_ops.rank_project(dy, B.t(), scale=2.0)
     parts = {
@@ -161,7 +167,8 @@ def main() -> int:
     rows = rows_per_shape(SHAPES, shape_rows, ["shape", "method", "r", "ms", "ratio", "peak_mib"])
     write_results("lora", dict(card=card, torch=torch.__version__, M=M, dtype=str(DTYPE), rows=rows,
                                breakdown_ms=parts, correctness_failures=failures))
-    print(f"\n## fused LoRA linear fwd+bwd, M={M}, bf16, on {card} (ratio = ms / frozen base ms)")
+    dtype = str(DTYPE).removeprefix("torch.")
+    print(f"\n## fused LoRA linear fwd+bwd, M={M}, {dtype}, on {card} (ratio = ms / frozen base ms)")
     print(markdown_table(rows, ["shape", "method", "r", "ms", "ratio", "peak_mib"]))
     print("\n## fastft kernel breakdown at r=16 (ms)")
     names = list(next(iter(parts.values())).keys()) if parts else []

@@ -18,25 +18,19 @@ import sys
 import time
 from unittest import mock
 
-SMOKE = os.environ.get("FASTFT_BENCH_SMOKE") == "1"
-if SMOKE:
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+from smoke_mode import BACKEND, DEVICE, SMOKE  # first: the interpreter before triton loads
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import torch
+import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from fastft.apps.bench import card_name, markdown_table, rows_per_shape, time_cases, write_results  # noqa: E402
-from fastft.kernels.rank_ops import rank_pad  # noqa: E402
-from fastft.ops import lora_linear, lora_linear_reference, lora_path  # noqa: E402
+from fastft.apps.bench import card_name, markdown_table, rows_per_shape, time_cases, write_results
+from fastft.kernels.rank_ops import rank_pad
+from fastft.ops import lora_linear, lora_linear_reference, lora_path
 
 M = 40 if SMOKE else 8192
 SHAPES = [(48, 40)] if SMOKE else [(4096, 4096), (4096, 14336), (14336, 4096)]
 RANKS = [8] if SMOKE else [int(r) for r in os.environ.get("LORA_BENCH_RANKS", "8,16,64").split(",")]
 DTYPE = torch.float32 if SMOKE else torch.bfloat16
-DEVICE = "cpu" if SMOKE else "cuda"
-BACKEND = "triton" if SMOKE else "auto"  # the smoke run forces the kernels (interpreted) over the CPU path
 CHECKS = ([(37, 48, 40, 8), (5, 37, 70, 33)] if SMOKE else
           [(1037, 4096, 4096, 16), (8192, 4096, 1024, 64), (333, 14336, 512, 8), (513, 1001, 333, 33),
            (64, 1024, 4096, 64)])

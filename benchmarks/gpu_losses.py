@@ -11,27 +11,20 @@ to catch script errors before GPU time is spent (tests/test_losses_benchmark.py)
 """
 from __future__ import annotations
 
-import os
 import sys
 import time
 
-SMOKE = os.environ.get("FASTFT_BENCH_SMOKE") == "1"
-if SMOKE:
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+from smoke_mode import BACKEND, DEVICE, SMOKE  # first: the interpreter before triton loads
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import torch
+import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from fastft.apps.bench import (card_name, markdown_table, peak_memory_mib, time_cases, time_ms,  # noqa: E402
+from fastft.apps.bench import (card_name, markdown_table, peak_memory_mib, time_cases, time_ms,
                                write_results)
-from fastft.ops import (linear_cross_entropy, linear_cross_entropy_reference, linear_kl_div,  # noqa: E402
+from fastft.ops import (linear_cross_entropy, linear_cross_entropy_reference, linear_kl_div,
                         linear_kl_div_reference)
 
 T, H, V = (24, 16, 67) if SMOKE else (8192, 4096, 128256)
-DEVICE = "cpu" if SMOKE else "cuda"
-BACKEND = "triton" if SMOKE else "auto"  # the smoke run forces the kernels (interpreted) over the CPU path
 CHECKS = ([(19, 16, 67, {}), (9, 8, 131, dict(label_smoothing=0.1, softcap=30.0))] if SMOKE else
           [(1031, 512, 32003, {}), (700, 256, 50001, dict(label_smoothing=0.1, softcap=30.0)),
            (513, 256, 4099, dict(reduction="sum"))])

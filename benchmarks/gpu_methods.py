@@ -5,22 +5,29 @@
   peft's IA3 layer;
 - bottleneck adapter (size 64): the fused kernels against the plain-torch module.
 Correctness against fp64 first. Run: python benchmarks/gpu_methods.py
+FASTFT_BENCH_SMOKE=1 runs it on the CPU (Triton interpreter, toy sizes) to catch script errors.
 """
 from __future__ import annotations
 
 import sys
+
+from smoke_mode import BACKEND, DEVICE as DEV, SMOKE  # first: the interpreter before triton loads
 
 import peft
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastft.apps.bench import card_name, markdown_table, peak_memory_mib, rows_per_shape, time_ms, write_results
-from fastft.ops import dora_linear, dora_linear_reference, ia3_linear, ia3_linear_reference, lora_linear
+from fastft.apps.bench import (card_name, markdown_table, peak_memory_mib, rows_per_shape, time_ms,
+                               write_results)
+from fastft.ops import (dora_linear, dora_linear_reference, ia3_linear, ia3_linear_reference,
+                        lora_linear)
 from fastft.ops.bottleneck_adapter import bottleneck_adapter, bottleneck_adapter_reference
 
-M, R, DTYPE, DEV = 8192, 16, torch.bfloat16, "cuda"
-SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]
+M, R, DTYPE = (40 if SMOKE else 8192), 16, torch.bfloat16
+SHAPES = [(48, 40)] if SMOKE else [(4096, 4096), (4096, 14336), (14336, 4096)]
+CHECK_KNM = (48, 40, 37) if SMOKE else (4096, 1024, 1037)
+ADAPTER_N = 40 if SMOKE else 4096
 
 
 def _rel(got, ref):
@@ -44,22 +51,24 @@ def check_correctness() -> list[str]:
             if not err < 3e-2:
                 failures.append(f"{what} {name}: rel err {err:.2e}")
 
-    k, n, m = 4096, 1024, 1037
+    k, n, m = CHECK_KNM
     W = torch.randn(n, k, device=DEV, dtype=DTYPE) * k**-0.5
     x = torch.randn(m, k, device=DEV, dtype=DTYPE, requires_grad=True)
     A = (torch.randn(R, k, device=DEV) * k**-0.5).requires_grad_()
     B = (torch.randn(n, R, device=DEV) * 0.1).requires_grad_()
     mag = (W.float().norm(dim=1) * (1 + 0.1 * torch.randn(n, device=DEV))).requires_grad_()
-    check("dora", lambda x, A, B, m_: dora_linear(x, W, None, A, B, m_, 2.0),
+    check("dora", lambda x, A, B, m_: dora_linear(x, W, None, A, B, m_, 2.0, backend=BACKEND),
           lambda x, A, B, m_: dora_linear_reference(x, W.double(), None, A, B, m_, 2.0), [x, A, B, mag])
     for ff in (False, True):
         l = (1 + 0.2 * torch.randn(k if ff else n, device=DEV)).requires_grad_()
-        check(f"ia3 feedforward={ff}", lambda x, l: ia3_linear(x, W, None, l, feedforward=ff),
+        check(f"ia3 feedforward={ff}",
+              lambda x, l: ia3_linear(x, W, None, l, feedforward=ff, backend=BACKEND),
               lambda x, l: ia3_linear_reference(x, W.double(), None, l, ff), [x, l])
     h = torch.randn(m, n, device=DEV, dtype=DTYPE, requires_grad=True)
     D, bd = (torch.randn(64, n, device=DEV) * 0.05).requires_grad_(), torch.zeros(64, device=DEV, requires_grad=True)
     U, bu = (torch.randn(n, 64, device=DEV) * 0.05).requires_grad_(), torch.zeros(n, device=DEV, requires_grad=True)
-    check("adapter", lambda *t: bottleneck_adapter(*t, "silu"), lambda *t: bottleneck_adapter_reference(*t, "silu"),
+    check("adapter", lambda *t: bottleneck_adapter(*t, "silu", backend=BACKEND),
+          lambda *t: bottleneck_adapter_reference(*t, "silu"),
           [h, D, bd, U, bu])
     return failures
 
@@ -71,7 +80,7 @@ def _peft_layer(config, k, n):
     return model.base_model.model.proj
 
 
-def bench_shape(k: int, n: int, rounds: int = 3) -> list[dict]:
+def bench_shape(k: int, n: int, rounds: int = 1 if SMOKE else 3) -> list[dict]:
     x = torch.randn(M, k, device=DEV, dtype=DTYPE, requires_grad=True)
     dy = torch.randn(M, n, device=DEV, dtype=DTYPE)
     W = torch.randn(n, k, device=DEV, dtype=DTYPE) * k**-0.5
@@ -90,13 +99,16 @@ def bench_shape(k: int, n: int, rounds: int = 3) -> list[dict]:
 
     cases = {
         "frozen base": lambda: torch.autograd.grad(F.linear(x, W), [x], dy),
-        "fastft LoRA": lambda: torch.autograd.grad(lora_linear(x, W, None, A, B, 2.0), [x, A, B], dy),
-        "fastft DoRA": lambda: torch.autograd.grad(dora_linear(x, W, None, A, B, mag, 2.0),
+        "fastft LoRA": lambda: torch.autograd.grad(lora_linear(x, W, None, A, B, 2.0, backend=BACKEND),
+                                                   [x, A, B], dy),
+        "fastft DoRA": lambda: torch.autograd.grad(dora_linear(x, W, None, A, B, mag, 2.0, backend=BACKEND),
                                                    [x, A, B, mag], dy),
         "peft DoRA": lambda: torch.autograd.grad(dora_peft(x), [x, *pd], dy),
-        "fastft IA3 out": lambda: torch.autograd.grad(ia3_linear(x, W, None, l_out, feedforward=False), [x, l_out], dy),
+        "fastft IA3 out": lambda: torch.autograd.grad(
+            ia3_linear(x, W, None, l_out, feedforward=False, backend=BACKEND), [x, l_out], dy),
         "peft IA3 out": lambda: torch.autograd.grad(ia3_out(x), [x, ia3_out.ia3_l["default"]], dy),
-        "fastft IA3 ff": lambda: torch.autograd.grad(ia3_linear(x, W, None, l_ff, feedforward=True), [x, l_ff], dy),
+        "fastft IA3 ff": lambda: torch.autograd.grad(
+            ia3_linear(x, W, None, l_ff, feedforward=True, backend=BACKEND), [x, l_ff], dy),
         "peft IA3 ff": lambda: torch.autograd.grad(ia3_ff(x), [x, ia3_ff.ia3_l["default"]], dy),
     }
     for fn in cases.values():
@@ -110,7 +122,7 @@ def bench_shape(k: int, n: int, rounds: int = 3) -> list[dict]:
     return rows
 
 
-def bench_adapter(n: int = 4096, size: int = 64) -> list[dict]:
+def bench_adapter(n: int = ADAPTER_N, size: int = 64) -> list[dict]:
     h = torch.randn(M, n, device=DEV, dtype=DTYPE, requires_grad=True)
     dy = torch.randn_like(h)
     D, bd = (torch.randn(size, n, device=DEV, dtype=DTYPE) * 0.02).requires_grad_(), \
@@ -118,7 +130,8 @@ def bench_adapter(n: int = 4096, size: int = 64) -> list[dict]:
     U, bu = (torch.randn(n, size, device=DEV, dtype=DTYPE) * 0.02).requires_grad_(), \
         torch.zeros(n, device=DEV, dtype=DTYPE, requires_grad=True)
     leaves = [h, D, bd, U, bu]
-    cases = {"fastft adapter": lambda: torch.autograd.grad(bottleneck_adapter(h, D, bd, U, bu, "relu"), leaves, dy),
+    cases = {"fastft adapter": lambda: torch.autograd.grad(
+                 bottleneck_adapter(h, D, bd, U, bu, "relu", backend=BACKEND), leaves, dy),
              "torch adapter": lambda: torch.autograd.grad(bottleneck_adapter_reference(h, D, bd, U, bu, "relu"),
                                                           leaves, dy)}
     rows = []

@@ -9,30 +9,29 @@ selects, each checked against fp32 first. Every variant runs in its own try: one
 reported, the rest go on. Timing, memory, the card and the results file come from the shared harness
 (fastft.apps.bench.harness; medians of triton.testing.do_bench). Writes $OUT/nf4.json when $OUT is set (or the
 --output-dir of `fastft bench kernels --family nf4`) and prints short markdown tables last. Budget: about 3 minutes on an H100 including compilation.
+FASTFT_BENCH_SMOKE=1 runs it on the CPU (Triton interpreter, toy sizes; no CUDA GEMV) to catch script errors.
 """
 from __future__ import annotations
 
 import os
-import sys
 import time
 import traceback
 from unittest import mock
 
+from smoke_mode import BACKEND, DEVICE as DEV, SMOKE  # first: the interpreter before triton loads
+
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import fastft
+from fastft.apps.bench.harness import card_name, log, peak_memory_mib, time_ms, versions, write_results
+from fastft.kernels.rank_ops import rank_pad
+from fastft.ops import qlora_path
+from fastft.quant import NF4Weight, quantize_nf4
 
-import fastft  # noqa: E402
-from fastft.apps.bench.harness import card_name, log, peak_memory_mib, time_ms, versions, write_results  # noqa: E402
-from fastft.kernels.rank_ops import rank_pad  # noqa: E402
-from fastft.ops import qlora_path  # noqa: E402
-from fastft.quant import NF4Weight, quantize_nf4  # noqa: E402
-
-DEV = "cuda"
 BF16 = torch.bfloat16
-SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]  # (K in, N out), as in ../shared/anchors
-M_TRAIN, RANK, ALPHA = 8192, 16, 32
-BATCHES = (1, 4, 16)
+SHAPES = [(128, 64), (64, 96)] if SMOKE else [(4096, 4096), (4096, 14336), (14336, 4096)]  # (K in, N out), as in
+M_TRAIN, RANK, ALPHA = (40 if SMOKE else 8192), 16, 32                                      # ../shared/anchors
+BATCHES = (1, 4) if SMOKE else (1, 4, 16)
 DEADLINE_S = 165  # optional variants are skipped past this, so the run stays within ~3 minutes
 T0 = time.time()
 RESULTS: dict = {"errors": []}
@@ -63,6 +62,12 @@ def attempt(what: str, fn, optional: bool = False):
         log(f"FAILED {what}: {type(err).__name__}: {err}")
         traceback.print_exc(limit=3)
         return None
+
+
+def cuda_gemv():
+    """fastft's CUDA GEMV (fastft._C built with nvcc) when it can run: on a GPU, not in the smoke run."""
+    from fastft.kernels import nf4_cuda
+    return nf4_cuda if DEV == "cuda" and nf4_cuda.available() else None
 
 
 def bench(fn, grad_to_none=None) -> float:
@@ -103,7 +108,7 @@ def check_correctness():
             packed, state, ours = bnb_state(torch.randn(N, K, dtype=BF16, device=DEV))
             out[f"dequant {K}x{N} exact vs bitsandbytes"] = bool(torch.equal(ours.dequantize(),
                                                                              bnbf.dequantize_4bit(packed, state)))
-    (K, N), M = SHAPES[0], 1024
+    (K, N), M = SHAPES[0], (37 if SMOKE else 1024)
     w = quantize_nf4(torch.randn(N, K, dtype=BF16, device=DEV) * 0.02)
     W = w.dequantize(torch.float32)
     x = torch.randn(M, K, dtype=BF16, device=DEV, requires_grad=True)
@@ -117,7 +122,7 @@ def check_correctness():
         def one(path=path):
             x.grad = A.grad = B.grad = None
             with qlora_path_forced(path):
-                y = fastft.qlora_linear(x, w, None, A, B, 2.0)
+                y = fastft.qlora_linear(x, w, None, A, B, 2.0, backend=BACKEND)
                 y.backward(dy)
             errs = [rel(y, yf), rel(x.grad, xf.grad), rel(A.grad, Af.grad), rel(B.grad, Bf.grad)]
             out[f"qlora {path} rel err y / dx / dA / dB (bf16, vs fp32)"] = errs
@@ -136,13 +141,13 @@ def check_correctness():
                     rel(dxc, dy.float() @ W + lo.float() @ At.float()))
             return max(errs) < 1e-2
         out[f"gemm config {cfg} within 1e-2 of fp32"] = attempt(f"gemm config {cfg}", one)
-    from fastft.kernels import nf4_cuda
-    if nf4_cuda.available():
+    nf4_cuda = cuda_gemv()
+    if nf4_cuda is not None:
         for batch in BATCHES:
             xb = torch.randn(batch, K, dtype=BF16, device=DEV)
             out[f"gemv batch {batch} rel err"] = attempt(
                 f"gemv batch {batch}", lambda: rel(nf4_cuda.nf4_gemv(xb, w.kernel_operand(), None), xb.float() @ W.T))
-    else:
+    elif DEV == "cuda":
         RESULTS["errors"].append("fastft._C has no CUDA GEMV (built without nvcc?)")
     return out
 
@@ -218,7 +223,7 @@ def time_qlora():
         row["bf16_base_peak_MiB"] = attempt("peak", lambda: _peak(base))
 
         def step():
-            fastft.qlora_linear(x, w, None, A, B, s).backward(dy)
+            fastft.qlora_linear(x, w, None, A, B, s, backend=BACKEND).backward(dy)
 
         def peak_with_scratch():  # the scratch freed first, so the peak counts the one buffer the call allocates
             qlora_path.release_dequant_scratch()
@@ -270,7 +275,7 @@ def time_qlora():
 # 4. decode GEMV
 
 def time_gemv():
-    from fastft.kernels import nf4_cuda
+    nf4_cuda = cuda_gemv()
     rows = []
     for K, N in SHAPES:
         W = torch.randn(N, K, dtype=BF16, device=DEV) * 0.02
@@ -288,7 +293,7 @@ def time_gemv():
             read = w.nbytes + x.numel() * 2 + batch * N * 2
             row = {"shape": f"{K}->{N}", "batch": batch}
             with torch.no_grad():
-                if nf4_cuda.available():
+                if nf4_cuda is not None:
                     row["fastft_us"] = attempt(f"gemv {K}->{N} b{batch}",
                                                lambda: 1e3 * bench(lambda: nf4_cuda.nf4_gemv(x, op, None)))
                 row["bf16_us"] = attempt("bf16 gemv", lambda: 1e3 * bench(lambda: x @ W.T))
@@ -338,13 +343,12 @@ def print_tables():
 
 
 def main():
-    if not torch.cuda.is_available():
+    if not torch.cuda.is_available() and not SMOKE:
         print("gpu_nf4: no CUDA device; nothing to do")
         return
-    from fastft.kernels import nf4_cuda
     RESULTS["device"] = card_name()
     RESULTS["versions"] = dict(versions(), bitsandbytes=getattr(bnb, "__version__", None),
-                               cuda_gemv=nf4_cuda.available())
+                               cuda_gemv=cuda_gemv() is not None)
     log(f"{RESULTS['device']} {RESULTS['versions']}")
     torch.manual_seed(0)
     RESULTS["correctness"] = attempt("correctness", check_correctness)

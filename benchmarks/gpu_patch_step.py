@@ -22,11 +22,11 @@ import subprocess
 import sys
 import time
 
+from smoke_mode import DEVICE, SMOKE  # first: the interpreter before triton loads
+
 import torch
 
 VARIANTS = ["peft", "peft+liger", "fastft", "fastft+patch", "fastft+patch+lm_head"]
-SMOKE = os.environ.get("FASTFT_BENCH_SMOKE") == "1"
-DEVICE = "cpu" if SMOKE else "cuda"
 DTYPE = torch.float32 if SMOKE else torch.bfloat16
 BATCH, SEQ = (1, 16) if SMOKE else (4, 2048)
 WARMUP, STEPS = (1, 1) if SMOKE else (2, 6)

@@ -38,20 +38,33 @@ def _argv(tiny, out, *extra):
             "--output-dir", str(out), *extra]
 
 
-def test_sigkill_then_resume_is_bit_identical(tiny, tmp_path, one_thread):
+def _start_and_kill(tiny, out, max_delay: float) -> bool:
+    """Start a run, SIGKILL it up to max_delay s after its first checkpoint appears; True when the kill landed
+    before the run wrote its final adapter."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "fastft.apps.cli", *_argv(tiny, killed)], env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "fastft.apps.cli", *_argv(tiny, out)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 600
-    while not any((killed / "checkpoints").glob("step-*")):
+    while not any((out / "checkpoints").glob("step-*")):
         assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
         assert time.monotonic() < deadline, "no checkpoint appeared"
         time.sleep(0.01)
-    time.sleep(random.uniform(0.0, 0.3))  # any moment: mid-step, mid-save, mid-evaluation
+    time.sleep(random.uniform(0.0, max_delay))  # any moment: mid-step, mid-save, mid-evaluation
     proc.kill()
-    assert proc.wait() == -9, "the run finished before it could be killed"
-    assert not (killed / "adapter").exists()
+    code = proc.wait()
+    assert code in (-9, 0), proc.stderr.read().decode()[-2000:]
+    return code == -9 and not (out / "adapter").exists()
+
+
+def test_sigkill_then_resume_is_bit_identical(tiny, tmp_path, one_thread):
+    # A quiet machine can finish the ten steps after the first checkpoint within the delay: then try again,
+    # sooner (the last try kills at once, ten steps before the end).
+    for attempt, max_delay in enumerate((0.3, 0.1, 0.0)):
+        killed = tmp_path / f"killed-{attempt}"
+        if _start_and_kill(tiny, killed, max_delay):
+            break
+    else:
+        raise AssertionError("every run finished before it could be killed")
 
     assert main(_argv(tiny, killed, "--resume")) == 0
     assert main(_argv(tiny, tmp_path / "straight")) == 0

@@ -1,0 +1,16 @@
+"""benchmarks/gpu_lora.py runs end to end in smoke mode (tests/benchmark_smoke.py)."""
+from tests.benchmark_smoke import run_benchmark_smoke
+from tests.utils import interpreter_only
+
+
+@interpreter_only
+def test_gpu_lora_benchmark_smoke(tmp_path):
+    result, stdout = run_benchmark_smoke("gpu_lora.py", "lora.json", tmp_path)
+    assert result["correctness_failures"] == []
+    rows = result["rows"]
+    assert not [r for r in rows if "FAILED" in r["method"]]
+    for shape in ("48->40", "37->70"):
+        timed = {r["method"] for r in rows if r["shape"] == shape and r["ms"] > 0}
+        assert timed == {"frozen bf16 base", "peft LoRA", "fastft fused"}, shape
+        assert all(ms > 0 for ms in result["breakdown_ms"][shape].values()) and len(result["breakdown_ms"][shape]) == 8
+    assert "## fastft kernel breakdown at r=16" in stdout

@@ -1,0 +1,11 @@
+"""benchmarks/gpu_train.py runs end to end with --cpu-smoke (a tiny model, 2 steps, LoRA; tests/benchmark_smoke.py)."""
+from tests.benchmark_smoke import run_benchmark_smoke
+
+
+def test_gpu_train_benchmark_smoke(tmp_path):
+    result, stdout = run_benchmark_smoke("gpu_train.py", "train.json", tmp_path, "--cpu-smoke")
+    assert result["failures"] == []
+    assert [(r["model"], r["method"], r["run"]) for r in result["rows"]] == [
+        ("tiny", "lora", "fastft"), ("tiny", "lora", "transformers Trainer + peft")]
+    assert all(r["tokens_per_s"] > 0 for r in result["rows"])
+    assert "## fastft train step vs Trainer + peft" in stdout
