@@ -11,9 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.attention_cases import make_problem, reference_with_grads, run_with_grads
+from tests.attention_cases import grad_inputs, make_problem, reference_with_grads, run_with_grads
 from fastft.ops import flash_attention
-from fastft.ops.attention import attention_reference, mask_bounds, visible_mask
+from fastft.ops.attention import attention_reference, attention_sdpa, mask_bounds, visible_mask
 from tests.utils import assert_close, interpreter_only
 
 CASES = {
@@ -182,10 +182,54 @@ def test_reference_packed_equals_block_diagonal_mask():
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
-def test_auto_backend_on_cpu_is_the_reference():
+def test_auto_backend_on_cpu_is_torch_sdpa():
     args = make_problem(batch=1, seqlen_q=9, heads=2, kv_heads=1, head_dim=16)
     out = flash_attention(**args, causal=True)
-    torch.testing.assert_close(out, attention_reference(**args, causal=True), rtol=0, atol=0)
+    torch.testing.assert_close(out, attention_sdpa(**args, causal=True), rtol=0, atol=0)
+    torch.testing.assert_close(out, attention_reference(**args, causal=True))
+
+
+@pytest.mark.parametrize("case", [
+    dict(seqlen_q=13, seqlen_k=13, causal=True),                  # SDPA's own causal flag
+    dict(seqlen_q=13, seqlen_k=13, causal=False),                 # no mask
+    dict(seqlen_q=5, seqlen_k=13, causal=True),                   # bottom-right: a written-out mask
+    dict(seqlen_q=13, seqlen_k=13, causal=True, window=4),
+    dict(seqlen_q=9, seqlen_k=13, causal=False, window=3),
+    dict(seqlen_q=13, seqlen_k=13, causal=True, prefix=3),
+    dict(seqlen_q=13, seqlen_k=5, causal=True),                   # rows that see nothing: the reference's zeros
+    dict(seqlen_q=13, seqlen_k=5, causal=True, prefix=2),         # ... unless a prefix gives them keys
+    dict(seqlen_q=20, seqlen_k=4, causal=False, window=2),        # non-causal window past the keys: zeros too
+])
+def test_attention_sdpa_matches_the_reference(case):
+    """The torch backend computes what the reference defines, every mask branch, fp64 forward and gradients."""
+    case = dict(case)
+    causal, window = case.pop("causal"), case.pop("window", None)
+    args = make_problem(batch=2, heads=4, kv_heads=2, head_dim=16, dtype=torch.float64, **case)
+    inputs = [args[n].requires_grad_(True) for n in grad_inputs(args)]
+    got = attention_sdpa(**args, causal=causal, window=window)
+    want = attention_reference(**args, causal=causal, window=window)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    do = torch.randn_like(got)
+    grads = zip(grad_inputs(args), torch.autograd.grad(got, inputs, do), torch.autograd.grad(want, inputs, do))
+    for name, g, w in grads:
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10, msg=name)
+
+
+def test_attention_sdpa_packed_with_empty_documents():
+    cu = torch.tensor([0, 5, 5, 17, 30], dtype=torch.int32)
+    q, k, v = (torch.randn(30, 4, 16, dtype=torch.float64) for _ in range(3))
+    pk, pv = (torch.randn(4, 2, 4, 16, dtype=torch.float64) for _ in range(2))
+    for kw in (dict(causal=True), dict(causal=True, window=3), dict(causal=False, prefix_k=pk, prefix_v=pv)):
+        torch.testing.assert_close(attention_sdpa(q, k, v, cu_seqlens=cu, **kw),
+                                   attention_reference(q, k, v, cu_seqlens=cu, **kw), rtol=1e-10, atol=1e-10)
+
+
+def test_attention_sdpa_half_inputs_compute_in_fp32():
+    args = make_problem(batch=1, seqlen_q=33, heads=2, kv_heads=2, head_dim=16, dtype=torch.bfloat16)
+    got = attention_sdpa(**args, causal=True)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got, attention_reference(**args, causal=True), rtol=0, atol=0)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -153,7 +153,7 @@ def fastft_attention_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset
 def register_attention(backend: str = "auto") -> str:
     """Register `attn_implementation="fastft"` with transformers (idempotent); returns the name.
 
-    backend: as in flash_attention ("auto": Triton on CUDA, the torch reference elsewhere; "triton" forces the
+    backend: as in flash_attention ("auto": Triton on CUDA, torch SDPA elsewhere; "triton" forces the
     kernels, e.g. on the CPU under TRITON_INTERPRET=1).
     """
     global _backend

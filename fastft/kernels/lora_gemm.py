@@ -28,11 +28,14 @@ import torch
 
 from fastft.kernels.autotune import tuner
 from fastft.kernels.shared import (
+    block_source,
     bucket,
     dot_precision,
     dropout_keep,
-    kn_descriptor,
-    load_kn,
+    kn_source,
+    load_block,
+    load_kn_block,
+    store_block,
     tile_coords,
     unit_stride,
     upcast,
@@ -82,19 +85,15 @@ def _lora_gemm_kernel(
     k_tiles = tl.cdiv(K, BLOCK_K)
     dtype = c_ptr.dtype.element_ty
 
-    if USE_TMA:
-        a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[stride_am, 1],
-                                           block_shape=[BLOCK_M, BLOCK_K])
-        if HAS_TAIL and not FOLD:
-            l_desc = tl.make_tensor_descriptor(l_ptr, shape=[M, BLOCK_R], strides=[stride_lm, 1],
-                                               block_shape=[BLOCK_M, BLOCK_R])
-        c_desc = tl.make_tensor_descriptor(c_ptr, shape=[M, N], strides=[stride_cm, 1],
-                                           block_shape=[BLOCK_M, BLOCK_N])
-        b_desc = kn_descriptor(b_ptr, K, N, stride_bn, stride_bk, BLOCK_K, BLOCK_N, B_NK)
-        if HAS_TAIL:
-            t_desc = kn_descriptor(t_ptr, BLOCK_R, N, stride_tn, stride_tr, BLOCK_R, BLOCK_N, B_NK)
+    a_src = block_source(a_ptr, M, K, stride_am, BLOCK_M, BLOCK_K, USE_TMA)
+    c_dst = block_source(c_ptr, M, N, stride_cm, BLOCK_M, BLOCK_N, USE_TMA)
+    b_src = kn_source(b_ptr, K, N, stride_bn, stride_bk, BLOCK_K, BLOCK_N, B_NK, USE_TMA)
+    if HAS_TAIL:
+        t_src = kn_source(t_ptr, BLOCK_R, N, stride_tn, stride_tr, BLOCK_R, BLOCK_N, B_NK, USE_TMA)
         if FOLD:
-            p_desc = kn_descriptor(p_ptr, K, BLOCK_R, stride_pr, stride_pk, BLOCK_K, BLOCK_R, B_NK)
+            p_src = kn_source(p_ptr, K, BLOCK_R, stride_pr, stride_pk, BLOCK_K, BLOCK_R, B_NK, USE_TMA)
+        else:
+            l_src = block_source(l_ptr, M, BLOCK_R, stride_lm, BLOCK_M, BLOCK_R, USE_TMA)
 
     offs_r = tl.arange(0, BLOCK_R)
     for tile_id in tl.range(start_pid, num_tiles, num_programs, flatten=FLATTEN, warp_specialize=WARP_SPECIALIZE):
@@ -108,15 +107,8 @@ def _lora_gemm_kernel(
             acc_l = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
         for ki in range(k_tiles):
             off_k = ki * BLOCK_K
-            if USE_TMA:
-                a = a_desc.load([off_m, off_k])
-                b = load_kn(b_desc, off_k, off_n, B_NK)
-            else:
-                ks = off_k + tl.arange(0, BLOCK_K)
-                a = tl.load(a_ptr + rows[:, None] * stride_am + ks[None, :] * stride_ak,
-                            mask=(rows[:, None] < M) & (ks[None, :] < K), other=0.0)
-                b = tl.load(b_ptr + ks[:, None] * stride_bk + cols[None, :] * stride_bn,
-                            mask=(ks[:, None] < K) & (cols[None, :] < N), other=0.0)
+            a = load_block(a_src, off_m, off_k, M, K, stride_am, stride_ak, BLOCK_M, BLOCK_K, USE_TMA)
+            b = load_kn_block(b_src, off_k, off_n, K, N, stride_bk, stride_bn, BLOCK_K, BLOCK_N, B_NK, USE_TMA)
             if UPCAST:
                 a = a.to(tl.float32)
                 b = b.to(tl.float32)
@@ -126,12 +118,8 @@ def _lora_gemm_kernel(
                 a = (a.to(tl.float32) * ksc[None, :]).to(b.dtype)
             acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
             if FOLD:  # the rank-R projection of the same a tile: R more columns of MMA, no extra pass over a
-                if USE_TMA:
-                    pt = load_kn(p_desc, off_k, 0, B_NK)
-                else:
-                    kp = off_k + tl.arange(0, BLOCK_K)
-                    pt = tl.load(p_ptr + kp[:, None] * stride_pk + offs_r[None, :] * stride_pr,
-                                 mask=kp[:, None] < K, other=0.0)
+                pt = load_kn_block(p_src, off_k, 0, K, BLOCK_R, stride_pk, stride_pr, BLOCK_K, BLOCK_R, B_NK, USE_TMA,
+                                   CHECK_N=False)
                 if UPCAST:
                     pt = pt.to(tl.float32)
                 acc_l = tl.dot(a, pt, acc_l, input_precision=DOT_PRECISION)
@@ -142,15 +130,10 @@ def _lora_gemm_kernel(
                 lo = (acc_l * fold_scale).to(dtype)
                 if pid_n == 0:
                     tl.store(l_ptr + rows[:, None] * stride_lm + offs_r[None, :], lo, mask=rows[:, None] < M)
-            elif USE_TMA:
-                lo = l_desc.load([off_m, 0])
             else:
-                lo = tl.load(l_ptr + rows[:, None] * stride_lm + offs_r[None, :], mask=rows[:, None] < M, other=0.0)
-            if USE_TMA:
-                tr = load_kn(t_desc, 0, off_n, B_NK)
-            else:
-                tr = tl.load(t_ptr + offs_r[:, None] * stride_tr + cols[None, :] * stride_tn,
-                             mask=cols[None, :] < N, other=0.0)
+                lo = load_block(l_src, off_m, 0, M, BLOCK_R, stride_lm, 1, BLOCK_M, BLOCK_R, USE_TMA, CHECK_COLS=False)
+            tr = load_kn_block(t_src, 0, off_n, BLOCK_R, N, stride_tr, stride_tn, BLOCK_R, BLOCK_N, B_NK, USE_TMA,
+                               CHECK_K=False)
             if UPCAST:
                 lo = lo.to(tl.float32)
                 tr = tr.to(tl.float32)
@@ -165,11 +148,7 @@ def _lora_gemm_kernel(
             bias = tl.load(bias_ptr + cols, mask=cols < N, other=0.0)
             acc += bias.to(tl.float32)[None, :]
 
-        if USE_TMA:
-            c_desc.store([off_m, off_n], acc.to(dtype))
-        else:
-            tl.store(c_ptr + rows[:, None] * stride_cm + cols[None, :], acc.to(dtype),
-                     mask=(rows[:, None] < M) & (cols[None, :] < N))
+        store_block(c_dst, off_m, off_n, M, N, stride_cm, acc.to(dtype), BLOCK_M, BLOCK_N, USE_TMA)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -24,7 +24,8 @@ from typing import NamedTuple
 import torch
 
 from fastft.kernels.autotune import tuner
-from fastft.kernels.shared import bucket, dot_precision, dropout_keep, tile_coords, upcast
+from fastft.kernels.shared import (block_source, bucket, dot_precision, dropout_keep, load_block, store_block,
+                                  tile_coords, upcast)
 from fastft.kernels.nf4_codes import NF4_CODE_VALUES
 from fastft.kernels.nf4_dequant import (
     DECODE_GATHER,
@@ -142,12 +143,10 @@ def _nf4_lora_gemm_kernel(
     WR: tl.constexpr = BLOCK_N if W_NK else BLOCK_K
     WC: tl.constexpr = BLOCK_K if W_NK else BLOCK_N
 
+    a_src = block_source(a_ptr, M, K, stride_am, BLOCK_M, BLOCK_K, USE_TMA)
+    c_dst = block_source(c_ptr, M, N, stride_cm, BLOCK_M, BLOCK_N, USE_TMA)
     w_desc = None
     if USE_TMA:
-        a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[stride_am, 1],
-                                           block_shape=[BLOCK_M, BLOCK_K])
-        c_desc = tl.make_tensor_descriptor(c_ptr, shape=[M, N], strides=[stride_cm, 1],
-                                           block_shape=[BLOCK_M, BLOCK_N])
         w_desc = tl.make_tensor_descriptor(w_ptr, shape=[WN, WK // 2], strides=[WK // 2, 1],
                                            block_shape=[WR, WC // 2])
 
@@ -167,12 +166,7 @@ def _nf4_lora_gemm_kernel(
             acc = tl.where(dropout_keep(seed, rows, cols, N, p_drop).T, tail, 0.0)
         for ki in range(k_tiles):
             off_k = ki * BLOCK_K
-            if USE_TMA:
-                a = a_desc.load([off_m, off_k])
-            else:
-                ks = off_k + tl.arange(0, BLOCK_K)
-                a = tl.load(a_ptr + rows[:, None] * stride_am + ks[None, :] * stride_ak,
-                            mask=(rows[:, None] < M) & (ks[None, :] < K), other=0.0)
+            a = load_block(a_src, off_m, off_k, M, K, stride_am, stride_ak, BLOCK_M, BLOCK_K, USE_TMA)
             if W_NK:
                 w = _nf4_w_tile(w_ptr, w_desc, absmax_ptr, absmax2_ptr, code2_ptr, code_ptr, offset, off_n, off_k,
                                 WN, WK, WR, WC, BS, NBS, NESTED, DECODE, USE_TMA)
@@ -192,12 +186,7 @@ def _nf4_lora_gemm_kernel(
             bias = tl.load(bias_ptr + cols, mask=cols < N, other=0.0)
             acc += bias.to(tl.float32)[:, None]
 
-        out = acc.T.to(dtype)
-        if USE_TMA:
-            c_desc.store([off_m, off_n], out)
-        else:
-            tl.store(c_ptr + rows[:, None] * stride_cm + cols[None, :], out,
-                     mask=(rows[:, None] < M) & (cols[None, :] < N))
+        store_block(c_dst, off_m, off_n, M, N, stride_cm, acc.T.to(dtype), BLOCK_M, BLOCK_N, USE_TMA)
 
 
 # ----------------------------------------------------------------------------------------------

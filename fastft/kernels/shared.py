@@ -1,5 +1,5 @@
-"""Triton helpers every kernel family shares: dropout masks, tile order, descriptor loads of N- or K-major
-operands, accurate tanh / GeLU without libdevice, dot precision and the interpreter's upcast rule, tuning buckets.
+"""Triton helpers every kernel family shares: dropout masks, tile order, GEMM operand blocks through a descriptor
+or pointers (row-major, or N- or K-major), accurate tanh / GeLU without libdevice, dot precision and the interpreter's upcast rule, tuning buckets.
 One place, so no family imports another's private names."""
 from __future__ import annotations
 
@@ -46,6 +46,78 @@ def load_kn(desc, off_k, off_n, N_MAJOR: tl.constexpr):
         return desc.load([off_n, off_k]).T
     else:
         return desc.load([off_k, off_n])
+
+
+@triton.jit
+def block_source(ptr, n_rows, n_cols, stride_row, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
+                 USE_TMA: tl.constexpr):
+    """What `load_block` / `store_block` take for a row-major [n_rows, n_cols] GEMM operand: a tensor descriptor
+    of [BLOCK_ROWS, BLOCK_COLS] boxes (USE_TMA: unit column stride, bounds come free) or the base pointer."""
+    if USE_TMA:
+        return tl.make_tensor_descriptor(ptr, shape=[n_rows, n_cols], strides=[stride_row, 1],
+                                         block_shape=[BLOCK_ROWS, BLOCK_COLS])
+    else:
+        return ptr
+
+
+@triton.jit
+def load_block(src, off_row, off_col, n_rows, n_cols, stride_row, stride_col, BLOCK_ROWS: tl.constexpr,
+               BLOCK_COLS: tl.constexpr, USE_TMA: tl.constexpr, CHECK_COLS: tl.constexpr = True):
+    """The [BLOCK_ROWS, BLOCK_COLS] block at (off_row, off_col) of a `block_source` operand, zeros outside it.
+    Pointer loads use both strides; CHECK_COLS=False: the columns are known to lie inside (a padded rank)."""
+    if USE_TMA:
+        return src.load([off_row, off_col])
+    else:
+        rows = off_row + tl.arange(0, BLOCK_ROWS)
+        cols = off_col + tl.arange(0, BLOCK_COLS)
+        mask = rows[:, None] < n_rows
+        if CHECK_COLS:
+            mask = mask & (cols[None, :] < n_cols)
+        return tl.load(src + rows[:, None] * stride_row + cols[None, :] * stride_col, mask=mask, other=0.0)
+
+
+@triton.jit
+def store_block(dst, off_row, off_col, n_rows, n_cols, stride_row, block, BLOCK_ROWS: tl.constexpr,
+                BLOCK_COLS: tl.constexpr, USE_TMA: tl.constexpr):
+    """Store a [BLOCK_ROWS, BLOCK_COLS] block at (off_row, off_col) of a `block_source` operand (unit column
+    stride), clipped at its edges."""
+    if USE_TMA:
+        dst.store([off_row, off_col], block)
+    else:
+        rows = off_row + tl.arange(0, BLOCK_ROWS)
+        cols = off_col + tl.arange(0, BLOCK_COLS)
+        tl.store(dst + rows[:, None] * stride_row + cols[None, :], block,
+                 mask=(rows[:, None] < n_rows) & (cols[None, :] < n_cols))
+
+
+@triton.jit
+def kn_source(ptr, K, N, stride_n, stride_k, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, N_MAJOR: tl.constexpr,
+              USE_TMA: tl.constexpr):
+    """`kn_descriptor` (USE_TMA) or the base pointer: what `load_kn_block` takes."""
+    if USE_TMA:
+        return kn_descriptor(ptr, K, N, stride_n, stride_k, BLOCK_K, BLOCK_N, N_MAJOR)
+    else:
+        return ptr
+
+
+@triton.jit
+def load_kn_block(src, off_k, off_n, K, N, stride_k, stride_n, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+                  N_MAJOR: tl.constexpr, USE_TMA: tl.constexpr, CHECK_K: tl.constexpr = True,
+                  CHECK_N: tl.constexpr = True):
+    """The [BLOCK_K, BLOCK_N] block at (off_k, off_n) of a logically [K, N] `kn_source` operand, whichever its
+    storage, zeros outside it. CHECK_K / CHECK_N=False: that dimension is known to lie inside (a padded rank)."""
+    if USE_TMA:
+        return load_kn(src, off_k, off_n, N_MAJOR)
+    else:
+        ks = off_k + tl.arange(0, BLOCK_K)
+        ns = off_n + tl.arange(0, BLOCK_N)
+        if CHECK_K and CHECK_N:
+            mask = (ks[:, None] < K) & (ns[None, :] < N)
+        elif CHECK_K:
+            mask = ks[:, None] < K
+        else:
+            mask = ns[None, :] < N
+        return tl.load(src + ks[:, None] * stride_k + ns[None, :] * stride_n, mask=mask, other=0.0)
 
 
 @triton.jit

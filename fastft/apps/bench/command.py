@@ -35,7 +35,7 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--gradient-checkpointing", action="store_true", help="activation checkpointing per layer")
     p.add_argument("--no-patch-model", dest="patch_model", action="store_false",
                    help="fastft rows without fastft.patch_model (the fused norm/RoPE/GLU/loss patching), to separate "
-                        "its gain from the method's")
+                        "its gain from the method's (default: patched)%(default).0s")  # .0s: no '(default: True)'
     p.add_argument("--dtype", default=d.dtype, choices=["auto", *DTYPES], help="auto: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--rank", type=int, default=d.rank, help="lora/qlora/dora rank")
     p.add_argument("--alpha", type=float, default=d.alpha, help="lora/qlora/dora alpha")
