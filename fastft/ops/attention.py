@@ -71,22 +71,7 @@ def attention_reference(q, k, v, *, causal=False, softmax_scale=None, cu_seqlens
 
     Computes in fp32 for fp16/bf16 inputs (fp64 stays fp64) and returns q's dtype.
     """
-    scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
-    work = torch.float64 if q.dtype == torch.float64 else torch.float32
-    q_, k_, v_ = q.to(work), k.to(work), v.to(work)
-    pk = prefix_k.to(work) if prefix_k is not None else None
-    pv = prefix_v.to(work) if prefix_v is not None else None
-    if cu_seqlens is None:
-        return _reference_dense(q_, k_, v_, causal, scale, pk, pv, window).to(q.dtype)
-    bounds = cu_seqlens.tolist()
-    outs = []
-    for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
-        pki = pvi = None
-        if pk is not None:
-            j = 0 if pk.shape[0] == 1 else i
-            pki, pvi = pk[j : j + 1], pv[j : j + 1]
-        outs.append(_reference_dense(q_[None, a:b], k_[None, a:b], v_[None, a:b], causal, scale, pki, pvi, window)[0])
-    return torch.cat(outs, dim=0).to(q.dtype)
+    return _per_sequence(_reference_dense, q, k, v, causal, softmax_scale, cu_seqlens, prefix_k, prefix_v, window)
 
 
 def attention_sdpa(q, k, v, *, causal=False, softmax_scale=None, cu_seqlens=None, prefix_k=None, prefix_v=None,
@@ -96,13 +81,19 @@ def attention_sdpa(q, k, v, *, causal=False, softmax_scale=None, cu_seqlens=None
     and runs ~10× the reference's speed at S=2048 (tiny Llama, fwd+bwd); masks it cannot name (bottom-right
     causal, windows, prefix) are passed as a boolean (n_q, n_k) mask. A problem where some row sees no key
     goes to the reference, which outputs 0 there (torch's SDPA kernels have not always agreed: NaN in some)."""
+    return _per_sequence(_sdpa_dense, q, k, v, causal, softmax_scale, cu_seqlens, prefix_k, prefix_v, window)
+
+
+def _per_sequence(dense, q, k, v, causal, softmax_scale, cu_seqlens, prefix_k, prefix_v, window):
+    """dense(q, k, v, causal, scale, prefix_k, prefix_v, window) on (B, S, H, D) inputs in the working precision,
+    once for a batch or once per packed document; returns q's dtype."""
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
     work = torch.float64 if q.dtype == torch.float64 else torch.float32
     q_, k_, v_ = q.to(work), k.to(work), v.to(work)
     pk = prefix_k.to(work) if prefix_k is not None else None
     pv = prefix_v.to(work) if prefix_v is not None else None
     if cu_seqlens is None:
-        return _sdpa_dense(q_, k_, v_, causal, scale, pk, pv, window).to(q.dtype)
+        return dense(q_, k_, v_, causal, scale, pk, pv, window).to(q.dtype)
     bounds = cu_seqlens.tolist()
     outs = []
     for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
@@ -110,7 +101,7 @@ def attention_sdpa(q, k, v, *, causal=False, softmax_scale=None, cu_seqlens=None
         if pk is not None:
             j = 0 if pk.shape[0] == 1 else i
             pki, pvi = pk[j : j + 1], pv[j : j + 1]
-        outs.append(_sdpa_dense(q_[None, a:b], k_[None, a:b], v_[None, a:b], causal, scale, pki, pvi, window)[0])
+        outs.append(dense(q_[None, a:b], k_[None, a:b], v_[None, a:b], causal, scale, pki, pvi, window)[0])
     return torch.cat(outs, dim=0).to(q.dtype)
 
 
