@@ -143,10 +143,14 @@ def check_correctness():
         out[f"gemm config {cfg} within 1e-2 of fp32"] = attempt(f"gemm config {cfg}", one)
     nf4_cuda = cuda_gemv()
     if nf4_cuda is not None:
+        out["gemv table kernel agrees with scaled"] = attempt(
+            "gemv table check", lambda: nf4_cuda.table_agrees(torch.device(DEV, torch.cuda.current_device()), BF16))
         for batch in BATCHES:
             xb = torch.randn(batch, K, dtype=BF16, device=DEV)
-            out[f"gemv batch {batch} rel err"] = attempt(
-                f"gemv batch {batch}", lambda: rel(nf4_cuda.nf4_gemv(xb, w.kernel_operand(), None), xb.float() @ W.T))
+            for name, v in (("scaled", nf4_cuda.SCALED), ("table", nf4_cuda.TABLE)):
+                out[f"gemv {name} batch {batch} rel err"] = attempt(
+                    f"gemv {name} batch {batch}",
+                    lambda v=v: rel(nf4_cuda.nf4_gemv(xb, w.kernel_operand(), None, v), xb.float() @ W.T))
     elif DEV == "cuda":
         RESULTS["errors"].append("fastft._C has no CUDA GEMV (built without nvcc?)")
     return out
@@ -296,6 +300,11 @@ def time_gemv():
                 if nf4_cuda is not None:
                     row["fastft_us"] = attempt(f"gemv {K}->{N} b{batch}",
                                                lambda: 1e3 * bench(lambda: nf4_cuda.nf4_gemv(x, op, None)))
+                    for name, v in (("scaled", nf4_cuda.SCALED), ("table", nf4_cuda.TABLE)):
+                        if v == nf4_cuda.SCALED or nf4_cuda.table_supported(op):
+                            row[f"{name}_us"] = attempt(
+                                f"gemv {name} {K}->{N} b{batch}",
+                                lambda v=v: 1e3 * bench(lambda: nf4_cuda.nf4_gemv(x, op, None, v)))
                 row["bf16_us"] = attempt("bf16 gemv", lambda: 1e3 * bench(lambda: x @ W.T))
                 if lin is not None:
                     row["bnb_us"] = attempt(f"bnb {K}->{N} b{batch}", lambda: 1e3 * bench(lambda: lin(x)))
@@ -327,10 +336,12 @@ def print_tables():
                                                                           "peft_bnb"))
         print(f"| {r['shape']} | {_fmt(r.get('bf16_base_ms'))} | " + " | ".join(cells) +
               f" | {peaks} ({_fmt(r.get('scratch_MiB'), '.0f')}) |")
-    print("\n| decode K->N | batch | fastft µs (TB/s) | bnb µs | bf16 µs |\n|---|---|---|---|---|")
+    print("\n| decode K->N | batch | fastft µs (TB/s) | scaled kernel µs | table kernel µs | bnb µs | bf16 µs |"
+          "\n|---|---|---|---|---|---|---|")
     for r in RESULTS.get("gemv") or []:
         print(f"| {r['shape']} | {r['batch']} | {_fmt(r.get('fastft_us'), '.1f')} "
-              f"({_fmt(r.get('fastft_TBps'), '.2f')}) | {_fmt(r.get('bnb_us'), '.1f')} | {_fmt(r.get('bf16_us'), '.1f')} |")
+              f"({_fmt(r.get('fastft_TBps'), '.2f')}) | {_fmt(r.get('scaled_us'), '.1f')} | "
+              f"{_fmt(r.get('table_us'), '.1f')} | {_fmt(r.get('bnb_us'), '.1f')} | {_fmt(r.get('bf16_us'), '.1f')} |")
     checks = RESULTS.get("correctness")
     bad = [k for k, v in (checks or {}).items() if v is False]
     verdict = "did not run" if checks is None else "FAILED: " + ", ".join(bad) if bad else "all exact checks passed"

@@ -132,20 +132,36 @@ def test_qlora_linear_forward_and_gradients(captured_seeds, dtype, p):
 @pytest.mark.parametrize("dtype", HALF)
 @pytest.mark.parametrize("batch", [1, 2, 4, 8, 9, 16])
 @pytest.mark.parametrize("N,K,blocksize,double_quant", [(4096, 4096, 64, True), (1000, 96, 32, False),
-                                                        (520, 14336, 256, True)])
-def test_cuda_gemv(dtype, batch, N, K, blocksize, double_quant):
+                                                        (520, 14336, 256, True), (1000, 320, 64, False)])
+@pytest.mark.parametrize("variant", ["scaled", "table", "auto"])
+def test_cuda_gemv(dtype, batch, N, K, blocksize, double_quant, variant):
+    """Both kernels (and the measured choice) against fp64; K=320 ends in a half step of 64 for the table kernel."""
     from fastft.kernels import nf4_cuda
     if not nf4_cuda.available():
         pytest.skip("fastft._C was built without CUDA")
     w = _nf4((N, K), dtype, blocksize, double_quant)
+    v = {"scaled": nf4_cuda.SCALED, "table": nf4_cuda.TABLE, "auto": None}[variant]
+    if v == nf4_cuda.TABLE and not nf4_cuda.table_supported(w.kernel_operand()):
+        with pytest.raises(RuntimeError, match="variant"):
+            nf4_cuda.nf4_gemv(torch.randn(batch, K, dtype=dtype, device=DEV), w.kernel_operand(), None, v)
+        return
     x = torch.randn(batch, K, dtype=dtype, device=DEV)
     bias = torch.randn(N, dtype=dtype, device=DEV)
     assert nf4_cuda.supported(x, w.kernel_operand())
-    y = nf4_cuda.nf4_gemv(x, w.kernel_operand(), bias)
+    y = nf4_cuda.nf4_gemv(x, w.kernel_operand(), bias, v)
     ref = x.double() @ w.dequantize(torch.float32).double().T + bias.double()
-    assert_close(y, ref, dtype, f"gemv batch {batch}")
-    y2 = nf4_cuda.nf4_gemv(torch.randn(K, batch, dtype=dtype, device=DEV).t(), w.kernel_operand(), None)
+    assert_close(y, ref, dtype, f"gemv {variant} batch {batch}")
+    y2 = nf4_cuda.nf4_gemv(torch.randn(K, batch, dtype=dtype, device=DEV).t(), w.kernel_operand(), None, v)
     assert y2.shape == (batch, N) and torch.isfinite(y2).all()
+
+
+@pytest.mark.parametrize("dtype", HALF)
+def test_cuda_gemv_table_kernel_agrees_with_scaled(dtype):
+    """The once-per-device check that lets the measured choice take the table kernel passes on this GPU."""
+    from fastft.kernels import nf4_cuda
+    if not nf4_cuda.available():
+        pytest.skip("fastft._C was built without CUDA")
+    assert nf4_cuda.table_agrees(torch.device(DEV, torch.cuda.current_device()), dtype)
 
 
 def test_nf4_linear_module_on_gpu():

@@ -11,6 +11,17 @@
 // each lane's W and x loads are single 16-byte vectors, and the 32 elements share one absmax (blocksize >= 32).
 // Dequantized values are code[nibble] * absmax in fp32, rounded once (bit-identical to bitsandbytes); a
 // double-quantized absmax is code2[q] * absmax2 + offset with both operations rounded (no fused multiply-add).
+//
+// Variant 1, the table kernel (blocksize >= 64, k % 64 == 0), spends fewer instructions an element: the scaled
+// decode above costs ~5.5 a W element (shift, mask, address, shared load, multiply, half a convert; 497 SASS
+// instructions a warp step on sm_90, 333 here), which caps the GEMV well under the HBM bandwidth. Here the
+// absmax leaves the inner loop: each half-step of 64 columns lies in one absmax block, lane (g, t) loads 8 bytes
+// of rows g and g+8 at k = 16t of each half, one 32-bit lookup per W byte reads both values of that byte (unscaled
+// codes in T, a 256-entry table), the MMAs of a half-step accumulate apart, and the absmax scales that sum
+// once (4 multiply-adds per half-step). The table is kept in 32 copies, one per shared-memory bank, so that
+// random bytes never conflict. The codes are rounded to T once instead of the products (as bitsandbytes' own
+// GEMV does, and fastft's Triton PRMT decode), so the two variants differ in rounding; which one runs is chosen
+// by measurement (fastft/kernels/nf4_cuda.py), after a check that they agree.
 #include "nf4_gemv.h"
 #include "../nf4_codes.h"
 
@@ -24,6 +35,8 @@ namespace {
 constexpr int kWarps = 8;
 constexpr int kRowsPerBlock = 16;
 constexpr int kStepK = 128;
+constexpr int kHalfK = 64;          // the table kernel's half-step: inside one absmax block
+constexpr int kTableCopies = 32;    // one copy of the byte table per shared-memory bank
 static_assert(kWarps * 32 == 256, "one thread per entry of the 256-entry nested code table");
 
 __constant__ float kNF4Code[16] = FASTFT_NF4_CODE_VALUES;  // csrc/nf4_codes.h
@@ -71,6 +84,12 @@ __device__ __forceinline__ uint4 load_stream(const uint8_t* p) {
   asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
                : "l"(p));
+  return v;
+}
+
+__device__ __forceinline__ uint2 load_stream8(const uint8_t* p) {
+  uint2 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v2.u32 {%0,%1}, [%2];\n" : "=r"(v.x), "=r"(v.y) : "l"(p));
   return v;
 }
 
@@ -152,8 +171,154 @@ __device__ __forceinline__ void compute_step(float (&acc)[NT][4], const Fragment
   }
 }
 
+// The table kernel's step: two half-steps of 64 columns. w[h] words 0-1 hold row g+8h's 8 bytes of the first
+// half, words 2-3 of the second; compute reads x[nt][0..1] and [2..3], the matching 16 x-elements of each half,
+// so that sub-step j reads words j>>1 of both, as the scaled kernel does.
+// The four absmax of a step (rows g, g+8 × two halves) are loaded once per row group: lane t loads row g+8·(t&1)'s
+// of half t>>1, and compute shares them by shuffles.
+template <int NT>
+struct TableFragment {
+  uint4 w[2];
+  float scale;     // this lane's absmax, or the nested absmax2 when double-quantized
+  uint32_t code;   // its 8-bit code when double-quantized
+};
+
+// What a lane reads, fixed for the whole kernel: rows g and g+8 (their first flat index, whether they exist,
+// their W bytes at k = 16t) and its batch rows' x at k = 16t.
+template <int NT>
+struct TableLane {
+  int64_t row_first[2];
+  bool row_ok[2];
+  const uint8_t* w[2];
+  const uint16_t* x[NT];
+  bool x_ok[NT];
+  int64_t scale_first;  // row g+8·(t&1), whose absmax this lane loads: its first flat index,
+  bool scale_ok;        // whether it exists,
+  int scale_half;       // and the half-step, t >> 1
+};
+
+template <int NT>
+__device__ __forceinline__ TableLane<NT> table_lane(const Nf4GemvArgs& p, int64_t row0, int g, int t) {
+  TableLane<NT> lane;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int64_t row = row0 + g + 8 * h;
+    lane.row_ok[h] = row < p.n;
+    lane.row_first[h] = row * p.k;
+    lane.w[h] = p.packed + (lane.row_first[h] + 16 * t) / 2;
+  }
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    const int b = g + 8 * nt;
+    lane.x_ok[nt] = b < p.batch;
+    lane.x[nt] = static_cast<const uint16_t*>(p.x) + b * p.ldx + 16 * t;
+  }
+  lane.scale_first = (t & 1) ? lane.row_first[1] : lane.row_first[0];
+  lane.scale_ok = (t & 1) ? lane.row_ok[1] : lane.row_ok[0];
+  lane.scale_half = t >> 1;
+  return lane;
+}
+
+// Step `step` (< ceil(k / 128)): its first half always lies inside k, the second when k - 128·step > 64.
+template <int NT>
+__device__ __forceinline__ void load_table_step(TableFragment<NT>& f, const Nf4GemvArgs& p, const TableLane<NT>& lane,
+                                                int64_t step, int bs_shift, int nbs_shift) {
+  f.scale = 0.0f;
+  f.code = 0u;
+  {
+    const int64_t kh = step * kStepK + lane.scale_half * kHalfK;
+    if ((lane.scale_half == 0 || kh < p.k) && lane.scale_ok) {
+      const int64_t block = (lane.scale_first + kh) >> bs_shift;  // the whole half-step's absmax block
+      if (p.absmax2 != nullptr) {
+        f.code = __ldg(static_cast<const uint8_t*>(p.absmax) + block);
+        f.scale = __ldg(p.absmax2 + (block >> nbs_shift));
+      } else {
+        f.scale = __ldg(static_cast<const float*>(p.absmax) + block);
+      }
+    }
+  }
+  uint2 w[2][2];
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int64_t kh = step * kStepK + half * kHalfK;
+    const bool k_ok = half == 0 || kh < p.k;  // k % 64 == 0: a half-step is wholly inside or outside
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      w[h][half] = make_uint2(0u, 0u);
+      if (k_ok && lane.row_ok[h]) w[h][half] = load_stream8(lane.w[h] + kh / 2);
+    }
+  }
+#pragma unroll
+  for (int h = 0; h < 2; ++h) f.w[h] = make_uint4(w[h][0].x, w[h][0].y, w[h][1].x, w[h][1].y);
+}
+
+// Byte b (0..3) of `word` times kTableCopies, from one shift and one mask: its entry's index in a lane's copy.
+__device__ __forceinline__ uint32_t table_index(uint32_t word, int b) {
+  static_assert(kTableCopies == 32, "the shifts below multiply by 32");
+  return (b == 0 ? word << 5 : word >> (8 * b - 5)) & (0xFFu << 5);
+}
+
+// lane_table: this lane's copy of the byte table, entry v at lane_table[v * kTableCopies]: both unscaled values
+// of byte v (high nibble first), packed as the MMA's A operand wants them.
 template <typename T, int NT>
-__global__ void __launch_bounds__(kWarps * 32) nf4_gemv_kernel(const Nf4GemvArgs p, int bs_shift, int nbs_shift) {
+__device__ __forceinline__ void compute_table_step(float (&acc)[NT][4], const TableFragment<NT>& f,
+                                                   const Nf4GemvArgs& p, const TableLane<NT>& lane, int64_t step,
+                                                   const uint32_t* lane_table, const float* code2, bool nested,
+                                                   float offset) {
+  // x is read here, not prefetched with W: every block reads the same few KB (L1 hits), and 32 fewer registers
+  uint4 x[NT][4];
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int64_t kh = step * kStepK + half * kHalfK;
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      x[nt][2 * half] = make_uint4(0u, 0u, 0u, 0u);
+      x[nt][2 * half + 1] = make_uint4(0u, 0u, 0u, 0u);
+      if ((half == 0 || kh < p.k) && lane.x_ok[nt]) {
+        const uint4* xp = reinterpret_cast<const uint4*>(lane.x[nt] + kh);
+        x[nt][2 * half] = __ldg(xp);
+        x[nt][2 * half + 1] = __ldg(xp + 1);
+      }
+    }
+  }
+  const float mine = nested ? __fadd_rn(__fmul_rn(code2[f.code], f.scale), offset) : f.scale;
+  const int group_lane0 = (threadIdx.x & 31) & ~3;
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    float scale[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) scale[h] = __shfl_sync(0xFFFFFFFFu, mine, group_lane0 | h | (half << 1));
+    float c[NT][4];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) c[nt][i] = 0.0f;
+#pragma unroll
+    for (int jj = 0; jj < 4; ++jj) {
+      const int j = 4 * half + jj;
+      uint32_t a[4];
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const uint32_t word = word_of(f.w[h], j >> 1);  // bytes 2(j&1), 2(j&1)+1: elements 4j..4j+3 of the half
+        a[h] = lane_table[table_index(word, 2 * (j & 1))];
+        a[2 + h] = lane_table[table_index(word, 2 * (j & 1) + 1)];
+      }
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        Mma<T>::run(c[nt], a, word_of(x[nt][j >> 1], 2 * (j & 1)), word_of(x[nt][j >> 1], 2 * (j & 1) + 1));
+      }
+    }
+    // accumulator fragment: c0, c1 -> row g, c2, c3 -> row g+8
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[nt][i] = fmaf(scale[i >> 1], c[nt][i], acc[nt][i]);
+  }
+}
+
+template <typename T, int NT, bool kTable>
+__global__ void __launch_bounds__(kWarps * 32)
+    nf4_gemv_kernel(const Nf4GemvArgs p, int bs_shift, int nbs_shift) {
   __shared__ float code[16];
   __shared__ float code2[256];  // the nested absmax code table, when double-quantized
   __shared__ float partial[kWarps][NT * 4][32];
@@ -162,9 +327,23 @@ __global__ void __launch_bounds__(kWarps * 32) nf4_gemv_kernel(const Nf4GemvArgs
   const int g = lane >> 2;
   const int t = lane & 3;
   const bool nested = p.absmax2 != nullptr;
+  // the table kernel's byte table (32 copies: 32 KB); a 16-byte stub in the scaled kernel
+  __shared__ __align__(16) uint32_t table[kTable ? 256 * kTableCopies : 4];
   if (threadIdx.x < 16) code[threadIdx.x] = kNF4Code[threadIdx.x];
   if (nested) code2[threadIdx.x] = __ldg(p.code2 + threadIdx.x);  // kWarps * 32 == 256 threads
   __syncthreads();
+  if constexpr (kTable) {
+    // 16-byte stores: words 4i..4i+3 are four copies of the same entry (4i) / kTableCopies
+    uint4* table4 = reinterpret_cast<uint4*>(table);
+#pragma unroll
+    for (int r = 0; r < 256 * kTableCopies / (4 * kWarps * 32); ++r) {
+      const int i = r * kWarps * 32 + threadIdx.x;
+      const int v = 4 * i / kTableCopies;
+      const uint32_t pair = Mma<T>::pack(code[v >> 4], code[v & 15]);
+      table4[i] = make_uint4(pair, pair, pair, pair);
+    }
+    __syncthreads();
+  }
 
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock;
   const int64_t steps = (p.k + kStepK - 1) / kStepK;
@@ -175,12 +354,24 @@ __global__ void __launch_bounds__(kWarps * 32) nf4_gemv_kernel(const Nf4GemvArgs
     for (int i = 0; i < 4; ++i) acc[nt][i] = 0.0f;
 
   // Two steps in flight: the next step's loads are issued before this step's math.
-  Fragment<NT> cur, next;
-  if (warp < steps) load_step(cur, p, warp, g, t, row0, bs_shift, nbs_shift);
-  for (int64_t s = warp; s < steps; s += kWarps) {
-    if (s + kWarps < steps) load_step(next, p, s + kWarps, g, t, row0, bs_shift, nbs_shift);
-    compute_step<T, NT>(acc, cur, code, code2, nested, p.offset);
-    cur = next;
+  if constexpr (kTable) {
+    const uint32_t* lane_table = table + lane;
+    const TableLane<NT> reads = table_lane<NT>(p, row0, g, t);
+    TableFragment<NT> cur, next;
+    if (warp < steps) load_table_step(cur, p, reads, warp, bs_shift, nbs_shift);
+    for (int64_t s = warp; s < steps; s += kWarps) {
+      if (s + kWarps < steps) load_table_step(next, p, reads, s + kWarps, bs_shift, nbs_shift);
+      compute_table_step<T, NT>(acc, cur, p, reads, s, lane_table, code2, nested, p.offset);
+      cur = next;
+    }
+  } else {
+    Fragment<NT> cur, next;
+    if (warp < steps) load_step(cur, p, warp, g, t, row0, bs_shift, nbs_shift);
+    for (int64_t s = warp; s < steps; s += kWarps) {
+      if (s + kWarps < steps) load_step(next, p, s + kWarps, g, t, row0, bs_shift, nbs_shift);
+      compute_step<T, NT>(acc, cur, code, code2, nested, p.offset);
+      cur = next;
+    }
   }
 
 #pragma unroll
@@ -216,18 +407,27 @@ int log2_exact(int64_t v) {
   return s;
 }
 
-template <typename T>
-void launch_typed(const Nf4GemvArgs& p, int bs_shift, int nbs_shift, cudaStream_t stream) {
+template <typename T, bool kTable>
+void launch_variant(const Nf4GemvArgs& p, int bs_shift, int nbs_shift, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>((p.n + kRowsPerBlock - 1) / kRowsPerBlock));
   const dim3 block(kWarps * 32);
   if (p.batch <= 8) {
-    nf4_gemv_kernel<T, 1><<<grid, block, 0, stream>>>(p, bs_shift, nbs_shift);
+    nf4_gemv_kernel<T, 1, kTable><<<grid, block, 0, stream>>>(p, bs_shift, nbs_shift);
   } else {
-    nf4_gemv_kernel<T, 2><<<grid, block, 0, stream>>>(p, bs_shift, nbs_shift);
+    nf4_gemv_kernel<T, 2, kTable><<<grid, block, 0, stream>>>(p, bs_shift, nbs_shift);
   }
 }
 
-enum Error : int { kOk = 0, kBadBatch, kBadK, kBadBlocksize, kBadDtype, kMisaligned, kCudaError };
+template <typename T>
+void launch_typed(const Nf4GemvArgs& p, int bs_shift, int nbs_shift, cudaStream_t stream) {
+  if (p.variant == 1) {
+    launch_variant<T, true>(p, bs_shift, nbs_shift, stream);
+  } else {
+    launch_variant<T, false>(p, bs_shift, nbs_shift, stream);
+  }
+}
+
+enum Error : int { kOk = 0, kBadBatch, kBadK, kBadBlocksize, kBadDtype, kMisaligned, kCudaError, kBadVariant };
 
 }  // namespace
 
@@ -239,6 +439,8 @@ const char* nf4_gemv_error_string(int code) {
     case kBadDtype: return "nf4_gemv_cuda: dtype must be 1 (fp16) or 2 (bf16)";
     case kMisaligned: return "nf4_gemv_cuda: x, packed and ldx must be 16-byte aligned";
     case kCudaError: return "nf4_gemv_cuda: the kernel launch failed (see cudaGetLastError)";
+    case kBadVariant:
+      return "nf4_gemv_cuda: variant must be 0 (scaled decode) or 1 (byte table: blocksize >= 64, k a multiple of 64)";
     default: return "nf4_gemv_cuda: unknown error";
   }
 }
@@ -249,6 +451,7 @@ int nf4_gemv_launch(const Nf4GemvArgs& p, void* stream_handle) {
   const int bs_shift = log2_exact(p.blocksize);
   const int nbs_shift = p.absmax2 != nullptr ? log2_exact(p.nested_blocksize) : 0;
   if (bs_shift < 5 || nbs_shift < 0) return kBadBlocksize;
+  if (p.variant != 0 && (p.variant != 1 || bs_shift < 6 || p.k % kHalfK != 0)) return kBadVariant;
   if (reinterpret_cast<uintptr_t>(p.x) % 16 != 0 || reinterpret_cast<uintptr_t>(p.packed) % 16 != 0 ||
       p.ldx % 8 != 0)
     return kMisaligned;

@@ -1,0 +1,65 @@
+"""The CUDA GEMV's two kernels, as far as a machine without a GPU can check them: the extension's argument
+checks run before any CUDA call, so a bad `variant` is refused here too (the kernels themselves run in
+tests/test_nf4_gpu.py::test_cuda_gemv)."""
+import pytest
+
+from fastft.kernels import nf4_cuda
+
+
+def _launch(*, k=64, blocksize=64, variant=1, n=0):
+    # null pointers are 16-byte aligned; n = 0 returns before any CUDA call
+    nf4_cuda._C.nf4_gemv_cuda(0, 64, 0, 0, 0, 0, 0.0, 256, 0, 0, 64, 1, n, k, blocksize, 2, 0, variant)
+
+
+@pytest.fixture
+def extension():
+    if not nf4_cuda.available():
+        pytest.skip("fastft._C was built without CUDA (no nvcc)")
+
+
+@pytest.mark.parametrize("bad", [dict(blocksize=32), dict(k=96), dict(variant=2), dict(variant=-1)])
+def test_the_table_kernel_is_refused_where_a_half_step_would_straddle_an_absmax_block(extension, bad):
+    with pytest.raises(RuntimeError, match="variant must be 0 .* or 1 .*blocksize >= 64, k a multiple of 64"):
+        _launch(**bad)
+
+
+@pytest.mark.parametrize("variant", [nf4_cuda.SCALED, nf4_cuda.TABLE])
+def test_both_kernels_accept_an_empty_weight(extension, variant):
+    _launch(k=128, blocksize=64, variant=variant)
+
+
+@pytest.mark.parametrize("blocksize,cols,ok", [(64, 4096, True), (256, 14336, True), (32, 4096, False),
+                                               (64, 96, False), (128, 320, True)])
+def test_table_supported(blocksize, cols, ok):
+    class W:
+        pass
+    w = W()
+    w.blocksize, w.cols = blocksize, cols
+    assert nf4_cuda.table_supported(w) is ok
+
+
+def test_cuda_gemv_kernels_compile_for_sm90_without_spills():
+    """Both kernels, both batch tiles, fp16 and bf16, as CMake builds them for Hopper: no register spills, no local
+    memory (a runtime-indexed array would put one there), and the table kernel's shared memory under the 48 KB a
+    block may declare statically."""
+    import re
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("no nvcc on this machine")
+    src = Path(__file__).resolve().parents[1] / "csrc"
+    run = subprocess.run([nvcc, "-arch=sm_90", "-O3", "--use_fast_math", "-std=c++17", "-Xptxas", "-v", "-c",
+                          str(src / "cuda" / "nf4_gemv.cu"), "-I", str(src), "-o", "/dev/null"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    kernels = run.stderr.split("Compiling entry function")[1:]
+    assert len(kernels) == 8, run.stderr[-3000:]  # {fp16, bf16} × {1, 2 batch tiles} × {scaled, table}
+    for info in kernels:
+        name = info.split("'")[1]
+        frame = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", info)
+        smem = re.search(r"(\d+) bytes smem", info)
+        assert frame and frame.groups() == ("0", "0", "0"), (name, info)
+        assert smem and int(smem.group(1)) <= 48 * 1024, (name, info)
