@@ -63,3 +63,17 @@ def test_cuda_gemv_kernels_compile_for_sm90_without_spills():
         smem = re.search(r"(\d+) bytes smem", info)
         assert frame and frame.groups() == ("0", "0", "0"), (name, info)
         assert smem and int(smem.group(1)) <= 48 * 1024, (name, info)
+
+
+def test_the_checks_random_weight_has_a_nested_absmax_for_every_block():
+    """The once-per-device checks' weight: every block's code has its nested absmax (a short absmax2 would be read
+    past its end on the GPU)."""
+    import torch
+
+    from fastft.kernels.nf4_gemm import random_nf4_operand
+
+    for rows, cols in [(88, 320), (256, 256), (1, 64)]:
+        w = random_nf4_operand(rows, cols, torch.device("cpu"), torch.Generator().manual_seed(0))
+        blocks = rows * cols // 64
+        assert w.absmax.numel() == blocks and w.packed.numel() == rows * cols // 2
+        assert (blocks - 1) // w.nested_blocksize < w.absmax2.numel()

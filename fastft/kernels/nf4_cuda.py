@@ -80,18 +80,11 @@ def table_agrees(device: torch.device, dtype: torch.dtype) -> bool:
     that disagrees is never chosen."""
     key = (device, dtype)
     if key not in _TABLE_AGREES:
-        from fastft.kernels.nf4_codes import NF4_CODE_VALUES
-        from fastft.kernels.nf4_gemm import NF4Operand
+        from fastft.kernels.nf4_gemm import random_nf4_operand
 
         gen = torch.Generator(device="cpu").manual_seed(0)
-        rows, cols = 88, 320
-        packed = torch.randint(0, 256, (rows * cols // 2,), dtype=torch.uint8, generator=gen).to(device)
-        qabsmax = torch.randint(0, 256, (rows * cols // 64,), dtype=torch.uint8, generator=gen).to(device)
-        absmax2 = (torch.rand(rows * cols // 64 // 256 + 1, generator=gen) + 0.5).to(device)
-        code2 = torch.linspace(-1, 1, 256).to(device)
-        code = torch.tensor(NF4_CODE_VALUES, dtype=torch.float32, device=device)
-        w = NF4Operand(packed, qabsmax, absmax2, code2, 0.25, 256, code, 64, rows, cols)
-        x = torch.randn(3, cols, generator=gen).to(device=device, dtype=dtype)
+        w = random_nf4_operand(88, 320, device, gen)
+        x = torch.randn(3, w.cols, generator=gen).to(device=device, dtype=dtype)
         try:
             table = nf4_gemv(x, w, None, TABLE).float()
             scaled = nf4_gemv(x, w, None, SCALED).float()

@@ -64,6 +64,18 @@ class NF4Operand(NamedTuple):
     cols: int
 
 
+def random_nf4_operand(rows: int, cols: int, device: torch.device, gen: torch.Generator) -> NF4Operand:
+    """A double-quantized NF4 weight of random bytes and block codes (blocksize 64, nested blocks of 256, offset
+    0.25), for the once-per-device checks that run two kernels on the same W."""
+    blocks = rows * cols // 64
+    packed = torch.randint(0, 256, (rows * cols // 2,), dtype=torch.uint8, generator=gen).to(device)
+    qabsmax = torch.randint(0, 256, (blocks,), dtype=torch.uint8, generator=gen).to(device)
+    absmax2 = (torch.rand(-(-blocks // 256), generator=gen) + 0.5).to(device)
+    code2 = torch.linspace(-1, 1, 256).to(device)
+    code = torch.tensor(NF4_CODE_VALUES, dtype=torch.float32, device=device)
+    return NF4Operand(packed, qabsmax, absmax2, code2, 0.25, 256, code, 64, rows, cols)
+
+
 def fused_supported(w: NF4Operand) -> bool:
     """Tiles never straddle a row in the byte or block layout."""
     return w.cols % 2 == 0 and w.cols % w.blocksize == 0 and w.packed.numel() < 2**31
@@ -232,13 +244,7 @@ def _prmt_checked(device: torch.device, dtype: torch.dtype) -> bool:
         # tail, sizes divisible by 16), so its two compiled kernels are the ones the tuner times anyway.
         gen = torch.Generator(device="cpu").manual_seed(0)
         K = N = 256
-        to = dict(device=device)
-        packed = torch.randint(0, 256, (N * K // 2,), dtype=torch.uint8, generator=gen).to(**to)
-        qabsmax = torch.randint(0, 256, (N * K // 64,), dtype=torch.uint8, generator=gen).to(**to)
-        absmax2 = (torch.rand(1, generator=gen) + 0.5).to(**to)
-        code2 = torch.linspace(-1, 1, 256).to(**to)
-        code = torch.tensor(NF4_CODE_VALUES, dtype=torch.float32, device=device)
-        w = NF4Operand(packed, qabsmax, absmax2, code2, 0.25, 256, code, 64, N, K)
+        w = random_nf4_operand(N, K, device, gen)
         a = (torch.randn(256, K, generator=gen) / 16).to(device=device, dtype=dtype)
         lo = torch.zeros(256, 16, device=device, dtype=dtype)
         t = torch.zeros(N, 16, device=device, dtype=dtype)

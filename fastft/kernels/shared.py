@@ -1,6 +1,6 @@
 """Triton helpers every kernel family shares: dropout masks, tile order, GEMM operand blocks through a descriptor
-or pointers (row-major, or N- or K-major), accurate tanh / GeLU without libdevice, dot precision and the interpreter's upcast rule, tuning buckets.
-One place, so no family imports another's private names."""
+or pointers (row-major, or N- or K-major), accurate tanh / GeLU without libdevice, dot precision and the
+interpreter's upcast rule, tuning buckets. One place, so no family imports another's private names."""
 from __future__ import annotations
 
 import torch
