@@ -232,3 +232,28 @@ def test_gpu_tiny_llama_bf16(fastft_attention, monkeypatch, kind):
         ours_err, sdpa_err = rel_err(ours, want), rel_err(theirs, want)
         assert ours_err <= 1.5 * sdpa_err + 1e-3, \
             f"{kind} {what}: fastft bf16 error {ours_err:.2e}, sdpa {sdpa_err:.2e}"
+
+
+@pytest.mark.parametrize("window", [None, 4])
+def test_padded_decoding_fallback_keeps_causal_and_window(window):
+    """Several new queries over a longer padded cache (SDPA fallback): the padding, bottom-right causal and the
+    sliding window all apply, as in the reference on each row's unpadded keys."""
+    from fastft.integration.attention import fastft_attention_forward
+    from fastft.ops import attention_reference
+
+    torch.manual_seed(0)
+    B, H, KV, n_q, n_k, D = 2, 4, 2, 3, 10, 8
+    q, k, v = torch.randn(B, H, n_q, D), torch.randn(B, KV, n_k, D), torch.randn(B, KV, n_k, D)
+    pad = torch.tensor([0, 3])  # left padding of each row
+    mask = torch.arange(n_k)[None, :] >= pad[:, None]
+
+    class Attn(torch.nn.Module):
+        is_causal, layer_idx = True, 0
+
+    out, _ = fastft_attention_forward(Attn(), q, k, v, mask, scaling=D ** -0.5, sliding_window=window)
+    for b in range(B):
+        keep = slice(int(pad[b]), n_k)
+        want = attention_reference(q[b:b + 1].transpose(1, 2), k[b:b + 1, :, keep].transpose(1, 2),
+                                   v[b:b + 1, :, keep].transpose(1, 2), causal=True, window=window,
+                                   softmax_scale=D ** -0.5)
+        assert_close(out[b:b + 1], want, torch.float32, f"row {b}, window {window}")

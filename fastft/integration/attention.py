@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fastft.ops.attention import flash_attention
+from fastft.ops.attention import flash_attention, visible_mask
 from fastft.ops.compiled import compiling
 from fastft.ops.shared import BACKENDS
 
@@ -78,20 +78,17 @@ def _unpadded(q, k, v, mask, **kw):
     return full.view(B, S, *out.shape[-2:])
 
 
-def _sdpa_fallback(query, key, value, mask, scaling, is_causal):
-    """Masks the kernel does not express (custom 4-D masks, padded decoding): torch SDPA with an explicit mask."""
-    group = query.shape[1] // key.shape[1]
-    key, value = key.repeat_interleave(group, dim=1), value.repeat_interleave(group, dim=1)
+def _sdpa_fallback(query, key, value, mask, scaling, is_causal, window=None):
+    """Masks the kernel does not express (custom 4-D masks, padded decoding): torch SDPA with an explicit mask,
+    the 2-D padding mask combined with the causal/window one (fastft.ops.attention.visible_mask)."""
     n_q, n_k = query.shape[2], key.shape[2]
     if mask is not None and mask.dim() == 2:
         mask = mask[:, None, None, -n_k:].bool()
-        if is_causal:
-            d = torch.arange(n_q, device=query.device)[:, None] + (n_k - n_q) - torch.arange(n_k, device=query.device)
-            mask = mask & (d >= 0)
-    elif mask is None and is_causal:
-        d = torch.arange(n_q, device=query.device)[:, None] + (n_k - n_q) - torch.arange(n_k, device=query.device)
-        mask = d >= 0
-    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling)
+    if is_causal or window is not None:
+        visible = visible_mask(n_q, n_k, is_causal, window, query.device)
+        mask = visible if mask is None else mask & visible
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling,
+                                         enable_gqa=query.shape[1] != key.shape[1])
     return out.transpose(1, 2)
 
 
@@ -120,7 +117,7 @@ def fastft_attention_forward(module, query, key, value, attention_mask, dropout=
 
     if attention_mask is not None:
         if q.shape[1] != k.shape[1]:
-            return _sdpa_fallback(query, key, value, attention_mask, scaling, is_causal), None
+            return _sdpa_fallback(query, key, value, attention_mask, scaling, is_causal, sliding_window), None
         return _unpadded(q, k, v, attention_mask.bool(), **kw), None
 
     cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
