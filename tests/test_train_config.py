@@ -1,4 +1,6 @@
 """`fastft train`'s settings: flags, YAML files, validation before anything loads, one-line errors."""
+import math
+
 import pytest
 import yaml
 
@@ -42,6 +44,8 @@ def _error(argv, capsys) -> str:
     (["--quantize", "nf4", "--method", "full"], "--quantize nf4 is QLoRA"),
     (["--offload-activations"], "--offload-activations needs --gradient-checkpointing"),
     (["--resume", "--output-dir", "/no/such/run"], "nothing to resume"),
+    (["--seed", "-1"], "--seed must be in [0, 2**32 - 1]"),
+    (["--seed", str(2**32)], "--seed must be in [0, 2**32 - 1]"),
 ])
 def test_bad_settings_fail_in_one_line_before_loading(argv, message, capsys, no_model_loads):
     assert message in _error(["train", *argv], capsys)
@@ -75,6 +79,14 @@ def test_yaml_config_flags_override_and_unknown_keys(tmp_path, capsys, monkeypat
     assert "key 'steps' must be int, got 'many'" in _error(["train", "--config", str(run)], capsys)
     run.write_text("dropout: 1.5\n")
     assert "--dropout must be a probability" in _error(["train", "--config", str(run)], capsys)
+    run.write_text("lr: abc\n")
+    assert "key 'lr' must be float, got 'abc'" in _error(["train", "--config", str(run)], capsys)
+    run.write_text("lr: 2e-4\nsteps: 7\n")  # YAML 1.1 reads 2e-4 (no dot) as a string
+    seen.clear()
+    assert main(["train", "--config", str(run)]) == 0 and seen["cfg"].lr == 2e-4
+    seen.clear()  # a flag value spelled like the subcommand is still a value
+    assert main(["train", "--config", str(run), "--output-dir", "train"]) == 0
+    assert (seen["cfg"].output_dir, seen["cfg"].steps) == ("train", 7)
 
 
 def test_saved_config_reads_back_as_the_same_config(tmp_path):
@@ -123,3 +135,23 @@ def test_readme_head_dim_range_agrees_with_the_op():
     q = torch.randn(1, 4, 1, 8)
     with pytest.raises(ValueError, match="head_dim must be a multiple of 8 in \\[16"):
         flash_attention(q, q, q)
+
+
+@pytest.mark.parametrize("steps,ratio,schedule", [(10, 0.5, "cosine"), (10, 0.5, "linear"), (10, 1.0, "cosine"),
+                                                  (40, 0.1, "cosine"), (100, 0.29, "linear"), (10, 0.3, "cosine"),
+                                                  (5, 0.0, "constant")])
+def test_lr_schedule_warms_up_to_the_peak_then_decays(steps, ratio, schedule):
+    from fastft.apps.training.loop import lr_factor
+
+    factor = lr_factor(TrainConfig(steps=steps, warmup_ratio=ratio, schedule=schedule))
+    values = [factor(s) for s in range(steps)]
+    warm = max(1, round(steps * ratio))  # 29 warm-up steps for 100 x 0.29, 3 for 10 x 0.3
+    assert values[:warm] == pytest.approx([(s + 1) / warm for s in range(warm)])  # linear, the last at the peak
+    assert max(values) == pytest.approx(1.0)
+    decay = values[warm - 1:]
+    assert all(a >= b for a, b in zip(decay, decay[1:])) and values[-1] > 0  # the last step still trains
+    if schedule == "constant":
+        assert decay == pytest.approx([1.0] * len(decay))
+    elif len(decay) > 1:
+        p = 1 / (steps - warm + 1)  # the first step after the peak
+        assert decay[1] == pytest.approx(1 - p if schedule == "linear" else 0.5 * (1 + math.cos(math.pi * p)))

@@ -108,3 +108,28 @@ def test_failure_stops_with_the_last_checkpoint_intact(tiny, tmp_path, monkeypat
     assert load_file(str(checkpoint / "trainable.safetensors"))
     assert torch.load(checkpoint / "trainer_state.pt", weights_only=False)["step"] == 2
     assert not (out / "adapter").exists()
+
+
+def test_resume_refuses_changed_settings_and_a_new_run_refuses_old_checkpoints(tiny, tmp_path, capsys, one_thread):
+    """A resumed run with another learning rate or rank would mix two runs (the restored optimizer and scheduler
+    keep the old values): refused, naming the settings, before config.yaml is touched. A run without --resume in a
+    folder holding an earlier run's checkpoints is refused too (its checkpoint steps would collide, and a later
+    --resume would pick the old run's newest)."""
+    out = tmp_path / "run"
+    short = ["train", "--model", str(tiny), "--steps", "2", "--batch-size", "2", "--eval-examples", "0",
+             "--max-length", "24", "--save-every", "1", "--output-dir", str(out)]
+    assert main(short) == 0
+    saved = (out / "config.yaml").read_text()
+
+    def error(argv) -> str:
+        with pytest.raises(SystemExit) as info:
+            main(argv)
+        assert info.value.code == 2
+        return capsys.readouterr().err.strip().splitlines()[-1]
+
+    err = error([*short, "--resume", "--lr", "0.01", "--rank", "8", "--save-every", "5"])
+    assert "--resume:" in err and "--lr 0.001 -> 0.01" in err and "--rank 16 -> 8" in err and "save-every" not in err
+    assert (out / "config.yaml").read_text() == saved
+    assert "holds checkpoints of an earlier run (step-00000002); pass --resume" in error(short)
+    # settings that only decide what is evaluated and saved may change
+    assert main([*short, "--resume", "--eval-examples", "2", "--save-every", "3"]) == 0

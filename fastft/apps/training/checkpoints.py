@@ -87,6 +87,11 @@ class Checkpoints:
         steps = sorted(p for p in self.root.iterdir() if _STEP_DIR.fullmatch(p.name) and p.is_dir())
         return steps[-1] if steps else None
 
+    def saved_config(self, path: Path) -> dict | None:
+        """The settings (config.yaml's mapping) the run that wrote checkpoint `path` had; None for checkpoints
+        written before they were recorded."""
+        return torch.load(path / "trainer_state.pt", weights_only=False).get("config")
+
     def save(self, step: int, model, optimizer, trainer_state: dict, save_adapter=None) -> Path:
         from safetensors.torch import save_file
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
@@ -113,6 +118,8 @@ class Checkpoints:
         acc.wait_for_everyone()
         if acc.is_main_process:
             finish_folder(tmp)
+            if final.exists():  # the same step written again: move the old one aside first (rename cannot replace
+                shutil.rmtree(final)  # a non-empty folder); the previous steps stay until the new one is in place
             os.replace(tmp, final)
             fsync_path(self.root)
             for older in self.root.iterdir():  # the new one is complete: the previous ones can go

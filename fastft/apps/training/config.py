@@ -244,6 +244,8 @@ def _coerce(name: str, value, source: str):
             return tuple(items)
         if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
             raise TypeError
+        if kind is float and isinstance(value, str):  # YAML 1.1 reads 2e-4 (no dot) as a string
+            return float(value)
         if kind is float and (isinstance(value, bool) or not isinstance(value, (int, float))):
             raise TypeError
         if kind is str and not isinstance(value, str):
@@ -262,7 +264,9 @@ def read_yaml_config(path: str | os.PathLike) -> dict:
     if not path.is_file():
         raise ConfigError(f"--config {path}: file not found")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError:
+        raise ConfigError(f"--config {path}: not UTF-8 text; save the file as UTF-8") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"--config {path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(data, dict):
@@ -303,7 +307,10 @@ def _explicit_dests(parser: argparse.ArgumentParser, argv) -> set[str]:
                 probe.add_argument(*action.option_strings, action=argparse.BooleanOptionalAction, **kwargs)
             else:
                 probe.add_argument(*action.option_strings, nargs=action.nargs, **kwargs)
-    known, _ = probe.parse_known_args([a for a in argv if a != "train"])
+    # the arguments after the subcommand (the first "train": `fastft` itself takes no valued options), so a value
+    # spelled "train" (--output-dir train) stays
+    argv = list(argv)
+    known, _ = probe.parse_known_args(argv[argv.index("train") + 1:] if "train" in argv else argv)
     return set(vars(known))
 
 
@@ -348,6 +355,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
                  "reverse_kl_weight", "ce_weight"):
         need(getattr(cfg, name) >= 0, f"{flag(name)} must be at least 0, got {getattr(cfg, name)}")
     need(cfg.max_length >= 8, f"--max-length must be at least 8, got {cfg.max_length}")
+    need(0 <= cfg.seed < 2**32, f"--seed must be in [0, 2**32 - 1] (numpy's and accelerate's range), got {cfg.seed}")
     need(cfg.lr > 0 and cfg.lr == cfg.lr and cfg.lr != float("inf"), f"--lr must be a positive number, got {cfg.lr}")
     need(0.0 <= cfg.dropout < 1.0, f"--dropout must be a probability in [0, 1), got {cfg.dropout}")
     need(0.0 <= cfg.warmup_ratio <= 1.0, f"--warmup-ratio must be in [0, 1], got {cfg.warmup_ratio}")

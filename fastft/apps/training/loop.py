@@ -78,11 +78,38 @@ def maybe_patch(model, cfg: TrainConfig, device, log) -> bool:
 
 
 def lr_factor(cfg: TrainConfig):
-    """Linear warm-up over warmup_ratio·steps, then cosine / linear decay to 0, or constant."""
-    warm = max(1, int(cfg.steps * cfg.warmup_ratio))
-    decay = {"cosine": lambda s: 0.5 * (1 + math.cos(math.pi * s / cfg.steps)),
-             "linear": lambda s: 1.0 - s / cfg.steps, "constant": lambda s: 1.0}[cfg.schedule]
-    return lambda s: min(1.0, (s + 1) / warm) * decay(s)
+    """The factor of --lr at step s (0-based): linear warm-up over the first ceil(warmup_ratio·steps) steps, the
+    last of them at the peak, then cosine / linear decay from the peak towards 0 over the remaining steps (the
+    last step still trains: its factor is above 0), or constant."""
+    # ceil, as transformers' get_warmup_steps, of the product rounded first: 10 × 0.3 is 3.0000000000000004 in floats
+    warm = max(1, math.ceil(round(cfg.steps * cfg.warmup_ratio, 9)))
+    decay = {"cosine": lambda p: 0.5 * (1 + math.cos(math.pi * p)), "linear": lambda p: 1.0 - p,
+             "constant": lambda p: 1.0}[cfg.schedule]
+
+    def factor(s: int) -> float:
+        if s < warm:
+            return (s + 1) / warm
+        return decay((s - warm + 1) / (cfg.steps - warm + 1))  # p = 0 at the peak step, < 1 at the last
+    return factor
+
+
+# Settings a resumed run may change: they decide what is evaluated and saved, not what is trained.
+RESUME_MAY_CHANGE = ("resume", "output_dir", "save_every", "eval_every", "eval_examples", "eval_batch_size")
+
+
+def check_resumed_settings(cfg: TrainConfig, saved: dict | None, checkpoint: Path) -> None:
+    """A ConfigError naming every training setting that differs from the checkpoint's run: resuming with another
+    learning rate, rank, method or data would mix two runs (and a restored optimizer or scheduler keeps the old
+    values), so only the RESUME_MAY_CHANGE settings may differ."""
+    if saved is None:  # written before checkpoints kept their settings
+        return
+    now = to_yaml_dict(cfg)
+    changed = [f"--{k.replace('_', '-')} {saved.get(k)!r} -> {now[k]!r}" for k in now
+               if k not in RESUME_MAY_CHANGE and saved.get(k) != now[k]]
+    if changed:
+        raise ConfigError(f"--resume: {checkpoint} was written with other settings ({'; '.join(changed)}); resume "
+                          "with the run's own settings (its config.yaml: fastft train --config ... --resume), or "
+                          "start a new run in another --output-dir")
 
 
 def make_accelerator(cfg: TrainConfig):
@@ -282,6 +309,12 @@ def train(cfg: TrainConfig) -> dict:
     out = Path(cfg.output_dir)
     checkpoints = ckpt.Checkpoints(out, accelerator)
     resume_from = checkpoints.latest() if cfg.resume else None
+    if resume_from is not None:
+        check_resumed_settings(cfg, checkpoints.saved_config(resume_from), resume_from)
+    elif not cfg.resume and checkpoints.latest() is not None:
+        raise ConfigError(f"--output-dir {cfg.output_dir} holds checkpoints of an earlier run "
+                          f"({checkpoints.latest().name}); pass --resume to continue it, or choose another "
+                          "--output-dir (or delete that one) to start a new run")
     plan = BatchPlan(len(train_records), cfg.batch_size, cfg.grad_accum, world, cfg.seed)
     set_seed(cfg.seed)
 
@@ -361,7 +394,8 @@ def train(cfg: TrainConfig) -> dict:
         inner.save_pretrained(str(path), state_dict=weights)
 
     def trainer_state():
-        return {"scheduler": schedule.state_dict(), "plan": plan.state_dict(), "history": history}
+        return {"scheduler": schedule.state_dict(), "plan": plan.state_dict(), "history": history,
+                "config": to_yaml_dict(cfg)}
 
     if world > 1:  # same initialisation everywhere (above), but each process its own dropout masks from here on
         torch.manual_seed(cfg.seed * 1_000_003 + rank)
