@@ -458,6 +458,9 @@ def test_sequence_logprobs_and_dpo_match_reference():
     (dict(reduction="avg"), "reduction"),
     (dict(reduction="sum", num_items=4), "num_items.*mean"),
     (dict(num_items=0), "num_items.*positive"),
+    (dict(num_items=torch.tensor(0)), "num_items.*positive.*holding 0"),
+    (dict(num_items=torch.tensor(-5.0)), "num_items.*positive.*holding -5"),
+    (dict(num_items=torch.tensor(float("nan"))), "num_items.*positive.*holding nan"),
     (dict(softcap=-1.0), "softcap"),
     (dict(label_smoothing=1.5), "label_smoothing"),
     (dict(backend="cuda"), "backend"),
@@ -482,6 +485,10 @@ def test_bad_kl_and_dpo_input():
     lab = torch.zeros(2, 3, dtype=torch.long)
     with pytest.raises(ValueError, match="ref_chosen_logps.*\\(2,\\)"):
         linear_dpo_loss(hc, hc, w, lab, lab, ref_chosen_logps=torch.zeros(3), ref_rejected_logps=torch.zeros(2))
+    # (B, H) rows with (B,) labels would sum over the batch and broadcast one log-prob to every pair
+    with pytest.raises(ValueError, match=r"policy_chosen_hidden` must be \(B, S, H\), got shape \(2, 8\)"):
+        linear_dpo_loss(hc[:, 0], hc[:, 0], w, lab[:, 0], lab[:, 0], ref_chosen_logps=torch.zeros(2),
+                        ref_rejected_logps=torch.zeros(2))
 
 
 def test_backward_twice_is_refused():
@@ -499,3 +506,27 @@ def test_default_chunk_budget_env(monkeypatch):
     monkeypatch.setenv("FASTFT_LOSS_CHUNK_MIB", "zero")
     with pytest.raises(ValueError, match="FASTFT_LOSS_CHUNK_MIB"):
         chunked_logits.chunk_budget_bytes(torch.device("cpu"))
+
+
+@pytest.mark.parametrize("backend", ["torch"] + (["triton"] if HAS_TRITON else []))
+def test_fp16_weight_and_lora_gradients_do_not_overflow(backend, monkeypatch):
+    """fp16 keeps dlogits unscaled until backward (the 1/N would flush them): the token sums dW = dlᵀ·h, dB, dA
+    must not pass 65504 on their way to the fp32 accumulators. 2048 tokens of hidden ≈ 40 all labelled 0: the
+    unscaled chunk product is ~8e4 while the mean-loss gradient is ~35."""
+    monkeypatch.setenv("FASTFT_LORA_BACKEND", "torch")
+    g = torch.Generator().manual_seed(0)
+    T, H, V = 2048, 8, 16
+    h16 = (40.0 + 0.1 * torch.randn(T, H, generator=g)).half()
+    labels = torch.zeros(T, dtype=torch.long)
+    head = _lora_head("fastft", H=H, V=V, bias=False).half()
+    head.get_base_layer().weight.requires_grad_(True)
+    W, A, B = head.get_base_layer().weight, head.lora_A["default"].weight, head.lora_B["default"].weight
+    with torch.no_grad():
+        W.normal_(std=0.01, generator=g)
+    hidden = _leaf(h16)
+    got = _grads(lm_head_cross_entropy(hidden, head, labels, backend=backend), [hidden, W, A, B])
+    refs = [t.detach().double().requires_grad_(True) for t in (h16, W, A, B)]
+    logits = refs[0] @ (refs[1] + head.scaling["default"] * refs[3] @ refs[2]).t()
+    want = _grads(F.cross_entropy(logits, labels), refs)
+    for name, a, b in zip(["hidden", "weight", "lora_A", "lora_B"], got, want):
+        assert rel_err(a, b) <= 5e-3, name

@@ -96,3 +96,98 @@ def test_fused_token_loss_trains_a_lora_lm_head():
     assert torch.allclose(fused, plain, rtol=1e-5)
     for a, b in zip(fused_grads, plain_grads):
         assert a.abs().sum() > 0 and torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def _packed_docs(lengths, vocab=128, seed=0, prompt=3):
+    from fastft.apps.training.data import Example
+
+    g = torch.Generator().manual_seed(seed)
+    docs = [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
+    return [Example(ids, [-100] * prompt + ids[prompt:]) for ids in docs]
+
+
+def _sequence_logprobs_from_logits(model, batch):
+    """Σ log p(target) per document from the model's own full logits (adapters as the caller set them)."""
+    from fastft.apps.training.objectives import _model_inputs
+
+    logp = model(**_model_inputs(batch), use_cache=False).logits.double()[:, :-1].log_softmax(-1)
+    targets = batch["labels"][:, 1:]
+    keep = targets != -100
+    token = logp.gather(-1, targets.clamp(min=0)[..., None])[..., 0]
+    return torch.zeros(batch["num_documents"], dtype=torch.float64).index_add_(
+        0, batch["document_ids"][:, :-1][keep], token[keep])
+
+
+@pytest.mark.parametrize("head", ["none", "lora", "modules_to_save"])
+def test_dpo_reference_is_the_whole_model_without_adapters(head):
+    """The reference log-probs come from the model with adapters disabled, its lm_head included: with a LoRA or a
+    modules_to_save lm_head the trained head must not leak into the reference."""
+    import torch.nn.functional as F
+    from peft import LoraConfig
+
+    import fastft
+    from fastft.apps.training.data import Pair, pack
+    from fastft.apps.training.objectives import ObjectiveModel
+    from tests.utils import randomize_lora_B, tiny_llama
+
+    targets = ["q_proj", "lm_head"] if head == "lora" else ["q_proj"]
+    config = LoraConfig(r=4, target_modules=targets, modules_to_save=["lm_head"] if head == "modules_to_save" else None)
+    model = fastft.get_peft_model(tiny_llama(0, attn_implementation="eager"), config).train()
+    randomize_lora_B(model)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "modules_to_save" in name:
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(2)) * 0.1)
+    docs = _packed_docs([8, 10, 6, 12])
+    batch = pack([Pair(docs[0], docs[1]), Pair(docs[2], docs[3])], pad_token_id=0, flash_kwargs=False)
+    got, _ = ObjectiveModel(model, "dpo", dpo_beta=0.5)(batch)
+    with torch.no_grad():
+        policy = _sequence_logprobs_from_logits(model, batch)
+        with model.disable_adapter():
+            ref = _sequence_logprobs_from_logits(model, batch)
+    want = -F.logsigmoid(0.5 * ((policy[0::2] - ref[0::2]) - (policy[1::2] - ref[1::2]))).sum()
+    assert got.item() == pytest.approx(want.item(), rel=1e-5)
+
+
+def _tiny_gemma2(cap):
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Gemma2Config(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64,
+                          final_logit_softcapping=cap, attn_implementation="eager", tie_word_embeddings=False)
+    model = Gemma2ForCausalLM(config).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20)  # logits large enough for the cap to matter
+    return model
+
+
+@pytest.mark.parametrize("cap", [None, 5.0])
+def test_objectives_apply_the_final_logit_softcap(cap):
+    """Gemma 2/3 softcap their logits after the head; the objectives apply the head themselves: SFT's loss
+    equals the model's own, and distillation from the model itself is 0 with the cap applied to both sides."""
+    from fastft.apps.training.data import pack
+    from fastft.apps.training.objectives import ObjectiveModel, _model_inputs
+
+    model = _tiny_gemma2(cap)
+    batch = pack(_packed_docs([20, 9], prompt=4), pad_token_id=0, flash_kwargs=False)
+    sft = ObjectiveModel(model, "sft").eval()
+    with torch.no_grad():
+        got = float(sft(batch)[0]) / sft.count(batch)
+        want = float(model(**_model_inputs(batch), labels=batch["labels"], use_cache=False).loss)
+        student, _ = ObjectiveModel(model, "distill", teacher=_tiny_gemma2(cap), kl_weight=0.0,
+                                    ce_weight=1.0).eval()(batch)
+    assert got == pytest.approx(want, rel=1e-5)
+    assert float(student) / sft.count(batch) == pytest.approx(want, rel=1e-5)
+
+
+def test_objectives_refuse_logit_scaling_they_do_not_apply():
+    from transformers import CohereConfig, CohereForCausalLM
+
+    from fastft.apps.training.config import ConfigError
+    from fastft.apps.training.objectives import ObjectiveModel
+
+    model = CohereForCausalLM(CohereConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                                           num_attention_heads=4, num_key_value_heads=2, logit_scale=0.0625))
+    with pytest.raises(ConfigError, match=r"config.logit_scale = 0.0625"):
+        ObjectiveModel(model, "sft")

@@ -15,6 +15,7 @@ Two autograd Functions share that loop:
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Callable
@@ -29,7 +30,8 @@ from fastft.quant.nf4_weight import NF4Weight
 # read-modify-write traffic (2·V·H·2 B per chunk) at the cost of memory (benchmarks/gpu_losses.py sweeps both)
 DEFAULT_CHUNK_MIB = {"cuda": 96, "cpu": 32}
 # dW is accumulated in fp32 when that accumulator (and one chunk's bf16 product) fits this; otherwise in W's
-# dtype by addmm (fp32 inside each GEMM, one rounding per chunk).
+# dtype by addmm (fp32 inside each GEMM, one rounding per chunk). fp16 always in fp32: its dlogits are left unscaled
+# (eager_losses), and their sum over all tokens would overflow fp16.
 FP32_WEIGHT_GRAD_MIB = 256
 
 
@@ -135,10 +137,22 @@ class Grads:
 
 
 def weight_grad_dtype(weight: torch.Tensor) -> torch.dtype:
-    """The dtype dW is accumulated in: fp32 when small (or W is fp32), else W's."""
-    if weight.dtype == torch.float32 or weight.numel() * 4 <= FP32_WEIGHT_GRAD_MIB * 2**20:
+    """The dtype dW is accumulated in: fp32 when small (or W is fp32 or fp16), else W's."""
+    if weight.dtype in (torch.float32, torch.float16) or weight.numel() * 4 <= FP32_WEIGHT_GRAD_MIB * 2**20:
         return torch.float32
     return weight.dtype
+
+
+def add_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0) -> None:
+    """acc (fp32) += alpha·(a @ b), the product made in a's dtype. In fp16 a sum of n rows can pass 65504 before
+    it reaches the fp32 accumulator (dlogits are unscaled there, see eager_losses): the GEMM (fp32 inside) scales
+    it by 2^-ceil(log2 n) before rounding, an exact power of two that keeps each entry within max|a|·max|b|."""
+    if a.dtype != torch.float16:
+        prod = (a @ b).float()
+        acc += prod if alpha == 1.0 else prod * alpha
+        return
+    shrink = 2.0 ** -math.ceil(math.log2(max(a.shape[1], 1)))
+    acc.add_(torch.addmm(a.new_empty(()), a, b, beta=0, alpha=shrink), alpha=alpha / shrink)
 
 
 def _weight_grad_buffer(weight: torch.Tensor) -> torch.Tensor:
@@ -255,13 +269,13 @@ def run_chunks(plan: Plan, head: Head, h2: torch.Tensor, scale: torch.Tensor, lo
             elif grads.weight.dtype == head.dtype:
                 grads.weight.addmm_(dl.t(), hc)
             else:
-                grads.weight += (dl.t() @ hc).float()
+                add_product(grads.weight, dl.t(), hc)
         if grads.bias is not None:
             grads.bias += dl.sum(0, dtype=torch.float32)
         if grads.lora_B is not None:
-            grads.lora_B += (dl.t() @ hA).float() * head.scaling
+            add_product(grads.lora_B, dl.t(), hA, head.scaling)
         if grads.lora_A is not None:
-            grads.lora_A += (u.t() @ hd).float() * head.scaling
+            add_product(grads.lora_A, u.t(), hd, head.scaling)
     return grads
 
 

@@ -91,6 +91,12 @@ def _check_options(op: str, reduction: str, ignore_index, num_items, backend: st
         check(num_items.numel() == 1 and not num_items.dtype == torch.bool,
                lambda: f"{op}: `num_items` must be a number or a one-element tensor, got shape "
                        f"{tuple(num_items.shape)}")
+        # its value too (a 0 would give inf, a negative count a flipped loss), where a read is allowed: as the
+        # label range check, not while torch.compile traces or a CUDA graph is captured
+        if not compiling() and not capturing(num_items.device):
+            value = float(num_items)
+            check(value > 0 and math.isfinite(value), lambda: f"{op}: `num_items` must be a positive number, got "
+                                                              f"a tensor holding {value}")
     else:
         check(isinstance(num_items, numbers.Real) and not isinstance(num_items, bool) and num_items > 0
                and math.isfinite(num_items), lambda: f"{op}: `num_items` must be a positive number, got {num_items!r}")
@@ -284,7 +290,7 @@ def linear_dpo_loss(policy_chosen_hidden, policy_rejected_hidden, weight, chosen
                     ("ref_chosen_logps", ref_chosen_logps), ("ref_rejected_logps", ref_rejected_logps)):
         _check_tensor(op, name, t)
     for name, h in (("policy_chosen_hidden", policy_chosen_hidden), ("policy_rejected_hidden", policy_rejected_hidden)):
-        check(h.dim() >= 2, lambda: f"{op}: `{name}` must be (B, S, H), got shape {tuple(h.shape)}")
+        check(h.dim() == 3, lambda: f"{op}: `{name}` must be (B, S, H), got shape {tuple(h.shape)}")
     B = policy_chosen_hidden.shape[0]
     check(policy_rejected_hidden.shape[0] == B and policy_rejected_hidden.shape[-1] == policy_chosen_hidden.shape[-1],
            lambda: f"{op}: `policy_rejected_hidden` {tuple(policy_rejected_hidden.shape)} must match the batch and "

@@ -22,45 +22,47 @@ from fastft.ops.linear_losses import lm_head_cross_entropy
 # at a time, so no (tokens × vocab) logits tensor is made and a LoRA adapter on lm_head gets its gradient.
 # head None: `hidden` are logits already (peft prompt-learning models).
 
-def _logits(hidden, head) -> torch.Tensor:
-    """head(hidden) in fp32 (or `hidden` itself when head is None)."""
-    return (hidden if head is None else head(hidden)).float()
+def _logits(hidden, head, softcap=None) -> torch.Tensor:
+    """head(hidden) in fp32, softcapped (or `hidden` itself when head is None: the model's own logits)."""
+    if head is None:
+        return hidden.float()
+    logits = head(hidden).float()
+    return logits if softcap is None else softcap * torch.tanh(logits / softcap)
 
 
-def token_cross_entropy_sum(hidden, head, targets) -> torch.Tensor:
+def token_cross_entropy_sum(hidden, head, targets, softcap=None) -> torch.Tensor:
     """Σ CE(head(hidden), targets) over rows, through fastft.ops.lm_head_cross_entropy."""
     if head is None:
         return F.cross_entropy(hidden.float(), targets, reduction="sum")
-    return lm_head_cross_entropy(hidden, head, targets, reduction="sum")
+    return lm_head_cross_entropy(hidden, head, targets, reduction="sum", softcap=softcap)
 
 
-def _sequence_logprobs(hidden, head, targets, target_docs, num_docs) -> torch.Tensor:
+def sequence_logprobs(hidden, head, targets, target_docs, num_docs, softcap=None) -> torch.Tensor:
+    """Σ log p(target) per document (num_docs of them)."""
     if head is None:
         logp = -F.cross_entropy(hidden.float(), targets, reduction="none")
     else:
-        logp = -lm_head_cross_entropy(hidden, head, targets, reduction="none")
+        logp = -lm_head_cross_entropy(hidden, head, targets, reduction="none", softcap=softcap)
     return logp.new_zeros(num_docs).index_add_(0, target_docs, logp)
 
 
-def dpo_loss_sum(hidden, ref_hidden, head, targets, target_docs, num_docs, beta):
-    """Σ over pairs of −log σ(β·((π_c − ref_c) − (π_r − ref_r))), documents alternating chosen, rejected;
-    also the number of pairs whose implicit reward prefers the chosen. Sequence log-probs through the fused
-    per-token cross-entropy (fastft.ops.linear_dpo_loss is the same loss for separate chosen/rejected batches)."""
-    policy = _sequence_logprobs(hidden, head, targets, target_docs, num_docs)
-    with torch.no_grad():
-        ref = _sequence_logprobs(ref_hidden, head, targets, target_docs, num_docs)
+def dpo_loss_sum(policy, ref, beta):
+    """Σ over pairs of −log σ(β·((π_c − ref_c) − (π_r − ref_r))) from the documents' sequence log-probs,
+    alternating chosen, rejected; also the number of pairs whose implicit reward prefers the chosen
+    (fastft.ops.linear_dpo_loss is the same loss for separate chosen/rejected batches)."""
     margin = beta * ((policy[0::2] - ref[0::2]) - (policy[1::2] - ref[1::2]))
     return -F.logsigmoid(margin).sum(), (margin > 0).sum()
 
 
 def distill_loss_sum(hidden, head, teacher_hidden, teacher_head, targets, *,
-                     kl_weight, reverse_kl_weight, ce_weight, temperature) -> torch.Tensor:
+                     kl_weight, reverse_kl_weight, ce_weight, temperature, softcap=None,
+                     teacher_softcap=None) -> torch.Tensor:
     """Σ over target tokens of kl·T²·KL(teacher‖student) + rkl·T²·KL(student‖teacher) + ce·CE(student, labels).
     The heads run in torch here, so a LoRA or NF4 head trains too; fastft.ops.linear_kl_div is the fused form for
     plain head weights."""
-    student = _logits(hidden, head)
+    student = _logits(hidden, head, softcap)
     with torch.no_grad():
-        teacher = _logits(teacher_hidden, teacher_head)
+        teacher = _logits(teacher_hidden, teacher_head, teacher_softcap)
     s_log = F.log_softmax(student / temperature, -1)
     t_log = F.log_softmax(teacher / temperature, -1)
     loss = student.new_zeros(())
@@ -78,6 +80,25 @@ def distill_loss_sum(hidden, head, teacher_hidden, teacher_head, targets, *,
 def _is_prompt_learning(model) -> bool:
     config = getattr(model, "active_peft_config", None)
     return bool(getattr(config, "is_prompt_learning", False))
+
+
+# Logit scalings after the head that the objectives (which apply the head themselves) do not reproduce: such a
+# model is refused rather than trained on other logits than its own.
+_UNSUPPORTED_LOGIT_SCALING = ("logit_scale", "logits_scaling")  # Cohere multiplies, Granite divides
+
+
+def final_softcap(model: nn.Module) -> float | None:
+    """The cap of the model's final logit softcapping (Gemma 2/3: cap·tanh(logits/cap)), None without one."""
+    from fastft.apps.training.config import ConfigError
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(base, "config", None)
+    for attr in _UNSUPPORTED_LOGIT_SCALING:
+        value = getattr(config, attr, None)
+        if value is not None and value != 1:
+            raise ConfigError(f"{type(base).__name__} scales its logits after the head (config.{attr} = {value}), "
+                              "which fastft train's objectives do not apply; this architecture is not supported")
+    return getattr(config, "final_logit_softcapping", None)
 
 
 def causal_lm_parts(model: nn.Module):
@@ -138,8 +159,10 @@ class ObjectiveModel(nn.Module):
         self.objective = objective
         self._teacher = (teacher,)
         self.dpo_beta = dpo_beta
+        self.softcap = final_softcap(model)
         self.distill = dict(kl_weight=kl_weight, reverse_kl_weight=reverse_kl_weight, ce_weight=ce_weight,
-                            temperature=temperature)
+                            temperature=temperature, softcap=self.softcap,
+                            teacher_softcap=None if teacher is None else final_softcap(teacher))
 
     def count(self, batch: dict) -> int:
         """What the step's loss is averaged over: target tokens, or pairs for dpo."""
@@ -151,21 +174,25 @@ class ObjectiveModel(nn.Module):
         hidden, targets, docs, head = hidden_at_targets(self.model, batch)
         stats = {}
         if self.objective == "dpo":
+            n = batch["num_documents"]
+            policy = sequence_logprobs(hidden, head, targets, docs, n, self.softcap)
+            # the reference is the whole model without adapters, its head included (a LoRA or modules_to_save
+            # lm_head is adapted too): the head is applied inside the same block
             with torch.no_grad(), self.model.disable_adapter():
-                ref_hidden = hidden_at_targets(self.model, batch)[0]
-            loss, stats["preferred"] = dpo_loss_sum(hidden, ref_hidden, head, targets, docs,
-                                                    batch["num_documents"], self.dpo_beta)
+                ref_hidden, _, _, ref_head = hidden_at_targets(self.model, batch)
+                ref = sequence_logprobs(ref_hidden, ref_head, targets, docs, n, self.softcap)
+            loss, stats["preferred"] = dpo_loss_sum(policy, ref, self.dpo_beta)
         elif self.objective == "distill":
             with torch.no_grad():
                 t_hidden, _, _, t_head = hidden_at_targets(self._teacher[0], batch)
             loss = distill_loss_sum(hidden, head, t_hidden, t_head, targets, **self.distill)
             with torch.no_grad():
-                stats["ce"] = token_cross_entropy_sum(hidden, head, targets)
+                stats["ce"] = token_cross_entropy_sum(hidden, head, targets, self.softcap)
         else:
-            loss = token_cross_entropy_sum(hidden, head, targets)
+            loss = token_cross_entropy_sum(hidden, head, targets, self.softcap)
             if not self.training and "choices" in batch:  # classification: accuracy among the label words
                 with torch.no_grad():
                     choices = batch["choices"].to(hidden.device)[docs]
-                    logits = _logits(hidden, head).gather(1, choices)
+                    logits = _logits(hidden, head, self.softcap).gather(1, choices)
                     stats["hits"] = (choices.gather(1, logits.argmax(1, keepdim=True))[:, 0] == targets).sum()
         return loss, stats
