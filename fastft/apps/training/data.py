@@ -2,6 +2,7 @@
 
 Records (one per jsonl line): `{"text": ...}` (every token trained), `{"messages": [...]}` (a chat rendered by
 the tokenizer's chat template, loss on assistant turns only) or, for dpo, `{"prompt", "chosen", "rejected"}`.
+Other keys are ignored: the objective, not a record's keys, decides whether it is a pair.
 The built-in classification tasks become prompt → label-word documents; the built-in instruction set turns
 the same real text into chat instructions ("Is this review positive or negative?" → "positive", and "Write a
 positive movie review." → a real review), generated deterministically, no network.
@@ -25,6 +26,10 @@ from fastft.apps.training.config import INSTRUCTIONS, ConfigError, TrainConfig
 from fastft.integration.packing import IGNORE_INDEX, PackingCollator
 
 _ROLES = ("system", "user", "assistant")
+_PAIR_KEYS = ("prompt", "chosen", "rejected")
+# marks the built-in classification records (made by load_records); read_jsonl drops it from user records, so a
+# user's own keys ("task", "label", ...) are never taken for it
+BUILTIN_TASK = "_fastft_builtin_task"
 
 
 class DataError(ConfigError):
@@ -52,9 +57,16 @@ def _record_problem(record, objective: str) -> str | None:
     if not isinstance(record, dict):
         return f"expected a JSON object, got {type(record).__name__}"
     if objective == "dpo":
-        for key in ("prompt", "chosen", "rejected"):
+        for key in _PAIR_KEYS:
             if not isinstance(record.get(key), str):
                 return f"a dpo record needs string fields prompt, chosen, rejected ('{key}' is missing or not text)"
+        if not record["prompt"].strip():  # the answers' first token would open the document: never trained
+            return "'prompt' is empty; a dpo record needs the prompt the two answers respond to"
+        for key in ("chosen", "rejected"):
+            if not record[key]:
+                return f"'{key}' is empty; a dpo record needs two non-empty answers"
+        if record["chosen"] == record["rejected"]:
+            return "'chosen' and 'rejected' are the same text: there is no preference to learn"
         return None
     if "text" in record:
         return None if isinstance(record["text"], str) and record["text"] else "'text' must be a non-empty string"
@@ -74,8 +86,13 @@ def _record_problem(record, objective: str) -> str | None:
 def read_jsonl(path: str | Path, objective: str) -> list[dict]:
     """Every record of a jsonl file, checked; a DataError names the file and line of the first bad one."""
     records = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:  # bytes, decoded line by line: a decoding error then names its line
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # a byte-order mark may open the file
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not UTF-8 text (byte 0x{raw[e.start]:02x} at byte {e.start + 1}); "
+                                "the data file must be UTF-8: convert it (e.g. iconv -f latin1 -t utf-8)") from None
             if not line.strip():
                 continue
             try:
@@ -85,6 +102,7 @@ def read_jsonl(path: str | Path, objective: str) -> list[dict]:
             problem = _record_problem(record, objective)
             if problem:
                 raise DataError(f"{path}:{lineno}: {problem}")
+            record.pop(BUILTIN_TASK, None)
             records.append(record)
     if not records:
         raise DataError(f"{path}: no records")
@@ -148,22 +166,35 @@ def load_records(cfg: TrainConfig) -> tuple[list[dict], list[dict], str]:
         train, evaluation = builtin_preferences(cfg.task, cfg.seed)
         return train, evaluation[: cfg.eval_examples], f"{cfg.task} as preference pairs (right vs wrong label word)"
     task = load_task(cfg.task, seed=cfg.seed)
-    train = [{"task": cfg.task, "text": t, "label": y} for t, y in task.train]
-    evaluation = [{"task": cfg.task, "text": t, "label": y} for t, y in task.eval[: cfg.eval_examples]]
+    train = [{BUILTIN_TASK: cfg.task, "text": t, "label": y} for t, y in task.train]
+    evaluation = [{BUILTIN_TASK: cfg.task, "text": t, "label": y} for t, y in task.eval[: cfg.eval_examples]]
     return train, evaluation, f"{task.description} (split seed {cfg.seed})"
 
 
 # ---------------------------------------------------------------------------------------------- tokenizing
 
 class Encoder:
-    """Records → Examples / Pairs for one tokenizer, memoised (records are encoded when first batched)."""
+    """Records → Examples / Pairs for one tokenizer, memoised (records are encoded when first batched).
 
-    def __init__(self, tokenizer, max_length: int):
+    objective: the run's --objective; under dpo every record is a pair, under the others none is.
+    """
+
+    def __init__(self, tokenizer, max_length: int, objective: str = "sft"):
         self.tokenizer = tokenizer
         self.max_length = max_length
-        self.eos = tokenizer.eos_token_id
+        self.objective = objective
         self._label_ids: dict[str, tuple[int, ...]] = {}
         self._templates: dict[str, str] = {}
+
+    @property
+    def eos(self) -> int:
+        # Text documents and dpo answers end with it, so the model learns to stop; training them without it
+        # would teach a model that never ends, so a tokenizer without one is refused rather than worked around.
+        eos = self.tokenizer.eos_token_id
+        if eos is None:
+            raise ConfigError("the tokenizer has no end-of-sequence token, which text records and dpo answers end "
+                              "with; set one (\"eos_token\" in its tokenizer_config.json, or tokenizer.eos_token)")
+        return eos
 
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -182,26 +213,40 @@ class Encoder:
             self._label_ids[task_name] = tuple(ids)
         return self._label_ids[task_name]
 
+    def kind(self, record: dict) -> str:
+        """"pair", "classification", "text" or "chat"; "text" wins over "messages" as in _record_problem."""
+        if self.objective == "dpo":
+            return "pair"
+        if BUILTIN_TASK in record:
+            return "classification"
+        return "text" if "text" in record else "chat"
+
     def encode(self, record: dict):
-        if "chosen" in record:
+        kind = self.kind(record)
+        if kind == "pair":
             return self.pair(record)
-        if "task" in record:
+        if kind == "classification":
             return self.classification(record)
-        if "messages" in record:
+        if kind == "chat":
             return self.chat(record["messages"])
         ids = (self.tokenizer(record["text"])["input_ids"] + [self.eos])[: self.max_length]
         return Example(ids, list(ids))
 
     def classification(self, record: dict) -> Example:
         """Prompt cut from the left (the template's tail stays) + the label word, the only trained token."""
-        choices = self.label_ids(record["task"])
-        prompt = self._ids(self._templates[record["task"]].format(text=record["text"]))[-(self.max_length - 1):]
+        name = record[BUILTIN_TASK]
+        choices = self.label_ids(name)
+        prompt = self._ids(self._templates[name].format(text=record["text"]))[-(self.max_length - 1):]
         return Example(prompt + [choices[record["label"]]], [IGNORE_INDEX] * len(prompt) + [choices[record["label"]]],
                        choices)
 
     def chat(self, messages: list[dict]) -> Example:
         """The template rendered after each turn; the text each assistant turn adds is trained (its end-of-turn
-        token included, so the model learns to stop), the rest (system, user, generation prompts) is not."""
+        token included, so the model learns to stop), the rest (system, user, generation prompts) is not.
+
+        A chat longer than max_length keeps its first max_length tokens if they hold its last trained token,
+        else the max_length tokens that end at it: the earliest context is dropped (as a classification prompt
+        is cut from its left), never the final answer and its end-of-turn."""
         template = self.tokenizer.apply_chat_template
         ids, labels, done = [], [], ""
         for i, message in enumerate(messages):
@@ -217,7 +262,9 @@ class Encoder:
                 ids += piece
                 labels += piece if trained else [IGNORE_INDEX] * len(piece)
                 done = text
-        return Example(ids[: self.max_length], labels[: self.max_length])
+        last = max((i for i, label in enumerate(labels) if label != IGNORE_INDEX), default=0)
+        start = max(0, last + 1 - self.max_length)
+        return Example(ids[start: start + self.max_length], labels[start: start + self.max_length])
 
     def pair(self, record: dict) -> Pair:
         """Responses (with end of sequence) keep at most half the length; the prompt is cut from its left."""
@@ -229,12 +276,17 @@ class Encoder:
         return Pair(chosen, rejected)
 
 
-def check_tokenizer(tokenizer, records: list[dict]) -> None:
-    """Fail before the model loads when the tokenizer cannot encode the data (no chat template, ...)."""
-    encoder = Encoder(tokenizer, 64)
-    if any("messages" in r for r in records[:1]) and not getattr(tokenizer, "chat_template", None):
+def check_tokenizer(tokenizer, records: list[dict], objective: str = "sft") -> None:
+    """Fail before the model loads when the tokenizer cannot encode the data (no chat template, no end of
+    sequence, ...): one record of each kind is encoded."""
+    encoder = Encoder(tokenizer, 64, objective)
+    first = {}
+    for record in records:
+        first.setdefault(encoder.kind(record), record)
+    if "chat" in first and not getattr(tokenizer, "chat_template", None):
         raise ConfigError("the data has chat records but the tokenizer has no chat template")
-    encoder.encode(records[0])
+    for record in first.values():
+        encoder.encode(record)
 
 
 # --------------------------------------------------------------------------------------------------- batches
