@@ -83,3 +83,11 @@ def assert_round_trips_with_peft(ours, tmp_path, what: str = "", peft_model=None
     with torch.no_grad():
         assert_close(by_fastft(input_ids=batch).logits, want, torch.float32, f"{label}peft → fastft")
     return by_fastft
+
+
+def unfreeze_base_weights(*models, modules=("q_proj",)):
+    """Train the base weights of these adapted modules too (a partly unfrozen base): their gradients must come back."""
+    for model in models:
+        for name, p in model.named_parameters():
+            if any(name.endswith(f"{m}.base_layer.weight") for m in modules):
+                p.requires_grad_(True)

@@ -126,6 +126,7 @@ def test_apply_method_and_peft_refusal():
     (dict(placement="after_everything"), r"BottleneckAdapterConfig.placement='after_everything'.*pfeiffer"),
     (dict(activation="gelu"), r"BottleneckAdapterConfig.activation='gelu'.*relu"),
     (dict(mlp_output_modules=()), r"BottleneckAdapterConfig.mlp_output_modules=\(\)"),
+    (dict(init_std=0.0), r"BottleneckAdapterConfig.init_std=0.0.*\(0, 1\)"),  # both projections would stay 0
 ])
 def test_bad_configs_are_named(kwargs, message):
     with pytest.raises(ValueError, match=message):

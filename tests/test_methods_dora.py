@@ -10,7 +10,8 @@ import fastft
 from fastft.integration.methods.dora import FusedDoraLinear, FusedQDoraLinear
 from fastft.ops.dora import dora_linear, dora_linear_reference, dora_row_norm
 from fastft.quant.nf4_weight import NF4Weight, quantize_nf4
-from tests.methods_utils import assert_round_trips_with_peft, assert_same_step, fastft_and_peft, ids, perturb_trainables, step
+from tests.methods_utils import (assert_round_trips_with_peft, assert_same_step, fastft_and_peft, ids, perturb_trainables,
+                                 step, unfreeze_base_weights)
 from tests.utils import ALL_LINEAR, INTERPRET, assert_close, interpreter_only, tiny_llama
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -201,3 +202,14 @@ def test_nf4_dora_saves_loads_and_merges(tmp_path):
         merged = fastft.merge_and_unload(loaded)
         assert not any(hasattr(m, "lora_A") for m in merged.modules())
         assert_close(merged(input_ids=batch).logits, want, torch.float32, "merged QDoRA")
+
+
+@interpreter_only
+def test_a_trainable_base_weight_gets_its_gradient(monkeypatch):
+    """The fused op treats W as frozen: a W that requires grad takes the torch path and gets peft's gradient."""
+    monkeypatch.setenv("FASTFT_LORA_BACKEND", "triton")
+    ours, theirs = _pair()
+    unfreeze_base_weights(ours, theirs)
+    got, want = step(ours, ids()), step(theirs, ids())
+    assert sum(n.endswith("base_layer.weight") for n in got[1]) == 2
+    assert_same_step(got, want, "DoRA with trainable base weights")

@@ -10,7 +10,8 @@ from peft import IA3Config
 import fastft
 from fastft.integration.methods.ia3 import FusedIA3Linear
 from fastft.ops.ia3 import ia3_linear, ia3_linear_reference
-from tests.methods_utils import assert_round_trips_with_peft, assert_same_step, fastft_and_peft, ids, step
+from tests.methods_utils import (assert_round_trips_with_peft, assert_same_step, fastft_and_peft, ids, step,
+                                 unfreeze_base_weights)
 from tests.utils import INTERPRET, assert_close, interpreter_only, tiny_llama
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -108,3 +109,14 @@ def test_lora_gemm_scale_features_against_fp64(dtype, b_nk, tail, col, kscale):
         ref = ref + lo.double() @ t.double().t()
     ref = ref * (cs.double() if col else 1.0) + bias.double()
     assert_close(got, ref, dtype, "c")
+
+
+@interpreter_only
+def test_a_trainable_base_weight_gets_its_gradient(monkeypatch):
+    """The fused op treats W as frozen: a W that requires grad takes the torch path and gets peft's gradient."""
+    monkeypatch.setenv("FASTFT_LORA_BACKEND", "triton")
+    ours, theirs = fastft_and_peft(_config)
+    unfreeze_base_weights(ours, theirs, modules=("k_proj", "down_proj"))  # an output and a feedforward layer
+    got, want = step(ours, ids()), step(theirs, ids())
+    assert sum(n.endswith("base_layer.weight") for n in got[1]) == 4
+    assert_same_step(got, want, "IA3 with trainable base weights")

@@ -1,14 +1,16 @@
 """Prefix tuning: fastft's room feeds each layer's prefix to flash_attention's prefix_k/prefix_v (no
 concatenated K/V, no cache object) and matches peft's PrefixTuningConfig (its KV-cache path on SDPA) in logits
 and gradients, with and without padding; save/load both ways with peft."""
+import peft
 import pytest
 import torch
 from peft import PrefixTuningConfig
 
 import fastft
 from fastft.integration.methods.prefix import FastftPrefixModel
-from tests.methods_utils import assert_round_trips_with_peft, assert_same_step, fastft_and_peft, ids, step
-from tests.utils import INTERPRET, tiny_llama
+from tests.methods_utils import (assert_round_trips_with_peft, assert_same_step, copy_trainables, fastft_and_peft, ids,
+                                 perturb_trainables, step)
+from tests.utils import INTERPRET, assert_close, tiny_llama
 
 
 def _config(**kw):
@@ -93,3 +95,48 @@ def test_gradient_checkpointing_keeps_the_prefix():
     ours.train(), theirs.train()
     ours.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     assert_same_step(step(ours, ids()), step(theirs, ids()), "prefix tuning with checkpointing")
+
+
+def _step_with_positions(model, batch, position_ids):
+    model.zero_grad(set_to_none=True)
+    out = model(input_ids=batch, position_ids=position_ids, labels=batch)
+    out.loss.backward()
+    return out.logits.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_caller_position_ids_are_shifted_past_the_prefix_as_peft_does():
+    """peft adds the prefix length to the caller's position_ids; packed documents (positions restarting at 0) then
+    each match their own run."""
+    ours, theirs = _pair()
+    batch = ids()
+    positions = torch.arange(9).expand(2, -1)
+    assert_same_step(_step_with_positions(ours, batch, positions), _step_with_positions(theirs, batch, positions),
+                     "prefix tuning with position_ids")
+    docs = [ids(batch=1, seq=n, seed=s) for n, s in ((4, 1), (6, 2))]
+    packed = torch.cat(docs, 1)
+    restart = torch.cat([torch.arange(d.shape[1]) for d in docs])[None]
+    with torch.no_grad():
+        together = ours(input_ids=packed, position_ids=restart).logits[0]
+        alone = torch.cat([ours(input_ids=d).logits[0] for d in docs])
+    assert_close(together, alone, torch.float32, "packed documents vs each alone")
+
+
+def test_a_sliding_window_smaller_than_prefix_plus_sequence_is_refused():
+    """peft's prefix sits at cache positions 0..P-1, where the window hides it from far queries; fastft's op shows
+    it to every query: exact (and equal to peft) while P + S <= window, refused beyond."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    def mistral():
+        torch.manual_seed(0)
+        return MistralForCausalLM(MistralConfig(vocab_size=128, hidden_size=64, intermediate_size=96,
+                                                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                                head_dim=16, sliding_window=12, max_position_embeddings=64))
+
+    ours = fastft.get_peft_model(mistral(), _config())
+    theirs = peft.get_peft_model(mistral(), _config())
+    perturb_trainables(ours)
+    copy_trainables(ours, theirs)
+    batch = ids(seq=7)  # 5 virtual tokens + 7 = the window
+    assert_same_step(step(ours, batch), step(theirs, batch), "prefix tuning inside the window")
+    with pytest.raises(ValueError, match="5 virtual tokens \\+ a 8-token sequence pass the window of 12"):
+        ours(input_ids=ids(seq=8))

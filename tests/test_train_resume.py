@@ -131,5 +131,7 @@ def test_resume_refuses_changed_settings_and_a_new_run_refuses_old_checkpoints(t
     assert "--resume:" in err and "--lr 0.001 -> 0.01" in err and "--rank 16 -> 8" in err and "save-every" not in err
     assert (out / "config.yaml").read_text() == saved
     assert "holds checkpoints of an earlier run (step-00000002); pass --resume" in error(short)
+    # --steps only where no learning rate depends on it
+    assert "--steps 2 -> 3" in error([*short, "--resume", "--steps", "3"])
     # settings that only decide what is evaluated and saved may change
     assert main([*short, "--resume", "--eval-examples", "2", "--save-every", "3"]) == 0

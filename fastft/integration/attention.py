@@ -59,8 +59,24 @@ def _longest(max_q, max_k):
     return max(_as_int(max_q), _as_int(max_k))
 
 
+def _check_prefix_window(kw: dict, longest) -> None:
+    """peft keeps a prefix in the KV cache at positions 0..P-1, where a sliding window hides it from the queries
+    from position `window` on; fastft's op shows it to every query. Exact while no query is that far (P + the
+    longest sequence <= window), refused beyond (`longest` None, under torch.compile, is not checked)."""
+    window, prefix = kw.get("window"), kw.get("prefix_k")
+    if window is None or prefix is None or longest is None:
+        return
+    P = prefix.shape[1]
+    if P + longest > window:
+        raise ValueError(f"attn_implementation='fastft': prefix tuning on a sliding-window model: {P} virtual tokens "
+                         f"+ a {longest}-token sequence pass the window of {window} tokens, past which peft's prefix "
+                         "is no longer attended; keep sequences within window - num_virtual_tokens tokens, or use "
+                         "peft's own prefix tuning")
+
+
 def _varlen(q, k, v, cu, max_len, **kw):
     """(1, T, H, D) packed row -> (T, H, D) documents -> back."""
+    _check_prefix_window(kw, max_len)
     out = flash_attention(q.reshape(-1, *q.shape[-2:]), k.reshape(-1, *k.shape[-2:]), v.reshape(-1, *v.shape[-2:]),
                           cu_seqlens=cu, max_seqlen=max_len, backend=_backend, **kw)
     return out.view(q.shape)
@@ -73,7 +89,9 @@ def _unpadded(q, k, v, mask, **kw):
     lengths = mask.sum(1, dtype=torch.int32)
     cu = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
     flat = [t.reshape(B * S, *t.shape[-2:]).index_select(0, keep) for t in (q, k, v)]
-    out = flash_attention(*flat, cu_seqlens=cu, max_seqlen=int(lengths.max()), backend=_backend, **kw)
+    longest = int(lengths.max())
+    _check_prefix_window(kw, longest)
+    out = flash_attention(*flat, cu_seqlens=cu, max_seqlen=longest, backend=_backend, **kw)
     full = out.new_zeros(B * S, *out.shape[-2:]).index_copy(0, keep, out)
     return full.view(B, S, *out.shape[-2:])
 
@@ -133,6 +151,7 @@ def fastft_attention_forward(module, query, key, value, attention_mask, dropout=
         cu, max_len = _cu_seqlens_from_position_ids(position_ids)
         return _varlen(q, k, v, cu, max_len, **kw), None
 
+    _check_prefix_window(kw, q.shape[1])
     return flash_attention(q, k, v, backend=_backend, **kw), None
 
 

@@ -310,7 +310,7 @@ dora_linear_op.register_autograd(_backward_op, setup_context=_setup_context)
 
 def dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p=0.0, *, backend="auto"):
     """peft's DoRA linear (see module doc) with W (N×K) frozen — a tensor or an NF4Weight — A (r×K), B (N×r) and
-    the magnitude m (N,) trained.
+    the magnitude m (N,) trained (a W that requires grad gets it, on the torch path).
     backend: "auto" (Triton on CUDA, torch elsewhere), "triton" or "torch"."""
     check_backend("dora_linear", backend)
     x, weight = autocast_inputs(x, weight)
@@ -319,7 +319,9 @@ def dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p=0
     backend = resolve_backend("dora_linear", backend, x.device, arg="x")
     row_norm = dora_row_norm(weight, lora_A, lora_B, scaling, dtype=x.dtype, backend=backend)
     fusable = not isinstance(weight, NF4Weight) or nf4_fused_ok(weight)
-    if backend == "torch" or dropout_p > 0.0 or x.numel() == 0 or not fusable:
+    # the fused path gives W no gradient: a trainable W (a partly unfrozen base) takes the torch path
+    trained_weight = isinstance(weight, torch.Tensor) and weight.requires_grad and torch.is_grad_enabled()
+    if backend == "torch" or dropout_p > 0.0 or x.numel() == 0 or not fusable or trained_weight:
         return dora_linear_reference(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p,
                                      row_norm=row_norm)
     with autocast_off(x.device.type):

@@ -146,7 +146,8 @@ ia3_linear_op.register_autograd(_backward_op, setup_context=_setup_context)
 
 def ia3_linear(x, weight, bias, ia3_l, *, feedforward: bool, backend="auto"):
     """peft's IA3 linear: feedforward → y = (x⊙l)·Wᵀ + b with l of shape (1, K); else y = (x·Wᵀ + b)⊙l with l of
-    shape (N, 1) (peft's parameter shapes; any shape with K or N elements is accepted). W frozen.
+    shape (N, 1) (peft's parameter shapes; any shape with K or N elements is accepted). W frozen (a W that
+    requires grad gets it, on the torch path).
     backend: "auto" (Triton on CUDA, torch elsewhere), "triton" or "torch"."""
     check_backend("ia3_linear", backend)
     x, weight = autocast_inputs(x, weight)
@@ -167,7 +168,8 @@ def ia3_linear(x, weight, bias, ia3_l, *, feedforward: bool, backend="auto"):
     if bias is not None and tuple(bias.shape) != (N,):
         raise ValueError(f"ia3_linear: `bias` must be None or of shape ({N},), got {tuple(bias.shape)}")
     backend = resolve_backend("ia3_linear", backend, x.device, arg="x")
-    if backend == "torch" or x.numel() == 0:
+    # the fused path gives W no gradient: a trainable W (a partly unfrozen base) takes the torch path
+    if backend == "torch" or x.numel() == 0 or (weight.requires_grad and torch.is_grad_enabled()):
         return ia3_linear_reference(x, weight, bias, ia3_l, feedforward)
     with autocast_off(x.device.type):
         if compiling():

@@ -93,8 +93,10 @@ def lr_factor(cfg: TrainConfig):
     return factor
 
 
-# Settings a resumed run may change: they decide what is evaluated and saved, not what is trained.
-RESUME_MAY_CHANGE = ("resume", "output_dir", "save_every", "eval_every", "eval_examples", "eval_batch_size")
+# Settings a resumed run may change: they decide what is evaluated and saved, or how the same steps are computed
+# (compiled or not), not what is trained. --steps too when no learning rate depends on it (constant, no warm-up).
+RESUME_MAY_CHANGE = ("resume", "output_dir", "save_every", "eval_every", "eval_examples", "eval_batch_size",
+                     "compile", "compile_backend")
 
 
 def check_resumed_settings(cfg: TrainConfig, saved: dict | None, checkpoint: Path) -> None:
@@ -104,12 +106,14 @@ def check_resumed_settings(cfg: TrainConfig, saved: dict | None, checkpoint: Pat
     if saved is None:  # written before checkpoints kept their settings
         return
     now = to_yaml_dict(cfg)
+    may_change = RESUME_MAY_CHANGE + (("steps",) if cfg.schedule == "constant" and cfg.warmup_ratio == 0 else ())
     changed = [f"--{k.replace('_', '-')} {saved.get(k)!r} -> {now[k]!r}" for k in now
-               if k not in RESUME_MAY_CHANGE and saved.get(k) != now[k]]
+               if k not in may_change and saved.get(k) != now[k]]
     if changed:
         raise ConfigError(f"--resume: {checkpoint} was written with other settings ({'; '.join(changed)}); resume "
-                          "with the run's own settings (its config.yaml: fastft train --config ... --resume), or "
-                          "start a new run in another --output-dir")
+                          "with the run's own settings (its config.yaml: fastft train --config ... --resume; --steps "
+                          "may change under --schedule constant --warmup-ratio 0), or start a new run in another "
+                          "--output-dir")
 
 
 def make_accelerator(cfg: TrainConfig):

@@ -8,7 +8,7 @@ code (the accuracy and speed anchor), where peft has the method.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from torch import nn
 
@@ -32,7 +32,6 @@ class MethodOptions:
     adapter_placement: str = "pfeiffer"  # adapter: "pfeiffer" (after the MLP) or "houlsby" (after attn and MLP)
     adapter_activation: str = "relu"    # adapter: relu, silu, gelu_tanh or tanh
     quant_type: str = "nf4"             # qlora
-    extra: dict = field(default_factory=dict)  # method-specific extras, validated by the method's room
 
 
 def _lora_config(options: MethodOptions, **overrides):

@@ -59,7 +59,8 @@ class FastftPrefixModel(PeftModelForCausalLM):
     def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, output_attentions=None,
                 output_hidden_states=None, return_dict=None, task_ids=None, **kwargs):
         config = self.active_peft_config
-        if not isinstance(config, PrefixTuningConfig) or kwargs.get("past_key_values") is not None \
+        cached = kwargs.get("past_key_values") is not None or kwargs.get("cache") is not None  # transformers 5: cache
+        if not isinstance(config, PrefixTuningConfig) or cached \
                 or kwargs.get("use_cache") or self.get_base_model().config._attn_implementation != "fastft":
             return super().forward(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
                                    labels=labels, output_attentions=output_attentions,
@@ -68,8 +69,13 @@ class FastftPrefixModel(PeftModelForCausalLM):
         ref = input_ids if input_ids is not None else inputs_embeds
         batch, seq = ref.shape[0], ref.shape[1]
         P = config.num_virtual_tokens
-        if kwargs.get("position_ids") is None:  # peft's cache path starts the real tokens at position P
+        # peft's cache path puts the real tokens after the prefix: positions P, P+1, ..., and shifts the caller's
+        # own position_ids (packed documents restart at 0) by P likewise
+        position_ids = kwargs.get("position_ids")
+        if position_ids is None:
             kwargs["position_ids"] = torch.arange(P, P + seq, device=ref.device).unsqueeze(0).expand(batch, -1)
+        else:
+            kwargs["position_ids"] = position_ids + P
         kwargs.pop("use_cache", None)
         return self.base_model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
                                labels=labels, output_attentions=output_attentions,

@@ -42,8 +42,9 @@ class BottleneckAdapterConfig:
             raise bad("placement", f"expected one of {PLACEMENTS}")
         if self.activation not in ACTIVATIONS:
             raise bad("activation", f"expected one of {ACTIVATIONS}")
-        if not isinstance(self.init_std, (int, float)) or not 0.0 <= self.init_std < 1.0:
-            raise bad("init_std", "expected a standard deviation in [0, 1)")
+        # 0 would leave both projections at zero for good (each one's gradient is the other's weight)
+        if not isinstance(self.init_std, (int, float)) or not 0.0 < self.init_std < 1.0:
+            raise bad("init_std", "expected a standard deviation in (0, 1)")
         for field in ("attn_output_modules", "mlp_output_modules"):
             names = getattr(self, field)
             if not names or not all(isinstance(n, str) and n for n in names):
