@@ -15,10 +15,10 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("bitsandbytes")
 
 
-def _tiny_llama():
+def _tiny_llama(tie_word_embeddings=False):
     config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, vocab_size=96,
-                                      tie_word_embeddings=False)
+                                      tie_word_embeddings=tie_word_embeddings)
     return transformers.LlamaForCausalLM(config)
 
 
@@ -167,3 +167,55 @@ def test_non_finite_dense_weight_is_named_while_loading(checkpoints, tmp_path):
     save_file(state, tmp_path / "model.safetensors")
     with pytest.raises(ValueError, match=r"`model\.layers\.1\.mlp\.up_proj\.weight`.*non-finite"):
         fastft.load_nf4_model(str(tmp_path))
+
+
+def _round_trip(model, tmp_path, **load_kw):
+    ids = torch.randint(0, 96, (1, 7), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = model(ids).logits
+    nf4_model.save_nf4_model(model, tmp_path)
+    loaded = nf4_model.load_nf4_model(tmp_path, **load_kw).to(torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, want)
+    return loaded
+
+
+def test_views_of_one_quantized_storage_are_all_saved(tmp_path):
+    """A fused QKV quantized once and split into q/k/v: three views of one storage at other offsets are three
+    weights (only the very same tensor is a tied one)."""
+    model = nf4_model.quantize_model(_tiny_llama().to(torch.bfloat16), double_quant=False).eval()
+    attn = model.model.layers[0].self_attn
+    rows = [attn.q_proj.out_features, attn.k_proj.out_features, attn.v_proj.out_features]
+    qkv = quantize_nf4(torch.randn(sum(rows), 64, dtype=torch.bfloat16) * 0.05, double_quant=False)
+    attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight = qkv.split(rows)
+    _round_trip(model, tmp_path)
+
+
+def test_a_quantized_tied_lm_head_keeps_its_nf4_weight(tmp_path):
+    model = nf4_model.quantize_model(_tiny_llama(tie_word_embeddings=True).to(torch.bfloat16), skip=()).eval()
+    assert isinstance(model.lm_head, NF4Linear)
+    loaded = _round_trip(model, tmp_path)
+    assert isinstance(loaded.lm_head.weight, NF4Weight)
+
+
+def test_a_module_name_part_starting_with_weight_loads(tmp_path):
+    """`conv.weight_proj.weight`: the module is conv.weight_proj, not conv."""
+    from transformers import LlamaForCausalLM
+
+    class WithWeightProj(LlamaForCausalLM):
+        def __init__(self, config):
+            super().__init__(config)
+            self.conv = nn.Module()
+            self.conv.weight_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+
+        def forward(self, input_ids, **kw):
+            return self.lm_head(self.conv.weight_proj(self.model(input_ids).last_hidden_state))
+
+    dense = WithWeightProj(_tiny_llama().config).to(torch.bfloat16)
+    dense.save_pretrained(tmp_path / "dense")
+    for folder in (tmp_path / "dense", tmp_path / "nf4"):
+        if folder.name == "nf4":
+            nf4_model.save_nf4_model(nf4_model.quantize_model(WithWeightProj(dense.config).to(torch.bfloat16)), folder)
+        loaded = nf4_model.load_nf4_model(folder, model_cls=WithWeightProj)
+        assert isinstance(loaded.conv.weight_proj, NF4Linear) and isinstance(loaded.conv.weight_proj.weight, NF4Weight)
+        loaded(torch.randint(0, 96, (1, 5)))

@@ -47,6 +47,18 @@ def test_quantized_model_gets_qlora_layers():
     assert trainable and all("lora_" in n for n in trainable)
 
 
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_all_linear_targets_the_quantized_layers_as_peft_does_the_dense_ones(use_dora):
+    """The README's QLoRA call (target_modules="all-linear"): every NF4 projection gets an adapter, as peft gives
+    every nn.Linear of the dense twin one; lm_head (dense, the output layer) none."""
+    config = LoraConfig(r=8, target_modules="all-linear", use_dora=use_dora)
+    ours = fastft.get_peft_model(fastft.quantize_model(tiny_llama(), "nf4"), copy.deepcopy(config))
+    theirs = peft.get_peft_model(tiny_llama(), copy.deepcopy(config))
+    adapted = {n for n, m in ours.named_modules() if hasattr(m, "lora_A") and not isinstance(m, nn.ModuleDict)}
+    assert adapted == {n for n, m in theirs.named_modules() if hasattr(m, "lora_A") and not isinstance(m, nn.ModuleDict)}
+    assert len(adapted) == 2 * len(ALL_LINEAR)
+
+
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=interpreter_only)])
 def test_forward_and_grads_match_lora_on_the_dense_twin(backend, monkeypatch):
     monkeypatch.setenv("FASTFT_LORA_BACKEND", backend)

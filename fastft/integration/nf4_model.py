@@ -109,6 +109,16 @@ def _nf4_targets(model: nn.Module, keys: set[str], skip) -> dict[str, bool]:
     return targets
 
 
+def _weight_owner(key: str, targets) -> str | None:
+    """The target module whose weight `key` is ("<module>.weight") or a bnb part of ("<module>.weight.absmax", ...);
+    None for other keys. A module name may hold a component starting with "weight" ("conv.weight_proj")."""
+    parts = key.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        if parts[i] == "weight" and ".".join(parts[:i]) in targets:
+            return ".".join(parts[:i])
+    return None
+
+
 def load_nf4_model(path: str, *, model_cls=None, dtype: torch.dtype = torch.bfloat16, blocksize: int = 64,
                    double_quant: bool = True, skip=DEFAULT_SKIP, device="cpu") -> nn.Module:
     """A transformers model from the checkpoint folder `path`, its linear layers as fastft NF4Linear.
@@ -127,7 +137,9 @@ def load_nf4_model(path: str, *, model_cls=None, dtype: torch.dtype = torch.bflo
         del config.quantization_config  # the layers are fastft's; nothing for transformers to quantize
     model_cls = model_cls or AutoModelForCausalLM
     with init_empty_weights(include_buffers=False):  # parameters on meta: no memory until loaded
-        model = model_cls.from_config(config, dtype=dtype)
+        # Auto classes build with from_config, a concrete class (LlamaForCausalLM, a subclass) with _from_config
+        build = getattr(model_cls, "from_config", None) or model_cls._from_config
+        model = build(config, dtype=dtype)
     keys = {k for ks in files.values() for k in ks}
     targets = _nf4_targets(model, keys, tuple(skip or ()))
     for name, _ in targets.items():
@@ -140,7 +152,7 @@ def load_nf4_model(path: str, *, model_cls=None, dtype: torch.dtype = torch.bflo
     for file, file_keys in files.items():
         with safe_open(file, framework="pt", device="cpu") as f:
             for key in file_keys:
-                module_name = key.split(".weight", 1)[0] if ".weight" in key else None
+                module_name = _weight_owner(key, targets)
                 if targets.get(module_name):
                     bnb_parts[module_name][key] = f.get_tensor(key)
                     continue
@@ -157,7 +169,8 @@ def load_nf4_model(path: str, *, model_cls=None, dtype: torch.dtype = torch.bflo
         model.get_submodule(module_name).weight = NF4Weight.from_bnb_state_dict(parts, f"{module_name}.weight",
                                                                                 device=device)
 
-    model.tie_weights()
+    if not isinstance(model.get_output_embeddings(), NF4Linear):
+        model.tie_weights()  # a quantized lm_head keeps its own NF4 weight (saved beside the embedding)
     missing = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
     missing += [n for n in targets if model.get_submodule(n).weight is None]
     if missing:
@@ -187,22 +200,25 @@ def save_nf4_model(model: nn.Module, path: str, *, compute_dtype: torch.dtype = 
     """Write `model` (with NF4Linear layers) to the folder `path` as transformers + bitsandbytes save 4-bit models."""
     from safetensors.torch import save_file
 
-    os.makedirs(path, exist_ok=True)
-    state, seen = {}, {}
-    for key, t in model.state_dict().items():
-        t = t.detach()
-        ptr = (t.device, t.untyped_storage().data_ptr()) if t.numel() else None
-        if ptr is not None and ptr in seen and seen[ptr].shape == t.shape:
-            continue  # a tied weight (lm_head = embed_tokens): saved once, re-tied on load
-        if ptr is not None:
-            seen[ptr] = t
-        state[key] = t.contiguous().cpu()
-    _atomic_write(os.path.join(path, _SINGLE_FILE), lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
     config = getattr(model, "config", None)
-    if config is not None:
+    if config is not None:  # first: a model bitsandbytes' config cannot describe fails before anything is written
         cfg = config.to_dict()
         cfg["quantization_config"] = _quantization_config(model, compute_dtype)
-
+    os.makedirs(path, exist_ok=True)
+    state, seen = {}, set()
+    for key, t in model.state_dict().items():
+        t = t.detach()
+        # the same tensor twice is a tied weight (lm_head = embed_tokens): saved once, re-tied on load; views of
+        # one storage at other offsets or strides (a split fused QKV) are different tensors
+        where = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride()) \
+            if t.numel() else None
+        if where is not None and where in seen:
+            continue
+        if where is not None:
+            seen.add(where)
+        state[key] = t.contiguous().cpu()
+    _atomic_write(os.path.join(path, _SINGLE_FILE), lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    if config is not None:
         def write_config(tmp):
             with open(tmp, "w") as f:
                 json.dump(cfg, f, indent=2, sort_keys=True)

@@ -60,8 +60,9 @@ def _linear_names(model: nn.Module) -> list[str]:
     return [name for name, m in model.named_modules() if isinstance(m, (nn.Linear, NF4Linear))]
 
 
-def _with_quantized_targets(config: LoraConfig, model: nn.Module) -> LoraConfig:
+def with_quantized_targets(config: LoraConfig, model: nn.Module) -> LoraConfig:
     """QLoRA: have peft wrap fastft's NF4Linear layers in FusedQLoraLinear (peft knows only its own types)."""
+    _expand_all_linear(config, model)
     if getattr(config, "use_dora", False):
         from fastft.integration.methods.dora import register_quantized
 
@@ -69,6 +70,18 @@ def _with_quantized_targets(config: LoraConfig, model: nn.Module) -> LoraConfig:
     if any(isinstance(m, NF4Linear) for m in model.modules()):
         config._register_custom_module({NF4Linear: FusedQLoraLinear})
     return config
+
+
+def _expand_all_linear(config: LoraConfig, model: nn.Module) -> None:
+    """target_modules="all-linear" over a model with NF4Linear layers: peft expands it over its own linear types
+    only (none would match), so the names are collected here as peft collects them: the last name component of
+    every linear layer, the output layer left out."""
+    if config.target_modules != "all-linear" or not any(isinstance(m, NF4Linear) for m in model.modules()):
+        return
+    get_output = getattr(model, "get_output_embeddings", None)
+    output = get_output() if callable(get_output) else None
+    config.target_modules = {name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+                             if isinstance(m, (nn.Linear, NF4Linear)) and m is not output}
 
 
 def _check_targets(config: LoraConfig, model: nn.Module) -> None:
@@ -124,7 +137,7 @@ def get_peft_model(model: nn.Module, config, adapter_name: str = "default", **kw
 
         return get_method_model(model, config, adapter_name=adapter_name, **kwargs)
     validate_lora_config(config, model)
-    _with_quantized_targets(config, model)
+    with_quantized_targets(config, model)
     return patch_peft(quiet_peft_model(model, config, adapter_name, **kwargs))
 
 
@@ -145,7 +158,7 @@ def add_adapter(model: PeftModel, adapter_name: str, config: LoraConfig) -> Peft
     else:
         validate = validate_lora_config
     validate(config, model.get_base_model())
-    model.add_adapter(adapter_name, _with_quantized_targets(config, model.get_base_model()))
+    model.add_adapter(adapter_name, with_quantized_targets(config, model.get_base_model()))
     return patch_peft(model)
 
 
@@ -218,7 +231,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     if loaded is not None:
         return loaded
     base = model.get_base_model() if isinstance(model, PeftModel) else model
-    config = _with_quantized_targets(check_adapter_fits(base, path), base)
+    config = with_quantized_targets(check_adapter_fits(base, path), base)
     config.inference_mode = not is_trainable
     if isinstance(model, PeftModel):
         if adapter_name in model.peft_config:

@@ -137,8 +137,8 @@ def register_quantized(config: LoraConfig, model: nn.Module) -> LoraConfig:
 
 def get_dora_model(model: nn.Module, config: LoraConfig, adapter_name: str = "default", **kwargs):
     """peft.get_peft_model with LoraConfig(use_dora=True), validated, with fused DoRA layers."""
-    from fastft.integration.peft_lora import patch_peft, quiet_peft_model
+    from fastft.integration.peft_lora import patch_peft, quiet_peft_model, with_quantized_targets
 
     validate_dora_config(config, model)
-    register_quantized(config, model)
+    with_quantized_targets(config, model)  # FusedQDoraLinear on NF4 layers, "all-linear" expanded over them
     return patch_peft(quiet_peft_model(model, config, adapter_name, **kwargs))
