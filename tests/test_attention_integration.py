@@ -108,8 +108,10 @@ def test_packed_equals_separate_sequences(fastft_attention):
 
 
 @interpreter_only
-def test_generate_with_cache_matches_sdpa(fastft_attention):
-    """Decoding with a KV cache (one query, many keys: bottom-right causal), with and without padding."""
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_generate_with_cache_matches_sdpa(fastft_attention, cache):
+    """Decoding with a KV cache (one query, many keys: bottom-right causal), with and without padding; a static
+    cache's key slots run past the filled positions (transformers' 4-D mask then, through SDPA)."""
     model = tiny_llama().eval()
     for seqs in ([_texts([9])[0]], _texts([9, 4], seed=2)):
         batch, _ = _padded(seqs, left=True)
@@ -118,7 +120,7 @@ def test_generate_with_cache_matches_sdpa(fastft_attention):
         for impl in ("fastft", "sdpa"):
             model.set_attn_implementation(impl)
             gen = model.generate(**batch, max_new_tokens=4, do_sample=False, output_scores=True,
-                                 return_dict_in_generate=True, pad_token_id=0)
+                                 return_dict_in_generate=True, pad_token_id=0, cache_implementation=cache)
             scores[impl] = torch.stack(gen.scores)
         assert_close(scores["fastft"], scores["sdpa"], torch.float32, f"generation scores, batch {len(seqs)}")
 

@@ -2,13 +2,15 @@
 fastft.patch_model (norms, RoPE, GLU MLP, fused attention, fused loss) with fastft's peft LoRA layers, every fused op
 a fastft:: custom op in one graph, the loss and every trainable gradient equal to eager's (the same kernels run;
 Triton through the interpreter on CPU)."""
+import pytest
 import torch
 
 from tests.utils import interpreter_only, randomize_lora_B, tiny_llama
 
 
 @interpreter_only
-def test_patched_lora_llama_training_step_compiles_whole(monkeypatch):
+@pytest.mark.parametrize("batch,dynamic", [(2, None), (1, True)])  # batch 1: no packing check reading values;
+def test_patched_lora_llama_training_step_compiles_whole(monkeypatch, batch, dynamic):  # dynamic: symbolic floats
     from peft import LoraConfig
     from torch._dynamo.backends.debugging import aot_eager
 
@@ -24,7 +26,7 @@ def test_patched_lora_llama_training_step_compiles_whole(monkeypatch):
         fastft.patch_model(model, backend="triton")
         model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
         randomize_lora_B(model)
-        ids = torch.randint(0, 128, (2, 5))
+        ids = torch.randint(0, 128, (batch, 5))
         params = [p for p in model.parameters() if p.requires_grad]
 
         def step(forward):
@@ -40,7 +42,7 @@ def test_patched_lora_llama_training_step_compiles_whole(monkeypatch):
         torch._dynamo.reset()
         forward = lambda ids: model(input_ids=ids, labels=ids).loss  # noqa: E731
         want = step(forward)
-        got = step(torch.compile(forward, backend=backend, fullgraph=True))
+        got = step(torch.compile(forward, backend=backend, fullgraph=True, dynamic=dynamic))
     finally:
         register_attention("auto")
     code = "\n".join(graphs)

@@ -214,8 +214,10 @@ def test_return_dict_false_and_shift_labels():
     model = fastft.patch_model(tiny("mistral"))
     ids, labels = _batch()
     want = model(input_ids=ids, labels=labels).loss
-    loss = model(input_ids=ids, labels=labels, return_dict=False)[0]
-    assert torch.equal(loss, want)
+    unpatched = fastft.unpatch_model(copy.deepcopy(model))(input_ids=ids, labels=labels, return_dict=False)
+    out = model(input_ids=ids, labels=labels, return_dict=False)
+    assert torch.equal(out[0], want) and out[1] is None  # logits' place kept, as unpatched: (loss, logits, cache)
+    assert len(out) == len(unpatched) and type(out[2]) is type(unpatched[2])
     shifted = F.pad(labels, (0, 1), value=-100)[..., 1:]
     assert torch.equal(model(input_ids=ids, shift_labels=shifted).loss, want)
     with pytest.raises(ValueError, match="logits_to_keep must be 0"):
@@ -357,3 +359,17 @@ def test_qlora_model_patched_matches_unpatched():
     want = _run(model, ids, labels)
     fastft.patch_model(model)
     _assert_matches(_run(model, ids, labels), want)
+
+
+def test_a_head_size_fastft_attention_does_not_take_keeps_the_models_attention():
+    """head_dim 8 (tiny test models): the norms, RoPE and MLP are patched, the attention stays the model's own
+    (every forward would otherwise fail in flash_attention), said in the summary."""
+    model = tiny("llama", head_dim=8)
+    kept = model.config._attn_implementation
+    ids, labels = _batch()
+    want = model(input_ids=ids, labels=labels).loss
+    fastft.patch_model(model)
+    assert model._fastft_patch.summary["attention"] == f"kept {kept!r}: head_dim 8 (fastft attention takes multiples " \
+                                                       "of 8 in [16, 256])"
+    assert model.config._attn_implementation == kept
+    assert torch.allclose(model(input_ids=ids, labels=labels).loss, want, rtol=1e-5)

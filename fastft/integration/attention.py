@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fastft.ops.attention import flash_attention, visible_mask
+from fastft.ops.attention import flash_attention, gqa_flag, visible_mask
 from fastft.ops.compiled import compiling
 from fastft.ops.shared import BACKENDS
 
@@ -34,6 +34,8 @@ def _is_packed(position_ids, batch_size: int) -> bool:
     """transformers' test: one row whose positions are not a single run min, min+1, ... (reads the values)."""
     if position_ids is None or batch_size != 1 or position_ids.shape[-1] == 1:
         return False
+    if compiling():  # reading the values would break the graph: as transformers' masks skip this check while
+        return False  # tracing, a packed row under torch.compile must bring cu_seq_lens (PackingCollator does)
     run = torch.arange(position_ids.shape[-1], device=position_ids.device) + position_ids.min()
     return bool((position_ids.reshape(-1) != run).any())
 
@@ -106,7 +108,7 @@ def _sdpa_fallback(query, key, value, mask, scaling, is_causal, window=None):
         visible = visible_mask(n_q, n_k, is_causal, window, query.device)
         mask = visible if mask is None else mask & visible
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling,
-                                         enable_gqa=query.shape[1] != key.shape[1])
+                                         enable_gqa=gqa_flag(query.shape[1], key.shape[1]))
     return out.transpose(1, 2)
 
 
@@ -157,7 +159,17 @@ def fastft_attention_forward(module, query, key, value, attention_mask, dropout=
 
 def fastft_attention_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
                           attention_mask=None, **kwargs):
-    """The 2-D padding mask (sliced to the keys), or None when there is no padding: like FlashAttention's."""
+    """The 2-D padding mask (sliced to the keys), or None when there is no padding: like FlashAttention's.
+
+    A cache whose key slots run past the filled positions (a static cache: kv_offset + kv_length > q_offset +
+    q_length) gets transformers' own 4-D boolean mask instead: the kernels align queries to the last key, which is
+    not the last filled one there, and the empty slots must not be seen (the interface then runs SDPA on it)."""
+    if kv_offset + kv_length > q_offset + q_length:
+        from transformers.masking_utils import causal_mask_function, sdpa_mask
+
+        passed = {k: v for k, v in kwargs.items() if k in ("device", "local_size", "use_vmap")}
+        return sdpa_mask(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function or causal_mask_function,
+                         attention_mask, allow_is_causal_skip=False, **passed)
     if attention_mask is None:
         return None
     attention_mask = attention_mask[:, -kv_length:]

@@ -13,7 +13,6 @@ Prefix keys are visible to every query, whatever the mask.
 """
 from __future__ import annotations
 
-import math
 import os
 from typing import Optional
 
@@ -22,6 +21,7 @@ import torch.nn.functional as F
 
 from fastft.ops.compiled import capturing, compiling, needed, unused
 from fastft.ops.shared import autocast_inputs, autocast_off, check_backend, resolve_backend, to_dtype
+from fastft.ops.shared import finite
 from fastft.ops.shared import check as _check  # the name this file's many checks use
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -41,6 +41,19 @@ def mask_bounds(causal: bool, window) -> tuple[int, int]:
 
 # ----------------------------------------------------------------------------------------------
 # Reference
+
+def head_dim_supported(head_dim: int) -> bool:
+    """The head sizes flash_attention takes: multiples of 8 in [16, MAX_HEAD_DIM]."""
+    return head_dim % 8 == 0 and 16 <= head_dim <= MAX_HEAD_DIM
+
+
+def gqa_flag(n_heads, n_kv_heads) -> bool:
+    """SDPA's enable_gqa wants a bool: under torch.compile(dynamic=True) head counts are symbolic, and an `if`
+    specialises their comparison (a guard) where bool() keeps it symbolic."""
+    if n_heads != n_kv_heads:
+        return True
+    return False
+
 
 def visible_mask(n_q: int, n_k: int, causal: bool, window, device=None) -> torch.Tensor:
     """(n_q, n_k) bool: which keys each query sees (bottom-right aligned)."""
@@ -124,7 +137,7 @@ def _sdpa_dense(q, k, v, causal, scale, prefix_k, prefix_v, window):
             k = torch.cat([prefix_k.expand(B, -1, -1, -1), k], dim=1)
             v = torch.cat([prefix_v.expand(B, -1, -1, -1), v], dim=1)
     o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
-                                       is_causal=is_causal, scale=scale, enable_gqa=H != n_kv)
+                                       is_causal=is_causal, scale=scale, enable_gqa=gqa_flag(H, n_kv))
     return o.transpose(1, 2)
 
 
@@ -153,7 +166,7 @@ def _validate(q, k, v, causal, softmax_scale, cu_seqlens, max_seqlen, prefix_k, 
                                        f"and {tuple(v.shape)}")
     D, H, n_kv = q.shape[-1], q.shape[-2], k.shape[-2]
     _check(k.shape[-1] == D, lambda: f"flash_attention: `k` has head_dim {k.shape[-1]} but `q` has {D}")
-    _check(D % 8 == 0 and 16 <= D <= MAX_HEAD_DIM,
+    _check(head_dim_supported(D),
            lambda: f"flash_attention: head_dim must be a multiple of 8 in [16, {MAX_HEAD_DIM}] (e.g. 64, 80, 96, 128, "
            f"256), got {D}")
     _check(n_kv >= 1 and H % n_kv == 0,
@@ -199,7 +212,7 @@ def _validate(q, k, v, causal, softmax_scale, cu_seqlens, max_seqlen, prefix_k, 
             _check(t.dtype == q.dtype, lambda: f"flash_attention: `{name}` is {t.dtype} but `q` is {q.dtype}")
         _check(prefix_k.shape == prefix_v.shape, "flash_attention: `prefix_k` and `prefix_v` must have the same shape")
     if softmax_scale is not None:
-        _check(isinstance(softmax_scale, (int, float)) and math.isfinite(softmax_scale) and softmax_scale > 0,
+        _check(isinstance(softmax_scale, (int, float)) and finite(softmax_scale) and softmax_scale > 0,
                lambda: f"flash_attention: `softmax_scale` must be a positive finite number, got {softmax_scale!r}")
     if window is not None:
         if not (_is_int(window) and window >= 1):

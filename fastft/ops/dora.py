@@ -19,7 +19,6 @@ the saved output carries no z); peft initialises m = ‖W‖ > 0.
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -30,6 +29,7 @@ from fastft.ops.compiled_args import fresh_like, weight_args, weight_from_args
 from fastft.ops.lora import rank_operands
 from fastft.ops.shared import (as_rows, autocast_inputs, autocast_off, check, check_backend, nf4_fused_ok, padded,
                                resolve_backend, safe_div, to_dtype)
+from fastft.ops.shared import finite
 from fastft.quant.nf4_weight import NF4Weight
 
 
@@ -125,7 +125,7 @@ def validate_dora_linear_args(x, weight, bias, lora_A, lora_B, magnitude, scalin
     devices = {t.device for t in (x, weight, lora_A, lora_B, magnitude)}
     check(len(devices) == 1, lambda: f"{op}: all tensors must be on one device, got {sorted(map(str, devices))}")
     # messages built only on failure: dynamo cannot format a float while it traces with dynamic=True
-    if not (isinstance(scaling, (int, float)) and math.isfinite(scaling)):
+    if not (isinstance(scaling, (int, float)) and finite(scaling)):
         raise ValueError(f"{op}: `scaling` must be a finite number, got {scaling!r}")
     if not (isinstance(dropout_p, (int, float)) and 0.0 <= dropout_p < 1.0):
         raise ValueError(f"{op}: `dropout_p` must be in [0, 1), got {dropout_p!r}")

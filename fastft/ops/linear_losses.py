@@ -47,6 +47,7 @@ from fastft.ops.compiled import capturing, compiling
 from fastft.ops.linear_losses_compiled import check_label_range, nf4_block_rows, traced_loss
 from fastft.ops.lm_head import HeadArgs, head_of_module
 from fastft.ops.shared import BACKENDS, autocast_off, check, resolve_backend
+from fastft.ops.shared import finite
 
 REDUCTIONS = ("mean", "sum", "none")
 DIRECTIONS = ("forward", "reverse")
@@ -99,7 +100,7 @@ def _check_options(op: str, reduction: str, ignore_index, num_items, backend: st
                                                               f"a tensor holding {value}")
     else:
         check(isinstance(num_items, numbers.Real) and not isinstance(num_items, bool) and num_items > 0
-               and math.isfinite(num_items), lambda: f"{op}: `num_items` must be a positive number, got {num_items!r}")
+               and finite(num_items), lambda: f"{op}: `num_items` must be a positive number, got {num_items!r}")
 
 
 def _grad_scale(reduction: str, labels2: torch.Tensor | None, ignore_index: int, tokens: int, num_items,
@@ -159,7 +160,7 @@ def _head_cross_entropy(op: str, hidden, head: HeadArgs, labels, *, ignore_index
     _check_options(op, reduction, ignore_index, num_items, backend)
     check(isinstance(label_smoothing, numbers.Real) and 0.0 <= label_smoothing <= 1.0,
            lambda: f"{op}: `label_smoothing` must be in [0, 1], got {label_smoothing!r}")
-    check(softcap is None or (isinstance(softcap, numbers.Real) and softcap > 0 and math.isfinite(softcap)),
+    check(softcap is None or (isinstance(softcap, numbers.Real) and softcap > 0 and finite(softcap)),
            lambda: f"{op}: `softcap` must be None or a positive number, got {softcap!r}")
     hidden, head = _autocast(hidden, head)
     head.validate(op, hidden)
@@ -234,7 +235,7 @@ def linear_kl_div(student_hidden, student_weight, teacher_hidden, teacher_weight
         _check_tensor(op, name, t)
     _check_options(op, reduction, ignore_index, num_items, backend)
     check(direction in DIRECTIONS, lambda: f"{op}: `direction` must be one of {DIRECTIONS}, got {direction!r}")
-    check(isinstance(temperature, numbers.Real) and temperature > 0 and math.isfinite(temperature),
+    check(isinstance(temperature, numbers.Real) and temperature > 0 and finite(temperature),
            lambda: f"{op}: `temperature` must be a positive number, got {temperature!r}")
     head = HeadArgs(weight=student_weight)
     student_hidden, head = _autocast(student_hidden, head)
@@ -298,7 +299,7 @@ def linear_dpo_loss(policy_chosen_hidden, policy_rejected_hidden, weight, chosen
     for name, t in (("ref_chosen_logps", ref_chosen_logps), ("ref_rejected_logps", ref_rejected_logps)):
         check(tuple(t.shape) == (B,), lambda: f"{op}: `{name}` must have shape ({B},) (one log-prob per "
                                                f"sequence), got {tuple(t.shape)}")
-    check(isinstance(beta, numbers.Real) and math.isfinite(beta),
+    check(isinstance(beta, numbers.Real) and finite(beta),
            lambda: f"{op}: `beta` must be a finite number, got {beta!r}")
     for name, lab, h in (("chosen_labels", chosen_labels, policy_chosen_hidden),
                          ("rejected_labels", rejected_labels, policy_rejected_hidden)):

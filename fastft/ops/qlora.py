@@ -14,7 +14,6 @@ dequantize-then-dense path on CUDA too. No weight gradient: W is frozen.
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -28,6 +27,7 @@ from fastft.ops.qlora_path import release_dequant_scratch  # noqa: F401 - public
 from fastft.ops.lora import (fused_lora_backward, fused_lora_forward, lora_linear_reference, lora_meta,
                              rank_operands)
 from fastft.ops.shared import as_rows, autocast_inputs, autocast_off, check, nf4_fused_ok, resolve_backend
+from fastft.ops.shared import finite
 from fastft.quant.nf4_weight import NF4Weight
 
 
@@ -82,7 +82,7 @@ def validate_qlora_linear_args(x, qweight, bias, lora_A, lora_B, scaling, dropou
     check(tuple(lora_B.shape) == (N, r), lambda: f"{op}: `lora_B` must have shape ({N}, {r}) to match `qweight` and "
                                                  f"`lora_A`, got {tuple(lora_B.shape)}")
     # messages built only on failure: dynamo cannot format a float while it traces with dynamic=True
-    if not (isinstance(scaling, (int, float)) and math.isfinite(scaling)):
+    if not (isinstance(scaling, (int, float)) and finite(scaling)):
         raise ValueError(f"{op}: `scaling` must be a finite number, got {scaling!r}")
     if not (isinstance(dropout_p, (int, float)) and 0.0 <= dropout_p < 1.0):
         raise ValueError(f"{op}: `dropout_p` must be in [0, 1), got {dropout_p!r}")

@@ -7,6 +7,7 @@ start, before anything else is looked at) and `resolve_backend` (after validatio
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +23,12 @@ def check(cond: bool, message) -> None:
     torch.compile with dynamic shapes, formatting a symbolic size into a string on every call breaks the graph."""
     if not cond:
         raise ValueError(message() if callable(message) else message)
+
+
+def finite(x) -> bool:
+    """math.isfinite of a number, symbolic ones included: torch.compile(dynamic=True) makes float module attributes
+    (LoRA's scaling, attention's scaling) SymFloats, on which math.isfinite breaks the graph; comparisons guard."""
+    return bool(x == x and -math.inf < x < math.inf)
 
 
 def check_tensor(op: str, name: str, t, dim: int | None = None) -> None:

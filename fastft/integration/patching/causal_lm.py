@@ -56,4 +56,6 @@ class FusedLossCausalLMForward:
                                      reduction="mean", softcap=softcap, num_items=num_items,
                                      backend=self._fastft_backend)
         out = _output(loss, outputs)
-        return out.to_tuple() if return_dict is False else out
+        if return_dict is False:  # logits' place kept (None): `loss, logits = out[:2]` must not get the cache
+            return (loss, None, *out.to_tuple()[1:])
+        return out

@@ -8,7 +8,8 @@ attention and the *ForCausalLM get a subclass of their own class (same name, so 
 - MLP → the model's own projections (plain, LoRA or NF4 layers stay as they are) around fastft.ops.swiglu/geglu;
 - attention → the model's own forward code with RoPE through fastft.ops.rope (see rope_binding), and
   `attn_implementation="fastft"` (fastft.integration.attention) unless the architecture's attention logit
-  softcapping is set (Gemma2's default) or the config has attention dropout: fastft attention has neither;
+  softcapping is set (Gemma2's default), the config has attention dropout (fastft attention has neither) or a
+  head size fastft attention does not take (ops.attention.head_dim_supported);
 - *ForCausalLM → with labels, the loss through fastft.ops.lm_head_cross_entropy (see causal_lm): no logits.
 
 Everything is checked before anything changes: an unsupported architecture, activation or an already patched
@@ -29,6 +30,7 @@ from fastft.integration.patching import rope_binding
 from fastft.integration.patching.causal_lm import FusedLossCausalLMForward
 from fastft.integration.patching.table import ARCHITECTURES, GELU_TANH, Architecture
 from fastft.modules.fused_layers import FusedGLUMLPForward, FusedRMSNormForward
+from fastft.ops.attention import MAX_HEAD_DIM, head_dim_supported
 from fastft.ops.shared import BACKENDS
 
 _SUBCLASSES: dict[tuple, type] = {}
@@ -117,12 +119,16 @@ def _plan(base: nn.Module, backend: str, attention: bool):
     attn_change = None
     softcap = getattr(config, arch.attention_softcap_attr, None) if arch.attention_softcap_attr else None
     dropout = getattr(config, "attention_dropout", 0.0) or 0.0
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     if not attention:
         attention_note = f"kept {config._attn_implementation!r} (attention=False)"
     elif softcap is not None:
         attention_note = f"kept {config._attn_implementation!r}: attention logit softcapping {softcap}"
     elif dropout:
         attention_note = f"kept {config._attn_implementation!r}: attention dropout {dropout}"
+    elif not head_dim_supported(head_dim):
+        attention_note = f"kept {config._attn_implementation!r}: head_dim {head_dim} (fastft attention takes " \
+                         f"multiples of 8 in [16, {MAX_HEAD_DIM}])"
     else:
         attn_change = config._attn_implementation
         attention_note = "fastft"
