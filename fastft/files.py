@@ -108,3 +108,16 @@ def _remove(tree: Path) -> None:
         shutil.rmtree(tree, onerror=writable_then_retry)  # onexc from 3.12 on
     elif tree.exists() or tree.is_symlink():
         tree.unlink()
+
+
+def output_dir_problem(output_dir: str | os.PathLike, flag: str = "--output-dir") -> str | None:
+    """Why `output_dir` cannot be made into a folder (one line naming `flag`), or None when it can: the path or
+    the nearest of its parents that exists must be a folder (`fastft bench` and `fastft study` check it before
+    any run, not when the first results file is written)."""
+    for path in (Path(output_dir), *Path(output_dir).parents):
+        if os.path.lexists(path):   # lexists: a dangling link is no folder either
+            if path.is_dir():
+                return None
+            where = "" if path == Path(output_dir) else f" {path}"
+            return f"{flag} {output_dir}:{where} exists and is not a folder; give a folder, or a path to create"
+    return None

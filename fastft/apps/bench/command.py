@@ -10,6 +10,7 @@ from fastft.apps.bench.kernels import FAMILIES
 from fastft.apps.bench.peers import PEERS
 from fastft.apps.bench.shapes import DTYPES, SHAPES
 from fastft.apps.compiling import COMPILE_BACKENDS, COMPILE_MODES
+from fastft.files import output_dir_problem
 from fastft.integration.methods import METHODS
 
 
@@ -80,6 +81,9 @@ def run_bench(args) -> int:
         if args.what == "kernels":
             from fastft.apps.bench.kernels import run_kernels
 
+            problem = output_dir_problem(args.output_dir)
+            if problem:
+                raise ValueError(problem)
             families = list(FAMILIES) if args.family == "all" else [args.family]
             return run_kernels(families, args.output_dir)
         cfg = config_from_args(args)
@@ -95,4 +99,8 @@ def run_bench(args) -> int:
     paths = write_report(result, cfg.output_dir, cfg.formats)
     print("\n" + markdown(result))
     print("wrote " + ", ".join(str(p) for p in paths.values()))
+    if not any(row["status"] == "ok" for row in result["rows"]):
+        print(f"fastft bench: none of the {len(result['rows'])} runs measured anything (every row is "
+              f"{'/'.join(sorted({row['status'] for row in result['rows']}))}: see the note column)", file=sys.stderr)
+        return 1
     return 0

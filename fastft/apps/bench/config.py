@@ -1,13 +1,16 @@
 """The settings of a `fastft bench methods` table (the CLI's flags and their defaults)."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 from fastft.apps.bench.peers import PEERS
-from fastft.apps.compiling import compile_problem
 from fastft.apps.bench.shapes import DTYPES, SHAPES
+from fastft.apps.compiling import compile_problem
+from fastft.apps.models import model_problem
+from fastft.files import output_dir_problem
 from fastft.integration.methods import METHODS
 
 
@@ -43,8 +46,20 @@ class BenchConfig:
         if bad:
             raise ValueError(f"--peers: unknown peer {', '.join(map(repr, bad))}; expected some of {', '.join(PEERS)}"
                              " (or none)")
-        if self.model is None and self.shape not in SHAPES:
+        for name, values in (("methods", self.methods), ("peers", self.peers)):
+            twice = [v for i, v in enumerate(values) if v in values[:i]]
+            if twice:
+                raise ValueError(f"--{name}: {', '.join(dict.fromkeys(twice))} given twice; name each once")
+        if self.model is not None:
+            problem = model_problem(self.model, "--model")  # `fastft train --model`'s check
+            if problem:
+                raise ValueError(problem)
+        elif self.shape not in SHAPES:
             raise ValueError(f"--shape: unknown shape {self.shape!r}; expected one of {', '.join(SHAPES)}")
+        for name, label in (("alpha", "--alpha"), ("lr", "BenchConfig.lr")):   # lr: no flag
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{label} must be a finite number > 0, got {value}")
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ValueError(f"--dtype: expected auto or one of {', '.join(DTYPES)}, got {self.dtype!r}")
         for name in ("seq_len", "batch_size", "steps", "rank", "num_virtual_tokens"):
@@ -56,6 +71,9 @@ class BenchConfig:
                              "of json, md, png")
         if self.warmup < 0:
             raise ValueError(f"--warmup must be at least 0, got {self.warmup}")
+        problem = output_dir_problem(self.output_dir)
+        if problem:
+            raise ValueError(problem)
         problem = compile_problem(self.compile, self.compile_backend, cuda=torch.cuda.is_available())
         if problem:
             raise ValueError(problem)

