@@ -5,7 +5,8 @@ Each rank builds the same NF4 + LoRA tiny Llama, shards it with fastft.shard_mod
 unsharded copy in the same process: the forward is equal; each rank stores half of the NF4 bytes; the forward
 sees whole NF4Weights gathered from packed bytes. Then it trains a few AdamW steps on its half of a fixed
 global batch, sharded and again under DDP; rank 0 saves both LoRA states for the test to compare with one
-process on the whole batch.
+process on the whole batch. Before training, state dicts load into the sharded model (torch's and DCP's way,
+copied into the NF4 shards or assigned), the next forward seeing the loaded weights.
 A second, small layer whose shards do not hold whole groups of nested scales checks the un-nested path and bf16
 mixed precision.
 """
@@ -112,6 +113,24 @@ def main(out_dir):
         sharded_logits, plain_logits = model(local_ids).logits, plain(local_ids).logits
     report["forward_max_diff"] = (sharded_logits - plain_logits).abs().max().item()
     report["gathered_weight"] = seen[0]
+
+    # a state dict loads into the sharded model: each NF4 shard copied in place (both torch's and DCP's way),
+    # also another layer's weights, whose different nested offset the next all-gather must see
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+    model.load_state_dict(model.state_dict())
+    set_model_state_dict(model, get_model_state_dict(model))
+    torch.manual_seed(5)
+    into, other, third = (NF4Linear.from_linear(nn.Linear(256, 128)) for _ in range(3))
+    refs, x = copy.deepcopy((other, third)), torch.randn(5, 256)
+    for layer in (into, other, third):
+        fully_shard(layer, mesh=mesh)
+    with torch.no_grad():
+        into(x)  # the unsharded weight exists before the load: later all-gathers write into it
+        set_model_state_dict(into, get_model_state_dict(other))
+        report["reloaded_forward_max_diff"] = (model(local_ids).logits - plain_logits).abs().max().item()
+        report["loaded_other_max_diff"] = (into(x) - refs[0](x)).abs().max().item()
+        into.load_state_dict(get_model_state_dict(third), assign=True)  # a new shard, not a copy
+        report["assigned_other_max_diff"] = (into(x) - refs[1](x)).abs().max().item()
 
     train(model, local_ids)
     state = lora_state(model)

@@ -193,6 +193,10 @@ def test_qlora_under_fsdp2_and_ddp_matches_one_process(tmp_path):
     assert report["unnested_forward_max_diff"] == 0.0 and report["unnested_out_dtype"] == "torch.bfloat16"
 
     assert report["full_tensor_equal"]  # DTensor.full_tensor() gathers the same bytes back
+    # state dicts load into the sharded model (NF4 shards copied in place), another layer's with its own offset
+    # (copied, or assigned: a new shard that later all-gathers into the old unsharded weight must bring its offset)
+    assert report["reloaded_forward_max_diff"] == 0.0 and report["loaded_other_max_diff"] == 0.0
+    assert report["assigned_other_max_diff"] == 0.0
     assert report["adapter_state_matches"]  # peft's adapter state dict reads the sharded model
     sharded, ddp = torch.load(tmp_path / "lora.pt"), torch.load(tmp_path / "lora_ddp.pt")
     model = worker.build_qlora_model()

@@ -217,6 +217,13 @@ def _split(func, w, split_size, dim=0):
 @_implements(aten.split_with_sizes.default)
 def _split_with_sizes(func, w, sizes, dim=0):
     _check_dim0(dim, w, "split_with_sizes")
+    # as torch checks: pieces that do not add up to the rows would silently drop (or invent) rows
+    if any(size < 0 for size in sizes):
+        raise RuntimeError(f"split_with_sizes expects split_sizes have only non-negative entries, but got "
+                           f"split_sizes={list(sizes)}")
+    if sum(sizes) != w.shape[0]:
+        raise RuntimeError(f"split_with_sizes expects split_sizes to sum exactly to {w.shape[0]} (input tensor's "
+                           f"size at dimension 0), but got split_sizes={list(sizes)}")
     starts = [sum(sizes[:i]) for i in range(len(sizes))]
     return [row_range(w, s, s + size) for s, size in zip(starts, sizes)]
 
@@ -248,6 +255,8 @@ def _copy_(func, dst, src, non_blocking=False):
         a.copy_(b, non_blocking=non_blocking)
     if dst.double_quant:  # in place, so views taken of dst before see it too (their cached float is re-read)
         dst.nested_offset.copy_(src.nested_offset, non_blocking=non_blocking)
+        # below autograd an in-place copy does not bump the version that `.offset`'s cache is keyed on: bump it
+        torch.autograd.graph.increment_version(dst.nested_offset)
     return dst
 
 
@@ -315,6 +324,8 @@ def fsdp_post_all_gather(w, outputs, meta, param_dtype, *, out=None):
         for mine, gathered in zip((out.packed, out.absmax, out.absmax2), outputs):
             if mine.untyped_storage().data_ptr() != gathered.untyped_storage().data_ptr():
                 raise RuntimeError("NF4Weight: FSDP all-gather output is not the unsharded weight's storage")
+        if out.double_quant and out.nested_offset is not offset:  # a new shard (an assign load): its offset
+            out.nested_offset, out._offset_cache = offset, w._offset_cache
         return None
     absmax2 = outputs[2] if len(outputs) > 2 else None
     full = NF4Weight(outputs[0], outputs[1], shape, param_dtype, blocksize, absmax2=absmax2, code2=code2,

@@ -233,6 +233,17 @@ class NF4Weight(torch.Tensor):
     def cpu(self, **_) -> NF4Weight:
         return self.to("cpu")
 
+    # Shared memory (`module.share_memory()`, torch.multiprocessing): a wrapper tensor has no storage of its own
+    # (torch's share_memory_ would read it and crash), so these act on the inner tensors, which hold the bytes.
+
+    def share_memory_(self) -> NF4Weight:
+        for t in self._tensors() + ([self.nested_offset] if self.double_quant else []):
+            t.share_memory_()
+        return self
+
+    def is_shared(self) -> bool:
+        return all(t.is_shared() for t in self._tensors() + ([self.nested_offset] if self.double_quant else []))
+
     # ------------------------------------------------------------------------------------------
     # tensor subclass protocol (torch.compile, FSDP2, aten ops)
 
@@ -322,6 +333,14 @@ class NF4Weight(torch.Tensor):
                    code=code, **nested)
 
 
+def local_nf4(t) -> NF4Weight | None:
+    """The NF4Weight behind `t`: t itself, or the local shard of a DTensor (FSDP2) wrapping one; else None."""
+    if isinstance(t, NF4Weight):
+        return t
+    local = getattr(t, "_local_tensor", None)  # DTensor, without importing torch.distributed
+    return local if isinstance(local, NF4Weight) else None
+
+
 def _rebuild_nf4_weight(packed, absmax, shape, dtype, blocksize, absmax2, code2, offset, nested_blocksize, code,
                         is_param=False):
     w = NF4Weight(packed, absmax, shape, dtype, blocksize, absmax2=absmax2, code2=code2, offset=offset,
@@ -360,8 +379,10 @@ def quantize_nf4(tensor: torch.Tensor, blocksize: int = 64, double_quant: bool =
     what = f"`{name}`" if name else "`tensor`"
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"quantize_nf4: {what} must be a torch.Tensor, got {type(tensor).__name__}")
-    if isinstance(tensor, NF4Weight):
-        raise TypeError(f"quantize_nf4: {what} is already an NF4Weight")
+    if local_nf4(tensor) is not None:
+        sharded = "" if isinstance(tensor, NF4Weight) else " (sharded as a DTensor)"
+        raise TypeError(f"quantize_nf4: {what} is already an NF4Weight{sharded}: copy it into the target weight "
+                        "(`weight.copy_(...)`) or assign it, instead of quantizing it again")
     if tensor.dtype not in fmt.FLOAT_DTYPES:
         raise ValueError(f"quantize_nf4: {what} must be float32, float16 or bfloat16, got {tensor.dtype}")
     fmt.check_blocksize(blocksize, "quantize_nf4")

@@ -1,0 +1,210 @@
+"""NF4Weight / NF4Linear edge cases found in review: an in-place copy_ of a double-quantized weight (the cached
+offset), share_memory, loading an NF4Weight (or FSDP2's DTensor of one) into a layer, assigning a dense weight,
+the device a loaded weight goes to, and split sizes that do not add up."""
+import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from fastft.modules.nf4_linear import NF4Linear
+from fastft.quant import NF4Weight, quantize_nf4
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _pair(double_quant=True):
+    """Two 37×64 weights whose nested offsets (the block scales' mean) differ: ×3 scales every absmax."""
+    x = torch.randn(37, 64)
+    return quantize_nf4(x, double_quant=double_quant), quantize_nf4(x * 3, double_quant=double_quant)
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. copy_ refreshes the cached offset
+
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_copy_into_a_weight_decodes_with_the_new_offset(double_quant):
+    dst, src = _pair(double_quant)
+    view = dst[0:37]  # taken before the copy: shares dst's nested_offset tensor and its cached float
+    assert dst.offset == view.offset  # caches filled
+    assert dst.copy_(src) is dst
+    assert dst.offset == src.offset and view.offset == src.offset
+    assert torch.equal(dst.dequantize(), src.dequantize()) and torch.equal(view.dequantize(), src.dequantize())
+    assert torch.equal(dst.block_absmax(), src.block_absmax()) and dst.kernel_operand().offset == src.offset
+
+    param = nn.Parameter(_pair(double_quant)[0], requires_grad=False)  # as load_state_dict copies into one
+    with torch.no_grad():
+        param.copy_(src)
+    assert torch.equal(param.dequantize(), src.dequantize())
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. share_memory acts on the inner tensors
+
+def test_share_memory_moves_the_inner_tensors():
+    # in a subprocess: before the fix torch read the wrapper's (absent) storage and the process segfaulted
+    code = """if True:
+        import torch
+        from fastft.modules.nf4_linear import NF4Linear
+        torch.manual_seed(0)
+        layer = NF4Linear.from_linear(torch.nn.Linear(64, 32))
+        w, x = layer.weight, torch.randn(2, 64)
+        y = layer(x)
+        assert not w.is_shared()
+        assert layer.share_memory() is layer and layer.weight is w  # the same Parameter, moved in place
+        assert w.is_shared() and w.nested_offset.is_shared() and layer.bias.is_shared()
+        assert all(t.is_shared() for t in (w.packed, w.absmax, w.absmax2, w.code2, w.code))
+        assert torch.equal(layer(x), y)
+        print("ok")
+    """
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert done.returncode == 0 and done.stdout.strip() == "ok", (done.returncode, done.stderr[-3000:])
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. an NF4Weight in a state dict is copied in (or assigned), never quantized again
+
+def test_loading_an_nf4_weight_copies_it_into_the_layer():
+    layer = NF4Linear.from_linear(nn.Linear(64, 37))
+    before = layer.weight
+    _, other = _pair()
+    bias = torch.randn(37)
+    assert not layer.load_state_dict({"weight": other, "bias": bias}).missing_keys
+    assert layer.weight is before and before.packed.data_ptr() != other.packed.data_ptr()  # in place
+    assert torch.equal(layer.weight.dequantize(), other.dequantize()) and torch.equal(layer.bias, bias)
+
+    empty = NF4Linear(64, 37)  # no weight yet: takes the loaded one
+    empty.load_state_dict({"weight": other, "bias": bias})
+    assert isinstance(empty.weight, nn.Parameter) and torch.equal(empty.weight.dequantize(), other.dequantize())
+    assigned = NF4Linear.from_linear(nn.Linear(64, 37))
+    assigned.load_state_dict({"weight": other, "bias": bias}, assign=True)
+    assert assigned.weight.packed.data_ptr() == other.packed.data_ptr()
+
+    single = quantize_nf4(torch.randn(37, 64), double_quant=False)  # another layout: refused, naming the key
+    with pytest.raises(RuntimeError, match=r"(?s)NF4 weight 'weight'.*layouts differ"):
+        layer.load_state_dict({"weight": single, "bias": bias})
+    with pytest.raises(TypeError, match=r"`w` is already an NF4Weight: copy it"):
+        quantize_nf4(other, name="w")
+
+
+def test_load_pre_hooks_run_once_before_the_weight_is_read():
+    """As torch orders it: FSDP2's pre-hook reshards a layer left unsharded by a forward before the weight is
+    copied into its shard (2 ranks: tests/nf4_fsdp_worker.py); here a hook that renames legacy keys."""
+    source = NF4Linear.from_linear(nn.Linear(64, 37))
+    layer = NF4Linear(64, 37)
+    calls = []
+
+    def rename(state_dict, prefix, *args):
+        calls.append(prefix)
+        for k in [k for k in state_dict if k.startswith(prefix + "legacy.")]:
+            state_dict[prefix + k[len(prefix + "legacy."):]] = state_dict.pop(k)
+
+    layer._register_load_state_dict_pre_hook(rename)
+    layer.load_state_dict({f"legacy.{k}": v for k, v in source.state_dict().items()})
+    assert calls == [""] and torch.equal(layer.weight.dequantize(), source.weight.dequantize())
+
+
+@pytest.fixture
+def one_rank_group():
+    import torch.distributed as dist
+
+    if not dist.is_available() or dist.is_initialized():
+        pytest.skip("needs torch.distributed and no process group already running")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+        yield init_device_mesh("cpu", (1,))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_loading_into_an_fsdp2_sharded_layer(one_rank_group):
+    """FSDP2's state dict holds DTensors of NF4Weights: loaded by copying shard into shard. One rank here (torch
+    2.13's one-rank FSDP2 forward takes only a subclass's first all-gather input, so the values are read from the
+    shard); the forward on 2 ranks: tests/nf4_fsdp_worker.py."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+    from torch.distributed.fsdp import fully_shard
+
+    layer, other = (NF4Linear.from_linear(nn.Linear(128, 64)) for _ in range(2))
+    expected, expected_other = layer.weight.dequantize(), other.weight.dequantize()
+    for m in (layer, other):
+        fully_shard(m, mesh=one_rank_group)
+    shard = layer.weight._local_tensor
+    with pytest.raises(TypeError, match="sharded as a DTensor"):
+        quantize_nf4(layer.weight)
+    layer.load_state_dict(layer.state_dict())
+    set_model_state_dict(layer, get_model_state_dict(layer))
+    assert layer.weight._local_tensor is shard and torch.equal(shard.dequantize(), expected)
+    set_model_state_dict(layer, get_model_state_dict(other))  # another offset
+    assert layer.weight._local_tensor is shard and shard.offset == other.weight._local_tensor.offset
+    assert torch.equal(shard.dequantize(), expected_other)
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. a dense weight is refused
+
+def test_assigning_a_dense_weight_is_refused():
+    layer = NF4Linear.from_linear(nn.Linear(64, 37))
+    embedding = nn.Embedding(37, 64)  # what `tie_weights()` assigns to a quantized lm_head
+    with pytest.raises(TypeError, match=r"`weight` must be an NF4Weight.*got Parameter of torch\.float32"):
+        layer.weight = embedding.weight
+    with pytest.raises(TypeError, match="must be an NF4Weight"):
+        NF4Linear(64, 37, weight=torch.randn(37, 64))
+    assert isinstance(layer.weight, NF4Weight)
+    with pytest.raises(ValueError, match=r"weight has shape \(64, 64\)"):
+        layer.weight = quantize_nf4(torch.randn(64, 64))
+    # what legitimately sets it still does: an NF4Weight (wrapped), a frozen Parameter of one, None, meta, loads
+    layer.weight = quantize_nf4(torch.randn(37, 64))
+    assert isinstance(layer.weight, nn.Parameter) and not layer.weight.requires_grad
+    layer.weight = nn.Parameter(quantize_nf4(torch.randn(37, 64)), requires_grad=False)
+    meta = NF4Linear(64, 37, device="meta")  # as load_nf4_model builds layers before reading the checkpoint
+    meta.load_state_dict(layer.state_dict(), assign=True)
+    assert meta.weight.device.type == "cpu" and torch.equal(meta.weight.dequantize(), layer.weight.dequantize())
+    assert isinstance(copy.deepcopy(layer).to("meta").weight, NF4Weight)  # _apply swaps, no setattr
+    assert isinstance(copy.deepcopy(layer).to_empty(device="cpu").weight, NF4Weight)
+    NF4Linear(64, 37).load_state_dict({"weight": torch.randn(37, 64), "bias": torch.zeros(37)})  # dense: quantized
+    layer.weight = None
+    assert layer.weight is None
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. a loaded weight goes where the layer's weight is, even without a bias
+# (CUDA is not needed to see the choice: the device handed to the checkpoint reader is recorded)
+
+@pytest.mark.parametrize("where, bias, expected", [("cpu", False, "cpu"), ("cpu", True, "cpu"),
+                                                   ("meta", True, "cpu"), ("meta", False, None)])
+def test_a_loaded_weight_goes_to_the_layers_device(monkeypatch, where, bias, expected):
+    state = NF4Linear.from_linear(nn.Linear(64, 37, bias=bias)).state_dict()
+    layer = NF4Linear.from_linear(nn.Linear(64, 37, bias=bias))
+    layer.weight = layer.weight.to(where)
+    asked = []
+    read = NF4Weight.from_bnb_state_dict.__func__
+
+    def recording(cls, state, prefix="weight", device=None):
+        asked.append(device)
+        return read(cls, state, prefix, device=device)
+
+    monkeypatch.setattr(NF4Weight, "from_bnb_state_dict", classmethod(recording))
+    layer.load_state_dict(state)
+    assert asked == [None if expected is None else torch.device(expected)]
+    assert layer.weight.device.type == "cpu"
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. split sizes must add up to the rows
+
+def test_split_sizes_must_sum_to_the_rows():
+    w = quantize_nf4(torch.randn(37, 64))  # one block a row: every row split holds whole blocks
+    with pytest.raises(RuntimeError, match=r"sum exactly to 37 .*split_sizes=\[5, 10\]"):
+        torch.split(w, [5, 10])
+    with pytest.raises(RuntimeError, match=r"sum exactly to 37 .*split_sizes=\[5, 100\]"):
+        w.split([5, 100])
+    with pytest.raises(RuntimeError, match="non-negative"):
+        w.split([40, -3])
+    top, bottom = torch.split(w, [5, 32])
+    assert torch.equal(torch.cat([top.dequantize(), bottom.dequantize()]), w.dequantize())
