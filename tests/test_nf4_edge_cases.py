@@ -208,3 +208,12 @@ def test_split_sizes_must_sum_to_the_rows():
         w.split([40, -3])
     top, bottom = torch.split(w, [5, 32])
     assert torch.equal(torch.cat([top.dequantize(), bottom.dequantize()]), w.dequantize())
+
+
+def test_quantize_and_use_under_inference_mode():
+    """Inference tensors have no version counter: the offset is read instead of cached (it failed to quantize)."""
+    w = torch.randn(64, 128)
+    with torch.inference_mode():
+        q = quantize_nf4(w)
+        assert torch.equal(q.dequantize(), quantize_nf4(w.clone()).dequantize())
+    assert q.offset == quantize_nf4(w).offset

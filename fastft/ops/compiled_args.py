@@ -86,11 +86,14 @@ _OFFSETS: dict[int, tuple] = {}  # id(nested_offset) -> (weakref, _version, floa
 
 def _offset_value(t: torch.Tensor) -> float:
     """float(t), read from the device once per tensor and version (a read is a host sync)."""
+    from fastft.quant.nf4_weight import tensor_version
+
+    version = tensor_version(t)
     hit = _OFFSETS.get(id(t))
-    if hit is not None and hit[0]() is t and hit[1] == t._version:
+    if hit is not None and hit[0]() is t and version is not None and hit[1] == version:
         return hit[2]
     value = float(t)
-    _OFFSETS[id(t)] = (weakref.ref(t, lambda _, key=id(t): _OFFSETS.pop(key, None)), t._version, value)
+    _OFFSETS[id(t)] = (weakref.ref(t, lambda _, key=id(t): _OFFSETS.pop(key, None)), version, value)
     return value
 
 
@@ -98,7 +101,7 @@ def nf4_from_args(tensors: list[torch.Tensor], ints: list[int]):
     """The NF4Weight nf4_args took apart, around the same tensors. While a CUDA graph is captured the nested
     scales are decoded to fp32 on the device instead (the offset cannot be read to the host there), the same
     values the kernels decode."""
-    from fastft.quant.nf4_weight import NF4Weight
+    from fastft.quant.nf4_weight import NF4Weight, tensor_version
 
     rows, cols, blocksize, nested_blocksize, dtype_index = ints
     packed, absmax, code = tensors[:3]
@@ -111,7 +114,7 @@ def nf4_from_args(tensors: list[torch.Tensor], ints: list[int]):
         return NF4Weight(packed, scales, (rows, cols), dtype, blocksize, code=code)
     w = NF4Weight(packed, absmax, (rows, cols), dtype, blocksize, absmax2=absmax2, code2=code2, offset=offset,
                   nested_blocksize=nested_blocksize, code=code)
-    w._offset_cache = (offset._version, _offset_value(offset))
+    w._offset_cache = (tensor_version(offset), _offset_value(offset))
     return w
 
 

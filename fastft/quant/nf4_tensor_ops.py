@@ -67,13 +67,15 @@ def _(packed, absmax, absmax2, code2, code, offset, nested_blocksize, blocksize,
 
 def apply_to_parts(w, fn: Callable[[torch.Tensor], torch.Tensor], **changes):
     """The same weight with fn applied to every inner tensor (device moves, clone, detach, pin)."""
+    from fastft.quant.nf4_weight import tensor_version
+
     parts = dict(packed=fn(w.packed), absmax=fn(w.absmax), code=fn(w.code))
     if w.double_quant:
         parts.update(absmax2=fn(w.absmax2), code2=fn(w.code2), offset=fn(w.nested_offset))
     parts.update(changes)
     out = w.with_parts(**parts)
     if out.double_quant and w._offset_cache is not None:  # same value: keep the float, no device read
-        out._offset_cache = (out.nested_offset._version, w._offset_cache[1])
+        out._offset_cache = (tensor_version(out.nested_offset), w._offset_cache[1])
     return out
 
 

@@ -34,6 +34,12 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
     return t if t.is_contiguous() else t.contiguous()
 
 
+def tensor_version(t: torch.Tensor) -> int | None:
+    """t's in-place write counter; None for an inference tensor (made under torch.inference_mode), which has none:
+    its value is then read every time instead of cached."""
+    return None if t.is_inference() else t._version
+
+
 class NF4Weight(torch.Tensor):
     """An NF4-quantized tensor: packed uint8 codes (`.packed`), per-block scales, logical shape and dtype.
 
@@ -75,7 +81,7 @@ class NF4Weight(torch.Tensor):
                 self.nested_offset = offset.reshape(()) if offset.dim() else offset
             else:
                 self.nested_offset = torch.tensor(float(offset), dtype=torch.float32, device=packed.device)
-                self._offset_cache = (self.nested_offset._version, float(offset))
+                self._offset_cache = (tensor_version(self.nested_offset), float(offset))
         self.nested_blocksize = int(nested_blocksize)
         self.code = fmt.nf4_code(str(packed.device)) if code is None else _flat(code)
         self._validate()
@@ -123,8 +129,8 @@ class NF4Weight(torch.Tensor):
         `.nested_offset` changes in place."""
         if self.nested_offset is None:
             return 0.0
-        version = self.nested_offset._version
-        if self._offset_cache is None or self._offset_cache[0] != version:
+        version = tensor_version(self.nested_offset)
+        if self._offset_cache is None or version is None or self._offset_cache[0] != version:
             self._offset_cache = (version, float(self.nested_offset))
         return self._offset_cache[1]
 
