@@ -112,8 +112,8 @@ def _remove(tree: Path) -> None:
 
 def output_dir_problem(output_dir: str | os.PathLike, flag: str = "--output-dir") -> str | None:
     """Why `output_dir` cannot be made into a folder (one line naming `flag`), or None when it can: the path or
-    the nearest of its parents that exists must be a folder (`fastft bench` and `fastft study` check it before
-    any run, not when the first results file is written)."""
+    the nearest of its parents that exists must be a folder (`fastft train`, `bench` and `study` check it before
+    any run, not when the first file is written)."""
     for path in (Path(output_dir), *Path(output_dir).parents):
         if os.path.lexists(path):   # lexists: a dangling link is no folder either
             if path.is_dir():

@@ -124,14 +124,15 @@ def one_rank_group():
 
 
 def test_loading_into_an_fsdp2_sharded_layer(one_rank_group):
-    """FSDP2's state dict holds DTensors of NF4Weights: loaded by copying shard into shard. One rank here (torch
-    2.13's one-rank FSDP2 forward takes only a subclass's first all-gather input, so the values are read from the
-    shard); the forward on 2 ranks: tests/nf4_fsdp_worker.py."""
+    """FSDP2's state dict holds DTensors of NF4Weights: loaded by copying shard into shard. One rank here (torch's
+    one-rank FSDP2 path copies only a subclass's first all-gather input: the scales travel as metadata), the
+    forward twice (the second reuses the unsharded buffers); 2 ranks: tests/nf4_fsdp_worker.py."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
     from torch.distributed.fsdp import fully_shard
 
     layer, other = (NF4Linear.from_linear(nn.Linear(128, 64)) for _ in range(2))
     expected, expected_other = layer.weight.dequantize(), other.weight.dequantize()
+    bias_other = other.bias.detach().clone()
     for m in (layer, other):
         fully_shard(m, mesh=one_rank_group)
     shard = layer.weight._local_tensor
@@ -143,6 +144,11 @@ def test_loading_into_an_fsdp2_sharded_layer(one_rank_group):
     set_model_state_dict(layer, get_model_state_dict(other))  # another offset
     assert layer.weight._local_tensor is shard and shard.offset == other.weight._local_tensor.offset
     assert torch.equal(shard.dequantize(), expected_other)
+    x = torch.randn(3, 128, requires_grad=True)
+    for _ in range(2):
+        y = layer(x)
+        assert torch.allclose(y, x @ expected_other.t() + bias_other, atol=1e-5)
+        y.sum().backward()
 
 
 # ----------------------------------------------------------------------------------------------

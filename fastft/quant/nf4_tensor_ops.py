@@ -313,18 +313,26 @@ def fsdp_pre_all_gather(w, mesh, outer_size):
     if w.ndim < 1 or tuple(outer_size) != (w.shape[0] * world, *w.shape[1:]):
         raise ValueError(f"NF4Weight: FSDP shard of shape {tuple(w.shape)} is not 1/{world} of {tuple(outer_size)}"
                          " (NF4 weights shard only evenly; see fastft.quant.nf4_tensor_ops.check_shardable)")
-    inputs = (w.packed, w.absmax) + ((w.absmax2,) if w.double_quant else ())
-    meta = (torch.Size(outer_size), w.blocksize, w.nested_blocksize, w.nested_offset, w.code, w.code2)
+    scales = (w.absmax,) + ((w.absmax2,) if w.double_quant else ())
+    # torch's one-rank path copies only the first all-gather input: there the (whole) scales ride in the metadata
+    one_rank = world == 1
+    inputs = (w.packed,) if one_rank else (w.packed, *scales)
+    meta = (torch.Size(outer_size), w.blocksize, w.nested_blocksize, w.nested_offset, w.code, w.code2,
+            scales if one_rank else None)
     return inputs, meta
 
 
 def fsdp_post_all_gather(w, outputs, meta, param_dtype, *, out=None):
     from fastft.quant.nf4_weight import NF4Weight
 
-    shape, blocksize, nested_blocksize, offset, code, code2 = meta
+    shape, blocksize, nested_blocksize, offset, code, code2, scales = meta
+    # what FSDP2 frees at reshard: only the buffers it gathered into, never the shard's own scales (one rank)
+    gathered = tuple(outputs)
+    if scales is not None:  # one rank: only the packed codes were "gathered"
+        outputs = (outputs[0], *scales)
     if out is not None:  # later all-gathers write into the buffers `out` already views
-        for mine, gathered in zip((out.packed, out.absmax, out.absmax2), outputs):
-            if mine.untyped_storage().data_ptr() != gathered.untyped_storage().data_ptr():
+        for mine, got in zip((out.packed, out.absmax, out.absmax2), outputs):
+            if mine.untyped_storage().data_ptr() != got.untyped_storage().data_ptr():
                 raise RuntimeError("NF4Weight: FSDP all-gather output is not the unsharded weight's storage")
         if out.double_quant and out.nested_offset is not offset:  # a new shard (an assign load): its offset
             out.nested_offset, out._offset_cache = offset, w._offset_cache
@@ -334,4 +342,4 @@ def fsdp_post_all_gather(w, outputs, meta, param_dtype, *, out=None):
                      offset=0.0 if offset is None else offset, nested_blocksize=nested_blocksize, code=code)
     if full.double_quant and w.nested_offset is offset:
         full._offset_cache = w._offset_cache
-    return full, tuple(outputs)
+    return full, gathered
