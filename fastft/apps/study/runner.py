@@ -15,11 +15,10 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from fastft.files import output_dir_problem
 from fastft.apps.study.cell import CellSettings, CellSpec, run_cell
 from fastft.apps.study.models import MODEL_FAMILIES
 from fastft.apps.study.tasks import REGIMES, STUDY_TASKS, load_study_task, majority_baseline, tested_split
-from fastft.files import atomic_write
+from fastft.files import atomic_write, output_dir_problem
 from fastft.integration.methods import METHODS
 
 # Learning rates per method, (MiniLM, SmolLM2). Full fine-tuning moves every pretrained weight, so it takes

@@ -340,7 +340,8 @@ def train(cfg: TrainConfig) -> dict:
     log(f"fastft train: {cfg.model} on {description}; {len(train_records)} train / {len(eval_records)} eval "
         f"records; objective {cfg.objective}, method {cfg.method}; device {device}, {world} process(es)")
 
-    make_batch = _Batches(Encoder(tokenizer, cfg.max_length, cfg.objective), device, cfg.attn_implementation == "fastft")
+    make_batch = _Batches(Encoder(tokenizer, cfg.max_length, cfg.objective), device,
+                          cfg.attn_implementation == "fastft")
     knobs = dict(teacher=teacher, dpo_beta=cfg.dpo_beta, kl_weight=cfg.kl_weight,
                  reverse_kl_weight=cfg.reverse_kl_weight, ce_weight=cfg.ce_weight, temperature=cfg.temperature)
     history = {"eval_before": None, "eval_quantized": None, "evals": [], "train_losses": [], "tokens": 0,
