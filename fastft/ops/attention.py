@@ -20,8 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from fastft.ops.compiled import capturing, compiling, needed, unused
-from fastft.ops.shared import autocast_inputs, autocast_off, check_backend, resolve_backend, to_dtype
-from fastft.ops.shared import finite
+from fastft.ops.shared import autocast_inputs, autocast_off, check_backend, finite, resolve_backend, to_dtype
 from fastft.ops.shared import check as _check  # the name this file's many checks use
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)

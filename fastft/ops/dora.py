@@ -27,9 +27,8 @@ import torch.nn.functional as F
 from fastft.ops.compiled import compiling, needed, unused
 from fastft.ops.compiled_args import fresh_like, weight_args, weight_from_args
 from fastft.ops.lora import rank_operands
-from fastft.ops.shared import (as_rows, autocast_inputs, autocast_off, check, check_backend, nf4_fused_ok, padded,
-                               resolve_backend, safe_div, to_dtype)
-from fastft.ops.shared import finite
+from fastft.ops.shared import (as_rows, autocast_inputs, autocast_off, check, check_backend, finite, nf4_fused_ok,
+                               padded, resolve_backend, safe_div, to_dtype)
 from fastft.quant.nf4_weight import NF4Weight
 
 

@@ -14,9 +14,8 @@ import torch.nn.functional as F
 from fastft.ops import lora_path, shared
 from fastft.ops.compiled import compiling, needed, unused
 from fastft.ops.compiled_args import SEED_DEVICE, draw_seed_op, fresh_like, refuse_replayed_dropout, seed_int
-from fastft.ops.shared import (as_rows, autocast_inputs, autocast_off, check, check_backend, padded,
+from fastft.ops.shared import (as_rows, autocast_inputs, autocast_off, check, check_backend, finite, padded,
                                resolve_backend, to_dtype)
-from fastft.ops.shared import finite
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 

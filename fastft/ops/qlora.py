@@ -26,8 +26,8 @@ from fastft.ops.compiled_args import (SEED_DEVICE, draw_seed_op, fresh_like, nf4
 from fastft.ops.qlora_path import release_dequant_scratch  # noqa: F401 - public here too
 from fastft.ops.lora import (fused_lora_backward, fused_lora_forward, lora_linear_reference, lora_meta,
                              rank_operands)
-from fastft.ops.shared import as_rows, autocast_inputs, autocast_off, check, nf4_fused_ok, resolve_backend
-from fastft.ops.shared import finite
+from fastft.ops.shared import (as_rows, autocast_inputs, autocast_off, check, finite, nf4_fused_ok,
+                               resolve_backend)
 from fastft.quant.nf4_weight import NF4Weight
 
 
