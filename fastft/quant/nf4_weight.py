@@ -109,7 +109,7 @@ class NF4Weight(torch.Tensor):
                                  f"values, got {self.absmax2.numel()}")
             if self.nested_offset.dtype != torch.float32:
                 raise ValueError(f"{what}: the nested offset must be fp32, got {self.nested_offset.dtype}")
-        devices = {t.device for t in self._tensors()} | ({self.nested_offset.device} if self.double_quant else set())
+        devices = {t.device for t in self._tensors_and_offset()}
         if len(devices) != 1:
             raise ValueError(f"{what}: all parts must be on one device, got {sorted(map(str, devices))}")
 
@@ -141,6 +141,10 @@ class NF4Weight(torch.Tensor):
     def _tensors(self) -> list[torch.Tensor]:
         parts = [self.packed, self.absmax, self.code]
         return parts + ([self.absmax2, self.code2] if self.double_quant else [])
+
+    def _tensors_and_offset(self) -> list[torch.Tensor]:
+        """Every inner tensor, the nested offset (a 0-d tensor, not a byte of the format) included."""
+        return self._tensors() + ([self.nested_offset] if self.double_quant else [])
 
     def __repr__(self, *, tensor_contents=None) -> str:
         nested = f", double_quant(blocksize={self.nested_blocksize})" if self.double_quant else ""
@@ -243,12 +247,12 @@ class NF4Weight(torch.Tensor):
     # (torch's share_memory_ would read it and crash), so these act on the inner tensors, which hold the bytes.
 
     def share_memory_(self) -> NF4Weight:
-        for t in self._tensors() + ([self.nested_offset] if self.double_quant else []):
+        for t in self._tensors_and_offset():
             t.share_memory_()
         return self
 
     def is_shared(self) -> bool:
-        return all(t.is_shared() for t in self._tensors() + ([self.nested_offset] if self.double_quant else []))
+        return all(t.is_shared() for t in self._tensors_and_offset())
 
     # ------------------------------------------------------------------------------------------
     # tensor subclass protocol (torch.compile, FSDP2, aten ops)

@@ -118,8 +118,8 @@ class Checkpoints:
         acc.wait_for_everyone()
         if acc.is_main_process:
             finish_folder(tmp)
-            if final.exists():  # the same step written again: move the old one aside first (rename cannot replace
-                shutil.rmtree(final)  # a non-empty folder); the previous steps stay until the new one is in place
+            if final.exists():  # the same step written again: rename cannot replace a non-empty folder, so the
+                shutil.rmtree(final)  # old one goes first; the other steps stay until the new one is in place
             os.replace(tmp, final)
             fsync_path(self.root)
             for older in self.root.iterdir():  # the new one is complete: the previous ones can go
