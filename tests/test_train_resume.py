@@ -81,12 +81,12 @@ def test_sigkill_then_resume_is_bit_identical(tiny, tmp_path, one_thread):
     assert sorted(p.name for p in (killed / "checkpoints").iterdir()) == ["step-00000012"]
 
 
-@pytest.mark.parametrize("failure", ["nan", "oom"])
+@pytest.mark.parametrize("failure", ["nan", "oom", "no targets"])
 def test_failure_stops_with_the_last_checkpoint_intact(tiny, tmp_path, monkeypatch, capsys, failure):
     from fastft.apps.training.objectives import ObjectiveModel
 
-    forward = ObjectiveModel.forward
-    calls = {"train": 0}
+    forward, count = ObjectiveModel.forward, ObjectiveModel.count
+    calls = {"train": 0, "count": 0}
 
     def failing(self, batch):
         if self.training:
@@ -95,15 +95,20 @@ def test_failure_stops_with_the_last_checkpoint_intact(tiny, tmp_path, monkeypat
                 if failure == "oom":
                     raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
                 loss, stats = forward(self, batch)
-                return loss * float("nan"), stats
+                return (loss * float("nan") if failure == "nan" else loss * 0), stats
         return forward(self, batch)
 
+    def counting(self, batch):  # what a step whose labels are all masked counts (built-in data never has one)
+        calls["count"] += self.training
+        return 0 if failure == "no targets" and calls["count"] > 4 else count(self, batch)
+
     monkeypatch.setattr(ObjectiveModel, "forward", failing)
+    monkeypatch.setattr(ObjectiveModel, "count", counting)
     out = tmp_path / "run"
     assert main(_argv(tiny, out)) == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("fastft train: step 3:") and str(out / "checkpoints" / "step-00000002") in err
-    assert ("out of memory" in err) if failure == "oom" else ("the loss is nan" in err)
+    assert {"oom": "out of memory", "nan": "the loss is nan", "no targets": "no target token"}[failure] in err
     checkpoint = out / "checkpoints" / "step-00000002"
     assert load_file(str(checkpoint / "trainable.safetensors"))
     assert torch.load(checkpoint / "trainer_state.pt", weights_only=False)["step"] == 2
@@ -135,3 +140,9 @@ def test_resume_refuses_changed_settings_and_a_new_run_refuses_old_checkpoints(t
     assert "--steps 2 -> 3" in error([*short, "--resume", "--steps", "3"])
     # settings that only decide what is evaluated and saved may change
     assert main([*short, "--resume", "--eval-examples", "2", "--save-every", "3"]) == 0
+    # each process restores its own RNG: another process count is refused, before any model loads
+    state_file = out / "checkpoints" / "step-00000002" / "trainer_state.pt"
+    torch.save({**torch.load(state_file, weights_only=False), "processes": 2}, state_file)
+    saved = (out / "config.yaml").read_text()
+    assert "was written by 2 processes, this run has 1" in error([*short, "--resume"])
+    assert (out / "config.yaml").read_text() == saved

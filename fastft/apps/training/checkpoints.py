@@ -87,10 +87,17 @@ class Checkpoints:
         steps = sorted(p for p in self.root.iterdir() if _STEP_DIR.fullmatch(p.name) and p.is_dir())
         return steps[-1] if steps else None
 
-    def saved_config(self, path: Path) -> dict | None:
-        """The settings (config.yaml's mapping) the run that wrote checkpoint `path` had; None for checkpoints
-        written before they were recorded."""
-        return torch.load(path / "trainer_state.pt", weights_only=False).get("config")
+    def trainer_state(self, path: Path) -> dict:
+        """Checkpoint `path`'s trainer state (step, data cursor, logs, and the settings of the run that wrote it
+        under "config", absent in checkpoints written before they were recorded); refused unless this run has the
+        same number of processes (each restores its own RNG)."""
+        state = torch.load(path / "trainer_state.pt", weights_only=False)
+        if state["processes"] != self.accelerator.num_processes:
+            from fastft.apps.training.config import ConfigError
+
+            raise ConfigError(f"--resume: {path} was written by {state['processes']} processes, this run has "
+                              f"{self.accelerator.num_processes}; resume with the same number")
+        return state
 
     def save(self, step: int, model, optimizer, trainer_state: dict, save_adapter=None) -> Path:
         from safetensors.torch import save_file
@@ -128,18 +135,12 @@ class Checkpoints:
         acc.wait_for_everyone()
         return final
 
-    def load(self, path: Path, model, optimizer) -> dict:
-        """Restore weights, optimizer and this process's RNG; returns the trainer state (step, cursor, logs)."""
+    def load(self, path: Path, model, optimizer) -> None:
+        """Restore weights, optimizer and this process's RNG (the trainer state: `trainer_state`)."""
         from safetensors.torch import load_file
         from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
         acc = self.accelerator
-        state = torch.load(path / "trainer_state.pt", weights_only=False)
-        if state["processes"] != acc.num_processes:
-            from fastft.apps.training.config import ConfigError
-
-            raise ConfigError(f"--resume: {path} was written by {state['processes']} processes, this run has "
-                              f"{acc.num_processes}; resume with the same number")
         weights = load_file(str(path / "trainable.safetensors"))
         optim = torch.load(path / "optimizer.pt", weights_only=False)
         if is_sharded(model):
@@ -152,4 +153,3 @@ class Checkpoints:
                     params[name].copy_(value)
             optimizer.load_state_dict(optim)
         set_rng_state(torch.load(path / f"rng-{acc.process_index}.pt", weights_only=False))
-        return state

@@ -314,7 +314,8 @@ def train(cfg: TrainConfig) -> dict:
     checkpoints = ckpt.Checkpoints(out, accelerator)
     resume_from = checkpoints.latest() if cfg.resume else None
     if resume_from is not None:
-        check_resumed_settings(cfg, checkpoints.saved_config(resume_from), resume_from)
+        resumed = checkpoints.trainer_state(resume_from)  # before any model loads: a mismatch fails fast
+        check_resumed_settings(cfg, resumed.get("config"), resume_from)
     elif not cfg.resume and checkpoints.latest() is not None:
         raise ConfigError(f"--output-dir {cfg.output_dir} holds checkpoints of an earlier run "
                           f"({checkpoints.latest().name}); pass --resume to continue it, or choose another "
@@ -406,10 +407,10 @@ def train(cfg: TrainConfig) -> dict:
         torch.manual_seed(cfg.seed * 1_000_003 + rank)
     start_step = 0
     if resume_from is not None:
-        state = checkpoints.load(resume_from, inner, torch_optimizer)
-        schedule.load_state_dict(state["scheduler"])
-        plan.load_state_dict(state["plan"])
-        history, start_step = state["history"], state["step"]
+        checkpoints.load(resume_from, inner, torch_optimizer)
+        schedule.load_state_dict(resumed["scheduler"])
+        plan.load_state_dict(resumed["plan"])
+        history, start_step = resumed["history"], resumed["step"]
         log(f"resumed from {resume_from} (step {start_step} of {cfg.steps})")
     elif cfg.resume:
         log(f"--resume: no checkpoint in {checkpoints.root}; starting at step 0")
@@ -436,7 +437,10 @@ def train(cfg: TrainConfig) -> dict:
         except torch.OutOfMemoryError as e:
             stop(step + 1, f"out of memory ({str(e).splitlines()[0]}); try a smaller --batch-size with a larger "
                            "--grad-accum, --gradient-checkpointing or --offload-activations")
-        step_loss = float(accelerator.reduce(loss_sum, "sum")) / max(count, 1)
+        if count == 0:  # AdamW would still move the weights (momentum, weight decay) on zero gradients
+            stop(step + 1, "its batches hold no target token (every label is masked out); check the data's "
+                           "prompts against --max-length")
+        step_loss = float(accelerator.reduce(loss_sum, "sum")) / count
         if not math.isfinite(step_loss):
             stop(step + 1, f"the loss is {step_loss} (try a lower --lr, --max-grad-norm, or fp32)")
         grad_norm = None
