@@ -46,8 +46,6 @@ def _error(argv, capsys) -> str:
     (["--resume", "--output-dir", "/no/such/run"], "nothing to resume"),
     (["--seed", "-1"], "--seed must be in [0, 2**32 - 1]"),
     (["--output-dir", "/etc/hostname"], "--output-dir /etc/hostname: exists and is not a folder"),
-    (["--method", "prefix", "--distributed", "fsdp"], "--method prefix with --distributed fsdp is not supported yet"),
-    (["--method", "prompt", "--distributed", "fsdp"], "--method prompt with --distributed fsdp is not supported yet"),
     (["--seed", str(2**32)], "--seed must be in [0, 2**32 - 1]"),
 ])
 def test_bad_settings_fail_in_one_line_before_loading(argv, message, capsys, no_model_loads):

@@ -103,3 +103,35 @@ def test_two_processes_train_the_qlora_adapter_of_one(setup, distributed):
     assert a.keys() == b.keys() and a
     for key in a:
         assert torch.allclose(a[key], b[key], atol=3e-3), key
+
+
+@pytest.mark.parametrize("method", ["prefix", "full"])
+def test_fsdp_trains_prefix_tuning_and_a_full_fine_tune_like_one_process(setup, method):
+    """Prefix tuning runs each document alone: every process must still gather the FSDP2 weights as often (its
+    evaluation hung when one process had more records), and peft saves its adapter from the live, sharded prefix
+    encoder (the whole weights stand in). A full fine-tune's tied lm_head is saved once, as one process saves it."""
+    root, common = setup
+    one, out = root / f"{method}-one", root / f"{method}-fsdp"
+    args = [*common, "--method", method, "--save-every", "2", *(["--num-virtual-tokens", "4"] * (method == "prefix"))]
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main([*args, "--batch-size", "4", "--output-dir", str(one)]) == 0
+    finally:
+        torch.set_num_threads(before)
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "fastft.apps.cli", *args, "--batch-size", "2", "--distributed", "fsdp",
+                          "--eval-examples", "3", "--output-dir", str(out)],
+                         env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    two, ref = (json.loads((d / "metrics.json").read_text()) for d in (out, one))
+    assert two["distribution"]["sharded"] and two["train_losses"] == pytest.approx(ref["train_losses"], rel=1e-5)
+    saved = "adapter/adapter_model.safetensors" if method == "prefix" else "model/model.safetensors"
+    a, b = load_file(str(out / saved)), load_file(str(one / saved))
+    assert a.keys() == b.keys() and a
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-4), key
+    if method == "prefix":  # the checkpoint's adapter too (saved while sharded)
+        assert load_file(str(out / "checkpoints" / "step-00000002" / "adapter" / "adapter_model.safetensors"))
+    else:
+        assert "lm_head.weight" not in a

@@ -146,3 +146,17 @@ def test_resume_refuses_changed_settings_and_a_new_run_refuses_old_checkpoints(t
     saved = (out / "config.yaml").read_text()
     assert "was written by 2 processes, this run has 1" in error([*short, "--resume"])
     assert (out / "config.yaml").read_text() == saved
+
+
+@pytest.mark.parametrize("final_step", [2, 4])
+def test_resumed_log_keeps_each_line_once(tmp_path, final_step):
+    """Lines past the checkpoint go; the final evaluation at the checkpoint's step goes too (the resumed run writes
+    it again), an evaluation at a checkpoint before the last step stays (the resumed run does not repeat it)."""
+    from fastft.apps.training.logs import RunLog
+
+    lines = [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 0.9}, {"step": 2, "eval": {"loss": 0.8}},
+             {"step": 3, "loss": 0.7}]
+    (tmp_path / "logs.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines) + '{"step": 3, "lo')
+    RunLog(str(tmp_path), True, resume_step=2, final_step=final_step).close()
+    kept = [json.loads(line) for line in (tmp_path / "logs.jsonl").read_text().splitlines()]
+    assert kept == (lines[:2] if final_step == 2 else lines[:3])

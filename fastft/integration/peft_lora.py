@@ -19,6 +19,7 @@ from peft.tuners.tuners_utils import check_target_module_exists
 from torch import nn
 
 from fastft.files import replace_folder
+from fastft.integration.methods.prompt import whole_prompt_encoders
 from fastft.modules.lora import FusedLoraLinear
 from fastft.modules.nf4_linear import NF4Linear
 from fastft.modules.qlora import FusedQLoraLinear
@@ -265,4 +266,5 @@ def save_adapter(model: PeftModel, path: str | os.PathLike, **kwargs) -> Path:
     """`model.save_pretrained(path)` made atomic: written to a temporary sibling, then moved into place,
     so an interrupted save never leaves a half-written adapter behind. Folders and files get the modes the
     umask gives (as peft and transformers create them), not mkdtemp's private 0700 (fastft.files.replace_folder)."""
-    return replace_folder(path, lambda tmp: model.save_pretrained(str(tmp), **kwargs), what="save_adapter")
+    with whole_prompt_encoders(model, kwargs.get("state_dict")):  # FSDP2-sharded prompt learning: the whole weights
+        return replace_folder(path, lambda tmp: model.save_pretrained(str(tmp), **kwargs), what="save_adapter")

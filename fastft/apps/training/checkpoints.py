@@ -71,6 +71,12 @@ def full_state_dict(model, trainable_only: bool) -> dict:
     if trainable_only:
         names = {n for n, p in model.named_parameters() if p.requires_grad}
         state = {k: v for k, v in state.items() if k in names}
+    # each key was gathered into its own tensor: keys of one tied parameter (lm_head = embed_tokens) share one
+    # again, or transformers' save_pretrained (which drops aliases by storage) writes the weight twice
+    first: dict[int, str] = {}
+    for name, value in model.state_dict(keep_vars=True).items():
+        if name in state:
+            state[name] = state[first.setdefault(id(value), name)]
     return state
 
 

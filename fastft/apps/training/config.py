@@ -361,11 +361,6 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         need(cfg.method in ("lora", "qlora"), f"--quantize nf4 is QLoRA: it cannot be combined with --method "
                                                f"{cfg.method}")
         cfg = dataclasses.replace(cfg, method="qlora")
-    # peft's prompt learning under FSDP2: the ranks' evaluation forwards make different all-gathers and the run
-    # hangs at its end (2 CPU processes); DDP trains it exactly
-    need(not (cfg.distributed == "fsdp" and cfg.method in ("prefix", "prompt")),
-         f"--method {cfg.method} with --distributed fsdp is not supported yet (its evaluation hangs across "
-         "processes); use --distributed ddp: the prompt parameters are small, sharding them saves nothing")
     need(not cfg.offload_activations or cfg.gradient_checkpointing,
          "--offload-activations needs --gradient-checkpointing (it offloads the checkpointed layer inputs)")
     if cfg.objective == "dpo":

@@ -19,9 +19,10 @@ def peak_memory_gib(device: torch.device) -> float:
 
 class RunLog:
     """Appends to logs.jsonl (main process only). On resume, lines past the checkpoint's step are dropped:
-    the killed run wrote them, the resumed run writes them again."""
+    the killed run wrote them, the resumed run writes them again; so is the final evaluation (at the run's last
+    step, written after its last checkpoint), which a run resumed from that checkpoint writes again."""
 
-    def __init__(self, output_dir: str, enabled: bool, resume_step: int | None = None):
+    def __init__(self, output_dir: str, enabled: bool, resume_step: int | None = None, final_step: int | None = None):
         self.path = Path(output_dir) / "logs.jsonl"
         self.enabled = enabled
         self.tensorboard = None
@@ -31,8 +32,10 @@ class RunLog:
         if resume_step is None:
             self.path.write_text("")
         elif self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines(keepends=True)
-                    if line.strip() and _step_of(line) is not None and _step_of(line) <= resume_step]
+            def keep(record) -> bool:
+                return record is not None and record["step"] <= resume_step \
+                    and not ("eval" in record and record["step"] == final_step)
+            kept = [line for line in self.path.read_text().splitlines(keepends=True) if keep(_record(line))]
             atomic_write(self.path, "".join(kept))
         try:
             from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
@@ -57,8 +60,10 @@ class RunLog:
             self.tensorboard.close()
 
 
-def _step_of(line: str) -> int | None:
+def _record(line: str) -> dict | None:
+    """A logs.jsonl line's object, None for a torn or foreign line."""
     try:
-        return int(json.loads(line)["step"])
-    except (ValueError, KeyError, TypeError):
+        record = json.loads(line)
+    except ValueError:
         return None
+    return record if isinstance(record, dict) and isinstance(record.get("step"), int) else None

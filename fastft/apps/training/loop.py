@@ -26,7 +26,7 @@ from fastft.integration.parameter_count import parameter_counts
 from fastft.apps.training.config import ConfigError, TrainConfig, to_yaml_dict, validate
 from fastft.apps.training.data import BatchPlan, Encoder, check_tokenizer, load_records, pack
 from fastft.apps.training.logs import RunLog, peak_memory_gib
-from fastft.apps.training.objectives import ObjectiveModel
+from fastft.apps.training.objectives import ObjectiveModel, is_prompt_learning
 
 
 class TrainingStopped(RuntimeError):
@@ -218,6 +218,8 @@ def evaluate(module: ObjectiveModel, records, make_batch, batch_size: int, accel
     if not records:
         return None
     world, rank = accelerator.num_processes, accelerator.process_index
+    if is_prompt_learning(module.model):  # its forward runs each document alone: with one record per process per
+        batch_size = 1  # forward (a dummy where none is left) every process gathers the same FSDP2 weights as often
     was_training = module.training
     module.eval()
     sums = torch.zeros(4, dtype=torch.float64)  # loss, count, hits, examples
@@ -397,7 +399,7 @@ def train(cfg: TrainConfig) -> dict:
         log(f"compiled: torch.compile mode {cfg.compile}, backend {cfg.compile_backend} (the first steps compile)")
 
     def save_adapter_to(path, weights):
-        inner.save_pretrained(str(path), state_dict=weights)
+        fastft.save_adapter(inner, path, state_dict=weights)
 
     def trainer_state():
         return {"scheduler": schedule.state_dict(), "plan": plan.state_dict(), "history": history,
@@ -414,7 +416,8 @@ def train(cfg: TrainConfig) -> dict:
         log(f"resumed from {resume_from} (step {start_step} of {cfg.steps})")
     elif cfg.resume:
         log(f"--resume: no checkpoint in {checkpoints.root}; starting at step 0")
-    runlog = RunLog(cfg.output_dir, accelerator.is_main_process, start_step if resume_from is not None else None)
+    runlog = RunLog(cfg.output_dir, accelerator.is_main_process, start_step if resume_from is not None else None,
+                    final_step=cfg.steps)
 
     def stop(step: int, why: str):
         last = checkpoints.latest()

@@ -77,7 +77,7 @@ def distill_loss_sum(hidden, head, teacher_hidden, teacher_head, targets, *,
 
 # ---------------------------------------------------------------------------------------------- the model
 
-def _is_prompt_learning(model) -> bool:
+def is_prompt_learning(model) -> bool:
     config = getattr(model, "active_peft_config", None)
     return bool(getattr(config, "is_prompt_learning", False))
 
@@ -119,7 +119,7 @@ def hidden_at_targets(model: nn.Module, batch: dict):
     the virtual tokens): their logits come back and the head is the identity."""
     targets = batch["labels"][:, 1:]
     keep = targets != IGNORE_INDEX
-    if _is_prompt_learning(model):
+    if is_prompt_learning(model):
         # peft's prompt-learning forward ignores position_ids, so a packed row would let documents attend to
         # each other: each document runs on its own (no padding either), virtual tokens cut off the logits.
         rows = []

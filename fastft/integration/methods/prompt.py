@@ -7,6 +7,7 @@ with errors naming the field, and the model keeps whatever attention implementat
 """
 from __future__ import annotations
 
+import contextlib
 
 from peft import PeftModel, PromptEncoderConfig, PromptTuningConfig
 from torch import nn
@@ -46,3 +47,26 @@ def load_prompt_adapter(model: nn.Module, path, config, adapter_name: str, is_tr
         return model
     validate_prompt_config(config, model)
     return PeftModel.from_pretrained(model, str(path), adapter_name=adapter_name, is_trainable=is_trainable)
+
+
+@contextlib.contextmanager
+def whole_prompt_encoders(model: nn.Module, state_dict: dict | None):
+    """peft saves a prompt-learning adapter (prompt, P-tuning, prefix) from its live prompt encoders and ignores
+    save_pretrained's state_dict=; under FSDP2 their weights are this process's shards. Inside the block the
+    whole weights from `state_dict` (gathered by the caller) stand in for the shards; no collective."""
+    from torch.distributed.tensor import DTensor
+
+    swapped = []
+    if state_dict is not None:
+        for adapter, encoder in (getattr(model, "prompt_encoder", None) or {}).items():
+            for name, module in encoder.named_modules():
+                for key, param in list(module._parameters.items()):
+                    whole = state_dict.get(".".join(filter(None, ("prompt_encoder", adapter, name, key))))
+                    if isinstance(param, DTensor) and whole is not None:
+                        swapped.append((module, key, param))
+                        module._parameters[key] = nn.Parameter(whole, requires_grad=False)
+    try:
+        yield
+    finally:
+        for module, key, param in swapped:
+            module._parameters[key] = param
