@@ -140,6 +140,47 @@ def test_named_adapters_switch_disable_delete():
     assert torch.allclose(_logits(ours), _logits(ref), atol=1e-6)
 
 
+def _two_active(config, second_dtype=torch.float32):
+    """(peft model, fastft model) with adapters "default" and "second" both active, identical weights; fastft's
+    second adapter in `second_dtype` (peft's holds the same values in fp32)."""
+    ref, ours = _pair(config)
+    ref.add_adapter("second", copy.deepcopy(config))
+    fastft.add_adapter(ours, "second", copy.deepcopy(config))
+    randomize_lora_B(ref, seed=3)
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if ".second." in name:
+                p.copy_(p.to(second_dtype))
+    ours.load_state_dict(ref.state_dict())
+    for name, module in ours.named_modules():
+        if name.endswith(".second") and isinstance(module, nn.Linear):
+            module.to(second_dtype)
+    for model in (ref, ours):
+        model.base_model.set_adapter(["second", "default"])
+    return ref, ours
+
+
+def test_several_active_adapters_with_dropout_draw_a_mask_each_as_peft_does():
+    ref, ours = _two_active(LoraConfig(r=4, lora_alpha=8, lora_dropout=0.5, target_modules=["q_proj", "v_proj"]))
+    ref.train(), ours.train()
+    torch.manual_seed(1)
+    expected = ref(IDS).logits
+    torch.manual_seed(1)
+    assert torch.allclose(ours(IDS).logits, expected, atol=1e-6)
+
+
+def test_stacked_adapters_keep_the_widest_dtype():
+    """A bf16 adapter listed before an fp32 one: the fp32 adapter's weights and gradients are not rounded to bf16."""
+    ref, ours = _two_active(CONFIGS["plain"], second_dtype=torch.bfloat16)
+    ref(IDS, labels=IDS).loss.backward()
+    ours(IDS, labels=IDS).loss.backward()
+    grads = {n: p.grad for n, p in ref.named_parameters() if p.requires_grad and ".default." in n}
+    assert grads
+    for name, p in ours.named_parameters():
+        if name in grads:
+            assert torch.allclose(p.grad, grads[name], rtol=1e-4, atol=1e-7), name
+
+
 def test_merge_unmerge_and_unload():
     _, ours = _pair(CONFIGS["plain"])
     expected = _logits(ours)

@@ -98,6 +98,44 @@ def test_second_adapter_on_a_qlora_model(tmp_path):
         fastft.load_adapter(ours, tmp_path / "first", adapter_name="again")
 
 
+def test_a_dora_adapter_beside_a_qlora_one_and_a_lora_adapter_beside_a_qdora_one():
+    """peft's own DoRA variant cannot read an NF4 weight: the QLoRA layers become DoRA-capable first. Each adapter
+    gives what peft gives with the same adapter on the dense twin."""
+    dora = LoraConfig(r=4, lora_alpha=8, target_modules=ALL_LINEAR, use_dora=True)
+    ours, ref = _qlora()
+    fastft.add_adapter(ours, "dora", copy.deepcopy(dora))
+    ref.add_adapter("dora", copy.deepcopy(dora))
+    randomize_lora_B(ref, seed=4)
+    ours.load_state_dict({k: v for k, v in ref.state_dict().items() if "lora_" in k}, strict=False)
+    for name in ("dora", "default"):
+        ours.set_adapter(name), ref.set_adapter(name)
+        assert torch.allclose(_logits(ours), _logits(ref), atol=1e-5), name
+
+    qdora = fastft.get_peft_model(fastft.quantize_model(tiny_llama(), "nf4"), copy.deepcopy(dora))
+    fastft.add_adapter(qdora, "plain", copy.deepcopy(CONFIG))
+    randomize_lora_B(qdora, seed=5)
+    with qdora.disable_adapter():
+        base = _logits(qdora)
+    qdora.set_adapter("plain")
+    assert not torch.allclose(_logits(qdora), base, atol=1e-3)  # the plain LoRA adapter is the one running
+
+
+def test_all_linear_second_adapter_targets_the_layers_the_first_did():
+    config = LoraConfig(r=4, target_modules="all-linear")
+    ours = fastft.get_peft_model(fastft.quantize_model(tiny_llama(), "nf4"), copy.deepcopy(config))
+    fastft.add_adapter(ours, "second", copy.deepcopy(config))
+    layers = [n for n, m in ours.named_modules() if isinstance(m, FusedQLoraLinear)]
+    assert len(layers) == 2 * len(ALL_LINEAR)
+    assert all("second" in ours.get_submodule(n).lora_A for n in layers)
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_inits_that_decompose_the_base_weight_are_refused_on_nf4(init):
+    with pytest.raises(ValueError, match=f"LoraConfig.init_lora_weights='{init}'.*NF4"):
+        fastft.get_peft_model(fastft.quantize_model(tiny_llama(), "nf4"),
+                              LoraConfig(r=4, target_modules=ALL_LINEAR, init_lora_weights=init))
+
+
 def test_merge_and_unload_dense_is_exact():
     ours, ref = _qlora()
     expected = _logits(ours)

@@ -15,7 +15,7 @@ from pathlib import Path
 import peft
 from peft import LoraConfig, PeftModel
 from peft.tuners.lora import Linear as PeftLoraLinear
-from peft.tuners.tuners_utils import check_target_module_exists
+from peft.tuners.tuners_utils import BaseTunerLayer, check_target_module_exists
 from torch import nn
 
 from fastft.files import replace_folder
@@ -50,6 +50,9 @@ def validate_lora_config(config, model: nn.Module) -> None:
     init = config.init_lora_weights
     if not (init in _SUPPORTED_INITS or (isinstance(init, str) and init.startswith("pissa"))):
         raise _config_error("init_lora_weights", init, f"supported: {_SUPPORTED_INITS} and 'pissa*'")
+    if (init == "olora" or str(init).startswith("pissa")) and any(isinstance(m, NF4Linear) for m in model.modules()):
+        raise _config_error("init_lora_weights", init, "it decomposes the base weight, which is NF4 here (QLoRA); "
+                                                       "use True, 'gaussian' or 'orthogonal'")
     if not 0.0 <= config.lora_dropout < 1.0:
         raise _config_error("lora_dropout", config.lora_dropout, "expected a probability in [0, 1)")
     if not isinstance(config.r, int) or config.r <= 0:
@@ -57,8 +60,22 @@ def validate_lora_config(config, model: nn.Module) -> None:
     _check_targets(config, model)
 
 
+def _linear_layers(model: nn.Module):
+    """(name, layer) of every linear layer; a peft adapter layer counts as its base layer (its insides, the base
+    and the lora_A/lora_B linears, are skipped), so a model that already holds adapters lists the same names."""
+    inside = None
+    for name, module in model.named_modules():
+        if inside is not None and name.startswith(inside):
+            continue  # named_modules is pre-order: a layer's insides follow it
+        inside = None
+        if isinstance(module, BaseTunerLayer):
+            inside, module = name + ".", module.get_base_layer()
+        if isinstance(module, (nn.Linear, NF4Linear)):
+            yield name, module
+
+
 def _linear_names(model: nn.Module) -> list[str]:
-    return [name for name, m in model.named_modules() if isinstance(m, (nn.Linear, NF4Linear))]
+    return [name for name, _ in _linear_layers(model)]
 
 
 def with_quantized_targets(config: LoraConfig, model: nn.Module) -> LoraConfig:
@@ -81,8 +98,8 @@ def _expand_all_linear(config: LoraConfig, model: nn.Module) -> None:
         return
     get_output = getattr(model, "get_output_embeddings", None)
     output = get_output() if callable(get_output) else None
-    config.target_modules = {name.rsplit(".", 1)[-1] for name, m in model.named_modules()
-                             if isinstance(m, (nn.Linear, NF4Linear)) and m is not output}
+    output = output.get_base_layer() if isinstance(output, BaseTunerLayer) else output
+    config.target_modules = {name.rsplit(".", 1)[-1] for name, m in _linear_layers(model) if m is not output}
 
 
 def _check_targets(config: LoraConfig, model: nn.Module) -> None:

@@ -6,10 +6,12 @@ adapter management and saving keep working. Only the hot path changes: instead o
 plus five full-size passes (dropout, x·Aᵀ, ·Bᵀ, scale, add), one `fastft.ops.lora_linear` call.
 
 Cases the fused op does not cover (a LoRA variant such as DoRA, lora_bias, mixed-adapter batches,
-hooked or non-Linear base layers, disabled or merged adapters) take peft's forward unchanged.
+hooked or non-Linear base layers, disabled or merged adapters, several active adapters with dropout: peft draws
+one mask per adapter) take peft's forward unchanged.
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -72,17 +74,17 @@ class FusedLoraBase(PeftLoraLinear):
                 dropouts.add(dropout.p if dropout.training else 0.0)
             else:
                 return None
-        if len(dropouts) != 1:
-            return None  # active adapters with different dropout cannot share one mask
-        dropout_p = dropouts.pop()
         if len(names) == 1:
             name = names[0]
-            return lora_A[name].weight, lora_B[name].weight, self.scaling[name], dropout_p
-        # Several active adapters are one LoRA of summed rank: stack the A's, scale and stack the B's.
-        dtype = lora_A[names[0]].weight.dtype
+            return lora_A[name].weight, lora_B[name].weight, self.scaling[name], dropouts.pop()
+        if dropouts != {0.0}:
+            return None  # peft draws each active adapter's dropout mask on its own; the fused op draws one
+        # Several active adapters are one LoRA of summed rank: stack the A's, scale and stack the B's (in their
+        # widest dtype: an fp32 adapter beside a bf16 one keeps its precision, whichever is listed first).
+        dtype = functools.reduce(torch.promote_types, [lora_A[n].weight.dtype for n in names])
         A = torch.cat([lora_A[n].weight.to(dtype) for n in names], dim=0)
         B = torch.cat([lora_B[n].weight.to(dtype) * self.scaling[n] for n in names], dim=1)
-        return A, B, 1.0, dropout_p
+        return A, B, 1.0, 0.0
 
 
 class FusedLoraLinear(FusedLoraBase):

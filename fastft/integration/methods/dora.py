@@ -109,7 +109,7 @@ class FusedQDoraLinear(_DoraForward, FusedQLoraLinear):
 
     @property
     def lora_variants(self):
-        return {("use_dora",): _NF4DoraVariant}
+        return {(): None, ("use_dora",): _NF4DoraVariant}
 
     def merge(self, safe_merge: bool = False, adapter_names=None) -> None:
         if any(a in self.lora_magnitude_vector for a in (adapter_names or self.active_adapters)):
@@ -129,9 +129,13 @@ def fused_class_for(module) -> type:
 
 
 def register_quantized(config: LoraConfig, model: nn.Module) -> LoraConfig:
-    """Have peft wrap NF4Linear targets in FusedQDoraLinear."""
+    """Have peft wrap NF4Linear targets in FusedQDoraLinear, and make the QLoRA layers `model` already holds
+    DoRA-capable (a DoRA adapter added beside a LoRA one: peft's own DoRA variant cannot read an NF4 weight)."""
     if any(isinstance(m, NF4Linear) for m in model.modules()):
         config._register_custom_module({NF4Linear: FusedQDoraLinear})
+    for module in model.modules():
+        if type(module) is FusedQLoraLinear:
+            module.__class__ = FusedQDoraLinear
     return config
 
 
