@@ -79,6 +79,28 @@ def test_save_load_round_trips_with_peft(tmp_path):
     assert any(isinstance(m, FusedIA3Linear) for m in by_fastft.modules())
 
 
+def test_a_second_ia3_adapter_is_fused_and_matches_peft():
+    """fastft.add_adapter with an IA3Config: the new adapter's layers (gate_proj is new) are fused too."""
+    def second():
+        return IA3Config(target_modules=["v_proj", "gate_proj"], feedforward_modules=[], task_type="CAUSAL_LM")
+
+    ours, theirs = fastft_and_peft(_config)
+    fastft.add_adapter(ours, "second", second())
+    theirs.add_adapter("second", second())
+    assert sum(isinstance(m, FusedIA3Linear) for m in ours.modules()) == 8
+    with torch.no_grad():
+        for (name, p), (_, q) in zip(ours.named_parameters(), theirs.named_parameters()):
+            if ".second" in name:
+                p.uniform_(0.5, 1.5), q.copy_(p)
+    for model in (ours, theirs):
+        model.base_model.set_adapter(["default", "second"])
+    assert_same_step(step(ours, ids()), step(theirs, ids()), "two IA3 adapters")
+    with pytest.raises(TypeError, match="add_adapter: config is a PrefixTuningConfig"):
+        from peft import PrefixTuningConfig
+
+        fastft.add_adapter(ours, "third", PrefixTuningConfig(num_virtual_tokens=2, task_type="CAUSAL_LM"))
+
+
 def test_unfusable_ia3_option_is_named():
     with pytest.raises(ValueError, match="IA3Config.fan_in_fan_out=True"):
         fastft.get_peft_model(tiny_llama(), _config(fan_in_fan_out=True))

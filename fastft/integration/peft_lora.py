@@ -167,10 +167,17 @@ def quiet_peft_model(model: nn.Module, config, adapter_name: str = "default", **
         return peft.get_peft_model(model, config, adapter_name=adapter_name, **kwargs)
 
 
-def add_adapter(model: PeftModel, adapter_name: str, config: LoraConfig) -> PeftModel:
-    """`model.add_adapter` with validation, keeping every LoRA layer fused."""
+def add_adapter(model: PeftModel, adapter_name: str, config) -> PeftModel:
+    """`model.add_adapter` with validation, keeping every LoRA (DoRA, QLoRA) or IA3 layer fused."""
     if not isinstance(model, PeftModel):
         raise TypeError(f"add_adapter expects a PeftModel (from fastft.get_peft_model), got {type(model).__name__}")
+    if isinstance(config, peft.IA3Config):
+        from fastft.integration.methods.ia3 import add_ia3_adapter
+
+        return add_ia3_adapter(model, adapter_name, config)
+    if not isinstance(config, LoraConfig):
+        raise TypeError(f"add_adapter: config is a {type(config).__name__}; fastft adds LoraConfig (DoRA included) "
+                        "and IA3Config adapters (use the PeftModel's own add_adapter for other kinds)")
     if getattr(config, "use_dora", False):
         from fastft.integration.methods.dora import validate_dora_config as validate
     else:

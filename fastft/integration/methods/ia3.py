@@ -78,6 +78,13 @@ def get_ia3_model(model: nn.Module, config: IA3Config, adapter_name: str = "defa
     return patch_ia3(quiet_peft_model(model, config, adapter_name, **kwargs))
 
 
+def add_ia3_adapter(model, adapter_name: str, config: IA3Config):
+    """`model.add_adapter` for an IA3 adapter on a PeftModel holding IA3 adapters, validated, its layers fused."""
+    validate_ia3_config(config, model.get_base_model())
+    model.add_adapter(adapter_name, config)
+    return patch_ia3(model)
+
+
 def load_ia3_adapter(model: nn.Module, path, config: IA3Config, adapter_name: str, is_trainable: bool):
     from peft import PeftModel
 
