@@ -17,6 +17,23 @@ from tests.train_utils import save_tiny_checkpoint
 pytestmark = pytest.mark.slow  # runs training jobs
 
 
+def _one_process(argv):
+    """`fastft train` in this process, one thread (as each torchrun worker has): the reference run."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(argv) == 0
+    finally:
+        torch.set_num_threads(before)
+
+
+def _two_processes(argv, timeout=600):
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "fastft.apps.cli", *argv], env=dict(os.environ, OMP_NUM_THREADS="1"),
+                         capture_output=True, text=True, timeout=timeout)
+    assert run.returncode == 0, run.stderr[-3000:]
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("dist")
@@ -34,12 +51,7 @@ def setup(tmp_path_factory):
     data.write_text("".join(json.dumps(line) + "\n" for line in lines))
     common = ["train", "--model", str(tiny), "--data", str(data), "--steps", "3", "--grad-accum", "2",
               "--eval-examples", "2", "--max-length", "48", "--dropout", "0", "--lr", "3e-3"]
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        assert main([*common, "--batch-size", "4", "--output-dir", str(root / "one")]) == 0
-    finally:
-        torch.set_num_threads(before)
+    _one_process([*common, "--batch-size", "4", "--output-dir", str(root / "one")])
     return root, common
 
 
@@ -47,14 +59,10 @@ def setup(tmp_path_factory):
 def test_two_processes_train_the_adapter_of_one(setup, distributed):
     root, common = setup
     out = root / distributed
-    env = dict(os.environ, OMP_NUM_THREADS="1")
 
     def torchrun(*extra):
-        run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                              "-m", "fastft.apps.cli", *common, "--batch-size", "2", "--distributed", distributed,
-                              "--save-every", "2", "--output-dir", str(out), *extra],
-                             env=env, capture_output=True, text=True, timeout=600)
-        assert run.returncode == 0, run.stderr[-3000:]
+        _two_processes([*common, "--batch-size", "2", "--distributed", distributed, "--save-every", "2",
+                        "--output-dir", str(out), *extra])
         return load_file(str(out / "adapter" / "adapter_model.safetensors"))
 
     straight = torchrun()
@@ -84,17 +92,8 @@ def test_two_processes_train_the_qlora_adapter_of_one(setup, distributed):
     one, out = root / "qlora-one", root / f"qlora-{distributed}"
     qlora = [*common, "--method", "qlora"]
     if not (one / "adapter").exists():
-        before = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            assert main([*qlora, "--batch-size", "4", "--output-dir", str(one)]) == 0
-        finally:
-            torch.set_num_threads(before)
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "-m", "fastft.apps.cli", *qlora, "--batch-size", "2", "--distributed", distributed,
-                          "--output-dir", str(out)],
-                         env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
+        _one_process([*qlora, "--batch-size", "4", "--output-dir", str(one)])
+    _two_processes([*qlora, "--batch-size", "2", "--distributed", distributed, "--output-dir", str(out)])
     two, ref = (json.loads((d / "metrics.json").read_text()) for d in (out, one))
     assert two["processes"] == 2 and two["distribution"]["sharded"] == (distributed == "fsdp")
     assert two["train_losses"] == pytest.approx(ref["train_losses"], rel=1e-5)
@@ -113,17 +112,9 @@ def test_fsdp_trains_prefix_tuning_and_a_full_fine_tune_like_one_process(setup, 
     root, common = setup
     one, out = root / f"{method}-one", root / f"{method}-fsdp"
     args = [*common, "--method", method, "--save-every", "2", *(["--num-virtual-tokens", "4"] * (method == "prefix"))]
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        assert main([*args, "--batch-size", "4", "--output-dir", str(one)]) == 0
-    finally:
-        torch.set_num_threads(before)
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "-m", "fastft.apps.cli", *args, "--batch-size", "2", "--distributed", "fsdp",
-                          "--eval-examples", "3", "--output-dir", str(out)],
-                         env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
+    _one_process([*args, "--batch-size", "4", "--output-dir", str(one)])
+    _two_processes([*args, "--batch-size", "2", "--distributed", "fsdp", "--eval-examples", "3", "--output-dir",
+                    str(out)], timeout=300)
     two, ref = (json.loads((d / "metrics.json").read_text()) for d in (out, one))
     assert two["distribution"]["sharded"] and two["train_losses"] == pytest.approx(ref["train_losses"], rel=1e-5)
     saved = "adapter/adapter_model.safetensors" if method == "prefix" else "model/model.safetensors"
