@@ -91,3 +91,22 @@ def unfreeze_base_weights(*models, modules=("q_proj",)):
         for name, p in model.named_parameters():
             if any(name.endswith(f"{m}.base_layer.weight") for m in modules):
                 p.requires_grad_(True)
+
+
+def assert_generates_as_its_forward(model, new_tokens: int = 3, left_padded: bool = True):
+    """Greedy `generate` on a batch of 2 (the second row left-padded) gives, row by row, the scores and tokens of
+    repeated whole forwards of the unpadded row: generation sees the method exactly as training does."""
+    batch = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(7))
+    mask = torch.ones_like(batch)
+    mask[1, :2] = 0 if left_padded else 1
+    model.eval()
+    with torch.no_grad():
+        out = model.generate(input_ids=batch, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
+                             output_scores=True, return_dict_in_generate=True)
+        for row in range(2):
+            seq = batch[row:row + 1, 6 - int(mask[row].sum()):]
+            for t in range(new_tokens):
+                logits = model(input_ids=seq).logits[0, -1]
+                assert torch.allclose(out.scores[t][row], logits, atol=1e-5), (row, t)
+                seq = torch.cat([seq, logits.argmax()[None, None]], 1)
+            assert torch.equal(out.sequences[row, 6:], seq[0, -new_tokens:]), row

@@ -9,7 +9,8 @@ Injection: peft builds its PeftModelForCausalLM (its PrefixEncoder, its state di
 `FastftPrefixModel` replaces the forward: the prefix encoder's output (1, P, layers·2·kv_heads·head_dim) is viewed
 per layer as (1, P, kv_heads, head_dim) keys and values (views, no copies), real tokens are placed at positions
 P, P+1, … as peft's cache path does, and the model runs with attn_implementation="fastft". Calls with a
-`past_key_values` (generation) take peft's cache path, which the fastft attention also serves.
+`past_key_values` take peft's cache path, which the fastft attention also serves; `generate` feeds the prefix to
+the op at every step (without a KV cache: peft's cache path loses the prefix under transformers 5).
 """
 from __future__ import annotations
 
@@ -81,6 +82,33 @@ class FastftPrefixModel(PeftModelForCausalLM):
                                labels=labels, output_attentions=output_attentions,
                                output_hidden_states=output_hidden_states, return_dict=return_dict, use_cache=False,
                                fastft_prefix=self.prefix_key_values(), **kwargs)
+
+
+    def generate(self, *args, **kwargs):
+        """Generation with the prefix through the fastft attention op, as the forward runs it: each step recomputes
+        the whole sequence (the op takes a prefix without a KV cache). peft's own cache path drops the prefix under
+        transformers 5 (it reads `past_key_values`, which transformers no longer passes): the base model's tokens."""
+        config = self.active_peft_config
+        base = self.get_base_model()
+        if not isinstance(config, PrefixTuningConfig) or base.config._attn_implementation != "fastft":
+            return super().generate(*args, **kwargs)
+        P, prefix = config.num_virtual_tokens, self.prefix_key_values()
+        prepare = base.prepare_inputs_for_generation
+
+        def with_prefix(*args, **kwargs):  # transformers reads this signature: it must take **kwargs
+            inputs = prepare(*args, **kwargs)
+            positions = inputs.get("position_ids")
+            if positions is None:
+                positions = inputs["cache_position"][None].expand(inputs["input_ids"].shape[0], -1)
+            inputs["position_ids"] = positions + P  # the real tokens sit after the prefix, as in the forward
+            inputs["fastft_prefix"] = prefix
+            return inputs
+
+        base.prepare_inputs_for_generation = with_prefix
+        try:
+            return base.generate(*args, **{**kwargs, "use_cache": False})
+        finally:
+            del base.prepare_inputs_for_generation
 
 
 def _use_fastft(model: PeftModel) -> PeftModel:

@@ -4,12 +4,13 @@ These methods only prepend learned embeddings to the input (P-tuning computes th
 encoder): the cost is the base model on P more tokens, nothing a fused kernel changes. So the layer and the
 injection are peft's own (PeftModelForCausalLM, its save format); fastft's entry point validates the config
 with errors naming the field, and the model keeps whatever attention implementation it has (fastft's included).
+`FastftPromptModel` only makes `generate` exact (no KV cache; peft's cached generation is off under transformers 5).
 """
 from __future__ import annotations
 
 import contextlib
 
-from peft import PeftModel, PromptEncoderConfig, PromptTuningConfig
+from peft import PeftModel, PeftModelForCausalLM, PromptEncoderConfig, PromptTuningConfig
 from torch import nn
 
 CONFIGS = (PromptTuningConfig, PromptEncoderConfig)
@@ -34,11 +35,26 @@ def validate_prompt_config(config, model: nn.Module) -> None:
         raise ValueError(f"{type(model).__name__} has no input embeddings for {name} to extend")
 
 
+class FastftPromptModel(PeftModelForCausalLM):
+    """peft's causal-LM PeftModel, generating without a KV cache: under transformers 5 peft's cached generation
+    attends the new tokens to the virtual tokens at the wrong positions (every token after the first is off).
+    Each step recomputes the whole sequence with its virtual tokens, exactly as the forward does."""
+
+    def generate(self, *args, **kwargs):
+        return super().generate(*args, **{**kwargs, "use_cache": False})
+
+
+def _exact_generation(model: PeftModel) -> PeftModel:
+    if type(model) is PeftModelForCausalLM:
+        model.__class__ = FastftPromptModel
+    return model
+
+
 def get_prompt_model(model: nn.Module, config, adapter_name: str = "default", **kwargs):
     from fastft.integration.peft_lora import quiet_peft_model
 
     validate_prompt_config(config, model)
-    return quiet_peft_model(model, config, adapter_name, **kwargs)
+    return _exact_generation(quiet_peft_model(model, config, adapter_name, **kwargs))
 
 
 def load_prompt_adapter(model: nn.Module, path, config, adapter_name: str, is_trainable: bool):
@@ -46,7 +62,8 @@ def load_prompt_adapter(model: nn.Module, path, config, adapter_name: str, is_tr
         model.load_adapter(str(path), adapter_name=adapter_name, is_trainable=is_trainable)
         return model
     validate_prompt_config(config, model)
-    return PeftModel.from_pretrained(model, str(path), adapter_name=adapter_name, is_trainable=is_trainable)
+    return _exact_generation(PeftModel.from_pretrained(model, str(path), adapter_name=adapter_name,
+                                                       is_trainable=is_trainable))
 
 
 @contextlib.contextmanager
