@@ -218,6 +218,17 @@ def test_a_peft_config_fastft_lacks_is_named():
         fastft.get_peft_model(tiny_llama(), peft.LoHaConfig(target_modules=["q_proj"]))
 
 
+@pytest.mark.parametrize("method", ["ia3", "adapter"])
+def test_a_model_with_adapters_is_not_wrapped_again(method):
+    """peft only warns and nests the second PeftModel: its save would hold the first method's tensors under the
+    second one's config."""
+    with_adapters = fastft.get_peft_model(tiny_llama(), LoraConfig(target_modules=["q_proj"], use_dora=True))
+    with pytest.raises(TypeError, match="apply_method: model is already a PeftModel holding adapters"):
+        fastft.apply_method(with_adapters, method)
+    with pytest.raises(TypeError, match="get_peft_model: model is already a BottleneckAdapterModel"):
+        fastft.get_peft_model(fastft.apply_method(tiny_llama(), "adapter"), LoraConfig(target_modules=["q_proj"]))
+
+
 def test_adapter_for_another_model_is_refused(tmp_path):
     other = peft.get_peft_model(tiny_llama(hidden_size=32, intermediate_size=48),
                                 LoraConfig(r=4, target_modules=["q_proj"]))

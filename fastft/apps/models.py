@@ -13,6 +13,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from fastft.files import finish_folder
+
 SMOLLM2 = "smollm2-135m"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -63,6 +65,7 @@ def smollm2_checkpoint() -> Path:
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        finish_folder(tmp)  # the umask's modes (mkdtemp makes 0700), fsynced before the rename
         try:
             os.replace(tmp, target)
         except OSError:  # another process finished first

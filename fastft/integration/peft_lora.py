@@ -150,6 +150,7 @@ def get_peft_model(model: nn.Module, config, adapter_name: str = "default", **kw
     use_dora, IA3Config, PrefixTuningConfig, PromptTuningConfig, PromptEncoderConfig, fastft's
     BottleneckAdapterConfig) go to their rooms in fastft.integration.methods.
     """
+    refuse_peft_model(model, "get_peft_model")
     if not isinstance(config, LoraConfig) or config.use_dora:
         from fastft.integration.methods import get_method_model
 
@@ -157,6 +158,15 @@ def get_peft_model(model: nn.Module, config, adapter_name: str = "default", **kw
     validate_lora_config(config, model)
     with_quantized_targets(config, model)
     return patch_peft(quiet_peft_model(model, config, adapter_name, **kwargs))
+
+
+def refuse_peft_model(model: nn.Module, what: str) -> None:
+    """A model with adapters would be wrapped in a second one (peft only warns): its save would mix two methods'
+    tensors under one config, and a load would drop the inner ones."""
+    if isinstance(model, PeftModel) or callable(getattr(model, "get_base_model", None)):  # fastft's adapter models
+        raise TypeError(f"{what}: model is already a {type(model).__name__} holding adapters; give it the base "
+                        "model (a fresh one, or the base after unload()), or add a second adapter to this one with "
+                        "fastft.add_adapter")
 
 
 def quiet_peft_model(model: nn.Module, config, adapter_name: str = "default", **kwargs) -> PeftModel:

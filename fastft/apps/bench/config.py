@@ -25,7 +25,7 @@ class BenchConfig:
     steps: int = 6                      # timed steps (the anchors: mean of 6 steps after 2 warm-ups)
     warmup: int = 2                     # untimed steps first (compilation, autotuning, allocator warm-up)
     gradient_checkpointing: bool = False
-    patch_model: bool = True            # fastft rows: apply fastft.patch_model (issue 7) when it exists
+    patch_model: bool = True            # fastft rows: apply fastft.patch_model (fused layers, fastft attention)
     dtype: str = "auto"                 # bf16 on CUDA, fp32 on CPU
     rank: int = 16                      # lora, qlora, dora
     alpha: float = 32.0

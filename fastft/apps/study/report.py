@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import io
 import math
-import os
 from collections import defaultdict
 from pathlib import Path
 
@@ -15,6 +14,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+from fastft.files import atomic_write  # noqa: E402
 
 MODEL_NAMES = {"minilm": "MiniLM-L6 (22.7M, encoder + head)", "smollm2": "SmolLM2-135M (decoder, label words)"}
 
@@ -226,20 +227,11 @@ def headline(groups: dict, tasks_info: dict) -> str:
     return "\n\n".join(sentences)
 
 
-def _write_bytes_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _save_figure(fig, path: Path) -> None:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
-    _write_bytes_atomic(path, buffer.getvalue())
+    atomic_write(path, buffer.getvalue())
 
 
 def _scatter(groups, tasks_info, x_key: str, x_label: str, log_x: bool, path: Path) -> None:
@@ -371,6 +363,6 @@ def write_report(results: dict, output_dir) -> dict[str, Path]:
     parts += ["", f"Peak memory: {', '.join(peak_kinds) or 'n/a'}. Tokens/s counts real (non-padding) training "
               "tokens over the time of forward, backward and optimizer steps (dev evaluation excluded). Raw results: "
               "results.json and cells/*.json.", ""]
-    _write_bytes_atomic(out / "report.md", "\n".join(parts).encode())
+    atomic_write(out / "report.md", "\n".join(parts))
     written["report"] = out / "report.md"
     return written

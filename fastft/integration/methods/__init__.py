@@ -203,4 +203,7 @@ def apply_method(model: nn.Module, method: str, options: MethodOptions | None = 
         raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+    from fastft.integration.peft_lora import refuse_peft_model
+
+    refuse_peft_model(model, "apply_method")
     return _APPLY[method](model, options or MethodOptions(), implementation)
