@@ -50,3 +50,18 @@ def poison_cuda_allocator():
     blocks = [torch.full((64 << 20,), float("nan"), device="cuda") for _ in range(4)]
     del blocks
     yield
+
+
+@pytest.fixture
+def one_rank_group():
+    """A one-process gloo group and its CPU device mesh (FSDP2 / DTensor code paths on one rank)."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or dist.is_initialized():
+        pytest.skip("needs torch.distributed and no process group already running")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+        yield init_device_mesh("cpu", (1,))
+    finally:
+        dist.destroy_process_group()

@@ -6,7 +6,8 @@ unsharded copy in the same process: the forward is equal; each rank stores half 
 sees whole NF4Weights gathered from packed bytes. Then it trains a few AdamW steps on its half of a fixed
 global batch, sharded and again under DDP; rank 0 saves both LoRA states for the test to compare with one
 process on the whole batch. Before training, state dicts load into the sharded model (torch's and DCP's way,
-copied into the NF4 shards or assigned), the next forward seeing the loaded weights.
+copied into the NF4 shards or assigned), the next forward seeing the loaded weights; whole checkpoints load into a
+sharded layer (bitsandbytes' keys, dense, DCP's full state dict); the sharded model saves as the unsharded one.
 A second, small layer whose shards do not hold whole groups of nested scales checks the un-nested path and bf16
 mixed precision.
 """
@@ -19,6 +20,7 @@ import torch
 from torch import nn
 
 import fastft
+from fastft.quant import quantize_nf4
 from tests.utils import ALL_LINEAR, randomize_lora_B, tiny_llama
 
 STEPS = 3
@@ -72,6 +74,37 @@ def nf4_bytes(model):
             sharded += sum(t.untyped_storage().nbytes() for t in parts)
             tables += local.nbytes - sum(t.numel() * t.element_size() for t in parts)
     return sharded, tables
+
+
+def load_full_checkpoints(mesh, x):
+    """Whole (unsharded) checkpoints into an FSDP2-sharded NF4Linear: bitsandbytes' keys and a dense weight through
+    load_state_dict (each rank copies its rows into its shard, FSDP2's parameter kept), and DCP's full state dict."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.fsdp import fully_shard
+
+    from fastft.modules.nf4_linear import NF4Linear
+
+    torch.manual_seed(11)
+    layer, source = (NF4Linear.from_linear(nn.Linear(256, 128, bias=False)) for _ in range(2))
+    fully_shard(layer, mesh=mesh)
+    param, shard = layer.weight, layer.weight._local_tensor
+    found, kept = {}, []
+    dense = torch.randn(128, 256)
+    loads = {"bnb": lambda: layer.load_state_dict(source.state_dict()),
+             "dense": lambda: layer.load_state_dict({"weight": dense}),
+             # DCP's full state dict: every rank has the whole NF4Weight, its pieces are scattered from rank 0
+             "dcp": lambda: set_model_state_dict(layer, {"weight": source.weight.detach()},
+                                                 options=StateDictOptions(full_state_dict=True))}
+    with torch.no_grad():
+        for how, load in loads.items():
+            layer(x)  # the root layer stays unsharded after a forward: load_state_dict reshards it, then copies
+            if how == "dcp":
+                layer.reshard()  # DCP reads the parameters before that: sharded, it scatters the whole weight
+            load()
+            kept.append(layer.weight is param and layer.weight._local_tensor is shard)
+            expected = x @ quantize_nf4(dense).dequantize().t() if how == "dense" else source(x)
+            found[how] = (layer(x) - expected).abs().max().item()
+    return {"full_loads_max_diff": found, "full_loads_kept_the_shard": all(kept)}
 
 
 def main(out_dir):
@@ -131,6 +164,11 @@ def main(out_dir):
         report["loaded_other_max_diff"] = (into(x) - refs[0](x)).abs().max().item()
         into.load_state_dict(get_model_state_dict(third), assign=True)  # a new shard, not a copy
         report["assigned_other_max_diff"] = (into(x) - refs[1](x)).abs().max().item()
+    report.update(load_full_checkpoints(mesh, x))
+    # a sharded model saves as the unsharded one does (gathered onto rank 0, which writes)
+    fastft.save_nf4_model(model, os.path.join(out_dir, "saved_sharded"))
+    if rank == 0:
+        fastft.save_nf4_model(plain, os.path.join(out_dir, "saved_plain"))
 
     train(model, local_ids)
     state = lora_state(model)

@@ -1,6 +1,8 @@
 """NF4Weight / NF4Linear edge cases found in review: an in-place copy_ of a double-quantized weight (the cached
 offset), share_memory, loading an NF4Weight (or FSDP2's DTensor of one) into a layer, assigning a dense weight,
-the device a loaded weight goes to, and split sizes that do not add up."""
+the device a loaded weight goes to, split sizes that do not add up, dtype casts (kept, or refused) and
+requires_grad (refused).
+More on loading: tests/test_nf4_loading.py."""
 import copy
 import os
 import subprocess
@@ -109,20 +111,6 @@ def test_load_pre_hooks_run_once_before_the_weight_is_read():
     assert calls == [""] and torch.equal(layer.weight.dequantize(), source.weight.dequantize())
 
 
-@pytest.fixture
-def one_rank_group():
-    import torch.distributed as dist
-
-    if not dist.is_available() or dist.is_initialized():
-        pytest.skip("needs torch.distributed and no process group already running")
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        from torch.distributed.device_mesh import init_device_mesh
-        yield init_device_mesh("cpu", (1,))
-    finally:
-        dist.destroy_process_group()
-
-
 def test_loading_into_an_fsdp2_sharded_layer(one_rank_group):
     """FSDP2's state dict holds DTensors of NF4Weights: loaded by copying shard into shard. One rank here (torch's
     one-rank FSDP2 path copies only a subclass's first all-gather input: the scales travel as metadata), the
@@ -223,3 +211,51 @@ def test_quantize_and_use_under_inference_mode():
         q = quantize_nf4(w)
         assert torch.equal(q.dequantize(), quantize_nf4(w.clone()).dequantize())
     assert q.offset == quantize_nf4(w).offset
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. casts: `copy=True` copies; a floating-point dtype leaves the weight (as bitsandbytes'), any other is refused
+
+def test_casts_copy_keep_the_dtype_or_refuse():
+    torch.manual_seed(0)
+    w = quantize_nf4(torch.randn(32, 64))
+    for copied in (w.to(copy=True), w.to("cpu", copy=True), w.to(torch.float16, copy=True)):
+        assert copied is not w and copied.packed.data_ptr() != w.packed.data_ptr() and copied.dtype == w.dtype
+        copied.copy_(quantize_nf4(torch.randn(32, 64) * 5))
+        assert not torch.equal(copied.dequantize(), w.dequantize())
+    assert w.to("cpu") is w and w.to(torch.bfloat16) is w and w.to(torch.float64) is w
+    for cast in (w.half(), w.double(), w.to("cpu", torch.float16), w.type(torch.bfloat16)):
+        assert isinstance(cast, NF4Weight) and cast.dtype == torch.float32 and torch.equal(cast.packed, w.packed)
+    for refused in (lambda: w.to(torch.int8), lambda: w.int(), lambda: w.long(),
+                    lambda: w.new_zeros((32, 64), dtype=torch.uint8)):
+        with pytest.raises(TypeError, match=r"is not a floating-point dtype.*dequantize\(dtype\)"):
+            refused()
+
+    layer = NF4Linear.from_linear(nn.Linear(64, 32))
+    weight, codes = layer.weight, layer.weight.packed.clone()
+    assert layer.to(torch.bfloat16).weight is weight and weight.dtype == torch.float32  # as bitsandbytes'
+    for cast in ("half", "double", "float", "bfloat16"):
+        getattr(layer, cast)()
+        assert layer.weight.dtype == torch.float32 and torch.equal(layer.weight.packed, codes)
+    assert layer.bias.dtype == torch.bfloat16
+
+
+def test_peft_kbit_preparation_leaves_nf4_weights_as_bitsandbytes_ones():
+    """prepare_model_for_kbit_training casts every half-precision parameter to fp32 but bitsandbytes' Params4bit:
+    an NF4 weight keeps the dtype it dequantizes to (the QLoRA compute dtype), as a Params4bit does."""
+    from peft import prepare_model_for_kbit_training
+
+    model = nn.Sequential(NF4Linear.from_linear(nn.Linear(64, 32).to(torch.bfloat16)))
+    prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    assert model[0].weight.dtype == torch.bfloat16 and model[0].bias.dtype == torch.float32
+
+
+def test_nf4_weights_refuse_to_require_grad():
+    layer = NF4Linear.from_linear(nn.Linear(64, 32))
+    w = quantize_nf4(torch.randn(32, 64))
+    message = r"shape \(32, 64\) is frozen.*Train adapters.*weight\.dequantize\(dtype\)"
+    for attempt in (lambda: w.requires_grad_(), lambda: nn.Parameter(w), lambda: layer.requires_grad_(True)):
+        with pytest.raises(RuntimeError, match=message):
+            attempt()
+    assert not w.requires_grad and w.requires_grad_(False) is w
+    assert not nn.Parameter(w, requires_grad=False).requires_grad and layer.requires_grad_(False) is layer

@@ -197,6 +197,16 @@ def test_qlora_under_fsdp2_and_ddp_matches_one_process(tmp_path):
     # (copied, or assigned: a new shard that later all-gathers into the old unsharded weight must bring its offset)
     assert report["reloaded_forward_max_diff"] == 0.0 and report["loaded_other_max_diff"] == 0.0
     assert report["assigned_other_max_diff"] == 0.0
+    # whole checkpoints (bitsandbytes' keys, dense, DCP's full state dict) load into this rank's rows of the shard
+    assert report["full_loads_max_diff"] == {"bnb": 0.0, "dense": 0.0, "dcp": 0.0}
+    assert report["full_loads_kept_the_shard"]
+    # save_nf4_model gathers a sharded model: the same tensors as the unsharded model's
+    from safetensors.torch import load_file
+    saved = {how: load_file(tmp_path / f"saved_{how}" / "model.safetensors") for how in ("sharded", "plain")}
+    assert saved["sharded"].keys() == saved["plain"].keys()
+    assert all(torch.equal(saved["sharded"][k], v) for k, v in saved["plain"].items())
+    configs = [(tmp_path / f"saved_{how}" / "config.json").read_text() for how in ("sharded", "plain")]
+    assert configs[0] == configs[1]
     assert report["adapter_state_matches"]  # peft's adapter state dict reads the sharded model
     sharded, ddp = torch.load(tmp_path / "lora.pt"), torch.load(tmp_path / "lora_ddp.pt")
     model = worker.build_qlora_model()

@@ -21,7 +21,7 @@ from torch import nn
 
 from fastft.files import atomic_write as _atomic_write
 from fastft.modules.nf4_linear import NF4Linear
-from fastft.quant.nf4_weight import QUANT_STATE_KEY, NF4Weight, quantize_nf4
+from fastft.quant.nf4_weight import QUANT_STATE_KEY, NF4Weight, local_nf4, quantize_nf4
 
 DEFAULT_SKIP = ("lm_head",)
 _INDEX_FILE = "model.safetensors.index.json"
@@ -183,8 +183,8 @@ def load_nf4_model(path: str, *, model_cls=None, dtype: torch.dtype = torch.bflo
 # saving
 
 def _quantization_config(model: nn.Module, dtype: torch.dtype) -> dict:
-    layers = [m for m in model.modules() if isinstance(m, NF4Linear) and m.weight is not None]
-    nested = {m.weight.double_quant for m in layers}
+    weights = [local_nf4(m.weight) for m in model.modules() if isinstance(m, NF4Linear) and m.weight is not None]
+    nested = {w.double_quant for w in weights}
     if len(nested) > 1:
         raise ValueError("save_nf4_model: some NF4 layers use double quantization and some do not; bitsandbytes' "
                          "config has one bnb_4bit_use_double_quant flag")
@@ -196,17 +196,46 @@ def _quantization_config(model: nn.Module, dtype: torch.dtype) -> dict:
             "llm_int8_has_fp16_weight": False, "llm_int8_enable_fp32_cpu_offload": False}
 
 
-def save_nf4_model(model: nn.Module, path: str, *, compute_dtype: torch.dtype = torch.bfloat16) -> None:
-    """Write `model` (with NF4Linear layers) to the folder `path` as transformers + bitsandbytes save 4-bit models."""
-    from safetensors.torch import save_file
+def _gathered_state_dict(model: nn.Module) -> dict:
+    """An FSDP2-sharded model's state dict gathered whole, one tensor at a time, onto rank 0's CPU ({} on the other
+    ranks; a collective: every rank calls), its NF4 weights in bitsandbytes' keys."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    state = {}
+    for key, t in full.items():
+        state.update(t.bnb_state_dict(key) if isinstance(t, NF4Weight) else {key: t})
+    return state
+
+
+def save_nf4_model(model: nn.Module, path: str, *, compute_dtype: torch.dtype = torch.bfloat16) -> None:
+    """Write `model` (with NF4Linear layers) to the folder `path` as transformers + bitsandbytes save 4-bit models.
+
+    An FSDP2-sharded model (`shard_model`) is gathered: every rank calls this, rank 0 writes, all return once written.
+    """
     config = getattr(model, "config", None)
+    cfg = None
     if config is not None:  # first: a model bitsandbytes' config cannot describe fails before anything is written
         cfg = config.to_dict()
         cfg["quantization_config"] = _quantization_config(model, compute_dtype)
+    state = model.state_dict()  # under FSDP2 its DTensors (sharded again, should a forward have left them whole)
+    if not any(getattr(t, "_local_tensor", None) is not None for t in state.values()):
+        _write(state, path, cfg)
+        return
+    import torch.distributed as dist
+
+    state = _gathered_state_dict(model)
+    if dist.get_rank() == 0:
+        _write(state, path, cfg)
+    dist.barrier()  # every rank returns once the files exist
+
+
+def _write(tensors: dict, path: str, cfg: dict | None) -> None:
+    from safetensors.torch import save_file
+
     os.makedirs(path, exist_ok=True)
     state, seen = {}, set()
-    for key, t in model.state_dict().items():
+    for key, t in tensors.items():
         t = t.detach()
         # the same tensor twice is a tied weight (lm_head = embed_tokens): saved once, re-tied on load; views of
         # one storage at other offsets or strides (a split fused QKV) are different tensors
@@ -218,7 +247,7 @@ def save_nf4_model(model: nn.Module, path: str, *, compute_dtype: torch.dtype = 
             seen.add(where)
         state[key] = t.contiguous().cpu()
     _atomic_write(os.path.join(path, _SINGLE_FILE), lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
-    if config is not None:
+    if cfg is not None:
         def write_config(tmp):
             with open(tmp, "w") as f:
                 json.dump(cfg, f, indent=2, sort_keys=True)

@@ -5,7 +5,9 @@
 see it; assigning an NF4Weight to `.weight` registers it the same way (a dense tensor is refused). `.bias` is an
 ordinary Parameter. The state dict uses bitsandbytes' keys, so `load_state_dict` takes a transformers +
 bitsandbytes 4-bit checkpoint directly — or a dense float weight, which it quantizes, or an NF4Weight (FSDP2's
-sharded state dict), which it copies into the weight in place.
+sharded state dict). Loads copy into the current weight in place, as torch loads a parameter (a checkpoint of
+another blocksize or double quantization replaces it instead; `assign=True` always does); an FSDP2-sharded layer
+copies its rank's rows of a whole weight (bitsandbytes' keys, dense or an NF4Weight) into its shard.
 A LoRA wrapper calls `fastft.ops.qlora_linear(x, layer.weight, layer.bias, A, B, scaling, dropout_p)`.
 """
 from __future__ import annotations
@@ -15,6 +17,7 @@ from torch import nn
 
 from fastft.ops.qlora import nf4_linear
 from fastft.quant.nf4_format import check_blocksize
+from fastft.quant.nf4_tensor_ops import layout
 from fastft.quant.nf4_weight import NF4Weight, local_nf4, quantize_nf4
 
 
@@ -58,6 +61,14 @@ class NF4Linear(nn.Module):
                 value = nn.Parameter(value, requires_grad=False)  # frozen: the codes have no gradient
         super().__setattr__(name, value)
 
+    def register_parameter(self, name, param) -> None:
+        if name == "weight" and param is not None:
+            # set directly: accelerate's init_empty_weights patches nn.Module.register_parameter to rebuild each
+            # parameter as `type(p)(p.to("meta"), **p.__dict__)`, which a tensor subclass cannot take
+            self._parameters[name] = param
+            return
+        super().register_parameter(name, param)
+
     def _check_weight(self, weight) -> None:
         # A dense tensor here (e.g. `model.tie_weights()` tying a quantized lm_head to the embedding) would only
         # fail later, in the forward; FSDP2 assigns its sharded DTensor of the NF4Weight, which is fine.
@@ -90,7 +101,8 @@ class NF4Linear(nn.Module):
         return linear
 
     # Moves need no code here: `module.to(device)` moves the weight's codes and scales (NF4Weight.to), and dtype
-    # casts (`.half()`, `.to(torch.bfloat16)`) leave them alone (the weight is quantized; only bias follows).
+    # casts (`.half()`, `.to(torch.bfloat16)`) leave its codes and dtype alone (nf4_tensor_ops.cast_dtype; only the
+    # bias follows).
     # The state dict uses bitsandbytes' keys instead of the weight tensor itself.
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
@@ -110,29 +122,12 @@ class NF4Linear(nn.Module):
         current = self._parameters["weight"]
         # a new weight goes where the layer is (its weight, else its bias), else where the checkpoint is
         device = next((t.device for t in (current, self.bias) if t is not None and t.device.type != "meta"), None)
-        weight = None
-        if NF4Weight.has_bnb_state(state_dict, key):
-            weight = NF4Weight.from_bnb_state_dict(state_dict, key, device=device)
-            for k in [k for k in state_dict if k == key or k.startswith(key + ".")]:
-                del state_dict[k]
-        elif local_nf4(state_dict.get(key)) is not None:  # an NF4Weight itself, or FSDP2's DTensor of one
-            incoming = state_dict.pop(key)
-            if current is None or current.is_meta or local_metadata.get("assign_to_params_buffers", False):
-                weight = incoming if device is None else incoming.to(device)
-            else:  # in place, as torch loads a parameter: keeps its device, its Parameter and any FSDP2 sharding
-                try:
-                    with torch.no_grad():
-                        current.copy_(incoming)
-                except (ValueError, RuntimeError, NotImplementedError) as e:
-                    error_msgs.append(f"While copying the NF4 weight '{key}' into the layer: {e}")
-        elif key in state_dict:  # a dense checkpoint: quantize on load
-            dense = state_dict.pop(key)
-            dense = dense if device is None else dense.to(device)
-            weight = quantize_nf4(dense, blocksize=self.blocksize, double_quant=self.double_quant, name=key)
+        incoming, from_checkpoint = self._read_weight(state_dict, key, device)
+        if incoming is not None:
+            self._load_weight(current, incoming, key, device, from_checkpoint,
+                              local_metadata.get("assign_to_params_buffers", False), error_msgs)
         elif strict:
             missing_keys.append(key)
-        if weight is not None:
-            self.weight = weight
         # torch loads the rest (the bias), without the weight (handled above) and the hooks (run above)
         current, self._parameters["weight"] = self._parameters["weight"], None
         self._load_state_dict_pre_hooks = {}
@@ -142,6 +137,61 @@ class NF4Linear(nn.Module):
         finally:
             self._parameters["weight"], self._load_state_dict_pre_hooks = current, hooks
 
+    def _read_weight(self, state_dict, key, device):
+        """Pop the weight under `key`: (an NF4Weight, FSDP2's DTensor of one, or None when absent; from_checkpoint:
+        True when it came as bitsandbytes' keys or as a dense weight, quantized here)."""
+        value = state_dict.get(key)
+        if getattr(value, "_local_tensor", None) is not None and local_nf4(value) is None:
+            # DCP's full-state-dict load hands the packed codes or a dense weight cut into this rank's rows: the
+            # whole tensor back (every rank loads the same keys in the same order, so each joins this all-gather)
+            value = state_dict[key] = value.full_tensor()
+        if NF4Weight.has_bnb_state(state_dict, key):
+            weight = NF4Weight.from_bnb_state_dict(state_dict, key, device=device)
+            for k in [k for k in state_dict if k == key or k.startswith(key + ".")]:
+                del state_dict[k]
+            return weight, True
+        if value is None:
+            return None, False
+        del state_dict[key]
+        if local_nf4(value) is not None:  # an NF4Weight itself, or FSDP2's DTensor of one
+            return value, False
+        dense = value if device is None else value.to(device)  # a dense checkpoint: quantize on load
+        return quantize_nf4(dense, blocksize=self.blocksize, double_quant=self.double_quant, name=key), True
+
+    def _load_weight(self, current, incoming, key, device, from_checkpoint, assign, error_msgs) -> None:
+        """Copy `incoming` into the current weight in place, as torch loads a parameter (its Parameter, device and
+        dtype kept; under FSDP2 its shard), or take it as the weight (assign=True, no current weight, or a checkpoint
+        of another layout: its blocksize and double quantization are the checkpoint's). A layout mismatch with an
+        NF4Weight, or with anything loaded into an FSDP2 shard (FSDP2 keeps its parameter), goes to error_msgs."""
+        sharded = current is not None and not isinstance(current, NF4Weight)  # FSDP2's DTensor of an NF4Weight
+        whole_into_shard = sharded and isinstance(incoming, NF4Weight)
+        rebind = current is None or current.is_meta or (assign and not whole_into_shard) or (
+            from_checkpoint and not sharded and layout(current) != layout(incoming))
+        if rebind:
+            self.weight = incoming if device is None or incoming.device == device else incoming.to(device)
+            return
+        try:
+            with torch.no_grad():
+                if whole_into_shard:
+                    _copy_rows_into_shard(current, incoming)
+                else:
+                    current.copy_(incoming)
+        except (ValueError, RuntimeError, NotImplementedError) as e:
+            where = "this rank's shard of the layer" if sharded else "the layer"
+            error_msgs.append(f"While copying the NF4 weight '{key}' into {where}: {e}")
+
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"weight={self.weight!r}")
+
+
+def _copy_rows_into_shard(shard, full: NF4Weight) -> None:
+    """This rank's rows of the whole weight `full` into FSDP2's DTensor `shard` of an NF4Weight, in place."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    if tuple(full.shape) != tuple(shard.shape):
+        raise ValueError(f"the checkpoint's weight has shape {tuple(full.shape)}, the layer's {tuple(shard.shape)}")
+    size, start = compute_local_shape_and_global_offset(full.shape, shard.device_mesh, shard.placements)
+    if tuple(size[1:]) != tuple(full.shape[1:]):
+        raise ValueError(f"NF4 weights shard by rows only, got placements {shard.placements}")
+    shard._local_tensor.copy_(full[start[0]: start[0] + size[0]])

@@ -2,9 +2,9 @@
 sharding, the FSDP2 all-gather hooks, and the `fastft::nf4_dequantize` custom op.
 
 The op table is small and explicit (as torchao's NF4Tensor): the ops `nn.Module` moves, `nn.Parameter`,
-deepcopy, FSDP2's `fully_shard` (chunk → split, new_zeros, narrow → slice, copy_, view(-1), as_strided) and
-DTensor need. Every one of them keeps the bytes as they are; anything else raises NotImplementedError naming
-the op (math on the weight goes through `.dequantize()`).
+deepcopy, FSDP2's `fully_shard` (chunk → split, new_zeros, narrow → slice, copy_, view(-1), as_strided),
+DTensor and DCP's full state dicts (all-gather, scatter) need. Every one of them keeps the bytes as they are;
+anything else raises NotImplementedError naming the op (math on the weight goes through `.dequantize()`).
 
 Sharding. bitsandbytes' layout is row-major over the whole flattened weight, so rows [r0, r1) of W (N×K) are
 the contiguous byte run [r0·K/2, r1·K/2) and absmax blocks [r0·K/bs, r1·K/bs) as long as r0·K and r1·K are
@@ -107,21 +107,38 @@ def row_range(w, r0: int, r1: int):
                         offset=0.0, shape=shape)
 
 
-def _zeros_like_layout(w, shape):
-    """An all-zero NF4Weight of `shape` with the layout row_range gives a same-sized piece of w.
+def zero_weight(shape, dtype, blocksize: int, nested: bool, device, *, nested_blocksize: int = fmt.NESTED_BLOCKSIZE,
+                code2: torch.Tensor | None = None, offset: torch.Tensor | None = None):
+    """An all-zero NF4Weight (every code the zero, every scale 0) built on `device`; on meta, a layout only.
 
-    A nested one starts with w's offset, so copying a piece of w in leaves it as it is."""
+    code2 / offset: the nested code table and offset to keep (default bitsandbytes' table, offset 0)."""
+    from fastft.quant.nf4_weight import NF4Weight
+
     n = math.prod(shape)
-    blocks = fmt.num_blocks(n, w.blocksize)
-    nested = w.double_quant and (torch.Size(shape) == w.shape or blocks % w.nested_blocksize == 0)
-    device = w.device
+    blocks = fmt.num_blocks(n, blocksize)
     packed = torch.full(((n + 1) // 2,), _ZERO_BYTE, dtype=torch.uint8, device=device)
-    if nested:
-        return w.with_parts(packed=packed, absmax=torch.zeros(blocks, dtype=torch.uint8, device=device),
-                            absmax2=torch.zeros(fmt.num_blocks(blocks, w.nested_blocksize), device=device),
-                            code2=w.code2.clone(), code=w.code.clone(), offset=w.offset, shape=shape)
-    return w.with_parts(packed=packed, absmax=torch.zeros(blocks, device=device), absmax2=None, code2=None,
-                        code=w.code.clone(), offset=0.0, shape=shape)
+    code = fmt.nf4_code(str(device)).clone()
+    if not nested:
+        return NF4Weight(packed, torch.zeros(blocks, device=device), shape, dtype, blocksize, code=code)
+    return NF4Weight(packed, torch.zeros(blocks, dtype=torch.uint8, device=device), shape, dtype, blocksize,
+                     absmax2=torch.zeros(fmt.num_blocks(blocks, nested_blocksize), device=device),
+                     code2=fmt.dynamic_code(str(device)).clone() if code2 is None else code2,
+                     offset=torch.zeros((), device=device) if offset is None else offset,
+                     nested_blocksize=nested_blocksize, code=code)
+
+
+def _zeros_like_layout(w, shape, device=None, dtype=None):
+    """An all-zero NF4Weight of `shape` with the layout row_range gives a same-sized piece of w, on `device`
+    (default w's). A nested one starts with w's offset, so copying a piece of w in leaves it as it is; w may be on
+    meta (`module.to_empty`), so nothing is read from a meta w."""
+    device = w.device if device is None else torch.device(device)
+    blocks = fmt.num_blocks(math.prod(shape), w.blocksize)
+    nested = w.double_quant and (torch.Size(shape) == w.shape or blocks % w.nested_blocksize == 0)
+    code2 = offset = None
+    if nested and not w.is_meta:
+        code2, offset = w.code2.to(device, copy=True), w.nested_offset.to(device, copy=True)
+    return zero_weight(torch.Size(shape), cast_dtype(w, dtype, "new_zeros"), w.blocksize, nested, device,
+                       nested_blocksize=w.nested_blocksize, code2=code2, offset=offset)
 
 
 def check_shardable(w, world: int, name: str = "weight") -> None:
@@ -135,6 +152,21 @@ def check_shardable(w, world: int, name: str = "weight") -> None:
         raise ValueError(f"{name}: an NF4 weight of shape {tuple(w.shape)} cannot be sharded over {world} ranks: "
                          f"a shard of {rows} rows holds {rows * _row_numel(w)} values, not a multiple of the "
                          f"blocksize {w.blocksize}")
+
+
+# ----------------------------------------------------------------------------------------------
+# dtype casts. An NF4Weight's dtype is the one dequantize returns, fixed when it was quantized; its codes and scales
+# never change dtype. A floating-point cast (`module.half()`, `w.to(torch.float32)`, peft's
+# prepare_model_for_kbit_training) leaves it as it is, as bitsandbytes' 4-bit weights are left; any other dtype is
+# refused rather than ignored.
+
+def cast_dtype(w, dtype, op: str) -> torch.dtype:
+    """The dtype `w` cast to `dtype` keeps: its own, for None or any floating-point dtype; others: TypeError."""
+    if dtype is None or dtype.is_floating_point:
+        return w.dtype
+    raise TypeError(f"NF4Weight.{op}: `dtype` {dtype} is not a floating-point dtype; a quantized weight keeps its 4-bit "
+                    f"codes and dequantizes to {w.dtype} (floating-point casts leave it as it is, as bitsandbytes' "
+                    "do); for a dense tensor of the values use weight.dequantize(dtype)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -174,9 +206,10 @@ def _clone(func, w, *args, **kwargs):
 
 @_implements(aten._to_copy.default)
 def _to_copy(func, w, *args, dtype=None, device=None, non_blocking=False, **kwargs):
-    # `module.half()` and friends: the codes and scales keep their dtypes; a device moves them.
+    # `w.half()`, `w.int()`, `torch.Tensor.to(w, copy=True)`: a copy (its dtype: cast_dtype)
+    dtype = cast_dtype(w, dtype, "to")
     device = w.device if device is None else torch.device(device)
-    return apply_to_parts(w, lambda t: t.to(device, non_blocking=non_blocking, copy=True))
+    return apply_to_parts(w, lambda t: t.to(device, non_blocking=non_blocking, copy=True), dtype=dtype)
 
 
 @_implements(aten.view.default, aten._unsafe_view.default, aten.reshape.default)
@@ -233,14 +266,18 @@ def _split_with_sizes(func, w, sizes, dim=0):
 @_implements(aten.new_zeros.default, aten.new_empty.default)
 def _new_zeros(func, w, size, *args, dtype=None, device=None, **kwargs):
     # FSDP2 pads each shard into a buffer of the shard's size: a zero weight with the shard's layout
-    return _zeros_like_layout(w, torch.Size(size))
+    return _zeros_like_layout(w, torch.Size(size), device, dtype)
 
 
 @_implements(aten.empty_like.default, aten.zeros_like.default)
-def _zeros_like(func, w, *args, device=None, **kwargs):
+def _zeros_like(func, w, *args, dtype=None, device=None, **kwargs):
     # `module.to_empty(device=...)`: a zero weight of the same layout, on the device
-    zeros = _zeros_like_layout(w, w.shape)
-    return zeros if device is None else apply_to_parts(zeros, lambda t: t.to(device))
+    return _zeros_like_layout(w, w.shape, device, dtype)
+
+
+def layout(w) -> tuple:
+    """What must agree for one NF4Weight's bytes to be copied into another's."""
+    return (tuple(w.shape), w.blocksize, w.double_quant, w.nested_blocksize if w.double_quant else None)
 
 
 @_implements(aten.copy_.default)
@@ -250,8 +287,7 @@ def _copy_(func, dst, src, non_blocking=False):
     if not isinstance(src, NF4Weight):
         raise NotImplementedError(f"NF4Weight.copy_: the source must be an NF4Weight, got {type(src).__name__} "
                                   "(quantize it first with fastft.quant.quantize_nf4)")
-    if (src.shape, src.blocksize, src.double_quant, src.absmax.dtype) != \
-            (dst.shape, dst.blocksize, dst.double_quant, dst.absmax.dtype):
+    if layout(src) != layout(dst):
         raise ValueError(f"NF4Weight.copy_: layouts differ ({src!r} into {dst!r})")
     for a, b in zip(dst._tensors(), src._tensors()):
         a.copy_(b, non_blocking=non_blocking)
@@ -284,13 +320,39 @@ def _all_gather(func, w, group_size, group_name):
     return w.with_parts(shape=(w.shape[0] * group_size, *w.shape[1:]), **parts)
 
 
+# set_model_state_dict(full_state_dict=True) (DCP) hands every rank the whole weight and cuts it into row pieces
+# with distribute_tensor, which scatters the pieces from rank 0: scatter their bytes, scales and offset
+
+def _scatter(func, outputs, inputs, *args, **kwargs):
+    out = outputs[0]
+    names = ["packed", "absmax"] + (["absmax2", "nested_offset"] if out.double_quant else [])
+    for name in names:
+        pieces = [[getattr(piece, name) for piece in inputs[0]]] if inputs else []
+        _, work = func([getattr(out, name)], pieces, *args, **kwargs)
+        work.wait()
+    if out.double_quant:  # written below autograd: the cached float offset must be re-read
+        torch.autograd.graph.increment_version(out.nested_offset)
+    return outputs, work
+
+
+def _broadcast(func, *args, **kwargs):
+    raise NotImplementedError(
+        "NF4Weight cannot be broadcast (c10d.broadcast_): the other ranks would receive it into dense buffers. "
+        "Instead of set_model_state_dict(..., StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)), "
+        "give every rank the full state dict and leave broadcast_from_rank0 off (NF4 pieces are then scattered); "
+        "an FSDP2-sharded NF4Linear also takes a full bitsandbytes-format or dense state dict in load_state_dict "
+        "(each rank copies its rows into its shard)")
+
+
 def _already_waited(func, w):
     return w  # the inner collectives were waited for when they were issued: no async wrapper needed
 
 
-# by name: `_wrap_tensor_autograd` is registered only once torch.distributed._functional_collectives is imported
+# by name: `_wrap_tensor_autograd` is registered only once torch.distributed._functional_collectives is imported,
+# and c10d exists only in builds with torch.distributed
 _TABLE_BY_NAME = {"_c10d_functional::wait_tensor": _already_waited,
-                  "_c10d_functional::_wrap_tensor_autograd": _already_waited}
+                  "_c10d_functional::_wrap_tensor_autograd": _already_waited,
+                  "c10d::scatter_": _scatter, "c10d::broadcast_": _broadcast}
 
 
 def dispatch(func, args, kwargs):

@@ -126,9 +126,12 @@ class NF4Weight(torch.Tensor):
     @property
     def offset(self) -> float:
         """The nested scales' mean as a float (0.0 without double quantization); read once, then cached until
-        `.nested_offset` changes in place."""
+        `.nested_offset` changes in place. A meta weight has no values: 0.0 unless it was moved there from one
+        whose offset was read."""
         if self.nested_offset is None:
             return 0.0
+        if self.nested_offset.is_meta:  # nothing to read
+            return 0.0 if self._offset_cache is None else self._offset_cache[1]
         version = tensor_version(self.nested_offset)
         if self._offset_cache is None or version is None or self._offset_cache[0] != version:
             self._offset_cache = (version, float(self.nested_offset))
@@ -224,17 +227,28 @@ class NF4Weight(torch.Tensor):
         return out
 
     # ------------------------------------------------------------------------------------------
-    # devices. Dtype casts (`module.half()`, `.to(torch.bfloat16)`) leave the weight as it is: it is quantized.
+    # devices and dtypes (nf4_tensor_ops.cast_dtype: the codes never change dtype; `.dtype`, the one dequantize
+    # returns, stays under floating-point casts, as bitsandbytes' 4-bit weights do)
 
-    def to(self, *args, **kwargs) -> NF4Weight:
-        """A copy on the target device (the codes and scales never change dtype); self when already there."""
-        device, _, non_blocking, _ = torch._C._nn._parse_to(*args, **kwargs)
+    def to(self, *args, copy: bool = False, **kwargs) -> NF4Weight:
+        """On the target device: self when already there and not `copy`, else a copy. A floating-point dtype leaves
+        the weight's dtype as it is; another dtype is refused (TypeError): use `.dequantize(dtype)`."""
+        device, dtype, non_blocking, _ = torch._C._nn._parse_to(*args, **kwargs)
+        dtype = ops.cast_dtype(self, dtype, "to")
         device = self.device if device is None else torch.device(device)
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
-        if device == self.device:
+        if device == self.device and dtype == self.dtype and not copy:
             return self
-        return ops.apply_to_parts(self, lambda t: t.to(device, non_blocking=non_blocking))
+        return ops.apply_to_parts(self, lambda t: t.to(device, non_blocking=non_blocking, copy=True), dtype=dtype)
+
+    def requires_grad_(self, requires_grad: bool = True) -> NF4Weight:
+        if requires_grad:  # the 4-bit codes have no gradient: a weight that claimed one would silently not train
+            raise RuntimeError(f"NF4Weight of shape {tuple(self.shape)} is frozen: it cannot require gradients "
+                               "(requires_grad_(True), nn.Parameter(weight) without requires_grad=False, or "
+                               "module.requires_grad_(True) over a quantized model). Train adapters on it (e.g. LoRA "
+                               "with fastft.get_peft_model), or train a dense copy: weight.dequantize(dtype)")
+        return super().requires_grad_(False)
 
     def cuda(self, device=None, non_blocking: bool = False, **_) -> NF4Weight:
         device = torch.cuda.current_device() if device is None else device
@@ -381,6 +395,7 @@ def quantize_nf4(tensor: torch.Tensor, blocksize: int = 64, double_quant: bool =
     `quantize_4bit(tensor, blocksize, compress_statistics=double_quant, quant_type="nf4")`.
 
     name: what to call the tensor in errors (e.g. the layer's weight key).
+    A meta `tensor` gives a meta NF4Weight of the same layout (no values to quantize).
     Non-finite values are refused (ValueError) rather than copied from bitsandbytes: there a NaN makes its
     whole block NaN and an inf makes its block's scale inf (inf·0 = NaN for the other codes), so the
     quantized weight is garbage either way; a NaN/inf weight is a broken checkpoint or a diverged merge, and
@@ -398,6 +413,8 @@ def quantize_nf4(tensor: torch.Tensor, blocksize: int = 64, double_quant: bool =
     fmt.check_blocksize(blocksize, "quantize_nf4")
     if tensor.numel() == 0:
         raise ValueError(f"quantize_nf4: {what} is empty")
+    if tensor.is_meta:  # no values (accelerate's init_empty_weights): the layout alone, to fill with to_empty + a load
+        return ops.zero_weight(tensor.shape, tensor.dtype, blocksize, double_quant, tensor.device)
     with torch.no_grad():
         t = tensor.detach()
         _refuse_non_finite(t, what)
