@@ -2,6 +2,7 @@
 import math
 
 import pytest
+import torch
 import yaml
 
 from fastft.apps.cli import main
@@ -47,6 +48,9 @@ def _error(argv, capsys) -> str:
     (["--seed", "-1"], "--seed must be in [0, 2**32 - 1]"),
     (["--output-dir", "/etc/hostname"], "--output-dir /etc/hostname: exists and is not a folder"),
     (["--seed", str(2**32)], "--seed must be in [0, 2**32 - 1]"),
+    (["--method", "full", "--dtype", "fp16"], "--method full with --dtype fp16 trains fp16 weights"),
+    pytest.param(["--mixed-precision", "fp16"], "--mixed-precision fp16 needs a CUDA GPU",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 autocast runs on a GPU")),
 ])
 def test_bad_settings_fail_in_one_line_before_loading(argv, message, capsys, no_model_loads):
     assert message in _error(["train", *argv], capsys)
@@ -156,3 +160,17 @@ def test_lr_schedule_warms_up_to_the_peak_then_decays(steps, ratio, schedule):
     elif len(decay) > 1:
         p = 1 / (steps - warm + 1)  # the first step after the peak
         assert decay[1] == pytest.approx(1 - p if schedule == "linear" else 0.5 * (1 + math.cos(math.pi * p)))
+
+
+def test_settings_the_run_does_not_read_are_named():
+    from fastft.apps.training.config import unused_settings
+
+    assert unused_settings(TrainConfig()) is None
+    assert unused_settings(TrainConfig(method="ia3", ia3_target_modules=("q_proj",))) is None
+    note = unused_settings(TrainConfig(method="adapter", dropout=0.5, rank=2, num_virtual_tokens=2, dpo_beta=5.0,
+                                       temperature=3.0, data="d.jsonl", task="trec"))
+    assert note.startswith("note: not used by --method adapter --objective sft: --rank (read by --method "
+                           "lora/qlora/dora)")
+    for name in ("--dropout", "--num-virtual-tokens (read by --method prefix/prompt)", "--dpo-beta (read by "
+                 "--objective dpo)", "--temperature (read by --objective distill)", "--task (built-in data"):
+        assert name in note

@@ -115,6 +115,30 @@ def test_failure_stops_with_the_last_checkpoint_intact(tiny, tmp_path, monkeypat
     assert not (out / "adapter").exists()
 
 
+@pytest.mark.parametrize("at_step, save_every, before, last", [(4, "2", "its checkpoint", 2), (12, "5", "saving", 10)])
+def test_non_finite_weights_are_never_saved(tiny, tmp_path, monkeypatch, capsys, at_step, save_every, before, last):
+    """An optimizer step that leaves NaN weights is seen by the next step's loss, except the one before a checkpoint
+    and the last one: the run stops before saving them, the previous checkpoint intact."""
+    step, calls = torch.optim.AdamW.step, {"n": 0}
+
+    def poisoning(self, *args, **kwargs):
+        result = step(self, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == at_step:
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].fill_(float("nan"))
+        return result
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", poisoning)
+    out = tmp_path / "run"
+    assert main(_argv(tiny, out, "--save-every", save_every)) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"fastft train: step {at_step}: the weights are not finite") and f"before {before}" in err
+    checkpoint = out / "checkpoints" / f"step-{last:08d}"
+    assert str(checkpoint) in err and sorted(p.name for p in checkpoint.parent.iterdir()) == [checkpoint.name]
+    assert not (out / "adapter").exists()
+
+
 def test_resume_refuses_changed_settings_and_a_new_run_refuses_old_checkpoints(tiny, tmp_path, capsys, one_thread):
     """A resumed run with another learning rate or rank would mix two runs (the restored optimizer and scheduler
     keep the old values): refused, naming the settings, before config.yaml is touched. A run without --resume in a

@@ -149,6 +149,7 @@ class NF4Weight(torch.Tensor):
         """Every inner tensor, the nested offset (a 0-d tensor, not a byte of the format) included."""
         return self._tensors() + ([self.nested_offset] if self.double_quant else [])
 
+    @torch.compiler.disable  # peft's disable_adapter() builds layer reprs inside a compiled forward (DPO's reference)
     def __repr__(self, *, tensor_contents=None) -> str:
         nested = f", double_quant(blocksize={self.nested_blocksize})" if self.double_quant else ""
         return (f"NF4Weight(shape={tuple(self.shape)}, dtype={self.dtype}, blocksize={self.blocksize}{nested}, "

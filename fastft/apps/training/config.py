@@ -328,6 +328,30 @@ def _compile_problem(cfg: TrainConfig) -> str | None:
                            methods=(cfg.method,))
 
 
+# Settings only some methods / objectives read. One under another is not refused (one YAML file may hold several
+# methods' knobs): a value other than its default is named in a note, rather than ignored unannounced.
+_READ_BY = {
+    **{name: ("method", ("lora", "qlora", "dora")) for name in ("rank", "alpha", "dropout", "rslora", "target_modules")},
+    "num_virtual_tokens": ("method", ("prefix", "prompt")),
+    **{name: ("method", ("ia3",)) for name in ("ia3_target_modules", "ia3_feedforward_modules")},
+    **{name: ("method", ("adapter",)) for name in ("adapter_size", "adapter_placement", "adapter_activation")},
+    "dpo_beta": ("objective", ("dpo",)),
+    **{name: ("objective", ("distill",)) for name in ("kl_weight", "reverse_kl_weight", "ce_weight", "temperature")},
+}
+
+
+def unused_settings(cfg: TrainConfig) -> str | None:
+    """A one-line note naming the settings changed from their defaults that this run does not read, or None."""
+    default = TrainConfig()
+    unused = [f"{flag(name)} (read by --{kind} {'/'.join(users)})" for name, (kind, users) in _READ_BY.items()
+              if getattr(cfg, kind) not in users and getattr(cfg, name) != getattr(default, name)]
+    if cfg.data is not None and cfg.task != default.task:
+        unused.append("--task (built-in data: --data replaces it)")
+    if not unused:
+        return None
+    return f"note: not used by --method {cfg.method} --objective {cfg.objective}: {', '.join(unused)}"
+
+
 def validate(cfg: TrainConfig) -> TrainConfig:
     """Check every setting and the files it names; returns the config with aliases resolved.
     Raises ConfigError (one line, naming the flag) on the first problem."""
@@ -363,6 +387,16 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         cfg = dataclasses.replace(cfg, method="qlora")
     need(not cfg.offload_activations or cfg.gradient_checkpointing,
          "--offload-activations needs --gradient-checkpointing (it offloads the checkpointed layer inputs)")
+    # AdamW on fp16 weights: its state is fp16 too, eps (1e-8) rounds to 0 and small squared gradients underflow,
+    # so 0/0 turns weights into NaN whatever the learning rate (adapters are kept in fp32 by peft: unaffected)
+    need(not (cfg.method == "full" and cfg.dtype == "fp16"),
+         "--method full with --dtype fp16 trains fp16 weights with fp16 optimizer state, which turns them into NaN; "
+         "use --dtype bf16, or --dtype fp32 with --mixed-precision fp16 (on a GPU)")
+    import torch
+
+    need(cfg.mixed_precision != "fp16" or torch.cuda.is_available(),
+         "--mixed-precision fp16 needs a CUDA GPU (accelerate autocasts fp16 only there: on the CPU it would train "
+         "in fp32 unannounced); on the CPU use --mixed-precision bf16")
     if cfg.objective == "dpo":
         need(cfg.method in ADAPTER_METHODS, "--objective dpo uses the base model with adapters disabled as its "
                                             "reference: it needs an adapter method, not --method full")

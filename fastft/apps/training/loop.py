@@ -23,7 +23,7 @@ from fastft.apps.checkpointing import enable_checkpointing
 from fastft.apps.training import checkpoints as ckpt
 from fastft.files import atomic_write, replace_folder
 from fastft.integration.parameter_count import parameter_counts
-from fastft.apps.training.config import ConfigError, TrainConfig, to_yaml_dict, validate
+from fastft.apps.training.config import ConfigError, TrainConfig, to_yaml_dict, unused_settings, validate
 from fastft.apps.training.data import BatchPlan, Encoder, check_tokenizer, load_records, pack
 from fastft.apps.training.logs import RunLog, peak_memory_gib
 from fastft.apps.training.objectives import ObjectiveModel, is_prompt_learning
@@ -246,6 +246,12 @@ def evaluate(module: ObjectiveModel, records, make_batch, batch_size: int, accel
     return result
 
 
+def objective_knobs(cfg: TrainConfig, teacher) -> dict:
+    """ObjectiveModel's settings from the run's: every model a run evaluates uses the same ones."""
+    return dict(teacher=teacher, dpo_beta=cfg.dpo_beta, kl_weight=cfg.kl_weight,
+                reverse_kl_weight=cfg.reverse_kl_weight, ce_weight=cfg.ce_weight, temperature=cfg.temperature)
+
+
 def accumulate(prepared, count_of, micro: list[dict], accelerator, offload=contextlib.nullcontext):
     """Forward and backward over this process's micro-batches of one step, each micro-batch's summed loss
     divided by the step's target count over all micro-batches and processes (counted first: one all-reduce).
@@ -278,6 +284,12 @@ def _no_sync(prepared, accelerator):
     else:
         with accelerator.no_sync(prepared):
             yield
+
+
+def _weights_finite(params, accelerator) -> bool:
+    """Every trainable weight finite, on every process (FSDP2: each checks its shards; one all-reduce)."""
+    bad = sum(int(not torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()) for p in params)
+    return int(accelerator.reduce(torch.tensor(bad, device=accelerator.device), "sum")) == 0
 
 
 def _clip(params, max_norm: float, accelerator, sharded_here: bool) -> float:
@@ -342,11 +354,13 @@ def train(cfg: TrainConfig) -> dict:
         teacher = load_model(teacher_path).to(device).eval().requires_grad_(False)
     log(f"fastft train: {cfg.model} on {description}; {len(train_records)} train / {len(eval_records)} eval "
         f"records; objective {cfg.objective}, method {cfg.method}; device {device}, {world} process(es)")
+    note = unused_settings(cfg)
+    if note:
+        log(note)
 
     make_batch = _Batches(Encoder(tokenizer, cfg.max_length, cfg.objective), device,
                           cfg.attn_implementation == "fastft")
-    knobs = dict(teacher=teacher, dpo_beta=cfg.dpo_beta, kl_weight=cfg.kl_weight,
-                 reverse_kl_weight=cfg.reverse_kl_weight, ce_weight=cfg.ce_weight, temperature=cfg.temperature)
+    knobs = objective_knobs(cfg, teacher)
     history = {"eval_before": None, "eval_quantized": None, "evals": [], "train_losses": [], "tokens": 0,
                "train_seconds": 0.0}
     if resume_from is None and cfg.objective != "dpo":  # dpo's reference needs the adapters: evaluated below
@@ -419,11 +433,16 @@ def train(cfg: TrainConfig) -> dict:
     runlog = RunLog(cfg.output_dir, accelerator.is_main_process, start_step if resume_from is not None else None,
                     final_step=cfg.steps)
 
-    def stop(step: int, why: str):
+    def stop(step: int, why: str, before: str = "the optimizer step"):
         last = checkpoints.latest()
         where = f"the last good checkpoint is {last} (fastft train ... --resume continues from it)" if last else \
             "no checkpoint was written (--save-every N writes them)"
-        raise TrainingStopped(f"step {step}: {why}; stopped before the optimizer step, {where}")
+        raise TrainingStopped(f"step {step}: {why}; stopped before {before}, {where}")
+
+    def stop_unless_finite(step: int, before: str):  # an update no later loss saw (the last, or one saved now)
+        if not _weights_finite(params, accelerator):
+            stop(step, "the weights are not finite after its optimizer step (try a lower --lr, --max-grad-norm, "
+                       "or fp32)", before)
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -469,8 +488,10 @@ def train(cfg: TrainConfig) -> dict:
                 runlog.write({"step": step + 1, "eval": result})
                 bar.write(_describe(f"step {step + 1}", result)) if accelerator.is_local_main_process else None
         if cfg.save_every and (step + 1) % cfg.save_every == 0:
+            stop_unless_finite(step + 1, "its checkpoint")
             checkpoints.save(step + 1, inner, torch_optimizer, trainer_state(), save_adapter_to if is_peft else None)
     bar.close()
+    stop_unless_finite(cfg.steps, "saving")
     peak = peak_memory_gib(device)
 
     after = evaluate(objective, eval_records, make_batch, cfg.eval_batch_size, accelerator)
@@ -539,7 +560,7 @@ def _evaluate_merges(inner, objective, eval_records, make_batch, cfg, accelerato
     results = {}
     for name, requantize in (("dense", False), ("requantized", True)):
         merged = fastft.merge_and_unload(copy.deepcopy(inner), requantize=requantize)
-        module = ObjectiveModel(merged, objective.objective, teacher=objective._teacher[0])
+        module = ObjectiveModel(merged, objective.objective, **objective_knobs(cfg, objective._teacher[0]))
         results[name] = evaluate(module, eval_records, make_batch, cfg.eval_batch_size, accelerator)
         log(_describe(f"merged ({name})", results[name]))
         del merged, module
