@@ -97,7 +97,7 @@ def quick_config(**overrides) -> StudyConfig:
     """`--quick`: MiniLM, two tasks, five methods, 32 per class, one seed, a few short steps."""
     values = dict(methods=("lora", "full", "ia3", "prompt", "dora"), tasks=("subj", "sms-spam"),
                   models=("minilm",), regimes=("32-per-class",), seeds=1, steps=16, batch_size=8,
-                  max_length=32, evals=4, max_dev=48, max_test=160, quick=True, output_dir="runs/study-quick")
+                  max_length=32, evals=2, max_dev=32, max_test=128, quick=True, output_dir="runs/study-quick")
     values.update(overrides)
     return StudyConfig(**values)
 
