@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fastft.integration.packing import IGNORE_INDEX, PackingCollator
-from tests.utils import assert_close, interpreter_only
+from tests.utils import assert_close, first_layers, interpreter_only
 
 transformers = pytest.importorskip("transformers")
 
@@ -194,8 +194,7 @@ def test_smollm2_forward_backward_matches_sdpa(fastft_attention):
     # One short sequence through the first 6 of the 30 layers (the real weights and head layout; the other layers
     # repeat the same shapes), forward and backward (dense causal GQA kernels). Every interpreted program costs
     # ~15 ms, so packed/padded batches are left to the tiny model above (each adds ~20 s here).
-    model.model.layers = model.model.layers[:6]
-    model.config.num_hidden_layers = 6
+    first_layers(model)
     ids = torch.tensor([tok("The quick brown fox jumps over the lazy dog. Attention needs only the log-sum-exp.")
                         ["input_ids"]])
     compare_to_sdpa(model, dict(input_ids=ids, labels=ids))

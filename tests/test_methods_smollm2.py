@@ -14,7 +14,7 @@ from fastft.apps.models import load_causal_lm
 from fastft.integration.methods.adapter import AdapterAfter, BottleneckAdapterConfig
 from tests.methods_utils import assert_same_step, copy_trainables, perturb_trainables
 from tests.test_methods_adapter import _reference_hooks
-from tests.utils import ALL_LINEAR, assert_close
+from tests.utils import ALL_LINEAR, assert_close, first_layers
 
 pytestmark = pytest.mark.slow
 
@@ -36,7 +36,7 @@ def _step(model, batch):
 
 def test_every_method_matches_its_reference_on_smollm2():
     model, tokenizer = load_causal_lm()
-    model.eval()
+    model = first_layers(model).eval()
     batch = dict(tokenizer(["Adapters, prefixes and magnitudes all train here."], return_tensors="pt"))
     for method, make in PEFT_CONFIGS.items():
         ours = fastft.get_peft_model(copy.deepcopy(model), make())
@@ -45,7 +45,7 @@ def test_every_method_matches_its_reference_on_smollm2():
         theirs = peft.get_peft_model(model, make())
         copy_trainables(ours, theirs)
         del ours
-        # fp32 through 30 layers: a bound above the per-op 2e-5 (the ops themselves are checked against fp64)
+        # fp32 through 6 layers (the first of 30): a bound above the per-op 2e-5 (the ops themselves are checked against fp64)
         assert_same_step(got, _step(theirs, batch), f"SmolLM2 {method}", tol=5e-4)
         model = theirs.unload() if method in ("dora", "ia3") else theirs.get_base_model()
         assert type(model).__name__ == "LlamaForCausalLM" and not any("lora_" in n or "ia3_" in n

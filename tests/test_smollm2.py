@@ -8,7 +8,7 @@ from peft import LoraConfig, PeftModel
 
 import fastft
 from fastft.apps.models import load_causal_lm
-from tests.utils import ALL_LINEAR, interpreter_only, randomize_lora_B
+from tests.utils import ALL_LINEAR, first_layers, interpreter_only, randomize_lora_B
 
 pytestmark = pytest.mark.slow
 
@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def smollm2():
     model, tokenizer = load_causal_lm()
-    model.eval()
+    model = first_layers(model).eval()
     batch = tokenizer(["The quick brown fox jumps over the lazy dog.", "LoRA adapts a frozen model."],
                       return_tensors="pt", padding=True)
     return model, batch

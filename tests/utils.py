@@ -64,3 +64,11 @@ def check_nf4_linear_fp64(tokens: tuple, dtype):
     assert_close(y, x.detach().double() @ W.T + bias.detach().double(), dtype, "y")
     assert_close(x.grad, dy.double() @ W, dtype, "dx")
     assert_close(bias.grad, dy.double().sum(lead), dtype, "db")
+
+
+def first_layers(model, n: int = 6):
+    """The real model cut to its first n decoder layers: its real weights, head layout and tied head, at a fraction
+    of the CPU time (the other layers repeat the same shapes and code)."""
+    model.model.layers = model.model.layers[:n]
+    model.config.num_hidden_layers = n
+    return model
