@@ -1,5 +1,5 @@
 """Prefix tuning: fastft's room feeds each layer's prefix to flash_attention's prefix_k/prefix_v (no
-concatenated K/V, no cache object) and matches peft's PrefixTuningConfig (its KV-cache path on SDPA) in logits
+concatenated K/V; a KV cache holds the real tokens only) and matches peft's PrefixTuningConfig (its KV-cache path on SDPA) in logits
 and gradients, with and without padding; save/load both ways with peft."""
 import peft
 import pytest
@@ -85,6 +85,77 @@ def test_generation_sees_the_prefix_as_training_does():
     assert_generates_as_its_forward(ours)
 
 
+@pytest.mark.parametrize("padded, backend", [(False, "auto"), (True, "auto"),
+                                             pytest.param(False, "triton", marks=pytest.mark.skipif(
+                                                 not INTERPRET, reason="Triton on CPU needs the interpreter"))])
+def test_cached_forward_equals_the_whole_forward(padded, backend):
+    """A manual decoding loop (use_cache, a cache) keeps the prefix at every step: the cache holds the real tokens,
+    positions continue after them; the kernels align one query to the last key; a padded batch's decoding steps
+    take the SDPA fallback, prefix in front."""
+    from fastft.integration.attention import register_attention
+
+    register_attention(backend)
+    try:
+        _check_cached_forward(padded)
+    finally:
+        register_attention("auto")
+
+
+def _check_cached_forward(padded):
+    ours, _ = _pair()
+    perturb_trainables(ours, std=1.0)
+    ours.eval()
+    batch, mask = ids(), torch.ones(2, 9, dtype=torch.long)
+    if padded:
+        mask[1, :3] = 0
+    pos = (mask.cumsum(1) - 1).clamp(min=0)  # positions counted from each row's first kept token
+    with torch.no_grad():
+        whole = ours(input_ids=batch, attention_mask=mask, position_ids=pos).logits
+        out = ours(input_ids=batch[:, :5], attention_mask=mask[:, :5], position_ids=pos[:, :5], use_cache=True)
+        parts, cache = [out.logits], out.past_key_values
+        assert cache.get_seq_length() == 5  # real tokens only: the op adds the prefix
+        for t in range(5, 9):
+            out = ours(input_ids=batch[:, t:t + 1], attention_mask=mask[:, :t + 1], position_ids=pos[:, t:t + 1],
+                       cache=cache, use_cache=True)
+            parts.append(out.logits)
+    cached = torch.cat(parts, 1)
+    assert_close(cached[mask.bool()], whole[mask.bool()], torch.float32, "cached decoding with a prefix")
+
+
+@pytest.mark.parametrize("cache_implementation", [None, "static"])
+def test_generation_uses_a_cache(cache_implementation, monkeypatch):
+    """generate decodes one token per forward (a KV cache of the real tokens), dynamic or static cache alike."""
+    ours, _ = _pair()
+    perturb_trainables(ours, std=1.0)
+    ours.eval()
+    import fastft.integration.attention as integration
+
+    seen, real = [], integration.fastft_attention_forward
+
+    def spy(module, query, key, *args, **kwargs):
+        seen.append(query.shape[2])
+        return real(module, query, key, *args, **kwargs)
+
+    monkeypatch.setattr(integration, "fastft_attention_forward", spy)
+    integration.register_attention()
+    try:
+        batch = ids(batch=1, seq=6)
+        with torch.no_grad():
+            out = ours.generate(input_ids=batch, max_new_tokens=3, do_sample=False,
+                                cache_implementation=cache_implementation, output_scores=True,
+                                return_dict_in_generate=True)
+    finally:
+        monkeypatch.undo()
+        integration.register_attention()
+    assert seen[-1] == 1 and seen[0] == 6  # prefill, then one query per step
+    with torch.no_grad():
+        seq = batch
+        for t in range(3):
+            logits = ours(input_ids=seq).logits[0, -1]
+            assert torch.allclose(out.scores[t][0], logits, atol=1e-5), t
+            seq = torch.cat([seq, logits.argmax()[None, None]], 1)
+
+
 def test_bad_config_is_named():
     with pytest.raises(ValueError, match="PrefixTuningConfig.task_type='SEQ_CLS'"):
         fastft.get_peft_model(tiny_llama(), PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=5))
@@ -141,3 +212,12 @@ def test_a_sliding_window_smaller_than_prefix_plus_sequence_is_refused():
     assert_same_step(step(ours, batch), step(theirs, batch), "prefix tuning inside the window")
     with pytest.raises(ValueError, match="5 virtual tokens \\+ a 8-token sequence pass the window of 12"):
         ours(input_ids=ids(seq=8))
+    # decoding with a cache: refused at the step whose sequence passes the window (dense steps, and padded
+    # steps through the SDPA fallback, counted from the positions)
+    ours.eval()
+    with torch.no_grad():
+        ours.generate(input_ids=ids(batch=1, seq=6), max_new_tokens=2, do_sample=False)  # 5 + 7 keys: inside
+        for mask in (None, torch.tensor([[0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])):
+            batch = ids(batch=1 if mask is None else 2, seq=6)
+            with pytest.raises(ValueError, match="a 8-token sequence pass the window of 12"):
+                ours.generate(input_ids=batch, attention_mask=mask, max_new_tokens=3, do_sample=False)

@@ -15,7 +15,7 @@ It mirrors transformers' FlashAttention integration:
   (prefix_k, prefix_v) every query attends to: handed to the op as prefix_k/prefix_v, no concatenation.
 
 Not supported (ValueError): attention dropout, logit softcapping, attention sinks. Custom 4-D masks and
-padded decoding with a cache (q_len != kv_len) fall back to torch SDPA.
+padded decoding with a cache (q_len != kv_len) fall back to torch SDPA (a fastft prefix in front of the keys).
 """
 from __future__ import annotations
 
@@ -76,6 +76,14 @@ def _check_prefix_window(kw: dict, longest) -> None:
                          "peft's own prefix tuning")
 
 
+def _cached_length(key, position_ids, prefix) -> int:
+    """How far the sequence reaches with a KV cache: the last query's position + 1 (a static cache's key slots run
+    past it), counted after the prefix, which the prefix room's positions start at; the key count otherwise."""
+    if prefix is None or position_ids is None or prefix[0].shape[1] == 0 or compiling():
+        return key.shape[2]
+    return int(position_ids.max()) + 1 - prefix[0].shape[1]
+
+
 def _varlen(q, k, v, cu, max_len, **kw):
     """(1, T, H, D) packed row -> (T, H, D) documents -> back."""
     _check_prefix_window(kw, max_len)
@@ -98,15 +106,23 @@ def _unpadded(q, k, v, mask, **kw):
     return full.view(B, S, *out.shape[-2:])
 
 
-def _sdpa_fallback(query, key, value, mask, scaling, is_causal, window=None):
+def _sdpa_fallback(query, key, value, mask, scaling, is_causal, window=None, prefix=None):
     """Masks the kernel does not express (custom 4-D masks, padded decoding): torch SDPA with an explicit mask,
-    the 2-D padding mask combined with the causal/window one (fastft.ops.attention.visible_mask)."""
+    the 2-D padding mask combined with the causal/window one (fastft.ops.attention.visible_mask). A fastft
+    prefix (prefix_k, prefix_v), each (1, P, KV, D), goes in front of the keys, visible to every query."""
     n_q, n_k = query.shape[2], key.shape[2]
     if mask is not None and mask.dim() == 2:
         mask = mask[:, None, None, -n_k:].bool()
     if is_causal or window is not None:
         visible = visible_mask(n_q, n_k, is_causal, window, query.device)
         mask = visible if mask is None else mask & visible
+    if prefix is not None:
+        B, P = key.shape[0], prefix[0].shape[1]
+        key, value = (torch.cat([p.transpose(1, 2).expand(B, -1, -1, -1).to(key.dtype), t], dim=2)
+                      for p, t in zip(prefix, (key, value)))
+        if mask is not None:  # prefix columns: seen (True, or 0 added to a float mask)
+            seen = mask.new_ones if mask.dtype == torch.bool else mask.new_zeros
+            mask = torch.cat([seen(*mask.shape[:-1], P).expand(*mask.shape[:-1], P), mask], dim=-1)
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling,
                                          enable_gqa=gqa_flag(query.shape[1], key.shape[1]))
     return out.transpose(1, 2)
@@ -125,19 +141,20 @@ def fastft_attention_forward(module, query, key, value, attention_mask, dropout=
     kw = dict(causal=bool(is_causal), softmax_scale=scaling, window=sliding_window)
     prefix = kwargs.get("fastft_prefix")
     if prefix is not None:
-        kw["prefix_k"], kw["prefix_v"] = prefix[module.layer_idx]
-        if isinstance(attention_mask, torch.Tensor) and (attention_mask.dim() == 4 or query.shape[2] != key.shape[2]):
-            raise ValueError("attn_implementation='fastft': a fastft prefix cannot combine with a custom 4-D mask or "
-                             "a KV cache")
+        prefix = prefix[module.layer_idx]
+        kw["prefix_k"], kw["prefix_v"] = prefix
     if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4:
-        return _sdpa_fallback(query, key, value, attention_mask, scaling, False), None
+        _check_prefix_window(kw, _cached_length(key, kwargs.get("position_ids"), prefix))
+        return _sdpa_fallback(query, key, value, attention_mask, scaling, False, prefix=prefix), None
     # (B, H, S, D) -> (B, S, H, D) views: the kernels take any token/head strides
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
     B = q.shape[0]
 
     if attention_mask is not None:
         if q.shape[1] != k.shape[1]:
-            return _sdpa_fallback(query, key, value, attention_mask, scaling, is_causal, sliding_window), None
+            _check_prefix_window(kw, _cached_length(key, kwargs.get("position_ids"), prefix))
+            return _sdpa_fallback(query, key, value, attention_mask, scaling, is_causal, sliding_window,
+                                  prefix), None
         return _unpadded(q, k, v, attention_mask.bool(), **kw), None
 
     cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
@@ -153,7 +170,7 @@ def fastft_attention_forward(module, query, key, value, attention_mask, dropout=
         cu, max_len = _cu_seqlens_from_position_ids(position_ids)
         return _varlen(q, k, v, cu, max_len, **kw), None
 
-    _check_prefix_window(kw, q.shape[1])
+    _check_prefix_window(kw, k.shape[1])
     return flash_attention(q, k, v, backend=_backend, **kw), None
 
 

@@ -8,9 +8,9 @@ the attention interface. Gradients reach the prefix through the op.
 Injection: peft builds its PeftModelForCausalLM (its PrefixEncoder, its state dict and save format unchanged);
 `FastftPrefixModel` replaces the forward: the prefix encoder's output (1, P, layers·2·kv_heads·head_dim) is viewed
 per layer as (1, P, kv_heads, head_dim) keys and values (views, no copies), real tokens are placed at positions
-P, P+1, … as peft's cache path does, and the model runs with attn_implementation="fastft". Calls with a
-`past_key_values` take peft's cache path, which the fastft attention also serves; `generate` feeds the prefix to
-the op at every step (without a KV cache: peft's cache path loses the prefix under transformers 5).
+P, P+1, … as peft's cache path does, and the model runs with attn_implementation="fastft". A KV cache
+(`past_key_values`, `use_cache`, `generate`) holds the real tokens only: the op adds the prefix at every step, so
+cached decoding costs O(1) forwards per token (peft's own cache path loses the prefix under transformers 5).
 """
 from __future__ import annotations
 
@@ -60,33 +60,32 @@ class FastftPrefixModel(PeftModelForCausalLM):
     def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, output_attentions=None,
                 output_hidden_states=None, return_dict=None, task_ids=None, **kwargs):
         config = self.active_peft_config
-        cached = kwargs.get("past_key_values") is not None or kwargs.get("cache") is not None  # transformers 5: cache
-        if not isinstance(config, PrefixTuningConfig) or cached \
-                or kwargs.get("use_cache") or self.get_base_model().config._attn_implementation != "fastft":
+        if not isinstance(config, PrefixTuningConfig) or self.get_base_model().config._attn_implementation != "fastft":
             return super().forward(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
                                    labels=labels, output_attentions=output_attentions,
                                    output_hidden_states=output_hidden_states, return_dict=return_dict,
                                    task_ids=task_ids, **kwargs)
         ref = input_ids if input_ids is not None else inputs_embeds
         batch, seq = ref.shape[0], ref.shape[1]
-        P = config.num_virtual_tokens
         # peft's cache path puts the real tokens after the prefix: positions P, P+1, ..., and shifts the caller's
-        # own position_ids (packed documents restart at 0) by P likewise
+        # own position_ids (packed documents restart at 0) by P likewise. A KV cache holds real tokens only.
         position_ids = kwargs.get("position_ids")
         if position_ids is None:
-            kwargs["position_ids"] = torch.arange(P, P + seq, device=ref.device).unsqueeze(0).expand(batch, -1)
+            cache = kwargs.get("cache", kwargs.get("past_key_values"))  # transformers 5.24 renames it `cache`
+            start = config.num_virtual_tokens + _cached_tokens(cache)
+            kwargs["position_ids"] = torch.arange(start, start + seq, device=ref.device).unsqueeze(0).expand(batch, -1)
         else:
-            kwargs["position_ids"] = position_ids + P
-        kwargs.pop("use_cache", None)
+            kwargs["position_ids"] = position_ids + config.num_virtual_tokens
+        # training builds no cache
+        kwargs.setdefault("use_cache", kwargs.get("cache", kwargs.get("past_key_values")) is not None)
         return self.base_model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
                                labels=labels, output_attentions=output_attentions,
-                               output_hidden_states=output_hidden_states, return_dict=return_dict, use_cache=False,
+                               output_hidden_states=output_hidden_states, return_dict=return_dict,
                                fastft_prefix=self.prefix_key_values(), **kwargs)
 
-
     def generate(self, *args, **kwargs):
-        """Generation with the prefix through the fastft attention op, as the forward runs it: each step recomputes
-        the whole sequence (the op takes a prefix without a KV cache). peft's own cache path drops the prefix under
+        """Generation with the prefix through the fastft attention op, as the forward runs it: the KV cache holds
+        the real tokens and the op adds the prefix at every step. peft's own cache path drops the prefix under
         transformers 5 (it reads `past_key_values`, which transformers no longer passes): the base model's tokens."""
         config = self.active_peft_config
         base = self.get_base_model()
@@ -98,17 +97,30 @@ class FastftPrefixModel(PeftModelForCausalLM):
         def with_prefix(*args, **kwargs):  # transformers reads this signature: it must take **kwargs
             inputs = prepare(*args, **kwargs)
             positions = inputs.get("position_ids")
-            if positions is None:
-                positions = inputs["cache_position"][None].expand(inputs["input_ids"].shape[0], -1)
+            if positions is None:  # transformers passes them (padding-aware); else count from the cache
+                ref = inputs.get("input_ids")
+                ref = inputs["inputs_embeds"] if ref is None else ref
+                start = _cached_tokens(inputs.get("cache", inputs.get("past_key_values")))
+                positions = torch.arange(start, start + ref.shape[1], device=ref.device)[None].expand(ref.shape[0], -1)
             inputs["position_ids"] = positions + P  # the real tokens sit after the prefix, as in the forward
             inputs["fastft_prefix"] = prefix
             return inputs
 
         base.prepare_inputs_for_generation = with_prefix
         try:
-            return base.generate(*args, **{**kwargs, "use_cache": False})
+            return base.generate(*args, **kwargs)
         finally:
             del base.prepare_inputs_for_generation
+
+
+def _cached_tokens(cache) -> int:
+    """How many real tokens a transformers Cache already holds (0 without one)."""
+    if cache is None:
+        return 0
+    if not hasattr(cache, "get_seq_length"):
+        raise TypeError(f"fastft prefix tuning: past_key_values must be a transformers Cache (DynamicCache, ...), "
+                        f"got {type(cache).__name__}")
+    return int(cache.get_seq_length())
 
 
 def _use_fastft(model: PeftModel) -> PeftModel:

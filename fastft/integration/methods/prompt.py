@@ -4,12 +4,14 @@ These methods only prepend learned embeddings to the input (P-tuning computes th
 encoder): the cost is the base model on P more tokens, nothing a fused kernel changes. So the layer and the
 injection are peft's own (PeftModelForCausalLM, its save format); fastft's entry point validates the config
 with errors naming the field, and the model keeps whatever attention implementation it has (fastft's included).
-`FastftPromptModel` only makes `generate` exact (no KV cache; peft's cached generation is off under transformers 5).
+`FastftPromptModel` only makes `generate` exact, with a KV cache (peft's cached generation is off under
+transformers 5).
 """
 from __future__ import annotations
 
 import contextlib
 
+import torch
 from peft import PeftModel, PeftModelForCausalLM, PromptEncoderConfig, PromptTuningConfig
 from torch import nn
 
@@ -36,12 +38,47 @@ def validate_prompt_config(config, model: nn.Module) -> None:
 
 
 class FastftPromptModel(PeftModelForCausalLM):
-    """peft's causal-LM PeftModel, generating without a KV cache: under transformers 5 (peft 0.21) peft's cached
-    generation scores every token after the first away from what the forward gives (0.1-0.2 on a tiny Llama).
-    Each step recomputes the whole sequence with its virtual tokens, exactly as the forward does."""
+    """peft's causal-LM PeftModel whose `generate` runs as its forward does: under transformers 5 (peft 0.21)
+    peft's cached generation scores every token after the first away from what the forward gives (0.1-0.2 on a
+    tiny Llama). Here the first step puts the virtual tokens in front (positions 0..P-1, the real tokens from P,
+    padding or not, as peft's forward), the KV cache keeps them, and each later step runs one token at its
+    position + P. A cache other than the default dynamic one (`cache_implementation`, a passed cache) would be
+    sized without the P virtual tokens: that generation recomputes the whole sequence each step (no cache)."""
 
     def generate(self, *args, **kwargs):
-        return super().generate(*args, **{**kwargs, "use_cache": False})
+        base = self.get_base_model()
+        config = self.active_peft_config
+        settings = kwargs.get("generation_config") or base.generation_config
+        other_cache = kwargs.get("cache_implementation") or getattr(settings, "cache_implementation", None) \
+            or kwargs.get("past_key_values") is not None or kwargs.get("cache") is not None
+        if not isinstance(config, CONFIGS) or kwargs.get("use_cache") is False or other_cache:
+            return super().generate(*args, **{**kwargs, "use_cache": False})
+        P, prepare = config.num_virtual_tokens, base.prepare_inputs_for_generation
+
+        def with_prompt(*args, **kwargs):  # transformers reads this signature: it must take **kwargs
+            inputs = prepare(*args, **kwargs)
+            ids, embeds = inputs.get("input_ids"), inputs.get("inputs_embeds")
+            batch, seq = (ids if embeds is None else embeds).shape[:2]
+            cache = inputs.get("cache", inputs.get("past_key_values"))
+            start = 0 if cache is None else int(cache.get_seq_length())  # the virtual tokens included
+            if start == 0:  # the first step: the virtual tokens in front
+                embeds = base.get_input_embeddings()(ids) if embeds is None else embeds
+                prompts = self.get_prompt(batch_size=batch).to(embeds.dtype)
+                inputs["input_ids"], inputs["inputs_embeds"] = None, torch.cat([prompts, embeds], dim=1)
+                seq += P
+            mask = inputs.get("attention_mask")
+            if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+                inputs["attention_mask"] = torch.cat([mask.new_ones(batch, P), mask], dim=1)
+            device = inputs["inputs_embeds" if ids is None or start == 0 else "input_ids"].device
+            # peft's forward ignores position_ids: positions count every token, virtual and padding included
+            inputs["position_ids"] = torch.arange(start, start + seq, device=device)[None].expand(batch, -1)
+            return inputs
+
+        base.prepare_inputs_for_generation = with_prompt
+        try:
+            return base.generate(*args, **kwargs)
+        finally:
+            del base.prepare_inputs_for_generation
 
 
 def _exact_generation(model: PeftModel) -> PeftModel:
