@@ -318,7 +318,7 @@ def test_dora_opcheck(base):
     torch.library.opcheck(dora_linear_op, (x, parts, ints, b, A, B, m, 0.5, row_norm), test_utils=utils)
     y, xs, sigma, z = dora_linear_op(x.detach(), parts, ints, b.detach(), A.detach(), B.detach(), m.detach(), 0.5,
                                      row_norm)
-    saved_out = z if ints else y
+    saved_out = z  # the op keeps its own pre-bias output for an NF4 weight or a bias (here: a bias)
     torch.library.opcheck(dora_linear_backward_op, (torch.randn(5, N, device=DEVICE), x.detach(), parts, ints,
                                                     b.detach(), A.detach(), B.detach(), m.detach(), row_norm, xs,
                                                     sigma, saved_out, 0.5, True, True, True, True, True),

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from fastft.ops.compiled import compiling, needed, unused
-from fastft.ops.shared import (as_rows, autocast_inputs, autocast_off, check_backend, padded, resolve_backend,
-                               to_dtype)
+from fastft.ops.shared import (as_rows, autocast_inputs, autocast_off, check_backend, check_tensor, first_order_only,
+                               padded, resolve_backend, to_dtype)
 
 ACTIVATIONS = ("relu", "silu", "gelu_tanh", "tanh")
 
@@ -118,6 +118,7 @@ class BottleneckAdapterFunction(torch.autograd.Function):
         return y.view(*h.shape)  # (unpacked: a torch.Size argument costs ~1.5 µs more)
 
     @staticmethod
+    @first_order_only
     def backward(ctx, dy):
         h2, D_p, U_p, z, p = ctx.saved_tensors
         h_shape, r, activation, dtypes = ctx.meta
@@ -191,6 +192,11 @@ def bottleneck_adapter(h, down_weight, down_bias, up_weight, up_bias, activation
     if not (isinstance(h, torch.Tensor) and h.is_floating_point() and h.dim() >= 1):
         raise ValueError("bottleneck_adapter: `h` must be a floating-point tensor (..., features)")
     N = h.shape[-1]
+    for name, t in (("down_weight", down_weight), ("up_weight", up_weight)):
+        check_tensor("bottleneck_adapter", name, t)
+    for name, t in (("down_bias", down_bias), ("up_bias", up_bias)):
+        if t is not None:
+            check_tensor("bottleneck_adapter", name, t)
     if down_weight.dim() != 2 or down_weight.shape[1] != N:
         raise ValueError(f"bottleneck_adapter: `down_weight` must have shape (r, {N}), got {tuple(down_weight.shape)}")
     r = down_weight.shape[0]

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from fastft.ops.lm_head import HeadArgs
+from fastft.ops.shared import first_order_only
 from fastft.quant.nf4_weight import NF4Weight
 
 # 96 MiB: 384 rows at V = 128256 in bf16, inside issue 7's 0.1 GiB workspace target; larger chunks cut dW's
@@ -344,6 +345,7 @@ class EagerChunkedLoss(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @first_order_only
     def backward(ctx, grad_output):
         if ctx.used:
             # the first backward handed out (or scaled in place) the buffers the gradients live in
@@ -392,6 +394,7 @@ class DeferredChunkedLoss(torch.autograd.Function):
         return losses
 
     @staticmethod
+    @first_order_only
     def backward(ctx, grad_output):
         if ctx.dh_only:
             (dh,) = ctx.saved_tensors

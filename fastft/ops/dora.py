@@ -9,11 +9,14 @@ kernel forms it tile by tile (fastft.kernels.dora_row_norm), on the torch path i
 ‖W‖² + 2s·ΣB∘(W·Aᵀ) + s²·B(A·Aᵀ)Bᵀ costs the same pass over W but cancels to 0 — σ = inf — for rows where W + s·B·A
 is small against W: fuzzing found it in fp16.)
 
-Fused path (Triton, dropout 0): the LoRA GEMM of fastft.kernels.lora_gemm with σ as an epilogue column scale
-(before the bias). Backward: dz = σ⊙dy never exists either — dx's GEMM scales dy's K-columns by σ as it loads
-them, g = s·dy·diag(σ)·B, dB = diag(σ)·dyᵀ·xs, and dm = Σ_tokens dy⊙(y − b) / m (a split-M column reduction
-over the saved output). NF4 bases (qweight an NF4Weight): the NF4 GEMM without a column-scale epilogue, so σ
-and dy·σ are one small elementwise pass each. CPU, dropout > 0 and backend="torch": `dora_linear_reference`.
+Fused path (Triton, dropout 0): the LoRA GEMM of fastft.kernels.lora_gemm with σ as an epilogue column scale;
+the bias is added after it, in a pass of its own, because backward needs the pre-bias output σ⊙z: dm from the
+rounded y as Σ dy⊙(y − b) cancels when |b| >> |σ⊙z| (all of its bits in bf16 at |b| ~ 300). So with a bias two
+output-sized tensors live (the saved σ⊙z and y), as on the NF4 path. Backward: dz = σ⊙dy never exists either —
+dx's GEMM scales dy's K-columns by σ as it loads them, g = s·dy·diag(σ)·B, dB = diag(σ)·dyᵀ·xs, and
+dm = Σ_tokens dy⊙(σ⊙z) / m (a split-M column reduction over the saved pre-bias output). NF4 bases (qweight an
+NF4Weight): the NF4 GEMM without a column-scale epilogue, so σ and dy·σ are one small elementwise pass each.
+CPU, dropout > 0 and backend="torch": `dora_linear_reference`.
 Limitation: a magnitude entry that is exactly 0 gets gradient 0 on the fused path (its column's output is 0, so
 the saved output carries no z); peft initialises m = ‖W‖ > 0.
 """
@@ -28,7 +31,7 @@ from fastft.ops.compiled import compiling, needed, unused
 from fastft.ops.compiled_args import fresh_like, weight_args, weight_from_args
 from fastft.ops.lora import rank_operands
 from fastft.ops.shared import (as_rows, autocast_inputs, autocast_off, check, check_backend, finite, nf4_fused_ok,
-                               padded, resolve_backend, safe_div, to_dtype)
+                               first_order_only, padded, resolve_backend, safe_div, to_dtype)
 from fastft.quant.nf4_weight import NF4Weight
 
 
@@ -114,20 +117,25 @@ def validate_dora_linear_args(x, weight, bias, lora_A, lora_B, magnitude, scalin
           lambda: f"{op}: `lora_B` must have shape ({N}, {r}), got {tuple(lora_B.shape)}")
     check(tuple(magnitude.shape) == (N,),
           lambda: f"{op}: `magnitude` must have shape ({N},), got {tuple(magnitude.shape)}")
-    if bias is not None:
-        check(isinstance(bias, torch.Tensor) and tuple(bias.shape) == (N,),
-              lambda: f"{op}: `bias` must be None or a tensor of shape ({N},)")
+    if bias is not None:  # a float bias of any dtype (added in x's dtype); an integer one is a mistake, not cast
+        check(isinstance(bias, torch.Tensor) and bias.is_floating_point() and tuple(bias.shape) == (N,),
+              lambda: f"{op}: `bias` must be None or a floating-point tensor of shape ({N},), got "
+                      f"{_describe(bias)}")
     if not isinstance(weight, NF4Weight):  # an NF4 weight's dtype is its compute dtype, not a storage constraint
         check(x.dtype == weight.dtype,
               lambda: f"{op}: `x` is {x.dtype} but `weight` is {weight.dtype}; cast one of them or run under "
                       "torch.autocast")
-    devices = {t.device for t in (x, weight, lora_A, lora_B, magnitude)}
+    devices = {t.device for t in (x, weight, lora_A, lora_B, magnitude) + ((bias,) if bias is not None else ())}
     check(len(devices) == 1, lambda: f"{op}: all tensors must be on one device, got {sorted(map(str, devices))}")
     # messages built only on failure: dynamo cannot format a float while it traces with dynamic=True
-    if not (isinstance(scaling, (int, float)) and finite(scaling)):
-        raise ValueError(f"{op}: `scaling` must be a finite number, got {scaling!r}")
+    if not (isinstance(scaling, (int, float)) and not isinstance(scaling, bool) and finite(scaling)):
+        raise ValueError(f"{op}: `scaling` must be a finite number (not a bool), got {scaling!r}")
     if not (isinstance(dropout_p, (int, float)) and 0.0 <= dropout_p < 1.0):
         raise ValueError(f"{op}: `dropout_p` must be in [0, 1), got {dropout_p!r}")
+
+
+def _describe(t) -> str:
+    return f"{t.dtype} of shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
 
 
 def dora_forward(x, weight, bias, lora_A, lora_B, magnitude, scaling, row_norm):
@@ -149,8 +157,8 @@ def dora_forward(x, weight, bias, lora_A, lora_B, magnitude, scaling, row_norm):
         y = (y if bias is None else y + bias.float()).to(dtype)
         saved_out = z  # the unscaled output: dm = Σ dy·z / ‖W'‖
     else:
-        y = lora_gemm(x2, weight, xs, B_p, bias, b_nk=True, col_scale=sigma)
-        saved_out = y  # dm = Σ dy·(y − b) / m
+        saved_out = lora_gemm(x2, weight, xs, B_p, None, b_nk=True, col_scale=sigma)  # σ⊙z: dm = Σ dy·σ⊙z / m
+        y = saved_out if bias is None else saved_out + to_dtype(bias, dtype)  # rounded as the reference rounds
     meta = (x.shape, scaling, r, nf4, lora_A.dtype, lora_B.dtype)
     return y.view(*x.shape[:-1], N), (x2, A_p, B_p, xs, sigma, saved_out), meta
 
@@ -193,10 +201,7 @@ def dora_backward(saved, meta, weight, dy, need_x, need_b, need_A, need_B, need_
         if nf4:
             dm = column_dot(dy2, saved_out) / row_norm
         else:
-            dm = column_dot(dy2, saved_out)
-            if bias is not None:
-                dm = dm - bias.float() * dy2.sum(0, dtype=torch.float32)
-            dm = safe_div(dm, to_dtype(magnitude.detach(), torch.float32))
+            dm = safe_div(column_dot(dy2, saved_out), to_dtype(magnitude.detach(), torch.float32))
         dm = to_dtype(dm, magnitude.dtype)
     if need_b and bias is not None:
         db = to_dtype(dy2.sum(0, dtype=torch.float32), bias.dtype)
@@ -217,6 +222,7 @@ class DoRALinearFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @first_order_only
     def backward(ctx, dy):
         *saved, weight = ctx.saved_tensors
         need_x, _, need_b, need_A, need_B, need_m = ctx.needs_input_grad[:6]
@@ -228,7 +234,8 @@ class DoRALinearFunction(torch.autograd.Function):
 # The traced doors (fastft.ops.compiled): fastft::dora_row_norm (the Triton row norm, no gradient) and
 # fastft::dora_linear + backward. The weight crosses as compiled_args.weight_args (a dense tensor, or an NF4Weight's
 # inner tensors and fields); the rank-padded factors are padded again in backward from the inputs; on a dense weight
-# the output itself is what backward reads for dm (custom-op outputs cannot alias), so z is returned only for NF4.
+# without a bias the output itself is what backward reads for dm (custom-op outputs cannot alias), so the pre-bias
+# output (z for NF4, σ⊙z for a dense weight) is returned only for NF4 or with a bias (_own_saved_out).
 @torch.library.custom_op("fastft::dora_row_norm", mutates_args=())
 def dora_row_norm_op(w_parts: list[torch.Tensor], w_ints: list[int], lora_A: torch.Tensor, lora_B: torch.Tensor,
                      scaling: float, dtype: torch.dtype) -> torch.Tensor:
@@ -247,7 +254,12 @@ def dora_linear_op(x: torch.Tensor, w_parts: list[torch.Tensor], w_ints: list[in
     weight = weight_from_args(w_parts, w_ints)
     y, (_, _, _, xs, sigma, saved_out), meta = dora_forward(x, weight, bias, lora_A, lora_B, magnitude, scaling,
                                                             row_norm)
-    return y, xs, sigma, (saved_out if meta[3] else unused(x))
+    return y, xs, sigma, (saved_out if _own_saved_out(w_ints, bias) else unused(x))
+
+
+def _own_saved_out(w_ints, bias) -> bool:
+    """Whether backward's pre-bias output is a tensor of its own (NF4, or a bias), not the output y itself."""
+    return bool(w_ints) or bias is not None
 
 
 @dora_linear_op.register_fake
@@ -256,7 +268,7 @@ def _(x, w_parts, w_ints, bias, lora_A, lora_B, magnitude, scaling, row_norm):
 
     N = lora_B.shape[0]
     M = x.numel() // x.shape[-1]
-    z = x.new_empty((M, N)) if w_ints else unused(x)
+    z = x.new_empty((M, N)) if _own_saved_out(w_ints, bias) else unused(x)
     return (x.new_empty((*x.shape[:-1], N)), x.new_empty((M, rank_pad(lora_A.shape[0]))),
             x.new_empty((N,), dtype=torch.float32), z)
 
@@ -288,7 +300,8 @@ def _(dy, x, w_parts, w_ints, bias, lora_A, lora_B, magnitude, row_norm, xs, sig
 def _setup_context(ctx, inputs, output):
     x, w_parts, w_ints, bias, lora_A, lora_B, magnitude, scaling, row_norm = inputs
     y, xs, sigma, z = output
-    ctx.save_for_backward(x, bias, lora_A, lora_B, magnitude, row_norm, xs, sigma, z if w_ints else y, *w_parts)
+    ctx.save_for_backward(x, bias, lora_A, lora_B, magnitude, row_norm, xs, sigma,
+                          z if _own_saved_out(w_ints, bias) else y, *w_parts)
     ctx.meta = (w_ints, scaling)
 
 

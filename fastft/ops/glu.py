@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from fastft.ops.compiled import compiling
-from fastft.ops.shared import as_rows, autocast_off, check, check_tensor, resolve_backend
+from fastft.ops.shared import as_rows, autocast_off, check, check_tensor, first_order_only, resolve_backend
 
 
 def swiglu_reference(gate, up):
@@ -48,6 +48,7 @@ class GLUFunction(torch.autograd.Function):
         return glu_forward(g2, u2, gelu).view(*gate.shape)
 
     @staticmethod
+    @first_order_only
     def backward(ctx, dy):
         g2, u2 = ctx.saved_tensors
         shape, gelu = ctx.meta

@@ -19,12 +19,14 @@ import torch
 import torch.nn.functional as F
 
 from fastft.ops.compiled import compiling, needed, unused
-from fastft.ops.shared import (as_rows, autocast_inputs, autocast_off, check_backend, resolve_backend, safe_div,
-                               to_dtype)
+from fastft.ops.shared import (as_rows, autocast_inputs, autocast_off, check, check_backend, check_tensor,
+                               first_order_only, resolve_backend, safe_div, to_dtype)
 
 
 def ia3_linear_reference(x, weight, bias, ia3_l, feedforward: bool):
     """peft's IA3 Linear forward in torch (autograd through torch)."""
+    if bias is not None and bias.dtype != x.dtype:  # the fused kernels take any float bias (added in fp32)
+        bias = bias.to(x.dtype)
     if feedforward:
         return F.linear((x * ia3_l.flatten()).to(x.dtype), weight, bias)
     y = F.linear(x, weight, bias)
@@ -86,6 +88,7 @@ class IA3LinearFunction(torch.autograd.Function):
         return y.view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
+    @first_order_only
     def backward(ctx, dy):
         x2, y, weight, scale, bias = ctx.saved_tensors
         x_shape, feedforward, l_shape, l_dtype = ctx.meta
@@ -151,9 +154,9 @@ def ia3_linear(x, weight, bias, ia3_l, *, feedforward: bool, backend="auto"):
     backend: "auto" (Triton on CUDA, torch elsewhere), "triton" or "torch"."""
     check_backend("ia3_linear", backend)
     x, weight = autocast_inputs(x, weight)
-    for name, t in (("x", x), ("weight", weight), ("ia3_l", ia3_l)):
-        if not (isinstance(t, torch.Tensor) and t.is_floating_point()):
-            raise ValueError(f"ia3_linear: `{name}` must be a floating-point tensor, got {type(t).__name__}")
+    check_tensor("ia3_linear", "x", x, dim=1)
+    check_tensor("ia3_linear", "weight", weight)
+    check_tensor("ia3_linear", "ia3_l", ia3_l)
     if weight.dim() != 2 or x.shape[-1] != weight.shape[1]:
         raise ValueError(f"ia3_linear: `x` (shape {tuple(x.shape)}) and `weight` (shape {tuple(weight.shape)}) do "
                          "not match: expected x (..., K) and weight (N, K)")
@@ -165,8 +168,15 @@ def ia3_linear(x, weight, bias, ia3_l, *, feedforward: bool, backend="auto"):
     if x.dtype != weight.dtype:
         raise ValueError(f"ia3_linear: `x` is {x.dtype} but `weight` is {weight.dtype}; cast one of them or run "
                          "under torch.autocast")
-    if bias is not None and tuple(bias.shape) != (N,):
-        raise ValueError(f"ia3_linear: `bias` must be None or of shape ({N},), got {tuple(bias.shape)}")
+    if bias is not None:  # any float dtype (the reference casts it to x's, the kernels add it in fp32)
+        check(isinstance(bias, torch.Tensor) and bias.is_floating_point() and tuple(bias.shape) == (N,),
+              lambda: f"ia3_linear: `bias` must be None or a floating-point tensor of shape ({N},), got "
+                      + (f"{bias.dtype} of shape {tuple(bias.shape)}" if isinstance(bias, torch.Tensor)
+                         else type(bias).__name__))
+    device = x.device
+    if not (weight.device == device and ia3_l.device == device and (bias is None or bias.device == device)):
+        devices = {t.device for t in (x, weight, ia3_l, bias) if t is not None}
+        raise ValueError(f"ia3_linear: all tensors must be on one device, got {sorted(map(str, devices))}")
     backend = resolve_backend("ia3_linear", backend, x.device, arg="x")
     # the fused path gives W no gradient: a trainable W (a partly unfrozen base) takes the torch path
     if backend == "torch" or x.numel() == 0 or (weight.requires_grad and torch.is_grad_enabled()):

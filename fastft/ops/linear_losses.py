@@ -53,8 +53,8 @@ DIRECTIONS = ("forward", "reverse")
 
 
 def _check_tensor(op: str, name: str, t, *, floating: bool = True) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{op}: `{name}` must be a torch.Tensor, got {type(t).__name__}")
+    # a ValueError, as every op's argument checks raise (fastft.ops.shared.check_tensor)
+    check(isinstance(t, torch.Tensor), lambda: f"{op}: `{name}` must be a torch.Tensor, got {type(t).__name__}")
     if floating:
         check(t.is_floating_point(), lambda: f"{op}: `{name}` must be a floating-point tensor, got {t.dtype}")
 
@@ -159,8 +159,9 @@ def _head_cross_entropy(op: str, hidden, head: HeadArgs, labels, *, ignore_index
     _check_options(op, reduction, ignore_index, num_items, backend)
     check(isinstance(label_smoothing, numbers.Real) and 0.0 <= label_smoothing <= 1.0,
            lambda: f"{op}: `label_smoothing` must be in [0, 1], got {label_smoothing!r}")
-    check(softcap is None or (isinstance(softcap, numbers.Real) and softcap > 0 and finite(softcap)),
-           lambda: f"{op}: `softcap` must be None or a positive number, got {softcap!r}")
+    check(softcap is None or (isinstance(softcap, numbers.Real) and not isinstance(softcap, bool) and softcap > 0
+                              and finite(softcap)),
+           lambda: f"{op}: `softcap` must be None or a positive finite number (not a bool), got {softcap!r}")
     hidden, head = _autocast(hidden, head)
     head.validate(op, hidden)
     labels2 = _check_labels(op, "labels", labels, hidden, head.vocab, int(ignore_index))
@@ -280,14 +281,16 @@ def linear_sequence_logprobs(hidden, weight, labels, *, bias=None, ignore_index=
 def linear_dpo_loss(policy_chosen_hidden, policy_rejected_hidden, weight, chosen_labels, rejected_labels, *,
                     ref_chosen_logps, ref_rejected_logps, beta=0.1, ignore_index=-100, bias=None, backend="auto"):
     """DPO (sigmoid loss) from the policy's hidden states and head: returns (loss, chosen_rewards,
-    rejected_rewards) with loss = -mean log σ(β·((π_c - ref_c) - (π_r - ref_r))), rewards β·(π - ref) (detached,
+    rejected_rewards) with loss = -mean log σ(β·((π_c - ref_c) - (π_r - ref_r))) (0 for a batch of no pairs, as a
+    mean over nothing is for the other losses), rewards β·(π - ref) (detached,
     per sequence). π_c, π_r are per-sequence summed log-probs (linear_sequence_logprobs) of chosen_labels /
     rejected_labels; ref_* are the caller's (B,) reference log-probs, e.g. linear_sequence_logprobs of the
     reference model under torch.no_grad. Chosen and rejected rows go through one chunked pass; backend as
     linear_cross_entropy's."""
     op = "linear_dpo_loss"
     for name, t in (("policy_chosen_hidden", policy_chosen_hidden), ("policy_rejected_hidden", policy_rejected_hidden),
-                    ("ref_chosen_logps", ref_chosen_logps), ("ref_rejected_logps", ref_rejected_logps)):
+                    ("weight", weight), ("ref_chosen_logps", ref_chosen_logps),
+                    ("ref_rejected_logps", ref_rejected_logps)):
         _check_tensor(op, name, t)
     for name, h in (("policy_chosen_hidden", policy_chosen_hidden), ("policy_rejected_hidden", policy_rejected_hidden)):
         check(h.dim() == 3, lambda: f"{op}: `{name}` must be (B, S, H), got shape {tuple(h.shape)}")
@@ -320,7 +323,8 @@ def linear_dpo_loss(policy_chosen_hidden, policy_rejected_hidden, weight, chosen
 def _dpo(chosen, rejected, ref_chosen, ref_rejected, beta):
     chosen_rewards = beta * (chosen - ref_chosen.float())
     rejected_rewards = beta * (rejected - ref_rejected.float())
-    loss = -F.logsigmoid(chosen_rewards - rejected_rewards).mean()
+    # a mean over no pairs is 0 with zero gradients (the losses' rule), not mean()'s NaN
+    loss = (-F.logsigmoid(chosen_rewards - rejected_rewards)).sum() / max(chosen_rewards.shape[0], 1)
     return loss, chosen_rewards.detach(), rejected_rewards.detach()
 
 
@@ -381,7 +385,8 @@ def linear_dpo_loss_reference(policy_chosen_hidden, policy_rejected_hidden, weig
                                                   ignore_index=ignore_index)
     rewards_c = beta * (chosen - ref_chosen_logps.to(chosen.dtype))
     rewards_r = beta * (rejected - ref_rejected_logps.to(rejected.dtype))
-    return -F.logsigmoid(rewards_c - rewards_r).mean(), rewards_c.detach(), rewards_r.detach()
+    loss = (-F.logsigmoid(rewards_c - rewards_r)).sum() / max(rewards_c.shape[0], 1)  # 0 over no pairs
+    return loss, rewards_c.detach(), rewards_r.detach()
 
 
 __all__ = ["linear_cross_entropy", "linear_cross_entropy_reference", "linear_dpo_loss",

@@ -55,9 +55,11 @@ class HeadArgs:
         check(w.device == hidden.device,
               lambda: f"`{hidden_name}` is on {hidden.device} but `{weight_name}` on {w.device}")
         if self.bias is not None:
-            check(isinstance(self.bias, torch.Tensor) and tuple(self.bias.shape) == (V,),
-                  lambda: f"`bias` must be a tensor of shape ({V},), got "
-                          f"{tuple(self.bias.shape) if isinstance(self.bias, torch.Tensor) else type(self.bias).__name__}")
+            check(isinstance(self.bias, torch.Tensor) and self.bias.is_floating_point()  # (any float dtype: cast below)
+                  and tuple(self.bias.shape) == (V,),
+                  lambda: f"`bias` must be a floating-point tensor of shape ({V},), got "
+                          + (f"{self.bias.dtype} of shape {tuple(self.bias.shape)}"
+                             if isinstance(self.bias, torch.Tensor) else type(self.bias).__name__))
             check(self.bias.device == hidden.device, lambda: f"`bias` is on {self.bias.device} but `{hidden_name}` on "
                                                      f"{hidden.device}")
             if self.bias.dtype != hidden.dtype:

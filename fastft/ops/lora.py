@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from fastft.ops import lora_path, shared
 from fastft.ops.compiled import compiling, needed, unused
 from fastft.ops.compiled_args import SEED_DEVICE, draw_seed_op, fresh_like, refuse_replayed_dropout, seed_int
-from fastft.ops.shared import (as_rows, autocast_inputs, autocast_off, check, check_backend, finite, padded,
-                               resolve_backend, to_dtype)
+from fastft.ops.shared import (as_rows, autocast_inputs, autocast_off, check, check_backend, finite,
+                               first_order_only, padded, resolve_backend, to_dtype)
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -65,8 +65,8 @@ def validate_lora_linear_args(x, weight, bias, lora_A, lora_B, scaling, dropout_
         devices = {t.device for t in (x, weight, lora_A, lora_B) + ((bias,) if bias is not None else ())}
         raise ValueError(f"lora_linear: all tensors must be on one device, got {sorted(map(str, devices))}")
     # messages built only on failure: dynamo cannot format a float while it traces with dynamic=True
-    if not (isinstance(scaling, (int, float)) and finite(scaling)):
-        raise ValueError(f"lora_linear: `scaling` must be a finite number, got {scaling!r}")
+    if not (isinstance(scaling, (int, float)) and not isinstance(scaling, bool) and finite(scaling)):
+        raise ValueError(f"lora_linear: `scaling` must be a finite number (not a bool), got {scaling!r}")
     if not (isinstance(dropout_p, (int, float)) and 0.0 <= dropout_p < 1.0):
         raise ValueError(f"lora_linear: `dropout_p` must be in [0, 1), got {dropout_p!r}")
 
@@ -209,6 +209,7 @@ class LoRALinearFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @first_order_only
     def backward(ctx, dy):
         saved = ctx.saved_tensors
         return (*lora_backward(saved[:4], ctx.meta, ctx.fold_backward, saved[4], dy, *ctx.needs_input_grad[:5]),

@@ -27,7 +27,7 @@ from fastft.ops.qlora_path import release_dequant_scratch  # noqa: F401 - public
 from fastft.ops.lora import (fused_lora_backward, fused_lora_forward, lora_linear_reference, lora_meta,
                              rank_operands)
 from fastft.ops.shared import (as_rows, autocast_inputs, autocast_off, check, finite, nf4_fused_ok,
-                               resolve_backend)
+                               first_order_only, resolve_backend)
 from fastft.quant.nf4_weight import NF4Weight
 
 
@@ -82,8 +82,8 @@ def validate_qlora_linear_args(x, qweight, bias, lora_A, lora_B, scaling, dropou
     check(tuple(lora_B.shape) == (N, r), lambda: f"{op}: `lora_B` must have shape ({N}, {r}) to match `qweight` and "
                                                  f"`lora_A`, got {tuple(lora_B.shape)}")
     # messages built only on failure: dynamo cannot format a float while it traces with dynamic=True
-    if not (isinstance(scaling, (int, float)) and finite(scaling)):
-        raise ValueError(f"{op}: `scaling` must be a finite number, got {scaling!r}")
+    if not (isinstance(scaling, (int, float)) and not isinstance(scaling, bool) and finite(scaling)):
+        raise ValueError(f"{op}: `scaling` must be a finite number (not a bool), got {scaling!r}")
     if not (isinstance(dropout_p, (int, float)) and 0.0 <= dropout_p < 1.0):
         raise ValueError(f"{op}: `dropout_p` must be in [0, 1), got {dropout_p!r}")
 
@@ -116,6 +116,7 @@ class QLoRALinearFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @first_order_only
     def backward(ctx, dy):
         need_x, _, need_b, need_A, need_B = ctx.needs_input_grad[:5]
         dx, db, dA, dB = qlora_backward(ctx.saved_tensors, ctx.meta, ctx.qweight, dy, need_x, need_b, need_A, need_B)
@@ -179,6 +180,7 @@ class NF4LinearFunction(torch.autograd.Function):
         return nf4_forward(x, qweight, bias)
 
     @staticmethod
+    @first_order_only
     def backward(ctx, dy):
         dx, db = nf4_backward(ctx.qweight, dy, *ctx.meta, ctx.needs_input_grad[0], ctx.needs_input_grad[2])
         return dx, None, db

@@ -15,7 +15,8 @@ from typing import Optional
 import torch
 
 from fastft.ops.compiled import compiling, needed, unused
-from fastft.ops.shared import as_rows, autocast_off, check, check_tensor, resolve_backend, to_dtype
+from fastft.ops.shared import (as_rows, autocast_off, check, check_tensor, finite, first_order_only, resolve_backend,
+                               to_dtype)
 
 CASTS = ("input", "fp32")
 
@@ -78,6 +79,7 @@ class RMSNormFunction(torch.autograd.Function):
         return y if residual is None else (y, h.view(*x.shape))
 
     @staticmethod
+    @first_order_only
     def backward(ctx, dy, dh=None):
         h, weight, rstd = ctx.saved_tensors
         shape, offset, has_residual = ctx.meta
@@ -137,9 +139,11 @@ def validate_rms_norm_args(x, weight, eps, offset, residual, cast) -> None:
     check(weight.dim() == 1 and weight.shape[0] == N,
           lambda: f"{op}: `weight` must have shape ({N},) to match x's last dimension, got {tuple(weight.shape)}")
     check(weight.device == x.device, lambda: f"{op}: `weight` is on {weight.device} but `x` is on {x.device}")
-    check(isinstance(eps, (int, float)) and eps > 0, lambda: f"{op}: `eps` must be a positive number, got {eps!r}")
-    check(isinstance(offset, (int, float)),
-          lambda: f"{op}: `offset` must be a number (0 for Llama, 1 for Gemma), got {offset!r}")
+    # finite and not a bool: eps=inf gives zeros, offset=nan NaN, True is a slip (both backends would take them)
+    check(isinstance(eps, (int, float)) and not isinstance(eps, bool) and eps > 0 and finite(eps),
+          lambda: f"{op}: `eps` must be a positive number (finite, not a bool), got {eps!r}")
+    check(isinstance(offset, (int, float)) and not isinstance(offset, bool) and finite(offset),
+          lambda: f"{op}: `offset` must be a finite number (0 for Llama, 1 for Gemma; not a bool), got {offset!r}")
     check(cast in CASTS, lambda: f"{op}: `cast` must be one of {CASTS} or None, got {cast!r}")
     if residual is not None:
         check_tensor(op, "residual", residual)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from fastft.ops.compiled import compiling
-from fastft.ops.shared import autocast_off, check, check_tensor, resolve_backend
+from fastft.ops.shared import autocast_off, check, check_tensor, first_order_only, resolve_backend, to_dtype
 
 
 def rotate_half(x):
@@ -27,9 +27,10 @@ def rotate_half(x):
 
 
 def rope_reference(q, k, cos, sin, *, unsqueeze_dim=1):
-    """transformers' apply_rotary_pos_emb."""
+    """transformers' apply_rotary_pos_emb, the results in q's and k's dtypes (as the kernel gives them: with fp32
+    tables for bf16 q/k, type promotion alone would return fp32 here and bf16 on Triton)."""
     cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
-    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+    return to_dtype(q * cos + rotate_half(q) * sin, q.dtype), to_dtype(k * cos + rotate_half(k) * sin, k.dtype)
 
 
 def rope_cos_sin(position_ids, inv_freq, attention_scaling=1.0, dtype=torch.float32):
@@ -61,6 +62,29 @@ def _rotate(q, k, cos, sin, unsqueeze_dim, inverse):
     return q_out, k_out
 
 
+def _rotate_in_place(q, k, cos, sin, unsqueeze_dim):
+    """q and k rotated in place, no autograd. The kernel rotates q in place and then k, so where they share memory
+    (rope_(t, t)) it would rotate the shared elements twice: then out of place and copied back, each once."""
+    if _may_share_memory(q, k):
+        q_new, k_new = _rotate(q, k, cos, sin, unsqueeze_dim, inverse=False)
+        q.copy_(q_new)
+        k.copy_(k_new)
+    else:
+        _launch(q, k, cos, sin, q, k, unsqueeze_dim, inverse=False)
+
+
+def _may_share_memory(q, k) -> bool:
+    """Whether q and k may hold common elements: their byte ranges intersect (q is k, or views of one buffer). Also
+    True for views that interleave without sharing (a fused qkv projection's q and k): they are then rotated out of
+    place, exact either way."""
+    if q.untyped_storage().data_ptr() != k.untyped_storage().data_ptr() or q.numel() == 0 or k.numel() == 0:
+        return False  # (separate buffers, the common case: the cheapest test first)
+    q0, k0 = q.data_ptr(), k.data_ptr()
+    q1 = q0 + sum((n - 1) * st for n, st in zip(q.shape, q.stride())) * q.element_size()
+    k1 = k0 + sum((n - 1) * st for n, st in zip(k.shape, k.stride())) * k.element_size()
+    return q0 <= k1 and k0 <= q1
+
+
 def _inverse(ctx, dq, dk):
     cos, sin = ctx.saved_tensors
     return _rotate(dq, dk, cos, sin, ctx.unsqueeze_dim, inverse=True)
@@ -76,6 +100,7 @@ class RoPEFunction(torch.autograd.Function):
         return _rotate(q, k, cos, sin, unsqueeze_dim, inverse=False)
 
     @staticmethod
+    @first_order_only
     def backward(ctx, dq, dk):
         return (*_inverse(ctx, dq, dk), None, None, None)
 
@@ -90,6 +115,7 @@ class RoPEInplaceFunction(torch.autograd.Function):
         return q, k
 
     @staticmethod
+    @first_order_only
     def backward(ctx, dq, dk):
         return (*_inverse(ctx, dq, dk), None, None, None)
 
@@ -136,7 +162,7 @@ rope_op.register_autograd(_backward_op, setup_context=_setup_context)
 @torch.library.custom_op("fastft::rope_", mutates_args=("q", "k"))
 def rope_inplace_op(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                     unsqueeze_dim: int) -> None:
-    _launch(q, k, cos, sin, q, k, unsqueeze_dim, inverse=False)
+    _rotate_in_place(q, k, cos, sin, unsqueeze_dim)
 
 
 @rope_inplace_op.register_fake
@@ -165,7 +191,7 @@ def validate_rope_args(q, k, cos, sin, unsqueeze_dim, op="rope") -> None:
     check(k.device == q.device, lambda: f"{op}: `k` is on {k.device} but `q` is on {q.device}")
 
 
-def _cos_sin(position_ids, cos, sin, inv_freq, attention_scaling, dtype, op):
+def _cos_sin(position_ids, cos, sin, inv_freq, attention_scaling, q, op):
     if position_ids is None:
         check(cos is not None and sin is not None,
               lambda: f"{op}: give `cos` and `sin`, or `position_ids` and `inv_freq`")
@@ -173,13 +199,14 @@ def _cos_sin(position_ids, cos, sin, inv_freq, attention_scaling, dtype, op):
     check(cos is None and sin is None, lambda: f"{op}: give either `cos`/`sin` or `position_ids`, not both")
     check(inv_freq is not None,
           lambda: f"{op}: `position_ids` needs `inv_freq` (the rotary embedding's inverse frequencies)")
-    return rope_cos_sin(position_ids, inv_freq, attention_scaling, dtype)
+    check_tensor(op, "q", q)  # (validated before its dtype is read for the tables)
+    return rope_cos_sin(position_ids, inv_freq, attention_scaling, q.dtype)
 
 
 def rope(q, k, cos=None, sin=None, *, position_ids=None, inv_freq=None, attention_scaling=1.0, unsqueeze_dim=1,
          backend="auto"):
     """(q·cos + rotate_half(q)·sin, k·cos + rotate_half(k)·sin) as new tensors; see the module docstring."""
-    cos, sin = _cos_sin(position_ids, cos, sin, inv_freq, attention_scaling, q.dtype, "rope")
+    cos, sin = _cos_sin(position_ids, cos, sin, inv_freq, attention_scaling, q, "rope")
     validate_rope_args(q, k, cos, sin, unsqueeze_dim)
     backend = resolve_backend("rope", backend, q.device)
     if backend == "torch" or q.numel() == 0 or cos.requires_grad or sin.requires_grad:
@@ -197,10 +224,11 @@ def rope_(q, k, cos=None, sin=None, *, position_ids=None, inv_freq=None, attenti
     Autograd lets a Function mutate views only when it returns a single tensor, so when q or k is a view
     (transformers' transposed projections) and needs a gradient, the rotation is computed out of place and
     copied back (torch then records the in-place update of the view itself). Plain tensors, or no gradient:
-    one kernel, truly in place. Under torch.compile: fastft::rope_ without autograd, fastft::rope and the copies
-    with it.
+    one kernel, truly in place. q and k that share memory (rope_(t, t)) are also rotated out of place and copied
+    back, so each element is rotated once. Under torch.compile: fastft::rope_ without autograd, fastft::rope and the
+    copies with it.
     """
-    cos, sin = _cos_sin(position_ids, cos, sin, inv_freq, attention_scaling, q.dtype, "rope_")
+    cos, sin = _cos_sin(position_ids, cos, sin, inv_freq, attention_scaling, q, "rope_")
     validate_rope_args(q, k, cos, sin, unsqueeze_dim, op="rope_")
     backend = resolve_backend("rope_", backend, q.device)
     if backend == "torch" or q.numel() == 0 or cos.requires_grad or sin.requires_grad:
@@ -211,12 +239,12 @@ def rope_(q, k, cos=None, sin=None, *, position_ids=None, inv_freq=None, attenti
             if compiling():
                 rope_inplace_op(q, k, cos, sin, unsqueeze_dim)
             else:
-                _launch(q, k, cos, sin, q, k, unsqueeze_dim, inverse=False)
+                _rotate_in_place(q, k, cos, sin, unsqueeze_dim)
             return q, k
         if compiling():  # fastft::rope_ cannot carry autograd (see rope_inplace_op)
             q_new, k_new = rope_op(q, k, cos, sin, unsqueeze_dim)
             return q.copy_(q_new), k.copy_(k_new)
-        if q._is_view() or k._is_view():
+        if q._is_view() or k._is_view() or _may_share_memory(q, k):  # (sharing memory: see _rotate_in_place)
             q_new, k_new = RoPEFunction.apply(q, k, cos, sin, unsqueeze_dim)
             return q.copy_(q_new), k.copy_(k_new)
         return RoPEInplaceFunction.apply(q, k, cos, sin, unsqueeze_dim)

@@ -2,11 +2,13 @@
 
 Every op validates with `check` (ValueError naming the argument), picks its backend with `check_backend` (at the
 start, before anything else is looked at) and `resolve_backend` (after validation), and casts its inputs with
-`autocast_inputs` so it behaves like torch's own ops under torch.autocast.
+`autocast_inputs` so it behaves like torch's own ops under torch.autocast. An eager autograd.Function whose backward
+launches kernels marks it `first_order_only` (create_graph=True refused: the kernels record no graph).
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 
 import torch
@@ -64,6 +66,24 @@ def autocast_inputs(*tensors):
         return tensors
     dtype = torch.get_autocast_dtype(lead.device.type)
     return tuple(t.to(dtype) if isinstance(t, torch.Tensor) else t for t in tensors)
+
+
+def first_order_only(backward):
+    """For an eager Function's backward that launches kernels (they record no graph, so its gradients are not
+    differentiable): refuse create_graph=True (the one case where autograd runs a backward with grad mode on)
+    instead of returning gradients that silently miss their second-order terms. Refused up front, not when the
+    gradients are differentiated (torch.autograd.function.once_differentiable's DelayedError): its error node hangs
+    off detached copies, so autograd.grad(..., inputs=params) prunes it away and drops the terms silently, and it
+    marks nothing when the incoming gradient is a constant (a scalar loss's). Costs one check per backward."""
+    @functools.wraps(backward)
+    def wrapper(ctx, *grads):
+        if torch.is_grad_enabled():
+            raise RuntimeError(f"fastft: {type(ctx).__name__.removesuffix('Backward')} cannot be differentiated "
+                               "twice: its backward runs Triton kernels, which record no autograd graph, so "
+                               "create_graph=True (double backward, gradient penalties, Hessians) would miss the "
+                               "second-order terms; use backend='torch' for higher-order gradients")
+        return backward(ctx, *grads)
+    return wrapper
 
 
 _NO_CONTEXT = contextlib.nullcontext()
