@@ -3,8 +3,10 @@ study cells, the generated NF4 header). Standard library only, so every layer ma
 
 A file is written to a temporary sibling, fsynced, given the mode the umask gives (mkstemp makes 0600), renamed
 over the target, and its folder fsynced: a reader, a crash or a SIGKILL sees the old file or the new one, never
-half of one. A folder (an adapter, a saved model) is written whole into a temporary sibling and swapped in the
-same way; the previous version is removed only once the new one is in place.
+half of one. A folder (a saved model) is written whole into a temporary sibling and swapped in the same way; the
+previous version is removed only once the new one is in place. An adapter save merges instead (`merge_into_folder`):
+what it wrote replaces the entries of the same name, file by file, and the folder's other entries stay, as peft's
+save_pretrained leaves them (other named adapters, a run's metrics).
 """
 from __future__ import annotations
 
@@ -75,11 +77,13 @@ def replace_folder(path: str | os.PathLike, write: Callable[[Path], object], *, 
     """`write(tmp_folder)` fills a temporary sibling of `path`, which then takes `path`'s place. The previous
     version is moved aside and removed after the swap; one that cannot be removed is an error (`what` names the
     caller in it), never left behind silently. Returns `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    given, (path, tmp) = Path(path), _start_folder_save(path)
     old = path.with_name(f".{path.name}.old")
-    _remove(old)  # left by a save interrupted between its two renames
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    if os.path.lexists(old):  # left by a save interrupted between its two renames
+        if os.path.lexists(path):
+            _remove(old)  # the new version made it into place; `old` is the one before it
+        else:
+            os.replace(old, path)  # the last complete version goes back first: a failed save must not lose it
     try:
         write(tmp)
         finish_folder(tmp)
@@ -95,7 +99,57 @@ def replace_folder(path: str | os.PathLike, write: Callable[[Path], object], *, 
     except OSError as e:
         raise OSError(f"{what}: the new version is saved to {path}, but the previous one moved to {old} could not "
                       f"be removed ({e}); delete it by hand") from e
-    return path
+    return given
+
+
+def merge_into_folder(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
+    """`write(tmp_folder)` fills a temporary sibling of `path`; each file it wrote then replaces the one of the same
+    name in `path` (atomically: a reader sees the old file or the new one), a folder it wrote is merged the same way
+    (moved whole where `path` has none), and every other entry of `path` stays. Nothing moves unless `write`
+    succeeds. Returns `path`."""
+    given, (path, tmp) = Path(path), _start_folder_save(path)
+    if os.path.lexists(path) and not path.is_dir():
+        shutil.rmtree(tmp)
+        raise NotADirectoryError(f"{given} exists and is not a folder; give a folder, or a path to create")
+    try:
+        write(tmp)
+        finish_folder(tmp)
+        if path.is_dir():
+            _merge(tmp, path)
+        else:
+            os.replace(tmp, path)
+            fsync_path(path.parent)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)  # our own temporary folder, emptied by the merge or unfinished
+    return given
+
+
+def _start_folder_save(path: str | os.PathLike) -> tuple[Path, Path]:
+    """The resolved target (Path(".") has no name to make a sibling of; a link's folder is the one saved into) and
+    a fresh temporary sibling of it. The temporary siblings left by earlier saves of `path` that were killed
+    (SIGKILL skips their cleanup) are removed first."""
+    path = Path(path).resolve()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    prefix = f".{path.name}.tmp-"
+    for stale in path.parent.iterdir():
+        if stale.name.startswith(prefix):
+            _remove(stale)
+    return path, Path(tempfile.mkdtemp(prefix=prefix, dir=path.parent))
+
+
+def _merge(src: Path, dst: Path) -> None:
+    """Move every entry of folder `src` into folder `dst`: files replace files (os.replace, atomic), folders merge
+    into folders, an entry of the other kind is removed first."""
+    for entry in sorted(src.iterdir()):
+        target = dst / entry.name
+        if entry.is_dir() and target.is_dir():  # a link to a folder: into the folder, as peft writes through it
+            _merge(entry, target)
+            continue
+        if os.path.lexists(target) and (entry.is_dir() or (target.is_dir() and not target.is_symlink())):
+            _remove(target)  # os.replace moves a folder onto nothing, a file only onto a file
+        os.replace(entry, target)
+    fsync_path(dst)
 
 
 def _remove(tree: Path) -> None:

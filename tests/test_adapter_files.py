@@ -1,13 +1,15 @@
-"""Adapter folders on disk: corrupt files get a clear error, saves leave nothing behind and respect the umask."""
+"""Adapter folders on disk: corrupt files get a clear error; saves leave nothing behind, respect the umask and keep
+the folder's other files (as peft's save_pretrained does)."""
 import os
-import shutil
 import stat
+from pathlib import Path
 
 import pytest
+import torch
 from peft import LoraConfig
 
 import fastft
-from tests.utils import tiny_llama
+from tests.utils import randomize_lora_B, tiny_llama
 
 
 def _saved(tmp_path):
@@ -45,35 +47,70 @@ def test_saved_adapter_follows_the_umask(tmp_path):
     assert {stat.S_IMODE(f.stat().st_mode) for f in path.iterdir()} == {0o644}
 
 
-def test_overwrite_removes_read_only_previous_version(tmp_path):
+def test_save_keeps_the_folders_other_entries(tmp_path):
+    """peft's save_pretrained writes its files into the folder and leaves the rest; the old save_adapter swapped
+    the whole folder, deleting a run's metrics and a read-only folder in it, and each named adapter saved before."""
     model, path = _saved(tmp_path)
+    fastft.add_adapter(model, "other", LoraConfig(r=2, target_modules=["k_proj"]))
+    (path / "metrics.json").write_text("{}")
     (path / "locked").mkdir()
     (path / "locked" / "file").write_text("x")
     os.chmod(path / "locked", 0o500)
-    fastft.save_adapter(model, path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+    try:
+        first = (path / "adapter_model.safetensors").read_bytes()
+        randomize_lora_B(model, seed=9)
+        fastft.save_adapter(model, path, selected_adapters=["other"])
+        fastft.save_adapter(model, path, selected_adapters=["default"])
+        assert sorted(p.name for p in path.iterdir()) == ["README.md", "adapter_config.json",
+                                                          "adapter_model.safetensors", "locked", "metrics.json",
+                                                          "other"]
+        assert (path / "adapter_model.safetensors").read_bytes() != first  # replaced by the new version
+        assert (path / "metrics.json").read_text() == "{}" and (path / "locked" / "file").read_text() == "x"
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]  # no temporary left behind
+        both = fastft.load_adapter(tiny_llama(), path)
+        fastft.load_adapter(both, path / "other", adapter_name="other")
+        for name in ("default", "other"):
+            got = both.base_model.model.model.layers[1].self_attn
+            layer = got.q_proj if name == "default" else got.k_proj
+            want = model.base_model.model.model.layers[1].self_attn
+            want = want.q_proj if name == "default" else want.k_proj
+            assert torch.equal(layer.lora_B[name].weight, want.lora_B[name].weight), name
+    finally:
+        os.chmod(path / "locked", 0o700)
 
 
-def test_previous_version_that_cannot_be_removed_is_reported(tmp_path, monkeypatch):
-    """The old code removed the previous version with ignore_errors and left `.adapter.old/` behind silently."""
+@pytest.mark.parametrize("target", [".", "./", "sub/.."])
+def test_save_into_the_current_folder(tmp_path, monkeypatch, target):
+    """Path(".").name is empty: the old save_adapter failed making its temporary sibling."""
+    model = fastft.get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj"]))
+    (tmp_path / "notes.txt").write_text("mine")
+    monkeypatch.chdir(tmp_path)
+    fastft.save_adapter(model, target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "adapter_config.json",
+                                                          "adapter_model.safetensors", "notes.txt"]
+    fastft.load_adapter(tiny_llama(), tmp_path)
+
+
+def test_save_cleans_temporaries_of_killed_saves(tmp_path):
+    """A SIGKILLed save leaves its `.adapter.tmp-*` folder; the old code never removed it."""
     model, path = _saved(tmp_path)
-    real_rmtree = shutil.rmtree
+    (tmp_path / ".adapter.tmp-killed").mkdir()
+    (tmp_path / ".adapter.tmp-killed" / "adapter_model.safetensors").write_text("half")
+    (tmp_path / ".other.tmp-keep").mkdir()  # another folder's: not ours to remove
+    fastft.save_adapter(model, path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.tmp-keep", "adapter"]
 
-    def failing_rmtree(tree, *args, **kwargs):
-        if str(tree).endswith(".adapter.old") and os.path.exists(tree):
-            if kwargs.get("ignore_errors"):
-                return None
-            raise PermissionError(13, "Permission denied", str(tree))
-        return real_rmtree(tree, *args, **kwargs)
 
-    monkeypatch.setattr(shutil, "rmtree", failing_rmtree)
-    with pytest.raises(OSError, match=r"could not be removed .*delete it by hand"):
+def test_failed_save_changes_nothing(tmp_path, monkeypatch):
+    model, path = _saved(tmp_path)
+    before = {p.name: p.read_bytes() for p in path.iterdir()}
+
+    def failing_save(folder, **kwargs):
+        (Path(folder) / "adapter_model.safetensors").write_text("half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(model, "save_pretrained", failing_save)
+    with pytest.raises(OSError, match="No space left"):
         fastft.save_adapter(model, path)
-    assert (path / "adapter_model.safetensors").is_file()  # the new version is in place
-
-
-def test_stale_previous_version_from_an_interrupted_save_is_cleaned(tmp_path):
-    model, path = _saved(tmp_path)
-    shutil.copytree(path, tmp_path / ".adapter.old")
-    fastft.save_adapter(model, path)
+    assert {p.name: p.read_bytes() for p in path.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]

@@ -1,10 +1,12 @@
 """fastft.files, the one atomic writer of files and folders: old or new content, never half; modes as the umask
 gives them; no temporaries left behind, whatever fails."""
 import os
+import shutil
 import stat
 
 import pytest
 
+from fastft import files
 from fastft.files import atomic_write, replace_folder
 
 
@@ -65,3 +67,118 @@ def test_replace_folder_swaps_whole_versions(tmp_path):
         replace_folder(target, broken)
     assert (target / "sub" / "w.txt").read_text() == "v2"  # the previous version stands, no temporary is left
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def _fill(version):
+    def fill(folder):
+        (folder / "w.txt").write_text(version)
+    return fill
+
+
+def test_replace_folder_reports_a_previous_version_it_cannot_remove(tmp_path, monkeypatch):
+    """The old code removed the previous version with ignore_errors and left `.model.old/` behind silently."""
+    target = replace_folder(tmp_path / "model", _fill("v1"))
+    real_rmtree = shutil.rmtree
+
+    def failing_rmtree(tree, *args, **kwargs):
+        if str(tree).endswith(".model.old") and os.path.exists(tree):
+            if kwargs.get("ignore_errors"):
+                return None
+            raise PermissionError(13, "Permission denied", str(tree))
+        return real_rmtree(tree, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", failing_rmtree)
+    with pytest.raises(OSError, match=r"could not be removed .*delete it by hand"):
+        replace_folder(target, _fill("v2"))
+    assert (target / "w.txt").read_text() == "v2"  # the new version is in place
+
+
+def test_replace_folder_removes_a_stale_previous_version(tmp_path):
+    """Both `model` and `.model.old`: a save died after its swap; `.model.old` is the version before it."""
+    target = replace_folder(tmp_path / "model", _fill("v1"))
+    shutil.copytree(target, tmp_path / ".model.old")
+    replace_folder(target, _fill("v2"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"] and (target / "w.txt").read_text() == "v2"
+
+
+def test_replace_folder_restores_the_version_an_interrupted_save_moved_aside(tmp_path, monkeypatch):
+    """A save killed between its two renames leaves the last complete version only in `.model.old`; the old code
+    deleted it when the next save started, so a second failing save lost it."""
+    target = replace_folder(tmp_path / "model", _fill("v1"))
+    real_replace = os.replace
+
+    def killed_before_second_rename(src, dst):
+        if str(dst) == str(target):
+            raise KeyboardInterrupt("killed")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(files.os, "replace", killed_before_second_rename)
+    with pytest.raises(KeyboardInterrupt):
+        replace_folder(target, _fill("v2"))
+    monkeypatch.setattr(files.os, "replace", real_replace)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".model.old"]
+
+    def disk_full(folder):
+        raise OSError(28, "No space left on device")
+    with pytest.raises(OSError, match="No space left"):
+        replace_folder(target, disk_full)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"] and (target / "w.txt").read_text() == "v1"
+    replace_folder(target, _fill("v3"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"] and (target / "w.txt").read_text() == "v3"
+
+
+@pytest.mark.parametrize("save", ["replace_folder", "merge_into_folder"])
+def test_folder_saves_remove_temporaries_of_killed_saves(tmp_path, save):
+    """A SIGKILLed save leaves `.model.tmp-*` behind; the old code never removed it."""
+    save = getattr(files, save)
+    (tmp_path / ".model.tmp-killed" / "sub").mkdir(parents=True)
+    (tmp_path / ".model.tmp-killed" / "sub" / "half").write_text("x")
+    (tmp_path / ".model2.tmp-other").mkdir()  # another folder's
+    save(tmp_path / "model", _fill("v1"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".model2.tmp-other", "model"]
+
+
+def test_merge_into_folder_replaces_what_it_writes_and_keeps_the_rest(tmp_path):
+    merge_into_folder = files.merge_into_folder
+    target = tmp_path / "adapter"
+
+    def write(version):
+        def fill(folder):
+            (folder / "w.txt").write_text(version)
+            (folder / "named").mkdir()
+            (folder / "named" / "w.txt").write_text(version)
+            (folder / "was_a_file").mkdir()
+            (folder / "was_a_folder").write_text(version)
+        return fill
+
+    old = os.umask(0o022)
+    try:
+        assert merge_into_folder(target, write("v1")) == target
+        (target / "metrics.json").write_text("mine")
+        (target / "named" / "keep.txt").write_text("mine")
+        shutil.rmtree(target / "was_a_file")
+        (target / "was_a_file").write_text("file")
+        (target / "was_a_folder").unlink()
+        (target / "was_a_folder").mkdir()
+        (target / "was_a_folder" / "x").write_text("x")
+        merge_into_folder(target, write("v2"))
+    finally:
+        os.umask(old)
+    assert sorted(p.name for p in target.iterdir()) == ["metrics.json", "named", "w.txt", "was_a_file",
+                                                        "was_a_folder"]
+    assert (target / "w.txt").read_text() == "v2" and (target / "named" / "w.txt").read_text() == "v2"
+    assert (target / "metrics.json").read_text() == "mine" and (target / "named" / "keep.txt").read_text() == "mine"
+    assert (target / "was_a_file").is_dir() and (target / "was_a_folder").read_text() == "v2"
+    assert stat.S_IMODE((target / "w.txt").stat().st_mode) == 0o644
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+
+    def broken(folder):
+        (folder / "w.txt").write_text("half")
+        raise OSError("disk full")
+    with pytest.raises(OSError, match="disk full"):
+        merge_into_folder(target, broken)
+    assert (target / "w.txt").read_text() == "v2" and sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(NotADirectoryError, match="exists and is not a folder"):
+        merge_into_folder(tmp_path / "file", write("v3"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "file"]

@@ -13,12 +13,14 @@ import warnings
 from pathlib import Path
 
 import peft
+import torch
 from peft import LoraConfig, PeftModel
 from peft.tuners.lora import Linear as PeftLoraLinear
 from peft.tuners.tuners_utils import BaseTunerLayer, check_target_module_exists
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
-from fastft.files import replace_folder
+from fastft.files import merge_into_folder
 from fastft.integration.methods.prompt import whole_prompt_encoders
 from fastft.modules.lora import FusedLoraLinear
 from fastft.modules.nf4_linear import NF4Linear
@@ -50,9 +52,7 @@ def validate_lora_config(config, model: nn.Module) -> None:
     init = config.init_lora_weights
     if not (init in _SUPPORTED_INITS or (isinstance(init, str) and init.startswith("pissa"))):
         raise _config_error("init_lora_weights", init, f"supported: {_SUPPORTED_INITS} and 'pissa*'")
-    if (init == "olora" or str(init).startswith("pissa")) and any(isinstance(m, NF4Linear) for m in model.modules()):
-        raise _config_error("init_lora_weights", init, "it decomposes the base weight, which is NF4 here (QLoRA); "
-                                                       "use True, 'gaussian' or 'orthogonal'")
+    check_init_fits_base(config, model, "use True, 'gaussian' or 'orthogonal'")
     if not 0.0 <= config.lora_dropout < 1.0:
         raise _config_error("lora_dropout", config.lora_dropout, "expected a probability in [0, 1)")
     if not isinstance(config.r, int) or config.r <= 0:
@@ -60,9 +60,18 @@ def validate_lora_config(config, model: nn.Module) -> None:
     _check_targets(config, model)
 
 
-def _linear_layers(model: nn.Module):
-    """(name, layer) of every linear layer; a peft adapter layer counts as its base layer (its insides, the base
-    and the lora_A/lora_B linears, are skipped), so a model that already holds adapters lists the same names."""
+def check_init_fits_base(config: LoraConfig, model: nn.Module, fix: str) -> None:
+    """PiSSA and OLoRA initialise by decomposing the base weight (also when peft builds a saved adapter's layers),
+    which an NF4 base cannot give: refused naming init_lora_weights, `fix` saying what to do instead."""
+    init = config.init_lora_weights
+    if (init == "olora" or str(init).startswith("pissa")) and any(isinstance(m, NF4Linear) for m in model.modules()):
+        raise _config_error("init_lora_weights", init, f"it decomposes the base weight, which is NF4 here (QLoRA); "
+                                                       f"{fix}")
+
+
+def _modules_as_bases(model: nn.Module):
+    """(name, module) of every module; a peft adapter layer counts as its base layer (its insides, the base and
+    the lora_A/lora_B linears, are skipped), so a model that already holds adapters lists the same names."""
     inside = None
     for name, module in model.named_modules():
         if inside is not None and name.startswith(inside):
@@ -70,6 +79,12 @@ def _linear_layers(model: nn.Module):
         inside = None
         if isinstance(module, BaseTunerLayer):
             inside, module = name + ".", module.get_base_layer()
+        yield name, module
+
+
+def _linear_layers(model: nn.Module):
+    """(name, layer) of every linear layer (`_modules_as_bases`)."""
+    for name, module in _modules_as_bases(model):
         if isinstance(module, (nn.Linear, NF4Linear)):
             yield name, module
 
@@ -164,9 +179,10 @@ def refuse_peft_model(model: nn.Module, what: str) -> None:
     """A model with adapters would be wrapped in a second one (peft only warns): its save would mix two methods'
     tensors under one config, and a load would drop the inner ones."""
     if isinstance(model, PeftModel) or callable(getattr(model, "get_base_model", None)):  # fastft's adapter models
+        more = (", or add a second adapter to this one with fastft.add_adapter or fastft.load_adapter"
+                if isinstance(model, PeftModel) else "")
         raise TypeError(f"{what}: model is already a {type(model).__name__} holding adapters; give it the base "
-                        "model (a fresh one, or the base after unload()), or add a second adapter to this one with "
-                        "fastft.add_adapter")
+                        f"model (a fresh one, or the base after unload()){more}")
 
 
 def quiet_peft_model(model: nn.Module, config, adapter_name: str = "default", **kwargs) -> PeftModel:
@@ -207,48 +223,102 @@ def read_peft_config(path: Path) -> peft.PeftConfig:
                          "save the adapter again or restore the file from a copy") from None
 
 
-def _read_adapter(path: Path) -> tuple[LoraConfig, dict[str, tuple[int, ...]]]:
-    config_file, weights_file = path / "adapter_config.json", path / "adapter_model.safetensors"
-    for f in (config_file, weights_file):
-        if not f.is_file():
-            raise FileNotFoundError(f"load_adapter: {f} not found (expected a peft adapter directory)")
-    config = read_peft_config(path)
-    if not isinstance(config, LoraConfig):
-        raise ValueError(f"load_adapter: {config_file} describes a {type(config).__name__}, not a LoraConfig")
+WEIGHTS_NAMES = ("adapter_model.safetensors", "adapter_model.bin")  # peft reads the first one there is
+
+
+def adapter_weights_file(path: Path) -> Path:
+    """The weights file of adapter directory `path` (peft's safetensors, else its safe_serialization=False .bin)."""
+    for name in WEIGHTS_NAMES:
+        if (path / name).is_file():
+            return path / name
+    raise FileNotFoundError(f"load_adapter: {path / WEIGHTS_NAMES[0]} not found, nor {WEIGHTS_NAMES[1]} (expected "
+                            "a peft adapter directory)")
+
+
+def read_weights(file: Path, *, shapes_only: bool = False) -> dict:
+    """The tensors in a .safetensors or .bin weights file (or only their shapes, without reading the data); a
+    ValueError naming the file if it is corrupt or truncated."""
+    import pickle
+
     from safetensors import SafetensorError, safe_open
 
     try:
-        with safe_open(str(weights_file), framework="pt") as f:
-            shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
-    except (SafetensorError, OSError, ValueError) as e:
-        size = weights_file.stat().st_size
-        raise ValueError(f"load_adapter: {weights_file} ({size:,} bytes) is corrupt or truncated ({e}); "
+        if file.suffix == ".bin":
+            tensors = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            return {k: tuple(v.shape) for k, v in tensors.items()} if shapes_only else tensors
+        with safe_open(str(file), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) if shapes_only else f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
+        raise ValueError(f"load_adapter: {file} ({file.stat().st_size:,} bytes) is corrupt or truncated ({e}); "
                          "save the adapter again (fastft.save_adapter writes atomically) or restore the file "
                          "from a copy") from None
-    return config, shapes
+
+
+def _features(layer: nn.Module) -> tuple[int, int] | None:
+    """(in_features, out_features) of a linear layer (transformers' Conv1D, GPT-2's, calls them nx and nf); None
+    for other kinds (embeddings, convolutions), whose tensors peft checks itself."""
+    if isinstance(layer, (nn.Linear, NF4Linear)):
+        return layer.in_features, layer.out_features
+    if isinstance(layer, Conv1D):
+        return layer.nx, layer.nf
+    return None
+
+
+def check_adapter_tensors(base_model: nn.Module, path: Path, config, needs: dict) -> None:
+    """Check a saved adapter's tensors against `base_model` (its base layers, when it holds adapters already):
+    every tensor belongs to a module the model has, with the shape that module needs, and every linear layer the
+    config targets has its tensors (peft would leave one without them at its fresh initialisation, only warning).
+    `needs`: key tail (as in 'base_model.model.<module>.lora_A.weight') -> f(module name, in_features,
+    out_features) giving the shape that tensor must have (None: any size, e.g. the rank)."""
+    file = adapter_weights_file(path)
+    shapes = read_weights(file, shapes_only=True)
+    modules = dict(_modules_as_bases(base_model))
+    tails = "|".join(re.escape(tail) for tail in needs)
+    found = set()
+    for key, shape in shapes.items():
+        match = re.fullmatch(rf"base_model\.model\.(.+)\.({tails})", key)
+        if match is None:
+            continue  # modules_to_save and other extras are checked by peft itself
+        module_name, tail = match.groups()
+        if module_name not in modules:
+            raise ValueError(f"load_adapter: {path} has '{key}' but {type(base_model).__name__} has no module "
+                             f"'{module_name}'")
+        found.add((module_name, tail))
+        features = _features(modules[module_name])
+        if features is None:
+            continue
+        want = needs[tail](module_name, *features)
+        if len(shape) != len(want) or any(w is not None and n != w for n, w in zip(shape, want)):
+            want = "(" + ", ".join("r" if w is None else str(w) for w in want) + ")"
+            raise ValueError(f"load_adapter: '{key}' in {path} has shape {shape}, but module '{module_name}' "
+                             f"needs {want}: the adapter was trained for a different model")
+    if config.target_modules in (None, "all-linear") or getattr(config, "ensure_weight_tying", False):
+        return  # peft resolves these targets itself; tied layers share their source's tensors
+    missing = sorted({name for name, module in modules.items() if name and _features(module) is not None
+                      and check_target_module_exists(config, name) and any((name, t) not in found for t in needs)})
+    if missing:
+        shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
+        raise ValueError(f"load_adapter: {file} has no tensors for {len(missing)} of the modules its config "
+                         f"targets in {type(base_model).__name__} ({shown}); they would keep their fresh "
+                         "initialisation. The adapter was saved from a different model, or the file is incomplete: "
+                         "save the adapter again")
+
+
+_LORA_TENSORS = {"lora_A.weight": lambda name, in_f, out_f: (None, in_f),
+                 "lora_B.weight": lambda name, in_f, out_f: (out_f, None)}
 
 
 def check_adapter_fits(base_model: nn.Module, path: str | os.PathLike) -> LoraConfig:
-    """Check every LoRA tensor in a saved adapter against the module it belongs to; return its config."""
+    """Check every LoRA tensor in a saved adapter against the module it belongs to, and that every module the
+    config targets has its tensors; return its config."""
     path = Path(path)
-    config, shapes = _read_adapter(path)
-    modules = dict(base_model.named_modules())
-    for key, shape in shapes.items():
-        match = re.fullmatch(r"base_model\.model\.(.+)\.(lora_A|lora_B)\.weight", key)
-        if match is None:
-            continue  # modules_to_save and other extras are checked by peft itself
-        module_name, which = match.groups()
-        module = modules.get(module_name)
-        if module is None:
-            raise ValueError(f"load_adapter: {path} has '{key}' but {type(base_model).__name__} has no module "
-                             f"'{module_name}'")
-        base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
-        in_f, out_f = getattr(base, "in_features", None), getattr(base, "out_features", None)
-        ok = (len(shape) == 2 and (shape[1] == in_f if which == "lora_A" else shape[0] == out_f))
-        if not ok:
-            want = f"(r, {in_f})" if which == "lora_A" else f"({out_f}, r)"
-            raise ValueError(f"load_adapter: '{key}' in {path} has shape {shape}, but module '{module_name}' "
-                             f"needs {want}: the adapter was trained for a different model")
+    config_file = path / "adapter_config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"load_adapter: {config_file} not found (expected a peft adapter directory)")
+    config = read_peft_config(path)
+    if not isinstance(config, LoraConfig):
+        raise ValueError(f"load_adapter: {config_file} describes a {type(config).__name__}, not a LoraConfig")
+    check_adapter_tensors(base_model, path, config, _LORA_TENSORS)
     return config
 
 
@@ -262,11 +332,16 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     """
     from fastft.integration.methods import load_method_adapter
 
+    if not isinstance(model, PeftModel):
+        refuse_peft_model(model, "load_adapter")
     loaded = load_method_adapter(model, path, adapter_name=adapter_name, is_trainable=is_trainable)
     if loaded is not None:
         return loaded
     base = model.get_base_model() if isinstance(model, PeftModel) else model
-    config = with_quantized_targets(check_adapter_fits(base, path), base)
+    config = check_adapter_fits(base, path)
+    check_init_fits_base(config, base, f"load {path} onto the unquantized model, or save it converted to plain "
+                                       "LoRA (peft's save_pretrained(path_initial_model_for_weight_conversion=...))")
+    config = with_quantized_targets(config, base)
     config.inference_mode = not is_trainable
     if isinstance(model, PeftModel):
         if adapter_name in model.peft_config:
@@ -297,8 +372,9 @@ def merge_and_unload(model: PeftModel, *, requantize: bool = False, dtype=None, 
 
 
 def save_adapter(model: PeftModel, path: str | os.PathLike, **kwargs) -> Path:
-    """`model.save_pretrained(path)` made atomic: written to a temporary sibling, then moved into place,
-    so an interrupted save never leaves a half-written adapter behind. Folders and files get the modes the
-    umask gives (as peft and transformers create them), not mkdtemp's private 0700 (fastft.files.replace_folder)."""
+    """`model.save_pretrained(path)` made atomic: written to a temporary sibling, then each file moved into place,
+    so an interrupted save never leaves a half-written file behind. Like peft's save, the folder's other files stay
+    (other named adapters saved there before, a run's metrics). Folders and files get the modes the umask gives
+    (as peft and transformers create them), not mkdtemp's private 0700 (fastft.files.merge_into_folder)."""
     with whole_prompt_encoders(model, kwargs.get("state_dict")):  # FSDP2-sharded prompt learning: the whole weights
-        return replace_folder(path, lambda tmp: model.save_pretrained(str(tmp), **kwargs), what="save_adapter")
+        return merge_into_folder(path, lambda tmp: model.save_pretrained(str(tmp), **kwargs))

@@ -86,9 +86,20 @@ def add_ia3_adapter(model, adapter_name: str, config: IA3Config):
 
 
 def load_ia3_adapter(model: nn.Module, path, config: IA3Config, adapter_name: str, is_trainable: bool):
-    from peft import PeftModel
+    from pathlib import Path
 
-    validate_ia3_config(config, model)
+    from peft import PeftModel
+    from peft.tuners.ia3 import IA3Model
+
+    from fastft.integration.peft_lora import check_adapter_tensors
+
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    validate_ia3_config(config, base)
+
+    def vector(name, in_features, out_features):  # peft's IA3 Linear: scales the input, or the output
+        return (1, in_features) if IA3Model._check_target_module_feedforward(config, name) else (out_features, 1)
+
+    check_adapter_tensors(base, Path(path), config, {"ia3_l": vector})
     config.inference_mode = not is_trainable
     if isinstance(model, PeftModel):
         model.load_adapter(str(path), adapter_name=adapter_name, is_trainable=is_trainable)

@@ -142,6 +142,9 @@ def load_prefix_adapter(model: nn.Module, path, config: PrefixTuningConfig, adap
     if isinstance(model, PeftModel):
         raise ValueError("load_adapter: a prefix-tuning adapter loads into a plain transformers model, not into a "
                          "PeftModel")
+    from fastft.integration.methods.prompt import check_prompt_geometry
+
     validate_prefix_config(config, model)
+    check_prompt_geometry(config, model, path)
     return _use_fastft(PeftModel.from_pretrained(model, str(path), adapter_name=adapter_name,
                                                  is_trainable=is_trainable))

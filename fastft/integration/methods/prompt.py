@@ -10,6 +10,7 @@ transformers 5).
 from __future__ import annotations
 
 import contextlib
+import copy
 
 import torch
 from peft import PeftModel, PeftModelForCausalLM, PromptEncoderConfig, PromptTuningConfig
@@ -94,11 +95,36 @@ def get_prompt_model(model: nn.Module, config, adapter_name: str = "default", **
     return _exact_generation(quiet_peft_model(model, config, adapter_name, **kwargs))
 
 
+def check_prompt_geometry(config, model: nn.Module, path) -> None:
+    """A saved prompt-learning adapter (prompt tuning, P-tuning, prefix tuning) records the geometry of the model
+    it was trained for: peft filled num_layers, token_dim and num_attention_heads from that model's config (for
+    prefix tuning the key/value width and heads). Compared with what peft fills in for `model`: a mismatch is a
+    ValueError naming the field (peft would drop a layer's prefix silently, or fail later in the forward)."""
+    from peft.utils import _prepare_prompt_learning_config
+
+    fields = ("num_layers", "num_attention_heads", "token_dim")
+    fresh = copy.copy(config)
+    for field in fields:
+        setattr(fresh, field, None)
+    try:
+        _prepare_prompt_learning_config(fresh, model.config)
+    except (ValueError, KeyError, AttributeError, TypeError):
+        return  # peft cannot read this model's geometry either: it uses the saved one
+    for field in fields:
+        saved, want = getattr(config, field), getattr(fresh, field)
+        if saved is not None and saved != want:
+            raise ValueError(f"load_adapter: {path} holds a {type(config).__name__} with {field}={saved}, but "
+                             f"{type(model).__name__} needs {field}={want}: the adapter was trained for a different "
+                             "model; load it onto that model")
+
+
 def load_prompt_adapter(model: nn.Module, path, config, adapter_name: str, is_trainable: bool):
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    validate_prompt_config(config, base)
+    check_prompt_geometry(config, base, path)
     if isinstance(model, PeftModel):
         model.load_adapter(str(path), adapter_name=adapter_name, is_trainable=is_trainable)
         return model
-    validate_prompt_config(config, model)
     return _exact_generation(PeftModel.from_pretrained(model, str(path), adapter_name=adapter_name,
                                                        is_trainable=is_trainable))
 

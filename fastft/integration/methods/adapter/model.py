@@ -87,10 +87,25 @@ class BottleneckAdapterModel(nn.Module):
         atomic_write(path / CONFIG_NAME, text)
 
 
-def _targets(model: nn.Module, config: BottleneckAdapterConfig) -> list[str]:
+def _targets(model: nn.Module, config: BottleneckAdapterConfig) -> list[tuple[str, nn.Module, int]]:
+    """(name, layer, out_features) of every output projection `config` puts an adapter after; errors name the
+    field."""
+    if any(isinstance(m, AdapterAfter) for m in model.modules()):
+        raise ValueError(f"{type(model).__name__} already has bottleneck adapters")
     suffixes = config.target_suffixes()
-    return [n for n, m in model.named_modules() if n and n.rsplit(".", 1)[-1] in suffixes
-            and not isinstance(m, AdapterAfter)]
+    names = [n for n, _ in model.named_modules() if n and n.rsplit(".", 1)[-1] in suffixes]
+    if not names:
+        field = "mlp_output_modules" if config.placement == "pfeiffer" else "attn_output_modules/mlp_output_modules"
+        raise ValueError(f"BottleneckAdapterConfig.{field} matches no module of {type(model).__name__} "
+                         f"(looked for names ending in {suffixes})")
+    targets = []
+    for name in names:
+        base = model.get_submodule(name)
+        features = getattr(base, "out_features", None)
+        if not isinstance(features, int):
+            raise ValueError(f"bottleneck adapter target '{name}' ({type(base).__name__}) has no out_features")
+        targets.append((name, base, features))
+    return targets
 
 
 def get_adapter_model(model: nn.Module, config: BottleneckAdapterConfig, adapter_name: str = "default",
@@ -100,22 +115,12 @@ def get_adapter_model(model: nn.Module, config: BottleneckAdapterConfig, adapter
     if adapter_name != "default" or kwargs:
         raise ValueError("bottleneck adapters support one adapter named 'default' and no extra options")
     config.validate()
-    if any(isinstance(m, AdapterAfter) for m in model.modules()):
-        raise ValueError(f"{type(model).__name__} already has bottleneck adapters")
-    names = _targets(model, config)
-    if not names:
-        field = "mlp_output_modules" if config.placement == "pfeiffer" else "attn_output_modules/mlp_output_modules"
-        raise ValueError(f"BottleneckAdapterConfig.{field} matches no module of {type(model).__name__} "
-                         f"(looked for names ending in {config.target_suffixes()})")
+    targets = _targets(model, config)
     for p in model.parameters():
         p.requires_grad_(False)
-    for name in names:
+    for name, base, features in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        base = getattr(parent, child)
-        features = getattr(base, "out_features", None)
-        if not isinstance(features, int):
-            raise ValueError(f"bottleneck adapter target '{name}' ({type(base).__name__}) has no out_features")
         device = next((t.device for t in base.parameters()), None)
         adapter = BottleneckAdapter(features, config.size, config.activation, config.init_std, device=device)
         setattr(parent, child, AdapterAfter(base, adapter))
@@ -137,32 +142,35 @@ def is_bottleneck_adapter(path) -> bool:
 
 def load_bottleneck_adapter(model: nn.Module, path, adapter_name: str = "default",
                             is_trainable: bool = False) -> BottleneckAdapterModel:
-    """Rebuild the adapters described in `path` on `model` (a plain transformers model) and load their weights."""
-    from safetensors import safe_open
+    """Rebuild the adapters described in `path` on `model` (a plain transformers model) and load their weights.
+    The file is read and checked against the model first: a load that fails leaves `model` as it was."""
+    from peft import PeftModel
+
+    from fastft.integration.peft_lora import read_weights
 
     path = Path(path)
     for f in (path / CONFIG_NAME, path / WEIGHTS_NAME):
         if not f.is_file():
             raise FileNotFoundError(f"load_adapter: {f} not found (expected a fastft bottleneck adapter directory)")
-    if isinstance(model, BottleneckAdapterModel) or not isinstance(model, nn.Module):
-        raise ValueError("load_adapter: bottleneck adapters load into a plain transformers model")
+    if isinstance(model, (PeftModel, BottleneckAdapterModel)) or not isinstance(model, nn.Module):
+        raise TypeError(f"load_adapter: bottleneck adapters load into a plain transformers model, not a "
+                        f"{type(model).__name__}; give it the base model (a fresh one, or the base after unload())")
     config = BottleneckAdapterConfig.from_dict(json.loads((path / CONFIG_NAME).read_text()))
     config.inference_mode = not is_trainable
+    need = {}
+    for name, _, features in _targets(model, config):  # the tensors the adapters will have, sized on no device
+        adapter = BottleneckAdapter(features, config.size, config.activation, config.init_std, device="meta")
+        need.update({f"{name}.adapter.{k}": tuple(v.shape) for k, v in adapter.state_dict().items()})
+    loaded = read_weights(path / WEIGHTS_NAME)
+    if loaded.keys() != need.keys():
+        missing, extra = sorted(need.keys() - loaded.keys())[:3], sorted(loaded.keys() - need.keys())[:3]
+        raise ValueError(f"load_adapter: {path} does not fit {type(model).__name__}: missing {missing}, "
+                         f"unexpected {extra}")
+    for key, t in loaded.items():
+        if tuple(t.shape) != need[key]:
+            raise ValueError(f"load_adapter: '{key}' in {path} has shape {tuple(t.shape)}, but the model needs "
+                             f"{need[key]}: the adapter was trained for a different model")
     wrapped = get_adapter_model(model, config, adapter_name)
-    own = wrapped.adapter_state_dict()
-    with safe_open(str(path / WEIGHTS_NAME), framework="pt") as f:
-        keys = set(f.keys())
-        if keys != set(own):
-            missing, extra = sorted(set(own) - keys)[:3], sorted(keys - set(own))[:3]
-            raise ValueError(f"load_adapter: {path} does not fit {type(model).__name__}: missing {missing}, "
-                             f"unexpected {extra}")
-        loaded = {}
-        for key in keys:
-            t = f.get_tensor(key)
-            if tuple(t.shape) != tuple(own[key].shape):
-                raise ValueError(f"load_adapter: '{key}' in {path} has shape {tuple(t.shape)}, but the model needs "
-                                 f"{tuple(own[key].shape)}: the adapter was trained for a different model")
-            loaded[key] = t
     wrapped.base_model.load_state_dict(loaded, strict=False)
     if not is_trainable:
         wrapped.eval()
