@@ -98,6 +98,42 @@ def test_tiny_llama_matches_sdpa(fastft_attention, kind):
 
 
 @interpreter_only
+@pytest.mark.parametrize("positions", [
+    [[0, 1, 2, 3, 0, 1, 2, 0, 1, 2], [0, 1, 2, 3, 4, 5, 0, 1, 2, 3]],  # two packed rows
+    [[3, 4, 5, 0, 1, 2, 3, 0, 1, 2]],  # a row starting mid-document (a continuation)
+    [[0, 1, 2, 3, 10, 11, 12, 0, 1, 2]],  # a document restarting above the row's minimum
+    [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14]],  # one run not from 0: one document
+], ids=["two_rows", "continuation", "restart_above_min", "one_run"])
+def test_documents_from_position_ids_as_transformers_separates_them(fastft_attention, positions):
+    """Without cu_seq_lens or a mask, documents start at each row's first token and wherever the position does not
+    rise by 1, in every row (transformers' find_packed_sequence_indices): sdpa's logits, loss and gradients."""
+    pos = torch.tensor(positions)
+    ids = torch.randint(3, 128, pos.shape, generator=torch.Generator().manual_seed(0))
+    compare_to_sdpa(tiny_llama(), dict(input_ids=ids, position_ids=pos, labels=ids))
+
+
+@interpreter_only
+def test_non_causal_padded_queries_see_the_real_keys(fastft_attention):
+    """Bidirectional attention (e.g. Gemma3's use_bidirectional_attention) on a padded batch: a padded query
+    still attends to the row's real keys, as transformers' mask has it (not the zeros of dropped queries)."""
+    import torch.nn.functional as F
+
+    from fastft.integration.attention import fastft_attention_forward
+
+    class Layer(torch.nn.Module):
+        is_causal, layer_idx = False, 0
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, h, 7, 16, generator=g) for h in (4, 2, 2))
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[1, :3] = 0
+    got = fastft_attention_forward(Layer(), q, k, v, mask, scaling=0.25)[0]
+    want = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
+                                          attn_mask=mask[:, None, None, :].bool(), scale=0.25).transpose(1, 2)
+    assert_close(got, want, torch.float32, "non-causal padded attention")
+
+
+@interpreter_only
 def test_packed_equals_separate_sequences(fastft_attention):
     """No attention across documents: the packed row's logits equal each sequence run alone."""
     model = tiny_llama()

@@ -225,6 +225,23 @@ def test_attention_sdpa_packed_with_empty_documents():
                                    attention_reference(q, k, v, cu_seqlens=cu, **kw), rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=interpreter_only)])
+def test_cu_seqlens_padded_with_empty_documents(backend):
+    """cu_seqlens padded at the end with the total (empty documents: what the attention integration builds in a
+    torch.compile graph from position_ids) gives the unpadded problem's output and gradients; without max_seqlen
+    the op reads the values and drops the empty tail from its grid."""
+    g = torch.Generator().manual_seed(3)
+    args = {n: torch.randn(23, 4, 16, generator=g) for n in "qkv"}
+    dout = torch.randn(23, 4, 16, generator=g)
+    padded = torch.tensor([0, 9, 9, 23] + [23] * 20, dtype=torch.int32)
+    got, got_grads = run_with_grads(flash_attention, args, dout, causal=True, cu_seqlens=padded, backend=backend)
+    want, want_grads = reference_with_grads(args, dout, causal=True,
+                                            cu_seqlens=torch.tensor([0, 9, 23], dtype=torch.int32))
+    assert_close(got, want, torch.float32, "output")
+    for name in "qkv":
+        assert_close(got_grads[name], want_grads[name], torch.float32, f"d{name}")
+
+
 def test_attention_sdpa_half_inputs_compute_in_fp32():
     args = make_problem(batch=1, seqlen_q=33, heads=2, kv_heads=2, head_dim=16, dtype=torch.bfloat16)
     got = attention_sdpa(**args, causal=True)

@@ -177,11 +177,12 @@ class _Layer(torch.nn.Module):
 
 
 @interpreter_only
-@pytest.mark.parametrize("packed", [None, "int", "tensor"])
+@pytest.mark.parametrize("packed", [None, "int", "tensor", "position_ids"])
 def test_transformers_attention_function_compiles(packed, monkeypatch):
-    """What a compiled Llama runs per layer: the plain causal path, and the packing collator's (cu_seq_lens, with
-    max lengths as ints or as tensors, which the op then reads itself). (A whole tiny Llama compiled fullgraph
-    matched eager too, dense and packed; ~25 s each, so not in CI.)"""
+    """What a compiled Llama runs per layer: the plain causal path, the packing collator's (cu_seq_lens, with
+    max lengths as ints or as tensors, which the op then reads itself), and a packed row marked by position_ids
+    only (transformers' DataCollatorWithFlattening: cu_seqlens built in the graph, padded with empty documents).
+    (A whole tiny Llama compiled fullgraph matched eager too, dense and packed; ~25 s each, so not in CI.)"""
     import fastft.integration.attention as integration
 
     monkeypatch.setattr(integration, "_backend", "triton")
@@ -190,7 +191,9 @@ def test_transformers_attention_function_compiles(packed, monkeypatch):
     k, v = _t(q.shape[0], 2, 23, 16), _t(q.shape[0], 2, 23, 16)
     longest = torch.tensor(14, device=DEVICE) if packed == "tensor" else 14
     extra = dict(cu_seq_lens_q=_cu(0, 9, 23), cu_seq_lens_k=_cu(0, 9, 23), max_length_q=longest,
-                 max_length_k=longest) if packed else {}
+                 max_length_k=longest) if packed in ("int", "tensor") else {}
+    if packed == "position_ids":
+        extra = dict(position_ids=torch.cat([torch.arange(9), torch.arange(14)]).to(DEVICE)[None])
 
     def fn(q, k, v):
         return integration.fastft_attention_forward(layer, q, k, v, None, scaling=0.25, **extra)[0]

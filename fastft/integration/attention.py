@@ -6,10 +6,10 @@ It mirrors transformers' FlashAttention integration:
 - the mask function returns None unless the 2-D padding mask has padding, so plain batches run the dense
   causal kernel;
 - padded batches are unpadded into packed documents (varlen) and padded back;
-- packed batches (one row of concatenated documents, no attention mask) run varlen, with the document
+- packed batches (rows of concatenated documents, no attention mask) run varlen, with the document
   boundaries taken from `cu_seq_lens_q`/`cu_seq_lens_k` when the collator passes them (see
-  fastft.integration.packing), else from `position_ids` restarting at their minimum, exactly as
-  transformers' `_is_packed_sequence` / `prepare_fa_kwargs_from_position_ids` detect them;
+  fastft.integration.packing), else from `position_ids`, wherever they do not rise by 1, in every row, as
+  transformers' sdpa/eager masks separate them (`_packed_documents`);
 - a KV cache or peft prefix tuning gives more keys than queries: causal then aligns bottom-right;
 - fastft's prefix-tuning room (fastft.integration.methods.prefix) passes `fastft_prefix`, per layer the
   (prefix_k, prefix_v) every query attends to: handed to the op as prefix_k/prefix_v, no concatenation.
@@ -18,6 +18,8 @@ Not supported (ValueError): attention dropout, logit softcapping, attention sink
 padded decoding with a cache (q_len != kv_len) fall back to torch SDPA (a fastft prefix in front of the keys).
 """
 from __future__ import annotations
+
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -30,23 +32,39 @@ NAME = "fastft"
 _backend = "auto"
 
 
-def _is_packed(position_ids, batch_size: int) -> bool:
-    """transformers' test: one row whose positions are not a single run min, min+1, ... (reads the values)."""
-    if position_ids is None or batch_size != 1 or position_ids.shape[-1] == 1:
-        return False
-    if compiling():  # reading the values would break the graph: as transformers' masks skip this check while
-        return False  # tracing, a packed row under torch.compile must bring cu_seq_lens (PackingCollator does)
-    run = torch.arange(position_ids.shape[-1], device=position_ids.device) + position_ids.min()
-    return bool((position_ids.reshape(-1) != run).any())
+_memo: tuple = ()  # (weakref to position_ids, its version, batch size, result): one host read per forward
 
 
-def _cu_seqlens_from_position_ids(position_ids) -> tuple[torch.Tensor, int]:
-    """Documents start where the position equals its minimum (not always 0, e.g. RoBERTa-like models)."""
-    pos = position_ids.reshape(-1)
-    starts = (pos == pos.min()).nonzero().reshape(-1).to(torch.int32)
-    total = torch.tensor([pos.numel()], dtype=torch.int32, device=pos.device)
-    cu = torch.cat([starts, total])
-    return cu, int(cu.diff().max())
+def _packed_documents(position_ids, batch_size: int):
+    """(cu_seqlens over the B·S flattened tokens, longest document) when some row holds several documents, else None.
+
+    Documents are found as transformers' masks find them (masking_utils.find_packed_sequence_indices), in every row:
+    one starts at a row's first token and wherever the position does not rise by 1 (restarts at 0 or at any other
+    value; a row that continues a document from an earlier chunk is one document). Eagerly this reads the values
+    once per forward (every layer gets the same position_ids tensor). Under torch.compile a value read would break
+    the graph: a single row (B == 1) then gets cu_seqlens built in the graph, padded to S + 1 entries with S (empty
+    documents the op drops after reading them in its body); rows of B > 1 are taken as unpacked there."""
+    global _memo
+    if position_ids is None or position_ids.shape[-1] == 1:
+        return None
+    rows = position_ids.reshape(-1, position_ids.shape[-1]).expand(batch_size, -1)
+    starts = F.pad(rows.diff(dim=-1) != 1, (1, 0), value=True).reshape(-1)
+    total = starts.numel()
+    if compiling():
+        if batch_size != 1:
+            return None
+        index = torch.arange(total, device=starts.device)
+        first = torch.sort(torch.where(starts, index, total)).values
+        return F.pad(first, (0, 1), value=total).to(torch.int32), None
+    if _memo and _memo[0]() is position_ids and _memo[1:3] == (position_ids._version, batch_size):
+        return _memo[3]
+    at = starts.nonzero().reshape(-1).to(torch.int32)
+    result = None
+    if at.numel() > batch_size:  # a row holds a second document
+        cu = F.pad(at, (0, 1), value=total)
+        result = cu, int(cu.diff().max())
+    _memo = (weakref.ref(position_ids), position_ids._version, batch_size, result)
+    return result
 
 
 def _as_int(x) -> int:
@@ -85,7 +103,7 @@ def _cached_length(key, position_ids, prefix) -> int:
 
 
 def _varlen(q, k, v, cu, max_len, **kw):
-    """(1, T, H, D) packed row -> (T, H, D) documents -> back."""
+    """(B, S, H, D) packed rows -> (B·S, H, D) documents -> back."""
     _check_prefix_window(kw, max_len)
     out = flash_attention(q.reshape(-1, *q.shape[-2:]), k.reshape(-1, *k.shape[-2:]), v.reshape(-1, *v.shape[-2:]),
                           cu_seqlens=cu, max_seqlen=max_len, backend=_backend, **kw)
@@ -151,7 +169,7 @@ def fastft_attention_forward(module, query, key, value, attention_mask, dropout=
     B = q.shape[0]
 
     if attention_mask is not None:
-        if q.shape[1] != k.shape[1]:
+        if q.shape[1] != k.shape[1] or not is_causal:  # non-causal: padded queries still see the real keys
             _check_prefix_window(kw, _cached_length(key, kwargs.get("position_ids"), prefix))
             return _sdpa_fallback(query, key, value, attention_mask, scaling, is_causal, sliding_window,
                                   prefix), None
@@ -165,10 +183,9 @@ def fastft_attention_forward(module, query, key, value, attention_mask, dropout=
             raise ValueError("attn_implementation='fastft': packed sequences need cu_seq_lens_q == cu_seq_lens_k")
         return _varlen(q, k, v, cu_q.to(torch.int32), _longest(max_q, max_k), **kw), None
 
-    position_ids = kwargs.get("position_ids")
-    if _is_packed(position_ids, B):
-        cu, max_len = _cu_seqlens_from_position_ids(position_ids)
-        return _varlen(q, k, v, cu, max_len, **kw), None
+    packed = _packed_documents(kwargs.get("position_ids"), B) if q.shape[1] == k.shape[1] else None
+    if packed is not None:
+        return _varlen(q, k, v, *packed, **kw), None
 
     _check_prefix_window(kw, k.shape[1])
     return flash_attention(q, k, v, backend=_backend, **kw), None

@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from fastft.ops.compiled import capturing, compiling, needed, unused
-from fastft.ops.shared import autocast_inputs, autocast_off, check_backend, finite, resolve_backend, to_dtype
+from fastft.ops.shared import (autocast_inputs, autocast_off, check_backend, finite, first_order_only,
+                               resolve_backend, to_dtype)
 from fastft.ops.shared import check as _check  # the name this file's many checks use
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -108,7 +109,9 @@ def _per_sequence(dense, q, k, v, causal, softmax_scale, cu_seqlens, prefix_k, p
         return dense(q_, k_, v_, causal, scale, pk, pv, window).to(q.dtype)
     bounds = cu_seqlens.tolist()
     outs = []
-    for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+    # empty documents (cu_seqlens padded with the total, as built under torch.compile) are skipped, unless all are
+    docs = [(i, a, b) for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])) if b > a] or [(0, 0, 0)]
+    for i, a, b in docs:
         pki = pvi = None
         if pk is not None:
             j = 0 if pk.shape[0] == 1 else i
@@ -222,12 +225,19 @@ def _validate(q, k, v, causal, softmax_scale, cu_seqlens, max_seqlen, prefix_k, 
 
 def _check_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> int:
     """Checks the values (one device sync) and returns the longest document."""
+    return _read_cu_seqlens(cu_seqlens, total)[0]
+
+
+def _read_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> tuple[int, int]:
+    """Checks the values (one device sync); returns the longest document and the number of documents before the
+    empty ones at the end (cu_seqlens padded with `total`, as the attention integration builds it in a graph)."""
     lengths = cu_seqlens.diff()
-    stats = torch.stack([cu_seqlens[0], cu_seqlens[-1], lengths.min(), lengths.max()]).tolist()
+    stats = torch.stack([cu_seqlens[0], cu_seqlens[-1], lengths.min(), lengths.max(),
+                         (cu_seqlens < total).sum()]).tolist()
     _check(stats[0] == 0 and stats[1] == total and stats[2] >= 0,
            f"flash_attention: `cu_seqlens` must rise from 0 to the {total} packed tokens without decreasing, "
            f"got first {stats[0]}, last {stats[1]}, smallest step {stats[2]}")
-    return int(stats[3])
+    return int(stats[3]), int(stats[4])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -239,23 +249,26 @@ def _unit_last(t):
 
 
 def _resolve_max_seqlen(cu_seqlens, max_seqlen, total: int, device: torch.device, debug: bool = True):
-    """The grid bound of packed documents: the caller's max_seqlen (capped at all tokens), or the longest document,
-    read from cu_seqlens (one device sync). No sync while a CUDA graph is captured: a derived bound would be
-    frozen into the graph (and the sync itself is not allowed there), so max_seqlen is required then."""
+    """(cu_seqlens, the grid bound of packed documents): the caller's max_seqlen (capped at all tokens), or the
+    longest document, read from cu_seqlens (one device sync), which then also drops empty documents at the end
+    (they would only widen the grid). No sync while a CUDA graph is captured: a derived bound would be frozen into
+    the graph (and the sync itself is not allowed there), so max_seqlen is required then."""
     if cu_seqlens is None:
-        return None
+        return None, None
     if max_seqlen is None:
         _check(not capturing(device),
                "flash_attention: pass `max_seqlen` (the longest document, a Python int) with `cu_seqlens` when "
                "capturing a CUDA graph (torch.compile mode='reduce-overhead' or torch.cuda.graph): deriving it "
-               "reads cu_seqlens on the host, which a captured graph cannot do")
-        return _check_cu_seqlens(cu_seqlens, total)
+               "reads cu_seqlens on the host, which a captured graph cannot do (with attn_implementation='fastft': "
+               "pass cu_seq_lens_q/k and max_length_q/k as ints, e.g. fastft.integration.packing.PackingCollator)")
+        longest, n_docs = _read_cu_seqlens(cu_seqlens, total)
+        return cu_seqlens[:n_docs + 1], longest
     if debug and os.environ.get("FASTFT_DEBUG", "0") == "1" and not capturing(device):
         # the caller's contract, checked at the cost of a sync
         longest = _check_cu_seqlens(cu_seqlens, total)
         _check(longest <= max_seqlen, f"flash_attention: `max_seqlen`={max_seqlen} is smaller than the longest "
                                       f"document ({longest} tokens)")
-    return min(max_seqlen, total)  # no document is longer than all tokens: bounds the grid
+    return cu_seqlens, min(max_seqlen, total)  # no document is longer than all tokens: bounds the grid
 
 
 def _forward(q, k, v, prefix_k, prefix_v, cu_seqlens, max_seqlen, scale, left, right):
@@ -289,6 +302,7 @@ class FlashAttentionFunction(torch.autograd.Function):
         return o
 
     @staticmethod
+    @first_order_only
     def backward(ctx, do):
         q, k, v, o, lse, prefix_k, prefix_v, cu_seqlens = ctx.saved_tensors
         max_seqlen, scale, left, right = ctx.meta
@@ -306,7 +320,7 @@ def flash_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix
                        ) -> tuple[torch.Tensor, torch.Tensor]:
     if q.numel() == 0:  # no query (e.g. a packed batch of no tokens): nothing to attend, nothing to read
         return q.new_empty(q.shape), q.new_empty(_lse_shape(q, cu_seqlens), dtype=torch.float32)
-    max_seqlen = _resolve_max_seqlen(cu_seqlens, max_seqlen, q.shape[0], q.device)
+    cu_seqlens, max_seqlen = _resolve_max_seqlen(cu_seqlens, max_seqlen, q.shape[0], q.device)
     _, o, lse = _forward(q, k, v, prefix_k, prefix_v, cu_seqlens, max_seqlen, scale, left, right)
     return o, lse
 
@@ -330,7 +344,7 @@ def flash_attention_backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tens
         prefix = (prefix_k.new_zeros(prefix_k.shape), prefix_v.new_zeros(prefix_v.shape)) if prefix_k is not None \
             else (unused(q), unused(q))
         return q.new_zeros(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape), *prefix
-    max_seqlen = _resolve_max_seqlen(cu_seqlens, max_seqlen, q.shape[0], q.device, debug=False)
+    cu_seqlens, max_seqlen = _resolve_max_seqlen(cu_seqlens, max_seqlen, q.shape[0], q.device, debug=False)
     dq, dk, dv, dpk, dpv = _backward(do, q, k, v, o, lse, prefix_k, prefix_v, cu_seqlens, max_seqlen, scale,
                                      left, right)
     return dq, dk, dv, (dpk if dpk is not None else unused(q)), (dpv if dpv is not None else unused(q))
@@ -397,5 +411,5 @@ def flash_attention(q, k, v, *, causal=False, softmax_scale=None, cu_seqlens=Non
     with autocast_off(q.device.type):
         if compiling():  # max_seqlen as given (None: the op body derives it)
             return flash_attention_op(q, k, v, prefix_k, prefix_v, cu_seqlens, max_seqlen, scale, left, right)[0]
-        max_seqlen = _resolve_max_seqlen(cu_seqlens, max_seqlen, q.shape[0], q.device)
+        cu_seqlens, max_seqlen = _resolve_max_seqlen(cu_seqlens, max_seqlen, q.shape[0], q.device)
         return FlashAttentionFunction.apply(q, k, v, prefix_k, prefix_v, cu_seqlens, max_seqlen, scale, left, right)

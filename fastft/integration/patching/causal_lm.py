@@ -24,7 +24,8 @@ _CACHE_FIELD = "cache" if "cache" in {f.name for f in dataclasses.fields(CausalL
 
 def _output(loss, outputs):
     """CausalLMOutputWithPast without logits."""
-    cache = outputs.get("cache", outputs.get("past_key_values"))
+    # read from the keys present: ModelOutput.get("past_key_values") logs a deprecation in recent transformers
+    cache = next((outputs[k] for k in ("cache", "past_key_values") if k in outputs.keys()), None)
     return CausalLMOutputWithPast(loss=loss, logits=None, hidden_states=outputs.hidden_states,
                                   attentions=outputs.attentions, **{_CACHE_FIELD: cache})
 
