@@ -19,6 +19,8 @@ import torch
 from peft import PeftModel, PeftModelForCausalLM, PrefixTuningConfig
 from torch import nn
 
+from fastft.integration.methods.generation import generate_adjusting_inputs
+
 
 def validate_prefix_config(config, model: nn.Module) -> None:
     from peft.utils import TRANSFORMERS_MODELS_TO_PREFIX_TUNING_POSTPROCESS_MAPPING
@@ -92,10 +94,8 @@ class FastftPrefixModel(PeftModelForCausalLM):
         if not isinstance(config, PrefixTuningConfig) or base.config._attn_implementation != "fastft":
             return super().generate(*args, **kwargs)
         P, prefix = config.num_virtual_tokens, self.prefix_key_values()
-        prepare = base.prepare_inputs_for_generation
 
-        def with_prefix(*args, **kwargs):  # transformers reads this signature: it must take **kwargs
-            inputs = prepare(*args, **kwargs)
+        def with_prefix(inputs: dict) -> dict:
             positions = inputs.get("position_ids")
             if positions is None:  # transformers passes them (padding-aware); else count from the cache
                 ref = inputs.get("input_ids")
@@ -106,11 +106,7 @@ class FastftPrefixModel(PeftModelForCausalLM):
             inputs["fastft_prefix"] = prefix
             return inputs
 
-        base.prepare_inputs_for_generation = with_prefix
-        try:
-            return base.generate(*args, **kwargs)
-        finally:
-            del base.prepare_inputs_for_generation
+        return generate_adjusting_inputs(base, with_prefix, args, kwargs)
 
 
 def _cached_tokens(cache) -> int:

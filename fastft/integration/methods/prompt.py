@@ -16,6 +16,8 @@ import torch
 from peft import PeftModel, PeftModelForCausalLM, PromptEncoderConfig, PromptTuningConfig
 from torch import nn
 
+from fastft.integration.methods.generation import generate_adjusting_inputs
+
 CONFIGS = (PromptTuningConfig, PromptEncoderConfig)
 
 
@@ -54,10 +56,9 @@ class FastftPromptModel(PeftModelForCausalLM):
             or kwargs.get("past_key_values") is not None or kwargs.get("cache") is not None
         if not isinstance(config, CONFIGS) or kwargs.get("use_cache") is False or other_cache:
             return super().generate(*args, **{**kwargs, "use_cache": False})
-        P, prepare = config.num_virtual_tokens, base.prepare_inputs_for_generation
+        P = config.num_virtual_tokens
 
-        def with_prompt(*args, **kwargs):  # transformers reads this signature: it must take **kwargs
-            inputs = prepare(*args, **kwargs)
+        def with_prompt(inputs: dict) -> dict:
             ids, embeds = inputs.get("input_ids"), inputs.get("inputs_embeds")
             batch, seq = (ids if embeds is None else embeds).shape[:2]
             cache = inputs.get("cache", inputs.get("past_key_values"))
@@ -75,11 +76,7 @@ class FastftPromptModel(PeftModelForCausalLM):
             inputs["position_ids"] = torch.arange(start, start + seq, device=device)[None].expand(batch, -1)
             return inputs
 
-        base.prepare_inputs_for_generation = with_prompt
-        try:
-            return base.generate(*args, **kwargs)
-        finally:
-            del base.prepare_inputs_for_generation
+        return generate_adjusting_inputs(base, with_prompt, args, kwargs)
 
 
 def _exact_generation(model: PeftModel) -> PeftModel:

@@ -1,0 +1,22 @@
+"""generate() through the base model with each step's inputs adjusted: how the prompt-learning rooms (prefix,
+prompt / P-tuning) add their virtual tokens to transformers' own generation loop."""
+from __future__ import annotations
+
+from typing import Callable
+
+from torch import nn
+
+
+def generate_adjusting_inputs(base: nn.Module, adjust: Callable[[dict], dict], args: tuple, kwargs: dict):
+    """`base.generate(*args, **kwargs)`, each step's model inputs (what `prepare_inputs_for_generation` returns)
+    passed through `adjust` first. The wrapper is an instance attribute for the call only."""
+    prepare = base.prepare_inputs_for_generation
+
+    def adjusted(*args, **kwargs):  # transformers reads this signature: it must take **kwargs
+        return adjust(prepare(*args, **kwargs))
+
+    base.prepare_inputs_for_generation = adjusted
+    try:
+        return base.generate(*args, **kwargs)
+    finally:
+        del base.prepare_inputs_for_generation
