@@ -70,35 +70,6 @@ def tiny_checkpoint(tmp_path_factory):
     return path
 
 
-def test_two_processes_match_one(tiny_checkpoint, tmp_path):
-    """torchrun with 2 processes (gloo) × batch 4 trains the same adapter as 1 process × batch 8."""
-    import os
-    import subprocess
-    import sys
-
-    from safetensors.torch import load_file
-
-    common = ["train", "--model", str(tiny_checkpoint), "--steps", "3", "--eval-examples", "16",
-              "--dropout", "0", "--max-length", "32"]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                    "-m", "fastft.apps.cli", *common, "--batch-size", "4", "--output-dir", str(tmp_path / "two")],
-                   check=True, env=env, capture_output=True)
-    assert main([*common, "--batch-size", "8", "--output-dir", str(tmp_path / "one")]) == 0
-    two = json.loads((tmp_path / "two" / "metrics.json").read_text())
-    assert two["processes"] == 2 and two["eval_after"]["examples"] == 16
-    one = json.loads((tmp_path / "one" / "metrics.json").read_text())
-    # Same global batches and averaged gradients: the same losses, step by step. (Adam magnifies
-    # rounding differences in near-zero gradients, so adapters are compared loosely.)
-    assert two["train_losses"] == pytest.approx(one["train_losses"], rel=1e-5)
-    assert two["eval_after"]["loss"] == pytest.approx(one["eval_after"]["loss"], rel=1e-4)
-    a = load_file(str(tmp_path / "two" / "adapter" / "adapter_model.safetensors"))
-    b = load_file(str(tmp_path / "one" / "adapter" / "adapter_model.safetensors"))
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.allclose(a[key], b[key], atol=3e-3), key
-
-
 def test_qlora_training_reports_merge_costs(tiny_checkpoint, tmp_path):
     out = tmp_path / "qlora"
     assert main(["train", "--model", str(tiny_checkpoint), "--quantize", "nf4", "--steps", "2", "--batch-size", "4",

@@ -55,8 +55,9 @@ def setup(tmp_path_factory):
     return root, common
 
 
-@pytest.mark.parametrize("distributed", ["ddp", "fsdp"])
+@pytest.mark.parametrize("distributed", ["auto", "fsdp"])
 def test_two_processes_train_the_adapter_of_one(setup, distributed):
+    """torchrun, 2 processes × batch 2 (auto: DDP, as torchrun sets up) trains the adapter of 1 process × batch 4."""
     root, common = setup
     out = root / distributed
 
@@ -71,6 +72,7 @@ def test_two_processes_train_the_adapter_of_one(setup, distributed):
     # the same global batches and the same exactly normalised loss: the same losses step by step
     assert two["train_losses"] == pytest.approx(one["train_losses"], rel=1e-5)
     assert two["eval_after"]["loss"] == pytest.approx(one["eval_after"]["loss"], rel=1e-5)
+    assert two["eval_after"]["examples"] == one["eval_after"]["examples"] == 2  # each example once, not per process
     a = load_file(str(out / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(root / "one" / "adapter" / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and a
