@@ -87,3 +87,20 @@ def test_label_words_are_single_tokens_for_smollm2():
     for name in STUDY_TASKS:
         ids = label_token_ids(tokenizer, datasets.task_format(name)[2])
         assert len(set(ids)) == len(ids)
+
+
+@pytest.mark.parametrize("name", datasets.TASK_NAMES)
+def test_train_task_held_out_texts_are_never_trained(name):
+    """`fastft train --task`'s split: each text once (SMS spam repeats 100 of its held-out messages in training
+    otherwise), so the evaluation measures unseen examples."""
+    task = datasets.load_task(name)
+    assert not {t for t, _ in task.train} & {t for t, _ in task.eval}
+    assert len(task.eval) == datasets.EVAL_SIZE
+
+
+@pytest.mark.parametrize("name", ["mr", "bbc-news"])
+def test_readers_decode_utf8(name):
+    """The data packages ship UTF-8 (read as latin-1 before: "clichÃ©s", "Â£600m")."""
+    rows = datasets.read_examples(name)
+    assert not [t for t, _ in rows if "Ã" in t or "Â" in t or "â\x80" in t]
+    assert any("é" in t or "£" in t for t, _ in rows)

