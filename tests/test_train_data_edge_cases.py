@@ -155,3 +155,87 @@ def test_a_tokenizer_without_eos_is_refused_for_text_and_pairs(tokenizer):
             Encoder(no_eos, 64, objective).encode(records[-1])
     check_tokenizer(no_eos, [{"messages": CHAT}], "sft")  # a chat ends with its template's end of turn
     assert isinstance(Encoder(no_eos, 64, "sft").encode({"messages": CHAT}), Example)
+
+
+# ------------------------------------------------------------------------------------------- chats opening with the assistant
+
+def _trained_text(tokenizer, example):
+    return tokenizer.decode([i for i, label in zip(example.input_ids, example.labels) if label != IGNORE])
+
+
+def test_a_chat_opening_with_the_assistant_trains_only_its_answers(tokenizer):
+    opening = [{"role": "assistant", "content": "Hello! How can I help?"}] + CHAT
+    example = Encoder(tokenizer, 512).encode({"messages": opening})
+    # SmolLM2's template inserts a default system prompt and the role header before the first answer: untrained
+    assert _trained_text(tokenizer, example) == "Hello! How can I help?<|im_end|>\nParis.<|im_end|>\n"
+    with_system = Encoder(tokenizer, 512).encode({"messages": [{"role": "system", "content": "Be brief."}] + opening})
+    assert _trained_text(tokenizer, example) == _trained_text(tokenizer, with_system)
+    # the document is still the template's rendering, token for token
+    rendered = tokenizer.apply_chat_template(opening, tokenize=False)
+    assert tokenizer.decode(example.input_ids) == rendered
+    untrained = tokenizer.decode([i for i, label in zip(example.input_ids, example.labels) if label == IGNORE])
+    assert untrained.startswith("<|im_start|>system\n") and untrained.endswith("<|im_start|>assistant\n")
+
+
+# ------------------------------------------------------------------------------------------- special tokens at the edges
+
+def test_end_of_sequence_is_never_doubled(tokenizer):
+    from transformers import AutoTokenizer
+
+    from fastft.apps.models import smollm2_checkpoint
+    eos, E = tokenizer.eos_token_id, tokenizer.eos_token
+    single = Encoder(tokenizer, 64).encode({"text": "Hello there."}).input_ids
+    assert single[-1] == eos and single[-2] != eos
+    assert Encoder(tokenizer, 64).encode({"text": "Hello there." + E}).input_ids == single
+    adds_eos = AutoTokenizer.from_pretrained(smollm2_checkpoint(), add_eos_token=True)
+    assert Encoder(adds_eos, 64).encode({"text": "Hello there."}).input_ids == single
+    plain = Encoder(tokenizer, 64, "dpo").encode({"prompt": "Q?", "chosen": "yes", "rejected": "no"})
+    ending = Encoder(tokenizer, 64, "dpo").encode({"prompt": "Q?", "chosen": "yes" + E, "rejected": "no" + E})
+    assert ending == plain and plain.chosen.input_ids[-2:] != [eos, eos]
+
+
+def test_every_kind_of_document_starts_with_the_tokenizers_bos(tokenizer):
+    from transformers import AutoTokenizer
+
+    from fastft.apps.models import smollm2_checkpoint
+    from fastft.apps.training.data import BUILTIN_TASK
+    adds_bos = AutoTokenizer.from_pretrained(smollm2_checkpoint(), add_bos_token=True)
+    bos = adds_bos.bos_token_id
+    assert adds_bos("x")["input_ids"][0] == bos
+    text = Encoder(adds_bos, 64).encode({"text": "Colour of the sky?"}).input_ids
+    pair = Encoder(adds_bos, 64, "dpo").encode({"prompt": "Colour of the sky?", "chosen": " blue", "rejected": " red"})
+    classification = Encoder(adds_bos, 64).encode({BUILTIN_TASK: "mr", "text": "Great film.", "label": 1})
+    for ids in (text, pair.chosen.input_ids, pair.rejected.input_ids, classification.input_ids):
+        assert ids[0] == bos and ids[1] != bos
+    assert pair.chosen.input_ids[: len(text) - 1] == text[:-1]  # the prompt as the text record tokenizes it
+    # a prompt cut from its left keeps its BOS; a text that already opens with BOS gets no second one
+    long = Encoder(adds_bos, 16).encode({BUILTIN_TASK: "mr", "text": "word " * 50, "label": 0}).input_ids
+    assert len(long) == 16 and long[0] == bos and long[1] != bos
+    assert Encoder(adds_bos, 64).encode({"text": adds_bos.bos_token + "Colour of the sky?"}).input_ids == text
+    # a chat is its template's rendering: no BOS added to it (a template that renders one keeps exactly one)
+    assert Encoder(adds_bos, 64).encode({"messages": CHAT}) == Encoder(tokenizer, 64).encode({"messages": CHAT})
+    # and nothing changes for a tokenizer that adds no BOS
+    assert Encoder(tokenizer, 64).encode({"text": "Colour of the sky?"}).input_ids[:-1] == \
+        tokenizer("Colour of the sky?", add_special_tokens=False)["input_ids"]
+
+
+# ------------------------------------------------------------------------------------------- every chat checked up front
+
+LAST_TURN_THINKS = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n"  # Qwen3-style: only the last answer thinks
+                    "{% if m['role'] == 'assistant' and loop.last %}<think></think>{% endif %}"
+                    "{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_check_tokenizer_renders_every_chat_and_names_the_failing_line(tokenizer, tmp_path):
+    thinks = _changed(tokenizer, chat_template=LAST_TURN_THINKS)
+    multi = CHAT + [{"role": "user", "content": "And of Italy?"}, {"role": "assistant", "content": "Rome."}]
+    data = _jsonl(tmp_path / "chats.jsonl", *[{"messages": CHAT}] * 4, {"text": "a note"}, {"messages": multi})
+    records = read_jsonl(data, "sft")
+    check_tokenizer(thinks, records[:5])  # single-turn chats render consistently with this template
+    with pytest.raises(ConfigError, match=re.escape(f"{data}:6: ") + "the tokenizer's chat template does not render"):
+        check_tokenizer(thinks, records)
+    with pytest.raises(ConfigError, match="^record 3: "):  # records without a file are named by position
+        check_tokenizer(thinks, [{"messages": CHAT}, {"text": "x"}, {"messages": multi}])
+    check_tokenizer(tokenizer, records)
+    assert records[5] == {"messages": multi}  # records stay plain dicts to everything else

@@ -36,6 +36,22 @@ class DataError(ConfigError):
     """A malformed data file or record; the message names file and line."""
 
 
+class _Record(dict):
+    """A record read from a file: a dict (equal to the plain one) that remembers its "file:line" as `source`, so a
+    problem found later (check_tokenizer, with the tokenizer loaded) still names where the record came from."""
+
+    def __init__(self, record: dict, source: str):
+        super().__init__(record)
+        self.source = source
+
+
+def _where(record, index: int | None = None) -> str:
+    source = getattr(record, "source", None)
+    if source:
+        return source
+    return f"record {index + 1}" if index is not None else "a record"
+
+
 @dataclass
 class Example:
     """One document: labels are the input_ids where trained, IGNORE_INDEX elsewhere (not shifted)."""
@@ -103,7 +119,7 @@ def read_jsonl(path: str | Path, objective: str) -> list[dict]:
             if problem:
                 raise DataError(f"{path}:{lineno}: {problem}")
             record.pop(BUILTIN_TASK, None)
-            records.append(record)
+            records.append(_Record(record, f"{path}:{lineno}"))
     if not records:
         raise DataError(f"{path}: no records")
     return records
@@ -185,6 +201,8 @@ class Encoder:
         self.objective = objective
         self._label_ids: dict[str, tuple[int, ...]] = {}
         self._templates: dict[str, str] = {}
+        self._lead_ids: list[int] | None = None
+        self._header: str | None = None
 
     @property
     def eos(self) -> int:
@@ -198,6 +216,36 @@ class Encoder:
 
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    @property
+    def lead(self) -> list[int]:
+        """The special tokens the tokenizer puts before a text (BOS for Llama/Mistral-style tokenizers, none for
+        SmolLM2/Qwen); any it puts after one (add_eos_token=True) are not part of it."""
+        if self._lead_ids is None:
+            probe = "Hello"
+            full, plain = self.tokenizer(probe)["input_ids"], self._ids(probe)
+            self._lead_ids = next((full[:k] for k in range(len(full) - len(plain) + 1)
+                                   if full[k: k + len(plain)] == plain), [])
+        return self._lead_ids
+
+    def _document_ids(self, text: str) -> list[int]:
+        """A plain-text document's start (text record, dpo prompt, classification prompt): the text tokenized with
+        the tokenizer's leading special tokens, so every kind of document starts the same way, and without a
+        second BOS when the text already opens with one. Trailing special tokens (add_eos_token) are left out:
+        the callers end documents themselves."""
+        ids, lead = self._ids(text), self.lead
+        return ids if ids[: len(lead)] == lead else lead + ids
+
+    def _with_eos(self, ids: list[int]) -> list[int]:
+        """ids ending with end of sequence: appended only when they do not already end with it (TRL's rule)."""
+        return ids if ids and ids[-1] == self.eos else ids + [self.eos]
+
+    def _cut_left(self, ids: list[int], room: int) -> list[int]:
+        """At most `room` tokens of a prompt, its earliest text dropped first; its leading special tokens stay."""
+        if len(ids) <= room:
+            return ids
+        lead = len(self.lead) if ids[: len(self.lead)] == self.lead and room > len(self.lead) else 0
+        return ids[:lead] + ids[len(ids) - (room - lead):]
 
     def label_ids(self, task_name: str) -> tuple[int, ...]:
         if task_name not in self._label_ids:
@@ -229,14 +277,15 @@ class Encoder:
             return self.classification(record)
         if kind == "chat":
             return self.chat(record["messages"])
-        ids = (self.tokenizer(record["text"])["input_ids"] + [self.eos])[: self.max_length]
+        ids = self._with_eos(self._document_ids(record["text"]))[: self.max_length]
         return Example(ids, list(ids))
 
     def classification(self, record: dict) -> Example:
         """Prompt cut from the left (the template's tail stays) + the label word, the only trained token."""
         name = record[BUILTIN_TASK]
         choices = self.label_ids(name)
-        prompt = self._ids(self._templates[name].format(text=record["text"]))[-(self.max_length - 1):]
+        prompt = self._cut_left(self._document_ids(self._templates[name].format(text=record["text"])),
+                                self.max_length - 1)
         return Example(prompt + [choices[record["label"]]], [IGNORE_INDEX] * len(prompt) + [choices[record["label"]]],
                        choices)
 
@@ -247,45 +296,81 @@ class Encoder:
         A chat longer than max_length keeps its first max_length tokens if they hold its last trained token,
         else the max_length tokens that end at it: the earliest context is dropped (as a classification prompt
         is cut from its left), never the final answer and its end-of-turn."""
-        template = self.tokenizer.apply_chat_template
-        ids, labels, done = [], [], ""
-        for i, message in enumerate(messages):
-            pieces = []
-            if message["role"] == "assistant":
-                pieces.append((template(messages[:i], tokenize=False, add_generation_prompt=True) if i else "", False))
-            pieces.append((template(messages[: i + 1], tokenize=False), message["role"] == "assistant"))
-            for text, trained in pieces:
-                if not text.startswith(done):
-                    raise ConfigError("the tokenizer's chat template does not render a conversation as a prefix of "
-                                      "its continuation; convert the chats to {\"text\": ...} records")
-                piece = self._ids(text[len(done):])
-                ids += piece
-                labels += piece if trained else [IGNORE_INDEX] * len(piece)
-                done = text
+        ids, labels = [], []
+        for text, trained in self.chat_pieces(messages):
+            piece = self._ids(text)
+            ids += piece
+            labels += piece if trained else [IGNORE_INDEX] * len(piece)
         last = max((i for i, label in enumerate(labels) if label != IGNORE_INDEX), default=0)
         start = max(0, last + 1 - self.max_length)
         return Example(ids[start: start + self.max_length], labels[start: start + self.max_length])
 
+    def chat_pieces(self, messages: list[dict]) -> list[tuple[str, bool]]:
+        """The chat's text in consecutive pieces, each with whether it is trained; string-level (no tokenizing),
+        so check_tokenizer runs it over every chat. Before an assistant turn comes the untrained text the template
+        renders up to that turn's content: the generation prompt after earlier turns, and for a chat that opens
+        with the assistant, what the template renders before a lone assistant message's content (a default
+        system prompt, the role header), as it would be after an explicit system message."""
+        template = self.tokenizer.apply_chat_template
+        pieces, done = [], ""
+        for i, message in enumerate(messages):
+            texts = []
+            if message["role"] == "assistant":
+                texts.append((template(messages[:i], tokenize=False, add_generation_prompt=True) if i
+                              else self._assistant_header(), False))
+            texts.append((template(messages[: i + 1], tokenize=False), message["role"] == "assistant"))
+            for text, trained in texts:
+                if not text.startswith(done):
+                    raise ConfigError("the tokenizer's chat template does not render a conversation as a prefix of "
+                                      "its continuation; convert the chats to {\"text\": ...} records")
+                if len(text) > len(done):
+                    pieces.append((text[len(done):], trained))
+                done = text
+        return pieces
+
+    _SENTINEL = "\u2063fastft-assistant-content\u2063"
+
+    def _assistant_header(self) -> str:
+        """What the template renders before the content of a chat's opening assistant message."""
+        if self._header is None:
+            rendered = self.tokenizer.apply_chat_template([{"role": "assistant", "content": self._SENTINEL}],
+                                                          tokenize=False)
+            if rendered.count(self._SENTINEL) != 1:
+                raise ConfigError("the tokenizer's chat template does not render an assistant message's content "
+                                  "verbatim, so a chat that opens with the assistant cannot be split into trained "
+                                  "and untrained text; start such chats with a system or user message")
+            self._header = rendered[: rendered.index(self._SENTINEL)]
+        return self._header
+
     def pair(self, record: dict) -> Pair:
         """Responses (with end of sequence) keep at most half the length; the prompt is cut from its left."""
-        prompt = self._ids(record["prompt"])
-        responses = [(self._ids(record[k]) + [self.eos])[: self.max_length // 2] for k in ("chosen", "rejected")]
+        responses = [self._with_eos(self._ids(record[k]))[: self.max_length // 2] for k in ("chosen", "rejected")]
         room = self.max_length - max(len(r) for r in responses)
-        prompt = prompt[-room:] if room > 0 else prompt[:1]
+        prompt = self._cut_left(self._document_ids(record["prompt"]), max(room, 1))
         chosen, rejected = (Example(prompt + r, [IGNORE_INDEX] * len(prompt) + r) for r in responses)
         return Pair(chosen, rejected)
 
 
 def check_tokenizer(tokenizer, records: list[dict], objective: str = "sft") -> None:
     """Fail before the model loads when the tokenizer cannot encode the data (no chat template, no end of
-    sequence, ...): one record of each kind is encoded."""
+    sequence, ...): one record of each kind is encoded, and every chat is rendered turn by turn (string-level,
+    no tokenizing), since a template may break only on some chats (multi-turn ones, say); the error names the
+    record's file and line."""
     encoder = Encoder(tokenizer, 64, objective)
     first = {}
-    for record in records:
-        first.setdefault(encoder.kind(record), record)
-    if "chat" in first and not getattr(tokenizer, "chat_template", None):
-        raise ConfigError("the data has chat records but the tokenizer has no chat template")
-    for record in first.values():
+    for index, record in enumerate(records):
+        kind = encoder.kind(record)
+        first.setdefault(kind, (index, record))
+        if kind != "chat":
+            continue
+        if not getattr(tokenizer, "chat_template", None):
+            raise ConfigError("the data has chat records but the tokenizer has no chat template")
+        try:
+            encoder.chat_pieces(record["messages"])
+        except Exception as e:  # the template's own errors too (e.g. "roles must alternate")
+            problem = str(e) if isinstance(e, ConfigError) else f"the chat template fails on it: {e}"
+            raise ConfigError(f"{_where(record, index)}: {problem}") from None
+    for _, record in first.values():
         encoder.encode(record)
 
 
