@@ -297,3 +297,14 @@ def test_padded_decoding_fallback_keeps_causal_and_window(window):
                                    v[b:b + 1, :, keep].transpose(1, 2), causal=True, window=window,
                                    softmax_scale=D ** -0.5)
         assert_close(out[b:b + 1], want, torch.float32, f"row {b}, window {window}")
+
+
+def test_inference_mode_forward(fastft_attention):
+    """position_ids made under torch.inference_mode have no version counter (the packing memo skips them)."""
+    model = tiny_llama().eval()
+    ids = torch.randint(3, 128, (1, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    with torch.inference_mode():
+        got = model(input_ids=ids).logits
+    assert_close(got.clone(), want, torch.float32, "inference_mode forward")

@@ -201,6 +201,26 @@ def test_transformers_attention_function_compiles(packed, monkeypatch):
     assert_compiles_like_eager(fn, q, k, v, ops=OPS)
 
 
+def test_packed_rows_of_a_larger_batch_are_refused_while_compiled(monkeypatch):
+    """Rows of B > 1 are taken as unpacked while traced; an in-graph assertion (no sync) stops packed ones rather
+    than attending across their documents. Unpacked rows run."""
+    import fastft.integration.attention as integration
+
+    layer = _Layer()
+    q, k, v = _t(2, 4, 9, 16), _t(2, 2, 9, 16), _t(2, 2, 9, 16)
+
+    def fn(q, k, v, pos):
+        return integration.fastft_attention_forward(layer, q, k, v, None, scaling=0.25, position_ids=pos)[0]
+
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
+    plain = torch.arange(9, device=DEVICE)[None].expand(2, -1)
+    torch.testing.assert_close(compiled(q, k, v, plain), fn(q, k, v, plain))
+    packed = torch.cat([torch.arange(4), torch.arange(5)]).to(DEVICE)[None].expand(2, -1)
+    with pytest.raises(RuntimeError, match="cannot separate without reading them"):
+        compiled(q, k, v, packed)
+
+
 # ----------------------------------------------------------------------------------------------
 # CUDA graphs (GPU only: never run on the CPU CI)
 

@@ -221,3 +221,17 @@ def test_a_sliding_window_smaller_than_prefix_plus_sequence_is_refused():
             batch = ids(batch=1 if mask is None else 2, seq=6)
             with pytest.raises(ValueError, match="a 8-token sequence pass the window of 12"):
                 ours.generate(input_ids=batch, attention_mask=mask, max_new_tokens=3, do_sample=False)
+
+
+def test_generation_from_inputs_embeds():
+    """generate(inputs_embeds=...) (transformers reads the wrapped prepare_inputs_for_generation's signature)
+    gives the tokens generate(input_ids=...) gives."""
+    ours, _ = _pair()
+    perturb_trainables(ours, std=1.0)
+    ours.eval()
+    batch = ids(batch=1, seq=6)
+    with torch.no_grad():
+        embeds = ours.get_base_model().get_input_embeddings()(batch)
+        from_ids = ours.generate(input_ids=batch, max_new_tokens=3, do_sample=False)
+        from_embeds = ours.generate(inputs_embeds=embeds, max_new_tokens=3, do_sample=False)
+    assert torch.equal(from_embeds[0, -3:], from_ids[0, -3:])

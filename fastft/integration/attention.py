@@ -32,6 +32,11 @@ NAME = "fastft"
 _backend = "auto"
 
 
+_PACKED_ROWS_UNDER_COMPILE = (
+    "attn_implementation='fastft' under torch.compile: position_ids restart inside the rows of a batch of several "
+    "rows (packed documents), which the traced graph cannot separate without reading them: pack into one row "
+    "(batch 1), pass the collator's cu_seq_lens_q/k with it (fastft.integration.packing.PackingCollator, "
+    "DataCollatorWithFlattening(return_flash_attn_kwargs=True)), or run this batch eagerly")
 _memo: tuple = ()  # (weakref to position_ids, its version, batch size, result): one host read per forward
 
 
@@ -43,7 +48,8 @@ def _packed_documents(position_ids, batch_size: int):
     value; a row that continues a document from an earlier chunk is one document). Eagerly this reads the values
     once per forward (every layer gets the same position_ids tensor). Under torch.compile a value read would break
     the graph: a single row (B == 1) then gets cu_seqlens built in the graph, padded to S + 1 entries with S (empty
-    documents the op drops after reading them in its body); rows of B > 1 are taken as unpacked there."""
+    documents the op drops after reading them in its body); rows of B > 1 are taken as unpacked there, and an
+    in-graph assertion stops a run whose rows are packed (no read, no sync: fails on the device)."""
     global _memo
     if position_ids is None or position_ids.shape[-1] == 1:
         return None
@@ -51,19 +57,22 @@ def _packed_documents(position_ids, batch_size: int):
     starts = F.pad(rows.diff(dim=-1) != 1, (1, 0), value=True).reshape(-1)
     total = starts.numel()
     if compiling():
-        if batch_size != 1:
+        if batch_size != 1:  # separating them would read the values (a sync a layer): refused in the graph instead
+            torch._assert_async(~starts.view(batch_size, -1)[:, 1:].any(), _PACKED_ROWS_UNDER_COMPILE)
             return None
         index = torch.arange(total, device=starts.device)
         first = torch.sort(torch.where(starts, index, total)).values
         return F.pad(first, (0, 1), value=total).to(torch.int32), None
-    if _memo and _memo[0]() is position_ids and _memo[1:3] == (position_ids._version, batch_size):
+    version = None if position_ids.is_inference() else position_ids._version  # inference tensors have none
+    if version is not None and _memo and _memo[0]() is position_ids and _memo[1:3] == (version, batch_size):
         return _memo[3]
     at = starts.nonzero().reshape(-1).to(torch.int32)
     result = None
     if at.numel() > batch_size:  # a row holds a second document
         cu = F.pad(at, (0, 1), value=total)
         result = cu, int(cu.diff().max())
-    _memo = (weakref.ref(position_ids), position_ids._version, batch_size, result)
+    if version is not None:
+        _memo = (weakref.ref(position_ids), version, batch_size, result)
     return result
 
 

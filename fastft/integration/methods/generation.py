@@ -12,8 +12,9 @@ def generate_adjusting_inputs(base: nn.Module, adjust: Callable[[dict], dict], a
     passed through `adjust` first. The wrapper is an instance attribute for the call only."""
     prepare = base.prepare_inputs_for_generation
 
-    def adjusted(*args, **kwargs):  # transformers reads this signature: it must take **kwargs
-        return adjust(prepare(*args, **kwargs))
+    # transformers reads this signature: generate(inputs_embeds=...) needs the parameter named, and **kwargs
+    def adjusted(*args, inputs_embeds=None, **kwargs):
+        return adjust(prepare(*args, inputs_embeds=inputs_embeds, **kwargs))
 
     base.prepare_inputs_for_generation = adjusted
     try:
