@@ -259,3 +259,13 @@ def test_nf4_weights_refuse_to_require_grad():
             attempt()
     assert not w.requires_grad and w.requires_grad_(False) is w
     assert not nn.Parameter(w, requires_grad=False).requires_grad and layer.requires_grad_(False) is layer
+
+
+@pytest.mark.parametrize("scale", [2e-38, 1e-40, 1e38])
+def test_double_quant_of_scales_at_fp32_limits_is_refused(scale):
+    """Finite weights whose block scales sit at fp32's limits overflow the nested 8-bit code (1/scale or the scales'
+    mean): a ValueError saying what to do, not an IndexError from a garbage code (or bitsandbytes' NaN scales)."""
+    w = (torch.rand(4, 64, generator=torch.Generator().manual_seed(0)) + 0.5) * scale
+    with pytest.raises(ValueError, match="double_quant=False"):
+        quantize_nf4(w, blocksize=64, double_quant=True)
+    assert torch.isfinite(quantize_nf4(w, blocksize=64, double_quant=False).dequantize(torch.float32)).all()

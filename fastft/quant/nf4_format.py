@@ -149,7 +149,7 @@ def quantize_blockwise8_torch(v: torch.Tensor, blocksize: int = NESTED_BLOCKSIZE
     inv = 1.0 / torch.where(am == 0, torch.ones_like(am), am)
     scaled = (blocks * inv.view(-1, 1)).clamp_(-1, 1)
     bins = ((scaled + 1.0) * 0.5) * (_LUT_BINS - 1)
-    bins = (bins + 0.5).to(torch.int32)  # truncation, as the C cast
+    bins = (bins + 0.5).to(torch.int32).clamp_(0, _LUT_BINS - 1)  # truncation, as the C cast (NaN: refused after)
     q = blockwise8_lut(str(v.device))[bins.long()]
     q[am == 0] = 0
     return q.view(-1)[:n], am
@@ -169,4 +169,10 @@ def double_quantize(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
     """absmax fp32 → (q uint8, absmax2 fp32, code2 fp32[256], offset) as bitsandbytes' compress_statistics."""
     offset = absmax.mean()  # torch's own fp32 mean, as bitsandbytes takes it
     q, absmax2 = quantize_blockwise8_torch(absmax - offset)
+    # scales near fp32's limits (|w| ~ 1e-38 or ~ 1e38) overflow the mean or 1/(a group's largest |scale - mean|):
+    # the codes would be garbage (bitsandbytes returns NaN scales for the huge case)
+    if not bool(torch.isfinite(offset)) or not bool(torch.isfinite(1.0 / absmax2[absmax2 > 0]).all()):
+        raise ValueError(f"quantize_nf4(double_quant=True): block scales from {float(absmax.min()):.3g} to "
+                         f"{float(absmax.max()):.3g} are beyond what the 8-bit nested code holds in fp32; quantize "
+                         "this weight with double_quant=False (or rescale it)")
     return q, absmax2, dynamic_code(str(absmax.device)).clone(), float(offset.item())
