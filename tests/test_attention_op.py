@@ -240,6 +240,13 @@ def test_cu_seqlens_padded_with_empty_documents(backend):
     assert_close(got, want, torch.float32, "output")
     for name in "qkv":
         assert_close(got_grads[name], want_grads[name], torch.float32, f"d{name}")
+    # a prefix per document (23 of them): the dropped empty ones get zero prefix gradients (the fuzz found a crash)
+    args.update(prefix_k=torch.randn(23, 3, 4, 16, generator=g), prefix_v=torch.randn(23, 3, 4, 16, generator=g))
+    got, got_grads = run_with_grads(flash_attention, args, dout, causal=True, cu_seqlens=padded, backend=backend)
+    want, want_grads = reference_with_grads(args, dout, causal=True, cu_seqlens=padded)
+    assert_close(got, want, torch.float32, "output with prefixes")
+    for name in ("q", "k", "v", "prefix_k", "prefix_v"):
+        assert_close(got_grads[name], want_grads[name], torch.float32, f"d{name} with prefixes")
 
 
 def test_attention_sdpa_half_inputs_compute_in_fp32():

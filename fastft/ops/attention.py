@@ -286,8 +286,13 @@ def _backward(do, q, k, v, o, lse, prefix_k, prefix_v, cu_seqlens, max_seqlen, s
     from fastft.kernels.attention_bwd import attention_backward
 
     q, k, v, prefix_k, prefix_v = (_unit_last(t) for t in (q, k, v, prefix_k, prefix_v))
-    return attention_backward(_unit_last(to_dtype(do, q.dtype)), q, k, v, o, lse, sm_scale=scale, left=left, right=right,
-                              cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, prefix_k=prefix_k, prefix_v=prefix_v)
+    dq, dk, dv, dpk, dpv = attention_backward(_unit_last(to_dtype(do, q.dtype)), q, k, v, o, lse, sm_scale=scale,
+                                              left=left, right=right, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
+                                              prefix_k=prefix_k, prefix_v=prefix_v)
+    if dpk is not None and dpk.shape[0] < prefix_k.shape[0]:
+        # a prefix per document, and the empty documents at the end dropped (_resolve_max_seqlen): theirs get zeros
+        dpk, dpv = (torch.cat([g, g.new_zeros(prefix_k.shape[0] - g.shape[0], *g.shape[1:])]) for g in (dpk, dpv))
+    return dq, dk, dv, dpk, dpv
 
 
 class FlashAttentionFunction(torch.autograd.Function):

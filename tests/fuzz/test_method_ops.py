@@ -139,9 +139,6 @@ def _dora_case(data, backend, nf4):
     y_extra = y_extra.abs()
     g_extra = {n: t.abs() for n, t in g_extra.items()}
     g_extra["magnitude"] = gmags["magnitude"] * sig_rel
-    if b is not None:
-        dyA = ref.f64(dy).abs().reshape(-1, N)
-        gmags["magnitude"] = gmags["magnitude"] + (dyA * (ref.f64(b).abs() / ref.f64(m).abs())).sum(0)
     T = M * (1 if not lead else int(torch.tensor(lead).prod()))
     lengths = {"y": (K, r), "x": (N, r), "bias": (T,), "lora_A": (N, T), "lora_B": (K, T), "magnitude": (T,)}
     n_round = DORA_N_ROUND + (4 if nf4 else 0) + (DORA_DROPOUT_ROUND if p > 0 else 0)
