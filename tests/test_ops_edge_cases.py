@@ -321,3 +321,16 @@ def test_dpo_on_an_empty_batch_is_zero_with_zero_gradients(backend):
     assert W.grad is not None and (W.grad == 0).all()
     ref_loss = linear_dpo_loss_reference(chosen, rejected, W, labels, labels, **kwargs)[0]
     assert ref_loss.item() == 0.0
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=interpreter_only)])
+def test_rope_inplace_on_a_tensor_sharing_memory_is_refused(backend):
+    """q expanded over the sequence (stride 0): every position is one memory row, so no in-place rotation can be
+    right; the Triton backend wrote it silently (the torch one raised torch's copy_ error)."""
+    from fastft.ops.rope import rope_
+
+    q = torch.randn(1, 2, 1, 8).expand(1, 2, 4, 8)
+    k = torch.randn(1, 2, 4, 8)
+    cos, sin = torch.randn(1, 4, 8), torch.randn(1, 4, 8)
+    with pytest.raises(ValueError, match="`q` has elements that share memory"):
+        rope_(q, k, cos, sin, backend=backend)

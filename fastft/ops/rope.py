@@ -230,6 +230,11 @@ def rope_(q, k, cos=None, sin=None, *, position_ids=None, inv_freq=None, attenti
     """
     cos, sin = _cos_sin(position_ids, cos, sin, inv_freq, attention_scaling, q, "rope_")
     validate_rope_args(q, k, cos, sin, unsqueeze_dim, op="rope_")
+    if not compiling():  # a tensor whose positions share memory (e.g. expanded) has no one right rotation
+        for name, t in (("q", q), ("k", k)):
+            check(torch._debug_has_internal_overlap(t) != 1,
+                  lambda: f"rope_: `{name}` has elements that share memory (strides {t.stride()}, e.g. expanded), "
+                          "which an in-place rotation cannot write; pass a contiguous copy, or use rope")
     backend = resolve_backend("rope_", backend, q.device)
     if backend == "torch" or q.numel() == 0 or cos.requires_grad or sin.requires_grad:
         q_new, k_new = rope_reference(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim)
