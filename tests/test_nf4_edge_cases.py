@@ -44,6 +44,30 @@ def test_copy_into_a_weight_decodes_with_the_new_offset(double_quant):
     assert torch.equal(param.dequantize(), src.dequantize())
 
 
+def test_copy_into_some_rows_of_a_double_quantized_weight_keeps_the_other_rows():
+    # rows 0:4 hold one whole group of nested scales (they share the weight's offset); rows 0:2 are un-nested (their
+    # decoded scales copied): a source quantized on its own shifted every other row's scales (max error 5.2), or
+    # left the weight's old scales under the new codes
+    torch.manual_seed(0)
+    w = quantize_nf4(torch.randn(16, 4096), blocksize=64)
+    before = w.dequantize(torch.float32).clone()
+    with pytest.raises(ValueError, match="rows 0:4 .*another nested offset"):
+        w[0:4].copy_(quantize_nf4(torch.randn(4, 4096) * 3, blocksize=64))
+    with pytest.raises(ValueError, match="rows 0:4 .*another nested offset"):
+        w[0:4].detach().view(-1).copy_(quantize_nf4(torch.randn(4 * 4096) * 3, blocksize=64))
+    with pytest.raises(ValueError, match="rows 0:2 .*copy of their decoded scales"):
+        w[0:2].copy_(quantize_nf4(torch.randn(2, 4096), blocksize=64, double_quant=False))
+    assert torch.equal(w.dequantize(torch.float32), before)
+
+    w[0:4].copy_(w[8:12])  # rows of the same weight share its offset: copied exactly
+    assert torch.equal(w.dequantize(torch.float32)[0:4], before[8:12])
+    assert torch.equal(w.dequantize(torch.float32)[4:], before[4:])
+    plain = quantize_nf4(torch.randn(16, 4096), blocksize=64, double_quant=False)
+    src = quantize_nf4(torch.randn(2, 4096), blocksize=64, double_quant=False)
+    plain[0:2].copy_(src)  # without double quantization rows own their scales: any source
+    assert torch.equal(plain.dequantize()[0:2], src.dequantize())
+
+
 # ----------------------------------------------------------------------------------------------
 # 2. share_memory acts on the inner tensors
 
@@ -254,10 +278,16 @@ def test_nf4_weights_refuse_to_require_grad():
     layer = NF4Linear.from_linear(nn.Linear(64, 32))
     w = quantize_nf4(torch.randn(32, 64))
     message = r"shape \(32, 64\) is frozen.*Train adapters.*weight\.dequantize\(dtype\)"
-    for attempt in (lambda: w.requires_grad_(), lambda: nn.Parameter(w), lambda: layer.requires_grad_(True)):
+
+    def set_flag(t):  # a full fine-tuning loop: `for p in model.parameters(): p.requires_grad = True`
+        t.requires_grad = True
+
+    for attempt in (lambda: w.requires_grad_(), lambda: nn.Parameter(w), lambda: layer.requires_grad_(True),
+                    lambda: set_flag(w), lambda: set_flag(layer.weight)):
         with pytest.raises(RuntimeError, match=message):
             attempt()
-    assert not w.requires_grad and w.requires_grad_(False) is w
+    w.requires_grad = False
+    assert not w.requires_grad and not layer.weight.requires_grad and w.requires_grad_(False) is w
     assert not nn.Parameter(w, requires_grad=False).requires_grad and layer.requires_grad_(False) is layer
 
 

@@ -106,7 +106,7 @@ def _check_prefix_window(kw: dict, longest) -> None:
 def _cached_length(key, position_ids, prefix) -> int:
     """How far the sequence reaches with a KV cache: the last query's position + 1 (a static cache's key slots run
     past it), counted after the prefix, which the prefix room's positions start at; the key count otherwise."""
-    if prefix is None or position_ids is None or prefix[0].shape[1] == 0 or compiling():
+    if prefix is None or position_ids is None or compiling():
         return key.shape[2]
     return int(position_ids.max()) + 1 - prefix[0].shape[1]
 
@@ -149,7 +149,7 @@ def _sdpa_fallback(query, key, value, mask, scaling, is_causal, window=None, pre
                       for p, t in zip(prefix, (key, value)))
         if mask is not None:  # prefix columns: seen (True, or 0 added to a float mask)
             seen = mask.new_ones if mask.dtype == torch.bool else mask.new_zeros
-            mask = torch.cat([seen(*mask.shape[:-1], P).expand(*mask.shape[:-1], P), mask], dim=-1)
+            mask = torch.cat([seen(*mask.shape[:-1], P), mask], dim=-1)
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling,
                                          enable_gqa=gqa_flag(query.shape[1], key.shape[1]))
     return out.transpose(1, 2)

@@ -223,11 +223,6 @@ def _validate(q, k, v, causal, softmax_scale, cu_seqlens, max_seqlen, prefix_k, 
     _check(isinstance(causal, bool), lambda: f"flash_attention: `causal` must be a bool, got {causal!r}")
 
 
-def _check_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> int:
-    """Checks the values (one device sync) and returns the longest document."""
-    return _read_cu_seqlens(cu_seqlens, total)[0]
-
-
 def _read_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> tuple[int, int]:
     """Checks the values (one device sync); returns the longest document and the number of documents before the
     empty ones at the end (cu_seqlens padded with `total`, as the attention integration builds it in a graph)."""
@@ -265,7 +260,7 @@ def _resolve_max_seqlen(cu_seqlens, max_seqlen, total: int, device: torch.device
         return cu_seqlens[:n_docs + 1], longest
     if debug and os.environ.get("FASTFT_DEBUG", "0") == "1" and not capturing(device):
         # the caller's contract, checked at the cost of a sync
-        longest = _check_cu_seqlens(cu_seqlens, total)
+        longest = _read_cu_seqlens(cu_seqlens, total)[0]
         _check(longest <= max_seqlen, f"flash_attention: `max_seqlen`={max_seqlen} is smaller than the longest "
                                       f"document ({longest} tokens)")
     return cu_seqlens, min(max_seqlen, total)  # no document is longer than all tokens: bounds the grid
@@ -407,7 +402,7 @@ def flash_attention(q, k, v, *, causal=False, softmax_scale=None, cu_seqlens=Non
     # an empty q under torch.compile takes the custom op too (the torch path would read cu_seqlens on the host)
     if backend == "torch" or (q.numel() == 0 and not compiling()):
         if cu_seqlens is not None:  # the torch path reads cu_seqlens on the host anyway: checking is free
-            longest = _check_cu_seqlens(cu_seqlens, q.shape[0])
+            longest = _read_cu_seqlens(cu_seqlens, q.shape[0])[0]
             _check(max_seqlen is None or longest <= max_seqlen,
                    f"flash_attention: `max_seqlen`={max_seqlen} is smaller than the longest document ({longest} tokens)")
         return attention_sdpa(q, k, v, causal=causal, softmax_scale=scale, cu_seqlens=cu_seqlens,

@@ -100,11 +100,17 @@ def row_range(w, r0: int, r1: int):
     if not w.double_quant:
         return w.with_parts(packed=packed, absmax=w.absmax[b0:b1], shape=shape)
     g = w.nested_blocksize
+    of = f"rows {r0}:{r1} of a double-quantized NF4Weight of shape {tuple(w.shape)}"
     if b0 % g == 0 and (b1 - b0) % g == 0:  # whole groups of nested scales: keep them 8-bit
-        return w.with_parts(packed=packed, absmax=w.absmax[b0:b1], absmax2=w.absmax2[b0 // g: b1 // g], shape=shape)
+        part = w.with_parts(packed=packed, absmax=w.absmax[b0:b1], absmax2=w.absmax2[b0 // g: b1 // g],
+                            shape=shape)
+        part._part_of = of + " (sharing its nested offset)"
+        return part
     # un-nest: the decoded fp32 scales of these blocks (what dequantize computes), so the slice stands alone
-    return w.with_parts(packed=packed, absmax=w.block_absmax()[b0:b1].clone(), absmax2=None, code2=None,
+    part = w.with_parts(packed=packed, absmax=w.block_absmax()[b0:b1].clone(), absmax2=None, code2=None,
                         offset=0.0, shape=shape)
+    part._part_of = of + " (its codes, with a copy of their decoded scales)"
+    return part
 
 
 def zero_weight(shape, dtype, blocksize: int, nested: bool, device, *, nested_blocksize: int = fmt.NESTED_BLOCKSIZE,
@@ -280,6 +286,25 @@ def layout(w) -> tuple:
     return (tuple(w.shape), w.blocksize, w.double_quant, w.nested_blocksize if w.double_quant else None)
 
 
+def _check_copy_into_part(dst, src) -> None:
+    """Rows of a double-quantized weight take an in-place copy only when it leaves the other rows' scales right:
+    un-nested rows hold a copy of their scales (the parent would keep its old ones under the new codes), and
+    nested rows share the parent's offset (a source quantized with another offset would shift every other row)."""
+    if dst._part_of is None:
+        return
+    if not dst.double_quant:
+        raise ValueError(f"NF4Weight.copy_: the destination is {dst._part_of}; writing codes into it would leave "
+                         "the weight's own scales for them unchanged. Quantize the whole weight and copy it in, or "
+                         "quantize with double_quant=False")
+    same = src.nested_offset is dst.nested_offset or torch.equal(src.nested_offset.to(dst.device),
+                                                                dst.nested_offset)
+    if not same:
+        raise ValueError(f"NF4Weight.copy_: the destination is {dst._part_of}, and the source was quantized with "
+                         "another nested offset (the mean of its own block scales): copying it in would shift the "
+                         "scales of every other row. Quantize the whole weight and copy it in, or quantize with "
+                         "double_quant=False")
+
+
 @_implements(aten.copy_.default)
 def _copy_(func, dst, src, non_blocking=False):
     from fastft.quant.nf4_weight import NF4Weight
@@ -289,6 +314,7 @@ def _copy_(func, dst, src, non_blocking=False):
                                   "(quantize it first with fastft.quant.quantize_nf4)")
     if layout(src) != layout(dst):
         raise ValueError(f"NF4Weight.copy_: layouts differ ({src!r} into {dst!r})")
+    _check_copy_into_part(dst, src)
     for a, b in zip(dst._tensors(), src._tensors()):
         a.copy_(b, non_blocking=non_blocking)
     if dst.double_quant:  # in place, so views taken of dst before see it too (their cached float is re-read)

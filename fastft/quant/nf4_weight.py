@@ -83,6 +83,9 @@ class NF4Weight(torch.Tensor):
                 self.nested_offset = torch.tensor(float(offset), dtype=torch.float32, device=packed.device)
                 self._offset_cache = (tensor_version(self.nested_offset), float(offset))
         self.nested_blocksize = int(nested_blocksize)
+        # set by row slicing (nf4_tensor_ops.row_range) on some rows of a double-quantized weight: an in-place
+        # copy_ into them must leave the other rows' scales as they are
+        self._part_of: str | None = None
         self.code = fmt.nf4_code(str(packed.device)) if code is None else _flat(code)
         self._validate()
 
@@ -225,6 +228,8 @@ class NF4Weight(torch.Tensor):
         out = NF4Weight(**fields)
         if out.nested_offset is not None and out.nested_offset is self.nested_offset:
             out._offset_cache = self._offset_cache
+        if out.packed is self.packed:  # a view of the same bytes (detach, view): what it is a part of stays
+            out._part_of = self._part_of
         return out
 
     # ------------------------------------------------------------------------------------------
@@ -245,11 +250,26 @@ class NF4Weight(torch.Tensor):
 
     def requires_grad_(self, requires_grad: bool = True) -> NF4Weight:
         if requires_grad:  # the 4-bit codes have no gradient: a weight that claimed one would silently not train
-            raise RuntimeError(f"NF4Weight of shape {tuple(self.shape)} is frozen: it cannot require gradients "
-                               "(requires_grad_(True), nn.Parameter(weight) without requires_grad=False, or "
-                               "module.requires_grad_(True) over a quantized model). Train adapters on it (e.g. LoRA "
-                               "with fastft.get_peft_model), or train a dense copy: weight.dequantize(dtype)")
+            raise self._frozen_error()
         return super().requires_grad_(False)
+
+    # `weight.requires_grad = True` (a full fine-tuning loop over model.parameters()) sets torch's flag directly
+    @property
+    def requires_grad(self) -> bool:
+        return torch._C.TensorBase.requires_grad.__get__(self)
+
+    @requires_grad.setter
+    def requires_grad(self, value: bool) -> None:
+        if value:
+            raise self._frozen_error()
+        torch._C.TensorBase.requires_grad.__set__(self, False)
+
+    def _frozen_error(self) -> RuntimeError:
+        return RuntimeError(f"NF4Weight of shape {tuple(self.shape)} is frozen: it cannot require gradients "
+                            "(requires_grad = True, requires_grad_(True), nn.Parameter(weight) without "
+                            "requires_grad=False, or module.requires_grad_(True) over a quantized model). Train "
+                            "adapters on it (e.g. LoRA with fastft.get_peft_model), or train a dense copy: "
+                            "weight.dequantize(dtype)")
 
     def cuda(self, device=None, non_blocking: bool = False, **_) -> NF4Weight:
         device = torch.cuda.current_device() if device is None else device
