@@ -546,3 +546,27 @@ def test_fp16_weight_and_lora_gradients_do_not_overflow(backend, monkeypatch):
     want = _grads(F.cross_entropy(logits, labels), refs)
     for name, a, b in zip(["hidden", "weight", "lora_A", "lora_B"], got, want):
         assert rel_err(a, b) <= 5e-3, name
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=interpreter_only)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_grad_output_scales_the_gradients_in_fp32(backend, dtype, monkeypatch):
+    """The training loop backprops loss·(world/count): a grad_output rounded to bf16 before it scaled the saved
+    gradients made grad(loss/3) = 0.334·grad(loss) (a bf16 1/3). Scalar losses, per-row losses (the frozen-head dh
+    the DPO log-probs take), and the chunked fp32 temporary (a small chunk here) all scale by the exact factor."""
+    monkeypatch.setattr(chunked_logits, "_FP32_TEMP", 64)
+    torch.manual_seed(0)
+    h, W = torch.randn(40, 32).to(dtype), (torch.randn(100, 32) * 0.2).to(dtype)
+    y = torch.randint(0, 100, (40,))
+    head = nn.Linear(32, 100, bias=False).to(dtype).requires_grad_(False)
+    head.weight.copy_(W)
+    for loss_of, inputs in ((lambda hh, ww: linear_cross_entropy(hh, ww, y, reduction="sum", backend=backend),
+                             (_leaf(h), _leaf(W))),
+                            (lambda hh: lm_head_cross_entropy(hh, head, y, reduction="none", backend=backend).sum(),
+                             (_leaf(h),))):
+        whole = _grads(loss_of(*inputs), inputs)
+        third = _grads(loss_of(*inputs) / 3, inputs)
+        for g1, g3 in zip(whole, third):
+            ratio = (g3.double().norm() / g1.double().norm()).item()
+            # 3·(1/3 rounded): 1.002 in bf16, 0.99976 in fp16; the rounding of the gradients' own entries ~1e-4, 1e-5
+            assert abs(ratio * 3 - 1) < (1e-3 if dtype == torch.bfloat16 else 1e-4), ratio

@@ -81,7 +81,9 @@ def test_double_backward_through_triton_ops_is_refused(name):
     inputs = [t.detach().clone().requires_grad_(True) for t in tensors]
     out = fn(*inputs)
     objective = out.float().square().sum() if out.dim() else out
-    with pytest.raises(RuntimeError, match="cannot be differentiated twice.*backend='torch'"):
+    # the losses make their gradients chunk by chunk on the torch backend too: they name their references
+    advice = "linear_cross_entropy_reference" if name.startswith("linear_") else "backend='torch'"
+    with pytest.raises(RuntimeError, match=f"cannot be differentiated twice.*{advice}"):
         g = torch.autograd.grad(objective, inputs[0], create_graph=True)[0]
         torch.autograd.grad(objective + g.float().square().sum(), inputs[-1])
 

@@ -203,3 +203,96 @@ def test_objectives_refuse_logit_scaling_they_do_not_apply():
                                            num_attention_heads=4, num_key_value_heads=2, logit_scale=0.0625))
     with pytest.raises(ConfigError, match=r"config.logit_scale = 0.0625"):
         ObjectiveModel(model, "sft")
+
+
+def test_logit_transforms_after_the_head_are_refused():
+    """Falcon-H1 multiplies its logits by lm_head_multiplier (SFT loss 10.87 against the model's own 5.03); a
+    multimodal config (Gemma3n) keeps its softcap on the text config; any other transform after the head is caught
+    by comparing the model's logits with head(hidden states) once at load."""
+    from types import SimpleNamespace
+
+    from transformers import FalconH1Config, FalconH1ForCausalLM
+
+    from fastft.apps.training.config import ConfigError
+    from fastft.apps.training.objectives import check_head_gives_logits, final_softcap
+    from tests.utils import tiny_llama
+
+    falcon = FalconH1ForCausalLM(FalconH1Config(vocab_size=128, hidden_size=64, intermediate_size=96,
+                                                num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                                                mamba_d_ssm=64, mamba_n_heads=4, mamba_d_head=16,
+                                                lm_head_multiplier=0.25))
+    with pytest.raises(ConfigError, match=r"config.lm_head_multiplier = 0.25"):
+        final_softcap(falcon)
+
+    text = SimpleNamespace(final_logit_softcapping=30.0)
+    composite = torch.nn.Module()
+    composite.config = SimpleNamespace(final_logit_softcapping=None, get_text_config=lambda: text)
+    assert final_softcap(composite) == 30.0
+
+    model = tiny_llama().train()
+    check_head_gives_logits(model, "--model tiny")  # a plain Llama passes, and is left in its mode
+    assert model.training
+    forward = model.forward
+
+    def scaled(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        out.logits = out.logits * 4
+        return out
+
+    model.forward = scaled
+    with pytest.raises(ConfigError, match=r"--model tiny: LlamaForCausalLM transforms its logits after the head"):
+        check_head_gives_logits(model, "--model tiny")
+
+
+def test_distillation_from_a_teacher_with_a_padded_head():
+    """Teachers' heads are often padded past the shared tokenizer (Qwen2.5 0.5B: 151936 rows, 7B: 152064): KL over
+    the logits both heads have, CE over the student's; a head smaller than the tokenizer is refused."""
+    import torch.nn.functional as F
+
+    from fastft.apps.training.config import ConfigError
+    from fastft.apps.training.objectives import check_vocab_rows, distill_loss_sum
+    from tests.utils import tiny_llama
+
+    g = torch.Generator().manual_seed(0)
+    hidden, t_hidden = torch.randn(7, 16, generator=g), torch.randn(7, 24, generator=g)
+    head, t_head = torch.nn.Linear(16, 128, bias=False), torch.nn.Linear(24, 136, bias=False)
+    targets = torch.randint(0, 128, (7,), generator=g)
+    got = distill_loss_sum(hidden, head, t_hidden, t_head, targets, kl_weight=1.0, reverse_kl_weight=0.5,
+                           ce_weight=0.25, temperature=2.0)
+    with torch.no_grad():
+        got = got.detach()
+        s, t = head(hidden).double(), t_head(t_hidden)[:, :128].double()
+        s_log, t_log = F.log_softmax(s / 2, -1), F.log_softmax(t / 2, -1)
+        want = (4 * F.kl_div(s_log, t_log, log_target=True, reduction="sum")
+                + 0.5 * 4 * F.kl_div(t_log, s_log, log_target=True, reduction="sum")
+                + 0.25 * F.cross_entropy(s, targets, reduction="sum"))
+    assert got.item() == pytest.approx(want.item(), rel=1e-5)
+
+    student, teacher = tiny_llama(), tiny_llama(vocab_size=120)
+    check_vocab_rows(student, tiny_llama(vocab_size=136), 128, "t")
+    with pytest.raises(ConfigError, match=r"--teacher t: the student's head has 128 rows and the teacher's 120"):
+        check_vocab_rows(student, teacher, 128, "t")
+
+
+@pytest.mark.parametrize("config", ["dora", "ia3"])
+def test_an_lm_head_adapter_the_fused_loss_refuses_trains_through_torch(config):
+    """DoRA or IA3 on lm_head (the fused loss takes plain and LoRA heads) stopped sft and dpo with an error: they
+    take head(hidden) in torch instead, with the model's own loss."""
+    import peft
+
+    from fastft.apps.training.data import pack
+    from fastft.apps.training.objectives import ObjectiveModel, _model_inputs
+    from tests.utils import randomize_lora_B, tiny_llama
+
+    cfg = (peft.LoraConfig(r=2, target_modules=["q_proj", "lm_head"], use_dora=True) if config == "dora" else
+           peft.IA3Config(target_modules=["lm_head", "down_proj"], feedforward_modules=["down_proj"]))
+    model = peft.get_peft_model(tiny_llama(), cfg)
+    if config == "dora":
+        randomize_lora_B(model)
+    batch = pack(_packed_docs([20, 9], prompt=4), pad_token_id=0, flash_kwargs=False)
+    sft = ObjectiveModel(model, "sft").eval()
+    loss = sft(batch)[0]
+    want = model(**_model_inputs(batch), labels=batch["labels"], use_cache=False).loss
+    assert float(loss) / sft.count(batch) == pytest.approx(float(want), rel=1e-5)
+    loss.backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad and "lm_head" in n)

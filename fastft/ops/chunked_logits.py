@@ -301,13 +301,28 @@ def eager_losses(plan: Plan, hidden, weight, bias, lora_A, lora_B, needs: tuple[
 
 def scaled_grad(t: torch.Tensor, g: torch.Tensor, dtype: torch.dtype, *, in_place: bool) -> torch.Tensor:
     """A gradient made in the forward times grad_output g (fp32, 1 value), in the input's dtype. in_place: into
-    t's own buffer (eager: the Function owns it); else a fresh tensor (a custom op's saved output). Same values."""
+    t's own buffer (eager: the Function owns it); else a fresh tensor (a custom op's saved output). Same values.
+    Multiplied in fp32: g rounded to bf16 first scaled every gradient of `loss / 3` by 0.334, not 1/3."""
     if t.dtype == torch.float32:
         return (t.mul_(g) if in_place else t * g).to(dtype)
-    if t.dtype == dtype:
-        gt = g.to(t.dtype)
-        return t.mul_(gt) if in_place else t * gt
-    return (t.float() * g).to(dtype)
+    return times_in_fp32(t, g, dtype, out=t if in_place and t.dtype == dtype else None)
+
+
+_FP32_TEMP = 1 << 24  # elements of the fp32 temporary times_in_fp32 makes at a time (64 MiB)
+
+
+def times_in_fp32(t: torch.Tensor, g: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = None):
+    """t·g in fp32, rounded once to `dtype` (into `out`, which may be t); g fp32: one value, or one per row of t
+    ((rows, 1)). Eager: a chunk of rows at a time, so the fp32 temporary stays bounded; traced, one expression
+    (inductor fuses it without a temporary)."""
+    if torch.compiler.is_compiling() or t.dim() == 0 or t.numel() <= _FP32_TEMP:
+        result = (t.float() * g).to(dtype)
+        return result if out is None else out.copy_(result)
+    out = torch.empty(t.shape, dtype=dtype, device=t.device) if out is None else out
+    step = max(1, _FP32_TEMP // (t.numel() // t.shape[0]))
+    for i in range(0, t.shape[0], step):
+        out[i:i + step].copy_(t[i:i + step].float() * (g if g.numel() == 1 else g[i:i + step]))
+    return out
 
 
 def row_losses(plan: Plan, h2, weight, bias, lora_A, lora_B, dh_only: bool):
@@ -331,6 +346,11 @@ def row_losses_backward(plan: Plan, h2, weight, bias, lora_A, lora_B, grad_outpu
     return tuple(None if g is None else g.to(t.dtype) for g, t in zip(grads.as_tuple(), like))
 
 
+_SECOND_ORDER = ("the fused losses make their gradients chunk by chunk on both backends: for higher-order "
+                 "gradients use the plain-torch references (fastft.ops.linear_cross_entropy_reference, "
+                 "linear_kl_div_reference, linear_sequence_logprobs_reference, linear_dpo_loss_reference)")
+
+
 class EagerChunkedLoss(torch.autograd.Function):
     """A scalar loss Σ_i row_loss_i · plan.grad_scale with its gradients made during the forward."""
 
@@ -345,7 +365,7 @@ class EagerChunkedLoss(torch.autograd.Function):
         return loss
 
     @staticmethod
-    @first_order_only
+    @first_order_only(instead=_SECOND_ORDER)
     def backward(ctx, grad_output):
         if ctx.used:
             # the first backward handed out (or scaled in place) the buffers the gradients live in
@@ -394,12 +414,12 @@ class DeferredChunkedLoss(torch.autograd.Function):
         return losses
 
     @staticmethod
-    @first_order_only
+    @first_order_only(instead=_SECOND_ORDER)
     def backward(ctx, grad_output):
         if ctx.dh_only:
             (dh,) = ctx.saved_tensors
-            g = grad_output.reshape(-1, 1).to(dh.dtype)
-            return None, (dh * g).view(ctx.hidden_shape), None, None, None, None
+            dh = times_in_fp32(dh, grad_output.reshape(-1, 1).float(), dh.dtype)
+            return None, dh.view(ctx.hidden_shape), None, None, None, None
         h2, weight, bias, lora_A, lora_B = ctx.saved_tensors
         needs = tuple(ctx.needs_input_grad[1:6])
         if not any(needs):

@@ -28,7 +28,8 @@ from typing import NamedTuple, Optional
 import torch
 
 from fastft.ops.chunked_logits import (Plan, RowLoss, as_rows, chunk_budget_bytes, chunk_rows, eager_losses,
-                                       row_losses, row_losses_backward, scaled_grad, weight_grad_dtype)
+                                       row_losses, row_losses_backward, scaled_grad, times_in_fp32,
+                                       weight_grad_dtype)
 from fastft.ops.compiled import capturing, needed, unused
 from fastft.ops.compiled_args import (SEED_DEVICE, draw_seed_op, nf4_args, nf4_from_args, refuse_replayed_dropout,
                                       seed_int)
@@ -245,7 +246,8 @@ def _row_losses_backward(ctx, dlosses, _ddh):
     if ctx.dh_only:
         (dh,) = ctx.saved_tensors
         rows = dh.reshape(-1, dh.shape[-1])
-        return grads_of_inputs(((rows * dlosses.reshape(-1, 1).to(dh.dtype)).view(dh.shape), None, None, None, None))
+        dh = times_in_fp32(rows, dlosses.reshape(-1, 1).float(), dh.dtype).view(dh.shape)
+        return grads_of_inputs((dh, None, None, None, None))
     saved = list(ctx.saved_tensors)
     n_rest = len(saved) - ctx.n_nf4
     rest, nf4 = iter(saved[:n_rest]), saved[n_rest:]

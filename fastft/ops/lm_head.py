@@ -78,7 +78,8 @@ def _base_head(op: str, base: nn.Module, what: str) -> HeadArgs:
     if type(base) is nn.Linear or (isinstance(base, nn.Linear) and isinstance(weight, torch.Tensor)
                                    and type(weight) in (torch.Tensor, nn.Parameter)):
         return HeadArgs(weight=base.weight, bias=base.bias)
-    raise TypeError(f"{op}: `lm_head` {what} is a {type(base).__module__}.{type(base).__name__}; supported: "
+    raise TypeError(f"{op}: `lm_head` {what + ' ' if what else ''}is a {type(base).__module__}.{type(base).__name__}; "
+                    "supported: "
                     + "; ".join(SUPPORTED))
 
 

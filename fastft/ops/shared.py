@@ -68,20 +68,24 @@ def autocast_inputs(*tensors):
     return tuple(t.to(dtype) if isinstance(t, torch.Tensor) else t for t in tensors)
 
 
-def first_order_only(backward):
+def first_order_only(backward=None, *, instead: str = "use backend='torch' for higher-order gradients"):
     """For an eager Function's backward that launches kernels (they record no graph, so its gradients are not
     differentiable): refuse create_graph=True (the one case where autograd runs a backward with grad mode on)
     instead of returning gradients that silently miss their second-order terms. Refused up front, not when the
     gradients are differentiated (torch.autograd.function.once_differentiable's DelayedError): its error node hangs
     off detached copies, so autograd.grad(..., inputs=params) prunes it away and drops the terms silently, and it
-    marks nothing when the incoming gradient is a constant (a scalar loss's). Costs one check per backward."""
+    marks nothing when the incoming gradient is a constant (a scalar loss's). Costs one check per backward.
+    `instead`: what the error tells the user to do (`@first_order_only(instead=...)`)."""
+    if backward is None:
+        return functools.partial(first_order_only, instead=instead)
+
     @functools.wraps(backward)
     def wrapper(ctx, *grads):
         if torch.is_grad_enabled():
             raise RuntimeError(f"fastft: {type(ctx).__name__.removesuffix('Backward')} cannot be differentiated "
                                "twice: its backward runs Triton kernels, which record no autograd graph, so "
                                "create_graph=True (double backward, gradient penalties, Hessians) would miss the "
-                               "second-order terms; use backend='torch' for higher-order gradients")
+                               f"second-order terms; {instead}")
         return backward(ctx, *grads)
     return wrapper
 

@@ -26,7 +26,8 @@ from fastft.integration.parameter_count import parameter_counts
 from fastft.apps.training.config import ConfigError, TrainConfig, to_yaml_dict, unused_settings, validate
 from fastft.apps.training.data import BatchPlan, Encoder, check_tokenizer, load_records, pack
 from fastft.apps.training.logs import RunLog, peak_memory_gib
-from fastft.apps.training.objectives import ObjectiveModel, is_prompt_learning
+from fastft.apps.training.objectives import (ObjectiveModel, check_head_gives_logits, check_vocab_rows,
+                                             is_prompt_learning)
 
 
 class TrainingStopped(RuntimeError):
@@ -350,8 +351,11 @@ def train(cfg: TrainConfig) -> dict:
 
         atomic_write(out / "config.yaml", yaml.safe_dump(to_yaml_dict(cfg), sort_keys=False))
     model = load_model(model_path).to(device)
+    check_head_gives_logits(model, f"--model {cfg.model}")
     if cfg.objective == "distill":
         teacher = load_model(teacher_path).to(device).eval().requires_grad_(False)
+        check_head_gives_logits(teacher, f"--teacher {cfg.teacher}")
+        check_vocab_rows(model, teacher, len(tokenizer), cfg.teacher)
     log(f"fastft train: {cfg.model} on {description}; {len(train_records)} train / {len(eval_records)} eval "
         f"records; objective {cfg.objective}, method {cfg.method}; device {device}, {world} process(es)")
     note = unused_settings(cfg)

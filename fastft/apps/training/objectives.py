@@ -15,6 +15,7 @@ from torch import nn
 
 from fastft.integration.packing import IGNORE_INDEX
 from fastft.ops.linear_losses import lm_head_cross_entropy
+from fastft.ops.lm_head import head_of_module
 
 
 # ------------------------------------------------------------------ the fused-loss places
@@ -30,19 +31,32 @@ def _logits(hidden, head, softcap=None) -> torch.Tensor:
     return logits if softcap is None else softcap * torch.tanh(logits / softcap)
 
 
+def _fused(head) -> bool:
+    """Whether the fused loss takes this head; one it refuses (DoRA or IA3 on lm_head, lora_bias, ...) trains
+    through head(hidden) in torch instead."""
+    if head is None:
+        return False
+    try:
+        head_of_module("lm_head_cross_entropy", head)
+    except (TypeError, ValueError):  # a module type or an adapter option it does not take
+        return False
+    return True
+
+
+def _cross_entropy(hidden, head, targets, reduction, softcap) -> torch.Tensor:
+    if _fused(head):
+        return lm_head_cross_entropy(hidden, head, targets, reduction=reduction, softcap=softcap)
+    return F.cross_entropy(_logits(hidden, head, softcap), targets, reduction=reduction)
+
+
 def token_cross_entropy_sum(hidden, head, targets, softcap=None) -> torch.Tensor:
     """Σ CE(head(hidden), targets) over rows, through fastft.ops.lm_head_cross_entropy."""
-    if head is None:
-        return F.cross_entropy(hidden.float(), targets, reduction="sum")
-    return lm_head_cross_entropy(hidden, head, targets, reduction="sum", softcap=softcap)
+    return _cross_entropy(hidden, head, targets, "sum", softcap)
 
 
 def sequence_logprobs(hidden, head, targets, target_docs, num_docs, softcap=None) -> torch.Tensor:
     """Σ log p(target) per document (num_docs of them)."""
-    if head is None:
-        logp = -F.cross_entropy(hidden.float(), targets, reduction="none")
-    else:
-        logp = -lm_head_cross_entropy(hidden, head, targets, reduction="none", softcap=softcap)
+    logp = -_cross_entropy(hidden, head, targets, "none", softcap)
     return logp.new_zeros(num_docs).index_add_(0, target_docs, logp)
 
 
@@ -63,6 +77,8 @@ def distill_loss_sum(hidden, head, teacher_hidden, teacher_head, targets, *,
     student = _logits(hidden, head, softcap)
     with torch.no_grad():
         teacher = _logits(teacher_hidden, teacher_head, teacher_softcap)
+    vocab = min(student.shape[-1], teacher.shape[-1])  # heads padded past the shared tokenizer (checked at load)
+    full_student, student, teacher = student, student[:, :vocab], teacher[:, :vocab]
     s_log = F.log_softmax(student / temperature, -1)
     t_log = F.log_softmax(teacher / temperature, -1)
     loss = student.new_zeros(())
@@ -71,7 +87,7 @@ def distill_loss_sum(hidden, head, teacher_hidden, teacher_head, targets, *,
     if reverse_kl_weight:
         loss = loss + reverse_kl_weight * temperature**2 * F.kl_div(t_log, s_log, log_target=True, reduction="sum")
     if ce_weight:
-        loss = loss + ce_weight * F.cross_entropy(student, targets, reduction="sum")
+        loss = loss + ce_weight * F.cross_entropy(full_student, targets, reduction="sum")
     return loss
 
 
@@ -83,8 +99,9 @@ def is_prompt_learning(model) -> bool:
 
 
 # Logit scalings after the head that the objectives (which apply the head themselves) do not reproduce: such a
-# model is refused rather than trained on other logits than its own.
-_UNSUPPORTED_LOGIT_SCALING = ("logit_scale", "logits_scaling")  # Cohere multiplies, Granite divides
+# model is refused rather than trained on other logits than its own (check_head_gives_logits catches the others).
+_UNSUPPORTED_LOGIT_SCALING = ("logit_scale", "logits_scaling", "lm_head_multiplier", "output_multiplier",
+                              "logits_mup_width_multiplier")  # Cohere, Granite/MiniCPM3, Falcon-H1, ...
 
 
 def final_softcap(model: nn.Module) -> float | None:
@@ -93,12 +110,50 @@ def final_softcap(model: nn.Module) -> float | None:
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = getattr(base, "config", None)
+    if hasattr(config, "get_text_config"):  # a multimodal model (Gemma3n) keeps them on its text config
+        config = config.get_text_config()
     for attr in _UNSUPPORTED_LOGIT_SCALING:
         value = getattr(config, attr, None)
         if value is not None and value != 1:
             raise ConfigError(f"{type(base).__name__} scales its logits after the head (config.{attr} = {value}), "
                               "which fastft train's objectives do not apply; this architecture is not supported")
     return getattr(config, "final_logit_softcapping", None)
+
+
+@torch.no_grad()
+def check_head_gives_logits(model: nn.Module, what: str) -> None:
+    """Refuse (ConfigError naming `what`) a causal LM whose own logits are not its head applied to its last hidden
+    states (with the final softcap): the objectives apply the head themselves, so a scaling after it that
+    final_softcap does not know (models keep adding them) would train on other logits. One forward of 8 tokens."""
+    from fastft.apps.training.config import ConfigError
+
+    backbone, head = causal_lm_parts(model)
+    device = next(model.parameters()).device
+    ids = (torch.arange(1, 9, device=device) % head.weight.shape[0])[None]
+    training = model.training
+    model.eval()
+    try:
+        theirs = model(input_ids=ids, use_cache=False).logits.float()
+        ours = _logits(backbone(input_ids=ids, use_cache=False).last_hidden_state, head, final_softcap(model))
+    finally:
+        model.train(training)
+    gap = (ours - theirs).abs().max().item()
+    if not gap <= 2e-2 * theirs.abs().max().item() + 1e-3:  # a dtype's rounding apart; a scaling is far more
+        raise ConfigError(f"{what}: {type(model).__name__} transforms its logits after the head in a way fastft "
+                          f"train's objectives do not reproduce (its logits differ from lm_head(hidden states) by "
+                          f"up to {gap:.3g}); this architecture is not supported")
+
+
+def check_vocab_rows(student: nn.Module, teacher: nn.Module, tokens: int, teacher_name: str) -> None:
+    """Distillation compares the heads' first min(rows) logits (heads are often padded past the tokenizer, e.g.
+    to a multiple of 64): both must cover the shared tokenizer's `tokens` ids."""
+    from fastft.apps.training.config import ConfigError
+
+    rows = {name: causal_lm_parts(m)[1].weight.shape[0] for name, m in (("student", student), ("teacher", teacher))}
+    if min(rows.values()) < tokens:
+        raise ConfigError(f"--teacher {teacher_name}: the student's head has {rows['student']} rows and the "
+                          f"teacher's {rows['teacher']}, fewer than the tokenizer's {tokens} ids; distillation needs "
+                          "a logit for every token on both sides")
 
 
 def causal_lm_parts(model: nn.Module):
