@@ -172,6 +172,29 @@ def test_resume_refuses_changed_settings_and_a_new_run_refuses_old_checkpoints(t
     assert (out / "config.yaml").read_text() == saved
 
 
+def test_resume_refuses_changed_data_a_moved_split_and_fewer_steps(tiny, tmp_path, capsys):
+    """The same --data path with other contents, an --eval-examples that moves the held-out split of --data, and
+    --steps below the checkpoint's step (where --steps may change) are refused before any model loads."""
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": f"record {i}"}) + "\n" for i in range(40)))
+    out = tmp_path / "run"
+    argv = ["train", "--model", str(tiny), "--data", str(data), "--steps", "2", "--batch-size", "2",
+            "--eval-examples", "2", "--max-length", "16", "--save-every", "2", "--schedule", "constant",
+            "--warmup-ratio", "0", "--output-dir", str(out)]
+    assert main(argv) == 0
+
+    def error(*extra) -> str:
+        with pytest.raises(SystemExit) as info:
+            main([*argv, "--resume", *extra])
+        assert info.value.code == 2
+        return capsys.readouterr().err.strip().splitlines()[-1]
+
+    assert "is at step 2, past --steps 1" in error("--steps", "1")
+    assert "--eval-examples 2 -> 4" in error("--eval-examples", "4")
+    data.write_text(data.read_text().replace("record 1", "record 9"))
+    assert "--data changed since" in error()
+
+
 @pytest.mark.parametrize("final_step", [2, 4])
 def test_resumed_log_keeps_each_line_once(tmp_path, final_step):
     """Lines past the checkpoint go; the final evaluation at the checkpoint's step goes too (the resumed run writes

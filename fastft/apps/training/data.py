@@ -14,6 +14,7 @@ over the collator's cu_seq_lens. No document attends to another, nor predicts ac
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from dataclasses import dataclass
@@ -166,12 +167,13 @@ def load_records(cfg: TrainConfig) -> tuple[list[dict], list[dict], str]:
     so this runs before any model is loaded."""
     if cfg.data is not None:
         train = read_jsonl(cfg.data, cfg.objective)
+        total = len(train)  # the file's count: the description names the file, not the split
         if cfg.eval_data is not None:
             evaluation = read_jsonl(cfg.eval_data, cfg.objective)[: cfg.eval_examples]
         else:
             held = min(cfg.eval_examples, len(train) // 10)
             train, evaluation = (train[:-held], train[-held:]) if held else (train, [])
-        return train, evaluation, f"{cfg.data} ({len(train)} records)"
+        return train, evaluation, f"{cfg.data} ({total} records)"
     if cfg.task == INSTRUCTIONS:
         if cfg.objective == "dpo":
             raise ConfigError(f"--objective dpo has no built-in data for --task {INSTRUCTIONS}; "
@@ -185,6 +187,31 @@ def load_records(cfg: TrainConfig) -> tuple[list[dict], list[dict], str]:
     train = [{BUILTIN_TASK: cfg.task, "text": t, "label": y} for t, y in task.train]
     evaluation = [{BUILTIN_TASK: cfg.task, "text": t, "label": y} for t, y in task.eval[: cfg.eval_examples]]
     return train, evaluation, f"{task.description} (split seed {cfg.seed})"
+
+
+def file_fingerprint(path: str | Path) -> dict:
+    """Size and sha256 of a data file: a checkpoint records them, so data changed at the same path is seen."""
+    digest, size = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+            size += len(block)
+    return {"size": size, "sha256": digest.hexdigest()}
+
+
+def data_fingerprint(cfg: TrainConfig) -> dict:
+    """--data's and --eval-data's fingerprints (None where not given: the built-in sets are named by --task and
+    --seed, and their records by the BatchPlan's digest)."""
+    return {name: file_fingerprint(getattr(cfg, name)) if getattr(cfg, name) is not None else None
+            for name in ("data", "eval_data")}
+
+
+def records_digest(records: list[dict]) -> str:
+    """sha256 of the records in order: which records a run trains on, whatever produced them."""
+    digest = hashlib.sha256()
+    for record in records:
+        digest.update(json.dumps(record, sort_keys=True, ensure_ascii=False).encode() + b"\n")
+    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------- tokenizing
@@ -415,7 +442,9 @@ class BatchPlan:
     An epoch's tail shorter than a step is skipped.
     """
 
-    def __init__(self, num_records: int, batch_size: int, grad_accum: int, processes: int, seed: int):
+    def __init__(self, num_records: int, batch_size: int, grad_accum: int, processes: int, seed: int,
+                 records: str | None = None):
+        self.records = records  # records_digest of the training records: a resumed run must train on the same
         self.num_records, self.batch_size, self.grad_accum, self.processes = num_records, batch_size, grad_accum, processes
         self.per_step = processes * grad_accum * batch_size
         if self.per_step > num_records:
@@ -442,9 +471,22 @@ class BatchPlan:
                 for m in range(self.grad_accum)]
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "index": self.index, "per_step": self.per_step, "seed": self.seed}
+        return {"epoch": self.epoch, "index": self.index, "per_step": self.per_step, "seed": self.seed,
+                "num_records": self.num_records, "records": self.records}
 
     def load_state_dict(self, state: dict) -> None:
+        """Refused when the steps would take other records: another step size or seed, or other training records
+        (checkpoints written before the records were recorded are not checked for them)."""
+        saved_count = state.get("num_records", self.num_records)
+        if saved_count != self.num_records:
+            problem = f"the checkpoint's run trained on {saved_count} records, this run has {self.num_records}"
+        elif state.get("records") not in (None, self.records):
+            problem = f"this run's {self.num_records} training records differ from those the checkpoint's run had"
+        else:
+            problem = None
+        if problem:
+            raise ConfigError(f"--resume: {problem}; resume with the same data (--data, --task, --seed) and, for "
+                              "--data without --eval-data, the same --eval-examples (it sets the held-out split)")
         if state["per_step"] != self.per_step or state["seed"] != self.seed:
             raise ConfigError(f"--resume: the checkpoint was written with {state['per_step']} records a step and "
                               f"seed {state['seed']}, this run has {self.per_step} and {self.seed}; resume with the "

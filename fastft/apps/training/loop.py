@@ -14,6 +14,7 @@ import json
 import math
 import os
 import time
+from array import array
 from pathlib import Path
 
 import torch
@@ -24,7 +25,8 @@ from fastft.apps.training import checkpoints as ckpt
 from fastft.files import atomic_write, replace_folder
 from fastft.integration.parameter_count import parameter_counts
 from fastft.apps.training.config import ConfigError, TrainConfig, to_yaml_dict, unused_settings, validate
-from fastft.apps.training.data import BatchPlan, Encoder, check_tokenizer, load_records, pack
+from fastft.apps.training.data import (BatchPlan, Encoder, Example, Pair, check_tokenizer, data_fingerprint,
+                                       load_records, pack, records_digest)
 from fastft.apps.training.logs import RunLog, peak_memory_gib
 from fastft.apps.training.objectives import (ObjectiveModel, check_head_gives_logits, check_vocab_rows,
                                              is_prompt_learning)
@@ -95,9 +97,17 @@ def lr_factor(cfg: TrainConfig):
 
 
 # Settings a resumed run may change: they decide what is evaluated and saved, or how the same steps are computed
-# (compiled or not), not what is trained. --steps too when no learning rate depends on it (constant, no warm-up).
+# (compiled or not), not what is trained. --steps too when no learning rate depends on it (constant, no warm-up);
+# --eval-examples unless it sets the held-out split of --data (see resume_may_change).
 RESUME_MAY_CHANGE = ("resume", "output_dir", "save_every", "eval_every", "eval_examples", "eval_batch_size",
                      "compile", "compile_backend")
+
+
+def resume_may_change(cfg: TrainConfig) -> tuple[str, ...]:
+    may_change = RESUME_MAY_CHANGE + (("steps",) if cfg.schedule == "constant" and cfg.warmup_ratio == 0 else ())
+    if cfg.data is not None and cfg.eval_data is None:  # the last --eval-examples records of --data are held out:
+        may_change = tuple(k for k in may_change if k != "eval_examples")  # the training records change with it
+    return may_change
 
 
 def check_resumed_settings(cfg: TrainConfig, saved: dict | None, checkpoint: Path) -> None:
@@ -107,14 +117,35 @@ def check_resumed_settings(cfg: TrainConfig, saved: dict | None, checkpoint: Pat
     if saved is None:  # written before checkpoints kept their settings
         return
     now = to_yaml_dict(cfg)
-    may_change = RESUME_MAY_CHANGE + (("steps",) if cfg.schedule == "constant" and cfg.warmup_ratio == 0 else ())
+    may_change = resume_may_change(cfg)
     changed = [f"--{k.replace('_', '-')} {saved.get(k)!r} -> {now[k]!r}" for k in now
                if k not in may_change and saved.get(k) != now[k]]
     if changed:
         raise ConfigError(f"--resume: {checkpoint} was written with other settings ({'; '.join(changed)}); resume "
                           "with the run's own settings (its config.yaml: fastft train --config ... --resume; --steps "
-                          "may change under --schedule constant --warmup-ratio 0), or start a new run in another "
+                          "may change under --schedule constant --warmup-ratio 0; --eval-examples unless it sets "
+                          "the held-out split of --data without --eval-data), or start a new run in another "
                           "--output-dir")
+
+
+def check_resumed_data(fingerprint: dict, saved: dict | None, checkpoint: Path) -> None:
+    """A ConfigError when --data or --eval-data changed (size or sha256) since the checkpoint was written: the
+    same path with other contents would resume another run's data."""
+    if saved is None:  # written before checkpoints kept the data's fingerprint
+        return
+    for name, now in fingerprint.items():
+        before = saved.get(name)
+        if before is not None and now is not None and before != now:
+            size = "" if before["size"] == now["size"] else f" ({before['size']} -> {now['size']} bytes)"
+            raise ConfigError(f"--resume: --{name.replace('_', '-')} changed since {checkpoint} was written{size}, "
+                              "its sha256 differs; resume with the data the run started with, or start a new run "
+                              "in another --output-dir")
+
+
+def check_resumed_step(cfg: TrainConfig, step: int, checkpoint: Path) -> None:
+    if cfg.steps < step:  # the run would log "step 8 of 4" and train nothing
+        raise ConfigError(f"--resume: {checkpoint} is at step {step}, past --steps {cfg.steps}; resume with --steps "
+                          f"{step} or more, or start a new run in another --output-dir")
 
 
 def make_accelerator(cfg: TrainConfig):
@@ -128,7 +159,8 @@ def make_accelerator(cfg: TrainConfig):
 
     AcceleratorState._reset_state()  # a second run in one process may change the precision; keeps process groups
     kwargs = {"cpu": not torch.cuda.is_available(),  # cpu=True: gloo for torchrun on machines without a GPU
-              "mixed_precision": None if cfg.mixed_precision == "no" else cfg.mixed_precision,
+              # "no" too: None would let accelerate read ACCELERATE_MIXED_PRECISION (`accelerate launch`)
+              "mixed_precision": cfg.mixed_precision,
               "dynamo_plugin": dynamo_plugin(cfg)}
     if cfg.distributed == "fsdp" and torch.cuda.is_available():
         from accelerate import FullyShardedDataParallelPlugin
@@ -140,6 +172,22 @@ def make_accelerator(cfg: TrainConfig):
     if cfg.distributed == "none" and accelerator.num_processes > 1:
         raise ConfigError(f"--distributed none, but {accelerator.num_processes} processes were launched")
     return accelerator
+
+
+def launcher_notes(cfg: TrainConfig) -> list[str]:
+    """One line per `accelerate launch` setting (its environment variables) that fastft train's flags override."""
+    notes = []
+    backend = os.environ.get("ACCELERATE_DYNAMO_BACKEND", "no").lower()
+    if cfg.compile == "off" and backend not in ("no", ""):
+        notes.append(f"not compiled: accelerate's dynamo backend {backend} (ACCELERATE_DYNAMO_BACKEND, set by "
+                     "`accelerate launch`) is not used; fastft train compiles with --compile MODE [--compile-backend "
+                     "NAME]")
+    precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+    if precision not in ("no", "", cfg.mixed_precision):  # "no": the launcher's default, not a request
+        notes.append(f"mixed precision: --mixed-precision {cfg.mixed_precision}, not accelerate's {precision} "
+                     "(ACCELERATE_MIXED_PRECISION, set by `accelerate launch`); fastft train autocasts with "
+                     "--mixed-precision")
+    return notes
 
 
 def dynamo_plugin(cfg: TrainConfig):
@@ -191,8 +239,16 @@ def _load_models(cfg: TrainConfig, device, accelerator):
         p, dtype=_dtype(cfg.dtype, device), attn_implementation=cfg.attn_implementation)), load
 
 
+def _compact(item):
+    """An Example / Pair with its token lists as array('i'): 4 bytes a token instead of a list slot (8) and an int
+    object (28), since the cache holds every training record's tokens. pack reads arrays as it reads lists."""
+    if isinstance(item, Pair):
+        return Pair(_compact(item.chosen), _compact(item.rejected))
+    return Example(array("i", item.input_ids), array("i", item.labels), item.choices)
+
+
 class _Batches:
-    """Records → packed micro-batches on the device (records are tokenized when first used)."""
+    """Records → packed micro-batches on the device (records are tokenized when first used, then cached)."""
 
     def __init__(self, encoder: Encoder, device, flash_kwargs: bool):
         self.encoder, self.device, self.flash_kwargs = encoder, device, flash_kwargs
@@ -205,7 +261,7 @@ class _Batches:
             if item is None:
                 item = self.encoder.encode(records[i])
                 if cache:
-                    self.cache[i] = item
+                    item = self.cache[i] = _compact(item)
             items.append(item)
         batch = pack(items, pad_token_id=self.encoder.tokenizer.pad_token_id, flash_kwargs=self.flash_kwargs)
         return {k: v.to(self.device) if isinstance(v, torch.Tensor) and k != "choices" else v
@@ -257,6 +313,8 @@ def accumulate(prepared, count_of, micro: list[dict], accelerator, offload=conte
     """Forward and backward over this process's micro-batches of one step, each micro-batch's summed loss
     divided by the step's target count over all micro-batches and processes (counted first: one all-reduce).
     DDP averages gradients over processes, so the loss is scaled up by the process count to give Σ/count.
+    The forward runs under accelerate's autocast (--mixed-precision): a model `prepare` wrapped autocasts already
+    (the same context again changes nothing), one sharded by `shard_model` skips `prepare` and would run in fp32.
     Returns (this process's summed loss, the global count, the global number of tokens)."""
     device, world = accelerator.device, accelerator.num_processes
     counts = torch.tensor([sum(count_of(b) for b in micro), sum(b["input_ids"].numel() for b in micro)],
@@ -266,7 +324,7 @@ def accumulate(prepared, count_of, micro: list[dict], accelerator, offload=conte
     for m, batch in enumerate(micro):
         sync = contextlib.nullcontext() if m == len(micro) - 1 else _no_sync(prepared, accelerator)
         with sync:
-            with offload():
+            with accelerator.autocast(), offload():
                 loss, _ = prepared(batch)
             accelerator.backward(loss * (world / max(count, 1)))
         loss_sum += loss.detach().float()
@@ -296,8 +354,19 @@ def _weights_finite(params, accelerator) -> bool:
 def _clip(params, max_norm: float, accelerator, sharded_here: bool) -> float:
     if not sharded_here:
         return float(accelerator.clip_grad_norm_(params, max_norm))
+    accelerator.unscale_gradients()  # fp16: the GradScaler's gradients are scaled up (a no-op otherwise)
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm)  # DTensor gradients: the global norm
     return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+
+def _optimizer_step(optimizer, schedule, accelerator) -> bool:
+    """The optimizer's step, then the schedule's unless fp16's GradScaler skipped it (inf/NaN gradients): the
+    learning rate moves with the updates made. Returns whether the weights were updated."""
+    optimizer.step()
+    if accelerator.optimizer_step_was_skipped:
+        return False
+    schedule.step()
+    return True
 
 
 def _describe(name: str, result: dict | None) -> str:
@@ -321,21 +390,24 @@ def train(cfg: TrainConfig) -> dict:
     accelerator = make_accelerator(cfg)
     device, log = accelerator.device, accelerator.print
     world, rank = accelerator.num_processes, accelerator.process_index
-    launcher_backend = os.environ.get("ACCELERATE_DYNAMO_BACKEND", "no").lower()
-    if cfg.compile == "off" and launcher_backend not in ("no", ""):
-        log(f"not compiled: accelerate's dynamo backend {launcher_backend} (ACCELERATE_DYNAMO_BACKEND, set by "
-            "`accelerate launch`) is not used; fastft train compiles with --compile MODE [--compile-backend NAME]")
+    for note in launcher_notes(cfg):
+        log(note)
+    fingerprint = data_fingerprint(cfg)
     out = Path(cfg.output_dir)
     checkpoints = ckpt.Checkpoints(out, accelerator)
     resume_from = checkpoints.latest() if cfg.resume else None
+    plan = BatchPlan(len(train_records), cfg.batch_size, cfg.grad_accum, world, cfg.seed,
+                     records_digest(train_records))
     if resume_from is not None:
         resumed = checkpoints.trainer_state(resume_from)  # before any model loads: a mismatch fails fast
         check_resumed_settings(cfg, resumed.get("config"), resume_from)
+        check_resumed_data(fingerprint, resumed.get("data"), resume_from)
+        check_resumed_step(cfg, resumed["step"], resume_from)
+        plan.load_state_dict(resumed["plan"])
     elif not cfg.resume and checkpoints.latest() is not None:
         raise ConfigError(f"--output-dir {cfg.output_dir} holds checkpoints of an earlier run "
                           f"({checkpoints.latest().name}); pass --resume to continue it, or choose another "
                           "--output-dir (or delete that one) to start a new run")
-    plan = BatchPlan(len(train_records), cfg.batch_size, cfg.grad_accum, world, cfg.seed)
     set_seed(cfg.seed)
 
     model_path, tokenizer, load_model, load_tokenizer = _load_models(cfg, device, accelerator)
@@ -421,7 +493,7 @@ def train(cfg: TrainConfig) -> dict:
 
     def trainer_state():
         return {"scheduler": schedule.state_dict(), "plan": plan.state_dict(), "history": history,
-                "config": to_yaml_dict(cfg)}
+                "config": to_yaml_dict(cfg), "data": fingerprint}
 
     if world > 1:  # same initialisation everywhere (above), but each process its own dropout masks from here on
         torch.manual_seed(cfg.seed * 1_000_003 + rank)
@@ -429,7 +501,6 @@ def train(cfg: TrainConfig) -> dict:
     if resume_from is not None:
         checkpoints.load(resume_from, inner, torch_optimizer)
         schedule.load_state_dict(resumed["scheduler"])
-        plan.load_state_dict(resumed["plan"])
         history, start_step = resumed["history"], resumed["step"]
         log(f"resumed from {resume_from} (step {start_step} of {cfg.steps})")
     elif cfg.resume:
@@ -473,8 +544,7 @@ def train(cfg: TrainConfig) -> dict:
         if cfg.max_grad_norm > 0:
             grad_norm = _clip(params, cfg.max_grad_norm, accelerator, sharded_here)
         lr = schedule.get_last_lr()[0]
-        optimizer.step()
-        schedule.step()
+        _optimizer_step(optimizer, schedule, accelerator)
         optimizer.zero_grad(set_to_none=True)
         history["train_seconds"] += time.perf_counter() - started
         history["tokens"] += tokens

@@ -1,0 +1,197 @@
+"""`fastft train`'s precision, resume checks and record cache, unit by unit: the training forward autocasts
+(also for a model `shard_model` sharded, which skips `prepare`), `accelerate launch`'s environment does not
+override --mixed-precision, fp16's scaled gradients are unscaled before clipping and a skipped step leaves the
+schedule alone, a resume with other data / another held-out split / fewer steps is refused, and the record
+cache stores tokens compactly."""
+import json
+from array import array
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from fastft.apps.training import data, loop  # modules: each test names what it needs (and fails alone without it)
+from fastft.apps.training.config import ConfigError, TrainConfig, to_yaml_dict
+from fastft.apps.training.data import BatchPlan, Example, Pair, load_records
+
+
+@pytest.fixture
+def accelerator_state():
+    """make_accelerator resets accelerate's state itself; reset it after too, for tests that build their own."""
+    from accelerate.state import AcceleratorState
+
+    yield
+    AcceleratorState._reset_state()
+
+
+def _jsonl(path: Path, n: int) -> Path:
+    path.write_text("".join(json.dumps({"text": f"record {i}"}) + "\n" for i in range(n)))
+    return path
+
+
+# ------------------------------------------------------------------------------------------- precision
+
+class _DtypeProbe(torch.nn.Module):
+    """A model whose forward remembers the dtype its linear layer computed in."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 4)
+        self.dtypes = []
+
+    def forward(self, batch):
+        out = self.linear(torch.ones(2, 4))
+        self.dtypes.append(out.dtype)
+        return out.float().sum(), {}
+
+
+def test_the_training_forward_autocasts_without_prepare(accelerator_state):
+    """--distributed fsdp shards the model itself (shard_model) and hands only the optimizer to `prepare`, so
+    accelerate never wraps the forward in autocast: accumulate must (bf16 ran in fp32 while eval ran in bf16)."""
+    accelerator = loop.make_accelerator(TrainConfig(mixed_precision="bf16"))
+    probe = _DtypeProbe()
+    micro = [{"input_ids": torch.zeros(1, 3, dtype=torch.long)}] * 2
+    loop.accumulate(probe, lambda b: 3, micro, accelerator)
+    assert probe.dtypes == [torch.bfloat16, torch.bfloat16]
+    assert probe.linear.weight.grad is not None and probe.linear.weight.grad.dtype == torch.float32
+
+
+def test_accelerate_launch_does_not_override_mixed_precision_no(monkeypatch, accelerator_state):
+    """`accelerate launch` exports ACCELERATE_MIXED_PRECISION from its config; --mixed-precision no (passed to
+    accelerate as None before) let it win while config.yaml and metrics said "no"."""
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    cfg = TrainConfig()
+    assert loop.make_accelerator(cfg).mixed_precision == "no"
+    (note,) = loop.launcher_notes(cfg)
+    assert "--mixed-precision no, not accelerate's bf16 (ACCELERATE_MIXED_PRECISION" in note
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")  # the launcher's default: nothing to say
+    assert loop.launcher_notes(TrainConfig(mixed_precision="bf16")) == []
+
+
+class _Scaled:
+    """What fastft train's loop sees of accelerate under fp16: an AcceleratedOptimizer with a GradScaler, and
+    the accelerator's unscale_gradients / optimizer_step_was_skipped over it (accelerate itself refuses fp16
+    on the CPU, so the Accelerator is stood in for; the scaler and optimizer wrapper are accelerate's own)."""
+
+    def __init__(self, params):
+        from accelerate.optimizer import AcceleratedOptimizer
+
+        loop.make_accelerator(TrainConfig())  # the state AcceleratedOptimizer reads
+        self.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+        self.optimizer = AcceleratedOptimizer(torch.optim.SGD(params, lr=0.1), device_placement=False,
+                                              scaler=self.scaler)
+
+    def unscale_gradients(self):
+        self.scaler.unscale_(self.optimizer.optimizer)
+
+    @property
+    def optimizer_step_was_skipped(self):
+        return self.optimizer.step_was_skipped
+
+
+@pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")  # accelerate's patch
+def test_fp16_clips_unscaled_gradients_and_a_skipped_step_keeps_the_schedule(accelerator_state):
+    """Under shard_model's FSDP2, _clip called torch's clip_grad_norm_ on the GradScaler's scaled gradients (a
+    norm 65536x too large, clipped to nothing), and the schedule stepped although the scaler skipped the
+    optimizer step. (On the GPU only in a real run: fp16 autocast needs CUDA.)"""
+    weight = torch.nn.Parameter(torch.tensor([3.0, 4.0]))
+    fake = _Scaled([weight])
+    schedule = torch.optim.lr_scheduler.LambdaLR(fake.optimizer.optimizer, lambda s: 1.0 / (s + 1))
+    fake.scaler.scale((weight * weight).sum() / 2).backward()  # gradient = weight: norm 5
+    assert loop._clip([weight], 10.0, fake, sharded_here=True) == pytest.approx(5.0)
+    assert loop._optimizer_step(fake.optimizer, schedule, fake)
+    assert schedule.last_epoch == 1 and torch.allclose(weight.detach(), torch.tensor([2.7, 3.6]))
+    fake.optimizer.zero_grad()
+
+    fake.scaler.scale((weight * float("inf")).sum()).backward()  # an overflow: the scaler skips the step
+    before = weight.detach().clone()
+    loop._clip([weight], 10.0, fake, sharded_here=True)
+    assert not loop._optimizer_step(fake.optimizer, schedule, fake)
+    assert schedule.last_epoch == 1 and torch.equal(weight.detach(), before)
+
+
+# ------------------------------------------------------------------------------------------- resume checks
+
+def test_eval_examples_may_change_on_resume_only_when_it_leaves_the_split(tmp_path):
+    """With --data and no --eval-data, the last min(--eval-examples, 10%) records are held out: another
+    --eval-examples trains on other records (and may train on evaluated ones)."""
+    path, held_out = str(_jsonl(tmp_path / "d.jsonl", 40)), str(_jsonl(tmp_path / "e.jsonl", 5))
+    checkpoint = tmp_path / "step-00000002"
+    for old in (TrainConfig(), TrainConfig(data=path, eval_data=held_out)):
+        new = TrainConfig(**{**vars(old), "eval_examples": 3})
+        loop.check_resumed_settings(new, to_yaml_dict(old), checkpoint)  # the split does not depend on it
+    old = TrainConfig(data=path, eval_examples=2)
+    with pytest.raises(ConfigError, match=r"--eval-examples 2 -> 3.*the held-out split"):
+        loop.check_resumed_settings(TrainConfig(data=path, eval_examples=3), to_yaml_dict(old), checkpoint)
+
+
+def test_the_batch_plan_refuses_other_training_records(tmp_path):
+    """The plan records how many training records there were and their digest; an older checkpoint's plan
+    (without them) resumes as before."""
+    records = [{"text": f"record {i}"} for i in range(20)]
+    plan = BatchPlan(20, 2, 2, 1, 0, data.records_digest(records))
+    plan.next_step(0)
+    state = plan.state_dict()
+    BatchPlan(20, 2, 2, 1, 0, data.records_digest(records)).load_state_dict(state)
+    with pytest.raises(ConfigError, match="trained on 20 records, this run has 19.*--eval-examples"):
+        BatchPlan(19, 2, 2, 1, 0, data.records_digest(records[:19])).load_state_dict(state)
+    other = records[:19] + [{"text": "another"}]
+    with pytest.raises(ConfigError, match="20 training records differ"):
+        BatchPlan(20, 2, 2, 1, 0, data.records_digest(other)).load_state_dict(state)
+    older = {k: v for k, v in state.items() if k not in ("num_records", "records")}
+    resumed = BatchPlan(20, 2, 2, 1, 0, data.records_digest(other))
+    resumed.load_state_dict(older)
+    assert (resumed.epoch, resumed.index) == (0, 4)
+
+
+def test_changed_data_and_fewer_steps_are_refused_on_resume(tmp_path):
+    path = _jsonl(tmp_path / "d.jsonl", 30)
+    cfg = TrainConfig(data=str(path))
+    saved = data.data_fingerprint(cfg)
+    assert saved["eval_data"] is None and saved["data"]["size"] == path.stat().st_size
+    checkpoint = tmp_path / "step-00000008"
+    loop.check_resumed_data(data.data_fingerprint(cfg), saved, checkpoint)
+    loop.check_resumed_data(data.data_fingerprint(cfg), None, checkpoint)  # an older checkpoint: not checked
+    path.write_text(path.read_text().replace("record 3", "record 4"))  # same size, other contents
+    with pytest.raises(ConfigError, match=r"--data changed since .*step-00000008 was written, its sha256 differs"):
+        loop.check_resumed_data(data.data_fingerprint(cfg), saved, checkpoint)
+    with path.open("a") as f:
+        f.write(json.dumps({"text": "new"}) + "\n")
+    with pytest.raises(ConfigError, match=r"--data changed .* \(\d+ -> \d+ bytes\)"):
+        loop.check_resumed_data(data.data_fingerprint(cfg), saved, checkpoint)
+
+    loop.check_resumed_step(TrainConfig(steps=8), 8, checkpoint)  # killed after its last checkpoint: finishes
+    with pytest.raises(ConfigError, match="is at step 8, past --steps 4; resume with --steps 8 or more"):
+        loop.check_resumed_step(TrainConfig(steps=4), 8, checkpoint)
+
+
+def test_the_description_counts_the_files_records(tmp_path):
+    train, evaluation, description = load_records(TrainConfig(data=str(_jsonl(tmp_path / "d.jsonl", 58)),
+                                                              eval_examples=2))
+    assert (len(train), len(evaluation)) == (56, 2) and description.endswith("d.jsonl (58 records)")
+
+
+# ------------------------------------------------------------------------------------------- record cache
+
+def test_the_record_cache_is_compact_and_batches_the_same():
+    """The cache held Python ints (~49 bytes a token with the list slot: 45 GiB per 1e9 tokens); array('i')
+    holds 4 bytes, and the packed batches are the same."""
+    def encode(record):
+        ids = [int(t) for t in record.split()]
+        return Pair(Example(ids, ids), Example(ids[:2], [-100, ids[1]])) if len(ids) > 3 else Example(ids, ids)
+
+    encoder = SimpleNamespace(encode=encode, tokenizer=SimpleNamespace(pad_token_id=0))
+    batches = loop._Batches(encoder, torch.device("cpu"), flash_kwargs=True)
+    records = ["5 6 7", "8 9 10 11 12", "70000 3"]
+    for _ in range(2):  # tokenized, then from the cache
+        cached, fresh = batches(records, [0, 1, 2]), batches(records, [0, 1, 2], cache=False)
+        assert cached.keys() == fresh.keys()
+        for key in cached:
+            same = torch.equal if isinstance(cached[key], torch.Tensor) else (lambda a, b: a == b)
+            assert same(cached[key], fresh[key]), key
+    for item in batches.cache.values():
+        for example in (item.chosen, item.rejected) if isinstance(item, Pair) else (item,):
+            assert isinstance(example.input_ids, array) and example.input_ids.itemsize == 4
+            assert isinstance(example.labels, array)
+
