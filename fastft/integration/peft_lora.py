@@ -3,10 +3,13 @@
 peft's LoraModel already handles target matching, layers_to_transform, rank/alpha patterns,
 modules_to_save, named adapters, merging and its save format, and the ecosystem reads that format.
 fastft validates the config up front (clear errors), lets peft build the model, then swaps each
-plain LoRA Linear to `FusedLoraLinear` (same state, fused forward).
+plain LoRA Linear to `FusedLoraLinear` (same state, fused forward). Layers the fused op does not cover run peft's
+own forward, exactly: LoRA on embeddings and convolutions, and on transformers' Conv1D (GPT-2, whose weight is
+stored (in, out): peft sets fan_in_fan_out=True for them). Creating, saving and loading follow that one rule.
 """
 from __future__ import annotations
 
+import copy
 import os
 import re
 import warnings
@@ -16,7 +19,9 @@ import peft
 import torch
 from peft import LoraConfig, PeftModel
 from peft.tuners.lora import Linear as PeftLoraLinear
-from peft.tuners.tuners_utils import BaseTunerLayer, check_target_module_exists
+from peft.tuners.tuners_utils import BaseTunerLayer, _maybe_include_all_linear_layers, check_target_module_exists
+from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+from peft.utils.constants import DUMMY_TARGET_MODULES
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -27,9 +32,12 @@ from fastft.modules.nf4_linear import NF4Linear
 from fastft.modules.qlora import FusedQLoraLinear
 
 # Fields that change the LoRA forward into something the fused op does not compute; each must stay off
-# (None/False). Initialisation schemes and modules_to_save are fine: the forward stays plain LoRA.
+# (None/False) when creating an adapter. Initialisation schemes and modules_to_save are fine: the forward stays
+# plain LoRA. fan_in_fan_out is not here: it only describes Conv1D layers, which run peft's forward
+# (check_fan_in_fan_out). A saved adapter with these fields loads (its layers run peft's forward), except on an
+# NF4 base (check_loadable).
 _UNSUPPORTED_FIELDS = (
-    "use_dora", "lora_bias", "fan_in_fan_out", "use_qalora", "alora_invocation_tokens", "arrow_config",
+    "use_dora", "lora_bias", "use_qalora", "alora_invocation_tokens", "arrow_config",
     "use_bdlora", "velora_config", "monteclora_config", "kasa_config", "megatron_config", "layer_replication",
     "target_parameters",
 )
@@ -117,24 +125,105 @@ def _expand_all_linear(config: LoraConfig, model: nn.Module) -> None:
     config.target_modules = {name.rsplit(".", 1)[-1] for name, m in _linear_layers(model) if m is not output}
 
 
+def targeted_modules(config, model: nn.Module, mapping: dict) -> list[tuple[str, nn.Module]] | None:
+    """(name, base layer) of every module `config` targets in `model`, resolved as peft resolves it (on a copy, the
+    user's config untouched): target_modules=None from the model type's defaults in `mapping` (peft's table for the
+    method), "all-linear" to every linear layer but the output one. None where peft cannot resolve it (it raises)."""
+    resolved = copy.copy(config)
+    if resolved.target_modules is None:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if model_type not in mapping:
+            return None
+        resolved.target_modules = set(mapping[model_type])
+    _expand_all_linear(resolved, model)  # NF4 layers, which peft's own expansion does not see
+    resolved = _maybe_include_all_linear_layers(resolved, model)
+    return [(name, module) for name, module in _modules_as_bases(model)
+            if name and _is_target(check_target_module_exists(resolved, name))]
+
+
+def _is_target(found) -> bool:
+    return found is True or isinstance(found, re.Match)  # peft's excluded-module marker is truthy, not a target
+
+
+def check_fan_in_fan_out(config, targeted, field: str = "LoraConfig.fan_in_fan_out", context: str = "") -> None:
+    """fan_in_fan_out=True describes a weight stored (in, out): transformers' Conv1D (GPT-2). Those layers run
+    peft's forward; on nn.Linear (and NF4) layers peft would silently reset it, so a config that sets it with no
+    Conv1D among its targets is a mistake, refused naming the field."""
+    if not getattr(config, "fan_in_fan_out", False) or targeted is None:
+        return
+    if not any(isinstance(module, Conv1D) for _, module in targeted):
+        kinds = sorted({type(module).__name__ for _, module in targeted})
+        raise ValueError(f"{field}=True{context} is not supported for these layers: none of the layers it targets "
+                         f"is a transformers Conv1D (GPT-2 style, weight stored (in, out)), the only kind it "
+                         f"describes; they are {kinds}. Leave fan_in_fan_out=False (peft sets it on Conv1D layers)")
+
+
 def _check_targets(config: LoraConfig, model: nn.Module) -> None:
+    """Targets, patterns, exclusions and modules_to_save checked against what peft will build, so that an entry
+    that matches nothing (a typo: it would silently do nothing) is named; peft's own matching rules throughout."""
     targets = config.target_modules
-    if targets is None or targets == "all-linear":
-        return  # peft resolves these from the model type / all linear layers
-    names = [name for name, _ in model.named_modules() if name]
-    matched = [n for n in names if check_target_module_exists(config, n) is True
-               or isinstance(check_target_module_exists(config, n), re.Match)]
-    if not matched:
+    if targets is not None and len(targets) == 0 and config.trainable_token_indices:
+        raise ValueError(f"LoraConfig.target_modules=[] with trainable_token_indices: peft refuses empty "
+                         f"targets; for trainable tokens alone pass target_modules={DUMMY_TARGET_MODULES!r}")
+    targeted = targeted_modules(config, model, TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING)
+    if targeted == [] and targets not in (None, "all-linear", DUMMY_TARGET_MODULES):  # peft's "no LoRA layers"
         suffixes = sorted({n.rsplit(".", 1)[-1] for n in _linear_names(model)})
         shown = sorted(targets) if isinstance(targets, (set, list, tuple)) else targets
         raise ValueError(f"LoraConfig.target_modules={shown!r} matches no module of {type(model).__name__}"
                          f" (with layers_to_transform={config.layers_to_transform!r}); its linear layers are "
                          f"named {suffixes}")
+    check_fan_in_fan_out(config, targeted)
+    if targeted is not None:
+        _check_patterns(config, [name for name, _ in targeted])
+    names = [name for name, _ in model.named_modules(remove_duplicate=False) if name]
+    check_exclude_modules(config, names, "LoraConfig")
+    check_modules_to_save(config, names, "LoraConfig")
+
+
+def _check_patterns(config: LoraConfig, matched: list[str]) -> None:
     for field in ("rank_pattern", "alpha_pattern"):
         for key in getattr(config, field) or {}:
-            if not any(re.match(rf"(.*\.)?({key})$", n) for n in matched):
+            if not any(re.match(rf"(.*\.)?({key})$", n) for n in matched):  # peft's get_pattern_key
                 raise ValueError(f"LoraConfig.{field} key {key!r} matches none of the targeted modules "
-                                 f"(e.g. {matched[:3]})")
+                                 f"(e.g. {matched[:3]}); fix the key or drop it")
+
+
+def check_exclude_modules(config, names: list[str], label: str) -> None:
+    """Every exclude_modules entry must match some module as peft matches it (a string: a regex full match; a
+    list: the name or a dotted suffix of it); one that matches nothing excludes nothing."""
+    exclude = getattr(config, "exclude_modules", None)
+    if not exclude:
+        return
+    if isinstance(exclude, str):
+        unmatched = [] if any(re.fullmatch(exclude, n) for n in names) else [exclude]
+    else:
+        unmatched = [e for e in exclude if not any(n == e or n.endswith(f".{e}") for n in names)]
+    if unmatched:
+        raise ValueError(f"{label}.exclude_modules entry {unmatched[0]!r} matches no module of the model, so it "
+                         f"excludes nothing; {_name_hint(unmatched[0], names)}")
+
+
+# peft appends these to modules_to_save itself for classification models, whichever of them the model has.
+_PEFT_HEAD_NAMES = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score")}
+
+
+def check_modules_to_save(config, names: list[str], label: str) -> None:
+    """Every modules_to_save entry must match some module as peft matches it (the name ends with it); one that
+    matches nothing leaves that module frozen and unsaved (a classification head not trained)."""
+    task = getattr(config.task_type, "value", config.task_type)
+    added = _PEFT_HEAD_NAMES.get(task, ())
+    for entry in getattr(config, "modules_to_save", None) or ():
+        if entry not in added and not any(n.endswith(entry) for n in names):
+            raise ValueError(f"{label}.modules_to_save entry {entry!r} matches no module of the model, so nothing "
+                             f"would be trained or saved for it; {_name_hint(entry, names)}")
+
+
+def _name_hint(entry: str, names: list[str]) -> str:
+    """'did you mean ...' from the model's module names (their last parts), for a typo'd entry."""
+    import difflib
+
+    close = difflib.get_close_matches(entry, sorted({n.rsplit(".", 1)[-1] for n in names}), n=1)
+    return f"did you mean {close[0]!r}?" if close else "name a module of the model (or the last part of its name)"
 
 
 def patch_peft(model: nn.Module) -> nn.Module:
@@ -157,13 +246,25 @@ def patch_peft(model: nn.Module) -> nn.Module:
     return model
 
 
+def fuse_lora_layers(model: nn.Module, what: str) -> nn.Module:
+    """patch_peft for a model fastft built or loaded: one whose LoRA layers are all embeddings, convolutions or
+    Conv1D is valid (peft runs them exactly), so nothing to fuse is a one-line warning, not an error."""
+    if any(isinstance(m, PeftLoraLinear) for m in model.modules()):
+        patch_peft(model)
+    if not any(isinstance(m, PeftLoraLinear) and not m.fan_in_fan_out for m in model.modules()):
+        warnings.warn(f"fastft.{what}: no LoRA layer is fused (none is on a Linear layer: "
+                      "embeddings, convolutions and GPT-2 Conv1D layers run peft's own forward)", stacklevel=3)
+    return model
+
+
 def get_peft_model(model: nn.Module, config, adapter_name: str = "default", **kwargs) -> PeftModel:
     """Like `peft.get_peft_model`, with fused LoRA layers. Only adapter (and modules_to_save) weights train.
 
     On a model quantized by `fastft.quantize_model` / `load_nf4_model` this is QLoRA: the NF4 layers get
-    FusedQLoraLinear adapters (forward through fastft.ops.qlora_linear). Other methods' configs (LoraConfig with
-    use_dora, IA3Config, PrefixTuningConfig, PromptTuningConfig, PromptEncoderConfig, fastft's
-    BottleneckAdapterConfig) go to their rooms in fastft.integration.methods.
+    FusedQLoraLinear adapters (forward through fastft.ops.qlora_linear). LoRA on embeddings, convolutions and
+    Conv1D layers (GPT-2; peft sets fan_in_fan_out=True for them) runs unfused, through peft's own forward.
+    Other methods' configs (LoraConfig with use_dora, IA3Config, PrefixTuningConfig, PromptTuningConfig,
+    PromptEncoderConfig, fastft's BottleneckAdapterConfig) go to their rooms in fastft.integration.methods.
     """
     refuse_peft_model(model, "get_peft_model")
     if not isinstance(config, LoraConfig) or config.use_dora:
@@ -172,7 +273,7 @@ def get_peft_model(model: nn.Module, config, adapter_name: str = "default", **kw
         return get_method_model(model, config, adapter_name=adapter_name, **kwargs)
     validate_lora_config(config, model)
     with_quantized_targets(config, model)
-    return patch_peft(quiet_peft_model(model, config, adapter_name, **kwargs))
+    return fuse_lora_layers(quiet_peft_model(model, config, adapter_name, **kwargs), "get_peft_model")
 
 
 def refuse_peft_model(model: nn.Module, what: str) -> None:
@@ -210,7 +311,7 @@ def add_adapter(model: PeftModel, adapter_name: str, config) -> PeftModel:
         validate = validate_lora_config
     validate(config, model.get_base_model())
     model.add_adapter(adapter_name, with_quantized_targets(config, model.get_base_model()))
-    return patch_peft(model)
+    return fuse_lora_layers(model, "add_adapter")
 
 
 def read_peft_config(path: Path) -> peft.PeftConfig:
@@ -318,8 +419,27 @@ def check_adapter_fits(base_model: nn.Module, path: str | os.PathLike) -> LoraCo
     config = read_peft_config(path)
     if not isinstance(config, LoraConfig):
         raise ValueError(f"load_adapter: {config_file} describes a {type(config).__name__}, not a LoraConfig")
-    check_adapter_tensors(base_model, path, config, _LORA_TENSORS)
+    if not config.layer_replication:  # with it peft copies layers first: 'layers.2' exists only then
+        check_adapter_tensors(base_model, path, config, _LORA_TENSORS)
     return config
+
+
+def check_loadable(config: LoraConfig, base: nn.Module, path: Path, into_peft_model: bool) -> None:
+    """The one load policy, onto a plain model or into a PeftModel. Creation-only checks (init schemes, options
+    fastft will not create) do not apply: the saved weights replace the initialisation, and layers the fused op
+    does not cover run peft's forward. Refused is only what would be silently wrong."""
+    check_init_fits_base(config, base, f"load {path} onto the unquantized model, or save it converted to plain "
+                                       "LoRA (peft's save_pretrained(path_initial_model_for_weight_conversion=...))")
+    if into_peft_model and config.layer_replication:
+        raise ValueError(f"load_adapter: {path} has LoraConfig.layer_replication={config.layer_replication!r}, "
+                         "which makes peft copy the model's layers: the adapters this PeftModel holds would then run "
+                         "on the copies too. Load it onto the plain base model instead")
+    if any(isinstance(m, NF4Linear) for m in base.modules()):
+        for field in (*_UNSUPPORTED_FIELDS, "fan_in_fan_out"):
+            value = getattr(config, field, None)
+            if field != "use_dora" and value not in (None, False):
+                raise ValueError(f"load_adapter: {path} has LoraConfig.{field}={value!r}, which fastft's QLoRA "
+                                 "layers (NF4 base) do not compute or merge; load it onto the unquantized model")
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default",
@@ -339,21 +459,20 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
         return loaded
     base = model.get_base_model() if isinstance(model, PeftModel) else model
     config = check_adapter_fits(base, path)
-    check_init_fits_base(config, base, f"load {path} onto the unquantized model, or save it converted to plain "
-                                       "LoRA (peft's save_pretrained(path_initial_model_for_weight_conversion=...))")
+    check_loadable(config, base, Path(path), isinstance(model, PeftModel))
     config = with_quantized_targets(config, base)
     config.inference_mode = not is_trainable
     if isinstance(model, PeftModel):
         if adapter_name in model.peft_config:
             raise ValueError(f"load_adapter: the model already has an adapter named {adapter_name!r}")
-        add_adapter(model, adapter_name, config)  # so peft builds fused (and QLoRA) layers for it
+        model.add_adapter(adapter_name, config)  # built from this config (QLoRA layers registered above)
         if is_trainable:
             model.set_requires_grad(adapter_name)
         model.load_adapter(str(path), adapter_name=adapter_name, is_trainable=is_trainable)
-        return patch_peft(model)
+        return fuse_lora_layers(model, "load_adapter")
     peft_model = PeftModel.from_pretrained(model, str(path), adapter_name=adapter_name, is_trainable=is_trainable,
                                            config=config)
-    return patch_peft(peft_model)
+    return fuse_lora_layers(peft_model, "load_adapter")
 
 
 def merge_and_unload(model: PeftModel, *, requantize: bool = False, dtype=None, safe_merge: bool = False):

@@ -1,7 +1,7 @@
 """DoRA's room: `LoraConfig(use_dora=True)` accepted, a fused DoRA layer, injection through peft.
 
-Config: peft's LoraConfig with use_dora=True. Everything plain LoRA accepts, minus what the fused DoRA op does not
-compute (fan_in_fan_out, lora_bias: refused naming the field).
+Config: peft's LoraConfig with use_dora=True. Everything plain LoRA accepts, minus lora_bias (refused naming the
+field). Conv1D layers (GPT-2, fan_in_fan_out=True, set by peft) run peft's DoRA forward, unfused, as in plain LoRA.
 Layer: `FusedDoraLinear` / `FusedQDoraLinear` — peft's LoRA Linear (DoRA variant, same state: lora_A, lora_B,
 lora_magnitude_vector) whose forward for one active DoRA adapter is `fastft.ops.dora_linear` (fused GEMM with σ
 as a column-scale epilogue; ‖W‖² cached per weight). Other cases (several adapters, disabled, merged) take
@@ -26,16 +26,17 @@ from fastft.modules.nf4_linear import NF4Linear
 from fastft.modules.qlora import FusedQLoraLinear
 from fastft.ops.dora import dora_linear, dora_row_norm
 
-# LoraConfig fields plain fused LoRA accepts but the fused DoRA op does not compute.
+# LoraConfig fields refused with DoRA (fan_in_fan_out is not: Conv1D layers take peft's forward, as in plain LoRA).
 _DORA_UNSUPPORTED = {
-    "fan_in_fan_out": "the fused DoRA op takes W as (out_features, in_features)",
     "lora_bias": "peft's DoRA with a LoRA bias adds it outside the magnitude scale; the fused op has no such term",
 }
 
 
 def validate_dora_config(config, model: nn.Module) -> None:
     """ValueError naming the field for a DoRA option fastft cannot fuse; then plain LoRA's checks."""
-    from fastft.integration.peft_lora import validate_lora_config
+    from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as defaults
+
+    from fastft.integration.peft_lora import check_fan_in_fan_out, targeted_modules, validate_lora_config
 
     if not isinstance(config, LoraConfig) or not config.use_dora:
         raise TypeError(f"validate_dora_config expects a peft.LoraConfig with use_dora=True, got {config!r}")
@@ -44,6 +45,8 @@ def validate_dora_config(config, model: nn.Module) -> None:
         if value not in (None, False):
             raise ValueError(f"LoraConfig.{field}={value!r} with use_dora=True is not supported by fastft: {why}; "
                              "use peft directly for it")
+    if config.fan_in_fan_out:  # named with use_dora here; plain LoRA's checks below would name it without
+        check_fan_in_fan_out(config, targeted_modules(config, model, defaults), context=" with use_dora=True")
     plain = copy.copy(config)
     plain.use_dora = False
     validate_lora_config(plain, model)
@@ -141,8 +144,8 @@ def register_quantized(config: LoraConfig, model: nn.Module) -> LoraConfig:
 
 def get_dora_model(model: nn.Module, config: LoraConfig, adapter_name: str = "default", **kwargs):
     """peft.get_peft_model with LoraConfig(use_dora=True), validated, with fused DoRA layers."""
-    from fastft.integration.peft_lora import patch_peft, quiet_peft_model, with_quantized_targets
+    from fastft.integration.peft_lora import fuse_lora_layers, quiet_peft_model, with_quantized_targets
 
     validate_dora_config(config, model)
     with_quantized_targets(config, model)  # FusedQDoraLinear on NF4 layers, "all-linear" expanded over them
-    return patch_peft(quiet_peft_model(model, config, adapter_name, **kwargs))
+    return fuse_lora_layers(quiet_peft_model(model, config, adapter_name, **kwargs), "get_peft_model")

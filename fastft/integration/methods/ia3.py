@@ -1,6 +1,8 @@
 """IA3's room: peft's `IA3Config` accepted, a fused IA3 layer, injection through peft.
 
 Config: peft's IA3Config; fields whose forward the fused op does not compute are refused naming the field.
+Conv1D layers (GPT-2: peft sets fan_in_fan_out=True for them) run unfused, through peft's forward; creating,
+saving and loading follow that one rule.
 Layer: `FusedIA3Linear` — peft's IA3 Linear (same state `ia3_l`, same save format) whose forward goes through
 `fastft.ops.ia3_linear`: the learned vector folded into the GEMM (input scale as a prologue on x's K-columns
 for feed-forward modules, output scale as an epilogue column scale otherwise). Several active adapters
@@ -22,11 +24,16 @@ from fastft.ops.ia3 import ia3_linear
 
 
 def validate_ia3_config(config, model: nn.Module) -> None:
+    """ValueError naming the field for an IA3 option that is wrong for `model` (the same when creating and loading:
+    fan_in_fan_out=True only with Conv1D targets, which run peft's forward)."""
+    from peft.utils import TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING as defaults
+
+    from fastft.integration.peft_lora import check_fan_in_fan_out, targeted_modules
+
     if not isinstance(config, IA3Config):
         raise TypeError(f"validate_ia3_config expects a peft.IA3Config, got {type(config).__name__}")
     if config.fan_in_fan_out:
-        raise ValueError("IA3Config.fan_in_fan_out=True is not supported by fastft: the fused IA3 op takes W as "
-                         "(out_features, in_features); use peft directly for Conv1D models")
+        check_fan_in_fan_out(config, targeted_modules(config, model, defaults), "IA3Config.fan_in_fan_out")
     targets, ff = config.target_modules, config.feedforward_modules
     if isinstance(targets, (list, set, tuple)) and isinstance(ff, (list, set, tuple)):
         stray = sorted(set(ff) - set(targets))
@@ -71,18 +78,31 @@ def patch_ia3(model: nn.Module) -> nn.Module:
     return model
 
 
+def fuse_ia3_layers(model: nn.Module, what: str) -> nn.Module:
+    """patch_ia3 for a model fastft built or loaded: IA3 only on convolutions or Conv1D layers is valid (peft runs
+    them), so nothing to fuse is a one-line warning, not an error."""
+    import warnings
+
+    if any(isinstance(m, PeftIA3Linear) for m in model.modules()):
+        patch_ia3(model)
+    if not any(isinstance(m, PeftIA3Linear) and not m.fan_in_fan_out for m in model.modules()):
+        warnings.warn(f"fastft.{what}: no IA3 layer is fused (its layers are convolutions or GPT-2 Conv1D, which "
+                      "run peft's own forward)", stacklevel=3)
+    return model
+
+
 def get_ia3_model(model: nn.Module, config: IA3Config, adapter_name: str = "default", **kwargs):
     from fastft.integration.peft_lora import quiet_peft_model
 
     validate_ia3_config(config, model)
-    return patch_ia3(quiet_peft_model(model, config, adapter_name, **kwargs))
+    return fuse_ia3_layers(quiet_peft_model(model, config, adapter_name, **kwargs), "get_peft_model")
 
 
 def add_ia3_adapter(model, adapter_name: str, config: IA3Config):
     """`model.add_adapter` for an IA3 adapter on a PeftModel holding IA3 adapters, validated, its layers fused."""
     validate_ia3_config(config, model.get_base_model())
     model.add_adapter(adapter_name, config)
-    return patch_ia3(model)
+    return fuse_ia3_layers(model, "add_adapter")
 
 
 def load_ia3_adapter(model: nn.Module, path, config: IA3Config, adapter_name: str, is_trainable: bool):
@@ -103,6 +123,6 @@ def load_ia3_adapter(model: nn.Module, path, config: IA3Config, adapter_name: st
     config.inference_mode = not is_trainable
     if isinstance(model, PeftModel):
         model.load_adapter(str(path), adapter_name=adapter_name, is_trainable=is_trainable)
-        return patch_ia3(model)
-    return patch_ia3(PeftModel.from_pretrained(model, str(path), adapter_name=adapter_name,
-                                               is_trainable=is_trainable, config=config))
+        return fuse_ia3_layers(model, "load_adapter")
+    return fuse_ia3_layers(PeftModel.from_pretrained(model, str(path), adapter_name=adapter_name,
+                                                     is_trainable=is_trainable, config=config), "load_adapter")
