@@ -2,6 +2,10 @@
 one run, one card: SFT with packing (documents of 64–1024 tokens back to back, no padding), LoRA r=16 on all
 linear layers, dropout 0, bf16 weights, AdamW.
 
+Both sides train alike (`fastft train`'s defaults): torch AdamW (fused on CUDA) at a constant lr 1e-4, no weight
+decay, no gradient clipping, no autocast (the weights are bf16 already). Each row records what its side used
+("setup", read back from the optimizer and the Trainer's arguments) so a difference shows.
+
 Models: random-init Llamas of the SmolLM2-135M shape (30 layers, hidden 576, 9/3 heads, vocab 49152) and of
 the Llama-3.2-1B shape (16 layers, hidden 2048, vocab 128256); no hub, no data package needed. Both sides get
 the same documents in the same order, `DOCS_PER_STEP` per optimizer step packed into one row (fastft:
@@ -35,6 +39,7 @@ SHAPES = {
 STEPS, WARMUP = int(os.environ.get("TRAIN_BENCH_STEPS", 14)), int(os.environ.get("TRAIN_BENCH_WARMUP", 4))
 DOCS_PER_STEP = int(os.environ.get("TRAIN_BENCH_DOCS", 16))
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+LR, WEIGHT_DECAY, MAX_GRAD_NORM = 1e-4, 0.0, 0.0   # the same on both sides; MAX_GRAD_NORM 0: no clipping
 
 
 def documents(vocab: int, count: int, seed: int = 0, lengths=(64, 1024)):
@@ -66,8 +71,35 @@ def _reset(device):
         torch.cuda.reset_peak_memory_stats()
 
 
-def _peak_gib(device) -> float:
-    return torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+def _peak_gib(device) -> float | None:
+    return torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None   # None: not measured
+
+
+def adamw(params, device) -> torch.optim.AdamW:
+    """fastft's optimizer: what the Trainer builds for trainer_arguments' optim."""
+    return torch.optim.AdamW(params, lr=LR, weight_decay=WEIGHT_DECAY, fused=True if device.type == "cuda" else None)
+
+
+def trainer_arguments(out: str, device, steps: int):
+    """The Trainer's settings, matched to fastft's side: its AdamW, lr, weight decay, no clipping, no autocast."""
+    from transformers import TrainingArguments
+
+    return TrainingArguments(output_dir=out, per_device_train_batch_size=DOCS_PER_STEP, max_steps=steps,
+                             learning_rate=LR, lr_scheduler_type="constant", weight_decay=WEIGHT_DECAY,
+                             max_grad_norm=MAX_GRAD_NORM, optim="adamw_torch_fused" if device.type == "cuda"
+                             else "adamw_torch", bf16=False, fp16=False, report_to=[], save_strategy="no",
+                             logging_strategy="no", dataloader_num_workers=0, use_cpu=device.type != "cuda",
+                             remove_unused_columns=False)
+
+
+def setup(optimizer, max_grad_norm: float, autocast: bool) -> dict:
+    """What a side trained with, read back from its optimizer (the Trainer's is wrapped by accelerate)."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    group = inner.param_groups[0]
+    return {"optimizer": type(inner).__name__, "fused": bool(group.get("fused")),
+            "lr": sorted({g["lr"] for g in inner.param_groups}),
+            "weight_decay": sorted({g["weight_decay"] for g in inner.param_groups}),
+            "betas": list(group["betas"]), "eps": group["eps"], "max_grad_norm": max_grad_norm, "autocast": autocast}
 
 
 def run_fastft(model, method: str, docs, device, attn: str) -> dict:
@@ -86,7 +118,8 @@ def run_fastft(model, method: str, docs, device, attn: str) -> dict:
     accelerator = Accelerator(cpu=device.type != "cuda")
     model = apply_method(model, method, MethodOptions(rank=16, alpha=32, dropout=0.0, target_modules=tuple(TARGETS)))
     objective = ObjectiveModel(model, "sft").train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = adamw(params, device)
     _reset(device)
     times, tokens = [], []
     for step in range(STEPS):
@@ -95,20 +128,22 @@ def run_fastft(model, method: str, docs, device, attn: str) -> dict:
         batch = {k: v.to(device) if isinstance(v, torch.Tensor) and k != "choices" else v for k, v in batch.items()}
         start = time.perf_counter()
         accumulate(objective, objective.count, [batch], accelerator)
+        if MAX_GRAD_NORM > 0:
+            torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
         tokens.append(batch["input_ids"].numel())
-    return _summary(times, tokens, device)
+    return _summary(times, tokens, device) | {"setup": setup(optimizer, MAX_GRAD_NORM,
+                                                              accelerator.mixed_precision != "no")}
 
 
 def run_trainer(model, method: str, docs, device) -> dict:
     """transformers' Trainer + peft (+ bitsandbytes NF4 with double quantization for QLoRA), same documents."""
     import peft
-    from transformers import (BitsAndBytesConfig, DataCollatorWithFlattening, LlamaForCausalLM, Trainer,
-                              TrainerCallback, TrainingArguments)
+    from transformers import BitsAndBytesConfig, DataCollatorWithFlattening, LlamaForCausalLM, Trainer, TrainerCallback
 
     if method == "qlora":
         with tempfile.TemporaryDirectory() as folder:
@@ -138,16 +173,14 @@ def run_trainer(model, method: str, docs, device) -> dict:
     for i in range(STEPS):
         tokens.append(sum(len(d["input_ids"]) for d in data[i * DOCS_PER_STEP:(i + 1) * DOCS_PER_STEP]))
     with tempfile.TemporaryDirectory() as out:
-        args = TrainingArguments(output_dir=out, per_device_train_batch_size=DOCS_PER_STEP, max_steps=STEPS,
-                                 learning_rate=1e-4, bf16=device.type == "cuda", report_to=[], save_strategy="no",
-                                 logging_strategy="no", dataloader_num_workers=0, use_cpu=device.type != "cuda",
-                                 remove_unused_columns=False)
+        args = trainer_arguments(out, device, STEPS)
         trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=DataCollatorWithFlattening(),
                           callbacks=[Clock()])
         trainer._get_train_sampler = lambda *a, **k: torch.utils.data.SequentialSampler(data)  # same order
         _reset(device)
         trainer.train()
-    return _summary(times, tokens, device)
+    return _summary(times, tokens, device) | {"setup": setup(trainer.optimizer, args.max_grad_norm,
+                                                              args.bf16 or args.fp16)}
 
 
 def _summary(times, tokens, device) -> dict:

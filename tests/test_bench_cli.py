@@ -82,7 +82,7 @@ def test_report_redrawn_from_json(tiny_bench, tmp_path):
 
 
 def test_not_implemented_and_failures_become_rows(monkeypatch):
-    cfg = BenchConfig(shape="tiny", steps=1, warmup=0, seq_len=8, batch_size=1)
+    cfg = BenchConfig(shape="tiny", steps=1, warmup=1, seq_len=8, batch_size=1)
     cpu = torch.device("cpu")
 
     def fail(exc):
@@ -139,7 +139,8 @@ def test_kernels_on_cpu_says_so(capsys, tmp_path):
 
 def _result(rows, **config):
     cfg = dict(shape="llama-1b", model=None, batch_size=4, seq_len=2048, gradient_checkpointing=False,
-               dtype_resolved="bf16", device="cuda")
+               dtype_resolved="bf16", device="cuda", rank=16, alpha=32.0, num_virtual_tokens=32, patch_model=True,
+               warmup=2)
     cfg.update(config)
     full = [dict(method=m, peer=p, status="ok", tokens_per_s=t, peak_gib=g, step_ms=4 * 2048 / t * 1e3)
             for m, p, t, g in rows]

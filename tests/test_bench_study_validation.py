@@ -22,7 +22,7 @@ from fastft.apps.study.runner import StudyConfig, _finished, write_json_atomic
 from fastft.apps.study.tasks import StudyTask
 
 # one tiny fastft row: what an old build ran before failing late (kept small so a regression fails fast)
-TINY = ["--shape", "tiny", "--methods", "lora", "--peers", "none", "--steps", "1", "--warmup", "0", "--seq-len", "8",
+TINY = ["--shape", "tiny", "--methods", "lora", "--peers", "none", "--steps", "1", "--warmup", "1", "--seq-len", "8",
         "--batch-size", "1", "--formats", "json", "md"]
 
 

@@ -1,4 +1,8 @@
-"""benchmarks/gpu_train.py runs end to end with --cpu-smoke (a tiny model, 2 steps, LoRA; tests/benchmark_smoke.py)."""
+"""benchmarks/gpu_train.py runs end to end with --cpu-smoke (a tiny model, 2 steps, LoRA; tests/benchmark_smoke.py):
+both sides train with the same optimizer, weight decay, clipping and precision, and the results are strict JSON
+(memory not measured on the CPU is null, not NaN)."""
+import json
+
 from tests.benchmark_smoke import run_benchmark_smoke
 
 
@@ -9,3 +13,8 @@ def test_gpu_train_benchmark_smoke(tmp_path):
         ("tiny", "lora", "fastft"), ("tiny", "lora", "transformers Trainer + peft")]
     assert all(r["tokens_per_s"] > 0 for r in result["rows"])
     assert "## fastft train step vs Trainer + peft" in stdout
+    fastft, trainer = result["rows"]
+    assert fastft["setup"] == trainer["setup"], (fastft["setup"], trainer["setup"])
+    assert fastft["setup"]["weight_decay"] == [0.0] and fastft["setup"]["autocast"] is False
+    assert fastft["peak_gib"] is None and trainer["peak_gib"] is None
+    json.loads((tmp_path / "train.json").read_text(), parse_constant=lambda token: 1 / 0)  # no NaN / Infinity

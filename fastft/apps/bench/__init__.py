@@ -4,7 +4,7 @@ on one harness (`harness`: timing, memory, card, results files).
 Files, one job each: `shapes` (the named model shapes, building a random-init model), `peers` (how each
 implementation — fastft, peft, peft+bnb, peft+Liger, Unsloth — builds a model for a method), `run` (one
 timed training run), `methods` (every run of a table, with a progress bar), `report` (JSON, markdown, PNG),
-`kernels` (the benchmarks/gpu_*.py families).
+`resume` (carrying on a table cut short), `kernels` (the benchmarks/gpu_*.py families).
 """
 from fastft.apps.bench.harness import (  # noqa: F401 - the harness API the kernel benchmarks import
     card_name,

@@ -13,6 +13,8 @@ from fastft.apps.models import model_problem
 from fastft.files import output_dir_problem
 from fastft.integration.methods import METHODS
 
+RANKED_METHODS = ("lora", "qlora", "dora")   # the methods --rank and --alpha apply to
+
 
 @dataclass
 class BenchConfig:
@@ -69,14 +71,32 @@ class BenchConfig:
         if bad or not self.formats:
             raise ValueError(f"--formats: unknown format {', '.join(map(repr, bad)) or '(none given)'}; expected some "
                              "of json, md, png")
-        if self.warmup < 0:
-            raise ValueError(f"--warmup must be at least 0, got {self.warmup}")
-        problem = output_dir_problem(self.output_dir)
+        if self.warmup < 1:   # the headline is the mean step: one JIT/autotune step would dominate it
+            first = (f"--compile {self.compile} compiles in it" if self.compile != "off"
+                     else "it JIT-compiles and autotunes the Triton kernels and warms the allocator")
+            raise ValueError(f"--warmup must be at least 1 (the first step is never timed: {first}), "
+                             f"got {self.warmup}")
+        self._check_rank()
+        problem = output_dir_error(self.output_dir)
         if problem:
             raise ValueError(problem)
         problem = compile_problem(self.compile, self.compile_backend, cuda=torch.cuda.is_available())
         if problem:
             raise ValueError(problem)
-        if self.compile != "off" and self.warmup < 1:
-            raise ValueError(f"--compile {self.compile} needs --warmup of at least 1 (the first step compiles; "
-                             "it must not be timed), got 0")
+
+    def _check_rank(self) -> None:
+        """A rank above the hidden size adds nothing a full-rank update lacks and only costs time (a real --model's
+        size is known once it loads, so only --shape is checked here)."""
+        ranked = [m for m in self.methods if m in RANKED_METHODS]
+        if self.model is None and ranked:
+            hidden = SHAPES[self.shape]["hidden_size"]
+            if self.rank > hidden:
+                raise ValueError(f"--rank {self.rank} is larger than --shape {self.shape}'s hidden size {hidden} "
+                                 f"(used by {', '.join(ranked)}); give --rank {hidden} or less")
+
+
+def output_dir_error(output_dir: str) -> str | None:
+    """Why --output-dir cannot hold the results (one line), or None."""
+    if not str(output_dir).strip():
+        return "--output-dir is empty; give a folder to write the results to (default: bench-results)"
+    return output_dir_problem(output_dir)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import math
 import os
 import platform
 import statistics
@@ -140,8 +141,21 @@ def markdown_table(rows: list[dict], columns: list[str], formats: dict | None = 
     return "\n".join(lines)
 
 
+def finite_or_none(value):
+    """`value` with every NaN / inf float (in nested dicts, lists, tuples) replaced by None: strict JSON has no
+    token for them, and jq, JavaScript and strict parsers reject Python's bare NaN."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_none(v) for v in value]
+    return value
+
+
 def write_json(path: str | os.PathLike, payload: dict) -> Path:
-    return atomic_write(path, json.dumps(payload, indent=2, default=str))
+    """Standard JSON (non-finite floats written as null; anything else not JSON, e.g. a Path, as its str)."""
+    return atomic_write(path, json.dumps(finite_or_none(payload), indent=2, default=str, allow_nan=False))
 
 
 def write_results(name: str, payload: dict, out_dir: str | os.PathLike | None = None) -> Path | None:

@@ -5,6 +5,7 @@ Unsloth) run after them so they cannot leak into other rows.
 """
 from __future__ import annotations
 
+import sys
 import time
 
 import torch
@@ -26,36 +27,66 @@ def planned_runs(cfg: BenchConfig) -> list[tuple[str, str]]:
     return runs
 
 
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def table_config(cfg: BenchConfig, device: torch.device) -> dict:
+    """The settings a results file records (the flags, the device and the dtype that 'auto' became)."""
+    dtype = resolve_dtype(cfg.dtype, device)
+    return vars(cfg) | {"device": str(device), "dtype_resolved": next(k for k, v in DTYPES.items() if v == dtype)}
+
+
+def row_key(row: dict) -> tuple[str, str, str]:
+    """What identifies a run in a table: (method, implementation, compile mode)."""
+    return row["method"], row["peer"], row.get("compile", "off")
+
+
+def planned_row(method: str, implementation: str, mode: str) -> dict:
+    return {"method": method, "implementation": peers.label(implementation, method), "peer": implementation,
+            "compile": mode, "status": "planned"}
+
+
 def bench_methods(cfg: BenchConfig, device: torch.device | None = None, progress: bool = True,
-                  on_row=None) -> dict:
-    """Run the table; returns {"environment", "config", "rows", "wall_s"} (what results.json holds).
-    `on_row(result so far)` is called after each run (the CLI rewrites its files, so a run cut short by a
-    time limit still leaves every finished row on disk)."""
+                  on_row=None, previous: dict | None = None) -> dict:
+    """Run the table; returns {"environment", "config", "rows", "wall_s", "complete"} (what results.json holds).
+    Every run starts as a "planned" row and `complete` is False until the last one is measured; `on_row(result
+    so far)` is called first and after each run (the CLI rewrites its files, so a run cut short leaves every
+    finished row on disk, marked incomplete). `previous`: a result of the same settings (resume.previous_result)
+    whose measured rows are kept instead of measured again."""
     cfg.validate()
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(device or default_device())
     start = time.perf_counter()
     env = environment()
     env["device"] = str(device)
-    dtype = resolve_dtype(cfg.dtype, device)
-    config = vars(cfg) | {"device": str(device), "dtype_resolved": next(k for k, v in DTYPES.items() if v == dtype)}
     peers.preload()
-    rows = []
-    result = {"environment": env, "config": config, "rows": rows, "wall_s": 0.0}
     modes = ("off",) if cfg.compile == "off" else ("off", cfg.compile)  # eager, then compiled: side by side
     runs = [(method, implementation, mode) for method, implementation in planned_runs(cfg) for mode in modes]
-    bar = tqdm(runs, desc="fastft bench", unit="run", disable=not progress, dynamic_ncols=True)
-    for method, implementation, mode in bar:
+    done = {row_key(r): r for r in (previous or {}).get("rows", ()) if r.get("status") != "planned"}
+    rows = [done.get((m, i, mode)) or planned_row(m, i, mode) for m, i, mode in runs]
+    earlier_s = (previous or {}).get("wall_s", 0.0) if done else 0.0
+    result = {"environment": env, "config": table_config(cfg, device), "rows": rows, "wall_s": earlier_s,
+              "complete": False}
+    if on_row is not None:
+        on_row(result)
+    todo = [k for k, row in enumerate(rows) if row["status"] == "planned"]
+    if done:
+        print(f"fastft bench: resuming: {len(rows) - len(todo)} of {len(rows)} runs already measured",
+              file=sys.stderr)
+    bar = tqdm(todo, desc="fastft bench", unit="run", disable=not progress, dynamic_ncols=True)
+    for k in bar:
+        method, implementation, mode = runs[k]
         name = peers.label(implementation, method) + ("" if mode == "off" else f" compiled ({mode})")
         bar.set_postfix_str(f"{method} / {name}")
-        row = run_one(cfg, method, implementation, device, compile=mode)
-        rows.append(row)
+        row = rows[k] = run_one(cfg, method, implementation, device, compile=mode)
         if row["status"] == "ok":
             bar.write(f"{method:8s} {name:16s} {row['tokens_per_s']:>12,.0f} tokens/s "
                       f"{row['step_ms']:9.1f} ms/step  peak {row['peak_gib']:.2f} GiB")
         else:
             bar.write(f"{method:8s} {name:16s} {row['status']}: {row.get('reason') or row.get('error')}")
-        result["wall_s"] = time.perf_counter() - start
+        result["wall_s"] = earlier_s + time.perf_counter() - start
         if on_row is not None:
             on_row(result)
-    result["wall_s"] = time.perf_counter() - start
+    result["wall_s"] = earlier_s + time.perf_counter() - start
+    result["complete"] = True
     return result

@@ -76,10 +76,18 @@ def table_rows(result: dict) -> list[dict]:
             "× peer tokens/s": fmt(r["tokens_per_s"] / peer["tokens_per_s"], ".2f") if peer else "",
             "× peer memory": (fmt(r["peak_gib"] / peer["peak_gib"], ".2f")   # CPU RSS deltas are too rough
                               if peer and peer.get("peak_gib") and r["memory_kind"].startswith("cuda") else ""),
-            "note": (r.get("reason") or r.get("error") or ("model patched by fastft.patch_model" if r.get("patched")
-                                                           else "")).replace("|", "/")[:160],
+            "note": _note(r).replace("|", "/")[:160],
         })
     return out
+
+
+def _note(row: dict) -> str:
+    """Why a row has no numbers, else what dynamo compiled and whether fastft patched the model."""
+    if row.get("reason") or row.get("error"):
+        return row.get("reason") or row.get("error")
+    stats = row.get("compile_stats")
+    parts = [f"{stats['graphs']} graphs, {stats['graph_breaks']} graph breaks"] if stats else []
+    return "; ".join(parts + (["model patched by fastft.patch_model"] if row.get("patched") else []))
 
 
 def markdown(result: dict) -> str:
@@ -98,18 +106,36 @@ def markdown(result: dict) -> str:
         f"Peak memory: {'; '.join(kinds) or 'not measured'}. tokens/s = B·S / mean step time (forward, backward, "
         "AdamW step). × peer: against the peft row of the same method (peft+bnb for qlora, plain transformers "
         "for full), compiled the same way. compile: off (eager) or the torch.compile mode (backend) of the model's "
-        "forward and backward; compilation happens in the warm-up steps.",
+        "forward and backward; compilation happens in the warm-up steps. Rows without numbers say why: diverged (the "
+        "loss became NaN/inf), not compiled (dynamo ran the step partly eagerly), planned (not measured yet), "
+        "unavailable, not installed, oom, error.",
         "",
         "| " + " | ".join(COLUMNS) + " |",
         "|" + "---|" * len(COLUMNS),
     ]
     lines += ["| " + " | ".join(row[c] for c in COLUMNS) + " |" for row in table_rows(result)]
     lines += ["", "## Issue 8 targets", *check_targets(result), ""]
-    return "\n".join(lines)
+    return "\n".join(_incomplete_note(result) + lines)
+
+
+def _incomplete_note(result: dict) -> list[str]:
+    """A warning atop an unfinished table (results written before the field read as complete)."""
+    if result.get("complete", True):
+        return []
+    left = sum(r["status"] == "planned" for r in result["rows"])
+    return [f"> **Incomplete**: {left} of {len(result['rows'])} runs not measured yet (still running, or stopped: "
+            "the same command resumes it).", ""]
 
 
 def plot_png(result: dict) -> bytes:
-    """Two panels, tokens/s and peak GiB: per method a group of bars, one per implementation."""
+    buf = io.BytesIO()
+    plot_figure(result).savefig(buf, format="png", dpi=110)
+    return buf.getvalue()
+
+
+def plot_figure(result: dict):
+    """Tokens/s and (on CUDA) peak GiB: per method a group of bars, one per implementation. CPU memory is left
+    out, as the table leaves out its ratio: an RSS delta sampled every 10 ms is too rough to compare."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -119,11 +145,15 @@ def plot_png(result: dict) -> bytes:
     modes = list(dict.fromkeys(sorted((_compile(r) for r in rows), key=lambda m: m != "off")))
     impls = [(i, m) for i in IMPLEMENTATIONS for m in modes
              if any(r["peer"] == i and _compile(r) == m and r["status"] != "not installed" for r in rows)]
-    fig = Figure(figsize=(max(7.0, 0.45 * len(methods) * max(2, len(impls)) + 2), 7.0), layout="constrained")
+    panels = [("tokens_per_s", "tokens/s")]
+    if any(r.get("memory_kind", "").startswith("cuda") for r in rows if r["status"] == "ok"):
+        panels.append(("peak_gib", "peak memory (GiB)"))
+    fig = Figure(figsize=(max(7.0, 0.45 * len(methods) * max(2, len(impls)) + 2), 3.5 * len(panels) + 0.5),
+                 layout="constrained")
     FigureCanvasAgg(fig)
-    axes = fig.subplots(2, 1, sharex=True)
+    axes = list(fig.subplots(len(panels), 1, sharex=True, squeeze=False)[:, 0])
     width = 0.8 / max(1, len(impls))
-    for ax, key, ylabel in ((axes[0], "tokens_per_s", "tokens/s"), (axes[1], "peak_gib", "peak memory (GiB)")):
+    for ax, (key, ylabel) in zip(axes, panels):
         for k, (impl, mode) in enumerate(impls):
             xs, ys = [], []
             for i, method in enumerate(methods):
@@ -143,15 +173,15 @@ def plot_png(result: dict) -> bytes:
                    label=f"{impl}, compiled ({mode})" if compiled else LEGEND[impl])
         ax.set_ylabel(ylabel)
         ax.grid(axis="y", alpha=0.3)
-    axes[1].set_xticks(range(len(methods)), methods)
+    axes[-1].set_xticks(range(len(methods)), methods)
+    axes[-1].set_xlabel("fine-tuning method")
     # one column per implementation: its compiled entry under its eager one
     axes[0].legend(fontsize=8, ncols=max(1, len({impl for impl, _ in impls})))
     what = cfg["model"] or cfg["shape"]
     fig.suptitle(f"fastft bench: {what}, B{cfg['batch_size']}×S{cfg['seq_len']}, {cfg['dtype_resolved']}, "
-                 f"{result['environment']['card']}  (n/a: unavailable or failed)", fontsize=9)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    return buf.getvalue()
+                 f"{result['environment']['card']}  (n/a: unavailable, failed, diverged or not compiled)"
+                 + ("" if len(panels) > 1 else "; peak memory not plotted on the CPU (see the table)"), fontsize=9)
+    return fig
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,11 +5,14 @@ zero_grad, on random token ids; a compiled run torch.compiles the model (forward
 AOTAutograd derives from them; not the optimizer step), which compiles during the warm-up steps. Each timed step is
 bracketed by device synchronisation; tokens/s counts the batch's B×S tokens (prompt and prefix tuning's virtual
 tokens are not counted). Any failure becomes the row's status (unavailable / not installed / oom / error) and the
-next run goes on.
+next run goes on. A run whose loss became NaN/inf is "diverged", and a compiled run that dynamo partly ran eagerly
+(its recompile limit hit, or no graph compiled) is "not compiled": both keep their timings in the JSON, but no table
+cell, ratio or target uses them.
 """
 from __future__ import annotations
 
 import gc
+import math
 import statistics
 import time
 import traceback
@@ -39,7 +42,8 @@ def run_one(cfg: BenchConfig, method: str, implementation: str, device: torch.de
     if missing:
         return dict(row, status="not installed", reason=f"{missing} is not installed")
     try:
-        row.update(_measure(cfg, method, implementation, device, compile), status="ok")
+        row.update(_measure(cfg, method, implementation, device, compile))
+        row.update(_verdict(row))
     except NotImplementedError as err:   # a method fastft (or the peer) does not have yet
         row.update(status="unavailable", reason=_one_line(err))
     except torch.OutOfMemoryError as err:
@@ -70,6 +74,9 @@ def _measure(cfg: BenchConfig, method: str, implementation: str, device: torch.d
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0, fused=device.type == "cuda")
     build_s = time.perf_counter() - start
     vocab = model.config.vocab_size if hasattr(model, "config") else model.get_base_model().config.vocab_size
+    if compile != "off":
+        fresh_dynamo(device)
+    counts_before = dynamo_counts()
     forward = model if compile == "off" else torch.compile(model, **compile_kwargs(compile, cfg.compile_backend))
     tokens = torch.randint(0, vocab, (cfg.batch_size, cfg.seq_len),
                            generator=torch.Generator().manual_seed(cfg.seed)).to(device)
@@ -96,6 +103,7 @@ def _measure(cfg: BenchConfig, method: str, implementation: str, device: torch.d
             step_ms.append((time.perf_counter() - t0) * 1e3)
     losses = [float(v) for v in losses]
     mean_ms = statistics.fmean(step_ms)
+    compiled = {} if compile == "off" else {"compile_stats": _counts_since(counts_before)}
     return {
         "tokens_per_s": cfg.batch_size * cfg.seq_len / (mean_ms / 1e3),
         "step_ms": mean_ms,
@@ -106,8 +114,55 @@ def _measure(cfg: BenchConfig, method: str, implementation: str, device: torch.d
         "trainable_params": sum(p.numel() for p in params),
         "loss_first": losses[0], "loss_last": losses[-1],
         "build_s": build_s, "warmup_s": warmup_s,
+        **compiled,
         **notes,
     }
+
+
+def fresh_dynamo(device: torch.device) -> None:
+    """A fresh dynamo before each compiled run, as in a new process: earlier rows compiled the same transformers
+    frames (LlamaAttention.forward, ...), and past torch._dynamo.config.recompile_limit dynamo runs them eagerly."""
+    torch._dynamo.reset()
+    if device.type == "cuda":   # CUDA graph trees are global state too (newer torch resets them in reset())
+        try:
+            from torch._inductor.cudagraph_trees import reset_cudagraph_trees
+        except ImportError:
+            return
+        reset_cudagraph_trees()
+
+
+def dynamo_counts() -> dict[str, int]:
+    """Process-wide dynamo counters: graphs compiled, graph breaks met, recompile limits hit (each hit leaves a
+    frame running eagerly from then on)."""
+    from torch._dynamo.utils import counters
+
+    limit_hits = sum(n for reason, n in counters["unimplemented"].items() if _is_recompile_limit(reason))
+    return {"graphs": counters["stats"]["unique_graphs"], "graph_breaks": sum(counters["graph_break"].values()),
+            "recompile_limit_hits": limit_hits}
+
+
+def _is_recompile_limit(reason: str) -> bool:
+    text = reason.lower()   # "Dynamo recompile limit exceeded" (older torch: "cache_size_limit")
+    return any(k in text for k in ("recompile limit", "recompile_limit", "cache_size_limit", "cache size limit"))
+
+
+def _counts_since(before: dict[str, int]) -> dict[str, int]:
+    return {k: v - before[k] for k, v in dynamo_counts().items()}
+
+
+def _verdict(row: dict) -> dict:
+    """The status of a measured row: "ok", or why its numbers must not be compared."""
+    if not (math.isfinite(row["loss_last"]) and math.isfinite(row["loss_first"])):
+        return {"status": "diverged", "reason": f"the loss became non-finite (first {row['loss_first']}, last "
+                                                f"{row['loss_last']}): the timings are of a broken run"}
+    stats = row.get("compile_stats")
+    if stats and stats["recompile_limit_hits"]:
+        hits = stats["recompile_limit_hits"]
+        return {"status": "not compiled",
+                "reason": f"torch._dynamo hit its recompile limit ({hits}x): parts of the step ran eagerly"}
+    if stats is not None and stats["graphs"] == 0:
+        return {"status": "not compiled", "reason": "torch.compile compiled no graph: the step ran eagerly"}
+    return {"status": "ok"}
 
 
 def _sync(device: torch.device) -> None:

@@ -1,0 +1,61 @@
+"""Resuming a `fastft bench methods` table cut short (killed, a time limit): the results JSON in --output-dir
+holds every finished row and `complete: false`; the same command again measures only the rest. A table of other
+settings (or another card, other package versions) is refused rather than mixed in or overwritten: --fresh
+replaces it.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from fastft.apps.bench.config import BenchConfig
+from fastft.apps.bench.harness import environment
+from fastft.apps.bench.methods import table_config
+from fastft.apps.bench.report import FORMATS, STEM
+
+IGNORED = ("output_dir", "formats")   # where and how a table is written, not what it measures
+
+
+def previous_result(cfg: BenchConfig, device: torch.device, fresh: bool = False) -> dict | None:
+    """The unfinished table of these settings in cfg.output_dir to resume, or None (nothing there, --fresh, or
+    a complete table of these settings: measured again). Raises ValueError, naming --output-dir and --fresh, for a
+    table of other settings or a file that is not one."""
+    path = Path(cfg.output_dir) / f"{STEM}.json"
+    if fresh or not path.is_file():
+        return None
+    try:
+        old = json.loads(path.read_text())
+        old_config, old_env = old["config"], old["environment"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"--output-dir {cfg.output_dir}: {path} is not a fastft bench results file ({err}); pass "
+                         "--fresh to replace it, or give another --output-dir") from None
+    differences = config_differences(old_config, table_config(cfg, device)) + _env_differences(old_env)
+    if differences:
+        raise ValueError(f"--output-dir {cfg.output_dir} holds a table of other settings "
+                         f"({'; '.join(differences[:4])}); pass --fresh to measure anew and replace it, or give "
+                         "another --output-dir")
+    return None if old.get("complete") is True else old
+
+
+def config_differences(old: dict, new: dict) -> list[str]:
+    """'name: old there, new now' for each setting that differs (tuples and lists compare alike)."""
+    old, new = json.loads(json.dumps(old, default=str)), json.loads(json.dumps(new, default=str))
+    names = [k for k in dict.fromkeys([*new, *old]) if k not in IGNORED]
+    return [f"{k}: {old.get(k)!r} there, {new.get(k)!r} now" for k in names if old.get(k) != new.get(k)]
+
+
+def _env_differences(old_env: dict) -> list[str]:
+    env = environment()
+    out = [] if old_env.get("card") == env["card"] else [f"card: {old_env.get('card')!r} there, {env['card']!r} now"]
+    old_versions = old_env.get("versions") or {}
+    return out + [f"{name} {old_versions.get(name)} there, {v} now" for name, v in env["versions"].items()
+                  if old_versions.get(name) != v]
+
+
+def clear_outputs(out_dir: str | Path) -> None:
+    """Remove an earlier run's bench_methods.{json,md,png} (read first by previous_result): every file left in
+    the folder is then of this run, and no old plot sits beside a new table."""
+    for fmt in FORMATS:
+        Path(out_dir, f"{STEM}.{fmt}").unlink(missing_ok=True)

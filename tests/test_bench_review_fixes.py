@@ -1,0 +1,213 @@
+"""`fastft bench` review fixes: each compiled run gets a fresh dynamo and records what compiled (a run that fell
+back to eager is "not compiled"); a NaN loss is a "diverged" row and results JSON is strict (null, never NaN);
+a killed table is marked incomplete and the same command resumes it (other settings are refused, --fresh
+replaces); the targets need the reference method settings; flags of the other mode, --warmup 0, an empty
+--output-dir and a rank above the hidden size are refused; the plot labels its axis and leaves out CPU memory.
+Fast: unit tests, one tiny LoRA run per behaviour, and fake runs for the table's files."""
+import json
+
+import pytest
+import torch
+
+from fastft.apps import cli
+from fastft.apps.bench import methods as methods_module
+from fastft.apps.bench import run
+from fastft.apps.bench.config import BenchConfig
+from fastft.apps.bench.harness import write_json
+from fastft.apps.bench import report
+from fastft.apps.bench.targets import check_targets
+
+CPU = torch.device("cpu")
+TINY = dict(shape="tiny", steps=1, warmup=1, seq_len=8, batch_size=1)
+
+
+def _strict_json(path):
+    """The file parsed as standard JSON (Python's json accepts NaN/Infinity unless told not to)."""
+    def refuse(token):
+        raise ValueError(f"non-standard JSON token {token}")
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("fastft bench: error:"), err
+    return err
+
+
+# --- 1: compiled rows ------------------------------------------------------------------------------------------
+
+def test_dynamo_counts_see_a_recompile_limit_hit():
+    def f(x, k):
+        return x * k + 1
+
+    compiled = torch.compile(f, backend="eager", dynamic=False)
+    torch._dynamo.reset()
+    before = run.dynamo_counts()
+    with torch._dynamo.config.patch(recompile_limit=1):
+        for k in range(3):   # each int specialises: the second recompile is over the limit
+            compiled(torch.ones(2), k)
+    after = run.dynamo_counts()
+    assert after["graphs"] - before["graphs"] == 1
+    assert after["recompile_limit_hits"] > before["recompile_limit_hits"]
+
+
+def test_each_compiled_run_starts_from_a_fresh_dynamo():
+    """With a recompile limit of 1, a second model's run still compiles its own graph (dynamo was reset), and the
+    row says how many graphs and graph breaks it got."""
+    cfg = BenchConfig(**TINY, methods=("lora",), peers=("peft",), compile="default", compile_backend="eager")
+    with torch._dynamo.config.patch(recompile_limit=1):
+        rows = [run.run_one(cfg, "lora", "peft", CPU, compile="default") for _ in range(2)]
+    for row in rows:
+        assert row["status"] == "ok", row
+        assert row["compile_stats"]["graphs"] >= 1 and row["compile_stats"]["recompile_limit_hits"] == 0, row
+        assert "graph_breaks" in row["compile_stats"]
+    assert "graphs" in report.table_rows({"rows": rows})[0]["note"]   # the table says what compiled
+
+
+@pytest.mark.parametrize("stats, status, words", [
+    ({"graphs": 3, "graph_breaks": 4, "recompile_limit_hits": 2}, "not compiled", "recompile limit"),
+    ({"graphs": 0, "graph_breaks": 0, "recompile_limit_hits": 0}, "not compiled", "no graph"),
+    ({"graphs": 2, "graph_breaks": 1, "recompile_limit_hits": 0}, "ok", None),
+])
+def test_a_compile_that_fell_back_is_not_labelled_compiled(stats, status, words):
+    verdict = run._verdict({"loss_first": 6.0, "loss_last": 5.0, "compile_stats": stats})
+    assert verdict["status"] == status
+    assert words is None or words in verdict["reason"]
+
+
+# --- 2: diverged runs, strict JSON -----------------------------------------------------------------------------
+
+def test_json_is_strict_with_null_for_non_finite_floats(tmp_path):
+    path = write_json(tmp_path / "r.json", {"a": float("nan"), "b": [1.5, float("inf"), (float("-inf"),)],
+                                            "c": {"d": float("nan")}, "e": tmp_path})
+    assert _strict_json(path) == {"a": None, "b": [1.5, None, [None]], "c": {"d": None}, "e": str(tmp_path)}
+
+
+def test_a_diverged_run_is_its_own_status_out_of_ratios_and_targets(tmp_path):
+    cfg = BenchConfig(**dict(TINY, steps=2), methods=("lora",), peers=(), alpha=1e30)   # step 1 trains B: overflow
+    row = run.run_one(cfg, "lora", "fastft", CPU)
+    assert row["status"] == "diverged" and "non-finite" in row["reason"], row
+    peer = dict(row, peer="peft", implementation="peft", status="ok", loss_last=5.0)
+    result = {"environment": {"card": "NVIDIA H200", "versions": {}}, "rows": [row, peer],
+              "config": dict(vars(BenchConfig(shape="llama-1b")), device="cuda", dtype_resolved="bf16")}
+    text = report.markdown(result)
+    assert "| lora | fastft | diverged | off | — |" in text
+    assert "lora ≥ 90k tokens/s at ≤ 15 GiB (H200): not measured" in text
+    _strict_json(write_json(tmp_path / "r.json", result))
+
+
+# --- 3: a killed table, resumed ---------------------------------------------------------------------------------
+
+def _fake_run_one(calls, kill_after=None):
+    def run_one(cfg, method, implementation, device, compile="off"):
+        if kill_after is not None and len(calls) >= kill_after:
+            raise KeyboardInterrupt("killed")
+        calls.append((method, implementation))
+        return {"method": method, "implementation": implementation, "peer": implementation, "compile": compile,
+                "status": "ok", "tokens_per_s": 1000.0, "step_ms": 8.0, "peak_gib": 0.1, "trainable_params": 10,
+                "memory_kind": "cpu peak RSS", "loss_first": 6.0, "loss_last": 5.0}
+    return run_one
+
+
+def _bench(out, *extra):
+    return cli.main(["bench", "--shape", "tiny", "--methods", "lora", "dora", "--peers", "peft", "--warmup", "1",
+                     "--output-dir", str(out), *extra])
+
+
+def test_a_killed_table_is_marked_incomplete_and_the_same_command_resumes_it(tmp_path, monkeypatch):
+    (tmp_path / "bench_methods.png").write_bytes(b"an older run's plot")
+    calls = []
+    monkeypatch.setattr(methods_module, "run_one", _fake_run_one(calls, kill_after=1))
+    with pytest.raises(KeyboardInterrupt):
+        _bench(tmp_path)
+    left = _strict_json(tmp_path / "bench_methods.json")
+    assert left["complete"] is False
+    assert [r["status"] for r in left["rows"]] == ["ok", "planned", "planned", "planned"]
+    assert "**Incomplete**: 3 of 4 runs" in (tmp_path / "bench_methods.md").read_text()
+    assert not (tmp_path / "bench_methods.png").exists()   # no plot of another table beside this one
+
+    calls.clear()
+    monkeypatch.setattr(methods_module, "run_one", _fake_run_one(calls))
+    assert _bench(tmp_path) == 0
+    assert calls == [("lora", "peft"), ("dora", "fastft"), ("dora", "peft")]   # the finished row is kept
+    done = _strict_json(tmp_path / "bench_methods.json")
+    assert done["complete"] is True and [r["status"] for r in done["rows"]] == ["ok"] * 4
+    assert "Incomplete" not in (tmp_path / "bench_methods.md").read_text()
+
+
+def test_a_table_of_other_settings_is_refused_and_fresh_replaces_it(tmp_path, monkeypatch, capsys):
+    calls = []
+    monkeypatch.setattr(methods_module, "run_one", _fake_run_one(calls))
+    assert _bench(tmp_path, "--formats", "json") == 0
+    calls.clear()
+    assert _bench(tmp_path, "--formats", "json", "md") == 0   # complete, same settings: measured again
+    assert len(calls) == 4
+    capsys.readouterr()
+    calls.clear()
+    assert _bench(tmp_path, "--seq-len", "16") == 2
+    err = _one_line_error(capsys)
+    assert "--output-dir" in err and "--fresh" in err and "seq_len: 2048 there, 16 now" in err and not calls
+    assert _bench(tmp_path, "--seq-len", "16", "--fresh", "--formats", "json") == 0 and len(calls) == 4
+    assert _strict_json(tmp_path / "bench_methods.json")["config"]["seq_len"] == 16
+
+
+# --- 4: targets -------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("setting, named", [({"rank": 1}, "rank=1"), ({"alpha": 2.0}, "alpha=2.0"),
+                                            ({"num_virtual_tokens": 8}, "num_virtual_tokens=8"),
+                                            ({"patch_model": False}, "patch_model=False"),
+                                            ({"warmup": 0}, "--warmup 0")])
+def test_targets_are_checked_only_at_the_reference_settings(setting, named):
+    rows = [dict(method="lora", peer="fastft", status="ok", tokens_per_s=95e3, peak_gib=14.0, step_ms=86.0)]
+    config = dict(vars(BenchConfig(shape="llama-1b")), device="cuda", dtype_resolved="bf16")
+    result = {"config": config, "environment": {"card": "NVIDIA H200"}, "rows": rows}
+    assert check_targets(result)[0].endswith("**met**")
+    first = check_targets(dict(result, config=config | setting))[0]
+    assert first.startswith("- not checked") and named in first, first
+
+
+# --- 5: flags ---------------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def no_run(monkeypatch):
+    monkeypatch.setattr(methods_module, "bench_methods", lambda *a, **k: pytest.fail("a run started"))
+
+
+@pytest.mark.parametrize("argv, names", [
+    (["kernels", "--steps", "0"], ["--steps", "bench methods"]),
+    (["kernels", "--rank", "-5"], ["--rank", "bench methods"]),
+    (["kernels", "--fresh"], ["--fresh"]),
+    (["--shape", "tiny", "--family", "lora"], ["--family", "bench kernels"]),
+    (["--shape", "tiny", "--warmup", "0"], ["--warmup", "at least 1"]),
+    (["--shape", "tiny", "--output-dir", ""], ["--output-dir", "empty"]),
+    (["kernels", "--output-dir", " "], ["--output-dir", "empty"]),
+])
+def test_flags_that_do_not_apply_are_refused(capsys, no_run, argv, names):
+    assert cli.main(["bench", *argv]) == 2
+    err = _one_line_error(capsys)
+    assert all(n in err for n in names), err
+
+
+def test_a_rank_above_the_hidden_size_is_refused_where_a_method_uses_it():
+    with pytest.raises(ValueError, match="--rank 65 is larger than --shape tiny's hidden size 64"):
+        BenchConfig(shape="tiny", rank=65, methods=("ia3", "dora")).validate()
+    BenchConfig(shape="tiny", rank=64).validate()
+    BenchConfig(shape="tiny", rank=65, methods=("ia3", "full")).validate()
+
+
+def test_help_says_which_flags_apply_to_which_mode(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "methods options (only with" in text and "kernels options (only with `fastft bench kernels`)" in text
+    assert "--fresh" in text and text.rindex("--family") > text.index("kernels options")
+
+
+@pytest.mark.parametrize("memory_kind, panels", [("cpu peak RSS", 1), ("cuda max_memory_allocated", 2)])
+def test_plot_labels_its_axis_and_leaves_out_cpu_memory(memory_kind, panels):
+    row = dict(method="lora", peer="fastft", implementation="fastft", status="ok", tokens_per_s=1e3, peak_gib=0.5,
+               memory_kind=memory_kind)
+    config = dict(model=None, shape="tiny", batch_size=1, seq_len=8, dtype_resolved="fp32")
+    fig = report.plot_figure({"rows": [row], "config": config, "environment": {"card": "cpu"}})
+    assert len(fig.axes) == panels and fig.axes[-1].get_xlabel() == "fine-tuning method"
+    assert [ax.get_ylabel() for ax in fig.axes][-1] == ("tokens/s" if panels == 1 else "peak memory (GiB)")
