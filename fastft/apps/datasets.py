@@ -8,6 +8,8 @@ from __future__ import annotations
 import csv
 import importlib.util
 import random
+import re
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,17 +84,30 @@ _TASKS = {
 TASK_NAMES = tuple(_TASKS)
 
 
+_PUNCTUATION_OR_SPACE = re.compile(r"[\W_]+")
+
+
+def text_key(text: str) -> str:
+    """The text as duplicates are recognised: NFKC-normalised, case-folded, punctuation and whitespace runs as one
+    space. Copies that differ only in case, spacing or punctuation ("Ok lar..." / "ok lar") are one text."""
+    folded = unicodedata.normalize("NFKC", text).casefold()
+    return " ".join(_PUNCTUATION_OR_SPACE.sub(" ", folded).split())
+
+
+
 def unique_texts(rows: list[tuple[str, int]]) -> list[tuple[str, int]]:
-    """Keep the first row of each text; drop texts that appear with more than one label. A text repeated in the
-    data would otherwise land on both sides of a split (SMS spam repeats 100 of its 1,000 held-out messages)."""
+    """Keep the first row of each text (by `text_key`); drop texts that appear with more than one label. A text
+    repeated in the data, even with other case or punctuation, would otherwise land on both sides of a split
+    (SMS spam repeats 100 of its 1,000 held-out messages)."""
     labels: dict[str, set[int]] = {}
-    for text, label in rows:
-        labels.setdefault(text, set()).add(label)
+    keys = [text_key(text) for text, _ in rows]
+    for key, (_, label) in zip(keys, rows):
+        labels.setdefault(key, set()).add(label)
     seen, kept = set(), []
-    for text, label in rows:
-        if len(labels[text]) == 1 and text not in seen:
-            seen.add(text)
-            kept.append((text, label))
+    for key, row in zip(keys, rows):
+        if len(labels[key]) == 1 and key not in seen:
+            seen.add(key)
+            kept.append(row)
     return kept
 
 

@@ -1,9 +1,10 @@
 """One cell of the study: (model family, task, regime, method, implementation, seed) → one result dict.
 
 A cell trains a fresh copy of the model with the method for a fixed number of steps, evaluates on the dev
-split every `eval_every` steps, keeps the best dev state in memory (only the trainable tensors change, so
+split every `eval_every` steps, keeps the best dev state on the CPU (only the trainable tensors change, so
 only they are copied) and reports the test metrics of that state. Beside accuracy it measures the cost:
-training tokens/s (real tokens, dev evaluation excluded), peak memory, trainable parameters, wall time.
+training tokens/s (real tokens, warm-up steps and dev evaluation excluded) with the median step time, peak
+memory of the training steps (evaluation's apart), trainable parameters, wall time.
 
 A method that is not implemented (yet) is recorded as status "unavailable" with the reason; a cell whose
 training loss became non-finite (NaN or inf) stops there and is "diverged", with the step and the losses so
@@ -14,6 +15,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import statistics
 import time
 import traceback
 import uuid
@@ -68,15 +70,16 @@ def check_loss(losses: list[float], settings: CellSettings) -> None:
                        f"head lr {settings.head_lr:g})", losses)
 
 
-def macro_f1(predictions: list[int], labels: list[int], num_classes: int) -> float:
-    """Mean over classes of F1; a class with no true and no predicted example counts as F1 = 0."""
+def macro_f1(predictions: list[int], labels: list[int]) -> float:
+    """Mean F1 over the classes present in the labels or the predictions (sklearn's default): a class absent from
+    both (possible with --max-test/--max-dev caps) has no F1 and must not count as 0."""
     scores = []
-    for c in range(num_classes):
+    for c in sorted(set(labels) | set(predictions)):
         tp = sum(p == c and y == c for p, y in zip(predictions, labels))
         fp = sum(p == c and y != c for p, y in zip(predictions, labels))
         fn = sum(p != c and y == c for p, y in zip(predictions, labels))
         scores.append(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
-    return sum(scores) / num_classes
+    return sum(scores) / len(scores) if scores else 0.0
 
 
 def _to(batch: dict, device) -> dict:
@@ -84,7 +87,7 @@ def _to(batch: dict, device) -> dict:
 
 
 @torch.no_grad()
-def evaluate(prepared, model, rows, num_classes: int, batch_size: int, device, autocast) -> dict:
+def evaluate(prepared, model, rows, batch_size: int, device, autocast) -> dict:
     model.eval()
     predictions, labels = [], []
     for i in range(0, len(rows), batch_size):
@@ -94,7 +97,7 @@ def evaluate(prepared, model, rows, num_classes: int, batch_size: int, device, a
         labels += batch["labels"].tolist()
     model.train()
     accuracy = sum(p == y for p, y in zip(predictions, labels)) / len(labels)
-    return {"accuracy": accuracy, "macro_f1": macro_f1(predictions, labels, num_classes), "examples": len(labels)}
+    return {"accuracy": accuracy, "macro_f1": macro_f1(predictions, labels), "examples": len(labels)}
 
 
 def _current_rss_gib() -> float:
@@ -108,22 +111,49 @@ def _current_rss_gib() -> float:
 
 
 class _PeakMemory:
-    """CUDA: the allocator's peak during the cell. CPU: the process's resident set, sampled every step."""
+    """Peak memory of the training steps, and apart from it of the dev/test evaluations. CUDA: the allocator's
+    peak, reset before each step and each evaluation so that one phase's peak never counts in the other. CPU: the
+    process's resident set, sampled after each step and each evaluation (process-wide: not separable)."""
 
     def __init__(self, device):
         self.cuda = device.type == "cuda"
         self.kind = "cuda max allocated" if self.cuda else "process RSS, sampled per step"
-        self.peak = 0.0
-        if self.cuda:
-            torch.cuda.reset_peak_memory_stats(device)
         self.device = device
+        self.peaks = {"train": 0.0, "eval": 0.0}
 
-    def sample(self) -> None:
-        if not self.cuda:
-            self.peak = max(self.peak, _current_rss_gib())
+    def start(self) -> None:
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
 
-    def gib(self) -> float:
-        return torch.cuda.max_memory_allocated(self.device) / 2**30 if self.cuda else self.peak
+    def sample(self, phase: str) -> None:
+        now = torch.cuda.max_memory_allocated(self.device) / 2**30 if self.cuda else _current_rss_gib()
+        self.peaks[phase] = max(self.peaks[phase], now)
+
+
+# The first steps of a cell compile and autotune kernels (Triton JIT on a GPU), which is not the method's speed:
+# tokens/s counts the steps after the first WARMUP_STEPS (all steps when a cell has no more). Autotuning also
+# recurs once per new padded-length bucket later on; the median step time, recorded beside, does not see it.
+WARMUP_STEPS = 3
+
+
+def throughput(step_seconds: list[float], step_tokens: list[int]) -> dict:
+    """Training speed from the per-step times and real-token counts, warm-up steps left out."""
+    skip = min(WARMUP_STEPS, len(step_seconds) - 1)
+    seconds, tokens = step_seconds[skip:], step_tokens[skip:]
+    return {"tokens_per_second": sum(tokens) / sum(seconds), "step_seconds_mean": sum(seconds) / len(seconds),
+            "step_seconds_median": statistics.median(seconds), "timed_steps": len(seconds), "warmup_steps": skip,
+            "train_tokens": sum(step_tokens), "train_seconds": sum(step_seconds)}
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _snapshot(named) -> dict:
+    """The trainable tensors, copied to the CPU: the best state must not add to (or double, while the previous
+    best is still held) the device memory the cell measures."""
+    return {n: p.detach().to("cpu", copy=True) for n, p in named}
 
 
 def _schedule(steps: int):
@@ -131,13 +161,12 @@ def _schedule(steps: int):
     return lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
 
 
-def _train_and_test(spec: CellSpec, settings: CellSettings, device) -> dict:
-    task = load_study_task(spec.task)
-    train_rows = training_rows(task, spec.regime, spec.seed)
-    dev_rows = task.dev[: settings.max_dev] if settings.max_dev else task.dev
-    test_rows = tested_rows(task, settings.max_test)
-
+def _build(spec: CellSpec, settings: CellSettings, task, device):
+    """The cell's model with its method applied, on `device`: (prepared, model, trainable, total, named, optimizer,
+    schedule)."""
     prepared = prepare_model(spec.model, task, settings.max_length, spec.seed)
+    if prepared.before_method is not None:
+        prepared.before_method(prepared.model, spec.method)
     torch.manual_seed(spec.seed)  # the method's initialisation draws from here: the same for fastft and peft
     model = apply_method(prepared.model, spec.method, prepared.options, implementation=spec.implementation)
     unfreeze_head(model, prepared.head_names)
@@ -151,6 +180,15 @@ def _train_and_test(spec: CellSpec, settings: CellSettings, device) -> dict:
     groups = [{"params": body, "lr": settings.lr}] + ([{"params": head, "lr": settings.head_lr}] if head else [])
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(settings.steps))
+    return prepared, model, trainable, total, named, optimizer, schedule
+
+
+def _train_and_test(spec: CellSpec, settings: CellSettings, device) -> dict:
+    task = load_study_task(spec.task)
+    train_rows = training_rows(task, spec.regime, spec.seed)
+    dev_rows = task.dev[: settings.max_dev] if settings.max_dev else task.dev
+    test_rows = tested_rows(task, settings.max_test)
+    prepared, model, trainable, total, named, optimizer, schedule = _build(spec, settings, task, device)
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else (
         lambda: torch.autocast("cpu", enabled=False))
 
@@ -162,55 +200,78 @@ def _train_and_test(spec: CellSpec, settings: CellSettings, device) -> dict:
 
     indices = shuffled_forever()
 
+    def evaluated(rows) -> dict:
+        memory.start()
+        result = evaluate(prepared, model, rows, settings.eval_batch_size, device, autocast)
+        memory.sample("eval")
+        return result
+
     memory = _PeakMemory(device)
     model.train()
-    tokens, train_seconds, losses, dev_curve = 0, 0.0, [], []
+    step_seconds, step_tokens, losses, dev_curve = [], [], [], []
     best = {"metric": -1.0, "step": 0, "state": None}
     for step in range(1, settings.steps + 1):
         batch = _to(prepared.collate([train_rows[next(indices)] for _ in range(settings.batch_size)]), device)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        memory.start()
+        _sync(device)
         start = time.perf_counter()
         with autocast():
             loss = prepared.loss(model, batch)
         loss.backward()
-        memory.sample()
+        memory.sample("train")
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        train_seconds += time.perf_counter() - start
-        memory.sample()
-        tokens += int(batch["attention_mask"].sum())
+        _sync(device)
+        step_seconds.append(time.perf_counter() - start)
+        memory.sample("train")
+        step_tokens.append(int(batch["attention_mask"].sum()))
         losses.append(loss.item())
         check_loss(losses, settings)
         if step % settings.eval_every == 0 or step == settings.steps:
-            dev = evaluate(prepared, model, dev_rows, task.num_classes, settings.eval_batch_size, device, autocast)
+            dev = evaluated(dev_rows)
             dev_curve.append({"step": step, **dev})
             if dev[task.metric] > best["metric"]:
-                best = {"metric": dev[task.metric], "step": step,
-                        "state": {n: p.detach().clone() for n, p in named}}
+                best = {"metric": dev[task.metric], "step": step, "state": None}  # the old copy goes first
+                best["state"] = _snapshot(named)
     with torch.no_grad():
         for n, p in named:
             p.copy_(best["state"][n])
-    test = evaluate(prepared, model, test_rows, task.num_classes, settings.eval_batch_size, device, autocast)
+    test = evaluated(test_rows)
     return {
         "test_accuracy": test["accuracy"], "test_macro_f1": test["macro_f1"], "test_examples": test["examples"],
         "metric": task.metric, "test_metric": test[task.metric],
         "dev_best": best["metric"], "dev_best_step": best["step"], "dev_examples": len(dev_rows),
         "dev_curve": dev_curve, "train_losses": losses, "train_examples": len(train_rows),
-        "tokens_per_second": tokens / train_seconds, "train_tokens": tokens, "train_seconds": train_seconds,
-        "peak_memory_gib": memory.gib(), "peak_memory_kind": memory.kind,
-        "trainable_parameters": trainable, "total_parameters": total,
+        **throughput(step_seconds, step_tokens),
+        "peak_memory_gib": memory.peaks["train"], "eval_peak_memory_gib": memory.peaks["eval"],
+        "peak_memory_kind": memory.kind, "trainable_parameters": trainable, "total_parameters": total,
     }
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def device_name(device: torch.device) -> str:
+    """The accelerator's name, or the CPU's model: cells measured on different hardware are not comparable."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        import platform
+
+        model = platform.processor()
+    return f"cpu ({model})" if model else "cpu"
 
 
 def run_cell(spec: CellSpec, settings: CellSettings, device: torch.device | None = None) -> dict:
     """Run one cell; never raises for a method that cannot run (the result says why)."""
-    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or default_device()
     result = {"key": spec.key, **asdict(spec), "settings": asdict(settings), "device": str(device),
-              "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              "device_name": device_name(device),
               "run_id": uuid.uuid4().hex, "started_at": time.time()}
     random.seed(spec.seed)
     start = time.perf_counter()

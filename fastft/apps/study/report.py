@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import io
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import matplotlib
@@ -15,6 +15,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from fastft.apps.study.cell import WARMUP_STEPS  # noqa: E402
 from fastft.files import atomic_write  # noqa: E402
 
 MODEL_NAMES = {"minilm": "MiniLM-L6 (22.7M, encoder + head)", "smollm2": "SmolLM2-135M (decoder, label words)"}
@@ -46,9 +47,15 @@ def aggregate(cells: list[dict]) -> dict:
                     "tokens_per_second": _mean_std([c["tokens_per_second"] for c in done])[0],
                     "peak_memory_gib": max(c["peak_memory_gib"] for c in done),
                     "peak_memory_kind": done[0]["peak_memory_kind"],
+                    "step_seconds_median": _mean_or_none([c.get("step_seconds_median") for c in done]),
                     "wall_seconds": _mean_std([c["wall_seconds"] for c in done])[0],
                     "incomplete": len(done) < len(members)}
     return out
+
+
+def _mean_or_none(values: list) -> float | None:
+    """The mean, or None when some cell lacks the value (results written before it was recorded)."""
+    return None if None in values else sum(values) / len(values)
 
 
 def _fmt_count(n: float) -> str:
@@ -148,8 +155,8 @@ def majority_check(groups, tasks_info, model, regime) -> str:
 
 
 def cost_table(groups, model, regime) -> str:
-    lines = ["| method | trainable params | % of model | tokens/s | peak memory (GiB) | wall s / cell |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| method | trainable params | % of model | tokens/s | median step (ms) | peak memory (GiB) | "
+             "wall s / cell |", "|---|---|---|---|---|---|---|"]
     for method, impl in _rows_of(groups, model, regime):
         done = [g for k, g in groups.items() if k[:2] == (model, regime) and k[3:] == (method, impl)
                 and g["status"] == "done"]
@@ -159,8 +166,10 @@ def cost_table(groups, model, regime) -> str:
         trainable = sum(g["trainable"] for g in done) / n
         share = 100 * trainable / (sum(g["total"] for g in done) / n)
         share_text = f"{share:.1f}" if share >= 1 else f"{share:.2g}"
+        median = _mean_or_none([g.get("step_seconds_median") for g in done])
         lines.append(f"| {_label(method, impl)} | {_fmt_count(trainable)} | {share_text} | "
                      f"{sum(g['tokens_per_second'] for g in done) / n:,.0f} | "
+                     f"{'' if median is None else f'{1000 * median:.0f}'} | "
                      f"{max(g['peak_memory_gib'] for g in done):.2f} | "
                      f"{sum(g['wall_seconds'] for g in done) / n:.1f} |")
     return "\n".join(lines)
@@ -234,27 +243,50 @@ def _save_figure(fig, path: Path) -> None:
     atomic_write(path, buffer.getvalue())
 
 
+def _label_offsets(points: list[tuple[float, float]], log_x: bool) -> list[int]:
+    """Vertical offset (points) of each point's label: labels of points that (nearly) coincide — a method and
+    its peft anchor, LoRA and DoRA — stack downwards instead of printing over one another."""
+    xs = [math.log10(x) if log_x and x > 0 else x for x, _ in points]
+    ys = [y for _, y in points]
+    span_x, span_y = (max(xs) - min(xs)) or 1.0, (max(ys) - min(ys)) or 1.0
+    offsets = []
+    for i in range(len(points)):
+        near = sum(abs(xs[i] - xs[j]) < 0.06 * span_x and abs(ys[i] - ys[j]) < 0.04 * span_y for j in range(i))
+        offsets.append(3 - 9 * near)
+    return offsets
+
+
 def _scatter(groups, tasks_info, x_key: str, x_label: str, log_x: bool, path: Path) -> None:
+    """Mean score over tasks against a cost, one point per method: filled fastft, hollow peft, a marker per
+    regime; the legend names both."""
+    from matplotlib.lines import Line2D
+
     models = sorted({k[0] for k in groups})
     fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)
     for ax, model in zip(axes[0], models):
+        handles, points = [], []   # points: (x, score, label, peft, marker)
         for regime, marker in zip(sorted({k[1] for k in groups if k[0] == model}), "os^"):
+            handles.append(Line2D([], [], marker=marker, color="C0", linestyle="none", label=regime))
             tasks = [t for t in tasks_info if (model, regime, t) in {k[:3] for k in groups}]
             for (method, impl), mean in method_means(groups, model, regime, tasks).items():
                 done = [g for k, g in groups.items() if k[:2] == (model, regime) and k[3:] == (method, impl)]
-                x = sum(g[x_key] for g in done) / len(done)
-                ax.scatter(x, mean, marker=marker, facecolors="none" if impl == "peft" else None,
-                           edgecolors="C0" if impl == "peft" else None, color=None if impl == "peft" else "C0",
-                           label=regime if method == "full" and impl == "fastft" else None)
-                ax.annotate(_label(method, impl), (x, mean), fontsize=7, xytext=(3, 3), textcoords="offset points")
+                points.append((sum(g[x_key] for g in done) / len(done), mean, _label(method, impl),
+                               impl == "peft", marker))
+        offsets = _label_offsets([(x, y) for x, y, *_ in points], log_x) if points else []
+        for (x, y, label, peft, marker), dy in zip(points, offsets):
+            ax.scatter(x, y, marker=marker, facecolors="none" if peft else None,
+                       edgecolors="C0" if peft else None, color=None if peft else "C0")
+            ax.annotate(label, (x, y), fontsize=7, xytext=(3, dy), textcoords="offset points",
+                        color="dimgray" if peft else "black")
+        handles += [Line2D([], [], marker="o", color="C0", linestyle="none", label="fastft"),
+                    Line2D([], [], marker="o", markerfacecolor="none", color="C0", linestyle="none", label="peft")]
         if log_x:
             ax.set_xscale("log")
         ax.set_xlabel(x_label)
-        ax.set_ylabel("mean score over tasks (%)")
+        ax.set_ylabel("mean test score over tasks (%)\neach task's metric: accuracy or macro-F1")
         ax.set_title(MODEL_NAMES.get(model, model), fontsize=9)
         ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
+        ax.legend(handles=handles, fontsize=7)
     _save_figure(fig, path)
 
 
@@ -312,6 +344,16 @@ def _tasks_section(tasks_info: dict) -> str:
             + "\n".join(lines))
 
 
+def devices_line(cells: list[dict]) -> str:
+    """' Cells ran on: …' — each device with its cell count (a resumed study may mix devices' older cells)."""
+    names = Counter((c.get("provenance") or {}).get("device_name") or c.get("device_name") for c in cells
+                    if c["status"] == "done")
+    names.pop(None, None)
+    if not names:
+        return ""
+    return " Cells ran on: " + "; ".join(f"{name} ({n} cells)" for name, n in names.most_common()) + "."
+
+
 def write_report(results: dict, output_dir) -> dict[str, Path]:
     """report.md and plots/*.png from the combined results; returns the paths written."""
     out = Path(output_dir)
@@ -331,7 +373,8 @@ def write_report(results: dict, output_dir) -> dict[str, Path]:
              f"Seeds: {config['seeds']}; batch {config['batch_size']}; max length {config['max_length']}; "
              f"steps {config['steps'] or _steps_by_regime()}; dev evaluations per cell {config['evals']}"
              + (f"; dev capped at {config['max_dev']} rows" if config.get("max_dev") else "")
-             + (f"; test capped at {config['max_test']} rows" if config.get("max_test") else "") + ".",
+             + (f"; test capped at {config['max_test']} rows" if config.get("max_test") else "") + "."
+             + devices_line(cells),
              "", "## Headline", "", headline(groups, tasks_info), "", "## Tasks", "", _tasks_section(tasks_info)]
     for model, regime in sorted({k[:2] for k in groups}):
         name = f"{model}-{regime}"
@@ -360,9 +403,11 @@ def write_report(results: dict, output_dir) -> dict[str, Path]:
     if any(c["status"] != "done" for c in cells):
         parts += ["", "## Cells without a score", "", unscored_table(cells)]
     peak_kinds = sorted({g["peak_memory_kind"] for g in groups.values() if g["status"] == "done"})
-    parts += ["", f"Peak memory: {', '.join(peak_kinds) or 'n/a'}. Tokens/s counts real (non-padding) training "
-              "tokens over the time of forward, backward and optimizer steps (dev evaluation excluded). Raw results: "
-              "results.json and cells/*.json.", ""]
+    parts += ["", f"Peak memory: {', '.join(peak_kinds) or 'n/a'}, of the training steps (evaluation's is "
+              "eval_peak_memory_gib in cells/*.json). Tokens/s counts real (non-padding) training tokens over the "
+              f"time of forward, backward and optimizer steps after the first {WARMUP_STEPS} (kernel compilation and "
+              "autotuning; dev evaluation excluded); the median step time leaves out the later autotuning at new "
+              "padded lengths too. Raw results: results.json and cells/*.json.", ""]
     atomic_write(out / "report.md", "\n".join(parts))
     written["report"] = out / "report.md"
     return written

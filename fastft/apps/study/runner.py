@@ -2,20 +2,24 @@
 
 Every cell's result is a JSON file under `<output>/cells/`, written atomically when the cell ends; on a
 restart the finished cells ("done", or "diverged": their settings' outcome, which a rerun repeats) whose
-settings match are read back, not rerun. Cells that were unavailable or failed are tried again (a method that
-has landed since then runs). After each cell the combined `results.json` is rewritten; the report is written at
-the end.
+settings and provenance (device, fastft version and commit, split seed) match are read back, not rerun. Cells
+that were unavailable or failed are tried again (a method that has landed since then runs); combinations known
+not to run (UNAVAILABLE) are recorded without running. After each cell the combined `results.json` is
+rewritten; the report is written at the end.
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
+import subprocess
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from fastft.apps.study.cell import CellSettings, CellSpec, run_cell
+from fastft.apps.study.cell import CellSettings, CellSpec, default_device, device_name, run_cell
 from fastft.apps.study.models import MODEL_FAMILIES
 from fastft.apps.study.tasks import REGIMES, STUDY_TASKS, load_study_task, majority_baseline, tested_split
 from fastft.files import atomic_write, output_dir_problem
@@ -40,8 +44,15 @@ HEAD_LR = 3e-3  # MiniLM's fresh classification head, the same under every metho
 # Steps per cell by regime (batch 16): the 32-per-class sets (64–192 rows) get ~5–12 epochs; the full
 # training sets are sampled for 150 steps (2,400 rows: about one epoch of the smaller tasks, a quarter of MR).
 STEPS_DEFAULT = {"32-per-class": 60, "full": 150}
-# peft has no full fine-tuning and no bottleneck adapter: those cells get no peft anchor.
-NO_PEFT_ANCHOR = ("full", "adapter")
+# peft has no full fine-tuning and no bottleneck adapter, and its QLoRA needs a bitsandbytes-quantized model
+# (apply_method refuses it): those cells get no peft anchor.
+NO_PEFT_ANCHOR = ("full", "adapter", "qlora")
+# (model, method, implementation) that cannot run, known before running: recorded "unavailable" with the reason
+# and never run (a retry would fail the same way on every resume). Remove an entry when its method lands.
+UNAVAILABLE = {
+    ("minilm", "prefix", "fastft"): "fastft prefix tuning needs a decoder whose attention layers carry layer_idx "
+                                    "(Llama family); MiniLM is a BERT encoder",
+}
 
 
 @dataclass
@@ -130,6 +141,39 @@ def plan(config: StudyConfig) -> list[tuple[CellSpec, CellSettings]]:
     return cells
 
 
+def unavailable_reason(spec: CellSpec) -> str | None:
+    return UNAVAILABLE.get((spec.model, spec.method, spec.implementation))
+
+
+def _unavailable_result(spec: CellSpec, settings: CellSettings, reason: str) -> dict:
+    return {"key": spec.key, **asdict(spec), "settings": asdict(settings), "status": "unavailable",
+            "reason": reason, "wall_seconds": 0.0}
+
+
+@functools.cache
+def _git_commit() -> str | None:
+    """HEAD of the checkout fastft runs from; None for an installed package (or without git)."""
+    root = Path(__file__).resolve().parents[3]
+    if not (root / ".git").exists():
+        return None
+    try:
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    commit = out.stdout.strip()
+    return commit if out.returncode == 0 and commit else None
+
+
+def provenance(split_seed: int) -> dict:
+    """What a cell's result depends on beyond its spec and settings: where and by which code it ran, and the
+    split of its task. A stored cell whose provenance differs is rerun on resume."""
+    import fastft
+
+    return {"device_name": device_name(default_device()), "fastft_version": fastft.__version__,
+            "git_commit": _git_commit(), "split_seed": split_seed}
+
+
 def write_json_atomic(path: Path, data) -> None:
     atomic_write(path, json.dumps(data, indent=1))
 
@@ -141,17 +185,31 @@ def cell_path(output_dir: Path, spec: CellSpec) -> Path:
 FINISHED = ("done", "diverged")   # read back on resume; "unavailable" and "failed" cells are tried again
 
 
-def _finished(path: Path, settings: CellSettings) -> dict | None:
-    """The cell's stored result when it finished (FINISHED) under the same settings; else None (run it)."""
+def _stored(path: Path) -> dict | None:
     if not path.is_file():
         return None
     try:
-        result = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return None
-    if result.get("status") in FINISHED and result.get("settings") == asdict(settings):
-        return result
-    return None
+
+
+def provenance_change(result: dict, expected: dict) -> str | None:
+    """How a stored cell's provenance differs from this run's (None: it does not)."""
+    stored = result.get("provenance") or {}
+    changes = [f"{k} {stored.get(k)!r} → {v!r}" for k, v in expected.items() if stored.get(k) != v]
+    return ", ".join(changes) or None
+
+
+def _finished(path: Path, settings: CellSettings, expected: dict | None = None) -> dict | None:
+    """The cell's stored result when it finished (FINISHED) under the same settings and, when `expected` is
+    given, the same provenance; else None (run it)."""
+    result = _stored(path)
+    if result is None or result.get("status") not in FINISHED or result.get("settings") != asdict(settings):
+        return None
+    if expected is not None and provenance_change(result, expected):
+        return None
+    return result
 
 
 def run_study(config: StudyConfig, *, progress: bool = True, log=print) -> dict:
@@ -165,27 +223,46 @@ def run_study(config: StudyConfig, *, progress: bool = True, log=print) -> dict:
         task = load_study_task(name)
         tasks[name] = {**task.summary(), "tested": tested_split(task, config.max_test),
                        "majority": majority_baseline(task, config.max_test)}
-    results, resumed = [], 0
+    results, outcomes, changes = [], Counter(), []
     log(f"fastft study: {len(cells)} cells ({len(config.models)} models × {len(config.tasks)} tasks × "
         f"{len(config.regimes)} regimes × {config.seeds} seeds × methods/implementations) → {out}")
     bar = tqdm(cells, desc="study", unit="cell", disable=not progress, dynamic_ncols=True)
     for spec, settings in bar:
         bar.set_postfix_str(f"{spec.model} {spec.task} {spec.method}/{spec.implementation} s{spec.seed}")
-        path = cell_path(out, spec)
-        result = _finished(path, settings)
-        if result is not None:
-            resumed += 1
-        else:
-            result = run_cell(spec, settings)
-            write_json_atomic(path, result)
+        result, outcome, change = _cell_result(out, spec, settings, provenance(tasks[spec.task]["split_seed"]))
+        outcomes[outcome] += 1
+        if change:
+            changes.append(change)
         results.append(result)
-        combined = _combined(config, tasks, results, resumed)
+        combined = _combined(config, tasks, results, outcomes["resumed"])
         write_json_atomic(out / "results.json", combined)
-    log(f"{resumed} finished cells read back, {len(cells) - resumed} run")
+    if changes:
+        log(f"{len(changes)} finished cells rerun: they ran on another device or code version ({changes[0]})")
+    log(f"{outcomes['resumed']} finished cells read back, {outcomes['run']} run"
+        + (f", {outcomes['unavailable']} unavailable (not run)" if outcomes["unavailable"] else ""))
     diverged = sum(r["status"] == "diverged" for r in results)
     if diverged:
         log(f"{diverged} cells diverged (non-finite training loss): no score, see the report's cells without a score")
     return combined
+
+
+def _cell_result(out: Path, spec: CellSpec, settings: CellSettings, expected: dict) -> tuple[dict, str, str | None]:
+    """(result, outcome, change): the cell known unavailable, read back (finished with the same settings and
+    provenance) or run now; `change` says why a finished cell runs again (another device or code version)."""
+    path = cell_path(out, spec)
+    reason = unavailable_reason(spec)
+    if reason is not None:
+        result = {**_unavailable_result(spec, settings, reason), "provenance": expected}
+        write_json_atomic(path, result)
+        return result, "unavailable", None
+    result = _finished(path, settings, expected)
+    if result is not None:
+        return result, "resumed", None
+    stale = _finished(path, settings)
+    change = f"{spec.key}: {provenance_change(stale, expected)}" if stale is not None else None
+    result = {**run_cell(spec, settings), "provenance": expected}
+    write_json_atomic(path, result)
+    return result, "run", change
 
 
 def _combined(config: StudyConfig, tasks: dict, results: list[dict], resumed: int) -> dict:
@@ -196,6 +273,5 @@ def _combined(config: StudyConfig, tasks: dict, results: list[dict], resumed: in
     slim = [{k: v for k, v in r.items() if k not in ("traceback", "train_losses", "dev_curve")} for r in results]
     return {"config": asdict(config), "tasks": tasks, "cells": slim, "resumed_cells": resumed,
             "environment": {"torch": torch.__version__, "python": platform.python_version(),
-                            "device": "cuda" if torch.cuda.is_available() else "cpu",
-                            "device_name": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+                            "device": default_device().type, "device_name": device_name(default_device()),
                             "threads": torch.get_num_threads()}}

@@ -136,10 +136,12 @@ def tested_split(task: StudyTask, max_test: int | None = None) -> dict:
 
 def majority_baseline(task: StudyTask, max_test: int | None = None) -> dict:
     """Test metrics of always predicting the training split's most common class (the floor every method must
-    beat), on the test rows the cells evaluate."""
+    beat), on the test rows the cells evaluate. Macro-F1 averages over the classes present in those rows or
+    predicted, as the cells' macro-F1 does."""
     majority = Counter(y for _, y in task.train).most_common(1)[0][0]
     test = tested_rows(task, max_test)
     hits = sum(y == majority for _, y in test)
     f1_majority = 2 * hits / (hits + len(test))  # F1 of the majority class; every other class scores 0
+    present = {y for _, y in test} | {majority}
     return {"label": task.label_words[majority].strip(), "accuracy": hits / len(test),
-            "macro_f1": f1_majority / task.num_classes, "examples": len(test)}
+            "macro_f1": f1_majority / len(present), "examples": len(test)}

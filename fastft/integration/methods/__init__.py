@@ -31,6 +31,10 @@ class MethodOptions:
     adapter_size: int = 64              # adapter: bottleneck width
     adapter_placement: str = "pfeiffer"  # adapter: "pfeiffer" (after the MLP) or "houlsby" (after attn and MLP)
     adapter_activation: str = "relu"    # adapter: relu, silu, gelu_tanh or tanh
+    # adapter: the sublayer output projections it follows, by the last part of the module name (Llama's default);
+    # a model whose names differ (BERT's `dense`) names its own
+    adapter_attn_output_modules: tuple[str, ...] = ("o_proj",)
+    adapter_mlp_output_modules: tuple[str, ...] = ("down_proj",)
     quant_type: str = "nf4"             # qlora
 
 
@@ -117,7 +121,9 @@ def _apply_adapter(model, options, implementation):
     from fastft.integration.methods.adapter import BottleneckAdapterConfig, get_adapter_model
 
     config = BottleneckAdapterConfig(size=options.adapter_size, placement=options.adapter_placement,
-                                     activation=options.adapter_activation)
+                                     activation=options.adapter_activation,
+                                     attn_output_modules=options.adapter_attn_output_modules,
+                                     mlp_output_modules=options.adapter_mlp_output_modules)
     return get_adapter_model(model, config)
 
 
