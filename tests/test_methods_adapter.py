@@ -134,5 +134,33 @@ def test_bad_configs_are_named(kwargs, message):
 
 
 def test_targets_that_match_nothing_are_named():
-    with pytest.raises(ValueError, match="BottleneckAdapterConfig.mlp_output_modules matches no module"):
+    with pytest.raises(ValueError, match=r"BottleneckAdapterConfig.mlp_output_modules=\('fc2',\) matches no module"):
         fastft.get_peft_model(tiny_llama(), BottleneckAdapterConfig(mlp_output_modules=("fc2",)))
+    with pytest.raises(ValueError, match=r"attn_output_modules=\('oproj',\) matches no module"):  # houlsby: each
+        fastft.get_peft_model(tiny_llama(), BottleneckAdapterConfig(placement="houlsby", attn_output_modules=("oproj",)))
+    with pytest.raises(ValueError, match=r"mlp_output_modules='\(': a string is a regex"):
+        BottleneckAdapterConfig(mlp_output_modules="(")
+
+
+def test_bert_outputs_are_told_apart_by_dotted_suffix_or_regex():
+    """BERT names its attention output and its feed-forward output both `...output.dense`: a last-name match put
+    adapters after both, or after neither; entries match as peft's target_modules do (a name or a dotted suffix;
+    one string: a regex over the whole name), and a module both fields match is refused."""
+    from transformers import BertConfig, BertModel
+
+    def bert():
+        return BertModel(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                    intermediate_size=48))
+
+    def adapted(**kwargs):
+        model = fastft.get_peft_model(bert(), BottleneckAdapterConfig(size=4, **kwargs))
+        return [n for n, m in model.named_modules() if isinstance(m, AdapterAfter)]
+
+    ffn = r".*[.]layer[.][0-9]+[.]output[.]dense"
+    after_ffn = adapted(mlp_output_modules=ffn)
+    assert len(after_ffn) == 2 and all(n.endswith(".output.dense") and ".attention." not in n for n in after_ffn)
+    both = adapted(placement="houlsby", attn_output_modules=("attention.output.dense",), mlp_output_modules=ffn)
+    assert len(both) == 4 and sum(".attention.output.dense" in n for n in both) == 2
+    with pytest.raises(ValueError, match="mlp_output_modules also matches .*two adapters"):
+        adapted(placement="houlsby", attn_output_modules=("attention.output.dense",),
+                mlp_output_modules=("output.dense",))

@@ -165,8 +165,6 @@ def _build(spec: CellSpec, settings: CellSettings, task, device):
     """The cell's model with its method applied, on `device`: (prepared, model, trainable, total, named, optimizer,
     schedule)."""
     prepared = prepare_model(spec.model, task, settings.max_length, spec.seed)
-    if prepared.before_method is not None:
-        prepared.before_method(prepared.model, spec.method)
     torch.manual_seed(spec.seed)  # the method's initialisation draws from here: the same for fastft and peft
     model = apply_method(prepared.model, spec.method, prepared.options, implementation=spec.implementation)
     unfreeze_head(model, prepared.head_names)

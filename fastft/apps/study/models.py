@@ -63,26 +63,6 @@ class MaskedMeanPooler(nn.Module):
         return (hidden_states * weights).sum(1) / weights.sum(1).clamp(min=1)
 
 
-class NamedFFNOutput(nn.Module):
-    """BERT's feed-forward output projection under a name of its own, `ffn_output`. BERT calls it `dense`, as it
-    calls the attention output and the intermediate projection, and the bottleneck adapter finds its targets by
-    the last part of a module's name; wrapped, the FFN output is the only module named `ffn_output`."""
-
-    def __init__(self, linear: nn.Module):
-        super().__init__()
-        self.ffn_output = linear
-
-    def forward(self, x):
-        return self.ffn_output(x)
-
-
-def _name_ffn_outputs(model, method: str) -> None:
-    """For the bottleneck adapter only (the other methods target BERT's own names): see NamedFFNOutput."""
-    if method == "adapter":
-        for layer in model.bert.encoder.layer:
-            layer.output.dense = NamedFFNOutput(layer.output.dense)
-
-
 def _install_mean_pooler(model) -> None:
     pooler = MaskedMeanPooler()
     model.bert.pooler = pooler
@@ -103,7 +83,6 @@ class PreparedModel:
     class_logits: Callable       # (model, batch) -> float logits [batch, num_classes]
     loss: Callable               # (model, batch) -> scalar training loss
     head_names: tuple[str, ...]  # parameter-name parts that train under every method (the fresh head)
-    before_method: Callable | None = None  # (model, method) -> None: adapts the model to a method's needs
 
 
 _BASE: dict[str, tuple] = {}  # family -> (pristine model on CPU, tokenizer): loaded once per process
@@ -188,13 +167,14 @@ def _prepare_minilm(task, max_length: int, seed: int) -> PreparedModel:
 
     # BERT's linear layers: query/key/value, and three called `dense` (attention output, intermediate, output).
     # IA3 as peft's BERT default: key, value and the feed-forward output (input-scaled). The bottleneck adapter
-    # goes after the feed-forward output, renamed for it by _name_ffn_outputs.
+    # goes after each layer's feed-forward output, `layer.N.output.dense` (a regex: `attention.output.dense` ends
+    # the same way).
     options = MethodOptions(target_modules=("query", "key", "value", "dense"),
                             ia3_target_modules=("key", "value", "output.dense"),
                             ia3_feedforward_modules=("output.dense",), num_virtual_tokens=16,
-                            adapter_mlp_output_modules=("ffn_output",))
-    return PreparedModel("minilm", model, options, collate, class_logits, loss, head_names=("classifier.",),
-                         before_method=_name_ffn_outputs)
+                            adapter_attn_output_modules=("attention.output.dense",),
+                            adapter_mlp_output_modules=r".*\.layer\.\d+\.output\.dense")
+    return PreparedModel("minilm", model, options, collate, class_logits, loss, head_names=("classifier.",))
 
 
 def _prepare_smollm2(task, max_length: int) -> PreparedModel:

@@ -33,8 +33,8 @@ class MethodOptions:
     adapter_activation: str = "relu"    # adapter: relu, silu, gelu_tanh or tanh
     # adapter: the sublayer output projections it follows, by the last part of the module name (Llama's default);
     # a model whose names differ (BERT's `dense`) names its own
-    adapter_attn_output_modules: tuple[str, ...] = ("o_proj",)
-    adapter_mlp_output_modules: tuple[str, ...] = ("down_proj",)
+    adapter_attn_output_modules: tuple[str, ...] | str = ("o_proj",)  # BottleneckAdapterConfig's matching rules
+    adapter_mlp_output_modules: tuple[str, ...] | str = ("down_proj",)
     quant_type: str = "nf4"             # qlora
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 
 from fastft.ops.bottleneck_adapter import ACTIVATIONS
@@ -16,20 +17,24 @@ class BottleneckAdapterConfig:
 
     placement: "pfeiffer" — after the MLP only (Pfeiffer et al., 2020); "houlsby" — after attention and after the
     MLP (Houlsby et al., 2019). The adapter wraps the sublayer's output projection: `attn_output_modules` (Llama:
-    o_proj) and `mlp_output_modules` (Llama: down_proj). Initialised near identity: the down-projection
-    ~ N(0, init_std²), the up-projection and both biases zero, so the model starts unchanged.
+    o_proj) and `mlp_output_modules` (Llama: down_proj), matched as peft matches target_modules: a tuple of names
+    or dotted suffixes of module names, or one string, a regex the whole module name must match (BERT names both
+    outputs `...output.dense`: attn ("attention.output.dense",), mlp r".*[.]layer[.][0-9]+[.]output[.]dense").
+    Initialised near identity: the down-projection ~ N(0, init_std²), the up-projection and both biases zero, so the
+    model starts unchanged.
     """
     size: int = 64
     placement: str = "pfeiffer"
     activation: str = "relu"
     init_std: float = 0.01
-    attn_output_modules: tuple[str, ...] = ("o_proj",)
-    mlp_output_modules: tuple[str, ...] = ("down_proj",)
+    attn_output_modules: tuple[str, ...] | str = ("o_proj",)
+    mlp_output_modules: tuple[str, ...] | str = ("down_proj",)
     inference_mode: bool = False
 
     def __post_init__(self):
-        self.attn_output_modules = tuple(self.attn_output_modules)
-        self.mlp_output_modules = tuple(self.mlp_output_modules)
+        for field in ("attn_output_modules", "mlp_output_modules"):
+            if not isinstance(getattr(self, field), str):
+                setattr(self, field, tuple(getattr(self, field)))
         self.validate()
 
     def validate(self) -> None:
@@ -47,18 +52,32 @@ class BottleneckAdapterConfig:
             raise bad("init_std", "expected a standard deviation in (0, 1)")
         for field in ("attn_output_modules", "mlp_output_modules"):
             names = getattr(self, field)
-            if not names or not all(isinstance(n, str) and n for n in names):
-                raise bad(field, "expected a non-empty tuple of module names")
+            if isinstance(names, str):
+                try:
+                    re.compile(names)
+                except re.error as e:
+                    raise bad(field, f"a string is a regex the whole module name must match: {e}") from None
+            elif not names or not all(isinstance(n, str) and n for n in names):
+                raise bad(field, "expected a non-empty tuple of module names (or one regex string)")
 
-    def target_suffixes(self) -> tuple[str, ...]:
-        attn = self.attn_output_modules if self.placement == "houlsby" else ()
-        return attn + self.mlp_output_modules
+    def target_fields(self) -> tuple[str, ...]:
+        """The fields whose modules get adapters under this placement."""
+        return ("attn_output_modules", "mlp_output_modules") if self.placement == "houlsby" else ("mlp_output_modules",)
+
+    def matches(self, field: str, name: str) -> bool:
+        """Whether module `name` is one `field` names: a regex string matches the whole name; tuple entries match
+        the name or a dotted suffix of it (peft's target_modules rules)."""
+        wanted = getattr(self, field)
+        if isinstance(wanted, str):
+            return re.fullmatch(wanted, name) is not None
+        return any(name == entry or name.endswith("." + entry) for entry in wanted)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d.pop("inference_mode")
-        d["attn_output_modules"] = list(self.attn_output_modules)
-        d["mlp_output_modules"] = list(self.mlp_output_modules)
+        for field in ("attn_output_modules", "mlp_output_modules"):
+            value = getattr(self, field)
+            d[field] = value if isinstance(value, str) else list(value)
         return {"peft_type": PEFT_TYPE, **d}
 
     @classmethod

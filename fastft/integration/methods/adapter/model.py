@@ -92,12 +92,21 @@ def _targets(model: nn.Module, config: BottleneckAdapterConfig) -> list[tuple[st
     field."""
     if any(isinstance(m, AdapterAfter) for m in model.modules()):
         raise ValueError(f"{type(model).__name__} already has bottleneck adapters")
-    suffixes = config.target_suffixes()
-    names = [n for n, _ in model.named_modules() if n and n.rsplit(".", 1)[-1] in suffixes]
-    if not names:
-        field = "mlp_output_modules" if config.placement == "pfeiffer" else "attn_output_modules/mlp_output_modules"
-        raise ValueError(f"BottleneckAdapterConfig.{field} matches no module of {type(model).__name__} "
-                         f"(looked for names ending in {suffixes})")
+    module_names = [n for n, _ in model.named_modules() if n]
+    names = []
+    for field in config.target_fields():  # each field must place adapters: one that matches nothing is a typo
+        matched = [n for n in module_names if config.matches(field, n)]
+        if not matched:
+            raise ValueError(f"BottleneckAdapterConfig.{field}={getattr(config, field)!r} matches no module of "
+                             f"{type(model).__name__} (tuple entries: a module name or a dotted suffix of one; a "
+                             "string: a regex the whole name must match)")
+        taken = sorted(set(matched) & set(names))
+        if taken:
+            raise ValueError(f"BottleneckAdapterConfig.{field} also matches {taken[:3]}, which attn_output_modules "
+                             "matches: one module would get two adapters; make the two fields match apart (e.g. a "
+                             "dotted suffix or a regex)")
+        names += matched
+    names = [n for n in module_names if n in set(names)]  # the model's order
     targets = []
     for name in names:
         base = model.get_submodule(name)
