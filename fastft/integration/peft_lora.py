@@ -246,15 +246,20 @@ def patch_peft(model: nn.Module) -> nn.Module:
     return model
 
 
-def fuse_lora_layers(model: nn.Module, what: str) -> nn.Module:
-    """patch_peft for a model fastft built or loaded: one whose LoRA layers are all embeddings, convolutions or
-    Conv1D is valid (peft runs them exactly), so nothing to fuse is a one-line warning, not an error."""
-    if any(isinstance(m, PeftLoraLinear) for m in model.modules()):
-        patch_peft(model)
-    if not any(isinstance(m, PeftLoraLinear) and not m.fan_in_fan_out for m in model.modules()):
-        warnings.warn(f"fastft.{what}: no LoRA layer is fused (none is on a Linear layer: "
-                      "embeddings, convolutions and GPT-2 Conv1D layers run peft's own forward)", stacklevel=3)
+def fuse_or_warn(model: nn.Module, layer_type: type, patch, what: str, method: str) -> nn.Module:
+    """`patch` (patch_peft, patch_ia3) for a model fastft built or loaded: one whose `method` layers are all
+    embeddings, convolutions or Conv1D is valid (peft runs them exactly), so nothing to fuse is a one-line warning,
+    not an error. `layer_type`: peft's Linear layer of the method (fastft's fused layers subclass it)."""
+    if any(isinstance(m, layer_type) for m in model.modules()):
+        patch(model)
+    if not any(isinstance(m, layer_type) and not m.fan_in_fan_out for m in model.modules()):
+        warnings.warn(f"fastft.{what}: no {method} layer is fused (none is on a Linear layer: embeddings, "
+                      "convolutions and GPT-2 Conv1D layers run peft's own forward)", stacklevel=3)
     return model
+
+
+def fuse_lora_layers(model: nn.Module, what: str) -> nn.Module:
+    return fuse_or_warn(model, PeftLoraLinear, patch_peft, what, "LoRA")
 
 
 def get_peft_model(model: nn.Module, config, adapter_name: str = "default", **kwargs) -> PeftModel:

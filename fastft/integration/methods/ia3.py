@@ -79,16 +79,9 @@ def patch_ia3(model: nn.Module) -> nn.Module:
 
 
 def fuse_ia3_layers(model: nn.Module, what: str) -> nn.Module:
-    """patch_ia3 for a model fastft built or loaded: IA3 only on convolutions or Conv1D layers is valid (peft runs
-    them), so nothing to fuse is a one-line warning, not an error."""
-    import warnings
+    from fastft.integration.peft_lora import fuse_or_warn
 
-    if any(isinstance(m, PeftIA3Linear) for m in model.modules()):
-        patch_ia3(model)
-    if not any(isinstance(m, PeftIA3Linear) and not m.fan_in_fan_out for m in model.modules()):
-        warnings.warn(f"fastft.{what}: no IA3 layer is fused (its layers are convolutions or GPT-2 Conv1D, which "
-                      "run peft's own forward)", stacklevel=3)
-    return model
+    return fuse_or_warn(model, PeftIA3Linear, patch_ia3, what, "IA3")
 
 
 def get_ia3_model(model: nn.Module, config: IA3Config, adapter_name: str = "default", **kwargs):
