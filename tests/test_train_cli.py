@@ -80,3 +80,8 @@ def test_qlora_training_reports_merge_costs(tiny_checkpoint, tmp_path):
     # merging into dequantized weights is exact: the same evaluation as the trained QLoRA model
     assert merged["dense"]["loss"] == pytest.approx(metrics["eval_after"]["loss"], rel=1e-4)
     assert merged["requantized"]["examples"] == 8
+    # the run's report: the evaluations as metrics.json has them, the loss curve as a PNG
+    report = (out / "report.md").read_text()
+    assert "| after training | " in report and "| merged (requantized) | " in report
+    assert f"{metrics['eval_after']['loss']:.4g}" in report and "| method | qlora |" in report
+    assert (out / "losses.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

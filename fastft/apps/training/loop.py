@@ -28,6 +28,7 @@ from fastft.apps.training.config import ConfigError, TrainConfig, to_yaml_dict, 
 from fastft.apps.training.data import (BatchPlan, Encoder, Example, Pair, check_tokenizer, data_fingerprint,
                                        load_records, pack, records_digest)
 from fastft.apps.training.logs import RunLog, peak_memory_gib
+from fastft.apps.training.report import write_report
 from fastft.apps.training.objectives import (ObjectiveModel, check_head_gives_logits, check_vocab_rows,
                                              is_prompt_learning)
 
@@ -596,6 +597,7 @@ def train(cfg: TrainConfig) -> dict:
             saved = replace_folder(out / "model", lambda tmp: (inner.save_pretrained(str(tmp), state_dict=weights),
                                                                tokenizer.save_pretrained(str(tmp))))
         atomic_write(out / "metrics.json", json.dumps(metrics, indent=2))
+        write_report(out, metrics)  # report.md and losses.png
         log(f"{metrics['tokens_per_second']:,.0f} tokens/s, peak memory {peak:.2f} GiB ({metrics['peak_memory_kind']}); "
             f"{'adapter' if is_peft else 'model'} saved to {saved}")
     accelerator.wait_for_everyone()

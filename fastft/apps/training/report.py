@@ -1,0 +1,100 @@
+"""A finished run's report beside its metrics.json: report.md (settings, evaluations, speed, memory) and
+losses.png (the training loss per step, the evaluations' loss on top), both written atomically.
+
+`python -m fastft.apps.training.report OUTPUT_DIR` draws them again from OUTPUT_DIR/metrics.json."""
+from __future__ import annotations
+
+import io
+import json
+import math
+import sys
+from pathlib import Path
+
+from fastft.files import atomic_write
+
+# the settings a reader needs first; the whole config is in metrics.json and config.yaml
+_SETTINGS = ("model", "method", "objective", "task", "data", "rank", "steps", "batch_size", "grad_accum",
+             "max_length", "lr", "schedule", "mixed_precision", "distributed", "compile")
+
+
+def _number(value) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, float):
+        return "—" if not math.isfinite(value) else f"{value:.4g}"
+    return str(value)
+
+
+def _evaluations(metrics: dict) -> list[tuple[str, dict]]:
+    rows = [("before training", metrics.get("eval_before")), ("quantized, before training",
+                                                              metrics.get("eval_quantized"))]
+    rows += [(f"step {e['step']}", e) for e in metrics.get("evals") or []]
+    rows.append(("after training", metrics.get("eval_after")))
+    rows += [(f"merged ({name})", result) for name, result in (metrics.get("eval_merged") or {}).items()]
+    return [(name, result) for name, result in rows if result]
+
+
+def report_markdown(metrics: dict) -> str:
+    config = metrics.get("config", {})
+    lines = ["# fastft train", "", "| setting | value |", "|---|---|"]
+    lines += [f"| {key.replace('_', '-')} | {_number(config.get(key))} |" for key in _SETTINGS
+              if config.get(key) is not None]
+    lines += [f"| device | {metrics.get('device')} × {metrics.get('processes', 1)} process(es) |",
+              f"| trainable parameters | {metrics.get('trainable_parameters', 0):,} of "
+              f"{metrics.get('total_parameters', 0):,} |", ""]
+    evaluations = _evaluations(metrics)
+    if evaluations:
+        keys = [k for k in dict.fromkeys(k for _, r in evaluations for k in r) if k not in ("step",)]
+        lines += ["## Evaluations", "", "| when | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+        lines += [f"| {name} | " + " | ".join(_number(r.get(k)) for k in keys) + " |" for name, r in evaluations]
+        lines.append("")
+    losses = metrics.get("train_losses") or []
+    lines += ["## Training", "",
+              f"- {len(losses)} steps, loss {_number(losses[0] if losses else None)} → "
+              f"{_number(losses[-1] if losses else None)}",
+              f"- {_number(metrics.get('tokens_per_second'))} tokens/s over {_number(metrics.get('train_seconds'))} s "
+              "of training steps",
+              f"- peak memory {_number(metrics.get('peak_memory_gib'))} GiB ({metrics.get('peak_memory_kind')})"]
+    if metrics.get("resumed_from"):
+        lines.append(f"- resumed from {metrics['resumed_from']}")
+    return "\n".join(lines) + "\n"
+
+
+def plot_losses(metrics: dict) -> bytes:
+    """losses.png's bytes: the training loss per step and each evaluation's loss at its step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    losses = metrics.get("train_losses") or []
+    ax.plot(range(1, len(losses) + 1), losses, label="training loss (step)")
+    points = [(0, metrics.get("eval_before"))] + [(e["step"], e) for e in metrics.get("evals") or []]
+    points.append((len(losses), metrics.get("eval_after")))
+    points = [(step, r["loss"]) for step, r in points if r and r.get("loss") is not None]
+    if points:
+        ax.plot(*zip(*points), "o--", label="evaluation loss")
+    config = metrics.get("config", {})
+    ax.set_title(f"{config.get('method', '')} {config.get('objective', '')} on {config.get('model', '')}")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (mean over target tokens; dpo: over pairs)")
+    ax.legend()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def write_report(output_dir: str | Path, metrics: dict) -> None:
+    output_dir = Path(output_dir)
+    atomic_write(output_dir / "report.md", report_markdown(metrics))
+    atomic_write(output_dir / "losses.png", plot_losses(metrics))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m fastft.apps.training.report OUTPUT_DIR (a fastft train run's folder)")
+    folder = Path(sys.argv[1])
+    write_report(folder, json.loads((folder / "metrics.json").read_text()))
+    print(f"wrote {folder / 'report.md'} and {folder / 'losses.png'}")
