@@ -23,6 +23,7 @@ _LAZY = {
     "quantize_model": "fastft.integration.nf4_model",
     "load_nf4_model": "fastft.integration.nf4_model",
     "save_nf4_model": "fastft.integration.nf4_model",
+    "prepare_model_for_kbit_training": "fastft.integration.nf4_model",
     "shard_model": "fastft.integration.nf4_model",
     "ignore_nf4_in_ddp": "fastft.integration.nf4_model",
     "patch_model": "fastft.integration.patching",

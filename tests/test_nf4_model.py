@@ -192,7 +192,8 @@ def test_views_of_one_quantized_storage_are_all_saved(tmp_path):
 
 
 def test_a_quantized_tied_lm_head_keeps_its_nf4_weight(tmp_path):
-    model = nf4_model.quantize_model(_tiny_llama(tie_word_embeddings=True).to(torch.bfloat16), skip=()).eval()
+    model = nf4_model.quantize_model(_tiny_llama(tie_word_embeddings=True).to(torch.bfloat16),
+                                     use_default_skip=False).eval()
     assert isinstance(model.lm_head, NF4Linear)
     loaded = _round_trip(model, tmp_path)
     assert isinstance(loaded.lm_head.weight, NF4Weight)
@@ -213,9 +214,12 @@ def test_a_module_name_part_starting_with_weight_loads(tmp_path):
 
     dense = WithWeightProj(_tiny_llama().config).to(torch.bfloat16)
     dense.save_pretrained(tmp_path / "dense")
+    # conv is the model's last module, which transformers (so default_skip) keeps dense: ask for it quantized
+    only_lm_head = {"skip": ["lm_head"], "use_default_skip": False}
     for folder in (tmp_path / "dense", tmp_path / "nf4"):
         if folder.name == "nf4":
-            nf4_model.save_nf4_model(nf4_model.quantize_model(WithWeightProj(dense.config).to(torch.bfloat16)), folder)
-        loaded = nf4_model.load_nf4_model(folder, model_cls=WithWeightProj)
+            nf4_model.save_nf4_model(nf4_model.quantize_model(WithWeightProj(dense.config).to(torch.bfloat16),
+                                                              **only_lm_head), folder)
+        loaded = nf4_model.load_nf4_model(folder, model_cls=WithWeightProj, **only_lm_head)
         assert isinstance(loaded.conv.weight_proj, NF4Linear) and isinstance(loaded.conv.weight_proj.weight, NF4Weight)
         loaded(torch.randint(0, 96, (1, 5)))

@@ -1,26 +1,33 @@
 """NF4 models: quantize one in memory, load a checkpoint into NF4 layers, save one in bitsandbytes' format.
 
-- `quantize_model(model, "nf4")` swaps nn.Linear modules for fastft NF4Linear (default skip: lm_head).
+- `quantize_model(model, "nf4")` swaps nn.Linear (and GPT-2's Conv1D) modules for fastft NF4Linear, leaving dense
+  what transformers + bitsandbytes leave dense (`default_skip`: the output head, tied and last modules, the model's
+  `_keep_in_fp32_modules`, lm_head).
 - `load_nf4_model(path)` builds a transformers model with NF4Linear layers from a safetensors checkpoint:
-  a transformers + bitsandbytes 4-bit NF4 checkpoint loads as is (no bitsandbytes needed); a dense
-  bf16/fp32 one is quantized tensor by tensor while it streams in, so host memory peaks near one layer
-  on top of the NF4 model, never at the dense model.
+  a transformers + bitsandbytes 4-bit NF4 checkpoint loads as stored, layer by layer (NF4 where it holds NF4
+  weights, dense where it holds dense ones; no bitsandbytes needed); a dense bf16/fp32 one is quantized tensor by
+  tensor while it streams in, so host memory peaks near one layer on top of the NF4 model, never at the dense model.
 - `save_nf4_model(model, path)` writes config.json (with a bitsandbytes quantization_config) and
   model.safetensors in bitsandbytes' key layout, so transformers + bitsandbytes load it back.
+- `prepare_model_for_kbit_training(model)`: peft's, plus what peft does only for bitsandbytes models (gradient
+  checkpointing, input grads).
 - `shard_model(model, mesh)` shards a (quantized, peft-wrapped) model with FSDP2, decoder layer by layer; NF4
   weights shard their packed bytes and scales.
 """
 from __future__ import annotations
 
+import difflib
 import json
 import os
+import types
+import warnings
 from collections import defaultdict
 
 import torch
 from torch import nn
 
 from fastft.files import atomic_write as _atomic_write
-from fastft.modules.nf4_linear import NF4Linear
+from fastft.modules.nf4_linear import NF4Linear, is_conv1d, linear_features
 from fastft.quant.nf4_weight import QUANT_STATE_KEY, NF4Weight, local_nf4, quantize_nf4
 
 DEFAULT_SKIP = ("lm_head",)
@@ -39,23 +46,117 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, leaf, module)
 
 
-def quantize_model(model: nn.Module, quant_type: str = "nf4", *, blocksize: int = 64, double_quant: bool = True,
-                   skip=DEFAULT_SKIP) -> nn.Module:
-    """Replace every nn.Linear of `model` (in place) by an NF4Linear holding its quantized weight.
+def _quantizable(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or is_conv1d(module)
 
-    skip: module names (or dotted name parts) to leave dense; lm_head by default (often tied to the embedding).
-    One layer is quantized at a time and its dense weight dropped, so memory falls as the walk proceeds.
+
+def default_skip(model: nn.Module) -> tuple[str, ...]:
+    """The modules transformers + bitsandbytes leave dense when they quantize `model`: transformers'
+    get_keys_to_not_convert (the output embeddings, tied weights, the last module: lm_head, a classifier's score)
+    and the model's `_keep_in_fp32_modules` (T5's wo); lm_head always. Quantizing them would give a checkpoint
+    transformers cannot load, and a head peft's modules_to_save cannot train."""
+    names = set(DEFAULT_SKIP)
+    try:
+        from transformers import PreTrainedModel
+        from transformers.quantizers.base import get_keys_to_not_convert
+    except ImportError:  # a plain torch model: lm_head only
+        return tuple(sorted(names))
+    if isinstance(model, PreTrainedModel):
+        names.update(get_keys_to_not_convert(model))
+        names.update(getattr(model, "_keep_in_fp32_modules", None) or ())
+    return tuple(sorted(names))
+
+
+def _skip_entries(skip) -> tuple[str, ...]:
+    return (skip,) if isinstance(skip, str) else tuple(skip or ())  # one name, not its characters
+
+
+def _check_skip(model: nn.Module, skip, where: str) -> None:
+    """A skip entry that matches no module is a typo that would quantize the layer it meant: refuse it, suggesting
+    names from the modules' last parts. DEFAULT_SKIP's entries are let through (skipped anyway; a model without an
+    lm_head is fine)."""
+    names = [n for n, _ in model.named_modules() if n]
+    for entry in skip:
+        if entry in DEFAULT_SKIP or any(_skipped(n, (entry,)) for n in names):
+            continue
+        parts = sorted({n.rsplit(".", 1)[-1] for n in names})
+        close = difflib.get_close_matches(entry.rsplit(".", 1)[-1], parts, n=3)
+        hint = f"; did you mean {close}?" if close else f"; its modules end in {parts[:20]}"
+        raise ValueError(f"{where}: skip entry {entry!r} matches no module of {type(model).__name__}{hint}")
+
+
+def _nf4_memory_footprint(self, return_buffers: bool = True) -> int:
+    """transformers' get_memory_footprint, an NF4 weight counted at its stored size (codes and scales), not at the
+    dense size its shape and dtype imply."""
+    def size(t):
+        nf4 = local_nf4(t)
+        return nf4.nbytes if nf4 is not None else t.nelement() * t.element_size()
+    total = sum(size(p) for p in self.parameters())
+    return total + (sum(size(b) for b in self.buffers()) if return_buffers else 0)
+
+
+def _finish_nf4_model(model: nn.Module) -> nn.Module:
+    """What every NF4 model gets: a transformers model reports its real memory footprint."""
+    if hasattr(model, "get_memory_footprint"):
+        model.get_memory_footprint = types.MethodType(_nf4_memory_footprint, model)
+    return model
+
+
+def quantize_model(model: nn.Module, quant_type: str = "nf4", *, blocksize: int = 64, double_quant: bool = True,
+                   skip=(), use_default_skip: bool = True) -> nn.Module:
+    """Replace every nn.Linear (and transformers Conv1D) of `model` (in place) by an NF4Linear holding its
+    quantized weight.
+
+    Left dense: `default_skip(model)` — what transformers + bitsandbytes leave dense (output head, tied and last
+    modules, `_keep_in_fp32_modules`, lm_head) — plus `skip`: module names or dotted name parts ("mlp.down_proj");
+    an entry that matches no module is refused. use_default_skip=False quantizes the defaults too (only `skip`
+    stays dense). One layer is quantized at a time and its dense weight dropped, so memory falls as the walk
+    proceeds.
     """
     if quant_type != "nf4":
         raise ValueError(f"quantize_model: only quant_type='nf4' is supported, got {quant_type!r}")
-    skip = tuple(skip or ())
-    targets = [(name, m) for name, m in model.named_modules()
-               if isinstance(m, nn.Linear) and name and not _skipped(name, skip)]
+    skip = _skip_entries(skip)
+    _check_skip(model, skip, "quantize_model")
+    skip += default_skip(model) if use_default_skip else ()
+    targets = [(name, m) for name, m in model.named_modules() if _quantizable(m) and name and not _skipped(name, skip)]
     for name, linear in targets:
         _set_submodule(model, name, NF4Linear.from_linear(linear, blocksize=blocksize, double_quant=double_quant,
                                                           name=name))
         linear.weight = None  # drop the dense weight now, not when the whole walk ends
+    return _finish_nf4_model(model)
+
+
+def prepare_model_for_kbit_training(model: nn.Module, use_gradient_checkpointing: bool = True,
+                                    gradient_checkpointing_kwargs: dict | None = None) -> nn.Module:
+    """peft's prepare_model_for_kbit_training for a fastft NF4 model (quantize_model / load_nf4_model).
+
+    peft freezes the model and upcasts its dense bf16/fp16 parameters to fp32 for any model, but enables gradient
+    checkpointing (and, for reentrant checkpointing, input grads) only for models transformers loaded with
+    bitsandbytes (`is_loaded_in_4bit`); fastft's NF4 models do not set that flag (transformers and peft would then
+    reach for bitsandbytes). This runs peft's function and then does that part as peft does. Returns the model.
+    """
+    from peft import prepare_model_for_kbit_training as peft_prepare
+
+    kwargs = dict(gradient_checkpointing_kwargs or {})
+    if use_gradient_checkpointing and not hasattr(model, "gradient_checkpointing_enable"):
+        raise TypeError(f"prepare_model_for_kbit_training: {type(model).__name__} has no gradient_checkpointing_enable "
+                        "(not a transformers model); pass use_gradient_checkpointing=False")
+    peft_did_it = getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
+    model = peft_prepare(model, use_gradient_checkpointing=use_gradient_checkpointing,
+                         gradient_checkpointing_kwargs=kwargs)
+    if use_gradient_checkpointing and not peft_did_it:
+        if kwargs.get("use_reentrant", True):  # reentrant checkpointing needs inputs that require grad
+            model.enable_input_require_grads()
+        _enable_checkpointing(model, kwargs)
     return model
+
+
+def _enable_checkpointing(model: nn.Module, kwargs: dict) -> None:
+    enable = getattr(model, "activation_checkpointing_enable", None)  # transformers 5's name; the old one warns
+    if enable is not None:
+        enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -81,30 +182,51 @@ def _checkpoint_files(path: str) -> dict[str, list[str]]:
         return {single: list(f.keys())}
 
 
-def _assign(model: nn.Module, name: str, value: torch.Tensor) -> None:
-    """Put a loaded tensor in place of the (meta) parameter or buffer `name`."""
+def _assign(model: nn.Module, name: str, value: torch.Tensor) -> bool:
+    """Put a loaded tensor in place of the (meta) parameter or buffer `name`; False when the model has none."""
     owner_name, _, leaf = name.rpartition(".")
-    owner = model.get_submodule(owner_name) if owner_name else model
+    try:
+        owner = model.get_submodule(owner_name) if owner_name else model
+    except AttributeError:
+        return False
     if leaf in owner._parameters:
         old = owner._parameters[leaf]
         owner._parameters[leaf] = nn.Parameter(value, requires_grad=old.requires_grad if old is not None else False)
     elif leaf in owner._buffers:
         owner._buffers[leaf] = value
     else:
-        raise KeyError(f"load_nf4_model: the checkpoint has '{name}', which the model does not")
+        return False
+    return True
 
 
-def _nf4_targets(model: nn.Module, keys: set[str], skip) -> dict[str, bool]:
-    """Linear module name → True when its weight is bnb-NF4 in the checkpoint, False when dense (to quantize)."""
+def _check_quantization_config(config, path: str) -> bool:
+    """True for a bitsandbytes 4-bit checkpoint; refuses other quantized ones (their weights are not NF4)."""
+    qcfg = getattr(config, "quantization_config", None)
+    if qcfg is None:
+        return False
+    qcfg = qcfg if isinstance(qcfg, dict) else qcfg.to_dict()
+    if qcfg.get("quant_method") != "bitsandbytes" or not qcfg.get("load_in_4bit"):
+        raise ValueError(f"load_nf4_model: {path!r} is quantized as {qcfg.get('quant_method')!r} "
+                         f"(load_in_4bit={qcfg.get('load_in_4bit')}); only bitsandbytes 4-bit NF4 checkpoints and "
+                         "dense ones load. Load it with transformers, or start from the dense checkpoint")
+    return True
+
+
+def _nf4_targets(model: nn.Module, keys: set[str], skip, pre_quantized: bool) -> dict[str, bool]:
+    """Linear module name → True when its weight is bnb-NF4 in the checkpoint, False when dense (to quantize).
+
+    A pre-quantized checkpoint's layers stay as stored: a dense one there was kept dense on purpose
+    (llm_int8_skip_modules, _keep_in_fp32_modules), so only a dense checkpoint's layers are quantized (`skip` aside).
+    """
     targets = {}
     for name, m in model.named_modules():
-        if not isinstance(m, nn.Linear) or not name:
+        if not _quantizable(m) or not name:
             continue
         if f"{name}.weight.{QUANT_STATE_KEY}" in keys:
             targets[name] = True
         elif any(k.startswith(f"{name}.weight.quant_state.bitsandbytes__") for k in keys):
             raise ValueError(f"load_nf4_model: '{name}.weight' is stored 4-bit but not as NF4 (only nf4 is supported)")
-        elif not _skipped(name, skip) and f"{name}.weight" in keys:
+        elif not pre_quantized and not _skipped(name, skip) and f"{name}.weight" in keys:
             targets[name] = False
     return targets
 
@@ -119,21 +241,48 @@ def _weight_owner(key: str, targets) -> str | None:
     return None
 
 
+def _init_missing(model: nn.Module, missing: list[str], path: str, device) -> list[str]:
+    """Initialise, as transformers does, the modules the checkpoint holds nothing of (a new classification head);
+    a module it holds only part of is a broken checkpoint: KeyError naming the tensors. Returns the names set."""
+    owners: dict[str, list[str]] = defaultdict(list)
+    for name in missing:
+        owners[name.rpartition(".")[0]].append(name)
+    partial = [n for owner, names in owners.items() for n in names
+               if len(names) != len(list(model.get_submodule(owner).parameters(recurse=False)))
+               or isinstance(model.get_submodule(owner), NF4Linear)]
+    if partial:
+        raise KeyError(f"load_nf4_model: the checkpoint in {path!r} lacks {partial[:8]}"
+                       + (f" and {len(partial) - 8} more" if len(partial) > 8 else ""))
+    for owner in owners:
+        module = model.get_submodule(owner)
+        module.to_empty(device=device, recurse=False)
+        if hasattr(model, "_init_weights"):
+            model._init_weights(module)
+        else:
+            module.reset_parameters()
+    return missing
+
+
 def load_nf4_model(path: str, *, model_cls=None, dtype: torch.dtype = torch.bfloat16, blocksize: int = 64,
-                   double_quant: bool = True, skip=DEFAULT_SKIP, device="cpu") -> nn.Module:
+                   double_quant: bool = True, skip=(), use_default_skip: bool = True, device="cpu") -> nn.Module:
     """A transformers model from the checkpoint folder `path`, its linear layers as fastft NF4Linear.
 
-    bitsandbytes NF4 weights load as stored (their blocksize and double quantization kept); dense linear
-    weights outside `skip` are quantized (blocksize, double_quant) as they stream in. Other floating tensors are
-    cast to `dtype`. model_cls: a transformers model class (default AutoModelForCausalLM).
+    A transformers + bitsandbytes 4-bit checkpoint (or one save_nf4_model wrote) loads layer by layer as stored:
+    NF4 weights as NF4Linear (their blocksize and double quantization kept), dense ones dense (what it was saved
+    with llm_int8_skip_modules or _keep_in_fp32_modules stays so); `skip` cannot make a stored NF4 layer dense.
+    A dense checkpoint's linear weights are quantized (blocksize, double_quant) as they stream in, except
+    `default_skip(model)` (unless use_default_skip=False) and `skip` (names or dotted name parts). Other floating
+    tensors are cast to `dtype`. model_cls: a transformers model class (default AutoModelForCausalLM); as in
+    transformers, checkpoint tensors the class has no place for are dropped and modules the checkpoint lacks
+    entirely (a new head) are initialised, with a warning naming both.
     """
     from accelerate import init_empty_weights
-    from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM
 
     files = _checkpoint_files(path)  # first: a wrong path fails here, naming the file it looked for
     config = AutoConfig.from_pretrained(path)
-    if getattr(config, "quantization_config", None) is not None:
+    pre_quantized = _check_quantization_config(config, path)
+    if pre_quantized:
         del config.quantization_config  # the layers are fastft's; nothing for transformers to quantize
     model_cls = model_cls or AutoModelForCausalLM
     with init_empty_weights(include_buffers=False):  # parameters on meta: no memory until loaded
@@ -141,13 +290,41 @@ def load_nf4_model(path: str, *, model_cls=None, dtype: torch.dtype = torch.bflo
         build = getattr(model_cls, "from_config", None) or model_cls._from_config
         model = build(config, dtype=dtype)
     keys = {k for ks in files.values() for k in ks}
-    targets = _nf4_targets(model, keys, tuple(skip or ()))
-    for name, _ in targets.items():
+    skip = _skip_entries(skip)
+    _check_skip(model, skip, "load_nf4_model")
+    pre_quantized = pre_quantized or any(k.endswith(QUANT_STATE_KEY) for k in keys)
+    targets = _nf4_targets(model, keys, skip + (default_skip(model) if use_default_skip else ()), pre_quantized)
+    stored_nf4 = [n for n, nf4 in targets.items() if nf4 and _skipped(n, skip)]
+    if stored_nf4:
+        raise ValueError(f"load_nf4_model: skip names {stored_nf4[:4]}, stored NF4 in {path!r}: a pre-quantized "
+                         "layer loads as stored; drop it from skip (or load the dense checkpoint)")
+    conv1d = {name for name in targets if is_conv1d(model.get_submodule(name))}
+    for name in targets:
         linear = model.get_submodule(name)
-        layer = NF4Linear(linear.in_features, linear.out_features, bias=linear.bias is not None,
+        layer = NF4Linear(*linear_features(linear), bias=linear.bias is not None,
                           blocksize=blocksize, double_quant=double_quant, device="meta", dtype=dtype)
+        layer.from_conv1d = name in conv1d
         _set_submodule(model, name, layer)
 
+    unexpected = _stream_checkpoint(model, files, targets, conv1d, dtype, blocksize, double_quant, device)
+    if not isinstance(model.get_output_embeddings(), NF4Linear):
+        model.tie_weights()  # a quantized lm_head keeps its own NF4 weight (saved beside the embedding)
+    missing = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
+    missing += [f"{n}.weight" for n in targets if model.get_submodule(n).weight is None]
+    initialised = _init_missing(model, missing, path, device) if missing else []
+    if unexpected or initialised:
+        warnings.warn(f"load_nf4_model: {type(model).__name__} from {path!r}: checkpoint tensors it has no place "
+                      f"for (dropped): {sorted(unexpected)[:8]}; newly initialised (train them): {initialised[:8]}",
+                      stacklevel=2)
+    return _finish_nf4_model(model.to(device).eval())
+
+
+def _stream_checkpoint(model, files, targets, conv1d, dtype, blocksize, double_quant, device) -> list[str]:
+    """Read the checkpoint into `model` one tensor at a time (dense linear targets quantized as they come);
+    returns the keys the model has no place for."""
+    from safetensors import safe_open
+
+    unexpected = []
     bnb_parts: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)  # packed codes and scales: small
     for file, file_keys in files.items():
         with safe_open(file, framework="pt", device="cpu") as f:
@@ -160,23 +337,18 @@ def load_nf4_model(path: str, *, model_cls=None, dtype: torch.dtype = torch.bflo
                 if tensor.is_floating_point():
                     tensor = tensor.to(dtype)  # as transformers casts before bitsandbytes quantizes
                 if module_name in targets and key == f"{module_name}.weight":  # a dense linear weight
+                    if module_name in conv1d:
+                        tensor = tensor.t().contiguous()  # Conv1D stores (in, out); NF4 holds (out, in)
                     model.get_submodule(module_name).weight = quantize_nf4(
                         tensor, blocksize=blocksize, double_quant=double_quant, name=key).to(device)
                     del tensor  # this layer's dense copy is gone before the next one is read
                     continue
-                _assign(model, key, tensor.to(device))
+                if not _assign(model, key, tensor.to(device)):
+                    unexpected.append(key)
     for module_name, parts in bnb_parts.items():
         model.get_submodule(module_name).weight = NF4Weight.from_bnb_state_dict(parts, f"{module_name}.weight",
                                                                                 device=device)
-
-    if not isinstance(model.get_output_embeddings(), NF4Linear):
-        model.tie_weights()  # a quantized lm_head keeps its own NF4 weight (saved beside the embedding)
-    missing = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
-    missing += [n for n in targets if model.get_submodule(n).weight is None]
-    if missing:
-        raise KeyError(f"load_nf4_model: the checkpoint in {path!r} lacks {missing[:8]}"
-                       + (f" and {len(missing) - 8} more" if len(missing) > 8 else ""))
-    return model.to(device).eval()
+    return unexpected
 
 
 # ----------------------------------------------------------------------------------------------
@@ -188,7 +360,7 @@ def _quantization_config(model: nn.Module, dtype: torch.dtype) -> dict:
     if len(nested) > 1:
         raise ValueError("save_nf4_model: some NF4 layers use double quantization and some do not; bitsandbytes' "
                          "config has one bnb_4bit_use_double_quant flag")
-    dense = sorted(name for name, m in model.named_modules() if isinstance(m, nn.Linear))
+    dense = sorted(name for name, m in model.named_modules() if _quantizable(m))  # kept dense: bitsandbytes too
     return {"quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False,
             "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": next(iter(nested), False),
             "bnb_4bit_compute_dtype": str(dtype).removeprefix("torch."), "bnb_4bit_quant_storage": "uint8",
@@ -324,3 +496,18 @@ def ignore_nf4_in_ddp(model: nn.Module) -> nn.Module:
     names += list(getattr(model, "_ddp_params_and_buffers_to_ignore", ()))
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, sorted(set(names)))
     return model
+
+
+def compute_dtype(model: nn.Module) -> torch.dtype | None:
+    """The dtype a quantized model computes in: its input embeddings' (or first dense floating parameter's), read
+    now, so `model.to(dtype)` or peft's fp32 upcast counts. An NF4 weight's own dtype cannot tell: floating-point
+    casts leave it as it was quantized, and a layer computes in its input's dtype."""
+    get_embeddings = getattr(model, "get_input_embeddings", None)
+    try:
+        embeddings = get_embeddings() if get_embeddings is not None else None
+    except (NotImplementedError, AttributeError):  # transformers raises for models without embeddings
+        embeddings = None
+    weight = getattr(embeddings, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.is_floating_point() and local_nf4(weight) is None:
+        return weight.dtype
+    return next((p.dtype for p in model.parameters() if p.is_floating_point() and local_nf4(p) is None), None)

@@ -483,14 +483,19 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
 def merge_and_unload(model: PeftModel, *, requantize: bool = False, dtype=None, safe_merge: bool = False):
     """Merge the active adapters into the base weights and return the plain model (peft's merge_and_unload).
 
-    QLoRA layers are dequantized first and come back as dense nn.Linear (in `dtype`, default the weight's
-    original dtype): W + ΔW exactly, no second rounding. With requantize=True they stay NF4Linear: W + ΔW is
-    quantized again, which keeps the 4-bit footprint at the cost of one more NF4 rounding (README: "QLoRA").
+    QLoRA layers are dequantized first and come back as dense nn.Linear (in `dtype`, default the dtype the model
+    computes in: its embeddings', so the merged model runs after `model.to(dtype)`, peft's fp32 upcast or an fp16
+    checkpoint loaded as bf16): W + ΔW exactly, no second rounding. With requantize=True they stay NF4Linear:
+    W + ΔW is quantized again, which keeps the 4-bit footprint at the cost of one more NF4 rounding (README: "QLoRA").
     """
+    from fastft.integration.nf4_model import compute_dtype
+
     if not isinstance(model, PeftModel):
         raise TypeError(f"merge_and_unload expects a PeftModel, got {type(model).__name__}")
     if not requantize:
-        for module in [m for m in model.modules() if isinstance(m, FusedQLoraLinear)]:
+        layers = [m for m in model.modules() if isinstance(m, FusedQLoraLinear)]
+        dtype = dtype or (compute_dtype(model) if layers else None)
+        for module in layers:
             module.to_dense(dtype)
     return model.merge_and_unload(safe_merge=safe_merge)
 

@@ -9,8 +9,12 @@ sharded state dict). Loads copy into the current weight in place, as torch loads
 another blocksize or double quantization replaces it instead; `assign=True` always does); an FSDP2-sharded layer
 copies its rank's rows of a whole weight (bitsandbytes' keys, dense or an NF4Weight) into its shard.
 A LoRA wrapper calls `fastft.ops.qlora_linear(x, layer.weight, layer.bias, A, B, scaling, dropout_p)`.
+transformers' Conv1D (GPT-2: y = x·W + b, W stored (in, out)) becomes an NF4Linear holding Wᵀ, as bitsandbytes
+converts it; `to_linear` gives a Conv1D back, so a merged GPT-2 saves in its own layout.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 from torch import nn
@@ -35,6 +39,7 @@ class NF4Linear(nn.Module):
         self.out_features = out_features
         self.blocksize = check_blocksize(blocksize, "NF4Linear")
         self.double_quant = double_quant
+        self.from_conv1d = False  # True: stands for a transformers Conv1D (to_linear gives one back)
         self.register_parameter("weight", None)
         if weight is not None:
             self.weight = weight
@@ -44,14 +49,17 @@ class NF4Linear(nn.Module):
             self.register_parameter("bias", None)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, blocksize: int = 64, double_quant: bool = True, *,
+    def from_linear(cls, linear: nn.Module, blocksize: int = 64, double_quant: bool = True, *,
                     name: str | None = None) -> NF4Linear:
-        """Quantize an nn.Linear (its bias is kept as is, same tensor). name: the layer's, for errors."""
-        weight = quantize_nf4(linear.weight.detach(), blocksize=blocksize, double_quant=double_quant,
-                              name=f"{name}.weight" if name else None)
-        layer = cls(linear.in_features, linear.out_features, bias=False, weight=weight, blocksize=blocksize,
+        """Quantize an nn.Linear or a transformers Conv1D (its bias is kept as is, same tensor). name: the
+        layer's, for errors."""
+        in_features, out_features = linear_features(linear)
+        weight = quantize_nf4(dense_weight(linear, linear.weight.detach()), blocksize=blocksize,
+                              double_quant=double_quant, name=f"{name}.weight" if name else None)
+        layer = cls(in_features, out_features, bias=False, weight=weight, blocksize=blocksize,
                     double_quant=double_quant)
         layer.bias = linear.bias
+        layer.from_conv1d = is_conv1d(linear)
         return layer
 
     def __setattr__(self, name, value):
@@ -89,11 +97,19 @@ class NF4Linear(nn.Module):
     def dequantize_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         return self.weight.dequantize(dtype)
 
-    def to_linear(self, dtype: torch.dtype | None = None) -> nn.Linear:
-        """A dense nn.Linear with the dequantized weight (e.g. to merge an adapter into)."""
+    def to_linear(self, dtype: torch.dtype | None = None) -> nn.Module:
+        """A dense nn.Linear with the dequantized weight (e.g. to merge an adapter into); a transformers Conv1D
+        (weight (in, out)) when the layer was one. dtype None: the weight's own dtype."""
         w = self.weight.dequantize(dtype)
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=w.device,
-                           dtype=w.dtype)
+        if self.from_conv1d:
+            from transformers.pytorch_utils import Conv1D
+
+            linear, w = Conv1D(self.out_features, self.in_features).to(device=w.device, dtype=w.dtype), w.t()
+            if self.bias is None:  # Conv1D always adds one
+                nn.init.zeros_(linear.bias)
+        else:
+            linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=w.device,
+                               dtype=w.dtype)
         with torch.no_grad():
             linear.weight.copy_(w)
             if self.bias is not None:
@@ -183,6 +199,34 @@ class NF4Linear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"weight={self.weight!r}")
+
+
+@functools.lru_cache(maxsize=1)
+def _conv1d_class():
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # transformers is optional for the layer itself
+        return None
+    return Conv1D
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' Conv1D (GPT-2's linears: y = x·W + b with W stored (in, out))."""
+    conv1d = _conv1d_class()
+    return conv1d is not None and isinstance(module, conv1d)
+
+
+def linear_features(module: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of an nn.Linear or a Conv1D (works on meta modules)."""
+    if is_conv1d(module):
+        return tuple(module.weight.shape)
+    return module.in_features, module.out_features
+
+
+def dense_weight(module: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+    """`weight` (the module's, or its checkpoint tensor) as (out, in): a Conv1D's is transposed, as bitsandbytes
+    stores it."""
+    return weight.t().contiguous() if is_conv1d(module) else weight
 
 
 def _copy_rows_into_shard(shard, full: NF4Weight) -> None:

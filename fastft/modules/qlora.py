@@ -53,9 +53,13 @@ class FusedQLoraLinear(FusedLoraBase):
         self.merged_adapters = []
 
     def to_dense(self, dtype: torch.dtype | None = None):
-        """This layer with its base dequantized into an nn.Linear: plain LoRA, same adapters."""
+        """This layer with its base dequantized into an nn.Linear in `dtype` (None: the NF4 weight's; merge_and_unload
+        passes the model's): plain LoRA, same adapters. A Conv1D base (GPT-2) comes back as a Conv1D and peft merges
+        into it transposed (fan_in_fan_out)."""
         from fastft.modules.lora import FusedLoraLinear
 
-        self.base_layer = self.get_base_layer().to_linear(dtype)
+        base = self.get_base_layer()
+        self.base_layer = base.to_linear(dtype)
+        self.fan_in_fan_out = base.from_conv1d  # peft's rule for a Conv1D base: ΔW is added transposed
         self.__class__ = FusedLoraLinear
         return self

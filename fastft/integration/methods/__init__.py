@@ -61,7 +61,7 @@ def _apply_qlora(model, options, implementation):
                                   "with transformers' BitsAndBytesConfig, then apply method 'lora' with peft")
     import fastft
 
-    fastft.quantize_model(model, options.quant_type, skip=["lm_head"])
+    fastft.quantize_model(model, options.quant_type)  # lm_head and heads stay dense (default_skip)
     return _apply_lora(model, options, implementation)
 
 

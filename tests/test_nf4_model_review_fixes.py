@@ -1,0 +1,194 @@
+"""NF4 models, from a review: pre-quantized layers load as stored, default skips follow transformers, dense merges
+in the model's dtype, peft's kbit preparation, memory footprint, GPT-2 Conv1D, a new head, skip typos."""
+import copy
+import json
+import warnings
+
+import pytest
+import torch
+from peft import LoraConfig
+from torch import nn
+
+import fastft
+from fastft.modules.nf4_linear import NF4Linear
+from tests.utils import randomize_lora_B, rel_err, tiny_llama
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("bitsandbytes")
+
+IDS = torch.randint(0, 128, (1, 7), generator=torch.Generator().manual_seed(2))
+
+
+def _bnb(**kw):
+    return transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                           bnb_4bit_compute_dtype=torch.bfloat16, **kw)
+
+
+def _logits(model, **kw):
+    with torch.no_grad():
+        return model(IDS, **kw).logits
+
+
+def _saved_skip(path):
+    return json.loads((path / "config.json").read_text())["quantization_config"]["llm_int8_skip_modules"]
+
+
+def test_a_prequantized_checkpoints_dense_layers_stay_dense(tmp_path):
+    """fastft's own skip and bitsandbytes' llm_int8_skip_modules both survive save → load → save."""
+    model = fastft.quantize_model(tiny_llama().to(torch.bfloat16), skip=["mlp.down_proj"])
+    fastft.save_nf4_model(model, tmp_path / "own")
+    loaded = fastft.load_nf4_model(str(tmp_path / "own")).to(torch.bfloat16)  # rotary buffers as the original's
+    assert type(loaded.model.layers[0].mlp.down_proj) is nn.Linear
+    assert torch.equal(_logits(loaded), _logits(model))
+    fastft.save_nf4_model(loaded, tmp_path / "again")
+    assert "model.layers.1.mlp.down_proj" in _saved_skip(tmp_path / "again")
+    with pytest.raises(ValueError, match="q_proj.*stored NF4"):
+        fastft.load_nf4_model(str(tmp_path / "own"), skip=["q_proj"])
+
+    tiny_llama().save_pretrained(tmp_path / "dense")
+    bnb = transformers.LlamaForCausalLM.from_pretrained(
+        tmp_path / "dense", quantization_config=_bnb(llm_int8_skip_modules=["lm_head", "down_proj"]),
+        device_map="cpu", dtype=torch.bfloat16)
+    bnb.save_pretrained(tmp_path / "bnb")
+    loaded = fastft.load_nf4_model(str(tmp_path / "bnb"))
+    down = loaded.model.layers[0].mlp.down_proj
+    assert type(down) is nn.Linear
+    assert torch.equal(down.weight, bnb.model.layers[0].mlp.down_proj.weight)
+    assert isinstance(loaded.model.layers[0].mlp.up_proj, NF4Linear)
+
+
+def test_default_skip_is_what_transformers_keeps_dense(tmp_path):
+    config = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2, num_labels=3, pad_token_id=0)
+    seqcls = fastft.quantize_model(transformers.LlamaForSequenceClassification(config), skip=["o_proj"])
+    assert type(seqcls.score) is nn.Linear  # transformers' last module; the explicit skip adds to it
+    assert type(seqcls.model.layers[0].self_attn.o_proj) is nn.Linear
+    peft_model = fastft.get_peft_model(seqcls, LoraConfig(r=4, target_modules=["q_proj"], task_type="SEQ_CLS"))
+    assert any("score.modules_to_save" in n for n, p in peft_model.named_parameters() if p.requires_grad)
+
+    torch.manual_seed(0)
+    t5 = transformers.T5ForConditionalGeneration(transformers.T5Config(
+        vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4, decoder_start_token_id=0))
+    fastft.quantize_model(t5.to(torch.bfloat16))
+    assert type(t5.encoder.block[0].layer[1].DenseReluDense.wo) is nn.Linear  # _keep_in_fp32_modules
+    assert isinstance(t5.encoder.block[0].layer[0].SelfAttention.q, NF4Linear)
+    fastft.save_nf4_model(t5, tmp_path)
+    transformers.T5ForConditionalGeneration.from_pretrained(tmp_path, device_map="cpu")  # shapes match
+
+
+def test_skip_entries_that_match_nothing_are_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"'lmhead'.*did you mean \['lm_head'\]"):
+        fastft.quantize_model(tiny_llama(), skip=["lmhead"])
+    tiny_llama().save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"'down_prj'.*down_proj"):
+        fastft.load_nf4_model(str(tmp_path), skip=["down_prj"])
+    fastft.quantize_model(nn.Sequential(nn.Linear(8, 8)), skip=["lm_head"])  # the default entry is fine anywhere
+
+
+def _merged_logits(model):
+    peft_model = fastft.get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "down_proj"]))
+    randomize_lora_B(peft_model)
+    before = _logits(peft_model)
+    merged = fastft.merge_and_unload(peft_model)
+    return _logits(merged), before, merged
+
+
+def test_a_dense_merge_takes_the_models_dtype(tmp_path):
+    cast = fastft.quantize_model(tiny_llama()).to(torch.bfloat16)  # NF4 weights stay fp32
+    after, before, merged = _merged_logits(cast)
+    assert merged.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16 and rel_err(after, before) < 3e-2
+
+    upcast = fastft.prepare_model_for_kbit_training(fastft.quantize_model(tiny_llama().to(torch.bfloat16)),
+                                                    use_gradient_checkpointing=False)  # the rest now fp32
+    after, before, merged = _merged_logits(upcast)
+    assert merged.model.layers[0].mlp.down_proj.weight.dtype == torch.float32 and rel_err(after, before) < 1e-5
+
+    fastft.save_nf4_model(fastft.quantize_model(tiny_llama().to(torch.float16)), tmp_path)
+    loaded = fastft.load_nf4_model(str(tmp_path), dtype=torch.bfloat16)  # NF4 weights stay fp16
+    after, before, _ = _merged_logits(loaded)
+    assert after.dtype == torch.bfloat16 and rel_err(after, before) < 3e-2
+
+
+def _lora_grads(model):
+    torch.manual_seed(0)  # the same lora_A on both models
+    peft_model = fastft.get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    randomize_lora_B(peft_model)
+    peft_model.train()
+    peft_model(IDS, labels=IDS).loss.backward()
+    return {n: p.grad for n, p in peft_model.named_parameters() if p.requires_grad}
+
+
+def test_prepare_model_for_kbit_training_checkpoints_an_nf4_model():
+    prepared = fastft.prepare_model_for_kbit_training(fastft.quantize_model(tiny_llama().to(torch.bfloat16)))
+    assert prepared.is_gradient_checkpointing and prepared.model.norm.weight.dtype == torch.float32
+    plain = fastft.prepare_model_for_kbit_training(fastft.quantize_model(tiny_llama().to(torch.bfloat16)),
+                                                   use_gradient_checkpointing=False)
+    assert not plain.is_gradient_checkpointing
+    ours, want = _lora_grads(prepared), _lora_grads(plain)
+    assert ours.keys() == want.keys() and all(torch.allclose(ours[k], want[k], atol=1e-6) for k in want)
+    with pytest.raises(TypeError, match="use_gradient_checkpointing=False"):
+        fastft.prepare_model_for_kbit_training(nn.Sequential(nn.Linear(8, 8)))
+
+
+def test_memory_footprint_counts_nf4_bytes():
+    dense = tiny_llama().to(torch.bfloat16)
+    quantized = fastft.quantize_model(copy.deepcopy(dense))
+    nf4 = [p for p in quantized.parameters() if isinstance(p, fastft.quant.NF4Weight)]
+    rest = sum(p.nelement() * p.element_size() for p in quantized.parameters() if not isinstance(
+        p, fastft.quant.NF4Weight))
+    buffers = sum(b.nelement() * b.element_size() for b in quantized.buffers())
+    assert quantized.get_memory_footprint() == rest + buffers + sum(p.nbytes for p in nf4)
+    assert quantized.get_memory_footprint() < dense.get_memory_footprint()
+
+
+def _tiny_gpt2():
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=128, n_embd=64, n_layer=1, n_head=4, n_positions=32,
+                                     bos_token_id=0, eos_token_id=0)
+    return transformers.GPT2LMHeadModel(config).eval()
+
+
+def test_gpt2_conv1d_quantizes_loads_and_merges_as_bitsandbytes_does(tmp_path):
+    dense = _tiny_gpt2()
+    quantized = fastft.quantize_model(copy.deepcopy(dense))
+    layers = {n: m for n, m in quantized.named_modules() if isinstance(m, NF4Linear)}
+    assert len(layers) == 4 and not any(type(m).__name__ == "Conv1D" for m in quantized.modules())
+    twin = copy.deepcopy(dense)  # the dense model with the 4-bit weights: same function
+    with torch.no_grad():
+        for name, layer in layers.items():
+            twin.get_submodule(name).weight.copy_(layer.weight.dequantize().t())
+    assert torch.allclose(_logits(quantized), _logits(twin), atol=1e-4)
+
+    dense.save_pretrained(tmp_path / "dense")
+    bnb = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "dense", quantization_config=_bnb(),
+                                                       device_map="cpu", dtype=torch.float32)
+    bnb.save_pretrained(tmp_path / "bnb")
+    from_bnb = fastft.load_nf4_model(str(tmp_path / "bnb"), dtype=torch.float32)
+    from_dense = fastft.load_nf4_model(str(tmp_path / "dense"), dtype=torch.float32)
+    for name, layer in layers.items():
+        assert torch.equal(from_bnb.get_submodule(name).weight.packed, layer.weight.packed), name
+        assert torch.equal(from_dense.get_submodule(name).weight.packed, layer.weight.packed), name
+
+    after, before, merged = _merged_logits_gpt2(quantized)
+    assert type(merged.transformer.h[0].attn.c_attn).__name__ == "Conv1D" and rel_err(after, before) < 1e-5
+    merged.save_pretrained(tmp_path / "merged")  # GPT-2's own layout: transformers loads it
+    assert torch.allclose(_logits(transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "merged")), after)
+
+
+def _merged_logits_gpt2(model):
+    peft_model = fastft.get_peft_model(model, LoraConfig(r=4, target_modules=["c_attn", "c_proj", "c_fc"]))
+    randomize_lora_B(peft_model)
+    before = _logits(peft_model)
+    merged = fastft.merge_and_unload(peft_model)
+    return _logits(merged), before, merged
+
+
+def test_a_new_head_over_a_causal_lm_checkpoint_is_initialised_with_a_warning(tmp_path):
+    tiny_llama(num_hidden_layers=1).save_pretrained(tmp_path)
+    with pytest.warns(UserWarning, match=r"lm_head\.weight.*score\.weight"):
+        model = fastft.load_nf4_model(str(tmp_path), model_cls=transformers.LlamaForSequenceClassification)
+    assert torch.isfinite(model.score.weight).all() and 0.005 < model.score.weight.std() < 0.05  # std 0.02
+    assert model(IDS).logits.shape == (1, 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a matching checkpoint loads without a warning
+        fastft.load_nf4_model(str(tmp_path))
