@@ -192,3 +192,63 @@ def test_a_new_head_over_a_causal_lm_checkpoint_is_initialised_with_a_warning(tm
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a matching checkpoint loads without a warning
         fastft.load_nf4_model(str(tmp_path))
+
+
+# ----------------------------------------------------------------------------------------------
+# found by a second review of the fixes above
+
+def test_a_base_models_checkpoint_loads_by_prefix_and_a_foreign_one_is_refused(tmp_path):
+    """transformers' base_model_prefix rule: a LlamaModel checkpoint ("layers.0...") loads into LlamaForCausalLM
+    (it was loaded as nothing: every tensor dropped, every module random, none quantized); a checkpoint lacking the
+    body's weights is refused rather than initialised at random."""
+    full = tiny_llama(num_hidden_layers=1)
+    full.model.save_pretrained(tmp_path / "base")
+    loaded = fastft.load_nf4_model(str(tmp_path / "base"), dtype=torch.float32)
+    assert sum(isinstance(m, NF4Linear) for m in loaded.modules()) == 7
+    assert torch.equal(loaded.model.embed_tokens.weight, full.model.embed_tokens.weight)
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=128, n_embd=64, n_layer=1, n_head=4,
+                                                         n_positions=32)).save_pretrained(tmp_path / "gpt2")
+    (tmp_path / "gpt2" / "config.json").write_text((tmp_path / "base" / "config.json").read_text())
+    with pytest.raises(KeyError, match="lacks .*model.layers.0.* a checkpoint of LlamaForCausalLM's architecture"):
+        fastft.load_nf4_model(str(tmp_path / "gpt2"))
+
+
+def test_an_nf4_model_pickles_and_merges_without_embeddings():
+    import io
+
+    model = fastft.quantize_model(tiny_llama())
+    buffer = io.BytesIO()
+    torch.save(model, buffer)  # the footprint override is picklable (a bound method was not)
+    buffer.seek(0)
+    assert torch.load(buffer, weights_only=False).get_memory_footprint() == model.get_memory_footprint()
+
+    layers = nn.Sequential(nn.Linear(64, 64, bias=False), nn.Linear(64, 64, bias=False)).to(torch.bfloat16)
+    plain = fastft.quantize_model(layers, use_default_skip=False)
+    peft_model = fastft.get_peft_model(plain, LoraConfig(r=4, target_modules=["0", "1"]))  # fp32 adapters
+    merged = fastft.merge_and_unload(peft_model)  # no embeddings, no frozen dense parameter: the NF4 weights' dtype
+    x = torch.randn(2, 64).to(torch.bfloat16)
+    assert merged[0].weight.dtype == torch.bfloat16 and merged(x).dtype == torch.bfloat16  # not the adapters' fp32
+
+
+def test_a_gpt2_adapter_trained_on_the_dense_model_loads_onto_its_nf4_twin(tmp_path):
+    """peft writes fan_in_fan_out=True for GPT-2's Conv1D; an NF4Linear holds the weight (out, in), so the adapter
+    fits as it is (it was refused): the same outputs as peft on the dense model with the 4-bit values."""
+    import peft
+
+    dense = _tiny_gpt2()
+    quantized = fastft.quantize_model(copy.deepcopy(dense))
+    twin = copy.deepcopy(dense)
+    with torch.no_grad():
+        for name, layer in quantized.named_modules():
+            if isinstance(layer, NF4Linear):
+                twin.get_submodule(name).weight.copy_(layer.weight.dequantize().t())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trained = peft.get_peft_model(copy.deepcopy(dense), LoraConfig(r=4, target_modules=["c_attn", "c_fc"],
+                                                                       init_lora_weights=False))
+    assert trained.peft_config["default"].fan_in_fan_out
+    trained.save_pretrained(tmp_path)
+    loaded = fastft.load_adapter(quantized, tmp_path)
+    want = _logits(peft.PeftModel.from_pretrained(twin, tmp_path))
+    assert torch.allclose(_logits(loaded), want, atol=1e-5)
+    assert torch.allclose(_logits(fastft.merge_and_unload(loaded)), want, atol=1e-4)

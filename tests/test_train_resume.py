@@ -174,12 +174,13 @@ def test_resume_refuses_changed_settings_and_a_new_run_refuses_old_checkpoints(t
 
 def test_resume_refuses_changed_data_a_moved_split_and_fewer_steps(tiny, tmp_path, capsys):
     """The same --data path with other contents, an --eval-examples that moves the held-out split of --data, and
-    --steps below the checkpoint's step (where --steps may change) are refused before any model loads."""
+    --steps below the checkpoint's step (where --steps may change) are refused before any model loads; an
+    --eval-examples that leaves the split as it was resumes."""
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps({"text": f"record {i}"}) + "\n" for i in range(40)))
     out = tmp_path / "run"
     argv = ["train", "--model", str(tiny), "--data", str(data), "--steps", "2", "--batch-size", "2",
-            "--eval-examples", "2", "--max-length", "16", "--save-every", "2", "--schedule", "constant",
+            "--eval-examples", "4", "--max-length", "16", "--save-every", "2", "--schedule", "constant",
             "--warmup-ratio", "0", "--output-dir", str(out)]
     assert main(argv) == 0
 
@@ -190,9 +191,12 @@ def test_resume_refuses_changed_data_a_moved_split_and_fewer_steps(tiny, tmp_pat
         return capsys.readouterr().err.strip().splitlines()[-1]
 
     assert "is at step 2, past --steps 1" in error("--steps", "1")
-    assert "--eval-examples 2 -> 4" in error("--eval-examples", "4")
-    data.write_text(data.read_text().replace("record 1", "record 9"))
+    assert "trained on 36 records, this run has 38" in error("--eval-examples", "2")  # the split moved
+    original = data.read_text()
+    data.write_text(original.replace("record 1", "record 9"))
     assert "--data changed since" in error()
+    data.write_text(original)
+    assert main([*argv, "--resume", "--eval-examples", "9"]) == 0  # 10% of 40 caps both at 4: the same split
 
 
 @pytest.mark.parametrize("final_step", [2, 4])

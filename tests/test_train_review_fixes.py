@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from fastft.apps.training import data, loop  # modules: each test names what it needs (and fails alone without it)
-from fastft.apps.training.config import ConfigError, TrainConfig, to_yaml_dict
+from fastft.apps.training.config import ConfigError, TrainConfig
 from fastft.apps.training.data import BatchPlan, Example, Pair, load_records
 
 
@@ -112,19 +112,6 @@ def test_fp16_clips_unscaled_gradients_and_a_skipped_step_keeps_the_schedule(acc
 
 
 # ------------------------------------------------------------------------------------------- resume checks
-
-def test_eval_examples_may_change_on_resume_only_when_it_leaves_the_split(tmp_path):
-    """With --data and no --eval-data, the last min(--eval-examples, 10%) records are held out: another
-    --eval-examples trains on other records (and may train on evaluated ones)."""
-    path, held_out = str(_jsonl(tmp_path / "d.jsonl", 40)), str(_jsonl(tmp_path / "e.jsonl", 5))
-    checkpoint = tmp_path / "step-00000002"
-    for old in (TrainConfig(), TrainConfig(data=path, eval_data=held_out)):
-        new = TrainConfig(**{**vars(old), "eval_examples": 3})
-        loop.check_resumed_settings(new, to_yaml_dict(old), checkpoint)  # the split does not depend on it
-    old = TrainConfig(data=path, eval_examples=2)
-    with pytest.raises(ConfigError, match=r"--eval-examples 2 -> 3.*the held-out split"):
-        loop.check_resumed_settings(TrainConfig(data=path, eval_examples=3), to_yaml_dict(old), checkpoint)
-
 
 def test_the_batch_plan_refuses_other_training_records(tmp_path):
     """The plan records how many training records there were and their digest; an older checkpoint's plan

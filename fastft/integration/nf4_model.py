@@ -17,9 +17,9 @@
 from __future__ import annotations
 
 import difflib
+import functools
 import json
 import os
-import types
 import warnings
 from collections import defaultdict
 
@@ -97,8 +97,8 @@ def _nf4_memory_footprint(self, return_buffers: bool = True) -> int:
 
 def _finish_nf4_model(model: nn.Module) -> nn.Module:
     """What every NF4 model gets: a transformers model reports its real memory footprint."""
-    if hasattr(model, "get_memory_footprint"):
-        model.get_memory_footprint = types.MethodType(_nf4_memory_footprint, model)
+    if hasattr(model, "get_memory_footprint"):  # a partial, not a bound method: torch.save(model) pickles it
+        model.get_memory_footprint = functools.partial(_nf4_memory_footprint, model)
     return model
 
 
@@ -241,18 +241,20 @@ def _weight_owner(key: str, targets) -> str | None:
     return None
 
 
-def _init_missing(model: nn.Module, missing: list[str], path: str, device) -> list[str]:
-    """Initialise, as transformers does, the modules the checkpoint holds nothing of (a new classification head);
-    a module it holds only part of is a broken checkpoint: KeyError naming the tensors. Returns the names set."""
+def _init_missing(model: nn.Module, missing: list[str], path: str, device, heads) -> list[str]:
+    """Initialise, as transformers does, the head modules (`heads`: default_skip's names) the checkpoint holds
+    nothing of (a new classification head). Anything else missing — part of a module, or a module of the body,
+    which would train from random weights, dense — is a checkpoint of another model: KeyError naming the tensors."""
     owners: dict[str, list[str]] = defaultdict(list)
     for name in missing:
         owners[name.rpartition(".")[0]].append(name)
     partial = [n for owner, names in owners.items() for n in names
                if len(names) != len(list(model.get_submodule(owner).parameters(recurse=False)))
-               or isinstance(model.get_submodule(owner), NF4Linear)]
+               or isinstance(model.get_submodule(owner), NF4Linear) or not _skipped(owner, heads)]
     if partial:
         raise KeyError(f"load_nf4_model: the checkpoint in {path!r} lacks {partial[:8]}"
-                       + (f" and {len(partial) - 8} more" if len(partial) > 8 else ""))
+                       + (f" and {len(partial) - 8} more" if len(partial) > 8 else "")
+                       + f" (is it a checkpoint of {type(model).__name__}'s architecture?)")
     for owner in owners:
         module = model.get_submodule(owner)
         module.to_empty(device=device, recurse=False)
@@ -289,6 +291,8 @@ def load_nf4_model(path: str, *, model_cls=None, dtype: torch.dtype = torch.bflo
         # Auto classes build with from_config, a concrete class (LlamaForCausalLM, a subclass) with _from_config
         build = getattr(model_cls, "from_config", None) or model_cls._from_config
         model = build(config, dtype=dtype)
+    rename = _prefix_renamer(model, {k for ks in files.values() for k in ks})
+    files = {file: [rename(k) for k in ks] for file, ks in files.items()}  # the model's names from here on
     keys = {k for ks in files.values() for k in ks}
     skip = _skip_entries(skip)
     _check_skip(model, skip, "load_nf4_model")
@@ -306,12 +310,12 @@ def load_nf4_model(path: str, *, model_cls=None, dtype: torch.dtype = torch.bflo
         layer.from_conv1d = name in conv1d
         _set_submodule(model, name, layer)
 
-    unexpected = _stream_checkpoint(model, files, targets, conv1d, dtype, blocksize, double_quant, device)
+    unexpected = _stream_checkpoint(model, files, targets, conv1d, dtype, blocksize, double_quant, device, rename)
     if not isinstance(model.get_output_embeddings(), NF4Linear):
         model.tie_weights()  # a quantized lm_head keeps its own NF4 weight (saved beside the embedding)
     missing = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
     missing += [f"{n}.weight" for n in targets if model.get_submodule(n).weight is None]
-    initialised = _init_missing(model, missing, path, device) if missing else []
+    initialised = _init_missing(model, missing, path, device, default_skip(model)) if missing else []
     if unexpected or initialised:
         warnings.warn(f"load_nf4_model: {type(model).__name__} from {path!r}: checkpoint tensors it has no place "
                       f"for (dropped): {sorted(unexpected)[:8]}; newly initialised (train them): {initialised[:8]}",
@@ -319,21 +323,38 @@ def load_nf4_model(path: str, *, model_cls=None, dtype: torch.dtype = torch.bflo
     return _finish_nf4_model(model.to(device).eval())
 
 
-def _stream_checkpoint(model, files, targets, conv1d, dtype, blocksize, double_quant, device) -> list[str]:
+def _prefix_renamer(model: nn.Module, keys: set[str]):
+    """transformers' base_model_prefix rule: a base model's checkpoint ("layers.0...") loads into a model with a head
+    (whose names start "model."), and a full model's into its base model; other keys keep their names."""
+    prefix = getattr(model, "base_model_prefix", "")
+    if not prefix:
+        return lambda key: key
+    stored = any(k.startswith(prefix + ".") for k in keys)
+    expected = isinstance(getattr(model, prefix, None), nn.Module)
+    if expected and not stored:
+        return lambda key: f"{prefix}.{key}"
+    if stored and not expected:
+        return lambda key: key[len(prefix) + 1:] if key.startswith(prefix + ".") else key
+    return lambda key: key
+
+
+def _stream_checkpoint(model, files, targets, conv1d, dtype, blocksize, double_quant, device, rename) -> list[str]:
     """Read the checkpoint into `model` one tensor at a time (dense linear targets quantized as they come);
-    returns the keys the model has no place for."""
+    `files` name the tensors as the model does, `rename` maps the stored names to them. Returns the names the
+    model has no place for."""
     from safetensors import safe_open
 
     unexpected = []
     bnb_parts: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)  # packed codes and scales: small
     for file, file_keys in files.items():
         with safe_open(file, framework="pt", device="cpu") as f:
+            stored_name = {rename(k): k for k in f.keys()}
             for key in file_keys:
                 module_name = _weight_owner(key, targets)
                 if targets.get(module_name):
-                    bnb_parts[module_name][key] = f.get_tensor(key)
+                    bnb_parts[module_name][key] = f.get_tensor(stored_name[key])
                     continue
-                tensor = f.get_tensor(key)
+                tensor = f.get_tensor(stored_name[key])
                 if tensor.is_floating_point():
                     tensor = tensor.to(dtype)  # as transformers casts before bitsandbytes quantizes
                 if module_name in targets and key == f"{module_name}.weight":  # a dense linear weight
@@ -510,4 +531,6 @@ def compute_dtype(model: nn.Module) -> torch.dtype | None:
     weight = getattr(embeddings, "weight", None)
     if isinstance(weight, torch.Tensor) and weight.is_floating_point() and local_nf4(weight) is None:
         return weight.dtype
-    return next((p.dtype for p in model.parameters() if p.is_floating_point() and local_nf4(p) is None), None)
+    # else a frozen dense base parameter's (a norm's): not an adapter's, which peft keeps in fp32
+    return next((p.dtype for n, p in model.named_parameters() if p.is_floating_point() and local_nf4(p) is None
+                 and not p.requires_grad and "lora_" not in n), None)

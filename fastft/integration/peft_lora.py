@@ -110,6 +110,9 @@ def with_quantized_targets(config: LoraConfig, model: nn.Module) -> LoraConfig:
         return register_quantized(config, model)
     if any(isinstance(m, NF4Linear) for m in model.modules()):
         config._register_custom_module({NF4Linear: FusedQLoraLinear})
+        # an NF4Linear holds a Conv1D's weight transposed, (out, in) as every NF4 weight: peft's fan_in_fan_out
+        # (set for GPT-2 adapters trained on the dense model) describes the Conv1D, not this layer
+        config.fan_in_fan_out = False
     return config
 
 
@@ -151,7 +154,7 @@ def check_fan_in_fan_out(config, targeted, field: str = "LoraConfig.fan_in_fan_o
     Conv1D among its targets is a mistake, refused naming the field."""
     if not getattr(config, "fan_in_fan_out", False) or targeted is None:
         return
-    if not any(isinstance(module, Conv1D) for _, module in targeted):
+    if not any(isinstance(module, Conv1D) or getattr(module, "from_conv1d", False) for _, module in targeted):
         kinds = sorted({type(module).__name__ for _, module in targeted})
         raise ValueError(f"{field}=True{context} is not supported for these layers: none of the layers it targets "
                          f"is a transformers Conv1D (GPT-2 style, weight stored (in, out)), the only kind it "
@@ -440,7 +443,8 @@ def check_loadable(config: LoraConfig, base: nn.Module, path: Path, into_peft_mo
                          "which makes peft copy the model's layers: the adapters this PeftModel holds would then run "
                          "on the copies too. Load it onto the plain base model instead")
     if any(isinstance(m, NF4Linear) for m in base.modules()):
-        for field in (*_UNSUPPORTED_FIELDS, "fan_in_fan_out"):
+        conv1d = any(getattr(m, "from_conv1d", False) for m in base.modules())  # GPT-2: fan_in_fan_out fits
+        for field in (*_UNSUPPORTED_FIELDS, *(() if conv1d else ("fan_in_fan_out",))):
             value = getattr(config, field, None)
             if field != "use_dora" and value not in (None, False):
                 raise ValueError(f"load_adapter: {path} has LoraConfig.{field}={value!r}, which fastft's QLoRA "

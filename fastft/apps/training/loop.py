@@ -98,17 +98,15 @@ def lr_factor(cfg: TrainConfig):
 
 
 # Settings a resumed run may change: they decide what is evaluated and saved, or how the same steps are computed
-# (compiled or not), not what is trained. --steps too when no learning rate depends on it (constant, no warm-up);
-# --eval-examples unless it sets the held-out split of --data (see resume_may_change).
+# (compiled or not), not what is trained. --steps too when no learning rate depends on it (constant, no warm-up).
+# --eval-examples may move the held-out split of --data: the batch plan's record count and digest refuse that
+# (BatchPlan.load_state_dict), and let a value that leaves the split as it was through.
 RESUME_MAY_CHANGE = ("resume", "output_dir", "save_every", "eval_every", "eval_examples", "eval_batch_size",
                      "compile", "compile_backend")
 
 
 def resume_may_change(cfg: TrainConfig) -> tuple[str, ...]:
-    may_change = RESUME_MAY_CHANGE + (("steps",) if cfg.schedule == "constant" and cfg.warmup_ratio == 0 else ())
-    if cfg.data is not None and cfg.eval_data is None:  # the last --eval-examples records of --data are held out:
-        may_change = tuple(k for k in may_change if k != "eval_examples")  # the training records change with it
-    return may_change
+    return RESUME_MAY_CHANGE + (("steps",) if cfg.schedule == "constant" and cfg.warmup_ratio == 0 else ())
 
 
 def check_resumed_settings(cfg: TrainConfig, saved: dict | None, checkpoint: Path) -> None:
@@ -124,8 +122,7 @@ def check_resumed_settings(cfg: TrainConfig, saved: dict | None, checkpoint: Pat
     if changed:
         raise ConfigError(f"--resume: {checkpoint} was written with other settings ({'; '.join(changed)}); resume "
                           "with the run's own settings (its config.yaml: fastft train --config ... --resume; --steps "
-                          "may change under --schedule constant --warmup-ratio 0; --eval-examples unless it sets "
-                          "the held-out split of --data without --eval-data), or start a new run in another "
+                          "may change under --schedule constant --warmup-ratio 0), or start a new run in another "
                           "--output-dir")
 
 

@@ -9,6 +9,8 @@ log-probs go through fastft.ops.lm_head_cross_entropy (no logits tensor; LoRA an
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -38,9 +40,16 @@ def _fused(head) -> bool:
         return False
     try:
         head_of_module("lm_head_cross_entropy", head)
-    except (TypeError, ValueError):  # a module type or an adapter option it does not take
+    except (TypeError, ValueError) as why:  # a module type or an adapter option it does not take
+        if type(head) not in _WARNED:
+            _WARNED.add(type(head))
+            warnings.warn(f"fastft train: the lm_head runs unfused (the full tokens × vocab logits in fp32): {why}",
+                          stacklevel=3)
         return False
     return True
+
+
+_WARNED: set = set()  # head types the unfused-loss warning was given for (once each)
 
 
 def _cross_entropy(hidden, head, targets, reduction, softcap) -> torch.Tensor:

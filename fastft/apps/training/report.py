@@ -1,9 +1,11 @@
 """A finished run's report beside its metrics.json: report.md (settings, evaluations, speed, memory) and
-losses.png (the training loss per step, the evaluations' loss on top), both written atomically.
+losses.png (the training loss per step, the evaluations' loss on top; when matplotlib is installed), both written
+atomically.
 
 `python -m fastft.apps.training.report OUTPUT_DIR` draws them again from OUTPUT_DIR/metrics.json."""
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import math
@@ -61,13 +63,14 @@ def report_markdown(metrics: dict) -> str:
 
 
 def plot_losses(metrics: dict) -> bytes:
-    """losses.png's bytes: the training loss per step and each evaluation's loss at its step."""
-    import matplotlib
+    """losses.png's bytes: the training loss per step and each evaluation's loss at its step (matplotlib's
+    Figure, no pyplot: nothing global changes in the training process)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig = Figure(figsize=(7, 4))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
     losses = metrics.get("train_losses") or []
     ax.plot(range(1, len(losses) + 1), losses, label="training loss (step)")
     points = [(0, metrics.get("eval_before"))] + [(e["step"], e) for e in metrics.get("evals") or []]
@@ -82,19 +85,21 @@ def plot_losses(metrics: dict) -> bytes:
     ax.legend()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
     return buffer.getvalue()
 
 
-def write_report(output_dir: str | Path, metrics: dict) -> None:
+def write_report(output_dir: str | Path, metrics: dict) -> list[Path]:
+    """report.md, and losses.png when matplotlib is installed (it is not a dependency of fastft)."""
     output_dir = Path(output_dir)
-    atomic_write(output_dir / "report.md", report_markdown(metrics))
-    atomic_write(output_dir / "losses.png", plot_losses(metrics))
+    written = [atomic_write(output_dir / "report.md", report_markdown(metrics))]
+    if importlib.util.find_spec("matplotlib") is not None:
+        written.append(atomic_write(output_dir / "losses.png", plot_losses(metrics)))
+    return written
 
 
 if __name__ == "__main__":
     if len(sys.argv) != 2:
         sys.exit("usage: python -m fastft.apps.training.report OUTPUT_DIR (a fastft train run's folder)")
     folder = Path(sys.argv[1])
-    write_report(folder, json.loads((folder / "metrics.json").read_text()))
-    print(f"wrote {folder / 'report.md'} and {folder / 'losses.png'}")
+    written = write_report(folder, json.loads((folder / "metrics.json").read_text()))
+    print("wrote " + " and ".join(map(str, written)))
