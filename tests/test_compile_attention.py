@@ -201,6 +201,29 @@ def test_transformers_attention_function_compiles(packed, monkeypatch):
     assert_compiles_like_eager(fn, q, k, v, ops=OPS)
 
 
+def test_a_padding_mask_compiles_without_reading_it():
+    """generate() passes an all-ones mask: `bool(mask.all())` and unpadding read it (a graph break per layer).
+    Traced, the mask goes to SDPA as transformers' sdpa takes it: fullgraph, eager's outputs, padded or not."""
+    import fastft.integration.attention as integration
+
+    layer = _Layer()
+    q, k, v = _t(2, 4, 9, 16), _t(2, 2, 9, 16), _t(2, 2, 9, 16)
+
+    def fn(q, k, v, mask):
+        mask = integration.fastft_attention_mask(2, 9, 9, attention_mask=mask)
+        return integration.fastft_attention_forward(layer, q, k, v, mask, scaling=0.25)[0]
+
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
+    ones = torch.ones(2, 9, dtype=torch.long, device=DEVICE)
+    left_padded = ones.clone()
+    left_padded[1, :3] = 0
+    for mask in (ones, left_padded):
+        got, want = compiled(q, k, v, mask), fn(q, k, v, mask)
+        real = mask.bool()[:, :, None, None].expand_as(want)  # padded queries: no output to compare
+        torch.testing.assert_close(got[real], want[real], atol=1e-5, rtol=1e-5)
+
+
 def test_packed_rows_of_a_larger_batch_are_refused_while_compiled(monkeypatch):
     """Rows of B > 1 are taken as unpacked while traced; an in-graph assertion (no sync) stops packed ones rather
     than attending across their documents. Unpacked rows run."""

@@ -54,6 +54,24 @@ def test_linear_cross_entropy_compiles(reduction, weight_grad, dtype):
                                              backend="triton", chunk_size=5), h, w, b, ops=ops)
 
 
+def test_torch_backend_compiles_once_for_every_token_count():
+    """The torch backend (the CPU's) traced its chunk loop, which specialised the graph on the token count: a
+    recompile per packed batch length until dynamo's limit sent `fastft train --compile` back to eager. It takes
+    the custom op as the Triton backend does: one dynamic graph, eager's numbers."""
+    torch.manual_seed(2)
+    fn = lambda h, w, y: linear_cross_entropy(h, w, y, reduction="sum", backend="torch")  # noqa: E731
+    w = _t(V, H, scale=0.3)
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, backend="aot_eager", fullgraph=True, dynamic=True)
+    compiled(_t(9, H), w, _labels(9))
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for tokens in (5, 13, 21):
+            h, y = _t(tokens, H), _labels(tokens)
+            got, want = run_with_grads(compiled, [h, w, y]), run_with_grads(fn, [h, w, y])
+            for g, r in zip(got[0] + got[1], want[0] + want[1]):
+                torch.testing.assert_close(g, r, atol=0, rtol=0)
+
+
 @interpreter_only
 def test_linear_cross_entropy_num_items_and_dynamic_shapes():
     torch.manual_seed(1)

@@ -49,6 +49,7 @@ def _assert_compiled(metrics: dict, graph_breaks: int | None = 0):
     record = metrics["compile"]
     assert record["compiled"] and record["mode"] == "default" and record["backend"] == "aot_eager", record
     assert record["graphs"] >= 1, record  # dynamo compiled the training forward (it did not fall back to eager)
+    assert record["recompile_limit_hits"] == 0, record  # nor did it give up recompiling part-way
     if graph_breaks is not None:
         assert record["graph_breaks"] == graph_breaks, record
     assert metrics["config"]["compile"] == "default" and metrics["config"]["compile_backend"] == "aot_eager"

@@ -140,7 +140,8 @@ def test_every_method_knob_reaches_method_options():
 
     values = dict(rank=3, alpha=7.0, dropout=0.25, rslora=True, target_modules=("q_proj",), num_virtual_tokens=5,
                   ia3_target_modules=("v_proj", "up_proj"), ia3_feedforward_modules=("up_proj",), adapter_size=9,
-                  adapter_placement="houlsby", adapter_activation="silu")
+                  adapter_placement="houlsby", adapter_activation="silu", adapter_attn_output_modules=("self_attn.o_proj",),
+                  adapter_mlp_output_modules=("mlp.down_proj",))
     knobs = {f.name for f in dataclasses.fields(methods.MethodOptions)} - {"quant_type", "extra"}  # qlora: nf4 only
     assert knobs == set(values)
     options = method_options(TrainConfig(**values))

@@ -182,3 +182,14 @@ def test_the_record_cache_is_compact_and_batches_the_same():
             assert isinstance(example.input_ids, array) and example.input_ids.itemsize == 4
             assert isinstance(example.labels, array)
 
+
+
+def test_a_setting_added_since_the_checkpoint_counts_as_its_default(tmp_path):
+    """A checkpoint written before a setting existed resumes when the setting is at its default (it was refused as
+    'None -> default'), and not when it is not."""
+    from fastft.apps.training.config import to_yaml_dict
+
+    saved = {k: v for k, v in to_yaml_dict(TrainConfig()).items() if k != "adapter_mlp_output_modules"}
+    loop.check_resumed_settings(TrainConfig(), saved, tmp_path)
+    with pytest.raises(ConfigError, match=r"--adapter-mlp-output-modules \['down_proj'\] -> \['fc2'\]"):
+        loop.check_resumed_settings(TrainConfig(adapter_mlp_output_modules=("fc2",)), saved, tmp_path)

@@ -47,3 +47,18 @@ def compile_problem(mode: str, backend: str, *, cuda: bool, dropout: float = 0.0
 def compile_kwargs(mode: str, backend: str) -> dict:
     """torch.compile's keyword arguments for a mode other than "off" (the default mode is not passed)."""
     return {"backend": backend, **({} if mode == "default" else {"mode": mode})}
+
+
+def dynamo_counts() -> dict[str, int]:
+    """Process-wide dynamo counters: graphs compiled, graph breaks met, recompile limits hit (each hit leaves a
+    frame running eagerly from then on). A run's own: the difference of two reads."""
+    from torch._dynamo.utils import counters
+
+    limit_hits = sum(n for reason, n in counters["unimplemented"].items() if _is_recompile_limit(reason))
+    return {"graphs": counters["stats"]["unique_graphs"], "graph_breaks": sum(counters["graph_break"].values()),
+            "recompile_limit_hits": limit_hits}
+
+
+def _is_recompile_limit(reason: str) -> bool:
+    text = reason.lower()   # "Dynamo recompile limit exceeded" (older torch: "cache_size_limit")
+    return any(k in text for k in ("recompile limit", "recompile_limit", "cache_size_limit", "cache size limit"))

@@ -178,7 +178,9 @@ def fastft_attention_forward(module, query, key, value, attention_mask, dropout=
     B = q.shape[0]
 
     if attention_mask is not None:
-        if q.shape[1] != k.shape[1] or not is_causal:  # non-causal: padded queries still see the real keys
+        # non-causal: padded queries still see the real keys; traced: unpadding reads the mask (a graph break), so
+        # SDPA takes the mask as transformers' sdpa does while tracing
+        if q.shape[1] != k.shape[1] or not is_causal or compiling():
             _check_prefix_window(kw, _cached_length(key, kwargs.get("position_ids"), prefix))
             return _sdpa_fallback(query, key, value, attention_mask, scaling, is_causal, sliding_window,
                                   prefix), None
@@ -216,7 +218,8 @@ def fastft_attention_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset
     if attention_mask is None:
         return None
     attention_mask = attention_mask[:, -kv_length:]
-    if attention_mask.shape[1] == kv_length and bool(attention_mask.all()):
+    # traced, the values are not read (a graph break per layer, even for all-ones): the interface takes SDPA
+    if not compiling() and attention_mask.shape[1] == kv_length and bool(attention_mask.all()):
         return None
     return attention_mask
 

@@ -37,14 +37,18 @@ def seed_tensor_like() -> torch.Tensor:
 
 
 @torch.library.custom_op("fastft::draw_seed", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
-def draw_seed_op(*, device: torch.device) -> torch.Tensor:
-    """device: the generator's, always the CPU (a keyword: where the partitioner looks to save and restore the
+def draw_seed_op(anchors: list[torch.Tensor], *, device: torch.device) -> torch.Tensor:
+    """anchors: the calling layer's input and adapter (x, lora_A), unread. They make each call a node of its own:
+    AOTAutograd's CSE merges identical pure calls, and calls without arguments are all identical, so every dropout
+    layer of a compiled graph got the first one's seed, and its mask. (An ordered effect keeps them apart too, but
+    AOTAutograd then fails on activation checkpointing.)
+    device: the generator's, always the CPU (a keyword: where the partitioner looks to save and restore the
     generator's state when it replays the op)."""
     return seed_tensor(shared.draw_seed())
 
 
 @draw_seed_op.register_fake
-def _(*, device):
+def _(anchors, *, device):
     return seed_tensor_like()
 
 

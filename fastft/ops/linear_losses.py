@@ -125,9 +125,11 @@ def _logit_bytes(backend: str, dtype: torch.dtype, buffers: int = 1) -> int:
 def _run(op: str, reduction: str, hidden, head: HeadArgs, row: RowLoss, grad_scale, *, labels2=None,
          teacher_h2=None, teacher_w=None, chunk_size, bytes_per_logit: int):
     """The chunked loop through one of its two doors (fastft.ops.compiled): the autograd Functions, or while
-    torch.compile traces a Triton call, the custom ops (fastft.ops.linear_losses_compiled)."""
+    torch.compile traces, the custom ops (fastft.ops.linear_losses_compiled), on either backend: traced, the torch
+    backend's chunk loop specialised every graph on the token count (a recompile per packed batch length, until
+    dynamo's recompile limit sent the step back to eager) and its LoRA-head dropout broke the graph."""
     with autocast_off(hidden.device.type):
-        if row.backend == "triton" and compiling():
+        if compiling():
             return traced_loss(op, reduction, hidden, head, row, grad_scale, labels=labels2, teacher_hidden=teacher_h2,
                                teacher_weight=teacher_w, chunk_size=chunk_size, bytes_per_logit=bytes_per_logit)
         tokens = math.prod(hidden.shape[:-1])

@@ -272,7 +272,7 @@ def traced_loss(op: str, reduction: str, hidden, head, row: RowLoss, grad_scale,
     fastft.ops.lm_head.HeadArgs. Its dropout seed is drawn at run time by its own op (fastft::draw_seed), never
     here (it would be a graph constant), and passed in: the loss ops are functions of their inputs."""
     nf4, nf4_ints = nf4_args(head.nf4) if head.nf4 is not None else ([], [])
-    seed = draw_seed_op(device=SEED_DEVICE) if head.dropout_p > 0.0 else None
+    seed = draw_seed_op([hidden, head.lora_A], device=SEED_DEVICE) if head.dropout_p > 0.0 else None
     args = LossArgs(hidden, head.weight, head.bias, head.lora_A, head.lora_B, nf4, labels, teacher_hidden,
                     teacher_weight, grad_scale, seed, op, row.kind, row.backend, head.vocab, row.ignore_index,
                     row.label_smoothing, row.softcap, row.temperature, row.reverse, float(head.scaling),

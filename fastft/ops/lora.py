@@ -298,5 +298,5 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, *, back
     with autocast_off(x.device.type):
         if not compiling():
             return LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
-        seed = draw_seed_op(device=SEED_DEVICE) if dropout_p > 0.0 else None
+        seed = draw_seed_op([x, lora_A], device=SEED_DEVICE) if dropout_p > 0.0 else None
         return lora_linear_op(x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p)[0]

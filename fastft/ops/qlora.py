@@ -310,7 +310,7 @@ def qlora_linear(x, qweight, bias, lora_A, lora_B, scaling, dropout_p=0.0, *, ba
     with autocast_off(x.device.type):
         if not compiling():
             return QLoRALinearFunction.apply(x, qweight, bias, lora_A, lora_B, scaling, dropout_p)
-        seed = draw_seed_op(device=SEED_DEVICE) if dropout_p > 0.0 else None
+        seed = draw_seed_op([x, lora_A], device=SEED_DEVICE) if dropout_p > 0.0 else None
         return qlora_linear_op(x, *nf4_args(qweight), bias, lora_A, lora_B, seed, scaling, dropout_p)[0]
 
 

@@ -23,6 +23,7 @@ from fastft.apps.bench import peers
 from fastft.apps.bench.config import BenchConfig
 from fastft.apps.bench.harness import PeakMemory
 from fastft.apps.bench.shapes import build_model, resolve_dtype
+from fastft.apps.compiling import dynamo_counts
 from fastft.apps.compiling import compile_kwargs
 from fastft.integration.methods import MethodOptions
 
@@ -129,21 +130,6 @@ def fresh_dynamo(device: torch.device) -> None:
         except ImportError:
             return
         reset_cudagraph_trees()
-
-
-def dynamo_counts() -> dict[str, int]:
-    """Process-wide dynamo counters: graphs compiled, graph breaks met, recompile limits hit (each hit leaves a
-    frame running eagerly from then on)."""
-    from torch._dynamo.utils import counters
-
-    limit_hits = sum(n for reason, n in counters["unimplemented"].items() if _is_recompile_limit(reason))
-    return {"graphs": counters["stats"]["unique_graphs"], "graph_breaks": sum(counters["graph_break"].values()),
-            "recompile_limit_hits": limit_hits}
-
-
-def _is_recompile_limit(reason: str) -> bool:
-    text = reason.lower()   # "Dynamo recompile limit exceeded" (older torch: "cache_size_limit")
-    return any(k in text for k in ("recompile limit", "recompile_limit", "cache_size_limit", "cache size limit"))
 
 
 def _counts_since(before: dict[str, int]) -> dict[str, int]:

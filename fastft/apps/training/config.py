@@ -59,6 +59,8 @@ class TrainConfig:
     adapter_size: int = 64
     adapter_placement: str = "pfeiffer"
     adapter_activation: str = "relu"
+    adapter_attn_output_modules: tuple[str, ...] = ("o_proj",)
+    adapter_mlp_output_modules: tuple[str, ...] = ("down_proj",)
     # optimisation
     steps: int = 40
     batch_size: int = 8
@@ -118,6 +120,9 @@ _HELP = {
     "adapter_size": "adapter: bottleneck width",
     "adapter_placement": "adapter: pfeiffer (after the MLP) or houlsby (after attention and MLP)",
     "adapter_activation": "adapter: the bottleneck's activation",
+    "adapter_attn_output_modules": "adapter (houlsby): attention output modules, names or dotted suffixes "
+                                   "(BERT: attention.output.dense)",
+    "adapter_mlp_output_modules": "adapter: feed-forward output modules the adapter follows, names or dotted suffixes",
     "ia3_target_modules": "ia3: module names whose activations are scaled",
     "ia3_feedforward_modules": "ia3: those of --ia3-target-modules scaled at their input (feed-forward), not output",
     "steps": "optimizer steps",
@@ -175,7 +180,8 @@ _GROUPS = {
     "what to train": ("model", "task", "data", "eval_data", "objective", "teacher"),
     "method (--method " + "|".join(METHODS) + ") and its knobs": (
         "method", "quantize", "rank", "alpha", "dropout", "rslora", "target_modules", "num_virtual_tokens",
-        "ia3_target_modules", "ia3_feedforward_modules", "adapter_size", "adapter_placement", "adapter_activation"),
+        "ia3_target_modules", "ia3_feedforward_modules", "adapter_size", "adapter_placement", "adapter_activation",
+        "adapter_attn_output_modules", "adapter_mlp_output_modules"),
     "optimisation": ("steps", "batch_size", "grad_accum", "lr", "weight_decay", "schedule", "warmup_ratio",
                      "max_grad_norm", "max_length"),
     "objectives' knobs": ("dpo_beta", "kl_weight", "reverse_kl_weight", "ce_weight", "temperature"),
@@ -334,7 +340,8 @@ _READ_BY = {
     **{name: ("method", ("lora", "qlora", "dora")) for name in ("rank", "alpha", "dropout", "rslora", "target_modules")},
     "num_virtual_tokens": ("method", ("prefix", "prompt")),
     **{name: ("method", ("ia3",)) for name in ("ia3_target_modules", "ia3_feedforward_modules")},
-    **{name: ("method", ("adapter",)) for name in ("adapter_size", "adapter_placement", "adapter_activation")},
+    **{name: ("method", ("adapter",)) for name in ("adapter_size", "adapter_placement", "adapter_activation",
+                                                   "adapter_attn_output_modules", "adapter_mlp_output_modules")},
     "dpo_beta": ("objective", ("dpo",)),
     **{name: ("objective", ("distill",)) for name in ("kl_weight", "reverse_kl_weight", "ce_weight", "temperature")},
 }

@@ -21,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fastft.apps.checkpointing import enable_checkpointing
+from fastft.apps.compiling import dynamo_counts
 from fastft.apps.training import checkpoints as ckpt
 from fastft.files import atomic_write, replace_folder
 from fastft.integration.parameter_count import parameter_counts
@@ -51,7 +52,9 @@ def method_options(cfg: TrainConfig):
                          ia3_target_modules=tuple(cfg.ia3_target_modules),
                          ia3_feedforward_modules=tuple(cfg.ia3_feedforward_modules),
                          adapter_size=cfg.adapter_size, adapter_placement=cfg.adapter_placement,
-                         adapter_activation=cfg.adapter_activation)
+                         adapter_activation=cfg.adapter_activation,
+                         adapter_attn_output_modules=tuple(cfg.adapter_attn_output_modules),
+                         adapter_mlp_output_modules=tuple(cfg.adapter_mlp_output_modules))
 
 
 def maybe_patch(model, cfg: TrainConfig, device, log) -> bool:
@@ -115,10 +118,11 @@ def check_resumed_settings(cfg: TrainConfig, saved: dict | None, checkpoint: Pat
     values), so only the RESUME_MAY_CHANGE settings may differ."""
     if saved is None:  # written before checkpoints kept their settings
         return
-    now = to_yaml_dict(cfg)
+    now, defaults = to_yaml_dict(cfg), to_yaml_dict(TrainConfig())
     may_change = resume_may_change(cfg)
-    changed = [f"--{k.replace('_', '-')} {saved.get(k)!r} -> {now[k]!r}" for k in now
-               if k not in may_change and saved.get(k) != now[k]]
+    # a setting added since the checkpoint was written had its default then
+    changed = [f"--{k.replace('_', '-')} {saved.get(k, defaults[k])!r} -> {now[k]!r}" for k in now
+               if k not in may_change and saved.get(k, defaults[k]) != now[k]]
     if changed:
         raise ConfigError(f"--resume: {checkpoint} was written with other settings ({'; '.join(changed)}); resume "
                           "with the run's own settings (its config.yaml: fastft train --config ... --resume; --steps "
@@ -576,9 +580,13 @@ def train(cfg: TrainConfig) -> dict:
         runlog.write({"step": cfg.steps, "eval": after})
     runlog.close()
     seconds = history["train_seconds"]
+    compile_result = compiled.result()
+    if compile_result.get("recompile_limit_hits"):
+        log(f"torch.compile: dynamo hit its recompile limit {compile_result['recompile_limit_hits']}x: parts of the "
+            "step ran eagerly from then on (metrics.json: compile)")
     metrics = {
         "config": dataclasses.asdict(cfg), "device": str(device), "processes": world, "distribution": distribution,
-        "compile": compiled.result(), "trainable_parameters": trainable, "total_parameters": total,
+        "compile": compile_result, "trainable_parameters": trainable, "total_parameters": total,
         "eval_before": history["eval_before"], "eval_quantized": history["eval_quantized"], "eval_after": after,
         "evals": history["evals"], "train_losses": history["train_losses"],
         "train_seconds": seconds, "tokens_per_second": history["tokens"] / max(seconds, 1e-9),
@@ -603,25 +611,19 @@ def train(cfg: TrainConfig) -> dict:
 
 class CompileRecord:
     """What metrics.json says about compilation: the setting, whether the trained module is compiled, and how
-    many graphs dynamo compiled and graph breaks it met in this process since (evaluation runs uncompiled)."""
+    many graphs dynamo compiled, graph breaks it met and recompile limits it hit (each sends a frame back to eager
+    from then on) in this process since (evaluation runs uncompiled)."""
 
     def __init__(self, cfg: TrainConfig, prepared):
         from accelerate.utils import is_compiled_module
 
         self.cfg, self.compiled = cfg, is_compiled_module(prepared)
-        self.start = self._counts()
-
-    @staticmethod
-    def _counts() -> tuple[int, int]:
-        from torch._dynamo.utils import counters
-
-        return counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
+        self.start = dynamo_counts()
 
     def result(self) -> dict:
         out = {"compiled": self.compiled, "mode": self.cfg.compile, "backend": self.cfg.compile_backend}
         if self.compiled:
-            (graphs, breaks), (graphs0, breaks0) = self._counts(), self.start
-            out.update(graphs=graphs - graphs0, graph_breaks=breaks - breaks0)
+            out.update({k: v - self.start[k] for k, v in dynamo_counts().items()})
         return out
 
 
