@@ -77,7 +77,7 @@ def test_default_skip_is_what_transformers_keeps_dense(tmp_path):
 
 
 def test_skip_entries_that_match_nothing_are_refused(tmp_path):
-    with pytest.raises(ValueError, match=r"'lmhead'.*did you mean \['lm_head'\]"):
+    with pytest.raises(ValueError, match=r"'lmhead'.*did you mean 'lm_head'"):
         fastft.quantize_model(tiny_llama(), skip=["lmhead"])
     tiny_llama().save_pretrained(tmp_path)
     with pytest.raises(ValueError, match=r"'down_prj'.*down_proj"):

@@ -16,7 +16,6 @@
 """
 from __future__ import annotations
 
-import difflib
 import functools
 import json
 import os
@@ -27,6 +26,7 @@ import torch
 from torch import nn
 
 from fastft.files import atomic_write as _atomic_write
+from fastft.integration.module_names import name_hint
 from fastft.modules.nf4_linear import NF4Linear, is_conv1d, linear_features
 from fastft.quant.nf4_weight import QUANT_STATE_KEY, NF4Weight, local_nf4, quantize_nf4
 
@@ -79,10 +79,8 @@ def _check_skip(model: nn.Module, skip, where: str) -> None:
     for entry in skip:
         if entry in DEFAULT_SKIP or any(_skipped(n, (entry,)) for n in names):
             continue
-        parts = sorted({n.rsplit(".", 1)[-1] for n in names})
-        close = difflib.get_close_matches(entry.rsplit(".", 1)[-1], parts, n=3)
-        hint = f"; did you mean {close}?" if close else f"; its modules end in {parts[:20]}"
-        raise ValueError(f"{where}: skip entry {entry!r} matches no module of {type(model).__name__}{hint}")
+        raise ValueError(f"{where}: skip entry {entry!r} matches no module of {type(model).__name__}; "
+                         f"{name_hint(entry, names)}")
 
 
 def _nf4_memory_footprint(self, return_buffers: bool = True) -> int:

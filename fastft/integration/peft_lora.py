@@ -26,6 +26,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from fastft.files import merge_into_folder
+from fastft.integration.module_names import name_hint
 from fastft.integration.methods.prompt import whole_prompt_encoders
 from fastft.modules.lora import FusedLoraLinear
 from fastft.modules.nf4_linear import NF4Linear
@@ -203,7 +204,7 @@ def check_exclude_modules(config, names: list[str], label: str) -> None:
         unmatched = [e for e in exclude if not any(n == e or n.endswith(f".{e}") for n in names)]
     if unmatched:
         raise ValueError(f"{label}.exclude_modules entry {unmatched[0]!r} matches no module of the model, so it "
-                         f"excludes nothing; {_name_hint(unmatched[0], names)}")
+                         f"excludes nothing; {name_hint(unmatched[0], names)}")
 
 
 # peft appends these to modules_to_save itself for classification models, whichever of them the model has.
@@ -218,15 +219,7 @@ def check_modules_to_save(config, names: list[str], label: str) -> None:
     for entry in getattr(config, "modules_to_save", None) or ():
         if entry not in added and not any(n.endswith(entry) for n in names):
             raise ValueError(f"{label}.modules_to_save entry {entry!r} matches no module of the model, so nothing "
-                             f"would be trained or saved for it; {_name_hint(entry, names)}")
-
-
-def _name_hint(entry: str, names: list[str]) -> str:
-    """'did you mean ...' from the model's module names (their last parts), for a typo'd entry."""
-    import difflib
-
-    close = difflib.get_close_matches(entry, sorted({n.rsplit(".", 1)[-1] for n in names}), n=1)
-    return f"did you mean {close[0]!r}?" if close else "name a module of the model (or the last part of its name)"
+                             f"would be trained or saved for it; {name_hint(entry, names)}")
 
 
 def patch_peft(model: nn.Module) -> nn.Module:

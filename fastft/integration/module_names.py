@@ -1,0 +1,15 @@
+"""Naming a module entry that matches nothing (a typo in target_modules, exclude_modules, modules_to_save, a
+quantization skip list): the suggestion every such error ends with."""
+from __future__ import annotations
+
+import difflib
+
+
+def name_hint(entry: str, names: list[str]) -> str:
+    """'did you mean ...?' from the last parts of the model's module `names`, closest to the last part of `entry`
+    (a dotted entry such as "mlp.downproj" is compared by "downproj")."""
+    parts = sorted({n.rsplit(".", 1)[-1] for n in names})
+    close = difflib.get_close_matches(entry.rsplit(".", 1)[-1], parts, n=1)
+    if close:
+        return f"did you mean {close[0]!r}?"
+    return f"name a module of the model (or the last part of its name; they end in {parts[:20]})"
