@@ -186,8 +186,15 @@ def test_attention_dropout_is_refused(fastft_attention):
         model(input_ids=torch.randint(3, 128, (1, 6)))
 
 
-# ----------------------------------------------------------------------------------------------
-# The collator
+def test_t5_relative_position_bias_is_refused(fastft_attention):
+    # T5 hands its relative position bias to the attention function: dropping it changed the logits silently
+    from transformers import T5Config, T5ForConditionalGeneration
+    config = T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_decoder_layers=1, num_heads=4,
+                      decoder_start_token_id=0, pad_token_id=0)
+    model = T5ForConditionalGeneration(config).eval()
+    model.set_attn_implementation("fastft")
+    with pytest.raises(ValueError, match="position_bias"):
+        model(input_ids=torch.randint(1, 64, (1, 5)), labels=torch.randint(1, 64, (1, 3)))
 
 def test_packing_collator_fields():
     feats = [{"input_ids": [5, 6, 7]}, {"input_ids": torch.tensor([8, 9]), "labels": [1, 2]}, {"input_ids": [4]}]

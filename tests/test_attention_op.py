@@ -49,6 +49,49 @@ def test_matches_fp64_reference(name):
         assert_close(g, ref_grads[n], torch.float32, f"{name}: d{n}")
 
 
+def test_deterministic_mode_drops_atomic_dq(monkeypatch):
+    """torch.use_deterministic_algorithms(True) (or FASTFT_DETERMINISTIC=1, set at any time) leaves out the atomic
+    dQ configs, whose fp32 adds land in a run-dependent order on a GPU; the GPU lists are read here too."""
+    from fastft.kernels import attention_bwd
+    monkeypatch.delenv("FASTFT_DETERMINISTIC", raising=False)
+    assert not attention_bwd.deterministic()
+    monkeypatch.setenv("FASTFT_DETERMINISTIC", "1")
+    assert attention_bwd.deterministic()
+    monkeypatch.delenv("FASTFT_DETERMINISTIC")
+    previous = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        assert attention_bwd.deterministic()
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+    for interpret in (True, False):
+        monkeypatch.setattr(attention_bwd, "INTERPRET", interpret)
+        attention_bwd.backward_configs.cache_clear()
+        for dtype in (torch.float32, torch.bfloat16):
+            for head_dim in (64, 128, 256):
+                for tma in (True, False):
+                    free = attention_bwd.backward_configs(dtype, head_dim, tma)
+                    kept = attention_bwd.backward_configs(dtype, head_dim, tma, True)
+                    assert kept and not any(c["ATOMIC_DQ"] for c in kept), (dtype, head_dim, tma)
+                    assert kept == [c for c in free if not c["ATOMIC_DQ"]] or len(kept) == 1
+    attention_bwd.backward_configs.cache_clear()
+
+
+@interpreter_only
+def test_deterministic_backward_takes_the_dq_kernel(monkeypatch):
+    from fastft.kernels import attention_bwd
+    seen = []
+    real = attention_bwd.tuner
+    monkeypatch.setattr(attention_bwd, "tuner", lambda name, configs: seen.append(configs) or real(name, configs))
+    monkeypatch.setenv("FASTFT_DETERMINISTIC", "1")
+    args = make_problem(batch=1, seqlen_q=21, heads=2, kv_heads=1, head_dim=32)
+    dout = torch.randn(args["q"].shape)
+    _, grads = run_with_grads(flash_attention, args, dout, backend="triton", causal=True)
+    _, ref_grads = reference_with_grads(args, dout, causal=True)
+    assert seen and not any(c["ATOMIC_DQ"] for configs in seen for c in configs)
+    assert_close(grads["q"], ref_grads["q"], torch.float32, "dq")
+
+
 @interpreter_only
 def test_last_dim_strided_inputs_and_bf16():
     """A non-unit last stride (copied by the op) and bf16 (the kernels' UPCAST path under the interpreter)."""

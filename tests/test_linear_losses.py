@@ -318,6 +318,23 @@ def test_lora_lm_head_per_token_losses_with_dropout_and_two_adapters(monkeypatch
         assert rel_err(g, w) <= 1e-5
 
 
+def test_head_check_only_builds_nothing_and_refuses_alike(monkeypatch):
+    """The training loop asks for the verdict every step: check_only concatenates no factors, and refuses what
+    the full read refuses."""
+    from fastft.ops.lm_head import head_of_module
+    model = peft.get_peft_model(_Holder(nn.Linear(24, 53)), peft.LoraConfig(r=4, target_modules=["lm_head"]))
+    model.add_adapter("second", peft.LoraConfig(r=3, target_modules=["lm_head"]))
+    head = model.base_model.model.lm_head
+    head.set_adapter(["default", "second"])
+    assert head_of_module("op", head).lora_A.shape[0] == 7
+    monkeypatch.setattr(torch, "cat", lambda *a, **k: pytest.fail("check_only concatenated the factors"))
+    assert head_of_module("op", head, check_only=True) is None
+    head.lora_dropout["second"] = nn.Dropout(0.3)
+    for check_only in (False, True):
+        with pytest.raises(ValueError, match="different dropout rates"):
+            head_of_module("op", head.train(), check_only=check_only)
+
+
 def test_traces_under_torch_compile_without_graph_breaks():
     hidden, weight = torch.randn(2, 9, 16, requires_grad=True), torch.randn(33, 16, requires_grad=True)
     labels = torch.randint(0, 33, (2, 9))

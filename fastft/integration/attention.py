@@ -8,13 +8,15 @@ It mirrors transformers' FlashAttention integration:
 - padded batches are unpadded into packed documents (varlen) and padded back;
 - packed batches (rows of concatenated documents, no attention mask) run varlen, with the document
   boundaries taken from `cu_seq_lens_q`/`cu_seq_lens_k` when the collator passes them (see
-  fastft.integration.packing), else from `position_ids`, wherever they do not rise by 1, in every row, as
-  transformers' sdpa/eager masks separate them (`_packed_documents`);
+  fastft.integration.packing), else from `position_ids`, wherever they do not rise by 1, in every row
+  (`_packed_documents`), as transformers' FlashAttention-2 path does, with or without a cache or an all-ones
+  mask (its sdpa/eager masks separate documents only with neither);
 - a KV cache or peft prefix tuning gives more keys than queries: causal then aligns bottom-right;
 - fastft's prefix-tuning room (fastft.integration.methods.prefix) passes `fastft_prefix`, per layer the
   (prefix_k, prefix_v) every query attends to: handed to the op as prefix_k/prefix_v, no concatenation.
 
-Not supported (ValueError): attention dropout, logit softcapping, attention sinks. Custom 4-D masks and
+Not supported (ValueError): attention dropout, logit softcapping, attention sinks, any other score term a model
+passes (T5's relative `position_bias`, sparse-attention `indices`). Custom 4-D masks and
 padded decoding with a cache (q_len != kv_len) fall back to torch SDPA (a fastft prefix in front of the keys).
 """
 from __future__ import annotations
@@ -155,6 +157,10 @@ def _sdpa_fallback(query, key, value, mask, scaling, is_causal, window=None, pre
     return out.transpose(1, 2)
 
 
+# attention-interface keywords that change the scores: the kernels have no term for them
+_SCORE_TERMS = ("position_bias", "sinks", "indices", "block_indices")
+
+
 def fastft_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
                              sliding_window=None, softcap=None, is_causal=None, **kwargs):
     """transformers attention interface: query (B, H, S, D), key/value (B, KV, S_k, D) -> ((B, S, H, D), None)."""
@@ -164,6 +170,10 @@ def fastft_attention_forward(module, query, key, value, attention_mask, dropout=
     if softcap is not None or kwargs.get("s_aux") is not None:
         raise ValueError("attn_implementation='fastft' supports neither logit softcapping nor attention sinks; "
                          "use 'sdpa' or 'eager' for this model")
+    extra = [name for name in _SCORE_TERMS if kwargs.get(name) is not None]
+    if extra:  # dropping them would change the scores silently (T5 without its relative position bias)
+        raise ValueError(f"attn_implementation='fastft' cannot add {', '.join(extra)} to the attention scores "
+                         "(it supports Llama-style attention); use 'sdpa' or 'eager' for this model")
     is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     kw = dict(causal=bool(is_causal), softmax_scale=scaling, window=sliding_window)
     prefix = kwargs.get("fastft_prefix")

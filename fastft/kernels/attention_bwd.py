@@ -290,17 +290,23 @@ def _attn_bwd_dq_kernel(
 # spills ≥ 200 B at D = 128, so it is offered only for D ≤ 64. D = 256 with descriptors: 64 keys × 32 or
 # 16 rows, 0 B (64 × 64 spilled 440 B); its pointer fallback still spills (~330 B).
 
+def deterministic() -> bool:
+    """Whether the backward must give the same bits every run: torch.use_deterministic_algorithms(True) or
+    FASTFT_DETERMINISTIC=1, read on every call (atomic dQ adds in a run-dependent order, so it is left out)."""
+    return torch.are_deterministic_algorithms_enabled() or os.environ.get("FASTFT_DETERMINISTIC", "0") == "1"
+
+
 @functools.lru_cache(maxsize=None)
-def backward_configs(dtype: torch.dtype, head_dim: int, tma_ok: bool) -> list[dict]:
+def backward_configs(dtype: torch.dtype, head_dim: int, tma_ok: bool, deterministic: bool = False) -> list[dict]:
     def cfg(bn, bm, warps, stages, bm2, bn2, dq_warps, dq_stages, atomic=False, tma=False):
         return dict(BLOCK_N=bn, BLOCK_M=bm, WARPS=warps, STAGES=stages, BLOCK_M2=bm2, BLOCK_N2=bn2,
                     DQ_WARPS=dq_warps, DQ_STAGES=dq_stages, ATOMIC_DQ=atomic, USE_TMA=tma)
 
-    if INTERPRET:  # atomic dQ: one kernel fewer to interpret (tests force the dQ kernel too)
-        return [cfg(32, 16, 4, 1, 32, 16, 4, 1, True, tma_ok)]
     configs: list[dict]
     bd = block_d(head_dim)
-    if dtype == torch.float32 and bd > 128:
+    if INTERPRET:  # atomic dQ: one kernel fewer to interpret (tests force the dQ kernel too)
+        configs = [cfg(32, 16, 4, 1, 32, 16, 4, 1, True, tma_ok)]
+    elif dtype == torch.float32 and bd > 128:
         configs = [cfg(32, 16, 4, 1, 32, 16, 4, 1), cfg(16, 16, 4, 1, 16, 16, 4, 1, atomic=True)]
     elif dtype == torch.float32:
         configs = [cfg(64, 32, 4, 2, 64, 32, 4, 2), cfg(32, 32, 4, 2, 32, 32, 4, 2, atomic=True)]
@@ -322,7 +328,7 @@ def backward_configs(dtype: torch.dtype, head_dim: int, tma_ok: bool) -> list[di
     else:  # D <= 64 on pointers: 128 × 64 (2 stages) and 64 × 64 (3) spill 128-448 B under triton 3.6
         configs = [cfg(128, 32, 8, 2, 128, 64, 8, 2), cfg(128, 32, 8, 2, 128, 64, 8, 2, atomic=True),
                    cfg(64, 64, 8, 2, 128, 32, 8, 3)]
-    if os.environ.get("FASTFT_DETERMINISTIC", "0") == "1":  # atomics add in a run-dependent order
+    if deterministic:
         configs = [c for c in configs if not c["ATOMIC_DQ"]] or [dict(configs[0], ATOMIC_DQ=False)]
     return configs
 
@@ -413,7 +419,8 @@ def attention_backward(do, q, k, v, o, lse, *, sm_scale: float, left: int, right
     else:
         key = (q.dtype, head_dim, group, varlen, has_prefix, right == 0, left < seqlen_k, tma_ok,
                bucket(seqlen_q), bucket(seqlen_k), bucket(batch * n_heads))
-        tuner("attention_bwd", backward_configs(q.dtype, head_dim, tma_ok)).run(key, launch)
+        configs = backward_configs(q.dtype, head_dim, tma_ok, deterministic())
+        tuner("attention_bwd", configs).run(key, launch)
 
     if not has_prefix:
         return dq, dk, dv, None, None

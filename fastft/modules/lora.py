@@ -19,7 +19,7 @@ from peft.tuners.lora import Linear as PeftLoraLinear
 from torch import nn
 
 from fastft.ops.lora import lora_linear
-from fastft.ops.shared import BACKENDS
+from fastft.ops.shared import AUTOCAST_CASTS, BACKENDS
 
 
 def default_backend() -> str:
@@ -30,10 +30,18 @@ def default_backend() -> str:
     return backend
 
 
+def called_as_is(module: nn.Module) -> bool:
+    """Whether the fused ops may read `module`'s weight instead of calling it: its class's forward runs unhooked and
+    the weight is in memory. accelerate's hooks (device_map offload, cpu_offload) replace `forward` on the instance
+    (`_hf_hook`) and keep the weight on the meta device until that forward loads it: such a layer must be called."""
+    own = module.__dict__
+    return (not module._forward_hooks and not module._forward_pre_hooks and "forward" not in own
+            and "_hf_hook" not in own and module.weight is not None and not module.weight.is_meta)
+
+
 def plain_linear(module: nn.Module) -> bool:
-    """A plain nn.Linear (its own forward, no hooks): the fused ops may stand in for its forward."""
-    return (isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
-            and not module._forward_hooks and not module._forward_pre_hooks)
+    """A plain nn.Linear (its own forward, see called_as_is): the fused ops may stand in for its forward."""
+    return isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward and called_as_is(module)
 
 
 class FusedLoraBase(PeftLoraLinear):
@@ -92,7 +100,13 @@ class FusedLoraLinear(FusedLoraBase):
 
     def _base_ok(self, x):
         base = self.base_layer
-        return plain_linear(base) and (x.dtype == base.weight.dtype or torch.is_autocast_enabled(x.device.type))
+        if not plain_linear(base):
+            return False
+        w_dtype = base.weight.dtype
+        # under autocast the op casts both as torch's own linear would: fp64 is never cast, so a mixed pair stays
+        # mixed and takes peft's forward (torch's own error), as without autocast
+        return x.dtype == w_dtype or (torch.is_autocast_enabled(x.device.type) and x.dtype in AUTOCAST_CASTS
+                                      and w_dtype in AUTOCAST_CASTS)
 
     def _fused(self, x, lora_A, lora_B, scaling, dropout_p):
         base = self.base_layer

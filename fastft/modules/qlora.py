@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from peft.tuners.tuners_utils import check_adapters_to_merge
 
-from fastft.modules.lora import FusedLoraBase, default_backend
+from fastft.modules.lora import FusedLoraBase, called_as_is, default_backend
 from fastft.modules.nf4_linear import NF4Linear
 from fastft.ops.qlora import qlora_linear
 from fastft.quant.nf4_weight import quantize_nf4
@@ -23,8 +23,7 @@ class FusedQLoraLinear(FusedLoraBase):
 
     def _base_ok(self, x):
         base = self.base_layer
-        return type(base) is NF4Linear and base.weight is not None and not base._forward_hooks \
-            and not base._forward_pre_hooks
+        return type(base) is NF4Linear and called_as_is(base)
 
     def _fused(self, x, lora_A, lora_B, scaling, dropout_p):
         base = self.base_layer

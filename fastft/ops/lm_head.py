@@ -83,7 +83,10 @@ def _base_head(op: str, base: nn.Module, what: str) -> HeadArgs:
                     + "; ".join(SUPPORTED))
 
 
-def head_of_module(op: str, lm_head: nn.Module) -> HeadArgs:
+def head_of_module(op: str, lm_head: nn.Module, *, check_only: bool = False) -> HeadArgs | None:
+    """The fused losses' view of `lm_head` (HeadArgs), or TypeError/ValueError for a head they do not take.
+    check_only: the checks alone, for a caller that wants the verdict every step (several adapters' factors are
+    concatenated only when the loss runs)."""
     if not isinstance(lm_head, nn.Module):
         raise TypeError(f"{op}: `lm_head` must be an nn.Module, got {type(lm_head).__name__}")
     try:
@@ -94,7 +97,8 @@ def head_of_module(op: str, lm_head: nn.Module) -> HeadArgs:
     if isinstance(lm_head, ModulesToSaveWrapper):  # modules_to_save=["lm_head"]: the copy peft would run
         active = lm_head.active_adapters
         passthrough = lm_head.disable_adapters or not active or any(a not in lm_head.modules_to_save for a in active)
-        return head_of_module(op, lm_head.original_module if passthrough else lm_head.modules_to_save[active[0]])
+        return head_of_module(op, lm_head.original_module if passthrough else lm_head.modules_to_save[active[0]],
+                              check_only=check_only)
     if not isinstance(lm_head, PeftLoraLinear):
         return _base_head(op, lm_head, "")
     base = _base_head(op, lm_head.get_base_layer(), "base layer")
@@ -121,6 +125,8 @@ def head_of_module(op: str, lm_head: nn.Module) -> HeadArgs:
     if len(dropouts) != 1:
         raise ValueError(f"{op}: `lm_head` active adapters {names} use different dropout rates {sorted(dropouts)}; "
                          "the fused loss draws one mask for all of them")
+    if check_only:  # the verdict only (a fused loss takes this head): no concatenated factors built
+        return None
     dropout_p = dropouts.pop()
     if len(names) == 1:
         name = names[0]

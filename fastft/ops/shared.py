@@ -58,14 +58,20 @@ def resolve_backend(op: str, backend: str, device: torch.device, *, arg: str | N
     return backend
 
 
+# What torch.autocast casts: float64 is not autocast-eligible (torch's own ops stay fp64 under it), nor are ints.
+AUTOCAST_CASTS = frozenset((torch.float32, torch.float16, torch.bfloat16))
+
+
 def autocast_inputs(*tensors):
-    """The inputs cast to torch.autocast's dtype when autocast is on for the first one's device (an NF4Weight
-    stays as it is: it is quantized); non-tensors (None, wrong types left for validation) pass unchanged."""
+    """The inputs cast to torch.autocast's dtype when autocast is on for the first one's device, as torch's ops cast
+    theirs: fp32/fp16/bf16 tensors only (fp64 ones stay fp64; an NF4Weight stays as it is: it is quantized);
+    non-tensors (None, wrong types left for validation) pass unchanged."""
     lead = tensors[0]
     if not (isinstance(lead, torch.Tensor) and torch.is_autocast_enabled(lead.device.type)):
         return tensors
     dtype = torch.get_autocast_dtype(lead.device.type)
-    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) else t for t in tensors)
+    return tuple(to_dtype(t, dtype) if isinstance(t, torch.Tensor) and t.dtype in AUTOCAST_CASTS else t
+                 for t in tensors)
 
 
 def first_order_only(backward=None, *, instead: str = "use backend='torch' for higher-order gradients"):

@@ -39,7 +39,7 @@ def _fused(head) -> bool:
     if head is None:
         return False
     try:
-        head_of_module("lm_head_cross_entropy", head)
+        head_of_module("lm_head_cross_entropy", head, check_only=True)
     except (TypeError, ValueError) as why:  # a module type or an adapter option it does not take
         if type(head) not in _WARNED:
             _WARNED.add(type(head))

@@ -4,9 +4,10 @@ Config: peft's LoraConfig with use_dora=True. Everything plain LoRA accepts, min
 field). Conv1D layers (GPT-2, fan_in_fan_out=True, set by peft) run peft's DoRA forward, unfused, as in plain LoRA.
 Layer: `FusedDoraLinear` / `FusedQDoraLinear` — peft's LoRA Linear (DoRA variant, same state: lora_A, lora_B,
 lora_magnitude_vector) whose forward for one active DoRA adapter is `fastft.ops.dora_linear` (fused GEMM with σ
-as a column-scale epilogue; ‖W‖² cached per weight). Other cases (several adapters, disabled, merged) take
-peft's forward. NF4 bases: peft's DoRA cannot read an NF4Weight, so `FusedQDoraLinear` initialises the
-magnitude from the dequantized rows (fastft.ops.dora.dora_row_norm) and only supports the fused forward.
+as a column-scale epilogue; the row norm ‖W + s·B·A‖ recomputed each call, one pass over W, nothing cached).
+Other cases (several adapters, disabled, merged) take peft's forward. NF4 bases: peft's DoRA cannot read an
+NF4Weight, so `FusedQDoraLinear` initialises the magnitude from the dequantized rows (fastft.ops.dora.dora_row_norm)
+and only supports the fused forward.
 Injection: peft builds the model; `patch_peft` swaps the layers (peft's save format, keys
 `...lora_magnitude_vector`, unchanged).
 """

@@ -14,10 +14,12 @@ cached decoding costs O(1) forwards per token (peft's own cache path loses the p
 """
 from __future__ import annotations
 
+import functools
 
 import torch
 from peft import PeftModel, PeftModelForCausalLM, PrefixTuningConfig
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from fastft.integration.methods.generation import generate_adjusting_inputs
 
@@ -80,10 +82,13 @@ class FastftPrefixModel(PeftModelForCausalLM):
             kwargs["position_ids"] = position_ids + config.num_virtual_tokens
         # training builds no cache
         kwargs.setdefault("use_cache", kwargs.get("cache", kwargs.get("past_key_values")) is not None)
+        prefix = self.prefix_key_values()
+        if torch.is_grad_enabled() and prefix[0][0].requires_grad:
+            _refuse_reentrant_checkpointing(self.get_base_model())
         return self.base_model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
                                labels=labels, output_attentions=output_attentions,
                                output_hidden_states=output_hidden_states, return_dict=return_dict,
-                               fastft_prefix=self.prefix_key_values(), **kwargs)
+                               fastft_prefix=prefix, **kwargs)
 
     def generate(self, *args, **kwargs):
         """Generation with the prefix through the fastft attention op, as the forward runs it: the KV cache holds
@@ -91,6 +96,8 @@ class FastftPrefixModel(PeftModelForCausalLM):
         transformers 5 (it reads `past_key_values`, which transformers no longer passes): the base model's tokens."""
         config = self.active_peft_config
         base = self.get_base_model()
+        if self._adapters_disabled:  # peft's disable_adapter() swaps the forward only: generate as the base model
+            return base.generate(*args, **kwargs)
         if not isinstance(config, PrefixTuningConfig) or base.config._attn_implementation != "fastft":
             return super().generate(*args, **kwargs)
         P, prefix = config.num_virtual_tokens, self.prefix_key_values()
@@ -107,6 +114,25 @@ class FastftPrefixModel(PeftModelForCausalLM):
             return inputs
 
         return generate_adjusting_inputs(base, with_prefix, args, kwargs)
+
+
+def _refuse_reentrant_checkpointing(model: nn.Module) -> None:
+    """Reentrant checkpointing recomputes a layer from its positional inputs only; the prefix reaches each layer by
+    keyword, so its backward runs the prefix encoder's graph once per layer ("backward through the graph a second
+    time"). transformers keeps the checkpoint function on each checkpointed layer: torch's `checkpoint` bound by a
+    partial to the caller's kwargs, where a missing use_reentrant means torch's default, True."""
+    for module in model.modules():
+        if not (getattr(module, "gradient_checkpointing", False) is True and module.training):
+            continue
+        func = getattr(module, "_gradient_checkpointing_func", None)
+        if isinstance(func, functools.partial):
+            reentrant = func.keywords.get("use_reentrant") in (None, True)
+        else:
+            reentrant = func is checkpoint
+        if reentrant:
+            raise ValueError(f"fastft prefix tuning: {type(model).__name__} has reentrant gradient checkpointing "
+                             "(use_reentrant=True, torch's default when not given), which cannot pass gradients to "
+                             "the prefix; enable it with gradient_checkpointing_kwargs={\"use_reentrant\": False}")
 
 
 def _cached_tokens(cache) -> int:

@@ -50,6 +50,8 @@ class FastftPromptModel(PeftModelForCausalLM):
 
     def generate(self, *args, **kwargs):
         base = self.get_base_model()
+        if self._adapters_disabled:  # peft's disable_adapter() swaps the forward only: generate as the base model
+            return base.generate(*args, **kwargs)
         config = self.active_peft_config
         settings = kwargs.get("generation_config") or base.generation_config
         other_cache = kwargs.get("cache_implementation") or getattr(settings, "cache_implementation", None) \

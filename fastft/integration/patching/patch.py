@@ -65,6 +65,11 @@ def _subclass(cls: type, mixin: type | None, **attrs) -> type:
     return _SUBCLASSES[key]
 
 
+def original_class(module: nn.Module) -> type:
+    """The transformers class behind a module patch_model made (the module's own class otherwise)."""
+    return getattr(type(module), "_fastft_original_class", type(module))
+
+
 def _fail(model: nn.Module, message: str) -> ValueError:
     return ValueError(f"fastft.patch_model({type(model).__name__}): {message}")
 
@@ -107,7 +112,8 @@ def _plan(base: nn.Module, backend: str, attention: bool):
     for name, module in base.named_modules():
         for role, cls in classes.items():
             if isinstance(module, cls):
-                if type(module) is not cls:
+                # a copy of a module patched before (peft's modules_to_save deep-copies it) is patched afresh
+                if original_class(module) is not cls:
                     raise _fail(base, f"module '{name or '<root>'}' is a {type(module).__qualname__}, a subclass of "
                                       f"{cls.__name__} fastft does not know (patched already?)")
                 swaps.append((module, _subclass(cls, mixins[role], **attrs[role])))
@@ -154,7 +160,7 @@ def patch_model(model: nn.Module, *, backend: str = "auto", attention: bool = Tr
     arch, swaps, attn_change, summary = _plan(base, backend, attention)
     record = PatchRecord(arch=arch, summary=summary)
     for module, new_cls in swaps:
-        record.swapped.append((module, type(module)))
+        record.swapped.append((module, new_cls._fastft_original_class))
         module.__class__ = new_cls
     if attn_change is not None:
         # importing registers "fastft"; its kernel backend is fastft.register_attention's setting, not `backend`
@@ -167,13 +173,19 @@ def patch_model(model: nn.Module, *, backend: str = "auto", attention: bool = Tr
 
 
 def unpatch_model(model: nn.Module) -> nn.Module:
-    """Undo patch_model exactly: original classes and attention implementation. Returns the model."""
+    """Undo patch_model exactly: original classes (copies of patched modules made since included) and attention
+    implementation. Returns the model."""
     base = _transformers_model(model)
     record = getattr(base, "_fastft_patch", None)
     if record is None:
         raise ValueError(f"fastft.unpatch_model: {type(base).__name__} is not patched (fastft.patch_model)")
     for module, cls in reversed(record.swapped):
         module.__class__ = cls
+    # modules copied after patching (peft's modules_to_save deep-copies the patched module) are in no record
+    for module in model.modules():
+        cls = original_class(module)
+        if cls is not type(module):
+            module.__class__ = cls
     if record.attn_implementation is not None:
         base.set_attn_implementation(record.attn_implementation)
     del base._fastft_patch
