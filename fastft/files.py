@@ -166,12 +166,25 @@ def _remove(tree: Path) -> None:
 
 def output_dir_problem(output_dir: str | os.PathLike, flag: str = "--output-dir") -> str | None:
     """Why `output_dir` cannot be made into a folder (one line naming `flag`), or None when it can: the path or
-    the nearest of its parents that exists must be a folder (`fastft train`, `bench` and `study` check it before
-    any run, not when the first file is written)."""
+    the nearest of its parents that exists must be a folder we may write in (`fastft train`, `bench` and `study`
+    check it before any run, not when the first file is written)."""
     for path in (Path(output_dir), *Path(output_dir).parents):
         if os.path.lexists(path):   # lexists: a dangling link is no folder either
-            if path.is_dir():
-                return None
             where = "" if path == Path(output_dir) else f" {path}"
-            return f"{flag} {output_dir}:{where} exists and is not a folder; give a folder, or a path to create"
+            if not path.is_dir():
+                return f"{flag} {output_dir}:{where} exists and is not a folder; give a folder, or a path to create"
+            if not _can_write_in(path):
+                return (f"{flag} {output_dir}: cannot create files in {path} (its permissions, or a read-only "
+                        "file system); give a folder you can write to")
+            return None
     return None
+
+
+def _can_write_in(folder: Path) -> bool:
+    """Whether a file can be created in `folder`: tried, since root passes os.access's permission check on a
+    read-only file system or an immutable folder."""
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".fastft-write-test-"):
+            return True
+    except OSError:
+        return False

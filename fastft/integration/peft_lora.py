@@ -267,6 +267,9 @@ def get_peft_model(model: nn.Module, config, adapter_name: str = "default", **kw
     Other methods' configs (LoraConfig with use_dora, IA3Config, PrefixTuningConfig, PromptTuningConfig,
     PromptEncoderConfig, fastft's BottleneckAdapterConfig) go to their rooms in fastft.integration.methods.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"get_peft_model: model must be a torch nn.Module (a transformers model, e.g. from "
+                        f"AutoModelForCausalLM.from_pretrained), got {type(model).__name__}")
     refuse_peft_model(model, "get_peft_model")
     if not isinstance(config, LoraConfig) or config.use_dora:
         from fastft.integration.methods import get_method_model
@@ -502,5 +505,9 @@ def save_adapter(model: PeftModel, path: str | os.PathLike, **kwargs) -> Path:
     so an interrupted save never leaves a half-written file behind. Like peft's save, the folder's other files stay
     (other named adapters saved there before, a run's metrics). Folders and files get the modes the umask gives
     (as peft and transformers create them), not mkdtemp's private 0700 (fastft.files.merge_into_folder)."""
+    if not (isinstance(model, PeftModel) or callable(getattr(model, "get_base_model", None))):  # + fastft's own
+        raise TypeError(f"save_adapter: model is a {type(model).__name__}, which holds no adapter (it would write the "
+                        "whole model); give the model fastft.get_peft_model or fastft.load_adapter returned, or save "
+                        "a full model (e.g. after merge_and_unload) with model.save_pretrained(path)")
     with whole_prompt_encoders(model, kwargs.get("state_dict")):  # FSDP2-sharded prompt learning: the whole weights
         return merge_into_folder(path, lambda tmp: model.save_pretrained(str(tmp), **kwargs))

@@ -185,13 +185,25 @@ def plot_figure(result: dict):
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) not in (1, 2):
-        print("usage: python -m fastft.apps.bench.report RESULTS.json [OUT_DIR]", file=sys.stderr)
-        return 2
-    source = Path(argv[0])
-    result = json.loads(source.read_text())
-    paths = write_report(result, argv[1] if len(argv) == 2 else source.parent, formats=("md", "png"))
+    """Errors (a missing or unreadable results file) are one line and exit status 2, as argparse gives them."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m fastft.apps.bench.report",
+                                     description="Draw the markdown table and the PNG plot again from a fastft bench "
+                                                 "results file.")
+    parser.add_argument("results", metavar="RESULTS.json", help="a results file of fastft bench (bench_methods.json)")
+    parser.add_argument("out_dir", metavar="OUT_DIR", nargs="?", help="where to write them (default: RESULTS.json's "
+                                                                      "folder)")
+    args = parser.parse_args(argv)
+    source = Path(args.results)
+    if not source.is_file():
+        parser.error(f"{source}: {'is a directory' if source.is_dir() else 'no such file'}; give the results JSON "
+                     "that fastft bench wrote (bench_methods.json in its --output-dir)")
+    try:
+        result = json.loads(source.read_text(encoding="utf-8"))
+    except ValueError as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        parser.error(f"{source}: not valid JSON ({e})")
+    paths = write_report(result, args.out_dir or source.parent, formats=("md", "png"))
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
 

@@ -147,8 +147,8 @@ _HELP = {
     "dtype": "weights' dtype (auto: bf16 on a GPU, fp32 on the CPU)",
     "mixed_precision": "autocast the forward (through accelerate)",
     "gradient_checkpointing": "recompute activations in the backward instead of keeping them",
-    "offload_activations": "keep saved activations in host memory (with --gradient-checkpointing: the "
-                           "checkpointed layer inputs)",
+    "offload_activations": "needs --gradient-checkpointing: keeps the checkpointed layer inputs (what the backward "
+                           "saves) in host memory, not on the device",
     "attn_implementation": "attention: sdpa/eager get a block-diagonal mask for packed documents; fastft runs "
                            "fastft's varlen flash attention",
     "patch_model": "fastft.patch_model after the method is applied (fused RMSNorm/RoPE/GLU kernels, fastft "
@@ -238,6 +238,8 @@ def _coerce(name: str, value, source: str):
     optional = type(None) in typing.get_args(_TYPES[name])
     if value is None and optional:
         return None
+    if kind is str and isinstance(value, bool) and name in _CHOICES:
+        return _choice_from_yaml_bool(name, value, source)
     try:
         if kind is bool:
             if not isinstance(value, bool):
@@ -260,6 +262,21 @@ def _coerce(name: str, value, source: str):
     except (TypeError, ValueError):
         want = "a list of names" if typing.get_origin(kind) is tuple else kind.__name__
         raise ConfigError(f"{source}: key '{name}' must be {want}, got {value!r}") from None
+
+
+# YAML 1.1 reads these bare words as booleans (any case)
+_YAML_BOOL_WORDS = {True: ("on", "yes", "true"), False: ("off", "no", "false")}
+
+
+def _choice_from_yaml_bool(name: str, value: bool, source: str) -> str:
+    """The choice a bare YAML word stood for (`compile: off` reads as False): the one choice among the words YAML
+    turns into `value`; else a ConfigError saying to quote it."""
+    spelled = [c for c in _CHOICES[name] if c in _YAML_BOOL_WORDS[value]]
+    if len(spelled) == 1:
+        return spelled[0]
+    raise ConfigError(f"{source}: key '{name}' must be one of {', '.join(_CHOICES[name])}, got the boolean {value} "
+                      "(YAML reads a bare on/off/yes/no/true/false as one); quote the value, e.g. "
+                      f"{name}: \"{_CHOICES[name][0]}\"")
 
 
 def read_yaml_config(path: str | os.PathLike) -> dict:
@@ -359,6 +376,16 @@ def unused_settings(cfg: TrainConfig) -> str | None:
     return f"note: not used by --method {cfg.method} --objective {cfg.objective}: {', '.join(unused)}"
 
 
+def rank_problem(cfg: TrainConfig, model_config) -> str | None:
+    """Why --rank does not fit the model (a transformers config, known once --model resolves), or None: a rank above
+    the hidden size adds nothing a full-rank update lacks and only costs time (`fastft bench` refuses it too)."""
+    hidden = getattr(model_config.get_text_config(), "hidden_size", None)
+    if cfg.method not in ("lora", "qlora", "dora") or not isinstance(hidden, int) or cfg.rank <= hidden:
+        return None
+    return (f"--rank {cfg.rank} is larger than --model {cfg.model}'s hidden size {hidden} (used by --method "
+            f"{cfg.method}); give --rank {hidden} or less")
+
+
 def validate(cfg: TrainConfig) -> TrainConfig:
     """Check every setting and the files it names; returns the config with aliases resolved.
     Raises ConfigError (one line, naming the flag) on the first problem."""
@@ -426,6 +453,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     for name in ("data", "eval_data"):
         path = getattr(cfg, name)
         if path is not None:
+            need(not Path(path).is_dir(), f"{flag(name)} {path}: is a directory; give a jsonl file")
             need(Path(path).is_file(), f"{flag(name)} {path}: file not found")
     need(cfg.eval_data is None or cfg.data is not None, "--eval-data needs --data")
     problem = output_dir_problem(cfg.output_dir)

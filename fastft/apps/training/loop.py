@@ -25,11 +25,11 @@ from fastft.apps.compiling import dynamo_counts
 from fastft.apps.training import checkpoints as ckpt
 from fastft.files import atomic_write, replace_folder
 from fastft.integration.parameter_count import parameter_counts
-from fastft.apps.training.config import ConfigError, TrainConfig, to_yaml_dict, unused_settings, validate
+from fastft.apps.training.config import (ConfigError, TrainConfig, flag, rank_problem, to_yaml_dict,
+                                         unused_settings, validate)
 from fastft.apps.training.data import (BatchPlan, Encoder, Example, Pair, check_tokenizer, data_fingerprint,
                                        load_records, pack, records_digest)
 from fastft.apps.training.logs import RunLog, peak_memory_gib
-from fastft.apps.training.report import write_report
 from fastft.apps.training.objectives import (ObjectiveModel, check_head_gives_logits, check_vocab_rows,
                                              is_prompt_learning)
 
@@ -55,6 +55,33 @@ def method_options(cfg: TrainConfig):
                          adapter_activation=cfg.adapter_activation,
                          adapter_attn_output_modules=tuple(cfg.adapter_attn_output_modules),
                          adapter_mlp_output_modules=tuple(cfg.adapter_mlp_output_modules))
+
+
+# the flags naming modules, per method (adapter's attention flag: houlsby only)
+_MODULE_FLAGS = {"lora": ("target_modules",), "qlora": ("target_modules",), "dora": ("target_modules",),
+                 "ia3": ("ia3_target_modules", "ia3_feedforward_modules"),
+                 "adapter": ("adapter_attn_output_modules", "adapter_mlp_output_modules")}
+
+
+def apply_method_or_config_error(model, cfg: TrainConfig):
+    """`apply_method` with the method's options; a module name that matches nothing (a typo, found only once the
+    model is loaded) is a ConfigError naming its flag with a did-you-mean, not a traceback."""
+    from fastft.integration.methods import apply_method
+    from fastft.integration.module_names import name_hint
+
+    names = [name for name, _ in model.named_modules() if name]  # before apply_method changes the model
+    try:
+        return apply_method(model, cfg.method, method_options(cfg))
+    except ValueError as e:  # peft's NoMatchingPeftModuleError is one too
+        flags = _MODULE_FLAGS.get(cfg.method, ())
+        if cfg.method == "adapter" and cfg.adapter_placement != "houlsby":
+            flags = flags[1:]
+        for name in flags:
+            for entry in getattr(cfg, name):
+                if not any(n == entry or n.endswith("." + entry) for n in names):
+                    raise ConfigError(f"{flag(name)} {entry}: matches no module of {type(model).__name__} (module "
+                                      f"names or dotted suffixes of them); {name_hint(entry, names)}") from e
+        raise
 
 
 def maybe_patch(model, cfg: TrainConfig, device, log) -> bool:
@@ -381,9 +408,12 @@ def _describe(name: str, result: dict | None) -> str:
 
 def train(cfg: TrainConfig) -> dict:
     from accelerate.utils import set_seed
+    from transformers import AutoConfig
 
     import fastft
-    from fastft.integration.methods import apply_method
+    # imported here, not with the module: `python -m fastft.apps.training.report` imports this package (and so
+    # this module) before it runs report, which runpy warns about when report is already imported
+    from fastft.apps.training.report import write_report
 
     cfg = validate(cfg)
     if cfg.compile != "off":  # a fresh dynamo, as in a new process: earlier runs' code caches (and their
@@ -413,6 +443,9 @@ def train(cfg: TrainConfig) -> dict:
     set_seed(cfg.seed)
 
     model_path, tokenizer, load_model, load_tokenizer = _load_models(cfg, device, accelerator)
+    problem = rank_problem(cfg, AutoConfig.from_pretrained(model_path))  # the sizes, before the weights load
+    if problem:
+        raise ConfigError(problem)
     check_tokenizer(tokenizer, train_records + eval_records, cfg.objective)
     teacher = None
     if cfg.objective == "distill":
@@ -446,7 +479,7 @@ def train(cfg: TrainConfig) -> dict:
                                           cfg.eval_batch_size, accelerator)
         log(_describe("before", history["eval_before"]))
 
-    model = apply_method(model, cfg.method, method_options(cfg))
+    model = apply_method_or_config_error(model, cfg)
     patched = maybe_patch(model, cfg, device, log)
     attention = (model.get_base_model() if hasattr(model, "get_base_model") else model).config._attn_implementation
     if attention != cfg.attn_implementation:  # prefix tuning and patching run fastft's attention

@@ -97,9 +97,28 @@ def write_report(output_dir: str | Path, metrics: dict) -> list[Path]:
     return written
 
 
-if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        sys.exit("usage: python -m fastft.apps.training.report OUTPUT_DIR (a fastft train run's folder)")
-    folder = Path(sys.argv[1])
-    written = write_report(folder, json.loads((folder / "metrics.json").read_text()))
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m fastft.apps.training.report",
+                                     description="Draw report.md and losses.png again from a fastft train run's "
+                                                 "metrics.json.")
+    parser.add_argument("output_dir", metavar="OUTPUT_DIR", help="a fastft train run's folder (its --output-dir)")
+    args = parser.parse_args(argv)
+    folder = Path(args.output_dir)
+    metrics = folder / "metrics.json"
+    if not metrics.is_file():
+        why = ("no metrics.json in it (not a finished fastft train run)" if folder.is_dir()
+               else "not a folder; give the run's folder" if folder.exists() else "no such folder")
+        parser.error(f"{folder}: {why}")  # one line, exit status 2
+    try:
+        values = json.loads(metrics.read_text(encoding="utf-8"))
+    except ValueError as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        parser.error(f"{metrics}: not valid JSON ({e})")
+    written = write_report(folder, values)
     print("wrote " + " and ".join(map(str, written)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
