@@ -91,7 +91,7 @@ def _descriptor_configs(rank: int, fold: bool, every: bool) -> list[dict]:
 
 
 @pytest.mark.parametrize("rank,fold", [(16, False), (16, True), (64, True)])
-def test_each_descriptor_config_matches_fp64(monkeypatch, rank, fold):
+def test_each_descriptor_config_matches_fp64(monkeypatch, poison_cuda_allocator, rank, fold):
     """Each config the tuner may pick, forced one at a time, forward (W [N,K]) and dx (W seen transposed) against
     fp64, with a ragged M and N: tuning only keeps the fastest, so a wrong config would go unseen until it won.
     FASTFT_GPU_SWEEP=1 checks every config; by default the first and the warp-specialized ones."""
@@ -109,6 +109,8 @@ def test_each_descriptor_config_matches_fp64(monkeypatch, rank, fold):
     dx_ref = dy.double() @ W.double() + 2.0 * lo_dy.double() @ A.double()
     every = os.environ.get("FASTFT_GPU_SWEEP", "0") == "1"
     for config in _descriptor_configs(rank, fold, every):
+        y = dx = lo = None  # the last config's outputs freed and poisoned: the next must not inherit their values
+        poison_cuda_allocator()
         # one config: the tuner runs it untimed; a descriptor build failure would fall back to pointer loads
         monkeypatch.setattr(lora_gemm, "gemm_configs", lambda *args, config=config: [config])
         if fold:

@@ -27,6 +27,7 @@ def test_gpu_lora_paths_benchmark_smoke(tmp_path):
                                                    for part in ("fwd", "bwd", "fwd+bwd")}
     assert all(e["path"] == "fold" and e["key"][0] in ("forward", "backward") for e in result["measured"])
     assert "## entries for fastft/ops/lora_path.py MEASURED" in run.stdout
+    assert result["shapes_done"] == 1 and "MEASURED entries after 48->40 (1/1 shapes)" in run.stdout  # per shape
 
 
 def test_measured_entries_need_a_margin_for_every_rank(monkeypatch):
@@ -47,3 +48,49 @@ def test_measured_entries_need_a_margin_for_every_rank(monkeypatch):
     entries = bench.measured_entries(rows, correct=True)
     assert entries == {path_key("forward", bench.M, 4096, 4096, 16, bench.DTYPE): "fold"}
     assert bench.measured_entries(rows, correct=False) == {}
+
+
+def test_timed_calls_leave_the_environment_alone(monkeypatch):
+    """FASTFT_LORA_PATH is set around each measurement, not inside the timed calls: patching os.environ costs ~125 µs
+    of host time a call, which was added to fastft's side only (the frozen base never patched it)."""
+    import torch
+    import torch.nn.functional as F
+
+    from fastft.ops import lora_path
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    monkeypatch.delenv(lora_path.ENV, raising=False)
+    import gpu_lora_paths as bench
+
+    patched, timing, seen, inside = [], [False], [], []
+    real_path, real_host_ms = bench.path, bench.host_ms
+
+    def counted_path(name):
+        patched.append(name)
+        return real_path(name)
+
+    def fake_lora_linear(x, W, b, A, B, scale, backend):
+        if timing[0]:
+            seen.append(lora_path.forced_path())
+        return F.linear(x, W) + scale * (x @ A.T) @ B.T
+
+    def timed(measure):
+        def run(fn, *args, **kwargs):
+            timing[0], before = True, len(patched)
+            try:
+                return measure(fn, *args, **kwargs)
+            finally:
+                timing[0] = False
+                inside.append(len(patched) - before)
+        return run
+
+    monkeypatch.setattr(bench, "path", counted_path)
+    monkeypatch.setattr(bench, "lora_linear", fake_lora_linear)
+    monkeypatch.setattr(bench, "time_ms", timed(lambda fn, **kw: (fn(), fn(), 1.0)[-1]))
+    monkeypatch.setattr(bench, "host_ms", timed(real_host_ms))
+    for name, value in dict(SMOKE=True, DEVICE="cpu", DTYPE=torch.float32, M=8, RANKS=[8]).items():
+        monkeypatch.setattr(bench, name, value)
+    rows = bench.bench_shape(16, 24, rounds=2)
+    assert len(rows) == 7 and inside and not any(inside), inside  # nothing patched while a measurement ran
+    assert set(seen) == {"split", "fold"}  # yet each path's calls ran on their own path
+    assert os.environ.get(lora_path.ENV) is None

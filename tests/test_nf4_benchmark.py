@@ -12,7 +12,41 @@ def test_gpu_nf4_benchmark_smoke(tmp_path):
     assert [k for k, v in checks.items() if v is not True and not isinstance(v, list)] == []
     assert {"qlora fused within 1e-2 of fp32", "qlora dequant within 1e-2 of fp32"} <= checks.keys()
     assert [r["shape"] for r in result["dequant"]] == ["64x128", "96x64"]
+    assert result["copy"][0]["TBps"] > 0 and all(r["fastft_of_copy"] > 0 for r in result["dequant"])
     for row in result["qlora"]:
         assert all(row[f"{k}_ms"] > 0 for k in ("bf16_base", "fused", "dequant", "auto", "dequant_base", "peft_bnb"))
     assert len(result["gemv"]) == 4 and all(r["bf16_us"] > 0 for r in result["gemv"])
-    assert "correctness: all exact checks passed" in stdout
+    assert "correctness: all checks passed" in stdout
+
+
+def test_verdict_fails_on_crashed_checks_and_gemv_errors(monkeypatch, capsys):
+    """A check that raised (None) and a GEMV off fp32 (its entry is a relative error) are failures and the script
+    exits 1; before, only entries that were False counted and main() always exited 0. The results are saved after
+    every part (GEMV before QLoRA), not only at the end."""
+    from tests.benchmark_smoke import ROOT
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import gpu_nf4
+
+    checks = {"dequant 4096x4096 exact vs torch": True, "qlora fused within 1e-2 of fp32": None,
+              "qlora fused rel err y / dx / dA / dB (bf16, vs fp32)": [3e-3, 4e-3, 5e-3, 5e-3],
+              "gemv scaled batch 1 rel err": 3e-3, "gemv table batch 1 rel err": 0.48,
+              "gemv table batch 4 rel err": float("nan")}
+    saved, row = [], {"shape": "4096x4096", "fastft_ms": 0.02, "fastft_TBps": 2.0}
+    monkeypatch.setattr(gpu_nf4, "RESULTS", {"errors": []})
+    for name, value in dict(SMOKE=True, DEV="cpu", check_correctness=lambda: checks,
+                            time_copy=lambda rows: None, time_dequant=lambda rows: rows.append(row),
+                            time_gemv=lambda rows: None, time_qlora=lambda rows: 1 / 0,
+                            write_results=lambda name, payload: saved.append(dict(payload))).items():
+        monkeypatch.setattr(gpu_nf4, name, value)
+    assert gpu_nf4.main() == 1
+    # saved after each part, GEMV before QLoRA: a run cut short keeps the parts it finished
+    assert [key for key in saved[-1] if key in ("copy", "dequant", "gemv", "qlora")] == ["copy", "dequant", "gemv",
+                                                                                        "qlora"]
+    assert any(s.get("dequant") == [row] and "gemv" not in s for s in saved)
+    verdict = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("correctness:"))
+    assert "FAILED" in verdict and "qlora fused within 1e-2 of fp32: raised" in verdict
+    assert "gemv table batch 1 rel err" in verdict and "gemv table batch 4 rel err" in verdict
+    assert "gemv scaled" not in verdict and "qlora part crashed" in verdict
+    assert gpu_nf4.failed_checks({"dequant exact": True, "gemv scaled batch 1 rel err": 3e-3}) == []
+    assert gpu_nf4.failed_checks(None) == ["correctness did not run"]
