@@ -5,6 +5,7 @@ Triton kernels run on the CPU through the interpreter. On a machine with CUDA th
 `pytest -m gpu` runs the GPU tests natively, and interpreter-only tests skip.
 """
 import os
+import sys
 
 import torch
 
@@ -15,7 +16,17 @@ if not HAS_CUDA:
 import pytest  # noqa: E402
 
 
+# The longest files (~20 s to ~90 s each on CI's 2 cores), started first when pytest-xdist spreads whole files over
+# workers (scripts/test.sh: -n 2 --dist loadfile), so no worker is left with one of them at the end alone.
+LONG_FILES = ("test_study_quick.py", "test_train_distributed.py", "test_patch_step_benchmark.py",
+              "test_train_compile.py", "test_train_objectives.py", "test_study.py", "test_bench_cli.py",
+              "test_train_resume.py", "test_nf4_fsdp.py", "test_methods_smollm2.py", "test_smollm2.py")
+
+
 def pytest_collection_modifyitems(config, items):
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # a stable sort: every worker must collect the same order
+        rank = {name: i for i, name in enumerate(LONG_FILES)}
+        items.sort(key=lambda item: rank.get(item.path.name, len(LONG_FILES)))
     if HAS_CUDA:
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
@@ -30,6 +41,16 @@ def _seed():
     yield
 
 
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """accelerate's AcceleratorState is a process-wide singleton: an in-process `fastft train --mixed-precision bf16`
+    left it in bf16 for a later test's plain Accelerator(cpu=True) (seen when the test order changed)."""
+    yield
+    state = sys.modules.get("accelerate.state")
+    if state is not None:
+        state.AcceleratorState._reset_state()
+
+
 @pytest.fixture
 def captured_seeds(monkeypatch):
     """The seeds the fused ops draw for dropout (fastft.ops.shared.draw_seed: every op family, eager and compiled),
@@ -42,14 +63,40 @@ def captured_seeds(monkeypatch):
     return seeds
 
 
+class _DeviceBytes:
+    """A span of CUDA memory seen as a uint8 tensor through torch.as_tensor (the CUDA array interface)."""
+
+    def __init__(self, address: int, size: int):
+        self.__cuda_array_interface__ = {"shape": (size,), "typestr": "|u1", "data": (address, False), "version": 2}
+
+
+def free_cuda_blocks(snapshot: list[dict], device: int) -> list[tuple[int, int]]:
+    """(address, bytes) of each free block of torch.cuda.memory_snapshot() on `device`: where the next allocations
+    land. Expandable segments are left out (their free tail may be unmapped)."""
+    return [(block["address"], block["size"]) for segment in snapshot
+            if segment.get("device", device) == device and not segment.get("is_expandable")
+            for block in segment["blocks"] if block["state"] == "inactive"]
+
+
+def poison_free_cuda_memory() -> None:
+    """Every free byte the caching allocator holds set to 0xFF: NaN in every float dtype. Both pools: outputs up to
+    1 MiB come from the small pool's 2 MiB segments, larger ones from the large pool; room is reserved in each first,
+    so outputs come from poisoned blocks rather than fresh cudaMalloc memory (which may hold an old output)."""
+    reserved = [torch.empty(256 << 20, dtype=torch.uint8, device="cuda") for _ in range(4)]
+    reserved += [torch.empty(1 << 20, dtype=torch.uint8, device="cuda") for _ in range(64)]  # small pool: ≤ 1 MiB
+    del reserved
+    for address, size in free_cuda_blocks(torch.cuda.memory_snapshot(), torch.cuda.current_device()):
+        torch.as_tensor(_DeviceBytes(address, size), device="cuda").fill_(0xFF)
+
+
 @pytest.fixture
 def poison_cuda_allocator():
-    """Fill the caching allocator's free blocks with NaN: a kernel that skips an element leaves NaN behind
-    (GPU tests: `pytestmark = pytest.mark.usefixtures("poison_cuda_allocator")`)."""
-    torch.cuda.empty_cache()
-    blocks = [torch.full((64 << 20,), float("nan"), device="cuda") for _ in range(4)]
-    del blocks
-    yield
+    """Every free block of the caching allocator filled with NaN: a kernel that skips an element leaves NaN behind
+    (GPU tests: `pytestmark = pytest.mark.usefixtures("poison_cuda_allocator")`). Yields the poisoning function: a
+    test that launches in a loop (one config after another) drops its outputs and calls it before each launch, or a
+    block freed by an earlier launch, holding right values, is handed to the next."""
+    poison_free_cuda_memory()
+    yield poison_free_cuda_memory
 
 
 @pytest.fixture
