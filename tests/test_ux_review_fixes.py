@@ -117,6 +117,19 @@ def test_a_module_name_typo_is_a_config_error_naming_the_flag(settings, flag, hi
     assert "\n" not in message
 
 
+def test_a_typo_beside_names_that_match_is_noted():
+    """peft adapts the names that match and ignores the typo: the run says so (for names the user gave)."""
+    notes = []
+    model = apply_method_or_config_error(_tiny_llama(), TrainConfig(method="lora", target_modules=("q_prj", "v_proj")),
+                                         notes.append)
+    assert any("lora_A" in n for n, _ in model.named_parameters())
+    assert len(notes) == 1 and notes[0].startswith("note: --target-modules q_prj: matches no module")
+    assert "did you mean 'q_proj'?" in notes[0]
+    notes.clear()
+    apply_method_or_config_error(_tiny_llama(), TrainConfig(method="lora"), notes.append)  # the default list
+    assert notes == []
+
+
 def test_other_method_errors_are_not_relabelled(monkeypatch):
     def refuse(*args, **kwargs):
         raise ValueError("something else")

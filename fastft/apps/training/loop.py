@@ -63,25 +63,41 @@ _MODULE_FLAGS = {"lora": ("target_modules",), "qlora": ("target_modules",), "dor
                  "adapter": ("adapter_attn_output_modules", "adapter_mlp_output_modules")}
 
 
-def apply_method_or_config_error(model, cfg: TrainConfig):
+def _unmatched(cfg: TrainConfig, names: list[str]):
+    """(flag field, entry) for each module name of the method's flags that matches none of `names` (peft's list
+    rule: the whole name or a dotted suffix of one)."""
+    flags = _MODULE_FLAGS.get(cfg.method, ())
+    if cfg.method == "adapter" and cfg.adapter_placement != "houlsby":
+        flags = flags[1:]
+    for field in flags:
+        for entry in getattr(cfg, field):
+            if not any(n == entry or n.endswith("." + entry) for n in names):
+                yield field, entry
+
+
+def apply_method_or_config_error(model, cfg: TrainConfig, log=None):
     """`apply_method` with the method's options; a module name that matches nothing (a typo, found only once the
-    model is loaded) is a ConfigError naming its flag with a did-you-mean, not a traceback."""
+    model is loaded) is a ConfigError naming its flag with a did-you-mean, not a traceback. When other names
+    matched, peft trains those: a name the user gave (not the default list) that matched nothing is logged."""
     from fastft.integration.methods import apply_method
     from fastft.integration.module_names import name_hint
 
     names = [name for name, _ in model.named_modules() if name]  # before apply_method changes the model
+    kind = type(model).__name__
     try:
-        return apply_method(model, cfg.method, method_options(cfg))
+        adapted = apply_method(model, cfg.method, method_options(cfg))
     except ValueError as e:  # peft's NoMatchingPeftModuleError is one too
-        flags = _MODULE_FLAGS.get(cfg.method, ())
-        if cfg.method == "adapter" and cfg.adapter_placement != "houlsby":
-            flags = flags[1:]
-        for name in flags:
-            for entry in getattr(cfg, name):
-                if not any(n == entry or n.endswith("." + entry) for n in names):
-                    raise ConfigError(f"{flag(name)} {entry}: matches no module of {type(model).__name__} (module "
-                                      f"names or dotted suffixes of them); {name_hint(entry, names)}") from e
+        for field, entry in _unmatched(cfg, names):
+            raise ConfigError(f"{flag(field)} {entry}: matches no module of {kind} (module names or dotted suffixes "
+                              f"of them); {name_hint(entry, names)}") from e
         raise
+    if log is not None and cfg.method in ("lora", "qlora", "dora", "ia3"):  # adapters' entries may be regexes
+        defaults = TrainConfig.__dataclass_fields__
+        for field, entry in _unmatched(cfg, names):
+            if tuple(getattr(cfg, field)) != tuple(defaults[field].default):
+                log(f"note: {flag(field)} {entry}: matches no module of {kind}, so it gets nothing (the other names "
+                    f"did); {name_hint(entry, names)}")
+    return adapted
 
 
 def maybe_patch(model, cfg: TrainConfig, device, log) -> bool:
@@ -479,7 +495,7 @@ def train(cfg: TrainConfig) -> dict:
                                           cfg.eval_batch_size, accelerator)
         log(_describe("before", history["eval_before"]))
 
-    model = apply_method_or_config_error(model, cfg)
+    model = apply_method_or_config_error(model, cfg, log)
     patched = maybe_patch(model, cfg, device, log)
     attention = (model.get_base_model() if hasattr(model, "get_base_model") else model).config._attn_implementation
     if attention != cfg.attn_implementation:  # prefix tuning and patching run fastft's attention
