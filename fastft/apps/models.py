@@ -76,6 +76,15 @@ def smollm2_checkpoint() -> Path:
     return target
 
 
+def rank_problem(rank: int, hidden, model: str, used_by: str) -> str | None:
+    """Why --rank does not fit a model of hidden size `hidden` (`model` names it, `used_by` the methods), or None
+    (it fits, or the size is unknown): a rank above the hidden size adds nothing a full-rank update lacks and only
+    costs time (`fastft train` and `fastft bench` both refuse it)."""
+    if not isinstance(hidden, int) or rank <= hidden:
+        return None
+    return f"--rank {rank} is larger than {model}'s hidden size {hidden} (used by {used_by}); give --rank {hidden} or less"
+
+
 def resolve_model_path(name_or_path: str) -> str:
     """A built-in model name (`smollm2-135m`) or a local transformers checkpoint directory."""
     if name_or_path == SMOLLM2:

@@ -9,7 +9,7 @@ import torch
 from fastft.apps.bench.peers import PEERS
 from fastft.apps.bench.shapes import DTYPES, SHAPES
 from fastft.apps.compiling import compile_problem
-from fastft.apps.models import model_problem
+from fastft.apps.models import model_problem, rank_problem
 from fastft.files import output_dir_problem
 from fastft.integration.methods import METHODS
 
@@ -89,10 +89,10 @@ class BenchConfig:
         size is known once it loads, so only --shape is checked here)."""
         ranked = [m for m in self.methods if m in RANKED_METHODS]
         if self.model is None and ranked:
-            hidden = SHAPES[self.shape]["hidden_size"]
-            if self.rank > hidden:
-                raise ValueError(f"--rank {self.rank} is larger than --shape {self.shape}'s hidden size {hidden} "
-                                 f"(used by {', '.join(ranked)}); give --rank {hidden} or less")
+            problem = rank_problem(self.rank, SHAPES[self.shape]["hidden_size"], f"--shape {self.shape}",
+                                   ", ".join(ranked))
+            if problem:
+                raise ValueError(problem)
 
 
 def output_dir_error(output_dir: str) -> str | None:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from fastft.apps.compiling import COMPILE_BACKENDS, COMPILE_MODES, compile_problem
 from fastft.apps.datasets import TASK_NAMES
-from fastft.apps.models import SMOLLM2, model_problem
+from fastft.apps.models import SMOLLM2, model_problem, rank_problem as rank_over_hidden
 from fastft.files import output_dir_problem
 from fastft.integration.methods import ALL_LINEAR, METHODS, MethodOptions
 from fastft.ops.bottleneck_adapter import ACTIVATIONS
@@ -377,13 +377,11 @@ def unused_settings(cfg: TrainConfig) -> str | None:
 
 
 def rank_problem(cfg: TrainConfig, model_config) -> str | None:
-    """Why --rank does not fit the model (a transformers config, known once --model resolves), or None: a rank above
-    the hidden size adds nothing a full-rank update lacks and only costs time (`fastft bench` refuses it too)."""
-    hidden = getattr(model_config.get_text_config(), "hidden_size", None)
-    if cfg.method not in ("lora", "qlora", "dora") or not isinstance(hidden, int) or cfg.rank <= hidden:
+    """Why --rank does not fit the model (a transformers config, known once --model resolves), or None."""
+    if cfg.method not in ("lora", "qlora", "dora"):
         return None
-    return (f"--rank {cfg.rank} is larger than --model {cfg.model}'s hidden size {hidden} (used by --method "
-            f"{cfg.method}); give --rank {hidden} or less")
+    hidden = getattr(model_config.get_text_config(), "hidden_size", None)
+    return rank_over_hidden(cfg.rank, hidden, f"--model {cfg.model}", f"--method {cfg.method}")
 
 
 def validate(cfg: TrainConfig) -> TrainConfig:
