@@ -42,13 +42,18 @@ def _seed():
 
 
 @pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    """accelerate's AcceleratorState is a process-wide singleton: an in-process `fastft train --mixed-precision bf16`
-    left it in bf16 for a later test's plain Accelerator(cpu=True) (seen when the test order changed)."""
+def _fresh_process_state():
+    """Process-wide state a test leaves behind, reset after each (two xdist workers run files in changing company):
+    accelerate's singleton state (an in-process `fastft train --mixed-precision bf16` left a later test's plain
+    Accelerator(cpu=True) in bf16), and the training loop's once-per-process warnings."""
     yield
     state = sys.modules.get("accelerate.state")
-    if state is not None:
-        state.AcceleratorState._reset_state()
+    if state is not None:  # the device too (PartialState): a later Accelerator(cpu=...) would keep the first one's
+        state.AcceleratorState._reset_state(reset_partial_state=True)
+        state.GradientState._reset_state()
+    objectives = sys.modules.get("fastft.apps.training.objectives")
+    if objectives is not None:  # its once-per-process warning, given again in the next test that triggers it
+        objectives._WARNED.clear()
 
 
 @pytest.fixture

@@ -64,17 +64,19 @@ def test_deterministic_mode_drops_atomic_dq(monkeypatch):
         assert attention_bwd.deterministic()
     finally:
         torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
-    for interpret in (True, False):
-        monkeypatch.setattr(attention_bwd, "INTERPRET", interpret)
+    try:  # the GPU lists built here must not stay cached for later interpreter tests
+        for interpret in (True, False):
+            monkeypatch.setattr(attention_bwd, "INTERPRET", interpret)
+            attention_bwd.backward_configs.cache_clear()
+            for dtype in (torch.float32, torch.bfloat16):
+                for head_dim in (64, 128, 256):
+                    for tma in (True, False):
+                        free = attention_bwd.backward_configs(dtype, head_dim, tma)
+                        kept = attention_bwd.backward_configs(dtype, head_dim, tma, True)
+                        assert kept and not any(c["ATOMIC_DQ"] for c in kept), (dtype, head_dim, tma)
+                        assert kept == [c for c in free if not c["ATOMIC_DQ"]] or len(kept) == 1
+    finally:
         attention_bwd.backward_configs.cache_clear()
-        for dtype in (torch.float32, torch.bfloat16):
-            for head_dim in (64, 128, 256):
-                for tma in (True, False):
-                    free = attention_bwd.backward_configs(dtype, head_dim, tma)
-                    kept = attention_bwd.backward_configs(dtype, head_dim, tma, True)
-                    assert kept and not any(c["ATOMIC_DQ"] for c in kept), (dtype, head_dim, tma)
-                    assert kept == [c for c in free if not c["ATOMIC_DQ"]] or len(kept) == 1
-    attention_bwd.backward_configs.cache_clear()
 
 
 @interpreter_only

@@ -8,6 +8,7 @@ dev (FASTFT_FUZZ_PROFILE=dev): fresh random examples each run; failures are save
 FASTFT_FUZZ_EXAMPLES=N raises every test's example count (strategies.fuzz); FASTFT_FUZZ_REPORT=path writes the
 examples run per op and the worst error/bound ratio per (op, dtype) as JSON at the end of the session.
 """
+import fcntl
 import json
 import os
 from pathlib import Path
@@ -44,11 +45,31 @@ def pytest_sessionfinish(session, exitstatus):
     path = os.environ.get("FASTFT_FUZZ_REPORT")
     if not path or not (references.STATS or references.EXAMPLES):
         return
-    report = {"examples": dict(references.EXAMPLES),
-              "worst_error_over_bound": {f"{op} {dt}": v for (op, dt), v in sorted(references.STATS.items())}}
-    tmp = Path(path).with_suffix(".tmp")
-    tmp.write_text(json.dumps(report, indent=1))
-    tmp.replace(path)
+    # under pytest-xdist every worker ends its own session with the ops it ran: they merge into one report, under a
+    # lock, by the run's id (a report left by an earlier run is replaced, not merged)
+    run = getattr(session.config, "workerinput", {}).get("testrunuid")
+    examples, worst = dict(references.EXAMPLES), {f"{op} {dt}": v for (op, dt), v in references.STATS.items()}
+    with open(f"{path}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            earlier = json.loads(Path(path).read_text())
+        except (OSError, ValueError):
+            earlier = {}
+        if run is not None and earlier.get("run") == run:
+            for op, n in earlier["examples"].items():
+                examples[op] = examples.get(op, 0) + n
+            for key, theirs in earlier["worst_error_over_bound"].items():  # {comparisons, worst, where}
+                ours = worst.get(key)
+                if ours is None:
+                    worst[key] = theirs
+                else:
+                    worst[key] = dict(max(ours, theirs, key=lambda s: s["worst"]),
+                                      comparisons=ours["comparisons"] + theirs["comparisons"])
+        report = {"run": run, "examples": dict(sorted(examples.items())),
+                  "worst_error_over_bound": dict(sorted(worst.items()))}
+        tmp = Path(path).with_suffix(".tmp")
+        tmp.write_text(json.dumps(report, indent=1))
+        tmp.replace(path)
 
 
 @pytest.fixture

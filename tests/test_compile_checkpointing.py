@@ -1,0 +1,72 @@
+"""Activation checkpointing under torch.compile: non-reentrant checkpointing needs no hook making the embedding's
+output require grad, and transformers 5 adds one anyway; its requires_grad_ on a frozen embedding's output stops
+torch.compile(fullgraph=True) ("returning intermediate with requires_grad_()") and breaks the graph without it.
+fastft.prepare_model_for_kbit_training(use_reentrant=False) and `fastft train --gradient-checkpointing` leave no
+such hook: one graph, eager's gradients. Backend aot_eager keeps the CPU cost down."""
+import json
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import fastft
+from fastft.apps.cli import main
+from tests.train_utils import save_tiny_checkpoint
+
+
+def _tiny_llama():
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, use_cache=False)
+    return LlamaForCausalLM(config)
+
+
+def _loss_and_grads(model, ids):
+    model.zero_grad(set_to_none=True)
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.detach(), {n.replace("_orig_mod.", ""): p.grad.clone()
+                           for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_prepared_non_reentrant_model_compiles_fullgraph_with_eager_gradients():
+    model = fastft.prepare_model_for_kbit_training(_tiny_llama(),
+                                                   gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert not model.get_input_embeddings()._forward_hooks
+    # a weight inside the checkpointed layers trains (as a LoRA factor would); the embedding stays frozen
+    model.model.layers[1].post_attention_layernorm.weight.requires_grad_(True)
+    model.train()
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    want_loss, want_grads = _loss_and_grads(model, ids)
+    torch._dynamo.reset()
+    got_loss, got_grads = _loss_and_grads(torch.compile(model, backend="aot_eager", fullgraph=True), ids)
+    torch.testing.assert_close(got_loss, want_loss)
+    assert got_grads.keys() == want_grads.keys() == {"model.layers.1.post_attention_layernorm.weight"}
+    for name in want_grads:
+        torch.testing.assert_close(got_grads[name], want_grads[name])
+
+
+def test_prepared_reentrant_model_has_one_removable_input_grad_hook():
+    """Reentrant checkpointing keeps its hook, registered once: disable_input_require_grads removes it (a second
+    registration used to replace the first in transformers' record, which then stayed on the embedding)."""
+    model = fastft.prepare_model_for_kbit_training(_tiny_llama())
+    assert len(model.get_input_embeddings()._forward_hooks) == 1
+    model.disable_input_require_grads()
+    assert not model.get_input_embeddings()._forward_hooks
+
+
+def test_train_compiled_with_checkpointing_is_one_graph_with_eager_losses(tmp_path):
+    tiny = save_tiny_checkpoint(tmp_path / "tiny", layers=1)
+    data = tmp_path / "same.jsonl"  # documents of one token count: one packed shape, one compilation
+    data.write_text("".join(json.dumps({"text": f"word{i % 7} and the other {i % 5} things go"}) + "\n"
+                            for i in range(12)))
+    runs = {}
+    for name, extra in (("eager", []), ("compiled", ["--compile", "default", "--compile-backend", "aot_eager"])):
+        argv = ["train", "--model", str(tiny), "--data", str(data), "--method", "lora", "--steps", "2",
+                "--batch-size", "3", "--eval-examples", "0", "--max-length", "24", "--lr", "3e-3",
+                "--gradient-checkpointing", "--seed", "1", "--output-dir", str(tmp_path / name)]
+        assert main([*argv, *extra]) == 0
+        runs[name] = json.loads((tmp_path / name / "metrics.json").read_text())
+    record = runs["compiled"]["compile"]
+    assert record["compiled"] and record["graphs"] == 1 and record["graph_breaks"] == 0, record
+    assert runs["compiled"]["train_losses"] == pytest.approx(runs["eager"]["train_losses"], rel=1e-5)
