@@ -46,6 +46,32 @@ def test_prepared_non_reentrant_model_compiles_fullgraph_with_eager_gradients():
         torch.testing.assert_close(got_grads[name], want_grads[name])
 
 
+def test_qlora_order_prepare_then_get_peft_model_compiles_fullgraph():
+    """The usual QLoRA order: peft's wrap hooks the checkpointed model's embedding again; fastft's wrap drops that
+    hook too when the checkpointing is non-reentrant (and keeps the user's own)."""
+    from peft import LoraConfig
+
+    model = fastft.prepare_model_for_kbit_training(_tiny_llama(),
+                                                   gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = fastft.get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    assert not model.get_input_embeddings()._forward_hooks
+    model.train()
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    want_loss, want_grads = _loss_and_grads(model, ids)
+    torch._dynamo.reset()
+    got_loss, got_grads = _loss_and_grads(torch.compile(model, backend="aot_eager", fullgraph=True), ids)
+    torch.testing.assert_close(got_loss, want_loss)
+    assert got_grads.keys() == want_grads.keys() and want_grads
+    for name in want_grads:
+        torch.testing.assert_close(got_grads[name], want_grads[name])
+    # a hook the user set before wrapping stays
+    base = _tiny_llama()
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    base.enable_input_require_grads()
+    hooked = fastft.get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj"]))
+    assert hooked.get_input_embeddings()._forward_hooks
+
+
 def test_prepared_reentrant_model_has_one_removable_input_grad_hook():
     """Reentrant checkpointing keeps its hook, registered once: disable_input_require_grads removes it (a second
     registration used to replace the first in transformers' record, which then stayed on the embedding)."""

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from fastft.files import atomic_write as _atomic_write
+from fastft.integration.checkpointing import drop_input_grad_hooks_if_unneeded, input_grad_hooks
 from fastft.integration.module_names import name_hint
 from fastft.modules.nf4_linear import NF4Linear, is_conv1d, linear_features
 from fastft.quant.nf4_weight import QUANT_STATE_KEY, NF4Weight, local_nf4, quantize_nf4
@@ -132,6 +133,8 @@ def prepare_model_for_kbit_training(model: nn.Module, use_gradient_checkpointing
     checkpointing (and, for reentrant checkpointing, input grads) only for models transformers loaded with
     bitsandbytes (`is_loaded_in_4bit`); fastft's NF4 models do not set that flag (transformers and peft would then
     reach for bitsandbytes). This runs peft's function and then does that part as peft does. Returns the model.
+    With use_reentrant=False the embedding gets no hook making its output require grad (peft adds none then;
+    transformers 5 would), so torch.compile(fullgraph=True) traces the model.
     """
     from peft import prepare_model_for_kbit_training as peft_prepare
 
@@ -140,12 +143,16 @@ def prepare_model_for_kbit_training(model: nn.Module, use_gradient_checkpointing
         raise TypeError(f"prepare_model_for_kbit_training: {type(model).__name__} has no gradient_checkpointing_enable "
                         "(not a transformers model); pass use_gradient_checkpointing=False")
     peft_did_it = getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
+    had_input_grads = bool(input_grad_hooks(model))
     model = peft_prepare(model, use_gradient_checkpointing=use_gradient_checkpointing,
                          gradient_checkpointing_kwargs=kwargs)
+    reentrant = kwargs.get("use_reentrant", True)
     if use_gradient_checkpointing and not peft_did_it:
-        if kwargs.get("use_reentrant", True):  # reentrant checkpointing needs inputs that require grad
-            model.enable_input_require_grads()
         _enable_checkpointing(model, kwargs)
+        if reentrant and not input_grad_hooks(model):  # reentrant checkpointing needs inputs that require grad
+            model.enable_input_require_grads()
+    if use_gradient_checkpointing and not reentrant:  # transformers 5 hooks the embedding anyway (see checkpointing)
+        drop_input_grad_hooks_if_unneeded(model, had_input_grads)
     return model
 
 

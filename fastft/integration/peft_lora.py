@@ -26,6 +26,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from fastft.files import merge_into_folder
+from fastft.integration.checkpointing import drop_input_grad_hooks_if_unneeded, input_grad_hooks
 from fastft.integration.module_names import name_hint
 from fastft.integration.methods.prompt import whole_prompt_encoders
 from fastft.modules.lora import FusedLoraLinear
@@ -293,9 +294,13 @@ def refuse_peft_model(model: nn.Module, what: str) -> None:
 def quiet_peft_model(model: nn.Module, config, adapter_name: str = "default", **kwargs) -> PeftModel:
     """`peft.get_peft_model`, without the FutureWarning peft raises reading transformers' deprecated
     `is_gradient_checkpointing` (nothing for the user to act on). Every method's room builds through it."""
+    had_hooks = bool(input_grad_hooks(model))
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        return peft.get_peft_model(model, config, adapter_name=adapter_name, **kwargs)
+        wrapped = peft.get_peft_model(model, config, adapter_name=adapter_name, **kwargs)
+    # peft hooks the embedding for checkpointing of either mode: non-reentrant needs none (and compiles without)
+    drop_input_grad_hooks_if_unneeded(model, had_hooks)
+    return wrapped
 
 
 def add_adapter(model: PeftModel, adapter_name: str, config) -> PeftModel:

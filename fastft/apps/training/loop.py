@@ -24,6 +24,7 @@ from fastft.apps.checkpointing import enable_checkpointing
 from fastft.apps.compiling import dynamo_counts
 from fastft.apps.training import checkpoints as ckpt
 from fastft.files import atomic_write, replace_folder
+from fastft.integration.checkpointing import drop_input_grad_hooks_if_unneeded
 from fastft.integration.parameter_count import parameter_counts
 from fastft.apps.training.config import (ConfigError, TrainConfig, flag, rank_problem, to_yaml_dict,
                                          unused_settings, validate)
@@ -505,6 +506,9 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.gradient_checkpointing:
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         enable_checkpointing(base)
+        # transformers 5 also hooks the embedding to make its output require grad, which only reentrant
+        # checkpointing needs: its in-graph requires_grad_ breaks --compile's graph at every step
+        drop_input_grad_hooks_if_unneeded(base, had_hooks=False)
         base.config.use_cache = False
     trainable, total = parameter_counts(model)  # each stored weight once (NF4 by its logical size)
     log(f"{cfg.method}: {trainable:,} trainable of {total:,} parameters")

@@ -14,13 +14,11 @@ cached decoding costs O(1) forwards per token (peft's own cache path loses the p
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 from peft import PeftModel, PeftModelForCausalLM, PrefixTuningConfig
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
+from fastft.integration.checkpointing import reentrant_layers
 from fastft.integration.methods.generation import generate_adjusting_inputs
 
 
@@ -119,20 +117,11 @@ class FastftPrefixModel(PeftModelForCausalLM):
 def _refuse_reentrant_checkpointing(model: nn.Module) -> None:
     """Reentrant checkpointing recomputes a layer from its positional inputs only; the prefix reaches each layer by
     keyword, so its backward runs the prefix encoder's graph once per layer ("backward through the graph a second
-    time"). transformers keeps the checkpoint function on each checkpointed layer: torch's `checkpoint` bound by a
-    partial to the caller's kwargs, where a missing use_reentrant means torch's default, True."""
-    for module in model.modules():
-        if not (getattr(module, "gradient_checkpointing", False) is True and module.training):
-            continue
-        func = getattr(module, "_gradient_checkpointing_func", None)
-        if isinstance(func, functools.partial):
-            reentrant = func.keywords.get("use_reentrant") in (None, True)
-        else:
-            reentrant = func is checkpoint
-        if reentrant:
-            raise ValueError(f"fastft prefix tuning: {type(model).__name__} has reentrant gradient checkpointing "
-                             "(use_reentrant=True, torch's default when not given), which cannot pass gradients to "
-                             "the prefix; enable it with gradient_checkpointing_kwargs={\"use_reentrant\": False}")
+    time")."""
+    if any(reentrant_layers(model, training_only=True)):
+        raise ValueError(f"fastft prefix tuning: {type(model).__name__} has reentrant gradient checkpointing "
+                         "(use_reentrant=True, torch's default when not given), which cannot pass gradients to "
+                         "the prefix; enable it with gradient_checkpointing_kwargs={\"use_reentrant\": False}")
 
 
 def _cached_tokens(cache) -> int:
