@@ -9,7 +9,7 @@ import torch
 from peft import LoraConfig
 
 import fastft
-from fastft.apps.checkpointing import enable_checkpointing
+from fastft.integration.checkpointing import enable_checkpointing
 from fastft.apps.training.data import Encoder, Example, Pair, pack
 from fastft.apps.training.loop import accumulate
 from fastft.apps.training.objectives import ObjectiveModel, causal_lm_parts

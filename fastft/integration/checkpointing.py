@@ -1,4 +1,9 @@
-"""What a transformers model's gradient checkpointing needs of its inputs.
+"""Activation checkpointing of a transformers model, and what it needs of its inputs.
+
+Enabling, across transformers versions: 5.x names it `activation_checkpointing_enable` /
+`is_activation_checkpointing`, older releases (and the GPU machine's 5.17) `gradient_checkpointing_enable` /
+`is_gradient_checkpointing`. fastft's own runs checkpoint non-reentrantly: the recompute then draws the same dropout
+seeds (fastft's kernels take them from torch's CPU generator, whose state it restores).
 
 transformers keeps the checkpoint function on each checkpointed layer (`_gradient_checkpointing_func`: torch's
 `checkpoint`, bound by a partial to the caller's kwargs, where a missing use_reentrant means torch's default, True).
@@ -13,6 +18,25 @@ import functools
 
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+
+def enable_checkpointing(model, kwargs: dict | None = None) -> None:
+    """Activation checkpointing of every decoder layer of `model` (a transformers PreTrainedModel), with torch
+    checkpoint's `kwargs` (default: non-reentrant). Non-reentrant, the input-grad hook transformers 5 adds with it is
+    removed again (one the model had before stays)."""
+    kwargs = {"use_reentrant": False} if kwargs is None else kwargs
+    had_hooks = bool(input_grad_hooks(model))
+    enable = getattr(model, "activation_checkpointing_enable", None)  # transformers 5's name; the old one warns
+    if enable is not None:
+        enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    drop_input_grad_hooks_if_unneeded(model, had_hooks)
+
+
+def checkpointing_enabled(model) -> bool:
+    flag = getattr(type(model), "is_activation_checkpointing", None)
+    return bool(model.is_activation_checkpointing if flag is not None else model.is_gradient_checkpointing)
 
 
 def reentrant_layers(model: nn.Module, training_only: bool = False) -> list[bool]:

@@ -1,8 +1,15 @@
-"""Naming a module entry that matches nothing (a typo in target_modules, exclude_modules, modules_to_save, a
-quantization skip list): the suggestion every such error ends with."""
+"""Module-name entries as peft matches them (`names_module`), and for one that matches nothing (a typo in
+target_modules, exclude_modules, modules_to_save, a quantization skip list) the suggestion every such error ends
+with (`name_hint`)."""
 from __future__ import annotations
 
 import difflib
+
+
+def names_module(entry: str, name: str) -> bool:
+    """Whether a list entry of peft's target_modules (exclude_modules, ...) names module `name`: the whole name or
+    a dotted suffix of it."""
+    return name == entry or name.endswith("." + entry)
 
 
 def name_hint(entry: str, names: list[str]) -> str:

@@ -26,7 +26,8 @@ import torch
 from torch import nn
 
 from fastft.files import atomic_write as _atomic_write
-from fastft.integration.checkpointing import drop_input_grad_hooks_if_unneeded, input_grad_hooks
+from fastft.integration.checkpointing import (drop_input_grad_hooks_if_unneeded, enable_checkpointing,
+                                             input_grad_hooks)
 from fastft.integration.module_names import name_hint
 from fastft.modules.nf4_linear import NF4Linear, is_conv1d, linear_features
 from fastft.quant.nf4_weight import QUANT_STATE_KEY, NF4Weight, local_nf4, quantize_nf4
@@ -148,20 +149,12 @@ def prepare_model_for_kbit_training(model: nn.Module, use_gradient_checkpointing
                          gradient_checkpointing_kwargs=kwargs)
     reentrant = kwargs.get("use_reentrant", True)
     if use_gradient_checkpointing and not peft_did_it:
-        _enable_checkpointing(model, kwargs)
+        enable_checkpointing(model, kwargs)
         if reentrant and not input_grad_hooks(model):  # reentrant checkpointing needs inputs that require grad
             model.enable_input_require_grads()
     if use_gradient_checkpointing and not reentrant:  # transformers 5 hooks the embedding anyway (see checkpointing)
         drop_input_grad_hooks_if_unneeded(model, had_input_grads)
     return model
-
-
-def _enable_checkpointing(model: nn.Module, kwargs: dict) -> None:
-    enable = getattr(model, "activation_checkpointing_enable", None)  # transformers 5's name; the old one warns
-    if enable is not None:
-        enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 # ----------------------------------------------------------------------------------------------

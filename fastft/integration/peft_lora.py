@@ -27,7 +27,7 @@ from transformers.pytorch_utils import Conv1D
 
 from fastft.files import merge_into_folder
 from fastft.integration.checkpointing import drop_input_grad_hooks_if_unneeded, input_grad_hooks
-from fastft.integration.module_names import name_hint
+from fastft.integration.module_names import name_hint, names_module
 from fastft.integration.methods.prompt import whole_prompt_encoders
 from fastft.modules.lora import FusedLoraLinear
 from fastft.modules.nf4_linear import NF4Linear
@@ -202,7 +202,7 @@ def check_exclude_modules(config, names: list[str], label: str) -> None:
     if isinstance(exclude, str):
         unmatched = [] if any(re.fullmatch(exclude, n) for n in names) else [exclude]
     else:
-        unmatched = [e for e in exclude if not any(n == e or n.endswith(f".{e}") for n in names)]
+        unmatched = [e for e in exclude if not any(names_module(e, n) for n in names)]
     if unmatched:
         raise ValueError(f"{label}.exclude_modules entry {unmatched[0]!r} matches no module of the model, so it "
                          f"excludes nothing; {name_hint(unmatched[0], names)}")

@@ -21,7 +21,7 @@ import warnings
 import torch
 from torch import nn
 
-from fastft.apps.checkpointing import checkpointing_enabled
+from fastft.integration.checkpointing import checkpointing_enabled
 from fastft.integration.methods import MethodOptions, apply_method
 
 PEERS = ("peft", "liger", "unsloth")

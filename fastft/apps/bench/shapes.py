@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from fastft.apps.checkpointing import enable_checkpointing
+from fastft.integration.checkpointing import enable_checkpointing
 
 # name -> LlamaConfig fields. Sizes from each model's config.json.
 SHAPES: dict[str, dict] = {

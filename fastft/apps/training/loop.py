@@ -20,11 +20,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from fastft.apps.checkpointing import enable_checkpointing
 from fastft.apps.compiling import dynamo_counts
 from fastft.apps.training import checkpoints as ckpt
 from fastft.files import atomic_write, replace_folder
-from fastft.integration.checkpointing import drop_input_grad_hooks_if_unneeded
+from fastft.integration.checkpointing import enable_checkpointing
+from fastft.integration.module_names import name_hint, names_module
 from fastft.integration.parameter_count import parameter_counts
 from fastft.apps.training.config import (ConfigError, TrainConfig, flag, rank_problem, to_yaml_dict,
                                          unused_settings, validate)
@@ -72,7 +72,7 @@ def _unmatched(cfg: TrainConfig, names: list[str]):
         flags = flags[1:]
     for field in flags:
         for entry in getattr(cfg, field):
-            if not any(n == entry or n.endswith("." + entry) for n in names):
+            if not any(names_module(entry, n) for n in names):
                 yield field, entry
 
 
@@ -81,7 +81,6 @@ def apply_method_or_config_error(model, cfg: TrainConfig, log=None):
     model is loaded) is a ConfigError naming its flag with a did-you-mean, not a traceback. When other names
     matched, peft trains those: a name the user gave (not the default list) that matched nothing is logged."""
     from fastft.integration.methods import apply_method
-    from fastft.integration.module_names import name_hint
 
     names = [name for name, _ in model.named_modules() if name]  # before apply_method changes the model
     kind = type(model).__name__
@@ -505,10 +504,7 @@ def train(cfg: TrainConfig) -> dict:
     make_batch.flash_kwargs = attention == "fastft"  # packed rows then carry their document boundaries
     if cfg.gradient_checkpointing:
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        enable_checkpointing(base)
-        # transformers 5 also hooks the embedding to make its output require grad, which only reentrant
-        # checkpointing needs: its in-graph requires_grad_ breaks --compile's graph at every step
-        drop_input_grad_hooks_if_unneeded(base, had_hooks=False)
+        enable_checkpointing(base)  # non-reentrant, without the input-grad hook that breaks --compile's graph
         base.config.use_cache = False
     trainable, total = parameter_counts(model)  # each stored weight once (NF4 by its logical size)
     log(f"{cfg.method}: {trainable:,} trainable of {total:,} parameters")

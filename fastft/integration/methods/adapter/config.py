@@ -5,6 +5,7 @@ import dataclasses
 import re
 from dataclasses import dataclass
 
+from fastft.integration.module_names import names_module
 from fastft.ops.bottleneck_adapter import ACTIVATIONS
 
 PEFT_TYPE = "FASTFT_BOTTLENECK_ADAPTER"  # written to adapter_config.json so loaders can tell it from peft's
@@ -70,7 +71,7 @@ class BottleneckAdapterConfig:
         wanted = getattr(self, field)
         if isinstance(wanted, str):
             return re.fullmatch(wanted, name) is not None
-        return any(name == entry or name.endswith("." + entry) for entry in wanted)
+        return any(names_module(entry, name) for entry in wanted)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
