@@ -172,6 +172,9 @@ def main(out_dir):
 
     train(model, local_ids)
     state = lora_state(model)
+    fastft.save_adapter(model, os.path.join(out_dir, "adapter_sharded"))  # no state_dict=: gathered, rank 0 writes
+    report["adapter_written_before_return"] = os.path.isfile(os.path.join(out_dir, "adapter_sharded",
+                                                                          "adapter_model.safetensors"))
     from peft import get_peft_model_state_dict  # what saving the adapter reads: works on the sharded model
     adapter = get_peft_model_state_dict(model)
     report["adapter_state_matches"] = len(adapter) == len(state) and all(

@@ -214,6 +214,11 @@ def test_qlora_under_fsdp2_and_ddp_matches_one_process(tmp_path):
     worker.train(model, worker.batch())
     single = worker.lora_state(model)
     assert sharded.keys() == single.keys() and len(single) == 2 * 7 * 2
+    # fastft.save_adapter on the sharded model, no state_dict= given: the whole trained adapter, as peft saves it
+    assert report["adapter_written_before_return"]  # on both ranks: rank 1 waited for rank 0's write
+    written = load_file(tmp_path / "adapter_sharded" / "adapter_model.safetensors")
+    assert written.keys() == {k.replace(".default.", ".") for k in sharded}
+    assert all(torch.equal(written[k.replace(".default.", ".")], v) for k, v in sharded.items())
     for name, value in single.items():  # observed: differences ~2e-6 against updates of ~3e-3 (rounding order);
         # gradients not reduced across the ranks (each rank's half of the batch alone) are off by ~6e-3
         assert (value - before[name]).abs().max() > 1e-3, f"{name} barely trained"
