@@ -6,9 +6,9 @@ the K loop; a dropout-masked tail goes before it, see the kernel) with one chang
 registers, where it feeds the tensor-core dot directly, so no bf16 copy of W is ever written to memory. The skinny rank-R passes (x·Aᵀ, dy·B, dA, dB) are
 fastft/kernels/rank_ops.py's `rank_project` and `rank_reduce`, unchanged.
 
-forward   xs = c·(keep∘x)·Aᵀ          rank_project
-          y  = x·Wᵀ + xs·Bᵀ + b       this kernel, W tiles [BLOCK_N rows of W, BLOCK_K columns], transposed
-backward  g  = c·dy·B                 rank_project
+forward   xs = c·(keep∘x)·Aᵀ          rank_project (c and B_p = b·B: s split as in fastft/kernels/rank_ops.py)
+          y  = x·Wᵀ + xs·B_pᵀ + b     this kernel, W tiles [BLOCK_N rows of W, BLOCK_K columns], transposed
+backward  g  = c·dy·B_p               rank_project
           dx = dy·W + keep∘(g·A)      this kernel, W tiles [BLOCK_K rows of W, BLOCK_N columns]
           dA, dB                      rank_reduce; no weight gradient (W is frozen)
 

@@ -1,10 +1,12 @@
 """Triton kernels of the skinny rank-R passes of the fused LoRA linear (and of QLoRA, DoRA, the bottleneck adapter).
 
-With x (M×K), dy (M×N), A (r×K), B (N×r), the rank padded to R = rank_pad(r) ≥ 16 and c = s/(1-p):
+With x (M×K), dy (M×N), A (r×K), B (N×r), the rank padded to R = rank_pad(r) ≥ 16, the scaling s = a·b split
+so that |a| ≤ 1 and b is a power of two applied to B in fp16 (fastft.ops.lora.split_scaling: xs never exceeds
+peft's x·Aᵀ; a = s, b = 1 in bf16 and fp32), B_p = b·B and c = a/(1-p):
 forward   xs = c·(keep∘x)·Aᵀ                 rank_project: one skinny pass over x (M×R, kept for backward)
-backward  g  = c·dy·B                        rank_project: one skinny pass over dy (M×R)
+backward  g  = c·dy·B_p                      rank_project: one skinny pass over dy (M×R)
           dA = gᵀ·(keep∘x)                   rank_reduce (split over M)
-          dB = dyᵀ·xs                        rank_reduce, or both in one launch: rank_reduce_pair
+          dB = b·dyᵀ·xs                      rank_reduce, or both in one launch: rank_reduce_pair
 The big GEMMs with the rank tail (y, dx) are fastft.kernels.lora_gemm. The dropout mask `keep` is never stored:
 every kernel regenerates it from the seed and the element's (row, column) index in x with Philox
 (fastft.kernels.shared.dropout_keep); `dropout_mask` materialises it for tests. Launchers take 2-D operands,

@@ -205,7 +205,7 @@ def bottleneck_adapter(h, down_weight, down_bias, up_weight, up_bias, activation
     for name, b, n in (("down_bias", down_bias, r), ("up_bias", up_bias, N)):
         if b is not None and tuple(b.shape) != (n,):
             raise ValueError(f"bottleneck_adapter: `{name}` must be None or of shape ({n},), got {tuple(b.shape)}")
-    backend = resolve_backend("bottleneck_adapter", backend, h.device, arg="h")
+    backend = resolve_backend("bottleneck_adapter", backend, h.device, arg="h", dtype=h.dtype)
     if backend == "torch" or h.numel() == 0:
         return bottleneck_adapter_reference(h, down_weight, down_bias, up_weight, up_bias, activation)
     with autocast_off(h.device.type):

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -168,9 +168,11 @@ RowFn = Callable[[torch.Tensor, int, int, torch.Tensor, bool], torch.Tensor]
 
 @dataclass
 class Plan:
-    """One call's fixed parts: the row function (loss per row of a logits chunk, gradient in place), chunk
-    rows, the NF4 / LoRA facts of the head that are not autograd inputs, and the reduction's scales."""
-    row_fn: RowFn
+    """One call's fixed parts: the row loss and the tensors its row function reads (`targets`: labels, the
+    teacher's rows and head; RowLoss.row_fn), chunk rows, the NF4 / LoRA facts of the head that are not autograd
+    inputs, and the reduction's scales."""
+    row: RowLoss
+    targets: tuple  # (labels2, teacher_h2, teacher_w), None where the loss reads none
     rows: int
     vocab: int
     nf4: NF4Weight | None = None
@@ -226,8 +228,8 @@ class RowLoss:
 
 
 def as_rows(t: torch.Tensor) -> torch.Tensor:
-    """(…, H) → (T, H), contiguous (the GEMMs and row slices want it)."""
-    return t.reshape(-1, t.shape[-1]).contiguous()
+    """(…, H) → (T, H), contiguous (the GEMMs and row slices want it). T spelled out, not -1: H may be 0."""
+    return t.reshape(math.prod(t.shape[:-1]), t.shape[-1]).contiguous()
 
 
 def run_chunks(plan: Plan, head: Head, h2: torch.Tensor, scale: torch.Tensor, losses: torch.Tensor,
@@ -235,6 +237,7 @@ def run_chunks(plan: Plan, head: Head, h2: torch.Tensor, scale: torch.Tensor, lo
     """The loop. needs = (hidden, weight, bias, lora_A, lora_B) gradients wanted, or None for losses only.
     scale: fp32, 1 value or one per row (d(loss)/d(row loss))."""
     T = h2.shape[0]
+    row_fn = plan.row.row_fn(*plan.targets)
     grads = Grads()
     if needs is not None:
         need_h, need_w, need_b, need_A, need_B = needs
@@ -252,7 +255,7 @@ def run_chunks(plan: Plan, head: Head, h2: torch.Tensor, scale: torch.Tensor, lo
         dl, hc = buf[: t1 - t0], h2[t0:t1]
         hd, hA = head.logits(dl, hc, t0)
         row_scale = scale if scale.numel() == 1 else scale[t0:t1]
-        losses[t0:t1] = plan.row_fn(dl, t0, t1, row_scale, needs is not None)
+        losses[t0:t1] = row_fn(dl, t0, t1, row_scale, needs is not None)
         if needs is None:
             continue
         # dl now holds dloss/dlogits of the chunk
@@ -399,7 +402,6 @@ class DeferredChunkedLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, plan: Plan, hidden, weight, bias, lora_A, lora_B):
-        ctx.plan = plan
         ctx.hidden_shape = hidden.shape
         # Only dh wanted (a frozen head, e.g. DPO on LoRA layers): row t's dh is linear in its g_t, so the
         # unscaled dh is made now and backward scales its rows; no recompute (2 GEMMs instead of 3).
@@ -407,10 +409,13 @@ class DeferredChunkedLoss(torch.autograd.Function):
             True, False, False, False, False)
         h2 = as_rows(hidden)
         losses, dh = row_losses(plan, h2, weight, bias, lora_A, lora_B, ctx.dh_only)
+        # the targets the recompute reads go through save_for_backward too: an in-place change of the labels or the
+        # teacher's rows before backward is then refused by autograd's version check, not silently used
+        ctx.plan = replace(plan, targets=())
         if ctx.dh_only:
             ctx.save_for_backward(dh)
         else:
-            ctx.save_for_backward(h2, weight, bias, lora_A, lora_B)
+            ctx.save_for_backward(h2, weight, bias, lora_A, lora_B, *plan.targets)
         return losses
 
     @staticmethod
@@ -420,11 +425,12 @@ class DeferredChunkedLoss(torch.autograd.Function):
             (dh,) = ctx.saved_tensors
             dh = times_in_fp32(dh, grad_output.reshape(-1, 1).float(), dh.dtype)
             return None, dh.view(ctx.hidden_shape), None, None, None, None
-        h2, weight, bias, lora_A, lora_B = ctx.saved_tensors
+        h2, weight, bias, lora_A, lora_B, *targets = ctx.saved_tensors
         needs = tuple(ctx.needs_input_grad[1:6])
         if not any(needs):
             return None, None, None, None, None, None
-        dh, dW, db, dA, dB = row_losses_backward(ctx.plan, h2, weight, bias, lora_A, lora_B, grad_output, needs)
+        plan = replace(ctx.plan, targets=tuple(targets))
+        dh, dW, db, dA, dB = row_losses_backward(plan, h2, weight, bias, lora_A, lora_B, grad_output, needs)
         if dh is not None:
             dh = dh.view(ctx.hidden_shape)
         return None, dh, dW, db, dA, dB

@@ -9,11 +9,12 @@ kernel forms it tile by tile (fastft.kernels.dora_row_norm), on the torch path i
 ‖W‖² + 2s·ΣB∘(W·Aᵀ) + s²·B(A·Aᵀ)Bᵀ costs the same pass over W but cancels to 0 — σ = inf — for rows where W + s·B·A
 is small against W: fuzzing found it in fp16.)
 
-Fused path (Triton, dropout 0): the LoRA GEMM of fastft.kernels.lora_gemm with σ as an epilogue column scale;
+Fused path (Triton, dropout 0): the LoRA GEMM of fastft.kernels.lora_gemm with σ as an epilogue column scale, its
+rank tail xs·(b·B)ᵀ with xs = a·x·Aᵀ, a·b = s (fastft.ops.lora.split_scaling: |xs| ≤ |x·Aᵀ|, no fp16 overflow);
 the bias is added after it, in a pass of its own, because backward needs the pre-bias output σ⊙z: dm from the
 rounded y as Σ dy⊙(y − b) cancels when |b| >> |σ⊙z| (all of its bits in bf16 at |b| ~ 300). So with a bias two
 output-sized tensors live (the saved σ⊙z and y), as on the NF4 path. Backward: dz = σ⊙dy never exists either —
-dx's GEMM scales dy's K-columns by σ as it loads them, g = s·dy·diag(σ)·B, dB = diag(σ)·dyᵀ·xs, and
+dx's GEMM scales dy's K-columns by σ as it loads them, g = s·dy·diag(σ)·B, dB = b·diag(σ)·dyᵀ·xs, and
 dm = Σ_tokens dy⊙(σ⊙z) / m (a split-M column reduction over the saved pre-bias output). NF4 bases (qweight an
 NF4Weight): the NF4 GEMM without a column-scale epilogue, so σ and dy·σ are one small elementwise pass each.
 CPU, dropout > 0 and backend="torch": `dora_linear_reference`.
@@ -30,7 +31,7 @@ import torch.nn.functional as F
 
 from fastft.ops.compiled import compiling, needed, unused
 from fastft.ops.compiled_args import fresh_like, weight_args, weight_from_args
-from fastft.ops.lora import rank_operands
+from fastft.ops.lora import rank_operands, split_scaling
 from fastft.ops.shared import (as_rows, autocast_inputs, autocast_off, check, check_backend, finite, nf4_fused_ok,
                                first_order_only, padded, resolve_backend, safe_div, to_dtype)
 from fastft.quant.nf4_weight import NF4Weight
@@ -146,9 +147,9 @@ def dora_forward(x, weight, bias, lora_A, lora_B, magnitude, scaling, row_norm):
 
     N, r = lora_B.shape
     dtype = x.dtype
-    x2, A_p, B_p = rank_operands(x, lora_A, lora_B)
+    x2, A_p, B_p = rank_operands(x, lora_A, lora_B, scaling)  # B_p = b·B, xs = a·x·Aᵀ: a·b = s (split_scaling)
     sigma = (magnitude.detach().float() / row_norm).contiguous()
-    xs = rank_project(x2, A_p, scale=scaling)
+    xs = rank_project(x2, A_p, scale=split_scaling(scaling, dtype)[0])
     nf4 = isinstance(weight, NF4Weight)
     if nf4:
         from fastft.kernels.nf4_gemm import nf4_lora_gemm
@@ -173,6 +174,8 @@ def dora_backward(saved, meta, weight, dy, need_x, need_b, need_A, need_B, need_
 
     x2, A_p, B_p, xs, sigma, row_norm, magnitude, saved_out, bias = saved
     x_shape, scaling, r, nf4, A_dtype, B_dtype = meta
+    xs_scale, b_scale = split_scaling(scaling, x2.dtype)
+    dB_scale = sigma if b_scale == 1.0 else sigma * b_scale  # dB = b·diag(σ)·dyᵀ·xs
     N = B_p.shape[0]
     dtype = x2.dtype
     dy2 = to_dtype(dy.reshape(-1, N), dtype)
@@ -181,7 +184,7 @@ def dora_backward(saved, meta, weight, dy, need_x, need_b, need_A, need_B, need_
     dx = db = dA = dB = dm = None
     if need_x or need_A:
         B_sigma = (B_p * sigma[:, None]).to(dtype)  # computed in fp32 (sigma's dtype): one device op fewer
-        g = rank_project(dy2, B_sigma.t(), scale=scaling)  # s·dy·diag(σ)·B
+        g = rank_project(dy2, B_sigma.t(), scale=xs_scale)  # s·dy·diag(σ)·B
         if need_x:
             if nf4:
                 from fastft.kernels.nf4_gemm import nf4_lora_gemm
@@ -193,11 +196,11 @@ def dora_backward(saved, meta, weight, dy, need_x, need_b, need_A, need_B, need_
             dx = dx.view(*x_shape)
     if need_A and need_B:  # one launch for both
         dA, dB = rank_reduce_pair(g, x2, xs, dy2)
-        dA, dB = to_dtype(dA[:r], A_dtype), to_dtype(dB[:, :r] * sigma[:, None], B_dtype)
+        dA, dB = to_dtype(dA[:r], A_dtype), to_dtype(dB[:, :r] * dB_scale[:, None], B_dtype)
     elif need_A:
         dA = to_dtype(rank_reduce(g, x2)[:r], A_dtype)
     elif need_B:  # in B's own layout, as the pair gives it
-        dB = padded(rank_reduce(xs, dy2)[:r].t() * sigma[:, None], N, r, B_dtype)
+        dB = padded(rank_reduce(xs, dy2)[:r].t() * dB_scale[:, None], N, r, B_dtype)
     if need_m:
         if nf4:
             dm = column_dot(dy2, saved_out) / row_norm
@@ -283,7 +286,7 @@ def dora_linear_backward_op(dy: torch.Tensor, x: torch.Tensor, w_parts: list[tor
                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     weight = weight_from_args(w_parts, w_ints)
     nf4 = isinstance(weight, NF4Weight)
-    saved = (*rank_operands(x, lora_A, lora_B), xs, sigma, row_norm, magnitude,
+    saved = (*rank_operands(x, lora_A, lora_B, scaling), xs, sigma, row_norm, magnitude,
              saved_out if nf4 else as_rows(saved_out), bias)
     meta = (x.shape, scaling, lora_A.shape[0], nf4, lora_A.dtype, lora_B.dtype)
     grads = dora_backward(saved, meta, weight, dy, need_x, need_b, need_A, need_B, need_m)
@@ -329,12 +332,14 @@ def dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p=0
     x, weight = autocast_inputs(x, weight)
     validate_dora_linear_args(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p)
     scaling, dropout_p = float(scaling), float(dropout_p)
-    backend = resolve_backend("dora_linear", backend, x.device, arg="x")
+    backend = resolve_backend("dora_linear", backend, x.device, arg="x", dtype=x.dtype)
     row_norm = dora_row_norm(weight, lora_A, lora_B, scaling, dtype=x.dtype, backend=backend)
     fusable = not isinstance(weight, NF4Weight) or nf4_fused_ok(weight)
     # the fused path gives W no gradient: a trainable W (a partly unfrozen base) takes the torch path
     trained_weight = isinstance(weight, torch.Tensor) and weight.requires_grad and torch.is_grad_enabled()
-    if backend == "torch" or dropout_p > 0.0 or x.numel() == 0 or not fusable or trained_weight:
+    # an empty y (no tokens, or out_features 0): nothing for the kernels to do
+    if (backend == "torch" or dropout_p > 0.0 or x.numel() == 0 or weight.shape[0] == 0 or not fusable
+            or trained_weight):
         return dora_linear_reference(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p,
                                      row_norm=row_norm)
     with autocast_off(x.device.type):

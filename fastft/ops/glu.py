@@ -99,7 +99,7 @@ def _glu(op, gate, up, gelu, backend):
           lambda: f"{op}: `gate` {tuple(gate.shape)} and `up` {tuple(up.shape)} must have one shape")
     check(gate.dtype == up.dtype, lambda: f"{op}: `gate` is {gate.dtype} but `up` is {up.dtype}")
     check(gate.device == up.device, lambda: f"{op}: `gate` is on {gate.device} but `up` is on {up.device}")
-    if resolve_backend(op, backend, gate.device) == "torch" or gate.numel() == 0:
+    if resolve_backend(op, backend, gate.device, arg="gate", dtype=gate.dtype) == "torch" or gate.numel() == 0:
         return (geglu_reference if gelu else swiglu_reference)(gate, up)
     with autocast_off(gate.device.type):
         if compiling():

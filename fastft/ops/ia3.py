@@ -177,9 +177,10 @@ def ia3_linear(x, weight, bias, ia3_l, *, feedforward: bool, backend="auto"):
     if not (weight.device == device and ia3_l.device == device and (bias is None or bias.device == device)):
         devices = {t.device for t in (x, weight, ia3_l, bias) if t is not None}
         raise ValueError(f"ia3_linear: all tensors must be on one device, got {sorted(map(str, devices))}")
-    backend = resolve_backend("ia3_linear", backend, x.device, arg="x")
+    backend = resolve_backend("ia3_linear", backend, x.device, arg="x", dtype=x.dtype)
     # the fused path gives W no gradient: a trainable W (a partly unfrozen base) takes the torch path
-    if backend == "torch" or x.numel() == 0 or (weight.requires_grad and torch.is_grad_enabled()):
+    # an empty y (no tokens, or out_features 0): nothing for the kernels to do
+    if backend == "torch" or x.numel() == 0 or N == 0 or (weight.requires_grad and torch.is_grad_enabled()):
         return ia3_linear_reference(x, weight, bias, ia3_l, feedforward)
     with autocast_off(x.device.type):
         if compiling():

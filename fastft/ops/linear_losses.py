@@ -41,8 +41,8 @@ import torch
 import torch.nn.functional as F
 
 from fastft.ops import shared
-from fastft.ops.chunked_logits import (DeferredChunkedLoss, EagerChunkedLoss, Plan, RowLoss, chunk_budget_bytes,
-                                       chunk_rows)
+from fastft.ops.chunked_logits import (DeferredChunkedLoss, EagerChunkedLoss, Plan, RowLoss, as_rows,
+                                       chunk_budget_bytes, chunk_rows)
 from fastft.ops.compiled import capturing, compiling
 from fastft.ops.linear_losses_compiled import check_label_range, nf4_block_rows, traced_loss
 from fastft.ops.lm_head import HeadArgs, head_of_module
@@ -136,7 +136,7 @@ def _run(op: str, reduction: str, hidden, head: HeadArgs, row: RowLoss, grad_sca
         rows = chunk_size if chunk_size is not None else chunk_rows(tokens, head.vocab, bytes_per_logit,
                                                                     chunk_budget_bytes(hidden.device))
         nf4_rows = nf4_block_rows(hidden) if head.nf4 is not None else Plan.nf4_rows  # (unused without NF4)
-        plan = Plan(row.row_fn(labels2, teacher_h2, teacher_w), rows, head.vocab, nf4=head.nf4, nf4_rows=nf4_rows,
+        plan = Plan(row, (labels2, teacher_h2, teacher_w), rows, head.vocab, nf4=head.nf4, nf4_rows=nf4_rows,
                     scaling=head.scaling, dropout_p=head.dropout_p,
                     seed=shared.draw_seed() if head.dropout_p > 0.0 else 0, grad_scale=grad_scale)
         plan.extra["grad_enabled"] = torch.is_grad_enabled()
@@ -256,7 +256,7 @@ def linear_kl_div(student_hidden, student_weight, teacher_hidden, teacher_weight
     backend = resolve_backend(op, backend, student_hidden.device)
     _check_chunk_size(op, chunk_size)
     T = math.prod(student_hidden.shape[:-1])
-    th2 = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1]).contiguous()
+    th2 = as_rows(teacher_hidden.detach())
     row = RowLoss("kl", backend, ignore_index, temperature=float(temperature), reverse=direction == "reverse")
     grad_scale = _grad_scale(reduction, labels2, ignore_index, T, num_items, student_hidden.device)
     loss = _run(op, reduction, student_hidden, head, row, grad_scale, labels2=labels2, teacher_h2=th2,
@@ -310,8 +310,7 @@ def linear_dpo_loss(policy_chosen_hidden, policy_rejected_hidden, weight, chosen
         _check_tensor(op, name, lab, floating=False)
         check(tuple(lab.shape) == tuple(h.shape[:-1]),
                lambda: f"{op}: `{name}` has shape {tuple(lab.shape)} but its hidden states need {tuple(h.shape[:-1])}")
-    H = policy_chosen_hidden.shape[-1]
-    rows = torch.cat([policy_chosen_hidden.reshape(-1, H), policy_rejected_hidden.reshape(-1, H)])
+    rows = torch.cat([policy_chosen_hidden.flatten(0, 1), policy_rejected_hidden.flatten(0, 1)])
     labels = torch.cat([chosen_labels.reshape(-1), rejected_labels.reshape(-1)])
     token_losses = _head_cross_entropy(op, rows, HeadArgs(weight=weight, bias=bias), labels,
                                        ignore_index=ignore_index, reduction="none", label_smoothing=0.0, softcap=None,

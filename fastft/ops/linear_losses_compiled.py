@@ -100,7 +100,7 @@ def _plan(a: LossArgs) -> Plan:
     rows = a.chunk_size if a.chunk_size is not None else chunk_rows(tokens, a.vocab, a.bytes_per_logit,
                                                                      chunk_budget_bytes(a.hidden.device))
     # the NF4 container's dtype is never used: the chunks dequantize into the compute dtype they name
-    return Plan(row.row_fn(a.labels, a.teacher_hidden, a.teacher_weight), rows, a.vocab,
+    return Plan(row, (a.labels, a.teacher_hidden, a.teacher_weight), rows, a.vocab,
                 nf4=nf4_from_args(a.nf4, a.nf4_ints) if a.nf4 else None, nf4_rows=nf4_block_rows(a.hidden),
                 scaling=a.scaling, dropout_p=a.dropout_p, seed=seed_int(a.op, a.seed, a.dropout_p),
                 grad_scale=a.grad_scale)
@@ -245,7 +245,7 @@ def _row_losses_backward(ctx, dlosses, _ddh):
 
     if ctx.dh_only:
         (dh,) = ctx.saved_tensors
-        rows = dh.reshape(-1, dh.shape[-1])
+        rows = as_rows(dh)
         dh = times_in_fp32(rows, dlosses.reshape(-1, 1).float(), dh.dtype).view(dh.shape)
         return grads_of_inputs((dh, None, None, None, None))
     saved = list(ctx.saved_tensors)

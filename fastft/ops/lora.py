@@ -6,6 +6,7 @@ tests compare against, and the CPU path.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -16,8 +17,6 @@ from fastft.ops.compiled import compiling, needed, unused
 from fastft.ops.compiled_args import SEED_DEVICE, draw_seed_op, fresh_like, refuse_replayed_dropout, seed_int
 from fastft.ops.shared import (as_rows, autocast_inputs, autocast_off, check, check_backend, finite,
                                first_order_only, padded, resolve_backend, to_dtype)
-
-KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def lora_linear_reference(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, *, keep_mask=None):
@@ -71,32 +70,51 @@ def validate_lora_linear_args(x, weight, bias, lora_A, lora_B, scaling, dropout_
         raise ValueError(f"lora_linear: `dropout_p` must be in [0, 1), got {dropout_p!r}")
 
 
-def rank_operands(x, lora_A, lora_B):
-    """(x2, A_p, B_p): x as rows and the rank-padded factors in x's dtype (the factors themselves when nothing
-    changes). Not cached across calls: torch.optim.AdamW(fused=True) (torch 2.13) and writes through .data update
-    parameters in place without bumping their _version, so no cheap key says a cached copy is stale
-    (tests/test_lora_fold.py)."""
+def split_scaling(scaling: float, dtype: torch.dtype) -> tuple[float, float]:
+    """(a, b) with a·b = s: where the LoRA scaling goes in the fused kernels, a into the stored rank intermediate
+    xs = a·(keep∘x)·Aᵀ/(1-p), b into B_p = b·B (rank_operands). In fp16, b is the power of two ≥ 1 that brings |a|
+    to ≤ 1, so |xs| is at most peft's x·Aᵀ after dropout: with all of s in xs, fp16 overflowed once
+    |x·Aᵀ|·s > 65504 although the LoRA term and y were in range. A power of two scales B exactly, so nothing is
+    rounded more than before. bf16 and fp32 cannot overflow there: all of s goes into xs (no pass over B)."""
+    if dtype != torch.float16:
+        return scaling, 1.0
+    m, e = math.frexp(scaling)  # s = m·2^e, 0.5 <= |m| < 1 (m = e = 0 for s = 0)
+    if e <= 0:
+        return scaling, 1.0
+    if abs(m) == 0.5:  # s = ±2^(e-1): all of it into B
+        m, e = 2.0 * m, e - 1
+    return m, math.ldexp(1.0, e)
+
+
+def rank_operands(x, lora_A, lora_B, scaling):
+    """(x2, A_p, B_p): x as rows and the rank-padded factors in x's dtype, B_p = b·B with b split_scaling's power of
+    two (the factors themselves when nothing changes). Not cached across calls: torch.optim.AdamW(fused=True)
+    (torch 2.13) and writes through .data update parameters in place without bumping their _version, so no cheap
+    key says a cached copy is stale (tests/test_lora_fold.py)."""
     from fastft.kernels.rank_ops import rank_pad
 
     K = x.shape[-1]
     N, r = lora_B.shape
     R = rank_pad(r)
-    return as_rows(x), padded(lora_A, R, K, x.dtype), padded(lora_B, N, R, x.dtype)
+    B_p = padded(lora_B, N, R, x.dtype)
+    b_scale = split_scaling(scaling, x.dtype)[1]
+    return as_rows(x), padded(lora_A, R, K, x.dtype), B_p if b_scale == 1.0 else B_p * b_scale
 
 
 def lora_meta(x, bias, lora_A, lora_B, scaling, dropout_p, seed) -> tuple:
     """What fused_lora_backward needs besides the saved tensors: Python metadata of the call."""
-    return (x.shape, scaling / (1.0 - dropout_p), dropout_p, seed, None if bias is None else bias.dtype,
+    return (x.shape, scaling, dropout_p, seed, None if bias is None else bias.dtype,
             lora_B.shape[1], lora_A.dtype, lora_B.dtype)
 
 
 def fused_lora_forward(x, bias, lora_A, lora_B, scaling, dropout_p, base_gemm, fold_gemm=None, seed=None):
-    """The forward every fused LoRA op shares: xs = c·(keep∘x)·Aᵀ, then `base_gemm(x2, xs, B_p, bias)`, the
-    op's base GEMM with the rank tail (dense W for lora_linear, NF4 W for qlora_linear).
+    """The forward every fused LoRA op shares: xs = a·(keep∘x)·Aᵀ/(1-p), then `base_gemm(x2, xs, B_p, bias)`, the
+    op's base GEMM with the rank tail xs·B_pᵀ, B_p = b·B (a·b = s: split_scaling, rank_operands; dense W for
+    lora_linear, NF4 W for qlora_linear).
     Returns (y, saved, meta): saved = (x2, A_p, B_p, xs) and meta (lora_meta) are what fused_lora_backward takes
     (the eager Function saves them through ctx.save_for_backward, so checkpointing and offload hooks see them).
 
-    fold_gemm(x2, A_p, B_p, bias, coef) -> (y, xs), when given: the GEMM that computes xs in its own K loop
+    fold_gemm(x2, A_p, B_p, bias, a) -> (y, xs), when given: the GEMM that computes xs in its own K loop
     (fastft.ops.lora_path's fold path), used instead of the skinny pass + base_gemm when there is no dropout.
     seed: the dropout seed when the caller drew it (the traced door), else drawn here."""
     from fastft.kernels import rank_ops
@@ -105,28 +123,30 @@ def fused_lora_forward(x, bias, lora_A, lora_B, scaling, dropout_p, base_gemm, f
     if seed is None:
         seed = shared.draw_seed() if dropout_p > 0.0 else 0
     meta = lora_meta(x, bias, lora_A, lora_B, scaling, dropout_p, seed)
-    coef = meta[1]
     # Rank-padded copies kept for backward so it does not pad and cast them again (rank_operands).
-    x2, A_p, B_p = rank_operands(x, lora_A, lora_B)
+    x2, A_p, B_p = rank_operands(x, lora_A, lora_B, scaling)
+    xs_scale = split_scaling(scaling, x.dtype)[0] / (1.0 - dropout_p)
     if fold_gemm is not None and dropout_p == 0.0:
-        y, xs = fold_gemm(x2, A_p, B_p, bias, coef)
+        y, xs = fold_gemm(x2, A_p, B_p, bias, xs_scale)
     else:
-        xs = rank_ops.rank_project(x2, A_p, scale=coef, p_drop=dropout_p, seed=seed)
+        xs = rank_ops.rank_project(x2, A_p, scale=xs_scale, p_drop=dropout_p, seed=seed)
         y = base_gemm(x2, xs, B_p, bias)
     return y.view(*x.shape[:-1], N), (x2, A_p, B_p, xs), meta
 
 
 def fused_lora_backward(saved, meta, dy, dx_gemm, need_x, need_b, need_A, need_B, dx_fold_gemm=None):
-    """(x2, dy2, dx, db, dA, dB) from dy, with fused_lora_forward's `saved` (x2, A_p, B_p, xs) and `meta`;
-    `dx_gemm(dy2, g, A_p, p_drop, seed)` is the op's dx GEMM with the tail.
+    """(x2, dy2, dx, db, dA, dB) from dy, with fused_lora_forward's `saved` (x2, A_p, B_p = b·B, xs) and `meta`;
+    `dx_gemm(dy2, g, A_p, p_drop, seed)` is the op's dx GEMM with the tail, g = a·dy·B_p/(1-p) = s·dy·B/(1-p).
 
-    dx_fold_gemm(dy2, B_p, A_p, coef, p_drop, seed) -> (dx, g), when given: the dx GEMM that computes g = c·dy·B in
-    its own loop over dy (the fold path), used instead of the skinny pass + dx_gemm when dx is needed. dA and dB
-    come from one launch (rank_reduce_pair) when both are needed."""
+    dx_fold_gemm(dy2, B_p, A_p, g_scale, p_drop, seed) -> (dx, g), when given: the dx GEMM that computes g in its
+    own loop over dy (the fold path), used instead of the skinny pass + dx_gemm when dx is needed. dA and dB
+    come from one launch (rank_reduce_pair) when both are needed; dB = b·dyᵀ·xs, b applied to the fp32 sum."""
     from fastft.kernels import rank_ops
 
     x2, A_p, B_p, xs = saved
-    x_shape, coef, dropout_p, seed, bias_dtype, r, A_dtype, B_dtype = meta
+    x_shape, scaling, dropout_p, seed, bias_dtype, r, A_dtype, B_dtype = meta
+    xs_scale, b_scale = split_scaling(scaling, x2.dtype)
+    g_scale = xs_scale / (1.0 - dropout_p)
     N = B_p.shape[0]
     dtype = x2.dtype
     dy2 = to_dtype(dy.reshape(x2.shape[0], N), dtype)  # not (-1, N): N may be 0
@@ -134,10 +154,10 @@ def fused_lora_backward(saved, meta, dy, dx_gemm, need_x, need_b, need_A, need_B
         dy2 = dy2.contiguous()
     dx = db = dA = dB = None
     if need_x and dx_fold_gemm is not None:
-        dx, g = dx_fold_gemm(dy2, B_p, A_p, coef, dropout_p, seed)
+        dx, g = dx_fold_gemm(dy2, B_p, A_p, g_scale, dropout_p, seed)
         dx = dx.view(*x_shape)
     elif need_x or need_A:
-        g = rank_ops.rank_project(dy2, B_p.t(), scale=coef)
+        g = rank_ops.rank_project(dy2, B_p.t(), scale=g_scale)
         if need_x:
             dx = dx_gemm(dy2, g, A_p, dropout_p, seed).view(*x_shape)
     if need_A and need_B:  # dA and dB in one launch
@@ -148,6 +168,8 @@ def fused_lora_backward(saved, meta, dy, dx_gemm, need_x, need_b, need_A, need_B
     if need_B and dB is None:
         dB = _unpadded(rank_ops.rank_reduce(xs, dy2), r).t()
     if need_B:  # in B's own layout (a copy only where the rank was padded): autograd then accumulates it as it is
+        if b_scale != 1.0:
+            dB = dB.mul_(b_scale)  # the fp32 sum is this call's own buffer
         dB = padded(dB, *dB.shape, B_dtype)
     if need_b and bias_dtype is not None:
         db = dy2.sum(0, dtype=torch.float32).to(bias_dtype)
@@ -179,8 +201,8 @@ def lora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed=None)
     y, saved, meta = fused_lora_forward(
         x, bias, lora_A, lora_B, scaling, dropout_p,
         lambda x2, xs, B_p, b: lora_gemm(x2, weight, xs, B_p, b, b_nk=True),
-        fold_gemm=(lambda x2, A_p, B_p, b, coef: lora_gemm_folded(x2, weight, A_p, B_p, b, b_nk=True,
-                                                                  scale=coef)) if fold_fwd else None, seed=seed)
+        fold_gemm=(lambda x2, A_p, B_p, b, scale: lora_gemm_folded(x2, weight, A_p, B_p, b, b_nk=True,
+                                                                   scale=scale)) if fold_fwd else None, seed=seed)
     return y, saved, meta, fold_backward
 
 
@@ -192,8 +214,8 @@ def lora_backward(saved, meta, fold_backward, weight, dy, need_x, need_w, need_b
         saved, meta, dy, lambda dy2, g, A_p, p, seed: lora_gemm(dy2, weight, g, A_p, None, b_nk=False,
                                                                 p_drop=p, seed=seed),
         need_x, need_b, need_A, need_B,
-        dx_fold_gemm=(lambda dy2, B_p, A_p, coef, p, seed: lora_gemm_folded(
-            dy2, weight, B_p, A_p, None, b_nk=False, scale=coef, p_drop=p, seed=seed))
+        dx_fold_gemm=(lambda dy2, B_p, A_p, scale, p, seed: lora_gemm_folded(
+            dy2, weight, B_p, A_p, None, b_nk=False, scale=scale, p_drop=p, seed=seed))
         if fold_backward else None)
     dW = (dy2.t() @ x2).to(weight.dtype) if need_w else None
     return dx, dW, db, dA, dB
@@ -244,7 +266,7 @@ def lora_linear_backward_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Ten
                             need_w: bool, need_b: bool, need_A: bool, need_B: bool
                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     fold_backward = _fold_paths(x, weight, lora_A, dropout_p)[1]  # as the forward chose it
-    saved = (*rank_operands(x, lora_A, lora_B), xs)
+    saved = (*rank_operands(x, lora_A, lora_B, scaling), xs)
     meta = lora_meta(x, bias, lora_A, lora_B, scaling, dropout_p, seed_int("lora_linear", seed, dropout_p))
     grads = lora_backward(saved, meta, fold_backward, weight, dy, need_x, need_w, need_b, need_A, need_B)
     return tuple(g if g is not None else unused(like) for g, like in zip(grads, (x, weight, dy, lora_A, lora_B)))
@@ -289,10 +311,7 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, *, back
     x, weight = autocast_inputs(x, weight)
     validate_lora_linear_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
     scaling, dropout_p = float(scaling), float(dropout_p)
-    backend = resolve_backend("lora_linear", backend, x.device, arg="x", auto_triton=x.dtype in KERNEL_DTYPES)
-    check(backend != "triton" or x.dtype in KERNEL_DTYPES,
-          lambda: f"lora_linear: backend='triton' computes in float16, bfloat16 or float32; `x` is {x.dtype} "
-                  "(backend='torch' takes any float dtype)")
+    backend = resolve_backend("lora_linear", backend, x.device, arg="x", dtype=x.dtype)
     if backend == "torch" or x.numel() == 0 or weight.shape[0] == 0:  # empty y: nothing for the kernels to do
         return lora_linear_reference(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
     with autocast_off(x.device.type):

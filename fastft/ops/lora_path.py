@@ -1,5 +1,6 @@
 """The two ways to run the LoRA linear on the Triton backend, and the choice between them per shape.
 
+c = s/(1-p): the LoRA scaling over dropout's keep rate (in fp16 split between xs and B, ops.lora.split_scaling).
 split  forward: xs = c·(keep∘x)·Aᵀ (rank_project, a skinny pass over x), then the GEMM with the rank tail.
        backward: g = c·dy·B (rank_project, a pass over dy), the dx GEMM with the tail, dA and dB (rank_reduce_pair,
        one launch). 5 launches, 4 skinny passes (x, dy, x, dy).

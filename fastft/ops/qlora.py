@@ -214,7 +214,7 @@ def qlora_linear_backward_op(dy: torch.Tensor, x: torch.Tensor, w_parts: list[to
                              xs: torch.Tensor, seed: Optional[torch.Tensor], scaling: float, dropout_p: float,
                              need_x: bool, need_b: bool, need_A: bool, need_B: bool
                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    saved = (*rank_operands(x, lora_A, lora_B), xs)
+    saved = (*rank_operands(x, lora_A, lora_B, scaling), xs)
     meta = lora_meta(x, bias, lora_A, lora_B, scaling, dropout_p, seed_int("qlora_linear", seed, dropout_p))
     grads = qlora_backward(saved, meta, nf4_from_args(w_parts, w_ints), dy, need_x, need_b, need_A, need_B)
     return tuple(g if g is not None else unused(like) for g, like in zip(grads, (x, dy, lora_A, lora_B)))

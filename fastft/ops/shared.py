@@ -18,6 +18,7 @@ from fastft.kernels.runtime import triton_runs_on
 from fastft.ops.compiled import compiling
 
 BACKENDS = ("auto", "triton", "torch")
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # what the Triton kernels compute in
 
 
 def check(cond: bool, message) -> None:
@@ -45,16 +46,24 @@ def check_backend(op: str, backend: str) -> None:
 
 
 def resolve_backend(op: str, backend: str, device: torch.device, *, arg: str | None = None,
-                    auto_triton: bool = True) -> str:
+                    auto_triton: bool = True, dtype: torch.dtype | None = None) -> str:
     """"triton" or "torch": auto is Triton on CUDA (the interpreter is for tests, chosen explicitly) when
-    `auto_triton` (the op's kernels take the inputs). `arg` names the input a refusal points at (else "the inputs")."""
+    `auto_triton` (the op's kernels take the inputs). `arg` names the input a refusal points at (else "the inputs").
+    `dtype`: the dtype the op's kernels would compute in; one outside KERNEL_DTYPES (fp64) goes to torch on auto and
+    is refused on "triton" (the kernels accumulate in fp32: fp64 inputs would silently get fp32 accuracy)."""
     check_backend(op, backend)
+    kernel_dtype = dtype is None or dtype in KERNEL_DTYPES
     if backend == "auto":
-        return "triton" if auto_triton and device.type == "cuda" and triton_runs_on(device) else "torch"
+        use_triton = auto_triton and kernel_dtype and device.type == "cuda" and triton_runs_on(device)
+        return "triton" if use_triton else "torch"
     if backend == "triton" and not triton_runs_on(device):
         where = "CUDA tensors" if arg is None else "a CUDA tensor"
         what = "the inputs are" if arg is None else f"`{arg}` is"
         raise ValueError(f"{op}: backend='triton' needs {where} (or TRITON_INTERPRET=1 on CPU); {what} on {device}")
+    if backend == "triton" and not kernel_dtype:
+        what = "the inputs are" if arg is None else f"`{arg}` is"
+        raise ValueError(f"{op}: backend='triton' computes in float16, bfloat16 or float32; {what} {dtype} "
+                         "(backend='torch' takes any float dtype)")
     return backend
 
 
