@@ -3,16 +3,25 @@ study cells, the generated NF4 header). Standard library only, so every layer ma
 
 A file is written to a temporary sibling, fsynced, given the mode the umask gives (mkstemp makes 0600), renamed
 over the target, and its folder fsynced: a reader, a crash or a SIGKILL sees the old file or the new one, never
-half of one. A folder (a saved model) is written whole into a temporary sibling and swapped in the same way; the
-previous version is removed only once the new one is in place. An adapter save merges instead (`merge_into_folder`):
-what it wrote replaces the entries of the same name, file by file, and the folder's other entries stay, as peft's
-save_pretrained leaves them (other named adapters, a run's metrics).
+half of one. A folder (a saved model, an adapter) is written whole into a temporary sibling and swapped in as a
+whole: in one step where the system can exchange two paths (Linux's renameat2), else by moving the previous version
+aside first (`.NAME.old`, put back by the next save, or by `recover_folder`, when a kill lands between the two
+renames); the previous version is removed only once the new one is in place. An adapter save keeps the folder's other
+entries (`merge_into_folder`: other named adapters, a run's metrics), as peft's save_pretrained leaves them.
+
+Temporary siblings are named `.NAME.tmp-OWNER-XXXXXXXX` (OWNER: this host and process): the next save of NAME removes
+those of writers that are gone (SIGKILL skips their cleanup), never one a live process is still writing.
 """
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
+import re
 import shutil
+import socket
 import tempfile
+import zlib
 from pathlib import Path
 from typing import Callable, Union
 
@@ -36,12 +45,14 @@ def fsync_path(path: str | os.PathLike) -> None:
 
 def atomic_write(path: str | os.PathLike, content: Content) -> Path:
     """Write `content` to `path` atomically: text, bytes, or a callable `write(tmp_path)` that writes the file
-    itself (safetensors, matplotlib). Creates the parent folder; returns the path."""
+    itself (safetensors, matplotlib; the temporary file keeps `path`'s extension). Creates the parent folder; returns
+    the path. Temporaries that killed earlier writes of `path` left are removed first."""
     if not (callable(content) or isinstance(content, (str, bytes, bytearray))):
         raise TypeError(f"atomic_write: content must be str, bytes or a callable, got {type(content).__name__}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.name)
+    remove_stale_temporaries(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temporary_prefix(path), suffix=path.suffix)
     os.close(fd)
     try:
         if callable(content):
@@ -74,55 +85,123 @@ def finish_folder(folder: str | os.PathLike) -> None:
 
 
 def replace_folder(path: str | os.PathLike, write: Callable[[Path], object], *, what: str = "save") -> Path:
-    """`write(tmp_folder)` fills a temporary sibling of `path`, which then takes `path`'s place. The previous
-    version is moved aside and removed after the swap; one that cannot be removed is an error (`what` names the
-    caller in it), never left behind silently. Returns `path`."""
-    given, (path, tmp) = Path(path), _start_folder_save(path)
-    old = path.with_name(f".{path.name}.old")
-    if os.path.lexists(old):  # left by a save interrupted between its two renames
-        if os.path.lexists(path):
-            _remove(old)  # the new version made it into place; `old` is the one before it
-        else:
-            os.replace(old, path)  # the last complete version goes back first: a failed save must not lose it
-    try:
-        write(tmp)
-        finish_folder(tmp)
-        if path.exists():
-            os.replace(path, old)
-        os.replace(tmp, path)
-        fsync_path(path.parent)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)  # only our own unfinished temporary folder
-    try:
-        _remove(old)
-    except OSError as e:
-        raise OSError(f"{what}: the new version is saved to {path}, but the previous one moved to {old} could not "
-                      f"be removed ({e}); delete it by hand") from e
-    return given
+    """`write(tmp_folder)` fills a temporary sibling of `path`, which then takes `path`'s place as a whole (nothing of
+    the previous version stays). The previous version is removed after the swap; one that cannot be removed is an
+    error (`what` names the caller in it), never left behind silently. Returns `path`."""
+    return _save_folder(path, write, keep_others=False, what=what)
 
 
 def merge_into_folder(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
-    """`write(tmp_folder)` fills a temporary sibling of `path`; each file it wrote then replaces the one of the same
-    name in `path` (atomically: a reader sees the old file or the new one), a folder it wrote is merged the same way
-    (moved whole where `path` has none), and every other entry of `path` stays. Nothing moves unless `write`
-    succeeds. Returns `path`."""
+    """`write(tmp_folder)` fills a temporary sibling of `path`; the entries of `path` it did not write (a folder it
+    wrote is merged the same way) are added to it, hard-linked (copied where the file system has no links), and the
+    result takes `path`'s place as a whole, as `replace_folder` does: a reader sees the old folder or the new one,
+    never a mix of two saves. Nothing moves unless `write` succeeds. Returns `path`."""
+    return _save_folder(path, write, keep_others=True, what="save")
+
+
+def recover_folder(path: str | os.PathLike) -> None:
+    """Finish what a folder save killed between its two renames left (only where no exchange in one step is
+    possible): `path` missing and its previous version in `.NAME.old` puts that back; both present means the new
+    version made it, and `.NAME.old` goes."""
+    path = Path(path)
+    old = _old_version(path)
+    if os.path.lexists(old):
+        if os.path.lexists(path):
+            _remove(old)
+        else:
+            os.replace(old, path)
+            fsync_path(path.parent)
+
+
+def _save_folder(path, write, *, keep_others: bool, what: str) -> Path:
     given, (path, tmp) = Path(path), _start_folder_save(path)
-    if os.path.lexists(path) and not path.is_dir():
+    if keep_others and os.path.lexists(path) and not path.is_dir():
         shutil.rmtree(tmp)
         raise NotADirectoryError(f"{given} exists and is not a folder; give a folder, or a path to create")
     try:
+        recover_folder(path)  # the last complete version goes back first: a failed save must not lose it
         write(tmp)
         finish_folder(tmp)
-        if path.is_dir():
-            _merge(tmp, path)
-        else:
-            os.replace(tmp, path)
-            fsync_path(path.parent)
+        if keep_others and path.is_dir():
+            _link_missing(path, tmp)
+        old = _swap_in(tmp, path)
     finally:
         if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)  # our own temporary folder, emptied by the merge or unfinished
+            shutil.rmtree(tmp, ignore_errors=True)  # only our own unfinished temporary folder
+    if old is not None:
+        try:
+            _remove(old)
+        except OSError as e:
+            raise OSError(f"{what}: the new version is saved to {path}, but the previous one moved to {old} could not "
+                          f"be removed ({e}); delete it by hand") from e
     return given
+
+
+def _old_version(path: Path) -> Path:
+    return path.with_name(f".{path.name}.old")
+
+
+def _swap_in(tmp: Path, path: Path) -> Path | None:
+    """Put folder `tmp` at `path`; returns where the previous version now is (None: there was none)."""
+    if not os.path.lexists(path):
+        os.replace(tmp, path)
+        fsync_path(path.parent)
+        return None
+    old = _old_version(path)
+    if _exchange(tmp, path):  # one step: the previous version is now at tmp's name
+        os.replace(tmp, old)
+    else:
+        os.replace(path, old)  # a kill from here to the next rename: `recover_folder` puts `old` back
+        os.replace(tmp, path)
+    fsync_path(path.parent)
+    return old
+
+
+_RENAME_EXCHANGE, _AT_FDCWD = 2, -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step (Linux renameat2 RENAME_EXCHANGE); False where the system or the file
+    system cannot (the caller then renames twice)."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError, TypeError):  # not Linux (glibc 2.28+ / musl)
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):  # EINVAL: a file system without exchange
+        return False
+    raise OSError(code, os.strerror(code), str(b))
+
+
+def _link_missing(src: Path, dst: Path) -> None:
+    """Add to folder `dst` every entry of folder `src` it lacks (folders in both: merged the same way)."""
+    for entry in sorted(src.iterdir()):
+        target = dst / entry.name
+        if not os.path.lexists(target):
+            _link_tree(entry, target)
+        elif entry.is_dir() and target.is_dir() and not target.is_symlink():
+            _link_missing(entry, target)
+    fsync_path(dst)
+
+
+def _link_tree(src: Path, dst: Path) -> None:
+    """`src` at `dst` without copying file contents where a hard link can be made (the saved files are never
+    written in place, only replaced, so sharing them with the previous version is safe)."""
+    if src.is_symlink():
+        os.symlink(os.readlink(src), dst)
+    elif src.is_dir():
+        dst.mkdir()
+        for entry in sorted(src.iterdir()):
+            _link_tree(entry, dst / entry.name)
+        fsync_path(dst)
+    else:
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+            fsync_path(dst)
 
 
 def _start_folder_save(path: str | os.PathLike) -> tuple[Path, Path]:
@@ -131,25 +210,68 @@ def _start_folder_save(path: str | os.PathLike) -> tuple[Path, Path]:
     (SIGKILL skips their cleanup) are removed first."""
     path = Path(path).resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
-    prefix = f".{path.name}.tmp-"
-    for stale in path.parent.iterdir():
-        if stale.name.startswith(prefix):
-            _remove(stale)
-    return path, Path(tempfile.mkdtemp(prefix=prefix, dir=path.parent))
+    remove_stale_temporaries(path)
+    return path, Path(tempfile.mkdtemp(prefix=_temporary_prefix(path), dir=path.parent))
 
 
-def _merge(src: Path, dst: Path) -> None:
-    """Move every entry of folder `src` into folder `dst`: files replace files (os.replace, atomic), folders merge
-    into folders, an entry of the other kind is removed first."""
-    for entry in sorted(src.iterdir()):
-        target = dst / entry.name
-        if entry.is_dir() and target.is_dir():  # a link to a folder: into the folder, as peft writes through it
-            _merge(entry, target)
+def _owner() -> str:
+    """This process on this host, as temporary names carry it."""
+    return f"{zlib.crc32(socket.gethostname().encode()):08x}-{os.getpid()}"
+
+
+def _temporary_prefix(path: Path) -> str:
+    return f".{path.name}.tmp-{_owner()}-"
+
+
+def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
+    """Remove the temporary siblings of `path` (files or folders) that earlier writes of it left when they were
+    killed: those whose writer was a process of this host that has ended, and unowned ones of earlier fastft
+    versions (`.NAME.tmp-XXXXXXXX` folders). One a live process, or another host, may still be writing stays.
+    Returns what was removed."""
+    path = Path(path)
+    prefix, host = f".{path.name}.tmp-", _owner().split("-")[0]
+    removed = []
+    for stale in path.parent.iterdir() if path.parent.is_dir() else ():
+        if not stale.name.startswith(prefix) or _being_written(stale.name[len(prefix):], host, other_hosts=True):
             continue
-        if os.path.lexists(target) and (entry.is_dir() or (target.is_dir() and not target.is_symlink())):
-            _remove(target)  # os.replace moves a folder onto nothing, a file only onto a file
-        os.replace(entry, target)
-    fsync_path(dst)
+        _remove(stale)
+        removed.append(stale)
+    return removed
+
+
+_TEMPORARY = re.compile(r"\.(.+\.)?tmp-(?P<owner>.+)")  # `.NAME.tmp-…`; `.tmp-XXXXXXXXNAME` of earlier versions
+
+
+def remove_temporaries_in(folder: str | os.PathLike) -> list[Path]:
+    """Remove every temporary file or folder of fastft's naming directly in `folder`, but those a live process of
+    this host is writing: for a folder no other host writes to now (one a run holds a lock on). Returns them."""
+    host, removed = _owner().split("-")[0], []
+    for stale in Path(folder).iterdir():
+        match = _TEMPORARY.fullmatch(stale.name)
+        if match and not _being_written(match["owner"], host, other_hosts=False):
+            _remove(stale)
+            removed.append(stale)
+    return removed
+
+
+def _being_written(owner: str, host: str, other_hosts: bool) -> bool:
+    """Whether the writer a temporary's name after `.tmp-` names (host-pid-random) may still be writing it: a live
+    process of this host, or (other_hosts) any process of another host. Names without an owner (earlier versions'):
+    no."""
+    parts = owner.split("-", 2)  # host, pid, random part (+ extension)
+    if len(parts) != 3 or not parts[1].isdigit():
+        return False
+    return other_hosts if parts[0] != host else _alive(int(parts[1]))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _remove(tree: Path) -> None:

@@ -1,11 +1,13 @@
 """`fastft bench`: the tiny-shape method table on the CPU writes its JSON, markdown table and PNG plot; failures
 become rows, never crashes or numbers; the CLI's help and errors; the targets check."""
+import dataclasses
 import json
 
 import pytest
 import torch
 
 from fastft.apps import cli
+from fastft.apps.bench import command as bench_command
 from fastft.apps.bench import peers, run
 from fastft.apps.bench.config import BenchConfig
 from fastft.apps.bench.methods import planned_runs
@@ -69,7 +71,7 @@ def test_tiny_bench_table_and_plot(tiny_bench):
     assert "cpu peak RSS" in table and "not checked" in table  # memory kind named; targets not claimed
     png = (tiny_bench / "bench_methods.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
-    assert not list(tiny_bench.glob(".tmp-*"))
+    assert not list(tiny_bench.glob(".*.tmp-*"))
 
 
 def test_report_redrawn_from_json(tiny_bench, tmp_path):
@@ -108,11 +110,53 @@ def test_help_lists_every_knob(capsys):
         cli.main(["bench", "--help"])
     assert exit_.value.code == 0
     text = capsys.readouterr().out
-    for flag in ("--shape", "--model", "--methods", "--peers", "--seq-len", "--batch-size", "--steps", "--warmup",
-                 "--gradient-checkpointing", "--dtype", "--output-dir", "--seed", "--family", "kernels", "--no-patch-model", "--formats",
-                 "--compile", "--compile-backend"):
+    flags = {f.name: "--" + f.name.replace("_", "-") for f in dataclasses.fields(BenchConfig)}
+    flags["patch_model"] = "--no-patch-model"
+    for flag in (*flags.values(), "--family", "--fresh", "kernels"):
         assert flag in text, flag
     assert "llama-1b" in text and "llama-8b" in text and "tiny" in text and "(default: 2048)" in text
+    lr_help = text[text.index("\n  --lr LR"):text.index("\n  --seed")]
+    assert "learning rate" in lr_help and "(default: 1e-05)" in " ".join(lr_help.split())
+
+
+def test_lr_flag_sets_the_runs_learning_rate():
+    parser, _ = cli._parser()
+    assert bench_command.config_from_args(parser.parse_args(["bench", "--lr", "3e-4"])).lr == 3e-4
+    assert bench_command.config_from_args(parser.parse_args(["bench"])).lr == BenchConfig().lr
+
+
+@pytest.fixture
+def nothing_runs(monkeypatch):
+    from fastft.apps.bench import kernels, methods
+
+    monkeypatch.setattr(methods, "bench_methods", lambda *a, **k: pytest.fail("a table run started"))
+    monkeypatch.setattr(kernels, "run_kernels", lambda *a, **k: pytest.fail("a kernel benchmark started"))
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["kernels", "--shape", "llama-1b", "--steps", "6"], "--shape"),   # the defaults: given all the same
+    (["kernels", "--steps", "6"], "--steps"),
+    (["kernels", "--lr", "1e-5"], "--lr"),
+    (["kernels", "--methods", ",".join(METHODS)], "--methods"),
+    (["kernels", "--compile", "off"], "--compile"),
+    (["kernels", "--see", "0"], "--seed"),                             # an abbreviation argparse accepts
+    (["--family", "all"], "--family"),
+    (["methods", "--shape", "tiny", "--family", "all"], "--family"),
+])
+def test_the_other_modes_flags_are_refused_at_any_value(capsys, nothing_runs, argv, flag):
+    assert cli.main(["bench", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith(f"fastft bench: error: {flag} applies to"), err
+
+
+def test_a_modes_own_flags_and_a_value_spelled_like_the_command_pass(monkeypatch, tmp_path):
+    from fastft.apps.bench import kernels
+
+    calls = []
+    monkeypatch.setattr(kernels, "run_kernels", lambda families, out: calls.append((families, out)) or 0)
+    out = str(tmp_path / "bench")
+    assert cli.main(["bench", "kernels", "--family", "all", "--output-dir", out]) == 0
+    assert calls == [(list(kernels.FAMILIES), out)]
 
 
 @pytest.mark.parametrize("argv, names", [(["--methods", "lora,foo"], ["'foo'", *METHODS]),

@@ -81,6 +81,8 @@ def test_study_refuses_an_output_dir_that_is_a_file(a_file, capsys, plan):
     (["--alpha", "inf"], ["--alpha", "inf"]),
     (["--alpha", "0"], ["--alpha", "> 0"]),
     (["--alpha", "-16"], ["--alpha", "-16"]),
+    (["--lr", "nan"], ["--lr", "nan"]),
+    (["--lr", "0"], ["--lr", "> 0"]),
     (["--methods", "lora", "lora"], ["--methods", "lora", "twice"]),
     (["--methods", "lora,dora,lora"], ["--methods", "lora", "twice"]),
     (["--peers", "peft", "peft"], ["--peers", "peft", "twice"]),
@@ -94,7 +96,7 @@ def test_bench_bad_flags_are_refused_before_any_run(capsys, monkeypatch, argv, n
     assert all(n in err for n in names), err
 
 
-def test_bench_lr_without_a_flag_is_checked_too():
+def test_bench_config_checks_lr_too():
     with pytest.raises(ValueError, match="lr must be a finite number > 0, got nan"):
         BenchConfig(shape="tiny", lr=math.nan).validate()
 
@@ -141,6 +143,26 @@ def test_study_rates_must_be_finite_and_positive(tmp_path, capsys, argv, flag):
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert f"error: {flag} must be a finite number > 0" in err, err
+
+
+def test_study_help_describes_every_flag(capsys):
+    _, commands = cli._parser()
+    assert [a.option_strings for a in commands["study"]._actions if not a.help] == []
+    with pytest.raises(SystemExit):
+        cli.main(["study", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--no-peft fastft's implementation of each method only" in text
+
+
+@pytest.mark.parametrize("argv, message", [(["--threads", "0"], "--threads must be at least 1, got 0"),
+                                           (["--lr", "lora=x"], "--lr: expected RATE or METHOD=RATE"),
+                                           (["--seeds", "0"], "--seeds")])
+def test_study_errors_name_the_subcommand(tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["study", "--quick", "--plan", "--output-dir", str(tmp_path / "s"), *argv])
+    assert exit_.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith(f"fastft study: error: {message}"), last
 
 
 def test_study_rates_message_names_the_method():

@@ -55,7 +55,7 @@ def test_prepared_non_reentrant_model_compiles_fullgraph_with_eager_gradients():
 
 def test_qlora_order_prepare_then_get_peft_model_compiles_fullgraph():
     """The usual QLoRA order: peft's wrap hooks the checkpointed model's embedding again; fastft's wrap drops that
-    hook too when the checkpointing is non-reentrant (and keeps the user's own)."""
+    hook too when the checkpointing is non-reentrant."""
     from peft import LoraConfig
 
     model = fastft.prepare_model_for_kbit_training(_tiny_llama(),
@@ -63,12 +63,51 @@ def test_qlora_order_prepare_then_get_peft_model_compiles_fullgraph():
     model = fastft.get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     assert not model.get_input_embeddings()._forward_hooks
     assert _compiled_grads_equal_eager(model)
-    # a hook the user set before wrapping stays
+
+
+def _user_hook(module, args, output):  # a forward hook of the user's own, which fastft must leave alone
+    return None
+
+
+@pytest.mark.parametrize("enable", ["activation_checkpointing_enable", "gradient_checkpointing_enable",
+                                    "enable_then_hook_again"])
+def test_checkpointing_enabled_on_the_base_then_get_peft_model_compiles_fullgraph(enable):
+    """The order most users write: checkpointing enabled on the base (transformers 5 hooks the embedding then, and
+    `enable_input_require_grads` again replaces its record of the first hook), then fastft.get_peft_model (peft hooks
+    it once more). Non-reentrant, the wrap removes all of those hooks, and only those: one graph, eager's gradients."""
+    from peft import LoraConfig
+
     base = _tiny_llama()
-    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    base.enable_input_require_grads()
-    hooked = fastft.get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj"]))
-    assert hooked.get_input_embeddings()._forward_hooks
+    kwargs = {"use_reentrant": False}
+    if enable == "activation_checkpointing_enable":
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        with pytest.warns(FutureWarning, match="gradient_checkpointing_enable"):
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        if enable == "enable_then_hook_again":
+            base.enable_input_require_grads()
+    user = base.get_input_embeddings().register_forward_hook(_user_hook)
+    model = fastft.get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    assert list(model.get_input_embeddings()._forward_hooks.values()) == [_user_hook]
+    assert not base._require_grads_hooks
+    user.remove()
+    layer0_lora = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.default.weight"
+    assert layer0_lora in _compiled_grads_equal_eager(model)
+
+
+def test_reentrant_checkpointing_on_the_base_keeps_its_input_grad_hook_through_get_peft_model():
+    """Reentrant checkpointing needs the embedding's output to require grad (else layer 0's adapters get no gradient):
+    the wrap leaves the hooks there."""
+    from peft import LoraConfig
+
+    base = _tiny_llama()
+    base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
+    model = fastft.get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj"]))
+    assert model.get_input_embeddings()._forward_hooks
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    model.train()
+    _, grads = _loss_and_grads(model, ids)
+    assert "base_model.model.model.layers.0.self_attn.q_proj.lora_B.default.weight" in grads
 
 
 def test_prepared_reentrant_model_has_one_removable_input_grad_hook():

@@ -103,9 +103,11 @@ def test_replace_folder_removes_a_stale_previous_version(tmp_path):
 
 def test_replace_folder_restores_the_version_an_interrupted_save_moved_aside(tmp_path, monkeypatch):
     """A save killed between its two renames leaves the last complete version only in `.model.old`; the old code
-    deleted it when the next save started, so a second failing save lost it."""
+    deleted it when the next save started, so a second failing save lost it. (Two renames: where the file system
+    cannot exchange two paths in one step.)"""
     target = replace_folder(tmp_path / "model", _fill("v1"))
     real_replace = os.replace
+    monkeypatch.setattr(files, "_exchange", lambda a, b: False)
 
     def killed_before_second_rename(src, dst):
         if str(dst) == str(target):

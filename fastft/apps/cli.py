@@ -28,41 +28,44 @@ def _add_bench(sub) -> None:
     add_bench_parser(sub)
 
 
-def _add_study(sub) -> None:
+def _add_study(sub) -> argparse.ArgumentParser:
     from fastft.apps.study.command import DESCRIPTION, add_arguments
 
     p = sub.add_parser("study", help="every method × six real tasks × two models: accuracy beside speed and memory",
                        description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p)
+    return p
 
 
-def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The `fastft` parser, and the subcommands' parsers that read their own arguments again or name themselves in
+    errors (`fastft study: error: ...`)."""
     parser = argparse.ArgumentParser(prog="fastft", description="fastft: fast fine-tuning of transformer LLMs")
     parser.add_argument("--version", action="version", version=f"fastft {fastft.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     train = _add_train(sub)
     _add_bench(sub)
-    _add_study(sub)
-    return parser, train
+    study = _add_study(sub)
+    return parser, {"train": train, "study": study}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser, train_parser = _parser()
+    parser, commands = _parser()
     args = parser.parse_args(argv)
     if args.command == "bench":
         from fastft.apps.bench.command import run_bench
 
-        return run_bench(args)
+        return run_bench(args, argv)
     if args.command == "study":
         from fastft.apps.study.command import run as run_study
 
-        return run_study(args, parser)
+        return run_study(args, commands["study"])
     if args.command == "train":
         from fastft.apps.training import TrainingStopped, train, validate
 
         try:
-            train(validate(config_from_args(train_parser, args, argv)))
+            train(validate(config_from_args(commands["train"], args, argv)))
         except ConfigError as e:
             print(f"fastft train: error: {e}", file=sys.stderr)
             raise SystemExit(2) from None

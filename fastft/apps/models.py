@@ -7,6 +7,7 @@ about a second.
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 import shutil
@@ -93,6 +94,40 @@ def resolve_model_path(name_or_path: str) -> str:
         raise FileNotFoundError(f"--model {name_or_path!r}: expected '{SMOLLM2}' or a local checkpoint directory "
                                 "with config.json (no model hub is reachable)")
     return name_or_path
+
+
+_MIB = 2**20
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".index.json")
+_TOKENIZER_PREFIXES = ("tokenizer", "special_tokens_map", "added_tokens", "vocab", "merges", "chat_template")
+
+
+def _shapes_training(name: str) -> bool:
+    """A checkpoint folder's file that decides what training computes: the config, the weights (and their index),
+    the tokenizer and chat template (not a README, a license, generation settings)."""
+    return name == "config.json" or name.endswith(_WEIGHT_SUFFIXES) or name.startswith(_TOKENIZER_PREFIXES) \
+        or name.endswith((".model", ".tiktoken"))
+
+
+def model_fingerprint(path: str | os.PathLike) -> dict:
+    """{file: {"size", "sha256"}} of the files of checkpoint folder `path` that decide what training computes
+    (`_shapes_training`), cheaply: a file up to 2 MiB is hashed whole, a larger one (weights) by its first and last
+    MiB, which hold a safetensors file's header (every tensor's name, dtype, shape and offsets) and its last tensors'
+    values; with the size that tells a re-converted, re-downloaded or replaced model from the one a run started
+    with, in milliseconds whatever the model's size. Modification times are left out: a copy keeps the fingerprint."""
+    files = {}
+    for file in sorted(Path(path).iterdir()):
+        if not (file.is_file() and _shapes_training(file.name)):
+            continue
+        size, digest = file.stat().st_size, hashlib.sha256()
+        with open(file, "rb") as f:
+            if size <= 2 * _MIB:
+                digest.update(f.read())
+            else:
+                digest.update(f.read(_MIB))
+                f.seek(size - _MIB)
+                digest.update(f.read(_MIB))
+        files[file.name] = {"size": size, "sha256": digest.hexdigest()}
+    return files
 
 
 def load_causal_lm(name_or_path: str = SMOLLM2, dtype=None, attn_implementation: str | None = None):

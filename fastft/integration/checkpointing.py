@@ -22,16 +22,15 @@ from torch.utils.checkpoint import checkpoint
 
 def enable_checkpointing(model, kwargs: dict | None = None) -> None:
     """Activation checkpointing of every decoder layer of `model` (a transformers PreTrainedModel), with torch
-    checkpoint's `kwargs` (default: non-reentrant). Non-reentrant, the input-grad hook transformers 5 adds with it is
-    removed again (one the model had before stays)."""
+    checkpoint's `kwargs` (default: non-reentrant). Non-reentrant, the input-grad hooks (the one transformers 5 adds
+    with it, and any earlier one transformers or peft added) are removed again."""
     kwargs = {"use_reentrant": False} if kwargs is None else kwargs
-    had_hooks = bool(input_grad_hooks(model))
     enable = getattr(model, "activation_checkpointing_enable", None)  # transformers 5's name; the old one warns
     if enable is not None:
         enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    drop_input_grad_hooks_if_unneeded(model, had_hooks)
+    drop_input_grad_hooks_if_unneeded(model)
 
 
 def checkpointing_enabled(model) -> bool:
@@ -62,9 +61,37 @@ def input_grad_hooks(model: nn.Module) -> list:
     return list(hooks)
 
 
-def drop_input_grad_hooks_if_unneeded(model: nn.Module, had_hooks: bool) -> None:
-    """Remove the input-grad hooks added since `had_hooks` was read (the user's own stay) when every checkpointed
-    layer is non-reentrant: they are not needed there, and they break torch.compile's graph."""
-    layers = reentrant_layers(model)
-    if not had_hooks and layers and not any(layers) and input_grad_hooks(model):
-        model.disable_input_require_grads()
+def drop_input_grad_hooks_if_unneeded(model: nn.Module) -> None:
+    """Remove every input-grad hook transformers (`enable_input_require_grads`) or peft registered on `model`'s
+    modules, whichever call added it and in whatever order, unless a checkpointed layer is reentrant (the one mode
+    that needs it). Non-reentrant or no checkpointing needs none, and they break torch.compile's graph. Other forward
+    hooks stay. Each hook is found on the modules themselves: transformers records only its last call's hooks (a
+    second `enable_input_require_grads` overwrites the record, and `disable_input_require_grads` then leaves the
+    first on the embedding), and peft's fallback records none."""
+    if any(reentrant_layers(model)):
+        return
+    for module in model.modules():
+        for key, hook in list(module._forward_hooks.items()):
+            if _is_input_grad_hook(hook):
+                _remove_forward_hook(module, key)
+        if "_require_grads_hooks" in vars(module):  # transformers' record of what it registered: all gone now
+            module._require_grads_hooks = []
+        vars(module).pop("_require_grads_hook", None)
+
+
+_INPUT_GRAD_HOOK_NAMES = ("make_inputs_require_grads", "make_inputs_require_grad")  # transformers', peft's
+
+
+def _is_input_grad_hook(hook) -> bool:
+    """Whether `hook` is the closure transformers' enable_input_require_grads or peft (its model wrap, its
+    prepare_model_for_kbit_training) registers to make the embedding's output require grad."""
+    qualname = getattr(hook, "__qualname__", "")
+    package = (getattr(hook, "__module__", None) or "").split(".")[0]
+    return (package in ("transformers", "peft") and ".<locals>." in qualname
+            and qualname.rsplit(".", 1)[-1] in _INPUT_GRAD_HOOK_NAMES)
+
+
+def _remove_forward_hook(module: nn.Module, key: int) -> None:
+    """What the hook's RemovableHandle.remove() does (register_forward_hook files one key in these three dicts)."""
+    for hooks in (module._forward_hooks, module._forward_hooks_with_kwargs, module._forward_hooks_always_called):
+        hooks.pop(key, None)

@@ -144,7 +144,6 @@ def prepare_model_for_kbit_training(model: nn.Module, use_gradient_checkpointing
         raise TypeError(f"prepare_model_for_kbit_training: {type(model).__name__} has no gradient_checkpointing_enable "
                         "(not a transformers model); pass use_gradient_checkpointing=False")
     peft_did_it = getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
-    had_input_grads = bool(input_grad_hooks(model))
     model = peft_prepare(model, use_gradient_checkpointing=use_gradient_checkpointing,
                          gradient_checkpointing_kwargs=kwargs)
     reentrant = kwargs.get("use_reentrant", True)
@@ -153,7 +152,7 @@ def prepare_model_for_kbit_training(model: nn.Module, use_gradient_checkpointing
         if reentrant and not input_grad_hooks(model):  # reentrant checkpointing needs inputs that require grad
             model.enable_input_require_grads()
     if use_gradient_checkpointing and not reentrant:  # transformers 5 hooks the embedding anyway (see checkpointing)
-        drop_input_grad_hooks_if_unneeded(model, had_input_grads)
+        drop_input_grad_hooks_if_unneeded(model)
     return model
 
 

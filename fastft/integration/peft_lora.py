@@ -26,7 +26,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from fastft.files import merge_into_folder
-from fastft.integration.checkpointing import drop_input_grad_hooks_if_unneeded, input_grad_hooks
+from fastft.integration.checkpointing import drop_input_grad_hooks_if_unneeded
 from fastft.integration.module_names import name_hint, names_module
 from fastft.integration.methods.prompt import whole_prompt_encoders
 from fastft.integration.sharded_state import gathered_adapter_state, is_sharded
@@ -295,12 +295,12 @@ def refuse_peft_model(model: nn.Module, what: str) -> None:
 def quiet_peft_model(model: nn.Module, config, adapter_name: str = "default", **kwargs) -> PeftModel:
     """`peft.get_peft_model`, without the FutureWarning peft raises reading transformers' deprecated
     `is_gradient_checkpointing` (nothing for the user to act on). Every method's room builds through it."""
-    had_hooks = bool(input_grad_hooks(model))
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         wrapped = peft.get_peft_model(model, config, adapter_name=adapter_name, **kwargs)
-    # peft hooks the embedding for checkpointing of either mode: non-reentrant needs none (and compiles without)
-    drop_input_grad_hooks_if_unneeded(model, had_hooks)
+    # peft hooks the embedding for checkpointing of either mode (and transformers' enable may have hooked it before):
+    # non-reentrant needs none, and compiles without
+    drop_input_grad_hooks_if_unneeded(model)
     return wrapped
 
 
@@ -507,8 +507,9 @@ def merge_and_unload(model: PeftModel, *, requantize: bool = False, dtype=None, 
 
 
 def save_adapter(model: PeftModel, path: str | os.PathLike, **kwargs) -> Path:
-    """`model.save_pretrained(path)` made atomic: written to a temporary sibling, then each file moved into place,
-    so an interrupted save never leaves a half-written file behind. Like peft's save, the folder's other files stay
+    """`model.save_pretrained(path)` made atomic: written to a temporary sibling, which then takes the folder's place
+    as a whole, so an interrupted save leaves the previous save or the new one, never files of both (a config of one
+    and the weights of the other would load without an error). Like peft's save, the folder's other files stay
     (other named adapters saved there before, a run's metrics). Folders and files get the modes the umask gives
     (as peft and transformers create them), not mkdtemp's private 0700 (fastft.files.merge_into_folder)."""
     if not (isinstance(model, PeftModel) or callable(getattr(model, "get_base_model", None))):  # + fastft's own

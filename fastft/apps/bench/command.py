@@ -10,6 +10,7 @@ from fastft.apps.bench.kernels import FAMILIES
 from fastft.apps.bench.peers import PEERS
 from fastft.apps.bench.shapes import DTYPES, SHAPES
 from fastft.apps.compiling import COMPILE_BACKENDS, COMPILE_MODES
+from fastft.apps.given_flags import given_dests
 from fastft.integration.methods import METHODS
 
 
@@ -47,6 +48,8 @@ def add_bench_parser(sub) -> None:
     m.add_argument("--rank", type=int, default=d.rank, help="lora/qlora/dora rank (at most the hidden size)")
     m.add_argument("--alpha", type=float, default=d.alpha, help="lora/qlora/dora alpha")
     m.add_argument("--num-virtual-tokens", type=int, default=d.num_virtual_tokens, help="prefix/prompt tuning")
+    m.add_argument("--lr", type=float, default=d.lr,
+                   help="AdamW learning rate of every run (small: the table times steps and must not diverge)")
     m.add_argument("--seed", type=int, default=d.seed, help="model weights and token ids")
     m.add_argument("--formats", nargs="+", default=",".join(d.formats), metavar="FORMAT",
                    help="files to write, from json, md, png (python -m fastft.apps.bench.report turns the JSON into "
@@ -68,25 +71,27 @@ def add_bench_parser(sub) -> None:
 
 
 class _Group:
-    """An argument group that also records dest -> (flag, default) of each flag it adds: what run_bench compares
-    the parsed values with to tell which flags were given."""
+    """An argument group that also records dest -> action of each flag it adds: run_bench reads from them which of
+    a mode's flags were given."""
 
     def __init__(self, group, flags: dict):
         self.group, self.flags = group, flags
 
     def add_argument(self, *names, **kwargs):
         action = self.group.add_argument(*names, **kwargs)
-        self.flags[action.dest] = (action.option_strings[-1], action.default)
+        self.flags[action.dest] = action
         return action
 
 
-def _foreign_flag(args) -> str | None:
-    """The first flag given (not at its default) that belongs to the other mode, as an error; None if none."""
+def _foreign_flag(args, argv: list[str]) -> str | None:
+    """The first flag given (at any value) that belongs to the other mode, as an error; None if none."""
+    given = given_dests([a for flags in args._bench_modes.values() for a in flags.values()], argv, "bench")
     for mode, flags in args._bench_modes.items():
         if mode == args.what:
             continue
-        for dest, (flag, default) in flags.items():
-            if getattr(args, dest) != default:
+        for dest, action in flags.items():
+            if dest in given:
+                flag = action.option_strings[-1]
                 return (f"{flag} applies to `fastft bench {mode}` only, not to `fastft bench {args.what}` (drop it, "
                         f"or run `fastft bench {mode}`; see `fastft bench --help` for each mode's flags)")
     return None
@@ -106,13 +111,14 @@ def config_from_args(args) -> BenchConfig:
                        steps=args.steps, warmup=args.warmup, gradient_checkpointing=args.gradient_checkpointing,
                        patch_model=args.patch_model,
                        dtype=args.dtype, rank=args.rank, alpha=args.alpha, num_virtual_tokens=args.num_virtual_tokens,
-                       seed=args.seed, output_dir=args.output_dir, formats=_split(args.formats),
+                       lr=args.lr, seed=args.seed, output_dir=args.output_dir, formats=_split(args.formats),
                        compile=args.compile, compile_backend=args.compile_backend)
 
 
-def run_bench(args) -> int:
+def run_bench(args, argv: list[str]) -> int:
+    """`fastft bench` from its parsed `args` and the command line `argv` they came from (`fastft`'s arguments)."""
     try:
-        problem = _foreign_flag(args) if hasattr(args, "_bench_modes") else None
+        problem = _foreign_flag(args, argv)
         if problem:
             raise ValueError(problem)
         if args.what == "kernels":

@@ -58,10 +58,10 @@ class BenchConfig:
                 raise ValueError(problem)
         elif self.shape not in SHAPES:
             raise ValueError(f"--shape: unknown shape {self.shape!r}; expected one of {', '.join(SHAPES)}")
-        for name, label in (("alpha", "--alpha"), ("lr", "BenchConfig.lr")):   # lr: no flag
+        for name in ("alpha", "lr"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
-                raise ValueError(f"{label} must be a finite number > 0, got {value}")
+                raise ValueError(f"--{name} must be a finite number > 0, got {value}")
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ValueError(f"--dtype: expected auto or one of {', '.join(DTYPES)}, got {self.dtype!r}")
         for name in ("seq_len", "batch_size", "steps", "rank", "num_virtual_tokens"):

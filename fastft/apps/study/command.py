@@ -53,7 +53,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-test", type=int, help="test on the first N test rows (default: all)")
     p.add_argument("--with-peft", dest="with_peft", action="store_true", default=None,
                    help="run peft's own implementation of each method beside fastft's (default)")
-    p.add_argument("--no-peft", dest="with_peft", action="store_false")
+    p.add_argument("--no-peft", dest="with_peft", action="store_false",
+                   help="fastft's implementation of each method only, without peft's beside it (the accuracy "
+                        "anchor)")
     p.add_argument("--output-dir", help="default runs/study (runs/study-quick with --quick)")
     p.add_argument("--threads", type=int,
                    help="torch CPU threads (default: torch's choice; on a busy CPU, 1 is often fastest)")

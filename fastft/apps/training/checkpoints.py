@@ -2,9 +2,14 @@
 
 A checkpoint holds everything the next step reads: the trained weights, the optimizer and scheduler state,
 the step, the data cursor, the logs so far, and every RNG of every process (torch's CPU generator also
-seeds fastft's LoRA dropout, see fastft.ops.shared.draw_seed). It is written into a temporary folder,
-each file fsynced, then renamed into place; the previous checkpoint is removed only after that, so a
-SIGKILL at any moment leaves at least one complete checkpoint.
+seeds fastft's LoRA dropout, see fastft.ops.shared.draw_seed), and fp16's loss-scaler state. It is written into a
+temporary folder, each file fsynced, then renamed into place; the previous checkpoint is removed only after that,
+so a SIGKILL at any moment leaves at least one complete checkpoint. Only the newest is kept (a full fine-tune's
+optimizer state is twice its weights: a second copy would double the disk a run needs); a checkpoint damaged from
+outside (a failing disk, a file edited) is found before any model loads and named, not fallen back from silently.
+
+What a resumed run is compared against: the settings (`comparable_settings`: aliases folded, paths absolute), and the
+base models' contents (`model_fingerprints`, besides the data's sha256 the loop checks).
 """
 from __future__ import annotations
 
@@ -17,9 +22,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fastft.apps.models import SMOLLM2, model_fingerprint, resolve_model_path
+from fastft.apps.training.config import ConfigError
 from fastft.files import finish_folder, fsync_path
 
 _STEP_DIR = re.compile(r"step-(\d{8})")
+_TRAINER_KEYS = ("step", "processes", "plan", "scheduler", "history")
 
 
 # ----------------------------------------------------------------------------------------------- RNG states
@@ -95,15 +103,38 @@ class Checkpoints:
 
     def trainer_state(self, path: Path) -> dict:
         """Checkpoint `path`'s trainer state (step, data cursor, logs, and the settings of the run that wrote it
-        under "config", absent in checkpoints written before they were recorded); refused unless this run has the
-        same number of processes (each restores its own RNG)."""
-        state = torch.load(path / "trainer_state.pt", weights_only=False)
+        under "config", absent in checkpoints written before they were recorded), once every file of the checkpoint
+        is there and readable (a ConfigError naming the one that is not); refused unless this run has the same number
+        of processes (each restores its own RNG). Cheap: the weights and optimizer files are checked, not read."""
+        state = self._read(path, "trainer_state.pt", lambda f: torch.load(f, weights_only=False))
+        missing = [k for k in _TRAINER_KEYS if not isinstance(state, dict) or k not in state]
+        if missing:
+            raise self._damaged(path, "trainer_state.pt", f"it lacks {', '.join(missing)}")
         if state["processes"] != self.accelerator.num_processes:
-            from fastft.apps.training.config import ConfigError
-
             raise ConfigError(f"--resume: {path} was written by {state['processes']} processes, this run has "
                               f"{self.accelerator.num_processes}; resume with the same number")
+        self._read(path, "trainable.safetensors", _open_safetensors)
+        self._read(path, "optimizer.pt", lambda f: torch.load(f, mmap=True, map_location="cpu", weights_only=False))
+        for process in range(state["processes"]):
+            self._read(path, f"rng-{process}.pt", lambda f: torch.load(f, weights_only=False))
         return state
+
+    def _read(self, path: Path, name: str, read):
+        file = path / name
+        if not file.is_file():
+            raise self._damaged(path, name, "it is missing")
+        try:
+            return read(file)
+        except Exception as e:  # torch's and safetensors' errors name neither the file nor the cause
+            raise self._damaged(path, name, f"it cannot be read ({type(e).__name__}: {str(e).splitlines()[0]}; "
+                                            f"{file.stat().st_size} bytes): truncated or corrupt") from None
+
+    def _damaged(self, path: Path, name: str, what: str) -> ConfigError:
+        older = sorted(p.name for p in self.root.iterdir() if _STEP_DIR.fullmatch(p.name) and p.name < path.name)
+        fallback = f"delete it to resume from the older {older[-1]}" if older else \
+            "delete it to start the run over (--resume then starts at step 0; only the newest checkpoint is kept)"
+        return ConfigError(f"--resume: checkpoint {path} is damaged: {name}: {what}; {fallback}, or restore the "
+                           "file from a backup")
 
     def save(self, step: int, model, optimizer, trainer_state: dict, save_adapter=None) -> Path:
         from safetensors.torch import save_file
@@ -117,17 +148,21 @@ class Checkpoints:
         tmp = self.root / f".step-{step:08d}.tmp"
         if acc.is_main_process:
             self.root.mkdir(parents=True, exist_ok=True)
-            for stale in self.root.glob(".step-*.tmp"):
+            for stale in self.root.glob(".step-*.tmp"):  # a killed save's (the run holds --output-dir: no other's)
                 shutil.rmtree(stale)
             tmp.mkdir()
         acc.wait_for_everyone()
-        torch.save(rng_state(), tmp / f"rng-{acc.process_index}.pt")
-        if acc.is_main_process:
-            save_file({k: v.contiguous().clone() for k, v in weights.items()}, str(tmp / "trainable.safetensors"))
-            torch.save(optim, tmp / "optimizer.pt")
-            torch.save({**trainer_state, "step": step, "processes": acc.num_processes}, tmp / "trainer_state.pt")
-            if save_adapter is not None:
-                save_adapter(tmp / "adapter", weights)
+        try:
+            torch.save(rng_state(), tmp / f"rng-{acc.process_index}.pt")
+            if acc.is_main_process:
+                save_file({k: v.contiguous().clone() for k, v in weights.items()}, str(tmp / "trainable.safetensors"))
+                torch.save(optim, tmp / "optimizer.pt")
+                torch.save({**trainer_state, "step": step, "processes": acc.num_processes}, tmp / "trainer_state.pt")
+                if save_adapter is not None:
+                    save_adapter(tmp / "adapter", weights)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)  # a full disk gets its space back
+            raise
         acc.wait_for_everyone()
         if acc.is_main_process:
             finish_folder(tmp)
@@ -159,3 +194,69 @@ class Checkpoints:
                     params[name].copy_(value)
             optimizer.load_state_dict(optim)
         set_rng_state(torch.load(path / f"rng-{acc.process_index}.pt", weights_only=False))
+
+
+def _open_safetensors(file: Path) -> list[str]:
+    """The tensor names; safetensors checks that the header's offsets fit the file (a truncated one fails)."""
+    from safetensors import safe_open
+
+    with safe_open(str(file), framework="pt") as f:
+        return list(f.keys())
+
+
+# ------------------------------------------------------------------------------------------- fp16 loss scaler
+
+def scaler_state(accelerator) -> dict | None:
+    """--mixed-precision fp16's GradScaler state (scale, growth tracker), None without one: a resumed run must
+    scale, and skip, as the uninterrupted run would."""
+    scaler = getattr(accelerator, "scaler", None)
+    return scaler.state_dict() if scaler is not None and scaler.is_enabled() else None
+
+
+def restore_scaler(accelerator, state: dict | None) -> None:
+    scaler = getattr(accelerator, "scaler", None)
+    if state and scaler is not None and scaler.is_enabled():
+        scaler.load_state_dict(state)
+
+
+# ----------------------------------------------------------------------------------- what a resume compares
+
+PATH_SETTINGS = ("model", "teacher", "data", "eval_data")
+
+
+def comparable_settings(values: dict) -> dict:
+    """A run's settings (config.to_yaml_dict) as a resumed run compares them: `--quantize nf4` as the `--method
+    qlora` it stands for, and paths absolute (relative ones: from the working directory now), so that spellings of
+    one run compare equal. The paths' contents are compared apart (the data's sha256, `model_fingerprints`)."""
+    out = dict(values)
+    if out.get("quantize") == "nf4":
+        out["method"], out["quantize"] = "qlora", None
+    for name in PATH_SETTINGS:
+        if out.get(name) is not None and out[name] != SMOLLM2:
+            out[name] = str(Path(out[name]).resolve())
+    return out
+
+
+def model_fingerprints(cfg, model_path: str) -> dict:
+    """{"model", "teacher"}: fastft.apps.models.model_fingerprint of each (None: no teacher)."""
+    teacher = model_fingerprint(resolve_model_path(cfg.teacher)) if cfg.teacher is not None else None
+    return {"model": model_fingerprint(model_path), "teacher": teacher}
+
+
+def check_resumed_models(now: dict, saved: dict | None, checkpoint: Path) -> None:
+    """A ConfigError when --model's (or --teacher's) files changed since the checkpoint was written: the same path
+    holding another model would continue the adapters on another base."""
+    if saved is None:  # written before checkpoints kept the models' fingerprints
+        return
+    for name, files in now.items():
+        before = saved.get(name)
+        if before is None or files is None or before == files:
+            continue
+        changes = [f"{f} removed" for f in sorted(before.keys() - files.keys())] + \
+                  [f"{f} added" for f in sorted(files.keys() - before.keys())] + \
+                  [f"{f} differs" + (f" ({before[f]['size']} -> {files[f]['size']} bytes)"
+                                     if before[f]["size"] != files[f]["size"] else "")
+                   for f in sorted(files.keys() & before.keys()) if files[f] != before[f]]
+        raise ConfigError(f"--resume: --{name}'s files changed since {checkpoint} was written "
+                          f"({'; '.join(changes)}); resume with the model the run started with, or start a new run in "
+                          "another --output-dir")

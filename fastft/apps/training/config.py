@@ -17,6 +17,7 @@ from pathlib import Path
 
 from fastft.apps.compiling import COMPILE_BACKENDS, COMPILE_MODES, compile_problem
 from fastft.apps.datasets import TASK_NAMES
+from fastft.apps.given_flags import given_dests
 from fastft.apps.models import SMOLLM2, model_problem, rank_problem as rank_over_hidden
 from fastft.files import output_dir_problem
 from fastft.integration.methods import ALL_LINEAR, METHODS, MethodOptions
@@ -165,7 +166,8 @@ _HELP = {
                        "aot_eager (traced forward and backward graphs run by eager torch, no codegen: checks that "
                        "the model compiles, quickly); eager (dynamo tracing only)",
     "save_every": "write a resumable checkpoint every N steps (0: none)",
-    "resume": "continue from the newest checkpoint in --output-dir (same settings)",
+    "resume": "continue from the newest checkpoint in --output-dir (same settings; --gradient-checkpointing, "
+              "--offload-activations, and --batch-size/--grad-accum of the same product may change)",
 }
 
 _CHOICES = {
@@ -311,30 +313,13 @@ def config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace, 
     """Defaults < YAML file < flags given on the command line."""
     values = {name: getattr(args, name) for name in FIELDS}
     if args.config:
-        explicit = _explicit_dests(parser, argv)
+        explicit = given_dests([a for a in parser._actions if a.dest in FIELDS], argv, "train")  # noqa: SLF001
         for name, value in read_yaml_config(args.config).items():
             if name not in explicit:
                 values[name] = value
     for name in _TUPLE_FIELDS:
         values[name] = tuple(values[name])
     return TrainConfig(**values)
-
-
-def _explicit_dests(parser: argparse.ArgumentParser, argv) -> set[str]:
-    """The fields set on the command line (parsed again with every default suppressed)."""
-    probe = argparse.ArgumentParser(add_help=False)
-    for action in parser._actions:  # noqa: SLF001 - argparse offers no public copy
-        if action.dest in FIELDS:
-            kwargs = {"dest": action.dest, "default": argparse.SUPPRESS}
-            if isinstance(action, argparse.BooleanOptionalAction):
-                probe.add_argument(*action.option_strings, action=argparse.BooleanOptionalAction, **kwargs)
-            else:
-                probe.add_argument(*action.option_strings, nargs=action.nargs, **kwargs)
-    # the arguments after the subcommand (the first "train": `fastft` itself takes no valued options), so a value
-    # spelled "train" (--output-dir train) stays
-    argv = list(argv)
-    known, _ = probe.parse_known_args(argv[argv.index("train") + 1:] if "train" in argv else argv)
-    return set(vars(known))
 
 
 def to_yaml_dict(cfg: TrainConfig) -> dict:

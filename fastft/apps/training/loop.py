@@ -33,6 +33,7 @@ from fastft.apps.training.data import (BatchPlan, Encoder, Example, Pair, check_
 from fastft.apps.training.logs import RunLog, peak_memory_gib
 from fastft.apps.training.objectives import (ObjectiveModel, check_head_gives_logits, check_vocab_rows,
                                              is_prompt_learning)
+from fastft.apps.training.run_lock import hold_output_dir
 
 
 class TrainingStopped(RuntimeError):
@@ -144,15 +145,23 @@ def lr_factor(cfg: TrainConfig):
 
 
 # Settings a resumed run may change: they decide what is evaluated and saved, or how the same steps are computed
-# (compiled or not), not what is trained. --steps too when no learning rate depends on it (constant, no warm-up).
-# --eval-examples may move the held-out split of --data: the batch plan's record count and digest refuse that
-# (BatchPlan.load_state_dict), and let a value that leaves the split as it was through.
+# (compiled or not; activations kept, recomputed or offloaded: the same values), not what is trained. --steps too
+# when no learning rate depends on it (constant, no warm-up). --eval-examples may move the held-out split of --data:
+# the batch plan's record count and digest refuse that (BatchPlan.load_state_dict), and let a value that leaves the
+# split as it was through.
 RESUME_MAY_CHANGE = ("resume", "output_dir", "save_every", "eval_every", "eval_examples", "eval_batch_size",
-                     "compile", "compile_backend")
+                     "compile", "compile_backend", "gradient_checkpointing", "offload_activations")
 
 
-def resume_may_change(cfg: TrainConfig) -> tuple[str, ...]:
-    return RESUME_MAY_CHANGE + (("steps",) if cfg.schedule == "constant" and cfg.warmup_ratio == 0 else ())
+def resume_may_change(cfg: TrainConfig, saved: dict | None = None) -> tuple[str, ...]:
+    """RESUME_MAY_CHANGE, --steps under a constant schedule, and --batch-size / --grad-accum when their product
+    is the checkpoint's: a step then takes the same records (BatchPlan: the step's slice of the order, cut into
+    other micro-batches), and its loss is Σ over the step's targets / their count whatever the cut (`accumulate`).
+    Only the rounding of the sums changes, and with --dropout the masks drawn (one draw per micro-batch)."""
+    extra = ("steps",) if cfg.schedule == "constant" and cfg.warmup_ratio == 0 else ()
+    if saved is not None and saved.get("batch_size", 0) * saved.get("grad_accum", 0) == cfg.batch_size * cfg.grad_accum:
+        extra += ("batch_size", "grad_accum")
+    return RESUME_MAY_CHANGE + extra
 
 
 def check_resumed_settings(cfg: TrainConfig, saved: dict | None, checkpoint: Path) -> None:
@@ -161,16 +170,17 @@ def check_resumed_settings(cfg: TrainConfig, saved: dict | None, checkpoint: Pat
     values), so only the RESUME_MAY_CHANGE settings may differ."""
     if saved is None:  # written before checkpoints kept their settings
         return
-    now, defaults = to_yaml_dict(cfg), to_yaml_dict(TrainConfig())
-    may_change = resume_may_change(cfg)
-    # a setting added since the checkpoint was written had its default then
-    changed = [f"--{k.replace('_', '-')} {saved.get(k, defaults[k])!r} -> {now[k]!r}" for k in now
-               if k not in may_change and saved.get(k, defaults[k]) != now[k]]
+    # a setting added since the checkpoint was written had its default then; spellings of one setting compare equal
+    saved = ckpt.comparable_settings({**to_yaml_dict(TrainConfig()), **saved})
+    now = ckpt.comparable_settings(to_yaml_dict(cfg))
+    may_change = resume_may_change(cfg, saved)
+    changed = [f"--{k.replace('_', '-')} {saved[k]!r} -> {now[k]!r}" for k in now
+               if k not in may_change and saved[k] != now[k]]
     if changed:
         raise ConfigError(f"--resume: {checkpoint} was written with other settings ({'; '.join(changed)}); resume "
                           "with the run's own settings (its config.yaml: fastft train --config ... --resume; --steps "
-                          "may change under --schedule constant --warmup-ratio 0), or start a new run in another "
-                          "--output-dir")
+                          "may change under --schedule constant --warmup-ratio 0, --batch-size and --grad-accum when "
+                          "their product stays), or start a new run in another --output-dir")
 
 
 def check_resumed_data(fingerprint: dict, saved: dict | None, checkpoint: Path) -> None:
@@ -423,6 +433,16 @@ def _describe(name: str, result: dict | None) -> str:
 
 
 def train(cfg: TrainConfig) -> dict:
+    cfg = validate(cfg)
+    if cfg.compile != "off":  # a fresh dynamo, as in a new process: earlier runs' code caches (and their
+        torch._dynamo.reset()  # recompile limits) must not decide whether this run's model compiles
+    train_records, eval_records, description = load_records(cfg)  # malformed data fails before any model loads
+    accelerator = make_accelerator(cfg)
+    with hold_output_dir(cfg.output_dir, accelerator):  # one run at a time writes there (run_lock)
+        return _run(cfg, accelerator, train_records, eval_records, description)
+
+
+def _run(cfg: TrainConfig, accelerator, train_records, eval_records, description) -> dict:
     from accelerate.utils import set_seed
     from transformers import AutoConfig
 
@@ -431,11 +451,6 @@ def train(cfg: TrainConfig) -> dict:
     # this module) before it runs report, which runpy warns about when report is already imported
     from fastft.apps.training.report import write_report
 
-    cfg = validate(cfg)
-    if cfg.compile != "off":  # a fresh dynamo, as in a new process: earlier runs' code caches (and their
-        torch._dynamo.reset()  # recompile limits) must not decide whether this run's model compiles
-    train_records, eval_records, description = load_records(cfg)  # malformed data fails before any model loads
-    accelerator = make_accelerator(cfg)
     device, log = accelerator.device, accelerator.print
     world, rank = accelerator.num_processes, accelerator.process_index
     for note in launcher_notes(cfg):
@@ -459,6 +474,9 @@ def train(cfg: TrainConfig) -> dict:
     set_seed(cfg.seed)
 
     model_path, tokenizer, load_model, load_tokenizer = _load_models(cfg, device, accelerator)
+    models = ckpt.model_fingerprints(cfg, model_path)
+    if resume_from is not None:
+        ckpt.check_resumed_models(models, resumed.get("models"), resume_from)
     problem = rank_problem(cfg, AutoConfig.from_pretrained(model_path))  # the sizes, before the weights load
     if problem:
         raise ConfigError(problem)
@@ -544,7 +562,8 @@ def train(cfg: TrainConfig) -> dict:
 
     def trainer_state():
         return {"scheduler": schedule.state_dict(), "plan": plan.state_dict(), "history": history,
-                "config": to_yaml_dict(cfg), "data": fingerprint}
+                "config": ckpt.comparable_settings(to_yaml_dict(cfg)), "data": fingerprint, "models": models,
+                "scaler": ckpt.scaler_state(accelerator)}
 
     if world > 1:  # same initialisation everywhere (above), but each process its own dropout masks from here on
         torch.manual_seed(cfg.seed * 1_000_003 + rank)
@@ -552,6 +571,7 @@ def train(cfg: TrainConfig) -> dict:
     if resume_from is not None:
         checkpoints.load(resume_from, inner, torch_optimizer)
         schedule.load_state_dict(resumed["scheduler"])
+        ckpt.restore_scaler(accelerator, resumed.get("scaler"))
         history, start_step = resumed["history"], resumed["step"]
         log(f"resumed from {resume_from} (step {start_step} of {cfg.steps})")
     elif cfg.resume:
@@ -583,8 +603,9 @@ def train(cfg: TrainConfig) -> dict:
         try:
             loss_sum, count, tokens = accumulate(prepared, objective.count, micro, accelerator, offload)
         except torch.OutOfMemoryError as e:
-            stop(step + 1, f"out of memory ({str(e).splitlines()[0]}); try a smaller --batch-size with a larger "
-                           "--grad-accum, --gradient-checkpointing or --offload-activations")
+            stop(step + 1, f"out of memory ({str(e).splitlines()[0]}); try --gradient-checkpointing (and "
+                           "--offload-activations), or a smaller --batch-size with a larger --grad-accum of the same "
+                           f"product ({cfg.batch_size * cfg.grad_accum}): --resume accepts these")
         if count == 0:  # AdamW would still move the weights (momentum, weight decay) on zero gradients
             stop(step + 1, "its batches hold no target token (every label is masked out); check the data's "
                            "prompts against --max-length")
@@ -614,7 +635,11 @@ def train(cfg: TrainConfig) -> dict:
                 bar.write(_describe(f"step {step + 1}", result)) if accelerator.is_local_main_process else None
         if cfg.save_every and (step + 1) % cfg.save_every == 0:
             stop_unless_finite(step + 1, "its checkpoint")
-            checkpoints.save(step + 1, inner, torch_optimizer, trainer_state(), save_adapter_to if is_peft else None)
+            try:
+                checkpoints.save(step + 1, inner, torch_optimizer, trainer_state(),
+                                 save_adapter_to if is_peft else None)
+            except OSError as e:  # a full disk, a quota: the previous checkpoint stands
+                stop(step + 1, f"its checkpoint could not be written ({e})", "the next step")
     bar.close()
     stop_unless_finite(cfg.steps, "saving")
     peak = peak_memory_gib(device)
@@ -644,12 +669,15 @@ def train(cfg: TrainConfig) -> dict:
     }
     weights = ckpt.full_state_dict(inner, trainable_only=is_peft)  # collective under FSDP2
     if accelerator.is_main_process:
-        if is_peft:
-            fastft.save_adapter(inner, out / "adapter", state_dict=weights)
-            saved = out / "adapter"
-        else:
-            saved = replace_folder(out / "model", lambda tmp: (inner.save_pretrained(str(tmp), state_dict=weights),
-                                                               tokenizer.save_pretrained(str(tmp))))
+        try:
+            if is_peft:
+                fastft.save_adapter(inner, out / "adapter", state_dict=weights)
+                saved = out / "adapter"
+            else:
+                saved = replace_folder(out / "model", lambda tmp: (inner.save_pretrained(str(tmp), state_dict=weights),
+                                                                   tokenizer.save_pretrained(str(tmp))))
+        except OSError as e:
+            stop(cfg.steps, f"the {'adapter' if is_peft else 'model'} could not be saved ({e})", "writing metrics.json")
         atomic_write(out / "metrics.json", json.dumps(metrics, indent=2))
         write_report(out, metrics)  # report.md and losses.png
         log(f"{metrics['tokens_per_second']:,.0f} tokens/s, peak memory {peak:.2f} GiB ({metrics['peak_memory_kind']}); "
