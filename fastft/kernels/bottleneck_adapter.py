@@ -4,7 +4,8 @@ Shapes: h (M×N), D (R×N) down-projection, U (N×R) up-projection, R the bottle
 with zero rows/columns (a padded unit has p = 0 + 0 and a zero column of U, so it adds nothing).
 
 forward   p = h·Dᵀ + b_d,  z = act(p)          `_down_act_kernel`: one skinny pass over h, bias and activation
-                                               in its epilogue (z and p are M×R, kept for backward)
+                                               in its epilogue (z and p are M×R, kept for backward;
+                                               relu keeps z alone: z > 0 where p > 0)
           y = h + z·Uᵀ + b_u                   `_up_residual_kernel`: R reduction steps, the residual h and
                                                the bias added in the epilogue
 backward  dz = dy·U                            rank_ops.rank_project

@@ -31,7 +31,8 @@ def bottleneck_adapter_reference(h, down_weight, down_bias, up_weight, up_bias, 
 
 
 def _activation_grad(p: torch.Tensor, activation: str) -> torch.Tensor:
-    """act'(p) in fp32; relu's as a bool mask (a multiply casts it to 1.0/0.0 on the fly: two device ops fewer)."""
+    """act'(p) in fp32; relu's as a bool mask (a multiply casts it to 1.0/0.0 on the fly: two device ops fewer).
+    relu's p may be z = relu(p) instead (_grad_source)."""
     if activation == "relu":
         return p > 0
     p = p.float()
@@ -44,6 +45,14 @@ def _activation_grad(p: torch.Tensor, activation: str) -> torch.Tensor:
     inner = c * (p + 0.044715 * p**3)
     t = torch.tanh(inner)
     return 0.5 * (1 + t) + 0.5 * p * (1 - t * t) * c * (1 + 3 * 0.044715 * p * p)
+
+
+def _grad_source(z: torch.Tensor, p: torch.Tensor, activation: str) -> torch.Tensor | None:
+    """What backward reads act'(p) from, kept for backward besides z (which dU needs): nothing more for relu, whose
+    mask z > 0 is exactly p > 0 (the kernel rounds one fp32 value into both where it is positive, and both are ≤ 0 or
+    NaN elsewhere); p for the others. z = act(p) cannot be redone from p exactly (the kernel applies act to the fp32
+    accumulator before rounding p), so these keep both."""
+    return None if activation == "relu" else p
 
 
 def _padded_weights(down_weight, up_weight, dtype):
@@ -68,7 +77,7 @@ def _forward(h2, D_p, U_p, down_bias, up_bias, activation):
 
 def _backward(dy, h2, D_p, U_p, z, p, r, activation, needs, dtypes):
     """(dh rows, dD, dbd, dU, dbu), None where not needed; needs: (h, D, b_d, U, b_u); dtypes: D, U, b_d, b_u
-    (None for an absent bias)."""
+    (None for an absent bias); p None: act'(p) read from z (relu, _grad_source)."""
     from fastft.kernels import bottleneck_adapter as kernels
     from fastft.kernels import rank_ops
 
@@ -81,7 +90,7 @@ def _backward(dy, h2, D_p, U_p, z, p, r, activation, needs, dtypes):
     dh = dD = dbd = dU = dbu = None
     if need_h or need_D or need_bd:
         dz = rank_ops.rank_project(dy2, U_p.t(), scale=1.0)                    # dy·U    [M, R]
-        dp = to_dtype(dz.float() * _activation_grad(p, activation), h2.dtype)  # ∘ act'(p)
+        dp = to_dtype(dz.float() * _activation_grad(z if p is None else p, activation), h2.dtype)  # ∘ act'(p)
         if need_h:
             dh = kernels.up_residual(dy2, dp, D_p.t(), None)  # dy + dp·D
         if need_D and need_U:  # one launch for both, dU already in U's own (N, R) layout
@@ -112,7 +121,8 @@ class BottleneckAdapterFunction(torch.autograd.Function):
         h2 = as_rows(h)
         D_p, U_p = _padded_weights(down_weight, up_weight, h.dtype)
         y, z, p = _forward(h2, D_p, U_p, down_bias, up_bias, activation)
-        ctx.save_for_backward(h2, D_p, U_p, z, p)
+        # the weights themselves, not their padded/cast copies (rebuilt in backward, as the traced door does)
+        ctx.save_for_backward(h2, down_weight, up_weight, z, _grad_source(z, p, activation))
         ctx.meta = (h.shape, down_weight.shape[0], activation,
                     (down_weight.dtype, up_weight.dtype, _dtype(down_bias), _dtype(up_bias)))
         return y.view(*h.shape)  # (unpacked: a torch.Size argument costs ~1.5 µs more)
@@ -120,14 +130,16 @@ class BottleneckAdapterFunction(torch.autograd.Function):
     @staticmethod
     @first_order_only
     def backward(ctx, dy):
-        h2, D_p, U_p, z, p = ctx.saved_tensors
+        h2, down_weight, up_weight, z, p = ctx.saved_tensors
         h_shape, r, activation, dtypes = ctx.meta
+        D_p, U_p = _padded_weights(down_weight, up_weight, h2.dtype)
         dh, dD, dbd, dU, dbu = _backward(dy, h2, D_p, U_p, z, p, r, activation, ctx.needs_input_grad[:5], dtypes)
         return (None if dh is None else dh.view(*h_shape)), dD, dbd, dU, dbu, None
 
 
 # The traced door: fastft::bottleneck_adapter and its backward as custom ops (fastft.ops.compiled). z and p are
-# extra outputs of the forward; the padded weights (often the weights themselves) are re-derived in the backward.
+# extra outputs of the forward (p kept for backward only where _grad_source says so: for relu z is passed in its
+# place); the padded weights (often the weights themselves) are re-derived in the backward.
 @torch.library.custom_op("fastft::bottleneck_adapter", mutates_args=())
 def bottleneck_adapter_op(h: torch.Tensor, down_weight: torch.Tensor, down_bias: Optional[torch.Tensor],
                           up_weight: torch.Tensor, up_bias: Optional[torch.Tensor],
@@ -166,7 +178,8 @@ def _(dy, h, down_weight, down_bias, up_weight, up_bias, z, p, activation, needs
 
 def _setup_context(ctx, inputs, output):
     h, down_weight, down_bias, up_weight, up_bias, activation = inputs
-    ctx.save_for_backward(h, down_weight, down_bias, up_weight, up_bias, output[1], output[2])
+    ctx.save_for_backward(h, down_weight, down_bias, up_weight, up_bias, output[1],
+                          _grad_source(output[1], output[2], activation))
     ctx.activation = activation
 
 
@@ -174,8 +187,8 @@ def _backward_op(ctx, dy, _dz, _dp):
     h, down_weight, down_bias, up_weight, up_bias, z, p = ctx.saved_tensors
     needs = [n and t is not None for n, t in zip(ctx.needs_input_grad[:5], (h, down_weight, down_bias, up_weight,
                                                                               up_bias))]
-    grads = bottleneck_adapter_backward_op(dy, h, down_weight, down_bias, up_weight, up_bias, z, p, ctx.activation,
-                                           needs)
+    grads = bottleneck_adapter_backward_op(dy, h, down_weight, down_bias, up_weight, up_bias, z,
+                                           z if p is None else p, ctx.activation, needs)
     return (*(needed(g, n) for g, n in zip(grads, needs)), None)
 
 

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from fastft.ops.compiled import compiling, needed, unused
 from fastft.ops.compiled_args import fresh_like, weight_args, weight_from_args
-from fastft.ops.lora import rank_operands, split_scaling
+from fastft.ops.lora import backward_operands, rank_operands, split_scaling
 from fastft.ops.shared import (as_rows, autocast_inputs, autocast_off, check, check_backend, finite, nf4_fused_ok,
                                first_order_only, padded, resolve_backend, safe_div, to_dtype)
 from fastft.quant.nf4_weight import NF4Weight
@@ -218,17 +218,20 @@ class DoRALinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, magnitude, scaling, row_norm):
-        y, (x2, A_p, B_p, xs, sigma, saved_out), ctx.meta = dora_forward(x, weight, bias, lora_A, lora_B, magnitude,
-                                                                         scaling, row_norm)
+        y, (x2, _, _, xs, sigma, saved_out), ctx.meta = dora_forward(x, weight, bias, lora_A, lora_B, magnitude,
+                                                                     scaling, row_norm)
         nf4 = ctx.meta[3]
-        ctx.qweight, weight_t = (weight, None) if nf4 else (None, weight)
-        ctx.save_for_backward(x2, A_p, B_p, xs, sigma, row_norm, magnitude, saved_out, bias, weight_t)
+        # the dense W only where dx reads it (under autocast it is a cast copy); A and B themselves, not their
+        # padded/cast copies: backward rebuilds those (lora.backward_operands)
+        ctx.qweight, weight_t = (weight, None) if nf4 else (None, weight if ctx.needs_input_grad[0] else None)
+        ctx.save_for_backward(x2, lora_A, lora_B, xs, sigma, row_norm, magnitude, saved_out, bias, weight_t)
         return y
 
     @staticmethod
     @first_order_only
     def backward(ctx, dy):
-        *saved, weight = ctx.saved_tensors
+        x2, lora_A, lora_B, xs, *rest, weight = ctx.saved_tensors
+        saved = (*backward_operands(x2, lora_A, lora_B, xs, ctx.meta[1]), *rest)
         need_x, _, need_b, need_A, need_B, need_m = ctx.needs_input_grad[:6]
         dx, db, dA, dB, dm = dora_backward(saved, ctx.meta, ctx.qweight if ctx.meta[3] else weight, dy, need_x,
                                            need_b, need_A, need_B, need_m)

@@ -101,6 +101,19 @@ def rank_operands(x, lora_A, lora_B, scaling):
     return as_rows(x), padded(lora_A, R, K, x.dtype), B_p if b_scale == 1.0 else B_p * b_scale
 
 
+def saved_factors(saved, lora_A, lora_B) -> tuple:
+    """What the eager doors save of fused_lora_forward's `saved` (x2, A_p, B_p, xs): (x2, lora_A, lora_B, xs), the
+    factors themselves rather than their padded/cast copies, which would stay alive per call until backward. Saved
+    through ctx.save_for_backward, so an in-place change of A or B before backward is refused (version check)."""
+    return saved[0], lora_A, lora_B, saved[3]
+
+
+def backward_operands(x2, lora_A, lora_B, xs, scaling) -> tuple:
+    """fused_lora_backward's `saved` from what saved_factors kept: A_p and B_p = b·B rebuilt as the forward built
+    them (rank_operands: the factors themselves when nothing is padded, cast or scaled)."""
+    return (*rank_operands(x2, lora_A, lora_B, scaling), xs)
+
+
 def lora_meta(x, bias, lora_A, lora_B, scaling, dropout_p, seed) -> tuple:
     """What fused_lora_backward needs besides the saved tensors: Python metadata of the call."""
     return (x.shape, scaling, dropout_p, seed, None if bias is None else bias.dtype,
@@ -111,8 +124,9 @@ def fused_lora_forward(x, bias, lora_A, lora_B, scaling, dropout_p, base_gemm, f
     """The forward every fused LoRA op shares: xs = a·(keep∘x)·Aᵀ/(1-p), then `base_gemm(x2, xs, B_p, bias)`, the
     op's base GEMM with the rank tail xs·B_pᵀ, B_p = b·B (a·b = s: split_scaling, rank_operands; dense W for
     lora_linear, NF4 W for qlora_linear).
-    Returns (y, saved, meta): saved = (x2, A_p, B_p, xs) and meta (lora_meta) are what fused_lora_backward takes
-    (the eager Function saves them through ctx.save_for_backward, so checkpointing and offload hooks see them).
+    Returns (y, saved, meta): saved = (x2, A_p, B_p, xs) and meta (lora_meta) are what fused_lora_backward takes.
+    The doors keep x2, xs and the factors themselves for backward, not A_p/B_p (parameter-sized copies wherever the
+    rank is padded or the dtype cast), and redo rank_operands there: saved_factors / backward_operands.
 
     fold_gemm(x2, A_p, B_p, bias, a) -> (y, xs), when given: the GEMM that computes xs in its own K loop
     (fastft.ops.lora_path's fold path), used instead of the skinny pass + base_gemm when there is no dropout.
@@ -123,7 +137,6 @@ def fused_lora_forward(x, bias, lora_A, lora_B, scaling, dropout_p, base_gemm, f
     if seed is None:
         seed = shared.draw_seed() if dropout_p > 0.0 else 0
     meta = lora_meta(x, bias, lora_A, lora_B, scaling, dropout_p, seed)
-    # Rank-padded copies kept for backward so it does not pad and cast them again (rank_operands).
     x2, A_p, B_p = rank_operands(x, lora_A, lora_B, scaling)
     xs_scale = split_scaling(scaling, x.dtype)[0] / (1.0 - dropout_p)
     if fold_gemm is not None and dropout_p == 0.0:
@@ -227,14 +240,17 @@ class LoRALinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p):
         y, saved, ctx.meta, ctx.fold_backward = lora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
-        ctx.save_for_backward(*saved, weight)
+        # W only where dx or dW reads it: under autocast it is a cast copy (N×K) that would otherwise stay alive
+        ctx.save_for_backward(*saved_factors(saved, lora_A, lora_B),
+                              weight if ctx.needs_input_grad[0] or ctx.needs_input_grad[1] else None)
         return y
 
     @staticmethod
     @first_order_only
     def backward(ctx, dy):
-        saved = ctx.saved_tensors
-        return (*lora_backward(saved[:4], ctx.meta, ctx.fold_backward, saved[4], dy, *ctx.needs_input_grad[:5]),
+        x2, lora_A, lora_B, xs, weight = ctx.saved_tensors
+        saved = backward_operands(x2, lora_A, lora_B, xs, ctx.meta[1])
+        return (*lora_backward(saved, ctx.meta, ctx.fold_backward, weight, dy, *ctx.needs_input_grad[:5]),
                 None, None)
 
 

@@ -24,8 +24,8 @@ from fastft.ops.compiled import compiling, needed, unused
 from fastft.ops.compiled_args import (SEED_DEVICE, draw_seed_op, fresh_like, nf4_args, nf4_from_args,
                                       refuse_replayed_dropout, seed_int)
 from fastft.ops.qlora_path import release_dequant_scratch  # noqa: F401 - public here too
-from fastft.ops.lora import (fused_lora_backward, fused_lora_forward, lora_linear_reference, lora_meta,
-                             rank_operands)
+from fastft.ops.lora import (backward_operands, fused_lora_backward, fused_lora_forward, lora_linear_reference,
+                             lora_meta, rank_operands, saved_factors)
 from fastft.ops.shared import (as_rows, autocast_inputs, autocast_off, check, finite, nf4_fused_ok,
                                first_order_only, resolve_backend)
 from fastft.quant.nf4_weight import NF4Weight
@@ -112,14 +112,15 @@ class QLoRALinearFunction(torch.autograd.Function):
     def forward(ctx, x, qweight, bias, lora_A, lora_B, scaling, dropout_p):
         ctx.qweight = qweight
         y, saved, ctx.meta = qlora_forward(x, qweight, bias, lora_A, lora_B, scaling, dropout_p)
-        ctx.save_for_backward(*saved)
+        ctx.save_for_backward(*saved_factors(saved, lora_A, lora_B))  # A_p/B_p rebuilt in backward
         return y
 
     @staticmethod
     @first_order_only
     def backward(ctx, dy):
         need_x, _, need_b, need_A, need_B = ctx.needs_input_grad[:5]
-        dx, db, dA, dB = qlora_backward(ctx.saved_tensors, ctx.meta, ctx.qweight, dy, need_x, need_b, need_A, need_B)
+        saved = backward_operands(*ctx.saved_tensors, ctx.meta[1])
+        dx, db, dA, dB = qlora_backward(saved, ctx.meta, ctx.qweight, dy, need_x, need_b, need_A, need_B)
         return dx, None, db, dA, dB, None, None
 
 
