@@ -175,6 +175,17 @@ def main(out_dir):
     fastft.save_adapter(model, os.path.join(out_dir, "adapter_sharded"))  # no state_dict=: gathered, rank 0 writes
     report["adapter_written_before_return"] = os.path.isfile(os.path.join(out_dir, "adapter_sharded",
                                                                           "adapter_model.safetensors"))
+    blocked = os.path.join(out_dir, "not_a_folder")  # rank 0's write fails: every rank raises, none waits
+    if rank == 0:
+        open(blocked, "w").close()
+    dist.barrier()
+    try:
+        fastft.save_adapter(model, blocked)
+        raised = None
+    except Exception as e:
+        raised = type(e).__name__
+    report["failed_save_raised"] = [None] * world
+    dist.all_gather_object(report["failed_save_raised"], raised)
     from peft import get_peft_model_state_dict  # what saving the adapter reads: works on the sharded model
     adapter = get_peft_model_state_dict(model)
     report["adapter_state_matches"] = len(adapter) == len(state) and all(

@@ -29,6 +29,7 @@ from fastft.files import atomic_write as _atomic_write
 from fastft.integration.checkpointing import (drop_input_grad_hooks_if_unneeded, enable_checkpointing,
                                              input_grad_hooks)
 from fastft.integration.module_names import name_hint
+from fastft.integration.sharded_state import write_on_rank0
 from fastft.modules.nf4_linear import NF4Linear, is_conv1d, linear_features
 from fastft.quant.nf4_weight import QUANT_STATE_KEY, NF4Weight, local_nf4, quantize_nf4
 
@@ -412,12 +413,8 @@ def save_nf4_model(model: nn.Module, path: str, *, compute_dtype: torch.dtype = 
     if not any(getattr(t, "_local_tensor", None) is not None for t in state.values()):
         _write(state, path, cfg)
         return
-    import torch.distributed as dist
-
     state = _gathered_state_dict(model)
-    if dist.get_rank() == 0:
-        _write(state, path, cfg)
-    dist.barrier()  # every rank returns once the files exist
+    write_on_rank0(lambda: _write(state, path, cfg), "save_nf4_model")  # its error raised on every rank
 
 
 def _write(tensors: dict, path: str, cfg: dict | None) -> None:

@@ -29,7 +29,7 @@ from fastft.files import merge_into_folder
 from fastft.integration.checkpointing import drop_input_grad_hooks_if_unneeded
 from fastft.integration.module_names import name_hint, names_module
 from fastft.integration.methods.prompt import whole_prompt_encoders
-from fastft.integration.sharded_state import gathered_adapter_state, is_sharded
+from fastft.integration.sharded_state import gathered_adapter_state, is_sharded, write_on_rank0
 from fastft.modules.lora import FusedLoraLinear
 from fastft.modules.nf4_linear import NF4Linear
 from fastft.modules.qlora import FusedQLoraLinear
@@ -517,12 +517,8 @@ def save_adapter(model: PeftModel, path: str | os.PathLike, **kwargs) -> Path:
                         "whole model); give the model fastft.get_peft_model or fastft.load_adapter returned, or save "
                         "a full model (e.g. after merge_and_unload) with model.save_pretrained(path)")
     if kwargs.get("state_dict") is None and is_sharded(model):  # FSDP2: every rank gathers, rank 0 writes
-        import torch.distributed as dist
-
         kwargs["state_dict"] = gathered_adapter_state(model)
-        if dist.get_rank() == 0:
-            _save_whole(model, path, kwargs)
-        dist.barrier()  # every rank returns once the folder is written
+        write_on_rank0(lambda: _save_whole(model, path, kwargs), "save_adapter")  # its error raised on every rank
         return Path(path)
     return _save_whole(model, path, kwargs)
 

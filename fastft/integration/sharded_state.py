@@ -25,3 +25,24 @@ def gathered_adapter_state(model: nn.Module) -> dict:
             whole = value.full_tensor() if isinstance(value, DTensor) else value
             state[key] = whole.detach().cpu()
     return state
+
+
+def write_on_rank0(write, what: str):
+    """Run `write()` on rank 0 only and return its result there (None elsewhere); every rank returns once it is done.
+    A failure is shared (one small broadcast): rank 0 raises its own error and the other ranks an error naming it,
+    instead of waiting in a barrier until the process group's timeout. A collective: every rank calls."""
+    import torch.distributed as dist
+
+    result, error = None, None
+    if dist.get_rank() == 0:
+        try:
+            result = write()
+        except Exception as e:  # shared below, then raised again on rank 0
+            error = e
+    outcome = [None if error is None else f"{type(error).__name__}: {error}"]
+    dist.broadcast_object_list(outcome, src=0)
+    if error is not None:
+        raise error
+    if outcome[0] is not None:
+        raise RuntimeError(f"{what}: rank 0, which writes, failed ({outcome[0]}); nothing was written")
+    return result
