@@ -9,13 +9,15 @@ aside first (`.NAME.old`, put back by the next save, or by `recover_folder`, whe
 renames); the previous version is removed only once the new one is in place. An adapter save keeps the folder's other
 entries (`merge_into_folder`: other named adapters, a run's metrics), as peft's save_pretrained leaves them.
 
-Temporary siblings are named `.NAME.tmp-OWNER-XXXXXXXX` (OWNER: this host and process): the next save of NAME removes
-those of writers that are gone (SIGKILL skips their cleanup), never one a live process is still writing.
+Temporary siblings are named `.NAME.tmp-OWNER-XXXXXXXX` (OWNER: this host, process and its start time): the next save
+of NAME removes those of writers that are gone (SIGKILL skips their cleanup), never one a live process is still
+writing; a process given a dead writer's PID later (a restarted container's) is told from it by its start time.
 """
 from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import os
 import re
 import shutil
@@ -95,7 +97,9 @@ def merge_into_folder(path: str | os.PathLike, write: Callable[[Path], object]) 
     """`write(tmp_folder)` fills a temporary sibling of `path`; the entries of `path` it did not write (a folder it
     wrote is merged the same way) are added to it, hard-linked (copied where the file system has no links), and the
     result takes `path`'s place as a whole, as `replace_folder` does: a reader sees the old folder or the new one,
-    never a mix of two saves. Nothing moves unless `write` succeeds. Returns `path`."""
+    never a mix of two saves. A link to a folder in `path` stays a link where `write` wrote a folder of its name: that
+    folder is written into the link's, file by file (each replaced atomically, the others kept), as peft's
+    save_pretrained writes through the link. Nothing moves unless `write` succeeds. Returns `path`."""
     return _save_folder(path, write, keep_others=True, what="save")
 
 
@@ -123,6 +127,7 @@ def _save_folder(path, write, *, keep_others: bool, what: str) -> Path:
         write(tmp)
         finish_folder(tmp)
         if keep_others and path.is_dir():
+            _write_through_links(path, tmp)
             _link_missing(path, tmp)
         old = _swap_in(tmp, path)
     finally:
@@ -175,6 +180,40 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(code, os.strerror(code), str(b))
 
 
+def _write_through_links(folder: Path, tmp: Path) -> None:
+    """Where `folder` (or a subfolder of it `tmp` also has) holds a link to a folder and the save wrote a folder of that
+    name, the save's folder goes into the link's folder (as peft's save_pretrained writes through the link: the user
+    keeps that adapter elsewhere), and the link takes its place in `tmp`."""
+    for entry in sorted(folder.iterdir()):
+        written = tmp / entry.name
+        if not (written.is_dir() and not written.is_symlink() and entry.is_dir()):
+            continue
+        if entry.is_symlink():
+            _merge_through(written, entry)
+            shutil.rmtree(written)
+            os.symlink(os.readlink(entry), written)
+        else:
+            _write_through_links(entry, written)
+
+
+def _merge_through(src: Path, dst: Path) -> None:
+    """Copy the tree `src` into folder `dst` (a link's, maybe on another file system): each file replaces the one of
+    its name atomically (`atomic_write`), a folder merges into a folder, an entry of the other kind is removed first,
+    and every other entry of `dst` stays."""
+    for entry in sorted(src.iterdir()):
+        target = dst / entry.name
+        if entry.is_dir():
+            if os.path.lexists(target) and not target.is_dir():
+                _remove(target)
+            target.mkdir(exist_ok=True)
+            _merge_through(entry, target)
+        else:
+            if target.is_dir() and not target.is_symlink():
+                _remove(target)
+            atomic_write(target, functools.partial(shutil.copyfile, entry))
+    fsync_path(dst)
+
+
 def _link_missing(src: Path, dst: Path) -> None:
     """Add to folder `dst` every entry of folder `src` it lacks (folders in both: merged the same way)."""
     for entry in sorted(src.iterdir()):
@@ -215,63 +254,100 @@ def _start_folder_save(path: str | os.PathLike) -> tuple[Path, Path]:
 
 
 def _owner() -> str:
-    """This process on this host, as temporary names carry it."""
-    return f"{zlib.crc32(socket.gethostname().encode()):08x}-{os.getpid()}"
+    """This process on this host, as temporary names carry it: HOST-PID-START (START: the process's start time, so
+    that a later process given the same PID, as a restarted container's are, is not taken for it), or HOST-PID where
+    the start time cannot be read (not Linux)."""
+    host, pid = f"{zlib.crc32(socket.gethostname().encode()):08x}", os.getpid()
+    start = _start_time(pid)
+    return f"{host}-{pid}" if start is None else f"{host}-{pid}-{start}"
+
+
+def _start_time(pid: int) -> int | None:
+    """When process `pid` started (Linux: /proc/PID/stat's field 22, clock ticks since boot); None where unknown
+    (no such process, no /proc)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(b")") + 2:].split()  # after the command name, which may hold spaces: field 3 on
+    return int(fields[22 - 3])
 
 
 def _temporary_prefix(path: Path) -> str:
     return f".{path.name}.tmp-{_owner()}-"
 
 
+# The names fastft's temporaries have: `.NAME.tmp-OWNER-XXXXXXXX[.EXT]` (OWNER: `_owner`; XXXXXXXX: mkstemp's or
+# mkdtemp's 8 random characters; EXT: NAME's extension, files only), and earlier versions' `.NAME.tmp-XXXXXXXX`
+# (a folder) and `.tmp-XXXXXXXXNAME` (a file). Nothing else, however like them: a user's `.notes.tmp-draft` stays.
+_RANDOM = r"[a-z0-9_]{8}"
+_TEMPORARY = re.compile(
+    rf"\.(?P<target>.+)\.tmp-(?:(?P<host>[0-9a-f]{{8}})-(?P<pid>\d+)(?:-(?P<start>\d+))?-{_RANDOM}(?P<ext>\.[^.]*)?"
+    rf"|{_RANDOM})"
+    rf"|\.tmp-{_RANDOM}(?P<old_target>.+)")
+
+
+def _temporary_of(name: str) -> re.Match | None:
+    """The match of `name` against fastft's temporary names (its `target`, or `old_target` for an earlier version's
+    file), None for any other name."""
+    match = _TEMPORARY.fullmatch(name)
+    if match is None or match["ext"] is not None and match["ext"] != Path(match["target"]).suffix:
+        return None
+    return match
+
+
 def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
     """Remove the temporary siblings of `path` (files or folders) that earlier writes of it left when they were
     killed: those whose writer was a process of this host that has ended, and unowned ones of earlier fastft
-    versions (`.NAME.tmp-XXXXXXXX` folders). One a live process, or another host, may still be writing stays.
-    Returns what was removed."""
+    versions. One a live process, or another host, may still be writing stays. Returns what was removed."""
     path = Path(path)
-    prefix, host = f".{path.name}.tmp-", _owner().split("-")[0]
-    removed = []
+    host, removed = _owner().split("-")[0], []
     for stale in path.parent.iterdir() if path.parent.is_dir() else ():
-        if not stale.name.startswith(prefix) or _being_written(stale.name[len(prefix):], host, other_hosts=True):
+        match = _temporary_of(stale.name)
+        if match is None or path.name not in (match["target"], match["old_target"]) \
+                or _being_written(match, host, other_hosts=True):
             continue
         _remove(stale)
         removed.append(stale)
     return removed
 
 
-_TEMPORARY = re.compile(r"\.(.+\.)?tmp-(?P<owner>.+)")  # `.NAME.tmp-…`; `.tmp-XXXXXXXXNAME` of earlier versions
-
-
 def remove_temporaries_in(folder: str | os.PathLike) -> list[Path]:
-    """Remove every temporary file or folder of fastft's naming directly in `folder`, but those a live process of
-    this host is writing: for a folder no other host writes to now (one a run holds a lock on). Returns them."""
-    host, removed = _owner().split("-")[0], []
+    """Remove every temporary file or folder of fastft's naming directly in `folder`, whoever wrote it: call only for
+    a folder no process writes to now (one a `fastft train` run holds the lock of, before it writes). Returns them."""
+    removed = []
     for stale in Path(folder).iterdir():
-        match = _TEMPORARY.fullmatch(stale.name)
-        if match and not _being_written(match["owner"], host, other_hosts=False):
+        if _temporary_of(stale.name) is not None:
             _remove(stale)
             removed.append(stale)
     return removed
 
 
-def _being_written(owner: str, host: str, other_hosts: bool) -> bool:
-    """Whether the writer a temporary's name after `.tmp-` names (host-pid-random) may still be writing it: a live
-    process of this host, or (other_hosts) any process of another host. Names without an owner (earlier versions'):
-    no."""
-    parts = owner.split("-", 2)  # host, pid, random part (+ extension)
-    if len(parts) != 3 or not parts[1].isdigit():
+def _being_written(match: re.Match, host: str, other_hosts: bool) -> bool:
+    """Whether the writer a temporary's name names (`_temporary_of`'s match) may still be writing it: a live process
+    of this host (the same PID and, where the name has it, the same start time), or (other_hosts) any process of
+    another host. Names without an owner (earlier versions'): no."""
+    if match["host"] is None:
         return False
-    return other_hosts if parts[0] != host else _alive(int(parts[1]))
+    if match["host"] != host:
+        return other_hosts
+    return _alive(int(match["pid"]), None if match["start"] is None else int(match["start"]))
 
 
-def _alive(pid: int) -> bool:
+def _alive(pid: int, start: int | None) -> bool:
+    """Whether process `pid` runs, and, given its `start` time, is the one that started then (not a later process
+    given the same PID)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # another user's process
+        pass
+    if start is None:
         return True
-    return True
+    now = _start_time(pid)
+    return now is None or now == start  # unknown (no /proc): it may be the writer
 
 
 def _remove(tree: Path) -> None:

@@ -94,8 +94,8 @@ def test_save_into_the_current_folder(tmp_path, monkeypatch, target):
 def test_save_cleans_temporaries_of_killed_saves(tmp_path):
     """A SIGKILLed save leaves its `.adapter.tmp-*` folder; the old code never removed it."""
     model, path = _saved(tmp_path)
-    (tmp_path / ".adapter.tmp-killed").mkdir()
-    (tmp_path / ".adapter.tmp-killed" / "adapter_model.safetensors").write_text("half")
+    (tmp_path / ".adapter.tmp-k1lled_x").mkdir()
+    (tmp_path / ".adapter.tmp-k1lled_x" / "adapter_model.safetensors").write_text("half")
     (tmp_path / ".other.tmp-keep").mkdir()  # another folder's: not ours to remove
     fastft.save_adapter(model, path)
     assert sorted(p.name for p in tmp_path.iterdir()) == [".other.tmp-keep", "adapter"]

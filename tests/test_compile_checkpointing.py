@@ -110,6 +110,44 @@ def test_reentrant_checkpointing_on_the_base_keeps_its_input_grad_hook_through_g
     assert "base_model.model.model.layers.0.self_attn.q_proj.lora_B.default.weight" in grads
 
 
+def test_user_hook_for_reentrant_checkpoint_wrapper_stays_through_get_peft_model():
+    """peft's recipe for reentrant checkpointing outside transformers: `enable_input_require_grads`, then torch's
+    reentrant checkpoint_wrapper on the decoder layers. Without transformers' checkpointing the wrap keeps the hook:
+    every LoRA factor gets peft's own gradient (without the hook the loss does not even require grad)."""
+    from functools import partial
+
+    import peft
+    from peft import LoraConfig
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+        CheckpointImpl, apply_activation_checkpointing, checkpoint_wrapper)
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(1))
+
+    def lora_grads(wrap):
+        base = _tiny_llama().train()
+        base.enable_input_require_grads()
+        apply_activation_checkpointing(base, check_fn=lambda m: isinstance(m, LlamaDecoderLayer),
+                                       checkpoint_wrapper_fn=partial(checkpoint_wrapper,
+                                                                     checkpoint_impl=CheckpointImpl.REENTRANT))
+        model = wrap(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
+        torch.manual_seed(2)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.1)
+        loss = model(input_ids=ids, labels=ids).loss
+        assert loss.requires_grad
+        loss.backward()
+        return {n.replace("_checkpoint_wrapped_module.", ""): p.grad for n, p in model.named_parameters()
+                if p.requires_grad}
+
+    want, got = lora_grads(peft.get_peft_model), lora_grads(fastft.get_peft_model)
+    assert got.keys() == want.keys() and len(want) == 8
+    for name in want:
+        assert got[name] is not None, name
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5)
+
+
 def test_prepared_reentrant_model_has_one_removable_input_grad_hook():
     """Reentrant checkpointing keeps its hook, registered once: disable_input_require_grads removes it (a second
     registration used to replace the first in transformers' record, which then stayed on the embedding)."""

@@ -133,11 +133,51 @@ def test_replace_folder_restores_the_version_an_interrupted_save_moved_aside(tmp
 def test_folder_saves_remove_temporaries_of_killed_saves(tmp_path, save):
     """A SIGKILLed save leaves `.model.tmp-*` behind; the old code never removed it."""
     save = getattr(files, save)
-    (tmp_path / ".model.tmp-killed" / "sub").mkdir(parents=True)
-    (tmp_path / ".model.tmp-killed" / "sub" / "half").write_text("x")
-    (tmp_path / ".model2.tmp-other").mkdir()  # another folder's
+    (tmp_path / ".model.tmp-k1lled_x" / "sub").mkdir(parents=True)  # mkdtemp's 8 random characters
+    (tmp_path / ".model.tmp-k1lled_x" / "sub" / "half").write_text("x")
+    (tmp_path / ".model2.tmp-otherabc").mkdir()  # another folder's
+    (tmp_path / ".model.tmp-notes").mkdir()  # a user's, not of fastft's naming
     save(tmp_path / "model", _fill("v1"))
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".model2.tmp-other", "model"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".model.tmp-notes", ".model2.tmp-otherabc", "model"]
+
+
+def test_a_dead_writers_temporary_is_removed_when_its_pid_lives_again(tmp_path):
+    """Temporaries name their writer's start time: a process given a killed writer's PID later (a restarted
+    container's PIDs start from 1 again) is not taken for it. Faked with this process's PID and another start time."""
+    owner = files._owner()
+    host, pid, start = owner.split("-")
+    live = tmp_path / f".model.tmp-{owner}-abcd_123"  # this process's own write in progress
+    reused = tmp_path / f".model.tmp-{host}-{pid}-{int(start) + 1}-efgh_456"  # an earlier process of this PID
+    pid_only = tmp_path / f".model.tmp-{host}-{pid}-ijkl_789"  # the earlier naming: the PID alone decides
+    for folder in (live, reused, pid_only):
+        folder.mkdir()
+    assert files.remove_stale_temporaries(tmp_path / "model") == [reused]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, pid_only.name])
+
+
+def test_merge_into_folder_writes_a_linked_subfolder_through_its_link(tmp_path):
+    """A named adapter kept elsewhere behind a link (adapter/second -> elsewhere): the save writes into the linked
+    folder, file by file, and the link stays, as peft's save_pretrained does."""
+    elsewhere = tmp_path / "big_disk" / "second"
+    (elsewhere / "sub").mkdir(parents=True)
+    (elsewhere / "adapter_model.safetensors").write_text("old weights")
+    (elsewhere / "notes.txt").write_text("mine")
+    target = tmp_path / "adapter"
+    target.mkdir()
+    (target / "second").symlink_to(os.path.relpath(elsewhere, target))
+    (target / "adapter_config.json").write_text("old config")
+
+    def write(folder):  # what save_pretrained(selected_adapters=["second"]) writes
+        (folder / "second" / "sub").mkdir(parents=True)
+        (folder / "second" / "adapter_model.safetensors").write_text("new weights")
+        (folder / "second" / "sub" / "x.json").write_text("new")
+    files.merge_into_folder(target, write)
+    assert (target / "second").is_symlink() and (target / "second").resolve() == elsewhere.resolve()
+    assert (elsewhere / "adapter_model.safetensors").read_text() == "new weights"
+    assert (elsewhere / "sub" / "x.json").read_text() == "new" and (elsewhere / "notes.txt").read_text() == "mine"
+    assert (target / "adapter_config.json").read_text() == "old config"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "big_disk"]
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["adapter_model.safetensors", "notes.txt", "sub"]
 
 
 def test_merge_into_folder_replaces_what_it_writes_and_keeps_the_rest(tmp_path):

@@ -17,21 +17,10 @@ from fastft import files
 from fastft.apps.cli import main
 from fastft.apps.training import checkpoints as ckpt
 from fastft.apps.training.config import ConfigError, TrainConfig, to_yaml_dict, validate
+from tests import train_utils
 from tests.train_utils import save_tiny_checkpoint
 
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny"))
-
-
-@pytest.fixture
-def one_thread():
-    """The same thread count in every run: CPU GEMMs may block differently with more threads."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+tiny, one_thread = train_utils.tiny, train_utils.one_thread  # the shared fixtures
 
 
 def _argv(model, out, *extra, steps="4"):
@@ -89,18 +78,21 @@ def test_a_second_run_on_a_held_output_dir_is_refused_and_a_killed_holder_blocks
 
 
 def test_run_start_removes_what_killed_runs_left(tmp_path):
-    """With the lock held: temporaries of fastft's naming (old and new), unfinished checkpoint folders, and a folder
-    save's previous version moved aside (put back when the new one never arrived); a live writer's file stays."""
+    """With the lock held: temporaries of fastft's naming (old and new), whoever wrote them (no other run writes
+    there, and a live-looking PID may be a restarted container's), unfinished checkpoint folders, and a folder save's
+    previous version moved aside (put back when the new one never arrived); a user's look-alike stays."""
     from fastft.apps.training.run_lock import clean_output_dir
 
     out, owner = tmp_path, files._owner()
     host = owner.split("-")[0]
     stale = [".tmp-a1b2c3d4metrics.json", f".metrics.json.tmp-{host}-{_dead_pid()}-x1y2z3w4.json",
-             ".report.md.tmp-0000beef-12-abcdefgh.md"]  # another host's: no train run writes here but the lock's
+             ".report.md.tmp-0000beef-12-abcdefgh.md",  # another host's: no train run writes here but the lock's
+             f".logs.jsonl.tmp-{owner}-abcdefgh.jsonl", f".eval.json.tmp-{host}-1-x1y2z3w4.json"]  # live PIDs
     for name in stale:
         (out / name).write_text("half")
-    live = out / f".logs.jsonl.tmp-{owner}-abcdefgh.jsonl"
-    live.write_text("being written")
+    user = out / ".eval.tmp-notes"
+    user.mkdir()
+    (user / "todo.txt").write_text("mine")
     (out / ".model.tmp-q1w2e3r4" / "sub").mkdir(parents=True)
     (out / "checkpoints" / ".step-00000004.tmp").mkdir(parents=True)
     (out / "checkpoints" / "step-00000002").mkdir()
@@ -109,7 +101,8 @@ def test_run_start_removes_what_killed_runs_left(tmp_path):
     (out / "metrics.json").write_text("{}")
 
     clean_output_dir(out)
-    assert sorted(p.name for p in out.iterdir()) == [live.name, "adapter", "checkpoints", "metrics.json"]
+    assert sorted(p.name for p in out.iterdir()) == [user.name, "adapter", "checkpoints", "metrics.json"]
+    assert (user / "todo.txt").read_text() == "mine"
     assert (out / "adapter" / "adapter_config.json").read_text() == "v1"
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-00000002"]
 
@@ -345,19 +338,50 @@ def test_resume_accepts_other_spellings_of_the_same_settings(tiny, tmp_path, mon
     first = validate(TrainConfig(**base, quantize="nf4"))
     checkpoint = tmp_path / "step-00000002"
     check_resumed_settings(validate(TrainConfig(**base, method="qlora")), to_yaml_dict(first), checkpoint)  # older
-    saved = ckpt.comparable_settings(to_yaml_dict(first))  # as a checkpoint stores them: paths absolute
+    saved = ckpt.comparable_settings(to_yaml_dict(first))  # as a checkpoint stores them
     check_resumed_settings(validate(TrainConfig(**base, method="qlora")), saved, checkpoint)
     absolute = dict(base, model=str(tmp_path / "work" / "tiny"), data=str(data))
     check_resumed_settings(validate(TrainConfig(**absolute, quantize="nf4")), saved, checkpoint)
-    monkeypatch.chdir(tmp_path)  # resumed from elsewhere: the checkpoint's paths are absolute
+    monkeypatch.chdir(tmp_path)  # resumed from elsewhere
     check_resumed_settings(validate(TrainConfig(**dict(absolute, output_dir="work/run"), method="qlora")), saved,
                            checkpoint)
     with pytest.raises(ConfigError, match=r"--method 'qlora' -> 'lora'"):
         check_resumed_settings(validate(TrainConfig(**absolute)), saved, checkpoint)
-    other = shutil.copy(data, tmp_path / "other.jsonl")
-    with pytest.raises(ConfigError, match=r"--data '.*work/d\.jsonl' -> '.*other\.jsonl'"):
-        check_resumed_settings(validate(TrainConfig(**dict(absolute, data=str(other)), method="qlora")), saved,
+    other = shutil.copy(data, tmp_path / "other.jsonl")  # another path: its contents decide (the data's sha256)
+    check_resumed_settings(validate(TrainConfig(**dict(absolute, data=str(other)), method="qlora")), saved, checkpoint)
+    with pytest.raises(ConfigError, match=r"--eval-data None -> '<a path"):  # given or not still counts
+        check_resumed_settings(validate(TrainConfig(**dict(absolute, eval_data=str(other)), method="qlora")), saved,
                                checkpoint)
+    with pytest.raises(ConfigError, match=r"--model '<a path.*' -> 'smollm2-135m'"):  # the built-in name: no path
+        check_resumed_settings(validate(TrainConfig(**dict(absolute, model="smollm2-135m"), method="qlora")), saved,
+                               checkpoint)
+    # a checkpoint written before model fingerprints: --model's path as given is the only check, so it still counts
+    older = to_yaml_dict(first)
+    monkeypatch.chdir(tmp_path / "work")
+    check_resumed_settings(validate(TrainConfig(**base, method="qlora")), older, checkpoint, models_fingerprinted=False)
+    shutil.copytree(tiny, tmp_path / "work" / "copy")
+    with pytest.raises(ConfigError, match=r"--model 'tiny' -> 'copy'"):
+        check_resumed_settings(validate(TrainConfig(**dict(base, model="copy"), method="qlora")), older, checkpoint,
+                               models_fingerprinted=False)
+
+
+@pytest.mark.slow
+def test_a_moved_project_folder_resumes_with_the_same_relative_paths(tiny, tmp_path, monkeypatch, capsys):
+    """A requeued job on a node that mounts the project elsewhere (or a renamed project folder): the same relative
+    --model/--data, other absolute paths, the same contents: it resumes."""
+    project = tmp_path / "project"
+    shutil.copytree(tiny, project / "tiny")
+    (project / "d.jsonl").write_text("".join(json.dumps({"text": f"q{i} what is {i}+1? It is {i + 1}."}) + "\n"
+                                             for i in range(40)))
+    argv = ["train", "--model", "tiny", "--data", "d.jsonl", "--batch-size", "2", "--eval-examples", "4",
+            "--max-length", "24", "--save-every", "2", "--schedule", "constant", "--warmup-ratio", "0",
+            "--output-dir", "run"]
+    monkeypatch.chdir(project)
+    assert main([*argv, "--steps", "2"]) == 0
+    moved = project.rename(tmp_path / "moved")
+    monkeypatch.chdir(moved)
+    assert main([*argv, "--steps", "4", "--resume"]) == 0
+    assert "(step 2 of 4)" in capsys.readouterr().out  # resumed, not started over
 
 
 # ----------------------------------------------------------------- 7: temporaries of killed writes

@@ -12,24 +12,12 @@ import torch
 from safetensors.torch import load_file
 
 from fastft.apps.cli import main
-from tests.train_utils import save_tiny_checkpoint
+from tests import train_utils
+
+tiny, one_thread = train_utils.tiny, train_utils.one_thread  # the shared fixtures
 
 
 pytestmark = pytest.mark.slow  # runs training jobs
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny"))
-
-
-@pytest.fixture
-def one_thread():
-    """The same thread count in every run: CPU GEMMs may block differently with more threads."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _argv(tiny, out, *extra):

@@ -1,4 +1,6 @@
-"""Shared by the `fastft train` tests: a tiny random Llama checkpoint with SmolLM2's real tokenizer."""
+"""Shared by the `fastft train` tests: a tiny random Llama checkpoint with SmolLM2's real tokenizer, and fixtures
+(bound to the same names in a test module: `tiny`, one checkpoint per module; `one_thread`)."""
+import pytest
 import torch
 
 
@@ -15,3 +17,17 @@ def save_tiny_checkpoint(path, seed: int = 0, layers: int = 2):
     LlamaForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture
+def one_thread():
+    """The same thread count in every run: CPU GEMMs may block differently with more threads."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -62,13 +62,16 @@ def input_grad_hooks(model: nn.Module) -> list:
 
 
 def drop_input_grad_hooks_if_unneeded(model: nn.Module) -> None:
-    """Remove every input-grad hook transformers (`enable_input_require_grads`) or peft registered on `model`'s
-    modules, whichever call added it and in whatever order, unless a checkpointed layer is reentrant (the one mode
-    that needs it). Non-reentrant or no checkpointing needs none, and they break torch.compile's graph. Other forward
-    hooks stay. Each hook is found on the modules themselves: transformers records only its last call's hooks (a
-    second `enable_input_require_grads` overwrites the record, and `disable_input_require_grads` then leaves the
-    first on the embedding), and peft's fallback records none."""
-    if any(reentrant_layers(model)):
+    """When `model` checkpoints through transformers and every checkpointed layer is non-reentrant, remove every
+    input-grad hook transformers (`enable_input_require_grads`) or peft registered on its modules, whichever call added
+    it and in whatever order: non-reentrant checkpointing needs none, and they break torch.compile's graph. Without
+    transformers' checkpointing they stay: the user may checkpoint reentrantly another way (torch's checkpoint_wrapper
+    after `enable_input_require_grads`, peft's documented recipe), which needs them. Other forward hooks stay. Each
+    hook is found on the modules themselves: transformers records only its last call's hooks (a second
+    `enable_input_require_grads` overwrites the record, and `disable_input_require_grads` then leaves the first on the
+    embedding), and peft's fallback records none."""
+    layers = reentrant_layers(model)
+    if not layers or any(layers):
         return
     for module in model.modules():
         for key, hook in list(module._forward_hooks.items()):

@@ -8,8 +8,8 @@ so a SIGKILL at any moment leaves at least one complete checkpoint. Only the new
 optimizer state is twice its weights: a second copy would double the disk a run needs); a checkpoint damaged from
 outside (a failing disk, a file edited) is found before any model loads and named, not fallen back from silently.
 
-What a resumed run is compared against: the settings (`comparable_settings`: aliases folded, paths absolute), and the
-base models' contents (`model_fingerprints`, besides the data's sha256 the loop checks).
+What a resumed run is compared against: the settings (`comparable_settings`: aliases folded, paths left to the
+content checks), and the base models' contents (`model_fingerprints`, besides the data's sha256 the loop checks).
 """
 from __future__ import annotations
 
@@ -222,18 +222,21 @@ def restore_scaler(accelerator, state: dict | None) -> None:
 # ----------------------------------------------------------------------------------- what a resume compares
 
 PATH_SETTINGS = ("model", "teacher", "data", "eval_data")
+CONTENT_COMPARED = "<a path: its contents are compared>"
 
 
 def comparable_settings(values: dict) -> dict:
     """A run's settings (config.to_yaml_dict) as a resumed run compares them: `--quantize nf4` as the `--method
-    qlora` it stands for, and paths absolute (relative ones: from the working directory now), so that spellings of
-    one run compare equal. The paths' contents are compared apart (the data's sha256, `model_fingerprints`)."""
+    qlora` it stands for, and each path (of PATH_SETTINGS) as CONTENT_COMPARED: its contents are compared apart (the
+    data's sha256, `model_fingerprints`), so a moved project folder, another mount point or a copy resumes, and a
+    relative path equals an absolute one. The built-in model's name (not a path) is compared as it is; given or not
+    (None) still counts."""
     out = dict(values)
     if out.get("quantize") == "nf4":
         out["method"], out["quantize"] = "qlora", None
     for name in PATH_SETTINGS:
         if out.get(name) is not None and out[name] != SMOLLM2:
-            out[name] = str(Path(out[name]).resolve())
+            out[name] = CONTENT_COMPARED
     return out
 
 

@@ -164,15 +164,21 @@ def resume_may_change(cfg: TrainConfig, saved: dict | None = None) -> tuple[str,
     return RESUME_MAY_CHANGE + extra
 
 
-def check_resumed_settings(cfg: TrainConfig, saved: dict | None, checkpoint: Path) -> None:
+def check_resumed_settings(cfg: TrainConfig, saved: dict | None, checkpoint: Path,
+                           models_fingerprinted: bool = True) -> None:
     """A ConfigError naming every training setting that differs from the checkpoint's run: resuming with another
     learning rate, rank, method or data would mix two runs (and a restored optimizer or scheduler keeps the old
-    values), so only the RESUME_MAY_CHANGE settings may differ."""
+    values), so only the RESUME_MAY_CHANGE settings may differ. models_fingerprinted: False for a checkpoint
+    written before they kept the models' fingerprints (ckpt.check_resumed_models): --model/--teacher then compare
+    as the paths given, the only check there is."""
     if saved is None:  # written before checkpoints kept their settings
         return
     # a setting added since the checkpoint was written had its default then; spellings of one setting compare equal
-    saved = ckpt.comparable_settings({**to_yaml_dict(TrainConfig()), **saved})
-    now = ckpt.comparable_settings(to_yaml_dict(cfg))
+    raw_saved, raw_now = {**to_yaml_dict(TrainConfig()), **saved}, to_yaml_dict(cfg)
+    saved, now = ckpt.comparable_settings(raw_saved), ckpt.comparable_settings(raw_now)
+    if not models_fingerprinted:
+        for name in ("model", "teacher"):
+            saved[name], now[name] = raw_saved[name], raw_now[name]
     may_change = resume_may_change(cfg, saved)
     changed = [f"--{k.replace('_', '-')} {saved[k]!r} -> {now[k]!r}" for k in now
                if k not in may_change and saved[k] != now[k]]
@@ -463,7 +469,7 @@ def _run(cfg: TrainConfig, accelerator, train_records, eval_records, description
                      records_digest(train_records))
     if resume_from is not None:
         resumed = checkpoints.trainer_state(resume_from)  # before any model loads: a mismatch fails fast
-        check_resumed_settings(cfg, resumed.get("config"), resume_from)
+        check_resumed_settings(cfg, resumed.get("config"), resume_from, models_fingerprinted="models" in resumed)
         check_resumed_data(fingerprint, resumed.get("data"), resume_from)
         check_resumed_step(cfg, resumed["step"], resume_from)
         plan.load_state_dict(resumed["plan"])

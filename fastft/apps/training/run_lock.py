@@ -80,8 +80,10 @@ _STALE_CHECKPOINT = re.compile(r"\.step-\d{8}\.tmp")
 
 
 def clean_output_dir(output_dir: Path) -> None:
-    """What killed runs left in `output_dir` (call with the lock held): temporary files and folders, unfinished
-    checkpoint folders, and a folder save's previous version (`recover_folder`)."""
+    """What killed runs left in `output_dir` (call with the lock held, before this run writes there): temporary files
+    and folders of fastft's naming whoever wrote them (no other run writes there; a live-looking writer may be a
+    restarted container's process given the same PID), unfinished checkpoint folders, and a folder save's previous
+    version (`recover_folder`)."""
     if not output_dir.is_dir():
         return
     remove_temporaries_in(output_dir)
