@@ -23,7 +23,11 @@ def test_backend_choice_and_refusals_name_the_op_and_argument(monkeypatch):
     assert shared.resolve_backend("my_op", "triton", cpu) == "triton"
     fake_cuda = torch.device("cuda", 0)  # only its .type is read
     assert shared.resolve_backend("my_op", "auto", fake_cuda) == "triton"
-    assert shared.resolve_backend("my_op", "auto", fake_cuda, auto_triton=False) == "torch"
+    assert shared.resolve_backend("my_op", "auto", fake_cuda, dtype=torch.bfloat16) == "triton"
+    assert shared.resolve_backend("my_op", "auto", fake_cuda, dtype=torch.float64) == "torch"
+    with pytest.raises(ValueError, match=r"my_op: backend='triton' computes in float16, bfloat16 or float32; `x` is "
+                                         r"torch.float64"):
+        shared.resolve_backend("my_op", "triton", cpu, arg="x", dtype=torch.float64)
 
 
 def test_autocast_inputs_casts_tensors_and_passes_the_rest():

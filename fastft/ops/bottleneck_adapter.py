@@ -47,7 +47,7 @@ def _activation_grad(p: torch.Tensor, activation: str) -> torch.Tensor:
     return 0.5 * (1 + t) + 0.5 * p * (1 - t * t) * c * (1 + 3 * 0.044715 * p * p)
 
 
-def _grad_source(z: torch.Tensor, p: torch.Tensor, activation: str) -> torch.Tensor | None:
+def _grad_source(p: torch.Tensor, activation: str) -> torch.Tensor | None:
     """What backward reads act'(p) from, kept for backward besides z (which dU needs): nothing more for relu, whose
     mask z > 0 is exactly p > 0 (the kernel rounds one fp32 value into both where it is positive, and both are ≤ 0 or
     NaN elsewhere); p for the others. z = act(p) cannot be redone from p exactly (the kernel applies act to the fp32
@@ -122,7 +122,7 @@ class BottleneckAdapterFunction(torch.autograd.Function):
         D_p, U_p = _padded_weights(down_weight, up_weight, h.dtype)
         y, z, p = _forward(h2, D_p, U_p, down_bias, up_bias, activation)
         # the weights themselves, not their padded/cast copies (rebuilt in backward, as the traced door does)
-        ctx.save_for_backward(h2, down_weight, up_weight, z, _grad_source(z, p, activation))
+        ctx.save_for_backward(h2, down_weight, up_weight, z, _grad_source(p, activation))
         ctx.meta = (h.shape, down_weight.shape[0], activation,
                     (down_weight.dtype, up_weight.dtype, _dtype(down_bias), _dtype(up_bias)))
         return y.view(*h.shape)  # (unpacked: a torch.Size argument costs ~1.5 µs more)
@@ -179,7 +179,7 @@ def _(dy, h, down_weight, down_bias, up_weight, up_bias, z, p, activation, needs
 def _setup_context(ctx, inputs, output):
     h, down_weight, down_bias, up_weight, up_bias, activation = inputs
     ctx.save_for_backward(h, down_weight, down_bias, up_weight, up_bias, output[1],
-                          _grad_source(output[1], output[2], activation))
+                          _grad_source(output[2], activation))
     ctx.activation = activation
 
 

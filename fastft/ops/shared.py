@@ -46,22 +46,20 @@ def check_backend(op: str, backend: str) -> None:
 
 
 def resolve_backend(op: str, backend: str, device: torch.device, *, arg: str | None = None,
-                    auto_triton: bool = True, dtype: torch.dtype | None = None) -> str:
-    """"triton" or "torch": auto is Triton on CUDA (the interpreter is for tests, chosen explicitly) when
-    `auto_triton` (the op's kernels take the inputs). `arg` names the input a refusal points at (else "the inputs").
-    `dtype`: the dtype the op's kernels would compute in; one outside KERNEL_DTYPES (fp64) goes to torch on auto and
-    is refused on "triton" (the kernels accumulate in fp32: fp64 inputs would silently get fp32 accuracy)."""
+                    dtype: torch.dtype | None = None) -> str:
+    """"triton" or "torch": auto is Triton on CUDA (the interpreter is for tests, chosen explicitly). `arg` names the
+    input a refusal points at (else "the inputs"). `dtype`: the dtype the op's kernels would compute in; one outside
+    KERNEL_DTYPES (fp64) goes to torch on auto and is refused on "triton" (the kernels accumulate in fp32: fp64
+    inputs would silently get fp32 accuracy)."""
     check_backend(op, backend)
     kernel_dtype = dtype is None or dtype in KERNEL_DTYPES
     if backend == "auto":
-        use_triton = auto_triton and kernel_dtype and device.type == "cuda" and triton_runs_on(device)
-        return "triton" if use_triton else "torch"
+        return "triton" if kernel_dtype and device.type == "cuda" and triton_runs_on(device) else "torch"
+    what = "the inputs are" if arg is None else f"`{arg}` is"
     if backend == "triton" and not triton_runs_on(device):
         where = "CUDA tensors" if arg is None else "a CUDA tensor"
-        what = "the inputs are" if arg is None else f"`{arg}` is"
         raise ValueError(f"{op}: backend='triton' needs {where} (or TRITON_INTERPRET=1 on CPU); {what} on {device}")
     if backend == "triton" and not kernel_dtype:
-        what = "the inputs are" if arg is None else f"`{arg}` is"
         raise ValueError(f"{op}: backend='triton' computes in float16, bfloat16 or float32; {what} {dtype} "
                          "(backend='torch' takes any float dtype)")
     return backend
