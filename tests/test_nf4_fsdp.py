@@ -217,7 +217,7 @@ def test_qlora_under_fsdp2_and_ddp_matches_one_process(tmp_path):
     # fastft.save_adapter on the sharded model, no state_dict= given: the whole trained adapter, as peft saves it
     assert report["adapter_written_before_return"]  # on both ranks: rank 1 waited for rank 0's write
     # a write that fails on rank 0 (the only writer) raises on every rank instead of leaving rank 1 in a barrier
-    assert report["failed_save_raised"] == ["NotADirectoryError", "RuntimeError"]
+    assert report["failed_save_raised"] == ["NotADirectoryError", "OSError"]  # an OSError on every rank, as on rank 0
     written = load_file(tmp_path / "adapter_sharded" / "adapter_model.safetensors")
     assert written.keys() == {k.replace(".default.", ".") for k in sharded}
     assert all(torch.equal(written[k.replace(".default.", ".")], v) for k, v in sharded.items())

@@ -27,10 +27,32 @@ def gathered_adapter_state(model: nn.Module) -> dict:
     return state
 
 
+def share_outcome(error: BaseException | None, what: str) -> None:
+    """Every rank learns whether any rank failed, instead of the others waiting in their next barrier until the
+    process group's timeout: a failed rank raises its own error, the others an error naming it (an OSError where
+    the failure was one, so callers that handle a full disk handle it alike on every rank). A collective where a
+    process group runs with more than one rank (every rank calls); else it re-raises `error` if any."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        if error is not None:
+            raise error
+        return
+    mine = None if error is None else (isinstance(error, OSError), f"{type(error).__name__}: {error}")
+    outcomes = [None] * dist.get_world_size()
+    dist.all_gather_object(outcomes, mine)
+    if error is not None:
+        raise error
+    for rank, outcome in enumerate(outcomes):
+        if outcome is not None:
+            is_os_error, text = outcome
+            raise (OSError if is_os_error else RuntimeError)(f"{what}: rank {rank} failed ({text})")
+
+
 def write_on_rank0(write, what: str):
     """Run `write()` on rank 0 only and return its result there (None elsewhere); every rank returns once it is done.
-    A failure is shared (one small broadcast): rank 0 raises its own error and the other ranks an error naming it,
-    instead of waiting in a barrier until the process group's timeout. A collective: every rank calls."""
+    A failure is shared (share_outcome): rank 0 raises its own error and the other ranks an error naming it. A
+    collective: every rank calls."""
     import torch.distributed as dist
 
     result, error = None, None
@@ -39,10 +61,5 @@ def write_on_rank0(write, what: str):
             result = write()
         except Exception as e:  # shared below, then raised again on rank 0
             error = e
-    outcome = [None if error is None else f"{type(error).__name__}: {error}"]
-    dist.broadcast_object_list(outcome, src=0)
-    if error is not None:
-        raise error
-    if outcome[0] is not None:
-        raise RuntimeError(f"{what}: rank 0, which writes, failed ({outcome[0]}); nothing was written")
+    share_outcome(error, f"{what}: nothing was written")
     return result

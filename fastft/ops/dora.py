@@ -289,7 +289,7 @@ def dora_linear_backward_op(dy: torch.Tensor, x: torch.Tensor, w_parts: list[tor
                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     weight = weight_from_args(w_parts, w_ints)
     nf4 = isinstance(weight, NF4Weight)
-    saved = (*rank_operands(x, lora_A, lora_B, scaling), xs, sigma, row_norm, magnitude,
+    saved = (*backward_operands(x, lora_A, lora_B, xs, scaling), sigma, row_norm, magnitude,
              saved_out if nf4 else as_rows(saved_out), bias)
     meta = (x.shape, scaling, lora_A.shape[0], nf4, lora_A.dtype, lora_B.dtype)
     grads = dora_backward(saved, meta, weight, dy, need_x, need_b, need_A, need_B, need_m)

@@ -282,7 +282,7 @@ def lora_linear_backward_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Ten
                             need_w: bool, need_b: bool, need_A: bool, need_B: bool
                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     fold_backward = _fold_paths(x, weight, lora_A, dropout_p)[1]  # as the forward chose it
-    saved = (*rank_operands(x, lora_A, lora_B, scaling), xs)
+    saved = backward_operands(x, lora_A, lora_B, xs, scaling)
     meta = lora_meta(x, bias, lora_A, lora_B, scaling, dropout_p, seed_int("lora_linear", seed, dropout_p))
     grads = lora_backward(saved, meta, fold_backward, weight, dy, need_x, need_w, need_b, need_A, need_B)
     return tuple(g if g is not None else unused(like) for g, like in zip(grads, (x, weight, dy, lora_A, lora_B)))

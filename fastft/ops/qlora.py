@@ -25,7 +25,7 @@ from fastft.ops.compiled_args import (SEED_DEVICE, draw_seed_op, fresh_like, nf4
                                       refuse_replayed_dropout, seed_int)
 from fastft.ops.qlora_path import release_dequant_scratch  # noqa: F401 - public here too
 from fastft.ops.lora import (backward_operands, fused_lora_backward, fused_lora_forward, lora_linear_reference,
-                             lora_meta, rank_operands, saved_factors)
+                             lora_meta, saved_factors)
 from fastft.ops.shared import (as_rows, autocast_inputs, autocast_off, check, finite, nf4_fused_ok,
                                first_order_only, resolve_backend)
 from fastft.quant.nf4_weight import NF4Weight
@@ -215,7 +215,7 @@ def qlora_linear_backward_op(dy: torch.Tensor, x: torch.Tensor, w_parts: list[to
                              xs: torch.Tensor, seed: Optional[torch.Tensor], scaling: float, dropout_p: float,
                              need_x: bool, need_b: bool, need_A: bool, need_B: bool
                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    saved = (*rank_operands(x, lora_A, lora_B, scaling), xs)
+    saved = backward_operands(x, lora_A, lora_B, xs, scaling)
     meta = lora_meta(x, bias, lora_A, lora_B, scaling, dropout_p, seed_int("qlora_linear", seed, dropout_p))
     grads = qlora_backward(saved, meta, nf4_from_args(w_parts, w_ints), dy, need_x, need_b, need_A, need_B)
     return tuple(g if g is not None else unused(like) for g, like in zip(grads, (x, dy, lora_A, lora_B)))

@@ -25,6 +25,7 @@ import torch
 from fastft.apps.models import SMOLLM2, model_fingerprint, resolve_model_path
 from fastft.apps.training.config import ConfigError
 from fastft.files import finish_folder, fsync_path
+from fastft.integration.sharded_state import is_sharded, share_outcome
 
 _STEP_DIR = re.compile(r"step-(\d{8})")
 _TRAINER_KEYS = ("step", "processes", "plan", "scheduler", "history")
@@ -56,13 +57,6 @@ def _options(**kw):
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
     return StateDictOptions(full_state_dict=True, cpu_offload=True, **kw)
-
-
-def is_sharded(model) -> bool:
-    """FSDP2 made the parameters DTensors: state dicts must be gathered (and scattered on load)."""
-    from torch.distributed.tensor import DTensor
-
-    return any(isinstance(p, DTensor) for p in model.parameters())
 
 
 def full_state_dict(model, trainable_only: bool) -> dict:
@@ -146,35 +140,53 @@ class Checkpoints:
         optim = get_optimizer_state_dict(model, optimizer, options=_options()) if sharded else optimizer.state_dict()
         final = self.root / f"step-{step:08d}"
         tmp = self.root / f".step-{step:08d}.tmp"
-        if acc.is_main_process:
-            self.root.mkdir(parents=True, exist_ok=True)
-            for stale in self.root.glob(".step-*.tmp"):  # a killed save's (the run holds --output-dir: no other's)
-                shutil.rmtree(stale)
-            tmp.mkdir()
-        acc.wait_for_everyone()
-        try:
+        main = acc.is_main_process
+        # every phase ends in share_outcome, not a barrier: a rank that fails (a full disk) stops every rank
+        self._phase(main, lambda: self._start(tmp), tmp)
+
+        def write():
             torch.save(rng_state(), tmp / f"rng-{acc.process_index}.pt")
-            if acc.is_main_process:
+            if main:
                 save_file({k: v.contiguous().clone() for k, v in weights.items()}, str(tmp / "trainable.safetensors"))
                 torch.save(optim, tmp / "optimizer.pt")
                 torch.save({**trainer_state, "step": step, "processes": acc.num_processes}, tmp / "trainer_state.pt")
                 if save_adapter is not None:
                     save_adapter(tmp / "adapter", weights)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)  # a full disk gets its space back
-            raise
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            finish_folder(tmp)
-            if final.exists():  # the same step written again: rename cannot replace a non-empty folder, so the
-                shutil.rmtree(final)  # old one goes first; the other steps stay until the new one is in place
-            os.replace(tmp, final)
-            fsync_path(self.root)
-            for older in self.root.iterdir():  # the new one is complete: the previous ones can go
-                if _STEP_DIR.fullmatch(older.name) and older != final:
-                    shutil.rmtree(older)
-        acc.wait_for_everyone()
+        self._phase(True, write, tmp)
+        self._phase(main, lambda: self._publish(tmp, final), tmp)
         return final
+
+    def _phase(self, runs_here: bool, work, tmp: Path) -> None:
+        """`work()` where it runs here, then every rank learns whether any failed; a failure removes the unfinished
+        folder (a full disk gets its space back) and raises on every rank."""
+        error = None
+        try:
+            if runs_here:
+                work()
+        except Exception as e:  # shared below
+            error = e
+        try:
+            share_outcome(error, "checkpoint")
+        except BaseException:
+            if self.accelerator.is_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    def _start(self, tmp: Path) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        for stale in self.root.glob(".step-*.tmp"):  # a killed save's (the run holds --output-dir: no other's)
+            shutil.rmtree(stale)
+        tmp.mkdir()
+
+    def _publish(self, tmp: Path, final: Path) -> None:
+        finish_folder(tmp)
+        if final.exists():  # the same step written again: rename cannot replace a non-empty folder, so the
+            shutil.rmtree(final)  # old one goes first; the other steps stay until the new one is in place
+        os.replace(tmp, final)
+        fsync_path(self.root)
+        for older in self.root.iterdir():  # the new one is complete: the previous ones can go
+            if _STEP_DIR.fullmatch(older.name) and older != final:
+                shutil.rmtree(older)
 
     def load(self, path: Path, model, optimizer) -> None:
         """Restore weights, optimizer and this process's RNG (the trainer state: `trainer_state`)."""

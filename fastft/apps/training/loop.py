@@ -26,6 +26,7 @@ from fastft.files import atomic_write, replace_folder
 from fastft.integration.checkpointing import enable_checkpointing
 from fastft.integration.module_names import name_hint, names_module
 from fastft.integration.parameter_count import parameter_counts
+from fastft.integration.sharded_state import share_outcome
 from fastft.apps.training.config import (ConfigError, TrainConfig, flag, rank_problem, to_yaml_dict,
                                          unused_settings, validate)
 from fastft.apps.training.data import (BatchPlan, Encoder, Example, Pair, check_tokenizer, data_fingerprint,
@@ -674,21 +675,30 @@ def _run(cfg: TrainConfig, accelerator, train_records, eval_records, description
         "peak_memory_gib": peak, "peak_memory_kind": "cuda allocated" if device.type == "cuda" else "process RSS",
     }
     weights = ckpt.full_state_dict(inner, trainable_only=is_peft)  # collective under FSDP2
-    if accelerator.is_main_process:
-        try:
-            if is_peft:
-                fastft.save_adapter(inner, out / "adapter", state_dict=weights)
-                saved = out / "adapter"
-            else:
-                saved = replace_folder(out / "model", lambda tmp: (inner.save_pretrained(str(tmp), state_dict=weights),
-                                                                   tokenizer.save_pretrained(str(tmp))))
-        except OSError as e:
-            stop(cfg.steps, f"the {'adapter' if is_peft else 'model'} could not be saved ({e})", "writing metrics.json")
+    saved = out / "adapter" if is_peft else out / "model"
+
+    def save_final():  # rank 0 writes; share_outcome tells every rank whether it failed (none waits for a timeout)
+        if is_peft:
+            fastft.save_adapter(inner, saved, state_dict=weights)
+        else:
+            replace_folder(saved, lambda tmp: (inner.save_pretrained(str(tmp), state_dict=weights),
+                                               tokenizer.save_pretrained(str(tmp))))
         atomic_write(out / "metrics.json", json.dumps(metrics, indent=2))
         write_report(out, metrics)  # report.md and losses.png
-        log(f"{metrics['tokens_per_second']:,.0f} tokens/s, peak memory {peak:.2f} GiB ({metrics['peak_memory_kind']}); "
-            f"{'adapter' if is_peft else 'model'} saved to {saved}")
-    accelerator.wait_for_everyone()
+
+    error = None
+    try:
+        if accelerator.is_main_process:
+            save_final()
+    except Exception as e:  # shared below
+        error = e
+    try:
+        share_outcome(error, "the final save")
+    except OSError as e:
+        stop(cfg.steps, f"the {'adapter' if is_peft else 'model'} or metrics.json could not be saved ({e})",
+             "the final save")
+    log(f"{metrics['tokens_per_second']:,.0f} tokens/s, peak memory {peak:.2f} GiB ({metrics['peak_memory_kind']}); "
+        f"{'adapter' if is_peft else 'model'} saved to {saved}")
     return metrics
 
 
