@@ -22,7 +22,7 @@ def test_patched_lora_llama_training_step_compiles_whole(monkeypatch, batch, dyn
     register_attention("triton")
     try:
         model = tiny_llama(num_hidden_layers=1, hidden_size=32, intermediate_size=48, num_attention_heads=2,
-                           num_key_value_heads=1)
+                           num_key_value_heads=1).train()  # the patched forward fuses the loss in training mode
         fastft.patch_model(model, backend="triton")
         model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
         randomize_lora_B(model)

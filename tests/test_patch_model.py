@@ -40,7 +40,8 @@ def tiny(arch: str, seed: int = 0, **overrides):
     }[arch]
     config_cls, model_cls, kw = extra
     torch.manual_seed(seed)
-    model = model_cls(config_cls(**{**common, **kw, **overrides})).eval()
+    # training mode: the patched forward fuses the loss only there (no dropout in these configs: eval's outputs)
+    model = model_cls(config_cls(**{**common, **kw, **overrides})).train()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
@@ -294,7 +295,7 @@ def test_smollm2_patched_matches_unpatched():
     from fastft.apps.models import load_causal_lm
 
     model, tokenizer = load_causal_lm()
-    model = first_layers(model).eval()
+    model = first_layers(model).train()  # (no dropout) the patched forward fuses the loss in training mode
     batch = tokenizer(["The quick brown fox jumps over the lazy dog.", "LoRA adapts a model."],
                       return_tensors="pt", padding=True)
     labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)

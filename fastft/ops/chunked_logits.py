@@ -299,7 +299,9 @@ def eager_losses(plan: Plan, hidden, weight, bias, lora_A, lora_B, needs: tuple[
     post_scale = plan.grad_scale if head.dtype == torch.float16 else None
     row_scale = torch.ones_like(plan.grad_scale) if post_scale is not None else plan.grad_scale
     grads = run_chunks(plan, head, h2, row_scale, losses, needs if any(needs) else None)
-    return (losses.sum() * plan.grad_scale).reshape(()), grads, post_scale
+    # 0-d times 0-d: a fresh tensor, not a view. A view output of an autograd Function cannot be changed in place,
+    # and transformers.Trainer does `loss *= loss_scale` (average_tokens_across_devices)
+    return losses.sum() * plan.grad_scale.squeeze(), grads, post_scale
 
 
 def scaled_grad(t: torch.Tensor, g: torch.Tensor, dtype: torch.dtype, *, in_place: bool) -> torch.Tensor:

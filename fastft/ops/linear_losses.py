@@ -27,10 +27,11 @@ is fastft.ops.compiled's); eager keeps the autograd Functions of fastft.ops.chun
 Semantics (documented differences from torch): the loss is fp32 for every input dtype; "mean" over zero
 counted tokens (all labels ignored) is 0 with zero gradients, not NaN; reduction "none" returns fp32 per-token
 losses (0 at ignored tokens) and backward honours a per-token grad_output (by recomputing the logits, or,
-when only dhidden is wanted, by scaling the rows of a dhidden made in the forward). Gradients made in the
-forward are handed out by the first backward: a second backward through the same graph is refused. In
-fp16, chunk gradients stay unscaled until backward (1/N would flush them below fp16's range before a loss
-scaler's factor arrives); in bf16/fp32 the reduction's 1/N is applied inside the row kernel.
+when only dhidden is wanted, by scaling the rows of a dhidden made in the forward). Every returned loss may be
+changed in place (`loss *= w`, as transformers.Trainer does): none is a view of an autograd Function's output.
+Gradients made in the forward are handed out by the first backward: a second backward through the same graph is
+refused. In fp16, chunk gradients stay unscaled until backward (1/N would flush them below fp16's range before a
+loss scaler's factor arrives); in bf16/fp32 the reduction's 1/N is applied inside the row kernel.
 """
 from __future__ import annotations
 

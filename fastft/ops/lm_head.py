@@ -3,7 +3,9 @@
 `head_of_module` reads an nn.Linear, a module whose `.weight` is an NF4Weight (fastft's NF4Linear), or a peft
 LoRA Linear (peft's own, fastft's FusedLoraLinear / FusedQLoraLinear) around either, or peft's
 ModulesToSaveWrapper (a trainable copy of lm_head) around any of them, by duck typing for fastft's own classes
-(the ops layer does not import fastft.modules). Anything else is refused with the list of what is supported.
+(the ops layer does not import fastft.modules), or peft's trainable tokens over an nn.Linear (TrainableTokensWrapper:
+`trainable_token_indices` with tied embeddings; its weight is the head's with the trainable rows swapped in).
+Anything else is refused with the list of what is supported.
 """
 from __future__ import annotations
 
@@ -17,7 +19,8 @@ from fastft.quant.nf4_weight import NF4Weight
 
 SUPPORTED = ("torch.nn.Linear", "fastft NF4Linear (an NF4Weight .weight)",
              "peft LoRA Linear (peft.tuners.lora.Linear, fastft FusedLoraLinear / FusedQLoraLinear) over either",
-             "peft ModulesToSaveWrapper (modules_to_save) around any of these")
+             "peft ModulesToSaveWrapper (modules_to_save) around any of these",
+             "peft TrainableTokensWrapper / TrainableTokensLayer (trainable_token_indices) over an nn.Linear")
 
 
 @dataclass
@@ -83,6 +86,39 @@ def _base_head(op: str, base: nn.Module, what: str) -> HeadArgs:
                     + "; ".join(SUPPORTED))
 
 
+def _is_trainable_tokens(module: nn.Module) -> bool:
+    try:  # (peft >= 0.15)
+        from peft.tuners.trainable_tokens import TrainableTokensLayer
+        from peft.utils.other import TrainableTokensWrapper
+    except ImportError:
+        return False
+    return isinstance(module, (TrainableTokensWrapper, TrainableTokensLayer))
+
+
+def _trainable_tokens_head(op: str, lm_head: nn.Module, check_only: bool) -> HeadArgs | None:
+    """peft's trainable tokens on lm_head, as its forward computes them: the base layer while the adapters are
+    disabled, none is active or they are merged into its weight; else F.linear(h, W) with W the base weight whose
+    trainable rows are replaced by their deltas (a differentiable copy, so the deltas get their gradients through
+    it) and, as peft's forward has it, no bias."""
+    layer = getattr(lm_head, "token_adapter", lm_head)  # the wrapper always runs its layer (active or not)
+    base = layer.base_layer
+    active = layer.active_adapters
+    if layer.disable_adapters or not active:
+        if layer.merged and not check_only:
+            layer.unmerge()  # what peft's forward does here: the base weight without the merged rows
+        return None if check_only else _base_head(op, base, "base layer")
+    if layer.merged:
+        return None if check_only else _base_head(op, base, "base layer")
+    # peft's forward takes an nn.Linear only; its rows are swapped in a dense weight (not an NF4 one)
+    if not isinstance(base, nn.Linear) or _base_head(op, base, "base layer").weight is None:
+        raise TypeError(f"{op}: `lm_head` has trainable tokens over a {type(base).__module__}.{type(base).__name__}; "
+                        "supported over a dense nn.Linear only")
+    layer._check_overlapping_tokens(active)  # peft's ValueError for adapters sharing a token
+    if check_only:
+        return None
+    return HeadArgs(weight=layer.get_merged_weights(active))
+
+
 def head_of_module(op: str, lm_head: nn.Module, *, check_only: bool = False) -> HeadArgs | None:
     """The fused losses' view of `lm_head` (HeadArgs), or TypeError/ValueError for a head they do not take.
     check_only: the checks alone, for a caller that wants the verdict every step (several adapters' factors are
@@ -94,6 +130,8 @@ def head_of_module(op: str, lm_head: nn.Module, *, check_only: bool = False) -> 
         from peft.utils import ModulesToSaveWrapper
     except ImportError:  # peft is a dependency; without it there is no LoRA head to recognise
         PeftLoraLinear = ModulesToSaveWrapper = ()
+    if _is_trainable_tokens(lm_head):
+        return _trainable_tokens_head(op, lm_head, check_only)
     if isinstance(lm_head, ModulesToSaveWrapper):  # modules_to_save=["lm_head"]: the copy peft would run
         active = lm_head.active_adapters
         passthrough = lm_head.disable_adapters or not active or any(a not in lm_head.modules_to_save for a in active)

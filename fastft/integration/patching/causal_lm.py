@@ -1,21 +1,30 @@
 """The causal-LM forward whose loss goes through fastft's fused lm_head cross-entropy.
 
-With labels (or shift_labels), the head is never applied to the full sequence: the loss comes from the
-final hidden states, `lm_head` and the shifted labels (fastft.ops.lm_head_cross_entropy, chunked over tokens),
-and the output's `logits` is None. transformers' `num_items_in_batch` (gradient accumulation: the token count
-of the whole accumulated batch) becomes the op's `num_items`, the mean's denominator, exactly as
+In training mode with labels (or shift_labels), the head is never applied to the full sequence: the loss comes
+from the final hidden states, `lm_head` and the shifted labels (fastft.ops.lm_head_cross_entropy, chunked over
+tokens), and the output's `logits` is None. transformers' `num_items_in_batch` (gradient accumulation: the token
+count of the whole accumulated batch) becomes the op's `num_items`, the mean's denominator, exactly as
 transformers' ForCausalLMLoss divides its sum. Final logit softcapping (Gemma) is passed to the op.
-Without labels the model's own forward runs unchanged (generation, evaluation of logits).
+
+Not in training mode (model.eval(): transformers.Trainer's evaluate / predict, whose metrics read the logits), the
+model's own forward runs with the labels: logits and loss as the unpatched model gives them, as Liger-Kernel's
+patched forwards do. `skip_logits=True` / `False` overrides that choice for one call (e.g. a fused loss in eval
+mode, where the logits would not fit). Without labels the model's own forward runs unchanged (generation).
+An lm_head the fused loss does not take (DoRA on lm_head, lora_bias, ...: fastft.ops.lm_head.head_of_module) keeps
+the model's own loss too, with one warning per model.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
+import warnings
 
 import torch.nn.functional as F
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from fastft.ops.linear_losses import lm_head_cross_entropy
+from fastft.ops.lm_head import head_of_module
 
 
 # The cache field is `cache` in recent transformers, `past_key_values` before (the GPU machine runs an older one).
@@ -30,21 +39,46 @@ def _output(loss, outputs):
                                   attentions=outputs.attentions, **{_CACHE_FIELD: cache})
 
 
+def _fused_head(model) -> bool:
+    """Whether the fused loss takes model.lm_head (checked each call: adapters may change after patching); a
+    refused head is said once per model, with why."""
+    try:
+        head_of_module("lm_head_cross_entropy", model.lm_head, check_only=True)
+    except (TypeError, ValueError) as why:  # a module type or an adapter option the fused loss does not take
+        if not model.__dict__.get("_fastft_warned_unfused"):
+            model.__dict__["_fastft_warned_unfused"] = True
+            warnings.warn(f"fastft.patch_model: {type(model).__name__} computes its loss unfused (the model's own "
+                          f"forward, with the full tokens x vocab logits): {why}", stacklevel=3)
+        return False
+    return True
+
+
 class FusedLossCausalLMForward:
     _fastft_softcap_attr = None  # config attribute holding the final logit softcap, if the architecture has one
     _fastft_backend = "auto"  # patch_model's `backend`, for the fused loss as for the layer ops
 
-    def forward(self, *args, labels=None, logits_to_keep=0, **kwargs):
+    def forward(self, *args, labels=None, logits_to_keep=0, skip_logits=None, **kwargs):
+        """The model's forward, its loss through fastft's fused lm_head cross-entropy in training mode (logits None);
+        skip_logits=True / False: fused or the model's own head and loss, whatever the mode."""
         if args:  # positional arguments, named as the model's own forward names them
             names = [n for n in inspect.signature(super().forward).parameters][: len(args)]
             kwargs.update(zip(names, args))
             labels = kwargs.pop("labels", labels)
-        shift_labels = kwargs.pop("shift_labels", None)
-        if labels is None and shift_labels is None:
-            return super().forward(logits_to_keep=logits_to_keep, **kwargs)
+        has_labels = labels is not None or kwargs.get("shift_labels") is not None
+        if skip_logits and not has_labels:
+            raise ValueError("fastft.patch_model: skip_logits=True needs labels (or shift_labels): without them there "
+                             "is no loss to compute instead of the logits")
+        fused = has_labels and (self.training if skip_logits is None else skip_logits) and _fused_head(self)
+        if not fused:
+            if labels is None and has_labels:
+                # shift_labels alone: transformers' ForCausalLMLoss reads them and ignores `labels`, but the model's
+                # forward computes a loss only when `labels` is given
+                labels = kwargs["shift_labels"]
+            return super().forward(labels=labels, logits_to_keep=logits_to_keep, **kwargs)
         if not (isinstance(logits_to_keep, int) and logits_to_keep == 0):
             raise ValueError("fastft.patch_model: with labels the loss covers every position; logits_to_keep must be 0 "
                              f"(got {logits_to_keep!r})")
+        shift_labels = kwargs.pop("shift_labels", None)
         return_dict = kwargs.pop("return_dict", None)
         num_items = kwargs.pop("num_items_in_batch", None)
         ignore_index = kwargs.pop("ignore_index", -100)
@@ -60,3 +94,22 @@ class FusedLossCausalLMForward:
         if return_dict is False:  # logits' place kept (None): `loss, logits = out[:2]` must not get the cache
             return (loss, None, *out.to_tuple()[1:])
         return out
+
+
+@functools.lru_cache(maxsize=None)
+def forward_with_signature(cls: type):
+    """FusedLossCausalLMForward.forward under cls.forward's signature (plus `skip_logits`): transformers.Trainer
+    reads the model's forward signature to drop the dataset columns it does not take (remove_unused_columns, on
+    by default), and `(*args, labels, **kwargs)` would have lost input_ids and attention_mask."""
+    def forward(self, *args, **kwargs):
+        return FusedLossCausalLMForward.forward(self, *args, **kwargs)
+
+    signature = inspect.signature(cls.forward)
+    params = list(signature.parameters.values())
+    if "skip_logits" not in signature.parameters:
+        at = next((i for i, p in enumerate(params) if p.kind is p.VAR_KEYWORD), len(params))
+        params.insert(at, inspect.Parameter("skip_logits", inspect.Parameter.KEYWORD_ONLY, default=None))
+    forward.__signature__ = signature.replace(parameters=params)
+    forward.__qualname__ = f"{cls.__qualname__}.forward"
+    forward.__doc__ = FusedLossCausalLMForward.forward.__doc__
+    return forward

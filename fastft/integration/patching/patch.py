@@ -10,7 +10,8 @@ attention and the *ForCausalLM get a subclass of their own class (same name, so 
   `attn_implementation="fastft"` (fastft.integration.attention) unless the architecture's attention logit
   softcapping is set (Gemma2's default), the config has attention dropout (fastft attention has neither) or a
   head size fastft attention does not take (ops.attention.head_dim_supported);
-- *ForCausalLM → with labels, the loss through fastft.ops.lm_head_cross_entropy (see causal_lm): no logits.
+- *ForCausalLM → in training mode with labels, the loss through fastft.ops.lm_head_cross_entropy (see causal_lm):
+  no logits; in eval mode (Trainer.evaluate / predict) the model's own logits and loss.
 
 Everything is checked before anything changes: an unsupported architecture, activation or an already patched
 model raises and leaves the model as it was. `unpatch_model` restores the classes and the attention setting
@@ -27,7 +28,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from fastft.integration.patching import rope_binding
-from fastft.integration.patching.causal_lm import FusedLossCausalLMForward
+from fastft.integration.patching.causal_lm import FusedLossCausalLMForward, forward_with_signature
 from fastft.integration.patching.table import ARCHITECTURES, GELU_TANH, Architecture
 from fastft.modules.fused_layers import FusedGLUMLPForward, FusedRMSNormForward
 from fastft.ops.attention import MAX_HEAD_DIM, head_dim_supported
@@ -105,7 +106,8 @@ def _plan(base: nn.Module, backend: str, attention: bool):
                           _fastft_backend=backend),
              "mlp": dict(_fastft_gelu=GELU_TANH[activation], _fastft_backend=backend),
              "attention": dict(forward=rope_binding.forward_with_fastft_rope(classes["attention"], backend)),
-             "causal_lm": dict(_fastft_softcap_attr=arch.final_softcap_attr, _fastft_backend=backend)}
+             "causal_lm": dict(_fastft_softcap_attr=arch.final_softcap_attr, _fastft_backend=backend,
+                               forward=forward_with_signature(classes["causal_lm"]))}
     mixins = {"norm": FusedRMSNormForward, "mlp": FusedGLUMLPForward, "attention": None,
               "causal_lm": FusedLossCausalLMForward}
     swaps, counts = [], dict.fromkeys(classes, 0)
@@ -152,7 +154,8 @@ def patch_model(model: nn.Module, *, backend: str = "auto", attention: bool = Tr
     (FASTFT_LORA_BACKEND).
     attention: switch to attn_implementation="fastft" where the architecture allows it (see the module docstring).
     Returns the model. The record of the changes (and a summary) is `model._fastft_patch` on the transformers
-    model. With labels the patched forward returns logits=None (call it without labels for logits).
+    model. In training mode with labels the patched forward returns logits=None (the fused loss); not in training
+    mode it returns the model's own logits and loss (`skip_logits=True` / `False` on a call overrides that).
     """
     if backend not in BACKENDS:
         raise ValueError(f"fastft.patch_model: `backend` must be one of {BACKENDS}, got {backend!r}")
