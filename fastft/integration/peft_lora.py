@@ -9,10 +9,13 @@ stored (in, out): peft sets fan_in_fan_out=True for them). Creating, saving and 
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import inspect
 import os
 import re
 import warnings
+from contextvars import ContextVar
 from pathlib import Path
 
 import peft
@@ -32,7 +35,7 @@ from fastft.integration.methods.prompt import whole_prompt_encoders
 from fastft.integration.sharded_state import gathered_adapter_state, is_sharded, write_on_rank0
 from fastft.modules.lora import FusedLoraLinear
 from fastft.modules.nf4_linear import NF4Linear
-from fastft.modules.qlora import FusedQLoraLinear
+from fastft.modules.qlora import FusedQLoraLinear, NF4RoundingWarning
 
 # Fields that change the LoRA forward into something the fused op does not compute; each must stay off
 # (None/False) when creating an adapter. Initialisation schemes and modules_to_save are fine: the forward stays
@@ -247,7 +250,9 @@ def patch_peft(model: nn.Module) -> nn.Module:
 def fuse_or_warn(model: nn.Module, layer_type: type, patch, what: str, method: str) -> nn.Module:
     """`patch` (patch_peft, patch_ia3) for a model fastft built or loaded: one whose `method` layers are all
     embeddings, convolutions or Conv1D is valid (peft runs them exactly), so nothing to fuse is a one-line warning,
-    not an error. `layer_type`: peft's Linear layer of the method (fastft's fused layers subclass it)."""
+    not an error. `layer_type`: peft's Linear layer of the method (fastft's fused layers subclass it). Every
+    PeftModel fastft returns passes here: its own add_adapter/load_adapter are routed through fastft's."""
+    route_adapter_methods(model)
     if any(isinstance(m, layer_type) for m in model.modules()):
         patch(model)
     if not any(isinstance(m, layer_type) and not m.fan_in_fan_out for m in model.modules()):
@@ -258,6 +263,171 @@ def fuse_or_warn(model: nn.Module, layer_type: type, patch, what: str, method: s
 
 def fuse_lora_layers(model: nn.Module, what: str) -> nn.Module:
     return fuse_or_warn(model, PeftLoraLinear, patch_peft, what, "LoRA")
+
+
+# --- peft's own model.add_adapter / model.load_adapter on the PeftModels fastft returns -------------------------------
+# They go through fastft.add_adapter / fastft.load_adapter (validated; NF4 layers built as QLoRA, which peft alone
+# cannot: it knows no NF4Linear; every layer fused). Inside a fastft call the PeftModel's methods are peft's own again
+# (fastft and its method rooms call them), given the peft options the user passed to the routed method.
+_ADAPTER_CALL: ContextVar = ContextVar("fastft_adapter_call", default=None)
+
+
+class _AdapterCall:
+    def __init__(self, options: dict):
+        self.options = options  # peft's add/load options: low_cpu_mem_usage, autocast_adapter_dtype, torch_device...
+        self.load_result = None  # what peft's load_adapter returned, for the routed load_adapter to return
+
+
+@contextlib.contextmanager
+def _adapter_call(**options):
+    """A fastft add/load in progress (a nested one joins it)."""
+    call = _ADAPTER_CALL.get()
+    if call is not None:
+        yield call
+        return
+    token = _ADAPTER_CALL.set(_AdapterCall(options))
+    try:
+        yield _ADAPTER_CALL.get()
+    finally:
+        _ADAPTER_CALL.reset(token)
+
+
+def _options(method, *args, **kwargs) -> dict:
+    """The options of a call to peft's `method` (all but its first two arguments) by name, positional ones too."""
+    signature = inspect.signature(method)
+    options = {}
+    for name, value in list(signature.bind(*args, **kwargs).arguments.items())[2:]:
+        options.update(value if signature.parameters[name].kind is inspect.Parameter.VAR_KEYWORD else {name: value})
+    return options
+
+
+def _accepted(method, options: dict) -> dict:
+    params = inspect.signature(method).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return options
+    return {k: v for k, v in options.items() if k in params}
+
+
+class FastftAdapterMethods:
+    """Mixed into the class of every PeftModel fastft returns (route_adapter_methods): peft's spelling
+    `model.add_adapter(name, config)` / `model.load_adapter(path, name)` works as fastft.add_adapter /
+    fastft.load_adapter do. Signatures and return values are peft's."""
+
+    def add_adapter(self, adapter_name, peft_config, *args, **kwargs):
+        call = _ADAPTER_CALL.get()
+        if call is not None:  # fastft's own call inside: peft's, with the user's options
+            options = {**_accepted(super().add_adapter, call.options), **kwargs}
+            with _undone_on_failure(self, adapter_name):
+                return super().add_adapter(adapter_name, peft_config, *args, **options)
+        options = _options(super().add_adapter, adapter_name, peft_config, *args, **kwargs)
+        if not isinstance(peft_config, (LoraConfig, peft.IA3Config)):  # kinds fastft does not add: peft's rules
+            return super().add_adapter(adapter_name, peft_config, **options)
+        with _adapter_call(**options):
+            add_adapter(self, adapter_name, peft_config)
+        return None
+
+    def load_adapter(self, model_id, adapter_name, *args, **kwargs):
+        call = _ADAPTER_CALL.get()
+        if call is not None:
+            call.load_result = super().load_adapter(model_id, adapter_name, *args, **{**call.options, **kwargs})
+            return call.load_result
+        options = _options(super().load_adapter, model_id, adapter_name, *args, **kwargs)
+        is_trainable = options.pop("is_trainable", False)
+        hub = {k: options.pop(k) for k in list(options) if k in _HUB_OPTIONS}
+        with _adapter_call(**options) as call:
+            load_adapter(self, _adapter_folder(model_id, hub), adapter_name, is_trainable=is_trainable)
+        return call.load_result
+
+    def __reduce_ex__(self, protocol):
+        # pickled and deep-copied as the plain peft class, routed again when rebuilt: the routed class is made at run
+        # time, so it has no name pickle could import
+        state = super().__reduce_ex__(2)[2]
+        return routed_peft_model, (_peft_class(type(self)),), state
+
+
+_ROUTED: dict[type, type] = {}
+
+
+def _peft_class(cls: type) -> type:
+    return next(c for c in cls.__mro__ if issubclass(c, PeftModel) and not issubclass(c, FastftAdapterMethods))
+
+
+def _routed_class(cls: type) -> type:
+    """`cls` (a peft PeftModel class) with FastftAdapterMethods first; same name, so type(model).__name__ stays."""
+    if cls not in _ROUTED:
+        _ROUTED[cls] = type(cls.__name__, (FastftAdapterMethods, cls), {"__module__": __name__,
+                                                                         "__qualname__": cls.__qualname__})
+    return _ROUTED[cls]
+
+
+def routed_peft_model(cls: type):
+    """An empty instance of peft class `cls`, routed (unpickling and deepcopy fill in its state)."""
+    routed = _routed_class(cls)
+    return routed.__new__(routed)
+
+
+def route_adapter_methods(model: nn.Module) -> nn.Module:
+    """Route a PeftModel's own add_adapter/load_adapter through fastft's (in place; the class keeps its name)."""
+    if isinstance(model, PeftModel) and not isinstance(model, FastftAdapterMethods):
+        model.__class__ = _routed_class(type(model))
+    return model
+
+
+@contextlib.contextmanager
+def _undone_on_failure(model: PeftModel, adapter_name: str):
+    """peft's add_adapter, failing partway (a target type it does not support), drops the adapter's config but leaves
+    the layers it built so far: their tensors would go into the next save of the other adapters. Removed here."""
+    new = adapter_name not in model.peft_config
+    try:
+        yield
+    except Exception:
+        if new and adapter_name not in model.peft_config:
+            for module in model.modules():
+                if isinstance(module, BaseTunerLayer) and any(adapter_name in getattr(module, name, {})
+                                                              for name in module.adapter_layer_names):
+                    module.delete_adapter(adapter_name)
+        raise
+
+
+def _hub_options() -> frozenset:
+    from huggingface_hub import hf_hub_download
+
+    return frozenset(inspect.signature(hf_hub_download).parameters) | {"use_auth_token"}  # peft's split
+
+
+_HUB_OPTIONS = _hub_options()
+
+
+def _adapter_folder(model_id, hub: dict) -> Path:
+    """The folder of a saved adapter: `model_id` (its `subfolder`) when it exists here, else the Hub repo's files
+    downloaded as peft downloads them (adapter_config.json and the weights), with the same options."""
+    local = Path(model_id, hub.get("subfolder") or "")
+    if local.exists() or not _looks_like_repo_id(str(model_id)):
+        return local  # fastft.load_adapter names what is missing
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    hub = dict(hub)
+    if "use_auth_token" in hub:
+        hub["token"] = hub.pop("use_auth_token")
+    config = Path(hf_hub_download(str(model_id), "adapter_config.json", **hub))
+    for name in WEIGHTS_NAMES:  # peft's order: safetensors, else .bin
+        try:
+            hf_hub_download(str(model_id), name, **hub)
+            break
+        except EntryNotFoundError:
+            continue
+    return config.parent
+
+
+def _looks_like_repo_id(name: str) -> bool:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
 
 
 def get_peft_model(model: nn.Module, config, adapter_name: str = "default", **kwargs) -> PeftModel:
@@ -308,19 +478,21 @@ def add_adapter(model: PeftModel, adapter_name: str, config) -> PeftModel:
     """`model.add_adapter` with validation, keeping every LoRA (DoRA, QLoRA) or IA3 layer fused."""
     if not isinstance(model, PeftModel):
         raise TypeError(f"add_adapter expects a PeftModel (from fastft.get_peft_model), got {type(model).__name__}")
-    if isinstance(config, peft.IA3Config):
-        from fastft.integration.methods.ia3 import add_ia3_adapter
-
-        return add_ia3_adapter(model, adapter_name, config)
-    if not isinstance(config, LoraConfig):
+    if not isinstance(config, (LoraConfig, peft.IA3Config)):
         raise TypeError(f"add_adapter: config is a {type(config).__name__}; fastft adds LoraConfig (DoRA included) "
                         "and IA3Config adapters (use the PeftModel's own add_adapter for other kinds)")
-    if getattr(config, "use_dora", False):
-        from fastft.integration.methods.dora import validate_dora_config as validate
-    else:
-        validate = validate_lora_config
-    validate(config, model.get_base_model())
-    model.add_adapter(adapter_name, with_quantized_targets(config, model.get_base_model()))
+    route_adapter_methods(model)  # model.add_adapter below: peft's, a failure partway undone
+    with _adapter_call():
+        if isinstance(config, peft.IA3Config):
+            from fastft.integration.methods.ia3 import add_ia3_adapter
+
+            return add_ia3_adapter(model, adapter_name, config)
+        if getattr(config, "use_dora", False):
+            from fastft.integration.methods.dora import validate_dora_config as validate
+        else:
+            validate = validate_lora_config
+        validate(config, model.get_base_model())
+        model.add_adapter(adapter_name, with_quantized_targets(config, model.get_base_model()))
     return fuse_lora_layers(model, "add_adapter")
 
 
@@ -461,6 +633,13 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     added under `adapter_name`). The adapter is checked against the model first. Other methods' adapters (IA3,
     prefix, prompt, P-tuning in peft's format; fastft bottleneck adapters) load through their rooms.
     """
+    if isinstance(model, PeftModel):
+        route_adapter_methods(model)  # model.add_adapter/load_adapter below (here and in the rooms): peft's
+    with _adapter_call():
+        return _load_adapter(model, path, adapter_name, is_trainable)
+
+
+def _load_adapter(model: nn.Module, path, adapter_name: str, is_trainable: bool) -> PeftModel:
     from fastft.integration.methods import load_method_adapter
 
     if not isinstance(model, PeftModel):
@@ -486,24 +665,60 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     return fuse_lora_layers(peft_model, "load_adapter")
 
 
-def merge_and_unload(model: PeftModel, *, requantize: bool = False, dtype=None, safe_merge: bool = False):
-    """Merge the active adapters into the base weights and return the plain model (peft's merge_and_unload).
+def merge_and_unload(model: PeftModel, *, requantize: bool = False, dtype=None, safe_merge: bool = False,
+                     adapter_names: list[str] | None = None, progressbar: bool = False):
+    """Merge the active adapters (or `adapter_names`, as peft's) into the base weights and return the plain model
+    (peft's merge_and_unload; `safe_merge` and `progressbar` are peft's too).
 
     QLoRA layers are dequantized first and come back as dense nn.Linear (in `dtype`, default the dtype the model
     computes in: its embeddings', so the merged model runs after `model.to(dtype)`, peft's fp32 upcast or an fp16
     checkpoint loaded as bf16): W + ΔW exactly, no second rounding. With requantize=True they stay NF4Linear:
     W + ΔW is quantized again, which keeps the 4-bit footprint at the cost of one more NF4 rounding (README: "QLoRA").
+    Adapters merged into the NF4 weights before (peft's merge_adapter()) already carry that rounding, which no
+    unmerge undoes: the dense result keeps it, with a warning naming them.
     """
     from fastft.integration.nf4_model import compute_dtype
 
     if not isinstance(model, PeftModel):
         raise TypeError(f"merge_and_unload expects a PeftModel, got {type(model).__name__}")
-    if not requantize:
-        layers = [m for m in model.modules() if isinstance(m, FusedQLoraLinear)]
-        dtype = dtype or (compute_dtype(model) if layers else None)
-        for module in layers:
-            module.to_dense(dtype)
-    return model.merge_and_unload(safe_merge=safe_merge)
+    _check_adapter_names(model, adapter_names)
+    with warnings.catch_warnings():
+        # layers an earlier merge_adapter() merged: peft says "already merged" per layer; the warning below says more
+        warnings.filterwarnings("ignore", message="(All adapters are already merged|Already following adapters were "
+                                                  "merged)")
+        if requantize:
+            warnings.simplefilter("ignore", NF4RoundingWarning)  # asked for; the docstring says what it costs
+        else:
+            layers = [m for m in model.modules() if isinstance(m, FusedQLoraLinear)]
+            _warn_merged_into_nf4(layers)
+            dtype = dtype or (compute_dtype(model) if layers else None)
+            for module in layers:
+                module.to_dense(dtype)
+        return model.merge_and_unload(progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names)
+
+
+def _check_adapter_names(model: PeftModel, adapter_names) -> None:
+    """peft merges nothing for a name no layer holds (and unloads every adapter all the same): refused here."""
+    if adapter_names is None:
+        return
+    if isinstance(adapter_names, str) or not all(isinstance(n, str) for n in adapter_names):
+        raise TypeError(f"merge_and_unload: adapter_names={adapter_names!r}; expected a list of adapter names, e.g. "
+                        f"{[adapter_names] if isinstance(adapter_names, str) else list(model.peft_config)[:1]}")
+    unknown = [n for n in adapter_names if n not in model.peft_config]
+    if unknown:
+        raise ValueError(f"merge_and_unload: adapter_names entry {unknown[0]!r} is not an adapter of this model; "
+                         f"its adapters are {list(model.peft_config)}")
+
+
+def _warn_merged_into_nf4(layers: list[FusedQLoraLinear]) -> None:
+    merged = sorted({name for layer in layers for name in layer.merged_adapters})
+    if merged:
+        count = sum(bool(layer.merged_adapters) for layer in layers)
+        warnings.warn(f"fastft.merge_and_unload: {count} QLoRA layers hold adapter(s) {merged} merged into their NF4 "
+                      "weight already (merge_adapter()), a merge that re-quantized W + ΔW: the dense result carries "
+                      "that one NF4 rounding, it is not the exact W + ΔW. For the exact merge, call it on a model "
+                      "that was never merged (load the NF4 base and the adapter again; unmerge_adapter() would "
+                      "re-quantize once more)", NF4RoundingWarning, stacklevel=3)
 
 
 def save_adapter(model: PeftModel, path: str | os.PathLike, **kwargs) -> Path:

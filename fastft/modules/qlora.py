@@ -3,10 +3,12 @@
 Built by peft itself (fastft.get_peft_model registers this class for NF4Linear targets), so adapters,
 saving and peft's methods work as for plain LoRA. Merging into a 4-bit weight re-quantizes it: merge
 dequantizes W, adds the adapters' deltas in fp32 and quantizes the sum again with the same blocksize and
-double quantization (lossy; unmerge cannot restore the original codes exactly).
-fastft.merge_and_unload(model) instead returns dense layers by default (no second rounding).
+double quantization (lossy; unmerge cannot restore the original codes exactly), with a warning as peft gives for
+bitsandbytes 4-bit layers. fastft.merge_and_unload(model) instead returns dense layers by default (no second rounding).
 """
 from __future__ import annotations
+
+import warnings
 
 import torch
 from peft.tuners.tuners_utils import check_adapters_to_merge
@@ -15,6 +17,20 @@ from fastft.modules.lora import FusedLoraBase, called_as_is, default_backend
 from fastft.modules.nf4_linear import NF4Linear
 from fastft.ops.qlora import qlora_linear
 from fastft.quant.nf4_weight import quantize_nf4
+
+
+class NF4RoundingWarning(UserWarning):
+    """A merge into (or unmerge from) an NF4 weight re-quantized it: outputs differ from the unmerged model's."""
+
+
+# peft's wording for bitsandbytes 4-bit layers (peft/tuners/lora/bnb.py), plus the exact alternative. One fixed text
+# from one line: Python's default filter shows it once, not once per layer.
+_EXACT = "fastft.merge_and_unload(model) merges into dense weights exactly"
+_MERGE_WARNING = (f"Merge lora module to 4-bit linear may get different generations due to rounding errors (the NF4 "
+                  f"weight is re-quantized with the adapters' update added; {_EXACT}).")
+_UNMERGE_WARNING = (f"Unmerge lora module to 4-bit linear may get different generations due to rounding errors (the "
+                    f"NF4 weight is re-quantized with the update subtracted, which does not restore the base weight "
+                    f"exactly; {_EXACT}, leaving no NF4 merge to undo).")
 
 
 class FusedQLoraLinear(FusedLoraBase):
@@ -42,12 +58,14 @@ class FusedQLoraLinear(FusedLoraBase):
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         adapters = [a for a in check_adapters_to_merge(self, adapter_names) if a in self.lora_A]
         if adapters:
+            warnings.warn(_MERGE_WARNING, NF4RoundingWarning)
             self._requantize_with(adapters, +1.0, safe=safe_merge)
             self.merged_adapters.extend(adapters)
 
     def unmerge(self) -> None:
         adapters = [a for a in self.merged_adapters if a in self.lora_A]
         if adapters:
+            warnings.warn(_UNMERGE_WARNING, NF4RoundingWarning)
             self._requantize_with(adapters, -1.0)
         self.merged_adapters = []
 
