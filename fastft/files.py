@@ -119,6 +119,7 @@ def recover_folder(path: str | os.PathLike) -> None:
 
 def _save_folder(path, write, *, keep_others: bool, what: str) -> Path:
     given, (path, tmp) = Path(path), _start_folder_save(path)
+    old = None
     if keep_others and os.path.lexists(path) and not path.is_dir():
         shutil.rmtree(tmp)
         raise NotADirectoryError(f"{given} exists and is not a folder; give a folder, or a path to create")
@@ -131,7 +132,7 @@ def _save_folder(path, write, *, keep_others: bool, what: str) -> Path:
             _link_missing(path, tmp)
         old = _swap_in(tmp, path)
     finally:
-        if tmp.exists():
+        if old != tmp and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)  # only our own unfinished temporary folder
     if old is not None:
         try:
@@ -147,17 +148,23 @@ def _old_version(path: Path) -> Path:
 
 
 def _swap_in(tmp: Path, path: Path) -> Path | None:
-    """Put folder `tmp` at `path`; returns where the previous version now is (None: there was none)."""
+    """Put folder `tmp` at `path`; returns where the previous version now is (None: there was none): `tmp` itself
+    after an exchange (this writer's own temporary name, so writers saving the same folder at once never meet at one
+    name), else `.NAME.old`."""
     if not os.path.lexists(path):
-        os.replace(tmp, path)
-        fsync_path(path.parent)
-        return None
-    old = _old_version(path)
+        try:
+            os.replace(tmp, path)
+            fsync_path(path.parent)
+            return None
+        except OSError as e:  # another writer's first save made `path` meanwhile: swap with it as below
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
     if _exchange(tmp, path):  # one step: the previous version is now at tmp's name
-        os.replace(tmp, old)
-    else:
-        os.replace(path, old)  # a kill from here to the next rename: `recover_folder` puts `old` back
-        os.replace(tmp, path)
+        fsync_path(path.parent)
+        return tmp
+    old = _old_version(path)
+    os.replace(path, old)  # a kill from here to the next rename: `recover_folder` puts `old` back
+    os.replace(tmp, path)
     fsync_path(path.parent)
     return old
 

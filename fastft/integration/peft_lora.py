@@ -726,14 +726,18 @@ def save_adapter(model: PeftModel, path: str | os.PathLike, **kwargs) -> Path:
     as a whole, so an interrupted save leaves the previous save or the new one, never files of both (a config of one
     and the weights of the other would load without an error). Like peft's save, the folder's other files stay
     (other named adapters saved there before, a run's metrics). Folders and files get the modes the umask gives
-    (as peft and transformers create them), not mkdtemp's private 0700 (fastft.files.merge_into_folder)."""
+    (as peft and transformers create them), not mkdtemp's private 0700 (fastft.files.merge_into_folder).
+    `is_main_process=False` (peft's multi-process spelling) writes nothing, as peft's save writes nothing there."""
     if not (isinstance(model, PeftModel) or callable(getattr(model, "get_base_model", None))):  # + fastft's own
         raise TypeError(f"save_adapter: model is a {type(model).__name__}, which holds no adapter (it would write the "
                         "whole model); give the model fastft.get_peft_model or fastft.load_adapter returned, or save "
                         "a full model (e.g. after merge_and_unload) with model.save_pretrained(path)")
     if kwargs.get("state_dict") is None and is_sharded(model):  # FSDP2: every rank gathers, rank 0 writes
+        kwargs.pop("is_main_process", None)
         kwargs["state_dict"] = gathered_adapter_state(model)
         write_on_rank0(lambda: _save_whole(model, path, kwargs), "save_adapter")  # its error raised on every rank
+        return Path(path)
+    if not kwargs.get("is_main_process", True):  # peft's multi-process spelling: only the main process writes
         return Path(path)
     return _save_whole(model, path, kwargs)
 

@@ -152,7 +152,10 @@ def quantize_blockwise8_torch(v: torch.Tensor, blocksize: int = NESTED_BLOCKSIZE
     bins = (bins + 0.5).to(torch.int32).clamp_(0, _LUT_BINS - 1)  # truncation, as the C cast (NaN: refused after)
     q = blockwise8_lut(str(v.device))[bins.long()]
     q[am == 0] = 0
-    return q.view(-1)[:n], am
+    q = q.view(-1)
+    # its own storage, not a view into the block padding: safetensors refuses a tensor that does not cover its
+    # storage (accelerate's load_state of a quantized model's state dict)
+    return (q if q.numel() == n else q[:n].clone()), am
 
 
 def dequantize_blockwise8_torch(q: torch.Tensor, absmax2: torch.Tensor, code: torch.Tensor, offset,
