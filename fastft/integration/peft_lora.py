@@ -37,17 +37,47 @@ from fastft.modules.lora import FusedLoraLinear
 from fastft.modules.nf4_linear import NF4Linear
 from fastft.modules.qlora import FusedQLoraLinear, NF4RoundingWarning
 
-# Fields that change the LoRA forward into something the fused op does not compute; each must stay off
-# (None/False) when creating an adapter. Initialisation schemes and modules_to_save are fine: the forward stays
-# plain LoRA. fan_in_fan_out is not here: it only describes Conv1D layers, which run peft's forward
-# (check_fan_in_fan_out). A saved adapter with these fields loads (its layers run peft's forward), except on an
-# NF4 base (check_loadable).
+# Fields that change the LoRA forward into something the fused op does not compute (layer_replication: see
+# _CREATION_REASONS); each must stay off (None/False) when creating an adapter. Initialisation schemes and
+# modules_to_save are fine: the forward stays plain LoRA. fan_in_fan_out is not here: it only describes Conv1D
+# layers, which run peft's forward (check_fan_in_fan_out). A saved adapter with these fields loads (its layers run
+# peft's forward), except on an NF4 base (check_loadable).
 _UNSUPPORTED_FIELDS = (
     "use_dora", "lora_bias", "use_qalora", "alora_invocation_tokens", "arrow_config",
     "use_bdlora", "velora_config", "monteclora_config", "kasa_config", "megatron_config", "layer_replication",
     "target_parameters",
 )
 _SUPPORTED_INITS = (True, False, "gaussian", "olora", "orthogonal")
+
+# Why a field of _UNSUPPORTED_FIELDS is refused when creating, where "it changes the LoRA forward" is not the reason.
+_CREATION_REASONS = {
+    "layer_replication": "peft copies the model's layers (sharing their weights) before adding the adapters, and "
+                         "fastft's checks of targets, layer indices and patterns, and its QLoRA layers, cover the "
+                         "model as given, not the copies",
+}
+_LOAD_INSTEAD = ("create the adapter with peft (peft.get_peft_model) and save it; fastft.load_adapter(model, path, "
+                 "is_trainable=True) loads it onto the dense model, where it trains as with peft")
+
+# Initialisations that need peft's own preparation (data, gradients, quantization): what to do instead. Those that
+# rewrite the base weights need that base saved too, and the config saved with init_lora_weights=True (peft's own
+# load would run the initialisation again, which needs the preparation).
+_REWRITES_BASE = ("initialise with peft on the dense model (its preprocessing first), then set "
+                  "peft_model.peft_config[name].init_lora_weights = True and save the adapter (save_pretrained); it "
+                  "rewrote the base weights, so save that base too (peft_model.unload().save_pretrained(base_path)) "
+                  "and go on with fastft.load_adapter(<the model loaded from base_path>, path, is_trainable=True)")
+_INIT_INSTEAD = {
+    "eva": "EVA initialises from activations on your data: initialise with peft (peft.get_peft_model, then "
+           "peft.initialize_lora_eva_weights(peft_model, dataloader)), save it (save_pretrained), and go on with "
+           "fastft.load_adapter(model, path, is_trainable=True)",
+    "corda": f"CorDA initialises from activations on your data (peft's preprocess_corda); {_REWRITES_BASE}",
+    "lora_ga": f"LoRA-GA initialises from gradients on your data (peft's preprocess_loraga); {_REWRITES_BASE}",
+    "loftq": f"LoftQ initialises from a quantization of the base weights; {_REWRITES_BASE}",
+}
+
+
+class UnmatchedTargetWarning(UserWarning):
+    """A LoraConfig.target_modules list entry matches no module of the model: peft adds no layer for it (a list may
+    name the layers of several architectures, so it is not an error)."""
 
 
 def _config_error(field: str, value, why: str) -> ValueError:
@@ -61,11 +91,13 @@ def validate_lora_config(config, model: nn.Module) -> None:
     for field in _UNSUPPORTED_FIELDS:
         value = getattr(config, field, None)
         if value not in (None, False):
-            raise _config_error(field, value, "it changes the LoRA forward beyond x·Wᵀ + s·(x·Aᵀ)·Bᵀ; "
-                                              "use peft directly for it")
+            why = _CREATION_REASONS.get(field, "it changes the LoRA forward beyond x·Wᵀ + s·(x·Aᵀ)·Bᵀ")
+            raise _config_error(field, value, f"{why}. Instead, {_LOAD_INSTEAD}")
     init = config.init_lora_weights
     if not (init in _SUPPORTED_INITS or (isinstance(init, str) and init.startswith("pissa"))):
-        raise _config_error("init_lora_weights", init, f"supported: {_SUPPORTED_INITS} and 'pissa*'")
+        instead = _INIT_INSTEAD.get(init, "use peft directly for it")
+        raise _config_error("init_lora_weights", init, f"fastft creates {_SUPPORTED_INITS} and 'pissa*'. "
+                                                       f"Instead: {instead}")
     check_init_fits_base(config, model, "use True, 'gaussian' or 'orthogonal'")
     if not 0.0 <= config.lora_dropout < 1.0:
         raise _config_error("lora_dropout", config.lora_dropout, "expected a probability in [0, 1)")
@@ -115,10 +147,9 @@ def with_quantized_targets(config: LoraConfig, model: nn.Module) -> LoraConfig:
 
         return register_quantized(config, model)
     if any(isinstance(m, NF4Linear) for m in model.modules()):
+        # config.fan_in_fan_out stays as peft would save it for the dense model (True for GPT-2): the QLoRA layers
+        # ignore it, an NF4 weight being (out, in) always (FusedQLoraLinear.fan_in_fan_out)
         config._register_custom_module({NF4Linear: FusedQLoraLinear})
-        # an NF4Linear holds a Conv1D's weight transposed, (out, in) as every NF4 weight: peft's fan_in_fan_out
-        # (set for GPT-2 adapters trained on the dense model) describes the Conv1D, not this layer
-        config.fan_in_fan_out = False
     return config
 
 
@@ -174,6 +205,7 @@ def _check_targets(config: LoraConfig, model: nn.Module) -> None:
     if targets is not None and len(targets) == 0 and config.trainable_token_indices:
         raise ValueError(f"LoraConfig.target_modules=[] with trainable_token_indices: peft refuses empty "
                          f"targets; for trainable tokens alone pass target_modules={DUMMY_TARGET_MODULES!r}")
+    _check_layer_selection(config, model)  # before the "matches no module" below, which a bad one also causes
     targeted = targeted_modules(config, model, TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING)
     if targeted == [] and targets not in (None, "all-linear", DUMMY_TARGET_MODULES):  # peft's "no LoRA layers"
         suffixes = sorted({n.rsplit(".", 1)[-1] for n in _linear_names(model)})
@@ -181,12 +213,117 @@ def _check_targets(config: LoraConfig, model: nn.Module) -> None:
         raise ValueError(f"LoraConfig.target_modules={shown!r} matches no module of {type(model).__name__}"
                          f" (with layers_to_transform={config.layers_to_transform!r}); its linear layers are "
                          f"named {suffixes}")
+    names = [name for name, _ in model.named_modules(remove_duplicate=False) if name]
+    _warn_unmatched_targets(config, model, names)
     check_fan_in_fan_out(config, targeted)
     if targeted is not None:
         _check_patterns(config, [name for name, _ in targeted])
-    names = [name for name, _ in model.named_modules(remove_duplicate=False) if name]
     check_exclude_modules(config, names, "LoraConfig")
     check_modules_to_save(config, names, "LoraConfig")
+    _check_modules_to_save_dense(config, model)
+
+
+def _warn_unmatched_targets(config: LoraConfig, model: nn.Module, names: list[str]) -> None:
+    """One warning naming the target_modules list entries that match no module (peft's rule: the name or a dotted
+    suffix of it), with a did-you-mean: peft adds nothing for them. Not an error: a list may name the layers of
+    several architectures (Llama's and GPT-2's), on purpose."""
+    targets = config.target_modules
+    if targets is None or isinstance(targets, str):
+        return  # peft's defaults for the model type; a regex
+    unmatched = [t for t in (sorted(targets) if isinstance(targets, set) else targets)
+                 if not any(names_module(t, n) for n in names)]
+    if not unmatched:
+        return
+    hints = [f"{t!r}: {hint}" for t in unmatched if (hint := name_hint(t, names)).startswith("did you mean")]
+    layers = sorted({n.rsplit(".", 1)[-1] for n, m in _modules_as_bases(model) if _features(m) is not None})
+    warnings.warn(f"LoraConfig.target_modules entries {unmatched} match no module of {type(model).__name__}, so they "
+                  f"get no LoRA layer (peft adapts the other entries){'; ' + '; '.join(hints) if hints else ''}. "
+                  f"Its linear layers are named {layers}", UnmatchedTargetWarning, stacklevel=5)
+
+
+def _layer_index(name: str, patterns) -> int | None:
+    """The layer index peft reads from module `name` for layers_to_transform (peft's check_target_module_exists):
+    the number after the first `<list>.`, `<list>` one of `patterns` (None: any name)."""
+    if not patterns:
+        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
+    else:
+        for pattern in patterns:
+            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", name)
+            if match is not None:
+                break
+    return None if match is None else int(match["idx"])
+
+
+def _layer_lists(names: list[str]) -> list[str]:
+    """The names of the numbered layer lists holding `names` (the list of 'model.layers.0.q_proj' is 'layers')."""
+    return sorted({m[1] for n in names if (m := re.match(r".*?\.?([^.]+)\.\d+\.", n))})
+
+
+def _index_ranges(indices: set[int]) -> str:
+    ordered = sorted(indices)
+    if ordered == list(range(ordered[0], ordered[-1] + 1)):
+        return f"{ordered[0]}..{ordered[-1]}"
+    return str(ordered)
+
+
+def _check_layer_selection(config: LoraConfig, model: nn.Module) -> None:
+    """layers_to_transform and layers_pattern against the layers that hold the modules target_modules matches, read
+    as peft reads them: an index no layer has, or a pattern naming no layer list, selects nothing (peft drops it
+    silently while other indices match)."""
+    wanted = config.layers_to_transform
+    if wanted is None or wanted == [] or isinstance(config.target_modules, str):
+        return  # peft refuses layers_to_transform with a regex target_modules itself
+    unfiltered = copy.copy(config)
+    unfiltered.layers_to_transform, unfiltered.layers_pattern = None, None
+    targeted = targeted_modules(unfiltered, model, TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING)
+    candidates = [name for name, _ in targeted or ()]
+    if not candidates:
+        return  # target_modules matches nothing at all: named by _check_targets
+    kind, lists = type(model).__name__, _layer_lists(candidates)
+    patterns = config.layers_pattern
+    patterns = [patterns] if isinstance(patterns, str) else list(patterns or ())
+    found = {i for name in candidates if (i := _layer_index(name, patterns)) is not None}
+    if not found and patterns:
+        raise ValueError(f"LoraConfig.layers_pattern={config.layers_pattern!r} names no layer list of {kind} that "
+                         f"holds the modules target_modules matches, so layers_to_transform selects nothing; their "
+                         f"layer lists are {lists}: set layers_pattern to the one meant, or leave it None (peft then "
+                         "reads the first numbered part of each module name)")
+    if not found:
+        raise ValueError(f"LoraConfig.layers_to_transform={wanted!r}: none of the modules target_modules matches "
+                         f"in {kind} sits in a numbered layer list (e.g. {candidates[:3]}), so it selects nothing; "
+                         "leave layers_to_transform None")
+    missing = sorted({wanted} - found if isinstance(wanted, int) else set(wanted) - found)
+    if missing:
+        shown = missing[0] if len(missing) == 1 else missing
+        raise ValueError(f"LoraConfig.layers_to_transform={wanted!r}: {kind} has no layer {shown} holding the "
+                         f"modules target_modules matches (its layer list{'s' if len(lists) > 1 else ''} "
+                         f"{' / '.join(map(repr, lists))}: {_index_ranges(found)}), so that index selects nothing: "
+                         "give indices among them")
+
+
+def _nf4_module_to_save(config, model: nn.Module) -> tuple[str, str] | None:
+    """(entry, module name) of the first modules_to_save entry (or head peft adds for the task) naming a module that
+    is or holds an NF4 layer: peft trains and saves such a module as a whole copy, which a frozen 4-bit weight cannot
+    be, and finds that only after building LoRA layers inside the user's model."""
+    added = _PEFT_HEAD_NAMES.get(getattr(config.task_type, "value", config.task_type), ())
+    for entry in (*(getattr(config, "modules_to_save", None) or ()), *added):
+        for name, module in model.named_modules():
+            if name.endswith(entry) and any(isinstance(m, NF4Linear) for m in module.modules()):
+                return entry, name
+    return None
+
+
+def _keep_dense(entry: str) -> str:
+    return f"to train it, keep it dense when quantizing: fastft.quantize_model(model, skip=[{entry!r}])"
+
+
+def _check_modules_to_save_dense(config: LoraConfig, model: nn.Module) -> None:
+    found = _nf4_module_to_save(config, model)
+    if found is not None:
+        entry, name = found
+        raise ValueError(f"LoraConfig.modules_to_save entry {entry!r} names '{name}', which is or holds an NF4 (QLoRA) "
+                         f"layer: its 4-bit weight cannot be trained or saved whole. {_keep_dense(entry).capitalize()}"
+                         "; or adapt it with LoRA instead (target_modules)")
 
 
 def _check_patterns(config: LoraConfig, matched: list[str]) -> None:
@@ -616,6 +753,10 @@ def check_loadable(config: LoraConfig, base: nn.Module, path: Path, into_peft_mo
         raise ValueError(f"load_adapter: {path} has LoraConfig.layer_replication={config.layer_replication!r}, "
                          "which makes peft copy the model's layers: the adapters this PeftModel holds would then run "
                          "on the copies too. Load it onto the plain base model instead")
+    if (found := _nf4_module_to_save(config, base)) is not None:
+        raise ValueError(f"load_adapter: {path} has LoraConfig.modules_to_save entry {found[0]!r}, a whole trained "
+                         f"copy of '{found[1]}', which is an NF4 (QLoRA) layer here: load it onto the unquantized "
+                         f"model, or {_keep_dense(found[0])}")
     if any(isinstance(m, NF4Linear) for m in base.modules()):
         conv1d = any(getattr(m, "from_conv1d", False) for m in base.modules())  # GPT-2: fan_in_fan_out fits
         for field in (*_UNSUPPORTED_FIELDS, *(() if conv1d else ("fan_in_fan_out",))):

@@ -34,6 +34,18 @@ _UNMERGE_WARNING = (f"Unmerge lora module to 4-bit linear may get different gene
 
 
 class FusedQLoraLinear(FusedLoraBase):
+    # An NF4 weight is always stored (out, in) (an NF4Linear holds a Conv1D's weight transposed), so fan_in_fan_out
+    # is always False here. peft sets it from the config: True for a GPT-2 adapter, and peft turns the shared config
+    # True itself when it meets a dense Conv1D target earlier in the same model (quantize_model(skip=...)); taken
+    # as-is it would merge ΔWᵀ and decline the fused forward (QDoRA: no forward at all).
+    @property
+    def fan_in_fan_out(self) -> bool:
+        return False
+
+    @fan_in_fan_out.setter
+    def fan_in_fan_out(self, value) -> None:
+        pass  # peft's __init__ copies config.fan_in_fan_out; it never describes an NF4 weight
+
     def _get_in_out_features(self, module):
         return module.in_features, module.out_features
 
@@ -77,6 +89,6 @@ class FusedQLoraLinear(FusedLoraBase):
 
         base = self.get_base_layer()
         self.base_layer = base.to_linear(dtype)
+        self.__class__ = FusedLoraLinear  # first: this class's fan_in_fan_out is always False
         self.fan_in_fan_out = base.from_conv1d  # peft's rule for a Conv1D base: ΔW is added transposed
-        self.__class__ = FusedLoraLinear
         return self

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import time
+import warnings
 from array import array
 from pathlib import Path
 
@@ -83,11 +84,14 @@ def apply_method_or_config_error(model, cfg: TrainConfig, log=None):
     model is loaded) is a ConfigError naming its flag with a did-you-mean, not a traceback. When other names
     matched, peft trains those: a name the user gave (not the default list) that matched nothing is logged."""
     from fastft.integration.methods import apply_method
+    from fastft.integration.peft_lora import UnmatchedTargetWarning
 
     names = [name for name, _ in model.named_modules() if name]  # before apply_method changes the model
     kind = type(model).__name__
     try:
-        adapted = apply_method(model, cfg.method, method_options(cfg))
+        with warnings.catch_warnings():  # said below as a note, for the names the user gave
+            warnings.simplefilter("ignore", UnmatchedTargetWarning)
+            adapted = apply_method(model, cfg.method, method_options(cfg))
     except ValueError as e:  # peft's NoMatchingPeftModuleError is one too
         for field, entry in _unmatched(cfg, names):
             raise ConfigError(f"{flag(field)} {entry}: matches no module of {kind} (module names or dotted suffixes "

@@ -123,6 +123,8 @@ class FusedQDoraLinear(_DoraForward, FusedQLoraLinear):
 
     def to_dense(self, dtype: torch.dtype | None = None):
         super().to_dense(dtype)
+        for magnitude in self.lora_magnitude_vector.values():  # peft's DoRA merge reads the layout from there too
+            magnitude.fan_in_fan_out = self.fan_in_fan_out
         self.__class__ = FusedDoraLinear
         return self
 
