@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from fastft.ops.attention import flash_attention, gqa_flag, visible_mask
 from fastft.ops.compiled import compiling
-from fastft.ops.shared import BACKENDS
+from fastft.ops.shared import BACKENDS, require_triton
 
 NAME = "fastft"
 _backend = "auto"
@@ -243,6 +243,8 @@ def register_attention(backend: str = "auto") -> str:
     global _backend
     if backend not in BACKENDS:
         raise ValueError(f"register_attention: `backend` must be one of {BACKENDS}, got {backend!r}")
+    if backend == "triton":
+        require_triton("register_attention: backend='triton'", "backend='auto' or 'torch' runs without it")
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 

@@ -24,12 +24,12 @@ from __future__ import annotations
 
 import torch
 
+from fastft.kernels.host import UNBOUNDED  # noqa: F401  (the attention kernels and ops read it from here)
 from fastft.kernels.runtime import cdiv, has_tma, next_power_of_2, triton
 
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
-UNBOUNDED = 1 << 30  # "no limit" for left/right (ops clamp larger windows to it); sums with positions stay in int32
 
 
 @triton.jit

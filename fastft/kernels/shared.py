@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from fastft.kernels.runtime import INTERPRET, cdiv, device_sms, next_power_of_2, triton
+from fastft.kernels.host import bucket  # noqa: F401  (re-exported: the kernels' tuning keys)
+from fastft.kernels.runtime import INTERPRET, cdiv, device_sms, triton
 
 import triton.language as tl
 
@@ -172,11 +173,6 @@ def upcast(dtype: torch.dtype) -> bool:
     """True when loaded bf16/fp16 tiles must be converted to fp32 before arithmetic: the interpreter
     computes bf16/fp16 dots (and bf16 arithmetic) wrongly; on the GPU tensor cores take them directly."""
     return INTERPRET and dtype != torch.float32
-
-
-def bucket(n: int) -> int:
-    """Tuning keys use powers of two so token counts that change every step do not re-tune every step."""
-    return next_power_of_2(max(1, int(n)))
 
 
 def unit_stride(vector: torch.Tensor | None) -> torch.Tensor | None:

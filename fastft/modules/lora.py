@@ -19,7 +19,7 @@ from peft.tuners.lora import Linear as PeftLoraLinear
 from torch import nn
 
 from fastft.ops.lora import lora_linear
-from fastft.ops.shared import AUTOCAST_CASTS, BACKENDS
+from fastft.ops.shared import AUTOCAST_CASTS, BACKENDS, require_triton
 
 
 def default_backend() -> str:
@@ -27,6 +27,8 @@ def default_backend() -> str:
     backend = os.environ.get("FASTFT_LORA_BACKEND", "auto")
     if backend not in BACKENDS:
         raise ValueError(f"FASTFT_LORA_BACKEND must be one of {BACKENDS}, got {backend!r}")
+    if backend == "triton":
+        require_triton("FASTFT_LORA_BACKEND=triton", "set it to auto or torch to run without it")
     return backend
 
 

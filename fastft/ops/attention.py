@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from fastft.kernels.host import UNBOUNDED
 from fastft.ops.compiled import capturing, compiling, needed, unused
 from fastft.ops.shared import (autocast_inputs, autocast_off, check_backend, finite, first_order_only,
                                resolve_backend, to_dtype)
@@ -30,8 +31,6 @@ MAX_HEAD_DIM = 256
 
 def mask_bounds(causal: bool, window) -> tuple[int, int]:
     """(left, right): key j is visible to query position p when p - left <= j <= p + right."""
-    from fastft.kernels.attention import UNBOUNDED
-
     # Windows past UNBOUNDED (2**30) mean the same as no window for any sequence the kernels can take; clamping
     # keeps the kernels' int32 arguments and position sums far from overflow (window=2**31-1 is a common "no limit").
     left = UNBOUNDED if window is None else min(int(window) - 1, UNBOUNDED)

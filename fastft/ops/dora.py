@@ -337,12 +337,12 @@ def dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p=0
     scaling, dropout_p = float(scaling), float(dropout_p)
     backend = resolve_backend("dora_linear", backend, x.device, arg="x", dtype=x.dtype)
     row_norm = dora_row_norm(weight, lora_A, lora_B, scaling, dtype=x.dtype, backend=backend)
-    fusable = not isinstance(weight, NF4Weight) or nf4_fused_ok(weight)
     # the fused path gives W no gradient: a trainable W (a partly unfrozen base) takes the torch path
     trained_weight = isinstance(weight, torch.Tensor) and weight.requires_grad and torch.is_grad_enabled()
-    # an empty y (no tokens, or out_features 0): nothing for the kernels to do
-    if (backend == "torch" or dropout_p > 0.0 or x.numel() == 0 or weight.shape[0] == 0 or not fusable
-            or trained_weight):
+    # an empty y (no tokens, or out_features 0): nothing for the kernels to do. The NF4 layout rule is asked last:
+    # it reads the kernels' module, which needs triton (the torch backend runs without it)
+    if (backend == "torch" or dropout_p > 0.0 or x.numel() == 0 or weight.shape[0] == 0 or trained_weight
+            or (isinstance(weight, NF4Weight) and not nf4_fused_ok(weight))):
         return dora_linear_reference(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p,
                                      row_norm=row_norm)
     with autocast_off(x.device.type):

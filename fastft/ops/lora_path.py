@@ -24,7 +24,7 @@ import os
 
 import torch
 
-from fastft.kernels.shared import bucket
+from fastft.kernels.host import bucket
 
 PATHS = ("split", "fold")
 ENV = "FASTFT_LORA_PATH"

@@ -27,7 +27,7 @@ from typing import Callable
 import torch
 
 from fastft.kernels.autotune import Tuner
-from fastft.kernels.shared import bucket
+from fastft.kernels.host import bucket
 
 PATHS = ("fused", "dequant")
 ENV = "FASTFT_QLORA_PATH"

@@ -14,7 +14,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from fastft.kernels.runtime import triton_runs_on
+from fastft.kernels.runtime import HAS_TRITON, triton_runs_on
 from fastft.ops.compiled import compiling
 
 BACKENDS = ("auto", "triton", "torch")
@@ -45,18 +45,26 @@ def check_backend(op: str, backend: str) -> None:
     check(backend in BACKENDS, lambda: f"{op}: `backend` must be one of {BACKENDS}, got {backend!r}")
 
 
+def require_triton(setting: str, instead: str) -> None:
+    """ValueError naming `setting` (what asked for the Triton backend) when triton is not installed: it is an optional
+    dependency, and without it the torch backend runs everything. `instead`: how to run without it."""
+    if not HAS_TRITON:
+        raise ValueError(f"{setting} needs triton, which is not installed (pip install 'fastft[triton]'); {instead}")
+
+
 def resolve_backend(op: str, backend: str, device: torch.device, *, arg: str | None = None,
                     dtype: torch.dtype | None = None) -> str:
-    """"triton" or "torch": auto is Triton on CUDA (the interpreter is for tests, chosen explicitly). `arg` names the
-    input a refusal points at (else "the inputs"). `dtype`: the dtype the op's kernels would compute in; one outside
-    KERNEL_DTYPES (fp64) goes to torch on auto and is refused on "triton" (the kernels accumulate in fp32: fp64
-    inputs would silently get fp32 accuracy)."""
+    """"triton" or "torch": auto is Triton on CUDA when triton is installed (the interpreter is for tests, chosen
+    explicitly). `arg` names the input a refusal points at (else "the inputs"). `dtype`: the dtype the op's kernels
+    would compute in; one outside KERNEL_DTYPES (fp64) goes to torch on auto and is refused on "triton" (the kernels
+    accumulate in fp32: fp64 inputs would silently get fp32 accuracy)."""
     check_backend(op, backend)
     kernel_dtype = dtype is None or dtype in KERNEL_DTYPES
     if backend == "auto":
         return "triton" if kernel_dtype and device.type == "cuda" and triton_runs_on(device) else "torch"
     what = "the inputs are" if arg is None else f"`{arg}` is"
     if backend == "triton" and not triton_runs_on(device):
+        require_triton(f"{op}: backend='triton'", "backend='auto' or 'torch' runs without it")
         where = "CUDA tensors" if arg is None else "a CUDA tensor"
         raise ValueError(f"{op}: backend='triton' needs {where} (or TRITON_INTERPRET=1 on CPU); {what} on {device}")
     if backend == "triton" and not kernel_dtype:

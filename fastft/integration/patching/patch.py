@@ -32,7 +32,7 @@ from fastft.integration.patching.causal_lm import FusedLossCausalLMForward, forw
 from fastft.integration.patching.table import ARCHITECTURES, GELU_TANH, Architecture
 from fastft.modules.fused_layers import FusedGLUMLPForward, FusedRMSNormForward
 from fastft.ops.attention import MAX_HEAD_DIM, head_dim_supported
-from fastft.ops.shared import BACKENDS
+from fastft.ops.shared import BACKENDS, require_triton
 
 _SUBCLASSES: dict[tuple, type] = {}
 
@@ -159,6 +159,8 @@ def patch_model(model: nn.Module, *, backend: str = "auto", attention: bool = Tr
     """
     if backend not in BACKENDS:
         raise ValueError(f"fastft.patch_model: `backend` must be one of {BACKENDS}, got {backend!r}")
+    if backend == "triton":
+        require_triton("fastft.patch_model: backend='triton'", "backend='auto' or 'torch' runs without it")
     base = _transformers_model(model)
     arch, swaps, attn_change, summary = _plan(base, backend, attention)
     record = PatchRecord(arch=arch, summary=summary)
