@@ -16,6 +16,8 @@ _LAZY = {
     "add_adapter": "fastft.integration.peft_lora",
     "save_adapter": "fastft.integration.peft_lora",
     "merge_and_unload": "fastft.integration.peft_lora",
+    "UnmatchedTargetWarning": "fastft.integration.lora_config",
+    "NF4RoundingWarning": "fastft.modules.qlora",
     "register_attention": "fastft.integration.attention",
     "apply_method": "fastft.integration.methods",
     "MethodOptions": "fastft.integration.methods",

@@ -9,6 +9,7 @@ import torch
 from peft import LoraConfig
 
 import fastft
+from fastft.integration.adapter_files import check_adapter_fits
 from tests.utils import randomize_lora_B, tiny_llama
 
 
@@ -24,7 +25,7 @@ def test_corrupt_adapter_weights_name_the_file(tmp_path, damage):
     data = weights.read_bytes()
     weights.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"\x07" * 64)
     for call in (lambda: fastft.load_adapter(tiny_llama(), path),
-                 lambda: fastft.integration.peft_lora.check_adapter_fits(tiny_llama(), path)):
+                 lambda: check_adapter_fits(tiny_llama(), path)):
         with pytest.raises(ValueError, match="corrupt or truncated") as info:
             call()
         assert str(weights) in str(info.value) and "save the adapter again" in str(info.value)

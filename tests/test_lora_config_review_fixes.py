@@ -12,7 +12,7 @@ from peft import LoraConfig, PeftModel
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 import fastft
-from fastft.integration.peft_lora import UnmatchedTargetWarning
+from fastft.integration.lora_config import UnmatchedTargetWarning
 from fastft.modules.lora import FusedLoraBase
 from fastft.modules.nf4_linear import NF4Linear
 from fastft.modules.qlora import FusedQLoraLinear

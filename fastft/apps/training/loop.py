@@ -84,7 +84,7 @@ def apply_method_or_config_error(model, cfg: TrainConfig, log=None):
     model is loaded) is a ConfigError naming its flag with a did-you-mean, not a traceback. When other names
     matched, peft trains those: a name the user gave (not the default list) that matched nothing is logged."""
     from fastft.integration.methods import apply_method
-    from fastft.integration.peft_lora import UnmatchedTargetWarning
+    from fastft.integration.lora_config import UnmatchedTargetWarning
 
     names = [name for name, _ in model.named_modules() if name]  # before apply_method changes the model
     kind = type(model).__name__

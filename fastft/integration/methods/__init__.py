@@ -186,8 +186,9 @@ def load_method_adapter(model: nn.Module, path, adapter_name: str = "default", i
         return None  # peft_lora reports the missing file
     from peft import PeftModel
 
+    from fastft.integration.adapter_files import read_peft_config
     from fastft.integration.methods.adapter import is_bottleneck_adapter, load_bottleneck_adapter
-    from fastft.integration.peft_lora import read_peft_config, refuse_peft_model
+    from fastft.integration.peft_lora import refuse_peft_model
 
     if is_bottleneck_adapter(path):
         return load_bottleneck_adapter(model, path, adapter_name, is_trainable)

@@ -37,7 +37,7 @@ def validate_dora_config(config, model: nn.Module) -> None:
     """ValueError naming the field for a DoRA option fastft cannot fuse; then plain LoRA's checks."""
     from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as defaults
 
-    from fastft.integration.peft_lora import check_fan_in_fan_out, targeted_modules, validate_lora_config
+    from fastft.integration.lora_config import check_fan_in_fan_out, targeted_modules, validate_lora_config
 
     if not isinstance(config, LoraConfig) or not config.use_dora:
         raise TypeError(f"validate_dora_config expects a peft.LoraConfig with use_dora=True, got {config!r}")
@@ -147,7 +147,8 @@ def register_quantized(config: LoraConfig, model: nn.Module) -> LoraConfig:
 
 def get_dora_model(model: nn.Module, config: LoraConfig, adapter_name: str = "default", **kwargs):
     """peft.get_peft_model with LoraConfig(use_dora=True), validated, with fused DoRA layers."""
-    from fastft.integration.peft_lora import fuse_lora_layers, quiet_peft_model, with_quantized_targets
+    from fastft.integration.lora_config import with_quantized_targets
+    from fastft.integration.peft_lora import fuse_lora_layers, quiet_peft_model
 
     validate_dora_config(config, model)
     with_quantized_targets(config, model)  # FusedQDoraLinear on NF4 layers, "all-linear" expanded over them

@@ -28,7 +28,7 @@ def validate_ia3_config(config, model: nn.Module) -> None:
     fan_in_fan_out=True only with Conv1D targets, which run peft's forward)."""
     from peft.utils import TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING as defaults
 
-    from fastft.integration.peft_lora import check_fan_in_fan_out, targeted_modules
+    from fastft.integration.lora_config import check_fan_in_fan_out, targeted_modules
 
     if not isinstance(config, IA3Config):
         raise TypeError(f"validate_ia3_config expects a peft.IA3Config, got {type(config).__name__}")
@@ -104,7 +104,7 @@ def load_ia3_adapter(model: nn.Module, path, config: IA3Config, adapter_name: st
     from peft import PeftModel
     from peft.tuners.ia3 import IA3Model
 
-    from fastft.integration.peft_lora import check_adapter_tensors
+    from fastft.integration.adapter_files import check_adapter_tensors
 
     base = model.get_base_model() if isinstance(model, PeftModel) else model
     validate_ia3_config(config, base)

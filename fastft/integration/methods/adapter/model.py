@@ -155,7 +155,7 @@ def load_bottleneck_adapter(model: nn.Module, path, adapter_name: str = "default
     The file is read and checked against the model first: a load that fails leaves `model` as it was."""
     from peft import PeftModel
 
-    from fastft.integration.peft_lora import read_weights
+    from fastft.integration.adapter_files import read_weights
 
     path = Path(path)
     for f in (path / CONFIG_NAME, path / WEIGHTS_NAME):

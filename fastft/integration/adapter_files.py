@@ -1,0 +1,116 @@
+"""Reading and checking a saved peft adapter folder (adapter_config.json and the weights file): unreadable or
+corrupt files, and tensors that do not fit the model, are refused naming the file before peft loads anything."""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import peft
+import torch
+from peft import LoraConfig
+from peft.tuners.tuners_utils import check_target_module_exists
+from torch import nn
+
+from fastft.integration.base_layers import in_out_features, modules_as_bases
+
+
+def read_peft_config(path: Path) -> peft.PeftConfig:
+    """The peft config saved in adapter directory `path`, or a ValueError naming the file and what to do."""
+    config_file = Path(path) / "adapter_config.json"
+    try:
+        return peft.PeftConfig.from_pretrained(str(path))
+    except (ValueError, TypeError, OSError) as e:  # json.JSONDecodeError is a ValueError
+        raise ValueError(f"load_adapter: {config_file} is not a readable peft adapter config ({e}); "
+                         "save the adapter again or restore the file from a copy") from None
+
+
+WEIGHTS_NAMES = ("adapter_model.safetensors", "adapter_model.bin")  # peft reads the first one there is
+
+
+def adapter_weights_file(path: Path) -> Path:
+    """The weights file of adapter directory `path` (peft's safetensors, else its safe_serialization=False .bin)."""
+    for name in WEIGHTS_NAMES:
+        if (path / name).is_file():
+            return path / name
+    raise FileNotFoundError(f"load_adapter: {path / WEIGHTS_NAMES[0]} not found, nor {WEIGHTS_NAMES[1]} (expected "
+                            "a peft adapter directory)")
+
+
+def read_weights(file: Path, *, shapes_only: bool = False) -> dict:
+    """The tensors in a .safetensors or .bin weights file (or only their shapes, without reading the data); a
+    ValueError naming the file if it is corrupt or truncated."""
+    import pickle
+
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        if file.suffix == ".bin":
+            tensors = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            return {k: tuple(v.shape) for k, v in tensors.items()} if shapes_only else tensors
+        with safe_open(str(file), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) if shapes_only else f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
+        raise ValueError(f"load_adapter: {file} ({file.stat().st_size:,} bytes) is corrupt or truncated ({e}); "
+                         "save the adapter again (fastft.save_adapter writes atomically) or restore the file "
+                         "from a copy") from None
+
+
+def check_adapter_tensors(base_model: nn.Module, path: Path, config, needs: dict) -> None:
+    """Check a saved adapter's tensors against `base_model` (its base layers, when it holds adapters already):
+    every tensor belongs to a module the model has, with the shape that module needs, and every linear layer the
+    config targets has its tensors (peft would leave one without them at its fresh initialisation, only warning).
+    `needs`: key tail (as in 'base_model.model.<module>.lora_A.weight') -> f(module name, in_features,
+    out_features) giving the shape that tensor must have (None: any size, e.g. the rank)."""
+    file = adapter_weights_file(path)
+    shapes = read_weights(file, shapes_only=True)
+    modules = dict(modules_as_bases(base_model))
+    tails = "|".join(re.escape(tail) for tail in needs)
+    found = set()
+    for key, shape in shapes.items():
+        match = re.fullmatch(rf"base_model\.model\.(.+)\.({tails})", key)
+        if match is None:
+            continue  # modules_to_save and other extras are checked by peft itself
+        module_name, tail = match.groups()
+        if module_name not in modules:
+            raise ValueError(f"load_adapter: {path} has '{key}' but {type(base_model).__name__} has no module "
+                             f"'{module_name}'")
+        found.add((module_name, tail))
+        features = in_out_features(modules[module_name])
+        if features is None:
+            continue
+        want = needs[tail](module_name, *features)
+        if len(shape) != len(want) or any(w is not None and n != w for n, w in zip(shape, want)):
+            want = "(" + ", ".join("r" if w is None else str(w) for w in want) + ")"
+            raise ValueError(f"load_adapter: '{key}' in {path} has shape {shape}, but module '{module_name}' "
+                             f"needs {want}: the adapter was trained for a different model")
+    if config.target_modules in (None, "all-linear") or getattr(config, "ensure_weight_tying", False):
+        return  # peft resolves these targets itself; tied layers share their source's tensors
+    missing = sorted({name for name, module in modules.items() if name and in_out_features(module) is not None
+                      and check_target_module_exists(config, name) and any((name, t) not in found for t in needs)})
+    if missing:
+        shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
+        raise ValueError(f"load_adapter: {file} has no tensors for {len(missing)} of the modules its config "
+                         f"targets in {type(base_model).__name__} ({shown}); they would keep their fresh "
+                         "initialisation. The adapter was saved from a different model, or the file is incomplete: "
+                         "save the adapter again")
+
+
+_LORA_TENSORS = {"lora_A.weight": lambda name, in_f, out_f: (None, in_f),
+                 "lora_B.weight": lambda name, in_f, out_f: (out_f, None)}
+
+
+def check_adapter_fits(base_model: nn.Module, path: str | os.PathLike) -> LoraConfig:
+    """Check every LoRA tensor in a saved adapter against the module it belongs to, and that every module the
+    config targets has its tensors; return its config."""
+    path = Path(path)
+    config_file = path / "adapter_config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"load_adapter: {config_file} not found (expected a peft adapter directory)")
+    config = read_peft_config(path)
+    if not isinstance(config, LoraConfig):
+        raise ValueError(f"load_adapter: {config_file} describes a {type(config).__name__}, not a LoraConfig")
+    if not config.layer_replication:  # with it peft copies layers first: 'layers.2' exists only then
+        check_adapter_tensors(base_model, path, config, _LORA_TENSORS)
+    return config
+
