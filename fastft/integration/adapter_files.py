@@ -12,7 +12,7 @@ from peft import LoraConfig
 from peft.tuners.tuners_utils import check_target_module_exists
 from torch import nn
 
-from fastft.integration.base_layers import in_out_features, modules_as_bases
+from fastft.integration.base_layers import in_out_features, modules_as_bases, targeted_parameters
 
 
 def read_peft_config(path: Path) -> peft.PeftConfig:
@@ -58,8 +58,9 @@ def read_weights(file: Path, *, shapes_only: bool = False) -> dict:
 
 def check_adapter_tensors(base_model: nn.Module, path: Path, config, needs: dict) -> None:
     """Check a saved adapter's tensors against `base_model` (its base layers, when it holds adapters already):
-    every tensor belongs to a module the model has, with the shape that module needs, and every linear layer the
-    config targets has its tensors (peft would leave one without them at its fresh initialisation, only warning).
+    every tensor belongs to a module the model has (a parameter-targeted one, target_parameters: as peft nests its
+    wrappers), with the shape that module needs, and every linear layer and parameter the config targets has its
+    tensors (peft would leave one without them at its fresh initialisation, only warning).
     `needs`: key tail (as in 'base_model.model.<module>.lora_A.weight') -> f(module name, in_features,
     out_features) giving the shape that tensor must have (None: any size, e.g. the rank)."""
     file = adapter_weights_file(path)
@@ -71,11 +72,12 @@ def check_adapter_tensors(base_model: nn.Module, path: Path, config, needs: dict
         match = re.fullmatch(rf"base_model\.model\.(.+)\.({tails})", key)
         if match is None:
             continue  # modules_to_save and other extras are checked by peft itself
-        module_name, tail = match.groups()
-        if module_name not in modules:
+        saved_name, tail = match.groups()
+        module_name = _module_of(saved_name, modules, config)
+        if module_name is None:
             raise ValueError(f"load_adapter: {path} has '{key}' but {type(base_model).__name__} has no module "
-                             f"'{module_name}'")
-        found.add((module_name, tail))
+                             f"'{saved_name}'{_nesting_hint(saved_name, modules, config)}")
+        found.add((saved_name, tail))
         features = in_out_features(modules[module_name])
         if features is None:
             continue
@@ -84,16 +86,57 @@ def check_adapter_tensors(base_model: nn.Module, path: Path, config, needs: dict
             want = "(" + ", ".join("r" if w is None else str(w) for w in want) + ")"
             raise ValueError(f"load_adapter: '{key}' in {path} has shape {shape}, but module '{module_name}' "
                              f"needs {want}: the adapter was trained for a different model")
-    if config.target_modules in (None, "all-linear") or getattr(config, "ensure_weight_tying", False):
-        return  # peft resolves these targets itself; tied layers share their source's tensors
-    missing = sorted({name for name, module in modules.items() if name and in_out_features(module) is not None
-                      and check_target_module_exists(config, name) and any((name, t) not in found for t in needs)})
+    wrappers = [saved for name, module in modules.items() if name
+                for saved in _wrapper_names(name, targeted_parameters(config, name, module))]
+    missing = [name for name in wrappers if any((name, t) not in found for t in needs)]
+    if not (config.target_modules in (None, "all-linear") or getattr(config, "ensure_weight_tying", False)):
+        # else peft resolves the module targets itself; tied layers share their source's tensors
+        missing += [name for name, module in modules.items() if name and in_out_features(module) is not None
+                    and check_target_module_exists(config, name) and any((name, t) not in found for t in needs)]
+    missing = sorted(set(missing))
     if missing:
         shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
         raise ValueError(f"load_adapter: {file} has no tensors for {len(missing)} of the modules its config "
                          f"targets in {type(base_model).__name__} ({shown}); they would keep their fresh "
                          "initialisation. The adapter was saved from a different model, or the file is incomplete: "
                          "save the adapter again")
+
+
+_NESTED = ".base_layer"
+
+
+def _wrapper_names(name: str, params: list[str]) -> list[str]:
+    """The module names peft saves the tensors of `params` under: each targeted parameter of one module gets its own
+    ParamWrapper, nested, the first one innermost; the outermost keeps the module's name, the ones inside it are
+    '<name>.base_layer', '<name>.base_layer.base_layer', ... (Mixtral's experts.gate_up_proj + experts.down_proj)."""
+    return [name + _NESTED * depth for depth in range(len(params))]
+
+
+def _unnested(saved_name: str) -> str:
+    while saved_name.endswith(_NESTED):
+        saved_name = saved_name[: -len(_NESTED)]
+    return saved_name
+
+
+def _module_of(saved_name: str, modules: dict, config) -> str | None:
+    """The base module a saved tensor belongs to: its own name, or for a nested ParamWrapper
+    ('<module>.base_layer...') the module whose parameter it wraps; None if the model has no such module."""
+    if saved_name in modules:
+        return saved_name
+    owner = _unnested(saved_name)
+    if owner in modules and saved_name in _wrapper_names(owner, targeted_parameters(config, owner, modules[owner])):
+        return owner
+    return None
+
+
+def _nesting_hint(saved_name: str, modules: dict, config) -> str:
+    """Why a '<module>.base_layer' name fits no module: its config targets fewer of that module's parameters."""
+    owner = _unnested(saved_name)
+    if owner == saved_name or owner not in modules:
+        return ""
+    params = targeted_parameters(config, owner, modules[owner])
+    return (f" (its config's target_parameters={sorted(getattr(config, 'target_parameters', None) or ())!r} wrap "
+            f"{len(params)} parameter(s) of '{owner}', {params}, so peft nests {len(params)} layer(s) there)")
 
 
 _LORA_TENSORS = {"lora_A.weight": lambda name, in_f, out_f: (None, in_f),

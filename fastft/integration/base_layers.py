@@ -22,13 +22,6 @@ def modules_as_bases(model: nn.Module):
         yield name, module
 
 
-def linear_layers(model: nn.Module):
-    """(name, layer) of every linear layer (`modules_as_bases`)."""
-    for name, module in modules_as_bases(model):
-        if isinstance(module, (nn.Linear, NF4Linear)):
-            yield name, module
-
-
 def in_out_features(layer: nn.Module) -> tuple[int, int] | None:
     """(in_features, out_features) of a linear layer (transformers' Conv1D, GPT-2's, calls them nx and nf); None
     for other kinds (embeddings, convolutions), whose tensors peft checks itself."""
@@ -37,3 +30,12 @@ def in_out_features(layer: nn.Module) -> tuple[int, int] | None:
     if isinstance(layer, Conv1D):
         return layer.nx, layer.nf
     return None
+
+
+def targeted_parameters(config, name: str, module: nn.Module) -> list[str]:
+    """The parameters of `module` (named `name`, a base layer) that config.target_parameters names (peft's LoRA on a
+    parameter, e.g. Mixtral's fused experts), matched as peft matches them (the full name or a dotted suffix of it),
+    in the order peft wraps them."""
+    targets = getattr(config, "target_parameters", None) or ()
+    return [param for param, _ in module.named_parameters(recurse=False)
+            if any(f"{name}.{param}" == t or f"{name}.{param}".endswith(f".{t}") for t in targets)]

@@ -17,10 +17,17 @@ from peft.utils.constants import DUMMY_TARGET_MODULES
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from fastft.integration.base_layers import in_out_features, linear_layers, modules_as_bases
+from fastft.integration.base_layers import in_out_features, modules_as_bases, targeted_parameters
 from fastft.integration.module_names import name_hint, names_module
 from fastft.modules.nf4_linear import NF4Linear
 from fastft.modules.qlora import FusedQLoraLinear
+
+try:  # peft with transformers 5 converts configs for the MoE models transformers 5 rebuilt; older peft does not
+    from peft.import_utils import is_transformers_ge_v5
+    from peft.utils.transformers_weight_conversion import convert_peft_config_for_transformers
+    _convert_for_transformers = convert_peft_config_for_transformers if is_transformers_ge_v5 else None
+except ImportError:
+    _convert_for_transformers = None
 
 # Fields that change the LoRA forward into something the fused op does not compute (layer_replication: see
 # _CREATION_REASONS); each must stay off (None/False) when creating an adapter. Initialisation schemes and
@@ -100,10 +107,6 @@ def check_init_fits_base(config: LoraConfig, model: nn.Module, fix: str) -> None
                                                        f"{fix}")
 
 
-def _linear_names(model: nn.Module) -> list[str]:
-    return [name for name, _ in linear_layers(model)]
-
-
 def with_quantized_targets(config: LoraConfig, model: nn.Module) -> LoraConfig:
     """QLoRA: have peft wrap fastft's NF4Linear layers in FusedQLoraLinear (peft knows only its own types)."""
     _expand_all_linear(config, model)
@@ -119,15 +122,47 @@ def with_quantized_targets(config: LoraConfig, model: nn.Module) -> LoraConfig:
 
 
 def _expand_all_linear(config: LoraConfig, model: nn.Module) -> None:
-    """target_modules="all-linear" over a model with NF4Linear layers: peft expands it over its own linear types
-    only (none would match), so the names are collected here as peft collects them: the last name component of
-    every linear layer, the output layer left out."""
-    if config.target_modules != "all-linear" or not any(isinstance(m, NF4Linear) for m in model.modules()):
+    """target_modules="all-linear" over a model with NF4Linear layers: peft's expansion sees only its own linear
+    types (nn.Linear, Conv1D, its adapter layers), not fastft's NF4Linear, so it is resolved here as peft resolves it
+    on the dense model: peft's own resolution over the layers left dense (Conv1D ones too, and with transformers 5
+    its conversion of MoE experts and routers to target_parameters), plus every NF4 layer peft's rule keeps."""
+    if not _is_all_linear(config.target_modules) or not any(isinstance(m, NF4Linear) for m in model.modules()):
         return
+    resolved = copy.copy(config)  # the conversion fills rank/alpha patterns in place: on copies
+    resolved.rank_pattern = dict(config.rank_pattern or {})
+    resolved.alpha_pattern = dict(config.alpha_pattern or {})
+    _convert_moe(resolved, model)
+    quantized = _quantized_linear_names(model)
+    if _is_all_linear(resolved.target_modules):  # no MoE conversion: peft's full module names
+        config.target_modules = set(_maybe_include_all_linear_layers(resolved, model).target_modules) | quantized
+        return
+    # converted (peft resolves "all-linear" to last name components there; it maps them again when it builds)
+    config.target_modules = set(resolved.target_modules) | {name.rsplit(".", 1)[-1] for name in quantized}
+    config.target_parameters = resolved.target_parameters
+    config.rank_pattern, config.alpha_pattern = resolved.rank_pattern, resolved.alpha_pattern
+
+
+def _is_all_linear(targets) -> bool:
+    return isinstance(targets, str) and targets.lower() == "all-linear"  # peft's test
+
+
+def _convert_moe(config: LoraConfig, model: nn.Module) -> None:
+    """peft's conversion of a config, in place, for the MoE models transformers 5 rebuilt (Mixtral: the experts
+    fused into 3-D parameters, the router a custom module): "all-linear" then also targets their parameters.
+    peft runs it when it builds the adapter, so "all-linear" resolved here selects what it would select there."""
+    if _convert_for_transformers is not None and hasattr(getattr(model, "config", None), "model_type"):
+        _convert_for_transformers(config, model=model, conversions=None)
+
+
+def _quantized_linear_names(model: nn.Module) -> set[str]:
+    """The names of the NF4 layers peft's "all-linear" would adapt were they the nn.Linear (or Conv1D) layers they
+    replaced: all but the output layer (the head of a SEQ_CLS model, which peft also leaves out, cannot be NF4 here:
+    peft trains it whole, refused by _check_modules_to_save_dense); one inside a peft adapter layer counts under that
+    layer's name."""
     get_output = getattr(model, "get_output_embeddings", None)
     output = get_output() if callable(get_output) else None
     output = output.get_base_layer() if isinstance(output, BaseTunerLayer) else output
-    config.target_modules = {name.rsplit(".", 1)[-1] for name, m in linear_layers(model) if m is not output}
+    return {name for name, m in modules_as_bases(model) if isinstance(m, NF4Linear) and m is not output}
 
 
 def targeted_modules(config, model: nn.Module, mapping: dict) -> list[tuple[str, nn.Module]] | None:
@@ -172,13 +207,14 @@ def _check_targets(config: LoraConfig, model: nn.Module) -> None:
                          f"targets; for trainable tokens alone pass target_modules={DUMMY_TARGET_MODULES!r}")
     _check_layer_selection(config, model)  # before the "matches no module" below, which a bad one also causes
     targeted = targeted_modules(config, model, TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING)
-    if targeted == [] and targets not in (None, "all-linear", DUMMY_TARGET_MODULES):  # peft's "no LoRA layers"
-        suffixes = sorted({n.rsplit(".", 1)[-1] for n in _linear_names(model)})
-        shown = sorted(targets) if isinstance(targets, (set, list, tuple)) else targets
-        raise ValueError(f"LoraConfig.target_modules={shown!r} matches no module of {type(model).__name__}"
-                         f" (with layers_to_transform={config.layers_to_transform!r}); its linear layers are "
-                         f"named {suffixes}")
     names = [name for name, _ in model.named_modules(remove_duplicate=False) if name]
+    if targeted == [] and targets not in (None, "all-linear", DUMMY_TARGET_MODULES):  # peft's "no LoRA layers"
+        shown = sorted(targets) if isinstance(targets, (set, list, tuple)) else targets
+        hints = _target_hints(_unmatched_targets(targets, names), names)
+        raise ValueError(f"LoraConfig.target_modules={shown!r} matches no module of {type(model).__name__}"
+                         f" (with layers_to_transform={config.layers_to_transform!r}); "
+                         f"{'; '.join(hints) + ' Its' if hints else 'its'} linear layers are named "
+                         f"{_linear_layer_names(model)}")
     _warn_unmatched_targets(config, model, names)
     check_fan_in_fan_out(config, targeted)
     if targeted is not None:
@@ -192,18 +228,32 @@ def _warn_unmatched_targets(config: LoraConfig, model: nn.Module, names: list[st
     """One warning naming the target_modules list entries that match no module (peft's rule: the name or a dotted
     suffix of it), with a did-you-mean: peft adds nothing for them. Not an error: a list may name the layers of
     several architectures (Llama's and GPT-2's), on purpose."""
-    targets = config.target_modules
-    if targets is None or isinstance(targets, str):
-        return  # peft's defaults for the model type; a regex
-    unmatched = [t for t in (sorted(targets) if isinstance(targets, set) else targets)
-                 if not any(names_module(t, n) for n in names)]
+    unmatched = _unmatched_targets(config.target_modules, names)
     if not unmatched:
         return
-    hints = [f"{t!r}: {hint}" for t in unmatched if (hint := name_hint(t, names)).startswith("did you mean")]
-    layers = sorted({n.rsplit(".", 1)[-1] for n, m in modules_as_bases(model) if in_out_features(m) is not None})
+    hints = _target_hints(unmatched, names)
     warnings.warn(f"LoraConfig.target_modules entries {unmatched} match no module of {type(model).__name__}, so they "
-                  f"get no LoRA layer (peft adapts the other entries){'; ' + '; '.join(hints) if hints else ''}. "
-                  f"Its linear layers are named {layers}", UnmatchedTargetWarning, stacklevel=5)
+                  f"get no LoRA layer (peft adapts the other entries){'; ' + '; '.join(hints) if hints else '.'} "
+                  f"Its linear layers are named {_linear_layer_names(model)}", UnmatchedTargetWarning, stacklevel=5)
+
+
+def _unmatched_targets(targets, names: list[str]) -> list[str]:
+    """The target_modules list entries that name no module (peft's rule: the name or a dotted suffix of it); none
+    for peft's defaults (None) or a regex (a string)."""
+    if targets is None or isinstance(targets, str):
+        return []
+    return [t for t in (sorted(targets) if isinstance(targets, set) else targets)
+            if not any(names_module(t, n) for n in names)]
+
+
+def _target_hints(unmatched: list[str], names: list[str]) -> list[str]:
+    return [f"{t!r}: {hint}" for t in unmatched if (hint := name_hint(t, names)).startswith("did you mean")]
+
+
+def _linear_layer_names(model: nn.Module) -> list[str]:
+    """The last name components of the layers peft adapts as linear ones: nn.Linear, transformers' Conv1D (GPT-2)
+    and fastft's NF4Linear (QLoRA)."""
+    return sorted({n.rsplit(".", 1)[-1] for n, m in modules_as_bases(model) if in_out_features(m) is not None})
 
 
 def _layer_index(name: str, patterns) -> int | None:
@@ -329,6 +379,12 @@ def check_modules_to_save(config, names: list[str], label: str) -> None:
                              f"would be trained or saved for it; {name_hint(entry, names)}")
 
 
+def _quantized_parameter_targets(config, model: nn.Module) -> list[str]:
+    """The NF4 layers holding a parameter config.target_parameters names (peft would wrap their 4-bit storage)."""
+    return [name for name, module in modules_as_bases(model)
+            if isinstance(module, NF4Linear) and targeted_parameters(config, name, module)]
+
+
 def check_loadable(config: LoraConfig, base: nn.Module, path: Path, into_peft_model: bool) -> None:
     """The one load policy, onto a plain model or into a PeftModel. Creation-only checks (init schemes, options
     fastft will not create) do not apply: the saved weights replace the initialisation, and layers the fused op
@@ -347,6 +403,8 @@ def check_loadable(config: LoraConfig, base: nn.Module, path: Path, into_peft_mo
         conv1d = any(getattr(m, "from_conv1d", False) for m in base.modules())  # GPT-2: fan_in_fan_out fits
         for field in (*_UNSUPPORTED_FIELDS, *(() if conv1d else ("fan_in_fan_out",))):
             value = getattr(config, field, None)
+            if field == "target_parameters" and not _quantized_parameter_targets(config, base):
+                continue  # peft's LoRA on parameters left dense (Mixtral's experts, router): as on the dense model
             if field != "use_dora" and value not in (None, False):
                 raise ValueError(f"load_adapter: {path} has LoraConfig.{field}={value!r}, which fastft's QLoRA "
                                  "layers (NF4 base) do not compute or merge; load it onto the unquantized model")

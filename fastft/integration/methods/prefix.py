@@ -7,10 +7,11 @@ to the layer's P virtual keys/values unmasked, with no concatenated K/V and no c
 the attention interface. Gradients reach the prefix through the op.
 Injection: peft builds its PeftModelForCausalLM (its PrefixEncoder, its state dict and save format unchanged);
 `FastftPrefixModel` replaces the forward: the prefix encoder's output (1, P, layers·2·kv_heads·head_dim) is viewed
-per layer as (1, P, kv_heads, head_dim) keys and values (views, no copies), real tokens are placed at positions
-P, P+1, … as peft's cache path does, and the model runs with attn_implementation="fastft". A KV cache
-(`past_key_values`, `use_cache`, `generate`) holds the real tokens only: the op adds the prefix at every step, so
-cached decoding costs O(1) forwards per token (peft's own cache path loses the prefix under transformers 5).
+per layer as (1, P, kv_heads, head_dim) keys and values (views, no copies), real tokens are placed after the
+prefix as peft's cache path does (P, P+1, …; OPT counts them over the attention mask, so a left-padded row's
+too), and the model runs with attn_implementation="fastft". A KV cache (`past_key_values`, `use_cache`,
+`generate`) holds the real tokens only: the op adds the prefix at every step, so cached decoding costs O(1) forwards
+per token (peft's own cache path loses the prefix under transformers 5).
 """
 from __future__ import annotations
 
@@ -68,14 +69,14 @@ class FastftPrefixModel(PeftModelForCausalLM):
                                    output_hidden_states=output_hidden_states, return_dict=return_dict,
                                    task_ids=task_ids, **kwargs)
         ref = input_ids if input_ids is not None else inputs_embeds
-        batch, seq = ref.shape[0], ref.shape[1]
-        # peft's cache path puts the real tokens after the prefix: positions P, P+1, ..., and shifts the caller's
-        # own position_ids (packed documents restart at 0) by P likewise. A KV cache holds real tokens only.
+        # peft's cache path puts the real tokens after the prefix: the positions the model gives them with P tokens
+        # before them, and the caller's own position_ids (packed documents restart at 0) shifted by P likewise. A
+        # KV cache holds real tokens only.
         position_ids = kwargs.get("position_ids")
         if position_ids is None:
             cache = kwargs.get("cache", kwargs.get("past_key_values"))  # transformers 5.24 renames it `cache`
-            start = config.num_virtual_tokens + _cached_tokens(cache)
-            kwargs["position_ids"] = torch.arange(start, start + seq, device=ref.device).unsqueeze(0).expand(batch, -1)
+            kwargs["position_ids"] = _positions_after_prefix(self.get_base_model(), ref, attention_mask,
+                                                             _cached_tokens(cache), config.num_virtual_tokens)
         else:
             kwargs["position_ids"] = position_ids + config.num_virtual_tokens
         # training builds no cache
@@ -122,6 +123,28 @@ def _refuse_reentrant_checkpointing(model: nn.Module) -> None:
         raise ValueError(f"fastft prefix tuning: {type(model).__name__} has reentrant gradient checkpointing "
                          "(use_reentrant=True, torch's default when not given), which cannot pass gradients to "
                          "the prefix; enable it with gradient_checkpointing_kwargs={\"use_reentrant\": False}")
+
+
+# transformers decoders that, given no position_ids, count positions over the attention mask (OPTDecoder:
+# cumsum(mask) * mask - 1); the others count from the cache (Llama family; BioGPT too, though its position embedding
+# could read the mask, its decoder always hands it positions)
+MASK_POSITION_MODEL_TYPES = frozenset({"opt"})
+
+
+def _positions_after_prefix(model: nn.Module, ref: torch.Tensor, attention_mask, cached: int, P: int) -> torch.Tensor:
+    """(batch, seq) positions of the real tokens as `model` derives them itself when given none, with peft's P prefix
+    tokens before them (peft passes them as a P-token cache and prepends P ones to the attention mask).
+
+    The Llama family counts from the cache, ignoring the mask: P + cached, P + cached + 1, ... for every row. OPT
+    counts the mask's kept tokens (cumsum(mask) * mask - 1 over the P-extended mask, pads at -1), so a left-padded
+    row's real tokens sit at P, P + 1, ... as when the row runs alone."""
+    batch, seq = ref.shape[0], ref.shape[1]
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if attention_mask is not None and attention_mask.dim() == 2 and model_type in MASK_POSITION_MODEL_TYPES:
+        mask = attention_mask.long()  # (batch, cached + seq)
+        return ((P + mask.cumsum(1)) * mask - 1)[:, cached:]
+    start = P + cached
+    return torch.arange(start, start + seq, device=ref.device).unsqueeze(0).expand(batch, -1)
 
 
 def _cached_tokens(cache) -> int:

@@ -48,3 +48,13 @@ class AdapterAfter(nn.Module):
 
     def get_base_layer(self) -> nn.Module:
         return self.base_layer
+
+    # The wrapped layer's tensors, as peft's tuner layers expose them: transformers reads some layers' weight from
+    # outside (T5's MLP casts its input to `wo.weight.dtype`; GPT-2's init touches `c_proj.weight`).
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias

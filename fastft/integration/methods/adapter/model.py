@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from fastft.files import atomic_write
+from fastft.integration.base_layers import in_out_features
 from fastft.integration.methods.adapter.config import PEFT_TYPE, BottleneckAdapterConfig
 from fastft.integration.methods.adapter.layer import AdapterAfter, BottleneckAdapter
 
@@ -107,14 +108,18 @@ def _targets(model: nn.Module, config: BottleneckAdapterConfig) -> list[tuple[st
                              "dotted suffix or a regex)")
         names += matched
     names = [n for n in module_names if n in set(names)]  # the model's order
-    targets = []
-    for name in names:
-        base = model.get_submodule(name)
-        features = getattr(base, "out_features", None)
-        if not isinstance(features, int):
-            raise ValueError(f"bottleneck adapter target '{name}' ({type(base).__name__}) has no out_features")
-        targets.append((name, base, features))
-    return targets
+    return [(name, model.get_submodule(name), _output_width(name, model.get_submodule(name))) for name in names]
+
+
+def _output_width(name: str, layer: nn.Module) -> int:
+    """The width of `layer`'s output, which the adapter reads and writes: out_features of a linear layer (nn.Linear,
+    NF4Linear, or any layer naming it so), nf of transformers' Conv1D (GPT-2's c_proj)."""
+    shape = in_out_features(layer)
+    features = shape[1] if shape is not None else getattr(layer, "out_features", None)
+    if not isinstance(features, int) or isinstance(features, bool):
+        raise ValueError(f"bottleneck adapter target '{name}' ({type(layer).__name__}) is not a linear layer (no "
+                         "out_features): name the sublayer's output projection (nn.Linear or transformers' Conv1D)")
+    return features
 
 
 def get_adapter_model(model: nn.Module, config: BottleneckAdapterConfig, adapter_name: str = "default",
