@@ -16,6 +16,7 @@ peak GiB the allocator's peak over those steps. Run: python benchmarks/gpu_patch
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -136,6 +137,10 @@ def main() -> int:
     print(f"card: {card}; torch {torch.__version__}; B{BATCH} x S{SEQ}, {DTYPE}", flush=True)
     rows = []
     for variant in VARIANTS:
+        if variant == "peft+liger" and importlib.util.find_spec("liger_kernel") is None:  # no process started for it
+            rows.append(dict(variant=variant, error="liger_kernel is not installed"))
+            print(json.dumps(rows[-1]), flush=True)
+            continue
         try:
             proc = subprocess.run([sys.executable, __file__, "--variant", variant], capture_output=True, text=True,
                                   timeout=int(os.environ.get("FASTFT_STEP_TIMEOUT", "150")))
