@@ -27,17 +27,24 @@ def gathered_adapter_state(model: nn.Module) -> dict:
     return state
 
 
-def share_outcome(error: BaseException | None, what: str) -> None:
-    """Every rank learns whether any rank failed, instead of the others waiting in their next barrier until the
-    process group's timeout: a failed rank raises its own error, the others an error naming it (an OSError where
-    the failure was one, so callers that handle a full disk handle it alike on every rank). A collective where a
-    process group runs with more than one rank (every rank calls); else it re-raises `error` if any."""
+def run_shared(work, runs_here: bool, what: str):
+    """`work()` where `runs_here`, then every rank learns whether any rank failed, instead of the others waiting in
+    their next barrier until the process group's timeout: a failed rank raises its own error, the others an error
+    naming it (an OSError where the failure was one, so callers that handle a full disk handle it alike on every
+    rank). Returns work's result where it ran (None elsewhere). A collective where a process group runs with more
+    than one rank (every rank calls); else simply `work()`'s outcome."""
     import torch.distributed as dist
 
+    result, error = None, None
+    try:
+        if runs_here:
+            result = work()
+    except Exception as e:  # shared below, then raised again here
+        error = e
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         if error is not None:
             raise error
-        return
+        return result
     mine = None if error is None else (isinstance(error, OSError), f"{type(error).__name__}: {error}")
     outcomes = [None] * dist.get_world_size()
     dist.all_gather_object(outcomes, mine)
@@ -47,19 +54,12 @@ def share_outcome(error: BaseException | None, what: str) -> None:
         if outcome is not None:
             is_os_error, text = outcome
             raise (OSError if is_os_error else RuntimeError)(f"{what}: rank {rank} failed ({text})")
+    return result
 
 
 def write_on_rank0(write, what: str):
-    """Run `write()` on rank 0 only and return its result there (None elsewhere); every rank returns once it is done.
-    A failure is shared (share_outcome): rank 0 raises its own error and the other ranks an error naming it. A
-    collective: every rank calls."""
+    """Run `write()` on rank 0 only and return its result there (None elsewhere); every rank returns once it is done,
+    or raises when rank 0's write failed (run_shared). A collective: every rank calls."""
     import torch.distributed as dist
 
-    result, error = None, None
-    if dist.get_rank() == 0:
-        try:
-            result = write()
-        except Exception as e:  # shared below, then raised again on rank 0
-            error = e
-    share_outcome(error, f"{what}: nothing was written")
-    return result
+    return run_shared(write, dist.get_rank() == 0, f"{what}: nothing was written")

@@ -25,7 +25,7 @@ import torch
 from fastft.apps.models import SMOLLM2, model_fingerprint, resolve_model_path
 from fastft.apps.training.config import ConfigError
 from fastft.files import finish_folder, fsync_path
-from fastft.integration.sharded_state import is_sharded, share_outcome
+from fastft.integration.sharded_state import is_sharded, run_shared
 
 _STEP_DIR = re.compile(r"step-(\d{8})")
 _TRAINER_KEYS = ("step", "processes", "plan", "scheduler", "history")
@@ -141,7 +141,7 @@ class Checkpoints:
         final = self.root / f"step-{step:08d}"
         tmp = self.root / f".step-{step:08d}.tmp"
         main = acc.is_main_process
-        # every phase ends in share_outcome, not a barrier: a rank that fails (a full disk) stops every rank
+        # every phase ends in run_shared's outcome, not a barrier: a rank that fails (a full disk) stops every rank
         self._phase(main, lambda: self._start(tmp), tmp)
 
         def write():
@@ -157,16 +157,10 @@ class Checkpoints:
         return final
 
     def _phase(self, runs_here: bool, work, tmp: Path) -> None:
-        """`work()` where it runs here, then every rank learns whether any failed; a failure removes the unfinished
-        folder (a full disk gets its space back) and raises on every rank."""
-        error = None
+        """`work()` where it runs here, then every rank learns whether any failed (run_shared); a failure removes the
+        unfinished folder (a full disk gets its space back) and raises on every rank."""
         try:
-            if runs_here:
-                work()
-        except Exception as e:  # shared below
-            error = e
-        try:
-            share_outcome(error, "checkpoint")
+            run_shared(work, runs_here, "checkpoint")
         except BaseException:
             if self.accelerator.is_main_process:
                 shutil.rmtree(tmp, ignore_errors=True)

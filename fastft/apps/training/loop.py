@@ -27,7 +27,7 @@ from fastft.files import atomic_write, replace_folder
 from fastft.integration.checkpointing import enable_checkpointing
 from fastft.integration.module_names import name_hint, names_module
 from fastft.integration.parameter_count import parameter_counts
-from fastft.integration.sharded_state import share_outcome
+from fastft.integration.sharded_state import run_shared
 from fastft.apps.training.config import (ConfigError, TrainConfig, flag, rank_problem, to_yaml_dict,
                                          unused_settings, validate)
 from fastft.apps.training.data import (BatchPlan, Encoder, Example, Pair, check_tokenizer, data_fingerprint,
@@ -681,7 +681,7 @@ def _run(cfg: TrainConfig, accelerator, train_records, eval_records, description
     weights = ckpt.full_state_dict(inner, trainable_only=is_peft)  # collective under FSDP2
     saved = out / "adapter" if is_peft else out / "model"
 
-    def save_final():  # rank 0 writes; share_outcome tells every rank whether it failed (none waits for a timeout)
+    def save_final():  # rank 0 writes; run_shared tells every rank whether it failed (none waits for a timeout)
         if is_peft:
             fastft.save_adapter(inner, saved, state_dict=weights)
         else:
@@ -690,14 +690,8 @@ def _run(cfg: TrainConfig, accelerator, train_records, eval_records, description
         atomic_write(out / "metrics.json", json.dumps(metrics, indent=2))
         write_report(out, metrics)  # report.md and losses.png
 
-    error = None
     try:
-        if accelerator.is_main_process:
-            save_final()
-    except Exception as e:  # shared below
-        error = e
-    try:
-        share_outcome(error, "the final save")
+        run_shared(save_final, accelerator.is_main_process, "the final save")
     except OSError as e:
         stop(cfg.steps, f"the {'adapter' if is_peft else 'model'} or metrics.json could not be saved ({e})",
              "the final save")
