@@ -20,17 +20,28 @@ from fastft.ops.shared import (as_rows, autocast_inputs, autocast_off, check, ch
 
 
 def lora_linear_reference(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, *, keep_mask=None):
-    """Plain torch, autograd through torch. `keep_mask` (bool, x-shaped) replaces torch's own dropout draw."""
+    """Plain torch, autograd through torch. `keep_mask` (bool, x-shaped) replaces torch's own dropout draw.
+    The rank path runs in rank_dtype(x.dtype): in fp32 for fp16 x, as peft runs it with its fp32 adapters."""
     if bias is not None and bias.dtype != x.dtype:  # the fused kernels take any float bias (added in fp32)
         bias = bias.to(x.dtype)
     y = F.linear(x, weight, bias)
-    lora_in = x
+    dtype = rank_dtype(x.dtype)
+    lora_in = x.to(dtype)
     if keep_mask is not None:
-        lora_in = x * keep_mask.to(x.dtype) / (1.0 - dropout_p)
+        lora_in = lora_in * keep_mask.to(dtype) / (1.0 - dropout_p)
     elif dropout_p > 0.0:
-        lora_in = F.dropout(x, dropout_p, training=True)
-    lora = F.linear(F.linear(lora_in, lora_A.to(x.dtype)), lora_B.to(x.dtype))
-    return y + scaling * lora
+        lora_in = F.dropout(lora_in, dropout_p, training=True)
+    lora = F.linear(F.linear(lora_in, lora_A.to(dtype)), lora_B.to(dtype))
+    y = y + scaling * lora
+    return y if dtype == x.dtype else y.to(x.dtype)  # fp16: the sum in fp32, rounded once (as peft's)
+
+
+def rank_dtype(dtype: torch.dtype) -> torch.dtype:
+    """What lora_linear_reference computes the rank path in: fp32 for fp16 inputs, else their own dtype. In fp16,
+    autograd's dA = (s·dy·B)ᵀ·x, a sum over every row, overflowed (inf: GradScaler skips the step) at a loss scale
+    4× below peft's on a tiny Llama (alpha/r = 4; the kernels sum dA in fp32). bf16 has fp32's range and keeps its
+    own dtype, as the kernels' rank path does. Under torch.autocast the matmuls still run in its dtype, as peft's."""
+    return torch.float32 if dtype == torch.float16 else dtype
 
 
 def validate_lora_linear_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p) -> None:
