@@ -12,7 +12,17 @@ from peft import LoraConfig
 from peft.tuners.tuners_utils import check_target_module_exists
 from torch import nn
 
-from fastft.integration.base_layers import in_out_features, modules_as_bases, targeted_parameters
+from fastft.integration.base_layers import in_out_features, moe_converted, modules_as_bases, targeted_parameters
+
+try:  # peft with transformers 5 converts the adapter files of transformers 4 MoE models (Mixtral's per-expert keys)
+    from peft.import_utils import is_transformers_ge_v5
+    from peft.utils.transformers_weight_conversion import (
+        convert_peft_adapter_state_dict_for_transformers,
+        get_checkpoint_conversion_mapping,
+    )
+    _CONVERTS_FILES = is_transformers_ge_v5
+except ImportError:
+    _CONVERTS_FILES = False
 
 
 def read_peft_config(path: Path) -> peft.PeftConfig:
@@ -67,16 +77,23 @@ def check_adapter_tensors(base_model: nn.Module, path: Path, config, needs: dict
     shapes = read_weights(file, shapes_only=True)
     modules = dict(modules_as_bases(base_model))
     tails = "|".join(re.escape(tail) for tail in needs)
+
+    def saved_tensors(shapes: dict):
+        """(key, shape, saved module name, tail, base module name or None) of each adapter tensor of `shapes`."""
+        for key, shape in shapes.items():
+            match = re.fullmatch(rf"base_model\.model\.(.+)\.({tails})", key)
+            if match is not None:  # else modules_to_save and other extras, checked by peft itself
+                yield key, shape, *match.groups(), _module_of(match[1], modules, config)
+
+    converted_from = None
+    if any(name is None for *_, name in saved_tensors(shapes)) and _peft_converts_file(base_model, config):
+        converted_from, shapes = shapes, _converted_shapes(base_model, config, shapes, path)
     found = set()
-    for key, shape in shapes.items():
-        match = re.fullmatch(rf"base_model\.model\.(.+)\.({tails})", key)
-        if match is None:
-            continue  # modules_to_save and other extras are checked by peft itself
-        saved_name, tail = match.groups()
-        module_name = _module_of(saved_name, modules, config)
+    for key, shape, saved_name, tail, module_name in saved_tensors(shapes):
         if module_name is None:
             raise ValueError(f"load_adapter: {path} has '{key}' but {type(base_model).__name__} has no module "
-                             f"'{saved_name}'{_nesting_hint(saved_name, modules, config)}")
+                             f"'{saved_name}'{_nesting_hint(saved_name, modules, config)}"
+                             f"{_conversion_note(converted_from, base_model)}")
         found.add((saved_name, tail))
         features = in_out_features(modules[module_name])
         if features is None:
@@ -100,6 +117,42 @@ def check_adapter_tensors(base_model: nn.Module, path: Path, config, needs: dict
                          f"targets in {type(base_model).__name__} ({shown}); they would keep their fresh "
                          "initialisation. The adapter was saved from a different model, or the file is incomplete: "
                          "save the adapter again")
+
+
+def _peft_converts_file(model: nn.Module, config) -> bool:
+    """Whether peft converts an adapter file's keys on loading onto `model` (set_peft_model_state_dict: a LoRA
+    adapter, transformers 5, and a model type transformers converts checkpoints for, e.g. Mixtral, whose experts it
+    fused)."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    return (_CONVERTS_FILES and config.peft_type == peft.PeftType.LORA and model_type is not None
+            and get_checkpoint_conversion_mapping(model_type) is not None)
+
+
+def _converted_shapes(model: nn.Module, config, shapes: dict, path: Path) -> dict:
+    """The tensor shapes of an adapter file as peft converts it on loading (transformers 4's per-expert Mixtral keys
+    'experts.<i>.w1/w3/w2' to the fused experts' nested ParamWrappers), run on meta tensors: no data is read."""
+    meta = {k: torch.empty(shape, device="meta") for k, shape in shapes.items()}
+    try:
+        converted = convert_peft_adapter_state_dict_for_transformers(model, config, meta)
+    except (ValueError, RuntimeError, KeyError, IndexError) as e:
+        raise ValueError(f"load_adapter: {path} holds keys of a transformers 4 {type(model).__name__} (e.g. "
+                         f"{_example_key(shapes)!r}), which peft converts to transformers 5's layout on loading; "
+                         f"that conversion failed ({e}): the file is incomplete or was saved from a different model. "
+                         "Save it again, or load it with transformers 4") from None
+    return {k: tuple(v.shape) for k, v in converted.items()}
+
+
+def _example_key(shapes: dict) -> str:
+    return next((k for k in sorted(shapes) if ".experts." in k), next(iter(sorted(shapes)), ""))
+
+
+def _conversion_note(converted_from: dict | None, model: nn.Module) -> str:
+    """For a key that fits no module even as peft converts the file for transformers 5: which layout was found."""
+    if converted_from is None:
+        return ""
+    return (f" (the key as peft renames it converting the file's transformers 4 keys, e.g. "
+            f"{_example_key(converted_from)!r}, for transformers 5's {type(model).__name__}): the adapter was "
+            "saved from a different model, or the file holds a stray tensor")
 
 
 _NESTED = ".base_layer"
@@ -154,6 +207,17 @@ def check_adapter_fits(base_model: nn.Module, path: str | os.PathLike) -> LoraCo
     if not isinstance(config, LoraConfig):
         raise ValueError(f"load_adapter: {config_file} describes a {type(config).__name__}, not a LoraConfig")
     if not config.layer_replication:  # with it peft copies layers first: 'layers.2' exists only then
-        check_adapter_tensors(base_model, path, config, _LORA_TENSORS)
+        check_adapter_tensors(base_model, path, _as_peft_loads(config, base_model, config_file), _LORA_TENSORS)
     return config
+
+
+def _as_peft_loads(config: LoraConfig, model: nn.Module, config_file: Path) -> LoraConfig:
+    """The config as peft converts it before building the adapter (transformers 5: a transformers 4 Mixtral adapter's
+    targets 'w1'/'w3'/'w2' become the fused experts' target_parameters); peft's refusal as a load_adapter error."""
+    try:
+        return moe_converted(config, model)
+    except ValueError as e:  # e.g. 'w1' targeted without 'w3', which transformers 5 fused into one parameter
+        raise ValueError(f"load_adapter: {config_file}: {e} (peft converts a transformers 4 adapter's targets for "
+                         f"transformers 5's {type(model).__name__} and cannot convert these); load it with "
+                         "transformers 4") from None
 

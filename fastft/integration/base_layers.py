@@ -1,12 +1,22 @@
 """The layers of a model as peft's adapters see them: a peft adapter layer counts as the layer it wraps, so the
-checks of a config and of a saved adapter read the same names and shapes before and after adapters are added."""
+checks of a config and of a saved adapter read the same names and shapes before and after adapters are added; and a
+config's targets as peft converts them for the MoE models transformers 5 rebuilt."""
 from __future__ import annotations
+
+import copy
 
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from fastft.modules.nf4_linear import NF4Linear
+
+try:  # peft with transformers 5 converts configs for the MoE models transformers 5 rebuilt; older peft does not
+    from peft.import_utils import is_transformers_ge_v5
+    from peft.utils.transformers_weight_conversion import convert_peft_config_for_transformers
+    _convert_for_transformers = convert_peft_config_for_transformers if is_transformers_ge_v5 else None
+except ImportError:
+    _convert_for_transformers = None
 
 
 def modules_as_bases(model: nn.Module):
@@ -39,3 +49,23 @@ def targeted_parameters(config, name: str, module: nn.Module) -> list[str]:
     targets = getattr(config, "target_parameters", None) or ()
     return [param for param, _ in module.named_parameters(recurse=False)
             if any(f"{name}.{param}" == t or f"{name}.{param}".endswith(f".{t}") for t in targets)]
+
+
+def convert_moe_targets(config, model: nn.Module) -> None:
+    """peft's conversion of a LoRA config, in place, for the MoE models transformers 5 rebuilt (Mixtral: the experts
+    fused into 3-D parameters, the router a custom module): the transformers 4 targets ('w1', 'w3', 'w2', 'gate',
+    and what "all-linear" meant there) become target_parameters ('gate_up_proj', 'down_proj', 'gate.weight'), with
+    rank/alpha patterns doubling r and alpha on the fused gate_up_proj. peft runs it before it matches anything (when
+    it builds an adapter, and on loading one), so checks made on the converted config see what peft will build."""
+    if _convert_for_transformers is not None and hasattr(getattr(model, "config", None), "model_type"):
+        _convert_for_transformers(config, model=model, conversions=None)
+
+
+def moe_converted(config, model: nn.Module):
+    """A copy of `config` converted as convert_moe_targets converts it (`config` untouched: the conversion rewrites
+    targets and fills the rank/alpha patterns in place)."""
+    converted = copy.copy(config)
+    converted.rank_pattern = dict(getattr(config, "rank_pattern", None) or {})
+    converted.alpha_pattern = dict(getattr(config, "alpha_pattern", None) or {})
+    convert_moe_targets(converted, model)
+    return converted

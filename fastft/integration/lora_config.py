@@ -17,17 +17,16 @@ from peft.utils.constants import DUMMY_TARGET_MODULES
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from fastft.integration.base_layers import in_out_features, modules_as_bases, targeted_parameters
+from fastft.integration.base_layers import (
+    convert_moe_targets,
+    in_out_features,
+    moe_converted,
+    modules_as_bases,
+    targeted_parameters,
+)
 from fastft.integration.module_names import name_hint, names_module
 from fastft.modules.nf4_linear import NF4Linear
 from fastft.modules.qlora import FusedQLoraLinear
-
-try:  # peft with transformers 5 converts configs for the MoE models transformers 5 rebuilt; older peft does not
-    from peft.import_utils import is_transformers_ge_v5
-    from peft.utils.transformers_weight_conversion import convert_peft_config_for_transformers
-    _convert_for_transformers = convert_peft_config_for_transformers if is_transformers_ge_v5 else None
-except ImportError:
-    _convert_for_transformers = None
 
 # Fields that change the LoRA forward into something the fused op does not compute (layer_replication: see
 # _CREATION_REASONS); each must stay off (None/False) when creating an adapter. Initialisation schemes and
@@ -128,10 +127,7 @@ def _expand_all_linear(config: LoraConfig, model: nn.Module) -> None:
     its conversion of MoE experts and routers to target_parameters), plus every NF4 layer peft's rule keeps."""
     if not _is_all_linear(config.target_modules) or not any(isinstance(m, NF4Linear) for m in model.modules()):
         return
-    resolved = copy.copy(config)  # the conversion fills rank/alpha patterns in place: on copies
-    resolved.rank_pattern = dict(config.rank_pattern or {})
-    resolved.alpha_pattern = dict(config.alpha_pattern or {})
-    _convert_moe(resolved, model)
+    resolved = moe_converted(config, model)
     quantized = _quantized_linear_names(model)
     if _is_all_linear(resolved.target_modules):  # no MoE conversion: peft's full module names
         config.target_modules = set(_maybe_include_all_linear_layers(resolved, model).target_modules) | quantized
@@ -144,14 +140,6 @@ def _expand_all_linear(config: LoraConfig, model: nn.Module) -> None:
 
 def _is_all_linear(targets) -> bool:
     return isinstance(targets, str) and targets.lower() == "all-linear"  # peft's test
-
-
-def _convert_moe(config: LoraConfig, model: nn.Module) -> None:
-    """peft's conversion of a config, in place, for the MoE models transformers 5 rebuilt (Mixtral: the experts
-    fused into 3-D parameters, the router a custom module): "all-linear" then also targets their parameters.
-    peft runs it when it builds the adapter, so "all-linear" resolved here selects what it would select there."""
-    if _convert_for_transformers is not None and hasattr(getattr(model, "config", None), "model_type"):
-        _convert_for_transformers(config, model=model, conversions=None)
 
 
 def _quantized_linear_names(model: nn.Module) -> set[str]:
@@ -206,22 +194,60 @@ def _check_targets(config: LoraConfig, model: nn.Module) -> None:
         raise ValueError(f"LoraConfig.target_modules=[] with trainable_token_indices: peft refuses empty "
                          f"targets; for trainable tokens alone pass target_modules={DUMMY_TARGET_MODULES!r}")
     _check_layer_selection(config, model)  # before the "matches no module" below, which a bad one also causes
-    targeted = targeted_modules(config, model, TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING)
+    built = _as_peft_builds(config, model)
+    targeted = targeted_modules(built, model, TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING)
+    parameters = _targeted_parameter_names(built, model)
     names = [name for name, _ in model.named_modules(remove_duplicate=False) if name]
-    if targeted == [] and targets not in (None, "all-linear", DUMMY_TARGET_MODULES):  # peft's "no LoRA layers"
-        shown = sorted(targets) if isinstance(targets, (set, list, tuple)) else targets
+    _check_defaults_kept(config, built, model, targeted or parameters)
+    if targeted == [] and not parameters and targets not in (None, "all-linear", DUMMY_TARGET_MODULES):
+        shown = sorted(targets) if isinstance(targets, (set, list, tuple)) else targets  # peft's "no LoRA layers"
         hints = _target_hints(_unmatched_targets(targets, names), names)
         raise ValueError(f"LoraConfig.target_modules={shown!r} matches no module of {type(model).__name__}"
                          f" (with layers_to_transform={config.layers_to_transform!r}); "
                          f"{'; '.join(hints) + ' Its' if hints else 'its'} linear layers are named "
                          f"{_linear_layer_names(model)}")
-    _warn_unmatched_targets(config, model, names)
+    _warn_unmatched_targets(built, model, names)
     check_fan_in_fan_out(config, targeted)
     if targeted is not None:
-        _check_patterns(config, [name for name, _ in targeted])
+        _check_patterns(config, [name for name, _ in targeted], parameters)
     check_exclude_modules(config, names, "LoraConfig")
     check_modules_to_save(config, names, "LoraConfig")
     _check_modules_to_save_dense(config, model)
+
+
+def _as_peft_builds(config: LoraConfig, model: nn.Module) -> LoraConfig:
+    """A copy of `config` with the targets peft builds from it: "all-linear" over NF4 layers expanded
+    (_expand_all_linear), and peft's conversion for the MoE models transformers 5 rebuilt (Mixtral's transformers 4
+    expert names 'w1'/'w3'/'w2' and its router 'gate' become target_parameters)."""
+    built = copy.copy(config)
+    built.rank_pattern, built.alpha_pattern = dict(config.rank_pattern or {}), dict(config.alpha_pattern or {})
+    try:
+        _expand_all_linear(built, model)
+        convert_moe_targets(built, model)  # a second conversion (after _expand_all_linear's) changes nothing
+    except ValueError as e:  # peft's: 'w1' without 'w3', which transformers 5 fused into one parameter
+        targets = config.target_modules
+        raise _config_error("target_modules", sorted(targets) if isinstance(targets, set) else targets,
+                            f"peft converts it for transformers 5's {type(model).__name__} and cannot: {e}") from None
+    return built
+
+
+def _targeted_parameter_names(config: LoraConfig, model: nn.Module) -> list[str]:
+    """'<module>.<parameter>' of each parameter config.target_parameters names (peft's LoRA on a parameter): the
+    name peft matches rank/alpha pattern keys against, as it matches a module's name for a module."""
+    return [f"{name}.{param}" for name, module in modules_as_bases(model) if name
+            for param in targeted_parameters(config, name, module)]
+
+
+def _check_defaults_kept(config: LoraConfig, built: LoraConfig, model: nn.Module, found) -> None:
+    """target_modules=None (peft's defaults for the model type) that peft's MoE conversion turns into no targets
+    (peft 0.21 on transformers 5's Mixtral): peft would refuse it with "No `target_modules` passed"."""
+    if config.target_modules is None and built.target_modules is not None and not found:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        defaults = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model_type)
+        raise ValueError(f"LoraConfig.target_modules=None: peft's conversion of the config for {model_type!r} under "
+                         "transformers 5 (its MoE layers were rebuilt) drops peft's default targets for it, so peft "
+                         f"would adapt nothing; pass them explicitly, target_modules={sorted(defaults or ())!r}, or "
+                         "name the layers meant")
 
 
 def _warn_unmatched_targets(config: LoraConfig, model: nn.Module, names: list[str]) -> None:
@@ -341,12 +367,33 @@ def _check_modules_to_save_dense(config: LoraConfig, model: nn.Module) -> None:
                          "; or adapt it with LoRA instead (target_modules)")
 
 
-def _check_patterns(config: LoraConfig, matched: list[str]) -> None:
+def _check_patterns(config: LoraConfig, modules: list[str], parameters: list[str]) -> None:
+    """Every rank_pattern / alpha_pattern key must match a module or a parameter peft adapts, as peft matches it
+    (get_pattern_key: the key, a regex, matches the end of the name, from a dot on; a parameter's name is
+    '<module>.<parameter>'); one that matches nothing would be ignored. (peft's own warning about ignored keys looks at
+    modules only, so it also names keys that did set a parameter's rank.)"""
     for field in ("rank_pattern", "alpha_pattern"):
         for key in getattr(config, field) or {}:
-            if not any(re.match(rf"(.*\.)?({key})$", n) for n in matched):  # peft's get_pattern_key
+            if not any(re.match(rf"(.*\.)?({key})$", n) for n in (*modules, *parameters)):  # peft's get_pattern_key
                 raise ValueError(f"LoraConfig.{field} key {key!r} matches none of the targeted modules "
-                                 f"(e.g. {matched[:3]}); fix the key or drop it")
+                                 f"(e.g. {modules[:3]}){_parameters_named(parameters)}; "
+                                 f"{_pattern_hint(key, parameters)}fix the key or drop it")
+
+
+def _parameters_named(parameters: list[str]) -> str:
+    if not parameters:
+        return ""
+    kinds = sorted({".".join(p.rsplit(".", 2)[-2:]) for p in parameters})
+    return (f" nor parameters (LoRA on parameters: {kinds}, e.g. {parameters[0]!r}; a key matches the end of "
+            "'<module>.<parameter>')")
+
+
+def _pattern_hint(key: str, parameters: list[str]) -> str:
+    """A key naming the module that holds a targeted parameter ('gate' for Mixtral's router 'mlp.gate.weight')."""
+    for name in parameters:
+        if re.match(rf"(.*\.)?({key})\.[^.]+$", name):
+            return f"did you mean {key + '.' + name.rsplit('.', 1)[-1]!r}? "
+    return ""
 
 
 def check_exclude_modules(config, names: list[str], label: str) -> None:

@@ -12,6 +12,7 @@ add_adapter/load_adapter here (adapter_routing).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from pathlib import Path
@@ -51,7 +52,20 @@ def get_peft_model(model: nn.Module, config, adapter_name: str = "default", **kw
         return get_method_model(model, config, adapter_name=adapter_name, **kwargs)
     validate_lora_config(config, model)
     with_quantized_targets(config, model)
-    return fuse_lora_layers(quiet_peft_model(model, config, adapter_name, **kwargs), "get_peft_model")
+    with checked_patterns():
+        return fuse_lora_layers(quiet_peft_model(model, config, adapter_name, **kwargs), "get_peft_model")
+
+
+@contextlib.contextmanager
+def checked_patterns():
+    """Without peft's warning that rank/alpha_pattern keys "did not match any targeted module", for a config whose
+    keys fastft checked (validate_lora_config: each matches a module or parameter peft adapts). peft looks at module
+    names only, so it names the keys that set the rank of a parameter (Mixtral's fused experts under transformers 5),
+    the ones its own MoE conversion adds among them: nothing true is left to say."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The following (rank|alpha)_pattern keys did not match any "
+                                                  "targeted module", category=RuntimeWarning)
+        yield
 
 
 def refuse_peft_model(model: nn.Module, what: str) -> None:
@@ -94,7 +108,8 @@ def add_adapter(model: PeftModel, adapter_name: str, config) -> PeftModel:
         else:
             validate = validate_lora_config
         validate(config, model.get_base_model())
-        model.add_adapter(adapter_name, with_quantized_targets(config, model.get_base_model()))
+        with checked_patterns():
+            model.add_adapter(adapter_name, with_quantized_targets(config, model.get_base_model()))
     return fuse_lora_layers(model, "add_adapter")
 
 
