@@ -229,8 +229,9 @@ def test_unsupported_architecture_is_refused_untouched():
     from transformers import GPT2Config, GPT2LMHeadModel
 
     model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=2))
-    with pytest.raises(ValueError, match="'gpt2' is not supported; supported model types: gemma2, gemma3_text, "
-                                         "llama, mistral, qwen2, qwen3"):
+    with pytest.raises(ValueError, match="'gpt2' is not supported; supported model types: gemma, gemma2, gemma3_text, "
+                                         "granite, llama, mistral, mixtral, olmo2, phi3, qwen2, qwen3, qwen3_moe, "
+                                         "smollm3$"):
         fastft.patch_model(model)
     assert not hasattr(model, "_fastft_patch")
 

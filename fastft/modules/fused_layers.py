@@ -4,8 +4,9 @@ These are mixins, not modules with state of their own: `fastft.patch_model` puts
 class (a subclass per original class, same name), so parameters, state dict, hooks and `isinstance` stay as
 they were and `unpatch_model` only has to put the original class back. Class attributes set by the patcher:
 
-- RMSNorm: `_fastft_offset` (0 Llama, 1 Gemma), `_fastft_eps_attr` (where the module keeps eps);
-- MLP: `_fastft_gelu` (GeGLU instead of SwiGLU);
+- RMSNorm: `_fastft_offset` (0 Llama, 1 Gemma), `_fastft_cast` (fastft.ops.rms_norm's rounding: "input" Llama,
+  "fp32" Gemma and OLMo2; None its default for the offset), `_fastft_eps_attr` (where the module keeps eps);
+- MLP: `_fastft_gelu` (GeGLU instead of SwiGLU), `_fastft_gate_up` (one fused `gate_up_proj`, Phi-3);
 - both: `_fastft_backend` ("auto" | "triton" | "torch", as the ops take it).
 """
 from __future__ import annotations
@@ -16,20 +17,27 @@ from fastft.ops.rms_norm import rms_norm
 
 class FusedRMSNormForward:
     _fastft_offset = 0.0
+    _fastft_cast = None  # None: rms_norm's default for the offset
     _fastft_eps_attr = "variance_epsilon"
     _fastft_backend = "auto"
 
     def forward(self, hidden_states):
         return rms_norm(hidden_states, self.weight, getattr(self, self._fastft_eps_attr), offset=self._fastft_offset,
-                        backend=self._fastft_backend)
+                        cast=self._fastft_cast, backend=self._fastft_backend)
 
 
 class FusedGLUMLPForward:
     """down_proj(act(gate_proj(x)) · up_proj(x)) with the activation and product in one op (the projections stay
-    the model's own modules: plain, LoRA or NF4)."""
+    the model's own modules: plain, LoRA or NF4). With `_fastft_gate_up`, gate and up are the two halves of one
+    `gate_up_proj(x)` (views: the op reads them in place)."""
     _fastft_gelu = False
+    _fastft_gate_up = False
     _fastft_backend = "auto"
 
     def forward(self, x):
         glu = geglu if self._fastft_gelu else swiglu
-        return self.down_proj(glu(self.gate_proj(x), self.up_proj(x), backend=self._fastft_backend))
+        if self._fastft_gate_up:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(glu(gate, up, backend=self._fastft_backend))

@@ -4,14 +4,16 @@ Patching swaps classes of module *instances* (never transformers' classes or cod
 attention and the *ForCausalLM get a subclass of their own class (same name, so saving, `isinstance` and
 `config.architectures` are unaffected) whose forward is fastft's:
 
-- RMSNorm → fastft.ops.rms_norm (Llama or Gemma flavour and rounding);
-- MLP → the model's own projections (plain, LoRA or NF4 layers stay as they are) around fastft.ops.swiglu/geglu;
+- RMSNorm → fastft.ops.rms_norm (Llama or Gemma flavour, the model's rounding);
+- MLP → the model's own projections (plain, LoRA or NF4 layers stay as they are; gate and up, or one fused
+  gate_up) around fastft.ops.swiglu/geglu; a sparse MoE block stays the model's own;
 - attention → the model's own forward code with RoPE through fastft.ops.rope (see rope_binding), and
   `attn_implementation="fastft"` (fastft.integration.attention) unless the architecture's attention logit
   softcapping is set (Gemma2's default), the config has attention dropout (fastft attention has neither) or a
   head size fastft attention does not take (ops.attention.head_dim_supported);
 - *ForCausalLM → in training mode with labels, the loss through fastft.ops.lm_head_cross_entropy (see causal_lm):
-  no logits; in eval mode (Trainer.evaluate / predict) the model's own logits and loss.
+  no logits (final softcapping, logits scaling and a MoE router's load-balancing loss as the model's own head
+  applies them); in eval mode (Trainer.evaluate / predict) the model's own logits and loss.
 
 Everything is checked before anything changes: an unsupported architecture, activation or an already patched
 model raises and leaves the model as it was. `unpatch_model` restores the classes and the attention setting
@@ -86,27 +88,35 @@ def _plan(base: nn.Module, backend: str, attention: bool):
     if getattr(base, "_fastft_patch", None) is not None:
         raise _fail(base, "the model is already patched (call fastft.unpatch_model first)")
     modeling = importlib.import_module(arch.module)
+    roles = [role for role in ("norm", "mlp", "attention", "causal_lm") if getattr(arch, role) is not None]
     classes = {}
-    for role in ("norm", "mlp", "attention", "causal_lm"):
+    for role in roles:
         name = getattr(arch, role)
         cls = getattr(modeling, name, None)
         if cls is None:
             raise _fail(base, f"{arch.module} has no class {name}: this transformers version is not one fastft's "
                               "patch table knows")
         classes[role] = cls
+    if arch.router_aux_loss is not None and not callable(getattr(modeling, arch.router_aux_loss, None)):
+        raise _fail(base, f"{arch.module} has no function {arch.router_aux_loss}: this transformers version is not "
+                          "one fastft's patch table knows")
     if not rope_binding.calls_rope(classes["attention"]):
         raise _fail(base, f"{arch.attention}.forward does not call {rope_binding.ROPE_NAME}: this transformers "
                           "version is not one fastft's patch table knows")
     activation = getattr(config, arch.activation_attr, None)
-    if activation not in GELU_TANH:
+    if "mlp" in classes and activation not in GELU_TANH:
         raise _fail(base, f"MLP activation config.{arch.activation_attr}={activation!r} has no fused GLU; supported: "
                           f"{sorted(GELU_TANH)}")
 
-    attrs = {"norm": dict(_fastft_offset=arch.norm_offset, _fastft_eps_attr=arch.norm_eps_attr,
-                          _fastft_backend=backend),
-             "mlp": dict(_fastft_gelu=GELU_TANH[activation], _fastft_backend=backend),
-             "attention": dict(forward=rope_binding.forward_with_fastft_rope(classes["attention"], backend)),
-             "causal_lm": dict(_fastft_softcap_attr=arch.final_softcap_attr, _fastft_backend=backend,
+    attrs = {"norm": dict(_fastft_offset=arch.norm_offset, _fastft_cast=arch.norm_cast,
+                          _fastft_eps_attr=arch.norm_eps_attr, _fastft_backend=backend),
+             "mlp": dict(_fastft_gelu=GELU_TANH.get(activation), _fastft_gate_up=arch.fused_gate_up,
+                         _fastft_backend=backend),
+             "attention": dict(forward=rope_binding.forward_with_fastft_rope(classes["attention"], backend,
+                                                                             arch.partial_rotary)),
+             "causal_lm": dict(_fastft_softcap_attr=arch.final_softcap_attr,
+                               _fastft_logits_scaling_attr=arch.logits_scaling_attr,
+                               _fastft_router_aux_loss=arch.router_aux_loss, _fastft_backend=backend,
                                forward=forward_with_signature(classes["causal_lm"]))}
     mixins = {"norm": FusedRMSNormForward, "mlp": FusedGLUMLPForward, "attention": None,
               "causal_lm": FusedLossCausalLMForward}
@@ -120,7 +130,7 @@ def _plan(base: nn.Module, backend: str, attention: bool):
                                       f"{cls.__name__} fastft does not know (patched already?)")
                 swaps.append((module, _subclass(cls, mixins[role], **attrs[role])))
                 counts[role] += 1
-    missing = [getattr(arch, role) for role in ("norm", "mlp", "attention") if counts[role] == 0]
+    missing = [getattr(arch, role) for role in ("norm", "mlp", "attention") if role in counts and counts[role] == 0]
     if missing:
         raise _fail(base, f"found no {', '.join(missing)} module to patch; nothing was changed")
 
@@ -140,7 +150,7 @@ def _plan(base: nn.Module, backend: str, attention: bool):
     else:
         attn_change = config._attn_implementation
         attention_note = "fastft"
-    summary = {"model_type": model_type, "rms_norm": counts["norm"], "glu_mlp": counts["mlp"],
+    summary = {"model_type": model_type, "rms_norm": counts["norm"], "glu_mlp": counts.get("mlp", 0),
                "rope_attention": counts["attention"], "fused_loss": counts["causal_lm"] > 0,
                "attention": attention_note, "backend": backend}
     return arch, swaps, attn_change, summary

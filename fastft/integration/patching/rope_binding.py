@@ -3,7 +3,9 @@
 Each supported attention forward calls its modeling module's global `apply_rotary_pos_emb(q, k, cos, sin)`.
 The patched attention class gets the *same* forward code (its innermost function, under transformers'
 decorators) bound to a copy of that module's globals in which `apply_rotary_pos_emb` is fastft's RoPE kernel
-(a shadow module, `fastft.integration.patching.rope_binding.bound.<module>.<backend>`).
+(a shadow module, `fastft.integration.patching.rope_binding.bound.<module>.<backend>[_partial]`). A module whose
+function rotates only each head's first cos.shape[-1] dims (Phi-3's partial_rotary_factor; the table's
+`partial_rotary`) gets fastft's RoPE on those dims and the rest passed through, as its own function does.
 Nothing global changes: unpatched models of the same architecture, in any thread, keep transformers' function;
 the forward stays a plain function, so torch.compile traces it without graph breaks.
 
@@ -17,16 +19,25 @@ import inspect
 import sys
 import types
 
+import torch
+
 from fastft.ops.rope import rope
 
 ROPE_NAME = "apply_rotary_pos_emb"
 
 
-def _fastft_rope(backend: str):
+def _fastft_rope(backend: str, partial: bool):
     def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
         return rope(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim, backend=backend)
 
-    return apply_rotary_pos_emb
+    def apply_partial_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
+        rotary = cos.shape[-1]
+        if rotary == q.shape[-1]:
+            return apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim)
+        q_rot, k_rot = rope(q[..., :rotary], k[..., :rotary], cos, sin, unsqueeze_dim=unsqueeze_dim, backend=backend)
+        return torch.cat([q_rot, q[..., rotary:]], dim=-1), torch.cat([k_rot, k[..., rotary:]], dim=-1)
+
+    return apply_partial_rotary_pos_emb if partial else apply_rotary_pos_emb
 
 
 def calls_rope(cls: type) -> bool:
@@ -35,25 +46,26 @@ def calls_rope(cls: type) -> bool:
     return ROPE_NAME in fn.__code__.co_names and ROPE_NAME in fn.__globals__
 
 
-def _shadow_module(fn, backend: str) -> types.ModuleType:
+def _shadow_module(fn, backend: str, partial: bool) -> types.ModuleType:
     """A module holding a copy of fn's module globals with fastft's RoPE in them, registered in sys.modules
     under its own name (torch.compile resolves a function's globals through its module name)."""
-    name = f"{__name__}.bound.{fn.__module__.replace('.', '_')}.{backend}"
+    name = f"{__name__}.bound.{fn.__module__.replace('.', '_')}.{backend}{'_partial' if partial else ''}"
     module = sys.modules.get(name)
     if module is None:
         module = types.ModuleType(name)
         module.__dict__.update({k: v for k, v in fn.__globals__.items() if k not in ("__name__", "__spec__",
                                                                                     "__loader__", "__package__")})
-        module.__dict__[ROPE_NAME] = _fastft_rope(backend)
+        module.__dict__[ROPE_NAME] = _fastft_rope(backend, partial)
         sys.modules[name] = module
     return module
 
 
 @functools.lru_cache(maxsize=None)
-def forward_with_fastft_rope(cls: type, backend: str):
-    """cls.forward's function with `apply_rotary_pos_emb` resolved to fastft's RoPE (one per class and backend)."""
+def forward_with_fastft_rope(cls: type, backend: str, partial: bool = False):
+    """cls.forward's function with `apply_rotary_pos_emb` resolved to fastft's RoPE (one per class, backend and
+    `partial`: rotate the leading cos.shape[-1] dims of each head only)."""
     fn = inspect.unwrap(cls.forward)
-    scope = _shadow_module(fn, backend).__dict__
+    scope = _shadow_module(fn, backend, partial).__dict__
     new = types.FunctionType(fn.__code__, scope, fn.__name__, fn.__defaults__, fn.__closure__)
     new.__kwdefaults__ = dict(fn.__kwdefaults__) if fn.__kwdefaults__ else None
     new.__qualname__, new.__doc__ = fn.__qualname__, fn.__doc__
