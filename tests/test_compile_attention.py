@@ -293,3 +293,76 @@ def test_reduce_overhead_without_max_seqlen_is_a_clear_error():
                 torch.cuda.synchronize()
     finally:
         torch._dynamo.reset()  # drops the half-recorded CUDA-graph tree too
+
+
+# ----------------------------------------------------------------------------------------------
+# The torch backend (the CPU's default): packed documents as one op, fastft::attention_sdpa_varlen
+
+def _attend_torch(**kw):
+    return lambda q, k, v, cu: flash_attention(q, k, v, cu_seqlens=cu, backend="torch", **kw)
+
+
+@pytest.mark.parametrize("case", ["causal_gqa", "window_bf16", "full_max_seqlen"])
+def test_torch_backend_varlen_compiles(case):
+    """Its per-document split reads cu_seqlens on the host: traced inline that was a graph break per layer (and
+    a data-dependent-guard error under fullgraph). As an op: one graph, eager's outputs and gradients exactly."""
+    dtype = torch.bfloat16 if case == "window_bf16" else torch.float32
+    q, k, v = _qkv(37, heads=4, kv_heads=2 if case == "causal_gqa" else 4, dtype=dtype)
+    cu = _cu(0, 6, 6, 25, 37)  # an empty document too
+    kw = dict(causal=case != "full_max_seqlen", window=5 if case == "window_bf16" else None,
+              max_seqlen=19 if case == "full_max_seqlen" else None)
+    assert_compiles_like_eager(_attend_torch(**kw), q, k, v, cu, ops=("attention_sdpa_varlen",))
+
+
+def test_torch_backend_varlen_prefix_compiles_and_checks_max_seqlen():
+    """A prefix per document gets its gradients through the op; a max_seqlen below the longest document is still
+    refused inside the op."""
+    q, k, v = _qkv(20, heads=2, kv_heads=1)
+    pk, pv = _t(2, 3, 1, 16), _t(2, 3, 1, 16)
+    fn = lambda q, k, v, pk, pv, cu: flash_attention(q, k, v, causal=True, cu_seqlens=cu, prefix_k=pk,  # noqa: E731
+                                                     prefix_v=pv, backend="torch")
+    assert_compiles_like_eager(fn, q, k, v, pk, pv, _cu(0, 7, 20), ops=("attention_sdpa_varlen",))
+    torch._dynamo.reset()
+    short = torch.compile(lambda q, k, v, cu: flash_attention(q, k, v, cu_seqlens=cu, max_seqlen=10, backend="torch"),
+                          backend="aot_eager", fullgraph=True)
+    with pytest.raises(ValueError, match="`max_seqlen`=10 is smaller than the longest document \(13 tokens\)"):
+        short(q, k, v, _cu(0, 7, 20))
+
+
+def test_torch_backend_varlen_opcheck():
+    from fastft.ops.attention import attention_sdpa_varlen_backward_op, attention_sdpa_varlen_op
+
+    q, k, v = (t.detach() for t in _qkv(20, heads=2, kv_heads=1))
+    pk, pv = torch.randn(2, 3, 1, 16, device=DEVICE), torch.randn(2, 3, 1, 16, device=DEVICE)
+    for prefix in ((None, None), (pk, pv)):
+        args = (q, k, v, *prefix, _cu(0, 7, 20), None, 0.25, True, 5)
+        torch.library.opcheck(attention_sdpa_varlen_op, args)
+        o = attention_sdpa_varlen_op(*args)
+        # only test_autograd_registration: opcheck's other modes cannot see through the torch.func.vjp the body
+        # runs (its TensorWrappers); the fake kernel and the op under aot_eager and inductor, static and dynamic
+        # shapes, are what the tests above and test_torch_backend_varlen_compiles_dynamic run
+        torch.library.opcheck(attention_sdpa_varlen_backward_op,
+                              (torch.randn_like(o), q, k, v, *prefix, _cu(0, 7, 20), 0.25, True, 5),
+                              test_utils=("test_autograd_registration",))
+
+
+def test_torch_backend_varlen_compiles_dynamic():
+    """Dynamic shapes (the token count symbolic): eager's outputs and gradients exactly."""
+    q, k, v = _qkv(37, heads=4, kv_heads=2)
+    assert_compiles_like_eager(_attend_torch(causal=True), q, k, v, _cu(0, 6, 6, 25, 37),
+                               ops=("attention_sdpa_varlen",), dynamic=True)
+
+
+def test_transformers_attention_function_compiles_on_the_torch_backend(monkeypatch):
+    """A row packed by position_ids only (DataCollatorWithFlattening), on the CPU's default backend: traced whole."""
+    import fastft.integration.attention as integration
+
+    monkeypatch.setattr(integration, "_backend", "torch")
+    q, k, v = _t(1, 4, 23, 16), _t(1, 2, 23, 16), _t(1, 2, 23, 16)
+    position_ids = torch.cat([torch.arange(9), torch.arange(14)]).to(DEVICE)[None]
+
+    def fn(q, k, v):
+        return integration.fastft_attention_forward(_Layer(), q, k, v, None, scaling=0.25,
+                                                    position_ids=position_ids)[0]
+
+    assert_compiles_like_eager(fn, q, k, v, ops=("attention_sdpa_varlen",))

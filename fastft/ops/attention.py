@@ -374,6 +374,73 @@ def _backward_op(ctx, do, _dlse):
 flash_attention_op.register_autograd(_backward_op, setup_context=_setup_context)
 
 
+# The torch backend's traced door for packed documents: its body splits the batch per document on the host
+# (cu_seqlens.tolist()), which dynamo cannot trace (a graph break per attention layer, and a whole compiled model
+# falling back to per-layer frames). As a custom op it is one node of the graph; its backward recomputes the
+# forward under autograd (as eager's autograd would run it: the same result) rather than saving its insides.
+@torch.library.custom_op("fastft::attention_sdpa_varlen", mutates_args=())
+def attention_sdpa_varlen_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: Optional[torch.Tensor],
+                             prefix_v: Optional[torch.Tensor], cu_seqlens: torch.Tensor, max_seqlen: Optional[int],
+                             scale: float, causal: bool, window: Optional[int]) -> torch.Tensor:
+    return _sdpa_varlen(q, k, v, prefix_k, prefix_v, cu_seqlens, max_seqlen, scale, causal, window)
+
+
+@attention_sdpa_varlen_op.register_fake
+def _(q, k, v, prefix_k, prefix_v, cu_seqlens, max_seqlen, scale, causal, window):
+    return q.new_empty(q.shape)
+
+
+@torch.library.custom_op("fastft::attention_sdpa_varlen_backward", mutates_args=())
+def attention_sdpa_varlen_backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                      prefix_k: Optional[torch.Tensor], prefix_v: Optional[torch.Tensor],
+                                      cu_seqlens: torch.Tensor, scale: float, causal: bool, window: Optional[int]
+                                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    has_prefix = prefix_k is not None
+
+    def forward(q, k, v, *prefix):
+        return attention_sdpa(q, k, v, causal=causal, softmax_scale=scale, cu_seqlens=cu_seqlens,
+                              prefix_k=prefix[0] if prefix else None, prefix_v=prefix[1] if prefix else None,
+                              window=window)
+
+    # torch.func: a custom op's body runs below autograd, where torch.autograd.grad would see no graph
+    _, vjp = torch.func.vjp(forward, q, k, v, *((prefix_k, prefix_v) if has_prefix else ()))
+    grads = vjp(do)
+    return (*grads, *(() if has_prefix else (unused(q), unused(q))))
+
+
+@attention_sdpa_varlen_backward_op.register_fake
+def _(do, q, k, v, prefix_k, prefix_v, cu_seqlens, scale, causal, window):
+    prefix = (prefix_k.new_empty(prefix_k.shape), prefix_v.new_empty(prefix_v.shape)) if prefix_k is not None \
+        else (unused(q), unused(q))
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), *prefix
+
+
+def _setup_sdpa_varlen(ctx, inputs, output):
+    q, k, v, prefix_k, prefix_v, cu_seqlens, _max_seqlen, scale, causal, window = inputs
+    ctx.save_for_backward(q, k, v, prefix_k, prefix_v, cu_seqlens)
+    ctx.meta = (scale, causal, window)
+
+
+def _backward_sdpa_varlen(ctx, do):
+    q, k, v, prefix_k, prefix_v, cu_seqlens = ctx.saved_tensors
+    dq, dk, dv, dpk, dpv = attention_sdpa_varlen_backward_op(do, q, k, v, prefix_k, prefix_v, cu_seqlens, *ctx.meta)
+    has_prefix = prefix_k is not None
+    return dq, dk, dv, needed(dpk, has_prefix), needed(dpv, has_prefix), None, None, None, None, None
+
+
+attention_sdpa_varlen_op.register_autograd(_backward_sdpa_varlen, setup_context=_setup_sdpa_varlen)
+
+
+def _sdpa_varlen(q, k, v, prefix_k, prefix_v, cu_seqlens, max_seqlen, scale, causal, window):
+    """The torch backend on packed documents: cu_seqlens checked (it is read on the host anyway), then
+    attention_sdpa."""
+    longest = _read_cu_seqlens(cu_seqlens, q.shape[0])[0]
+    _check(max_seqlen is None or longest <= max_seqlen,
+           f"flash_attention: `max_seqlen`={max_seqlen} is smaller than the longest document ({longest} tokens)")
+    return attention_sdpa(q, k, v, causal=causal, softmax_scale=scale, cu_seqlens=cu_seqlens, prefix_k=prefix_k,
+                          prefix_v=prefix_v, window=window)
+
+
 def flash_attention(q, k, v, *, causal=False, softmax_scale=None, cu_seqlens=None, max_seqlen=None,
                     prefix_k=None, prefix_v=None, window=None, backend="auto"):
     """Exact attention softmax(scale·Q·Kᵀ + mask)·V, forward and backward in O(sequence) memory.
@@ -391,6 +458,7 @@ def flash_attention(q, k, v, *, causal=False, softmax_scale=None, cu_seqlens=Non
     backend: "auto" (Triton on CUDA, torch elsewhere), "triton" or "torch".
     torch.compile traces the Triton backend as one custom op, fastft::flash_attention (fastft.ops.compiled); a
     missing max_seqlen is then derived inside the op (one sync), which CUDA-graph capture refuses (ValueError).
+    The torch backend traces inline, packed documents as the op fastft::attention_sdpa_varlen.
     """
     check_backend("flash_attention", backend)
     q, k, v, prefix_k, prefix_v = autocast_inputs(q, k, v, prefix_k, prefix_v)
@@ -400,12 +468,12 @@ def flash_attention(q, k, v, *, causal=False, softmax_scale=None, cu_seqlens=Non
     backend = resolve_backend("flash_attention", backend, q.device, arg="q")
     # an empty q under torch.compile takes the custom op too (the torch path would read cu_seqlens on the host)
     if backend == "torch" or (q.numel() == 0 and not compiling()):
-        if cu_seqlens is not None:  # the torch path reads cu_seqlens on the host anyway: checking is free
-            longest = _read_cu_seqlens(cu_seqlens, q.shape[0])[0]
-            _check(max_seqlen is None or longest <= max_seqlen,
-                   f"flash_attention: `max_seqlen`={max_seqlen} is smaller than the longest document ({longest} tokens)")
-        return attention_sdpa(q, k, v, causal=causal, softmax_scale=scale, cu_seqlens=cu_seqlens,
-                              prefix_k=prefix_k, prefix_v=prefix_v, window=window)
+        if cu_seqlens is None:
+            return attention_sdpa(q, k, v, causal=causal, softmax_scale=scale, prefix_k=prefix_k, prefix_v=prefix_v,
+                                  window=window)
+        if compiling():  # the per-document split reads cu_seqlens on the host: one node of the graph
+            return attention_sdpa_varlen_op(q, k, v, prefix_k, prefix_v, cu_seqlens, max_seqlen, scale, causal, window)
+        return _sdpa_varlen(q, k, v, prefix_k, prefix_v, cu_seqlens, max_seqlen, scale, causal, window)
     left, right = mask_bounds(causal, window)
     with autocast_off(q.device.type):
         if compiling():  # max_seqlen as given (None: the op body derives it)
