@@ -53,11 +53,12 @@ def test_distill_from_a_teacher_on_builtin_instructions(tiny, tmp_path, method):
 
 
 def test_qlora_dpo_compiles(tiny, tmp_path):
-    """DPO's reference runs under peft's disable_adapter(), which builds the layers' reprs inside the compiled
-    forward (an NF4 weight's repr is not traceable): the same losses as eager."""
+    """DPO's reference runs with the adapters disabled inside the compiled forward: peft's disable_adapter() built
+    every layer's repr (an NF4 weight's is not traceable) and flipped requires_grad (neither is traceable: two graph
+    breaks a step); objectives.adapters_disabled flips the layers' flags only: no graph break, the eager losses."""
     runs = [_run(tiny, tmp_path / name, "--method", "qlora", "--objective", "dpo", "--dropout", "0", *extra)
             for name, extra in (("eager", ()), ("compiled", ("--compile", "default", "--compile-backend", "eager")))]
-    assert runs[1]["compile"]["compiled"]
+    assert runs[1]["compile"]["compiled"] and runs[1]["compile"]["graph_breaks"] == 0, runs[1]["compile"]
     assert runs[1]["train_losses"] == pytest.approx(runs[0]["train_losses"], rel=1e-6)
 
 
@@ -159,6 +160,45 @@ def test_dpo_reference_is_the_whole_model_without_adapters(head):
             ref = _sequence_logprobs_from_logits(model, batch)
     want = -F.logsigmoid(0.5 * ((policy[0::2] - ref[0::2]) - (policy[1::2] - ref[1::2]))).sum()
     assert got.item() == pytest.approx(want.item(), rel=1e-5)
+
+
+def test_adapters_disabled_restores_each_flag_and_leaves_requires_grad(monkeypatch):
+    """DPO's reference context: every adapter layer (LoRA, modules_to_save, trainable tokens) disabled inside, each
+    flag back as it was after (a layer the user disabled stays disabled), requires_grad untouched, and peft's
+    per-call status check (a repr of every module) not run; the output inside is peft's disable_adapter()'s."""
+    from peft import LoraConfig
+    from peft.peft_model import PeftModel
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils.other import AuxiliaryTrainingWrapper
+
+    import fastft
+    from fastft.apps.training.objectives import adapters_disabled
+    from tests.utils import randomize_lora_B, tiny_llama
+
+    config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"],
+                        trainable_token_indices={"embed_tokens": [1, 2]})
+    model = fastft.get_peft_model(tiny_llama(0, attn_implementation="eager"), config)
+    randomize_lora_B(model)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "modules_to_save" in name or "trainable_tokens_delta" in name:
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(3)) * 0.1)
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, (BaseTunerLayer, AuxiliaryTrainingWrapper))}
+    user_off = next(n for n in layers if n.endswith("v_proj"))
+    layers[user_off].enable_adapters(False)  # a layer the user switched off (its requires_grad cleared by peft)
+    grads = {n: p.requires_grad for n, p in model.named_parameters()}
+    flags = {n: m.disable_adapters for n, m in layers.items()}
+    ids = torch.randint(3, 128, (2, 9))
+    with torch.no_grad(), model.disable_adapter():
+        want = model(input_ids=ids).logits
+    layers[user_off].enable_adapters(False)  # peft's context switched every layer back on
+    monkeypatch.setattr(PeftModel, "get_model_status", lambda self: pytest.fail("the status check ran"))
+    with torch.no_grad(), adapters_disabled(model):
+        assert all(m.disable_adapters for m in layers.values())
+        got = model(input_ids=ids).logits
+    assert torch.equal(got, want)
+    assert {n: m.disable_adapters for n, m in layers.items()} == flags and flags[user_off]
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == grads
 
 
 def _tiny_gemma2(cap):
