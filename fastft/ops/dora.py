@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from fastft.ops.compiled import compiling, needed, unused
 from fastft.ops.compiled_args import fresh_like, weight_args, weight_from_args
-from fastft.ops.lora import backward_operands, rank_operands, split_scaling
+from fastft.ops.lora import backward_operands, backward_split, rank_operands, split_scaling, times_b
 from fastft.ops.shared import (as_rows, autocast_inputs, autocast_off, check, check_backend, finite, nf4_fused_ok,
                                first_order_only, padded, resolve_backend, safe_div, to_dtype)
 from fastft.quant.nf4_weight import NF4Weight
@@ -174,7 +174,7 @@ def dora_backward(saved, meta, weight, dy, need_x, need_b, need_A, need_B, need_
 
     x2, A_p, B_p, xs, sigma, row_norm, magnitude, saved_out, bias = saved
     x_shape, scaling, r, nf4, A_dtype, B_dtype = meta
-    xs_scale, b_scale = split_scaling(scaling, x2.dtype)
+    g_scale, A_g, b_scale = backward_split(scaling, x2.dtype, A_p)  # g = (a/b)·dy·diag(σ)·B_p, A_g = b·A_p
     dB_scale = sigma if b_scale == 1.0 else sigma * b_scale  # dB = b·diag(σ)·dyᵀ·xs
     N = B_p.shape[0]
     dtype = x2.dtype
@@ -184,21 +184,21 @@ def dora_backward(saved, meta, weight, dy, need_x, need_b, need_A, need_B, need_
     dx = db = dA = dB = dm = None
     if need_x or need_A:
         B_sigma = (B_p * sigma[:, None]).to(dtype)  # computed in fp32 (sigma's dtype): one device op fewer
-        g = rank_project(dy2, B_sigma.t(), scale=xs_scale)  # s·dy·diag(σ)·B
+        g = rank_project(dy2, B_sigma.t(), scale=g_scale)  # s·dy·diag(σ)·B / b
         if need_x:
             if nf4:
                 from fastft.kernels.nf4_gemm import nf4_lora_gemm
 
                 dz = (dy2 * sigma).to(dtype)  # in fp32, as sigma
-                dx = nf4_lora_gemm(dz, weight.kernel_operand(), g, A_p, None, w_nk=False)
+                dx = nf4_lora_gemm(dz, weight.kernel_operand(), g, A_g, None, w_nk=False)
             else:
-                dx = lora_gemm(dy2, weight, g, A_p, None, b_nk=False, k_scale=sigma)
+                dx = lora_gemm(dy2, weight, g, A_g, None, b_nk=False, k_scale=sigma)
             dx = dx.view(*x_shape)
     if need_A and need_B:  # one launch for both
         dA, dB = rank_reduce_pair(g, x2, xs, dy2)
-        dA, dB = to_dtype(dA[:r], A_dtype), to_dtype(dB[:, :r] * dB_scale[:, None], B_dtype)
+        dA, dB = to_dtype(times_b(dA[:r], b_scale), A_dtype), to_dtype(dB[:, :r] * dB_scale[:, None], B_dtype)
     elif need_A:
-        dA = to_dtype(rank_reduce(g, x2)[:r], A_dtype)
+        dA = to_dtype(times_b(rank_reduce(g, x2)[:r], b_scale), A_dtype)
     elif need_B:  # in B's own layout, as the pair gives it
         dB = padded(rank_reduce(xs, dy2)[:r].t() * dB_scale[:, None], N, r, B_dtype)
     if need_m:

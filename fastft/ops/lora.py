@@ -169,8 +169,8 @@ def fused_lora_backward(saved, meta, dy, dx_gemm, need_x, need_b, need_A, need_B
 
     x2, A_p, B_p, xs = saved
     x_shape, scaling, dropout_p, seed, bias_dtype, r, A_dtype, B_dtype = meta
-    xs_scale, b_scale = split_scaling(scaling, x2.dtype)
-    g_scale = xs_scale / (1.0 - dropout_p)
+    g_scale, A_g, b_scale = backward_split(scaling, x2.dtype, A_p)
+    g_scale /= 1.0 - dropout_p
     N = B_p.shape[0]
     dtype = x2.dtype
     dy2 = to_dtype(dy.reshape(x2.shape[0], N), dtype)  # not (-1, N): N may be 0
@@ -178,17 +178,18 @@ def fused_lora_backward(saved, meta, dy, dx_gemm, need_x, need_b, need_A, need_B
         dy2 = dy2.contiguous()
     dx = db = dA = dB = None
     if need_x and dx_fold_gemm is not None:
-        dx, g = dx_fold_gemm(dy2, B_p, A_p, g_scale, dropout_p, seed)
+        dx, g = dx_fold_gemm(dy2, B_p, A_g, g_scale, dropout_p, seed)
         dx = dx.view(*x_shape)
     elif need_x or need_A:
         g = rank_ops.rank_project(dy2, B_p.t(), scale=g_scale)
         if need_x:
-            dx = dx_gemm(dy2, g, A_p, dropout_p, seed).view(*x_shape)
+            dx = dx_gemm(dy2, g, A_g, dropout_p, seed).view(*x_shape)
     if need_A and need_B:  # dA and dB in one launch
         dA, dB = rank_ops.rank_reduce_pair(g, x2, xs, dy2, p_drop=dropout_p, seed=seed)
-        dA, dB = to_dtype(_unpadded(dA, r), A_dtype), dB if dB.shape[1] == r else dB[:, :r]
+        dA, dB = to_dtype(times_b(_unpadded(dA, r), b_scale), A_dtype), dB if dB.shape[1] == r else dB[:, :r]
     elif need_A:
-        dA = to_dtype(_unpadded(rank_ops.rank_reduce(g, x2, p_drop=dropout_p, seed=seed), r), A_dtype)
+        dA = rank_ops.rank_reduce(g, x2, p_drop=dropout_p, seed=seed)
+        dA = to_dtype(times_b(_unpadded(dA, r), b_scale), A_dtype)
     if need_B and dB is None:
         dB = _unpadded(rank_ops.rank_reduce(xs, dy2), r).t()
     if need_B:  # in B's own layout (a copy only where the rank was padded): autograd then accumulates it as it is
@@ -198,6 +199,21 @@ def fused_lora_backward(saved, meta, dy, dx_gemm, need_x, need_b, need_A, need_B
     if need_b and bias_dtype is not None:
         db = dy2.sum(0, dtype=torch.float32).to(bias_dtype)
     return x2, dy2, dx, db, dA, dB
+
+
+def backward_split(scaling: float, dtype: torch.dtype, A_p: torch.Tensor) -> tuple[float, torch.Tensor, float]:
+    """(g_scale, A_g, b): how the backward's rank intermediate g = s·dy·B is stored and used, the forward's split
+    (split_scaling: B_p = b·B, a·b = s) undone for it. g' = (a/b)·dy·B_p = a·dy·B is stored (|a| ≤ 1: it is no
+    larger than dy·B, where s·dy·B overflowed fp16 at a loss scale 4-8× below peft's fp32 rank path, alpha/r = 16);
+    b goes to the dx tail's factor, A_g = b·A_p (g'·A_g = g·A), and to the fp32 dA sum (times_b). b is a power of
+    two: the products are exact, and the results those of the unsplit g wherever it did not overflow."""
+    a, b = split_scaling(scaling, dtype)
+    return (a, A_p, 1.0) if b == 1.0 else (a / b, A_p * b, b)
+
+
+def times_b(t: torch.Tensor, b: float) -> torch.Tensor:
+    """b·t for an fp32 sum that is this call's own buffer (backward_split's b)."""
+    return t if b == 1.0 else t.mul_(b)
 
 
 def _unpadded(t: torch.Tensor, r: int) -> torch.Tensor:
