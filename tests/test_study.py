@@ -1,11 +1,5 @@
-"""`fastft study`: the plan, one cell's bookkeeping, the report writer, and a real (tiny) study on MiniLM that
-is killed with SIGKILL after its first cell and resumed."""
-import json
-import os
-import signal
-import subprocess
-import sys
-import time
+"""`fastft study`: the plan, one cell's bookkeeping, the report writer and the command's arguments. A real study,
+killed with SIGKILL after its first cell and resumed, is tests/test_study_quick.py."""
 from dataclasses import asdict
 
 import pytest
@@ -154,60 +148,6 @@ def test_quick_config_and_overrides():
     config = quick_config(tasks=("mr",))
     assert config.quick and config.seeds == 1 and config.models == ("minilm",) and config.tasks == ("mr",)
     assert set(config.methods) >= {"lora", "full", "ia3", "prompt"}
-
-
-TINY = ["study", "--models", "minilm", "--tasks", "subj", "--methods", "lora", "full", "--regimes", "32-per-class",
-        "--seeds", "1", "--steps", "8", "--batch-size", "8", "--max-length", "32", "--evals", "2", "--max-dev", "32",
-        "--max-test", "100", "--no-peft", "--threads", "1", "--no-progress"]
-
-
-@pytest.fixture(scope="module")
-def killed_and_resumed(tmp_path_factory):
-    """A tiny real study run in a subprocess, SIGKILLed once its first cell file exists, then resumed here."""
-    out = tmp_path_factory.mktemp("study")
-    argv = TINY + ["--output-dir", str(out)]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "fastft.apps.cli", *argv], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    cells = out / "cells"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and proc.poll() is None:
-        if cells.is_dir() and [p for p in cells.glob("*.json") if not p.name.startswith(".")]:
-            break
-        time.sleep(0.1)
-    first_exit = proc.poll()
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    finished = {p.name: json.loads(p.read_text()) for p in cells.glob("*.json") if not p.name.startswith(".")}
-
-    from fastft.apps.cli import main
-
-    assert main(argv + ["--output-dir", str(out)]) == 0
-    return out, first_exit, finished
-
-
-def test_killed_study_resumes_without_rerunning_finished_cells(killed_and_resumed, capsys):
-    out, first_exit, finished = killed_and_resumed
-    assert first_exit is None, "the study ended before it could be killed"
-    assert len(finished) == 1
-    name, before = next(iter(finished.items()))
-    after = json.loads((out / "cells" / name).read_text())
-    assert after["run_id"] == before["run_id"]  # read back, not rerun
-    results = json.loads((out / "results.json").read_text())
-    assert results["resumed_cells"] == 1
-    assert sorted((c["method"], c["status"]) for c in results["cells"]) == [("full", "done"), ("lora", "done")]
-    assert (out / "report.md").is_file() and len(list((out / "plots").glob("*.png"))) == 3
-
-
-def test_lora_and_full_beat_the_majority_class(killed_and_resumed):
-    """Real training, a handful of steps: both methods must beat always-predicting-one-class on SUBJ."""
-    out, _, _ = killed_and_resumed
-    results = json.loads((out / "results.json").read_text())
-    floor = results["tasks"]["subj"]["majority"]["accuracy"]
-    for c in results["cells"]:
-        assert c["test_examples"] == 100 and c["dev_examples"] == 32
-        assert c["trainable_parameters"] > 0 and c["tokens_per_second"] > 0 and c["peak_memory_gib"] > 0
-        assert c["test_accuracy"] > floor + 0.05, (c["method"], c["test_accuracy"], floor)
 
 
 def test_mean_pooler_counts_real_tokens_only():
