@@ -387,8 +387,12 @@ def test_a_moved_project_folder_resumes_with_the_same_relative_paths(tiny, tmp_p
 # ----------------------------------------------------------------- 7: temporaries of killed writes
 
 _KILLED_WRITE = textwrap.dedent("""
-    import os, signal, sys
-    from fastft.files import atomic_write
+    import importlib.util, os, signal, sys
+    # fastft/files.py alone (standard library only): importing the fastft package loads torch, ~10 s a process
+    spec = importlib.util.spec_from_file_location("files", sys.argv[2])
+    files = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(files)
+    atomic_write = files.atomic_write
     def write(tmp):
         open(tmp, "wb").write(b"x" * 100_000)
         os.kill(os.getpid(), signal.SIGKILL)
@@ -399,7 +403,7 @@ _KILLED_WRITE = textwrap.dedent("""
 def test_atomic_write_removes_the_temporaries_of_killed_writes_of_its_target(tmp_path):
     target = tmp_path / "model.safetensors"
     for _ in range(3):  # SIGKILL skips any cleanup; the next write removes the killed one's temporary
-        assert subprocess.run([sys.executable, "-c", _KILLED_WRITE, str(target)], cwd=os.getcwd()).returncode == -9
+        assert subprocess.run([sys.executable, "-c", _KILLED_WRITE, str(target), files.__file__]).returncode == -9
         assert len(list(tmp_path.iterdir())) == 1 and not target.exists()
     live = tmp_path / f".model.safetensors.tmp-{files._owner()}-abcdefgh.safetensors"  # a write in progress
     live.write_bytes(b"x")
