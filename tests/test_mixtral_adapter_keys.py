@@ -128,6 +128,21 @@ def test_transformers4_expert_names_target_what_peft_targets():
     assert set(ranks(experts_only)) == {EXPERTS, EXPERTS.replace("layers.0", "layers.1")}
 
 
+def test_layers_to_transform_that_peft_does_not_apply_to_parameters_is_said():
+    """peft adapts the experts (target_parameters) of every layer whatever layers_to_transform says: the same
+    adapter, with a warning that names the parameters outside the layers and the way to keep to them."""
+    config = LoraConfig(r=4, target_modules=["q_proj", "w1", "w2", "w3"], layers_to_transform=[0])
+    with pytest.warns(UserWarning, match=r"layers_to_transform=\[0\] does not apply to the parameters peft adapts "
+                                         r"through target_parameters: 2 outside those layers .*layers\.1\.mlp"):
+        ours = fastft.get_peft_model(tiny_mixtral(), copy.deepcopy(config))
+    ref = quiet(peft.get_peft_model, tiny_mixtral(), copy.deepcopy(config))
+    assert ranks(ours) == ranks(ref) and EXPERTS.replace("layers.0", "layers.1") in ranks(ours)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*does not apply to the parameters")
+        quiet_layers = LoraConfig(r=4, target_modules=["q_proj"], layers_to_transform=[0])
+        fastft.get_peft_model(tiny_mixtral(), quiet_layers)  # modules only: nothing to say
+
+
 def test_half_of_a_fused_pair_is_refused_naming_the_field_as_peft_refuses_it():
     with pytest.raises(ValueError, match="Cannot convert PEFT target"):
         quiet(peft.get_peft_model, tiny_mixtral(), LoraConfig(r=4, target_modules=["q_proj", "w1"]))

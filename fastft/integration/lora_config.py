@@ -207,12 +207,30 @@ def _check_targets(config: LoraConfig, model: nn.Module) -> None:
                          f"{'; '.join(hints) + ' Its' if hints else 'its'} linear layers are named "
                          f"{_linear_layer_names(model)}")
     _warn_unmatched_targets(built, model, names)
+    _warn_layer_selection_skips_parameters(config, parameters)
     check_fan_in_fan_out(config, targeted)
     if targeted is not None:
         _check_patterns(config, [name for name, _ in targeted], parameters)
     check_exclude_modules(config, names, "LoraConfig")
     check_modules_to_save(config, names, "LoraConfig")
     _check_modules_to_save_dense(config, model)
+
+
+def _warn_layer_selection_skips_parameters(config: LoraConfig, parameters: list[str]) -> None:
+    """peft applies layers_to_transform to target_modules only: the parameters target_parameters names (what
+    transformers 4's Mixtral expert names become under transformers 5) are adapted in every layer. Said, not
+    refused: peft builds the same adapter without a word."""
+    if config.layers_to_transform is None or not parameters:
+        return
+    keep = config.layers_to_transform
+    keep = {keep} if isinstance(keep, int) else set(keep)
+    outside = [name for name in parameters
+               if (index := re.search(r"\.(\d+)\.", name)) is not None and int(index[1]) not in keep]
+    if outside:
+        warnings.warn(f"LoraConfig.layers_to_transform={config.layers_to_transform!r} does not apply to the "
+                      f"parameters peft adapts through target_parameters: {len(outside)} outside those layers are "
+                      f"adapted too (e.g. {outside[:2]}); to keep to the layers, name their parameters in "
+                      f"target_parameters by full path (e.g. {parameters[0]!r})", stacklevel=4)
 
 
 def _as_peft_builds(config: LoraConfig, model: nn.Module) -> LoraConfig:
