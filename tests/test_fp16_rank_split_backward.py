@@ -2,27 +2,31 @@
 backward_split: the forward's split s = a·b undone, b applied to A in the dx tail and to the fp32 dA sum). With all
 of s in g, a GradScaler-scaled dy overflowed g (inf dx and dA: the step skipped) at a loss scale 4-8× below peft's
 fp32 rank path (tiny fp16 Llama, alpha/r = 16: 2^18 against 2^20). Here |s·dy·B| > 65504 > |a·dy·B|: every
-gradient must be finite and match fp64, for LoRA (split and fold paths), QLoRA and DoRA; bf16/fp32 do not split."""
+gradient must be finite and match fp64, for LoRA (split and fold paths), QLoRA and DoRA; bf16/fp32 do not split.
+On the CPU through the interpreter; the "cuda" cases are in benchmarks/gpu_check.sh's kernel-tests (-m gpu)."""
 import pytest
 import torch
 
 from fastft.ops import dora_linear, lora_linear, qlora_linear
 from fastft.ops.lora import backward_split
 from fastft.quant import quantize_nf4
-from tests.utils import interpreter_only
+from tests.utils import INTERPRET
+
+DEVICES = [pytest.param("cpu", marks=pytest.mark.skipif(not INTERPRET, reason="the CPU runs Triton interpreted")),
+           pytest.param("cuda", marks=pytest.mark.gpu)]
 
 M, K, N, R = 33, 64, 48, 4
 SCALING = 16.0  # alpha/r = 16: a = 1, b = 16
 
 
-def _inputs(seed=0):
+def _inputs(seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(M, K, generator=g).half()
     w = (torch.randn(N, K, generator=g) * K**-0.5).half()
     A = torch.randn(R, K, generator=g) * 0.05  # fp32 adapters, as peft keeps them
     B = torch.randn(N, R, generator=g)
     dy = (torch.randn(M, N, generator=g) * 1000).half()  # a loss-scaled upstream gradient
-    return x, w, A, B, dy
+    return tuple(t.to(device) for t in (x, w, A, B, dy))
 
 
 def _grads(fn, x, A, B, dy, *extra):
@@ -54,27 +58,27 @@ def test_the_stored_intermediate_is_no_larger_than_peft_s():
         assert backward_split(SCALING, dtype, A)[1:] == (A, 1.0)
 
 
-@interpreter_only
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("path", ["split", "fold"])
-def test_lora_fp16_backward_is_finite_where_s_dy_b_overflows(path, monkeypatch):
+def test_lora_fp16_backward_is_finite_where_s_dy_b_overflows(path, device, monkeypatch):
     monkeypatch.setenv("FASTFT_LORA_PATH", path)
-    x, w, A, B, dy = _inputs()
+    x, w, A, B, dy = _inputs(device=device)
     got = _grads(lambda x, A, B: lora_linear(x, w, None, A, B, SCALING, backend="triton"), x, A, B, dy)
     _assert_finite_and_close(got, _reference(x, w, A, B, dy))
 
 
-@interpreter_only
-def test_qlora_fp16_backward_is_finite_where_s_dy_b_overflows():
-    x, w, A, B, dy = _inputs(1)
+@pytest.mark.parametrize("device", DEVICES)
+def test_qlora_fp16_backward_is_finite_where_s_dy_b_overflows(device):
+    x, w, A, B, dy = _inputs(1, device)
     q = quantize_nf4(w.float(), blocksize=64)
     dense = q.dequantize(torch.float16)
     got = _grads(lambda x, A, B: qlora_linear(x, q, None, A, B, SCALING, backend="triton"), x, A, B, dy)
     _assert_finite_and_close(got, _reference(x, dense, A, B, dy))
 
 
-@interpreter_only
-def test_dora_fp16_backward_is_finite_where_s_dy_b_overflows():
-    x, w, A, B, dy = _inputs(2)
+@pytest.mark.parametrize("device", DEVICES)
+def test_dora_fp16_backward_is_finite_where_s_dy_b_overflows(device):
+    x, w, A, B, dy = _inputs(2, device)
     B = B * 0.2  # DoRA divides by the adapted row norms: keep s·B·A the size of W
     magnitude = (w.double() + SCALING * B.double() @ A.double()).norm(dim=1).float()
     dy = dy * 3  # the same overflow of s·dy·B with the smaller B
