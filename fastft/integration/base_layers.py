@@ -3,6 +3,7 @@ checks of a config and of a saved adapter read the same names and shapes before 
 config's targets as peft converts them for the MoE models transformers 5 rebuilt."""
 from __future__ import annotations
 
+import contextlib
 import copy
 
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -69,3 +70,18 @@ def moe_converted(config, model: nn.Module):
     converted.alpha_pattern = dict(getattr(config, "alpha_pattern", None) or {})
     convert_moe_targets(converted, model)
     return converted
+
+
+@contextlib.contextmanager
+def attribute_set(modules, name: str, value):
+    """Each module's attribute `name` set to `value` inside the block, each put back as it was after (an adapter
+    layer's disabled flag: the model without its adapters, DPO's reference, leaving a layer the user disabled so)."""
+    modules = list(modules)
+    before = [getattr(m, name) for m in modules]
+    for m in modules:
+        setattr(m, name, value)
+    try:
+        yield
+    finally:
+        for m, was in zip(modules, before):
+            setattr(m, name, was)

@@ -18,6 +18,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
+from fastft.integration.base_layers import attribute_set
 from fastft.integration.packing import IGNORE_INDEX
 from fastft.ops.linear_losses import lm_head_cross_entropy
 from fastft.ops.lm_head import head_of_module
@@ -278,12 +279,6 @@ def adapters_disabled(model):
         with model.disable_adapter():
             yield
         return
-    layers = [m for m in model.modules() if isinstance(m, (BaseTunerLayer, AuxiliaryTrainingWrapper))]
-    before = [m._disable_adapters for m in layers]
-    for m in layers:
-        m._disable_adapters = True
-    try:
+    layers = (m for m in model.modules() if isinstance(m, (BaseTunerLayer, AuxiliaryTrainingWrapper)))
+    with attribute_set(layers, "_disable_adapters", True):
         yield
-    finally:
-        for m, was in zip(layers, before):
-            m._disable_adapters = was

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from fastft.files import atomic_write
-from fastft.integration.base_layers import in_out_features
+from fastft.integration.base_layers import attribute_set, in_out_features
 from fastft.integration.methods.adapter.config import PEFT_TYPE, BottleneckAdapterConfig
 from fastft.integration.methods.adapter.layer import AdapterAfter, BottleneckAdapter
 
@@ -50,15 +50,8 @@ class BottleneckAdapterModel(nn.Module):
     @contextlib.contextmanager
     def disable_adapter(self):
         """The base model alone inside the block (peft's PeftModel.disable_adapter): DPO's reference."""
-        layers = [m for m in self.base_model.modules() if isinstance(m, AdapterAfter)]
-        before = [m.disabled for m in layers]
-        for m in layers:
-            m.disabled = True
-        try:
+        with attribute_set((m for m in self.base_model.modules() if isinstance(m, AdapterAfter)), "disabled", True):
             yield
-        finally:
-            for m, was in zip(layers, before):
-                m.disabled = was
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v.detach() for k, v in self.base_model.state_dict().items() if ".adapter." in k}
