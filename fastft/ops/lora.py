@@ -206,7 +206,9 @@ def backward_split(scaling: float, dtype: torch.dtype, A_p: torch.Tensor) -> tup
     (split_scaling: B_p = b·B, a·b = s) undone for it. g' = (a/b)·dy·B_p = a·dy·B is stored (|a| ≤ 1: it is no
     larger than dy·B, where s·dy·B overflowed fp16 at a loss scale 4-8× below peft's fp32 rank path, alpha/r = 16);
     b goes to the dx tail's factor, A_g = b·A_p (g'·A_g = g·A), and to the fp32 dA sum (times_b). b is a power of
-    two: the products are exact, and the results those of the unsplit g wherever it did not overflow."""
+    two: the products are exact, and the results those of the unsplit g wherever neither g overflowed nor g'
+    fell below fp16's normal range (|g'| < 6.1e-5: b× fewer bits there). Limit: A_g must fit fp16, |A| < 65504/b
+    (4096 at alpha/r = 16; LoRA's A starts near 1/√K); a larger A gives an inf dx, which GradScaler skips."""
     a, b = split_scaling(scaling, dtype)
     return (a, A_p, 1.0) if b == 1.0 else (a / b, A_p * b, b)
 
