@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fastft.ops import dora_linear, lora_linear, qlora_linear
-from fastft.ops.lora import backward_split
+from fastft.ops.lora import backward_split, tail_factor
 from fastft.quant import quantize_nf4
 from tests.utils import INTERPRET
 
@@ -51,11 +51,12 @@ def _assert_finite_and_close(got, want):
 def test_the_stored_intermediate_is_no_larger_than_peft_s():
     x, w, A, B, dy = _inputs()
     assert (SCALING * dy.double() @ B.double()).abs().max() > 65504  # g = s·dy·B overflows fp16
-    g_scale, A_g, b = backward_split(SCALING, torch.float16, A)
-    assert b == 16.0 and g_scale == 1.0 / 16 and torch.equal(A_g, A * 16)  # g' = (a/b)·dy·B_p = dy·B, B_p = b·B
+    g_scale, b = backward_split(SCALING, torch.float16)
+    assert b == 16.0 and g_scale == 1.0 / 16 and torch.equal(tail_factor(A, b), A * 16)  # g' = (a/b)·dy·B_p = dy·B
     assert (g_scale * dy.double() @ (b * B.double())).abs().max() < 65504 / 2
     for dtype in (torch.bfloat16, torch.float32):  # no split: one scale, A itself
-        assert backward_split(SCALING, dtype, A)[1:] == (A, 1.0)
+        g_scale, b = backward_split(SCALING, dtype)
+        assert (g_scale, b) == (SCALING, 1.0) and tail_factor(A, b) is A
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -12,17 +12,13 @@ from peft import LoraConfig
 from peft.tuners.tuners_utils import check_target_module_exists
 from torch import nn
 
-from fastft.integration.base_layers import in_out_features, moe_converted, modules_as_bases, targeted_parameters
-
-try:  # peft with transformers 5 converts the adapter files of transformers 4 MoE models (Mixtral's per-expert keys)
-    from peft.import_utils import is_transformers_ge_v5
-    from peft.utils.transformers_weight_conversion import (
-        convert_peft_adapter_state_dict_for_transformers,
-        get_checkpoint_conversion_mapping,
-    )
-    _CONVERTS_FILES = is_transformers_ge_v5
-except ImportError:
-    _CONVERTS_FILES = False
+from fastft.integration.base_layers import (
+    in_out_features,
+    moe_conversion,
+    moe_converted,
+    modules_as_bases,
+    targeted_parameters,
+)
 
 
 def read_peft_config(path: Path) -> peft.PeftConfig:
@@ -124,8 +120,8 @@ def _peft_converts_file(model: nn.Module, config) -> bool:
     adapter, transformers 5, and a model type transformers converts checkpoints for, e.g. Mixtral, whose experts it
     fused)."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    return (_CONVERTS_FILES and config.peft_type == peft.PeftType.LORA and model_type is not None
-            and get_checkpoint_conversion_mapping(model_type) is not None)
+    return (moe_conversion is not None and config.peft_type == peft.PeftType.LORA and model_type is not None
+            and moe_conversion.get_checkpoint_conversion_mapping(model_type) is not None)
 
 
 def _converted_shapes(model: nn.Module, config, shapes: dict, path: Path) -> dict:
@@ -133,7 +129,7 @@ def _converted_shapes(model: nn.Module, config, shapes: dict, path: Path) -> dic
     'experts.<i>.w1/w3/w2' to the fused experts' nested ParamWrappers), run on meta tensors: no data is read."""
     meta = {k: torch.empty(shape, device="meta") for k, shape in shapes.items()}
     try:
-        converted = convert_peft_adapter_state_dict_for_transformers(model, config, meta)
+        converted = moe_conversion.convert_peft_adapter_state_dict_for_transformers(model, config, meta)
     except (ValueError, RuntimeError, KeyError, IndexError) as e:
         raise ValueError(f"load_adapter: {path} holds keys of a transformers 4 {type(model).__name__} (e.g. "
                          f"{_example_key(shapes)!r}), which peft converts to transformers 5's layout on loading; "

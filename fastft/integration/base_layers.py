@@ -12,12 +12,13 @@ from transformers.pytorch_utils import Conv1D
 
 from fastft.modules.nf4_linear import NF4Linear
 
-try:  # peft with transformers 5 converts configs for the MoE models transformers 5 rebuilt; older peft does not
+try:  # peft with transformers 5 converts configs and adapter files for the MoE models transformers 5 rebuilt
     from peft.import_utils import is_transformers_ge_v5
-    from peft.utils.transformers_weight_conversion import convert_peft_config_for_transformers
-    _convert_for_transformers = convert_peft_config_for_transformers if is_transformers_ge_v5 else None
-except ImportError:
-    _convert_for_transformers = None
+    from peft.utils import transformers_weight_conversion as moe_conversion
+    if not is_transformers_ge_v5:
+        moe_conversion = None
+except ImportError:  # older peft does not
+    moe_conversion = None
 
 
 def modules_as_bases(model: nn.Module):
@@ -58,16 +59,22 @@ def convert_moe_targets(config, model: nn.Module) -> None:
     and what "all-linear" meant there) become target_parameters ('gate_up_proj', 'down_proj', 'gate.weight'), with
     rank/alpha patterns doubling r and alpha on the fused gate_up_proj. peft runs it before it matches anything (when
     it builds an adapter, and on loading one), so checks made on the converted config see what peft will build."""
-    if _convert_for_transformers is not None and hasattr(getattr(model, "config", None), "model_type"):
-        _convert_for_transformers(config, model=model, conversions=None)
+    if moe_conversion is not None and hasattr(getattr(model, "config", None), "model_type"):
+        moe_conversion.convert_peft_config_for_transformers(config, model=model, conversions=None)
+
+
+def config_copy(config):
+    """A shallow copy of a LoRA config with rank/alpha patterns of its own: what a conversion or expansion may
+    rewrite in place, `config` untouched."""
+    copied = copy.copy(config)
+    copied.rank_pattern = dict(getattr(config, "rank_pattern", None) or {})
+    copied.alpha_pattern = dict(getattr(config, "alpha_pattern", None) or {})
+    return copied
 
 
 def moe_converted(config, model: nn.Module):
-    """A copy of `config` converted as convert_moe_targets converts it (`config` untouched: the conversion rewrites
-    targets and fills the rank/alpha patterns in place)."""
-    converted = copy.copy(config)
-    converted.rank_pattern = dict(getattr(config, "rank_pattern", None) or {})
-    converted.alpha_pattern = dict(getattr(config, "alpha_pattern", None) or {})
+    """A copy of `config` (config_copy) converted as convert_moe_targets converts it."""
+    converted = config_copy(config)
     convert_moe_targets(converted, model)
     return converted
 

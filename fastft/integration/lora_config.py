@@ -18,6 +18,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from fastft.integration.base_layers import (
+    config_copy,
     convert_moe_targets,
     in_out_features,
     moe_converted,
@@ -224,8 +225,8 @@ def _warn_layer_selection_skips_parameters(config: LoraConfig, parameters: list[
         return
     keep = config.layers_to_transform
     keep = {keep} if isinstance(keep, int) else set(keep)
-    outside = [name for name in parameters
-               if (index := re.search(r"\.(\d+)\.", name)) is not None and int(index[1]) not in keep]
+    patterns = _layers_patterns(config)
+    outside = [name for name in parameters if (i := _layer_index(name, patterns)) is not None and i not in keep]
     if outside:
         warnings.warn(f"LoraConfig.layers_to_transform={config.layers_to_transform!r} does not apply to the "
                       f"parameters peft adapts through target_parameters: {len(outside)} outside those layers are "
@@ -237,8 +238,7 @@ def _as_peft_builds(config: LoraConfig, model: nn.Module) -> LoraConfig:
     """A copy of `config` with the targets peft builds from it: "all-linear" over NF4 layers expanded
     (_expand_all_linear), and peft's conversion for the MoE models transformers 5 rebuilt (Mixtral's transformers 4
     expert names 'w1'/'w3'/'w2' and its router 'gate' become target_parameters)."""
-    built = copy.copy(config)
-    built.rank_pattern, built.alpha_pattern = dict(config.rank_pattern or {}), dict(config.alpha_pattern or {})
+    built = config_copy(config)
     try:
         _expand_all_linear(built, model)
         convert_moe_targets(built, model)  # a second conversion (after _expand_all_linear's) changes nothing
@@ -300,6 +300,12 @@ def _linear_layer_names(model: nn.Module) -> list[str]:
     return sorted({n.rsplit(".", 1)[-1] for n, m in modules_as_bases(model) if in_out_features(m) is not None})
 
 
+def _layers_patterns(config: LoraConfig) -> list[str]:
+    """config.layers_pattern as a list (peft takes a name or a list)."""
+    patterns = config.layers_pattern
+    return [patterns] if isinstance(patterns, str) else list(patterns or ())
+
+
 def _layer_index(name: str, patterns) -> int | None:
     """The layer index peft reads from module `name` for layers_to_transform (peft's check_target_module_exists):
     the number after the first `<list>.`, `<list>` one of `patterns` (None: any name)."""
@@ -339,8 +345,7 @@ def _check_layer_selection(config: LoraConfig, model: nn.Module) -> None:
     if not candidates:
         return  # target_modules matches nothing at all: named by _check_targets
     kind, lists = type(model).__name__, _layer_lists(candidates)
-    patterns = config.layers_pattern
-    patterns = [patterns] if isinstance(patterns, str) else list(patterns or ())
+    patterns = _layers_patterns(config)
     found = {i for name in candidates if (i := _layer_index(name, patterns)) is not None}
     if not found and patterns:
         raise ValueError(f"LoraConfig.layers_pattern={config.layers_pattern!r} names no layer list of {kind} that "

@@ -31,7 +31,8 @@ import torch.nn.functional as F
 
 from fastft.ops.compiled import compiling, needed, unused
 from fastft.ops.compiled_args import fresh_like, weight_args, weight_from_args
-from fastft.ops.lora import backward_operands, backward_split, rank_operands, split_scaling, times_b
+from fastft.ops.lora import (backward_operands, backward_split, rank_operands, split_scaling, tail_factor,
+                             times_b)
 from fastft.ops.shared import (as_rows, autocast_inputs, autocast_off, check, check_backend, finite, nf4_fused_ok,
                                first_order_only, padded, resolve_backend, safe_div, to_dtype)
 from fastft.quant.nf4_weight import NF4Weight
@@ -174,7 +175,7 @@ def dora_backward(saved, meta, weight, dy, need_x, need_b, need_A, need_B, need_
 
     x2, A_p, B_p, xs, sigma, row_norm, magnitude, saved_out, bias = saved
     x_shape, scaling, r, nf4, A_dtype, B_dtype = meta
-    g_scale, A_g, b_scale = backward_split(scaling, x2.dtype, A_p)  # g = (a/b)·dy·diag(σ)·B_p, A_g = b·A_p
+    g_scale, b_scale = backward_split(scaling, x2.dtype)  # g = (a/b)·dy·diag(σ)·B_p, the dx tail's b·A_p
     dB_scale = sigma if b_scale == 1.0 else sigma * b_scale  # dB = b·diag(σ)·dyᵀ·xs
     N = B_p.shape[0]
     dtype = x2.dtype
@@ -186,6 +187,7 @@ def dora_backward(saved, meta, weight, dy, need_x, need_b, need_A, need_B, need_
         B_sigma = (B_p * sigma[:, None]).to(dtype)  # computed in fp32 (sigma's dtype): one device op fewer
         g = rank_project(dy2, B_sigma.t(), scale=g_scale)  # s·dy·diag(σ)·B / b
         if need_x:
+            A_g = tail_factor(A_p, b_scale)
             if nf4:
                 from fastft.kernels.nf4_gemm import nf4_lora_gemm
 

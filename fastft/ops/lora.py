@@ -169,7 +169,7 @@ def fused_lora_backward(saved, meta, dy, dx_gemm, need_x, need_b, need_A, need_B
 
     x2, A_p, B_p, xs = saved
     x_shape, scaling, dropout_p, seed, bias_dtype, r, A_dtype, B_dtype = meta
-    g_scale, A_g, b_scale = backward_split(scaling, x2.dtype, A_p)
+    g_scale, b_scale = backward_split(scaling, x2.dtype)
     g_scale /= 1.0 - dropout_p
     N = B_p.shape[0]
     dtype = x2.dtype
@@ -178,12 +178,12 @@ def fused_lora_backward(saved, meta, dy, dx_gemm, need_x, need_b, need_A, need_B
         dy2 = dy2.contiguous()
     dx = db = dA = dB = None
     if need_x and dx_fold_gemm is not None:
-        dx, g = dx_fold_gemm(dy2, B_p, A_g, g_scale, dropout_p, seed)
+        dx, g = dx_fold_gemm(dy2, B_p, tail_factor(A_p, b_scale), g_scale, dropout_p, seed)
         dx = dx.view(*x_shape)
     elif need_x or need_A:
         g = rank_ops.rank_project(dy2, B_p.t(), scale=g_scale)
         if need_x:
-            dx = dx_gemm(dy2, g, A_g, dropout_p, seed).view(*x_shape)
+            dx = dx_gemm(dy2, g, tail_factor(A_p, b_scale), dropout_p, seed).view(*x_shape)
     if need_A and need_B:  # dA and dB in one launch
         dA, dB = rank_ops.rank_reduce_pair(g, x2, xs, dy2, p_drop=dropout_p, seed=seed)
         dA, dB = to_dtype(times_b(_unpadded(dA, r), b_scale), A_dtype), dB if dB.shape[1] == r else dB[:, :r]
@@ -201,16 +201,22 @@ def fused_lora_backward(saved, meta, dy, dx_gemm, need_x, need_b, need_A, need_B
     return x2, dy2, dx, db, dA, dB
 
 
-def backward_split(scaling: float, dtype: torch.dtype, A_p: torch.Tensor) -> tuple[float, torch.Tensor, float]:
-    """(g_scale, A_g, b): how the backward's rank intermediate g = s·dy·B is stored and used, the forward's split
+def backward_split(scaling: float, dtype: torch.dtype) -> tuple[float, float]:
+    """(g_scale, b): how the backward's rank intermediate g = s·dy·B is stored and used, the forward's split
     (split_scaling: B_p = b·B, a·b = s) undone for it. g' = (a/b)·dy·B_p = a·dy·B is stored (|a| ≤ 1: it is no
     larger than dy·B, where s·dy·B overflowed fp16 at a loss scale 4-8× below peft's fp32 rank path, alpha/r = 16);
-    b goes to the dx tail's factor, A_g = b·A_p (g'·A_g = g·A), and to the fp32 dA sum (times_b). b is a power of
-    two: the products are exact, and the results those of the unsplit g wherever neither g overflowed nor g'
-    fell below fp16's normal range (|g'| < 6.1e-5: b× fewer bits there). Limit: A_g must fit fp16, |A| < 65504/b
-    (4096 at alpha/r = 16; LoRA's A starts near 1/√K); a larger A gives an inf dx, which GradScaler skips."""
+    b goes to the dx tail's factor, tail_factor(A_p, b) = b·A_p (g'·b·A = g·A), and to the fp32 dA sum (times_b).
+    b is a power of two: the products are exact, and the results those of the unsplit g wherever neither g
+    overflowed nor g' fell below fp16's normal range (|g'| < 6.1e-5: b× fewer bits there). Limit: b·A must fit
+    fp16, |A| < 65504/b (4096 at alpha/r = 16; LoRA's A starts near 1/√K); a larger A gives an inf dx, which
+    GradScaler skips."""
     a, b = split_scaling(scaling, dtype)
-    return (a, A_p, 1.0) if b == 1.0 else (a / b, A_p * b, b)
+    return a / b, b
+
+
+def tail_factor(A_p: torch.Tensor, b: float) -> torch.Tensor:
+    """The dx tail's factor b·A_p (backward_split's b; A_p itself when b = 1), made only where dx is computed."""
+    return A_p if b == 1.0 else A_p * b
 
 
 def times_b(t: torch.Tensor, b: float) -> torch.Tensor:
