@@ -143,6 +143,32 @@ def test_every_dropout_layer_of_a_graph_draws_its_own_seed(captured_seeds):
 
 
 @interpreter_only
+@pytest.mark.parametrize("op, backend", [("lora_linear", "aot_eager"), ("lora_linear", "inductor"),
+                                         ("qlora_linear", "aot_eager")])
+def test_the_same_layer_twice_on_the_same_input_draws_two_masks(captured_seeds, op, backend):
+    """R-Drop and SimCSE call a layer twice on one input for two dropout masks. The two fastft::draw_seed calls were
+    identical nodes and CSE merged them: one seed, the same mask twice, y1 == y2 (eager: two masks). Each call
+    now draws its own seed, in eager's order: outputs and gradients exactly eager's."""
+    fn, args = _dropout_case(op)
+
+    def twice(x, b, A, B):
+        return fn(x, b, A, B), fn(x, b, A, B)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(twice, backend=backend, fullgraph=True)
+    run_with_grads(compiled, leaves(args))
+    captured_seeds.clear()
+    torch.manual_seed(7)
+    want = run_with_grads(twice, leaves(args))
+    torch.manual_seed(7)
+    got = run_with_grads(compiled, leaves(args))
+    assert len(captured_seeds) == 4 and captured_seeds[:2] == captured_seeds[2:] and len(set(captured_seeds)) == 2
+    assert not torch.equal(got[0][0], got[0][1])  # two masks
+    for g, w in zip(got[0] + got[1], want[0] + want[1]):
+        torch.testing.assert_close(g, w, atol=0, rtol=0)
+
+
+@interpreter_only
 @pytest.mark.parametrize("op", ["lora_linear", "qlora_linear"])
 def test_dropout_seeds_are_drawn_in_the_op_body(captured_seeds, op):
     """Under one torch.manual_seed the compiled op draws the seed eager draws (fastft::draw_seed's body, at run

@@ -241,6 +241,25 @@ def test_lora_head_dropout_is_drawn_per_call_under_compile(monkeypatch):
 
 
 @interpreter_only
+def test_lora_head_dropout_on_the_same_hidden_states_twice_draws_two_masks(monkeypatch):
+    """The head's loss twice on the same hidden states in one graph (R-Drop): two fastft::draw_seed calls that CSE
+    merged into one gave the same mask twice; each call now draws its own, as eager does."""
+    monkeypatch.setenv("FASTFT_LOSS_CHUNK_MIB", str(4 * V * 4 / 2**20))
+    torch.manual_seed(9)
+    head = _head("peft_lora", dropout=0.4).train()
+    x, y = _t(2, 5, H), _labels(2, 5)
+
+    def twice(x):
+        one = lm_head_cross_entropy(x, head, y, reduction="none", backend="triton")
+        return torch.stack([one, lm_head_cross_entropy(x, head, y, reduction="none", backend="triton")])
+
+    _assert_head_compiles_like_eager(twice, head, x, ROWS + ("draw_seed",), seed=4)
+    torch.manual_seed(4)
+    losses = torch.compile(twice, backend="aot_eager", fullgraph=True)(x)
+    assert not torch.equal(losses[0], losses[1])
+
+
+@interpreter_only
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_lora_head_dropout_under_activation_checkpointing(reduction, monkeypatch):
     """An lm_head LoRA with dropout inside a checkpointed region, which backward recomputes: the loss ops take the

@@ -38,9 +38,9 @@ def seed_tensor_like() -> torch.Tensor:
 
 @torch.library.custom_op("fastft::draw_seed", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
 def draw_seed_op(anchors: list[torch.Tensor], *, device: torch.device) -> torch.Tensor:
-    """anchors: the calling layer's input and adapter (x, lora_A), unread. They make each call a node of its own:
-    AOTAutograd's CSE merges identical pure calls, and calls without arguments are all identical, so every dropout
-    layer of a compiled graph got the first one's seed, and its mask. (An ordered effect keeps them apart too, but
+    """anchors: unread tensors that make each call a node of its own (traced_seed passes them): AOTAutograd's CSE
+    merges identical pure calls, and calls without arguments are all identical, so every dropout layer of a
+    compiled graph got the first one's seed, and its mask. (An ordered effect keeps them apart too, but
     AOTAutograd then fails on activation checkpointing.)
     device: the generator's, always the CPU (a keyword: where the partitioner looks to save and restore the
     generator's state when it replays the op)."""
@@ -50,6 +50,16 @@ def draw_seed_op(anchors: list[torch.Tensor], *, device: torch.device) -> torch.
 @draw_seed_op.register_fake
 def _(anchors, *, device):
     return seed_tensor_like()
+
+
+def traced_seed(x: torch.Tensor, lora_A: torch.Tensor, dropout_p: float) -> Optional[torch.Tensor]:
+    """The seed a traced op call takes: drawn by fastft::draw_seed when dropout_p > 0, else None. Its anchors are
+    the call's input and adapter and a fresh empty tensor of its own: the same layer called twice on the same input
+    in one graph (R-Drop, SimCSE: two masks wanted) gave two identical draws, which CSE merged into one, the same
+    mask twice. aten.empty is never CSE'd (it is not a pure function), so every call site keeps its own draw."""
+    if dropout_p == 0.0:
+        return None
+    return draw_seed_op([x, lora_A, torch.empty(0, device=x.device)], device=SEED_DEVICE)
 
 
 def seed_int(op: str, seed: Optional[torch.Tensor], dropout_p: float) -> int:

@@ -31,8 +31,8 @@ from fastft.ops.chunked_logits import (Plan, RowLoss, as_rows, chunk_budget_byte
                                        row_losses, row_losses_backward, scaled_grad, times_in_fp32,
                                        weight_grad_dtype)
 from fastft.ops.compiled import capturing, needed, unused
-from fastft.ops.compiled_args import (SEED_DEVICE, draw_seed_op, nf4_args, nf4_from_args, refuse_replayed_dropout,
-                                      seed_int)
+from fastft.ops.compiled_args import (nf4_args, nf4_from_args, refuse_replayed_dropout, seed_int,
+                                      traced_seed)
 
 
 class LossArgs(NamedTuple):
@@ -272,7 +272,7 @@ def traced_loss(op: str, reduction: str, hidden, head, row: RowLoss, grad_scale,
     fastft.ops.lm_head.HeadArgs. Its dropout seed is drawn at run time by its own op (fastft::draw_seed), never
     here (it would be a graph constant), and passed in: the loss ops are functions of their inputs."""
     nf4, nf4_ints = nf4_args(head.nf4) if head.nf4 is not None else ([], [])
-    seed = draw_seed_op([hidden, head.lora_A], device=SEED_DEVICE) if head.dropout_p > 0.0 else None
+    seed = traced_seed(hidden, head.lora_A, head.dropout_p)
     args = LossArgs(hidden, head.weight, head.bias, head.lora_A, head.lora_B, nf4, labels, teacher_hidden,
                     teacher_weight, grad_scale, seed, op, row.kind, row.backend, head.vocab, row.ignore_index,
                     row.label_smoothing, row.softcap, row.temperature, row.reverse, float(head.scaling),

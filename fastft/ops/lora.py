@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from fastft.ops import lora_path, shared
 from fastft.ops.compiled import compiling, needed, unused
-from fastft.ops.compiled_args import SEED_DEVICE, draw_seed_op, fresh_like, refuse_replayed_dropout, seed_int
+from fastft.ops.compiled_args import fresh_like, refuse_replayed_dropout, seed_int, traced_seed
 from fastft.ops.shared import (as_rows, autocast_inputs, autocast_off, check, check_backend, finite,
                                first_order_only, padded, resolve_backend, to_dtype)
 
@@ -368,5 +368,5 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, *, back
     with autocast_off(x.device.type):
         if not compiling():
             return LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
-        seed = draw_seed_op([x, lora_A], device=SEED_DEVICE) if dropout_p > 0.0 else None
+        seed = traced_seed(x, lora_A, dropout_p)
         return lora_linear_op(x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p)[0]

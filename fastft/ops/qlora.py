@@ -21,8 +21,8 @@ import torch.nn.functional as F
 
 from fastft.ops import qlora_path
 from fastft.ops.compiled import compiling, needed, unused
-from fastft.ops.compiled_args import (SEED_DEVICE, draw_seed_op, fresh_like, nf4_args, nf4_from_args,
-                                      refuse_replayed_dropout, seed_int)
+from fastft.ops.compiled_args import (fresh_like, nf4_args, nf4_from_args, refuse_replayed_dropout, seed_int,
+                                      traced_seed)
 from fastft.ops.qlora_path import release_dequant_scratch  # noqa: F401 - public here too
 from fastft.ops.lora import (backward_operands, fused_lora_backward, fused_lora_forward, lora_linear_reference,
                              lora_meta, saved_factors)
@@ -311,7 +311,7 @@ def qlora_linear(x, qweight, bias, lora_A, lora_B, scaling, dropout_p=0.0, *, ba
     with autocast_off(x.device.type):
         if not compiling():
             return QLoRALinearFunction.apply(x, qweight, bias, lora_A, lora_B, scaling, dropout_p)
-        seed = draw_seed_op([x, lora_A], device=SEED_DEVICE) if dropout_p > 0.0 else None
+        seed = traced_seed(x, lora_A, dropout_p)
         return qlora_linear_op(x, *nf4_args(qweight), bias, lora_A, lora_B, seed, scaling, dropout_p)[0]
 
 
