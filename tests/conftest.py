@@ -18,8 +18,9 @@ import pytest  # noqa: E402
 
 # The longest files (~20 s to ~90 s each on CI's 2 cores), started first when pytest-xdist spreads whole files over
 # workers (scripts/test.sh: -n 2 --dist loadfile), so no worker is left with one of them at the end alone.
-LONG_FILES = ("test_study_quick.py", "test_train_distributed.py", "test_patch_step_benchmark.py",
-              "test_train_compile.py", "test_train_objectives.py", "test_study.py", "test_bench_cli.py",
+LONG_FILES = ("test_study_quick.py", "test_methods_sm90_compile.py", "test_patch_step_benchmark.py",
+              "test_nf4_sm90_compile.py", "test_train_distributed.py", "test_train_compile.py",
+              "test_attention_sm90_compile.py", "test_train_objectives.py", "test_study.py", "test_bench_cli.py",
               "test_train_resume.py", "test_nf4_fsdp.py", "test_methods_smollm2.py", "test_smollm2.py")
 
 

@@ -5,6 +5,7 @@ import os
 import random
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -27,15 +28,20 @@ def _one_process(argv):
         torch.set_num_threads(before)
 
 
-def _two_processes(argv, timeout=600):
+def _two_processes(jobs: list[dict], root, timeout=900):
+    """Every job in one torchrun launch (tests/train_jobs_worker.py): the launch's imports are paid once."""
+    path = root / "jobs.json"
+    path.write_text(json.dumps(jobs))
+    worker = Path(__file__).with_name("train_jobs_worker.py")
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "-m", "fastft.apps.cli", *argv], env=dict(os.environ, OMP_NUM_THREADS="1"),
+                          str(worker), str(path)], env=dict(os.environ, OMP_NUM_THREADS="1"),
                          capture_output=True, text=True, timeout=timeout)
     assert run.returncode == 0, run.stderr[-3000:]
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
+    """The one-process reference runs (batch 4) here, then every two-process run (batch 2) in one launch."""
     root = tmp_path_factory.mktemp("dist")
     tiny = save_tiny_checkpoint(root / "tiny")
     rng = random.Random(0)
@@ -51,51 +57,62 @@ def setup(tmp_path_factory):
     data.write_text("".join(json.dumps(line) + "\n" for line in lines))
     common = ["train", "--model", str(tiny), "--data", str(data), "--steps", "3", "--grad-accum", "2",
               "--eval-examples", "2", "--max-length", "48", "--dropout", "0", "--lr", "3e-3"]
+    jobs = []
+
+    def two(*argv):
+        jobs.append({"argv": [*argv, "--batch-size", "2"]})
+
     _one_process([*common, "--batch-size", "4", "--output-dir", str(root / "one")])
-    return root, common
+    for distributed in ("auto", "fsdp"):  # a straight run, copied aside, then resumed from its step 2
+        out = root / distributed
+        lora = [*common, "--distributed", distributed, "--save-every", "2", "--output-dir", str(out)]
+        two(*lora)
+        jobs.append({"copy": [str(out), str(root / f"{distributed}-straight")]})
+        two(*lora, "--resume")
+    qlora = [*common, "--method", "qlora"]
+    _one_process([*qlora, "--batch-size", "4", "--output-dir", str(root / "qlora-one")])
+    for distributed in ("ddp", "fsdp"):
+        two(*qlora, "--distributed", distributed, "--output-dir", str(root / f"qlora-{distributed}"))
+    for method in ("prefix", "full"):
+        args = [*common, "--method", method, "--save-every", "2",
+                *(["--num-virtual-tokens", "4"] * (method == "prefix"))]
+        _one_process([*args, "--batch-size", "4", "--output-dir", str(root / f"{method}-one")])
+        two(*args, "--distributed", "fsdp", "--eval-examples", "3", "--output-dir", str(root / f"{method}-fsdp"))
+    _two_processes(jobs, root)
+    return root
 
 
 @pytest.mark.parametrize("distributed", ["auto", "fsdp"])
 def test_two_processes_train_the_adapter_of_one(setup, distributed):
     """torchrun, 2 processes × batch 2 (auto: DDP, as torchrun sets up) trains the adapter of 1 process × batch 4."""
-    root, common = setup
-    out = root / distributed
-
-    def torchrun(*extra):
-        _two_processes([*common, "--batch-size", "2", "--distributed", distributed, "--save-every", "2",
-                        "--output-dir", str(out), *extra])
-        return load_file(str(out / "adapter" / "adapter_model.safetensors"))
-
-    straight = torchrun()
-    two, one = (json.loads((d / "metrics.json").read_text()) for d in (out, root / "one"))
+    root = setup
+    straight, resumed = root / f"{distributed}-straight", root / distributed
+    two, one = (json.loads((d / "metrics.json").read_text()) for d in (straight, root / "one"))
     assert two["processes"] == 2 and two["distribution"]["sharded"] == (distributed == "fsdp")
     # the same global batches and the same exactly normalised loss: the same losses step by step
     assert two["train_losses"] == pytest.approx(one["train_losses"], rel=1e-5)
     assert two["eval_after"]["loss"] == pytest.approx(one["eval_after"]["loss"], rel=1e-5)
     assert two["eval_after"]["examples"] == one["eval_after"]["examples"] == 2  # each example once, not per process
-    a = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    a = load_file(str(straight / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(root / "one" / "adapter" / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and a
     for key in a:  # Adam magnifies rounding in near-zero gradients: compared loosely
         assert torch.allclose(a[key], b[key], atol=3e-3), key
-    checkpoint = load_file(str(out / "checkpoints" / "step-00000002" / "trainable.safetensors"))
+    checkpoint = load_file(str(straight / "checkpoints" / "step-00000002" / "trainable.safetensors"))
     assert {tuple(v.shape) for v in checkpoint.values()} == {tuple(v.shape) for v in a.values()}  # whole, not shards
     # resuming from step 2 (weights, optimizer and RNG scattered back to both processes) redoes step 3 exactly
-    resumed = torchrun("--resume")
-    assert json.loads((out / "metrics.json").read_text())["resumed_from"].endswith("step-00000002")
-    for key in straight:
-        assert torch.equal(resumed[key], straight[key]), key
+    assert json.loads((resumed / "metrics.json").read_text())["resumed_from"].endswith("step-00000002")
+    again = load_file(str(resumed / "adapter" / "adapter_model.safetensors"))
+    assert again.keys() == a.keys()
+    for key in a:
+        assert torch.equal(again[key], a[key]), key
 
 
 @pytest.mark.parametrize("distributed", ["ddp", "fsdp"])
 def test_two_processes_train_the_qlora_adapter_of_one(setup, distributed):
     """QLoRA: DDP leaves the frozen NF4 weights out of its broadcast; FSDP2 shards their packed bytes."""
-    root, common = setup
+    root = setup
     one, out = root / "qlora-one", root / f"qlora-{distributed}"
-    qlora = [*common, "--method", "qlora"]
-    if not (one / "adapter").exists():
-        _one_process([*qlora, "--batch-size", "4", "--output-dir", str(one)])
-    _two_processes([*qlora, "--batch-size", "2", "--distributed", distributed, "--output-dir", str(out)])
     two, ref = (json.loads((d / "metrics.json").read_text()) for d in (out, one))
     assert two["processes"] == 2 and two["distribution"]["sharded"] == (distributed == "fsdp")
     assert two["train_losses"] == pytest.approx(ref["train_losses"], rel=1e-5)
@@ -111,12 +128,8 @@ def test_fsdp_trains_prefix_tuning_and_a_full_fine_tune_like_one_process(setup, 
     """Prefix tuning runs each document alone: every process must still gather the FSDP2 weights as often (its
     evaluation hung when one process had more records), and peft saves its adapter from the live, sharded prefix
     encoder (the whole weights stand in). A full fine-tune's tied lm_head is saved once, as one process saves it."""
-    root, common = setup
+    root = setup
     one, out = root / f"{method}-one", root / f"{method}-fsdp"
-    args = [*common, "--method", method, "--save-every", "2", *(["--num-virtual-tokens", "4"] * (method == "prefix"))]
-    _one_process([*args, "--batch-size", "4", "--output-dir", str(one)])
-    _two_processes([*args, "--batch-size", "2", "--distributed", "fsdp", "--eval-examples", "3", "--output-dir",
-                    str(out)], timeout=300)
     two, ref = (json.loads((d / "metrics.json").read_text()) for d in (out, one))
     assert two["distribution"]["sharded"] and two["train_losses"] == pytest.approx(ref["train_losses"], rel=1e-5)
     saved = "adapter/adapter_model.safetensors" if method == "prefix" else "model/model.safetensors"
