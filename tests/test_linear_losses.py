@@ -2,11 +2,13 @@
 dtypes, options, reductions, grad_output), gradient accumulation with num_items, LoRA and NF4 lm_heads, KL
 distillation, sequence log-probs and DPO, the Triton row kernels against their torch twins, and bad input."""
 import random
+import warnings
 
 import peft
 import pytest
 import torch
 import torch.nn.functional as F
+import transformers
 from torch import nn
 
 import fastft
@@ -283,16 +285,21 @@ def test_lora_lm_head_dropout_is_honoured(monkeypatch):
         assert rel_err(g, w) <= 1e-5, name
 
 
-def test_lora_lm_head_per_token_losses_with_dropout_and_two_adapters(monkeypatch):
+@pytest.mark.parametrize("adapters", ["one with dropout", "two without dropout"])
+def test_lora_lm_head_per_token_losses_with_dropout_or_two_adapters(monkeypatch, adapters):
     """reduction="none" recomputes the logits in backward: the dropout mask drawn there must be the forward's; two
-    active adapters act as one LoRA of summed rank."""
+    active adapters (without dropout: peft draws a mask per adapter) act as one LoRA of summed rank."""
     torch.manual_seed(1)
-    model = peft.get_peft_model(_Holder(nn.Linear(24, 53)), peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.2,
+    dropout = 0.2 if adapters == "one with dropout" else 0.0
+    model = peft.get_peft_model(_Holder(nn.Linear(24, 53)), peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout,
                                                                            target_modules=["lm_head"]))
-    model.add_adapter("second", peft.LoraConfig(r=3, lora_alpha=5, lora_dropout=0.2, target_modules=["lm_head"],
-                                                init_lora_weights=False))
     head = model.base_model.model.lm_head.train()
-    head.set_adapter(["default", "second"])
+    names = ["default"]
+    if adapters == "two without dropout":
+        model.add_adapter("second", peft.LoraConfig(r=3, lora_alpha=5, target_modules=["lm_head"],
+                                                    init_lora_weights=False))
+        names.append("second")
+        head.set_adapter(names)
     with torch.no_grad():
         head.lora_B["default"].weight.normal_(std=0.3)
     masks = []
@@ -302,20 +309,81 @@ def test_lora_lm_head_per_token_losses_with_dropout_and_two_adapters(monkeypatch
     hidden = _leaf(torch.randn(2, 15, 24))
     labels = torch.randint(0, 53, (2, 15))
     params = [hidden] + [p for n, p in head.named_parameters() if "lora_" in n]
-    assert len(params) == 5
+    assert len(params) == 1 + 2 * len(names)
     loss = lm_head_cross_entropy(hidden, head, labels, reduction="none")
-    assert loss.shape == (2, 15) and len(masks) == 2  # forward: logits only, 2 chunks
     go = torch.randn(2, 15)
     got = _grads(loss, params, go)
-    assert len(masks) == 6 and all(torch.equal(masks[i], masks[2 + 2 * i]) for i in range(2))
-    mask = torch.cat(masks[:2]).view(hidden.shape) / 0.8
+    mask = torch.ones_like(hidden)
+    if dropout:  # forward: logits only, 2 chunks; backward draws each chunk's mask again (the forward's)
+        assert loss.shape == (2, 15) and len(masks) == 6 and all(torch.equal(masks[i], masks[2 + 2 * i])
+                                                                 for i in range(2))
+        mask = torch.cat(masks[:2]).view(hidden.shape) / 0.8
     logits = head.get_base_layer()(hidden)
-    for name in ("default", "second"):
+    for name in names:
         logits = logits + head.scaling[name] * head.lora_B[name](head.lora_A[name](hidden * mask))
     ref = F.cross_entropy(logits.reshape(-1, 53), labels.reshape(-1), reduction="none").view(2, 15)
     assert torch.allclose(loss, ref, rtol=1e-5, atol=1e-6)
     for g, w in zip(got, _grads(ref, params, go)):
         assert rel_err(g, w) <= 1e-5
+
+
+def test_two_lm_head_adapters_with_dropout_are_refused_and_the_patched_model_gives_peft_loss():
+    """Two active lm_head adapters with the same dropout rate: peft draws a mask per adapter, the fused loss drew
+    one for both (adapter b = -adapter a then cancelled exactly: the loss with adapters disabled). The head is now
+    refused (as different rates were), and a patched model falls back to its own head and loss: peft's losses."""
+    from fastft.ops.lm_head import head_of_module
+
+    def build(patch):
+        torch.manual_seed(0)
+        base = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+            vocab_size=64, tie_word_embeddings=False))
+        config = lambda: peft.LoraConfig(r=4, lora_alpha=8, target_modules=["lm_head"], lora_dropout=0.5)  # noqa: E731
+        model = peft.get_peft_model(base, config())
+        model.add_adapter("b", config())
+        head = model.base_model.model.lm_head
+        with torch.no_grad():
+            head.lora_B["default"].weight.normal_()
+            head.lora_B["b"].weight.copy_(-head.lora_B["default"].weight)
+            head.lora_A["b"].weight.copy_(head.lora_A["default"].weight)
+        model.base_model.set_adapter(["default", "b"])
+        if patch:
+            fastft.patch_model(model, backend="torch")
+        return model.train()
+
+    patched, ref = build(True), build(False)
+    for check_only in (False, True):
+        with pytest.raises(ValueError, match="peft draws a mask per adapter"):
+            head_of_module("op", patched.base_model.model.lm_head, check_only=check_only)
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad(), ref.disable_adapter():
+        base_loss = ref(input_ids=ids, labels=ids).loss
+    for seed in range(2):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the fallback's note
+            torch.manual_seed(seed)
+            got = patched(input_ids=ids, labels=ids).loss
+        torch.manual_seed(seed)
+        want = ref(input_ids=ids, labels=ids).loss
+        assert torch.allclose(got, want, rtol=1e-5) and not torch.allclose(got, base_loss, rtol=1e-3)
+
+
+def test_two_lm_head_adapters_of_two_dtypes_run_in_the_widest():
+    """A bf16 adapter beside an fp32 one on lm_head: the fused loss stacks them in fp32 whichever is listed first
+    (it took the first's dtype: the fp32 adapter rounded to bf16 when listed second), as the fused layers do."""
+    from fastft.ops.lm_head import head_of_module
+
+    model = peft.get_peft_model(_Holder(nn.Linear(24, 53)), peft.LoraConfig(r=4, target_modules=["lm_head"]))
+    model.add_adapter("second", peft.LoraConfig(r=3, target_modules=["lm_head"], init_lora_weights=False))
+    head = model.base_model.model.lm_head
+    head.lora_A["default"].to(torch.bfloat16)
+    head.lora_B["default"].to(torch.bfloat16)
+    for order in (["default", "second"], ["second", "default"]):
+        head.set_adapter(order)
+        args = head_of_module("op", head)
+        assert args.lora_A.dtype == args.lora_B.dtype == torch.float32
+        assert torch.equal(args.lora_A[-3:] if order[0] == "default" else args.lora_A[:3],
+                           head.lora_A["second"].weight)
 
 
 def test_head_check_only_builds_nothing_and_refuses_alike(monkeypatch):
@@ -331,7 +399,7 @@ def test_head_check_only_builds_nothing_and_refuses_alike(monkeypatch):
     assert head_of_module("op", head, check_only=True) is None
     head.lora_dropout["second"] = nn.Dropout(0.3)
     for check_only in (False, True):
-        with pytest.raises(ValueError, match="different dropout rates"):
+        with pytest.raises(ValueError, match="have dropout"):
             head_of_module("op", head.train(), check_only=check_only)
 
 

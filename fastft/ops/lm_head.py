@@ -9,6 +9,8 @@ Anything else is refused with the list of what is supported.
 """
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass
 
 import torch
@@ -160,9 +162,9 @@ def head_of_module(op: str, lm_head: nn.Module, *, check_only: bool = False) -> 
         else:
             raise ValueError(f"{op}: `lm_head` adapter {name!r} has a {type(dropout).__name__} as lora_dropout; only "
                              "nn.Dropout / nn.Identity are supported")
-    if len(dropouts) != 1:
-        raise ValueError(f"{op}: `lm_head` active adapters {names} use different dropout rates {sorted(dropouts)}; "
-                         "the fused loss draws one mask for all of them")
+    if len(names) > 1 and dropouts != {0.0}:  # peft draws each adapter's mask on its own (as FusedLoraBase says)
+        raise ValueError(f"{op}: `lm_head` active adapters {names} have dropout (rates {sorted(dropouts)}); peft draws "
+                         "a mask per adapter, the fused loss would draw one for all of them")
     if check_only:  # the verdict only (a fused loss takes this head): no concatenated factors built
         return None
     dropout_p = dropouts.pop()
@@ -170,7 +172,8 @@ def head_of_module(op: str, lm_head: nn.Module, *, check_only: bool = False) -> 
         name = names[0]
         A, B, scaling = lm_head.lora_A[name].weight, lm_head.lora_B[name].weight, float(lm_head.scaling[name])
     else:  # several active adapters are one LoRA of summed rank
-        dtype = lm_head.lora_A[names[0]].weight.dtype
+        # in their widest dtype: an fp32 adapter beside a bf16 one keeps its precision, whichever is listed first
+        dtype = functools.reduce(torch.promote_types, [lm_head.lora_A[n].weight.dtype for n in names])
         A = torch.cat([lm_head.lora_A[n].weight.to(dtype) for n in names], dim=0)
         B = torch.cat([lm_head.lora_B[n].weight.to(dtype) * lm_head.scaling[n] for n in names], dim=1)
         scaling = 1.0
