@@ -62,9 +62,12 @@ def _packed_documents(position_ids, batch_size: int):
         if batch_size != 1:  # separating them would read the values (a sync a layer): refused in the graph instead
             torch._assert_async(~starts.view(batch_size, -1)[:, 1:].any(), _PACKED_ROWS_UNDER_COMPILE)
             return None
-        index = torch.arange(total, device=starts.device)
-        first = torch.sort(torch.where(starts, index, total)).values
-        return F.pad(first, (0, 1), value=total).to(torch.int32), None
+        # S as a tensor (index[-1:]), never a number: F.pad(..., value=S) made dynamo specialise on the length,
+        # a graph per sequence length until the recompile limit
+        index = torch.arange(total + 1, device=starts.device)
+        last = index[-1:]
+        first = torch.sort(torch.where(starts, index[:-1], last)).values
+        return torch.cat([first, last]).to(torch.int32), None
     version = None if position_ids.is_inference() else position_ids._version  # inference tensors have none
     if version is not None and _memo and _memo[0]() is position_ids and _memo[1:3] == (version, batch_size):
         return _memo[3]
