@@ -57,6 +57,38 @@ def test_left_padded_batch_matches_peft():
     assert_same_step(_step_masked(ours, batch, mask), _step_masked(theirs, batch, mask), "padded prefix tuning")
 
 
+@pytest.mark.parametrize("method", ["prefix", "prompt"])
+def test_left_padded_batch_with_every_real_token_labelled_matches_peft(method):
+    """HF's usual labels (only pads -100): a row's first real token is predicted from the padded position before it.
+    Under SDPA (peft) that padded query sees the prefix / the virtual tokens before the padding; fastft attention
+    gave it zeros, so loss and gradients differed (prefix tuning: loss 4.870 against 4.852). It is now computed as
+    SDPA computes it: peft's loss, gradients and logits at every real token (other padded positions, which predict
+    only -100 labels, stay zeros)."""
+    config = (lambda: _config()) if method == "prefix" else (
+        lambda: peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+    ours, theirs = fastft_and_peft(config)
+    if method == "prompt":  # fastft attention reaches prompt tuning through patch_model
+        fastft.patch_model(ours)
+    batch, mask = ids(), torch.ones(2, 9, dtype=torch.long)
+    mask[0, :3] = 0
+    got, want = (_step_hf_labels(m.train(), batch, mask) for m in (ours, theirs))
+    assert_close(got[0], want[0], torch.float32, f"{method} loss")
+    if not got[1].numel():  # the patched model's fused loss gives no logits: peft's at the real tokens stand in
+        got = (got[0], want[1], got[2])
+    assert_same_step(got[1:], want[1:], f"left-padded {method} tuning")
+
+
+def _step_hf_labels(model, batch, mask):
+    model.zero_grad(set_to_none=True)
+    out = model(input_ids=batch, attention_mask=mask, labels=batch.masked_fill(mask == 0, -100))
+    out.loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    if out.logits is None:  # a patched model's fused loss in training mode: no logits
+        return out.loss.detach(), torch.zeros(0), grads
+    real = torch.cat([torch.zeros(2, out.logits.shape[1] - 9, dtype=torch.bool), mask.bool()], dim=1)
+    return out.loss.detach(), out.logits.detach()[real], grads
+
+
 @pytest.mark.skipif(not INTERPRET, reason="Triton attention on CPU needs the interpreter")
 def test_triton_attention_kernels_with_prefix():
     from fastft.integration.attention import register_attention

@@ -26,7 +26,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-from fastft.ops.attention import flash_attention, gqa_flag, visible_mask
+from fastft.ops.attention import flash_attention, gqa_flag, mask_bounds, visible_mask
 from fastft.ops.compiled import compiling
 from fastft.ops.shared import BACKENDS, require_triton
 
@@ -135,7 +135,43 @@ def _unpadded(q, k, v, mask, **kw):
     _check_prefix_window(kw, longest)
     out = flash_attention(*flat, cu_seqlens=cu, max_seqlen=longest, backend=_backend, **kw)
     full = out.new_zeros(B * S, *out.shape[-2:]).index_copy(0, keep, out)
+    edge, seen = _edge_queries(mask, kw)
+    if edge.numel():
+        full = full.index_copy(0, edge, _edge_attention(q, k, v, edge, seen, kw))
     return full.view(B, S, *out.shape[-2:])
+
+
+def _edge_queries(mask, kw):
+    """(flat indices, (n, S) keys seen) of the padded queries SDPA would not give zeros that matter: those right
+    before a kept token (their output predicts its label: a left-padded row's first real token) that see keys: a
+    prefix (prefix tuning), or kept tokens before the padding (prompt tuning's virtual tokens). Other padded
+    queries feed nothing that is trained and stay zeros."""
+    B, S = mask.shape
+    b, t = (~mask[:, :-1] & mask[:, 1:]).nonzero(as_tuple=True)
+    left, right = mask_bounds(True, kw.get("window"))
+    d = t[:, None] - torch.arange(S, device=mask.device)[None, :]
+    seen = mask[b] & (d <= left) & (d >= -right)
+    if kw.get("prefix_k") is None:
+        some = seen.any(1)
+        b, t, seen = b[some], t[some], seen[some]
+    return b * S + t, seen
+
+
+def _edge_attention(q, k, v, edge, seen, kw):
+    """_edge_queries' outputs as SDPA computes them: each query over its row's keys it sees, and the prefix."""
+    B, S, H, D = q.shape
+    rows = edge // S
+    keys, values = k[rows], v[rows]  # (n, S, KV, D)
+    prefix_k = kw.get("prefix_k")
+    if prefix_k is not None:  # (1, P, KV, D), seen by every query
+        n, P = rows.numel(), prefix_k.shape[1]
+        keys, values = (torch.cat([p.to(t.dtype).expand(n, -1, -1, -1), t], dim=1)
+                        for p, t in zip((prefix_k, kw["prefix_v"]), (keys, values)))
+        seen = torch.cat([seen.new_ones(n, P), seen], dim=1)
+    out = F.scaled_dot_product_attention(
+        q.reshape(B * S, H, D)[edge][:, :, None], keys.transpose(1, 2), values.transpose(1, 2),
+        attn_mask=seen[:, None, None, :], scale=kw.get("softmax_scale"), enable_gqa=gqa_flag(H, k.shape[2]))
+    return out[:, :, 0]
 
 
 def _sdpa_fallback(query, key, value, mask, scaling, is_causal, window=None, prefix=None):
