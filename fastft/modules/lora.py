@@ -11,14 +11,13 @@ one mask per adapter) take peft's forward unchanged.
 """
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
 from peft.tuners.lora import Linear as PeftLoraLinear
 from torch import nn
 
-from fastft.ops.lora import lora_linear
+from fastft.ops.lora import lora_linear, stacked_adapters
 from fastft.ops.shared import AUTOCAST_CASTS, BACKENDS, require_triton
 
 
@@ -89,12 +88,7 @@ class FusedLoraBase(PeftLoraLinear):
             return lora_A[name].weight, lora_B[name].weight, self.scaling[name], dropouts.pop()
         if dropouts != {0.0}:
             return None  # peft draws each active adapter's dropout mask on its own; the fused op draws one
-        # Several active adapters are one LoRA of summed rank: stack the A's, scale and stack the B's (in their
-        # widest dtype: an fp32 adapter beside a bf16 one keeps its precision, whichever is listed first).
-        dtype = functools.reduce(torch.promote_types, [lora_A[n].weight.dtype for n in names])
-        A = torch.cat([lora_A[n].weight.to(dtype) for n in names], dim=0)
-        B = torch.cat([lora_B[n].weight.to(dtype) * self.scaling[n] for n in names], dim=1)
-        return A, B, 1.0, 0.0
+        return (*stacked_adapters(lora_A, lora_B, self.scaling, names), 1.0, 0.0)
 
 
 class FusedLoraLinear(FusedLoraBase):

@@ -9,13 +9,12 @@ Anything else is refused with the list of what is supported.
 """
 from __future__ import annotations
 
-import functools
-
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from fastft.ops.lora import stacked_adapters
 from fastft.ops.shared import check as shared_check
 from fastft.quant.nf4_weight import NF4Weight
 
@@ -172,10 +171,7 @@ def head_of_module(op: str, lm_head: nn.Module, *, check_only: bool = False) -> 
         name = names[0]
         A, B, scaling = lm_head.lora_A[name].weight, lm_head.lora_B[name].weight, float(lm_head.scaling[name])
     else:  # several active adapters are one LoRA of summed rank
-        # in their widest dtype: an fp32 adapter beside a bf16 one keeps its precision, whichever is listed first
-        dtype = functools.reduce(torch.promote_types, [lm_head.lora_A[n].weight.dtype for n in names])
-        A = torch.cat([lm_head.lora_A[n].weight.to(dtype) for n in names], dim=0)
-        B = torch.cat([lm_head.lora_B[n].weight.to(dtype) * lm_head.scaling[n] for n in names], dim=1)
+        A, B = stacked_adapters(lm_head.lora_A, lm_head.lora_B, lm_head.scaling, names)
         scaling = 1.0
     return HeadArgs(weight=base.weight, nf4=base.nf4, bias=base.bias, lora_A=A, lora_B=B, scaling=scaling,
                     dropout_p=dropout_p)

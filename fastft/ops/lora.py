@@ -6,6 +6,7 @@ tests compare against, and the CPU path.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -79,6 +80,17 @@ def validate_lora_linear_args(x, weight, bias, lora_A, lora_B, scaling, dropout_
         raise ValueError(f"lora_linear: `scaling` must be a finite number (not a bool), got {scaling!r}")
     if not (isinstance(dropout_p, (int, float)) and 0.0 <= dropout_p < 1.0):
         raise ValueError(f"lora_linear: `dropout_p` must be in [0, 1), got {dropout_p!r}")
+
+
+def stacked_adapters(lora_A, lora_B, scaling, names) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) of several active peft adapters as one LoRA of summed rank and scaling 1 (lora_A/lora_B: peft's
+    ModuleDicts, scaling its dict): the A's stacked, the B's scaled and stacked, in their widest dtype (an fp32
+    adapter beside a bf16 one keeps its precision, whichever is listed first). Without dropout only: peft draws a
+    mask per adapter, one fused op would draw one for all."""
+    dtype = functools.reduce(torch.promote_types, [lora_A[n].weight.dtype for n in names])
+    A = torch.cat([lora_A[n].weight.to(dtype) for n in names], dim=0)
+    B = torch.cat([lora_B[n].weight.to(dtype) * scaling[n] for n in names], dim=1)
+    return A, B
 
 
 def split_scaling(scaling: float, dtype: torch.dtype) -> tuple[float, float]:
