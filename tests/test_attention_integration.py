@@ -134,6 +134,24 @@ def test_non_causal_padded_queries_see_the_real_keys(fastft_attention):
 
 
 @interpreter_only
+def test_padding_mask_is_read_once_per_forward(fastft_attention, monkeypatch):
+    """Unpadding reads the mask on the host (a sync): once per forward for all layers, and the next forward's new
+    mask read again (its logits, loss and gradients are sdpa's, not the first batch's)."""
+    import fastft.integration.attention as integration
+
+    reads = []
+    real = integration._unpadding
+    monkeypatch.setattr(integration, "_unpadding", lambda *a: reads.append(1) or real(*a))
+    model = tiny_llama(num_hidden_layers=3)
+    first, _ = _padded(_texts([13, 7, 20]), left=True)
+    fwd_bwd(model, "fastft", first)
+    assert len(reads) == 1, f"{len(reads)} host reads of the padding mask in one forward of 3 layers"
+    second, valid = _padded(_texts([9, 16, 4], seed=2))
+    compare_to_sdpa(model, second, valid)
+    assert len(reads) == 2
+
+
+@interpreter_only
 def test_packed_equals_separate_sequences(fastft_attention):
     """No attention across documents: the packed row's logits equal each sequence run alone."""
     model = tiny_llama()

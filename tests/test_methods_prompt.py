@@ -1,13 +1,14 @@
 """Prompt tuning and P-tuning: peft's own implementation through fastft's entry point (input-embedding
 methods, nothing to fuse), checked against peft, with save/load both ways and config errors naming the field."""
+import peft
 import pytest
 import torch
-from peft import PromptEncoderConfig, PromptTuningConfig
+from peft import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
 
 import fastft
 from tests.methods_utils import (assert_generates_as_its_forward, assert_round_trips_with_peft, assert_same_step,
                                  fastft_and_peft, ids, perturb_trainables, step)
-from tests.utils import tiny_llama
+from tests.utils import assert_close, rel_err, tiny_llama
 
 CONFIGS = {
     "prompt": lambda: PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4),
@@ -76,3 +77,38 @@ def test_generation_is_cached_and_matches_padded_forwards(kind, cache_implementa
 def test_bad_configs_are_named(config, message):
     with pytest.raises(ValueError, match=message):
         fastft.get_peft_model(tiny_llama(), config)
+
+
+TRAINABLE_LOADS = {**CONFIGS,
+                   "prefix": lambda: PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4),
+                   "prefix-projection": lambda: PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4,
+                                                                   prefix_projection=True, encoder_hidden_size=24)}
+
+
+@pytest.mark.parametrize("kind", sorted(TRAINABLE_LOADS))
+def test_saved_adapter_loads_trainable_and_trains_on(kind, tmp_path):
+    """peft refuses is_trainable=True for prompt learning; fastft trains the saved table (what a projection or
+    P-tuning's encoder produced): the saved logits, the gradients of peft's own load with that table unfrozen,
+    and a trained step that peft loads back."""
+    ours, _ = fastft_and_peft(TRAINABLE_LOADS[kind])
+    batch = ids()
+    with torch.no_grad():
+        saved_logits = ours(input_ids=batch).logits
+    fastft.save_adapter(ours, tmp_path / "saved")
+    loaded = fastft.load_adapter(tiny_llama().train(), tmp_path / "saved", is_trainable=True)
+    assert loaded.training, "the model is left in the mode it came in (peft's load for inference sets eval)"
+    assert [n for n, p in loaded.named_parameters() if p.requires_grad] == ["prompt_encoder.default.embedding.weight"]
+    reference = peft.PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "saved"))
+    reference.prompt_encoder["default"].requires_grad_(True)
+    logits, grads = step(loaded, batch)
+    assert_close(logits, saved_logits, torch.float32, f"{kind}: loaded trainable")
+    assert_same_step((logits, grads), step(reference, batch), kind)
+
+    torch.optim.SGD([p for p in loaded.parameters() if p.requires_grad], lr=1.0).step()
+    with torch.no_grad():
+        trained_logits = loaded(input_ids=batch).logits
+    assert rel_err(trained_logits, saved_logits) > 1e-3, f"{kind}: the step changed nothing"
+    fastft.save_adapter(loaded, tmp_path / "trained")
+    back = peft.PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "trained"))
+    with torch.no_grad():
+        assert_close(back(input_ids=batch).logits, trained_logits, torch.float32, f"{kind}: trained, saved, loaded")

@@ -39,7 +39,22 @@ _PACKED_ROWS_UNDER_COMPILE = (
     "rows (packed documents), which the traced graph cannot separate without reading them: pack into one row "
     "(batch 1), pass the collator's cu_seq_lens_q/k with it (fastft.integration.packing.PackingCollator, "
     "DataCollatorWithFlattening(return_flash_attn_kwargs=True)), or run this batch eagerly")
-_memo: tuple = ()  # (weakref to position_ids, its version, batch size, result): one host read per forward
+_memos: dict[str, tuple] = {}  # name -> (weakref to the tensor, (its version, key), result)
+
+
+def _once_per_forward(name: str, tensor: torch.Tensor, key, compute):
+    """compute() (values read on the host: a sync) once per forward rather than once per layer: every layer gets
+    the same `tensor` (position_ids, the 2-D padding mask), so the result is kept for it while it lives unchanged
+    (same object, same version counter) and `key` (what else the result depends on) is the same. An inference
+    tensor has no version counter: computed at every call."""
+    version = None if tensor.is_inference() else tensor._version
+    memo = _memos.get(name)
+    if version is not None and memo is not None and memo[0]() is tensor and memo[1] == (version, key):
+        return memo[2]
+    result = compute()
+    if version is not None:
+        _memos[name] = (weakref.ref(tensor), (version, key), result)
+    return result
 
 
 def _packed_documents(position_ids, batch_size: int):
@@ -52,33 +67,29 @@ def _packed_documents(position_ids, batch_size: int):
     the graph: a single row (B == 1) then gets cu_seqlens built in the graph, padded to S + 1 entries with S (empty
     documents the op drops after reading them in its body); rows of B > 1 are taken as unpacked there, and an
     in-graph assertion stops a run whose rows are packed (no read, no sync: fails on the device)."""
-    global _memo
     if position_ids is None or position_ids.shape[-1] == 1:
         return None
     rows = position_ids.reshape(-1, position_ids.shape[-1]).expand(batch_size, -1)
     starts = F.pad(rows.diff(dim=-1) != 1, (1, 0), value=True).reshape(-1)
-    total = starts.numel()
     if compiling():
         if batch_size != 1:  # separating them would read the values (a sync a layer): refused in the graph instead
             torch._assert_async(~starts.view(batch_size, -1)[:, 1:].any(), _PACKED_ROWS_UNDER_COMPILE)
             return None
         # S as a tensor (index[-1:]), never a number: F.pad(..., value=S) made dynamo specialise on the length,
         # a graph per sequence length until the recompile limit
-        index = torch.arange(total + 1, device=starts.device)
+        index = torch.arange(starts.numel() + 1, device=starts.device)
         last = index[-1:]
         first = torch.sort(torch.where(starts, index[:-1], last)).values
         return torch.cat([first, last]).to(torch.int32), None
-    version = None if position_ids.is_inference() else position_ids._version  # inference tensors have none
-    if version is not None and _memo and _memo[0]() is position_ids and _memo[1:3] == (version, batch_size):
-        return _memo[3]
+    return _once_per_forward("packed", position_ids, batch_size, lambda: _documents(starts, batch_size))
+
+
+def _documents(starts, batch_size: int):
     at = starts.nonzero().reshape(-1).to(torch.int32)
-    result = None
-    if at.numel() > batch_size:  # a row holds a second document
-        cu = F.pad(at, (0, 1), value=total)
-        result = cu, int(cu.diff().max())
-    if version is not None:
-        _memo = (weakref.ref(position_ids), version, batch_size, result)
-    return result
+    if at.numel() == batch_size:  # no row holds a second document
+        return None
+    cu = F.pad(at, (0, 1), value=starts.numel())
+    return cu, int(cu.diff().max())
 
 
 def _as_int(x) -> int:
@@ -124,21 +135,26 @@ def _varlen(q, k, v, cu, max_len, **kw):
     return out.view(q.shape)
 
 
-def _unpadded(q, k, v, mask, **kw):
+def _unpadded(q, k, v, attention_mask, **kw):
     """Right- or left-padded batch (q_len == kv_len): run only the kept tokens, as packed documents."""
-    B, S = mask.shape
-    keep = mask.reshape(-1).nonzero().reshape(-1)
-    lengths = mask.sum(1, dtype=torch.int32)
-    cu = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
+    B, S = attention_mask.shape
+    keep, cu, longest, edge, seen = _once_per_forward(
+        "unpadded", attention_mask, (kw.get("window"), kw.get("prefix_k") is None),
+        lambda: _unpadding(attention_mask.bool(), kw))
     flat = [t.reshape(B * S, *t.shape[-2:]).index_select(0, keep) for t in (q, k, v)]
-    longest = int(lengths.max())
     _check_prefix_window(kw, longest)
     out = flash_attention(*flat, cu_seqlens=cu, max_seqlen=longest, backend=_backend, **kw)
     full = out.new_zeros(B * S, *out.shape[-2:]).index_copy(0, keep, out)
-    edge, seen = _edge_queries(mask, kw)
     if edge.numel():
         full = full.index_copy(0, edge, _edge_attention(q, k, v, edge, seen, kw))
     return full.view(B, S, *out.shape[-2:])
+
+
+def _unpadding(mask, kw):
+    """(kept token indices, cu_seqlens, longest row, _edge_queries) of a boolean (B, S) padding mask."""
+    lengths = mask.sum(1, dtype=torch.int32)
+    cu = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
+    return (mask.reshape(-1).nonzero().reshape(-1), cu, int(lengths.max()), *_edge_queries(mask, kw))
 
 
 def _edge_queries(mask, kw):
@@ -233,7 +249,7 @@ def fastft_attention_forward(module, query, key, value, attention_mask, dropout=
             _check_prefix_window(kw, _cached_length(key, kwargs.get("position_ids"), prefix))
             return _sdpa_fallback(query, key, value, attention_mask, scaling, is_causal, sliding_window,
                                   prefix), None
-        return _unpadded(q, k, v, attention_mask.bool(), **kw), None
+        return _unpadded(q, k, v, attention_mask, **kw), None
 
     cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
     max_q, max_k = kwargs.get("max_length_q"), kwargs.get("max_length_k")

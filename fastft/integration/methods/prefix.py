@@ -176,9 +176,8 @@ def load_prefix_adapter(model: nn.Module, path, config: PrefixTuningConfig, adap
     if isinstance(model, PeftModel):
         raise ValueError("load_adapter: a prefix-tuning adapter loads into a plain transformers model, not into a "
                          "PeftModel")
-    from fastft.integration.methods.prompt import check_prompt_geometry
+    from fastft.integration.methods.prompt import check_prompt_geometry, load_prompt_learning
 
     validate_prefix_config(config, model)
     check_prompt_geometry(config, model, path)
-    return _use_fastft(PeftModel.from_pretrained(model, str(path), adapter_name=adapter_name,
-                                                 is_trainable=is_trainable))
+    return _use_fastft(load_prompt_learning(model, path, adapter_name, is_trainable))

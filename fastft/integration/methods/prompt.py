@@ -121,11 +121,25 @@ def load_prompt_adapter(model: nn.Module, path, config, adapter_name: str, is_tr
     base = model.get_base_model() if isinstance(model, PeftModel) else model
     validate_prompt_config(config, base)
     check_prompt_geometry(config, base, path)
+    loaded = load_prompt_learning(model, path, adapter_name, is_trainable)
+    return loaded if loaded is model else _exact_generation(loaded)
+
+
+def load_prompt_learning(model: nn.Module, path, adapter_name: str, is_trainable: bool) -> PeftModel:
+    """peft's load of a prompt-learning adapter (prompt, P-tuning, prefix), which peft refuses to make trainable:
+    what was saved is the table of virtual-token embeddings (or prefix keys/values) the encoder produced, not a
+    projection's MLP. Loaded as peft loads it, that table is the adapter; `is_trainable` trains the table itself
+    (the same parameters peft's forward and save use), so a saved prefix or prompt can be trained further."""
+    was_training = model.training
     if isinstance(model, PeftModel):
-        model.load_adapter(str(path), adapter_name=adapter_name, is_trainable=is_trainable)
-        return model
-    return _exact_generation(PeftModel.from_pretrained(model, str(path), adapter_name=adapter_name,
-                                                       is_trainable=is_trainable))
+        model.load_adapter(str(path), adapter_name=adapter_name)
+        loaded = model
+    else:
+        loaded = PeftModel.from_pretrained(model, str(path), adapter_name=adapter_name)
+    if is_trainable:
+        loaded.prompt_encoder[adapter_name].requires_grad_(True)
+        loaded.train(was_training)  # peft's inference load put the model in eval mode
+    return loaded
 
 
 @contextlib.contextmanager
