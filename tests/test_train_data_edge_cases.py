@@ -177,6 +177,44 @@ def test_a_chat_opening_with_the_assistant_trains_only_its_answers(tokenizer):
     assert untrained.startswith("<|im_start|>system\n") and untrained.endswith("<|im_start|>assistant\n")
 
 
+# ------------------------------------------------------------------------------------------- SentencePiece chats
+
+LLAMA2_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}"
+                   "{{ '[INST] ' + m['content'] + ' [/INST]' }}{% else %}{{ ' ' + m['content'] + eos_token }}"
+                   "{% endif %}{% endfor %}")
+
+
+def _llama2_style_tokenizer():
+    """A SentencePiece-style fast tokenizer as Llama-2's and Mistral's are set up (legacy): the normalizer puts "▁"
+    before every string it tokenizes, and spaces become "▁"; trained here on the built-in chats' text."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    texts = [m["content"] for r in builtin_instructions(0)[0][:1000] for m in r["messages"]]
+    tk = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    tk.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    tk.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tk.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=600, special_tokens=["<unk>", "<s>", "</s>"]))
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    tok.chat_template = LLAMA2_TEMPLATE
+    return tok
+
+
+def test_a_chat_is_tokenized_as_rendered_whole_by_a_sentencepiece_tokenizer():
+    """Tokenized piece by piece, each answer got a "▁" token before it that generation never produces; the chat is
+    now the rendered text's tokens, the answers (and their end of sequence) trained."""
+    tok = _llama2_style_tokenizer()
+    messages = CHAT + [{"role": "user", "content": "And of Italy?"}, {"role": "assistant", "content": "Rome, I think."}]
+    example = Encoder(tok, 512).encode({"messages": messages})
+    rendered = tok.apply_chat_template(messages, tokenize=False)
+    assert example.input_ids == tok(rendered, add_special_tokens=False)["input_ids"]
+    prompt = tok(tok.apply_chat_template(messages[:1], tokenize=False), add_special_tokens=False)["input_ids"]
+    assert example.input_ids[: len(prompt)] == prompt  # the prompt's tokens as generation sees them
+    assert set(example.labels[: len(prompt)]) == {IGNORE} and example.labels[len(prompt)] != IGNORE
+    trained = [i for i, label in zip(example.input_ids, example.labels) if label != IGNORE]
+    assert tok.decode(trained) == "Paris.</s> Rome, I think.</s>"
+
+
 # ------------------------------------------------------------------------------------------- special tokens at the edges
 
 def test_end_of_sequence_is_never_doubled(tokenizer):

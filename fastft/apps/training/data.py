@@ -323,14 +323,35 @@ class Encoder:
         A chat longer than max_length keeps its first max_length tokens if they hold its last trained token,
         else the max_length tokens that end at it: the earliest context is dropped (as a classification prompt
         is cut from its left), never the final answer and its end-of-turn."""
-        ids, labels = [], []
-        for text, trained in self.chat_pieces(messages):
-            piece = self._ids(text)
-            ids += piece
-            labels += piece if trained else [IGNORE_INDEX] * len(piece)
+        ids, labels = self._tokenized_pieces(self.chat_pieces(messages))
         last = max((i for i, label in enumerate(labels) if label != IGNORE_INDEX), default=0)
         start = max(0, last + 1 - self.max_length)
         return Example(ids[start: start + self.max_length], labels[start: start + self.max_length])
+
+    def _tokenized_pieces(self, pieces: list[tuple[str, bool]]) -> tuple[list[int], list[int]]:
+        """(ids, labels) of the pieces' text tokenized whole, as the rendered chat is at inference: tokenized piece
+        by piece, a SentencePiece tokenizer that prepends "▁" to every string (Llama-2, Mistral) would add a token
+        before each answer that the model never sees when it generates. A token is trained when its text overlaps
+        a trained piece. A tokenizer without offsets (a slow, Python one) tokenizes piece by piece."""
+        if not getattr(self.tokenizer, "is_fast", False):
+            ids, labels = [], []
+            for text, trained in pieces:
+                piece = self._ids(text)
+                ids += piece
+                labels += piece if trained else [IGNORE_INDEX] * len(piece)
+            return ids, labels
+        text = "".join(piece for piece, _ in pieces)
+        trained_chars = bytearray(len(text) + 1)  # 1 where the character is trained (a sentinel at the end)
+        at = 0
+        for piece, trained in pieces:
+            if trained:
+                trained_chars[at: at + len(piece)] = b"\x01" * len(piece)
+            at += len(piece)
+        encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = encoded["input_ids"]
+        labels = [i if any(trained_chars[start: max(end, start + 1)]) else IGNORE_INDEX
+                  for i, (start, end) in zip(ids, encoded["offset_mapping"])]
+        return ids, labels
 
     def chat_pieces(self, messages: list[dict]) -> list[tuple[str, bool]]:
         """The chat's text in consecutive pieces, each with whether it is trained; string-level (no tokenizing),
