@@ -5,6 +5,7 @@ replaces); the targets need the reference method settings; flags of the other mo
 --output-dir and a rank above the hidden size are refused; the plot labels its axis and leaves out CPU memory.
 Fast: unit tests, one tiny LoRA run per behaviour, and fake runs for the table's files."""
 import json
+import sys
 
 import pytest
 import torch
@@ -151,6 +152,49 @@ def test_a_table_of_other_settings_is_refused_and_fresh_replaces_it(tmp_path, mo
     assert _strict_json(tmp_path / "bench_methods.json")["config"]["seq_len"] == 16
 
 
+@pytest.mark.parametrize("change, named", [("commit", "git_commit"), ("threads", "torch_threads")])
+def test_a_resume_under_other_code_or_threads_is_refused(tmp_path, monkeypatch, capsys, change, named):
+    """fastft's version does not change between commits, and CPU rows scale with the thread count: a row measured
+    by other code or threads would sit in one table beside these (a 50 ms slower step read as 5.6x peft)."""
+    import torch
+
+    import fastft.apps.provenance as provenance
+
+    calls = []
+    monkeypatch.setattr(methods_module, "run_one", _fake_run_one(calls, kill_after=1))
+    with pytest.raises(KeyboardInterrupt):
+        _bench(tmp_path)
+    if change == "commit":
+        monkeypatch.setattr(provenance, "git_commit", lambda: "f" * 40)
+    else:
+        monkeypatch.setattr(torch, "get_num_threads", lambda: 977)
+    capsys.readouterr()
+    monkeypatch.setattr(methods_module, "run_one", _fake_run_one(calls))
+    assert _bench(tmp_path) == 2
+    err = _one_line_error(capsys)
+    assert f"{named}:" in err and "--fresh" in err and calls == [("lora", "fastft")]
+
+
+def test_a_resume_stopped_before_its_first_row_keeps_the_measured_rows(tmp_path, monkeypatch):
+    """Stopped while it imports the peers (before it writes anything), a resume leaves the table it read."""
+    calls = []
+    monkeypatch.setattr(methods_module, "run_one", _fake_run_one(calls, kill_after=1))
+    with pytest.raises(KeyboardInterrupt):
+        _bench(tmp_path)
+
+    def stopped():
+        raise KeyboardInterrupt("killed while importing the peers")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(methods_module.peers, "preload", stopped)
+        with pytest.raises(KeyboardInterrupt):
+            _bench(tmp_path)
+    assert [r["status"] for r in _strict_json(tmp_path / "bench_methods.json")["rows"]][0] == "ok"
+    calls.clear()
+    monkeypatch.setattr(methods_module, "run_one", _fake_run_one(calls))
+    assert _bench(tmp_path) == 0 and len(calls) == 3
+
+
 # --- 4: targets -------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("setting, named", [({"rank": 1}, "rank=1"), ({"alpha": 2.0}, "alpha=2.0"),
@@ -201,6 +245,24 @@ def test_help_says_which_flags_apply_to_which_mode(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "methods options (only with" in text and "kernels options (only with `fastft bench kernels`)" in text
     assert "--fresh" in text and text.rindex("--family") > text.index("kernels options")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's heap")
+def test_cpu_memory_freed_by_an_earlier_run_does_not_hide_the_next_runs():
+    """A row's CPU peak is its RSS above the RSS before its model: memory an earlier row freed stayed in the
+    process and the next model reused it unseen (LoRA after full fine-tuning read 0.00 GiB). The release between
+    rows hands it back to the OS."""
+    from fastft.apps.bench.harness import PeakMemory
+
+    earlier = [torch.ones(16 * 1024) for _ in range(4000)]   # 256 MB in 64 KB pieces: glibc's heap, not mmap
+    survivor = torch.ones(16 * 1024)   # above them: the heap cannot shrink past it by itself
+    del earlier
+    run._release(torch.device("cpu"))
+    meter = PeakMemory("cpu")
+    with meter:
+        this_run = [torch.ones(16 * 1024) for _ in range(2000)]   # 128 MB
+    assert meter.peak_gib > 0.1, f"{meter.peak_gib:.3f} GiB measured for a 0.125 GiB run"
+    del this_run, survivor
 
 
 @pytest.mark.parametrize("memory_kind, panels", [("cpu peak RSS", 1), ("cuda max_memory_allocated", 2)])

@@ -173,7 +173,7 @@ def test_study_rates_message_names_the_method():
 
 # --- bug 4: a cell whose training loss became non-finite -----------------------------------------------------------
 
-SETTINGS = CellSettings(steps=6, batch_size=4, max_length=8, lr=1e-2, head_lr=1e-2, eval_every=2, max_dev=8,
+SETTINGS = CellSettings(steps=6, batch_size=4, max_length=8, lr=1e-2, head_lr=1e-2, evals=3, max_dev=8,
                         max_test=8)
 SPEC = CellSpec("minilm", "subj", "full", "full", "fastft", 0)
 

@@ -9,7 +9,7 @@ from fastft.apps.study.cell import CellSettings, CellSpec, macro_f1, run_cell
 from fastft.apps.study.report import aggregate, anchor_rows, headline, write_report
 from fastft.apps.study.runner import StudyConfig, _finished, plan, quick_config, write_json_atomic
 
-SETTINGS = CellSettings(steps=4, batch_size=4, max_length=16, lr=1e-3, head_lr=1e-3, eval_every=2, max_dev=8,
+SETTINGS = CellSettings(steps=4, batch_size=4, max_length=16, lr=1e-3, head_lr=1e-3, evals=2, max_dev=8,
                         max_test=8)
 
 
@@ -25,6 +25,18 @@ def test_plan_pairs_each_method_with_its_peft_anchor():
     lrs = {s.method: st.lr for s, st in cells}
     assert lrs["full"] < lrs["lora"] < lrs["ia3"]
     assert len(plan(StudyConfig(with_peft=False, seeds=1))) == 8 * 6 * 2 * 2
+
+
+@pytest.mark.parametrize("steps, evals, want", [(16, 6, 6), (10, 6, 6), (150, 4, 4), (3, 6, 3), (1, 1, 1)])
+def test_a_cell_evaluates_the_dev_split_evals_times(steps, evals, want):
+    """--evals is the number of dev evaluations (steps // evals as an interval gave 8 for 16 steps and 6 evals)."""
+    from fastft.apps.study.cell import evaluation_steps
+
+    at = evaluation_steps(steps, evals)
+    assert len(at) == want and max(at) == steps and at <= set(range(1, steps + 1))
+    if evals < steps:  # evenly spread: gaps differ by at most one step
+        gaps = [b - a for a, b in zip([0, *sorted(at)], sorted(at))]
+        assert max(gaps) - min(gaps) <= 1, sorted(at)
 
 
 def test_macro_f1():
@@ -174,7 +186,7 @@ def test_smollm2_cell_trains_through_label_words():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        settings = CellSettings(steps=1, batch_size=2, max_length=16, lr=1e-3, head_lr=1e-3, eval_every=1,
+        settings = CellSettings(steps=1, batch_size=2, max_length=16, lr=1e-3, head_lr=1e-3, evals=1,
                                 max_dev=4, max_test=4)
         result = run_cell(CellSpec("smollm2", "trec", "32-per-class", "lora", "fastft", 0), settings)
     finally:
@@ -185,6 +197,37 @@ def test_smollm2_cell_trains_through_label_words():
     assert result["trainable_parameters"] == 30 * sum(16 * (i + o) for i, o in shapes)
     assert result["test_examples"] == 4 and result["metric"] == "macro_f1"
     assert result["tokens_per_second"] > 0 and result["peak_memory_gib"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["prompt", "prefix", "lora"])
+def test_smollm2_row_scores_as_it_does_alone_whatever_its_batch(method):
+    """Label-word logits of a short row: the same alone, batched behind a longer row (padded), and taken from the
+    whole forward's logits at its last token. Left padding put the padding between prompt tuning's virtual tokens
+    (or the prefix) and the text, and moved the text's positions with the batch's longest row."""
+    import torch
+
+    from fastft.apps.study.models import _base, label_token_ids, prepare_model
+    from fastft.apps.study.tasks import load_study_task
+    from fastft.integration.methods import apply_method
+    from tests.methods_utils import perturb_trainables
+    from tests.utils import assert_close
+
+    task = load_study_task("sms-spam")
+    rows = sorted(task.test[:40], key=lambda r: len(r[0]))
+    short, long = rows[0], rows[-1]
+    prepared = prepare_model("smollm2", task, 64, 0)
+    model = apply_method(prepared.model, method, prepared.options).eval()
+    perturb_trainables(model, std=0.05)  # off the initialisation (LoRA's B = 0 would hide the adapter)
+    words = torch.tensor(label_token_ids(_base("smollm2")[1], task.label_words))
+    with torch.no_grad():
+        alone = prepared.class_logits(model, prepared.collate([short]))[0]
+        batch = prepared.collate([long, short])
+        assert batch["attention_mask"][1, -1] == 0, "the short row is padded"
+        batched = prepared.class_logits(model, batch)[1]
+        whole = model(input_ids=prepared.collate([short])["input_ids"]).logits[0, -1, words].float()
+    assert_close(batched, alone, torch.float32, f"{method}: batched vs alone")
+    assert_close(alone, whole, torch.float32, f"{method}: vs the whole forward's last logits")
 
 
 def test_plan_flag_prints_the_cells_and_runs_nothing(tmp_path, capsys):

@@ -20,7 +20,7 @@ from fastft.apps.study.report import write_report
 from fastft.apps.study.runner import StudyConfig, _finished, plan, write_json_atomic
 from fastft.apps.study.tasks import StudyTask, load_study_task, majority_baseline
 
-SETTINGS = CellSettings(steps=6, batch_size=4, max_length=8, lr=1e-2, head_lr=1e-2, eval_every=2, max_dev=8,
+SETTINGS = CellSettings(steps=6, batch_size=4, max_length=8, lr=1e-2, head_lr=1e-2, evals=3, max_dev=8,
                         max_test=8)
 
 
@@ -114,11 +114,11 @@ def test_best_state_is_a_cpu_copy():
 def test_finished_cells_are_reused_only_with_the_same_provenance(tmp_path):
     path = tmp_path / "c.json"
     here = runner_module.provenance(1234)
-    assert set(here) == {"device_name", "fastft_version", "git_commit", "split_seed"}
+    assert set(here) == {"device_name", "threads", "fastft_version", "git_commit", "split_seed"}
     write_json_atomic(path, {"status": "done", "settings": asdict(SETTINGS), "provenance": here})
     assert _finished(path, SETTINGS, here)["status"] == "done"
-    for change in ({"device_name": "NVIDIA H200"}, {"fastft_version": "0.0.1"}, {"git_commit": "0" * 40},
-                   {"split_seed": 1}):
+    for change in ({"device_name": "NVIDIA H200"}, {"threads": here["threads"] + 1}, {"fastft_version": "0.0.1"},
+                   {"git_commit": "0" * 40}, {"split_seed": 1}):
         assert _finished(path, SETTINGS, {**here, **change}) is None
     write_json_atomic(path, {"status": "done", "settings": asdict(SETTINGS)})   # written before provenance
     assert _finished(path, SETTINGS, here) is None

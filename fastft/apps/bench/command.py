@@ -141,8 +141,8 @@ def run_bench(args, argv: list[str]) -> int:
     from fastft.apps.bench.methods import bench_methods
     from fastft.apps.bench.report import markdown, write_report
 
-    clear_outputs(cfg.output_dir)
     every_row = tuple(f for f in cfg.formats if f != "png")   # the plot once, at the end
+    clear_outputs(cfg.output_dir, rewritten=every_row)
     result = bench_methods(cfg, on_row=lambda partial: write_report(partial, cfg.output_dir, every_row),
                            previous=previous)
     paths = write_report(result, cfg.output_dir, cfg.formats)

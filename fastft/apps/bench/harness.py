@@ -47,9 +47,13 @@ def _version(name: str) -> str | None:
 
 
 def environment() -> dict:
-    """What a results file records about where it was measured."""
-    env = {"card": card_name(), "versions": versions(), "platform": platform.platform(),
-           "cpu_count": os.cpu_count(), "argv": sys.argv}
+    """What a results file records about where it was measured: the card, the versions, the commit of fastft's
+    checkout (the version string does not change between commits) and torch's CPU threads."""
+    from fastft.apps.provenance import git_commit
+
+    env = {"card": card_name(), "versions": versions(), "git_commit": git_commit(),
+           "torch_threads": torch.get_num_threads(), "platform": platform.platform(), "cpu_count": os.cpu_count(),
+           "argv": sys.argv}
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         env.update(gpu_memory_gib=props.total_memory / 2**30, sm_count=props.multi_processor_count,
@@ -173,7 +177,8 @@ class PeakMemory:
     CUDA: `torch.cuda.max_memory_allocated` over the stretch (reset at its start): everything live at the
     peak, weights and optimizer state included. CPU: the process's peak resident set size during the stretch,
     sampled every 10 ms from /proc/self/statm, above `baseline_rss` (taken when the meter is made: make it
-    before building the model); memory freed earlier and kept by the allocator can hide part of it.
+    before building the model, after `release_freed_memory()`, or memory freed earlier and kept by the allocator
+    hides part of it).
     """
 
     def __init__(self, device: torch.device):
@@ -212,6 +217,22 @@ class PeakMemory:
             peak = max(self._peak_rss, _rss_bytes())
             self.peak_gib = max(0, peak - self.baseline_rss) / 2**30
         return False
+
+
+def release_freed_memory() -> None:
+    """Collect garbage and hand the heap's freed pages back to the OS (glibc's malloc_trim), so that the CPU
+    resident set measured next starts from what is live: memory freed by an earlier run stays in the process
+    otherwise, and the next run's model reuses it unseen (a LoRA row after a full fine-tuning row read 0.00 GiB)."""
+    import gc
+
+    gc.collect()
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc (musl): nothing to trim with
+            pass
 
 
 def _rss_bytes() -> int:

@@ -48,14 +48,18 @@ def config_differences(old: dict, new: dict) -> list[str]:
 
 def _env_differences(old_env: dict) -> list[str]:
     env = environment()
-    out = [] if old_env.get("card") == env["card"] else [f"card: {old_env.get('card')!r} there, {env['card']!r} now"]
+    out = [f"{name}: {old_env.get(name)!r} there, {env[name]!r} now" for name in ("card", "git_commit", "torch_threads")
+           if old_env.get(name) != env[name]]
     old_versions = old_env.get("versions") or {}
     return out + [f"{name} {old_versions.get(name)} there, {v} now" for name, v in env["versions"].items()
                   if old_versions.get(name) != v]
 
 
-def clear_outputs(out_dir: str | Path) -> None:
-    """Remove an earlier run's bench_methods.{json,md,png} (read first by previous_result): every file left in
-    the folder is then of this run, and no old plot sits beside a new table."""
+def clear_outputs(out_dir: str | Path, rewritten: tuple[str, ...] = ()) -> None:
+    """Remove an earlier run's bench_methods files that this run does not replace with every row (`rewritten`:
+    their formats, written atomically over the old ones): no old plot sits beside a new table, and the table a
+    resume read (previous_result) stays on disk until the first row replaces it (deleting it first lost every
+    measured row to a run stopped before its first row)."""
     for fmt in FORMATS:
-        Path(out_dir, f"{STEM}.{fmt}").unlink(missing_ok=True)
+        if fmt not in rewritten:
+            Path(out_dir, f"{STEM}.{fmt}").unlink(missing_ok=True)

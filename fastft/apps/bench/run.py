@@ -11,7 +11,6 @@ cell, ratio or target uses them.
 """
 from __future__ import annotations
 
-import gc
 import math
 import statistics
 import time
@@ -21,7 +20,7 @@ import torch
 
 from fastft.apps.bench import peers
 from fastft.apps.bench.config import BenchConfig
-from fastft.apps.bench.harness import PeakMemory
+from fastft.apps.bench.harness import PeakMemory, release_freed_memory
 from fastft.apps.bench.shapes import build_model, resolve_dtype
 from fastft.apps.compiling import dynamo_counts
 from fastft.apps.compiling import compile_kwargs
@@ -157,7 +156,7 @@ def _sync(device: torch.device) -> None:
 
 
 def _release(device: torch.device) -> None:
-    gc.collect()
+    release_freed_memory()
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)

@@ -1,7 +1,7 @@
 """One cell of the study: (model family, task, regime, method, implementation, seed) → one result dict.
 
 A cell trains a fresh copy of the model with the method for a fixed number of steps, evaluates on the dev
-split every `eval_every` steps, keeps the best dev state on the CPU (only the trainable tensors change, so
+split `evals` times (evenly spread, the last at the last step), keeps the best dev state on the CPU (only the trainable tensors change, so
 only they are copied) and reports the test metrics of that state. Beside accuracy it measures the cost:
 training tokens/s (real tokens, warm-up steps and dev evaluation excluded) with the median step time, peak
 memory of the training steps (evaluation's apart), trainable parameters, wall time.
@@ -49,7 +49,7 @@ class CellSettings:
     max_length: int
     lr: float            # the method's parameters (and, for full fine-tuning, the whole model)
     head_lr: float       # the fresh classification head (MiniLM), the same under every method
-    eval_every: int
+    evals: int           # dev evaluations, spread evenly; the last at the last step
     max_dev: int | None  # evaluate on the first max_dev dev rows (the split itself is fixed)
     max_test: int | None
     eval_batch_size: int = 64
@@ -61,6 +61,12 @@ class Diverged(Exception):
     def __init__(self, reason: str, losses: list[float]):
         super().__init__(reason)
         self.losses = losses
+
+
+def evaluation_steps(steps: int, evals: int) -> set[int]:
+    """The steps after which the dev split is evaluated: `evals` of them (every step when evals >= steps), evenly
+    spread, the last one at the last step."""
+    return {step for step in range(1, steps + 1) if step * evals // steps > (step - 1) * evals // steps}
 
 
 def check_loss(losses: list[float], settings: CellSettings) -> None:
@@ -208,6 +214,7 @@ def _train_and_test(spec: CellSpec, settings: CellSettings, device) -> dict:
     model.train()
     step_seconds, step_tokens, losses, dev_curve = [], [], [], []
     best = {"metric": -1.0, "step": 0, "state": None}
+    evaluate_at = evaluation_steps(settings.steps, settings.evals)
     for step in range(1, settings.steps + 1):
         batch = _to(prepared.collate([train_rows[next(indices)] for _ in range(settings.batch_size)]), device)
         memory.start()
@@ -226,7 +233,7 @@ def _train_and_test(spec: CellSpec, settings: CellSettings, device) -> dict:
         step_tokens.append(int(batch["attention_mask"].sum()))
         losses.append(loss.item())
         check_loss(losses, settings)
-        if step % settings.eval_every == 0 or step == settings.steps:
+        if step in evaluate_at:
             dev = evaluated(dev_rows)
             dev_curve.append({"step": step, **dev})
             if dev[task.metric] > best["metric"]:

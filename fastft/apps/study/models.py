@@ -115,9 +115,7 @@ def _base(family: str):
             else:
                 from fastft.apps.models import load_causal_lm
 
-                model, tokenizer = load_causal_lm()
-                tokenizer.padding_side = "left"
-                _BASE[family] = (model, tokenizer)
+                _BASE[family] = load_causal_lm()
         finally:
             hf_logging.set_verbosity(verbosity)
     return _BASE[family]
@@ -184,20 +182,37 @@ def _prepare_smollm2(task, max_length: int) -> PreparedModel:
     label_index = torch.tensor(label_ids)
 
     def collate(examples):
-        # Left padding puts every prompt's last token in the last position; the text is cut from the left so
-        # the template's tail (which the label word follows) stays intact.
+        # Right padding: a row's tokens keep the positions they have alone. Left padding put the padding between
+        # prompt tuning's virtual tokens (or prefix tuning's prefix) and the text, whose positions then moved with
+        # the longest row of the batch: a row's score depended on the rows beside it (prefix: test accuracy
+        # 76.6% at eval batch 64, 85.9% at batch 1). The text is cut from the left so the template's tail (which
+        # the label word follows) stays intact.
         rows = []
         for text, _ in examples:
             ids = tokenizer(task.template.format(text=text), add_special_tokens=False)["input_ids"]
             rows.append(ids[-max_length:])
         width = max(len(r) for r in rows)
         pad = tokenizer.pad_token_id
-        return {"input_ids": torch.tensor([[pad] * (width - len(r)) + r for r in rows]),
-                "attention_mask": torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows]),
+        return {"input_ids": torch.tensor([r + [pad] * (width - len(r)) for r in rows]),
+                "attention_mask": torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows]),
                 "labels": torch.tensor([y for _, y in examples])}
 
     def next_token_logits(m, batch):
-        out = m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=1)
+        mask = batch["attention_mask"]
+        last = mask.sum(1) - 1  # each row's last real token
+
+        def last_tokens_only(head, args):
+            # the LM head gets each row's last real token only (B × 1 × vocab logits, not B × S × vocab); prompt
+            # tuning puts its virtual tokens in front of the text, so the states are longer than the mask
+            hidden = args[0]
+            rows = torch.arange(hidden.shape[0], device=hidden.device)
+            return (hidden[rows, hidden.shape[1] - mask.shape[1] + last.to(hidden.device)][:, None], *args[1:])
+
+        hook = m.get_output_embeddings().register_forward_pre_hook(last_tokens_only)
+        try:
+            out = m(input_ids=batch["input_ids"], attention_mask=mask)
+        finally:
+            hook.remove()
         return out.logits[:, -1].float()
 
     def class_logits(m, batch):

@@ -9,16 +9,15 @@ rewritten; the report is written at the end.
 """
 from __future__ import annotations
 
-import functools
 import json
 import math
-import subprocess
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from fastft.apps.provenance import git_commit
 from fastft.apps.study.cell import CellSettings, CellSpec, default_device, device_name, run_cell
 from fastft.apps.study.models import MODEL_FAMILIES
 from fastft.apps.study.tasks import REGIMES, STUDY_TASKS, load_study_task, majority_baseline, tested_split
@@ -67,7 +66,7 @@ class StudyConfig:
     max_length: int = 128
     lr: dict = field(default_factory=dict)  # method -> lr, overriding LR_DEFAULTS for both families
     head_lr: float = HEAD_LR
-    evals: int = 6                    # dev evaluations per cell (every steps/evals steps)
+    evals: int = 6                    # dev evaluations per cell, evenly spread (at most one a step)
     max_dev: int | None = None        # None: the whole dev split
     max_test: int | None = None       # None: the whole test split
     with_peft: bool = True
@@ -131,7 +130,7 @@ def plan(config: StudyConfig) -> list[tuple[CellSpec, CellSettings]]:
                         settings = CellSettings(steps=steps, batch_size=config.batch_size,
                                                 max_length=config.max_length,
                                                 lr=learning_rate(config, method, model), head_lr=config.head_lr,
-                                                eval_every=max(1, steps // config.evals),
+                                                evals=config.evals,
                                                 max_dev=config.max_dev, max_test=config.max_test)
                         implementations = ["fastft"]
                         if config.with_peft and method not in NO_PEFT_ANCHOR:
@@ -150,28 +149,16 @@ def _unavailable_result(spec: CellSpec, settings: CellSettings, reason: str) -> 
             "reason": reason, "wall_seconds": 0.0}
 
 
-@functools.cache
-def _git_commit() -> str | None:
-    """HEAD of the checkout fastft runs from; None for an installed package (or without git)."""
-    root = Path(__file__).resolve().parents[3]
-    if not (root / ".git").exists():
-        return None
-    try:
-        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
-                             timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    commit = out.stdout.strip()
-    return commit if out.returncode == 0 and commit else None
-
-
 def provenance(split_seed: int) -> dict:
-    """What a cell's result depends on beyond its spec and settings: where and by which code it ran, and the
-    split of its task. A stored cell whose provenance differs is rerun on resume."""
+    """What a cell's result depends on beyond its spec and settings: where, with how many CPU threads (tokens/s on
+    a CPU) and by which code it ran, and the split of its task. A stored cell whose provenance differs is rerun on
+    resume, so one report never mixes cells measured under different --threads."""
+    import torch
+
     import fastft
 
-    return {"device_name": device_name(default_device()), "fastft_version": fastft.__version__,
-            "git_commit": _git_commit(), "split_seed": split_seed}
+    return {"device_name": device_name(default_device()), "threads": torch.get_num_threads(),
+            "fastft_version": fastft.__version__, "git_commit": git_commit(), "split_seed": split_seed}
 
 
 def write_json_atomic(path: Path, data) -> None:
@@ -237,7 +224,7 @@ def run_study(config: StudyConfig, *, progress: bool = True, log=print) -> dict:
         combined = _combined(config, tasks, results, outcomes["resumed"])
         write_json_atomic(out / "results.json", combined)
     if changes:
-        log(f"{len(changes)} finished cells rerun: they ran on another device or code version ({changes[0]})")
+        log(f"{len(changes)} finished cells rerun: they ran on another device, thread count or code version ({changes[0]})")
     log(f"{outcomes['resumed']} finished cells read back, {outcomes['run']} run"
         + (f", {outcomes['unavailable']} unavailable (not run)" if outcomes["unavailable"] else ""))
     diverged = sum(r["status"] == "diverged" for r in results)
@@ -248,7 +235,8 @@ def run_study(config: StudyConfig, *, progress: bool = True, log=print) -> dict:
 
 def _cell_result(out: Path, spec: CellSpec, settings: CellSettings, expected: dict) -> tuple[dict, str, str | None]:
     """(result, outcome, change): the cell known unavailable, read back (finished with the same settings and
-    provenance) or run now; `change` says why a finished cell runs again (another device or code version)."""
+    provenance) or run now; `change` says why a finished cell runs again (another device, thread count or code
+    version)."""
     path = cell_path(out, spec)
     reason = unavailable_reason(spec)
     if reason is not None:
