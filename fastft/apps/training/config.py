@@ -85,8 +85,8 @@ class TrainConfig:
     seed: int = 0
     output_dir: str = "runs/lora-smollm2-mr"
     # precision, memory, distribution
-    dtype: str = "auto"  # auto: bf16 on a GPU, fp32 on the CPU
-    mixed_precision: str = "no"
+    dtype: str = "auto"  # auto: bf16 on a GPU (full fine-tuning: fp32 under bf16 autocast), fp32 on the CPU
+    mixed_precision: str = "auto"  # auto: bf16 for full fine-tuning on a GPU with --dtype auto, else no
     gradient_checkpointing: bool = False
     offload_activations: bool = False
     attn_implementation: str = "sdpa"
@@ -145,8 +145,11 @@ _HELP = {
     "eval_every": "evaluate every N steps (0: only before and after)",
     "seed": "seed for data order, initialisation and dropout",
     "output_dir": "where the adapter/model, metrics.json, logs.jsonl, config.yaml and checkpoints go",
-    "dtype": "weights' dtype (auto: bf16 on a GPU, fp32 on the CPU)",
-    "mixed_precision": "autocast the forward (through accelerate)",
+    "dtype": "weights' dtype (auto: bf16 on a GPU, but fp32 for --method full, which then trains under bf16 "
+             "autocast: AdamW keeps no fp32 copy of bf16 weights, and updates below half a bf16 step would be lost; "
+             "fp32 on the CPU)",
+    "mixed_precision": "autocast the forward (through accelerate); auto: bf16 for --method full on a GPU with --dtype "
+                       "auto, otherwise no",
     "gradient_checkpointing": "recompute activations in the backward instead of keeping them",
     "offload_activations": "needs --gradient-checkpointing: keeps the checkpointed layer inputs (what the backward "
                            "saves) in host memory, not on the device",
@@ -174,7 +177,7 @@ _CHOICES = {
     "task": TASKS, "objective": OBJECTIVES, "method": METHODS, "quantize": ("nf4",), "schedule": SCHEDULES,
     "adapter_placement": ("pfeiffer", "houlsby"), "adapter_activation": ACTIVATIONS, "patch_model": PATCH_MODEL,
     "dtype": ("auto", "bf16", "fp16", "fp32"),
-    "mixed_precision": ("no", "bf16", "fp16"), "attn_implementation": ("sdpa", "eager", "fastft"),
+    "mixed_precision": ("auto", "no", "bf16", "fp16"), "attn_implementation": ("sdpa", "eager", "fastft"),
     "distributed": DISTRIBUTED, "compile": COMPILE_MODES, "compile_backend": COMPILE_BACKENDS,
 }
 
@@ -369,6 +372,16 @@ def rank_problem(cfg: TrainConfig, model_config) -> str | None:
     return rank_over_hidden(cfg.rank, hidden, f"--model {cfg.model}", f"--method {cfg.method}")
 
 
+def resolved_mixed_precision(cfg: TrainConfig) -> str:
+    """--mixed-precision auto: bf16 for full fine-tuning on a GPU with --dtype auto, whose weights are then fp32
+    (loop.weights_dtype), else no. An adapter method's trainable weights are fp32 whatever the base's dtype."""
+    if cfg.mixed_precision != "auto":
+        return cfg.mixed_precision
+    import torch
+
+    return "bf16" if cfg.method == "full" and cfg.dtype == "auto" and torch.cuda.is_available() else "no"
+
+
 def validate(cfg: TrainConfig) -> TrainConfig:
     """Check every setting and the files it names; returns the config with aliases resolved.
     Raises ConfigError (one line, naming the flag) on the first problem."""
@@ -402,13 +415,15 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         need(cfg.method in ("lora", "qlora"), f"--quantize nf4 is QLoRA: it cannot be combined with --method "
                                                f"{cfg.method}")
         cfg = dataclasses.replace(cfg, method="qlora")
+    cfg = dataclasses.replace(cfg, mixed_precision=resolved_mixed_precision(cfg))
     need(not cfg.offload_activations or cfg.gradient_checkpointing,
          "--offload-activations needs --gradient-checkpointing (it offloads the checkpointed layer inputs)")
     # AdamW on fp16 weights: its state is fp16 too, eps (1e-8) rounds to 0 and small squared gradients underflow,
     # so 0/0 turns weights into NaN whatever the learning rate (adapters are kept in fp32 by peft: unaffected)
     need(not (cfg.method == "full" and cfg.dtype == "fp16"),
          "--method full with --dtype fp16 trains fp16 weights with fp16 optimizer state, which turns them into NaN; "
-         "use --dtype bf16, or --dtype fp32 with --mixed-precision fp16 (on a GPU)")
+         "use --dtype auto (fp32 weights under bf16 autocast on a GPU), or --dtype fp32 with --mixed-precision "
+         "fp16")
     import torch
 
     need(cfg.mixed_precision != "fp16" or torch.cuda.is_available(),

@@ -28,8 +28,8 @@ from fastft.integration.checkpointing import enable_checkpointing
 from fastft.integration.module_names import name_hint, names_module
 from fastft.integration.parameter_count import parameter_counts
 from fastft.integration.sharded_state import run_shared
-from fastft.apps.training.config import (ConfigError, TrainConfig, flag, rank_problem, to_yaml_dict,
-                                         unused_settings, validate)
+from fastft.apps.training.config import (ConfigError, TrainConfig, flag, rank_problem, resolved_mixed_precision,
+                                         to_yaml_dict, unused_settings, validate)
 from fastft.apps.training.data import (BatchPlan, Encoder, Example, Pair, check_tokenizer, data_fingerprint,
                                        load_records, pack, records_digest)
 from fastft.apps.training.logs import RunLog, peak_memory_gib
@@ -42,10 +42,22 @@ class TrainingStopped(RuntimeError):
     """The run cannot go on (non-finite loss, out of memory); the message says where the last checkpoint is."""
 
 
-def _dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+def weights_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
+    """--dtype: auto is bf16 on a GPU, except for full fine-tuning, whose weights are what AdamW updates: in bf16
+    (and with bf16 optimizer state) an update below half a bf16 step rounds away (lr 1e-5 moves no weight near
+    1.0, RMSNorm's), so they stay fp32 and the forward runs under bf16 autocast (--mixed-precision auto)."""
+    if cfg.dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" and cfg.method != "full" else torch.float32
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.dtype]
+
+
+def precision_notes(cfg: TrainConfig, device: torch.device) -> list[str]:
+    """A line when the weights AdamW updates are bf16 (full fine-tuning asked for --dtype bf16)."""
+    if cfg.method == "full" and weights_dtype(cfg, device) == torch.bfloat16:
+        return ["--method full with --dtype bf16: AdamW updates the bf16 weights in place with no fp32 copy, so an "
+                "update below half a bf16 step is lost (at lr 1e-5 most weights near 1.0 never move); --dtype auto "
+                "(fp32 weights under bf16 autocast) keeps every update, at twice the weights' memory"]
+    return []
 
 
 def method_options(cfg: TrainConfig):
@@ -226,7 +238,7 @@ def make_accelerator(cfg: TrainConfig):
     AcceleratorState._reset_state()  # a second run in one process may change the precision; keeps process groups
     kwargs = {"cpu": not torch.cuda.is_available(),  # cpu=True: gloo for torchrun on machines without a GPU
               # "no" too: None would let accelerate read ACCELERATE_MIXED_PRECISION (`accelerate launch`)
-              "mixed_precision": cfg.mixed_precision,
+              "mixed_precision": resolved_mixed_precision(cfg),
               "dynamo_plugin": dynamo_plugin(cfg)}
     if cfg.distributed == "fsdp" and torch.cuda.is_available():
         from accelerate import FullyShardedDataParallelPlugin
@@ -248,9 +260,9 @@ def launcher_notes(cfg: TrainConfig) -> list[str]:
         notes.append(f"not compiled: accelerate's dynamo backend {backend} (ACCELERATE_DYNAMO_BACKEND, set by "
                      "`accelerate launch`) is not used; fastft train compiles with --compile MODE [--compile-backend "
                      "NAME]")
-    precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
-    if precision not in ("no", "", cfg.mixed_precision):  # "no": the launcher's default, not a request
-        notes.append(f"mixed precision: --mixed-precision {cfg.mixed_precision}, not accelerate's {precision} "
+    precision, ours = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower(), resolved_mixed_precision(cfg)
+    if precision not in ("no", "", ours):  # "no": the launcher's default, not a request
+        notes.append(f"mixed precision: --mixed-precision {ours}, not accelerate's {precision} "
                      "(ACCELERATE_MIXED_PRECISION, set by `accelerate launch`); fastft train autocasts with "
                      "--mixed-precision")
     return notes
@@ -302,7 +314,7 @@ def _load_models(cfg: TrainConfig, device, accelerator):
 
     path, tokenizer = load(cfg.model)
     return path, tokenizer, (lambda p: AutoModelForCausalLM.from_pretrained(
-        p, dtype=_dtype(cfg.dtype, device), attn_implementation=cfg.attn_implementation)), load
+        p, dtype=weights_dtype(cfg, device), attn_implementation=cfg.attn_implementation)), load
 
 
 def _compact(item):
@@ -464,7 +476,7 @@ def _run(cfg: TrainConfig, accelerator, train_records, eval_records, description
 
     device, log = accelerator.device, accelerator.print
     world, rank = accelerator.num_processes, accelerator.process_index
-    for note in launcher_notes(cfg):
+    for note in launcher_notes(cfg) + precision_notes(cfg, device):
         log(note)
     fingerprint = data_fingerprint(cfg)
     out = Path(cfg.output_dir)
