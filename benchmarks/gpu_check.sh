@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The one prepared GPU script: run from the repo root on the GPU machine (torch, triton, transformers, peft,
-# pybind11, scikit-build-core, cmake, nvcc, pytest-xdist preinstalled; no network). Carry `.peers` (bash
-# ../shared/gpu/fetch-peers.sh) for bitsandbytes as a peer. Correctness comes first in every section, then
+# pytest, pybind11, scikit-build-core, cmake, nvcc preinstalled; no network). Carry `.peers` (bash
+# ../shared/gpu/fetch-peers.sh for bitsandbytes and Liger as peers, then bash scripts/fetch-gpu-test-deps.sh for
+# hypothesis, which tests/fuzz needs, and pytest-xdist). Correctness comes first in every section, then
 # timings; a failing section does not stop the next, and each gets what is left of the time budget.
 #   bash benchmarks/gpu_check.sh [section ...]    sections: build nf4 attention lora-tests fuzz-tests lora losses-tests losses
 #   (on request: kernel-tests nf4-tests attention-tests methods-tests methods layers-tests layers patch-step train-tests
@@ -131,7 +132,12 @@ for s in $sections; do
                     -p no:cacheprovider \
                     --durations=15 ;;
     lora-tests) FASTFT_AUTOTUNE=0 run 170 lora-tests python3 -m pytest -q -m gpu tests/test_lora_gpu.py -p no:cacheprovider ;;
-    fuzz-tests) FASTFT_AUTOTUNE=0 run 120 fuzz-tests python3 -m pytest -q -m gpu tests/fuzz -p no:cacheprovider ;;
+    fuzz-tests) if python3 -c "import hypothesis" > /dev/null 2>&1; then
+                  FASTFT_AUTOTUNE=0 run 120 fuzz-tests python3 -m pytest -q -m gpu tests/fuzz -p no:cacheprovider
+                else  # not on the GPU image: scripts/fetch-gpu-test-deps.sh puts it in .peers
+                  state[$s]="not run: hypothesis missing (carry .peers with scripts/fetch-gpu-test-deps.sh)"
+                  status=1; pack
+                fi ;;
     lora) run 130 lora python3 benchmarks/gpu_lora.py ;;
     # LoRA split vs fold (x·Aᵀ, dy·B inside the GEMMs): both paths vs fp64, then fwd / bwd / fwd+bwd and host time at
     # M=8192, the three shapes, r 16/64 unless LORA_BENCH_RANKS says (r=8 pads to R=16: the same kernels); prints the

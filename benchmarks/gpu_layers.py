@@ -13,13 +13,26 @@ from __future__ import annotations
 import sys
 import time
 
-from smoke_mode import DEVICE, SMOKE  # first: the interpreter before triton loads
+from smoke_mode import BACKEND, DEVICE, SMOKE  # first: the interpreter before triton loads
 
 import torch
 
 from fastft.apps.bench import card_name, markdown_table, time_ms, write_results
-from fastft.ops import (geglu, geglu_reference, rms_norm, rms_norm_reference, rope, rope_, rope_cos_sin,
-                        rope_reference, swiglu, swiglu_reference)
+from fastft.ops import geglu as _geglu
+from fastft.ops import rms_norm as _rms_norm
+from fastft.ops import rope as _rope
+from fastft.ops import rope_ as _rope_
+from fastft.ops import swiglu as _swiglu
+from fastft.ops import geglu_reference, rms_norm_reference, rope_cos_sin, rope_reference, swiglu_reference
+
+
+def _on_backend(op):
+    """The op on the benchmark's backend: the kernels on the GPU, and forced (interpreted) in the smoke run, whose
+    CPU "auto" would take the torch path and leave every kernel unexercised."""
+    return lambda *args, **kwargs: op(*args, backend=BACKEND, **kwargs)
+
+
+rms_norm, rope, rope_, swiglu, geglu = (_on_backend(op) for op in (_rms_norm, _rope, _rope_, _swiglu, _geglu))
 
 B, S, HIDDEN, HQ, HK, D, INTER = (2, 16, 64, 4, 2, 16, 96) if SMOKE else (4, 2048, 4096, 32, 8, 128, 14336)
 T = B * S
@@ -76,12 +89,19 @@ def check(t) -> list[str]:
         y, h = rms_norm(x, w, 1e-5, offset=offset, residual=res)
         leaves = [v.detach().double().requires_grad_() for v in (x, w, res)]
         ry, rh = rms_norm_reference(leaves[0], leaves[1], 1e-5, offset=offset, residual=leaves[2])
-        expect(f"rms_norm y offset={offset}", y, ry)
-        expect(f"rms_norm h offset={offset}", h, rh)
+        expect(f"rms_norm+residual y offset={offset}", y, ry)
+        expect(f"rms_norm+residual h offset={offset}", h, rh)
         dy, dh = torch.randn_like(y), torch.randn_like(h)
         got = torch.autograd.grad((y, h), (x, w, res), (dy, dh))
         want = torch.autograd.grad((ry, rh), leaves, (dy.double(), dh.double()))
         for name, a, b in zip(("dx", "dw", "dres"), got, want):
+            expect(f"rms_norm+residual {name} offset={offset}", a, b)
+        poison()  # the timed plain RMSNorm (no residual) too
+        y = rms_norm(x, w, 1e-5, offset=offset)
+        ry = rms_norm_reference(leaves[0], leaves[1], 1e-5, offset=offset)
+        expect(f"rms_norm y offset={offset}", y, ry)
+        for name, a, b in zip(("dx", "dw"), torch.autograd.grad(y, (x, w), dy),
+                              torch.autograd.grad(ry, leaves[:2], dy.double())):
             expect(f"rms_norm {name} offset={offset}", a, b)
     q, k = t["q"].clone().requires_grad_(), t["k"].clone().requires_grad_()
     poison()
@@ -94,6 +114,10 @@ def check(t) -> list[str]:
     for name, a, b in zip(("dq", "dk"), torch.autograd.grad((qo, ko), (q, k), (gq, gk)),
                           torch.autograd.grad((qr, kr), (qd, kd), (gq.double(), gk.double()))):
         expect(f"rope {name}", a, b)
+    q_in_place, k_in_place = t["q"].clone(), t["k"].clone()  # the timed in-place rope_ too
+    rope_(q_in_place, k_in_place, t["cos"], t["sin"])
+    expect("rope_ q (in place)", q_in_place, qr)
+    expect("rope_ k (in place)", k_in_place, kr)
     for name, op, ref in (("swiglu", swiglu, swiglu_reference), ("geglu", geglu, geglu_reference)):
         gate, up = t["gate"][:1031 if not SMOKE else 7].clone().requires_grad_(), t["up"][:1031 if not SMOKE else 7].clone().requires_grad_()
         poison()
@@ -121,49 +145,56 @@ def cases(t, lf):
     """(op, pass, bytes moved, {method: fn})"""
     e = DTYPE.itemsize
     x, res, w, q, k, cos, sin, gate, up = (t[n] for n in ("x", "res", "w", "q", "k", "cos", "sin", "gate", "up"))
-    xg, wg, resg = x.clone().requires_grad_(), w.clone().requires_grad_(), res.clone().requires_grad_()
-    qg, kg = q.clone().requires_grad_(), k.clone().requires_grad_()
-    gg, ug = gate.clone().requires_grad_(), up.clone().requires_grad_()
     dy_x, dy_g = torch.randn_like(x), torch.randn_like(gate)
     dq, dk = torch.randn_like(q), torch.randn_like(k)
     n_x, n_qk, n_g = x.numel(), q.numel() + k.numel(), gate.numel()
     out = []
 
-    def fwd_bwd(fn, leaves, grads):
+    # Every row runs on its own copies of the inputs and output gradients: peers write into theirs (Liger's
+    # RMSNorm backward, in_place=True by default, writes dx into dy; its SwiGLU/GeGLU backward writes into gate and
+    # up; its rope and fastft's rope_ rotate q and k in place), which shared tensors would carry into the next rows
+    # (an all-NaN dy after ~300 calls).
+    def fwd(fn, inputs):
+        own = [t.clone() for t in inputs]
+        return lambda: fn(*own)
+
+    def fwd_bwd(fn, inputs, grads):
+        leaves = [t.detach().clone().requires_grad_() for t in inputs]
+        grads = [g.clone() for g in grads]
+
         def run():
-            outs = fn()
+            outs = fn(*leaves)
             outs = outs if isinstance(outs, tuple) else (outs,)
             torch.autograd.grad(outs, leaves, grads[: len(outs)])
         return run
 
-    rms = {"fastft": lambda: rms_norm(x, w, 1e-5), "torch": lambda: rms_norm_reference(x, w, 1e-5)}
-    rms_bwd = {"fastft": fwd_bwd(lambda: rms_norm(xg, wg, 1e-5), (xg, wg), (dy_x,)),
-               "torch": fwd_bwd(lambda: rms_norm_reference(xg, wg, 1e-5), (xg, wg), (dy_x,))}
-    res_fwd = {"fastft": lambda: rms_norm(x, w, 1e-5, residual=res),
-               "torch": lambda: rms_norm_reference(x, w, 1e-5, residual=res)}
-    res_bwd = {name: fwd_bwd(lambda fn=fn: fn(xg, wg, 1e-5, residual=resg), (xg, wg, resg), (dy_x, dy_x))
-               for name, fn in (("fastft", rms_norm), ("torch", rms_norm_reference))}
-    rope_fwd = {"fastft": lambda: rope(q, k, cos, sin), "fastft in place": lambda: rope_(q, k, cos, sin),
-                "torch": lambda: rope_reference(q, k, cos, sin)}
-    rope_bwd = {"fastft": fwd_bwd(lambda: rope(qg, kg, cos, sin), (qg, kg), (dq, dk)),
-                "torch": fwd_bwd(lambda: rope_reference(qg, kg, cos, sin), (qg, kg), (dq, dk))}
+    rms_ops = {"fastft": rms_norm, "torch": rms_norm_reference}
+    rms = {n: fwd(lambda x, w, op=op: op(x, w, 1e-5), (x, w)) for n, op in rms_ops.items()}
+    rms_bwd = {n: fwd_bwd(lambda x, w, op=op: op(x, w, 1e-5), (x, w), (dy_x,)) for n, op in rms_ops.items()}
+    res_fwd = {n: fwd(lambda x, w, r, op=op: op(x, w, 1e-5, residual=r), (x, w, res)) for n, op in rms_ops.items()}
+    res_bwd = {n: fwd_bwd(lambda x, w, r, op=op: op(x, w, 1e-5, residual=r), (x, w, res), (dy_x, dy_x))
+               for n, op in rms_ops.items()}
+    rope_fwd = {n: fwd(lambda q, k, op=op: op(q, k, cos, sin), (q, k))
+                for n, op in (("fastft", rope), ("fastft in place", rope_), ("torch", rope_reference))}
+    rope_bwd = {n: fwd_bwd(lambda q, k, op=op: op(q, k, cos, sin), (q, k), (dq, dk))
+                for n, op in (("fastft", rope), ("torch", rope_reference))}
     glu = {}
     for name, op, ref in (("swiglu", swiglu, swiglu_reference), ("geglu", geglu, geglu_reference)):
-        glu[name] = ({"fastft": (lambda op=op: op(gate, up)), "torch": (lambda ref=ref: ref(gate, up))},
-                     {"fastft": fwd_bwd(lambda op=op: op(gg, ug), (gg, ug), (dy_g,)),
-                      "torch": fwd_bwd(lambda ref=ref: ref(gg, ug), (gg, ug), (dy_g,))})
+        ops = {"fastft": op, "torch": ref}
+        glu[name] = ({n: fwd(fn, (gate, up)) for n, fn in ops.items()},
+                     {n: fwd_bwd(fn, (gate, up), (dy_g,)) for n, fn in ops.items()})
     if lf is not None:
         if hasattr(lf, "liger_rms_norm"):
-            rms["liger"] = lambda: lf.liger_rms_norm(x, w, eps=1e-5)
-            rms_bwd["liger"] = fwd_bwd(lambda: lf.liger_rms_norm(xg, wg, eps=1e-5), (xg, wg), (dy_x,))
+            rms["liger"] = fwd(lambda x, w: lf.liger_rms_norm(x, w, eps=1e-5), (x, w))
+            rms_bwd["liger"] = fwd_bwd(lambda x, w: lf.liger_rms_norm(x, w, eps=1e-5), (x, w), (dy_x,))
         if hasattr(lf, "liger_rope"):
-            rope_fwd["liger"] = lambda: lf.liger_rope(q, k, cos, sin)
-            rope_bwd["liger"] = fwd_bwd(lambda: lf.liger_rope(qg, kg, cos, sin), (qg, kg), (dq, dk))
+            rope_fwd["liger"] = fwd(lambda q, k: lf.liger_rope(q, k, cos, sin), (q, k))
+            rope_bwd["liger"] = fwd_bwd(lambda q, k: lf.liger_rope(q, k, cos, sin), (q, k), (dq, dk))
         for name, attr in (("swiglu", "liger_swiglu"), ("geglu", "liger_geglu")):
             if hasattr(lf, attr):
                 fn = getattr(lf, attr)
-                glu[name][0]["liger"] = lambda fn=fn: fn(gate, up)
-                glu[name][1]["liger"] = fwd_bwd(lambda fn=fn: fn(gg, ug), (gg, ug), (dy_g,))
+                glu[name][0]["liger"] = fwd(fn, (gate, up))
+                glu[name][1]["liger"] = fwd_bwd(fn, (gate, up), (dy_g,))
     # bytes: RMSNorm fwd reads x, writes y; bwd (fwd+bwd here) adds reading dy and x again, writing dx
     out.append(("rms_norm", "fwd", 2 * n_x * e, rms))
     out.append(("rms_norm", "fwd+bwd", 5 * n_x * e, rms_bwd))
@@ -195,6 +226,11 @@ def main() -> int:
     lf = liger()
     print("liger:", "importable" if lf is not None else "not importable (peer rows missing)", flush=True)
     rows = []
+
+    def save(complete: bool):  # after every op: a section cut short keeps the rows it measured
+        write_results("layers", dict(card=card, torch=torch.__version__, tokens=T, dtype=str(DTYPE), rows=rows,
+                                     correctness_failures=failures, liger=lf is not None, complete=complete))
+
     for op, what, nbytes, methods in cases(t, lf):
         copy = copy_gbps(nbytes)
         for method, fn in methods.items():
@@ -206,10 +242,12 @@ def main() -> int:
             except Exception as err:  # noqa: BLE001 - report, keep measuring
                 rows.append(dict(op=op, pass_=what, method=f"{method} FAILED: {type(err).__name__}: {err}"[:160]))
         print(markdown_table(rows[-len(methods):], ["op", "pass_", "method", "ms", "GBps", "copy_frac"]), flush=True)
-    write_results("layers", dict(card=card, torch=torch.__version__, tokens=T, dtype=str(DTYPE), rows=rows,
-                                 correctness_failures=failures, liger=lf is not None))
+        save(complete=False)
+    save(complete=True)
     print(f"\n## layer ops, {T} tokens, bf16, on {card} (copy_frac = GB/s ÷ device copy of the same bytes)")
     print(markdown_table(rows, ["op", "pass_", "method", "ms", "GBps", "copy_frac"]))
+    # the verdict last, where summary.md's log tail shows it: timings of a failed check are not results
+    print("correctness:", "ok" if not failures else f"FAILED, the timings above are not results: {failures}")
     return 1 if failures else 0
 
 

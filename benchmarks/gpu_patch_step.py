@@ -135,6 +135,15 @@ def main() -> int:
 
     card = card_name()
     print(f"card: {card}; torch {torch.__version__}; B{BATCH} x S{SEQ}, {DTYPE}", flush=True)
+
+    def save(rows, complete):
+        base = next((r["tokens_per_s"] for r in rows if r["variant"] == "peft" and "tokens_per_s" in r), None)
+        for r in rows:
+            if base and "tokens_per_s" in r:
+                r["vs_peft"] = r["tokens_per_s"] / base
+        write_results("patch_step", dict(card=card, torch=torch.__version__, batch=BATCH, seq=SEQ, dtype=str(DTYPE),
+                                         rows=rows, complete=complete))
+
     rows = []
     for variant in VARIANTS:
         if variant == "peft+liger" and importlib.util.find_spec("liger_kernel") is None:  # no process started for it
@@ -150,12 +159,8 @@ def main() -> int:
             row = dict(variant=variant, error="timed out")
         rows.append(row)
         print(json.dumps(row), flush=True)
-    base = next((r["tokens_per_s"] for r in rows if r["variant"] == "peft" and "tokens_per_s" in r), None)
-    for r in rows:
-        if base and "tokens_per_s" in r:
-            r["vs_peft"] = r["tokens_per_s"] / base
-    write_results("patch_step", dict(card=card, torch=torch.__version__, batch=BATCH, seq=SEQ, dtype=str(DTYPE),
-                                     rows=rows))
+        save(rows, complete=False)  # after every variant: a section cut short keeps the variants it finished
+    save(rows, complete=True)
     print(f"\n## LoRA r16 training step, Llama-3.2-1B shape, B{BATCH} x S{SEQ}, {DTYPE}, on {card}")
     print(markdown_table(rows, ["variant", "tokens_per_s", "vs_peft", "step_ms", "peak_gib", "trainable_m",
                                 "error"]))

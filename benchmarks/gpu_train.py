@@ -200,6 +200,11 @@ def main() -> int:
         STEPS, WARMUP = 2, 1
     card = card_name()
     rows, failures = [], []
+
+    def save(complete: bool):  # after every run: a section cut short keeps the runs it finished
+        write_results("train", dict(card=card, torch=torch.__version__, steps=STEPS, warmup=WARMUP,
+                                    docs_per_step=DOCS_PER_STEP, rows=rows, failures=failures, complete=complete))
+
     for shape in shapes:
         docs = documents(SHAPES[shape]["vocab_size"], STEPS * DOCS_PER_STEP, lengths=(8, 48) if smoke else (64, 1024))
         base = base_model(shape, device, dtype)
@@ -220,14 +225,14 @@ def main() -> int:
                 rows.append({"model": shape, "method": method, "run": name, **result})
                 print(markdown_table(rows[-1:], ["model", "method", "run", "tokens_per_s", "step_ms", "peak_gib"]),
                       flush=True)
+                save(complete=False)
                 _reset(device)
         del base
     columns = ["model", "method", "run", "tokens_per_s", "step_ms", "peak_gib"]
     print(f"\n## fastft train step vs Trainer + peft on {card} (SFT, packed, {DOCS_PER_STEP} docs/step, "
           f"r=16 all linear, tokens/s over steps {WARMUP + 1}-{STEPS})")
     print(markdown_table(rows, columns))
-    write_results("train", dict(card=card, torch=torch.__version__, steps=STEPS, warmup=WARMUP,
-                                docs_per_step=DOCS_PER_STEP, rows=rows, failures=failures))
+    save(complete=True)
     return 1 if failures else 0
 
 

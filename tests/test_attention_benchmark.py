@@ -8,6 +8,10 @@ def test_gpu_attention_benchmark_smoke(tmp_path):
     result, stdout = run_benchmark_smoke("gpu_attention.py", "attention.json", tmp_path)
     checks = [r for r in result["rows"] if r["section"] == "correctness"]
     assert checks and all(r["ok"] for r in checks), checks
+    # checked where timed too: fastft against SDPA at each shape, the packed forward and backward against fp32
+    kinds = {r["kernel"] for r in checks}
+    assert {"packed output", "packed dq", "packed dk", "packed dv"} <= kinds, kinds
+    assert any(k.endswith("output vs sdpa_flash") for k in kinds), kinds
     timed = {(r["section"], r.get("method"), r.get("layout")) for r in result["rows"] if "fwdbwd_ms" in r}
     assert ("dense", "fastft", None) in timed and ("packing", "fastft", "packed") in timed
     assert "### Packed vs padded" in stdout

@@ -6,7 +6,7 @@ from tests.utils import interpreter_only
 @interpreter_only
 def test_gpu_layers_benchmark_smoke(tmp_path):
     result, stdout = run_benchmark_smoke("gpu_layers.py", "layers.json", tmp_path)
-    assert result["correctness_failures"] == []
+    assert result["correctness_failures"] == [] and result["complete"] is True
     rows = result["rows"]
     assert not [r["method"] for r in rows if "FAILED" in r["method"]]
     timed = {(r["op"], r["pass_"], r["method"]) for r in rows if r["ms"] > 0}

@@ -29,6 +29,17 @@ def card_name() -> str:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 
 
+# Datasheet HBM bandwidth (TB/s) by card name, first match wins: the yardstick of "x% of HBM bandwidth" targets
+# (a measured device copy reaches less: the H200's anchors copy at 4.26 of its 4.8).
+HBM_SPEC_TBPS = (("H200", 4.8), ("H100 NVL", 3.9), ("H100 PCIe", 2.0), ("H100", 3.35),
+                 ("A100-SXM4-80GB", 2.04), ("A100 80GB PCIe", 1.94), ("A100", 1.56))
+
+
+def hbm_spec_tbps(card: str) -> float | None:
+    """The card's datasheet memory bandwidth in TB/s (HBM_SPEC_TBPS), None for a card not in the table."""
+    return next((tbps for name, tbps in HBM_SPEC_TBPS if name in card), None)
+
+
 def versions() -> dict:
     """Installed versions of fastft and its peers (None where a package is not installed)."""
     out = {"python": platform.python_version(), "fastft": _version("fastft")}
@@ -90,9 +101,11 @@ def time_cases(cases: list[dict], rounds: int, timer=time_ms) -> None:
             case["ms"] = min(case.get("ms", float("inf")), timer(case["fn"]))
 
 
-def rows_per_shape(shapes, bench_shape, columns: list[str], label: str = "method") -> list[dict]:
+def rows_per_shape(shapes, bench_shape, columns: list[str], label: str = "method", on_shape=None) -> list[dict]:
     """bench_shape(k, n) -> rows for each (k, n) in `shapes`, each shape's table printed as it finishes; a shape
-    that raises becomes one row (its `label` column saying FAILED and why) and the others are still measured."""
+    that raises becomes one row (its `label` column saying FAILED and why) and the others are still measured.
+    on_shape(rows so far) after each shape: write the results there, so a run cut short (gpu_check.sh's section
+    timeout) keeps the shapes it finished."""
     rows = []
     for k, n in shapes:
         shape = f"{k}->{n}"
@@ -101,6 +114,8 @@ def rows_per_shape(shapes, bench_shape, columns: list[str], label: str = "method
         except Exception as err:  # noqa: BLE001 - report and keep measuring the other shapes
             rows.append({"shape": shape, label: f"FAILED: {type(err).__name__}: {err}"[:200]})
         print(markdown_table([r for r in rows if r.get("shape") == shape], columns), flush=True)
+        if on_shape is not None:
+            on_shape(rows)
     return rows
 
 
