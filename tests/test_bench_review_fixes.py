@@ -273,3 +273,42 @@ def test_plot_labels_its_axis_and_leaves_out_cpu_memory(memory_kind, panels):
     fig = report.plot_figure({"rows": [row], "config": config, "environment": {"card": "cpu"}})
     assert len(fig.axes) == panels and fig.axes[-1].get_xlabel() == "fine-tuning method"
     assert [ax.get_ylabel() for ax in fig.axes][-1] == ("tokens/s" if panels == 1 else "peak memory (GiB)")
+
+
+# --- fairness between fastft's rows and the peers' ----------------------------------------------------------------
+
+def test_the_qlora_decode_buffer_is_released_before_the_next_row():
+    """fastft QLoRA's shared decode buffer outlived its row and counted in the next row's (the peft+bnb peer's)
+    peak memory: up to 112 MiB at the 8B shape."""
+    from fastft.ops import qlora_path
+
+    qlora_path._SCRATCH[(torch.device("cpu"), torch.bfloat16)] = torch.empty(1024, dtype=torch.bfloat16)
+    run._release(torch.device("cpu"))
+    assert not qlora_path._SCRATCH
+
+
+@pytest.mark.parametrize("method", ["lora", "prompt"])
+def test_peer_rows_drop_the_input_grad_hook_as_fastft_rows_do(method):
+    """With gradient checkpointing peft hooks the embedding to require grad (backward work and, compiled, a graph
+    break) where fastft's rows, checkpointing non-reentrantly, drop it: the peer now does the same work."""
+    from fastft.apps.bench import peers
+    from fastft.apps.bench.shapes import build_model
+    from fastft.integration.methods import MethodOptions
+
+    def build():
+        return build_model(shape="tiny", seq_len=16, gradient_checkpointing=True)
+
+    for implementation in ("peft", "fastft"):
+        model, _ = peers.prepare(implementation, method, MethodOptions(rank=4, num_virtual_tokens=4), build,
+                                 patch_model=False)
+        embeddings = model.get_input_embeddings()(torch.tensor([[1, 2, 3]]))
+        assert not embeddings.requires_grad, f"{implementation}: the input-grad hook is still on the embedding"
+
+
+def test_compiled_runs_with_cuda_graphs_warm_up_past_the_recording():
+    """A CUDA graph runs once unrecorded and is recorded on the second call: with --warmup 1 the recording fell in
+    the first timed step."""
+    cfg = BenchConfig(warmup=1)
+    assert [run.warmup_steps(cfg, mode) for mode in ("off", "default", "reduce-overhead", "max-autotune",
+                                                     "max-autotune-no-cudagraphs")] == [1, 1, 3, 3, 1]
+    assert run.warmup_steps(BenchConfig(warmup=5), "reduce-overhead") == 5

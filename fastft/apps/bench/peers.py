@@ -96,8 +96,20 @@ def _peft(method, options, build, liger: bool):
         _apply_liger(model)
     if method == "qlora":
         quantize_with_bnb(model)
-        return apply_method(model, "lora", options, implementation="peft"), {"quantized_by": "bitsandbytes nf4"}
-    return apply_method(model, method, options, implementation="peft"), {}
+        return _without_input_grad_hooks(apply_method(model, "lora", options, implementation="peft")), \
+            {"quantized_by": "bitsandbytes nf4"}
+    return _without_input_grad_hooks(apply_method(model, method, options, implementation="peft")), {}
+
+
+def _without_input_grad_hooks(model: nn.Module) -> nn.Module:
+    """peft registers an input-grad hook on the embedding for gradient checkpointing; the non-reentrant checkpointing
+    the bench uses needs none, and fastft's rows drop it (it adds backward work and, compiled, a graph break): the
+    peer rows drop it too, so both sides do the same work."""
+    from fastft.integration.checkpointing import drop_input_grad_hooks_if_unneeded
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    drop_input_grad_hooks_if_unneeded(base)
+    return model
 
 
 def _apply_liger(model: nn.Module) -> None:

@@ -22,9 +22,10 @@ from fastft.apps.bench import peers
 from fastft.apps.bench.config import BenchConfig
 from fastft.apps.bench.harness import PeakMemory, release_freed_memory
 from fastft.apps.bench.shapes import build_model, resolve_dtype
-from fastft.apps.compiling import dynamo_counts
-from fastft.apps.compiling import compile_kwargs
+from fastft.apps.compiling import CUDA_GRAPH_MODES, compile_kwargs, dynamo_counts
 from fastft.integration.methods import MethodOptions
+
+CUDA_GRAPH_WARMUP = 3  # warm-up steps of a compiled run that captures CUDA graphs
 
 
 def method_options(cfg: BenchConfig) -> MethodOptions:
@@ -89,8 +90,9 @@ def _measure(cfg: BenchConfig, method: str, implementation: str, device: torch.d
         # kept until the end: a CUDA graph's output (reduce-overhead) is overwritten by the next replay, so a copy
         return loss.detach() if compile == "off" else loss.detach().clone()
 
+    warmup = warmup_steps(cfg, compile)
     start = time.perf_counter()
-    losses = [step() for _ in range(cfg.warmup)]
+    losses = [step() for _ in range(warmup)]
     _sync(device)
     warmup_s = time.perf_counter() - start
     step_ms = []
@@ -113,7 +115,7 @@ def _measure(cfg: BenchConfig, method: str, implementation: str, device: torch.d
         "memory_kind": meter.kind,
         "trainable_params": sum(p.numel() for p in params),
         "loss_first": losses[0], "loss_last": losses[-1],
-        "build_s": build_s, "warmup_s": warmup_s,
+        "build_s": build_s, "warmup_s": warmup_s, "warmup_steps": warmup,
         **compiled,
         **notes,
     }
@@ -150,12 +152,23 @@ def _verdict(row: dict) -> dict:
     return {"status": "ok"}
 
 
+def warmup_steps(cfg: BenchConfig, compile: str) -> int:
+    """--warmup, but at least CUDA_GRAPH_WARMUP for a compiled run that captures CUDA graphs (reduce-overhead,
+    max-autotune): they run a function once unrecorded, record it on the second call and replay from the third, so a
+    step timed earlier would hold the recording."""
+    return max(cfg.warmup, CUDA_GRAPH_WARMUP) if compile in CUDA_GRAPH_MODES else cfg.warmup
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
+
 def _release(device: torch.device) -> None:
+    from fastft.ops import release_dequant_scratch
+
+    release_dequant_scratch()  # fastft QLoRA's shared decode buffer: not the next row's (a peer's) memory
     release_freed_memory()
     if device.type == "cuda":
         torch.cuda.empty_cache()
