@@ -199,3 +199,26 @@ def test_resumed_log_keeps_each_line_once(tmp_path, final_step):
     RunLog(str(tmp_path), True, resume_step=2, final_step=final_step).close()
     kept = [json.loads(line) for line in (tmp_path / "logs.jsonl").read_text().splitlines()]
     assert kept == (lines[:2] if final_step == 2 else lines[:3])
+
+
+def test_resumed_tensorboard_purges_the_steps_past_the_checkpoint(tmp_path, monkeypatch):
+    """The killed run's TensorBoard events past the checkpoint stayed beside the resumed run's: each of those steps
+    showed twice. A resumed RunLog opens its writer with purge_step = the checkpoint's step + 1."""
+    import sys
+    import types
+
+    from fastft.apps.training.logs import RunLog
+
+    opened = []
+
+    class Writer:
+        def __init__(self, log_dir, purge_step=None):
+            opened.append(purge_step)
+
+        def close(self):
+            pass
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=Writer))
+    RunLog(str(tmp_path), True).close()
+    RunLog(str(tmp_path), True, resume_step=3, final_step=6).close()
+    assert opened == [None, 4]
