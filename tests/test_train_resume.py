@@ -196,7 +196,9 @@ def test_resumed_log_keeps_each_line_once(tmp_path, final_step):
     lines = [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 0.9}, {"step": 2, "eval": {"loss": 0.8}},
              {"step": 3, "loss": 0.7}]
     (tmp_path / "logs.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines) + '{"step": 3, "lo')
-    RunLog(str(tmp_path), True, resume_step=2, final_step=final_step).close()
+    # the checkpoint holds the step-2 evaluation when it was periodic (the run went on to step 4), not when it was
+    # the final one of a run that ended at step 2
+    RunLog(str(tmp_path), True, resume_step=2, eval_steps={2} if final_step == 4 else set()).close()
     kept = [json.loads(line) for line in (tmp_path / "logs.jsonl").read_text().splitlines()]
     assert kept == (lines[:2] if final_step == 2 else lines[:3])
 
@@ -220,5 +222,26 @@ def test_resumed_tensorboard_purges_the_steps_past_the_checkpoint(tmp_path, monk
 
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=Writer))
     RunLog(str(tmp_path), True).close()
-    RunLog(str(tmp_path), True, resume_step=3, final_step=6).close()
+    RunLog(str(tmp_path), True, resume_step=3).close()
     assert opened == [None, 4]
+
+
+def test_a_finished_run_extended_keeps_the_evaluation_at_its_old_end(tiny, tmp_path, one_thread):
+    """--steps 4 then --resume --steps 6 (allowed under a constant schedule): the step-4 evaluation was the first
+    run's final one, which its checkpoint did not hold; metrics.json lost it while logs.jsonl kept it. Now the
+    extended run has the uninterrupted run's evaluations, in both files."""
+    common = ["train", "--model", str(tiny), "--batch-size", "3", "--eval-examples", "4", "--max-length", "24",
+              "--eval-every", "2", "--save-every", "2", "--schedule", "constant", "--warmup-ratio", "0",
+              "--dropout", "0", "--lr", "3e-3"]
+    straight, extended = tmp_path / "straight", tmp_path / "extended"
+    assert main([*common, "--steps", "6", "--output-dir", str(straight)]) == 0
+    assert main([*common, "--steps", "4", "--output-dir", str(extended)]) == 0
+    assert main([*common, "--steps", "6", "--resume", "--output-dir", str(extended)]) == 0
+    runs = []
+    for out in (straight, extended):
+        metrics = json.loads((out / "metrics.json").read_text())
+        logged = [json.loads(line) for line in (out / "logs.jsonl").read_text().splitlines()]
+        runs.append(([e["step"] for e in metrics["evals"]], [r["step"] for r in logged if "eval" in r],
+                     [r["step"] for r in logged if "eval" not in r], [e["loss"] for e in metrics["evals"]]))
+    assert runs[0][:3] == runs[1][:3] == ([2, 4], [2, 4, 6], [1, 2, 3, 4, 5, 6]), runs
+    assert runs[1][3] == pytest.approx(runs[0][3], rel=1e-5)

@@ -19,10 +19,12 @@ def peak_memory_gib(device: torch.device) -> float:
 
 class RunLog:
     """Appends to logs.jsonl (main process only). On resume, lines past the checkpoint's step are dropped:
-    the killed run wrote them, the resumed run writes them again; so is the final evaluation (at the run's last
-    step, written after its last checkpoint), which a run resumed from that checkpoint writes again."""
+    the killed run wrote them, the resumed run writes them again; so is every evaluation the checkpoint does not hold
+    (`eval_steps`: the steps of its periodic ones): a finished run's final evaluation, written after its last
+    checkpoint, which the resumed run writes again (as its own final one, or as the periodic one of a run extended
+    with a larger --steps)."""
 
-    def __init__(self, output_dir: str, enabled: bool, resume_step: int | None = None, final_step: int | None = None):
+    def __init__(self, output_dir: str, enabled: bool, resume_step: int | None = None, eval_steps=()):
         self.path = Path(output_dir) / "logs.jsonl"
         self.enabled = enabled
         self.tensorboard = None
@@ -34,7 +36,7 @@ class RunLog:
         elif self.path.exists():
             def keep(record) -> bool:
                 return record is not None and record["step"] <= resume_step \
-                    and not ("eval" in record and record["step"] == final_step)
+                    and ("eval" not in record or record["step"] in eval_steps)
             kept = [line for line in self.path.read_text().splitlines(keepends=True) if keep(_record(line))]
             atomic_write(self.path, "".join(kept))
         try:

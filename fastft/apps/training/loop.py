@@ -600,7 +600,7 @@ def _run(cfg: TrainConfig, accelerator, train_records, eval_records, description
     elif cfg.resume:
         log(f"--resume: no checkpoint in {checkpoints.root}; starting at step 0")
     runlog = RunLog(cfg.output_dir, accelerator.is_main_process, start_step if resume_from is not None else None,
-                    final_step=cfg.steps)
+                    eval_steps={e["step"] for e in history["evals"]})
 
     def stop(step: int, why: str, before: str = "the optimizer step"):
         last = checkpoints.latest()
@@ -618,6 +618,14 @@ def _run(cfg: TrainConfig, accelerator, train_records, eval_records, description
     prepared.train()
     offload = (lambda: torch.autograd.graph.save_on_cpu(pin_memory=device.type == "cuda")) \
         if cfg.offload_activations else contextlib.nullcontext
+    if cfg.eval_every and 0 < start_step < cfg.steps and start_step % cfg.eval_every == 0 \
+            and all(e["step"] != start_step for e in history["evals"]):
+        # a finished run extended (a larger --steps): its last step was evaluated as "after", which its checkpoint
+        # does not hold; evaluated now, on the same weights, as the uninterrupted run's periodic evaluation
+        result = evaluate(objective, eval_records, make_batch, cfg.eval_batch_size, accelerator)
+        if result is not None:
+            history["evals"].append({"step": start_step, **result})
+            runlog.write({"step": start_step, "eval": result})
     bar = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps, desc="train",
                disable=not accelerator.is_local_main_process, dynamic_ncols=True)
     for step in bar:
