@@ -217,3 +217,18 @@ def test_full_fine_tuning_on_a_gpu_keeps_fp32_weights_under_bf16_autocast(monkey
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     on_cpu = validate(TrainConfig(method="full"))
     assert (on_cpu.mixed_precision, loop.weights_dtype(on_cpu, cpu)) == ("no", torch.float32)
+
+
+def test_report_writes_large_figures_plainly_and_flags_evaluations_over_other_sets():
+    """report.md printed 1.235e+05 tokens/s; and a run resumed with another --eval-examples put evaluations over
+    16 and 64 examples side by side with nothing but the examples column to tell them apart."""
+    from fastft.apps.training.report import report_markdown
+
+    metrics = {"config": {"method": "lora"}, "train_losses": [2.0, 1.5], "tokens_per_second": 123456.7,
+               "train_seconds": 45678.9, "peak_memory_gib": 1.25,
+               "eval_before": {"loss": 2.1, "examples": 16}, "eval_after": {"loss": 1.4, "examples": 64}}
+    text = report_markdown(metrics)
+    assert "123,457 tokens/s over 45,679 s" in text and "e+0" not in text
+    assert "different held-out sets (16, 64 examples" in text
+    metrics["eval_before"]["examples"] = 64
+    assert "different held-out sets" not in report_markdown(metrics)

@@ -23,7 +23,9 @@ def _number(value) -> str:
     if value is None:
         return "—"
     if isinstance(value, float):
-        return "—" if not math.isfinite(value) else f"{value:.4g}"
+        if not math.isfinite(value):
+            return "—"
+        return f"{value:,.0f}" if abs(value) >= 1e4 else f"{value:.4g}"  # 123,457 tokens/s, not 1.235e+05
     return str(value)
 
 
@@ -49,6 +51,10 @@ def report_markdown(metrics: dict) -> str:
         keys = [k for k in dict.fromkeys(k for _, r in evaluations for k in r) if k not in ("step",)]
         lines += ["## Evaluations", "", "| when | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
         lines += [f"| {name} | " + " | ".join(_number(r.get(k)) for k in keys) + " |" for name, r in evaluations]
+        counts = sorted({r["examples"] for _, r in evaluations if r.get("examples") is not None})
+        if len(counts) > 1:  # a run resumed with another --eval-examples: its rows are not comparable
+            lines += ["", f"Evaluations over different held-out sets ({', '.join(map(str, counts))} examples: the run "
+                          "was resumed with another --eval-examples): compare only rows with the same count."]
         lines.append("")
     losses = metrics.get("train_losses") or []
     lines += ["## Training", "",
