@@ -18,21 +18,18 @@ from smoke_mode import BACKEND, DEVICE, SMOKE  # first: the interpreter before t
 import torch
 
 from fastft.apps.bench import card_name, markdown_table, time_ms, write_results
-from fastft.ops import geglu as _geglu
-from fastft.ops import rms_norm as _rms_norm
-from fastft.ops import rope as _rope
-from fastft.ops import rope_ as _rope_
-from fastft.ops import swiglu as _swiglu
+from fastft import ops
 from fastft.ops import geglu_reference, rms_norm_reference, rope_cos_sin, rope_reference, swiglu_reference
 
 
-def _on_backend(op):
-    """The op on the benchmark's backend: the kernels on the GPU, and forced (interpreted) in the smoke run, whose
-    CPU "auto" would take the torch path and leave every kernel unexercised."""
+def _on_backend(name: str):
+    """fastft.ops.<name> on the benchmark's backend: the kernels on the GPU, and forced (interpreted) in the smoke
+    run, whose CPU "auto" would take the torch path and leave every kernel unexercised."""
+    op = getattr(ops, name)
     return lambda *args, **kwargs: op(*args, backend=BACKEND, **kwargs)
 
 
-rms_norm, rope, rope_, swiglu, geglu = (_on_backend(op) for op in (_rms_norm, _rope, _rope_, _swiglu, _geglu))
+rms_norm, rope, rope_, swiglu, geglu = (_on_backend(name) for name in ("rms_norm", "rope", "rope_", "swiglu", "geglu"))
 
 B, S, HIDDEN, HQ, HK, D, INTER = (2, 16, 64, 4, 2, 16, 96) if SMOKE else (4, 2048, 4096, 32, 8, 128, 14336)
 T = B * S

@@ -21,7 +21,7 @@ import warnings
 import torch
 from torch import nn
 
-from fastft.integration.checkpointing import checkpointing_enabled
+from fastft.integration.checkpointing import checkpointing_enabled, drop_input_grad_hooks_if_unneeded
 from fastft.integration.methods import MethodOptions, apply_method
 
 PEERS = ("peft", "liger", "unsloth")
@@ -94,22 +94,15 @@ def _peft(method, options, build, liger: bool):
     model = build()
     if liger:
         _apply_liger(model)
+    notes = {}
     if method == "qlora":
         quantize_with_bnb(model)
-        return _without_input_grad_hooks(apply_method(model, "lora", options, implementation="peft")), \
-            {"quantized_by": "bitsandbytes nf4"}
-    return _without_input_grad_hooks(apply_method(model, method, options, implementation="peft")), {}
-
-
-def _without_input_grad_hooks(model: nn.Module) -> nn.Module:
-    """peft registers an input-grad hook on the embedding for gradient checkpointing; the non-reentrant checkpointing
-    the bench uses needs none, and fastft's rows drop it (it adds backward work and, compiled, a graph break): the
-    peer rows drop it too, so both sides do the same work."""
-    from fastft.integration.checkpointing import drop_input_grad_hooks_if_unneeded
-
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    drop_input_grad_hooks_if_unneeded(base)
-    return model
+        method, notes = "lora", {"quantized_by": "bitsandbytes nf4"}
+    trained = apply_method(model, method, options, implementation="peft")  # the model itself for full
+    # peft hooks the embedding to require grad for gradient checkpointing; the bench's non-reentrant checkpointing
+    # needs none and fastft's rows drop it (backward work, and compiled a graph break): the peer drops it too
+    drop_input_grad_hooks_if_unneeded(trained.get_base_model() if hasattr(trained, "get_base_model") else trained)
+    return trained, notes
 
 
 def _apply_liger(model: nn.Module) -> None:

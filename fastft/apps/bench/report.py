@@ -105,11 +105,11 @@ def markdown(result: dict) -> str:
         f"bitsandbytes {v.get('bitsandbytes')}, liger-kernel {v.get('liger-kernel')}, unsloth {v.get('unsloth')}.",
         f"Peak memory: {'; '.join(kinds) or 'not measured'}. tokens/s = B·S / mean step time (forward, backward, "
         "AdamW step). Loss: fastft rows noted \"model patched\" and peft+Liger rows compute it fused, without the "
-        "logits tensor; the other rows build the full logits. × peer: against the peft row of the same "
-        "method (peft+bnb for qlora, plain transformers for full), compiled the same way. compile: off (eager) or the torch.compile mode (backend) of the model's "
-        "forward and backward; compilation happens in the warm-up steps. Rows without numbers say why: diverged (the "
-        "loss became NaN/inf), not compiled (dynamo ran the step partly eagerly), planned (not measured yet), "
-        "unavailable, not installed, oom, error.",
+        "logits tensor; the other rows build the full logits. × peer: against the peft row of the same method "
+        "(peft+bnb for qlora, plain transformers for full), compiled the same way. compile: off (eager) or the "
+        "torch.compile mode (backend) of the model's forward and backward; compilation happens in the warm-up "
+        "steps. Rows without numbers say why: diverged (the loss became NaN/inf), not compiled (dynamo ran the step "
+        "partly eagerly), planned (not measured yet), unavailable, not installed, oom, error.",
         "",
         "| " + " | ".join(COLUMNS) + " |",
         "|" + "---|" * len(COLUMNS),

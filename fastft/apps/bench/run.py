@@ -164,7 +164,6 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-
 def _release(device: torch.device) -> None:
     from fastft.ops import release_dequant_scratch
 

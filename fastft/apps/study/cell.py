@@ -1,10 +1,10 @@
 """One cell of the study: (model family, task, regime, method, implementation, seed) → one result dict.
 
 A cell trains a fresh copy of the model with the method for a fixed number of steps, evaluates on the dev
-split `evals` times (evenly spread, the last at the last step), keeps the best dev state on the CPU (only the trainable tensors change, so
-only they are copied) and reports the test metrics of that state. Beside accuracy it measures the cost:
-training tokens/s (real tokens, warm-up steps and dev evaluation excluded) with the median step time, peak
-memory of the training steps (evaluation's apart), trainable parameters, wall time.
+split `evals` times (evenly spread, the last at the last step), keeps the best dev state on the CPU (only the
+trainable tensors change, so only they are copied) and reports the test metrics of that state. Beside accuracy it
+measures the cost: training tokens/s (real tokens, warm-up steps and dev evaluation excluded) with the median step
+time, peak memory of the training steps (evaluation's apart), trainable parameters, wall time.
 
 A method that is not implemented (yet) is recorded as status "unavailable" with the reason; a cell whose
 training loss became non-finite (NaN or inf) stops there and is "diverged", with the step and the losses so

@@ -224,7 +224,8 @@ def run_study(config: StudyConfig, *, progress: bool = True, log=print) -> dict:
         combined = _combined(config, tasks, results, outcomes["resumed"])
         write_json_atomic(out / "results.json", combined)
     if changes:
-        log(f"{len(changes)} finished cells rerun: they ran on another device, thread count or code version ({changes[0]})")
+        log(f"{len(changes)} finished cells rerun: they ran on another device, thread count or code version "
+            f"({changes[0]})")
     log(f"{outcomes['resumed']} finished cells read back, {outcomes['run']} run"
         + (f", {outcomes['unavailable']} unavailable (not run)" if outcomes["unavailable"] else ""))
     diverged = sum(r["status"] == "diverged" for r in results)

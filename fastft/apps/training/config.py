@@ -15,6 +15,8 @@ import typing
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from fastft.apps.compiling import COMPILE_BACKENDS, COMPILE_MODES, compile_problem
 from fastft.apps.datasets import TASK_NAMES
 from fastft.apps.given_flags import given_dests
@@ -372,13 +374,20 @@ def rank_problem(cfg: TrainConfig, model_config) -> str | None:
     return rank_over_hidden(cfg.rank, hidden, f"--model {cfg.model}", f"--method {cfg.method}")
 
 
+def weights_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
+    """--dtype: auto is bf16 on a GPU, except for full fine-tuning, whose weights are what AdamW updates: in bf16
+    (and with bf16 optimizer state) an update below half a bf16 step rounds away (lr 1e-5 moves no weight near
+    1.0, RMSNorm's), so they stay fp32 and the forward runs under bf16 autocast (resolved_mixed_precision)."""
+    if cfg.dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" and cfg.method != "full" else torch.float32
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.dtype]
+
+
 def resolved_mixed_precision(cfg: TrainConfig) -> str:
     """--mixed-precision auto: bf16 for full fine-tuning on a GPU with --dtype auto, whose weights are then fp32
-    (loop.weights_dtype), else no. An adapter method's trainable weights are fp32 whatever the base's dtype."""
+    (weights_dtype), else no. An adapter method's trainable weights are fp32 whatever the base's dtype."""
     if cfg.mixed_precision != "auto":
         return cfg.mixed_precision
-    import torch
-
     return "bf16" if cfg.method == "full" and cfg.dtype == "auto" and torch.cuda.is_available() else "no"
 
 

@@ -29,7 +29,7 @@ from fastft.integration.module_names import name_hint, names_module
 from fastft.integration.parameter_count import parameter_counts
 from fastft.integration.sharded_state import run_shared
 from fastft.apps.training.config import (ConfigError, TrainConfig, flag, rank_problem, resolved_mixed_precision,
-                                         to_yaml_dict, unused_settings, validate)
+                                         to_yaml_dict, unused_settings, validate, weights_dtype)
 from fastft.apps.training.data import (BatchPlan, Encoder, Example, Pair, check_tokenizer, data_fingerprint,
                                        load_records, pack, records_digest)
 from fastft.apps.training.logs import RunLog, peak_memory_gib
@@ -40,15 +40,6 @@ from fastft.apps.training.run_lock import hold_output_dir
 
 class TrainingStopped(RuntimeError):
     """The run cannot go on (non-finite loss, out of memory); the message says where the last checkpoint is."""
-
-
-def weights_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
-    """--dtype: auto is bf16 on a GPU, except for full fine-tuning, whose weights are what AdamW updates: in bf16
-    (and with bf16 optimizer state) an update below half a bf16 step rounds away (lr 1e-5 moves no weight near
-    1.0, RMSNorm's), so they stay fp32 and the forward runs under bf16 autocast (--mixed-precision auto)."""
-    if cfg.dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" and cfg.method != "full" else torch.float32
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.dtype]
 
 
 def precision_notes(cfg: TrainConfig, device: torch.device) -> list[str]:
