@@ -219,6 +219,22 @@ def test_full_fine_tuning_on_a_gpu_keeps_fp32_weights_under_bf16_autocast(monkey
     assert (on_cpu.mixed_precision, loop.weights_dtype(on_cpu, cpu)) == ("no", torch.float32)
 
 
+def test_a_distillation_teacher_is_bf16_on_a_gpu_even_for_full_fine_tuning(monkeypatch):
+    """The teacher is frozen: full fine-tuning's fp32 weights (for AdamW's small updates) loaded it in fp32 too,
+    twice its memory on a GPU for logits that bf16 autocast computes in bf16. An explicit --dtype is kept."""
+    from fastft.apps.training.config import teacher_dtype, validate
+
+    gpu, cpu = torch.device("cuda"), torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    full = validate(TrainConfig(method="full", objective="distill", teacher="smollm2-135m"))
+    assert (loop.weights_dtype(full, gpu), teacher_dtype(full, gpu)) == (torch.float32, torch.bfloat16)
+    lora = validate(TrainConfig(objective="distill", teacher="smollm2-135m"))
+    assert teacher_dtype(lora, gpu) == torch.bfloat16
+    fp32 = validate(TrainConfig(method="full", objective="distill", teacher="smollm2-135m", dtype="fp32"))
+    assert teacher_dtype(fp32, gpu) == torch.float32
+    assert teacher_dtype(full, cpu) == torch.float32
+
+
 def test_report_writes_large_figures_plainly_and_flags_evaluations_over_other_sets():
     """report.md printed 1.235e+05 tokens/s; and a run resumed with another --eval-examples put evaluations over
     16 and 64 examples side by side with nothing but the examples column to tell them apart."""

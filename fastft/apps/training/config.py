@@ -149,7 +149,7 @@ _HELP = {
     "output_dir": "where the adapter/model, metrics.json, logs.jsonl, config.yaml and checkpoints go",
     "dtype": "weights' dtype (auto: bf16 on a GPU, but fp32 for --method full, which then trains under bf16 "
              "autocast: AdamW keeps no fp32 copy of bf16 weights, and updates below half a bf16 step would be lost; "
-             "fp32 on the CPU)",
+             "fp32 on the CPU; a distill --teacher, being frozen, is bf16 on a GPU whatever the method)",
     "mixed_precision": "autocast the forward (through accelerate); auto: bf16 for --method full on a GPU with --dtype "
                        "auto, otherwise no",
     "gradient_checkpointing": "recompute activations in the backward instead of keeping them",
@@ -381,6 +381,15 @@ def weights_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
     if cfg.dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" and cfg.method != "full" else torch.float32
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.dtype]
+
+
+def teacher_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
+    """The distillation teacher's weights: as the student's, except that --dtype auto on a GPU is always bf16 —
+    the teacher is frozen, so full fine-tuning's reason for fp32 weights (AdamW's small updates) does not apply,
+    and fp32 would double its memory (16 GB more for an 8B teacher) for logits autocast computes in bf16 anyway."""
+    if cfg.dtype == "auto" and device.type == "cuda":
+        return torch.bfloat16
+    return weights_dtype(cfg, device)
 
 
 def resolved_mixed_precision(cfg: TrainConfig) -> str:

@@ -29,7 +29,7 @@ from fastft.integration.module_names import name_hint, names_module
 from fastft.integration.parameter_count import parameter_counts
 from fastft.integration.sharded_state import run_shared
 from fastft.apps.training.config import (ConfigError, TrainConfig, flag, rank_problem, resolved_mixed_precision,
-                                         to_yaml_dict, unused_settings, validate, weights_dtype)
+                                         teacher_dtype, to_yaml_dict, unused_settings, validate, weights_dtype)
 from fastft.apps.training.data import (BatchPlan, Encoder, Example, Pair, check_tokenizer, data_fingerprint,
                                        load_records, pack, records_digest)
 from fastft.apps.training.logs import RunLog, peak_memory_gib
@@ -304,8 +304,8 @@ def _load_models(cfg: TrainConfig, device, accelerator):
         return path, tokenizer
 
     path, tokenizer = load(cfg.model)
-    return path, tokenizer, (lambda p: AutoModelForCausalLM.from_pretrained(
-        p, dtype=weights_dtype(cfg, device), attn_implementation=cfg.attn_implementation)), load
+    return path, tokenizer, (lambda p, dtype: AutoModelForCausalLM.from_pretrained(
+        p, dtype=dtype, attn_implementation=cfg.attn_implementation)), load
 
 
 def _compact(item):
@@ -505,10 +505,10 @@ def _run(cfg: TrainConfig, accelerator, train_records, eval_records, description
         import yaml
 
         atomic_write(out / "config.yaml", yaml.safe_dump(to_yaml_dict(cfg), sort_keys=False))
-    model = load_model(model_path).to(device)
+    model = load_model(model_path, weights_dtype(cfg, device)).to(device)
     check_head_gives_logits(model, f"--model {cfg.model}")
     if cfg.objective == "distill":
-        teacher = load_model(teacher_path).to(device).eval().requires_grad_(False)
+        teacher = load_model(teacher_path, teacher_dtype(cfg, device)).to(device).eval().requires_grad_(False)
         check_head_gives_logits(teacher, f"--teacher {cfg.teacher}")
         check_vocab_rows(model, teacher, len(tokenizer), cfg.teacher)
     log(f"fastft train: {cfg.model} on {description}; {len(train_records)} train / {len(eval_records)} eval "
