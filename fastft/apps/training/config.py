@@ -21,6 +21,7 @@ from fastft.apps.compiling import COMPILE_BACKENDS, COMPILE_MODES, compile_probl
 from fastft.apps.datasets import TASK_NAMES
 from fastft.apps.given_flags import given_dests
 from fastft.apps.models import SMOLLM2, model_problem, rank_problem as rank_over_hidden
+from fastft.apps.training.optimizers import OPTIMIZERS, eight_bit_problem
 from fastft.files import output_dir_problem
 from fastft.integration.methods import ALL_LINEAR, METHODS, MethodOptions
 from fastft.ops.bottleneck_adapter import ACTIVATIONS
@@ -68,6 +69,7 @@ class TrainConfig:
     steps: int = 40
     batch_size: int = 8
     grad_accum: int = 1
+    optimizer: str = "adamw"
     lr: float = 1e-3
     weight_decay: float = 0.0
     schedule: str = "cosine"
@@ -131,6 +133,10 @@ _HELP = {
     "steps": "optimizer steps",
     "batch_size": "documents per micro-batch per process (packed into one row without padding)",
     "grad_accum": "micro-batches per optimizer step; the loss is normalised by the step's true target count",
+    "optimizer": "adamw: torch's AdamW (fused on a GPU), fp32 state, 8 bytes a trainable parameter; adamw-8bit: "
+                 "bitsandbytes' AdamW8bit, 8-bit blockwise state (2 bytes a parameter; embeddings and tensors under "
+                 "4,096 elements keep 32-bit state), for full fine-tuning's optimizer memory; paged-adamw-8bit: the "
+                 "same in CUDA unified memory, paged to the CPU when the GPU runs short (a GPU only)",
     "lr": "peak learning rate (AdamW)",
     "weight_decay": "AdamW weight decay",
     "schedule": "learning-rate schedule after warm-up",
@@ -177,6 +183,7 @@ _HELP = {
 
 _CHOICES = {
     "task": TASKS, "objective": OBJECTIVES, "method": METHODS, "quantize": ("nf4",), "schedule": SCHEDULES,
+    "optimizer": OPTIMIZERS,
     "adapter_placement": ("pfeiffer", "houlsby"), "adapter_activation": ACTIVATIONS, "patch_model": PATCH_MODEL,
     "dtype": ("auto", "bf16", "fp16", "fp32"),
     "mixed_precision": ("auto", "no", "bf16", "fp16"), "attn_implementation": ("sdpa", "eager", "fastft"),
@@ -189,8 +196,8 @@ _GROUPS = {
         "method", "quantize", "rank", "alpha", "dropout", "rslora", "target_modules", "num_virtual_tokens",
         "ia3_target_modules", "ia3_feedforward_modules", "adapter_size", "adapter_placement", "adapter_activation",
         "adapter_attn_output_modules", "adapter_mlp_output_modules"),
-    "optimisation": ("steps", "batch_size", "grad_accum", "lr", "weight_decay", "schedule", "warmup_ratio",
-                     "max_grad_norm", "max_length"),
+    "optimisation": ("steps", "batch_size", "grad_accum", "optimizer", "lr", "weight_decay", "schedule",
+                     "warmup_ratio", "max_grad_norm", "max_length"),
     "objectives' knobs": ("dpo_beta", "kl_weight", "reverse_kl_weight", "ce_weight", "temperature"),
     "evaluation and output": ("eval_examples", "eval_batch_size", "eval_every", "seed", "output_dir"),
     "precision, memory, distribution": ("dtype", "mixed_precision", "gradient_checkpointing", "offload_activations",
@@ -442,11 +449,11 @@ def validate(cfg: TrainConfig) -> TrainConfig:
          "--method full with --dtype fp16 trains fp16 weights with fp16 optimizer state, which turns them into NaN; "
          "use --dtype auto (fp32 weights under bf16 autocast on a GPU), or --dtype fp32 with --mixed-precision "
          "fp16")
-    import torch
-
     need(cfg.mixed_precision != "fp16" or torch.cuda.is_available(),
          "--mixed-precision fp16 needs a CUDA GPU (accelerate autocasts fp16 only there: on the CPU it would train "
          "in fp32 unannounced); on the CPU use --mixed-precision bf16")
+    error = eight_bit_problem(cfg.optimizer, torch.cuda.is_available(), cfg.distributed)
+    need(error is None, error or "")
     if cfg.objective == "dpo":
         need(cfg.method in ADAPTER_METHODS, "--objective dpo uses the base model with adapters disabled as its "
                                             "reference: it needs an adapter method, not --method full")

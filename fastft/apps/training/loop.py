@@ -33,6 +33,7 @@ from fastft.apps.training.config import (ConfigError, TrainConfig, flag, rank_pr
 from fastft.apps.training.data import (BatchPlan, Encoder, Example, Pair, check_tokenizer, data_fingerprint,
                                        load_records, pack, records_digest)
 from fastft.apps.training.logs import RunLog, peak_memory_gib
+from fastft.apps.training.optimizers import make_optimizer
 from fastft.apps.training.objectives import (ObjectiveModel, check_head_gives_logits, check_vocab_rows,
                                              is_prompt_learning)
 from fastft.apps.training.run_lock import hold_output_dir
@@ -457,7 +458,7 @@ def train(cfg: TrainConfig) -> dict:
 
 
 def _run(cfg: TrainConfig, accelerator, train_records, eval_records, description) -> dict:
-    from accelerate.utils import set_seed
+    from accelerate.utils import DistributedType, set_seed
     from transformers import AutoConfig
 
     import fastft
@@ -550,7 +551,11 @@ def _run(cfg: TrainConfig, accelerator, train_records, eval_records, description
 
     sharded_here = shard_model(objective, cfg, accelerator)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    fsdp = sharded_here or accelerator.distributed_type == DistributedType.FSDP  # the plugin shards in prepare
+    try:
+        optimizer = make_optimizer(cfg.optimizer, model, cfg.lr, cfg.weight_decay, fsdp=fsdp)
+    except ValueError as error:  # an accelerate config that runs FSDP under --distributed auto
+        raise ConfigError(f"--optimizer {cfg.optimizer}: {error}") from None
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg))
     if sharded_here:  # accelerate's prepare would wrap it again: compiled here as prepare would have
         prepared, optimizer = objective, accelerator.prepare(optimizer)

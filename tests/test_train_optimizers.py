@@ -1,0 +1,104 @@
+"""--optimizer: bitsandbytes' 8-bit AdamW (its state a quarter of torch's) against torch's AdamW, end to end in
+`fastft train` with a resume, and the settings it cannot run with."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fastft.apps.cli import main
+from fastft.apps.training.config import ConfigError, TrainConfig, validate
+from fastft.apps.training.optimizers import make_optimizer
+from tests import train_utils
+from tests.utils import tiny_llama
+
+tiny, one_thread = train_utils.tiny, train_utils.one_thread  # the shared fixtures
+
+pytest.importorskip("bitsandbytes")
+
+
+def _state_bytes(optimizer) -> int:
+    return sum(v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values()
+               if isinstance(v, torch.Tensor) and v.dim() > 0 and v.numel() > 256)  # not qmaps
+
+
+def _steps(optimizer, params, grads):
+    for g in grads:
+        for p, gp in zip(params, g):
+            p.grad = gp.clone()
+        optimizer.step()
+
+
+def test_eight_bit_adamw_follows_torch_with_a_quarter_of_its_state():
+    """Full fine-tuning of a small Llama, 6 steps on the same random gradients: the 8-bit optimizer's weights
+    follow torch AdamW's (its moments are quantized, so not exactly); its state takes ~1/4 of the bytes, and the
+    tied embedding keeps 32-bit state."""
+    a, b = tiny_llama(0), tiny_llama(0)
+    torch_opt = make_optimizer("adamw", a, lr=1e-3, weight_decay=0.1)
+    bnb_opt = make_optimizer("adamw-8bit", b, lr=1e-3, weight_decay=0.1)
+    pa, pb = list(a.parameters()), list(b.parameters())
+    g = torch.Generator().manual_seed(1)
+    grads = [[torch.randn(p.shape, generator=g) * (1 + k) for p in pa] for k in range(6)]
+    start = [p.detach().clone() for p in pa]
+    _steps(torch_opt, pa, grads)
+    _steps(bnb_opt, pb, grads)
+    for p0, x, y in zip(start, pa, pb):
+        moved_torch, moved_8bit = x.detach() - p0, y.detach() - p0
+        err = (moved_8bit - moved_torch).norm() / moved_torch.norm()
+        assert err < 0.05, err  # 8-bit blockwise moments: a few percent of the update
+    embedding = b.get_input_embeddings().weight
+    assert bnb_opt.state[embedding]["state1"].dtype == torch.float32
+    big = [p for p in pb if p.numel() >= 4096 and p is not embedding]
+    assert big and all(bnb_opt.state[p]["state1"].dtype == torch.uint8 for p in big)
+    small = [p for p in pb if p.numel() < 4096]
+    assert small and all(bnb_opt.state[p]["state1"].dtype == torch.float32 for p in small)
+    eight = sum(bnb_opt.state[p]["state1"].numel() * 2 for p in big)  # two uint8 moments
+    fp32 = sum(p.numel() * 8 for p in big)
+    assert eight * 4 == fp32
+
+
+def test_settings_eight_bit_adamw_cannot_run_with(monkeypatch):
+    with pytest.raises(ConfigError, match="paged-adamw-8bit pages its state through CUDA unified memory"):
+        validate(TrainConfig(optimizer="paged-adamw-8bit"))
+    with pytest.raises(ConfigError, match="not FSDP's shards"):
+        validate(TrainConfig(optimizer="adamw-8bit", distributed="fsdp"))
+    with pytest.raises(ConfigError, match="--optimizer must be one of adamw, adamw-8bit, paged-adamw-8bit"):
+        validate(TrainConfig(optimizer="sgd"))
+    with pytest.raises(ValueError, match="cannot update FSDP-sharded parameters"):
+        make_optimizer("adamw-8bit", tiny_llama(0), 1e-3, 0.0, fsdp=True)
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    with pytest.raises(ConfigError, match="needs bitsandbytes"):
+        validate(TrainConfig(optimizer="adamw-8bit"))
+
+
+def _argv(tiny, out, steps, *extra):
+    return ["train", "--model", str(tiny), "--method", "full", "--optimizer", "adamw-8bit", "--steps", str(steps),
+            "--batch-size", "3", "--eval-examples", "4", "--max-length", "24", "--lr", "1e-3", "--save-every", "2",
+            "--schedule", "constant", "--warmup-ratio", "0", "--output-dir", str(out), *extra]
+
+
+@pytest.mark.slow
+def test_full_fine_tuning_with_eight_bit_adamw_resumes_bit_identically(tiny, tmp_path, one_thread, capsys):
+    """A 4-step run, and one stopped at step 2 then resumed to 4: the same weights to the bit (the 8-bit state,
+    its absmax and the embedding's 32-bit state all come back from the checkpoint). A resume with torch's AdamW
+    is refused: its state is another format."""
+    assert main(_argv(tiny, tmp_path / "straight", 4)) == 0
+    assert main(_argv(tiny, tmp_path / "resumed", 2)) == 0
+    with pytest.raises(SystemExit):
+        main(_argv(tiny, tmp_path / "resumed", 4, "--resume", "--optimizer", "adamw"))
+    assert "--optimizer 'adamw-8bit' -> 'adamw'" in capsys.readouterr().err
+    assert main(_argv(tiny, tmp_path / "resumed", 4, "--resume")) == 0
+    a = load_file(str(tmp_path / "straight" / "model" / "model.safetensors"))
+    b = load_file(str(tmp_path / "resumed" / "model" / "model.safetensors"))
+    assert a.keys() == b.keys() and a
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    metrics = json.loads((tmp_path / "straight" / "metrics.json").read_text())
+    assert metrics["config"]["optimizer"] == "adamw-8bit"
+    assert all(loss == loss for loss in metrics["train_losses"])
+    state = torch.load(tmp_path / "straight" / "checkpoints" / "step-00000004" / "optimizer.pt", weights_only=False)
+    moments = [v["__bnb_optimizer_quant_state__"]["state1"] for v in state["state"].values()]  # bnb's layout
+    assert {m.dtype for m in moments} == {torch.uint8, torch.float32}
