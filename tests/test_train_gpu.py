@@ -59,6 +59,7 @@ def test_optimizers_on_gpu(name):
     optimizer = make_optimizer(name, b, lr=1e-3, weight_decay=0.1)
     if name == "adamw":
         assert optimizer.defaults["fused"] is True
+        assert not make_optimizer(name, b, lr=1e-3, weight_decay=0.1, grad_scaler=True).defaults["fused"]
     g = torch.Generator(device="cuda").manual_seed(1)
     start = [p.detach().clone() for p in a.parameters()]
     for _ in range(6):

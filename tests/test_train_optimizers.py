@@ -74,6 +74,27 @@ def test_settings_eight_bit_adamw_cannot_run_with(monkeypatch):
         validate(TrainConfig(optimizer="adamw-8bit"))
 
 
+def test_why_fp16_keeps_adamw_unfused():
+    """accelerate tells a GradScaler-skipped step by the optimizer's step not being called; the scaler calls a
+    fused optimizer's step whatever happens (the kernel skips an overflowed update inside), so accelerate reports
+    it as taken and fastft train's schedule would advance. make_optimizer(grad_scaler=True) stays unfused."""
+    from accelerate import Accelerator
+    from accelerate.optimizer import AcceleratedOptimizer
+
+    Accelerator(cpu=True)
+    reported = {}
+    for fused in (True, None):  # torch's fused AdamW runs on the CPU too
+        p = torch.nn.Parameter(torch.ones(4))
+        optimizer = torch.optim.AdamW([p], lr=0.1, fused=fused)
+        scaler = torch.amp.GradScaler("cpu")
+        wrapped = AcceleratedOptimizer(optimizer, device_placement=False, scaler=scaler)
+        scaler.scale((p * torch.tensor([float("inf"), 1, 1, 1])).sum()).backward()
+        wrapped.step()
+        assert torch.equal(p.detach(), torch.ones(4))  # the overflowed update is skipped either way
+        reported[fused] = wrapped.step_was_skipped
+    assert reported == {True: False, None: True}
+
+
 def _argv(tiny, out, steps, *extra):
     return ["train", "--model", str(tiny), "--method", "full", "--optimizer", "adamw-8bit", "--steps", str(steps),
             "--batch-size", "3", "--eval-examples", "4", "--max-length", "24", "--lr", "1e-3", "--save-every", "2",

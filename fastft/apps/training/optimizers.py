@@ -1,6 +1,6 @@
 """--optimizer: the AdamW that updates the trainable weights.
 
-- adamw: torch's, fused into one kernel per step on a GPU (foreach when FSDP shards the parameters); fp32 state,
+- adamw: torch's, fused into one kernel per step on a GPU (foreach under FSDP or fp16's GradScaler); fp32 state,
   8 bytes a trainable parameter.
 - adamw-8bit: bitsandbytes' AdamW8bit, its two moments kept 8-bit blockwise-quantized (2 bytes a parameter, a
   quarter of torch's): what full fine-tuning's optimizer memory needs (1.2B parameters: 2.5 GB instead of 9.9).
@@ -35,13 +35,16 @@ def eight_bit_problem(name: str, cuda: bool, distributed: str) -> str | None:
     return None
 
 
-def make_optimizer(name: str, model: nn.Module, lr: float, weight_decay: float,
-                   fsdp: bool = False) -> torch.optim.Optimizer:
+def make_optimizer(name: str, model: nn.Module, lr: float, weight_decay: float, fsdp: bool = False,
+                   grad_scaler: bool = False) -> torch.optim.Optimizer:
     """The --optimizer over the model's trainable parameters (one group; embeddings apart under 8-bit). fsdp: the
-    parameters are, or will be (accelerate's plugin shards them in prepare), FSDP's DTensor shards."""
+    parameters are, or will be (accelerate's plugin shards them in prepare), FSDP's DTensor shards. grad_scaler:
+    fp16's GradScaler runs the step; it always calls a fused optimizer's step (the kernel skips an overflowed step
+    inside), and accelerate tells a skipped step by the call missing, so the schedule would advance on skipped
+    steps: torch's default (foreach) then."""
     params = [p for p in model.parameters() if p.requires_grad]
-    if name == "adamw":  # fused: one kernel for every tensor; FSDP keeps torch's default (foreach) on its shards
-        fused = bool(params) and not fsdp and all(p.device.type == "cuda" for p in params)
+    if name == "adamw":  # fused: one kernel for every tensor
+        fused = bool(params) and not fsdp and not grad_scaler and all(p.device.type == "cuda" for p in params)
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
     if name not in EIGHT_BIT:
         raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {name!r}")
