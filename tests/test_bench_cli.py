@@ -245,3 +245,28 @@ def test_rows_per_shape_reports_a_failing_shape_and_measures_the_rest(capsys):
     assert [r["shape"] for r in rows] == ["1->4", "2->4", "3->4"]
     assert rows[1]["method"] == "FAILED: RuntimeError: out of memory" and rows[2]["ms"] == 3.0
     assert capsys.readouterr().out.count("| shape |") == 3  # each shape's table printed as it finishes
+
+
+def test_bench_runs_every_row_with_the_optimizer_asked(tmp_path, monkeypatch):
+    """--optimizer adamw-8bit: the fastft and peft full fine-tuning rows both step bitsandbytes' 8-bit AdamW (the
+    same optimizer on every row), and the table says which."""
+    pytest.importorskip("bitsandbytes")
+    from fastft.apps import optimizers
+
+    made = []
+    real = optimizers.make_optimizer
+
+    def recording(name, model, **kwargs):
+        optimizer = real(name, model, **kwargs)
+        made.append(type(optimizer).__name__)
+        return optimizer
+
+    monkeypatch.setattr(run, "make_optimizer", recording)
+    out = tmp_path / "bench"
+    assert cli.main(["bench", *TINY, "--methods", "full", "--peers", "peft", "--optimizer", "adamw-8bit",
+                     "--output-dir", str(out)]) == 0
+    result = json.loads((out / "bench_methods.json").read_text())
+    assert result["config"]["optimizer"] == "adamw-8bit"
+    assert [r["status"] for r in result["rows"]] == ["ok", "ok"]
+    assert made == ["AdamW8bitGroupBits"] * 2
+    assert "optimizer adamw-8bit for every row" in (out / "bench_methods.md").read_text()

@@ -49,7 +49,7 @@ def test_full_fine_tuning_keeps_every_small_update(tmp_path):
 def test_optimizers_on_gpu(name):
     """torch's AdamW is fused on a GPU (one kernel for every tensor); bitsandbytes' 8-bit ones keep uint8 moments
     for large tensors (paged: in unified memory) and follow torch's AdamW within a few percent over 6 steps."""
-    from fastft.apps.training.optimizers import make_optimizer
+    from fastft.apps.optimizers import make_optimizer
     from tests.utils import tiny_llama
 
     if name != "adamw":

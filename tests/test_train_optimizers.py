@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from fastft.apps.cli import main
 from fastft.apps.training.config import ConfigError, TrainConfig, validate
-from fastft.apps.training.optimizers import make_optimizer
+from fastft.apps.optimizers import make_optimizer
 from tests import train_utils
 from tests.utils import tiny_llama
 

@@ -11,6 +11,7 @@ from fastft.apps.bench.peers import PEERS
 from fastft.apps.bench.shapes import DTYPES, SHAPES
 from fastft.apps.compiling import COMPILE_BACKENDS, COMPILE_MODES
 from fastft.apps.given_flags import given_dests
+from fastft.apps.optimizers import OPTIMIZERS
 from fastft.integration.methods import METHODS
 
 
@@ -48,6 +49,9 @@ def add_bench_parser(sub) -> None:
     m.add_argument("--rank", type=int, default=d.rank, help="lora/qlora/dora rank (at most the hidden size)")
     m.add_argument("--alpha", type=float, default=d.alpha, help="lora/qlora/dora alpha")
     m.add_argument("--num-virtual-tokens", type=int, default=d.num_virtual_tokens, help="prefix/prompt tuning")
+    m.add_argument("--optimizer", default=d.optimizer, choices=OPTIMIZERS,
+                   help="every run's optimizer (as fastft train's): adamw (torch's, fused on CUDA; the anchors' "
+                        "full fine-tuning), adamw-8bit / paged-adamw-8bit (bitsandbytes: a quarter of the state)")
     m.add_argument("--lr", type=float, default=d.lr,
                    help="AdamW learning rate of every run (small: the table times steps and must not diverge)")
     m.add_argument("--seed", type=int, default=d.seed, help="model weights and token ids")
@@ -111,7 +115,7 @@ def config_from_args(args) -> BenchConfig:
                        steps=args.steps, warmup=args.warmup, gradient_checkpointing=args.gradient_checkpointing,
                        patch_model=args.patch_model,
                        dtype=args.dtype, rank=args.rank, alpha=args.alpha, num_virtual_tokens=args.num_virtual_tokens,
-                       lr=args.lr, seed=args.seed, output_dir=args.output_dir, formats=_split(args.formats),
+                       optimizer=args.optimizer, lr=args.lr, seed=args.seed, output_dir=args.output_dir, formats=_split(args.formats),
                        compile=args.compile, compile_backend=args.compile_backend)
 
 

@@ -10,6 +10,7 @@ from fastft.apps.bench.peers import PEERS
 from fastft.apps.bench.shapes import DTYPES, SHAPES
 from fastft.apps.compiling import compile_problem
 from fastft.apps.models import model_problem, rank_problem
+from fastft.apps.optimizers import OPTIMIZERS, eight_bit_problem
 from fastft.files import output_dir_problem
 from fastft.integration.methods import METHODS
 
@@ -32,6 +33,7 @@ class BenchConfig:
     rank: int = 16                      # lora, qlora, dora
     alpha: float = 32.0
     num_virtual_tokens: int = 32        # prefix, prompt
+    optimizer: str = "adamw"             # fastft.apps.optimizers: every row's, fused AdamW on CUDA by default
     lr: float = 1e-5
     seed: int = 0
     output_dir: str = "bench-results"
@@ -62,6 +64,11 @@ class BenchConfig:
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"--{name} must be a finite number > 0, got {value}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"--optimizer: expected one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        problem = eight_bit_problem(self.optimizer, torch.cuda.is_available(), "none")
+        if problem:
+            raise ValueError(problem)
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ValueError(f"--dtype: expected auto or one of {', '.join(DTYPES)}, got {self.dtype!r}")
         for name in ("seq_len", "batch_size", "steps", "rank", "num_virtual_tokens"):

@@ -100,7 +100,8 @@ def markdown(result: dict) -> str:
         "",
         f"{what}; B{cfg['batch_size']}×S{cfg['seq_len']}, dtype {cfg['dtype_resolved']}, gradient checkpointing "
         f"{'on' if cfg['gradient_checkpointing'] else 'off'}; {cfg['steps']} timed steps after {cfg['warmup']} "
-        f"warm-up; LoRA/DoRA r={cfg['rank']} alpha={cfg['alpha']:g}; {cfg['num_virtual_tokens']} virtual tokens.",
+        f"warm-up; LoRA/DoRA r={cfg['rank']} alpha={cfg['alpha']:g}; {cfg['num_virtual_tokens']} virtual tokens; "
+        f"optimizer {cfg.get('optimizer', 'adamw')} for every row.",
         f"torch {v.get('torch')}, triton {v.get('triton')}, transformers {v.get('transformers')}, peft {v.get('peft')}, "
         f"bitsandbytes {v.get('bitsandbytes')}, liger-kernel {v.get('liger-kernel')}, unsloth {v.get('unsloth')}.",
         f"Peak memory: {'; '.join(kinds) or 'not measured'}. tokens/s = B·S / mean step time (forward, backward, "

@@ -1,7 +1,7 @@
 """One benchmark run: a fresh model for (method, implementation), warm-up steps, timed training steps, memory.
 
-A step is forward (labels = inputs, the model's own LM loss) + backward + AdamW step (fused on CUDA) +
-zero_grad, on random token ids; a compiled run torch.compiles the model (forward, loss and the backward
+A step is forward (labels = inputs, the model's own LM loss) + backward + optimizer step (--optimizer; AdamW,
+fused on CUDA, by default) + zero_grad, on random token ids; a compiled run torch.compiles the model (forward, loss and the backward
 AOTAutograd derives from them; not the optimizer step), which compiles during the warm-up steps. Each timed step is
 bracketed by device synchronisation; tokens/s counts the batch's B×S tokens (prompt and prefix tuning's virtual
 tokens are not counted). Any failure becomes the row's status (unavailable / not installed / oom / error) and the
@@ -23,6 +23,7 @@ from fastft.apps.bench.config import BenchConfig
 from fastft.apps.bench.harness import PeakMemory, release_freed_memory
 from fastft.apps.bench.shapes import build_model, resolve_dtype
 from fastft.apps.compiling import CUDA_GRAPH_MODES, compile_kwargs, dynamo_counts
+from fastft.apps.optimizers import make_optimizer
 from fastft.integration.methods import MethodOptions
 
 CUDA_GRAPH_WARMUP = 3  # warm-up steps of a compiled run that captures CUDA graphs
@@ -72,7 +73,7 @@ def _measure(cfg: BenchConfig, method: str, implementation: str, device: torch.d
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise RuntimeError(f"{method} ({implementation}) left no parameter requiring grad")
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0, fused=device.type == "cuda")
+    optimizer = make_optimizer(cfg.optimizer, model, lr=cfg.lr, weight_decay=0.0)
     build_s = time.perf_counter() - start
     vocab = model.config.vocab_size if hasattr(model, "config") else model.get_base_model().config.vocab_size
     if compile != "off":

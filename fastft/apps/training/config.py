@@ -21,7 +21,7 @@ from fastft.apps.compiling import COMPILE_BACKENDS, COMPILE_MODES, compile_probl
 from fastft.apps.datasets import TASK_NAMES
 from fastft.apps.given_flags import given_dests
 from fastft.apps.models import SMOLLM2, model_problem, rank_problem as rank_over_hidden
-from fastft.apps.training.optimizers import OPTIMIZERS, eight_bit_problem
+from fastft.apps.optimizers import OPTIMIZERS, eight_bit_problem
 from fastft.files import output_dir_problem
 from fastft.integration.methods import ALL_LINEAR, METHODS, MethodOptions
 from fastft.ops.bottleneck_adapter import ACTIVATIONS

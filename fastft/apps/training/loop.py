@@ -33,7 +33,7 @@ from fastft.apps.training.config import (ConfigError, TrainConfig, flag, rank_pr
 from fastft.apps.training.data import (BatchPlan, Encoder, Example, Pair, check_tokenizer, data_fingerprint,
                                        load_records, pack, records_digest)
 from fastft.apps.training.logs import RunLog, peak_memory_gib
-from fastft.apps.training.optimizers import make_optimizer
+from fastft.apps.optimizers import make_optimizer
 from fastft.apps.training.objectives import (ObjectiveModel, check_head_gives_logits, check_vocab_rows,
                                              is_prompt_learning)
 from fastft.apps.training.run_lock import hold_output_dir

@@ -1,4 +1,4 @@
-"""--optimizer: the AdamW that updates the trainable weights.
+"""--optimizer (fastft train, fastft bench): the AdamW that updates the trainable weights.
 
 - adamw: torch's, fused into one kernel per step on a GPU (foreach under FSDP or fp16's GradScaler); fp32 state,
   8 bytes a trainable parameter.
