@@ -50,3 +50,13 @@ def test_verdict_fails_on_crashed_checks_and_gemv_errors(monkeypatch, capsys):
     assert "gemv scaled" not in verdict and "qlora part crashed" in verdict
     assert gpu_nf4.failed_checks({"dequant exact": True, "gemv scaled batch 1 rel err": 3e-3}) == []
     assert gpu_nf4.failed_checks(None) == ["correctness did not run"]
+
+
+def test_hbm_spec_names_each_card_by_its_own_entry():
+    """"NVIDIA GH200 480GB" contains "H200": it read the H200's 4.8 TB/s, not its own 4.0 (the ÷ HBM column ~17%
+    low)."""
+    from fastft.apps.bench.harness import hbm_spec_tbps
+
+    cards = {"NVIDIA H200": 4.8, "NVIDIA GH200 480GB": 4.0, "NVIDIA GH200 144G HBM3e": 4.9,
+             "NVIDIA H100 80GB HBM3": 3.35, "NVIDIA H100 PCIe": 2.0, "NVIDIA H100 NVL": 3.9, "NVIDIA A100-SXM4-80GB": 2.04, "NVIDIA L4": None}
+    assert {card: hbm_spec_tbps(card) for card in cards} == cards

@@ -177,6 +177,25 @@ def test_a_chat_opening_with_the_assistant_trains_only_its_answers(tokenizer):
     assert untrained.startswith("<|im_start|>system\n") and untrained.endswith("<|im_start|>assistant\n")
 
 
+@pytest.mark.parametrize("lead", ["", " ", "\n", "  ", "\n\n", "\t", " \n", "\n\n\n", "   "])
+def test_an_answer_opening_with_whitespace_is_trained_after_the_generation_prompt(tokenizer, lead):
+    """Tokenized whole, the template's "\n" after "assistant" and an answer's leading blank line merged into one
+    "\n\n" token, trained after "...assistant": a context generation (whose prompt ends with the "\n") never
+    has. Each answer's context is now its generation prompt's tokens, and the document still decodes to the
+    rendered chat."""
+    messages = [{"role": "user", "content": "Capital?"}, {"role": "assistant", "content": lead + "Paris."},
+                {"role": "user", "content": "And Italy?"}, {"role": "assistant", "content": lead + "Rome."}]
+    example = Encoder(tokenizer, 512).encode({"messages": messages})
+    assert tokenizer.decode(example.input_ids) == tokenizer.apply_chat_template(messages, tokenize=False)
+    starts = [i for i, label in enumerate(example.labels) if label != IGNORE and example.labels[i - 1] == IGNORE]
+    assert len(starts) == 2
+    prompt = tokenizer.apply_chat_template(messages[:1], tokenize=False, add_generation_prompt=True)
+    assert example.input_ids[: starts[0]] == tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    second = tokenizer.apply_chat_template(messages[:3], tokenize=False, add_generation_prompt=True)
+    assert tokenizer.decode(example.input_ids[: starts[1]]) == second  # the text before it, to the character
+    assert _trained_text(tokenizer, example) == f"{lead}Paris.<|im_end|>\n{lead}Rome.<|im_end|>\n"
+
+
 # ------------------------------------------------------------------------------------------- SentencePiece chats
 
 LLAMA2_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}"

@@ -205,7 +205,9 @@ def test_resumed_log_keeps_each_line_once(tmp_path, final_step):
 
 def test_resumed_tensorboard_purges_the_steps_past_the_checkpoint(tmp_path, monkeypatch):
     """The killed run's TensorBoard events past the checkpoint stayed beside the resumed run's: each of those steps
-    showed twice. A resumed RunLog opens its writer with purge_step = the checkpoint's step + 1."""
+    showed twice. A resumed RunLog opens its writer with purge_step = the checkpoint's step + 1; a fresh start
+    (--save-every 0 run again in its folder, or --resume of a run killed before its first checkpoint) purges every
+    earlier event, as it empties logs.jsonl (it kept them all)."""
     import sys
     import types
 
@@ -223,7 +225,7 @@ def test_resumed_tensorboard_purges_the_steps_past_the_checkpoint(tmp_path, monk
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=Writer))
     RunLog(str(tmp_path), True).close()
     RunLog(str(tmp_path), True, resume_step=3).close()
-    assert opened == [None, 4]
+    assert opened == [0, 4]
 
 
 def test_a_finished_run_extended_keeps_the_evaluation_at_its_old_end(tiny, tmp_path, one_thread):

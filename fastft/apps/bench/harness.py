@@ -30,9 +30,10 @@ def card_name() -> str:
 
 
 # Datasheet HBM bandwidth (TB/s) by card name, first match wins: the yardstick of "x% of HBM bandwidth" targets
-# (a measured device copy reaches less: the H200's anchors copy at 4.26 of its 4.8).
-HBM_SPEC_TBPS = (("H200", 4.8), ("H100 NVL", 3.9), ("H100 PCIe", 2.0), ("H100", 3.35),
-                 ("A100-SXM4-80GB", 2.04), ("A100 80GB PCIe", 1.94), ("A100", 1.56))
+# (a measured device copy reaches less: the H200's anchors copy at 4.26 of its 4.8). GH200 comes before the H200
+# its name contains (the 96 GB HBM3 one: 4.0; the 144 GB HBM3e one: 4.9).
+HBM_SPEC_TBPS = (("GH200 144G", 4.9), ("GH200", 4.0), ("H200", 4.8), ("H100 NVL", 3.9), ("H100 PCIe", 2.0),
+                 ("H100", 3.35), ("A100-SXM4-80GB", 2.04), ("A100 80GB PCIe", 1.94), ("A100", 1.56))
 
 
 def hbm_spec_tbps(card: str) -> float | None:

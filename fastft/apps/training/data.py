@@ -331,8 +331,12 @@ class Encoder:
     def _tokenized_pieces(self, pieces: list[tuple[str, bool]]) -> tuple[list[int], list[int]]:
         """(ids, labels) of the pieces' text tokenized whole, as the rendered chat is at inference: tokenized piece
         by piece, a SentencePiece tokenizer that prepends "▁" to every string (Llama-2, Mistral) would add a token
-        before each answer that the model never sees when it generates. A token is trained when its text overlaps
-        a trained piece. A tokenizer without offsets (a slow, Python one) tokenizes piece by piece."""
+        before each answer that the model never sees when it generates. Where an answer begins, though, a token
+        is never shared with the text before it: whole, the template's "\n" after the role and an answer's leading
+        blank line merge into one "\n\n" token, trained after a context ("...assistant") that generation, whose
+        prompt ends with the "\n", never has; such a token is split there, each side tokenized alone. A token is
+        trained when its text overlaps a trained piece. A tokenizer without offsets (a slow, Python one) tokenizes
+        piece by piece."""
         if not getattr(self.tokenizer, "is_fast", False):
             ids, labels = [], []
             for text, trained in pieces:
@@ -342,16 +346,31 @@ class Encoder:
             return ids, labels
         text = "".join(piece for piece, _ in pieces)
         trained_chars = bytearray(len(text) + 1)  # 1 where the character is trained (a sentinel at the end)
-        at = 0
+        answer_starts, at, before = [], 0, False
         for piece, trained in pieces:
             if trained:
                 trained_chars[at: at + len(piece)] = b"\x01" * len(piece)
-            at += len(piece)
-        encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        ids = encoded["input_ids"]
+                if not before:
+                    answer_starts.append(at)
+            at, before = at + len(piece), trained
+        ids, spans = [], []
+        for token, (start, end) in zip(*self._with_offsets(text)):
+            cuts = [b for b in answer_starts if start < b < end]
+            if not cuts:
+                ids.append(token)
+                spans.append((start, end))
+                continue
+            for left, right in zip([start, *cuts], [*cuts, end]):
+                part, offsets = self._with_offsets(text[left:right])
+                ids += part
+                spans += [(left + a, left + b) for a, b in offsets]
         labels = [i if any(trained_chars[start: max(end, start + 1)]) else IGNORE_INDEX
-                  for i, (start, end) in zip(ids, encoded["offset_mapping"])]
+                  for i, (start, end) in zip(ids, spans)]
         return ids, labels
+
+    def _with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        return encoded["input_ids"], encoded["offset_mapping"]
 
     def chat_pieces(self, messages: list[dict]) -> list[tuple[str, bool]]:
         """The chat's text in consecutive pieces, each with whether it is trained; string-level (no tokenizing),

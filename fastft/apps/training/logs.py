@@ -43,10 +43,10 @@ class RunLog:
             from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
         except ImportError:
             return
-        # resumed: events past the checkpoint's step, which the killed run wrote and this run writes again, are
-        # purged (TensorBoard showed each of those steps twice)
+        # events past the checkpoint's step (a fresh start: every one), which an earlier run in this folder wrote
+        # and this run writes again, are purged (TensorBoard showed each of those steps twice)
         self.tensorboard = SummaryWriter(str(Path(output_dir) / "tensorboard"),
-                                         purge_step=None if resume_step is None else resume_step + 1)
+                                         purge_step=0 if resume_step is None else resume_step + 1)
 
     def write(self, record: dict) -> None:
         if not self.enabled:
