@@ -312,3 +312,39 @@ def test_compiled_runs_with_cuda_graphs_warm_up_past_the_recording():
     assert [run.warmup_steps(cfg, mode) for mode in ("off", "default", "reduce-overhead", "max-autotune",
                                                      "max-autotune-no-cudagraphs")] == [1, 1, 3, 3, 1]
     assert run.warmup_steps(BenchConfig(warmup=5), "reduce-overhead") == 5
+
+
+def test_code_state_tells_uncommitted_edits_of_the_code_apart(tmp_path):
+    """The provenance was `git rev-parse HEAD` alone: an edit-then-rerun (the usual workflow) resumed a table
+    measured by other code. Edits to fastft/ (tracked or new files) now mark the commit dirty, with a digest of
+    the edit; edits elsewhere (tests, docs) do not."""
+    import subprocess
+
+    from fastft.apps.provenance import code_state
+
+    def git(*args):
+        subprocess.run(["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t", *args], check=True,
+                       capture_output=True)
+
+    (tmp_path / "fastft").mkdir()
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "fastft" / "op.py").write_text("x = 1\n")
+    (tmp_path / "tests" / "test_op.py").write_text("y = 1\n")
+    git("init", "-q")
+    git("add", "-A")
+    git("commit", "-qm", "one")
+    head = subprocess.run(["git", "-C", str(tmp_path), "rev-parse", "HEAD"], capture_output=True, text=True).stdout
+    assert code_state(tmp_path) == head.strip()
+    (tmp_path / "tests" / "test_op.py").write_text("y = 2\n")
+    assert code_state(tmp_path) == head.strip()
+    (tmp_path / "fastft" / "op.py").write_text("x = 2\n")
+    first = code_state(tmp_path)
+    (tmp_path / "fastft" / "op.py").write_text("x = 3\n")
+    second = code_state(tmp_path)
+    (tmp_path / "fastft" / "op.py").write_text("x = 1\n")
+    (tmp_path / "fastft" / "new.py").write_text("z = 1\n")
+    third = code_state(tmp_path)
+    states = (first, second, third)
+    assert len(set(states)) == 3 and all(state.startswith(head.strip() + "+dirty.") for state in states)
+    (tmp_path / "fastft" / "new.py").unlink()
+    assert code_state(tmp_path) == head.strip()

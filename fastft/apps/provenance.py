@@ -1,23 +1,51 @@
-"""Which code produced a result: the commit of the checkout fastft runs from. The study and `fastft bench` record
-it, and a resumed run refuses (bench) or reruns (study) what another commit measured: fastft's version string
-does not change between commits."""
+"""Which code produced a result: the commit of the checkout fastft runs from, and whether its code was edited since.
+The study and `fastft bench` record it, and a resumed run refuses (bench) or reruns (study) what other code
+measured: fastft's version string does not change between commits, and the commit not with uncommitted edits."""
 from __future__ import annotations
 
 import functools
+import hashlib
 import subprocess
 from pathlib import Path
+
+CODE = ("fastft", "csrc", "benchmarks")  # what decides a measurement (tests and docs do not)
 
 
 @functools.cache
 def git_commit() -> str | None:
-    """HEAD of the checkout fastft runs from; None for an installed package (or without git)."""
-    root = Path(__file__).resolve().parents[2]
+    """code_state of the checkout fastft runs from; None for an installed package (or without git)."""
+    return code_state(Path(__file__).resolve().parents[2])
+
+
+def code_state(root: Path) -> str | None:
+    """HEAD of the git checkout at root, with "+dirty.<digest>" when CODE differs from it (tracked files edited, or
+    new files: the digest of those differences, so two different edits of one commit differ); None without git."""
     if not (root / ".git").exists():
         return None
+    commit = _git(root, "rev-parse", "HEAD")
+    if not commit:
+        return None
+    diff = _git(root, "diff", "HEAD", "--binary", "--", *CODE, strip=False)
+    untracked = _git(root, "ls-files", "--others", "--exclude-standard", "--", *CODE)
+    if diff is None or untracked is None:
+        return None
+    if not diff and not untracked:
+        return commit
+    digest = hashlib.sha256(diff.encode())
+    for name in sorted(untracked.splitlines()):
+        digest.update(name.encode() + b"\0")
+        try:
+            digest.update((root / name).read_bytes())
+        except OSError:
+            pass
+    return f"{commit}+dirty.{digest.hexdigest()[:12]}"
+
+
+def _git(root: Path, *args: str, strip: bool = True) -> str | None:
     try:
-        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
-                             timeout=10)
+        out = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.SubprocessError):
         return None
-    commit = out.stdout.strip()
-    return commit if out.returncode == 0 and commit else None
+    if out.returncode != 0:
+        return None
+    return out.stdout.strip() if strip else out.stdout
