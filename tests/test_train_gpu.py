@@ -49,13 +49,13 @@ def test_full_fine_tuning_keeps_every_small_update(tmp_path):
 def test_optimizers_on_gpu(name):
     """torch's AdamW is fused on a GPU (one kernel for every tensor); bitsandbytes' 8-bit ones keep uint8 moments
     for large tensors (paged: in unified memory) and follow torch's AdamW within a few percent over 6 steps."""
-    from fastft.apps.optimizers import make_optimizer
+    from fastft.apps.optimizers import make_optimizer, parameter_groups
     from tests.utils import tiny_llama
 
     if name != "adamw":
         pytest.importorskip("bitsandbytes")
     a, b = tiny_llama(0).cuda(), tiny_llama(0).cuda()
-    reference = torch.optim.AdamW(a.parameters(), lr=1e-3, weight_decay=0.1)
+    reference = torch.optim.AdamW(parameter_groups(a, 0.1), lr=1e-3, weight_decay=0.1)
     optimizer = make_optimizer(name, b, lr=1e-3, weight_decay=0.1)
     if name == "adamw":
         assert optimizer.defaults["fused"] is True

@@ -57,6 +57,44 @@ def test_eight_bit_adamw_follows_torch_with_a_quarter_of_its_state():
     assert eight * 4 == fp32
 
 
+@pytest.mark.parametrize("name", ["adamw", "adamw-8bit"])
+def test_weight_decay_leaves_biases_and_norms_alone(name):
+    """--weight-decay decayed every trainable tensor, RMSNorm scales and biases too (transformers' Trainer, which
+    peft users train with, leaves those out). One step on zero gradients moves a weight by weight decay alone."""
+    model = tiny_llama(0, attention_bias=True)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith(".bias") or "norm" in n:  # zeros and ones at init: nonzero, unequal values
+                p.uniform_(0.5, 1.5)
+    optimizer = make_optimizer(name, model, lr=0.1, weight_decay=0.5)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    kept = {n for n, p in model.named_parameters() if torch.equal(p.detach(), before[n])}
+    decayed = {n for n, p in model.named_parameters() if torch.allclose(p.detach(), before[n] * 0.95)}
+    assert kept == {n for n, _ in model.named_parameters() if "norm" in n or n.endswith(".bias")}
+    assert decayed == set(before) - kept and any("bias" in n for n in kept)
+
+
+def test_a_checkpoint_of_another_optimizer_layout_is_refused(tmp_path):
+    """A checkpoint written before weight decay skipped biases and norms holds one parameter group; loading it into
+    two raised torch's bare ValueError mid-resume."""
+    from accelerate import Accelerator
+    from safetensors.torch import save_file
+
+    from fastft.apps.training import checkpoints as ckpt
+
+    model = tiny_llama(0)
+    step = tmp_path / "checkpoints" / "step-00000002"
+    step.mkdir(parents=True)
+    save_file({n: p.detach().contiguous() for n, p in model.named_parameters()}, str(step / "trainable.safetensors"))
+    torch.save(torch.optim.AdamW(model.parameters()).state_dict(), step / "optimizer.pt")
+    torch.save(ckpt.rng_state(), step / "rng-0.pt")
+    with pytest.raises(ConfigError, match="optimizer state in 1 parameter group.*makes 2"):
+        ckpt.Checkpoints(tmp_path, Accelerator(cpu=True)).load(step, model, make_optimizer("adamw", model, 1e-3, 0.1))
+
+
 def test_settings_eight_bit_adamw_cannot_run_with(monkeypatch):
     with pytest.raises(ConfigError, match="paged-adamw-8bit pages its state through CUDA unified memory"):
         validate(TrainConfig(optimizer="paged-adamw-8bit"))

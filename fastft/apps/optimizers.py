@@ -37,24 +37,53 @@ def eight_bit_problem(name: str, cuda: bool, distributed: str) -> str | None:
 
 def make_optimizer(name: str, model: nn.Module, lr: float, weight_decay: float, fsdp: bool = False,
                    grad_scaler: bool = False) -> torch.optim.Optimizer:
-    """The --optimizer over the model's trainable parameters (one group; embeddings apart under 8-bit). fsdp: the
-    parameters are, or will be (accelerate's plugin shards them in prepare), FSDP's DTensor shards. grad_scaler:
-    fp16's GradScaler runs the step; it always calls a fused optimizer's step (the kernel skips an overflowed step
-    inside), and accelerate tells a skipped step by the call missing, so the schedule would advance on skipped
-    steps: torch's default (foreach) then."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    if name == "adamw":  # fused: one kernel for every tensor
-        fused = bool(params) and not fsdp and not grad_scaler and all(p.device.type == "cuda" for p in params)
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
-    if name not in EIGHT_BIT:
+    """The --optimizer over the model's trainable parameters (parameter_groups). fsdp: the parameters are, or will
+    be (accelerate's plugin shards them in prepare), FSDP's DTensor shards. grad_scaler: fp16's GradScaler runs the
+    step; it always calls a fused optimizer's step (the kernel skips an overflowed step inside), and accelerate
+    tells a skipped step by the call missing, so the schedule would advance on skipped steps: torch's default
+    (foreach) then."""
+    eight_bit = name in EIGHT_BIT
+    if name not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {name!r}")
+    groups = parameter_groups(model, weight_decay, embeddings_apart=eight_bit)
+    params = [p for group in groups for p in group["params"]]
+    if not eight_bit:  # fused: one kernel for every tensor
+        fused = bool(params) and not fsdp and not grad_scaler and all(p.device.type == "cuda" for p in params)
+        return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, fused=fused or None)
     if fsdp:
         raise ValueError(f"optimizer {name!r} cannot update FSDP-sharded parameters; use 'adamw'")
-    embedding_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    groups = [{"params": [p for p in params if id(p) not in embedding_ids]},
-              {"params": [p for p in params if id(p) in embedding_ids], "optim_bits": 32}]
-    return _adamw_8bit()([g for g in groups if g["params"]], lr=lr, weight_decay=weight_decay,
-                         is_paged=name == "paged-adamw-8bit")
+    return _adamw_8bit()(groups, lr=lr, weight_decay=weight_decay, is_paged=name == "paged-adamw-8bit")
+
+
+def parameter_groups(model: nn.Module, weight_decay: float, embeddings_apart: bool = False) -> list[dict]:
+    """The trainable parameters in groups. With weight decay, biases and normalization weights get none (as
+    transformers' Trainer does: decaying a norm's scale toward 0 fights what it learns). embeddings_apart: the
+    embedding weights in their own group(s) with 32-bit optimizer state (8-bit AdamW). Without weight decay and
+    embeddings apart, one group: the layout of checkpoints written before groups existed."""
+    no_decay, embeddings = set(), set()
+    for module in model.modules():
+        norm = "norm" in type(module).__name__.lower()
+        for pname, p in module.named_parameters(recurse=False):
+            if norm or pname == "bias":
+                no_decay.add(id(p))
+        if isinstance(module, nn.Embedding):
+            embeddings.add(id(module.weight))
+    if not weight_decay:
+        no_decay = set()
+    groups: dict[tuple[bool, bool], list] = {}
+    for p in model.parameters():
+        if p.requires_grad:
+            key = (id(p) in no_decay, embeddings_apart and id(p) in embeddings)
+            groups.setdefault(key, []).append(p)
+    out = []
+    for (skip_decay, embedding), params in sorted(groups.items()):
+        group = {"params": params}
+        if skip_decay:
+            group["weight_decay"] = 0.0
+        if embedding:
+            group["optim_bits"] = 32
+        out.append(group)
+    return out
 
 
 _CLASS = None

@@ -198,6 +198,11 @@ class Checkpoints:
             with torch.no_grad():
                 for name, value in weights.items():
                     params[name].copy_(value)
+            groups, ours = len(optim["param_groups"]), len(optimizer.param_groups)
+            if groups != ours:  # e.g. written before weight decay left biases and norms out (a group of their own)
+                raise ConfigError(f"--resume: {path} holds optimizer state in {groups} parameter group(s), this "
+                                  f"version of fastft train makes {ours} for these settings; finish the run with "
+                                  "the fastft that started it, or start a new run in another --output-dir")
             optimizer.load_state_dict(optim)
         set_rng_state(torch.load(path / f"rng-{acc.process_index}.pt", weights_only=False))
 

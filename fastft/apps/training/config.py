@@ -138,7 +138,7 @@ _HELP = {
                  "4,096 elements keep 32-bit state), for full fine-tuning's optimizer memory; paged-adamw-8bit: the "
                  "same in CUDA unified memory, paged to the CPU when the GPU runs short (a GPU only)",
     "lr": "peak learning rate (AdamW)",
-    "weight_decay": "AdamW weight decay",
+    "weight_decay": "AdamW weight decay (biases and normalization weights get none, as in transformers' Trainer)",
     "schedule": "learning-rate schedule after warm-up",
     "warmup_ratio": "fraction of --steps spent warming up linearly",
     "max_grad_norm": "clip the global gradient norm to this (0: no clipping; 1.0 is a common choice)",
