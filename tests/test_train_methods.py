@@ -77,6 +77,40 @@ def test_method_trains_from_the_cli_and_its_save_loads_back(method, tiny, tmp_pa
     assert (got[:, -ids.shape[1]:] - untrained).abs().max() > 1e-3  # what loaded is the trained method, not a no-op
 
 
+@pytest.mark.parametrize("method", ["lora", "qlora", "dora", "ia3"])
+def test_save_merged_writes_a_plain_checkpoint_with_the_trained_logits(method, tiny, tmp_path):
+    """--save-merged: OUTPUT_DIR/merged loads with AutoModelForCausalLM alone (no peft, no fastft) and gives the
+    trained model's logits (QLoRA: merged into its dequantized NF4 weights, so exactly the NF4 model's)."""
+    out = tmp_path / method
+    metrics, _ = _train(tiny, out, "--method", method, "--lr", str(LR[method]), "--save-merged", steps=2)
+    assert metrics["merged_model"] == str(out / "merged") and (out / "adapter" / "adapter_config.json").is_file()
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged").eval()
+    config = json.loads((out / "merged" / "config.json").read_text())
+    assert "quantization_config" not in config and not any("lora" in n or "ia3" in n for n, _ in
+                                                           merged.named_parameters())
+    assert (out / "merged" / "tokenizer.json").is_file()
+    ids = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = _reloaded(method, tiny, out).eval()(input_ids=ids).logits  # the saved adapter on its base
+        got = merged(input_ids=ids).logits
+        untrained = AutoModelForCausalLM.from_pretrained(tiny).eval()(input_ids=ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert (got - untrained).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--method", "prompt"], "--save-merged: --method prompt has no base weights to merge into"),
+    (["--method", "adapter"], "--save-merged: --method adapter has no base weights"),
+    (["--method", "full"], "--method full has no base weights to merge into .the trained model is saved whole"),
+    (["--distributed", "fsdp"], "--save-merged merges the whole model in one process, not FSDP's shards"),
+])
+def test_save_merged_refuses_what_it_cannot_merge(argv, message):
+    from fastft.apps.training.config import validate
+
+    with pytest.raises(ConfigError, match=message):
+        validate(TrainConfig(save_merged=True, **dict(zip([a[2:].replace("-", "_") for a in argv[::2]], argv[1::2]))))
+
+
 @pytest.mark.parametrize("method", ["qlora", "adapter", "dora", "ia3", "prefix", "prompt"])
 def test_dpo_with_adapter_methods(method, tiny, tmp_path):
     """DPO's reference is the model with its adapter disabled: bottleneck adapters now have disable_adapter,

@@ -32,6 +32,7 @@ OBJECTIVES = ("sft", "dpo", "distill")
 SCHEDULES = ("cosine", "linear", "constant")
 DISTRIBUTED = ("auto", "none", "ddp", "fsdp")
 ADAPTER_METHODS = ("lora", "qlora", "dora", "prefix", "prompt", "ia3", "adapter")
+MERGEABLE_METHODS = ("lora", "qlora", "dora", "ia3")  # their adapters fold into the base weights
 PATCH_MODEL = ("auto", "on", "off")
 _IA3 = MethodOptions()
 
@@ -88,6 +89,7 @@ class TrainConfig:
     eval_every: int = 0
     seed: int = 0
     output_dir: str = "runs/lora-smollm2-mr"
+    save_merged: bool = False
     # precision, memory, distribution
     dtype: str = "auto"  # auto: bf16 on a GPU (full fine-tuning: fp32 under bf16 autocast), fp32 on the CPU
     mixed_precision: str = "auto"  # auto: bf16 for full fine-tuning on a GPU with --dtype auto, else no
@@ -177,6 +179,10 @@ _HELP = {
                        "aot_eager (traced forward and backward graphs run by eager torch, no codegen: checks that "
                        "the model compiles, quickly); eager (dynamo tracing only)",
     "save_every": "write a resumable checkpoint every N steps (0: none)",
+    "save_merged": "also save the trained adapter merged into the base weights, a plain transformers checkpoint in "
+                   "OUTPUT_DIR/merged that loads without peft or fastft (AutoModelForCausalLM, vLLM): lora, dora, "
+                   "ia3, and qlora (merged into the dequantized NF4 weights, dense, in the dtype the model computes "
+                   "in)",
     "resume": "continue from the newest checkpoint in --output-dir (same settings; --gradient-checkpointing, "
               "--offload-activations, and --batch-size/--grad-accum of the same product may change)",
 }
@@ -199,7 +205,8 @@ _GROUPS = {
     "optimisation": ("steps", "batch_size", "grad_accum", "optimizer", "lr", "weight_decay", "schedule",
                      "warmup_ratio", "max_grad_norm", "max_length"),
     "objectives' knobs": ("dpo_beta", "kl_weight", "reverse_kl_weight", "ce_weight", "temperature"),
-    "evaluation and output": ("eval_examples", "eval_batch_size", "eval_every", "seed", "output_dir"),
+    "evaluation and output": ("eval_examples", "eval_batch_size", "eval_every", "seed", "output_dir",
+                              "save_merged"),
     "precision, memory, distribution": ("dtype", "mixed_precision", "gradient_checkpointing", "offload_activations",
                                         "attn_implementation", "patch_model", "distributed"),
     "compilation": ("compile", "compile_backend"),
@@ -350,6 +357,10 @@ def _compile_problem(cfg: TrainConfig) -> str | None:
 
 # Settings only some methods / objectives read. One under another is not refused (one YAML file may hold several
 # methods' knobs): a value other than its default is named in a note, rather than ignored unannounced.
+_UNMERGEABLE = {"prefix": "its virtual tokens are attention inputs", "prompt": "its virtual tokens are inputs",
+                "adapter": "its bottleneck modules sit beside the layers, with a nonlinearity",
+                "full": "the trained model is saved whole in OUTPUT_DIR/model already"}
+
 _READ_BY = {
     **{name: ("method", ("lora", "qlora", "dora")) for name in ("rank", "alpha", "dropout", "rslora", "target_modules")},
     "num_virtual_tokens": ("method", ("prefix", "prompt")),
@@ -452,6 +463,12 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     need(cfg.mixed_precision != "fp16" or torch.cuda.is_available(),
          "--mixed-precision fp16 needs a CUDA GPU (accelerate autocasts fp16 only there: on the CPU it would train "
          "in fp32 unannounced); on the CPU use --mixed-precision bf16")
+    if cfg.save_merged:
+        if cfg.method not in MERGEABLE_METHODS:
+            raise ConfigError(f"--save-merged: --method {cfg.method} has no base weights to merge into "
+                              f"({_UNMERGEABLE[cfg.method]}); it applies to {', '.join(MERGEABLE_METHODS)}")
+        need(cfg.distributed != "fsdp", "--save-merged merges the whole model in one process, not FSDP's shards; "
+                                        "merge the saved adapter afterwards (README: fastft train --save-merged)")
     error = eight_bit_problem(cfg.optimizer, torch.cuda.is_available(), cfg.distributed)
     need(error is None, error or "")
     if cfg.objective == "dpo":

@@ -159,7 +159,7 @@ def lr_factor(cfg: TrainConfig):
 # the batch plan's record count and digest refuse that (BatchPlan.load_state_dict), and let a value that leaves the
 # split as it was through.
 RESUME_MAY_CHANGE = ("resume", "output_dir", "save_every", "eval_every", "eval_examples", "eval_batch_size",
-                     "compile", "compile_backend", "gradient_checkpointing", "offload_activations")
+                     "compile", "compile_backend", "gradient_checkpointing", "offload_activations", "save_merged")
 
 
 def resume_may_change(cfg: TrainConfig, saved: dict | None = None) -> tuple[str, ...]:
@@ -573,6 +573,9 @@ def _run(cfg: TrainConfig, accelerator, train_records, eval_records, description
     distribution = {"type": "FSDP2 (fully_shard)" if sharded_here else accelerator.distributed_type.value,
                     "sharded": ckpt.is_sharded(inner)}
     log(f"distribution: {distribution['type']}{' (parameters sharded)' if distribution['sharded'] else ''}")
+    if cfg.save_merged and distribution["sharded"]:  # FSDP from an accelerate config under --distributed auto
+        raise ConfigError("--save-merged merges the whole model in one process, not FSDP's shards; merge the saved "
+                          "adapter afterwards (README: fastft train --save-merged)")
     compiled = CompileRecord(cfg, prepared)
     if compiled.compiled:
         log(f"compiled: torch.compile mode {cfg.compile}, backend {cfg.compile_backend} (the first steps compile)")
@@ -698,22 +701,31 @@ def _run(cfg: TrainConfig, accelerator, train_records, eval_records, description
     weights = ckpt.full_state_dict(inner, trainable_only=is_peft)  # collective under FSDP2
     saved = out / "adapter" if is_peft else out / "model"
 
+    if cfg.save_merged:
+        metrics["merged_model"] = str(out / "merged")
+
     def save_final():  # rank 0 writes; run_shared tells every rank whether it failed (none waits for a timeout)
         if is_peft:
             fastft.save_adapter(inner, saved, state_dict=weights)
         else:
             replace_folder(saved, lambda tmp: (inner.save_pretrained(str(tmp), state_dict=weights),
                                                tokenizer.save_pretrained(str(tmp))))
+        if cfg.save_merged:  # the run's last use of the model: merged in place, no second copy
+            merged_model = fastft.merge_and_unload(inner)
+            replace_folder(out / "merged", lambda tmp: (merged_model.save_pretrained(str(tmp)),
+                                                        tokenizer.save_pretrained(str(tmp))))
         atomic_write(out / "metrics.json", json.dumps(metrics, indent=2))
         write_report(out, metrics)  # report.md and losses.png
 
     try:
         run_shared(save_final, accelerator.is_main_process, "the final save")
     except OSError as e:
-        stop(cfg.steps, f"the {'adapter' if is_peft else 'model'} or metrics.json could not be saved ({e})",
+        stop(cfg.steps, f"the {'adapter' if is_peft else 'model'}{', merged model' if cfg.save_merged else ''} or "
+                        f"metrics.json could not be saved ({e})",
              "the final save")
+    merged_to = f", merged into the base weights in {out / 'merged'}" if cfg.save_merged else ""
     log(f"{metrics['tokens_per_second']:,.0f} tokens/s, peak memory {peak:.2f} GiB ({metrics['peak_memory_kind']}); "
-        f"{'adapter' if is_peft else 'model'} saved to {saved}")
+        f"{'adapter' if is_peft else 'model'} saved to {saved}{merged_to}")
     return metrics
 
 
