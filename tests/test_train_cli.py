@@ -85,3 +85,20 @@ def test_qlora_training_reports_merge_costs(tiny_checkpoint, tmp_path):
     assert "| after training | " in report and "| merged (requantized) | " in report
     assert f"{metrics['eval_after']['loss']:.4g}" in report and "| method | qlora |" in report
     assert (out / "losses.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_train_on_every_record_form_at_once(tiny_checkpoint, tmp_path):
+    """Plain text, a chat, ShareGPT, Alpaca and prompt-completion records in one file train together."""
+    forms = [{"text": "The sky is blue."},
+             {"messages": [{"role": "user", "content": "Sky?"}, {"role": "assistant", "content": "Blue."}]},
+             {"conversations": [{"from": "human", "value": "Grass?"}, {"from": "gpt", "value": "Green."}]},
+             {"instruction": "Name the colour.", "input": "snow", "output": "White."},
+             {"prompt": "The sun is", "completion": " yellow."}]
+    data = tmp_path / "mixed.jsonl"
+    data.write_text("".join(json.dumps(forms[i % len(forms)]) + "\n" for i in range(40)))
+    out = tmp_path / "run"
+    assert main(["train", "--model", str(tiny_checkpoint), "--data", str(data), "--steps", "2", "--batch-size", "5",
+                 "--eval-examples", "4", "--max-length", "64", "--output-dir", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert len(metrics["train_losses"]) == 2 and all(loss == loss for loss in metrics["train_losses"])
+    assert metrics["eval_after"]["examples"] == 4

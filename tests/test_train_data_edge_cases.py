@@ -105,6 +105,63 @@ def test_check_tokenizer_looks_past_the_first_record(tokenizer):
     check_tokenizer(tokenizer, records)
 
 
+# ------------------------------------------------------------------------------------------- other common forms
+
+def test_sharegpt_and_alpaca_records_are_read_as_their_chats(tmp_path, tokenizer):
+    """The two forms most instruction sets ship in (Unsloth's and Axolotl's examples): read as the chat they hold."""
+    sharegpt = {"conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Capital?"},
+                                  {"from": "gpt", "value": "Paris."}]}
+    alpaca = {"instruction": "Add the numbers.", "input": "2 and 2", "output": "4"}
+    bare = {"instruction": "Say hi.", "input": "", "output": "Hi!", "system": "Be kind."}
+    records = read_jsonl(_jsonl(tmp_path / "mixed.jsonl", sharegpt, alpaca, bare), "sft")
+    assert [r["messages"] for r in records] == [
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital?"},
+         {"role": "assistant", "content": "Paris."}],
+        [{"role": "user", "content": "Add the numbers.\n\n2 and 2"}, {"role": "assistant", "content": "4"}],
+        [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Say hi."},
+         {"role": "assistant", "content": "Hi!"}]]
+    encoder = Encoder(tokenizer, 128)
+    assert encoder.encode(records[0]) == encoder.encode({"messages": records[0]["messages"]})
+    check_tokenizer(tokenizer, records)
+    # a record with a canonical field keeps it, as "text" wins over "messages"
+    (both,) = read_jsonl(_jsonl(tmp_path / "both.jsonl", {"text": "plain", **sharegpt}), "sft")
+    assert Encoder(tokenizer, 64).kind(both) == "text" and "messages" not in both
+
+
+def test_prompt_completion_records_train_the_completion_only(tmp_path, tokenizer):
+    """TRL's prompt-completion form: the prompt untrained, the completion and end of sequence trained, each
+    tokenized alone; too long, the window that ends with the completion, BOS kept for a tokenizer that adds one."""
+    from transformers import AutoTokenizer
+
+    from fastft.apps.models import smollm2_checkpoint
+
+    (record,) = read_jsonl(_jsonl(tmp_path / "pc.jsonl", {"prompt": "The sky is", "completion": " blue."}), "sft")
+    example = Encoder(tokenizer, 64).encode(record)
+    prompt, answer = (tokenizer(t, add_special_tokens=False)["input_ids"] for t in ("The sky is", " blue."))
+    eos = tokenizer.eos_token_id
+    assert example == Example(prompt + answer + [eos], [IGNORE] * len(prompt) + answer + [eos])
+    adds_bos = AutoTokenizer.from_pretrained(smollm2_checkpoint(), add_bos_token=True)
+    long = {"prompt": "word " * 40, "completion": " blue."}
+    cut = Encoder(adds_bos, 8).encode(long)
+    assert len(cut.input_ids) == 8 and cut.input_ids[0] == adds_bos.bos_token_id
+    assert cut.input_ids[-len(answer) - 1:] == answer + [eos] and cut.labels[-len(answer) - 1:] == answer + [eos]
+    assert set(cut.labels[: 8 - len(answer) - 1]) == {IGNORE}
+
+
+@pytest.mark.parametrize("record, problem", [
+    ({"conversations": [{"from": "bot", "value": "hi"}]}, 'conversations[0] must be {"from": one of human/'),
+    ({"conversations": []}, "'conversations' must be a non-empty list"),
+    ({"instruction": "Do.", "output": 4}, "an Alpaca record needs string fields instruction"),
+    ({"prompt": "Q", "completion": [{"role": "assistant", "content": "A"}]}, "a prompt-completion record needs string fields prompt and"),
+    ({"prompt": "Q", "completion": ""}, "'completion' is empty"),
+    ({"question": "Q", "answer": "A"}, "expected a 'text', 'messages' or 'prompt'/'completion' field"),
+])
+def test_malformed_records_of_the_other_forms_are_refused(tmp_path, record, problem):
+    data = _jsonl(tmp_path / "bad.jsonl", {"text": "fine"}, record)
+    with pytest.raises(DataError, match=re.escape(f"{data}:2: {problem}")):
+        read_jsonl(data, "sft")
+
+
 # ------------------------------------------------------------------------------------------- dpo records
 
 GOOD_PAIR = {"prompt": "Colour of the sky?", "chosen": " blue", "rejected": " green"}

@@ -109,8 +109,9 @@ _HELP = {
     "model": f"built-in '{SMOLLM2}' or a local transformers checkpoint directory",
     "task": f"built-in data when --data is not given: classification tasks ({', '.join(TASK_NAMES)}) train the "
             f"label word; '{INSTRUCTIONS}' is a chat instruction set built from them",
-    "data": "local jsonl: {\"text\": ...} or {\"messages\": [...]} lines for sft/distill, "
-            "{\"prompt\", \"chosen\", \"rejected\"} for dpo",
+    "data": "local jsonl: {\"text\": ...}, {\"messages\": [...]}, {\"prompt\", \"completion\"} (loss on the "
+            "completion), ShareGPT {\"conversations\": [...]} or Alpaca {\"instruction\", \"input\", \"output\"} "
+            "lines for sft/distill, {\"prompt\", \"chosen\", \"rejected\"} for dpo",
     "eval_data": "local jsonl for evaluation; without it the last --eval-examples lines of --data (at most 10%%) "
                  "are held out",
     "objective": "sft: next-token loss on the answer / assistant tokens; dpo: preference pairs against the base "

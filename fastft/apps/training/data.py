@@ -1,7 +1,10 @@
 """Training data: local jsonl files and the built-in sets, tokenized into documents, packed without padding.
 
 Records (one per jsonl line): `{"text": ...}` (every token trained), `{"messages": [...]}` (a chat rendered by
-the tokenizer's chat template, loss on assistant turns only) or, for dpo, `{"prompt", "chosen", "rejected"}`.
+the tokenizer's chat template, loss on assistant turns only), `{"prompt", "completion"}` (TRL's prompt-completion
+form: plain text, loss on the completion only) or, for dpo, `{"prompt", "chosen", "rejected"}`. The other common
+forms are read as chats: ShareGPT's `{"conversations": [{"from": "human"/"gpt"/"system", "value": ...}]}` and
+Alpaca's `{"instruction", "input", "output"}` (the user turn is the instruction, then the input after a blank line).
 Other keys are ignored: the objective, not a record's keys, decides whether it is a pair.
 The built-in classification tasks become prompt → label-word documents; the built-in instruction set turns
 the same real text into chat instructions ("Is this review positive or negative?" → "positive", and "Write a
@@ -97,7 +100,49 @@ def _record_problem(record, objective: str) -> str | None:
         if not any(m["role"] == "assistant" for m in messages):
             return "'messages' has no assistant turn (nothing to train on)"
         return None
-    return "expected a 'text' or a 'messages' field"
+    if "completion" in record:
+        if not all(isinstance(record.get(k), str) for k in ("prompt", "completion")):
+            return ("a prompt-completion record needs string fields prompt and completion (conversational ones, "
+                    "lists of messages, go in one 'messages' list)")
+        if not record["completion"]:
+            return "'completion' is empty: nothing to train on"
+        return None
+    return ("expected a 'text', 'messages' or 'prompt'/'completion' field (or ShareGPT's 'conversations', Alpaca's "
+            "'instruction'/'output')")
+
+
+_SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant",
+                   "system": "system"}
+
+
+def _as_chat(record: dict) -> dict | str:
+    """ShareGPT and Alpaca records as {"messages": [...]} (the record itself for every other form), or a problem.
+    A record that has one of the canonical fields keeps it (as "text" wins over "messages")."""
+    if any(k in record for k in ("text", "messages", "completion")):
+        return record
+    if "conversations" in record:
+        turns = record["conversations"]
+        if not isinstance(turns, list) or not turns:
+            return "'conversations' must be a non-empty list"
+        messages = []
+        for i, turn in enumerate(turns):
+            who = turn.get("from", turn.get("role")) if isinstance(turn, dict) else None
+            text = turn.get("value", turn.get("content")) if isinstance(turn, dict) else None
+            if who not in _SHAREGPT_ROLES or not isinstance(text, str):
+                return (f"conversations[{i}] must be {{\"from\": one of {'/'.join(_SHAREGPT_ROLES)}, \"value\": "
+                        "text}")
+            messages.append({"role": _SHAREGPT_ROLES[who], "content": text})
+        return {**record, "messages": messages}
+    if "instruction" in record and "output" in record:
+        instruction, extra, output = record["instruction"], record.get("input") or "", record["output"]
+        system = record.get("system") or ""
+        if not all(isinstance(v, str) for v in (instruction, extra, output, system)) or not instruction:
+            return "an Alpaca record needs string fields instruction (non-empty), output and optionally input, system"
+        user = instruction + ("\n\n" + extra if extra else "")
+        messages = ([{"role": "system", "content": system}] if system else []) + \
+            [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
+        return {**record, "messages": messages}
+    return record
 
 
 def read_jsonl(path: str | Path, objective: str) -> list[dict]:
@@ -116,6 +161,10 @@ def read_jsonl(path: str | Path, objective: str) -> list[dict]:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+            if objective != "dpo" and isinstance(record, dict):
+                record = _as_chat(record)
+                if isinstance(record, str):
+                    raise DataError(f"{path}:{lineno}: {record}")
             problem = _record_problem(record, objective)
             if problem:
                 raise DataError(f"{path}:{lineno}: {problem}")
@@ -289,12 +338,13 @@ class Encoder:
         return self._label_ids[task_name]
 
     def kind(self, record: dict) -> str:
-        """"pair", "classification", "text" or "chat"; "text" wins over "messages" as in _record_problem."""
+        """"pair", "classification", "text", "chat" or "completion"; "text" wins over "messages", and "messages"
+        over "completion", as in _record_problem."""
         if self.objective == "dpo":
             return "pair"
         if BUILTIN_TASK in record:
             return "classification"
-        return "text" if "text" in record else "chat"
+        return "text" if "text" in record else "chat" if "messages" in record else "completion"
 
     def encode(self, record: dict):
         kind = self.kind(record)
@@ -304,6 +354,8 @@ class Encoder:
             return self.classification(record)
         if kind == "chat":
             return self.chat(record["messages"])
+        if kind == "completion":
+            return self.completion(record)
         ids = self._with_eos(self._document_ids(record["text"]))[: self.max_length]
         return Example(ids, list(ids))
 
@@ -315,6 +367,20 @@ class Encoder:
                                 self.max_length - 1)
         return Example(prompt + [choices[record["label"]]], [IGNORE_INDEX] * len(prompt) + [choices[record["label"]]],
                        choices)
+
+    def completion(self, record: dict) -> Example:
+        """TRL's prompt-completion form: the prompt (a plain-text document's start, untrained) then the completion
+        with end of sequence (trained), each tokenized alone, so the completion's tokens start where it does. Too
+        long, it keeps the max_length tokens that end with the completion (the prompt is cut from its left), as a
+        chat keeps its last answer."""
+        prompt = self._document_ids(record["prompt"])
+        answer = self._with_eos(self._ids(record["completion"]))
+        ids, labels = prompt + answer, [IGNORE_INDEX] * len(prompt) + answer
+        if len(ids) > self.max_length:
+            lead = self.lead if prompt[: len(self.lead)] == self.lead and len(answer) < self.max_length else []
+            keep = self.max_length - len(lead)
+            ids, labels = lead + ids[-keep:], [IGNORE_INDEX] * len(lead) + labels[-keep:]
+        return Example(ids, labels)
 
     def chat(self, messages: list[dict]) -> Example:
         """The template rendered after each turn; the text each assistant turn adds is trained (its end-of-turn
