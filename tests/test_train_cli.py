@@ -102,3 +102,19 @@ def test_train_on_every_record_form_at_once(tiny_checkpoint, tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert len(metrics["train_losses"]) == 2 and all(loss == loss for loss in metrics["train_losses"])
     assert metrics["eval_after"]["examples"] == 4
+
+
+def test_dpo_on_conversational_pairs(tiny_checkpoint, tmp_path):
+    """TRL's conversational preference records (explicit and implicit prompt in one file) train under dpo."""
+    user = {"role": "user", "content": "Colour of the sky?"}
+    blue, green = ({"role": "assistant", "content": c} for c in ("Blue.", "Green."))
+    forms = [{"prompt": [user], "chosen": [blue], "rejected": [green]},
+             {"chosen": [user, blue], "rejected": [user, green]}]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(forms[i % 2]) + "\n" for i in range(20)))
+    out = tmp_path / "run"
+    assert main(["train", "--model", str(tiny_checkpoint), "--objective", "dpo", "--data", str(data), "--steps", "2",
+                 "--batch-size", "2", "--eval-examples", "2", "--max-length", "64", "--output-dir", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["eval_before"]["loss"] == pytest.approx(0.6931, abs=1e-3)  # policy = reference at the start
+    assert "reward_accuracy" in metrics["eval_after"] and all(x == x for x in metrics["train_losses"])

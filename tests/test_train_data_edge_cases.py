@@ -180,6 +180,47 @@ def test_dpo_records_without_a_preference_are_refused(tmp_path, change, problem)
         read_jsonl(data, "dpo")
 
 
+USER = {"role": "user", "content": "Capital of France?"}
+PARIS, LYON = ({"role": "assistant", "content": c} for c in ("Paris.", "Lyon."))
+
+
+def test_conversational_dpo_records_are_rendered_by_the_chat_template(tmp_path, tokenizer):
+    """TRL's conversational preference forms: explicit (prompt, chosen, rejected lists of messages) and implicit
+    (whole conversations sharing their opening turns). Each answer is trained as a chat's answer is (its
+    end-of-turn included), after the prompt rendered with the generation prompt."""
+    explicit = {"prompt": [USER], "chosen": [PARIS], "rejected": [LYON]}
+    implicit = {"chosen": [USER, PARIS], "rejected": [USER, LYON]}
+    history = [USER, PARIS, {"role": "user", "content": "And of Italy?"}]
+    longer = {"chosen": history + [{"role": "assistant", "content": "Rome."}],
+              "rejected": history + [{"role": "assistant", "content": "Milan."}]}
+    records = read_jsonl(_jsonl(tmp_path / "pairs.jsonl", explicit, implicit, longer), "dpo")
+    assert records[1]["prompt"] == [USER] and records[2]["prompt"] == history
+    check_tokenizer(tokenizer, records, "dpo")
+    encoder = Encoder(tokenizer, 256, "dpo")
+    pair = encoder.encode(records[0])
+    assert pair == encoder.encode(records[1])
+    chat = Encoder(tokenizer, 256).encode({"messages": [USER, PARIS]})
+    assert pair.chosen == chat  # the chosen answer's document is the chat's, trained alike
+    trained = [tokenizer.decode([i for i, label in zip(d.input_ids, d.labels) if label != IGNORE])
+               for d in (pair.rejected, encoder.encode(records[2]).chosen)]
+    assert trained == ["Lyon.<|im_end|>\n", "Rome.<|im_end|>\n"]
+    with pytest.raises(ConfigError, match="no chat template"):
+        check_tokenizer(_changed(tokenizer, chat_template=None), records, "dpo")
+
+
+@pytest.mark.parametrize("record, problem", [
+    ({"prompt": [USER], "chosen": [USER, PARIS], "rejected": [LYON]}, "'chosen' must start with the assistant's"),
+    ({"prompt": [USER], "chosen": [PARIS], "rejected": [PARIS]}, "'chosen' and 'rejected' are the same messages"),
+    ({"prompt": [USER], "chosen": [{"role": "bot", "content": "x"}], "rejected": [LYON]}, 'chosen[0] must be {"role"'),
+    ({"chosen": [USER, PARIS], "rejected": [USER, PARIS]}, "'chosen' and 'rejected' are the same messages"),
+    ({"chosen": [USER, PARIS], "rejected": [USER]}, "'rejected' must be a non-empty list of messages"),
+])
+def test_malformed_conversational_dpo_records_are_refused(tmp_path, record, problem):
+    data = _jsonl(tmp_path / "pairs.jsonl", GOOD_PAIR, record)
+    with pytest.raises(DataError, match=re.escape(f"{data}:2: {problem}")):
+        read_jsonl(data, "dpo")
+
+
 def test_builtin_preferences_are_valid_dpo_records(tmp_path):
     from fastft.apps.datasets import TASK_NAMES
 

@@ -111,7 +111,7 @@ _HELP = {
             f"label word; '{INSTRUCTIONS}' is a chat instruction set built from them",
     "data": "local jsonl: {\"text\": ...}, {\"messages\": [...]}, {\"prompt\", \"completion\"} (loss on the "
             "completion), ShareGPT {\"conversations\": [...]} or Alpaca {\"instruction\", \"input\", \"output\"} "
-            "lines for sft/distill, {\"prompt\", \"chosen\", \"rejected\"} for dpo",
+            "lines for sft/distill, {\"prompt\", \"chosen\", \"rejected\"} for dpo (text, or lists of messages)",
     "eval_data": "local jsonl for evaluation; without it the last --eval-examples lines of --data (at most 10%%) "
                  "are held out",
     "objective": "sft: next-token loss on the answer / assistant tokens; dpo: preference pairs against the base "

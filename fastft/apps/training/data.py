@@ -2,7 +2,8 @@
 
 Records (one per jsonl line): `{"text": ...}` (every token trained), `{"messages": [...]}` (a chat rendered by
 the tokenizer's chat template, loss on assistant turns only), `{"prompt", "completion"}` (TRL's prompt-completion
-form: plain text, loss on the completion only) or, for dpo, `{"prompt", "chosen", "rejected"}`. The other common
+form: plain text, loss on the completion only) or, for dpo, `{"prompt", "chosen", "rejected"}` (text, or TRL's
+conversational form: lists of messages, the prompt left out when chosen and rejected are whole conversations). The other common
 forms are read as chats: ShareGPT's `{"conversations": [{"from": "human"/"gpt"/"system", "value": ...}]}` and
 Alpaca's `{"instruction", "input", "output"}` (the user turn is the instruction, then the input after a blank line).
 Other keys are ignored: the objective, not a record's keys, decides whether it is a pair.
@@ -77,6 +78,8 @@ def _record_problem(record, objective: str) -> str | None:
     if not isinstance(record, dict):
         return f"expected a JSON object, got {type(record).__name__}"
     if objective == "dpo":
+        if isinstance(record.get("chosen"), list):
+            return _conversational_pair_problem(record)
         for key in _PAIR_KEYS:
             if not isinstance(record.get(key), str):
                 return f"a dpo record needs string fields prompt, chosen, rejected ('{key}' is missing or not text)"
@@ -109,6 +112,46 @@ def _record_problem(record, objective: str) -> str | None:
         return None
     return ("expected a 'text', 'messages' or 'prompt'/'completion' field (or ShareGPT's 'conversations', Alpaca's "
             "'instruction'/'output')")
+
+
+def _messages_problem(messages, name: str) -> str | None:
+    if not isinstance(messages, list) or not messages:
+        return f"'{name}' must be a non-empty list of messages"
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in _ROLES or not isinstance(m.get("content"), str):
+            return f"{name}[{i}] must be {{\"role\": one of {'/'.join(_ROLES)}, \"content\": text}}"
+    return None
+
+
+def _conversational_pair_problem(record: dict) -> str | None:
+    """TRL's conversational preference forms, after _split_implicit_prompt: prompt, chosen and rejected lists of
+    messages, the answers assistant turns."""
+    for key in _PAIR_KEYS:
+        problem = _messages_problem(record.get(key), key)
+        if problem:
+            return problem
+    for key in ("chosen", "rejected"):
+        if record[key][0]["role"] != "assistant":
+            return (f"'{key}' must start with the assistant's answer to the prompt (whole conversations that repeat "
+                    "the prompt: leave 'prompt' out, and their shared opening turns become it)")
+    if record["chosen"] == record["rejected"]:
+        return "'chosen' and 'rejected' are the same messages: there is no preference to learn"
+    return None
+
+
+def _split_implicit_prompt(record: dict) -> dict:
+    """TRL's implicit-prompt preference form ({"chosen": [...], "rejected": [...]}, whole conversations sharing
+    their opening turns) as the explicit one: the shared turns up to the last one before the answers differ become
+    the prompt (as trl's extract_prompt does)."""
+    chosen, rejected = record.get("chosen"), record.get("rejected")
+    if "prompt" in record or not isinstance(chosen, list) or not isinstance(rejected, list):
+        return record
+    shared = 0
+    while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
+        shared += 1
+    while shared and isinstance(chosen[shared - 1], dict) and chosen[shared - 1].get("role") == "assistant":
+        shared -= 1  # the answers start at an assistant turn; an identical first one still belongs to them
+    return {**record, "prompt": chosen[:shared], "chosen": chosen[shared:], "rejected": rejected[shared:]}
 
 
 _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant",
@@ -165,6 +208,8 @@ def read_jsonl(path: str | Path, objective: str) -> list[dict]:
                 record = _as_chat(record)
                 if isinstance(record, str):
                     raise DataError(f"{path}:{lineno}: {record}")
+            elif isinstance(record, dict):
+                record = _split_implicit_prompt(record)
             problem = _record_problem(record, objective)
             if problem:
                 raise DataError(f"{path}:{lineno}: {problem}")
@@ -476,12 +521,33 @@ class Encoder:
         return self._header
 
     def pair(self, record: dict) -> Pair:
-        """Responses (with end of sequence) keep at most half the length; the prompt is cut from its left."""
-        responses = [self._with_eos(self._ids(record[k]))[: self.max_length // 2] for k in ("chosen", "rejected")]
+        """Responses (with end of sequence) keep at most half the length; the prompt is cut from its left.
+        Conversational pairs (lists of messages) are rendered by the chat template: the prompt with the generation
+        prompt, each answer as the text the template adds after it (its end-of-turn included, no extra end of
+        sequence), each tokenized alone as a text pair's are."""
+        if isinstance(record["chosen"], list):
+            record = self.rendered_pair(record)
+            responses = [self._ids(record[k])[: self.max_length // 2] for k in ("chosen", "rejected")]
+        else:
+            responses = [self._with_eos(self._ids(record[k]))[: self.max_length // 2] for k in ("chosen", "rejected")]
         room = self.max_length - max(len(r) for r in responses)
         prompt = self._cut_left(self._document_ids(record["prompt"]), max(room, 1))
         chosen, rejected = (Example(prompt + r, [IGNORE_INDEX] * len(prompt) + r) for r in responses)
         return Pair(chosen, rejected)
+
+    def rendered_pair(self, record: dict) -> dict:
+        """A conversational pair as text: the prompt rendered with the generation prompt, each answer the text the
+        template renders after it."""
+        template = self.tokenizer.apply_chat_template
+        prompt = template(record["prompt"], tokenize=False, add_generation_prompt=True)
+        out = {"prompt": prompt}
+        for key in ("chosen", "rejected"):
+            whole = template(record["prompt"] + record[key], tokenize=False)
+            if not whole.startswith(prompt) or len(whole) == len(prompt):
+                raise ConfigError("the tokenizer's chat template does not render a conversation as a prefix of its "
+                                  "continuation; give dpo records as text (prompt, chosen, rejected strings)")
+            out[key] = whole[len(prompt):]
+        return out
 
 
 def check_tokenizer(tokenizer, records: list[dict], objective: str = "sft") -> None:
@@ -494,12 +560,13 @@ def check_tokenizer(tokenizer, records: list[dict], objective: str = "sft") -> N
     for index, record in enumerate(records):
         kind = encoder.kind(record)
         first.setdefault(kind, (index, record))
-        if kind != "chat":
+        conversational = kind == "pair" and isinstance(record.get("chosen"), list)
+        if kind != "chat" and not conversational:
             continue
         if not getattr(tokenizer, "chat_template", None):
             raise ConfigError("the data has chat records but the tokenizer has no chat template")
         try:
-            encoder.chat_pieces(record["messages"])
+            encoder.chat_pieces(record["messages"]) if kind == "chat" else encoder.rendered_pair(record)
         except Exception as e:  # the template's own errors too (e.g. "roles must alternate")
             problem = str(e) if isinstance(e, ConfigError) else f"the chat template fails on it: {e}"
             raise ConfigError(f"{_where(record, index)}: {problem}") from None
