@@ -317,6 +317,21 @@ def _llama2_style_tokenizer():
     return tok
 
 
+def test_a_sentencepiece_token_across_an_answer_start_stays_whole():
+    """Split at an answer's start, each side of a SentencePiece token ("ASSISTANT:" + " Paris" merges ":▁") got
+    its own prepended "▁": the document decoded "ASSISTANT :  Paris". A split whose parts do not spell the token
+    is not made: the chat keeps the rendered text's tokens."""
+    tok = _llama2_style_tokenizer()
+    tok.chat_template = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}"
+                         "{{ 'USER: ' + m['content'] + '\n' }}{% else %}{{ 'ASSISTANT:' + ' ' + m['content'] + "
+                         "eos_token + '\n' }}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}"
+                         "{% endif %}")
+    example = Encoder(tok, 512).encode({"messages": CHAT})
+    rendered = tok.apply_chat_template(CHAT, tokenize=False)
+    assert example.input_ids == tok(rendered, add_special_tokens=False)["input_ids"]
+    assert tok.decode(example.input_ids) == tok.decode(tok(rendered, add_special_tokens=False)["input_ids"])
+
+
 def test_a_chat_is_tokenized_as_rendered_whole_by_a_sentencepiece_tokenizer():
     """Tokenized piece by piece, each answer got a "▁" token before it that generation never produces; the chat is
     now the rendered text's tokens, the answers (and their end of sequence) trained."""

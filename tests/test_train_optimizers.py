@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from fastft.apps.cli import main
 from fastft.apps.training.config import ConfigError, TrainConfig, validate
-from fastft.apps.optimizers import make_optimizer
+from fastft.apps.optimizers import make_optimizer, parameter_groups
 from tests import train_utils
 from tests.utils import tiny_llama
 
@@ -75,6 +75,46 @@ def test_weight_decay_leaves_biases_and_norms_alone(name):
     decayed = {n for n, p in model.named_parameters() if torch.allclose(p.detach(), before[n] * 0.95)}
     assert kept == {n for n, _ in model.named_parameters() if "norm" in n or n.endswith(".bias")}
     assert decayed == set(before) - kept and any("bias" in n for n in kept)
+
+
+@pytest.mark.parametrize("method", ["ia3", "dora"])
+def test_weight_decay_leaves_the_methods_scales_alone(method):
+    """IA3's vectors (identity 1) and DoRA's magnitudes (the weights' column norms) were pulled toward 0: IA3 at its
+    lr 0.5 with --weight-decay 0.1 kept 0.13 of each scale after 40 steps of zero gradients."""
+    from fastft.integration.methods import MethodOptions, apply_method
+
+    model = apply_method(tiny_llama(0), method, MethodOptions(rank=4))
+    optimizer = make_optimizer("adamw", model, lr=0.5, weight_decay=0.1)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    for p in model.parameters():
+        if p.requires_grad:
+            p.grad = torch.zeros_like(p)
+    optimizer.step()
+    kept = {n for n, p in model.named_parameters() if p.requires_grad and torch.equal(p.detach(), before[n])}
+    scales = {n for n in before if "ia3_l" in n or "lora_magnitude_vector" in n}
+    assert scales and scales <= kept
+    assert kept - scales == {n for n in before if "lora_B" in n}  # zeros at init: decay leaves them zero
+    assert all(not torch.equal(p.detach(), before[n]) for n, p in model.named_parameters() if "lora_A" in n)
+
+
+def test_a_checkpoint_keeps_this_runs_optimizer_implementation(tmp_path):
+    """torch's load_state_dict restores a group's fused/foreach flags with its state: a checkpoint written by a
+    fused run resumed where fastft keeps AdamW unfused (FSDP, fp16's GradScaler) ran fused again."""
+    from accelerate import Accelerator
+    from safetensors.torch import save_file
+
+    from fastft.apps.training import checkpoints as ckpt
+
+    model = tiny_llama(0)
+    step = tmp_path / "checkpoints" / "step-00000002"
+    step.mkdir(parents=True)
+    save_file({n: p.detach().contiguous() for n, p in model.named_parameters()}, str(step / "trainable.safetensors"))
+    written = torch.optim.AdamW(parameter_groups(model, 0.1), lr=1e-3, weight_decay=0.1, fused=True)  # CPU-fused
+    torch.save(written.state_dict(), step / "optimizer.pt")
+    torch.save(ckpt.rng_state(), step / "rng-0.pt")
+    resumed = make_optimizer("adamw", model, 1e-3, 0.1)
+    ckpt.Checkpoints(tmp_path, Accelerator(cpu=True)).load(step, model, resumed)
+    assert [g["fused"] for g in resumed.param_groups] == [None, None]
 
 
 def test_a_checkpoint_of_another_optimizer_layout_is_refused(tmp_path):

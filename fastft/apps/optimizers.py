@@ -16,6 +16,7 @@ from torch import nn
 
 OPTIMIZERS = ("adamw", "adamw-8bit", "paged-adamw-8bit")
 EIGHT_BIT = ("adamw-8bit", "paged-adamw-8bit")
+SCALES = ("ia3_l", "lora_magnitude_vector")  # the methods' per-channel scales (peft's names, fastft's too)
 
 
 def eight_bit_problem(name: str, cuda: bool, distributed: str) -> str | None:
@@ -56,10 +57,11 @@ def make_optimizer(name: str, model: nn.Module, lr: float, weight_decay: float, 
 
 
 def parameter_groups(model: nn.Module, weight_decay: float, embeddings_apart: bool = False) -> list[dict]:
-    """The trainable parameters in groups. With weight decay, biases and normalization weights get none (as
-    transformers' Trainer does: decaying a norm's scale toward 0 fights what it learns). embeddings_apart: the
-    embedding weights in their own group(s) with 32-bit optimizer state (8-bit AdamW). Without weight decay and
-    embeddings apart, one group: the layout of checkpoints written before groups existed."""
+    """The trainable parameters in groups. With weight decay, biases, normalization weights and the methods'
+    per-channel scales (IA3's vectors, DoRA's magnitudes) get none: transformers' Trainer spares the first two;
+    decaying a scale toward 0 fights what it learns, and IA3's identity is 1, DoRA's magnitudes the weights' column
+    norms. embeddings_apart: the embedding weights in their own group(s) with 32-bit optimizer state (8-bit AdamW).
+    Without weight decay and embeddings apart, one group: the layout of checkpoints written before groups existed."""
     no_decay, embeddings = set(), set()
     for module in model.modules():
         norm = "norm" in type(module).__name__.lower()
@@ -68,6 +70,7 @@ def parameter_groups(model: nn.Module, weight_decay: float, embeddings_apart: bo
                 no_decay.add(id(p))
         if isinstance(module, nn.Embedding):
             embeddings.add(id(module.weight))
+    no_decay |= {id(p) for name, p in model.named_parameters() if any(s in name for s in SCALES)}
     if not weight_decay:
         no_decay = set()
     groups: dict[tuple[bool, bool], list] = {}

@@ -190,6 +190,14 @@ class Checkpoints:
         acc = self.accelerator
         weights = load_file(str(path / "trainable.safetensors"))
         optim = torch.load(path / "optimizer.pt", weights_only=False)
+        groups, ours = len(optim["param_groups"]), len(optimizer.param_groups)
+        if groups != ours:  # e.g. written before weight decay left biases and norms out (a group of their own)
+            raise ConfigError(f"--resume: {path} holds optimizer state in {groups} parameter group(s), this "
+                              f"version of fastft train makes {ours} for these settings; finish the run with "
+                              "the fastft that started it, or start a new run in another --output-dir")
+        # torch restores a group's implementation flags with its state: this run's (fused on one GPU, foreach
+        # under FSDP or fp16's GradScaler: fastft.apps.optimizers) must hold whatever the writing run had
+        flags = [{k: g[k] for k in _IMPLEMENTATION_FLAGS if k in g} for g in optimizer.param_groups]
         if is_sharded(model):
             set_model_state_dict(model, weights, options=_options(strict=False))
             set_optimizer_state_dict(model, optimizer, optim, options=_options())
@@ -198,13 +206,13 @@ class Checkpoints:
             with torch.no_grad():
                 for name, value in weights.items():
                     params[name].copy_(value)
-            groups, ours = len(optim["param_groups"]), len(optimizer.param_groups)
-            if groups != ours:  # e.g. written before weight decay left biases and norms out (a group of their own)
-                raise ConfigError(f"--resume: {path} holds optimizer state in {groups} parameter group(s), this "
-                                  f"version of fastft train makes {ours} for these settings; finish the run with "
-                                  "the fastft that started it, or start a new run in another --output-dir")
             optimizer.load_state_dict(optim)
+        for group, kept in zip(optimizer.param_groups, flags):
+            group.update(kept)
         set_rng_state(torch.load(path / f"rng-{acc.process_index}.pt", weights_only=False))
+
+
+_IMPLEMENTATION_FLAGS = ("fused", "foreach", "capturable", "differentiable")
 
 
 def _open_safetensors(file: Path) -> list[str]:

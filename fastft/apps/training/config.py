@@ -141,7 +141,7 @@ _HELP = {
                  "4,096 elements keep 32-bit state), for full fine-tuning's optimizer memory; paged-adamw-8bit: the "
                  "same in CUDA unified memory, paged to the CPU when the GPU runs short (a GPU only)",
     "lr": "peak learning rate (AdamW)",
-    "weight_decay": "AdamW weight decay (biases and normalization weights get none, as in transformers' Trainer)",
+    "weight_decay": "AdamW weight decay (biases, normalization weights, IA3 vectors and DoRA magnitudes get none)",
     "schedule": "learning-rate schedule after warm-up",
     "warmup_ratio": "fraction of --steps spent warming up linearly",
     "max_grad_norm": "clip the global gradient norm to this (0: no clipping; 1.0 is a common choice)",

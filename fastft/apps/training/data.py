@@ -443,11 +443,11 @@ class Encoder:
         """(ids, labels) of the pieces' text tokenized whole, as the rendered chat is at inference: tokenized piece
         by piece, a SentencePiece tokenizer that prepends "▁" to every string (Llama-2, Mistral) would add a token
         before each answer that the model never sees when it generates. Where an answer begins, though, a token
-        is never shared with the text before it: whole, the template's "\n" after the role and an answer's leading
-        blank line merge into one "\n\n" token, trained after a context ("...assistant") that generation, whose
-        prompt ends with the "\n", never has; such a token is split there, each side tokenized alone. A token is
-        trained when its text overlaps a trained piece. A tokenizer without offsets (a slow, Python one) tokenizes
-        piece by piece."""
+        is never shared with the text before it where the tokenizer can split it: whole, the template's "\n" after
+        the role and an answer's leading blank line merge into one "\n\n" token, trained after a context
+        ("...assistant") that generation, whose prompt ends with the "\n", never has; such a token is split there,
+        each side tokenized alone (_split_token). A token is trained when its text overlaps a trained piece. A
+        tokenizer without offsets (a slow, Python one) tokenizes piece by piece."""
         if not getattr(self.tokenizer, "is_fast", False):
             ids, labels = [], []
             for text, trained in pieces:
@@ -467,17 +467,28 @@ class Encoder:
         ids, spans = [], []
         for token, (start, end) in zip(*self._with_offsets(text)):
             cuts = [b for b in answer_starts if start < b < end]
-            if not cuts:
+            split = self._split_token(text, token, [start, *cuts, end]) if cuts else None
+            if split is None:
                 ids.append(token)
                 spans.append((start, end))
-                continue
-            for left, right in zip([start, *cuts], [*cuts, end]):
-                part, offsets = self._with_offsets(text[left:right])
-                ids += part
-                spans += [(left + a, left + b) for a, b in offsets]
+            else:
+                ids += split[0]
+                spans += split[1]
         labels = [i if any(trained_chars[start: max(end, start + 1)]) else IGNORE_INDEX
                   for i, (start, end) in zip(ids, spans)]
         return ids, labels
+
+    def _split_token(self, text: str, token: int, bounds: list[int]):
+        """(ids, spans) of text[bounds[0]:bounds[-1]] (one token's text) tokenized apart at the inner bounds, or None
+        when the parts do not spell the token: a tokenizer that puts "▁" before every string it tokenizes
+        (SentencePiece's legacy normalizer, Metaspace) would add one to each part, so such a token stays whole."""
+        ids, spans = [], []
+        for left, right in zip(bounds, bounds[1:]):
+            part, offsets = self._with_offsets(text[left:right])
+            ids += part
+            spans += [(left + a, left + b) for a, b in offsets]
+        spell = self.tokenizer.convert_ids_to_tokens
+        return (ids, spans) if "".join(spell(ids)) == spell(token) else None
 
     def _with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
         encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
