@@ -201,3 +201,26 @@ def test_full_fine_tuning_with_eight_bit_adamw_resumes_bit_identically(tiny, tmp
     state = torch.load(tmp_path / "straight" / "checkpoints" / "step-00000004" / "optimizer.pt", weights_only=False)
     moments = [v["__bnb_optimizer_quant_state__"]["state1"] for v in state["state"].values()]  # bnb's layout
     assert {m.dtype for m in moments} == {torch.uint8, torch.float32}
+
+
+def test_loraplus_gives_lora_b_the_learning_rate_peft_does():
+    """--loraplus-lr-ratio: every parameter's learning rate is the one peft's create_loraplus_optimizer gives it
+    (B matrices lr × ratio, the rest lr), and the schedule scales both."""
+    from peft.optimizers import create_loraplus_optimizer
+
+    from fastft.integration.methods import MethodOptions, apply_method
+
+    model = apply_method(tiny_llama(0), "lora", MethodOptions(rank=4))
+    ours = make_optimizer("adamw", model, lr=1e-3, weight_decay=0.1, loraplus_lr_ratio=16)
+    peft_opt = create_loraplus_optimizer(model, torch.optim.AdamW, lr=1e-3, loraplus_lr_ratio=16, weight_decay=0.1)
+
+    def lrs(optimizer):
+        return {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+
+    assert lrs(ours) == lrs(peft_opt) and sorted(set(lrs(ours).values())) == [1e-3, 16e-3]
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert all(("lora_B" in names[i]) == (lr == 16e-3) for i, lr in lrs(ours).items())
+    schedule = torch.optim.lr_scheduler.LambdaLR(ours, lambda step: 0.5)
+    assert sorted({g["lr"] for g in ours.param_groups}) == [0.5e-3, 8e-3]
+    assert len(schedule.base_lrs) == len(ours.param_groups)
+    assert len(make_optimizer("adamw", model, lr=1e-3, weight_decay=0.0).param_groups) == 1  # off: one group

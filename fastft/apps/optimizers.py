@@ -37,7 +37,7 @@ def eight_bit_problem(name: str, cuda: bool, distributed: str) -> str | None:
 
 
 def make_optimizer(name: str, model: nn.Module, lr: float, weight_decay: float, fsdp: bool = False,
-                   grad_scaler: bool = False) -> torch.optim.Optimizer:
+                   grad_scaler: bool = False, loraplus_lr_ratio: float = 0.0) -> torch.optim.Optimizer:
     """The --optimizer over the model's trainable parameters (parameter_groups). fsdp: the parameters are, or will
     be (accelerate's plugin shards them in prepare), FSDP's DTensor shards. grad_scaler: fp16's GradScaler runs the
     step; it always calls a fused optimizer's step (the kernel skips an overflowed step inside), and accelerate
@@ -46,7 +46,8 @@ def make_optimizer(name: str, model: nn.Module, lr: float, weight_decay: float, 
     eight_bit = name in EIGHT_BIT
     if name not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {name!r}")
-    groups = parameter_groups(model, weight_decay, embeddings_apart=eight_bit)
+    groups = parameter_groups(model, weight_decay, embeddings_apart=eight_bit, lr=lr,
+                              loraplus_lr_ratio=loraplus_lr_ratio)
     params = [p for group in groups for p in group["params"]]
     if not eight_bit:  # fused: one kernel for every tensor
         fused = bool(params) and not fsdp and not grad_scaler and all(p.device.type == "cuda" for p in params)
@@ -56,12 +57,15 @@ def make_optimizer(name: str, model: nn.Module, lr: float, weight_decay: float, 
     return _adamw_8bit()(groups, lr=lr, weight_decay=weight_decay, is_paged=name == "paged-adamw-8bit")
 
 
-def parameter_groups(model: nn.Module, weight_decay: float, embeddings_apart: bool = False) -> list[dict]:
+def parameter_groups(model: nn.Module, weight_decay: float, embeddings_apart: bool = False, lr: float = 0.0,
+                     loraplus_lr_ratio: float = 0.0) -> list[dict]:
     """The trainable parameters in groups. With weight decay, biases, normalization weights and the methods'
     per-channel scales (IA3's vectors, DoRA's magnitudes) get none: transformers' Trainer spares the first two;
     decaying a scale toward 0 fights what it learns, and IA3's identity is 1, DoRA's magnitudes the weights' column
     norms. embeddings_apart: the embedding weights in their own group(s) with 32-bit optimizer state (8-bit AdamW).
-    Without weight decay and embeddings apart, one group: the layout of checkpoints written before groups existed."""
+    loraplus_lr_ratio > 0 (LoRA+, Hayou et al. 2024, as peft's create_loraplus_optimizer): LoRA's B matrices learn
+    at lr × the ratio, in their own group(s). Without weight decay, embeddings apart or LoRA+, one group: the layout
+    of checkpoints written before groups existed."""
     no_decay, embeddings = set(), set()
     for module in model.modules():
         norm = "norm" in type(module).__name__.lower()
@@ -73,18 +77,21 @@ def parameter_groups(model: nn.Module, weight_decay: float, embeddings_apart: bo
     no_decay |= {id(p) for name, p in model.named_parameters() if any(s in name for s in SCALES)}
     if not weight_decay:
         no_decay = set()
-    groups: dict[tuple[bool, bool], list] = {}
+    faster = {id(p) for name, p in model.named_parameters() if "lora_B" in name} if loraplus_lr_ratio else set()
+    groups: dict[tuple[bool, bool, bool], list] = {}
     for p in model.parameters():
         if p.requires_grad:
-            key = (id(p) in no_decay, embeddings_apart and id(p) in embeddings)
+            key = (id(p) in no_decay, embeddings_apart and id(p) in embeddings, id(p) in faster)
             groups.setdefault(key, []).append(p)
     out = []
-    for (skip_decay, embedding), params in sorted(groups.items()):
+    for (skip_decay, embedding, lora_b), params in sorted(groups.items()):
         group = {"params": params}
         if skip_decay:
             group["weight_decay"] = 0.0
         if embedding:
             group["optim_bits"] = 32
+        if lora_b:
+            group["lr"] = lr * loraplus_lr_ratio
         out.append(group)
     return out
 

@@ -72,6 +72,7 @@ class TrainConfig:
     grad_accum: int = 1
     optimizer: str = "adamw"
     lr: float = 1e-3
+    loraplus_lr_ratio: float = 0.0
     weight_decay: float = 0.0
     schedule: str = "cosine"
     warmup_ratio: float = 0.1
@@ -141,6 +142,8 @@ _HELP = {
                  "4,096 elements keep 32-bit state), for full fine-tuning's optimizer memory; paged-adamw-8bit: the "
                  "same in CUDA unified memory, paged to the CPU when the GPU runs short (a GPU only)",
     "lr": "peak learning rate (AdamW)",
+    "loraplus_lr_ratio": "LoRA+ (lora/qlora/dora): LoRA's B matrices learn at --lr times this ratio (the paper and "
+                         "peft suggest 16); 0: off",
     "weight_decay": "AdamW weight decay (biases, normalization weights, IA3 vectors and DoRA magnitudes get none)",
     "schedule": "learning-rate schedule after warm-up",
     "warmup_ratio": "fraction of --steps spent warming up linearly",
@@ -203,8 +206,8 @@ _GROUPS = {
         "method", "quantize", "rank", "alpha", "dropout", "rslora", "target_modules", "num_virtual_tokens",
         "ia3_target_modules", "ia3_feedforward_modules", "adapter_size", "adapter_placement", "adapter_activation",
         "adapter_attn_output_modules", "adapter_mlp_output_modules"),
-    "optimisation": ("steps", "batch_size", "grad_accum", "optimizer", "lr", "weight_decay", "schedule",
-                     "warmup_ratio", "max_grad_norm", "max_length"),
+    "optimisation": ("steps", "batch_size", "grad_accum", "optimizer", "lr", "loraplus_lr_ratio", "weight_decay",
+                     "schedule", "warmup_ratio", "max_grad_norm", "max_length"),
     "objectives' knobs": ("dpo_beta", "kl_weight", "reverse_kl_weight", "ce_weight", "temperature"),
     "evaluation and output": ("eval_examples", "eval_batch_size", "eval_every", "seed", "output_dir",
                               "save_merged"),
@@ -363,7 +366,8 @@ _UNMERGEABLE = {"prefix": "its virtual tokens are attention inputs", "prompt": "
                 "full": "the trained model is saved whole in OUTPUT_DIR/model already"}
 
 _READ_BY = {
-    **{name: ("method", ("lora", "qlora", "dora")) for name in ("rank", "alpha", "dropout", "rslora", "target_modules")},
+    **{name: ("method", ("lora", "qlora", "dora")) for name in ("rank", "alpha", "dropout", "rslora", "target_modules",
+                                                                "loraplus_lr_ratio")},
     "num_virtual_tokens": ("method", ("prefix", "prompt")),
     **{name: ("method", ("ia3",)) for name in ("ia3_target_modules", "ia3_feedforward_modules")},
     **{name: ("method", ("adapter",)) for name in ("adapter_size", "adapter_placement", "adapter_activation",
@@ -429,8 +433,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     for name in ("steps", "batch_size", "grad_accum", "rank", "eval_batch_size", "num_virtual_tokens",
                  "adapter_size"):
         need(getattr(cfg, name) >= 1, f"{flag(name)} must be at least 1, got {getattr(cfg, name)}")
-    for name in ("eval_examples", "eval_every", "save_every", "weight_decay", "max_grad_norm", "kl_weight",
-                 "reverse_kl_weight", "ce_weight"):
+    for name in ("eval_examples", "eval_every", "save_every", "weight_decay", "max_grad_norm", "loraplus_lr_ratio",
+                 "kl_weight", "reverse_kl_weight", "ce_weight"):
         need(getattr(cfg, name) >= 0, f"{flag(name)} must be at least 0, got {getattr(cfg, name)}")
     need(cfg.max_length >= 8, f"--max-length must be at least 8, got {cfg.max_length}")
     need(0 <= cfg.seed < 2**32, f"--seed must be in [0, 2**32 - 1] (numpy's and accelerate's range), got {cfg.seed}")
