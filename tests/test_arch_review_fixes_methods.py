@@ -14,7 +14,7 @@ from peft import PrefixTuningConfig
 import fastft
 from fastft.integration.methods.adapter import AdapterAfter, BottleneckAdapterConfig
 from tests.methods_utils import copy_trainables, ids, perturb_trainables
-from tests.utils import assert_close, tiny_llama
+from tests.utils import assert_close, cache_kwarg, tiny_llama
 
 TINY = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64)
 
@@ -102,7 +102,7 @@ def test_prefix_cached_forward_on_opt_counts_positions_over_the_mask():
         out = ours(input_ids=batch[:, :5], attention_mask=mask[:, :5], use_cache=True)
         parts, cache = [out.logits], out.past_key_values
         for t in range(5, 9):
-            out = ours(input_ids=batch[:, t:t + 1], attention_mask=mask[:, :t + 1], cache=cache, use_cache=True)
+            out = ours(input_ids=batch[:, t:t + 1], attention_mask=mask[:, :t + 1], **cache_kwarg(cache), use_cache=True)
             parts.append(out.logits)
     cached = torch.cat(parts, 1)
     assert_close(cached[mask.bool()], whole[mask.bool()], torch.float32, "OPT cached decoding with a prefix")

@@ -3,11 +3,12 @@ output require grad, and transformers 5 adds one anyway; its requires_grad_ on a
 torch.compile(fullgraph=True) ("returning intermediate with requires_grad_()") and breaks the graph without it.
 fastft.prepare_model_for_kbit_training(use_reentrant=False) and `fastft train --gradient-checkpointing` leave no
 such hook: one graph, eager's gradients. Backend aot_eager keeps the CPU cost down."""
+import contextlib
 import json
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
 import fastft
 from fastft.apps.cli import main
@@ -65,6 +66,19 @@ def test_qlora_order_prepare_then_get_peft_model_compiles_fullgraph():
     assert _compiled_grads_equal_eager(model)
 
 
+# transformers 5.24 renamed gradient_checkpointing_enable (which then warns); 5.17, the GPU machine's, has only it
+RENAMED = hasattr(PreTrainedModel, "activation_checkpointing_enable")
+
+
+def _enable_checkpointing(base, kwargs: dict, new_name: bool = True) -> None:
+    if new_name and RENAMED:
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        return
+    warns = pytest.warns(FutureWarning, match="gradient_checkpointing_enable") if RENAMED else contextlib.nullcontext()
+    with warns:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def _user_hook(module, args, output):  # a forward hook of the user's own, which fastft must leave alone
     return None
 
@@ -79,13 +93,9 @@ def test_checkpointing_enabled_on_the_base_then_get_peft_model_compiles_fullgrap
 
     base = _tiny_llama()
     kwargs = {"use_reentrant": False}
-    if enable == "activation_checkpointing_enable":
-        base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        with pytest.warns(FutureWarning, match="gradient_checkpointing_enable"):
-            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-        if enable == "enable_then_hook_again":
-            base.enable_input_require_grads()
+    _enable_checkpointing(base, kwargs, new_name=enable == "activation_checkpointing_enable")
+    if enable == "enable_then_hook_again":
+        base.enable_input_require_grads()
     user = base.get_input_embeddings().register_forward_hook(_user_hook)
     model = fastft.get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     assert list(model.get_input_embeddings()._forward_hooks.values()) == [_user_hook]
@@ -101,7 +111,7 @@ def test_reentrant_checkpointing_on_the_base_keeps_its_input_grad_hook_through_g
     from peft import LoraConfig
 
     base = _tiny_llama()
-    base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
+    _enable_checkpointing(base, {"use_reentrant": True})
     model = fastft.get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj"]))
     assert model.get_input_embeddings()._forward_hooks
     ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))

@@ -10,7 +10,7 @@ import fastft
 from fastft.integration.methods.prefix import FastftPrefixModel
 from tests.methods_utils import (assert_generates_as_its_forward, assert_round_trips_with_peft, assert_same_step,
                                  copy_trainables, fastft_and_peft, ids, perturb_trainables, step)
-from tests.utils import INTERPRET, assert_close, tiny_llama
+from tests.utils import INTERPRET, assert_close, cache_kwarg, tiny_llama
 
 
 def _config(**kw):
@@ -148,7 +148,7 @@ def _check_cached_forward(padded):
         assert cache.get_seq_length() == 5  # real tokens only: the op adds the prefix
         for t in range(5, 9):
             out = ours(input_ids=batch[:, t:t + 1], attention_mask=mask[:, :t + 1], position_ids=pos[:, t:t + 1],
-                       cache=cache, use_cache=True)
+                       **cache_kwarg(cache), use_cache=True)
             parts.append(out.logits)
     cached = torch.cat(parts, 1)
     assert_close(cached[mask.bool()], whole[mask.bool()], torch.float32, "cached decoding with a prefix")

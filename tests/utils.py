@@ -72,3 +72,14 @@ def first_layers(model, n: int = 6):
     model.model.layers = model.model.layers[:n]
     model.config.num_hidden_layers = n
     return model
+
+
+def cache_kwarg(cache) -> dict:
+    """A decoding step's cache argument: `cache` since transformers 5.2x (which still takes past_key_values, with a
+    warning), `past_key_values` before (5.17, the GPU machine's, puts an unknown `cache` into **kwargs: no cache)."""
+    import inspect
+
+    from transformers import LlamaModel
+
+    name = "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
+    return {name: cache}
