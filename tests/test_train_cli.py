@@ -118,3 +118,23 @@ def test_dpo_on_conversational_pairs(tiny_checkpoint, tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["eval_before"]["loss"] == pytest.approx(0.6931, abs=1e-3)  # policy = reference at the start
     assert "reward_accuracy" in metrics["eval_after"] and all(x == x for x in metrics["train_losses"])
+
+
+def test_epochs_set_the_number_of_steps(tiny_checkpoint, tmp_path, capsys):
+    """--epochs E: E passes over the training records (36 after 4 held out; 4 a step: 9 steps an epoch)."""
+    from fastft.apps.training.config import ConfigError, TrainConfig, epochs_to_steps, validate
+
+    data = tmp_path / "text.jsonl"
+    data.write_text("".join(json.dumps({"text": f"Record number {i}."}) + "\n" for i in range(40)))
+    out = tmp_path / "run"
+    assert main(["train", "--model", str(tiny_checkpoint), "--data", str(data), "--epochs", "0.5", "--batch-size",
+                 "4", "--eval-examples", "4", "--max-length", "16", "--output-dir", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert len(metrics["train_losses"]) == 4 and metrics["config"]["steps"] == 4
+    assert "--epochs 0.5: 4 steps of 4 records (9 a pass over the 36 training records)" in capsys.readouterr().out
+    assert epochs_to_steps(TrainConfig(epochs=3), 36, 8).steps == 12  # whole steps only: 4 an epoch
+    assert epochs_to_steps(TrainConfig(epochs=0.01), 36, 8).steps == 1
+    assert epochs_to_steps(TrainConfig(steps=7), 36, 8).steps == 7
+    for bad in (-1.0, float("inf"), float("nan")):
+        with pytest.raises(ConfigError, match="--epochs must be"):
+            validate(TrainConfig(epochs=bad))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -68,6 +69,7 @@ class TrainConfig:
     adapter_mlp_output_modules: tuple[str, ...] = ("down_proj",)
     # optimisation
     steps: int = 40
+    epochs: float = 0.0  # > 0: replaces steps (epochs_to_steps)
     batch_size: int = 8
     grad_accum: int = 1
     optimizer: str = "adamw"
@@ -135,6 +137,9 @@ _HELP = {
     "ia3_target_modules": "ia3: module names whose activations are scaled",
     "ia3_feedforward_modules": "ia3: those of --ia3-target-modules scaled at their input (feed-forward), not output",
     "steps": "optimizer steps",
+    "epochs": "train for this many passes over the training records instead of --steps (fractions too): steps = "
+              "epochs × the whole steps an epoch holds (records ÷ records a step: processes × --grad-accum × "
+              "--batch-size), at least 1; 0: --steps decides",
     "batch_size": "documents per micro-batch per process (packed into one row without padding)",
     "grad_accum": "micro-batches per optimizer step; the loss is normalised by the step's true target count",
     "optimizer": "adamw: torch's AdamW (fused on a GPU), fp32 state, 8 bytes a trainable parameter; adamw-8bit: "
@@ -206,8 +211,8 @@ _GROUPS = {
         "method", "quantize", "rank", "alpha", "dropout", "rslora", "target_modules", "num_virtual_tokens",
         "ia3_target_modules", "ia3_feedforward_modules", "adapter_size", "adapter_placement", "adapter_activation",
         "adapter_attn_output_modules", "adapter_mlp_output_modules"),
-    "optimisation": ("steps", "batch_size", "grad_accum", "optimizer", "lr", "loraplus_lr_ratio", "weight_decay",
-                     "schedule", "warmup_ratio", "max_grad_norm", "max_length"),
+    "optimisation": ("steps", "epochs", "batch_size", "grad_accum", "optimizer", "lr", "loraplus_lr_ratio",
+                     "weight_decay", "schedule", "warmup_ratio", "max_grad_norm", "max_length"),
     "objectives' knobs": ("dpo_beta", "kl_weight", "reverse_kl_weight", "ce_weight", "temperature"),
     "evaluation and output": ("eval_examples", "eval_batch_size", "eval_every", "seed", "output_dir",
                               "save_merged"),
@@ -384,9 +389,19 @@ def unused_settings(cfg: TrainConfig) -> str | None:
               if getattr(cfg, kind) not in users and getattr(cfg, name) != getattr(default, name)]
     if cfg.data is not None and cfg.task != default.task:
         unused.append("--task (built-in data: --data replaces it)")
+    if cfg.epochs and cfg.steps != default.steps:
+        unused.append("--steps (--epochs sets the number of steps)")
     if not unused:
         return None
     return f"note: not used by --method {cfg.method} --objective {cfg.objective}: {', '.join(unused)}"
+
+
+def epochs_to_steps(cfg: TrainConfig, records: int, per_step: int) -> TrainConfig:
+    """The config with --epochs turned into --steps: an epoch holds records // per_step whole steps (BatchPlan
+    skips a shorter tail), so E epochs are floor(E × that), at least 1. Unchanged without --epochs."""
+    if not cfg.epochs:
+        return cfg
+    return dataclasses.replace(cfg, steps=max(1, math.floor(cfg.epochs * (records // per_step))))
 
 
 def rank_problem(cfg: TrainConfig, model_config) -> str | None:
@@ -433,9 +448,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     for name in ("steps", "batch_size", "grad_accum", "rank", "eval_batch_size", "num_virtual_tokens",
                  "adapter_size"):
         need(getattr(cfg, name) >= 1, f"{flag(name)} must be at least 1, got {getattr(cfg, name)}")
-    for name in ("eval_examples", "eval_every", "save_every", "weight_decay", "max_grad_norm", "loraplus_lr_ratio",
-                 "kl_weight", "reverse_kl_weight", "ce_weight"):
+    for name in ("epochs", "eval_examples", "eval_every", "save_every", "weight_decay", "max_grad_norm",
+                 "loraplus_lr_ratio", "kl_weight", "reverse_kl_weight", "ce_weight"):
         need(getattr(cfg, name) >= 0, f"{flag(name)} must be at least 0, got {getattr(cfg, name)}")
+    need(math.isfinite(cfg.epochs), f"--epochs must be a finite number, got {cfg.epochs}")
     need(cfg.max_length >= 8, f"--max-length must be at least 8, got {cfg.max_length}")
     need(0 <= cfg.seed < 2**32, f"--seed must be in [0, 2**32 - 1] (numpy's and accelerate's range), got {cfg.seed}")
     need(cfg.lr > 0 and cfg.lr == cfg.lr and cfg.lr != float("inf"), f"--lr must be a positive number, got {cfg.lr}")

@@ -28,8 +28,9 @@ from fastft.integration.checkpointing import enable_checkpointing
 from fastft.integration.module_names import name_hint, names_module
 from fastft.integration.parameter_count import parameter_counts
 from fastft.integration.sharded_state import run_shared
-from fastft.apps.training.config import (ConfigError, TrainConfig, flag, rank_problem, resolved_mixed_precision,
-                                         teacher_dtype, to_yaml_dict, unused_settings, validate, weights_dtype)
+from fastft.apps.training.config import (ConfigError, TrainConfig, epochs_to_steps, flag, rank_problem,
+                                         resolved_mixed_precision, teacher_dtype, to_yaml_dict, unused_settings,
+                                         validate, weights_dtype)
 from fastft.apps.training.data import (BatchPlan, Encoder, Example, Pair, check_tokenizer, data_fingerprint,
                                        load_records, pack, records_digest)
 from fastft.apps.training.logs import RunLog, peak_memory_gib
@@ -476,6 +477,10 @@ def _run(cfg: TrainConfig, accelerator, train_records, eval_records, description
     resume_from = checkpoints.latest() if cfg.resume else None
     plan = BatchPlan(len(train_records), cfg.batch_size, cfg.grad_accum, world, cfg.seed,
                      records_digest(train_records))
+    if cfg.epochs:
+        cfg = epochs_to_steps(cfg, len(train_records), plan.per_step)
+        log(f"--epochs {cfg.epochs:g}: {cfg.steps} steps of {plan.per_step} records "
+            f"({len(train_records) // plan.per_step} a pass over the {len(train_records)} training records)")
     if resume_from is not None:
         resumed = checkpoints.trainer_state(resume_from)  # before any model loads: a mismatch fails fast
         check_resumed_settings(cfg, resumed.get("config"), resume_from, models_fingerprinted="models" in resumed)
