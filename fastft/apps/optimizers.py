@@ -3,9 +3,9 @@
 - adamw: torch's, fused into one kernel per step on a GPU (foreach under FSDP or fp16's GradScaler); fp32 state,
   8 bytes a trainable parameter.
 - adamw-8bit: bitsandbytes' AdamW8bit, its two moments kept 8-bit blockwise-quantized (2 bytes a parameter, a
-  quarter of torch's): what full fine-tuning's optimizer memory needs (1.2B parameters: 2.5 GB instead of 9.9).
-  As bitsandbytes recommends (and transformers' Trainer does), embedding weights keep 32-bit state, and tensors
-  under 4,096 elements too (bitsandbytes' min_8bit_size).
+  quarter of torch's): what full fine-tuning's optimizer memory needs. As bitsandbytes recommends (and
+  transformers' Trainer does), embedding weights keep 32-bit state, and tensors under 4,096 elements too
+  (bitsandbytes' min_8bit_size): SmolLM2-135M's full fine-tuning holds 422 MiB instead of 1,026 (measured).
 - paged-adamw-8bit: the same, its state in CUDA unified memory, paged to the CPU when the GPU runs short (QLoRA's
   paged optimizer); a GPU only.
 """
