@@ -148,8 +148,39 @@ def test_prompt_completion_records_train_the_completion_only(tmp_path, tokenizer
     assert set(cut.labels[: 8 - len(answer) - 1]) == {IGNORE}
 
 
+def test_prompt_completion_and_conversational_pairs_add_no_sentencepiece_space():
+    """Tokenized alone, a completion (and a conversational dpo answer) got the "▁" a SentencePiece tokenizer puts
+    before every string: "France?  Paris." trained with a space generation never produces. They are tokenized with
+    their prompt now, as a chat is: the completion's document is the whole text's tokens, the dpo answer's
+    document the chat's."""
+    tok = _llama2_style_tokenizer()
+    example = Encoder(tok, 64).encode({"prompt": "Capital of France?", "completion": " Paris."})
+    whole = tok("Capital of France? Paris.", add_special_tokens=False)["input_ids"]
+    assert example.input_ids == whole + [tok.eos_token_id]
+    tok.chat_template = LLAMA2_TEMPLATE
+    pair = Encoder(tok, 128, "dpo").encode({"prompt": CHAT[:1], "chosen": CHAT[1:],
+                                            "rejected": [{"role": "assistant", "content": "Lyon."}]})
+    assert pair.chosen == Encoder(tok, 128).encode({"messages": CHAT})
+
+
+def test_other_forms_keep_what_they_hold(tmp_path, tokenizer):
+    """ShareGPT's top-level system prompt (LLaMA-Factory), Alpaca's earlier turns ("history") and an Alpaca record
+    that also ships its rendered prompt as "text" (tatsu-lab/alpaca): read as the chat they hold, nothing dropped,
+    the rendered prompt not trained as text."""
+    sharegpt = {"system": "Be brief.", "conversations": [{"from": "human", "value": "Hi?"},
+                                                        {"from": "gpt", "value": "Hello."}]}
+    alpaca = {"instruction": "And 3+3?", "output": "6", "history": [["2+2?", "4"]],
+              "text": "Below is an instruction...\n### Response:\n6"}
+    records = read_jsonl(_jsonl(tmp_path / "forms.jsonl", sharegpt, alpaca), "sft")
+    assert records[0]["messages"][0] == {"role": "system", "content": "Be brief."}
+    assert [m["content"] for m in records[1]["messages"]] == ["2+2?", "4", "And 3+3?", "6"]
+    assert Encoder(tokenizer, 64).kind(records[1]) == "chat" and "text" not in records[1]
+
+
 @pytest.mark.parametrize("record, problem", [
     ({"conversations": [{"from": "bot", "value": "hi"}]}, 'conversations[0] must be {"from": one of human/'),
+    ({"prompt": " ", "completion": "A"}, "'prompt' is empty; a record without a prompt is a {\"text\": ...}"),
+    ({"instruction": "Q", "output": "A", "history": [["x"]]}, "an Alpaca record's 'history' must be a list of [instruction, output]"),
     ({"conversations": []}, "'conversations' must be a non-empty list"),
     ({"instruction": "Do.", "output": 4}, "an Alpaca record needs string fields instruction"),
     ({"prompt": "Q", "completion": [{"role": "assistant", "content": "A"}]}, "a prompt-completion record needs string fields prompt and"),
@@ -214,6 +245,9 @@ def test_conversational_dpo_records_are_rendered_by_the_chat_template(tmp_path, 
     ({"prompt": [USER], "chosen": [{"role": "bot", "content": "x"}], "rejected": [LYON]}, 'chosen[0] must be {"role"'),
     ({"chosen": [USER, PARIS], "rejected": [USER, PARIS]}, "'chosen' and 'rejected' are the same messages"),
     ({"chosen": [USER, PARIS], "rejected": [USER]}, "'rejected' must be a non-empty list of messages"),
+    # a shared answer, then different user turns: the user turns would be scored as the answers' text
+    ({"chosen": [USER, PARIS, {"role": "user", "content": "Sure?"}, PARIS],
+      "rejected": [USER, PARIS, {"role": "user", "content": "Really?"}, LYON]}, "'chosen' holds a user turn after"),
 ])
 def test_malformed_conversational_dpo_records_are_refused(tmp_path, record, problem):
     data = _jsonl(tmp_path / "pairs.jsonl", GOOD_PAIR, record)

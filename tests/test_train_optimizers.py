@@ -203,14 +203,15 @@ def test_full_fine_tuning_with_eight_bit_adamw_resumes_bit_identically(tiny, tmp
     assert {m.dtype for m in moments} == {torch.uint8, torch.float32}
 
 
-def test_loraplus_gives_lora_b_the_learning_rate_peft_does():
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_loraplus_gives_lora_b_the_learning_rate_peft_does(method):
     """--loraplus-lr-ratio: every parameter's learning rate is the one peft's create_loraplus_optimizer gives it
     (B matrices lr × ratio, the rest lr), and the schedule scales both."""
     from peft.optimizers import create_loraplus_optimizer
 
     from fastft.integration.methods import MethodOptions, apply_method
 
-    model = apply_method(tiny_llama(0), "lora", MethodOptions(rank=4))
+    model = apply_method(tiny_llama(0), method, MethodOptions(rank=4))
     ours = make_optimizer("adamw", model, lr=1e-3, weight_decay=0.1, loraplus_lr_ratio=16)
     peft_opt = create_loraplus_optimizer(model, torch.optim.AdamW, lr=1e-3, loraplus_lr_ratio=16, weight_decay=0.1)
 
@@ -219,7 +220,7 @@ def test_loraplus_gives_lora_b_the_learning_rate_peft_does():
 
     assert lrs(ours) == lrs(peft_opt) and sorted(set(lrs(ours).values())) == [1e-3, 16e-3]
     names = {id(p): n for n, p in model.named_parameters()}
-    assert all(("lora_B" in names[i]) == (lr == 16e-3) for i, lr in lrs(ours).items())
+    assert all(("lora_B" in names[i] or "magnitude" in names[i]) == (lr == 16e-3) for i, lr in lrs(ours).items())
     schedule = torch.optim.lr_scheduler.LambdaLR(ours, lambda step: 0.5)
     assert sorted({g["lr"] for g in ours.param_groups}) == [0.5e-3, 8e-3]
     assert len(schedule.base_lrs) == len(ours.param_groups)

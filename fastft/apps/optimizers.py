@@ -63,8 +63,8 @@ def parameter_groups(model: nn.Module, weight_decay: float, embeddings_apart: bo
     per-channel scales (IA3's vectors, DoRA's magnitudes) get none: transformers' Trainer spares the first two;
     decaying a scale toward 0 fights what it learns, and IA3's identity is 1, DoRA's magnitudes the weights' column
     norms. embeddings_apart: the embedding weights in their own group(s) with 32-bit optimizer state (8-bit AdamW).
-    loraplus_lr_ratio > 0 (LoRA+, Hayou et al. 2024, as peft's create_loraplus_optimizer): LoRA's B matrices learn
-    at lr × the ratio, in their own group(s). Without weight decay, embeddings apart or LoRA+, one group: the layout
+    loraplus_lr_ratio > 0 (LoRA+, Hayou et al. 2024, as peft's create_loraplus_optimizer): LoRA's B matrices and
+    the trainable vectors learn at lr × the ratio, in their own group(s). Without weight decay, embeddings apart or LoRA+, one group: the layout
     of checkpoints written before groups existed."""
     no_decay, embeddings = set(), set()
     for module in model.modules():
@@ -77,7 +77,8 @@ def parameter_groups(model: nn.Module, weight_decay: float, embeddings_apart: bo
     no_decay |= {id(p) for name, p in model.named_parameters() if any(s in name for s in SCALES)}
     if not weight_decay:
         no_decay = set()
-    faster = {id(p) for name, p in model.named_parameters() if "lora_B" in name} if loraplus_lr_ratio else set()
+    faster = {id(p) for name, p in model.named_parameters() if "lora_B" in name or p.ndim == 1} \
+        if loraplus_lr_ratio else set()  # peft's rule: B matrices and every vector (DoRA's magnitudes, biases)
     groups: dict[tuple[bool, bool, bool], list] = {}
     for p in model.parameters():
         if p.requires_grad:

@@ -109,6 +109,8 @@ def _record_problem(record, objective: str) -> str | None:
                     "lists of messages, go in one 'messages' list)")
         if not record["completion"]:
             return "'completion' is empty: nothing to train on"
+        if not record["prompt"].strip():  # the completion's first token would open the document: never trained
+            return "'prompt' is empty; a record without a prompt is a {\"text\": ...} record"
         return None
     return ("expected a 'text', 'messages' or 'prompt'/'completion' field (or ShareGPT's 'conversations', Alpaca's "
             "'instruction'/'output')")
@@ -131,6 +133,10 @@ def _conversational_pair_problem(record: dict) -> str | None:
         if problem:
             return problem
     for key in ("chosen", "rejected"):
+        if record[key][0]["role"] == "assistant" and any(m["role"] != "assistant" for m in record[key]):
+            return (f"'{key}' holds a {next(m['role'] for m in record[key] if m['role'] != 'assistant')} turn after "
+                    "the assistant's: a pair's answers are the assistant's turns after one shared prompt (chosen "
+                    "and rejected must agree on every other turn)")
         if record[key][0]["role"] != "assistant":
             return (f"'{key}' must start with the assistant's answer to the prompt (whole conversations that repeat "
                     "the prompt: leave 'prompt' out, and their shared opening turns become it)")
@@ -160,8 +166,10 @@ _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assista
 
 def _as_chat(record: dict) -> dict | str:
     """ShareGPT and Alpaca records as {"messages": [...]} (the record itself for every other form), or a problem.
-    A record that has one of the canonical fields keeps it (as "text" wins over "messages")."""
-    if any(k in record for k in ("text", "messages", "completion")):
+    A record that has one of the canonical fields keeps it (as "text" wins over "messages"), except an Alpaca
+    record's "text" (tatsu-lab/alpaca ships its whole rendered prompt there): instruction and output decide."""
+    alpaca = "instruction" in record and "output" in record and "messages" not in record
+    if any(k in record for k in ("text", "messages", "completion")) and not alpaca:
         return record
     if "conversations" in record:
         turns = record["conversations"]
@@ -175,16 +183,24 @@ def _as_chat(record: dict) -> dict | str:
                 return (f"conversations[{i}] must be {{\"from\": one of {'/'.join(_SHAREGPT_ROLES)}, \"value\": "
                         "text}")
             messages.append({"role": _SHAREGPT_ROLES[who], "content": text})
+        system = record.get("system")  # LLaMA-Factory's form keeps the system prompt beside the turns
+        if isinstance(system, str) and system and messages[0]["role"] != "system":
+            messages.insert(0, {"role": "system", "content": system})
         return {**record, "messages": messages}
-    if "instruction" in record and "output" in record:
+    if alpaca:
         instruction, extra, output = record["instruction"], record.get("input") or "", record["output"]
-        system = record.get("system") or ""
+        system, history = record.get("system") or "", record.get("history") or []
         if not all(isinstance(v, str) for v in (instruction, extra, output, system)) or not instruction:
             return "an Alpaca record needs string fields instruction (non-empty), output and optionally input, system"
+        if not isinstance(history, list) or not all(
+                isinstance(turn, list) and len(turn) == 2 and all(isinstance(t, str) for t in turn) for turn in history):
+            return "an Alpaca record's 'history' must be a list of [instruction, output] pairs"
         user = instruction + ("\n\n" + extra if extra else "")
-        messages = ([{"role": "system", "content": system}] if system else []) + \
-            [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
-        return {**record, "messages": messages}
+        messages = [{"role": "system", "content": system}] if system else []
+        for earlier, answer in history:  # LLaMA-Factory's earlier turns, trained as a chat's are
+            messages += [{"role": "user", "content": earlier}, {"role": "assistant", "content": answer}]
+        messages += [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
+        return {**{k: v for k, v in record.items() if k != "text"}, "messages": messages}
     return record
 
 
@@ -413,13 +429,22 @@ class Encoder:
         return Example(prompt + [choices[record["label"]]], [IGNORE_INDEX] * len(prompt) + [choices[record["label"]]],
                        choices)
 
+    def _prompt_and_answer(self, prompt: str, answer: str) -> tuple[list[int], list[int]]:
+        """(prompt ids with the tokenizer's leading special tokens, answer ids) of prompt + answer tokenized whole as
+        a chat is (_tokenized_pieces: a SentencePiece tokenizer adds no "▁" before the answer; a token across the
+        answer's start is split where the tokenizer can, else it goes with the answer)."""
+        ids, labels = self._tokenized_pieces([(prompt, False), (answer, True)])
+        first = next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), len(ids))
+        head = ids[:first]
+        return (head if head[: len(self.lead)] == self.lead else self.lead + head), ids[first:]
+
     def completion(self, record: dict) -> Example:
         """TRL's prompt-completion form: the prompt (a plain-text document's start, untrained) then the completion
-        with end of sequence (trained), each tokenized alone, so the completion's tokens start where it does. Too
-        long, it keeps the max_length tokens that end with the completion (the prompt is cut from its left), as a
-        chat keeps its last answer."""
-        prompt = self._document_ids(record["prompt"])
-        answer = self._with_eos(self._ids(record["completion"]))
+        with end of sequence (trained), tokenized whole as TRL does (_prompt_and_answer). Too long, it keeps the
+        max_length tokens that end with the completion (the prompt is cut from its left), as a chat keeps its last
+        answer."""
+        prompt, answer = self._prompt_and_answer(record["prompt"], record["completion"])
+        answer = self._with_eos(answer)
         ids, labels = prompt + answer, [IGNORE_INDEX] * len(prompt) + answer
         if len(ids) > self.max_length:
             lead = self.lead if prompt[: len(self.lead)] == self.lead and len(answer) < self.max_length else []
@@ -535,15 +560,19 @@ class Encoder:
         """Responses (with end of sequence) keep at most half the length; the prompt is cut from its left.
         Conversational pairs (lists of messages) are rendered by the chat template: the prompt with the generation
         prompt, each answer as the text the template adds after it (its end-of-turn included, no extra end of
-        sequence), each tokenized alone as a text pair's are."""
+        sequence), each tokenized with the prompt as a chat's answer is (_prompt_and_answer), where text pairs
+        tokenize prompt and answers alone (as TRL does)."""
         if isinstance(record["chosen"], list):
-            record = self.rendered_pair(record)
-            responses = [self._ids(record[k])[: self.max_length // 2] for k in ("chosen", "rejected")]
+            rendered = self.rendered_pair(record)
+            parts = [self._prompt_and_answer(rendered["prompt"], rendered[k]) for k in ("chosen", "rejected")]
         else:
-            responses = [self._with_eos(self._ids(record[k]))[: self.max_length // 2] for k in ("chosen", "rejected")]
-        room = self.max_length - max(len(r) for r in responses)
-        prompt = self._cut_left(self._document_ids(record["prompt"]), max(room, 1))
-        chosen, rejected = (Example(prompt + r, [IGNORE_INDEX] * len(prompt) + r) for r in responses)
+            prompt = self._document_ids(record["prompt"])
+            parts = [(prompt, self._with_eos(self._ids(record[k]))) for k in ("chosen", "rejected")]
+        responses = [answer[: self.max_length // 2] for _, answer in parts]
+        room = max(self.max_length - max(len(r) for r in responses), 1)
+        chosen, rejected = (Example(self._cut_left(prompt, room) + r,
+                                    [IGNORE_INDEX] * len(self._cut_left(prompt, room)) + r)
+                            for (prompt, _), r in zip(parts, responses))
         return Pair(chosen, rejected)
 
     def rendered_pair(self, record: dict) -> dict:

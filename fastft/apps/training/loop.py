@@ -559,7 +559,9 @@ def _run(cfg: TrainConfig, accelerator, train_records, eval_records, description
     fsdp = sharded_here or accelerator.distributed_type == DistributedType.FSDP  # the plugin shards in prepare
     try:
         optimizer = make_optimizer(cfg.optimizer, model, cfg.lr, cfg.weight_decay, fsdp=fsdp,
-                                   grad_scaler=cfg.mixed_precision == "fp16", loraplus_lr_ratio=cfg.loraplus_lr_ratio)
+                                   grad_scaler=cfg.mixed_precision == "fp16",
+                                   loraplus_lr_ratio=cfg.loraplus_lr_ratio if cfg.method in ("lora", "qlora", "dora")
+                                   else 0.0)  # another method's vectors are not LoRA+'s
     except ValueError as error:  # an accelerate config that runs FSDP under --distributed auto
         raise ConfigError(f"--optimizer {cfg.optimizer}: {error}") from None
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg))
