@@ -64,8 +64,8 @@ def parameter_groups(model: nn.Module, weight_decay: float, embeddings_apart: bo
     decaying a scale toward 0 fights what it learns, and IA3's identity is 1, DoRA's magnitudes the weights' column
     norms. embeddings_apart: the embedding weights in their own group(s) with 32-bit optimizer state (8-bit AdamW).
     loraplus_lr_ratio > 0 (LoRA+, Hayou et al. 2024, as peft's create_loraplus_optimizer): LoRA's B matrices and
-    the trainable vectors learn at lr × the ratio, in their own group(s). Without weight decay, embeddings apart or LoRA+, one group: the layout
-    of checkpoints written before groups existed."""
+    the trainable vectors learn at lr × the ratio, in their own group(s). Without weight decay, embeddings apart or
+    LoRA+, one group: the layout of checkpoints written before groups existed."""
     no_decay, embeddings = set(), set()
     for module in model.modules():
         norm = "norm" in type(module).__name__.lower()

@@ -3,9 +3,10 @@
 Records (one per jsonl line): `{"text": ...}` (every token trained), `{"messages": [...]}` (a chat rendered by
 the tokenizer's chat template, loss on assistant turns only), `{"prompt", "completion"}` (TRL's prompt-completion
 form: plain text, loss on the completion only) or, for dpo, `{"prompt", "chosen", "rejected"}` (text, or TRL's
-conversational form: lists of messages, the prompt left out when chosen and rejected are whole conversations). The other common
-forms are read as chats: ShareGPT's `{"conversations": [{"from": "human"/"gpt"/"system", "value": ...}]}` and
-Alpaca's `{"instruction", "input", "output"}` (the user turn is the instruction, then the input after a blank line).
+conversational form: lists of messages, the prompt left out when chosen and rejected are whole conversations).
+The other common forms are read as chats: ShareGPT's `{"conversations": [{"from": "human"/"gpt"/"system",
+"value": ...}]}` and Alpaca's `{"instruction", "input", "output"}` (the user turn is the instruction, then the
+input after a blank line).
 Other keys are ignored: the objective, not a record's keys, decides whether it is a pair.
 The built-in classification tasks become prompt → label-word documents; the built-in instruction set turns
 the same real text into chat instructions ("Is this review positive or negative?" → "positive", and "Write a
@@ -192,8 +193,9 @@ def _as_chat(record: dict) -> dict | str:
         system, history = record.get("system") or "", record.get("history") or []
         if not all(isinstance(v, str) for v in (instruction, extra, output, system)) or not instruction:
             return "an Alpaca record needs string fields instruction (non-empty), output and optionally input, system"
-        if not isinstance(history, list) or not all(
-                isinstance(turn, list) and len(turn) == 2 and all(isinstance(t, str) for t in turn) for turn in history):
+        pairs = all(isinstance(turn, list) and len(turn) == 2 and all(isinstance(t, str) for t in turn)
+                    for turn in history) if isinstance(history, list) else False
+        if not pairs:
             return "an Alpaca record's 'history' must be a list of [instruction, output] pairs"
         user = instruction + ("\n\n" + extra if extra else "")
         messages = [{"role": "system", "content": system}] if system else []
