@@ -8,8 +8,8 @@ import re
 import pytest
 
 from fastft.apps.training.config import ConfigError, TrainConfig
-from fastft.apps.training.data import (DataError, Encoder, Example, Pair, builtin_instructions, builtin_preferences,
-                                       check_tokenizer, load_records, read_jsonl)
+from fastft.apps.training.data import Encoder, Example, Pair, check_tokenizer
+from fastft.apps.training.records import DataError, builtin_instructions, builtin_preferences, load_records, read_jsonl
 
 IGNORE = -100
 CHAT = [{"role": "user", "content": "Capital of France?"}, {"role": "assistant", "content": "Paris."}]
@@ -402,7 +402,7 @@ def test_every_kind_of_document_starts_with_the_tokenizers_bos(tokenizer):
     from transformers import AutoTokenizer
 
     from fastft.apps.models import smollm2_checkpoint
-    from fastft.apps.training.data import BUILTIN_TASK
+    from fastft.apps.training.records import BUILTIN_TASK
     adds_bos = AutoTokenizer.from_pretrained(smollm2_checkpoint(), add_bos_token=True)
     bos = adds_bos.bos_token_id
     assert adds_bos("x")["input_ids"][0] == bos

@@ -11,9 +11,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from fastft.apps.training import data, loop  # modules: each test names what it needs (and fails alone without it)
+from fastft.apps.training import loop  # modules: each test names what it needs (and fails alone without it)
 from fastft.apps.training.config import ConfigError, TrainConfig
-from fastft.apps.training.data import BatchPlan, Example, Pair, load_records
+from fastft.apps.training.data import BatchPlan, Example, Pair
+from fastft.apps.training.records import data_fingerprint, load_records, records_digest
 
 
 @pytest.fixture
@@ -117,17 +118,17 @@ def test_the_batch_plan_refuses_other_training_records(tmp_path):
     """The plan records how many training records there were and their digest; an older checkpoint's plan
     (without them) resumes as before."""
     records = [{"text": f"record {i}"} for i in range(20)]
-    plan = BatchPlan(20, 2, 2, 1, 0, data.records_digest(records))
+    plan = BatchPlan(20, 2, 2, 1, 0, records_digest(records))
     plan.next_step(0)
     state = plan.state_dict()
-    BatchPlan(20, 2, 2, 1, 0, data.records_digest(records)).load_state_dict(state)
+    BatchPlan(20, 2, 2, 1, 0, records_digest(records)).load_state_dict(state)
     with pytest.raises(ConfigError, match="trained on 20 records, this run has 19.*--eval-examples"):
-        BatchPlan(19, 2, 2, 1, 0, data.records_digest(records[:19])).load_state_dict(state)
+        BatchPlan(19, 2, 2, 1, 0, records_digest(records[:19])).load_state_dict(state)
     other = records[:19] + [{"text": "another"}]
     with pytest.raises(ConfigError, match="20 training records differ"):
-        BatchPlan(20, 2, 2, 1, 0, data.records_digest(other)).load_state_dict(state)
+        BatchPlan(20, 2, 2, 1, 0, records_digest(other)).load_state_dict(state)
     older = {k: v for k, v in state.items() if k not in ("num_records", "records")}
-    resumed = BatchPlan(20, 2, 2, 1, 0, data.records_digest(other))
+    resumed = BatchPlan(20, 2, 2, 1, 0, records_digest(other))
     resumed.load_state_dict(older)
     assert (resumed.epoch, resumed.index) == (0, 4)
 
@@ -135,18 +136,18 @@ def test_the_batch_plan_refuses_other_training_records(tmp_path):
 def test_changed_data_and_fewer_steps_are_refused_on_resume(tmp_path):
     path = _jsonl(tmp_path / "d.jsonl", 30)
     cfg = TrainConfig(data=str(path))
-    saved = data.data_fingerprint(cfg)
+    saved = data_fingerprint(cfg)
     assert saved["eval_data"] is None and saved["data"]["size"] == path.stat().st_size
     checkpoint = tmp_path / "step-00000008"
-    loop.check_resumed_data(data.data_fingerprint(cfg), saved, checkpoint)
-    loop.check_resumed_data(data.data_fingerprint(cfg), None, checkpoint)  # an older checkpoint: not checked
+    loop.check_resumed_data(data_fingerprint(cfg), saved, checkpoint)
+    loop.check_resumed_data(data_fingerprint(cfg), None, checkpoint)  # an older checkpoint: not checked
     path.write_text(path.read_text().replace("record 3", "record 4"))  # same size, other contents
     with pytest.raises(ConfigError, match=r"--data changed since .*step-00000008 was written, its sha256 differs"):
-        loop.check_resumed_data(data.data_fingerprint(cfg), saved, checkpoint)
+        loop.check_resumed_data(data_fingerprint(cfg), saved, checkpoint)
     with path.open("a") as f:
         f.write(json.dumps({"text": "new"}) + "\n")
     with pytest.raises(ConfigError, match=r"--data changed .* \(\d+ -> \d+ bytes\)"):
-        loop.check_resumed_data(data.data_fingerprint(cfg), saved, checkpoint)
+        loop.check_resumed_data(data_fingerprint(cfg), saved, checkpoint)
 
     loop.check_resumed_step(TrainConfig(steps=8), 8, checkpoint)  # killed after its last checkpoint: finishes
     with pytest.raises(ConfigError, match="is at step 8, past --steps 4; resume with --steps 8 or more"):

@@ -153,7 +153,7 @@ def test_chat_loss_only_on_assistant_turns(tokenizer):
 
 
 def test_builtin_sets_are_deterministic_and_held_out(tokenizer):
-    from fastft.apps.training.data import builtin_instructions, builtin_preferences
+    from fastft.apps.training.records import builtin_instructions, builtin_preferences
 
     train, evaluation = builtin_instructions(0)
     assert builtin_instructions(0)[0][:50] == train[:50] and len(evaluation) == 2000

@@ -31,8 +31,8 @@ from fastft.integration.sharded_state import run_shared
 from fastft.apps.training.config import (ConfigError, TrainConfig, epochs_to_steps, flag, rank_problem,
                                          resolved_mixed_precision, teacher_dtype, to_yaml_dict, unused_settings,
                                          validate, weights_dtype)
-from fastft.apps.training.data import (BatchPlan, Encoder, Example, Pair, check_tokenizer, data_fingerprint,
-                                       load_records, pack, records_digest)
+from fastft.apps.training.data import BatchPlan, Encoder, Example, Pair, check_tokenizer, pack
+from fastft.apps.training.records import data_fingerprint, load_records, records_digest
 from fastft.apps.training.logs import RunLog, peak_memory_gib
 from fastft.apps.optimizers import make_optimizer
 from fastft.apps.training.objectives import (ObjectiveModel, check_head_gives_logits, check_vocab_rows,
