@@ -138,3 +138,16 @@ def test_epochs_set_the_number_of_steps(tiny_checkpoint, tmp_path, capsys):
     for bad in (-1.0, float("inf"), float("nan")):
         with pytest.raises(ConfigError, match="--epochs must be"):
             validate(TrainConfig(epochs=bad))
+
+
+def test_records_cut_by_max_length_are_counted(tiny_checkpoint, tmp_path, capsys):
+    """A record longer than --max-length is cut silently no more: the run counts them (metrics.json, a note)."""
+    data = tmp_path / "text.jsonl"
+    data.write_text("".join(json.dumps({"text": "word " * 30 if i % 2 else f"Record {i}."}) + "\n" for i in range(40)))
+    out = tmp_path / "run"
+    assert main(["train", "--model", str(tiny_checkpoint), "--data", str(data), "--epochs", "1", "--batch-size", "4",
+                 "--eval-examples", "4", "--max-length", "16", "--output-dir", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["records_cut"] == {"cut": 18, "tokenized": 36}
+    assert "note: 18 of the 36 training records this run tokenized were longer than --max-length 16" in \
+        capsys.readouterr().out

@@ -443,3 +443,20 @@ def test_check_tokenizer_renders_every_chat_and_names_the_failing_line(tokenizer
         check_tokenizer(thinks, [{"messages": CHAT}, {"text": "x"}, {"messages": multi}])
     check_tokenizer(tokenizer, records)
     assert records[5] == {"messages": multi}  # records stay plain dicts to everything else
+
+
+def test_the_encoder_says_when_max_length_cut_a_record(tokenizer):
+    from fastft.apps.training.records import BUILTIN_TASK
+
+    long = "word " * 60
+    cases = [({"text": long}, "sft"), ({"messages": [{"role": "user", "content": long}, CHAT[1]]}, "sft"),
+             ({"prompt": long, "completion": " yes"}, "sft"), ({BUILTIN_TASK: "mr", "text": long, "label": 1}, "sft"),
+             ({"prompt": "Q?", "chosen": long, "rejected": " no"}, "dpo"), ({"prompt": long, "chosen": " a",
+                                                                           "rejected": " b"}, "dpo")]
+    for record, objective in cases:
+        encoder = Encoder(tokenizer, 32, objective)
+        encoder.encode(record)
+        assert encoder.last_cut, record
+        encoder = Encoder(tokenizer, 512, objective)
+        encoder.encode(record)
+        assert not encoder.last_cut, record

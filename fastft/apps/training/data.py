@@ -53,6 +53,7 @@ class Encoder:
         self._templates: dict[str, str] = {}
         self._lead_ids: list[int] | None = None
         self._header: str | None = None
+        self.last_cut = False
 
     @property
     def eos(self) -> int:
@@ -94,6 +95,7 @@ class Encoder:
         """At most `room` tokens of a prompt, its earliest text dropped first; its leading special tokens stay."""
         if len(ids) <= room:
             return ids
+        self.last_cut = True
         lead = len(self.lead) if ids[: len(self.lead)] == self.lead and room > len(self.lead) else 0
         return ids[:lead] + ids[len(ids) - (room - lead):]
 
@@ -121,6 +123,8 @@ class Encoder:
         return "text" if "text" in record else "chat" if "messages" in record else "completion"
 
     def encode(self, record: dict):
+        """The record's Example (Pair under dpo); `last_cut` then says whether --max-length cut it."""
+        self.last_cut = False
         kind = self.kind(record)
         if kind == "pair":
             return self.pair(record)
@@ -130,7 +134,9 @@ class Encoder:
             return self.chat(record["messages"])
         if kind == "completion":
             return self.completion(record)
-        ids = self._with_eos(self._document_ids(record["text"]))[: self.max_length]
+        ids = self._with_eos(self._document_ids(record["text"]))
+        self.last_cut = len(ids) > self.max_length
+        ids = ids[: self.max_length]
         return Example(ids, list(ids))
 
     def classification(self, record: dict) -> Example:
@@ -160,6 +166,7 @@ class Encoder:
         answer = self._with_eos(answer)
         ids, labels = prompt + answer, [IGNORE_INDEX] * len(prompt) + answer
         if len(ids) > self.max_length:
+            self.last_cut = True
             lead = self.lead if prompt[: len(self.lead)] == self.lead and len(answer) < self.max_length else []
             keep = self.max_length - len(lead)
             ids, labels = lead + ids[-keep:], [IGNORE_INDEX] * len(lead) + labels[-keep:]
@@ -175,6 +182,7 @@ class Encoder:
         ids, labels = self._tokenized_pieces(self.chat_pieces(messages))
         last = max((i for i, label in enumerate(labels) if label != IGNORE_INDEX), default=0)
         start = max(0, last + 1 - self.max_length)
+        self.last_cut = len(ids) > self.max_length
         return Example(ids[start: start + self.max_length], labels[start: start + self.max_length])
 
     def _tokenized_pieces(self, pieces: list[tuple[str, bool]]) -> tuple[list[int], list[int]]:
@@ -282,6 +290,7 @@ class Encoder:
             prompt = self._document_ids(record["prompt"])
             parts = [(prompt, self._with_eos(self._ids(record[k]))) for k in ("chosen", "rejected")]
         responses = [answer[: self.max_length // 2] for _, answer in parts]
+        self.last_cut = any(len(answer) > self.max_length // 2 for _, answer in parts)
         room = max(self.max_length - max(len(r) for r in responses), 1)
         chosen, rejected = (Example(self._cut_left(prompt, room) + r,
                                     [IGNORE_INDEX] * len(self._cut_left(prompt, room)) + r)

@@ -324,6 +324,7 @@ class _Batches:
     def __init__(self, encoder: Encoder, device, flash_kwargs: bool):
         self.encoder, self.device, self.flash_kwargs = encoder, device, flash_kwargs
         self.cache: dict[int, object] = {}
+        self.cut = 0  # cached (training) records --max-length cut
 
     def __call__(self, records, indices, cache: bool = True) -> dict:
         items = []
@@ -333,6 +334,7 @@ class _Batches:
                 item = self.encoder.encode(records[i])
                 if cache:
                     item = self.cache[i] = _compact(item)
+                    self.cut += self.encoder.last_cut
             items.append(item)
         batch = pack(items, pad_token_id=self.encoder.tokenizer.pad_token_id, flash_kwargs=self.flash_kwargs)
         return {k: v.to(self.device) if isinstance(v, torch.Tensor) and k != "choices" else v
@@ -681,6 +683,12 @@ def _run(cfg: TrainConfig, accelerator, train_records, eval_records, description
     bar.close()
     stop_unless_finite(cfg.steps, "saving")
     peak = peak_memory_gib(device)
+    cut, seen = (int(n) for n in accelerator.reduce(torch.tensor([make_batch.cut, len(make_batch.cache)],
+                                                                 device=device), "sum"))
+    if cut:
+        log(f"note: {cut:,} of the {seen:,} training records this run tokenized were longer than --max-length "
+            f"{cfg.max_length} and were cut (a chat or completion keeps the tokens that end with its last answer, "
+            "a text record its start, a dpo answer its first --max-length/2); a larger --max-length keeps them whole")
 
     after = evaluate(objective, eval_records, make_batch, cfg.eval_batch_size, accelerator)
     log(_describe("after", after))
@@ -703,6 +711,7 @@ def _run(cfg: TrainConfig, accelerator, train_records, eval_records, description
         "evals": history["evals"], "train_losses": history["train_losses"],
         "train_seconds": seconds, "tokens_per_second": history["tokens"] / max(seconds, 1e-9),
         "eval_merged": merged, "resumed_from": str(resume_from) if resume_from else None,
+        "records_cut": {"cut": cut, "tokenized": seen},
         "peak_memory_gib": peak, "peak_memory_kind": "cuda allocated" if device.type == "cuda" else "process RSS",
     }
     weights = ckpt.full_state_dict(inner, trainable_only=is_peft)  # collective under FSDP2
