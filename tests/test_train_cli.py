@@ -131,7 +131,15 @@ def test_epochs_set_the_number_of_steps(tiny_checkpoint, tmp_path, capsys):
                  "4", "--eval-examples", "4", "--max-length", "16", "--output-dir", str(out)]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert len(metrics["train_losses"]) == 4 and metrics["config"]["steps"] == 4
-    assert "--epochs 0.5: 4 steps of 4 records (9 a pass over the 36 training records)" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "--epochs 0.5: 4 steps of 4 records (9 a pass over the 36 training records)\n" in printed
+    assert "note:" not in printed
+    # the run's config.yaml (steps 4, epochs 0.5) resumes as the same run, with no note about --steps
+    assert main(["train", "--config", str(out / "config.yaml"), "--resume"]) == 0
+    assert "is not used" not in capsys.readouterr().out
+    main(["train", "--model", str(tiny_checkpoint), "--data", str(data), "--epochs", "0.5", "--steps", "7",
+          "--batch-size", "4", "--eval-examples", "4", "--max-length", "16", "--output-dir", str(tmp_path / "b")])
+    assert "; --steps 7 is not used" in capsys.readouterr().out
     assert epochs_to_steps(TrainConfig(epochs=3), 36, 8).steps == 12  # whole steps only: 4 an epoch
     assert epochs_to_steps(TrainConfig(epochs=0.01), 36, 8).steps == 1
     assert epochs_to_steps(TrainConfig(steps=7), 36, 8).steps == 7

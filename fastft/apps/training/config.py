@@ -389,8 +389,6 @@ def unused_settings(cfg: TrainConfig) -> str | None:
               if getattr(cfg, kind) not in users and getattr(cfg, name) != getattr(default, name)]
     if cfg.data is not None and cfg.task != default.task:
         unused.append("--task (built-in data: --data replaces it)")
-    if cfg.epochs and cfg.steps != default.steps:
-        unused.append("--steps (--epochs sets the number of steps)")
     if not unused:
         return None
     return f"note: not used by --method {cfg.method} --objective {cfg.objective}: {', '.join(unused)}"

@@ -480,9 +480,10 @@ def _run(cfg: TrainConfig, accelerator, train_records, eval_records, description
     plan = BatchPlan(len(train_records), cfg.batch_size, cfg.grad_accum, world, cfg.seed,
                      records_digest(train_records))
     if cfg.epochs:
-        cfg = epochs_to_steps(cfg, len(train_records), plan.per_step)
+        given, cfg = cfg.steps, epochs_to_steps(cfg, len(train_records), plan.per_step)
         log(f"--epochs {cfg.epochs:g}: {cfg.steps} steps of {plan.per_step} records "
-            f"({len(train_records) // plan.per_step} a pass over the {len(train_records)} training records)")
+            f"({len(train_records) // plan.per_step} a pass over the {len(train_records)} training records)"
+            + ("" if given in (TrainConfig.steps, cfg.steps) else f"; --steps {given} is not used"))
     if resume_from is not None:
         resumed = checkpoints.trainer_state(resume_from)  # before any model loads: a mismatch fails fast
         check_resumed_settings(cfg, resumed.get("config"), resume_from, models_fingerprinted="models" in resumed)
