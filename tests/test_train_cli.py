@@ -134,7 +134,10 @@ def test_epochs_set_the_number_of_steps(tiny_checkpoint, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "--epochs 0.5: 4 steps of 4 records (9 a pass over the 36 training records)\n" in printed
     assert "note:" not in printed
-    # the run's config.yaml (steps 4, epochs 0.5) resumes as the same run, with no note about --steps
+    import yaml
+
+    assert yaml.safe_load((out / "config.yaml").read_text())["steps"] == 40  # as given: --epochs decides
+    # the run's config.yaml resumes as the same run, with no note about --steps
     assert main(["train", "--config", str(out / "config.yaml"), "--resume"]) == 0
     assert "is not used" not in capsys.readouterr().out
     main(["train", "--model", str(tiny_checkpoint), "--data", str(data), "--epochs", "0.5", "--steps", "7",
@@ -143,6 +146,17 @@ def test_epochs_set_the_number_of_steps(tiny_checkpoint, tmp_path, capsys):
     assert epochs_to_steps(TrainConfig(epochs=3), 36, 8).steps == 12  # whole steps only: 4 an epoch
     assert epochs_to_steps(TrainConfig(epochs=0.01), 36, 8).steps == 1
     assert epochs_to_steps(TrainConfig(steps=7), 36, 8).steps == 7
+    assert epochs_to_steps(TrainConfig(epochs=0.29), 400, 4).steps == 29  # not floor(28.999999999999996)
+    # --epochs may change on --resume as --steps may (under a constant schedule): the steps it gives are compared
+    from fastft.apps.training.config import to_yaml_dict
+    from fastft.apps.training.loop import check_resumed_settings
+
+    constant = dict(schedule="constant", warmup_ratio=0.0)
+    saved = to_yaml_dict(TrainConfig(epochs=1, steps=9, **constant))
+    check_resumed_settings(TrainConfig(epochs=2, steps=18, **constant), saved, tmp_path)
+    check_resumed_settings(TrainConfig(steps=8, **constant), saved, tmp_path)
+    with pytest.raises(ConfigError, match="--steps 9 -> 18"):
+        check_resumed_settings(TrainConfig(epochs=2, steps=18), to_yaml_dict(TrainConfig(epochs=1, steps=9)), tmp_path)
     for bad in (-1.0, float("inf"), float("nan")):
         with pytest.raises(ConfigError, match="--epochs must be"):
             validate(TrainConfig(epochs=bad))

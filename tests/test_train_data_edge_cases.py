@@ -163,6 +163,23 @@ def test_prompt_completion_and_conversational_pairs_add_no_sentencepiece_space()
     assert pair.chosen == Encoder(tok, 128).encode({"messages": CHAT})
 
 
+def test_a_conversational_pair_shares_one_prompt_when_a_token_crosses_an_answer_start():
+    """With a SentencePiece tokenizer, "ASSISTANT:" + " Paris." merges ":▁" (kept whole, with the answer) where
+    "ASSISTANT:" + "Rome." does not: chosen's prompt ended "T", rejected's ":" and only chosen's reward scored the
+    prompt's ":". Both documents now share the prompt up to the first trained token of either."""
+    tok = _llama2_style_tokenizer()
+    tok.chat_template = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}"
+                         "{{ 'USER: ' + m['content'] + '\n' }}{% else %}{{ 'ASSISTANT:' + m['content'] + eos_token }}"
+                         "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")
+    pair = Encoder(tok, 256, "dpo").encode({"prompt": CHAT[:1], "chosen": [{"role": "assistant", "content": " Paris."}],
+                                            "rejected": [{"role": "assistant", "content": "Rome."}]})
+    prompts = [d.input_ids[: d.labels.index(next(x for x in d.labels if x != IGNORE))] for d in (pair.chosen,
+                                                                                                pair.rejected)]
+    assert prompts[0] == prompts[1]
+    for doc, text in ((pair.chosen, "ASSISTANT: Paris.</s>"), (pair.rejected, "ASSISTANT:Rome.</s>")):
+        assert tok.decode(doc.input_ids).replace(" ", "").endswith(text.replace(" ", ""))
+
+
 def test_other_forms_keep_what_they_hold(tmp_path, tokenizer):
     """ShareGPT's top-level system prompt (LLaMA-Factory), Alpaca's earlier turns ("history") and an Alpaca record
     that also ships its rendered prompt as "text" (tatsu-lab/alpaca): read as the chat they hold, nothing dropped,
@@ -180,10 +197,12 @@ def test_other_forms_keep_what_they_hold(tmp_path, tokenizer):
 @pytest.mark.parametrize("record, problem", [
     ({"conversations": [{"from": "bot", "value": "hi"}]}, 'conversations[0] must be {"from": one of human/'),
     ({"prompt": " ", "completion": "A"}, "'prompt' is empty; a record without a prompt is a {\"text\": ...}"),
-    ({"instruction": "Q", "output": "A", "history": [["x"]]}, "an Alpaca record's 'history' must be a list of [instruction, output]"),
+    ({"instruction": "Q", "output": "A", "history": [["x"]]},
+     "an Alpaca record's 'history' must be a list of [instruction, output]"),
     ({"conversations": []}, "'conversations' must be a non-empty list"),
     ({"instruction": "Do.", "output": 4}, "an Alpaca record needs string fields instruction"),
-    ({"prompt": "Q", "completion": [{"role": "assistant", "content": "A"}]}, "a prompt-completion record needs string fields prompt and"),
+    ({"prompt": "Q", "completion": [{"role": "assistant", "content": "A"}]},
+     "a prompt-completion record needs string fields prompt and"),
     ({"prompt": "Q", "completion": ""}, "'completion' is empty"),
     ({"question": "Q", "answer": "A"}, "expected a 'text', 'messages' or 'prompt'/'completion' field"),
 ])

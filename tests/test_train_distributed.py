@@ -78,8 +78,20 @@ def setup(tmp_path_factory):
                 *(["--num-virtual-tokens", "4"] * (method == "prefix"))]
         _one_process([*args, "--batch-size", "4", "--output-dir", str(root / f"{method}-one")])
         two(*args, "--distributed", "fsdp", "--eval-examples", "3", "--output-dir", str(root / f"{method}-fsdp"))
+    # records --max-length cuts, over 3 epochs: each process tokenizes records the other did in an earlier epoch
+    cut = ["train", "--model", str(tiny), "--data", str(data), "--epochs", "3", "--grad-accum", "2",
+           "--eval-examples", "2", "--max-length", "16", "--dropout", "0"]
+    _one_process([*cut, "--batch-size", "4", "--output-dir", str(root / "cut-one")])
+    two(*cut, "--output-dir", str(root / "cut-two"))
     _two_processes(jobs, root)
     return root
+
+
+def test_records_cut_count_each_record_once_across_processes(setup):
+    """Summed per process, a record the two processes both tokenized (in different epochs) counted twice: 8 long
+    records were reported as 15."""
+    one, two = (json.loads((setup / d / "metrics.json").read_text())["records_cut"] for d in ("cut-one", "cut-two"))
+    assert one == two and 0 < one["cut"] < one["tokenized"] == 22
 
 
 @pytest.mark.parametrize("distributed", ["auto", "fsdp"])

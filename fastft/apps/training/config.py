@@ -27,7 +27,7 @@ from fastft.files import output_dir_problem
 from fastft.integration.methods import ALL_LINEAR, METHODS, MethodOptions
 from fastft.ops.bottleneck_adapter import ACTIVATIONS
 
-INSTRUCTIONS = "instructions"  # the built-in instruction set (fastft.apps.training.data)
+INSTRUCTIONS = "instructions"  # the built-in instruction set (fastft.apps.training.records)
 TASKS = (*TASK_NAMES, INSTRUCTIONS)
 OBJECTIVES = ("sft", "dpo", "distill")
 SCHEDULES = ("cosine", "linear", "constant")
@@ -399,7 +399,8 @@ def epochs_to_steps(cfg: TrainConfig, records: int, per_step: int) -> TrainConfi
     skips a shorter tail), so E epochs are floor(E × that), at least 1. Unchanged without --epochs."""
     if not cfg.epochs:
         return cfg
-    return dataclasses.replace(cfg, steps=max(1, math.floor(cfg.epochs * (records // per_step))))
+    # rounded first: 0.29 × 100 is 28.999999999999996 in binary floating point, 29 steps meant
+    return dataclasses.replace(cfg, steps=max(1, math.floor(round(cfg.epochs * (records // per_step), 9))))
 
 
 def rank_problem(cfg: TrainConfig, model_config) -> str | None:

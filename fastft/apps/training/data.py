@@ -284,8 +284,7 @@ class Encoder:
         sequence), each tokenized with the prompt as a chat's answer is (_prompt_and_answer), where text pairs
         tokenize prompt and answers alone (as TRL does)."""
         if isinstance(record["chosen"], list):
-            rendered = self.rendered_pair(record)
-            parts = [self._prompt_and_answer(rendered["prompt"], rendered[k]) for k in ("chosen", "rejected")]
+            parts = self._shared_prompt(self.rendered_pair(record))
         else:
             prompt = self._document_ids(record["prompt"])
             parts = [(prompt, self._with_eos(self._ids(record[k]))) for k in ("chosen", "rejected")]
@@ -296,6 +295,21 @@ class Encoder:
                                     [IGNORE_INDEX] * len(self._cut_left(prompt, room)) + r)
                             for (prompt, _), r in zip(parts, responses))
         return Pair(chosen, rejected)
+
+    def _shared_prompt(self, rendered: dict) -> list[tuple[list[int], list[int]]]:
+        """[(prompt, answer)] for chosen and rejected, each tokenized whole with the prompt, and the prompt the
+        tokens both documents share up to the first trained one of either: where a token across the answer's start
+        stays whole (SentencePiece), it goes with the answer in both, so the two documents still share one prompt
+        and neither reward scores a prompt token the other does not."""
+        whole = [self._tokenized_pieces([(rendered["prompt"], False), (rendered[k], True)])
+                 for k in ("chosen", "rejected")]
+        (c_ids, c_labels), (r_ids, r_labels) = whole
+        firsts = [next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), len(labels))
+                  for labels in (c_labels, r_labels)]
+        common = next((i for i, (a, b) in enumerate(zip(c_ids, r_ids)) if a != b), min(len(c_ids), len(r_ids)))
+        n = min(common, *firsts)
+        prompt = c_ids[:n] if c_ids[: len(self.lead)] == self.lead else self.lead + c_ids[:n]
+        return [(prompt, c_ids[n:]), (prompt, r_ids[n:])]
 
     def rendered_pair(self, record: dict) -> dict:
         """A conversational pair as text: the prompt rendered with the generation prompt, each answer the text the

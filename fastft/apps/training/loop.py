@@ -160,7 +160,8 @@ def lr_factor(cfg: TrainConfig):
 # the batch plan's record count and digest refuse that (BatchPlan.load_state_dict), and let a value that leaves the
 # split as it was through.
 RESUME_MAY_CHANGE = ("resume", "output_dir", "save_every", "eval_every", "eval_examples", "eval_batch_size",
-                     "compile", "compile_backend", "gradient_checkpointing", "offload_activations", "save_merged")
+                     "compile", "compile_backend", "gradient_checkpointing", "offload_activations", "save_merged",
+                     "epochs")  # the steps it gives are compared (so it changes as --steps may)
 
 
 def resume_may_change(cfg: TrainConfig, saved: dict | None = None) -> tuple[str, ...]:
@@ -324,7 +325,7 @@ class _Batches:
     def __init__(self, encoder: Encoder, device, flash_kwargs: bool):
         self.encoder, self.device, self.flash_kwargs = encoder, device, flash_kwargs
         self.cache: dict[int, object] = {}
-        self.cut = 0  # cached (training) records --max-length cut
+        self.cut: set[int] = set()  # indices of cached (training) records --max-length cut
 
     def __call__(self, records, indices, cache: bool = True) -> dict:
         items = []
@@ -334,7 +335,8 @@ class _Batches:
                 item = self.encoder.encode(records[i])
                 if cache:
                     item = self.cache[i] = _compact(item)
-                    self.cut += self.encoder.last_cut
+                    if self.encoder.last_cut:
+                        self.cut.add(i)
             items.append(item)
         batch = pack(items, pad_token_id=self.encoder.tokenizer.pad_token_id, flash_kwargs=self.flash_kwargs)
         return {k: v.to(self.device) if isinstance(v, torch.Tensor) and k != "choices" else v
@@ -479,6 +481,7 @@ def _run(cfg: TrainConfig, accelerator, train_records, eval_records, description
     resume_from = checkpoints.latest() if cfg.resume else None
     plan = BatchPlan(len(train_records), cfg.batch_size, cfg.grad_accum, world, cfg.seed,
                      records_digest(train_records))
+    as_given = cfg  # config.yaml keeps the flags as given: --epochs, not the steps it gives here
     if cfg.epochs:
         given, cfg = cfg.steps, epochs_to_steps(cfg, len(train_records), plan.per_step)
         log(f"--epochs {cfg.epochs:g}: {cfg.steps} steps of {plan.per_step} records "
@@ -513,7 +516,7 @@ def _run(cfg: TrainConfig, accelerator, train_records, eval_records, description
     if accelerator.is_main_process:
         import yaml
 
-        atomic_write(out / "config.yaml", yaml.safe_dump(to_yaml_dict(cfg), sort_keys=False))
+        atomic_write(out / "config.yaml", yaml.safe_dump(to_yaml_dict(as_given), sort_keys=False))
     model = load_model(model_path, weights_dtype(cfg, device)).to(device)
     check_head_gives_logits(model, f"--model {cfg.model}")
     if cfg.objective == "distill":
@@ -684,8 +687,10 @@ def _run(cfg: TrainConfig, accelerator, train_records, eval_records, description
     bar.close()
     stop_unless_finite(cfg.steps, "saving")
     peak = peak_memory_gib(device)
-    cut, seen = (int(n) for n in accelerator.reduce(torch.tensor([make_batch.cut, len(make_batch.cache)],
-                                                                 device=device), "sum"))
+    flags = torch.zeros(2, len(train_records), dtype=torch.int32)  # [cut, tokenized] per record: a record two
+    flags[0, list(make_batch.cut)] = 1                                 # processes tokenized (a later epoch's order
+    flags[1, list(make_batch.cache)] = 1                               # hands it to the other) counts once
+    cut, seen = (int(n) for n in (accelerator.reduce(flags.to(device), "sum") > 0).sum(1))
     if cut:
         log(f"note: {cut:,} of the {seen:,} training records this run tokenized were longer than --max-length "
             f"{cfg.max_length} and were cut (a chat or completion keeps the tokens that end with its last answer, "
