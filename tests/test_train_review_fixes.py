@@ -169,7 +169,7 @@ def test_the_record_cache_is_compact_and_batches_the_same():
         ids = [int(t) for t in record.split()]
         return Pair(Example(ids, ids), Example(ids[:2], [-100, ids[1]])) if len(ids) > 3 else Example(ids, ids)
 
-    encoder = SimpleNamespace(encode=encode, tokenizer=SimpleNamespace(pad_token_id=0))
+    encoder = SimpleNamespace(encode=encode, tokenizer=SimpleNamespace(pad_token_id=0), last_cut=False)
     batches = loop._Batches(encoder, torch.device("cpu"), flash_kwargs=True)
     records = ["5 6 7", "8 9 10 11 12", "70000 3"]
     for _ in range(2):  # tokenized, then from the cache
