@@ -33,6 +33,7 @@ OBJECTIVES = ("sft", "dpo", "distill")
 SCHEDULES = ("cosine", "linear", "constant")
 DISTRIBUTED = ("auto", "none", "ddp", "fsdp")
 ADAPTER_METHODS = ("lora", "qlora", "dora", "prefix", "prompt", "ia3", "adapter")
+LORA_METHODS = ("lora", "qlora", "dora")  # the ones --rank, --alpha, --dropout, --loraplus-lr-ratio... apply to
 MERGEABLE_METHODS = ("lora", "qlora", "dora", "ia3")  # their adapters fold into the base weights
 PATCH_MODEL = ("auto", "on", "off")
 _IA3 = MethodOptions()
@@ -371,8 +372,8 @@ _UNMERGEABLE = {"prefix": "its virtual tokens are attention inputs", "prompt": "
                 "full": "the trained model is saved whole in OUTPUT_DIR/model already"}
 
 _READ_BY = {
-    **{name: ("method", ("lora", "qlora", "dora")) for name in ("rank", "alpha", "dropout", "rslora", "target_modules",
-                                                                "loraplus_lr_ratio")},
+    **{name: ("method", LORA_METHODS) for name in ("rank", "alpha", "dropout", "rslora", "target_modules",
+                                                   "loraplus_lr_ratio")},
     "num_virtual_tokens": ("method", ("prefix", "prompt")),
     **{name: ("method", ("ia3",)) for name in ("ia3_target_modules", "ia3_feedforward_modules")},
     **{name: ("method", ("adapter",)) for name in ("adapter_size", "adapter_placement", "adapter_activation",
@@ -405,7 +406,7 @@ def epochs_to_steps(cfg: TrainConfig, records: int, per_step: int) -> TrainConfi
 
 def rank_problem(cfg: TrainConfig, model_config) -> str | None:
     """Why --rank does not fit the model (a transformers config, known once --model resolves), or None."""
-    if cfg.method not in ("lora", "qlora", "dora"):
+    if cfg.method not in LORA_METHODS:
         return None
     hidden = getattr(model_config.get_text_config(), "hidden_size", None)
     return rank_over_hidden(cfg.rank, hidden, f"--model {cfg.model}", f"--method {cfg.method}")

@@ -84,8 +84,7 @@ class Encoder:
         the tokenizer's leading special tokens, so every kind of document starts the same way, and without a
         second BOS when the text already opens with one. Trailing special tokens (add_eos_token) are left out:
         the callers end documents themselves."""
-        ids, lead = self._ids(text), self.lead
-        return ids if ids[: len(lead)] == lead else lead + ids
+        return self._with_lead(self._ids(text))
 
     def _with_eos(self, ids: list[int]) -> list[int]:
         """ids ending with end of sequence: appended only when they do not already end with it (TRL's rule)."""
@@ -153,9 +152,12 @@ class Encoder:
         a chat is (_tokenized_pieces: a SentencePiece tokenizer adds no "▁" before the answer; a token across the
         answer's start is split where the tokenizer can, else it goes with the answer)."""
         ids, labels = self._tokenized_pieces([(prompt, False), (answer, True)])
-        first = next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), len(ids))
-        head = ids[:first]
-        return (head if head[: len(self.lead)] == self.lead else self.lead + head), ids[first:]
+        first = _first_trained(labels)
+        return self._with_lead(ids[:first]), ids[first:]
+
+    def _with_lead(self, ids: list[int]) -> list[int]:
+        """ids opening with the tokenizer's leading special tokens (added when not there already)."""
+        return ids if ids[: len(self.lead)] == self.lead else self.lead + ids
 
     def completion(self, record: dict) -> Example:
         """TRL's prompt-completion form: the prompt (a plain-text document's start, untrained) then the completion
@@ -281,35 +283,31 @@ class Encoder:
         """Responses (with end of sequence) keep at most half the length; the prompt is cut from its left.
         Conversational pairs (lists of messages) are rendered by the chat template: the prompt with the generation
         prompt, each answer as the text the template adds after it (its end-of-turn included, no extra end of
-        sequence), each tokenized with the prompt as a chat's answer is (_prompt_and_answer), where text pairs
+        sequence), each tokenized with the prompt as a chat's answer is (_shared_prompt), where text pairs
         tokenize prompt and answers alone (as TRL does)."""
         if isinstance(record["chosen"], list):
-            parts = self._shared_prompt(self.rendered_pair(record))
+            prompt, answers = self._shared_prompt(self.rendered_pair(record))
         else:
             prompt = self._document_ids(record["prompt"])
-            parts = [(prompt, self._with_eos(self._ids(record[k]))) for k in ("chosen", "rejected")]
-        responses = [answer[: self.max_length // 2] for _, answer in parts]
-        self.last_cut = any(len(answer) > self.max_length // 2 for _, answer in parts)
-        room = max(self.max_length - max(len(r) for r in responses), 1)
-        chosen, rejected = (Example(self._cut_left(prompt, room) + r,
-                                    [IGNORE_INDEX] * len(self._cut_left(prompt, room)) + r)
-                            for (prompt, _), r in zip(parts, responses))
+            answers = [self._with_eos(self._ids(record[k])) for k in ("chosen", "rejected")]
+        half = self.max_length // 2
+        self.last_cut = any(len(answer) > half for answer in answers)
+        responses = [answer[:half] for answer in answers]
+        prompt = self._cut_left(prompt, max(self.max_length - max(len(r) for r in responses), 1))
+        chosen, rejected = (Example(prompt + r, [IGNORE_INDEX] * len(prompt) + r) for r in responses)
         return Pair(chosen, rejected)
 
-    def _shared_prompt(self, rendered: dict) -> list[tuple[list[int], list[int]]]:
-        """[(prompt, answer)] for chosen and rejected, each tokenized whole with the prompt, and the prompt the
+    def _shared_prompt(self, rendered: dict) -> tuple[list[int], list[list[int]]]:
+        """(prompt, [chosen answer, rejected answer]), each answer tokenized whole with the prompt, the prompt the
         tokens both documents share up to the first trained one of either: where a token across the answer's start
         stays whole (SentencePiece), it goes with the answer in both, so the two documents still share one prompt
         and neither reward scores a prompt token the other does not."""
         whole = [self._tokenized_pieces([(rendered["prompt"], False), (rendered[k], True)])
                  for k in ("chosen", "rejected")]
         (c_ids, c_labels), (r_ids, r_labels) = whole
-        firsts = [next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), len(labels))
-                  for labels in (c_labels, r_labels)]
         common = next((i for i, (a, b) in enumerate(zip(c_ids, r_ids)) if a != b), min(len(c_ids), len(r_ids)))
-        n = min(common, *firsts)
-        prompt = c_ids[:n] if c_ids[: len(self.lead)] == self.lead else self.lead + c_ids[:n]
-        return [(prompt, c_ids[n:]), (prompt, r_ids[n:])]
+        n = min(common, _first_trained(c_labels), _first_trained(r_labels))
+        return self._with_lead(c_ids[:n]), [c_ids[n:], r_ids[n:]]
 
     def rendered_pair(self, record: dict) -> dict:
         """A conversational pair as text: the prompt rendered with the generation prompt, each answer the text the
@@ -441,3 +439,8 @@ class BatchPlan:
                               f"seed {state['seed']}, this run has {self.per_step} and {self.seed}; resume with the "
                               "same number of processes, --grad-accum, --batch-size and --seed")
         self.epoch, self.index = state["epoch"], state["index"]
+
+
+def _first_trained(labels: list[int]) -> int:
+    """The index of the first trained token (len(labels) when none is)."""
+    return next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), len(labels))

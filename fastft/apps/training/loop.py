@@ -28,9 +28,9 @@ from fastft.integration.checkpointing import enable_checkpointing
 from fastft.integration.module_names import name_hint, names_module
 from fastft.integration.parameter_count import parameter_counts
 from fastft.integration.sharded_state import run_shared
-from fastft.apps.training.config import (ConfigError, TrainConfig, epochs_to_steps, flag, rank_problem,
-                                         resolved_mixed_precision, teacher_dtype, to_yaml_dict, unused_settings,
-                                         validate, weights_dtype)
+from fastft.apps.training.config import (LORA_METHODS, ConfigError, TrainConfig, epochs_to_steps, flag,
+                                         rank_problem, resolved_mixed_precision, teacher_dtype, to_yaml_dict,
+                                         unused_settings, validate, weights_dtype)
 from fastft.apps.training.data import BatchPlan, Encoder, Example, Pair, check_tokenizer, pack
 from fastft.apps.training.records import data_fingerprint, load_records, records_digest
 from fastft.apps.training.logs import RunLog, peak_memory_gib
@@ -563,11 +563,10 @@ def _run(cfg: TrainConfig, accelerator, train_records, eval_records, description
     sharded_here = shard_model(objective, cfg, accelerator)
     params = [p for p in model.parameters() if p.requires_grad]
     fsdp = sharded_here or accelerator.distributed_type == DistributedType.FSDP  # the plugin shards in prepare
+    loraplus = cfg.loraplus_lr_ratio if cfg.method in LORA_METHODS else 0.0  # another method's vectors are not LoRA's
     try:
         optimizer = make_optimizer(cfg.optimizer, model, cfg.lr, cfg.weight_decay, fsdp=fsdp,
-                                   grad_scaler=cfg.mixed_precision == "fp16",
-                                   loraplus_lr_ratio=cfg.loraplus_lr_ratio if cfg.method in ("lora", "qlora", "dora")
-                                   else 0.0)  # another method's vectors are not LoRA+'s
+                                   grad_scaler=cfg.mixed_precision == "fp16", loraplus_lr_ratio=loraplus)
     except ValueError as error:  # an accelerate config that runs FSDP under --distributed auto
         raise ConfigError(f"--optimizer {cfg.optimizer}: {error}") from None
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg))

@@ -70,11 +70,9 @@ def _record_problem(record, objective: str) -> str | None:
         return None if isinstance(record["text"], str) and record["text"] else "'text' must be a non-empty string"
     if "messages" in record:
         messages = record["messages"]
-        if not isinstance(messages, list) or not messages:
-            return "'messages' must be a non-empty list"
-        for i, m in enumerate(messages):
-            if not isinstance(m, dict) or m.get("role") not in _ROLES or not isinstance(m.get("content"), str):
-                return f"messages[{i}] must be {{\"role\": one of {'/'.join(_ROLES)}, \"content\": text}}"
+        problem = _messages_problem(messages, "messages")
+        if problem:
+            return problem
         if not any(m["role"] == "assistant" for m in messages):
             return "'messages' has no assistant turn (nothing to train on)"
         return None
