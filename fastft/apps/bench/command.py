@@ -115,8 +115,8 @@ def config_from_args(args) -> BenchConfig:
                        steps=args.steps, warmup=args.warmup, gradient_checkpointing=args.gradient_checkpointing,
                        patch_model=args.patch_model,
                        dtype=args.dtype, rank=args.rank, alpha=args.alpha, num_virtual_tokens=args.num_virtual_tokens,
-                       optimizer=args.optimizer, lr=args.lr, seed=args.seed, output_dir=args.output_dir, formats=_split(args.formats),
-                       compile=args.compile, compile_backend=args.compile_backend)
+                       optimizer=args.optimizer, lr=args.lr, seed=args.seed, output_dir=args.output_dir,
+                       formats=_split(args.formats), compile=args.compile, compile_backend=args.compile_backend)
 
 
 def run_bench(args, argv: list[str]) -> int:
