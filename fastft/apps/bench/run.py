@@ -4,8 +4,8 @@ A step is forward (labels = inputs, the model's own LM loss) + backward + optimi
 fused on CUDA, by default) + zero_grad, on random token ids; a compiled run torch.compiles the model (forward, loss
 and the backward AOTAutograd derives from them; not the optimizer step), which compiles during the warm-up steps.
 Each timed step is bracketed by device synchronisation; tokens/s counts the batch's B×S tokens (prompt and prefix
-tuning's virtual tokens are not counted). Any failure becomes the row's status (unavailable / not installed / oom / error) and the
-next run goes on. A run whose loss became NaN/inf is "diverged", and a compiled run that dynamo partly ran eagerly
+tuning's virtual tokens are not counted). Any failure becomes the row's status (unavailable / not installed / oom /
+error) and the next run goes on. A run whose loss became NaN/inf is "diverged", and a compiled run that dynamo partly ran eagerly
 (its recompile limit hit, or no graph compiled) is "not compiled": both keep their timings in the JSON, but no table
 cell, ratio or target uses them.
 """
