@@ -1,13 +1,13 @@
 """One benchmark run: a fresh model for (method, implementation), warm-up steps, timed training steps, memory.
 
-A step is forward (labels = inputs, the model's own LM loss) + backward + optimizer step (--optimizer; AdamW,
-fused on CUDA, by default) + zero_grad, on random token ids; a compiled run torch.compiles the model (forward, loss
-and the backward AOTAutograd derives from them; not the optimizer step), which compiles during the warm-up steps.
-Each timed step is bracketed by device synchronisation; tokens/s counts the batch's B×S tokens (prompt and prefix
+A step is forward (labels = inputs, the model's own LM loss) + backward + optimizer step (--optimizer; AdamW, fused
+on CUDA, by default) + zero_grad, on random token ids; a compiled run torch.compiles the model (forward, loss and
+the backward AOTAutograd derives from them; not the optimizer step), which compiles during the warm-up steps. Each
+timed step is bracketed by device synchronisation; tokens/s counts the batch's B×S tokens (prompt and prefix
 tuning's virtual tokens are not counted). Any failure becomes the row's status (unavailable / not installed / oom /
-error) and the next run goes on. A run whose loss became NaN/inf is "diverged", and a compiled run that dynamo partly ran eagerly
-(its recompile limit hit, or no graph compiled) is "not compiled": both keep their timings in the JSON, but no table
-cell, ratio or target uses them.
+error) and the next run goes on. A run whose loss became NaN/inf is "diverged", and a compiled run that dynamo
+partly ran eagerly (its recompile limit hit, or no graph compiled) is "not compiled": both keep their timings in the
+JSON, but no table cell, ratio or target uses them.
 """
 from __future__ import annotations
 
