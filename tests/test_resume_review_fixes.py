@@ -327,7 +327,7 @@ def test_resume_refuses_a_changed_model_at_the_same_path(tmp_path, capsys):
 # ----------------------------------------------------------------------- 6: spellings of one setting
 
 def test_resume_accepts_other_spellings_of_the_same_settings(tiny, tmp_path, monkeypatch):
-    from fastft.apps.training.loop import check_resumed_settings
+    from fastft.apps.training.resume_checks import check_resumed_settings
 
     data = tmp_path / "work" / "d.jsonl"
     data.parent.mkdir()

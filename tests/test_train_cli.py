@@ -149,7 +149,7 @@ def test_epochs_set_the_number_of_steps(tiny_checkpoint, tmp_path, capsys):
     assert epochs_to_steps(TrainConfig(epochs=0.29), 400, 4).steps == 29  # not floor(28.999999999999996)
     # --epochs may change on --resume as --steps may (under a constant schedule): the steps it gives are compared
     from fastft.apps.training.config import to_yaml_dict
-    from fastft.apps.training.loop import check_resumed_settings
+    from fastft.apps.training.resume_checks import check_resumed_settings
 
     constant = dict(schedule="constant", warmup_ratio=0.0)
     saved = to_yaml_dict(TrainConfig(epochs=1, steps=9, **constant))

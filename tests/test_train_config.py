@@ -17,7 +17,7 @@ def no_model_loads(monkeypatch):
 
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the settings were validated")
-    monkeypatch.setattr(loop, "_load_models", refuse)
+    monkeypatch.setattr(loop, "load_models", refuse)
     monkeypatch.setattr(loop, "make_accelerator", refuse)
 
 

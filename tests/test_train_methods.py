@@ -12,7 +12,7 @@ import fastft
 import fastft.integration.methods as methods
 from fastft.apps.cli import main
 from fastft.apps.training.config import ConfigError, TrainConfig
-from fastft.apps.training.loop import maybe_patch
+from fastft.apps.training.run_setup import maybe_patch
 from tests.train_utils import save_tiny_checkpoint
 
 # A learning rate per method that moves the loss within 3 steps (prompt-learning and IA3 parameters are few and
@@ -170,7 +170,7 @@ def test_every_method_knob_reaches_method_options():
     """Each MethodOptions knob has its `fastft train` flag, and a non-default value of it arrives."""
     import dataclasses
 
-    from fastft.apps.training.loop import method_options
+    from fastft.apps.training.run_setup import method_options
 
     values = dict(rank=3, alpha=7.0, dropout=0.25, rslora=True, target_modules=("q_proj",), num_virtual_tokens=5,
                   ia3_target_modules=("v_proj", "up_proj"), ia3_feedforward_modules=("up_proj",), adapter_size=9,

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from fastft.apps.training import loop  # modules: each test names what it needs (and fails alone without it)
+from fastft.apps.training import loop, resume_checks, run_setup  # each test names what it needs
 from fastft.apps.training.config import ConfigError, TrainConfig
 from fastft.apps.training.data import BatchPlan, Example, Pair
 from fastft.apps.training.records import data_fingerprint, load_records, records_digest
@@ -50,7 +50,7 @@ class _DtypeProbe(torch.nn.Module):
 def test_the_training_forward_autocasts_without_prepare(accelerator_state):
     """--distributed fsdp shards the model itself (shard_model) and hands only the optimizer to `prepare`, so
     accelerate never wraps the forward in autocast: accumulate must (bf16 ran in fp32 while eval ran in bf16)."""
-    accelerator = loop.make_accelerator(TrainConfig(mixed_precision="bf16"))
+    accelerator = run_setup.make_accelerator(TrainConfig(mixed_precision="bf16"))
     probe = _DtypeProbe()
     micro = [{"input_ids": torch.zeros(1, 3, dtype=torch.long)}] * 2
     loop.accumulate(probe, lambda b: 3, micro, accelerator)
@@ -63,11 +63,11 @@ def test_accelerate_launch_does_not_override_mixed_precision_no(monkeypatch, acc
     accelerate as None before) let it win while config.yaml and metrics said "no"."""
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
     cfg = TrainConfig()
-    assert loop.make_accelerator(cfg).mixed_precision == "no"
-    (note,) = loop.launcher_notes(cfg)
+    assert run_setup.make_accelerator(cfg).mixed_precision == "no"
+    (note,) = run_setup.launcher_notes(cfg)
     assert "--mixed-precision no, not accelerate's bf16 (ACCELERATE_MIXED_PRECISION" in note
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")  # the launcher's default: nothing to say
-    assert loop.launcher_notes(TrainConfig(mixed_precision="bf16")) == []
+    assert run_setup.launcher_notes(TrainConfig(mixed_precision="bf16")) == []
 
 
 class _Scaled:
@@ -78,7 +78,7 @@ class _Scaled:
     def __init__(self, params):
         from accelerate.optimizer import AcceleratedOptimizer
 
-        loop.make_accelerator(TrainConfig())  # the state AcceleratedOptimizer reads
+        run_setup.make_accelerator(TrainConfig())  # the state AcceleratedOptimizer reads
         self.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
         self.optimizer = AcceleratedOptimizer(torch.optim.SGD(params, lr=0.1), device_placement=False,
                                               scaler=self.scaler)
@@ -139,19 +139,19 @@ def test_changed_data_and_fewer_steps_are_refused_on_resume(tmp_path):
     saved = data_fingerprint(cfg)
     assert saved["eval_data"] is None and saved["data"]["size"] == path.stat().st_size
     checkpoint = tmp_path / "step-00000008"
-    loop.check_resumed_data(data_fingerprint(cfg), saved, checkpoint)
-    loop.check_resumed_data(data_fingerprint(cfg), None, checkpoint)  # an older checkpoint: not checked
+    resume_checks.check_resumed_data(data_fingerprint(cfg), saved, checkpoint)
+    resume_checks.check_resumed_data(data_fingerprint(cfg), None, checkpoint)  # an older checkpoint: not checked
     path.write_text(path.read_text().replace("record 3", "record 4"))  # same size, other contents
     with pytest.raises(ConfigError, match=r"--data changed since .*step-00000008 was written, its sha256 differs"):
-        loop.check_resumed_data(data_fingerprint(cfg), saved, checkpoint)
+        resume_checks.check_resumed_data(data_fingerprint(cfg), saved, checkpoint)
     with path.open("a") as f:
         f.write(json.dumps({"text": "new"}) + "\n")
     with pytest.raises(ConfigError, match=r"--data changed .* \(\d+ -> \d+ bytes\)"):
-        loop.check_resumed_data(data_fingerprint(cfg), saved, checkpoint)
+        resume_checks.check_resumed_data(data_fingerprint(cfg), saved, checkpoint)
 
-    loop.check_resumed_step(TrainConfig(steps=8), 8, checkpoint)  # killed after its last checkpoint: finishes
+    resume_checks.check_resumed_step(TrainConfig(steps=8), 8, checkpoint)  # killed after its last checkpoint: finishes
     with pytest.raises(ConfigError, match="is at step 8, past --steps 4; resume with --steps 8 or more"):
-        loop.check_resumed_step(TrainConfig(steps=4), 8, checkpoint)
+        resume_checks.check_resumed_step(TrainConfig(steps=4), 8, checkpoint)
 
 
 def test_the_description_counts_the_files_records(tmp_path):
@@ -191,44 +191,44 @@ def test_a_setting_added_since_the_checkpoint_counts_as_its_default(tmp_path):
     from fastft.apps.training.config import to_yaml_dict
 
     saved = {k: v for k, v in to_yaml_dict(TrainConfig()).items() if k != "adapter_mlp_output_modules"}
-    loop.check_resumed_settings(TrainConfig(), saved, tmp_path)
+    resume_checks.check_resumed_settings(TrainConfig(), saved, tmp_path)
     with pytest.raises(ConfigError, match=r"--adapter-mlp-output-modules \['down_proj'\] -> \['fc2'\]"):
-        loop.check_resumed_settings(TrainConfig(adapter_mlp_output_modules=("fc2",)), saved, tmp_path)
+        resume_checks.check_resumed_settings(TrainConfig(adapter_mlp_output_modules=("fc2",)), saved, tmp_path)
 
 
 def test_full_fine_tuning_on_a_gpu_keeps_fp32_weights_under_bf16_autocast(monkeypatch):
     """AdamW on bf16 weights (its state bf16 too) rounds away every update below half a bf16 step: at lr 1e-5 a
     4-step run moved 15% of the weights and no RMSNorm weight. --dtype auto now gives full fine-tuning fp32 weights
     under bf16 autocast on a GPU; an explicit --dtype bf16 is run as asked, with a note; adapters are unchanged."""
-    from fastft.apps.training.config import validate
+    from fastft.apps.training.config import resolved_mixed_precision, validate, weights_dtype
 
     gpu, cpu = torch.device("cuda"), torch.device("cpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     full = validate(TrainConfig(method="full"))
-    assert (full.mixed_precision, loop.weights_dtype(full, gpu)) == ("bf16", torch.float32)
-    assert loop.precision_notes(full, gpu) == []
+    assert (full.mixed_precision, weights_dtype(full, gpu)) == ("bf16", torch.float32)
+    assert run_setup.precision_notes(full, gpu) == []
     lora = validate(TrainConfig())
-    assert (lora.mixed_precision, loop.weights_dtype(lora, gpu)) == ("no", torch.bfloat16)
+    assert (lora.mixed_precision, weights_dtype(lora, gpu)) == ("no", torch.bfloat16)
     asked = validate(TrainConfig(method="full", dtype="bf16"))
-    assert (asked.mixed_precision, loop.weights_dtype(asked, gpu)) == ("no", torch.bfloat16)
-    (note,) = loop.precision_notes(asked, gpu)
+    assert (asked.mixed_precision, weights_dtype(asked, gpu)) == ("no", torch.bfloat16)
+    (note,) = run_setup.precision_notes(asked, gpu)
     assert "no fp32 copy" in note and "--dtype auto" in note
     assert validate(TrainConfig(method="full", mixed_precision="no")).mixed_precision == "no"  # as given
-    assert loop.resolved_mixed_precision(TrainConfig(method="full")) == "bf16"
+    assert resolved_mixed_precision(TrainConfig(method="full")) == "bf16"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     on_cpu = validate(TrainConfig(method="full"))
-    assert (on_cpu.mixed_precision, loop.weights_dtype(on_cpu, cpu)) == ("no", torch.float32)
+    assert (on_cpu.mixed_precision, weights_dtype(on_cpu, cpu)) == ("no", torch.float32)
 
 
 def test_a_distillation_teacher_is_bf16_on_a_gpu_even_for_full_fine_tuning(monkeypatch):
     """The teacher is frozen: full fine-tuning's fp32 weights (for AdamW's small updates) loaded it in fp32 too,
     twice its memory on a GPU for logits that bf16 autocast computes in bf16. An explicit --dtype is kept."""
-    from fastft.apps.training.config import teacher_dtype, validate
+    from fastft.apps.training.config import teacher_dtype, validate, weights_dtype
 
     gpu, cpu = torch.device("cuda"), torch.device("cpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     full = validate(TrainConfig(method="full", objective="distill", teacher="smollm2-135m"))
-    assert (loop.weights_dtype(full, gpu), teacher_dtype(full, gpu)) == (torch.float32, torch.bfloat16)
+    assert (weights_dtype(full, gpu), teacher_dtype(full, gpu)) == (torch.float32, torch.bfloat16)
     lora = validate(TrainConfig(objective="distill", teacher="smollm2-135m"))
     assert teacher_dtype(lora, gpu) == torch.bfloat16
     fp32 = validate(TrainConfig(method="full", objective="distill", teacher="smollm2-135m", dtype="fp32"))

@@ -14,7 +14,7 @@ import fastft
 from fastft.apps.cli import main
 from fastft.apps.training import ConfigError, TrainConfig, validate
 from fastft.apps.training.config import rank_problem, read_yaml_config
-from fastft.apps.training.loop import apply_method_or_config_error
+from fastft.apps.training.run_setup import apply_method_or_config_error
 from fastft.files import output_dir_problem
 
 from tests.train_utils import save_tiny_checkpoint

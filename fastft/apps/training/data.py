@@ -392,7 +392,8 @@ class BatchPlan:
     def __init__(self, num_records: int, batch_size: int, grad_accum: int, processes: int, seed: int,
                  records: str | None = None):
         self.records = records  # records_digest of the training records: a resumed run must train on the same
-        self.num_records, self.batch_size, self.grad_accum, self.processes = num_records, batch_size, grad_accum, processes
+        self.num_records, self.processes = num_records, processes
+        self.batch_size, self.grad_accum = batch_size, grad_accum
         self.per_step = processes * grad_accum * batch_size
         if self.per_step > num_records:
             raise ConfigError(f"one step needs {self.per_step} records (processes × --grad-accum × --batch-size) "

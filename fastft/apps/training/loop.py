@@ -12,9 +12,7 @@ import copy
 import dataclasses
 import json
 import math
-import os
 import time
-import warnings
 from array import array
 from pathlib import Path
 
@@ -25,117 +23,24 @@ from fastft.apps.compiling import dynamo_counts
 from fastft.apps.training import checkpoints as ckpt
 from fastft.files import atomic_write, replace_folder
 from fastft.integration.checkpointing import enable_checkpointing
-from fastft.integration.module_names import name_hint, names_module
 from fastft.integration.parameter_count import parameter_counts
 from fastft.integration.sharded_state import run_shared
-from fastft.apps.training.config import (LORA_METHODS, ConfigError, TrainConfig, epochs_to_steps, flag,
-                                         rank_problem, resolved_mixed_precision, teacher_dtype, to_yaml_dict,
-                                         unused_settings, validate, weights_dtype)
+from fastft.apps.training.config import (LORA_METHODS, ConfigError, TrainConfig, epochs_to_steps, rank_problem,
+                                         teacher_dtype, to_yaml_dict, unused_settings, validate, weights_dtype)
 from fastft.apps.training.data import BatchPlan, Encoder, Example, Pair, check_tokenizer, pack
 from fastft.apps.training.records import data_fingerprint, load_records, records_digest
 from fastft.apps.training.logs import RunLog, peak_memory_gib
 from fastft.apps.optimizers import make_optimizer
 from fastft.apps.training.objectives import (ObjectiveModel, check_head_gives_logits, check_vocab_rows,
                                              is_prompt_learning)
+from fastft.apps.training.resume_checks import check_resumed_data, check_resumed_settings, check_resumed_step
 from fastft.apps.training.run_lock import hold_output_dir
+from fastft.apps.training.run_setup import (apply_method_or_config_error, launcher_notes, load_models,
+                                            make_accelerator, maybe_patch, precision_notes, shard_model)
 
 
 class TrainingStopped(RuntimeError):
     """The run cannot go on (non-finite loss, out of memory); the message says where the last checkpoint is."""
-
-
-def precision_notes(cfg: TrainConfig, device: torch.device) -> list[str]:
-    """A line when the weights AdamW updates are bf16 (full fine-tuning asked for --dtype bf16)."""
-    if cfg.method == "full" and weights_dtype(cfg, device) == torch.bfloat16:
-        return ["--method full with --dtype bf16: AdamW updates the bf16 weights in place with no fp32 copy, so an "
-                "update below half a bf16 step is lost (at lr 1e-5 most weights near 1.0 never move); --dtype auto "
-                "(fp32 weights under bf16 autocast) keeps every update, at twice the weights' memory"]
-    return []
-
-
-def method_options(cfg: TrainConfig):
-    from fastft.integration.methods import MethodOptions
-
-    return MethodOptions(rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, rslora=cfg.rslora,
-                         target_modules=tuple(cfg.target_modules), num_virtual_tokens=cfg.num_virtual_tokens,
-                         ia3_target_modules=tuple(cfg.ia3_target_modules),
-                         ia3_feedforward_modules=tuple(cfg.ia3_feedforward_modules),
-                         adapter_size=cfg.adapter_size, adapter_placement=cfg.adapter_placement,
-                         adapter_activation=cfg.adapter_activation,
-                         adapter_attn_output_modules=tuple(cfg.adapter_attn_output_modules),
-                         adapter_mlp_output_modules=tuple(cfg.adapter_mlp_output_modules))
-
-
-# the flags naming modules, per method (adapter's attention flag: houlsby only)
-_MODULE_FLAGS = {"lora": ("target_modules",), "qlora": ("target_modules",), "dora": ("target_modules",),
-                 "ia3": ("ia3_target_modules", "ia3_feedforward_modules"),
-                 "adapter": ("adapter_attn_output_modules", "adapter_mlp_output_modules")}
-
-
-def _unmatched(cfg: TrainConfig, names: list[str]):
-    """(flag field, entry) for each module name of the method's flags that matches none of `names` (peft's list
-    rule: the whole name or a dotted suffix of one)."""
-    flags = _MODULE_FLAGS.get(cfg.method, ())
-    if cfg.method == "adapter" and cfg.adapter_placement != "houlsby":
-        flags = flags[1:]
-    for field in flags:
-        for entry in getattr(cfg, field):
-            if not any(names_module(entry, n) for n in names):
-                yield field, entry
-
-
-def apply_method_or_config_error(model, cfg: TrainConfig, log=None):
-    """`apply_method` with the method's options; a module name that matches nothing (a typo, found only once the
-    model is loaded) is a ConfigError naming its flag with a did-you-mean, not a traceback. When other names
-    matched, peft trains those: a name the user gave (not the default list) that matched nothing is logged."""
-    from fastft.integration.methods import apply_method
-    from fastft.integration.lora_config import UnmatchedTargetWarning
-
-    names = [name for name, _ in model.named_modules() if name]  # before apply_method changes the model
-    kind = type(model).__name__
-    try:
-        with warnings.catch_warnings():  # said below as a note, for the names the user gave
-            warnings.simplefilter("ignore", UnmatchedTargetWarning)
-            adapted = apply_method(model, cfg.method, method_options(cfg))
-    except ValueError as e:  # peft's NoMatchingPeftModuleError is one too
-        for field, entry in _unmatched(cfg, names):
-            raise ConfigError(f"{flag(field)} {entry}: matches no module of {kind} (module names or dotted suffixes "
-                              f"of them); {name_hint(entry, names)}") from e
-        raise
-    if log is not None and cfg.method in ("lora", "qlora", "dora", "ia3"):  # adapters' entries may be regexes
-        defaults = TrainConfig.__dataclass_fields__
-        for field, entry in _unmatched(cfg, names):
-            if tuple(getattr(cfg, field)) != tuple(defaults[field].default):
-                log(f"note: {flag(field)} {entry}: matches no module of {kind}, so it gets nothing (the other names "
-                    f"did); {name_hint(entry, names)}")
-    return adapted
-
-
-def maybe_patch(model, cfg: TrainConfig, device, log) -> bool:
-    """--patch-model: fastft.patch_model on the model `apply_method` returned. auto patches on a GPU when the
-    architecture is supported (otherwise one line says why not and training goes on unpatched); on patches
-    or stops with a ConfigError; off leaves the model alone. Returns whether it patched."""
-    import fastft
-
-    if cfg.patch_model == "off":
-        return False
-    if cfg.patch_model == "auto" and device.type != "cuda":
-        log(f"not patched: --patch-model auto patches on a GPU only (device {device.type}; --patch-model on "
-            "patches anyway)")
-        return False
-    try:
-        fastft.patch_model(model)
-    except ValueError as e:
-        if cfg.patch_model == "on":
-            raise ConfigError(f"--patch-model on: {e}") from None
-        log(f"not patched: {e}; training goes on unpatched (--patch-model off silences this)")
-        return False
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    summary = (getattr(base, "_fastft_patch", None) or model._fastft_patch).summary  # bottleneck wrapper: on it
-    log(f"patched by fastft.patch_model: {summary['model_type']}: {summary['rms_norm']} RMSNorm, "
-        f"{summary['glu_mlp']} GLU MLP, {summary['rope_attention']} RoPE attention, attention "
-        f"{summary['attention']}")
-    return True
 
 
 def lr_factor(cfg: TrainConfig):
@@ -152,163 +57,6 @@ def lr_factor(cfg: TrainConfig):
             return (s + 1) / warm
         return decay((s - warm + 1) / (cfg.steps - warm + 1))  # p = 0 at the peak step, < 1 at the last
     return factor
-
-
-# Settings a resumed run may change: they decide what is evaluated and saved, or how the same steps are computed
-# (compiled or not; activations kept, recomputed or offloaded: the same values), not what is trained. --steps too
-# when no learning rate depends on it (constant, no warm-up). --eval-examples may move the held-out split of --data:
-# the batch plan's record count and digest refuse that (BatchPlan.load_state_dict), and let a value that leaves the
-# split as it was through.
-RESUME_MAY_CHANGE = ("resume", "output_dir", "save_every", "eval_every", "eval_examples", "eval_batch_size",
-                     "compile", "compile_backend", "gradient_checkpointing", "offload_activations", "save_merged",
-                     "epochs")  # the steps it gives are compared (so it changes as --steps may)
-
-
-def resume_may_change(cfg: TrainConfig, saved: dict | None = None) -> tuple[str, ...]:
-    """RESUME_MAY_CHANGE, --steps under a constant schedule, and --batch-size / --grad-accum when their product
-    is the checkpoint's: a step then takes the same records (BatchPlan: the step's slice of the order, cut into
-    other micro-batches), and its loss is Σ over the step's targets / their count whatever the cut (`accumulate`).
-    Only the rounding of the sums changes, and with --dropout the masks drawn (one draw per micro-batch)."""
-    extra = ("steps",) if cfg.schedule == "constant" and cfg.warmup_ratio == 0 else ()
-    if saved is not None and saved.get("batch_size", 0) * saved.get("grad_accum", 0) == cfg.batch_size * cfg.grad_accum:
-        extra += ("batch_size", "grad_accum")
-    return RESUME_MAY_CHANGE + extra
-
-
-def check_resumed_settings(cfg: TrainConfig, saved: dict | None, checkpoint: Path,
-                           models_fingerprinted: bool = True) -> None:
-    """A ConfigError naming every training setting that differs from the checkpoint's run: resuming with another
-    learning rate, rank, method or data would mix two runs (and a restored optimizer or scheduler keeps the old
-    values), so only the RESUME_MAY_CHANGE settings may differ. models_fingerprinted: False for a checkpoint
-    written before they kept the models' fingerprints (ckpt.check_resumed_models): --model/--teacher then compare
-    as the paths given, the only check there is."""
-    if saved is None:  # written before checkpoints kept their settings
-        return
-    # a setting added since the checkpoint was written had its default then; spellings of one setting compare equal
-    raw_saved, raw_now = {**to_yaml_dict(TrainConfig()), **saved}, to_yaml_dict(cfg)
-    saved, now = ckpt.comparable_settings(raw_saved), ckpt.comparable_settings(raw_now)
-    if not models_fingerprinted:
-        for name in ("model", "teacher"):
-            saved[name], now[name] = raw_saved[name], raw_now[name]
-    may_change = resume_may_change(cfg, saved)
-    changed = [f"--{k.replace('_', '-')} {saved[k]!r} -> {now[k]!r}" for k in now
-               if k not in may_change and saved[k] != now[k]]
-    if changed:
-        raise ConfigError(f"--resume: {checkpoint} was written with other settings ({'; '.join(changed)}); resume "
-                          "with the run's own settings (its config.yaml: fastft train --config ... --resume; --steps "
-                          "may change under --schedule constant --warmup-ratio 0, --batch-size and --grad-accum when "
-                          "their product stays), or start a new run in another --output-dir")
-
-
-def check_resumed_data(fingerprint: dict, saved: dict | None, checkpoint: Path) -> None:
-    """A ConfigError when --data or --eval-data changed (size or sha256) since the checkpoint was written: the
-    same path with other contents would resume another run's data."""
-    if saved is None:  # written before checkpoints kept the data's fingerprint
-        return
-    for name, now in fingerprint.items():
-        before = saved.get(name)
-        if before is not None and now is not None and before != now:
-            size = "" if before["size"] == now["size"] else f" ({before['size']} -> {now['size']} bytes)"
-            raise ConfigError(f"--resume: --{name.replace('_', '-')} changed since {checkpoint} was written{size}, "
-                              "its sha256 differs; resume with the data the run started with, or start a new run "
-                              "in another --output-dir")
-
-
-def check_resumed_step(cfg: TrainConfig, step: int, checkpoint: Path) -> None:
-    if cfg.steps < step:  # the run would log "step 8 of 4" and train nothing
-        raise ConfigError(f"--resume: {checkpoint} is at step {step}, past --steps {cfg.steps}; resume with --steps "
-                          f"{step} or more, or start a new run in another --output-dir")
-
-
-def make_accelerator(cfg: TrainConfig):
-    """accelerate sets up the processes (torchrun / `accelerate launch`); --distributed fsdp asks for FSDP2.
-
-    accelerate runs FSDP only on accelerators (on the CPU it picks plain multi-CPU data parallelism), so on a
-    machine without a GPU `--distributed fsdp` applies torch's `fully_shard` itself (`shard_model`), which is
-    what accelerate's FSDP2 plugin does on a GPU: every decoder layer, then the root."""
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state()  # a second run in one process may change the precision; keeps process groups
-    kwargs = {"cpu": not torch.cuda.is_available(),  # cpu=True: gloo for torchrun on machines without a GPU
-              # "no" too: None would let accelerate read ACCELERATE_MIXED_PRECISION (`accelerate launch`)
-              "mixed_precision": resolved_mixed_precision(cfg),
-              "dynamo_plugin": dynamo_plugin(cfg)}
-    if cfg.distributed == "fsdp" and torch.cuda.is_available():
-        from accelerate import FullyShardedDataParallelPlugin
-
-        kwargs["fsdp_plugin"] = FullyShardedDataParallelPlugin(
-            fsdp_version=2, auto_wrap_policy="transformer_based_wrap", reshard_after_forward=True,
-            state_dict_type="FULL_STATE_DICT", cpu_ram_efficient_loading=False)
-    accelerator = Accelerator(**kwargs)
-    if cfg.distributed == "none" and accelerator.num_processes > 1:
-        raise ConfigError(f"--distributed none, but {accelerator.num_processes} processes were launched")
-    return accelerator
-
-
-def launcher_notes(cfg: TrainConfig) -> list[str]:
-    """One line per `accelerate launch` setting (its environment variables) that fastft train's flags override."""
-    notes = []
-    backend = os.environ.get("ACCELERATE_DYNAMO_BACKEND", "no").lower()
-    if cfg.compile == "off" and backend not in ("no", ""):
-        notes.append(f"not compiled: accelerate's dynamo backend {backend} (ACCELERATE_DYNAMO_BACKEND, set by "
-                     "`accelerate launch`) is not used; fastft train compiles with --compile MODE [--compile-backend "
-                     "NAME]")
-    precision, ours = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower(), resolved_mixed_precision(cfg)
-    if precision not in ("no", "", ours):  # "no": the launcher's default, not a request
-        notes.append(f"mixed precision: --mixed-precision {ours}, not accelerate's {precision} "
-                     "(ACCELERATE_MIXED_PRECISION, set by `accelerate launch`); fastft train autocasts with "
-                     "--mixed-precision")
-    return notes
-
-
-def dynamo_plugin(cfg: TrainConfig):
-    """--compile as accelerate's TorchDynamoPlugin: `prepare` then torch.compiles the wrapped model (after DDP /
-    FSDP2 wrapping, as torch recommends). Always given, so that `accelerate launch --dynamo_backend ...` (an
-    environment variable) cannot compile a run whose --compile is off: the setting recorded is the one that ran."""
-    from accelerate.utils import TorchDynamoPlugin
-
-    if cfg.compile == "off":
-        return TorchDynamoPlugin(backend="no")
-    return TorchDynamoPlugin(backend=cfg.compile_backend, mode=cfg.compile, fullgraph=False,
-                             use_regional_compilation=False)
-
-
-def shard_model(objective: ObjectiveModel, cfg: TrainConfig, accelerator) -> bool:
-    """FSDP2 without accelerate's plugin: `fastft.shard_model` (fully_shard each decoder layer, then the root;
-    NF4 weights shard their packed bytes). Returns whether it sharded (then accelerate must not wrap the model
-    in DDP as well). Used on CPU/gloo, where accelerate runs no FSDP, and for QLoRA everywhere (accelerate's
-    plugin knows nothing of NF4 storage). For DDP, the frozen NF4 weights are left out of DDP's broadcast."""
-    from fastft.integration.nf4_model import ignore_nf4_in_ddp, shard_model as shard
-
-    if cfg.distributed != "fsdp" or accelerator.num_processes == 1:
-        if cfg.method == "qlora" and accelerator.num_processes > 1:
-            ignore_nf4_in_ddp(objective)
-        return False
-    if torch.cuda.is_available() and cfg.method != "qlora":
-        return False  # accelerate's FSDP2 plugin shards it in prepare
-    shard(objective, layer_classes=set(objective._no_split_modules or ()) or None)
-    return True
-
-
-def _load_models(cfg: TrainConfig, device, accelerator):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from fastft.apps.models import resolve_model_path
-
-    if cfg.attn_implementation == "fastft":
-        import fastft.integration.attention  # noqa: F401 - registers attn_implementation="fastft"
-
-    def load(name):
-        path = resolve_model_path(name)
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        return path, tokenizer
-
-    path, tokenizer = load(cfg.model)
-    return path, tokenizer, (lambda p, dtype: AutoModelForCausalLM.from_pretrained(
-        p, dtype=dtype, attn_implementation=cfg.attn_implementation)), load
 
 
 def _compact(item):
@@ -499,7 +247,7 @@ def _run(cfg: TrainConfig, accelerator, train_records, eval_records, description
                           "--output-dir (or delete that one) to start a new run")
     set_seed(cfg.seed)
 
-    model_path, tokenizer, load_model, load_tokenizer = _load_models(cfg, device, accelerator)
+    model_path, tokenizer, load_model, load_tokenizer = load_models(cfg, device, accelerator)
     models = ckpt.model_fingerprints(cfg, model_path)
     if resume_from is not None:
         ckpt.check_resumed_models(models, resumed.get("models"), resume_from)

@@ -1,0 +1,78 @@
+"""What `fastft train --resume` refuses: a checkpoint written with other settings, other data or more steps than
+the run has (the models' fingerprints: checkpoints.check_resumed_models)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from fastft.apps.training import checkpoints as ckpt
+from fastft.apps.training.config import ConfigError, TrainConfig, to_yaml_dict
+
+
+# Settings a resumed run may change: they decide what is evaluated and saved, or how the same steps are computed
+# (compiled or not; activations kept, recomputed or offloaded: the same values), not what is trained. --steps too
+# when no learning rate depends on it (constant, no warm-up). --eval-examples may move the held-out split of --data:
+# the batch plan's record count and digest refuse that (BatchPlan.load_state_dict), and let a value that leaves the
+# split as it was through.
+RESUME_MAY_CHANGE = ("resume", "output_dir", "save_every", "eval_every", "eval_examples", "eval_batch_size",
+                     "compile", "compile_backend", "gradient_checkpointing", "offload_activations", "save_merged",
+                     "epochs")  # the steps it gives are compared (so it changes as --steps may)
+
+
+
+def resume_may_change(cfg: TrainConfig, saved: dict | None = None) -> tuple[str, ...]:
+    """RESUME_MAY_CHANGE, --steps under a constant schedule, and --batch-size / --grad-accum when their product
+    is the checkpoint's: a step then takes the same records (BatchPlan: the step's slice of the order, cut into
+    other micro-batches), and its loss is Σ over the step's targets / their count whatever the cut (`accumulate`).
+    Only the rounding of the sums changes, and with --dropout the masks drawn (one draw per micro-batch)."""
+    extra = ("steps",) if cfg.schedule == "constant" and cfg.warmup_ratio == 0 else ()
+    if saved is not None and saved.get("batch_size", 0) * saved.get("grad_accum", 0) == cfg.batch_size * cfg.grad_accum:
+        extra += ("batch_size", "grad_accum")
+    return RESUME_MAY_CHANGE + extra
+
+
+
+def check_resumed_settings(cfg: TrainConfig, saved: dict | None, checkpoint: Path,
+                           models_fingerprinted: bool = True) -> None:
+    """A ConfigError naming every training setting that differs from the checkpoint's run: resuming with another
+    learning rate, rank, method or data would mix two runs (and a restored optimizer or scheduler keeps the old
+    values), so only the RESUME_MAY_CHANGE settings may differ. models_fingerprinted: False for a checkpoint
+    written before they kept the models' fingerprints (ckpt.check_resumed_models): --model/--teacher then compare
+    as the paths given, the only check there is."""
+    if saved is None:  # written before checkpoints kept their settings
+        return
+    # a setting added since the checkpoint was written had its default then; spellings of one setting compare equal
+    raw_saved, raw_now = {**to_yaml_dict(TrainConfig()), **saved}, to_yaml_dict(cfg)
+    saved, now = ckpt.comparable_settings(raw_saved), ckpt.comparable_settings(raw_now)
+    if not models_fingerprinted:
+        for name in ("model", "teacher"):
+            saved[name], now[name] = raw_saved[name], raw_now[name]
+    may_change = resume_may_change(cfg, saved)
+    changed = [f"--{k.replace('_', '-')} {saved[k]!r} -> {now[k]!r}" for k in now
+               if k not in may_change and saved[k] != now[k]]
+    if changed:
+        raise ConfigError(f"--resume: {checkpoint} was written with other settings ({'; '.join(changed)}); resume "
+                          "with the run's own settings (its config.yaml: fastft train --config ... --resume; --steps "
+                          "may change under --schedule constant --warmup-ratio 0, --batch-size and --grad-accum when "
+                          "their product stays), or start a new run in another --output-dir")
+
+
+
+def check_resumed_data(fingerprint: dict, saved: dict | None, checkpoint: Path) -> None:
+    """A ConfigError when --data or --eval-data changed (size or sha256) since the checkpoint was written: the
+    same path with other contents would resume another run's data."""
+    if saved is None:  # written before checkpoints kept the data's fingerprint
+        return
+    for name, now in fingerprint.items():
+        before = saved.get(name)
+        if before is not None and now is not None and before != now:
+            size = "" if before["size"] == now["size"] else f" ({before['size']} -> {now['size']} bytes)"
+            raise ConfigError(f"--resume: --{name.replace('_', '-')} changed since {checkpoint} was written{size}, "
+                              "its sha256 differs; resume with the data the run started with, or start a new run "
+                              "in another --output-dir")
+
+
+
+def check_resumed_step(cfg: TrainConfig, step: int, checkpoint: Path) -> None:
+    if cfg.steps < step:  # the run would log "step 8 of 4" and train nothing
+        raise ConfigError(f"--resume: {checkpoint} is at step {step}, past --steps {cfg.steps}; resume with --steps "
+                          f"{step} or more, or start a new run in another --output-dir")

@@ -1,0 +1,208 @@
+"""What a `fastft train` run is built from: the processes (accelerate), the models and tokenizers, the method
+applied to the model (with did-you-mean errors for module names), `fastft.patch_model`, FSDP2 sharding, and the
+notes a run logs about settings it overrides."""
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+from fastft.apps.training.config import ConfigError, TrainConfig, flag, resolved_mixed_precision, weights_dtype
+from fastft.apps.training.objectives import ObjectiveModel
+from fastft.integration.module_names import name_hint, names_module
+
+
+def precision_notes(cfg: TrainConfig, device: torch.device) -> list[str]:
+    """A line when the weights AdamW updates are bf16 (full fine-tuning asked for --dtype bf16)."""
+    if cfg.method == "full" and weights_dtype(cfg, device) == torch.bfloat16:
+        return ["--method full with --dtype bf16: AdamW updates the bf16 weights in place with no fp32 copy, so an "
+                "update below half a bf16 step is lost (at lr 1e-5 most weights near 1.0 never move); --dtype auto "
+                "(fp32 weights under bf16 autocast) keeps every update, at twice the weights' memory"]
+    return []
+
+
+
+def method_options(cfg: TrainConfig):
+    from fastft.integration.methods import MethodOptions
+
+    return MethodOptions(rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, rslora=cfg.rslora,
+                         target_modules=tuple(cfg.target_modules), num_virtual_tokens=cfg.num_virtual_tokens,
+                         ia3_target_modules=tuple(cfg.ia3_target_modules),
+                         ia3_feedforward_modules=tuple(cfg.ia3_feedforward_modules),
+                         adapter_size=cfg.adapter_size, adapter_placement=cfg.adapter_placement,
+                         adapter_activation=cfg.adapter_activation,
+                         adapter_attn_output_modules=tuple(cfg.adapter_attn_output_modules),
+                         adapter_mlp_output_modules=tuple(cfg.adapter_mlp_output_modules))
+
+
+
+# the flags naming modules, per method (adapter's attention flag: houlsby only)
+_MODULE_FLAGS = {"lora": ("target_modules",), "qlora": ("target_modules",), "dora": ("target_modules",),
+                 "ia3": ("ia3_target_modules", "ia3_feedforward_modules"),
+                 "adapter": ("adapter_attn_output_modules", "adapter_mlp_output_modules")}
+
+
+
+def _unmatched(cfg: TrainConfig, names: list[str]):
+    """(flag field, entry) for each module name of the method's flags that matches none of `names` (peft's list
+    rule: the whole name or a dotted suffix of one)."""
+    flags = _MODULE_FLAGS.get(cfg.method, ())
+    if cfg.method == "adapter" and cfg.adapter_placement != "houlsby":
+        flags = flags[1:]
+    for field in flags:
+        for entry in getattr(cfg, field):
+            if not any(names_module(entry, n) for n in names):
+                yield field, entry
+
+
+
+def apply_method_or_config_error(model, cfg: TrainConfig, log=None):
+    """`apply_method` with the method's options; a module name that matches nothing (a typo, found only once the
+    model is loaded) is a ConfigError naming its flag with a did-you-mean, not a traceback. When other names
+    matched, peft trains those: a name the user gave (not the default list) that matched nothing is logged."""
+    from fastft.integration.methods import apply_method
+    from fastft.integration.lora_config import UnmatchedTargetWarning
+
+    names = [name for name, _ in model.named_modules() if name]  # before apply_method changes the model
+    kind = type(model).__name__
+    try:
+        with warnings.catch_warnings():  # said below as a note, for the names the user gave
+            warnings.simplefilter("ignore", UnmatchedTargetWarning)
+            adapted = apply_method(model, cfg.method, method_options(cfg))
+    except ValueError as e:  # peft's NoMatchingPeftModuleError is one too
+        for field, entry in _unmatched(cfg, names):
+            raise ConfigError(f"{flag(field)} {entry}: matches no module of {kind} (module names or dotted suffixes "
+                              f"of them); {name_hint(entry, names)}") from e
+        raise
+    if log is not None and cfg.method in ("lora", "qlora", "dora", "ia3"):  # adapters' entries may be regexes
+        defaults = TrainConfig.__dataclass_fields__
+        for field, entry in _unmatched(cfg, names):
+            if tuple(getattr(cfg, field)) != tuple(defaults[field].default):
+                log(f"note: {flag(field)} {entry}: matches no module of {kind}, so it gets nothing (the other names "
+                    f"did); {name_hint(entry, names)}")
+    return adapted
+
+
+
+def maybe_patch(model, cfg: TrainConfig, device, log) -> bool:
+    """--patch-model: fastft.patch_model on the model `apply_method` returned. auto patches on a GPU when the
+    architecture is supported (otherwise one line says why not and training goes on unpatched); on patches
+    or stops with a ConfigError; off leaves the model alone. Returns whether it patched."""
+    import fastft
+
+    if cfg.patch_model == "off":
+        return False
+    if cfg.patch_model == "auto" and device.type != "cuda":
+        log(f"not patched: --patch-model auto patches on a GPU only (device {device.type}; --patch-model on "
+            "patches anyway)")
+        return False
+    try:
+        fastft.patch_model(model)
+    except ValueError as e:
+        if cfg.patch_model == "on":
+            raise ConfigError(f"--patch-model on: {e}") from None
+        log(f"not patched: {e}; training goes on unpatched (--patch-model off silences this)")
+        return False
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    summary = (getattr(base, "_fastft_patch", None) or model._fastft_patch).summary  # bottleneck wrapper: on it
+    log(f"patched by fastft.patch_model: {summary['model_type']}: {summary['rms_norm']} RMSNorm, "
+        f"{summary['glu_mlp']} GLU MLP, {summary['rope_attention']} RoPE attention, attention "
+        f"{summary['attention']}")
+    return True
+
+
+
+def make_accelerator(cfg: TrainConfig):
+    """accelerate sets up the processes (torchrun / `accelerate launch`); --distributed fsdp asks for FSDP2.
+
+    accelerate runs FSDP only on accelerators (on the CPU it picks plain multi-CPU data parallelism), so on a
+    machine without a GPU `--distributed fsdp` applies torch's `fully_shard` itself (`shard_model`), which is
+    what accelerate's FSDP2 plugin does on a GPU: every decoder layer, then the root."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()  # a second run in one process may change the precision; keeps process groups
+    kwargs = {"cpu": not torch.cuda.is_available(),  # cpu=True: gloo for torchrun on machines without a GPU
+              # "no" too: None would let accelerate read ACCELERATE_MIXED_PRECISION (`accelerate launch`)
+              "mixed_precision": resolved_mixed_precision(cfg),
+              "dynamo_plugin": dynamo_plugin(cfg)}
+    if cfg.distributed == "fsdp" and torch.cuda.is_available():
+        from accelerate import FullyShardedDataParallelPlugin
+
+        kwargs["fsdp_plugin"] = FullyShardedDataParallelPlugin(
+            fsdp_version=2, auto_wrap_policy="transformer_based_wrap", reshard_after_forward=True,
+            state_dict_type="FULL_STATE_DICT", cpu_ram_efficient_loading=False)
+    accelerator = Accelerator(**kwargs)
+    if cfg.distributed == "none" and accelerator.num_processes > 1:
+        raise ConfigError(f"--distributed none, but {accelerator.num_processes} processes were launched")
+    return accelerator
+
+
+
+def launcher_notes(cfg: TrainConfig) -> list[str]:
+    """One line per `accelerate launch` setting (its environment variables) that fastft train's flags override."""
+    notes = []
+    backend = os.environ.get("ACCELERATE_DYNAMO_BACKEND", "no").lower()
+    if cfg.compile == "off" and backend not in ("no", ""):
+        notes.append(f"not compiled: accelerate's dynamo backend {backend} (ACCELERATE_DYNAMO_BACKEND, set by "
+                     "`accelerate launch`) is not used; fastft train compiles with --compile MODE [--compile-backend "
+                     "NAME]")
+    precision, ours = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower(), resolved_mixed_precision(cfg)
+    if precision not in ("no", "", ours):  # "no": the launcher's default, not a request
+        notes.append(f"mixed precision: --mixed-precision {ours}, not accelerate's {precision} "
+                     "(ACCELERATE_MIXED_PRECISION, set by `accelerate launch`); fastft train autocasts with "
+                     "--mixed-precision")
+    return notes
+
+
+
+def dynamo_plugin(cfg: TrainConfig):
+    """--compile as accelerate's TorchDynamoPlugin: `prepare` then torch.compiles the wrapped model (after DDP /
+    FSDP2 wrapping, as torch recommends). Always given, so that `accelerate launch --dynamo_backend ...` (an
+    environment variable) cannot compile a run whose --compile is off: the setting recorded is the one that ran."""
+    from accelerate.utils import TorchDynamoPlugin
+
+    if cfg.compile == "off":
+        return TorchDynamoPlugin(backend="no")
+    return TorchDynamoPlugin(backend=cfg.compile_backend, mode=cfg.compile, fullgraph=False,
+                             use_regional_compilation=False)
+
+
+
+def shard_model(objective: ObjectiveModel, cfg: TrainConfig, accelerator) -> bool:
+    """FSDP2 without accelerate's plugin: `fastft.shard_model` (fully_shard each decoder layer, then the root;
+    NF4 weights shard their packed bytes). Returns whether it sharded (then accelerate must not wrap the model
+    in DDP as well). Used on CPU/gloo, where accelerate runs no FSDP, and for QLoRA everywhere (accelerate's
+    plugin knows nothing of NF4 storage). For DDP, the frozen NF4 weights are left out of DDP's broadcast."""
+    from fastft.integration.nf4_model import ignore_nf4_in_ddp, shard_model as shard
+
+    if cfg.distributed != "fsdp" or accelerator.num_processes == 1:
+        if cfg.method == "qlora" and accelerator.num_processes > 1:
+            ignore_nf4_in_ddp(objective)
+        return False
+    if torch.cuda.is_available() and cfg.method != "qlora":
+        return False  # accelerate's FSDP2 plugin shards it in prepare
+    shard(objective, layer_classes=set(objective._no_split_modules or ()) or None)
+    return True
+
+
+
+def load_models(cfg: TrainConfig, device, accelerator):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fastft.apps.models import resolve_model_path
+
+    if cfg.attn_implementation == "fastft":
+        import fastft.integration.attention  # noqa: F401 - registers attn_implementation="fastft"
+
+    def load(name):
+        path = resolve_model_path(name)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        return path, tokenizer
+
+    path, tokenizer = load(cfg.model)
+    return path, tokenizer, (lambda p, dtype: AutoModelForCausalLM.from_pretrained(
+        p, dtype=dtype, attn_implementation=cfg.attn_implementation)), load
