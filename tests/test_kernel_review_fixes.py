@@ -254,3 +254,24 @@ def test_auto_sends_fp64_to_torch(auto_as_on_cuda, name):
     assert out.dtype == torch.float64
     assert ((out - ref).abs().max() / ref.abs().max()).item() < 1e-13  # fp64 accuracy, not the kernels' fp32
     assert shared.resolve_backend(name, "auto", torch.device("cuda", 0), dtype=torch.float32) == "triton"
+
+
+# ----------------------------------------------------------------------------------------------- IA3 fp16, tiny l
+@pytest.mark.parametrize("feedforward", [False, True])
+def test_ia3_fp16_small_vector_entries_get_their_gradient(feedforward):
+    """The fused path recovers dl as Σ dy⊙y / l (or Σ x⊙dx / l): in fp16, y (dx) of an entry |l| = 1e-6 is
+    subnormal and dl came out 3% off (3e-8: 2×). fp16 now runs the torch path on every backend; dl matches fp64."""
+    torch.manual_seed(0)
+    M, K, N = 9, 37, 20
+    x, W, b = torch.randn(M, K).half(), (0.2 * torch.randn(N, K)).half(), torch.randn(N).half()
+    dy = torch.randn(M, N).half()
+    l = torch.ones(*((1, K) if feedforward else (N, 1)), dtype=torch.float16)
+    l.view(-1)[3] = 3e-8
+    l64 = l.double().requires_grad_()
+    xs = x.double() * l64.view(-1) if feedforward else x.double()
+    y64 = F.linear(xs, W.double(), b.double()) * (1 if feedforward else l64.view(-1))
+    (want,) = torch.autograd.grad(y64, l64, dy.double())
+    for backend in BACKENDS:
+        leaf = l.clone().requires_grad_()
+        (got,) = torch.autograd.grad(ia3_linear(x, W, b, leaf, feedforward=feedforward, backend=backend), leaf, dy)
+        assert got.view(-1)[3].double().item() == pytest.approx(want.view(-1)[3].item(), rel=2e-3), backend

@@ -8,7 +8,9 @@ on the A-operand loads; no separate elementwise pass over x or y. Backward:
     output scale: dx = (dy ⊙ l)·W  (K-scale on dy's loads),  dl = Σ_tokens dy ⊙ y / l
     input scale:  dx = (dy·W) ⊙ l  (column-scale epilogue),  dl = Σ_tokens x ⊙ dx / l
 with the Σ_tokens a split-M column reduction (fastft.kernels.column_dot). A vector entry exactly 0 gets
-gradient 0 on the fused path (its column carries nothing to divide); peft initialises l = 1.
+gradient 0 on the fused path (its column carries nothing to divide); peft initialises l = 1. fp16 runs the torch
+path: there y (or dx) of an entry |l| ≲ 1e-4 is subnormal, and dividing its few digits by l gave dl 3% off at
+|l| = 1e-6 and 2× at 3e-8 (bf16 and fp32 keep full precision down to |l| ~ 1e-38).
 CPU and backend="torch": `ia3_linear_reference`, the same math in torch.
 """
 from __future__ import annotations
@@ -150,7 +152,7 @@ ia3_linear_op.register_autograd(_backward_op, setup_context=_setup_context)
 def ia3_linear(x, weight, bias, ia3_l, *, feedforward: bool, backend="auto"):
     """peft's IA3 linear: feedforward → y = (x⊙l)·Wᵀ + b with l of shape (1, K); else y = (x·Wᵀ + b)⊙l with l of
     shape (N, 1) (peft's parameter shapes; any shape with K or N elements is accepted). W frozen (a W that
-    requires grad gets it, on the torch path).
+    requires grad gets it, on the torch path). fp16 x runs the torch path (the module docstring says why).
     backend: "auto" (Triton on CUDA, torch elsewhere), "triton" or "torch"."""
     check_backend("ia3_linear", backend)
     x, weight = autocast_inputs(x, weight)
@@ -178,9 +180,10 @@ def ia3_linear(x, weight, bias, ia3_l, *, feedforward: bool, backend="auto"):
         devices = {t.device for t in (x, weight, ia3_l, bias) if t is not None}
         raise ValueError(f"ia3_linear: all tensors must be on one device, got {sorted(map(str, devices))}")
     backend = resolve_backend("ia3_linear", backend, x.device, arg="x", dtype=x.dtype)
-    # the fused path gives W no gradient: a trainable W (a partly unfrozen base) takes the torch path
-    # an empty y (no tokens, or out_features 0): nothing for the kernels to do
-    if backend == "torch" or x.numel() == 0 or N == 0 or (weight.requires_grad and torch.is_grad_enabled()):
+    # the fused path gives W no gradient: a trainable W (a partly unfrozen base) takes the torch path; so does fp16
+    # (dl from subnormal values: the module docstring); an empty y (no tokens, or out_features 0): nothing to do
+    if backend == "torch" or x.numel() == 0 or N == 0 or x.dtype == torch.float16 \
+            or (weight.requires_grad and torch.is_grad_enabled()):
         return ia3_linear_reference(x, weight, bias, ia3_l, feedforward)
     with autocast_off(x.device.type):
         if compiling():
