@@ -590,6 +590,12 @@ def test_bad_kl_and_dpo_input():
     with pytest.raises(ValueError, match=r"policy_chosen_hidden` must be \(B, S, H\), got shape \(2, 8\)"):
         linear_dpo_loss(hc[:, 0], hc[:, 0], w, lab[:, 0], lab[:, 0], ref_chosen_logps=torch.zeros(2),
                         ref_rejected_logps=torch.zeros(2))
+    zeros = dict(ref_chosen_logps=torch.zeros(2), ref_rejected_logps=torch.zeros(2))
+    for name, bad in (("chosen_labels", 0), ("rejected_labels", 1)):  # each named, not the concatenated `labels`
+        labels = [lab.clone(), lab.clone()]
+        labels[bad][1, 2] = 13
+        with pytest.raises(ValueError, match=f"`{name}` holds 13, outside \\[0, 13\\)"):
+            linear_dpo_loss(hc, hc, w, *labels, **zeros)
 
 
 def test_backward_twice_is_refused():

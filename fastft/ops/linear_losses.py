@@ -311,6 +311,10 @@ def linear_dpo_loss(policy_chosen_hidden, policy_rejected_hidden, weight, chosen
         _check_tensor(op, name, lab, floating=False)
         check(tuple(lab.shape) == tuple(h.shape[:-1]),
                lambda: f"{op}: `{name}` has shape {tuple(lab.shape)} but its hidden states need {tuple(h.shape[:-1])}")
+        # named here (the pass below sees them concatenated, and checks the rest of the arguments)
+        if weight.dim() == 2 and isinstance(ignore_index, numbers.Integral) and not compiling() \
+                and not capturing(lab.device):
+            check_label_range(op, lab.reshape(-1), weight.shape[0], int(ignore_index), name)
     rows = torch.cat([policy_chosen_hidden.flatten(0, 1), policy_rejected_hidden.flatten(0, 1)])
     labels = torch.cat([chosen_labels.reshape(-1), rejected_labels.reshape(-1)])
     token_losses = _head_cross_entropy(op, rows, HeadArgs(weight=weight, bias=bias), labels,

@@ -81,12 +81,12 @@ def input_grads(head_grads, n_nf4: int, n_nf4_ints: int, n_inputs: int) -> tuple
     return tuple(grads)
 
 
-def check_label_range(op: str, labels2: torch.Tensor, vocab: int, ignore_index: int) -> None:
+def check_label_range(op: str, labels2: torch.Tensor, vocab: int, ignore_index: int, name: str = "labels") -> None:
     """A label outside [0, vocab) (and not ignore_index) would read out of bounds: one host sync to refuse it."""
     bad = (labels2 != ignore_index) & ((labels2 < 0) | (labels2 >= vocab))
     if labels2.numel() and bool(bad.any()):
         first = labels2[bad][0].item()
-        raise ValueError(f"{op}: `labels` holds {first}, outside [0, {vocab}) and not ignore_index={ignore_index}")
+        raise ValueError(f"{op}: `{name}` holds {first}, outside [0, {vocab}) and not ignore_index={ignore_index}")
 
 
 def nf4_block_rows(hidden: torch.Tensor) -> int:
