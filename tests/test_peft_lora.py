@@ -259,3 +259,28 @@ def test_bad_backend_variable(monkeypatch):
     model = fastft.get_peft_model(tiny_llama(), LoraConfig(target_modules=["q_proj"]))
     with pytest.raises(ValueError, match="FASTFT_LORA_BACKEND must be one of"):
         model(IDS)
+
+
+@pytest.mark.parametrize("targets", [["lm_head", "q_proj"], ["embed_tokens", "v_proj"]])
+@pytest.mark.parametrize("merge", ["fastft", "peft's method", "merge_adapter"])
+def test_merging_into_tied_embeddings_keeps_the_outputs(targets, merge, tmp_path):
+    """With tied embeddings, peft merged lm_head's ΔW into the weight the embeddings share (logits ~100% off); the
+    adapted layer now gets its own copy first, and the merged model saves and loads untied."""
+    from transformers import AutoModelForCausalLM
+
+    ours = fastft.get_peft_model(tiny_llama(tie_word_embeddings=True), LoraConfig(r=4, target_modules=targets))
+    randomize_lora_B(ours)
+    for module in ours.modules():  # embeddings' LoRA: B is lora_embedding_B
+        if hasattr(module, "lora_embedding_B") and "default" in module.lora_embedding_B:
+            nn.init.normal_(module.lora_embedding_B["default"], std=0.1)
+    expected = _logits(ours)
+    with pytest.warns(UserWarning, match="shared its weight with another module"):
+        if merge == "merge_adapter":
+            ours.merge_adapter()
+            merged = ours
+        else:
+            merged = fastft.merge_and_unload(ours) if merge == "fastft" else ours.merge_and_unload()
+    assert torch.allclose(_logits(merged), expected, atol=1e-5)
+    if merge != "merge_adapter":
+        merged.save_pretrained(tmp_path)
+        assert torch.allclose(_logits(AutoModelForCausalLM.from_pretrained(tmp_path).eval()), expected, atol=1e-5)

@@ -17,6 +17,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from fastft.integration.adapter_files import WEIGHTS_NAMES
+from fastft.integration.tied_weights import untie_adapted_weights
 
 _ADAPTER_CALL: ContextVar = ContextVar("fastft_adapter_call", default=None)
 
@@ -60,7 +61,8 @@ def _accepted(method, options: dict) -> dict:
 class FastftAdapterMethods:
     """Mixed into the class of every PeftModel fastft returns (route_adapter_methods): peft's spelling
     `model.add_adapter(name, config)` / `model.load_adapter(path, name)` works as fastft.add_adapter /
-    fastft.load_adapter do. Signatures and return values are peft's."""
+    fastft.load_adapter do; merge_and_unload / merge_adapter first give a layer whose weight is tied to another
+    module's its own copy (fastft.integration.tied_weights). Signatures and return values are peft's."""
 
     def add_adapter(self, adapter_name, peft_config, *args, **kwargs):
         call = _ADAPTER_CALL.get()
@@ -90,6 +92,15 @@ class FastftAdapterMethods:
         with adapter_call(**options) as call:
             load_adapter(self, _adapter_folder(model_id, hub), adapter_name, is_trainable=is_trainable)
         return call.load_result
+
+    # PeftModel forwards these to its tuner (__getattr__); peft would merge lm_head's ΔW into the embeddings too
+    def merge_and_unload(self, *args, **kwargs):
+        untie_adapted_weights(self)
+        return self.base_model.merge_and_unload(*args, **kwargs)
+
+    def merge_adapter(self, *args, **kwargs):
+        untie_adapted_weights(self)
+        return self.base_model.merge_adapter(*args, **kwargs)
 
     def __reduce_ex__(self, protocol):
         # pickled and deep-copied as the plain peft class, routed again when rebuilt: the routed class is made at run

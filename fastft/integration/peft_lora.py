@@ -29,6 +29,7 @@ from fastft.integration.checkpointing import drop_input_grad_hooks_if_unneeded
 from fastft.integration.lora_config import check_loadable, validate_lora_config, with_quantized_targets
 from fastft.integration.methods.prompt import whole_prompt_encoders
 from fastft.integration.sharded_state import gathered_adapter_state, is_sharded, write_on_rank0
+from fastft.integration.tied_weights import untie_adapted_weights
 from fastft.modules.lora import FusedLoraLinear
 from fastft.modules.qlora import FusedQLoraLinear, NF4RoundingWarning
 
@@ -182,6 +183,7 @@ def merge_and_unload(model: PeftModel, *, requantize: bool = False, dtype=None, 
             dtype = dtype or (compute_dtype(model) if layers else None)
             for module in layers:
                 module.to_dense(dtype)
+        untie_adapted_weights(model)
         return model.merge_and_unload(progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names)
 
 
