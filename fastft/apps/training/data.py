@@ -161,7 +161,9 @@ class Encoder:
 
     def completion(self, record: dict) -> Example:
         """TRL's prompt-completion form: the prompt (a plain-text document's start, untrained) then the completion
-        with end of sequence (trained), tokenized whole as TRL does (_prompt_and_answer). Too long, it keeps the
+        with end of sequence (trained), tokenized whole as TRL does, except that a token across the answer's start
+        (a prompt ending "nu", a completion starting "rho") is split there where the tokenizer can, so that the
+        answer's first token is its own (_prompt_and_answer; TRL trains "ur" whole). Too long, it keeps the
         max_length tokens that end with the completion (the prompt is cut from its left), as a chat keeps its last
         answer."""
         prompt, answer = self._prompt_and_answer(record["prompt"], record["completion"])
