@@ -174,3 +174,16 @@ def test_settings_the_run_does_not_read_are_named():
     for name in ("--dropout", "--num-virtual-tokens (read by --method prefix/prompt)", "--dpo-beta (read by "
                  "--objective dpo)", "--temperature (read by --objective distill)", "--task (built-in data"):
         assert name in note
+
+
+def test_dropout_defaults_to_0_under_dpo_as_trl():
+    """TRL's DPOTrainer disables dropout: the policy's log-probs differ from the reference's by the adapters alone.
+    Unset, --dropout is 0.05 (0 under dpo); a value given is kept; an ia3 run gets no note for the unset default."""
+    from fastft.apps.training.config import unused_settings, validate
+
+    assert validate(TrainConfig()).dropout == 0.05
+    assert validate(TrainConfig(objective="dpo", task="mr")).dropout == 0.0
+    assert validate(TrainConfig(objective="dpo", task="mr", dropout=0.1)).dropout == 0.1
+    for objective in ("sft", "dpo"):
+        assert unused_settings(validate(TrainConfig(method="ia3", objective=objective, task="mr"))) is None
+    assert "--dropout" in unused_settings(validate(TrainConfig(method="ia3", dropout=0.2)))

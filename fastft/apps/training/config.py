@@ -57,7 +57,7 @@ class TrainConfig:
     quantize: str | None = None  # "nf4": alias of --method qlora
     rank: int = 16
     alpha: float = 32.0
-    dropout: float = 0.05
+    dropout: float | None = None  # None: 0.05, or 0 under --objective dpo (resolved_dropout)
     rslora: bool = False
     target_modules: tuple[str, ...] = ALL_LINEAR
     num_virtual_tokens: int = 32
@@ -125,7 +125,9 @@ _HELP = {
     "quantize": "alias of --method qlora (QLoRA on NF4 base weights; lm_head stays dense)",
     "rank": "lora/qlora/dora: adapter rank",
     "alpha": "lora/qlora/dora: scale alpha/rank",
-    "dropout": "lora/qlora/dora: dropout on the adapter input, in [0, 1)",
+    "dropout": "lora/qlora/dora: dropout on the adapter input, in [0, 1); unset (None): 0.05, or 0 under --objective "
+               "dpo (as TRL's DPO disables dropout: the policy's log-probs then compare with the reference's "
+               "unperturbed)",
     "rslora": "lora/qlora/dora: scale by alpha/sqrt(rank) instead of alpha/rank",
     "target_modules": "lora/qlora/dora: module names that get adapters",
     "num_virtual_tokens": "prefix/prompt: number of virtual tokens",
@@ -386,8 +388,9 @@ _READ_BY = {
 def unused_settings(cfg: TrainConfig) -> str | None:
     """A one-line note naming the settings changed from their defaults that this run does not read, or None."""
     default = TrainConfig()
+    default = dataclasses.replace(default, dropout=resolved_dropout(dataclasses.replace(cfg, dropout=None)))
     unused = [f"{flag(name)} (read by --{kind} {'/'.join(users)})" for name, (kind, users) in _READ_BY.items()
-              if getattr(cfg, kind) not in users and getattr(cfg, name) != getattr(default, name)]
+              if getattr(cfg, kind) not in users and getattr(cfg, name) not in (None, getattr(default, name))]
     if cfg.data is not None and cfg.task != default.task:
         unused.append("--task (built-in data: --data replaces it)")
     if not unused:
@@ -430,6 +433,14 @@ def teacher_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
     return weights_dtype(cfg, device)
 
 
+def resolved_dropout(cfg: TrainConfig) -> float:
+    """--dropout as given, else 0.05, or 0 for dpo: TRL's DPOTrainer disables dropout (disable_dropout=True), so
+    the policy's log-probs and the reference's differ by the adapters alone, not by a random mask."""
+    if cfg.dropout is not None:
+        return cfg.dropout
+    return 0.0 if cfg.objective == "dpo" else 0.05
+
+
 def resolved_mixed_precision(cfg: TrainConfig) -> str:
     """--mixed-precision auto: bf16 for full fine-tuning on a GPU with --dtype auto, whose weights are then fp32
     (weights_dtype), else no. An adapter method's trainable weights are fp32 whatever the base's dtype."""
@@ -455,6 +466,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     need(cfg.max_length >= 8, f"--max-length must be at least 8, got {cfg.max_length}")
     need(0 <= cfg.seed < 2**32, f"--seed must be in [0, 2**32 - 1] (numpy's and accelerate's range), got {cfg.seed}")
     need(cfg.lr > 0 and cfg.lr == cfg.lr and cfg.lr != float("inf"), f"--lr must be a positive number, got {cfg.lr}")
+    cfg = dataclasses.replace(cfg, dropout=resolved_dropout(cfg))
     need(0.0 <= cfg.dropout < 1.0, f"--dropout must be a probability in [0, 1), got {cfg.dropout}")
     need(0.0 <= cfg.warmup_ratio <= 1.0, f"--warmup-ratio must be in [0, 1], got {cfg.warmup_ratio}")
     need(cfg.alpha > 0, f"--alpha must be positive, got {cfg.alpha}")
