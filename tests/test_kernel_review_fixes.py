@@ -7,6 +7,7 @@
 Small sizes: the Triton kernels run through the interpreter on CPU."""
 from __future__ import annotations
 
+import importlib
 import math
 
 import pytest
@@ -19,10 +20,14 @@ from fastft.ops import (dora_linear, dora_linear_reference, geglu, ia3_linear, i
                         linear_cross_entropy, linear_cross_entropy_reference, linear_kl_div, linear_kl_div_reference,
                         linear_sequence_logprobs, lora_linear, lora_linear_reference, qlora_linear, swiglu)
 from fastft.ops.bottleneck_adapter import bottleneck_adapter, bottleneck_adapter_reference
+from fastft.ops.rms_norm import rms_norm, rms_norm_reference
+from fastft.ops.rope import rope, rope_, rope_reference
 from fastft.quant import quantize_nf4
 from tests.utils import INTERPRET, assert_close, interpreter_only
 
 BACKENDS = ["torch"] + (["triton"] if INTERPRET else [])
+# the modules, not the functions fastft.ops exports under the same names
+rms_norm_module, rope_module = (importlib.import_module(f"fastft.ops.{name}") for name in ("rms_norm", "rope"))
 
 
 # ---------------------------------------------------------------------------------------------- fp16 large scaling
@@ -210,6 +215,8 @@ def _fp64_cases():
     A, B, m = torch.randn(4, 33, dtype=d), torch.randn(17, 4, dtype=d), torch.rand(17, dtype=d) + 0.5
     D, U = torch.randn(4, 33, dtype=d), torch.randn(33, 4, dtype=d)
     g, u = torch.randn(9, 33, dtype=d), torch.randn(9, 33, dtype=d)
+    q, angles = torch.randn(2, 3, 5, 8, dtype=d), torch.randn(2, 5, 8, dtype=d)
+    cos, sin = angles.cos(), angles.sin()
     return {
         "ia3_linear out": (lambda be: ia3_linear(x, W, None, m, feedforward=False, backend=be),
                            lambda: ia3_linear_reference(x, W, None, m, False), "`x`"),
@@ -220,6 +227,12 @@ def _fp64_cases():
         "bottleneck_adapter": (lambda be: bottleneck_adapter(x, D, None, U, None, "silu", backend=be),
                                lambda: bottleneck_adapter_reference(x, D, None, U, None, "silu"), "`h`"),
         "swiglu": (lambda be: swiglu(g, u, backend=be), lambda: F.silu(g) * u, "`gate`"),
+        # rms_norm and rope ran their fp32 kernels on fp64 inputs (fp64 out, fp32 accuracy)
+        "rms_norm": (lambda be: rms_norm(x, m.repeat(2)[:33], 1e-6, backend=be),
+                     lambda: rms_norm_reference(x, m.repeat(2)[:33], 1e-6), "`x`"),
+        "rope": (lambda be: rope(q, q, cos, sin, backend=be)[0], lambda: rope_reference(q, q, cos, sin)[0], "`q`"),
+        "rope_": (lambda be: rope_(q.clone(), q.clone(), cos, sin, backend=be)[0],
+                  lambda: rope_reference(q, q, cos, sin)[0], "`q`"),
         "geglu": (lambda be: geglu(g, u, backend=be), lambda: F.gelu(g, approximate="tanh") * u, "`gate`"),
         "lora_linear": (lambda be: lora_linear(x, W, None, A, B, 0.5, backend=be),
                         lambda: lora_linear_reference(x, W, None, A, B, 0.5), "`x`"),
@@ -241,7 +254,7 @@ def auto_as_on_cuda(monkeypatch):
     read), with Triton runnable (the interpreter runs what it picks)."""
     monkeypatch.setattr(shared, "triton_runs_on", lambda device: True)
     real = shared.resolve_backend
-    for module in (ia3_module, dora_module, bottleneck_module, glu_module, lora_module):
+    for module in (ia3_module, dora_module, bottleneck_module, glu_module, lora_module, rms_norm_module, rope_module):
         monkeypatch.setattr(module, "resolve_backend",
                             lambda op, backend, device, **kw: real(op, backend, torch.device("cuda", 0), **kw))
 

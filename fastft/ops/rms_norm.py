@@ -162,7 +162,7 @@ def rms_norm(x, weight, eps=1e-6, *, offset=0.0, residual=None, cast=None, backe
     """
     cast = cast if cast is not None else ("input" if offset == 0.0 else "fp32")
     validate_rms_norm_args(x, weight, eps, offset, residual, cast)
-    backend = resolve_backend("rms_norm", backend, x.device)
+    backend = resolve_backend("rms_norm", backend, x.device, arg="x", dtype=x.dtype)
     if backend == "torch" or x.numel() == 0:
         return rms_norm_reference(x, weight, eps, offset=offset, residual=residual, cast=cast)
     with autocast_off(x.device.type):

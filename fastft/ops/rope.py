@@ -208,7 +208,7 @@ def rope(q, k, cos=None, sin=None, *, position_ids=None, inv_freq=None, attentio
     """(q·cos + rotate_half(q)·sin, k·cos + rotate_half(k)·sin) as new tensors; see the module docstring."""
     cos, sin = _cos_sin(position_ids, cos, sin, inv_freq, attention_scaling, q, "rope")
     validate_rope_args(q, k, cos, sin, unsqueeze_dim)
-    backend = resolve_backend("rope", backend, q.device)
+    backend = resolve_backend("rope", backend, q.device, arg="q", dtype=q.dtype)
     if backend == "torch" or q.numel() == 0 or cos.requires_grad or sin.requires_grad:
         return rope_reference(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim)
     with autocast_off(q.device.type):
@@ -235,7 +235,7 @@ def rope_(q, k, cos=None, sin=None, *, position_ids=None, inv_freq=None, attenti
             check(torch._debug_has_internal_overlap(t) != 1,
                   lambda: f"rope_: `{name}` has elements that share memory (strides {t.stride()}, e.g. expanded), "
                           "which an in-place rotation cannot write; pass a contiguous copy, or use rope")
-    backend = resolve_backend("rope_", backend, q.device)
+    backend = resolve_backend("rope_", backend, q.device, arg="q", dtype=q.dtype)
     if backend == "torch" or q.numel() == 0 or cos.requires_grad or sin.requires_grad:
         q_new, k_new = rope_reference(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim)
         return q.copy_(q_new), k.copy_(k_new)
