@@ -171,5 +171,13 @@ def test_records_cut_by_max_length_are_counted(tiny_checkpoint, tmp_path, capsys
                  "--eval-examples", "4", "--max-length", "16", "--output-dir", str(out)]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["records_cut"] == {"cut": 18, "tokenized": 36}
-    assert "note: 18 of the 36 training records this run tokenized were longer than --max-length 16" in \
+    assert "note: 18 of the 36 training records the run tokenized were longer than --max-length 16" in \
         capsys.readouterr().out
+    # resumed: the whole run's records, not only those tokenized since (its checkpoint keeps the earlier part's)
+    args = ["train", "--model", str(tiny_checkpoint), "--data", str(data), "--batch-size", "4", "--eval-examples", "4",
+            "--max-length", "16", "--schedule", "constant", "--warmup-ratio", "0", "--save-every", "2",
+            "--output-dir", str(tmp_path / "resumed")]
+    assert main(args + ["--steps", "4"]) == 0
+    assert main(args + ["--steps", "9", "--resume"]) == 0
+    resumed = json.loads((tmp_path / "resumed" / "metrics.json").read_text())
+    assert resumed["resumed_from"] and resumed["records_cut"] == {"cut": 18, "tokenized": 36}

@@ -126,6 +126,18 @@ def evaluate(module: ObjectiveModel, records, make_batch, batch_size: int, accel
     return result
 
 
+def record_flags(make_batch: _Batches, count: int, earlier: torch.Tensor | None, accelerator) -> torch.Tensor:
+    """[cut by --max-length, tokenized] per training record (bool, 2 × count) over the whole run: this process's,
+    the other processes' (one all-reduce: a record two processes tokenized, as a later epoch's order may hand it to
+    the other, counts once) and, after --resume, those of the run before it (its checkpoint keeps them)."""
+    flags = torch.zeros(2, count, dtype=torch.int32)
+    flags[0, list(make_batch.cut)] = 1
+    flags[1, list(make_batch.cache)] = 1
+    if earlier is not None:
+        flags |= earlier.to(torch.int32)
+    return (accelerator.reduce(flags.to(accelerator.device), "sum") > 0).cpu()
+
+
 def objective_knobs(cfg: TrainConfig, teacher) -> dict:
     """ObjectiveModel's settings from the run's: every model a run evaluates uses the same ones."""
     return dict(teacher=teacher, dpo_beta=cfg.dpo_beta, kl_weight=cfg.kl_weight,
@@ -346,12 +358,14 @@ def _run(cfg: TrainConfig, accelerator, train_records, eval_records, description
     def trainer_state():
         return {"scheduler": schedule.state_dict(), "plan": plan.state_dict(), "history": history,
                 "config": ckpt.comparable_settings(to_yaml_dict(cfg)), "data": fingerprint, "models": models,
-                "scaler": ckpt.scaler_state(accelerator)}
+                "scaler": ckpt.scaler_state(accelerator),  # collective (every process saves at the same step):
+                "record_flags": record_flags(make_batch, len(train_records), earlier_flags, accelerator)}
 
     if world > 1:  # same initialisation everywhere (above), but each process its own dropout masks from here on
         torch.manual_seed(cfg.seed * 1_000_003 + rank)
-    start_step = 0
+    start_step, earlier_flags = 0, None
     if resume_from is not None:
+        earlier_flags = resumed.get("record_flags")  # None from a checkpoint written before they were kept
         checkpoints.load(resume_from, inner, torch_optimizer)
         schedule.load_state_dict(resumed["scheduler"])
         ckpt.restore_scaler(accelerator, resumed.get("scaler"))
@@ -434,12 +448,9 @@ def _run(cfg: TrainConfig, accelerator, train_records, eval_records, description
     bar.close()
     stop_unless_finite(cfg.steps, "saving")
     peak = peak_memory_gib(device)
-    flags = torch.zeros(2, len(train_records), dtype=torch.int32)  # [cut, tokenized] per record: a record two
-    flags[0, list(make_batch.cut)] = 1                                 # processes tokenized (a later epoch's order
-    flags[1, list(make_batch.cache)] = 1                               # hands it to the other) counts once
-    cut, seen = (int(n) for n in (accelerator.reduce(flags.to(device), "sum") > 0).sum(1))
+    cut, seen = (int(n) for n in record_flags(make_batch, len(train_records), earlier_flags, accelerator).sum(1))
     if cut:
-        log(f"note: {cut:,} of the {seen:,} training records this run tokenized were longer than --max-length "
+        log(f"note: {cut:,} of the {seen:,} training records the run tokenized were longer than --max-length "
             f"{cfg.max_length} and were cut (a chat or completion keeps the tokens that end with its last answer, "
             "a text record its start, a dpo answer its first --max-length/2); a larger --max-length keeps them whole")
 
