@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastft.apps.datasets import unique_texts
+from fastft.apps.provenance import KERNEL_ENV
 from fastft.apps.study import cell as cell_module
 from fastft.apps.study import models as models_module
 from fastft.apps.study import runner as runner_module
@@ -111,14 +112,18 @@ def test_best_state_is_a_cpu_copy():
 
 # --- 5: resume reruns cells of another device or code version; the report names the devices ---------------------
 
-def test_finished_cells_are_reused_only_with_the_same_provenance(tmp_path):
+def test_finished_cells_are_reused_only_with_the_same_provenance(tmp_path, monkeypatch):
     path = tmp_path / "c.json"
+    for name in KERNEL_ENV:  # the FASTFT_* variables that choose kernels are recorded only when set
+        monkeypatch.delenv(name, raising=False)
     here = runner_module.provenance(1234)
     assert set(here) == {"device_name", "threads", "fastft_version", "git_commit", "split_seed"}
+    monkeypatch.setenv("FASTFT_LORA_BACKEND", "triton")
+    assert runner_module.provenance(1234) == {**here, "kernel_env": {"FASTFT_LORA_BACKEND": "triton"}}
     write_json_atomic(path, {"status": "done", "settings": asdict(SETTINGS), "provenance": here})
     assert _finished(path, SETTINGS, here)["status"] == "done"
     for change in ({"device_name": "NVIDIA H200"}, {"threads": here["threads"] + 1}, {"fastft_version": "0.0.1"},
-                   {"git_commit": "0" * 40}, {"split_seed": 1}):
+                   {"git_commit": "0" * 40}, {"split_seed": 1}, {"kernel_env": {"FASTFT_LORA_BACKEND": "triton"}}):
         assert _finished(path, SETTINGS, {**here, **change}) is None
     write_json_atomic(path, {"status": "done", "settings": asdict(SETTINGS)})   # written before provenance
     assert _finished(path, SETTINGS, here) is None

@@ -9,6 +9,17 @@ import subprocess
 from pathlib import Path
 
 CODE = ("fastft", "csrc", "benchmarks")  # what decides a measurement (tests and docs do not)
+# environment variables that decide which kernels run, how they are tuned or what they check
+KERNEL_ENV = ("FASTFT_LORA_BACKEND", "FASTFT_LORA_PATH", "FASTFT_QLORA_PATH", "FASTFT_LOSS_CHUNK_MIB",
+              "FASTFT_AUTOTUNE", "FASTFT_DETERMINISTIC", "FASTFT_DEBUG", "TRITON_INTERPRET")
+
+
+def kernel_environment() -> dict[str, str]:
+    """The KERNEL_ENV variables that are set, with their values: a result measured under FASTFT_LORA_BACKEND=triton
+    is not one of the default backend's."""
+    import os
+
+    return {name: os.environ[name] for name in KERNEL_ENV if name in os.environ}
 
 
 @functools.cache

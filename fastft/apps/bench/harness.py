@@ -60,10 +60,12 @@ def _version(name: str) -> str | None:
 
 def environment() -> dict:
     """What a results file records about where it was measured: the card, the versions, the commit of fastft's
-    checkout (the version string does not change between commits) and torch's CPU threads."""
-    from fastft.apps.provenance import git_commit
+    checkout (the version string does not change between commits), the FASTFT_* variables that choose kernels
+    (provenance.KERNEL_ENV) and torch's CPU threads."""
+    from fastft.apps.provenance import git_commit, kernel_environment
 
     env = {"card": card_name(), "versions": versions(), "git_commit": git_commit(),
+           "kernel_env": kernel_environment(),
            "torch_threads": torch.get_num_threads(), "platform": platform.platform(), "cpu_count": os.cpu_count(),
            "argv": sys.argv}
     if torch.cuda.is_available():

@@ -50,6 +50,8 @@ def _env_differences(old_env: dict) -> list[str]:
     env = environment()
     out = [f"{name}: {old_env.get(name)!r} there, {env[name]!r} now" for name in ("card", "git_commit", "torch_threads")
            if old_env.get(name) != env[name]]
+    if old_env.get("kernel_env", {}) != env["kernel_env"]:  # a table written before they were recorded: none set
+        out.append(f"kernel environment {old_env.get('kernel_env', {})} there, {env['kernel_env']} now")
     old_versions = old_env.get("versions") or {}
     return out + [f"{name} {old_versions.get(name)} there, {v} now" for name, v in env["versions"].items()
                   if old_versions.get(name) != v]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from fastft.apps.provenance import git_commit
+from fastft.apps.provenance import git_commit, kernel_environment
 from fastft.apps.study.cell import CellSettings, CellSpec, default_device, device_name, run_cell
 from fastft.apps.study.models import MODEL_FAMILIES
 from fastft.apps.study.tasks import REGIMES, STUDY_TASKS, load_study_task, majority_baseline, tested_split
@@ -152,13 +152,15 @@ def _unavailable_result(spec: CellSpec, settings: CellSettings, reason: str) -> 
 def provenance(split_seed: int) -> dict:
     """What a cell's result depends on beyond its spec and settings: where, with how many CPU threads (tokens/s on
     a CPU) and by which code it ran, and the split of its task. A stored cell whose provenance differs is rerun on
-    resume, so one report never mixes cells measured under different --threads."""
+    resume, so one report never mixes cells measured under different --threads or FASTFT_* kernel choices."""
     import torch
 
     import fastft
 
-    return {"device_name": device_name(default_device()), "threads": torch.get_num_threads(),
-            "fastft_version": fastft.__version__, "git_commit": git_commit(), "split_seed": split_seed}
+    out = {"device_name": device_name(default_device()), "threads": torch.get_num_threads(),
+           "fastft_version": fastft.__version__, "git_commit": git_commit(), "split_seed": split_seed}
+    kernels = kernel_environment()
+    return {**out, "kernel_env": kernels} if kernels else out  # absent when none is set: older cells still match
 
 
 def write_json_atomic(path: Path, data) -> None:
