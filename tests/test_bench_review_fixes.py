@@ -204,12 +204,15 @@ def test_a_resume_stopped_before_its_first_row_keeps_the_measured_rows(tmp_path,
 @pytest.mark.parametrize("setting, named", [({"rank": 1}, "rank=1"), ({"alpha": 2.0}, "alpha=2.0"),
                                             ({"num_virtual_tokens": 8}, "num_virtual_tokens=8"),
                                             ({"patch_model": False}, "patch_model=False"),
+                                            ({"optimizer": "adamw-8bit"}, "optimizer=adamw-8bit"),
                                             ({"warmup": 0}, "--warmup 0")])
 def test_targets_are_checked_only_at_the_reference_settings(setting, named):
     rows = [dict(method="lora", peer="fastft", status="ok", tokens_per_s=95e3, peak_gib=14.0, step_ms=86.0)]
     config = dict(vars(BenchConfig(shape="llama-1b")), device="cuda", dtype_resolved="bf16")
     result = {"config": config, "environment": {"card": "NVIDIA H200"}, "rows": rows}
     assert check_targets(result)[0].endswith("**met**")
+    before = {k: v for k, v in config.items() if k != "optimizer"}  # a file written before --optimizer: AdamW
+    assert check_targets(dict(result, config=before))[0].endswith("**met**")
     first = check_targets(dict(result, config=config | setting))[0]
     assert first.startswith("- not checked") and named in first, first
 
