@@ -372,7 +372,10 @@ def _remove(tree: Path) -> None:
 def output_dir_problem(output_dir: str | os.PathLike, flag: str = "--output-dir") -> str | None:
     """Why `output_dir` cannot be made into a folder (one line naming `flag`), or None when it can: the path or
     the nearest of its parents that exists must be a folder we may write in (`fastft train`, `bench` and `study`
-    check it before any run, not when the first file is written)."""
+    check it before any run, not when the first file is written). An empty path (the current folder, which would
+    take the run's files among whatever is there) is refused too."""
+    if not str(output_dir).strip():
+        return f"{flag} is empty; give a folder to write to (a new one, or one of an earlier run)"
     for path in (Path(output_dir), *Path(output_dir).parents):
         if os.path.lexists(path):   # lexists: a dangling link is no folder either
             where = "" if path == Path(output_dir) else f" {path}"

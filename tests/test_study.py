@@ -146,6 +146,8 @@ def test_one_seed_threshold_is_three_points():
     (["study", "--methods", "bitfit"], "invalid choice: 'bitfit'"),
     (["study", "--quick", "--max-test", "0"], "--max-test must be at least 1"),
     (["study", "--threads", "0"], "--threads must be at least 1"),
+    (["study", "--output-dir", ""], "--output-dir is empty"),  # wrote into the current folder
+    (["train", "--output-dir", " "], "--output-dir is empty"),
 ])
 def test_bad_arguments(argv, message, capsys):
     from fastft.apps.cli import main
@@ -153,6 +155,14 @@ def test_bad_arguments(argv, message, capsys):
     with pytest.raises(SystemExit):
         main(argv)
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("order", [["lora=2e-3", "1e-3"], ["1e-3", "lora=2e-3"]])
+def test_a_methods_own_lr_wins_over_a_bare_one_in_either_order(order):
+    from fastft.apps.study.command import _parse_lr
+
+    rates = _parse_lr(order)
+    assert rates["lora"] == 2e-3 and all(rate == 1e-3 for method, rate in rates.items() if method != "lora")
 
 
 def test_quick_config_and_overrides():

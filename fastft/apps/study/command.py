@@ -19,17 +19,20 @@ def _lr_table() -> str:
 
 
 def _parse_lr(values: list[str]) -> dict:
-    """`--lr 1e-3` (every method) or `--lr lora=1e-3 full=5e-5`."""
-    rates = {}
+    """`--lr 1e-3` (every method) or `--lr lora=1e-3 full=5e-5`; a method's own rate wins over a bare one, in
+    whichever order they are given."""
+    every, named = {}, {}
     for v in values:
         name, _, rate = v.rpartition("=")
         try:
             value = float(rate)
         except ValueError:
             raise argparse.ArgumentTypeError(f"--lr: expected RATE or METHOD=RATE, got {v!r}") from None
-        for method in ([name] if name else METHODS):
-            rates[method] = value
-    return rates
+        if name:
+            named[name] = value
+        else:
+            every = dict.fromkeys(METHODS, value)
+    return {**every, **named}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
