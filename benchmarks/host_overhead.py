@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import sys
 import time
+from pathlib import Path
 
 if "TRITON_INTERPRET" not in os.environ:
     import torch as _torch
@@ -30,6 +30,8 @@ if "TRITON_INTERPRET" not in os.environ:
         os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
 
 import torch  # noqa: E402
+
+from fastft.apps.bench.harness import write_json  # noqa: E402
 
 
 @contextlib.contextmanager
@@ -304,6 +306,9 @@ def main(argv=None) -> int:
     parser.add_argument("--calls", type=int, default=200, help="calls per round")
     parser.add_argument("--rounds", type=int, default=7, help="rounds; the best is reported")
     args = parser.parse_args(argv)
+    for name in ("calls", "rounds"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
     ops = [op.strip() for op in args.ops.split(",") if op.strip()]
     unknown = [op for op in ops if op not in CASES]
     if unknown:
@@ -326,9 +331,8 @@ def main(argv=None) -> int:
             rows.append(row)
             print(f"{op:18s} " + "   ".join(f"{k.removesuffix('_us')} {v:.1f} µs" for k, v in row.items()
                                             if k.endswith("_us")))
-    if os.environ.get("OUT"):
-        with open(os.path.join(os.environ["OUT"], "host_overhead.json"), "w") as f:
-            json.dump(rows, f, indent=2)
+            if os.environ.get("OUT"):  # after each op, atomically: a run stopped part-way keeps the finished rows
+                write_json(Path(os.environ["OUT"], "host_overhead.json"), rows)
     return 0
 
 

@@ -5,6 +5,7 @@ import json
 import os
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,3 +42,14 @@ def test_script_reports_every_op(monkeypatch, tmp_path, capsys):
     assert [row["op"] for row in rows] == list(host_overhead.CASES)
     assert all(row["fastft_us"] > 0 and (row.get("floor_us") or row["peft_us"]) > 0 for row in rows)
     assert "lora" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flag", ["--calls", "--rounds"])
+def test_counts_below_one_are_refused(monkeypatch, capsys, flag):
+    """--calls 0 divided by zero, --calls -3 gave negative µs and --rounds 0 wrote Infinity into the JSON."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import host_overhead
+
+    with pytest.raises(SystemExit):
+        host_overhead.main([flag, "0"])
+    assert f"{flag} must be at least 1, got 0" in capsys.readouterr().err
