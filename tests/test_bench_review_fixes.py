@@ -179,6 +179,16 @@ def test_a_resume_under_other_code_or_threads_is_refused(tmp_path, monkeypatch, 
     assert named in err and "--fresh" in err and calls == [("lora", "fastft")]
 
 
+@pytest.mark.parametrize("fmt", ["json", "png"])
+def test_a_folder_named_like_a_results_file_is_a_one_line_error(tmp_path, monkeypatch, capsys, fmt):
+    """It gave IsADirectoryError tracebacks: at the first row's write (json) or while clearing old outputs (png)."""
+    calls = []
+    monkeypatch.setattr(methods_module, "run_one", _fake_run_one(calls))
+    (tmp_path / f"bench_methods.{fmt}").mkdir()
+    assert _bench(tmp_path) == 2 and not calls
+    assert f"bench_methods.{fmt} is a folder" in _one_line_error(capsys)
+
+
 def test_a_resume_stopped_before_its_first_row_keeps_the_measured_rows(tmp_path, monkeypatch):
     """Stopped while it imports the peers (before it writes anything), a resume leaves the table it read."""
     calls = []
@@ -231,6 +241,7 @@ def no_run(monkeypatch):
     (["--shape", "tiny", "--family", "lora"], ["--family", "bench kernels"]),
     (["--shape", "tiny", "--warmup", "0"], ["--warmup", "at least 1"]),
     (["--shape", "tiny", "--output-dir", ""], ["--output-dir", "empty"]),
+    (["--shape", "tiny", "--seed", str(2**64)], ["--seed must be in [0, 2**32 - 1]"]),
     (["kernels", "--output-dir", " "], ["--output-dir", "empty"]),
 ])
 def test_flags_that_do_not_apply_are_refused(capsys, no_run, argv, names):

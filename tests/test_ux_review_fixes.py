@@ -215,6 +215,19 @@ def test_bench_report_has_help_and_one_line_errors(tmp_path, capsys):
         assert info.value.code == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert err[-1].startswith(f"python -m fastft.apps.bench.report: error: {argv[0]}: "), err
+    # valid JSON of another shape, rows without their fields, an OUT_DIR that is a file: tracebacks before
+    stray, not_a_folder = tmp_path / "other.json", tmp_path / "file"
+    not_a_folder.write_text("")
+    base = {"config": {}, "environment": {}, "rows": [{}]}
+    for payload, out, said in (([1, 2], None, "not a fastft bench results file"),
+                               ({"rows": []}, None, "not a fastft bench results file"),
+                               (base, None, "not a fastft bench results file (KeyError"),
+                               ({**base, "rows": []}, not_a_folder, "exists and is not a folder")):
+        stray.write_text(json.dumps(payload))
+        with pytest.raises(SystemExit) as info:
+            report.main([str(stray)] + ([str(out)] if out else []))
+        assert info.value.code == 2
+        assert said in capsys.readouterr().err.strip().splitlines()[-1]
 
 
 # ---------------------------------------------------------------------------------- 7. --offload-activations' help

@@ -74,6 +74,8 @@ class BenchConfig:
         for name in ("seq_len", "batch_size", "steps", "rank", "num_virtual_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if not 0 <= self.seed < 2**32:  # torch.manual_seed overflowed in every row
+            raise ValueError(f"--seed must be in [0, 2**32 - 1] (numpy's and accelerate's range), got {self.seed}")
         bad = [f for f in self.formats if f not in ("json", "md", "png")]
         if bad or not self.formats:
             raise ValueError(f"--formats: unknown format {', '.join(map(repr, bad)) or '(none given)'}; expected some "

@@ -16,7 +16,7 @@ from fastft.apps.bench.harness import fmt, write_json
 from fastft.apps.bench.peers import IMPLEMENTATIONS
 from fastft.apps.bench.shapes import DESCRIPTIONS
 from fastft.apps.bench.targets import check_targets
-from fastft.files import atomic_write
+from fastft.files import atomic_write, output_dir_problem
 
 STEM = "bench_methods"
 COLORS = {"fastft": "tab:red", "peft": "tab:blue", "liger": "tab:green", "unsloth": "tab:purple"}
@@ -170,19 +170,25 @@ def plot_figure(result: dict):
                 else:   # no bar: say why under the axis
                     ax.text(x, 0, "n/a", ha="center", va="bottom", fontsize=7, rotation=90, color="gray")
             compiled = mode != "off"   # compiled runs: the implementation's colour, hatched
+            backend = next((r.get("compile_backend") for r in rows if r["peer"] == impl and _compile(r) == mode
+                            and r.get("compile_backend")), None)
             ax.bar(xs, ys, width=width, color=COLORS[impl], hatch="//" if compiled else None,
                    edgecolor="white" if compiled else None,
-                   label=f"{impl}, compiled ({mode})" if compiled else LEGEND[impl])
+                   label=(f"{impl}, compiled ({mode}" + (f", {backend})" if backend else ")")) if compiled
+                   else LEGEND[impl])
         ax.set_ylabel(ylabel)
         ax.grid(axis="y", alpha=0.3)
+    low, high = axes[0].get_ylim()
+    axes[0].set_ylim(low, low + (high - low) * 1.3)  # headroom: the legend above the tallest bar, not over it
     axes[-1].set_xticks(range(len(methods)), methods)
     axes[-1].set_xlabel("fine-tuning method")
     # one column per implementation: its compiled entry under its eager one
     axes[0].legend(fontsize=8, ncols=max(1, len({impl for impl, _ in impls})))
     what = cfg["model"] or cfg["shape"]
+    # two lines: one would be wider than a figure of a few methods (clipped at both edges)
     fig.suptitle(f"fastft bench: {what}, B{cfg['batch_size']}×S{cfg['seq_len']}, {cfg['dtype_resolved']}, "
-                 f"{result['environment']['card']}  (n/a: unavailable, failed, diverged or not compiled)"
-                 + ("" if len(panels) > 1 else "; peak memory not plotted on the CPU (see the table)"), fontsize=9)
+                 f"{result['environment']['card']}\n(n/a: unavailable, failed, diverged or not compiled"
+                 + (")" if len(panels) > 1 else "; peak memory not plotted on the CPU: see the table)"), fontsize=9)
     return fig
 
 
@@ -205,7 +211,19 @@ def main(argv: list[str] | None = None) -> int:
         result = json.loads(source.read_text(encoding="utf-8"))
     except ValueError as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         parser.error(f"{source}: not valid JSON ({e})")
-    paths = write_report(result, args.out_dir or source.parent, formats=("md", "png"))
+    if not (isinstance(result, dict) and isinstance(result.get("config"), dict)
+            and isinstance(result.get("rows"), list) and isinstance(result.get("environment"), dict)):
+        parser.error(f"{source}: not a fastft bench results file (it needs its config, environment and rows); give "
+                     "the bench_methods.json that fastft bench wrote")
+    out_dir = Path(args.out_dir or source.parent)
+    problem = output_dir_problem(out_dir, "OUT_DIR")
+    if problem:
+        parser.error(problem)
+    try:
+        paths = write_report(result, out_dir, formats=("md", "png"))
+    except (KeyError, TypeError) as e:  # a row without its fields: another program's JSON, or one edited by hand
+        parser.error(f"{source}: not a fastft bench results file ({type(e).__name__}: {e}); give the "
+                     "bench_methods.json that fastft bench wrote")
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
 

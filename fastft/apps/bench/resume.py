@@ -22,6 +22,11 @@ def previous_result(cfg: BenchConfig, device: torch.device, fresh: bool = False)
     """The unfinished table of these settings in cfg.output_dir to resume, or None (nothing there, --fresh, or
     a complete table of these settings: measured again). Raises ValueError, naming --output-dir and --fresh, for a
     table of other settings or a file that is not one."""
+    for fmt in FORMATS:  # a folder where a results file goes: its write (or the clearing of an old one) would fail
+        taken = Path(cfg.output_dir) / f"{STEM}.{fmt}"
+        if taken.is_dir():
+            raise ValueError(f"--output-dir {cfg.output_dir}: {taken} is a folder, where the results' {fmt} file "
+                             "goes; move it, or give another --output-dir")
     path = Path(cfg.output_dir) / f"{STEM}.json"
     if fresh or not path.is_file():
         return None

@@ -363,8 +363,8 @@ def to_yaml_dict(cfg: TrainConfig) -> dict:
 def _compile_problem(cfg: TrainConfig) -> str | None:
     import torch
 
-    return compile_problem(cfg.compile, cfg.compile_backend, cuda=torch.cuda.is_available(), dropout=cfg.dropout,
-                           methods=(cfg.method,))
+    return compile_problem(cfg.compile, cfg.compile_backend, cuda=torch.cuda.is_available(),
+                           dropout=resolved_dropout(cfg), methods=(cfg.method,))
 
 
 # Settings only some methods / objectives read. One under another is not refused (one YAML file may hold several

@@ -8,7 +8,8 @@ import warnings
 
 import torch
 
-from fastft.apps.training.config import ConfigError, TrainConfig, flag, resolved_mixed_precision, weights_dtype
+from fastft.apps.training.config import (ConfigError, TrainConfig, flag, resolved_dropout, resolved_mixed_precision,
+                                         weights_dtype)
 from fastft.apps.training.objectives import ObjectiveModel
 from fastft.integration.module_names import name_hint, names_module
 
@@ -26,7 +27,7 @@ def precision_notes(cfg: TrainConfig, device: torch.device) -> list[str]:
 def method_options(cfg: TrainConfig):
     from fastft.integration.methods import MethodOptions
 
-    return MethodOptions(rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, rslora=cfg.rslora,
+    return MethodOptions(rank=cfg.rank, alpha=cfg.alpha, dropout=resolved_dropout(cfg), rslora=cfg.rslora,
                          target_modules=tuple(cfg.target_modules), num_virtual_tokens=cfg.num_virtual_tokens,
                          ia3_target_modules=tuple(cfg.ia3_target_modules),
                          ia3_feedforward_modules=tuple(cfg.ia3_feedforward_modules),
