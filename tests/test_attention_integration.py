@@ -334,3 +334,55 @@ def test_inference_mode_forward(fastft_attention):
     with torch.inference_mode():
         got = model(input_ids=ids).logits
     assert_close(got.clone(), want, torch.float32, "inference_mode forward")
+
+
+# ------------------------------------------------------------------------- masks the packed kernels do not express
+
+@interpreter_only
+def test_padding_between_kept_tokens_under_a_window_matches_sdpa(fastft_attention):
+    """prompt tuning's mask for a left-padded row (virtual tokens, pads, tokens) on a sliding-window model: packed,
+    the window counted kept tokens, not row positions (Mistral's logits 57% off sdpa's after the gap)."""
+    from transformers import AutoModelForCausalLM, MistralConfig
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(MistralConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=256, pad_token_id=0, sliding_window=6),
+        attn_implementation="fastft")
+    ids = torch.randint(3, 128, (2, 14), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(2, 14, dtype=torch.long)
+    mask[0, 3:7] = 0  # 3 kept, 4 pads, 7 kept
+    labels = ids.masked_fill(mask == 0, IGNORE_INDEX)
+    labels[:, 1:] = labels[:, 1:].masked_fill(mask[:, :-1] == 0, IGNORE_INDEX)  # nothing predicted from a pad
+    compare_to_sdpa(model, dict(input_ids=ids, attention_mask=mask, labels=labels), mask.bool())
+
+
+def test_mask_overlays_take_transformers_mask():
+    """An or/and mask function (image tokens seeing each other both ways) reached the mask function and was
+    dropped: plain causal. It now gets transformers' own 4-D mask, which the attention runs with SDPA."""
+    from transformers.masking_utils import create_causal_mask
+
+    config = tiny_llama().config
+    block = lambda b, h, q, k: (q < 3) & (k < 3)  # noqa: E731 - tokens 0..2 see each other
+    masks = {}
+    for impl in ("sdpa", "fastft"):
+        config._attn_implementation = impl
+        masks[impl] = create_causal_mask(config=config, inputs_embeds=torch.zeros(1, 6, 64),
+                                         attention_mask=torch.ones(1, 6, dtype=torch.long), cache=None,
+                                         position_ids=torch.arange(6)[None], or_mask_function=block)
+    assert masks["fastft"] is not None and torch.equal(masks["fastft"], masks["sdpa"])
+    assert masks["fastft"][0, 0, 0, 2]  # token 0 sees token 2
+
+
+def test_chunked_attention_is_refused_past_one_chunk():
+    """Llama 4's chunked layers (attention_chunk_size) ran as full causal attention; exact within one chunk."""
+    from types import SimpleNamespace
+
+    from fastft.integration.attention import _check_not_chunked
+
+    config = SimpleNamespace(attention_chunk_size=4, layer_types=["chunked_attention", "full_attention"])
+    chunked, full = (SimpleNamespace(config=config, layer_idx=i) for i in (0, 1))
+    _check_not_chunked(chunked, 4)
+    _check_not_chunked(full, 12)
+    with pytest.raises(ValueError, match="no chunked attention .attention_chunk_size=4, 12 keys"):
+        _check_not_chunked(chunked, 12)

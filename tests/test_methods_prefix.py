@@ -244,6 +244,9 @@ def test_a_sliding_window_smaller_than_prefix_plus_sequence_is_refused():
     assert_same_step(step(ours, batch), step(theirs, batch), "prefix tuning inside the window")
     with pytest.raises(ValueError, match="5 virtual tokens \\+ a 8-token sequence pass the window of 12"):
         ours(input_ids=ids(seq=8))
+    # every row left-padded: the last row position, not the longest row (7 tokens), is how far peft's queries sit
+    with pytest.raises(ValueError, match="5 virtual tokens \\+ a 8-token sequence pass the window of 12"):
+        ours(input_ids=ids(seq=8), attention_mask=torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1], [0, 1, 1, 1, 1, 1, 1, 1]]))
     # decoding with a cache: refused at the step whose sequence passes the window (dense steps, and padded
     # steps through the SDPA fallback, counted from the positions)
     ours.eval()

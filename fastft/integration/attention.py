@@ -16,8 +16,10 @@ It mirrors transformers' FlashAttention integration:
   (prefix_k, prefix_v) every query attends to: handed to the op as prefix_k/prefix_v, no concatenation.
 
 Not supported (ValueError): attention dropout, logit softcapping, attention sinks, any other score term a model
-passes (T5's relative `position_bias`, sparse-attention `indices`). Custom 4-D masks and
-padded decoding with a cache (q_len != kv_len) fall back to torch SDPA (a fastft prefix in front of the keys).
+passes (T5's relative `position_bias`, sparse-attention `indices`), Llama 4's chunked attention past one chunk.
+Custom 4-D masks, masks with an overlay (transformers' or/and mask functions), padded decoding with a cache
+(q_len != kv_len) and, under a sliding window, padding between a row's kept tokens fall back to torch SDPA (a
+fastft prefix in front of the keys).
 """
 from __future__ import annotations
 
@@ -136,13 +138,19 @@ def _varlen(q, k, v, cu, max_len, **kw):
 
 
 def _unpadded(q, k, v, attention_mask, **kw):
-    """Right- or left-padded batch (q_len == kv_len): run only the kept tokens, as packed documents."""
+    """Right- or left-padded batch (q_len == kv_len): run only the kept tokens, as packed documents. A row whose
+    kept tokens have padding between them (prompt tuning's virtual tokens, then a left-padded row) under a sliding
+    window takes SDPA: packed, the window would count kept tokens, not row positions, as the model's masks do."""
     B, S = attention_mask.shape
-    keep, cu, longest, edge, seen = _once_per_forward(
+    keep, cu, longest, reach, gaps, edge, seen = _once_per_forward(
         "unpadded", attention_mask, (kw.get("window"), kw.get("prefix_k") is None),
         lambda: _unpadding(attention_mask.bool(), kw))
+    _check_prefix_window(kw, reach)
+    if gaps and kw.get("window") is not None:
+        prefix = (kw["prefix_k"], kw["prefix_v"]) if kw.get("prefix_k") is not None else None
+        return _sdpa_fallback(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attention_mask,
+                              kw.get("softmax_scale"), kw["causal"], kw["window"], prefix)
     flat = [t.reshape(B * S, *t.shape[-2:]).index_select(0, keep) for t in (q, k, v)]
-    _check_prefix_window(kw, longest)
     out = flash_attention(*flat, cu_seqlens=cu, max_seqlen=longest, backend=_backend, **kw)
     full = out.new_zeros(B * S, *out.shape[-2:]).index_copy(0, keep, out)
     if edge.numel():
@@ -151,10 +159,15 @@ def _unpadded(q, k, v, attention_mask, **kw):
 
 
 def _unpadding(mask, kw):
-    """(kept token indices, cu_seqlens, longest row, _edge_queries) of a boolean (B, S) padding mask."""
+    """(kept token indices, cu_seqlens, longest row, reach: the last kept position + 1 of any row, whether a row has
+    padding between kept tokens, _edge_queries) of a boolean (B, S) padding mask."""
     lengths = mask.sum(1, dtype=torch.int32)
     cu = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
-    return (mask.reshape(-1).nonzero().reshape(-1), cu, int(lengths.max()), *_edge_queries(mask, kw))
+    positions = torch.arange(1, mask.shape[1] + 1, device=mask.device)
+    reach = int((mask * positions).amax())
+    runs = (mask[:, 1:] & ~mask[:, :-1]).sum(1) + mask[:, 0]  # kept runs per row
+    return (mask.reshape(-1).nonzero().reshape(-1), cu, int(lengths.max()), reach, bool((runs > 1).any()),
+            *_edge_queries(mask, kw))
 
 
 def _edge_queries(mask, kw):
@@ -229,6 +242,7 @@ def fastft_attention_forward(module, query, key, value, attention_mask, dropout=
     if extra:  # dropping them would change the scores silently (T5 without its relative position bias)
         raise ValueError(f"attn_implementation='fastft' cannot add {', '.join(extra)} to the attention scores "
                          "(it supports Llama-style attention); use 'sdpa' or 'eager' for this model")
+    _check_not_chunked(module, key.shape[2])
     is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     kw = dict(causal=bool(is_causal), softmax_scale=scaling, window=sliding_window)
     prefix = kwargs.get("fastft_prefix")
@@ -267,14 +281,32 @@ def fastft_attention_forward(module, query, key, value, attention_mask, dropout=
     return flash_attention(q, k, v, backend=_backend, **kw), None
 
 
+def _check_not_chunked(module, n_keys: int) -> None:
+    """Llama 4's chunked layers attend within chunks of attention_chunk_size tokens: a mask the kernels do not
+    express, which the mask function (given no layer) cannot hand to SDPA either. Exact while the keys fit in one
+    chunk; refused beyond."""
+    config = getattr(module, "config", None)
+    chunk = getattr(config, "attention_chunk_size", None)
+    if chunk is None or n_keys <= chunk:
+        return
+    types = getattr(config, "layer_types", None)
+    layer = getattr(module, "layer_idx", None)
+    if types is not None and layer is not None and types[layer] != "chunked_attention":
+        return
+    raise ValueError(f"attn_implementation='fastft' has no chunked attention (attention_chunk_size={chunk}, "
+                     f"{n_keys} keys); use 'sdpa' or 'eager' for this model")
+
+
 def fastft_attention_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
                           attention_mask=None, **kwargs):
     """The 2-D padding mask (sliced to the keys), or None when there is no padding: like FlashAttention's.
 
     A cache whose key slots run past the filled positions (a static cache: kv_offset + kv_length > q_offset +
     q_length) gets transformers' own 4-D boolean mask instead: the kernels align queries to the last key, which is
-    not the last filled one there, and the empty slots must not be seen (the interface then runs SDPA on it)."""
-    if kv_offset + kv_length > q_offset + q_length:
+    not the last filled one there, and the empty slots must not be seen (the interface then runs SDPA on it). So
+    does a mask with an overlay (`use_vmap`: transformers' or/and mask functions, e.g. image tokens seeing each
+    other both ways), which the causal kernels would drop."""
+    if kv_offset + kv_length > q_offset + q_length or kwargs.get("use_vmap"):
         from transformers.masking_utils import causal_mask_function, sdpa_mask
 
         passed = {k: v for k, v in kwargs.items() if k in ("device", "local_size", "use_vmap")}
