@@ -1,6 +1,6 @@
 """Prefix tuning: fastft's room feeds each layer's prefix to flash_attention's prefix_k/prefix_v (no
-concatenated K/V; a KV cache holds the real tokens only) and matches peft's PrefixTuningConfig (its KV-cache path on SDPA) in logits
-and gradients, with and without padding; save/load both ways with peft."""
+concatenated K/V; a KV cache holds the real tokens only) and matches peft's PrefixTuningConfig (its KV-cache path
+on SDPA) in logits and gradients, with and without padding; save/load both ways with peft."""
 import peft
 import pytest
 import torch
