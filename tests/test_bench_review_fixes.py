@@ -189,6 +189,18 @@ def test_a_folder_named_like_a_results_file_is_a_one_line_error(tmp_path, monkey
     assert f"bench_methods.{fmt} is a folder" in _one_line_error(capsys)
 
 
+def test_a_finished_table_measured_again_stays_until_the_first_new_row(tmp_path, monkeypatch):
+    """Rerunning the command of a finished table wrote it over with planned rows at once: killed before the first
+    row, the finished table was gone."""
+    monkeypatch.setattr(methods_module, "run_one", _fake_run_one([]))
+    assert _bench(tmp_path, "--formats", "json", "md") == 0
+    before = (tmp_path / "bench_methods.json").read_text()
+    monkeypatch.setattr(methods_module, "run_one", _fake_run_one([], kill_after=0))
+    with pytest.raises(KeyboardInterrupt):
+        _bench(tmp_path, "--formats", "json", "md")
+    assert (tmp_path / "bench_methods.json").read_text() == before
+
+
 def test_a_resume_stopped_before_its_first_row_keeps_the_measured_rows(tmp_path, monkeypatch):
     """Stopped while it imports the peers (before it writes anything), a resume leaves the table it read."""
     calls = []

@@ -51,8 +51,9 @@ def bench_methods(cfg: BenchConfig, device: torch.device | None = None, progress
                   on_row=None, previous: dict | None = None) -> dict:
     """Run the table; returns {"environment", "config", "rows", "wall_s", "complete"} (what results.json holds).
     Every run starts as a "planned" row and `complete` is False until the last one is measured; `on_row(result
-    so far)` is called first and after each run (the CLI rewrites its files, so a run cut short leaves every
-    finished row on disk, marked incomplete). `previous`: a result of the same settings (resume.previous_result)
+    so far)` is called after each run, and first when resuming (the CLI rewrites its files, so a run cut short
+    leaves every finished row on disk, marked incomplete, and one killed before its first row leaves the files
+    that were there). `previous`: a result of the same settings (resume.previous_result)
     whose measured rows are kept instead of measured again."""
     cfg.validate()
     device = torch.device(device or default_device())
@@ -67,8 +68,8 @@ def bench_methods(cfg: BenchConfig, device: torch.device | None = None, progress
     earlier_s = (previous or {}).get("wall_s", 0.0) if done else 0.0
     result = {"environment": env, "config": table_config(cfg, device), "rows": rows, "wall_s": earlier_s,
               "complete": False}
-    if on_row is not None:
-        on_row(result)
+    if on_row is not None and done:  # a fresh table is first written with its first row: until then the files
+        on_row(result)                 # there (a finished table of these settings, measured again) stay whole
     todo = [k for k, row in enumerate(rows) if row["status"] == "planned"]
     if done:
         print(f"fastft bench: resuming: {len(rows) - len(todo)} of {len(rows)} runs already measured",
