@@ -189,6 +189,21 @@ def test_a_folder_named_like_a_results_file_is_a_one_line_error(tmp_path, monkey
     assert f"bench_methods.{fmt} is a folder" in _one_line_error(capsys)
 
 
+def test_a_resume_runs_failed_rows_again(tmp_path, monkeypatch):
+    """A crash or an OOM (transient, or memory another row left fragmented) was kept on resume, never retried."""
+    calls = []
+    monkeypatch.setattr(methods_module, "run_one", _fake_run_one(calls, kill_after=2))
+    with pytest.raises(KeyboardInterrupt):
+        _bench(tmp_path)
+    table = json.loads((tmp_path / "bench_methods.json").read_text())
+    table["rows"][1].update(status="error", error="RuntimeError: CUDA error: unspecified launch failure")
+    (tmp_path / "bench_methods.json").write_text(json.dumps(table))
+    calls.clear()
+    monkeypatch.setattr(methods_module, "run_one", _fake_run_one(calls))
+    assert _bench(tmp_path) == 0
+    assert calls == [("lora", "peft"), ("dora", "fastft"), ("dora", "peft")]
+
+
 def test_a_finished_table_measured_again_stays_until_the_first_new_row(tmp_path, monkeypatch):
     """Rerunning the command of a finished table wrote it over with planned rows at once: killed before the first
     row, the finished table was gone."""

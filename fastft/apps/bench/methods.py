@@ -18,6 +18,9 @@ from fastft.apps.bench.run import run_one
 from fastft.apps.bench.shapes import DTYPES, resolve_dtype
 
 
+RUN_AGAIN = ("planned", "error", "oom")  # statuses a resume measures again
+
+
 def planned_runs(cfg: BenchConfig) -> list[tuple[str, str]]:
     """(method, implementation) pairs in run order: fastft and peft per method, then Liger, then Unsloth."""
     runs = []
@@ -63,7 +66,9 @@ def bench_methods(cfg: BenchConfig, device: torch.device | None = None, progress
     peers.preload()
     modes = ("off",) if cfg.compile == "off" else ("off", cfg.compile)  # eager, then compiled: side by side
     runs = [(method, implementation, mode) for method, implementation in planned_runs(cfg) for mode in modes]
-    done = {row_key(r): r for r in (previous or {}).get("rows", ()) if r.get("status") != "planned"}
+    # kept from the resumed table: measured rows; a crash or an OOM (a transient failure, or memory another row
+    # left fragmented) is run again, as the study retries its failed cells
+    done = {row_key(r): r for r in (previous or {}).get("rows", ()) if r.get("status") not in RUN_AGAIN}
     rows = [done.get((m, i, mode)) or planned_row(m, i, mode) for m, i, mode in runs]
     earlier_s = (previous or {}).get("wall_s", 0.0) if done else 0.0
     result = {"environment": env, "config": table_config(cfg, device), "rows": rows, "wall_s": earlier_s,
