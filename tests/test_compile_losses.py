@@ -88,6 +88,24 @@ def test_linear_cross_entropy_num_items_and_dynamic_shapes():
 
 
 @interpreter_only
+def test_num_items_as_a_python_int_compiles_once_and_bad_tensors_are_refused():
+    """An int num_items gave a graph per value (torch.as_tensor guarded on it) until the recompile limit; a tensor
+    of 0, -3 or NaN passed while traced (eager refuses them): inf, a flipped loss or NaN."""
+    torch.manual_seed(1)
+    h, w, y = _t(2, 5, H), _t(V, H, scale=0.3), _labels(2, 5)
+    fn = lambda h, n: linear_cross_entropy(h, w, y, num_items=n, backend="triton")  # noqa: E731
+    compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
+    compiled(h, 3)
+    compiled(h, 4)  # the second value makes it dynamic
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for n in (5, 9, 12):
+            torch.testing.assert_close(compiled(h, n), fn(h, n), atol=0, rtol=0)
+    for bad in (0.0, -3.0, float("nan")):
+        with pytest.raises(ValueError, match="`num_items` must be a positive number, got a tensor holding"):
+            compiled(h, torch.tensor(bad))
+
+
+@interpreter_only
 @pytest.mark.parametrize("direction, reduction, with_labels", [("forward", "mean", True), ("reverse", "none", False)])
 def test_linear_kl_div_compiles(direction, reduction, with_labels):
     torch.manual_seed(2)

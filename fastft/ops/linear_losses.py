@@ -109,8 +109,10 @@ def _grad_scale(reduction: str, labels2: torch.Tensor | None, ignore_index: int,
     at least 1). Stays on the device: no sync."""
     if reduction == "sum":
         return torch.ones(1, dtype=torch.float32, device=device)
-    if num_items is not None:
-        denom = torch.as_tensor(num_items, dtype=torch.float32, device=device).reshape(1)
+    if isinstance(num_items, torch.Tensor):
+        denom = num_items.to(device=device, dtype=torch.float32).reshape(1)
+    elif num_items is not None:  # full, not as_tensor: traced, as_tensor guarded on the value (a graph per count)
+        denom = torch.full((1,), num_items, dtype=torch.float32, device=device)
     elif labels2 is not None:
         denom = (labels2 != ignore_index).sum().float().clamp(min=1.0).reshape(1)
     else:

@@ -89,6 +89,15 @@ def check_label_range(op: str, labels2: torch.Tensor, vocab: int, ignore_index: 
         raise ValueError(f"{op}: `{name}` holds {first}, outside [0, {vocab}) and not ignore_index={ignore_index}")
 
 
+def check_grad_scale(op: str, grad_scale: torch.Tensor) -> None:
+    """1 / the mean's denominator, finite and positive: a `num_items` tensor of 0, a negative count or NaN (read
+    here, in the traced op's body, as eager reads it while validating) would give inf, a flipped loss or NaN."""
+    scale = float(grad_scale)
+    if not (math.isfinite(scale) and scale > 0):
+        held = 1 / scale if scale else float("inf")
+        raise ValueError(f"{op}: `num_items` must be a positive number, got a tensor holding {held}")
+
+
 def nf4_block_rows(hidden: torch.Tensor) -> int:
     """Vocab rows of an NF4 head dequantized at a time: a block of at most half a chunk's budget."""
     return max(1, chunk_budget_bytes(hidden.device) // (2 * hidden.shape[-1] * hidden.element_size()))
@@ -110,8 +119,10 @@ def _forward_plan(a: LossArgs) -> Plan:
     """The checks a forward body does, then its plan."""
     device = a.hidden.device
     refuse_replayed_dropout(a.op, a.dropout_p, device)
-    if a.labels is not None and not capturing(device):
-        check_label_range(a.op, a.labels, a.vocab, a.ignore_index)
+    if not capturing(device):
+        if a.labels is not None:
+            check_label_range(a.op, a.labels, a.vocab, a.ignore_index)
+        check_grad_scale(a.op, a.grad_scale)
     return _plan(a)
 
 
