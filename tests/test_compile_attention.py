@@ -224,6 +224,46 @@ def test_a_padding_mask_compiles_without_reading_it():
         torch.testing.assert_close(got[real], want[real], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("batch", [1, 2])
+def test_packed_rows_with_an_all_ones_mask_stay_apart_while_compiled(batch):
+    """position_ids restarting inside rows and an all-ones mask: eagerly the mask becomes None and the documents
+    stay apart; traced, the mask went to SDPA with position_ids unread, and the documents attended to each other.
+    A mask with padding keeps one document a row, as eagerly (unpadding)."""
+    import fastft.integration.attention as integration
+
+    layer = _Layer()
+    q, k, v = _t(batch, 4, 10, 16), _t(batch, 2, 10, 16), _t(batch, 2, 10, 16)
+    pos = torch.cat([torch.arange(4), torch.arange(6)]).to(DEVICE)[None].expand(batch, -1)
+
+    def fn(q, k, v, mask):
+        mask = integration.fastft_attention_mask(batch, 10, 10, attention_mask=mask)
+        return integration.fastft_attention_forward(layer, q, k, v, mask, scaling=0.25, position_ids=pos)[0]
+
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
+    ones = torch.ones(batch, 10, dtype=torch.long, device=DEVICE)
+    padded = ones.clone()
+    padded[-1, :2] = 0
+    for mask in (ones, padded):
+        got, want = compiled(q, k, v, mask), fn(q, k, v, mask)
+        real = mask.bool()[:, :, None, None].expand_as(want)
+        torch.testing.assert_close(got[real], want[real], atol=1e-5, rtol=1e-5)
+
+
+def test_a_static_cache_mask_traces_without_a_graph_break():
+    """transformers passes a static cache's offsets as tensors: comparing them branched on data (a graph break per
+    layer, fullgraph refused). Traced, such a mask is transformers' 4-D one, which the attention runs with SDPA."""
+    import fastft.integration.attention as integration
+
+    def fn(q_offset, mask):
+        return integration.fastft_attention_mask(1, 1, 12, q_offset=q_offset, kv_offset=0, attention_mask=mask)
+
+    torch._dynamo.reset()
+    mask = torch.ones(1, 12, dtype=torch.long, device=DEVICE)
+    got = torch.compile(fn, backend="aot_eager", fullgraph=True)(torch.tensor(5, device=DEVICE), mask)
+    assert got.shape == (1, 1, 1, 12) and got[0, 0, 0, :6].all() and not got[0, 0, 0, 6:].any()
+
+
 def test_packed_rows_of_a_larger_batch_are_refused_while_compiled(monkeypatch):
     """Rows of B > 1 are taken as unpacked while traced; an in-graph assertion (no sync) stops packed ones rather
     than attending across their documents. Unpacked rows run."""

@@ -203,13 +203,21 @@ def _edge_attention(q, k, v, edge, seen, kw):
     return out[:, :, 0]
 
 
-def _sdpa_fallback(query, key, value, mask, scaling, is_causal, window=None, prefix=None):
+def _sdpa_fallback(query, key, value, mask, scaling, is_causal, window=None, prefix=None, position_ids=None):
     """Masks the kernel does not express (custom 4-D masks, padded decoding): torch SDPA with an explicit mask,
     the 2-D padding mask combined with the causal/window one (fastft.ops.attention.visible_mask). A fastft
-    prefix (prefix_k, prefix_v), each (1, P, KV, D), goes in front of the keys, visible to every query."""
+    prefix (prefix_k, prefix_v), each (1, P, KV, D), goes in front of the keys, visible to every query.
+    position_ids (self-attention under torch.compile, whose graph cannot read the mask): the documents they hold
+    are kept apart when the mask has no padding, as eagerly (where that mask becomes None: _packed_documents)."""
     n_q, n_k = query.shape[2], key.shape[2]
     if mask is not None and mask.dim() == 2:
+        if position_ids is not None:
+            rows = position_ids.reshape(-1, n_k).expand(mask.shape[0], -1)
+            document = F.pad(rows.diff(dim=-1) != 1, (1, 0), value=True).cumsum(-1)
+            apart = (document[:, :, None] != document[:, None, :]) & mask.bool().all()  # padded: one document a row
         mask = mask[:, None, None, -n_k:].bool()
+        if position_ids is not None:
+            mask = mask & ~apart[:, None]
     if is_causal or window is not None:
         visible = visible_mask(n_q, n_k, is_causal, window, query.device)
         mask = visible if mask is None else mask & visible
@@ -261,8 +269,9 @@ def fastft_attention_forward(module, query, key, value, attention_mask, dropout=
         # SDPA takes the mask as transformers' sdpa does while tracing
         if q.shape[1] != k.shape[1] or not is_causal or compiling():
             _check_prefix_window(kw, _cached_length(key, kwargs.get("position_ids"), prefix))
+            packed = kwargs.get("position_ids") if compiling() and q.shape[1] == k.shape[1] else None
             return _sdpa_fallback(query, key, value, attention_mask, scaling, is_causal, sliding_window,
-                                  prefix), None
+                                  prefix, packed), None
         return _unpadded(q, k, v, attention_mask, **kw), None
 
     cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
@@ -306,7 +315,9 @@ def fastft_attention_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset
     not the last filled one there, and the empty slots must not be seen (the interface then runs SDPA on it). So
     does a mask with an overlay (`use_vmap`: transformers' or/and mask functions, e.g. image tokens seeing each
     other both ways), which the causal kernels would drop."""
-    if kv_offset + kv_length > q_offset + q_length or kwargs.get("use_vmap"):
+    # traced with a static cache, the offsets are tensors: comparing them would branch on data (a graph break)
+    traced_offsets = compiling() and any(isinstance(x, torch.Tensor) for x in (q_offset, kv_offset))
+    if traced_offsets or kwargs.get("use_vmap") or kv_offset + kv_length > q_offset + q_length:
         from transformers.masking_utils import causal_mask_function, sdpa_mask
 
         passed = {k: v for k, v in kwargs.items() if k in ("device", "local_size", "use_vmap")}
