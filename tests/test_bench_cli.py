@@ -176,8 +176,10 @@ def test_bad_flags_one_line_error(capsys, argv, names):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU message")
 def test_kernels_on_cpu_says_so(capsys, tmp_path):
-    assert cli.main(["bench", "kernels", "--output-dir", str(tmp_path)]) == 0
-    assert "need a CUDA GPU" in capsys.readouterr().out
+    """An error (exit 2, one line on stderr): exit 0 let a script read "nothing was timed" as a success."""
+    assert cli.main(["bench", "kernels", "--output-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("fastft bench: error:") and "need a CUDA GPU" in err
     assert not list(tmp_path.iterdir())
 
 

@@ -249,3 +249,12 @@ def test_report_writes_large_figures_plainly_and_flags_evaluations_over_other_se
     assert "different held-out sets (16, 64 examples" in text
     metrics["eval_before"]["examples"] = 64
     assert "different held-out sets" not in report_markdown(metrics)
+
+
+def test_report_names_the_task_only_when_it_was_the_data():
+    """A --data run's report.md listed `task | mr`, a built-in task it never read."""
+    from fastft.apps.training.report import report_markdown
+
+    assert "| task | mr |" in report_markdown({"config": {"task": "mr", "data": None}})
+    text = report_markdown({"config": {"task": "mr", "data": "chats.jsonl"}})
+    assert "| task |" not in text and "| data | chats.jsonl |" in text

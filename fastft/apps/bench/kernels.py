@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 
 FAMILIES = ("lora", "nf4", "attention")
-CPU_MESSAGE = ("fastft bench kernels: kernel timings need a CUDA GPU and none is visible; nothing was timed. "
-               "(The method table, `fastft bench methods --shape tiny`, runs on the CPU.)")
+CPU_MESSAGE = ("fastft bench: error: kernel timings need a CUDA GPU and none is visible; nothing was timed (the "
+               "method table, `fastft bench methods --shape tiny`, runs on the CPU)")
 
 
 def benchmarks_dir() -> Path:
@@ -26,9 +26,9 @@ def run_kernels(families: list[str], output_dir: str) -> int:
     if bad:
         raise ValueError(f"--family: unknown family {', '.join(map(repr, bad))}; expected one of "
                          f"{', '.join(FAMILIES)} or all")
-    if not torch.cuda.is_available():
-        print(CPU_MESSAGE)
-        return 0
+    if not torch.cuda.is_available():  # an error, not 0: a script would read "nothing timed" as a success
+        print(CPU_MESSAGE, file=sys.stderr)
+        return 2
     folder = benchmarks_dir()
     missing = [f for f in families if not (folder / f"gpu_{f}.py").is_file()]
     if missing:

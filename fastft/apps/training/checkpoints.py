@@ -5,8 +5,10 @@ the step, the data cursor, the logs so far, and every RNG of every process (torc
 seeds fastft's LoRA dropout, see fastft.ops.shared.draw_seed), and fp16's loss-scaler state. It is written into a
 temporary folder, each file fsynced, then renamed into place; the previous checkpoint is removed only after that,
 so a SIGKILL at any moment leaves at least one complete checkpoint. Only the newest is kept (a full fine-tune's
-optimizer state is twice its weights: a second copy would double the disk a run needs); a checkpoint damaged from
-outside (a failing disk, a file edited) is found before any model loads and named, not fallen back from silently.
+optimizer state is twice its weights: a second copy would double the disk a run needs); a checkpoint file damaged
+from outside so that it no longer opens (missing, truncated, not a checkpoint file) is found before any model loads
+and named, not fallen back from silently. No checksums are kept (hashing a full fine-tune's optimizer state at
+every save costs minutes): a file changed in place at its full size is not detected.
 
 What a resumed run is compared against: the settings (`comparable_settings`: aliases folded, paths left to the
 content checks), and the base models' contents (`model_fingerprints`, besides the data's sha256 the loop checks).

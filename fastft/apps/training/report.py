@@ -41,8 +41,9 @@ def _evaluations(metrics: dict) -> list[tuple[str, dict]]:
 def report_markdown(metrics: dict) -> str:
     config = metrics.get("config", {})
     lines = ["# fastft train", "", "| setting | value |", "|---|---|"]
-    lines += [f"| {key.replace('_', '-')} | {_number(config.get(key))} |" for key in _SETTINGS
-              if config.get(key) is not None]
+    shown = [key for key in _SETTINGS if config.get(key) is not None
+             and not (key == "task" and config.get("data") is not None)]  # --data replaces the built-in task
+    lines += [f"| {key.replace('_', '-')} | {_number(config.get(key))} |" for key in shown]
     lines += [f"| device | {metrics.get('device')} × {metrics.get('processes', 1)} process(es) |",
               f"| trainable parameters | {metrics.get('trainable_parameters', 0):,} of "
               f"{metrics.get('total_parameters', 0):,} |", ""]
