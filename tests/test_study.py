@@ -128,6 +128,16 @@ def test_report_writer_tables_plots_and_headline(tmp_path):
         image = matplotlib.image.imread(p)
         assert image.shape[0] > 100 and image.shape[1] > 100 and image.std() > 0
     assert not [p for p in tmp_path.rglob(".*tmp")]
+    # without matplotlib (not a dependency of fastft; the study imported it at module level): the tables, no plots
+    import importlib.util
+
+    real = importlib.util.find_spec
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+        paths = write_report(results, tmp_path / "no-plots")
+    assert set(paths) == {"report"} and not (tmp_path / "no-plots" / "plots").exists()
+    text = paths["report"].read_text()
+    assert "No plots: matplotlib is not installed" in text and "![" not in text and "| lora | 90.0 ± 1.0" in text
 
 
 def test_one_seed_threshold_is_three_points():

@@ -5,18 +5,14 @@ percent, mean ± sample standard deviation over seeds. Every file is written ato
 """
 from __future__ import annotations
 
+import importlib.util
 import io
 import math
 from collections import Counter, defaultdict
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from fastft.apps.study.cell import WARMUP_STEPS  # noqa: E402
-from fastft.files import atomic_write  # noqa: E402
+from fastft.apps.study.cell import WARMUP_STEPS
+from fastft.files import atomic_write
 
 MODEL_NAMES = {"minilm": "MiniLM-L6 (22.7M, encoder + head)", "smollm2": "SmolLM2-135M (decoder, label words)"}
 
@@ -236,10 +232,21 @@ def headline(groups: dict, tasks_info: dict) -> str:
     return "\n\n".join(sentences)
 
 
+def _pyplot():
+    """matplotlib's pyplot on the Agg backend (no display): imported when a plot is drawn, since matplotlib is not
+    a dependency of fastft (write_report leaves the plots out without it)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def _save_figure(fig, path: Path) -> None:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    _pyplot().close(fig)
     atomic_write(path, buffer.getvalue())
 
 
@@ -262,7 +269,7 @@ def _scatter(groups, tasks_info, x_key: str, x_label: str, log_x: bool, path: Pa
     from matplotlib.lines import Line2D
 
     models = sorted({k[0] for k in groups})
-    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)
+    fig, axes = _pyplot().subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)
     for ax, model in zip(axes[0], models):
         handles, points = [], []   # points: (x, score, label, peft, marker)
         for regime, marker in zip(sorted({k[1] for k in groups if k[0] == model}), "os^"):
@@ -294,7 +301,7 @@ def _bars(groups, tasks_info, model, regime, path: Path) -> None:
     tasks = [t for t in tasks_info if (model, regime, t) in {k[:3] for k in groups}]
     methods = [m for m in _rows_of(groups, model, regime)
                if any(groups.get((model, regime, t) + m, {}).get("status") == "done" for t in tasks)]
-    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(tasks) + 2), 4))
+    fig, ax = _pyplot().subplots(figsize=(max(6, 1.6 * len(tasks) + 2), 4))
     width = 0.8 / max(1, len(methods))
     for i, m in enumerate(methods):
         values = [groups.get((model, regime, t) + m, {}) for t in tasks]
@@ -355,17 +362,20 @@ def devices_line(cells: list[dict]) -> str:
 
 
 def write_report(results: dict, output_dir) -> dict[str, Path]:
-    """report.md and plots/*.png from the combined results; returns the paths written."""
+    """report.md and plots/*.png (when matplotlib is installed) from the combined results; returns the paths
+    written."""
     out = Path(output_dir)
-    (out / "plots").mkdir(parents=True, exist_ok=True)
+    plots = importlib.util.find_spec("matplotlib") is not None
     tasks_info, cells, config = results["tasks"], results["cells"], results["config"]
     groups = aggregate(cells)
     written = {}
-    _scatter(groups, tasks_info, "trainable", "trainable parameters (log)", True, out / "plots" / "score_vs_params.png")
-    _scatter(groups, tasks_info, "tokens_per_second", "training tokens/s", False,
-             out / "plots" / "score_vs_tokens_per_second.png")
-    written["score_vs_params"] = out / "plots" / "score_vs_params.png"
-    written["score_vs_tokens_per_second"] = out / "plots" / "score_vs_tokens_per_second.png"
+    if plots:
+        (out / "plots").mkdir(parents=True, exist_ok=True)
+        for key, label, log_x in (("trainable", "trainable parameters (log)", True),
+                                  ("tokens_per_second", "training tokens/s", False)):
+            name = "score_vs_params" if key == "trainable" else "score_vs_tokens_per_second"
+            _scatter(groups, tasks_info, key, label, log_x, out / "plots" / f"{name}.png")
+            written[name] = out / "plots" / f"{name}.png"
     env = results.get("environment", {})
     parts = ["# fastft study", "",
              f"Device: {env.get('device_name', '?')} (torch {env.get('torch', '?')}, "
@@ -378,17 +388,21 @@ def write_report(results: dict, output_dir) -> dict[str, Path]:
              "", "## Headline", "", headline(groups, tasks_info), "", "## Tasks", "", _tasks_section(tasks_info)]
     for model, regime in sorted({k[:2] for k in groups}):
         name = f"{model}-{regime}"
-        _bars(groups, tasks_info, model, regime, out / "plots" / f"tasks_{name}.png")
-        written[f"tasks_{name}"] = out / "plots" / f"tasks_{name}.png"
+        if plots:
+            _bars(groups, tasks_info, model, regime, out / "plots" / f"tasks_{name}.png")
+            written[f"tasks_{name}"] = out / "plots" / f"tasks_{name}.png"
         parts += ["", f"## {MODEL_NAMES.get(model, model)} — {regime}", "",
                   "Test score (%) of the dev-selected checkpoint, mean ± std over seeds (* some seeds missing, "
                   "see the cells without a score); "
                   "macro-F1 tasks show the accuracy beside.", "",
                   accuracy_table(groups, tasks_info, model, regime), "", "Cost (means over tasks and seeds):", "",
-                  cost_table(groups, model, regime), "", majority_check(groups, tasks_info, model, regime), "",
-                  f"![per task](plots/tasks_{name}.png)"]
-    parts += ["", "## Score against cost", "", "![score vs trainable parameters](plots/score_vs_params.png)",
-              "![score vs tokens/s](plots/score_vs_tokens_per_second.png)"]
+                  cost_table(groups, model, regime), "", majority_check(groups, tasks_info, model, regime)]
+        parts += ["", f"![per task](plots/tasks_{name}.png)"] if plots else []
+    parts += ["", "## Score against cost", ""]
+    parts += (["![score vs trainable parameters](plots/score_vs_params.png)",
+               "![score vs tokens/s](plots/score_vs_tokens_per_second.png)"] if plots else
+              ["No plots: matplotlib is not installed (`pip install matplotlib`, then `fastft study` with the same "
+               "flags redraws this report from the stored cells)."])
     anchors = anchor_rows(groups)
     parts += ["", "## fastft against peft's own implementation", ""]
     if anchors:
