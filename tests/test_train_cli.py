@@ -181,3 +181,21 @@ def test_records_cut_by_max_length_are_counted(tiny_checkpoint, tmp_path, capsys
     assert main(args + ["--steps", "9", "--resume"]) == 0
     resumed = json.loads((tmp_path / "resumed" / "metrics.json").read_text())
     assert resumed["resumed_from"] and resumed["records_cut"] == {"cut": 18, "tokenized": 36}
+
+
+def test_resuming_a_finished_run_does_nothing(tiny_checkpoint, tmp_path, capsys):
+    """It evaluated and saved again, overwriting metrics.json with the new process's peak memory beside the first
+    run's tokens/s. --save-merged, which the finished run lacks, still runs its end."""
+    data = tmp_path / "text.jsonl"
+    data.write_text("".join(json.dumps({"text": f"Record {i} says something."}) + "\n" for i in range(24)))
+    out = tmp_path / "run"
+    args = ["train", "--model", str(tiny_checkpoint), "--data", str(data), "--steps", "2", "--batch-size", "4",
+            "--eval-examples", "4", "--save-every", "2", "--output-dir", str(out)]
+    assert main(args) == 0
+    before = (out / "metrics.json").read_bytes()
+    capsys.readouterr()
+    assert main(args + ["--resume"]) == 0
+    assert "holds this run finished (step 2 of 2, metrics.json); nothing to do" in capsys.readouterr().out
+    assert (out / "metrics.json").read_bytes() == before
+    assert main(args + ["--resume", "--save-merged"]) == 0
+    assert (out / "merged" / "config.json").is_file() and json.loads((out / "metrics.json").read_text())["merged_model"]

@@ -33,7 +33,8 @@ from fastft.apps.training.logs import RunLog, peak_memory_gib
 from fastft.apps.optimizers import make_optimizer
 from fastft.apps.training.objectives import (ObjectiveModel, check_head_gives_logits, check_vocab_rows,
                                              is_prompt_learning)
-from fastft.apps.training.resume_checks import check_resumed_data, check_resumed_settings, check_resumed_step
+from fastft.apps.training.resume_checks import (check_resumed_data, check_resumed_settings, check_resumed_step,
+                                               finished_metrics)
 from fastft.apps.training.run_lock import hold_output_dir
 from fastft.apps.training.run_setup import (apply_method_or_config_error, launcher_notes, load_models,
                                             make_accelerator, maybe_patch, precision_notes, shard_model)
@@ -263,6 +264,11 @@ def _run(cfg: TrainConfig, accelerator, train_records, eval_records, description
     models = ckpt.model_fingerprints(cfg, model_path)
     if resume_from is not None:
         ckpt.check_resumed_models(models, resumed.get("models"), resume_from)
+        finished = finished_metrics(cfg, resumed["step"])  # every check passed: this very run, ended
+        if finished is not None:  # running its end again would only overwrite metrics.json with a new peak memory
+            log(f"--resume: {cfg.output_dir} holds this run finished (step {cfg.steps} of {cfg.steps}, metrics.json); "
+                "nothing to do (a larger --steps continues it)")
+            return finished
     problem = rank_problem(cfg, AutoConfig.from_pretrained(model_path))  # the sizes, before the weights load
     if problem:
         raise ConfigError(problem)

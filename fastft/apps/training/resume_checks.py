@@ -2,6 +2,7 @@
 the run has (the models' fingerprints: checkpoints.check_resumed_models)."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from fastft.apps.training import checkpoints as ckpt
@@ -76,3 +77,19 @@ def check_resumed_step(cfg: TrainConfig, step: int, checkpoint: Path) -> None:
     if cfg.steps < step:  # the run would log "step 8 of 4" and train nothing
         raise ConfigError(f"--resume: {checkpoint} is at step {step}, past --steps {cfg.steps}; resume with --steps "
                           f"{step} or more, or start a new run in another --output-dir")
+
+
+def finished_metrics(cfg: TrainConfig, step: int) -> dict | None:
+    """The metrics.json of this run when it has finished: resumed at its last step, with the final save done
+    (metrics.json is written last), and nothing asked that it lacks (--save-merged's model). None otherwise: a run
+    killed after its last checkpoint finishes its evaluation and saves."""
+    if step != cfg.steps:
+        return None
+    try:
+        metrics = json.loads((Path(cfg.output_dir) / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(metrics, dict) or not isinstance(metrics.get("config"), dict):
+        return None
+    done = metrics["config"].get("steps") == cfg.steps and len(metrics.get("train_losses") or ()) == cfg.steps
+    return metrics if done and (metrics.get("merged_model") or not cfg.save_merged) else None
