@@ -386,3 +386,11 @@ def test_chunked_attention_is_refused_past_one_chunk():
     _check_not_chunked(full, 12)
     with pytest.raises(ValueError, match="no chunked attention .attention_chunk_size=4, 12 keys"):
         _check_not_chunked(chunked, 12)
+
+
+def test_output_attentions_warns_that_no_weights_come_back(fastft_attention):
+    """It returned no weights without a word (transformers' sdpa warns)."""
+    model = tiny_llama()
+    ids = torch.randint(3, 128, (1, 5), generator=torch.Generator().manual_seed(0))
+    with pytest.warns(UserWarning, match="returns no attention weights"):
+        model(input_ids=ids, output_attentions=True)

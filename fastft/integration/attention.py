@@ -23,6 +23,7 @@ fastft prefix in front of the keys).
 """
 from __future__ import annotations
 
+import warnings
 import weakref
 
 import torch
@@ -246,6 +247,9 @@ def fastft_attention_forward(module, query, key, value, attention_mask, dropout=
     if softcap is not None or kwargs.get("s_aux") is not None:
         raise ValueError("attn_implementation='fastft' supports neither logit softcapping nor attention sinks; "
                          "use 'sdpa' or 'eager' for this model")
+    if kwargs.get("output_attentions"):  # the kernels never form the weights: none are returned
+        warnings.warn("attn_implementation='fastft' returns no attention weights (output_attentions=True); use "
+                      "'eager' for them", stacklevel=2)
     extra = [name for name in _SCORE_TERMS if kwargs.get(name) is not None]
     if extra:  # dropping them would change the scores silently (T5 without its relative position bias)
         raise ValueError(f"attn_implementation='fastft' cannot add {', '.join(extra)} to the attention scores "
