@@ -258,6 +258,25 @@ def test_a_sliding_window_smaller_than_prefix_plus_sequence_is_refused():
                 ours.generate(input_ids=batch, attention_mask=mask, max_new_tokens=3, do_sample=False)
 
 
+def test_generation_keeps_the_prefix_after_the_attention_is_switched_away():
+    """unpatch_model (or set_attn_implementation) puts back sdpa after get_peft_model chose fastft attention: peft's
+    generate would then drop the prefix (the base model's tokens). generate runs through fastft attention for
+    the call and leaves the setting as it found it."""
+    ours = _pair()[0]
+    perturb_trainables(ours, std=1.0)
+    ours.eval()
+    base = ours.get_base_model()
+    batch = ids(batch=2, seq=6)
+    with torch.no_grad():
+        want = ours.generate(input_ids=batch, max_new_tokens=4, do_sample=False)
+        base.set_attn_implementation("sdpa")
+        got = ours.generate(input_ids=batch, max_new_tokens=4, do_sample=False)
+        plain = base.generate(input_ids=batch, max_new_tokens=4, do_sample=False)
+    assert not torch.equal(plain, want)  # the prefix changes these tokens
+    assert torch.equal(got, want)
+    assert base.config._attn_implementation == "sdpa"
+
+
 def test_generation_from_inputs_embeds():
     """generate(inputs_embeds=...) (transformers reads the wrapped prepare_inputs_for_generation's signature)
     gives the tokens generate(input_ids=...) gives."""

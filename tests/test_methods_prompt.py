@@ -68,6 +68,31 @@ def test_generation_is_cached_and_matches_padded_forwards(kind, cache_implementa
             assert torch.equal(out.sequences[row, 6:], seq[0, -3:]), row
 
 
+@pytest.mark.parametrize("kind", sorted(CONFIGS))
+def test_generation_with_a_passed_cache_gives_the_one_call_tokens(kind):
+    """A passed empty DynamicCache fills as the default one does; a cache from an earlier call (transformers'
+    continue-generation pattern: it counts the virtual tokens) is left out and the sequence recomputed. Both were
+    appended to at every step and gave other tokens."""
+    from transformers import DynamicCache
+
+    ours, _ = fastft_and_peft(CONFIGS[kind])
+    perturb_trainables(ours, std=1.0)
+    ours.eval()
+    batch = ids(batch=2, seq=7)
+    with torch.no_grad():
+        want = ours.generate(input_ids=batch, max_new_tokens=6, do_sample=False)
+        empty = DynamicCache()
+        assert torch.equal(ours.generate(input_ids=batch, max_new_tokens=6, do_sample=False,
+                                         past_key_values=empty), want)
+        assert empty.get_seq_length() == 4 + 7 + 5  # used: the virtual tokens, the prompt, all but the last token
+        first = ours.generate(input_ids=batch, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
+        cache = first.past_key_values
+        length = cache.get_seq_length()
+        again = ours.generate(input_ids=first.sequences, max_new_tokens=3, do_sample=False, past_key_values=cache)
+    assert torch.equal(again, want)
+    assert cache.get_seq_length() == length  # left untouched
+
+
 @pytest.mark.parametrize("config, message", [
     (PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=4), r"PromptTuningConfig.task_type='SEQ_CLS'"),
     (PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=0), r"PromptTuningConfig.num_virtual_tokens=0"),

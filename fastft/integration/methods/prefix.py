@@ -97,8 +97,22 @@ class FastftPrefixModel(PeftModelForCausalLM):
         base = self.get_base_model()
         if self._adapters_disabled:  # peft's disable_adapter() swaps the forward only: generate as the base model
             return base.generate(*args, **kwargs)
-        if not isinstance(config, PrefixTuningConfig) or base.config._attn_implementation != "fastft":
+        if not isinstance(config, PrefixTuningConfig):
             return super().generate(*args, **kwargs)
+        from fastft.integration.attention import NAME
+
+        previous = base.config._attn_implementation
+        if previous != NAME:
+            # switched away since get_peft_model (unpatch_model, set_attn_implementation): peft's generate would
+            # drop the prefix, so this call runs through fastft attention and then puts the setting back
+            base.set_attn_implementation(NAME)
+        try:
+            return self._generate_with_prefix(base, config, args, kwargs)
+        finally:
+            if previous != NAME:
+                base.set_attn_implementation(previous)
+
+    def _generate_with_prefix(self, base: nn.Module, config: PrefixTuningConfig, args: tuple, kwargs: dict):
         P, prefix = config.num_virtual_tokens, self.prefix_key_values()
 
         def with_prefix(inputs: dict) -> dict:

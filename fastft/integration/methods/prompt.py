@@ -15,6 +15,7 @@ import copy
 import torch
 from peft import PeftModel, PeftModelForCausalLM, PromptEncoderConfig, PromptTuningConfig
 from torch import nn
+from transformers import DynamicCache
 
 from fastft.integration.methods.generation import generate_adjusting_inputs
 
@@ -45,8 +46,9 @@ class FastftPromptModel(PeftModelForCausalLM):
     peft's cached generation scores every token after the first away from what the forward gives (0.1-0.2 on a
     tiny Llama). Here the first step puts the virtual tokens in front (positions 0..P-1, the real tokens from P,
     padding or not, as peft's forward), the KV cache keeps them, and each later step runs one token at its
-    position + P. A cache other than the default dynamic one (`cache_implementation`, a passed cache) would be
-    sized without the P virtual tokens: that generation recomputes the whole sequence each step (no cache)."""
+    position + P. A cache other than the default dynamic one (`cache_implementation`, a passed cache that is not
+    an empty DynamicCache) would be sized without the P virtual tokens, or hold them from an earlier call: that
+    generation recomputes the whole sequence each step, without the cache (the passed one is left untouched)."""
 
     def generate(self, *args, **kwargs):
         base = self.get_base_model()
@@ -54,10 +56,16 @@ class FastftPromptModel(PeftModelForCausalLM):
             return base.generate(*args, **kwargs)
         config = self.active_peft_config
         settings = kwargs.get("generation_config") or base.generation_config
+        passed = kwargs.get("past_key_values", kwargs.get("cache"))
+        if isinstance(passed, DynamicCache) and passed.get_seq_length() == 0:
+            passed = None  # an empty dynamic cache: filled below as the default one is
         other_cache = kwargs.get("cache_implementation") or getattr(settings, "cache_implementation", None) \
-            or kwargs.get("past_key_values") is not None or kwargs.get("cache") is not None
+            or passed is not None
         if not isinstance(config, CONFIGS) or kwargs.get("use_cache") is False or other_cache:
-            return super().generate(*args, **{**kwargs, "use_cache": False})
+            # a passed cache is left out: its length would count the virtual tokens against the real ones
+            # (a cache from an earlier call) and every recomputed step would be appended to it
+            rest = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "cache")}
+            return super().generate(*args, **{**rest, "use_cache": False})
         P = config.num_virtual_tokens
 
         def with_prompt(inputs: dict) -> dict:
