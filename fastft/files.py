@@ -93,14 +93,17 @@ def replace_folder(path: str | os.PathLike, write: Callable[[Path], object], *, 
     return _save_folder(path, write, keep_others=False, what=what)
 
 
-def merge_into_folder(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
+def merge_into_folder(path: str | os.PathLike, write: Callable[[Path], object], *,
+                      alternatives: tuple[frozenset[str], ...] = ()) -> Path:
     """`write(tmp_folder)` fills a temporary sibling of `path`; the entries of `path` it did not write (a folder it
     wrote is merged the same way) are added to it, hard-linked (copied where the file system has no links), and the
     result takes `path`'s place as a whole, as `replace_folder` does: a reader sees the old folder or the new one,
     never a mix of two saves. A link to a folder in `path` stays a link where `write` wrote a folder of its name: that
     folder is written into the link's, file by file (each replaced atomically, the others kept), as peft's
-    save_pretrained writes through the link. Nothing moves unless `write` succeeds. Returns `path`."""
-    return _save_folder(path, write, keep_others=True, what="save")
+    save_pretrained writes through the link. Nothing moves unless `write` succeeds. Returns `path`.
+    alternatives: groups of file names of which a folder holds one (adapter_model.safetensors / .bin): where `write`
+    wrote one of a group, the old folder's others are not kept (a loader preferring the stale one would read it)."""
+    return _save_folder(path, write, keep_others=True, what="save", alternatives=alternatives)
 
 
 def recover_folder(path: str | os.PathLike) -> None:
@@ -117,7 +120,7 @@ def recover_folder(path: str | os.PathLike) -> None:
             fsync_path(path.parent)
 
 
-def _save_folder(path, write, *, keep_others: bool, what: str) -> Path:
+def _save_folder(path, write, *, keep_others: bool, what: str, alternatives: tuple[frozenset[str], ...] = ()) -> Path:
     given, (path, tmp) = Path(path), _start_folder_save(path)
     old = None
     if keep_others and os.path.lexists(path) and not path.is_dir():
@@ -129,7 +132,7 @@ def _save_folder(path, write, *, keep_others: bool, what: str) -> Path:
         finish_folder(tmp)
         if keep_others and path.is_dir():
             _write_through_links(path, tmp)
-            _link_missing(path, tmp)
+            _link_missing(path, tmp, alternatives)
         old = _swap_in(tmp, path)
     finally:
         if old != tmp and tmp.exists():
@@ -221,14 +224,17 @@ def _merge_through(src: Path, dst: Path) -> None:
     fsync_path(dst)
 
 
-def _link_missing(src: Path, dst: Path) -> None:
-    """Add to folder `dst` every entry of folder `src` it lacks (folders in both: merged the same way)."""
+def _link_missing(src: Path, dst: Path, alternatives: tuple[frozenset[str], ...] = ()) -> None:
+    """Add to folder `dst` every entry of folder `src` it lacks (folders in both: merged the same way), but not a
+    file one of whose `alternatives` `dst` holds."""
     for entry in sorted(src.iterdir()):
         target = dst / entry.name
-        if not os.path.lexists(target):
+        superseded = any(entry.name in group and any(os.path.lexists(dst / other) for other in group - {entry.name})
+                         for group in alternatives)
+        if not os.path.lexists(target) and not superseded:
             _link_tree(entry, target)
         elif entry.is_dir() and target.is_dir() and not target.is_symlink():
-            _link_missing(entry, target)
+            _link_missing(entry, target, alternatives)
     fsync_path(dst)
 
 

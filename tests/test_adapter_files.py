@@ -48,6 +48,21 @@ def test_saved_adapter_follows_the_umask(tmp_path):
     assert {stat.S_IMODE(f.stat().st_mode) for f in path.iterdir()} == {0o644}
 
 
+def test_a_save_in_the_other_format_drops_the_stale_weights(tmp_path):
+    """safe_serialization=False over a safetensors save (and back): the old file stayed beside the new one, and
+    fastft's and peft's loaders, which read adapter_model.safetensors first, loaded the weights saved before."""
+    model, path = _saved(tmp_path)
+    for safe in (False, True):
+        randomize_lora_B(model)
+        fastft.save_adapter(model, path, safe_serialization=safe)
+        names = {p.name for p in path.iterdir()}
+        assert ("adapter_model.safetensors" in names) == safe and ("adapter_model.bin" in names) != safe
+        loaded = fastft.load_adapter(tiny_llama(), path)
+        for key, value in model.state_dict().items():
+            if "lora_B" in key:
+                assert torch.equal(loaded.state_dict()[key], value), key
+
+
 def test_save_keeps_the_folders_other_entries(tmp_path):
     """peft's save_pretrained writes its files into the folder and leaves the rest; the old save_adapter swapped
     the whole folder, deleting a run's metrics and a read-only folder in it, and each named adapter saved before."""

@@ -145,6 +145,21 @@ def test_merge_and_unload_dense_is_exact():
     assert torch.allclose(_logits(merged), expected, atol=1e-5)
 
 
+def test_merge_and_unload_dense_with_some_layers_targeted_saves_a_plain_checkpoint(tmp_path):
+    """Layers without an adapter come back dense as well: kept NF4, the merged model saved NF4 keys without a
+    quantization_config, which transformers refused to load (fastft train --save-merged with --target-modules)."""
+    from transformers import AutoModelForCausalLM
+
+    ours, _ = _qlora(LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
+    expected = _logits(ours)
+    merged = fastft.merge_and_unload(ours)
+    assert not any(isinstance(m, NF4Linear) for m in merged.modules())
+    assert merged.model.layers[0].mlp.down_proj.weight.dtype == torch.float32
+    merged.save_pretrained(str(tmp_path))
+    reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path))
+    assert torch.allclose(_logits(reloaded), expected, atol=1e-5)
+
+
 def test_merge_and_unload_requantized_is_one_more_nf4_rounding():
     ours, ref = _qlora()
     exact = fastft.merge_and_unload(copy.deepcopy(ours))  # dense W + ΔW

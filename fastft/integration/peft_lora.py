@@ -23,7 +23,7 @@ from peft.tuners.lora import Linear as PeftLoraLinear
 from torch import nn
 
 from fastft.files import merge_into_folder
-from fastft.integration.adapter_files import check_adapter_fits
+from fastft.integration.adapter_files import WEIGHTS_NAMES, check_adapter_fits
 from fastft.integration.adapter_routing import adapter_call, route_adapter_methods
 from fastft.integration.checkpointing import drop_input_grad_hooks_if_unneeded
 from fastft.integration.lora_config import check_loadable, validate_lora_config, with_quantized_targets
@@ -31,6 +31,7 @@ from fastft.integration.methods.prompt import whole_prompt_encoders
 from fastft.integration.sharded_state import gathered_adapter_state, is_sharded, write_on_rank0
 from fastft.integration.tied_weights import untie_adapted_weights
 from fastft.modules.lora import FusedLoraLinear
+from fastft.modules.nf4_linear import NF4Linear
 from fastft.modules.qlora import FusedQLoraLinear, NF4RoundingWarning
 
 
@@ -161,7 +162,8 @@ def merge_and_unload(model: PeftModel, *, requantize: bool = False, dtype=None, 
 
     QLoRA layers are dequantized first and come back as dense nn.Linear (in `dtype`, default the dtype the model
     computes in: its embeddings', so the merged model runs after `model.to(dtype)`, peft's fp32 upcast or an fp16
-    checkpoint loaded as bf16): W + ΔW exactly, no second rounding. With requantize=True they stay NF4Linear:
+    checkpoint loaded as bf16): W + ΔW exactly, no second rounding; NF4 layers without an adapter come back dense
+    in that dtype too, so the model saves as a plain checkpoint. With requantize=True they stay NF4Linear:
     W + ΔW is quantized again, which keeps the 4-bit footprint at the cost of one more NF4 rounding (README: "QLoRA").
     Adapters merged into the NF4 weights before (peft's merge_adapter()) already carry that rounding, which no
     unmerge undoes: the dense result keeps it, with a warning naming them.
@@ -180,9 +182,17 @@ def merge_and_unload(model: PeftModel, *, requantize: bool = False, dtype=None, 
         else:
             layers = [m for m in model.modules() if isinstance(m, FusedQLoraLinear)]
             _warn_merged_into_nf4(layers)
-            dtype = dtype or (compute_dtype(model) if layers else None)
+            untargeted = [(name, m) for name, m in model.named_modules(remove_duplicate=False)
+                          if isinstance(m, NF4Linear) and not name.endswith(".base_layer")]
+            dtype = dtype or (compute_dtype(model) if layers or untargeted else None)
             for module in layers:
                 module.to_dense(dtype)
+            # layers without an adapter come back dense too: a model mixing dense and NF4 layers saves NF4 keys
+            # that transformers cannot load (its config has no quantization_config)
+            dense = {}
+            for name, module in untargeted:
+                parent, _, child = name.rpartition(".")
+                setattr(model.get_submodule(parent), child, dense.setdefault(id(module), module.to_linear(dtype)))
         untie_adapted_weights(model)
         return model.merge_and_unload(progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names)
 
@@ -234,7 +244,8 @@ def save_adapter(model: PeftModel, path: str | os.PathLike, **kwargs) -> Path:
 
 def _save_whole(model, path, kwargs) -> Path:
     with whole_prompt_encoders(model, kwargs.get("state_dict")):  # FSDP2-sharded prompt learning: the whole weights
-        return merge_into_folder(path, lambda tmp: model.save_pretrained(str(tmp), **kwargs))
+        return merge_into_folder(path, lambda tmp: model.save_pretrained(str(tmp), **kwargs),
+                                 alternatives=(frozenset(WEIGHTS_NAMES),))  # a stale other format would be read
 
 
 def patch_peft(model: nn.Module) -> nn.Module:
