@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fnmatch
 import functools
 import os
 import re
@@ -94,15 +95,16 @@ def replace_folder(path: str | os.PathLike, write: Callable[[Path], object], *, 
 
 
 def merge_into_folder(path: str | os.PathLike, write: Callable[[Path], object], *,
-                      alternatives: tuple[frozenset[str], ...] = ()) -> Path:
+                      alternatives: tuple[tuple[str, ...], ...] = ()) -> Path:
     """`write(tmp_folder)` fills a temporary sibling of `path`; the entries of `path` it did not write (a folder it
     wrote is merged the same way) are added to it, hard-linked (copied where the file system has no links), and the
     result takes `path`'s place as a whole, as `replace_folder` does: a reader sees the old folder or the new one,
     never a mix of two saves. A link to a folder in `path` stays a link where `write` wrote a folder of its name: that
     folder is written into the link's, file by file (each replaced atomically, the others kept), as peft's
     save_pretrained writes through the link. Nothing moves unless `write` succeeds. Returns `path`.
-    alternatives: groups of file names of which a folder holds one (adapter_model.safetensors / .bin): where `write`
-    wrote one of a group, the old folder's others are not kept (a loader preferring the stale one would read it)."""
+    alternatives: groups of file-name patterns (fnmatch) for the files of one save in its possible formats
+    (adapter_model.safetensors / .bin; a model's one file / shards + index): where `write` wrote a file of a group,
+    the old folder's files of that group are not kept (a loader preferring a stale one would read it)."""
     return _save_folder(path, write, keep_others=True, what="save", alternatives=alternatives)
 
 
@@ -120,7 +122,7 @@ def recover_folder(path: str | os.PathLike) -> None:
             fsync_path(path.parent)
 
 
-def _save_folder(path, write, *, keep_others: bool, what: str, alternatives: tuple[frozenset[str], ...] = ()) -> Path:
+def _save_folder(path, write, *, keep_others: bool, what: str, alternatives: tuple[tuple[str, ...], ...] = ()) -> Path:
     given, (path, tmp) = Path(path), _start_folder_save(path)
     old = None
     if keep_others and os.path.lexists(path) and not path.is_dir():
@@ -224,18 +226,22 @@ def _merge_through(src: Path, dst: Path) -> None:
     fsync_path(dst)
 
 
-def _link_missing(src: Path, dst: Path, alternatives: tuple[frozenset[str], ...] = ()) -> None:
+def _link_missing(src: Path, dst: Path, alternatives: tuple[tuple[str, ...], ...] = ()) -> None:
     """Add to folder `dst` every entry of folder `src` it lacks (folders in both: merged the same way), but not a
     file one of whose `alternatives` `dst` holds."""
     for entry in sorted(src.iterdir()):
         target = dst / entry.name
-        superseded = any(entry.name in group and any(os.path.lexists(dst / other) for other in group - {entry.name})
+        superseded = any(_matches(entry.name, group) and any(_matches(name, group) for name in os.listdir(dst))
                          for group in alternatives)
         if not os.path.lexists(target) and not superseded:
             _link_tree(entry, target)
         elif entry.is_dir() and target.is_dir() and not target.is_symlink():
             _link_missing(entry, target, alternatives)
     fsync_path(dst)
+
+
+def _matches(name: str, patterns) -> bool:
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
 
 
 def _link_tree(src: Path, dst: Path) -> None:

@@ -128,6 +128,26 @@ def test_quantize_while_loading_matches_bitsandbytes_and_holds_one_layer(checkpo
     assert not isinstance(model.lm_head, NF4Linear)
 
 
+def test_save_over_a_sharded_checkpoint_replaces_its_weights(tmp_path):
+    """save_nf4_model into the folder of a sharded save: the old index and shards stayed beside the new
+    model.safetensors, and load_nf4_model, which reads the index first, returned the old weights. A file of
+    another kind there (a tokenizer's) stays."""
+    dense = _tiny_llama()
+    dense.save_pretrained(tmp_path, max_shard_size="50KB")
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    (tmp_path / "tokenizer_config.json").write_text("{}")
+    model = nf4_model.quantize_model(_tiny_llama(), "nf4")
+    with torch.no_grad():
+        model.lm_head.weight.mul_(-1)  # unlike the dense checkpoint's
+    fastft.save_nf4_model(model, str(tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "generation_config.json",
+                                                          "model.safetensors", "tokenizer_config.json"]
+    again = fastft.load_nf4_model(str(tmp_path), dtype=torch.float32)
+    ids = torch.randint(0, 96, (1, 5))
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, model(ids).logits)
+
+
 def test_save_loads_back_in_bitsandbytes(checkpoints, tmp_path):
     root, _ = checkpoints
     model = fastft.load_nf4_model(str(root / "dense"), dtype=torch.bfloat16)

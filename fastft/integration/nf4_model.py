@@ -25,7 +25,7 @@ from collections import defaultdict
 import torch
 from torch import nn
 
-from fastft.files import atomic_write as _atomic_write
+from fastft.files import merge_into_folder
 from fastft.integration.checkpointing import (drop_input_grad_hooks_if_unneeded, enable_checkpointing,
                                              input_grad_hooks)
 from fastft.integration.module_names import name_hint
@@ -36,6 +36,9 @@ from fastft.quant.nf4_weight import QUANT_STATE_KEY, NF4Weight, local_nf4, quant
 DEFAULT_SKIP = ("lm_head",)
 _INDEX_FILE = "model.safetensors.index.json"
 _SINGLE_FILE = "model.safetensors"
+# every weights file of a transformers save, one file or shards + index, safetensors or torch
+_WEIGHTS_FILES = ("model.safetensors", "model-*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin",
+                  "pytorch_model.bin.index.json")
 
 
 def _skipped(name: str, skip) -> bool:
@@ -420,7 +423,6 @@ def save_nf4_model(model: nn.Module, path: str, *, compute_dtype: torch.dtype = 
 def _write(tensors: dict, path: str, cfg: dict | None) -> None:
     from safetensors.torch import save_file
 
-    os.makedirs(path, exist_ok=True)
     state, seen = {}, set()
     for key, t in tensors.items():
         t = t.detach()
@@ -433,12 +435,14 @@ def _write(tensors: dict, path: str, cfg: dict | None) -> None:
         if where is not None:
             seen.add(where)
         state[key] = t.contiguous().cpu()
-    _atomic_write(os.path.join(path, _SINGLE_FILE), lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
-    if cfg is not None:
-        def write_config(tmp):
-            with open(tmp, "w") as f:
-                json.dump(cfg, f, indent=2, sort_keys=True)
-        _atomic_write(os.path.join(path, "config.json"), write_config)
+
+    def write(folder):  # the folder as a whole: weights and config of one save (a tokenizer saved there stays)
+        save_file(state, str(folder / _SINGLE_FILE), metadata={"format": "pt"})
+        if cfg is not None:
+            (folder / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
+
+    # a checkpoint saved there before in shards: its index would be read first, its shards kept for nothing
+    merge_into_folder(path, write, alternatives=(_WEIGHTS_FILES,))
 
 
 # ----------------------------------------------------------------------------------------------

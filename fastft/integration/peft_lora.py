@@ -245,7 +245,7 @@ def save_adapter(model: PeftModel, path: str | os.PathLike, **kwargs) -> Path:
 def _save_whole(model, path, kwargs) -> Path:
     with whole_prompt_encoders(model, kwargs.get("state_dict")):  # FSDP2-sharded prompt learning: the whole weights
         return merge_into_folder(path, lambda tmp: model.save_pretrained(str(tmp), **kwargs),
-                                 alternatives=(frozenset(WEIGHTS_NAMES),))  # a stale other format would be read
+                                 alternatives=(WEIGHTS_NAMES,))  # a stale other format would be read
 
 
 def patch_peft(model: nn.Module) -> nn.Module:
