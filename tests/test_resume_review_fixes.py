@@ -137,6 +137,29 @@ def test_damaged_checkpoint_is_named_before_any_model_loads(tiny, tmp_path, caps
 
 
 @pytest.mark.slow
+def test_checkpoint_weights_that_do_not_fit_the_trainable_parameters_are_named(tiny, tmp_path, capsys):
+    """A trainable.safetensors lacking a parameter resumed with that parameter at its initial value (its optimizer
+    moments restored); an extra or reshaped tensor failed with a bare KeyError / RuntimeError."""
+    from safetensors.torch import save_file
+
+    out, constant = tmp_path / "run", ("--schedule", "constant", "--warmup-ratio", "0")  # --steps may grow
+    assert main(_argv(tiny, out, *constant, steps="2")) == 0
+    file = out / "checkpoints" / "step-00000002" / "trainable.safetensors"
+    saved = load_file(str(file))
+    first = sorted(saved)[0]
+    damages = {
+        "it lacks 1 trainable parameter(s) (" + first: {k: v for k, v in saved.items() if k != first},
+        "it holds 1 tensor(s) that are no trainable parameter here (extra": {**saved, "extra": torch.zeros(2)},
+        f"{first} is torch.float32 (3, 3), the parameter torch.float32 ": {**saved, first: torch.zeros(3, 3)},
+        f"{first} is torch.float16 ": {**saved, first: saved[first].half()},
+    }
+    for message, weights in damages.items():
+        save_file(weights, str(file))
+        err = _error(capsys, _argv(tiny, out, *constant, "--resume", steps="3"))
+        assert f"is damaged: trainable.safetensors: {message}" in err, err
+
+
+@pytest.mark.slow
 def test_a_checkpoint_that_cannot_be_written_stops_with_the_last_good_one(tiny, tmp_path, capsys, monkeypatch):
     import safetensors.torch
 

@@ -199,3 +199,26 @@ def test_resuming_a_finished_run_does_nothing(tiny_checkpoint, tmp_path, capsys)
     assert (out / "metrics.json").read_bytes() == before
     assert main(args + ["--resume", "--save-merged"]) == 0
     assert (out / "merged" / "config.json").is_file() and json.loads((out / "metrics.json").read_text())["merged_model"]
+
+
+def test_a_run_stopped_while_writing_its_report_is_not_finished(tiny_checkpoint, tmp_path, monkeypatch):
+    """metrics.json marks a run finished; it was written before report.md and losses.png, so a run killed between
+    them resumed to "nothing to do" without its report."""
+    from fastft.apps.training import report
+
+    data = tmp_path / "text.jsonl"
+    data.write_text("".join(json.dumps({"text": f"Record {i} says something."}) + "\n" for i in range(24)))
+    out = tmp_path / "run"
+    args = ["train", "--model", str(tiny_checkpoint), "--data", str(data), "--steps", "2", "--batch-size", "4",
+            "--eval-examples", "4", "--save-every", "2", "--output-dir", str(out)]
+
+    def killed(output_dir, metrics):
+        raise OSError("killed while writing report.md")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(report, "write_report", killed)  # loop.py imports it at the call
+        assert main(args) != 0
+    assert not (out / "metrics.json").exists()
+    assert main(args + ["--resume"]) == 0
+    assert (out / "metrics.json").is_file() and (out / "report.md").is_file()
+

@@ -191,6 +191,7 @@ class Checkpoints:
 
         acc = self.accelerator
         weights = load_file(str(path / "trainable.safetensors"))
+        self._check_weights(path, weights, model)
         optim = torch.load(path / "optimizer.pt", weights_only=False)
         groups, ours = len(optim["param_groups"]), len(optimizer.param_groups)
         if groups != ours:  # e.g. written before weight decay left biases and norms out (a group of their own)
@@ -212,6 +213,23 @@ class Checkpoints:
         for group, kept in zip(optimizer.param_groups, flags):
             group.update(kept)
         set_rng_state(torch.load(path / f"rng-{acc.process_index}.pt", weights_only=False))
+
+
+    def _check_weights(self, path: Path, weights: dict, model) -> None:
+        """The checkpoint holds every trainable parameter, as shaped and typed here, and nothing else: a missing one
+        would silently restart from its initial value while its optimizer moments are restored."""
+        expected = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        missing, extra = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
+        if missing or extra:
+            what = (f"it lacks {len(missing)} trainable parameter(s) ({missing[0]}, ...)" if missing else
+                    f"it holds {len(extra)} tensor(s) that are no trainable parameter here ({extra[0]}, ...)")
+            raise self._damaged(path, "trainable.safetensors", what)
+        for name, param in expected.items():
+            saved = weights[name]
+            if tuple(saved.shape) != tuple(param.shape) or saved.dtype != param.dtype:
+                raise self._damaged(path, "trainable.safetensors",
+                                    f"{name} is {saved.dtype} {tuple(saved.shape)}, the parameter "
+                                    f"{param.dtype} {tuple(param.shape)}")
 
 
 _IMPLEMENTATION_FLAGS = ("fused", "foreach", "capturable", "differentiable")

@@ -500,8 +500,8 @@ def _run(cfg: TrainConfig, accelerator, train_records, eval_records, description
             merged_model = fastft.merge_and_unload(inner)
             replace_folder(out / "merged", lambda tmp: (merged_model.save_pretrained(str(tmp)),
                                                         tokenizer.save_pretrained(str(tmp))))
+        write_report(out, metrics)  # report.md and losses.png, before metrics.json: it marks the run finished
         atomic_write(out / "metrics.json", json.dumps(metrics, indent=2))
-        write_report(out, metrics)  # report.md and losses.png
 
     try:
         run_shared(save_final, accelerator.is_main_process, "the final save")
