@@ -479,3 +479,45 @@ def test_the_encoder_says_when_max_length_cut_a_record(tokenizer):
         encoder = Encoder(tokenizer, 512, objective)
         encoder.encode(record)
         assert not encoder.last_cut, record
+
+
+def test_a_cut_pair_keeps_where_its_answers_differ(tokenizer):
+    """Answers sharing a long opening, cut to half of max_length each, came out identical: a pair with no
+    preference (loss ln 2, no gradient). Cut, their common opening goes to the prompt (the same tokens in the same
+    context score the same in both documents: they cancel in the loss); answers that fit keep what the prompt leaves,
+    not half."""
+    opening = "Sure! Here is a detailed explanation of how photosynthesis works in green plants and algae, step by step. "
+    record = {"prompt": "Explain photosynthesis.", "chosen": opening + "Light is absorbed.",
+              "rejected": opening + "Plants eat soil."}
+    encoder = Encoder(tokenizer, 24, "dpo")
+    pair = encoder.encode(record)
+    assert encoder.last_cut and len(pair.chosen.input_ids) <= 24 and len(pair.rejected.input_ids) <= 24
+    chosen = [t for t in pair.chosen.labels if t != IGNORE]
+    rejected = [t for t in pair.rejected.labels if t != IGNORE]
+    assert chosen != rejected and chosen[0] != rejected[0]  # the first trained tokens are where they differ
+    assert tokenizer.decode(chosen).strip().startswith("Light") and tokenizer.decode(rejected).strip().startswith("Plants")
+    # the untrained part of both documents is the same context: the end of the shared opening
+    assert pair.chosen.input_ids[:-len(chosen)] == pair.rejected.input_ids[:-len(rejected)]
+    # fitting whole (a short prompt leaves more than half): the answers whole, the opening trained as before
+    whole = Encoder(tokenizer, 64, "dpo")
+    pair = whole.encode(record)
+    assert not whole.last_cut
+    assert tokenizer.decode([t for t in pair.chosen.labels if t != IGNORE]).startswith("Sure!")
+
+
+def test_a_conversational_pair_opens_as_its_chat_does():
+    """With a tokenizer that adds a BOS its chat template does not render, the pair's documents had one that the
+    same chat under sft (and the template at inference) has not."""
+    from tokenizers import processors
+
+    tok = _llama2_style_tokenizer()
+    tok._tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'user' %}{{ 'USER: ' + m['content'] + '\\n' }}"
+                         "{% else %}{{ 'ASSISTANT: ' + m['content'] + eos_token + '\\n' }}{% endif %}{% endfor %}"
+                         "{% if add_generation_prompt %}{{ 'ASSISTANT: ' }}{% endif %}")
+    assert tok("x")["input_ids"][0] == tok.bos_token_id
+    rejected = [{"role": "assistant", "content": "Lyon."}]
+    pair = Encoder(tok, 128, "dpo").encode({"prompt": CHAT[:1], "chosen": CHAT[1:], "rejected": rejected})
+    chat = Encoder(tok, 128).encode({"messages": CHAT})
+    assert pair.chosen.input_ids == chat.input_ids and pair.chosen.labels == chat.labels
+    assert chat.input_ids[0] != tok.bos_token_id

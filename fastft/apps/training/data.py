@@ -282,7 +282,8 @@ class Encoder:
         return self._header
 
     def pair(self, record: dict) -> Pair:
-        """Responses (with end of sequence) keep at most half the length; the prompt is cut from its left.
+        """Responses (with end of sequence) keep what the prompt leaves of max_length, at least half of it; cut,
+        their common opening goes to the prompt first (it cancels in the loss); the prompt is cut from its left.
         Conversational pairs (lists of messages) are rendered by the chat template: the prompt with the generation
         prompt, each answer as the text the template adds after it (its end-of-turn included, no extra end of
         sequence), each tokenized with the prompt as a chat's answer is (_shared_prompt), where text pairs
@@ -292,12 +293,23 @@ class Encoder:
         else:
             prompt = self._document_ids(record["prompt"])
             answers = [self._with_eos(self._ids(record[k])) for k in ("chosen", "rejected")]
-        half = self.max_length // 2
-        self.last_cut = any(len(answer) > half for answer in answers)
-        responses = [answer[:half] for answer in answers]
+        room = self._answer_room(prompt)
+        self.last_cut = any(len(answer) > room for answer in answers)
+        if self.last_cut:
+            # the answers' common opening moves into the prompt: its tokens score the same in both documents
+            # (same context), so they cancel in the loss, and the cut keeps where the answers differ (cut to
+            # `room` as they were, two answers sharing a long opening came out identical: a pair with no gradient)
+            common = next((i for i, (a, b) in enumerate(zip(*answers)) if a != b), min(map(len, answers)))
+            prompt, answers = prompt + answers[0][:common], [answer[common:] for answer in answers]
+            room = self._answer_room(prompt)
+        responses = [answer[:room] for answer in answers]
         prompt = self._cut_left(prompt, max(self.max_length - max(len(r) for r in responses), 1))
         chosen, rejected = (Example(prompt + r, [IGNORE_INDEX] * len(prompt) + r) for r in responses)
         return Pair(chosen, rejected)
+
+    def _answer_room(self, prompt: list[int]) -> int:
+        """Tokens an answer may keep: what the prompt leaves, at least half of max_length."""
+        return max(self.max_length // 2, self.max_length - len(prompt))
 
     def _shared_prompt(self, rendered: dict) -> tuple[list[int], list[list[int]]]:
         """(prompt, [chosen answer, rejected answer]), each answer tokenized whole with the prompt, the prompt the
@@ -309,7 +321,7 @@ class Encoder:
         (c_ids, c_labels), (r_ids, r_labels) = whole
         common = next((i for i, (a, b) in enumerate(zip(c_ids, r_ids)) if a != b), min(len(c_ids), len(r_ids)))
         n = min(common, _first_trained(c_labels), _first_trained(r_labels))
-        return self._with_lead(c_ids[:n]), [c_ids[n:], r_ids[n:]]
+        return c_ids[:n], [c_ids[n:], r_ids[n:]]  # as chat() and the template tokenize it: no added lead
 
     def rendered_pair(self, record: dict) -> dict:
         """A conversational pair as text: the prompt rendered with the generation prompt, each answer the text the
