@@ -187,3 +187,22 @@ def test_dropout_defaults_to_0_under_dpo_as_trl():
     for objective in ("sft", "dpo"):
         assert unused_settings(validate(TrainConfig(method="ia3", objective=objective, task="mr"))) is None
     assert "--dropout" in unused_settings(validate(TrainConfig(method="ia3", dropout=0.2)))
+
+
+def test_max_length_past_the_models_positions():
+    """Learned position embeddings have no row past their limit: an IndexError at the first long batch (hours in);
+    refused before the weights load. Rotary positions extrapolate: a warning. Virtual tokens count."""
+    from transformers import GPT2Config, LlamaConfig
+
+    from fastft.apps.training.config import length_problem
+
+    gpt2, llama = GPT2Config(n_positions=32), LlamaConfig(max_position_embeddings=32)
+    assert length_problem(TrainConfig(max_length=32), gpt2) == (None, None)
+    error, warning = length_problem(TrainConfig(max_length=128, method="full"), gpt2)
+    assert warning is None and error.startswith("--max-length 128 is more than --model smollm2-135m's 32 positions")
+    assert error.endswith("give --max-length 32 or less")
+    error, _ = length_problem(TrainConfig(max_length=30, method="prompt", num_virtual_tokens=8), gpt2)
+    assert "--max-length 30 + --num-virtual-tokens 8" in error and error.endswith("give --max-length 24 or less")
+    assert length_problem(TrainConfig(max_length=30, method="lora", num_virtual_tokens=8), gpt2) == (None, None)
+    error, warning = length_problem(TrainConfig(max_length=64), llama)
+    assert error is None and warning.startswith("warning: --max-length 64 is more than")

@@ -415,6 +415,27 @@ def rank_problem(cfg: TrainConfig, model_config) -> str | None:
     return rank_over_hidden(cfg.rank, hidden, f"--model {cfg.model}", f"--method {cfg.method}")
 
 
+_POSITION_LIMITS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length")
+_ROTARY_KEYS = ("rope_parameters", "rope_theta", "rope_scaling", "rotary_pct", "rotary_dim", "rotary_emb_base")
+
+
+def length_problem(cfg: TrainConfig, model_config) -> tuple[str | None, str | None]:
+    """(error, warning) when a document of --max-length tokens (after prefix/prompt tuning's virtual tokens) runs
+    past the model's position limit: learned position embeddings have no row for it (an IndexError at the first such
+    batch, hours in), refused; rotary ones extrapolate past what the model was trained on, a warning."""
+    text = model_config.get_text_config()
+    limit = next((getattr(text, key) for key in _POSITION_LIMITS if isinstance(getattr(text, key, None), int)), None)
+    virtual = cfg.num_virtual_tokens if cfg.method in ("prefix", "prompt") else 0
+    if limit is None or cfg.max_length + virtual <= limit:
+        return None, None
+    length = f"--max-length {cfg.max_length}" + (f" + --num-virtual-tokens {virtual}" if virtual else "")
+    if any(getattr(text, key, None) is not None for key in _ROTARY_KEYS):
+        return None, (f"warning: {length} is more than --model {cfg.model}'s {limit} positions: it was not trained "
+                      "on such lengths (rotary positions extrapolate); a smaller --max-length stays inside them")
+    return (f"{length} is more than --model {cfg.model}'s {limit} positions (learned position embeddings: "
+            f"no row for position {limit}); give --max-length {limit - virtual} or less"), None
+
+
 def weights_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
     """--dtype: auto is bf16 on a GPU, except for full fine-tuning, whose weights are what AdamW updates: in bf16
     (and with bf16 optimizer state) an update below half a bf16 step rounds away (lr 1e-5 moves no weight near

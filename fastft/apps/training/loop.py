@@ -25,8 +25,9 @@ from fastft.files import atomic_write, replace_folder
 from fastft.integration.checkpointing import enable_checkpointing
 from fastft.integration.parameter_count import parameter_counts
 from fastft.integration.sharded_state import run_shared
-from fastft.apps.training.config import (LORA_METHODS, ConfigError, TrainConfig, epochs_to_steps, rank_problem,
-                                         teacher_dtype, to_yaml_dict, unused_settings, validate, weights_dtype)
+from fastft.apps.training.config import (LORA_METHODS, ConfigError, TrainConfig, epochs_to_steps, length_problem,
+                                         rank_problem, teacher_dtype, to_yaml_dict, unused_settings, validate,
+                                         weights_dtype)
 from fastft.apps.training.data import BatchPlan, Encoder, Example, Pair, check_tokenizer, pack
 from fastft.apps.training.records import data_fingerprint, load_records, records_digest
 from fastft.apps.training.logs import RunLog, peak_memory_gib
@@ -269,9 +270,13 @@ def _run(cfg: TrainConfig, accelerator, train_records, eval_records, description
             log(f"--resume: {cfg.output_dir} holds this run finished (step {cfg.steps} of {cfg.steps}, metrics.json); "
                 "nothing to do (a larger --steps continues it)")
             return finished
-    problem = rank_problem(cfg, AutoConfig.from_pretrained(model_path))  # the sizes, before the weights load
+    model_config = AutoConfig.from_pretrained(model_path)  # the sizes, before the weights load
+    problem, warning = length_problem(cfg, model_config)
+    problem = rank_problem(cfg, model_config) or problem
     if problem:
         raise ConfigError(problem)
+    if warning:
+        log(warning)
     check_tokenizer(tokenizer, train_records + eval_records, cfg.objective)
     teacher = None
     if cfg.objective == "distill":
