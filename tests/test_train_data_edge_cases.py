@@ -205,6 +205,14 @@ def test_other_forms_keep_what_they_hold(tmp_path, tokenizer):
      "a prompt-completion record needs string fields prompt and"),
     ({"prompt": "Q", "completion": ""}, "'completion' is empty"),
     ({"question": "Q", "answer": "A"}, "expected a 'text', 'messages' or 'prompt'/'completion' field"),
+    # an empty answer trained only the end-of-turn (stop at once); a mistyped optional field was dropped silently
+    ({"instruction": "Q", "output": ""}, "every assistant turn is empty"),
+    ({"conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": ""}]}, "every assistant turn is"),
+    ({"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": ""}]}, "every assistant turn"),
+    ({"instruction": "Q", "input": 0, "output": "A"}, "an Alpaca record's 'input' must be text, got int"),
+    ({"instruction": "Q", "output": "A", "system": []}, "an Alpaca record's 'system' must be text, got list"),
+    ({"system": {"x": 1}, "conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": "A"}]},
+     "'system' must be text, got dict"),
 ])
 def test_malformed_records_of_the_other_forms_are_refused(tmp_path, record, problem):
     data = _jsonl(tmp_path / "bad.jsonl", {"text": "fine"}, record)
@@ -292,6 +300,32 @@ def test_a_file_that_is_not_utf8_names_its_line(tmp_path):
         read_jsonl(data, "sft")
     data.write_bytes(b'\xef\xbb\xbf{"text": "caf\xc3\xa9"}\n')  # a byte-order mark (Windows editors write one)
     assert read_jsonl(data, "sft") == [{"text": "caf\u00e9"}]
+
+
+@pytest.mark.parametrize("content, problem", [
+    (b'[\n  {"text": "a"},\n  {"text": "b"}\n]\n', ":1: a JSON array (one document), not JSON Lines"),
+    (b'[{"text": "a"}, {"text": "b"}]\n', ":1: a JSON array (one document), not JSON Lines"),
+    (b"\x1f\x8b\x08\x00rest", ": gzip-compressed; decompress it first"),
+    ("{\"text\": \"a\"}\n".encode("utf-16"), ": UTF-16 text; convert it to UTF-8"),
+    (b"PAR1\x00\x00", ": a Parquet file; write it as JSON Lines"),
+    (b'{"text": "fine"}\n{"text": "half \\ud83d emoji"}\n', ":2: holds a lone UTF-16 surrogate escape"),
+])
+def test_files_that_are_not_json_lines_say_what_they_are(tmp_path, content, problem):
+    """A JSON array (Alpaca's alpaca_data.json) was "not valid JSON (Expecting value at column 1)"; gzip and
+    UTF-16 were told to convert from latin1; a lone surrogate crashed in the tokenizer naming no line."""
+    data = tmp_path / "data.jsonl"
+    data.write_bytes(content)
+    with pytest.raises(DataError, match=re.escape(f"{data}{problem}")):
+        read_jsonl(data, "sft")
+    data.write_bytes(b'{"text": "a whole emoji \\ud83d\\ude00"}\n')  # a surrogate pair is one character
+    assert read_jsonl(data, "sft") == [{"text": "a whole emoji \U0001f600"}]
+
+
+def test_chats_without_a_chat_template_name_the_record(tokenizer, tmp_path):
+    records = read_jsonl(_jsonl(tmp_path / "a.jsonl", {"text": "x"}, {"instruction": "Q", "output": "A"}), "sft")
+    with pytest.raises(ConfigError, match=re.escape(f"{tmp_path / 'a.jsonl'}:2: a chat record") +
+                       ".*Alpaca lines are read as chats.*no chat template"):
+        check_tokenizer(_changed(tokenizer, chat_template=None), records)
 
 
 # ------------------------------------------------------------------------------------------- end of sequence

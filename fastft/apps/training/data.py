@@ -352,7 +352,9 @@ def check_tokenizer(tokenizer, records: list[dict], objective: str = "sft") -> N
         if kind != "chat" and not conversational:
             continue
         if not getattr(tokenizer, "chat_template", None):
-            raise ConfigError("the data has chat records but the tokenizer has no chat template")
+            raise ConfigError(f"{where(record, index)}: a chat record (messages; ShareGPT and Alpaca lines are read "
+                              "as chats), but the tokenizer has no chat template; give a --model whose tokenizer has "
+                              "one, or write the data as {\"prompt\", \"completion\"} or {\"text\"} records")
         try:
             encoder.chat_pieces(record["messages"]) if kind == "chat" else encoder.rendered_pair(record)
         except Exception as e:  # the template's own errors too (e.g. "roles must alternate")

@@ -75,6 +75,8 @@ def _record_problem(record, objective: str) -> str | None:
             return problem
         if not any(m["role"] == "assistant" for m in messages):
             return "'messages' has no assistant turn (nothing to train on)"
+        if not any(m["content"] for m in messages if m["role"] == "assistant"):
+            return "every assistant turn is empty (it would only train the end-of-turn: stopping at once)"
         return None
     if "completion" in record:
         if not all(isinstance(record.get(k), str) for k in ("prompt", "completion")):
@@ -157,12 +159,18 @@ def _as_chat(record: dict) -> dict | str:
                         "text}")
             messages.append({"role": _SHAREGPT_ROLES[who], "content": text})
         system = record.get("system")  # LLaMA-Factory's form keeps the system prompt beside the turns
-        if isinstance(system, str) and system and messages[0]["role"] != "system":
+        if system is not None and not isinstance(system, str):
+            return f"'system' must be text, got {type(system).__name__}"
+        if system and messages[0]["role"] != "system":
             messages.insert(0, {"role": "system", "content": system})
         return {**record, "messages": messages}
     if alpaca:
-        instruction, extra, output = record["instruction"], record.get("input") or "", record["output"]
-        system, history = record.get("system") or "", record.get("history") or []
+        optional = {k: record.get(k) for k in ("input", "system")}
+        wrong = next((k for k, v in optional.items() if v is not None and not isinstance(v, str)), None)
+        if wrong:
+            return f"an Alpaca record's '{wrong}' must be text, got {type(optional[wrong]).__name__}"
+        instruction, extra, output = record["instruction"], optional["input"] or "", record["output"]
+        system, history = optional["system"] or "", record.get("history") or []
         if not all(isinstance(v, str) for v in (instruction, extra, output, system)) or not instruction:
             return "an Alpaca record needs string fields instruction (non-empty), output and optionally input, system"
         pairs = all(isinstance(turn, list) and len(turn) == 2 and all(isinstance(t, str) for t in turn)
@@ -178,10 +186,25 @@ def _as_chat(record: dict) -> dict | str:
     return record
 
 
+# files that are not JSON Lines, by their first bytes: what they are, and what to do
+_OTHER_FORMATS = ((b"\x1f\x8b", "gzip-compressed; decompress it first (gunzip)"),
+                  (b"PAR1", "a Parquet file; write it as JSON Lines (e.g. pandas: df.to_json(path, orient='records', "
+                            "lines=True))"),
+                  (b"\xff\xfe", "UTF-16 text; convert it to UTF-8 (e.g. iconv -f utf-16 -t utf-8)"),
+                  (b"\xfe\xff", "UTF-16 text; convert it to UTF-8 (e.g. iconv -f utf-16 -t utf-8)"))
+_JSON_ARRAY = ("a JSON array (one document), not JSON Lines; --data needs one JSON object per line (e.g. "
+               "python -c \"import json,sys; [print(json.dumps(r)) for r in json.load(open(sys.argv[1]))]\" FILE)")
+
+
 def read_jsonl(path: str | Path, objective: str) -> list[dict]:
     """Every record of a jsonl file, checked; a DataError names the file and line of the first bad one."""
     records = []
     with open(path, "rb") as f:  # bytes, decoded line by line: a decoding error then names its line
+        start = f.read(4)
+        f.seek(0)
+        for magic, what in _OTHER_FORMATS:
+            if start.startswith(magic):
+                raise DataError(f"{path}: {what}")
         for lineno, raw in enumerate(f, 1):
             try:
                 line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # a byte-order mark may open the file
@@ -190,10 +213,18 @@ def read_jsonl(path: str | Path, objective: str) -> list[dict]:
                                 "the data file must be UTF-8: convert it (e.g. iconv -f latin1 -t utf-8)") from None
             if not line.strip():
                 continue
+            if not records and line.lstrip().startswith("["):
+                raise DataError(f"{path}:{lineno}: {_JSON_ARRAY}")
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+            try:  # an escaped lone surrogate ("\ud83d") parses, but no tokenizer can encode it
+                if "\\u" in line:
+                    json.dumps(record, ensure_ascii=False).encode("utf-8")
+            except UnicodeEncodeError:
+                raise DataError(f"{path}:{lineno}: holds a lone UTF-16 surrogate escape (half of a character such as "
+                                "an emoji, e.g. \\ud83d): not valid Unicode; fix or drop the record") from None
             if objective != "dpo" and isinstance(record, dict):
                 record = _as_chat(record)
                 if isinstance(record, str):
