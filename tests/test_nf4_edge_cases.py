@@ -299,3 +299,15 @@ def test_double_quant_of_scales_at_fp32_limits_is_refused(scale):
     with pytest.raises(ValueError, match="double_quant=False"):
         quantize_nf4(w, blocksize=64, double_quant=True)
     assert torch.isfinite(quantize_nf4(w, blocksize=64, double_quant=False).dequantize(torch.float32)).all()
+
+
+@pytest.mark.parametrize("shape", [(130, 129), (1000, 33)])
+def test_an_all_zero_weight_with_a_short_tail_block_double_quantizes(shape):
+    """Over 256 blocks, the tail block's scale at bitsandbytes' 1e-38 floor made a group's nested scale tiny and
+    its reciprocal inf: refused as "beyond what the 8-bit nested code holds", where bitsandbytes quantizes it exactly
+    (a zero-initialized nn.Linear could not be quantized)."""
+    w = quantize_nf4(torch.zeros(shape), blocksize=64, double_quant=True)
+    assert torch.equal(w.dequantize(torch.float32), torch.zeros(shape))
+    layer = nn.Linear(shape[1], shape[0], bias=False)
+    nn.init.zeros_(layer.weight)
+    assert torch.equal(NF4Linear.from_linear(layer).dequantize_weight(torch.float32), torch.zeros(shape))

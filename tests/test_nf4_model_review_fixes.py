@@ -252,3 +252,47 @@ def test_a_gpt2_adapter_trained_on_the_dense_model_loads_onto_its_nf4_twin(tmp_p
     want = _logits(peft.PeftModel.from_pretrained(twin, tmp_path))
     assert torch.allclose(_logits(loaded), want, atol=1e-5)
     assert torch.allclose(_logits(fastft.merge_and_unload(loaded)), want, atol=1e-4)
+
+
+def test_quantize_model_refuses_a_model_with_peft_adapters():
+    """Its lora_A / lora_B are nn.Linear too: they became frozen NF4Linear layers (0 trainable parameters, an error
+    only at backward)."""
+    model = fastft.get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    with pytest.raises(TypeError, match="holds peft adapters.*quantize the base model first"):
+        fastft.quantize_model(model, "nf4")
+    assert any(p.requires_grad for p in model.parameters())
+
+
+def test_quantize_model_gives_a_shared_layer_one_nf4_layer_at_every_name():
+    """named_modules() names a shared module once: the other name kept the dense layer, its weight set to None."""
+    shared = nn.Linear(64, 64)
+    model = nn.Sequential(nn.Sequential(shared), nn.Sequential(shared))
+    fastft.quantize_model(model, "nf4", use_default_skip=False)
+    assert isinstance(model[0][0], NF4Linear) and model[1][0] is model[0][0]
+    assert torch.isfinite(model(torch.randn(2, 64))).all()
+
+
+def test_quantize_model_leaves_linears_it_cannot_stand_in_for_dense():
+    """An nn.Linear subclass with its own forward (silently replaced: 0.9 off) and nn.MultiheadAttention's
+    out_proj, whose weight the attention reads directly (NotImplementedError from NF4Weight), stay dense, named in
+    a warning."""
+    class Scaled(nn.Linear):
+        def forward(self, x):
+            return super().forward(x) * 10
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scaled, self.plain = Scaled(64, 64), nn.Linear(64, 64)
+            self.attn = nn.MultiheadAttention(64, 4, batch_first=True)
+
+        def forward(self, x):
+            return self.attn(self.plain(self.scaled(x)), x, x)[0]
+
+    model = Net()
+    x = torch.randn(2, 3, 64)
+    with pytest.warns(UserWarning, match=r"left 2 layer\(s\) dense \(scaled, attn.out_proj\)"):
+        fastft.quantize_model(model, "nf4", use_default_skip=False)
+    assert type(model.scaled) is Scaled and type(model.attn.out_proj) is not NF4Linear
+    assert isinstance(model.plain, NF4Linear)
+    assert model(x).shape == (2, 3, 64)

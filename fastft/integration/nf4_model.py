@@ -119,15 +119,46 @@ def quantize_model(model: nn.Module, quant_type: str = "nf4", *, blocksize: int 
     """
     if quant_type != "nf4":
         raise ValueError(f"quantize_model: only quant_type='nf4' is supported, got {quant_type!r}")
+    _refuse_adapters(model)
     skip = _skip_entries(skip)
     _check_skip(model, skip, "quantize_model")
     skip += default_skip(model) if use_default_skip else ()
-    targets = [(name, m) for name, m in model.named_modules() if _quantizable(m) and name and not _skipped(name, skip)]
+    parents = {id(child): parent for parent in model.modules() for child in parent.children()}
+    targets = [(name, m) for name, m in model.named_modules(remove_duplicate=False)  # every name of a shared layer
+               if name and _quantizable(m) and not _skipped(name, skip)]
+    quantized, kept = {}, []
     for name, linear in targets:
-        _set_submodule(model, name, NF4Linear.from_linear(linear, blocksize=blocksize, double_quant=double_quant,
-                                                          name=name))
-        linear.weight = None  # drop the dense weight now, not when the whole walk ends
+        if not _plain_forward(linear, parents.get(id(linear))):
+            kept.append(name)
+            continue
+        if id(linear) not in quantized:  # a layer registered under two names gets one NF4Linear at both
+            quantized[id(linear)] = NF4Linear.from_linear(linear, blocksize=blocksize, double_quant=double_quant,
+                                                          name=name)
+            linear.weight = None  # drop the dense weight now, not when the whole walk ends
+        _set_submodule(model, name, quantized[id(linear)])
+    if kept:
+        warnings.warn(f"quantize_model: left {len(kept)} layer(s) dense ({', '.join(kept[:3])}"
+                      f"{', ...' if len(kept) > 3 else ''}): an nn.Linear subclass with its own forward, or a "
+                      "layer whose owner reads its weight directly (nn.MultiheadAttention's out_proj); an NF4Linear "
+                      "in its place would change what it computes", stacklevel=2)
     return _finish_nf4_model(model)
+
+
+def _plain_forward(module: nn.Module, parent: nn.Module | None) -> bool:
+    """The layer computes x·Wᵀ + b through its own forward, as NF4Linear does."""
+    if isinstance(parent, nn.MultiheadAttention):
+        return False
+    return is_conv1d(module) or type(module).forward is nn.Linear.forward
+
+
+def _refuse_adapters(model: nn.Module) -> None:
+    from peft import PeftModel
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    if isinstance(model, PeftModel) or any(isinstance(m, BaseTunerLayer) for m in model.modules()):
+        raise TypeError("quantize_model: the model holds peft adapters, whose own nn.Linear layers (lora_A, lora_B) "
+                        "would be quantized and frozen; quantize the base model first, then "
+                        "fastft.get_peft_model(quantized, config) (QLoRA)")
 
 
 def prepare_model_for_kbit_training(model: nn.Module, use_gradient_checkpointing: bool = True,

@@ -174,7 +174,12 @@ def double_quantize(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
     q, absmax2 = quantize_blockwise8_torch(absmax - offset)
     # scales near fp32's limits (|w| ~ 1e-38 or ~ 1e38) overflow the mean or 1/(a group's largest |scale - mean|):
     # the codes would be garbage (bitsandbytes returns NaN scales for the huge case)
-    if not bool(torch.isfinite(offset)) or not bool(torch.isfinite(1.0 / absmax2[absmax2 > 0]).all()):
+    # groups of all-zero blocks (scale 0, or bitsandbytes' 1e-38 floor for a short tail block) decode to zero
+    # whatever their codes: not checked (their 1/absmax2 overflows, yet bitsandbytes quantizes them exactly)
+    zero = (absmax == 0) | (absmax == torch.tensor(_TINY, dtype=absmax.dtype))
+    groups = torch.nn.functional.pad(zero, (0, (-zero.numel()) % NESTED_BLOCKSIZE), value=True)
+    live = (absmax2 > 0) & ~groups.view(-1, NESTED_BLOCKSIZE).all(dim=1)
+    if not bool(torch.isfinite(offset)) or not bool(torch.isfinite(1.0 / absmax2[live]).all()):
         raise ValueError(f"quantize_nf4(double_quant=True): block scales from {float(absmax.min()):.3g} to "
                          f"{float(absmax.max()):.3g} are beyond what the 8-bit nested code holds in fp32; quantize "
                          "this weight with double_quant=False (or rescale it)")
