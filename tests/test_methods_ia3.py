@@ -106,6 +106,32 @@ def test_unfusable_ia3_option_is_named():
         fastft.get_peft_model(tiny_llama(), _config(fan_in_fan_out=True))
 
 
+@pytest.mark.parametrize("fields, message", [
+    (dict(modules_to_save=["lm_hed"]), "modules_to_save"),
+    (dict(target_modules="all-linear", exclude_modules=["o_prj"]), "exclude_modules"),
+    (dict(target_modules="all-linear", feedforward_modules=["down_prj"]),
+     r"IA3Config.feedforward_modules entries \['down_prj'\] match none.*did you mean 'down_proj'"),
+])
+def test_ia3_names_that_match_nothing_are_refused_as_for_lora(fields, message):
+    """They were accepted: the head not trained, nothing excluded, down_proj scaled at its output instead of its
+    input. (A target_modules entry that matches nothing is a warning, as for LoRA.)"""
+    with pytest.raises(ValueError, match=message):
+        fastft.get_peft_model(tiny_llama(), IA3Config(**{"target_modules": ["k_proj", "v_proj", "down_proj"],
+                                                         "feedforward_modules": ["down_proj"], **fields}))
+    from fastft.integration.lora_config import UnmatchedTargetWarning
+    with pytest.warns(UnmatchedTargetWarning, match=r"IA3Config.target_modules entries \['vproj'\]"):
+        fastft.get_peft_model(tiny_llama(), IA3Config(target_modules=["k_proj", "vproj"], feedforward_modules=[]))
+
+
+def test_ia3_on_nf4_layers_is_refused_before_anything_changes():
+    """peft failed mid-injection with its generic "only torch.nn.Linear ..." error, leaving IA3 layers in the
+    model (those before the first NF4 target)."""
+    model = fastft.quantize_model(tiny_llama(), "nf4", skip=["layers.0.self_attn.k_proj"])
+    with pytest.raises(ValueError, match=r"IA3Config.target_modules reaches NF4 layers \(model.layers.1.self_attn"):
+        fastft.get_peft_model(model, IA3Config(target_modules=["k_proj"], feedforward_modules=[]))
+    assert not any(hasattr(m, "ia3_l") for m in model.modules())
+
+
 @interpreter_only
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("b_nk, tail, col, kscale", [(True, True, True, True), (False, True, True, True),

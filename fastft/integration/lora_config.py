@@ -207,7 +207,7 @@ def _check_targets(config: LoraConfig, model: nn.Module) -> None:
                          f" (with layers_to_transform={config.layers_to_transform!r}); "
                          f"{'; '.join(hints) + ' Its' if hints else 'its'} linear layers are named "
                          f"{_linear_layer_names(model)}")
-    _warn_unmatched_targets(built, model, names)
+    warn_unmatched_targets(built, model, names)
     _warn_layer_selection_skips_parameters(config, parameters)
     check_fan_in_fan_out(config, targeted)
     if targeted is not None:
@@ -268,7 +268,8 @@ def _check_defaults_kept(config: LoraConfig, built: LoraConfig, model: nn.Module
                          "name the layers meant")
 
 
-def _warn_unmatched_targets(config: LoraConfig, model: nn.Module, names: list[str]) -> None:
+def warn_unmatched_targets(config, model: nn.Module, names: list[str], label: str = "LoraConfig",
+                           layer: str = "LoRA", stacklevel: int = 5) -> None:
     """One warning naming the target_modules list entries that match no module (peft's rule: the name or a dotted
     suffix of it), with a did-you-mean: peft adds nothing for them. Not an error: a list may name the layers of
     several architectures (Llama's and GPT-2's), on purpose."""
@@ -276,9 +277,10 @@ def _warn_unmatched_targets(config: LoraConfig, model: nn.Module, names: list[st
     if not unmatched:
         return
     hints = _target_hints(unmatched, names)
-    warnings.warn(f"LoraConfig.target_modules entries {unmatched} match no module of {type(model).__name__}, so they "
-                  f"get no LoRA layer (peft adapts the other entries){'; ' + '; '.join(hints) if hints else '.'} "
-                  f"Its linear layers are named {_linear_layer_names(model)}", UnmatchedTargetWarning, stacklevel=5)
+    warnings.warn(f"{label}.target_modules entries {unmatched} match no module of {type(model).__name__}, so they "
+                  f"get no {layer} layer (peft adapts the other entries){'; ' + '; '.join(hints) if hints else '.'} "
+                  f"Its linear layers are named {_linear_layer_names(model)}", UnmatchedTargetWarning,
+                  stacklevel=stacklevel)
 
 
 def _unmatched_targets(targets, names: list[str]) -> list[str]:

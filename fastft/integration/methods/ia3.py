@@ -12,6 +12,7 @@ Injection: peft builds the model; every plain peft IA3 Linear is swapped in plac
 """
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import torch
@@ -19,6 +20,7 @@ from peft import IA3Config
 from peft.tuners.ia3 import Linear as PeftIA3Linear
 from torch import nn
 
+from fastft.integration.module_names import name_hint, names_module
 from fastft.modules.lora import default_backend, plain_linear
 from fastft.ops.ia3 import ia3_linear
 
@@ -28,18 +30,38 @@ def validate_ia3_config(config, model: nn.Module) -> None:
     fan_in_fan_out=True only with Conv1D targets, which run peft's forward)."""
     from peft.utils import TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING as defaults
 
-    from fastft.integration.lora_config import check_fan_in_fan_out, targeted_modules
+    from fastft.integration.lora_config import (check_exclude_modules, check_fan_in_fan_out, check_modules_to_save,
+                                                targeted_modules, warn_unmatched_targets)
+    from fastft.modules.nf4_linear import NF4Linear
 
     if not isinstance(config, IA3Config):
         raise TypeError(f"validate_ia3_config expects a peft.IA3Config, got {type(config).__name__}")
+    targeted = targeted_modules(config, model, defaults)
     if config.fan_in_fan_out:
-        check_fan_in_fan_out(config, targeted_modules(config, model, defaults), "IA3Config.fan_in_fan_out")
+        check_fan_in_fan_out(config, targeted, "IA3Config.fan_in_fan_out")
+    quantized = [name for name, module in targeted or () if isinstance(module, NF4Linear)]
+    if quantized:  # peft would fail on them mid-injection, with IA3 layers already in the model
+        raise ValueError(f"IA3Config.target_modules reaches NF4 layers ({', '.join(quantized[:3])}"
+                         f"{', ...' if len(quantized) > 3 else ''}): IA3 scales dense layers only; keep them dense "
+                         "(fastft.quantize_model(model, skip=[...])) or use LoRA (QLoRA) on the NF4 model")
     targets, ff = config.target_modules, config.feedforward_modules
     if isinstance(targets, (list, set, tuple)) and isinstance(ff, (list, set, tuple)):
         stray = sorted(set(ff) - set(targets))
         if stray:
             raise ValueError(f"IA3Config.feedforward_modules={sorted(ff)} names modules not in target_modules "
                              f"({sorted(targets)}): {stray}")
+    names = [name for name, _ in model.named_modules(remove_duplicate=False) if name]
+    warn_unmatched_targets(config, model, names, "IA3Config", "IA3", stacklevel=4)
+    check_exclude_modules(config, names, "IA3Config")
+    check_modules_to_save(config, names, "IA3Config")
+    if targeted and ff:  # an entry no targeted module matches scales that module's output, not its input
+        matched = [n for n, _ in targeted]
+        unmatched = [ff] if isinstance(ff, str) and not any(re.fullmatch(ff, n) for n in matched) else \
+            [] if isinstance(ff, str) else [e for e in ff if not any(names_module(e, n) for n in matched)]
+        if unmatched:
+            raise ValueError(f"IA3Config.feedforward_modules entries {unmatched} match none of the modules IA3 "
+                             f"targets ({sorted({n.rsplit('.', 1)[-1] for n in matched})}); "
+                             f"{name_hint(str(unmatched[0]), matched)}")
 
 
 class FusedIA3Linear(PeftIA3Linear):
