@@ -284,6 +284,17 @@ def test_a_rank_above_the_hidden_size_is_refused_where_a_method_uses_it():
     BenchConfig(shape="tiny", rank=65, methods=("ia3", "full")).validate()
 
 
+def test_a_rank_above_a_local_models_hidden_size_is_refused(tmp_path):
+    """Only --shape was checked: --model DIR --rank 100 benchmarked r=100 on a hidden size of 64."""
+    from transformers import LlamaConfig
+
+    LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4).save_pretrained(
+        tmp_path)
+    with pytest.raises(ValueError, match=f"--rank 100 is larger than --model {tmp_path}'s hidden size 64"):
+        BenchConfig(model=str(tmp_path), rank=100, methods=("lora",)).validate()
+    BenchConfig(model=str(tmp_path), rank=64, methods=("lora",)).validate()
+
+
 def test_help_says_which_flags_apply_to_which_mode(capsys):
     with pytest.raises(SystemExit):
         cli.main(["bench", "--help"])

@@ -222,3 +222,37 @@ def test_a_run_stopped_while_writing_its_report_is_not_finished(tiny_checkpoint,
     assert main(args + ["--resume"]) == 0
     assert (out / "metrics.json").is_file() and (out / "report.md").is_file()
 
+
+
+def test_a_finished_run_without_checkpoints_is_not_overwritten(tiny_checkpoint, tmp_path, capsys):
+    """--save-every 0: run again into its folder, a new run replaced adapter/ and metrics.json but left the old
+    merged/ beside them; --resume found no checkpoint and trained from step 0. config.yaml holds the settings as
+    given (an unset --dropout stays unset: reused with --objective dpo it was the sft default 0.05)."""
+    import yaml
+
+    data = tmp_path / "text.jsonl"
+    data.write_text("".join(json.dumps({"text": f"Record {i} says something."}) + "\n" for i in range(24)))
+    out = tmp_path / "run"
+    args = ["train", "--model", str(tiny_checkpoint), "--data", str(data), "--steps", "1", "--batch-size", "4",
+            "--eval-examples", "4", "--save-every", "0", "--output-dir", str(out)]
+    assert main(args) == 0
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["dropout"] is None and saved["mixed_precision"] == "auto"
+    before = (out / "metrics.json").read_bytes()
+    for extra in ([], ["--resume", "--lr", "0.01"]):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as info:
+            main(args + extra)
+        assert info.value.code == 2
+        assert "holds a finished run (metrics.json) and no checkpoint" in capsys.readouterr().err
+    assert main(args + ["--resume"]) == 0  # the same settings: the finished run stands
+    assert "holds this run finished (metrics.json, the same config.yaml); nothing to do" in capsys.readouterr().out
+    assert (out / "metrics.json").read_bytes() == before
+
+
+def test_distributed_asked_for_in_one_process_is_refused(tiny_checkpoint, tmp_path, capsys):
+    """--distributed fsdp without torchrun trained one unsharded process, saying only 'distribution: NO'."""
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--model", str(tiny_checkpoint), "--distributed", "fsdp", "--output-dir", str(tmp_path)])
+    assert info.value.code == 2
+    assert "--distributed fsdp needs several processes, but this is one" in capsys.readouterr().err

@@ -49,6 +49,15 @@ def _error(argv, capsys) -> str:
     (["--output-dir", "/etc/hostname"], "--output-dir /etc/hostname: exists and is not a folder"),
     (["--seed", str(2**32)], "--seed must be in [0, 2**32 - 1]"),
     (["--method", "full", "--dtype", "fp16"], "--method full with --dtype fp16 trains fp16 weights"),
+    # inf passed the range checks: a traceback (--alpha) or "the loss is nan ... try a lower --lr" after loading
+    (["--alpha", "inf"], "--alpha must be a finite number, got inf"),
+    (["--weight-decay", "inf"], "--weight-decay must be a finite number"),
+    (["--loraplus-lr-ratio", "inf"], "--loraplus-lr-ratio must be a finite number"),
+    (["--objective", "dpo", "--dpo-beta", "inf"], "--dpo-beta must be a finite number"),
+    (["--temperature", "inf"], "--temperature must be a finite number"),
+    (["--ce-weight", "inf"], "--ce-weight must be a finite number"),
+    (["--data", ""], "--data is an empty path; give a jsonl file"),
+    (["--config", ""], "--config .: file not found"),
     pytest.param(["--mixed-precision", "fp16"], "--mixed-precision fp16 needs a CUDA GPU",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 autocast runs on a GPU")),
 ])
@@ -79,7 +88,15 @@ def test_yaml_config_flags_override_and_unknown_keys(tmp_path, capsys, monkeypat
     assert main(["train", "--config", str(run), "--no-rslora"]) == 0 and seen["cfg"].rslora is False
 
     run.write_text("save_evry: 10\n")
-    assert "unknown key 'save_evry'" in _error(["train", "--config", str(run)], capsys)
+    assert "unknown key 'save_evry' (keys are `fastft train` flag names with underscores; did you mean save_every?)" \
+        in _error(["train", "--config", str(run)], capsys)
+    run.write_text("save-every: 1\nsave_every: 0\n")
+    assert "key 'save_every' is given twice" in _error(["train", "--config", str(run)], capsys)
+    for lone in ("0", "false", "[]", "''"):  # not an empty file: was read as no settings
+        run.write_text(lone + "\n")
+        assert "expected a mapping of settings" in _error(["train", "--config", str(run)], capsys), lone
+    run.write_text("target_modules: {q_proj: 1}\n")  # a mapping's keys were taken as the module list
+    assert "key 'target_modules' must be" in _error(["train", "--config", str(run)], capsys)
     run.write_text("steps: many\n")
     assert "key 'steps' must be int, got 'many'" in _error(["train", "--config", str(run)], capsys)
     run.write_text("dropout: 1.5\n")

@@ -65,7 +65,9 @@ def main(argv: list[str] | None = None) -> int:
         from fastft.apps.training import TrainingStopped, train, validate
 
         try:
-            train(validate(config_from_args(commands["train"], args, argv)))
+            config = config_from_args(commands["train"], args, argv)
+            validate(config)  # the settings' errors first; train gets them as given (its config.yaml keeps those)
+            train(config)
         except ConfigError as e:
             print(f"fastft train: error: {e}", file=sys.stderr)
             raise SystemExit(2) from None

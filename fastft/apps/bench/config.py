@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -95,13 +96,22 @@ class BenchConfig:
 
     def _check_rank(self) -> None:
         """A rank above the hidden size adds nothing a full-rank update lacks and only costs time (a real --model's
-        size is known once it loads, so only --shape is checked here)."""
+        size is read from its config.json; the built-in one's is known once it loads)."""
         ranked = [m for m in self.methods if m in RANKED_METHODS]
-        if self.model is None and ranked:
-            problem = rank_problem(self.rank, SHAPES[self.shape]["hidden_size"], f"--shape {self.shape}",
-                                   ", ".join(ranked))
-            if problem:
-                raise ValueError(problem)
+        if not ranked:
+            return
+        if self.model is None:
+            hidden, what = SHAPES[self.shape]["hidden_size"], f"--shape {self.shape}"
+        elif Path(self.model, "config.json").is_file():
+            from transformers import AutoConfig
+
+            hidden = getattr(AutoConfig.from_pretrained(self.model).get_text_config(), "hidden_size", None)
+            what = f"--model {self.model}"
+        else:
+            return
+        problem = rank_problem(self.rank, hidden, what, ", ".join(ranked))
+        if problem:
+            raise ValueError(problem)
 
 
 def output_dir_error(output_dir: str) -> str | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import math
 import os
 import types
@@ -279,6 +280,8 @@ def _coerce(name: str, value, source: str):
                 raise TypeError
             return value
         if typing.get_origin(kind) is tuple:
+            if not isinstance(value, (str, list, tuple)):  # a mapping's keys are no module list
+                raise TypeError
             items = [value] if isinstance(value, str) else list(value)
             if not all(isinstance(x, str) for x in items):
                 raise TypeError
@@ -320,7 +323,8 @@ def read_yaml_config(path: str | os.PathLike) -> dict:
     if not path.is_file():
         raise ConfigError(f"--config {path}: file not found")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = {} if data is None else data  # an empty file; a lone 0 / false / [] is refused below
     except UnicodeDecodeError:
         raise ConfigError(f"--config {path}: not UTF-8 text; save the file as UTF-8") from None
     except yaml.YAMLError as e:
@@ -331,8 +335,12 @@ def read_yaml_config(path: str | os.PathLike) -> dict:
     for key, value in data.items():
         name = str(key).replace("-", "_")
         if name not in FIELDS:
+            close = difflib.get_close_matches(name, list(FIELDS), n=1)
             raise ConfigError(f"--config {path}: unknown key '{key}' (keys are `fastft train` flag names with "
-                              "underscores, e.g. save_every)")
+                              f"underscores{f'; did you mean {close[0]}?' if close else ', e.g. save_every'})")
+        if name in values:  # save-every and save_every in one file: which one counts would be silent
+            raise ConfigError(f"--config {path}: key '{name}' is given twice (spelled with dashes or underscores); "
+                              "keep one")
         values[name] = _coerce(name, value, f"--config {path}")
         if name in _CHOICES and values[name] is not None and values[name] not in _CHOICES[name]:
             raise ConfigError(f"--config {path}: key '{name}' must be one of {', '.join(_CHOICES[name])}, "
@@ -343,7 +351,7 @@ def read_yaml_config(path: str | os.PathLike) -> dict:
 def config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace, argv) -> TrainConfig:
     """Defaults < YAML file < flags given on the command line."""
     values = {name: getattr(args, name) for name in FIELDS}
-    if args.config:
+    if args.config is not None:  # --config "" is a missing file, not no file
         explicit = given_dests([a for a in parser._actions if a.dest in FIELDS], argv, "train")  # noqa: SLF001
         for name, value in read_yaml_config(args.config).items():
             if name not in explicit:
@@ -483,7 +491,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     for name in ("epochs", "eval_examples", "eval_every", "save_every", "weight_decay", "max_grad_norm",
                  "loraplus_lr_ratio", "kl_weight", "reverse_kl_weight", "ce_weight"):
         need(getattr(cfg, name) >= 0, f"{flag(name)} must be at least 0, got {getattr(cfg, name)}")
-    need(math.isfinite(cfg.epochs), f"--epochs must be a finite number, got {cfg.epochs}")
+    for name in ("epochs", "weight_decay", "max_grad_norm", "loraplus_lr_ratio", "kl_weight", "reverse_kl_weight",
+                 "ce_weight", "alpha", "dpo_beta", "temperature"):  # inf passed the range checks, then lost the run
+        need(math.isfinite(getattr(cfg, name)), f"{flag(name)} must be a finite number, got {getattr(cfg, name)}")
     need(cfg.max_length >= 8, f"--max-length must be at least 8, got {cfg.max_length}")
     need(0 <= cfg.seed < 2**32, f"--seed must be in [0, 2**32 - 1] (numpy's and accelerate's range), got {cfg.seed}")
     need(cfg.lr > 0 and cfg.lr == cfg.lr and cfg.lr != float("inf"), f"--lr must be a positive number, got {cfg.lr}")
@@ -547,6 +557,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     for name in ("data", "eval_data"):
         path = getattr(cfg, name)
         if path is not None:
+            need(bool(str(path).strip()), f"{flag(name)} is an empty path; give a jsonl file")
             need(not Path(path).is_dir(), f"{flag(name)} {path}: is a directory; give a jsonl file")
             need(Path(path).is_file(), f"{flag(name)} {path}: file not found")
     need(cfg.eval_data is None or cfg.data is not None, "--eval-data needs --data")

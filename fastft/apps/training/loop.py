@@ -215,16 +215,28 @@ def _describe(name: str, result: dict | None) -> str:
 
 
 def train(cfg: TrainConfig) -> dict:
-    cfg = validate(cfg)
+    given, cfg = cfg, validate(cfg)
     if cfg.compile != "off":  # a fresh dynamo, as in a new process: earlier runs' code caches (and their
         torch._dynamo.reset()  # recompile limits) must not decide whether this run's model compiles
     train_records, eval_records, description = load_records(cfg)  # malformed data fails before any model loads
     accelerator = make_accelerator(cfg)
     with hold_output_dir(cfg.output_dir, accelerator):  # one run at a time writes there (run_lock)
-        return _run(cfg, accelerator, train_records, eval_records, description)
+        return _run(cfg, accelerator, train_records, eval_records, description, given)
 
 
-def _run(cfg: TrainConfig, accelerator, train_records, eval_records, description) -> dict:
+def _saved_as_given(out: Path, given: TrainConfig) -> bool:
+    """Whether the run in `out` was started with these settings (its config.yaml; --resume aside)."""
+    import yaml
+
+    try:
+        saved = yaml.safe_load((out / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return False
+    ours = to_yaml_dict(given)
+    return isinstance(saved, dict) and {**saved, "resume": None} == {**ours, "resume": None}
+
+
+def _run(cfg: TrainConfig, accelerator, train_records, eval_records, description, as_given: TrainConfig) -> dict:
     from accelerate.utils import DistributedType, set_seed
     from transformers import AutoConfig
 
@@ -243,7 +255,8 @@ def _run(cfg: TrainConfig, accelerator, train_records, eval_records, description
     resume_from = checkpoints.latest() if cfg.resume else None
     plan = BatchPlan(len(train_records), cfg.batch_size, cfg.grad_accum, world, cfg.seed,
                      records_digest(train_records))
-    as_given = cfg  # config.yaml keeps the flags as given: --epochs, not the steps it gives here
+    # as_given, for config.yaml: --epochs, not the steps it gives here; an unset --dropout or --mixed-precision
+    # auto, not what validate resolved them to (reused with --objective dpo or on a GPU, those would be wrong)
     if cfg.epochs:
         given, cfg = cfg.steps, epochs_to_steps(cfg, len(train_records), plan.per_step)
         log(f"--epochs {cfg.epochs:g}: {cfg.steps} steps of {plan.per_step} records "
@@ -258,6 +271,15 @@ def _run(cfg: TrainConfig, accelerator, train_records, eval_records, description
     elif not cfg.resume and checkpoints.latest() is not None:
         raise ConfigError(f"--output-dir {cfg.output_dir} holds checkpoints of an earlier run "
                           f"({checkpoints.latest().name}); pass --resume to continue it, or choose another "
+                          "--output-dir (or delete that one) to start a new run")
+    elif (out / "metrics.json").is_file():  # a finished run without checkpoints (--save-every 0): overwritten,
+        # its merged/ would have stayed beside the new run's adapter; resumed, it would have trained from step 0
+        if cfg.resume and _saved_as_given(out, as_given):
+            log(f"--resume: {cfg.output_dir} holds this run finished (metrics.json, the same config.yaml); nothing "
+                "to do")
+            return json.loads((out / "metrics.json").read_text())
+        raise ConfigError(f"--output-dir {cfg.output_dir} holds a finished run (metrics.json) and no checkpoint "
+                          f"{'to resume from (its config.yaml differs)' if cfg.resume else 'of it'}; choose another "
                           "--output-dir (or delete that one) to start a new run")
     set_seed(cfg.seed)
 

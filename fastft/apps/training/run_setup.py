@@ -137,6 +137,9 @@ def make_accelerator(cfg: TrainConfig):
     accelerator = Accelerator(**kwargs)
     if cfg.distributed == "none" and accelerator.num_processes > 1:
         raise ConfigError(f"--distributed none, but {accelerator.num_processes} processes were launched")
+    if cfg.distributed in ("ddp", "fsdp") and accelerator.num_processes == 1:  # asked for, silently one process
+        raise ConfigError(f"--distributed {cfg.distributed} needs several processes, but this is one; launch with "
+                          "torchrun --nproc_per_node N -m fastft.apps.cli train ..., or leave --distributed auto")
     return accelerator
 
 
