@@ -25,7 +25,11 @@ def lora_linear_reference(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.
     The rank path runs in rank_dtype(x.dtype): in fp32 for fp16 x, as peft runs it with its fp32 adapters."""
     if bias is not None and bias.dtype != x.dtype:  # the fused kernels take any float bias (added in fp32)
         bias = bias.to(x.dtype)
-    y = F.linear(x, weight, bias)
+    return add_rank_path(x, F.linear(x, weight, bias), lora_A, lora_B, scaling, dropout_p, keep_mask=keep_mask)
+
+
+def add_rank_path(x, y, lora_A, lora_B, scaling, dropout_p=0.0, *, keep_mask=None):
+    """y + s·(dropout(x)·Aᵀ)·Bᵀ as lora_linear_reference adds it to the base output y (plain torch, autograd)."""
     dtype = rank_dtype(x.dtype)
     lora_in = x.to(dtype)
     if keep_mask is not None:

@@ -24,8 +24,8 @@ from fastft.ops.compiled import compiling, needed, unused
 from fastft.ops.compiled_args import (fresh_like, nf4_args, nf4_from_args, refuse_replayed_dropout, seed_int,
                                       traced_seed)
 from fastft.ops.qlora_path import release_dequant_scratch  # noqa: F401 - public here too
-from fastft.ops.lora import (backward_operands, fused_lora_backward, fused_lora_forward, lora_linear_reference,
-                             lora_meta, saved_factors)
+from fastft.ops.lora import (add_rank_path, backward_operands, fused_lora_backward, fused_lora_forward,
+                             lora_linear_reference, lora_meta, saved_factors)
 from fastft.ops.shared import (as_rows, autocast_inputs, autocast_off, check, finite, nf4_fused_ok,
                                first_order_only, resolve_backend)
 from fastft.quant.nf4_weight import NF4Weight
@@ -40,6 +40,31 @@ def qlora_linear_reference(x, qweight, bias, lora_A, lora_B, scaling, dropout_p=
 
 def nf4_linear_reference(x, qweight, bias):
     return F.linear(x, qweight.dequantize(x.dtype), _bias_as(bias, x))
+
+
+class NF4MatmulTorch(torch.autograd.Function):
+    """x·Wᵀ + b on the torch backend with W dequantized in forward and again in backward: autograd through F.linear
+    would keep the dense W of every layer alive until backward (QLoRA above plain LoRA's memory). Eager only: traced
+    code takes the reference (the compiler decides what it saves)."""
+
+    @staticmethod
+    def forward(ctx, x, qweight, bias):
+        ctx.qweight = qweight
+        return F.linear(x, qweight.dequantize(x.dtype), bias)
+
+    @staticmethod
+    @first_order_only
+    def backward(ctx, dy):
+        dx = dy @ ctx.qweight.dequantize(dy.dtype) if ctx.needs_input_grad[0] else None
+        db = dy.reshape(-1, dy.shape[-1]).sum(0) if ctx.needs_input_grad[2] else None
+        return dx, None, db
+
+
+def _nf4_matmul_torch(x, qweight, bias):
+    bias = _bias_as(bias, x)
+    if compiling() or not torch.is_grad_enabled():
+        return F.linear(x, qweight.dequantize(x.dtype), bias)
+    return NF4MatmulTorch.apply(x, qweight, bias)
 
 
 def _bias_as(bias, x):
@@ -307,7 +332,7 @@ def qlora_linear(x, qweight, bias, lora_A, lora_B, scaling, dropout_p=0.0, *, ba
     scaling, dropout_p = float(scaling), float(dropout_p)
     backend = resolve_backend("qlora_linear", backend, x.device, arg="x")
     if backend == "torch" or x.numel() == 0:
-        return qlora_linear_reference(x, qweight, bias, lora_A, lora_B, scaling, dropout_p)
+        return add_rank_path(x, _nf4_matmul_torch(x, qweight, bias), lora_A, lora_B, scaling, dropout_p)
     with autocast_off(x.device.type):
         if not compiling():
             return QLoRALinearFunction.apply(x, qweight, bias, lora_A, lora_B, scaling, dropout_p)
@@ -321,7 +346,7 @@ def nf4_linear(x, qweight, bias=None, *, backend="auto"):
     _validate_base("nf4_linear", x, qweight, bias)
     backend = resolve_backend("nf4_linear", backend, x.device, arg="x")
     if backend == "torch" or x.numel() == 0 or not nf4_fused_ok(qweight):
-        return nf4_linear_reference(x, qweight, bias)
+        return _nf4_matmul_torch(x, qweight, bias)
     with autocast_off(x.device.type):
         if not compiling():
             return NF4LinearFunction.apply(x, qweight, bias)
