@@ -1,6 +1,7 @@
 """Adapter folders on disk: corrupt files get a clear error; saves leave nothing behind, respect the umask and keep
 the folder's other files (as peft's save_pretrained does)."""
 import os
+import re
 import stat
 from pathlib import Path
 
@@ -29,6 +30,39 @@ def test_corrupt_adapter_weights_name_the_file(tmp_path, damage):
         with pytest.raises(ValueError, match="corrupt or truncated") as info:
             call()
         assert str(weights) in str(info.value) and "save the adapter again" in str(info.value)
+
+
+@pytest.mark.parametrize("kind", ["prefix", "prompt"])
+@pytest.mark.parametrize("damage", ["truncated", "missing"])
+def test_damaged_prompt_learning_adapters_name_the_file(tmp_path, kind, damage):
+    """They went straight to peft: a bare SafetensorError naming no file, or a misleading HFValidationError."""
+    from peft import PrefixTuningConfig, PromptTuningConfig
+
+    config = (PrefixTuningConfig if kind == "prefix" else PromptTuningConfig)(task_type="CAUSAL_LM",
+                                                                              num_virtual_tokens=3)
+    path = fastft.save_adapter(fastft.get_peft_model(tiny_llama(), config), tmp_path / "adapter")
+    weights = path / "adapter_model.safetensors"
+    if damage == "missing":
+        weights.unlink()
+        with pytest.raises(FileNotFoundError, match=re.escape(f"{weights} not found")):
+            fastft.load_adapter(tiny_llama(), path)
+    else:
+        weights.write_bytes(weights.read_bytes()[:100])
+        with pytest.raises(ValueError, match=re.escape(str(weights)) + ".*corrupt or truncated"):
+            fastft.load_adapter(tiny_llama(), path)
+
+
+def test_a_legacy_bin_adapter_loads(tmp_path):
+    """torch.save's pre-1.6 format, which peft loads, was refused as corrupt (mmap reads the zip format only)."""
+    model, path = _saved(tmp_path)
+    randomize_lora_B(model)
+    state = {k.replace(".default", ""): v for k, v in model.state_dict().items() if "lora_" in k}
+    (path / "adapter_model.safetensors").unlink()
+    torch.save(state, path / "adapter_model.bin", _use_new_zipfile_serialization=False)
+    loaded = fastft.load_adapter(tiny_llama(), path)
+    for key, value in model.state_dict().items():
+        if "lora_B" in key:
+            assert torch.equal(loaded.state_dict()[key], value), key
 
 
 def test_corrupt_adapter_config_names_the_file(tmp_path):

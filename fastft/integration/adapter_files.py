@@ -52,7 +52,10 @@ def read_weights(file: Path, *, shapes_only: bool = False) -> dict:
 
     try:
         if file.suffix == ".bin":
-            tensors = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            import zipfile
+
+            # mmap reads torch's zip format only; a legacy (pre-1.6) file peft still loads is read whole
+            tensors = torch.load(file, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(file))
             return {k: tuple(v.shape) for k, v in tensors.items()} if shapes_only else tensors
         with safe_open(str(file), framework="pt") as f:
             return {k: tuple(f.get_slice(k).get_shape()) if shapes_only else f.get_tensor(k) for k in f.keys()}

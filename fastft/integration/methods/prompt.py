@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from pathlib import Path
 
 import torch
 from peft import PeftModel, PeftModelForCausalLM, PromptEncoderConfig, PromptTuningConfig
@@ -138,6 +139,9 @@ def load_prompt_learning(model: nn.Module, path, adapter_name: str, is_trainable
     what was saved is the table of virtual-token embeddings (or prefix keys/values) the encoder produced, not a
     projection's MLP. Loaded as peft loads it, that table is the adapter; `is_trainable` trains the table itself
     (the same parameters peft's forward and save use), so a saved prefix or prompt can be trained further."""
+    from fastft.integration.adapter_files import adapter_weights_file, read_weights
+
+    read_weights(adapter_weights_file(Path(path)), shapes_only=True)  # missing or damaged: named, as for LoRA
     was_training = model.training
     if isinstance(model, PeftModel):
         model.load_adapter(str(path), adapter_name=adapter_name)
