@@ -81,7 +81,7 @@ class TrainConfig:
     schedule: str = "cosine"
     warmup_ratio: float = 0.1
     max_grad_norm: float = 0.0  # off by default, as before (the README's figures were measured so)
-    max_length: int = 64
+    max_length: int | None = None  # None: 64, or 128 for the built-in instructions (resolved_max_length)
     # objectives' knobs
     dpo_beta: float = 0.1
     kl_weight: float = 1.0
@@ -157,7 +157,9 @@ _HELP = {
     "schedule": "learning-rate schedule after warm-up",
     "warmup_ratio": "fraction of --steps spent warming up linearly",
     "max_grad_norm": "clip the global gradient norm to this (0: no clipping; 1.0 is a common choice)",
-    "max_length": "tokens per document at most (classification prompts are cut from the left)",
+    "max_length": "tokens per document at most (classification prompts are cut from the left); unset (None): 64, "
+                  "or 128 for --task instructions (its chats with the template's system prompt run ~65-85 tokens: "
+                  "at 64 half were cut, some to an answer without its question)",
     "dpo_beta": "dpo: beta, the strength of the pull towards the reference",
     "kl_weight": "distill: weight of KL(teacher || student)",
     "reverse_kl_weight": "distill: weight of KL(student || teacher)",
@@ -462,6 +464,13 @@ def teacher_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
     return weights_dtype(cfg, device)
 
 
+def resolved_max_length(cfg: TrainConfig) -> int:
+    """--max-length as given, else 64, or 128 for the built-in instruction chats (--task instructions)."""
+    if cfg.max_length is not None:
+        return cfg.max_length
+    return 128 if cfg.data is None and cfg.task == "instructions" else 64
+
+
 def resolved_dropout(cfg: TrainConfig) -> float:
     """--dropout as given, else 0.05, or 0 for dpo: TRL's DPOTrainer disables dropout (disable_dropout=True), so
     the policy's log-probs and the reference's differ by the adapters alone, not by a random mask."""
@@ -494,6 +503,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     for name in ("epochs", "weight_decay", "max_grad_norm", "loraplus_lr_ratio", "kl_weight", "reverse_kl_weight",
                  "ce_weight", "alpha", "dpo_beta", "temperature"):  # inf passed the range checks, then lost the run
         need(math.isfinite(getattr(cfg, name)), f"{flag(name)} must be a finite number, got {getattr(cfg, name)}")
+    cfg = dataclasses.replace(cfg, max_length=resolved_max_length(cfg))
     need(cfg.max_length >= 8, f"--max-length must be at least 8, got {cfg.max_length}")
     need(0 <= cfg.seed < 2**32, f"--seed must be in [0, 2**32 - 1] (numpy's and accelerate's range), got {cfg.seed}")
     need(cfg.lr > 0 and cfg.lr == cfg.lr and cfg.lr != float("inf"), f"--lr must be a positive number, got {cfg.lr}")
