@@ -284,6 +284,24 @@ def test_a_rank_above_the_hidden_size_is_refused_where_a_method_uses_it():
     BenchConfig(shape="tiny", rank=65, methods=("ia3", "full")).validate()
 
 
+def test_flags_no_benchmarked_method_reads_are_noted(capsys, monkeypatch, tmp_path):
+    """--methods ia3 --rank 8 --num-virtual-tokens 4 ran without a word, its report naming r=8 and 4 virtual tokens
+    for a table holding only IA3; --shape beside --model was dropped silently."""
+    from fastft.apps.bench.report import _method_knobs
+
+    monkeypatch.setattr(methods_module, "bench_methods", lambda *a, **k: (_ for _ in ()).throw(SystemExit(0)))
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--methods", "ia3", "--rank", "8", "--alpha", "3", "--num-virtual-tokens", "4",
+                  "--shape", "tiny", "--output-dir", str(tmp_path / "out")])
+    out = capsys.readouterr().out
+    for flag in ("--rank", "--alpha", "--num-virtual-tokens"):
+        assert f"note: {flag} is not used (no method in --methods reads it)" in out
+    assert "--shape" not in out
+    config = {"methods": ["ia3"], "rank": 8, "alpha": 3.0, "num_virtual_tokens": 4}  # the report header's knobs
+    assert _method_knobs(config) == ""
+    assert _method_knobs({**config, "methods": ["ia3", "lora"]}) == "LoRA/DoRA r=8 alpha=3; "
+
+
 def test_a_rank_above_a_local_models_hidden_size_is_refused(tmp_path):
     """Only --shape was checked: --model DIR --rank 100 benchmarked r=100 on a hidden size of 64."""
     from transformers import LlamaConfig

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from fastft.apps.bench.config import BenchConfig, output_dir_error
+from fastft.apps.bench.config import RANKED_METHODS, BenchConfig, output_dir_error
 from fastft.apps.bench.kernels import FAMILIES
 from fastft.apps.bench.peers import PEERS
 from fastft.apps.bench.shapes import DTYPES, SHAPES
@@ -101,6 +101,17 @@ def _foreign_flag(args, argv: list[str]) -> str | None:
     return None
 
 
+def _unused_flags(args, argv: list[str], cfg: BenchConfig) -> list[str]:
+    """A note for each flag given that no benchmarked method reads (as fastft train notes its unused settings)."""
+    given = given_dests([a for flags in args._bench_modes.values() for a in flags.values()], argv, "bench")
+    methods = set(cfg.methods)
+    unused = {"rank": not methods & set(RANKED_METHODS), "alpha": not methods & set(RANKED_METHODS),
+              "num_virtual_tokens": not methods & {"prefix", "prompt"}, "shape": cfg.model is not None}
+    why = {"shape": "--model is benchmarked instead"}
+    return [f"note: --{dest.replace('_', '-')} is not used ({why.get(dest, 'no method in --methods reads it')})"
+            for dest, idle in unused.items() if idle and dest in given]
+
+
 def _split(values) -> tuple[str, ...]:
     """`--methods lora,qlora dora` -> ("lora", "qlora", "dora")."""
     if isinstance(values, str):
@@ -135,6 +146,8 @@ def run_bench(args, argv: list[str]) -> int:
             return run_kernels(families, args.output_dir)
         cfg = config_from_args(args)
         cfg.validate()
+        for note in _unused_flags(args, argv, cfg):
+            print(note)
         from fastft.apps.bench.methods import default_device
         from fastft.apps.bench.resume import clear_outputs, previous_result
 

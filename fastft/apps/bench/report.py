@@ -90,6 +90,17 @@ def _note(row: dict) -> str:
     return "; ".join(parts + (["model patched by fastft.patch_model"] if row.get("patched") else []))
 
 
+def _method_knobs(cfg: dict) -> str:
+    """The rank and virtual tokens, where a benchmarked method uses them (an IA3 table named r and alpha)."""
+    methods = set(cfg["methods"]) if "methods" in cfg else {"lora", "prefix"}  # a result without its list: both
+    parts = []
+    if methods & {"lora", "qlora", "dora"}:
+        parts.append(f"LoRA/DoRA r={cfg['rank']} alpha={cfg['alpha']:g}; ")
+    if methods & {"prefix", "prompt"}:
+        parts.append(f"{cfg['num_virtual_tokens']} virtual tokens; ")
+    return "".join(parts)
+
+
 def markdown(result: dict) -> str:
     cfg, env = result["config"], result["environment"]
     v = env["versions"]
@@ -100,8 +111,7 @@ def markdown(result: dict) -> str:
         "",
         f"{what}; B{cfg['batch_size']}×S{cfg['seq_len']}, dtype {cfg['dtype_resolved']}, gradient checkpointing "
         f"{'on' if cfg['gradient_checkpointing'] else 'off'}; {cfg['steps']} timed steps after {cfg['warmup']} "
-        f"warm-up; LoRA/DoRA r={cfg['rank']} alpha={cfg['alpha']:g}; {cfg['num_virtual_tokens']} virtual tokens; "
-        f"optimizer {cfg.get('optimizer', 'adamw')} for every row.",
+        f"warm-up; {_method_knobs(cfg)}optimizer {cfg.get('optimizer', 'adamw')} for every row.",
         f"torch {v.get('torch')}, triton {v.get('triton')}, transformers {v.get('transformers')}, peft {v.get('peft')}, "
         f"bitsandbytes {v.get('bitsandbytes')}, liger-kernel {v.get('liger-kernel')}, unsloth {v.get('unsloth')}.",
         f"Peak memory: {'; '.join(kinds) or 'not measured'}. tokens/s = B·S / mean step time (forward, backward, "
