@@ -183,14 +183,19 @@ def test_records_cut_by_max_length_are_counted(tiny_checkpoint, tmp_path, capsys
     assert resumed["resumed_from"] and resumed["records_cut"] == {"cut": 18, "tokenized": 36}
 
 
-def test_resuming_a_finished_run_does_nothing(tiny_checkpoint, tmp_path, capsys):
-    """It evaluated and saved again, overwriting metrics.json with the new process's peak memory beside the first
-    run's tokens/s. --save-merged, which the finished run lacks, still runs its end."""
+def _text_run(tiny_checkpoint, tmp_path, steps: str, save_every: str):
+    """(output folder, `fastft train` argv) of a short run on 24 text records."""
     data = tmp_path / "text.jsonl"
     data.write_text("".join(json.dumps({"text": f"Record {i} says something."}) + "\n" for i in range(24)))
     out = tmp_path / "run"
-    args = ["train", "--model", str(tiny_checkpoint), "--data", str(data), "--steps", "2", "--batch-size", "4",
-            "--eval-examples", "4", "--save-every", "2", "--output-dir", str(out)]
+    return out, ["train", "--model", str(tiny_checkpoint), "--data", str(data), "--steps", steps, "--batch-size", "4",
+                 "--eval-examples", "4", "--save-every", save_every, "--output-dir", str(out)]
+
+
+def test_resuming_a_finished_run_does_nothing(tiny_checkpoint, tmp_path, capsys):
+    """It evaluated and saved again, overwriting metrics.json with the new process's peak memory beside the first
+    run's tokens/s. --save-merged, which the finished run lacks, still runs its end."""
+    out, args = _text_run(tiny_checkpoint, tmp_path, steps="2", save_every="2")
     assert main(args) == 0
     before = (out / "metrics.json").read_bytes()
     capsys.readouterr()
@@ -206,11 +211,7 @@ def test_a_run_stopped_while_writing_its_report_is_not_finished(tiny_checkpoint,
     them resumed to "nothing to do" without its report."""
     from fastft.apps.training import report
 
-    data = tmp_path / "text.jsonl"
-    data.write_text("".join(json.dumps({"text": f"Record {i} says something."}) + "\n" for i in range(24)))
-    out = tmp_path / "run"
-    args = ["train", "--model", str(tiny_checkpoint), "--data", str(data), "--steps", "2", "--batch-size", "4",
-            "--eval-examples", "4", "--save-every", "2", "--output-dir", str(out)]
+    out, args = _text_run(tiny_checkpoint, tmp_path, steps="2", save_every="2")
 
     def killed(output_dir, metrics):
         raise OSError("killed while writing report.md")
@@ -223,18 +224,13 @@ def test_a_run_stopped_while_writing_its_report_is_not_finished(tiny_checkpoint,
     assert (out / "metrics.json").is_file() and (out / "report.md").is_file()
 
 
-
 def test_a_finished_run_without_checkpoints_is_not_overwritten(tiny_checkpoint, tmp_path, capsys):
     """--save-every 0: run again into its folder, a new run replaced adapter/ and metrics.json but left the old
     merged/ beside them; --resume found no checkpoint and trained from step 0. config.yaml holds the settings as
     given (an unset --dropout stays unset: reused with --objective dpo it was the sft default 0.05)."""
     import yaml
 
-    data = tmp_path / "text.jsonl"
-    data.write_text("".join(json.dumps({"text": f"Record {i} says something."}) + "\n" for i in range(24)))
-    out = tmp_path / "run"
-    args = ["train", "--model", str(tiny_checkpoint), "--data", str(data), "--steps", "1", "--batch-size", "4",
-            "--eval-examples", "4", "--save-every", "0", "--output-dir", str(out)]
+    out, args = _text_run(tiny_checkpoint, tmp_path, steps="1", save_every="0")
     assert main(args) == 0
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["dropout"] is None and saved["mixed_precision"] == "auto"

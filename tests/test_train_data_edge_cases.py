@@ -526,7 +526,8 @@ def test_a_cut_pair_keeps_where_its_answers_differ(tokenizer):
     preference (loss ln 2, no gradient). Cut, their common opening goes to the prompt (the same tokens in the same
     context score the same in both documents: they cancel in the loss); answers that fit keep what the prompt leaves,
     not half."""
-    opening = "Sure! Here is a detailed explanation of how photosynthesis works in green plants and algae, step by step. "
+    opening = ("Sure! Here is a detailed explanation of how photosynthesis works in green plants and algae, "
+               "step by step. ")
     record = {"prompt": "Explain photosynthesis.", "chosen": opening + "Light is absorbed.",
               "rejected": opening + "Plants eat soil."}
     encoder = Encoder(tokenizer, 24, "dpo")
@@ -535,7 +536,8 @@ def test_a_cut_pair_keeps_where_its_answers_differ(tokenizer):
     chosen = [t for t in pair.chosen.labels if t != IGNORE]
     rejected = [t for t in pair.rejected.labels if t != IGNORE]
     assert chosen != rejected and chosen[0] != rejected[0]  # the first trained tokens are where they differ
-    assert tokenizer.decode(chosen).strip().startswith("Light") and tokenizer.decode(rejected).strip().startswith("Plants")
+    assert tokenizer.decode(chosen).strip().startswith("Light")
+    assert tokenizer.decode(rejected).strip().startswith("Plants")
     # the untrained part of both documents is the same context: the end of the shared opening
     assert pair.chosen.input_ids[:-len(chosen)] == pair.rejected.input_ids[:-len(rejected)]
     # fitting whole (a short prompt leaves more than half): the answers whole, the opening trained as before
