@@ -153,6 +153,7 @@ def test_one_seed_threshold_is_three_points():
     (["study", "--steps", "0"], "--steps must be at least 1"),
     (["study", "--lr", "lora=fast"], "expected RATE or METHOD=RATE"),
     (["study", "--lr", "nope=1e-3"], "--lr: expected positive rates"),
+    (["study", "--lr", "lora=1e-3", "lora=5"], "--lr: lora given twice (lora=0.001, lora=5); keep one"),
     (["study", "--methods", "bitfit"], "invalid choice: 'bitfit'"),
     (["study", "--quick", "--max-test", "0"], "--max-test must be at least 1"),
     (["study", "--threads", "0"], "--threads must be at least 1"),
@@ -173,6 +174,14 @@ def test_a_methods_own_lr_wins_over_a_bare_one_in_either_order(order):
 
     rates = _parse_lr(order)
     assert rates["lora"] == 2e-3 and all(rate == 1e-3 for method, rate in rates.items() if method != "lora")
+
+
+def test_an_lr_for_a_method_not_run_is_noted(tmp_path, capsys):
+    from fastft.apps.cli import main
+
+    assert main(["study", "--plan", "--methods", "lora", "--lr", "qlora=0.1", "lora=1e-3",
+                 "--output-dir", str(tmp_path / "none")]) == 0
+    assert "note: --lr qlora=0.1 is not used (not in the methods run: lora)" in capsys.readouterr().out
 
 
 def test_quick_config_and_overrides():

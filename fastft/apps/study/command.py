@@ -29,6 +29,8 @@ def _parse_lr(values: list[str]) -> dict:
         except ValueError:
             raise argparse.ArgumentTypeError(f"--lr: expected RATE or METHOD=RATE, got {v!r}") from None
         if name:
+            if name in named and named[name] != value:  # the last one silently won
+                raise argparse.ArgumentTypeError(f"--lr: {name} given twice ({name}={named[name]:g}, {v}); keep one")
             named[name] = value
         else:
             every = dict.fromkeys(METHODS, value)
@@ -83,6 +85,9 @@ def config_from_args(args, parser: argparse.ArgumentParser) -> StudyConfig:
         config.validate()
     except ValueError as e:
         parser.error(str(e))
+    idle = [v for v in args.lr or () if v.rpartition("=")[0] and v.rpartition("=")[0] not in config.methods]
+    if idle:
+        print(f"note: --lr {' '.join(idle)} is not used (not in the methods run: {', '.join(config.methods)})")
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads must be at least 1, got {args.threads}")
     for n in ("max_dev", "max_test"):
