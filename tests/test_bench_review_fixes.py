@@ -270,6 +270,8 @@ def no_run(monkeypatch):
     (["--shape", "tiny", "--output-dir", ""], ["--output-dir", "empty"]),
     (["--shape", "tiny", "--seed", str(2**64)], ["--seed must be in [0, 2**32 - 1]"]),
     (["kernels", "--output-dir", " "], ["--output-dir", "empty"]),
+    (["--shape", "tiny", "--peers", ""], ["--peers is empty", "none"]),  # meant no peers; --methods "" is refused
+    (["--shape", "tiny", "--formats", "json,json"], ["--formats: json given twice"]),
 ])
 def test_flags_that_do_not_apply_are_refused(capsys, no_run, argv, names):
     assert cli.main(["bench", *argv]) == 2

@@ -121,6 +121,8 @@ def _split(values) -> tuple[str, ...]:
 
 def config_from_args(args) -> BenchConfig:
     peers = _split(args.peers)
+    if not peers:  # as --methods "": "none" says no peers
+        raise ValueError("--peers is empty; name peers, or none for fastft's rows alone")
     return BenchConfig(shape=args.shape, model=args.model, methods=_split(args.methods),
                        peers=() if peers == ("none",) else peers, seq_len=args.seq_len, batch_size=args.batch_size,
                        steps=args.steps, warmup=args.warmup, gradient_checkpointing=args.gradient_checkpointing,

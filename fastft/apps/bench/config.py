@@ -51,7 +51,7 @@ class BenchConfig:
         if bad:
             raise ValueError(f"--peers: unknown peer {', '.join(map(repr, bad))}; expected some of {', '.join(PEERS)}"
                              " (or none)")
-        for name, values in (("methods", self.methods), ("peers", self.peers)):
+        for name, values in (("methods", self.methods), ("peers", self.peers), ("formats", self.formats)):
             twice = [v for i, v in enumerate(values) if v in values[:i]]
             if twice:
                 raise ValueError(f"--{name}: {', '.join(dict.fromkeys(twice))} given twice; name each once")
