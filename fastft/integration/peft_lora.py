@@ -189,10 +189,11 @@ def merge_and_unload(model: PeftModel, *, requantize: bool = False, dtype=None, 
                 module.to_dense(dtype)
             # layers without an adapter come back dense too: a model mixing dense and NF4 layers saves NF4 keys
             # that transformers cannot load (its config has no quantization_config)
-            dense = {}
+            dense = {}  # one dense layer for a layer registered under two names
             for name, module in untargeted:
-                parent, _, child = name.rpartition(".")
-                setattr(model.get_submodule(parent), child, dense.setdefault(id(module), module.to_linear(dtype)))
+                if id(module) not in dense:
+                    dense[id(module)] = module.to_linear(dtype)
+                model.set_submodule(name, dense[id(module)])
         untie_adapted_weights(model)
         return model.merge_and_unload(progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names)
 

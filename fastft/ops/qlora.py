@@ -61,10 +61,9 @@ class NF4MatmulTorch(torch.autograd.Function):
 
 
 def _nf4_matmul_torch(x, qweight, bias):
-    bias = _bias_as(bias, x)
     if compiling() or not torch.is_grad_enabled():
-        return F.linear(x, qweight.dequantize(x.dtype), bias)
-    return NF4MatmulTorch.apply(x, qweight, bias)
+        return nf4_linear_reference(x, qweight, bias)
+    return NF4MatmulTorch.apply(x, qweight, _bias_as(bias, x))
 
 
 def _bias_as(bias, x):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from fastft.apps.bench.config import RANKED_METHODS, BenchConfig, output_dir_error
+from fastft.apps.bench.config import PROMPT_METHODS, RANKED_METHODS, BenchConfig, output_dir_error
 from fastft.apps.bench.kernels import FAMILIES
 from fastft.apps.bench.peers import PEERS
 from fastft.apps.bench.shapes import DTYPES, SHAPES
@@ -106,7 +106,7 @@ def _unused_flags(args, argv: list[str], cfg: BenchConfig) -> list[str]:
     given = given_dests([a for flags in args._bench_modes.values() for a in flags.values()], argv, "bench")
     methods = set(cfg.methods)
     unused = {"rank": not methods & set(RANKED_METHODS), "alpha": not methods & set(RANKED_METHODS),
-              "num_virtual_tokens": not methods & {"prefix", "prompt"}, "shape": cfg.model is not None}
+              "num_virtual_tokens": not methods & set(PROMPT_METHODS), "shape": cfg.model is not None}
     why = {"shape": "--model is benchmarked instead"}
     return [f"note: --{dest.replace('_', '-')} is not used ({why.get(dest, 'no method in --methods reads it')})"
             for dest, idle in unused.items() if idle and dest in given]

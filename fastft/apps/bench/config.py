@@ -16,6 +16,7 @@ from fastft.files import output_dir_problem
 from fastft.integration.methods import METHODS
 
 RANKED_METHODS = ("lora", "qlora", "dora")   # the methods --rank and --alpha apply to
+PROMPT_METHODS = ("prefix", "prompt")         # the methods --num-virtual-tokens applies to
 
 
 @dataclass

@@ -12,6 +12,7 @@ import json
 import sys
 from pathlib import Path
 
+from fastft.apps.bench.config import PROMPT_METHODS, RANKED_METHODS
 from fastft.apps.bench.harness import fmt, write_json
 from fastft.apps.bench.peers import IMPLEMENTATIONS
 from fastft.apps.bench.shapes import DESCRIPTIONS
@@ -94,9 +95,9 @@ def _method_knobs(cfg: dict) -> str:
     """The rank and virtual tokens, where a benchmarked method uses them (an IA3 table named r and alpha)."""
     methods = set(cfg["methods"]) if "methods" in cfg else {"lora", "prefix"}  # a result without its list: both
     parts = []
-    if methods & {"lora", "qlora", "dora"}:
+    if methods & set(RANKED_METHODS):
         parts.append(f"LoRA/DoRA r={cfg['rank']} alpha={cfg['alpha']:g}; ")
-    if methods & {"prefix", "prompt"}:
+    if methods & set(PROMPT_METHODS):
         parts.append(f"{cfg['num_virtual_tokens']} virtual tokens; ")
     return "".join(parts)
 

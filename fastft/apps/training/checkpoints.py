@@ -214,7 +214,6 @@ class Checkpoints:
             group.update(kept)
         set_rng_state(torch.load(path / f"rng-{acc.process_index}.pt", weights_only=False))
 
-
     def _check_weights(self, path: Path, weights: dict, model) -> None:
         """The checkpoint holds every trainable parameter, as shaped and typed here, and nothing else: a missing one
         would silently restart from its initial value while its optimizer moments are restored."""

@@ -237,6 +237,9 @@ def _saved_as_given(out: Path, given: TrainConfig) -> bool:
 
 
 def _run(cfg: TrainConfig, accelerator, train_records, eval_records, description, as_given: TrainConfig) -> dict:
+    """as_given: the settings before validate, for config.yaml: --epochs, not the steps it gives here; an unset
+    --dropout or --mixed-precision auto, not what validate resolved them to (reused with --objective dpo or on a GPU,
+    those would be wrong)."""
     from accelerate.utils import DistributedType, set_seed
     from transformers import AutoConfig
 
@@ -255,8 +258,6 @@ def _run(cfg: TrainConfig, accelerator, train_records, eval_records, description
     resume_from = checkpoints.latest() if cfg.resume else None
     plan = BatchPlan(len(train_records), cfg.batch_size, cfg.grad_accum, world, cfg.seed,
                      records_digest(train_records))
-    # as_given, for config.yaml: --epochs, not the steps it gives here; an unset --dropout or --mixed-precision
-    # auto, not what validate resolved them to (reused with --objective dpo or on a GPU, those would be wrong)
     if cfg.epochs:
         given, cfg = cfg.steps, epochs_to_steps(cfg, len(train_records), plan.per_step)
         log(f"--epochs {cfg.epochs:g}: {cfg.steps} steps of {plan.per_step} records "

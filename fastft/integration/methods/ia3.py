@@ -56,8 +56,10 @@ def validate_ia3_config(config, model: nn.Module) -> None:
     check_modules_to_save(config, names, "IA3Config")
     if targeted and ff:  # an entry no targeted module matches scales that module's output, not its input
         matched = [n for n, _ in targeted]
-        unmatched = [ff] if isinstance(ff, str) and not any(re.fullmatch(ff, n) for n in matched) else \
-            [] if isinstance(ff, str) else [e for e in ff if not any(names_module(e, n) for n in matched)]
+        if isinstance(ff, str):  # a regex, matched whole as peft matches it
+            unmatched = [] if any(re.fullmatch(ff, n) for n in matched) else [ff]
+        else:
+            unmatched = [e for e in ff if not any(names_module(e, n) for n in matched)]
         if unmatched:
             raise ValueError(f"IA3Config.feedforward_modules entries {unmatched} match none of the modules IA3 "
                              f"targets ({sorted({n.rsplit('.', 1)[-1] for n in matched})}); "
