@@ -294,11 +294,27 @@ def test_cu_seqlens_padded_with_empty_documents(backend):
         assert_close(got_grads[name], want_grads[name], torch.float32, f"d{name} with prefixes")
 
 
-def test_attention_sdpa_half_inputs_compute_in_fp32():
-    args = make_problem(batch=1, seqlen_q=33, heads=2, kv_heads=2, head_dim=16, dtype=torch.bfloat16)
-    got = attention_sdpa(**args, causal=True)
-    assert got.dtype == torch.bfloat16
-    torch.testing.assert_close(got, attention_reference(**args, causal=True), rtol=0, atol=0)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kw", [dict(causal=True), dict(causal=True, window=9), dict(causal=False, prefix=True)],
+                         ids=["causal", "window", "prefix"])
+def test_attention_sdpa_half_inputs_save_no_fp32_copies(dtype, kw):
+    """The torch backend keeps fp16/bf16 in their dtype (an fp32 copy of q, k, v and the output doubled what
+    autograd saves: ~2x SDPA's memory in a bf16 CPU training step); its results stay within the dtype's tolerance
+    of the fp64 reference."""
+    kw = dict(kw)
+    args = make_problem(batch=2, seqlen_q=41, heads=4, kv_heads=2, head_dim=16, dtype=dtype,
+                        prefix=5 if kw.pop("prefix", False) else 0)
+    dout = torch.randn(args["q"].shape, dtype=dtype)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        got, grads = run_with_grads(flash_attention, args, dout, backend="torch", **kw)
+    big_fp32 = [tuple(t.shape) for t in saved if t.dtype == torch.float32 and t.numel() >= args["k"].numel()]
+    assert not big_fp32, f"fp32 copies saved for backward: {big_fp32}"
+    want, want_grads = reference_with_grads(args, dout, **kw)
+    assert got.dtype == dtype
+    assert_close(got, want, dtype, "output")
+    for name, g in grads.items():
+        assert_close(g, want_grads[name], dtype, f"d{name}")
 
 
 # ----------------------------------------------------------------------------------------------

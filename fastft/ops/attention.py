@@ -88,19 +88,23 @@ def attention_reference(q, k, v, *, causal=False, softmax_scale=None, cu_seqlens
 
 def attention_sdpa(q, k, v, *, causal=False, softmax_scale=None, cu_seqlens=None, prefix_k=None, prefix_v=None,
                    window=None):
-    """attention_reference's result through torch's scaled_dot_product_attention, in the same working precision
-    (fp32 for fp16/bf16, fp64 stays fp64): the torch backend. On the CPU torch's flash kernel keeps memory O(S)
-    and runs ~10× the reference's speed at S=2048 (tiny Llama, fwd+bwd); masks it cannot name (bottom-right
-    causal, windows, prefix) are passed as a boolean (n_q, n_k) mask. A problem where some row sees no key
-    goes to the reference, which outputs 0 there (torch's SDPA kernels have not always agreed: NaN in some)."""
-    return _per_sequence(_sdpa_dense, q, k, v, causal, softmax_scale, cu_seqlens, prefix_k, prefix_v, window)
+    """attention_reference's result through torch's scaled_dot_product_attention: the torch backend. On the CPU
+    torch's flash kernel keeps memory O(S) and runs ~10× the reference's speed at S=2048 (tiny Llama, fwd+bwd);
+    masks it cannot name (bottom-right causal, windows, prefix) are passed as a boolean (n_q, n_k) mask. fp16/bf16
+    stay in their dtype (SDPA accumulates in fp32): an fp32 copy would double what autograd saves (q, k, v and the
+    output) for gradients ~1 ulp closer. A problem where some row sees no key goes to the fp32 reference, which
+    outputs 0 there (torch's SDPA kernels have not always agreed: NaN in some)."""
+    return _per_sequence(_sdpa_dense, q, k, v, causal, softmax_scale, cu_seqlens, prefix_k, prefix_v, window,
+                         work=q.dtype)
 
 
-def _per_sequence(dense, q, k, v, causal, softmax_scale, cu_seqlens, prefix_k, prefix_v, window):
-    """dense(q, k, v, causal, scale, prefix_k, prefix_v, window) on (B, S, H, D) inputs in the working precision,
-    once for a batch or once per packed document; returns q's dtype."""
+def _per_sequence(dense, q, k, v, causal, softmax_scale, cu_seqlens, prefix_k, prefix_v, window, work=None):
+    """dense(q, k, v, causal, scale, prefix_k, prefix_v, window) on (B, S, H, D) inputs in the working precision
+    `work` (default fp32 for fp16/bf16, fp64 stays fp64), once for a batch or once per packed document; returns
+    q's dtype."""
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
-    work = torch.float64 if q.dtype == torch.float64 else torch.float32
+    if work is None:
+        work = torch.float64 if q.dtype == torch.float64 else torch.float32
     q_, k_, v_ = q.to(work), k.to(work), v.to(work)
     pk = prefix_k.to(work) if prefix_k is not None else None
     pv = prefix_v.to(work) if prefix_v is not None else None
@@ -127,7 +131,8 @@ def _sdpa_dense(q, k, v, causal, scale, prefix_k, prefix_v, window):
     # Row i sits at key position i + n_k - n_q and sees [pos - left, pos + right] ∩ [0, n_k); left >= 0, so only the
     # first row can see nothing, when its position + right < 0 (causal with n_q > n_k), or when there are no keys.
     if n_q == 0 or (n_prefix == 0 and (n_k == 0 or n_k - n_q + right < 0)):
-        return _reference_dense(q, k, v, causal, scale, prefix_k, prefix_v, window)
+        up = (lambda t: t) if q.dtype == torch.float64 else (lambda t: None if t is None else t.float())
+        return _reference_dense(up(q), up(k), up(v), causal, scale, up(prefix_k), up(prefix_v), window).to(q.dtype)
     mask, is_causal = None, False
     if window is None and n_prefix == 0 and (not causal or n_q == n_k):
         is_causal = causal  # SDPA's causal is top-left aligned: the same as bottom-right when n_q == n_k
