@@ -520,6 +520,82 @@ def test_kl_div_triton_keeps_its_precision_at_huge_logits(direction):
     assert abs(loss.item() - ref.item()) <= 4 * torch.finfo(torch.float32).eps * abs(ref.item())
 
 
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=interpreter_only)])
+def test_cross_entropy_with_a_masked_leading_vocab_block(backend):
+    """A -inf bias over the first 70 vocabulary entries (more than one of the kernel's blocks, 64 under the
+    interpreter): the online log-sum-exp started from exp(-inf - -inf) = NaN there; torch gives a finite loss."""
+    g = torch.Generator().manual_seed(0)
+    V = 200
+    h, w = torch.randn(5, 16, generator=g), torch.randn(V, 16, generator=g)
+    bias = torch.zeros(V)
+    bias[:70] = float("-inf")
+    labels = torch.tensor([100, 150, 199, -100, 70])
+    hh, ww = _leaf(h), _leaf(w)
+    loss = linear_cross_entropy(hh, ww, labels, bias=bias, backend=backend)
+    got = _grads(loss, (hh, ww))
+    h64, w64 = _leaf(h, torch.float64), _leaf(w, torch.float64)
+    ref = F.cross_entropy(h64 @ w64.t() + bias.double(), labels)
+    want = _grads(ref, (h64, w64))
+    assert torch.isfinite(loss) and abs(loss.item() - ref.item()) <= 1e-5 * ref.item()
+    for name, a, b in zip("hw", got, want):
+        assert torch.isfinite(a).all() and rel_err(a, b) <= TOL[torch.float32], f"d{name}"
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=interpreter_only)])
+@pytest.mark.parametrize("size", [1e3, 1e4, 3e4])
+def test_cross_entropy_keeps_fp32_precision_at_huge_logits(backend, size):
+    """Near-tied top logits of ±size: log-probs as (z - max) - log Σ exp(z - max), as log_softmax makes them.
+    z - lse rounded at the ulp of |lse| (1e-3 at 1e4): a loss 4.5e-4 off at 1e4, gradients 2.5e-4 off."""
+    g = torch.Generator().manual_seed(1)
+    V, T = 97, 8
+    w = (torch.randint(-2, 2, (V, 1), generator=g).float() * size / 2 + torch.rand(V, 1, generator=g))
+    h = torch.ones(T, 1)
+    labels = w[:, 0].topk(T).indices  # each row's label among the top logits (loss ~1)
+    hh, ww = _leaf(h), _leaf(w)
+    loss = linear_cross_entropy(hh, ww, labels, reduction="sum", backend=backend)
+    (dw,) = _grads(loss, (ww,))
+    w64 = _leaf(w, torch.float64)
+    ref = F.cross_entropy(h.double() @ w64.t(), labels, reduction="sum")
+    (dw64,) = _grads(ref, (w64,))
+    assert abs(loss.item() - ref.item()) <= 1e-6 * max(ref.item(), 1.0), (loss.item(), ref.item())
+    assert rel_err(dw, dw64) <= 1e-6
+
+
+@interpreter_only
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+def test_kl_div_triton_gradient_keeps_its_precision_at_huge_logits(direction):
+    """The KL kernel's gradient, p = exp((s - max) - log d) rather than exp(s - lse): ~1e-4 relative at 1e4."""
+    g = torch.Generator().manual_seed(0)
+    V = 100
+    ws = torch.randint(-3, 3, (V, 1), generator=g).float() * 1e4 / 3 + torch.rand(V, 1, generator=g)
+    wt = ws + torch.randint(-1, 2, (V, 1), generator=g).float() * 2
+    h = torch.ones(6, 1)
+    s = _leaf(ws)
+    (got,) = _grads(linear_kl_div(h, s, h, wt, direction=direction, backend="triton"), (s,))
+    s64 = _leaf(ws, torch.float64)
+    (want,) = _grads(linear_kl_div_reference(h.double(), s64, h.double(), wt.double(), direction=direction), (s64,))
+    assert rel_err(got, want) <= 1e-5
+
+
+def test_fp64_losses_keep_fp64_gradients_or_refuse_triton():
+    """fp64 on the torch backend: dW, db accumulated in fp64 (they were fp32: 3.5e-8 off); backend="triton", whose
+    kernels compute in fp32, refuses fp64 (it accepted it and gave fp32 accuracy)."""
+    g = torch.Generator().manual_seed(0)
+    h, w, b = (torch.randn(*s, generator=g, dtype=torch.float64) for s in ((64, 8), (30, 8), (30,)))
+    labels = torch.randint(0, 30, (64,), generator=g)
+    hh, ww, bb = _leaf(h), _leaf(w), _leaf(b)
+    got = _grads(linear_cross_entropy(hh, ww, labels, bias=bb, reduction="sum", backend="torch"), (hh, ww, bb))
+    hr, wr, br = _leaf(h), _leaf(w), _leaf(b)
+    want = _grads(F.cross_entropy(hr @ wr.t() + br, labels, reduction="sum"), (hr, wr, br))
+    for name, a, r in zip(("hidden", "weight", "bias"), got, want):
+        assert a.dtype == torch.float64 and rel_err(a, r) <= 1e-12, name
+    if HAS_TRITON:
+        with pytest.raises(ValueError, match="`hidden` is torch.float64"):
+            linear_cross_entropy(h, w, labels, backend="triton")
+        with pytest.raises(ValueError, match="`student_hidden` is torch.float64"):
+            linear_kl_div(h, w, h, w, backend="triton")
+
+
 def test_sequence_logprobs_and_dpo_match_reference():
     B, S, H, V = 3, 7, 16, 41
     weight, bias = _leaf(torch.randn(V, H) * 0.5), _leaf(torch.randn(V))
@@ -611,9 +687,10 @@ def test_backward_twice_is_refused():
 def test_default_chunk_budget_env(monkeypatch):
     monkeypatch.setenv("FASTFT_LOSS_CHUNK_MIB", "1")
     assert chunked_logits.chunk_budget_bytes(torch.device("cpu")) == 2**20
-    monkeypatch.setenv("FASTFT_LOSS_CHUNK_MIB", "zero")
-    with pytest.raises(ValueError, match="FASTFT_LOSS_CHUNK_MIB"):
-        chunked_logits.chunk_budget_bytes(torch.device("cpu"))
+    for bad in ("zero", "inf", "nan", "-1"):  # inf gave an OverflowError from int()
+        monkeypatch.setenv("FASTFT_LOSS_CHUNK_MIB", bad)
+        with pytest.raises(ValueError, match="FASTFT_LOSS_CHUNK_MIB must be a positive, finite number"):
+            chunked_logits.chunk_budget_bytes(torch.device("cpu"))
 
 
 @pytest.mark.parametrize("backend", ["torch"] + (["triton"] if HAS_TRITON else []))

@@ -52,15 +52,18 @@ def _ce_rows_kernel(
         z = _capped(tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32), softcap, HAS_SOFTCAP)
         z = tl.where(mask, z, float("-inf"))
         m_new = tl.maximum(m, tl.max(z, axis=0))
-        d = d * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
+        # while every logit so far is -inf (masked vocabulary) m_new is too: exp(-inf - -inf) would be NaN
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        d = d * tl.exp(m - m_safe) + tl.sum(tl.exp(z - m_safe), axis=0)
         m = m_new
         if HAS_SMOOTHING:
             zsum += tl.sum(tl.where(mask, z, 0.0), axis=0)
-    lse = m + tl.log(d)
+    # differences from the max before log d is added: lse = m + log d rounded at |m|'s ulp (1e-3 at logits of 1e4)
+    log_d = tl.log(d)
     z_y = _capped(tl.load(x_row + safe_label).to(tl.float32), softcap, HAS_SOFTCAP)
-    loss = lse - z_y
+    loss = (m - z_y) + log_d
     if HAS_SMOOTHING:
-        loss = (1.0 - smoothing) * loss + smoothing * (lse - zsum / V)
+        loss = (1.0 - smoothing) * loss + smoothing * ((m - zsum / V) + log_d)
     tl.store(loss_ptr + row, tl.where(ignored, 0.0, loss))
 
     if COMPUTE_GRAD:
@@ -71,7 +74,7 @@ def _ce_rows_kernel(
             cols = v0 + tl.arange(0, BLOCK_V)
             mask = cols < V
             z = _capped(tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32), softcap, HAS_SOFTCAP)
-            dz = tl.exp(z - lse) - tl.where(cols == safe_label, 1.0 - smoothing, 0.0)
+            dz = tl.exp((z - m) - log_d) - tl.where(cols == safe_label, 1.0 - smoothing, 0.0)
             if HAS_SMOOTHING:
                 dz -= smoothing / V
             if HAS_SOFTCAP:
@@ -124,12 +127,12 @@ def _kl_rows_kernel(
         dt = dt * tl.exp(mt - mt_new) + tl.sum(et, axis=0)
         ms = ms_new
         mt = mt_new
-    lse_s = ms + tl.log(ds)
-    lse_t = mt + tl.log(dt)
+    log_ds = tl.log(ds)
+    log_dt = tl.log(dt)
     if REVERSE:  # Σ p_s (log p_s - log p_t)
-        kl = w / ds - tl.log(ds) + tl.log(dt)
+        kl = w / ds - log_ds + log_dt
     else:  # Σ p_t (log p_t - log p_s)
-        kl = w / dt - tl.log(dt) + tl.log(ds)
+        kl = w / dt - log_dt + log_ds
     tl.store(loss_ptr + row, tl.where(ignored, 0.0, kl))
 
     if COMPUTE_GRAD:
@@ -140,12 +143,13 @@ def _kl_rows_kernel(
             mask = cols < V
             s = tl.load(s_row + cols, mask=mask, other=0.0).to(tl.float32) * inv_temp
             t = tl.load(t_row + cols, mask=mask, other=0.0).to(tl.float32) * inv_temp
-            log_ps = s - lse_s
+            # differences from the max first (as in _ce_rows_kernel: s - lse_s rounds at the ulp of |lse_s|)
+            log_ps = (s - ms) - log_ds
             ps = tl.exp(log_ps)
             if REVERSE:  # d/ds Σ p_s (log p_s - log p_t) = p_s·(log p_s - log p_t - KL)
-                ds_ = ps * (log_ps - (t - lse_t) - kl)
+                ds_ = ps * (log_ps - ((t - mt) - log_dt) - kl)
             else:  # d/ds Σ p_t (log p_t - log p_s) = p_s - p_t
-                ds_ = ps - tl.exp(t - lse_t)
+                ds_ = ps - tl.exp((t - mt) - log_dt)
             tl.store(s_row + cols, (ds_ * g).to(s_ptr.dtype.element_ty), mask=mask)
 
 

@@ -44,8 +44,8 @@ def chunk_budget_bytes(device: torch.device) -> int:
             value = float(mib)
         except ValueError:
             value = -1.0
-        if not value > 0:
-            raise ValueError(f"FASTFT_LOSS_CHUNK_MIB must be a positive number of MiB, got {mib!r}")
+        if not (value > 0 and math.isfinite(value)):
+            raise ValueError(f"FASTFT_LOSS_CHUNK_MIB must be a positive, finite number of MiB, got {mib!r}")
         return int(value * 2**20)
     return DEFAULT_CHUNK_MIB.get(device.type, 128) * 2**20
 
@@ -138,18 +138,21 @@ class Grads:
 
 
 def weight_grad_dtype(weight: torch.Tensor) -> torch.dtype:
-    """The dtype dW is accumulated in: fp32 when small (or W is fp32 or fp16), else W's."""
+    """The dtype dW is accumulated in: fp32 when small (or W is fp32 or fp16), else W's (fp64 stays fp64)."""
+    if weight.dtype == torch.float64:
+        return weight.dtype
     if weight.dtype in (torch.float32, torch.float16) or weight.numel() * 4 <= FP32_WEIGHT_GRAD_MIB * 2**20:
         return torch.float32
     return weight.dtype
 
 
 def add_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0) -> None:
-    """acc (fp32) += alpha·(a @ b), the product made in a's dtype. In fp16 a sum of n rows can pass 65504 before
-    it reaches the fp32 accumulator (dlogits are unscaled there, see eager_losses): the GEMM (fp32 inside) scales
-    it by 2^-ceil(log2 n) before rounding, an exact power of two that keeps each entry within max|a|·max|b|."""
+    """acc (fp32, or fp64 for fp64 a) += alpha·(a @ b), the product made in a's dtype. In fp16 a sum of n rows can
+    pass 65504 before it reaches the fp32 accumulator (dlogits are unscaled there, see eager_losses): the GEMM (fp32
+    inside) scales it by 2^-ceil(log2 n) before rounding, an exact power of two that keeps each entry within
+    max|a|·max|b|."""
     if a.dtype != torch.float16:
-        prod = (a @ b).float()
+        prod = (a @ b).to(acc.dtype)
         acc += prod if alpha == 1.0 else prod * alpha
         return
     shrink = 2.0 ** -math.ceil(math.log2(max(a.shape[1], 1)))
@@ -243,9 +246,10 @@ def run_chunks(plan: Plan, head: Head, h2: torch.Tensor, scale: torch.Tensor, lo
         need_h, need_w, need_b, need_A, need_B = needs
         grads.hidden = torch.empty_like(h2) if need_h else None
         grads.weight = _weight_grad_buffer(head.weight) if need_w else None
-        grads.bias = torch.zeros(head.vocab, dtype=torch.float32, device=h2.device) if need_b else None
-        grads.lora_A = torch.zeros(head.lora_A.shape, dtype=torch.float32, device=h2.device) if need_A else None
-        grads.lora_B = torch.zeros(head.lora_B.shape, dtype=torch.float32, device=h2.device) if need_B else None
+        acc = torch.float64 if head.dtype == torch.float64 else torch.float32
+        grads.bias = torch.zeros(head.vocab, dtype=acc, device=h2.device) if need_b else None
+        grads.lora_A = torch.zeros(head.lora_A.shape, dtype=acc, device=h2.device) if need_A else None
+        grads.lora_B = torch.zeros(head.lora_B.shape, dtype=acc, device=h2.device) if need_B else None
     if T == 0:
         return grads
     buf = torch.empty(min(plan.rows, T), head.vocab, dtype=head.dtype, device=h2.device)
@@ -275,7 +279,7 @@ def run_chunks(plan: Plan, head: Head, h2: torch.Tensor, scale: torch.Tensor, lo
             else:
                 add_product(grads.weight, dl.t(), hc)
         if grads.bias is not None:
-            grads.bias += dl.sum(0, dtype=torch.float32)
+            grads.bias += dl.sum(0, dtype=grads.bias.dtype)
         if grads.lora_B is not None:
             add_product(grads.lora_B, dl.t(), hA, head.scaling)
         if grads.lora_A is not None:
@@ -447,16 +451,20 @@ def ce_rows_torch(x: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor, *,
     z = x.double() if x.dtype == torch.float64 else x.float()
     if softcap is not None:
         z = softcap * torch.tanh(z / softcap)
-    lse = torch.logsumexp(z, dim=-1)
+    # log-probs as log_softmax makes them: (z - max) - log Σ exp(z - max), not z - lse, which rounds at the ulp of
+    # |max| (1e-3 at logits of 1e4)
+    m = z.amax(dim=-1, keepdim=True).nan_to_num(0.0, 0.0, 0.0)  # an all -inf row: no shift (torch gives NaN too)
+    zm = z - m
+    log_d = torch.logsumexp(zm, dim=-1)
     ignored = labels == ignore_index
     safe = labels.masked_fill(ignored, 0)
-    loss = lse - z.gather(1, safe[:, None])[:, 0]
+    loss = log_d - zm.gather(1, safe[:, None])[:, 0]
     if label_smoothing > 0.0:
-        loss = (1.0 - label_smoothing) * loss + label_smoothing * (lse - z.mean(dim=-1))
+        loss = (1.0 - label_smoothing) * loss + label_smoothing * (log_d - zm.mean(dim=-1))
     loss = loss.masked_fill(ignored, 0.0)
     if compute_grad:
-        grad = torch.exp(z - lse[:, None])
-        grad.scatter_add_(1, safe[:, None], torch.full_like(lse[:, None], -(1.0 - label_smoothing)))
+        grad = torch.exp(zm - log_d[:, None])
+        grad.scatter_add_(1, safe[:, None], torch.full_like(log_d[:, None], -(1.0 - label_smoothing)))
         if label_smoothing > 0.0:
             grad -= label_smoothing / x.shape[1]
         if softcap is not None:

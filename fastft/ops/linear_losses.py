@@ -171,7 +171,7 @@ def _head_cross_entropy(op: str, hidden, head: HeadArgs, labels, *, ignore_index
     hidden, head = _autocast(hidden, head)
     head.validate(op, hidden)
     labels2 = _check_labels(op, "labels", labels, hidden, head.vocab, int(ignore_index))
-    backend = resolve_backend(op, backend, hidden.device)
+    backend = resolve_backend(op, backend, hidden.device, arg="hidden", dtype=hidden.dtype)
     ignore_index, label_smoothing = int(ignore_index), float(label_smoothing)
     softcap = None if softcap is None else float(softcap)
     _check_chunk_size(op, chunk_size)
@@ -258,7 +258,7 @@ def linear_kl_div(student_hidden, student_weight, teacher_hidden, teacher_weight
     labels2 = None
     if labels is not None:
         labels2 = _check_labels(op, "labels", labels, student_hidden, head.vocab, ignore_index, "student_hidden")
-    backend = resolve_backend(op, backend, student_hidden.device)
+    backend = resolve_backend(op, backend, student_hidden.device, arg="student_hidden", dtype=student_hidden.dtype)
     _check_chunk_size(op, chunk_size)
     T = math.prod(student_hidden.shape[:-1])
     th2 = as_rows(teacher_hidden.detach())

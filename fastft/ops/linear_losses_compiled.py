@@ -151,10 +151,11 @@ def _(hidden, weight, bias, lora_A, lora_B, nf4, labels, teacher_hidden, teacher
       backend, vocab, ignore_index, label_smoothing, softcap, temperature, reverse, scaling, dropout_p, nf4_ints,
       chunk_size, bytes_per_logit, needs):
     f32 = torch.float32
+    acc = torch.float64 if hidden.dtype == torch.float64 else f32  # run_chunks' accumulators
     shapes = ((hidden.shape, hidden.dtype),
               (weight.shape, weight_grad_dtype(weight)) if weight is not None else None,
-              ((vocab,), f32), (lora_A.shape if lora_A is not None else None, f32),
-              (lora_B.shape if lora_B is not None else None, f32))
+              ((vocab,), acc), (lora_A.shape if lora_A is not None else None, acc),
+              (lora_B.shape if lora_B is not None else None, acc))
     grads = [hidden.new_empty(s[0], dtype=s[1]) if need else unused(hidden) for need, s in zip(needs, shapes)]
     return (hidden.new_empty((), dtype=f32), *grads)
 
