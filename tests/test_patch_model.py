@@ -375,3 +375,23 @@ def test_a_head_size_fastft_attention_does_not_take_keeps_the_models_attention()
                                                        "of 8 in [16, 256])"
     assert model.config._attn_implementation == kept
     assert torch.allclose(model(input_ids=ids, labels=labels).loss, want, rtol=1e-5)
+
+
+@pytest.mark.parametrize("hooked", ["lm_head", "lm_head.lora_B"])
+def test_a_hooked_lm_head_is_called_not_fused(hooked):
+    """The fused loss reads lm_head's weights instead of calling it: a forward hook on it (a logit transform,
+    logging, accelerate's device_map hook) was skipped and the loss differed (0.0137). A hooked head is called,
+    as unpatched, with a warning saying why."""
+    model = _peft(tiny("llama"))
+    patched = fastft.patch_model(copy.deepcopy(model))
+    ids, labels = _batch()
+    calls = []
+    for m in (model, patched):
+        head = m.get_submodule(f"base_model.model.{hooked}" if "." in hooked else "base_model.model.lm_head")
+        head = head["default"] if "." in hooked else head
+        head.register_forward_hook(lambda mod, args, out: (calls.append(1), out * 0.5)[1])
+    want = model(input_ids=ids, labels=labels).loss
+    with pytest.warns(UserWarning, match="computes its loss unfused.*has a forward hook"):
+        got = patched(input_ids=ids, labels=labels).loss
+    assert len(calls) == 2
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

@@ -284,3 +284,72 @@ def test_merging_into_tied_embeddings_keeps_the_outputs(targets, merge, tmp_path
     if merge != "merge_adapter":
         merged.save_pretrained(tmp_path)
         assert torch.allclose(_logits(AutoModelForCausalLM.from_pretrained(tmp_path).eval()), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_tensor_scalings_run_as_peft(use_dora, tmp_path):
+    """peft's prepare_model_for_compiled_hotswap (its recipe for swapping adapters under torch.compile) and
+    scale_layer(tensor) store a layer's scaling as a 0-dim tensor: the fused op refused it ("`scaling` must be a
+    finite number"); the layer runs peft's forward, which keeps it a tensor, and gives peft's logits."""
+    from peft.utils.hotswap import hotswap_adapter, prepare_model_for_compiled_hotswap
+
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_dora=use_dora)
+    ref, ours = _pair(config)
+    for model in (ref, ours):
+        for layer in model.modules():
+            if isinstance(layer, peft.tuners.lora.LoraLayer):
+                layer.scale_layer(torch.tensor(2.0))
+    torch.testing.assert_close(_logits(ours), _logits(ref), rtol=1e-5, atol=1e-5)
+    if use_dora:
+        return
+    other = peft.get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
+    randomize_lora_B(other, seed=11)
+    other.save_pretrained(tmp_path / "second")
+    ref, ours = _pair(config)
+    for model in (ref, ours):
+        prepare_model_for_compiled_hotswap(model, target_rank=8)
+        hotswap_adapter(model, str(tmp_path / "second"), adapter_name="default")
+    torch.testing.assert_close(_logits(ours), _logits(ref), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+@pytest.mark.parametrize("where", ["lora_B", "lora_dropout", "global"])
+def test_hooks_on_adapter_modules_run_as_in_peft(use_dora, where):
+    """peft calls lora_B(lora_A(dropout(x))) as modules, so hooks on them run (instrumentation, a user's edit of the
+    adapter branch); the fused op read their weights and skipped them (logits 0.23 off). A hooked adapter runs
+    peft's forward."""
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_dora=use_dora)
+    ref, ours = _pair(config)
+    calls = {"ref": 0, "ours": 0}
+    handles = []
+    for tag, model in (("ref", ref), ("ours", ours)):
+        def halve(module, args, out, tag=tag):
+            if where != "global" or isinstance(module, nn.Linear) and module.out_features == 4:
+                calls[tag] += 1
+                return out * 0.5
+            return None
+
+        def zero_input(module, args, tag=tag):
+            calls[tag] += 1
+            return (torch.zeros_like(args[0]),)
+
+        for layer in model.modules():
+            if isinstance(layer, peft.tuners.lora.LoraLayer) and where != "global":
+                sub = layer.lora_B["default"] if where == "lora_B" else layer.lora_dropout["default"]
+                handles.append(sub.register_forward_hook(halve) if where == "lora_B"
+                               else sub.register_forward_pre_hook(zero_input))
+        if where == "global":  # halves the output of every rank-4 linear (lora_A) the model calls
+            handles.append(nn.modules.module.register_module_forward_hook(halve))
+        try:
+            logits = _logits(model)
+        finally:
+            for h in handles:
+                h.remove()
+            handles.clear()
+        if tag == "ref":
+            want = logits
+        else:
+            got = logits
+    # (peft's DoRA forward skips an nn.Identity dropout: no call, as in the fused forward)
+    assert calls["ours"] == calls["ref"] and (calls["ref"] > 0 or use_dora and where == "lora_dropout")
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -18,7 +18,7 @@ from peft.tuners.lora import Linear as PeftLoraLinear
 from torch import nn
 
 from fastft.ops.lora import lora_linear, stacked_adapters
-from fastft.ops.shared import AUTOCAST_CASTS, BACKENDS, require_triton
+from fastft.ops.shared import AUTOCAST_CASTS, BACKENDS, forward_interceptor, require_triton
 
 
 def default_backend() -> str:
@@ -35,9 +35,13 @@ def called_as_is(module: nn.Module) -> bool:
     """Whether the fused ops may read `module`'s weight instead of calling it: its class's forward runs unhooked and
     the weight is in memory. accelerate's hooks (device_map offload, cpu_offload) replace `forward` on the instance
     (`_hf_hook`) and keep the weight on the meta device until that forward loads it: such a layer must be called."""
-    own = module.__dict__
-    return (not module._forward_hooks and not module._forward_pre_hooks and "forward" not in own
-            and "_hf_hook" not in own and module.weight is not None and not module.weight.is_meta)
+    return forward_interceptor(module) is None and module.weight is not None and not module.weight.is_meta
+
+
+def adapters_called_as_is(names, *module_dicts) -> bool:
+    """Whether the fused op may stand in for the adapter submodules peft would call (lora_A, lora_B, lora_dropout of
+    each active adapter): none is hooked (see called_as_is)."""
+    return all(forward_interceptor(d[name]) is None for name in names for d in module_dicts)
 
 
 def plain_linear(module: nn.Module) -> bool:
@@ -83,9 +87,16 @@ class FusedLoraBase(PeftLoraLinear):
                 dropouts.add(dropout.p if dropout.training else 0.0)
             else:
                 return None
+        if not adapters_called_as_is(names, lora_A, lora_B, lora_dropout):
+            return None  # peft calls them: their hooks run
         if len(names) == 1:
             name = names[0]
-            return lora_A[name].weight, lora_B[name].weight, self.scaling[name], dropouts.pop()
+            scaling = self.scaling[name]
+            if isinstance(scaling, torch.Tensor):
+                # peft's prepare_model_for_compiled_hotswap / scale_layer(tensor): peft's forward keeps it a tensor
+                # (float() would sync, and torch.compile would specialise on its value)
+                return None
+            return lora_A[name].weight, lora_B[name].weight, scaling, dropouts.pop()
         if dropouts != {0.0}:
             return None  # peft draws each active adapter's dropout mask on its own; the fused op draws one
         return (*stacked_adapters(lora_A, lora_B, self.scaling, names), 1.0, 0.0)

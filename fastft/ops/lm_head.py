@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from fastft.ops.lora import stacked_adapters
-from fastft.ops.shared import check as shared_check
+from fastft.ops.shared import check as shared_check, forward_interceptor
 from fastft.quant.nf4_weight import NF4Weight
 
 SUPPORTED = ("torch.nn.Linear", "fastft NF4Linear (an NF4Weight .weight)",
@@ -126,6 +126,11 @@ def head_of_module(op: str, lm_head: nn.Module, *, check_only: bool = False) -> 
     concatenated only when the loss runs)."""
     if not isinstance(lm_head, nn.Module):
         raise TypeError(f"{op}: `lm_head` must be an nn.Module, got {type(lm_head).__name__}")
+    for name, module in lm_head.named_modules():
+        why = forward_interceptor(module)
+        if why is not None:  # the fused loss reads the weights; calling the head runs what intercepts it
+            raise ValueError(f"{op}: `lm_head`{'.' + name if name else ''} has {why}, which the fused loss would "
+                             "skip (it reads the weights instead of calling the module)")
     try:
         from peft.tuners.lora import Linear as PeftLoraLinear
         from peft.utils import ModulesToSaveWrapper

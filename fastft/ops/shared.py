@@ -41,6 +41,22 @@ def check_tensor(op: str, name: str, t, dim: int | None = None) -> None:
         check(t.dim() >= dim, lambda: f"{op}: `{name}` needs at least {dim} dimension(s), got shape {tuple(t.shape)}")
 
 
+def forward_interceptor(module: torch.nn.Module) -> str | None:
+    """What would run around `module`'s own forward if it were called (a fused op that reads its weights instead
+    would skip it), or None: its forward hooks or pre-hooks, a forward replaced on the instance (accelerate's
+    `_hf_hook`: device_map offload, cpu_offload), or torch's global module hooks."""
+    from torch.nn.modules import module as nn_module
+
+    own = module.__dict__
+    if module._forward_hooks or module._forward_pre_hooks:
+        return "a forward hook"
+    if "forward" in own or "_hf_hook" in own:
+        return "a forward replaced on the instance (e.g. accelerate's device_map / cpu_offload hook)"
+    if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
+        return "a global module forward hook"
+    return None
+
+
 def check_backend(op: str, backend: str) -> None:
     check(backend in BACKENDS, lambda: f"{op}: `backend` must be one of {BACKENDS}, got {backend!r}")
 

@@ -22,7 +22,7 @@ from peft.tuners.lora.dora import DoraLinearLayer
 from peft.tuners.lora.variants import DoraLinearVariant
 from torch import nn
 
-from fastft.modules.lora import FusedLoraLinear, default_backend
+from fastft.modules.lora import FusedLoraLinear, adapters_called_as_is, default_backend
 from fastft.modules.nf4_linear import NF4Linear
 from fastft.modules.qlora import FusedQLoraLinear
 from fastft.ops.dora import dora_linear, dora_row_norm
@@ -65,6 +65,10 @@ class _DoraForward:
         if len(names) != 1 or names[0] not in self.lora_magnitude_vector or self.lora_bias.get(names[0], False):
             return None
         name = names[0]
+        if isinstance(self.scaling[name], torch.Tensor) \
+                or not adapters_called_as_is(names, self.lora_A, self.lora_B, self.lora_dropout,
+                                             self.lora_magnitude_vector):
+            return None  # as FusedLoraBase: a tensor scaling, hooked adapter modules
         dropout = self.lora_dropout[name]
         if isinstance(dropout, nn.Identity):
             p = 0.0
