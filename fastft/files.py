@@ -15,6 +15,7 @@ writing; a process given a dead writer's PID later (a restarted container's) is 
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import fnmatch
@@ -379,6 +380,31 @@ def _remove(tree: Path) -> None:
         shutil.rmtree(tree, onerror=writable_then_retry)  # onexc from 3.12 on
     elif tree.exists() or tree.is_symlink():
         tree.unlink()
+
+
+# what serializers raise instead of an OSError when a write fails (torch.save: RuntimeError from its zip writer;
+# safetensors: SafetensorError): a full disk, a quota, an I/O error
+_WRITE_FAILURE_TEXT = ("No space left on device", "os error 28", "Disk quota exceeded", "os error 122", "I/O error",
+                       "unexpected pos", "failed writing file", "file write failed")
+
+
+@contextlib.contextmanager
+def write_failures_as_os_errors(folder: str | os.PathLike):
+    """Re-raise a serializer's failure to write under `folder` (torch.save's "unexpected pos ...", safetensors' "I/O
+    error: No space left on device") as an OSError naming the free space there, so that the callers' OSError handling
+    (the one-line stop of a full disk) takes it as it takes the OSErrors of plain file writes."""
+    try:
+        yield
+    except OSError:
+        raise
+    except Exception as e:
+        if not any(text in str(e) for text in _WRITE_FAILURE_TEXT):
+            raise
+        try:
+            free = f"; {shutil.disk_usage(folder).free / 2**20:,.1f} MiB free in {folder}"
+        except OSError:
+            free = ""
+        raise OSError(f"{type(e).__name__}: {str(e).strip()}{free}") from e
 
 
 def output_dir_problem(output_dir: str | os.PathLike, flag: str = "--output-dir") -> str | None:

@@ -224,3 +224,21 @@ def test_merge_into_folder_replaces_what_it_writes_and_keeps_the_rest(tmp_path):
     with pytest.raises(NotADirectoryError, match="exists and is not a folder"):
         merge_into_folder(tmp_path / "file", write("v3"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "file"]
+
+
+def test_serializer_write_failures_become_os_errors(tmp_path):
+    """torch.save on a full disk raises RuntimeError ("unexpected pos ..."), safetensors SafetensorError: callers
+    that stop with one line on an OSError (a full disk) got a traceback. Other errors pass unchanged."""
+    from fastft.files import write_failures_as_os_errors
+
+    full = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 62848 vs 62736")
+    with pytest.raises(OSError, match=r"^RuntimeError: \[enforce fail.*unexpected pos 62848 vs 62736; [\d,.]+ MiB "
+                                      f"free in {tmp_path}$") as info:
+        with write_failures_as_os_errors(tmp_path):
+            raise full
+    assert info.value.__cause__ is full
+    for other in (RuntimeError("a bug"), TypeError("cannot pickle"), OSError(13, "Permission denied")):
+        with pytest.raises(type(other)) as info:
+            with write_failures_as_os_errors(tmp_path):
+                raise other
+        assert info.value is other

@@ -159,24 +159,38 @@ def test_checkpoint_weights_that_do_not_fit_the_trainable_parameters_are_named(t
         assert f"is damaged: trainable.safetensors: {message}" in err, err
 
 
+# what a full disk raises: an OSError from a plain write; safetensors' own error type (not an OSError) from save_file
+_DISK_FULL = {"oserror": (OSError(28, "No space left on device"), "[Errno 28] No space left on device)"),
+              "safetensors": ("SafetensorError", "SafetensorError: Error while serializing: I/O error: No space left "
+                                                 "on device (os error 28); ")}
+
+
 @pytest.mark.slow
-def test_a_checkpoint_that_cannot_be_written_stops_with_the_last_good_one(tiny, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("raised", list(_DISK_FULL))
+def test_a_checkpoint_that_cannot_be_written_stops_with_the_last_good_one(tiny, tmp_path, capsys, monkeypatch,
+                                                                           raised):
+    """A full disk stops the run with one line naming the last good checkpoint; safetensors' SafetensorError and
+    torch.save's RuntimeError on a full disk gave a traceback (they are not OSErrors)."""
     import safetensors.torch
+    from safetensors import SafetensorError
 
     real, calls = safetensors.torch.save_file, {"n": 0}
+    error, said = _DISK_FULL[raised]
+    if raised == "safetensors":
+        error = SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
     def disk_full_at_the_second_checkpoint(*args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 2:
-            raise OSError(28, "No space left on device")
+            raise error
         return real(*args, **kwargs)
 
     monkeypatch.setattr(safetensors.torch, "save_file", disk_full_at_the_second_checkpoint)
     out = tmp_path / "run"
     assert main(_argv(tiny, out)) == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith("fastft train: step 4: its checkpoint could not be written ([Errno 28] No space left on "
-                          "device)") and f"the last good checkpoint is {out / 'checkpoints' / 'step-00000002'}" in err
+    assert err.startswith(f"fastft train: step 4: its checkpoint could not be written ({said}") \
+        and f"the last good checkpoint is {out / 'checkpoints' / 'step-00000002'}" in err, err
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000002"]  # the partial one is gone
 
 

@@ -191,6 +191,23 @@ def test_settings_the_run_does_not_read_are_named():
     for name in ("--dropout", "--num-virtual-tokens (read by --method prefix/prompt)", "--dpo-beta (read by "
                  "--objective dpo)", "--temperature (read by --objective distill)", "--task (built-in data"):
         assert name in note
+    # pfeiffer adapters read the MLP modules only: the attention list was dropped unannounced
+    note = unused_settings(TrainConfig(method="adapter", adapter_attn_output_modules=("self_attn.dense",)))
+    assert note.endswith("--adapter-attn-output-modules (read by --adapter-placement houlsby)"), note
+    assert unused_settings(TrainConfig(method="adapter", adapter_placement="houlsby",
+                                       adapter_attn_output_modules=("self_attn.dense",))) is None
+
+
+def test_ia3_module_lists_are_checked_under_ia3_only():
+    """One YAML file may hold an IA3 run's knobs: a LoRA run with them was refused ("--ia3-feedforward-modules
+    down_proj: not among --ia3-target-modules q_proj"); it notes them as unused."""
+    from fastft.apps.training.config import ConfigError, unused_settings, validate
+
+    ia3_knobs = dict(ia3_target_modules=("q_proj",), ia3_feedforward_modules=("up_proj",))
+    cfg = validate(TrainConfig(method="lora", **ia3_knobs))
+    assert "--ia3-target-modules (read by --method ia3)" in unused_settings(cfg)
+    with pytest.raises(ConfigError, match="--ia3-feedforward-modules up_proj: not among --ia3-target-modules q_proj"):
+        validate(TrainConfig(method="ia3", **ia3_knobs))
 
 
 def test_dropout_defaults_to_0_under_dpo_as_trl():

@@ -258,3 +258,46 @@ def test_report_names_the_task_only_when_it_was_the_data():
     assert "| task | mr |" in report_markdown({"config": {"task": "mr", "data": None}})
     text = report_markdown({"config": {"task": "mr", "data": "chats.jsonl"}})
     assert "| task |" not in text and "| data | chats.jsonl |" in text
+
+
+def test_a_full_models_tied_weights_are_copied_to_the_cpu_once(monkeypatch):
+    """--method full saves `full_state_dict`: on a GPU `.cpu()` copied lm_head.weight and embed_tokens.weight apart,
+    and save_pretrained (which drops aliases by storage) wrote the tied weight twice (+113 MB for SmolLM2-135M)."""
+    from fastft.apps.training.checkpoints import full_state_dict
+    from tests.utils import tiny_llama
+
+    model = tiny_llama(tie_word_embeddings=True)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    monkeypatch.setattr(torch.Tensor, "cpu", lambda self, *a, **k: self.clone())  # what .cpu() does to a CUDA tensor
+    state = full_state_dict(model, trainable_only=False)
+    assert state["lm_head.weight"] is state["model.embed_tokens.weight"]
+    assert state["lm_head.weight"].data_ptr() != model.lm_head.weight.data_ptr()  # a copy was made (emulated)
+    assert len({id(v) for v in state.values()}) == len(state) - 1
+
+
+def test_an_older_checkpoint_that_cannot_be_removed_is_a_warning_not_a_stop(tmp_path, monkeypatch):
+    """The new checkpoint is in place when the older one is pruned: a failure there (a file held open on NFS) was
+    reported as "its checkpoint could not be written" and stopped the run, at every later save too."""
+    import shutil
+
+    from accelerate import Accelerator
+
+    from fastft.apps.training.checkpoints import Checkpoints
+    from tests.utils import tiny_llama
+
+    model = tiny_llama(0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    checkpoints = Checkpoints(tmp_path, Accelerator(cpu=True))
+    checkpoints.save(2, model, optimizer, {})
+    real = shutil.rmtree
+
+    def busy(path, *args, **kwargs):
+        if Path(path).name == "step-00000002":
+            raise OSError(16, "Device or resource busy", str(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", busy)
+    with pytest.warns(UserWarning, match="the older checkpoint .*step-00000002 could not be removed .*Device or "
+                                         "resource busy.*step-00000004, is complete: delete the older one by hand"):
+        checkpoints.save(4, model, optimizer, {})
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000002", "step-00000004"]

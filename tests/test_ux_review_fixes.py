@@ -117,6 +117,24 @@ def test_a_module_name_typo_is_a_config_error_naming_the_flag(settings, flag, hi
     assert "\n" not in message
 
 
+@pytest.mark.parametrize("settings, message", [
+    (dict(method="adapter", adapter_mlp_output_modules=("mlp",)),
+     "--adapter-mlp-output-modules mlp: names model.layers.0.mlp (LlamaMLP), a block of layers, not a layer; name "
+     "layers inside it (its own: down_proj, gate_proj, up_proj)"),
+    (dict(method="adapter", adapter_placement="houlsby", adapter_attn_output_modules=("o_proj", "down_proj")),
+     "--adapter-attn-output-modules and --adapter-mlp-output-modules both name model.layers.0.mlp.down_proj"),
+    (dict(method="lora", target_modules=("q_proj", "mlp")), "--target-modules mlp: names model.layers.0.mlp"),
+    (dict(method="ia3", ia3_target_modules=("self_attn",), ia3_feedforward_modules=()),
+     "--ia3-target-modules self_attn: names model.layers.0.self_attn (LlamaAttention)"),
+])
+def test_a_module_no_method_can_take_is_a_config_error(settings, message):
+    """A name that matches a block of layers (`mlp`), or houlsby lists naming one module, was a traceback after the
+    model loaded (the method's own ValueError); it is a one-line ConfigError naming the flag."""
+    with pytest.raises(ConfigError) as info:
+        apply_method_or_config_error(_tiny_llama(), TrainConfig(**settings))
+    assert str(info.value).startswith(message), str(info.value)
+
+
 def test_a_typo_beside_names_that_match_is_noted():
     """peft adapts the names that match and ignores the typo: the run says so (for names the user gave)."""
     notes = []

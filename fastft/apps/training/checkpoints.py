@@ -19,6 +19,7 @@ import os
 import random
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +27,7 @@ import torch
 
 from fastft.apps.models import SMOLLM2, model_fingerprint, resolve_model_path
 from fastft.apps.training.config import ConfigError
-from fastft.files import finish_folder, fsync_path
+from fastft.files import finish_folder, fsync_path, write_failures_as_os_errors
 from fastft.integration.sharded_state import is_sharded, run_shared
 
 _STEP_DIR = re.compile(r"step-(\d{8})")
@@ -70,7 +71,15 @@ def full_state_dict(model, trainable_only: bool) -> dict:
     if not is_sharded(model):
         if trainable_only:
             return {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
-        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        # one CPU copy per tensor: tied keys (lm_head = embed_tokens) keep sharing it (on a GPU `.cpu()` copies
+        # each key apart, and save_pretrained, which drops aliases by storage, would write the weight twice)
+        copies: dict[int, torch.Tensor] = {}
+        state = {}
+        for k, v in model.state_dict(keep_vars=True).items():
+            if id(v) not in copies:
+                copies[id(v)] = v.detach().cpu()
+            state[k] = copies[id(v)]
+        return state
     state = get_model_state_dict(model, options=_options(ignore_frozen_params=trainable_only))
     if trainable_only:
         names = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -147,8 +156,10 @@ class Checkpoints:
         self._phase(main, lambda: self._start(tmp), tmp)
 
         def write():
-            torch.save(rng_state(), tmp / f"rng-{acc.process_index}.pt")
-            if main:
+            with write_failures_as_os_errors(tmp):  # a full disk: the run's one-line stop, not a traceback
+                torch.save(rng_state(), tmp / f"rng-{acc.process_index}.pt")
+                if not main:
+                    return
                 save_file({k: v.contiguous().clone() for k, v in weights.items()}, str(tmp / "trainable.safetensors"))
                 torch.save(optim, tmp / "optimizer.pt")
                 torch.save({**trainer_state, "step": step, "processes": acc.num_processes}, tmp / "trainer_state.pt")
@@ -182,7 +193,11 @@ class Checkpoints:
         fsync_path(self.root)
         for older in self.root.iterdir():  # the new one is complete: the previous ones can go
             if _STEP_DIR.fullmatch(older.name) and older != final:
-                shutil.rmtree(older)
+                try:
+                    shutil.rmtree(older)
+                except OSError as e:  # (a file held open on NFS): the new checkpoint stands, the run goes on
+                    warnings.warn(f"fastft train: the older checkpoint {older} could not be removed ({e}); the new "
+                                  f"one, {final.name}, is complete: delete the older one by hand", stacklevel=2)
 
     def load(self, path: Path, model, optimizer) -> None:
         """Restore weights, optimizer and this process's RNG (the trainer state: `trainer_state`)."""

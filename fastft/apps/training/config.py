@@ -403,6 +403,9 @@ def unused_settings(cfg: TrainConfig) -> str | None:
               if getattr(cfg, kind) not in users and getattr(cfg, name) not in (None, getattr(default, name))]
     if cfg.data is not None and cfg.task != default.task:
         unused.append("--task (built-in data: --data replaces it)")
+    if cfg.method == "adapter" and cfg.adapter_placement != "houlsby" \
+            and cfg.adapter_attn_output_modules != default.adapter_attn_output_modules:
+        unused.append(f"{flag('adapter_attn_output_modules')} (read by --adapter-placement houlsby)")
     if not unused:
         return None
     return f"note: not used by --method {cfg.method} --objective {cfg.objective}: {', '.join(unused)}"
@@ -515,7 +518,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     need(cfg.temperature > 0, f"--temperature must be positive, got {cfg.temperature}")
     for name in _TUPLE_FIELDS:
         need(bool(getattr(cfg, name)) and all(getattr(cfg, name)), f"{flag(name)} needs at least one module name")
-    extra = sorted(set(cfg.ia3_feedforward_modules) - set(cfg.ia3_target_modules))
+    extra = sorted(set(cfg.ia3_feedforward_modules) - set(cfg.ia3_target_modules)) if cfg.method == "ia3" else []
     need(not extra, f"--ia3-feedforward-modules {' '.join(extra)}: not among --ia3-target-modules "
                     f"{' '.join(cfg.ia3_target_modules)}")
     for name, choices in _CHOICES.items():

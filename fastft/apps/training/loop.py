@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from fastft.apps.compiling import dynamo_counts
 from fastft.apps.training import checkpoints as ckpt
-from fastft.files import atomic_write, replace_folder
+from fastft.files import atomic_write, replace_folder, write_failures_as_os_errors
 from fastft.integration.checkpointing import enable_checkpointing
 from fastft.integration.parameter_count import parameter_counts
 from fastft.integration.sharded_state import run_shared
@@ -126,6 +126,12 @@ def evaluate(module: ObjectiveModel, records, make_batch, batch_size: int, accel
     elif "choices" in make_batch(records, [0], cache=False):
         result["accuracy"] = hits / max(examples, 1)
     return result
+
+
+# what a cut keeps, for the notes that count cut records
+_CUT_RULE = ("a chat or completion keeps the tokens that end with its last answer, a text record its start, a dpo "
+             "pair its answers' starts, with what the prompt leaves and at least half of --max-length, and the "
+             "prompt's end")
 
 
 def record_flags(make_batch: _Batches, count: int, earlier: torch.Tensor | None, accelerator) -> torch.Tensor:
@@ -466,6 +472,11 @@ def _run(cfg: TrainConfig, accelerator, train_records, eval_records, description
                       "tokens": tokens, "step_seconds": time.perf_counter() - started, "tokens_per_second": speed,
                       "memory_gib": memory})
         bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{speed:,.0f}", mem=f"{memory:.2f}GiB")
+        if step == start_step and make_batch.cut and accelerator.is_local_main_process:
+            # said now, not only at the end (hours later): the whole run's count follows after the last step
+            bar.write(f"note: {len(make_batch.cut):,} of the {len(make_batch.cache):,} training records this process "
+                      f"has tokenized so far were longer than --max-length {cfg.max_length} and were cut ({_CUT_RULE}); "
+                      "a larger --max-length keeps them whole")
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
             result = evaluate(objective, eval_records, make_batch, cfg.eval_batch_size, accelerator)
             if result is not None:
@@ -485,8 +496,7 @@ def _run(cfg: TrainConfig, accelerator, train_records, eval_records, description
     cut, seen = (int(n) for n in record_flags(make_batch, len(train_records), earlier_flags, accelerator).sum(1))
     if cut:
         log(f"note: {cut:,} of the {seen:,} training records the run tokenized were longer than --max-length "
-            f"{cfg.max_length} and were cut (a chat or completion keeps the tokens that end with its last answer, "
-            "a text record its start, a dpo answer its first --max-length/2); a larger --max-length keeps them whole")
+            f"{cfg.max_length} and were cut ({_CUT_RULE}); a larger --max-length keeps them whole")
 
     after = evaluate(objective, eval_records, make_batch, cfg.eval_batch_size, accelerator)
     log(_describe("after", after))
@@ -519,6 +529,10 @@ def _run(cfg: TrainConfig, accelerator, train_records, eval_records, description
         metrics["merged_model"] = str(out / "merged")
 
     def save_final():  # rank 0 writes; run_shared tells every rank whether it failed (none waits for a timeout)
+        with write_failures_as_os_errors(out):  # a full disk: the one-line stop below, not a traceback
+            save_final_files()
+
+    def save_final_files():
         if is_peft:
             fastft.save_adapter(inner, saved, state_dict=weights)
         else:

@@ -45,16 +45,43 @@ _MODULE_FLAGS = {"lora": ("target_modules",), "qlora": ("target_modules",), "dor
 
 
 
+def _module_flags(cfg: TrainConfig) -> tuple[str, ...]:
+    flags = _MODULE_FLAGS.get(cfg.method, ())
+    return flags[1:] if cfg.method == "adapter" and cfg.adapter_placement != "houlsby" else flags
+
+
 def _unmatched(cfg: TrainConfig, names: list[str]):
     """(flag field, entry) for each module name of the method's flags that matches none of `names` (peft's list
     rule: the whole name or a dotted suffix of one)."""
-    flags = _MODULE_FLAGS.get(cfg.method, ())
-    if cfg.method == "adapter" and cfg.adapter_placement != "houlsby":
-        flags = flags[1:]
-    for field in flags:
+    for field in _module_flags(cfg):
         for entry in getattr(cfg, field):
             if not any(names_module(entry, n) for n in names):
                 yield field, entry
+
+
+def check_module_choices(model, cfg: TrainConfig) -> None:
+    """ConfigError for a module-name flag that names a block of layers (e.g. `mlp`: no weight of its own, which no
+    method adapts; the method would refuse it with a traceback once the model is loaded), and for houlsby adapters
+    whose two lists name one module."""
+    modules = dict(model.named_modules())
+    matched = {}
+    for field in _module_flags(cfg):
+        matched[field] = set()
+        for entry in getattr(cfg, field):
+            hits = [n for n in modules if n and names_module(entry, n)]
+            matched[field].update(hits)
+            blocks = [n for n in hits if next(modules[n].parameters(recurse=False), None) is None]
+            if blocks:
+                inner = sorted({c for c, m in modules[blocks[0]].named_children()
+                                if next(m.parameters(recurse=False), None) is not None})
+                raise ConfigError(f"{flag(field)} {entry}: names {blocks[0]} ({type(modules[blocks[0]]).__name__}), "
+                                  f"a block of layers, not a layer; name layers inside it"
+                                  + (f" (its own: {', '.join(inner)})" if inner else ""))
+    if cfg.method == "adapter" and len(matched) == 2:
+        both = sorted(set.intersection(*matched.values()))
+        if both:
+            raise ConfigError(f"--adapter-attn-output-modules and --adapter-mlp-output-modules both name {both[0]}; "
+                              "a module takes one adapter")
 
 
 
@@ -67,6 +94,7 @@ def apply_method_or_config_error(model, cfg: TrainConfig, log=None):
 
     names = [name for name, _ in model.named_modules() if name]  # before apply_method changes the model
     kind = type(model).__name__
+    check_module_choices(model, cfg)
     try:
         with warnings.catch_warnings():  # said below as a note, for the names the user gave
             warnings.simplefilter("ignore", UnmatchedTargetWarning)
