@@ -164,3 +164,37 @@ def test_bert_outputs_are_told_apart_by_dotted_suffix_or_regex():
     with pytest.raises(ValueError, match="mlp_output_modules also matches .*two adapters"):
         adapted(placement="houlsby", attn_output_modules=("attention.output.dense",),
                 mlp_output_modules=("output.dense",))
+
+
+def test_hooked_or_offloaded_adapter_layers_are_called():
+    """The fused op reads down/up's weights: a hook on them was skipped (logits 4.4e-3 off a model that calls
+    them), and accelerate's cpu_offload (weights on meta until the hook loads them) crashed deep inside. Hooked
+    layers are called."""
+    from accelerate import cpu_offload
+
+    def build():
+        model = apply_method(tiny_llama(), "adapter", MethodOptions(adapter_size=4, adapter_placement="houlsby"))
+        perturb_trainables(model, seed=3)
+        return model.eval()
+
+    x = ids()
+    model = build()
+    adapters = [m for m in model.modules() if type(m).__name__ == "BottleneckAdapter"]
+    want = model(input_ids=x).logits
+    calls = []
+    handle = adapters[0].down.register_forward_hook(lambda m, a, out: (calls.append(1), out * 2.0)[1])
+    got = model(input_ids=x).logits
+    handle.remove()
+    # what the hook does, done by hand: the first adapter's down projection doubled
+    with torch.no_grad():
+        adapters[0].down.weight.mul_(2.0)
+        adapters[0].down.bias.mul_(2.0)
+    doubled = model(input_ids=x).logits
+    assert calls == [1] and not torch.allclose(got, want)
+    torch.testing.assert_close(got, doubled, rtol=1e-5, atol=1e-5)
+
+    model = build()
+    want = model(input_ids=x).logits
+    cpu_offload(model, execution_device=torch.device("cpu"))
+    assert adapters and [m for m in model.modules() if type(m).__name__ == "BottleneckAdapter"][0].down.weight.is_meta
+    torch.testing.assert_close(model(input_ids=x).logits, want, rtol=1e-5, atol=1e-5)

@@ -395,3 +395,72 @@ def test_a_hooked_lm_head_is_called_not_fused(hooked):
         got = patched(input_ids=ids, labels=labels).loss
     assert len(calls) == 2
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("change", ["hook", "replaced"])
+def test_a_hooked_or_replaced_act_fn_is_called_as_unpatched(change):
+    """The fused GLU computes the config's activation without calling mlp.act_fn: a hook on it was skipped (logits
+    0.056 off), and an act_fn replaced after loading (ReLU-fication) was ignored. Then the model's own MLP runs."""
+    from fastft.modules import fused_layers
+
+    model = tiny("llama").eval()
+    patched = fastft.patch_model(copy.deepcopy(model))
+    ids, _ = _batch()
+    fused = []
+    swiglu = fused_layers.swiglu
+    with pytest.MonkeyPatch.context() as mp:  # untouched, the patched MLP runs the fused op (no silent fallback)
+        mp.setattr(fused_layers, "swiglu", lambda *a, **k: fused.append(1) or swiglu(*a, **k))
+        patched(input_ids=ids)
+    assert len(fused) == 2
+    calls = []
+    for m in (model, patched):
+        for layer in m.model.layers:
+            if change == "hook":
+                layer.mlp.act_fn.register_forward_hook(lambda mod, args, out: (calls.append(1), out * 0.5)[1])
+            else:
+                layer.mlp.act_fn = torch.nn.ReLU()
+    want, got = model(input_ids=ids).logits, patched(input_ids=ids).logits
+    assert len(calls) == (4 if change == "hook" else 0)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_backward_hook_on_lm_head_lora_is_honoured():
+    """nn.Module's call runs backward hooks too: one on lm_head's lora_A was skipped by the fused loss (gradients
+    0.24 off); the hooked head is called."""
+    model = _peft(tiny("llama"))
+    patched = fastft.patch_model(copy.deepcopy(model))
+    ids, labels = _batch()
+    calls, grads = [], []
+    for m in (model, patched):
+        a = m.get_submodule("base_model.model.lm_head.lora_A")["default"]
+        a.register_full_backward_hook(lambda mod, gin, gout: calls.append(m is patched))
+        m(input_ids=ids, labels=labels).loss.backward()
+        grads.append({n: p.grad for n, p in m.named_parameters() if p.requires_grad})
+    assert calls == [False, True]
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("remove_hooks", [False, True])
+def test_unpatch_after_accelerate_hooks_gives_the_unpatched_model(remove_hooks):
+    """accelerate's cpu_offload keeps each forward it wraps as a method bound at that time (`_old_forward`): after
+    unpatch_model the patched forwards ran on the unpatched modules (TypeError / AttributeError), with the hooks or
+    after removing them. Patching after the hooks fused nothing."""
+    from accelerate import cpu_offload
+    from accelerate.hooks import remove_hook_from_submodules
+
+    from fastft.modules.fused_layers import FusedRMSNormForward
+
+    ids, _ = _batch()
+    want = tiny("llama").eval()(input_ids=ids).logits
+    model = fastft.patch_model(tiny("llama").eval())
+    cpu_offload(model, execution_device=torch.device("cpu"))
+    if remove_hooks:
+        remove_hook_from_submodules(model)
+    fastft.unpatch_model(model)
+    torch.testing.assert_close(model(input_ids=ids).logits, want, rtol=1e-5, atol=1e-5)
+    model = tiny("llama").eval()
+    cpu_offload(model, execution_device=torch.device("cpu"))
+    fastft.patch_model(model)
+    assert model.model.norm._old_forward.__func__ is FusedRMSNormForward.forward
+    torch.testing.assert_close(model(input_ids=ids).logits, want, rtol=1e-5, atol=1e-5)

@@ -353,3 +353,29 @@ def test_hooks_on_adapter_modules_run_as_in_peft(use_dora, where):
     # (peft's DoRA forward skips an nn.Identity dropout: no call, as in the fused forward)
     assert calls["ours"] == calls["ref"] and (calls["ref"] > 0 or use_dora and where == "lora_dropout")
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("scope", ["module", "global"])
+def test_backward_hooks_on_adapter_modules_run_as_in_peft(scope):
+    """nn.Module's call runs backward hooks: one on lora_A (or a global one) was skipped by the fused op (gradients
+    1e-2 off peft's)."""
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    ref, ours = _pair(config)
+    grads, handles = [], []
+    triple = lambda mod, gin, gout: tuple(None if g is None else g * 3.0 for g in gin)  # noqa: E731
+    for model in (ref, ours):
+        if scope == "global":
+            handles.append(nn.modules.module.register_module_full_backward_hook(triple))
+        else:
+            for layer in model.modules():
+                if isinstance(layer, peft.tuners.lora.LoraLayer):
+                    handles.append(layer.lora_A["default"].register_full_backward_hook(triple))
+        try:
+            model(IDS).logits.square().mean().backward()
+        finally:
+            for h in handles:
+                h.remove()
+            handles.clear()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, rtol=1e-5, atol=1e-7, msg=name)

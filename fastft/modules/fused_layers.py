@@ -6,12 +6,15 @@ they were and `unpatch_model` only has to put the original class back. Class att
 
 - RMSNorm: `_fastft_offset` (0 Llama, 1 Gemma), `_fastft_cast` (fastft.ops.rms_norm's rounding: "input" Llama,
   "fp32" Gemma and OLMo2; None its default for the offset), `_fastft_eps_attr` (where the module keeps eps);
-- MLP: `_fastft_gelu` (GeGLU instead of SwiGLU), `_fastft_gate_up` (one fused `gate_up_proj`, Phi-3);
+- MLP: `_fastft_gelu` (GeGLU instead of SwiGLU), `_fastft_gate_up` (one fused `gate_up_proj`, Phi-3),
+  `_fastft_act_type` (the class of the activation module the config gives, which the fused op computes) and
+  `_fastft_act_attr` (where the module keeps it: `act_fn`, Phi-3's `activation_fn`);
 - both: `_fastft_backend` ("auto" | "triton" | "torch", as the ops take it).
 """
 from __future__ import annotations
 
 from fastft.ops.glu import geglu, swiglu
+from fastft.ops.shared import forward_interceptor
 from fastft.ops.rms_norm import rms_norm
 
 
@@ -32,9 +35,15 @@ class FusedGLUMLPForward:
     `gate_up_proj(x)` (views: the op reads them in place)."""
     _fastft_gelu = False
     _fastft_gate_up = False
+    _fastft_act_type = None
+    _fastft_act_attr = "act_fn"
     _fastft_backend = "auto"
 
     def forward(self, x):
+        act = self._modules.get(self._fastft_act_attr)
+        if type(act) is not self._fastft_act_type or forward_interceptor(act) is not None:
+            # act_fn replaced since patching (another activation) or hooked: the fused op would skip it
+            return super().forward(x)
         glu = geglu if self._fastft_gelu else swiglu
         if self._fastft_gate_up:
             gate, up = self.gate_up_proj(x).chunk(2, dim=-1)

@@ -13,6 +13,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch.nn.modules import module as nn_module
 
 from fastft.kernels.runtime import HAS_TRITON, triton_runs_on
 from fastft.ops.compiled import compiling
@@ -43,18 +44,25 @@ def check_tensor(op: str, name: str, t, dim: int | None = None) -> None:
 
 def forward_interceptor(module: torch.nn.Module) -> str | None:
     """What would run around `module`'s own forward if it were called (a fused op that reads its weights instead
-    would skip it), or None: its forward hooks or pre-hooks, a forward replaced on the instance (accelerate's
-    `_hf_hook`: device_map offload, cpu_offload), or torch's global module hooks."""
-    from torch.nn.modules import module as nn_module
-
+    would skip it), or None: its forward or backward hooks (nn.Module's call runs both kinds), a forward replaced on
+    the instance (accelerate's `_hf_hook`: device_map offload, cpu_offload), or torch's global module hooks."""
     own = module.__dict__
     if module._forward_hooks or module._forward_pre_hooks:
         return "a forward hook"
+    if module._backward_hooks or module._backward_pre_hooks:
+        return "a backward hook"
     if "forward" in own or "_hf_hook" in own:
         return "a forward replaced on the instance (e.g. accelerate's device_map / cpu_offload hook)"
-    if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
-        return "a global module forward hook"
+    if global_module_hooks():
+        return "a global module hook"
     return None
+
+
+def global_module_hooks() -> bool:
+    """Whether torch's global module hooks (register_module_forward_hook, ..._full_backward_hook) are set: every
+    module call runs them."""
+    return bool(nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks
+                or nn_module._global_backward_hooks or nn_module._global_backward_pre_hooks)
 
 
 def check_backend(op: str, backend: str) -> None:

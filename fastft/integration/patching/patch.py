@@ -25,9 +25,11 @@ are made at run time); unpatch it first, or save its state dict / adapters as us
 from __future__ import annotations
 
 import importlib
+import types
 from dataclasses import dataclass, field
 
 from torch import nn
+from transformers.activations import ACT2FN
 
 from fastft.integration.patching import rope_binding
 from fastft.integration.patching.causal_lm import FusedLossCausalLMForward, forward_with_signature
@@ -66,6 +68,28 @@ def _subclass(cls: type, mixin: type | None, **attrs) -> type:
         _SUBCLASSES[key] = type(cls.__name__, bases, {"__module__": cls.__module__, "__qualname__": cls.__qualname__,
                                                       "_fastft_original_class": cls, **attrs})
     return _SUBCLASSES[key]
+
+
+def _swap_class(module: nn.Module, new_cls: type) -> None:
+    """module.__class__ = new_cls, and the forwards bound on the instance follow: accelerate's hooks (cpu_offload,
+    dispatch_model) keep the forward they wrap as `_old_forward` (and put it back as `forward` when removed), a
+    method bound to the class at that time. Left bound to the other class, a patched forward would run on the
+    unpatched module (a crash: its class attributes are gone), or the original one on a patched module (nothing
+    fused, the summary saying otherwise)."""
+    old_forward = type(module).forward
+    for name in ("_old_forward", "forward"):
+        bound = module.__dict__.get(name)
+        if getattr(bound, "__func__", None) is old_forward and getattr(bound, "__self__", None) is module:
+            module.__dict__[name] = types.MethodType(new_cls.forward, module)
+    module.__class__ = new_cls
+
+
+def _activation_attribute(base: nn.Module, mlp_class: type | None) -> str | None:
+    """Where the MLP modules keep their activation module (`act_fn`; Phi-3's `activation_fn`)."""
+    for module in base.modules():
+        if mlp_class is not None and isinstance(module, mlp_class):
+            return next((name for name in ("act_fn", "activation_fn") if name in module._modules), None)
+    return None
 
 
 def original_class(module: nn.Module) -> type:
@@ -111,7 +135,8 @@ def _plan(base: nn.Module, backend: str, attention: bool):
     attrs = {"norm": dict(_fastft_offset=arch.norm_offset, _fastft_cast=arch.norm_cast,
                           _fastft_eps_attr=arch.norm_eps_attr, _fastft_backend=backend),
              "mlp": dict(_fastft_gelu=GELU_TANH.get(activation), _fastft_gate_up=arch.fused_gate_up,
-                         _fastft_backend=backend),
+                         _fastft_act_type=type(ACT2FN[activation]) if activation in GELU_TANH else None,
+                         _fastft_act_attr=_activation_attribute(base, classes.get("mlp")), _fastft_backend=backend),
              "attention": dict(forward=rope_binding.forward_with_fastft_rope(classes["attention"], backend,
                                                                              arch.partial_rotary)),
              "causal_lm": dict(_fastft_softcap_attr=arch.final_softcap_attr,
@@ -176,7 +201,7 @@ def patch_model(model: nn.Module, *, backend: str = "auto", attention: bool = Tr
     record = PatchRecord(arch=arch, summary=summary)
     for module, new_cls in swaps:
         record.swapped.append((module, new_cls._fastft_original_class))
-        module.__class__ = new_cls
+        _swap_class(module, new_cls)
     if attn_change is not None:
         # importing registers "fastft"; its kernel backend is fastft.register_attention's setting, not `backend`
         from fastft.integration.attention import NAME
@@ -195,12 +220,12 @@ def unpatch_model(model: nn.Module) -> nn.Module:
     if record is None:
         raise ValueError(f"fastft.unpatch_model: {type(base).__name__} is not patched (fastft.patch_model)")
     for module, cls in reversed(record.swapped):
-        module.__class__ = cls
+        _swap_class(module, cls)
     # modules copied after patching (peft's modules_to_save deep-copies the patched module) are in no record
     for module in model.modules():
         cls = original_class(module)
         if cls is not type(module):
-            module.__class__ = cls
+            _swap_class(module, cls)
     if record.attn_implementation is not None:
         base.set_attn_implementation(record.attn_implementation)
     del base._fastft_patch

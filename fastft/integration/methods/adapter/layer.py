@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fastft.modules.lora import default_backend
-from fastft.ops.bottleneck_adapter import bottleneck_adapter
+from fastft.modules.lora import called_as_is, default_backend
+from fastft.ops.bottleneck_adapter import activation_fn, bottleneck_adapter
 
 
 class BottleneckAdapter(nn.Module):
@@ -25,7 +25,13 @@ class BottleneckAdapter(nn.Module):
             self.up.bias.zero_()
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return bottleneck_adapter(h, self.down.weight, self.down.bias, self.up.weight, self.up.bias, self.activation,
+        down, up = self.down, self.up
+        if not (called_as_is(down) and called_as_is(up)):
+            # hooked (a user's, accelerate's offload: weights on meta until the hook loads them): called, in the
+            # weights' dtype, so that what intercepts them runs
+            z = activation_fn(self.activation)(down(h.to(down.weight.dtype)))
+            return h + up(z).to(h.dtype)
+        return bottleneck_adapter(h, down.weight, down.bias, up.weight, up.bias, self.activation,
                                   backend=default_backend())
 
     def extra_repr(self) -> str:
