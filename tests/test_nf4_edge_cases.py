@@ -311,3 +311,64 @@ def test_an_all_zero_weight_with_a_short_tail_block_double_quantizes(shape):
     layer = nn.Linear(shape[1], shape[0], bias=False)
     nn.init.zeros_(layer.weight)
     assert torch.equal(NF4Linear.from_linear(layer).dequantize_weight(torch.float32), torch.zeros(shape))
+
+
+def test_the_cuda_gemv_is_used_only_where_it_runs(monkeypatch):
+    """The compiled decode GEMV was chosen on any CUDA device and raised at every QLoRA decode step where it cannot
+    run (sm < 80: no kernel image; a driver older than its CUDA runtime), instead of leaving it to the Triton GEMM.
+    Checked once per device (stubs: no GPU here; the meta device stands in for one)."""
+    from types import SimpleNamespace
+
+    from fastft.kernels import nf4_cuda, nf4_gemm
+
+    device = torch.device("meta")
+    launches = []
+    monkeypatch.setattr(nf4_gemm, "random_nf4_operand", lambda rows, cols, dev, gen: SimpleNamespace(cols=cols))
+
+    def launch(fails):
+        def nf4_gemv(x, w, bias, variant):
+            launches.append(variant)
+            if fails:
+                raise RuntimeError("nf4_gemv_cuda: the kernel launch failed: CUDA driver version is insufficient")
+            return torch.zeros(1, 16)
+        return nf4_gemv
+
+    for capability, fails, runs, launched in (((7, 5), False, False, []), ((9, 0), True, False, [nf4_cuda.SCALED]),
+                                              ((9, 0), False, True, [nf4_cuda.SCALED])):
+        monkeypatch.setattr(nf4_cuda, "_RUNS_ON", {})
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d, c=capability: c)
+        monkeypatch.setattr(nf4_cuda, "nf4_gemv", launch(fails))
+        launches.clear()
+        if fails:
+            with pytest.warns(UserWarning, match="does not run on meta .*driver version is insufficient.*Triton"):
+                assert nf4_cuda.runs_on(device) is runs
+        else:
+            assert nf4_cuda.runs_on(device) is runs
+        assert nf4_cuda.runs_on(device) is runs and launches == launched  # once per device
+
+
+def test_the_cpu_extension_checks_sizes_before_its_raw_pointers():
+    """nf4_cpu.dequantize trusted `numel`: 65,536 values from a 32-byte buffer read past it, with no error."""
+    from fastft.kernels import nf4_cpu
+
+    if not nf4_cpu.available():
+        pytest.skip("the compiled extension is not built")
+    packed, absmax = torch.full((32,), 0xFF, dtype=torch.uint8), torch.ones(1)
+    with pytest.raises(ValueError, match="65536 values in blocks of 64 need 32768 packed bytes and 1024 absmax"):
+        nf4_cpu.dequantize(packed, absmax, 1 << 16, 64, torch.float32)
+    with pytest.raises(ValueError, match="`blocksize` must be a positive even int, got 63"):
+        nf4_cpu.dequantize(packed, absmax, 63, 63, torch.float32)
+    with pytest.raises(ValueError, match="`blocksize` must be a positive even int"):
+        nf4_cpu.quantize(torch.randn(64), 0)
+    assert nf4_cpu.dequantize(packed, absmax, 64, 64, torch.float32).shape == (64,)
+
+
+def test_an_nf4_weight_with_another_code_table_is_refused():
+    """The CPU paths decode with NF4's table whatever `code` says, the GPU kernels read `code`: another table gave
+    path-dependent weights (0.33 apart)."""
+    from fastft.quant.nf4_weight import NF4Weight, quantize_nf4
+
+    w = quantize_nf4(torch.randn(8, 64), 64, double_quant=False)
+    with pytest.raises(ValueError, match="the code table is not NF4's"):
+        NF4Weight(w.packed, w.absmax, w.shape, w.dtype, 64, code=-w.code.flip(0).contiguous())
+    NF4Weight(w.packed, w.absmax, w.shape, w.dtype, 64, code=w.code.clone())

@@ -28,6 +28,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#include <string>
 
 namespace fastft {
 namespace {
@@ -429,16 +430,26 @@ void launch_typed(const Nf4GemvArgs& p, int bs_shift, int nbs_shift, cudaStream_
 
 enum Error : int { kOk = 0, kBadBatch, kBadK, kBadBlocksize, kBadDtype, kMisaligned, kCudaError, kBadVariant };
 
+thread_local cudaError_t last_launch_error = cudaSuccess;  // what kCudaError stood for, for its message
+thread_local std::string launch_error_message;
+
 }  // namespace
 
 const char* nf4_gemv_error_string(int code) {
+  if (code == kCudaError) {
+    // cudaGetLastError (in nf4_gemv_launch) cleared the error: its text is kept for the message
+    launch_error_message = std::string("nf4_gemv_cuda: the kernel launch failed: ") +
+                           cudaGetErrorString(last_launch_error) +
+                           " (a GPU older than sm_80, or a driver older than the CUDA runtime the extension was built"
+                           " with)";
+    return launch_error_message.c_str();
+  }
   switch (code) {
     case kBadBatch: return "nf4_gemv_cuda: batch must be 1..16";
     case kBadK: return "nf4_gemv_cuda: k must be a positive multiple of 32";
     case kBadBlocksize: return "nf4_gemv_cuda: blocksize must be a power of two >= 32 (and nested_blocksize a power of two)";
     case kBadDtype: return "nf4_gemv_cuda: dtype must be 1 (fp16) or 2 (bf16)";
     case kMisaligned: return "nf4_gemv_cuda: x, packed and ldx must be 16-byte aligned";
-    case kCudaError: return "nf4_gemv_cuda: the kernel launch failed (see cudaGetLastError)";
     case kBadVariant:
       return "nf4_gemv_cuda: variant must be 0 (scaled decode) or 1 (byte table: blocksize >= 64, k a multiple of 64)";
     default: return "nf4_gemv_cuda: unknown error";
@@ -464,7 +475,8 @@ int nf4_gemv_launch(const Nf4GemvArgs& p, void* stream_handle) {
   } else {
     return kBadDtype;
   }
-  return cudaGetLastError() == cudaSuccess ? kOk : kCudaError;
+  last_launch_error = cudaGetLastError();
+  return last_launch_error == cudaSuccess ? kOk : kCudaError;
 }
 
 }  // namespace fastft

@@ -11,6 +11,8 @@ that TABLE agrees with SCALED; untimed (FASTFT_AUTOTUNE=0, CUDA-graph capture) i
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from fastft.kernels.autotune import Tuner, capturing
@@ -35,7 +37,35 @@ def available() -> bool:
 def supported(x2: torch.Tensor, w) -> bool:
     """x2 [batch, K] and w a fastft.kernels.nf4_gemm.NF4Operand."""
     return (available() and x2.is_cuda and x2.dtype in _DTYPE_CODES and 1 <= x2.shape[0] <= MAX_BATCH
-            and w.cols % 32 == 0 and w.blocksize >= 32 and w.packed.data_ptr() % 16 == 0)
+            and w.cols % 32 == 0 and w.blocksize >= 32 and w.packed.data_ptr() % 16 == 0 and runs_on(x2.device))
+
+
+MIN_CAPABILITY = (8, 0)  # the kernels use bf16 mma.m16n8k16 (sm_80+); the extension is built for sm_80 and sm_90
+_RUNS_ON: dict[torch.device, bool] = {}
+
+
+def runs_on(device: torch.device) -> bool:
+    """Once per device: the extension's kernels run there, or the Triton GEMM serves (an error at every QLoRA decode
+    step otherwise): the GPU is sm_80+ and one small launch succeeds (a driver older than the CUDA runtime the
+    extension was built with fails it). Not checked while a CUDA graph is captured (the launch would join it)."""
+    if device not in _RUNS_ON:
+        if capturing():
+            return False
+        runs = torch.cuda.get_device_capability(device) >= MIN_CAPABILITY
+        if runs:
+            from fastft.kernels.nf4_gemm import random_nf4_operand
+
+            gen = torch.Generator(device="cpu").manual_seed(0)
+            w = random_nf4_operand(16, 64, device, gen)
+            x = torch.randn(1, w.cols, generator=gen).to(device=device, dtype=torch.float16)
+            try:
+                runs = bool(torch.isfinite(nf4_gemv(x, w, None, SCALED)).all())
+            except RuntimeError as e:
+                warnings.warn(f"fastft: the compiled NF4 decode GEMV does not run on {device} ({e}); QLoRA decoding "
+                              "uses the Triton GEMM there", stacklevel=2)
+                runs = False
+        _RUNS_ON[device] = runs
+    return _RUNS_ON[device]
 
 
 def table_supported(w) -> bool:

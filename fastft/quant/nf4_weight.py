@@ -102,6 +102,12 @@ class NF4Weight(torch.Tensor):
         if self.code.numel() != 16 or self.code.dtype != torch.float32:
             raise ValueError(f"{what}: the code table must be 16 fp32 values, got {self.code.numel()} of "
                              f"{self.code.dtype}")
+        # NF4's own table only: the CPU paths (C++, torch) decode with it whatever `code` says, the GPU kernels read
+        # `code`. Checked where it costs no device sync (weights are built on the CPU: quantized or loaded there), on
+        # real tensors (torch.compile rebuilds weights from fake ones)
+        if type(self.code) is torch.Tensor and self.code.device.type == "cpu" \
+                and not torch.equal(self.code, fmt.nf4_code()):
+            raise ValueError(f"{what}: the code table is not NF4's ({self.code.tolist()}); fastft decodes NF4 only")
         if self.double_quant:
             if self.code2 is None or self.code2.numel() != 256:
                 raise ValueError(f"{what}: double quantization needs a 256-entry nested_quant_map")
