@@ -488,3 +488,44 @@ def test_loss_scaler_state_round_trips_through_a_checkpoint(tmp_path):
     # first step after the resume, as it did in the uninterrupted run
     assert (state["scale"], state["_growth_tracker"]) == (512.0, 1) and scales == [1024.0, 1024.0]
     assert ckpt.scaler_state(type("NoScaler", (), {"scaler": None})()) is None
+
+
+@pytest.mark.slow
+def test_max_grad_norm_clips_the_parameters_prepare_leaves(tiny, tmp_path, monkeypatch, one_thread):
+    """accelerate's FSDP2 plugin (a GPU's --distributed fsdp) shards inside `prepare`, replacing every parameter;
+    the trainer clipped the list it made before (no gradients there): grad_norm 0.0 logged, nothing clipped, and
+    the weights drifted from one process's (0.027). Emulated: prepare replaces the trainable parameters and remaps the
+    optimizer, as the plugin does; the run must match a plain one."""
+    import accelerate
+    from safetensors.torch import load_file
+
+    real_prepare = accelerate.Accelerator.prepare
+
+    def prepare_replacing_parameters(self, *args, **kwargs):
+        if len(args) == 2:
+            objective, optimizer = args
+            swapped = {}
+            for module in objective.modules():
+                for name, p in list(module._parameters.items()):
+                    if p is not None and p.requires_grad:
+                        module._parameters[name] = swapped[id(p)] = torch.nn.Parameter(p.detach().clone())
+            for group in optimizer.param_groups:
+                group["params"] = [swapped.get(id(p), p) for p in group["params"]]
+        return real_prepare(self, *args, **kwargs)
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": f"record {i} " * (i % 5 + 2)}) + "\n" for i in range(24)))
+    runs = {}
+    for kind in ("plain", "replaced"):
+        if kind == "replaced":
+            monkeypatch.setattr(accelerate.Accelerator, "prepare", prepare_replacing_parameters)
+        out = tmp_path / kind
+        assert main(["train", "--model", str(tiny), "--data", str(data), "--steps", "3", "--batch-size", "4",
+                     "--eval-examples", "4", "--max-length", "24", "--lr", "3e-3", "--max-grad-norm", "0.05",
+                     "--dropout", "0", "--output-dir", str(out)]) == 0
+        norms = [json.loads(line).get("grad_norm") for line in (out / "logs.jsonl").read_text().splitlines()]
+        runs[kind] = ([n for n in norms if n is not None], load_file(str(out / "adapter" / "adapter_model.safetensors")))
+    assert len(runs["plain"][0]) == 3 and all(n > 0.05 for n in runs["plain"][0])  # clipping did something
+    assert runs["replaced"][0] == pytest.approx(runs["plain"][0], rel=1e-5)
+    for name, w in runs["plain"][1].items():
+        torch.testing.assert_close(runs["replaced"][1][name], w, rtol=1e-5, atol=1e-7)

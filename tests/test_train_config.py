@@ -57,6 +57,9 @@ def _error(argv, capsys) -> str:
     (["--temperature", "inf"], "--temperature must be a finite number"),
     (["--ce-weight", "inf"], "--ce-weight must be a finite number"),
     (["--data", ""], "--data is an empty path; give a jsonl file"),
+    # AdamW's fp32 step overflowed: "RuntimeError: value cannot be converted to type float without overflow"
+    (["--lr", "1e39"], "--lr 1e+39 is above 1e+06, far past any learning rate that trains"),
+    (["--lr", "1e5", "--loraplus-lr-ratio", "16"], "--lr 100000 times --loraplus-lr-ratio 16 is above 1e+06"),
     (["--config", ""], "--config .: file not found"),
     pytest.param(["--mixed-precision", "fp16"], "--mixed-precision fp16 needs a CUDA GPU",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 autocast runs on a GPU")),
@@ -92,6 +95,9 @@ def test_yaml_config_flags_override_and_unknown_keys(tmp_path, capsys, monkeypat
         in _error(["train", "--config", str(run)], capsys)
     run.write_text("save-every: 1\nsave_every: 0\n")
     assert "key 'save_every' is given twice" in _error(["train", "--config", str(run)], capsys)
+    run.write_text("lr: 1e-4\nrank: 8\nlr: 3e-4\n")  # the same spelling twice: PyYAML kept the last one silently
+    assert "--config " + str(run) + ": key 'lr' is given twice (again at line 3); keep one" in \
+        _error(["train", "--config", str(run)], capsys)
     for lone in ("0", "false", "[]", "''"):  # not an empty file: was read as no settings
         run.write_text(lone + "\n")
         assert "expected a mapping of settings" in _error(["train", "--config", str(run)], capsys), lone

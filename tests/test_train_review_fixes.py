@@ -301,3 +301,40 @@ def test_an_older_checkpoint_that_cannot_be_removed_is_a_warning_not_a_stop(tmp_
                                          "resource busy.*step-00000004, is complete: delete the older one by hand"):
         checkpoints.save(4, model, optimizer, {})
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000002", "step-00000004"]
+
+
+@pytest.mark.parametrize("arch", ["opt", "bloom", "llama"])
+def test_packed_documents_stay_apart_where_the_mask_ignores_position_ids(arch):
+    """transformers builds sdpa/eager's packed block mask from position_ids, but OPT (and BioGPT, XGLM) build one
+    causal mask over the row and BLOOM/MPT take no position_ids: packed documents attended to the ones before them
+    (losses 0.15 off, gradients 100% off), silently. Such a model runs each document on its own; Llama packs."""
+    import torch.nn.functional as F
+    import transformers as tf
+
+    from fastft.apps.training.objectives import ObjectiveModel, packing_isolates, run_documents_alone
+
+    V = 128
+    config = {"opt": lambda: tf.OPTConfig(vocab_size=V, hidden_size=64, num_hidden_layers=2, ffn_dim=96,
+                                          num_attention_heads=4, dropout=0.0, word_embed_proj_dim=64),
+              "bloom": lambda: tf.BloomConfig(vocab_size=V, hidden_size=64, n_layer=2, n_head=4, hidden_dropout=0.0,
+                                              attention_dropout=0.0),
+              "llama": lambda: tf.LlamaConfig(vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                              num_attention_heads=4, num_key_value_heads=2)}[arch]()
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(config).train()
+    isolates = packing_isolates(model, flash_kwargs=False)
+    assert isolates == (arch == "llama")
+    run_documents_alone(model, not isolates)
+    g = torch.Generator().manual_seed(0)
+    docs = [Example(ids, ids) for ids in (torch.randint(1, V, (n,), generator=g).tolist() for n in (9, 12, 7))]
+    from fastft.apps.training.data import pack
+
+    loss, _ = ObjectiveModel(model, "sft")(pack(docs, pad_token_id=0, flash_kwargs=False))
+    packed = torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
+    alone = sum(F.cross_entropy(model(input_ids=torch.tensor([d.input_ids])).logits[0, :-1],
+                                torch.tensor(d.labels[1:]), reduction="sum") for d in docs)
+    want = torch.autograd.grad(alone, list(model.parameters()), allow_unused=True)
+    torch.testing.assert_close(loss, alone, rtol=1e-5, atol=1e-5)
+    for got, ref in zip(packed, want):
+        if ref is not None:
+            torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-6)

@@ -2,7 +2,9 @@
 
 `PackingCollator` turns a list of tokenized examples into a single row (batch 1) with
 - position_ids restarting at 0 for every example (RoPE sees each document from its start, and transformers /
-  attn_implementation="fastft" read the document boundaries from them),
+  attn_implementation="fastft" read the document boundaries from them; not every architecture's sdpa/eager mask
+  does: OPT, BioGPT and XGLM build one causal mask over the row, BLOOM and MPT take no position_ids, so there
+  packed documents see each other: fastft.apps.training.objectives.packing_isolates tells),
 - labels with -100 on each example's first token, so no example learns to predict across a boundary
   (causal-LM losses shift labels by one),
 - cu_seq_lens_q / cu_seq_lens_k (int32 cumulative lengths) and max_length_q / max_length_k, the names of

@@ -317,16 +317,46 @@ def _choice_from_yaml_bool(name: str, value: bool, source: str) -> str:
                       f"{name}: \"{_CHOICES[name][0]}\"")
 
 
+class _KeyGivenTwice(Exception):
+    def __init__(self, key, line: int):
+        super().__init__(key, line)
+        self.key, self.line = key, line
+
+
+def _yaml_load_unique_keys(text: str):
+    """yaml.safe_load, but a mapping's key given twice raises _KeyGivenTwice (PyYAML keeps the last one silently:
+    `lr: 1e-4` then `lr: 3e-4` further down trained at 3e-4 with no word)."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                if key in seen:
+                    raise _KeyGivenTwice(key, key_node.start_mark.line + 1)
+                seen.add(key)
+            return super().construct_mapping(node, deep=deep)
+
+    return yaml.load(text, Loader=Loader)  # noqa: S506 (a SafeLoader)
+
+
 def read_yaml_config(path: str | os.PathLike) -> dict:
-    """{field: value} from a YAML file; unknown keys and wrong types are ConfigErrors naming the key."""
+    """{field: value} from a YAML file; unknown keys, keys given twice and wrong types are ConfigErrors naming the
+    key."""
     import yaml
 
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"--config {path}: file not found")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = _yaml_load_unique_keys(path.read_text(encoding="utf-8"))
         data = {} if data is None else data  # an empty file; a lone 0 / false / [] is refused below
+    except _KeyGivenTwice as e:
+        raise ConfigError(f"--config {path}: key '{e.key}' is given twice (again at line {e.line}); keep one") \
+            from None
     except UnicodeDecodeError:
         raise ConfigError(f"--config {path}: not UTF-8 text; save the file as UTF-8") from None
     except yaml.YAMLError as e:
@@ -409,6 +439,9 @@ def unused_settings(cfg: TrainConfig) -> str | None:
     if not unused:
         return None
     return f"note: not used by --method {cfg.method} --objective {cfg.objective}: {', '.join(unused)}"
+
+
+MAX_LR = 1e6  # --lr (times --loraplus-lr-ratio) refused above this
 
 
 def epochs_to_steps(cfg: TrainConfig, records: int, per_step: int) -> TrainConfig:
@@ -510,6 +543,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     need(cfg.max_length >= 8, f"--max-length must be at least 8, got {cfg.max_length}")
     need(0 <= cfg.seed < 2**32, f"--seed must be in [0, 2**32 - 1] (numpy's and accelerate's range), got {cfg.seed}")
     need(cfg.lr > 0 and cfg.lr == cfg.lr and cfg.lr != float("inf"), f"--lr must be a positive number, got {cfg.lr}")
+    # AdamW's step (lr over its bias correction, times LoRA+'s ratio) overflows fp32 near 1e37: a traceback mid-step
+    need(cfg.lr * max(1.0, cfg.loraplus_lr_ratio) <= MAX_LR,
+         f"--lr {cfg.lr:g}{f' times --loraplus-lr-ratio {cfg.loraplus_lr_ratio:g}' if cfg.loraplus_lr_ratio > 1 else ''}"
+         f" is above {MAX_LR:g}, far past any learning rate that trains (AdamW's are ~1e-5 to 1e-2)")
     cfg = dataclasses.replace(cfg, dropout=resolved_dropout(cfg))
     need(0.0 <= cfg.dropout < 1.0, f"--dropout must be a probability in [0, 1), got {cfg.dropout}")
     need(0.0 <= cfg.warmup_ratio <= 1.0, f"--warmup-ratio must be in [0, 1], got {cfg.warmup_ratio}")

@@ -8,7 +8,9 @@ positive movie review." → a real review), generated deterministically, no netw
 A micro-batch is one packed row (`fastft.integration.packing.PackingCollator`): documents back to back,
 position_ids restarting per document. transformers gives sdpa/eager a block-diagonal causal mask from those
 position_ids (masking_utils.find_packed_sequence_indices); attn_implementation="fastft" runs varlen attention
-over the collator's cu_seq_lens. No document attends to another, nor predicts across a boundary.
+over the collator's cu_seq_lens. No document attends to another, nor predicts across a boundary. Some
+architectures build their mask without position_ids (OPT, BioGPT, XGLM; BLOOM and MPT take none): the trainer finds
+them with a probe (objectives.packing_isolates) and runs their documents one at a time.
 """
 from __future__ import annotations
 

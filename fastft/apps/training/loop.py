@@ -33,7 +33,7 @@ from fastft.apps.training.records import data_fingerprint, load_records, records
 from fastft.apps.training.logs import RunLog, peak_memory_gib
 from fastft.apps.optimizers import make_optimizer
 from fastft.apps.training.objectives import (ObjectiveModel, check_head_gives_logits, check_vocab_rows,
-                                             is_prompt_learning)
+                                             is_prompt_learning, packing_isolates, run_documents_alone)
 from fastft.apps.training.resume_checks import (check_resumed_data, check_resumed_settings, check_resumed_step,
                                                finished_metrics)
 from fastft.apps.training.run_lock import hold_output_dir
@@ -146,6 +146,20 @@ def record_flags(make_batch: _Batches, count: int, earlier: torch.Tensor | None,
     return (accelerator.reduce(flags.to(accelerator.device), "sum") > 0).cpu()
 
 
+def check_packing(model, flash_kwargs: bool, what: str, log) -> None:
+    """Run each packed document on its own where `model`'s attention would let packed documents see each other
+    (objectives.packing_isolates), said once (`log`); peft's prompt learning runs them alone already."""
+    if is_prompt_learning(model):
+        return
+    isolates = packing_isolates(model, flash_kwargs)
+    run_documents_alone(model, not isolates)
+    if not isolates and log is not None:
+        attention = getattr(getattr(model, "config", None), "_attn_implementation", None)
+        log(f"note: {what} ({type(model).__name__}, attention {attention}) would let the documents packed in a row "
+            "attend to each other (its mask does not follow position_ids): each document runs on its own, one "
+            "forward per document (slower)")
+
+
 def objective_knobs(cfg: TrainConfig, teacher) -> dict:
     """ObjectiveModel's settings from the run's: every model a run evaluates uses the same ones."""
     return dict(teacher=teacher, dpo_beta=cfg.dpo_beta, kl_weight=cfg.kl_weight,
@@ -195,10 +209,11 @@ def _weights_finite(params, accelerator) -> bool:
 
 
 def _clip(params, max_norm: float, accelerator, sharded_here: bool) -> float:
-    if not sharded_here:
-        return float(accelerator.clip_grad_norm_(params, max_norm))
-    accelerator.unscale_gradients()  # fp16: the GradScaler's gradients are scaled up (a no-op otherwise)
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)  # DTensor gradients: the global norm
+    if sharded_here:
+        accelerator.unscale_gradients()  # fp16: the GradScaler's gradients are scaled up (a no-op otherwise)
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)  # DTensor gradients: the global norm
+    else:  # (accelerate's FSDP2 plugin: DTensor gradients too)
+        norm = accelerator.clip_grad_norm_(params, max_norm)
     return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
 
@@ -325,6 +340,9 @@ def _run(cfg: TrainConfig, accelerator, train_records, eval_records, description
         check_vocab_rows(model, teacher, len(tokenizer), cfg.teacher)
     log(f"fastft train: {cfg.model} on {description}; {len(train_records)} train / {len(eval_records)} eval "
         f"records; objective {cfg.objective}, method {cfg.method}; device {device}, {world} process(es)")
+    check_packing(model, cfg.attn_implementation == "fastft", f"--model {cfg.model}", log)
+    if teacher is not None:
+        check_packing(teacher, cfg.attn_implementation == "fastft", f"--teacher {cfg.teacher}", log)
     note = unused_settings(cfg)
     if note:
         log(note)
@@ -346,6 +364,8 @@ def _run(cfg: TrainConfig, accelerator, train_records, eval_records, description
         log(f"attention: {attention} (set by {'--patch-model' if patched else f'--method {cfg.method}'}), not "
             f"--attn-implementation {cfg.attn_implementation}")
     make_batch.flash_kwargs = attention == "fastft"  # packed rows then carry their document boundaries
+    if attention != cfg.attn_implementation:
+        check_packing(model, make_batch.flash_kwargs, f"--model {cfg.model}", None)  # patched: its attention now
     if cfg.gradient_checkpointing:
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         enable_checkpointing(base)  # non-reentrant, without the input-grad hook that breaks --compile's graph
@@ -361,7 +381,6 @@ def _run(cfg: TrainConfig, accelerator, train_records, eval_records, description
         log(_describe("before" if key == "eval_before" else "quantized", history[key]))
 
     sharded_here = shard_model(objective, cfg, accelerator)
-    params = [p for p in model.parameters() if p.requires_grad]
     fsdp = sharded_here or accelerator.distributed_type == DistributedType.FSDP  # the plugin shards in prepare
     loraplus = cfg.loraplus_lr_ratio if cfg.method in LORA_METHODS else 0.0  # another method's vectors are not LoRA's
     try:
@@ -380,6 +399,9 @@ def _run(cfg: TrainConfig, accelerator, train_records, eval_records, description
         # names (a compiled wrapper's state dict adds `_orig_mod.`)
         objective = accelerator.unwrap_model(prepared, keep_torch_compile=False)
     inner = objective.model
+    # after prepare: accelerate's FSDP2 plugin (a GPU's --distributed fsdp) shards there, replacing every parameter;
+    # the ones from before would have no gradients to clip nor weights to check
+    params = [p for p in inner.parameters() if p.requires_grad]
     torch_optimizer = getattr(optimizer, "optimizer", optimizer)
     is_peft = cfg.method != "full"  # an adapter is saved: peft's format, or the bottleneck adapter's own
     distribution = {"type": "FSDP2 (fully_shard)" if sharded_here else accelerator.distributed_type.value,

@@ -198,11 +198,59 @@ def hidden_at_targets(model: nn.Module, batch: dict):
             rows.append(logits[:-1][keep[0, span[:-1]]])
         return torch.cat(rows), targets[keep], batch["document_ids"][:, :-1][keep], None  # logits: no head
     backbone, head = causal_lm_parts(model)
-    # use_cache=False: transformers gives sdpa/eager the packed block mask only without a cache
-    hidden = backbone(**_model_inputs(batch), use_cache=False).last_hidden_state
+    if backbone.__dict__.get("_fastft_documents_alone"):  # its attention would let packed documents see each other
+        hidden = _hidden_per_document(backbone, batch)
+    else:  # use_cache=False: transformers gives sdpa/eager the packed block mask only without a cache
+        hidden = backbone(**_model_inputs(batch), use_cache=False).last_hidden_state
     at = _targets_at(batch, keep)
     return (hidden[:, :-1].flatten(0, 1).index_select(0, at), targets.flatten().index_select(0, at),
             batch["document_ids"][:, :-1].flatten().index_select(0, at), head)
+
+
+def packing_isolates(model: nn.Module, flash_kwargs: bool) -> bool:
+    """Whether a packed row keeps its documents apart in `model` (a causal LM or a PeftModel around one). transformers
+    builds sdpa/eager's block-diagonal mask from position_ids for most architectures, not for all: OPT, BioGPT and
+    XGLM build one causal mask over the row, BLOOM and MPT (ALiBi) take no position_ids. Two documents packed against
+    the second alone, once (no grad, eval mode: no dropout); `flash_kwargs`: the rows carry cu_seq_lens (fastft
+    attention)."""
+    from fastft.integration.packing import PackingCollator
+
+    backbone, _ = causal_lm_parts(model)
+    vocab = backbone.get_input_embeddings().num_embeddings
+    first, second = [(7 * i + 3) % vocab for i in range(5)], [(11 * i + 5) % vocab for i in range(7)]
+    batch = PackingCollator(pad_token_id=0, return_flash_kwargs=flash_kwargs)(
+        [{"input_ids": ids, "labels": ids} for ids in (first, second)])
+    device = next(backbone.parameters()).device
+    batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    training = backbone.training
+    backbone.eval()
+    try:
+        with torch.no_grad():
+            packed = backbone(**_model_inputs(batch), use_cache=False).last_hidden_state[0, len(first):].float()
+            alone = backbone(input_ids=batch["input_ids"][:, len(first):], use_cache=False).last_hidden_state[0]
+    finally:
+        backbone.train(training)
+    # a leak moves the second document's states by 1e-2 (a random ALiBi model: distant keys fade) to O(1); another
+    # kernel shape by ~1e-6 in fp32, up to ~1.2e-2 in bf16 (SmolLM2): the bf16 bound is looser
+    tolerance = 1e-3 if alone.dtype in (torch.float32, torch.float64) else 5e-2
+    return bool((packed - alone.float()).norm() <= tolerance * alone.float().norm())
+
+
+def run_documents_alone(model: nn.Module, alone: bool) -> None:
+    """Mark `model`'s backbone to run each packed document on its own (hidden_at_targets): correct where packing
+    would leak (packing_isolates), at one forward per document."""
+    causal_lm_parts(model)[0].__dict__["_fastft_documents_alone"] = alone
+
+
+def _hidden_per_document(backbone: nn.Module, batch: dict) -> torch.Tensor:
+    """The packed rows' hidden states with each document run on its own (no padding), in place."""
+    ids, doc = batch["input_ids"], batch["document_ids"]
+    rows = []
+    for r in range(ids.shape[0]):
+        starts = ((doc[r, 1:] != doc[r, :-1]).nonzero()[:, 0] + 1).tolist()
+        rows.append(torch.cat([backbone(input_ids=piece[None], use_cache=False).last_hidden_state[0]
+                               for piece in torch.tensor_split(ids[r], starts)]))
+    return torch.stack(rows)
 
 
 def _targets_at(batch: dict, keep: torch.Tensor) -> torch.Tensor:
