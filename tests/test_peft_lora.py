@@ -379,3 +379,32 @@ def test_backward_hooks_on_adapter_modules_run_as_in_peft(scope):
         grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
     for name, g in grads[0].items():
         torch.testing.assert_close(grads[1][name], g, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_a_forward_left_by_a_removed_accelerate_hook_keeps_the_fused_path():
+    """accelerate's remove_hook_from_module leaves the class's own forward bound on the instance: no hook, yet it
+    counted as "a forward replaced on the instance", and fusion stayed off for good (with a misleading warning)."""
+    from accelerate.hooks import ModelHook, add_hook_to_module, remove_hook_from_module
+
+    from fastft.ops.shared import forward_interceptor
+
+    layer = nn.Linear(4, 4)
+    add_hook_to_module(layer, ModelHook())
+    assert forward_interceptor(layer) is not None
+    remove_hook_from_module(layer)
+    assert "forward" in layer.__dict__ and forward_interceptor(layer) is None
+    layer.forward = lambda x: x  # a forward of the user's own is still one
+    assert forward_interceptor(layer) is not None
+    ref, ours = _pair(LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
+    for layer in _fused_layers(ours):
+        for sub in (layer.lora_A["default"], layer.lora_B["default"]):
+            add_hook_to_module(sub, ModelHook())
+            remove_hook_from_module(sub)
+    calls = []
+    import fastft.modules.lora as lora_module
+
+    fused = lora_module.FusedLoraLinear._fused
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(lora_module.FusedLoraLinear, "_fused", lambda self, *a: calls.append(1) or fused(self, *a))
+        torch.testing.assert_close(_logits(ours), _logits(ref), rtol=1e-5, atol=1e-5)
+    assert len(calls) == 2

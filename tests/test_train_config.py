@@ -95,6 +95,8 @@ def test_yaml_config_flags_override_and_unknown_keys(tmp_path, capsys, monkeypat
         in _error(["train", "--config", str(run)], capsys)
     run.write_text("save-every: 1\nsave_every: 0\n")
     assert "key 'save_every' is given twice" in _error(["train", "--config", str(run)], capsys)
+    run.write_text("? [a, b]\n: 1\n")  # an unhashable key: PyYAML's own error, not a TypeError traceback
+    assert "not valid YAML" in _error(["train", "--config", str(run)], capsys)
     run.write_text("lr: 1e-4\nrank: 8\nlr: 3e-4\n")  # the same spelling twice: PyYAML kept the last one silently
     assert "--config " + str(run) + ": key 'lr' is given twice (again at line 3); keep one" in \
         _error(["train", "--config", str(run)], capsys)

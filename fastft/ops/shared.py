@@ -51,11 +51,19 @@ def forward_interceptor(module: torch.nn.Module) -> str | None:
         return "a forward hook"
     if module._backward_hooks or module._backward_pre_hooks:
         return "a backward hook"
-    if "forward" in own or "_hf_hook" in own:
+    if "_hf_hook" in own or replaced_forward(module):
         return "a forward replaced on the instance (e.g. accelerate's device_map / cpu_offload hook)"
     if global_module_hooks():
         return "a global module hook"
     return None
+
+
+def replaced_forward(module: torch.nn.Module) -> bool:
+    """Whether the instance holds a forward other than its class's (accelerate's hook wraps one there; removing the
+    hook leaves the class's own forward bound on the instance, which changes nothing)."""
+    bound = module.__dict__.get("forward")
+    return bound is not None and not (getattr(bound, "__func__", None) is type(module).forward
+                                      and getattr(bound, "__self__", None) is module)
 
 
 def global_module_hooks() -> bool:

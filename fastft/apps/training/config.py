@@ -335,6 +335,10 @@ def _yaml_load_unique_keys(text: str):
                 if key_node.tag == "tag:yaml.org,2002:merge":
                     continue
                 key = self.construct_object(key_node, deep=True)
+                try:
+                    hash(key)
+                except TypeError:  # an unhashable key: PyYAML's own error (not valid YAML) below
+                    continue
                 if key in seen:
                     raise _KeyGivenTwice(key, key_node.start_mark.line + 1)
                 seen.add(key)

@@ -33,7 +33,8 @@ from fastft.apps.training.records import data_fingerprint, load_records, records
 from fastft.apps.training.logs import RunLog, peak_memory_gib
 from fastft.apps.optimizers import make_optimizer
 from fastft.apps.training.objectives import (ObjectiveModel, check_head_gives_logits, check_vocab_rows,
-                                             is_prompt_learning, packing_isolates, run_documents_alone)
+                                             documents_alone, is_prompt_learning, packing_isolates,
+                                             run_documents_alone)
 from fastft.apps.training.resume_checks import (check_resumed_data, check_resumed_settings, check_resumed_step,
                                                finished_metrics)
 from fastft.apps.training.run_lock import hold_output_dir
@@ -100,8 +101,10 @@ def evaluate(module: ObjectiveModel, records, make_batch, batch_size: int, accel
     if not records:
         return None
     world, rank = accelerator.num_processes, accelerator.process_index
-    if is_prompt_learning(module.model):  # its forward runs each document alone: with one record per process per
-        batch_size = 1  # forward (a dummy where none is left) every process gathers the same FSDP2 weights as often
+    if is_prompt_learning(module.model) or documents_alone(module.model):
+        # its forward runs each document alone: with one record per process per forward (a dummy where none is left)
+        # every process gathers the same FSDP2 weights as often
+        batch_size = 1
     was_training = module.training
     module.eval()
     sums = torch.zeros(4, dtype=torch.float64)  # loss, count, hits, examples
@@ -146,12 +149,14 @@ def record_flags(make_batch: _Batches, count: int, earlier: torch.Tensor | None,
     return (accelerator.reduce(flags.to(accelerator.device), "sum") > 0).cpu()
 
 
-def check_packing(model, flash_kwargs: bool, what: str, log) -> None:
+def check_packing(model, flash_kwargs: bool, what: str, log, accelerator) -> None:
     """Run each packed document on its own where `model`'s attention would let packed documents see each other
-    (objectives.packing_isolates), said once (`log`); peft's prompt learning runs them alone already."""
+    (objectives.packing_isolates; any process finding it decides for all: they must run the same forwards), said
+    once (`log`); peft's prompt learning runs them alone already."""
     if is_prompt_learning(model):
         return
-    isolates = packing_isolates(model, flash_kwargs)
+    leaks = torch.tensor([0.0 if packing_isolates(model, flash_kwargs) else 1.0], device=accelerator.device)
+    isolates = float(accelerator.reduce(leaks, "sum")) == 0
     run_documents_alone(model, not isolates)
     if not isolates and log is not None:
         attention = getattr(getattr(model, "config", None), "_attn_implementation", None)
@@ -340,9 +345,9 @@ def _run(cfg: TrainConfig, accelerator, train_records, eval_records, description
         check_vocab_rows(model, teacher, len(tokenizer), cfg.teacher)
     log(f"fastft train: {cfg.model} on {description}; {len(train_records)} train / {len(eval_records)} eval "
         f"records; objective {cfg.objective}, method {cfg.method}; device {device}, {world} process(es)")
-    check_packing(model, cfg.attn_implementation == "fastft", f"--model {cfg.model}", log)
+    check_packing(model, cfg.attn_implementation == "fastft", f"--model {cfg.model}", log, accelerator)
     if teacher is not None:
-        check_packing(teacher, cfg.attn_implementation == "fastft", f"--teacher {cfg.teacher}", log)
+        check_packing(teacher, cfg.attn_implementation == "fastft", f"--teacher {cfg.teacher}", log, accelerator)
     note = unused_settings(cfg)
     if note:
         log(note)
@@ -365,7 +370,7 @@ def _run(cfg: TrainConfig, accelerator, train_records, eval_records, description
             f"--attn-implementation {cfg.attn_implementation}")
     make_batch.flash_kwargs = attention == "fastft"  # packed rows then carry their document boundaries
     if attention != cfg.attn_implementation:
-        check_packing(model, make_batch.flash_kwargs, f"--model {cfg.model}", None)  # patched: its attention now
+        check_packing(model, make_batch.flash_kwargs, f"--model {cfg.model}", None, accelerator)  # patched: its own
     if cfg.gradient_checkpointing:
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         enable_checkpointing(base)  # non-reentrant, without the input-grad hook that breaks --compile's graph

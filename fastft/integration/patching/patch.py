@@ -131,12 +131,17 @@ def _plan(base: nn.Module, backend: str, attention: bool):
     if "mlp" in classes and activation not in GELU_TANH:
         raise _fail(base, f"MLP activation config.{arch.activation_attr}={activation!r} has no fused GLU; supported: "
                           f"{sorted(GELU_TANH)}")
+    act_attr = _activation_attribute(base, classes.get("mlp"))
+    if act_attr is None and any(isinstance(m, classes.get("mlp", ())) for m in base.modules()):
+        # the fused MLP would fall back at every call, the summary saying fused
+        raise _fail(base, f"{arch.mlp} keeps its activation under no name fastft knows (act_fn, activation_fn): this "
+                          "transformers version is not one fastft's patch table knows")
 
     attrs = {"norm": dict(_fastft_offset=arch.norm_offset, _fastft_cast=arch.norm_cast,
                           _fastft_eps_attr=arch.norm_eps_attr, _fastft_backend=backend),
              "mlp": dict(_fastft_gelu=GELU_TANH.get(activation), _fastft_gate_up=arch.fused_gate_up,
                          _fastft_act_type=type(ACT2FN[activation]) if activation in GELU_TANH else None,
-                         _fastft_act_attr=_activation_attribute(base, classes.get("mlp")), _fastft_backend=backend),
+                         _fastft_act_attr=act_attr, _fastft_backend=backend),
              "attention": dict(forward=rope_binding.forward_with_fastft_rope(classes["attention"], backend,
                                                                              arch.partial_rotary)),
              "causal_lm": dict(_fastft_softcap_attr=arch.final_softcap_attr,
