@@ -62,8 +62,12 @@ def replaced_forward(module: torch.nn.Module) -> bool:
     """Whether the instance holds a forward other than its class's (accelerate's hook wraps one there; removing the
     hook leaves the class's own forward bound on the instance, which changes nothing)."""
     bound = module.__dict__.get("forward")
-    return bound is not None and not (getattr(bound, "__func__", None) is type(module).forward
-                                      and getattr(bound, "__self__", None) is module)
+    return bound is not None and not bound_to(bound, module, type(module).forward)
+
+
+def bound_to(method, module: torch.nn.Module, function) -> bool:
+    """Whether `method` is `function` bound to `module` (a forward kept on the instance, as accelerate keeps them)."""
+    return getattr(method, "__func__", None) is function and getattr(method, "__self__", None) is module
 
 
 def global_module_hooks() -> bool:

@@ -36,7 +36,7 @@ from fastft.integration.patching.causal_lm import FusedLossCausalLMForward, forw
 from fastft.integration.patching.table import ARCHITECTURES, GELU_TANH, Architecture
 from fastft.modules.fused_layers import FusedGLUMLPForward, FusedRMSNormForward
 from fastft.ops.attention import MAX_HEAD_DIM, head_dim_supported
-from fastft.ops.shared import BACKENDS, require_triton
+from fastft.ops.shared import BACKENDS, bound_to, require_triton
 
 _SUBCLASSES: dict[tuple, type] = {}
 
@@ -78,18 +78,9 @@ def _swap_class(module: nn.Module, new_cls: type) -> None:
     fused, the summary saying otherwise)."""
     old_forward = type(module).forward
     for name in ("_old_forward", "forward"):
-        bound = module.__dict__.get(name)
-        if getattr(bound, "__func__", None) is old_forward and getattr(bound, "__self__", None) is module:
+        if bound_to(module.__dict__.get(name), module, old_forward):
             module.__dict__[name] = types.MethodType(new_cls.forward, module)
     module.__class__ = new_cls
-
-
-def _activation_attribute(base: nn.Module, mlp_class: type | None) -> str | None:
-    """Where the MLP modules keep their activation module (`act_fn`; Phi-3's `activation_fn`)."""
-    for module in base.modules():
-        if mlp_class is not None and isinstance(module, mlp_class):
-            return next((name for name in ("act_fn", "activation_fn") if name in module._modules), None)
-    return None
 
 
 def original_class(module: nn.Module) -> type:
@@ -131,9 +122,10 @@ def _plan(base: nn.Module, backend: str, attention: bool):
     if "mlp" in classes and activation not in GELU_TANH:
         raise _fail(base, f"MLP activation config.{arch.activation_attr}={activation!r} has no fused GLU; supported: "
                           f"{sorted(GELU_TANH)}")
-    act_attr = _activation_attribute(base, classes.get("mlp"))
-    if act_attr is None and any(isinstance(m, classes.get("mlp", ())) for m in base.modules()):
-        # the fused MLP would fall back at every call, the summary saying fused
+    # where the MLP modules keep their activation module (`act_fn`; Phi-3's `activation_fn`): the fused MLP checks it
+    mlp = next((m for m in base.modules() if isinstance(m, classes.get("mlp", ()))), None)
+    act_attr = "act_fn" if mlp is None else next((a for a in ("act_fn", "activation_fn") if a in mlp._modules), None)
+    if act_attr is None:  # the fused MLP would fall back at every call, the summary saying fused
         raise _fail(base, f"{arch.mlp} keeps its activation under no name fastft knows (act_fn, activation_fn): this "
                           "transformers version is not one fastft's patch table knows")
 
