@@ -42,7 +42,7 @@ from fastft.kernels.attention import (
     visible,
 )
 from fastft.kernels.shared import bucket, dot_precision, upcast
-from fastft.kernels.runtime import INTERPRET, cdiv, ensure_descriptor_allocator, triton
+from fastft.kernels.runtime import cdiv, ensure_descriptor_allocator, INTERPRET, on_operand_device, triton
 
 import triton.language as tl
 
@@ -333,6 +333,7 @@ def backward_configs(dtype: torch.dtype, head_dim: int, tma_ok: bool, determinis
     return configs
 
 
+@on_operand_device
 def attention_backward(do, q, k, v, o, lse, *, sm_scale: float, left: int, right: int, cu_seqlens=None,
                        max_seqlen=None, prefix_k=None, prefix_v=None, config: dict | None = None,
                        dq=None, dk=None, dv=None):

@@ -31,7 +31,7 @@ from fastft.kernels.attention import (
     visible,
 )
 from fastft.kernels.shared import bucket, dot_precision, upcast
-from fastft.kernels.runtime import INTERPRET, device_sms, ensure_descriptor_allocator, triton
+from fastft.kernels.runtime import device_sms, ensure_descriptor_allocator, INTERPRET, on_operand_device, triton
 
 import triton.language as tl
 
@@ -206,6 +206,7 @@ def forward_configs(dtype: torch.dtype, head_dim: int, tma_ok: bool) -> list[dic
     return [cfg(128, 64, 8, 3), cfg(128, 128, 8, 2), cfg(64, 64, 4, 3)]
 
 
+@on_operand_device
 def attention_forward(q, k, v, *, sm_scale: float, left: int, right: int, cu_seqlens=None, max_seqlen=None,
                       prefix_k=None, prefix_v=None, config: dict | None = None, out=None, lse=None):
     """Launch the forward on validated inputs; returns (o, lse). `config` forces a launch config (tests);

@@ -21,7 +21,7 @@ import functools
 import torch
 
 from fastft.kernels.autotune import tuner
-from fastft.kernels.runtime import INTERPRET, cdiv, triton
+from fastft.kernels.runtime import cdiv, INTERPRET, on_operand_device, triton
 from fastft.kernels.shared import bucket, dot_precision, gelu_tanh, tanh, unit_stride, upcast
 
 import triton.language as tl
@@ -112,6 +112,7 @@ def _up_configs() -> list[dict]:
             for bm, bn, w, s in [(64, 128, 4, 2), (128, 64, 8, 2), (64, 64, 4, 2), (32, 128, 4, 2)]]
 
 
+@on_operand_device
 def down_act(h: torch.Tensor, d_pad: torch.Tensor, bias_pad: torch.Tensor | None, activation: str):
     """(z, p), each [M, R] in h's dtype: p = h·d_padᵀ + bias_pad, z = act(p). d_pad [R, N], bias_pad [R] fp32."""
     M, N = h.shape
@@ -130,6 +131,7 @@ def down_act(h: torch.Tensor, d_pad: torch.Tensor, bias_pad: torch.Tensor | None
     return z, p
 
 
+@on_operand_device
 def up_residual(res: torch.Tensor, lo: torch.Tensor, t: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """res + lo·tᵀ (+ bias): res [M, N], lo [M, R] contiguous, t logical [N, R] (any strides), bias [N] or None."""
     M, N = res.shape

@@ -11,7 +11,7 @@ import functools
 import torch
 
 from fastft.kernels.autotune import tuner
-from fastft.kernels.runtime import INTERPRET, cdiv, triton
+from fastft.kernels.runtime import cdiv, INTERPRET, on_operand_device, triton
 from fastft.kernels.shared import bucket, split_partials, sum_partials
 
 import triton.language as tl
@@ -48,6 +48,7 @@ def _configs() -> list[dict]:
             for bm, bn, f, w, s in [(32, 128, 4, 4, 2), (64, 64, 4, 4, 2), (16, 256, 8, 4, 2), (32, 128, 8, 4, 3)]]
 
 
+@on_operand_device
 def column_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Σ_m a[m, n]·b[m, n] for 2-D a, b of one shape (any strides), as an fp32 vector of length N."""
     M, N = a.shape

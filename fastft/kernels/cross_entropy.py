@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from fastft.kernels.runtime import INTERPRET, next_power_of_2, triton
+from fastft.kernels.runtime import INTERPRET, next_power_of_2, on_operand_device, triton
 from fastft.kernels.shared import tanh
 
 import triton.language as tl
@@ -162,6 +162,7 @@ def _block_v(V: int) -> tuple[int, int]:
     return block, (16 if block >= 4096 else 8 if block >= 2048 else 4)
 
 
+@on_operand_device
 def _launch_rows(kernel, chunk: torch.Tensor, scale: torch.Tensor, args, **constexprs) -> torch.Tensor:
     """One program per row of the (n, V) chunk; returns the fp32 (n,) row losses the kernel writes.
     `args(loss, scale_stride)` gives the kernel's arguments; scale is fp32, one value (broadcast: stride 0) or n."""

@@ -13,7 +13,7 @@ import functools
 import torch
 
 from fastft.kernels.autotune import tuner
-from fastft.kernels.runtime import INTERPRET, cdiv, triton
+from fastft.kernels.runtime import cdiv, INTERPRET, on_operand_device, triton
 from fastft.kernels.shared import bucket, dot_precision, split_partials, sum_partials, upcast
 
 import triton.language as tl
@@ -60,6 +60,7 @@ def _configs() -> list[dict]:
             for bn, bk, f, w, s in [(64, 128, 2, 8, 3), (128, 64, 2, 8, 3), (64, 64, 4, 8, 3), (32, 128, 4, 8, 3)]]
 
 
+@on_operand_device
 def row_sq_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
     """Σ_k (W + s·B·A)²_nk per row as an fp32 vector (N,). weight (N, K), any strides; lora_A (R, K) and
     lora_B (N, R) contiguous, in weight's dtype, R a power of two ≥ 16 (zero-padded rank)."""

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from fastft.kernels.rounding import emulate_rtne, round_to
-from fastft.kernels.runtime import cdiv, next_power_of_2, triton
+from fastft.kernels.runtime import cdiv, next_power_of_2, on_operand_device, triton
 from fastft.kernels.shared import gelu_tanh
 
 import triton.language as tl
@@ -65,6 +65,7 @@ def _block(n: int) -> int:
     return min(next_power_of_2(n), 1024)
 
 
+@on_operand_device
 def glu_forward(gate: torch.Tensor, up: torch.Tensor, gelu: bool) -> torch.Tensor:
     M, N = gate.shape
     y = torch.empty((M, N), dtype=gate.dtype, device=gate.device)
@@ -75,6 +76,7 @@ def glu_forward(gate: torch.Tensor, up: torch.Tensor, gelu: bool) -> torch.Tenso
     return y
 
 
+@on_operand_device
 def glu_backward(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, gelu: bool):
     M, N = gate.shape
     d_gate = torch.empty((M, N), dtype=gate.dtype, device=gate.device)

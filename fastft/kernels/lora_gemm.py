@@ -47,6 +47,7 @@ from fastft.kernels.runtime import (
     device_sms,
     ensure_descriptor_allocator,
     has_tma,
+    on_operand_device,
     tma_compatible,
     triton,
 )
@@ -264,6 +265,7 @@ def lora_gemm_folded(a, b, p, t, bias, *, b_nk: bool, scale: float, p_drop: floa
     return c, lo
 
 
+@on_operand_device
 def _gemm(a, b, lo, t, proj, bias, *, b_nk, p_drop, seed, col_scale, k_scale, fold_scale) -> torch.Tensor:
     """lora_gemm's and lora_gemm_folded's launch: proj None reads lo, else lo is written (FOLD)."""
     M, K = a.shape

@@ -17,7 +17,7 @@ import torch
 
 from fastft.kernels.autotune import Tuner
 from fastft.kernels.nf4_codes import NF4_CODE_VALUES
-from fastft.kernels.runtime import INTERPRET, cdiv, triton
+from fastft.kernels.runtime import cdiv, INTERPRET, on_operand_device, triton
 
 import triton.language as tl
 
@@ -178,6 +178,7 @@ def launch_options() -> dict:
     return {} if INTERPRET else {"enable_fp_fusion": False}
 
 
+@on_operand_device
 def nf4_dequantize(packed, absmax, numel: int, blocksize: int, out_dtype: torch.dtype, code: torch.Tensor, *,
                    absmax2=None, code2=None, offset: float = 0.0, nested_blocksize: int = 256,
                    config: dict | None = None, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -42,6 +42,7 @@ from fastft.kernels.runtime import (
     device_sms,
     ensure_descriptor_allocator,
     has_tma,
+    on_operand_device,
     tma_compatible,
     triton,
 )
@@ -263,6 +264,7 @@ def _prmt_checked(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 _PRMT_OK: dict[tuple, bool] = {}
+@on_operand_device
 def nf4_lora_gemm(a, w: NF4Operand, lo, t, bias, *, w_nk: bool, p_drop: float = 0.0, seed: int = 0,
                   config: dict | None = None) -> torch.Tensor:
     """c = a·bᵀ (+ lo·tᵀ) (+ bias) with b = W (w_nk, the forward) or Wᵀ (dx); operands validated by the caller.

@@ -20,7 +20,7 @@ import torch
 
 from fastft.kernels.autotune import tuner
 from fastft.kernels.shared import bucket, dot_precision, dropout_keep, split_partials, sum_partials, upcast
-from fastft.kernels.runtime import INTERPRET, cdiv, next_power_of_2, triton
+from fastft.kernels.runtime import cdiv, INTERPRET, next_power_of_2, on_operand_device, triton
 
 import triton.language as tl
 
@@ -197,6 +197,7 @@ def rank_pad(r: int) -> int:
 # ----------------------------------------------------------------------------------------------
 # Launchers (2-D operands, already validated).
 
+@on_operand_device
 def rank_project(x, w, *, scale: float, p_drop: float = 0.0, seed: int = 0) -> torch.Tensor:
     """out[M,R] = scale·(keep∘x)·wᵀ in x's dtype, w logical [R,K] (pass B.t() for dy·B); R = w.shape[0]."""
     M, K = x.shape
@@ -230,6 +231,7 @@ def rank_project(x, w, *, scale: float, p_drop: float = 0.0, seed: int = 0) -> t
     return result["out"]
 
 
+@on_operand_device
 def rank_reduce(lo, y, *, p_drop: float = 0.0, seed: int = 0) -> torch.Tensor:
     """loᵀ·(keep∘y) in fp32, shape [R, N]: the weight gradients of the rank-R factors."""
     M, N = y.shape
@@ -253,6 +255,7 @@ def rank_reduce(lo, y, *, p_drop: float = 0.0, seed: int = 0) -> torch.Tensor:
     return result["out"]
 
 
+@on_operand_device
 def rank_reduce_pair(la, ya, lb, yb, *, p_drop: float = 0.0, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(laᵀ·(keep∘ya), ybᵀ·lb) in fp32, shapes [R, NA] and [NB, R], in one launch: rank_reduce twice over the same
     M rows (the LoRA backward's dA = gᵀ·(keep∘x) and dB = dyᵀ·xs, the latter already in B's (N, R) layout: a
@@ -280,6 +283,7 @@ def rank_reduce_pair(la, ya, lb, yb, *, p_drop: float = 0.0, seed: int = 0) -> t
     return result["out"]
 
 
+@on_operand_device
 def dropout_mask(seed: int, M: int, K: int, p_drop: float, device) -> torch.Tensor:
     """The keep-mask (M×K, bool) every kernel regenerates for this seed: for tests and debugging."""
     out = torch.empty((M, K), dtype=torch.int8, device=device)

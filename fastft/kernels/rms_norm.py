@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from fastft.kernels.rounding import emulate_rtne, round_to
-from fastft.kernels.runtime import cdiv, device_sms, next_power_of_2, triton
+from fastft.kernels.runtime import cdiv, device_sms, next_power_of_2, on_operand_device, triton
 from fastft.kernels.shared import unit_stride
 
 import triton.language as tl
@@ -79,6 +79,7 @@ def _warps(block_n: int) -> int:
     return min(max(block_n // 256, 1), 16)
 
 
+@on_operand_device
 def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float, cast_input: bool,
                      out_dtype: torch.dtype, residual: torch.Tensor | None = None):
     """(y, h, rstd) for rows x (M, N); h is None without a residual (then h is x itself)."""
@@ -99,6 +100,7 @@ def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: 
     return y, h, rstd
 
 
+@on_operand_device
 def rms_norm_backward(dy: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor, offset: float,
                       dh_in: torch.Tensor | None, need_dw: bool):
     """(dh, dw): dh in h's dtype (the gradient of x and of the residual), dw in fp32 or None."""

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from fastft.kernels.rounding import emulate_rtne, round_to
-from fastft.kernels.runtime import next_power_of_2, triton
+from fastft.kernels.runtime import next_power_of_2, on_operand_device, triton
 
 import triton.language as tl
 
@@ -80,6 +80,7 @@ def _bshd_strides(t: torch.Tensor, heads_first: bool) -> tuple[int, ...]:
     return (sb, s2, s1, sd) if heads_first else (sb, s1, s2, sd)
 
 
+@on_operand_device
 def rope_rotate(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, q_out: torch.Tensor,
                 k_out: torch.Tensor, inverse: bool = False, heads_first: bool = False) -> None:
     """Rotate q (B, S, HQ, D) and k (B, S, HK, D) — (B, HQ, S, D) and (B, HK, S, D) with heads_first, read through

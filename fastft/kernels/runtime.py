@@ -28,6 +28,39 @@ def triton_runs_on(device: torch.device) -> bool:
     return device.type == "cuda" or (INTERPRET and device.type == "cpu")
 
 
+def on_operand_device(launcher):
+    """Runs a kernel launcher with its operands' CUDA device current.
+
+    Triton launches on the *current* device, not on the one its tensors live on. A model spread over GPUs
+    (`device_map="auto"`, pipeline stages) keeps cuda:0 current while a layer's tensors sit on cuda:1: the launch
+    then fails ("cannot be accessed from Triton") or reads another GPU's memory. The operands' device is that of
+    the first tensor (or torch.device) among the positional arguments; ops check that all are on one device.
+    The autotuner's timing and the descriptor scratch allocation run inside the launcher, so on that device too.
+    """
+    @functools.wraps(launcher)
+    def run(*args, **kwargs):
+        device = _operand_device(args)
+        if device is None or device.index == torch.cuda.current_device():
+            return launcher(*args, **kwargs)
+        with torch.cuda.device(device):
+            return launcher(*args, **kwargs)
+
+    return run
+
+
+def _operand_device(args) -> torch.device | None:
+    """The CUDA device of the first tensor or device in args; None for the CPU (interpreter) or none found."""
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            device = a.device
+        elif isinstance(a, torch.device):
+            device = a
+        else:
+            continue
+        return device if device.type == "cuda" else None
+    return None
+
+
 @functools.lru_cache(maxsize=None)
 def num_sms(device_index: int | None) -> int:
     if INTERPRET or not torch.cuda.is_available():

@@ -18,8 +18,8 @@ from peft.tuners.lora import Linear as PeftLoraLinear
 from torch import nn
 
 from fastft.ops.lora import lora_linear, stacked_adapters
-from fastft.ops.shared import (AUTOCAST_CASTS, BACKENDS, forward_interceptor, global_module_hooks, replaced_forward,
-                               require_triton)
+from fastft.ops.shared import (AUTOCAST_CASTS, BACKENDS, device_hook_moves_nothing, forward_interceptor,
+                               global_module_hooks, replaced_forward, require_triton)
 
 
 def default_backend() -> str:
@@ -32,17 +32,18 @@ def default_backend() -> str:
     return backend
 
 
-def called_as_is(module: nn.Module) -> bool:
-    """Whether the fused ops may read `module`'s weight instead of calling it: its class's forward runs unhooked and
-    the weight is in memory. accelerate's hooks (device_map offload, cpu_offload) replace `forward` on the instance
-    (`_hf_hook`) and keep the weight on the meta device until that forward loads it: such a layer must be called."""
-    return forward_interceptor(module) is None and module.weight is not None and not module.weight.is_meta
+def called_as_is(module: nn.Module, device: torch.device) -> bool:
+    """Whether the fused ops may read `module`'s weight instead of calling it on `device`: its class's forward runs
+    unhooked and the weight is in memory. accelerate's hooks (device_map offload, cpu_offload) replace `forward` on
+    the instance (`_hf_hook`) and keep the weight on the meta device until that forward loads it: such a layer must
+    be called (a device_map hook that would move nothing does not count, see device_hook_moves_nothing)."""
+    return forward_interceptor(module, device) is None and module.weight is not None and not module.weight.is_meta
 
 
-def adapters_called_as_is(names, *module_dicts) -> bool:
-    """Whether the fused op may stand in for the adapter submodules peft would call (lora_A, lora_B, lora_dropout of
-    each active adapter): none is hooked (forward_interceptor's checks, written out: this runs at every forward of
-    every layer, ~1 µs for three modules on a slow host)."""
+def adapters_called_as_is(names, *module_dicts, device: torch.device) -> bool:
+    """Whether the fused op, run on `device`, may stand in for the adapter submodules peft would call (lora_A,
+    lora_B, lora_dropout of each active adapter): none is hooked (forward_interceptor's checks, written out: this
+    runs at every forward of every layer, ~1 µs for three modules on a slow host)."""
     if global_module_hooks():
         return False
     for d in module_dicts:
@@ -50,15 +51,20 @@ def adapters_called_as_is(names, *module_dicts) -> bool:
         for name in names:
             m = modules[name]
             own = m.__dict__
-            if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks \
-                    or "_hf_hook" in own or ("forward" in own and replaced_forward(m)):
+            if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
+                return False
+            if "_hf_hook" in own:
+                if not device_hook_moves_nothing(m, device):
+                    return False
+            elif "forward" in own and replaced_forward(m):
                 return False
     return True
 
 
-def plain_linear(module: nn.Module) -> bool:
-    """A plain nn.Linear (its own forward, see called_as_is): the fused ops may stand in for its forward."""
-    return isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward and called_as_is(module)
+def plain_linear(module: nn.Module, device: torch.device) -> bool:
+    """A plain nn.Linear (its own forward, see called_as_is): the fused ops may stand in for its forward on device."""
+    return (isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
+            and called_as_is(module, device))
 
 
 class FusedLoraBase(PeftLoraLinear):
@@ -99,7 +105,7 @@ class FusedLoraBase(PeftLoraLinear):
                 dropouts.add(dropout.p if dropout.training else 0.0)
             else:
                 return None
-        if not adapters_called_as_is(names, lora_A, lora_B, lora_dropout):
+        if not adapters_called_as_is(names, lora_A, lora_B, lora_dropout, device=x.device):
             return None  # peft calls them: their hooks run
         if len(names) == 1:
             name = names[0]
@@ -119,7 +125,7 @@ class FusedLoraLinear(FusedLoraBase):
 
     def _base_ok(self, x):
         base = self.base_layer
-        if not plain_linear(base):
+        if not plain_linear(base, x.device):
             return False
         w_dtype = base.weight.dtype
         # under autocast the op casts both as torch's own linear would: fp64 is never cast, so a mixed pair stays

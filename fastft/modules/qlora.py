@@ -51,7 +51,7 @@ class FusedQLoraLinear(FusedLoraBase):
 
     def _base_ok(self, x):
         base = self.base_layer
-        return type(base) is NF4Linear and called_as_is(base)
+        return type(base) is NF4Linear and called_as_is(base, x.device)
 
     def _fused(self, x, lora_A, lora_B, scaling, dropout_p):
         base = self.base_layer

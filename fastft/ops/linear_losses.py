@@ -47,7 +47,7 @@ from fastft.ops.chunked_logits import (DeferredChunkedLoss, EagerChunkedLoss, Pl
 from fastft.ops.compiled import capturing, compiling
 from fastft.ops.linear_losses_compiled import check_label_range, nf4_block_rows, traced_loss
 from fastft.ops.lm_head import HeadArgs, head_of_module
-from fastft.ops.shared import BACKENDS, autocast_off, check, finite, resolve_backend
+from fastft.ops.shared import BACKENDS, autocast_off, check, finite, hook_device, resolve_backend
 
 REDUCTIONS = ("mean", "sum", "none")
 DIRECTIONS = ("forward", "reverse")
@@ -219,6 +219,12 @@ def lm_head_cross_entropy(hidden, lm_head, labels, *, ignore_index=-100, reducti
     An NF4 head is dequantized twice per token chunk (for the logits and for dh), a block of vocab rows of at
     most half the chunk budget at a time: never the whole weight in the compute dtype."""
     head = head_of_module("lm_head_cross_entropy", lm_head)
+    device = hook_device(lm_head)
+    if device is not None and isinstance(hidden, torch.Tensor) and hidden.device != device:
+        # accelerate's device_map hook would move the head's input to its device (the last layers and the head may
+        # sit on different GPUs); the loss runs there, as the model's own would
+        hidden = hidden.to(device)
+        labels = labels.to(device) if isinstance(labels, torch.Tensor) else labels
     return _head_cross_entropy("lm_head_cross_entropy", hidden, head, labels, ignore_index=ignore_index,
                                reduction=reduction, label_smoothing=label_smoothing, softcap=softcap,
                                num_items=num_items, backend=backend, chunk_size=None)

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from fastft.ops.lora import stacked_adapters
-from fastft.ops.shared import check as shared_check, forward_interceptor
+from fastft.ops.shared import check as shared_check, forward_interceptor, hook_device
 from fastft.quant.nf4_weight import NF4Weight
 
 SUPPORTED = ("torch.nn.Linear", "fastft NF4Linear (an NF4Weight .weight)",
@@ -126,8 +126,9 @@ def head_of_module(op: str, lm_head: nn.Module, *, check_only: bool = False) -> 
     concatenated only when the loss runs)."""
     if not isinstance(lm_head, nn.Module):
         raise TypeError(f"{op}: `lm_head` must be an nn.Module, got {type(lm_head).__name__}")
+    device = hook_device(lm_head)  # calling the head runs there (a model spread over GPUs by device_map)
     for name, module in lm_head.named_modules():
-        why = forward_interceptor(module)
+        why = forward_interceptor(module, device)
         if why is not None:  # the fused loss reads the weights; calling the head runs what intercepts it
             raise ValueError(f"{op}: `lm_head`{'.' + name if name else ''} has {why}, which the fused loss would "
                              "skip (it reads the weights instead of calling the module)")

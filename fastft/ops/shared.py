@@ -42,20 +42,74 @@ def check_tensor(op: str, name: str, t, dim: int | None = None) -> None:
         check(t.dim() >= dim, lambda: f"{op}: `{name}` needs at least {dim} dimension(s), got shape {tuple(t.shape)}")
 
 
-def forward_interceptor(module: torch.nn.Module) -> str | None:
+def forward_interceptor(module: torch.nn.Module, device: torch.device | None = None) -> str | None:
     """What would run around `module`'s own forward if it were called (a fused op that reads its weights instead
     would skip it), or None: its forward or backward hooks (nn.Module's call runs both kinds), a forward replaced on
-    the instance (accelerate's `_hf_hook`: device_map offload, cpu_offload), or torch's global module hooks."""
+    the instance (accelerate's `_hf_hook`: device_map offload, cpu_offload), or torch's global module hooks.
+    device: where the fused op runs; accelerate's hook that would only move inputs already there is no interceptor
+    (see `device_hook_moves_nothing`)."""
     own = module.__dict__
     if module._forward_hooks or module._forward_pre_hooks:
         return "a forward hook"
     if module._backward_hooks or module._backward_pre_hooks:
         return "a backward hook"
-    if "_hf_hook" in own or replaced_forward(module):
-        return "a forward replaced on the instance (e.g. accelerate's device_map / cpu_offload hook)"
+    if "_hf_hook" in own:
+        if not device_hook_moves_nothing(module, device):
+            return REPLACED_FORWARD
+    elif replaced_forward(module):
+        return REPLACED_FORWARD
     if global_module_hooks():
         return "a global module hook"
     return None
+
+
+REPLACED_FORWARD = "a forward replaced on the instance (e.g. accelerate's device_map / cpu_offload hook)"
+
+
+def device_hook_moves_nothing(module: torch.nn.Module, device: torch.device | None) -> bool:
+    """Whether calling `module` on `device` would run nothing but its own forward although accelerate hooked it.
+
+    `dispatch_model` (a model spread over GPUs by `device_map="auto"`) puts an AlignDevicesHook on every module
+    that holds tensors. Without offload, the hook's one effect is to move the call's inputs to its execution
+    device: when the module's tensors and the fused op's operands (`device`) are already there, reading the
+    weights is what the call would do. Any other hook (offload, a SequentialHook, io_same_device, no_grad), or a
+    forward replaced again on top of accelerate's, still intercepts."""
+    hook = module.__dict__["_hf_hook"]
+    if type(hook) is not _align_devices_hook() or hook.offload or hook.io_same_device or hook.no_grad:
+        return False
+    if device is None or _as_device(hook.execution_device) != device:
+        return False
+    forward = module.__dict__.get("forward")
+    if not (isinstance(forward, functools.partial) and forward.args == (module,)
+            and getattr(forward.func, "__name__", None) == "new_forward"):
+        return False
+    if not bound_to(module.__dict__.get("_old_forward"), module, type(module).forward):
+        return False
+    return all(t.device == device for t in (*module._parameters.values(), *module._buffers.values())
+               if t is not None)
+
+
+def hook_device(module: torch.nn.Module) -> torch.device | None:
+    """The execution device of accelerate's device_map hook on `module` (where calling it would move the inputs),
+    or None where it has none."""
+    hook = module.__dict__.get("_hf_hook")
+    return _as_device(hook.execution_device) if type(hook) is _align_devices_hook() else None
+
+
+@functools.lru_cache(maxsize=None)
+def _align_devices_hook() -> type:
+    try:
+        from accelerate.hooks import AlignDevicesHook
+    except ImportError:  # accelerate is a dependency; without it no module carries its hook
+        return type("NoAlignDevicesHook", (), {})
+    return AlignDevicesHook
+
+
+def _as_device(device) -> torch.device | None:
+    """accelerate's execution device (an int names a CUDA device) as a torch.device."""
+    if device is None:
+        return None
+    return torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
 
 
 def replaced_forward(module: torch.nn.Module) -> bool:

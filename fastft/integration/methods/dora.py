@@ -67,7 +67,7 @@ class _DoraForward:
         name = names[0]
         if isinstance(self.scaling[name], torch.Tensor) \
                 or not adapters_called_as_is(names, self.lora_A, self.lora_B, self.lora_dropout,
-                                             self.lora_magnitude_vector):
+                                             self.lora_magnitude_vector, device=x.device):
             return None  # as FusedLoraBase: a tensor scaling, hooked adapter modules
         dropout = self.lora_dropout[name]
         if isinstance(dropout, nn.Identity):

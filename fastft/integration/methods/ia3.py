@@ -69,7 +69,7 @@ def validate_ia3_config(config, model: nn.Module) -> None:
 class FusedIA3Linear(PeftIA3Linear):
     def _scale(self, x) -> torch.Tensor | None:
         base = self.get_base_layer()
-        if self.disable_adapters or self.merged or self.fan_in_fan_out or not plain_linear(base):
+        if self.disable_adapters or self.merged or self.fan_in_fan_out or not plain_linear(base, x.device):
             return None
         if x.dtype != base.weight.dtype and not torch.is_autocast_enabled(x.device.type):
             return None

@@ -26,7 +26,7 @@ class BottleneckAdapter(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         down, up = self.down, self.up
-        if not (called_as_is(down) and called_as_is(up)):
+        if not (called_as_is(down, h.device) and called_as_is(up, h.device)):
             # hooked (a user's, accelerate's offload: weights on meta until the hook loads them): called, in the
             # weights' dtype, so that what intercepts them runs
             z = activation_fn(self.activation)(down(h.to(down.weight.dtype)))
