@@ -53,3 +53,18 @@ def test_a_key_first_seen_during_graph_capture_is_not_timed_nor_cached(monkeypat
     launched.clear()
     tuner.run("k", launch)  # outside the capture it is tuned as usual
     assert launched == ["a", "a", "b", "b", "b"] and tuner.best["k"] == {"c": "b"}
+
+
+def test_deterministic_mode_takes_the_first_config_untimed(monkeypatch):
+    """Configs of one kernel may sum in different orders (split-K 1, 2, 4): timing could pick another one in the
+    next run or after --resume, and the bits would differ, which deterministic mode promises they do not. Under it
+    the first config that runs is launched, untimed and not remembered (the mode is read on every call)."""
+    tuner, launched, launch = _tuner(monkeypatch, {"broken": None, "a": 3.0, "b": 1.0}, timed=True)
+    monkeypatch.setenv("FASTFT_DETERMINISTIC", "1")
+    monkeypatch.setattr(autotune, "bench", lambda fn: pytest.fail("deterministic mode must not time"))
+    tuner.run("k", launch)
+    assert launched == ["a"] and "k" not in tuner.best
+    monkeypatch.delenv("FASTFT_DETERMINISTIC")
+    monkeypatch.setattr(autotune, "bench", lambda fn: (fn(), {"a": 3.0, "b": 1.0}[launched[-1]])[1])
+    tuner.run("k", launch)
+    assert tuner.best["k"] == {"c": "b"}

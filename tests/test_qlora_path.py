@@ -185,6 +185,52 @@ def test_one_scratch_buffer_shared_by_all_layers():
     assert release_dequant_scratch is qlora_path.release_dequant_scratch
 
 
+@interpreter_only
+def test_threads_never_read_each_others_weight_from_the_scratch(monkeypatch):
+    """Two threads running QLoRA layers (a server with one model) launch onto one stream: thread A's decode, then
+    a whole call of thread B's (its decode of W2 into the same scratch), then A's GEMM read W2 — A's output silently
+    x1·W2ᵀ. A lock now spans each decode and the launches that read it: B waits for A. The order is forced with
+    events (A is held after its decode until B finishes or 2 s pass), so no two kernels run at once here."""
+    import threading
+
+    monkeypatch.setenv(qlora_path.ENV, "dequant")
+    g = torch.Generator().manual_seed(0)
+    K = N = 64
+    w1, w2 = quantize_nf4(torch.randn(N, K, generator=g)), quantize_nf4(torch.randn(N, K, generator=g) * 3)
+    A, B = torch.randn(4, K, generator=g) * 0.1, torch.randn(N, 4, generator=g) * 0.1
+    x1, x2 = torch.randn(16, K, generator=g), torch.randn(16, K, generator=g)
+    a_decoded, b_done = threading.Event(), threading.Event()
+    decode = qlora_path.dequant_scratch
+
+    def held_after_a_decode(qweight, dtype):
+        w = decode(qweight, dtype)
+        if threading.current_thread().name == "A":
+            a_decoded.set()
+            b_done.wait(timeout=2.0)
+        return w
+
+    monkeypatch.setattr(qlora_path, "dequant_scratch", held_after_a_decode)
+    out = {}
+
+    def thread_a():
+        with torch.no_grad():
+            out["A"] = qlora_linear(x1, w1, None, A, B, 2.0, backend="triton")
+
+    def thread_b():
+        a_decoded.wait(timeout=30)
+        with torch.no_grad():
+            out["B"] = qlora_linear(x2, w2, None, A, B, 2.0, backend="triton")
+        b_done.set()
+
+    threads = [threading.Thread(target=thread_a, name="A"), threading.Thread(target=thread_b, name="B")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    for name, x, w in (("A", x1, w1), ("B", x2, w2)):
+        assert_close(out[name], qlora_linear(x, w, None, A, B, 2.0, backend="torch"), torch.float32, name)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("path", qlora_path.PATHS)
 def test_peak_memory_at_most_bf16_lora_plus_one_scratch(monkeypatch, path):

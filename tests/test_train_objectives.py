@@ -336,3 +336,28 @@ def test_an_lm_head_adapter_the_fused_loss_refuses_trains_through_torch(config):
     assert float(loss) / sft.count(batch) == pytest.approx(float(want), rel=1e-5)
     loss.backward()
     assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad and "lm_head" in n)
+
+
+def test_distillation_computes_its_reported_ce_in_evaluation_only(monkeypatch):
+    """The student's CE is what evaluation reports for distillation; in training nobody reads it, yet every
+    micro-batch computed it (one more pass over the lm_head, no gradient). The step's target count comes from
+    pack's host-side positions (a count of device labels read the device once per micro-batch)."""
+    from fastft.apps.training import objectives
+    from fastft.apps.training.data import pack
+    from tests.utils import tiny_llama
+
+    calls = []
+    ce = objectives.token_cross_entropy_sum
+    monkeypatch.setattr(objectives, "token_cross_entropy_sum", lambda *a: (calls.append(1), ce(*a))[1])
+    batch = pack(_packed_docs([20, 9], prompt=4), pad_token_id=0, flash_kwargs=False)
+    module = objectives.ObjectiveModel(tiny_llama(), "distill", teacher=tiny_llama(seed=1), kl_weight=1.0,
+                                       ce_weight=0.0)
+    loss, stats = module.train()(batch)
+    assert calls == [] and "ce" not in stats
+    with torch.no_grad():
+        _, stats = module.eval()(batch)
+    assert calls == [1] and float(stats["ce"]) > 0
+    want = int((batch["labels"][:, 1:] != -100).sum())
+    assert module.count(batch) == want == batch["target_positions"].numel()
+    del batch["target_positions"]
+    assert module.count(batch) == want

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import functools
 
-import os
 
 import torch
 
@@ -42,7 +41,8 @@ from fastft.kernels.attention import (
     visible,
 )
 from fastft.kernels.shared import bucket, dot_precision, upcast
-from fastft.kernels.runtime import cdiv, ensure_descriptor_allocator, INTERPRET, on_operand_device, triton
+from fastft.kernels.runtime import (cdiv, deterministic, ensure_descriptor_allocator, INTERPRET, on_operand_device,
+                                   triton)
 
 import triton.language as tl
 
@@ -289,12 +289,6 @@ def _attn_bwd_dq_kernel(
 # D = 64 / 128; the D ≤ 64 pointer configs were picked clean under both). Atomic dQ
 # spills ≥ 200 B at D = 128, so it is offered only for D ≤ 64. D = 256 with descriptors: 64 keys × 32 or
 # 16 rows, 0 B (64 × 64 spilled 440 B); its pointer fallback still spills (~330 B).
-
-def deterministic() -> bool:
-    """Whether the backward must give the same bits every run: torch.use_deterministic_algorithms(True) or
-    FASTFT_DETERMINISTIC=1, read on every call (atomic dQ adds in a run-dependent order, so it is left out)."""
-    return torch.are_deterministic_algorithms_enabled() or os.environ.get("FASTFT_DETERMINISTIC", "0") == "1"
-
 
 @functools.lru_cache(maxsize=None)
 def backward_configs(dtype: torch.dtype, head_dim: int, tma_ok: bool, deterministic: bool = False) -> list[dict]:

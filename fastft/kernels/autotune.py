@@ -12,7 +12,7 @@ import logging
 import os
 from typing import Callable, Hashable, Sequence
 
-from fastft.kernels.runtime import INTERPRET
+from fastft.kernels.runtime import INTERPRET, deterministic
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,10 @@ class Tuner:
         if timed is None:
             timed = not (INTERPRET or len(self.configs) == 1 or os.environ.get("FASTFT_AUTOTUNE", "1") == "0")
         in_capture = capturing()
-        timed = timed and not in_capture
+        # deterministic mode: the first config, untimed and not remembered (timing could pick a config that sums in
+        # another order in the next run, or after --resume: other bits)
+        fixed = deterministic()
+        timed = timed and not in_capture and not fixed
         timings, last_error = [], None
         for config in self.configs:
             try:
@@ -72,7 +75,7 @@ class Tuner:
                 last_error = err
                 continue
             if not timed:  # untimed: the first config that runs
-                if not in_capture:
+                if not (in_capture or fixed):
                     self.best[key] = config
                 return config, True
             timings.append((bench(lambda: launch(config)), config))

@@ -61,6 +61,13 @@ def _operand_device(args) -> torch.device | None:
     return None
 
 
+def deterministic() -> bool:
+    """Whether kernels must give the same bits every run: torch.use_deterministic_algorithms(True) or
+    FASTFT_DETERMINISTIC=1, read on every call. Configs that add in a run-dependent order (atomics) are left out, and
+    the autotuner takes each kernel's first config untimed (timing could pick another reduction order next run)."""
+    return torch.are_deterministic_algorithms_enabled() or os.environ.get("FASTFT_DETERMINISTIC", "0") == "1"
+
+
 @functools.lru_cache(maxsize=None)
 def num_sms(device_index: int | None) -> int:
     if INTERPRET or not torch.cuda.is_available():

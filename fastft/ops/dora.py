@@ -34,7 +34,7 @@ from fastft.ops.compiled_args import fresh_like, weight_args, weight_from_args
 from fastft.ops.lora import (backward_operands, backward_split, rank_operands, split_scaling, tail_factor,
                              times_b)
 from fastft.ops.shared import (as_rows, autocast_inputs, autocast_off, check, check_backend, finite, nf4_fused_ok,
-                               first_order_only, padded, resolve_backend, safe_div, to_dtype)
+                               first_order_only, padded, resolve_backend, rows_to, safe_div, to_dtype)
 from fastft.quant.nf4_weight import NF4Weight
 
 
@@ -61,13 +61,14 @@ def dora_row_norm(weight, lora_A, lora_B, scaling: float, dtype: torch.dtype | N
         from fastft.kernels.dora_row_norm import row_sq_norm
         from fastft.kernels.rank_ops import rank_pad
 
-        if isinstance(weight, NF4Weight):
-            from fastft.ops.qlora_path import dequant_scratch
-
-            weight = dequant_scratch(weight, dtype)  # read once by the kernel below, before any later reuse
         N, K = weight.shape
         R = rank_pad(lora_A.shape[0])
         A_p, B_p = padded(lora_A.detach(), R, K, dtype), padded(lora_B.detach(), N, R, dtype)
+        if isinstance(weight, NF4Weight):
+            from fastft.ops.qlora_path import on_dequantized
+
+            # read once by the kernel, before any later reuse of the scratch
+            return on_dequantized(weight, dtype, lambda w: row_sq_norm(w, A_p, B_p, scaling)).sqrt()
         return row_sq_norm(weight.detach().to(dtype), A_p, B_p, scaling).sqrt()
     N, K = weight.shape
     A, B = lora_A.detach().float(), lora_B.detach().float()
@@ -163,7 +164,7 @@ def dora_forward(x, weight, bias, lora_A, lora_B, magnitude, scaling, row_norm):
         saved_out = lora_gemm(x2, weight, xs, B_p, None, b_nk=True, col_scale=sigma)  # σ⊙z: dm = Σ dy·σ⊙z / m
         y = saved_out if bias is None else saved_out + to_dtype(bias, dtype)  # rounded as the reference rounds
     meta = (x.shape, scaling, r, nf4, lora_A.dtype, lora_B.dtype)
-    return y.view(*x.shape[:-1], N), (x2, A_p, B_p, xs, sigma, saved_out), meta
+    return y, (x2, A_p, B_p, xs, sigma, saved_out), meta  # y as rows (M, N): see rows_to
 
 
 def dora_backward(saved, meta, weight, dy, need_x, need_b, need_A, need_B, need_m):
@@ -263,7 +264,7 @@ def dora_linear_op(x: torch.Tensor, w_parts: list[torch.Tensor], w_ints: list[in
     weight = weight_from_args(w_parts, w_ints)
     y, (_, _, _, xs, sigma, saved_out), meta = dora_forward(x, weight, bias, lora_A, lora_B, magnitude, scaling,
                                                             row_norm)
-    return y, xs, sigma, (saved_out if _own_saved_out(w_ints, bias) else unused(x))
+    return rows_to(y, x), xs, sigma, (saved_out if _own_saved_out(w_ints, bias) else unused(x))
 
 
 def _own_saved_out(w_ints, bias) -> bool:
@@ -349,5 +350,6 @@ def dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p=0
                                      row_norm=row_norm)
     with autocast_off(x.device.type):
         if not compiling():
-            return DoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, magnitude, scaling, row_norm)
+            y = DoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, magnitude, scaling, row_norm)
+            return rows_to(y, x)
         return dora_linear_op(x, *weight_args(weight), bias, lora_A, lora_B, magnitude, scaling, row_norm)[0]

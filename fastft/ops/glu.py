@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from fastft.ops.compiled import compiling
-from fastft.ops.shared import as_rows, autocast_off, check, check_tensor, first_order_only, resolve_backend
+from fastft.ops.shared import as_rows, autocast_off, check, check_tensor, first_order_only, resolve_backend, rows_to
 
 
 def swiglu_reference(gate, up):
@@ -45,7 +45,7 @@ class GLUFunction(torch.autograd.Function):
         g2, u2 = as_rows(gate), as_rows(up)
         ctx.save_for_backward(g2, u2)
         ctx.meta = (gate.shape, gelu)
-        return glu_forward(g2, u2, gelu).view(*gate.shape)
+        return glu_forward(g2, u2, gelu)  # as rows: see rows_to
 
     @staticmethod
     @first_order_only
@@ -104,7 +104,7 @@ def _glu(op, gate, up, gelu, backend):
     with autocast_off(gate.device.type):
         if compiling():
             return glu_op(gate, up, gelu)
-        return GLUFunction.apply(gate, up, gelu)
+        return rows_to(GLUFunction.apply(gate, up, gelu), gate)
 
 
 def swiglu(gate, up, *, backend="auto"):

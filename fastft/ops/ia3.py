@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from fastft.ops.compiled import compiling, needed, unused
 from fastft.ops.shared import (as_rows, autocast_inputs, autocast_off, check, check_backend, check_tensor,
-                               first_order_only, resolve_backend, safe_div, to_dtype)
+                               first_order_only, resolve_backend, rows_to, safe_div, to_dtype)
 
 
 def ia3_linear_reference(x, weight, bias, ia3_l, feedforward: bool):
@@ -87,7 +87,7 @@ class IA3LinearFunction(torch.autograd.Function):
         y = _forward(x2, weight, bias, scale, feedforward)
         ctx.save_for_backward(x2 if feedforward else None, y if not feedforward else None, weight, scale, bias)
         ctx.meta = (x.shape, feedforward, ia3_l.shape, ia3_l.dtype)
-        return y.view(*x.shape[:-1], weight.shape[0])
+        return y  # as rows: see rows_to
 
     @staticmethod
     @first_order_only
@@ -105,7 +105,7 @@ class IA3LinearFunction(torch.autograd.Function):
 @torch.library.custom_op("fastft::ia3_linear", mutates_args=())
 def ia3_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], ia3_l: torch.Tensor,
                   feedforward: bool) -> torch.Tensor:
-    return _forward(as_rows(x), weight, bias, _scale(ia3_l), feedforward).view(*x.shape[:-1], weight.shape[0])
+    return rows_to(_forward(as_rows(x), weight, bias, _scale(ia3_l), feedforward), x)
 
 
 @ia3_linear_op.register_fake
@@ -188,4 +188,4 @@ def ia3_linear(x, weight, bias, ia3_l, *, feedforward: bool, backend="auto"):
     with autocast_off(x.device.type):
         if compiling():
             return ia3_linear_op(x, weight, bias, ia3_l, bool(feedforward))
-        return IA3LinearFunction.apply(x, weight, bias, ia3_l, bool(feedforward))
+        return rows_to(IA3LinearFunction.apply(x, weight, bias, ia3_l, bool(feedforward)), x)

@@ -17,7 +17,7 @@ from fastft.ops import lora_path, shared
 from fastft.ops.compiled import compiling, needed, unused
 from fastft.ops.compiled_args import fresh_like, refuse_replayed_dropout, seed_int, traced_seed
 from fastft.ops.shared import (as_rows, autocast_inputs, autocast_off, check, check_backend, finite,
-                               first_order_only, padded, resolve_backend, to_dtype)
+                               first_order_only, padded, resolve_backend, rows_to, to_dtype)
 
 
 def lora_linear_reference(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, *, keep_mask=None):
@@ -151,7 +151,8 @@ def fused_lora_forward(x, bias, lora_A, lora_B, scaling, dropout_p, base_gemm, f
     """The forward every fused LoRA op shares: xs = a·(keep∘x)·Aᵀ/(1-p), then `base_gemm(x2, xs, B_p, bias)`, the
     op's base GEMM with the rank tail xs·B_pᵀ, B_p = b·B (a·b = s: split_scaling, rank_operands; dense W for
     lora_linear, NF4 W for qlora_linear).
-    Returns (y, saved, meta): saved = (x2, A_p, B_p, xs) and meta (lora_meta) are what fused_lora_backward takes.
+    Returns (y, saved, meta): y as rows (M, N), not a view in x's shape (see `rows_to`); saved = (x2, A_p, B_p,
+    xs) and meta (lora_meta) are what fused_lora_backward takes.
     The doors keep x2, xs and the factors themselves for backward, not A_p/B_p (parameter-sized copies wherever the
     rank is padded or the dtype cast), and redo rank_operands there: saved_factors / backward_operands.
 
@@ -160,7 +161,6 @@ def fused_lora_forward(x, bias, lora_A, lora_B, scaling, dropout_p, base_gemm, f
     seed: the dropout seed when the caller drew it (the traced door), else drawn here."""
     from fastft.kernels import rank_ops
 
-    N = lora_B.shape[0]
     if seed is None:
         seed = shared.draw_seed() if dropout_p > 0.0 else 0
     meta = lora_meta(x, bias, lora_A, lora_B, scaling, dropout_p, seed)
@@ -171,7 +171,7 @@ def fused_lora_forward(x, bias, lora_A, lora_B, scaling, dropout_p, base_gemm, f
     else:
         xs = rank_ops.rank_project(x2, A_p, scale=xs_scale, p_drop=dropout_p, seed=seed)
         y = base_gemm(x2, xs, B_p, bias)
-    return y.view(*x.shape[:-1], N), (x2, A_p, B_p, xs), meta
+    return y, (x2, A_p, B_p, xs), meta
 
 
 def fused_lora_backward(saved, meta, dy, dx_gemm, need_x, need_b, need_A, need_B, dx_fold_gemm=None):
@@ -315,7 +315,7 @@ def lora_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
     refuse_replayed_dropout("lora_linear", dropout_p, x.device)
     seed = seed_int("lora_linear", seed, dropout_p)
     y, saved, _, _ = lora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
-    return y, saved[3]
+    return rows_to(y, x), saved[3]
 
 
 @lora_linear_op.register_fake
@@ -383,6 +383,6 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, *, back
         return lora_linear_reference(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
     with autocast_off(x.device.type):
         if not compiling():
-            return LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
+            return rows_to(LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, scaling, dropout_p), x)
         seed = traced_seed(x, lora_A, dropout_p)
         return lora_linear_op(x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p)[0]

@@ -27,7 +27,7 @@ from fastft.ops.qlora_path import release_dequant_scratch  # noqa: F401 - public
 from fastft.ops.lora import (add_rank_path, backward_operands, fused_lora_backward, fused_lora_forward,
                              lora_linear_reference, lora_meta, saved_factors)
 from fastft.ops.shared import (as_rows, autocast_inputs, autocast_off, check, finite, nf4_fused_ok,
-                               first_order_only, resolve_backend)
+                               first_order_only, resolve_backend, rows_to)
 from fastft.quant.nf4_weight import NF4Weight
 
 
@@ -49,21 +49,20 @@ class NF4MatmulTorch(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, qweight, bias):
-        ctx.qweight = qweight
-        return F.linear(x, qweight.dequantize(x.dtype), bias)
+        ctx.qweight, ctx.x_shape = qweight, x.shape
+        return F.linear(as_rows(x), qweight.dequantize(x.dtype), bias)  # rows: viewed outside (rows_to)
 
     @staticmethod
-    @first_order_only
-    def backward(ctx, dy):
-        dx = dy @ ctx.qweight.dequantize(dy.dtype) if ctx.needs_input_grad[0] else None
-        db = dy.reshape(-1, dy.shape[-1]).sum(0) if ctx.needs_input_grad[2] else None
+    def backward(ctx, dy):  # plain torch ops: differentiable again (create_graph), as backend="torch" promises
+        dx = (dy @ ctx.qweight.dequantize(dy.dtype)).view(ctx.x_shape) if ctx.needs_input_grad[0] else None
+        db = dy.sum(0) if ctx.needs_input_grad[2] else None
         return dx, None, db
 
 
 def _nf4_matmul_torch(x, qweight, bias):
     if compiling() or not torch.is_grad_enabled():
         return nf4_linear_reference(x, qweight, bias)
-    return NF4MatmulTorch.apply(x, qweight, _bias_as(bias, x))
+    return rows_to(NF4MatmulTorch.apply(x, qweight, _bias_as(bias, x)), x)
 
 
 def _bias_as(bias, x):
@@ -163,24 +162,23 @@ def _base_gemm(qweight, a, lo, t, bias, *, forward: bool, p_drop: float = 0.0, s
         if path == "fused":
             return nf4_lora_gemm(a, qweight.kernel_operand(), lo, t, bias, w_nk=forward, p_drop=p_drop, seed=seed)
         # the scratch is overwritten by the next layer: used here and dropped
-        w = qlora_path.dequant_scratch(qweight, a.dtype)
-        return lora_gemm(a, w, lo, t, bias, b_nk=forward, p_drop=p_drop, seed=seed)
+        return qlora_path.on_dequantized(qweight, a.dtype, lambda w: lora_gemm(a, w, lo, t, bias, b_nk=forward,
+                                                                              p_drop=p_drop, seed=seed))
 
     return qlora_path.select(key, run, fused_ok=nf4_fused_ok(qweight))
 
 
 def nf4_forward(x, qweight, bias):
-    """Both doors' forward of nf4_linear: y."""
+    """Both doors' forward of nf4_linear: y as rows (M, N) (see rows_to)."""
     from fastft.kernels import nf4_cuda
 
-    N = qweight.shape[0]
     x2 = as_rows(x)
     w = qweight.kernel_operand()
     if nf4_cuda.supported(x2, w):  # decode: 1–16 tokens
         y = nf4_cuda.nf4_gemv(x2, w, bias)
     else:
         y = _base_gemm(qweight, x2, None, None, bias, forward=True)
-    return y.view(*x.shape[:-1], N)
+    return y
 
 
 def nf4_backward(qweight, dy, x_shape, bias_dtype, need_x, need_b):
@@ -222,7 +220,7 @@ def qlora_linear_op(x: torch.Tensor, w_parts: list[torch.Tensor], w_ints: list[i
     refuse_replayed_dropout("qlora_linear", dropout_p, x.device)
     y, saved, _ = qlora_forward(x, nf4_from_args(w_parts, w_ints), bias, lora_A, lora_B, scaling, dropout_p,
                                 seed_int("qlora_linear", seed, dropout_p))
-    return y, saved[3]
+    return rows_to(y, x), saved[3]
 
 
 @qlora_linear_op.register_fake
@@ -275,7 +273,7 @@ qlora_linear_op.register_autograd(_qlora_backward_op, setup_context=_qlora_setup
 @torch.library.custom_op("fastft::nf4_linear", mutates_args=())
 def nf4_linear_op(x: torch.Tensor, w_parts: list[torch.Tensor], w_ints: list[int],
                   bias: Optional[torch.Tensor]) -> torch.Tensor:
-    return nf4_forward(x, nf4_from_args(w_parts, w_ints), bias)
+    return rows_to(nf4_forward(x, nf4_from_args(w_parts, w_ints), bias), x)
 
 
 @nf4_linear_op.register_fake
@@ -334,7 +332,7 @@ def qlora_linear(x, qweight, bias, lora_A, lora_B, scaling, dropout_p=0.0, *, ba
         return add_rank_path(x, _nf4_matmul_torch(x, qweight, bias), lora_A, lora_B, scaling, dropout_p)
     with autocast_off(x.device.type):
         if not compiling():
-            return QLoRALinearFunction.apply(x, qweight, bias, lora_A, lora_B, scaling, dropout_p)
+            return rows_to(QLoRALinearFunction.apply(x, qweight, bias, lora_A, lora_B, scaling, dropout_p), x)
         seed = traced_seed(x, lora_A, dropout_p)
         return qlora_linear_op(x, *nf4_args(qweight), bias, lora_A, lora_B, seed, scaling, dropout_p)[0]
 
@@ -348,5 +346,5 @@ def nf4_linear(x, qweight, bias=None, *, backend="auto"):
         return _nf4_matmul_torch(x, qweight, bias)
     with autocast_off(x.device.type):
         if not compiling():
-            return NF4LinearFunction.apply(x, qweight, bias)
+            return rows_to(NF4LinearFunction.apply(x, qweight, bias), x)
         return nf4_linear_op(x, *nf4_args(qweight), bias)

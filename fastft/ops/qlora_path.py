@@ -11,7 +11,9 @@ layer's forward and by every backward, which decodes W again; no layer keeps a b
 model on the dequant path is therefore at most that of the same model's bf16 LoRA layers plus one scratch buffer
 (tests/test_qlora_path.py checks it on the GPU). The buffer lives until `release_dequant_scratch()`.
 Launches are stream-ordered: a layer's GEMM finishes reading the scratch before the next layer's decode writes
-it, on one stream; a caller that runs QLoRA layers on several streams at once must force FASTFT_QLORA_PATH=fused.
+it, on one stream. Threads (a server answering requests with one QLoRA model) launch onto the same stream: a lock
+spans each decode and the launches that read it (`on_dequantized`), so another thread's decode never lands in
+between. A caller that runs QLoRA layers on several streams at once must force FASTFT_QLORA_PATH=fused.
 
 Choice: `select(key, run)` times both paths once per key (bucketed M, N, K, R, dtype, direction) with the
 autotuner's machinery (fastft.kernels.autotune: a path that fails to run is skipped) and caches the winner.
@@ -22,7 +24,8 @@ take the dequant path.
 from __future__ import annotations
 
 import os
-from typing import Callable
+import threading
+from typing import Callable, TypeVar
 
 import torch
 
@@ -36,6 +39,8 @@ ENV = "FASTFT_QLORA_PATH"
 TUNER = Tuner("qlora_path", [{"path": p} for p in PATHS])
 
 _SCRATCH: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+_SCRATCH_LOCK = threading.RLock()
+T = TypeVar("T")
 
 
 def forced_path() -> str | None:
@@ -81,9 +86,17 @@ def reset_path_choices() -> None:
     TUNER.best.clear()
 
 
+def on_dequantized(qweight, dtype: torch.dtype, use: Callable[[torch.Tensor], T]) -> T:
+    """use(W) with qweight decoded into the shared scratch (dequant_scratch), W valid only inside `use`. The lock
+    held from the decode through `use`'s launches keeps other threads' decodes out of that stretch of the stream."""
+    with _SCRATCH_LOCK:
+        return use(dequant_scratch(qweight, dtype))
+
+
 def dequant_scratch(qweight, dtype: torch.dtype) -> torch.Tensor:
     """qweight (a 2-D NF4Weight) decoded into the shared scratch buffer of its device and `dtype`, as an (N, K)
-    view. Valid until the next call for the same device and dtype: never keep it across layers."""
+    view. Valid until the next call for the same device and dtype, from any thread: call it through
+    `on_dequantized`, which holds the lock, and never keep W across layers."""
     from fastft.kernels.nf4_dequant import nf4_dequantize
 
     numel = qweight.numel()

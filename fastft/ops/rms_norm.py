@@ -16,7 +16,7 @@ import torch
 
 from fastft.ops.compiled import compiling, needed, unused
 from fastft.ops.shared import (as_rows, autocast_off, check, check_tensor, finite, first_order_only, resolve_backend,
-                               to_dtype)
+                               rows_to, to_dtype)
 
 CASTS = ("input", "fp32")
 
@@ -40,13 +40,13 @@ def _out_dtype(x_dtype, w_dtype, cast):
 
 
 def _forward(x, weight, residual, eps, offset, cast):
-    """(y, h, rstd): y in x's shape, h (rows) or None without a residual, rstd per row."""
+    """(y, h, rstd): y and h as rows (see rows_to), h None without a residual, rstd per row."""
     from fastft.kernels import rms_norm as kernels
 
     r2 = as_rows(residual) if residual is not None else None
     y, h, rstd = kernels.rms_norm_forward(as_rows(x), weight, eps, offset, cast == "input",
                                           _out_dtype(x.dtype, weight.dtype, cast), r2)
-    return (y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[-1])), h, rstd
+    return y, h, rstd
 
 
 def _backward(dy, dh, h, weight, rstd, offset, need_w):
@@ -76,7 +76,7 @@ class RMSNormFunction(torch.autograd.Function):
         y, h, rstd = _forward(x, weight, residual, eps, offset, cast)
         ctx.save_for_backward(_saved_h(x, h, residual), weight, rstd)
         ctx.meta = (x.shape, offset, residual is not None)
-        return y if residual is None else (y, h.view(*x.shape))
+        return y if residual is None else (y, h)  # as rows: see rows_to
 
     @staticmethod
     @first_order_only
@@ -92,7 +92,7 @@ class RMSNormFunction(torch.autograd.Function):
 def rms_norm_op(x: torch.Tensor, weight: torch.Tensor, residual: Optional[torch.Tensor], eps: float, offset: float,
                 cast: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     y, h, rstd = _forward(x, weight, residual, eps, offset, cast)
-    return y, (h.view(x.shape) if h is not None else unused(x)), rstd
+    return rows_to(y, x), (rows_to(h, x) if h is not None else unused(x)), rstd
 
 
 @rms_norm_op.register_fake
@@ -167,6 +167,7 @@ def rms_norm(x, weight, eps=1e-6, *, offset=0.0, residual=None, cast=None, backe
         return rms_norm_reference(x, weight, eps, offset=offset, residual=residual, cast=cast)
     with autocast_off(x.device.type):
         if not compiling():
-            return RMSNormFunction.apply(x, weight, residual, float(eps), float(offset), cast)
+            out = RMSNormFunction.apply(x, weight, residual, float(eps), float(offset), cast)
+            return rows_to(out, x) if residual is None else (rows_to(out[0], x), rows_to(out[1], x))
         y, h, _ = rms_norm_op(x, weight, residual, float(eps), float(offset), cast)
         return y if residual is None else (y, h)

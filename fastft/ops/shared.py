@@ -232,6 +232,15 @@ def as_rows(t: torch.Tensor) -> torch.Tensor:
     return t2 if t2.stride(-1) == 1 else t2.contiguous()
 
 
+def rows_to(y: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """An op's (M, N) rows in `like`'s leading shape, (..., N). Applied outside the eager autograd.Function: a view
+    a Function makes of its own result is one autograd refuses to change in place (`ReLU(inplace=True)` after a
+    layer, Mixtral's `hidden_states *= ...`), where torch's own ops allow it. y itself when like is rows already."""
+    if like.dim() == 2:
+        return y
+    return y.view(*like.shape[:-1], y.shape[-1])
+
+
 def padded(t: torch.Tensor, rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
     """t zero-padded to (rows, cols), contiguous, in dtype; t itself when nothing changes. One device op for a cast
     or a pad alone (a launch costs host time on small layers), two for both."""

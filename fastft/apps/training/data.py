@@ -393,11 +393,6 @@ def pack(items, *, pad_token_id: int, flash_kwargs: bool) -> dict:
     return batch
 
 
-def target_count(batch: dict) -> int:
-    """Tokens that carry a loss after the causal shift."""
-    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-
-
 class BatchPlan:
     """Which records each step trains on, as a cursor that a checkpoint stores.
 

@@ -290,7 +290,8 @@ class ObjectiveModel(nn.Module):
         """What the step's loss is averaged over: target tokens, or pairs for dpo."""
         if self.objective == "dpo":
             return batch["num_documents"] // 2
-        return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        at = batch.get("target_positions")  # pack's, found on the host: its size is the count, with no device read
+        return at.numel() if at is not None else int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
     def forward(self, batch: dict):
         hidden, targets, docs, head = hidden_at_targets(self.model, batch)
@@ -308,8 +309,9 @@ class ObjectiveModel(nn.Module):
             with torch.no_grad():
                 t_hidden, _, _, t_head = hidden_at_targets(self._teacher[0], batch)
             loss = distill_loss_sum(hidden, head, t_hidden, t_head, targets, **self.distill)
-            with torch.no_grad():
-                stats["ce"] = token_cross_entropy_sum(hidden, head, targets, self.softcap)
+            if not self.training:  # evaluation reports it; in training it was one more pass over the head, unread
+                with torch.no_grad():
+                    stats["ce"] = token_cross_entropy_sum(hidden, head, targets, self.softcap)
         else:
             loss = token_cross_entropy_sum(hidden, head, targets, self.softcap)
             if not self.training and "choices" in batch:  # classification: accuracy among the label words
