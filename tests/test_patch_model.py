@@ -225,6 +225,28 @@ def test_return_dict_false_and_shift_labels():
         model(input_ids=ids, labels=labels, logits_to_keep=1)
 
 
+def test_loss_false_keeps_the_models_head_and_loss_with_the_layer_kernels():
+    """A trainer that reads the logits while training (TRL's SFTTrainer up to 1.9: token accuracy and entropy from
+    outputs.logits) failed on the fused loss's logits=None and cannot pass skip_logits: loss=False leaves the
+    causal LM's forward alone."""
+    reference = _peft(tiny("llama"))
+    model = fastft.patch_model(copy.deepcopy(reference), loss=False)
+    summary = model.get_base_model()._fastft_patch.summary
+    assert not summary["fused_loss"] and summary["rms_norm"] > 0 and summary["glu_mlp"] > 0
+    ids, labels = _batch()
+    want = _run(reference, ids, labels)
+    logits, loss, grads, logits_with_labels = _run(model, ids, labels)
+    assert logits_with_labels is not None
+    assert rel_err(logits_with_labels.detach(), want[3].detach()) <= TOL[torch.float32]
+    assert abs(loss.item() - want[1].item()) <= 1e-5 * abs(want[1].item())
+    for name, g in grads.items():
+        assert rel_err(g, want[2][name]) <= 1e-4, name
+    fastft.unpatch_model(model)
+    assert fastft.patch_model(model).get_base_model()._fastft_patch.summary["fused_loss"]
+    with pytest.raises(TypeError, match="`loss` must be True or False"):
+        fastft.patch_model(tiny("llama"), loss="no")
+
+
 def test_unsupported_architecture_is_refused_untouched():
     from transformers import GPT2Config, GPT2LMHeadModel
 

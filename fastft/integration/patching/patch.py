@@ -92,7 +92,7 @@ def _fail(model: nn.Module, message: str) -> ValueError:
     return ValueError(f"fastft.patch_model({type(model).__name__}): {message}")
 
 
-def _plan(base: nn.Module, backend: str, attention: bool):
+def _plan(base: nn.Module, backend: str, attention: bool, loss: bool = True):
     """(arch, [(module, new class)], attention change or None, summary): checks everything, changes nothing."""
     config = getattr(base, "config", None)
     model_type = getattr(config, "model_type", None)
@@ -103,7 +103,8 @@ def _plan(base: nn.Module, backend: str, attention: bool):
     if getattr(base, "_fastft_patch", None) is not None:
         raise _fail(base, "the model is already patched (call fastft.unpatch_model first)")
     modeling = importlib.import_module(arch.module)
-    roles = [role for role in ("norm", "mlp", "attention", "causal_lm") if getattr(arch, role) is not None]
+    roles = [role for role in ("norm", "mlp", "attention", "causal_lm") if getattr(arch, role) is not None
+             and (loss or role != "causal_lm")]
     classes = {}
     for role in roles:
         name = getattr(arch, role)
@@ -135,11 +136,12 @@ def _plan(base: nn.Module, backend: str, attention: bool):
                          _fastft_act_type=type(ACT2FN[activation]) if activation in GELU_TANH else None,
                          _fastft_act_attr=act_attr, _fastft_backend=backend),
              "attention": dict(forward=rope_binding.forward_with_fastft_rope(classes["attention"], backend,
-                                                                             arch.partial_rotary)),
-             "causal_lm": dict(_fastft_softcap_attr=arch.final_softcap_attr,
-                               _fastft_logits_scaling_attr=arch.logits_scaling_attr,
-                               _fastft_router_aux_loss=arch.router_aux_loss, _fastft_backend=backend,
-                               forward=forward_with_signature(classes["causal_lm"]))}
+                                                                             arch.partial_rotary))}
+    if "causal_lm" in classes:  # not with loss=False
+        attrs["causal_lm"] = dict(_fastft_softcap_attr=arch.final_softcap_attr,
+                                  _fastft_logits_scaling_attr=arch.logits_scaling_attr,
+                                  _fastft_router_aux_loss=arch.router_aux_loss, _fastft_backend=backend,
+                                  forward=forward_with_signature(classes["causal_lm"]))
     mixins = {"norm": FusedRMSNormForward, "mlp": FusedGLUMLPForward, "attention": None,
               "causal_lm": FusedLossCausalLMForward}
     swaps, counts = [], dict.fromkeys(classes, 0)
@@ -173,18 +175,21 @@ def _plan(base: nn.Module, backend: str, attention: bool):
         attn_change = config._attn_implementation
         attention_note = "fastft"
     summary = {"model_type": model_type, "rms_norm": counts["norm"], "glu_mlp": counts.get("mlp", 0),
-               "rope_attention": counts["attention"], "fused_loss": counts["causal_lm"] > 0,
+               "rope_attention": counts["attention"], "fused_loss": counts.get("causal_lm", 0) > 0,
                "attention": attention_note, "backend": backend}
     return arch, swaps, attn_change, summary
 
 
-def patch_model(model: nn.Module, *, backend: str = "auto", attention: bool = True) -> nn.Module:
+def patch_model(model: nn.Module, *, backend: str = "auto", attention: bool = True, loss: bool = True) -> nn.Module:
     """Route a supported transformers causal LM (or a PeftModel around one) through fastft's kernels, in place.
 
     backend: for the layer ops and the fused loss ("auto": Triton on CUDA, torch elsewhere; "triton"; "torch"). The
     fused attention keeps its own setting (fastft.register_attention(backend)), the LoRA layers theirs
     (FASTFT_LORA_BACKEND).
     attention: switch to attn_implementation="fastft" where the architecture allows it (see the module docstring).
+    loss: the fused lm_head loss in training mode (logits None). False keeps the model's own head and loss, for a
+    trainer that reads the logits with labels given (TRL's SFTTrainer up to 1.9 computes its token accuracy and
+    entropy from them; 1.10-1.14 with loss_type "nll" or "dft"); the layer kernels stay.
     Returns the model. The record of the changes (and a summary) is `model._fastft_patch` on the transformers
     model. In training mode with labels the patched forward returns logits=None (the fused loss); not in training
     mode it returns the model's own logits and loss (`skip_logits=True` / `False` on a call overrides that).
@@ -194,7 +199,9 @@ def patch_model(model: nn.Module, *, backend: str = "auto", attention: bool = Tr
     if backend == "triton":
         require_triton("fastft.patch_model: backend='triton'", "backend='auto' or 'torch' runs without it")
     base = _transformers_model(model)
-    arch, swaps, attn_change, summary = _plan(base, backend, attention)
+    if not isinstance(loss, bool):
+        raise TypeError(f"fastft.patch_model: `loss` must be True or False, got {loss!r}")
+    arch, swaps, attn_change, summary = _plan(base, backend, attention, loss)
     record = PatchRecord(arch=arch, summary=summary)
     for module, new_cls in swaps:
         record.swapped.append((module, new_cls._fastft_original_class))
