@@ -353,3 +353,50 @@ def test_packed_documents_stay_apart_where_the_mask_ignores_position_ids(arch):
 
     result = loop.evaluate(ObjectiveModel(model, "sft"), docs, make_batch, 8, Accelerator(cpu=True))
     assert result["examples"] == 3 and set(seen) == ({1} if arch != "llama" else {3, 1})
+
+
+@pytest.mark.parametrize("method", ["prompt", "prefix"])
+@pytest.mark.parametrize("host_lengths", [True, False])
+def test_prompt_learning_runs_each_document_from_host_side_spans(method, host_lengths):
+    """Prompt learning runs each packed document on its own: its spans now come from pack's host-side lengths and
+    its targets from the host-side positions (a nonzero and boolean masks per document read the device each time);
+    the loss and gradients are those of each document run alone, a one-token document included."""
+    import torch.nn.functional as F
+    from peft import PrefixTuningConfig, PromptTuningConfig
+
+    import fastft
+    from fastft.apps.training.data import pack
+    from fastft.apps.training.objectives import ObjectiveModel
+    from tests.utils import tiny_llama
+
+    config = (PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3) if method == "prompt"
+              else PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+    model = fastft.get_peft_model(tiny_llama(), config).train()
+    g = torch.Generator().manual_seed(0)
+    docs = []
+    for n, prompt in ((9, 3), (1, 0), (12, 5), (7, 2)):
+        ids = torch.randint(1, 128, (n,), generator=g).tolist()
+        docs.append(Example(ids, [-100] * prompt + ids[prompt:]))
+    batch = pack(docs, pad_token_id=0, flash_kwargs=False)
+    if not host_lengths:  # a batch made elsewhere: spans from the document ids
+        del batch["document_lengths"]
+    import sys
+
+    nonzero, found = torch.Tensor.nonzero, []
+
+    def counted(self, *args, **kwargs):  # the objective's per-document device reads were nonzero calls
+        found.append(sys._getframe(1).f_code.co_filename)
+        return nonzero(self, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.Tensor, "nonzero", counted)
+        loss, _ = ObjectiveModel(model, "sft")(batch)
+    # (fastft attention reads a forward's position_ids once, to find packed documents: not the objective's)
+    assert not [f for f in found if "fastft/apps" in f], found
+    params = [p for p in model.parameters() if p.requires_grad]
+    got = torch.autograd.grad(loss, params)
+    alone = sum(F.cross_entropy(model(input_ids=torch.tensor([d.input_ids])).logits[0, -len(d.input_ids):-1],
+                                torch.tensor(d.labels[1:]), reduction="sum") for d in docs if len(d.input_ids) > 1)
+    torch.testing.assert_close(loss, alone, rtol=1e-5, atol=1e-5)
+    for a, b in zip(got, torch.autograd.grad(alone, params)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

@@ -384,6 +384,7 @@ def pack(items, *, pad_token_id: int, flash_kwargs: bool) -> dict:
     lengths = torch.tensor([len(d.input_ids) for d in docs])
     batch["document_ids"] = torch.repeat_interleave(torch.arange(len(docs)), lengths)[None]
     batch["num_documents"] = len(docs)
+    batch["document_lengths"] = lengths.tolist()  # on the host: runs of one document each slice without a device read
     # where the shifted row carries a loss, found here on the host: the model's forward then gathers with a known
     # index (no data-dependent boolean mask: no device sync, and no graph break under torch.compile)
     batch["target_positions"] = (batch["labels"][:, 1:] != IGNORE_INDEX).reshape(-1).nonzero()[:, 0]

@@ -187,24 +187,35 @@ def hidden_at_targets(model: nn.Module, batch: dict):
     the virtual tokens): their logits come back and the head is the identity."""
     targets = batch["labels"][:, 1:]
     keep = targets != IGNORE_INDEX
+    at = _targets_at(batch, keep)
+    docs = batch["document_ids"][:, :-1].flatten().index_select(0, at)
+    targets = targets.flatten().index_select(0, at)
     if is_prompt_learning(model):
         # peft's prompt-learning forward ignores position_ids, so a packed row would let documents attend to
         # each other: each document runs on its own (no padding either), virtual tokens cut off the logits.
-        rows = []
-        ids, doc_of = batch["input_ids"][0], batch["document_ids"][0]
-        for d in range(batch["num_documents"]):
-            span = (doc_of == d).nonzero()[:, 0]
-            logits = model(input_ids=ids[span][None], use_cache=False).logits[0, -len(span):]
-            rows.append(logits[:-1][keep[0, span[:-1]]])
-        return torch.cat(rows), targets[keep], batch["document_ids"][:, :-1][keep], None  # logits: no head
+        # Document d's logits but its last (which would predict the next document's first token, never a target)
+        # are the packed positions a_d .. a_d + n_d - 2: position p sits at row p - d of their concatenation.
+        logits = torch.cat([model(input_ids=piece[None], use_cache=False).logits[0, -len(piece):-1]
+                            for piece in _documents(batch)])
+        return logits.index_select(0, at - docs), targets, docs, None  # logits: no head
     backbone, head = causal_lm_parts(model)
     if backbone.__dict__.get("_fastft_documents_alone"):  # its attention would let packed documents see each other
-        hidden = _hidden_per_document(backbone, batch)
+        hidden = torch.cat([backbone(input_ids=piece[None], use_cache=False).last_hidden_state[0]
+                            for piece in _documents(batch)])[None]
     else:  # use_cache=False: transformers gives sdpa/eager the packed block mask only without a cache
         hidden = backbone(**_model_inputs(batch), use_cache=False).last_hidden_state
-    at = _targets_at(batch, keep)
-    return (hidden[:, :-1].flatten(0, 1).index_select(0, at), targets.flatten().index_select(0, at),
-            batch["document_ids"][:, :-1].flatten().index_select(0, at), head)
+    return hidden[:, :-1].flatten(0, 1).index_select(0, at), targets, docs, head
+
+
+def _documents(batch: dict) -> tuple:
+    """The packed row's documents' token ids, each on its own: split at pack's host-side lengths (no device read),
+    or where the document ids change."""
+    ids = batch["input_ids"][0]
+    lengths = batch.get("document_lengths")
+    if lengths is None:
+        doc = batch["document_ids"][0]
+        lengths = torch.unique_consecutive(doc, return_counts=True)[1].tolist()
+    return torch.split(ids, lengths)
 
 
 def packing_isolates(model: nn.Module, flash_kwargs: bool) -> bool:
@@ -246,17 +257,6 @@ def run_documents_alone(model: nn.Module, alone: bool) -> None:
 def documents_alone(model: nn.Module) -> bool:
     """Whether `model` runs each packed document on its own (run_documents_alone)."""
     return not is_prompt_learning(model) and bool(causal_lm_parts(model)[0].__dict__.get("_fastft_documents_alone"))
-
-
-def _hidden_per_document(backbone: nn.Module, batch: dict) -> torch.Tensor:
-    """The packed rows' hidden states with each document run on its own (no padding), in place."""
-    ids, doc = batch["input_ids"], batch["document_ids"]
-    rows = []
-    for r in range(ids.shape[0]):
-        starts = ((doc[r, 1:] != doc[r, :-1]).nonzero()[:, 0] + 1).tolist()
-        rows.append(torch.cat([backbone(input_ids=piece[None], use_cache=False).last_hidden_state[0]
-                               for piece in torch.tensor_split(ids[r], starts)]))
-    return torch.stack(rows)
 
 
 def _targets_at(batch: dict, keep: torch.Tensor) -> torch.Tensor:
