@@ -129,6 +129,7 @@ for s in $sections; do
     kernel-tests) FASTFT_AUTOTUNE=0 run 180 kernel-tests python3 -m pytest -q \
                     $(python3 -c "import xdist" > /dev/null 2>&1 && printf '%s' '-n 4') -m gpu tests/test_lora_gpu.py \
                     tests/test_nf4_gpu.py tests/test_qlora_path.py tests/test_attention_op.py tests/test_fp16_rank_split_backward.py \
+                    tests/test_inplace_outputs.py \
                     -p no:cacheprovider \
                     --durations=15 ;;
     lora-tests) FASTFT_AUTOTUNE=0 run 170 lora-tests python3 -m pytest -q -m gpu tests/test_lora_gpu.py -p no:cacheprovider ;;

@@ -22,19 +22,17 @@ BACKENDS = ["torch"] + (["triton"] if INTERPRET else [])
 K, N, R = 40, 24, 4
 
 
-def operands(seed: int = 0):
+def operands(seed: int = 0, device: str = "cpu"):
     g = torch.Generator().manual_seed(seed)
 
     def randn(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=g) * scale).requires_grad_()
+        return (torch.randn(*shape, generator=g) * scale).to(device).requires_grad_()
 
-    return dict(x=randn(2, 5, K), w=torch.randn(N, K, generator=g) / K ** 0.5, b=randn(N), A=randn(R, K, scale=0.3),
-                B=randn(N, R, scale=0.3), m=(torch.rand(N, generator=g) + 0.5).requires_grad_(), l_out=randn(N, 1),
-                l_in=randn(1, K), D=randn(8, K, scale=0.3), db=randn(8), U=randn(K, 8, scale=0.3), ub=randn(K))
-
-
-def _qweight():
-    return quantize_nf4(torch.randn(N, 64, generator=torch.Generator().manual_seed(3)), blocksize=64)
+    return dict(x=randn(2, 5, K), w=(torch.randn(N, K, generator=g) / K ** 0.5).to(device), b=randn(N),
+                A=randn(R, K, scale=0.3), B=randn(N, R, scale=0.3),
+                m=(torch.rand(N, generator=g) + 0.5).to(device).requires_grad_(), l_out=randn(N, 1), l_in=randn(1, K),
+                D=randn(8, K, scale=0.3), db=randn(8), U=randn(K, 8, scale=0.3), ub=randn(K),
+                qw=quantize_nf4(torch.randn(N, 64, generator=torch.Generator().manual_seed(3)), blocksize=64).to(device))
 
 
 CASES = {  # name: (fused op, reference op), each a function of (operands, backend) -> output
@@ -60,10 +58,10 @@ CASES = {  # name: (fused op, reference op), each a function of (operands, backe
     "rms_norm_residual": lambda o, be: (rms_norm(o["x"], o["ub"], residual=o["x"] * 2, backend=be) if be
                                         else rms_norm_reference(o["x"], o["ub"], 1e-6, residual=o["x"] * 2)),
     "qlora_linear": lambda o, be: (qlora_linear if be else qlora_linear_reference)(
-        torch.cat([o["x"], o["x"][..., :24]], -1), _qweight(), o["b"], o["A"].repeat(1, 2)[:, :64], o["B"], 2.0,
+        torch.cat([o["x"], o["x"][..., :24]], -1), o["qw"], o["b"], o["A"].repeat(1, 2)[:, :64], o["B"], 2.0,
         **({"backend": be} if be else {})),
-    "nf4_linear": lambda o, be: (nf4_linear(torch.cat([o["x"], o["x"][..., :24]], -1), _qweight(), o["b"], backend=be)
-                                 if be else nf4_linear_reference(torch.cat([o["x"], o["x"][..., :24]], -1), _qweight(),
+    "nf4_linear": lambda o, be: (nf4_linear(torch.cat([o["x"], o["x"][..., :24]], -1), o["qw"], o["b"], backend=be)
+                                 if be else nf4_linear_reference(torch.cat([o["x"], o["x"][..., :24]], -1), o["qw"],
                                                                  o["b"])),
 }
 
@@ -77,14 +75,27 @@ def changed_in_place(out, changed: int = 2):
     for i, t in enumerate(outs):
         if i < changed:
             t.mul_(1.5).add_(0.25)
-        total = total + (t * torch.linspace(-1, 1, t.shape[-1])).sum() * (i + 1)
+        total = total + (t * torch.linspace(-1, 1, t.shape[-1], device=t.device)).sum() * (i + 1)
     return total
 
 
-def grads_after(case, backend):
-    o = operands()
+def grads_after(case, backend, device="cpu"):
+    o = operands(device=device)
     changed_in_place(CASES[case](o, backend), changed=1 if case == "rms_norm_residual" else 2).backward()
     return {k: v.grad for k, v in o.items() if isinstance(v, torch.Tensor) and v.grad is not None}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_output_changed_in_place_then_backward_on_cuda(case):
+    if case in SAVES_OUTPUT:
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            grads_after(case, "triton", "cuda")
+        return
+    expected, got = grads_after(case, None, "cuda"), grads_after(case, "triton", "cuda")
+    assert set(got) == set(expected) and got, case
+    for name, g in expected.items():
+        assert_close(got[name], g, torch.float32, f"{case} cuda: grad {name}")
 
 
 # fused paths whose backward reads their own output (IA3 scaling the output, DoRA without a bias): changing it in
