@@ -739,3 +739,17 @@ def test_grad_output_scales_the_gradients_in_fp32(backend, dtype, monkeypatch):
             ratio = (g3.double().norm() / g1.double().norm()).item()
             # 3·(1/3 rounded): 1.002 in bf16, 0.99976 in fp16; the rounding of the gradients' own entries ~1e-4, 1e-5
             assert abs(ratio * 3 - 1) < (1e-3 if dtype == torch.bfloat16 else 1e-4), ratio
+
+
+def test_a_unit_gradient_is_read_only_where_skipping_pays():
+    """loss.backward() (g == 1) lets backward skip a pass over the gradients, but knowing it reads g: on a GPU a
+    sync, paid at every fastft train micro-batch (its g is 1/count) to skip at most a pass over dh. Read on the CPU
+    (free) and where a weight gradient would be scaled; a meta tensor stands in for a device one (a read raises)."""
+    from fastft.ops.chunked_logits import _unit_gradient
+
+    on_device = torch.ones(1, device="meta")
+    assert _unit_gradient(on_device, weight_grad=False) is False  # no read
+    with pytest.raises((NotImplementedError, RuntimeError)):
+        _unit_gradient(on_device, weight_grad=True)  # read: worth it for a V x H weight gradient
+    assert _unit_gradient(torch.ones(1), weight_grad=False) is True
+    assert _unit_gradient(torch.full((1,), 0.5), weight_grad=True) is False

@@ -386,8 +386,7 @@ class EagerChunkedLoss(torch.autograd.Function):
         g = grad_output.float().reshape(1)
         if ctx.post_scale is not None:
             g = g * ctx.post_scale
-        # the common case (loss.backward()): no pass over dW at all; a sync, so not while torch.compile traces
-        unit = not torch.compiler.is_compiling() and bool((g == 1.0).all())
+        unit = _unit_gradient(g, weight_grad=ctx.present[1])
         out = []
         for present, meta in zip(ctx.present, ctx.shapes):
             if not present:
@@ -401,6 +400,16 @@ class EagerChunkedLoss(torch.autograd.Function):
                 t = t.to(dtype)
             out.append(t.view(shape))
         return (None, *out)
+
+
+def _unit_gradient(g: torch.Tensor, *, weight_grad: bool) -> bool:
+    """Whether backward may hand the forward's gradients out unscaled (g == 1: loss.backward()). Knowing it reads g:
+    free on the CPU, a device sync on a GPU, where it pays only to skip a pass over a weight gradient (V x H); the
+    pass over dh alone (T x H) costs less than the sync (fastft train's g is 1/count: the read never paid there).
+    Not while torch.compile traces (a read would break the graph). Scaling by exactly 1 changes no bit."""
+    if torch.compiler.is_compiling() or not (weight_grad or g.device.type == "cpu"):
+        return False
+    return bool((g == 1.0).all())
 
 
 class DeferredChunkedLoss(torch.autograd.Function):
