@@ -103,3 +103,22 @@ def test_every_kernel_launcher_runs_on_its_operands_device():
             "attention_bwd.attention_backward", "cross_entropy._launch_rows", "rope.rope_rotate"} <= set(launchers)
     undecorated = sorted(name for name, decorators in launchers.items() if "on_operand_device" not in decorators)
     assert not undecorated, f"launchers without @on_operand_device: {undecorated}"
+
+
+def test_path_choices_that_time_launches_run_on_the_operands_device():
+    """The QLoRA base-GEMM path choice and the NF4 GEMV variant choice time their launches outside any kernel
+    launcher: on cuda:0 while the layer sits on cuda:1, the timing events measured the wrong GPU."""
+    from fastft.kernels import nf4_cuda
+    from fastft.ops import qlora
+
+    for chooser in (qlora._base_gemm, nf4_cuda.nf4_gemv):
+        assert getattr(chooser, "__wrapped__", None) is not None, chooser.__qualname__  # wears on_operand_device
+
+
+def test_an_execution_device_named_cuda_is_the_current_one(fake_cuda):
+    from fastft.ops.shared import _as_device
+
+    fake_cuda.current = 1
+    assert _as_device("cuda") == torch.device("cuda", 1)   # where accelerate's hook would send the inputs
+    assert _as_device(0) == torch.device("cuda", 0) and _as_device("cuda:0") == torch.device("cuda", 0)
+    assert _as_device("cpu") == torch.device("cpu")

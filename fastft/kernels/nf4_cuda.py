@@ -16,6 +16,7 @@ import warnings
 import torch
 
 from fastft.kernels.autotune import Tuner, capturing
+from fastft.kernels.runtime import on_operand_device
 from fastft.kernels.shared import bucket
 
 try:
@@ -73,6 +74,7 @@ def table_supported(w) -> bool:
     return w.blocksize >= 64 and w.cols % 64 == 0
 
 
+@on_operand_device  # the variant choice times launches: on x2's GPU
 def nf4_gemv(x2: torch.Tensor, w, bias: torch.Tensor | None, variant: int | None = None) -> torch.Tensor:
     """y [batch, w.rows] in x2's dtype; the caller checked `supported(x2, w)`. variant: SCALED or TABLE forces one
     (TABLE must be `table_supported`); None picks by measurement."""

@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from fastft.kernels.runtime import on_operand_device
 from fastft.ops import qlora_path
 from fastft.ops.compiled import compiling, needed, unused
 from fastft.ops.compiled_args import (fresh_like, nf4_args, nf4_from_args, refuse_replayed_dropout, seed_int,
@@ -147,6 +148,7 @@ class QLoRALinearFunction(torch.autograd.Function):
         return dx, None, db, dA, dB, None, None
 
 
+@on_operand_device  # the path choice times both paths: on the weight's GPU (a model spread over several)
 def _base_gemm(qweight, a, lo, t, bias, *, forward: bool, p_drop: float = 0.0, seed: int = 0):
     """The forward's y = a·Wᵀ + lo·tᵀ + b (t = B_p) or dx = a·W + keep∘(lo·t) (t = A_p) on the selected path;
     lo = t = None: no rank tail (nf4_linear)."""

@@ -106,10 +106,14 @@ def _align_devices_hook() -> type:
 
 
 def _as_device(device) -> torch.device | None:
-    """accelerate's execution device (an int names a CUDA device) as a torch.device."""
+    """accelerate's execution device (an int names a CUDA device; "cuda" the current one, where the hook would send
+    the inputs) as a torch.device."""
     if device is None:
         return None
-    return torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+    device = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def replaced_forward(module: torch.nn.Module) -> bool:
