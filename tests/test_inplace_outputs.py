@@ -186,3 +186,14 @@ def test_patched_mixtral_with_router_jitter_trains():
     assert_close(results[1][0], results[0][0], torch.float32, "loss")
     for name, g in results[0][1].items():
         assert_close(results[1][1][name], g, torch.float32, f"grad {name}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_one_dimensional_input_gives_a_one_dimensional_output(backend):
+    """F.linear maps (K,) to (N,); dora_linear's torch path gave (1, N) (its σ broadcast as a (1, N) row)."""
+    o = operands()
+    x = o["x"][0, 0]
+    for case, out in (("dora", dora_linear(x, o["w"], o["b"], o["A"], o["B"], o["m"], 2.0, backend=backend)),
+                      ("lora", lora_linear(x, o["w"], o["b"], o["A"], o["B"], 2.0, backend=backend)),
+                      ("ia3", ia3_linear(x, o["w"], o["b"], o["l_out"], feedforward=False, backend=backend))):
+        assert out.shape == (N,), case

@@ -91,7 +91,7 @@ def dora_linear_reference(x, weight, bias, lora_A, lora_B, magnitude, scaling, d
     if row_norm is None:
         with torch.no_grad():
             row_norm = torch.linalg.norm(W.float() + scaling * (lora_B.float() @ lora_A.float()), dim=1)
-    sigma = (magnitude / row_norm.detach().to(magnitude.dtype)).view(1, -1)
+    sigma = (magnitude / row_norm.detach().to(magnitude.dtype)).reshape(-1)  # (N,): broadcast over x's rows
     bias = None if bias is None else bias.to(x.dtype)
     if keep_mask is None and dropout_p == 0.0:
         lora = F.linear(F.linear(x, lora_A.to(x.dtype)), lora_B.to(x.dtype))
