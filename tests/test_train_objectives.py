@@ -361,3 +361,37 @@ def test_distillation_computes_its_reported_ce_in_evaluation_only(monkeypatch):
     assert module.count(batch) == want == batch["target_positions"].numel()
     del batch["target_positions"]
     assert module.count(batch) == want
+
+
+def test_distillation_with_plain_heads_makes_no_logits(monkeypatch):
+    """Plain heads (the usual case: LoRA on the layers, the lm_heads dense) go through the fused KL and CE: no
+    tokens x vocab logits (the torch form kept several fp32 copies, ~1.6 GB each for 8k tokens of a 49k vocab). Loss
+    and gradients (hidden states, a trainable student head) as the torch form's, a padded teacher head and a bf16
+    teacher included."""
+    import torch.nn.functional as F
+
+    from fastft.apps.training import objectives
+
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(9, 16, generator=g).requires_grad_()
+    t_hidden = torch.randn(9, 24, generator=g).to(torch.bfloat16)
+    head, t_head = torch.nn.Linear(16, 100, bias=False), torch.nn.Linear(24, 104, bias=False).to(torch.bfloat16)
+    targets = torch.randint(0, 100, (9,), generator=g)
+    knobs = dict(kl_weight=1.0, reverse_kl_weight=0.5, ce_weight=0.25, temperature=2.0)
+    monkeypatch.setattr(objectives, "_logits", lambda *a: pytest.fail("the fused form made logits"))
+    got = objectives.distill_loss_sum(hidden, head, t_hidden, t_head, targets, **knobs)
+    got_grads = torch.autograd.grad(got, (hidden, head.weight))
+    monkeypatch.undo()
+    s, t = F.linear(hidden, head.weight).float(), t_head(t_hidden)[:, :100].float()
+    s_log, t_log = F.log_softmax(s / 2, -1), F.log_softmax(t / 2, -1)
+    want = (4 * F.kl_div(s_log, t_log, log_target=True, reduction="sum")
+            + 0.5 * 4 * F.kl_div(t_log, s_log, log_target=True, reduction="sum")
+            + 0.25 * F.cross_entropy(s, targets, reduction="sum"))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for a, b in zip(got_grads, torch.autograd.grad(want, (hidden, head.weight))):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    # a head with a hook (or softcapped, NF4, LoRA) runs in torch, where the hook runs
+    calls = []
+    head.register_forward_hook(lambda *a: calls.append(1))
+    objectives.distill_loss_sum(hidden, head, t_hidden, t_head, targets, **knobs)
+    assert calls == [1]

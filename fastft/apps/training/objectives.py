@@ -20,8 +20,9 @@ from torch import nn
 
 from fastft.integration.base_layers import attribute_set
 from fastft.integration.packing import IGNORE_INDEX
-from fastft.ops.linear_losses import lm_head_cross_entropy
+from fastft.ops.linear_losses import linear_kl_div, lm_head_cross_entropy
 from fastft.ops.lm_head import head_of_module
+from fastft.ops.shared import forward_interceptor
 
 
 # ------------------------------------------------------------------ the fused-loss places
@@ -85,8 +86,22 @@ def distill_loss_sum(hidden, head, teacher_hidden, teacher_head, targets, *,
                      kl_weight, reverse_kl_weight, ce_weight, temperature, softcap=None,
                      teacher_softcap=None) -> torch.Tensor:
     """Σ over target tokens of kl·T²·KL(teacher‖student) + rkl·T²·KL(student‖teacher) + ce·CE(student, labels).
-    The heads run in torch here, so a LoRA or NF4 head trains too; fastft.ops.linear_kl_div is the fused form for
-    plain head weights."""
+    Plain heads (dense nn.Linear without bias, nothing intercepting them, no softcap) go through the fused
+    fastft.ops.linear_kl_div and the fused CE: no tokens × vocab logits in memory (the torch form below keeps
+    several fp32 copies of them). Other heads (LoRA, NF4, softcapped) run in torch, so they train too."""
+    if _plain_head(head, hidden) and _plain_head(teacher_head, teacher_hidden) and softcap is None \
+            and teacher_softcap is None:
+        vocab = min(head.weight.shape[0], teacher_head.weight.shape[0])  # heads padded past the shared tokenizer
+        student_w, teacher_w = head.weight[:vocab], teacher_head.weight[:vocab]
+        loss = hidden.new_zeros((), dtype=torch.float32)
+        for weight, direction in ((kl_weight, "forward"), (reverse_kl_weight, "reverse")):
+            if weight:
+                loss = loss + weight * temperature**2 * linear_kl_div(
+                    hidden, student_w, teacher_hidden, teacher_w, temperature=temperature, direction=direction,
+                    reduction="sum")
+        if ce_weight:
+            loss = loss + ce_weight * lm_head_cross_entropy(hidden, head, targets, reduction="sum")
+        return loss
     student = _logits(hidden, head, softcap)
     with torch.no_grad():
         teacher = _logits(teacher_hidden, teacher_head, teacher_softcap)
@@ -102,6 +117,12 @@ def distill_loss_sum(hidden, head, teacher_hidden, teacher_head, targets, *,
     if ce_weight:
         loss = loss + ce_weight * F.cross_entropy(full_student, targets, reduction="sum")
     return loss
+
+
+def _plain_head(head, hidden) -> bool:
+    """A dense nn.Linear head without bias that the fused losses may read instead of calling (no hook on it)."""
+    return (type(head) is nn.Linear and head.bias is None and type(head.weight) in (torch.Tensor, nn.Parameter)
+            and forward_interceptor(head, hidden.device) is None)
 
 
 # ---------------------------------------------------------------------------------------------- the model
