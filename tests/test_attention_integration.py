@@ -394,3 +394,15 @@ def test_output_attentions_warns_that_no_weights_come_back(fastft_attention):
     ids = torch.randint(3, 128, (1, 5), generator=torch.Generator().manual_seed(0))
     with pytest.warns(UserWarning, match="returns no attention weights"):
         model(input_ids=ids, output_attentions=True)
+
+
+def test_a_decoder_outside_the_attention_interface_is_refused(fastft_attention):
+    """Bloom (and MPT) run their own attention but build their mask through transformers' mask interface, which
+    for "fastft" returns a padding-only mask: the model lost causality (logits at position 0 moved 8.7 when token 5
+    changed), with fastft's kernels never running. Refused at the first forward."""
+    from transformers import AutoModelForCausalLM, BloomConfig
+
+    config = BloomConfig(vocab_size=64, hidden_size=32, n_layer=1, n_head=4)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="fastft").eval()
+    with pytest.raises(ValueError, match="BloomModel does not run its attention through transformers' attention"):
+        model(torch.randint(0, 64, (1, 6)))

@@ -23,6 +23,7 @@ fastft prefix in front of the keys).
 """
 from __future__ import annotations
 
+import functools
 import warnings
 import weakref
 
@@ -310,6 +311,31 @@ def _check_not_chunked(module, n_keys: int) -> None:
                      f"{n_keys} keys); use 'sdpa' or 'eager' for this model")
 
 
+def _check_uses_the_interface(config) -> None:
+    """A decoder whose attention does not go through transformers' attention interface (Bloom, MPT: the class says
+    `_supports_attention_backend = False`) still builds its mask through this one: fastft's kernels would never
+    run, and the padding-only mask returned here would leave its own attention without causality (logits at
+    position 0 changed by later tokens), silently. Refused."""
+    if config is None or getattr(config, "is_encoder_decoder", False):
+        return  # encoder-decoders (T5) reach fastft's attention function, which checks them itself
+    model_class = _base_model_class(getattr(config, "model_type", None))
+    if model_class is not None and not getattr(model_class, "_supports_attention_backend", True):
+        raise ValueError(f"attn_implementation='fastft': {model_class.__name__} does not run its attention through "
+                         "transformers' attention interface, so fastft's kernels would not run and its causal mask "
+                         "would be lost; use 'sdpa' or 'eager' for this model")
+
+
+@functools.lru_cache(maxsize=None)
+def _base_model_class(model_type):
+    try:
+        import transformers
+        from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
+    except ImportError:
+        return None
+    name = MODEL_MAPPING_NAMES.get(model_type)
+    return getattr(transformers, name, None) if name else None
+
+
 def fastft_attention_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
                           attention_mask=None, **kwargs):
     """The 2-D padding mask (sliced to the keys), or None when there is no padding: like FlashAttention's.
@@ -319,6 +345,7 @@ def fastft_attention_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset
     not the last filled one there, and the empty slots must not be seen (the interface then runs SDPA on it). So
     does a mask with an overlay (`use_vmap`: transformers' or/and mask functions, e.g. image tokens seeing each
     other both ways), which the causal kernels would drop."""
+    _check_uses_the_interface(kwargs.get("config"))
     # traced with a static cache, the offsets are tensors: comparing them would branch on data (a graph break)
     traced_offsets = compiling() and any(isinstance(x, torch.Tensor) for x in (q_offset, kv_offset))
     if traced_offsets or kwargs.get("use_vmap") or kv_offset + kv_length > q_offset + q_length:
