@@ -312,17 +312,32 @@ def _check_not_chunked(module, n_keys: int) -> None:
 
 
 def _check_uses_the_interface(config) -> None:
-    """A decoder whose attention does not go through transformers' attention interface (Bloom, MPT: the class says
-    `_supports_attention_backend = False`) still builds its mask through this one: fastft's kernels would never
+    """A decoder whose attention does not go through transformers' attention interface (Bloom, MPT: no attention
+    function of the interface is called) still builds its mask through this one: fastft's kernels would never
     run, and the padding-only mask returned here would leave its own attention without causality (logits at
     position 0 changed by later tokens), silently. Refused."""
     if config is None or getattr(config, "is_encoder_decoder", False):
         return  # encoder-decoders (T5) reach fastft's attention function, which checks them itself
     model_class = _base_model_class(getattr(config, "model_type", None))
-    if model_class is not None and not getattr(model_class, "_supports_attention_backend", True):
+    if model_class is not None and not _dispatches_attention(model_class):
         raise ValueError(f"attn_implementation='fastft': {model_class.__name__} does not run its attention through "
                          "transformers' attention interface, so fastft's kernels would not run and its causal mask "
                          "would be lost; use 'sdpa' or 'eager' for this model")
+
+
+@functools.lru_cache(maxsize=None)
+def _dispatches_attention(model_class) -> bool:
+    """Whether the model may call an attention function from transformers' interface: its class says so, or its
+    modeling code reads ALL_ATTENTION_FUNCTIONS (BioGPT's class flag is False, yet it dispatches)."""
+    if getattr(model_class, "_supports_attention_backend", True):
+        return True
+    import inspect
+    import sys
+
+    try:
+        return "ALL_ATTENTION_FUNCTIONS" in inspect.getsource(sys.modules[model_class.__module__])
+    except (OSError, TypeError, KeyError):  # no source to read: let it run, as before this check
+        return True
 
 
 @functools.lru_cache(maxsize=None)
