@@ -5,7 +5,8 @@ step's true target count (exact gradient accumulation).
 Hidden states, not logits, come out of the model: the LM head is applied only at positions that carry a
 loss, through fastft's fused linear losses where they fit: `token_cross_entropy_sum` and the DPO sequence
 log-probs go through fastft.ops.lm_head_cross_entropy (no logits tensor; LoRA and NF4 heads train);
-`distill_loss_sum` applies the heads in torch (fastft.ops.linear_kl_div takes plain weights only).
+`distill_loss_sum` goes through fastft.ops.linear_kl_div where both heads are plain (it takes plain weights
+only) and applies the heads in torch otherwise.
 """
 from __future__ import annotations
 
@@ -20,9 +21,9 @@ from torch import nn
 
 from fastft.integration.base_layers import attribute_set
 from fastft.integration.packing import IGNORE_INDEX
+from fastft.modules.lora import plain_linear
 from fastft.ops.linear_losses import linear_kl_div, lm_head_cross_entropy
 from fastft.ops.lm_head import head_of_module
-from fastft.ops.shared import forward_interceptor
 
 
 # ------------------------------------------------------------------ the fused-loss places
@@ -120,9 +121,10 @@ def distill_loss_sum(hidden, head, teacher_hidden, teacher_head, targets, *,
 
 
 def _plain_head(head, hidden) -> bool:
-    """A dense nn.Linear head without bias that the fused losses may read instead of calling (no hook on it)."""
-    return (type(head) is nn.Linear and head.bias is None and type(head.weight) in (torch.Tensor, nn.Parameter)
-            and forward_interceptor(head, hidden.device) is None)
+    """A plain nn.Linear head (see plain_linear) without bias and with a plain weight (not a DTensor or quantized
+    parameter): the fused losses may read its weight instead of calling it."""
+    return (plain_linear(head, hidden.device) and head.bias is None
+            and type(head.weight) in (torch.Tensor, nn.Parameter))
 
 
 # ---------------------------------------------------------------------------------------------- the model
