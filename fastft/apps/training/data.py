@@ -432,6 +432,14 @@ class BatchPlan:
         return [order[(m * self.processes + rank) * bs: (m * self.processes + rank + 1) * bs]
                 for m in range(self.grad_accum)]
 
+    def peek_step(self, rank: int) -> list[list[int]]:
+        """What next_step will return, without moving the cursor (a checkpoint written before it stores it)."""
+        cursor = self.epoch, self.index
+        try:
+            return self.next_step(rank)
+        finally:
+            self.epoch, self.index = cursor
+
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "index": self.index, "per_step": self.per_step, "seed": self.seed,
                 "num_records": self.num_records, "records": self.records}

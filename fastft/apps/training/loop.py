@@ -2,8 +2,9 @@
 evaluate, checkpoint, resume, save.
 
 A step's loss is Σ (loss over every target of every micro-batch of every process) / (their number): the
-target count is all-reduced first (one small all-reduce a step), then each micro-batch's summed loss is
-divided by it (times the process count, which DDP's gradient averaging divides out again).
+target count is all-reduced first (one small all-reduce a step; counted on the host with one process), then
+each micro-batch's summed loss is divided by it (times the process count, which DDP's gradient averaging divides
+out again). The next step's micro-batches are built while the device runs the step's queued work.
 """
 from __future__ import annotations
 
@@ -77,6 +78,7 @@ class _Batches:
         self.encoder, self.device, self.flash_kwargs = encoder, device, flash_kwargs
         self.cache: dict[int, object] = {}
         self.cut: set[int] = set()  # indices of cached (training) records --max-length cut
+        self.ready = None  # (micro-batch indices, their batches or the error building them), from prefetch
 
     def __call__(self, records, indices, cache: bool = True) -> dict:
         items = []
@@ -90,8 +92,34 @@ class _Batches:
                         self.cut.add(i)
             items.append(item)
         batch = pack(items, pad_token_id=self.encoder.tokenizer.pad_token_id, flash_kwargs=self.flash_kwargs)
-        return {k: v.to(self.device) if isinstance(v, torch.Tensor) and k != "choices" else v
+        return {k: self._to_device(v) if isinstance(v, torch.Tensor) and k != "choices" else v
                 for k, v in batch.items()}
+
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        if self.device.type != "cuda":
+            return t.to(self.device)
+        # from pinned memory the copy is queued behind the device's work instead of waiting for it (a pageable
+        # copy may sync the stream): a batch prefetched while a step runs does not stall it
+        return t.pin_memory().to(self.device, non_blocking=True)
+
+    def step(self, records, micro_indices: list[list[int]]) -> list[dict]:
+        """This process's micro-batches of a step (BatchPlan.next_step's indices) on the device: those `prefetch`
+        built for the same records, or built now."""
+        ready, self.ready = self.ready, None
+        if ready is not None and ready[0] == micro_indices:
+            if isinstance(ready[1], Exception):
+                raise ready[1]
+            return ready[1]
+        return [self(records, indices) for indices in micro_indices]
+
+    def prefetch(self, records, micro_indices: list[list[int]]) -> None:
+        """Build a later step's micro-batches now, on the host while the device runs this step's queued work (the
+        tokenizing, packing and copies then no longer leave it idle between steps). An error building them is
+        raised when that step takes them, as if built then."""
+        try:
+            self.ready = (micro_indices, [self(records, indices) for indices in micro_indices])
+        except Exception as e:  # noqa: BLE001 (re-raised by step)
+            self.ready = (micro_indices, e)
 
 
 @torch.no_grad()
@@ -173,15 +201,17 @@ def objective_knobs(cfg: TrainConfig, teacher) -> dict:
 
 def accumulate(prepared, count_of, micro: list[dict], accelerator, offload=contextlib.nullcontext):
     """Forward and backward over this process's micro-batches of one step, each micro-batch's summed loss
-    divided by the step's target count over all micro-batches and processes (counted first: one all-reduce).
+    divided by the step's target count over all micro-batches and processes (counted first: one all-reduce with
+    several processes, none with one).
     DDP averages gradients over processes, so the loss is scaled up by the process count to give Σ/count.
     The forward runs under accelerate's autocast (--mixed-precision): a model `prepare` wrapped autocasts already
     (the same context again changes nothing), one sharded by `shard_model` skips `prepare` and would run in fp32.
     Returns (this process's summed loss, the global count, the global number of tokens)."""
     device, world = accelerator.device, accelerator.num_processes
-    counts = torch.tensor([sum(count_of(b) for b in micro), sum(b["input_ids"].numel() for b in micro)],
-                          device=device)
-    count, tokens = (int(x) for x in accelerator.reduce(counts, "sum").tolist())
+    count, tokens = sum(count_of(b) for b in micro), sum(b["input_ids"].numel() for b in micro)
+    if world > 1:  # one all-reduce (and device read); one process knows its counts on the host
+        counts = torch.tensor([count, tokens], device=device)
+        count, tokens = (int(x) for x in accelerator.reduce(counts, "sum").tolist())
     loss_sum = torch.zeros((), device=device, dtype=torch.float32)
     for m, batch in enumerate(micro):
         sync = contextlib.nullcontext() if m == len(micro) - 1 else _no_sync(prepared, accelerator)
@@ -471,13 +501,16 @@ def _run(cfg: TrainConfig, accelerator, train_records, eval_records, description
                disable=not accelerator.is_local_main_process, dynamic_ncols=True)
     for step in bar:
         started = time.perf_counter()
-        micro = [make_batch(train_records, indices) for indices in plan.next_step(rank)]
+        micro = make_batch.step(train_records, plan.next_step(rank))
         try:
             loss_sum, count, tokens = accumulate(prepared, objective.count, micro, accelerator, offload)
         except torch.OutOfMemoryError as e:
             stop(step + 1, f"out of memory ({str(e).splitlines()[0]}); try --gradient-checkpointing (and "
                            "--offload-activations), or a smaller --batch-size with a larger --grad-accum of the same "
                            f"product ({cfg.batch_size * cfg.grad_accum}): --resume accepts these")
+        del micro
+        if step + 1 < cfg.steps:  # the next step's batches, built while the device runs this step's queued work
+            make_batch.prefetch(train_records, plan.peek_step(rank))
         if count == 0:  # AdamW would still move the weights (momentum, weight decay) on zero gradients
             stop(step + 1, "its batches hold no target token (every label is masked out); check the data's "
                            "prompts against --max-length")
