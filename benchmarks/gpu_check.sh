@@ -127,9 +127,9 @@ for s in $sections; do
     # the GPU suites of the kernels issue 10 changes, one pytest over 4 workers when pytest-xdist is there (first
     # configs: FASTFT_AUTOTUNE=0; the tests that sweep configs force each one); --durations sizes the next run
     kernel-tests) FASTFT_AUTOTUNE=0 run 180 kernel-tests python3 -m pytest -q \
-                    $(python3 -c "import xdist" > /dev/null 2>&1 && printf '%s' '-n 4') -m gpu tests/test_lora_gpu.py \
+                    $(python3 -c "import xdist" > /dev/null 2>&1 && printf '%s' '-n 4') -m "gpu or anydevice" tests/test_lora_gpu.py \
                     tests/test_nf4_gpu.py tests/test_qlora_path.py tests/test_attention_op.py tests/test_fp16_rank_split_backward.py \
-                    tests/test_inplace_outputs.py \
+                    tests/test_inplace_outputs.py tests/test_large_offsets.py \
                     -p no:cacheprovider \
                     --durations=15 ;;
     lora-tests) FASTFT_AUTOTUNE=0 run 170 lora-tests python3 -m pytest -q -m gpu tests/test_lora_gpu.py -p no:cacheprovider ;;

@@ -149,7 +149,8 @@ def lora_fold(every_config: bool = False) -> int:
     for rank, dropout in itertools.product((16, max_rank), (False, True)):
         failures += _check_configs(f"rank_reduce_pair R={rank} dropout={dropout}", rank_ops._rank_reduce_pair_kernel,
                                    sig, top(rank_ops.pair_reduce_configs(2, dropout)),
-                                   dict(DROPOUT=dropout, UPCAST=False, DOT_PRECISION="tf32", BLOCK_R=rank),
+                                   dict(DROPOUT=dropout, UPCAST=False, DOT_PRECISION="tf32", BLOCK_R=rank,
+                                        WIDE=False),  # (WIDE, int64 offsets past 2**31 elements, may spill)
                                    ["la_ptr", "ya_ptr", "parta_ptr", "lb_ptr", "yb_ptr", "partb_ptr"])
     return failures
 
@@ -172,7 +173,8 @@ def lora_split(every_config: bool = True) -> int:
                                    proj_sig, top(rank_ops.project_configs(2, dropout)), consts,
                                    ["x_ptr", "w_ptr", "out_ptr"])
         failures += _check_configs(f"rank_reduce R={rank} dropout={dropout}", rank_ops._rank_reduce_kernel, red_sig,
-                                   top(rank_ops.reduce_configs(2, dropout)), consts, ["l_ptr", "y_ptr", "part_ptr"])
+                                   top(rank_ops.reduce_configs(2, dropout)), dict(consts, WIDE=False),
+                                   ["l_ptr", "y_ptr", "part_ptr"])
         for use_tma in (True, False) if dropout else ():
             failures += _check_configs(f"lora_gemm dx dropout R={rank} tma={use_tma}", lora_gemm._lora_gemm_kernel,
                                        LORA_GEMM_SIG, top(lora_gemm.gemm_configs(use_tma, 2, dropout=True, rank=rank)),

@@ -145,8 +145,23 @@ def tma_eligible(head_dim: int, *tensors: torch.Tensor) -> bool:
     return True
 
 
-def grid_rows(batch: int, heads: int, seqlen: int, block: int) -> tuple[int, int]:
-    return cdiv(max(seqlen, 1), block), batch * heads
+# CUDA's limit on a grid's second and third axes (the first takes 2**31 - 1)
+MAX_GRID_YZ = 65535
+
+
+def grid_rows(batch: int, heads: int, seqlen: int, block: int) -> tuple[int, int, int]:
+    """(row blocks, heads, sequences): sequence · heads as two axes, not one (2,048 packed documents × 32 heads
+    would pass the axis limit); programs run in the same order (axis 0 fastest), see program_bh."""
+    if batch > MAX_GRID_YZ:
+        raise ValueError(f"attention: {batch} sequences (packed documents) in one call; at most {MAX_GRID_YZ} (a "
+                         "CUDA grid limit): split the batch")
+    return cdiv(max(seqlen, 1), block), heads, batch
+
+
+@triton.jit
+def program_bh():
+    """sequence · heads + head of a program of a grid_rows grid (axes 1 and 2)."""
+    return tl.program_id(2) * tl.num_programs(1) + tl.program_id(1)
 
 
 @triton.jit

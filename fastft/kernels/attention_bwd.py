@@ -31,6 +31,7 @@ from fastft.kernels.attention import (
     head_rows,
     key_band,
     load_tile,
+    program_bh,
     program_seq_head,
     row_band,
     stats_row,
@@ -54,7 +55,7 @@ def _attn_bwd_delta_kernel(
     seqlen_q, n_heads,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, VARLEN: tl.constexpr,
 ):
-    b, h, _, start, n_q, _ = program_seq_head(tl.program_id(1), n_heads, 1, cu_ptr, seqlen_q, seqlen_q, VARLEN)
+    b, h, _, start, n_q, _ = program_seq_head(program_bh(), n_heads, 1, cu_ptr, seqlen_q, seqlen_q, VARLEN)
     m0 = tl.program_id(0) * BLOCK_M
     if m0 >= n_q:
         return
@@ -125,8 +126,7 @@ def _attn_bwd_dkdv_kernel(
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """PREFIX: k/v/dk/dv address the prefix (n_prefix keys per sequence, no token start, never masked)."""
-    b, kvh, _, start, n_q, n_k = program_seq_head(tl.program_id(1), n_kv_heads, 1, cu_ptr, seqlen_q, seqlen_k,
-                                                  VARLEN)
+    b, kvh, _, start, n_q, n_k = program_seq_head(program_bh(), n_kv_heads, 1, cu_ptr, seqlen_q, seqlen_k, VARLEN)
     n0 = tl.program_id(0) * BLOCK_N
     if PREFIX:
         n_k = n_prefix
@@ -235,7 +235,7 @@ def _attn_bwd_dq_kernel(
     DOT_PRECISION: tl.constexpr,
 ):
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    b, h, kvh, start, n_q, n_k = program_seq_head(tl.program_id(1), n_heads, group, cu_ptr, seqlen_q, seqlen_k, VARLEN)
+    b, h, kvh, start, n_q, n_k = program_seq_head(program_bh(), n_heads, group, cu_ptr, seqlen_q, seqlen_k, VARLEN)
     m0 = pid_m * BLOCK_M
     if m0 >= n_q:
         return
@@ -379,7 +379,7 @@ def attention_backward(do, q, k, v, o, lse, *, sm_scale: float, left: int, right
         dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=dev) if atomic else dq
         meta = dict(common, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], ATOMIC_DQ=atomic, USE_TMA=use_tma,
                     num_warps=cfg["WARPS"], num_stages=cfg["STAGES"])
-        kv_grid = (cdiv(max(seqlen_k, 1), cfg["BLOCK_N"]), batch * n_kv)
+        kv_grid = grid_rows(batch, n_kv, seqlen_k, cfg["BLOCK_N"])
         _attn_bwd_dkdv_kernel[kv_grid](
             q, k, v, do, lse, delta, cu, dk, dv, dq_acc,
             *q_strides, *token_strides(k, varlen), *token_strides(v, varlen), *do_strides,
@@ -388,7 +388,7 @@ def attention_backward(do, q, k, v, o, lse, *, sm_scale: float, left: int, right
             PREFIX=False, **meta,
         )
         if has_prefix:
-            _attn_bwd_dkdv_kernel[(cdiv(n_prefix, cfg["BLOCK_N"]), batch * n_kv)](
+            _attn_bwd_dkdv_kernel[grid_rows(batch, n_kv, n_prefix, cfg["BLOCK_N"])](
                 q, prefix_k, prefix_v, do, lse, delta, cu, dpk, dpv, dq_acc,
                 *q_strides, *pk_strides, *pv_strides, *do_strides,
                 *token_strides(dpk, False), *token_strides(dpv, False), *token_strides(dq_acc, varlen),

@@ -22,6 +22,7 @@ from fastft.kernels.attention import (
     grid_rows,
     key_band,
     load_tile,
+    program_bh,
     program_seq_head,
     stats_row,
     store_tile,
@@ -160,7 +161,7 @@ def _attn_fwd_kernel(
                       HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, VARLEN, HAS_PREFIX, USE_TMA, UPCAST, DOT_PRECISION,
                       WARP_SPECIALIZE)
     else:  # causal: the longest rows start first
-        _fwd_tile(tl.num_programs(0) - 1 - tl.program_id(0), tl.program_id(1),
+        _fwd_tile(tl.num_programs(0) - 1 - tl.program_id(0), program_bh(),
                   q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, o_ptr, lse_ptr, cu_ptr,
                   stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
                   stride_pkb, stride_pks, stride_pkh, stride_pvb, stride_pvs, stride_pvh,
@@ -240,7 +241,7 @@ def attention_forward(q, k, v, *, sm_scale: float, left: int, right: int, cu_seq
         persistent = cfg.pop("PERSISTENT", False)
         grid = grid_rows(batch, n_heads, seqlen_q, cfg["BLOCK_M"])
         if persistent:  # one resident program a multiprocessor (8 warps of up to 255 registers fill one)
-            grid = (max(1, min(grid[0] * grid[1], device_sms(q.device))),)
+            grid = (max(1, min(grid[0] * grid[1] * grid[2], device_sms(q.device))),)
         _attn_fwd_kernel[grid](
             q, k, v, pk, pv, o, lse, cu_seqlens if varlen else q,
             *token_strides(q, varlen), *token_strides(k, varlen), *token_strides(v, varlen),

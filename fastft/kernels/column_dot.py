@@ -32,7 +32,7 @@ def _column_dot_kernel(
     row_end = min(M, row_start + rows_per_split)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for off_m in range(row_start, row_end, BLOCK_M):
-        rows = off_m + tl.arange(0, BLOCK_M)
+        rows = (off_m + tl.arange(0, BLOCK_M)).to(tl.int64)  # int64: row × stride passes 2^31 at scale
         mask = (rows[:, None] < row_end) & (cols[None, :] < N)
         a = tl.load(a_ptr + rows[:, None] * stride_am + cols[None, :] * stride_an, mask=mask, other=0.0)
         b = tl.load(b_ptr + rows[:, None] * stride_bm + cols[None, :] * stride_bn, mask=mask, other=0.0)

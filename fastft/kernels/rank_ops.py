@@ -20,7 +20,7 @@ import torch
 
 from fastft.kernels.autotune import tuner
 from fastft.kernels.shared import bucket, dot_precision, dropout_keep, split_partials, sum_partials, upcast
-from fastft.kernels.runtime import cdiv, INTERPRET, next_power_of_2, on_operand_device, triton
+from fastft.kernels.runtime import cdiv, INTERPRET, next_power_of_2, on_operand_device, triton, wide_offsets
 
 import triton.language as tl
 
@@ -41,7 +41,7 @@ def _rank_project_kernel(
     """
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = (pid * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # int64: row × stride passes 2^31 at scale
     offs_r = tl.arange(0, BLOCK_R)
     k_start = pid_k * k_per_split
     k_end = min(K, k_start + k_per_split)
@@ -66,12 +66,15 @@ def _rank_project_kernel(
 @triton.jit
 def _reduce_rows(l_ptr, y_ptr, row_start, row_end, cols, N, stride_lm, stride_ym, stride_yn, p_drop, seed,
                  DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
-    """l[rows, R]ᵀ · (keep∘y)[rows, cols] over rows [row_start, row_end), fp32 [R, BLOCK_N]."""
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, WIDE: tl.constexpr):
+    """l[rows, R]ᵀ · (keep∘y)[rows, cols] over rows [row_start, row_end), fp32 [R, BLOCK_N]. WIDE: int64 offsets
+    (runtime.wide_offsets; int32 ones otherwise, as int64 ones spill the 64×128 tiles at R = 64 on sm_90)."""
     offs_r = tl.arange(0, BLOCK_R)
     acc = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
     for off_m in range(row_start, row_end, BLOCK_M):
         rows = off_m + tl.arange(0, BLOCK_M)
+        if WIDE:
+            rows = rows.to(tl.int64)
         in_rows = rows < row_end
         lo = tl.load(l_ptr + rows[:, None] * stride_lm + offs_r[None, :], mask=in_rows[:, None], other=0.0)
         y = tl.load(y_ptr + rows[:, None] * stride_ym + cols[None, :] * stride_yn,
@@ -92,7 +95,7 @@ def _rank_reduce_kernel(
     stride_lm, stride_ym, stride_yn,
     p_drop, seed,
     DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, WIDE: tl.constexpr,
 ):
     """part[split, R, N] = l[rows, R]ᵀ · (keep∘y)[rows, N] over this split's rows (fp32 partial sums)."""
     pid_n = tl.program_id(0)
@@ -102,7 +105,7 @@ def _rank_reduce_kernel(
     row_start = pid_s * rows_per_split
     row_end = min(M, row_start + rows_per_split)
     acc = _reduce_rows(l_ptr, y_ptr, row_start, row_end, cols, N, stride_lm, stride_ym, stride_yn, p_drop, seed,
-                       DROPOUT, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_R)
+                       DROPOUT, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_R, WIDE)
     out = part_ptr + pid_s * BLOCK_R * N + offs_r[:, None] * N + cols[None, :]
     tl.store(out, acc, mask=cols[None, :] < N)
 
@@ -114,7 +117,7 @@ def _rank_reduce_pair_kernel(
     stride_lam, stride_yam, stride_yan, stride_lbm, stride_ybm, stride_ybn,
     p_drop, seed,
     DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, WIDE: tl.constexpr,
 ):
     """Two reductions over the same rows in one launch (the LoRA backward's dA and dB): column tiles
     [0, tiles_a) give parta[split, R, NA] = laᵀ·(keep∘ya) (dropout on ya only), the rest partb[split, NB, R] =
@@ -127,20 +130,20 @@ def _rank_reduce_pair_kernel(
     if pid_n < tiles_a:
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         acc = _reduce_rows(la_ptr, ya_ptr, row_start, row_end, cols, NA, stride_lam, stride_yam, stride_yan,
-                           p_drop, seed, DROPOUT, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_R)
+                           p_drop, seed, DROPOUT, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_R, WIDE)
         tl.store(parta_ptr + pid_s * BLOCK_R * NA + offs_r[:, None] * NA + cols[None, :], acc,
                  mask=cols[None, :] < NA)
     else:
         cols = (pid_n - tiles_a) * BLOCK_N + tl.arange(0, BLOCK_N)
         acc = _reduce_rows(lb_ptr, yb_ptr, row_start, row_end, cols, NB, stride_lbm, stride_ybm, stride_ybn,
-                           p_drop, seed, False, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_R)
+                           p_drop, seed, False, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_R, WIDE)
         tl.store(partb_ptr + pid_s * BLOCK_R * NB + cols[None, :] * BLOCK_R + offs_r[:, None], acc,
                  mask=cols[None, :] < NB)
 
 
 @triton.jit
 def _dropout_mask_kernel(out_ptr, M, K, p_drop, seed, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     keep = dropout_keep(seed, rows, cols, K, p_drop)
     tl.store(out_ptr + rows[:, None] * K + cols[None, :], keep.to(tl.int8),
@@ -246,7 +249,7 @@ def rank_reduce(lo, y, *, p_drop: float = 0.0, seed: int = 0) -> torch.Tensor:
             lo.stride(0), y.stride(0), y.stride(1),
             p_drop, seed,
             DROPOUT=p_drop > 0.0, UPCAST=upcast(y.dtype), DOT_PRECISION=dot_precision(y.dtype),
-            BLOCK_R=R, **cfg,
+            BLOCK_R=R, WIDE=wide_offsets(lo, y), **cfg,
         )
         result["out"] = sum_partials(part)
 
@@ -274,7 +277,7 @@ def rank_reduce_pair(la, ya, lb, yb, *, p_drop: float = 0.0, seed: int = 0) -> t
             la.stride(0), ya.stride(0), ya.stride(1), lb.stride(0), yb.stride(0), yb.stride(1),
             p_drop, seed,
             DROPOUT=p_drop > 0.0, UPCAST=upcast(ya.dtype), DOT_PRECISION=dot_precision(ya.dtype),
-            BLOCK_R=R, **cfg,
+            BLOCK_R=R, WIDE=wide_offsets(la, ya, lb, yb), **cfg,
         )
         result["out"] = (sum_partials(part_a), sum_partials(part_b))
 

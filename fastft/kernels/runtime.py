@@ -112,6 +112,12 @@ def ensure_descriptor_allocator() -> None:
     triton.set_allocator(_descriptor_scratch)
 
 
+def wide_offsets(*tensors: torch.Tensor) -> bool:
+    """Whether an element offset of any of `tensors` (Σ (size - 1) · stride) passes int32: kernels that keep int32
+    offsets where they can (int64 ones cost registers) take this as a constexpr and go int64 then."""
+    return any(sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride()) if n) >= 2**31 for t in tensors)
+
+
 def cdiv(a: int, b: int) -> int:
     """Ceiling division on the host. (triton.cdiv is a jit-able function whose Python call costs ~7 µs,
     which adds up on a launcher's hot path.)"""

@@ -69,8 +69,9 @@ def load_block(src, off_row, off_col, n_rows, n_cols, stride_row, stride_col, BL
     if USE_TMA:
         return src.load([off_row, off_col])
     else:
-        rows = off_row + tl.arange(0, BLOCK_ROWS)
-        cols = off_col + tl.arange(0, BLOCK_COLS)
+        # int64 offsets: a row (or, transposed, a column) times its stride passes 2^31 at scale (M·N elements)
+        rows = (off_row + tl.arange(0, BLOCK_ROWS)).to(tl.int64)
+        cols = (off_col + tl.arange(0, BLOCK_COLS)).to(tl.int64)
         mask = rows[:, None] < n_rows
         if CHECK_COLS:
             mask = mask & (cols[None, :] < n_cols)
@@ -85,7 +86,7 @@ def store_block(dst, off_row, off_col, n_rows, n_cols, stride_row, block, BLOCK_
     if USE_TMA:
         dst.store([off_row, off_col], block)
     else:
-        rows = off_row + tl.arange(0, BLOCK_ROWS)
+        rows = (off_row + tl.arange(0, BLOCK_ROWS)).to(tl.int64)  # int64 offsets, as load_block's
         cols = off_col + tl.arange(0, BLOCK_COLS)
         tl.store(dst + rows[:, None] * stride_row + cols[None, :], block,
                  mask=(rows[:, None] < n_rows) & (cols[None, :] < n_cols))
