@@ -42,7 +42,7 @@ from fastft.kernels.attention import (
     visible,
 )
 from fastft.kernels.shared import bucket, dot_precision, upcast
-from fastft.kernels.runtime import (cdiv, deterministic, ensure_descriptor_allocator, INTERPRET, on_operand_device,
+from fastft.kernels.runtime import (deterministic, ensure_descriptor_allocator, INTERPRET, on_operand_device,
                                    triton)
 
 import triton.language as tl
