@@ -486,3 +486,16 @@ def test_unpatch_after_accelerate_hooks_gives_the_unpatched_model(remove_hooks):
     fastft.patch_model(model)
     assert model.model.norm._old_forward.__func__ is FusedRMSNormForward.forward
     torch.testing.assert_close(model(input_ids=ids).logits, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("num_items", [torch.tensor(0), 0])
+def test_an_accumulated_batch_without_targets_gives_zero_loss(num_items):
+    """Trainer passes num_items_in_batch = 0 when every label of the accumulated batch is ignored (a cut answer): a
+    loss of 0 with zero gradients (transformers' own mean gives NaN, which Trainer's logging hides), not an error."""
+    model = fastft.patch_model(_peft(tiny("qwen3"))).train()
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(3))
+    loss = model(input_ids=ids, labels=torch.full_like(ids, -100), num_items_in_batch=num_items).loss
+    loss.backward()
+    assert loss.item() == 0.0
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert grads and all(g is None or not g.any() for g in grads)

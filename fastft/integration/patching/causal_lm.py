@@ -25,6 +25,7 @@ import inspect
 import sys
 import warnings
 
+import torch
 import torch.nn.functional as F
 from transformers.modeling_outputs import CausalLMOutputWithPast, MoeCausalLMOutputWithPast
 
@@ -37,6 +38,16 @@ from fastft.ops.lm_head import head_of_module
 _FIELDS = {cls: tuple(f.name for f in dataclasses.fields(cls))
            for cls in (CausalLMOutputWithPast, MoeCausalLMOutputWithPast)}
 _CACHE_FIELD = {cls: "cache" if "cache" in names else "past_key_values" for cls, names in _FIELDS.items()}
+
+
+def _counted(num_items):
+    """transformers' num_items_in_batch as the fused loss's denominator. Trainer counts 0 for an accumulated batch
+    whose labels are all ignored; every label of this batch is ignored then, so its loss is 0 over any denominator
+    (transformers' own mean gives NaN there, which Trainer's logging filter hides): 1 instead, not the op's refusal
+    (a tensor is clamped on the device, with no read)."""
+    if isinstance(num_items, torch.Tensor):
+        return num_items.clamp(min=1)
+    return None if num_items == 0 else num_items
 
 
 def _output(loss, outputs, **moe):
@@ -106,7 +117,7 @@ class FusedLossCausalLMForward:
                              f"(got {logits_to_keep!r})")
         shift_labels = kwargs.pop("shift_labels", None)
         return_dict = kwargs.pop("return_dict", None)
-        num_items = kwargs.pop("num_items_in_batch", None)
+        num_items = _counted(kwargs.pop("num_items_in_batch", None))
         ignore_index = kwargs.pop("ignore_index", -100)
         moe = self._fastft_router_aux_loss is not None
         if moe:  # None: the config's, as the model's own forward resolves it
