@@ -83,3 +83,4 @@ def test_training_builds_each_steps_batches_once_ahead(tiny, tmp_path, monkeypat
     steps = [s for i, s in enumerate(plan_steps) if i % 2 == 0]
     assert len(steps) == 4 and prefetched == steps[1:]
     assert built == [indices for step in steps for indices in step]  # each micro-batch built once, in order
+

@@ -247,3 +247,23 @@ def test_a_finished_run_extended_keeps_the_evaluation_at_its_old_end(tiny, tmp_p
                      [r["step"] for r in logged if "eval" not in r], [e["loss"] for e in metrics["evals"]]))
     assert runs[0][:3] == runs[1][:3] == ([2, 4], [2, 4, 6], [1, 2, 3, 4, 5, 6]), runs
     assert runs[1][3] == pytest.approx(runs[0][3], rel=1e-5)
+
+
+def test_deterministic_runs_under_torchs_deterministic_algorithms(tiny, tmp_path, monkeypatch):
+    from fastft.apps.training.objectives import ObjectiveModel
+    from fastft.kernels.runtime import deterministic
+
+    seen, forward = [], ObjectiveModel.forward
+    monkeypatch.setattr(ObjectiveModel, "forward",
+                        lambda self, batch: (seen.append(deterministic()), forward(self, batch))[1])
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    monkeypatch.delenv("FASTFT_DETERMINISTIC", raising=False)
+    argv = ["train", "--model", str(tiny), "--steps", "2", "--batch-size", "2", "--eval-examples", "2",
+            "--max-length", "24"]
+    assert main([*argv, "--output-dir", str(tmp_path / "plain")]) == 0
+    assert seen and not any(seen)
+    seen.clear()
+    assert main([*argv, "--deterministic", "--output-dir", str(tmp_path / "deterministic")]) == 0
+    assert seen and all(seen)
+    assert not torch.are_deterministic_algorithms_enabled()  # the process's setting, restored
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"

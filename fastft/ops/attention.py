@@ -459,7 +459,7 @@ def flash_attention(q, k, v, *, causal=False, softmax_scale=None, cu_seqlens=Non
     attends to, unmasked (prefix tuning); they get gradients. `causal` aligns bottom-right when seqlen_q !=
     seqlen_k; `window` = w keeps the w most recent keys (and, without causal, those < w ahead); any w > 2**30
     (e.g. 2**31 - 1 as "no limit") means no window.
-    head_dim: a multiple of 8 up to 256; fp16/bf16/fp32. Returns q's shape and dtype.
+    head_dim: a multiple of 8 from 16 to 256; fp16/bf16/fp32. Returns q's shape and dtype.
     backend: "auto" (Triton on CUDA, torch elsewhere), "triton" or "torch".
     torch.compile traces the Triton backend as one custom op, fastft::flash_attention (fastft.ops.compiled); a
     missing max_seqlen is then derived inside the op (one sync), which CUDA-graph capture refuses (ValueError).

@@ -100,6 +100,7 @@ class TrainConfig:
     mixed_precision: str = "auto"  # auto: bf16 for full fine-tuning on a GPU with --dtype auto, else no
     gradient_checkpointing: bool = False
     offload_activations: bool = False
+    deterministic: bool = False
     attn_implementation: str = "sdpa"
     patch_model: str = "auto"
     distributed: str = "auto"
@@ -168,7 +169,8 @@ _HELP = {
     "eval_examples": "held-out examples evaluated before, during and after training (0: none)",
     "eval_batch_size": "documents per evaluation batch",
     "eval_every": "evaluate every N steps (0: only before and after)",
-    "seed": "seed for data order, initialisation and dropout",
+    "seed": "seed for data order, initialisation and dropout, and for the built-in --task data the held-out split "
+            "(runs with different seeds are evaluated on different examples)",
     "output_dir": "where the adapter/model, metrics.json, logs.jsonl, config.yaml and checkpoints go",
     "dtype": "weights' dtype (auto: bf16 on a GPU, but fp32 for --method full, which then trains under bf16 "
              "autocast: AdamW keeps no fp32 copy of bf16 weights, and updates below half a bf16 step would be lost; "
@@ -178,6 +180,10 @@ _HELP = {
     "gradient_checkpointing": "recompute activations in the backward instead of keeping them",
     "offload_activations": "needs --gradient-checkpointing: keeps the checkpointed layer inputs (what the backward "
                            "saves) in host memory, not on the device",
+    "deterministic": "torch.use_deterministic_algorithms(True) for the run (and CUBLAS_WORKSPACE_CONFIG=:4096:8 "
+                     "where unset): fastft's kernels keep their first launch config and sum in a fixed order, torch's "
+                     "ops take deterministic algorithms (torch stops at one that has none, naming it); slower, and "
+                     "what a bit-identical --resume on a GPU needs",
     "attn_implementation": "attention: sdpa/eager get a block-diagonal mask for packed documents; fastft runs "
                            "fastft's varlen flash attention",
     "patch_model": "fastft.patch_model after the method is applied (fused RMSNorm/RoPE/GLU kernels, fastft "
@@ -198,8 +204,11 @@ _HELP = {
                    "OUTPUT_DIR/merged that loads without peft or fastft (AutoModelForCausalLM, vLLM): lora, dora, "
                    "ia3, and qlora (merged into the dequantized NF4 weights, dense, in the dtype the model computes "
                    "in)",
-    "resume": "continue from the newest checkpoint in --output-dir (same settings; --gradient-checkpointing, "
-              "--offload-activations, and --batch-size/--grad-accum of the same product may change)",
+    "resume": "continue from the newest checkpoint in --output-dir (same settings; what is evaluated and saved "
+              "(--save-every, --eval-every, --eval-examples, --eval-batch-size, --save-merged), how steps are "
+              "computed (--gradient-checkpointing, --offload-activations, --compile, --compile-backend, "
+              "--deterministic), --batch-size/--grad-accum of the same product, --epochs, and --steps under "
+              "--schedule constant --warmup-ratio 0 may change)",
 }
 
 _CHOICES = {
@@ -223,7 +232,7 @@ _GROUPS = {
     "evaluation and output": ("eval_examples", "eval_batch_size", "eval_every", "seed", "output_dir",
                               "save_merged"),
     "precision, memory, distribution": ("dtype", "mixed_precision", "gradient_checkpointing", "offload_activations",
-                                        "attn_implementation", "patch_model", "distributed"),
+                                        "deterministic", "attn_implementation", "patch_model", "distributed"),
     "compilation": ("compile", "compile_backend"),
     "checkpoints": ("save_every", "resume"),
 }

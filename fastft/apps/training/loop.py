@@ -13,6 +13,7 @@ import copy
 import dataclasses
 import json
 import math
+import os
 import time
 from array import array
 from pathlib import Path
@@ -276,8 +277,25 @@ def train(cfg: TrainConfig) -> dict:
         torch._dynamo.reset()  # recompile limits) must not decide whether this run's model compiles
     train_records, eval_records, description = load_records(cfg)  # malformed data fails before any model loads
     accelerator = make_accelerator(cfg)
-    with hold_output_dir(cfg.output_dir, accelerator):  # one run at a time writes there (run_lock)
-        return _run(cfg, accelerator, train_records, eval_records, description, given)
+    with hold_output_dir(cfg.output_dir, accelerator), deterministic_algorithms(cfg.deterministic):
+        return _run(cfg, accelerator, train_records, eval_records, description, given)  # one run writes there
+
+
+@contextlib.contextmanager
+def deterministic_algorithms(on: bool):
+    """--deterministic: torch's deterministic algorithms while the run lasts (fastft's kernels follow the same
+    switch, fastft.kernels.runtime.deterministic), with cuBLAS's fixed-size workspace where CUBLAS_WORKSPACE_CONFIG
+    is unset (set before the run's first GEMM creates cuBLAS's handle); the process's setting is restored after."""
+    if not on:
+        yield
+        return
+    before, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before, warn_only=warn_only)
 
 
 def _saved_as_given(out: Path, given: TrainConfig) -> bool:
