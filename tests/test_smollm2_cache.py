@@ -53,3 +53,14 @@ def test_the_first_use_converts(converter, tmp_path):
     assert target == tmp_path / "models" / models.SMOLLM2 and len(converter) == 1
     assert (target / "tokenizer.json").read_text() == "fresh"
     assert sorted(p.name for p in target.parent.iterdir()) == [models.SMOLLM2]
+
+
+def test_a_right_cache_another_process_finished_is_kept(converter, tmp_path):
+    # two processes converting at once: the one finishing second leaves the first one's folder in place (the first
+    # process may be reading it already), and drops its own
+    target = tmp_path / "models" / models.SMOLLM2
+    _write_checkpoint(target, "5.24.0", "first")
+    second = tmp_path / "models" / ".second"
+    _write_checkpoint(second, "5.24.0", "second")
+    models._swap_in(second, target)
+    assert (target / "tokenizer.json").read_text() == "first"

@@ -84,3 +84,14 @@ def test_training_builds_each_steps_batches_once_ahead(tiny, tmp_path, monkeypat
     assert len(steps) == 4 and prefetched == steps[1:]
     assert built == [indices for step in steps for indices in step]  # each micro-batch built once, in order
 
+
+
+def test_records_of_a_prefetched_step_count_once_it_is_taken():
+    # a checkpoint written between the steps keeps the record flags of the steps trained, not the prefetched one's
+    batches = loop._Batches(_Encoder(), torch.device("cpu"), flash_kwargs=False)
+    records = [5, 6, 7, 8]
+    batches.step(records, [[0], [1]])
+    batches.prefetch(records, [[2], [3]])
+    assert batches.tokenized() == (set(), {0, 1})
+    batches.step(records, [[2], [3]])
+    assert batches.tokenized() == (set(), {0, 1, 2, 3})

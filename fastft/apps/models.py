@@ -98,8 +98,8 @@ def _convert_smollm2(into: Path) -> None:
 
 def _swap_in(new: Path, target: Path) -> None:
     """Rename the finished folder `new` to `target`; a stale `target` is renamed aside first and removed. Another
-    process that finished first wins (its folder is as good)."""
-    if target.exists():
+    process that finished first wins (its folder is as good, and may be being read: it is never moved)."""
+    if target.exists() and not ((target / "config.json").is_file() and _written_right(target)):
         stale = Path(tempfile.mkdtemp(prefix=f".{target.name}.stale.", dir=target.parent))
         try:
             os.replace(target, stale / target.name)

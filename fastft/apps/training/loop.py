@@ -80,6 +80,7 @@ class _Batches:
         self.cache: dict[int, object] = {}
         self.cut: set[int] = set()  # indices of cached (training) records --max-length cut
         self.ready = None  # (micro-batch indices, their batches or the error building them), from prefetch
+        self.pending: set[int] = set()  # records first tokenized by that prefetch, in no step taken yet
 
     def __call__(self, records, indices, cache: bool = True) -> dict:
         items = []
@@ -106,7 +107,7 @@ class _Batches:
     def step(self, records, micro_indices: list[list[int]]) -> list[dict]:
         """This process's micro-batches of a step (BatchPlan.next_step's indices) on the device: those `prefetch`
         built for the same records, or built now."""
-        ready, self.ready = self.ready, None
+        ready, self.ready, self.pending = self.ready, None, set()
         if ready is not None and ready[0] == micro_indices:
             if isinstance(ready[1], Exception):
                 raise ready[1]
@@ -117,10 +118,17 @@ class _Batches:
         """Build a later step's micro-batches now, on the host while the device runs this step's queued work (the
         tokenizing, packing and copies then no longer leave it idle between steps). An error building them is
         raised when that step takes them, as if built then."""
+        before = set(self.cache)
         try:
             self.ready = (micro_indices, [self(records, indices) for indices in micro_indices])
         except Exception as e:  # noqa: BLE001 (re-raised by step)
             self.ready = (micro_indices, e)
+        self.pending = set(self.cache) - before
+
+    def tokenized(self) -> tuple[set[int], set[int]]:
+        """(cut, tokenized) indices of the training records the steps taken so far trained on: a checkpoint's
+        record flags and the notes leave out the prefetched step's (a run may end, or resume, before it)."""
+        return self.cut - self.pending, set(self.cache) - self.pending
 
 
 @torch.no_grad()
@@ -171,8 +179,9 @@ def record_flags(make_batch: _Batches, count: int, earlier: torch.Tensor | None,
     the other processes' (one all-reduce: a record two processes tokenized, as a later epoch's order may hand it to
     the other, counts once) and, after --resume, those of the run before it (its checkpoint keeps them)."""
     flags = torch.zeros(2, count, dtype=torch.int32)
-    flags[0, list(make_batch.cut)] = 1
-    flags[1, list(make_batch.cache)] = 1
+    cut, tokenized = make_batch.tokenized()
+    flags[0, list(cut)] = 1
+    flags[1, list(tokenized)] = 1
     if earlier is not None:
         flags |= earlier.to(torch.int32)
     return (accelerator.reduce(flags.to(accelerator.device), "sum") > 0).cpu()
@@ -550,9 +559,10 @@ def _run(cfg: TrainConfig, accelerator, train_records, eval_records, description
                       "tokens": tokens, "step_seconds": time.perf_counter() - started, "tokens_per_second": speed,
                       "memory_gib": memory})
         bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{speed:,.0f}", mem=f"{memory:.2f}GiB")
-        if step == start_step and make_batch.cut and accelerator.is_local_main_process:
+        cut_so_far, seen_so_far = make_batch.tokenized() if step == start_step else (None, None)
+        if cut_so_far and accelerator.is_local_main_process:
             # said now, not only at the end (hours later): the whole run's count follows after the last step
-            bar.write(f"note: {len(make_batch.cut):,} of the {len(make_batch.cache):,} training records this process "
+            bar.write(f"note: {len(cut_so_far):,} of the {len(seen_so_far):,} training records this process "
                       f"has tokenized so far were longer than --max-length {cfg.max_length} and were cut ({_CUT_RULE}); "
                       "a larger --max-length keeps them whole")
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
