@@ -25,8 +25,20 @@ from fastft.quant.nf4_tensor_ops import layout
 from fastft.quant.nf4_weight import NF4Weight, local_nf4, quantize_nf4
 
 
+def compute_input(x: torch.Tensor, weight: NF4Weight) -> torch.Tensor:
+    """x as an NF4 layer computes with it: as it is, but an fp32 x on a weight quantized from bf16/fp16 (peft's
+    prepare_model_for_kbit_training upcasts the residual stream to fp32) in the weight's dtype, as bitsandbytes
+    computes in its bnb_4bit_compute_dtype: fp32 GEMMs would run without tensor cores (10× slower) and save fp32
+    activations. Under autocast the op casts x to autocast's dtype itself."""
+    if (x.dtype == torch.float32 and weight.dtype in (torch.bfloat16, torch.float16)
+            and not torch.is_autocast_enabled(x.device.type)):
+        return x.to(weight.dtype)
+    return x
+
+
 class NF4Linear(nn.Module):
-    """y = x·Wᵀ + b with W stored as NF4 (frozen); computes in x's dtype.
+    """y = x·Wᵀ + b with W stored as NF4 (frozen); computes in x's dtype, but an fp32 x on a 16-bit NF4 weight in the
+    weight's dtype (compute_input, as bitsandbytes' compute dtype), returning fp32.
 
     Built empty (weight None, e.g. before loading a checkpoint) or with `weight=`; `from_linear` quantizes an
     nn.Linear. blocksize / double_quant are used when a dense weight is quantized into this layer.
@@ -92,7 +104,9 @@ class NF4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight is None:
             raise RuntimeError("NF4Linear: the layer has no weight yet (load a state dict or pass weight=)")
-        return nf4_linear(x, self.weight, self.bias)
+        computed = compute_input(x, self.weight)
+        y = nf4_linear(computed, self.weight, self.bias)
+        return y if computed is x else y.to(x.dtype)
 
     def dequantize_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         return self.weight.dequantize(dtype)
