@@ -299,22 +299,30 @@ def test_quantize_model_leaves_linears_it_cannot_stand_in_for_dense():
     assert model(x).shape == (2, 3, 64)
 
 
-@pytest.mark.parametrize("method", ["nf4", "qlora"])
+@pytest.mark.parametrize("method", ["nf4", "qlora", "qdora"])
 def test_an_upcast_model_computes_its_nf4_layers_in_their_weights_dtype(method, monkeypatch):
-    """After prepare_model_for_kbit_training's fp32 upcast, NF4 and QLoRA layers on bf16-quantized weights compute
-    in bf16 (bitsandbytes' compute dtype: fp32 GEMMs would run without tensor cores) and return fp32, with fp32
-    gradients; under autocast, and on weights quantized from fp32, they compute as before."""
+    """After prepare_model_for_kbit_training's fp32 upcast, NF4, QLoRA and QDoRA layers on bf16-quantized weights
+    compute in bf16 (bitsandbytes' compute dtype: fp32 GEMMs would run without tensor cores) and return fp32, with
+    fp32 gradients; under autocast, and on weights quantized from fp32 or fp16 (no GradScaler would keep fp16
+    gradients from underflowing), they compute as before."""
+    import fastft.integration.methods.dora as dora_module
     import fastft.modules.nf4_linear as nf4_module
     import fastft.modules.qlora as qlora_module
 
     computed = []
-    for module, name in ((nf4_module, "nf4_linear"), (qlora_module, "qlora_linear")):
+    for module, name in ((nf4_module, "nf4_linear"), (qlora_module, "qlora_linear"), (dora_module, "dora_linear")):
         op = getattr(module, name)
         monkeypatch.setattr(module, name, lambda x, *a, _op=op, **k: (computed.append(x.dtype), _op(x, *a, **k))[1])
 
+    def adapted(model):
+        if method == "nf4":
+            return model
+        return fastft.get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                        use_dora=method == "qdora"))
+
     def run(model):
-        if method == "qlora":
-            model = fastft.get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+        model = adapted(model)
+        if method != "nf4":
             randomize_lora_B(model)
         computed.clear()
         loss = model(IDS, labels=IDS).loss
@@ -327,19 +335,18 @@ def test_an_upcast_model_computes_its_nf4_layers_in_their_weights_dtype(method, 
         return fastft.prepare_model_for_kbit_training(fastft.quantize_model(tiny_llama().to(dtype)),
                                                       use_gradient_checkpointing=False)
 
-    trained = {torch.float32} if method == "qlora" else set()
+    trained = set() if method == "nf4" else {torch.float32}
     assert run(upcast(torch.bfloat16)) == ({torch.bfloat16}, torch.float32, trained)
     assert run(upcast(torch.float32))[0] == {torch.float32}
+    assert run(upcast(torch.float16))[0] == {torch.float32}
 
     def autocast_loss():  # the op casts x to autocast's dtype itself (autocast_inputs)
         torch.manual_seed(0)
-        model = upcast(torch.bfloat16)
-        if method == "qlora":
-            model = fastft.get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+        model = adapted(upcast(torch.bfloat16))
         with torch.autocast("cpu", dtype=torch.bfloat16):
             return model(IDS, labels=IDS).loss
 
     with_cast = autocast_loss()
-    monkeypatch.setattr(nf4_module, "compute_input", lambda x, weight: x)
-    monkeypatch.setattr(qlora_module, "compute_input", lambda x, weight: x)
+    for module in (nf4_module, qlora_module, dora_module):
+        monkeypatch.setattr(module, "compute_input", lambda x, weight: x)
     assert torch.equal(with_cast, autocast_loss())  # under autocast nothing changes

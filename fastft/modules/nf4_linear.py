@@ -26,19 +26,20 @@ from fastft.quant.nf4_weight import NF4Weight, local_nf4, quantize_nf4
 
 
 def compute_input(x: torch.Tensor, weight: NF4Weight) -> torch.Tensor:
-    """x as an NF4 layer computes with it: as it is, but an fp32 x on a weight quantized from bf16/fp16 (peft's
-    prepare_model_for_kbit_training upcasts the residual stream to fp32) in the weight's dtype, as bitsandbytes
-    computes in its bnb_4bit_compute_dtype: fp32 GEMMs would run without tensor cores (10× slower) and save fp32
-    activations. Under autocast the op casts x to autocast's dtype itself."""
-    if (x.dtype == torch.float32 and weight.dtype in (torch.bfloat16, torch.float16)
+    """x as an NF4 layer computes with it: as it is, but an fp32 x on a weight quantized from bf16 (peft's
+    prepare_model_for_kbit_training upcasts the residual stream to fp32) in bf16, as bitsandbytes computes in a
+    bnb_4bit_compute_dtype of bf16 (the QLoRA recipe's): fp32 GEMMs would run without tensor cores (10× slower) and
+    save fp32 activations. Not fp16: without a GradScaler (none runs where nothing autocasts) small gradients would
+    underflow. Under autocast the op casts x to autocast's dtype itself."""
+    if (x.dtype == torch.float32 and weight.dtype == torch.bfloat16
             and not torch.is_autocast_enabled(x.device.type)):
         return x.to(weight.dtype)
     return x
 
 
 class NF4Linear(nn.Module):
-    """y = x·Wᵀ + b with W stored as NF4 (frozen); computes in x's dtype, but an fp32 x on a 16-bit NF4 weight in the
-    weight's dtype (compute_input, as bitsandbytes' compute dtype), returning fp32.
+    """y = x·Wᵀ + b with W stored as NF4 (frozen); computes in x's dtype, but an fp32 x on a bf16 NF4 weight in bf16
+    (compute_input, as bitsandbytes' compute dtype), returning fp32.
 
     Built empty (weight None, e.g. before loading a checkpoint) or with `weight=`; `from_linear` quantizes an
     nn.Linear. blocksize / double_quant are used when a dense weight is quantized into this layer.
