@@ -347,6 +347,5 @@ def test_an_upcast_model_computes_its_nf4_layers_in_their_weights_dtype(method, 
             return model(IDS, labels=IDS).loss
 
     with_cast = autocast_loss()
-    for module in (nf4_module, qlora_module, dora_module):
-        monkeypatch.setattr(module, "compute_input", lambda x, weight: x)
+    monkeypatch.setattr(nf4_module, "compute_input", lambda x, weight: x)
     assert torch.equal(with_cast, autocast_loss())  # under autocast nothing changes

@@ -56,7 +56,7 @@ def smollm2_checkpoint() -> Path:
     """Path of a plain transformers checkpoint of SmolLM2-135M-Instruct (fp32), created on first use (and again
     where the cached one was written by a transformers that converted it wrongly, see _written_right)."""
     target = cache_dir() / "models" / SMOLLM2
-    if (target / "config.json").is_file() and _written_right(target):
+    if _written_right(target):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{SMOLLM2}.", dir=target.parent))
@@ -70,8 +70,8 @@ def smollm2_checkpoint() -> Path:
 
 
 def _written_right(folder: Path) -> bool:
-    """Whether the cached checkpoint was written by a transformers that converts the GGUF tokenizer right (its
-    config.json names the writer's version)."""
+    """Whether `folder` holds a checkpoint written by a transformers that converts the GGUF tokenizer right (its
+    config.json names the writer's version; no config.json: False)."""
     from packaging.version import InvalidVersion, Version
 
     try:
@@ -99,7 +99,7 @@ def _convert_smollm2(into: Path) -> None:
 def _swap_in(new: Path, target: Path) -> None:
     """Rename the finished folder `new` to `target`; a stale `target` is renamed aside first and removed. Another
     process that finished first wins (its folder is as good, and may be being read: it is never moved)."""
-    if target.exists() and not ((target / "config.json").is_file() and _written_right(target)):
+    if target.exists() and not _written_right(target):
         stale = Path(tempfile.mkdtemp(prefix=f".{target.name}.stale.", dir=target.parent))
         try:
             os.replace(target, stale / target.name)

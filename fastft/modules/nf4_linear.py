@@ -37,6 +37,13 @@ def compute_input(x: torch.Tensor, weight: NF4Weight) -> torch.Tensor:
     return x
 
 
+def in_compute_dtype(op, x: torch.Tensor, weight: NF4Weight, *args, **kwargs) -> torch.Tensor:
+    """op(x, weight, *args, **kwargs) with x as compute_input gives it, the result in x's own dtype."""
+    computed = compute_input(x, weight)
+    y = op(computed, weight, *args, **kwargs)
+    return y if computed is x else y.to(x.dtype)
+
+
 class NF4Linear(nn.Module):
     """y = x·Wᵀ + b with W stored as NF4 (frozen); computes in x's dtype, but an fp32 x on a bf16 NF4 weight in bf16
     (compute_input, as bitsandbytes' compute dtype), returning fp32.
@@ -105,9 +112,7 @@ class NF4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight is None:
             raise RuntimeError("NF4Linear: the layer has no weight yet (load a state dict or pass weight=)")
-        computed = compute_input(x, self.weight)
-        y = nf4_linear(computed, self.weight, self.bias)
-        return y if computed is x else y.to(x.dtype)
+        return in_compute_dtype(nf4_linear, x, self.weight, self.bias)
 
     def dequantize_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         return self.weight.dequantize(dtype)

@@ -14,7 +14,7 @@ import torch
 from peft.tuners.tuners_utils import check_adapters_to_merge
 
 from fastft.modules.lora import FusedLoraBase, called_as_is, default_backend
-from fastft.modules.nf4_linear import NF4Linear, compute_input
+from fastft.modules.nf4_linear import NF4Linear, in_compute_dtype
 from fastft.ops.qlora import qlora_linear
 from fastft.quant.nf4_weight import quantize_nf4
 
@@ -55,10 +55,8 @@ class FusedQLoraLinear(FusedLoraBase):
 
     def _fused(self, x, lora_A, lora_B, scaling, dropout_p):
         base = self.base_layer
-        computed = compute_input(x, base.weight)  # bitsandbytes' compute dtype (see compute_input)
-        y = qlora_linear(computed, base.weight, base.bias, lora_A, lora_B, scaling, dropout_p,
-                         backend=default_backend())
-        return y if computed is x else y.to(x.dtype)
+        return in_compute_dtype(qlora_linear, x, base.weight, base.bias, lora_A, lora_B, scaling, dropout_p,
+                                backend=default_backend())
 
     def _requantize_with(self, adapters: list[str], sign: float, safe: bool = False) -> None:
         base = self.get_base_layer()

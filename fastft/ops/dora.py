@@ -20,8 +20,8 @@ NF4Weight): the NF4 GEMM without a column-scale epilogue, so σ and dy·σ are o
 CPU, dropout > 0 and backend="torch": `dora_linear_reference`.
 Limitation: a magnitude entry that is exactly 0 gets gradient 0 on the fused path (its column's output is 0, so
 the saved output carries no z). peft initialises m = ‖W‖, > 0 but for an all-zero row of W (whose output is NaN
-in peft and here while B = 0), so only a loaded adapter holding an exact 0 meets it. In fp16 a magnitude far below its row's norm puts
-σ⊙z into fp16's subnormals and its dm loses precision (m/‖W'‖ = 1e-5: 0.8% off; 1e-7: 93%).
+in peft and here while B = 0), so only a loaded adapter holding an exact 0 meets it. In fp16 a magnitude far below
+its row's norm puts σ⊙z into fp16's subnormals and its dm loses precision (m/‖W'‖ = 1e-5: 0.8% off; 1e-7: 93%).
 """
 from __future__ import annotations
 

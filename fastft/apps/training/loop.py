@@ -118,12 +118,11 @@ class _Batches:
         """Build a later step's micro-batches now, on the host while the device runs this step's queued work (the
         tokenizing, packing and copies then no longer leave it idle between steps). An error building them is
         raised when that step takes them, as if built then."""
-        before = set(self.cache)
+        self.pending = {i for indices in micro_indices for i in indices if i not in self.cache}
         try:
             self.ready = (micro_indices, [self(records, indices) for indices in micro_indices])
         except Exception as e:  # noqa: BLE001 (re-raised by step)
             self.ready = (micro_indices, e)
-        self.pending = set(self.cache) - before
 
     def tokenized(self) -> tuple[set[int], set[int]]:
         """(cut, tokenized) indices of the training records the steps taken so far trained on: a checkpoint's
@@ -298,7 +297,8 @@ def deterministic_algorithms(on: bool):
     if not on:
         yield
         return
-    before, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    before = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True)
     try:

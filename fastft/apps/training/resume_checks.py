@@ -16,8 +16,7 @@ from fastft.apps.training.config import ConfigError, TrainConfig, to_yaml_dict
 # split as it was through.
 RESUME_MAY_CHANGE = ("resume", "output_dir", "save_every", "eval_every", "eval_examples", "eval_batch_size",
                      "compile", "compile_backend", "gradient_checkpointing", "offload_activations", "deterministic",
-                     "save_merged",
-                     "epochs")  # the steps it gives are compared (so it changes as --steps may)
+                     "save_merged", "epochs")  # the steps it gives are compared (so it changes as --steps may)
 
 
 

@@ -23,7 +23,7 @@ from peft.tuners.lora.variants import DoraLinearVariant
 from torch import nn
 
 from fastft.modules.lora import FusedLoraLinear, adapters_called_as_is, default_backend
-from fastft.modules.nf4_linear import NF4Linear, compute_input
+from fastft.modules.nf4_linear import NF4Linear, in_compute_dtype
 from fastft.modules.qlora import FusedQLoraLinear
 from fastft.ops.dora import dora_linear, dora_row_norm
 
@@ -85,10 +85,10 @@ class _DoraForward:
             return super().forward(x, *args, **kwargs)
         lora_A, lora_B, magnitude, scaling, p = operands
         base = self.get_base_layer()
-        computed = compute_input(x, base.weight) if type(base) is NF4Linear else x  # (QDoRA: as QLoRA computes)
-        y = dora_linear(computed, base.weight, base.bias, lora_A, lora_B, magnitude, scaling, p,
-                        backend=default_backend())
-        return y if computed is x else y.to(x.dtype)
+        args = (base.weight, base.bias, lora_A, lora_B, magnitude, scaling, p)
+        if type(base) is NF4Linear:  # QDoRA computes as QLoRA does
+            return in_compute_dtype(dora_linear, x, *args, backend=default_backend())
+        return dora_linear(x, *args, backend=default_backend())
 
 
 class FusedDoraLinear(_DoraForward, FusedLoraLinear):
