@@ -347,5 +347,38 @@ def test_an_upcast_model_computes_its_nf4_layers_in_their_weights_dtype(method, 
             return model(IDS, labels=IDS).loss
 
     with_cast = autocast_loss()
-    monkeypatch.setattr(nf4_module, "compute_input", lambda x, weight: x)
+    monkeypatch.setattr(fastft.ops.shared, "compute_input", lambda x, weight: x)
     assert torch.equal(with_cast, autocast_loss())  # under autocast nothing changes
+
+
+@pytest.mark.parametrize("adapted", [False, True], ids=["nf4-head", "qlora-head"])
+def test_the_fused_loss_computes_an_upcast_models_nf4_head_in_bf16(adapted):
+    """An NF4 lm_head (quantized with use_default_skip=False) in the fused loss computes an fp32 input in bf16, as
+    the NF4 layers do after prepare_model_for_kbit_training's upcast: the loss and gradients are those of the input
+    cast to bf16 first (the loss fp32, dh fp32 through the cast), a LoRA head's factors fp32 with fp32 gradients."""
+    model = fastft.quantize_model(tiny_llama().to(torch.bfloat16), use_default_skip=False)
+    model = fastft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if adapted:
+        model = fastft.get_peft_model(model, LoraConfig(r=4, target_modules=["lm_head"]))
+        randomize_lora_B(model)
+    head = model.get_output_embeddings()
+    assert type(head.get_base_layer() if adapted else head) is NF4Linear
+    hidden = torch.randn(2, 5, head.in_features, generator=torch.Generator().manual_seed(3))
+    labels = torch.randint(0, head.out_features, (2, 5), generator=torch.Generator().manual_seed(4))
+    factors = [p for n, p in head.named_parameters() if "lora_" in n]
+
+    def run(h):
+        h = h.clone().requires_grad_()
+        loss = fastft.ops.lm_head_cross_entropy(h, head, labels)
+        grads = torch.autograd.grad(loss, [h, *factors])
+        return loss, grads
+
+    loss, grads = run(hidden)
+    cast_loss, cast_grads = run(hidden.to(torch.bfloat16))
+    assert loss.dtype == torch.float32 and torch.equal(loss, cast_loss)
+    assert grads[0].dtype == torch.float32 and torch.equal(grads[0], cast_grads[0].float())
+    for got, want, factor in zip(grads[1:], cast_grads[1:], factors):
+        assert got.dtype == factor.dtype == torch.float32 and torch.equal(got, want)
+    assert len(factors) == (2 if adapted else 0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast decides as before
+        assert torch.equal(run(hidden)[0], cast_loss)

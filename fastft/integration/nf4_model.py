@@ -552,7 +552,7 @@ def compute_dtype(model: nn.Module) -> torch.dtype | None:
     """The dtype a quantized model computes in: its input embeddings' (or first dense floating parameter's), read
     now, so `model.to(dtype)` or peft's fp32 upcast counts. An NF4 weight's own dtype cannot tell: floating-point
     casts leave it as it was quantized, and a layer computes in its input's dtype (but an fp32 input on a bf16 weight
-    in bf16, fastft.modules.nf4_linear.compute_input)."""
+    in bf16, fastft.ops.shared.compute_input)."""
     get_embeddings = getattr(model, "get_input_embeddings", None)
     try:
         embeddings = get_embeddings() if get_embeddings is not None else None

@@ -20,33 +20,15 @@ import torch
 from torch import nn
 
 from fastft.ops.qlora import nf4_linear
+from fastft.ops.shared import in_compute_dtype
 from fastft.quant.nf4_format import check_blocksize
 from fastft.quant.nf4_tensor_ops import layout
 from fastft.quant.nf4_weight import NF4Weight, local_nf4, quantize_nf4
 
 
-def compute_input(x: torch.Tensor, weight: NF4Weight) -> torch.Tensor:
-    """x as an NF4 layer computes with it: as it is, but an fp32 x on a weight quantized from bf16 (peft's
-    prepare_model_for_kbit_training upcasts the residual stream to fp32) in bf16, as bitsandbytes computes in a
-    bnb_4bit_compute_dtype of bf16 (the QLoRA recipe's): fp32 GEMMs would run without tensor cores (10× slower) and
-    save fp32 activations. Not fp16: without a GradScaler (none runs where nothing autocasts) small gradients would
-    underflow. Under autocast the op casts x to autocast's dtype itself."""
-    if (x.dtype == torch.float32 and weight.dtype == torch.bfloat16
-            and not torch.is_autocast_enabled(x.device.type)):
-        return x.to(weight.dtype)
-    return x
-
-
-def in_compute_dtype(op, x: torch.Tensor, weight: NF4Weight, *args, **kwargs) -> torch.Tensor:
-    """op(x, weight, *args, **kwargs) with x as compute_input gives it, the result in x's own dtype."""
-    computed = compute_input(x, weight)
-    y = op(computed, weight, *args, **kwargs)
-    return y if computed is x else y.to(x.dtype)
-
-
 class NF4Linear(nn.Module):
     """y = x·Wᵀ + b with W stored as NF4 (frozen); computes in x's dtype, but an fp32 x on a bf16 NF4 weight in bf16
-    (compute_input, as bitsandbytes' compute dtype), returning fp32.
+    (fastft.ops.shared.compute_input, as bitsandbytes' compute dtype), returning fp32.
 
     Built empty (weight None, e.g. before loading a checkpoint) or with `weight=`; `from_linear` quantizes an
     nn.Linear. blocksize / double_quant are used when a dense weight is quantized into this layer.

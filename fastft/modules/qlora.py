@@ -14,8 +14,9 @@ import torch
 from peft.tuners.tuners_utils import check_adapters_to_merge
 
 from fastft.modules.lora import FusedLoraBase, called_as_is, default_backend
-from fastft.modules.nf4_linear import NF4Linear, in_compute_dtype
+from fastft.modules.nf4_linear import NF4Linear
 from fastft.ops.qlora import qlora_linear
+from fastft.ops.shared import in_compute_dtype
 from fastft.quant.nf4_weight import quantize_nf4
 
 

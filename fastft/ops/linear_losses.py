@@ -47,7 +47,7 @@ from fastft.ops.chunked_logits import (DeferredChunkedLoss, EagerChunkedLoss, Pl
 from fastft.ops.compiled import capturing, compiling
 from fastft.ops.linear_losses_compiled import check_label_range, nf4_block_rows, traced_loss
 from fastft.ops.lm_head import HeadArgs, head_of_module
-from fastft.ops.shared import BACKENDS, autocast_off, check, finite, hook_device, resolve_backend
+from fastft.ops.shared import BACKENDS, autocast_off, check, compute_input, finite, hook_device, resolve_backend
 
 REDUCTIONS = ("mean", "sum", "none")
 DIRECTIONS = ("forward", "reverse")
@@ -169,6 +169,8 @@ def _head_cross_entropy(op: str, hidden, head: HeadArgs, labels, *, ignore_index
                               and finite(softcap)),
            lambda: f"{op}: `softcap` must be None or a positive finite number (not a bool), got {softcap!r}")
     hidden, head = _autocast(hidden, head)
+    if head.nf4 is not None:  # as an NF4 layer computes (an fp32 input on bf16 weights in bf16)
+        hidden = compute_input(hidden, head.nf4)
     head.validate(op, hidden)
     labels2 = _check_labels(op, "labels", labels, hidden, head.vocab, int(ignore_index))
     backend = resolve_backend(op, backend, hidden.device, arg="hidden", dtype=hidden.dtype)

@@ -259,6 +259,25 @@ def draw_seed() -> int:
     return int(torch.randint(0, 2**31 - 1, (), dtype=torch.int64).item())
 
 
+def compute_input(x: torch.Tensor, weight) -> torch.Tensor:
+    """x as an NF4 layer computes with it: as it is, but an fp32 x on a weight quantized from bf16 (peft's
+    prepare_model_for_kbit_training upcasts the residual stream to fp32) in bf16, as bitsandbytes computes in a
+    bnb_4bit_compute_dtype of bf16 (the QLoRA recipe's): fp32 GEMMs would run without tensor cores (10× slower) and
+    save fp32 activations. Not fp16: without a GradScaler (none runs where nothing autocasts) small gradients would
+    underflow. Under autocast the op casts x to autocast's dtype itself."""
+    if (x.dtype == torch.float32 and weight.dtype == torch.bfloat16
+            and not torch.is_autocast_enabled(x.device.type)):
+        return x.to(weight.dtype)
+    return x
+
+
+def in_compute_dtype(op, x: torch.Tensor, weight, *args, **kwargs) -> torch.Tensor:
+    """op(x, weight, *args, **kwargs) with x as compute_input gives it, the result in x's own dtype."""
+    computed = compute_input(x, weight)
+    y = op(computed, weight, *args, **kwargs)
+    return y if computed is x else y.to(x.dtype)
+
+
 def nf4_fused_ok(qweight) -> bool:
     """Whether the fused NF4 GEMM (fastft.kernels.nf4_gemm) takes this NF4Weight's layout. The rule needs only the
     shape, blocksize and byte count, so the nested offset is not read (a device read, which torch.compile cannot

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from fastft.apps.compiling import COMPILE_BACKENDS, COMPILE_MODES, compile_problem
+from fastft.apps.compiling import COMPILE_BACKENDS, COMPILE_MODES, CUDA_GRAPH_MODES, compile_problem
 from fastft.apps.datasets import TASK_NAMES
 from fastft.apps.given_flags import given_dests
 from fastft.apps.models import SMOLLM2, model_problem, rank_problem as rank_over_hidden
@@ -106,6 +106,7 @@ class TrainConfig:
     distributed: str = "auto"
     compile: str = "off"
     compile_backend: str = "inductor"
+    pad_to_buckets: str = "auto"  # auto: on with CUDA graphs (resolved by validate)
     # checkpoints
     save_every: int = 0
     resume: bool = False
@@ -199,6 +200,12 @@ _HELP = {
     "compile_backend": "--compile's backend: inductor (generated kernels; on the CPU it needs a C++ compiler); "
                        "aot_eager (traced forward and backward graphs run by eager torch, no codegen: checks that "
                        "the model compiles, quickly); eager (dynamo tracing only)",
+    "pad_to_buckets": "pad each packed training micro-batch (its tokens with filler documents, its target rows "
+                      "with ignored ones) up to one of eight lengths per doubling (at most 1/8 more tokens; never "
+                      "counted in the loss, targets or tokens/s), so compiled graphs and CUDA graphs are reused "
+                      "instead of made for nearly every batch: auto: on under --compile reduce-overhead / "
+                      "max-autotune (CUDA graphs), off otherwise; not with --method prefix/prompt, nor for a model "
+                      "that runs packed documents one at a time",
     "save_every": "write a resumable checkpoint every N steps (0: none)",
     "save_merged": "also save the trained adapter merged into the base weights, a plain transformers checkpoint in "
                    "OUTPUT_DIR/merged that loads without peft or fastft (AutoModelForCausalLM, vLLM): lora, dora, "
@@ -207,7 +214,7 @@ _HELP = {
     "resume": "continue from the newest checkpoint in --output-dir (same settings; what is evaluated and saved "
               "(--save-every, --eval-every, --eval-examples, --eval-batch-size, --save-merged), how steps are "
               "computed (--gradient-checkpointing, --offload-activations, --compile, --compile-backend, "
-              "--deterministic), --batch-size/--grad-accum of the same product, --epochs, and --steps under "
+              "--pad-to-buckets, --deterministic), --batch-size/--grad-accum of the same product, --epochs, and --steps under "
               "--schedule constant --warmup-ratio 0 may change)",
 }
 
@@ -218,6 +225,7 @@ _CHOICES = {
     "dtype": ("auto", "bf16", "fp16", "fp32"),
     "mixed_precision": ("auto", "no", "bf16", "fp16"), "attn_implementation": ("sdpa", "eager", "fastft"),
     "distributed": DISTRIBUTED, "compile": COMPILE_MODES, "compile_backend": COMPILE_BACKENDS,
+    "pad_to_buckets": ("auto", "on", "off"),
 }
 
 _GROUPS = {
@@ -233,7 +241,7 @@ _GROUPS = {
                               "save_merged"),
     "precision, memory, distribution": ("dtype", "mixed_precision", "gradient_checkpointing", "offload_activations",
                                         "deterministic", "attn_implementation", "patch_model", "distributed"),
-    "compilation": ("compile", "compile_backend"),
+    "compilation": ("compile", "compile_backend", "pad_to_buckets"),
     "checkpoints": ("save_every", "resume"),
 }
 
@@ -411,6 +419,14 @@ def to_yaml_dict(cfg: TrainConfig) -> dict:
     for name in _TUPLE_FIELDS:
         out[name] = list(getattr(cfg, name))
     return out
+
+
+def resolved_pad_to_buckets(cfg: TrainConfig) -> str:
+    """--pad-to-buckets auto: on where CUDA graphs are captured (a graph per batch shape), off elsewhere and for the
+    prompt-learning methods (each document runs alone)."""
+    if cfg.pad_to_buckets != "auto":
+        return cfg.pad_to_buckets
+    return "on" if cfg.compile in CUDA_GRAPH_MODES and cfg.method not in ("prefix", "prompt") else "off"
 
 
 def _compile_problem(cfg: TrainConfig) -> str | None:
@@ -612,6 +628,11 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         need(cfg.teacher is None, f"--teacher is only used by --objective distill (got --objective {cfg.objective})")
     error = _compile_problem(cfg)
     need(error is None, error or "")
+    need(not (cfg.pad_to_buckets == "on" and cfg.method in ("prefix", "prompt")),
+         f"--pad-to-buckets on: --method {cfg.method} runs each packed document on its own (its virtual tokens), "
+         "one forward per document length whatever the row's: padding the row gains nothing; use --pad-to-buckets "
+         "off")
+    cfg = dataclasses.replace(cfg, pad_to_buckets=resolved_pad_to_buckets(cfg))
     error = model_problem(cfg.model, "--model")
     need(error is None, error or "")
     if cfg.teacher is not None:

@@ -376,18 +376,53 @@ def documents(items) -> list[Example]:
     return out
 
 
-def pack(items, *, pad_token_id: int, flash_kwargs: bool) -> dict:
-    """One packed row for a micro-batch of Examples or Pairs; `document_ids` maps each token to its document."""
+def bucket_length(n: int) -> int:
+    """The smallest m·2**k ≥ n with 8 ≤ m ≤ 16, at least 16: eight lengths per doubling, at most 1/8 more than n."""
+    if n <= 16:
+        return 16
+    shift = n.bit_length() - 4
+    return -(-n >> shift) << shift
+
+
+def pack(items, *, pad_token_id: int, flash_kwargs: bool, bucket: bool = False) -> dict:
+    """One packed row for a micro-batch of Examples or Pairs; `document_ids` maps each token to its document.
+
+    bucket: pad the row up to bucket_length with filler documents (pad tokens, no labels), each no longer than the
+    longest real one (positions past any real document's would index past learned position embeddings, or move a
+    rotary scaling read from the largest position), and the target positions with repeats of the last real token's
+    row (its shifted label is a filler's first: ignored): a few shapes per run, so compiled graphs and CUDA graphs
+    are replayed instead of made anew. With flash_kwargs, cu_seq_lens is padded with empty documents to a count
+    fixed by the number of real ones, and max_length_q/k is the longest document's length rounded up to a power of
+    two. `num_tokens` and `num_targets` count the real ones, `num_documents` the real documents."""
     docs = documents(items)
-    batch = PackingCollator(pad_token_id=pad_token_id, return_flash_kwargs=flash_kwargs)(
-        [{"input_ids": d.input_ids, "labels": d.labels} for d in docs])
-    lengths = torch.tensor([len(d.input_ids) for d in docs])
-    batch["document_ids"] = torch.repeat_interleave(torch.arange(len(docs)), lengths)[None]
+    lengths = [len(d.input_ids) for d in docs]
+    tokens, longest = sum(lengths), max(lengths)
+    features = [{"input_ids": d.input_ids, "labels": d.labels} for d in docs]
+    fillers = []
+    if bucket:
+        filler = bucket_length(tokens + 1) - tokens
+        fillers = [min(longest, filler - start) for start in range(0, filler, longest)]
+        features += [{"input_ids": [pad_token_id] * n, "labels": [IGNORE_INDEX] * n} for n in fillers]
+    batch = PackingCollator(pad_token_id=pad_token_id, return_flash_kwargs=flash_kwargs)(features)
+    lengths += fillers
+    batch["document_ids"] = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))[None]
     batch["num_documents"] = len(docs)
-    batch["document_lengths"] = lengths.tolist()  # on the host: runs of one document each slice without a device read
+    batch["num_tokens"] = tokens
+    batch["document_lengths"] = lengths  # on the host: runs of one document each slice without a device read
     # where the shifted row carries a loss, found here on the host: the model's forward then gathers with a known
     # index (no data-dependent boolean mask: no device sync, and no graph break under torch.compile)
-    batch["target_positions"] = (batch["labels"][:, 1:] != IGNORE_INDEX).reshape(-1).nonzero()[:, 0]
+    at = (batch["labels"][:, 1:] != IGNORE_INDEX).reshape(-1).nonzero()[:, 0]
+    batch["num_targets"] = at.numel()
+    if bucket:
+        at = torch.cat([at, at.new_full((bucket_length(at.numel()) - at.numel(),), tokens - 1)])
+        if flash_kwargs:
+            # fillers are at most ~1/8 of the row, documents at least 1/len(docs) of it: len(docs) // 8 + 2 of
+            # them at most (but in rows under 16 tokens)
+            cu = batch["cu_seq_lens_q"]
+            cu = torch.cat([cu, cu[-1:].expand(max(0, len(docs) + len(docs) // 8 + 3 - cu.numel()))])
+            batch["cu_seq_lens_q"] = batch["cu_seq_lens_k"] = cu
+            batch["max_length_q"] = batch["max_length_k"] = 1 << (longest - 1).bit_length()
+    batch["target_positions"] = at
     choices = [d.choices for d in docs]
     if all(c is not None for c in choices):
         batch["choices"] = torch.tensor(choices)

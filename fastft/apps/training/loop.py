@@ -75,8 +75,9 @@ def _compact(item):
 class _Batches:
     """Records → packed micro-batches on the device (records are tokenized when first used, then cached)."""
 
-    def __init__(self, encoder: Encoder, device, flash_kwargs: bool):
+    def __init__(self, encoder: Encoder, device, flash_kwargs: bool, bucket: bool = False):
         self.encoder, self.device, self.flash_kwargs = encoder, device, flash_kwargs
+        self.bucket = bucket  # training micro-batches padded to bucket lengths (data.pack); evaluation's are not
         self.cache: dict[int, object] = {}
         self.cut: set[int] = set()  # indices of cached (training) records --max-length cut
         self.ready = None  # (micro-batch indices, their batches or the error building them), from prefetch
@@ -93,7 +94,8 @@ class _Batches:
                     if self.encoder.last_cut:
                         self.cut.add(i)
             items.append(item)
-        batch = pack(items, pad_token_id=self.encoder.tokenizer.pad_token_id, flash_kwargs=self.flash_kwargs)
+        batch = pack(items, pad_token_id=self.encoder.tokenizer.pad_token_id, flash_kwargs=self.flash_kwargs,
+                     bucket=self.bucket and cache)  # (uncached: evaluation's, not padded)
         return {k: self._to_device(v) if isinstance(v, torch.Tensor) and k != "choices" else v
                 for k, v in batch.items()}
 
@@ -217,7 +219,8 @@ def accumulate(prepared, count_of, micro: list[dict], accelerator, offload=conte
     (the same context again changes nothing), one sharded by `shard_model` skips `prepare` and would run in fp32.
     Returns (this process's summed loss, the global count, the global number of tokens)."""
     device, world = accelerator.device, accelerator.num_processes
-    count, tokens = sum(count_of(b) for b in micro), sum(b["input_ids"].numel() for b in micro)
+    count = sum(count_of(b) for b in micro)
+    tokens = sum(b.get("num_tokens", b["input_ids"].numel()) for b in micro)  # real ones (not a bucket's padding)
     if world > 1:  # one all-reduce (and device read); one process knows its counts on the host
         counts = torch.tensor([count, tokens], device=device)
         count, tokens = (int(x) for x in accelerator.reduce(counts, "sum").tolist())
@@ -435,6 +438,11 @@ def _run(cfg: TrainConfig, accelerator, train_records, eval_records, description
     trainable, total = parameter_counts(model)  # each stored weight once (NF4 by its logical size)
     log(f"{cfg.method}: {trainable:,} trainable of {total:,} parameters")
     objective = ObjectiveModel(model, cfg.objective, **knobs)
+    if cfg.pad_to_buckets == "on":
+        make_batch.bucket = not documents_alone(model)  # (prompt learning: refused by validate)
+        if not make_batch.bucket:
+            log("note: --pad-to-buckets: this model runs each packed document on its own, one forward per "
+                "document length whatever the row's: its micro-batches are not padded")
     objective._no_split_modules = getattr(model.get_base_model() if hasattr(model, "get_base_model") else model,
                                           "_no_split_modules", None)  # FSDP2's auto-wrap reads this
     if resume_from is None and (cfg.objective == "dpo" or cfg.method == "qlora"):

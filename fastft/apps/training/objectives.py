@@ -99,7 +99,7 @@ def distill_loss_sum(hidden, head, teacher_hidden, teacher_head, targets, *,
             if weight:
                 loss = loss + weight * temperature**2 * linear_kl_div(
                     hidden, student_w, teacher_hidden, teacher_w, temperature=temperature, direction=direction,
-                    reduction="sum")
+                    labels=targets, reduction="sum")
         if ce_weight:
             loss = loss + ce_weight * lm_head_cross_entropy(hidden, head, targets, reduction="sum")
         return loss
@@ -111,10 +111,11 @@ def distill_loss_sum(hidden, head, teacher_hidden, teacher_head, targets, *,
     s_log = F.log_softmax(student / temperature, -1)
     t_log = F.log_softmax(teacher / temperature, -1)
     loss = student.new_zeros(())
-    if kl_weight:
-        loss = loss + kl_weight * temperature**2 * F.kl_div(s_log, t_log, log_target=True, reduction="sum")
-    if reverse_kl_weight:
-        loss = loss + reverse_kl_weight * temperature**2 * F.kl_div(t_log, s_log, log_target=True, reduction="sum")
+    counted = (targets != IGNORE_INDEX).to(student.dtype)  # rows a bucketed batch pads with are not
+    for weight, (log_p, log_q) in ((kl_weight, (s_log, t_log)), (reverse_kl_weight, (t_log, s_log))):
+        if weight:  # KL(q‖p) per row, summed over the counted rows
+            rows = F.kl_div(log_p, log_q, log_target=True, reduction="none").sum(-1)
+            loss = loss + weight * temperature**2 * (rows * counted).sum()
     if ce_weight:
         loss = loss + ce_weight * F.cross_entropy(full_student, targets, reduction="sum")
     return loss
@@ -223,22 +224,23 @@ def hidden_at_targets(model: nn.Module, batch: dict):
         return logits.index_select(0, at - docs), targets, docs, None  # logits: no head
     backbone, head = causal_lm_parts(model)
     if backbone.__dict__.get("_fastft_documents_alone"):  # its attention would let packed documents see each other
-        hidden = torch.cat([backbone(input_ids=piece[None], use_cache=False).last_hidden_state[0]
-                            for piece in _documents(batch)])[None]
+        states = [backbone(input_ids=piece[None], use_cache=False).last_hidden_state[0] for piece in _documents(batch)]
+        filler = batch["input_ids"].shape[1] - sum(len(h) for h in states)  # a bucketed row's (never a target)
+        hidden = torch.cat(states + [states[0].new_zeros(filler, states[0].shape[-1])])[None]
     else:  # use_cache=False: transformers gives sdpa/eager the packed block mask only without a cache
         hidden = backbone(**_model_inputs(batch), use_cache=False).last_hidden_state
     return hidden[:, :-1].flatten(0, 1).index_select(0, at), targets, docs, head
 
 
 def _documents(batch: dict) -> tuple:
-    """The packed row's documents' token ids, each on its own: split at pack's host-side lengths (no device read),
-    or where the document ids change."""
+    """The packed row's real documents' token ids, each on its own (not a bucketed row's fillers, at its end):
+    split at pack's host-side lengths (no device read), or where the document ids change."""
     ids = batch["input_ids"][0]
     lengths = batch.get("document_lengths")
     if lengths is None:
         doc = batch["document_ids"][0]
         lengths = torch.unique_consecutive(doc, return_counts=True)[1].tolist()
-    return torch.split(ids, lengths)
+    return torch.split(ids, lengths)[:batch.get("num_documents", len(lengths))]
 
 
 def packing_isolates(model: nn.Module, flash_kwargs: bool) -> bool:
@@ -313,8 +315,9 @@ class ObjectiveModel(nn.Module):
         """What the step's loss is averaged over: target tokens, or pairs for dpo."""
         if self.objective == "dpo":
             return batch["num_documents"] // 2
-        at = batch.get("target_positions")  # pack's, found on the host: its size is the count, with no device read
-        return at.numel() if at is not None else int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        if "num_targets" in batch:  # pack's, found on the host (its target positions may be padded): no device read
+            return batch["num_targets"]
+        return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
     def forward(self, batch: dict):
         hidden, targets, docs, head = hidden_at_targets(self.model, batch)

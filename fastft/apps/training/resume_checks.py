@@ -10,13 +10,13 @@ from fastft.apps.training.config import ConfigError, TrainConfig, to_yaml_dict
 
 
 # Settings a resumed run may change: they decide what is evaluated and saved, or how the same steps are computed
-# (compiled or not; activations kept, recomputed or offloaded: the same values), not what is trained. --steps too
-# when no learning rate depends on it (constant, no warm-up). --eval-examples may move the held-out split of --data:
-# the batch plan's record count and digest refuse that (BatchPlan.load_state_dict), and let a value that leaves the
-# split as it was through.
+# (compiled or not; padded to buckets or not; activations kept, recomputed or offloaded: the same values), not what
+# is trained. --steps too when no learning rate depends on it (constant, no warm-up). --eval-examples may move the
+# held-out split of --data: the batch plan's record count and digest refuse that (BatchPlan.load_state_dict), and
+# let a value that leaves the split as it was through.
 RESUME_MAY_CHANGE = ("resume", "output_dir", "save_every", "eval_every", "eval_examples", "eval_batch_size",
-                     "compile", "compile_backend", "gradient_checkpointing", "offload_activations", "deterministic",
-                     "save_merged", "epochs")  # the steps it gives are compared (so it changes as --steps may)
+                     "compile", "compile_backend", "pad_to_buckets", "gradient_checkpointing", "offload_activations",
+                     "deterministic", "save_merged", "epochs")  # the steps it gives are compared (so it changes as --steps may)
 
 
 

@@ -23,9 +23,10 @@ from peft.tuners.lora.variants import DoraLinearVariant
 from torch import nn
 
 from fastft.modules.lora import FusedLoraLinear, adapters_called_as_is, default_backend
-from fastft.modules.nf4_linear import NF4Linear, in_compute_dtype
+from fastft.modules.nf4_linear import NF4Linear
 from fastft.modules.qlora import FusedQLoraLinear
 from fastft.ops.dora import dora_linear, dora_row_norm
+from fastft.ops.shared import in_compute_dtype
 
 # LoraConfig fields refused with DoRA (fan_in_fan_out is not: Conv1D layers take peft's forward, as in plain LoRA).
 _DORA_UNSUPPORTED = {
