@@ -68,3 +68,50 @@ def test_deterministic_mode_takes_the_first_config_untimed(monkeypatch):
     monkeypatch.setattr(autotune, "bench", lambda fn: (fn(), {"a": 3.0, "b": 1.0}[launched[-1]])[1])
     tuner.run("k", launch)
     assert tuner.best["k"] == {"c": "b"}
+
+
+def test_bench_times_each_call_after_an_l2_flush_and_takes_the_median(monkeypatch):
+    """The timer (CUDA events, faked here on a virtual clock): ~5 ms of warm-up, ~20 ms of timed calls (3 to 1000),
+    each after zeroing an L2-sized buffer (not do_bench's 256 MB a call), the median of their times."""
+    import torch
+
+    clock, order = [0.0], []
+
+    class Event:
+        def __init__(self, enable_timing=False):
+            assert enable_timing
+            self.at = None
+
+        def record(self):
+            self.at = clock[0]
+
+        def synchronize(self):
+            pass
+
+        def elapsed_time(self, end):
+            return end.at - self.at
+
+    class Flush:
+        def zero_(self):
+            order.append("flush")
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(autotune, "_l2_flush_buffer", Flush)
+    for ms, timed in ((0.5, 40), (30.0, 3), (1e-4, 1000)):
+        order.clear()
+        durations = iter([ms] * 10**4)
+
+        def fn():
+            clock[0] += next(durations)
+            order.append("fn")
+
+        assert autotune.bench(fn) == pytest.approx(ms)
+        assert order.count("flush") == timed
+        first_flush = order.index("flush")
+        assert order[first_flush:] == ["flush", "fn"] * timed  # every timed call right after its flush
+        warmup = first_flush - 4  # (the launch before the estimate, and the estimate's 3)
+        assert warmup == min(100, max(1, int(5 / ms)))
+    # an odd call in between does not move the median
+    durations = iter([1.0] * 12 + [50.0] + [1.0] * 100)
+    assert autotune.bench(lambda: clock.__setitem__(0, clock[0] + next(durations))) == pytest.approx(1.0)

@@ -188,3 +188,28 @@ def test_nf4_linear_module_on_gpu():
         assert_close(y, x.detach().double() @ W.T + layer.bias.detach().double(), torch.bfloat16, f"{tokens}")
         y.sum().backward()
         assert_close(x.grad, torch.ones(tokens, 1024, device=DEV, dtype=torch.float64) @ W, torch.bfloat16, "dx")
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_traced_dequantize_captures_in_a_cuda_graph_bit_exact(double_quant):
+    """The custom op torch.compile traces (fastft::nf4_dequantize, the nested offset a device tensor) decodes the
+    nested scales on the device: it read the offset on the host (float(offset)), a sync per call that a CUDA graph
+    capture refuses. Replayed, it gives the eager dequantize bit for bit."""
+    w = _nf4((333, 96), torch.bfloat16, 32, double_quant)
+
+    def traced():
+        return torch.ops.fastft.nf4_dequantize(w.packed, w.absmax, w.absmax2, w.code2, w.code, w.nested_offset,
+                                               w.nested_blocksize, w.blocksize, w.numel(), torch.bfloat16)
+
+    want = w.dequantize()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # the kernel compiled outside the capture
+        traced()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = traced()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out.view(w.shape), want)

@@ -65,3 +65,19 @@ def test_prmt_decode_gives_every_nf4_value():
         halves = lambda w: [w & 0xFFFF, w >> 16]  # noqa: E731 - element order in a register: low half first
         assert halves(r["$0"]) + halves(r["$1"]) == [code[d >> 4] for d in data]
         assert halves(r["$2"]) + halves(r["$3"]) == [code[d & 0xF] for d in data]
+
+
+def test_the_prmt_self_check_is_not_run_or_remembered_while_a_cuda_graph_is_captured(monkeypatch):
+    """Its read-back (.item()) is refused during a capture: it failed there, and the failure was remembered,
+    dropping the fastest decode for the process. Now the captured call goes without it and the next call checks."""
+    import torch
+
+    from fastft.kernels import nf4_gemm
+
+    monkeypatch.setattr(nf4_gemm, "capturing", lambda: True)
+    monkeypatch.setattr(nf4_gemm, "random_nf4_operand", lambda *a: (_ for _ in ()).throw(AssertionError("ran")))
+    monkeypatch.setattr(nf4_gemm, "_PRMT_OK", {})
+    assert nf4_gemm._prmt_checked(torch.device("cuda", 0), torch.bfloat16) is False
+    assert nf4_gemm._PRMT_OK == {}
+    nf4_gemm._PRMT_OK[(torch.device("cuda", 0), torch.bfloat16)] = True  # checked before the capture: kept
+    assert nf4_gemm._prmt_checked(torch.device("cuda", 0), torch.bfloat16) is True

@@ -95,3 +95,32 @@ def test_records_of_a_prefetched_step_count_once_it_is_taken():
     assert batches.tokenized() == (set(), {0, 1})
     batches.step(records, [[2], [3]])
     assert batches.tokenized() == (set(), {0, 1, 2, 3})
+
+
+@pytest.mark.slow
+def test_tokens_per_second_leaves_out_each_runs_first_step(tiny, tmp_path, monkeypatch):
+    """The first step of a process compiles and autotunes kernels (tens of seconds on a GPU): the progress bar's and
+    metrics.json's tokens/s count the steps after it, as the study and the bench leave out their warm-up steps."""
+    import json
+    import time
+
+    calls, accumulate = [], loop.accumulate
+
+    def slow_first(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            time.sleep(1.0)  # a first step's compiling
+        return accumulate(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "accumulate", slow_first)
+    out = tmp_path / "run"
+    assert main(["train", "--model", str(tiny), "--steps", "3", "--batch-size", "2", "--eval-examples", "2",
+                 "--max-length", "24", "--output-dir", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    steps = [json.loads(line) for line in (out / "logs.jsonl").read_text().splitlines()]
+    tokens = [s["tokens"] for s in steps if "tokens" in s]
+    assert len(tokens) == 3 and metrics["train_seconds"] > 1.0
+    everything = sum(tokens) / metrics["train_seconds"]
+    assert metrics["tokens_per_second"] > 2 * everything
+    # while only the first step has run, it is the speed shown
+    assert steps[0]["tokens_per_second"] == pytest.approx(tokens[0] / steps[0]["step_seconds"], rel=0.05)

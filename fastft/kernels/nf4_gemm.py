@@ -23,7 +23,7 @@ from typing import NamedTuple
 
 import torch
 
-from fastft.kernels.autotune import tuner
+from fastft.kernels.autotune import capturing, tuner
 from fastft.kernels.shared import (block_source, bucket, dot_precision, dropout_keep, load_block, store_block,
                                   tile_coords, upcast)
 from fastft.kernels.nf4_codes import NF4_CODE_VALUES
@@ -240,6 +240,8 @@ def _prmt_checked(device: torch.device, dtype: torch.dtype) -> bool:
     assembly differently, the tuner must not pick a fast wrong kernel. On a mismatch the PRMT configs are dropped.
     """
     key = (device, dtype)
+    if key not in _PRMT_OK and capturing():  # its read-back is refused while a CUDA graph is captured: without the
+        return False  # PRMT configs this time, unremembered (torch.compile's graph trees warm up before capturing)
     if key not in _PRMT_OK:
         # The check's problem specializes like a real QLoRA forward (double-quantized W, blocksize 64, a rank
         # tail, sizes divisible by 16), so its two compiled kernels are the ones the tuner times anyway.

@@ -39,6 +39,12 @@ def dequantize_parts(packed, absmax, absmax2, code2, code, offset, nested_blocks
     0-d fp32 tensor."""
     if packed.device.type == "cuda" and HAS_TRITON:
         from fastft.kernels.nf4_dequant import nf4_dequantize as triton_dequantize
+        if isinstance(offset, torch.Tensor):  # traced: the nested scales decoded on the device, as the kernel would
+            # (bit-identical), not float(offset): a host read a step, refused while a CUDA graph is captured
+            if absmax2 is not None:
+                absmax = fmt.dequantize_blockwise8_torch(absmax, absmax2, code2, offset, nested_blocksize)
+            absmax2 = code2 = None
+            offset = 0.0
         return triton_dequantize(packed, absmax, numel, blocksize, dtype, code, absmax2=absmax2, code2=code2,
                                  offset=float(offset), nested_blocksize=nested_blocksize)
     scales = absmax if absmax2 is None else fmt.dequantize_blockwise8_torch(absmax, absmax2, code2, offset,

@@ -255,6 +255,14 @@ def _weights_finite(params, accelerator) -> bool:
     return int(accelerator.reduce(torch.tensor(bad, device=accelerator.device), "sum")) == 0
 
 
+def _tokens_per_second(history: dict) -> float:
+    """Training speed over the steps after each process run's first (Triton's compile and autotuning: tens of
+    seconds on a GPU in a short run), or over every step while there is only the first."""
+    if history.get("timed_seconds"):
+        return history["timed_tokens"] / history["timed_seconds"]
+    return history["tokens"] / max(history["train_seconds"], 1e-9)
+
+
 def _clip(params, max_norm: float, accelerator, sharded_here: bool) -> float:
     if sharded_here:
         accelerator.unscale_gradients()  # fp16: the GradScaler's gradients are scaled up (a no-op otherwise)
@@ -416,7 +424,7 @@ def _run(cfg: TrainConfig, accelerator, train_records, eval_records, description
                           cfg.attn_implementation == "fastft")
     knobs = objective_knobs(cfg, teacher)
     history = {"eval_before": None, "eval_quantized": None, "evals": [], "train_losses": [], "tokens": 0,
-               "train_seconds": 0.0}
+               "train_seconds": 0.0, "timed_seconds": 0.0, "timed_tokens": 0}
     if resume_from is None and cfg.objective != "dpo":  # dpo's reference needs the adapters: evaluated below
         history["eval_before"] = evaluate(ObjectiveModel(model, cfg.objective, **knobs), eval_records, make_batch,
                                           cfg.eval_batch_size, accelerator)
@@ -558,10 +566,14 @@ def _run(cfg: TrainConfig, accelerator, train_records, eval_records, description
         lr = schedule.get_last_lr()[0]
         _optimizer_step(optimizer, schedule, accelerator)
         optimizer.zero_grad(set_to_none=True)
-        history["train_seconds"] += time.perf_counter() - started
+        seconds = time.perf_counter() - started
+        history["train_seconds"] += seconds
         history["tokens"] += tokens
         history["train_losses"].append(step_loss)
-        speed = history["tokens"] / max(history["train_seconds"], 1e-9)
+        if step > start_step:  # the first step of a process compiles and autotunes kernels: not in the speed
+            history["timed_seconds"] = history.get("timed_seconds", 0.0) + seconds
+            history["timed_tokens"] = history.get("timed_tokens", 0) + tokens
+        speed = _tokens_per_second(history)
         memory = peak_memory_gib(device)
         runlog.write({"step": step + 1, "loss": step_loss, "lr": lr, "grad_norm": grad_norm, "targets": count,
                       "tokens": tokens, "step_seconds": time.perf_counter() - started, "tokens_per_second": speed,
@@ -613,7 +625,7 @@ def _run(cfg: TrainConfig, accelerator, train_records, eval_records, description
         "compile": compile_result, "trainable_parameters": trainable, "total_parameters": total,
         "eval_before": history["eval_before"], "eval_quantized": history["eval_quantized"], "eval_after": after,
         "evals": history["evals"], "train_losses": history["train_losses"],
-        "train_seconds": seconds, "tokens_per_second": history["tokens"] / max(seconds, 1e-9),
+        "train_seconds": seconds, "tokens_per_second": _tokens_per_second(history),
         "eval_merged": merged, "resumed_from": str(resume_from) if resume_from else None,
         "records_cut": {"cut": cut, "tokenized": seen},
         "peak_memory_gib": peak, "peak_memory_kind": "cuda allocated" if device.type == "cuda" else "process RSS",

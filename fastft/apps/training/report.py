@@ -61,8 +61,8 @@ def report_markdown(metrics: dict) -> str:
     lines += ["## Training", "",
               f"- {len(losses)} steps, loss {_number(losses[0] if losses else None)} → "
               f"{_number(losses[-1] if losses else None)}",
-              f"- {_number(metrics.get('tokens_per_second'))} tokens/s over {_number(metrics.get('train_seconds'))} s "
-              "of training steps",
+              f"- {_number(metrics.get('tokens_per_second'))} tokens/s (leaving out each run's first step: kernel "
+              f"compilation and autotuning); {_number(metrics.get('train_seconds'))} s of training steps in all",
               f"- peak memory {_number(metrics.get('peak_memory_gib'))} GiB ({metrics.get('peak_memory_kind')})"]
     if metrics.get("resumed_from"):
         lines.append(f"- resumed from {metrics['resumed_from']}")
