@@ -152,7 +152,7 @@ for s in $sections; do
     losses-tests) run 120 losses-tests python3 -m pytest -q -m gpu tests/test_linear_losses_gpu.py -p no:cacheprovider ;;
     losses) run 150 losses python3 benchmarks/gpu_losses.py ;;
     train-tests) run 120 train-tests python3 -m pytest -q -m gpu tests/test_train_gpu.py -p no:cacheprovider ;;
-    train) run 300 train python3 benchmarks/gpu_train.py ;;
+    train) run 450 train python3 benchmarks/gpu_train.py ;;  # + two compiled (CUDA graph) SmolLM2 runs
     # every method through `fastft train`, patched (--patch-model auto) in bf16; patched vs unpatched losses
     train-methods-tests) run 300 train-methods-tests python3 -m pytest -q -m gpu tests/test_train_methods.py -p no:cacheprovider ;;
     attention-tests) FASTFT_AUTOTUNE=0 run 150 attention-tests python3 -m pytest -q -m gpu tests/test_attention_op.py tests/test_attention_integration.py -p no:cacheprovider ;;

@@ -10,7 +10,10 @@ Models: random-init Llamas of the SmolLM2-135M shape (30 layers, hidden 576, 9/3
 the Llama-3.2-1B shape (16 layers, hidden 2048, vocab 128256); no hub, no data package needed. Both sides get
 the same documents in the same order, `DOCS_PER_STEP` per optimizer step packed into one row (fastft:
 fastft.integration.packing.PackingCollator; Trainer: DataCollatorWithFlattening). tokens/s is measured over
-the steps after WARMUP; peak memory is torch.cuda.max_memory_allocated over the run.
+the steps after WARMUP; peak memory is torch.cuda.max_memory_allocated over the run. LoRA on the SmolLM2 shape also
+runs compiled with CUDA graphs (`--compile reduce-overhead`), its batches padded to bucket lengths
+(`--pad-to-buckets`, tokens/s over the real tokens) and as they come (a graph recorded per new shape); a new
+bucket within the timed steps records a graph too (step_ms_median beside the mean).
 
   python benchmarks/gpu_train.py              # on the GPU machine (benchmarks/gpu_check.sh section `train`)
   python benchmarks/gpu_train.py --cpu-smoke  # a tiny model, 2 steps each, LoRA only: checks the script runs
@@ -102,9 +105,11 @@ def setup(optimizer, max_grad_norm: float, autocast: bool) -> dict:
             "betas": list(group["betas"]), "eps": group["eps"], "max_grad_norm": max_grad_norm, "autocast": autocast}
 
 
-def run_fastft(model, method: str, docs, device, attn: str) -> dict:
+def run_fastft(model, method: str, docs, device, attn: str, compile_mode: str | None = None,
+               bucket: bool = False) -> dict:
     """The step `fastft train` runs: apply_method, ObjectiveModel (hidden states, LM head at targets only),
-    exact-count accumulation, AdamW."""
+    exact-count accumulation, AdamW; compile_mode: torch.compile of the objective (as --compile; "smoke": aot_eager
+    on the CPU); bucket: batches padded to bucket lengths (--pad-to-buckets), tokens/s over the real tokens."""
     from accelerate import Accelerator
 
     from fastft.apps.training.data import pack
@@ -118,13 +123,18 @@ def run_fastft(model, method: str, docs, device, attn: str) -> dict:
     accelerator = Accelerator(cpu=device.type != "cuda")
     model = apply_method(model, method, MethodOptions(rank=16, alpha=32, dropout=0.0, target_modules=tuple(TARGETS)))
     objective = ObjectiveModel(model, "sft").train()
+    if compile_mode is not None:
+        torch._dynamo.reset()
+        smoke = compile_mode == "smoke"
+        objective = torch.compile(objective, mode=None if smoke else compile_mode,
+                                  backend="aot_eager" if smoke else "inductor")
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = adamw(params, device)
     _reset(device)
     times, tokens = [], []
     for step in range(STEPS):
         batch = pack(docs[step * DOCS_PER_STEP:(step + 1) * DOCS_PER_STEP], pad_token_id=0,
-                     flash_kwargs=attn == "fastft")
+                     flash_kwargs=attn == "fastft", bucket=bucket)
         batch = {k: v.to(device) if isinstance(v, torch.Tensor) and k != "choices" else v for k, v in batch.items()}
         start = time.perf_counter()
         accumulate(objective, objective.count, [batch], accelerator)
@@ -135,7 +145,7 @@ def run_fastft(model, method: str, docs, device, attn: str) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-        tokens.append(batch["input_ids"].numel())
+        tokens.append(batch["num_tokens"])  # the real ones (a bucketed row's padding is not counted)
     return _summary(times, tokens, device) | {"setup": setup(optimizer, MAX_GRAD_NORM,
                                                               accelerator.mixed_precision != "no")}
 
@@ -186,7 +196,8 @@ def run_trainer(model, method: str, docs, device) -> dict:
 def _summary(times, tokens, device) -> dict:
     steady = slice(min(WARMUP, len(times) - 1), None)
     return {"tokens_per_s": sum(tokens[steady]) / sum(times[steady]), "step_ms": 1000 * sum(times[steady]) /
-            len(times[steady]), "peak_gib": _peak_gib(device), "steps": len(times)}
+            len(times[steady]), "step_ms_median": 1000 * sorted(times[steady])[len(times[steady]) // 2],
+            "peak_gib": _peak_gib(device), "steps": len(times)}
 
 
 def main() -> int:
@@ -215,6 +226,14 @@ def main() -> int:
             if not smoke:
                 runs.insert(1, ("fastft, attn fastft", lambda: run_fastft(copy.deepcopy(base), method, docs, device,
                                                                           "fastft")))
+            if method == "lora" and shape in ("tiny", "smollm2-135m"):
+                # CUDA graphs (reduce-overhead) on packed batches: padded to bucket lengths, and as they come (a
+                # graph recorded per new shape); the smoke run checks the compiled, bucketed path on the CPU
+                modes = [("smoke", True)] if smoke else [("reduce-overhead", True), ("reduce-overhead", False)]
+                for mode, bucket in modes:
+                    runs.insert(-1, (f"fastft, compile {mode}" + (" + buckets" if bucket else ""),
+                                     lambda mode=mode, bucket=bucket: run_fastft(
+                                         copy.deepcopy(base), method, docs, device, "sdpa", mode, bucket)))
             for name, fn in runs:
                 try:
                     result = fn()
@@ -228,7 +247,7 @@ def main() -> int:
                 save(complete=False)
                 _reset(device)
         del base
-    columns = ["model", "method", "run", "tokens_per_s", "step_ms", "peak_gib"]
+    columns = ["model", "method", "run", "tokens_per_s", "step_ms", "step_ms_median", "peak_gib"]
     print(f"\n## fastft train step vs Trainer + peft on {card} (SFT, packed, {DOCS_PER_STEP} docs/step, "
           f"r=16 all linear, tokens/s over steps {WARMUP + 1}-{STEPS})")
     print(markdown_table(rows, columns))
