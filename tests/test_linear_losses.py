@@ -696,12 +696,12 @@ def test_default_chunk_budget_env(monkeypatch):
 @pytest.mark.parametrize("backend", ["torch"] + (["triton"] if HAS_TRITON else []))
 def test_fp16_weight_and_lora_gradients_do_not_overflow(backend, monkeypatch):
     """fp16 keeps dlogits unscaled until backward (the 1/N would flush them): the token sums dW = dlᵀ·h, dB, dA
-    must not pass 65504 on their way to the fp32 accumulators. 2048 tokens of hidden ≈ 40 all labelled 0: the
-    unscaled chunk product is ~8e4 while the mean-loss gradient is ~35."""
+    must not pass 65504 on their way to the fp32 accumulators. 512 tokens of hidden ≈ 160 all labelled 0: the
+    unscaled chunk product is ~8e4 (checked below) while the mean-loss gradient is ~150."""
     monkeypatch.setenv("FASTFT_LORA_BACKEND", "torch")
     g = torch.Generator().manual_seed(0)
-    T, H, V = 2048, 8, 16
-    h16 = (40.0 + 0.1 * torch.randn(T, H, generator=g)).half()
+    T, H, V = 512, 8, 16
+    h16 = (160.0 + 0.4 * torch.randn(T, H, generator=g)).half()
     labels = torch.zeros(T, dtype=torch.long)
     head = _lora_head("fastft", H=H, V=V, bias=False).half()
     head.get_base_layer().weight.requires_grad_(True)
@@ -713,6 +713,8 @@ def test_fp16_weight_and_lora_gradients_do_not_overflow(backend, monkeypatch):
     refs = [t.detach().double().requires_grad_(True) for t in (h16, W, A, B)]
     logits = refs[0] @ (refs[1] + head.scaling["default"] * refs[3] @ refs[2]).t()
     want = _grads(F.cross_entropy(logits, labels), refs)
+    unscaled = (logits.softmax(-1) - F.one_hot(labels, V)).t() @ refs[0]  # dW of the summed loss
+    assert unscaled.abs().max() > 65504  # the case the test is about: an fp16 product would overflow
     for name, a, b in zip(["hidden", "weight", "lora_A", "lora_B"], got, want):
         assert rel_err(a, b) <= 5e-3, name
 
