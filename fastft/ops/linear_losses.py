@@ -45,7 +45,8 @@ from fastft.ops import shared
 from fastft.ops.chunked_logits import (DeferredChunkedLoss, EagerChunkedLoss, Plan, RowLoss, as_rows,
                                        chunk_budget_bytes, chunk_rows)
 from fastft.ops.compiled import capturing, compiling
-from fastft.ops.linear_losses_compiled import check_label_range, nf4_block_rows, traced_loss
+from fastft.ops.linear_losses_compiled import (check_label_range, labels_checked_on_host,  # noqa: F401 - public here
+                                              nf4_block_rows, traced_loss)
 from fastft.ops.lm_head import HeadArgs, head_of_module
 from fastft.ops.shared import BACKENDS, autocast_off, check, compute_input, finite, hook_device, resolve_backend
 

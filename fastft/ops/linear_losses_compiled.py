@@ -22,6 +22,8 @@ nested scales decoded on the device while captured (compiled_args.nf4_from_args)
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from typing import NamedTuple, Optional
 
@@ -81,8 +83,26 @@ def input_grads(head_grads, n_nf4: int, n_nf4_ints: int, n_inputs: int) -> tuple
     return tuple(grads)
 
 
+_LABELS_CHECKED_ON_HOST = contextvars.ContextVar("fastft_labels_checked_on_host", default=False)
+
+
+@contextlib.contextmanager
+def labels_checked_on_host():
+    """Within it, the fused losses trust the caller to have checked every label on the host (in [0, vocab) or
+    ignore_index, vocab the smallest head involved) and skip their range check, a device read per call: a trainer
+    that builds its batches on the host keeps the device's queue full through the forward."""
+    token = _LABELS_CHECKED_ON_HOST.set(True)
+    try:
+        yield
+    finally:
+        _LABELS_CHECKED_ON_HOST.reset(token)
+
+
 def check_label_range(op: str, labels2: torch.Tensor, vocab: int, ignore_index: int, name: str = "labels") -> None:
-    """A label outside [0, vocab) (and not ignore_index) would read out of bounds: one host sync to refuse it."""
+    """A label outside [0, vocab) (and not ignore_index) would read out of bounds: one host sync to refuse it
+    (not inside labels_checked_on_host)."""
+    if _LABELS_CHECKED_ON_HOST.get():
+        return
     bad = (labels2 != ignore_index) & ((labels2 < 0) | (labels2 >= vocab))
     if labels2.numel() and bool(bad.any()):
         first = labels2[bad][0].item()

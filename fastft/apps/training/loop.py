@@ -36,7 +36,7 @@ from fastft.apps.training.logs import RunLog, peak_memory_gib
 from fastft.apps.optimizers import make_optimizer
 from fastft.apps.training.objectives import (ObjectiveModel, check_head_gives_logits, check_vocab_rows,
                                              documents_alone, is_prompt_learning, packing_isolates,
-                                             run_documents_alone)
+                                             run_documents_alone, token_rows)
 from fastft.apps.training.resume_checks import (check_resumed_data, check_resumed_settings, check_resumed_step,
                                                finished_metrics)
 from fastft.apps.training.run_lock import hold_output_dir
@@ -75,9 +75,13 @@ def _compact(item):
 class _Batches:
     """Records → packed micro-batches on the device (records are tokenized when first used, then cached)."""
 
-    def __init__(self, encoder: Encoder, device, flash_kwargs: bool, bucket: bool = False):
+    def __init__(self, encoder: Encoder, device, flash_kwargs: bool, bucket: bool = False,
+                 token_rows: int | None = None):
         self.encoder, self.device, self.flash_kwargs = encoder, device, flash_kwargs
         self.bucket = bucket  # training micro-batches padded to bucket lengths (data.pack); evaluation's are not
+        # the fewest rows of the embedding and the heads (objectives.token_rows): every id is checked below it here,
+        # on the host, so the fused losses skip their device read (batch["labels_checked"])
+        self.token_rows = token_rows
         self.cache: dict[int, object] = {}
         self.cut: set[int] = set()  # indices of cached (training) records --max-length cut
         self.ready = None  # (micro-batch indices, their batches or the error building them), from prefetch
@@ -96,8 +100,27 @@ class _Batches:
             items.append(item)
         batch = pack(items, pad_token_id=self.encoder.tokenizer.pad_token_id, flash_kwargs=self.flash_kwargs,
                      bucket=self.bucket and cache)  # (uncached: evaluation's, not padded)
+        if self.token_rows is not None:
+            self._check_ids(batch, items, indices, "training" if cache else "evaluation")
+            batch["labels_checked"] = True
         return {k: self._to_device(v) if isinstance(v, torch.Tensor) and k != "choices" else v
                 for k, v in batch.items()}
+
+    def _check_ids(self, batch: dict, items, indices, which: str) -> None:
+        """Every token id (inputs, labels, label words) below token_rows, checked on the host: past it the embedding
+        and the losses would read out of bounds (on a GPU a device-side assert, which ends the process)."""
+        held = [batch["input_ids"], batch["labels"]] + ([batch["choices"]] if "choices" in batch else [])
+        if all(int(t.max()) < self.token_rows for t in held if t.numel()):  # labels' ignore index is negative
+            return
+        for i, item in zip(indices, items):
+            parts = (item.chosen, item.rejected) if isinstance(item, Pair) else (item,)
+            top = max(max(max(p.input_ids, default=0), max(p.labels, default=0), *(p.choices or ())) for p in parts)
+            if top >= self.token_rows:
+                raise ConfigError(
+                    f"{which} record {i} holds token id {top}, but the model has {self.token_rows} token rows (its "
+                    f"embeddings and lm_head, and the teacher's): the tokenizer ({len(self.encoder.tokenizer)} ids) "
+                    "does not fit the model; train with the model's own tokenizer, or resize the model's embeddings "
+                    "to len(tokenizer) (model.resize_token_embeddings) and save it first")
 
     def _to_device(self, t: torch.Tensor) -> torch.Tensor:
         if self.device.type != "cuda":
@@ -421,7 +444,7 @@ def _run(cfg: TrainConfig, accelerator, train_records, eval_records, description
         log(note)
 
     make_batch = _Batches(Encoder(tokenizer, cfg.max_length, cfg.objective), device,
-                          cfg.attn_implementation == "fastft")
+                          cfg.attn_implementation == "fastft", token_rows=token_rows(model, teacher))
     knobs = objective_knobs(cfg, teacher)
     history = {"eval_before": None, "eval_quantized": None, "evals": [], "train_losses": [], "tokens": 0,
                "train_seconds": 0.0, "timed_seconds": 0.0, "timed_tokens": 0}

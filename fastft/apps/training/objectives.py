@@ -22,7 +22,7 @@ from torch import nn
 from fastft.integration.base_layers import attribute_set
 from fastft.integration.packing import IGNORE_INDEX
 from fastft.modules.lora import plain_linear
-from fastft.ops.linear_losses import linear_kl_div, lm_head_cross_entropy
+from fastft.ops.linear_losses import labels_checked_on_host, linear_kl_div, lm_head_cross_entropy
 from fastft.ops.lm_head import head_of_module
 
 
@@ -193,6 +193,21 @@ def check_vocab_rows(student: nn.Module, teacher: nn.Module, tokens: int, teache
                           "a logit for every token on both sides")
 
 
+def token_rows(model: nn.Module, teacher: nn.Module | None = None) -> int:
+    """The fewest token rows of `model`'s input embeddings and lm_head (and the teacher's head): every token id and
+    label a batch holds must be below it."""
+    rows = []
+    for m in (model, teacher):
+        if m is None:
+            continue
+        backbone, head = causal_lm_parts(m)
+        if m is model:
+            rows.append(backbone.get_input_embeddings().num_embeddings)
+        if head is not None:
+            rows.append(getattr(head, "out_features", None) or head.weight.shape[0])
+    return min(rows)
+
+
 def causal_lm_parts(model: nn.Module):
     """(backbone, lm_head) of a transformers causal LM, or of the one inside a PeftModel."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -320,6 +335,11 @@ class ObjectiveModel(nn.Module):
         return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
     def forward(self, batch: dict):
+        # a trainer's batch whose ids were checked on the host (loop._Batches): the losses skip their device read
+        with labels_checked_on_host() if batch.get("labels_checked") else contextlib.nullcontext():
+            return self._loss(batch)
+
+    def _loss(self, batch: dict):
         hidden, targets, docs, head = hidden_at_targets(self.model, batch)
         stats = {}
         if self.objective == "dpo":
