@@ -8,9 +8,11 @@ import pytest
 import torch
 
 import fastft.ops.linear_losses as linear_losses
+import fastft.ops.linear_losses_compiled as linear_losses_compiled
 from fastft.apps.cli import main
-from fastft.ops import labels_checked_on_host, lm_head_cross_entropy
-from fastft.ops.linear_losses_compiled import _LABELS_CHECKED_ON_HOST
+from fastft.kernels.runtime import HAS_TRITON
+from fastft.ops import checked_on_host, lm_head_cross_entropy
+from fastft.ops.linear_losses_compiled import host_checked
 from tests import train_utils
 
 tiny, one_thread = train_utils.tiny, train_utils.one_thread  # the shared fixtures
@@ -26,21 +28,27 @@ def _argv(model, data, out, *extra):
             "--eval-examples", "2", "--max-length", "24", "--output-dir", str(out), *extra]
 
 
-@pytest.mark.parametrize("objective", ["sft", "distill"])
+@pytest.mark.parametrize("objective,compiled", [("sft", False), ("distill", False), ("sft", True)])
 def test_training_losses_skip_the_device_read_of_labels_checked_on_the_host(tiny, tmp_path, monkeypatch, objective,
-                                                                            one_thread):
+                                                                            compiled, one_thread):
+    """Eager, and compiled (the check then runs in the custom op's body, at run time: the context is entered outside
+    the compiled module, as dynamo cannot trace a ContextVar's set)."""
     seen = []
+    for module in (linear_losses, linear_losses_compiled):
+        def spy(*args, _checked=module.check_label_range, **kwargs):
+            seen.append(host_checked())
+            return _checked(*args, **kwargs)
 
-    def spy(*args, **kwargs):
-        seen.append(_LABELS_CHECKED_ON_HOST.get())
-        return checked(*args, **kwargs)
-
-    checked = linear_losses.check_label_range
-    monkeypatch.setattr(linear_losses, "check_label_range", spy)
+        monkeypatch.setattr(module, "check_label_range", spy)
     data = _data(tmp_path / "d.jsonl", [f"record {i}: the quick brown fox jumps over the lazy dog" for i in range(8)])
     extra = ["--objective", "distill", "--teacher", str(tiny)] if objective == "distill" else []
+    if compiled:
+        extra += ["--compile", "default", "--compile-backend", "aot_eager", "--dropout", "0"]
     assert main(_argv(tiny, data, tmp_path / "run", *extra)) == 0
-    assert seen and all(seen), seen  # every loss call (training and evaluation) ran inside labels_checked_on_host
+    assert seen and all(seen), seen  # every loss call (training and evaluation) ran inside checked_on_host
+    if compiled:
+        record = json.loads((tmp_path / "run" / "metrics.json").read_text())["compile"]
+        assert record["graphs"] >= 1 and record["graph_breaks"] == 0, record
 
 
 def test_a_token_id_past_the_models_rows_is_named_before_any_forward(tiny, tmp_path, capsys):
@@ -72,8 +80,26 @@ def test_the_context_skips_the_check_and_resets():
     bad = torch.tensor([1, 2, 99, -100])
     with pytest.raises(ValueError, match="`labels` holds 99, outside"):
         lm_head_cross_entropy(h, head, bad, backend="torch")
-    with labels_checked_on_host():
-        assert _LABELS_CHECKED_ON_HOST.get()
+    with checked_on_host():
+        assert host_checked()
         with pytest.raises(RuntimeError, match="out of bounds"):  # torch's own gather: ours was skipped
             lm_head_cross_entropy(h, head, bad, backend="torch")
-    assert not _LABELS_CHECKED_ON_HOST.get()
+    assert not host_checked()
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_the_context_skips_the_num_items_read_eager_and_traced(compiled):
+    """A num_items tensor is read (a sync) to refuse 0: eagerly while validating, in the custom op's body when traced
+    (the Triton backend); inside checked_on_host neither reads."""
+    backend = "triton" if HAS_TRITON else "torch"
+    h, W, y = torch.randn(5, 8), torch.randn(10, 8), torch.tensor([1, 2, 3, -100, 4])
+
+    def loss(n):
+        return linear_losses.linear_cross_entropy(h, W, y, num_items=n, backend=backend)
+
+    run = torch.compile(loss, backend="aot_eager", fullgraph=True) if compiled else loss
+    with pytest.raises(ValueError, match="`num_items` must be a positive number"):
+        run(torch.tensor(0.0))
+    with checked_on_host():
+        assert torch.isinf(run(torch.tensor(0.0)))  # trusted: 1/0, not read
+    torch._dynamo.reset()

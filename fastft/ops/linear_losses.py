@@ -45,8 +45,8 @@ from fastft.ops import shared
 from fastft.ops.chunked_logits import (DeferredChunkedLoss, EagerChunkedLoss, Plan, RowLoss, as_rows,
                                        chunk_budget_bytes, chunk_rows)
 from fastft.ops.compiled import capturing, compiling
-from fastft.ops.linear_losses_compiled import (check_label_range, labels_checked_on_host,  # noqa: F401 - public here
-                                              nf4_block_rows, traced_loss)
+from fastft.ops.linear_losses_compiled import (check_label_range, checked_on_host,  # noqa: F401 - public here
+                                              host_checked, nf4_block_rows, traced_loss)
 from fastft.ops.lm_head import HeadArgs, head_of_module
 from fastft.ops.shared import BACKENDS, autocast_off, check, compute_input, finite, hook_device, resolve_backend
 
@@ -95,7 +95,7 @@ def _check_options(op: str, reduction: str, ignore_index, num_items, backend: st
                        f"{tuple(num_items.shape)}")
         # its value too (a 0 would give inf, a negative count a flipped loss), where a read is allowed: as the
         # label range check, not while torch.compile traces or a CUDA graph is captured
-        if not compiling() and not capturing(num_items.device):
+        if not compiling() and not capturing(num_items.device) and not host_checked():
             value = float(num_items)
             check(value > 0 and math.isfinite(value), lambda: f"{op}: `num_items` must be a positive number, got "
                                                               f"a tensor holding {value}")

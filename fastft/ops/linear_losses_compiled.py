@@ -83,25 +83,31 @@ def input_grads(head_grads, n_nf4: int, n_nf4_ints: int, n_inputs: int) -> tuple
     return tuple(grads)
 
 
-_LABELS_CHECKED_ON_HOST = contextvars.ContextVar("fastft_labels_checked_on_host", default=False)
+_CHECKED_ON_HOST = contextvars.ContextVar("fastft_checked_on_host", default=False)
 
 
 @contextlib.contextmanager
-def labels_checked_on_host():
-    """Within it, the fused losses trust the caller to have checked every label on the host (in [0, vocab) or
-    ignore_index, vocab the smallest head involved) and skip their range check, a device read per call: a trainer
-    that builds its batches on the host keeps the device's queue full through the forward."""
-    token = _LABELS_CHECKED_ON_HOST.set(True)
+def checked_on_host():
+    """Within it, the fused losses trust the caller to have checked on the host what they would read the device to
+    check: every label in [0, vocab) or ignore_index (vocab: the smallest head involved), and a `num_items` tensor
+    positive and finite. A device read per call less (a sync mid-forward): a trainer that builds its batches on the
+    host keeps the device's queue full through the forward."""
+    token = _CHECKED_ON_HOST.set(True)
     try:
         yield
     finally:
-        _LABELS_CHECKED_ON_HOST.reset(token)
+        _CHECKED_ON_HOST.reset(token)
+
+
+def host_checked() -> bool:
+    """Whether the call runs inside checked_on_host."""
+    return _CHECKED_ON_HOST.get()
 
 
 def check_label_range(op: str, labels2: torch.Tensor, vocab: int, ignore_index: int, name: str = "labels") -> None:
     """A label outside [0, vocab) (and not ignore_index) would read out of bounds: one host sync to refuse it
-    (not inside labels_checked_on_host)."""
-    if _LABELS_CHECKED_ON_HOST.get():
+    (not inside checked_on_host)."""
+    if host_checked():
         return
     bad = (labels2 != ignore_index) & ((labels2 < 0) | (labels2 >= vocab))
     if labels2.numel() and bool(bad.any()):
@@ -111,7 +117,10 @@ def check_label_range(op: str, labels2: torch.Tensor, vocab: int, ignore_index: 
 
 def check_grad_scale(op: str, grad_scale: torch.Tensor) -> None:
     """1 / the mean's denominator, finite and positive: a `num_items` tensor of 0, a negative count or NaN (read
-    here, in the traced op's body, as eager reads it while validating) would give inf, a flipped loss or NaN."""
+    here, in the traced op's body, as eager reads it while validating) would give inf, a flipped loss or NaN.
+    Not inside checked_on_host."""
+    if host_checked():
+        return
     scale = float(grad_scale)
     if not (math.isfinite(scale) and scale > 0):
         held = 1 / scale if scale else float("inf")

@@ -35,7 +35,7 @@ from fastft.apps.training.records import data_fingerprint, load_records, records
 from fastft.apps.training.logs import RunLog, peak_memory_gib
 from fastft.apps.optimizers import make_optimizer
 from fastft.apps.training.objectives import (ObjectiveModel, check_head_gives_logits, check_vocab_rows,
-                                             documents_alone, is_prompt_learning, packing_isolates,
+                                             documents_alone, host_checked, is_prompt_learning, packing_isolates,
                                              run_documents_alone, token_rows)
 from fastft.apps.training.resume_checks import (check_resumed_data, check_resumed_settings, check_resumed_step,
                                                finished_metrics)
@@ -80,7 +80,7 @@ class _Batches:
         self.encoder, self.device, self.flash_kwargs = encoder, device, flash_kwargs
         self.bucket = bucket  # training micro-batches padded to bucket lengths (data.pack); evaluation's are not
         # the fewest rows of the embedding and the heads (objectives.token_rows): every id is checked below it here,
-        # on the host, so the fused losses skip their device read (batch["labels_checked"])
+        # on the host, so the fused losses skip their device read (batch["checked_on_host"])
         self.token_rows = token_rows
         self.cache: dict[int, object] = {}
         self.cut: set[int] = set()  # indices of cached (training) records --max-length cut
@@ -102,7 +102,7 @@ class _Batches:
                      bucket=self.bucket and cache)  # (uncached: evaluation's, not padded)
         if self.token_rows is not None:
             self._check_ids(batch, items, indices, "training" if cache else "evaluation")
-            batch["labels_checked"] = True
+            batch["checked_on_host"] = True
         return {k: self._to_device(v) if isinstance(v, torch.Tensor) and k != "choices" else v
                 for k, v in batch.items()}
 
@@ -173,7 +173,7 @@ def evaluate(module: ObjectiveModel, records, make_batch, batch_size: int, accel
     for start in range(0, len(records), chunk):
         mine = list(range(start + rank * batch_size, min(start + (rank + 1) * batch_size, len(records))))
         batch = make_batch(records, mine or [start], cache=False)
-        with accelerator.autocast():
+        with accelerator.autocast(), host_checked(batch):
             loss, stats = module(batch)
         if mine:
             examples = batch["num_documents"] // 2 if module.objective == "dpo" else batch["num_documents"]
@@ -251,7 +251,7 @@ def accumulate(prepared, count_of, micro: list[dict], accelerator, offload=conte
     for m, batch in enumerate(micro):
         sync = contextlib.nullcontext() if m == len(micro) - 1 else _no_sync(prepared, accelerator)
         with sync:
-            with accelerator.autocast(), offload():
+            with accelerator.autocast(), offload(), host_checked(batch):
                 loss, _ = prepared(batch)
             accelerator.backward(loss * (world / max(count, 1)))
         loss_sum += loss.detach().float()

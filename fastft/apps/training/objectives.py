@@ -22,7 +22,7 @@ from torch import nn
 from fastft.integration.base_layers import attribute_set
 from fastft.integration.packing import IGNORE_INDEX
 from fastft.modules.lora import plain_linear
-from fastft.ops.linear_losses import labels_checked_on_host, linear_kl_div, lm_head_cross_entropy
+from fastft.ops.linear_losses import checked_on_host, linear_kl_div, lm_head_cross_entropy
 from fastft.ops.lm_head import head_of_module
 
 
@@ -193,6 +193,12 @@ def check_vocab_rows(student: nn.Module, teacher: nn.Module, tokens: int, teache
                           "a logit for every token on both sides")
 
 
+def host_checked(batch: dict):
+    """Around a call of the (maybe compiled) ObjectiveModel on a batch whose ids loop._Batches checked on the host:
+    the fused losses skip their device read (outside the compiled code: dynamo cannot trace a ContextVar's set)."""
+    return checked_on_host() if batch.get("checked_on_host") else contextlib.nullcontext()
+
+
 def token_rows(model: nn.Module, teacher: nn.Module | None = None) -> int:
     """The fewest token rows of `model`'s input embeddings and lm_head (and the teacher's head): every token id and
     label a batch holds must be below it."""
@@ -335,11 +341,6 @@ class ObjectiveModel(nn.Module):
         return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
     def forward(self, batch: dict):
-        # a trainer's batch whose ids were checked on the host (loop._Batches): the losses skip their device read
-        with labels_checked_on_host() if batch.get("labels_checked") else contextlib.nullcontext():
-            return self._loss(batch)
-
-    def _loss(self, batch: dict):
         hidden, targets, docs, head = hidden_at_targets(self.model, batch)
         stats = {}
         if self.objective == "dpo":
