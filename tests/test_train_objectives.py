@@ -395,3 +395,30 @@ def test_distillation_with_plain_heads_makes_no_logits(monkeypatch):
     head.register_forward_hook(lambda *a: calls.append(1))
     objectives.distill_loss_sum(hidden, head, t_hidden, t_head, targets, **knobs)
     assert calls == [1]
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_dpo_turns_the_models_own_dropout_off(tmp_path, arch):
+    """The reference pass runs the same modules in train mode: with the model's dropout on (GPT-2's nn.Dropout 0.1,
+    a Llama's attention_dropout) policy and reference log-probs drew their own masks, and the first step (the same
+    weights on both sides) was not log 2. TRL's DPO turns the model's dropout off; so does fastft train's dpo."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    from fastft.apps.models import smollm2_checkpoint
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_checkpoint())
+    torch.manual_seed(0)
+    if arch == "gpt2":
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=2, n_positions=128,
+                                           resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1))
+        targets = ["--target-modules", "c_attn", "c_proj"]
+    else:
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                             num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                                             attention_dropout=0.3, tie_word_embeddings=True))
+        targets = []
+    path = tmp_path / arch
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    metrics = _run(path, tmp_path / "run", "--objective", "dpo", "--attn-implementation", "sdpa", *targets)
+    assert metrics["train_losses"][0] == pytest.approx(0.6931472, abs=1e-6)  # policy = reference at the first step

@@ -35,8 +35,8 @@ from fastft.apps.training.records import data_fingerprint, load_records, records
 from fastft.apps.training.logs import RunLog, peak_memory_gib
 from fastft.apps.optimizers import make_optimizer
 from fastft.apps.training.objectives import (ObjectiveModel, check_head_gives_logits, check_vocab_rows,
-                                             documents_alone, host_checked, is_prompt_learning, packing_isolates,
-                                             run_documents_alone, token_rows)
+                                             disable_model_dropout, documents_alone, host_checked, is_prompt_learning,
+                                             packing_isolates, run_documents_alone, token_rows)
 from fastft.apps.training.resume_checks import (check_resumed_data, check_resumed_settings, check_resumed_step,
                                                finished_metrics)
 from fastft.apps.training.run_lock import hold_output_dir
@@ -453,6 +453,9 @@ def _run(cfg: TrainConfig, accelerator, train_records, eval_records, description
                                           cfg.eval_batch_size, accelerator)
         log(_describe("before", history["eval_before"]))
 
+    if cfg.objective == "dpo" and disable_model_dropout(model):
+        log("dpo: the model's own dropout is off (as TRL's DPO turns it off): the policy's log-probs and the "
+            "reference's differ by the adapters alone")
     model = apply_method_or_config_error(model, cfg, log)
     patched = maybe_patch(model, cfg, device, log)
     attention = (model.get_base_model() if hasattr(model, "get_base_model") else model).config._attn_implementation

@@ -193,6 +193,25 @@ def check_vocab_rows(student: nn.Module, teacher: nn.Module, tokens: int, teache
                           "a logit for every token on both sides")
 
 
+_DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
+
+
+def disable_model_dropout(model: nn.Module) -> int:
+    """Every dropout of `model` off: its nn.Dropout modules and the attention modules' `attention_dropout` rate
+    (transformers' attention takes it as a float). DPO's reference pass runs the same modules in train mode, so with
+    dropout on, the policy's and the reference's log-probs would each be drawn with their own mask: noise in every
+    implicit reward. TRL's DPOTrainer turns the model's dropout off too (disable_dropout=True). Call it before the
+    adapters are added: their dropout is --dropout's. Returns how many were on."""
+    on = 0
+    for module in model.modules():
+        if isinstance(module, _DROPOUTS) and module.p:
+            module.p, on = 0.0, on + 1
+        rate = getattr(module, "attention_dropout", None)
+        if isinstance(rate, float) and rate:
+            module.attention_dropout, on = 0.0, on + 1
+    return on
+
+
 def host_checked(batch: dict):
     """Around a call of the (maybe compiled) ObjectiveModel on a batch whose ids loop._Batches checked on the host:
     the fused losses skip their device read (outside the compiled code: dynamo cannot trace a ContextVar's set)."""
