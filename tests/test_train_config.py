@@ -61,6 +61,9 @@ def _error(argv, capsys) -> str:
     (["--lr", "1e39"], "--lr 1e+39 is above 1e+06, far past any learning rate that trains"),
     (["--lr", "1e5", "--loraplus-lr-ratio", "16"], "--lr 100000 times --loraplus-lr-ratio 16 is above 1e+06"),
     (["--config", ""], "--config .: file not found"),
+    # was "matches no module ... they end in [... 'q_proj', 'v_proj' ...]": the very names meant
+    (["--target-modules", "q_proj,v_proj"], "--target-modules 'q_proj,v_proj': module names are separated by "
+                                            "spaces, not commas: --target-modules q_proj v_proj"),
     pytest.param(["--mixed-precision", "fp16"], "--mixed-precision fp16 needs a CUDA GPU",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 autocast runs on a GPU")),
 ])

@@ -584,6 +584,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     need(cfg.temperature > 0, f"--temperature must be positive, got {cfg.temperature}")
     for name in _TUPLE_FIELDS:
         need(bool(getattr(cfg, name)) and all(getattr(cfg, name)), f"{flag(name)} needs at least one module name")
+        joined = next((n for n in getattr(cfg, name) if "," in n), None)  # peft's users often write q_proj,v_proj
+        need(joined is None, f"{flag(name)} {joined!r}: module names are separated by spaces, not commas: "
+                             f"{flag(name)} {' '.join(p for p in joined.split(',') if p) if joined else ''}")
     extra = sorted(set(cfg.ia3_feedforward_modules) - set(cfg.ia3_target_modules)) if cfg.method == "ia3" else []
     need(not extra, f"--ia3-feedforward-modules {' '.join(extra)}: not among --ia3-target-modules "
                     f"{' '.join(cfg.ia3_target_modules)}")
