@@ -201,9 +201,13 @@ def test_transformers_attention_function_compiles(packed, monkeypatch):
     assert_compiles_like_eager(fn, q, k, v, ops=OPS)
 
 
-def test_a_padding_mask_compiles_without_reading_it():
+@pytest.mark.parametrize("window", [None, 3])
+def test_a_padding_mask_compiles_without_reading_it(window):
     """generate() passes an all-ones mask: `bool(mask.all())` and unpadding read it (a graph break per layer).
-    Traced, the mask goes to SDPA as transformers' sdpa takes it: fullgraph, eager's outputs, padded or not."""
+    Traced, the mask goes to SDPA as transformers' sdpa takes it: fullgraph, eager's outputs, padded or not, at
+    every position: the padded queries eager leaves at zero are zeros traced too (a right-padded query saw the
+    real keys in SDPA, so a label left on a pad token, as `labels = input_ids.clone()` gives, trained otherwise
+    compiled than eager)."""
     import fastft.integration.attention as integration
 
     layer = _Layer()
@@ -211,17 +215,19 @@ def test_a_padding_mask_compiles_without_reading_it():
 
     def fn(q, k, v, mask):
         mask = integration.fastft_attention_mask(2, 9, 9, attention_mask=mask)
-        return integration.fastft_attention_forward(layer, q, k, v, mask, scaling=0.25)[0]
+        return integration.fastft_attention_forward(layer, q, k, v, mask, scaling=0.25, sliding_window=window)[0]
 
     torch._dynamo.reset()
     compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
     ones = torch.ones(2, 9, dtype=torch.long, device=DEVICE)
-    left_padded = ones.clone()
-    left_padded[1, :3] = 0
-    for mask in (ones, left_padded):
+    left, right, both = ones.clone(), ones.clone(), ones.clone()
+    left[1, :3] = 0
+    right[0, 6:] = 0
+    both[0, :2], both[1, 5:] = 0, 0
+    for mask in (ones, left, right, both):
         got, want = compiled(q, k, v, mask), fn(q, k, v, mask)
-        real = mask.bool()[:, :, None, None].expand_as(want)  # padded queries: no output to compare
-        torch.testing.assert_close(got[real], want[real], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        assert not want[~mask.bool()].any()  # eager's padded queries: zeros (none here sees a prefix)
 
 
 @pytest.mark.parametrize("batch", [1, 2])
@@ -365,7 +371,7 @@ def test_torch_backend_varlen_prefix_compiles_and_checks_max_seqlen():
     torch._dynamo.reset()
     short = torch.compile(lambda q, k, v, cu: flash_attention(q, k, v, cu_seqlens=cu, max_seqlen=10, backend="torch"),
                           backend="aot_eager", fullgraph=True)
-    with pytest.raises(ValueError, match="`max_seqlen`=10 is smaller than the longest document \(13 tokens\)"):
+    with pytest.raises(ValueError, match=r"`max_seqlen`=10 is smaller than the longest document \(13 tokens\)"):
         short(q, k, v, _cu(0, 7, 20))
 
 

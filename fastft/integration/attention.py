@@ -160,6 +160,18 @@ def _unpadded(q, k, v, attention_mask, **kw):
     return full.view(B, S, *out.shape[-2:])
 
 
+def _padded_queries_as_unpadded(out, mask, window):
+    """SDPA's output (B, S, H, D) with the padded queries _unpadded leaves at zero zeroed, traced (no read of the
+    mask), so a compiled model gives what the eager one gives: zeros but right before a kept token (_edge_queries,
+    SDPA's value there), and SDPA's output everywhere when a row's kept tokens have gaps under a window."""
+    before_kept = F.pad(mask[:, 1:], (0, 1), value=False)
+    keep = mask | before_kept
+    if window is not None:
+        runs = (mask[:, 1:] & ~mask[:, :-1]).sum(1) + mask[:, 0]
+        keep = keep | (runs > 1).any()
+    return torch.where(keep[:, :, None, None], out, out.new_zeros(()))
+
+
 def _unpadding(mask, kw):
     """(kept token indices, cu_seqlens, longest row, reach: the last kept position + 1 of any row, whether a row has
     padding between kept tokens, _edge_queries) of a boolean (B, S) padding mask."""
@@ -275,8 +287,11 @@ def fastft_attention_forward(module, query, key, value, attention_mask, dropout=
         if q.shape[1] != k.shape[1] or not is_causal or compiling():
             _check_prefix_window(kw, _cached_length(key, kwargs.get("position_ids"), prefix))
             packed = kwargs.get("position_ids") if compiling() and q.shape[1] == k.shape[1] else None
-            return _sdpa_fallback(query, key, value, attention_mask, scaling, is_causal, sliding_window,
-                                  prefix, packed), None
+            out = _sdpa_fallback(query, key, value, attention_mask, scaling, is_causal, sliding_window, prefix,
+                                 packed)
+            if compiling() and q.shape[1] == k.shape[1] and is_causal and attention_mask.dim() == 2:
+                out = _padded_queries_as_unpadded(out, attention_mask.bool(), sliding_window)
+            return out, None
         return _unpadded(q, k, v, attention_mask, **kw), None
 
     cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
