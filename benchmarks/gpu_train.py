@@ -114,7 +114,7 @@ def run_fastft(model, method: str, docs, device, attn: str, compile_mode: str | 
 
     from fastft.apps.training.data import pack
     from fastft.apps.training.loop import accumulate
-    from fastft.apps.training.objectives import ObjectiveModel
+    from fastft.apps.training.objectives import ObjectiveModel, token_rows
     from fastft.integration.methods import MethodOptions, apply_method
 
     if attn == "fastft":
@@ -123,6 +123,7 @@ def run_fastft(model, method: str, docs, device, attn: str, compile_mode: str | 
     accelerator = Accelerator(cpu=device.type != "cuda")
     model = apply_method(model, method, MethodOptions(rank=16, alpha=32, dropout=0.0, target_modules=tuple(TARGETS)))
     objective = ObjectiveModel(model, "sft").train()
+    rows = token_rows(model)
     if compile_mode is not None:
         torch._dynamo.reset()
         smoke = compile_mode == "smoke"
@@ -135,6 +136,9 @@ def run_fastft(model, method: str, docs, device, attn: str, compile_mode: str | 
     for step in range(STEPS):
         batch = pack(docs[step * DOCS_PER_STEP:(step + 1) * DOCS_PER_STEP], pad_token_id=0,
                      flash_kwargs=attn == "fastft", bucket=bucket)
+        # as fastft train's batches: ids checked on the host, so the fused loss does not read the device for them
+        assert int(batch["input_ids"].max()) < rows
+        batch["checked_on_host"] = True
         batch = {k: v.to(device) if isinstance(v, torch.Tensor) and k != "choices" else v for k, v in batch.items()}
         start = time.perf_counter()
         accumulate(objective, objective.count, [batch], accelerator)
