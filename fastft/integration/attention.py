@@ -167,8 +167,7 @@ def _padded_queries_as_unpadded(out, mask, window):
     before_kept = F.pad(mask[:, 1:], (0, 1), value=False)
     keep = mask | before_kept
     if window is not None:
-        runs = (mask[:, 1:] & ~mask[:, :-1]).sum(1) + mask[:, 0]
-        keep = keep | (runs > 1).any()
+        keep = keep | (_kept_runs(mask) > 1).any()
     return torch.where(keep[:, :, None, None], out, out.new_zeros(()))
 
 
@@ -179,9 +178,13 @@ def _unpadding(mask, kw):
     cu = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
     positions = torch.arange(1, mask.shape[1] + 1, device=mask.device)
     reach = int((mask * positions).amax())
-    runs = (mask[:, 1:] & ~mask[:, :-1]).sum(1) + mask[:, 0]  # kept runs per row
-    return (mask.reshape(-1).nonzero().reshape(-1), cu, int(lengths.max()), reach, bool((runs > 1).any()),
+    return (mask.reshape(-1).nonzero().reshape(-1), cu, int(lengths.max()), reach, bool((_kept_runs(mask) > 1).any()),
             *_edge_queries(mask, kw))
+
+
+def _kept_runs(mask):
+    """Runs of kept tokens per row of a boolean (B, S) padding mask (more than 1: padding between kept tokens)."""
+    return (mask[:, 1:] & ~mask[:, :-1]).sum(1) + mask[:, 0]
 
 
 def _edge_queries(mask, kw):

@@ -35,8 +35,8 @@ from fastft.apps.training.records import data_fingerprint, load_records, records
 from fastft.apps.training.logs import RunLog, peak_memory_gib
 from fastft.apps.optimizers import make_optimizer
 from fastft.apps.training.objectives import (ObjectiveModel, check_head_gives_logits, check_vocab_rows,
-                                             disable_model_dropout, documents_alone, host_checked, is_prompt_learning,
-                                             packing_isolates, run_documents_alone, token_rows)
+                                             checked_on_host_for, disable_model_dropout, documents_alone,
+                                             is_prompt_learning, packing_isolates, run_documents_alone, token_rows)
 from fastft.apps.training.resume_checks import (check_resumed_data, check_resumed_settings, check_resumed_step,
                                                finished_metrics)
 from fastft.apps.training.run_lock import hold_output_dir
@@ -173,7 +173,7 @@ def evaluate(module: ObjectiveModel, records, make_batch, batch_size: int, accel
     for start in range(0, len(records), chunk):
         mine = list(range(start + rank * batch_size, min(start + (rank + 1) * batch_size, len(records))))
         batch = make_batch(records, mine or [start], cache=False)
-        with accelerator.autocast(), host_checked(batch):
+        with accelerator.autocast(), checked_on_host_for(batch):
             loss, stats = module(batch)
         if mine:
             examples = batch["num_documents"] // 2 if module.objective == "dpo" else batch["num_documents"]
@@ -251,7 +251,7 @@ def accumulate(prepared, count_of, micro: list[dict], accelerator, offload=conte
     for m, batch in enumerate(micro):
         sync = contextlib.nullcontext() if m == len(micro) - 1 else _no_sync(prepared, accelerator)
         with sync:
-            with accelerator.autocast(), offload(), host_checked(batch):
+            with accelerator.autocast(), offload(), checked_on_host_for(batch):
                 loss, _ = prepared(batch)
             accelerator.backward(loss * (world / max(count, 1)))
         loss_sum += loss.detach().float()

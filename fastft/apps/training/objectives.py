@@ -212,7 +212,7 @@ def disable_model_dropout(model: nn.Module) -> int:
     return on
 
 
-def host_checked(batch: dict):
+def checked_on_host_for(batch: dict):
     """Around a call of the (maybe compiled) ObjectiveModel on a batch whose ids loop._Batches checked on the host:
     the fused losses skip their device read (outside the compiled code: dynamo cannot trace a ContextVar's set)."""
     return checked_on_host() if batch.get("checked_on_host") else contextlib.nullcontext()
