@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from fastft.apps.training import loop, resume_checks, run_setup  # each test names what it needs
+from fastft.apps.training.batches import Batches
 from fastft.apps.training.config import ConfigError, TrainConfig
 from fastft.apps.training.data import BatchPlan, Example, Pair
 from fastft.apps.training.records import data_fingerprint, load_records, records_digest
@@ -170,7 +171,7 @@ def test_the_record_cache_is_compact_and_batches_the_same():
         return Pair(Example(ids, ids), Example(ids[:2], [-100, ids[1]])) if len(ids) > 3 else Example(ids, ids)
 
     encoder = SimpleNamespace(encode=encode, tokenizer=SimpleNamespace(pad_token_id=0), last_cut=False)
-    batches = loop._Batches(encoder, torch.device("cpu"), flash_kwargs=True)
+    batches = Batches(encoder, torch.device("cpu"), flash_kwargs=True)
     records = ["5 6 7", "8 9 10 11 12", "70000 3"]
     for _ in range(2):  # tokenized, then from the cache
         cached, fresh = batches(records, [0, 1, 2]), batches(records, [0, 1, 2], cache=False)

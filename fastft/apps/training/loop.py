@@ -9,13 +9,11 @@ out again). The next step's micro-batches are built while the device runs the st
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import json
 import math
 import os
 import time
-from array import array
 from pathlib import Path
 
 import torch
@@ -30,7 +28,9 @@ from fastft.integration.sharded_state import run_shared
 from fastft.apps.training.config import (LORA_METHODS, ConfigError, TrainConfig, epochs_to_steps, length_problem,
                                          rank_problem, teacher_dtype, to_yaml_dict, unused_settings, validate,
                                          weights_dtype)
-from fastft.apps.training.data import BatchPlan, Encoder, Example, Pair, check_tokenizer, pack
+from fastft.apps.training.batches import CUT_RULE, Batches, record_flags
+from fastft.apps.training.data import BatchPlan, Encoder, check_tokenizer
+from fastft.apps.training.evaluation import describe, evaluate, evaluate_merges, objective_knobs
 from fastft.apps.training.records import data_fingerprint, load_records, records_digest
 from fastft.apps.training.logs import RunLog, peak_memory_gib
 from fastft.apps.optimizers import make_optimizer
@@ -64,153 +64,6 @@ def lr_factor(cfg: TrainConfig):
     return factor
 
 
-def _compact(item):
-    """An Example / Pair with its token lists as array('i'): 4 bytes a token instead of a list slot (8) and an int
-    object (28), since the cache holds every training record's tokens. pack reads arrays as it reads lists."""
-    if isinstance(item, Pair):
-        return Pair(_compact(item.chosen), _compact(item.rejected))
-    return Example(array("i", item.input_ids), array("i", item.labels), item.choices)
-
-
-class _Batches:
-    """Records → packed micro-batches on the device (records are tokenized when first used, then cached)."""
-
-    def __init__(self, encoder: Encoder, device, flash_kwargs: bool, bucket: bool = False,
-                 token_rows: int | None = None):
-        self.encoder, self.device, self.flash_kwargs = encoder, device, flash_kwargs
-        self.bucket = bucket  # training micro-batches padded to bucket lengths (data.pack); evaluation's are not
-        # the fewest rows of the embedding and the heads (objectives.token_rows): every id is checked below it here,
-        # on the host, so the fused losses skip their device read (batch["checked_on_host"])
-        self.token_rows = token_rows
-        self.cache: dict[int, object] = {}
-        self.cut: set[int] = set()  # indices of cached (training) records --max-length cut
-        self.ready = None  # (micro-batch indices, their batches or the error building them), from prefetch
-        self.pending: set[int] = set()  # records first tokenized by that prefetch, in no step taken yet
-
-    def __call__(self, records, indices, cache: bool = True) -> dict:
-        items = []
-        for i in indices:
-            item = self.cache.get(i) if cache else None
-            if item is None:
-                item = self.encoder.encode(records[i])
-                if cache:
-                    item = self.cache[i] = _compact(item)
-                    if self.encoder.last_cut:
-                        self.cut.add(i)
-            items.append(item)
-        batch = pack(items, pad_token_id=self.encoder.tokenizer.pad_token_id, flash_kwargs=self.flash_kwargs,
-                     bucket=self.bucket and cache)  # (uncached: evaluation's, not padded)
-        if self.token_rows is not None:
-            self._check_ids(batch, items, indices, "training" if cache else "evaluation")
-            batch["checked_on_host"] = True
-        return {k: self._to_device(v) if isinstance(v, torch.Tensor) and k != "choices" else v
-                for k, v in batch.items()}
-
-    def _check_ids(self, batch: dict, items, indices, which: str) -> None:
-        """Every token id (inputs, labels, label words) below token_rows, checked on the host: past it the embedding
-        and the losses would read out of bounds (on a GPU a device-side assert, which ends the process)."""
-        held = [batch["input_ids"], batch["labels"]] + ([batch["choices"]] if "choices" in batch else [])
-        if all(int(t.max()) < self.token_rows for t in held if t.numel()):  # labels' ignore index is negative
-            return
-        for i, item in zip(indices, items):
-            parts = (item.chosen, item.rejected) if isinstance(item, Pair) else (item,)
-            top = max(max(max(p.input_ids, default=0), max(p.labels, default=0), *(p.choices or ())) for p in parts)
-            if top >= self.token_rows:
-                raise ConfigError(
-                    f"{which} record {i} holds token id {top}, but the model has {self.token_rows} token rows (its "
-                    f"embeddings and lm_head, and the teacher's): the tokenizer ({len(self.encoder.tokenizer)} ids) "
-                    "does not fit the model; train with the model's own tokenizer, or resize the model's embeddings "
-                    "to len(tokenizer) (model.resize_token_embeddings) and save it first")
-
-    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
-        if self.device.type != "cuda":
-            return t.to(self.device)
-        # from pinned memory the copy is queued behind the device's work instead of waiting for it (a pageable
-        # copy may sync the stream): a batch prefetched while a step runs does not stall it
-        return t.pin_memory().to(self.device, non_blocking=True)
-
-    def step(self, records, micro_indices: list[list[int]]) -> list[dict]:
-        """This process's micro-batches of a step (BatchPlan.next_step's indices) on the device: those `prefetch`
-        built for the same records, or built now."""
-        ready, self.ready, self.pending = self.ready, None, set()
-        if ready is not None and ready[0] == micro_indices:
-            if isinstance(ready[1], Exception):
-                raise ready[1]
-            return ready[1]
-        return [self(records, indices) for indices in micro_indices]
-
-    def prefetch(self, records, micro_indices: list[list[int]]) -> None:
-        """Build a later step's micro-batches now, on the host while the device runs this step's queued work (the
-        tokenizing, packing and copies then no longer leave it idle between steps). An error building them is
-        raised when that step takes them, as if built then."""
-        self.pending = {i for indices in micro_indices for i in indices if i not in self.cache}
-        try:
-            self.ready = (micro_indices, [self(records, indices) for indices in micro_indices])
-        except Exception as e:  # noqa: BLE001 (re-raised by step)
-            self.ready = (micro_indices, e)
-
-    def tokenized(self) -> tuple[set[int], set[int]]:
-        """(cut, tokenized) indices of the training records the steps taken so far trained on: a checkpoint's
-        record flags and the notes leave out the prefetched step's (a run may end, or resume, before it)."""
-        return self.cut - self.pending, set(self.cache) - self.pending
-
-
-@torch.no_grad()
-def evaluate(module: ObjectiveModel, records, make_batch, batch_size: int, accelerator) -> dict | None:
-    """The objective's mean loss on held-out records (+ accuracy for classification, reward accuracy for dpo),
-    summed over all processes. Every process runs the same number of forwards (FSDP2 gathers in each)."""
-    if not records:
-        return None
-    world, rank = accelerator.num_processes, accelerator.process_index
-    if is_prompt_learning(module.model) or documents_alone(module.model):
-        # its forward runs each document alone: with one record per process per forward (a dummy where none is left)
-        # every process gathers the same FSDP2 weights as often
-        batch_size = 1
-    was_training = module.training
-    module.eval()
-    sums = torch.zeros(4, dtype=torch.float64)  # loss, count, hits, examples
-    chunk = world * batch_size
-    for start in range(0, len(records), chunk):
-        mine = list(range(start + rank * batch_size, min(start + (rank + 1) * batch_size, len(records))))
-        batch = make_batch(records, mine or [start], cache=False)
-        with accelerator.autocast(), checked_on_host_for(batch):
-            loss, stats = module(batch)
-        if mine:
-            examples = batch["num_documents"] // 2 if module.objective == "dpo" else batch["num_documents"]
-            hits = stats.get("hits", stats.get("preferred", stats.get("ce", 0.0)))
-            sums += torch.tensor([float(loss), module.count(batch), float(hits), examples], dtype=torch.float64)
-    sums = accelerator.reduce(sums.to(accelerator.device), "sum").cpu()
-    module.train(was_training)
-    loss, count, hits, examples = sums.tolist()
-    result = {"loss": loss / max(count, 1), "examples": int(examples)}
-    if module.objective == "dpo":
-        result["reward_accuracy"] = hits / max(examples, 1)
-    elif module.objective == "distill":
-        result["ce"] = hits / max(count, 1)
-    elif "choices" in make_batch(records, [0], cache=False):
-        result["accuracy"] = hits / max(examples, 1)
-    return result
-
-
-# what a cut keeps, for the notes that count cut records
-_CUT_RULE = ("a chat or completion keeps the tokens that end with its last answer, a text record its start, a dpo "
-             "pair its answers' starts, with what the prompt leaves and at least half of --max-length, and the "
-             "prompt's end")
-
-
-def record_flags(make_batch: _Batches, count: int, earlier: torch.Tensor | None, accelerator) -> torch.Tensor:
-    """[cut by --max-length, tokenized] per training record (bool, 2 × count) over the whole run: this process's,
-    the other processes' (one all-reduce: a record two processes tokenized, as a later epoch's order may hand it to
-    the other, counts once) and, after --resume, those of the run before it (its checkpoint keeps them)."""
-    flags = torch.zeros(2, count, dtype=torch.int32)
-    cut, tokenized = make_batch.tokenized()
-    flags[0, list(cut)] = 1
-    flags[1, list(tokenized)] = 1
-    if earlier is not None:
-        flags |= earlier.to(torch.int32)
-    return (accelerator.reduce(flags.to(accelerator.device), "sum") > 0).cpu()
-
-
 def check_packing(model, flash_kwargs: bool, what: str, log, accelerator) -> None:
     """Run each packed document on its own where `model`'s attention would let packed documents see each other
     (objectives.packing_isolates; any process finding it decides for all: they must run the same forwards), said
@@ -225,12 +78,6 @@ def check_packing(model, flash_kwargs: bool, what: str, log, accelerator) -> Non
         log(f"note: {what} ({type(model).__name__}, attention {attention}) would let the documents packed in a row "
             "attend to each other (its mask does not follow position_ids): each document runs on its own, one "
             "forward per document (slower)")
-
-
-def objective_knobs(cfg: TrainConfig, teacher) -> dict:
-    """ObjectiveModel's settings from the run's: every model a run evaluates uses the same ones."""
-    return dict(teacher=teacher, dpo_beta=cfg.dpo_beta, kl_weight=cfg.kl_weight,
-                reverse_kl_weight=cfg.reverse_kl_weight, ce_weight=cfg.ce_weight, temperature=cfg.temperature)
 
 
 def accumulate(prepared, count_of, micro: list[dict], accelerator, offload=contextlib.nullcontext):
@@ -303,14 +150,6 @@ def _optimizer_step(optimizer, schedule, accelerator) -> bool:
         return False
     schedule.step()
     return True
-
-
-def _describe(name: str, result: dict | None) -> str:
-    if result is None:
-        return f"{name}: no evaluation data"
-    first = [k for k in ("accuracy", "reward_accuracy") if k in result]
-    parts = [f"{k} {result[k]:.3f}" for k in first + [k for k in result if k not in first and k != "examples"]]
-    return f"{(name + ':').ljust(7)} {', '.join(parts)}"
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -443,7 +282,7 @@ def _run(cfg: TrainConfig, accelerator, train_records, eval_records, description
     if note:
         log(note)
 
-    make_batch = _Batches(Encoder(tokenizer, cfg.max_length, cfg.objective), device,
+    make_batch = Batches(Encoder(tokenizer, cfg.max_length, cfg.objective), device,
                           cfg.attn_implementation == "fastft", token_rows=token_rows(model, teacher))
     knobs = objective_knobs(cfg, teacher)
     history = {"eval_before": None, "eval_quantized": None, "evals": [], "train_losses": [], "tokens": 0,
@@ -451,7 +290,7 @@ def _run(cfg: TrainConfig, accelerator, train_records, eval_records, description
     if resume_from is None and cfg.objective != "dpo":  # dpo's reference needs the adapters: evaluated below
         history["eval_before"] = evaluate(ObjectiveModel(model, cfg.objective, **knobs), eval_records, make_batch,
                                           cfg.eval_batch_size, accelerator)
-        log(_describe("before", history["eval_before"]))
+        log(describe("before", history["eval_before"]))
 
     if cfg.objective == "dpo" and disable_model_dropout(model):
         log("dpo: the model's own dropout is off (as TRL's DPO turns it off): the policy's log-probs and the "
@@ -482,7 +321,7 @@ def _run(cfg: TrainConfig, accelerator, train_records, eval_records, description
     if resume_from is None and (cfg.objective == "dpo" or cfg.method == "qlora"):
         key = "eval_before" if cfg.objective == "dpo" else "eval_quantized"
         history[key] = evaluate(objective, eval_records, make_batch, cfg.eval_batch_size, accelerator)
-        log(_describe("before" if key == "eval_before" else "quantized", history[key]))
+        log(describe("before" if key == "eval_before" else "quantized", history[key]))
 
     sharded_here = shard_model(objective, cfg, accelerator)
     fsdp = sharded_here or accelerator.distributed_type == DistributedType.FSDP  # the plugin shards in prepare
@@ -609,14 +448,14 @@ def _run(cfg: TrainConfig, accelerator, train_records, eval_records, description
         if cut_so_far and accelerator.is_local_main_process:
             # said now, not only at the end (hours later): the whole run's count follows after the last step
             bar.write(f"note: {len(cut_so_far):,} of the {len(seen_so_far):,} training records this process "
-                      f"has tokenized so far were longer than --max-length {cfg.max_length} and were cut ({_CUT_RULE}); "
+                      f"has tokenized so far were longer than --max-length {cfg.max_length} and were cut ({CUT_RULE}); "
                       "a larger --max-length keeps them whole")
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
             result = evaluate(objective, eval_records, make_batch, cfg.eval_batch_size, accelerator)
             if result is not None:
                 history["evals"].append({"step": step + 1, **result})
                 runlog.write({"step": step + 1, "eval": result})
-                bar.write(_describe(f"step {step + 1}", result)) if accelerator.is_local_main_process else None
+                bar.write(describe(f"step {step + 1}", result)) if accelerator.is_local_main_process else None
         if cfg.save_every and (step + 1) % cfg.save_every == 0:
             stop_unless_finite(step + 1, "its checkpoint")
             try:
@@ -630,13 +469,13 @@ def _run(cfg: TrainConfig, accelerator, train_records, eval_records, description
     cut, seen = (int(n) for n in record_flags(make_batch, len(train_records), earlier_flags, accelerator).sum(1))
     if cut:
         log(f"note: {cut:,} of the {seen:,} training records the run tokenized were longer than --max-length "
-            f"{cfg.max_length} and were cut ({_CUT_RULE}); a larger --max-length keeps them whole")
+            f"{cfg.max_length} and were cut ({CUT_RULE}); a larger --max-length keeps them whole")
 
     after = evaluate(objective, eval_records, make_batch, cfg.eval_batch_size, accelerator)
-    log(_describe("after", after))
+    log(describe("after", after))
     # merging needs the whole model in one process (a copy of it): not under FSDP2's shards; not for dpo, whose
     # reference (the adapter-free model) a merged model no longer has
-    merged = _evaluate_merges(inner, objective, eval_records, make_batch, cfg, accelerator, log) \
+    merged = evaluate_merges(inner, objective, eval_records, make_batch, cfg, accelerator, log) \
         if cfg.method == "qlora" and eval_records and not sharded_here and cfg.objective != "dpo" else None
     if after is not None:
         runlog.write({"step": cfg.steps, "eval": after})
@@ -707,18 +546,3 @@ class CompileRecord:
         if self.compiled:
             out.update({k: v - self.start[k] for k, v in dynamo_counts().items()})
         return out
-
-
-def _evaluate_merges(inner, objective, eval_records, make_batch, cfg, accelerator, log) -> dict:
-    """QLoRA: what merging costs. The adapter merged into dequantized (dense) weights, and merged then
-    quantized to NF4 again, each evaluated like the trained model."""
-    import fastft
-
-    results = {}
-    for name, requantize in (("dense", False), ("requantized", True)):
-        merged = fastft.merge_and_unload(copy.deepcopy(inner), requantize=requantize)
-        module = ObjectiveModel(merged, objective.objective, **objective_knobs(cfg, objective._teacher[0]))
-        results[name] = evaluate(module, eval_records, make_batch, cfg.eval_batch_size, accelerator)
-        log(_describe(f"merged ({name})", results[name]))
-        del merged, module
-    return results

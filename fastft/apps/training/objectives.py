@@ -213,7 +213,7 @@ def disable_model_dropout(model: nn.Module) -> int:
 
 
 def checked_on_host_for(batch: dict):
-    """Around a call of the (maybe compiled) ObjectiveModel on a batch whose ids loop._Batches checked on the host:
+    """Around a call of the (maybe compiled) ObjectiveModel on a batch whose ids batches.Batches checked on the host:
     the fused losses skip their device read (outside the compiled code: dynamo cannot trace a ContextVar's set)."""
     return checked_on_host() if batch.get("checked_on_host") else contextlib.nullcontext()
 
