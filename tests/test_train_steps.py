@@ -170,6 +170,40 @@ def test_builtin_sets_are_deterministic_and_held_out(tokenizer):
 
 
 @pytest.mark.parametrize("kind", ["prompt", "prefix"])
+def test_prompt_learning_keeps_no_logits_and_trains_as_peft(kind):
+    """Prompt and prefix tuning ran the PeftModel's own head: the whole tokens × vocab logits, and their fp32
+    log-softmax kept for backward (8 GiB at Llama-3-8B's vocabulary, 16k tokens). The head now runs in the fused
+    loss: nothing of vocab width is saved, and loss and gradients are peft's own (labels through its forward)."""
+    import peft
+
+    vocab = 1000  # wider than anything else in the model, so a saved logits tensor is recognisable by it
+    config = (peft.PromptTuningConfig if kind == "prompt" else peft.PrefixTuningConfig)(
+        num_virtual_tokens=4, task_type="CAUSAL_LM")
+    model = peft.get_peft_model(tiny_llama(vocab_size=vocab), config)
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, vocab, (12,), generator=g).tolist()
+    saved = []
+
+    def keep(t):
+        saved.append(tuple(t.shape))
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        loss, _ = ObjectiveModel(model, "sft").train()(pack([Example(ids, ids)], pad_token_id=0, flash_kwargs=False))
+    assert not [shape for shape in saved if len(shape) > 1 and shape[-1] == vocab and shape[-2] != 64], saved  # (64, V): Wᵀ
+    (loss / 11).backward()
+    ours = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+    model.zero_grad()
+    # the first token has no target before it in fastft's packing (peft's forward would predict it from the
+    # virtual tokens): masked for peft too
+    own = model(input_ids=torch.tensor([ids]), labels=torch.tensor([[-100] + ids[1:]])).loss
+    own.backward()
+    torch.testing.assert_close(loss / 11, own, rtol=1e-5, atol=1e-6)
+    for mine, theirs in zip(ours, (p.grad for p in model.parameters() if p.requires_grad)):
+        torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-7)
+    assert isinstance(model.get_base_model().lm_head, torch.nn.Linear)  # put back
+
+
+@pytest.mark.parametrize("kind", ["prompt", "prefix"])
 def test_prompt_learning_runs_documents_apart(kind):
     """peft's prompt-learning forward ignores position_ids: packed documents would see each other, so each
     runs on its own; the loss equals the documents' losses summed one by one."""

@@ -23,6 +23,7 @@ fastft prefix in front of the keys).
 """
 from __future__ import annotations
 
+import contextvars
 import functools
 import warnings
 import weakref
@@ -43,6 +44,9 @@ _PACKED_ROWS_UNDER_COMPILE = (
     "rows (packed documents), which the traced graph cannot separate without reading them: pack into one row "
     "(batch 1), pass the collator's cu_seq_lens_q/k with it (fastft.integration.packing.PackingCollator, "
     "DataCollatorWithFlattening(return_flash_attn_kwargs=True)), or run this batch eagerly")
+# id of the config whose last mask call was for packed rows without a padding mask (None otherwise): set by the
+# mask function at the start of a forward, read by that forward's attention calls (eager only)
+_packed_rows_config: contextvars.ContextVar = contextvars.ContextVar("fastft_packed_rows_config", default=None)
 _memos: dict[str, tuple] = {}  # name -> (weakref to the tensor, (its version, key), result)
 
 
@@ -298,6 +302,9 @@ def fastft_attention_forward(module, query, key, value, attention_mask, dropout=
         return _unpadded(q, k, v, attention_mask, **kw), None
 
     cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    if cu_q is None and kwargs.get("position_ids") is None and is_causal and q.shape[1] == k.shape[1] \
+            and not compiling():
+        _check_packing_reached(module)
     max_q, max_k = kwargs.get("max_length_q"), kwargs.get("max_length_k")
     if all(x is not None for x in (cu_q, cu_k, max_q, max_k)):
         # one set of boundaries for queries and keys (self-attention); comparing values would sync every layer
@@ -311,6 +318,22 @@ def fastft_attention_forward(module, query, key, value, attention_mask, dropout=
 
     _check_prefix_window(kw, k.shape[1])
     return flash_attention(q, k, v, backend=_backend, **kw), None
+
+
+def _check_packing_reached(module) -> None:
+    """Packed rows whose boundaries never reach the attention: transformers saw position_ids restart (its mask
+    function was asked for a mask it may not skip) but this model's layers pass no position_ids on (GPT-BigCode,
+    Persimmon, CTRL, Whisper's decoder...), and no cu_seq_lens came: the documents would attend to each other,
+    as under transformers' FlashAttention-2. Refused."""
+    packed = _packed_rows_config.get()
+    config = getattr(module, "config", None)
+    if packed is None or (config is not None and packed != id(config)):
+        return
+    raise ValueError(f"attn_implementation='fastft': this batch packs documents (position_ids restart) but "
+                     f"{type(module).__name__} is not given the position_ids, so its documents would see each other; "
+                     "pass cu_seq_lens_q/k and max_length_q/k with the batch (fastft.integration.packing."
+                     "PackingCollator, DataCollatorWithFlattening(return_flash_attn_kwargs=True)), or use "
+                     "attn_implementation='sdpa'")
 
 
 def _check_not_chunked(module, n_keys: int) -> None:
@@ -334,13 +357,20 @@ def _check_uses_the_interface(config) -> None:
     function of the interface is called) still builds its mask through this one: fastft's kernels would never
     run, and the padding-only mask returned here would leave its own attention without causality (logits at
     position 0 changed by later tokens), silently. Refused."""
-    if config is None or getattr(config, "is_encoder_decoder", False):
-        return  # encoder-decoders (T5) reach fastft's attention function, which checks them itself
-    model_class = _base_model_class(getattr(config, "model_type", None))
-    if model_class is not None and not _dispatches_attention(model_class):
-        raise ValueError(f"attn_implementation='fastft': {model_class.__name__} does not run its attention through "
+    if config is None:
+        return
+    classes = _model_classes(getattr(config, "model_type", None))
+    # encoder-decoders (T5) reach fastft's attention function, which checks them itself
+    if classes and not getattr(config, "is_encoder_decoder", False) and not _dispatches_attention(classes[-1]):
+        raise ValueError(f"attn_implementation='fastft': {classes[-1].__name__} does not run its attention through "
                          "transformers' attention interface, so fastft's kernels would not run and its causal mask "
                          "would be lost; use 'sdpa' or 'eager' for this model")
+    if any(not getattr(c, "_supports_sdpa", True) and not getattr(c, "_supports_flash_attn", True) for c in classes):
+        # their attention reads transformers' full 4-D mask (BigBirdPegasus' and TrOCR's decoders take causality
+        # from it alone): the None or padding-only masks of FlashAttention's contract dropped it, silently
+        raise ValueError(f"attn_implementation='fastft': {classes[0].__name__} supports neither SDPA nor "
+                         "FlashAttention in transformers (its attention needs the full 4-D mask), so its causal "
+                         "mask would be lost; use 'eager' for this model")
 
 
 @functools.lru_cache(maxsize=None)
@@ -359,14 +389,23 @@ def _dispatches_attention(model_class) -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def _base_model_class(model_type):
+def _model_classes(model_type) -> tuple:
+    """The causal-LM and base model classes transformers maps `model_type` to (the base one last), those that exist."""
     try:
         import transformers
-        from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_MAPPING_NAMES
     except ImportError:
-        return None
-    name = MODEL_MAPPING_NAMES.get(model_type)
-    return getattr(transformers, name, None) if name else None
+        return ()
+    names = (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type), MODEL_MAPPING_NAMES.get(model_type))
+    classes = [getattr(transformers, name, None) for name in names if isinstance(name, str)]
+    return tuple(c for c in classes if c is not None)
+
+
+def _supports_flash_mask(config) -> bool:
+    """Whether transformers runs this model with FlashAttention's masks (None or 2-D padding), which fastft's
+    mask function returns: models it refuses FlashAttention for (Doge's dynamic mask, Llama 4's chunks) get the
+    full 4-D mask wherever transformers asks for one."""
+    return all(getattr(c, "_supports_flash_attn", True) for c in _model_classes(getattr(config, "model_type", None)))
 
 
 def fastft_attention_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
@@ -378,10 +417,19 @@ def fastft_attention_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset
     not the last filled one there, and the empty slots must not be seen (the interface then runs SDPA on it). So
     does a mask with an overlay (`use_vmap`: transformers' or/and mask functions, e.g. image tokens seeing each
     other both ways), which the causal kernels would drop."""
-    _check_uses_the_interface(kwargs.get("config"))
+    config = kwargs.get("config")
+    _check_uses_the_interface(config)
+    # transformers asks for a mask it may not skip: packed rows (position_ids restarting, no padding mask), or a
+    # model that always needs one (Doge)
+    unskippable = kwargs.get("allow_is_causal_skip") is False
+    if not compiling() and "allow_is_bidirectional_skip" not in kwargs:  # a causal mask (not an encoder's):
+        # read by the attention calls of this forward (_check_packing_reached)
+        _packed_rows_config.set(id(config) if unskippable and attention_mask is None and not kwargs.get("use_vmap")
+                                and q_length == kv_length else None)
     # traced with a static cache, the offsets are tensors: comparing them would branch on data (a graph break)
     traced_offsets = compiling() and any(isinstance(x, torch.Tensor) for x in (q_offset, kv_offset))
-    if traced_offsets or kwargs.get("use_vmap") or kv_offset + kv_length > q_offset + q_length:
+    if traced_offsets or kwargs.get("use_vmap") or kv_offset + kv_length > q_offset + q_length \
+            or (unskippable and not _supports_flash_mask(config)):
         from transformers.masking_utils import causal_mask_function, sdpa_mask
 
         passed = {k: v for k, v in kwargs.items() if k in ("device", "local_size", "use_vmap")}

@@ -141,6 +141,10 @@ _UNSUPPORTED_LOGIT_SCALING = ("logit_scale", "logits_scaling", "lm_head_multipli
                               "logits_mup_width_multiplier")  # Cohere, Granite/MiniCPM3, Falcon-H1, ...
 
 
+# the final softcap's config name: Gemma 2/3, RecurrentGemma, xLSTM
+_FINAL_SOFTCAP = ("final_logit_softcapping", "logits_soft_cap", "output_logit_soft_cap")
+
+
 def final_softcap(model: nn.Module) -> float | None:
     """The cap of the model's final logit softcapping (Gemma 2/3: cap·tanh(logits/cap)), None without one."""
     from fastft.apps.training.config import ConfigError
@@ -154,7 +158,11 @@ def final_softcap(model: nn.Module) -> float | None:
         if value is not None and value != 1:
             raise ConfigError(f"{type(base).__name__} scales its logits after the head (config.{attr} = {value}), "
                               "which fastft train's objectives do not apply; this architecture is not supported")
-    return getattr(config, "final_logit_softcapping", None)
+    caps = [getattr(config, attr, None) for attr in _FINAL_SOFTCAP]
+    return next((cap for cap in caps if cap is not None), None)
+
+
+_WIDE = (torch.float32, torch.float64)
 
 
 @torch.no_grad()
@@ -170,12 +178,17 @@ def check_head_gives_logits(model: nn.Module, what: str) -> None:
     training = model.training
     model.eval()
     try:
-        theirs = model(input_ids=ids, use_cache=False).logits.float()
+        theirs = model(input_ids=ids, use_cache=False).logits
+        # a dtype's rounding apart (bf16/fp16 logits, an NF4 head: 2^-8 relative); a scaling is far more. An fp32
+        # nn.Linear head computes the same product both ways: only a scaling moves it (RecurrentGemma's cap of 30
+        # moved logits of 6 by 1%)
+        exact = type(head) is nn.Linear and head.weight.dtype in _WIDE and theirs.dtype in _WIDE
+        theirs = theirs.float()
         ours = _logits(backbone(input_ids=ids, use_cache=False).last_hidden_state, head, final_softcap(model))
     finally:
         model.train(training)
     gap = (ours - theirs).abs().max().item()
-    if not gap <= 2e-2 * theirs.abs().max().item() + 1e-3:  # a dtype's rounding apart; a scaling is far more
+    if not gap <= (1e-4 if exact else 2e-2) * theirs.abs().max().item() + 1e-3:
         raise ConfigError(f"{what}: {type(model).__name__} transforms its logits after the head in a way fastft "
                           f"train's objectives do not reproduce (its logits differ from lm_head(hidden states) by "
                           f"up to {gap:.3g}); this architecture is not supported")
@@ -227,7 +240,7 @@ def token_rows(model: nn.Module, teacher: nn.Module | None = None) -> int:
             continue
         backbone, head = causal_lm_parts(m)
         if m is model:
-            rows.append(backbone.get_input_embeddings().num_embeddings)
+            rows.append(input_embeddings(m).num_embeddings)
         if head is not None:
             rows.append(getattr(head, "out_features", None) or head.weight.shape[0])
     return min(rows)
@@ -236,7 +249,17 @@ def token_rows(model: nn.Module, teacher: nn.Module | None = None) -> int:
 def causal_lm_parts(model: nn.Module):
     """(backbone, lm_head) of a transformers causal LM, or of the one inside a PeftModel."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return base.base_model, base.get_output_embeddings()
+    backbone = base.base_model
+    if backbone is base:  # Llama 4 / Mllama's text models name a base_model_prefix they do not use: .model
+        backbone = getattr(base, "model", base)
+    return backbone, base.get_output_embeddings()
+
+
+def input_embeddings(model: nn.Module) -> nn.Module:
+    """The token embeddings of a causal LM (or of the one inside a PeftModel), asked of the causal LM itself: a
+    decoder wrapper's backbone (BART-family ...ForCausalLM) does not answer get_input_embeddings."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.get_input_embeddings()
 
 
 def _model_inputs(batch: dict) -> dict:
@@ -248,7 +271,9 @@ def hidden_at_targets(model: nn.Module, batch: dict):
     """(hidden rows at the positions that predict a target, their targets, their documents, the lm_head module).
 
     Peft prompt-learning methods (prefix/prompt tuning) must run through the PeftModel's own forward (it adds
-    the virtual tokens): their logits come back and the head is the identity."""
+    the virtual tokens): it runs with the head swapped for the identity, so its "logits" are the hidden states and
+    the fused loss applies the head (no tokens × vocab logits, no fp32 log-softmax kept for backward); a model that
+    softcaps its logits gives them (head None)."""
     targets = batch["labels"][:, 1:]
     keep = targets != IGNORE_INDEX
     at = _targets_at(batch, keep)
@@ -259,9 +284,10 @@ def hidden_at_targets(model: nn.Module, batch: dict):
         # each other: each document runs on its own (no padding either), virtual tokens cut off the logits.
         # Document d's logits but its last (which would predict the next document's first token, never a target)
         # are the packed positions a_d .. a_d + n_d - 2: position p sits at row p - d of their concatenation.
-        logits = torch.cat([model(input_ids=piece[None], use_cache=False).logits[0, -len(piece):-1]
-                            for piece in _documents(batch)])
-        return logits.index_select(0, at - docs), targets, docs, None  # logits: no head
+        with _without_head(model) as head:
+            rows = torch.cat([model(input_ids=piece[None], use_cache=False).logits[0, -len(piece):-1]
+                              for piece in _documents(batch)])
+        return rows.index_select(0, at - docs), targets, docs, head
     backbone, head = causal_lm_parts(model)
     if backbone.__dict__.get("_fastft_documents_alone"):  # its attention would let packed documents see each other
         states = [backbone(input_ids=piece[None], use_cache=False).last_hidden_state[0] for piece in _documents(batch)]
@@ -270,6 +296,21 @@ def hidden_at_targets(model: nn.Module, batch: dict):
     else:  # use_cache=False: transformers gives sdpa/eager the packed block mask only without a cache
         hidden = backbone(**_model_inputs(batch), use_cache=False).last_hidden_state
     return hidden[:, :-1].flatten(0, 1).index_select(0, at), targets, docs, head
+
+
+@contextlib.contextmanager
+def _without_head(model: nn.Module):
+    """The causal LM's lm_head replaced by the identity for the block (its forward then returns hidden states as
+    logits), yielding the head; yields None and changes nothing where the model's logits are more than head(hidden)
+    (a final softcap: check_head_gives_logits holds them to that) or the head is not a direct child."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = base.get_output_embeddings()
+    name = next((n for n, child in base.named_children() if child is head), None)
+    if head is None or name is None or final_softcap(model) is not None:
+        yield None
+        return
+    with attribute_set([base], name, nn.Identity()):
+        yield head
 
 
 def _documents(batch: dict) -> tuple:
@@ -294,7 +335,7 @@ def packing_isolates(model: nn.Module, flash_kwargs: bool) -> bool:
     from fastft.integration.packing import PackingCollator
 
     backbone, _ = causal_lm_parts(model)
-    vocab = backbone.get_input_embeddings().num_embeddings
+    vocab = input_embeddings(model).num_embeddings
     second = [(11 * i + 5) % vocab for i in range(7)]
     device = next(backbone.parameters()).device
     training = backbone.training

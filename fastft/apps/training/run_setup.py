@@ -235,6 +235,15 @@ def load_models(cfg: TrainConfig, device, accelerator):
             tokenizer.pad_token = tokenizer.eos_token
         return path, tokenizer
 
+    def from_pretrained(p, dtype):
+        try:
+            return AutoModelForCausalLM.from_pretrained(p, dtype=dtype, attn_implementation=cfg.attn_implementation)
+        except KeyError as e:  # Falcon and GPT-Neo index a table of their own attention classes by the name
+            if e.args != (cfg.attn_implementation,):
+                raise
+            raise ConfigError(f"--attn-implementation {cfg.attn_implementation}: the model at {p} picks its attention "
+                              "from its own table of classes, which has no such entry; use --attn-implementation "
+                              "sdpa") from None
+
     path, tokenizer = load(cfg.model)
-    return path, tokenizer, (lambda p, dtype: AutoModelForCausalLM.from_pretrained(
-        p, dtype=dtype, attn_implementation=cfg.attn_implementation)), load
+    return path, tokenizer, from_pretrained, load

@@ -1,0 +1,105 @@
+"""attn_implementation="fastft" on architectures outside the patching table (found by an architecture sweep over
+transformers' causal-LM registry): each either matches its eager/sdpa twin or is refused, never silently wrong.
+
+- BigBirdPegasus' and TrOCR's decoders take causality from transformers' full 4-D mask alone (transformers
+  refuses SDPA and FlashAttention for them): the padding-only mask lost it. Refused.
+- Doge always asks for a mask (allow_is_causal_skip=False) and builds its dynamic mask on it; Llama 4 asks for one
+  for packed rows: models transformers refuses FlashAttention for get the full 4-D mask where one is asked for.
+- GPT-BigCode (Persimmon, CTRL, Whisper's decoder...) pass no position_ids to their attention: packed rows without
+  cu_seq_lens attended across documents. Refused, naming the collator options that carry the boundaries.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastft.integration.packing import PackingCollator
+
+transformers = pytest.importorskip("transformers")
+
+
+def _twins(config, reference="eager"):
+    from transformers import AutoModelForCausalLM
+
+    import fastft
+
+    fastft.register_attention()
+    torch.manual_seed(0)
+    ref = AutoModelForCausalLM.from_config(config, attn_implementation=reference).eval()
+    fast = AutoModelForCausalLM.from_config(config, attn_implementation="fastft").eval()
+    fast.load_state_dict(ref.state_dict())
+    return ref, fast
+
+
+def _ids(n, seed=0):
+    return torch.randint(3, 200, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("kind", ["bigbird_pegasus", "trocr"])
+def test_decoders_that_need_the_full_mask_are_refused(kind):
+    from transformers import BigBirdPegasusConfig, TrOCRConfig
+
+    config = BigBirdPegasusConfig(vocab_size=256, d_model=32, decoder_layers=1, encoder_layers=1,
+                                  decoder_attention_heads=4, encoder_attention_heads=4, decoder_ffn_dim=64,
+                                  encoder_ffn_dim=64, is_decoder=True) if kind == "bigbird_pegasus" else \
+        TrOCRConfig(vocab_size=256, d_model=32, decoder_layers=1, decoder_attention_heads=4, decoder_ffn_dim=64)
+    _, fast = _twins(config)
+    with torch.no_grad(), pytest.raises(ValueError, match="(supports neither SDPA nor FlashAttention|does not run its attention through).*causal mask would be lost"):
+        fast(input_ids=_ids(8))
+
+
+def test_doge_keeps_its_causal_mask():
+    from transformers import DogeConfig
+
+    config = DogeConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2)
+    eager, fast = _twins(config)
+    ids = _ids(12)
+    later_changed = ids.clone()
+    later_changed[0, 6:] = 7
+    with torch.no_grad():
+        out, ref = fast(input_ids=ids).logits, eager(input_ids=ids).logits
+        torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+        moved = (fast(input_ids=later_changed).logits[0, :6] - out[0, :6]).abs().max()
+    assert moved == 0  # positions before the changed tokens do not see them
+
+
+def _packed(docs, flash_kwargs):
+    batch = PackingCollator(return_flash_kwargs=flash_kwargs)([{"input_ids": d} for d in docs])
+    batch.pop("labels")
+    return dict(batch, use_cache=False)  # transformers separates packed rows without a cache (training)
+
+
+def _docs():
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(3, 200, (n,), generator=g).tolist() for n in (6, 5)]
+
+
+def test_llama4_packed_rows_stay_apart():
+    from transformers import Llama4TextConfig
+
+    config = Llama4TextConfig(vocab_size=256, hidden_size=64, intermediate_size=128, intermediate_size_mlp=128,
+                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                              num_local_experts=2, attention_chunk_size=64)
+    sdpa, fast = _twins(config, "sdpa")
+    docs = _docs()
+    with torch.no_grad():
+        alone = torch.cat([sdpa(input_ids=torch.tensor([d])).logits[0] for d in docs])
+        packed = fast(**_packed(docs, flash_kwargs=False)).logits[0]
+    torch.testing.assert_close(packed, alone, atol=2e-5, rtol=2e-5)
+
+
+def test_packed_rows_whose_attention_gets_no_position_ids_need_cu_seq_lens():
+    from transformers import GPTBigCodeConfig
+
+    config = GPTBigCodeConfig(vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=64)
+    sdpa, fast = _twins(config, "sdpa")
+    docs = _docs()
+    with torch.no_grad():
+        alone = torch.cat([sdpa(input_ids=torch.tensor([d])).logits[0] for d in docs])
+        with pytest.raises(ValueError, match="packs documents .* GPTBigCodeAttention is not given the position_ids"):
+            fast(**_packed(docs, flash_kwargs=False))
+        torch.testing.assert_close(fast(**_packed(docs, flash_kwargs=True)).logits[0], alone, atol=2e-5, rtol=2e-5)
+        # one document, and padded rows, are not packing: they run as before
+        torch.testing.assert_close(fast(input_ids=torch.tensor([docs[0]])).logits, sdpa(
+            input_ids=torch.tensor([docs[0]])).logits, atol=2e-5, rtol=2e-5)
