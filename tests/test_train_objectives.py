@@ -397,6 +397,31 @@ def test_distillation_with_plain_heads_makes_no_logits(monkeypatch):
     assert calls == [1]
 
 
+def test_distillation_slices_a_head_only_where_it_is_padded():
+    """A trainable student head as large as the shared vocabulary was sliced anyway (weight[:vocab]), whose
+    backward writes a zero-filled vocab x hidden copy of the gradient per KL term (full fine-tuning)."""
+    from fastft.apps.training import objectives
+
+    def nodes(fn, seen=None):
+        seen = set() if seen is None else seen
+        if fn is None or fn in seen:
+            return seen
+        seen.add(fn)
+        for next_fn, _ in fn.next_functions:
+            nodes(next_fn, seen)
+        return seen
+
+    g = torch.Generator().manual_seed(0)
+    hidden, t_hidden = torch.randn(5, 16, generator=g), torch.randn(5, 24, generator=g)
+    targets = torch.randint(0, 100, (5,), generator=g)
+    head = torch.nn.Linear(16, 100, bias=False)
+    for teacher_rows, sliced in ((100, False), (96, True)):
+        loss = objectives.distill_loss_sum(hidden, head, t_hidden, torch.nn.Linear(24, teacher_rows, bias=False),
+                                           targets, kl_weight=1.0, reverse_kl_weight=0.5, ce_weight=0.0,
+                                           temperature=1.0)
+        assert any("Slice" in type(fn).__name__ for fn in nodes(loss.grad_fn)) == sliced
+
+
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_dpo_turns_the_models_own_dropout_off(tmp_path, arch):
     """The reference pass runs the same modules in train mode: with the model's dropout on (GPT-2's nn.Dropout 0.1,

@@ -93,7 +93,8 @@ def distill_loss_sum(hidden, head, teacher_hidden, teacher_head, targets, *,
     if _plain_head(head, hidden) and _plain_head(teacher_head, teacher_hidden) and softcap is None \
             and teacher_softcap is None:
         vocab = min(head.weight.shape[0], teacher_head.weight.shape[0])  # heads padded past the shared tokenizer
-        student_w, teacher_w = head.weight[:vocab], teacher_head.weight[:vocab]
+        # sliced only where padded: a slice's backward writes a zero-filled V x H gradient copy (full fine-tuning)
+        student_w, teacher_w = (w if w.shape[0] == vocab else w[:vocab] for w in (head.weight, teacher_head.weight))
         loss = hidden.new_zeros((), dtype=torch.float32)
         for weight, direction in ((kl_weight, "forward"), (reverse_kl_weight, "reverse")):
             if weight:
