@@ -203,6 +203,27 @@ def test_prompt_learning_keeps_no_logits_and_trains_as_peft(kind):
     assert isinstance(model.get_base_model().lm_head, torch.nn.Linear)  # put back
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prompt_tuning_a_model_whose_forward_reads_its_heads_weight(dtype):
+    """Mamba-style forwards cast to lm_head.weight.dtype before the head and upcast the logits: the head swapped
+    out of peft's forward must still show its weight (AttributeError on nn.Identity), and the upcast hidden states
+    go back to the head's dtype for the fused loss."""
+    import peft
+    from transformers import Mamba2Config, Mamba2ForCausalLM
+
+    torch.manual_seed(0)
+    base = Mamba2ForCausalLM(Mamba2Config(vocab_size=256, hidden_size=64, num_hidden_layers=2, state_size=8,
+                                          num_heads=4, head_dim=32, n_groups=1)).to(dtype)
+    model = peft.get_peft_model(base, peft.PromptTuningConfig(num_virtual_tokens=3, task_type="CAUSAL_LM"))
+    ids = list(range(5, 14))
+    loss, _ = ObjectiveModel(model, "sft").train()(pack([Example(ids, ids)], pad_token_id=0, flash_kwargs=False))
+    own = model(input_ids=torch.tensor([ids]), labels=torch.tensor([[-100] + ids[1:]])).loss
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=1e-2)
+    torch.testing.assert_close(loss.float() / 8, own.float(), **tol)
+    loss.backward()
+    assert isinstance(model.get_base_model().lm_head, torch.nn.Linear)
+
+
 @pytest.mark.parametrize("kind", ["prompt", "prefix"])
 def test_prompt_learning_runs_documents_apart(kind):
     """peft's prompt-learning forward ignores position_ids: packed documents would see each other, so each

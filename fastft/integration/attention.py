@@ -415,8 +415,9 @@ def fastft_attention_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset
     A cache whose key slots run past the filled positions (a static cache: kv_offset + kv_length > q_offset +
     q_length) gets transformers' own 4-D boolean mask instead: the kernels align queries to the last key, which is
     not the last filled one there, and the empty slots must not be seen (the interface then runs SDPA on it). So
-    does a mask with an overlay (`use_vmap`: transformers' or/and mask functions, e.g. image tokens seeing each
-    other both ways), which the causal kernels would drop."""
+    does a mask with an overlay (`use_vmap`: transformers' or/and mask functions; eagerly, also a blockwise overlay
+    composed without vmap, _sees_later_keys: Gemma 3's image tokens seeing each other both ways), which the causal
+    kernels would drop, and a mask transformers may not skip on a model it runs without FlashAttention."""
     config = kwargs.get("config")
     _check_uses_the_interface(config)
     # transformers asks for a mask it may not skip: packed rows (position_ids restarting, no padding mask), or a
@@ -429,7 +430,9 @@ def fastft_attention_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset
     # traced with a static cache, the offsets are tensors: comparing them would branch on data (a graph break)
     traced_offsets = compiling() and any(isinstance(x, torch.Tensor) for x in (q_offset, kv_offset))
     if traced_offsets or kwargs.get("use_vmap") or kv_offset + kv_length > q_offset + q_length \
-            or (unskippable and not _supports_flash_mask(config)):
+            or (unskippable and not _supports_flash_mask(config)) \
+            or (unskippable and not compiling() and _sees_later_keys(mask_function, batch_size, q_length, q_offset,
+                                                                     kwargs.get("device"))):
         from transformers.masking_utils import causal_mask_function, sdpa_mask
 
         passed = {k: v for k, v in kwargs.items() if k in ("device", "local_size", "use_vmap")}
@@ -442,6 +445,19 @@ def fastft_attention_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset
     if not compiling() and attention_mask.shape[1] == kv_length and bool(attention_mask.all()):
         return None
     return attention_mask
+
+
+def _sees_later_keys(mask_function, batch_size: int, q_length: int, q_offset, device) -> bool:
+    """Whether a query sees the key right after it somewhere: an overlay the causal kernels would drop, which
+    transformers composes without asking for vmap (Gemma 3's and PaliGemma's image tokens attending to each other
+    both ways, blockwise_overlay). Evaluated on the O(S) pairs (q, q + 1) only, as transformers' own mask builders
+    call index-based mask functions (one device read; plain packed rows see no later key)."""
+    if mask_function is None or q_length < 2:
+        return False
+    batch = torch.arange(batch_size, device=device)[:, None]
+    q = q_offset + torch.arange(q_length - 1, device=device)[None, :]
+    seen = mask_function(batch, torch.zeros((), dtype=torch.long, device=device), q, q + 1)
+    return bool(torch.as_tensor(seen).any())
 
 
 def register_attention(backend: str = "auto") -> str:

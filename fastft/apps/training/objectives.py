@@ -288,6 +288,9 @@ def hidden_at_targets(model: nn.Module, batch: dict):
         with _without_head(model) as head:
             rows = torch.cat([model(input_ids=piece[None], use_cache=False).logits[0, -len(piece):-1]
                               for piece in _documents(batch)])
+        weight = None if head is None else getattr(head, "weight", None)
+        if rows.dtype == torch.float32 and type(weight) in (torch.Tensor, nn.Parameter) and weight.element_size() == 2:
+            rows = rows.to(weight.dtype)  # a forward that upcasts its logits (Mamba) upcast the 16-bit hidden states
         return rows.index_select(0, at - docs), targets, docs, head
     backbone, head = causal_lm_parts(model)
     if backbone.__dict__.get("_fastft_documents_alone"):  # its attention would let packed documents see each other
@@ -310,8 +313,21 @@ def _without_head(model: nn.Module):
     if head is None or name is None or final_softcap(model) is not None:
         yield None
         return
-    with attribute_set([base], name, nn.Identity()):
+    with attribute_set([base], name, _HeadWeightOnly(head)):
         yield head
+
+
+class _HeadWeightOnly(nn.Identity):
+    """The identity in the head's place that still shows the head's weight: Mamba's and HY-V4's forwards cast their
+    hidden states to lm_head.weight.dtype before the head."""
+
+    def __init__(self, head: nn.Module):
+        super().__init__()
+        self.__dict__["_head"] = head  # not a submodule: its parameters stay the head's alone
+
+    @property
+    def weight(self):
+        return self._head.weight
 
 
 def _documents(batch: dict) -> tuple:
