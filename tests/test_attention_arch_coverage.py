@@ -44,7 +44,8 @@ def test_decoders_that_need_the_full_mask_are_refused(kind):
                                   encoder_ffn_dim=64, is_decoder=True) if kind == "bigbird_pegasus" else \
         TrOCRConfig(vocab_size=256, d_model=32, decoder_layers=1, decoder_attention_heads=4, decoder_ffn_dim=64)
     _, fast = _twins(config)
-    with torch.no_grad(), pytest.raises(ValueError, match="(supports neither SDPA nor FlashAttention|does not run its attention through).*causal mask would be lost"):
+    refused = "(supports neither SDPA nor FlashAttention|does not run its attention through).*causal mask would be lost"
+    with torch.no_grad(), pytest.raises(ValueError, match=refused):
         fast(input_ids=_ids(8))
 
 
@@ -132,3 +133,21 @@ def test_gemma3_image_tokens_keep_their_bidirectional_block():
         with torch.no_grad():
             out[impl] = model(input_ids=ids, token_type_ids=image).logits
     torch.testing.assert_close(out["fastft"], out["eager"], atol=2e-5, rtol=2e-5)
+
+
+def test_an_encoders_mask_stays_unread():
+    """Encoders' bidirectional masks always pass allow_is_causal_skip=False: the overlay probe took them for a causal
+    mask it may not skip and gave a full 4-D mask (SDPA instead of the kernels, one device read a call)."""
+    from transformers import LlamaConfig
+    from transformers.masking_utils import bidirectional_mask_function
+
+    from fastft.integration.attention import fastft_attention_mask
+
+    config = LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4)
+    kwargs = dict(mask_function=bidirectional_mask_function, allow_is_causal_skip=False,
+                  allow_is_bidirectional_skip=True, dtype=torch.float32, config=config, use_vmap=False,
+                  device=torch.device("cpu"))
+    assert fastft_attention_mask(2, 8, 8, attention_mask=None, **kwargs) is None
+    padded = torch.ones(2, 8, dtype=torch.bool)
+    padded[0, :3] = False
+    assert fastft_attention_mask(2, 8, 8, attention_mask=padded, **kwargs).shape == (2, 8)

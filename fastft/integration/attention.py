@@ -420,11 +420,12 @@ def fastft_attention_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset
     kernels would drop, and a mask transformers may not skip on a model it runs without FlashAttention."""
     config = kwargs.get("config")
     _check_uses_the_interface(config)
-    # transformers asks for a mask it may not skip: packed rows (position_ids restarting, no padding mask), or a
-    # model that always needs one (Doge)
-    unskippable = kwargs.get("allow_is_causal_skip") is False
-    if not compiling() and "allow_is_bidirectional_skip" not in kwargs:  # a causal mask (not an encoder's):
-        # read by the attention calls of this forward (_check_packing_reached)
+    # a causal mask transformers may not skip: packed rows (position_ids restarting, no padding mask), an overlay, or
+    # a model that always needs one (Doge). Encoders' bidirectional masks always pass allow_is_causal_skip=False
+    # (an sdpa argument they do not use): not one of these
+    causal = "allow_is_bidirectional_skip" not in kwargs
+    unskippable = causal and kwargs.get("allow_is_causal_skip") is False
+    if causal and not compiling():  # read by the attention calls of this forward (_check_packing_reached)
         _packed_rows_config.set(id(config) if unskippable and attention_mask is None and not kwargs.get("use_vmap")
                                 and q_length == kv_length else None)
     # traced with a static cache, the offsets are tensors: comparing them would branch on data (a graph break)

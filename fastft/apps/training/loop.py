@@ -34,7 +34,7 @@ from fastft.apps.training.evaluation import describe, evaluate, evaluate_merges,
 from fastft.apps.training.records import data_fingerprint, load_records, records_digest
 from fastft.apps.training.logs import RunLog, peak_memory_gib
 from fastft.apps.optimizers import make_optimizer
-from fastft.apps.training.objectives import (ObjectiveModel, check_head_gives_logits, check_vocab_rows,
+from fastft.apps.training.objectives import (ObjectiveModel, causal_lm, check_head_gives_logits, check_vocab_rows,
                                              checked_on_host_for, disable_model_dropout, documents_alone,
                                              is_prompt_learning, packing_isolates, run_documents_alone, token_rows)
 from fastft.apps.training.resume_checks import (check_resumed_data, check_resumed_settings, check_resumed_step,
@@ -297,7 +297,7 @@ def _run(cfg: TrainConfig, accelerator, train_records, eval_records, description
             "reference's differ by the adapters alone")
     model = apply_method_or_config_error(model, cfg, log)
     patched = maybe_patch(model, cfg, device, log)
-    attention = (model.get_base_model() if hasattr(model, "get_base_model") else model).config._attn_implementation
+    attention = causal_lm(model).config._attn_implementation
     if attention != cfg.attn_implementation:  # prefix tuning and patching run fastft's attention
         log(f"attention: {attention} (set by {'--patch-model' if patched else f'--method {cfg.method}'}), not "
             f"--attn-implementation {cfg.attn_implementation}")
@@ -305,7 +305,7 @@ def _run(cfg: TrainConfig, accelerator, train_records, eval_records, description
     if attention != cfg.attn_implementation:
         check_packing(model, make_batch.flash_kwargs, f"--model {cfg.model}", None, accelerator)  # patched: its own
     if cfg.gradient_checkpointing:
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        base = causal_lm(model)
         enable_checkpointing(base)  # non-reentrant, without the input-grad hook that breaks --compile's graph
         base.config.use_cache = False
     trainable, total = parameter_counts(model)  # each stored weight once (NF4 by its logical size)
@@ -316,7 +316,7 @@ def _run(cfg: TrainConfig, accelerator, train_records, eval_records, description
         if not make_batch.bucket:
             log("note: --pad-to-buckets: this model runs each packed document on its own, one forward per "
                 "document length whatever the row's: its micro-batches are not padded")
-    objective._no_split_modules = getattr(model.get_base_model() if hasattr(model, "get_base_model") else model,
+    objective._no_split_modules = getattr(causal_lm(model),
                                           "_no_split_modules", None)  # FSDP2's auto-wrap reads this
     if resume_from is None and (cfg.objective == "dpo" or cfg.method == "qlora"):
         key = "eval_before" if cfg.objective == "dpo" else "eval_quantized"

@@ -150,7 +150,7 @@ def final_softcap(model: nn.Module) -> float | None:
     """The cap of the model's final logit softcapping (Gemma 2/3: cap·tanh(logits/cap)), None without one."""
     from fastft.apps.training.config import ConfigError
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = causal_lm(model)
     config = getattr(base, "config", None)
     if hasattr(config, "get_text_config"):  # a multimodal model (Gemma3n) keeps them on its text config
         config = config.get_text_config()
@@ -247,9 +247,14 @@ def token_rows(model: nn.Module, teacher: nn.Module | None = None) -> int:
     return min(rows)
 
 
+def causal_lm(model: nn.Module) -> nn.Module:
+    """The transformers causal LM: `model` itself, or the one inside a PeftModel."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def causal_lm_parts(model: nn.Module):
     """(backbone, lm_head) of a transformers causal LM, or of the one inside a PeftModel."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = causal_lm(model)
     backbone = base.base_model
     if backbone is base:  # Llama 4 / Mllama's text models name a base_model_prefix they do not use: .model
         backbone = getattr(base, "model", base)
@@ -259,7 +264,7 @@ def causal_lm_parts(model: nn.Module):
 def input_embeddings(model: nn.Module) -> nn.Module:
     """The token embeddings of a causal LM (or of the one inside a PeftModel), asked of the causal LM itself: a
     decoder wrapper's backbone (BART-family ...ForCausalLM) does not answer get_input_embeddings."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = causal_lm(model)
     return base.get_input_embeddings()
 
 
@@ -307,7 +312,7 @@ def _without_head(model: nn.Module):
     """The causal LM's lm_head replaced by the identity for the block (its forward then returns hidden states as
     logits), yielding the head; yields None and changes nothing where the model's logits are more than head(hidden)
     (a final softcap: check_head_gives_logits holds them to that) or the head is not a direct child."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = causal_lm(model)
     head = base.get_output_embeddings()
     name = next((n for n, child in base.named_children() if child is head), None)
     if head is None or name is None or final_softcap(model) is not None:

@@ -10,7 +10,7 @@ import torch
 
 from fastft.apps.training.config import (ConfigError, TrainConfig, flag, resolved_dropout, resolved_mixed_precision,
                                          weights_dtype)
-from fastft.apps.training.objectives import ObjectiveModel
+from fastft.apps.training.objectives import ObjectiveModel, causal_lm
 from fastft.integration.module_names import name_hint, names_module
 
 
@@ -133,7 +133,7 @@ def maybe_patch(model, cfg: TrainConfig, device, log) -> bool:
             raise ConfigError(f"--patch-model on: {e}") from None
         log(f"not patched: {e}; training goes on unpatched (--patch-model off silences this)")
         return False
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = causal_lm(model)
     summary = (getattr(base, "_fastft_patch", None) or model._fastft_patch).summary  # bottleneck wrapper: on it
     log(f"patched by fastft.patch_model: {summary['model_type']}: {summary['rms_norm']} RMSNorm, "
         f"{summary['glu_mlp']} GLU MLP, {summary['rope_attention']} RoPE attention, attention "
