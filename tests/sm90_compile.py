@@ -120,13 +120,10 @@ def _lora_gemm_consts(**flags) -> dict:
 def lora_fold(every_config: bool = False) -> int:
     """The folded LoRA GEMM (x·Aᵀ / dy·B computed in the GEMM's own K loop), bf16, R = 16 and 64: forward and dx
     with descriptors, the pointer-load variant at R = 64 (the most registers), dx with a dropout tail, and the
-    pair reduction for dA + dB; the first config of each list (the untimed default) and the warp-specialized
-    ones. every_config (argument `lora-fold all`, ~3 min): every config the tuner may pick, descriptors and
+    pair reduction for dA + dB; the first config of each list (the untimed default). every_config (argument `lora-fold all`, ~3 min): every config the tuner may pick, descriptors and
     pointer loads. No spills, shared memory within the limit."""
     failures = 0
-    # not every config: the first (the untimed default) and the warp-specialized ones (whether they specialize)
-    top = (lambda configs: configs) if every_config else (
-        lambda configs: configs[:1] + [c for c in configs[1:] if c.get("WARP_SPECIALIZE")])
+    top = (lambda configs: configs) if every_config else (lambda configs: configs[:1])  # the untimed default
     max_rank = lora_gemm.FOLD_MAX_RANK
     for rank, b_nk, use_tma in itertools.product((16, max_rank), (True, False), (True, False)):
         if use_tma or every_config or rank == max_rank:

@@ -65,7 +65,7 @@ def _lora_gemm_kernel(
     HAS_TAIL: tl.constexpr, HAS_COL_SCALE: tl.constexpr, HAS_K_SCALE: tl.constexpr, FOLD: tl.constexpr,
     USE_TMA: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    GROUP_M: tl.constexpr, FLATTEN: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+    GROUP_M: tl.constexpr, FLATTEN: tl.constexpr,
 ):
     """c[M,N] = (a[M,K]·diag(k_scale)·bᵀ + l[M,R]·tᵀ)·diag(col_scale) (+ bias), b logically [N,K], t [N,R].
 
@@ -98,7 +98,7 @@ def _lora_gemm_kernel(
             l_src = block_source(l_ptr, M, BLOCK_R, stride_lm, BLOCK_M, BLOCK_R, USE_TMA)
 
     offs_r = tl.arange(0, BLOCK_R)
-    for tile_id in tl.range(start_pid, num_tiles, num_programs, flatten=FLATTEN, warp_specialize=WARP_SPECIALIZE):
+    for tile_id in tl.range(start_pid, num_tiles, num_programs, flatten=FLATTEN):
         pid_m, pid_n = tile_coords(tile_id, num_pid_m, num_pid_n, GROUP_M)
         off_m = pid_m * BLOCK_M
         off_n = pid_n * BLOCK_N
@@ -156,28 +156,25 @@ def _lora_gemm_kernel(
 # ----------------------------------------------------------------------------------------------
 # Launch configs. Hopper configs follow ../shared/anchors (128×256×64, 3 stages, 8 warps reached
 # 1.006–1.05× cuBLAS with descriptors and a persistent grid); the interpreter gets one small tile.
-# Warp specialization on sm_90 (triton 3.6 and 3.7) needs num_warps=4: the compiler then builds a producer
-# warpgroup (TMA loads) and two consumer warpgroups (12 warps, `setmaxnreg`); with 8 warps the flag is ignored
-# and the kernel is the plain one (identical SASS), so the specialized configs here run 4 warps and 2 stages
-# where the plain 128×256 runs 3 (shared memory). tests/sm90_compile.py fails a WARP_SPECIALIZE config that
-# did not specialize. Not yet timed on a GPU: the tuner keeps them only if they win.
+# No warp-specialized configs: on an H200 under triton 3.6 (2026-12-04, every config forced at ragged M) each
+# `warp_specialize=True` variant of this loop wrote NaN or garbage into whole tile columns, intermittently, while
+# the same tiles without it were exact; the tuner timed them and picked them (NaN in the LoRA benchmark's checks).
 
 @functools.lru_cache(maxsize=None)
 def _gemm_configs(use_tma: bool, elem_bytes: int) -> list[dict]:
     if INTERPRET:
-        return [dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, FLATTEN=False, WARP_SPECIALIZE=False,
+        return [dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, FLATTEN=False,
                      num_warps=4, num_stages=1)]
     if elem_bytes == 4:
-        return [dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, FLATTEN=False, WARP_SPECIALIZE=False,
+        return [dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, FLATTEN=False,
                      num_warps=4, num_stages=3)]
     if use_tma:
-        # (BM, BN, BK, stages, warps, flatten, warp-specialize)
-        variants = [(128, 256, 64, 3, 8, True, False), (128, 256, 64, 2, 4, False, True),
-                    (128, 256, 64, 3, 8, False, False), (128, 128, 64, 4, 8, True, False),
-                    (128, 128, 128, 3, 8, False, False), (128, 128, 64, 4, 4, False, True)]
-        return [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, FLATTEN=fl, WARP_SPECIALIZE=ws,
-                     num_warps=w, num_stages=s) for bm, bn, bk, s, w, fl, ws in variants]
-    return [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, FLATTEN=False, WARP_SPECIALIZE=False,
+        # (BM, BN, BK, stages, warps, flatten)
+        variants = [(128, 256, 64, 3, 8, True), (128, 256, 64, 3, 8, False), (128, 128, 64, 4, 8, True),
+                    (128, 128, 128, 3, 8, False)]
+        return [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, FLATTEN=fl, num_warps=w, num_stages=s)
+                for bm, bn, bk, s, w, fl in variants]
+    return [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, FLATTEN=False,
                  num_warps=w, num_stages=s)
             for bm, bn, bk, s, w in [(128, 128, 64, 4, 8), (128, 256, 64, 3, 8), (64, 128, 64, 4, 4)]]
 
@@ -192,18 +189,16 @@ def _fold_configs(use_tma: bool, elem_bytes: int, rank: int) -> list[dict]:
     if INTERPRET or elem_bytes == 4:
         return _gemm_configs(use_tma, elem_bytes)
     if use_tma:
-        # (BM, BN, BK, stages, warps, flatten, warp-specialize)
-        variants = ([(128, 256, 64, 3, 8, False, False), (128, 256, 64, 3, 8, True, False),
-                     (128, 128, 64, 4, 8, True, False), (128, 256, 64, 2, 4, False, True),
-                     (128, 128, 64, 3, 4, False, True)] if rank <= 16 else
-                    [(128, 128, 64, 4, 8, True, False), (128, 128, 64, 4, 8, False, False),
-                     (128, 256, 64, 2, 8, False, False), (128, 128, 64, 2, 4, False, True)])
-        return [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, FLATTEN=fl, WARP_SPECIALIZE=ws,
-                     num_warps=w, num_stages=s) for bm, bn, bk, s, w, fl, ws in variants]
+        # (BM, BN, BK, stages, warps, flatten)
+        variants = ([(128, 256, 64, 3, 8, False), (128, 256, 64, 3, 8, True), (128, 128, 64, 4, 8, True)]
+                    if rank <= 16 else
+                    [(128, 128, 64, 4, 8, True), (128, 128, 64, 4, 8, False), (128, 256, 64, 2, 8, False)])
+        return [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, FLATTEN=fl, num_warps=w, num_stages=s)
+                for bm, bn, bk, s, w, fl in variants]
     # pointer loads (unaligned rows), spill-free under triton 3.6 and 3.7 (sm_90 check): at R=16 128×128 needs 32-wide
     # k-steps (64: 8 B under 3.6) and 64×128 8 warps (4: 304 B under 3.6); at R=64 only 8-warp 128×64 / 64×128 stay
     # clean (128×64 on 4 warps: 352–376 B under 3.6)
-    return [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, FLATTEN=False, WARP_SPECIALIZE=False,
+    return [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, FLATTEN=False,
                  num_warps=w, num_stages=s)
             for bm, bn, bk, s, w in ([(128, 128, 32, 4, 8), (64, 128, 64, 4, 8), (128, 64, 64, 4, 4)] if rank <= 16
                                      else [(128, 64, 64, 4, 8), (64, 128, 64, 4, 8)])]
@@ -220,7 +215,7 @@ def dropout_dx_configs(use_tma: bool, elem_bytes: int, rank: int) -> list[dict]:
     # 64 B at R=64, 128×64 8 B at R=64)
     variants = ([(128, 128, 64, 3, 8), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4)] if use_tma else
                 [(64, 128, 64, 4, 8), (128, 64, 64, 4, 8)] if rank <= 16 else [(64, 128, 64, 4, 8)])
-    return [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, FLATTEN=False, WARP_SPECIALIZE=False,
+    return [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, FLATTEN=False,
                  num_warps=w, num_stages=s) for bm, bn, bk, s, w in variants]
 
 

@@ -78,11 +78,14 @@ def table_supported(w) -> bool:
 def nf4_gemv(x2: torch.Tensor, w, bias: torch.Tensor | None, variant: int | None = None) -> torch.Tensor:
     """y [batch, w.rows] in x2's dtype; the caller checked `supported(x2, w)`. variant: SCALED or TABLE forces one
     (TABLE must be `table_supported`); None picks by measurement."""
-    if x2.stride(1) != 1 or x2.stride(0) % 8 or x2.data_ptr() % 16:
+    batch, k = x2.shape
+    if x2.stride(1) != 1 or (batch > 1 and x2.stride(0) % 8) or x2.data_ptr() % 16:
         x2 = x2.contiguous()  # 16-byte vector loads need aligned rows; x is small at decode time
+    # one row: its stride is never used, and may be anything (a [K, 1] column transposed has stride 1, and counts
+    # as contiguous, so .contiguous() keeps it): give the kernel k, which its alignment check accepts
+    ldx = x2.stride(0) if batch > 1 else k
     if bias is not None:
         bias = bias.to(x2.dtype).contiguous()
-    batch, k = x2.shape
     y = torch.empty((batch, w.rows), dtype=x2.dtype, device=x2.device)
     nested = w.absmax2 is not None
     stream = torch.cuda.current_stream(x2.device).cuda_stream
@@ -90,7 +93,7 @@ def nf4_gemv(x2: torch.Tensor, w, bias: torch.Tensor | None, variant: int | None
     def launch(v: int) -> None:
         with torch.cuda.device(x2.device):
             _C.nf4_gemv_cuda(
-                x2.data_ptr(), x2.stride(0), w.packed.data_ptr(), w.absmax.data_ptr(),
+                x2.data_ptr(), ldx, w.packed.data_ptr(), w.absmax.data_ptr(),
                 w.absmax2.data_ptr() if nested else 0, w.code2.data_ptr() if nested else 0, float(w.offset),
                 w.nested_blocksize, bias.data_ptr() if bias is not None else 0, y.data_ptr(), y.stride(0), batch,
                 w.rows, k, w.blocksize, _DTYPE_CODES[x2.dtype], stream, v)
