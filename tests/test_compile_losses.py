@@ -11,8 +11,8 @@ from torch._dynamo.backends.debugging import aot_eager
 
 import fastft
 from fastft.modules.nf4_linear import NF4Linear
-from fastft.ops.linear_losses import (linear_cross_entropy, linear_dpo_loss, linear_kl_div, linear_sequence_logprobs,
-                                      lm_head_cross_entropy)
+from fastft.ops.linear_losses import (linear_cross_entropy, linear_distill_loss, linear_dpo_loss, linear_kl_div,
+                                      linear_sequence_logprobs, lm_head_cross_entropy)
 from fastft.ops.compiled_args import nf4_args, seed_tensor
 from fastft.ops.linear_losses_compiled import linear_loss_op, row_losses_backward_op, row_losses_op
 from tests.compile_utils import assert_compiles_like_eager, leaves, run_with_grads
@@ -115,6 +115,20 @@ def test_linear_kl_div_compiles(direction, reduction, with_labels):
     assert_compiles_like_eager(
         lambda h, w: linear_kl_div(h, w, th, tw, temperature=2.0, direction=direction, labels=y, reduction=reduction,
                                    backend="triton", chunk_size=5), h, w, ops=ROWS if reduction == "none" else SCALAR)
+
+
+@interpreter_only
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_linear_distill_loss_compiles(reduction):
+    """Every term in one op: the weights cross the custom op as a float list."""
+    torch.manual_seed(3)
+    h, w = _t(2, 6, H), _t(V, H, scale=0.3)
+    th, tw = _t(2, 6, 16, grad=False), _t(V, 16, scale=0.3, grad=False)
+    y = _labels(2, 6)
+    assert_compiles_like_eager(
+        lambda h, w: linear_distill_loss(h, w, th, tw, y, kl_weight=0.5, reverse_kl_weight=0.3, ce_weight=0.2,
+                                         temperature=2.0, reduction=reduction, backend="triton", chunk_size=5),
+        h, w, ops=ROWS if reduction == "none" else SCALAR)
 
 
 @interpreter_only
@@ -299,10 +313,10 @@ def test_lora_head_dropout_under_activation_checkpointing(reduction, monkeypatch
 # ----------------------------------------------------------------------------------------------
 # opcheck: schema, fake kernels against the real ones, autograd registration, AOT dispatch
 
-def _options(kind="ce", vocab=V, scaling=1.0, nf4_ints=(), chunk_size=3):
-    """The Python options (op .. bytes_per_logit); the tensor arguments before them end with the seed."""
+def _options(kind="ce", vocab=V, scaling=1.0, nf4_ints=(), chunk_size=3, weights=()):
+    """The Python options (op .. weights); the tensor arguments before them end with the seed."""
     return ["opcheck", kind, "triton", vocab, -100, 0.1 if kind == "ce" else 0.0, 3.0 if kind == "ce" else None,
-            1.5, False, scaling, 0.0, list(nf4_ints), chunk_size, 4]
+            1.5, False, scaling, 0.0, list(nf4_ints), chunk_size, 4, list(weights)]
 
 
 @interpreter_only

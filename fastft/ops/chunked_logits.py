@@ -196,7 +196,9 @@ class Plan:
 class RowLoss:
     """Which loss the rows of a chunk compute and its options (Python values only: the tensors it reads, labels
     and the teacher's rows and head, come with the call). kind "ce": cross-entropy (and log-probs); "kl":
-    distillation, the teacher's logits of a chunk made beside the student's."""
+    distillation, the teacher's logits of a chunk made beside the student's; "distill": several distillation terms
+    on one chunk's logits, weights = (KL(teacher‖student), KL(student‖teacher), CE on the labels), each row's loss
+    their weighted sum (the logits made, and their gradient taken through the head, once for all terms)."""
     kind: str
     backend: str
     ignore_index: int
@@ -204,30 +206,55 @@ class RowLoss:
     softcap: float | None = None
     temperature: float = 1.0
     reverse: bool = False
+    weights: tuple[float, ...] = ()
 
     def row_fn(self, labels2: torch.Tensor | None, teacher_h2: torch.Tensor | None = None,
                teacher_w: torch.Tensor | None = None) -> RowFn:
-        if self.kind == "kl":
-            if self.backend == "triton":
-                from fastft.kernels.cross_entropy import kl_rows
-            else:
-                kl_rows = kl_rows_torch
+        if self.backend == "triton":
+            from fastft.kernels.cross_entropy import ce_rows, kl_rows
+        else:
+            ce_rows, kl_rows = ce_rows_torch, kl_rows_torch
+        if self.kind in ("kl", "distill"):
+            weights = self.weights if self.kind == "distill" else (0.0, 1.0, 0.0) if self.reverse else (1.0, 0.0, 0.0)
 
             def kl_fn(x, t0, t1, scale, compute_grad):
                 teacher_logits = teacher_h2[t0:t1] @ teacher_w.t()  # one chunk, freed after the row
-                return kl_rows(x, teacher_logits, None if labels2 is None else labels2[t0:t1], scale,
-                               ignore_index=self.ignore_index, temperature=self.temperature, reverse=self.reverse,
-                               compute_grad=compute_grad)
+                labels = None if labels2 is None else labels2[t0:t1]
+                terms = [(w, lambda xi, s, cg, reverse=reverse: kl_rows(
+                              xi, teacher_logits, labels, s, ignore_index=self.ignore_index,
+                              temperature=self.temperature, reverse=reverse, compute_grad=cg))
+                         for w, reverse in zip(weights[:2], (False, True)) if w]
+                if weights[2]:
+                    terms.append((weights[2], lambda xi, s, cg: ce_rows(
+                        xi, labels, s, ignore_index=self.ignore_index, label_smoothing=0.0, softcap=None,
+                        compute_grad=cg)))
+                return weighted_rows(x, terms, scale, compute_grad)
             return kl_fn
-        if self.backend == "triton":
-            from fastft.kernels.cross_entropy import ce_rows
-        else:
-            ce_rows = ce_rows_torch
 
         def ce_fn(x, t0, t1, scale, compute_grad):
             return ce_rows(x, labels2[t0:t1], scale, ignore_index=self.ignore_index,
                            label_smoothing=self.label_smoothing, softcap=self.softcap, compute_grad=compute_grad)
         return ce_fn
+
+
+def weighted_rows(x: torch.Tensor, terms: list, scale: torch.Tensor, compute_grad: bool) -> torch.Tensor:
+    """Σ wᵢ·lossᵢ per row of the logits chunk x, terms = [(wᵢ, fn(x, scale, compute_grad) -> row losses)]; with
+    compute_grad x is overwritten with Σ wᵢ·scale·d lossᵢ/dx. A row function overwrites its input with its
+    gradient, so every term but the last reads a copy (one or two chunk-sized buffers more; Plan's chunk rows count
+    them). A single term of weight 1 is that term's call alone."""
+    if len(terms) == 1 and terms[0][0] == 1.0:
+        return terms[0][1](x, scale, compute_grad)
+    total = acc = None
+    for i, (weight, fn) in enumerate(terms):
+        last = i == len(terms) - 1
+        xi = x if last or not compute_grad else x.clone()
+        loss = weight * fn(xi, scale * weight, compute_grad)
+        total = loss if total is None else total + loss
+        if compute_grad and not last:
+            acc = xi if acc is None else acc.add_(xi)
+    if acc is not None:
+        x.add_(acc)
+    return total
 
 
 def as_rows(t: torch.Tensor) -> torch.Tensor:

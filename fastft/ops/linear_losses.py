@@ -246,11 +246,46 @@ def linear_kl_div(student_hidden, student_weight, teacher_hidden, teacher_weight
     student_weight (V, Hs), teacher_hidden (..., Ht) with the same leading shape, teacher_weight (V, Ht).
     """
     op = "linear_kl_div"
+    check(direction in DIRECTIONS, lambda: f"{op}: `direction` must be one of {DIRECTIONS}, got {direction!r}")
+    row = dict(kind="kl", reverse=direction == "reverse")
+    return _teacher_loss(op, row, student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
+                         temperature, ignore_index, reduction, num_items, backend, chunk_size)
+
+
+def linear_distill_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, labels=None, *,
+                        kl_weight=1.0, reverse_kl_weight=0.0, ce_weight=0.0, temperature=1.0, ignore_index=-100,
+                        reduction="mean", num_items=None, backend="auto", chunk_size=None):
+    """Per row kl_weight·KL(p_t‖p_s) + reverse_kl_weight·KL(p_s‖p_t) + ce_weight·CE(h_s·W_sᵀ, labels), in one
+    chunked pass: each chunk's student and teacher logits are made once, and their gradient goes through the head
+    once, for all the terms (a linear_kl_div / linear_cross_entropy call per term makes and differentiates them
+    per term: 4 of the 2·T·V·H GEMMs instead of 3 per term with a trainable head, and one dh and dW).
+
+    KL at `temperature` without τ² (fold it into the weights), CE at temperature 1 over the same vocabulary
+    (student_weight's rows); weights ≥ 0, at least one positive; CE needs `labels`. Reductions, ignore_index,
+    num_items and shapes as linear_kl_div.
+    """
+    op = "linear_distill_loss"
+    weights = (kl_weight, reverse_kl_weight, ce_weight)
+    for name, w in zip(("kl_weight", "reverse_kl_weight", "ce_weight"), weights):
+        check(isinstance(w, numbers.Real) and not isinstance(w, bool) and w >= 0 and finite(w),
+              lambda: f"{op}: `{name}` must be a number ≥ 0, got {w!r}")
+    check(any(weights), lambda: f"{op}: every weight is 0: set kl_weight, reverse_kl_weight or ce_weight")
+    check(labels is not None or not ce_weight, lambda: f"{op}: ce_weight={ce_weight} needs `labels`")
+    row = dict(kind="distill", weights=tuple(float(w) for w in weights))
+    terms = sum(1 for w in weights if w)
+    return _teacher_loss(op, row, student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
+                         temperature, ignore_index, reduction, num_items, backend, chunk_size,
+                         copies=min(terms - 1, 2))
+
+
+def _teacher_loss(op, row_options, student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
+                  temperature, ignore_index, reduction, num_items, backend, chunk_size, copies=0):
+    """linear_kl_div's and linear_distill_loss's checks and call. copies: the chunk-sized copies of the logits
+    the row function keeps beside the student's and the teacher's (weighted_rows)."""
     for name, t in (("student_hidden", student_hidden), ("student_weight", student_weight),
                     ("teacher_hidden", teacher_hidden), ("teacher_weight", teacher_weight)):
         _check_tensor(op, name, t)
     _check_options(op, reduction, ignore_index, num_items, backend)
-    check(direction in DIRECTIONS, lambda: f"{op}: `direction` must be one of {DIRECTIONS}, got {direction!r}")
     check(isinstance(temperature, numbers.Real) and temperature > 0 and finite(temperature),
            lambda: f"{op}: `temperature` must be a positive number, got {temperature!r}")
     head = HeadArgs(weight=student_weight)
@@ -271,11 +306,11 @@ def linear_kl_div(student_hidden, student_weight, teacher_hidden, teacher_weight
     _check_chunk_size(op, chunk_size)
     T = math.prod(student_hidden.shape[:-1])
     th2 = as_rows(teacher_hidden.detach())
-    row = RowLoss("kl", backend, ignore_index, temperature=float(temperature), reverse=direction == "reverse")
+    row = RowLoss(backend=backend, ignore_index=ignore_index, temperature=float(temperature), **row_options)
     grad_scale = _grad_scale(reduction, labels2, ignore_index, T, num_items, student_hidden.device)
     loss = _run(op, reduction, student_hidden, head, row, grad_scale, labels2=labels2, teacher_h2=th2,
                 teacher_w=teacher.weight.detach(), chunk_size=None if chunk_size is None else int(chunk_size),
-                bytes_per_logit=_logit_bytes(backend, student_hidden.dtype, buffers=2, temporaries=24))
+                bytes_per_logit=_logit_bytes(backend, student_hidden.dtype, buffers=2 + copies, temporaries=24))
     return loss.view(student_hidden.shape[:-1]) if reduction == "none" else loss
 
 
@@ -389,6 +424,28 @@ def linear_kl_div_reference(student_hidden, student_weight, teacher_hidden, teac
     if num_items is None and labels is None:
         return kl.sum() / max(kl.numel(), 1)
     return kl.sum() / _reference_denominator(labels, ignore_index, num_items).to(kl.device, kl.dtype)
+
+
+def linear_distill_loss_reference(student_hidden, student_weight, teacher_hidden, teacher_weight, labels=None, *,
+                                  kl_weight=1.0, reverse_kl_weight=0.0, ce_weight=0.0, temperature=1.0,
+                                  ignore_index=-100, reduction="mean", num_items=None):
+    opts = dict(labels=labels, ignore_index=ignore_index, reduction="none")
+    rows = 0.0
+    for weight, direction in ((kl_weight, "forward"), (reverse_kl_weight, "reverse")):
+        if weight:
+            rows = rows + weight * linear_kl_div_reference(student_hidden, student_weight, teacher_hidden,
+                                                           teacher_weight, temperature=temperature,
+                                                           direction=direction, **opts)
+    if ce_weight:
+        rows = rows + ce_weight * linear_cross_entropy_reference(student_hidden, student_weight, labels,
+                                                                 ignore_index=ignore_index, reduction="none")
+    if reduction == "none":
+        return rows
+    if reduction == "sum":
+        return rows.sum()
+    if num_items is None and labels is None:
+        return rows.sum() / max(rows.numel(), 1)
+    return rows.sum() / _reference_denominator(labels, ignore_index, num_items).to(rows.device, rows.dtype)
 
 
 def linear_sequence_logprobs_reference(hidden, weight, labels, *, bias=None, ignore_index=-100, softcap=None):

@@ -64,6 +64,7 @@ class LossArgs(NamedTuple):
     nf4_ints: list
     chunk_size: Optional[int]
     bytes_per_logit: int
+    weights: list  # RowLoss.weights (kind "distill"), [] otherwise
 
     @property
     def head(self) -> tuple:
@@ -72,14 +73,21 @@ class LossArgs(NamedTuple):
 
 N_ARGS = len(LossArgs._fields)
 N_TENSOR_ARGS = LossArgs._fields.index("op")  # hidden .. seed (nf4 a list)
-_NF4_INTS = LossArgs._fields.index("nf4_ints")
+_NUMBER_LISTS = (LossArgs._fields.index("nf4_ints"), LossArgs._fields.index("weights"))
 
 
-def input_grads(head_grads, n_nf4: int, n_nf4_ints: int, n_inputs: int) -> tuple:
+def list_lengths(a: LossArgs) -> tuple[int, int, int]:
+    """What input_grads needs to know of a call's list arguments: len(nf4), len(nf4_ints), len(weights)."""
+    return len(a.nf4), len(a.nf4_ints), len(a.weights)
+
+
+def input_grads(head_grads, lengths: tuple[int, int, int], n_inputs: int) -> tuple:
     """A custom op backward's return, shaped like its inputs: the head's 5 gradients, a list for `nf4`, Nones; for
-    the int list `nf4_ints` register_autograd wants [] when it is empty, else None."""
+    the number lists `nf4_ints` and `weights` register_autograd wants [] when one is empty, else None."""
+    n_nf4, *n_numbers = lengths
     grads = [*head_grads, [None] * n_nf4, *[None] * (n_inputs - 6)]
-    grads[_NF4_INTS] = None if n_nf4_ints else []
+    for index, n in zip(_NUMBER_LISTS, n_numbers):
+        grads[index] = None if n else []
     return tuple(grads)
 
 
@@ -133,7 +141,8 @@ def nf4_block_rows(hidden: torch.Tensor) -> int:
 
 
 def _plan(a: LossArgs) -> Plan:
-    row = RowLoss(a.kind, a.backend, a.ignore_index, a.label_smoothing, a.softcap, a.temperature, a.reverse)
+    row = RowLoss(a.kind, a.backend, a.ignore_index, a.label_smoothing, a.softcap, a.temperature, a.reverse,
+                  tuple(a.weights))
     tokens = math.prod(a.hidden.shape[:-1])
     rows = a.chunk_size if a.chunk_size is not None else chunk_rows(tokens, a.vocab, a.bytes_per_logit,
                                                                      chunk_budget_bytes(a.hidden.device))
@@ -165,11 +174,12 @@ def linear_loss_op(hidden: torch.Tensor, weight: Optional[torch.Tensor], bias: O
                    teacher_weight: Optional[torch.Tensor], grad_scale: torch.Tensor, seed: Optional[torch.Tensor],
                    op: str, kind: str, backend: str, vocab: int, ignore_index: int, label_smoothing: float,
                    softcap: Optional[float], temperature: float, reverse: bool, scaling: float, dropout_p: float,
-                   nf4_ints: list[int], chunk_size: Optional[int], bytes_per_logit: int, needs: list[bool]
+                   nf4_ints: list[int], chunk_size: Optional[int], bytes_per_logit: int, weights: list[float],
+                   needs: list[bool]
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     a = LossArgs(hidden, weight, bias, lora_A, lora_B, nf4, labels, teacher_hidden, teacher_weight, grad_scale, seed,
                  op, kind, backend, vocab, ignore_index, label_smoothing, softcap, temperature, reverse, scaling,
-                 dropout_p, nf4_ints, chunk_size, bytes_per_logit)
+                 dropout_p, nf4_ints, chunk_size, bytes_per_logit, weights)
     loss, grads, _ = eager_losses(_forward_plan(a), *a.head, tuple(needs))
     dh = grads.hidden.view(hidden.shape) if grads.hidden is not None else None
     return (loss, *[g if g is not None else unused(hidden) for g in (dh, *grads.as_tuple()[1:])])
@@ -178,7 +188,7 @@ def linear_loss_op(hidden: torch.Tensor, weight: Optional[torch.Tensor], bias: O
 @linear_loss_op.register_fake
 def _(hidden, weight, bias, lora_A, lora_B, nf4, labels, teacher_hidden, teacher_weight, grad_scale, seed, op, kind,
       backend, vocab, ignore_index, label_smoothing, softcap, temperature, reverse, scaling, dropout_p, nf4_ints,
-      chunk_size, bytes_per_logit, needs):
+      chunk_size, bytes_per_logit, weights, needs):
     f32 = torch.float32
     acc = torch.float64 if hidden.dtype == torch.float64 else f32  # run_chunks' accumulators
     shapes = ((hidden.shape, hidden.dtype),
@@ -192,7 +202,7 @@ def _(hidden, weight, bias, lora_A, lora_B, nf4, labels, teacher_hidden, teacher
 def _linear_loss_setup(ctx, inputs, output):
     a, needs = LossArgs(*inputs[:N_ARGS]), inputs[N_ARGS]
     ctx.meta = [(t.shape, t.dtype) if need else None for need, t in zip(needs, a.head)]
-    ctx.n_nf4, ctx.n_nf4_ints = len(a.nf4), len(a.nf4_ints)
+    ctx.lengths = list_lengths(a)
     ctx.post_scale = a.hidden.dtype == torch.float16  # eager_losses left fp16 gradients unscaled
     ctx.save_for_backward(a.grad_scale, *[g for need, g in zip(needs, output[1:]) if need])
 
@@ -205,7 +215,7 @@ def _linear_loss_backward(ctx, dloss, *_grads_of_grads):
     saved = iter(saved)
     grads = [None if meta is None else scaled_grad(next(saved), g, meta[1], in_place=False).view(meta[0])
              for meta in ctx.meta]
-    return input_grads(grads, ctx.n_nf4, ctx.n_nf4_ints, N_ARGS + 1)
+    return input_grads(grads, ctx.lengths, N_ARGS + 1)
 
 
 linear_loss_op.register_autograd(_linear_loss_backward, setup_context=_linear_loss_setup)
@@ -221,12 +231,13 @@ def row_losses_op(hidden: torch.Tensor, weight: Optional[torch.Tensor], bias: Op
                   teacher_weight: Optional[torch.Tensor], grad_scale: torch.Tensor, seed: Optional[torch.Tensor],
                   op: str, kind: str, backend: str, vocab: int, ignore_index: int, label_smoothing: float,
                   softcap: Optional[float], temperature: float, reverse: bool, scaling: float, dropout_p: float,
-                  nf4_ints: list[int], chunk_size: Optional[int], bytes_per_logit: int, dh_only: bool
+                  nf4_ints: list[int], chunk_size: Optional[int], bytes_per_logit: int, weights: list[float],
+                  dh_only: bool
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """(per-row losses, the unscaled dh in hidden's shape when dh_only)."""
     a = LossArgs(hidden, weight, bias, lora_A, lora_B, nf4, labels, teacher_hidden, teacher_weight, grad_scale, seed,
                  op, kind, backend, vocab, ignore_index, label_smoothing, softcap, temperature, reverse, scaling,
-                 dropout_p, nf4_ints, chunk_size, bytes_per_logit)
+                 dropout_p, nf4_ints, chunk_size, bytes_per_logit, weights)
     losses, dh = row_losses(_forward_plan(a), as_rows(hidden), *a.head[1:], dh_only)
     return losses, (dh.view(hidden.shape) if dh_only else unused(hidden))
 
@@ -234,7 +245,7 @@ def row_losses_op(hidden: torch.Tensor, weight: Optional[torch.Tensor], bias: Op
 @row_losses_op.register_fake
 def _(hidden, weight, bias, lora_A, lora_B, nf4, labels, teacher_hidden, teacher_weight, grad_scale, seed, op, kind,
       backend, vocab, ignore_index, label_smoothing, softcap, temperature, reverse, scaling, dropout_p, nf4_ints,
-      chunk_size, bytes_per_logit, dh_only):
+      chunk_size, bytes_per_logit, weights, dh_only):
     losses = hidden.new_empty((math.prod(hidden.shape[:-1]),), dtype=torch.float32)
     dh = hidden.new_empty(hidden.shape) if dh_only else unused(hidden)
     return losses, dh
@@ -248,12 +259,13 @@ def row_losses_backward_op(hidden: torch.Tensor, weight: Optional[torch.Tensor],
                            seed: Optional[torch.Tensor], op: str, kind: str, backend: str, vocab: int,
                            ignore_index: int, label_smoothing: float, softcap: Optional[float], temperature: float,
                            reverse: bool, scaling: float, dropout_p: float, nf4_ints: list[int],
-                           chunk_size: Optional[int], bytes_per_logit: int, grad_output: torch.Tensor, needs: list[bool]
+                           chunk_size: Optional[int], bytes_per_logit: int, weights: list[float],
+                           grad_output: torch.Tensor, needs: list[bool]
                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dh in hidden's shape, dW, db, dA, dB), each in its input's dtype; unused(hidden) where not in needs."""
     a = LossArgs(hidden, weight, bias, lora_A, lora_B, nf4, labels, teacher_hidden, teacher_weight, grad_scale, seed,
                  op, kind, backend, vocab, ignore_index, label_smoothing, softcap, temperature, reverse, scaling,
-                 dropout_p, nf4_ints, chunk_size, bytes_per_logit)
+                 dropout_p, nf4_ints, chunk_size, bytes_per_logit, weights)
     grads = row_losses_backward(_plan(a), as_rows(hidden), *a.head[1:], grad_output, tuple(needs))
     dh = grads[0].view(hidden.shape) if grads[0] is not None else None
     return tuple(g if g is not None else unused(hidden) for g in (dh, *grads[1:]))
@@ -262,7 +274,7 @@ def row_losses_backward_op(hidden: torch.Tensor, weight: Optional[torch.Tensor],
 @row_losses_backward_op.register_fake
 def _(hidden, weight, bias, lora_A, lora_B, nf4, labels, teacher_hidden, teacher_weight, grad_scale, seed, op, kind,
       backend, vocab, ignore_index, label_smoothing, softcap, temperature, reverse, scaling, dropout_p, nf4_ints,
-      chunk_size, bytes_per_logit, grad_output, needs):
+      chunk_size, bytes_per_logit, weights, grad_output, needs):
     return tuple(t.new_empty(t.shape) if need else unused(hidden)
                  for need, t in zip(needs, (hidden, weight, bias, lora_A, lora_B)))
 
@@ -270,10 +282,10 @@ def _(hidden, weight, bias, lora_A, lora_B, nf4, labels, teacher_hidden, teacher
 def _row_losses_setup(ctx, inputs, output):
     a, dh_only = LossArgs(*inputs[:N_ARGS]), inputs[N_ARGS]
     ctx.dh_only = dh_only
-    ctx.options = a[N_TENSOR_ARGS:]  # op .. bytes_per_logit
+    ctx.options = a[N_TENSOR_ARGS:]  # op .. weights
     tensors = [t for t in a[:N_TENSOR_ARGS] if not isinstance(t, list)]  # all but nf4 (the seed among them)
     ctx.present = [t is not None for t in tensors]
-    ctx.n_nf4, ctx.n_nf4_ints = len(a.nf4), len(a.nf4_ints)
+    ctx.lengths = list_lengths(a)
     if dh_only:
         ctx.save_for_backward(output[1])
         return
@@ -282,7 +294,7 @@ def _row_losses_setup(ctx, inputs, output):
 
 def _row_losses_backward(ctx, dlosses, _ddh):
     def grads_of_inputs(head_grads):
-        return input_grads(head_grads, ctx.n_nf4, ctx.n_nf4_ints, N_ARGS + 1)
+        return input_grads(head_grads, ctx.lengths, N_ARGS + 1)
 
     if ctx.dh_only:
         (dh,) = ctx.saved_tensors
@@ -290,7 +302,7 @@ def _row_losses_backward(ctx, dlosses, _ddh):
         dh = times_in_fp32(rows, dlosses.reshape(-1, 1).float(), dh.dtype).view(dh.shape)
         return grads_of_inputs((dh, None, None, None, None))
     saved = list(ctx.saved_tensors)
-    n_rest = len(saved) - ctx.n_nf4
+    n_rest = len(saved) - ctx.lengths[0]
     rest, nf4 = iter(saved[:n_rest]), saved[n_rest:]
     tensors = [next(rest) if present else None for present in ctx.present]
     needs = list(ctx.needs_input_grad[:5])
@@ -317,7 +329,7 @@ def traced_loss(op: str, reduction: str, hidden, head, row: RowLoss, grad_scale,
     args = LossArgs(hidden, head.weight, head.bias, head.lora_A, head.lora_B, nf4, labels, teacher_hidden,
                     teacher_weight, grad_scale, seed, op, row.kind, row.backend, head.vocab, row.ignore_index,
                     row.label_smoothing, row.softcap, row.temperature, row.reverse, float(head.scaling),
-                    float(head.dropout_p), nf4_ints, chunk_size, bytes_per_logit)
+                    float(head.dropout_p), nf4_ints, chunk_size, bytes_per_logit, list(row.weights))
     grad = torch.is_grad_enabled()
     needs = [grad and t is not None and t.requires_grad for t in args.head]
     if reduction == "none":

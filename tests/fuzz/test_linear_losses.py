@@ -1,4 +1,4 @@
-"""Property-based fuzzing of the fused linear losses — linear_cross_entropy, linear_kl_div,
+"""Property-based fuzzing of the fused linear losses — linear_cross_entropy, linear_kl_div, linear_distill_loss,
 linear_sequence_logprobs — on both backends against fp64 losses written from the math (references.ce_rows,
 kl_rows, head_grads): every option, small chunk sizes (T spans several chunks), views, sizes 1 and odd."""
 from __future__ import annotations
@@ -8,7 +8,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fastft.ops.linear_losses import linear_cross_entropy, linear_kl_div, linear_sequence_logprobs
+from fastft.ops.linear_losses import linear_cross_entropy, linear_distill_loss, linear_kl_div, linear_sequence_logprobs
 from tests.fuzz import references as ref
 from tests.fuzz.checks import check_grads, draw_ce_options, grads_of, needing_grad
 from tests.fuzz.strategies import dim, float_dtypes, fuzz, tensor
@@ -112,6 +112,20 @@ def draw_kl_problem(data):
                 reduction=reduction, num_items=num_items, chunk_size=chunk), weights
 
 
+def draw_distill_problem(data):
+    """A random linear_distill_loss call (draw_kl_problem's, with term weights for the direction), and its weights."""
+    call, weights = draw_kl_problem(data)
+    del call["direction"]
+    terms = [data.draw(st.sampled_from([0.0, 0.4, 1.0]), label=name)
+             for name in ("kl_weight", "reverse_kl_weight", "ce_weight")]
+    if call["labels"] is None:
+        terms[2] = 0.0  # CE needs labels
+    if not any(terms):
+        terms[0] = 1.0
+    call.update(zip(("kl_weight", "reverse_kl_weight", "ce_weight"), terms))
+    return call, weights
+
+
 def draw_logprobs_problem(data):
     """A random linear_sequence_logprobs call: (its arguments but the backend, grad_output (B,))."""
     dtype = data.draw(float_dtypes(), label="dtype")
@@ -199,3 +213,39 @@ def test_linear_sequence_logprobs(data, backend):
               abs_floor=loss_err.view(B, S).sum(-1) + FP32_TINY)
     w_rows = (-ref.f64(g))[:, None].expand(B, S).reshape(-1)
     _check_head_grads(op, backend, inputs, grads, h.reshape(T, H), W, w_rows, (dz, dz_mag, dz_err), dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@fuzz(8)
+@given(data=st.data())
+def test_linear_distill_loss(data, backend):
+    """The weighted sum of test_linear_kl_div's terms and the CE's, per row; the terms' gradients are summed in the
+    compute dtype's chunk buffer: one rounding more per extra term."""
+    op = "linear_distill_loss"
+    call, (g, w_rows, den) = draw_distill_problem(data)
+    hs, Ws, ht, Wt, labels = (call[n] for n in ("student_hidden", "student_weight", "teacher_hidden", "teacher_weight",
+                                                "labels"))
+    tau, reduction, ignore_index = call["temperature"], call["reduction"], call["ignore_index"]
+    dtype, Hs, Ht = hs.dtype, hs.shape[-1], ht.shape[-1]
+    T = hs.shape[0] * hs.shape[1]
+    loss = linear_distill_loss(**call, backend=backend)
+    assert loss.dtype == torch.float32
+    inputs = needing_grad((("x", hs), ("weight", Ws)))
+    grads = grads_of(loss, inputs, g)
+
+    zs, es = ref.logit_error(hs.reshape(T, Hs), Ws, None, dtype, LOGIT_N_ROUND, 1 / tau)
+    zt, et = ref.logit_error(ht.reshape(T, Ht), Wt, None, dtype, LOGIT_N_ROUND, 1 / tau)
+    keep = torch.ones(T, dtype=torch.float64) if labels is None else (labels.reshape(-1) != ignore_index).double()
+    parts = []  # (weight, rows, dz, err, dz_mag, dz_err)
+    for weight, reverse in ((call["kl_weight"], False), (call["reverse_kl_weight"], True)):
+        if weight:
+            rows, dz, err, dz_mag, dz_err = ref.kl_rows(zs, es, zt, et, reverse)
+            k = keep[:, None] / tau  # z = h·Wᵀ/τ
+            parts.append((weight, rows * keep, dz * k, err * keep, dz_mag * k, dz_err * k))
+    if call["ce_weight"]:
+        z, e = ref.logit_error(hs.reshape(T, Hs), Ws, None, dtype, LOGIT_N_ROUND)
+        parts.append((call["ce_weight"], *ref.ce_rows(z, e, labels.reshape(-1), ignore_index)))
+    rows, dz, err, dz_mag, dz_err = (sum(p[0] * p[i] for p in parts) for i in range(1, 6))
+    dz_err = dz_err + (len(parts) - 1) * ref.UNIT_ROUNDOFF[dtype] * dz_mag
+    _check_reduced(op, f"{backend} loss[{reduction}]", loss, reduction, rows, err, den, dtype)
+    _check_head_grads(op, backend, inputs, grads, hs.reshape(T, Hs), Ws, w_rows, (dz, dz_mag, dz_err), dtype)

@@ -5,8 +5,8 @@ step's true target count (exact gradient accumulation).
 Hidden states, not logits, come out of the model: the LM head is applied only at positions that carry a
 loss, through fastft's fused linear losses where they fit: `token_cross_entropy_sum` and the DPO sequence
 log-probs go through fastft.ops.lm_head_cross_entropy (no logits tensor; LoRA and NF4 heads train);
-`distill_loss_sum` goes through fastft.ops.linear_kl_div where both heads are plain (it takes plain weights
-only) and applies the heads in torch otherwise.
+`distill_loss_sum` goes through fastft.ops.linear_distill_loss (every term in one pass) where both heads are plain
+(it takes plain weights only) and applies the heads in torch otherwise.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from torch import nn
 from fastft.integration.base_layers import attribute_set
 from fastft.integration.packing import IGNORE_INDEX
 from fastft.modules.lora import plain_linear
-from fastft.ops.linear_losses import checked_on_host, linear_kl_div, lm_head_cross_entropy
+from fastft.ops.linear_losses import checked_on_host, linear_distill_loss, lm_head_cross_entropy
 from fastft.ops.lm_head import head_of_module
 
 
@@ -88,20 +88,24 @@ def distill_loss_sum(hidden, head, teacher_hidden, teacher_head, targets, *,
                      teacher_softcap=None) -> torch.Tensor:
     """Σ over target tokens of kl·T²·KL(teacher‖student) + rkl·T²·KL(student‖teacher) + ce·CE(student, labels).
     Plain heads (dense nn.Linear without bias, nothing intercepting them, no softcap) go through the fused
-    fastft.ops.linear_kl_div and the fused CE: no tokens × vocab logits in memory (the torch form below keeps
+    fastft.ops.linear_distill_loss, one pass for all terms: no tokens × vocab logits in memory (the torch form below keeps
     several fp32 copies of them). Other heads (LoRA, NF4, softcapped) run in torch, so they train too."""
     if _plain_head(head, hidden) and _plain_head(teacher_head, teacher_hidden) and softcap is None \
             and teacher_softcap is None:
         vocab = min(head.weight.shape[0], teacher_head.weight.shape[0])  # heads padded past the shared tokenizer
         # sliced only where padded: a slice's backward writes a zero-filled V x H gradient copy (full fine-tuning)
         student_w, teacher_w = (w if w.shape[0] == vocab else w[:vocab] for w in (head.weight, teacher_head.weight))
+        # one fused pass for every term (each chunk's logits made and differentiated once); the CE joins it unless
+        # the student's head is padded (its CE spans the whole head, the KL terms the shared vocabulary)
+        kl_terms = bool(kl_weight or reverse_kl_weight)
+        ce_in_pass = ce_weight if kl_terms and student_w is head.weight else 0.0
         loss = hidden.new_zeros((), dtype=torch.float32)
-        for weight, direction in ((kl_weight, "forward"), (reverse_kl_weight, "reverse")):
-            if weight:
-                loss = loss + weight * temperature**2 * linear_kl_div(
-                    hidden, student_w, teacher_hidden, teacher_w, temperature=temperature, direction=direction,
-                    labels=targets, reduction="sum")
-        if ce_weight:
+        if kl_terms:
+            loss = linear_distill_loss(hidden, student_w, teacher_hidden, teacher_w, targets,
+                                       kl_weight=kl_weight * temperature**2,
+                                       reverse_kl_weight=reverse_kl_weight * temperature**2, ce_weight=ce_in_pass,
+                                       temperature=temperature, reduction="sum")
+        if ce_weight and not ce_in_pass:
             loss = loss + ce_weight * lm_head_cross_entropy(hidden, head, targets, reduction="sum")
         return loss
     student = _logits(hidden, head, softcap)
