@@ -7,7 +7,7 @@
 #   bash benchmarks/gpu_check.sh [section ...]    sections: build nf4 attention lora-tests fuzz-tests lora losses-tests losses
 #   (on request: kernel-tests nf4-tests attention-tests methods-tests methods layers-tests layers patch-step train-tests
 #    train train-methods-tests compile-tests bench-1b bench-1b-compile bench-8b lora-paths host; `issue10` names the
-#    kernel-speed set)
+#    kernel-speed set, `suites` the GPU test suites outside it)
 # What comes back: the device returns at most 8 files from $OUT, so every log and JSON file goes to a work folder
 # and, after every section, $OUT/results.tar.gz (all of them so far) and $OUT/summary.md (each section's status,
 # seconds and key lines; sections not yet run are `pending`) are replaced atomically: a run cut short still
@@ -44,6 +44,9 @@ sections="${*:-build nf4 attention lora-tests fuzz-tests lora losses-tests losse
 # issue10: build, the changed kernels' GPU suites (bounded, parallel), then the tables by value: lora-paths (the only
 # producer of lora_path.MEASURED), nf4 (GEMV, dequant, QLoRA), attention, lora. `host` runs by name only.
 sections="${sections//issue10/build kernel-tests lora-paths nf4 attention lora}"
+# suites: the GPU test suites beyond the kernels' (fused losses, methods, the fuzzers, torch.compile with CUDA graphs,
+# fastft train), most of which have never run on a GPU; by value, so a cut run loses the last
+sections="${sections//suites/build losses-tests methods-tests fuzz-tests compile-tests train-tests}"
 start=$SECONDS
 status=0
 declare -A state took capped

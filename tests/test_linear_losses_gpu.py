@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastft.ops import (linear_cross_entropy, linear_cross_entropy_reference, linear_kl_div, linear_kl_div_reference,
+from fastft.ops import (linear_cross_entropy, linear_cross_entropy_reference, linear_distill_loss,
+                        linear_distill_loss_reference, linear_kl_div, linear_kl_div_reference,
                         lm_head_cross_entropy)
 from tests.utils import rel_err
 
@@ -67,6 +68,26 @@ def test_kl_div_gpu(direction):
     ref = linear_kl_div_reference(*refs, xt.double(), Wt.double(), temperature=2.0, direction=direction, labels=labels)
     assert rel_err(loss, ref) <= 2e-2
     for g, r in zip(grads, torch.autograd.grad(ref, refs)):
+        assert rel_err(g, r) <= 2e-2
+
+
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_distill_loss_gpu(reduction):
+    """Every term in one pass (the Triton KL and CE row kernels on copies of one chunk), ragged chunks."""
+    xs = torch.randn(1000, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    Ws = (torch.randn(32003, 256, device="cuda") * 0.06).to(torch.bfloat16).requires_grad_()
+    xt = torch.randn(1000, 384, device="cuda", dtype=torch.bfloat16)
+    Wt = (torch.randn(32003, 384, device="cuda") * 0.05).to(torch.bfloat16)
+    labels = torch.randint(0, 32003, (1000,), device="cuda")
+    labels[::4] = -100
+    terms = dict(kl_weight=4.0, reverse_kl_weight=2.0, ce_weight=0.5, temperature=2.0, reduction=reduction)
+    loss = linear_distill_loss(xs, Ws, xt, Wt, labels, chunk_size=300, **terms)
+    go = torch.rand_like(loss) + 0.5
+    grads = torch.autograd.grad(loss, [xs, Ws], go)
+    refs = _leaves(xs, Ws)
+    ref = linear_distill_loss_reference(*refs, xt.double(), Wt.double(), labels, **terms)
+    assert rel_err(loss, ref) <= 2e-2
+    for g, r in zip(grads, torch.autograd.grad(ref, refs, go.double())):
         assert rel_err(g, r) <= 2e-2
 
 
