@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastft.apps.bench import (card_name, markdown_table, peak_memory_mib, rows_per_shape, time_cases,
+from fastft.apps.bench import (card_name, graphed, markdown_table, peak_memory_mib, rows_per_shape, time_cases,
                                time_ms, write_results)
 from fastft.kernels import rank_ops
 from fastft.kernels.lora_gemm import lora_gemm
@@ -63,21 +63,6 @@ def peft_layer(k: int, n: int, r: int) -> nn.Module:
     layer = model.base_model.model.proj
     nn.init.normal_(layer.lora_B["default"].weight, std=0.02)
     return layer
-
-
-def graphed(step):
-    """step captured in a CUDA graph after a warm-up on a side stream (compiles, tunes, allocates); returns the
-    replay, or raises when the step cannot be captured."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    return graph.replay
 
 
 def bench_shape(k: int, n: int, rounds: int = 1 if SMOKE else 3) -> list[dict]:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from unittest import mock
 
 from smoke_mode import BACKEND, DEVICE, SMOKE  # first: the interpreter before triton loads
@@ -24,7 +23,7 @@ from smoke_mode import BACKEND, DEVICE, SMOKE  # first: the interpreter before t
 import torch
 import torch.nn.functional as F
 
-from fastft.apps.bench import card_name, markdown_table, rows_per_shape, time_cases, time_ms, write_results
+from fastft.apps.bench import card_name, host_ms, markdown_table, rows_per_shape, time_cases, time_ms, write_results
 from fastft.kernels.rank_ops import rank_pad
 from fastft.ops import lora_linear, lora_linear_reference, lora_path
 
@@ -88,19 +87,6 @@ def check_correctness() -> list[str]:
     return failures
 
 
-def host_ms(fn, calls: int = 20) -> float:
-    """CPU milliseconds per call with the calls queued back to back (launches are asynchronous)."""
-    sync = torch.cuda.synchronize if DEVICE == "cuda" else (lambda: None)
-    calls = 1 if SMOKE else calls
-    sync()
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    elapsed = (time.perf_counter() - start) * 1e3 / calls
-    sync()
-    return elapsed
-
-
 def bench_shape(k: int, n: int, rounds: int = 1 if SMOKE else 3) -> list[dict]:
     x = torch.randn(M, k, device=DEVICE, dtype=DTYPE, requires_grad=True)
     dy = torch.randn(M, n, device=DEVICE, dtype=DTYPE)
@@ -137,7 +123,7 @@ def bench_shape(k: int, n: int, rounds: int = 1 if SMOKE else 3) -> list[dict]:
         fn = case.pop("fn")
         row = dict(case, ratio=case["ms"] / t_base)
         if case["part"] == "fwd+bwd":
-            row["host_ms"] = measured(host_ms, fn)
+            row["host_ms"] = measured(lambda f: host_ms(f, 1 if SMOKE else 20), fn)
         rows.append(row)
     return rows
 

@@ -28,8 +28,8 @@ from smoke_mode import BACKEND, DEVICE as DEV, SMOKE  # first: the interpreter b
 import torch
 
 import fastft
-from fastft.apps.bench.harness import (card_name, hbm_spec_tbps, log, peak_memory_mib, time_ms, versions,
-                                       write_results)
+from fastft.apps.bench.harness import (card_name, graphed, hbm_spec_tbps, host_ms, log, peak_memory_mib, time_ms,
+                                       versions, write_results)
 from fastft.kernels.rank_ops import rank_pad
 from fastft.ops import qlora_path
 from fastft.quant import NF4Weight, quantize_nf4
@@ -295,6 +295,21 @@ def time_qlora(rows):
                 row[f"{path}_ms"] = attempt(f"fastft qlora {path} {K}->{N}",
                                             lambda: (step(), bench(step, [x, A, B]))[1])
                 row[f"{path}_peak_MiB"] = attempt("peak", peak_with_scratch)
+        # where the dequant path's time goes beside the bf16 LoRA layer's (at 4096->4096 on an H200 it cost 1.86x the base
+        # where dequantize + the base GEMM cost 1.07x): device time alone (a CUDA graph replay), host time per call
+        # queued back to back, and the same call with bf16 adapters (A, B here are fp32, as peft keeps QLoRA's)
+        with qlora_path_forced("dequant"):
+            row["dequant_host_ms"] = attempt("host", lambda: host_ms(step, 1 if SMOKE else 20))
+            if DEV == "cuda":
+                row["dequant_graph_ms"] = attempt(f"fastft qlora dequant, CUDA graph {K}->{N}",
+                                                  lambda: bench(graphed(step)), optional=True)
+            A16, B16 = (t.detach().to(BF16).requires_grad_() for t in (A, B))
+
+            def step_bf16_adapters():
+                fastft.qlora_linear(x, w, None, A16, B16, s, backend=BACKEND).backward(dy)
+            row["dequant_bf16_adapters_ms"] = attempt(
+                f"fastft qlora dequant, bf16 adapters {K}->{N}",
+                lambda: (step_bf16_adapters(), bench(step_bf16_adapters, [x, A16, B16]))[1])
         row["selected"] = "fwd {} / dx {}".format(
             qlora_path.chosen_path(qlora_path.path_key(M_TRAIN, N, K, rank_pad(RANK), BF16, "forward")),
             qlora_path.chosen_path(qlora_path.path_key(M_TRAIN, K, N, rank_pad(RANK), BF16, "dx")))
@@ -411,6 +426,11 @@ def print_tables(failures: list[str]):
                                                                           "peft_bnb"))
         print(f"| {r['shape']} | {_fmt(r.get('bf16_base_ms'))} | " + " | ".join(cells) +
               f" | {peaks} ({_fmt(r.get('scratch_MiB'), '.0f')}) |")
+    print("\n| QLoRA dequant path | eager ms | CUDA graph ms (device only) | host ms a call | bf16 adapters ms |"
+          "\n|---|---|---|---|---|")
+    for r in RESULTS.get("qlora") or []:
+        print(f"| {r['shape']} | {_fmt(r.get('dequant_ms'))} | {_fmt(r.get('dequant_graph_ms'))} | "
+              f"{_fmt(r.get('dequant_host_ms'))} | {_fmt(r.get('dequant_bf16_adapters_ms'))} |")
     checks = RESULTS.get("correctness")
     verdict = ("FAILED: " + "; ".join(failures) if failures else
                "all checks passed (dequant exact; QLoRA, GEMM configs and GEMV within 1e-2 of fp32)")

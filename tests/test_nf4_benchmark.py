@@ -14,7 +14,8 @@ def test_gpu_nf4_benchmark_smoke(tmp_path):
     assert [r["shape"] for r in result["dequant"]] == ["64x128", "96x64"]
     assert result["copy"][0]["TBps"] > 0 and all(r["fastft_of_copy"] > 0 for r in result["dequant"])
     for row in result["qlora"]:
-        assert all(row[f"{k}_ms"] > 0 for k in ("bf16_base", "fused", "dequant", "auto", "dequant_base", "peft_bnb"))
+        assert all(row[f"{k}_ms"] > 0 for k in ("bf16_base", "fused", "dequant", "auto", "dequant_base", "peft_bnb",
+                                                 "dequant_host", "dequant_bf16_adapters"))
     assert len(result["gemv"]) == 4 and all(r["bf16_us"] > 0 for r in result["gemv"])
     assert "correctness: all checks passed" in stdout
 

@@ -9,6 +9,8 @@ timed training run), `methods` (every run of a table, with a progress bar), `rep
 from fastft.apps.bench.harness import (  # noqa: F401 - the harness API the kernel benchmarks import
     card_name,
     environment,
+    graphed,
+    host_ms,
     log,
     markdown_table,
     peak_memory_gib,

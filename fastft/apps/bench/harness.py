@@ -94,6 +94,34 @@ def time_ms(fn, warmup: int = 25, rep: int = 100, grad_to_none=None, cpu_rep: in
     return statistics.median(times)
 
 
+def graphed(step):
+    """`step` captured in a CUDA graph after a warm-up on a side stream (compiles, tunes, allocates); returns the
+    replay (no host time: what torch.compile mode="reduce-overhead" gives), or raises when it cannot be captured."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
+
+
+def host_ms(fn, calls: int = 20) -> float:
+    """CPU milliseconds per call with the calls queued back to back (launches are asynchronous): above the device
+    time, the call is host-bound; equal to it, something in the call waits for the device."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    elapsed = (time.perf_counter() - start) * 1e3 / calls
+    sync()
+    return elapsed
+
+
 def time_cases(cases: list[dict], rounds: int, timer=time_ms) -> None:
     """Sets case["ms"] for each case dict (its "fn" called once first, so compiling and autotuning stay outside the
     timing): the best of `rounds` rounds, the cases interleaved in each so clock drift hits them alike."""
