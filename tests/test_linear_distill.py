@@ -66,6 +66,26 @@ def test_distill_loss_is_the_sum_of_its_terms(backend):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
+def test_small_weights_keep_fp16_gradients():
+    """fp16 chunk gradients stay unscaled until backward (1/N would sink them below fp16's range); small term weights
+    folded into the chunks sank them the same way (dW 4.9e-2 off fp64 at weights 1e-3, V=8192; the per-term ops,
+    weighted in fp32 after, 2.5e-3): the chunks take the weights relative to the largest."""
+    g = torch.Generator().manual_seed(0)
+    T, H, V = 32, 64, 8192
+    hs = torch.randn(T, H, generator=g).half().requires_grad_()
+    ws = (torch.randn(V, H, generator=g) * 0.3).half().requires_grad_()
+    ht, wt = torch.randn(T, H, generator=g).half(), (torch.randn(V, H, generator=g) * 0.3).half()
+    labels = torch.randint(0, V, (T,), generator=g)
+    weights = dict(kl_weight=2e-3, reverse_kl_weight=1e-3, ce_weight=5e-4)
+    loss = linear_distill_loss(hs, ws, ht, wt, labels, reduction="sum", backend="torch", **weights)
+    refs = [_leaf(hs, torch.float64), _leaf(ws, torch.float64)]
+    want = linear_distill_loss_reference(refs[0], refs[1], ht.double(), wt.double(), labels, reduction="sum",
+                                         **weights)
+    assert rel_err(loss, want) <= 1e-3
+    for got, ref in zip(torch.autograd.grad(loss, (hs, ws)), torch.autograd.grad(want, refs)):
+        assert rel_err(got, ref) <= 5e-3
+
+
 def test_bad_distill_input_names_the_argument():
     h, w, y = torch.randn(3, 8), torch.randn(13, 8), torch.tensor([0, 1, 2])
     with pytest.raises(ValueError, match="reverse_kl_weight.*≥ 0.*-1"):

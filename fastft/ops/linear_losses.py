@@ -271,11 +271,15 @@ def linear_distill_loss(student_hidden, student_weight, teacher_hidden, teacher_
               lambda: f"{op}: `{name}` must be a number ≥ 0, got {w!r}")
     check(any(weights), lambda: f"{op}: every weight is 0: set kl_weight, reverse_kl_weight or ce_weight")
     check(labels is not None or not ce_weight, lambda: f"{op}: ce_weight={ce_weight} needs `labels`")
-    row = dict(kind="distill", weights=tuple(float(w) for w in weights))
+    # the weights relative to the largest go into the chunks, the largest multiplies the fp32 result: in fp16 the
+    # chunk gradients stay unscaled until backward (underflow), and a small weight folded in would sink them again
+    top = float(max(weights))
+    row = dict(kind="distill", weights=tuple(float(w) / top for w in weights))
     terms = sum(1 for w in weights if w)
-    return _teacher_loss(op, row, student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
+    loss = _teacher_loss(op, row, student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
                          temperature, ignore_index, reduction, num_items, backend, chunk_size,
                          copies=min(terms - 1, 2))
+    return loss if top == 1.0 else loss * top
 
 
 def _teacher_loss(op, row_options, student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
