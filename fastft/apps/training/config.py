@@ -25,7 +25,7 @@ from fastft.apps.given_flags import given_dests
 from fastft.apps.models import SMOLLM2, model_problem, rank_problem as rank_over_hidden
 from fastft.apps.optimizers import OPTIMIZERS, eight_bit_problem
 from fastft.files import output_dir_problem
-from fastft.integration.methods import ALL_LINEAR, METHODS, MethodOptions
+from fastft.integration.methods import ALL_LINEAR, ALL_LINEAR_SHORTHAND, METHODS, MethodOptions
 from fastft.ops.bottleneck_adapter import ACTIVATIONS
 
 INSTRUCTIONS = "instructions"  # the built-in instruction set (fastft.apps.training.records)
@@ -132,7 +132,8 @@ _HELP = {
                "dpo (as TRL's DPO disables dropout: the policy's log-probs then compare with the reference's "
                "unperturbed)",
     "rslora": "lora/qlora/dora: scale by alpha/sqrt(rank) instead of alpha/rank",
-    "target_modules": "lora/qlora/dora: module names that get adapters",
+    "target_modules": "lora/qlora/dora: module names that get adapters, or all-linear (peft's: every linear layer "
+                      "but the head)",
     "num_virtual_tokens": "prefix/prompt: number of virtual tokens",
     "adapter_size": "adapter: bottleneck width",
     "adapter_placement": "adapter: pfeiffer (after the MLP) or houlsby (after attention and MLP)",
@@ -587,6 +588,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         joined = next((n for n in getattr(cfg, name) if "," in n), None)  # peft's users often write q_proj,v_proj
         need(joined is None, f"{flag(name)} {joined!r}: module names are separated by spaces, not commas: "
                              f"{flag(name)} {' '.join(p for p in joined.split(',') if p) if joined else ''}")
+    need(ALL_LINEAR_SHORTHAND not in cfg.target_modules or cfg.target_modules == (ALL_LINEAR_SHORTHAND,),
+         f"--target-modules {' '.join(cfg.target_modules)}: {ALL_LINEAR_SHORTHAND} (every linear layer but the head) "
+         "stands alone")
     extra = sorted(set(cfg.ia3_feedforward_modules) - set(cfg.ia3_target_modules)) if cfg.method == "ia3" else []
     need(not extra, f"--ia3-feedforward-modules {' '.join(extra)}: not among --ia3-target-modules "
                     f"{' '.join(cfg.ia3_target_modules)}")

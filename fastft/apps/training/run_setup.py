@@ -12,6 +12,7 @@ from fastft.apps.training.config import (ConfigError, TrainConfig, flag, resolve
                                          weights_dtype)
 from fastft.apps.training.objectives import ObjectiveModel, causal_lm
 from fastft.integration.module_names import name_hint, names_module
+from fastft.integration.methods import ALL_LINEAR_SHORTHAND
 
 
 def precision_notes(cfg: TrainConfig, device: torch.device) -> list[str]:
@@ -50,11 +51,17 @@ def _module_flags(cfg: TrainConfig) -> tuple[str, ...]:
     return flags[1:] if cfg.method == "adapter" and cfg.adapter_placement != "houlsby" else flags
 
 
+def _named_modules(cfg: TrainConfig, field: str) -> tuple[str, ...]:
+    """The module names a flag gives: none for --target-modules all-linear (peft resolves it)."""
+    entries = getattr(cfg, field)
+    return () if field == "target_modules" and entries == (ALL_LINEAR_SHORTHAND,) else entries
+
+
 def _unmatched(cfg: TrainConfig, names: list[str]):
     """(flag field, entry) for each module name of the method's flags that matches none of `names` (peft's list
     rule: the whole name or a dotted suffix of one)."""
     for field in _module_flags(cfg):
-        for entry in getattr(cfg, field):
+        for entry in _named_modules(cfg, field):
             if not any(names_module(entry, n) for n in names):
                 yield field, entry
 
@@ -67,7 +74,7 @@ def check_module_choices(model, cfg: TrainConfig) -> None:
     matched = {}
     for field in _module_flags(cfg):
         matched[field] = set()
-        for entry in getattr(cfg, field):
+        for entry in _named_modules(cfg, field):
             hits = [n for n in modules if n and names_module(entry, n)]
             matched[field].update(hits)
             blocks = [n for n in hits if next(modules[n].parameters(recurse=False), None) is None]

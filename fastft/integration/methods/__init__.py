@@ -15,6 +15,7 @@ from torch import nn
 METHODS = ("lora", "qlora", "dora", "prefix", "prompt", "ia3", "adapter", "full")
 IMPLEMENTATIONS = ("fastft", "peft")
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ALL_LINEAR_SHORTHAND = "all-linear"  # peft's: every linear layer but the output head, whatever the architecture
 
 
 @dataclass
@@ -41,9 +42,10 @@ class MethodOptions:
 def _lora_config(options: MethodOptions, **overrides):
     from peft import LoraConfig
 
+    targets = list(options.target_modules)
     return LoraConfig(r=options.rank, lora_alpha=options.alpha, lora_dropout=options.dropout,
-                      use_rslora=options.rslora, target_modules=list(options.target_modules),
-                      task_type="CAUSAL_LM", **overrides)
+                      use_rslora=options.rslora, target_modules=ALL_LINEAR_SHORTHAND if targets == [ALL_LINEAR_SHORTHAND]
+                      else targets, task_type="CAUSAL_LM", **overrides)
 
 
 def _apply_lora(model, options, implementation):
