@@ -424,3 +424,29 @@ def test_code_state_tells_uncommitted_edits_of_the_code_apart(tmp_path):
     assert len(set(states)) == 3 and all(state.startswith(head.strip() + "+dirty.") for state in states)
     (tmp_path / "fastft" / "new.py").unlink()
     assert code_state(tmp_path) == head.strip()
+
+
+def test_the_first_row_is_not_charged_the_process_start_up():
+    """On the CPU a row's memory is the RSS it adds: the first row of a process also paid autograd's, the
+    optimizer's and the allocator's one-time state (~20 MiB, where the tiny shape's rows take ~3), fastft's in the
+    default order. Run in a fresh process: in this one, earlier tests did that set-up already."""
+    import os
+    import subprocess
+    import textwrap
+
+    script = textwrap.dedent("""
+        import torch
+        from fastft.apps.bench import peers
+        from fastft.apps.bench.config import BenchConfig
+        from fastft.apps.bench.run import run_one
+        cfg = BenchConfig(shape="tiny", steps=2, warmup=1, seq_len=32, batch_size=2, methods=("lora",),
+                          peers=("peft",))
+        peers.preload()
+        print(*(run_one(cfg, "lora", impl, torch.device("cpu"))["peak_gib"] * 1024
+                for impl in ("peft", "fastft", "peft", "fastft")))
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    first, *rest = map(float, out.stdout.split()[-4:])
+    assert first < max(rest) + 6, (first, rest)
