@@ -161,6 +161,7 @@ def test_a_modes_own_flags_and_a_value_spelled_like_the_command_pass(monkeypatch
 
 @pytest.mark.parametrize("argv, names", [(["--methods", "lora,foo"], ["'foo'", *METHODS]),
                                           (["--peers", "bar"], ["'bar'", "peft", "liger", "unsloth"]),
+                                          (["--peers", "none,peft"], ["none means fastft alone", "none,peft"]),
                                           (["--steps", "0"], ["--steps"]),
                                           (["--formats", "json,pdf"], ["'pdf'", "json, md, png"]),
                                           (["--compile", "default", "--warmup", "0"],

@@ -50,8 +50,11 @@ class BenchConfig:
                              f"expected some of {', '.join(METHODS)}")
         bad = [p for p in self.peers if p not in PEERS]
         if bad:
+            alone = " (or none alone, for fastft without peers)"
+            if bad == ["none"]:
+                raise ValueError(f"--peers: none means fastft alone and stands by itself; got {','.join(self.peers)}")
             raise ValueError(f"--peers: unknown peer {', '.join(map(repr, bad))}; expected some of {', '.join(PEERS)}"
-                             " (or none)")
+                             + alone)
         for name, values in (("methods", self.methods), ("peers", self.peers), ("formats", self.formats)):
             twice = [v for i, v in enumerate(values) if v in values[:i]]
             if twice:
