@@ -450,3 +450,13 @@ def test_the_first_row_is_not_charged_the_process_start_up():
     assert out.returncode == 0, out.stderr[-2000:]
     first, *rest = map(float, out.stdout.split()[-4:])
     assert first < max(rest) + 6, (first, rest)
+
+
+def test_the_start_up_step_leaves_the_callers_random_streams_alone():
+    from fastft.apps.bench import peers
+
+    torch.manual_seed(123)
+    want = torch.rand(3)
+    torch.manual_seed(123)
+    peers.preload()
+    assert torch.equal(torch.rand(3), want)

@@ -62,12 +62,14 @@ def preload() -> None:
     import fastft.integration.peft_lora  # noqa: F401
     from fastft.apps.bench.shapes import build_model
 
-    model = build_model(shape="tiny", seq_len=16)
-    optimizer = torch.optim.AdamW(model.parameters())
-    ids = torch.zeros(1, 16, dtype=torch.long)
-    model(input_ids=ids, labels=ids).loss.backward()
-    optimizer.step()
-    del model, optimizer
+    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=cuda):  # build_model seeds: the caller's random streams stay as they were
+        model = build_model(shape="tiny", seq_len=16)
+        optimizer = torch.optim.AdamW(model.parameters())
+        ids = torch.zeros(1, 16, dtype=torch.long)
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        del model, optimizer
     release_freed_memory()
 
 
