@@ -164,6 +164,10 @@ def test_cuda_gemv(dtype, batch, N, K, blocksize, double_quant, variant):
     assert_close(y, ref, dtype, f"gemv {variant} batch {batch}")
     y2 = nf4_cuda.nf4_gemv(torch.randn(K, batch, dtype=dtype, device=DEV).t(), w.kernel_operand(), None, v)
     assert y2.shape == (batch, N) and torch.isfinite(y2).all()
+    # rows starting off a 16-byte boundary (a contiguous one-row view too): copied, not refused
+    x3 = torch.randn(batch, K + 1, dtype=dtype, device=DEV)[:, 1:]
+    y3 = nf4_cuda.nf4_gemv(x3, w.kernel_operand(), None, v)
+    assert_close(y3, x3.double() @ w.dequantize(torch.float32).double().T, dtype, f"gemv {variant} offset rows")
 
 
 @pytest.mark.parametrize("dtype", HALF)

@@ -80,7 +80,9 @@ def nf4_gemv(x2: torch.Tensor, w, bias: torch.Tensor | None, variant: int | None
     (TABLE must be `table_supported`); None picks by measurement."""
     batch, k = x2.shape
     if x2.stride(1) != 1 or (batch > 1 and x2.stride(0) % 8) or x2.data_ptr() % 16:
-        x2 = x2.contiguous()  # 16-byte vector loads need aligned rows; x is small at decode time
+        # 16-byte vector loads need aligned rows; x is small at decode time. A copy, not .contiguous(): that keeps a
+        # contiguous view that starts off a 16-byte boundary (e.g. x[0, 1:] of a row)
+        x2 = x2.clone(memory_format=torch.contiguous_format)
     # one row: its stride is never used, and may be anything (a [K, 1] column transposed has stride 1, and counts
     # as contiguous, so .contiguous() keeps it): give the kernel k, which its alignment check accepts
     ldx = x2.stride(0) if batch > 1 else k
