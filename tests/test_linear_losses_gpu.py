@@ -54,14 +54,21 @@ def test_default_chunk_and_frozen_weight_gpu():
     assert rel_err(loss, ref) <= 1e-2 and rel_err(g, g_ref) <= 2e-2
 
 
-@pytest.mark.parametrize("direction", ["forward", "reverse"])
-def test_kl_div_gpu(direction):
+def _student_and_teacher():
+    """A bf16 student (hidden, head: gradients wanted) and teacher over a ragged 32003-token vocabulary, labels with
+    every fourth ignored."""
     xs = torch.randn(1000, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     Ws = (torch.randn(32003, 256, device="cuda") * 0.06).to(torch.bfloat16).requires_grad_()
     xt = torch.randn(1000, 384, device="cuda", dtype=torch.bfloat16)
     Wt = (torch.randn(32003, 384, device="cuda") * 0.05).to(torch.bfloat16)
     labels = torch.randint(0, 32003, (1000,), device="cuda")
     labels[::4] = -100
+    return xs, Ws, xt, Wt, labels
+
+
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+def test_kl_div_gpu(direction):
+    xs, Ws, xt, Wt, labels = _student_and_teacher()
     loss = linear_kl_div(xs, Ws, xt, Wt, temperature=2.0, direction=direction, labels=labels, chunk_size=300)
     grads = torch.autograd.grad(loss, [xs, Ws])
     refs = _leaves(xs, Ws)
@@ -74,12 +81,7 @@ def test_kl_div_gpu(direction):
 @pytest.mark.parametrize("reduction", ["sum", "none"])
 def test_distill_loss_gpu(reduction):
     """Every term in one pass (the Triton KL and CE row kernels on copies of one chunk), ragged chunks."""
-    xs = torch.randn(1000, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    Ws = (torch.randn(32003, 256, device="cuda") * 0.06).to(torch.bfloat16).requires_grad_()
-    xt = torch.randn(1000, 384, device="cuda", dtype=torch.bfloat16)
-    Wt = (torch.randn(32003, 384, device="cuda") * 0.05).to(torch.bfloat16)
-    labels = torch.randint(0, 32003, (1000,), device="cuda")
-    labels[::4] = -100
+    xs, Ws, xt, Wt, labels = _student_and_teacher()
     terms = dict(kl_weight=4.0, reverse_kl_weight=2.0, ce_weight=0.5, temperature=2.0, reduction=reduction)
     loss = linear_distill_loss(xs, Ws, xt, Wt, labels, chunk_size=300, **terms)
     go = torch.rand_like(loss) + 0.5

@@ -163,25 +163,31 @@ def test_linear_cross_entropy(data, backend):
     _check_head_grads(op, backend, inputs, grads, h.reshape(T, H), W, w_rows, (dz, dz_mag, dz_err), dtype)
 
 
+def _run_teacher_loss(call, loss, g):
+    """A KL-style call's (student hidden, head, labels, inputs wanting gradients, their gradients for grad_output g,
+    the student's and the teacher's logits /τ with their error bounds, (z, e) each, rows flattened)."""
+    hs, Ws, ht, Wt, labels = (call[n] for n in ("student_hidden", "student_weight", "teacher_hidden", "teacher_weight",
+                                                "labels"))
+    assert loss.dtype == torch.float32
+    inputs = needing_grad((("x", hs), ("weight", Ws)))
+    grads = grads_of(loss, inputs, g)
+    T, tau = hs.shape[0] * hs.shape[1], call["temperature"]
+    student = ref.logit_error(hs.reshape(T, hs.shape[-1]), Ws, None, hs.dtype, LOGIT_N_ROUND, 1 / tau)
+    teacher = ref.logit_error(ht.reshape(T, ht.shape[-1]), Wt, None, hs.dtype, LOGIT_N_ROUND, 1 / tau)
+    return hs, Ws, labels, inputs, grads, student, teacher
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @fuzz(8)
 @given(data=st.data())
 def test_linear_kl_div(data, backend):
     op = "linear_kl_div"
     call, (g, w_rows, den) = draw_kl_problem(data)
-    hs, Ws, ht, Wt, labels = (call[n] for n in ("student_hidden", "student_weight", "teacher_hidden", "teacher_weight",
-                                                "labels"))
+    loss = linear_kl_div(**call, backend=backend)
+    hs, Ws, labels, inputs, grads, (zs, es), (zt, et) = _run_teacher_loss(call, loss, g)
     tau, reverse, reduction, ignore_index = (call["temperature"], call["direction"] == "reverse", call["reduction"],
                                              call["ignore_index"])
-    dtype, Hs, Ht = hs.dtype, hs.shape[-1], ht.shape[-1]
-    T = hs.shape[0] * hs.shape[1]
-    loss = linear_kl_div(**call, backend=backend)
-    assert loss.dtype == torch.float32
-    inputs = needing_grad((("x", hs), ("weight", Ws)))
-    grads = grads_of(loss, inputs, g)
-
-    zs, es = ref.logit_error(hs.reshape(T, Hs), Ws, None, dtype, LOGIT_N_ROUND, 1 / tau)
-    zt, et = ref.logit_error(ht.reshape(T, Ht), Wt, None, dtype, LOGIT_N_ROUND, 1 / tau)
+    dtype, T, Hs = hs.dtype, zs.shape[0], hs.shape[-1]
     rows, dz, err, dz_mag, dz_err = ref.kl_rows(zs, es, zt, et, reverse)
     if labels is not None:
         keep = (labels.reshape(-1) != ignore_index).double()
@@ -223,18 +229,10 @@ def test_linear_distill_loss(data, backend):
     compute dtype's chunk buffer: one rounding more per extra term."""
     op = "linear_distill_loss"
     call, (g, w_rows, den) = draw_distill_problem(data)
-    hs, Ws, ht, Wt, labels = (call[n] for n in ("student_hidden", "student_weight", "teacher_hidden", "teacher_weight",
-                                                "labels"))
-    tau, reduction, ignore_index = call["temperature"], call["reduction"], call["ignore_index"]
-    dtype, Hs, Ht = hs.dtype, hs.shape[-1], ht.shape[-1]
-    T = hs.shape[0] * hs.shape[1]
     loss = linear_distill_loss(**call, backend=backend)
-    assert loss.dtype == torch.float32
-    inputs = needing_grad((("x", hs), ("weight", Ws)))
-    grads = grads_of(loss, inputs, g)
-
-    zs, es = ref.logit_error(hs.reshape(T, Hs), Ws, None, dtype, LOGIT_N_ROUND, 1 / tau)
-    zt, et = ref.logit_error(ht.reshape(T, Ht), Wt, None, dtype, LOGIT_N_ROUND, 1 / tau)
+    hs, Ws, labels, inputs, grads, (zs, es), (zt, et) = _run_teacher_loss(call, loss, g)
+    tau, reduction, ignore_index = call["temperature"], call["reduction"], call["ignore_index"]
+    dtype, T, Hs = hs.dtype, zs.shape[0], hs.shape[-1]
     keep = torch.ones(T, dtype=torch.float64) if labels is None else (labels.reshape(-1) != ignore_index).double()
     parts = []  # (weight, rows, dz, err, dz_mag, dz_err)
     for weight, reverse in ((call["kl_weight"], False), (call["reverse_kl_weight"], True)):
