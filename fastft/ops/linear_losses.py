@@ -421,13 +421,18 @@ def linear_kl_div_reference(student_hidden, student_weight, teacher_hidden, teac
         kl = (log_ps.exp() * (log_ps - log_pt)).sum(-1)
     if labels is not None:
         kl = kl.masked_fill(labels == ignore_index, 0.0)
+    return _reduce_teacher_rows(kl, reduction, labels, ignore_index, num_items)
+
+
+def _reduce_teacher_rows(rows, reduction, labels, ignore_index, num_items):
+    """The KL-style references' reduction: "mean" over the counted rows (all of them without labels) or num_items."""
     if reduction == "none":
-        return kl
+        return rows
     if reduction == "sum":
-        return kl.sum()
+        return rows.sum()
     if num_items is None and labels is None:
-        return kl.sum() / max(kl.numel(), 1)
-    return kl.sum() / _reference_denominator(labels, ignore_index, num_items).to(kl.device, kl.dtype)
+        return rows.sum() / max(rows.numel(), 1)
+    return rows.sum() / _reference_denominator(labels, ignore_index, num_items).to(rows.device, rows.dtype)
 
 
 def linear_distill_loss_reference(student_hidden, student_weight, teacher_hidden, teacher_weight, labels=None, *,
@@ -443,13 +448,7 @@ def linear_distill_loss_reference(student_hidden, student_weight, teacher_hidden
     if ce_weight:
         rows = rows + ce_weight * linear_cross_entropy_reference(student_hidden, student_weight, labels,
                                                                  ignore_index=ignore_index, reduction="none")
-    if reduction == "none":
-        return rows
-    if reduction == "sum":
-        return rows.sum()
-    if num_items is None and labels is None:
-        return rows.sum() / max(rows.numel(), 1)
-    return rows.sum() / _reference_denominator(labels, ignore_index, num_items).to(rows.device, rows.dtype)
+    return _reduce_teacher_rows(rows, reduction, labels, ignore_index, num_items)
 
 
 def linear_sequence_logprobs_reference(hidden, weight, labels, *, bias=None, ignore_index=-100, softcap=None):
