@@ -316,7 +316,7 @@ def test_lora_head_dropout_under_activation_checkpointing(reduction, monkeypatch
 def _options(kind="ce", vocab=V, scaling=1.0, nf4_ints=(), chunk_size=3, weights=()):
     """The Python options (op .. weights); the tensor arguments before them end with the seed."""
     return ["opcheck", kind, "triton", vocab, -100, 0.1 if kind == "ce" else 0.0, 3.0 if kind == "ce" else None,
-            1.5, False, scaling, 0.0, list(nf4_ints), chunk_size, 4, list(weights)]
+            1.5, scaling, 0.0, list(nf4_ints), chunk_size, 4, list(weights)]
 
 
 @interpreter_only
@@ -362,7 +362,7 @@ def test_lora_dropout_refuses_cuda_graph_capture(monkeypatch):
     h, w, y = _t(5, H), _t(V, H), _labels(5)
     A, B = _t(3, H), _t(V, 3)
     options = _options()
-    options[10] = 0.2  # dropout_p
+    options[9] = 0.2  # dropout_p
     with pytest.raises(ValueError, match=r"opcheck: dropout_p=0.2 cannot run inside a CUDA graph capture .* Use "
                                          r"dropout 0 \(e.g. lora_dropout=0.0\) or compile without CUDA graphs"):
         row_losses_op(h, w, None, A, B, [], y, None, None, torch.ones(1), seed_tensor(1), *options, False)

@@ -121,3 +121,33 @@ def test_distillation_objective_makes_one_pass_for_all_its_terms(monkeypatch):
                                            **knobs)
         loss.backward()
         assert len(passes) == want_passes, student_rows
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=interpreter_only)])
+def test_ce_alone_makes_no_teacher_logits(backend, monkeypatch):
+    """ce_weight alone made the teacher's logits of every chunk (a T x V x Ht GEMM and a chunk buffer) for
+    nothing: now the pass equals linear_cross_entropy's and reads no teacher row."""
+    from fastft.ops import chunked_logits
+
+    hs, ws, ht, wt, labels = _case(5, torch.float32, 13, 101)
+    made = []
+    real = chunked_logits.RowLoss.row_fn
+
+    def row_fn(self, labels2, teacher_h2=None, teacher_w=None):
+        class Watched(torch.Tensor):  # any use of the teacher's rows is recorded
+            @classmethod
+            def __torch_function__(cls, func, types, args=(), kwargs=None):
+                made.append(func)
+                return super().__torch_function__(func, types, args, kwargs or {})
+        watched = None if teacher_h2 is None else teacher_h2.as_subclass(Watched)
+        return real(self, labels2, watched, teacher_w)
+
+    monkeypatch.setattr(chunked_logits.RowLoss, "row_fn", row_fn)
+    loss = linear_distill_loss(hs, ws, ht, wt, labels, kl_weight=0.0, ce_weight=0.5, backend=backend, chunk_size=4)
+    want = 0.5 * linear_cross_entropy(hs, ws, labels, backend=backend, chunk_size=4)
+    torch.testing.assert_close(loss, want, rtol=1e-6, atol=1e-7)
+    for a, b in zip(torch.autograd.grad(loss, (hs, ws)), torch.autograd.grad(want, (hs, ws))):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    assert made == []
+    linear_distill_loss(hs, ws, ht, wt, labels, kl_weight=0.1, ce_weight=0.5, backend=backend, chunk_size=4)
+    assert made  # the watch sees the teacher's rows when a KL term is weighted

@@ -195,17 +195,17 @@ class Plan:
 @dataclass(frozen=True)
 class RowLoss:
     """Which loss the rows of a chunk compute and its options (Python values only: the tensors it reads, labels
-    and the teacher's rows and head, come with the call). kind "ce": cross-entropy (and log-probs); "kl":
-    distillation, the teacher's logits of a chunk made beside the student's; "distill": several distillation terms
-    on one chunk's logits, weights = (KL(teacher‖student), KL(student‖teacher), CE on the labels), each row's loss
-    their weighted sum (the logits made, and their gradient taken through the head, once for all terms)."""
+    and the teacher's rows and head, come with the call). kind "ce": cross-entropy (and log-probs); "distill":
+    distillation terms on one chunk's logits, weights = (KL(teacher‖student), KL(student‖teacher), CE on the
+    labels), each row's loss their weighted sum (the logits made, and their gradient taken through the head, once
+    for all terms; the teacher's logits of a chunk made beside the student's only when a KL term is weighted).
+    linear_kl_div is the weights (1, 0, 0) or (0, 1, 0)."""
     kind: str
     backend: str
     ignore_index: int
     label_smoothing: float = 0.0
     softcap: float | None = None
     temperature: float = 1.0
-    reverse: bool = False
     weights: tuple[float, ...] = ()
 
     def row_fn(self, labels2: torch.Tensor | None, teacher_h2: torch.Tensor | None = None,
@@ -214,11 +214,12 @@ class RowLoss:
             from fastft.kernels.cross_entropy import ce_rows, kl_rows
         else:
             ce_rows, kl_rows = ce_rows_torch, kl_rows_torch
-        if self.kind in ("kl", "distill"):
-            weights = self.weights if self.kind == "distill" else (0.0, 1.0, 0.0) if self.reverse else (1.0, 0.0, 0.0)
+        if self.kind == "distill":
+            weights = self.weights
 
             def kl_fn(x, t0, t1, scale, compute_grad):
-                teacher_logits = teacher_h2[t0:t1] @ teacher_w.t()  # one chunk, freed after the row
+                # one chunk, freed after the row; not made for CE alone
+                teacher_logits = teacher_h2[t0:t1] @ teacher_w.t() if any(weights[:2]) else None
                 labels = None if labels2 is None else labels2[t0:t1]
                 terms = [(w, lambda xi, s, cg, reverse=reverse: kl_rows(
                               xi, teacher_logits, labels, s, ignore_index=self.ignore_index,

@@ -247,7 +247,7 @@ def linear_kl_div(student_hidden, student_weight, teacher_hidden, teacher_weight
     """
     op = "linear_kl_div"
     check(direction in DIRECTIONS, lambda: f"{op}: `direction` must be one of {DIRECTIONS}, got {direction!r}")
-    row = dict(kind="kl", reverse=direction == "reverse")
+    row = dict(kind="distill", weights=(0.0, 1.0, 0.0) if direction == "reverse" else (1.0, 0.0, 0.0))
     return _teacher_loss(op, row, student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
                          temperature, ignore_index, reduction, num_items, backend, chunk_size)
 
@@ -278,14 +278,16 @@ def linear_distill_loss(student_hidden, student_weight, teacher_hidden, teacher_
     terms = sum(1 for w in weights if w)
     loss = _teacher_loss(op, row, student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
                          temperature, ignore_index, reduction, num_items, backend, chunk_size,
-                         copies=min(terms - 1, 2))
+                         copies=min(terms - 1, 2), teacher_logits=bool(kl_weight or reverse_kl_weight))
     return loss if top == 1.0 else loss * top
 
 
 def _teacher_loss(op, row_options, student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
-                  temperature, ignore_index, reduction, num_items, backend, chunk_size, copies=0):
+                  temperature, ignore_index, reduction, num_items, backend, chunk_size, copies=0,
+                  teacher_logits=True):
     """linear_kl_div's and linear_distill_loss's checks and call. copies: the chunk-sized copies of the logits
-    the row function keeps beside the student's and the teacher's (weighted_rows)."""
+    the row function keeps beside the student's (weighted_rows); teacher_logits: whether the teacher's are made
+    beside them (a KL term is weighted)."""
     for name, t in (("student_hidden", student_hidden), ("student_weight", student_weight),
                     ("teacher_hidden", teacher_hidden), ("teacher_weight", teacher_weight)):
         _check_tensor(op, name, t)
@@ -314,7 +316,8 @@ def _teacher_loss(op, row_options, student_hidden, student_weight, teacher_hidde
     grad_scale = _grad_scale(reduction, labels2, ignore_index, T, num_items, student_hidden.device)
     loss = _run(op, reduction, student_hidden, head, row, grad_scale, labels2=labels2, teacher_h2=th2,
                 teacher_w=teacher.weight.detach(), chunk_size=None if chunk_size is None else int(chunk_size),
-                bytes_per_logit=_logit_bytes(backend, student_hidden.dtype, buffers=2 + copies, temporaries=24))
+                bytes_per_logit=_logit_bytes(backend, student_hidden.dtype, buffers=1 + teacher_logits + copies,
+                                                temporaries=24 if teacher_logits else 12))
     return loss.view(student_hidden.shape[:-1]) if reduction == "none" else loss
 
 

@@ -58,7 +58,6 @@ class LossArgs(NamedTuple):
     label_smoothing: float
     softcap: Optional[float]
     temperature: float
-    reverse: bool
     scaling: float
     dropout_p: float
     nf4_ints: list
@@ -141,7 +140,7 @@ def nf4_block_rows(hidden: torch.Tensor) -> int:
 
 
 def _plan(a: LossArgs) -> Plan:
-    row = RowLoss(a.kind, a.backend, a.ignore_index, a.label_smoothing, a.softcap, a.temperature, a.reverse,
+    row = RowLoss(a.kind, a.backend, a.ignore_index, a.label_smoothing, a.softcap, a.temperature,
                   tuple(a.weights))
     tokens = math.prod(a.hidden.shape[:-1])
     rows = a.chunk_size if a.chunk_size is not None else chunk_rows(tokens, a.vocab, a.bytes_per_logit,
@@ -173,12 +172,12 @@ def linear_loss_op(hidden: torch.Tensor, weight: Optional[torch.Tensor], bias: O
                    labels: Optional[torch.Tensor], teacher_hidden: Optional[torch.Tensor],
                    teacher_weight: Optional[torch.Tensor], grad_scale: torch.Tensor, seed: Optional[torch.Tensor],
                    op: str, kind: str, backend: str, vocab: int, ignore_index: int, label_smoothing: float,
-                   softcap: Optional[float], temperature: float, reverse: bool, scaling: float, dropout_p: float,
+                   softcap: Optional[float], temperature: float, scaling: float, dropout_p: float,
                    nf4_ints: list[int], chunk_size: Optional[int], bytes_per_logit: int, weights: list[float],
                    needs: list[bool]
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     a = LossArgs(hidden, weight, bias, lora_A, lora_B, nf4, labels, teacher_hidden, teacher_weight, grad_scale, seed,
-                 op, kind, backend, vocab, ignore_index, label_smoothing, softcap, temperature, reverse, scaling,
+                 op, kind, backend, vocab, ignore_index, label_smoothing, softcap, temperature, scaling,
                  dropout_p, nf4_ints, chunk_size, bytes_per_logit, weights)
     loss, grads, _ = eager_losses(_forward_plan(a), *a.head, tuple(needs))
     dh = grads.hidden.view(hidden.shape) if grads.hidden is not None else None
@@ -187,7 +186,7 @@ def linear_loss_op(hidden: torch.Tensor, weight: Optional[torch.Tensor], bias: O
 
 @linear_loss_op.register_fake
 def _(hidden, weight, bias, lora_A, lora_B, nf4, labels, teacher_hidden, teacher_weight, grad_scale, seed, op, kind,
-      backend, vocab, ignore_index, label_smoothing, softcap, temperature, reverse, scaling, dropout_p, nf4_ints,
+      backend, vocab, ignore_index, label_smoothing, softcap, temperature, scaling, dropout_p, nf4_ints,
       chunk_size, bytes_per_logit, weights, needs):
     f32 = torch.float32
     acc = torch.float64 if hidden.dtype == torch.float64 else f32  # run_chunks' accumulators
@@ -230,13 +229,13 @@ def row_losses_op(hidden: torch.Tensor, weight: Optional[torch.Tensor], bias: Op
                   labels: Optional[torch.Tensor], teacher_hidden: Optional[torch.Tensor],
                   teacher_weight: Optional[torch.Tensor], grad_scale: torch.Tensor, seed: Optional[torch.Tensor],
                   op: str, kind: str, backend: str, vocab: int, ignore_index: int, label_smoothing: float,
-                  softcap: Optional[float], temperature: float, reverse: bool, scaling: float, dropout_p: float,
+                  softcap: Optional[float], temperature: float, scaling: float, dropout_p: float,
                   nf4_ints: list[int], chunk_size: Optional[int], bytes_per_logit: int, weights: list[float],
                   dh_only: bool
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """(per-row losses, the unscaled dh in hidden's shape when dh_only)."""
     a = LossArgs(hidden, weight, bias, lora_A, lora_B, nf4, labels, teacher_hidden, teacher_weight, grad_scale, seed,
-                 op, kind, backend, vocab, ignore_index, label_smoothing, softcap, temperature, reverse, scaling,
+                 op, kind, backend, vocab, ignore_index, label_smoothing, softcap, temperature, scaling,
                  dropout_p, nf4_ints, chunk_size, bytes_per_logit, weights)
     losses, dh = row_losses(_forward_plan(a), as_rows(hidden), *a.head[1:], dh_only)
     return losses, (dh.view(hidden.shape) if dh_only else unused(hidden))
@@ -244,7 +243,7 @@ def row_losses_op(hidden: torch.Tensor, weight: Optional[torch.Tensor], bias: Op
 
 @row_losses_op.register_fake
 def _(hidden, weight, bias, lora_A, lora_B, nf4, labels, teacher_hidden, teacher_weight, grad_scale, seed, op, kind,
-      backend, vocab, ignore_index, label_smoothing, softcap, temperature, reverse, scaling, dropout_p, nf4_ints,
+      backend, vocab, ignore_index, label_smoothing, softcap, temperature, scaling, dropout_p, nf4_ints,
       chunk_size, bytes_per_logit, weights, dh_only):
     losses = hidden.new_empty((math.prod(hidden.shape[:-1]),), dtype=torch.float32)
     dh = hidden.new_empty(hidden.shape) if dh_only else unused(hidden)
@@ -258,13 +257,13 @@ def row_losses_backward_op(hidden: torch.Tensor, weight: Optional[torch.Tensor],
                            teacher_weight: Optional[torch.Tensor], grad_scale: torch.Tensor,
                            seed: Optional[torch.Tensor], op: str, kind: str, backend: str, vocab: int,
                            ignore_index: int, label_smoothing: float, softcap: Optional[float], temperature: float,
-                           reverse: bool, scaling: float, dropout_p: float, nf4_ints: list[int],
+                           scaling: float, dropout_p: float, nf4_ints: list[int],
                            chunk_size: Optional[int], bytes_per_logit: int, weights: list[float],
                            grad_output: torch.Tensor, needs: list[bool]
                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dh in hidden's shape, dW, db, dA, dB), each in its input's dtype; unused(hidden) where not in needs."""
     a = LossArgs(hidden, weight, bias, lora_A, lora_B, nf4, labels, teacher_hidden, teacher_weight, grad_scale, seed,
-                 op, kind, backend, vocab, ignore_index, label_smoothing, softcap, temperature, reverse, scaling,
+                 op, kind, backend, vocab, ignore_index, label_smoothing, softcap, temperature, scaling,
                  dropout_p, nf4_ints, chunk_size, bytes_per_logit, weights)
     grads = row_losses_backward(_plan(a), as_rows(hidden), *a.head[1:], grad_output, tuple(needs))
     dh = grads[0].view(hidden.shape) if grads[0] is not None else None
@@ -273,7 +272,7 @@ def row_losses_backward_op(hidden: torch.Tensor, weight: Optional[torch.Tensor],
 
 @row_losses_backward_op.register_fake
 def _(hidden, weight, bias, lora_A, lora_B, nf4, labels, teacher_hidden, teacher_weight, grad_scale, seed, op, kind,
-      backend, vocab, ignore_index, label_smoothing, softcap, temperature, reverse, scaling, dropout_p, nf4_ints,
+      backend, vocab, ignore_index, label_smoothing, softcap, temperature, scaling, dropout_p, nf4_ints,
       chunk_size, bytes_per_logit, weights, grad_output, needs):
     return tuple(t.new_empty(t.shape) if need else unused(hidden)
                  for need, t in zip(needs, (hidden, weight, bias, lora_A, lora_B)))
@@ -328,7 +327,7 @@ def traced_loss(op: str, reduction: str, hidden, head, row: RowLoss, grad_scale,
     seed = traced_seed(hidden, head.lora_A, head.dropout_p)
     args = LossArgs(hidden, head.weight, head.bias, head.lora_A, head.lora_B, nf4, labels, teacher_hidden,
                     teacher_weight, grad_scale, seed, op, row.kind, row.backend, head.vocab, row.ignore_index,
-                    row.label_smoothing, row.softcap, row.temperature, row.reverse, float(head.scaling),
+                    row.label_smoothing, row.softcap, row.temperature, float(head.scaling),
                     float(head.dropout_p), nf4_ints, chunk_size, bytes_per_logit, list(row.weights))
     grad = torch.is_grad_enabled()
     needs = [grad and t is not None and t.requires_grad for t in args.head]
