@@ -220,6 +220,27 @@ def time_copy(rows):
     log(f"copy {rows[-1]}")
 
 
+def dequant_configs() -> list[dict]:
+    from fastft.kernels import nf4_dequant
+    return nf4_dequant._configs()
+
+
+def config_label(cfg: dict) -> str:
+    decode = {0: "gather", 1: "select", 2: "prmt"}.get(cfg["DECODE"], cfg["DECODE"])
+    return f"{cfg['BLOCK']}-{decode}-w{cfg['num_warps']}"
+
+
+def dequant_into(op, buf, cfg):
+    """W decoded into buf as the QLoRA dequant path does (fastft.ops.qlora_path.dequant_scratch), cfg forced or the
+    tuner's (None)."""
+    from fastft.kernels.nf4_dequant import nf4_dequantize
+    nested = op.absmax2 is not None
+    return nf4_dequantize(op.packed, op.absmax, buf.numel(), op.blocksize, BF16, op.code,
+                          absmax2=op.absmax2 if nested else None, code2=op.code2 if nested else None,
+                          offset=op.offset if nested else 0.0, nested_blocksize=op.nested_blocksize, config=cfg,
+                          out=buf)
+
+
 def time_dequant(rows):
     for K, N in SHAPES:
         x = torch.randn(N, K, dtype=BF16, device=DEV) * 0.02
@@ -227,6 +248,16 @@ def time_dequant(rows):
         ms = bench(lambda: w.dequantize(BF16))
         row = {"shape": f"{N}x{K}", "fastft_ms": ms, "fastft_TBps": dequant_bytes(w, BF16) / ms / 1e9}
         row["fastft_of_copy"] = of_copy(row["fastft_TBps"])
+        # device time alone (a CUDA graph replay: at 4096x4096 the ~10 us kernel is shorter than a launch's host
+        # time), the selected config and each config forced, into one preallocated buffer as the QLoRA scratch
+        op, buf = w.kernel_operand(), torch.empty(w.numel(), dtype=BF16, device=DEV)
+        graph_cases = [("selected", None)] + [(config_label(c), c) for c in dequant_configs()] if DEV == "cuda" else []
+        for label, cfg in graph_cases:
+            ms_g = attempt(f"dequant {label} graph", lambda cfg=cfg: bench(graphed(
+                lambda: dequant_into(op, buf, cfg))), optional=True)
+            if ms_g:
+                row[f"graph_{label}_ms"] = ms_g
+                row[f"graph_{label}_of_copy"] = of_copy(dequant_bytes(w, BF16) / ms_g / 1e9)
         if bnbf is not None:
             packed, state, ours = bnb_state(x)
             ms_b = bench(lambda: bnbf.dequantize_4bit(packed, state))
@@ -381,6 +412,9 @@ def time_gemv(rows):
                 if nf4_cuda is not None:
                     row["fastft_us"] = attempt(f"gemv {K}->{N} b{batch}",
                                                lambda: 1e3 * bench(lambda: nf4_cuda.nf4_gemv(x, op, None)))
+                    # device time alone: a replay has no launch cost (what a decode loop under CUDA graphs pays)
+                    row["fastft_graph_us"] = attempt(f"gemv {K}->{N} b{batch} graph", lambda: 1e3 * bench(
+                        graphed(lambda: nf4_cuda.nf4_gemv(x, op, None))), optional=True)
                     for name, v in (("scaled", nf4_cuda.SCALED), ("table", nf4_cuda.TABLE)):
                         if v == nf4_cuda.SCALED or nf4_cuda.table_supported(op):
                             row[f"{name}_us"] = attempt(
@@ -418,14 +452,22 @@ def print_tables(failures: list[str]):
         print(f"| {r['shape']} | {_fmt(r['fastft_ms'])} | {_fmt(r['fastft_TBps'], '.2f')} | "
               f"{_fmt(r.get('fastft_of_copy'), '.0%')} | {_fmt(r.get('bnb_ms'))} | "
               f"{_fmt(r.get('bnb_TBps'), '.2f')} |")
+    graphs = [r for r in RESULTS.get("dequant") or [] if any(k.startswith("graph_") for k in r)]
+    if graphs:
+        print("\n| dequant W, CUDA graph | config: ms (÷ copy) |\n|---|---|")
+        for r in graphs:
+            cells = [f"{k[6:-3]}: {_fmt(v)} ({_fmt(r.get(k[:-3] + '_of_copy'), '.0%')})"
+                     for k, v in r.items() if k.startswith("graph_") and k.endswith("_ms")]
+            print(f"| {r['shape']} | {'; '.join(cells)} |")
     spec = hbm_spec_tbps(RESULTS["device"])
     print(f"\nGEMV target: ≥ 70% of the datasheet HBM bandwidth ({_fmt(spec, '.2f')} TB/s for {RESULTS['device']}; "
           "— : card not in fastft.apps.bench.harness.HBM_SPEC_TBPS)")
-    print("\n| decode K->N | batch | fastft µs (TB/s) | ÷ HBM spec | ÷ copy | scaled kernel µs | table kernel µs "
-          "| bnb µs | bf16 µs |\n|---|---|---|---|---|---|---|---|---|")
+    print("\n| decode K->N | batch | fastft µs (TB/s) | CUDA graph µs | ÷ HBM spec | ÷ copy | scaled kernel µs "
+          "| table kernel µs | bnb µs | bf16 µs |\n|---|---|---|---|---|---|---|---|---|---|")
     for r in RESULTS.get("gemv") or []:
         print(f"| {r['shape']} | {r['batch']} | {_fmt(r.get('fastft_us'), '.1f')} "
-              f"({_fmt(r.get('fastft_TBps'), '.2f')}) | {_fmt(r.get('fastft_of_hbm_spec'), '.0%')} | "
+              f"({_fmt(r.get('fastft_TBps'), '.2f')}) | {_fmt(r.get('fastft_graph_us'), '.1f')} | "
+              f"{_fmt(r.get('fastft_of_hbm_spec'), '.0%')} | "
               f"{_fmt(r.get('fastft_of_copy'), '.0%')} | "
               f"{_fmt(r.get('scaled_us'), '.1f')} | {_fmt(r.get('table_us'), '.1f')} | "
               f"{_fmt(r.get('bnb_us'), '.1f')} | {_fmt(r.get('bf16_us'), '.1f')} |")
