@@ -163,7 +163,8 @@ def test_nf4_torch_backend_gives_higher_order_gradients():
 @pytest.mark.skipif(not INTERPRET, reason="the Triton backend on CPU needs the interpreter")
 def test_patched_mixtral_with_router_jitter_trains():
     """Mixtral's MoE block multiplies the post-attention RMSNorm output in place when router_jitter_noise > 0 (in
-    training): a patched model on the Triton backend failed at its first step."""
+    training): a patched model on the Triton backend failed at its first step. Two experts a token: with one,
+    its renormalised weight is exactly 1 and the router's gradient rounding noise (~1e-9, compared relatively)."""
     import copy
 
     from transformers import MixtralConfig, MixtralForCausalLM
@@ -172,7 +173,7 @@ def test_patched_mixtral_with_router_jitter_trains():
 
     torch.manual_seed(0)
     config = MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                           num_attention_heads=2, num_key_value_heads=1, num_local_experts=2, num_experts_per_tok=1,
+                           num_attention_heads=2, num_key_value_heads=1, num_local_experts=3, num_experts_per_tok=2,
                            router_jitter_noise=0.1, max_position_embeddings=64)
     reference = MixtralForCausalLM(config).train()
     patched = fastft.patch_model(copy.deepcopy(reference), backend="triton", attention=False)

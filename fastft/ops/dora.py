@@ -177,8 +177,9 @@ def dora_backward(saved, meta, weight, dy, need_x, need_b, need_A, need_B, need_
 
     x2, A_p, B_p, xs, sigma, row_norm, magnitude, saved_out, bias = saved
     x_shape, scaling, r, nf4, A_dtype, B_dtype = meta
-    g_scale, b_scale = backward_split(scaling, x2.dtype)  # g = (a/b)·dy·diag(σ)·B_p, the dx tail's b·A_p
-    dB_scale = sigma if b_scale == 1.0 else sigma * b_scale  # dB = b·diag(σ)·dyᵀ·xs
+    g_scale, b_scale = backward_split(scaling, x2.dtype)  # g = (m/b)·dy·diag(σ)·B_p, the dx tail's t·A_p
+    b = split_scaling(scaling, x2.dtype)[1]  # the forward's b (B_p = b·B), not backward_split's t
+    dB_scale = sigma if b == 1.0 else sigma * b  # dB = b·diag(σ)·dyᵀ·xs
     N = B_p.shape[0]
     dtype = x2.dtype
     dy2 = to_dtype(dy.reshape(-1, N), dtype)

@@ -180,7 +180,8 @@ def fused_lora_backward(saved, meta, dy, dx_gemm, need_x, need_b, need_A, need_B
 
     dx_fold_gemm(dy2, B_p, A_p, g_scale, p_drop, seed) -> (dx, g), when given: the dx GEMM that computes g in its
     own loop over dy (the fold path), used instead of the skinny pass + dx_gemm when dx is needed. dA and dB
-    come from one launch (rank_reduce_pair) when both are needed; dB = b·dyᵀ·xs, b applied to the fp32 sum."""
+    come from one launch (rank_reduce_pair) when both are needed; dB = b·dyᵀ·xs, b applied to the fp32 sum; dA =
+    t·g'ᵀ·(keep∘x) with backward_split's (g_scale, t)."""
     from fastft.kernels import rank_ops
 
     x2, A_p, B_p, xs = saved
@@ -209,8 +210,9 @@ def fused_lora_backward(saved, meta, dy, dx_gemm, need_x, need_b, need_A, need_B
     if need_B and dB is None:
         dB = _unpadded(rank_ops.rank_reduce(xs, dy2), r).t()
     if need_B:  # in B's own layout (a copy only where the rank was padded): autograd then accumulates it as it is
-        if b_scale != 1.0:
-            dB = dB.mul_(b_scale)  # the fp32 sum is this call's own buffer
+        b = split_scaling(scaling, dtype)[1]  # the forward's b (B_p = b·B), not backward_split's t
+        if b != 1.0:
+            dB = dB.mul_(b)  # the fp32 sum is this call's own buffer
         dB = padded(dB, *dB.shape, B_dtype)
     if need_b and bias_dtype is not None:
         db = dy2.sum(0, dtype=torch.float32).to(bias_dtype)
@@ -218,26 +220,41 @@ def fused_lora_backward(saved, meta, dy, dx_gemm, need_x, need_b, need_A, need_B
 
 
 def backward_split(scaling: float, dtype: torch.dtype) -> tuple[float, float]:
-    """(g_scale, b): how the backward's rank intermediate g = s·dy·B is stored and used, the forward's split
-    (split_scaling: B_p = b·B, a·b = s) undone for it. g' = (a/b)·dy·B_p = a·dy·B is stored (|a| ≤ 1: it is no
-    larger than dy·B, where s·dy·B overflowed fp16 at a loss scale 4-8× below peft's fp32 rank path, alpha/r = 16);
-    b goes to the dx tail's factor, tail_factor(A_p, b) = b·A_p (g'·b·A = g·A), and to the fp32 dA sum (times_b).
-    b is a power of two: the products are exact, and the results those of the unsplit g wherever neither g
-    overflowed nor g' fell below fp16's normal range (|g'| < 6.1e-5: b× fewer bits there). Limit: b·A must fit
-    fp16, |A| < 65504/b (4096 at alpha/r = 16; LoRA's A starts near 1/√K); a larger A gives an inf dx, which
-    GradScaler skips."""
+    """(g_scale, t): how the backward's rank intermediate g = s·dy·B is stored and used, the forward's split
+    (split_scaling: B_p = b·B, a·b = s) undone for it. In fp16 s = m·t with t a power of two and 0.5 ≤ |m| ≤ 1:
+    g' = (m/b)·dy·B_p = m·dy·B is stored (|m| ≤ 1: it is no larger than dy·B, where s·dy·B overflowed fp16 at a
+    loss scale 4-8× below peft's fp32 rank path, alpha/r = 16), and t goes to the dx tail's factor,
+    tail_factor(A_p, t) = t·A_p (g'·t·A = g·A), and to the fp32 dA sum (times_b). For s ≥ 1, t is the forward's
+    b; for s < 1 it is below 1 (down to 2^_MIN_TAIL_EXP): g' keeps s's mantissa only, where a·dy·B with all of
+    s < 1 in it fell below fp16's normal range (|g'| < 6.1e-5: fewer bits) 2^-e times sooner: dA lost precision
+    to subnormals that peft's fp32 rank path does not have (1/s = 20 gave dA 5e-3 off fp64 at dy ~ 1e-4). t is a
+    power of two: the products are exact, and the results those of the unsplit g wherever neither g overflowed
+    nor g' fell below fp16's normal range. Limit: t·A must fit fp16, |A| < 65504/t (4096 at alpha/r = 16; LoRA's
+    A starts near 1/√K); a larger A gives an inf dx, which GradScaler skips. dB takes the forward's b, not t."""
     a, b = split_scaling(scaling, dtype)
-    return a / b, b
+    if dtype != torch.float16 or b != 1.0 or a == 0.0:
+        return a / b, b
+    m, e = math.frexp(a)  # |a| ≤ 1 here: e ≤ 1
+    if abs(m) == 0.5:  # a = ±2^(e-1): all of it into t
+        m, e = 2.0 * m, e - 1
+    if e < _MIN_TAIL_EXP:  # t·A would fall below fp16's normal range: the rest stays in g'
+        m, e = math.ldexp(m, e - _MIN_TAIL_EXP), _MIN_TAIL_EXP
+    return m, math.ldexp(1.0, e)
 
 
-def tail_factor(A_p: torch.Tensor, b: float) -> torch.Tensor:
-    """The dx tail's factor b·A_p (backward_split's b; A_p itself when b = 1), made only where dx is computed."""
-    return A_p if b == 1.0 else A_p * b
+# The smallest exponent of backward_split's t for s < 1: t·A stays in fp16's normal range for |A| ≥ 2^-14/t =
+# 0.016 (LoRA's initial A is U(±1/√K), 1/√K = 0.016 at K = 4096).
+_MIN_TAIL_EXP = -8
 
 
-def times_b(t: torch.Tensor, b: float) -> torch.Tensor:
-    """b·t for an fp32 sum that is this call's own buffer (backward_split's b)."""
-    return t if b == 1.0 else t.mul_(b)
+def tail_factor(A_p: torch.Tensor, t: float) -> torch.Tensor:
+    """The dx tail's factor t·A_p (backward_split's t; A_p itself when t = 1), made only where dx is computed."""
+    return A_p if t == 1.0 else A_p * t
+
+
+def times_b(total: torch.Tensor, t: float) -> torch.Tensor:
+    """t·total for an fp32 sum that is this call's own buffer (backward_split's t)."""
+    return total if t == 1.0 else total.mul_(t)
 
 
 def _unpadded(t: torch.Tensor, r: int) -> torch.Tensor:
