@@ -113,7 +113,10 @@ def nf4_gemv(x2: torch.Tensor, w, bias: torch.Tensor | None, variant: int | None
     # the check syncs: not while a CUDA graph is captured (SCALED is launched into the graph then)
     checked = (x2.device, x2.dtype) in _TABLE_AGREES or not capturing()
     if variant is None and table_supported(w) and checked and table_agrees(x2.device, x2.dtype):
-        key = (bucket(batch), w.rows, k, w.blocksize, nested, x2.dtype)
+        # grid in the key: a looping launch's timings must not pick the variant of the default launch (a grid at
+        # or above the group count is the default launch)
+        looping = grid if grid < (w.rows + 15) // 16 else 0
+        key = (bucket(batch), w.rows, k, w.blocksize, nested, x2.dtype, looping)
         TUNER.run(key, lambda config: launch(config["variant"]))
     else:
         launch(SCALED if variant is None else variant)
