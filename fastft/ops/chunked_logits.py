@@ -73,6 +73,7 @@ class Head(HeadArgs):
     def __post_init__(self):
         # LoRA factors may be fp32 masters: cast once per op call, not once per chunk
         if self.lora_A is not None:
+            self.lora_B_in = self.lora_B  # as passed (fp32 masters, as peft keeps them): dA_operand scales these
             self.lora_A, self.lora_B = self.lora_A.to(self.dtype), self.lora_B.to(self.dtype)
 
     def _keep(self, h: torch.Tensor, t0: int) -> torch.Tensor:
@@ -106,8 +107,28 @@ class Head(HeadArgs):
         out.addmm_(hA, self.lora_B.t(), alpha=self.scaling)
         return hd, hA
 
-    def grad_hidden(self, dl: torch.Tensor, t0: int, out: torch.Tensor) -> torch.Tensor | None:
-        """out = dlogits·W (+ the LoRA term); returns dlogits·B (n, r) for the LoRA A gradient."""
+    def dA_operand(self, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B', c): the factor grad_hidden's returned u = dlogits·B' is made with, and c (r,) with B' = B·diag(c)
+        (None: B' = B). fp16 only: there u = dlogits·B was rounded to fp16 and its product with the hidden rows
+        shrunk by 2^-ceil(log2 n) (add_product): at |B| ~ 1e-4 (B starts at 0 and grows by ~lr per step) both
+        fell into fp16's subnormals and dA was 3e-3 off fp64 (3e-2 at |B| ~ 1e-5; peft's fp32 adapters: 3e-4).
+        c_j is the power of two >= 1 that brings max|B_:j|·max|scale| below 1: |u'| stays below |dlogits row|₁ /
+        max|scale| (no new overflow; scale: the rows' factor already in dlogits), the products are exact, and
+        run_chunks divides dA's row j by c_j at the end (its fp32 sum). No host sync: c stays on the device. Costs
+        one more (n, V)·(V, r) GEMM per chunk (u for dh's LoRA term is still made with B)."""
+        if self.dtype != torch.float16:
+            return self.lora_B, None
+        B = self.lora_B_in.detach().float()
+        top = B.abs().amax(0) * scale.detach().abs().amax().float()
+        e = torch.frexp(top).exponent
+        e = torch.where(torch.isfinite(top) & (top > 0), e, torch.zeros_like(e)).clamp(max=0)
+        c = torch.ldexp(torch.ones_like(top), -e)
+        return (B * c).to(self.dtype), c
+
+    def grad_hidden(self, dl: torch.Tensor, t0: int, out: torch.Tensor,
+                    lora_B_dA: torch.Tensor | None = None) -> torch.Tensor | None:
+        """out = dlogits·W (+ the LoRA term); returns dlogits·B (n, r) for the LoRA A gradient (dlogits·lora_B_dA
+        when given: dA_operand's B')."""
         if self.nf4 is not None:
             out.zero_()
             for v0, v1, w in self._nf4_blocks():
@@ -121,7 +142,7 @@ class Head(HeadArgs):
         if self.dropout_p > 0.0:
             lora *= self._keep(out, t0).to(lora.dtype) / (1.0 - self.dropout_p)
         out += lora
-        return u
+        return u if lora_B_dA is None else dl @ lora_B_dA
 
 
 @dataclass
@@ -281,6 +302,7 @@ def run_chunks(plan: Plan, head: Head, h2: torch.Tensor, scale: torch.Tensor, lo
     if T == 0:
         return grads
     buf = torch.empty(min(plan.rows, T), head.vocab, dtype=head.dtype, device=h2.device)
+    lora_B_dA, dA_c = head.dA_operand(scale) if needs is not None and grads.lora_A is not None else (None, None)
     dh_scratch = None
     for t0 in range(0, T, plan.rows):
         t1 = min(T, t0 + plan.rows)
@@ -298,7 +320,7 @@ def run_chunks(plan: Plan, head: Head, h2: torch.Tensor, scale: torch.Tensor, lo
             else:
                 dh_scratch = torch.empty_like(hc) if dh_scratch is None else dh_scratch
                 dh = dh_scratch[: t1 - t0]
-            u = head.grad_hidden(dl, t0, dh)
+            u = head.grad_hidden(dl, t0, dh, lora_B_dA)
         if grads.weight is not None:
             if grads.weight.dtype == head.dtype and t0 == 0:
                 torch.mm(dl.t(), hc, out=grads.weight)  # no memset, no read of zeros
@@ -312,6 +334,8 @@ def run_chunks(plan: Plan, head: Head, h2: torch.Tensor, scale: torch.Tensor, lo
             add_product(grads.lora_B, dl.t(), hA, head.scaling)
         if grads.lora_A is not None:
             add_product(grads.lora_A, u.t(), hd, head.scaling)
+    if dA_c is not None:
+        grads.lora_A.div_(dA_c[:, None])  # u was made with B·diag(c): dA's row j is c_j times too large
     return grads
 
 
