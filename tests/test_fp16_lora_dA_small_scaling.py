@@ -1,5 +1,5 @@
 """fp16 LoRA dA precision at a scaling s < 1 (alpha/r = 0.05). The fp16 backward stores the rank intermediate
-g' = a·dy·B with a = s for s < 1 (ops.lora.backward_split): all of s's negative exponent shrinks g' toward fp16's
+g' = a·dy·B with a = s for s < 1 (ops.lora.split_scaling): all of s's negative exponent shrinks g' toward fp16's
 subnormal range (< 6.1e-5), so with a small dy (or a small B, early in training) dA = g'ᵀ·x lost 10-20× in
 precision (5e-3 off fp64; the torch backend / peft's fp32 rank path: 3e-7, fastft at dy ~ 1: 3e-4). Keeping only
 s's mantissa in g' and its power of two t in the dx tail (t·A) and the fp32 dA sum keeps dA at fp16 rounding.
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fastft.ops import dora_linear, lora_linear
-from fastft.ops.lora import backward_split, lora_linear_reference, split_scaling
+from fastft.ops.lora import lora_linear_reference, split_scaling
 from tests.utils import interpreter_only
 
 
@@ -20,14 +20,13 @@ def _rel(a, b):
 
 
 @pytest.mark.parametrize("s", [0.05, 0.3, -0.7, 0.5, 2.0 ** -5, 1e-4, 1.0, 16.0, 5.657, 1e-8])
-def test_backward_split_keeps_g_at_the_mantissa_of_s(s):
-    g_scale, t = backward_split(s, torch.float16)
-    b = split_scaling(s, torch.float16)[1]
-    assert math.frexp(t)[0] == 0.5  # a power of two: t·A and t·(fp32 dA) exact
-    assert g_scale * b * t == s or math.isclose(g_scale * b * t, s, rel_tol=1e-15)  # g = s·dy·B undone exactly
-    assert abs(g_scale * b) <= 1.0  # g' = (g_scale·b)·dy·B no larger than dy·B: no new fp16 overflow
+def test_split_scaling_keeps_the_intermediates_at_the_mantissa_of_s(s):
+    a, b = split_scaling(s, torch.float16)
+    assert math.frexp(b)[0] == 0.5  # a power of two: b·B, b·A and b·(fp32 sums) exact
+    assert a * b == s  # s undone exactly
+    assert abs(a) <= 1.0  # xs = a·x·Aᵀ and g' = a·dy·B no larger than x·Aᵀ and dy·B: no new fp16 overflow
     if abs(s) >= 2.0 ** -8:
-        assert abs(g_scale * b) >= 0.5  # no more of s's exponent in g' than needed
+        assert abs(a) >= 0.5  # no more of s's exponent in xs and g' than needed
 
 
 @interpreter_only
@@ -63,7 +62,7 @@ def test_lora_fp16_dA_at_small_scaling_and_small_dy(monkeypatch, path, p):
 @interpreter_only
 @pytest.mark.parametrize("s", [0.05, 2.0 ** -12, 0.3])
 def test_dora_fp16_gradients_at_small_scaling(s):
-    """DoRA shares backward_split: its dB takes the forward's b (split_scaling), not the backward's t."""
+    """DoRA shares split_scaling and backward_operands (B itself for g', not b·B)."""
     from fastft.ops.dora import dora_linear_reference
 
     M, K, N, r = 37, 48, 40, 4

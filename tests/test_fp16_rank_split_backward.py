@@ -1,5 +1,5 @@
 """The Triton backend's fp16 backward stores the rank intermediate as g' = a·dy·B, not g = s·dy·B (ops.lora
-backward_split: the forward's split s = a·b undone, b applied to A in the dx tail and to the fp32 dA sum). With all
+split_scaling's s = a·b, b applied to A in the dx tail and to the fp32 dA sum). With all
 of s in g, a GradScaler-scaled dy overflowed g (inf dx and dA: the step skipped) at a loss scale 4-8× below peft's
 fp32 rank path (tiny fp16 Llama, alpha/r = 16: 2^18 against 2^20). Here |s·dy·B| > 65504 > |a·dy·B|: every
 gradient must be finite and match fp64, for LoRA (split and fold paths), QLoRA and DoRA; bf16/fp32 do not split.
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fastft.ops import dora_linear, lora_linear, qlora_linear
-from fastft.ops.lora import backward_split, tail_factor
+from fastft.ops.lora import split_scaling, tail_factor
 from fastft.quant import quantize_nf4
 from tests.utils import INTERPRET
 
@@ -51,11 +51,11 @@ def _assert_finite_and_close(got, want):
 def test_the_stored_intermediate_is_no_larger_than_peft_s():
     x, w, A, B, dy = _inputs()
     assert (SCALING * dy.double() @ B.double()).abs().max() > 65504  # g = s·dy·B overflows fp16
-    g_scale, b = backward_split(SCALING, torch.float16)
-    assert b == 16.0 and g_scale == 1.0 / 16 and torch.equal(tail_factor(A, b), A * 16)  # g' = (a/b)·dy·B_p = dy·B
-    assert (g_scale * dy.double() @ (b * B.double())).abs().max() < 65504 / 2
+    g_scale, b = split_scaling(SCALING, torch.float16)
+    assert b == 16.0 and g_scale == 1.0 and torch.equal(tail_factor(A, b), A * 16)  # g' = a·dy·B = dy·B
+    assert (g_scale * dy.double() @ B.double()).abs().max() < 65504 / 2
     for dtype in (torch.bfloat16, torch.float32):  # no split: one scale, A itself
-        g_scale, b = backward_split(SCALING, dtype)
+        g_scale, b = split_scaling(SCALING, dtype)
         assert (g_scale, b) == (SCALING, 1.0) and tail_factor(A, b) is A
 
 

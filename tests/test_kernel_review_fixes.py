@@ -79,10 +79,11 @@ def test_fp16_large_scaling_stays_finite_and_accurate(monkeypatch, captured_seed
 def test_split_scaling_keeps_the_intermediate_at_most_unscaled():
     from fastft.ops.lora import split_scaling
 
-    for s in (0.0, 1.0, 2.0, 0.3, -0.7, 1.0001, 5.657, -3.0, 16.0, 1e-8, 3e5):
+    for s in (0.0, 1.0, 2.0, 0.3, -0.7, 1.0001, 5.657, -3.0, 16.0, 1e-8, 3e5, 0.05, 2.0 ** -5):
         a, b = split_scaling(s, torch.float16)
         assert a * b == s and abs(a) <= 1.0
-        assert b >= 1.0 and math.frexp(b)[0] == 0.5  # a power of two: scales B exactly
+        assert math.frexp(b)[0] == 0.5  # a power of two: scales B exactly
+        assert b >= 1.0 or s == 0.0 or abs(a) >= 0.5 or b == 2.0 ** -8  # s < 1: a keeps s's mantissa (down to 2^-8)
         for dtype in (torch.bfloat16, torch.float32):  # no overflow to guard against: no extra pass over B
             assert split_scaling(s, dtype) == (s, 1.0)
 

@@ -1,11 +1,11 @@
 """Triton kernels of the skinny rank-R passes of the fused LoRA linear (and of QLoRA, DoRA, the bottleneck adapter).
 
 With x (M×K), dy (M×N), A (r×K), B (N×r), the rank padded to R = rank_pad(r) ≥ 16, the scaling s = a·b split
-so that |a| ≤ 1 and b is a power of two applied to B in fp16 (fastft.ops.lora.split_scaling: xs never exceeds
-peft's x·Aᵀ; a = s, b = 1 in bf16 and fp32), B_p = b·B and c = a/(1-p):
+so that |a| ≤ 1 is s's mantissa and b a power of two applied to B in fp16 (fastft.ops.lora.split_scaling: xs never
+exceeds peft's x·Aᵀ nor falls short of it by more than 2×; a = s, b = 1 in bf16 and fp32), B_p = b·B, c = a/(1-p):
 forward   xs = c·(keep∘x)·Aᵀ                 rank_project: one skinny pass over x (M×R, kept for backward)
-backward  g  = c·dy·B_p                      rank_project: one skinny pass over dy (M×R)
-          dA = gᵀ·(keep∘x)                   rank_reduce (split over M)
+backward  g  = c·dy·B                        rank_project: one skinny pass over dy (M×R)
+          dA = b·gᵀ·(keep∘x)                 rank_reduce (split over M)
           dB = b·dyᵀ·xs                      rank_reduce, or both in one launch: rank_reduce_pair
 The big GEMMs with the rank tail (y, dx) are fastft.kernels.lora_gemm. The dropout mask `keep` is never stored:
 every kernel regenerates it from the seed and the element's (row, column) index in x with Philox

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from fastft.ops.compiled import compiling, needed, unused
 from fastft.ops.compiled_args import fresh_like, weight_args, weight_from_args
-from fastft.ops.lora import (backward_operands, backward_split, rank_operands, split_scaling, tail_factor,
+from fastft.ops.lora import (backward_operands, rank_operands, split_scaling, tail_factor,
                              times_b)
 from fastft.ops.shared import (as_rows, autocast_inputs, autocast_off, check, check_backend, finite, nf4_fused_ok,
                                first_order_only, padded, resolve_backend, rows_to, safe_div, to_dtype)
@@ -169,26 +169,25 @@ def dora_forward(x, weight, bias, lora_A, lora_B, magnitude, scaling, row_norm):
 
 
 def dora_backward(saved, meta, weight, dy, need_x, need_b, need_A, need_B, need_m):
-    """Both doors' backward: (dx, db, dA, dB, dm), None where not needed. saved: (x2, A_p, B_p, xs, sigma, row_norm,
+    """Both doors' backward: (dx, db, dA, dB, dm), None where not needed. saved: (x2, A_p, B_g, xs, sigma, row_norm,
     magnitude, saved_out, bias); weight: the dense weight or the NF4Weight."""
     from fastft.kernels.lora_gemm import lora_gemm
     from fastft.kernels.rank_ops import rank_project, rank_reduce, rank_reduce_pair
     from fastft.kernels.column_dot import column_dot
 
-    x2, A_p, B_p, xs, sigma, row_norm, magnitude, saved_out, bias = saved
+    x2, A_p, B_g, xs, sigma, row_norm, magnitude, saved_out, bias = saved  # B_g = B itself (backward_operands)
     x_shape, scaling, r, nf4, A_dtype, B_dtype = meta
-    g_scale, b_scale = backward_split(scaling, x2.dtype)  # g = (m/b)·dy·diag(σ)·B_p, the dx tail's t·A_p
-    b = split_scaling(scaling, x2.dtype)[1]  # the forward's b (B_p = b·B), not backward_split's t
-    dB_scale = sigma if b == 1.0 else sigma * b  # dB = b·diag(σ)·dyᵀ·xs
-    N = B_p.shape[0]
+    g_scale, b_scale = split_scaling(scaling, x2.dtype)  # g' = a·dy·diag(σ)·B, the dx tail's b·A_p
+    dB_scale = sigma if b_scale == 1.0 else sigma * b_scale  # dB = b·diag(σ)·dyᵀ·xs
+    N = B_g.shape[0]
     dtype = x2.dtype
     dy2 = to_dtype(dy.reshape(-1, N), dtype)
     if not dy2.is_contiguous():
         dy2 = dy2.contiguous()
     dx = db = dA = dB = dm = None
     if need_x or need_A:
-        B_sigma = (B_p * sigma[:, None]).to(dtype)  # computed in fp32 (sigma's dtype): one device op fewer
-        g = rank_project(dy2, B_sigma.t(), scale=g_scale)  # s·dy·diag(σ)·B / b
+        B_sigma = (B_g * sigma[:, None]).to(dtype)  # computed in fp32 (sigma's dtype): one device op fewer
+        g = rank_project(dy2, B_sigma.t(), scale=g_scale)  # a·dy·diag(σ)·B = s·dy·diag(σ)·B / b
         if need_x:
             A_g = tail_factor(A_p, b_scale)
             if nf4:
@@ -236,7 +235,7 @@ class DoRALinearFunction(torch.autograd.Function):
     @first_order_only
     def backward(ctx, dy):
         x2, lora_A, lora_B, xs, *rest, weight = ctx.saved_tensors
-        saved = (*backward_operands(x2, lora_A, lora_B, xs, ctx.meta[1]), *rest)
+        saved = (*backward_operands(x2, lora_A, lora_B, xs), *rest)
         need_x, _, need_b, need_A, need_B, need_m = ctx.needs_input_grad[:6]
         dx, db, dA, dB, dm = dora_backward(saved, ctx.meta, ctx.qweight if ctx.meta[3] else weight, dy, need_x,
                                            need_b, need_A, need_B, need_m)
@@ -294,7 +293,7 @@ def dora_linear_backward_op(dy: torch.Tensor, x: torch.Tensor, w_parts: list[tor
                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     weight = weight_from_args(w_parts, w_ints)
     nf4 = isinstance(weight, NF4Weight)
-    saved = (*backward_operands(x, lora_A, lora_B, xs, scaling), sigma, row_norm, magnitude,
+    saved = (*backward_operands(x, lora_A, lora_B, xs), sigma, row_norm, magnitude,
              saved_out if nf4 else as_rows(saved_out), bias)
     meta = (x.shape, scaling, lora_A.shape[0], nf4, lora_A.dtype, lora_B.dtype)
     grads = dora_backward(saved, meta, weight, dy, need_x, need_b, need_A, need_B, need_m)

@@ -99,18 +99,30 @@ def stacked_adapters(lora_A, lora_B, scaling, names) -> tuple[torch.Tensor, torc
 
 def split_scaling(scaling: float, dtype: torch.dtype) -> tuple[float, float]:
     """(a, b) with a·b = s: where the LoRA scaling goes in the fused kernels, a into the stored rank intermediate
-    xs = a·(keep∘x)·Aᵀ/(1-p), b into B_p = b·B (rank_operands). In fp16, b is the power of two ≥ 1 that brings |a|
-    to ≤ 1, so |xs| is at most peft's x·Aᵀ after dropout: with all of s in xs, fp16 overflowed once
-    |x·Aᵀ|·s > 65504 although the LoRA term and y were in range. A power of two scales B exactly, so nothing is
-    rounded more than before. bf16 and fp32 cannot overflow there: all of s goes into xs (no pass over B)."""
-    if dtype != torch.float16:
+    xs = a·(keep∘x)·Aᵀ/(1-p), b into B_p = b·B (rank_operands); the backward stores g' = a·dy·B and applies b to
+    A in the dx tail (b·A) and to the fp32 dA and dB sums. bf16 and fp32: a = s, b = 1 (nothing to split).
+    In fp16, b is a power of two and |a| ≤ 1 s's mantissa (0.5 ≤ |a| ≤ 1 down to |s| = 2^_MIN_B_EXP):
+    - s > 1: with all of s in xs (and in g), fp16 overflowed once |x·Aᵀ|·s > 65504 (|dy·B|·s at a loss scale 4-8×
+      below peft's fp32 rank path, alpha/r = 16) although the LoRA term and y were in range;
+    - s < 1: with all of s in xs and g, they fell into fp16's subnormals (< 6.1e-5) 1/s times sooner than peft's
+      x·Aᵀ and dy·B: dB was 2e-3 off fp64 at s = 1/64 and |x| ~ 1e-3, dA 5e-3 at s = 0.05 and dy ~ 1e-4.
+    A power of two scales exactly, so nothing is rounded more than before, except that b·B and b·A (b < 1) round
+    elements below 2^-14/b into subnormals: those are the small terms of the forward's LoRA tail and the dx tail,
+    each far below the fp16 rounding of y and dx. Limit for b > 1: b·A must fit fp16, |A| < 65504/b (4096 at
+    alpha/r = 16; LoRA's A starts near 1/√K); a larger A gives an inf dx, which GradScaler skips."""
+    if dtype != torch.float16 or scaling == 0.0:
         return scaling, 1.0
-    m, e = math.frexp(scaling)  # s = m·2^e, 0.5 <= |m| < 1 (m = e = 0 for s = 0)
-    if e <= 0:
-        return scaling, 1.0
-    if abs(m) == 0.5:  # s = ±2^(e-1): all of it into B
+    m, e = math.frexp(scaling)  # s = m·2^e, 0.5 <= |m| < 1
+    if abs(m) == 0.5:  # s = ±2^(e-1): all of it into b
         m, e = 2.0 * m, e - 1
+    if e < _MIN_B_EXP:  # b·B and b·A would round most of their elements into subnormals: the rest stays in a
+        m, e = math.ldexp(m, e - _MIN_B_EXP), _MIN_B_EXP
     return m, math.ldexp(1.0, e)
+
+
+# The smallest exponent of split_scaling's b: b·A stays in fp16's normal range for |A| ≥ 2^-14/b = 0.016 (LoRA's
+# initial A is U(±1/√K), 1/√K = 0.016 at K = 4096).
+_MIN_B_EXP = -8
 
 
 def rank_operands(x, lora_A, lora_B, scaling):
@@ -135,10 +147,17 @@ def saved_factors(saved, lora_A, lora_B) -> tuple:
     return saved[0], lora_A, lora_B, saved[3]
 
 
-def backward_operands(x2, lora_A, lora_B, xs, scaling) -> tuple:
-    """fused_lora_backward's `saved` from what saved_factors kept: A_p and B_p = b·B rebuilt as the forward built
-    them (rank_operands: the factors themselves when nothing is padded, cast or scaled)."""
-    return (*rank_operands(x2, lora_A, lora_B, scaling), xs)
+def backward_operands(x2, lora_A, lora_B, xs) -> tuple:
+    """fused_lora_backward's `saved` (x2, A_p, B_g, xs) from what saved_factors kept: A_p rebuilt as the forward
+    built it, and B itself (rank-padded, in x's dtype), not the forward's B_p = b·B: the backward's g' = a·dy·B
+    reads B, where b·B with b < 1 would have rounded small B into fp16's subnormals (the factors themselves when
+    nothing is padded or cast)."""
+    from fastft.kernels.rank_ops import rank_pad
+
+    K = x2.shape[-1]
+    N, r = lora_B.shape
+    R = rank_pad(r)
+    return as_rows(x2), padded(lora_A, R, K, x2.dtype), padded(lora_B, N, R, x2.dtype), xs
 
 
 def lora_meta(x, bias, lora_A, lora_B, scaling, dropout_p, seed) -> tuple:
@@ -175,42 +194,42 @@ def fused_lora_forward(x, bias, lora_A, lora_B, scaling, dropout_p, base_gemm, f
 
 
 def fused_lora_backward(saved, meta, dy, dx_gemm, need_x, need_b, need_A, need_B, dx_fold_gemm=None):
-    """(x2, dy2, dx, db, dA, dB) from dy, with fused_lora_forward's `saved` (x2, A_p, B_p = b·B, xs) and `meta`;
-    `dx_gemm(dy2, g, A_p, p_drop, seed)` is the op's dx GEMM with the tail, g = a·dy·B_p/(1-p) = s·dy·B/(1-p).
+    """(x2, dy2, dx, db, dA, dB) from dy, with backward_operands' `saved` (x2, A_p, B_g = B, xs) and `meta`;
+    `dx_gemm(dy2, g, b·A_p, p_drop, seed)` is the op's dx GEMM with the tail. With split_scaling's (a, b):
+    g' = a·dy·B/(1-p) is stored, the dx tail's factor is b·A_p (g'·b·A = s·dy·B·A/(1-p)), dA = b·g'ᵀ·(keep∘x) and
+    dB = b·dyᵀ·xs, b applied to the fp32 sums.
 
-    dx_fold_gemm(dy2, B_p, A_p, g_scale, p_drop, seed) -> (dx, g), when given: the dx GEMM that computes g in its
+    dx_fold_gemm(dy2, B_g, b·A_p, g_scale, p_drop, seed) -> (dx, g), when given: the dx GEMM that computes g in its
     own loop over dy (the fold path), used instead of the skinny pass + dx_gemm when dx is needed. dA and dB
-    come from one launch (rank_reduce_pair) when both are needed; dB = b·dyᵀ·xs, b applied to the fp32 sum; dA =
-    t·g'ᵀ·(keep∘x) with backward_split's (g_scale, t)."""
+    come from one launch (rank_reduce_pair) when both are needed."""
     from fastft.kernels import rank_ops
 
-    x2, A_p, B_p, xs = saved
+    x2, A_p, B_g, xs = saved
     x_shape, scaling, dropout_p, seed, bias_dtype, r, A_dtype, B_dtype = meta
-    g_scale, b_scale = backward_split(scaling, x2.dtype)
+    g_scale, b = split_scaling(scaling, x2.dtype)
     g_scale /= 1.0 - dropout_p
-    N = B_p.shape[0]
+    N = B_g.shape[0]
     dtype = x2.dtype
     dy2 = to_dtype(dy.reshape(x2.shape[0], N), dtype)  # not (-1, N): N may be 0
     if not dy2.is_contiguous():
         dy2 = dy2.contiguous()
     dx = db = dA = dB = None
     if need_x and dx_fold_gemm is not None:
-        dx, g = dx_fold_gemm(dy2, B_p, tail_factor(A_p, b_scale), g_scale, dropout_p, seed)
+        dx, g = dx_fold_gemm(dy2, B_g, tail_factor(A_p, b), g_scale, dropout_p, seed)
         dx = dx.view(*x_shape)
     elif need_x or need_A:
-        g = rank_ops.rank_project(dy2, B_p.t(), scale=g_scale)
+        g = rank_ops.rank_project(dy2, B_g.t(), scale=g_scale)
         if need_x:
-            dx = dx_gemm(dy2, g, tail_factor(A_p, b_scale), dropout_p, seed).view(*x_shape)
+            dx = dx_gemm(dy2, g, tail_factor(A_p, b), dropout_p, seed).view(*x_shape)
     if need_A and need_B:  # dA and dB in one launch
         dA, dB = rank_ops.rank_reduce_pair(g, x2, xs, dy2, p_drop=dropout_p, seed=seed)
-        dA, dB = to_dtype(times_b(_unpadded(dA, r), b_scale), A_dtype), dB if dB.shape[1] == r else dB[:, :r]
+        dA, dB = to_dtype(times_b(_unpadded(dA, r), b), A_dtype), dB if dB.shape[1] == r else dB[:, :r]
     elif need_A:
         dA = rank_ops.rank_reduce(g, x2, p_drop=dropout_p, seed=seed)
-        dA = to_dtype(times_b(_unpadded(dA, r), b_scale), A_dtype)
+        dA = to_dtype(times_b(_unpadded(dA, r), b), A_dtype)
     if need_B and dB is None:
         dB = _unpadded(rank_ops.rank_reduce(xs, dy2), r).t()
     if need_B:  # in B's own layout (a copy only where the rank was padded): autograd then accumulates it as it is
-        b = split_scaling(scaling, dtype)[1]  # the forward's b (B_p = b·B), not backward_split's t
         if b != 1.0:
             dB = dB.mul_(b)  # the fp32 sum is this call's own buffer
         dB = padded(dB, *dB.shape, B_dtype)
@@ -219,42 +238,14 @@ def fused_lora_backward(saved, meta, dy, dx_gemm, need_x, need_b, need_A, need_B
     return x2, dy2, dx, db, dA, dB
 
 
-def backward_split(scaling: float, dtype: torch.dtype) -> tuple[float, float]:
-    """(g_scale, t): how the backward's rank intermediate g = s·dy·B is stored and used, the forward's split
-    (split_scaling: B_p = b·B, a·b = s) undone for it. In fp16 s = m·t with t a power of two and 0.5 ≤ |m| ≤ 1:
-    g' = (m/b)·dy·B_p = m·dy·B is stored (|m| ≤ 1: it is no larger than dy·B, where s·dy·B overflowed fp16 at a
-    loss scale 4-8× below peft's fp32 rank path, alpha/r = 16), and t goes to the dx tail's factor,
-    tail_factor(A_p, t) = t·A_p (g'·t·A = g·A), and to the fp32 dA sum (times_b). For s ≥ 1, t is the forward's
-    b; for s < 1 it is below 1 (down to 2^_MIN_TAIL_EXP): g' keeps s's mantissa only, where a·dy·B with all of
-    s < 1 in it fell below fp16's normal range (|g'| < 6.1e-5: fewer bits) 2^-e times sooner: dA lost precision
-    to subnormals that peft's fp32 rank path does not have (1/s = 20 gave dA 5e-3 off fp64 at dy ~ 1e-4). t is a
-    power of two: the products are exact, and the results those of the unsplit g wherever neither g overflowed
-    nor g' fell below fp16's normal range. Limit: t·A must fit fp16, |A| < 65504/t (4096 at alpha/r = 16; LoRA's
-    A starts near 1/√K); a larger A gives an inf dx, which GradScaler skips. dB takes the forward's b, not t."""
-    a, b = split_scaling(scaling, dtype)
-    if dtype != torch.float16 or b != 1.0 or a == 0.0:
-        return a / b, b
-    m, e = math.frexp(a)  # |a| ≤ 1 here: e ≤ 1
-    if abs(m) == 0.5:  # a = ±2^(e-1): all of it into t
-        m, e = 2.0 * m, e - 1
-    if e < _MIN_TAIL_EXP:  # t·A would fall below fp16's normal range: the rest stays in g'
-        m, e = math.ldexp(m, e - _MIN_TAIL_EXP), _MIN_TAIL_EXP
-    return m, math.ldexp(1.0, e)
+def tail_factor(A_p: torch.Tensor, b: float) -> torch.Tensor:
+    """The dx tail's factor b·A_p (split_scaling's b; A_p itself when b = 1), made only where dx is computed."""
+    return A_p if b == 1.0 else A_p * b
 
 
-# The smallest exponent of backward_split's t for s < 1: t·A stays in fp16's normal range for |A| ≥ 2^-14/t =
-# 0.016 (LoRA's initial A is U(±1/√K), 1/√K = 0.016 at K = 4096).
-_MIN_TAIL_EXP = -8
-
-
-def tail_factor(A_p: torch.Tensor, t: float) -> torch.Tensor:
-    """The dx tail's factor t·A_p (backward_split's t; A_p itself when t = 1), made only where dx is computed."""
-    return A_p if t == 1.0 else A_p * t
-
-
-def times_b(total: torch.Tensor, t: float) -> torch.Tensor:
-    """t·total for an fp32 sum that is this call's own buffer (backward_split's t)."""
-    return total if t == 1.0 else total.mul_(t)
+def times_b(total: torch.Tensor, b: float) -> torch.Tensor:
+    """b·total for an fp32 sum that is this call's own buffer (split_scaling's b)."""
+    return total if b == 1.0 else total.mul_(b)
 
 
 def _unpadded(t: torch.Tensor, r: int) -> torch.Tensor:
@@ -317,7 +308,7 @@ class LoRALinearFunction(torch.autograd.Function):
     @first_order_only
     def backward(ctx, dy):
         x2, lora_A, lora_B, xs, weight = ctx.saved_tensors
-        saved = backward_operands(x2, lora_A, lora_B, xs, ctx.meta[1])
+        saved = backward_operands(x2, lora_A, lora_B, xs)
         return (*lora_backward(saved, ctx.meta, ctx.fold_backward, weight, dy, *ctx.needs_input_grad[:5]),
                 None, None)
 
@@ -350,7 +341,7 @@ def lora_linear_backward_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Ten
                             need_w: bool, need_b: bool, need_A: bool, need_B: bool
                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     fold_backward = _fold_paths(x, weight, lora_A, dropout_p)[1]  # as the forward chose it
-    saved = backward_operands(x, lora_A, lora_B, xs, scaling)
+    saved = backward_operands(x, lora_A, lora_B, xs)
     meta = lora_meta(x, bias, lora_A, lora_B, scaling, dropout_p, seed_int("lora_linear", seed, dropout_p))
     grads = lora_backward(saved, meta, fold_backward, weight, dy, need_x, need_w, need_b, need_A, need_B)
     return tuple(g if g is not None else unused(like) for g, like in zip(grads, (x, weight, dy, lora_A, lora_B)))

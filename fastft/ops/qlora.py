@@ -143,7 +143,7 @@ class QLoRALinearFunction(torch.autograd.Function):
     @first_order_only
     def backward(ctx, dy):
         need_x, _, need_b, need_A, need_B = ctx.needs_input_grad[:5]
-        saved = backward_operands(*ctx.saved_tensors, ctx.meta[1])
+        saved = backward_operands(*ctx.saved_tensors)
         dx, db, dA, dB = qlora_backward(saved, ctx.meta, ctx.qweight, dy, need_x, need_b, need_A, need_B)
         return dx, None, db, dA, dB, None, None
 
@@ -239,7 +239,7 @@ def qlora_linear_backward_op(dy: torch.Tensor, x: torch.Tensor, w_parts: list[to
                              xs: torch.Tensor, seed: Optional[torch.Tensor], scaling: float, dropout_p: float,
                              need_x: bool, need_b: bool, need_A: bool, need_B: bool
                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    saved = backward_operands(x, lora_A, lora_B, xs, scaling)
+    saved = backward_operands(x, lora_A, lora_B, xs)
     meta = lora_meta(x, bias, lora_A, lora_B, scaling, dropout_p, seed_int("qlora_linear", seed, dropout_p))
     grads = qlora_backward(saved, meta, nf4_from_args(w_parts, w_ints), dy, need_x, need_b, need_A, need_B)
     return tuple(g if g is not None else unused(like) for g, like in zip(grads, (x, dy, lora_A, lora_B)))
