@@ -4,7 +4,7 @@ Shapes (the forward): x (M×K), W (N×K) frozen, A (r×K), B (N×r). The rank is
 fastft.kernels.rank_ops.rank_pad) with zero rows/columns, so every tail step is one full tensor-core tile.
 The design follows ../shared/notes/lora-roofline.md: the LoRA terms never cost a full-size elementwise pass over
 y or dx. Of the six products of y = x·Wᵀ + b + s·(dropout(x)·Aᵀ)·Bᵀ and its gradients this file holds the two big
-ones; the four skinny rank-R passes (xs = c·(keep∘x)·Aᵀ, g = c·dy·B_p, dA, dB) are in fastft.kernels.rank_ops.
+ones; the four skinny rank-R passes (xs = c·(keep∘x)·Aᵀ, g = c·dy·B, dA, dB) are in fastft.kernels.rank_ops.
 
 forward   y  = x·Wᵀ + xs·B_pᵀ + b            one GEMM; the LoRA term is R extra reduction steps
 backward  dx = dy·W + keep∘(g·A)             one GEMM; the LoRA term again R extra steps

@@ -8,7 +8,7 @@ fastft/kernels/rank_ops.py's `rank_project` and `rank_reduce`, unchanged.
 
 forward   xs = c·(keep∘x)·Aᵀ          rank_project (c and B_p = b·B: s split as in fastft/kernels/rank_ops.py)
           y  = x·Wᵀ + xs·B_pᵀ + b     this kernel, W tiles [BLOCK_N rows of W, BLOCK_K columns], transposed
-backward  g  = c·dy·B_p               rank_project
+backward  g  = c·dy·B                 rank_project (B itself; b goes to the tail b·A and the dA, dB sums)
           dx = dy·W + keep∘(g·A)      this kernel, W tiles [BLOCK_K rows of W, BLOCK_N columns]
           dA, dB                      rank_reduce; no weight gradient (W is frozen)
 
