@@ -275,19 +275,14 @@ def linear_distill_loss(student_hidden, student_weight, teacher_hidden, teacher_
     # chunk gradients stay unscaled until backward (underflow), and a small weight folded in would sink them again
     top = float(max(weights))
     row = dict(kind="distill", weights=tuple(float(w) / top for w in weights))
-    terms = sum(1 for w in weights if w)
     loss = _teacher_loss(op, row, student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
-                         temperature, ignore_index, reduction, num_items, backend, chunk_size,
-                         copies=min(terms - 1, 2), teacher_logits=bool(kl_weight or reverse_kl_weight))
+                         temperature, ignore_index, reduction, num_items, backend, chunk_size)
     return loss if top == 1.0 else loss * top
 
 
 def _teacher_loss(op, row_options, student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
-                  temperature, ignore_index, reduction, num_items, backend, chunk_size, copies=0,
-                  teacher_logits=True):
-    """linear_kl_div's and linear_distill_loss's checks and call. copies: the chunk-sized copies of the logits
-    the row function keeps beside the student's (weighted_rows); teacher_logits: whether the teacher's are made
-    beside them (a KL term is weighted)."""
+                  temperature, ignore_index, reduction, num_items, backend, chunk_size):
+    """linear_kl_div's and linear_distill_loss's checks and call."""
     for name, t in (("student_hidden", student_hidden), ("student_weight", student_weight),
                     ("teacher_hidden", teacher_hidden), ("teacher_weight", teacher_weight)):
         _check_tensor(op, name, t)
@@ -316,9 +311,16 @@ def _teacher_loss(op, row_options, student_hidden, student_weight, teacher_hidde
     grad_scale = _grad_scale(reduction, labels2, ignore_index, T, num_items, student_hidden.device)
     loss = _run(op, reduction, student_hidden, head, row, grad_scale, labels2=labels2, teacher_h2=th2,
                 teacher_w=teacher.weight.detach(), chunk_size=None if chunk_size is None else int(chunk_size),
-                bytes_per_logit=_logit_bytes(backend, student_hidden.dtype, buffers=1 + teacher_logits + copies,
-                                                temporaries=24 if teacher_logits else 12))
+                bytes_per_logit=_distill_logit_bytes(backend, student_hidden.dtype, row.weights))
     return loss.view(student_hidden.shape[:-1]) if reduction == "none" else loss
+
+
+def _distill_logit_bytes(backend: str, dtype: torch.dtype, weights: tuple[float, ...]) -> int:
+    """_logit_bytes of a "distill" row: the student's chunk, the teacher's where a KL term is weighted, and the
+    copies weighted_rows keeps for every term but the last (at most 2)."""
+    teacher = bool(weights[0] or weights[1])
+    copies = min(sum(1 for w in weights if w) - 1, 2)
+    return _logit_bytes(backend, dtype, buffers=1 + teacher + copies, temporaries=24 if teacher else 12)
 
 
 def linear_sequence_logprobs(hidden, weight, labels, *, bias=None, ignore_index=-100, softcap=None,

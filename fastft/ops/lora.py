@@ -130,14 +130,19 @@ def rank_operands(x, lora_A, lora_B, scaling):
     two (the factors themselves when nothing changes). Not cached across calls: torch.optim.AdamW(fused=True)
     (torch 2.13) and writes through .data update parameters in place without bumping their _version, so no cheap
     key says a cached copy is stale (tests/test_lora_fold.py)."""
+    x2, A_p, B_pad = _padded_factors(x, lora_A, lora_B)
+    b_scale = split_scaling(scaling, x.dtype)[1]
+    return x2, A_p, B_pad if b_scale == 1.0 else B_pad * b_scale
+
+
+def _padded_factors(x, lora_A, lora_B) -> tuple:
+    """(x2, A_p, B_pad): x as rows and A, B rank-padded in x's dtype (themselves when nothing is padded or cast)."""
     from fastft.kernels.rank_ops import rank_pad
 
     K = x.shape[-1]
     N, r = lora_B.shape
     R = rank_pad(r)
-    B_p = padded(lora_B, N, R, x.dtype)
-    b_scale = split_scaling(scaling, x.dtype)[1]
-    return as_rows(x), padded(lora_A, R, K, x.dtype), B_p if b_scale == 1.0 else B_p * b_scale
+    return as_rows(x), padded(lora_A, R, K, x.dtype), padded(lora_B, N, R, x.dtype)
 
 
 def saved_factors(saved, lora_A, lora_B) -> tuple:
@@ -152,12 +157,7 @@ def backward_operands(x2, lora_A, lora_B, xs) -> tuple:
     built it, and B itself (rank-padded, in x's dtype), not the forward's B_p = b·B: the backward's g' = a·dy·B
     reads B, where b·B with b < 1 would have rounded small B into fp16's subnormals (the factors themselves when
     nothing is padded or cast)."""
-    from fastft.kernels.rank_ops import rank_pad
-
-    K = x2.shape[-1]
-    N, r = lora_B.shape
-    R = rank_pad(r)
-    return as_rows(x2), padded(lora_A, R, K, x2.dtype), padded(lora_B, N, R, x2.dtype), xs
+    return (*_padded_factors(x2, lora_A, lora_B), xs)
 
 
 def lora_meta(x, bias, lora_A, lora_B, scaling, dropout_p, seed) -> tuple:
