@@ -160,12 +160,10 @@ def check_correctness():
             for batch in BATCHES:
                 xb = torch.randn(batch, Kg, dtype=BF16, device=DEV)
                 for name, v in (("scaled", nf4_cuda.SCALED), ("table", nf4_cuda.TABLE)):
-                    for grid in (0, *gemv_grids()):  # the looping grids timed below are checked first
-                        label = name if not grid else f"{name} grid {grid}"
-                        out[f"gemv {label} {Kg}->{Ng} batch {batch} rel err"] = attempt(
-                            f"gemv {label} {Kg}->{Ng} batch {batch}",
-                            lambda v=v, xb=xb, wg=wg, Wg=Wg, grid=grid: rel(
-                                nf4_cuda.nf4_gemv(xb, wg.kernel_operand(), None, v, grid=grid), xb.float() @ Wg.T))
+                    out[f"gemv {name} {Kg}->{Ng} batch {batch} rel err"] = attempt(
+                        f"gemv {name} {Kg}->{Ng} batch {batch}",
+                        lambda v=v, xb=xb, wg=wg, Wg=Wg: rel(nf4_cuda.nf4_gemv(xb, wg.kernel_operand(), None, v),
+                                                            xb.float() @ Wg.T))
     elif DEV == "cuda":
         RESULTS["errors"].append("fastft._C has no CUDA GEMV (built without nvcc?)")
         out["CUDA GEMV built (fastft._C)"] = False
@@ -384,13 +382,6 @@ def time_qlora(rows):
 # ----------------------------------------------------------------------------------------------
 # 3. decode GEMV
 
-def gemv_grids() -> list[int]:
-    """The looping GEMV grids timed beside one block per 16 rows: 1, 2 and 4 blocks per SM (the loop kernels fit 2 at
-    batch <= 8 by registers; more queue)."""
-    sms = torch.cuda.get_device_properties(DEV).multi_processor_count
-    return [m * sms for m in (1, 2, 4)]
-
-
 def time_gemv(rows):
     nf4_cuda = cuda_gemv()
     for K, N in SHAPES:
@@ -420,11 +411,6 @@ def time_gemv(rows):
                             row[f"{name}_us"] = attempt(
                                 f"gemv {name} {K}->{N} b{batch}",
                                 lambda v=v: 1e3 * bench(lambda: nf4_cuda.nf4_gemv(x, op, None, v)))
-                            for grid in gemv_grids():
-                                row[f"{name}_grid{grid}_us"] = attempt(
-                                    f"gemv {name} grid {grid} {K}->{N} b{batch}",
-                                    lambda v=v, grid=grid: 1e3 * bench(
-                                        lambda: nf4_cuda.nf4_gemv(x, op, None, v, grid=grid)))
                 row["bf16_us"] = attempt("bf16 gemv", lambda: 1e3 * bench(lambda: x @ W.T))
                 if lin is not None:
                     row["bnb_us"] = attempt(f"bnb {K}->{N} b{batch}", lambda: 1e3 * bench(lambda: lin(x)))
@@ -471,13 +457,6 @@ def print_tables(failures: list[str]):
               f"{_fmt(r.get('fastft_of_copy'), '.0%')} | "
               f"{_fmt(r.get('scaled_us'), '.1f')} | {_fmt(r.get('table_us'), '.1f')} | "
               f"{_fmt(r.get('bnb_us'), '.1f')} | {_fmt(r.get('bf16_us'), '.1f')} |")
-    looped = [r for r in RESULTS.get("gemv") or [] if any("_grid" in k for k in r)]
-    if looped:
-        print("\n| decode K->N | batch | looping grids (blocks): scaled µs; table µs |\n|---|---|---|")
-        for r in looped:
-            cells = [f"{k.split('_grid')[1][:-3]} {k.split('_grid')[0]} {_fmt(v, '.1f')}"
-                     for k, v in r.items() if "_grid" in k]
-            print(f"| {r['shape']} | {r['batch']} | {'; '.join(cells)} |")
     print(f"\n| QLoRA fwd+bwd M={M_TRAIN} r={RANK} | bf16 base ms | fused ms (÷base) | dequant ms (÷base) "
           "| selected ms (÷base), path | dequant+base, no LoRA (÷base) | peft+bnb ms (÷base) "
           "| peak MiB base / fused / dequant / selected / peft (scratch) |\n|---|---|---|---|---|---|---|---|")

@@ -38,19 +38,19 @@ void register_nf4(py::module_& m) {
       "nf4_gemv_cuda",
       [](uintptr_t x, int64_t ldx, uintptr_t packed, uintptr_t absmax, uintptr_t absmax2, uintptr_t code2,
          float offset, int nested_blocksize, uintptr_t bias, uintptr_t y, int64_t ldy, int batch, int64_t n,
-         int64_t k, int blocksize, int dtype, uintptr_t stream, int variant, int64_t grid) {
+         int64_t k, int blocksize, int dtype, uintptr_t stream, int variant) {
         Nf4GemvArgs a{reinterpret_cast<const void*>(x), ldx, reinterpret_cast<const uint8_t*>(packed),
                       reinterpret_cast<const void*>(absmax), reinterpret_cast<const float*>(absmax2),
                       reinterpret_cast<const float*>(code2), offset, nested_blocksize,
                       reinterpret_cast<const void*>(bias), reinterpret_cast<void*>(y), ldy, batch, n, k, blocksize,
-                      dtype, variant, grid};
+                      dtype, variant};
         const int err = nf4_gemv_launch(a, reinterpret_cast<void*>(stream));
         if (err != 0) throw std::runtime_error(nf4_gemv_error_string(err));
       },
       py::arg("x"), py::arg("ldx"), py::arg("packed"), py::arg("absmax"), py::arg("absmax2"), py::arg("code2"),
       py::arg("offset"), py::arg("nested_blocksize"), py::arg("bias"), py::arg("y"), py::arg("ldy"),
       py::arg("batch"), py::arg("n"), py::arg("k"), py::arg("blocksize"), py::arg("dtype"), py::arg("stream"),
-      py::arg("variant") = 0, py::arg("grid") = 0);
+      py::arg("variant") = 0);
 #endif
 }
 

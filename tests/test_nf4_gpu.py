@@ -171,36 +171,6 @@ def test_cuda_gemv(dtype, batch, N, K, blocksize, double_quant, variant):
 
 
 @pytest.mark.parametrize("dtype", HALF)
-@pytest.mark.parametrize("batch", [1, 9])
-@pytest.mark.parametrize("N,K,blocksize,double_quant", [(4096, 4096, 64, True), (1000, 320, 64, False),
-                                                        (1000, 96, 32, True), (1000, 1088, 64, True)])
-@pytest.mark.parametrize("variant", ["scaled", "table"])
-def test_cuda_gemv_looping_grid(dtype, batch, N, K, blocksize, double_quant, variant):
-    """Blocks looping over 16-row groups (grid > 0), the next group's loads issued before a group is stored: grids
-    of 1, 3 and 7 blocks (many groups each; the last group ragged at N=1000), one block fewer than the groups and one
-    per SM, every launch twice on fresh inputs, against fp64 and bit for bit against the one-group-per-block launch.
-    K=1088: 9 steps, so warp 0 prefetches the next group a step later than warps 1-7 (and the last step is a half)."""
-    from fastft.kernels import nf4_cuda
-    if not nf4_cuda.available():
-        pytest.skip("fastft._C was built without CUDA")
-    w = _nf4((N, K), dtype, blocksize, double_quant)
-    op = w.kernel_operand()
-    v = {"scaled": nf4_cuda.SCALED, "table": nf4_cuda.TABLE}[variant]
-    if v == nf4_cuda.TABLE and not nf4_cuda.table_supported(op):
-        pytest.skip("the table kernel needs blocksize >= 64 and K % 64 == 0")
-    sms = torch.cuda.get_device_properties(DEV).multi_processor_count
-    # groups - 1: one block does two groups, the rest one (sms >= groups is the default launch at N=1000)
-    for grid in (1, 3, 7, (N + 15) // 16 - 1, sms):
-        for _ in range(2):
-            x = torch.randn(batch, K, dtype=dtype, device=DEV)
-            bias = torch.randn(N, dtype=dtype, device=DEV)
-            y = nf4_cuda.nf4_gemv(x, op, bias, v, grid=grid)
-            ref = x.double() @ w.dequantize(torch.float32).double().T + bias.double()
-            assert_close(y, ref, dtype, f"gemv {variant} grid {grid} batch {batch}")
-            assert torch.equal(y, nf4_cuda.nf4_gemv(x, op, bias, v)), f"grid {grid} differs from one block a group"
-
-
-@pytest.mark.parametrize("dtype", HALF)
 def test_cuda_gemv_table_kernel_agrees_with_scaled(dtype):
     """The once-per-device check that lets the measured choice take the table kernel passes on this GPU."""
     from fastft.kernels import nf4_cuda

@@ -317,49 +317,7 @@ __device__ __forceinline__ void compute_table_step(float (&acc)[NT][4], const Ta
   }
 }
 
-template <int NT>
-__device__ __forceinline__ void zero(float (&acc)[NT][4]) {
-#pragma unroll
-  for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-    for (int i = 0; i < 4; ++i) acc[nt][i] = 0.0f;
-}
-
-// The eight warps' partial sums of one 16-row group added by warp 0 and stored (+ bias). Every thread of the block
-// calls it; looping over groups (kLoop), a second barrier keeps the next group's partials from overwriting these
-// before warp 0 has read them.
-template <typename T, int NT, bool kLoop>
-__device__ __forceinline__ void store_group(const float (&acc)[NT][4], float (&partial)[kWarps][NT * 4][32],
-                                            const Nf4GemvArgs& p, int64_t row0, int warp, int lane, int g, int t) {
-#pragma unroll
-  for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-    for (int i = 0; i < 4; ++i) partial[warp][nt * 4 + i][lane] = acc[nt][i];
-  __syncthreads();
-  if (warp == 0) {
-    T* y = static_cast<T*>(p.y);
-    const T* bias = static_cast<const T*>(p.bias);
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        float v = 0.0f;
-#pragma unroll
-        for (int w = 0; w < kWarps; ++w) v += partial[w][nt * 4 + i][lane];
-        // accumulator fragment: c0, c1 -> row g, columns 2t, 2t+1; c2, c3 -> row g+8
-        const int64_t row = row0 + g + (i >= 2 ? 8 : 0);
-        const int b = 8 * nt + 2 * t + (i & 1);
-        if (row < p.n && b < p.batch) {
-          if (bias != nullptr) v += Mma<T>::to_float(bias[row]);
-          y[b * p.ldy + row] = Mma<T>::from_float(v);
-        }
-      }
-    }
-  }
-  if (kLoop) __syncthreads();
-}
-
-template <typename T, int NT, bool kTable, bool kLoop>
+template <typename T, int NT, bool kTable>
 __global__ void __launch_bounds__(kWarps * 32)
     nf4_gemv_kernel(const Nf4GemvArgs p, int bs_shift, int nbs_shift) {
   __shared__ float code[16];
@@ -388,55 +346,57 @@ __global__ void __launch_bounds__(kWarps * 32)
     __syncthreads();
   }
 
-  const int64_t groups = (p.n + kRowsPerBlock - 1) / kRowsPerBlock;
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock;
   const int64_t steps = (p.k + kStepK - 1) / kStepK;
   float acc[NT][4];
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) acc[nt][i] = 0.0f;
 
-  // A warp's work, in order: its steps s = warp, warp + kWarps, ... of each of the block's 16-row groups
-  // blockIdx.x, blockIdx.x + gridDim.x, ... (one group per block unless the grid is smaller: p.grid). Two steps are
-  // in flight: the next one's loads are issued before this one's math, across groups too, so a block whose grid
-  // stride gives it several groups keeps loading W while it sums and stores a group.
+  // Two steps in flight: the next step's loads are issued before this step's math.
   if constexpr (kTable) {
     const uint32_t* lane_table = table + lane;
-    int64_t group = blockIdx.x;
-    TableLane<NT> reads = table_lane<NT>(p, group * kRowsPerBlock, g, t);
+    const TableLane<NT> reads = table_lane<NT>(p, row0, g, t);
     TableFragment<NT> cur, next;
     if (warp < steps) load_table_step(cur, p, reads, warp, bs_shift, nbs_shift);
-    for (; group < groups; group += gridDim.x) {
-      const int64_t group_next = kLoop ? group + gridDim.x : groups;  // kLoop false: one group per block
-      zero(acc);
-      for (int64_t s = warp; s < steps; s += kWarps) {
-        if (s + kWarps < steps) {
-          load_table_step(next, p, reads, s + kWarps, bs_shift, nbs_shift);
-        } else if (group_next < groups) {
-          // warp <= s < steps; the next group's lane data recomputed, not kept live (registers)
-          load_table_step(next, p, table_lane<NT>(p, group_next * kRowsPerBlock, g, t), warp, bs_shift, nbs_shift);
-        }
-        compute_table_step<T, NT>(acc, cur, p, reads, s, lane_table, code2, nested, p.offset);
-        cur = next;
-      }
-      store_group<T, NT, kLoop>(acc, partial, p, group * kRowsPerBlock, warp, lane, g, t);
-      if (!kLoop) return;
-      reads = table_lane<NT>(p, group_next * kRowsPerBlock, g, t);
+    for (int64_t s = warp; s < steps; s += kWarps) {
+      if (s + kWarps < steps) load_table_step(next, p, reads, s + kWarps, bs_shift, nbs_shift);
+      compute_table_step<T, NT>(acc, cur, p, reads, s, lane_table, code2, nested, p.offset);
+      cur = next;
     }
   } else {
-    int64_t group = blockIdx.x;
     Fragment<NT> cur, next;
-    if (warp < steps) load_step(cur, p, warp, g, t, group * kRowsPerBlock, bs_shift, nbs_shift);
-    for (; group < groups; group += gridDim.x) {
-      const int64_t group_next = kLoop ? group + gridDim.x : groups;  // kLoop false: one group per block
-      zero(acc);
-      for (int64_t s = warp; s < steps; s += kWarps) {
-        if (s + kWarps < steps) {
-          load_step(next, p, s + kWarps, g, t, group * kRowsPerBlock, bs_shift, nbs_shift);
-        } else if (group_next < groups) {
-          load_step(next, p, warp, g, t, group_next * kRowsPerBlock, bs_shift, nbs_shift);  // warp <= s < steps
-        }
-        compute_step<T, NT>(acc, cur, code, code2, nested, p.offset);
-        cur = next;
+    if (warp < steps) load_step(cur, p, warp, g, t, row0, bs_shift, nbs_shift);
+    for (int64_t s = warp; s < steps; s += kWarps) {
+      if (s + kWarps < steps) load_step(next, p, s + kWarps, g, t, row0, bs_shift, nbs_shift);
+      compute_step<T, NT>(acc, cur, code, code2, nested, p.offset);
+      cur = next;
+    }
+  }
+
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) partial[warp][nt * 4 + i][lane] = acc[nt][i];
+  __syncthreads();
+  if (warp != 0) return;
+  T* y = static_cast<T*>(p.y);
+  const T* bias = static_cast<const T*>(p.bias);
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      float v = 0.0f;
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w) v += partial[w][nt * 4 + i][lane];
+      // accumulator fragment: c0, c1 -> row g, columns 2t, 2t+1; c2, c3 -> row g+8
+      const int64_t row = row0 + g + (i >= 2 ? 8 : 0);
+      const int b = 8 * nt + 2 * t + (i & 1);
+      if (row < p.n && b < p.batch) {
+        if (bias != nullptr) v += Mma<T>::to_float(bias[row]);
+        y[b * p.ldy + row] = Mma<T>::from_float(v);
       }
-      store_group<T, NT, kLoop>(acc, partial, p, group * kRowsPerBlock, warp, lane, g, t);
-      if (!kLoop) return;
     }
   }
 }
@@ -450,24 +410,12 @@ int log2_exact(int64_t v) {
 
 template <typename T, bool kTable>
 void launch_variant(const Nf4GemvArgs& p, int bs_shift, int nbs_shift, cudaStream_t stream) {
-  const int64_t groups = (p.n + kRowsPerBlock - 1) / kRowsPerBlock;
+  const dim3 grid(static_cast<unsigned>((p.n + kRowsPerBlock - 1) / kRowsPerBlock));
   const dim3 block(kWarps * 32);
-  // p.grid > 0 and below the group count: that many blocks, each looping over groups (its own instantiation: the
-  // loop's registers would cost the one-group-per-block kernel occupancy)
-  if (p.grid > 0 && p.grid < groups) {
-    const dim3 grid(static_cast<unsigned>(p.grid));
-    if (p.batch <= 8) {
-      nf4_gemv_kernel<T, 1, kTable, true><<<grid, block, 0, stream>>>(p, bs_shift, nbs_shift);
-    } else {
-      nf4_gemv_kernel<T, 2, kTable, true><<<grid, block, 0, stream>>>(p, bs_shift, nbs_shift);
-    }
-    return;
-  }
-  const dim3 grid(static_cast<unsigned>(groups));
   if (p.batch <= 8) {
-    nf4_gemv_kernel<T, 1, kTable, false><<<grid, block, 0, stream>>>(p, bs_shift, nbs_shift);
+    nf4_gemv_kernel<T, 1, kTable><<<grid, block, 0, stream>>>(p, bs_shift, nbs_shift);
   } else {
-    nf4_gemv_kernel<T, 2, kTable, false><<<grid, block, 0, stream>>>(p, bs_shift, nbs_shift);
+    nf4_gemv_kernel<T, 2, kTable><<<grid, block, 0, stream>>>(p, bs_shift, nbs_shift);
   }
 }
 
@@ -480,9 +428,7 @@ void launch_typed(const Nf4GemvArgs& p, int bs_shift, int nbs_shift, cudaStream_
   }
 }
 
-enum Error : int {
-  kOk = 0, kBadBatch, kBadK, kBadBlocksize, kBadDtype, kMisaligned, kCudaError, kBadVariant, kBadGrid
-};
+enum Error : int { kOk = 0, kBadBatch, kBadK, kBadBlocksize, kBadDtype, kMisaligned, kCudaError, kBadVariant };
 
 thread_local cudaError_t last_launch_error = cudaSuccess;  // what kCudaError stood for, for its message
 thread_local std::string launch_error_message;
@@ -506,7 +452,6 @@ const char* nf4_gemv_error_string(int code) {
     case kMisaligned: return "nf4_gemv_cuda: x, packed and ldx must be 16-byte aligned";
     case kBadVariant:
       return "nf4_gemv_cuda: variant must be 0 (scaled decode) or 1 (byte table: blocksize >= 64, k a multiple of 64)";
-    case kBadGrid: return "nf4_gemv_cuda: grid must be >= 0 (0: one block per 16 rows) and below 2^31";
     default: return "nf4_gemv_cuda: unknown error";
   }
 }
@@ -517,7 +462,6 @@ int nf4_gemv_launch(const Nf4GemvArgs& p, void* stream_handle) {
   const int bs_shift = log2_exact(p.blocksize);
   const int nbs_shift = p.absmax2 != nullptr ? log2_exact(p.nested_blocksize) : 0;
   if (bs_shift < 5 || nbs_shift < 0) return kBadBlocksize;
-  if (p.grid < 0 || p.grid > 0x7FFFFFFF) return kBadGrid;
   if (p.variant != 0 && (p.variant != 1 || bs_shift < 6 || p.k % kHalfK != 0)) return kBadVariant;
   if (reinterpret_cast<uintptr_t>(p.x) % 16 != 0 || reinterpret_cast<uintptr_t>(p.packed) % 16 != 0 ||
       p.ldx % 8 != 0)

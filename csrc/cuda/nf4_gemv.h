@@ -23,7 +23,6 @@ struct Nf4GemvArgs {
   int blocksize;            // a power of two >= 32
   int dtype;                // 1 = fp16, 2 = bf16 (fastft::FloatType)
   int variant;              // 0: scaled decode; 1: byte table (blocksize >= 64, k % 64 == 0), see nf4_gemv.cu
-  int64_t grid;             // blocks: 0 = one per 16 rows; fewer = that many, each looping over 16-row groups
 };
 
 // 0 on success, else an error code for nf4_gemv_error_string.

@@ -8,12 +8,6 @@ dequantized weight bit for bit); TABLE (blocksize >= 64, in_features % 64 == 0) 
 byte with one shared-memory lookup and scales each 64-column sum once, ~33% fewer instructions a W element.
 `nf4_gemv` times both once per shape and keeps the faster (fastft.kernels.autotune), after a once-per-device check
 that TABLE agrees with SCALED; untimed (FASTFT_AUTOTUNE=0, CUDA-graph capture) it runs SCALED.
-
-Grid: by default one block per 16 rows of W, each block a short life (4 steps a warp at K=4096: its first loads'
-latency is most of it). `grid=G` launches G blocks that loop over the 16-row groups with the next group's loads in
-flight while they store one (a separate instantiation, so the default keeps its registers and occupancy). Not in
-the tuner's list yet: a config enters it only after a GPU test has forced it (DEVELOPERS.md); tests/test_nf4_gpu.py
-forces small grids and benchmarks/gpu_nf4.py times grids of 1, 2 and 4 blocks per SM beside the default.
 """
 from __future__ import annotations
 
@@ -81,13 +75,9 @@ def table_supported(w) -> bool:
 
 
 @on_operand_device  # the variant choice times launches: on x2's GPU
-def nf4_gemv(x2: torch.Tensor, w, bias: torch.Tensor | None, variant: int | None = None, grid: int = 0
-             ) -> torch.Tensor:
+def nf4_gemv(x2: torch.Tensor, w, bias: torch.Tensor | None, variant: int | None = None) -> torch.Tensor:
     """y [batch, w.rows] in x2's dtype; the caller checked `supported(x2, w)`. variant: SCALED or TABLE forces one
-    (TABLE must be `table_supported`); None picks by measurement. grid: 0 launches one block per 16 rows; G > 0
-    at most G blocks, each looping over 16-row groups (see the module docstring)."""
-    if isinstance(grid, bool) or not isinstance(grid, int) or grid < 0:
-        raise ValueError(f"nf4_gemv: `grid` must be an int >= 0 (0: one block per 16 rows), got {grid!r}")
+    (TABLE must be `table_supported`); None picks by measurement."""
     batch, k = x2.shape
     if x2.stride(1) != 1 or (batch > 1 and x2.stride(0) % 8) or x2.data_ptr() % 16:
         # 16-byte vector loads need aligned rows; x is small at decode time. A copy, not .contiguous(): that keeps a
@@ -108,15 +98,12 @@ def nf4_gemv(x2: torch.Tensor, w, bias: torch.Tensor | None, variant: int | None
                 x2.data_ptr(), ldx, w.packed.data_ptr(), w.absmax.data_ptr(),
                 w.absmax2.data_ptr() if nested else 0, w.code2.data_ptr() if nested else 0, float(w.offset),
                 w.nested_blocksize, bias.data_ptr() if bias is not None else 0, y.data_ptr(), y.stride(0), batch,
-                w.rows, k, w.blocksize, _DTYPE_CODES[x2.dtype], stream, v, grid)
+                w.rows, k, w.blocksize, _DTYPE_CODES[x2.dtype], stream, v)
 
     # the check syncs: not while a CUDA graph is captured (SCALED is launched into the graph then)
     checked = (x2.device, x2.dtype) in _TABLE_AGREES or not capturing()
     if variant is None and table_supported(w) and checked and table_agrees(x2.device, x2.dtype):
-        # grid in the key: a looping launch's timings must not pick the variant of the default launch (a grid at
-        # or above the group count is the default launch)
-        looping = grid if grid < (w.rows + 15) // 16 else 0
-        key = (bucket(batch), w.rows, k, w.blocksize, nested, x2.dtype, looping)
+        key = (bucket(batch), w.rows, k, w.blocksize, nested, x2.dtype)
         TUNER.run(key, lambda config: launch(config["variant"]))
     else:
         launch(SCALED if variant is None else variant)
