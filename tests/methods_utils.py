@@ -12,7 +12,7 @@ def perturb_trainables(model, std: float = 0.1, seed: int = 1):
     with torch.no_grad():
         for name, p in sorted(model.named_parameters()):
             if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g).to(p.dtype) * std)
+                p.add_(torch.randn(p.shape, generator=g).to(p.device, p.dtype) * std)
 
 
 def copy_trainables(src, dst):

