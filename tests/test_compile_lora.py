@@ -238,6 +238,41 @@ def test_under_capture_nested_scales_decode_on_device_and_dropout_is_refused(mon
         qlora_linear_op(x, *nf4_args(w), None, A, B, seed_tensor(3), 0.5, 0.1)
 
 
+@interpreter_only
+@pytest.mark.parametrize("op", ["lora", "qlora"])
+def test_dropout_backward_refuses_cuda_graph_capture(op, monkeypatch):
+    """The backward op regenerates the forward's mask from the seed: captured, it would replay one mask against the
+    forward's fresh ones (silently wrong gradients), so it refuses as the forward does."""
+    from fastft.ops import compiled_args
+
+    x, dy = _t(5, K, grad=False), _t(5, N, grad=False)
+    A, B = _adapters()
+    A, B = A.detach(), B.detach()
+    seed = seed_tensor(3)
+    if op == "lora":
+        W = _t(N, K, grad=False)
+        _, xs = lora_linear_op(x, W, None, A, B, seed, 0.5, 0.1)
+        backward = lambda: lora_linear_backward_op(dy, x, W, None, A, B, xs, seed, 0.5, 0.1,  # noqa: E731
+                                                   True, False, False, True, True)
+    else:
+        w = _nf4(False)
+        _, xs = qlora_linear_op(x, *nf4_args(w), None, A, B, seed, 0.5, 0.1)
+        backward = lambda: qlora_linear_backward_op(dy, x, *nf4_args(w), None, A, B, xs, seed, 0.5,  # noqa: E731
+                                                    0.1, True, False, True, True)
+    backward()  # not capturing: runs
+    monkeypatch.setattr(compiled_args, "capturing", lambda device: True)
+    with pytest.raises(ValueError, match=f"{op}_linear: dropout_p=0.1 cannot run inside a CUDA graph capture"):
+        backward()
+
+
+def test_the_seed_draw_stays_outside_cuda_graphs():
+    """Inductor's graph partition (mode="reduce-overhead") keeps cudagraph_unsafe ops out of its CUDA graphs; the
+    draw, whose inputs are CUDA tensors and whose output is a CPU tensor, otherwise sat inside one and failed its
+    recording (H200, torch 2.11) before the ops' refusal could say what to do."""
+    tags = torch.ops.fastft.draw_seed.default.tags
+    assert torch.Tag.cudagraph_unsafe in tags and torch.Tag.nondeterministic_seeded in tags
+
+
 # ----------------------------------------------------------------------------------------------
 # dora_linear
 

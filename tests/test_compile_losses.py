@@ -369,6 +369,23 @@ def test_lora_dropout_refuses_cuda_graph_capture(monkeypatch):
 
 
 @interpreter_only
+def test_lora_dropout_backward_refuses_cuda_graph_capture(monkeypatch):
+    """The backward regenerates the forward's mask from the seed: captured, it would replay one mask against the
+    forward's fresh ones (silently wrong gradients), so it refuses too."""
+    import fastft.ops.compiled_args as compiled_args
+    h, w, y = _t(5, H, grad=False), _t(V, H, grad=False), _labels(5)
+    A, B = _t(3, H, grad=False), _t(V, 3, grad=False)
+    options = _options()
+    options[9] = 0.2  # dropout_p
+    args = (h, w, None, A, B, [], y, None, None, torch.ones(1), seed_tensor(1), *options, torch.randn(5),
+            [True, True, False, True, True])
+    row_losses_backward_op(*args)  # not capturing: runs
+    monkeypatch.setattr(compiled_args, "capturing", lambda device: True)
+    with pytest.raises(ValueError, match=r"opcheck: dropout_p=0.2 cannot run inside a CUDA graph capture"):
+        row_losses_backward_op(*args)
+
+
+@interpreter_only
 def test_double_quantized_nf4_head_under_capture_reads_no_offset(monkeypatch):
     """While a CUDA graph is captured (faked here) a double-quantized NF4 head crosses as compiled_args.nf4_args and
     has its nested scales decoded on the device (compiled_args.nf4_from_args): no host read of the offset, the same

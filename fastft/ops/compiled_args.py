@@ -36,7 +36,11 @@ def seed_tensor_like() -> torch.Tensor:
     return torch.empty((), dtype=torch.int64, device="cpu")
 
 
-@torch.library.custom_op("fastft::draw_seed", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
+# cudagraph_unsafe: inductor's graph partition (mode="reduce-overhead") otherwise keeps the draw, whose inputs are
+# CUDA tensors, inside a CUDA-graph partition, whose CPU output then fails the recording ("Expected all cuda outputs
+# in cuda graph recording", H200, torch 2.11) before the ops' clear refusal (refuse_replayed_dropout) can speak.
+@torch.library.custom_op("fastft::draw_seed", mutates_args=(),
+                         tags=(torch.Tag.nondeterministic_seeded, torch.Tag.cudagraph_unsafe))
 def draw_seed_op(anchors: list[torch.Tensor], *, device: torch.device) -> torch.Tensor:
     """anchors: unread tensors that make each call a node of its own (traced_seed passes them): AOTAutograd's CSE
     merges identical pure calls, and calls without arguments are all identical, so every dropout layer of a
@@ -62,9 +66,12 @@ def traced_seed(x: torch.Tensor, lora_A: torch.Tensor, dropout_p: float) -> Opti
     return draw_seed_op([x, lora_A, torch.empty(0, device=x.device)], device=SEED_DEVICE)
 
 
-def seed_int(op: str, seed: Optional[torch.Tensor], dropout_p: float) -> int:
-    """The drawn seed as the bodies take it (0 without dropout)."""
+def seed_int(op: str, seed: Optional[torch.Tensor], dropout_p: float, device: torch.device) -> int:
+    """The drawn seed as the bodies take it (0 without dropout), forward and backward alike; refused inside a CUDA
+    graph capture (refuse_replayed_dropout): a backward captured with one seed would replay its mask against the
+    forward's fresh ones."""
     shared.check(seed is not None or dropout_p == 0.0, f"{op}: dropout_p > 0 needs the seed from fastft::draw_seed")
+    refuse_replayed_dropout(op, dropout_p, device)
     return 0 if seed is None else int(seed)
 
 

@@ -17,7 +17,7 @@ subclass cannot cross a custom op), the targets (flat labels; the teacher's rows
 the loss op, None without dropout: the ops are functions of their inputs, so activation checkpointing may recompute
 them; see compiled_args), and Python options. Inside a body compiling() is False: the label range check (a host
 sync) runs there unless a CUDA graph is being captured. CUDA graphs: with LoRA dropout > 0 the forward refuses to be
-captured (compiled_args.refuse_replayed_dropout: one mask would be replayed); a double-quantized NF4 head has its
+captured, forward and backward (compiled_args.seed_int: one mask would be replayed); a double-quantized NF4 head has its
 nested scales decoded on the device while captured (compiled_args.nf4_from_args).
 """
 from __future__ import annotations
@@ -33,8 +33,7 @@ from fastft.ops.chunked_logits import (Plan, RowLoss, as_rows, chunk_budget_byte
                                        row_losses, row_losses_backward, scaled_grad, times_in_fp32,
                                        weight_grad_dtype)
 from fastft.ops.compiled import capturing, needed, unused
-from fastft.ops.compiled_args import (nf4_args, nf4_from_args, refuse_replayed_dropout, seed_int,
-                                      traced_seed)
+from fastft.ops.compiled_args import nf4_args, nf4_from_args, seed_int, traced_seed
 
 
 class LossArgs(NamedTuple):
@@ -148,14 +147,14 @@ def _plan(a: LossArgs) -> Plan:
     # the NF4 container's dtype is never used: the chunks dequantize into the compute dtype they name
     return Plan(row, (a.labels, a.teacher_hidden, a.teacher_weight), rows, a.vocab,
                 nf4=nf4_from_args(a.nf4, a.nf4_ints) if a.nf4 else None, nf4_rows=nf4_block_rows(a.hidden),
-                scaling=a.scaling, dropout_p=a.dropout_p, seed=seed_int(a.op, a.seed, a.dropout_p),
+                scaling=a.scaling, dropout_p=a.dropout_p, seed=seed_int(a.op, a.seed, a.dropout_p, a.hidden.device),
                 grad_scale=a.grad_scale)
 
 
 def _forward_plan(a: LossArgs) -> Plan:
     """The checks a forward body does, then its plan."""
     device = a.hidden.device
-    refuse_replayed_dropout(a.op, a.dropout_p, device)
+    seed_int(a.op, a.seed, a.dropout_p, device)  # dropout inside a CUDA graph capture: refused before the checks
     if not capturing(device):
         if a.labels is not None:
             check_label_range(a.op, a.labels, a.vocab, a.ignore_index)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from fastft.ops import lora_path, shared
 from fastft.ops.compiled import compiling, needed, unused
-from fastft.ops.compiled_args import fresh_like, refuse_replayed_dropout, seed_int, traced_seed
+from fastft.ops.compiled_args import fresh_like, seed_int, traced_seed
 from fastft.ops.shared import (as_rows, autocast_inputs, autocast_off, check, check_backend, finite,
                                first_order_only, padded, resolve_backend, rows_to, to_dtype)
 
@@ -320,8 +320,7 @@ class LoRALinearFunction(torch.autograd.Function):
 def lora_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_A: torch.Tensor,
                    lora_B: torch.Tensor, seed: Optional[torch.Tensor], scaling: float, dropout_p: float
                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    refuse_replayed_dropout("lora_linear", dropout_p, x.device)
-    seed = seed_int("lora_linear", seed, dropout_p)
+    seed = seed_int("lora_linear", seed, dropout_p, x.device)
     y, saved, _, _ = lora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
     return rows_to(y, x), saved[3]
 
@@ -342,7 +341,7 @@ def lora_linear_backward_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Ten
                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     fold_backward = _fold_paths(x, weight, lora_A, dropout_p)[1]  # as the forward chose it
     saved = backward_operands(x, lora_A, lora_B, xs)
-    meta = lora_meta(x, bias, lora_A, lora_B, scaling, dropout_p, seed_int("lora_linear", seed, dropout_p))
+    meta = lora_meta(x, bias, lora_A, lora_B, scaling, dropout_p, seed_int("lora_linear", seed, dropout_p, x.device))
     grads = lora_backward(saved, meta, fold_backward, weight, dy, need_x, need_w, need_b, need_A, need_B)
     return tuple(g if g is not None else unused(like) for g, like in zip(grads, (x, weight, dy, lora_A, lora_B)))
 

@@ -22,8 +22,7 @@ import torch.nn.functional as F
 from fastft.kernels.runtime import on_operand_device
 from fastft.ops import qlora_path
 from fastft.ops.compiled import compiling, needed, unused
-from fastft.ops.compiled_args import (fresh_like, nf4_args, nf4_from_args, refuse_replayed_dropout, seed_int,
-                                      traced_seed)
+from fastft.ops.compiled_args import fresh_like, nf4_args, nf4_from_args, seed_int, traced_seed
 from fastft.ops.qlora_path import release_dequant_scratch  # noqa: F401 - public here too
 from fastft.ops.lora import (add_rank_path, backward_operands, fused_lora_backward, fused_lora_forward,
                              lora_linear_reference, lora_meta, saved_factors)
@@ -219,9 +218,8 @@ class NF4LinearFunction(torch.autograd.Function):
 def qlora_linear_op(x: torch.Tensor, w_parts: list[torch.Tensor], w_ints: list[int], bias: Optional[torch.Tensor],
                     lora_A: torch.Tensor, lora_B: torch.Tensor, seed: Optional[torch.Tensor], scaling: float,
                     dropout_p: float) -> tuple[torch.Tensor, torch.Tensor]:
-    refuse_replayed_dropout("qlora_linear", dropout_p, x.device)
-    y, saved, _ = qlora_forward(x, nf4_from_args(w_parts, w_ints), bias, lora_A, lora_B, scaling, dropout_p,
-                                seed_int("qlora_linear", seed, dropout_p))
+    seed = seed_int("qlora_linear", seed, dropout_p, x.device)
+    y, saved, _ = qlora_forward(x, nf4_from_args(w_parts, w_ints), bias, lora_A, lora_B, scaling, dropout_p, seed)
     return rows_to(y, x), saved[3]
 
 
@@ -240,7 +238,7 @@ def qlora_linear_backward_op(dy: torch.Tensor, x: torch.Tensor, w_parts: list[to
                              need_x: bool, need_b: bool, need_A: bool, need_B: bool
                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     saved = backward_operands(x, lora_A, lora_B, xs)
-    meta = lora_meta(x, bias, lora_A, lora_B, scaling, dropout_p, seed_int("qlora_linear", seed, dropout_p))
+    meta = lora_meta(x, bias, lora_A, lora_B, scaling, dropout_p, seed_int("qlora_linear", seed, dropout_p, x.device))
     grads = qlora_backward(saved, meta, nf4_from_args(w_parts, w_ints), dy, need_x, need_b, need_A, need_B)
     return tuple(g if g is not None else unused(like) for g, like in zip(grads, (x, dy, lora_A, lora_B)))
 
