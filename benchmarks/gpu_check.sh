@@ -6,8 +6,8 @@
 # timings; a failing section does not stop the next, and each gets what is left of the time budget.
 #   bash benchmarks/gpu_check.sh [section ...]    sections: build nf4 attention lora-tests fuzz-tests lora losses-tests losses
 #   (on request: kernel-tests nf4-tests attention-tests methods-tests methods layers-tests layers patch-step train-tests
-#    train train-methods-tests compile-tests bench-1b bench-1b-compile bench-8b lora-paths host; `issue10` names the
-#    kernel-speed set, `suites` the GPU test suites outside it)
+#    train train-methods-tests compile-tests bench-1b bench-1b-compile bench-8b lora-paths host profile; `issue10`
+#    names the kernel-speed set, `suites` the GPU test suites outside it)
 # What comes back: the device returns at most 8 files from $OUT, so every log and JSON file goes to a work folder
 # and, after every section, $OUT/results.tar.gz (all of them so far) and $OUT/summary.md (each section's status,
 # seconds and key lines; sections not yet run are `pending`) are replaced atomically: a run cut short still
@@ -33,6 +33,8 @@
 #   lora          ~70-160 s (cap 130)   the LoRA ratio table beside peft, r 8/16/64
 set -uo pipefail
 export PYTHONPATH="$PWD/.peers:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+# SmolLM2's tokenizer alone (scripts/fetch-gpu-test-deps.sh): the GPU `fastft train` tests' tiny checkpoints
+[[ -d .peers/smollm2-tokenizer ]] && export FASTFT_SMOLLM2_TOKENIZER="$PWD/.peers/smollm2-tokenizer"
 : "${OUT:=/tmp/fastft-out}"; mkdir -p "$OUT"
 results="$OUT"   # what comes back: results.tar.gz and summary.md
 work=$(mktemp -d "${TMPDIR:-/tmp}/fastft-gpu.XXXXXX") || exit 1
@@ -137,7 +139,10 @@ for s in $sections; do
                     --durations=15 ;;
     lora-tests) FASTFT_AUTOTUNE=0 run 170 lora-tests python3 -m pytest -q -m gpu tests/test_lora_gpu.py -p no:cacheprovider ;;
     fuzz-tests) if python3 -c "import hypothesis" > /dev/null 2>&1; then
-                  FASTFT_AUTOTUNE=0 run 120 fuzz-tests python3 -m pytest -q -m gpu tests/fuzz -p no:cacheprovider
+                  # 24 tests, Triton compiles for every fuzzed shape: one process took >120 s (cut, 2026-12-04);
+                  # 8 workers passed 22 in ~150 s
+                  FASTFT_AUTOTUNE=0 run 240 fuzz-tests python3 -m pytest -q -m gpu tests/fuzz -p no:cacheprovider \
+                    $(python3 -c "import xdist" > /dev/null 2>&1 && printf '%s' '-n 8') --durations=10
                 else  # not on the GPU image: scripts/fetch-gpu-test-deps.sh puts it in .peers
                   state[$s]="not run: hypothesis missing (carry .peers with scripts/fetch-gpu-test-deps.sh)"
                   status=1; pack
@@ -151,6 +156,8 @@ for s in $sections; do
     # host time of each fused op's eager fwd+bwd at tiny shapes: launches real (+ Triton's launch path) and stubbed
     # (fastft's Python); the gap says whether bypassing JITFunction.run is worth it (~30 s with compiles)
     host) run 90 host python3 benchmarks/host_overhead.py ;;
+    # issue 10's diagnosis: ncu counters of the NF4 GEMV and dequantize, cProfile of eager LoRA / QLoRA calls
+    profile) run 180 profile bash benchmarks/gpu_profile.sh ;;
     nf4-tests) run 180 nf4-tests python3 -m pytest -q -m gpu tests/test_nf4_gpu.py tests/test_qlora_path.py -p no:cacheprovider ;;
     losses-tests) run 120 losses-tests python3 -m pytest -q -m gpu tests/test_linear_losses_gpu.py -p no:cacheprovider ;;
     losses) run 150 losses python3 benchmarks/gpu_losses.py ;;

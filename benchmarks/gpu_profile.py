@@ -1,0 +1,109 @@
+"""Diagnosis driver for issue 10's unexplained gaps, run by benchmarks/gpu_profile.sh (gpu_check.sh `profile`).
+
+    python benchmarks/gpu_profile.py gemv | dequant    the kernel ncu profiles, launched LAUNCHES times
+    python benchmarks/gpu_profile.py host               cProfile of eager LoRA and QLoRA fwd+bwd, real launches
+
+gemv: the CUDA NF4 decode GEMV, TABLE variant (the tuner's pick on the H200), bf16, 4096->14336, batch 1: 27.5 us,
+23% of HBM, and its SASS is 5.1 instructions a weight element (not issue-bound): ncu's warp stalls say what is.
+dequant: the Triton dequantize at 4096x14336 with the best forced config (4096-element blocks, gather decode, 8 warps):
+59% of the copy bandwidth as a CUDA-graph replay.
+host: at 4096->4096 the LoRA and QLoRA calls are host-bound (QLoRA: 1.49 ms of host a call against 0.91 ms of device
+time); with launches stubbed fastft's Python is ~170 us (benchmarks/host_overhead.py), so the rest is Triton's launch
+path or a sync: the profile of CALLS calls at M=64 (kernels shorter than the host's work) names the functions.
+Prints; writes $OUT/host_profile.txt when OUT is set.
+"""
+from __future__ import annotations
+
+import cProfile
+import io
+import os
+import pstats
+import sys
+
+import torch
+
+LAUNCHES = 5  # gpu_profile.sh has ncu skip the first 3 (compiles, first-use checks) and profile 1
+CALLS = 200
+
+
+def _nf4(K: int, N: int):
+    from fastft.quant import quantize_nf4
+
+    torch.manual_seed(0)
+    return quantize_nf4(torch.randn(N, K, dtype=torch.bfloat16, device="cuda") * 0.02)
+
+
+def gemv() -> None:
+    from fastft.kernels import nf4_cuda
+
+    w = _nf4(4096, 14336)
+    op, x = w.kernel_operand(), torch.randn(1, 4096, dtype=torch.bfloat16, device="cuda")
+    for _ in range(LAUNCHES):
+        nf4_cuda.nf4_gemv(x, op, None, nf4_cuda.TABLE)
+    torch.cuda.synchronize()
+
+
+def dequant() -> None:
+    from fastft.kernels.nf4_dequant import _configs, nf4_dequantize
+
+    w = _nf4(14336, 4096)  # W 4096x14336
+    op = w.kernel_operand()
+    cfg = next(c for c in _configs() if c["BLOCK"] == 4096 and c["DECODE"] == 0)
+    buf = torch.empty(w.numel(), dtype=torch.bfloat16, device="cuda")
+    for _ in range(LAUNCHES):
+        nf4_dequantize(op.packed, op.absmax, buf.numel(), op.blocksize, torch.bfloat16, op.code,
+                       absmax2=op.absmax2, code2=op.code2, offset=op.offset if op.absmax2 is not None else 0.0,
+                       nested_blocksize=op.nested_blocksize, config=cfg, out=buf)
+    torch.cuda.synchronize()
+
+
+def host() -> None:
+    import fastft
+
+    torch.manual_seed(0)
+    K = N = 4096
+    x = torch.randn(64, K, dtype=torch.bfloat16, device="cuda", requires_grad=True)
+    dy = torch.randn(64, N, dtype=torch.bfloat16, device="cuda")
+    W = torch.randn(N, K, dtype=torch.bfloat16, device="cuda") * 0.02
+    w = _nf4(K, N)
+    A = (torch.randn(16, K, device="cuda") * 0.02).requires_grad_()
+    B = (torch.randn(N, 16, device="cuda") * 0.02).requires_grad_()
+    cases = {"lora": lambda: fastft.lora_linear(x, W, None, A, B, 2.0).backward(dy),
+             "qlora": lambda: fastft.qlora_linear(x, w, None, A, B, 2.0).backward(dy)}
+    report = io.StringIO()
+    for name, step in cases.items():
+        for path in (("dequant", "fused") if name == "qlora" else ("-",)):
+            if path != "-":
+                os.environ["FASTFT_QLORA_PATH"] = path
+            for _ in range(10):  # compiles, tuning, first-use checks
+                step()
+            torch.cuda.synchronize()
+            profiler = cProfile.Profile()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            profiler.enable()
+            for _ in range(CALLS):
+                step()
+            profiler.disable()
+            end.record()
+            torch.cuda.synchronize()
+            stats = pstats.Stats(profiler, stream=report)
+            title = f"{name}{'' if path == '-' else ' ' + path} M=64 {K}->{N} r=16 bf16"
+            report.write(f"\n=== {title}: {stats.total_tt / CALLS * 1e6:.0f} us of host a call "
+                         f"(profiled), {start.elapsed_time(end) / CALLS * 1e3:.0f} us a call on the device clock\n")
+            stats.sort_stats("tottime").print_stats(25)
+            stats.sort_stats("cumulative").print_stats(25)
+    os.environ.pop("FASTFT_QLORA_PATH", None)
+    print(report.getvalue())
+    if os.environ.get("OUT"):
+        from fastft.files import atomic_write
+
+        atomic_write(os.path.join(os.environ["OUT"], "host_profile.txt"), report.getvalue().encode())
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2 or sys.argv[1] not in ("gemv", "dequant", "host"):
+        sys.exit(__doc__)
+    if not torch.cuda.is_available():
+        sys.exit("gpu_profile.py needs a CUDA GPU")
+    {"gemv": gemv, "dequant": dequant, "host": host}[sys.argv[1]]()
