@@ -104,12 +104,12 @@ def bnb_state(x: torch.Tensor):
 
 def check_correctness():
     out = {}
-    from fastft.kernels.nf4_dequant import _configs, nf4_dequantize
+    from fastft.kernels.nf4_dequant import nf4_dequantize
     from fastft.quant import nf4_format as fmt
     for K, N in SHAPES:
         w = quantize_nf4(torch.randn(N, K, dtype=BF16, device=DEV) * 0.02)
         ref = fmt.dequantize_nf4_torch(w.packed, w.block_absmax(), w.numel(), 64, BF16)
-        for cfg in _configs():
+        for cfg in dequant_configs():  # the candidates too: checked before they are timed
             got = nf4_dequantize(w.packed, w.absmax, w.numel(), 64, BF16, w.code, absmax2=w.absmax2, code2=w.code2,
                                  offset=w.offset, config=cfg)
             out[f"dequant {K}x{N} {cfg} exact vs torch"] = bool(torch.equal(got, ref))
@@ -219,13 +219,14 @@ def time_copy(rows):
 
 
 def dequant_configs() -> list[dict]:
+    """The tuner's configs, then the candidates waiting for a GPU (nf4_dequant.candidate_configs)."""
     from fastft.kernels import nf4_dequant
-    return nf4_dequant._configs()
+    return nf4_dequant._configs() + nf4_dequant.candidate_configs()
 
 
 def config_label(cfg: dict) -> str:
     decode = {0: "gather", 1: "select", 2: "prmt"}.get(cfg["DECODE"], cfg["DECODE"])
-    return f"{cfg['BLOCK']}-{decode}-w{cfg['num_warps']}"
+    return f"{cfg['BLOCK']}-{decode}-w{cfg['num_warps']}{'-row4' if cfg.get('ROW4') else ''}"
 
 
 def dequant_into(op, buf, cfg):

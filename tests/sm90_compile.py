@@ -346,7 +346,8 @@ def main() -> int:
     failures = compile_loss_rows()
     sig = dict(packed_ptr="*u8", absmax_ptr="*u8", absmax2_ptr="*fp32", code2_ptr="*fp32", code_ptr="*fp32",
                out_ptr="*bf16", numel="i32", nbytes="i32", offset="fp32")
-    failures += _check_configs("dequant nested=True", nf4_dequant._nf4_dequant_kernel, sig, nf4_dequant._configs(),
+    failures += _check_configs("dequant nested=True", nf4_dequant._nf4_dequant_kernel, sig,
+                               nf4_dequant._configs() + nf4_dequant.candidate_configs(),
                                dict(BS=64, NBS=256, NESTED=True, BF16_BY_HAND=False),
                                ["packed_ptr", "absmax_ptr", "out_ptr", "numel", "nbytes"],
                                options=nf4_dequant.launch_options(), spill_limit=None)

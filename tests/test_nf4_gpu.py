@@ -32,11 +32,11 @@ def _nf4(shape, dtype=torch.bfloat16, blocksize=64, double_quant=True, scale=0.0
 @pytest.mark.parametrize("blocksize,shape", [(64, (4096, 1000)), (32, (333, 96)), (4096, (5, 8191)), (64, (7,))])
 @pytest.mark.parametrize("double_quant", [False, True])
 def test_triton_dequant_is_bit_exact(poison_cuda_allocator, dtype, blocksize, shape, double_quant):
-    from fastft.kernels.nf4_dequant import _configs, nf4_dequantize
+    from fastft.kernels.nf4_dequant import _configs, candidate_configs, nf4_dequantize
     w = _nf4(shape, dtype, blocksize, double_quant, scale=1.0)
     ref = fmt.dequantize_nf4_torch(w.packed, w.block_absmax(), w.numel(), blocksize, dtype).view(shape)
     sweep = dtype == torch.bfloat16 and blocksize == 64  # every config once; the first elsewhere
-    for config in _configs() if sweep else _configs()[:1]:
+    for config in _configs() + candidate_configs() if sweep else _configs()[:1] + candidate_configs()[:1]:
         out = None  # the last config's output freed and poisoned: the next must not inherit its values
         poison_cuda_allocator()
         out = nf4_dequantize(w.packed, w.absmax, w.numel(), blocksize, dtype, w.code, absmax2=w.absmax2,

@@ -12,8 +12,13 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _dequant_configs():
+    """Both decodes in both byte layouts (ROW4: the candidate, nf4_dequant.candidate_configs), with BLOCK below
+    and above the blocksizes."""
     from fastft.kernels.nf4_dequant import DECODE_GATHER, DECODE_SELECT
-    return [dict(BLOCK=256, DECODE=DECODE_GATHER, num_warps=4), dict(BLOCK=64, DECODE=DECODE_SELECT, num_warps=4)]
+    return [dict(BLOCK=256, DECODE=DECODE_GATHER, num_warps=4), dict(BLOCK=64, DECODE=DECODE_SELECT, num_warps=4),
+            dict(BLOCK=256, DECODE=DECODE_GATHER, num_warps=4, ROW4=True),
+            dict(BLOCK=64, DECODE=DECODE_SELECT, num_warps=4, ROW4=True),
+            dict(BLOCK=1024, DECODE=DECODE_GATHER, num_warps=4, ROW4=True)]
 
 
 def _dequant(w, dtype, config):
@@ -32,6 +37,12 @@ def test_dequant_kernel_is_bit_exact(dtype, blocksize, numel, double_quant):
     for config in _dequant_configs():
         out = _dequant(w, dtype, config)
         assert torch.equal(out, ref), config
+
+
+def test_dequant_row4_needs_a_block_of_whole_rows():
+    w = quantize_nf4(torch.randn(300), blocksize=64)
+    with pytest.raises(ValueError, match="ROW4 config needs BLOCK % 8 == 0"):
+        _dequant(w, torch.float32, dict(BLOCK=36, DECODE=0, num_warps=4, ROW4=True))
 
 
 def test_dequant_kernel_other_output_dtypes():

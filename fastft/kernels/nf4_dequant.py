@@ -135,39 +135,73 @@ def bf16_by_hand(dtype: torch.dtype) -> bool:
 
 
 @triton.jit
+def _program_scales(absmax_ptr, absmax2_ptr, code2_ptr, offset, first, numel, BS: tl.constexpr, NBS: tl.constexpr,
+                    NESTED: tl.constexpr, BLOCK: tl.constexpr):
+    """The absmax of the program's BLOCK elements from `first`: one (BLOCK divides BS) or BLOCK // BS of them."""
+    if BS >= BLOCK:
+        scale = nf4_block_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset, first // BS, True, NBS, NESTED)
+    else:
+        blocks = first // BS + tl.arange(0, BLOCK // BS)
+        scale = nf4_block_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset, blocks, blocks * BS < numel,
+                                NBS, NESTED)
+    return scale
+
+
+@triton.jit
 def _nf4_dequant_kernel(
     packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, code_ptr, out_ptr,
     numel, nbytes, offset,
     BS: tl.constexpr, NBS: tl.constexpr, NESTED: tl.constexpr, DECODE: tl.constexpr, BF16_BY_HAND: tl.constexpr,
-    BLOCK: tl.constexpr,
+    BLOCK: tl.constexpr, ROW4: tl.constexpr,
 ):
-    """out[e] = code[nibble(e)] * absmax[e // BS] for the BLOCK elements of this program (BLOCK even)."""
+    """out[e] = code[nibble(e)] * absmax[e // BS] for the BLOCK elements of this program (BLOCK even; a multiple
+    of 8 with ROW4)."""
     pid = tl.program_id(0).to(tl.int64)
     first = pid * BLOCK
-    bytes_at = first // 2 + tl.arange(0, BLOCK // 2)
     # nbytes is its own argument so triton sees its divisibility and vectorizes the masked byte load
-    byte = tl.load(packed_ptr + bytes_at, mask=bytes_at < nbytes, other=0)
-    nib = nf4_unpack_pairs(byte.reshape(1, BLOCK // 2)).reshape(BLOCK)
+    if ROW4:
+        # the scales first, so their loads need not wait behind the packed bytes' (a second DRAM round trip); the
+        # bytes as [BLOCK // 8, 4]: a thread's 4 bytes decode to its own 16-byte store of 8 bf16, so the decoded
+        # values cross no shared-memory layout conversion (8 KB and 7 barriers a program otherwise)
+        scale = _program_scales(absmax_ptr, absmax2_ptr, code2_ptr, offset, first, numel, BS, NBS, NESTED, BLOCK)
+        bytes_at = first // 2 + tl.arange(0, BLOCK // 8)[:, None] * 4 + tl.arange(0, 4)[None, :]
+        byte = tl.load(packed_ptr + bytes_at, mask=bytes_at < nbytes, other=0)
+        nib = nf4_unpack_pairs(byte).reshape(BLOCK)
+    else:
+        bytes_at = first // 2 + tl.arange(0, BLOCK // 2)
+        byte = tl.load(packed_ptr + bytes_at, mask=bytes_at < nbytes, other=0)
+        nib = nf4_unpack_pairs(byte.reshape(1, BLOCK // 2)).reshape(BLOCK)
     values = nf4_code_values(nib, code_ptr, DECODE)
     elems = first + tl.arange(0, BLOCK)
+    if not ROW4:
+        scale = _program_scales(absmax_ptr, absmax2_ptr, code2_ptr, offset, first, numel, BS, NBS, NESTED, BLOCK)
     if BS >= BLOCK:  # BLOCK divides BS: one scale for the whole program
-        scale = nf4_block_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset, first // BS, True, NBS, NESTED)
         values = values * scale
     else:
-        G: tl.constexpr = BLOCK // BS
-        blocks = first // BS + tl.arange(0, G)
-        scale = nf4_block_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset, blocks, blocks * BS < numel,
-                                NBS, NESTED)
-        values = (values.reshape(G, BS) * scale[:, None]).reshape(BLOCK)
+        values = (values.reshape(BLOCK // BS, BS) * scale[:, None]).reshape(BLOCK)
     tl.store(out_ptr + elems, round_to(values, out_ptr.dtype.element_ty, BF16_BY_HAND), mask=elems < numel)
 
 
 def _configs() -> list[dict]:
     if INTERPRET:
-        return [dict(BLOCK=256, DECODE=DECODE_GATHER, num_warps=4), dict(BLOCK=256, DECODE=DECODE_SELECT, num_warps=4)]
+        return [dict(BLOCK=256, DECODE=DECODE_GATHER, num_warps=4, ROW4=False),
+                dict(BLOCK=256, DECODE=DECODE_SELECT, num_warps=4, ROW4=False)]
     # 16384 with 16 warps: more bytes in flight per program, for the bandwidth target (the tuner decides)
-    return [dict(BLOCK=b, DECODE=d, num_warps=w)
+    return [dict(BLOCK=b, DECODE=d, num_warps=w, ROW4=False)
             for b, w in ((4096, 8), (8192, 8), (16384, 16)) for d in (DECODE_SELECT, DECODE_GATHER)]
+
+
+def candidate_configs() -> list[dict]:
+    """Configs waiting for a GPU (DEVELOPERS.md): forced by tests/test_nf4_gpu.py and timed by benchmarks/gpu_nf4.py,
+    in no tuner list until a run has passed the test and shown a gain. ROW4 (the store's own byte layout): on the
+    sm_90 compile, 223 -> 175 SASS instructions for 16 elements, no shared memory (8 KB) or barriers (7), 40 -> 32
+    registers (6 -> 8 programs an SM) at 4096 / gather / 8 warps, where the current layout reaches 59% of copy."""
+    if INTERPRET:
+        return [dict(BLOCK=256, DECODE=DECODE_GATHER, num_warps=4, ROW4=True),
+                dict(BLOCK=64, DECODE=DECODE_SELECT, num_warps=4, ROW4=True)]
+    return [dict(BLOCK=b, DECODE=d, num_warps=w, ROW4=True)
+            for b, w, d in ((4096, 8, DECODE_GATHER), (4096, 8, DECODE_SELECT), (8192, 8, DECODE_GATHER),
+                            (16384, 16, DECODE_GATHER))]
 
 
 _TUNER = Tuner("nf4_dequantize", _configs())
@@ -199,6 +233,9 @@ def nf4_dequantize(packed, absmax, numel: int, blocksize: int, out_dtype: torch.
 
     def launch(cfg):
         cfg = dict(cfg)
+        cfg.setdefault("ROW4", False)
+        if cfg["ROW4"] and cfg["BLOCK"] % 8:
+            raise ValueError(f"nf4_dequantize: a ROW4 config needs BLOCK % 8 == 0, got {cfg}")
         grid = (cdiv(numel, cfg["BLOCK"]),)
         _nf4_dequant_kernel[grid](
             packed, absmax, absmax2 if nested else absmax, code2 if nested else code, code, out,
