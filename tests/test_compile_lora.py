@@ -265,6 +265,27 @@ def test_dropout_backward_refuses_cuda_graph_capture(op, monkeypatch):
         backward()
 
 
+@interpreter_only
+@pytest.mark.parametrize("op", ["lora", "qlora"])
+def test_eager_door_refuses_dropout_under_capture(op, monkeypatch):
+    """The eager doors (autograd.Functions) draw the seed on the host too: a torch.cuda.graph or
+    make_graphed_callables capture of an uncompiled model would replay one mask every step (found by helper-180)."""
+    from fastft.ops import compiled_args
+
+    x = _t(5, K, grad=False)
+    A, B = (t.detach() for t in _adapters())
+    if op == "lora":
+        W = _t(N, K, grad=False)
+        call = lambda p: lora_linear(x, W, None, A, B, 0.5, p, backend="triton")  # noqa: E731
+    else:
+        w = _nf4(False)
+        call = lambda p: qlora_linear(x, w, None, A, B, 0.5, p, backend="triton")  # noqa: E731
+    monkeypatch.setattr(compiled_args, "capturing", lambda device: True)
+    call(0.0)  # no dropout: runs
+    with pytest.raises(ValueError, match=f"{op}_linear: dropout_p=0.1 cannot run inside a CUDA graph capture"):
+        call(0.1)
+
+
 def test_the_seed_draw_stays_outside_cuda_graphs():
     """Inductor's graph partition (mode="reduce-overhead") keeps cudagraph_unsafe ops out of its CUDA graphs; the
     draw, whose inputs are CUDA tensors and whose output is a CPU tensor, otherwise sat inside one and failed its

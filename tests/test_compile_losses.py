@@ -369,6 +369,20 @@ def test_lora_dropout_refuses_cuda_graph_capture(monkeypatch):
 
 
 @interpreter_only
+def test_eager_lora_head_dropout_refuses_cuda_graph_capture(monkeypatch):
+    """The eager door draws the head's dropout seed on the host too: captured uncompiled (torch.cuda.graph), it
+    would replay one mask every step (found by helper-180)."""
+    import fastft.ops.compiled_args as compiled_args
+    import fastft.ops.linear_losses as linear_losses
+    head = _head("peft_lora", dropout=0.2).train()
+    h, y = _t(5, H), _labels(5)
+    monkeypatch.setattr(linear_losses, "capturing", lambda device: True)
+    monkeypatch.setattr(compiled_args, "capturing", lambda device: True)
+    with pytest.raises(ValueError, match=r"lm_head_cross_entropy: dropout_p=0.2 cannot run inside a CUDA graph"):
+        lm_head_cross_entropy(h, head, y, backend="triton")
+
+
+@interpreter_only
 def test_lora_dropout_backward_refuses_cuda_graph_capture(monkeypatch):
     """The backward regenerates the forward's mask from the seed: captured, it would replay one mask against the
     forward's fresh ones (silently wrong gradients), so it refuses too."""

@@ -45,6 +45,7 @@ from fastft.ops import shared
 from fastft.ops.chunked_logits import (DeferredChunkedLoss, EagerChunkedLoss, Plan, RowLoss, as_rows,
                                        chunk_budget_bytes, chunk_rows)
 from fastft.ops.compiled import capturing, compiling
+from fastft.ops.compiled_args import refuse_replayed_dropout
 from fastft.ops.linear_losses_compiled import (check_label_range, checked_on_host,  # noqa: F401 - public here
                                               host_checked, nf4_block_rows, traced_loss)
 from fastft.ops.lm_head import HeadArgs, head_of_module
@@ -137,6 +138,7 @@ def _run(op: str, reduction: str, hidden, head: HeadArgs, row: RowLoss, grad_sca
         if compiling():
             return traced_loss(op, reduction, hidden, head, row, grad_scale, labels=labels2, teacher_hidden=teacher_h2,
                                teacher_weight=teacher_w, chunk_size=chunk_size, bytes_per_logit=bytes_per_logit)
+        refuse_replayed_dropout(op, head.dropout_p, hidden.device)  # the seed is drawn on the host below
         tokens = math.prod(hidden.shape[:-1])
         rows = chunk_size if chunk_size is not None else chunk_rows(tokens, head.vocab, bytes_per_logit,
                                                                     chunk_budget_bytes(hidden.device))

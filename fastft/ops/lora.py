@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from fastft.ops import lora_path, shared
 from fastft.ops.compiled import compiling, needed, unused
-from fastft.ops.compiled_args import fresh_like, seed_int, traced_seed
+from fastft.ops.compiled_args import fresh_like, refuse_replayed_dropout, seed_int, traced_seed
 from fastft.ops.shared import (as_rows, autocast_inputs, autocast_off, check, check_backend, finite,
                                first_order_only, padded, resolve_backend, rows_to, to_dtype)
 
@@ -298,6 +298,7 @@ class LoRALinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p):
+        refuse_replayed_dropout("lora_linear", dropout_p, x.device)  # the seed is drawn on the host below
         y, saved, ctx.meta, ctx.fold_backward = lora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
         # W only where dx or dW reads it: under autocast it is a cast copy (N×K) that would otherwise stay alive
         ctx.save_for_backward(*saved_factors(saved, lora_A, lora_B),

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from fastft.kernels.runtime import on_operand_device
 from fastft.ops import qlora_path
 from fastft.ops.compiled import compiling, needed, unused
-from fastft.ops.compiled_args import fresh_like, nf4_args, nf4_from_args, seed_int, traced_seed
+from fastft.ops.compiled_args import (fresh_like, nf4_args, nf4_from_args, refuse_replayed_dropout, seed_int,
+                                      traced_seed)
 from fastft.ops.qlora_path import release_dequant_scratch  # noqa: F401 - public here too
 from fastft.ops.lora import (add_rank_path, backward_operands, fused_lora_backward, fused_lora_forward,
                              lora_linear_reference, lora_meta, saved_factors)
@@ -133,6 +134,7 @@ class QLoRALinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, qweight, bias, lora_A, lora_B, scaling, dropout_p):
+        refuse_replayed_dropout("qlora_linear", dropout_p, x.device)  # the seed is drawn on the host below
         ctx.qweight = qweight
         y, saved, ctx.meta = qlora_forward(x, qweight, bias, lora_A, lora_B, scaling, dropout_p)
         ctx.save_for_backward(*saved_factors(saved, lora_A, lora_B))  # A_p/B_p rebuilt in backward
