@@ -168,7 +168,9 @@ for s in $sections; do
     attention-tests) FASTFT_AUTOTUNE=0 run 150 attention-tests python3 -m pytest -q -m gpu tests/test_attention_op.py tests/test_attention_integration.py -p no:cacheprovider ;;
     methods-tests) FASTFT_AUTOTUNE=0 run 120 methods-tests python3 -m pytest -q -m gpu tests/test_methods_gpu.py -p no:cacheprovider ;;
     # every fused op under torch.compile on the GPU: mode="reduce-overhead" (CUDA graphs) vs eager, capture refusals
-    compile-tests) run 300 compile-tests python3 -m pytest -q -m gpu tests/test_compile_ops.py tests/test_compile_layers.py tests/test_compile_lora.py tests/test_compile_attention.py tests/test_compile_losses.py tests/test_train_compile.py -p no:cacheprovider ;;
+    # 17 tests, torch.compile-bound (one process: 16 in 214 s on 2026-12-04): 4 workers
+    compile-tests) run 300 compile-tests python3 -m pytest -q -m gpu \
+                     $(python3 -c "import xdist" > /dev/null 2>&1 && printf '%s' '-n 4') tests/test_compile_ops.py tests/test_compile_layers.py tests/test_compile_lora.py tests/test_compile_attention.py tests/test_compile_losses.py tests/test_train_compile.py -p no:cacheprovider ;;
     methods) run 150 methods python3 benchmarks/gpu_methods.py ;;
     # layer ops and patch_model; not in the default list (time): gpu_check.sh layers-tests layers patch-step
     layers-tests) run 120 layers-tests python3 -m pytest -q -m gpu tests/test_layer_ops.py tests/test_patch_model.py -p no:cacheprovider ;;

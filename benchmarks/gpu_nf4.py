@@ -393,7 +393,7 @@ def time_qlora(rows):
                 retimers["peft_bnb_ms"] = lambda step=step, grads=grads: bench(step, grads)
         retime_interleaved(row, retimers)
         retimers.clear()
-        made = model = None  # peft's layer
+        made = model = step = grads = xp = None  # peft's layer and its gradients, before the next shape
         if row.get("bf16_base_ms"):
             for key in ("fused_ms", "dequant_ms", "auto_ms", "dequant_base_ms", "peft_bnb_ms"):
                 if row.get(key):

@@ -36,6 +36,8 @@ def _nf4(K: int, N: int):
 def gemv() -> None:
     from fastft.kernels import nf4_cuda
 
+    if not nf4_cuda.available():  # a fresh machine: fastft._C is built by gpu_check.sh's `build` section
+        sys.exit("gpu_profile.py gemv: fastft._C is not built (run `bash benchmarks/gpu_check.sh build profile`)")
     w = _nf4(4096, 14336)
     op, x = w.kernel_operand(), torch.randn(1, 4096, dtype=torch.bfloat16, device="cuda")
     for _ in range(LAUNCHES):

@@ -118,7 +118,7 @@ def test_double_quant_properties(data):
     ref.count_example("quantize_nf4[double quant]")
 
 
-def _dequantize(qweight: NF4Weight, dtype, backend):
+def _dequantize(qweight: NF4Weight, dtype, backend, config=None):
     n = qweight.numel()
     if backend == "triton":
         from fastft.kernels.nf4_dequant import nf4_dequantize
@@ -127,7 +127,7 @@ def _dequantize(qweight: NF4Weight, dtype, backend):
         return nf4_dequantize(qweight.packed, qweight.absmax, n, qweight.blocksize, dtype, qweight.code,
                               absmax2=qweight.absmax2 if nested else None, code2=qweight.code2 if nested else None,
                               offset=float(qweight.offset) if nested else 0.0,
-                              nested_blocksize=qweight.nested_blocksize).view(qweight.shape)
+                              nested_blocksize=qweight.nested_blocksize, config=config).view(qweight.shape)
     scales = qweight.absmax if not qweight.double_quant else fmt.dequantize_blockwise8_torch(
         qweight.absmax, qweight.absmax2, qweight.code2, qweight.offset, qweight.nested_blocksize)
     if backend == "cpp":
@@ -143,7 +143,13 @@ def test_dequantize_nf4(data, backend):
     out_dtype = data.draw(float_dtypes(), label="out dtype")
     qweight = quantize_nf4(x, blocksize, double_quant=data.draw(st.booleans(), label="double quant"))
     W, W_mag = ref.nf4_dequantize_f64(qweight)
-    out = _dequantize(qweight, out_dtype, backend)
+    config = None  # Triton: the tuner's pick, or one config forced, the candidates' too (nf4_dequant)
+    if backend == "triton":
+        from fastft.kernels import nf4_dequant
+
+        config = data.draw(st.sampled_from([None, *nf4_dequant._configs(), *nf4_dequant.candidate_configs()]),
+                           label="config")
+    out = _dequantize(qweight, out_dtype, backend, config)
     assert out.dtype == out_dtype and tuple(out.shape) == tuple(x.shape)
     # fp32: the nested scale's product and sum (2 roundings, relative to its magnitude), code·absmax (1); then one
     # rounding to out_dtype
