@@ -2,6 +2,7 @@
 
     python benchmarks/gpu_profile.py gemv | dequant    the kernel ncu profiles, launched LAUNCHES times
     python benchmarks/gpu_profile.py host               cProfile of eager LoRA and QLoRA fwd+bwd, real launches
+    python benchmarks/gpu_profile.py summarize RAW.csv  the key metrics of `ncu --import R --page raw --csv`
 
 gemv: the CUDA NF4 decode GEMV, TABLE variant (the tuner's pick on the H200), bf16, 4096->14336, batch 1: 27.5 us,
 23% of HBM, and its SASS is 5.1 instructions a weight element (not issue-bound): ncu's warp stalls say what is.
@@ -15,9 +16,11 @@ Prints; writes $OUT/host_profile.txt when OUT is set.
 from __future__ import annotations
 
 import cProfile
+import csv
 import io
 import os
 import pstats
+import re
 import sys
 
 import torch
@@ -103,7 +106,48 @@ def host() -> None:
         atomic_write(os.path.join(os.environ["OUT"], "host_profile.txt"), report.getvalue().encode())
 
 
+KEY_METRICS = (  # (label, ncu metric): what bounds a memory-bound kernel
+    ("duration ns", "gpu__time_duration.sum"),
+    ("DRAM % of peak", "dram__throughput.avg.pct_of_peak_sustained_elapsed"),
+    ("DRAM read bytes/s", "dram__bytes_read.sum.per_second"),
+    ("SM % of peak", "sm__throughput.avg.pct_of_peak_sustained_elapsed"),
+    ("issue slots busy %", "smsp__issue_active.avg.pct_of_peak_sustained_active"),
+    ("achieved occupancy %", "sm__warps_active.avg.pct_of_peak_sustained_active"),
+    ("eligible warps / scheduler", "smsp__warps_eligible.avg.per_cycle_active"),
+    ("registers / thread", "launch__registers_per_thread"),
+    ("waves / SM", "launch__waves_per_multiprocessor"),
+    ("L2 hit %", "lts__t_sector_hit_rate.pct"),
+)
+STALL = re.compile(r"smsp__average_warps_issue_stalled_(\w+?)_per_issue_active\.ratio$")
+
+
+def summarize(path: str) -> None:
+    """The key metrics and the warp-stall reasons (cycles a warp waits per issued instruction, largest first) of the
+    last kernel in an `ncu --page raw --csv` file."""
+    with open(path, newline="") as f:
+        rows = [r for r in csv.reader(f) if r]
+    header = rows[0]
+    data = [r for r in rows[1:] if len(r) == len(header) and r[0].strip().isdigit()]  # skips the units row
+    if not data:
+        sys.exit(f"{path}: no kernel rows (ncu's message: {' '.join(rows[-1])[:300]})")
+    row = dict(zip(header, data[-1]))
+
+    def number(value: str):
+        try:
+            return float(value.replace(",", ""))
+        except ValueError:
+            return None
+    print(f"kernel {row.get('Kernel Name', '?')[:120]}  grid {row.get('Grid Size')}  block {row.get('Block Size')}")
+    for label, metric in KEY_METRICS:
+        print(f"  {label:28s} {row.get(metric, 'n/a')}")
+    stalls = sorted(((number(v) or 0.0, m.group(1)) for k, v in row.items() if (m := STALL.match(k))), reverse=True)
+    print("  warp stalls (cycles per issued instruction): " + ", ".join(f"{n} {v:.2f}" for v, n in stalls[:8]))
+
+
 if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "summarize":
+        summarize(sys.argv[2])
+        sys.exit(0)
     if len(sys.argv) != 2 or sys.argv[1] not in ("gemv", "dequant", "host"):
         sys.exit(__doc__)
     if not torch.cuda.is_available():
