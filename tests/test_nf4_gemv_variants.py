@@ -1,6 +1,6 @@
-"""The CUDA GEMV's two kernels, as far as a machine without a GPU can check them: the extension's argument
-checks run before any CUDA call, so a bad `variant` is refused here too (the kernels themselves run in
-tests/test_nf4_gpu.py::test_cuda_gemv)."""
+"""The CUDA GEMV's kernels (SCALED, TABLE and the candidate TABLE_LEAN), as far as a machine without a GPU can check
+them: the extension's argument checks run before any CUDA call, so a bad `variant` is refused here too (the kernels
+themselves run in tests/test_nf4_gpu.py::test_cuda_gemv and ::test_cuda_gemv_table_lean_is_bit_identical_to_table)."""
 import pytest
 
 from fastft.kernels import nf4_cuda
@@ -17,15 +17,24 @@ def extension():
         pytest.skip("fastft._C was built without CUDA (no nvcc)")
 
 
-@pytest.mark.parametrize("bad", [dict(blocksize=32), dict(k=96), dict(variant=2), dict(variant=-1)])
-def test_the_table_kernel_is_refused_where_a_half_step_would_straddle_an_absmax_block(extension, bad):
-    with pytest.raises(RuntimeError, match="variant must be 0 .* or 1 .*blocksize >= 64, k a multiple of 64"):
+@pytest.mark.parametrize("bad", [dict(blocksize=32), dict(k=96), dict(variant=2, blocksize=32), dict(variant=2, k=96),
+                                 dict(variant=2, k=320, blocksize=32), dict(variant=3), dict(variant=-1)])
+def test_the_table_kernels_are_refused_where_a_half_step_would_straddle_an_absmax_block(extension, bad):
+    with pytest.raises(RuntimeError, match=r"variant must be 0 .*, 1 .* or 2 .*; 1 and 2 need blocksize >= 64 and k a "
+                                           r"multiple of 64"):
         _launch(**bad)
 
 
-@pytest.mark.parametrize("variant", [nf4_cuda.SCALED, nf4_cuda.TABLE])
-def test_both_kernels_accept_an_empty_weight(extension, variant):
-    _launch(k=128, blocksize=64, variant=variant)
+@pytest.mark.parametrize("variant", [nf4_cuda.SCALED, nf4_cuda.TABLE, nf4_cuda.TABLE_LEAN])
+@pytest.mark.parametrize("k", [128, 320])  # TABLE_LEAN's own kernel, and the table kernel it falls back to
+def test_every_kernel_accepts_an_empty_weight(extension, variant, k):
+    _launch(k=k, blocksize=64, variant=variant)
+
+
+def test_table_lean_is_a_candidate_only():
+    """Forced only: the measured choice still times SCALED and TABLE (TABLE_LEAN joins after a GPU run backs it)."""
+    assert nf4_cuda.TABLE_LEAN == 2
+    assert [c["variant"] for c in nf4_cuda.TUNER.configs] == [nf4_cuda.SCALED, nf4_cuda.TABLE]
 
 
 @pytest.mark.parametrize("blocksize,cols,ok", [(64, 4096, True), (256, 14336, True), (32, 4096, False),
@@ -39,9 +48,10 @@ def test_table_supported(blocksize, cols, ok):
 
 
 def test_cuda_gemv_kernels_compile_for_sm90_without_spills():
-    """Both kernels, both batch tiles, fp16 and bf16, as CMake builds them for Hopper: no register spills, no local
-    memory (a runtime-indexed array would put one there), and the table kernel's shared memory under the 48 KB a
-    block may declare statically."""
+    """Every kernel, both batch tiles, fp16 and bf16, as CMake builds them for Hopper: no register spills, no local
+    memory (a runtime-indexed array would put one there), and the table kernels' shared memory under the 48 KB a
+    block may declare statically; TABLE_LEAN's kernels use no more registers than the table kernel's batch-8 tile
+    (rounded to the allocation unit of 8: the same blocks an SM)."""
     import re
     import shutil
     import subprocess
@@ -56,13 +66,19 @@ def test_cuda_gemv_kernels_compile_for_sm90_without_spills():
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     kernels = run.stderr.split("Compiling entry function")[1:]
-    assert len(kernels) == 8, run.stderr[-3000:]  # {fp16, bf16} × {1, 2 batch tiles} × {scaled, table}
+    # {fp16, bf16} × ({1, 2 batch tiles} × {scaled, table} + TABLE_LEAN's {plain, nested absmax})
+    assert len(kernels) == 12, run.stderr[-3000:]
+    registers = {}
     for info in kernels:
         name = info.split("'")[1]
         frame = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", info)
         smem = re.search(r"(\d+) bytes smem", info)
         assert frame and frame.groups() == ("0", "0", "0"), (name, info)
         assert smem and int(smem.group(1)) <= 48 * 1024, (name, info)
+        registers[name] = int(re.search(r"Used (\d+) registers", info).group(1))
+    table = max(r for name, r in registers.items() if "nf4_gemv_kernel" in name and "Li1ELb1E" in name)
+    lean = {name: r for name, r in registers.items() if "nf4_gemv_lean_kernel" in name}
+    assert len(lean) == 4 and all(-(-r // 8) <= -(-table // 8) for r in lean.values()), (table, lean)
 
 
 def test_the_checks_random_weight_has_a_nested_absmax_for_every_block():

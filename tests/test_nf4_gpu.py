@@ -143,16 +143,19 @@ def test_qlora_linear_forward_and_gradients(captured_seeds, dtype, p):
 @pytest.mark.parametrize("dtype", HALF)
 @pytest.mark.parametrize("batch", [1, 2, 4, 8, 9, 16])
 @pytest.mark.parametrize("N,K,blocksize,double_quant", [(4096, 4096, 64, True), (1000, 96, 32, False),
-                                                        (520, 14336, 256, True), (1000, 320, 64, False)])
-@pytest.mark.parametrize("variant", ["scaled", "table", "auto"])
+                                                        (520, 14336, 256, True), (1000, 320, 64, False),
+                                                        (1000, 1024, 128, False)])
+@pytest.mark.parametrize("variant", ["scaled", "table", "table_lean", "auto"])
 def test_cuda_gemv(dtype, batch, N, K, blocksize, double_quant, variant):
-    """Both kernels (and the measured choice) against fp64; K=320 ends in a half step of 64 for the table kernel."""
+    """The kernels (and the measured choice) against fp64; K=320 ends in a half step of 64 for the table kernel.
+    TABLE_LEAN's own loop runs for batch <= 8 with K % 128 == 0: nested absmax at 4096x4096 and 520x14336 (whose last
+    8 rows take the table kernel's loop), plain absmax at 1000x1024 (ragged too)."""
     from fastft.kernels import nf4_cuda
     if not nf4_cuda.available():
         pytest.skip("fastft._C was built without CUDA")
     w = _nf4((N, K), dtype, blocksize, double_quant)
-    v = {"scaled": nf4_cuda.SCALED, "table": nf4_cuda.TABLE, "auto": None}[variant]
-    if v == nf4_cuda.TABLE and not nf4_cuda.table_supported(w.kernel_operand()):
+    v = {"scaled": nf4_cuda.SCALED, "table": nf4_cuda.TABLE, "table_lean": nf4_cuda.TABLE_LEAN, "auto": None}[variant]
+    if v in (nf4_cuda.TABLE, nf4_cuda.TABLE_LEAN) and not nf4_cuda.table_supported(w.kernel_operand()):
         with pytest.raises(RuntimeError, match="variant"):
             nf4_cuda.nf4_gemv(torch.randn(batch, K, dtype=dtype, device=DEV), w.kernel_operand(), None, v)
         return
@@ -168,6 +171,37 @@ def test_cuda_gemv(dtype, batch, N, K, blocksize, double_quant, variant):
     x3 = torch.randn(batch, K + 1, dtype=dtype, device=DEV)[:, 1:]
     y3 = nf4_cuda.nf4_gemv(x3, w.kernel_operand(), None, v)
     assert_close(y3, x3.double() @ w.dequantize(torch.float32).double().T, dtype, f"gemv {variant} offset rows")
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("batch", [1, 3, 8, 9, 16])
+@pytest.mark.parametrize("N,K,blocksize,double_quant", [
+    (4096, 4096, 64, True),    # the lean loop in every block, nested absmax
+    (1000, 1024, 128, False),  # the lean loop, plain absmax; the last 8 rows take the table kernel's loop
+    (520, 14336, 256, True),   # ragged and nested, 112 steps (14 a warp)
+    (7, 512, 64, False),       # one ragged block: the table kernel's loop alone
+    (64, 8192, 4096, True),    # an absmax block wider than a warp's stride (1024 columns)
+    (48, 384, 64, True),       # 3 steps: warps 3-7 have none
+    (1000, 320, 64, False),    # K % 128 == 64: the table kernel
+])
+def test_cuda_gemv_table_lean_is_bit_identical_to_table(dtype, batch, N, K, blocksize, double_quant):
+    """TABLE_LEAN runs TABLE's arithmetic in the same order: the same y bit for bit, with and without bias, for x rows
+    with a stride (ldx > K); batch > 8 and K % 128 != 0 launch the table kernel itself."""
+    from fastft.kernels import nf4_cuda
+    if not nf4_cuda.available():
+        pytest.skip("fastft._C was built without CUDA")
+    w = _nf4((N, K), dtype, blocksize, double_quant)
+    op = w.kernel_operand()
+    assert nf4_cuda.table_supported(op)
+    bias = torch.randn(N, dtype=dtype, device=DEV)
+    for x in (torch.randn(batch, K, dtype=dtype, device=DEV), torch.randn(batch, K + 64, dtype=dtype, device=DEV)[:, :K]):
+        for b in (None, bias):
+            lean = nf4_cuda.nf4_gemv(x, op, b, nf4_cuda.TABLE_LEAN)
+            table = nf4_cuda.nf4_gemv(x, op, b, nf4_cuda.TABLE)
+            assert torch.isfinite(lean).all()
+            assert torch.equal(lean, table), (x.stride(), b is not None, (lean.float() - table.float()).abs().max())
+    ref = x.double() @ w.dequantize(torch.float32).double().T + bias.double()
+    assert_close(lean, ref, dtype, f"gemv table_lean batch {batch}")
 
 
 @pytest.mark.parametrize("dtype", HALF)

@@ -22,12 +22,21 @@
 // random bytes never conflict. The codes are rounded to T once instead of the products (as bitsandbytes' own
 // GEMV does, and fastft's Triton PRMT decode), so the two variants differ in rounding; which one runs is chosen
 // by measurement (fastft/kernels/nf4_cuda.py), after a check that they agree.
+//
+// Variant 2, TABLE_LEAN, is the table kernel with a leaner steady loop and the same arithmetic, bit for bit (the
+// same MMAs in the same order, the same absmax scaling): a W byte costs a shift, a mask-and-or and a shared load
+// (its table entry's byte offset, lane included, from one SHF and one LOP3: 3 instructions instead of 5), and a
+// step's loads have no row, k or batch bounds checks and come from pointers advanced by a constant each step
+// (~160 SASS instructions a warp step on sm_90, the table kernel's 326). It runs where k % 128 == 0 and
+// batch <= 8, for blocks whose 16 rows all exist; the last block of a ragged n runs the table kernel's loop, and a
+// launch with k % 128 != 0 or batch > 8 is the table kernel's (launch_lean). Not yet in the measured choice.
 #include "nf4_gemv.h"
 #include "../nf4_codes.h"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#include <climits>
 #include <string>
 
 namespace fastft {
@@ -317,19 +326,11 @@ __device__ __forceinline__ void compute_table_step(float (&acc)[NT][4], const Ta
   }
 }
 
-template <typename T, int NT, bool kTable>
-__global__ void __launch_bounds__(kWarps * 32)
-    nf4_gemv_kernel(const Nf4GemvArgs p, int bs_shift, int nbs_shift) {
-  __shared__ float code[16];
-  __shared__ float code2[256];  // the nested absmax code table, when double-quantized
-  __shared__ float partial[kWarps][NT * 4][32];
-  const int lane = threadIdx.x & 31;
-  const int warp = threadIdx.x >> 5;
-  const int g = lane >> 2;
-  const int t = lane & 3;
-  const bool nested = p.absmax2 != nullptr;
-  // the table kernel's byte table (32 copies: 32 KB); a 16-byte stub in the scaled kernel
-  __shared__ __align__(16) uint32_t table[kTable ? 256 * kTableCopies : 4];
+// The kernels' shared prologue: the code tables in shared memory (code; code2 when double-quantized; the byte
+// table's 32 copies when kTable).
+template <typename T, bool kTable>
+__device__ __forceinline__ void fill_tables(float* code, float* code2, uint32_t* table, const Nf4GemvArgs& p,
+                                            bool nested) {
   if (threadIdx.x < 16) code[threadIdx.x] = kNF4Code[threadIdx.x];
   if (nested) code2[threadIdx.x] = __ldg(p.code2 + threadIdx.x);  // kWarps * 32 == 256 threads
   __syncthreads();
@@ -345,6 +346,70 @@ __global__ void __launch_bounds__(kWarps * 32)
     }
     __syncthreads();
   }
+}
+
+// The table kernel's K loop over this block's rows; two steps in flight: the next step's loads are issued before
+// this step's math. TABLE_LEAN's ragged last block runs it; nf4_gemv_kernel keeps its own inline copy (calling this
+// reschedules its SASS).
+template <typename T, int NT>
+__device__ __forceinline__ void table_loop(float (&acc)[NT][4], const Nf4GemvArgs& p, int64_t row0, int64_t steps,
+                                           int warp, int lane, int g, int t, const uint32_t* table,
+                                           const float* code2, bool nested, int bs_shift, int nbs_shift) {
+  const uint32_t* lane_table = table + lane;
+  const TableLane<NT> reads = table_lane<NT>(p, row0, g, t);
+  TableFragment<NT> cur, next;
+  if (warp < steps) load_table_step(cur, p, reads, warp, bs_shift, nbs_shift);
+  for (int64_t s = warp; s < steps; s += kWarps) {
+    if (s + kWarps < steps) load_table_step(next, p, reads, s + kWarps, bs_shift, nbs_shift);
+    compute_table_step<T, NT>(acc, cur, p, reads, s, lane_table, code2, nested, p.offset);
+    cur = next;
+  }
+}
+
+// The kernels' shared epilogue: the eight warps' partial sums added, bias, y stored.
+template <typename T, int NT>
+__device__ __forceinline__ void reduce_store(const float (&acc)[NT][4], float (*partial)[NT * 4][32],
+                                             const Nf4GemvArgs& p, int64_t row0, int warp, int lane, int g, int t) {
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) partial[warp][nt * 4 + i][lane] = acc[nt][i];
+  __syncthreads();
+  if (warp != 0) return;
+  T* y = static_cast<T*>(p.y);
+  const T* bias = static_cast<const T*>(p.bias);
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      float v = 0.0f;
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w) v += partial[w][nt * 4 + i][lane];
+      // accumulator fragment: c0, c1 -> row g, columns 2t, 2t+1; c2, c3 -> row g+8
+      const int64_t row = row0 + g + (i >= 2 ? 8 : 0);
+      const int b = 8 * nt + 2 * t + (i & 1);
+      if (row < p.n && b < p.batch) {
+        if (bias != nullptr) v += Mma<T>::to_float(bias[row]);
+        y[b * p.ldy + row] = Mma<T>::from_float(v);
+      }
+    }
+  }
+}
+
+template <typename T, int NT, bool kTable>
+__global__ void __launch_bounds__(kWarps * 32)
+    nf4_gemv_kernel(const Nf4GemvArgs p, int bs_shift, int nbs_shift) {
+  __shared__ float code[16];
+  __shared__ float code2[256];  // the nested absmax code table, when double-quantized
+  __shared__ float partial[kWarps][NT * 4][32];
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int g = lane >> 2;
+  const int t = lane & 3;
+  const bool nested = p.absmax2 != nullptr;
+  // the table kernel's byte table (32 copies: 32 KB); a 16-byte stub in the scaled kernel
+  __shared__ __align__(16) uint32_t table[kTable ? 256 * kTableCopies : 4];
+  fill_tables<T, kTable>(code, code2, table, p, nested);
 
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock;
   const int64_t steps = (p.k + kStepK - 1) / kStepK;
@@ -374,31 +439,133 @@ __global__ void __launch_bounds__(kWarps * 32)
       cur = next;
     }
   }
+  reduce_store<T, NT>(acc, partial, p, row0, warp, lane, g, t);
+}
 
-#pragma unroll
-  for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-    for (int i = 0; i < 4; ++i) partial[warp][nt * 4 + i][lane] = acc[nt][i];
-  __syncthreads();
-  if (warp != 0) return;
-  T* y = static_cast<T*>(p.y);
-  const T* bias = static_cast<const T*>(p.bias);
-#pragma unroll
-  for (int nt = 0; nt < NT; ++nt) {
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      float v = 0.0f;
-#pragma unroll
-      for (int w = 0; w < kWarps; ++w) v += partial[w][nt * 4 + i][lane];
-      // accumulator fragment: c0, c1 -> row g, columns 2t, 2t+1; c2, c3 -> row g+8
-      const int64_t row = row0 + g + (i >= 2 ? 8 : 0);
-      const int b = 8 * nt + 2 * t + (i & 1);
-      if (row < p.n && b < p.batch) {
-        if (bias != nullptr) v += Mma<T>::to_float(bias[row]);
-        y[b * p.ldy + row] = Mma<T>::from_float(v);
-      }
-    }
+// ---- TABLE_LEAN (variant 2): the table kernel's arithmetic with a leaner loop, for a batch tile of 8 (NT = 1),
+// k % 128 == 0 (every step has both half-steps), and blocks whose 16 rows all exist.
+
+// What a lane reads in the lean loop, advanced by one step of its warp (kWarps * kStepK columns) at each load:
+// rows g and g+8's W bytes at k = 16t of the step's first half (the second half is 32 bytes on), x at k = 16t of
+// batch row min(g, batch - 1) (a column past the batch computes a copy of the last one, never stored: the MMA's
+// columns are independent), and the flat index of the absmax this lane loads (row g+8·(t&1), half t >> 1).
+struct LeanLane {
+  const uint8_t* w[2];
+  const uint4* x;
+  int64_t scale_flat;
+};
+
+template <bool kNested>
+__device__ __forceinline__ void load_lean_step(TableFragment<1>& f, const Nf4GemvArgs& p, LeanLane& lane,
+                                               int bs_shift, int nbs_shift) {
+  const int64_t block = lane.scale_flat >> bs_shift;  // the whole half-step's absmax block
+  if constexpr (kNested) {
+    f.code = __ldg(static_cast<const uint8_t*>(p.absmax) + block);
+    f.scale = __ldg(p.absmax2 + (block >> nbs_shift));
+  } else {
+    f.code = 0u;
+    f.scale = __ldg(static_cast<const float*>(p.absmax) + block);
   }
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const uint2 lo = load_stream8(lane.w[h]);
+    const uint2 hi = load_stream8(lane.w[h] + kHalfK / 2);
+    f.w[h] = make_uint4(lo.x, lo.y, hi.x, hi.y);
+    lane.w[h] += kWarps * kStepK / 2;
+  }
+  lane.scale_flat += kWarps * kStepK;
+}
+
+// Byte b (0..3) of `word`: the byte offset of its entry in the lane's copy of the table, lane4 = 4 * lane (entry v
+// of copy c is word v * kTableCopies + c, at byte 128 v + 4 c; bits 2-6 hold the copy, 7-14 the entry).
+__device__ __forceinline__ uint32_t lean_offset(uint32_t word, int b, uint32_t lane4) {
+  static_assert(kTableCopies == 32, "an entry is 128 bytes");
+  return ((b == 0 ? word << 7 : word >> (8 * b - 7)) & (0xFFu << 7)) | lane4;
+}
+
+__device__ __forceinline__ uint32_t lean_lookup(const uint32_t* table, uint32_t offset) {
+  return *reinterpret_cast<const uint32_t*>(reinterpret_cast<const char*>(table) + offset);
+}
+
+// compute_table_step for NT = 1, every half-step inside k and x's row always loaded: the same MMAs and scaling.
+template <typename T, bool kNested>
+__device__ __forceinline__ void compute_lean_step(float (&acc)[1][4], const TableFragment<1>& f, const uint4* xp,
+                                                  const uint32_t* table, uint32_t lane4, const float* code2,
+                                                  float offset) {
+  uint4 x[4];
+  x[0] = __ldg(xp);
+  x[1] = __ldg(xp + 1);
+  x[2] = __ldg(xp + kHalfK / 8);  // the second half-step: 64 elements (8 uint4) on
+  x[3] = __ldg(xp + kHalfK / 8 + 1);
+  const float mine = kNested ? __fadd_rn(__fmul_rn(code2[f.code], f.scale), offset) : f.scale;
+  const int group_lane0 = (threadIdx.x & 31) & ~3;
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    float scale[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) scale[h] = __shfl_sync(0xFFFFFFFFu, mine, group_lane0 | h | (half << 1));
+    float c[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) c[i] = 0.0f;
+#pragma unroll
+    for (int jj = 0; jj < 4; ++jj) {
+      const int j = 4 * half + jj;
+      uint32_t a[4];
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const uint32_t word = word_of(f.w[h], j >> 1);
+        a[h] = lean_lookup(table, lean_offset(word, 2 * (j & 1), lane4));
+        a[2 + h] = lean_lookup(table, lean_offset(word, 2 * (j & 1) + 1, lane4));
+      }
+      Mma<T>::run(c, a, word_of(x[j >> 1], 2 * (j & 1)), word_of(x[j >> 1], 2 * (j & 1) + 1));
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i) acc[0][i] = fmaf(scale[i >> 1], c[i], acc[0][i]);
+  }
+}
+
+// Launched for k % 128 == 0, batch <= 8, absmax2 != nullptr exactly when kNested.
+template <typename T, bool kNested>
+__global__ void __launch_bounds__(kWarps * 32, 3)  // 3 blocks an SM, as the table kernel (<= 80 registers)
+    nf4_gemv_lean_kernel(const Nf4GemvArgs p, int bs_shift, int nbs_shift) {
+  __shared__ float code[16];
+  __shared__ float code2[256];
+  __shared__ float partial[kWarps][4][32];
+  __shared__ __align__(16) uint32_t table[256 * kTableCopies];
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int g = lane >> 2;
+  const int t = lane & 3;
+  fill_tables<T, true>(code, code2, table, p, kNested);
+
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock;
+  const int64_t steps = p.k / kStepK;
+  float acc[1][4] = {{0.0f, 0.0f, 0.0f, 0.0f}};
+  if (row0 + kRowsPerBlock <= p.n) {
+    const int64_t row = row0 + g;
+    const int64_t k_first = static_cast<int64_t>(warp) * kStepK;  // this warp's first step
+    LeanLane reads;
+    reads.w[0] = p.packed + (row * p.k + k_first + 16 * t) / 2;
+    reads.w[1] = reads.w[0] + 8 * (p.k / 2);
+    const int b = min(g, p.batch - 1);
+    reads.x = reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(p.x) + b * p.ldx + k_first + 16 * t);
+    reads.scale_flat = (row + 8 * (t & 1)) * p.k + k_first + (t >> 1) * kHalfK;
+    const uint32_t lane4 = 4u * static_cast<uint32_t>(lane);
+    const int steps32 = static_cast<int>(steps);  // launched for k / 128 <= INT_MAX - kWarps: s + kWarps fits
+    TableFragment<1> cur, next;
+    if (warp < steps32) load_lean_step<kNested>(cur, p, reads, bs_shift, nbs_shift);
+    for (int s = warp; s < steps32; s += kWarps) {
+      if (s + kWarps < steps32) load_lean_step<kNested>(next, p, reads, bs_shift, nbs_shift);
+      compute_lean_step<T, kNested>(acc, cur, reads.x, table, lane4, code2, p.offset);
+      reads.x += kWarps * kStepK / 8;
+      cur = next;
+    }
+  } else {
+    // the last, ragged block of rows: the table kernel's loop
+    table_loop<T, 1>(acc, p, row0, (p.k + kStepK - 1) / kStepK, warp, lane, g, t, table, code2, kNested, bs_shift,
+                     nbs_shift);
+  }
+  reduce_store<T, 1>(acc, partial, p, row0, warp, lane, g, t);
 }
 
 int log2_exact(int64_t v) {
@@ -419,9 +586,27 @@ void launch_variant(const Nf4GemvArgs& p, int bs_shift, int nbs_shift, cudaStrea
   }
 }
 
+// TABLE_LEAN's loop where k % 128 == 0 and batch <= 8; the table kernel elsewhere (the same results).
+template <typename T>
+void launch_lean(const Nf4GemvArgs& p, int bs_shift, int nbs_shift, cudaStream_t stream) {
+  if (p.k % kStepK != 0 || p.batch > 8 || p.k / kStepK > INT_MAX - kWarps) {
+    launch_variant<T, true>(p, bs_shift, nbs_shift, stream);
+    return;
+  }
+  const dim3 grid(static_cast<unsigned>((p.n + kRowsPerBlock - 1) / kRowsPerBlock));
+  const dim3 block(kWarps * 32);
+  if (p.absmax2 != nullptr) {
+    nf4_gemv_lean_kernel<T, true><<<grid, block, 0, stream>>>(p, bs_shift, nbs_shift);
+  } else {
+    nf4_gemv_lean_kernel<T, false><<<grid, block, 0, stream>>>(p, bs_shift, nbs_shift);
+  }
+}
+
 template <typename T>
 void launch_typed(const Nf4GemvArgs& p, int bs_shift, int nbs_shift, cudaStream_t stream) {
-  if (p.variant == 1) {
+  if (p.variant == 2) {
+    launch_lean<T>(p, bs_shift, nbs_shift, stream);
+  } else if (p.variant == 1) {
     launch_variant<T, true>(p, bs_shift, nbs_shift, stream);
   } else {
     launch_variant<T, false>(p, bs_shift, nbs_shift, stream);
@@ -451,7 +636,8 @@ const char* nf4_gemv_error_string(int code) {
     case kBadDtype: return "nf4_gemv_cuda: dtype must be 1 (fp16) or 2 (bf16)";
     case kMisaligned: return "nf4_gemv_cuda: x, packed and ldx must be 16-byte aligned";
     case kBadVariant:
-      return "nf4_gemv_cuda: variant must be 0 (scaled decode) or 1 (byte table: blocksize >= 64, k a multiple of 64)";
+      return "nf4_gemv_cuda: variant must be 0 (scaled decode), 1 (byte table) or 2 (byte table, lean loop); 1 and 2"
+             " need blocksize >= 64 and k a multiple of 64";
     default: return "nf4_gemv_cuda: unknown error";
   }
 }
@@ -462,7 +648,7 @@ int nf4_gemv_launch(const Nf4GemvArgs& p, void* stream_handle) {
   const int bs_shift = log2_exact(p.blocksize);
   const int nbs_shift = p.absmax2 != nullptr ? log2_exact(p.nested_blocksize) : 0;
   if (bs_shift < 5 || nbs_shift < 0) return kBadBlocksize;
-  if (p.variant != 0 && (p.variant != 1 || bs_shift < 6 || p.k % kHalfK != 0)) return kBadVariant;
+  if (p.variant != 0 && ((p.variant != 1 && p.variant != 2) || bs_shift < 6 || p.k % kHalfK != 0)) return kBadVariant;
   if (reinterpret_cast<uintptr_t>(p.x) % 16 != 0 || reinterpret_cast<uintptr_t>(p.packed) % 16 != 0 ||
       p.ldx % 8 != 0)
     return kMisaligned;
