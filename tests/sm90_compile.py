@@ -218,6 +218,14 @@ def lora_family() -> int:
                                bottleneck_adapter._up_configs(),
                                dict(HAS_BIAS=True, UPCAST=False, DOT_PRECISION="tf32", BLOCK_R=64),
                                ["res_ptr", "l_ptr", "t_ptr", "out_ptr"])
+    # the fp16 adapter backward's dz = dy·U, written in fp32 (ops.bottleneck_adapter: no subnormal dz)
+    sig = dict(x_ptr="*fp16", w_ptr="*fp16", out_ptr="*fp32", M="i32", K="i32", k_per_split="i32",
+               stride_xm="i32", stride_xk="i32", stride_wr="i32", stride_wk="i32", stride_os="i32",
+               stride_om="i32", scale="fp32", p_drop="fp32", seed="i32")
+    failures += _check_configs("rank_project fp16 -> fp32 (adapter dz)", rank_ops._rank_project_kernel, sig,
+                               rank_ops.project_configs(2), dict(DROPOUT=False, UPCAST=False,
+                                                                 DOT_PRECISION="tf32", BLOCK_R=64),
+                               ["x_ptr", "w_ptr", "out_ptr"])
     return failures
 
 

@@ -201,11 +201,14 @@ def rank_pad(r: int) -> int:
 # Launchers (2-D operands, already validated).
 
 @on_operand_device
-def rank_project(x, w, *, scale: float, p_drop: float = 0.0, seed: int = 0) -> torch.Tensor:
-    """out[M,R] = scale·(keep∘x)·wᵀ in x's dtype, w logical [R,K] (pass B.t() for dy·B); R = w.shape[0]."""
+def rank_project(x, w, *, scale: float, p_drop: float = 0.0, seed: int = 0,
+                 out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """out[M,R] = scale·(keep∘x)·wᵀ in out_dtype (default x's dtype; the fp32 accumulator rounded once), w logical
+    [R,K] (pass B.t() for dy·B); R = w.shape[0]."""
     M, K = x.shape
     R = w.shape[0]
     sx, sw = x.stride(), w.stride()
+    out_dtype = x.dtype if out_dtype is None else out_dtype
     result = {}
 
     def launch(cfg):
@@ -213,8 +216,8 @@ def rank_project(x, w, *, scale: float, p_drop: float = 0.0, seed: int = 0) -> t
         splits = min(cfg["SPLIT_K"], cdiv(K, block_k))
         k_per_split = cdiv(cdiv(K, splits), block_k) * block_k
         splits = cdiv(K, k_per_split)
-        if splits == 1:  # the product itself, in x's dtype
-            out = torch.empty((M, R), device=x.device, dtype=x.dtype)
+        if splits == 1:  # the product itself, in out_dtype
+            out = torch.empty((M, R), device=x.device, dtype=out_dtype)
             stride_os = 0
         else:  # fp32 partials, summed after
             out = torch.empty((splits, M, R), device=x.device, dtype=torch.float32)
@@ -227,7 +230,7 @@ def rank_project(x, w, *, scale: float, p_drop: float = 0.0, seed: int = 0) -> t
             BLOCK_M=cfg["BLOCK_M"], BLOCK_K=block_k, BLOCK_R=R, num_warps=cfg["num_warps"],
             num_stages=cfg["num_stages"],
         )
-        result["out"] = out if splits == 1 else out.sum(0).to(x.dtype)
+        result["out"] = out if splits == 1 else out.sum(0).to(out_dtype)
 
     key = (bucket(M), K, R, x.dtype, p_drop > 0.0)
     tuner("rank_project", project_configs(x.element_size(), p_drop > 0.0)).run(key, launch)

@@ -75,6 +75,23 @@ def _forward(h2, D_p, U_p, down_bias, up_bias, activation):
     return kernels.up_residual(h2, z, U_p, bu), z, p
 
 
+def column_scaled(dp32: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dp·diag(c) in fp16, c): c_j the power of two that brings column j's largest |value| into [2^13, 2^14) (1 for
+    an all-zero or non-finite column), so the fp16 operand of dD = dpᵀ·h keeps 11 bits wherever its column's scale
+    is, with room below fp16's 65504; the products are exact and unscaled_rows divides them out in fp32. On the
+    device: no host sync."""
+    top = dp32.abs().amax(0)
+    e = torch.frexp(top).exponent
+    e = torch.where(torch.isfinite(top) & (top > 0), e - 14, torch.zeros_like(e))
+    c = torch.ldexp(torch.ones_like(top), -e)
+    return (dp32 * c).to(torch.float16), c
+
+
+def unscaled_rows(g: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
+    """g [R, ...] (fp32) with row j divided by c_j (column_scaled's), or g as it is without c."""
+    return g if c is None else g / c.view(-1, *([1] * (g.dim() - 1)))
+
+
 def _backward(dy, h2, D_p, U_p, z, p, r, activation, needs, dtypes):
     """(dh rows, dD, dbd, dU, dbu), None where not needed; needs: (h, D, b_d, U, b_u); dtypes: D, U, b_d, b_u
     (None for an absent bias); p None: act'(p) read from z (relu, _grad_source)."""
@@ -89,17 +106,20 @@ def _backward(dy, h2, D_p, U_p, z, p, r, activation, needs, dtypes):
     need_h, need_D, need_bd, need_U, need_bu = needs
     dh = dD = dbd = dU = dbu = None
     if need_h or need_D or need_bd:
-        dz = rank_ops.rank_project(dy2, U_p.t(), scale=1.0)                    # dy·U    [M, R]
-        dp = to_dtype(dz.float() * _activation_grad(z if p is None else p, activation), h2.dtype)  # ∘ act'(p)
+        fp16 = h2.dtype == torch.float16  # dz fp32 there: dy·U in fp16 falls into subnormals at a small U
+        dz = rank_ops.rank_project(dy2, U_p.t(), scale=1.0, out_dtype=torch.float32 if fp16 else None)  # dy·U
+        dp32 = dz.float() * _activation_grad(z if p is None else p, activation)  # ∘ act'(p), [M, R]
+        dp = to_dtype(dp32, h2.dtype)
+        dp_D, c = column_scaled(dp32) if fp16 else (dp, None)  # dD's operand: dp·diag(c) in fp16
         if need_h:
             dh = kernels.up_residual(dy2, dp, D_p.t(), None)  # dy + dp·D
         if need_D and need_U:  # one launch for both, dU already in U's own (N, R) layout
-            dD, dU = rank_ops.rank_reduce_pair(dp, h2, z, dy2)
-            dD, dU = to_dtype(dD[:r], D_dtype), dU[:, :r]
+            dD, dU = rank_ops.rank_reduce_pair(dp_D, h2, z, dy2)
+            dD, dU = to_dtype(unscaled_rows(dD, c)[:r], D_dtype), dU[:, :r]
         elif need_D:
-            dD = to_dtype(rank_ops.rank_reduce(dp, h2)[:r], D_dtype)
+            dD = to_dtype(unscaled_rows(rank_ops.rank_reduce(dp_D, h2), c)[:r], D_dtype)
         if need_bd and bd_dtype is not None:
-            dbd = to_dtype(dp[:, :r].sum(0, dtype=torch.float32), bd_dtype)
+            dbd = to_dtype((dp32 if fp16 else dp)[:, :r].sum(0, dtype=torch.float32), bd_dtype)
     if need_U:
         if dU is None:
             dU = rank_ops.rank_reduce(z, dy2)[:r].t()
