@@ -6,8 +6,8 @@
 # timings; a failing section does not stop the next, and each gets what is left of the time budget.
 #   bash benchmarks/gpu_check.sh [section ...]    sections: build nf4 attention lora-tests fuzz-tests lora losses-tests losses
 #   (on request: kernel-tests nf4-tests attention-tests methods-tests methods layers-tests layers patch-step train-tests
-#    train train-methods-tests compile-tests bench-1b bench-1b-compile bench-8b lora-paths host profile; `issue10`
-#    names the kernel-speed set, `suites` the GPU test suites outside it)
+#    train train-methods-tests compile-tests bench-1b bench-1b-core bench-1b-compile bench-8b lora-paths host
+#    profile; `issue10` names the kernel-speed set, `suites` the GPU test suites outside it)
 # What comes back: the device returns at most 8 files from $OUT, so every log and JSON file goes to a work folder
 # and, after every section, $OUT/results.tar.gz (all of them so far) and $OUT/summary.md (each section's status,
 # seconds and key lines; sections not yet run are `pending`) are replaced atomically: a run cut short still
@@ -119,6 +119,10 @@ for s in $sections; do
     bench-1b) run 420 bench-1b python3 -m fastft.apps.cli bench methods --shape llama-1b --seq-len 2048 \
                 --batch-size 4 --methods lora,qlora,full,dora,prefix,prompt,ia3 --steps 3 --warmup 1 \
                 --formats json --output-dir "$OUT/bench-1b" ;;
+    # bench-1b's headline rows alone (~2-3 min): LoRA and QLoRA beside peft and peft+Liger, for a session that has
+    # a few minutes left after the suites
+    bench-1b-core) run 240 bench-1b-core python3 -m fastft.apps.cli bench methods --shape llama-1b --seq-len 2048 \
+                --batch-size 4 --methods lora,qlora --steps 3 --warmup 1 --formats json --output-dir "$OUT/bench-1b-core" ;;
     bench-1b-compile) run 420 bench-1b-compile python3 -m fastft.apps.cli bench methods --shape llama-1b \
                 --seq-len 2048 --batch-size 4 --methods lora,qlora --peers peft --steps 3 --warmup 1 --compile default \
                 --formats json --output-dir "$OUT/bench-1b-compile" ;;
