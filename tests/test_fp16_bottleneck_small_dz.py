@@ -37,3 +37,19 @@ def test_fp16_bottleneck_down_gradients_at_small_dz(activation, u_scale):
     bound = 1e-3 if u_scale >= 1e-4 else 3e-3
     assert errs["dD"] < bound and errs["dbd"] < bound, errs
     assert errs["dh"] < 1e-3 and errs["dU"] < 1e-3 and errs["dbu"] < 1e-3, errs
+
+
+def test_column_scales_stay_finite_and_exact():
+    """Powers of two (exact products), the column max brought into [2^13, 2^14), 1 for zero or non-finite columns,
+    finite for fp32 subnormals, and no rows at all (a compiled graph called with 0 tokens)."""
+    from fastft.ops.bottleneck_adapter import column_scaled, unscaled_rows
+
+    dp = torch.tensor([[1e-7, 0.0, float("inf"), 1e-40, -3e4], [3e-8, 0.0, 1.0, 0.0, 7.0]])
+    scaled, c = column_scaled(dp)
+    assert torch.isfinite(c).all() and torch.equal(torch.frexp(c).mantissa, torch.full_like(c, 0.5))
+    assert c[1] == 1 and c[2] == 1  # an all-zero column, a column holding inf
+    for j in (0, 4):
+        assert 2**13 <= scaled[:, j].float().abs().max() < 2**14
+    assert torch.equal(unscaled_rows(scaled.float().t(), c), (scaled.float() / c).t())
+    empty, c0 = column_scaled(torch.zeros(0, 16))
+    assert empty.shape == (0, 16) and torch.equal(c0, torch.ones(16))

@@ -80,9 +80,9 @@ def column_scaled(dp32: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     an all-zero or non-finite column), so the fp16 operand of dD = dpᵀ·h keeps 11 bits wherever its column's scale
     is, with room below fp16's 65504; the products are exact and unscaled_rows divides them out in fp32. On the
     device: no host sync."""
-    top = dp32.abs().amax(0)
+    top = dp32.abs().amax(0) if dp32.shape[0] else dp32.new_zeros(dp32.shape[1])  # no rows: amax refuses
     e = torch.frexp(top).exponent
-    e = torch.where(torch.isfinite(top) & (top > 0), e - 14, torch.zeros_like(e))
+    e = torch.where(torch.isfinite(top) & (top > 0), e.clamp(min=-112) - 14, torch.zeros_like(e))  # c <= 2^126
     c = torch.ldexp(torch.ones_like(top), -e)
     return (dp32 * c).to(torch.float16), c
 
