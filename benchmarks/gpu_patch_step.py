@@ -27,7 +27,9 @@ from smoke_mode import DEVICE, SMOKE  # first: the interpreter before triton loa
 
 import torch
 
-VARIANTS = ["peft", "peft+liger", "fastft", "fastft+patch", "fastft+patch+lm_head"]
+# peft first (the ratios' base), then the variant no peer has: gpu_check.sh's cap can cut the last ones (5 runs of
+# up to FASTFT_STEP_TIMEOUT s each against its 330 s)
+VARIANTS = ["peft", "fastft+patch+lm_head", "fastft+patch", "fastft", "peft+liger"]
 DTYPE = torch.float32 if SMOKE else torch.bfloat16
 BATCH, SEQ = (1, 16) if SMOKE else (4, 2048)
 WARMUP, STEPS = (1, 1) if SMOKE else (2, 6)
