@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 10's diagnosis run (gpu_check.sh `build profile`, ~2 min): ncu's hardware counters for the NF4 decode GEMV
-# and the dequantize (benchmarks/gpu_profile.py says why each), then the host profile of eager LoRA / QLoRA calls.
+# and the dequantize (benchmarks/gpu_profile.py says why each), after the host profile of eager LoRA / QLoRA calls.
 # --clock-control none: the card's clocks are left as they are (never change them). ncu reads counters on the
 # Firecracker H200 machines (the device tool's KINDS.md), not on gVisor ones: there the section fails, nothing else.
 # Per kernel: the report (ncu_KERNEL.ncu-rep), its details as text and every metric as CSV, then a summary (the
@@ -8,6 +8,9 @@
 set -uo pipefail
 out="${OUT:-/tmp}"
 rc=0
+# the host profile first: no ncu, the surest minute of the section (ncu's runs may be cut by the section's cap)
+echo "== host profile"
+python3 benchmarks/gpu_profile.py host || rc=1
 if command -v ncu > /dev/null; then
   for kernel in gemv dequant; do
     case $kernel in gemv) name='regex:nf4_gemv' ;; dequant) name='regex:nf4_dequant' ;; esac
@@ -27,6 +30,4 @@ if command -v ncu > /dev/null; then
 else
   echo "ncu is not on PATH"; rc=1
 fi
-echo "== host profile"
-python3 benchmarks/gpu_profile.py host || rc=1
 exit $rc
