@@ -53,3 +53,17 @@ def test_column_scales_stay_finite_and_exact():
     assert torch.equal(unscaled_rows(scaled.float().t(), c), (scaled.float() / c).t())
     empty, c0 = column_scaled(torch.zeros(0, 16))
     assert empty.shape == (0, 16) and torch.equal(c0, torch.ones(16))
+
+
+def test_power_of_two_scales_both_modes():
+    """The helper the adapter's dD operand and the LoRA head's dA operand share (fastft.ops.shared): top·c lands in
+    [2^(e-1), 2^e), 1 for 0 / inf / NaN, finite for fp32 subnormals (the head's own copy gave inf there), and with
+    at_least_one only scales up."""
+    from fastft.ops.shared import power_of_two_scales
+
+    top = torch.tensor([3e-6, 5.0, 0.0, float("inf"), float("nan"), 1e-40, 0.75])
+    c = power_of_two_scales(top, 0, at_least_one=True)
+    assert torch.isfinite(c).all() and torch.equal(torch.frexp(c).mantissa, torch.full_like(c, 0.5))
+    assert 0.5 <= top[0] * c[0] < 1 and c[1] == 1 and c[2] == c[3] == c[4] == 1 and c[6] == 1
+    c14 = power_of_two_scales(top, 14)
+    assert 2**13 <= top[0] * c14[0] < 2**14 and 2**13 <= top[1] * c14[1] < 2**14 and c14[5] == 2.0**126

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from fastft.ops.compiled import compiling, needed, unused
 from fastft.ops.shared import (as_rows, autocast_inputs, autocast_off, check_backend, check_tensor, first_order_only,
-                               padded, resolve_backend, rows_to, to_dtype)
+                               padded, power_of_two_scales, resolve_backend, rows_to, to_dtype)
 
 ACTIVATIONS = ("relu", "silu", "gelu_tanh", "tanh")
 
@@ -81,9 +81,7 @@ def column_scaled(dp32: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     is, with room below fp16's 65504; the products are exact and unscaled_rows divides them out in fp32. On the
     device: no host sync."""
     top = dp32.abs().amax(0) if dp32.shape[0] else dp32.new_zeros(dp32.shape[1])  # no rows: amax refuses
-    e = torch.frexp(top).exponent
-    e = torch.where(torch.isfinite(top) & (top > 0), e.clamp(min=-112) - 14, torch.zeros_like(e))  # c <= 2^126
-    c = torch.ldexp(torch.ones_like(top), -e)
+    c = power_of_two_scales(top, 14)
     return (dp32 * c).to(torch.float16), c
 
 

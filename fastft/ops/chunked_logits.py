@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from fastft.ops.lm_head import HeadArgs
-from fastft.ops.shared import first_order_only
+from fastft.ops.shared import first_order_only, power_of_two_scales
 from fastft.quant.nf4_weight import NF4Weight
 
 # 96 MiB: 384 rows at V = 128256 in bf16, inside issue 7's 0.1 GiB workspace target; larger chunks cut dW's
@@ -119,10 +119,7 @@ class Head(HeadArgs):
         if self.dtype != torch.float16:
             return self.lora_B, None
         B = self.lora_B_in.detach().float()
-        top = B.abs().amax(0) * scale.detach().abs().amax().float()
-        e = torch.frexp(top).exponent
-        e = torch.where(torch.isfinite(top) & (top > 0), e, torch.zeros_like(e)).clamp(max=0)
-        c = torch.ldexp(torch.ones_like(top), -e)
+        c = power_of_two_scales(B.abs().amax(0) * scale.detach().abs().amax().float(), 0, at_least_one=True)
         return (B * c).to(self.dtype), c
 
     def grad_hidden(self, dl: torch.Tensor, t0: int, out: torch.Tensor,

@@ -227,6 +227,19 @@ def safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
     return torch.where(nonzero, num / torch.where(nonzero, den, 1.0), 0.0)
 
 
+def power_of_two_scales(top: torch.Tensor, exponent: int, *, at_least_one: bool = False) -> torch.Tensor:
+    """Per-entry powers of two c with top·c in [2^(exponent-1), 2^exponent) (fp16 operands scaled by them keep their
+    11 bits clear of subnormals and the products stay exact, so an fp32 sum can divide c out): 1 where top is 0 or
+    not finite, at most 2^126 (finite in fp32), at least 1 with at_least_one (only scaling up). On the device: no
+    host sync."""
+    e = torch.frexp(top).exponent
+    shift = exponent - e.clamp(min=exponent - 126)
+    if at_least_one:
+        shift = shift.clamp(min=0)
+    shift = torch.where(torch.isfinite(top) & (top > 0), shift, torch.zeros_like(shift))
+    return torch.ldexp(torch.ones_like(top), shift)
+
+
 def as_rows(t: torch.Tensor) -> torch.Tensor:
     """(…, F) → (M, F), a view where the strides allow, with a unit last stride (t itself when it is such rows
     already: a reshape costs ~1 µs of host time)."""
