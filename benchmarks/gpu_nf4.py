@@ -168,8 +168,9 @@ def check_correctness():
                 # the candidate runs TABLE's arithmetic in the same order: bit-identical y
                 out[f"gemv table_lean == table {Kg}->{Ng} batch {batch}"] = attempt(
                     f"gemv table_lean == table {Kg}->{Ng} batch {batch}",
-                    lambda xb=xb, wg=wg: torch.equal(nf4_cuda.nf4_gemv(xb, wg.kernel_operand(), None, nf4_cuda.TABLE_LEAN),
-                                                     nf4_cuda.nf4_gemv(xb, wg.kernel_operand(), None, nf4_cuda.TABLE)))
+                    lambda xb=xb, wg=wg: torch.equal(
+                        nf4_cuda.nf4_gemv(xb, wg.kernel_operand(), None, nf4_cuda.TABLE_LEAN),
+                        nf4_cuda.nf4_gemv(xb, wg.kernel_operand(), None, nf4_cuda.TABLE)))
     elif DEV == "cuda":
         RESULTS["errors"].append("fastft._C has no CUDA GEMV (built without nvcc?)")
         out["CUDA GEMV built (fastft._C)"] = False
@@ -490,8 +491,8 @@ def print_tables(failures: list[str]):
               f"{_fmt(r.get('scaled_us'), '.1f')} | {_fmt(r.get('table_us'), '.1f')} | "
               f"{_fmt(r.get('table_lean_us'), '.1f')} | "
               f"{_fmt(r.get('bnb_us'), '.1f')} | {_fmt(r.get('bf16_us'), '.1f')} |")
-    print(f"\n| QLoRA fwd+bwd M={M_TRAIN} r={RANK}, best of 3 interleaved | bf16 base ms (first) | fused ms (÷base) | dequant ms (÷base) "
-          "| selected ms (÷base), path | dequant+base, no LoRA (÷base) | peft+bnb ms (÷base) "
+    print(f"\n| QLoRA fwd+bwd M={M_TRAIN} r={RANK}, best of 3 interleaved | bf16 base ms (first) | fused ms (÷base) "
+          "| dequant ms (÷base) | selected ms (÷base), path | dequant+base, no LoRA (÷base) | peft+bnb ms (÷base) "
           "| peak MiB base / fused / dequant / selected / peft (scratch) |\n|---|---|---|---|---|---|---|---|")
     for r in RESULTS.get("qlora") or []:
         cells = [f"{_fmt(r.get(k + '_ms'))} ({_fmt(r.get(k + '_x_base'), '.2f')})"
