@@ -164,7 +164,7 @@ for s in $sections; do
     profile) run 180 profile bash benchmarks/gpu_profile.sh ;;
     nf4-tests) run 180 nf4-tests python3 -m pytest -q -m gpu $(python3 -c "import xdist" > /dev/null 2>&1 && printf '%s' '-n 4') \
                  tests/test_nf4_gpu.py tests/test_qlora_path.py -p no:cacheprovider ;;
-    losses-tests) run 120 losses-tests python3 -m pytest -q -m gpu tests/test_linear_losses_gpu.py -p no:cacheprovider ;;
+    losses-tests) run 120 losses-tests python3 -m pytest -q -m gpu tests/test_linear_losses_gpu.py tests/test_add_product.py -p no:cacheprovider ;;
     losses) run 150 losses python3 benchmarks/gpu_losses.py ;;
     train-tests) run 120 train-tests python3 -m pytest -q -m gpu tests/test_train_gpu.py -p no:cacheprovider ;;
     train) run 450 train python3 benchmarks/gpu_train.py ;;  # + two compiled (CUDA graph) SmolLM2 runs

@@ -30,10 +30,14 @@ from fastft.quant.nf4_weight import NF4Weight
 # 96 MiB: 384 rows at V = 128256 in bf16, inside issue 7's 0.1 GiB workspace target; larger chunks cut dW's
 # read-modify-write traffic (2·V·H·2 B per chunk) at the cost of memory (benchmarks/gpu_losses.py sweeps both)
 DEFAULT_CHUNK_MIB = {"cuda": 96, "cpu": 32}
-# dW is accumulated in fp32 when that accumulator (and one chunk's bf16 product) fits this; otherwise in W's
-# dtype by addmm (fp32 inside each GEMM, one rounding per chunk). fp16 always in fp32: its dlogits are left unscaled
-# (eager_losses), and their sum over all tokens would overflow fp16.
+# dW is accumulated in fp32 when that accumulator fits this; otherwise in W's dtype by addmm (fp32 inside each
+# GEMM, one rounding per chunk). fp16 always in fp32: its dlogits are left unscaled (eager_losses), and their sum
+# over all tokens would overflow fp16.
 FP32_WEIGHT_GRAD_MIB = 256
+# add_product's fp32 scratch: a half-precision product is made this many MiB of rows at a time (a 128k×4096 fp16
+# dW: 16 GEMMs a chunk; a bf16 dW small enough for fp32, at most 2)
+PRODUCT_SCRATCH_MIB = 128
+_MM_HAS_OUT_DTYPE = "dtype" in torch.ops.aten.mm.overloads()
 
 
 def chunk_budget_bytes(device: torch.device) -> int:
@@ -109,9 +113,9 @@ class Head(HeadArgs):
 
     def dA_operand(self, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(B', c): the factor grad_hidden's returned u = dlogits·B' is made with, and c (r,) with B' = B·diag(c)
-        (None: B' = B). fp16 only: there u = dlogits·B was rounded to fp16 and its product with the hidden rows
-        shrunk by 2^-ceil(log2 n) (add_product): at |B| ~ 1e-4 (B starts at 0 and grows by ~lr per step) both
-        fell into fp16's subnormals and dA was 3e-3 off fp64 (3e-2 at |B| ~ 1e-5; peft's fp32 adapters: 3e-4).
+        (None: B' = B). fp16 only: there u = dlogits·B is rounded to fp16, and at |B| ~ 1e-4 (B starts at 0 and
+        grows by ~lr per step) it fell into fp16's subnormals: dA was 3e-3 off fp64 (3e-2 at |B| ~ 1e-5; peft's fp32
+        adapters: 3e-4).
         c_j is the power of two >= 1 that brings max|B_:j|·max|scale| below 1: |u'| stays below |dlogits row|₁ /
         max|scale| (no new overflow; scale: the rows' factor already in dlogits), the products are exact, and
         run_chunks divides dA's row j by c_j at the end (its fp32 sum). No host sync: c stays on the device. Costs
@@ -165,16 +169,21 @@ def weight_grad_dtype(weight: torch.Tensor) -> torch.dtype:
 
 
 def add_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0) -> None:
-    """acc (fp32, or fp64 for fp64 a) += alpha·(a @ b), the product made in a's dtype. In fp16 a sum of n rows can
-    pass 65504 before it reaches the fp32 accumulator (dlogits are unscaled there, see eager_losses): the GEMM (fp32
-    inside) scales it by 2^-ceil(log2 n) before rounding, an exact power of two that keeps each entry within
-    max|a|·max|b|."""
-    if a.dtype != torch.float16:
+    """acc (fp32, or fp64 for fp64 a) += alpha·(a @ b). fp16 / bf16 a, b: the GEMM's fp32 sums are kept in fp32
+    (never rounded to a's dtype on the way), PRODUCT_SCRATCH_MIB of a's rows at a time. An fp16 product would
+    overflow past 65504 (dlogits are unscaled there, see eager_losses) or, shrunk to avoid that, lose bits below
+    6.1e-5: dB's ~1e-4 entries lost 2% that way."""
+    if a.dtype not in (torch.float16, torch.bfloat16):
         prod = (a @ b).to(acc.dtype)
         acc += prod if alpha == 1.0 else prod * alpha
         return
-    shrink = 2.0 ** -math.ceil(math.log2(max(a.shape[1], 1)))
-    acc.add_(torch.addmm(a.new_empty(()), a, b, beta=0, alpha=shrink), alpha=alpha / shrink)
+    rows = max(1, (PRODUCT_SCRATCH_MIB << 20) // (4 * max(b.shape[1], 1)))
+    fp32_out = a.is_cuda and _MM_HAS_OUT_DTYPE  # cuBLAS's fp32 output of the half operands (torch >= 2.8)
+    b = b if fp32_out else b.float()  # else fp32 operands (the CPU's mm has no out_dtype): each product exact too
+    for r0 in range(0, a.shape[0], rows):
+        blk = a[r0:r0 + rows]
+        prod = torch.mm(blk, b, out_dtype=torch.float32) if fp32_out else blk.float() @ b
+        acc[r0:r0 + rows].add_(prod, alpha=alpha)
 
 
 def _weight_grad_buffer(weight: torch.Tensor) -> torch.Tensor:
