@@ -62,3 +62,25 @@ def test_add_product_fp32_and_fp64_unchanged():
         acc = torch.zeros(9, 4, dtype=dtype)
         add_product(acc, a, b, 3.0)
         torch.testing.assert_close(acc, 3.0 * (a @ b))
+
+
+def test_deferred_backward_under_autocast_keeps_fp32_products():
+    """reduction "none" recomputes the chunks in backward; a backward called inside torch.autocast (as a training
+    step under autocast does) made add_product's fp32 GEMMs fp16 ones: dW differed from the same backward outside
+    autocast, and from the compiled door (found by the fuzz at H = 1, V = 2, one row a chunk)."""
+    from fastft.ops import linear_cross_entropy
+
+    g = torch.Generator().manual_seed(11)
+    h = torch.randn(6, 1, generator=g).requires_grad_()
+    W = (torch.randn(2, 1, generator=g) * 0.3).requires_grad_()
+    labels = torch.randint(0, 2, (6,), generator=g)
+    grads = []
+    for inside in (True, False):
+        with torch.autocast("cpu", dtype=torch.float16):
+            rows = linear_cross_entropy(h, W, labels, reduction="none", backend="torch", chunk_size=1)
+            if inside:
+                grads.append(torch.autograd.grad(rows, (h, W), torch.ones_like(rows)))
+        if not inside:
+            grads.append(torch.autograd.grad(rows, (h, W), torch.ones_like(rows)))
+    for a, b in zip(*grads):
+        assert torch.equal(a, b), (a - b).abs().max()

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from fastft.ops.lm_head import HeadArgs
-from fastft.ops.shared import first_order_only, power_of_two_scales
+from fastft.ops.shared import autocast_off, first_order_only, power_of_two_scales
 from fastft.quant.nf4_weight import NF4Weight
 
 # 96 MiB: 384 rows at V = 128256 in bf16, inside issue 7's 0.1 GiB workspace target; larger chunks cut dW's
@@ -503,7 +503,9 @@ class DeferredChunkedLoss(torch.autograd.Function):
         if not any(needs):
             return None, None, None, None, None, None
         plan = replace(ctx.plan, targets=tuple(targets))
-        dh, dW, db, dA, dB = row_losses_backward(plan, h2, weight, bias, lora_A, lora_B, grad_output, needs)
+        # as the forward ran: a backward called under torch.autocast would cast add_product's fp32 GEMMs to fp16
+        with autocast_off(h2.device.type):
+            dh, dW, db, dA, dB = row_losses_backward(plan, h2, weight, bias, lora_A, lora_B, grad_output, needs)
         if dh is not None:
             dh = dh.view(ctx.hidden_shape)
         return None, dh, dW, db, dA, dB

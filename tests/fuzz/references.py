@@ -267,6 +267,47 @@ def attention_with_grads(q, k, v, do, *, causal=False, scale=None, cu_seqlens=No
     return join(outs), join(omags), grads, mags, join(smags)
 
 
+# Roundings to the compute dtype (see the module docstring): forward P cast for P·V, the output, and the fp32
+# division by the row sum counted alike: 3. Backward: the saved O entering δ = rowsum(dO∘O), dS and P cast for the
+# dots, the gradient itself: 4. The torch backend (fp32 math, one cast) rounds fewer.
+ATTENTION_O_ROUND, ATTENTION_GRAD_ROUND = 3, 4
+
+
+def check_attention(op: str, what: str, out, grads: dict, inputs: dict, do, kw: dict) -> None:
+    """Checks flash_attention's output and the gradients in `grads` (names as in inputs: q, k, v, prefix_k,
+    prefix_v) against the fp64 reference of `inputs` (flash_attention's tensors) called with kw (causal,
+    softmax_scale, window, cu_seqlens), each element within the magnitude bound: near-cancelling gradients (a row
+    seeing one key: dS = P·(dP − δ) is rounding noise around an exact 0) are bounded by their terms' size, not by
+    the tensor's norm."""
+    q, k = inputs["q"], inputs["k"]
+    o64, omag, g64, gmag, score_mag = attention_with_grads(
+        q, k, inputs["v"], do, causal=kw.get("causal", False), scale=kw.get("softmax_scale"),
+        cu_seqlens=kw.get("cu_seqlens"), prefix_k=inputs.get("prefix_k"), prefix_v=inputs.get("prefix_v"),
+        window=kw.get("window"))
+    D, group = q.shape[-1], q.shape[-2] // k.shape[-2]
+    P = inputs["prefix_k"].shape[1] if inputs.get("prefix_k") is not None else 0
+    n_q, n_k = q.shape[-3], k.shape[-3]  # tokens per sequence (all packed tokens when varlen: an upper bound)
+    shift = softmax_shift(score_mag.max().item() if score_mag.numel() else 0.0, D)
+    dtype = q.dtype
+    # P underflowing fp32 (tiny probabilities flushed to 0): o off by < 2⁻¹²⁶ per key times max|v|; a flushed
+    # P or dS reaches dk/dq times scale·max|q| or |k| and (1 + |dP| + |δ|) <= 1 + 2·D·max|dO|·max|v|.
+    c = kw.get("softmax_scale") or D**-0.5
+    big = {n: float(t.detach().abs().max()) if t.numel() else 0.0 for n, t in inputs.items() if t is not None}
+    big_do = float(do.abs().max()) if do.numel() else 0.0
+    big_v = max(big["v"], big.get("prefix_v", 0.0))
+    ds_weight = 1.0 + 2.0 * D * big_do * big_v
+    weights = {"q": c * max(big["k"], big.get("prefix_k", 0.0)) * ds_weight, "k": c * big["q"] * ds_weight,
+               "v": big_do, "prefix_k": c * big["q"] * ds_weight, "prefix_v": big_do}
+    if out is not None:
+        check(op, f"{what} o", out, o64, omag, dtype, ATTENTION_O_ROUND, (D, n_k + P), shift,
+              flush_floor(n_k + P, big_v))
+    for name, g in grads.items():
+        rows = q.numel() // (D * q.shape[-2]) if name.startswith("prefix") else n_q  # a shared prefix: every row
+        lengths = (D, n_k + P) if name == "q" else (D, rows * group)
+        check(op, f"{what} d{name}", g, g64[name], gmag[name], dtype, ATTENTION_GRAD_ROUND, lengths, shift,
+              flush_floor(max(lengths), weights[name]))
+
+
 # ----------------------------------------------------------------------------------------------
 # Layer ops: RMSNorm, RoPE, gated linear units (elementwise / row-wise; grads by autograd on fp64)
 

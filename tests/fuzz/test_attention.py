@@ -12,12 +12,6 @@ from tests.fuzz.strategies import INT32_EDGES, dim, doc_lengths, float_dtypes, f
 from tests.utils import interpreter_only
 
 OP = "flash_attention"
-# Roundings to the compute dtype (references.py): forward P cast for P·V, the output, and the fp32 division
-# by the row sum counted alike: 3. Backward: the saved O entering δ = rowsum(dO∘O), dS and P cast for the
-# dots, the gradient itself: 4. The torch backend (fp32 math, one cast) rounds fewer.
-O_ROUND, GRAD_ROUND = 3, 4
-
-
 def draw_problem(data, *, device="cpu", max_len=40, head_dims=(16, 24, 32), varlen=None):
     dtype = data.draw(float_dtypes(), label="dtype")
     D = data.draw(st.sampled_from(head_dims), label="head_dim")
@@ -59,32 +53,7 @@ def run_and_check(args, kw, do, backend):
     inputs = {n: t for n, t in args.items() if t is not None}
     o = flash_attention(**args, **kw, backend=backend)
     grads = dict(zip(inputs, torch.autograd.grad(o, list(inputs.values()), do)))
-    o64, omag, g64, gmag, score_mag = ref.attention_with_grads(
-        args["q"], args["k"], args["v"], do, causal=kw["causal"], scale=kw["softmax_scale"],
-        cu_seqlens=kw.get("cu_seqlens"), prefix_k=args.get("prefix_k"), prefix_v=args.get("prefix_v"),
-        window=kw["window"])
-    q, k = args["q"], args["k"]
-    D, group = q.shape[-1], q.shape[-2] // k.shape[-2]
-    P = args["prefix_k"].shape[1] if "prefix_k" in args else 0
-    n_q, n_k = q.shape[-3], k.shape[-3]  # tokens per sequence (all packed tokens when varlen: an upper bound)
-    shift = ref.softmax_shift(score_mag.max().item() if score_mag.numel() else 0.0, D)
-    dtype = q.dtype
-    # P underflowing fp32 (tiny probabilities flushed to 0): o off by < 2⁻¹²⁶ per key times max|v|; a flushed
-    # P or dS reaches dk/dq times scale·max|q| or |k| and (1 + |dP| + |δ|) <= 1 + 2·D·max|dO|·max|v|.
-    c = kw["softmax_scale"] or D**-0.5
-    big = {n: float(t.detach().abs().max()) if t.numel() else 0.0 for n, t in inputs.items()}
-    big_do = float(do.abs().max()) if do.numel() else 0.0
-    big_v = max(big["v"], big.get("prefix_v", 0.0))
-    ds_weight = 1.0 + 2.0 * D * big_do * big_v
-    weights = {"q": c * max(big["k"], big.get("prefix_k", 0.0)) * ds_weight, "k": c * big["q"] * ds_weight,
-               "v": big_do, "prefix_k": c * big["q"] * ds_weight, "prefix_v": big_do}
-    ref.check(OP, f"{backend} o", o, o64, omag, dtype, O_ROUND, (D, n_k + P), shift,
-              ref.flush_floor(n_k + P, big_v))
-    for name in inputs:
-        rows = q.numel() // (D * q.shape[-2]) if name.startswith("prefix") else n_q  # a shared prefix: every row
-        lengths = (D, n_k + P) if name == "q" else (D, rows * group)
-        ref.check(OP, f"{backend} d{name}", grads[name], g64[name], gmag[name], dtype, GRAD_ROUND, lengths, shift,
-                  ref.flush_floor(max(lengths), weights[name]))
+    ref.check_attention(OP, backend, o, grads, inputs, do, kw)
     ref.count_example(f"{OP}[{backend}]")
 
 
