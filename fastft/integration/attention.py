@@ -415,8 +415,8 @@ def fastft_attention_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset
     A cache whose key slots run past the filled positions (a static cache: kv_offset + kv_length > q_offset +
     q_length) gets transformers' own 4-D boolean mask instead: the kernels align queries to the last key, which is
     not the last filled one there, and the empty slots must not be seen (the interface then runs SDPA on it). So
-    does a mask with an overlay (`use_vmap`: transformers' or/and mask functions; eagerly, also a blockwise overlay
-    composed without vmap, _sees_later_keys: Gemma 3's image tokens seeing each other both ways), which the causal
+    does a mask with an overlay (`use_vmap`: transformers' or/and mask functions; also a blockwise overlay composed
+    without vmap, _may_see_later_keys: Gemma 3's image tokens seeing each other both ways), which the causal
     kernels would drop, and a mask transformers may not skip on a model it runs without FlashAttention."""
     config = kwargs.get("config")
     _check_uses_the_interface(config)
@@ -432,8 +432,8 @@ def fastft_attention_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset
     traced_offsets = compiling() and any(isinstance(x, torch.Tensor) for x in (q_offset, kv_offset))
     if traced_offsets or kwargs.get("use_vmap") or kv_offset + kv_length > q_offset + q_length \
             or (unskippable and not _supports_flash_mask(config)) \
-            or (unskippable and not compiling() and _sees_later_keys(mask_function, batch_size, q_length, q_offset,
-                                                                     kwargs.get("device"))):
+            or (unskippable and _may_see_later_keys(mask_function, batch_size, q_length, q_offset,
+                                                    kwargs.get("device"))):
         from transformers.masking_utils import causal_mask_function, sdpa_mask
 
         passed = {k: v for k, v in kwargs.items() if k in ("device", "local_size", "use_vmap")}
@@ -446,6 +446,15 @@ def fastft_attention_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset
     if not compiling() and attention_mask.shape[1] == kv_length and bool(attention_mask.all()):
         return None
     return attention_mask
+
+
+def _may_see_later_keys(mask_function, batch_size: int, q_length: int, q_offset, device) -> bool:
+    """_sees_later_keys eagerly. Traced (its tensor read would break the graph), the mask function's name: an
+    `or_masks` composition on the outside (Gemma 3's blockwise overlay) may add later keys, so it gets the full
+    mask. One inside an `and_masks` (an overlay on packed rows) stays unseen there."""
+    if compiling():
+        return getattr(mask_function, "__name__", None) == "or_mask"
+    return _sees_later_keys(mask_function, batch_size, q_length, q_offset, device)
 
 
 def _sees_later_keys(mask_function, batch_size: int, q_length: int, q_offset, device) -> bool:
