@@ -160,17 +160,18 @@ def check_correctness():
             for batch in BATCHES:
                 xb = torch.randn(batch, Kg, dtype=BF16, device=DEV)
                 for name, v in (("scaled", nf4_cuda.SCALED), ("table", nf4_cuda.TABLE),
-                                ("table_lean", nf4_cuda.TABLE_LEAN)):
+                                ("table_lean", nf4_cuda.TABLE_LEAN), ("table_deep", nf4_cuda.TABLE_DEEP)):
                     out[f"gemv {name} {Kg}->{Ng} batch {batch} rel err"] = attempt(
                         f"gemv {name} {Kg}->{Ng} batch {batch}",
                         lambda v=v, xb=xb, wg=wg, Wg=Wg: rel(nf4_cuda.nf4_gemv(xb, wg.kernel_operand(), None, v),
                                                             xb.float() @ Wg.T))
-                # the candidate runs TABLE's arithmetic in the same order: bit-identical y
-                out[f"gemv table_lean == table {Kg}->{Ng} batch {batch}"] = attempt(
-                    f"gemv table_lean == table {Kg}->{Ng} batch {batch}",
-                    lambda xb=xb, wg=wg: torch.equal(
-                        nf4_cuda.nf4_gemv(xb, wg.kernel_operand(), None, nf4_cuda.TABLE_LEAN),
-                        nf4_cuda.nf4_gemv(xb, wg.kernel_operand(), None, nf4_cuda.TABLE)))
+                # the candidates run TABLE's arithmetic in the same order: bit-identical y
+                for name, v in (("table_lean", nf4_cuda.TABLE_LEAN), ("table_deep", nf4_cuda.TABLE_DEEP)):
+                    out[f"gemv {name} == table {Kg}->{Ng} batch {batch}"] = attempt(
+                        f"gemv {name} == table {Kg}->{Ng} batch {batch}",
+                        lambda xb=xb, wg=wg, v=v: torch.equal(
+                            nf4_cuda.nf4_gemv(xb, wg.kernel_operand(), None, v),
+                            nf4_cuda.nf4_gemv(xb, wg.kernel_operand(), None, nf4_cuda.TABLE)))
     elif DEV == "cuda":
         RESULTS["errors"].append("fastft._C has no CUDA GEMV (built without nvcc?)")
         out["CUDA GEMV built (fastft._C)"] = False
@@ -439,7 +440,7 @@ def time_gemv(rows):
                     row["fastft_graph_us"] = attempt(f"gemv {K}->{N} b{batch} graph", lambda: 1e3 * bench(
                         graphed(lambda: nf4_cuda.nf4_gemv(x, op, None))), optional=True)
                     for name, v in (("scaled", nf4_cuda.SCALED), ("table", nf4_cuda.TABLE),
-                                    ("table_lean", nf4_cuda.TABLE_LEAN)):
+                                    ("table_lean", nf4_cuda.TABLE_LEAN), ("table_deep", nf4_cuda.TABLE_DEEP)):
                         if v == nf4_cuda.SCALED or nf4_cuda.table_supported(op):
                             row[f"{name}_us"] = attempt(
                                 f"gemv {name} {K}->{N} b{batch}",
@@ -482,14 +483,15 @@ def print_tables(failures: list[str]):
     print(f"\nGEMV target: ≥ 70% of the datasheet HBM bandwidth ({_fmt(spec, '.2f')} TB/s for {RESULTS['device']}; "
           "— : card not in fastft.apps.bench.harness.HBM_SPEC_TBPS)")
     print("\n| decode K->N | batch | fastft µs (TB/s) | CUDA graph µs | ÷ HBM spec | ÷ copy | scaled kernel µs "
-          "| table kernel µs | table lean µs | bnb µs | bf16 µs |\n|---|---|---|---|---|---|---|---|---|---|---|")
+          "| table kernel µs | table lean µs | table deep µs | bnb µs | bf16 µs |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in RESULTS.get("gemv") or []:
         print(f"| {r['shape']} | {r['batch']} | {_fmt(r.get('fastft_us'), '.1f')} "
               f"({_fmt(r.get('fastft_TBps'), '.2f')}) | {_fmt(r.get('fastft_graph_us'), '.1f')} | "
               f"{_fmt(r.get('fastft_of_hbm_spec'), '.0%')} | "
               f"{_fmt(r.get('fastft_of_copy'), '.0%')} | "
               f"{_fmt(r.get('scaled_us'), '.1f')} | {_fmt(r.get('table_us'), '.1f')} | "
-              f"{_fmt(r.get('table_lean_us'), '.1f')} | "
+              f"{_fmt(r.get('table_lean_us'), '.1f')} | {_fmt(r.get('table_deep_us'), '.1f')} | "
               f"{_fmt(r.get('bnb_us'), '.1f')} | {_fmt(r.get('bf16_us'), '.1f')} |")
     print(f"\n| QLoRA fwd+bwd M={M_TRAIN} r={RANK}, best of 3 interleaved | bf16 base ms (first) | fused ms (÷base) "
           "| dequant ms (÷base) | selected ms (÷base), path | dequant+base, no LoRA (÷base) | peft+bnb ms (÷base) "

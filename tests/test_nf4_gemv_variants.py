@@ -1,4 +1,4 @@
-"""The CUDA GEMV's kernels (SCALED, TABLE and the candidate TABLE_LEAN), as far as a machine without a GPU can check
+"""The CUDA GEMV's kernels (SCALED, TABLE and the candidates TABLE_LEAN, TABLE_DEEP), as far as a machine without a GPU can check
 them: the extension's argument checks run before any CUDA call, so a bad `variant` is refused here too (the kernels
 themselves run in tests/test_nf4_gpu.py::test_cuda_gemv and ::test_cuda_gemv_table_lean_is_bit_identical_to_table)."""
 import pytest
@@ -18,22 +18,23 @@ def extension():
 
 
 @pytest.mark.parametrize("bad", [dict(blocksize=32), dict(k=96), dict(variant=2, blocksize=32), dict(variant=2, k=96),
-                                 dict(variant=2, k=320, blocksize=32), dict(variant=3), dict(variant=-1)])
+                                 dict(variant=2, k=320, blocksize=32), dict(variant=3, blocksize=32),
+                                 dict(variant=3, k=96), dict(variant=4), dict(variant=-1)])
 def test_the_table_kernels_are_refused_where_a_half_step_would_straddle_an_absmax_block(extension, bad):
-    with pytest.raises(RuntimeError, match=r"variant must be 0 .*, 1 .* or 2 .*; 1 and 2 need blocksize >= 64 and k a "
-                                           r"multiple of 64"):
+    with pytest.raises(RuntimeError, match=r"variant must be 0 .*, 1 .*, 2 .* or 3 .*; 1 to 3 need blocksize >= 64 and "
+                                           r"k a multiple of 64"):
         _launch(**bad)
 
 
-@pytest.mark.parametrize("variant", [nf4_cuda.SCALED, nf4_cuda.TABLE, nf4_cuda.TABLE_LEAN])
-@pytest.mark.parametrize("k", [128, 320])  # TABLE_LEAN's own kernel, and the table kernel it falls back to
+@pytest.mark.parametrize("variant", [nf4_cuda.SCALED, nf4_cuda.TABLE, nf4_cuda.TABLE_LEAN, nf4_cuda.TABLE_DEEP])
+@pytest.mark.parametrize("k", [128, 320])  # the lean loop's own kernel, and the table kernel it falls back to
 def test_every_kernel_accepts_an_empty_weight(extension, variant, k):
     _launch(k=k, blocksize=64, variant=variant)
 
 
-def test_table_lean_is_a_candidate_only():
-    """Forced only: the measured choice still times SCALED and TABLE (TABLE_LEAN joins after a GPU run backs it)."""
-    assert nf4_cuda.TABLE_LEAN == 2
+def test_the_lean_loops_are_candidates_only():
+    """Forced only: the measured choice still times SCALED and TABLE (a candidate joins after a GPU run backs it)."""
+    assert (nf4_cuda.TABLE_LEAN, nf4_cuda.TABLE_DEEP) == (2, 3)
     assert [c["variant"] for c in nf4_cuda.TUNER.configs] == [nf4_cuda.SCALED, nf4_cuda.TABLE]
 
 
@@ -49,9 +50,10 @@ def test_table_supported(blocksize, cols, ok):
 
 def test_cuda_gemv_kernels_compile_for_sm90_without_spills():
     """Every kernel, both batch tiles, fp16 and bf16, as CMake builds them for Hopper: no register spills, no local
-    memory (a runtime-indexed array would put one there), and the table kernels' shared memory under the 48 KB a
-    block may declare statically; TABLE_LEAN's kernels use no more registers than the table kernel's batch-8 tile
-    (rounded to the allocation unit of 8: the same blocks an SM)."""
+    memory (a runtime-indexed array would put one there: TABLE_DEEP's ring of fragments must stay unrolled), and the
+    table kernels' shared memory under the 48 KB a block may declare statically; TABLE_LEAN's kernels use no more
+    registers than the table kernel's batch-8 tile (rounded to the allocation unit of 8: the same 3 blocks an SM),
+    TABLE_DEEP's at most 128 (2 blocks an SM of 256 threads)."""
     import re
     import shutil
     import subprocess
@@ -66,8 +68,8 @@ def test_cuda_gemv_kernels_compile_for_sm90_without_spills():
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     kernels = run.stderr.split("Compiling entry function")[1:]
-    # {fp16, bf16} × ({1, 2 batch tiles} × {scaled, table} + TABLE_LEAN's {plain, nested absmax})
-    assert len(kernels) == 12, run.stderr[-3000:]
+    # {fp16, bf16} × ({1, 2 batch tiles} × {scaled, table} + {lean, deep} × {plain, nested absmax})
+    assert len(kernels) == 16, run.stderr[-3000:]
     registers = {}
     for info in kernels:
         name = info.split("'")[1]
@@ -77,8 +79,10 @@ def test_cuda_gemv_kernels_compile_for_sm90_without_spills():
         assert smem and int(smem.group(1)) <= 48 * 1024, (name, info)
         registers[name] = int(re.search(r"Used (\d+) registers", info).group(1))
     table = max(r for name, r in registers.items() if "nf4_gemv_kernel" in name and "Li1ELb1E" in name)
-    lean = {name: r for name, r in registers.items() if "nf4_gemv_lean_kernel" in name}
+    lean = {name: r for name, r in registers.items() if "nf4_gemv_lean_kernel" in name and "ELi2E" in name}
+    deep = {name: r for name, r in registers.items() if "nf4_gemv_lean_kernel" in name and "ELi4E" in name}
     assert len(lean) == 4 and all(-(-r // 8) <= -(-table // 8) for r in lean.values()), (table, lean)
+    assert len(deep) == 4 and all(r <= 128 for r in deep.values()), deep
 
 
 def test_the_checks_random_weight_has_a_nested_absmax_for_every_block():

@@ -145,7 +145,7 @@ def test_qlora_linear_forward_and_gradients(captured_seeds, dtype, p):
 @pytest.mark.parametrize("N,K,blocksize,double_quant", [(4096, 4096, 64, True), (1000, 96, 32, False),
                                                         (520, 14336, 256, True), (1000, 320, 64, False),
                                                         (1000, 1024, 128, False)])
-@pytest.mark.parametrize("variant", ["scaled", "table", "table_lean", "auto"])
+@pytest.mark.parametrize("variant", ["scaled", "table", "table_lean", "table_deep", "auto"])
 def test_cuda_gemv(dtype, batch, N, K, blocksize, double_quant, variant):
     """The kernels (and the measured choice) against fp64; K=320 ends in a half step of 64 for the table kernel.
     TABLE_LEAN's own loop runs for batch <= 8 with K % 128 == 0: nested absmax at 4096x4096 and 520x14336 (whose last
@@ -154,8 +154,9 @@ def test_cuda_gemv(dtype, batch, N, K, blocksize, double_quant, variant):
     if not nf4_cuda.available():
         pytest.skip("fastft._C was built without CUDA")
     w = _nf4((N, K), dtype, blocksize, double_quant)
-    v = {"scaled": nf4_cuda.SCALED, "table": nf4_cuda.TABLE, "table_lean": nf4_cuda.TABLE_LEAN, "auto": None}[variant]
-    if v in (nf4_cuda.TABLE, nf4_cuda.TABLE_LEAN) and not nf4_cuda.table_supported(w.kernel_operand()):
+    v = {"scaled": nf4_cuda.SCALED, "table": nf4_cuda.TABLE, "table_lean": nf4_cuda.TABLE_LEAN,
+         "table_deep": nf4_cuda.TABLE_DEEP, "auto": None}[variant]
+    if v not in (nf4_cuda.SCALED, None) and not nf4_cuda.table_supported(w.kernel_operand()):
         with pytest.raises(RuntimeError, match="variant"):
             nf4_cuda.nf4_gemv(torch.randn(batch, K, dtype=dtype, device=DEV), w.kernel_operand(), None, v)
         return
@@ -184,9 +185,11 @@ def test_cuda_gemv(dtype, batch, N, K, blocksize, double_quant, variant):
     (48, 384, 64, True),       # 3 steps: warps 3-7 have none
     (1000, 320, 64, False),    # K % 128 == 64: the table kernel
 ])
-def test_cuda_gemv_table_lean_is_bit_identical_to_table(dtype, batch, N, K, blocksize, double_quant):
-    """TABLE_LEAN runs TABLE's arithmetic in the same order: the same y bit for bit, with and without bias, for x rows
-    with a stride (ldx > K); batch > 8 and K % 128 != 0 launch the table kernel itself."""
+@pytest.mark.parametrize("variant", ["table_lean", "table_deep"])
+def test_cuda_gemv_table_lean_is_bit_identical_to_table(dtype, batch, N, K, blocksize, double_quant, variant):
+    """TABLE_LEAN and TABLE_DEEP run TABLE's arithmetic in the same order: the same y bit for bit, with and without
+    bias, for x rows with a stride (ldx > K); batch > 8 and K % 128 != 0 launch the table kernel itself. TABLE_DEEP's
+    ring of 4: 3 steps (48x384) leave slots unfilled, 14 a warp (520x14336) wrap it three times and end mid-ring."""
     from fastft.kernels import nf4_cuda
     if not nf4_cuda.available():
         pytest.skip("fastft._C was built without CUDA")
@@ -196,12 +199,12 @@ def test_cuda_gemv_table_lean_is_bit_identical_to_table(dtype, batch, N, K, bloc
     bias = torch.randn(N, dtype=dtype, device=DEV)
     for x in (torch.randn(batch, K, dtype=dtype, device=DEV), torch.randn(batch, K + 64, dtype=dtype, device=DEV)[:, :K]):
         for b in (None, bias):
-            lean = nf4_cuda.nf4_gemv(x, op, b, nf4_cuda.TABLE_LEAN)
+            lean = nf4_cuda.nf4_gemv(x, op, b, getattr(nf4_cuda, variant.upper()))
             table = nf4_cuda.nf4_gemv(x, op, b, nf4_cuda.TABLE)
             assert torch.isfinite(lean).all()
             assert torch.equal(lean, table), (x.stride(), b is not None, (lean.float() - table.float()).abs().max())
     ref = x.double() @ w.dequantize(torch.float32).double().T + bias.double()
-    assert_close(lean, ref, dtype, f"gemv table_lean batch {batch}")
+    assert_close(lean, ref, dtype, f"gemv {variant} batch {batch}")
 
 
 @pytest.mark.parametrize("dtype", HALF)

@@ -27,9 +27,15 @@
 // same MMAs in the same order, the same absmax scaling): a W byte costs a shift, a mask-and-or and a shared load
 // (its table entry's byte offset, lane included, from one SHF and one LOP3: 3 instructions instead of 5), and a
 // step's loads have no row, k or batch bounds checks and come from pointers advanced by a constant each step
-// (~160 SASS instructions a warp step on sm_90, the table kernel's 326). It runs where k % 128 == 0 and
-// batch <= 8, for blocks whose 16 rows all exist; the last block of a ragged n runs the table kernel's loop, and a
-// launch with k % 128 != 0 or batch > 8 is the table kernel's (launch_lean). Not yet in the measured choice.
+// (~160 SASS instructions a warp step on sm_90, 166 with a nested absmax; the table kernel's 326). It runs where
+// k % 128 == 0 and batch <= 8, for blocks whose 16 rows all exist; the last block of a ragged n runs the table
+// kernel's loop, and a launch with k % 128 != 0 or batch > 8 is the table kernel's (launch_lean). Not yet in the
+// measured choice.
+//
+// Variant 3, TABLE_DEEP, is TABLE_LEAN with a ring of 4 fragments a warp: three steps' loads in flight while one
+// computes (the other kernels: one), at 96 registers, 2 blocks an SM instead of 3: 48 KB of W in flight an SM
+// instead of 24. On the H200 the table kernel reads 23% of HBM at ~55% issue: too few bytes in flight is the
+// suspect (4.8 TB/s at ~1 µs of latency wants ~36 KB an SM). Bit-identical to TABLE; a candidate, forced only.
 #include "nf4_gemv.h"
 #include "../nf4_codes.h"
 
@@ -524,9 +530,10 @@ __device__ __forceinline__ void compute_lean_step(float (&acc)[1][4], const Tabl
   }
 }
 
-// Launched for k % 128 == 0, batch <= 8, absmax2 != nullptr exactly when kNested.
-template <typename T, bool kNested>
-__global__ void __launch_bounds__(kWarps * 32, 3)  // 3 blocks an SM, as the table kernel (<= 80 registers)
+// Launched for k % 128 == 0, batch <= 8, absmax2 != nullptr exactly when kNested. kDepth fragments a warp: while
+// one step computes, the loads of the next kDepth - 1 are in flight (TABLE_LEAN 2, TABLE_DEEP 4).
+template <typename T, bool kNested, int kDepth>
+__global__ void __launch_bounds__(kWarps * 32, kDepth == 2 ? 3 : 2)  // 3 blocks an SM (<= 80 registers) at depth 2
     nf4_gemv_lean_kernel(const Nf4GemvArgs p, int bs_shift, int nbs_shift) {
   __shared__ float code[16];
   __shared__ float code2[256];
@@ -550,15 +557,30 @@ __global__ void __launch_bounds__(kWarps * 32, 3)  // 3 blocks an SM, as the tab
     const int b = min(g, p.batch - 1);
     reads.x = reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(p.x) + b * p.ldx + k_first + 16 * t);
     reads.scale_flat = (row + 8 * (t & 1)) * p.k + k_first + (t >> 1) * kHalfK;
-    const uint32_t lane4 = 4u * static_cast<uint32_t>(lane);
-    const int steps32 = static_cast<int>(steps);  // launched for k / 128 <= INT_MAX - kWarps: s + kWarps fits
-    TableFragment<1> cur, next;
-    if (warp < steps32) load_lean_step<kNested>(cur, p, reads, bs_shift, nbs_shift);
-    for (int s = warp; s < steps32; s += kWarps) {
-      if (s + kWarps < steps32) load_lean_step<kNested>(next, p, reads, bs_shift, nbs_shift);
-      compute_lean_step<T, kNested>(acc, cur, reads.x, table, lane4, code2, p.offset);
-      reads.x += kWarps * kStepK / 8;
-      cur = next;
+    // opaque to the compiler: knowing lane4 = (threadIdx & 31) << 2, it re-derived it in every table offset of the
+    // unrolled ring (an extra LOP3 a lookup: 200 instead of 174 SASS instructions a nested step)
+    uint32_t lane4;
+    asm("mov.b32 %0, %1;" : "=r"(lane4) : "r"(4u * static_cast<uint32_t>(lane)));
+    // launched for k / 128 <= INT_MAX - kMaxDepth * kWarps: every step index below fits an int
+    const int steps32 = static_cast<int>(steps);
+    // a ring of fragments, unrolled so each has its own registers: slot d holds this warp's steps d, d + kDepth, ...
+    // Before a step computes, the slot freed by the step before it takes the step kDepth - 1 on (loads advance
+    // `reads` in step order), so kDepth - 1 steps are in flight during each step's math
+    TableFragment<1> f[kDepth];
+#pragma unroll
+    for (int d = 0; d + 1 < kDepth; ++d)
+      if (warp + d * kWarps < steps32) load_lean_step<kNested>(f[d], p, reads, bs_shift, nbs_shift);
+    for (int s = warp; s < steps32; s += kDepth * kWarps) {
+#pragma unroll
+      for (int d = 0; d < kDepth; ++d) {
+        const int sd = s + d * kWarps;
+        if (sd < steps32) {
+          if (sd + (kDepth - 1) * kWarps < steps32)
+            load_lean_step<kNested>(f[(d + kDepth - 1) % kDepth], p, reads, bs_shift, nbs_shift);
+          compute_lean_step<T, kNested>(acc, f[d], reads.x, table, lane4, code2, p.offset);
+          reads.x += kWarps * kStepK / 8;
+        }
+      }
     }
   } else {
     // the last, ragged block of rows: the table kernel's loop
@@ -586,26 +608,32 @@ void launch_variant(const Nf4GemvArgs& p, int bs_shift, int nbs_shift, cudaStrea
   }
 }
 
-// TABLE_LEAN's loop where k % 128 == 0 and batch <= 8; the table kernel elsewhere (the same results).
-template <typename T>
+constexpr int kMaxDepth = 4;
+
+// The lean loop (kDepth steps a warp in flight) where k % 128 == 0 and batch <= 8; the table kernel elsewhere (the
+// same results).
+template <typename T, int kDepth>
 void launch_lean(const Nf4GemvArgs& p, int bs_shift, int nbs_shift, cudaStream_t stream) {
-  if (p.k % kStepK != 0 || p.batch > 8 || p.k / kStepK > INT_MAX - kWarps) {
+  static_assert(kDepth <= kMaxDepth, "the launch's step-index bound");
+  if (p.k % kStepK != 0 || p.batch > 8 || p.k / kStepK > INT_MAX - kMaxDepth * kWarps) {
     launch_variant<T, true>(p, bs_shift, nbs_shift, stream);
     return;
   }
   const dim3 grid(static_cast<unsigned>((p.n + kRowsPerBlock - 1) / kRowsPerBlock));
   const dim3 block(kWarps * 32);
   if (p.absmax2 != nullptr) {
-    nf4_gemv_lean_kernel<T, true><<<grid, block, 0, stream>>>(p, bs_shift, nbs_shift);
+    nf4_gemv_lean_kernel<T, true, kDepth><<<grid, block, 0, stream>>>(p, bs_shift, nbs_shift);
   } else {
-    nf4_gemv_lean_kernel<T, false><<<grid, block, 0, stream>>>(p, bs_shift, nbs_shift);
+    nf4_gemv_lean_kernel<T, false, kDepth><<<grid, block, 0, stream>>>(p, bs_shift, nbs_shift);
   }
 }
 
 template <typename T>
 void launch_typed(const Nf4GemvArgs& p, int bs_shift, int nbs_shift, cudaStream_t stream) {
-  if (p.variant == 2) {
-    launch_lean<T>(p, bs_shift, nbs_shift, stream);
+  if (p.variant == 3) {
+    launch_lean<T, 4>(p, bs_shift, nbs_shift, stream);
+  } else if (p.variant == 2) {
+    launch_lean<T, 2>(p, bs_shift, nbs_shift, stream);
   } else if (p.variant == 1) {
     launch_variant<T, true>(p, bs_shift, nbs_shift, stream);
   } else {
@@ -636,8 +664,8 @@ const char* nf4_gemv_error_string(int code) {
     case kBadDtype: return "nf4_gemv_cuda: dtype must be 1 (fp16) or 2 (bf16)";
     case kMisaligned: return "nf4_gemv_cuda: x, packed and ldx must be 16-byte aligned";
     case kBadVariant:
-      return "nf4_gemv_cuda: variant must be 0 (scaled decode), 1 (byte table) or 2 (byte table, lean loop); 1 and 2"
-             " need blocksize >= 64 and k a multiple of 64";
+      return "nf4_gemv_cuda: variant must be 0 (scaled decode), 1 (byte table), 2 (byte table, lean loop) or 3 (lean"
+             " loop, 3 steps in flight); 1 to 3 need blocksize >= 64 and k a multiple of 64";
     default: return "nf4_gemv_cuda: unknown error";
   }
 }
@@ -648,7 +676,7 @@ int nf4_gemv_launch(const Nf4GemvArgs& p, void* stream_handle) {
   const int bs_shift = log2_exact(p.blocksize);
   const int nbs_shift = p.absmax2 != nullptr ? log2_exact(p.nested_blocksize) : 0;
   if (bs_shift < 5 || nbs_shift < 0) return kBadBlocksize;
-  if (p.variant != 0 && ((p.variant != 1 && p.variant != 2) || bs_shift < 6 || p.k % kHalfK != 0)) return kBadVariant;
+  if (p.variant != 0 && (p.variant < 1 || p.variant > 3 || bs_shift < 6 || p.k % kHalfK != 0)) return kBadVariant;
   if (reinterpret_cast<uintptr_t>(p.x) % 16 != 0 || reinterpret_cast<uintptr_t>(p.packed) % 16 != 0 ||
       p.ldx % 8 != 0)
     return kMisaligned;

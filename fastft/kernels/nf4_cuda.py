@@ -9,9 +9,11 @@ byte with one shared-memory lookup and scales each 64-column sum once, ~33% fewe
 `nf4_gemv` times both once per shape and keeps the faster (fastft.kernels.autotune), after a once-per-device check
 that TABLE agrees with SCALED; untimed (FASTFT_AUTOTUNE=0, CUDA-graph capture) it runs SCALED.
 
-TABLE_LEAN, a candidate (forced only, not timed by the tuner): TABLE's arithmetic, bit for bit, with a leaner loop
-(fewer instructions a W byte, unpredicated loads) where in_features % 128 == 0 and batch <= 8; TABLE's kernel runs
-elsewhere, and for the ragged last 16 rows. Accepted where TABLE is (`table_supported`).
+TABLE_LEAN and TABLE_DEEP, candidates (forced only, not timed by the tuner): TABLE's arithmetic, bit for bit, with a
+leaner loop (fewer instructions a W byte, unpredicated loads) where in_features % 128 == 0 and batch <= 8; TABLE's
+kernel runs elsewhere, and for the ragged last 16 rows. Accepted where TABLE is (`table_supported`). TABLE_DEEP keeps
+three steps of each warp's loads in flight while one computes (TABLE and TABLE_LEAN: one), at 2 blocks an SM instead
+of 3: on the H200 the GEMV reads 23% of HBM without being issue-bound, so too few bytes in flight is the suspect.
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ except ImportError:  # the extension is optional
     _C = None
 
 MAX_BATCH = 16
-SCALED, TABLE, TABLE_LEAN = 0, 1, 2  # TABLE_LEAN: a candidate, forced only (not in TUNER's list)
+SCALED, TABLE, TABLE_LEAN, TABLE_DEEP = 0, 1, 2, 3  # the last two: candidates, forced only (not in TUNER's list)
 _DTYPE_CODES = {torch.float16: 1, torch.bfloat16: 2}
 TUNER = Tuner("nf4_gemv", [{"variant": SCALED}, {"variant": TABLE}])  # the first: the untimed default
 _TABLE_AGREES: dict[tuple[torch.device, torch.dtype], bool] = {}
@@ -74,14 +76,14 @@ def runs_on(device: torch.device) -> bool:
 
 
 def table_supported(w) -> bool:
-    """The TABLE (and TABLE_LEAN) kernel needs every 64-column half-step inside one absmax block."""
+    """The TABLE (and TABLE_LEAN, TABLE_DEEP) kernel needs every 64-column half-step inside one absmax block."""
     return w.blocksize >= 64 and w.cols % 64 == 0
 
 
 @on_operand_device  # the variant choice times launches: on x2's GPU
 def nf4_gemv(x2: torch.Tensor, w, bias: torch.Tensor | None, variant: int | None = None) -> torch.Tensor:
-    """y [batch, w.rows] in x2's dtype; the caller checked `supported(x2, w)`. variant: SCALED, TABLE or TABLE_LEAN
-    forces one (TABLE and TABLE_LEAN must be `table_supported`); None picks by measurement (SCALED or TABLE)."""
+    """y [batch, w.rows] in x2's dtype; the caller checked `supported(x2, w)`. variant: SCALED, TABLE, TABLE_LEAN or
+    TABLE_DEEP forces one (all but SCALED must be `table_supported`); None picks by measurement (SCALED or TABLE)."""
     batch, k = x2.shape
     if x2.stride(1) != 1 or (batch > 1 and x2.stride(0) % 8) or x2.data_ptr() % 16:
         # 16-byte vector loads need aligned rows; x is small at decode time. A copy, not .contiguous(): that keeps a
