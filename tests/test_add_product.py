@@ -84,3 +84,42 @@ def test_deferred_backward_under_autocast_keeps_fp32_products():
             grads.append(torch.autograd.grad(rows, (h, W), torch.ones_like(rows)))
     for a, b in zip(*grads):
         assert torch.equal(a, b), (a - b).abs().max()
+
+
+class _CudaLike:
+    """What fp32_output_gemm reads of a tensor."""
+
+    def __init__(self, dtype):
+        self.is_cuda, self.dtype = True, dtype
+
+
+def test_fp32_output_gemm_where_torch_allows_it(monkeypatch):
+    """torch refuses an fp32 output of fp16 operands under allow_fp16_accumulation: fp32 operands then, not an error
+    in every fused-loss backward of a user who set it."""
+    from fastft.ops.chunked_logits import fp32_output_gemm
+
+    monkeypatch.setattr(chunked_logits, "_MM_HAS_OUT_DTYPE", True)
+    assert fp32_output_gemm(_CudaLike(torch.float16)) and fp32_output_gemm(_CudaLike(torch.bfloat16))
+    assert not fp32_output_gemm(torch.zeros(1, dtype=torch.float16))  # the CPU: fp32 operands
+    matmul = torch.backends.cuda.matmul  # a module of properties: monkeypatch cannot restore it
+    matmul.allow_fp16_accumulation = True
+    try:
+        assert not fp32_output_gemm(_CudaLike(torch.float16))
+        assert fp32_output_gemm(_CudaLike(torch.bfloat16))
+    finally:
+        matmul.allow_fp16_accumulation = False
+    monkeypatch.setattr(chunked_logits, "_MM_HAS_OUT_DTYPE", False)  # a torch without mm's out_dtype
+    assert not fp32_output_gemm(_CudaLike(torch.bfloat16))
+
+
+@pytest.mark.gpu
+def test_add_product_fp16_under_fp16_accumulation_gpu():
+    matmul = torch.backends.cuda.matmul
+    matmul.allow_fp16_accumulation = True
+    try:
+        g = torch.Generator().manual_seed(9)
+        a = (torch.randn(23, 37, generator=g) * 1e-2).half().cuda()
+        b = (torch.randn(37, 19, generator=g) * 1e-2).half().cuda()
+        _check(torch.zeros(23, 19, device="cuda"), a, b, 0.5)
+    finally:
+        matmul.allow_fp16_accumulation = False

@@ -178,12 +178,21 @@ def add_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: floa
         acc += prod if alpha == 1.0 else prod * alpha
         return
     rows = max(1, (PRODUCT_SCRATCH_MIB << 20) // (4 * max(b.shape[1], 1)))
-    fp32_out = a.is_cuda and _MM_HAS_OUT_DTYPE  # cuBLAS's fp32 output of the half operands (torch >= 2.8)
+    fp32_out = fp32_output_gemm(a)
     b = b if fp32_out else b.float()  # else fp32 operands (the CPU's mm has no out_dtype): each product exact too
     for r0 in range(0, a.shape[0], rows):
         blk = a[r0:r0 + rows]
         prod = torch.mm(blk, b, out_dtype=torch.float32) if fp32_out else blk.float() @ b
         acc[r0:r0 + rows].add_(prod, alpha=alpha)
+
+
+def fp32_output_gemm(a: torch.Tensor) -> bool:
+    """Whether add_product takes cuBLAS's fp32 output of a's half-precision operands (mm's out_dtype, torch >= 2.8,
+    CUDA only). Not for fp16 under torch.backends.cuda.matmul.allow_fp16_accumulation, which torch refuses with an
+    fp32 output: fp32 operands then."""
+    if not (a.is_cuda and _MM_HAS_OUT_DTYPE):
+        return False
+    return a.dtype != torch.float16 or not torch.backends.cuda.matmul.allow_fp16_accumulation
 
 
 def _weight_grad_buffer(weight: torch.Tensor) -> torch.Tensor:
