@@ -270,6 +270,36 @@ def test_a_static_cache_mask_traces_without_a_graph_break():
     assert got.shape == (1, 1, 1, 12) and got[0, 0, 0, :6].all() and not got[0, 0, 0, 6:].any()
 
 
+def test_the_mask_function_traces_its_model_checks_as_constants():
+    """The per-model-type checks (transformers' registries, a class's source) were traced at every compile, with
+    dynamo's warning that it ignores their lru_cache; they are constants to it now, computed once, and a refused
+    model is still refused while traced."""
+    import warnings
+
+    from transformers import BloomConfig, LlamaConfig
+
+    import fastft.integration.attention as integration
+
+    def fn(mask, config):
+        return integration.fastft_attention_mask(2, 8, 8, attention_mask=mask, config=config,
+                                                 allow_is_causal_skip=False)
+
+    mask = torch.ones(2, 8, dtype=torch.long, device=DEVICE)
+    mask[0, :3] = 0
+    llama = LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4)
+    torch._dynamo.reset()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = torch.compile(lambda m: fn(m, llama), backend="aot_eager", fullgraph=True)(mask)
+    assert torch.equal(got, mask), got
+    assert not [w for w in caught if "lru_cache" in str(w.message)], [str(w.message)[:100] for w in caught]
+    torch._dynamo.reset()
+    bloom = BloomConfig(vocab_size=64, hidden_size=32, n_layer=1, n_head=4)
+    with pytest.raises(Exception, match="does not run its attention through transformers' attention interface"):
+        torch.compile(lambda m: fn(m, bloom), backend="aot_eager", fullgraph=True)(mask)
+    torch._dynamo.reset()
+
+
 def test_packed_rows_of_a_larger_batch_are_refused_while_compiled(monkeypatch):
     """Rows of B > 1 are taken as unpacked while traced; an in-graph assertion (no sync) stops packed ones rather
     than attending across their documents. Unpacked rows run."""

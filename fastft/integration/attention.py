@@ -359,18 +359,44 @@ def _check_uses_the_interface(config) -> None:
     position 0 changed by later tokens), silently. Refused."""
     if config is None:
         return
-    classes = _model_classes(getattr(config, "model_type", None))
+    refusal = _interface_refusal(getattr(config, "model_type", None), bool(getattr(config, "is_encoder_decoder", False)))
+    if refusal:
+        raise ValueError(refusal)
+
+
+# Constant results for torch.compile: dynamo calls these with their (str, bool) arguments instead of tracing into
+# them (it ignores functools.lru_cache, with a warning at every compile, and would walk transformers' registries)
+_MODEL_TYPE_FACTS: dict = {}
+
+
+def _per_model_type(fn):
+    """fn(*args) computed once per arguments, and a constant to dynamo."""
+    @torch.compiler.assume_constant_result
+    @functools.wraps(fn)
+    def cached(*args):
+        key = (fn.__name__, *args)
+        if key not in _MODEL_TYPE_FACTS:
+            _MODEL_TYPE_FACTS[key] = fn(*args)
+        return _MODEL_TYPE_FACTS[key]
+    return cached
+
+
+@_per_model_type
+def _interface_refusal(model_type, is_encoder_decoder: bool) -> str:
+    """_check_uses_the_interface's error message for this model type, "" where it runs."""
+    classes = _model_classes(model_type)
     # encoder-decoders (T5) reach fastft's attention function, which checks them itself
-    if classes and not getattr(config, "is_encoder_decoder", False) and not _dispatches_attention(classes[-1]):
-        raise ValueError(f"attn_implementation='fastft': {classes[-1].__name__} does not run its attention through "
-                         "transformers' attention interface, so fastft's kernels would not run and its causal mask "
-                         "would be lost; use 'sdpa' or 'eager' for this model")
+    if classes and not is_encoder_decoder and not _dispatches_attention(classes[-1]):
+        return (f"attn_implementation='fastft': {classes[-1].__name__} does not run its attention through "
+                "transformers' attention interface, so fastft's kernels would not run and its causal mask "
+                "would be lost; use 'sdpa' or 'eager' for this model")
     if any(not getattr(c, "_supports_sdpa", True) and not getattr(c, "_supports_flash_attn", True) for c in classes):
         # their attention reads transformers' full 4-D mask (BigBirdPegasus' and TrOCR's decoders take causality
         # from it alone): the None or padding-only masks of FlashAttention's contract dropped it, silently
-        raise ValueError(f"attn_implementation='fastft': {classes[0].__name__} supports neither SDPA nor "
-                         "FlashAttention in transformers (its attention needs the full 4-D mask), so its causal "
-                         "mask would be lost; use 'eager' for this model")
+        return (f"attn_implementation='fastft': {classes[0].__name__} supports neither SDPA nor "
+                "FlashAttention in transformers (its attention needs the full 4-D mask), so its causal "
+                "mask would be lost; use 'eager' for this model")
+    return ""
 
 
 @functools.lru_cache(maxsize=None)
@@ -405,7 +431,12 @@ def _supports_flash_mask(config) -> bool:
     """Whether transformers runs this model with FlashAttention's masks (None or 2-D padding), which fastft's
     mask function returns: models it refuses FlashAttention for (Doge's dynamic mask, Llama 4's chunks) get the
     full 4-D mask wherever transformers asks for one."""
-    return all(getattr(c, "_supports_flash_attn", True) for c in _model_classes(getattr(config, "model_type", None)))
+    return _flash_mask_type(getattr(config, "model_type", None))
+
+
+@_per_model_type
+def _flash_mask_type(model_type) -> bool:
+    return all(getattr(c, "_supports_flash_attn", True) for c in _model_classes(model_type))
 
 
 def fastft_attention_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
