@@ -123,3 +123,24 @@ def test_add_product_fp16_under_fp16_accumulation_gpu():
         _check(torch.zeros(23, 19, device="cuda"), a, b, 0.5)
     finally:
         matmul.allow_fp16_accumulation = False
+
+
+@pytest.mark.parametrize("per_row", [True, False])
+@pytest.mark.parametrize("in_place", [True, False])
+def test_times_in_fp32_in_row_chunks_equals_one_pass(monkeypatch, per_row, in_place):
+    """Above _FP32_TEMP elements the product is made a chunk of rows at a time (bounded fp32 temporaries): each
+    row must meet its own factor (distinct factors here; the losses' tests scale every row alike)."""
+    from fastft.ops.chunked_logits import times_in_fp32
+
+    g = torch.Generator().manual_seed(2)
+    t = torch.randn(13, 7, generator=g).half()
+    factor = torch.rand(13, 1, generator=g) + 0.5 if per_row else torch.tensor([0.37])
+    want = (t.float() * factor).half()
+    monkeypatch.setattr(chunked_logits, "_FP32_TEMP", 20)  # 2 rows a chunk: 7 chunks, the last ragged
+    if in_place:
+        buf = t.clone()
+        got = times_in_fp32(buf, factor, torch.float16, out=buf)
+        assert got.data_ptr() == buf.data_ptr()
+    else:
+        got = times_in_fp32(t, factor, torch.float16)
+    assert torch.equal(got, want)
