@@ -441,7 +441,7 @@ def _run(cfg: TrainConfig, accelerator, train_records, eval_records, description
         speed = _tokens_per_second(history)
         memory = peak_memory_gib(device)
         runlog.write({"step": step + 1, "loss": step_loss, "lr": lr, "grad_norm": grad_norm, "targets": count,
-                      "tokens": tokens, "step_seconds": time.perf_counter() - started, "tokens_per_second": speed,
+                      "tokens": tokens, "step_seconds": seconds, "tokens_per_second": speed,
                       "memory_gib": memory})
         bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{speed:,.0f}", mem=f"{memory:.2f}GiB")
         cut_so_far, seen_so_far = make_batch.tokenized() if step == start_step else (None, None)
