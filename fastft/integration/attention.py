@@ -359,7 +359,8 @@ def _check_uses_the_interface(config) -> None:
     position 0 changed by later tokens), silently. Refused."""
     if config is None:
         return
-    refusal = _interface_refusal(getattr(config, "model_type", None), bool(getattr(config, "is_encoder_decoder", False)))
+    encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
+    refusal = _interface_refusal(getattr(config, "model_type", None), encoder_decoder)
     if refusal:
         raise ValueError(refusal)
 
@@ -399,8 +400,7 @@ def _interface_refusal(model_type, is_encoder_decoder: bool) -> str:
     return ""
 
 
-@functools.lru_cache(maxsize=None)
-def _dispatches_attention(model_class) -> bool:
+def _dispatches_attention(model_class) -> bool:  # read once per model type (_interface_refusal's cache)
     """Whether the model may call an attention function from transformers' interface: its class says so, or its
     modeling code reads ALL_ATTENTION_FUNCTIONS (BioGPT's class flag is False, yet it dispatches)."""
     if getattr(model_class, "_supports_attention_backend", True):
