@@ -106,16 +106,9 @@ def test_packed_rows_whose_attention_gets_no_position_ids_need_cu_seq_lens():
             input_ids=torch.tensor([docs[0]])).logits, atol=2e-5, rtol=2e-5)
 
 
-@pytest.mark.parametrize("compiled", [False, True])
-def test_gemma3_image_tokens_keep_their_bidirectional_block(compiled):
-    """Gemma 3's image tokens attend to each other both ways (transformers' blockwise overlay, composed without
-    vmap): the full-attention layers dropped it under fastft (logits 0.33 off from eager from the image on). Traced
-    by torch.compile, the eager probe (it reads a tensor) is skipped: the overlay was dropped again there."""
+def _tiny_gemma3():
     from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3TextConfig, SiglipVisionConfig
 
-    import fastft
-
-    fastft.register_attention()
     text = Gemma3TextConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                             num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=4,
                             layer_types=["full_attention", "sliding_attention"])
@@ -124,19 +117,59 @@ def test_gemma3_image_tokens_keep_their_bidirectional_block(compiled):
     config = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4, image_token_index=299)
     torch.manual_seed(0)
     state = Gemma3ForConditionalGeneration(config).state_dict()
-    ids = _ids(12)
-    image = torch.zeros_like(ids)
-    image[0, 3:7] = 1  # four image tokens
-    out = {}
-    for impl in ("eager", "fastft"):
+
+    def build(impl):
         config._attn_implementation = None
         model = Gemma3ForConditionalGeneration._from_config(config, attn_implementation=impl).eval()
         model.load_state_dict(state)
+        return model
+
+    ids = _ids(12)
+    image = torch.zeros_like(ids)
+    image[0, 3:7] = 1  # four image tokens
+    return build, ids, image
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_gemma3_image_tokens_keep_their_bidirectional_block(compiled):
+    """Gemma 3's image tokens attend to each other both ways (transformers' blockwise overlay, composed without
+    vmap): the full-attention layers dropped it under fastft (logits 0.33 off from eager from the image on). Traced
+    by torch.compile, the eager probe (it reads a tensor) is skipped: the overlay was dropped again there."""
+    import fastft
+
+    fastft.register_attention()
+    build, ids, image = _tiny_gemma3()
+    out = {}
+    for impl in ("eager", "fastft"):
+        model = build(impl)
         run = torch.compile(model, backend="eager") if compiled and impl == "fastft" else model
         with torch.no_grad():
             out[impl] = run(input_ids=ids, token_type_ids=image).logits
     torch._dynamo.reset()
     torch.testing.assert_close(out["fastft"], out["eager"], atol=2e-5, rtol=2e-5)
+
+
+def test_gemma3_image_overlay_under_compile_with_position_ids():
+    """With position_ids and no padding mask, transformers wraps every traced mask in its packed-rows `and_masks`
+    (it cannot read whether rows restart), which hid Gemma 3's image overlay from the traced check by name: the
+    compiled model's logits were 0.59 off eager, silently. Now an in-graph probe stops that run with what to do,
+    and the remedy it names (a 2-D mask of ones) matches eager."""
+    import fastft
+
+    fastft.register_attention()
+    build, ids, image = _tiny_gemma3()
+    positions = torch.arange(ids.shape[1])[None]
+    with torch.no_grad():
+        expected = build("eager")(input_ids=ids, token_type_ids=image, position_ids=positions).logits
+        fast = torch.compile(build("fastft"), backend="eager")
+        with pytest.raises(RuntimeError, match="cannot tell from plain packed rows"):
+            fast(input_ids=ids, token_type_ids=image, position_ids=positions)
+        got = fast(input_ids=ids, token_type_ids=image, position_ids=positions, attention_mask=torch.ones_like(ids))
+        text_only = fast(input_ids=ids, token_type_ids=torch.zeros_like(ids), position_ids=positions).logits
+        text_expected = build("eager")(input_ids=ids, token_type_ids=torch.zeros_like(ids), position_ids=positions)
+    torch._dynamo.reset()
+    torch.testing.assert_close(got.logits, expected, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(text_only, text_expected.logits, atol=2e-5, rtol=2e-5)
 
 
 def test_an_encoders_mask_stays_unread():

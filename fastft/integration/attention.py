@@ -44,6 +44,11 @@ _PACKED_ROWS_UNDER_COMPILE = (
     "rows (packed documents), which the traced graph cannot separate without reading them: pack into one row "
     "(batch 1), pass the collator's cu_seq_lens_q/k with it (fastft.integration.packing.PackingCollator, "
     "DataCollatorWithFlattening(return_flash_attn_kwargs=True)), or run this batch eagerly")
+_OVERLAY_UNDER_COMPILE = (
+    "attn_implementation='fastft' under torch.compile: this mask lets tokens see later ones (an overlay such as "
+    "Gemma 3's bidirectional image blocks) inside transformers' packed-rows mask, which the traced graph cannot "
+    "tell from plain packed rows without reading it: pass attention_mask (a 2-D mask of ones will do) or leave "
+    "position_ids out for this batch, use attn_implementation='sdpa', or run it eagerly")
 # id of the config whose last mask call was for packed rows without a padding mask (None otherwise): set by the
 # mask function at the start of a forward, read by that forward's attention calls (eager only)
 _packed_rows_config: contextvars.ContextVar = contextvars.ContextVar("fastft_packed_rows_config", default=None)
@@ -482,23 +487,29 @@ def fastft_attention_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset
 def _may_see_later_keys(mask_function, batch_size: int, q_length: int, q_offset, device) -> bool:
     """_sees_later_keys eagerly. Traced (its tensor read would break the graph), the mask function's name: an
     `or_masks` composition on the outside (Gemma 3's blockwise overlay) may add later keys, so it gets the full
-    mask. One inside an `and_masks` (an overlay on packed rows) stays unseen there."""
-    if compiling():
-        return getattr(mask_function, "__name__", None) == "or_mask"
-    return _sees_later_keys(mask_function, batch_size, q_length, q_offset, device)
-
-
-def _sees_later_keys(mask_function, batch_size: int, q_length: int, q_offset, device) -> bool:
-    """Whether a query sees the key right after it somewhere: an overlay the causal kernels would drop, which
-    transformers composes without asking for vmap (Gemma 3's and PaliGemma's image tokens attending to each other
-    both ways, blockwise_overlay). Evaluated on the O(S) pairs (q, q + 1) only, as transformers' own mask builders
-    call index-based mask functions (one device read; plain packed rows see no later key)."""
+    mask. One inside an `and_masks` (transformers' packed-rows mask, which under torch.compile wraps every call
+    with position_ids and no padding mask) is not seen by name: the same probe runs in the graph then, as an
+    assertion that stops the run rather than drop the overlay."""
     if mask_function is None or q_length < 2:
         return False
+    if compiling():
+        if getattr(mask_function, "__name__", None) == "or_mask":
+            return True
+        torch._assert_async(~_sees_later_keys(mask_function, batch_size, q_length, q_offset, device),
+                            _OVERLAY_UNDER_COMPILE)
+        return False
+    return bool(_sees_later_keys(mask_function, batch_size, q_length, q_offset, device))
+
+
+def _sees_later_keys(mask_function, batch_size: int, q_length: int, q_offset, device) -> torch.Tensor:
+    """Whether a query sees the key right after it somewhere (a 0-dim bool tensor): an overlay the causal kernels
+    would drop, which transformers composes without asking for vmap (Gemma 3's and PaliGemma's image tokens
+    attending to each other both ways, blockwise_overlay). Evaluated on the O(S) pairs (q, q + 1) only, as
+    transformers' own mask builders call index-based mask functions (plain packed rows see no later key)."""
     batch = torch.arange(batch_size, device=device)[:, None]
     q = q_offset + torch.arange(q_length - 1, device=device)[None, :]
     seen = mask_function(batch, torch.zeros((), dtype=torch.long, device=device), q, q + 1)
-    return bool(torch.as_tensor(seen).any())
+    return torch.as_tensor(seen, device=device).any()
 
 
 def register_attention(backend: str = "auto") -> str:
