@@ -10,6 +10,8 @@ transformers' causal-LM registry): each either matches its eager/sdpa twin or is
 """
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -25,9 +27,12 @@ def _twins(config, reference="eager"):
 
     fastft.register_attention()
     torch.manual_seed(0)
-    ref = AutoModelForCausalLM.from_config(config, attn_implementation=reference).eval()
-    fast = AutoModelForCausalLM.from_config(config, attn_implementation="fastft").eval()
+    # a copy each: from_config keeps the config object, and the second build's attn_implementation would switch the
+    # first model too (these tests compared fastft with itself)
+    ref = AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation=reference).eval()
+    fast = AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation="fastft").eval()
     fast.load_state_dict(ref.state_dict())
+    assert ref.config._attn_implementation == reference and fast.config._attn_implementation == "fastft"
     return ref, fast
 
 
@@ -106,6 +111,40 @@ def test_packed_rows_whose_attention_gets_no_position_ids_need_cu_seq_lens():
             input_ids=torch.tensor([docs[0]])).logits, atol=2e-5, rtol=2e-5)
 
 
+def test_packed_rows_whose_attention_gets_no_position_ids_are_refused_compiled():
+    """Traced, transformers wraps every mask with position_ids in its packed-rows mask (it cannot read whether rows
+    restart), and the eager refusal above never ran: compiled, GPT-BigCode's packed documents saw each other (2.4
+    off, silently; Persimmon, Fuyu, Moshi, Whisper, Dory too). The mask function now finds a document start in the
+    graph (a query that does not see its predecessor) and such an attention stops the run there. Unpacked rows with
+    position_ids still run; the collator's cu_seq_lens still separate the documents; and a compiled attention
+    under an eager mask (regional compilation) is refused as eagerly."""
+    from transformers import GPTBigCodeConfig
+
+    config = GPTBigCodeConfig(vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=64)
+    sdpa, fast = _twins(config, "sdpa")
+    docs = _docs()
+    compiled = torch.compile(fast, backend="eager")
+    with torch.no_grad():
+        alone = torch.cat([sdpa(input_ids=torch.tensor([d])).logits[0] for d in docs])
+        for rows in (1, 2):
+            batch = _packed(docs, flash_kwargs=False)
+            batch = {k: v.expand(rows, -1) if k in ("input_ids", "position_ids") else v for k, v in batch.items()}
+            with pytest.raises(RuntimeError, match="packs documents .* GPTBigCodeAttention is not given"):
+                compiled(**batch)
+        torch.testing.assert_close(compiled(**_packed(docs, flash_kwargs=True)).logits[0], alone, atol=2e-5,
+                                   rtol=2e-5)
+        ids = torch.tensor([docs[0] + docs[1]]).expand(2, -1)
+        positions = torch.arange(ids.shape[1])[None].expand(2, -1)
+        torch.testing.assert_close(compiled(input_ids=ids, position_ids=positions, use_cache=False).logits,
+                                   sdpa(input_ids=ids, position_ids=positions, use_cache=False).logits,
+                                   atol=2e-5, rtol=2e-5)
+        for block in fast.transformer.h:
+            block.attn.compile(backend="eager")
+        with pytest.raises(ValueError, match="packs documents .* GPTBigCodeAttention is not given"):
+            fast(**_packed(docs, flash_kwargs=False))
+    torch._dynamo.reset()
+
+
 def _tiny_gemma3():
     from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3TextConfig, SiglipVisionConfig
 
@@ -118,10 +157,10 @@ def _tiny_gemma3():
     torch.manual_seed(0)
     state = Gemma3ForConditionalGeneration(config).state_dict()
 
-    def build(impl):
-        config._attn_implementation = None
-        model = Gemma3ForConditionalGeneration._from_config(config, attn_implementation=impl).eval()
+    def build(impl):  # a config each (from_config keeps it: a later build would switch this model's attention)
+        model = Gemma3ForConditionalGeneration._from_config(copy.deepcopy(config), attn_implementation=impl).eval()
         model.load_state_dict(state)
+        assert model.config._attn_implementation == impl
         return model
 
     ids = _ids(12)

@@ -23,7 +23,6 @@ fastft prefix in front of the keys).
 """
 from __future__ import annotations
 
-import contextvars
 import functools
 import warnings
 import weakref
@@ -49,9 +48,12 @@ _OVERLAY_UNDER_COMPILE = (
     "Gemma 3's bidirectional image blocks) inside transformers' packed-rows mask, which the traced graph cannot "
     "tell from plain packed rows without reading it: pass attention_mask (a 2-D mask of ones will do) or leave "
     "position_ids out for this batch, use attn_implementation='sdpa', or run it eagerly")
-# id of the config whose last mask call was for packed rows without a padding mask (None otherwise): set by the
-# mask function at the start of a forward, read by that forward's attention calls (eager only)
-_packed_rows_config: contextvars.ContextVar = contextvars.ContextVar("fastft_packed_rows_config", default=None)
+# Packed rows whose boundaries may not reach the attention (_check_packing_reached): set by the mask function at the
+# start of a forward, read by that forward's attention calls. "last": (id of the config, True) when the mask was for
+# packed rows without a padding mask; traced (torch.compile cannot read whether rows restart), (id, a 0-dim bool
+# tensor the graph computes: some row starts a second document); None otherwise. A dict, not a ContextVar: dynamo
+# traces a dict's reads and writes (a ContextVar's would break the graph).
+_packing_seen: dict[str, tuple | None] = {}
 _memos: dict[str, tuple] = {}  # name -> (weakref to the tensor, (its version, key), result)
 
 
@@ -307,8 +309,7 @@ def fastft_attention_forward(module, query, key, value, attention_mask, dropout=
         return _unpadded(q, k, v, attention_mask, **kw), None
 
     cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
-    if cu_q is None and kwargs.get("position_ids") is None and is_causal and q.shape[1] == k.shape[1] \
-            and not compiling():
+    if cu_q is None and kwargs.get("position_ids") is None and is_causal and q.shape[1] == k.shape[1]:
         _check_packing_reached(module)
     max_q, max_k = kwargs.get("max_length_q"), kwargs.get("max_length_k")
     if all(x is not None for x in (cu_q, cu_k, max_q, max_k)):
@@ -330,15 +331,17 @@ def _check_packing_reached(module) -> None:
     function was asked for a mask it may not skip) but this model's layers pass no position_ids on (GPT-BigCode,
     Persimmon, CTRL, Whisper's decoder...), and no cu_seq_lens came: the documents would attend to each other,
     as under transformers' FlashAttention-2. Refused."""
-    packed = _packed_rows_config.get()
+    seen = _packing_seen.get("last")
     config = getattr(module, "config", None)
-    if packed is None or (config is not None and packed != id(config)):
+    if seen is None or (config is not None and seen[0] != id(config)):
         return
-    raise ValueError(f"attn_implementation='fastft': this batch packs documents (position_ids restart) but "
-                     f"{type(module).__name__} is not given the position_ids, so its documents would see each other; "
-                     "pass cu_seq_lens_q/k and max_length_q/k with the batch (fastft.integration.packing."
-                     "PackingCollator, DataCollatorWithFlattening(return_flash_attn_kwargs=True)), or use "
-                     "attn_implementation='sdpa'")
+    message = (f"attn_implementation='fastft': this batch packs documents (position_ids restart) but "
+               f"{type(module).__name__} is not given the position_ids, so its documents would see each other; "
+               "pass cu_seq_lens_q/k and max_length_q/k with the batch (fastft.integration.packing.PackingCollator, "
+               "DataCollatorWithFlattening(return_flash_attn_kwargs=True)), or use attn_implementation='sdpa'")
+    if seen[1] is True:
+        raise ValueError(message)
+    torch._assert_async(~seen[1], message)  # traced: found in the graph, stopped there (no read, no sync)
 
 
 def _check_not_chunked(module, n_keys: int) -> None:
@@ -461,11 +464,17 @@ def fastft_attention_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset
     # (an sdpa argument they do not use): not one of these
     causal = "allow_is_bidirectional_skip" not in kwargs
     unskippable = causal and kwargs.get("allow_is_causal_skip") is False
-    if causal and not compiling():  # read by the attention calls of this forward (_check_packing_reached)
-        _packed_rows_config.set(id(config) if unskippable and attention_mask is None and not kwargs.get("use_vmap")
-                                and q_length == kv_length else None)
     # traced with a static cache, the offsets are tensors: comparing them would branch on data (a graph break)
     traced_offsets = compiling() and any(isinstance(x, torch.Tensor) for x in (q_offset, kv_offset))
+    if causal:  # read by the attention calls of this forward (_check_packing_reached)
+        packed_rows = unskippable and attention_mask is None and not kwargs.get("use_vmap") \
+            and q_length == kv_length
+        if packed_rows and compiling():  # transformers cannot tell while tracing: every such call is wrapped
+            packed_rows = not traced_offsets and mask_function is not None and q_length >= 2
+            _packing_seen["last"] = (id(config), _starts_a_document(
+                mask_function, batch_size, q_length, q_offset, kwargs.get("device"))) if packed_rows else None
+        else:
+            _packing_seen["last"] = (id(config), True) if packed_rows else None
     if traced_offsets or kwargs.get("use_vmap") or kv_offset + kv_length > q_offset + q_length \
             or (unskippable and not _supports_flash_mask(config)) \
             or (unskippable and _may_see_later_keys(mask_function, batch_size, q_length, q_offset,
@@ -499,6 +508,15 @@ def _may_see_later_keys(mask_function, batch_size: int, q_length: int, q_offset,
                             _OVERLAY_UNDER_COMPILE)
         return False
     return bool(_sees_later_keys(mask_function, batch_size, q_length, q_offset, device))
+
+
+def _starts_a_document(mask_function, batch_size: int, q_length: int, q_offset, device) -> torch.Tensor:
+    """Whether some query does not see the key right before it (a 0-dim bool tensor): a second document starts
+    there. Evaluated in the graph on the O(S) pairs (q, q - 1), as _sees_later_keys."""
+    batch = torch.arange(batch_size, device=device)[:, None]
+    q = q_offset + torch.arange(1, q_length, device=device)[None, :]
+    seen = mask_function(batch, torch.zeros((), dtype=torch.long, device=device), q, q - 1)
+    return ~torch.as_tensor(seen, device=device).all()
 
 
 def _sees_later_keys(mask_function, batch_size: int, q_length: int, q_offset, device) -> torch.Tensor:
