@@ -106,6 +106,17 @@ def test_compiled_full_fine_tuning_trains_like_eager(setup):
 
 
 @pytest.mark.slow
+def test_compiled_training_with_fastft_attention_is_one_graph_like_eager(setup):
+    """attn_implementation='fastft' traced whole in training: the packed rows (the collator's cu_seq_lens) run as
+    one op, the mask function's in-graph packing probe adds no graph break, and the losses are eager's."""
+    lora = ["--method", "lora", "--dropout", "0", "--steps", "2", "--attn-implementation", "fastft"]
+    eager = _train(setup, "fastft-attention-eager", *lora)
+    compiled = _train(setup, "fastft-attention-compiled", *lora, *AOT)
+    _assert_compiled(compiled)
+    assert compiled["train_losses"] == pytest.approx(eager["train_losses"], rel=1e-5)
+
+
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which(os.environ.get("CXX") or "g++") is None, reason="inductor on the CPU needs g++")
 def test_inductor_on_the_cpu_trains_like_eager(tmp_path):
     """The default backend end to end on the CPU: generated C++ kernels, the eager losses. IA³ on a 1-layer model:
@@ -231,15 +242,18 @@ def test_bench_report_compares_compiled_rows_with_compiled_peers():
 # ------------------------------------------------------------------ on a GPU (never run in this CPU-only session)
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
-def test_compiled_training_on_gpu_tracks_eager(setup, mode):
+@pytest.mark.parametrize("mode,attention", [("default", "sdpa"), ("reduce-overhead", "sdpa"),
+                                            ("reduce-overhead", "fastft")])
+def test_compiled_training_on_gpu_tracks_eager(setup, mode, attention):
     """Inductor's Triton code (and CUDA graphs with reduce-overhead, dropout 0) on bf16 fused LoRA: the eager
-    run's losses within bf16 rounding, and the adapter learns the same."""
+    run's losses within bf16 rounding, and the adapter learns the same. With attn_implementation='fastft' the
+    packed rows run the varlen kernels, and the mask function's in-graph packing probe is a graph output kept
+    between replays (_packing_seen)."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    lora = ["--method", "lora", "--dropout", "0", "--steps", "4"]
-    eager = _train(setup, f"gpu-eager-{mode}", *lora)
-    compiled = _train(setup, f"gpu-{mode}", *lora, "--compile", mode, "--compile-backend", "inductor")
+    lora = ["--method", "lora", "--dropout", "0", "--steps", "4", "--attn-implementation", attention]
+    eager = _train(setup, f"gpu-eager-{mode}-{attention}", *lora)
+    compiled = _train(setup, f"gpu-{mode}-{attention}", *lora, "--compile", mode, "--compile-backend", "inductor")
     assert compiled["device"].startswith("cuda") and compiled["compile"]["compiled"]
     assert compiled["compile"]["mode"] == mode and compiled["compile"]["graphs"] >= 1
     assert compiled["train_losses"] == pytest.approx(eager["train_losses"], rel=2e-2)

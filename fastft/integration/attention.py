@@ -467,14 +467,14 @@ def fastft_attention_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset
     # traced with a static cache, the offsets are tensors: comparing them would branch on data (a graph break)
     traced_offsets = compiling() and any(isinstance(x, torch.Tensor) for x in (q_offset, kv_offset))
     if causal:  # read by the attention calls of this forward (_check_packing_reached)
-        packed_rows = unskippable and attention_mask is None and not kwargs.get("use_vmap") \
-            and q_length == kv_length
-        if packed_rows and compiling():  # transformers cannot tell while tracing: every such call is wrapped
-            packed_rows = not traced_offsets and mask_function is not None and q_length >= 2
-            _packing_seen["last"] = (id(config), _starts_a_document(
-                mask_function, batch_size, q_length, q_offset, kwargs.get("device"))) if packed_rows else None
-        else:
-            _packing_seen["last"] = (id(config), True) if packed_rows else None
+        _packing_seen["last"] = None
+        if unskippable and attention_mask is None and not kwargs.get("use_vmap") and q_length == kv_length:
+            if not compiling():  # transformers found rows that restart their positions
+                _packing_seen["last"] = (id(config), True)
+            elif not traced_offsets and mask_function is not None and q_length >= 2:
+                # traced, transformers wraps every call with position_ids so: whether a row restarts, in the graph
+                _packing_seen["last"] = (id(config), _starts_a_document(mask_function, batch_size, q_length,
+                                                                        q_offset, kwargs.get("device")))
     if traced_offsets or kwargs.get("use_vmap") or kv_offset + kv_length > q_offset + q_length \
             or (unskippable and not _supports_flash_mask(config)) \
             or (unskippable and _may_see_later_keys(mask_function, batch_size, q_length, q_offset,
