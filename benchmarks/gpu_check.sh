@@ -7,7 +7,7 @@
 #   bash benchmarks/gpu_check.sh [section ...]    sections: build nf4 attention lora-tests fuzz-tests lora losses-tests losses
 #   (on request: kernel-tests nf4-tests attention-tests methods-tests methods layers-tests layers patch-step train-tests
 #    train train-methods-tests compile-tests bench-1b bench-1b-core bench-1b-compile bench-8b lora-paths host
-#    profile; `issue10` names the kernel-speed set, `suites` the GPU test suites outside it)
+#    profile sanitize; `issue10` names the kernel-speed set, `suites` the GPU test suites outside it)
 # What comes back: the device returns at most 8 files from $OUT, so every log and JSON file goes to a work folder
 # and, after every section, $OUT/results.tar.gz (all of them so far) and $OUT/summary.md (each section's status,
 # seconds and key lines; sections not yet run are `pending`) are replaced atomically: a run cut short still
@@ -181,6 +181,10 @@ for s in $sections; do
     layers-tests) run 120 layers-tests python3 -m pytest -q -m gpu tests/test_layer_ops.py tests/test_patch_model.py -p no:cacheprovider ;;
     layers) run 150 layers python3 benchmarks/gpu_layers.py ;;
     patch-step) FASTFT_STEP_TIMEOUT=100 run 330 patch-step python3 benchmarks/gpu_patch_step.py ;;
+    # every fused op once at ragged shapes under memcheck, each tensor its own allocation (the caching allocator
+    # would hide a read past a tensor's end inside its segment; the interpreter does not catch one at all)
+    sanitize) PYTORCH_NO_CUDA_MEMORY_CACHING=1 FASTFT_AUTOTUNE=0 run 240 sanitize compute-sanitizer --tool memcheck \
+                --error-exitcode 9 --print-limit 20 python3 benchmarks/gpu_sanitize.py ;;
     *) echo "unknown section $s"; state[$s]="unknown section"; status=1; pack ;;
   esac
 done
