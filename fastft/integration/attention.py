@@ -52,7 +52,8 @@ _OVERLAY_UNDER_COMPILE = (
 # start of a forward, read by that forward's attention calls. "last": (id of the config, True) when the mask was for
 # packed rows without a padding mask; traced (torch.compile cannot read whether rows restart), (id, a 0-dim bool
 # tensor the graph computes: some row starts a second document); None otherwise. A dict, not a ContextVar: dynamo
-# traces a dict's reads and writes (a ContextVar's would break the graph).
+# traces a dict's reads and writes (a ContextVar's would break the graph); so it is one a process, and forwards run
+# at once in several threads would read each other's.
 _packing_seen: dict[str, tuple | None] = {}
 _memos: dict[str, tuple] = {}  # name -> (weakref to the tensor, (its version, key), result)
 
