@@ -4,7 +4,7 @@ across an answer's start stays whole trains that token with the answer (it overl
 import pytest
 
 from fastft.apps.training.data import Encoder
-from tests.test_train_data_edge_cases import CHAT, _llama2_style_tokenizer
+from tests.test_train_data_edge_cases import ANSWER_AFTER_COLON_TEMPLATE, CHAT, _llama2_style_tokenizer
 
 IGNORE = -100
 
@@ -44,10 +44,7 @@ def test_a_tokenizer_without_offsets_trains_only_the_assistants_text(tokenizer):
 
 def test_a_whole_token_across_the_answer_start_is_trained_with_the_answer():
     tok = _llama2_style_tokenizer()
-    tok.chat_template = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}"
-                         "{{ 'USER: ' + m['content'] + '\n' }}{% else %}{{ 'ASSISTANT:' + ' ' + m['content'] + "
-                         "eos_token + '\n' }}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}"
-                         "{% endif %}")
+    tok.chat_template = ANSWER_AFTER_COLON_TEMPLATE
     example = Encoder(tok, 512).encode({"messages": CHAT})
     prompt = tok(tok.apply_chat_template(CHAT[:1], tokenize=False, add_generation_prompt=True),
                  add_special_tokens=False)["input_ids"]

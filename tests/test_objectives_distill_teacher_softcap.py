@@ -6,21 +6,9 @@ import torch
 
 from fastft.apps.training.data import Example, pack
 from fastft.apps.training.objectives import ObjectiveModel
+from tests.test_train_objectives import _tiny_gemma2
 
 IGNORE = -100
-
-
-def _tiny_gemma2(cap):
-    from transformers import Gemma2Config, Gemma2ForCausalLM
-
-    torch.manual_seed(0)
-    config = Gemma2Config(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64,
-                          final_logit_softcapping=cap, attn_implementation="eager", tie_word_embeddings=False)
-    model = Gemma2ForCausalLM(config).eval()
-    with torch.no_grad():
-        model.lm_head.weight.mul_(20)  # logits large enough for the cap to matter
-    return model
 
 
 def _batch():

@@ -410,15 +410,20 @@ def _llama2_style_tokenizer():
     return tok
 
 
+# Llama 2-style chat whose answer follows "ASSISTANT:" and a space: a SentencePiece tokenizer merges ":▁" across the
+# answer's start
+ANSWER_AFTER_COLON_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}"
+                               "{{ 'USER: ' + m['content'] + '\n' }}{% else %}{{ 'ASSISTANT:' + ' ' + m['content'] + "
+                               "eos_token + '\n' }}{% endif %}{% endfor %}{% if add_generation_prompt %}"
+                               "{{ 'ASSISTANT:' }}{% endif %}")
+
+
 def test_a_sentencepiece_token_across_an_answer_start_stays_whole():
     """Split at an answer's start, each side of a SentencePiece token ("ASSISTANT:" + " Paris" merges ":▁") got
     its own prepended "▁": the document decoded "ASSISTANT :  Paris". A split whose parts do not spell the token
     is not made: the chat keeps the rendered text's tokens."""
     tok = _llama2_style_tokenizer()
-    tok.chat_template = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}"
-                         "{{ 'USER: ' + m['content'] + '\n' }}{% else %}{{ 'ASSISTANT:' + ' ' + m['content'] + "
-                         "eos_token + '\n' }}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}"
-                         "{% endif %}")
+    tok.chat_template = ANSWER_AFTER_COLON_TEMPLATE
     example = Encoder(tok, 512).encode({"messages": CHAT})
     rendered = tok.apply_chat_template(CHAT, tokenize=False)
     assert example.input_ids == tok(rendered, add_special_tokens=False)["input_ids"]

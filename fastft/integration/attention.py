@@ -513,22 +513,25 @@ def _may_see_later_keys(mask_function, batch_size: int, q_length: int, q_offset,
 
 def _starts_a_document(mask_function, batch_size: int, q_length: int, q_offset, device) -> torch.Tensor:
     """Whether some query does not see the key right before it (a 0-dim bool tensor): a second document starts
-    there. Evaluated in the graph on the O(S) pairs (q, q - 1), as _sees_later_keys."""
-    batch = torch.arange(batch_size, device=device)[:, None]
-    q = q_offset + torch.arange(1, q_length, device=device)[None, :]
-    seen = mask_function(batch, torch.zeros((), dtype=torch.long, device=device), q, q - 1)
-    return ~torch.as_tensor(seen, device=device).all()
+    there. Evaluated in the graph on the O(S) pairs (q, q - 1)."""
+    return ~_neighbour_seen(mask_function, batch_size, q_length, q_offset, device, -1).all()
 
 
 def _sees_later_keys(mask_function, batch_size: int, q_length: int, q_offset, device) -> torch.Tensor:
     """Whether a query sees the key right after it somewhere (a 0-dim bool tensor): an overlay the causal kernels
     would drop, which transformers composes without asking for vmap (Gemma 3's and PaliGemma's image tokens
-    attending to each other both ways, blockwise_overlay). Evaluated on the O(S) pairs (q, q + 1) only, as
-    transformers' own mask builders call index-based mask functions (plain packed rows see no later key)."""
+    attending to each other both ways, blockwise_overlay). Evaluated on the O(S) pairs (q, q + 1) only (plain
+    packed rows see no later key)."""
+    return _neighbour_seen(mask_function, batch_size, q_length, q_offset, device, 1).any()
+
+
+def _neighbour_seen(mask_function, batch_size: int, q_length: int, q_offset, device, step: int) -> torch.Tensor:
+    """mask_function on the pairs (q, q + step) of every row, (B, S - 1) booleans: index-based, broadcast over
+    batch and query as transformers' own mask builders call it."""
     batch = torch.arange(batch_size, device=device)[:, None]
-    q = q_offset + torch.arange(q_length - 1, device=device)[None, :]
-    seen = mask_function(batch, torch.zeros((), dtype=torch.long, device=device), q, q + 1)
-    return torch.as_tensor(seen, device=device).any()
+    q = q_offset + torch.arange(max(0, -step), q_length - max(0, step), device=device)[None, :]
+    seen = mask_function(batch, torch.zeros((), dtype=torch.long, device=device), q, q + step)
+    return torch.as_tensor(seen, device=device)
 
 
 def register_attention(backend: str = "auto") -> str:
