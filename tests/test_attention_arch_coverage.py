@@ -6,7 +6,7 @@ transformers' causal-LM registry): each either matches its eager/sdpa twin or is
 - Doge always asks for a mask (allow_is_causal_skip=False) and builds its dynamic mask on it; Llama 4 asks for one
   for packed rows: models transformers refuses FlashAttention for get the full 4-D mask where one is asked for.
 - GPT-BigCode (Persimmon, CTRL, Whisper's decoder...) pass no position_ids to their attention: packed rows without
-  cu_seq_lens attended across documents. Refused, naming the collator options that carry the boundaries.
+  cu_seq_lens attended across documents. They now take the documents from transformers' packed-rows mask.
 """
 from __future__ import annotations
 
@@ -95,7 +95,16 @@ def test_llama4_packed_rows_stay_apart():
     torch.testing.assert_close(packed, alone, atol=2e-5, rtol=2e-5)
 
 
-def test_packed_rows_whose_attention_gets_no_position_ids_need_cu_seq_lens():
+def _two_rows(batch):
+    """The packed row twice (B = 2, each row packing the same documents)."""
+    return {k: v.expand(2, -1) if k in ("input_ids", "position_ids") else v for k, v in batch.items()}
+
+
+def test_packed_rows_whose_attention_gets_no_position_ids_run_apart():
+    """GPT-BigCode's layers get no position_ids: packed rows attended across documents (as under transformers'
+    FlashAttention-2), then were refused. The documents now come from the mask function transformers builds for
+    packed rows (a query that does not see the key before it starts one): each matches the document run alone,
+    in one row and in two, with or without the collator's cu_seq_lens."""
     from transformers import GPTBigCodeConfig
 
     config = GPTBigCodeConfig(vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=64)
@@ -103,21 +112,63 @@ def test_packed_rows_whose_attention_gets_no_position_ids_need_cu_seq_lens():
     docs = _docs()
     with torch.no_grad():
         alone = torch.cat([sdpa(input_ids=torch.tensor([d])).logits[0] for d in docs])
-        with pytest.raises(ValueError, match="packs documents .* GPTBigCodeAttention is not given the position_ids"):
-            fast(**_packed(docs, flash_kwargs=False))
+        mixed = sdpa(input_ids=torch.tensor([docs[0] + docs[1]])).logits[0]
+        assert (mixed - alone).abs().max() > 1e-2  # the second document differs when it sees the first
+        packed = fast(**_packed(docs, flash_kwargs=False)).logits
+        torch.testing.assert_close(packed[0], alone, atol=2e-5, rtol=2e-5)
+        two = fast(**_two_rows(_packed(docs, flash_kwargs=False))).logits
+        torch.testing.assert_close(two, torch.stack([alone, alone]), atol=2e-5, rtol=2e-5)
         torch.testing.assert_close(fast(**_packed(docs, flash_kwargs=True)).logits[0], alone, atol=2e-5, rtol=2e-5)
         # one document, and padded rows, are not packing: they run as before
         torch.testing.assert_close(fast(input_ids=torch.tensor([docs[0]])).logits, sdpa(
             input_ids=torch.tensor([docs[0]])).logits, atol=2e-5, rtol=2e-5)
 
 
-def test_packed_rows_whose_attention_gets_no_position_ids_are_refused_compiled():
+def test_packed_rows_keep_their_documents_while_another_thread_runs_a_forward():
+    """The mask function leaves each eager forward's documents for its attention calls: per thread, so a forward
+    run in another thread between the mask and the attention (here: an unpacked batch, run in full while the
+    packed forward waits at its first layer) does not hand the packed one its (absent) documents."""
+    import threading
+
+    from transformers import GPTBigCodeConfig
+
+    config = GPTBigCodeConfig(vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=64)
+    sdpa, fast = _twins(config, "sdpa")
+    docs = _docs()
+    other_done, results = threading.Event(), {}
+
+    def wait_for_the_other(module, args):
+        if threading.current_thread().name == "packed":
+            assert other_done.wait(60)
+
+    def packed():
+        results["packed"] = fast(**_packed(docs, flash_kwargs=False)).logits[0]
+
+    def other():
+        results["other"] = fast(input_ids=torch.tensor([docs[1] + docs[0]])).logits[0]
+        other_done.set()
+
+    hook = fast.transformer.h[0].register_forward_pre_hook(wait_for_the_other)
+    with torch.no_grad():
+        threads = [threading.Thread(target=packed, name="packed"), threading.Thread(target=other, name="other")]
+        threads[0].start()
+        threads[1].start()
+        for t in threads:
+            t.join(120)
+        hook.remove()
+        alone = torch.cat([sdpa(input_ids=torch.tensor([d])).logits[0] for d in docs])
+        whole = sdpa(input_ids=torch.tensor([docs[1] + docs[0]])).logits[0]
+    torch.testing.assert_close(results["packed"], alone, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(results["other"], whole, atol=2e-5, rtol=2e-5)
+
+
+def test_packed_rows_whose_attention_gets_no_position_ids_compiled():
     """Traced, transformers wraps every mask with position_ids in its packed-rows mask (it cannot read whether rows
-    restart), and the eager refusal above never ran: compiled, GPT-BigCode's packed documents saw each other (2.4
-    off, silently; Persimmon, Fuyu, Moshi, Whisper, Dory too). The mask function now finds a document start in the
-    graph (a query that does not see its predecessor) and such an attention stops the run there. Unpacked rows with
+    restart): compiled, GPT-BigCode's packed documents saw each other (2.4 off, silently; Persimmon, Fuyu, Moshi,
+    Whisper, Dory too). One row's documents are now built in the graph from the mask function and run apart; over
+    several rows (finding them would read values) such a batch stops the run in the graph. Unpacked rows with
     position_ids still run; the collator's cu_seq_lens still separate the documents; and a compiled attention
-    under an eager mask (regional compilation) is refused as eagerly."""
+    under an eager mask (regional compilation) runs them apart as eagerly."""
     from transformers import GPTBigCodeConfig
 
     config = GPTBigCodeConfig(vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=64)
@@ -126,11 +177,10 @@ def test_packed_rows_whose_attention_gets_no_position_ids_are_refused_compiled()
     compiled = torch.compile(fast, backend="eager")
     with torch.no_grad():
         alone = torch.cat([sdpa(input_ids=torch.tensor([d])).logits[0] for d in docs])
-        for rows in (1, 2):
-            batch = _packed(docs, flash_kwargs=False)
-            batch = {k: v.expand(rows, -1) if k in ("input_ids", "position_ids") else v for k, v in batch.items()}
-            with pytest.raises(RuntimeError, match="packs documents .* GPTBigCodeAttention is not given"):
-                compiled(**batch)
+        torch.testing.assert_close(compiled(**_packed(docs, flash_kwargs=False)).logits[0], alone, atol=2e-5,
+                                   rtol=2e-5)
+        with pytest.raises(RuntimeError, match="packs documents into several rows and GPTBigCodeAttention is not"):
+            compiled(**_two_rows(_packed(docs, flash_kwargs=False)))
         torch.testing.assert_close(compiled(**_packed(docs, flash_kwargs=True)).logits[0], alone, atol=2e-5,
                                    rtol=2e-5)
         ids = torch.tensor([docs[0] + docs[1]]).expand(2, -1)
@@ -140,8 +190,7 @@ def test_packed_rows_whose_attention_gets_no_position_ids_are_refused_compiled()
                                    atol=2e-5, rtol=2e-5)
         for block in fast.transformer.h:
             block.attn.compile(backend="eager")
-        with pytest.raises(ValueError, match="packs documents .* GPTBigCodeAttention is not given"):
-            fast(**_packed(docs, flash_kwargs=False))
+        torch.testing.assert_close(fast(**_packed(docs, flash_kwargs=False)).logits[0], alone, atol=2e-5, rtol=2e-5)
     torch._dynamo.reset()
 
 

@@ -10,7 +10,9 @@ It mirrors transformers' FlashAttention integration:
   boundaries taken from `cu_seq_lens_q`/`cu_seq_lens_k` when the collator passes them (see
   fastft.integration.packing), else from `position_ids`, wherever they do not rise by 1, in every row
   (`_packed_documents`), as transformers' FlashAttention-2 path does, with or without a cache or an all-ones
-  mask (its sdpa/eager masks separate documents only with neither);
+  mask (its sdpa/eager masks separate documents only with neither); models whose layers get no position_ids
+  (GPT-BigCode, Persimmon, Whisper's decoder: transformers' FlashAttention-2 mixes their documents) take the
+  documents from the mask function transformers builds for packed rows (`_documents_from_mask`);
 - a KV cache or peft prefix tuning gives more keys than queries: causal then aligns bottom-right;
 - fastft's prefix-tuning room (fastft.integration.methods.prefix) passes `fastft_prefix`, per layer the
   (prefix_k, prefix_v) every query attends to: handed to the op as prefix_k/prefix_v, no concatenation.
@@ -24,6 +26,7 @@ fastft prefix in front of the keys).
 from __future__ import annotations
 
 import functools
+import threading
 import warnings
 import weakref
 
@@ -48,13 +51,16 @@ _OVERLAY_UNDER_COMPILE = (
     "Gemma 3's bidirectional image blocks) inside transformers' packed-rows mask, which the traced graph cannot "
     "tell from plain packed rows without reading it: pass attention_mask (a 2-D mask of ones will do) or leave "
     "position_ids out for this batch, use attn_implementation='sdpa', or run it eagerly")
-# Packed rows whose boundaries may not reach the attention (_check_packing_reached): set by the mask function at the
-# start of a forward, read by that forward's attention calls. "last": (id of the config, True) when the mask was for
-# packed rows without a padding mask; traced (torch.compile cannot read whether rows restart), (id, a 0-dim bool
-# tensor the graph computes: some row starts a second document); None otherwise. A dict, not a ContextVar: dynamo
-# traces a dict's reads and writes (a ContextVar's would break the graph); so it is one a process, and forwards run
-# at once in several threads would read each other's.
+# Packed rows for attention calls given no position_ids (_documents_from_mask): set by the mask function at the start
+# of a forward, read by that forward's attention calls: (id of the config, the documents: _mask_documents) when the
+# mask was for packed rows without a padding mask (traced, for every mask with position_ids: torch.compile cannot
+# read whether rows restart); None otherwise. Eager attention reads its thread's note (forwards may run at once in
+# several threads). Traced attention reads "last" of a dict, not a ContextVar or a thread-local: dynamo traces a
+# dict's reads and writes (the others would break the graph); within one compiled forward the value flows in the
+# graph, while a compiled attention under an eager mask (regional compilation) reads the last eager mask's, one a
+# process.
 _packing_seen: dict[str, tuple | None] = {}
+_thread_note = threading.local()
 _memos: dict[str, tuple] = {}  # name -> (weakref to the tensor, (its version, key), result)
 
 
@@ -79,25 +85,30 @@ def _packed_documents(position_ids, batch_size: int):
     Documents are found as transformers' masks find them (masking_utils.find_packed_sequence_indices), in every row:
     one starts at a row's first token and wherever the position does not rise by 1 (restarts at 0 or at any other
     value; a row that continues a document from an earlier chunk is one document). Eagerly this reads the values
-    once per forward (every layer gets the same position_ids tensor). Under torch.compile a value read would break
-    the graph: a single row (B == 1) then gets cu_seqlens built in the graph, padded to S + 1 entries with S (empty
-    documents the op drops after reading them in its body); rows of B > 1 are taken as unpacked there, and an
-    in-graph assertion stops a run whose rows are packed (no read, no sync: fails on the device)."""
+    once per forward (every layer gets the same position_ids tensor). Traced: _traced_documents."""
     if position_ids is None or position_ids.shape[-1] == 1:
         return None
     rows = position_ids.reshape(-1, position_ids.shape[-1]).expand(batch_size, -1)
     starts = F.pad(rows.diff(dim=-1) != 1, (1, 0), value=True).reshape(-1)
     if compiling():
-        if batch_size != 1:  # separating them would read the values (a sync a layer): refused in the graph instead
-            torch._assert_async(~starts.view(batch_size, -1)[:, 1:].any(), _PACKED_ROWS_UNDER_COMPILE)
-            return None
-        # S as a tensor (index[-1:]), never a number: F.pad(..., value=S) made dynamo specialise on the length,
-        # a graph per sequence length until the recompile limit
-        index = torch.arange(starts.numel() + 1, device=starts.device)
-        last = index[-1:]
-        first = torch.sort(torch.where(starts, index[:-1], last)).values
-        return torch.cat([first, last]).to(torch.int32), None
+        return _traced_documents(starts, batch_size, _PACKED_ROWS_UNDER_COMPILE)
     return _once_per_forward("packed", position_ids, batch_size, lambda: _documents(starts, batch_size))
+
+
+def _traced_documents(starts, batch_size: int, refusal: str):
+    """_documents under torch.compile, where a value read would break the graph: a single row (B == 1) gets
+    cu_seqlens built in the graph, padded to S + 1 entries with S (empty documents the op drops after reading them
+    in its body), and no longest length (the op reads cu_seqlens in its body); rows of B > 1 are taken as unpacked,
+    and an in-graph assertion (`refusal`) stops a run whose rows are packed (no read, no sync: fails on the device)."""
+    if batch_size != 1:  # separating them would read the values (a sync a layer): refused in the graph instead
+        torch._assert_async(~starts.view(batch_size, -1)[:, 1:].any(), refusal)
+        return None
+    # S as a tensor (index[-1:]), never a number: F.pad(..., value=S) made dynamo specialise on the length, a graph
+    # per sequence length until the recompile limit
+    index = torch.arange(starts.numel() + 1, device=starts.device)
+    last = index[-1:]
+    first = torch.sort(torch.where(starts, index[:-1], last)).values
+    return torch.cat([first, last]).to(torch.int32), None
 
 
 def _documents(starts, batch_size: int):
@@ -310,8 +321,6 @@ def fastft_attention_forward(module, query, key, value, attention_mask, dropout=
         return _unpadded(q, k, v, attention_mask, **kw), None
 
     cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
-    if cu_q is None and kwargs.get("position_ids") is None and is_causal and q.shape[1] == k.shape[1]:
-        _check_packing_reached(module)
     max_q, max_k = kwargs.get("max_length_q"), kwargs.get("max_length_k")
     if all(x is not None for x in (cu_q, cu_k, max_q, max_k)):
         # one set of boundaries for queries and keys (self-attention); comparing values would sync every layer
@@ -319,7 +328,11 @@ def fastft_attention_forward(module, query, key, value, attention_mask, dropout=
             raise ValueError("attn_implementation='fastft': packed sequences need cu_seq_lens_q == cu_seq_lens_k")
         return _varlen(q, k, v, cu_q.to(torch.int32), _longest(max_q, max_k), **kw), None
 
-    packed = _packed_documents(kwargs.get("position_ids"), B) if q.shape[1] == k.shape[1] else None
+    packed, position_ids = None, kwargs.get("position_ids")
+    if q.shape[1] == k.shape[1] and position_ids is not None:
+        packed = _packed_documents(position_ids, B)
+    elif q.shape[1] == k.shape[1] and is_causal:  # GPT-BigCode's layers get no position_ids: the mask's documents
+        packed = _documents_from_mask(module)
     if packed is not None:
         return _varlen(q, k, v, *packed, **kw), None
 
@@ -327,22 +340,30 @@ def fastft_attention_forward(module, query, key, value, attention_mask, dropout=
     return flash_attention(q, k, v, backend=_backend, **kw), None
 
 
-def _check_packing_reached(module) -> None:
-    """Packed rows whose boundaries never reach the attention: transformers saw position_ids restart (its mask
-    function was asked for a mask it may not skip) but this model's layers pass no position_ids on (GPT-BigCode,
-    Persimmon, CTRL, Whisper's decoder...), and no cu_seq_lens came: the documents would attend to each other,
-    as under transformers' FlashAttention-2. Refused."""
-    seen = _packing_seen.get("last")
+def _documents_from_mask(module):
+    """Packed rows for a model whose layers pass no position_ids on (GPT-BigCode, Persimmon, Fuyu, Whisper's
+    decoder...): the documents the mask function found for this forward (fastft_attention_mask, _mask_documents),
+    as _packed_documents gives them, or None. Traced over several rows, where finding them would read values, a
+    packed batch stops the run in the graph."""
+    seen = _packing_seen.get("last") if compiling() else getattr(_thread_note, "last", None)
     config = getattr(module, "config", None)
     if seen is None or (config is not None and seen[0] != id(config)):
-        return
-    message = (f"attn_implementation='fastft': this batch packs documents (position_ids restart) but "
-               f"{type(module).__name__} is not given the position_ids, so its documents would see each other; "
-               "pass cu_seq_lens_q/k and max_length_q/k with the batch (fastft.integration.packing.PackingCollator, "
-               "DataCollatorWithFlattening(return_flash_attn_kwargs=True)), or use attn_implementation='sdpa'")
-    if seen[1] is True:
-        raise ValueError(message)
-    torch._assert_async(~seen[1], message)  # traced: found in the graph, stopped there (no read, no sync)
+        return None
+    documents = seen[1]
+    if isinstance(documents, torch.Tensor):  # traced, B > 1: whether some row starts a second document
+        torch._assert_async(~documents, (
+            f"attn_implementation='fastft' under torch.compile: this batch packs documents into several rows and "
+            f"{type(module).__name__} is not given the position_ids, so the traced graph cannot separate them "
+            "without reading them: pack into one row (batch 1), pass cu_seq_lens_q/k with it "
+            "(fastft.integration.packing.PackingCollator, DataCollatorWithFlattening(return_flash_attn_kwargs=True)), "
+            "or run this batch eagerly"))
+        return None
+    return _eager_documents(documents) if callable(documents) else documents
+
+
+@torch.compiler.disable  # an eager mask under a compiled attention (regional compilation): read outside the graph
+def _eager_documents(documents):
+    return documents()
 
 
 def _check_not_chunked(module, n_keys: int) -> None:
@@ -467,15 +488,16 @@ def fastft_attention_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset
     unskippable = causal and kwargs.get("allow_is_causal_skip") is False
     # traced with a static cache, the offsets are tensors: comparing them would branch on data (a graph break)
     traced_offsets = compiling() and any(isinstance(x, torch.Tensor) for x in (q_offset, kv_offset))
-    if causal:  # read by the attention calls of this forward (_check_packing_reached)
-        _packing_seen["last"] = None
-        if unskippable and attention_mask is None and not kwargs.get("use_vmap") and q_length == kv_length:
-            if not compiling():  # transformers found rows that restart their positions
-                _packing_seen["last"] = (id(config), True)
-            elif not traced_offsets and mask_function is not None and q_length >= 2:
-                # traced, transformers wraps every call with position_ids so: whether a row restarts, in the graph
-                _packing_seen["last"] = (id(config), _starts_a_document(mask_function, batch_size, q_length,
-                                                                        q_offset, kwargs.get("device")))
+    if causal:  # read by the attention calls of this forward (_documents_from_mask)
+        note = None
+        # eagerly: transformers found rows that restart their positions; traced, it wraps every call with
+        # position_ids so (whether a row restarts is found in the graph)
+        if unskippable and attention_mask is None and not kwargs.get("use_vmap") and q_length == kv_length \
+                and not traced_offsets and mask_function is not None and q_length >= 2:
+            note = (id(config), _mask_documents(mask_function, batch_size, q_length, q_offset, kwargs.get("device")))
+        _packing_seen["last"] = note
+        if not compiling():
+            _thread_note.last = note
     if traced_offsets or kwargs.get("use_vmap") or kv_offset + kv_length > q_offset + q_length \
             or (unskippable and not _supports_flash_mask(config)) \
             or (unskippable and _may_see_later_keys(mask_function, batch_size, q_length, q_offset,
@@ -511,10 +533,21 @@ def _may_see_later_keys(mask_function, batch_size: int, q_length: int, q_offset,
     return bool(_sees_later_keys(mask_function, batch_size, q_length, q_offset, device))
 
 
-def _starts_a_document(mask_function, batch_size: int, q_length: int, q_offset, device) -> torch.Tensor:
-    """Whether some query does not see the key right before it (a 0-dim bool tensor): a second document starts
-    there. Evaluated in the graph on the O(S) pairs (q, q - 1)."""
-    return ~_neighbour_seen(mask_function, batch_size, q_length, q_offset, device, -1).all()
+def _mask_documents(mask_function, batch_size: int, q_length: int, q_offset, device):
+    """The documents of packed rows as the mask function separates them: one starts at a row's first token and at
+    every query that does not see the key right before it (O(S) pairs). Eagerly, a function giving _documents
+    once, called only by an attention given no position_ids (the read is a sync). Traced: one row's cu_seqlens
+    built in the graph (_traced_documents); over several rows, whether one starts a second document (a 0-dim bool
+    tensor, for an in-graph assertion)."""
+    def starts():
+        seen = _neighbour_seen(mask_function, batch_size, q_length, q_offset, device, -1)
+        return F.pad(~seen.expand(batch_size, -1), (1, 0), value=True).reshape(-1)
+
+    if not compiling():
+        return functools.cache(lambda: _documents(starts(), batch_size))
+    if batch_size != 1:
+        return ~_neighbour_seen(mask_function, batch_size, q_length, q_offset, device, -1).all()
+    return _traced_documents(starts(), 1, "")
 
 
 def _sees_later_keys(mask_function, batch_size: int, q_length: int, q_offset, device) -> torch.Tensor:
