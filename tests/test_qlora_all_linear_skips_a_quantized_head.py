@@ -3,8 +3,6 @@ peft leaves the output layer out on the dense model, and so must fastft's resolu
 import copy
 
 import peft
-import pytest
-import torch
 from peft import LoraConfig
 from torch import nn
 

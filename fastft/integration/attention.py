@@ -61,6 +61,9 @@ _OVERLAY_UNDER_COMPILE = (
 # process.
 _packing_seen: dict[str, tuple | None] = {}
 _thread_note = threading.local()
+# "bidirectional": (id of the config, the reach of its bidirectional sliding mask: local_size), written by the mask
+# function, read by _bidirectional_window (a constant per config: threads write the same value)
+_mask_reach: dict[str, tuple] = {}
 _memos: dict[str, tuple] = {}  # name -> (weakref to the tensor, (its version, key), result)
 
 
@@ -295,6 +298,8 @@ def fastft_attention_forward(module, query, key, value, attention_mask, dropout=
                          "(it supports Llama-style attention); use 'sdpa' or 'eager' for this model")
     _check_not_chunked(module, key.shape[2])
     is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    if not is_causal and sliding_window is not None:
+        sliding_window = _bidirectional_window(module, sliding_window)
     kw = dict(causal=bool(is_causal), softmax_scale=scaling, window=sliding_window)
     prefix = kwargs.get("fastft_prefix")
     if prefix is not None:
@@ -366,6 +371,19 @@ def _eager_documents(documents):
     return documents()
 
 
+def _bidirectional_window(module, sliding_window: int) -> int:
+    """The window of a bidirectional sliding layer as its mask draws it. transformers' bidirectional sliding mask lets
+    a token see keys up to `local_size` (the config's sliding_window) away on each side, while a window W passed to
+    the op reaches W - 1: ModernBERT passes sliding_window + 1 to its attention, T5Gemma's encoder the
+    sliding_window itself (1 short: logits 0.24 off, silently). The mask function notes the mask's reach for the
+    config (_mask_reach); the window follows it."""
+    reach = _mask_reach.get("bidirectional")
+    config = getattr(module, "config", None)
+    if reach is None or config is None or reach[0] != id(config):
+        return sliding_window
+    return reach[1] + 1
+
+
 def _check_not_chunked(module, n_keys: int) -> None:
     """Llama 4's chunked layers attend within chunks of attention_chunk_size tokens: a mask the kernels do not
     express, which the mask function (given no layer) cannot hand to SDPA either. Exact while the keys fit in one
@@ -412,6 +430,11 @@ def _per_model_type(fn):
     return cached
 
 
+# decoders whose self-attention module says is_causal=False: their causal mask lives in transformers' 4-D mask, which
+# FlashAttention's masks (None or 2-D padding, fastft's too) drop (found by the encoder-decoder registry sweep)
+_UNMARKED_CAUSAL = {"pegasus_x": "PegasusXAttention"}
+
+
 @_per_model_type
 def _interface_refusal(model_type, is_encoder_decoder: bool) -> str:
     """_check_uses_the_interface's error message for this model type, "" where it runs."""
@@ -419,8 +442,13 @@ def _interface_refusal(model_type, is_encoder_decoder: bool) -> str:
     # encoder-decoders (T5) reach fastft's attention function, which checks them itself
     if classes and not is_encoder_decoder and not _dispatches_attention(classes[-1]):
         return (f"attn_implementation='fastft': {classes[-1].__name__} does not run its attention through "
-                "transformers' attention interface, so fastft's kernels would not run and its causal mask "
-                "would be lost; use 'sdpa' or 'eager' for this model")
+                "transformers' attention interface, so fastft's kernels would not run and its attention would "
+                "get FlashAttention's masks, without their causal or padding part; use 'sdpa' or 'eager' for "
+                "this model")
+    if model_type in _UNMARKED_CAUSAL:
+        return (f"attn_implementation='fastft': {_UNMARKED_CAUSAL[model_type]} in the decoder is not marked causal "
+                "(transformers takes its causality from the full 4-D mask alone), so its tokens would see later "
+                "ones; use 'eager' for this model")
     if any(not getattr(c, "_supports_sdpa", True) and not getattr(c, "_supports_flash_attn", True) for c in classes):
         # their attention reads transformers' full 4-D mask (BigBirdPegasus' and TrOCR's decoders take causality
         # from it alone): the None or padding-only masks of FlashAttention's contract dropped it, silently
@@ -446,15 +474,20 @@ def _dispatches_attention(model_class) -> bool:  # read once per model type (_in
 
 @functools.lru_cache(maxsize=None)
 def _model_classes(model_type) -> tuple:
-    """The causal-LM and base model classes transformers maps `model_type` to (the base one last), those that exist."""
+    """The causal-LM and base model classes transformers maps `model_type` to (the base one last), those that exist.
+    A sub-config's type that maps to none (T5Gemma 2's `t5gemma2_decoder`) takes its parent's (`t5gemma2`)."""
     try:
         import transformers
         from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_MAPPING_NAMES
     except ImportError:
         return ()
     names = (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type), MODEL_MAPPING_NAMES.get(model_type))
-    classes = [getattr(transformers, name, None) for name in names if isinstance(name, str)]
-    return tuple(c for c in classes if c is not None)
+    classes = tuple(c for c in (getattr(transformers, name, None) for name in names if isinstance(name, str))
+                    if c is not None)
+    parent = model_type.rsplit("_", 1)[0] if isinstance(model_type, str) else model_type
+    if not classes and parent != model_type and model_type.rsplit("_", 1)[1] in ("encoder", "decoder", "text"):
+        return _model_classes(parent)
+    return classes
 
 
 def _supports_flash_mask(config) -> bool:
@@ -486,6 +519,11 @@ def fastft_attention_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset
     # (an sdpa argument they do not use): not one of these
     causal = "allow_is_bidirectional_skip" not in kwargs
     unskippable = causal and kwargs.get("allow_is_causal_skip") is False
+    # a bidirectional mask transformers may not skip either (T5Gemma 2 concatenates its decoder's self- and
+    # cross-attention masks)
+    kept = unskippable or (not causal and kwargs.get("allow_is_bidirectional_skip") is False)
+    if not causal and kwargs.get("local_size") is not None:  # a bidirectional sliding mask: its reach
+        _mask_reach["bidirectional"] = (id(config), kwargs["local_size"])
     # traced with a static cache, the offsets are tensors: comparing them would branch on data (a graph break)
     traced_offsets = compiling() and any(isinstance(x, torch.Tensor) for x in (q_offset, kv_offset))
     if causal:  # read by the attention calls of this forward (_documents_from_mask)
@@ -499,7 +537,7 @@ def fastft_attention_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset
         if not compiling():
             _thread_note.last = note
     if traced_offsets or kwargs.get("use_vmap") or kv_offset + kv_length > q_offset + q_length \
-            or (unskippable and not _supports_flash_mask(config)) \
+            or (kept and not _supports_flash_mask(config)) \
             or (unskippable and _may_see_later_keys(mask_function, batch_size, q_length, q_offset,
                                                     kwargs.get("device"))):
         from transformers.masking_utils import causal_mask_function, sdpa_mask
