@@ -1,0 +1,308 @@
+"""The mask function of `attn_implementation="fastft"` (fastft.integration.attention) and what it leaves for the
+attention calls of a forward.
+
+transformers asks the mask function for each mask a forward needs; fastft's returns FlashAttention's masks (None, or
+the 2-D padding mask) where the kernels draw the mask themselves, and transformers' full 4-D mask where they cannot
+(an overlay, a static cache's empty slots, models transformers runs without FlashAttention). What the attention
+calls cannot see on their own it notes for them: the documents of packed rows (for models whose layers get no
+position_ids) and a bidirectional sliding mask's reach. It also refuses models whose attention would not run
+through fastft, or would lose its causality.
+"""
+from __future__ import annotations
+
+import functools
+import threading
+
+import torch
+import torch.nn.functional as F
+
+from fastft.ops.compiled import compiling
+
+_OVERLAY_UNDER_COMPILE = (
+    "attn_implementation='fastft' under torch.compile: this mask lets tokens see later ones (an overlay such as "
+    "Gemma 3's bidirectional image blocks) inside transformers' packed-rows mask, which the traced graph cannot "
+    "tell from plain packed rows without reading it: pass attention_mask (a 2-D mask of ones will do) or leave "
+    "position_ids out for this batch, use attn_implementation='sdpa', or run it eagerly")
+# Packed rows for attention calls given no position_ids (documents_from_mask): set by the mask function at the start
+# of a forward, read by that forward's attention calls: (id of the config, the documents: _mask_documents) when the
+# mask was for packed rows without a padding mask (traced, for every mask with position_ids: torch.compile cannot
+# read whether rows restart); None otherwise. Eager attention reads its thread's note (forwards may run at once in
+# several threads). Traced attention reads "last" of a dict, not a ContextVar or a thread-local: dynamo traces a
+# dict's reads and writes (the others would break the graph); within one compiled forward the value flows in the
+# graph, while a compiled attention under an eager mask (regional compilation) reads the last eager mask's, one a
+# process.
+_packing_seen: dict[str, tuple | None] = {}
+_thread_note = threading.local()
+# "bidirectional": (id of the config, the reach of its bidirectional sliding mask: local_size), written by the mask
+# function, read by bidirectional_window (a constant per config: threads write the same value)
+_mask_reach: dict[str, tuple] = {}
+
+
+def traced_documents(starts, batch_size: int, refusal: str):
+    """documents() under torch.compile, where a value read would break the graph: a single row (B == 1) gets
+    cu_seqlens built in the graph, padded to S + 1 entries with S (empty documents the op drops after reading them
+    in its body), and no longest length (the op reads cu_seqlens in its body); rows of B > 1 are taken as unpacked,
+    and an in-graph assertion (`refusal`) stops a run whose rows are packed (no read, no sync: fails on the device)."""
+    if batch_size != 1:  # separating them would read the values (a sync a layer): refused in the graph instead
+        torch._assert_async(~starts.view(batch_size, -1)[:, 1:].any(), refusal)
+        return None
+    # S as a tensor (index[-1:]), never a number: F.pad(..., value=S) made dynamo specialise on the length, a graph
+    # per sequence length until the recompile limit
+    index = torch.arange(starts.numel() + 1, device=starts.device)
+    last = index[-1:]
+    first = torch.sort(torch.where(starts, index[:-1], last)).values
+    return torch.cat([first, last]).to(torch.int32), None
+
+
+def documents(starts, batch_size: int):
+    """(cu_seqlens over the B·S flattened tokens, longest document) from document starts (a bool per token, every
+    row's first token among them), or None when no row holds a second document. Reads the values (a sync)."""
+    at = starts.nonzero().reshape(-1).to(torch.int32)
+    if at.numel() == batch_size:  # no row holds a second document
+        return None
+    cu = F.pad(at, (0, 1), value=starts.numel())
+    return cu, int(cu.diff().max())
+
+
+def documents_from_mask(module):
+    """Packed rows for a model whose layers pass no position_ids on (GPT-BigCode, Persimmon, Fuyu, Whisper's
+    decoder...): the documents the mask function found for this forward (fastft_attention_mask, _mask_documents),
+    as the attention's _packed_documents gives them, or None. Traced over several rows, where finding them would
+    read values, a packed batch stops the run in the graph."""
+    seen = _packing_seen.get("last") if compiling() else getattr(_thread_note, "last", None)
+    config = getattr(module, "config", None)
+    if seen is None or (config is not None and seen[0] != id(config)):
+        return None
+    found = seen[1]
+    if isinstance(found, torch.Tensor):  # traced, B > 1: whether some row starts a second document
+        torch._assert_async(~found, (
+            f"attn_implementation='fastft' under torch.compile: this batch packs documents into several rows and "
+            f"{type(module).__name__} is not given the position_ids, so the traced graph cannot separate them "
+            "without reading them: pack into one row (batch 1), pass cu_seq_lens_q/k with it "
+            "(fastft.integration.packing.PackingCollator, DataCollatorWithFlattening(return_flash_attn_kwargs=True)), "
+            "or run this batch eagerly"))
+        return None
+    return _eager_documents(found) if callable(found) else found
+
+
+@torch.compiler.disable  # an eager mask under a compiled attention (regional compilation): read outside the graph
+def _eager_documents(find):
+    return find()
+
+
+def bidirectional_window(module, sliding_window: int) -> int:
+    """The window of a bidirectional sliding layer as its mask draws it. transformers' bidirectional sliding mask lets
+    a token see keys up to `local_size` (the config's sliding_window) away on each side, while a window W passed to
+    the op reaches W - 1: ModernBERT passes sliding_window + 1 to its attention, T5Gemma's encoder the
+    sliding_window itself (1 short: logits 0.24 off, silently). The mask function notes the mask's reach for the
+    config (_mask_reach); the window follows it."""
+    reach = _mask_reach.get("bidirectional")
+    config = getattr(module, "config", None)
+    if reach is None or config is None or reach[0] != id(config):
+        return sliding_window
+    return reach[1] + 1
+
+
+def _check_uses_the_interface(config) -> None:
+    """A decoder whose attention does not go through transformers' attention interface (Bloom, MPT: no attention
+    function of the interface is called) still builds its mask through this one: fastft's kernels would never
+    run, and the padding-only mask returned here would leave its own attention without causality (logits at
+    position 0 changed by later tokens), silently. Refused."""
+    if config is None:
+        return
+    encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
+    refusal = _interface_refusal(getattr(config, "model_type", None), encoder_decoder)
+    if refusal:
+        raise ValueError(refusal)
+
+
+# Constant results for torch.compile: dynamo calls these with their (str, bool) arguments instead of tracing into
+# them (it ignores functools.lru_cache, with a warning at every compile, and would walk transformers' registries)
+_MODEL_TYPE_FACTS: dict = {}
+
+
+def _per_model_type(fn):
+    """fn(*args) computed once per arguments, and a constant to dynamo."""
+    @torch.compiler.assume_constant_result
+    @functools.wraps(fn)
+    def cached(*args):
+        key = (fn.__name__, *args)
+        if key not in _MODEL_TYPE_FACTS:
+            _MODEL_TYPE_FACTS[key] = fn(*args)
+        return _MODEL_TYPE_FACTS[key]
+    return cached
+
+
+# decoders whose self-attention module says is_causal=False: their causal mask lives in transformers' 4-D mask, which
+# FlashAttention's masks (None or 2-D padding, fastft's too) drop (found by the encoder-decoder registry sweep)
+_UNMARKED_CAUSAL = {"pegasus_x": "PegasusXAttention"}
+
+
+@_per_model_type
+def _interface_refusal(model_type, is_encoder_decoder: bool) -> str:
+    """_check_uses_the_interface's error message for this model type, "" where it runs."""
+    classes = _model_classes(model_type)
+    # encoder-decoders (T5) reach fastft's attention function, which checks them itself
+    if classes and not is_encoder_decoder and not _dispatches_attention(classes[-1]):
+        return (f"attn_implementation='fastft': {classes[-1].__name__} does not run its attention through "
+                "transformers' attention interface, so fastft's kernels would not run and its attention would "
+                "get FlashAttention's masks, without their causal or padding part; use 'sdpa' or 'eager' for "
+                "this model")
+    if model_type in _UNMARKED_CAUSAL:
+        return (f"attn_implementation='fastft': {_UNMARKED_CAUSAL[model_type]} in the decoder is not marked causal "
+                "(transformers takes its causality from the full 4-D mask alone), so its tokens would see later "
+                "ones; use 'eager' for this model")
+    if any(not getattr(c, "_supports_sdpa", True) and not getattr(c, "_supports_flash_attn", True) for c in classes):
+        # their attention reads transformers' full 4-D mask (BigBirdPegasus' and TrOCR's decoders take causality
+        # from it alone): the None or padding-only masks of FlashAttention's contract dropped it, silently
+        return (f"attn_implementation='fastft': {classes[0].__name__} supports neither SDPA nor "
+                "FlashAttention in transformers (its attention needs the full 4-D mask), so its causal "
+                "mask would be lost; use 'eager' for this model")
+    return ""
+
+
+def _dispatches_attention(model_class) -> bool:  # read once per model type (_interface_refusal's cache)
+    """Whether the model may call an attention function from transformers' interface: its class says so, or its
+    modeling code reads ALL_ATTENTION_FUNCTIONS (BioGPT's class flag is False, yet it dispatches)."""
+    if getattr(model_class, "_supports_attention_backend", True):
+        return True
+    import inspect
+    import sys
+
+    try:
+        return "ALL_ATTENTION_FUNCTIONS" in inspect.getsource(sys.modules[model_class.__module__])
+    except (OSError, TypeError, KeyError):  # no source to read: let it run, as before this check
+        return True
+
+
+@functools.lru_cache(maxsize=None)
+def _model_classes(model_type) -> tuple:
+    """The causal-LM and base model classes transformers maps `model_type` to (the base one last), those that exist.
+    A sub-config's type that maps to none (T5Gemma 2's `t5gemma2_decoder`) takes its parent's (`t5gemma2`)."""
+    try:
+        import transformers
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_MAPPING_NAMES
+    except ImportError:
+        return ()
+    names = (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type), MODEL_MAPPING_NAMES.get(model_type))
+    classes = tuple(c for c in (getattr(transformers, name, None) for name in names if isinstance(name, str))
+                    if c is not None)
+    parent = model_type.rsplit("_", 1)[0] if isinstance(model_type, str) else model_type
+    if not classes and parent != model_type and model_type.rsplit("_", 1)[1] in ("encoder", "decoder", "text"):
+        return _model_classes(parent)
+    return classes
+
+
+def _supports_flash_mask(config) -> bool:
+    """Whether transformers runs this model with FlashAttention's masks (None or 2-D padding), which fastft's
+    mask function returns: models it refuses FlashAttention for (Doge's dynamic mask, Llama 4's chunks) get the
+    full 4-D mask wherever transformers asks for one."""
+    return _flash_mask_type(getattr(config, "model_type", None))
+
+
+@_per_model_type
+def _flash_mask_type(model_type) -> bool:
+    return all(getattr(c, "_supports_flash_attn", True) for c in _model_classes(model_type))
+
+
+def fastft_attention_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
+                          attention_mask=None, **kwargs):
+    """The 2-D padding mask (sliced to the keys), or None when there is no padding: like FlashAttention's.
+
+    A cache whose key slots run past the filled positions (a static cache: kv_offset + kv_length > q_offset +
+    q_length) gets transformers' own 4-D boolean mask instead: the kernels align queries to the last key, which is
+    not the last filled one there, and the empty slots must not be seen (the interface then runs SDPA on it). So
+    does a mask with an overlay (`use_vmap`: transformers' or/and mask functions; also a blockwise overlay composed
+    without vmap, _may_see_later_keys: Gemma 3's image tokens seeing each other both ways), which the causal
+    kernels would drop, and a mask transformers may not skip on a model it runs without FlashAttention."""
+    config = kwargs.get("config")
+    _check_uses_the_interface(config)
+    # a causal mask transformers may not skip: packed rows (position_ids restarting, no padding mask), an overlay, or
+    # a model that always needs one (Doge). Encoders' bidirectional masks always pass allow_is_causal_skip=False
+    # (an sdpa argument they do not use): not one of these
+    causal = "allow_is_bidirectional_skip" not in kwargs
+    unskippable = causal and kwargs.get("allow_is_causal_skip") is False
+    # a bidirectional mask transformers may not skip either (T5Gemma 2 concatenates its decoder's self- and
+    # cross-attention masks)
+    kept = unskippable or (not causal and kwargs.get("allow_is_bidirectional_skip") is False)
+    if not causal and kwargs.get("local_size") is not None:  # a bidirectional sliding mask: its reach
+        _mask_reach["bidirectional"] = (id(config), kwargs["local_size"])
+    # traced with a static cache, the offsets are tensors: comparing them would branch on data (a graph break)
+    traced_offsets = compiling() and any(isinstance(x, torch.Tensor) for x in (q_offset, kv_offset))
+    if causal:  # read by the attention calls of this forward (documents_from_mask)
+        note = None
+        # eagerly: transformers found rows that restart their positions; traced, it wraps every call with
+        # position_ids so (whether a row restarts is found in the graph)
+        if unskippable and attention_mask is None and not kwargs.get("use_vmap") and q_length == kv_length \
+                and not traced_offsets and mask_function is not None and q_length >= 2:
+            note = (id(config), _mask_documents(mask_function, batch_size, q_length, q_offset, kwargs.get("device")))
+        _packing_seen["last"] = note
+        if not compiling():
+            _thread_note.last = note
+    if traced_offsets or kwargs.get("use_vmap") or kv_offset + kv_length > q_offset + q_length \
+            or (kept and not _supports_flash_mask(config)) \
+            or (unskippable and _may_see_later_keys(mask_function, batch_size, q_length, q_offset,
+                                                    kwargs.get("device"))):
+        from transformers.masking_utils import causal_mask_function, sdpa_mask
+
+        passed = {k: v for k, v in kwargs.items() if k in ("device", "local_size", "use_vmap")}
+        return sdpa_mask(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function or causal_mask_function,
+                         attention_mask, allow_is_causal_skip=False, **passed)
+    if attention_mask is None:
+        return None
+    attention_mask = attention_mask[:, -kv_length:]
+    # traced, the values are not read (a graph break per layer, even for all-ones): the interface takes SDPA
+    if not compiling() and attention_mask.shape[1] == kv_length and bool(attention_mask.all()):
+        return None
+    return attention_mask
+
+
+def _may_see_later_keys(mask_function, batch_size: int, q_length: int, q_offset, device) -> bool:
+    """_sees_later_keys eagerly. Traced (its tensor read would break the graph), the mask function's name: an
+    `or_masks` composition on the outside (Gemma 3's blockwise overlay) may add later keys, so it gets the full
+    mask. One inside an `and_masks` (transformers' packed-rows mask, which under torch.compile wraps every call
+    with position_ids and no padding mask) is not seen by name: the same probe runs in the graph then, as an
+    assertion that stops the run rather than drop the overlay."""
+    if mask_function is None or q_length < 2:
+        return False
+    if compiling():
+        if getattr(mask_function, "__name__", None) == "or_mask":
+            return True
+        torch._assert_async(~_sees_later_keys(mask_function, batch_size, q_length, q_offset, device),
+                            _OVERLAY_UNDER_COMPILE)
+        return False
+    return bool(_sees_later_keys(mask_function, batch_size, q_length, q_offset, device))
+
+
+def _mask_documents(mask_function, batch_size: int, q_length: int, q_offset, device):
+    """The documents of packed rows as the mask function separates them: one starts at a row's first token and at
+    every query that does not see the key right before it (O(S) pairs). Eagerly, a function giving documents()
+    once, called only by an attention given no position_ids (the read is a sync). Traced: one row's cu_seqlens
+    built in the graph (traced_documents); over several rows, whether one starts a second document (a 0-dim bool
+    tensor, for an in-graph assertion)."""
+    def starts():
+        seen = _neighbour_seen(mask_function, batch_size, q_length, q_offset, device, -1)
+        return F.pad(~seen.expand(batch_size, -1), (1, 0), value=True).reshape(-1)
+
+    if not compiling():
+        return functools.cache(lambda: documents(starts(), batch_size))
+    if batch_size != 1:
+        return ~_neighbour_seen(mask_function, batch_size, q_length, q_offset, device, -1).all()
+    return traced_documents(starts(), 1, "")
+
+
+def _sees_later_keys(mask_function, batch_size: int, q_length: int, q_offset, device) -> torch.Tensor:
+    """Whether a query sees the key right after it somewhere (a 0-dim bool tensor): an overlay the causal kernels
+    would drop, which transformers composes without asking for vmap (Gemma 3's and PaliGemma's image tokens
+    attending to each other both ways, blockwise_overlay). Evaluated on the O(S) pairs (q, q + 1) only (plain
+    packed rows see no later key)."""
+    return _neighbour_seen(mask_function, batch_size, q_length, q_offset, device, 1).any()
+
+
+def _neighbour_seen(mask_function, batch_size: int, q_length: int, q_offset, device, step: int) -> torch.Tensor:
+    """mask_function on the pairs (q, q + step) of every row, (B, S - 1) booleans: index-based, broadcast over
+    batch and query as transformers' own mask builders call it."""
+    batch = torch.arange(batch_size, device=device)[:, None]
+    q = q_offset + torch.arange(max(0, -step), q_length - max(0, step), device=device)[None, :]
+    seen = mask_function(batch, torch.zeros((), dtype=torch.long, device=device), q, q + step)
+    return torch.as_tensor(seen, device=device)
