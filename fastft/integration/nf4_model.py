@@ -47,6 +47,17 @@ def _skipped(name: str, skip) -> bool:
     return any(name == s or f".{s}." in padded for s in skip)
 
 
+def _kept_by_default(name: str, defaults) -> bool:
+    """default_skip's entries match as transformers' should_convert_module matches them for bitsandbytes: the name,
+    a module under it ("lm_head" keeps "lm_head.dense"), or a name ending in it at a dot ("wo", "classifier"), not any
+    run inside a name (GIT's head `output` kept every layer's `output.dense` dense)."""
+    return any(name == d or name.startswith(d + ".") or name.endswith("." + d) for d in defaults)
+
+
+def _kept_dense(name: str, skip, defaults) -> bool:
+    return _skipped(name, skip) or _kept_by_default(name, defaults)
+
+
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, leaf = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, leaf, module)
@@ -68,9 +79,15 @@ def default_skip(model: nn.Module) -> tuple[str, ...]:
     except ImportError:  # a plain torch model: lm_head only
         return tuple(sorted(names))
     if isinstance(model, PreTrainedModel):
-        names.update(get_keys_to_not_convert(model))
-        names.update(getattr(model, "_keep_in_fp32_modules", None) or ())
+        # a parameter's name stands for its module (the last parameter may be a bias; LongCat-Flash keeps
+        # "classifier.weight" in fp32: its router reads that weight itself)
+        names.update(_module_of(n) for n in get_keys_to_not_convert(model))
+        names.update(_module_of(n) for n in getattr(model, "_keep_in_fp32_modules", None) or ())
     return tuple(sorted(names))
+
+
+def _module_of(name: str) -> str:
+    return name.removesuffix(".weight").removesuffix(".bias")
 
 
 def _skip_entries(skip) -> tuple[str, ...]:
@@ -122,10 +139,10 @@ def quantize_model(model: nn.Module, quant_type: str = "nf4", *, blocksize: int 
     _refuse_adapters(model)
     skip = _skip_entries(skip)
     _check_skip(model, skip, "quantize_model")
-    skip += default_skip(model) if use_default_skip else ()
+    defaults = default_skip(model) if use_default_skip else ()
     parents = {id(child): parent for parent in model.modules() for child in parent.children()}
     targets = [(name, m) for name, m in model.named_modules(remove_duplicate=False)  # every name of a shared layer
-               if name and _quantizable(m) and not _skipped(name, skip)]
+               if name and _quantizable(m) and not _kept_dense(name, skip, defaults)]
     quantized, kept = {}, []
     for name, linear in targets:
         if not _plain_forward(linear, parents.get(id(linear))):
@@ -244,7 +261,7 @@ def _check_quantization_config(config, path: str) -> bool:
     return True
 
 
-def _nf4_targets(model: nn.Module, keys: set[str], skip, pre_quantized: bool) -> dict[str, bool]:
+def _nf4_targets(model: nn.Module, keys: set[str], skip, defaults, pre_quantized: bool) -> dict[str, bool]:
     """Linear module name → True when its weight is bnb-NF4 in the checkpoint, False when dense (to quantize).
 
     A pre-quantized checkpoint's layers stay as stored: a dense one there was kept dense on purpose
@@ -258,7 +275,7 @@ def _nf4_targets(model: nn.Module, keys: set[str], skip, pre_quantized: bool) ->
             targets[name] = True
         elif any(k.startswith(f"{name}.weight.quant_state.bitsandbytes__") for k in keys):
             raise ValueError(f"load_nf4_model: '{name}.weight' is stored 4-bit but not as NF4 (only nf4 is supported)")
-        elif not pre_quantized and not _skipped(name, skip) and f"{name}.weight" in keys:
+        elif not pre_quantized and not _kept_dense(name, skip, defaults) and f"{name}.weight" in keys:
             targets[name] = False
     return targets
 
@@ -282,7 +299,7 @@ def _init_missing(model: nn.Module, missing: list[str], path: str, device, heads
         owners[name.rpartition(".")[0]].append(name)
     partial = [n for owner, names in owners.items() for n in names
                if len(names) != len(list(model.get_submodule(owner).parameters(recurse=False)))
-               or isinstance(model.get_submodule(owner), NF4Linear) or not _skipped(owner, heads)]
+               or isinstance(model.get_submodule(owner), NF4Linear) or not _kept_by_default(owner, heads)]
     if partial:
         raise KeyError(f"load_nf4_model: the checkpoint in {path!r} lacks {partial[:8]}"
                        + (f" and {len(partial) - 8} more" if len(partial) > 8 else "")
@@ -329,7 +346,7 @@ def load_nf4_model(path: str, *, model_cls=None, dtype: torch.dtype = torch.bflo
     skip = _skip_entries(skip)
     _check_skip(model, skip, "load_nf4_model")
     pre_quantized = pre_quantized or any(k.endswith(QUANT_STATE_KEY) for k in keys)
-    targets = _nf4_targets(model, keys, skip + (default_skip(model) if use_default_skip else ()), pre_quantized)
+    targets = _nf4_targets(model, keys, skip, default_skip(model) if use_default_skip else (), pre_quantized)
     stored_nf4 = [n for n, nf4 in targets.items() if nf4 and _skipped(n, skip)]
     if stored_nf4:
         raise ValueError(f"load_nf4_model: skip names {stored_nf4[:4]}, stored NF4 in {path!r}: a pre-quantized "

@@ -394,8 +394,10 @@ def dispatch(func, args, kwargs):
                                   "broadcast parameters: call fastft.integration.nf4_model.ignore_nf4_in_ddp(model) "
                                   "before wrapping (frozen NF4 weights need no synchronisation)")
     if handler is None:
-        raise NotImplementedError(f"NF4Weight does not support {func} (it is a frozen quantized weight: use "
-                                  "weight.dequantize() for math on its values)")
+        raise NotImplementedError(f"fastft's NF4Weight does not support {func} (it is a frozen quantized weight: "
+                                  "use weight.dequantize() for math on its values; a model whose code reads a "
+                                  "layer's .weight itself, as a router may, needs that layer left dense: "
+                                  "quantize_model(..., skip=[its name]))")
     return handler(func, *args, **kwargs)
 
 
