@@ -92,11 +92,19 @@ def _fail(model: nn.Module, message: str) -> ValueError:
     return ValueError(f"fastft.patch_model({type(model).__name__}): {message}")
 
 
+def _arch_of_class(base: nn.Module):
+    """The table's architecture whose causal-LM class `base` is, for a model type outside the table that transformers
+    builds from it (EXAONE, InternLM3, IQuestCoder are LlamaForCausalLM); None otherwise."""
+    cls = original_class(base)
+    return next((arch for arch in ARCHITECTURES.values()
+                 if cls.__module__ == arch.module and cls.__name__ == arch.causal_lm), None)
+
+
 def _plan(base: nn.Module, backend: str, attention: bool, loss: bool = True):
     """(arch, [(module, new class)], attention change or None, summary): checks everything, changes nothing."""
     config = getattr(base, "config", None)
     model_type = getattr(config, "model_type", None)
-    arch = ARCHITECTURES.get(model_type)
+    arch = ARCHITECTURES.get(model_type) or _arch_of_class(base)
     if arch is None:
         raise _fail(base, f"architecture {model_type!r} is not supported; supported model types: "
                           f"{', '.join(supported_architectures())}")
