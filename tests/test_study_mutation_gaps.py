@@ -4,44 +4,21 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from fastft.apps.study import cell as cell_module
 from fastft.apps.study.cell import CellSettings, CellSpec, run_cell
-from fastft.apps.study.models import PreparedModel
 from fastft.apps.study.report import aggregate, anchor_rows, headline
-from fastft.apps.study.tasks import StudyTask, _apportion
+from fastft.apps.study.tasks import _apportion
+from tests.test_study_review_fixes import use_stand_in
 
 SPEC = CellSpec("minilm", "subj", "32-per-class", "lora", "peft", 0)
-
-
-def _toy_task() -> StudyTask:
-    rows = [(str(i % 2), i % 2) for i in range(16)]
-    return StudyTask("toy", "toy", "{text}", (" a", " b"), train=rows, dev=rows[:8], test=rows[:8])
 
 
 @pytest.fixture
 def stand_in(monkeypatch):
     """run_cell's loop on a 2-class logistic regression; each row has 2 real tokens of a width-4 mask."""
-    def prepare(family, task, max_length, seed):
-        model = nn.Linear(1, 2)
-
-        def collate(rows):
-            n = len(rows)
-            return {"x": torch.tensor([[float(t)] for t, _ in rows]),
-                    "attention_mask": torch.cat([torch.ones(n, 2), torch.zeros(n, 2)], 1),
-                    "labels": torch.tensor([y for _, y in rows])}
-
-        def class_logits(m, batch):
-            return m(batch["x"])
-
-        return PreparedModel("toy", model, None, collate, class_logits,
-                             lambda m, b: F.cross_entropy(class_logits(m, b), b["labels"]), ())
-
-    monkeypatch.setattr(cell_module, "load_study_task", lambda name: _toy_task())
-    monkeypatch.setattr(cell_module, "prepare_model", prepare)
-    monkeypatch.setattr(cell_module, "apply_method", lambda model, method, options, implementation: model)
+    use_stand_in(monkeypatch, lambda n: torch.cat([torch.ones(n, 2), torch.zeros(n, 2)], 1))
 
 
 def test_test_split_is_scored_with_the_first_best_dev_state(stand_in, monkeypatch):

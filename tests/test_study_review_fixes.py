@@ -30,14 +30,14 @@ def _toy_task(test_rows=None, label_words=(" a", " b")) -> StudyTask:
     return StudyTask("toy", "toy", "{text}", label_words, train=rows, dev=rows[:8], test=test_rows or rows[:8])
 
 
-@pytest.fixture
-def stand_in_model(monkeypatch):
-    """run_cell's real loop on a stand-in: a 2-class logistic regression over one feature (the row's text)."""
+def use_stand_in(monkeypatch, attention_mask=lambda n: torch.ones(n, 3)):
+    """run_cell's real loop on a stand-in: a 2-class logistic regression over one feature (the row's text);
+    attention_mask(n): a batch of n rows' mask (its ones are the tokens counted)."""
     def prepare(family, task, max_length, seed):
         model = nn.Linear(1, 2)
 
         def collate(rows):
-            return {"x": torch.tensor([[float(t)] for t, _ in rows]), "attention_mask": torch.ones(len(rows), 3),
+            return {"x": torch.tensor([[float(t)] for t, _ in rows]), "attention_mask": attention_mask(len(rows)),
                     "labels": torch.tensor([y for _, y in rows])}
 
         def class_logits(m, batch):
@@ -49,6 +49,11 @@ def stand_in_model(monkeypatch):
     monkeypatch.setattr(cell_module, "load_study_task", lambda name: _toy_task())
     monkeypatch.setattr(cell_module, "prepare_model", prepare)
     monkeypatch.setattr(cell_module, "apply_method", lambda model, method, options, implementation: model)
+
+
+@pytest.fixture
+def stand_in_model(monkeypatch):
+    use_stand_in(monkeypatch)
 
 
 # --- 1: the first MiniLM cell of a process got another head than later ones ------------------------------------
