@@ -26,6 +26,8 @@ fastft prefix in front of the keys).
 """
 from __future__ import annotations
 
+import contextlib
+import threading
 import warnings
 import weakref
 
@@ -48,6 +50,20 @@ _PACKED_ROWS_UNDER_COMPILE = (
     "(batch 1), pass the collator's cu_seq_lens_q/k with it (fastft.integration.packing.PackingCollator, "
     "DataCollatorWithFlattening(return_flash_attn_kwargs=True)), or run this batch eagerly")
 _memos: dict[str, tuple] = {}  # name -> (weakref to the tensor, (its version, key), result)
+_prefix_state = threading.local()
+
+
+@contextlib.contextmanager
+def prefix_expected():
+    """Inside the block (eagerly, in this thread) every attention call must carry `fastft_prefix`: the prefix room's
+    forward and generate, so that a model whose layers drop keyword arguments on their way to the attention stops
+    with an error rather than running without the prefix."""
+    before = getattr(_prefix_state, "on", False)
+    _prefix_state.on = True
+    try:
+        yield
+    finally:
+        _prefix_state.on = before
 
 
 def _once_per_forward(name: str, tensor: torch.Tensor, key, compute):
@@ -261,6 +277,10 @@ def fastft_attention_forward(module, query, key, value, attention_mask, dropout=
         sliding_window = bidirectional_window(module, sliding_window)
     kw = dict(causal=bool(is_causal), softmax_scale=scaling, window=sliding_window)
     prefix = kwargs.get("fastft_prefix")
+    if prefix is None and getattr(_prefix_state, "on", False) and not compiling():
+        raise ValueError(f"fastft prefix tuning: {type(module).__name__} was called without the prefix (its "
+                         "decoder layer does not pass keyword arguments on to the attention), so the prefix would "
+                         "be ignored; use peft's own prefix tuning for this model")
     if prefix is not None:
         prefix = prefix[module.layer_idx]
         kw["prefix_k"], kw["prefix_v"] = prefix

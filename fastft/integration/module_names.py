@@ -12,11 +12,11 @@ def names_module(entry: str, name: str) -> bool:
     return name == entry or name.endswith("." + entry)
 
 
-def name_hint(entry: str, names: list[str]) -> str:
+def name_hint(entry: str, names: list[str], cutoff: float = 0.6) -> str:
     """'did you mean ...?' from the last parts of the model's module `names`, closest to the last part of `entry`
-    (a dotted entry such as "mlp.downproj" is compared by "downproj")."""
+    (a dotted entry such as "mlp.downproj" is compared by "downproj"); `cutoff`: difflib's, the least similarity."""
     parts = sorted({n.rsplit(".", 1)[-1] for n in names})
-    close = difflib.get_close_matches(entry.rsplit(".", 1)[-1], parts, n=1)
+    close = difflib.get_close_matches(entry.rsplit(".", 1)[-1], parts, n=1, cutoff=cutoff)
     if close:
         return f"did you mean {close[0]!r}?"
     return f"name a module of the model (or the last part of its name; they end in {parts[:20]})"

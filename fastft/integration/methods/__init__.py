@@ -218,4 +218,21 @@ def apply_method(model: nn.Module, method: str, options: MethodOptions | None = 
     from fastft.integration.peft_lora import refuse_peft_model
 
     refuse_peft_model(model, "apply_method")
-    return _APPLY[method](model, options or MethodOptions(), implementation)
+    try:
+        return _APPLY[method](model, options or MethodOptions(), implementation)
+    except ValueError as e:  # the method's config (or peft) names its own fields: say which option sets them
+        options_named = dict.fromkeys(option for field, option in _OPTION_OF_FIELD.get(method, {}).items()
+                                      if field in str(e))
+        if options_named:
+            e.add_note(f"apply_method({method!r}): set by " + ", ".join(
+                f"MethodOptions.{option} (fastft train --{option.replace('_', '-')})" for option in options_named))
+        raise
+
+
+# what each method's config calls the fields MethodOptions sets, for its errors
+_OPTION_OF_FIELD = {
+    "ia3": {"target_modules": "ia3_target_modules", "Target modules": "ia3_target_modules",
+            "feedforward_modules": "ia3_feedforward_modules"},
+    "adapter": {f"BottleneckAdapterConfig.{field}": f"adapter_{field}"
+                for field in ("size", "placement", "activation", "attn_output_modules", "mlp_output_modules")},
+}

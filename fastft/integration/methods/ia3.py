@@ -63,7 +63,9 @@ def validate_ia3_config(config, model: nn.Module) -> None:
         if unmatched:
             raise ValueError(f"IA3Config.feedforward_modules entries {unmatched} match none of the modules IA3 "
                              f"targets ({sorted({n.rsplit('.', 1)[-1] for n in matched})}); "
-                             f"{name_hint(str(unmatched[0]), matched)}")
+                             # a typo only: 'down_proj' is not 'v_proj' mistyped, and an attention layer is no
+                             # feed-forward one
+                             f"{name_hint(str(unmatched[0]), matched, cutoff=0.85)}")
 
 
 class FusedIA3Linear(PeftIA3Linear):

@@ -15,10 +15,13 @@ per token (peft's own cache path loses the prefix under transformers 5).
 """
 from __future__ import annotations
 
+import inspect
+
 import torch
 from peft import PeftModel, PeftModelForCausalLM, PrefixTuningConfig
 from torch import nn
 
+from fastft.integration.attention import prefix_expected
 from fastft.integration.checkpointing import reentrant_layers
 from fastft.integration.methods.generation import generate_adjusting_inputs
 
@@ -39,6 +42,29 @@ def validate_prefix_config(config, model: nn.Module) -> None:
     if not attn or not all(hasattr(m, "layer_idx") for m in attn):
         raise ValueError(f"fastft prefix tuning needs a decoder whose self_attn modules carry layer_idx (Llama "
                          f"family); {type(model).__name__} has none")
+    why = _UNSUPPORTED.get(model_type)
+    if why is None and getattr(model.config, "kv_lora_rank", None) is not None:
+        why = ("its multi-head latent attention gives keys and values different head sizes, which peft's prefix "
+               "(one size for both) does not have")
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    if why is None and decoder is not None and "position_ids" not in inspect.signature(decoder.forward).parameters:
+        why = (f"its decoder ({type(decoder).__name__}) takes no position_ids: it counts positions from its cache, "
+               "so the real tokens could not be placed after the prefix")
+    if why is not None:
+        raise ValueError(f"fastft prefix tuning does not support {type(model).__name__}: {why}; use peft's own "
+                         "prefix tuning (peft.get_peft_model, or implementation='peft')")
+
+
+# model types whose attention does more with its cached keys and values than attend to them, or whose layers do not
+# hand the prefix on: the prefix given to the op beside the cache would be another model (found by a registry sweep)
+_UNSUPPORTED = {
+    "diffllama": "its attention splits the cached values in two halves, which the prefix handed to the op is not",
+    "doge": "its attention biases each cached key by its value, which the prefix handed to the op would not get",
+    "hrm_text": ("its recurrent stack applies each attention module several times, each with its own cache slot "
+                 "(a prefix each), which the op's one prefix a module cannot give"),
+    "stablelm": ("its decoder layers do not pass keyword arguments on to their attention, so the prefix would "
+                 "never reach it"),
+}
 
 
 class FastftPrefixModel(PeftModelForCausalLM):
@@ -84,10 +110,11 @@ class FastftPrefixModel(PeftModelForCausalLM):
         prefix = self.prefix_key_values()
         if torch.is_grad_enabled() and prefix[0][0].requires_grad:
             _refuse_reentrant_checkpointing(self.get_base_model())
-        return self.base_model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
-                               labels=labels, output_attentions=output_attentions,
-                               output_hidden_states=output_hidden_states, return_dict=return_dict,
-                               fastft_prefix=prefix, **kwargs)
+        with prefix_expected():
+            return self.base_model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                                   labels=labels, output_attentions=output_attentions,
+                                   output_hidden_states=output_hidden_states, return_dict=return_dict,
+                                   fastft_prefix=prefix, **kwargs)
 
     def generate(self, *args, **kwargs):
         """Generation with the prefix through the fastft attention op, as the forward runs it: the KV cache holds
@@ -126,7 +153,8 @@ class FastftPrefixModel(PeftModelForCausalLM):
             inputs["fastft_prefix"] = prefix
             return inputs
 
-        return generate_adjusting_inputs(base, with_prefix, args, kwargs)
+        with prefix_expected():
+            return generate_adjusting_inputs(base, with_prefix, args, kwargs)
 
 
 def _refuse_reentrant_checkpointing(model: nn.Module) -> None:
@@ -174,7 +202,14 @@ def _cached_tokens(cache) -> int:
 def _use_fastft(model: PeftModel) -> PeftModel:
     from fastft.integration.attention import NAME  # importing registers attn_implementation="fastft"
 
-    model.get_base_model().set_attn_implementation(NAME)
+    base = model.get_base_model()
+    base.set_attn_implementation(NAME)
+    decoder = base.get_decoder() if hasattr(base, "get_decoder") else base  # a multimodal model's text decoder
+    if decoder.config._attn_implementation != NAME:  # transformers only logs it for a hand-written attention
+        raise ValueError(f"fastft prefix tuning: {type(decoder).__name__} does not take attn_implementation='fastft' "
+                         "(its attention does not use transformers' attention interface), which hands the prefix "
+                         "to the attention; use peft's own prefix tuning (peft.get_peft_model, or "
+                         "implementation='peft')")
     model.__class__ = FastftPrefixModel
     return model
 

@@ -99,9 +99,27 @@ def _targets(model: nn.Module, config: BottleneckAdapterConfig) -> list[tuple[st
             raise ValueError(f"BottleneckAdapterConfig.{field} also matches {taken[:3]}, which attn_output_modules "
                              "matches: one module would get two adapters; make the two fields match apart (e.g. a "
                              "dotted suffix or a regex)")
+        if field == "mlp_output_modules" and not isinstance(config.mlp_output_modules, str):
+            _refuse_mixtures_of_experts(model, matched)
         names += matched
     names = [n for n in module_names if n in set(names)]  # the model's order
     return [(name, model.get_submodule(name), _output_width(name, model.get_submodule(name))) for name in names]
+
+
+def _refuse_mixtures_of_experts(model: nn.Module, matched: list[str]) -> None:
+    """An adapter "after the MLP" follows the MLP's output projection; a mixture-of-experts block (transformers names
+    its experts `experts`) has none: the names would match a layer inside it (a shared expert's down_proj, whose
+    output the block still gates and adds to the routed experts') or nothing, leaving the layer without an adapter.
+    A regex string places adapters exactly where it says, inside a block too."""
+    for block, module in model.named_modules():
+        if not block or not hasattr(module, "experts") or not isinstance(module.experts, nn.Module):
+            continue
+        inside = [n for n in matched if n.startswith(block + ".")]
+        where = f"they match {inside[0]!r} inside it" if inside else "they match nothing in it"
+        raise ValueError(f"BottleneckAdapterConfig.mlp_output_modules: {block!r} ({type(module).__name__}) is a "
+                         f"mixture of experts, whose output is no single linear layer an adapter could follow ({where}"
+                         "); fastft's bottleneck adapters follow dense MLPs (to place them inside the experts' block "
+                         "on purpose, give a regex string)")
 
 
 def _output_width(name: str, layer: nn.Module) -> int:
