@@ -168,7 +168,7 @@ def test_a_modes_own_flags_and_a_value_spelled_like_the_command_pass(monkeypatch
                                            ["--compile default", "--warmup"]),
                                           (["--compile", "max-autotune", "--compile-backend", "eager"],
                                            ["--compile max-autotune", "--compile-backend eager"])])
-def test_bad_flags_one_line_error(capsys, argv, names):
+def test_bad_flags_one_line_error(capsys, nothing_runs, argv, names):
     assert cli.main(["bench", *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("fastft bench: error:")
