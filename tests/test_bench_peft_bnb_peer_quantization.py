@@ -5,7 +5,6 @@ row, not an error mid-run)."""
 import importlib.util
 
 import pytest
-import torch
 from torch import nn
 
 from fastft.apps.bench import peers
