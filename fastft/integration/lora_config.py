@@ -452,9 +452,11 @@ def check_modules_to_save(config, names: list[str], label: str) -> None:
 
 
 def _quantized_parameter_targets(config, model: nn.Module) -> list[str]:
-    """The NF4 layers holding a parameter config.target_parameters names (peft would wrap their 4-bit storage)."""
+    """The NF4 layers holding a parameter config.target_parameters names other than their weight (peft would wrap
+    their 4-bit storage). A named weight is fine: peft dispatches the NF4 layer to a QLoRA layer, whose x·Aᵀ·Bᵀ
+    equals the LoRA on the parameter (an MoE router's "gate.weight", which peft's "all-linear" conversion names)."""
     return [name for name, module in modules_as_bases(model)
-            if isinstance(module, NF4Linear) and targeted_parameters(config, name, module)]
+            if isinstance(module, NF4Linear) and set(targeted_parameters(config, name, module)) - {"weight"}]
 
 
 def check_loadable(config: LoraConfig, base: nn.Module, path: Path, into_peft_model: bool) -> None:

@@ -460,19 +460,26 @@ def save_nf4_model(model: nn.Module, path: str, *, compute_dtype: torch.dtype = 
     if config is not None:  # first: a model bitsandbytes' config cannot describe fails before anything is written
         cfg = config.to_dict()
         cfg["quantization_config"] = _quantization_config(model, compute_dtype)
+    # CamembertForCausalLM registers lm_head before the embeddings: the head's key came first and the embedding's,
+    # which the loader ties it to, was the one dropped
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    tied = {f"{name}.weight" for name, m in model.named_modules() if head is not None and m is head}
     state = model.state_dict()  # under FSDP2 its DTensors (sharded again, should a forward have left them whole)
     if not any(getattr(t, "_local_tensor", None) is not None for t in state.values()):
-        _write(state, path, cfg)
+        _write(state, path, cfg, tied)
         return
     state = _gathered_state_dict(model)
-    write_on_rank0(lambda: _write(state, path, cfg), "save_nf4_model")  # its error raised on every rank
+    write_on_rank0(lambda: _write(state, path, cfg, tied), "save_nf4_model")  # its error raised on every rank
 
 
-def _write(tensors: dict, path: str, cfg: dict | None) -> None:
+def _write(tensors: dict, path: str, cfg: dict | None, tied_targets=()) -> None:
+    """tied_targets: keys to drop rather than keep when their tensor is stored under another key too (the output
+    head's weight: the loader re-ties it to the input embedding, as transformers' save drops `_tied_weights_keys`)."""
     from safetensors.torch import save_file
 
     state, seen = {}, set()
-    for key, t in tensors.items():
+    order = sorted(tensors, key=lambda k: k in tied_targets)  # stable: the head last, whatever the module order
+    for key, t in ((k, tensors[k]) for k in order):
         t = t.detach()
         # the same tensor twice is a tied weight (lm_head = embed_tokens): saved once, re-tied on load; views of
         # one storage at other offsets or strides (a split fused QKV) are different tensors
