@@ -277,7 +277,7 @@ def fastft_attention_forward(module, query, key, value, attention_mask, dropout=
         sliding_window = bidirectional_window(module, sliding_window)
     kw = dict(causal=bool(is_causal), softmax_scale=scaling, window=sliding_window)
     prefix = kwargs.get("fastft_prefix")
-    if prefix is None and getattr(_prefix_state, "on", False) and not compiling():
+    if prefix is None and not compiling() and getattr(_prefix_state, "on", False):  # eager: no thread state traced
         raise ValueError(f"fastft prefix tuning: {type(module).__name__} was called without the prefix (its "
                          "decoder layer does not pass keyword arguments on to the attention), so the prefix would "
                          "be ignored; use peft's own prefix tuning for this model")
