@@ -22,6 +22,7 @@ from peft import PeftModel, PeftModelForCausalLM, PrefixTuningConfig
 from torch import nn
 
 from fastft.integration.attention import prefix_expected
+from fastft.integration.base_layers import attribute_set
 from fastft.integration.checkpointing import reentrant_layers
 from fastft.integration.methods.generation import generate_adjusting_inputs
 
@@ -46,8 +47,8 @@ def validate_prefix_config(config, model: nn.Module) -> None:
     if why is None and getattr(model.config, "kv_lora_rank", None) is not None:
         why = ("its multi-head latent attention gives keys and values different head sizes, which peft's prefix "
                "(one size for both) does not have")
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
-    if why is None and decoder is not None and "position_ids" not in inspect.signature(decoder.forward).parameters:
+    decoder = _decoder(model)
+    if why is None and "position_ids" not in inspect.signature(decoder.forward).parameters:
         why = (f"its decoder ({type(decoder).__name__}) takes no position_ids: it counts positions from its cache, "
                "so the real tokens could not be placed after the prefix")
     if why is not None:
@@ -89,7 +90,7 @@ class FastftPrefixModel(PeftModelForCausalLM):
     def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, output_attentions=None,
                 output_hidden_states=None, return_dict=None, task_ids=None, **kwargs):
         config = self.active_peft_config
-        if not isinstance(config, PrefixTuningConfig) or self.get_base_model().config._attn_implementation != "fastft":
+        if not isinstance(config, PrefixTuningConfig) or _attention_implementation(self.get_base_model()) != "fastft":
             return super().forward(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
                                    labels=labels, output_attentions=output_attentions,
                                    output_hidden_states=output_hidden_states, return_dict=return_dict,
@@ -128,7 +129,7 @@ class FastftPrefixModel(PeftModelForCausalLM):
             return super().generate(*args, **kwargs)
         from fastft.integration.attention import NAME
 
-        previous = base.config._attn_implementation
+        previous = _attention_implementation(base)
         if previous != NAME:
             # switched away since get_peft_model (unpatch_model, set_attn_implementation): peft's generate would
             # drop the prefix, so this call runs through fastft attention and then puts the setting back
@@ -199,26 +200,52 @@ def _cached_tokens(cache) -> int:
     return int(cache.get_seq_length())
 
 
+def _decoder(model: nn.Module) -> nn.Module:
+    return model.get_decoder() if hasattr(model, "get_decoder") else model
+
+
+def _attention_implementation(model: nn.Module) -> str:
+    """The attention implementation of the layers the prefix goes to: a multimodal model's text decoder (GOT-OCR2's
+    top config keeps its vision tower's "eager" while the decoder runs fastft)."""
+    return _decoder(model).config._attn_implementation
+
+
 def _use_fastft(model: PeftModel) -> PeftModel:
     from fastft.integration.attention import NAME  # importing registers attn_implementation="fastft"
 
     base = model.get_base_model()
     base.set_attn_implementation(NAME)
-    decoder = base.get_decoder() if hasattr(base, "get_decoder") else base  # a multimodal model's text decoder
-    if decoder.config._attn_implementation != NAME:  # transformers only logs it for a hand-written attention
+    decoder = _decoder(base)
+    if _attention_implementation(base) != NAME:  # transformers only logs it for a hand-written attention
         raise ValueError(f"fastft prefix tuning: {type(decoder).__name__} does not take attn_implementation='fastft' "
                          "(its attention does not use transformers' attention interface), which hands the prefix "
                          "to the attention; use peft's own prefix tuning (peft.get_peft_model, or "
                          "implementation='peft')")
+    layers = model.active_peft_config.num_layers
+    deepest = max(m.layer_idx for n, m in decoder.named_modules() if n.endswith("self_attn"))
+    if deepest >= layers:  # Whisper's decoder: peft counts config.num_hidden_layers, the encoder's depth
+        raise ValueError(f"fastft prefix tuning: PrefixTuningConfig.num_layers={layers} (peft's count, from the "
+                         f"model config) is fewer than the {deepest + 1} attention layers of {type(decoder).__name__}; "
+                         f"give PrefixTuningConfig(num_layers={deepest + 1}, ...) to fastft.get_peft_model")
     model.__class__ = FastftPrefixModel
     return model
+
+
+def _checkpointing_hidden(model: nn.Module):
+    """peft refuses prefix tuning on a model with gradient checkpointing on (its prefix lives in the KV cache, which
+    checkpointing drops); fastft hands the prefix to the op instead and runs under non-reentrant checkpointing (the
+    forward refuses reentrant): the flags are hidden from peft while it builds, whichever order the user took."""
+    return attribute_set([m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True],
+                         "gradient_checkpointing", False)
 
 
 def get_prefix_model(model: nn.Module, config: PrefixTuningConfig, adapter_name: str = "default", **kwargs):
     from fastft.integration.peft_lora import quiet_peft_model
 
     validate_prefix_config(config, model)
-    return _use_fastft(quiet_peft_model(model, config, adapter_name, **kwargs))
+    with _checkpointing_hidden(model):
+        built = quiet_peft_model(model, config, adapter_name, **kwargs)
+    return _use_fastft(built)
 
 
 def load_prefix_adapter(model: nn.Module, path, config: PrefixTuningConfig, adapter_name: str, is_trainable: bool):
@@ -229,4 +256,6 @@ def load_prefix_adapter(model: nn.Module, path, config: PrefixTuningConfig, adap
 
     validate_prefix_config(config, model)
     check_prompt_geometry(config, model, path)
-    return _use_fastft(load_prompt_learning(model, path, adapter_name, is_trainable))
+    with _checkpointing_hidden(model):
+        loaded = load_prompt_learning(model, path, adapter_name, is_trainable)
+    return _use_fastft(loaded)
