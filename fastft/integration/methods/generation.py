@@ -6,6 +6,15 @@ from typing import Callable
 
 from torch import nn
 
+# transformers decoders that, given no position_ids, count positions over the attention mask (OPTDecoder:
+# cumsum(mask) * mask - 1); the others count from the cache (Llama family; BioGPT too, though its position embedding
+# could read the mask, its decoder always hands it positions)
+MASK_POSITION_MODEL_TYPES = frozenset({"opt"})
+
+
+def counts_positions_over_mask(model: nn.Module) -> bool:
+    return getattr(getattr(model, "config", None), "model_type", None) in MASK_POSITION_MODEL_TYPES
+
 
 def generate_adjusting_inputs(base: nn.Module, adjust: Callable[[dict], dict], args: tuple, kwargs: dict):
     """`base.generate(*args, **kwargs)`, each step's model inputs (what `prepare_inputs_for_generation` returns)

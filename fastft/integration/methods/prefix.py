@@ -24,7 +24,7 @@ from torch import nn
 from fastft.integration.attention import prefix_expected
 from fastft.integration.base_layers import attribute_set
 from fastft.integration.checkpointing import reentrant_layers
-from fastft.integration.methods.generation import generate_adjusting_inputs
+from fastft.integration.methods.generation import counts_positions_over_mask, generate_adjusting_inputs
 
 
 def validate_prefix_config(config, model: nn.Module) -> None:
@@ -168,12 +168,6 @@ def _refuse_reentrant_checkpointing(model: nn.Module) -> None:
                          "the prefix; enable it with gradient_checkpointing_kwargs={\"use_reentrant\": False}")
 
 
-# transformers decoders that, given no position_ids, count positions over the attention mask (OPTDecoder:
-# cumsum(mask) * mask - 1); the others count from the cache (Llama family; BioGPT too, though its position embedding
-# could read the mask, its decoder always hands it positions)
-MASK_POSITION_MODEL_TYPES = frozenset({"opt"})
-
-
 def _positions_after_prefix(model: nn.Module, ref: torch.Tensor, attention_mask, cached: int, P: int) -> torch.Tensor:
     """(batch, seq) positions of the real tokens as `model` derives them itself when given none, with peft's P prefix
     tokens before them (peft passes them as a P-token cache and prepends P ones to the attention mask).
@@ -182,8 +176,7 @@ def _positions_after_prefix(model: nn.Module, ref: torch.Tensor, attention_mask,
     counts the mask's kept tokens (cumsum(mask) * mask - 1 over the P-extended mask, pads at -1), so a left-padded
     row's real tokens sit at P, P + 1, ... as when the row runs alone."""
     batch, seq = ref.shape[0], ref.shape[1]
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if attention_mask is not None and attention_mask.dim() == 2 and model_type in MASK_POSITION_MODEL_TYPES:
+    if attention_mask is not None and attention_mask.dim() == 2 and counts_positions_over_mask(model):
         mask = attention_mask.long()  # (batch, cached + seq)
         return ((P + mask.cumsum(1)) * mask - 1)[:, cached:]
     start = P + cached

@@ -18,7 +18,7 @@ from peft import PeftModel, PeftModelForCausalLM, PromptEncoderConfig, PromptTun
 from torch import nn
 from transformers import DynamicCache
 
-from fastft.integration.methods.generation import generate_adjusting_inputs
+from fastft.integration.methods.generation import counts_positions_over_mask, generate_adjusting_inputs
 
 CONFIGS = (PromptTuningConfig, PromptEncoderConfig)
 
@@ -68,6 +68,7 @@ class FastftPromptModel(PeftModelForCausalLM):
             rest = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "cache")}
             return super().generate(*args, **{**rest, "use_cache": False})
         P = config.num_virtual_tokens
+        over_mask = counts_positions_over_mask(base)
 
         def with_prompt(inputs: dict) -> dict:
             ids, embeds = inputs.get("input_ids"), inputs.get("inputs_embeds")
@@ -83,8 +84,14 @@ class FastftPromptModel(PeftModelForCausalLM):
             if isinstance(mask, torch.Tensor) and mask.dim() == 2:
                 inputs["attention_mask"] = torch.cat([mask.new_ones(batch, P), mask], dim=1)
             device = inputs["inputs_embeds" if ids is None or start == 0 else "input_ids"].device
-            # peft's forward ignores position_ids: positions count every token, virtual and padding included
-            inputs["position_ids"] = torch.arange(start, start + seq, device=device)[None].expand(batch, -1)
+            full = inputs.get("attention_mask")
+            if over_mask and isinstance(full, torch.Tensor) and full.dim() == 2:
+                # as OPT counts them in peft's forward (given none): over the kept tokens, virtual ones included,
+                # so a left-padded row's real tokens follow its virtual ones
+                full = full.long()
+                inputs["position_ids"] = (full.cumsum(1) * full - 1)[:, -seq:]
+            else:  # peft's forward passes none: positions count every token, virtual and padding included
+                inputs["position_ids"] = torch.arange(start, start + seq, device=device)[None].expand(batch, -1)
             return inputs
 
         return generate_adjusting_inputs(base, with_prompt, args, kwargs)
