@@ -33,7 +33,9 @@ def _check_blocksize(blocksize: int) -> None:
 
 
 def quantize(x: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(packed uint8 [(n+1)//2], absmax fp32 [blocks]) of the CPU tensor x (fp32/fp16/bf16), flattened."""
+    """(packed uint8 [(n+1)//2], absmax fp32 [blocks]) of the CPU tensor x (fp32/fp16/bf16), flattened. x must be
+    finite (quantize_nf4 checks it first): the C++ absmax skips a NaN (std::max keeps its first operand), where the
+    torch reference's becomes NaN."""
     _check(x.device.type == "cpu" and x.dtype in _DTYPE_CODES,
            lambda: f"`x` must be a CPU fp32/fp16/bf16 tensor, got {x.dtype} on {x.device}")
     _check_blocksize(blocksize)
