@@ -242,13 +242,15 @@ def get_prefix_model(model: nn.Module, config: PrefixTuningConfig, adapter_name:
 
 
 def load_prefix_adapter(model: nn.Module, path, config: PrefixTuningConfig, adapter_name: str, is_trainable: bool):
-    if isinstance(model, PeftModel):
-        raise ValueError("load_adapter: a prefix-tuning adapter loads into a plain transformers model, not into a "
-                         "PeftModel")
+    """Onto a plain transformers model, or as another adapter into a fastft prefix model (set_adapter switches)."""
+    if isinstance(model, PeftModel) and not isinstance(model, FastftPrefixModel):
+        raise ValueError(f"load_adapter: a prefix-tuning adapter loads into a plain transformers model or a fastft "
+                         f"prefix-tuning model, not into a {type(model).__name__}")
     from fastft.integration.methods.prompt import check_prompt_geometry, load_prompt_learning
 
-    validate_prefix_config(config, model)
-    check_prompt_geometry(config, model, path)
-    with _checkpointing_hidden(model):
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    validate_prefix_config(config, base)
+    check_prompt_geometry(config, base, path)
+    with _checkpointing_hidden(base):
         loaded = load_prompt_learning(model, path, adapter_name, is_trainable)
-    return _use_fastft(loaded)
+    return loaded if loaded is model else _use_fastft(loaded)
