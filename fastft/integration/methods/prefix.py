@@ -21,10 +21,22 @@ import torch
 from peft import PeftModel, PeftModelForCausalLM, PrefixTuningConfig
 from torch import nn
 
-from fastft.integration.attention import prefix_expected
+from fastft.integration.attention import NAME, prefix_expected  # importing registers "fastft"
 from fastft.integration.base_layers import attribute_set
 from fastft.integration.checkpointing import reentrant_layers
 from fastft.integration.methods.generation import counts_positions_over_mask, generate_adjusting_inputs
+
+
+# model types whose attention does more with its cached keys and values than attend to them, or whose layers do not
+# hand the prefix on: the prefix given to the op beside the cache would be another model (found by a registry sweep)
+_UNSUPPORTED = {
+    "diffllama": "its attention splits the cached values in two halves, which the prefix handed to the op is not",
+    "doge": "its attention biases each cached key by its value, which the prefix handed to the op would not get",
+    "hrm_text": ("its recurrent stack applies each attention module several times, each with its own cache slot "
+                 "(a prefix each), which the op's one prefix a module cannot give"),
+    "stablelm": ("its decoder layers do not pass keyword arguments on to their attention, so the prefix would "
+                 "never reach it"),
+}
 
 
 def validate_prefix_config(config, model: nn.Module) -> None:
@@ -54,18 +66,6 @@ def validate_prefix_config(config, model: nn.Module) -> None:
     if why is not None:
         raise ValueError(f"fastft prefix tuning does not support {type(model).__name__}: {why}; use peft's own "
                          "prefix tuning (peft.get_peft_model, or implementation='peft')")
-
-
-# model types whose attention does more with its cached keys and values than attend to them, or whose layers do not
-# hand the prefix on: the prefix given to the op beside the cache would be another model (found by a registry sweep)
-_UNSUPPORTED = {
-    "diffllama": "its attention splits the cached values in two halves, which the prefix handed to the op is not",
-    "doge": "its attention biases each cached key by its value, which the prefix handed to the op would not get",
-    "hrm_text": ("its recurrent stack applies each attention module several times, each with its own cache slot "
-                 "(a prefix each), which the op's one prefix a module cannot give"),
-    "stablelm": ("its decoder layers do not pass keyword arguments on to their attention, so the prefix would "
-                 "never reach it"),
-}
 
 
 class FastftPrefixModel(PeftModelForCausalLM):
@@ -127,8 +127,6 @@ class FastftPrefixModel(PeftModelForCausalLM):
             return base.generate(*args, **kwargs)
         if not isinstance(config, PrefixTuningConfig):
             return super().generate(*args, **kwargs)
-        from fastft.integration.attention import NAME
-
         previous = _attention_implementation(base)
         if previous != NAME:
             # switched away since get_peft_model (unpatch_model, set_attn_implementation): peft's generate would
@@ -204,8 +202,6 @@ def _attention_implementation(model: nn.Module) -> str:
 
 
 def _use_fastft(model: PeftModel) -> PeftModel:
-    from fastft.integration.attention import NAME  # importing registers attn_implementation="fastft"
-
     base = model.get_base_model()
     base.set_attn_implementation(NAME)
     decoder = _decoder(base)
