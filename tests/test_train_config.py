@@ -6,7 +6,7 @@ import torch
 import yaml
 
 from fastft.apps.cli import main
-from fastft.apps.training import config as config_module
+from fastft.apps.training import arguments, config as config_module
 from fastft.apps.training.config import FIELDS, TrainConfig, flag
 
 
@@ -123,7 +123,7 @@ def test_yaml_config_flags_override_and_unknown_keys(tmp_path, capsys, monkeypat
 
 
 def test_saved_config_reads_back_as_the_same_config(tmp_path):
-    values = config_module.read_yaml_config(_write(tmp_path / "c.yaml", config_module.to_yaml_dict(TrainConfig())))
+    values = arguments.read_yaml_config(_write(tmp_path / "c.yaml", config_module.to_yaml_dict(TrainConfig())))
     assert TrainConfig(**values) == TrainConfig()
 
 

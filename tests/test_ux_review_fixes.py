@@ -13,7 +13,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import fastft
 from fastft.apps.cli import main
 from fastft.apps.training import ConfigError, TrainConfig, validate
-from fastft.apps.training.config import rank_problem, read_yaml_config
+from fastft.apps.training.arguments import read_yaml_config
+from fastft.apps.training.config import rank_problem
 from fastft.apps.training.run_setup import apply_method_or_config_error
 from fastft.files import output_dir_problem
 

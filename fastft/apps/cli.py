@@ -7,7 +7,8 @@ import argparse
 import sys
 
 import fastft
-from fastft.apps.training.config import ConfigError, add_train_arguments, config_from_args
+from fastft.apps.training.arguments import add_train_arguments, config_from_args
+from fastft.apps.training.config import ConfigError
 
 
 def _add_train(sub) -> argparse.ArgumentParser:

@@ -1,18 +1,14 @@
-"""`fastft train`'s settings: one dataclass, its command-line flags, YAML files, and validation that runs
+"""`fastft train`'s settings: one dataclass, its help, and validation that runs
 before anything is loaded.
 
-Every field is a flag (`--grad-accum` for `grad_accum`) and a YAML key (`grad_accum: 4`); flags override
-the file. `validate` checks values and that the files named exist and parse, so a bad run fails in a
+Every field is a flag (`--grad-accum` for `grad_accum`) and a YAML key (`grad_accum: 4`), read by
+fastft.apps.training.arguments. `validate` checks values and that the files named exist and parse, so a bad run fails in a
 second with one line, not after the model has loaded.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import difflib
 import math
-import os
-import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +17,6 @@ import torch
 
 from fastft.apps.compiling import COMPILE_BACKENDS, COMPILE_MODES, CUDA_GRAPH_MODES, compile_problem
 from fastft.apps.datasets import TASK_NAMES
-from fastft.apps.given_flags import given_dests
 from fastft.apps.models import SMOLLM2, model_problem, rank_problem as rank_over_hidden
 from fastft.apps.optimizers import OPTIMIZERS, eight_bit_problem
 from fastft.files import output_dir_problem
@@ -112,7 +107,7 @@ class TrainConfig:
     resume: bool = False
 
 
-_HELP = {
+HELP = {
     "model": f"built-in '{SMOLLM2}' or a local transformers checkpoint directory",
     "task": f"built-in data when --data is not given: classification tasks ({', '.join(TASK_NAMES)}) train the "
             f"label word; '{INSTRUCTIONS}' is a chat instruction set built from them",
@@ -219,7 +214,7 @@ _HELP = {
               "--schedule constant --warmup-ratio 0 may change)",
 }
 
-_CHOICES = {
+CHOICES = {
     "task": TASKS, "objective": OBJECTIVES, "method": METHODS, "quantize": ("nf4",), "schedule": SCHEDULES,
     "optimizer": OPTIMIZERS,
     "adapter_placement": ("pfeiffer", "houlsby"), "adapter_activation": ACTIVATIONS, "patch_model": PATCH_MODEL,
@@ -229,7 +224,7 @@ _CHOICES = {
     "pad_to_buckets": ("auto", "on", "off"),
 }
 
-_GROUPS = {
+HELP_GROUPS = {
     "what to train": ("model", "task", "data", "eval_data", "objective", "teacher"),
     "method (--method " + "|".join(METHODS) + ") and its knobs": (
         "method", "quantize", "rank", "alpha", "dropout", "rslora", "target_modules", "num_virtual_tokens",
@@ -247,177 +242,17 @@ _GROUPS = {
 }
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
-_TYPES = typing.get_type_hints(TrainConfig)
-_TUPLE_FIELDS = [name for name, t in _TYPES.items() if typing.get_origin(t) is tuple]
+FIELD_TYPES = typing.get_type_hints(TrainConfig)
+TUPLE_FIELDS = [name for name, t in FIELD_TYPES.items() if typing.get_origin(t) is tuple]
 
 
 def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _base_type(name: str):
-    t = _TYPES[name]
-    args = [a for a in typing.get_args(t) if a is not type(None)]
-    return args[0] if typing.get_origin(t) in (typing.Union, types.UnionType) else t  # `X | None` -> X
-
-
-def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per TrainConfig field, grouped, each with help and its default shown."""
-    defaults = TrainConfig()
-    parser.add_argument("--config", metavar="YAML", default=None,
-                        help="read settings from a YAML file (keys are the flag names with underscores); "
-                             "flags given on the command line override it")
-    assert set(sum(_GROUPS.values(), ())) == set(FIELDS), "every field belongs to one help group"
-    for title, names in _GROUPS.items():
-        group = parser.add_argument_group(title)
-        for name in names:
-            default = getattr(defaults, name)
-            kind = _base_type(name)
-            kwargs = {"default": default, "help": _HELP[name], "dest": name}
-            if kind is bool:
-                group.add_argument(flag(name), action=argparse.BooleanOptionalAction, **kwargs)
-                continue
-            if typing.get_origin(kind) is tuple:
-                kwargs.update(nargs="+", default=list(default), metavar="NAME")
-            else:
-                kwargs["type"] = kind
-            if name in _CHOICES:
-                kwargs["choices"] = _CHOICES[name]
-            group.add_argument(flag(name), **kwargs)
-
-
-def _coerce(name: str, value, source: str):
-    """A YAML value as the field's type, or a ConfigError naming the key."""
-    kind = _base_type(name)
-    optional = type(None) in typing.get_args(_TYPES[name])
-    if value is None and optional:
-        return None
-    if kind is str and isinstance(value, bool) and name in _CHOICES:
-        return _choice_from_yaml_bool(name, value, source)
-    try:
-        if kind is bool:
-            if not isinstance(value, bool):
-                raise TypeError
-            return value
-        if typing.get_origin(kind) is tuple:
-            if not isinstance(value, (str, list, tuple)):  # a mapping's keys are no module list
-                raise TypeError
-            items = [value] if isinstance(value, str) else list(value)
-            if not all(isinstance(x, str) for x in items):
-                raise TypeError
-            return tuple(items)
-        if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
-            raise TypeError
-        if kind is float and isinstance(value, str):  # YAML 1.1 reads 2e-4 (no dot) as a string
-            return float(value)
-        if kind is float and (isinstance(value, bool) or not isinstance(value, (int, float))):
-            raise TypeError
-        if kind is str and not isinstance(value, str):
-            raise TypeError
-        return kind(value)
-    except (TypeError, ValueError):
-        want = "a list of names" if typing.get_origin(kind) is tuple else kind.__name__
-        raise ConfigError(f"{source}: key '{name}' must be {want}, got {value!r}") from None
-
-
-# YAML 1.1 reads these bare words as booleans (any case)
-_YAML_BOOL_WORDS = {True: ("on", "yes", "true"), False: ("off", "no", "false")}
-
-
-def _choice_from_yaml_bool(name: str, value: bool, source: str) -> str:
-    """The choice a bare YAML word stood for (`compile: off` reads as False): the one choice among the words YAML
-    turns into `value`; else a ConfigError saying to quote it."""
-    spelled = [c for c in _CHOICES[name] if c in _YAML_BOOL_WORDS[value]]
-    if len(spelled) == 1:
-        return spelled[0]
-    raise ConfigError(f"{source}: key '{name}' must be one of {', '.join(_CHOICES[name])}, got the boolean {value} "
-                      "(YAML reads a bare on/off/yes/no/true/false as one); quote the value, e.g. "
-                      f"{name}: \"{_CHOICES[name][0]}\"")
-
-
-class _KeyGivenTwice(Exception):
-    def __init__(self, key, line: int):
-        super().__init__(key, line)
-        self.key, self.line = key, line
-
-
-def _yaml_load_unique_keys(text: str):
-    """yaml.safe_load, but a mapping's key given twice raises _KeyGivenTwice (PyYAML keeps the last one silently:
-    `lr: 1e-4` then `lr: 3e-4` further down trained at 3e-4 with no word)."""
-    import yaml
-
-    class Loader(yaml.SafeLoader):
-        def construct_mapping(self, node, deep=False):
-            seen = set()
-            for key_node, _ in node.value:
-                if key_node.tag == "tag:yaml.org,2002:merge":
-                    continue
-                key = self.construct_object(key_node, deep=True)
-                try:
-                    hash(key)
-                except TypeError:  # an unhashable key: PyYAML's own error (not valid YAML) below
-                    continue
-                if key in seen:
-                    raise _KeyGivenTwice(key, key_node.start_mark.line + 1)
-                seen.add(key)
-            return super().construct_mapping(node, deep=deep)
-
-    return yaml.load(text, Loader=Loader)  # noqa: S506 (a SafeLoader)
-
-
-def read_yaml_config(path: str | os.PathLike) -> dict:
-    """{field: value} from a YAML file; unknown keys, keys given twice and wrong types are ConfigErrors naming the
-    key."""
-    import yaml
-
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"--config {path}: file not found")
-    try:
-        data = _yaml_load_unique_keys(path.read_text(encoding="utf-8"))
-        data = {} if data is None else data  # an empty file; a lone 0 / false / [] is refused below
-    except _KeyGivenTwice as e:
-        raise ConfigError(f"--config {path}: key '{e.key}' is given twice (again at line {e.line}); keep one") \
-            from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"--config {path}: not UTF-8 text; save the file as UTF-8") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"--config {path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"--config {path}: expected a mapping of settings, got {type(data).__name__}")
-    values = {}
-    for key, value in data.items():
-        name = str(key).replace("-", "_")
-        if name not in FIELDS:
-            close = difflib.get_close_matches(name, list(FIELDS), n=1)
-            raise ConfigError(f"--config {path}: unknown key '{key}' (keys are `fastft train` flag names with "
-                              f"underscores{f'; did you mean {close[0]}?' if close else ', e.g. save_every'})")
-        if name in values:  # save-every and save_every in one file: which one counts would be silent
-            raise ConfigError(f"--config {path}: key '{name}' is given twice (spelled with dashes or underscores); "
-                              "keep one")
-        values[name] = _coerce(name, value, f"--config {path}")
-        if name in _CHOICES and values[name] is not None and values[name] not in _CHOICES[name]:
-            raise ConfigError(f"--config {path}: key '{name}' must be one of {', '.join(_CHOICES[name])}, "
-                              f"got {values[name]!r}")
-    return values
-
-
-def config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace, argv) -> TrainConfig:
-    """Defaults < YAML file < flags given on the command line."""
-    values = {name: getattr(args, name) for name in FIELDS}
-    if args.config is not None:  # --config "" is a missing file, not no file
-        explicit = given_dests([a for a in parser._actions if a.dest in FIELDS], argv, "train")  # noqa: SLF001
-        for name, value in read_yaml_config(args.config).items():
-            if name not in explicit:
-                values[name] = value
-    for name in _TUPLE_FIELDS:
-        values[name] = tuple(values[name])
-    return TrainConfig(**values)
-
-
 def to_yaml_dict(cfg: TrainConfig) -> dict:
     out = dataclasses.asdict(cfg)
-    for name in _TUPLE_FIELDS:
+    for name in TUPLE_FIELDS:
         out[name] = list(getattr(cfg, name))
     return out
 
@@ -583,7 +418,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     need(cfg.alpha > 0, f"--alpha must be positive, got {cfg.alpha}")
     need(cfg.dpo_beta > 0, f"--dpo-beta must be positive, got {cfg.dpo_beta}")
     need(cfg.temperature > 0, f"--temperature must be positive, got {cfg.temperature}")
-    for name in _TUPLE_FIELDS:
+    for name in TUPLE_FIELDS:
         need(bool(getattr(cfg, name)) and all(getattr(cfg, name)), f"{flag(name)} needs at least one module name")
         joined = next((n for n in getattr(cfg, name) if "," in n), None)  # peft's users often write q_proj,v_proj
         need(joined is None, f"{flag(name)} {joined!r}: module names are separated by spaces, not commas: "
@@ -594,7 +429,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     extra = sorted(set(cfg.ia3_feedforward_modules) - set(cfg.ia3_target_modules)) if cfg.method == "ia3" else []
     need(not extra, f"--ia3-feedforward-modules {' '.join(extra)}: not among --ia3-target-modules "
                     f"{' '.join(cfg.ia3_target_modules)}")
-    for name, choices in _CHOICES.items():
+    for name, choices in CHOICES.items():
         value = getattr(cfg, name)
         need(value is None or value in choices, f"{flag(name)} must be one of {', '.join(choices)}, got {value!r}")
     if cfg.quantize == "nf4":
