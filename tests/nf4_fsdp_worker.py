@@ -9,7 +9,8 @@ process on the whole batch. Before training, state dicts load into the sharded m
 copied into the NF4 shards or assigned), the next forward seeing the loaded weights; whole checkpoints load into a
 sharded layer (bitsandbytes' keys, dense, DCP's full state dict); the sharded model saves as the unsharded one.
 A second, small layer whose shards do not hold whole groups of nested scales checks the un-nested path and bf16
-mixed precision.
+mixed precision. A CamemBERT whose head is tied to embeddings that sit in one of its `_no_split_modules` keeps the
+tie when sharded and saves the head's key as the unsharded save does (dropped, re-tied on load).
 """
 import copy
 import json
@@ -38,6 +39,18 @@ def build_qlora_model():
                                                     lora_dropout=0.0))
     randomize_lora_B(model)
     return model
+
+
+def tied_camembert():
+    """A CamemBERT causal LM, NF4, its head tied to the word embeddings (which sit in CamembertEmbeddings, one of
+    its `_no_split_modules`)."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.CamembertConfig(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                          intermediate_size=128, max_position_embeddings=40, is_decoder=True,
+                                          tie_word_embeddings=True)
+    return fastft.quantize_model(transformers.CamembertForCausalLM(config).eval(), "nf4")
 
 
 def batch():
@@ -169,6 +182,12 @@ def main(out_dir):
     fastft.save_nf4_model(model, os.path.join(out_dir, "saved_sharded"))
     if rank == 0:
         fastft.save_nf4_model(plain, os.path.join(out_dir, "saved_plain"))
+    tied = tied_camembert()
+    fastft.shard_model(tied, mesh)
+    report["tie_kept"] = tied.lm_head.decoder.weight is tied.roberta.embeddings.word_embeddings.weight
+    fastft.save_nf4_model(tied, os.path.join(out_dir, "tied_sharded"))
+    if rank == 0:
+        fastft.save_nf4_model(tied_camembert(), os.path.join(out_dir, "tied_plain"))
 
     train(model, local_ids)
     state = lora_state(model)

@@ -207,6 +207,18 @@ def test_qlora_under_fsdp2_and_ddp_matches_one_process(tmp_path):
     assert all(torch.equal(saved["sharded"][k], v) for k, v in saved["plain"].items())
     configs = [(tmp_path / f"saved_{how}" / "config.json").read_text() for how in ("sharded", "plain")]
     assert configs[0] == configs[1]
+    # a head tied to embeddings in one of the model's _no_split_modules: the tie survives sharding (the block stays
+    # in the root's unit), and the save drops the head's key as the unsharded save does, the loader re-tying it
+    assert report["tie_kept"]
+    tied = {how: load_file(tmp_path / f"tied_{how}" / "model.safetensors") for how in ("sharded", "plain")}
+    assert "lm_head.decoder.weight" not in tied["sharded"] and "lm_head.decoder.bias" not in tied["sharded"]
+    whole = {k for k in tied["plain"] if "nested" not in k}  # (shards splitting nested groups save un-nested scales)
+    assert tied["sharded"].keys() == whole
+    ids = torch.randint(0, 96, (2, 9))
+    loaded = fastft.load_nf4_model(str(tmp_path / "tied_sharded"), dtype=torch.float32).eval()
+    assert loaded.lm_head.decoder.weight is loaded.roberta.embeddings.word_embeddings.weight
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, worker.tied_camembert()(ids).logits)
     assert report["adapter_state_matches"]  # peft's adapter state dict reads the sharded model
     sharded, ddp = torch.load(tmp_path / "lora.pt"), torch.load(tmp_path / "lora_ddp.pt")
     model = worker.build_qlora_model()

@@ -468,8 +468,22 @@ def save_nf4_model(model: nn.Module, path: str, *, compute_dtype: torch.dtype = 
     if not any(getattr(t, "_local_tensor", None) is not None for t in state.values()):
         _write(state, path, cfg, tied)
         return
-    state = _gathered_state_dict(model)
+    # gathered tensors are copies, tied ones too: drop the keys the unsharded save drops (the tied head's)
+    aliases = _aliased_keys(model.state_dict(keep_vars=True), tied)
+    state = {k: t for k, t in _gathered_state_dict(model).items()
+             if k not in aliases and not any(k.startswith(a + ".") for a in aliases)}  # (an NF4 weight's parts)
     write_on_rank0(lambda: _write(state, path, cfg, tied), "save_nf4_model")  # its error raised on every rank
+
+
+def _aliased_keys(params: dict, tied_targets) -> set[str]:
+    """The keys of `params` (a state dict of the parameters themselves) whose parameter is stored under an earlier
+    key too, in _write's order (the tied head's last)."""
+    first, aliases = set(), set()
+    for key in sorted(params, key=lambda k: k in tied_targets):
+        if id(params[key]) in first:
+            aliases.add(key)
+        first.add(id(params[key]))
+    return aliases
 
 
 def _write(tensors: dict, path: str, cfg: dict | None, tied_targets=()) -> None:
@@ -512,6 +526,12 @@ def _decoder_layer_names(model: nn.Module) -> set[str]:
     return set()
 
 
+def _shares_a_parameter_outside(model: nn.Module, name: str, block: nn.Module) -> bool:
+    inside = {id(p) for p in block.parameters()}
+    return any(id(p) in inside and not n.startswith(name + ".")
+               for n, p in model.named_parameters(remove_duplicate=False))
+
+
 def shard_model(model: nn.Module, mesh=None, *, reshard_after_forward: bool = True, mp_policy=None,
                 layer_classes=None) -> nn.Module:
     """FSDP2-shard `model` in place: `fully_shard` on every decoder layer, then on the root; returns it.
@@ -521,7 +541,8 @@ def shard_model(model: nn.Module, mesh=None, *, reshard_after_forward: bool = Tr
     scales (each rank holds 1/world of them; the forward all-gathers 4-bit codes, not a dense copy).
     mesh: a 1-D DeviceMesh (default: all ranks of the initialised process group, on the parameters' device type);
     the model must already be on that device. mp_policy: a torch.distributed.fsdp.MixedPrecisionPolicy.
-    layer_classes: class names of the blocks to shard one by one (default: the model's `_no_split_modules`).
+    layer_classes: class names of the blocks to shard one by one (default: the model's `_no_split_modules`); a block
+    holding a weight tied to a module outside it (RoBERTa's embeddings and head) is left to the root's unit.
     Raises ValueError, naming the weight, for an NF4 weight that cannot shard evenly over the mesh.
     """
     import torch.distributed as dist
@@ -543,10 +564,13 @@ def shard_model(model: nn.Module, mesh=None, *, reshard_after_forward: bool = Tr
         if isinstance(p, NF4Weight):
             check_shardable(p, world, name)
     names = set(layer_classes) if layer_classes else _decoder_layer_names(model)
-    layers = [m for m in model.modules() if type(m).__name__ in names]
+    layers = [(n, m) for n, m in model.named_modules() if type(m).__name__ in names]
     if not layers:
         raise ValueError(f"shard_model: no layer of {type(model).__name__} is one of {sorted(names)}; pass "
                          "layer_classes=[...] (the class names of its transformer blocks)")
+    # a block sharing a weight with a module outside it (RoBERTa's embeddings, tied to its head) stays in the root's
+    # unit: sharded on its own, the two modules would hold two parameters, trained apart and saved untied
+    layers = [m for n, m in layers if not _shares_a_parameter_outside(model, n, m)]
     kwargs = {"mesh": mesh, "reshard_after_forward": reshard_after_forward}
     if mp_policy is not None:
         kwargs["mp_policy"] = mp_policy
