@@ -2,7 +2,9 @@
 skip list (should_convert_module: the name, a module under it, or a name ending in it): GIT's head is named
 `output`, and matching any run of dotted parts kept every layer's `output.dense` dense as well (4 of 25 layers of the
 tiny model, silently more memory). A `_keep_in_fp32_modules` entry naming a parameter ("classifier.weight") keeps
-its module dense: LongCat-Flash's router reads its classifier's weight itself, which an NF4 weight refused."""
+its module dense: LongCat-Flash's router reads its classifier's weight itself, which an NF4 weight refused.
+One difference is kept on purpose: every module under `lm_head` stays dense (RoBERTa's `lm_head.dense`, which
+bitsandbytes quantizes; tests/test_nf4_default_skip_keeps_a_heads_submodules.py)."""
 from __future__ import annotations
 
 import copy
