@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from fastft.files import merge_into_folder
+from fastft.integration.checkpoint_keys import CheckpointKeys
 from fastft.integration.checkpointing import (drop_input_grad_hooks_if_unneeded, enable_checkpointing,
                                              input_grad_hooks)
 from fastft.integration.module_names import name_hint
@@ -231,6 +232,17 @@ def _checkpoint_files(path: str) -> dict[str, list[str]]:
         return {single: list(f.keys())}
 
 
+def _model_dtype(model: nn.Module, name: str) -> torch.dtype | None:
+    """The floating dtype of the model's (meta) parameter or buffer `name`, None where it has none."""
+    owner_name, _, leaf = name.rpartition(".")
+    try:
+        owner = model.get_submodule(owner_name) if owner_name else model
+    except AttributeError:
+        return None
+    held = owner._parameters.get(leaf, owner._buffers.get(leaf))
+    return held.dtype if held is not None and held.is_floating_point() else None
+
+
 def _assign(model: nn.Module, name: str, value: torch.Tensor) -> bool:
     """Put a loaded tensor in place of the (meta) parameter or buffer `name`; False when the model has none."""
     owner_name, _, leaf = name.rpartition(".")
@@ -323,7 +335,8 @@ def load_nf4_model(path: str, *, model_cls=None, dtype: torch.dtype = torch.bflo
     with llm_int8_skip_modules or _keep_in_fp32_modules stays so); `skip` cannot make a stored NF4 layer dense.
     A dense checkpoint's linear weights are quantized (blocksize, double_quant) as they stream in, except
     `default_skip(model)` (unless use_default_skip=False) and `skip` (names or dotted name parts). Other floating
-    tensors are cast to `dtype`. model_cls: a transformers model class (default AutoModelForCausalLM); as in
+    tensors are cast to `dtype` (those the model keeps in fp32 stay fp32). Keys are read as transformers reads them
+    (fastft.integration.checkpoint_keys: a checkpoint in the original layout, per-expert weights merged). model_cls: a transformers model class (default AutoModelForCausalLM); as in
     transformers, checkpoint tensors the class has no place for are dropped and modules the checkpoint lacks
     entirely (a new head) are initialised, with a warning naming both.
     """
@@ -340,9 +353,9 @@ def load_nf4_model(path: str, *, model_cls=None, dtype: torch.dtype = torch.bflo
         # Auto classes build with from_config, a concrete class (LlamaForCausalLM, a subclass) with _from_config
         build = getattr(model_cls, "from_config", None) or model_cls._from_config
         model = build(config, dtype=dtype)
-    rename = _prefix_renamer(model, {k for ks in files.values() for k in ks})
-    files = {file: [rename(k) for k in ks] for file, ks in files.items()}  # the model's names from here on
-    keys = {k for ks in files.values() for k in ks}
+    names = CheckpointKeys(model, {k for ks in files.values() for k in ks})
+    files = {file: [names.name(k) for k in ks] for file, ks in files.items()}  # the model's names from here on
+    keys = {names.merged_into(k) or k for ks in files.values() for k in ks}  # (merged ones: the tensor they make)
     skip = _skip_entries(skip)
     _check_skip(model, skip, "load_nf4_model")
     pre_quantized = pre_quantized or any(k.endswith(QUANT_STATE_KEY) for k in keys)
@@ -359,7 +372,7 @@ def load_nf4_model(path: str, *, model_cls=None, dtype: torch.dtype = torch.bflo
         layer.from_conv1d = name in conv1d
         _set_submodule(model, name, layer)
 
-    unexpected = _stream_checkpoint(model, files, targets, conv1d, dtype, blocksize, double_quant, device, rename)
+    unexpected = _stream_checkpoint(model, files, targets, conv1d, dtype, blocksize, double_quant, device, names)
     if not isinstance(model.get_output_embeddings(), NF4Linear):
         model.tie_weights()  # a quantized lm_head keeps its own NF4 weight (saved beside the embedding)
     missing = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
@@ -372,49 +385,48 @@ def load_nf4_model(path: str, *, model_cls=None, dtype: torch.dtype = torch.bflo
     return _finish_nf4_model(model.to(device).eval())
 
 
-def _prefix_renamer(model: nn.Module, keys: set[str]):
-    """transformers' base_model_prefix rule: a base model's checkpoint ("layers.0...") loads into a model with a head
-    (whose names start "model."), and a full model's into its base model; other keys keep their names."""
-    prefix = getattr(model, "base_model_prefix", "")
-    if not prefix:
-        return lambda key: key
-    stored = any(k.startswith(prefix + ".") for k in keys)
-    expected = isinstance(getattr(model, prefix, None), nn.Module)
-    if expected and not stored:
-        return lambda key: f"{prefix}.{key}"
-    if stored and not expected:
-        return lambda key: key[len(prefix) + 1:] if key.startswith(prefix + ".") else key
-    return lambda key: key
-
-
-def _stream_checkpoint(model, files, targets, conv1d, dtype, blocksize, double_quant, device, rename) -> list[str]:
+def _stream_checkpoint(model, files, targets, conv1d, dtype, blocksize, double_quant, device,
+                       names: CheckpointKeys) -> list[str]:
     """Read the checkpoint into `model` one tensor at a time (dense linear targets quantized as they come);
-    `files` name the tensors as the model does, `rename` maps the stored names to them. Returns the names the
+    `files` name the tensors as the model does, `names` maps the stored names to them and merges the tensors
+    transformers' conversions merge (per-expert weights into a fused one), once all are read. Returns the names the
     model has no place for."""
     from safetensors import safe_open
 
     unexpected = []
     bnb_parts: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)  # packed codes and scales: small
+
+    def place(key, tensor):  # a dense tensor: quantized when it is a target's weight
+        module_name = _weight_owner(key, targets)
+        if tensor.is_floating_point():  # as transformers casts (before bitsandbytes quantizes): to the model's own
+            tensor = tensor.to(_model_dtype(model, key) or dtype)  # dtype (fp32: _keep_in_fp32_modules), else dtype
+        if module_name in targets and key == f"{module_name}.weight":  # a dense linear weight
+            if module_name in conv1d:
+                tensor = tensor.t().contiguous()  # Conv1D stores (in, out); NF4 holds (out, in)
+            model.get_submodule(module_name).weight = quantize_nf4(
+                tensor, blocksize=blocksize, double_quant=double_quant, name=key).to(device)
+        elif not _assign(model, key, tensor.to(device)):
+            unexpected.append(key)
+
     for file, file_keys in files.items():
         with safe_open(file, framework="pt", device="cpu") as f:
-            stored_name = {rename(k): k for k in f.keys()}
+            stored_name = {names.name(k): k for k in f.keys()}
             for key in file_keys:
-                module_name = _weight_owner(key, targets)
-                if targets.get(module_name):
-                    bnb_parts[module_name][key] = f.get_tensor(stored_name[key])
-                    continue
                 tensor = f.get_tensor(stored_name[key])
-                if tensor.is_floating_point():
-                    tensor = tensor.to(dtype)  # as transformers casts before bitsandbytes quantizes
-                if module_name in targets and key == f"{module_name}.weight":  # a dense linear weight
-                    if module_name in conv1d:
-                        tensor = tensor.t().contiguous()  # Conv1D stores (in, out); NF4 holds (out, in)
-                    model.get_submodule(module_name).weight = quantize_nf4(
-                        tensor, blocksize=blocksize, double_quant=double_quant, name=key).to(device)
-                    del tensor  # this layer's dense copy is gone before the next one is read
-                    continue
-                if not _assign(model, key, tensor.to(device)):
-                    unexpected.append(key)
+                module_name = _weight_owner(key, targets)
+                if names.merged_into(key):
+                    names.add(key, stored_name[key], tensor)
+                elif targets.get(module_name):
+                    bnb_parts[module_name][key] = tensor
+                else:
+                    place(key, tensor)
+                del tensor  # a layer's dense copy is gone before the next one is read
+    for key, tensor in names.merged(model):
+        module_name = _weight_owner(key, targets)
+        if targets.get(module_name):
+            raise ValueError(f"load_nf4_model: '{key}' is stored NF4 in parts that transformers merges on loading; "
+                             "only dense tensors can be merged: load the dense checkpoint")
+        place(key, tensor)
     for module_name, parts in bnb_parts.items():
         model.get_submodule(module_name).weight = NF4Weight.from_bnb_state_dict(parts, f"{module_name}.weight",
                                                                                 device=device)
