@@ -34,8 +34,8 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-from fastft.integration.attention_masks import (bidirectional_window, documents, documents_from_mask,
-                                               fastft_attention_mask, traced_documents)
+from fastft.integration.attention_masks import (bidirectional_window, causal_mask_window, documents,
+                                               documents_from_mask, fastft_attention_mask, traced_documents)
 from fastft.ops.attention import flash_attention, gqa_flag, mask_bounds, visible_mask
 from fastft.ops.compiled import compiling
 from fastft.ops.shared import BACKENDS, require_triton
@@ -273,6 +273,8 @@ def fastft_attention_forward(module, query, key, value, attention_mask, dropout=
                          "(it supports Llama-style attention); use 'sdpa' or 'eager' for this model")
     _check_not_chunked(module, key.shape[2])
     is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    if sliding_window is None and is_causal:
+        sliding_window = _masked_window(module)
     if not is_causal and sliding_window is not None:
         sliding_window = bidirectional_window(module, sliding_window)
     kw = dict(causal=bool(is_causal), softmax_scale=scaling, window=sliding_window)
@@ -322,6 +324,18 @@ def fastft_attention_forward(module, query, key, value, attention_mask, dropout=
 
     _check_prefix_window(kw, k.shape[1])
     return flash_attention(q, k, v, backend=_backend, **kw), None
+
+
+def _masked_window(module):
+    """The sliding window a model's own masks apply to this layer when its attention module does not hand
+    `sliding_window` to the interface (Qwen2-MoE, PhiMoE: eager and sdpa see the window in the mask, which the
+    fastft mask function leaves out): the layer's type where the config lists them, else the window of the causal
+    mask the model built this forward (one mask for every layer)."""
+    config = getattr(module, "config", None)
+    types, layer = getattr(config, "layer_types", None), getattr(module, "layer_idx", None)
+    if types is not None and layer is not None and layer < len(types):
+        return getattr(config, "sliding_window", None) if types[layer] == "sliding_attention" else None
+    return causal_mask_window(config)
 
 
 def _check_not_chunked(module, n_keys: int) -> None:

@@ -34,8 +34,15 @@ _OVERLAY_UNDER_COMPILE = (
 _packing_seen: dict[str, tuple | None] = {}
 _thread_note = threading.local()
 # "bidirectional": (id of the config, the reach of its bidirectional sliding mask: local_size), written by the mask
-# function, read by bidirectional_window (a constant per config: threads write the same value)
+# function, read by bidirectional_window; "causal": (id of the config, its causal mask's window or None), read by
+# causal_mask_window (each a constant per config: threads write the same value)
 _mask_reach: dict[str, tuple] = {}
+
+
+def causal_mask_window(config) -> int | None:
+    """The sliding window of the causal mask the model of `config` built (None: no window, or no mask seen)."""
+    seen = _mask_reach.get("causal")
+    return seen[1] if seen is not None and seen[0] == id(config) else None
 
 
 def traced_documents(starts, batch_size: int, refusal: str):
@@ -227,6 +234,8 @@ def fastft_attention_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset
     kept = unskippable or (not causal and kwargs.get("allow_is_bidirectional_skip") is False)
     if not causal and kwargs.get("local_size") is not None:  # a bidirectional sliding mask: its reach
         _mask_reach["bidirectional"] = (id(config), kwargs["local_size"])
+    if causal:  # the window of the causal mask a model without layer_types built this forward (None: no window)
+        _mask_reach["causal"] = (id(config), kwargs.get("local_size"))
     # traced with a static cache, the offsets are tensors: comparing them would branch on data (a graph break)
     traced_offsets = compiling() and any(isinstance(x, torch.Tensor) for x in (q_offset, kv_offset))
     if causal:  # read by the attention calls of this forward (documents_from_mask)
