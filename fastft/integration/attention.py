@@ -292,6 +292,7 @@ def fastft_attention_forward(module, query, key, value, attention_mask, dropout=
     # (B, H, S, D) -> (B, S, H, D) views: the kernels take any token/head strides
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
     B = q.shape[0]
+    q, k, v, fkw, v_dim = _kernel_head_dims(q, k, v, kw)
 
     if attention_mask is not None:
         # non-causal: padded queries still see the real keys; traced: unpadding reads the mask (a graph break), so
@@ -304,7 +305,7 @@ def fastft_attention_forward(module, query, key, value, attention_mask, dropout=
             if compiling() and q.shape[1] == k.shape[1] and is_causal and attention_mask.dim() == 2:
                 out = _padded_queries_as_unpadded(out, attention_mask.bool(), sliding_window)
             return out, None
-        return _unpadded(q, k, v, attention_mask, **kw), None
+        return _cropped(_unpadded(q, k, v, attention_mask, **fkw), v_dim), None
 
     cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
     max_q, max_k = kwargs.get("max_length_q"), kwargs.get("max_length_k")
@@ -312,7 +313,7 @@ def fastft_attention_forward(module, query, key, value, attention_mask, dropout=
         # one set of boundaries for queries and keys (self-attention); comparing values would sync every layer
         if cu_q.shape != cu_k.shape:
             raise ValueError("attn_implementation='fastft': packed sequences need cu_seq_lens_q == cu_seq_lens_k")
-        return _varlen(q, k, v, cu_q.to(torch.int32), _longest(max_q, max_k), **kw), None
+        return _cropped(_varlen(q, k, v, cu_q.to(torch.int32), _longest(max_q, max_k), **fkw), v_dim), None
 
     packed, position_ids = None, kwargs.get("position_ids")
     if q.shape[1] == k.shape[1] and position_ids is not None:
@@ -320,10 +321,38 @@ def fastft_attention_forward(module, query, key, value, attention_mask, dropout=
     elif q.shape[1] == k.shape[1] and is_causal:  # GPT-BigCode's layers get no position_ids: the mask's documents
         packed = documents_from_mask(module)
     if packed is not None:
-        return _varlen(q, k, v, *packed, **kw), None
+        return _cropped(_varlen(q, k, v, *packed, **fkw), v_dim), None
 
     _check_prefix_window(kw, k.shape[1])
-    return flash_attention(q, k, v, backend=_backend, **kw), None
+    return _cropped(flash_attention(q, k, v, backend=_backend, **fkw), v_dim), None
+
+
+def _kernel_head_dims(q, k, v, kw):
+    """(q, k, v, kw, v_dim) as the kernels take them: one head_dim for q, k and v, a multiple of 8 in [16, 256].
+    MLA attention (DeepSeek-V2/V3, Kimi-K2, MiniCPM3: q/k 192, v 128) and head sizes off that grid (18, 20, 4) are
+    zero-padded to the next size the kernels take: exact, zero q/k columns add nothing to the scores and zero v
+    columns give zero output columns, cropped after (`_cropped`); the softmax scale stays the q/k head dim's. As
+    transformers' FlashAttention integration pads v for MLA. v_dim None: nothing padded."""
+    d_qk, d_v = q.shape[-1], v.shape[-1]
+    target = max(16, -(-max(d_qk, d_v) // 8) * 8)
+    if d_qk == d_v == target:
+        return q, k, v, kw, None
+    kw = dict(kw)
+    if kw.get("softmax_scale") is None:
+        kw["softmax_scale"] = d_qk ** -0.5
+
+    def pad(t):
+        return t if t.shape[-1] == target else F.pad(t, (0, target - t.shape[-1]))
+
+    for name in ("prefix_k", "prefix_v"):
+        if kw.get(name) is not None:
+            kw[name] = pad(kw[name])
+    return pad(q), pad(k), pad(v), kw, d_v
+
+
+def _cropped(out, v_dim):
+    """The attention output with _kernel_head_dims' zero columns cut off (out itself when nothing was padded)."""
+    return out if v_dim is None or out.shape[-1] == v_dim else out[..., :v_dim]
 
 
 def _masked_window(module):
