@@ -232,28 +232,29 @@ def _checkpoint_files(path: str) -> dict[str, list[str]]:
         return {single: list(f.keys())}
 
 
-def _model_dtype(model: nn.Module, name: str) -> torch.dtype | None:
-    """The floating dtype of the model's (meta) parameter or buffer `name`, None where it has none."""
+def _owner(model: nn.Module, name: str) -> tuple[nn.Module | None, str]:
+    """(the module holding the parameter or buffer `name`, its leaf name); None for a module the model lacks."""
     owner_name, _, leaf = name.rpartition(".")
     try:
-        owner = model.get_submodule(owner_name) if owner_name else model
+        return (model.get_submodule(owner_name) if owner_name else model), leaf
     except AttributeError:
-        return None
-    held = owner._parameters.get(leaf, owner._buffers.get(leaf))
+        return None, leaf
+
+
+def _model_dtype(model: nn.Module, name: str) -> torch.dtype | None:
+    """The floating dtype of the model's (meta) parameter or buffer `name`, None where it has none."""
+    owner, leaf = _owner(model, name)
+    held = None if owner is None else owner._parameters.get(leaf, owner._buffers.get(leaf))
     return held.dtype if held is not None and held.is_floating_point() else None
 
 
 def _assign(model: nn.Module, name: str, value: torch.Tensor) -> bool:
     """Put a loaded tensor in place of the (meta) parameter or buffer `name`; False when the model has none."""
-    owner_name, _, leaf = name.rpartition(".")
-    try:
-        owner = model.get_submodule(owner_name) if owner_name else model
-    except AttributeError:
-        return False
-    if leaf in owner._parameters:
+    owner, leaf = _owner(model, name)
+    if owner is not None and leaf in owner._parameters:
         old = owner._parameters[leaf]
         owner._parameters[leaf] = nn.Parameter(value, requires_grad=old.requires_grad if old is not None else False)
-    elif leaf in owner._buffers:
+    elif owner is not None and leaf in owner._buffers:
         owner._buffers[leaf] = value
     else:
         return False
@@ -336,9 +337,10 @@ def load_nf4_model(path: str, *, model_cls=None, dtype: torch.dtype = torch.bflo
     A dense checkpoint's linear weights are quantized (blocksize, double_quant) as they stream in, except
     `default_skip(model)` (unless use_default_skip=False) and `skip` (names or dotted name parts). Other floating
     tensors are cast to `dtype` (those the model keeps in fp32 stay fp32). Keys are read as transformers reads them
-    (fastft.integration.checkpoint_keys: a checkpoint in the original layout, per-expert weights merged). model_cls: a transformers model class (default AutoModelForCausalLM); as in
-    transformers, checkpoint tensors the class has no place for are dropped and modules the checkpoint lacks
-    entirely (a new head) are initialised, with a warning naming both.
+    (fastft.integration.checkpoint_keys: a checkpoint in the original layout, per-expert weights merged).
+    model_cls: a transformers model class (default AutoModelForCausalLM); as in transformers, checkpoint tensors the
+    class has no place for are dropped and modules the checkpoint lacks entirely (a new head) are initialised, with a
+    warning naming both.
     """
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+import torch
 from torch import nn
 
 # transformers decoders that, given no position_ids, count positions over the attention mask (OPTDecoder:
@@ -14,6 +15,13 @@ MASK_POSITION_MODEL_TYPES = frozenset({"opt"})
 
 def counts_positions_over_mask(model: nn.Module) -> bool:
     return getattr(getattr(model, "config", None), "model_type", None) in MASK_POSITION_MODEL_TYPES
+
+
+def positions_over_mask(mask: torch.Tensor, before: int = 0) -> torch.Tensor:
+    """OPT's positions for a (batch, length) attention mask, `before` kept tokens not in it (a prefix) counted
+    first: cumsum over the kept tokens, padding at -1."""
+    mask = mask.long()
+    return (before + mask.cumsum(1)) * mask - 1
 
 
 def generate_adjusting_inputs(base: nn.Module, adjust: Callable[[dict], dict], args: tuple, kwargs: dict):

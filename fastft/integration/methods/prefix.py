@@ -24,7 +24,8 @@ from torch import nn
 from fastft.integration.attention import NAME, prefix_expected  # importing registers "fastft"
 from fastft.integration.base_layers import attribute_set
 from fastft.integration.checkpointing import reentrant_layers
-from fastft.integration.methods.generation import counts_positions_over_mask, generate_adjusting_inputs
+from fastft.integration.methods.generation import (counts_positions_over_mask, generate_adjusting_inputs,
+                                                   positions_over_mask)
 
 
 # model types whose attention does more with its cached keys and values than attend to them, or whose layers do not
@@ -175,8 +176,7 @@ def _positions_after_prefix(model: nn.Module, ref: torch.Tensor, attention_mask,
     row's real tokens sit at P, P + 1, ... as when the row runs alone."""
     batch, seq = ref.shape[0], ref.shape[1]
     if attention_mask is not None and attention_mask.dim() == 2 and counts_positions_over_mask(model):
-        mask = attention_mask.long()  # (batch, cached + seq)
-        return ((P + mask.cumsum(1)) * mask - 1)[:, cached:]
+        return positions_over_mask(attention_mask, before=P)[:, cached:]  # the mask: (batch, cached + seq)
     start = P + cached
     return torch.arange(start, start + seq, device=ref.device).unsqueeze(0).expand(batch, -1)
 

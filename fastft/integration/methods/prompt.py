@@ -18,7 +18,8 @@ from peft import PeftModel, PeftModelForCausalLM, PromptEncoderConfig, PromptTun
 from torch import nn
 from transformers import DynamicCache
 
-from fastft.integration.methods.generation import counts_positions_over_mask, generate_adjusting_inputs
+from fastft.integration.methods.generation import (counts_positions_over_mask, generate_adjusting_inputs,
+                                                   positions_over_mask)
 
 CONFIGS = (PromptTuningConfig, PromptEncoderConfig)
 
@@ -88,8 +89,7 @@ class FastftPromptModel(PeftModelForCausalLM):
             if over_mask and isinstance(full, torch.Tensor) and full.dim() == 2:
                 # as OPT counts them in peft's forward (given none): over the kept tokens, virtual ones included,
                 # so a left-padded row's real tokens follow its virtual ones
-                full = full.long()
-                inputs["position_ids"] = (full.cumsum(1) * full - 1)[:, -seq:]
+                inputs["position_ids"] = positions_over_mask(full)[:, -seq:]
             else:  # peft's forward passes none: positions count every token, virtual and padding included
                 inputs["position_ids"] = torch.arange(start, start + seq, device=device)[None].expand(batch, -1)
             return inputs
