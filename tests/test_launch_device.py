@@ -109,9 +109,9 @@ def test_path_choices_that_time_launches_run_on_the_operands_device():
     """The QLoRA base-GEMM path choice and the NF4 GEMV variant choice time their launches outside any kernel
     launcher: on cuda:0 while the layer sits on cuda:1, the timing events measured the wrong GPU."""
     from fastft.kernels import nf4_cuda
-    from fastft.ops import qlora
+    from fastft.ops import qlora_path
 
-    for chooser in (qlora._base_gemm, nf4_cuda.nf4_gemv):
+    for chooser in (qlora_path.nf4_base_gemm, nf4_cuda.nf4_gemv):
         assert getattr(chooser, "__wrapped__", None) is not None, chooser.__qualname__  # wears on_operand_device
 
 

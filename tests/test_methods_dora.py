@@ -8,6 +8,7 @@ from peft import LoraConfig
 
 import fastft
 from fastft.integration.methods.dora import FusedDoraLinear, FusedQDoraLinear
+from fastft.ops import qlora_path
 from fastft.ops.dora import dora_linear, dora_linear_reference, dora_row_norm
 from fastft.quant.nf4_weight import NF4Weight, quantize_nf4
 from tests.methods_utils import (assert_round_trips_with_peft, assert_same_step, fastft_and_peft, ids, perturb_trainables,
@@ -100,11 +101,19 @@ def test_row_norm_nf4_weight_triton_matches_dequantized():
 
 
 @interpreter_only
+@pytest.mark.parametrize("path", qlora_path.PATHS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_op_on_nf4_weight(dtype):
+def test_fused_op_on_nf4_weight(monkeypatch, dtype, path):
+    """QDoRA's base GEMM takes the QLoRA path FASTFT_QLORA_PATH forces (or the measured one): the row norm decodes
+    W into the shared scratch once, the dequant path again for the forward and for dx, the fused path never."""
+    monkeypatch.setenv(qlora_path.ENV, path)
+    decoded = []
+    scratch = qlora_path.dequant_scratch
+    monkeypatch.setattr(qlora_path, "dequant_scratch", lambda *a: decoded.append(1) or scratch(*a))
     x, W, b, A, B, m = _inputs(21, 128, 40, 4, dtype)
     qweight = quantize_nf4(W.float(), blocksize=64)
     _check(x, qweight, b, A, B, m)
+    assert len(decoded) == 1 + (2 if path == "dequant" else 0)
 
 
 # ----------------------------------------------------------------------------------------------

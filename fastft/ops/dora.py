@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from fastft.ops.compiled import compiling, needed, unused
 from fastft.ops.compiled_args import fresh_like, weight_args, weight_from_args
+from fastft.ops.qlora_path import nf4_base_gemm, on_dequantized
 from fastft.ops.lora import (backward_operands, rank_operands, split_scaling, tail_factor,
                              times_b)
 from fastft.ops.shared import (as_rows, autocast_inputs, autocast_off, check, check_backend, finite, nf4_fused_ok,
@@ -66,8 +67,6 @@ def dora_row_norm(weight, lora_A, lora_B, scaling: float, dtype: torch.dtype | N
         R = rank_pad(lora_A.shape[0])
         A_p, B_p = padded(lora_A.detach(), R, K, dtype), padded(lora_B.detach(), N, R, dtype)
         if isinstance(weight, NF4Weight):
-            from fastft.ops.qlora_path import on_dequantized
-
             # read once by the kernel, before any later reuse of the scratch
             return on_dequantized(weight, dtype, lambda w: row_sq_norm(w, A_p, B_p, scaling)).sqrt()
         return row_sq_norm(weight.detach().to(dtype), A_p, B_p, scaling).sqrt()
@@ -154,10 +153,8 @@ def dora_forward(x, weight, bias, lora_A, lora_B, magnitude, scaling, row_norm):
     sigma = (magnitude.detach().float() / row_norm).contiguous()
     xs = rank_project(x2, A_p, scale=split_scaling(scaling, dtype)[0])
     nf4 = isinstance(weight, NF4Weight)
-    if nf4:
-        from fastft.kernels.nf4_gemm import nf4_lora_gemm
-
-        z = nf4_lora_gemm(x2, weight.kernel_operand(), xs, B_p, None, w_nk=True)
+    if nf4:  # the base GEMM on the path FASTFT_QLORA_PATH forces or the measured one (fastft.ops.qlora_path)
+        z = nf4_base_gemm(weight, x2, xs, B_p, None, forward=True)
         y = z * sigma  # in fp32 (sigma's dtype): one device op fewer than z.float() * sigma
         y = (y if bias is None else y + bias.float()).to(dtype)
         saved_out = z  # the unscaled output: dm = Σ dy·z / ‖W'‖
@@ -191,10 +188,8 @@ def dora_backward(saved, meta, weight, dy, need_x, need_b, need_A, need_B, need_
         if need_x:
             A_g = tail_factor(A_p, b_scale)
             if nf4:
-                from fastft.kernels.nf4_gemm import nf4_lora_gemm
-
                 dz = (dy2 * sigma).to(dtype)  # in fp32, as sigma
-                dx = nf4_lora_gemm(dz, weight.kernel_operand(), g, A_g, None, w_nk=False)
+                dx = nf4_base_gemm(weight, dz, g, A_g, None, forward=False)
             else:
                 dx = lora_gemm(dy2, weight, g, A_g, None, b_nk=False, k_scale=sigma)
             dx = dx.view(*x_shape)

@@ -19,11 +19,10 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from fastft.kernels.runtime import on_operand_device
-from fastft.ops import qlora_path
 from fastft.ops.compiled import compiling, needed, unused
 from fastft.ops.compiled_args import (fresh_like, nf4_args, nf4_from_args, refuse_replayed_dropout, seed_int,
                                       traced_seed)
+from fastft.ops.qlora_path import nf4_base_gemm
 from fastft.ops.qlora_path import release_dequant_scratch  # noqa: F401 - public here too
 from fastft.ops.lora import (add_rank_path, backward_operands, fused_lora_backward, fused_lora_forward,
                              lora_linear_reference, lora_meta, saved_factors)
@@ -115,13 +114,13 @@ def validate_qlora_linear_args(x, qweight, bias, lora_A, lora_B, scaling, dropou
 def qlora_forward(x, qweight, bias, lora_A, lora_B, scaling, dropout_p, seed=None):
     """Both doors' forward (fastft.ops.compiled): (y, saved, meta) as fused_lora_forward."""
     return fused_lora_forward(x, bias, lora_A, lora_B, scaling, dropout_p,
-                              lambda x2, xs, B_p, b: _base_gemm(qweight, x2, xs, B_p, b, forward=True), seed=seed)
+                              lambda x2, xs, B_p, b: nf4_base_gemm(qweight, x2, xs, B_p, b, forward=True), seed=seed)
 
 
 def qlora_backward(saved, meta, qweight, dy, need_x, need_b, need_A, need_B):
     """Both doors' backward: (dx, db, dA, dB), None where not needed."""
     _, _, dx, db, dA, dB = fused_lora_backward(
-        saved, meta, dy, lambda dy2, g, A_p, p, seed: _base_gemm(qweight, dy2, g, A_p, None, forward=False,
+        saved, meta, dy, lambda dy2, g, A_p, p, seed: nf4_base_gemm(qweight, dy2, g, A_p, None, forward=False,
                                                                  p_drop=p, seed=seed),
         need_x, need_b, need_A, need_B)
     return dx, db, dA, dB
@@ -149,28 +148,6 @@ class QLoRALinearFunction(torch.autograd.Function):
         return dx, None, db, dA, dB, None, None
 
 
-@on_operand_device  # the path choice times both paths: on the weight's GPU (a model spread over several)
-def _base_gemm(qweight, a, lo, t, bias, *, forward: bool, p_drop: float = 0.0, seed: int = 0):
-    """The forward's y = a·Wᵀ + lo·tᵀ + b (t = B_p) or dx = a·W + keep∘(lo·t) (t = A_p) on the selected path;
-    lo = t = None: no rank tail (nf4_linear)."""
-    from fastft.kernels.lora_gemm import lora_gemm
-    from fastft.kernels.nf4_gemm import nf4_lora_gemm
-
-    N, K = qweight.shape
-    out_cols, red = (N, K) if forward else (K, N)
-    rank = 0 if lo is None else lo.shape[1]  # nf4_linear: no rank tail
-    key = qlora_path.path_key(a.shape[0], out_cols, red, rank, a.dtype, "forward" if forward else "dx")
-
-    def run(path):
-        if path == "fused":
-            return nf4_lora_gemm(a, qweight.kernel_operand(), lo, t, bias, w_nk=forward, p_drop=p_drop, seed=seed)
-        # the scratch is overwritten by the next layer: used here and dropped
-        return qlora_path.on_dequantized(qweight, a.dtype, lambda w: lora_gemm(a, w, lo, t, bias, b_nk=forward,
-                                                                              p_drop=p_drop, seed=seed))
-
-    return qlora_path.select(key, run, fused_ok=nf4_fused_ok(qweight))
-
-
 def nf4_forward(x, qweight, bias):
     """Both doors' forward of nf4_linear: y as rows (M, N) (see rows_to)."""
     from fastft.kernels import nf4_cuda
@@ -180,7 +157,7 @@ def nf4_forward(x, qweight, bias):
     if nf4_cuda.supported(x2, w):  # decode: 1–16 tokens
         y = nf4_cuda.nf4_gemv(x2, w, bias)
     else:
-        y = _base_gemm(qweight, x2, None, None, bias, forward=True)
+        y = nf4_base_gemm(qweight, x2, None, None, bias, forward=True)
     return y
 
 
@@ -190,7 +167,7 @@ def nf4_backward(qweight, dy, x_shape, bias_dtype, need_x, need_b):
     dy2 = dy.reshape(-1, N).contiguous()
     dx = db = None
     if need_x:
-        dx = _base_gemm(qweight, dy2, None, None, None, forward=False).view(x_shape)
+        dx = nf4_base_gemm(qweight, dy2, None, None, None, forward=False).view(x_shape)
     if need_b and bias_dtype is not None:
         db = dy2.sum(0, dtype=torch.float32).to(bias_dtype)
     return dx, db

@@ -1,4 +1,4 @@
-"""The two ways to run the QLoRA base GEMM, and the measured choice between them per shape.
+"""The two ways to run the QLoRA (and QDoRA) base GEMM, and the measured choice between them per shape.
 
 fused    fastft.kernels.nf4_gemm.nf4_lora_gemm: W decoded in registers inside the GEMM's tile loads; W never
          exists in memory as bf16.
@@ -31,6 +31,8 @@ import torch
 
 from fastft.kernels.autotune import Tuner
 from fastft.kernels.host import bucket
+from fastft.kernels.runtime import on_operand_device
+from fastft.ops.shared import nf4_fused_ok
 
 PATHS = ("fused", "dequant")
 ENV = "FASTFT_QLORA_PATH"
@@ -73,6 +75,28 @@ def select(key: tuple, run: Callable[[str], torch.Tensor], *, fused_ok: bool = T
 
     TUNER.run(key, launch)
     return result["out"]
+
+
+@on_operand_device  # the choice times both paths: on the weight's GPU (a model spread over several)
+def nf4_base_gemm(qweight, a, lo, t, bias, *, forward: bool, p_drop: float = 0.0, seed: int = 0):
+    """The QLoRA (and QDoRA) base GEMM on the selected path: forward y = a·Wᵀ + lo·tᵀ + b (t = B_p) or
+    dx = a·W + keep∘(lo·t) (t = A_p), W the NF4Weight `qweight`; lo = t = None: no rank tail (nf4_linear)."""
+    from fastft.kernels.lora_gemm import lora_gemm
+    from fastft.kernels.nf4_gemm import nf4_lora_gemm
+
+    N, K = qweight.shape
+    out_cols, red = (N, K) if forward else (K, N)
+    rank = 0 if lo is None else lo.shape[1]
+    key = path_key(a.shape[0], out_cols, red, rank, a.dtype, "forward" if forward else "dx")
+
+    def run(path):
+        if path == "fused":
+            return nf4_lora_gemm(a, qweight.kernel_operand(), lo, t, bias, w_nk=forward, p_drop=p_drop, seed=seed)
+        # the scratch is overwritten by the next layer: used here and dropped
+        return on_dequantized(qweight, a.dtype, lambda w: lora_gemm(a, w, lo, t, bias, b_nk=forward,
+                                                                    p_drop=p_drop, seed=seed))
+
+    return select(key, run, fused_ok=nf4_fused_ok(qweight))
 
 
 def chosen_path(key: tuple) -> str | None:
