@@ -137,7 +137,7 @@ for s in $sections; do
     # configs: FASTFT_AUTOTUNE=0; the tests that sweep configs force each one); --durations sizes the next run
     kernel-tests) FASTFT_AUTOTUNE=0 run 180 kernel-tests python3 -m pytest -q \
                     $(python3 -c "import xdist" > /dev/null 2>&1 && printf '%s' '-n 4') -m "gpu or anydevice" tests/test_lora_gpu.py \
-                    tests/test_nf4_gpu.py tests/test_qlora_path.py tests/test_attention_op.py tests/test_fp16_rank_split_backward.py \
+                    tests/test_nf4_gpu.py tests/test_qlora_path.py tests/test_methods_dora.py tests/test_attention_op.py tests/test_fp16_rank_split_backward.py \
                     tests/test_inplace_outputs.py tests/test_large_offsets.py \
                     -p no:cacheprovider \
                     --durations=15 ;;
@@ -163,7 +163,7 @@ for s in $sections; do
     # issue 10's diagnosis: ncu counters of the NF4 GEMV and dequantize, cProfile of eager LoRA / QLoRA calls
     profile) run 180 profile bash benchmarks/gpu_profile.sh ;;
     nf4-tests) run 180 nf4-tests python3 -m pytest -q -m gpu $(python3 -c "import xdist" > /dev/null 2>&1 && printf '%s' '-n 4') \
-                 tests/test_nf4_gpu.py tests/test_qlora_path.py -p no:cacheprovider ;;
+                 tests/test_nf4_gpu.py tests/test_qlora_path.py tests/test_methods_dora.py -p no:cacheprovider ;;
     losses-tests) run 120 losses-tests python3 -m pytest -q -m gpu tests/test_linear_losses_gpu.py tests/test_add_product.py -p no:cacheprovider ;;
     losses) run 150 losses python3 benchmarks/gpu_losses.py ;;
     train-tests) run 120 train-tests python3 -m pytest -q -m gpu tests/test_train_gpu.py -p no:cacheprovider ;;

@@ -116,6 +116,16 @@ def test_fused_op_on_nf4_weight(monkeypatch, dtype, path):
     assert len(decoded) == 1 + (2 if path == "dequant" else 0)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("path", qlora_path.PATHS)
+def test_fused_op_on_nf4_weight_each_path_on_gpu(monkeypatch, path):
+    """QDoRA on both QLoRA base-GEMM paths on the GPU, bf16, a ragged token count, against fp64."""
+    monkeypatch.setenv(qlora_path.ENV, path)
+    x, W, b, A, B, m = (t.detach().cuda().requires_grad_(t.requires_grad)
+                        for t in _inputs(777, 1024, 1536, 16, torch.bfloat16))
+    _check(x, quantize_nf4(W.float(), blocksize=64), b, A, B, m)
+
+
 # ----------------------------------------------------------------------------------------------
 # Layer and model against peft
 
