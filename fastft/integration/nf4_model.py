@@ -31,7 +31,7 @@ from fastft.integration.checkpointing import (drop_input_grad_hooks_if_unneeded,
                                              input_grad_hooks)
 from fastft.integration.module_names import name_hint
 from fastft.integration.sharded_state import write_on_rank0
-from fastft.modules.nf4_linear import NF4Linear, is_conv1d, linear_features
+from fastft.modules.nf4_linear import NF4Linear, computes_linear, is_conv1d, linear_features
 from fastft.quant.nf4_weight import QUANT_STATE_KEY, NF4Weight, local_nf4, quantize_nf4
 
 DEFAULT_SKIP = ("lm_head",)
@@ -166,7 +166,7 @@ def _plain_forward(module: nn.Module, parent: nn.Module | None) -> bool:
     """The layer computes x·Wᵀ + b through its own forward, as NF4Linear does."""
     if isinstance(parent, nn.MultiheadAttention):
         return False
-    return is_conv1d(module) or type(module).forward is nn.Linear.forward
+    return is_conv1d(module) or computes_linear(module)
 
 
 def _refuse_adapters(model: nn.Module) -> None:

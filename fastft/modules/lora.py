@@ -17,6 +17,7 @@ import torch
 from peft.tuners.lora import Linear as PeftLoraLinear
 from torch import nn
 
+from fastft.modules.nf4_linear import computes_linear
 from fastft.ops.lora import lora_linear, stacked_adapters
 from fastft.ops.shared import (AUTOCAST_CASTS, BACKENDS, device_hook_moves_nothing, forward_interceptor,
                                global_module_hooks, replaced_forward, require_triton)
@@ -62,9 +63,9 @@ def adapters_called_as_is(names, *module_dicts, device: torch.device) -> bool:
 
 
 def plain_linear(module: nn.Module, device: torch.device) -> bool:
-    """A plain nn.Linear (its own forward, see called_as_is): the fused ops may stand in for its forward on device."""
-    return (isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
-            and called_as_is(module, device))
+    """A plain nn.Linear (nn.Linear's forward or one computing the same, see computes_linear; called as is, see
+    called_as_is): the fused ops may stand in for its forward on device."""
+    return computes_linear(module) and called_as_is(module, device)
 
 
 class FusedLoraBase(PeftLoraLinear):
