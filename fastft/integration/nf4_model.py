@@ -278,9 +278,11 @@ def _nf4_targets(model: nn.Module, keys: set[str], skip, defaults, pre_quantized
     """Linear module name → True when its weight is bnb-NF4 in the checkpoint, False when dense (to quantize).
 
     A pre-quantized checkpoint's layers stay as stored: a dense one there was kept dense on purpose
-    (llm_int8_skip_modules, _keep_in_fp32_modules), so only a dense checkpoint's layers are quantized (`skip` aside).
+    (llm_int8_skip_modules, _keep_in_fp32_modules), so only a dense checkpoint's layers are quantized (`skip` aside,
+    and, as quantize_model leaves them, layers that compute otherwise than x·Wᵀ + b).
     """
     targets = {}
+    parents = {id(child): parent for parent in model.modules() for child in parent.children()}
     for name, m in model.named_modules():
         if not _quantizable(m) or not name:
             continue
@@ -288,7 +290,8 @@ def _nf4_targets(model: nn.Module, keys: set[str], skip, defaults, pre_quantized
             targets[name] = True
         elif any(k.startswith(f"{name}.weight.quant_state.bitsandbytes__") for k in keys):
             raise ValueError(f"load_nf4_model: '{name}.weight' is stored 4-bit but not as NF4 (only nf4 is supported)")
-        elif not pre_quantized and not _kept_dense(name, skip, defaults) and f"{name}.weight" in keys:
+        elif (not pre_quantized and not _kept_dense(name, skip, defaults) and f"{name}.weight" in keys
+              and _plain_forward(m, parents.get(id(m)))):  # as quantize_model: DeepSeek-V4's grouped o_a_proj
             targets[name] = False
     return targets
 
@@ -335,8 +338,9 @@ def load_nf4_model(path: str, *, model_cls=None, dtype: torch.dtype = torch.bflo
     NF4 weights as NF4Linear (their blocksize and double quantization kept), dense ones dense (what it was saved
     with llm_int8_skip_modules or _keep_in_fp32_modules stays so); `skip` cannot make a stored NF4 layer dense.
     A dense checkpoint's linear weights are quantized (blocksize, double_quant) as they stream in, except
-    `default_skip(model)` (unless use_default_skip=False) and `skip` (names or dotted name parts). Other floating
-    tensors are cast to `dtype` (those the model keeps in fp32 stay fp32). Keys are read as transformers reads them
+    `default_skip(model)` (unless use_default_skip=False), `skip` (names or dotted name parts) and what
+    quantize_model leaves dense (a Linear subclass with its own forward). Other floating tensors are cast to `dtype`
+    (those the model keeps in fp32 stay fp32). Keys are read as transformers reads them
     (fastft.integration.checkpoint_keys: a checkpoint in the original layout, per-expert weights merged).
     model_cls: a transformers model class (default AutoModelForCausalLM); as in transformers, checkpoint tensors the
     class has no place for are dropped and modules the checkpoint lacks entirely (a new head) are initialised, with a
