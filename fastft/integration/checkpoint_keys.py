@@ -4,7 +4,9 @@ Two rules, as transformers' own loader applies them: base_model_prefix (a base m
 with a head, and a full model's into its base model), and on transformers 5 the model's checkpoint conversions
 (`transformers.conversion_mapping`): save_pretrained writes, and hub checkpoints hold, keys in the original layout,
 which the loader renames (GPT-NeoX's `embed_out` is the model's `lm_head`, Gemma 3's `language_model.model.*` its
-`model.language_model.*`) or merges (an MoE model's per-expert weights load as one fused tensor per layer).
+`model.language_model.*`) or converts (an MoE model's per-expert weights load as one fused tensor per layer,
+Lara-mini's and HRM-Text's fused projections as the separate layers the model has). A stored key that is the model's
+own and that the renamings would take elsewhere keeps its name, as in transformers.
 """
 from __future__ import annotations
 
@@ -30,35 +32,64 @@ def prefix_renamer(model: nn.Module, keys: set[str]):
 
 
 class CheckpointKeys:
-    """The model's names for a checkpoint's stored keys, and the merges its conversions make.
+    """The model's names for a checkpoint's stored keys, and the conversions that make tensors of them.
 
-    name(stored): the model's name for a stored tensor; merged_into(name): the tensor it is merged into, or None for
-    a tensor that loads as it is. Merged tensors are collected with add() and produced by merged() once all are read.
+    name(stored): the model's name for a stored tensor; converted_into(name): the tensor its converter makes (merges
+    per-expert weights into, or the first of those it splits into), or None for a tensor that loads as it is;
+    loads_as(name): every model tensor it ends up in. Converted tensors are collected with add() and produced by
+    converted() once all are read.
     """
 
     def __init__(self, model: nn.Module, stored_keys):
         self._renamings, self._converters = _conversions(model)
         self._by_pattern = {p: c for c in self._converters for p in c.source_patterns}
-        self._prefixed = prefix_renamer(model, {self._renamed(k) for k in stored_keys})
-        self._pending: dict[str, object] = {}  # merged tensor's name -> its converter, holding what it merges
+        # the dense model's parameters, taken before its linear layers become NF4: converters read a target's shape
+        # from the model (Split sizes Lara-mini's fused in_proj by its targets), and an NF4Linear's weight is none
+        self._dense = dict(model.named_parameters())
+        own = set(model.state_dict())
+        prefixed = prefix_renamer(model, {self._renamed(k) for k in stored_keys})
+        self._names: dict[str, str] = {}
+        self._conversion: dict[str, tuple[str, str]] = {}  # name -> (the tensor its converter makes, the pattern)
+        self._pending: dict[str, object] = {}  # converted tensor's name -> its converter, holding what it reads
+        for stored in stored_keys:
+            name = prefixed(self._renamed(stored))
+            target, pattern = self._converter_match(name)
+            # transformers' rule: a stored key that is the model's own, and that its renamings take to none of the
+            # model's keys, keeps its name (DeepSeek-V4's `model.norm` matched the renaming of its attention's
+            # `.norm.` into `.kv_norm.`)
+            if (target or name) not in own and prefixed(stored) in own:
+                name, target = prefixed(stored), None
+            self._names[stored] = name
+            if target is not None:
+                self._conversion[name] = (target, pattern)
 
     def name(self, stored: str) -> str:
-        return self._prefixed(self._renamed(stored))
+        return self._names[stored]
 
-    def merged_into(self, name: str) -> str | None:
-        return self._converter_match(name)[0]
+    def converted_into(self, name: str) -> str | None:
+        return self._conversion.get(name, (None,))[0]
+
+    def loads_as(self, name: str) -> list[str]:
+        """The model tensors `name` ends up in: itself, or every tensor its converter makes (a split's targets are
+        named as transformers names them: the first target's pattern replaced by each)."""
+        if name not in self._conversion:
+            return [name]
+        target, pattern = self._conversion[name]
+        patterns = self._by_pattern[pattern].target_patterns
+        return [target.replace(patterns[0], p) for p in patterns]
 
     def add(self, name: str, stored: str, tensor: torch.Tensor) -> None:
-        target, pattern = self._converter_match(name)
+        target, pattern = self._conversion[name]
         converter = self._pending.setdefault(target, copy.deepcopy(self._by_pattern[pattern]))
         converter.add_tensor(target, stored, pattern, tensor)
 
-    def merged(self, model: nn.Module):
-        """(name, tensor) for every merged tensor, converted as transformers converts it; each converter is dropped
-        once converted (it held the tensors it merged)."""
+    def converted(self, model: nn.Module):
+        """(name, tensor) for every converted tensor, as transformers converts it; each converter is dropped once
+        converted (it held the tensors it merged)."""
+        view = _DenseParameters(model, self._dense)
         while self._pending:
             target, converter = self._pending.popitem()
-            yield from converter.convert(target, model=model, config=getattr(model, "config", None)).items()
+            yield from converter.convert(target, model=view, config=getattr(model, "config", None)).items()
 
     def _renamed(self, key: str) -> str:
         if not self._renamings:
@@ -72,6 +103,20 @@ class CheckpointKeys:
         from transformers.core_model_loading import apply_converters
         target, pattern = apply_converters(name, self._converters)
         return (target, pattern) if pattern is not None else (None, None)
+
+
+class _DenseParameters:
+    """`model` as transformers' conversion ops read it (get_parameter: a target's shape and dtype), its parameters
+    the dense ones it had before its linear layers became NF4."""
+
+    def __init__(self, model: nn.Module, dense: dict):
+        self._model, self._dense = model, dense
+
+    def get_parameter(self, name: str):
+        return self._dense[name] if name in self._dense else self._model.get_parameter(name)
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
 
 
 def _conversions(model: nn.Module) -> tuple[list, list]:

@@ -341,7 +341,8 @@ def load_nf4_model(path: str, *, model_cls=None, dtype: torch.dtype = torch.bflo
     `default_skip(model)` (unless use_default_skip=False), `skip` (names or dotted name parts) and what
     quantize_model leaves dense (a Linear subclass with its own forward). Other floating tensors are cast to `dtype`
     (those the model keeps in fp32 stay fp32). Keys are read as transformers reads them
-    (fastft.integration.checkpoint_keys: a checkpoint in the original layout, per-expert weights merged).
+    (fastft.integration.checkpoint_keys: a checkpoint in the original layout, per-expert weights merged, fused
+    projections split).
     model_cls: a transformers model class (default AutoModelForCausalLM); as in transformers, checkpoint tensors the
     class has no place for are dropped and modules the checkpoint lacks entirely (a new head) are initialised, with a
     warning naming both.
@@ -361,7 +362,7 @@ def load_nf4_model(path: str, *, model_cls=None, dtype: torch.dtype = torch.bflo
         model = build(config, dtype=dtype)
     names = CheckpointKeys(model, {k for ks in files.values() for k in ks})
     files = {file: [names.name(k) for k in ks] for file, ks in files.items()}  # the model's names from here on
-    keys = {names.merged_into(k) or k for ks in files.values() for k in ks}  # (merged ones: the tensor they make)
+    keys = {t for ks in files.values() for k in ks for t in names.loads_as(k)}  # (converted: what they make)
     skip = _skip_entries(skip)
     _check_skip(model, skip, "load_nf4_model")
     pre_quantized = pre_quantized or any(k.endswith(QUANT_STATE_KEY) for k in keys)
@@ -394,9 +395,9 @@ def load_nf4_model(path: str, *, model_cls=None, dtype: torch.dtype = torch.bflo
 def _stream_checkpoint(model, files, targets, conv1d, dtype, blocksize, double_quant, device,
                        names: CheckpointKeys) -> list[str]:
     """Read the checkpoint into `model` one tensor at a time (dense linear targets quantized as they come);
-    `files` name the tensors as the model does, `names` maps the stored names to them and merges the tensors
-    transformers' conversions merge (per-expert weights into a fused one), once all are read. Returns the names the
-    model has no place for."""
+    `files` name the tensors as the model does, `names` maps the stored names to them and converts the tensors
+    transformers' conversions convert (per-expert weights merged into a fused one, a fused projection split), once
+    all are read. Returns the names the model has no place for."""
     from safetensors import safe_open
 
     unexpected = []
@@ -418,20 +419,23 @@ def _stream_checkpoint(model, files, targets, conv1d, dtype, blocksize, double_q
         with safe_open(file, framework="pt", device="cpu") as f:
             stored_name = {names.name(k): k for k in f.keys()}
             for key in file_keys:
+                converted = names.converted_into(key)
+                if converted and targets.get(_weight_owner(converted, targets)):
+                    # packed codes and their scales cannot be merged or split as dense rows are (transformers'
+                    # own bitsandbytes save concatenates each part, its quant_state's JSON too)
+                    raise ValueError(f"load_nf4_model: '{stored_name[key]}' is stored NF4 but transformers converts "
+                                     "it on loading (merges or splits it); only dense tensors can be converted: load "
+                                     "the dense checkpoint")
                 tensor = f.get_tensor(stored_name[key])
                 module_name = _weight_owner(key, targets)
-                if names.merged_into(key):
+                if converted:
                     names.add(key, stored_name[key], tensor)
                 elif targets.get(module_name):
                     bnb_parts[module_name][key] = tensor
                 else:
                     place(key, tensor)
                 del tensor  # a layer's dense copy is gone before the next one is read
-    for key, tensor in names.merged(model):
-        module_name = _weight_owner(key, targets)
-        if targets.get(module_name):
-            raise ValueError(f"load_nf4_model: '{key}' is stored NF4 in parts that transformers merges on loading; "
-                             "only dense tensors can be merged: load the dense checkpoint")
+    for key, tensor in names.converted(model):
         place(key, tensor)
     for module_name, parts in bnb_parts.items():
         model.get_submodule(module_name).weight = NF4Weight.from_bnb_state_dict(parts, f"{module_name}.weight",
