@@ -1,9 +1,8 @@
 """load_nf4_model quantizes the linear layers quantize_model quantizes, no others: an nn.Linear subclass with its own
-forward stays dense (quantize_model's rule, and transformers + bitsandbytes', which replaces `type(m) is nn.Linear`
-only). A dense checkpoint's load swapped them for NF4Linear: PhiMoE's router (a Linear returning routing weights and
+forward stays dense unless that forward computes x·Wᵀ + b (quantize_model's rule, computes_linear). A dense
+checkpoint's load swapped every subclass for NF4Linear: PhiMoE's router (a Linear returning routing weights and
 experts) then crashed the forward (too many values to unpack), DeepSeek-V4's grouped o_a_proj got the wrong input
-size, and Falcon's FalconLinear layers (all its linear layers) came out NF4 where quantize_model and transformers +
-bitsandbytes keep them dense (logits 0.52 apart from the model quantized in memory)."""
+size. Falcon's FalconLinear (all its linear layers) computes x·Wᵀ + b: NF4 in both."""
 import copy
 import warnings
 
@@ -27,9 +26,9 @@ def _falcon():
         vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64))
 
 
-@pytest.mark.parametrize("build, kept", [(_phimoe, "model.layers.0.mlp.router"),
-                                         (_falcon, "transformer.h.0.self_attention.query_key_value")])
-def test_a_linear_subclass_with_its_own_forward_loads_dense(tmp_path, build, kept):
+@pytest.mark.parametrize("build, layer, quantized", [(_phimoe, "model.layers.0.mlp.router", False),
+                                                     (_falcon, "transformer.h.0.self_attention.query_key_value", True)])
+def test_a_linear_subclass_loads_as_quantize_model_leaves_it(tmp_path, build, layer, quantized):
     torch.manual_seed(0)
     model = build().eval()
     model.save_pretrained(tmp_path)
@@ -39,7 +38,7 @@ def test_a_linear_subclass_with_its_own_forward_loads_dense(tmp_path, build, kep
     loaded = fastft.load_nf4_model(str(tmp_path), dtype=torch.float32)
     nf4 = {n for n, m in loaded.named_modules() if isinstance(m, NF4Linear)}
     assert nf4 == {n for n, m in expected.named_modules() if isinstance(m, NF4Linear)}
-    assert kept not in nf4
+    assert (layer in nf4) == quantized
     ids = torch.randint(0, 96, (2, 9))
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, expected(ids).logits)
