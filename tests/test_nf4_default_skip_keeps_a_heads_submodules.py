@@ -1,5 +1,5 @@
 """quantize_model keeps dense the linear layers *under* a default-skipped module ("lm_head" keeps "lm_head.dense",
-nf4_model._kept_by_default): RoBERTa's causal-LM head is a module holding a dense projection and the decoder, both
+nf4_skip.kept_by_default): RoBERTa's causal-LM head is a module holding a dense projection and the decoder, both
 left dense; the encoder's layers are quantized. The GIT and Llama comparisons have no layer under a skipped name, so
 that part of the rule was never exercised."""
 import pytest

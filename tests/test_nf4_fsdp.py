@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import fastft
-from fastft.integration.nf4_model import shard_model
+from fastft.integration.nf4_sharding import shard_model
 from fastft.modules.nf4_linear import NF4Linear
 from fastft.quant import NF4Weight, quantize_nf4
 from fastft.quant.nf4_tensor_ops import check_shardable

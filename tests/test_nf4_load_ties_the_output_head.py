@@ -4,7 +4,7 @@ import warnings
 
 import torch
 
-from fastft.integration.nf4_model import load_nf4_model
+from fastft.integration.nf4_files import load_nf4_model
 from tests.utils import tiny_llama
 
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from fastft.integration.nf4_model import quantize_model, save_nf4_model
+from fastft.integration.nf4_files import save_nf4_model
+from fastft.integration.nf4_model import quantize_model
 from fastft.modules.nf4_linear import NF4Linear
 from fastft.quant import NF4Weight, quantize_nf4
 from fastft.quant.nf4_format import nf4_code

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import fastft
-from fastft.integration import nf4_model
+from fastft.integration import nf4_files, nf4_model
 from fastft.modules.nf4_linear import NF4Linear
 from fastft.quant import NF4Weight, quantize_nf4
 
@@ -106,7 +106,7 @@ def test_load_bitsandbytes_checkpoint(checkpoints):
 def test_quantize_while_loading_matches_bitsandbytes_and_holds_one_layer(checkpoints, monkeypatch):
     root, _ = checkpoints
     alive = []
-    quantize = nf4_model.quantize_nf4
+    quantize = nf4_files.quantize_nf4
 
     def watched(tensor, *args, **kwargs):
         # every dense weight handed over earlier must be freed by now: one dense layer at a time
@@ -114,7 +114,7 @@ def test_quantize_while_loading_matches_bitsandbytes_and_holds_one_layer(checkpo
         alive.append(weakref.ref(tensor))
         return quantize(tensor, *args, **kwargs)
 
-    monkeypatch.setattr(nf4_model, "quantize_nf4", watched)
+    monkeypatch.setattr(nf4_files, "quantize_nf4", watched)
     model = fastft.load_nf4_model(str(root / "dense"), dtype=torch.bfloat16)
     assert len(alive) == len(_linear_names(model))
     # Compare with the bytes bitsandbytes saved, not the live bnb model: its CPU forward (run by an earlier
@@ -193,8 +193,8 @@ def _round_trip(model, tmp_path, **load_kw):
     ids = torch.randint(0, 96, (1, 7), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         want = model(ids).logits
-    nf4_model.save_nf4_model(model, tmp_path)
-    loaded = nf4_model.load_nf4_model(tmp_path, **load_kw).to(torch.bfloat16)
+    nf4_files.save_nf4_model(model, tmp_path)
+    loaded = nf4_files.load_nf4_model(tmp_path, **load_kw).to(torch.bfloat16)
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, want)
     return loaded
@@ -238,8 +238,8 @@ def test_a_module_name_part_starting_with_weight_loads(tmp_path):
     only_lm_head = {"skip": ["lm_head"], "use_default_skip": False}
     for folder in (tmp_path / "dense", tmp_path / "nf4"):
         if folder.name == "nf4":
-            nf4_model.save_nf4_model(nf4_model.quantize_model(WithWeightProj(dense.config).to(torch.bfloat16),
+            nf4_files.save_nf4_model(nf4_model.quantize_model(WithWeightProj(dense.config).to(torch.bfloat16),
                                                               **only_lm_head), folder)
-        loaded = nf4_model.load_nf4_model(folder, model_cls=WithWeightProj, **only_lm_head)
+        loaded = nf4_files.load_nf4_model(folder, model_cls=WithWeightProj, **only_lm_head)
         assert isinstance(loaded.conv.weight_proj, NF4Linear) and isinstance(loaded.conv.weight_proj.weight, NF4Weight)
         loaded(torch.randint(0, 96, (1, 5)))

@@ -391,7 +391,7 @@ def dispatch(func, args, kwargs):
     handler = _TABLE.get(func) or _TABLE_BY_NAME.get(func._schema.name)
     if handler is None and func is aten.cat.default:
         raise NotImplementedError("NF4Weight cannot be concatenated (aten.cat). DistributedDataParallel does so to "
-                                  "broadcast parameters: call fastft.integration.nf4_model.ignore_nf4_in_ddp(model) "
+                                  "broadcast parameters: call fastft.integration.nf4_sharding.ignore_nf4_in_ddp(model) "
                                   "before wrapping (frozen NF4 weights need no synchronisation)")
     if handler is None:
         raise NotImplementedError(f"fastft's NF4Weight does not support {func} (it is a frozen quantized weight: "

@@ -214,7 +214,7 @@ def shard_model(objective: ObjectiveModel, cfg: TrainConfig, accelerator) -> boo
     NF4 weights shard their packed bytes). Returns whether it sharded (then accelerate must not wrap the model
     in DDP as well). Used on CPU/gloo, where accelerate runs no FSDP, and for QLoRA everywhere (accelerate's
     plugin knows nothing of NF4 storage). For DDP, the frozen NF4 weights are left out of DDP's broadcast."""
-    from fastft.integration.nf4_model import ignore_nf4_in_ddp, shard_model as shard
+    from fastft.integration.nf4_sharding import ignore_nf4_in_ddp, shard_model as shard
 
     if cfg.distributed != "fsdp" or accelerator.num_processes == 1:
         if cfg.method == "qlora" and accelerator.num_processes > 1:
