@@ -307,25 +307,30 @@ def save_nf4_model(model: nn.Module, path: str, *, compute_dtype: torch.dtype = 
     # which the loader ties it to, was the one dropped
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     tied = {f"{name}.weight" for name, m in model.named_modules() if head is not None and m is head}
+    # a parameter under two names (a tied head, a shared layer) is saved once: its later names dropped with the parts
+    # an NF4 weight adds under them (quant_map, quant_state: new tensors at every state_dict, no storage to compare)
+    aliases = _aliased_keys(model, tied)
+
+    def unaliased(state: dict) -> dict:
+        return {k: t for k, t in state.items() if k not in aliases and not any(k.startswith(a + ".") for a in aliases)}
+
     state = model.state_dict()  # under FSDP2 its DTensors (sharded again, should a forward have left them whole)
     if not any(getattr(t, "_local_tensor", None) is not None for t in state.values()):
-        _write(state, path, cfg, tied)
+        _write(unaliased(state), path, cfg, tied)
         return
-    # gathered tensors are copies, tied ones too: drop the keys the unsharded save drops (the tied head's)
-    aliases = _aliased_keys(model.state_dict(keep_vars=True), tied)
-    state = {k: t for k, t in _gathered_state_dict(model).items()
-             if k not in aliases and not any(k.startswith(a + ".") for a in aliases)}  # (an NF4 weight's parts)
+    state = unaliased(_gathered_state_dict(model))  # gathered tensors are copies, tied ones too
     write_on_rank0(lambda: _write(state, path, cfg, tied), "save_nf4_model")  # its error raised on every rank
 
 
-def _aliased_keys(params: dict, tied_targets) -> set[str]:
-    """The keys of `params` (a state dict of the parameters themselves) whose parameter is stored under an earlier
-    key too, in _write's order (the tied head's last)."""
+def _aliased_keys(model: nn.Module, tied_targets) -> set[str]:
+    """The keys of `model`'s parameters and buffers stored under an earlier key too, in _write's order (the tied
+    head's last): a tied weight's later name, and every tensor of a module registered under two names."""
+    tensors = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
     first, aliases = set(), set()
-    for key in sorted(params, key=lambda k: k in tied_targets):
-        if id(params[key]) in first:
+    for key, t in sorted(tensors, key=lambda kv: kv[0] in tied_targets):
+        if id(t) in first:
             aliases.add(key)
-        first.add(id(params[key]))
+        first.add(id(t))
     return aliases
 
 

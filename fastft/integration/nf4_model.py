@@ -62,8 +62,11 @@ def quantize_model(model: nn.Module, quant_type: str = "nf4", *, blocksize: int 
     check_skip(model, skip, "quantize_model")
     defaults = default_skip(model) if use_default_skip else ()
     parents = {id(child): parent for parent in model.modules() for child in parent.children()}
-    targets = [(name, m) for name, m in model.named_modules(remove_duplicate=False)  # every name of a shared layer
-               if name and quantizable(m) and not kept_dense(name, skip, defaults)]
+    named = [(name, m) for name, m in model.named_modules(remove_duplicate=False)  # every name of a shared layer
+             if name and quantizable(m)]
+    # a layer registered under several names is one layer: kept dense at every name if any of them is kept dense
+    dense = {id(m) for name, m in named if kept_dense(name, skip, defaults)}
+    targets = [(name, m) for name, m in named if id(m) not in dense]
     quantized, kept = {}, []
     for name, linear in targets:
         if not plain_forward(linear, parents.get(id(linear))):
