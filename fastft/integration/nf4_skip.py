@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from fastft.integration.module_names import name_hint
-from fastft.modules.nf4_linear import computes_linear, is_conv1d
+from fastft.modules.nf4_linear import is_conv1d
 
 DEFAULT_SKIP = ("lm_head",)
 
@@ -71,7 +71,9 @@ def check_skip(model: nn.Module, skip, where: str) -> None:
 
 
 def plain_forward(module: nn.Module, parent: nn.Module | None) -> bool:
-    """The layer computes x·Wᵀ + b through its own forward, as NF4Linear does."""
+    """The layer runs nn.Linear's own forward (or is a Conv1D), as NF4Linear computes. A subclass with a forward of
+    its own stays dense even when that forward computes the same (Falcon's FalconLinear): transformers + bitsandbytes
+    replace nn.Linear itself only, so they could not load such a layer saved NF4."""
     if isinstance(parent, nn.MultiheadAttention):
         return False
-    return is_conv1d(module) or computes_linear(module)
+    return is_conv1d(module) or type(module).forward is nn.Linear.forward

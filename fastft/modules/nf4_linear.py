@@ -218,18 +218,6 @@ def is_conv1d(module: nn.Module) -> bool:
     return conv1d is not None and isinstance(module, conv1d)
 
 
-# nn.Linear subclasses whose own forward computes x·Wᵀ + b as nn.Linear's does (up to rounding: Falcon adds the
-# bias after the matmul), keyed by that forward's qualified name: NF4Linear and the fused ops may stand in for them
-LINEAR_FORWARDS = frozenset({"transformers.models.falcon.modeling_falcon.FalconLinear.forward"})
-
-
-def computes_linear(module: nn.Module) -> bool:
-    """The layer's class computes x·Wᵀ + b: nn.Linear's own forward, or one listed in LINEAR_FORWARDS."""
-    forward = type(module).forward
-    return (isinstance(module, nn.Linear) and
-            (forward is nn.Linear.forward or f"{forward.__module__}.{forward.__qualname__}" in LINEAR_FORWARDS))
-
-
 def linear_features(module: nn.Module) -> tuple[int, int]:
     """(in_features, out_features) of an nn.Linear or a Conv1D (works on meta modules)."""
     if is_conv1d(module):
