@@ -31,6 +31,35 @@ def prefix_renamer(model: nn.Module, keys: set[str]):
     return lambda key: key
 
 
+def stored_namer(model: nn.Module):
+    """key → the name to save `model`'s tensor `key` under so that transformers' loader (and load_nf4_model) names it
+    `key` again: `key` itself, unless the model's load-time renamings change it; then the original-layout name
+    transformers' save_pretrained writes (its renamings reversed), where that renames back to `key`.
+
+    A renaming can change one of the model's own names (Laguna's unescaped `mlp.shared_expert.` matches
+    `mlp.shared_experts` and makes `mlp.shared_experts..gate_proj`; Inkling2's `sconv.weight_proj` →
+    `sconv.weight_proj.weight` matches its own output). transformers keeps a model key's own name, but a
+    bitsandbytes part of it (`weight.absmax`, `weight.quant_state...`) is no model key: renamed, it loaded nowhere and
+    the layer was left packed without its quant_state."""
+    renamings, _ = _conversions(model)
+    if not renamings:
+        return lambda key: key
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import PrefixChange, WeightRenaming, apply_renamings
+
+    reverse = []
+
+    def stored(key: str) -> str:
+        if apply_renamings(key, renamings) == key:
+            return key
+        if not reverse:  # as transformers' revert_weight_conversion: latest first, no legacy (gamma → weight) or prefix
+            reverse.extend(t.reverse_transform() for t in get_model_conversion_mapping(model, add_legacy=False)[::-1]
+                           if isinstance(t, WeightRenaming) and not isinstance(t, PrefixChange))
+        original = apply_renamings(key, reverse)
+        return original if apply_renamings(original, renamings) == key else key
+    return stored
+
+
 class CheckpointKeys:
     """The model's names for a checkpoint's stored keys, and the conversions that make tensors of them.
 

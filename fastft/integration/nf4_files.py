@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from fastft.files import merge_into_folder
-from fastft.integration.checkpoint_keys import CheckpointKeys
+from fastft.integration.checkpoint_keys import CheckpointKeys, stored_namer
 from fastft.integration.nf4_model import finish_nf4_model, set_submodule
 from fastft.integration.nf4_skip import (check_skip, default_skip, kept_by_default, kept_dense, plain_forward,
                                          quantizable, skip_entries, skipped)
@@ -310,9 +310,14 @@ def save_nf4_model(model: nn.Module, path: str, *, compute_dtype: torch.dtype = 
     # a parameter under two names (a tied head, a shared layer) is saved once: its later names dropped with the parts
     # an NF4 weight adds under them (quant_map, quant_state: new tensors at every state_dict, no storage to compare)
     aliases = _aliased_keys(model, tied)
+    # keys as transformers' save writes them where its load-time renamings would change the model's own (Laguna's
+    # shared_experts): a bitsandbytes part renamed elsewhere left its layer without a quant_state
+    stored = stored_namer(model)
+    tied = {stored(k) for k in tied}
 
     def unaliased(state: dict) -> dict:
-        return {k: t for k, t in state.items() if k not in aliases and not any(k.startswith(a + ".") for a in aliases)}
+        return {stored(k): t for k, t in state.items()
+                if k not in aliases and not any(k.startswith(a + ".") for a in aliases)}
 
     state = model.state_dict()  # under FSDP2 its DTensors (sharded again, should a forward have left them whole)
     if not any(getattr(t, "_local_tensor", None) is not None for t in state.values()):
