@@ -2,8 +2,6 @@
 fastft took them for layers with a forward of their own: LoRA, DoRA and IA3 ran peft's unfused forward. They are now
 fused, equal to peft. quantize_model still leaves them dense, as transformers + bitsandbytes do (they replace nn.Linear
 itself only): a FalconLinear saved NF4 would be a checkpoint they cannot load."""
-import warnings
-
 import peft
 import pytest
 import torch

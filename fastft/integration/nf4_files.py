@@ -226,6 +226,12 @@ def _stream_checkpoint(model, files, targets, conv1d, dtype, blocksize, double_q
 
     def place(key, tensor):  # a dense tensor: quantized when it is a target's weight
         module_name = _weight_owner(key, targets)
+        held = _model_dtype(model, key)
+        if held is not None and not tensor.is_floating_point():
+            raise ValueError(f"load_nf4_model: '{key}' is stored as {tensor.dtype} {tuple(tensor.shape)} where the "
+                             f"model holds a {held} tensor: a packed 4-bit weight without its quantization state "
+                             f"('{key}.absmax', '{key}.quant_state.bitsandbytes__nf4') under its name; fastft saves "
+                             "of Laguna and Inkling2 written before 2026-12-05 stored them renamed: save them again")
         if tensor.is_floating_point():  # as transformers casts (before bitsandbytes quantizes): to the model's own
             tensor = tensor.to(_model_dtype(model, key) or dtype)  # dtype (fp32: _keep_in_fp32_modules), else dtype
         if module_name in targets and key == f"{module_name}.weight":  # a dense linear weight
