@@ -85,3 +85,19 @@ def test_ia3_on_falcon_runs_the_fused_op_and_equals_peft(monkeypatch):
     batch = ids()
     assert_same_step(step(ours, batch), step(theirs, batch), "Falcon IA3")
     assert len(calls) == 2 * 2
+
+
+def test_dora_on_falcon_runs_the_fused_op_and_equals_peft(monkeypatch):
+    from fastft.integration.methods import dora as dora_room
+
+    def config():
+        return LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, use_dora=True, task_type="CAUSAL_LM")
+
+    ours = fastft.get_peft_model(tiny_falcon(), config())
+    theirs = peft.get_peft_model(tiny_falcon(), config())
+    perturb_trainables(ours)
+    copy_trainables(ours, theirs)
+    calls = _count_calls(monkeypatch, dora_room, "dora_linear")
+    batch = ids()
+    assert_same_step(step(ours, batch), step(theirs, batch), "Falcon DoRA")
+    assert len(calls) == 4 * 2
