@@ -20,7 +20,7 @@ from torch import nn
 from fastft.files import merge_into_folder
 from fastft.integration.checkpoint_keys import CheckpointKeys, stored_namer
 from fastft.integration.nf4_model import finish_nf4_model, set_submodule
-from fastft.integration.nf4_skip import (check_skip, default_skip, kept_by_default, kept_dense, plain_forward,
+from fastft.integration.nf4_skip import (check_skip, default_skip, kept_by_default, kept_dense, plain_forward_layers,
                                          quantizable, skip_entries, skipped)
 from fastft.integration.sharded_state import write_on_rank0
 from fastft.modules.nf4_linear import NF4Linear, is_conv1d, linear_features
@@ -103,7 +103,7 @@ def _nf4_targets(model: nn.Module, keys: set[str], skip, defaults, pre_quantized
     and, as quantize_model leaves them, layers that compute otherwise than x·Wᵀ + b).
     """
     targets = {}
-    parents = {id(child): parent for parent in model.modules() for child in parent.children()}
+    plain = plain_forward_layers(model)
     for name, m in model.named_modules():
         if not quantizable(m) or not name:
             continue
@@ -112,7 +112,7 @@ def _nf4_targets(model: nn.Module, keys: set[str], skip, defaults, pre_quantized
         elif any(k.startswith(f"{name}.weight.quant_state.bitsandbytes__") for k in keys):
             raise ValueError(f"load_nf4_model: '{name}.weight' is stored 4-bit but not as NF4 (only nf4 is supported)")
         elif (not pre_quantized and not kept_dense(name, skip, defaults) and f"{name}.weight" in keys
-              and plain_forward(m, parents.get(id(m)))):  # as quantize_model: DeepSeek-V4's grouped o_a_proj
+              and id(m) in plain):  # as quantize_model: DeepSeek-V4's grouped o_a_proj
             targets[name] = False
     return targets
 

@@ -17,7 +17,8 @@ from torch import nn
 
 from fastft.integration.checkpointing import (drop_input_grad_hooks_if_unneeded, enable_checkpointing,
                                              input_grad_hooks)
-from fastft.integration.nf4_skip import check_skip, default_skip, kept_dense, plain_forward, quantizable, skip_entries
+from fastft.integration.nf4_skip import (check_skip, default_skip, kept_dense, plain_forward_layers, quantizable,
+                                         skip_entries)
 from fastft.modules.nf4_linear import NF4Linear
 from fastft.quant.nf4_weight import local_nf4
 
@@ -61,7 +62,7 @@ def quantize_model(model: nn.Module, quant_type: str = "nf4", *, blocksize: int 
     skip = skip_entries(skip)
     check_skip(model, skip, "quantize_model")
     defaults = default_skip(model) if use_default_skip else ()
-    parents = {id(child): parent for parent in model.modules() for child in parent.children()}
+    plain = plain_forward_layers(model)
     named = [(name, m) for name, m in model.named_modules(remove_duplicate=False)  # every name of a shared layer
              if name and quantizable(m)]
     # a layer registered under several names is one layer: kept dense at every name if any of them is kept dense
@@ -69,7 +70,7 @@ def quantize_model(model: nn.Module, quant_type: str = "nf4", *, blocksize: int 
     targets = [(name, m) for name, m in named if id(m) not in dense]
     quantized, kept = {}, []
     for name, linear in targets:
-        if not plain_forward(linear, parents.get(id(linear))):
+        if id(linear) not in plain:
             kept.append(name)
             continue
         if id(linear) not in quantized:  # a layer registered under two names gets one NF4Linear at both

@@ -70,10 +70,11 @@ def check_skip(model: nn.Module, skip, where: str) -> None:
                          f"{name_hint(entry, names)}")
 
 
-def plain_forward(module: nn.Module, parent: nn.Module | None) -> bool:
-    """The layer runs nn.Linear's own forward (or is a Conv1D), as NF4Linear computes. A subclass with a forward of
-    its own stays dense even when that forward computes the same (Falcon's FalconLinear): transformers + bitsandbytes
-    replace nn.Linear itself only, so they could not load such a layer saved NF4."""
-    if isinstance(parent, nn.MultiheadAttention):
-        return False
-    return is_conv1d(module) or type(module).forward is nn.Linear.forward
+def plain_forward_layers(model: nn.Module) -> set[int]:
+    """ids of `model`'s layers that run nn.Linear's own forward (or are a Conv1D), as NF4Linear computes. A subclass
+    with a forward of its own stays dense even when that forward computes the same (Falcon's FalconLinear):
+    transformers + bitsandbytes replace nn.Linear itself only, so they could not load such a layer saved NF4.
+    nn.MultiheadAttention's out_proj too: its owner reads the weight directly."""
+    owned = {id(c) for m in model.modules() if isinstance(m, nn.MultiheadAttention) for c in m.children()}
+    return {id(m) for m in model.modules()
+            if id(m) not in owned and (is_conv1d(m) or type(m).forward is nn.Linear.forward)}

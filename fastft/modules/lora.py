@@ -34,7 +34,7 @@ def default_backend() -> str:
 
 # nn.Linear subclasses whose own forward computes x·Wᵀ + b as nn.Linear's does (up to rounding: Falcon adds the
 # bias after the matmul), keyed by that forward's qualified name: the fused ops may stand in for them (quantize_model
-# leaves them dense, as transformers + bitsandbytes do: fastft.integration.nf4_skip.plain_forward)
+# leaves them dense, as transformers + bitsandbytes do: fastft.integration.nf4_skip.plain_forward_layers)
 LINEAR_FORWARDS = frozenset({"transformers.models.falcon.modeling_falcon.FalconLinear.forward"})
 
 

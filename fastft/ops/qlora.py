@@ -22,8 +22,7 @@ import torch.nn.functional as F
 from fastft.ops.compiled import compiling, needed, unused
 from fastft.ops.compiled_args import (fresh_like, nf4_args, nf4_from_args, refuse_replayed_dropout, seed_int,
                                       traced_seed)
-from fastft.ops.qlora_path import nf4_base_gemm
-from fastft.ops.qlora_path import release_dequant_scratch  # noqa: F401 - public here too
+from fastft.ops.qlora_path import nf4_base_gemm, release_dequant_scratch  # noqa: F401 - the latter public here too
 from fastft.ops.lora import (add_rank_path, backward_operands, fused_lora_backward, fused_lora_forward,
                              lora_linear_reference, lora_meta, saved_factors)
 from fastft.ops.shared import (as_rows, autocast_inputs, autocast_off, check, finite, nf4_fused_ok,
@@ -121,7 +120,7 @@ def qlora_backward(saved, meta, qweight, dy, need_x, need_b, need_A, need_B):
     """Both doors' backward: (dx, db, dA, dB), None where not needed."""
     _, _, dx, db, dA, dB = fused_lora_backward(
         saved, meta, dy, lambda dy2, g, A_p, p, seed: nf4_base_gemm(qweight, dy2, g, A_p, None, forward=False,
-                                                                 p_drop=p, seed=seed),
+                                                                    p_drop=p, seed=seed),
         need_x, need_b, need_A, need_B)
     return dx, db, dA, dB
 
