@@ -128,8 +128,9 @@ def distill_loss_sum(hidden, head, teacher_hidden, teacher_head, targets, *,
 
 def _plain_head(head, hidden) -> bool:
     """A plain nn.Linear head (see plain_linear) without bias and with a plain weight (not a DTensor or quantized
-    parameter): the fused losses may read its weight instead of calling it."""
-    return (plain_linear(head, hidden.device) and head.bias is None
+    parameter): the fused losses may read its weight instead of calling it. None (a prompt-learning model's own
+    softcapped logits, see hidden_at_targets) is not one."""
+    return (head is not None and plain_linear(head, hidden.device) and head.bias is None
             and type(head.weight) in (torch.Tensor, nn.Parameter))
 
 
