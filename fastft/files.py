@@ -428,9 +428,17 @@ def output_dir_problem(output_dir: str | os.PathLike, flag: str = "--output-dir"
 
 def _can_write_in(folder: Path) -> bool:
     """Whether a file can be created in `folder`: tried, since root passes os.access's permission check on a
-    read-only file system or an immutable folder."""
+    read-only file system or an immutable folder. The probe is a temporary of fastft's naming (target
+    `fastft-write-test`): one a killed process left is removed by the next probe of the folder, and by a run's
+    cleanup of its --output-dir (`remove_temporaries_in`)."""
+    probe = folder / "fastft-write-test"
+    with contextlib.suppress(OSError):  # (in a folder we may not write in, the probe below says so)
+        remove_stale_temporaries(probe)
     try:
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".fastft-write-test-"):
-            return True
+        fd, name = tempfile.mkstemp(dir=folder, prefix=_temporary_prefix(probe))
     except OSError:
         return False
+    os.close(fd)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(name)
+    return True
