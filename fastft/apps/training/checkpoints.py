@@ -4,11 +4,12 @@ A checkpoint holds everything the next step reads: the trained weights, the opti
 the step, the data cursor, the logs so far, and every RNG of every process (torch's CPU generator also
 seeds fastft's LoRA dropout, see fastft.ops.shared.draw_seed), and fp16's loss-scaler state. It is written into a
 temporary folder, each file fsynced, then renamed into place; the previous checkpoint is removed only after that,
-so a SIGKILL at any moment leaves at least one complete checkpoint. Only the newest is kept (a full fine-tune's
-optimizer state is twice its weights: a second copy would double the disk a run needs); a checkpoint file damaged
-from outside so that it no longer opens (missing, truncated, not a checkpoint file) is found before any model loads
-and named, not fallen back from silently. No checksums are kept (hashing a full fine-tune's optimizer state at
-every save costs minutes): a file changed in place at its full size is not detected.
+so a SIGKILL at any moment leaves at least one complete checkpoint (a previous one a kill left beside it goes when
+the run resumes). Only the newest is kept (a full fine-tune's optimizer state is twice its weights: a second copy
+would double the disk a run needs); a checkpoint file damaged from outside so that it no longer opens (missing,
+truncated, not a checkpoint file) is found before any model loads and named, not fallen back from silently. No
+checksums are kept (hashing a full fine-tune's optimizer state at every save costs minutes): a file changed in place
+at its full size is not detected.
 
 What a resumed run is compared against: the settings (`comparable_settings`: aliases folded, paths left to the
 content checks), and the base models' contents (`model_fingerprints`, besides the data's sha256 the loop checks).
@@ -191,13 +192,19 @@ class Checkpoints:
             shutil.rmtree(final)  # old one goes first; the other steps stay until the new one is in place
         os.replace(tmp, final)
         fsync_path(self.root)
-        for older in self.root.iterdir():  # the new one is complete: the previous ones can go
-            if _STEP_DIR.fullmatch(older.name) and older != final:
+        self.remove_others(final)  # the new one is complete: the previous ones can go
+
+    def remove_others(self, kept: Path) -> None:
+        """Remove every checkpoint but `kept` (main process): after `kept` was published, and after a resume from it
+        (a run killed between publishing a checkpoint and removing the previous one left that one, whole or half
+        removed, which no later save removed when none came)."""
+        for older in self.root.iterdir():
+            if _STEP_DIR.fullmatch(older.name) and older != kept:
                 try:
                     shutil.rmtree(older)
-                except OSError as e:  # (a file held open on NFS): the new checkpoint stands, the run goes on
+                except OSError as e:  # (a file held open on NFS): the kept checkpoint stands, the run goes on
                     warnings.warn(f"fastft train: the older checkpoint {older} could not be removed ({e}); the new "
-                                  f"one, {final.name}, is complete: delete the older one by hand", stacklevel=2)
+                                  f"one, {kept.name}, is complete: delete the older one by hand", stacklevel=3)
 
     def load(self, path: Path, model, optimizer) -> None:
         """Restore weights, optimizer and this process's RNG (the trainer state: `trainer_state`)."""

@@ -372,6 +372,8 @@ def _run(cfg: TrainConfig, accelerator, train_records, eval_records, description
     if resume_from is not None:
         earlier_flags = resumed.get("record_flags")  # None from a checkpoint written before they were kept
         checkpoints.load(resume_from, inner, torch_optimizer)
+        if accelerator.is_main_process:
+            checkpoints.remove_others(resume_from)
         schedule.load_state_dict(resumed["scheduler"])
         ckpt.restore_scaler(accelerator, resumed.get("scaler"))
         history, start_step = resumed["history"], resumed["step"]
