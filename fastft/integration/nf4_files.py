@@ -233,7 +233,7 @@ def _stream_checkpoint(model, files, targets, conv1d, dtype, blocksize, double_q
                              f"('{key}.absmax', '{key}.quant_state.bitsandbytes__nf4') under its name; fastft saves "
                              "of Laguna and Inkling2 written before 2026-12-05 stored them renamed: save them again")
         if tensor.is_floating_point():  # as transformers casts (before bitsandbytes quantizes): to the model's own
-            tensor = tensor.to(_model_dtype(model, key) or dtype)  # dtype (fp32: _keep_in_fp32_modules), else dtype
+            tensor = tensor.to(held or dtype)  # dtype (fp32: _keep_in_fp32_modules), else dtype
         if module_name in targets and key == f"{module_name}.weight":  # a dense linear weight
             if module_name in conv1d:
                 tensor = tensor.t().contiguous()  # Conv1D stores (in, out); NF4 holds (out, in)
