@@ -1,7 +1,7 @@
 """Compile the NF4 and loss-row Triton kernels (default), the LoRA/DoRA/IA3 ones (argument `lora`; `lora-fold [all]`
-only the folded LoRA GEMM; `lora-split` the split path's rank kernels with every config), the layer kernels
-(`layers`) or the attention forward/backward (`attention`) for sm_90 on a machine without a GPU (triton's own
-ptxas), as `python -m`.
+only the folded LoRA GEMM; `lora-split` the split path's rank kernels with every config; `lora-wide` only the
+int64-offset variants), the layer kernels (`layers`) or the attention forward/backward (`attention`) for sm_90 on a
+machine without a GPU (triton's own ptxas), as `python -m`.
 
 Catches what the CPU interpreter cannot: triton's GPU lowering, the inline PTX, register spills and shared
 memory of every launch config the tuner may pick, that the GEMM-bound kernels use Hopper's warpgroup MMA and that
@@ -109,12 +109,25 @@ LORA_GEMM_SIG = dict(a_ptr="*bf16", b_ptr="*bf16", l_ptr="*bf16", t_ptr="*bf16",
 
 LORA_GEMM_ALIGNED = ["a_ptr", "b_ptr", "l_ptr", "t_ptr", "c_ptr", "K", "stride_am", "stride_cm"]
 
+PROJECT_SIG = dict(x_ptr="*bf16", w_ptr="*bf16", out_ptr="*bf16", M="i32", K="i32", k_per_split="i32",
+                   stride_xm="i32", stride_xk="i32", stride_wr="i32", stride_wk="i32", stride_os="i32",
+                   stride_om="i32", scale="fp32", p_drop="fp32", seed="i32")
+REDUCE_SIG = dict(l_ptr="*bf16", y_ptr="*bf16", part_ptr="*fp32", M="i32", N="i32", rows_per_split="i32",
+                  stride_lm="i32", stride_ym="i32", stride_yn="i32", p_drop="fp32", seed="i32")
+COLUMN_DOT_SIG = dict(a_ptr="*bf16", b_ptr="*bf16", part_ptr="*fp32", M="i32", N="i32", rows_per_split="i32",
+                      stride_am="i32", stride_an="i32", stride_bm="i32", stride_bn="i32")
+DOWN_ACT_SIG = dict(h_ptr="*bf16", d_ptr="*bf16", bias_ptr="*fp32", z_ptr="*bf16", p_ptr="*bf16", M="i32", N="i32",
+                    stride_hm="i32", stride_hn="i32", stride_dr="i32", stride_dn="i32")
+UP_RESIDUAL_SIG = dict(res_ptr="*bf16", l_ptr="*bf16", t_ptr="*bf16", bias_ptr="*bf16", out_ptr="*bf16", M="i32",
+                       N="i32", stride_rm="i32", stride_rn="i32", stride_lm="i32", stride_tn="i32", stride_tr="i32",
+                       stride_om="i32")
+
 
 def _lora_gemm_consts(**flags) -> dict:
     """The dense LoRA GEMM's constexprs: bf16 on sm_90, no bias/tail/scales/dropout/fold unless `flags` say so."""
     return dict(dict(HAS_BIAS=False, TAIL_DROPOUT=False, B_NK=True, HAS_TAIL=True, HAS_COL_SCALE=False,
-                     HAS_K_SCALE=False, FOLD=False, USE_TMA=True, UPCAST=False, DOT_PRECISION="tf32", BLOCK_R=16),
-                **flags)
+                     HAS_K_SCALE=False, FOLD=False, USE_TMA=True, UPCAST=False, DOT_PRECISION="tf32", BLOCK_R=16,
+                     WIDE=False), **flags)
 
 
 def lora_fold(every_config: bool = False) -> int:
@@ -159,17 +172,12 @@ def lora_split(every_config: bool = True) -> int:
     limit."""
     failures = 0
     top = (lambda configs: configs) if every_config else (lambda configs: configs[:1])
-    proj_sig = dict(x_ptr="*bf16", w_ptr="*bf16", out_ptr="*bf16", M="i32", K="i32", k_per_split="i32",
-                    stride_xm="i32", stride_xk="i32", stride_wr="i32", stride_wk="i32", stride_os="i32",
-                    stride_om="i32", scale="fp32", p_drop="fp32", seed="i32")
-    red_sig = dict(l_ptr="*bf16", y_ptr="*bf16", part_ptr="*fp32", M="i32", N="i32", rows_per_split="i32",
-                   stride_lm="i32", stride_ym="i32", stride_yn="i32", p_drop="fp32", seed="i32")
     for rank, dropout in itertools.product((16, 64), (False, True)):
         consts = dict(DROPOUT=dropout, UPCAST=False, DOT_PRECISION="tf32", BLOCK_R=rank)
         failures += _check_configs(f"rank_project R={rank} dropout={dropout}", rank_ops._rank_project_kernel,
-                                   proj_sig, top(rank_ops.project_configs(2, dropout)), consts,
+                                   PROJECT_SIG, top(rank_ops.project_configs(2, dropout)), dict(consts, WIDE=False),
                                    ["x_ptr", "w_ptr", "out_ptr"])
-        failures += _check_configs(f"rank_reduce R={rank} dropout={dropout}", rank_ops._rank_reduce_kernel, red_sig,
+        failures += _check_configs(f"rank_reduce R={rank} dropout={dropout}", rank_ops._rank_reduce_kernel, REDUCE_SIG,
                                    top(rank_ops.reduce_configs(2, dropout)), dict(consts, WIDE=False),
                                    ["l_ptr", "y_ptr", "part_ptr"])
         for use_tma in (True, False) if dropout else ():
@@ -180,11 +188,49 @@ def lora_split(every_config: bool = True) -> int:
     return failures
 
 
+def wide_variants() -> int:
+    """The int64-offset (WIDE) variants, taken only when an operand spans 2**31 elements or more
+    (runtime.wide_offsets, wide_columns): the pointer-load LoRA GEMM reading such a weight (forward, dx, folded at
+    R = 64, dx with a dropout tail), the split-M rank reductions, and the launchers that take column-strided operands
+    (rank projection, column dot, the bottleneck adapter's two kernels), bf16, the first config of each list. They must compile and fit
+    shared memory; spills are reported, not failed (at that scale int32 offsets would be wrong, not slow)."""
+    failures = 0
+    for name, configs, flags in [
+            ("forward", lora_gemm.gemm_configs(False, 2), dict(HAS_BIAS=True)),
+            ("dx", lora_gemm.gemm_configs(False, 2), dict(B_NK=False)),
+            ("fold forward R=64", lora_gemm.gemm_configs(False, 2, 64), dict(FOLD=True, BLOCK_R=64)),
+            ("dx dropout R=64", lora_gemm.gemm_configs(False, 2, 0, True, 64),
+             dict(B_NK=False, TAIL_DROPOUT=True, BLOCK_R=64))]:
+        failures += _check_configs(f"lora_gemm WIDE {name} tma=False", lora_gemm._lora_gemm_kernel, LORA_GEMM_SIG,
+                                   configs[:1], _lora_gemm_consts(USE_TMA=False, WIDE=True, **flags),
+                                   LORA_GEMM_ALIGNED + ["p_ptr"], spill_limit=None)
+    for rank, dropout in itertools.product((16, 64), (False, True)):
+        consts = dict(DROPOUT=dropout, UPCAST=False, DOT_PRECISION="tf32", BLOCK_R=rank, WIDE=True)
+        failures += _check_configs(f"rank_reduce WIDE R={rank} dropout={dropout}", rank_ops._rank_reduce_kernel,
+                                   REDUCE_SIG, rank_ops.reduce_configs(2, dropout)[:1], consts,
+                                   ["l_ptr", "y_ptr", "part_ptr"], spill_limit=None)
+        failures += _check_configs(f"rank_project WIDE R={rank} dropout={dropout}", rank_ops._rank_project_kernel,
+                                   PROJECT_SIG, rank_ops.project_configs(2, dropout)[:1], consts,
+                                   ["x_ptr", "w_ptr", "out_ptr"], spill_limit=None)
+    # column-strided operands past 2**31 elements (runtime.wide_columns)
+    failures += _check_configs("column_dot WIDE", column_dot._column_dot_kernel, COLUMN_DOT_SIG,
+                               column_dot._configs()[:1], dict(WIDE=True), ["a_ptr", "b_ptr"], spill_limit=None)
+    failures += _check_configs("adapter down_act WIDE", bottleneck_adapter._down_act_kernel, DOWN_ACT_SIG,
+                               bottleneck_adapter._down_configs()[:1],
+                               dict(ACT="relu", HAS_BIAS=True, UPCAST=False, DOT_PRECISION="tf32", BLOCK_R=64,
+                                    WIDE=True), ["h_ptr", "d_ptr", "z_ptr", "p_ptr"], spill_limit=None)
+    failures += _check_configs("adapter up_residual WIDE", bottleneck_adapter._up_residual_kernel, UP_RESIDUAL_SIG,
+                               bottleneck_adapter._up_configs()[:1],
+                               dict(HAS_BIAS=True, UPCAST=False, DOT_PRECISION="tf32", BLOCK_R=64, WIDE=True),
+                               ["res_ptr", "l_ptr", "t_ptr", "out_ptr"], spill_limit=None)
+    return failures
+
+
 def lora_family() -> int:
     """The dense LoRA GEMM with the DoRA/IA3 scales (every variant the methods launch, with the first bf16
     descriptor config; the DoRA forward with every config), the folded LoRA GEMM (lora_fold), the column-dot
     reduction, DoRA's row norm and the bottleneck adapter's kernels."""
-    failures = lora_fold() + lora_split(every_config=False)
+    failures = lora_fold() + lora_split(every_config=False) + wide_variants()
     # (B_NK, HAS_TAIL, HAS_COL_SCALE, HAS_K_SCALE): DoRA fwd / dx, IA3 output-scale fwd / dx, input-scale fwd / dx
     variants = [(True, True, True, False), (False, True, False, True), (True, False, True, False),
                 (False, False, False, True), (True, False, False, True), (False, False, True, False)]
@@ -194,37 +240,28 @@ def lora_family() -> int:
                                    lora_gemm._lora_gemm_kernel, LORA_GEMM_SIG, configs if i == 0 else configs[:1],
                                    _lora_gemm_consts(HAS_BIAS=True, B_NK=b_nk, HAS_TAIL=tail, HAS_COL_SCALE=col,
                                                      HAS_K_SCALE=ks), LORA_GEMM_ALIGNED)
-    sig = dict(a_ptr="*bf16", b_ptr="*bf16", part_ptr="*fp32", M="i32", N="i32", rows_per_split="i32",
-               stride_am="i32", stride_an="i32", stride_bm="i32", stride_bn="i32")
-    failures += _check_configs("column_dot", column_dot._column_dot_kernel, sig, column_dot._configs(), {},
-                               ["a_ptr", "b_ptr"])
+    failures += _check_configs("column_dot", column_dot._column_dot_kernel, COLUMN_DOT_SIG, column_dot._configs(),
+                               dict(WIDE=False), ["a_ptr", "b_ptr"])
     sig = dict(w_ptr="*bf16", a_ptr="*bf16", b_ptr="*bf16", part_ptr="*fp32", N="i32", K="i32",
                cols_per_split="i32", scaling="fp32", stride_wn="i32", stride_wk="i32")
     for R in (16, 128):
         failures += _check_configs(f"dora row_sq_norm R={R}", dora_row_norm._row_sq_norm_kernel, sig,
                                    dora_row_norm._configs(), dict(R=R, UPCAST=False, DOT_PRECISION="tf32"),
                                    ["w_ptr", "a_ptr", "b_ptr"])
-    sig = dict(h_ptr="*bf16", d_ptr="*bf16", bias_ptr="*fp32", z_ptr="*bf16", p_ptr="*bf16", M="i32", N="i32",
-               stride_hm="i32", stride_hn="i32", stride_dr="i32", stride_dn="i32")
     for act in bottleneck_adapter.ACTIVATIONS:
-        failures += _check_configs(f"adapter down_act {act}", bottleneck_adapter._down_act_kernel, sig,
+        failures += _check_configs(f"adapter down_act {act}", bottleneck_adapter._down_act_kernel, DOWN_ACT_SIG,
                                    bottleneck_adapter._down_configs()[:2],
-                                   dict(ACT=act, HAS_BIAS=True, UPCAST=False, DOT_PRECISION="tf32", BLOCK_R=64),
-                                   ["h_ptr", "d_ptr", "z_ptr", "p_ptr"])
-    sig = dict(res_ptr="*bf16", l_ptr="*bf16", t_ptr="*bf16", bias_ptr="*bf16", out_ptr="*bf16", M="i32",
-               N="i32", stride_rm="i32", stride_rn="i32", stride_lm="i32", stride_tn="i32", stride_tr="i32",
-               stride_om="i32")
-    failures += _check_configs("adapter up_residual", bottleneck_adapter._up_residual_kernel, sig,
+                                   dict(ACT=act, HAS_BIAS=True, UPCAST=False, DOT_PRECISION="tf32", BLOCK_R=64,
+                                        WIDE=False), ["h_ptr", "d_ptr", "z_ptr", "p_ptr"])
+    failures += _check_configs("adapter up_residual", bottleneck_adapter._up_residual_kernel, UP_RESIDUAL_SIG,
                                bottleneck_adapter._up_configs(),
-                               dict(HAS_BIAS=True, UPCAST=False, DOT_PRECISION="tf32", BLOCK_R=64),
+                               dict(HAS_BIAS=True, UPCAST=False, DOT_PRECISION="tf32", BLOCK_R=64, WIDE=False),
                                ["res_ptr", "l_ptr", "t_ptr", "out_ptr"])
     # the fp16 adapter backward's dz = dy·U, written in fp32 (ops.bottleneck_adapter: no subnormal dz)
-    sig = dict(x_ptr="*fp16", w_ptr="*fp16", out_ptr="*fp32", M="i32", K="i32", k_per_split="i32",
-               stride_xm="i32", stride_xk="i32", stride_wr="i32", stride_wk="i32", stride_os="i32",
-               stride_om="i32", scale="fp32", p_drop="fp32", seed="i32")
+    sig = dict(PROJECT_SIG, x_ptr="*fp16", w_ptr="*fp16", out_ptr="*fp32")
     failures += _check_configs("rank_project fp16 -> fp32 (adapter dz)", rank_ops._rank_project_kernel, sig,
                                rank_ops.project_configs(2), dict(DROPOUT=False, UPCAST=False,
-                                                                 DOT_PRECISION="tf32", BLOCK_R=64),
+                                                                 DOT_PRECISION="tf32", BLOCK_R=64, WIDE=False),
                                ["x_ptr", "w_ptr", "out_ptr"])
     return failures
 
@@ -345,6 +382,8 @@ def attention_kernels(every_config: bool = False) -> int:
 def main() -> int:
     if sys.argv[1:] == ["lora"]:
         return 1 if lora_family() else 0
+    if sys.argv[1:] == ["lora-wide"]:
+        return 1 if wide_variants() else 0
     if sys.argv[1:] == ["lora-split"]:
         return 1 if lora_split() else 0
     if sys.argv[1:2] == ["lora-fold"]:

@@ -83,9 +83,10 @@ def _dkdv_steps(dk, dv, k, v, q_src, do_src, g, stride_qh, stride_doh, stride_q,
         if USE_TMA:  # [n_q, group, D] descriptors: head g's [BLOCK_M, 1, BLOCK_D] box
             q = q_src.load([m0, g, 0]).reshape(BLOCK_M, BLOCK_D)
             do = do_src.load([m0, g, 0]).reshape(BLOCK_M, BLOCK_D)
-        else:  # the group's first head; head g is g head strides on
-            q = load_tile(q_src + g * stride_qh, stride_q, m0, n_q, BLOCK_M, BLOCK_D, HEAD_DIM, False, MASK != 0)
-            do = load_tile(do_src + g * stride_doh, stride_do, m0, n_q, BLOCK_M, BLOCK_D, HEAD_DIM, False, MASK != 0)
+        else:  # the group's first head; head g is g head strides on (int64: a head is S·D in (B, H, S, D) storage)
+            g64 = tl.cast(g, tl.int64)  # (g is a Python int under the interpreter: no .to)
+            q = load_tile(q_src + g64 * stride_qh, stride_q, m0, n_q, BLOCK_M, BLOCK_D, HEAD_DIM, False, MASK != 0)
+            do = load_tile(do_src + g64 * stride_doh, stride_do, m0, n_q, BLOCK_M, BLOCK_D, HEAD_DIM, False, MASK != 0)
         if MASK != 0:
             lse = tl.load(lse_ptr + row_off + rows, mask=rows < n_q, other=float("inf"))
             delta = tl.load(delta_ptr + row_off + rows, mask=rows < n_q, other=0.0)

@@ -21,8 +21,8 @@ import functools
 import torch
 
 from fastft.kernels.autotune import tuner
-from fastft.kernels.runtime import cdiv, INTERPRET, on_operand_device, triton
-from fastft.kernels.shared import bucket, dot_precision, gelu_tanh, tanh, unit_stride, upcast
+from fastft.kernels.runtime import cdiv, INTERPRET, on_operand_device, triton, wide_columns
+from fastft.kernels.shared import bucket, dot_precision, gelu_tanh, tanh, unit_stride, upcast, wide_index
 
 import triton.language as tl
 
@@ -47,15 +47,16 @@ def _down_act_kernel(
     M, N,
     stride_hm, stride_hn, stride_dr, stride_dn,
     ACT: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, WIDE: tl.constexpr,
 ):
-    """p[M,R] = h[M,N]·d[R,N]ᵀ (+ bias), z = act(p); both stored row-major with row stride R."""
+    """p[M,R] = h[M,N]·d[R,N]ᵀ (+ bias), z = act(p); both stored row-major with row stride R. WIDE: h's column
+    offsets in int64 too (runtime.wide_columns)."""
     rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # row × stride passes 2^31 at scale
     offs_r = tl.arange(0, BLOCK_R)
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for off_n in range(0, N, BLOCK_N):
         cols = off_n + tl.arange(0, BLOCK_N)
-        h = tl.load(h_ptr + rows[:, None] * stride_hm + cols[None, :] * stride_hn,
+        h = tl.load(h_ptr + rows[:, None] * stride_hm + wide_index(cols, WIDE)[None, :] * stride_hn,
                     mask=(rows[:, None] < M) & (cols[None, :] < N), other=0.0)
         d = tl.load(d_ptr + cols[:, None] * stride_dn + offs_r[None, :] * stride_dr, mask=cols[:, None] < N,
                     other=0.0)
@@ -77,9 +78,10 @@ def _up_residual_kernel(
     M, N,
     stride_rm, stride_rn, stride_lm, stride_tn, stride_tr, stride_om,
     HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, WIDE: tl.constexpr,
 ):
-    """out[M,N] = res[M,N] + l[M,R]·t[N,R]ᵀ (+ bias): R reduction steps, residual and bias in the epilogue."""
+    """out[M,N] = res[M,N] + l[M,R]·t[N,R]ᵀ (+ bias): R reduction steps, residual and bias in the epilogue. WIDE: res's
+    column offsets in int64 too (runtime.wide_columns)."""
     rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # row × stride passes 2^31 at scale
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_r = tl.arange(0, BLOCK_R)
@@ -90,7 +92,8 @@ def _up_residual_kernel(
         tr = tr.to(tl.float32)
     acc = tl.dot(lo, tr, input_precision=DOT_PRECISION)
     mask = (rows[:, None] < M) & (cols[None, :] < N)
-    acc += tl.load(res_ptr + rows[:, None] * stride_rm + cols[None, :] * stride_rn, mask=mask, other=0.0).to(tl.float32)
+    res = res_ptr + rows[:, None] * stride_rm + wide_index(cols, WIDE)[None, :] * stride_rn
+    acc += tl.load(res, mask=mask, other=0.0).to(tl.float32)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
     tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
@@ -125,7 +128,7 @@ def down_act(h: torch.Tensor, d_pad: torch.Tensor, bias_pad: torch.Tensor | None
             h, d_pad, bias_pad if bias_pad is not None else z, z, p, M, N,
             h.stride(0), h.stride(1), d_pad.stride(0), d_pad.stride(1),
             ACT=activation, HAS_BIAS=bias_pad is not None, UPCAST=upcast(h.dtype),
-            DOT_PRECISION=dot_precision(h.dtype), BLOCK_R=R, **cfg)
+            DOT_PRECISION=dot_precision(h.dtype), BLOCK_R=R, WIDE=wide_columns(h), **cfg)
 
     tuner("adapter_down_act", _down_configs()).run((bucket(M), N, R, h.dtype, activation), launch)
     return z, p
@@ -144,7 +147,7 @@ def up_residual(res: torch.Tensor, lo: torch.Tensor, t: torch.Tensor, bias: torc
             res, lo, t, bias if bias is not None else out, out, M, N,
             res.stride(0), res.stride(1), lo.stride(0), t.stride(0), t.stride(1), out.stride(0),
             HAS_BIAS=bias is not None, UPCAST=upcast(res.dtype), DOT_PRECISION=dot_precision(res.dtype),
-            BLOCK_R=R, **cfg)
+            BLOCK_R=R, WIDE=wide_columns(res), **cfg)
 
     tuner("adapter_up_residual", _up_configs()).run((bucket(M), N, R, res.dtype, bias is not None), launch)
     return out

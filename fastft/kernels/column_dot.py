@@ -11,8 +11,8 @@ import functools
 import torch
 
 from fastft.kernels.autotune import tuner
-from fastft.kernels.runtime import cdiv, INTERPRET, on_operand_device, triton
-from fastft.kernels.shared import bucket, split_partials, sum_partials
+from fastft.kernels.runtime import cdiv, INTERPRET, on_operand_device, triton, wide_columns
+from fastft.kernels.shared import bucket, split_partials, sum_partials, wide_index
 
 import triton.language as tl
 
@@ -22,20 +22,22 @@ def _column_dot_kernel(
     a_ptr, b_ptr, part_ptr,
     M, N, rows_per_split,
     stride_am, stride_an, stride_bm, stride_bn,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WIDE: tl.constexpr,
 ):
-    """part[split, N] = Σ over this split's rows of a·b (fp32)."""
+    """part[split, N] = Σ over this split's rows of a·b (fp32). WIDE: int64 column offsets too (runtime.wide_columns:
+    a column stride other than 1 on an operand past 2^31 elements)."""
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_offs = wide_index(cols, WIDE)
     row_start = pid_s * rows_per_split
     row_end = min(M, row_start + rows_per_split)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for off_m in range(row_start, row_end, BLOCK_M):
         rows = (off_m + tl.arange(0, BLOCK_M)).to(tl.int64)  # int64: row × stride passes 2^31 at scale
         mask = (rows[:, None] < row_end) & (cols[None, :] < N)
-        a = tl.load(a_ptr + rows[:, None] * stride_am + cols[None, :] * stride_an, mask=mask, other=0.0)
-        b = tl.load(b_ptr + rows[:, None] * stride_bm + cols[None, :] * stride_bn, mask=mask, other=0.0)
+        a = tl.load(a_ptr + rows[:, None] * stride_am + col_offs[None, :] * stride_an, mask=mask, other=0.0)
+        b = tl.load(b_ptr + rows[:, None] * stride_bm + col_offs[None, :] * stride_bn, mask=mask, other=0.0)
         acc += a.to(tl.float32) * b.to(tl.float32)
     tl.store(part_ptr + pid_s * N + cols, tl.sum(acc, axis=0), mask=cols < N)
 
@@ -58,7 +60,8 @@ def column_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         n_tiles = cdiv(N, cfg["BLOCK_N"])
         cfg, splits, rows_per_split, (part,) = split_partials(cfg, M, n_tiles, "BLOCK_M", a.device, (N,))
         _column_dot_kernel[(n_tiles, splits)](
-            a, b, part, M, N, rows_per_split, a.stride(0), a.stride(1), b.stride(0), b.stride(1), **cfg)
+            a, b, part, M, N, rows_per_split, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+            WIDE=wide_columns(a, b), **cfg)
         result["out"] = sum_partials(part)
 
     if M == 0:

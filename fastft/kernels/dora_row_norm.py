@@ -33,6 +33,7 @@ def _row_sq_norm_kernel(
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_r = tl.arange(0, R)
     row_ok = rows < N
+    w_rows = w_ptr + rows.to(tl.int64)[:, None] * stride_wn  # int64: row × K passes 2^31 for W ≥ 2^31 elements
     b = tl.load(b_ptr + rows[:, None] * R + offs_r[None, :], mask=row_ok[:, None], other=0.0)
     if UPCAST:
         b = b.to(tl.float32)
@@ -42,7 +43,7 @@ def _row_sq_norm_kernel(
     for off_k in range(col_start, col_end, BLOCK_K):
         cols = off_k + tl.arange(0, BLOCK_K)
         col_ok = cols < col_end
-        w = tl.load(w_ptr + rows[:, None] * stride_wn + cols[None, :] * stride_wk,
+        w = tl.load(w_rows + cols.to(tl.int64)[None, :] * stride_wk,
                     mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
         a = tl.load(a_ptr + offs_r[:, None] * K + cols[None, :], mask=col_ok[None, :], other=0.0)
         if UPCAST:

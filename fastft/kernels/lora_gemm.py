@@ -50,6 +50,7 @@ from fastft.kernels.runtime import (
     on_operand_device,
     tma_compatible,
     triton,
+    wide_offsets,
 )
 
 import triton.language as tl
@@ -65,7 +66,7 @@ def _lora_gemm_kernel(
     HAS_TAIL: tl.constexpr, HAS_COL_SCALE: tl.constexpr, HAS_K_SCALE: tl.constexpr, FOLD: tl.constexpr,
     USE_TMA: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    GROUP_M: tl.constexpr, FLATTEN: tl.constexpr,
+    GROUP_M: tl.constexpr, FLATTEN: tl.constexpr, WIDE: tl.constexpr,
 ):
     """c[M,N] = (a[M,K]·diag(k_scale)·bᵀ + l[M,R]·tᵀ)·diag(col_scale) (+ bias), b logically [N,K], t [N,R].
 
@@ -79,6 +80,7 @@ def _lora_gemm_kernel(
     [K,R] (stored like b: [R,K] when B_NK, else [K,R]), rounded to c's dtype as a stored l would be; the tiles
     with pid_n == 0 write it to l_ptr (every N tile computes the same values in the same order).
     Persistent: `num_programs` programs (about one per SM) walk the output tiles.
+    WIDE: b, t and p are read with int64 pointer offsets (shared.load_kn_block; a and c always are).
     """
     start_pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -110,7 +112,8 @@ def _lora_gemm_kernel(
         for ki in range(k_tiles):
             off_k = ki * BLOCK_K
             a = load_block(a_src, off_m, off_k, M, K, stride_am, stride_ak, BLOCK_M, BLOCK_K, USE_TMA)
-            b = load_kn_block(b_src, off_k, off_n, K, N, stride_bk, stride_bn, BLOCK_K, BLOCK_N, B_NK, USE_TMA)
+            b = load_kn_block(b_src, off_k, off_n, K, N, stride_bk, stride_bn, BLOCK_K, BLOCK_N, B_NK, USE_TMA,
+                              WIDE=WIDE)
             if UPCAST:
                 a = a.to(tl.float32)
                 b = b.to(tl.float32)
@@ -121,7 +124,7 @@ def _lora_gemm_kernel(
             acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
             if FOLD:  # the rank-R projection of the same a tile: R more columns of MMA, no extra pass over a
                 pt = load_kn_block(p_src, off_k, 0, K, BLOCK_R, stride_pk, stride_pr, BLOCK_K, BLOCK_R, B_NK, USE_TMA,
-                                   CHECK_N=False)
+                                   CHECK_N=False, WIDE=WIDE)
                 if UPCAST:
                     pt = pt.to(tl.float32)
                 acc_l = tl.dot(a, pt, acc_l, input_precision=DOT_PRECISION)
@@ -135,7 +138,7 @@ def _lora_gemm_kernel(
             else:
                 lo = load_block(l_src, off_m, 0, M, BLOCK_R, stride_lm, 1, BLOCK_M, BLOCK_R, USE_TMA, CHECK_COLS=False)
             tr = load_kn_block(t_src, 0, off_n, BLOCK_R, N, stride_tr, stride_tn, BLOCK_R, BLOCK_N, B_NK, USE_TMA,
-                               CHECK_K=False)
+                               CHECK_K=False, WIDE=WIDE)
             if UPCAST:
                 lo = lo.to(tl.float32)
                 tr = tr.to(tl.float32)
@@ -269,6 +272,7 @@ def _gemm(a, b, lo, t, proj, bias, *, b_nk, p_drop, seed, col_scale, k_scale, fo
     fold = proj is not None
     R = lo.shape[1] if has_tail else 16
     c = torch.empty((M, N), device=a.device, dtype=a.dtype)
+    read_kn = (b,) + ((t,) if has_tail else ()) + ((proj,) if fold else ())  # what load_kn_block reads (WIDE)
     if not has_tail:
         lo = t = c  # never read
     if not fold:
@@ -302,7 +306,7 @@ def _gemm(a, b, lo, t, proj, bias, *, b_nk, p_drop, seed, col_scale, k_scale, fo
             HAS_BIAS=bias is not None, TAIL_DROPOUT=p_drop > 0.0, B_NK=b_nk,
             HAS_TAIL=has_tail, HAS_COL_SCALE=col_scale is not None, HAS_K_SCALE=k_scale is not None, FOLD=fold,
             USE_TMA=use_tma, UPCAST=upcast(a.dtype), DOT_PRECISION=precision,
-            BLOCK_R=R, **cfg,
+            BLOCK_R=R, WIDE=not use_tma and wide_offsets(*read_kn), **cfg,
         )
 
     key = (bucket(M), N, K, R, a.dtype, b_nk, bias is not None, p_drop > 0.0, has_tail, col_scale is not None,

@@ -19,8 +19,10 @@ import functools
 import torch
 
 from fastft.kernels.autotune import tuner
-from fastft.kernels.shared import bucket, dot_precision, dropout_keep, split_partials, sum_partials, upcast
-from fastft.kernels.runtime import cdiv, INTERPRET, next_power_of_2, on_operand_device, triton, wide_offsets
+from fastft.kernels.shared import (bucket, dot_precision, dropout_keep, split_partials, sum_partials, upcast,
+                                  wide_index)
+from fastft.kernels.runtime import (cdiv, INTERPRET, next_power_of_2, on_operand_device, triton, wide_columns,
+                                   wide_offsets)
 
 import triton.language as tl
 
@@ -32,9 +34,10 @@ def _rank_project_kernel(
     stride_xm, stride_xk, stride_wr, stride_wk, stride_os, stride_om,
     scale, p_drop, seed,
     DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, WIDE: tl.constexpr,
 ):
     """out[split, M, R] = scale · (keep∘x)[M, Ks] · w[R, Ks]ᵀ over this split's columns Ks of K (w any strides).
+    WIDE: x's column offsets in int64 too (runtime.wide_columns; its rows always are).
 
     With one split this is the whole product; several splits (fp32 partials, summed after) put more
     loads in flight when M alone gives too few programs to saturate memory bandwidth.
@@ -48,7 +51,7 @@ def _rank_project_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for off_k in range(k_start, k_end, BLOCK_K):
         ks = off_k + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :] * stride_xk,
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + wide_index(ks, WIDE)[None, :] * stride_xk,
                     mask=(rows[:, None] < M) & (ks[None, :] < k_end), other=0.0)
         if DROPOUT:
             x = tl.where(dropout_keep(seed, rows, ks, K, p_drop), x, 0.0)
@@ -70,6 +73,7 @@ def _reduce_rows(l_ptr, y_ptr, row_start, row_end, cols, N, stride_lm, stride_ym
     """l[rows, R]ᵀ · (keep∘y)[rows, cols] over rows [row_start, row_end), fp32 [R, BLOCK_N]. WIDE: int64 offsets
     (runtime.wide_offsets; int32 ones otherwise, as int64 ones spill the 64×128 tiles at R = 64 on sm_90)."""
     offs_r = tl.arange(0, BLOCK_R)
+    cols = wide_index(cols, WIDE)  # the columns too: y may be column-major (any strides)
     acc = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
     for off_m in range(row_start, row_end, BLOCK_M):
         rows = off_m + tl.arange(0, BLOCK_M)
@@ -227,7 +231,7 @@ def rank_project(x, w, *, scale: float, p_drop: float = 0.0, seed: int = 0,
             sx[0], sx[1], sw[0], sw[1], stride_os, R,
             scale, p_drop, seed,
             DROPOUT=p_drop > 0.0, UPCAST=upcast(x.dtype), DOT_PRECISION=dot_precision(x.dtype),
-            BLOCK_M=cfg["BLOCK_M"], BLOCK_K=block_k, BLOCK_R=R, num_warps=cfg["num_warps"],
+            BLOCK_M=cfg["BLOCK_M"], BLOCK_K=block_k, BLOCK_R=R, WIDE=wide_columns(x), num_warps=cfg["num_warps"],
             num_stages=cfg["num_stages"],
         )
         result["out"] = out if splits == 1 else out.sum(0).to(out_dtype)

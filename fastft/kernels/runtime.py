@@ -118,6 +118,13 @@ def wide_offsets(*tensors: torch.Tensor) -> bool:
     return any(sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride()) if n) >= 2**31 for t in tensors)
 
 
+def wide_columns(*tensors: torch.Tensor) -> bool:
+    """Whether a 2-D operand's column index times its column stride may pass int32: a column stride other than 1 on an
+    operand whose offsets pass 2**31 (wide_offsets). The launchers that take any strides pass it as their WIDE
+    constexpr; the ops give unit column strides (as_rows), so the first test decides it for them at no cost."""
+    return any(t.stride(1) != 1 and wide_offsets(t) for t in tensors)
+
+
 def cdiv(a: int, b: int) -> int:
     """Ceiling division on the host. (triton.cdiv is a jit-able function whose Python call costs ~7 µs,
     which adds up on a launcher's hot path.)"""

@@ -19,6 +19,15 @@ def dropout_keep(seed, rows, cols, n_cols, p):
 
 
 @triton.jit
+def wide_index(idx, WIDE: tl.constexpr):
+    """idx as int64 when WIDE (idx × its stride may pass 2^31: runtime.wide_columns / wide_offsets), else as it is:
+    int32 offsets keep the common launch's registers unchanged."""
+    if WIDE:
+        idx = idx.to(tl.int64)
+    return idx
+
+
+@triton.jit
 def tile_coords(tile_id, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
     """(pid_m, pid_n) of a linear tile id in grouped order: GROUP_M row-tiles share their column tiles
     while those sit in L2."""
@@ -105,14 +114,17 @@ def kn_source(ptr, K, N, stride_n, stride_k, BLOCK_K: tl.constexpr, BLOCK_N: tl.
 @triton.jit
 def load_kn_block(src, off_k, off_n, K, N, stride_k, stride_n, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
                   N_MAJOR: tl.constexpr, USE_TMA: tl.constexpr, CHECK_K: tl.constexpr = True,
-                  CHECK_N: tl.constexpr = True):
+                  CHECK_N: tl.constexpr = True, WIDE: tl.constexpr = False):
     """The [BLOCK_K, BLOCK_N] block at (off_k, off_n) of a logically [K, N] `kn_source` operand, whichever its
-    storage, zeros outside it. CHECK_K / CHECK_N=False: that dimension is known to lie inside (a padded rank)."""
+    storage, zeros outside it. CHECK_K / CHECK_N=False: that dimension is known to lie inside (a padded rank).
+    WIDE (runtime.wide_offsets of the operand): int64 pointer offsets, for a weight of 2^31 elements or more (n × K
+    or k × N passes 2^31; Nemotron-4-340B's head is 4.7e9); int32 otherwise, which keeps the pointer GEMMs' registers
+    as they were. A descriptor's address math is 64-bit either way."""
     if USE_TMA:
         return load_kn(src, off_k, off_n, N_MAJOR)
     else:
-        ks = off_k + tl.arange(0, BLOCK_K)
-        ns = off_n + tl.arange(0, BLOCK_N)
+        ks = wide_index(off_k + tl.arange(0, BLOCK_K), WIDE)
+        ns = wide_index(off_n + tl.arange(0, BLOCK_N), WIDE)
         if CHECK_K and CHECK_N:
             mask = (ks[:, None] < K) & (ns[None, :] < N)
         elif CHECK_K:
