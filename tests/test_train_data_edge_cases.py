@@ -244,6 +244,23 @@ def test_dpo_records_without_a_preference_are_refused(tmp_path, change, problem)
         read_jsonl(data, "dpo")
 
 
+@pytest.mark.parametrize("objective, record, problem", [
+    # a preference file under sft/distill (no --objective dpo) said only "expected a 'text', 'messages' or ..."
+    ("sft", GOOD_PAIR, "a preference pair (prompt, chosen, rejected): train it with --objective dpo"),
+    ("distill", {"chosen": CHAT, "rejected": CHAT[:1]}, "a preference pair (prompt, chosen, rejected): train it"),
+    # a chat file under --objective dpo said "a dpo record needs string fields ... ('prompt' is missing ...)"
+    ("dpo", {"messages": CHAT}, "'messages' is a field of sft's records, not of a preference pair: --objective dpo "
+                                "needs prompt, chosen and rejected fields; train this file with --objective sft"),
+    ("dpo", {"prompt": "Q", "completion": "A"}, "'completion' is a field of sft's records"),
+    ("dpo", {"instruction": "Q", "output": "A"}, "'instruction' is a field of sft's records"),
+])
+def test_a_record_of_the_other_objective_names_the_objective_to_use(tmp_path, objective, record, problem):
+    """The likeliest cause of a whole file of the other objective's records is the --objective flag: say so."""
+    data = _jsonl(tmp_path / "data.jsonl", record)
+    with pytest.raises(DataError, match=re.escape(f"{data}:1: {problem}")):
+        read_jsonl(data, objective)
+
+
 USER = {"role": "user", "content": "Capital of France?"}
 PARIS, LYON = ({"role": "assistant", "content": c} for c in ("Paris.", "Lyon."))
 

@@ -22,6 +22,7 @@ from fastft.apps.training.config import INSTRUCTIONS, ConfigError, TrainConfig
 
 _ROLES = ("system", "user", "assistant")
 _PAIR_KEYS = ("prompt", "chosen", "rejected")
+_SFT_FIELDS = ("messages", "text", "completion", "conversations", "instruction")  # the forms sft/distill read
 # marks the built-in classification records (made by load_records); read_jsonl drops it from user records, so a
 # user's own keys ("task", "label", ...) are never taken for it
 BUILTIN_TASK = "_fastft_builtin_task"
@@ -55,6 +56,10 @@ def _record_problem(record, objective: str) -> str | None:
     if objective == "dpo":
         if isinstance(record.get("chosen"), list):
             return _conversational_pair_problem(record)
+        sft_field = next((k for k in _SFT_FIELDS if k in record), None)
+        if sft_field and "chosen" not in record and "rejected" not in record:  # the usual cause: a stray flag
+            return (f"'{sft_field}' is a field of sft's records, not of a preference pair: --objective dpo needs "
+                    "prompt, chosen and rejected fields; train this file with --objective sft")
         for key in _PAIR_KEYS:
             if not isinstance(record.get(key), str):
                 return f"a dpo record needs string fields prompt, chosen, rejected ('{key}' is missing or not text)"
@@ -87,6 +92,9 @@ def _record_problem(record, objective: str) -> str | None:
         if not record["prompt"].strip():  # the completion's first token would open the document: never trained
             return "'prompt' is empty; a record without a prompt is a {\"text\": ...} record"
         return None
+    if "chosen" in record and "rejected" in record:  # a preference file without --objective dpo
+        return (f"a preference pair (prompt, chosen, rejected): train it with --objective dpo (--objective "
+                f"{objective} reads 'text', 'messages' or 'prompt'/'completion' records)")
     return ("expected a 'text', 'messages' or 'prompt'/'completion' field (or ShareGPT's 'conversations', Alpaca's "
             "'instruction'/'output')")
 
