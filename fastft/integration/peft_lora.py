@@ -80,16 +80,30 @@ def refuse_peft_model(model: nn.Module, what: str) -> None:
                         f"model (a fresh one, or the base after unload()){more}")
 
 
-def quiet_peft_model(model: nn.Module, config, adapter_name: str = "default", **kwargs) -> PeftModel:
-    """`peft.get_peft_model`, without the FutureWarning peft raises reading transformers' deprecated
-    `is_gradient_checkpointing` (nothing for the user to act on). Every method's room builds through it."""
+@contextlib.contextmanager
+def _no_checkpointing_deprecation():
+    """Hides the FutureWarning peft's PeftModel raises reading transformers' deprecated `is_gradient_checkpointing`
+    (nothing for the user to act on)."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
+
+
+def quiet_peft_model(model: nn.Module, config, adapter_name: str = "default", **kwargs) -> PeftModel:
+    """`peft.get_peft_model` without peft's deprecation warning (_no_checkpointing_deprecation). Every method's room
+    builds through it."""
+    with _no_checkpointing_deprecation():
         wrapped = peft.get_peft_model(model, config, adapter_name=adapter_name, **kwargs)
     # peft hooks the embedding for checkpointing of either mode (and transformers' enable may have hooked it before):
     # non-reentrant needs none, and compiles without
     drop_input_grad_hooks_if_unneeded(model)
     return wrapped
+
+
+def quiet_peft_load(model: nn.Module, path, **kwargs) -> PeftModel:
+    """`PeftModel.from_pretrained` without peft's deprecation warning: every method's load_adapter goes through it."""
+    with _no_checkpointing_deprecation():
+        return PeftModel.from_pretrained(model, str(path), **kwargs)
 
 
 def add_adapter(model: PeftModel, adapter_name: str, config) -> PeftModel:
@@ -150,8 +164,7 @@ def _load_adapter(model: nn.Module, path, adapter_name: str, is_trainable: bool)
             model.set_requires_grad(adapter_name)
         model.load_adapter(str(path), adapter_name=adapter_name, is_trainable=is_trainable)
         return fuse_lora_layers(model, "load_adapter")
-    peft_model = PeftModel.from_pretrained(model, str(path), adapter_name=adapter_name, is_trainable=is_trainable,
-                                           config=config)
+    peft_model = quiet_peft_load(model, path, adapter_name=adapter_name, is_trainable=is_trainable, config=config)
     return fuse_lora_layers(peft_model, "load_adapter")
 
 

@@ -131,6 +131,7 @@ def load_ia3_adapter(model: nn.Module, path, config: IA3Config, adapter_name: st
     from peft.tuners.ia3 import IA3Model
 
     from fastft.integration.adapter_files import check_adapter_tensors
+    from fastft.integration.peft_lora import quiet_peft_load
 
     base = model.get_base_model() if isinstance(model, PeftModel) else model
     validate_ia3_config(config, base)
@@ -143,5 +144,5 @@ def load_ia3_adapter(model: nn.Module, path, config: IA3Config, adapter_name: st
     if isinstance(model, PeftModel):
         model.load_adapter(str(path), adapter_name=adapter_name, is_trainable=is_trainable)
         return fuse_ia3_layers(model, "load_adapter")
-    return fuse_ia3_layers(PeftModel.from_pretrained(model, str(path), adapter_name=adapter_name,
-                                                     is_trainable=is_trainable, config=config), "load_adapter")
+    return fuse_ia3_layers(quiet_peft_load(model, path, adapter_name=adapter_name, is_trainable=is_trainable,
+                                           config=config), "load_adapter")

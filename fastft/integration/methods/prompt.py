@@ -147,6 +147,7 @@ def load_prompt_learning(model: nn.Module, path, adapter_name: str, is_trainable
     projection's MLP. Loaded as peft loads it, that table is the adapter; `is_trainable` trains the table itself
     (the same parameters peft's forward and save use), so a saved prefix or prompt can be trained further."""
     from fastft.integration.adapter_files import adapter_weights_file, read_weights
+    from fastft.integration.peft_lora import quiet_peft_load
 
     read_weights(adapter_weights_file(Path(path)), shapes_only=True)  # missing or damaged: named, as for LoRA
     was_training = model.training
@@ -154,7 +155,7 @@ def load_prompt_learning(model: nn.Module, path, adapter_name: str, is_trainable
         model.load_adapter(str(path), adapter_name=adapter_name)
         loaded = model
     else:
-        loaded = PeftModel.from_pretrained(model, str(path), adapter_name=adapter_name)
+        loaded = quiet_peft_load(model, path, adapter_name=adapter_name)
     if is_trainable:
         loaded.prompt_encoder[adapter_name].requires_grad_(True)
         loaded.train(was_training)  # peft's inference load put the model in eval mode
