@@ -4,11 +4,17 @@ memory) prints one line and exits with status 1."""
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
-import fastft
-from fastft.apps.training.arguments import add_train_arguments, config_from_args
-from fastft.apps.training.config import ConfigError
+# bitsandbytes (imported by peft, below) logs "Failed to load CPU gemm_4bit_forward from kernels-community ... pip
+# install kernels" at every start on CPUs with AVX512-BF16 when the optional `kernels` package is absent: about its
+# own CPU 4-bit GEMM, which fastft never calls. Printed above `--help` and every one-line error, it read as a failure.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+import fastft  # noqa: E402
+from fastft.apps.training.arguments import add_train_arguments, config_from_args  # noqa: E402
+from fastft.apps.training.config import ConfigError  # noqa: E402
 
 
 def _add_train(sub) -> argparse.ArgumentParser:
