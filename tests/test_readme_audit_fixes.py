@@ -77,3 +77,23 @@ def test_load_adapter_raises_no_deprecation_warning_of_peft(tmp_path, method):
         warnings.simplefilter("error", FutureWarning)
         fastft.load_adapter(_tiny(), tmp_path / method)
         fastft.load_adapter(_tiny(), tmp_path / method, is_trainable=True)
+
+
+def test_a_compiled_fused_loss_raises_no_lru_cache_warning_of_dynamo():
+    """`fastft train --compile default` printed dynamo's "Dynamo detected a call to a `functools.lru_cache`-wrapped
+    function at 'shared.py:96' ... Silent incorrectness is only a *potential* risk": the fused loss asked an
+    lru_cache'd helper for accelerate's hook class on every lm_head, hooked or not. In a fresh process, as dynamo
+    warns once per process."""
+    code = """
+import warnings, torch
+from fastft.ops import lm_head_cross_entropy
+head = torch.nn.Linear(16, 32, bias=False)
+loss = torch.compile(lambda h, y: lm_head_cross_entropy(h, head, y), backend="eager", fullgraph=True)
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    loss(torch.randn(8, 16), torch.randint(0, 32, (8,))).item()
+print([str(w.message)[:80] for w in caught if "lru_cache" in str(w.message)])
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]"

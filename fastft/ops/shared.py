@@ -93,6 +93,8 @@ def hook_device(module: torch.nn.Module) -> torch.device | None:
     """The execution device of accelerate's device_map hook on `module` (where calling it would move the inputs),
     or None where it has none."""
     hook = module.__dict__.get("_hf_hook")
+    if hook is None:  # the usual module: no lru_cache call (_align_devices_hook) for dynamo to warn about when traced
+        return None
     return _as_device(hook.execution_device) if type(hook) is _align_devices_hook() else None
 
 
