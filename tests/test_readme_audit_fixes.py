@@ -97,3 +97,12 @@ print([str(w.message)[:80] for w in caught if "lru_cache" in str(w.message)])
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+@pytest.mark.parametrize("method", ["lora", "ia3", "prompt"])
+def test_apply_method_with_peft_raises_no_deprecation_warning_of_peft(method):
+    """`fastft study`'s peft anchors (apply_method(..., implementation="peft")) printed the same FutureWarning
+    under the study's progress (`fastft study --quick`)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        fastft.apply_method(_tiny(), method, implementation="peft")

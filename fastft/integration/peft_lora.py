@@ -81,7 +81,7 @@ def refuse_peft_model(model: nn.Module, what: str) -> None:
 
 
 @contextlib.contextmanager
-def _no_checkpointing_deprecation():
+def quiet_checkpointing_deprecation():
     """Hides the FutureWarning peft's PeftModel raises reading transformers' deprecated `is_gradient_checkpointing`
     (nothing for the user to act on)."""
     with warnings.catch_warnings():
@@ -90,9 +90,9 @@ def _no_checkpointing_deprecation():
 
 
 def quiet_peft_model(model: nn.Module, config, adapter_name: str = "default", **kwargs) -> PeftModel:
-    """`peft.get_peft_model` without peft's deprecation warning (_no_checkpointing_deprecation). Every method's room
+    """`peft.get_peft_model` without peft's deprecation warning (quiet_checkpointing_deprecation). Every method's room
     builds through it."""
-    with _no_checkpointing_deprecation():
+    with quiet_checkpointing_deprecation():
         wrapped = peft.get_peft_model(model, config, adapter_name=adapter_name, **kwargs)
     # peft hooks the embedding for checkpointing of either mode (and transformers' enable may have hooked it before):
     # non-reentrant needs none, and compiles without
@@ -102,7 +102,7 @@ def quiet_peft_model(model: nn.Module, config, adapter_name: str = "default", **
 
 def quiet_peft_load(model: nn.Module, path, **kwargs) -> PeftModel:
     """`PeftModel.from_pretrained` without peft's deprecation warning: every method's load_adapter goes through it."""
-    with _no_checkpointing_deprecation():
+    with quiet_checkpointing_deprecation():
         return PeftModel.from_pretrained(model, str(path), **kwargs)
 
 

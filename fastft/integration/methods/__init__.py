@@ -215,11 +215,12 @@ def apply_method(model: nn.Module, method: str, options: MethodOptions | None = 
         raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
-    from fastft.integration.peft_lora import refuse_peft_model
+    from fastft.integration.peft_lora import quiet_checkpointing_deprecation, refuse_peft_model
 
     refuse_peft_model(model, "apply_method")
     try:
-        return _APPLY[method](model, options or MethodOptions(), implementation)
+        with quiet_checkpointing_deprecation():  # implementation="peft" calls peft.get_peft_model itself
+            return _APPLY[method](model, options or MethodOptions(), implementation)
     except ValueError as e:  # the method's config (or peft) names its own fields: say which option sets them
         options_named = dict.fromkeys(option for field, option in _OPTION_OF_FIELD.get(method, {}).items()
                                       if field in str(e))
