@@ -210,6 +210,16 @@ def test_resuming_a_finished_run_does_nothing(tiny_checkpoint, tmp_path, capsys)
     assert (out / "merged" / "config.json").is_file() and json.loads((out / "metrics.json").read_text())["merged_model"]
 
 
+def test_resume_where_no_checkpoint_was_written_yet_starts_at_step_0(tiny_checkpoint, tmp_path, capsys):
+    """A requeued job killed before its first checkpoint: its folder exists (here empty), so --resume starts the run
+    and says so (the README's "Resuming"); a folder that does not exist is refused (test_train_config)."""
+    out, args = _text_run(tiny_checkpoint, tmp_path, steps="2", save_every="0")
+    out.mkdir()
+    assert main(args + ["--resume"]) == 0
+    assert f"--resume: no checkpoint in {out / 'checkpoints'}; starting at step 0" in capsys.readouterr().out
+    assert json.loads((out / "metrics.json").read_text())["resumed_from"] is None
+
+
 def test_a_run_stopped_while_writing_its_report_is_not_finished(tiny_checkpoint, tmp_path, monkeypatch):
     """metrics.json marks a run finished; it was written before report.md and losses.png, so a run killed between
     them resumed to "nothing to do" without its report."""
