@@ -106,3 +106,20 @@ def test_apply_method_with_peft_raises_no_deprecation_warning_of_peft(method):
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)
         fastft.apply_method(_tiny(), method, implementation="peft")
+
+
+@pytest.mark.parametrize("argv, error", [
+    (["study", "--tasks", "foo"], "fastft study: error: argument --tasks: invalid choice: 'foo'"),
+    (["study", "--seeds", "0", "--plan"], "fastft study: error: --seeds must be at least 1, got 0"),
+    (["bench", "--shape", "huge"], "fastft bench: error: argument --shape: invalid choice: 'huge'"),
+])
+def test_study_and_bench_argument_errors_are_two_lines(argv, error, capsys):
+    """As `fastft train`'s: a one-line usage, then the error; argparse printed study's and bench's whole synopsis
+    (eight and twelve lines of every flag) above it."""
+    from fastft.apps.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    lines = capsys.readouterr().err.splitlines()
+    assert info.value.code == 2 and len(lines) == 2
+    assert lines[0].startswith(f"usage: fastft {argv[0]} ") and "--help" in lines[0] and lines[1].startswith(error)

@@ -39,6 +39,7 @@ def _add_study(sub) -> argparse.ArgumentParser:
     from fastft.apps.study.command import DESCRIPTION, add_arguments
 
     p = sub.add_parser("study", help="every method × six real tasks × two models: accuracy beside speed and memory",
+                       usage="fastft study [options]   (fastft study --help lists them)",  # an error's one line
                        description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p)
     return p

@@ -21,6 +21,7 @@ def add_bench_parser(sub) -> None:
     d = BenchConfig()
     p = sub.add_parser("bench", help="tokens/s, step time, peak memory and trainable parameters per fine-tuning "
                        "method beside the peers (methods, the default), or the kernel micro-benchmarks (kernels)",
+                       usage="fastft bench [methods|kernels] [options]   (fastft bench --help lists them by mode)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("what", nargs="?", choices=("methods", "kernels"), default="methods",
                    help="methods: the end-to-end training-step table; kernels: benchmarks/gpu_*.py (CUDA only)")
