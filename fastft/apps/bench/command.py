@@ -113,6 +113,16 @@ def _unused_flags(args, argv: list[str], cfg: BenchConfig) -> list[str]:
             for dest, idle in unused.items() if idle and dest in given]
 
 
+def _cpu_scale_note(args, argv: list[str], cfg: BenchConfig, device) -> str | None:
+    """A note when a bare `fastft bench` (no --shape, no --model) is about to time a GPU-sized default shape on the
+    CPU: a run there takes hours, where the tiny shape times the same methods in seconds."""
+    given = given_dests(list(args._bench_modes["methods"].values()), argv, "bench")
+    if device.type != "cpu" or cfg.model is not None or "shape" in given or cfg.shape == "tiny":
+        return None
+    return (f"note: --shape {cfg.shape} (the default) on the CPU: its runs take hours here; for a CPU table in "
+            "seconds, run `fastft bench --shape tiny --steps 2 --warmup 1 --seq-len 32 --batch-size 2`")
+
+
 def _split(values) -> tuple[str, ...]:
     """`--methods lora,qlora dora` -> ("lora", "qlora", "dora")."""
     if isinstance(values, str):
@@ -154,6 +164,9 @@ def run_bench(args, argv: list[str]) -> int:
         from fastft.apps.bench.methods import default_device
         from fastft.apps.bench.resume import clear_outputs, previous_result
 
+        note = _cpu_scale_note(args, argv, cfg, default_device())
+        if note:
+            print(note)
         previous = previous_result(cfg, default_device(), fresh=getattr(args, "fresh", False))
     except (ValueError, FileNotFoundError) as err:
         print(f"fastft bench: error: {err}", file=sys.stderr)
