@@ -45,6 +45,23 @@ def finish_nf4_model(model: nn.Module) -> nn.Module:
     return model
 
 
+def layers_to_quantize(model: nn.Module, skip=(), use_default_skip: bool = True):
+    """(the (name, layer) pairs quantize_model replaces by NF4Linear: every name of a shared layer; the names of the
+    layers it would quantize but leaves dense for a forward of their own). Reads the modules' structure only, so a
+    meta-device skeleton (`AutoModelForCausalLM.from_config` under `torch.device("meta")`) answers before any weight
+    loads."""
+    skip = skip_entries(skip)
+    check_skip(model, skip, "quantize_model")
+    defaults = default_skip(model) if use_default_skip else ()
+    plain = plain_forward_layers(model)
+    named = [(name, m) for name, m in model.named_modules(remove_duplicate=False)  # every name of a shared layer
+             if name and quantizable(m)]
+    # a layer registered under several names is one layer: kept dense at every name if any of them is kept dense
+    dense = {id(m) for name, m in named if kept_dense(name, skip, defaults)}
+    targets = [(name, m) for name, m in named if id(m) not in dense]
+    return [(n, m) for n, m in targets if id(m) in plain], [n for n, m in targets if id(m) not in plain]
+
+
 def quantize_model(model: nn.Module, quant_type: str = "nf4", *, blocksize: int = 64, double_quant: bool = True,
                    skip=(), use_default_skip: bool = True) -> nn.Module:
     """Replace every nn.Linear (and transformers Conv1D) of `model` (in place) by an NF4Linear holding its
@@ -59,20 +76,9 @@ def quantize_model(model: nn.Module, quant_type: str = "nf4", *, blocksize: int 
     if quant_type != "nf4":
         raise ValueError(f"quantize_model: only quant_type='nf4' is supported, got {quant_type!r}")
     _refuse_adapters(model)
-    skip = skip_entries(skip)
-    check_skip(model, skip, "quantize_model")
-    defaults = default_skip(model) if use_default_skip else ()
-    plain = plain_forward_layers(model)
-    named = [(name, m) for name, m in model.named_modules(remove_duplicate=False)  # every name of a shared layer
-             if name and quantizable(m)]
-    # a layer registered under several names is one layer: kept dense at every name if any of them is kept dense
-    dense = {id(m) for name, m in named if kept_dense(name, skip, defaults)}
-    targets = [(name, m) for name, m in named if id(m) not in dense]
-    quantized, kept = {}, []
+    targets, kept = layers_to_quantize(model, skip, use_default_skip)
+    quantized = {}
     for name, linear in targets:
-        if id(linear) not in plain:
-            kept.append(name)
-            continue
         if id(linear) not in quantized:  # a layer registered under two names gets one NF4Linear at both
             quantized[id(linear)] = NF4Linear.from_linear(linear, blocksize=blocksize, double_quant=double_quant,
                                                           name=name)

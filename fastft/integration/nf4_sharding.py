@@ -71,6 +71,27 @@ def shard_model(model: nn.Module, mesh=None, *, reshard_after_forward: bool = Tr
     return model
 
 
+def unshardable_nf4_layer(model: nn.Module, world: int, blocksize: int = 64) -> str | None:
+    """Why `shard_model` could not shard `model` over `world` ranks once `quantize_model(model)` quantized it: the
+    first NF4 weight to be whose rows or blocks do not split evenly (fastft.quant.nf4_tensor_ops.shard_problem), or
+    None. Reads the layers' shapes only: `model` may be a meta-device skeleton, checked before any weight loads."""
+    from fastft.integration.nf4_model import layers_to_quantize
+    from fastft.modules.nf4_linear import linear_features
+    from fastft.quant.nf4_tensor_ops import shard_problem
+
+    targets, _ = layers_to_quantize(model)
+    seen = set()
+    for name, layer in targets:
+        if id(layer) in seen:
+            continue
+        seen.add(id(layer))
+        in_features, out_features = linear_features(layer)
+        problem = shard_problem((out_features, in_features), blocksize, world, f"{name}.weight")
+        if problem:
+            return problem
+    return None
+
+
 def ignore_nf4_in_ddp(model: nn.Module) -> nn.Module:
     """Tell DistributedDataParallel not to broadcast `model`'s NF4 weights; returns the model.
 

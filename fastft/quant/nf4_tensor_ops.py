@@ -153,17 +153,27 @@ def _zeros_like_layout(w, shape, device=None, dtype=None):
                        nested_blocksize=w.nested_blocksize, code2=code2, offset=offset)
 
 
+def shard_problem(shape, blocksize: int, world: int, name: str = "weight") -> str | None:
+    """Why an NF4 weight of `shape` cannot be sharded along dim 0 over `world` ranks (FSDP2's shards must hold whole
+    rows and whole blocks: uneven shards would need padding inside the packed bytes), or None. Shapes only: a layer
+    of a meta-device skeleton is checked before any weight loads."""
+    shape = tuple(shape)
+    if not shape or shape[0] % world:
+        return (f"{name}: an NF4 weight of shape {shape} cannot be sharded over {world} ranks: its "
+                f"{shape[0] if shape else 0} rows do not split evenly (uneven NF4 shards would need padding inside "
+                "the packed bytes)")
+    rows = shape[0] // world
+    if (rows * math.prod(shape[1:])) % blocksize:
+        return (f"{name}: an NF4 weight of shape {shape} cannot be sharded over {world} ranks: a shard of {rows} "
+                f"rows holds {rows * math.prod(shape[1:])} values, not a multiple of the blocksize {blocksize}")
+    return None
+
+
 def check_shardable(w, world: int, name: str = "weight") -> None:
     """Raise a ValueError naming `name` unless dim-0 shards of w over `world` ranks hold whole blocks."""
-    if w.ndim < 1 or w.shape[0] % world:
-        raise ValueError(f"{name}: an NF4 weight of shape {tuple(w.shape)} cannot be sharded over {world} ranks: "
-                         f"its {w.shape[0] if w.ndim else 0} rows do not split evenly (uneven NF4 shards would "
-                         "need padding inside the packed bytes)")
-    rows = w.shape[0] // world
-    if (rows * _row_numel(w)) % w.blocksize:
-        raise ValueError(f"{name}: an NF4 weight of shape {tuple(w.shape)} cannot be sharded over {world} ranks: "
-                         f"a shard of {rows} rows holds {rows * _row_numel(w)} values, not a multiple of the "
-                         f"blocksize {w.blocksize}")
+    problem = shard_problem(w.shape if w.ndim else (), w.blocksize, world, name)
+    if problem:
+        raise ValueError(problem)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -41,7 +41,8 @@ from fastft.apps.training.resume_checks import (check_resumed_data, check_resume
                                                finished_metrics)
 from fastft.apps.training.run_lock import hold_output_dir
 from fastft.apps.training.run_setup import (apply_method_or_config_error, launcher_notes, load_models,
-                                            make_accelerator, maybe_patch, precision_notes, shard_model)
+                                            make_accelerator, maybe_patch, nf4_fsdp_problem, precision_notes,
+                                            shard_model)
 
 
 class TrainingStopped(RuntimeError):
@@ -251,7 +252,7 @@ def _run(cfg: TrainConfig, accelerator, train_records, eval_records, description
             return finished
     model_config = AutoConfig.from_pretrained(model_path)  # the sizes, before the weights load
     problem, warning = length_problem(cfg, model_config)
-    problem = rank_problem(cfg, model_config) or problem
+    problem = rank_problem(cfg, model_config) or nf4_fsdp_problem(cfg, model_config, world) or problem
     if problem:
         raise ConfigError(problem)
     if warning:
