@@ -120,6 +120,32 @@ def _no_sync(prepared, accelerator):
             yield
 
 
+def settle_ddp_buckets(prepared, batch: dict, accelerator, offload=contextlib.nullcontext) -> bool:
+    """DDP with 3 or more processes: one synced forward and backward of `batch`'s loss times 0 before the first
+    step (its zero gradients discarded, the RNG restored), so that every step sums the gradients in the same order.
+
+    torch's DDP all-reduces gradients in buckets laid out by a first guess, then lays them out again, once, in the
+    order the first synced backward made them ready. Where an element sits in its bucket decides the order in which
+    the all-reduce adds the processes' values (gloo's ring and NCCL's alike), and over 3 or more processes
+    (a + b) + c and a + (b + c) round apart: a run's first step summed in another order than its later steps. A run
+    resumed at step k sums its step k + 1 as a first step, the uninterrupted run as a later one: the resumed weights
+    were rounding apart, not bit-identical (round 24). With 2 processes a + b = b + a: nothing to settle. Returns
+    whether it ran (DDP over 3 or more processes)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    ddp = getattr(prepared, "_orig_mod", prepared)  # (compiled: accelerate compiles the DDP wrapper)
+    if not isinstance(ddp, DistributedDataParallel) or accelerator.num_processes < 3:
+        return False
+    devices = [accelerator.device] if accelerator.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):  # dropout masks (and fastft's dropout seeds) drawn here: undone
+        with accelerator.autocast(), offload(), checked_on_host_for(batch):
+            loss, _ = prepared(batch)
+        accelerator.backward(loss * 0.0)
+    for p in ddp.parameters():
+        p.grad = None
+    return True
+
+
 def _weights_finite(params, accelerator) -> bool:
     """Every trainable weight finite, on every process (FSDP2: each checks its shards; one all-reduce)."""
     bad = sum(int(not torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()) for p in params)
@@ -408,6 +434,13 @@ def _run(cfg: TrainConfig, accelerator, train_records, eval_records, description
         if result is not None:
             history["evals"].append({"step": start_step, **result})
             runlog.write({"step": start_step, "eval": result})
+    if start_step < cfg.steps:  # (the first step's first micro-batch, as that step builds it: tokenized now)
+        try:
+            settle_ddp_buckets(prepared, make_batch(train_records, plan.peek_step(rank)[0]), accelerator, offload)
+        except torch.OutOfMemoryError as e:
+            stop(start_step + 1, f"out of memory ({str(e).splitlines()[0]}); try --gradient-checkpointing (and "
+                                 "--offload-activations), or a smaller --batch-size with a larger --grad-accum of the "
+                                 f"same product ({cfg.batch_size * cfg.grad_accum}): --resume accepts these")
     bar = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps, desc="train",
                disable=not accelerator.is_local_main_process, dynamic_ncols=True)
     for step in bar:
