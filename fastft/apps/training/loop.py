@@ -120,8 +120,8 @@ def _no_sync(prepared, accelerator):
             yield
 
 
-def settle_ddp_buckets(prepared, batch: dict, accelerator, offload=contextlib.nullcontext) -> bool:
-    """DDP with 3 or more processes: one synced forward and backward of `batch`'s loss times 0 before the first
+def settle_ddp_buckets(prepared, first_batch, accelerator, offload=contextlib.nullcontext) -> bool:
+    """DDP with 3 or more processes: one synced forward and backward of `first_batch()`'s loss times 0 before the first
     step (its zero gradients discarded, the RNG restored), so that every step sums the gradients in the same order.
 
     torch's DDP all-reduces gradients in buckets laid out by a first guess, then lays them out again, once, in the
@@ -136,6 +136,7 @@ def settle_ddp_buckets(prepared, batch: dict, accelerator, offload=contextlib.nu
     ddp = getattr(prepared, "_orig_mod", prepared)  # (compiled: accelerate compiles the DDP wrapper)
     if not isinstance(ddp, DistributedDataParallel) or accelerator.num_processes < 3:
         return False
+    batch = first_batch()  # (built only here: other runs build their first batch once, as the step does)
     devices = [accelerator.device] if accelerator.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):  # dropout masks (and fastft's dropout seeds) drawn here: undone
         with accelerator.autocast(), offload(), checked_on_host_for(batch):
@@ -436,7 +437,8 @@ def _run(cfg: TrainConfig, accelerator, train_records, eval_records, description
             runlog.write({"step": start_step, "eval": result})
     if start_step < cfg.steps:  # (the first step's first micro-batch, as that step builds it: tokenized now)
         try:
-            settle_ddp_buckets(prepared, make_batch(train_records, plan.peek_step(rank)[0]), accelerator, offload)
+            settle_ddp_buckets(prepared, lambda: make_batch(train_records, plan.peek_step(rank)[0]), accelerator,
+                               offload)
         except torch.OutOfMemoryError as e:
             stop(start_step + 1, f"out of memory ({str(e).splitlines()[0]}); try --gradient-checkpointing (and "
                                  "--offload-activations), or a smaller --batch-size with a larger --grad-accum of the "
