@@ -88,9 +88,14 @@ class _Group:
         return action
 
 
+def _given(args, argv: list[str]) -> set[str]:
+    """The dests of the flags given on the command line, of either mode."""
+    return given_dests([a for flags in args._bench_modes.values() for a in flags.values()], argv, "bench")
+
+
 def _foreign_flag(args, argv: list[str]) -> str | None:
     """The first flag given (at any value) that belongs to the other mode, as an error; None if none."""
-    given = given_dests([a for flags in args._bench_modes.values() for a in flags.values()], argv, "bench")
+    given = _given(args, argv)
     for mode, flags in args._bench_modes.items():
         if mode == args.what:
             continue
@@ -104,7 +109,7 @@ def _foreign_flag(args, argv: list[str]) -> str | None:
 
 def _unused_flags(args, argv: list[str], cfg: BenchConfig) -> list[str]:
     """A note for each flag given that no benchmarked method reads (as fastft train notes its unused settings)."""
-    given = given_dests([a for flags in args._bench_modes.values() for a in flags.values()], argv, "bench")
+    given = _given(args, argv)
     methods = set(cfg.methods)
     unused = {"rank": not methods & set(RANKED_METHODS), "alpha": not methods & set(RANKED_METHODS),
               "num_virtual_tokens": not methods & set(PROMPT_METHODS), "shape": cfg.model is not None}
@@ -116,7 +121,7 @@ def _unused_flags(args, argv: list[str], cfg: BenchConfig) -> list[str]:
 def _cpu_scale_note(args, argv: list[str], cfg: BenchConfig, device) -> str | None:
     """A note when a bare `fastft bench` (no --shape, no --model) is about to time a GPU-sized default shape on the
     CPU: a run there takes hours, where the tiny shape times the same methods in seconds."""
-    given = given_dests(list(args._bench_modes["methods"].values()), argv, "bench")
+    given = _given(args, argv)
     if device.type != "cpu" or cfg.model is not None or "shape" in given or cfg.shape == "tiny":
         return None
     return (f"note: --shape {cfg.shape} (the default) on the CPU: its runs take hours here; for a CPU table in "
@@ -164,10 +169,11 @@ def run_bench(args, argv: list[str]) -> int:
         from fastft.apps.bench.methods import default_device
         from fastft.apps.bench.resume import clear_outputs, previous_result
 
-        note = _cpu_scale_note(args, argv, cfg, default_device())
+        device = default_device()
+        note = _cpu_scale_note(args, argv, cfg, device)
         if note:
             print(note)
-        previous = previous_result(cfg, default_device(), fresh=getattr(args, "fresh", False))
+        previous = previous_result(cfg, device, fresh=getattr(args, "fresh", False))
     except (ValueError, FileNotFoundError) as err:
         print(f"fastft bench: error: {err}", file=sys.stderr)
         return 2
