@@ -100,11 +100,16 @@ def _up_residual_kernel(
 
 
 @functools.lru_cache(maxsize=None)
-def _down_configs() -> list[dict]:
+def _down_configs(aligned: bool = True) -> list[dict]:
+    """aligned=False: h's width N or row stride is not a multiple of 16, so the launch compiles h's loads without the
+    JIT's divisibility hint and each element carries its own address; the 4-warp 64×128 / 32×256 tiles then spill
+    296 / 144–160 B inside the N loop on sm_90 (triton 3.6 and 3.7; tests/sm90_compile.py), their 8-warp twins
+    (half the elements a thread) none."""
     if INTERPRET:
         return [dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)]
+    warps = 4 if aligned else 8
     return [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s)
-            for bm, bn, w, s in [(64, 128, 4, 4), (32, 256, 4, 4), (128, 64, 8, 4), (16, 256, 4, 4)]]
+            for bm, bn, w, s in [(64, 128, warps, 4), (32, 256, warps, 4), (128, 64, 8, 4), (16, 256, 4, 4)]]
 
 
 @functools.lru_cache(maxsize=None)
@@ -130,7 +135,8 @@ def down_act(h: torch.Tensor, d_pad: torch.Tensor, bias_pad: torch.Tensor | None
             ACT=activation, HAS_BIAS=bias_pad is not None, UPCAST=upcast(h.dtype),
             DOT_PRECISION=dot_precision(h.dtype), BLOCK_R=R, WIDE=wide_columns(h), **cfg)
 
-    tuner("adapter_down_act", _down_configs()).run((bucket(M), N, R, h.dtype, activation), launch)
+    aligned = (N | h.stride(0)) % 16 == 0  # (each list has its own Tuner: a key never mixes the two)
+    tuner("adapter_down_act", _down_configs(aligned)).run((bucket(M), N, R, h.dtype, activation), launch)
     return z, p
 
 

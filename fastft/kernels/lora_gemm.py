@@ -164,7 +164,14 @@ def _lora_gemm_kernel(
 # the same tiles without it were exact; the tuner timed them and picked them (NaN in the LoRA benchmark's checks).
 
 @functools.lru_cache(maxsize=None)
-def _gemm_configs(use_tma: bool, elem_bytes: int) -> list[dict]:
+def _gemm_configs(use_tma: bool, elem_bytes: int, aligned: bool = True) -> list[dict]:
+    """aligned=False (pointer loads only): K, N or a's row stride is not a multiple of 16 (widths_aligned), so the
+    launch compiles the loads without the JIT's divisibility hint and every element of a tile carries its own address
+    (sm_90 takes pointer loads where a row is not 16-byte aligned: such widths). The aligned list's configs then
+    spill inside the K loop on sm_90 (tests/sm90_compile.py, triton 3.6 and 3.7 alike): the forward with K unaligned
+    136 / 1008 / 576 B (IA3's K scale 272 / 968 / 680 B), dx with N unaligned 0 / 672–832 / 0 B. Half the K step or
+    half the tile per warp keeps those addresses in registers: no spills in any of the 8 variants (LoRA, DoRA, IA3;
+    forward and dx) with K, N or both unaligned. At aligned widths the aligned list is spill-free."""
     if INTERPRET:
         return [dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, FLATTEN=False,
                      num_warps=4, num_stages=1)]
@@ -179,7 +186,14 @@ def _gemm_configs(use_tma: bool, elem_bytes: int) -> list[dict]:
                 for bm, bn, bk, s, w, fl in variants]
     return [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, FLATTEN=False,
                  num_warps=w, num_stages=s)
-            for bm, bn, bk, s, w in [(128, 128, 64, 4, 8), (128, 256, 64, 3, 8), (64, 128, 64, 4, 4)]]
+            for bm, bn, bk, s, w in ([(128, 128, 64, 4, 8), (128, 256, 64, 3, 8), (64, 128, 64, 4, 4)] if aligned else
+                                     [(128, 128, 32, 4, 8), (64, 128, 64, 4, 8), (128, 64, 64, 4, 8)])]
+
+
+def widths_aligned(K: int, N: int, row_stride: int) -> bool:
+    """Whether the GEMM's K, N and a's row stride are multiples of 16, as the JIT's divisibility hint needs (W's and
+    the rank factors' row strides are K, N or R for the contiguous operands the ops pass)."""
+    return (K | N | row_stride) % 16 == 0
 
 
 FOLD_MAX_RANK = 64  # the folded GEMM keeps a BLOCK_M×R fp32 accumulator beside the main one: checked up to 64
@@ -200,7 +214,9 @@ def _fold_configs(use_tma: bool, elem_bytes: int, rank: int) -> list[dict]:
                 for bm, bn, bk, s, w, fl in variants]
     # pointer loads (unaligned rows), spill-free under triton 3.6 and 3.7 (sm_90 check): at R=16 128×128 needs 32-wide
     # k-steps (64: 8 B under 3.6) and 64×128 8 warps (4: 304 B under 3.6); at R=64 only 8-warp 128×64 / 64×128 stay
-    # clean (128×64 on 4 warps: 352–376 B under 3.6)
+    # clean (128×64 on 4 warps: 352–376 B under 3.6). (Those figures are from before the check compiled unit strides
+    # as constants, as a launch does; so compiled, all are clean at widths that are multiples of 16, and at other
+    # widths, not in the check, the R=16 4-warp 128×64 spills 912 B forward / 480 B dx under both tritons.)
     return [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, FLATTEN=False,
                  num_warps=w, num_stages=s)
             for bm, bn, bk, s, w in ([(128, 128, 32, 4, 8), (64, 128, 64, 4, 8), (128, 64, 64, 4, 4)] if rank <= 16
@@ -208,27 +224,32 @@ def _fold_configs(use_tma: bool, elem_bytes: int, rank: int) -> list[dict]:
 
 
 @functools.lru_cache(maxsize=None)
-def dropout_dx_configs(use_tma: bool, elem_bytes: int, rank: int) -> list[dict]:
+def dropout_dx_configs(use_tma: bool, elem_bytes: int, rank: int, aligned: bool = True) -> list[dict]:
     """The dx GEMM with a dropout tail, folded or not, keeps the masked tail in a second BLOCK_M×BLOCK_N fp32 tile:
-    configs narrow enough not to spill (the plain GEMM's 128×256 ones spill ~4.7 KB; sm_90 check)."""
+    configs narrow enough not to spill (the plain GEMM's 128×256 ones spill ~4.7 KB; sm_90 check). aligned=False:
+    widths that are not multiples of 16 (_gemm_configs), where the pointer list's 64×128 tile spills at R = 64
+    (136 / 56 B under triton 3.7 / 3.6, folded 80 / 128 B) and 64×64 does not."""
     if INTERPRET or elem_bytes == 4:
         return _gemm_configs(use_tma, elem_bytes)
     # (BM, BN, BK, stages, warps); with descriptors the flattened 4-stage 128×128 one spills 40–96 B. Pointer loads:
     # 8-warp 64×128 / 128×64, the only ones spill-free under triton 3.6 too (128×128 8 B at R=16, 64×64 on 4 warps
-    # 64 B at R=64, 128×64 8 B at R=64)
+    # 64 B at R=64, 128×64 8 B at R=64; numbers from before the check compiled unit strides as the launch does)
     variants = ([(128, 128, 64, 3, 8), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4)] if use_tma else
-                [(64, 128, 64, 4, 8), (128, 64, 64, 4, 8)] if rank <= 16 else [(64, 128, 64, 4, 8)])
+                [(64, 128, 64, 4, 8), (128, 64, 64, 4, 8)] if rank <= 16 else
+                [(64, 128, 64, 4, 8)] if aligned else [(64, 64, 64, 4, 8)])
     return [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, FLATTEN=False,
                  num_warps=w, num_stages=s) for bm, bn, bk, s, w in variants]
 
 
-def gemm_configs(use_tma: bool, elem_bytes: int, fold_rank: int = 0, dropout: bool = False, rank: int = 16) -> list[dict]:
+def gemm_configs(use_tma: bool, elem_bytes: int, fold_rank: int = 0, dropout: bool = False, rank: int = 16,
+                 aligned: bool = True) -> list[dict]:
     """Launch configs of _lora_gemm_kernel; fold_rank (the padded R) > 0: of its FOLD variant. With a dropout tail
-    (dx, folded or not; `rank` the padded R): dropout_dx_configs."""
+    (dx, folded or not; `rank` the padded R): dropout_dx_configs. aligned: widths_aligned (the plain and the
+    dropout-dx pointer lists; the fold lists are checked at aligned widths alone: the fold path is opt-in)."""
     if dropout:
-        return dropout_dx_configs(use_tma, elem_bytes, fold_rank or rank)
+        return dropout_dx_configs(use_tma, elem_bytes, fold_rank or rank, use_tma or aligned)
     if not fold_rank:
-        return _gemm_configs(use_tma, elem_bytes)
+        return _gemm_configs(use_tma, elem_bytes, use_tma or aligned)
     return _fold_configs(use_tma, elem_bytes, fold_rank)
 
 
@@ -312,8 +333,10 @@ def _gemm(a, b, lo, t, proj, bias, *, b_nk, p_drop, seed, col_scale, k_scale, fo
     key = (bucket(M), N, K, R, a.dtype, b_nk, bias is not None, p_drop > 0.0, has_tail, col_scale is not None,
            k_scale is not None, fold, use_tma)
     name = "lora_gemm_folded" if fold else "lora_gemm"
+    aligned = widths_aligned(K, N, sa[0])  # (each list has its own Tuner: a key never mixes the two)
+    configs = gemm_configs(use_tma, a.element_size(), R if fold else 0, p_drop > 0.0, R, aligned)
     try:
-        tuner(name, gemm_configs(use_tma, a.element_size(), R if fold else 0, p_drop > 0.0, R)).run(key, launch)
+        tuner(name, configs).run(key, launch)
     except RuntimeError as err:
         if not use_tma or "no launch config compiled" not in str(err):
             raise
@@ -321,7 +344,7 @@ def _gemm(a, b, lo, t, proj, bias, *, b_nk, p_drop, seed, col_scale, k_scale, fo
         warnings.warn(f"fastft: tensor-descriptor GEMM unavailable ({err.__cause__!r}); using pointer loads")
         _NO_TMA.add(a.device.type)
         key = key[:-1] + (False,)
-        tuner(name, gemm_configs(False, a.element_size(), R if fold else 0, p_drop > 0.0, R)).run(
+        tuner(name, gemm_configs(False, a.element_size(), R if fold else 0, p_drop > 0.0, R, aligned)).run(
             key, lambda cfg: launch(cfg, False))
     return c
 
