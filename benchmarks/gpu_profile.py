@@ -6,8 +6,8 @@
 
 gemv: the CUDA NF4 decode GEMV, TABLE variant (the tuner's pick on the H200), bf16, 4096->14336, batch 1: 27.5 us,
 23% of HBM, and its SASS is 5.1 instructions a weight element (not issue-bound): ncu's warp stalls say what is.
-dequant: the Triton dequantize at 4096x14336 with the best forced config (4096-element blocks, gather decode, 8 warps):
-59% of the copy bandwidth as a CUDA-graph replay.
+dequant: the Triton dequantize at 4096x14336 with the tuner's default config (ROW4, 4096-element blocks, gather decode,
+8 warps: 87% of the copy bandwidth as a CUDA-graph replay on the H100, 2026-12-05).
 host: at 4096->4096 the LoRA and QLoRA calls are host-bound (QLoRA: 1.49 ms of host a call against 0.91 ms of device
 time); with launches stubbed fastft's Python is ~170 us (benchmarks/host_overhead.py), so the rest is Triton's launch
 path or a sync: the profile of CALLS calls at M=64 (kernels shorter than the host's work) names the functions.
@@ -53,7 +53,7 @@ def dequant() -> None:
 
     w = _nf4(14336, 4096)  # W 4096x14336
     op = w.kernel_operand()
-    cfg = next(c for c in _configs() if c["BLOCK"] == 4096 and c["DECODE"] == 0)
+    cfg = _configs()[0]  # the tuner's default
     buf = torch.empty(w.numel(), dtype=torch.bfloat16, device="cuda")
     for _ in range(LAUNCHES):
         nf4_dequantize(op.packed, op.absmax, buf.numel(), op.blocksize, torch.bfloat16, op.code,
@@ -107,9 +107,10 @@ def host() -> None:
 
 
 KEY_METRICS = (  # (label, ncu metric): what bounds a memory-bound kernel
-    ("duration ns", "gpu__time_duration.sum"),
-    ("DRAM % of peak", "dram__throughput.avg.pct_of_peak_sustained_elapsed"),
-    ("DRAM read bytes/s", "dram__bytes_read.sum.per_second"),
+    ("duration", "gpu__time_duration.sum"),
+    ("DRAM busy (of peak)", "dram__cycles_active.avg.pct_of_peak_sustained_elapsed"),
+    ("DRAM read (of peak)", "dram__bytes_read.sum.pct_of_peak_sustained_elapsed"),
+    ("DRAM read", "dram__bytes_read.sum.per_second"),
     ("SM % of peak", "sm__throughput.avg.pct_of_peak_sustained_elapsed"),
     ("issue slots busy %", "smsp__issue_active.avg.pct_of_peak_sustained_active"),
     ("achieved occupancy %", "sm__warps_active.avg.pct_of_peak_sustained_active"),
@@ -128,6 +129,7 @@ def summarize(path: str) -> None:
         rows = [r for r in csv.reader(f) if r]
     header = rows[0]
     data = [r for r in rows[1:] if len(r) == len(header) and r[0].strip().isdigit()]  # skips the units row
+    units = dict(zip(header, rows[1])) if len(rows) > 1 and not rows[1][0].strip().isdigit() else {}
     if not data:
         sys.exit(f"{path}: no kernel rows (ncu's message: {' '.join(rows[-1])[:300]})")
     row = dict(zip(header, data[-1]))
@@ -139,7 +141,7 @@ def summarize(path: str) -> None:
             return None
     print(f"kernel {row.get('Kernel Name', '?')[:120]}  grid {row.get('Grid Size')}  block {row.get('Block Size')}")
     for label, metric in KEY_METRICS:
-        print(f"  {label:28s} {row.get(metric, 'n/a')}")
+        print(f"  {label:28s} {row.get(metric, 'n/a')} {units.get(metric, '')}".rstrip())
     stalls = sorted(((number(v) or 0.0, m.group(1)) for k, v in row.items() if (m := STALL.match(k))), reverse=True)
     print("  warp stalls (cycles per issued instruction): " + ", ".join(f"{n} {v:.2f}" for v, n in stalls[:8]))
 

@@ -40,7 +40,7 @@ def test_every_file_a_branch_runs_exists(section):
 
 def test_issue10_runs_the_kernel_suites_first_then_lora_paths_and_no_host():
     issue10 = _named_lists()["issue10"]
-    assert issue10[:3] == ["build", "kernel-tests", "lora-paths"] and "host" not in issue10, issue10
+    assert issue10[:4] == ["build", "kernel-tests", "large-offsets", "lora-paths"] and "host" not in issue10, issue10
 
 
 # The script's control flow, run for real with python3 and nvidia-smi stubbed: each stub call records what had come

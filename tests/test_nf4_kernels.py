@@ -12,7 +12,7 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _dequant_configs():
-    """Both decodes in both byte layouts (ROW4: the candidate, nf4_dequant.candidate_configs), with BLOCK below
+    """Both decodes in both byte layouts (ROW4: the tuner's default layout since 2026-12-05), with BLOCK below
     and above the blocksizes."""
     from fastft.kernels.nf4_dequant import DECODE_GATHER, DECODE_SELECT
     return [dict(BLOCK=256, DECODE=DECODE_GATHER, num_warps=4), dict(BLOCK=64, DECODE=DECODE_SELECT, num_warps=4),

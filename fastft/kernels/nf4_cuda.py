@@ -6,10 +6,13 @@ y[b, n] = Σ_k x[b, k]·W[n, k] (+ bias[n]) for 1 ≤ batch ≤ 16 tokens, readi
 Two kernels (csrc/cuda/nf4_gemv.cu): SCALED decodes code[nibble]·absmax per element in fp32, rounded once (the
 dequantized weight bit for bit); TABLE (blocksize >= 64, in_features % 64 == 0) reads both unscaled codes of a
 byte with one shared-memory lookup and scales each 64-column sum once, ~33% fewer instructions a W element.
-`nf4_gemv` times both once per shape and keeps the faster (fastft.kernels.autotune), after a once-per-device check
-that TABLE agrees with SCALED; untimed (FASTFT_AUTOTUNE=0, CUDA-graph capture) it runs SCALED.
+`nf4_gemv` times them and TABLE_LEAN, TABLE_DEEP (below) once per shape and keeps the fastest
+(fastft.kernels.autotune), after a once-per-device check that TABLE agrees with SCALED; untimed
+(FASTFT_AUTOTUNE=0, CUDA-graph capture) it runs SCALED.
 
-TABLE_LEAN and TABLE_DEEP, candidates (forced only, not timed by the tuner): TABLE's arithmetic, bit for bit, with a
+TABLE_LEAN and TABLE_DEEP, in the tuner's list since the H100 run of 2026-12-05 (docs/gpu-results.md: bit-identical to
+TABLE in tests/test_nf4_gpu.py, and faster at batch 1: 4096->4096 11.9 vs 13.1 us, 4096->14336 25.1 vs 28.0 (lean),
+14336->4096 22.7 vs 27.5 (deep)): TABLE's arithmetic, bit for bit, with a
 leaner loop (fewer instructions a W byte, unpredicated loads) where in_features % 128 == 0 and batch <= 8; TABLE's
 kernel runs elsewhere, and for the ragged last 16 rows. Accepted where TABLE is (`table_supported`). TABLE_DEEP keeps
 three steps of each warp's loads in flight while one computes (TABLE and TABLE_LEAN: one), at 2 blocks an SM instead
@@ -31,9 +34,9 @@ except ImportError:  # the extension is optional
     _C = None
 
 MAX_BATCH = 16
-SCALED, TABLE, TABLE_LEAN, TABLE_DEEP = 0, 1, 2, 3  # the last two: candidates, forced only (not in TUNER's list)
+SCALED, TABLE, TABLE_LEAN, TABLE_DEEP = 0, 1, 2, 3
 _DTYPE_CODES = {torch.float16: 1, torch.bfloat16: 2}
-TUNER = Tuner("nf4_gemv", [{"variant": SCALED}, {"variant": TABLE}])  # the first: the untimed default
+TUNER = Tuner("nf4_gemv", [{"variant": v} for v in (SCALED, TABLE, TABLE_LEAN, TABLE_DEEP)])  # the first: untimed default
 _TABLE_AGREES: dict[tuple[torch.device, torch.dtype], bool] = {}
 
 
@@ -83,7 +86,7 @@ def table_supported(w) -> bool:
 @on_operand_device  # the variant choice times launches: on x2's GPU
 def nf4_gemv(x2: torch.Tensor, w, bias: torch.Tensor | None, variant: int | None = None) -> torch.Tensor:
     """y [batch, w.rows] in x2's dtype; the caller checked `supported(x2, w)`. variant: SCALED, TABLE, TABLE_LEAN or
-    TABLE_DEEP forces one (all but SCALED must be `table_supported`); None picks by measurement (SCALED or TABLE)."""
+    TABLE_DEEP forces one (all but SCALED must be `table_supported`); None picks by measurement among the four."""
     batch, k = x2.shape
     if x2.stride(1) != 1 or (batch > 1 and x2.stride(0) % 8) or x2.data_ptr() % 16:
         # 16-byte vector loads need aligned rows; x is small at decode time. A copy, not .contiguous(): that keeps a

@@ -183,25 +183,27 @@ def _nf4_dequant_kernel(
 
 
 def _configs() -> list[dict]:
+    """The tuner's list, the first the untimed default (FASTFT_AUTOTUNE=0). ROW4 (the store's own byte layout) with
+    the gather decode, promoted on the H100 run of 2026-12-05 (docs/gpu-results.md): 87% of the copy bandwidth at
+    4096x14336 and 14336x4096 and 70% at 4096x4096 as CUDA-graph replays, against 77-78% and 63% for the best
+    non-ROW4 config; the non-ROW4 gather configs stay as alternatives (the tuner times them all)."""
     if INTERPRET:
-        return [dict(BLOCK=256, DECODE=DECODE_GATHER, num_warps=4, ROW4=False),
+        return [dict(BLOCK=256, DECODE=DECODE_GATHER, num_warps=4, ROW4=True),
+                dict(BLOCK=256, DECODE=DECODE_GATHER, num_warps=4, ROW4=False),
                 dict(BLOCK=256, DECODE=DECODE_SELECT, num_warps=4, ROW4=False)]
-    # 16384 with 16 warps: more bytes in flight per program, for the bandwidth target (the tuner decides)
-    return [dict(BLOCK=b, DECODE=d, num_warps=w, ROW4=False)
-            for b, w in ((4096, 8), (8192, 8), (16384, 16)) for d in (DECODE_SELECT, DECODE_GATHER)]
+    return ([dict(BLOCK=b, DECODE=DECODE_GATHER, num_warps=w, ROW4=True) for b, w in ((4096, 8), (8192, 8), (16384, 16))]
+            + [dict(BLOCK=b, DECODE=DECODE_GATHER, num_warps=8, ROW4=False) for b in (4096, 8192)])
 
 
 def candidate_configs() -> list[dict]:
     """Configs waiting for a GPU (DEVELOPERS.md): forced by tests/test_nf4_gpu.py and timed by benchmarks/gpu_nf4.py,
-    in no tuner list until a run has passed the test and shown a gain. ROW4 (the store's own byte layout): on the
-    sm_90 compile, 223 -> 175 SASS instructions for 16 elements, no shared memory (8 KB) or barriers (7), 40 -> 32
-    registers (6 -> 8 programs an SM) at 4096 / gather / 8 warps, where the current layout reaches 59% of copy."""
+    in no tuner list until a run has passed the test and shown a gain. The select decode lost to gather in every
+    layout on the H100 (2026-12-05: 48-59% of copy against 70-87%) and waits as a candidate only."""
     if INTERPRET:
-        return [dict(BLOCK=256, DECODE=DECODE_GATHER, num_warps=4, ROW4=True),
-                dict(BLOCK=64, DECODE=DECODE_SELECT, num_warps=4, ROW4=True)]
-    return [dict(BLOCK=b, DECODE=d, num_warps=w, ROW4=True)
-            for b, w, d in ((4096, 8, DECODE_GATHER), (4096, 8, DECODE_SELECT), (8192, 8, DECODE_GATHER),
-                            (16384, 16, DECODE_GATHER))]
+        return [dict(BLOCK=64, DECODE=DECODE_SELECT, num_warps=4, ROW4=True),
+                dict(BLOCK=256, DECODE=DECODE_SELECT, num_warps=4, ROW4=False)]
+    return [dict(BLOCK=4096, DECODE=DECODE_SELECT, num_warps=8, ROW4=True),
+            dict(BLOCK=4096, DECODE=DECODE_SELECT, num_warps=8, ROW4=False)]
 
 
 _TUNER = Tuner("nf4_dequantize", _configs())
