@@ -10,6 +10,8 @@ import torch
 from peft import LoraConfig
 from torch import nn
 from torch._dynamo.backends.debugging import aot_eager
+from torch._dynamo.backends.common import aot_autograd
+from functorch.compile import make_boxed_func
 
 import fastft
 from fastft.kernels import lora_gemm as lora_gemm_kernels
@@ -175,7 +177,8 @@ def test_dropout_seeds_are_drawn_in_the_op_body(captured_seeds, op):
     torch._dynamo.reset()
     compiled = torch.compile(fn, backend=backend, fullgraph=True)
     run_with_grads(compiled, leaves(args))  # compile first: tracing draws nothing, but keep the draws in step
-    assert f"torch.ops.fastft.{op}." in "\n".join(graphs) and "torch.ops.fastft.draw_seed." in "\n".join(graphs)
+    # with dropout the door calls the op's cudagraph_unsafe twin (compiled_args.seeded_ops)
+    assert f"torch.ops.fastft.{op}_dropout." in "\n".join(graphs) and "torch.ops.fastft.draw_seed." in "\n".join(graphs)
     captured_seeds.clear()
     torch.manual_seed(7)
     want_out, want_grads = run_with_grads(fn, leaves(args))
@@ -292,6 +295,49 @@ def test_the_seed_draw_stays_outside_cuda_graphs():
     recording (H200, torch 2.11) before the ops' refusal could say what to do."""
     tags = torch.ops.fastft.draw_seed.default.tags
     assert torch.Tag.cudagraph_unsafe in tags and torch.Tag.nondeterministic_seeded in tags
+
+
+SEEDED_OPS = ("lora_linear", "lora_linear_backward", "qlora_linear", "qlora_linear_backward", "linear_loss",
+              "linear_row_losses", "linear_row_losses_backward")
+
+
+@pytest.mark.parametrize("op", SEEDED_OPS)
+def test_the_ops_that_read_a_seed_have_a_twin_outside_cuda_graphs(op):
+    """The seed is a CPU tensor: a CUDA-graph partition holding its reader failed cudagraph trees' recording ("storage
+    data ptrs are not allocated in pool", H100, torch 2.11, 2026-12-05). With dropout the doors call NAME_dropout,
+    the same schema tagged cudagraph_unsafe (inductor runs it outside the graphs, a fresh seed each step); without
+    dropout NAME, untagged, stays inside them."""
+    plain, twin = getattr(torch.ops.fastft, op).default, getattr(torch.ops.fastft, f"{op}_dropout").default
+    assert torch.Tag.cudagraph_unsafe in twin.tags and torch.Tag.cudagraph_unsafe not in plain.tags
+    assert str(plain._schema).replace(f"fastft::{op}(", "(") == str(twin._schema).replace(f"fastft::{op}_dropout(",
+                                                                                          "(")
+
+
+@interpreter_only
+@pytest.mark.parametrize("dropout_p", [0.0, 0.1])
+def test_the_traced_door_takes_the_twin_with_dropout_only(dropout_p):
+    """Forward and backward graphs: fastft::lora_linear_dropout and its backward with dropout, the plain ops without
+    (a model with lora_dropout=0 keeps every LoRA layer inside the CUDA graphs)."""
+    torch.manual_seed(0)
+    x = torch.randn(5, 32, requires_grad=True)
+    W = torch.randn(24, 32) * 0.1
+    A, B = (torch.randn(4, 32) * 0.1).requires_grad_(), (torch.randn(24, 4) * 0.1).requires_grad_()
+    graphs = []
+
+    def keep(gm, _):  # AOTAutograd's forward and backward graphs
+        graphs.append(gm.code)
+        return make_boxed_func(gm.forward)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x, A, B: lora_linear(x, W, None, A, B, 2.0, dropout_p, backend="triton"),
+                             backend=aot_autograd(fw_compiler=keep, bw_compiler=keep), fullgraph=True)
+    compiled(x, A, B).sum().backward()
+    assert len(graphs) == 2
+    code = "\n".join(graphs)
+    twin = dropout_p > 0
+    assert ("torch.ops.fastft.lora_linear_dropout." in code) == twin
+    assert ("torch.ops.fastft.lora_linear_backward_dropout." in code) == twin
+    assert ("torch.ops.fastft.lora_linear." in code) != twin
+    assert ("torch.ops.fastft.lora_linear_backward." in code) != twin
 
 
 # ----------------------------------------------------------------------------------------------
@@ -486,8 +532,10 @@ def test_dropout_under_cuda_graph_capture_is_refused():
 
 @pytest.mark.gpu
 def test_dropout_under_reduce_overhead_never_repeats_a_mask():
-    """mode="reduce-overhead" with dropout: either the capture is refused (ValueError) or the graph runs uncaptured
-    (its CPU seed op keeps inductor from capturing it); a replayed, repeated mask is the one wrong outcome."""
+    """mode="reduce-overhead" with dropout: the op's cudagraph_unsafe twin (compiled_args.seeded_ops) runs outside the
+    CUDA graphs, a fresh mask each call (or the capture is refused, ValueError); a replayed, repeated mask is the
+    one wrong outcome. Before the twin, inductor's recording failed on the CPU seed ("not allocated in pool", H100,
+    2026-12-05)."""
     torch.manual_seed(0)
     x = torch.randn(128, 256, device="cuda", dtype=torch.bfloat16)
     W = torch.randn(192, 256, device="cuda", dtype=torch.bfloat16) * 0.05

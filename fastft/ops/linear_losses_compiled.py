@@ -33,7 +33,7 @@ from fastft.ops.chunked_logits import (Plan, RowLoss, as_rows, chunk_budget_byte
                                        row_losses, row_losses_backward, scaled_grad, times_in_fp32,
                                        weight_grad_dtype)
 from fastft.ops.compiled import capturing, needed, unused
-from fastft.ops.compiled_args import nf4_args, nf4_from_args, seed_int, traced_seed
+from fastft.ops.compiled_args import nf4_args, nf4_from_args, seed_int, seeded_ops, traced_seed
 
 
 class LossArgs(NamedTuple):
@@ -165,8 +165,7 @@ def _forward_plan(a: LossArgs) -> Plan:
 # ----------------------------------------------------------------------------------------------
 # fastft::linear_loss: the scalar loss, its gradients made in the forward
 
-@torch.library.custom_op("fastft::linear_loss", mutates_args=())
-def linear_loss_op(hidden: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+def _linear_loss_body(hidden: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                    lora_A: Optional[torch.Tensor], lora_B: Optional[torch.Tensor], nf4: list[torch.Tensor],
                    labels: Optional[torch.Tensor], teacher_hidden: Optional[torch.Tensor],
                    teacher_weight: Optional[torch.Tensor], grad_scale: torch.Tensor, seed: Optional[torch.Tensor],
@@ -183,8 +182,7 @@ def linear_loss_op(hidden: torch.Tensor, weight: Optional[torch.Tensor], bias: O
     return (loss, *[g if g is not None else unused(hidden) for g in (dh, *grads.as_tuple()[1:])])
 
 
-@linear_loss_op.register_fake
-def _(hidden, weight, bias, lora_A, lora_B, nf4, labels, teacher_hidden, teacher_weight, grad_scale, seed, op, kind,
+def _linear_loss_fake(hidden, weight, bias, lora_A, lora_B, nf4, labels, teacher_hidden, teacher_weight, grad_scale, seed, op, kind,
       backend, vocab, ignore_index, label_smoothing, softcap, temperature, scaling, dropout_p, nf4_ints,
       chunk_size, bytes_per_logit, weights, needs):
     f32 = torch.float32
@@ -195,6 +193,11 @@ def _(hidden, weight, bias, lora_A, lora_B, nf4, labels, teacher_hidden, teacher
               (lora_B.shape if lora_B is not None else None, acc))
     grads = [hidden.new_empty(s[0], dtype=s[1]) if need else unused(hidden) for need, s in zip(needs, shapes)]
     return (hidden.new_empty((), dtype=f32), *grads)
+
+
+# fastft::linear_loss and fastft::linear_loss_dropout (a LoRA head with dropout): compiled_args.seeded_ops
+LINEAR_LOSS_OPS = seeded_ops("linear_loss", _linear_loss_body, _linear_loss_fake)
+linear_loss_op = LINEAR_LOSS_OPS[False]
 
 
 def _linear_loss_setup(ctx, inputs, output):
@@ -216,14 +219,14 @@ def _linear_loss_backward(ctx, dloss, *_grads_of_grads):
     return input_grads(grads, ctx.lengths, N_ARGS + 1)
 
 
-linear_loss_op.register_autograd(_linear_loss_backward, setup_context=_linear_loss_setup)
+for _op in LINEAR_LOSS_OPS.values():
+    _op.register_autograd(_linear_loss_backward, setup_context=_linear_loss_setup)
 
 
 # ----------------------------------------------------------------------------------------------
 # fastft::linear_row_losses and its backward: per-row losses, the chunks recomputed in backward
 
-@torch.library.custom_op("fastft::linear_row_losses", mutates_args=())
-def row_losses_op(hidden: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+def _row_losses_body(hidden: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                   lora_A: Optional[torch.Tensor], lora_B: Optional[torch.Tensor], nf4: list[torch.Tensor],
                   labels: Optional[torch.Tensor], teacher_hidden: Optional[torch.Tensor],
                   teacher_weight: Optional[torch.Tensor], grad_scale: torch.Tensor, seed: Optional[torch.Tensor],
@@ -240,8 +243,7 @@ def row_losses_op(hidden: torch.Tensor, weight: Optional[torch.Tensor], bias: Op
     return losses, (dh.view(hidden.shape) if dh_only else unused(hidden))
 
 
-@row_losses_op.register_fake
-def _(hidden, weight, bias, lora_A, lora_B, nf4, labels, teacher_hidden, teacher_weight, grad_scale, seed, op, kind,
+def _row_losses_fake(hidden, weight, bias, lora_A, lora_B, nf4, labels, teacher_hidden, teacher_weight, grad_scale, seed, op, kind,
       backend, vocab, ignore_index, label_smoothing, softcap, temperature, scaling, dropout_p, nf4_ints,
       chunk_size, bytes_per_logit, weights, dh_only):
     losses = hidden.new_empty((math.prod(hidden.shape[:-1]),), dtype=torch.float32)
@@ -249,8 +251,7 @@ def _(hidden, weight, bias, lora_A, lora_B, nf4, labels, teacher_hidden, teacher
     return losses, dh
 
 
-@torch.library.custom_op("fastft::linear_row_losses_backward", mutates_args=())
-def row_losses_backward_op(hidden: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+def _row_losses_backward_body(hidden: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                            lora_A: Optional[torch.Tensor], lora_B: Optional[torch.Tensor], nf4: list[torch.Tensor],
                            labels: Optional[torch.Tensor], teacher_hidden: Optional[torch.Tensor],
                            teacher_weight: Optional[torch.Tensor], grad_scale: torch.Tensor,
@@ -269,17 +270,24 @@ def row_losses_backward_op(hidden: torch.Tensor, weight: Optional[torch.Tensor],
     return tuple(g if g is not None else unused(hidden) for g in (dh, *grads[1:]))
 
 
-@row_losses_backward_op.register_fake
-def _(hidden, weight, bias, lora_A, lora_B, nf4, labels, teacher_hidden, teacher_weight, grad_scale, seed, op, kind,
+def _row_losses_backward_fake(hidden, weight, bias, lora_A, lora_B, nf4, labels, teacher_hidden, teacher_weight, grad_scale, seed, op, kind,
       backend, vocab, ignore_index, label_smoothing, softcap, temperature, scaling, dropout_p, nf4_ints,
       chunk_size, bytes_per_logit, weights, grad_output, needs):
     return tuple(t.new_empty(t.shape) if need else unused(hidden)
                  for need, t in zip(needs, (hidden, weight, bias, lora_A, lora_B)))
 
 
+# fastft::linear_row_losses(_dropout) and their backwards: compiled_args.seeded_ops
+ROW_LOSSES_OPS = seeded_ops("linear_row_losses", _row_losses_body, _row_losses_fake)
+ROW_LOSSES_BACKWARD_OPS = seeded_ops("linear_row_losses_backward", _row_losses_backward_body,
+                                     _row_losses_backward_fake)
+row_losses_op, row_losses_backward_op = ROW_LOSSES_OPS[False], ROW_LOSSES_BACKWARD_OPS[False]
+
+
 def _row_losses_setup(ctx, inputs, output):
     a, dh_only = LossArgs(*inputs[:N_ARGS]), inputs[N_ARGS]
     ctx.dh_only = dh_only
+    ctx.dropout = a.dropout_p > 0.0
     ctx.options = a[N_TENSOR_ARGS:]  # op .. weights
     tensors = [t for t in a[:N_TENSOR_ARGS] if not isinstance(t, list)]  # all but nf4 (the seed among them)
     ctx.present = [t is not None for t in tensors]
@@ -307,11 +315,12 @@ def _row_losses_backward(ctx, dlosses, _ddh):
     if not any(needs):
         return grads_of_inputs((None,) * 5)
     head, targets = tensors[:5], tensors[5:]  # targets: labels .. seed
-    grads = row_losses_backward_op(*head, nf4, *targets, *ctx.options, dlosses, needs)
+    grads = ROW_LOSSES_BACKWARD_OPS[ctx.dropout](*head, nf4, *targets, *ctx.options, dlosses, needs)
     return grads_of_inputs([needed(g, need) for g, need in zip(grads, needs)])
 
 
-row_losses_op.register_autograd(_row_losses_backward, setup_context=_row_losses_setup)
+for _op in ROW_LOSSES_OPS.values():
+    _op.register_autograd(_row_losses_backward, setup_context=_row_losses_setup)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -328,9 +337,9 @@ def traced_loss(op: str, reduction: str, hidden, head, row: RowLoss, grad_scale,
                     teacher_weight, grad_scale, seed, op, row.kind, row.backend, head.vocab, row.ignore_index,
                     row.label_smoothing, row.softcap, row.temperature, float(head.scaling),
                     float(head.dropout_p), nf4_ints, chunk_size, bytes_per_logit, list(row.weights))
-    grad = torch.is_grad_enabled()
+    grad, dropout = torch.is_grad_enabled(), float(head.dropout_p) > 0.0
     needs = [grad and t is not None and t.requires_grad for t in args.head]
     if reduction == "none":
-        losses, _ = row_losses_op(*args, needs == [True, False, False, False, False])
+        losses, _ = ROW_LOSSES_OPS[dropout](*args, needs == [True, False, False, False, False])
         return losses
-    return linear_loss_op(*args, needs)[0]
+    return LINEAR_LOSS_OPS[dropout](*args, needs)[0]

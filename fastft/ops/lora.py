@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from fastft.ops import lora_path, shared
 from fastft.ops.compiled import compiling, needed, unused
-from fastft.ops.compiled_args import fresh_like, refuse_replayed_dropout, seed_int, traced_seed
+from fastft.ops.compiled_args import fresh_like, refuse_replayed_dropout, seed_int, seeded_ops, traced_seed
 from fastft.ops.shared import (as_rows, autocast_inputs, autocast_off, check, check_backend, finite,
                                first_order_only, padded, resolve_backend, rows_to, to_dtype)
 
@@ -317,29 +317,26 @@ class LoRALinearFunction(torch.autograd.Function):
 # The traced door (fastft.ops.compiled): fastft::draw_seed (compiled_args), then fastft::lora_linear and its backward
 # as custom ops, the seed an input of both (checkpoint-safe, see compiled_args). The rank-padded factors are padded
 # again in backward from the inputs (a custom op cannot return its inputs).
-@torch.library.custom_op("fastft::lora_linear", mutates_args=())
-def lora_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_A: torch.Tensor,
-                   lora_B: torch.Tensor, seed: Optional[torch.Tensor], scaling: float, dropout_p: float
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+def _lora_linear_body(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_A: torch.Tensor,
+                      lora_B: torch.Tensor, seed: Optional[torch.Tensor], scaling: float, dropout_p: float
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
     seed = seed_int("lora_linear", seed, dropout_p, x.device)
     y, saved, _, _ = lora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
     return rows_to(y, x), saved[3]
 
 
-@lora_linear_op.register_fake
-def _(x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p):
+def _lora_linear_fake(x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p):
     from fastft.kernels.rank_ops import rank_pad
 
     M = x.numel() // x.shape[-1]
     return x.new_empty((*x.shape[:-1], weight.shape[0])), x.new_empty((M, rank_pad(lora_A.shape[0])))
 
 
-@torch.library.custom_op("fastft::lora_linear_backward", mutates_args=())
-def lora_linear_backward_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                            lora_A: torch.Tensor, lora_B: torch.Tensor, xs: torch.Tensor,
-                            seed: Optional[torch.Tensor], scaling: float, dropout_p: float, need_x: bool,
-                            need_w: bool, need_b: bool, need_A: bool, need_B: bool
-                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _lora_linear_backward_body(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                               lora_A: torch.Tensor, lora_B: torch.Tensor, xs: torch.Tensor,
+                               seed: Optional[torch.Tensor], scaling: float, dropout_p: float, need_x: bool,
+                               need_w: bool, need_b: bool, need_A: bool, need_B: bool
+                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     fold_backward = _fold_paths(x, weight, lora_A, dropout_p)[1]  # as the forward chose it
     saved = backward_operands(x, lora_A, lora_B, xs)
     meta = lora_meta(x, bias, lora_A, lora_B, scaling, dropout_p, seed_int("lora_linear", seed, dropout_p, x.device))
@@ -347,11 +344,17 @@ def lora_linear_backward_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Ten
     return tuple(g if g is not None else unused(like) for g, like in zip(grads, (x, weight, dy, lora_A, lora_B)))
 
 
-@lora_linear_backward_op.register_fake
-def _(dy, x, weight, bias, lora_A, lora_B, xs, seed, scaling, dropout_p, need_x, need_w, need_b, need_A, need_B):
+def _lora_linear_backward_fake(dy, x, weight, bias, lora_A, lora_B, xs, seed, scaling, dropout_p, need_x, need_w,
+                               need_b, need_A, need_B):
     dB = lora_B.new_empty(lora_B.shape) if need_B else unused(lora_B)
     db = bias.new_empty(bias.shape) if need_b and bias is not None else unused(dy)
     return fresh_like(x, need_x), fresh_like(weight, need_w), db, fresh_like(lora_A, need_A), dB
+
+
+# fastft::lora_linear and fastft::lora_linear_dropout (and their backwards): compiled_args.seeded_ops
+LORA_LINEAR_OPS = seeded_ops("lora_linear", _lora_linear_body, _lora_linear_fake)
+LORA_LINEAR_BACKWARD_OPS = seeded_ops("lora_linear_backward", _lora_linear_backward_body, _lora_linear_backward_fake)
+lora_linear_op, lora_linear_backward_op = LORA_LINEAR_OPS[False], LORA_LINEAR_BACKWARD_OPS[False]
 
 
 def _setup_context(ctx, inputs, output):
@@ -364,11 +367,13 @@ def _backward_op(ctx, dy, _dxs):
     x, weight, bias, lora_A, lora_B, xs, seed = ctx.saved_tensors
     needs = ctx.needs_input_grad[:5]
     needs = (needs[0], needs[1], needs[2] and bias is not None, needs[3], needs[4])
-    grads = lora_linear_backward_op(dy, x, weight, bias, lora_A, lora_B, xs, seed, *ctx.meta, *needs)
+    backward_op = LORA_LINEAR_BACKWARD_OPS[ctx.meta[1] > 0.0]
+    grads = backward_op(dy, x, weight, bias, lora_A, lora_B, xs, seed, *ctx.meta, *needs)
     return (*(needed(g, n) for g, n in zip(grads, needs)), None, None, None)
 
 
-lora_linear_op.register_autograd(_backward_op, setup_context=_setup_context)
+for _op in LORA_LINEAR_OPS.values():
+    _op.register_autograd(_backward_op, setup_context=_setup_context)
 
 
 def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, *, backend="auto"):
@@ -393,4 +398,4 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, *, back
         if not compiling():
             return rows_to(LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, scaling, dropout_p), x)
         seed = traced_seed(x, lora_A, dropout_p)
-        return lora_linear_op(x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p)[0]
+        return LORA_LINEAR_OPS[dropout_p > 0.0](x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p)[0]

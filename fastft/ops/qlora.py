@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from fastft.ops.compiled import compiling, needed, unused
 from fastft.ops.compiled_args import (fresh_like, nf4_args, nf4_from_args, refuse_replayed_dropout, seed_int,
-                                      traced_seed)
+                                      seeded_ops, traced_seed)
 from fastft.ops.qlora_path import nf4_base_gemm, release_dequant_scratch  # noqa: F401 - the latter public here too
 from fastft.ops.lora import (add_rank_path, backward_operands, fused_lora_backward, fused_lora_forward,
                              lora_linear_reference, lora_meta, saved_factors)
@@ -192,40 +192,44 @@ class NF4LinearFunction(torch.autograd.Function):
 # (fastft.ops.compiled). The NF4Weight crosses as its inner tensors and fields (compiled_args.nf4_args); the
 # rank-padded factors are padded again in backward from the inputs; the dropout seed comes from fastft::draw_seed
 # (fastft.ops.compiled_args) as for lora_linear.
-@torch.library.custom_op("fastft::qlora_linear", mutates_args=())
-def qlora_linear_op(x: torch.Tensor, w_parts: list[torch.Tensor], w_ints: list[int], bias: Optional[torch.Tensor],
-                    lora_A: torch.Tensor, lora_B: torch.Tensor, seed: Optional[torch.Tensor], scaling: float,
-                    dropout_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _qlora_linear_body(x: torch.Tensor, w_parts: list[torch.Tensor], w_ints: list[int], bias: Optional[torch.Tensor],
+                       lora_A: torch.Tensor, lora_B: torch.Tensor, seed: Optional[torch.Tensor], scaling: float,
+                       dropout_p: float) -> tuple[torch.Tensor, torch.Tensor]:
     seed = seed_int("qlora_linear", seed, dropout_p, x.device)
     y, saved, _ = qlora_forward(x, nf4_from_args(w_parts, w_ints), bias, lora_A, lora_B, scaling, dropout_p, seed)
     return rows_to(y, x), saved[3]
 
 
-@qlora_linear_op.register_fake
-def _(x, w_parts, w_ints, bias, lora_A, lora_B, seed, scaling, dropout_p):
+def _qlora_linear_fake(x, w_parts, w_ints, bias, lora_A, lora_B, seed, scaling, dropout_p):
     from fastft.kernels.rank_ops import rank_pad
 
     M = x.numel() // x.shape[-1]
     return x.new_empty((*x.shape[:-1], w_ints[0])), x.new_empty((M, rank_pad(lora_A.shape[0])))
 
 
-@torch.library.custom_op("fastft::qlora_linear_backward", mutates_args=())
-def qlora_linear_backward_op(dy: torch.Tensor, x: torch.Tensor, w_parts: list[torch.Tensor], w_ints: list[int],
-                             bias: Optional[torch.Tensor], lora_A: torch.Tensor, lora_B: torch.Tensor,
-                             xs: torch.Tensor, seed: Optional[torch.Tensor], scaling: float, dropout_p: float,
-                             need_x: bool, need_b: bool, need_A: bool, need_B: bool
-                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _qlora_linear_backward_body(dy: torch.Tensor, x: torch.Tensor, w_parts: list[torch.Tensor], w_ints: list[int],
+                                bias: Optional[torch.Tensor], lora_A: torch.Tensor, lora_B: torch.Tensor,
+                                xs: torch.Tensor, seed: Optional[torch.Tensor], scaling: float, dropout_p: float,
+                                need_x: bool, need_b: bool, need_A: bool, need_B: bool
+                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     saved = backward_operands(x, lora_A, lora_B, xs)
     meta = lora_meta(x, bias, lora_A, lora_B, scaling, dropout_p, seed_int("qlora_linear", seed, dropout_p, x.device))
     grads = qlora_backward(saved, meta, nf4_from_args(w_parts, w_ints), dy, need_x, need_b, need_A, need_B)
     return tuple(g if g is not None else unused(like) for g, like in zip(grads, (x, dy, lora_A, lora_B)))
 
 
-@qlora_linear_backward_op.register_fake
-def _(dy, x, w_parts, w_ints, bias, lora_A, lora_B, xs, seed, scaling, dropout_p, need_x, need_b, need_A, need_B):
+def _qlora_linear_backward_fake(dy, x, w_parts, w_ints, bias, lora_A, lora_B, xs, seed, scaling, dropout_p, need_x,
+                                need_b, need_A, need_B):
     dB = lora_B.new_empty(lora_B.shape) if need_B else unused(lora_B)
     db = bias.new_empty(bias.shape) if need_b and bias is not None else unused(dy)
     return fresh_like(x, need_x), db, fresh_like(lora_A, need_A), dB
+
+
+# fastft::qlora_linear and fastft::qlora_linear_dropout (and their backwards): compiled_args.seeded_ops
+QLORA_LINEAR_OPS = seeded_ops("qlora_linear", _qlora_linear_body, _qlora_linear_fake)
+QLORA_LINEAR_BACKWARD_OPS = seeded_ops("qlora_linear_backward", _qlora_linear_backward_body,
+                                       _qlora_linear_backward_fake)
+qlora_linear_op, qlora_linear_backward_op = QLORA_LINEAR_OPS[False], QLORA_LINEAR_BACKWARD_OPS[False]
 
 
 def _qlora_setup_context(ctx, inputs, output):
@@ -239,13 +243,14 @@ def _qlora_backward_op(ctx, dy, _dxs):
     w_ints, scaling, dropout_p = ctx.meta
     need = ctx.needs_input_grad
     needs = (need[0], need[3] and bias is not None, need[4], need[5])
-    dx, db, dA, dB = qlora_linear_backward_op(dy, x, w_parts, w_ints, bias, lora_A, lora_B, xs, seed, scaling,
-                                              dropout_p, *needs)
+    dx, db, dA, dB = QLORA_LINEAR_BACKWARD_OPS[dropout_p > 0.0](dy, x, w_parts, w_ints, bias, lora_A, lora_B, xs,
+                                                                 seed, scaling, dropout_p, *needs)
     dx, db, dA, dB = (needed(g, n) for g, n in zip((dx, db, dA, dB), needs))
     return dx, [None] * len(w_parts), None, db, dA, dB, None, None, None
 
 
-qlora_linear_op.register_autograd(_qlora_backward_op, setup_context=_qlora_setup_context)
+for _op in QLORA_LINEAR_OPS.values():
+    _op.register_autograd(_qlora_backward_op, setup_context=_qlora_setup_context)
 
 
 @torch.library.custom_op("fastft::nf4_linear", mutates_args=())
@@ -312,7 +317,8 @@ def qlora_linear(x, qweight, bias, lora_A, lora_B, scaling, dropout_p=0.0, *, ba
         if not compiling():
             return rows_to(QLoRALinearFunction.apply(x, qweight, bias, lora_A, lora_B, scaling, dropout_p), x)
         seed = traced_seed(x, lora_A, dropout_p)
-        return qlora_linear_op(x, *nf4_args(qweight), bias, lora_A, lora_B, seed, scaling, dropout_p)[0]
+        return QLORA_LINEAR_OPS[dropout_p > 0.0](x, *nf4_args(qweight), bias, lora_A, lora_B, seed, scaling,
+                                                 dropout_p)[0]
 
 
 def nf4_linear(x, qweight, bias=None, *, backend="auto"):
