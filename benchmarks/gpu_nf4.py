@@ -159,8 +159,7 @@ def check_correctness():
             Wg = wg.dequantize(torch.float32)
             for batch in BATCHES:
                 xb = torch.randn(batch, Kg, dtype=BF16, device=DEV)
-                for name, v in (("scaled", nf4_cuda.SCALED), ("table", nf4_cuda.TABLE),
-                                ("table_lean", nf4_cuda.TABLE_LEAN), ("table_deep", nf4_cuda.TABLE_DEEP)):
+                for name, v in gemv_kernels(nf4_cuda):
                     out[f"gemv {name} {Kg}->{Ng} batch {batch} rel err"] = attempt(
                         f"gemv {name} {Kg}->{Ng} batch {batch}",
                         lambda v=v, xb=xb, wg=wg, Wg=Wg: rel(nf4_cuda.nf4_gemv(xb, wg.kernel_operand(), None, v),
@@ -176,6 +175,14 @@ def check_correctness():
         RESULTS["errors"].append("fastft._C has no CUDA GEMV (built without nvcc?)")
         out["CUDA GEMV built (fastft._C)"] = False
     return out
+
+
+def gemv_kernels(nf4_cuda) -> list[tuple[str, int]]:
+    """(name, variant) of every CUDA GEMV kernel, checked and timed forced: the tuner's four, then the candidates
+    waiting for a GPU (TABLE_DEEP_K4 / _K2: K split over 4 / 2 warps)."""
+    return [("scaled", nf4_cuda.SCALED), ("table", nf4_cuda.TABLE), ("table_lean", nf4_cuda.TABLE_LEAN),
+            ("table_deep", nf4_cuda.TABLE_DEEP), ("table_deep_k4", nf4_cuda.TABLE_DEEP_K4),
+            ("table_deep_k2", nf4_cuda.TABLE_DEEP_K2)]
 
 
 def failed_checks(checks: dict | None) -> list[str]:
@@ -439,8 +446,7 @@ def time_gemv(rows):
                     # device time alone: a replay has no launch cost (what a decode loop under CUDA graphs pays)
                     row["fastft_graph_us"] = attempt(f"gemv {K}->{N} b{batch} graph", lambda: 1e3 * bench(
                         graphed(lambda: nf4_cuda.nf4_gemv(x, op, None))), optional=True)
-                    for name, v in (("scaled", nf4_cuda.SCALED), ("table", nf4_cuda.TABLE),
-                                    ("table_lean", nf4_cuda.TABLE_LEAN), ("table_deep", nf4_cuda.TABLE_DEEP)):
+                    for name, v in gemv_kernels(nf4_cuda):
                         if v == nf4_cuda.SCALED or nf4_cuda.table_supported(op):
                             row[f"{name}_us"] = attempt(
                                 f"gemv {name} {K}->{N} b{batch}",
@@ -483,8 +489,8 @@ def print_tables(failures: list[str]):
     print(f"\nGEMV target: ≥ 70% of the datasheet HBM bandwidth ({_fmt(spec, '.2f')} TB/s for {RESULTS['device']}; "
           "— : card not in fastft.apps.bench.harness.HBM_SPEC_TBPS)")
     print("\n| decode K->N | batch | fastft µs (TB/s) | CUDA graph µs | ÷ HBM spec | ÷ copy | scaled kernel µs "
-          "| table kernel µs | table lean µs | table deep µs | bnb µs | bf16 µs |\n"
-          "|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| table kernel µs | table lean µs | table deep µs | deep K4 µs | deep K2 µs | bnb µs | bf16 µs |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in RESULTS.get("gemv") or []:
         print(f"| {r['shape']} | {r['batch']} | {_fmt(r.get('fastft_us'), '.1f')} "
               f"({_fmt(r.get('fastft_TBps'), '.2f')}) | {_fmt(r.get('fastft_graph_us'), '.1f')} | "
@@ -492,6 +498,7 @@ def print_tables(failures: list[str]):
               f"{_fmt(r.get('fastft_of_copy'), '.0%')} | "
               f"{_fmt(r.get('scaled_us'), '.1f')} | {_fmt(r.get('table_us'), '.1f')} | "
               f"{_fmt(r.get('table_lean_us'), '.1f')} | {_fmt(r.get('table_deep_us'), '.1f')} | "
+              f"{_fmt(r.get('table_deep_k4_us'), '.1f')} | {_fmt(r.get('table_deep_k2_us'), '.1f')} | "
               f"{_fmt(r.get('bnb_us'), '.1f')} | {_fmt(r.get('bf16_us'), '.1f')} |")
     print(f"\n| QLoRA fwd+bwd M={M_TRAIN} r={RANK}, best of 3 interleaved | bf16 base ms (first) | fused ms (÷base) "
           "| dequant ms (÷base) | selected ms (÷base), path | dequant+base, no LoRA (÷base) | peft+bnb ms (÷base) "

@@ -1,5 +1,5 @@
-"""The CUDA GEMV's kernels (SCALED, TABLE, TABLE_LEAN, TABLE_DEEP), as far as a machine without a GPU can check
-them: the extension's argument checks run before any CUDA call, so a bad `variant` is refused here too (the kernels
+"""The CUDA GEMV's kernels (SCALED, TABLE, TABLE_LEAN, TABLE_DEEP and the candidates TABLE_DEEP_K4/_K2), as far as a
+machine without a GPU can check them: the extension's argument checks run before any CUDA call, so a bad `variant` is refused here too (the kernels
 themselves run in tests/test_nf4_gpu.py::test_cuda_gemv and ::test_cuda_gemv_table_lean_is_bit_identical_to_table)."""
 import pytest
 
@@ -19,17 +19,28 @@ def extension():
 
 @pytest.mark.parametrize("bad", [dict(blocksize=32), dict(k=96), dict(variant=2, blocksize=32), dict(variant=2, k=96),
                                  dict(variant=2, k=320, blocksize=32), dict(variant=3, blocksize=32),
-                                 dict(variant=3, k=96), dict(variant=4), dict(variant=-1)])
+                                 dict(variant=3, k=96), dict(variant=4, blocksize=32), dict(variant=5, k=96),
+                                 dict(variant=6), dict(variant=-1)])
 def test_the_table_kernels_are_refused_where_a_half_step_would_straddle_an_absmax_block(extension, bad):
-    with pytest.raises(RuntimeError, match=r"variant must be 0 .*, 1 .*, 2 .* or 3 .*; 1 to 3 need blocksize >= 64 and "
-                                           r"k a multiple of 64"):
+    with pytest.raises(RuntimeError, match=r"variant must be 0 .*, 1 .*, 2 .*, 3 .*, 4 or 5 .*; 1 to 5 need "
+                                           r"blocksize >= 64 and k a multiple of 64"):
         _launch(**bad)
 
 
-@pytest.mark.parametrize("variant", [nf4_cuda.SCALED, nf4_cuda.TABLE, nf4_cuda.TABLE_LEAN, nf4_cuda.TABLE_DEEP])
+ALL_VARIANTS = [nf4_cuda.SCALED, nf4_cuda.TABLE, nf4_cuda.TABLE_LEAN, nf4_cuda.TABLE_DEEP, nf4_cuda.TABLE_DEEP_K4,
+                nf4_cuda.TABLE_DEEP_K2]
+
+
+@pytest.mark.parametrize("variant", ALL_VARIANTS)
 @pytest.mark.parametrize("k", [128, 320])  # the lean loop's own kernel, and the table kernel it falls back to
 def test_every_kernel_accepts_an_empty_weight(extension, variant, k):
     _launch(k=k, blocksize=64, variant=variant)
+
+
+def test_the_split_k_kernels_are_candidates_only():
+    """TABLE_DEEP_K4 / _K2 wait for a GPU run (forced by tests/test_nf4_gpu.py, timed by benchmarks/gpu_nf4.py)."""
+    assert (nf4_cuda.TABLE_DEEP_K4, nf4_cuda.TABLE_DEEP_K2) == (4, 5)
+    assert not {nf4_cuda.TABLE_DEEP_K4, nf4_cuda.TABLE_DEEP_K2} & {c["variant"] for c in nf4_cuda.TUNER.configs}
 
 
 def test_the_tuner_times_every_kernel_with_scaled_as_the_untimed_default():
@@ -70,8 +81,8 @@ def test_cuda_gemv_kernels_compile_for_sm90_without_spills():
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     kernels = run.stderr.split("Compiling entry function")[1:]
-    # {fp16, bf16} × ({1, 2 batch tiles} × {scaled, table} + {lean, deep} × {plain, nested absmax})
-    assert len(kernels) == 16, run.stderr[-3000:]
+    # {fp16, bf16} × ({1, 2 batch tiles} × {scaled, table} + {lean, deep, deep K4, deep K2} × {plain, nested absmax})
+    assert len(kernels) == 24, run.stderr[-3000:]
     registers = {}
     for info in kernels:
         name = info.split("'")[1]
@@ -81,10 +92,11 @@ def test_cuda_gemv_kernels_compile_for_sm90_without_spills():
         assert smem and int(smem.group(1)) <= 48 * 1024, (name, info)
         registers[name] = int(re.search(r"Used (\d+) registers", info).group(1))
     table = max(r for name, r in registers.items() if "nf4_gemv_kernel" in name and "Li1ELb1E" in name)
-    lean = {name: r for name, r in registers.items() if "nf4_gemv_lean_kernel" in name and "ELi2E" in name}
-    deep = {name: r for name, r in registers.items() if "nf4_gemv_lean_kernel" in name and "ELi4E" in name}
+    # the lean kernel's template arguments <T, kNested, kDepth, kSplitK> end its mangled name: ...ELi{depth}ELi{split}EE
+    lean = {name: r for name, r in registers.items() if "nf4_gemv_lean_kernel" in name and "ELi2ELi8EE" in name}
+    deep = {name: r for name, r in registers.items() if "nf4_gemv_lean_kernel" in name and "ELi4ELi" in name}
     assert len(lean) == 4 and all(-(-r // 8) <= -(-table // 8) for r in lean.values()), (table, lean)
-    assert len(deep) == 4 and all(r <= 128 for r in deep.values()), deep
+    assert len(deep) == 12 and all(r <= 128 for r in deep.values()), deep  # TABLE_DEEP, _K4, _K2
 
 
 def test_the_checks_random_weight_has_a_nested_absmax_for_every_block():

@@ -35,7 +35,16 @@
 // Variant 3, TABLE_DEEP, is TABLE_LEAN with a ring of 4 fragments a warp: three steps' loads in flight while one
 // computes (the other kernels: one), at 96 registers, 2 blocks an SM instead of 3: 48 KB of W in flight an SM
 // instead of 24. On the H200 the table kernel reads 23% of HBM at ~55% issue: too few bytes in flight is the
-// suspect (4.8 TB/s at ~1 µs of latency wants ~36 KB an SM). Bit-identical to TABLE; a candidate, forced only.
+// suspect (4.8 TB/s at ~1 µs of latency wants ~36 KB an SM). Bit-identical to TABLE.
+//
+// Variants 4 and 5, TABLE_DEEP_K4 and TABLE_DEEP_K2, are TABLE_DEEP with K split over 4 or 2 warps instead of 8: a
+// block's warps take 2 or 4 groups of 16 rows (blocks of 32 or 64 rows), each warp walks 4 or 2 times as many steps.
+// On the H100 (2026-12-05, ncu) TABLE at 4096->14336 batch 1 ran 896 blocks of 4 steps a warp, 2.26 waves: each
+// warp's pipeline never filled (one step in flight, four steps in all, the prologue's 32 KB table fill each time)
+// and the third wave was 26% full. With K split over 2 the same shape is 224 blocks, every one resident at once,
+// 16 steps a warp with three in flight, and the table filled a quarter as often. The same MMAs per step; the warps'
+// partial sums add in another grouping, so not bit-identical to TABLE (within its rounding). Candidates, forced
+// only.
 #include "nf4_gemv.h"
 #include "../nf4_codes.h"
 
@@ -359,14 +368,14 @@ __device__ __forceinline__ void fill_tables(float* code, float* code2, uint32_t*
 // reschedules its SASS).
 template <typename T, int NT>
 __device__ __forceinline__ void table_loop(float (&acc)[NT][4], const Nf4GemvArgs& p, int64_t row0, int64_t steps,
-                                           int warp, int lane, int g, int t, const uint32_t* table,
+                                           int first, int stride, int lane, int g, int t, const uint32_t* table,
                                            const float* code2, bool nested, int bs_shift, int nbs_shift) {
   const uint32_t* lane_table = table + lane;
   const TableLane<NT> reads = table_lane<NT>(p, row0, g, t);
   TableFragment<NT> cur, next;
-  if (warp < steps) load_table_step(cur, p, reads, warp, bs_shift, nbs_shift);
-  for (int64_t s = warp; s < steps; s += kWarps) {
-    if (s + kWarps < steps) load_table_step(next, p, reads, s + kWarps, bs_shift, nbs_shift);
+  if (first < steps) load_table_step(cur, p, reads, first, bs_shift, nbs_shift);
+  for (int64_t s = first; s < steps; s += stride) {
+    if (s + stride < steps) load_table_step(next, p, reads, s + stride, bs_shift, nbs_shift);
     compute_table_step<T, NT>(acc, cur, p, reads, s, lane_table, code2, nested, p.offset);
     cur = next;
   }
@@ -398,6 +407,35 @@ __device__ __forceinline__ void reduce_store(const float (&acc)[NT][4], float (*
         if (bias != nullptr) v += Mma<T>::to_float(bias[row]);
         y[b * p.ldy + row] = Mma<T>::from_float(v);
       }
+    }
+  }
+}
+
+// reduce_store for blocks of kWarps / kSplitK groups of 16 rows, kSplitK warps a group (warps group·kSplitK ..
+// group·kSplitK + kSplitK - 1): each group's first warp adds its warps' sums in warp order and stores its rows. With
+// kSplitK = kWarps it is reduce_store<T, 1>, the same sums in the same order.
+template <typename T, int kSplitK>
+__device__ __forceinline__ void reduce_store_groups(const float (&acc)[1][4], float (*partial)[4][32],
+                                                    const Nf4GemvArgs& p, int64_t row0, int warp, int lane, int g,
+                                                    int t) {
+#pragma unroll
+  for (int i = 0; i < 4; ++i) partial[warp][i][lane] = acc[0][i];
+  __syncthreads();
+  if (warp % kSplitK != 0) return;
+  const int64_t rows0 = row0 + kRowsPerBlock * (warp / kSplitK);
+  T* y = static_cast<T*>(p.y);
+  const T* bias = static_cast<const T*>(p.bias);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    float v = 0.0f;
+#pragma unroll
+    for (int w = 0; w < kSplitK; ++w) v += partial[warp + w][i][lane];
+    // accumulator fragment: c0, c1 -> row g, columns 2t, 2t+1; c2, c3 -> row g+8
+    const int64_t row = rows0 + g + (i >= 2 ? 8 : 0);
+    const int b = 2 * t + (i & 1);
+    if (row < p.n && b < p.batch) {
+      if (bias != nullptr) v += Mma<T>::to_float(bias[row]);
+      y[b * p.ldy + row] = Mma<T>::from_float(v);
     }
   }
 }
@@ -461,7 +499,7 @@ struct LeanLane {
   int64_t scale_flat;
 };
 
-template <bool kNested>
+template <bool kNested, int kSplitK>
 __device__ __forceinline__ void load_lean_step(TableFragment<1>& f, const Nf4GemvArgs& p, LeanLane& lane,
                                                int bs_shift, int nbs_shift) {
   const int64_t block = lane.scale_flat >> bs_shift;  // the whole half-step's absmax block
@@ -477,9 +515,9 @@ __device__ __forceinline__ void load_lean_step(TableFragment<1>& f, const Nf4Gem
     const uint2 lo = load_stream8(lane.w[h]);
     const uint2 hi = load_stream8(lane.w[h] + kHalfK / 2);
     f.w[h] = make_uint4(lo.x, lo.y, hi.x, hi.y);
-    lane.w[h] += kWarps * kStepK / 2;
+    lane.w[h] += kSplitK * kStepK / 2;
   }
-  lane.scale_flat += kWarps * kStepK;
+  lane.scale_flat += kSplitK * kStepK;
 }
 
 // Byte b (0..3) of `word`: the byte offset of its entry in the lane's copy of the table, lane4 = 4 * lane (entry v
@@ -531,10 +569,13 @@ __device__ __forceinline__ void compute_lean_step(float (&acc)[1][4], const Tabl
 }
 
 // Launched for k % 128 == 0, batch <= 8, absmax2 != nullptr exactly when kNested. kDepth fragments a warp: while
-// one step computes, the loads of the next kDepth - 1 are in flight (TABLE_LEAN 2, TABLE_DEEP 4).
-template <typename T, bool kNested, int kDepth>
+// one step computes, the loads of the next kDepth - 1 are in flight (TABLE_LEAN 2, TABLE_DEEP 4). K is split over
+// kSplitK warps: a block holds kWarps / kSplitK groups of 16 rows (TABLE_LEAN, TABLE_DEEP: 8, one group; the _K4 and
+// _K2 candidates 4 and 2).
+template <typename T, bool kNested, int kDepth, int kSplitK>
 __global__ void __launch_bounds__(kWarps * 32, kDepth == 2 ? 3 : 2)  // 3 blocks an SM (<= 80 registers) at depth 2
     nf4_gemv_lean_kernel(const Nf4GemvArgs p, int bs_shift, int nbs_shift) {
+  static_assert(kWarps % kSplitK == 0, "whole groups of warps");
   __shared__ float code[16];
   __shared__ float code2[256];
   __shared__ float partial[kWarps][4][32];
@@ -545,12 +586,14 @@ __global__ void __launch_bounds__(kWarps * 32, kDepth == 2 ? 3 : 2)  // 3 blocks
   const int t = lane & 3;
   fill_tables<T, true>(code, code2, table, p, kNested);
 
-  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock;
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock * (kWarps / kSplitK);
+  const int64_t rows0 = row0 + kRowsPerBlock * (warp / kSplitK);  // this warp's group of 16 rows
+  const int part = warp % kSplitK;                                 // and its part of K: steps part, part + kSplitK, ..
   const int64_t steps = p.k / kStepK;
   float acc[1][4] = {{0.0f, 0.0f, 0.0f, 0.0f}};
-  if (row0 + kRowsPerBlock <= p.n) {
-    const int64_t row = row0 + g;
-    const int64_t k_first = static_cast<int64_t>(warp) * kStepK;  // this warp's first step
+  if (rows0 + kRowsPerBlock <= p.n) {
+    const int64_t row = rows0 + g;
+    const int64_t k_first = static_cast<int64_t>(part) * kStepK;  // this warp's first step
     LeanLane reads;
     reads.w[0] = p.packed + (row * p.k + k_first + 16 * t) / 2;
     reads.w[1] = reads.w[0] + 8 * (p.k / 2);
@@ -569,25 +612,25 @@ __global__ void __launch_bounds__(kWarps * 32, kDepth == 2 ? 3 : 2)  // 3 blocks
     TableFragment<1> f[kDepth];
 #pragma unroll
     for (int d = 0; d + 1 < kDepth; ++d)
-      if (warp + d * kWarps < steps32) load_lean_step<kNested>(f[d], p, reads, bs_shift, nbs_shift);
-    for (int s = warp; s < steps32; s += kDepth * kWarps) {
+      if (part + d * kSplitK < steps32) load_lean_step<kNested, kSplitK>(f[d], p, reads, bs_shift, nbs_shift);
+    for (int s = part; s < steps32; s += kDepth * kSplitK) {
 #pragma unroll
       for (int d = 0; d < kDepth; ++d) {
-        const int sd = s + d * kWarps;
+        const int sd = s + d * kSplitK;
         if (sd < steps32) {
-          if (sd + (kDepth - 1) * kWarps < steps32)
-            load_lean_step<kNested>(f[(d + kDepth - 1) % kDepth], p, reads, bs_shift, nbs_shift);
+          if (sd + (kDepth - 1) * kSplitK < steps32)
+            load_lean_step<kNested, kSplitK>(f[(d + kDepth - 1) % kDepth], p, reads, bs_shift, nbs_shift);
           compute_lean_step<T, kNested>(acc, f[d], reads.x, table, lane4, code2, p.offset);
-          reads.x += kWarps * kStepK / 8;
+          reads.x += kSplitK * kStepK / 8;
         }
       }
     }
   } else {
-    // the last, ragged block of rows: the table kernel's loop
-    table_loop<T, 1>(acc, p, row0, (p.k + kStepK - 1) / kStepK, warp, lane, g, t, table, code2, kNested, bs_shift,
-                     nbs_shift);
+    // a ragged group of rows (in the last block): the table kernel's loop
+    table_loop<T, 1>(acc, p, rows0, (p.k + kStepK - 1) / kStepK, part, kSplitK, lane, g, t, table, code2, kNested,
+                     bs_shift, nbs_shift);
   }
-  reduce_store<T, 1>(acc, partial, p, row0, warp, lane, g, t);
+  reduce_store_groups<T, kSplitK>(acc, partial, p, row0, warp, lane, g, t);
 }
 
 int log2_exact(int64_t v) {
@@ -612,25 +655,30 @@ constexpr int kMaxDepth = 4;
 
 // The lean loop (kDepth steps a warp in flight) where k % 128 == 0 and batch <= 8; the table kernel elsewhere (the
 // same results).
-template <typename T, int kDepth>
+template <typename T, int kDepth, int kSplitK = kWarps>
 void launch_lean(const Nf4GemvArgs& p, int bs_shift, int nbs_shift, cudaStream_t stream) {
   static_assert(kDepth <= kMaxDepth, "the launch's step-index bound");
   if (p.k % kStepK != 0 || p.batch > 8 || p.k / kStepK > INT_MAX - kMaxDepth * kWarps) {
     launch_variant<T, true>(p, bs_shift, nbs_shift, stream);
     return;
   }
-  const dim3 grid(static_cast<unsigned>((p.n + kRowsPerBlock - 1) / kRowsPerBlock));
+  const int64_t rows_per_block = kRowsPerBlock * (kWarps / kSplitK);
+  const dim3 grid(static_cast<unsigned>((p.n + rows_per_block - 1) / rows_per_block));
   const dim3 block(kWarps * 32);
   if (p.absmax2 != nullptr) {
-    nf4_gemv_lean_kernel<T, true, kDepth><<<grid, block, 0, stream>>>(p, bs_shift, nbs_shift);
+    nf4_gemv_lean_kernel<T, true, kDepth, kSplitK><<<grid, block, 0, stream>>>(p, bs_shift, nbs_shift);
   } else {
-    nf4_gemv_lean_kernel<T, false, kDepth><<<grid, block, 0, stream>>>(p, bs_shift, nbs_shift);
+    nf4_gemv_lean_kernel<T, false, kDepth, kSplitK><<<grid, block, 0, stream>>>(p, bs_shift, nbs_shift);
   }
 }
 
 template <typename T>
 void launch_typed(const Nf4GemvArgs& p, int bs_shift, int nbs_shift, cudaStream_t stream) {
-  if (p.variant == 3) {
+  if (p.variant == 5) {
+    launch_lean<T, 4, 2>(p, bs_shift, nbs_shift, stream);
+  } else if (p.variant == 4) {
+    launch_lean<T, 4, 4>(p, bs_shift, nbs_shift, stream);
+  } else if (p.variant == 3) {
     launch_lean<T, 4>(p, bs_shift, nbs_shift, stream);
   } else if (p.variant == 2) {
     launch_lean<T, 2>(p, bs_shift, nbs_shift, stream);
@@ -664,8 +712,9 @@ const char* nf4_gemv_error_string(int code) {
     case kBadDtype: return "nf4_gemv_cuda: dtype must be 1 (fp16) or 2 (bf16)";
     case kMisaligned: return "nf4_gemv_cuda: x, packed and ldx must be 16-byte aligned";
     case kBadVariant:
-      return "nf4_gemv_cuda: variant must be 0 (scaled decode), 1 (byte table), 2 (byte table, lean loop) or 3 (lean"
-             " loop, 3 steps in flight); 1 to 3 need blocksize >= 64 and k a multiple of 64";
+      return "nf4_gemv_cuda: variant must be 0 (scaled decode), 1 (byte table), 2 (byte table, lean loop), 3 (lean"
+             " loop, 3 steps in flight), 4 or 5 (3 in flight, K split over 4 or 2 warps); 1 to 5 need blocksize >= 64"
+             " and k a multiple of 64";
     default: return "nf4_gemv_cuda: unknown error";
   }
 }
@@ -676,7 +725,7 @@ int nf4_gemv_launch(const Nf4GemvArgs& p, void* stream_handle) {
   const int bs_shift = log2_exact(p.blocksize);
   const int nbs_shift = p.absmax2 != nullptr ? log2_exact(p.nested_blocksize) : 0;
   if (bs_shift < 5 || nbs_shift < 0) return kBadBlocksize;
-  if (p.variant != 0 && (p.variant < 1 || p.variant > 3 || bs_shift < 6 || p.k % kHalfK != 0)) return kBadVariant;
+  if (p.variant != 0 && (p.variant < 1 || p.variant > 5 || bs_shift < 6 || p.k % kHalfK != 0)) return kBadVariant;
   if (reinterpret_cast<uintptr_t>(p.x) % 16 != 0 || reinterpret_cast<uintptr_t>(p.packed) % 16 != 0 ||
       p.ldx % 8 != 0)
     return kMisaligned;

@@ -22,8 +22,9 @@ struct Nf4GemvArgs {
   int64_t k;                // a multiple of 32
   int blocksize;            // a power of two >= 32
   int dtype;                // 1 = fp16, 2 = bf16 (fastft::FloatType)
-  int variant;              // 0: scaled decode; 1: byte table (blocksize >= 64, k % 64 == 0); 2: byte table,
-                            // lean loop (as 1, bit-identical results), see nf4_gemv.cu
+  int variant;              // 0: scaled decode; 1: byte table (blocksize >= 64, k % 64 == 0); 2, 3: byte table,
+                            // lean loop (as 1, bit-identical results); 4, 5: 3 with K split over 4 or 2 warps
+                            // (nf4_gemv.cu)
 };
 
 // 0 on success, else an error code for nf4_gemv_error_string.

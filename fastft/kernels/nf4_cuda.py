@@ -17,6 +17,12 @@ leaner loop (fewer instructions a W byte, unpredicated loads) where in_features 
 kernel runs elsewhere, and for the ragged last 16 rows. Accepted where TABLE is (`table_supported`). TABLE_DEEP keeps
 three steps of each warp's loads in flight while one computes (TABLE and TABLE_LEAN: one), at 2 blocks an SM instead
 of 3: on the H200 the GEMV reads 23% of HBM without being issue-bound, so too few bytes in flight is the suspect.
+
+TABLE_DEEP_K4 and TABLE_DEEP_K2, candidates (forced only, never run on a GPU yet): TABLE_DEEP with a block's K split
+over 4 or 2 warps (blocks of 32 or 64 rows), so each warp's ring runs 2 or 4 times as many steps and the byte table is
+filled a half or a quarter as often; within TABLE's rounding, not bit-identical (the partial sums group otherwise).
+ncu on the H100 (docs/gpu-results.md, 2026-12-05) found TABLE at 4096->14336 batch 1 neither memory- nor issue-bound:
+896 blocks of 4 steps a warp, 2.26 waves.
 """
 from __future__ import annotations
 
@@ -35,6 +41,8 @@ except ImportError:  # the extension is optional
 
 MAX_BATCH = 16
 SCALED, TABLE, TABLE_LEAN, TABLE_DEEP = 0, 1, 2, 3
+# candidates, forced only (not in TUNER's list until a GPU run backs them): TABLE_DEEP with K split over 4 or 2 warps
+TABLE_DEEP_K4, TABLE_DEEP_K2 = 4, 5
 _DTYPE_CODES = {torch.float16: 1, torch.bfloat16: 2}
 TUNER = Tuner("nf4_gemv", [{"variant": v} for v in (SCALED, TABLE, TABLE_LEAN, TABLE_DEEP)])  # the first: untimed default
 _TABLE_AGREES: dict[tuple[torch.device, torch.dtype], bool] = {}
@@ -85,8 +93,9 @@ def table_supported(w) -> bool:
 
 @on_operand_device  # the variant choice times launches: on x2's GPU
 def nf4_gemv(x2: torch.Tensor, w, bias: torch.Tensor | None, variant: int | None = None) -> torch.Tensor:
-    """y [batch, w.rows] in x2's dtype; the caller checked `supported(x2, w)`. variant: SCALED, TABLE, TABLE_LEAN or
-    TABLE_DEEP forces one (all but SCALED must be `table_supported`); None picks by measurement among the four."""
+    """y [batch, w.rows] in x2's dtype; the caller checked `supported(x2, w)`. variant: SCALED, TABLE, TABLE_LEAN,
+    TABLE_DEEP, TABLE_DEEP_K4 or TABLE_DEEP_K2 forces one (all but SCALED must be `table_supported`); None picks by
+    measurement among the first four."""
     batch, k = x2.shape
     if x2.stride(1) != 1 or (batch > 1 and x2.stride(0) % 8) or x2.data_ptr() % 16:
         # 16-byte vector loads need aligned rows; x is small at decode time. A copy, not .contiguous(): that keeps a
