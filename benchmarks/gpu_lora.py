@@ -3,8 +3,9 @@ base and against peft's LoRA layer, M = 8192 tokens, bf16 everywhere (adapters t
 
 Per (K→N, r): median ms of fwd+bwd (dX for the base; dX, dA, dB for LoRA), ratio to the base, and peak
 memory above the inputs; the base and fastft also replayed from a CUDA graph (one captured fwd+bwd step: no host
-time, what torch.compile mode="reduce-overhead" gives), which says how much of a ratio is host overhead. Then a
-breakdown of fastft's kernels at r=16. Run: python benchmarks/gpu_lora.py
+time, what torch.compile mode="reduce-overhead" gives), which says how much of a ratio is host overhead; and the
+candidate "overlapped dA/dB" (fastft.ops.overlap: the backward's reductions on a side stream during the dx GEMM).
+Then a breakdown of fastft's kernels at r=16. Run: python benchmarks/gpu_lora.py
 FASTFT_BENCH_SMOKE=1 runs it on the CPU (Triton interpreter, toy sizes, fp32, no CUDA graphs) to catch script errors.
 """
 from __future__ import annotations
@@ -24,7 +25,7 @@ from fastft.apps.bench import (card_name, graphed, markdown_table, peak_memory_m
                                time_ms, write_results)
 from fastft.kernels import rank_ops
 from fastft.kernels.lora_gemm import lora_gemm
-from fastft.ops import lora_linear, lora_linear_reference
+from fastft.ops import lora_linear, lora_linear_reference, overlap
 
 M = 40 if SMOKE else 8192
 SHAPES = [(48, 40), (37, 70)] if SMOKE else [(4096, 4096), (4096, 14336), (14336, 4096)]
@@ -87,8 +88,17 @@ def bench_shape(k: int, n: int, rounds: int = 1 if SMOKE else 3) -> list[dict]:
         def fastft_step(A=A, B=B):
             torch.autograd.grad(lora_linear(x, W, None, A, B, 2.0, backend=BACKEND), [x, A, B], dy)
 
+        def overlapped_step(step=fastft_step):  # the candidate: dA, dB on a side stream (fastft.ops.overlap)
+            before = overlap.enabled()
+            overlap.set_enabled(True)
+            try:
+                step()
+            finally:
+                overlap.set_enabled(before)
+
         cases += [dict(shape=f"{k}->{n}", method="peft LoRA", r=r, fn=peft_step),
-                  dict(shape=f"{k}->{n}", method="fastft fused", r=r, fn=fastft_step)]
+                  dict(shape=f"{k}->{n}", method="fastft fused", r=r, fn=fastft_step),
+                  dict(shape=f"{k}->{n}", method="fastft fused, overlapped dA/dB", r=r, fn=overlapped_step)]
     graph_cases = [("frozen bf16 base, CUDA graph", "-", base)] + [
         ("fastft fused, CUDA graph", c["r"], c["fn"]) for c in cases if c["method"] == "fastft fused"]
     for method, r, step in graph_cases if DEVICE == "cuda" else []:  # no graphs on the CPU (smoke run)

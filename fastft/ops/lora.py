@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from fastft.ops import lora_path, shared
+from fastft.ops import lora_path, overlap, shared
 from fastft.ops.compiled import compiling, needed, unused
 from fastft.ops.compiled_args import fresh_like, refuse_replayed_dropout, seed_int, seeded_ops, traced_seed
 from fastft.ops.shared import (as_rows, autocast_inputs, autocast_off, check, check_backend, finite,
@@ -213,15 +213,34 @@ def fused_lora_backward(saved, meta, dy, dx_gemm, need_x, need_b, need_A, need_B
     dy2 = to_dtype(dy.reshape(x2.shape[0], N), dtype)  # not (-1, N): N may be 0
     if not dy2.is_contiguous():
         dy2 = dy2.contiguous()
-    dx = db = dA = dB = None
+    dx = db = g = None
     if need_x and dx_fold_gemm is not None:
         dx, g = dx_fold_gemm(dy2, B_g, tail_factor(A_p, b), g_scale, dropout_p, seed)
         dx = dx.view(*x_shape)
     elif need_x or need_A:
         g = rank_ops.rank_project(dy2, B_g.t(), scale=g_scale)
-        if need_x:
-            dx = dx_gemm(dy2, g, tail_factor(A_p, b), dropout_p, seed).view(*x_shape)
-    if need_A and need_B:  # dA and dB in one launch
+    # dA and dB do not wait for the dx GEMM: with FASTFT_LORA_OVERLAP=1 they run on a side stream while it runs
+    # (fastft.ops.overlap; the same kernels and results)
+    side = overlap.fork(dy2.device) if need_x and dx is None and (need_A or need_B) else None
+    with overlap.on(side):
+        dA, dB = rank_gradients(g, x2, xs, dy2, b, r, A_dtype, B_dtype, need_A, need_B, dropout_p, seed)
+    if need_x and dx is None:
+        dx = dx_gemm(dy2, g, tail_factor(A_p, b), dropout_p, seed).view(*x_shape)
+    overlap.join(side, read=(g, x2, xs, dy2), made=(dA, dB))
+    if need_b and bias_dtype is not None:
+        db = dy2.sum(0, dtype=torch.float32).to(bias_dtype)
+    return x2, dy2, dx, db, dA, dB
+
+
+def rank_gradients(g, x2, xs, dy2, b: float, r: int, A_dtype, B_dtype, need_A: bool, need_B: bool, dropout_p: float,
+                   seed: int) -> tuple:
+    """(dA, dB) of fused_lora_backward, None where not needed: dA = b·gᵀ·(keep∘x) in A's dtype, dB = b·dyᵀ·xs in B's
+    own (N, r) layout and dtype (a copy only where the rank was padded: autograd then accumulates it as it is); both
+    from one launch (rank_reduce_pair) when both are needed."""
+    from fastft.kernels import rank_ops
+
+    dA = dB = None
+    if need_A and need_B:
         dA, dB = rank_ops.rank_reduce_pair(g, x2, xs, dy2, p_drop=dropout_p, seed=seed)
         dA, dB = to_dtype(times_b(_unpadded(dA, r), b), A_dtype), dB if dB.shape[1] == r else dB[:, :r]
     elif need_A:
@@ -229,13 +248,11 @@ def fused_lora_backward(saved, meta, dy, dx_gemm, need_x, need_b, need_A, need_B
         dA = to_dtype(times_b(_unpadded(dA, r), b), A_dtype)
     if need_B and dB is None:
         dB = _unpadded(rank_ops.rank_reduce(xs, dy2), r).t()
-    if need_B:  # in B's own layout (a copy only where the rank was padded): autograd then accumulates it as it is
+    if need_B:
         if b != 1.0:
             dB = dB.mul_(b)  # the fp32 sum is this call's own buffer
         dB = padded(dB, *dB.shape, B_dtype)
-    if need_b and bias_dtype is not None:
-        db = dy2.sum(0, dtype=torch.float32).to(bias_dtype)
-    return x2, dy2, dx, db, dA, dB
+    return dA, dB
 
 
 def tail_factor(A_p: torch.Tensor, b: float) -> torch.Tensor:

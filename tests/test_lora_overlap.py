@@ -1,0 +1,154 @@
+"""FASTFT_LORA_OVERLAP (fastft.ops.overlap): the LoRA / QLoRA backward's dA and dB on a side stream while the dx GEMM
+runs. On the CPU the streams are stand-ins that log what the backward does with them, in order: the side stream waits
+for the current one before the reductions are launched on it, the dx GEMM goes to the current stream, and the current
+stream waits for the side one only after that, with the tensors each stream shares recorded on the other. On the GPU:
+the same gradients bit for bit, eager and under a CUDA graph (where the overlap stays off)."""
+import contextlib
+
+import pytest
+import torch
+
+from fastft.kernels import lora_gemm as lora_gemm_kernels
+from fastft.kernels import rank_ops
+from fastft.ops import lora_linear, overlap, qlora_linear
+from fastft.quant import quantize_nf4
+from tests.utils import interpreter_only
+
+
+class FakeStream:
+    def __init__(self, name, log):
+        self.name, self.log, self.device = name, log, torch.device("cpu")
+
+    def wait_stream(self, other):
+        self.log.append(f"{self.name} waits for {other.name}")
+
+
+@pytest.fixture
+def streams(monkeypatch):
+    """The overlap on, with logged stand-in streams; `log` lists what happened, `where` which stream launches go to."""
+    log, where = [], ["current"]
+    current, side = FakeStream("current", log), FakeStream("side", log)
+
+    @contextlib.contextmanager
+    def use(stream):
+        where.append(stream.name)
+        log.append(f"enter {stream.name}")
+        yield
+        where.pop()
+        log.append(f"leave {stream.name}")
+
+    monkeypatch.setattr(overlap, "_usable", lambda device: True)
+    monkeypatch.setattr(overlap, "_current", lambda device: current)
+    monkeypatch.setattr(overlap, "_side", lambda device: side)
+    monkeypatch.setattr(overlap, "_use", use)
+    monkeypatch.setattr(overlap, "_record", lambda t, stream: log.append(f"record {tuple(t.shape)} on {stream.name}"))
+    monkeypatch.setattr(overlap, "_enabled", True)
+    for module, name in ((rank_ops, "rank_reduce_pair"), (rank_ops, "rank_reduce"), (rank_ops, "rank_project"),
+                         (lora_gemm_kernels, "lora_gemm")):
+        real = getattr(module, name)
+
+        def logged(*args, real=real, name=name, **kwargs):
+            log.append(f"{name} on {where[-1]}")
+            return real(*args, **kwargs)
+        monkeypatch.setattr(module, name, logged)
+    return log
+
+
+def _leaves(M=5, K=32, N=24, r=4):
+    torch.manual_seed(0)
+    x = torch.randn(M, K, requires_grad=True)
+    W = torch.randn(N, K) * 0.1
+    A = (torch.randn(r, K) * 0.1).requires_grad_()
+    B = (torch.randn(N, r) * 0.1).requires_grad_()
+    return x, W, A, B
+
+
+def _grads(op, x, W, A, B, dropout_p):
+    torch.manual_seed(1)
+    y = op(x, W, None, A, B, 2.0, dropout_p, backend="triton")
+    return (y, *torch.autograd.grad(y, (x, A, B), torch.ones_like(y)))
+
+
+@interpreter_only
+@pytest.mark.parametrize("dropout_p", [0.0, 0.1])
+@pytest.mark.parametrize("op", ["lora", "qlora"])
+def test_the_reductions_run_on_the_side_stream_between_fork_and_join(streams, op, dropout_p):
+    x, W, A, B = _leaves()
+    weight = quantize_nf4(W) if op == "qlora" else W
+    fn = qlora_linear if op == "qlora" else lora_linear
+    got = _grads(fn, x, weight, A, B, dropout_p)
+    log = [e for e in streams if "rank_project" not in e]
+    backward = log[log.index("side waits for current"):]
+    reduce_at = backward.index("rank_reduce_pair on side")
+    assert backward[:3] == ["side waits for current", "enter side", "rank_reduce_pair on side"], backward
+    assert backward.index("leave side") < backward.index("lora_gemm on current") < backward.index(
+        "current waits for side"), backward
+    assert backward[-1] == "current waits for side" and reduce_at < backward.index("leave side")
+    # g, x, xs and dy read by the side stream; dA (r, K) and dB (N, r) made there, used on the current stream
+    records = [e for e in backward if e.startswith("record")]
+    assert records[-2:] == ["record (4, 32) on current", "record (24, 4) on current"], records
+    assert len(records) == 6 and all(e.endswith("on side") for e in records[:4]), records
+    overlap.set_enabled(False)  # the same gradients without the overlap
+    want = _grads(fn, x, weight, A, B, dropout_p)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+
+
+@interpreter_only
+def test_off_by_default_and_where_only_one_gradient_is_wanted(streams, monkeypatch):
+    x, W, A, B = _leaves()
+    monkeypatch.setattr(overlap, "_enabled", False)
+    y = lora_linear(x, W, None, A, B, 2.0, backend="triton")
+    y.sum().backward()
+    assert not any("side" in e for e in streams)
+    monkeypatch.setattr(overlap, "_enabled", True)
+    streams.clear()
+    x.requires_grad_(False)  # no dx GEMM to overlap with: nothing forks
+    y = lora_linear(x, W, None, A, B, 2.0, backend="triton")
+    torch.autograd.grad(y.sum(), (A, B))
+    assert not any("side" in e for e in streams), streams
+
+
+def test_the_env_switch_is_read_at_import():
+    import subprocess
+    import sys
+
+    code = "from fastft.ops import overlap; print(overlap.enabled())"
+    for value, want in (("1", "True"), ("0", "False"), ("", "False")):
+        run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                             env={**__import__("os").environ, overlap.ENV: value})
+        assert run.stdout.strip() == want, run.stderr[-2000:]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("op", ["lora", "qlora"])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.1])
+def test_overlapped_gradients_are_bit_identical_on_the_gpu(op, dropout_p):
+    """The same kernels on the same inputs on two streams: the same outputs and gradients bit for bit, at a size
+    where the reductions and the dx GEMM both take many blocks; under a CUDA graph the overlap stays off."""
+    torch.manual_seed(0)
+    M, K, N, r = 2048, 1024, 3072, 16
+    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    W = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * K**-0.5
+    weight = quantize_nf4(W) if op == "qlora" else W
+    A = (torch.randn(r, K, device="cuda") * K**-0.5).requires_grad_()
+    B = (torch.randn(N, r, device="cuda") * 0.1).requires_grad_()
+    fn = qlora_linear if op == "qlora" else lora_linear
+    dy = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
+
+    def grads():
+        torch.manual_seed(1)
+        y = fn(x, weight, None, A, B, 2.0, dropout_p)
+        return (y, *torch.autograd.grad(y, (x, A, B), dy))
+    before = overlap.enabled()
+    try:
+        overlap.set_enabled(False)
+        want = grads()
+        overlap.set_enabled(True)
+        for _ in range(3):
+            got = grads()
+            torch.cuda.synchronize()
+            for g, w in zip(got, want):
+                assert torch.equal(g, w)
+    finally:
+        overlap.set_enabled(before)
