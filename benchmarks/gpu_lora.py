@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastft.apps.bench import (card_name, graphed, markdown_table, peak_memory_mib, rows_per_shape, time_cases,
-                               time_ms, write_results)
+from fastft.apps.bench import (card_name, graphed, markdown_table, paired_ratio, peak_memory_mib, rows_per_shape,
+                               time_cases, time_ms, write_results)
 from fastft.kernels import rank_ops
 from fastft.kernels.lora_gemm import lora_gemm
 from fastft.ops import lora_linear, lora_linear_reference, overlap
@@ -66,9 +66,10 @@ def peft_layer(k: int, n: int, r: int) -> nn.Module:
     return layer
 
 
-def bench_shape(k: int, n: int, rounds: int = 1 if SMOKE else 3) -> list[dict]:
-    """Every method of this shape timed in `rounds` interleaved rounds; the best round counts (the card's
-    clocks wander between runs of a few hundred ms, and interleaving spreads that over all methods)."""
+def bench_shape(k: int, n: int, rounds: int = 1 if SMOKE else 5) -> list[dict]:
+    """Every method of this shape timed in `rounds` interleaved rounds: ms is its best round, ratio the median over
+    rounds of its time ÷ the base's in the same round (harness.paired_ratio: the card's sustained clocks drift by
+    ~10% within a run, so best ÷ best can pair different clock states)."""
     x = torch.randn(M, k, device=DEVICE, dtype=DTYPE, requires_grad=True)
     dy = torch.randn(M, n, device=DEVICE, dtype=DTYPE)
     W = peft_layer(k, n, 8).base_layer.weight
@@ -108,11 +109,12 @@ def bench_shape(k: int, n: int, rounds: int = 1 if SMOKE else 3) -> list[dict]:
             print(f"{method} r={r}: not captured: {type(err).__name__}: {err}"[:300], flush=True)
     time_cases(cases, rounds)
     t_base = cases[0]["ms"]
+    ratios = {(case["method"], case["r"]): paired_ratio(case, cases[0]) for case in cases}
     rows = []
     for case in cases:
         fn = case.pop("fn")
         graph = "CUDA graph" in case["method"]  # a replay allocates nothing: its memory is the graph's pool
-        rows.append(dict(case, ratio=case["ms"] / t_base, peak_mib="-" if graph else peak_memory_mib(fn)))
+        rows.append(dict(case, ratio=ratios[case["method"], case["r"]], peak_mib="-" if graph else peak_memory_mib(fn)))
     rows[0]["tflops"] = 2 * 2 * M * k * n / t_base / 1e9
     return rows
 
@@ -166,7 +168,8 @@ def main() -> int:
     rows = rows_per_shape(SHAPES, shape_rows, ["shape", "method", "r", "ms", "ratio", "peak_mib"], on_shape=save)
     save(rows, complete=True)
     dtype = str(DTYPE).removeprefix("torch.")
-    print(f"\n## fused LoRA linear fwd+bwd, M={M}, {dtype}, on {card} (ratio = ms / frozen base ms)")
+    print(f"\n## fused LoRA linear fwd+bwd, M={M}, {dtype}, on {card} (ratio = median over rounds of ms / frozen "
+          "base ms in the same round)")
     print(markdown_table(rows, ["shape", "method", "r", "ms", "ratio", "peak_mib"]))
     print("\n## fastft kernel breakdown at r=16 (ms)")
     names = list(next(iter(parts.values())).keys()) if parts else []

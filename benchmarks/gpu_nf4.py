@@ -28,8 +28,8 @@ from smoke_mode import BACKEND, DEVICE as DEV, SMOKE  # first: the interpreter b
 import torch
 
 import fastft
-from fastft.apps.bench.harness import (card_name, graphed, hbm_spec_tbps, host_ms, log, peak_memory_mib, time_ms,
-                                       versions, write_results)
+from fastft.apps.bench.harness import (card_name, graphed, hbm_spec_tbps, host_ms, log, paired_ratio, peak_memory_mib,
+                                       time_ms, versions, write_results)
 from fastft.kernels.rank_ops import rank_pad
 from fastft.ops import qlora_path
 from fastft.quant import NF4Weight, quantize_nf4
@@ -319,17 +319,29 @@ def forced_bench(path: str, step, grads) -> float:
         return bench(step, grads)
 
 
-def retime_interleaved(row: dict, retimers: dict, rounds: int = 2) -> None:
-    """Each headline timing again, `rounds` times, one case after another in each round, keeping the best. Timed
-    once each, in order, the bf16 base ran first on a cool card and the later cases paid any clock drift: on
-    2026-12-04 two runs of one H200 read dequantize + cuBLAS without LoRA at 1.07 / 1.30 / 1.13 and 1.08 / 1.21 / 1.25
-    the base. The first reading of the base is kept as bf16_base_first_ms, to show the drift."""
+def retime_interleaved(row: dict, retimers: dict, rounds: int = 4) -> None:
+    """Each headline timing again, `rounds` times, one case after another in each round, keeping the best and each
+    round's time (KEY_rounds, for paired ratios). Timed once each, in order, the bf16 base ran first on a cool card
+    and the later cases paid any clock drift: on 2026-12-04 two runs of one H200 read dequantize + cuBLAS without
+    LoRA at 1.07 / 1.30 / 1.13 and 1.08 / 1.21 / 1.25 the base, and on 2026-12-05 an H100's base read 2.72 then
+    2.42 ms at 4096->14336. The first reading of the base is kept as bf16_base_first_ms, to show the drift."""
     row["bf16_base_first_ms"] = row.get("bf16_base_ms")
     for _ in range(rounds):
         for key, timed in retimers.items():
             if row.get(key):
                 ms = attempt(f"{key} {row['shape']}, again", timed, optional=True)
                 row[key] = min(row[key], ms) if ms else row[key]
+                if ms:
+                    row.setdefault(key.replace("_ms", "_rounds"), []).append(ms)
+
+
+def x_base(row: dict, key: str) -> float:
+    """KEY ÷ the bf16 base: the median over the interleaved rounds of the two timed in the same round
+    (harness.paired_ratio), or best ÷ best where no round holds both."""
+    case, base = row.get(key.replace("_ms", "_rounds")), row.get("bf16_base_rounds")
+    if case and base and len(case) == len(base):
+        return paired_ratio({"ms_rounds": case}, {"ms_rounds": base})
+    return row[key] / row["bf16_base_ms"]
 
 
 def time_qlora(rows):
@@ -419,7 +431,7 @@ def time_qlora(rows):
         if row.get("bf16_base_ms"):
             for key in ("fused_ms", "dequant_ms", "auto_ms", "dequant_base_ms", "peft_bnb_ms"):
                 if row.get(key):
-                    row[key.replace("_ms", "_x_base")] = row[key] / row["bf16_base_ms"]
+                    row[key.replace("_ms", "_x_base")] = x_base(row, key)
         rows.append(row)
         log(f"qlora {row}")
         save()
@@ -507,7 +519,8 @@ def print_tables(failures: list[str]):
               f"{_fmt(r.get('table_lean_us'), '.1f')} | {_fmt(r.get('table_deep_us'), '.1f')} | "
               f"{_fmt(r.get('table_deep_k4_us'), '.1f')} | {_fmt(r.get('table_deep_k2_us'), '.1f')} | "
               f"{_fmt(r.get('bnb_us'), '.1f')} | {_fmt(r.get('bf16_us'), '.1f')} |")
-    print(f"\n| QLoRA fwd+bwd M={M_TRAIN} r={RANK}, best of 3 interleaved | bf16 base ms (first) | fused ms (÷base) "
+    print(f"\n| QLoRA fwd+bwd M={M_TRAIN} r={RANK}: ms best of 5, ÷base the median of 4 interleaved rounds' ratios "
+          "| bf16 base ms (first) | fused ms (÷base) "
           "| dequant ms (÷base) | selected ms (÷base), path | dequant+base, no LoRA (÷base) | peft+bnb ms (÷base) "
           "| peak MiB base / fused / dequant / selected / peft (scratch) |\n|---|---|---|---|---|---|---|---|")
     for r in RESULTS.get("qlora") or []:

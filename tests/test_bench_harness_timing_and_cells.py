@@ -23,6 +23,17 @@ def test_time_cases_warms_each_case_once_then_keeps_its_best_round():
     assert events[:2] == ["call a", "call b"] and events.count("call a") == events.count("call b") == 1
     assert events[2:] == ["time a", "time b"] * 3   # interleaved rounds
     assert [c["ms"] for c in cases] == [2.0, 1.0]
+    assert [c["ms_rounds"] for c in cases] == [[5.0, 2.0, 3.0], [1.0, 4.0, 9.0]]
+
+
+def test_paired_ratio_is_the_median_of_same_round_ratios_not_best_over_best():
+    """Round 1 ran on a faster clock for both (1.0 and 1.35 ms), rounds 2-3 slower (1.5 and 1.8): the case took 1.2x
+    the base in two rounds of three, while best ÷ best (1.35 / 1.0) pairs two timings of different rounds."""
+    base, case = {"ms_rounds": [1.0, 1.5, 1.5]}, {"ms_rounds": [1.35, 1.8, 1.8]}
+    assert harness.paired_ratio(case, base) == pytest.approx(1.2)
+    assert min(case["ms_rounds"]) / min(base["ms_rounds"]) == pytest.approx(1.35)
+    nan = harness.paired_ratio({"ms_rounds": [2.0]}, {"ms_rounds": [0.0]})  # no round to pair
+    assert nan != nan
 
 
 def test_host_ms_is_per_call(monkeypatch):

@@ -13,6 +13,7 @@ from fastft.apps.bench.harness import (  # noqa: F401 - the harness API the kern
     host_ms,
     log,
     markdown_table,
+    paired_ratio,
     peak_memory_gib,
     peak_memory_mib,
     rows_per_shape,

@@ -124,12 +124,25 @@ def host_ms(fn, calls: int = 20) -> float:
 
 def time_cases(cases: list[dict], rounds: int, timer=time_ms) -> None:
     """Sets case["ms"] for each case dict (its "fn" called once first, so compiling and autotuning stay outside the
-    timing): the best of `rounds` rounds, the cases interleaved in each so clock drift hits them alike."""
+    timing): the best of `rounds` rounds, the cases interleaved in each so clock drift hits them alike; and
+    case["ms_rounds"], each round's time, for `paired_ratio`."""
     for case in cases:
         case["fn"]()
+        case["ms_rounds"] = []
     for _ in range(rounds):
         for case in cases:
-            case["ms"] = min(case.get("ms", float("inf")), timer(case["fn"]))
+            ms = timer(case["fn"])
+            case["ms_rounds"].append(ms)
+            case["ms"] = min(case.get("ms", float("inf")), ms)
+
+
+def paired_ratio(case: dict, base: dict) -> float:
+    """The median over rounds of case ÷ base timed in the same round (time_cases' ms_rounds). Not best ÷ best: an
+    H100's sustained clocks drift by ~10% within a run (the bf16 base read 2.42 and 2.72 ms at 4096->14336 in one
+    run on 2026-12-05), and the best of each case may come from different clock states; a round's two timings are
+    seconds apart."""
+    pairs = [c / b for c, b in zip(case["ms_rounds"], base["ms_rounds"]) if b > 0]
+    return statistics.median(pairs) if pairs else float("nan")
 
 
 def rows_per_shape(shapes, bench_shape, columns: list[str], label: str = "method", on_shape=None) -> list[dict]:
