@@ -8,9 +8,11 @@ import contextlib
 import pytest
 import torch
 
+from fastft.kernels import column_dot as column_dot_kernels
 from fastft.kernels import lora_gemm as lora_gemm_kernels
+from fastft.kernels import nf4_gemm as nf4_gemm_kernels
 from fastft.kernels import rank_ops
-from fastft.ops import lora_linear, overlap, qlora_linear
+from fastft.ops import dora_linear, lora_linear, overlap, qlora_linear
 from fastft.quant import quantize_nf4
 from tests.utils import interpreter_only
 
@@ -44,7 +46,8 @@ def streams(monkeypatch):
     monkeypatch.setattr(overlap, "_record", lambda t, stream: log.append(f"record {tuple(t.shape)} on {stream.name}"))
     monkeypatch.setattr(overlap, "_enabled", True)
     for module, name in ((rank_ops, "rank_reduce_pair"), (rank_ops, "rank_reduce"), (rank_ops, "rank_project"),
-                         (lora_gemm_kernels, "lora_gemm")):
+                         (lora_gemm_kernels, "lora_gemm"), (column_dot_kernels, "column_dot"),
+                         (nf4_gemm_kernels, "nf4_lora_gemm")):
         real = getattr(module, name)
 
         def logged(*args, real=real, name=name, **kwargs):
@@ -95,6 +98,31 @@ def test_the_reductions_run_on_the_side_stream_between_fork_and_join(streams, op
 
 
 @interpreter_only
+@pytest.mark.parametrize("nf4", [False, True])
+def test_dora_runs_its_reductions_and_magnitude_gradient_on_the_side_stream(streams, nf4):
+    """DoRA's backward as LoRA's: dA, dB and the magnitude's column dot on the side stream, the dx GEMM (the dense
+    one; the NF4 path's dequantize + GEMM) on the current stream after them, the join last."""
+    x, W, A, B = _leaves(K=64)  # whole NF4 blocks a row: the fused QDoRA path, not the reference
+    weight = quantize_nf4(W) if nf4 else W
+    m = (W.norm(dim=1) * 1.1).requires_grad_()
+
+    def grads():
+        y = dora_linear(x, weight, None, A, B, m, 2.0, backend="triton")
+        return (y, *torch.autograd.grad(y, (x, A, B, m), torch.ones_like(y)))
+    got = grads()
+    log = [e for e in streams if "rank_project" not in e]
+    backward = log[log.index("side waits for current"):]
+    side = backward[backward.index("enter side"):backward.index("leave side")]
+    assert "rank_reduce_pair on side" in side and "column_dot on side" in side, backward
+    dx_gemm = "nf4_lora_gemm on current" if nf4 else "lora_gemm on current"
+    assert backward.index("leave side") < backward.index(dx_gemm) < backward.index(
+        "current waits for side") == len(backward) - 1, backward
+    overlap.set_enabled(False)
+    for g, w in zip(got, grads()):
+        assert torch.equal(g, w)
+
+
+@interpreter_only
 def test_off_by_default_and_where_only_one_gradient_is_wanted(streams, monkeypatch):
     x, W, A, B = _leaves()
     monkeypatch.setattr(overlap, "_enabled", False)
@@ -121,7 +149,7 @@ def test_the_env_switch_is_read_at_import():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("op", ["lora", "qlora"])
+@pytest.mark.parametrize("op", ["lora", "qlora", "dora", "qdora"])
 @pytest.mark.parametrize("dropout_p", [0.0, 0.1])
 def test_overlapped_gradients_are_bit_identical_on_the_gpu(op, dropout_p):
     """The same kernels on the same inputs on two streams: the same outputs and gradients bit for bit, at a size
@@ -130,15 +158,20 @@ def test_overlapped_gradients_are_bit_identical_on_the_gpu(op, dropout_p):
     M, K, N, r = 2048, 1024, 3072, 16
     x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     W = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * K**-0.5
-    weight = quantize_nf4(W) if op == "qlora" else W
     A = (torch.randn(r, K, device="cuda") * K**-0.5).requires_grad_()
     B = (torch.randn(N, r, device="cuda") * 0.1).requires_grad_()
-    fn = qlora_linear if op == "qlora" else lora_linear
+    weight = quantize_nf4(W) if op in ("qlora", "qdora") else W
+    m = (W.float().norm(dim=1) * 1.1).requires_grad_()
     dy = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
+    if op in ("dora", "qdora") and dropout_p > 0:
+        pytest.skip("the fused DoRA path is dropout-free")
 
     def grads():
         torch.manual_seed(1)
-        y = fn(x, weight, None, A, B, 2.0, dropout_p)
+        if op in ("dora", "qdora"):
+            y = dora_linear(x, weight, None, A, B, m, 2.0)
+            return (y, *torch.autograd.grad(y, (x, A, B, m), dy))
+        y = (qlora_linear if op == "qlora" else lora_linear)(x, weight, None, A, B, 2.0, dropout_p)
         return (y, *torch.autograd.grad(y, (x, A, B), dy))
     before = overlap.enabled()
     try:

@@ -1,4 +1,5 @@
-"""A second CUDA stream for the LoRA backward's rank reductions (dA, dB), overlapped with its dx GEMM.
+"""A second CUDA stream for the LoRA / QLoRA / DoRA backward's rank reductions (dA, dB; DoRA's magnitude gradient
+too), overlapped with its dx GEMM.
 
 The reductions (fastft.kernels.rank_ops.rank_reduce_pair: gᵀ·x and dyᵀ·xs) read x, dy, g and xs and are
 memory-bound; the dx GEMM (dy·W + g·A) is compute-bound and needs neither of their results. On one stream they run
