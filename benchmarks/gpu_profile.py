@@ -4,8 +4,10 @@
     python benchmarks/gpu_profile.py host               cProfile of eager LoRA and QLoRA fwd+bwd, real launches
     python benchmarks/gpu_profile.py summarize RAW.csv  the key metrics of `ncu --import R --page raw --csv`
 
-gemv: the CUDA NF4 decode GEMV, TABLE variant (the tuner's pick on the H200), bf16, 4096->14336, batch 1: 27.5 us,
-23% of HBM, and its SASS is 5.1 instructions a weight element (not issue-bound): ncu's warp stalls say what is.
+gemv: the CUDA NF4 decode GEMV, TABLE variant (the tuner's pick on the H200; GEMV_VARIANT=NAME profiles another
+nf4_cuda variant, e.g. TABLE_DEEP_K2), bf16, 4096->14336, batch 1: 27.5 us, 23% of HBM, and its SASS is 5.1
+instructions a weight element (not issue-bound): ncu's warp stalls say what is. On the H100 (2026-12-05): 3 blocks an
+SM (79 registers, 38 KB shared), 2.26 waves, 4 steps a warp (docs/gpu-results.md).
 dequant: the Triton dequantize at 4096x14336 with the tuner's default config (ROW4, 4096-element blocks, gather decode,
 8 warps: 87% of the copy bandwidth as a CUDA-graph replay on the H100, 2026-12-05).
 host: at 4096->4096 the LoRA and QLoRA calls are host-bound (QLoRA: 1.49 ms of host a call against 0.91 ms of device
@@ -43,8 +45,9 @@ def gemv() -> None:
         sys.exit("gpu_profile.py gemv: fastft._C is not built (run `bash benchmarks/gpu_check.sh build profile`)")
     w = _nf4(4096, 14336)
     op, x = w.kernel_operand(), torch.randn(1, 4096, dtype=torch.bfloat16, device="cuda")
+    variant = getattr(nf4_cuda, os.environ.get("GEMV_VARIANT", "TABLE"))  # e.g. GEMV_VARIANT=TABLE_DEEP_K2
     for _ in range(LAUNCHES):
-        nf4_cuda.nf4_gemv(x, op, None, nf4_cuda.TABLE)
+        nf4_cuda.nf4_gemv(x, op, None, variant)
     torch.cuda.synchronize()
 
 
