@@ -437,6 +437,11 @@ def test_lora_linear_opcheck():
     torch.library.opcheck(lora_linear_backward_op, (*args, True, True, True, True, True), test_utils=BACKWARD_UTILS)
     torch.library.opcheck(lora_linear_backward_op, (*args, False, False, False, True, False),
                           test_utils=BACKWARD_UTILS)
+    # the dropout twins (compiled_args.seeded_ops), with a drawn seed: the same checks
+    torch.library.opcheck(torch.ops.fastft.lora_linear_dropout.default, (x, W, b, A, B, seed_tensor(3), 0.5, 0.1))
+    dargs = (*args[:7], seed_tensor(3), 0.5, 0.1)
+    torch.library.opcheck(torch.ops.fastft.lora_linear_backward_dropout.default, (*dargs, True, True, True, True, True),
+                          test_utils=BACKWARD_UTILS)
 
 
 @interpreter_only
