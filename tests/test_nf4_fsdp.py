@@ -112,7 +112,9 @@ def test_op_table_keeps_the_bytes(double_quant):
 def test_shard_checks_name_the_weight():
     w = quantize_nf4(torch.randn(96, 40))
     check_shardable(w, 2)  # 48·40 = 1920 = 30 blocks a shard
-    with pytest.raises(ValueError, match=r"layers\.0\.q_proj\.weight.*do not split evenly"):
+    check_shardable(w, 3)  # uneven is fine while shards hold whole blocks: 32·40 = 1280 = 20 blocks
+    with pytest.raises(ValueError, match=r"layers\.0\.q_proj\.weight.*20 rows \(ceil\(96/5\)\) holds 800 values.*"
+                                         r"cut through a quantization block"):
         check_shardable(w, 5, "layers.0.q_proj.weight")
     with pytest.raises(ValueError, match=r"mlp\.weight.*not a multiple of the blocksize 64"):
         check_shardable(w, 8, "mlp.weight")  # 12·40 = 480 values: 7.5 blocks
@@ -121,10 +123,15 @@ def test_shard_checks_name_the_weight():
         ndim = 1
 
         def size(self):
-            return 3
+            return 5
+
+    class Narrow(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up = nn.Linear(40, 96)
 
     with pytest.raises(ValueError, match=r"up\.weight"):
-        shard_model(_nf4_only_model(), OneDMesh())
+        shard_model(fastft.quantize_model(Narrow(), "nf4"), OneDMesh())
 
 
 def test_compiles_without_graph_breaks():
@@ -175,7 +182,8 @@ def test_qlora_under_fsdp2_and_ddp_matches_one_process(tmp_path):
     """2 ranks (gloo), each half of the batch, against one process on the whole batch: same adapter."""
     from tests import nf4_fsdp_worker as worker
 
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)  # keep any path already set
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "tests.nf4_fsdp_worker", str(tmp_path)]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

@@ -29,12 +29,15 @@ def shard_model(model: nn.Module, mesh=None, *, reshard_after_forward: bool = Tr
 
     Works on a plain, an NF4-quantized (`quantize_model` / `load_nf4_model`) and a peft-wrapped
     (`fastft.get_peft_model`) model — apply LoRA first, then shard. NF4 weights shard their packed bytes and
-    scales (each rank holds 1/world of them; the forward all-gathers 4-bit codes, not a dense copy).
+    scales (each rank holds 1/world of them; the forward all-gathers 4-bit codes, not a dense copy). Rows that do not
+    split evenly shard as FSDP2 shards dense weights (ceil(rows/world) a rank, the last ranks fewer or none, padded
+    for the all-gather, which then carries a byte a value: codes and fp32 scales).
     mesh: a 1-D DeviceMesh (default: all ranks of the initialised process group, on the parameters' device type);
     the model must already be on that device. mp_policy: a torch.distributed.fsdp.MixedPrecisionPolicy.
     layer_classes: class names of the blocks to shard one by one (default: the model's `_no_split_modules`); a block
     holding a weight tied to a module outside it (RoBERTa's embeddings and head) is left to the root's unit.
-    Raises ValueError, naming the weight, for an NF4 weight that cannot shard evenly over the mesh.
+    Raises ValueError, naming the weight, for an NF4 weight whose shards over the mesh would cut through a
+    quantization block (fastft.quant.nf4_tensor_ops.shard_problem).
     """
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
@@ -73,8 +76,9 @@ def shard_model(model: nn.Module, mesh=None, *, reshard_after_forward: bool = Tr
 
 def unshardable_nf4_layer(model: nn.Module, world: int, blocksize: int = 64) -> str | None:
     """Why `shard_model` could not shard `model` over `world` ranks once `quantize_model(model)` quantized it: the
-    first NF4 weight to be whose rows or blocks do not split evenly (fastft.quant.nf4_tensor_ops.shard_problem), or
-    None. Reads the layers' shapes only: `model` may be a meta-device skeleton, checked before any weight loads."""
+    first NF4 weight to be whose FSDP2 shards would cut through a quantization block
+    (fastft.quant.nf4_tensor_ops.shard_problem), or None. Reads the layers' shapes only: `model` may be a
+    meta-device skeleton, checked before any weight loads."""
     from fastft.integration.nf4_model import layers_to_quantize
     from fastft.modules.nf4_linear import linear_features
     from fastft.quant.nf4_tensor_ops import shard_problem

@@ -14,6 +14,18 @@ block scales under one fp32 `absmax2`: a row range whose blocks start and count 
 other range is *un-nested* — its block scales decoded to fp32 (exactly the values dequantization uses), so
 the shard stands alone at 4 bytes instead of 1 per block. FSDP2 then all-gathers the packed bytes and the
 scales (4.1–4.5 bits a weight), never a dense copy.
+
+Uneven shards. FSDP2 cuts dim 0 as torch.chunk does, into ceil(N/world)-row shards (the last ones shorter, or empty:
+4 rows over 3 are 2, 2, 0), so NF4 weights shard over any process count whose ceil(N/world)·K is a multiple of the
+blocksize (`shard_problem`). Each rank pads its shard into `new_zeros` of the first shard's size: zero codes under
+zero scales, which dequantize to zeros. That buffer keeps nested scales only when it and the whole weight hold whole
+groups (else the last shard's leading rows would narrow to an un-nested copy and FSDP2's copy_ into them be lost);
+a nested shard copied into an un-nested buffer brings its scales decoded to fp32. torch requires a padded shard's
+all-gather inputs to have the padded shard's size, so for such a weight every rank sends one uint8 tensor of
+ceil(N/world)×K bytes — its codes, then its blocks' fp32 scales, then zeros (8 bits a weight on the wire instead of
+4.1–4.5; the stored shards stay 4-bit) — and `fsdp_post_all_gather` cuts each rank's codes and scales out of the
+gathered bytes, drops the padding and empty shards, and rebuilds an un-nested weight of N rows (copies, which FSDP2
+frees at reshard and refills on the next all-gather) that dequantizes to the original bit for bit.
 """
 from __future__ import annotations
 
@@ -145,7 +157,7 @@ def _zeros_like_layout(w, shape, device=None, dtype=None):
     meta (`module.to_empty`), so nothing is read from a meta w."""
     device = w.device if device is None else torch.device(device)
     blocks = fmt.num_blocks(math.prod(shape), w.blocksize)
-    nested = w.double_quant and (torch.Size(shape) == w.shape or blocks % w.nested_blocksize == 0)
+    nested = w.double_quant and (torch.Size(shape) == w.shape or _pads_whole_groups(w, blocks))
     code2 = offset = None
     if nested and not w.is_meta:
         code2, offset = w.code2.to(device, copy=True), w.nested_offset.to(device, copy=True)
@@ -153,24 +165,42 @@ def _zeros_like_layout(w, shape, device=None, dtype=None):
                        nested_blocksize=w.nested_blocksize, code2=code2, offset=offset)
 
 
+def _pads_whole_groups(w, blocks: int) -> bool:
+    """Whether a zero buffer of `blocks` blocks, into whose leading rows FSDP2 copies a piece of w, may keep nested
+    scales: only if both it and w hold whole groups, so every piece's leading rows (narrow) stay nested and share the
+    buffer's scales; otherwise an uneven last shard would narrow to an un-nested copy and the copy_ into it be lost."""
+    return blocks % w.nested_blocksize == 0 and w.absmax.numel() % w.nested_blocksize == 0
+
+
+def shard_rows(rows: int, world: int) -> int:
+    """The rows of FSDP2's largest (first) dim-0 shard over `world` ranks: ceil(rows / world), as torch.chunk cuts;
+    the last shards hold fewer, or none, and are padded to this size for the all-gather."""
+    return -(-rows // world)
+
+
 def shard_problem(shape, blocksize: int, world: int, name: str = "weight") -> str | None:
-    """Why an NF4 weight of `shape` cannot be sharded along dim 0 over `world` ranks (FSDP2's shards must hold whole
-    rows and whole blocks: uneven shards would need padding inside the packed bytes), or None. Shapes only: a layer
-    of a meta-device skeleton is checked before any weight loads."""
+    """Why an NF4 weight of `shape` cannot be sharded along dim 0 over `world` ranks, or None. FSDP2 cuts dim 0 into
+    ceil(rows/world)-row shards (the last ones shorter or empty): every cut must fall between quantization blocks.
+    Shapes only: a layer of a meta-device skeleton is checked before any weight loads."""
     shape = tuple(shape)
-    if not shape or shape[0] % world:
-        return (f"{name}: an NF4 weight of shape {shape} cannot be sharded over {world} ranks: its "
-                f"{shape[0] if shape else 0} rows do not split evenly (uneven NF4 shards would need padding inside "
-                "the packed bytes)")
-    rows = shape[0] // world
-    if (rows * math.prod(shape[1:])) % blocksize:
+    if not shape:
+        return f"{name}: a 0-d NF4 weight has no rows to shard over {world} ranks"
+    rows, row = shard_rows(shape[0], world), math.prod(shape[1:])
+    if (rows * row) % blocksize:
         return (f"{name}: an NF4 weight of shape {shape} cannot be sharded over {world} ranks: a shard of {rows} "
-                f"rows holds {rows * math.prod(shape[1:])} values, not a multiple of the blocksize {blocksize}")
+                f"rows (ceil({shape[0]}/{world})) holds {rows * row} values, not a multiple of the blocksize "
+                f"{blocksize}, so a shard boundary would cut through a quantization block; use a process count "
+                "whose shards hold whole blocks, or leave this layer unquantized (quantize_model(..., skip=[...]))")
+    if shape[0] % world and blocksize % 8:
+        return (f"{name}: an NF4 weight of shape {shape} with blocksize {blocksize} cannot be sharded unevenly over "
+                f"{world} ranks: uneven shards all-gather their codes and fp32 scales in one byte a value, which "
+                "needs a blocksize that is a multiple of 8; use a process count that divides its "
+                f"{shape[0]} rows, or quantize with blocksize 64")
     return None
 
 
 def check_shardable(w, world: int, name: str = "weight") -> None:
-    """Raise a ValueError naming `name` unless dim-0 shards of w over `world` ranks hold whole blocks."""
+    """Raise a ValueError naming `name` unless FSDP2's dim-0 shards of w over `world` ranks hold whole blocks."""
     problem = shard_problem(w.shape if w.ndim else (), w.blocksize, world, name)
     if problem:
         raise ValueError(problem)
@@ -328,6 +358,8 @@ def _copy_(func, dst, src, non_blocking=False):
     if not isinstance(src, NF4Weight):
         raise NotImplementedError(f"NF4Weight.copy_: the source must be an NF4Weight, got {type(src).__name__} "
                                   "(quantize it first with fastft.quant.quantize_nf4)")
+    if src.double_quant and not dst.double_quant and layout(src)[:2] == layout(dst)[:2]:
+        return _copy_decoded(dst, src, non_blocking)
     if layout(src) != layout(dst):
         raise ValueError(f"NF4Weight.copy_: layouts differ ({src!r} into {dst!r})")
     _check_copy_into_part(dst, src)
@@ -337,6 +369,16 @@ def _copy_(func, dst, src, non_blocking=False):
         dst.nested_offset.copy_(src.nested_offset, non_blocking=non_blocking)
         # below autograd an in-place copy does not bump the version that `.offset`'s cache is keyed on: bump it
         torch.autograd.graph.increment_version(dst.nested_offset)
+    return dst
+
+
+def _copy_decoded(dst, src, non_blocking: bool):
+    """A double-quantized weight copied into an un-nested one of its shape: the codes, and the scales decoded to
+    fp32 (the values dequantization uses). FSDP2 pads an uneven shard this way when its buffer cannot be nested."""
+    if dst._part_of is not None:  # an un-nested piece of a nested weight holds a copy of its scales: writes are lost
+        _check_copy_into_part(dst, src)
+    dst.packed.copy_(src.packed, non_blocking=non_blocking)
+    dst.absmax.copy_(src.block_absmax(), non_blocking=non_blocking)
     return dst
 
 
@@ -412,26 +454,81 @@ def dispatch(func, args, kwargs):
 
 
 # ----------------------------------------------------------------------------------------------
-# FSDP2 all-gather extension: gather packed bytes and scales; tables and offset travel as metadata
+# FSDP2 all-gather extension: gather packed bytes and scales; tables and offset travel as metadata.
+# Uneven shards (rows not a multiple of the ranks): torch requires every all-gather input of a padded shard to have
+# the padded shard's size (rows_pad, *rest), so each rank sends one uint8 tensor of that size, a byte a value: its
+# codes, then its blocks' fp32 scales (decoded, so nested and un-nested shards send alike), then zeros.
 
 def fsdp_pre_all_gather(w, mesh, outer_size):
     world = mesh.size()
+    outer_size = torch.Size(outer_size)
+    if outer_size[0] % world:
+        return _uneven_pre_all_gather(w, world, outer_size)
     if w.ndim < 1 or tuple(outer_size) != (w.shape[0] * world, *w.shape[1:]):
         raise ValueError(f"NF4Weight: FSDP shard of shape {tuple(w.shape)} is not 1/{world} of {tuple(outer_size)}"
-                         " (NF4 weights shard only evenly; see fastft.quant.nf4_tensor_ops.check_shardable)")
+                         " (see fastft.quant.nf4_tensor_ops.check_shardable)")
     scales = (w.absmax,) + ((w.absmax2,) if w.double_quant else ())
     # torch's one-rank path copies only the first all-gather input: there the (whole) scales ride in the metadata
     one_rank = world == 1
     inputs = (w.packed,) if one_rank else (w.packed, *scales)
-    meta = (torch.Size(outer_size), w.blocksize, w.nested_blocksize, w.nested_offset, w.code, w.code2,
-            scales if one_rank else None)
+    meta = (outer_size, w.blocksize, w.nested_blocksize, w.nested_offset, w.code, w.code2,
+            scales if one_rank else None, None)
     return inputs, meta
+
+
+def _uneven_pre_all_gather(w, world: int, outer_size: torch.Size):
+    rows = shard_rows(outer_size[0], world)
+    if w.ndim < 1 or w.shape[0] > rows or tuple(w.shape[1:]) != tuple(outer_size[1:]):
+        raise ValueError(f"NF4Weight: FSDP shard of shape {tuple(w.shape)} is not a dim-0 shard of at most {rows} "
+                         f"rows of {tuple(outer_size)}")
+    problem = shard_problem(outer_size, w.blocksize, world)
+    if problem:
+        raise ValueError(f"NF4Weight: {problem}")
+    values = rows * _row_numel(w)
+    wire = torch.zeros(values, dtype=torch.uint8, device=w.device)
+    wire[:w.packed.numel()] = w.packed
+    scales = w.block_absmax().to(torch.float32)
+    wire[values // 2: values // 2 + 4 * scales.numel()] = scales.view(torch.uint8)
+    meta = (outer_size, w.blocksize, w.nested_blocksize, None, w.code, None, None, rows)
+    return (wire.view(rows, *outer_size[1:]),), meta
+
+
+def _uneven_parts(gathered: torch.Tensor, shape: torch.Size, rows: int, blocksize: int):
+    """Each rank's codes and fp32 scales cut out of the gathered uneven wire (see _uneven_pre_all_gather), padding
+    and empty shards dropped: (list of packed pieces, list of scale pieces), in rank order."""
+    row, n = math.prod(shape[1:]), shape[0]
+    values = rows * row
+    wires = gathered.view(-1).split(values)
+    packed, scales = [], []
+    for rank, wire in enumerate(wires):
+        real = max(0, min(rows, n - rank * rows)) * row
+        if real == 0:
+            continue
+        packed.append(wire[:(real + 1) // 2])
+        scales.append(wire[values // 2: values // 2 + 4 * fmt.num_blocks(real, blocksize)].view(torch.float32))
+    return packed, scales
+
+
+def _uneven_post_all_gather(outputs, meta, param_dtype, out):
+    from fastft.quant.nf4_weight import NF4Weight
+
+    shape, blocksize, _, _, code, _, _, rows = meta
+    packed, scales = _uneven_parts(outputs[0], shape, rows, blocksize)
+    if out is not None:  # later all-gathers: into the buffers FSDP2 re-allocated (the returned inner tensors)
+        torch.cat(packed, out=out.packed)
+        torch.cat(scales, out=out.absmax)
+        return None
+    full = NF4Weight(torch.cat(packed), torch.cat(scales), shape, param_dtype, blocksize, code=code)
+    # the codes and scales are copies: FSDP2 frees them (and the gathered wire) at reshard
+    return full, (full.packed, full.absmax)
 
 
 def fsdp_post_all_gather(w, outputs, meta, param_dtype, *, out=None):
     from fastft.quant.nf4_weight import NF4Weight
 
-    shape, blocksize, nested_blocksize, offset, code, code2, scales = meta
+    if meta[-1] is not None:
+        return _uneven_post_all_gather(outputs, meta, param_dtype, out)
+    shape, blocksize, nested_blocksize, offset, code, code2, scales, _ = meta
     # what FSDP2 frees at reshard: only the buffers it gathered into, never the shard's own scales (one rank)
     gathered = tuple(outputs)
     if scales is not None:  # one rank: only the packed codes were "gathered"

@@ -228,9 +228,10 @@ def shard_model(objective: ObjectiveModel, cfg: TrainConfig, accelerator) -> boo
 
 
 def nf4_fsdp_problem(cfg: TrainConfig, model_config, world: int) -> str | None:
-    """Why --method qlora --distributed fsdp cannot shard --model's NF4 weights over `world` processes (FSDP2 shards
-    them by whole rows and quantization blocks: most 7B-class models' 4096 rows over 3 or 6 processes do not split),
-    or None. Checked on a meta-device skeleton of the model, before any weight loads (the weights would otherwise
+    """Why --method qlora --distributed fsdp cannot shard --model's NF4 weights over `world` processes (FSDP2 cuts
+    their rows into ceil(rows/world)-row shards, uneven ones included, but a shard must hold whole quantization
+    blocks: rare, as a layer's columns are a multiple of 64 on real models), or None. Checked on a meta-device
+    skeleton of the model, before any weight loads (the weights would otherwise
     load and quantize, then fail in shard_model with a traceback on every process)."""
     if cfg.method != "qlora" or cfg.distributed != "fsdp" or world < 2:
         return None
@@ -247,8 +248,8 @@ def nf4_fsdp_problem(cfg: TrainConfig, model_config, world: int) -> str | None:
     fits = [n for n in range(2, 17) if unshardable_nf4_layer(skeleton, n) is None]
     counts = f"of 2 to 16: {', '.join(map(str, fits))}" if fits else "none of 2 to 16 does"
     return (f"--method qlora --distributed fsdp with {world} processes: {problem}. FSDP2 shards --model {cfg.model}'s "
-            f"NF4 weights by whole rows and blocks only: launch a process count that splits them ({counts}), or use "
-            "--distributed ddp (each process then holds the whole 4-bit base)")
+            f"NF4 weights by whole quantization blocks only: launch a process count whose shards hold whole blocks "
+            f"({counts}), or use --distributed ddp (each process then holds the whole 4-bit base)")
 
 
 
