@@ -67,6 +67,59 @@ def empty_shard_layer(mesh):
     return {"empty_shard_rows": rows, "empty_shard_diffs": diffs}
 
 
+def full_tensors_match(model, plain) -> bool:
+    """DTensor.full_tensor() of every sharded NF4 weight (state dicts, saving): the short shards padded by DTensor
+    (constant_pad_nd), gathered and narrowed back dequantize to the unsharded weight bit for bit."""
+    from torch.distributed.tensor import DTensor
+    from fastft.quant import NF4Weight
+    whole = dict(plain.named_parameters())
+    checked = [torch.equal(p.full_tensor().dequantize(), whole[n].dequantize())
+               for n, p in model.named_parameters()
+               if isinstance(p, DTensor) and isinstance(p._local_tensor, NF4Weight)]
+    return len(checked) == 14 and all(checked)
+
+
+def save_sharded_base(mesh, out_dir, rank):
+    """An NF4 tiny Llama (no LoRA) sharded over the ranks and saved: rank 0 writes what load_nf4_model reads back."""
+    base = fastft.quantize_model(tiny_llama(seed=3, hidden_size=64, intermediate_size=128), "nf4")
+    fastft.shard_model(base, mesh)
+    fastft.save_nf4_model(base, f"{out_dir}/saved_sharded")
+
+
+def state_dict_loads(mesh, in_features, out_features):
+    """Loads into an NF4Linear sharded unevenly: DCP's full state dict (scattered from rank 0), bitsandbytes' keys
+    through load_state_dict (each rank copies its rows) and another sharded layer's state dict (another nested offset
+    copied into a shard that is some rows of a padded buffer); then full_tensor. {how: max diff or the error}."""
+    from torch import nn
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+    from torch.distributed.fsdp import fully_shard
+
+    from fastft.modules.nf4_linear import NF4Linear
+
+    torch.manual_seed(9)
+    layer, source = (NF4Linear.from_linear(nn.Linear(in_features, out_features, bias=False)) for _ in range(2))
+    fully_shard(layer, mesh=mesh)
+    other = copy.deepcopy(source)
+    fully_shard(other, mesh=mesh)
+    loads = {"dcp_full": lambda: set_model_state_dict(layer, {"weight": source.weight.detach()},
+                                                      options=StateDictOptions(full_state_dict=True)),
+             "bnb": lambda: layer.load_state_dict(source.state_dict()),
+             "sharded": lambda: set_model_state_dict(layer, get_model_state_dict(other))}
+    x, found = torch.randn(2, in_features), {}
+    for how, load in loads.items():
+        layer.load_state_dict(NF4Linear.from_linear(nn.Linear(in_features, out_features, bias=False)).state_dict())
+        try:
+            load()
+        except NotImplementedError as e:
+            found[how] = str(e)
+            continue
+        with torch.no_grad():
+            found[how] = (layer(x) - source(x)).abs().max().item()
+            layer.reshard()
+    found["full_tensor"] = torch.equal(layer.weight.full_tensor().dequantize(), source.weight.dequantize())
+    return found
+
+
 def main(out_dir):
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
@@ -97,6 +150,15 @@ def main(out_dir):
     report["grad_max_abs"] = max(g.abs().max().item() for g in single.values())
     report["grad_max_diff"] = max((sharded[n] - g).abs().max().item() for n, g in single.items())
     report.update(empty_shard_layer(mesh))
+    model.eval()
+    with torch.no_grad():
+        model(ids)  # leaves the root unsharded: full_tensor must reshard-gather all the same
+    report["full_tensors_match"] = full_tensors_match(model, plain)
+    save_sharded_base(mesh, out_dir, rank)
+    # 10 rows of 16384 values (one group of 256 nested scales a row) over 3: 4, 4, 2 rows, every piece nested;
+    # 383x128 over 3: 128, 128, 127 rows, the last splitting a group (un-nested) while the others keep theirs
+    report["loads_all_nested"] = state_dict_loads(mesh, 16384, 10)
+    report["loads_mixed"] = state_dict_loads(mesh, 128, 383)
     if rank == world - 1:
         with open(f"{out_dir}/report.json", "w") as f:
             json.dump(report, f)

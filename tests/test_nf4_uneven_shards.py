@@ -168,3 +168,51 @@ def test_qlora_under_fsdp2_over_three_processes_matches_one(tmp_path):
     assert report["grad_names"] == 2 * 7 * 2 and report["grad_max_abs"] > 1e-2
     assert report["grad_max_diff"] < 1e-6 and report["mean_loss_diff"] < 1e-5
     assert report["empty_shard_rows"] == 0 and report["empty_shard_diffs"] == [0.0, 0.0]
+    # DTensor.full_tensor() pads the short shards (constant_pad_nd), gathers and narrows: the same weights back
+    assert report["full_tensors_match"]
+    # state dicts load into uneven shards; DCP's full state dict is scattered where every piece has one layout, and
+    # refused by name on every rank (no hang) where nested and un-nested pieces mix
+    assert report["loads_all_nested"] == {"dcp_full": 0.0, "bnb": 0.0, "sharded": 0.0, "full_tensor": True}
+    mixed = report["loads_mixed"]
+    assert mixed["bnb"] == 0.0 and mixed["sharded"] == 0.0 and mixed["full_tensor"]
+    assert "cannot be scattered into these uneven FSDP2 shards" in mixed["dcp_full"]
+    # save_nf4_model on the sharded model (rank 0 writes): loads back to the unsharded model's logits bit for bit
+    import fastft
+    from tests.utils import tiny_llama
+
+    ids = torch.randint(0, 128, (2, 9))
+    loaded = fastft.load_nf4_model(str(tmp_path / "saved_sharded"), dtype=torch.float32).eval()
+    unsharded = fastft.quantize_model(tiny_llama(seed=3, hidden_size=64, intermediate_size=128), "nf4").eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, unsharded(ids).logits)
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_padding_rows_appends_zero_rows_unnested(double_quant):
+    """DTensor pads a short shard with F.pad before its all-gather (full_tensor): zero rows after the weight's."""
+    torch.manual_seed(5)
+    w = quantize_nf4(torch.randn(6, 128), blocksize=64, double_quant=double_quant)
+    padded = torch.nn.functional.pad(w, (0, 0, 0, 3))
+    assert isinstance(padded, NF4Weight) and padded.shape == (9, 128) and not padded.double_quant
+    assert torch.equal(padded.dequantize()[:6], w.dequantize()) and not padded.dequantize()[6:].any()
+    assert torch.nn.functional.pad(w[:0], (0, 0, 0, 2)).dequantize().abs().sum() == 0
+    with pytest.raises(NotImplementedError, match="only appends zero rows"):
+        torch.nn.functional.pad(w, (0, 1))
+
+
+def test_a_weight_with_its_own_offset_loads_into_a_shard_padded_with_zero_rows():
+    """An uneven shard is the leading rows of a padded buffer sharing its nested offset; loading a weight quantized
+    with another offset replaces that offset, harmless for the padding (zero codes are 0 under any scale), while the
+    same copy into rows of a real weight is refused (its other rows would shift)."""
+    torch.manual_seed(6)
+    w = quantize_nf4(torch.randn(2, 16384), blocksize=64, double_quant=True)  # 512 blocks: whole groups
+    padded = w.new_zeros((4, 16384))
+    assert padded.double_quant
+    shard = padded.narrow(0, 0, 2)
+    src = quantize_nf4(torch.randn(2, 16384) * 3, blocksize=64, double_quant=True)
+    assert src.offset != padded.offset
+    shard.copy_(src)
+    assert torch.equal(shard.dequantize(), src.dequantize()) and not padded.dequantize()[2:].any()
+    whole = quantize_nf4(torch.randn(4, 16384), blocksize=64, double_quant=True)
+    with pytest.raises(ValueError, match="another nested offset"):
+        whole.narrow(0, 0, 2).copy_(src)

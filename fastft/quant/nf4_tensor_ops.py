@@ -25,7 +25,12 @@ all-gather inputs to have the padded shard's size, so for such a weight every ra
 ceil(N/world)×K bytes — its codes, then its blocks' fp32 scales, then zeros (8 bits a weight on the wire instead of
 4.1–4.5; the stored shards stay 4-bit) — and `fsdp_post_all_gather` cuts each rank's codes and scales out of the
 gathered bytes, drops the padding and empty shards, and rebuilds an un-nested weight of N rows (copies, which FSDP2
-frees at reshard and refills on the next all-gather) that dequantizes to the original bit for bit.
+frees at reshard and refills on the next all-gather) that dequantizes to the original bit for bit. State dicts of
+such shards: DTensor pads a short shard with F.pad (`constant_pad_nd`, zero rows, nested as `new_zeros` would be)
+before its all-gather, which agrees on one layout across the ranks first (un-nested fp32 scales if any piece is
+un-nested); a shard that is the leading rows of a padded buffer takes a copy with another nested offset, as the
+other rows are zero codes; DCP's scatter of a full state dict is refused, on every rank, where nested and un-nested
+pieces would mix (load_state_dict copies each rank's rows instead).
 """
 from __future__ import annotations
 
@@ -123,6 +128,7 @@ def row_range(w, r0: int, r1: int):
         part = w.with_parts(packed=packed, absmax=w.absmax[b0:b1], absmax2=w.absmax2[b0 // g: b1 // g],
                             shape=shape)
         part._part_of = of + " (sharing its nested offset)"
+        part._parent_bytes = (w.packed, e0 // 2, (e1 + 1) // 2)
         return part
     # un-nest: the decoded fp32 scales of these blocks (what dequantize computes), so the slice stands alone
     part = w.with_parts(packed=packed, absmax=w.block_absmax()[b0:b1].clone(), absmax2=None, code2=None,
@@ -344,11 +350,20 @@ def _check_copy_into_part(dst, src) -> None:
                          "quantize with double_quant=False")
     same = src.nested_offset is dst.nested_offset or torch.equal(src.nested_offset.to(dst.device),
                                                                 dst.nested_offset)
-    if not same:
+    if not same and not _other_rows_are_zero_codes(dst):
         raise ValueError(f"NF4Weight.copy_: the destination is {dst._part_of}, and the source was quantized with "
                          "another nested offset (the mean of its own block scales): copying it in would shift the "
                          "scales of every other row. Quantize the whole weight and copy it in, or quantize with "
                          "double_quant=False")
+
+
+def _other_rows_are_zero_codes(part) -> bool:
+    """Whether every row of the weight `part` is nested rows of, outside it, holds zero codes (FSDP2's padding of an
+    uneven shard): they dequantize to 0 under any scale, so a new shared offset changes nothing there."""
+    if part._parent_bytes is None:
+        return False
+    packed, b0, b1 = part._parent_bytes
+    return bool((packed[:b0] == _ZERO_BYTE).all() and (packed[b1:] == _ZERO_BYTE).all())
 
 
 @_implements(aten.copy_.default)
@@ -392,23 +407,64 @@ def _pin_memory(func, w, *args, **kwargs):
     return apply_to_parts(w, lambda t: t.pin_memory())
 
 
-# DTensor.full_tensor() of a sharded NF4 weight (state dicts, checkpoints): gather the bytes and scales along rows
+# DTensor.full_tensor() of a sharded NF4 weight (state dicts, checkpoints): gather the bytes and scales along rows.
+# Uneven shards: DTensor pads the short ones with F.pad (constant_pad_nd) to the first's rows, gathers, and narrows.
+
+@_implements(aten.constant_pad_nd.default)
+def _pad_rows(func, w, pad, value=0):
+    pad = list(pad)
+    if w.ndim < 1 or value != 0 or len(pad) != 2 * w.ndim or any(pad[:-1]) or pad[-1] < 0:
+        raise NotImplementedError(f"NF4Weight: constant_pad_nd only appends zero rows (dim 0), got pad={pad}, "
+                                  f"value={value}")
+    # nested only where the padded piece and w both hold whole groups, as FSDP2's padding (_zeros_like_layout): the
+    # other pieces of the weight are then nested too, and scatter / all-gather see one layout on every rank
+    out = _zeros_like_layout(w, torch.Size((w.shape[0] + pad[-1], *w.shape[1:])))
+    if w.shape[0]:
+        _copy_(None, row_range(out, 0, w.shape[0]), w)
+    return out
+
+
+def _all_ranks_nested(w, gather) -> bool:
+    """Whether every rank's piece keeps nested scales: pieces of one weight may differ (a padded one is un-nested),
+    and the all-gather needs the same tensors from every rank."""
+    flags = gather(torch.tensor([int(w.double_quant)], dtype=torch.int32, device=w.packed.device))
+    return bool(flags.all())
+
 
 @_implements(torch.ops._c10d_functional.all_gather_into_tensor.default)
 def _all_gather(func, w, group_size, group_name):
     wait = torch.ops._c10d_functional.wait_tensor.default
     gather = lambda t: wait(func(t, group_size, group_name))  # noqa: E731
-    parts = dict(packed=gather(w.packed), absmax=gather(w.absmax))
-    if w.double_quant:
-        parts["absmax2"] = gather(w.absmax2)
-    return w.with_parts(shape=(w.shape[0] * group_size, *w.shape[1:]), **parts)
+    shape = (w.shape[0] * group_size, *w.shape[1:])
+    if _all_ranks_nested(w, gather):
+        return w.with_parts(shape=shape, packed=gather(w.packed), absmax=gather(w.absmax),
+                            absmax2=gather(w.absmax2))
+    return w.with_parts(shape=shape, packed=gather(w.packed), absmax=gather(w.block_absmax().to(torch.float32)),
+                        absmax2=None, code2=None, offset=0.0)
 
 
 # set_model_state_dict(full_state_dict=True) (DCP) hands every rank the whole weight and cuts it into row pieces
 # with distribute_tensor, which scatters the pieces from rank 0: scatter their bytes, scales and offset
 
+def _check_one_layout(func, out, inputs, *args, **kwargs):
+    """The root scatters whether its pieces share one layout (nested or not): every rank must receive the same
+    tensors, and a rank's own piece cannot tell. A mix (uneven shards whose last splits a group of nested scales)
+    is refused on every rank rather than left to hang the others."""
+    pieces = inputs[0] if inputs else []
+    one = int(len({p.double_quant for p in pieces}) <= 1)
+    flag = torch.zeros(1, dtype=torch.int32, device=out.packed.device)
+    _, work = func([flag], [[torch.full_like(flag, one) for _ in pieces]] if inputs else [], *args, **kwargs)
+    work.wait()
+    if not flag.item():
+        raise NotImplementedError(
+            "NF4Weight: a full state dict cannot be scattered into these uneven FSDP2 shards: some hold whole groups "
+            "of nested scales and some do not. Load it with load_state_dict (each rank copies its rows), or quantize "
+            "with double_quant=False")
+
+
 def _scatter(func, outputs, inputs, *args, **kwargs):
     out = outputs[0]
+    _check_one_layout(func, out, inputs, *args, **kwargs)
     names = ["packed", "absmax"] + (["absmax2", "nested_offset"] if out.double_quant else [])
     for name in names:
         pieces = [[getattr(piece, name) for piece in inputs[0]]] if inputs else []

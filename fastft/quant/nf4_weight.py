@@ -86,6 +86,9 @@ class NF4Weight(torch.Tensor):
         # set by row slicing (nf4_tensor_ops.row_range) on some rows of a double-quantized weight: an in-place
         # copy_ into them must leave the other rows' scales as they are
         self._part_of: str | None = None
+        # with _part_of on nested rows: (the whole weight's packed bytes, this part's byte range), to tell whether
+        # every other row holds zero codes (FSDP2's padding), which a new offset leaves at zero
+        self._parent_bytes: tuple | None = None
         self.code = fmt.nf4_code(str(packed.device)) if code is None else _flat(code)
         self._validate()
 
@@ -235,7 +238,7 @@ class NF4Weight(torch.Tensor):
         if out.nested_offset is not None and out.nested_offset is self.nested_offset:
             out._offset_cache = self._offset_cache
         if out.packed is self.packed:  # a view of the same bytes (detach, view): what it is a part of stays
-            out._part_of = self._part_of
+            out._part_of, out._parent_bytes = self._part_of, self._parent_bytes
         return out
 
     # ------------------------------------------------------------------------------------------
