@@ -269,7 +269,8 @@ def test_lora_head_dropout_is_drawn_per_call_under_compile(monkeypatch):
     head = _head("peft_lora", dropout=0.4).train()
     x, y = _t(2, 5, H), _labels(2, 5)
     fn = lambda x: lm_head_cross_entropy(x, head, y, reduction="none", backend="triton")  # noqa: E731
-    _assert_head_compiles_like_eager(fn, head, x, ROWS_DROPOUT + ("draw_seed",), seed=3)  # one seed, forward and backward
+    # one seed, forward and backward
+    _assert_head_compiles_like_eager(fn, head, x, ROWS_DROPOUT + ("draw_seed",), seed=3)
     compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
     assert not torch.equal(compiled(x), compiled(x))
 

@@ -141,11 +141,12 @@ def test_the_env_switch_is_read_at_import(monkeypatch):
     """FASTFT_LORA_OVERLAP=1 turns it on at import, anything else leaves it off (one fresh interpreter for "1": an
     import costs seconds; the others re-run the module's code in this one)."""
     import importlib
+    import os
     import subprocess
     import sys
 
     run = subprocess.run([sys.executable, "-c", "from fastft.ops import overlap; print(overlap.enabled())"],
-                         capture_output=True, text=True, timeout=120, env={**__import__("os").environ, overlap.ENV: "1"})
+                         capture_output=True, text=True, timeout=120, env={**os.environ, overlap.ENV: "1"})
     assert run.stdout.strip() == "True", run.stderr[-2000:]
     for value in ("0", "", "true"):
         monkeypatch.setenv(overlap.ENV, value)

@@ -1,6 +1,7 @@
 """The CUDA GEMV's kernels (SCALED, TABLE, TABLE_LEAN, TABLE_DEEP and the candidates TABLE_DEEP_K4/_K2), as far as a
-machine without a GPU can check them: the extension's argument checks run before any CUDA call, so a bad `variant` is refused here too (the kernels
-themselves run in tests/test_nf4_gpu.py::test_cuda_gemv and ::test_cuda_gemv_lean_loops_match_table)."""
+machine without a GPU can check them: the extension's argument checks run before any CUDA call, so a bad `variant`
+is refused here too (the kernels themselves run in tests/test_nf4_gpu.py::test_cuda_gemv and
+::test_cuda_gemv_lean_loops_match_table)."""
 import pytest
 
 from fastft.kernels import nf4_cuda

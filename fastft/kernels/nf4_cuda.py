@@ -12,8 +12,8 @@ byte with one shared-memory lookup and scales each 64-column sum once, ~33% fewe
 
 TABLE_LEAN and TABLE_DEEP, in the tuner's list since the H100 run of 2026-12-05 (docs/gpu-results.md: bit-identical to
 TABLE in tests/test_nf4_gpu.py, and faster at batch 1: 4096->4096 11.9 vs 13.1 us, 4096->14336 25.1 vs 28.0 (lean),
-14336->4096 22.7 vs 27.5 (deep)): TABLE's arithmetic, bit for bit, with a
-leaner loop (fewer instructions a W byte, unpredicated loads) where in_features % 128 == 0 and batch <= 8; TABLE's
+14336->4096 22.7 vs 27.5 (deep)): TABLE's arithmetic, bit for bit, with a leaner loop (fewer instructions a W
+byte, unpredicated loads) where in_features % 128 == 0 and batch <= 8; TABLE's
 kernel runs elsewhere, and for the ragged last 16 rows. Accepted where TABLE is (`table_supported`). TABLE_DEEP keeps
 three steps of each warp's loads in flight while one computes (TABLE and TABLE_LEAN: one), at 2 blocks an SM instead
 of 3: on the H200 the GEMV reads 23% of HBM without being issue-bound, so too few bytes in flight is the suspect.
@@ -44,7 +44,8 @@ SCALED, TABLE, TABLE_LEAN, TABLE_DEEP = 0, 1, 2, 3
 # candidates, forced only (not in TUNER's list until a GPU run backs them): TABLE_DEEP with K split over 4 or 2 warps
 TABLE_DEEP_K4, TABLE_DEEP_K2 = 4, 5
 _DTYPE_CODES = {torch.float16: 1, torch.bfloat16: 2}
-TUNER = Tuner("nf4_gemv", [{"variant": v} for v in (SCALED, TABLE, TABLE_LEAN, TABLE_DEEP)])  # the first: untimed default
+# the first: the untimed default
+TUNER = Tuner("nf4_gemv", [{"variant": v} for v in (SCALED, TABLE, TABLE_LEAN, TABLE_DEEP)])
 _TABLE_AGREES: dict[tuple[torch.device, torch.dtype], bool] = {}
 
 

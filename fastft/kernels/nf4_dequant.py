@@ -191,8 +191,8 @@ def _configs() -> list[dict]:
         return [dict(BLOCK=256, DECODE=DECODE_GATHER, num_warps=4, ROW4=True),
                 dict(BLOCK=256, DECODE=DECODE_GATHER, num_warps=4, ROW4=False),
                 dict(BLOCK=256, DECODE=DECODE_SELECT, num_warps=4, ROW4=False)]
-    return ([dict(BLOCK=b, DECODE=DECODE_GATHER, num_warps=w, ROW4=True) for b, w in ((4096, 8), (8192, 8), (16384, 16))]
-            + [dict(BLOCK=b, DECODE=DECODE_GATHER, num_warps=8, ROW4=False) for b in (4096, 8192)])
+    row4 = [dict(BLOCK=b, DECODE=DECODE_GATHER, num_warps=w, ROW4=True) for b, w in ((4096, 8), (8192, 8), (16384, 16))]
+    return row4 + [dict(BLOCK=b, DECODE=DECODE_GATHER, num_warps=8, ROW4=False) for b in (4096, 8192)]
 
 
 def candidate_configs() -> list[dict]:

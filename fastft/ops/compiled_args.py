@@ -56,19 +56,21 @@ def _(anchors, *, device):
     return seed_tensor_like()
 
 
-def seeded_ops(name: str, body, fake) -> dict:
-    """{False: fastft::NAME, True: fastft::NAME_dropout}: one body and one fake as two custom ops, the second tagged
-    cudagraph_unsafe; the traced doors call `ops[dropout_p > 0]`. An op that reads the host-drawn seed (an int64 CPU
+def seeded_ops(name: str, body, fake, backward=None, setup_context=None) -> dict:
+    """{False: fastft::NAME, True: fastft::NAME_dropout}: one body, one fake and (given `backward`) one autograd
+    formula as two custom ops, the second tagged cudagraph_unsafe; the traced doors call `ops[dropout_p > 0]`. An op that reads the host-drawn seed (an int64 CPU
     tensor) cannot sit in a CUDA-graph partition (mode="reduce-overhead"): cudagraph trees copies each input of a
     partition into its pool before recording, and the CPU seed failed that ("storage data ptrs are not allocated in
     pool", H100, torch 2.11, 2026-12-05); a recorded seed would replay one mask besides. Inductor's graph partition
     runs the twin outside the CUDA graphs, with a fresh seed every step; without dropout the plain op stays inside
-    them. Register autograd on both (their backward picks its own pair by dropout_p)."""
+    them. A backward that calls a custom op picks that op's own pair by dropout_p."""
     ops = {False: torch.library.custom_op(f"fastft::{name}", body, mutates_args=()),
            True: torch.library.custom_op(f"fastft::{name}_dropout", body, mutates_args=(),
                                          tags=(torch.Tag.cudagraph_unsafe,))}
     for op in ops.values():
         op.register_fake(fake)
+        if backward is not None:
+            op.register_autograd(backward, setup_context=setup_context)
     return ops
 
 

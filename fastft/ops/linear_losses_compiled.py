@@ -166,14 +166,14 @@ def _forward_plan(a: LossArgs) -> Plan:
 # fastft::linear_loss: the scalar loss, its gradients made in the forward
 
 def _linear_loss_body(hidden: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-                   lora_A: Optional[torch.Tensor], lora_B: Optional[torch.Tensor], nf4: list[torch.Tensor],
-                   labels: Optional[torch.Tensor], teacher_hidden: Optional[torch.Tensor],
-                   teacher_weight: Optional[torch.Tensor], grad_scale: torch.Tensor, seed: Optional[torch.Tensor],
-                   op: str, kind: str, backend: str, vocab: int, ignore_index: int, label_smoothing: float,
-                   softcap: Optional[float], temperature: float, scaling: float, dropout_p: float,
-                   nf4_ints: list[int], chunk_size: Optional[int], bytes_per_logit: int, weights: list[float],
-                   needs: list[bool]
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                      lora_A: Optional[torch.Tensor], lora_B: Optional[torch.Tensor], nf4: list[torch.Tensor],
+                      labels: Optional[torch.Tensor], teacher_hidden: Optional[torch.Tensor],
+                      teacher_weight: Optional[torch.Tensor], grad_scale: torch.Tensor, seed: Optional[torch.Tensor],
+                      op: str, kind: str, backend: str, vocab: int, ignore_index: int, label_smoothing: float,
+                      softcap: Optional[float], temperature: float, scaling: float, dropout_p: float,
+                      nf4_ints: list[int], chunk_size: Optional[int], bytes_per_logit: int, weights: list[float],
+                      needs: list[bool]
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     a = LossArgs(hidden, weight, bias, lora_A, lora_B, nf4, labels, teacher_hidden, teacher_weight, grad_scale, seed,
                  op, kind, backend, vocab, ignore_index, label_smoothing, softcap, temperature, scaling,
                  dropout_p, nf4_ints, chunk_size, bytes_per_logit, weights)
@@ -182,9 +182,9 @@ def _linear_loss_body(hidden: torch.Tensor, weight: Optional[torch.Tensor], bias
     return (loss, *[g if g is not None else unused(hidden) for g in (dh, *grads.as_tuple()[1:])])
 
 
-def _linear_loss_fake(hidden, weight, bias, lora_A, lora_B, nf4, labels, teacher_hidden, teacher_weight, grad_scale, seed, op, kind,
-      backend, vocab, ignore_index, label_smoothing, softcap, temperature, scaling, dropout_p, nf4_ints,
-      chunk_size, bytes_per_logit, weights, needs):
+def _linear_loss_fake(hidden, weight, bias, lora_A, lora_B, nf4, labels, teacher_hidden, teacher_weight, grad_scale,
+                      seed, op, kind, backend, vocab, ignore_index, label_smoothing, softcap, temperature, scaling,
+                      dropout_p, nf4_ints, chunk_size, bytes_per_logit, weights, needs):
     f32 = torch.float32
     acc = torch.float64 if hidden.dtype == torch.float64 else f32  # run_chunks' accumulators
     shapes = ((hidden.shape, hidden.dtype),
@@ -193,11 +193,6 @@ def _linear_loss_fake(hidden, weight, bias, lora_A, lora_B, nf4, labels, teacher
               (lora_B.shape if lora_B is not None else None, acc))
     grads = [hidden.new_empty(s[0], dtype=s[1]) if need else unused(hidden) for need, s in zip(needs, shapes)]
     return (hidden.new_empty((), dtype=f32), *grads)
-
-
-# fastft::linear_loss and fastft::linear_loss_dropout (a LoRA head with dropout): compiled_args.seeded_ops
-LINEAR_LOSS_OPS = seeded_ops("linear_loss", _linear_loss_body, _linear_loss_fake)
-linear_loss_op = LINEAR_LOSS_OPS[False]
 
 
 def _linear_loss_setup(ctx, inputs, output):
@@ -219,22 +214,23 @@ def _linear_loss_backward(ctx, dloss, *_grads_of_grads):
     return input_grads(grads, ctx.lengths, N_ARGS + 1)
 
 
-for _op in LINEAR_LOSS_OPS.values():
-    _op.register_autograd(_linear_loss_backward, setup_context=_linear_loss_setup)
+# fastft::linear_loss and fastft::linear_loss_dropout (a LoRA head with dropout): compiled_args.seeded_ops
+LINEAR_LOSS_OPS = seeded_ops("linear_loss", _linear_loss_body, _linear_loss_fake, _linear_loss_backward,
+                             _linear_loss_setup)
+linear_loss_op = LINEAR_LOSS_OPS[False]
 
 
 # ----------------------------------------------------------------------------------------------
 # fastft::linear_row_losses and its backward: per-row losses, the chunks recomputed in backward
 
 def _row_losses_body(hidden: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-                  lora_A: Optional[torch.Tensor], lora_B: Optional[torch.Tensor], nf4: list[torch.Tensor],
-                  labels: Optional[torch.Tensor], teacher_hidden: Optional[torch.Tensor],
-                  teacher_weight: Optional[torch.Tensor], grad_scale: torch.Tensor, seed: Optional[torch.Tensor],
-                  op: str, kind: str, backend: str, vocab: int, ignore_index: int, label_smoothing: float,
-                  softcap: Optional[float], temperature: float, scaling: float, dropout_p: float,
-                  nf4_ints: list[int], chunk_size: Optional[int], bytes_per_logit: int, weights: list[float],
-                  dh_only: bool
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+                     lora_A: Optional[torch.Tensor], lora_B: Optional[torch.Tensor], nf4: list[torch.Tensor],
+                     labels: Optional[torch.Tensor], teacher_hidden: Optional[torch.Tensor],
+                     teacher_weight: Optional[torch.Tensor], grad_scale: torch.Tensor, seed: Optional[torch.Tensor],
+                     op: str, kind: str, backend: str, vocab: int, ignore_index: int, label_smoothing: float,
+                     softcap: Optional[float], temperature: float, scaling: float, dropout_p: float,
+                     nf4_ints: list[int], chunk_size: Optional[int], bytes_per_logit: int, weights: list[float],
+                     dh_only: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(per-row losses, the unscaled dh in hidden's shape when dh_only)."""
     a = LossArgs(hidden, weight, bias, lora_A, lora_B, nf4, labels, teacher_hidden, teacher_weight, grad_scale, seed,
                  op, kind, backend, vocab, ignore_index, label_smoothing, softcap, temperature, scaling,
@@ -243,24 +239,23 @@ def _row_losses_body(hidden: torch.Tensor, weight: Optional[torch.Tensor], bias:
     return losses, (dh.view(hidden.shape) if dh_only else unused(hidden))
 
 
-def _row_losses_fake(hidden, weight, bias, lora_A, lora_B, nf4, labels, teacher_hidden, teacher_weight, grad_scale, seed, op, kind,
-      backend, vocab, ignore_index, label_smoothing, softcap, temperature, scaling, dropout_p, nf4_ints,
-      chunk_size, bytes_per_logit, weights, dh_only):
+def _row_losses_fake(hidden, weight, bias, lora_A, lora_B, nf4, labels, teacher_hidden, teacher_weight, grad_scale,
+                     seed, op, kind, backend, vocab, ignore_index, label_smoothing, softcap, temperature, scaling,
+                     dropout_p, nf4_ints, chunk_size, bytes_per_logit, weights, dh_only):
     losses = hidden.new_empty((math.prod(hidden.shape[:-1]),), dtype=torch.float32)
     dh = hidden.new_empty(hidden.shape) if dh_only else unused(hidden)
     return losses, dh
 
 
 def _row_losses_backward_body(hidden: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-                           lora_A: Optional[torch.Tensor], lora_B: Optional[torch.Tensor], nf4: list[torch.Tensor],
-                           labels: Optional[torch.Tensor], teacher_hidden: Optional[torch.Tensor],
-                           teacher_weight: Optional[torch.Tensor], grad_scale: torch.Tensor,
-                           seed: Optional[torch.Tensor], op: str, kind: str, backend: str, vocab: int,
-                           ignore_index: int, label_smoothing: float, softcap: Optional[float], temperature: float,
-                           scaling: float, dropout_p: float, nf4_ints: list[int],
-                           chunk_size: Optional[int], bytes_per_logit: int, weights: list[float],
-                           grad_output: torch.Tensor, needs: list[bool]
-                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                              lora_A: Optional[torch.Tensor], lora_B: Optional[torch.Tensor], nf4: list[torch.Tensor],
+                              labels: Optional[torch.Tensor], teacher_hidden: Optional[torch.Tensor],
+                              teacher_weight: Optional[torch.Tensor], grad_scale: torch.Tensor,
+                              seed: Optional[torch.Tensor], op: str, kind: str, backend: str, vocab: int,
+                              ignore_index: int, label_smoothing: float, softcap: Optional[float], temperature: float,
+                              scaling: float, dropout_p: float, nf4_ints: list[int], chunk_size: Optional[int],
+                              bytes_per_logit: int, weights: list[float], grad_output: torch.Tensor, needs: list[bool]
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dh in hidden's shape, dW, db, dA, dB), each in its input's dtype; unused(hidden) where not in needs."""
     a = LossArgs(hidden, weight, bias, lora_A, lora_B, nf4, labels, teacher_hidden, teacher_weight, grad_scale, seed,
                  op, kind, backend, vocab, ignore_index, label_smoothing, softcap, temperature, scaling,
@@ -270,18 +265,17 @@ def _row_losses_backward_body(hidden: torch.Tensor, weight: Optional[torch.Tenso
     return tuple(g if g is not None else unused(hidden) for g in (dh, *grads[1:]))
 
 
-def _row_losses_backward_fake(hidden, weight, bias, lora_A, lora_B, nf4, labels, teacher_hidden, teacher_weight, grad_scale, seed, op, kind,
-      backend, vocab, ignore_index, label_smoothing, softcap, temperature, scaling, dropout_p, nf4_ints,
-      chunk_size, bytes_per_logit, weights, grad_output, needs):
+def _row_losses_backward_fake(hidden, weight, bias, lora_A, lora_B, nf4, labels, teacher_hidden, teacher_weight,
+                              grad_scale, seed, op, kind, backend, vocab, ignore_index, label_smoothing, softcap,
+                              temperature, scaling, dropout_p, nf4_ints, chunk_size, bytes_per_logit, weights,
+                              grad_output, needs):
     return tuple(t.new_empty(t.shape) if need else unused(hidden)
                  for need, t in zip(needs, (hidden, weight, bias, lora_A, lora_B)))
 
 
-# fastft::linear_row_losses(_dropout) and their backwards: compiled_args.seeded_ops
-ROW_LOSSES_OPS = seeded_ops("linear_row_losses", _row_losses_body, _row_losses_fake)
+# fastft::linear_row_losses_backward(_dropout): compiled_args.seeded_ops
 ROW_LOSSES_BACKWARD_OPS = seeded_ops("linear_row_losses_backward", _row_losses_backward_body,
                                      _row_losses_backward_fake)
-row_losses_op, row_losses_backward_op = ROW_LOSSES_OPS[False], ROW_LOSSES_BACKWARD_OPS[False]
 
 
 def _row_losses_setup(ctx, inputs, output):
@@ -319,8 +313,10 @@ def _row_losses_backward(ctx, dlosses, _ddh):
     return grads_of_inputs([needed(g, need) for g, need in zip(grads, needs)])
 
 
-for _op in ROW_LOSSES_OPS.values():
-    _op.register_autograd(_row_losses_backward, setup_context=_row_losses_setup)
+# fastft::linear_row_losses and fastft::linear_row_losses_dropout
+ROW_LOSSES_OPS = seeded_ops("linear_row_losses", _row_losses_body, _row_losses_fake, _row_losses_backward,
+                            _row_losses_setup)
+row_losses_op, row_losses_backward_op = ROW_LOSSES_OPS[False], ROW_LOSSES_BACKWARD_OPS[False]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -368,10 +368,8 @@ def _lora_linear_backward_fake(dy, x, weight, bias, lora_A, lora_B, xs, seed, sc
     return fresh_like(x, need_x), fresh_like(weight, need_w), db, fresh_like(lora_A, need_A), dB
 
 
-# fastft::lora_linear and fastft::lora_linear_dropout (and their backwards): compiled_args.seeded_ops
-LORA_LINEAR_OPS = seeded_ops("lora_linear", _lora_linear_body, _lora_linear_fake)
+# fastft::lora_linear_backward(_dropout): compiled_args.seeded_ops
 LORA_LINEAR_BACKWARD_OPS = seeded_ops("lora_linear_backward", _lora_linear_backward_body, _lora_linear_backward_fake)
-lora_linear_op, lora_linear_backward_op = LORA_LINEAR_OPS[False], LORA_LINEAR_BACKWARD_OPS[False]
 
 
 def _setup_context(ctx, inputs, output):
@@ -389,8 +387,9 @@ def _backward_op(ctx, dy, _dxs):
     return (*(needed(g, n) for g, n in zip(grads, needs)), None, None, None)
 
 
-for _op in LORA_LINEAR_OPS.values():
-    _op.register_autograd(_backward_op, setup_context=_setup_context)
+# fastft::lora_linear and fastft::lora_linear_dropout
+LORA_LINEAR_OPS = seeded_ops("lora_linear", _lora_linear_body, _lora_linear_fake, _backward_op, _setup_context)
+lora_linear_op, lora_linear_backward_op = LORA_LINEAR_OPS[False], LORA_LINEAR_BACKWARD_OPS[False]
 
 
 def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, *, backend="auto"):

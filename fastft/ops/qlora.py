@@ -225,11 +225,9 @@ def _qlora_linear_backward_fake(dy, x, w_parts, w_ints, bias, lora_A, lora_B, xs
     return fresh_like(x, need_x), db, fresh_like(lora_A, need_A), dB
 
 
-# fastft::qlora_linear and fastft::qlora_linear_dropout (and their backwards): compiled_args.seeded_ops
-QLORA_LINEAR_OPS = seeded_ops("qlora_linear", _qlora_linear_body, _qlora_linear_fake)
+# fastft::qlora_linear_backward(_dropout): compiled_args.seeded_ops
 QLORA_LINEAR_BACKWARD_OPS = seeded_ops("qlora_linear_backward", _qlora_linear_backward_body,
                                        _qlora_linear_backward_fake)
-qlora_linear_op, qlora_linear_backward_op = QLORA_LINEAR_OPS[False], QLORA_LINEAR_BACKWARD_OPS[False]
 
 
 def _qlora_setup_context(ctx, inputs, output):
@@ -249,8 +247,10 @@ def _qlora_backward_op(ctx, dy, _dxs):
     return dx, [None] * len(w_parts), None, db, dA, dB, None, None, None
 
 
-for _op in QLORA_LINEAR_OPS.values():
-    _op.register_autograd(_qlora_backward_op, setup_context=_qlora_setup_context)
+# fastft::qlora_linear and fastft::qlora_linear_dropout
+QLORA_LINEAR_OPS = seeded_ops("qlora_linear", _qlora_linear_body, _qlora_linear_fake, _qlora_backward_op,
+                              _qlora_setup_context)
+qlora_linear_op, qlora_linear_backward_op = QLORA_LINEAR_OPS[False], QLORA_LINEAR_BACKWARD_OPS[False]
 
 
 @torch.library.custom_op("fastft::nf4_linear", mutates_args=())
