@@ -41,14 +41,16 @@ def build(fn, signature, constexprs, aligned, options):
     return triton_compile(src, target=TARGET, options=options)
 
 
-def spills(kernel) -> int:
-    """Bytes of stack a thread uses (register spills), from the cubin's resource usage."""
+def resource_usage(kernel) -> dict:
+    """The cubin's resource usage, as cuobjdump prints it: {"STACK": bytes a thread spills, "REG": registers a
+    thread}, the largest over the cubin's functions (0 where absent)."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(kernel.asm["cubin"])
         f.flush()
         out = subprocess.run([CUOBJDUMP, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
-    stack = [w for line in out.splitlines() for w in line.split() if w.startswith("STACK:")]
-    return max(int(w.split(":")[1]) for w in stack) if stack else 0
+    words = [w for line in out.splitlines() for w in line.split()]
+    return {field: max([int(w.split(":")[1]) for w in words if w.startswith(field + ":")] or [0])
+            for field in ("STACK", "REG")}
 
 
 def tensor_core_ops(ptx: str) -> str:
@@ -98,8 +100,10 @@ def _check(what, kernel_fn, sig, consts, aligned, options, *, spill_limit: int |
         print(f"FAILED {what}: {err}\n{err.__cause__!r}")
         return 1
     ptx = k.asm["ptx"]
-    stack, smem, mma = spills(k), k.metadata.shared, tensor_core_ops(ptx)
-    print(f"ok {what} smem={smem} stack={stack} mma={mma}" + (" warp-specialized" if warp_specialized(ptx) else ""))
+    usage, smem, mma = resource_usage(k), k.metadata.shared, tensor_core_ops(ptx)
+    stack = usage["STACK"]
+    print(f"ok {what} smem={smem} stack={stack} regs={usage['REG']} mma={mma}"
+          + (" warp-specialized" if warp_specialized(ptx) else ""))
     if smem > SMEM_LIMIT or (spill_limit is not None and stack > spill_limit):
         print(f"FAILED {what}: shared memory {smem} (limit {SMEM_LIMIT}) or register spills {stack} B")
         return 1
@@ -461,7 +465,94 @@ def attention_kernels(every_config: bool = False) -> int:
     return failures
 
 
+# An sm_90 SM (H100, H200): what the blocks resident on it share. Each block also holds 1 KB of shared memory for the
+# system; registers are allocated a warp at a time, in units of 8 a thread.
+SM_SMEM, SM_REGS, SM_THREADS, BLOCK_RESERVED_SMEM = 233472, 65536, 2048, 1024
+
+
+def _usage(what, kernel_fn, sig, consts, aligned, options) -> dict | None:
+    """{smem, regs, threads} of one compiled variant, printed; None (printed FAILED) where it fails to compile or
+    spills."""
+    try:
+        k = build(kernel_fn, sig, consts, aligned, options)
+    except Exception as err:  # noqa: BLE001 - report every failure, then fail
+        print(f"FAILED {what}: {err}\n{err.__cause__!r}")
+        return None
+    usage = resource_usage(k)
+    out = dict(smem=k.metadata.shared, regs=usage["REG"], threads=32 * options["num_warps"])
+    print(f"{'ok' if not usage['STACK'] else 'FAILED'} {what} {out} stack={usage['STACK']}")
+    return None if usage["STACK"] else out
+
+
+def co_resident(*blocks: dict) -> bool:
+    """Whether these blocks fit on one sm_90 SM at once."""
+    return (sum(b["smem"] + BLOCK_RESERVED_SMEM for b in blocks) <= SM_SMEM
+            and sum(-(-b["regs"] // 8) * 8 * b["threads"] for b in blocks) <= SM_REGS
+            and sum(b["threads"] for b in blocks) <= SM_THREADS)
+
+
+def overlap_pairs() -> int:
+    """FASTFT_LORA_OVERLAP (fastft.ops.overlap): every dx GEMM config that leaves room (lora_gemm.gemm_configs with
+    leave_room, descriptors, bf16: LoRA's, LoRA's with a dropout tail, DoRA's with its K scale) and a block of each
+    reduction that runs beside it (rank_ops.BESIDE_GEMM: the pair and the single reduction, with and without dropout
+    as the GEMM has it; DoRA's column dot) fit on one SM together, at padded ranks 16, 32 and 64 (the GEMM compiled
+    at 16 and 64; a reduction pairs with it at the next rank up). Without that fit the side stream's blocks wait for
+    the GEMM's to leave their SM and nothing overlaps."""
+    failures = 0
+    gemm_ranks = (16, overlap_max_rank())
+    gemms = {}  # (variant, R) -> [usage of each config]
+    for (variant, flags), R in itertools.product(
+            [("lora", dict(B_NK=False)), ("dropout", dict(B_NK=False, TAIL_DROPOUT=True)),
+             ("dora", dict(B_NK=False, HAS_K_SCALE=True))], gemm_ranks):
+        configs = lora_gemm.gemm_configs(True, 2, 0, variant == "dropout", R, True, leave_room=True)
+        found = []
+        for cfg in configs:
+            cfg = dict(cfg)
+            options = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
+            found.append(_usage(f"dx GEMM ({variant}) R={R} {cfg} {options}", lora_gemm._lora_gemm_kernel,
+                                _lora_gemm_sig(False), dict(_lora_gemm_consts(**flags, BLOCK_R=R), **cfg),
+                                LORA_GEMM_ALIGNED, options))
+        failures += found.count(None)
+        gemms[variant, R] = [u for u in found if u is not None]
+    pair_sig = dict(la_ptr="*bf16", ya_ptr="*bf16", parta_ptr="*fp32", lb_ptr="*bf16", yb_ptr="*bf16",
+                    partb_ptr="*fp32", M="i32", NA="i32", NB="i32", tiles_a="i32", rows_per_split="i32",
+                    stride_lam="i32", stride_yam="i32", stride_yan=1, stride_lbm="i32", stride_ybm="i32", stride_ybn=1,
+                    p_drop="fp32", seed="i32")
+    pair_aligned = ["NA", "NB", "rows_per_split", "stride_lam", "stride_yam", "stride_lbm", "stride_ybm"]
+    cfg = {k: v for k, v in rank_ops.BESIDE_GEMM.items() if k != "PER_SM"}
+    options = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
+    col = {k: v for k, v in column_dot._configs()[0].items() if k != "PER_SM"}  # DoRA's dm, R-free
+    col_options = dict(num_warps=col.pop("num_warps"), num_stages=col.pop("num_stages"))
+    col_usage = _usage("column_dot beside the GEMM", column_dot._column_dot_kernel, COLUMN_DOT_SIG,
+                       dict(WIDE=False, **col), COLUMN_DOT_ALIGNED, col_options)
+    failures += col_usage is None
+    for R, dropout in itertools.product((16, 32, 64), (False, True)):
+        consts = dict(DROPOUT=dropout, UPCAST=False, DOT_PRECISION="tf32", BLOCK_R=R, WIDE=False, **cfg)
+        sides = [_usage(f"rank_reduce_pair beside the GEMM R={R} dropout={dropout}", rank_ops._rank_reduce_pair_kernel,
+                        pair_sig, consts, pair_aligned, options),
+                 _usage(f"rank_reduce beside the GEMM R={R} dropout={dropout}", rank_ops._rank_reduce_kernel,
+                        REDUCE_SIG, consts, REDUCE_ALIGNED, options)]
+        failures += sides.count(None)
+        if not dropout:
+            sides.append(col_usage)
+        gemm_R = min(r for r in gemm_ranks if r >= R)
+        for variant in (("dropout",) if dropout else ("lora", "dora")):
+            for gemm in gemms[variant, gemm_R]:
+                for side in sides:
+                    if side is not None and not co_resident(gemm, side):
+                        print(f"FAILED beside the {variant} dx GEMM at R={R}: {gemm} and {side} do not fit one SM")
+                        failures += 1
+    return failures
+
+
+def overlap_max_rank() -> int:
+    from fastft.ops import overlap
+    return overlap.MAX_RANK
+
+
 def main() -> int:
+    if sys.argv[1:] == ["overlap"]:
+        return 1 if overlap_pairs() else 0
     if sys.argv[1:] == ["lora"]:
         return 1 if lora_family() else 0
     if sys.argv[1:] == ["lora-wide"]:

@@ -17,13 +17,14 @@ GPU_TRITON = os.path.join(sys.prefix, "gpu-triton")  # pip install --target, see
 TRITONS = [pytest.param(None, id="venv-triton"), pytest.param(GPU_TRITON, id="gpu-machine-triton")]
 
 
-def run_sm90_compile(*family: str, triton_path: str | None = None) -> str:
+def run_sm90_compile(*family: str, triton_path: str | None = None, alone: bool = False) -> str:
     """The script's stdout; `family` selects a group ("lora", "attention", …), none the NF4 and loss-row kernels.
     triton_path: a folder holding another triton package, imported ahead of the venv's.
 
     The first call for a family starts the script under every triton of TRITONS at once (one subprocess each, both
-    CPU cores busy); the call for the other triton then collects its already running or finished subprocess."""
-    paths = [p.values[0] for p in TRITONS]
+    CPU cores busy); the call for the other triton then collects its already running or finished subprocess.
+    alone: a family checked under one triton only: no sibling is started."""
+    paths = [triton_path] if alone else [p.values[0] for p in TRITONS]
     for path in paths:
         if (family, path) not in _RUNS:
             _RUNS[(family, path)] = _start(family, path)

@@ -112,7 +112,8 @@ def test_fold_with_dropout_projects_forward_and_folds_backward(launches, capture
 def test_fold_split_m_reductions_with_dropout(monkeypatch, launches, captured_seeds):
     """The GPU configs split dA/dB over M (fp32 partials summed after): the pair launch with several splits."""
     monkeypatch.setattr(rank_ops, "reduce_configs",
-                        lambda e, dropout=False: [dict(BLOCK_M=16, BLOCK_N=16, PER_SM=8, num_warps=4, num_stages=1)])
+                        lambda e, dropout=False, beside_gemm=False: [dict(BLOCK_M=16, BLOCK_N=16, PER_SM=8,
+                                                                          num_warps=4, num_stages=1)])
     x, W, b, A, B = _inputs(70, 40, 24, 6, torch.float32)
     _check_against_reference(x, W, b, A, B, s=2.0, p=0.2, seeds=captured_seeds)
     assert launches["rank_reduce_pair"] == 1

@@ -226,6 +226,7 @@ def test_split_variants_of_the_rank_kernels(monkeypatch, captured_seeds):
     monkeypatch.setattr(rank_ops, "project_configs",
                         lambda e, dropout=False: [dict(BLOCK_M=16, BLOCK_K=16, SPLIT_K=3, num_warps=4, num_stages=1)])
     monkeypatch.setattr(rank_ops, "reduce_configs",
-                        lambda e, dropout=False: [dict(BLOCK_M=16, BLOCK_N=16, PER_SM=8, num_warps=4, num_stages=1)])
+                        lambda e, dropout=False, beside_gemm=False: [dict(BLOCK_M=16, BLOCK_N=16, PER_SM=8,
+                                                                          num_warps=4, num_stages=1)])
     x, W, b, A, B = _inputs(70, 80, 40, 6, torch.float32)
     _check_against_reference(x, W, b, A, B, s=2.0, p=0.2, seeds=captured_seeds)

@@ -1,8 +1,9 @@
 """FASTFT_LORA_OVERLAP (fastft.ops.overlap): the LoRA / QLoRA backward's dA and dB on a side stream while the dx GEMM
 runs. On the CPU the streams are stand-ins that log what the backward does with them, in order: the side stream waits
-for the current one before the reductions are launched on it, the dx GEMM goes to the current stream, and the current
-stream waits for the side one only after that, with the tensors each stream shares recorded on the other. On the GPU:
-the same gradients bit for bit, eager and under a CUDA graph (where the overlap stays off)."""
+for the current one (g is ready), the dx GEMM goes to the current stream first, with the configs that leave room
+beside it, then the reductions to the side stream with their small config, and the current stream waits for the side
+one last, with the tensors each stream shares recorded on the other. On the GPU: the same gradients bit for bit,
+eager and under a CUDA graph (where the overlap stays off)."""
 import contextlib
 
 import pytest
@@ -51,7 +52,8 @@ def streams(monkeypatch):
         real = getattr(module, name)
 
         def logged(*args, real=real, name=name, **kwargs):
-            log.append(f"{name} on {where[-1]}")
+            flags = "".join(f" {flag}" for flag in ("leave_room", "beside_gemm") if kwargs.get(flag))
+            log.append(f"{name} on {where[-1]}{flags}")
             return real(*args, **kwargs)
         monkeypatch.setattr(module, name, logged)
     return log
@@ -82,11 +84,9 @@ def test_the_reductions_run_on_the_side_stream_between_fork_and_join(streams, op
     got = _grads(fn, x, weight, A, B, dropout_p)
     log = [e for e in streams if "rank_project" not in e]
     backward = log[log.index("side waits for current"):]
-    reduce_at = backward.index("rank_reduce_pair on side")
-    assert backward[:3] == ["side waits for current", "enter side", "rank_reduce_pair on side"], backward
-    assert backward.index("leave side") < backward.index("lora_gemm on current") < backward.index(
-        "current waits for side"), backward
-    assert backward[-1] == "current waits for side" and reduce_at < backward.index("leave side")
+    assert backward[:4] == ["side waits for current", "lora_gemm on current leave_room", "enter side",
+                            "rank_reduce_pair on side beside_gemm"], backward
+    assert backward.index("leave side") < backward.index("current waits for side") == len(backward) - 1, backward
     # g, x, xs and dy read by the side stream; dA (r, K) and dB (N, r) made there, used on the current stream
     records = [e for e in backward if e.startswith("record")]
     assert records[-2:] == ["record (4, 32) on current", "record (24, 4) on current"], records
@@ -100,8 +100,8 @@ def test_the_reductions_run_on_the_side_stream_between_fork_and_join(streams, op
 @interpreter_only
 @pytest.mark.parametrize("nf4", [False, True])
 def test_dora_runs_its_reductions_and_magnitude_gradient_on_the_side_stream(streams, nf4):
-    """DoRA's backward as LoRA's: dA, dB and the magnitude's column dot on the side stream, the dx GEMM (the dense
-    one; the NF4 path's dequantize + GEMM) on the current stream after them, the join last."""
+    """DoRA's backward as LoRA's: the dx GEMM (the dense one; the NF4 path's dequantize + GEMM) on the current stream
+    first, leaving room, then dA, dB and the magnitude's column dot on the side stream, the join last."""
     x, W, A, B = _leaves(K=64)  # whole NF4 blocks a row: the fused QDoRA path, not the reference
     weight = quantize_nf4(W) if nf4 else W
     m = (W.norm(dim=1) * 1.1).requires_grad_()
@@ -113,10 +113,10 @@ def test_dora_runs_its_reductions_and_magnitude_gradient_on_the_side_stream(stre
     log = [e for e in streams if "rank_project" not in e]
     backward = log[log.index("side waits for current"):]
     side = backward[backward.index("enter side"):backward.index("leave side")]
-    assert "rank_reduce_pair on side" in side and "column_dot on side" in side, backward
-    dx_gemm = "nf4_lora_gemm on current" if nf4 else "lora_gemm on current"
-    assert backward.index("leave side") < backward.index(dx_gemm) < backward.index(
-        "current waits for side") == len(backward) - 1, backward
+    assert "rank_reduce_pair on side beside_gemm" in side and "column_dot on side" in side, backward
+    dx_gemm = "nf4_lora_gemm on current" if nf4 else "lora_gemm on current leave_room"  # (the fused NF4 GEMM: no room)
+    assert backward[1] == dx_gemm and backward[2] == "enter side", backward
+    assert backward.index("current waits for side") == len(backward) - 1, backward
     overlap.set_enabled(False)
     for g, w in zip(got, grads()):
         assert torch.equal(g, w)
@@ -135,6 +135,11 @@ def test_off_by_default_and_where_only_one_gradient_is_wanted(streams, monkeypat
     y = lora_linear(x, W, None, A, B, 2.0, backend="triton")
     torch.autograd.grad(y.sum(), (A, B))
     assert not any("side" in e for e in streams), streams
+    x.requires_grad_(True)  # a padded rank above MAX_RANK: the small reduction config is not checked there
+    _, _, A, B = _leaves(r=overlap.MAX_RANK + 1)
+    y = lora_linear(x, W, None, A, B, 2.0, backend="triton")
+    y.sum().backward()
+    assert not any("side" in e or "leave_room" in e for e in streams), streams
 
 
 def test_the_env_switch_is_read_at_import(monkeypatch):

@@ -15,7 +15,7 @@ from tests.utils import interpreter_only
 def gpu_lists(monkeypatch):
     """The lists a GPU gets (INTERPRET off), not left cached for later interpreter tests."""
     cached = (lora_gemm._gemm_configs, lora_gemm._fold_configs, lora_gemm.dropout_dx_configs,
-              bottleneck_adapter._down_configs)
+              lora_gemm._roomy_configs, bottleneck_adapter._down_configs)
     for fn in cached:
         fn.cache_clear()
     monkeypatch.setattr(lora_gemm, "INTERPRET", False)
@@ -45,7 +45,7 @@ def test_only_the_plain_pointer_list_and_the_down_projection_change(gpu_lists):
 def test_the_lora_gemm_asks_for_the_list_of_its_widths(monkeypatch, K, N, expected):
     asked = []
     configs = lora_gemm.gemm_configs
-    monkeypatch.setattr(lora_gemm, "gemm_configs", lambda *args: asked.append(args[-1]) or configs(*args))
+    monkeypatch.setattr(lora_gemm, "gemm_configs", lambda *args: asked.append(args[5]) or configs(*args))  # aligned
     x, w = torch.randn(5, K), torch.randn(N, K)
     torch.testing.assert_close(lora_gemm.lora_gemm(x, w, None, None, None, b_nk=True), x @ w.t())
     assert asked == [expected]

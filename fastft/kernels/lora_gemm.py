@@ -241,11 +241,34 @@ def dropout_dx_configs(use_tma: bool, elem_bytes: int, rank: int, aligned: bool 
                  num_warps=w, num_stages=s) for bm, bn, bk, s, w in variants]
 
 
+# The dx GEMM's descriptor configs that leave an SM room for a rank reduction block beside each persistent GEMM block
+# (fastft.ops.overlap; rank_ops.BESIDE_GEMM): at most ~213 KB of shared memory and 208 registers a thread on 8 warps,
+# where the plain list's 128×256 flattened and 128×128×128 tiles take 225–229 KB of the SM's 228 (sm_90) and leave
+# nothing. With a dropout tail, the 4-warp configs of dropout_dx_configs (the 8-warp one holds 216–224 registers a
+# thread: 55–57 K of the SM's 64 K). tests/sm90_compile.py `overlap` checks that every pair fits.
+_ROOMY_TMA = [(128, 256, 64, 3, 8, False), (128, 128, 64, 4, 8, True), (128, 256, 64, 2, 8, True)]
+
+
+@functools.lru_cache(maxsize=None)
+def _roomy_configs(use_tma: bool, elem_bytes: int, dropout: bool, rank: int, aligned: bool) -> list[dict]:
+    """gemm_configs(..., leave_room=True) of the dx GEMM (not folded). Pointer loads (GPUs before sm_90, or widths
+    that are not multiples of 16) keep their lists: the room is planned for sm_90's descriptor path alone."""
+    if INTERPRET or elem_bytes == 4 or not use_tma:
+        return gemm_configs(use_tma, elem_bytes, 0, dropout, rank, aligned)
+    if dropout:
+        return [c for c in dropout_dx_configs(use_tma, elem_bytes, rank) if c["num_warps"] == 4]
+    return [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, FLATTEN=fl, num_warps=w, num_stages=s)
+            for bm, bn, bk, s, w, fl in _ROOMY_TMA]
+
+
 def gemm_configs(use_tma: bool, elem_bytes: int, fold_rank: int = 0, dropout: bool = False, rank: int = 16,
-                 aligned: bool = True) -> list[dict]:
+                 aligned: bool = True, leave_room: bool = False) -> list[dict]:
     """Launch configs of _lora_gemm_kernel; fold_rank (the padded R) > 0: of its FOLD variant. With a dropout tail
     (dx, folded or not; `rank` the padded R): dropout_dx_configs. aligned: widths_aligned (the plain and the
-    dropout-dx pointer lists; the fold lists are checked at aligned widths alone: the fold path is opt-in)."""
+    dropout-dx pointer lists; the fold lists are checked at aligned widths alone: the fold path is opt-in).
+    leave_room: the dx GEMM with rank reductions beside it on another stream (_roomy_configs; not folded)."""
+    if leave_room and not fold_rank:
+        return _roomy_configs(use_tma, elem_bytes, dropout, rank, aligned)
     if dropout:
         return dropout_dx_configs(use_tma, elem_bytes, fold_rank or rank, use_tma or aligned)
     if not fold_rank:
@@ -257,15 +280,16 @@ def gemm_configs(use_tma: bool, elem_bytes: int, fold_rank: int = 0, dropout: bo
 # Launchers (2-D operands, already validated).
 
 def lora_gemm(a, b, lo, t, bias, *, b_nk: bool, p_drop: float = 0.0, seed: int = 0, col_scale=None,
-              k_scale=None) -> torch.Tensor:
+              k_scale=None, leave_room: bool = False) -> torch.Tensor:
     """c = (a·diag(k_scale)·bᵀ + lo·tᵀ)·diag(col_scale) (+ bias), b logical [N,K], t logical [N,R]; tail masked
     by dropout if p_drop > 0. lo/t None: no tail. col_scale (N,) / k_scale (K,): fp32 contiguous vectors or None.
 
     b_nk: b is W stored [N,K] (and t is B [N,R]) — the forward; else b is W [K,N] seen transposed (and t
     is A [R,N]) — dx. lo is [M,R] contiguous with R = rank_pad(r).
+    leave_room: configs that leave each SM room for a rank reduction on another stream (gemm_configs).
     """
     return _gemm(a, b, lo, t, None, bias, b_nk=b_nk, p_drop=p_drop, seed=seed, col_scale=col_scale,
-                 k_scale=k_scale, fold_scale=1.0)
+                 k_scale=k_scale, fold_scale=1.0, leave_room=leave_room)
 
 
 def lora_gemm_folded(a, b, p, t, bias, *, b_nk: bool, scale: float, p_drop: float = 0.0,
@@ -280,12 +304,13 @@ def lora_gemm_folded(a, b, p, t, bias, *, b_nk: bool, scale: float, p_drop: floa
     R = p.shape[0] if b_nk else p.shape[1]
     lo = torch.empty((a.shape[0], R), device=a.device, dtype=a.dtype)
     c = _gemm(a, b, lo, t, p, bias, b_nk=b_nk, p_drop=p_drop, seed=seed, col_scale=None, k_scale=None,
-              fold_scale=scale)
+              fold_scale=scale, leave_room=False)
     return c, lo
 
 
 @on_operand_device
-def _gemm(a, b, lo, t, proj, bias, *, b_nk, p_drop, seed, col_scale, k_scale, fold_scale) -> torch.Tensor:
+def _gemm(a, b, lo, t, proj, bias, *, b_nk, p_drop, seed, col_scale, k_scale, fold_scale,
+          leave_room) -> torch.Tensor:
     """lora_gemm's and lora_gemm_folded's launch: proj None reads lo, else lo is written (FOLD)."""
     M, K = a.shape
     N = b.shape[0] if b_nk else b.shape[1]
@@ -334,7 +359,7 @@ def _gemm(a, b, lo, t, proj, bias, *, b_nk, p_drop, seed, col_scale, k_scale, fo
            k_scale is not None, fold, use_tma)
     name = "lora_gemm_folded" if fold else "lora_gemm"
     aligned = widths_aligned(K, N, sa[0])  # (each list has its own Tuner: a key never mixes the two)
-    configs = gemm_configs(use_tma, a.element_size(), R if fold else 0, p_drop > 0.0, R, aligned)
+    configs = gemm_configs(use_tma, a.element_size(), R if fold else 0, p_drop > 0.0, R, aligned, leave_room)
     try:
         tuner(name, configs).run(key, launch)
     except RuntimeError as err:
@@ -344,8 +369,8 @@ def _gemm(a, b, lo, t, proj, bias, *, b_nk, p_drop, seed, col_scale, k_scale, fo
         warnings.warn(f"fastft: tensor-descriptor GEMM unavailable ({err.__cause__!r}); using pointer loads")
         _NO_TMA.add(a.device.type)
         key = key[:-1] + (False,)
-        tuner(name, gemm_configs(False, a.element_size(), R if fold else 0, p_drop > 0.0, R, aligned)).run(
-            key, lambda cfg: launch(cfg, False))
+        tuner(name, gemm_configs(False, a.element_size(), R if fold else 0, p_drop > 0.0, R, aligned,
+                                 leave_room)).run(key, lambda cfg: launch(cfg, False))
     return c
 
 

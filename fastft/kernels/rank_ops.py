@@ -170,12 +170,21 @@ def project_configs(elem_bytes: int, dropout: bool = False) -> list[dict]:
     return [dict(BLOCK_M=bm, BLOCK_K=bk, SPLIT_K=sk, num_warps=w, num_stages=s) for bm, bk, sk, w, s in variants]
 
 
+# The one config of the reductions that run beside the dx GEMM (fastft.ops.overlap): a 32×64 tile on 4 warps, 2 stages,
+# ≤ 16 KB of shared memory and ≤ 128 registers a thread at R ≤ 64, so that a block fits on an SM beside one of the
+# GEMM's persistent blocks (tests/sm90_compile.py `overlap` checks every pair). Untimed: one config, and a timing
+# beside a running GEMM would time the GEMM too.
+BESIDE_GEMM = dict(BLOCK_M=32, BLOCK_N=64, PER_SM=2, num_warps=4, num_stages=2)
+
+
 @functools.lru_cache(maxsize=None)
-def reduce_configs(elem_bytes: int, dropout: bool = False) -> list[dict]:
+def reduce_configs(elem_bytes: int, dropout: bool = False, beside_gemm: bool = False) -> list[dict]:
     """rank_reduce's configs (PER_SM: how many programs per SM the M-split aims for); with dropout (Philox on every
-    loaded y element: wider tiles spill 400–1600 B on sm_90) narrower ones."""
+    loaded y element: wider tiles spill 400–1600 B on sm_90) narrower ones; beside_gemm: [BESIDE_GEMM]."""
     if INTERPRET:
         return [dict(BLOCK_M=32, BLOCK_N=32, PER_SM=2, num_warps=4, num_stages=1)]
+    if beside_gemm:
+        return [dict(BESIDE_GEMM)]
     variants = (_DROPOUT_REDUCE if dropout else
                 [(64, 128, 2, 4, 4), (64, 128, 4, 4, 4), (128, 64, 4, 4, 4), (32, 128, 4, 4, 4), (128, 128, 2, 8, 3)])
     return [dict(BLOCK_M=bm, BLOCK_N=bn, PER_SM=f, num_warps=w, num_stages=s) for bm, bn, f, w, s in variants]
@@ -187,11 +196,11 @@ _DROPOUT_REDUCE = [(64, 64, 4, 8, 4), (32, 128, 4, 8, 4), (32, 64, 4, 4, 4)]
 
 
 @functools.lru_cache(maxsize=None)
-def pair_reduce_configs(elem_bytes: int, dropout: bool) -> list[dict]:
+def pair_reduce_configs(elem_bytes: int, dropout: bool, beside_gemm: bool = False) -> list[dict]:
     """rank_reduce_pair's configs: rank_reduce's but 128×64 (spills at R=64) and 128×128 (8 B at R=16 under
-    triton 3.6), or with dropout rank_reduce's narrower ones; no spills on sm_90 (tests/sm90_compile.py)."""
-    if INTERPRET or dropout:
-        return reduce_configs(elem_bytes, dropout)
+    triton 3.6), or with dropout (or beside_gemm) rank_reduce's; no spills on sm_90 (tests/sm90_compile.py)."""
+    if INTERPRET or dropout or beside_gemm:
+        return reduce_configs(elem_bytes, dropout, beside_gemm)
     variants = [(64, 128, 2, 4, 4), (64, 128, 4, 4, 4), (32, 128, 4, 4, 4), (64, 128, 2, 8, 4)]
     return [dict(BLOCK_M=bm, BLOCK_N=bn, PER_SM=f, num_warps=w, num_stages=s) for bm, bn, f, w, s in variants]
 
@@ -242,8 +251,9 @@ def rank_project(x, w, *, scale: float, p_drop: float = 0.0, seed: int = 0,
 
 
 @on_operand_device
-def rank_reduce(lo, y, *, p_drop: float = 0.0, seed: int = 0) -> torch.Tensor:
-    """loᵀ·(keep∘y) in fp32, shape [R, N]: the weight gradients of the rank-R factors."""
+def rank_reduce(lo, y, *, p_drop: float = 0.0, seed: int = 0, beside_gemm: bool = False) -> torch.Tensor:
+    """loᵀ·(keep∘y) in fp32, shape [R, N]: the weight gradients of the rank-R factors. beside_gemm: launched to run
+    beside a GEMM on another stream (fastft.ops.overlap): the small BESIDE_GEMM tile."""
     M, N = y.shape
     R = lo.shape[1]
     result = {}
@@ -261,15 +271,16 @@ def rank_reduce(lo, y, *, p_drop: float = 0.0, seed: int = 0) -> torch.Tensor:
         result["out"] = sum_partials(part)
 
     key = (bucket(M), N, R, y.dtype, p_drop > 0.0)
-    tuner("rank_reduce", reduce_configs(y.element_size(), p_drop > 0.0)).run(key, launch)
+    tuner("rank_reduce", reduce_configs(y.element_size(), p_drop > 0.0, beside_gemm)).run(key, launch)
     return result["out"]
 
 
 @on_operand_device
-def rank_reduce_pair(la, ya, lb, yb, *, p_drop: float = 0.0, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def rank_reduce_pair(la, ya, lb, yb, *, p_drop: float = 0.0, seed: int = 0,
+                     beside_gemm: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(laᵀ·(keep∘ya), ybᵀ·lb) in fp32, shapes [R, NA] and [NB, R], in one launch: rank_reduce twice over the same
     M rows (the LoRA backward's dA = gᵀ·(keep∘x) and dB = dyᵀ·xs, the latter already in B's (N, R) layout: a
-    transposed gradient would cost autograd a copy into the parameter's layout)."""
+    transposed gradient would cost autograd a copy into the parameter's layout). beside_gemm: as rank_reduce."""
     M, NA = ya.shape
     NB = yb.shape[1]
     R = la.shape[1]
@@ -289,7 +300,7 @@ def rank_reduce_pair(la, ya, lb, yb, *, p_drop: float = 0.0, seed: int = 0) -> t
         result["out"] = (sum_partials(part_a), sum_partials(part_b))
 
     key = (bucket(M), NA, NB, R, ya.dtype, p_drop > 0.0)
-    tuner("rank_reduce_pair", pair_reduce_configs(ya.element_size(), p_drop > 0.0)).run(key, launch)
+    tuner("rank_reduce_pair", pair_reduce_configs(ya.element_size(), p_drop > 0.0, beside_gemm)).run(key, launch)
     return result["out"]
 
 

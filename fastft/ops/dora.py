@@ -186,31 +186,32 @@ def dora_backward(saved, meta, weight, dy, need_x, need_b, need_A, need_B, need_
     if need_x or need_A:
         B_sigma = (B_g * sigma[:, None]).to(dtype)  # computed in fp32 (sigma's dtype): one device op fewer
         g = rank_project(dy2, B_sigma.t(), scale=g_scale)  # a·dy·diag(σ)·B = s·dy·diag(σ)·B / b
-    # dA, dB and dm do not wait for the dx GEMM: with FASTFT_LORA_OVERLAP=1 on a side stream while it runs
-    # (fastft.ops.overlap, as the LoRA backward)
-    side = overlap.fork(dy2.device) if need_x and (need_A or need_B or need_m) else None
+    # dA, dB and dm do not wait for the dx GEMM: with FASTFT_LORA_OVERLAP=1 on a side stream beside it, launched
+    # after it (fastft.ops.overlap, as the LoRA backward)
+    side = overlap.fork(dy2.device, xs.shape[1]) if need_x and (need_A or need_B or need_m) else None
+    room = side is not None
+    if need_x:
+        A_g = tail_factor(A_p, b_scale)
+        if nf4:
+            dz = (dy2 * sigma).to(dtype)  # in fp32, as sigma
+            dx = nf4_base_gemm(weight, dz, g, A_g, None, forward=False, leave_room=room)
+        else:
+            dx = lora_gemm(dy2, weight, g, A_g, None, b_nk=False, k_scale=sigma, leave_room=room)
+        dx = dx.view(*x_shape)
     with overlap.on(side):
         if need_A and need_B:  # one launch for both
-            dA, dB = rank_reduce_pair(g, x2, xs, dy2)
+            dA, dB = rank_reduce_pair(g, x2, xs, dy2, beside_gemm=room)
             dA, dB = to_dtype(times_b(dA[:r], b_scale), A_dtype), to_dtype(dB[:, :r] * dB_scale[:, None], B_dtype)
         elif need_A:
-            dA = to_dtype(times_b(rank_reduce(g, x2)[:r], b_scale), A_dtype)
+            dA = to_dtype(times_b(rank_reduce(g, x2, beside_gemm=room)[:r], b_scale), A_dtype)
         elif need_B:  # in B's own layout, as the pair gives it
-            dB = padded(rank_reduce(xs, dy2)[:r].t() * dB_scale[:, None], N, r, B_dtype)
+            dB = padded(rank_reduce(xs, dy2, beside_gemm=room)[:r].t() * dB_scale[:, None], N, r, B_dtype)
         if need_m:
             if nf4:
                 dm = column_dot(dy2, saved_out) / row_norm
             else:
                 dm = safe_div(column_dot(dy2, saved_out), to_dtype(magnitude.detach(), torch.float32))
             dm = to_dtype(dm, magnitude.dtype)
-    if need_x:
-        A_g = tail_factor(A_p, b_scale)
-        if nf4:
-            dz = (dy2 * sigma).to(dtype)  # in fp32, as sigma
-            dx = nf4_base_gemm(weight, dz, g, A_g, None, forward=False)
-        else:
-            dx = lora_gemm(dy2, weight, g, A_g, None, b_nk=False, k_scale=sigma)
-        dx = dx.view(*x_shape)
     overlap.join(side, read=(g, x2, xs, dy2, dB_scale, saved_out, row_norm, magnitude), made=(dA, dB, dm))
     if need_b and bias is not None:
         db = to_dtype(dy2.sum(0, dtype=torch.float32), bias.dtype)

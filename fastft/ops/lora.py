@@ -195,7 +195,8 @@ def fused_lora_forward(x, bias, lora_A, lora_B, scaling, dropout_p, base_gemm, f
 
 def fused_lora_backward(saved, meta, dy, dx_gemm, need_x, need_b, need_A, need_B, dx_fold_gemm=None):
     """(x2, dy2, dx, db, dA, dB) from dy, with backward_operands' `saved` (x2, A_p, B_g = B, xs) and `meta`;
-    `dx_gemm(dy2, g, b·A_p, p_drop, seed)` is the op's dx GEMM with the tail. With split_scaling's (a, b):
+    `dx_gemm(dy2, g, b·A_p, p_drop, seed, leave_room)` is the op's dx GEMM with the tail (leave_room: see
+    fastft.ops.overlap). With split_scaling's (a, b):
     g' = a·dy·B/(1-p) is stored, the dx tail's factor is b·A_p (g'·b·A = s·dy·B·A/(1-p)), dA = b·g'ᵀ·(keep∘x) and
     dB = b·dyᵀ·xs, b applied to the fp32 sums.
 
@@ -219,13 +220,14 @@ def fused_lora_backward(saved, meta, dy, dx_gemm, need_x, need_b, need_A, need_B
         dx = dx.view(*x_shape)
     elif need_x or need_A:
         g = rank_ops.rank_project(dy2, B_g.t(), scale=g_scale)
-    # dA and dB do not wait for the dx GEMM: with FASTFT_LORA_OVERLAP=1 they run on a side stream while it runs
-    # (fastft.ops.overlap; the same kernels and results)
-    side = overlap.fork(dy2.device) if need_x and dx is None and (need_A or need_B) else None
-    with overlap.on(side):
-        dA, dB = rank_gradients(g, x2, xs, dy2, b, r, A_dtype, B_dtype, need_A, need_B, dropout_p, seed)
+    # dA and dB do not wait for the dx GEMM: with FASTFT_LORA_OVERLAP=1 they run on a side stream beside it
+    # (fastft.ops.overlap; the same results), launched after it, in the room its configs leave on each SM
+    side = overlap.fork(dy2.device, A_p.shape[0]) if need_x and dx is None and (need_A or need_B) else None
     if need_x and dx is None:
-        dx = dx_gemm(dy2, g, tail_factor(A_p, b), dropout_p, seed).view(*x_shape)
+        dx = dx_gemm(dy2, g, tail_factor(A_p, b), dropout_p, seed, side is not None).view(*x_shape)
+    with overlap.on(side):
+        dA, dB = rank_gradients(g, x2, xs, dy2, b, r, A_dtype, B_dtype, need_A, need_B, dropout_p, seed,
+                                beside_gemm=side is not None)
     overlap.join(side, read=(g, x2, xs, dy2), made=(dA, dB))
     if need_b and bias_dtype is not None:
         db = dy2.sum(0, dtype=torch.float32).to(bias_dtype)
@@ -233,21 +235,21 @@ def fused_lora_backward(saved, meta, dy, dx_gemm, need_x, need_b, need_A, need_B
 
 
 def rank_gradients(g, x2, xs, dy2, b: float, r: int, A_dtype, B_dtype, need_A: bool, need_B: bool, dropout_p: float,
-                   seed: int) -> tuple:
+                   seed: int, *, beside_gemm: bool = False) -> tuple:
     """(dA, dB) of fused_lora_backward, None where not needed: dA = b·gᵀ·(keep∘x) in A's dtype, dB = b·dyᵀ·xs in B's
     own (N, r) layout and dtype (a copy only where the rank was padded: autograd then accumulates it as it is); both
-    from one launch (rank_reduce_pair) when both are needed."""
+    from one launch (rank_reduce_pair) when both are needed. beside_gemm: they run beside the dx GEMM (overlap)."""
     from fastft.kernels import rank_ops
 
     dA = dB = None
     if need_A and need_B:
-        dA, dB = rank_ops.rank_reduce_pair(g, x2, xs, dy2, p_drop=dropout_p, seed=seed)
+        dA, dB = rank_ops.rank_reduce_pair(g, x2, xs, dy2, p_drop=dropout_p, seed=seed, beside_gemm=beside_gemm)
         dA, dB = to_dtype(times_b(_unpadded(dA, r), b), A_dtype), dB if dB.shape[1] == r else dB[:, :r]
     elif need_A:
-        dA = rank_ops.rank_reduce(g, x2, p_drop=dropout_p, seed=seed)
+        dA = rank_ops.rank_reduce(g, x2, p_drop=dropout_p, seed=seed, beside_gemm=beside_gemm)
         dA = to_dtype(times_b(_unpadded(dA, r), b), A_dtype)
     if need_B and dB is None:
-        dB = _unpadded(rank_ops.rank_reduce(xs, dy2), r).t()
+        dB = _unpadded(rank_ops.rank_reduce(xs, dy2, beside_gemm=beside_gemm), r).t()
     if need_B:
         if b != 1.0:
             dB = dB.mul_(b)  # the fp32 sum is this call's own buffer
@@ -300,8 +302,8 @@ def lora_backward(saved, meta, fold_backward, weight, dy, need_x, need_w, need_b
     from fastft.kernels.lora_gemm import lora_gemm, lora_gemm_folded
 
     x2, dy2, dx, db, dA, dB = fused_lora_backward(
-        saved, meta, dy, lambda dy2, g, A_p, p, seed: lora_gemm(dy2, weight, g, A_p, None, b_nk=False,
-                                                                p_drop=p, seed=seed),
+        saved, meta, dy, lambda dy2, g, A_p, p, seed, room: lora_gemm(dy2, weight, g, A_p, None, b_nk=False,
+                                                                      p_drop=p, seed=seed, leave_room=room),
         need_x, need_b, need_A, need_B,
         dx_fold_gemm=(lambda dy2, B_p, A_p, scale, p, seed: lora_gemm_folded(
             dy2, weight, B_p, A_p, None, b_nk=False, scale=scale, p_drop=p, seed=seed))

@@ -119,8 +119,8 @@ def qlora_forward(x, qweight, bias, lora_A, lora_B, scaling, dropout_p, seed=Non
 def qlora_backward(saved, meta, qweight, dy, need_x, need_b, need_A, need_B):
     """Both doors' backward: (dx, db, dA, dB), None where not needed."""
     _, _, dx, db, dA, dB = fused_lora_backward(
-        saved, meta, dy, lambda dy2, g, A_p, p, seed: nf4_base_gemm(qweight, dy2, g, A_p, None, forward=False,
-                                                                    p_drop=p, seed=seed),
+        saved, meta, dy, lambda dy2, g, A_p, p, seed, room: nf4_base_gemm(qweight, dy2, g, A_p, None, forward=False,
+                                                                          p_drop=p, seed=seed, leave_room=room),
         need_x, need_b, need_A, need_B)
     return dx, db, dA, dB
 

@@ -78,9 +78,12 @@ def select(key: tuple, run: Callable[[str], torch.Tensor], *, fused_ok: bool = T
 
 
 @on_operand_device  # the choice times both paths: on the weight's GPU (a model spread over several)
-def nf4_base_gemm(qweight, a, lo, t, bias, *, forward: bool, p_drop: float = 0.0, seed: int = 0):
+def nf4_base_gemm(qweight, a, lo, t, bias, *, forward: bool, p_drop: float = 0.0, seed: int = 0,
+                  leave_room: bool = False):
     """The QLoRA (and QDoRA) base GEMM on the selected path: forward y = a·Wᵀ + lo·tᵀ + b (t = B_p) or
-    dx = a·W + keep∘(lo·t) (t = A_p), W the NF4Weight `qweight`; lo = t = None: no rank tail (nf4_linear)."""
+    dx = a·W + keep∘(lo·t) (t = A_p), W the NF4Weight `qweight`; lo = t = None: no rank tail (nf4_linear).
+    leave_room: rank reductions run beside it on another stream (fastft.ops.overlap): the dequant path's GEMM takes
+    configs that leave them room (lora_gemm); the fused NF4 GEMM's own are not planned for it."""
     from fastft.kernels.lora_gemm import lora_gemm
     from fastft.kernels.nf4_gemm import nf4_lora_gemm
 
@@ -94,7 +97,7 @@ def nf4_base_gemm(qweight, a, lo, t, bias, *, forward: bool, p_drop: float = 0.0
             return nf4_lora_gemm(a, qweight.kernel_operand(), lo, t, bias, w_nk=forward, p_drop=p_drop, seed=seed)
         # the scratch is overwritten by the next layer: used here and dropped
         return on_dequantized(qweight, a.dtype, lambda w: lora_gemm(a, w, lo, t, bias, b_nk=forward,
-                                                                    p_drop=p_drop, seed=seed))
+                                                                    p_drop=p_drop, seed=seed, leave_room=leave_room))
 
     return select(key, run, fused_ok=nf4_fused_ok(qweight))
 
