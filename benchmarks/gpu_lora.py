@@ -138,6 +138,11 @@ def breakdown(k: int, n: int, r: int = 16) -> dict:
         "bwd lora_gemm (dx)": lambda: lora_gemm(dy, W, g, A, None, b_nk=False),
         "bwd rank_reduce (dA)": lambda: rank_ops.rank_reduce(g, x),
         "bwd rank_reduce (dB)": lambda: rank_ops.rank_reduce(xs, dy),
+        # the overlap's kernels alone (fastft.ops.overlap): what the room left costs the dx GEMM, and what the small
+        # reduction config takes that the side stream hides
+        "bwd lora_gemm (dx), room left": lambda: lora_gemm(dy, W, g, A, None, b_nk=False, leave_room=True),
+        "bwd rank_reduce_pair (dA, dB), beside-GEMM config": lambda: rank_ops.rank_reduce_pair(g, x, xs, dy,
+                                                                                              beside_gemm=True),
     }
     out = {}
     for name, fn in parts.items():
