@@ -151,6 +151,49 @@ def breakdown(k: int, n: int, r: int = 16) -> dict:
     return out
 
 
+def shared_fraction(sides: list[tuple[float, float]], gemms: list[tuple[float, float]]) -> float | None:
+    """The share of the side kernels' time (intervals start, end) spent while a GEMM interval was open (GEMM intervals
+    do not overlap each other: one stream); None without side time."""
+    total = sum(end - start for start, end in sides)
+    if total <= 0:
+        return None
+    inside = sum(max(0.0, min(end, g_end) - max(start, g_start)) for start, end in sides for g_start, g_end in gemms)
+    return inside / total
+
+
+def overlap_share(k: int, n: int, r: int = 16, steps: int = 3) -> float | None:
+    """With FASTFT_LORA_OVERLAP on: the share of the rank reductions' device time that ran while the dx GEMM ran, from
+    a profiler trace of `steps` fwd+bwd (CUDA only; None elsewhere). Near 0: the streams took turns on the SMs and the
+    overlap can gain nothing, whatever the timings say; near 1: the reductions hid behind the GEMM."""
+    if DEVICE != "cuda":
+        return None
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    x = torch.randn(M, k, device=DEVICE, dtype=DTYPE, requires_grad=True)
+    dy = torch.randn(M, n, device=DEVICE, dtype=DTYPE)
+    W = torch.randn(n, k, device=DEVICE, dtype=DTYPE) * k**-0.5
+    A = (torch.randn(r, k, device=DEVICE) * k**-0.5).requires_grad_()
+    B = (torch.randn(n, r, device=DEVICE) * 0.01).requires_grad_()
+    before = overlap.enabled()
+    overlap.set_enabled(True)
+    try:
+        def step():
+            torch.autograd.grad(lora_linear(x, W, None, A, B, 2.0, backend=BACKEND), [x, A, B], dy)
+        step()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                step()
+            torch.cuda.synchronize()
+    finally:
+        overlap.set_enabled(before)
+    kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+    spans = lambda names: [(e.time_range.start, e.time_range.end) for e in kernels if any(s in e.name for s in names)]
+    # the forward's GEMM is the same kernel: it never runs beside a reduction (the join waits for them)
+    return shared_fraction(spans(("_rank_reduce_pair_kernel", "_rank_reduce_kernel")), spans(("_lora_gemm_kernel",)))
+
+
 def main() -> int:
     if os.environ.get("FASTFT_TUNE_LOG"):
         logging.basicConfig(level=logging.DEBUG, format="%(message)s")
@@ -161,14 +204,21 @@ def main() -> int:
     print("correctness:", "ok" if not failures else failures, flush=True)
     parts = {}
 
+    shares = {}
+
     def shape_rows(k, n):
         rows = bench_shape(k, n)
         parts[f"{k}->{n}"] = breakdown(k, n)
+        try:
+            shares[f"{k}->{n}"] = overlap_share(k, n)
+        except Exception as err:  # noqa: BLE001 - a diagnostic: reported, never fatal
+            shares[f"{k}->{n}"] = f"{type(err).__name__}: {err}"[:200]
         return rows
 
     def save(rows, complete=False):
         write_results("lora", dict(card=card, torch=torch.__version__, M=M, dtype=str(DTYPE), rows=rows,
-                                   breakdown_ms=parts, correctness_failures=failures, complete=complete))
+                                   breakdown_ms=parts, overlap_share=shares, correctness_failures=failures,
+                                   complete=complete))
 
     rows = rows_per_shape(SHAPES, shape_rows, ["shape", "method", "r", "ms", "ratio", "peak_mib"], on_shape=save)
     save(rows, complete=True)
@@ -180,6 +230,8 @@ def main() -> int:
     names = list(next(iter(parts.values())).keys()) if parts else []
     print(markdown_table([dict(kernel=nm, **{s: p[nm] for s, p in parts.items()}) for nm in names],
                          ["kernel", *parts.keys()]))
+    print("\noverlapped dA/dB, share of the reductions' device time beside the dx GEMM (r=16; 0: the streams took "
+          "turns):", shares)
     # the verdict last, where summary.md's log tail shows it: timings of a failed check are not results
     print("correctness:", "ok" if not failures else f"FAILED, the timings above are not results: {failures}")
     return 1 if failures else 0

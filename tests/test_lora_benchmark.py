@@ -14,3 +14,16 @@ def test_gpu_lora_benchmark_smoke(tmp_path):
         assert timed == {"frozen bf16 base", "peft LoRA", "fastft fused", "fastft fused, overlapped dA/dB"}, shape
         assert all(ms > 0 for ms in result["breakdown_ms"][shape].values()) and len(result["breakdown_ms"][shape]) == 10
     assert "## fastft kernel breakdown at r=16" in stdout
+
+
+def test_shared_fraction_counts_the_side_time_inside_the_gemm_intervals(monkeypatch):
+    import importlib
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    gpu_lora = importlib.import_module("gpu_lora")
+    gemms = [(0.0, 10.0), (20.0, 30.0)]
+    assert gpu_lora.shared_fraction([(2.0, 4.0), (8.0, 12.0)], gemms) == 4 / 6  # 2 + 2 of the 2 + 4 units inside
+    assert gpu_lora.shared_fraction([(10.0, 20.0)], gemms) == 0.0  # took turns
+    assert gpu_lora.shared_fraction([(5.0, 25.0)], gemms) == 0.5
+    assert gpu_lora.shared_fraction([], gemms) is None
