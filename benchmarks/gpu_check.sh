@@ -140,7 +140,8 @@ for s in $sections; do
     kernel-tests) FASTFT_AUTOTUNE=0 run 180 kernel-tests python3 -m pytest -q \
                     $(python3 -c "import xdist" > /dev/null 2>&1 && printf '%s' '-n 4') -m "gpu or anydevice" tests/test_lora_gpu.py \
                     tests/test_nf4_gpu.py tests/test_qlora_path.py tests/test_methods_dora.py tests/test_attention_op.py tests/test_fp16_rank_split_backward.py \
-                    tests/test_inplace_outputs.py tests/test_lora_overlap.py -p no:cacheprovider \
+                    tests/test_inplace_outputs.py tests/test_lora_overlap.py tests/test_qlora_prefetch.py \
+                    -p no:cacheprovider \
                     --durations=15 ;;
     # one process: each test's buffer is 2^31 elements (4-9 GB); inside kernel-tests' 4 workers the H100 ran out of
     # memory (2026-12-05); 26 passed in 34 s alone

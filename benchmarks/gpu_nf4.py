@@ -483,6 +483,64 @@ def time_gemv(rows):
             save()
 
 
+def time_prefetch(rows):
+    """FASTFT_QLORA_PREFETCH (fastft.ops.qlora_prefetch) on the dequant path: three QLoRA layers of each shape on one
+    input (forward 1, 2, 3; backward 3, 2, 1), so the two buffers cycle as in a model (one layer alone would find its
+    weight still decoded: a flattering cache hit), fwd+bwd without and with prefetch, beside the three bf16 layers,
+    in interleaved rounds (ratios paired per round). The gradients with and without must be equal bit for bit."""
+    from fastft.ops import qlora_prefetch
+
+    for K, N in SHAPES:
+        torch.manual_seed(1)
+        Ws = [torch.randn(N, K, dtype=BF16, device=DEV) * 0.02 for _ in range(3)]
+        ws = [quantize_nf4(W) for W in Ws]
+        x = torch.randn(M_TRAIN, K, dtype=BF16, device=DEV, requires_grad=True)
+        dy = torch.randn(M_TRAIN, N, dtype=BF16, device=DEV)
+        As = [(torch.randn(RANK, K, device=DEV) * 0.02).requires_grad_() for _ in range(3)]
+        Bs = [(torch.randn(N, RANK, device=DEV) * 0.02).requires_grad_() for _ in range(3)]
+        leaves = [x, *As, *Bs]
+        row = {"shape": f"{K}->{N}", "layers": 3}
+        xd = x.detach()
+
+        def base():
+            for W in Ws:
+                (xd @ W.T, dy @ W)
+
+        def step():
+            ys = [fastft.qlora_linear(x, w, None, A, B, ALPHA / RANK, backend=BACKEND) for w, A, B in zip(ws, As, Bs)]
+            return torch.autograd.grad(ys, leaves, [dy] * 3)
+
+        def with_prefetch(on, fn):
+            before = qlora_prefetch.enabled()
+            qlora_prefetch.set_enabled(on)
+            try:
+                with qlora_path_forced("dequant"):
+                    return fn()
+            finally:
+                qlora_prefetch.set_enabled(before)
+
+        want = with_prefetch(False, step)
+        got = [with_prefetch(True, step) for _ in range(3)][-1]  # (the first learns the order)
+        row["prefetch_identical"] = all(torch.equal(g, w) for g, w in zip(got, want))
+        cases = {"bf16_base": lambda: bench(base), "dequant": lambda: with_prefetch(False, lambda: bench(step, leaves)),
+                 "prefetch": lambda: with_prefetch(True, lambda: bench(step, leaves))}
+        for _ in range(2 if SMOKE else 4):
+            for key, timed in cases.items():
+                ms = attempt(f"prefetch rows {key} {K}->{N}", timed, optional=True)
+                if ms:
+                    row.setdefault(f"{key}_rounds", []).append(ms)
+                    row[f"{key}_ms"] = min(ms, row.get(f"{key}_ms", ms))
+        for key in ("dequant", "prefetch"):
+            if row.get(f"{key}_rounds") and row.get("bf16_base_rounds"):
+                row[f"{key}_x_base"] = paired_ratio({"ms_rounds": row[f"{key}_rounds"]},
+                                                    {"ms_rounds": row["bf16_base_rounds"]})
+        row["peak_MiB"] = attempt("prefetch peak", lambda: with_prefetch(True, lambda: _peak(step, leaves)))
+        qlora_path.release_dequant_scratch()
+        rows.append(row)
+        log(f"prefetch {row}")
+        save()
+
+
 def _fmt(v, spec=".3f"):
     return "—" if v is None else format(v, spec)
 
@@ -538,6 +596,13 @@ def print_tables(failures: list[str]):
         print(f"| {r['shape']} | {_fmt(r.get('dequant_ms'))} | {_fmt(r.get('dequant_graph_ms'))} | "
               f"{_fmt(r.get('dequant_host_ms'))} | {_fmt(r.get('dequant_bf16_adapters_ms'))} | "
               f"{_fmt(r.get('auto_ms'))} / {_fmt(r.get('auto_graph_ms'))} |")
+    print("\n| QLoRA, 3 layers of a shape, fwd+bwd, dequant path | bf16 base ms | without prefetch ms (÷base) "
+          "| FASTFT_QLORA_PREFETCH=1 ms (÷base) | bit-identical | peak MiB with prefetch |\n|---|---|---|---|---|---|")
+    for r in RESULTS.get("prefetch") or []:
+        print(f"| {r['shape']} | {_fmt(r.get('bf16_base_ms'))} | {_fmt(r.get('dequant_ms'))} "
+              f"({_fmt(r.get('dequant_x_base'), '.2f')}) | {_fmt(r.get('prefetch_ms'))} "
+              f"({_fmt(r.get('prefetch_x_base'), '.2f')}) | {r.get('prefetch_identical')} | "
+              f"{_fmt(r.get('peak_MiB'), '.0f')} |")
     checks = RESULTS.get("correctness")
     verdict = ("FAILED: " + "; ".join(failures) if failures else
                "all checks passed (dequant exact; QLoRA, GEMM configs and GEMV within 1e-2 of fp32)")
@@ -564,8 +629,10 @@ def main() -> int:
     save()
     # GEMV before QLoRA: the QLoRA part (compiles, tuning, the peft+bnb peer) is the longest, so a cut takes it
     crashed = [part for part, fn in (("copy", time_copy), ("dequant", time_dequant), ("gemv", time_gemv),
-                                     ("qlora", time_qlora)) if not run_part(part, fn)]
+                                     ("qlora", time_qlora), ("prefetch", time_prefetch)) if not run_part(part, fn)]
     failures = failed_checks(RESULTS["correctness"]) + [f"{part} part crashed" for part in crashed]
+    failures += [f"prefetch changed the gradients at {r['shape']}" for r in RESULTS.get("prefetch") or []
+                 if r.get("prefetch_identical") is False]
     print_tables(failures)
     return 1 if failures else 0
 

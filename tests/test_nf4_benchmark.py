@@ -18,6 +18,9 @@ def test_gpu_nf4_benchmark_smoke(tmp_path):
                                                  "dequant_host", "dequant_bf16_adapters"))
         assert 0 < row["bf16_base_ms"] <= row["bf16_base_first_ms"]  # timed again, interleaved: the best kept
     assert len(result["gemv"]) == 4 and all(r["bf16_us"] > 0 for r in result["gemv"])
+    assert [r["shape"] for r in result["prefetch"]] == ["128->64", "64->96"]
+    assert all(r["prefetch_identical"] is True and r["prefetch_ms"] > 0 and r["dequant_ms"] > 0
+               for r in result["prefetch"])
     assert "correctness: all checks passed" in stdout
 
 
@@ -39,6 +42,7 @@ def test_verdict_fails_on_crashed_checks_and_gemv_errors(monkeypatch, capsys):
     for name, value in dict(SMOKE=True, DEV="cpu", check_correctness=lambda: checks,
                             time_copy=lambda rows: None, time_dequant=lambda rows: rows.append(row),
                             time_gemv=lambda rows: None, time_qlora=lambda rows: 1 / 0,
+                            time_prefetch=lambda rows: None,
                             write_results=lambda name, payload: saved.append(dict(payload))).items():
         monkeypatch.setattr(gpu_nf4, name, value)
     assert gpu_nf4.main() == 1

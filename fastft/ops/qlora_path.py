@@ -32,6 +32,7 @@ import torch
 from fastft.kernels.autotune import Tuner
 from fastft.kernels.host import bucket
 from fastft.kernels.runtime import on_operand_device
+from fastft.ops import qlora_prefetch
 from fastft.ops.shared import nf4_fused_ok
 
 PATHS = ("fused", "dequant")
@@ -96,8 +97,9 @@ def nf4_base_gemm(qweight, a, lo, t, bias, *, forward: bool, p_drop: float = 0.0
         if path == "fused":
             return nf4_lora_gemm(a, qweight.kernel_operand(), lo, t, bias, w_nk=forward, p_drop=p_drop, seed=seed)
         # the scratch is overwritten by the next layer: used here and dropped
-        return on_dequantized(qweight, a.dtype, lambda w: lora_gemm(a, w, lo, t, bias, b_nk=forward,
-                                                                    p_drop=p_drop, seed=seed, leave_room=leave_room))
+        return on_dequantized(qweight, a.dtype, lambda w: lora_gemm(a, w, lo, t, bias, b_nk=forward, p_drop=p_drop,
+                                                                    seed=seed, leave_room=leave_room),
+                              "forward" if forward else "dx")
 
     return select(key, run, fused_ok=nf4_fused_ok(qweight))
 
@@ -113,10 +115,16 @@ def reset_path_choices() -> None:
     TUNER.best.clear()
 
 
-def on_dequantized(qweight, dtype: torch.dtype, use: Callable[[torch.Tensor], T]) -> T:
+def on_dequantized(qweight, dtype: torch.dtype, use: Callable[[torch.Tensor], T], order: str = "forward") -> T:
     """use(W) with qweight decoded into the shared scratch (dequant_scratch), W valid only inside `use`. The lock
-    held from the decode through `use`'s launches keeps other threads' decodes out of that stretch of the stream."""
+    held from the decode through `use`'s launches keeps other threads' decodes out of that stretch of the stream.
+    With FASTFT_QLORA_PREFETCH=1 (fastft.ops.qlora_prefetch) two buffers take the scratch's place and the next
+    weight is decoded beside this call's GEMM (order: "forward" or "dx", the pass this call belongs to); not while a
+    CUDA graph is being captured."""
     with _SCRATCH_LOCK:
+        capturing = qweight.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        if qlora_prefetch.enabled() and not capturing and qlora_prefetch.trackable(qweight):
+            return qlora_prefetch.prefetcher(qweight.device, dtype, decode_into).run(qweight, use, order)
         return use(dequant_scratch(qweight, dtype))
 
 
@@ -124,8 +132,6 @@ def dequant_scratch(qweight, dtype: torch.dtype) -> torch.Tensor:
     """qweight (a 2-D NF4Weight) decoded into the shared scratch buffer of its device and `dtype`, as an (N, K)
     view. Valid until the next call for the same device and dtype, from any thread: call it through
     `on_dequantized`, which holds the lock, and never keep W across layers."""
-    from fastft.kernels.nf4_dequant import nf4_dequantize
-
     numel = qweight.numel()
     slot = (qweight.device, dtype)
     buf = _SCRATCH.get(slot)
@@ -134,19 +140,28 @@ def dequant_scratch(qweight, dtype: torch.dtype) -> torch.Tensor:
         del buf
         buf = torch.empty(numel, dtype=dtype, device=qweight.device)
         _SCRATCH[slot] = buf
+    decode_into(qweight, buf[:numel])
+    return buf[:numel].view(qweight.shape)
+
+
+def decode_into(qweight, out: torch.Tensor) -> None:
+    """qweight decoded into `out`, a contiguous flat tensor of its numel in the target dtype."""
+    from fastft.kernels.nf4_dequant import nf4_dequantize
+
     w = qweight.kernel_operand()
     nested = w.absmax2 is not None
-    flat = nf4_dequantize(w.packed, w.absmax, numel, w.blocksize, dtype, w.code,
-                          absmax2=w.absmax2 if nested else None, code2=w.code2 if nested else None,
-                          offset=w.offset if nested else 0.0, nested_blocksize=w.nested_blocksize, out=buf[:numel])
-    return flat.view(w.rows, w.cols)
+    nf4_dequantize(w.packed, w.absmax, out.numel(), w.blocksize, out.dtype, w.code,
+                   absmax2=w.absmax2 if nested else None, code2=w.code2 if nested else None,
+                   offset=w.offset if nested else 0.0, nested_blocksize=w.nested_blocksize, out=out)
 
 
 def dequant_scratch_bytes() -> int:
-    """Bytes held by the scratch buffers (all devices and dtypes)."""
-    return sum(b.numel() * b.element_size() for b in _SCRATCH.values())
+    """Bytes held by the scratch buffers (all devices and dtypes; the prefetch buffers included)."""
+    return sum(b.numel() * b.element_size() for b in _SCRATCH.values()) + qlora_prefetch.nbytes()
 
 
 def release_dequant_scratch() -> None:
     """Free the scratch buffers (e.g. before evaluation or after training); the next QLoRA call reallocates."""
-    _SCRATCH.clear()
+    with _SCRATCH_LOCK:
+        _SCRATCH.clear()
+        qlora_prefetch.release()

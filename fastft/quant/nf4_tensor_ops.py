@@ -382,9 +382,17 @@ def _copy_(func, dst, src, non_blocking=False):
         a.copy_(b, non_blocking=non_blocking)
     if dst.double_quant:  # in place, so views taken of dst before see it too (their cached float is re-read)
         dst.nested_offset.copy_(src.nested_offset, non_blocking=non_blocking)
-        # below autograd an in-place copy does not bump the version that `.offset`'s cache is keyed on: bump it
-        torch.autograd.graph.increment_version(dst.nested_offset)
+    mark_written(dst)
     return dst
+
+
+def mark_written(w) -> None:
+    """Bump the version counters of w's inner tensors (nested offset included) after a write into them here: below
+    autograd an in-place write bumps none, and `.offset`'s cache and fastft.ops.qlora_prefetch's decoded buffers are
+    keyed on them (a view shares its base's counters, so the base sees the write too)."""
+    for t in w._tensors_and_offset():
+        if not t.is_inference():  # (an inference tensor has no counter: nothing keyed on it is cached)
+            torch.autograd.graph.increment_version(t)
 
 
 def _copy_decoded(dst, src, non_blocking: bool):
@@ -394,6 +402,7 @@ def _copy_decoded(dst, src, non_blocking: bool):
         _check_copy_into_part(dst, src)
     dst.packed.copy_(src.packed, non_blocking=non_blocking)
     dst.absmax.copy_(src.block_absmax(), non_blocking=non_blocking)
+    mark_written(dst)
     return dst
 
 
@@ -470,8 +479,7 @@ def _scatter(func, outputs, inputs, *args, **kwargs):
         pieces = [[getattr(piece, name) for piece in inputs[0]]] if inputs else []
         _, work = func([getattr(out, name)], pieces, *args, **kwargs)
         work.wait()
-    if out.double_quant:  # written below autograd: the cached float offset must be re-read
-        torch.autograd.graph.increment_version(out.nested_offset)
+    mark_written(out)  # written below autograd: the cached float offset must be re-read, decoded copies redone
     return outputs, work
 
 
