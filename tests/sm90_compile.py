@@ -492,12 +492,13 @@ def co_resident(*blocks: dict) -> bool:
 
 
 def overlap_pairs() -> int:
-    """FASTFT_LORA_OVERLAP (fastft.ops.overlap): every dx GEMM config that leaves room (lora_gemm.gemm_configs with
+    """The side streams' kernels beside the GEMMs. FASTFT_LORA_OVERLAP (fastft.ops.overlap): every dx GEMM config that
+    leaves room (lora_gemm.gemm_configs with
     leave_room, descriptors, bf16: LoRA's, LoRA's with a dropout tail, DoRA's with its K scale) and a block of each
     reduction that runs beside it (rank_ops.BESIDE_GEMM: the pair and the single reduction, with and without dropout
     as the GEMM has it; DoRA's column dot) fit on one SM together, at padded ranks 16, 32 and 64 (the GEMM compiled
     at 16 and 64; a reduction pairs with it at the next rank up). Without that fit the side stream's blocks wait for
-    the GEMM's to leave their SM and nothing overlaps."""
+    the GEMM's to leave their SM and nothing overlaps. Then FASTFT_QLORA_PREFETCH's decode (prefetch_pairs)."""
     failures = 0
     gemm_ranks = (16, overlap_max_rank())
     gemms = {}  # (variant, R) -> [usage of each config]
@@ -542,6 +543,36 @@ def overlap_pairs() -> int:
                     if side is not None and not co_resident(gemm, side):
                         print(f"FAILED beside the {variant} dx GEMM at R={R}: {gemm} and {side} do not fit one SM")
                         failures += 1
+    return failures + prefetch_pairs(gemms["lora", 16])
+
+
+def prefetch_pairs(roomy: list[dict]) -> int:
+    """FASTFT_QLORA_PREFETCH (fastft.ops.qlora_prefetch): a block of the NF4 dequantize, each config a prefetch may take
+    (nf4_dequant.beside_gemm_configs), fits on one SM beside a block of every LoRA GEMM config the dequant path may run
+    (forward and dx, the descriptor list, and the roomy dx configs of the overlap)."""
+    failures = 0
+    sig = dict(packed_ptr="*u8", absmax_ptr="*u8", absmax2_ptr="*fp32", code2_ptr="*fp32", code_ptr="*fp32",
+               out_ptr="*bf16", numel="i32", nbytes="i32", offset="fp32")
+    decodes = []
+    for cfg in nf4_dequant.beside_gemm_configs():
+        cfg = dict(cfg)
+        options = dict(num_warps=cfg.pop("num_warps"), num_stages=3, **nf4_dequant.launch_options())
+        decodes.append(_usage(f"nf4 dequantize beside the GEMM {cfg}", nf4_dequant._nf4_dequant_kernel, sig,
+                              dict(BS=64, NBS=256, NESTED=True, BF16_BY_HAND=False, **cfg),
+                              ["packed_ptr", "absmax_ptr", "out_ptr", "numel", "nbytes"], options))
+    gemms = list(roomy)
+    for b_nk in (True, False):
+        for cfg in lora_gemm.gemm_configs(True, 2):
+            cfg = dict(cfg)
+            options = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
+            gemms.append(_usage(f"GEMM b_nk={b_nk} {cfg} {options}", lora_gemm._lora_gemm_kernel,
+                                _lora_gemm_sig(b_nk), dict(_lora_gemm_consts(B_NK=b_nk), **cfg), LORA_GEMM_ALIGNED,
+                                options))
+    failures += decodes.count(None) + gemms.count(None)
+    for gemm, decode in itertools.product(gemms, decodes):
+        if gemm is not None and decode is not None and not co_resident(gemm, decode):
+            print(f"FAILED the dequantize beside the GEMM: {gemm} and {decode} do not fit one SM")
+            failures += 1
     return failures
 
 

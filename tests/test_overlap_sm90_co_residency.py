@@ -1,6 +1,8 @@
-"""FASTFT_LORA_OVERLAP's kernels share the SMs (fastft.ops.overlap): every dx GEMM config that leaves room and a block
-of each reduction launched beside it fit on one sm_90 SM together (tests/sm90_compile.py `overlap`), compiled under
-the GPU machine's triton (3.6: what runs on the H100/H200; the venv's 3.7 compiles the same lists in `lora`)."""
+"""The side streams' kernels share the SMs: FASTFT_LORA_OVERLAP's (fastft.ops.overlap; every dx GEMM config that leaves
+room and a block of each reduction launched beside it) and FASTFT_QLORA_PREFETCH's (fastft.ops.qlora_prefetch; the
+NF4 dequantize beside every LoRA GEMM config) fit on one sm_90 SM together (tests/sm90_compile.py `overlap`),
+compiled under the GPU machine's triton (3.6: what runs on the H100/H200; the venv's 3.7 compiles the same lists in
+`lora`)."""
 import pytest
 
 from tests.sm90_runner import GPU_TRITON, run_sm90_compile
@@ -10,7 +12,8 @@ pytest.importorskip("triton")
 
 def test_the_overlapped_kernels_fit_one_sm_together():
     out = run_sm90_compile("overlap", triton_path=GPU_TRITON, alone=True)
-    assert "beside the GEMM" in out and "dx GEMM (dora)" in out, out[-2000:]
+    assert "rank_reduce_pair beside the GEMM" in out and "dx GEMM (dora)" in out, out[-2000:]
+    assert "nf4 dequantize beside the GEMM" in out and "GEMM b_nk=True" in out, out[-2000:]
 
 
 def test_the_tuned_configs_left_no_room_and_the_roomy_ones_do():

@@ -206,7 +206,15 @@ def candidate_configs() -> list[dict]:
             dict(BLOCK=4096, DECODE=DECODE_SELECT, num_warps=8, ROW4=False)]
 
 
+def beside_gemm_configs() -> list[dict]:
+    """The configs of a decode that runs beside a GEMM on another stream (fastft.ops.qlora_prefetch): the ROW4 ones,
+    which use no shared memory; the others' 8–16 KB do not fit beside the GEMM's 225–229 KB configs on an sm_90 SM
+    (tests/sm90_compile.py `overlap`)."""
+    return [c for c in _configs() if c.get("ROW4")]
+
+
 _TUNER = Tuner("nf4_dequantize", _configs())
+_BESIDE_GEMM_TUNER = Tuner("nf4_dequantize_beside_gemm", beside_gemm_configs())
 
 
 def launch_options() -> dict:
@@ -217,12 +225,14 @@ def launch_options() -> dict:
 @on_operand_device
 def nf4_dequantize(packed, absmax, numel: int, blocksize: int, out_dtype: torch.dtype, code: torch.Tensor, *,
                    absmax2=None, code2=None, offset: float = 0.0, nested_blocksize: int = 256,
-                   config: dict | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+                   config: dict | None = None, out: torch.Tensor | None = None,
+                   beside_gemm: bool = False) -> torch.Tensor:
     """Flat [numel] tensor in out_dtype from NF4 data (validated by the caller, all on one device).
 
     absmax: fp32 [blocks], or uint8 codes with absmax2/code2/offset given (double quantization).
     config: force one launch config (tests); otherwise the tuner picks per size.
     out: a contiguous [numel] out_dtype tensor to write into (a reused scratch buffer), else a new one.
+    beside_gemm: launched to run beside a GEMM on another stream: beside_gemm_configs only.
     """
     if out is None:
         out = torch.empty(numel, dtype=out_dtype, device=packed.device)
@@ -250,5 +260,5 @@ def nf4_dequantize(packed, absmax, numel: int, blocksize: int, out_dtype: torch.
         launch(config)
     else:
         key = (cdiv(numel, 1 << 20), blocksize, nested, out_dtype)
-        _TUNER.run(key, launch)
+        (_BESIDE_GEMM_TUNER if beside_gemm else _TUNER).run(key, launch)
     return out

@@ -144,15 +144,17 @@ def dequant_scratch(qweight, dtype: torch.dtype) -> torch.Tensor:
     return buf[:numel].view(qweight.shape)
 
 
-def decode_into(qweight, out: torch.Tensor) -> None:
-    """qweight decoded into `out`, a contiguous flat tensor of its numel in the target dtype."""
+def decode_into(qweight, out: torch.Tensor, beside_gemm: bool = False) -> None:
+    """qweight decoded into `out`, a contiguous flat tensor of its numel in the target dtype (beside_gemm: the decode
+    runs beside a GEMM on another stream, nf4_dequantize's configs for that)."""
     from fastft.kernels.nf4_dequant import nf4_dequantize
 
     w = qweight.kernel_operand()
     nested = w.absmax2 is not None
     nf4_dequantize(w.packed, w.absmax, out.numel(), w.blocksize, out.dtype, w.code,
                    absmax2=w.absmax2 if nested else None, code2=w.code2 if nested else None,
-                   offset=w.offset if nested else 0.0, nested_blocksize=w.nested_blocksize, out=out)
+                   offset=w.offset if nested else 0.0, nested_blocksize=w.nested_blocksize, out=out,
+                   beside_gemm=beside_gemm)
 
 
 def dequant_scratch_bytes() -> int:

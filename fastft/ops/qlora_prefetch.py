@@ -3,7 +3,8 @@
 On the dequant path (fastft.ops.qlora_path) every QLoRA GEMM first decodes its NF4 weight into the shared scratch
 buffer, on the GEMM's stream: two decodes a layer a step (forward, dx), ~4.6% of a large layer's fwd+bwd on the H100
 (docs/gpu-results.md), memory-bound work on the critical path. The decode kernel uses no shared memory and 40
-registers a thread (sm_90), so its blocks fit beside the GEMM's on every SM. With prefetch on, two buffers take the
+registers a thread (sm_90) in its ROW4 layout, which the prefetches take (nf4_dequant.beside_gemm_configs), so its
+blocks fit beside the GEMM's on every SM (tests/sm90_compile.py `overlap`). With prefetch on, two buffers take the
 one scratch's place (memory: two of the largest weight instead of one; never a bf16 copy a layer), and:
 
 - the sequence of weights the calls decode is remembered (each weight's successor in the forward and in the
@@ -96,7 +97,7 @@ class Prefetcher:
 
     def __init__(self, device: torch.device, dtype: torch.dtype, decode: Callable):
         self.dtype = dtype
-        self.decode = decode  # decode(qweight, out) writes qweight decoded into the flat `out`
+        self.decode = decode  # decode(qweight, out, beside_gemm) writes qweight decoded into the flat `out`
         self.streams = _Streams(device)
         self.slots = [_Slot(), _Slot()]
         self.successor: dict[tuple, tuple] = {}  # (tag, order) -> the tag decoded next, last time
@@ -162,10 +163,10 @@ class Prefetcher:
             for t in qweight._tensors():  # freed meanwhile (a model dropped), their memory waits for this read
                 t.record_stream(side)
             with torch.cuda.stream(side):
-                self.decode(qweight, slot.buf[:qweight.numel()])
+                self.decode(qweight, slot.buf[:qweight.numel()], True)
             slot.ready = self.streams.mark(side)
         else:
-            self.decode(qweight, slot.buf[:qweight.numel()])
+            self.decode(qweight, slot.buf[:qweight.numel()], True)
         self.decodes += 1
         slot.tag, slot.owner = tag, ref
 
