@@ -133,16 +133,19 @@ def test_prefetched_chain_is_bit_identical_on_the_gpu():
         for g, w in zip(got, want):
             assert torch.equal(g, w)
     assert _prefetcher("cuda", torch.bfloat16).decodes > 0
-    graph = torch.cuda.CUDAGraph()  # under capture: the single scratch, nothing on the side stream
+    assert qlora_path.dequant_scratch_bytes() <= 3 * max(w.numel() for w in weights) * 2  # the two + the one above
+    # under capture: the single scratch (sized and tuned before, outside it), nothing on the side stream
     static_x = torch.randn(2048, dims[0], device="cuda", dtype=torch.bfloat16)
-    qlora_linear(static_x, weights[0], None, A[0].detach(), B[0].detach(), 2.0)  # warm (tuning outside the capture)
+    qlora_prefetch.set_enabled(False)
+    want = qlora_linear(static_x, weights[0], None, A[0].detach(), B[0].detach(), 2.0)
+    qlora_prefetch.set_enabled(True)
     torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = qlora_linear(static_x, weights[0], None, A[0].detach(), B[0].detach(), 2.0)
     graph.replay()
     torch.cuda.synchronize()
-    qlora_prefetch.set_enabled(False)
-    assert torch.equal(out, qlora_linear(static_x, weights[0], None, A[0].detach(), B[0].detach(), 2.0))
+    assert torch.equal(out, want)
 
 
 @interpreter_only
