@@ -15,7 +15,7 @@ from fastft.kernels import nf4_gemm as nf4_gemm_kernels
 from fastft.kernels import rank_ops
 from fastft.ops import dora_linear, lora_linear, overlap, qlora_linear
 from fastft.quant import quantize_nf4
-from tests.utils import interpreter_only
+from tests.utils import assert_repeats_bit_identical, interpreter_only
 
 
 class FakeStream:
@@ -190,10 +190,6 @@ def test_overlapped_gradients_are_bit_identical_on_the_gpu(op, dropout_p):
         overlap.set_enabled(False)
         want = grads()
         overlap.set_enabled(True)
-        for _ in range(3):
-            got = grads()
-            torch.cuda.synchronize()
-            for g, w in zip(got, want):
-                assert torch.equal(g, w)
+        assert_repeats_bit_identical(grads, want, 3)
     finally:
         overlap.set_enabled(before)

@@ -8,7 +8,7 @@ import torch
 
 from fastft.ops import qlora_linear, qlora_path, qlora_prefetch
 from fastft.quant import quantize_nf4
-from tests.utils import interpreter_only
+from tests.utils import assert_repeats_bit_identical, interpreter_only
 
 
 @pytest.fixture(autouse=True)
@@ -127,11 +127,7 @@ def test_prefetched_chain_is_bit_identical_on_the_gpu():
         return (h, *torch.autograd.grad(h.float().square().sum(), [x, *A, *B]))
     want = step()
     qlora_prefetch.set_enabled(True)
-    for _ in range(4):
-        got = step()
-        torch.cuda.synchronize()
-        for g, w in zip(got, want):
-            assert torch.equal(g, w)
+    assert_repeats_bit_identical(step, want, 4)
     assert _prefetcher("cuda", torch.bfloat16).decodes > 0
     assert qlora_path.dequant_scratch_bytes() <= 3 * max(w.numel() for w in weights) * 2  # the two + the one above
     # under capture: the single scratch (sized and tuned before, outside it), nothing on the side stream

@@ -28,6 +28,16 @@ def assert_close(out, ref, dtype, what=""):
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
+def assert_repeats_bit_identical(step, want, times: int) -> None:
+    """step() run `times` times on the GPU (synchronized after each: a stream race shows as a difference), each time
+    returning tensors equal bit for bit to `want`."""
+    for _ in range(times):
+        got = step()
+        torch.cuda.synchronize()
+        for g, w in zip(got, want, strict=True):
+            assert torch.equal(g, w)
+
+
 def tiny_llama(seed: int = 0, **overrides):
     """A small random Llama (GQA, 2 layers) for integration tests."""
     from transformers import LlamaConfig, LlamaForCausalLM
