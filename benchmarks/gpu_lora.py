@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastft.apps.bench import (card_name, graphed, markdown_table, paired_ratio, peak_memory_mib, rows_per_shape,
-                               time_cases, time_ms, write_results)
+from fastft.apps.bench import (card_name, concurrency_share, graphed, markdown_table, paired_ratio, peak_memory_mib,
+                               rows_per_shape, time_cases, time_ms, write_results)
 from fastft.kernels import rank_ops
 from fastft.kernels.lora_gemm import lora_gemm
 from fastft.ops import lora_linear, lora_linear_reference, overlap
@@ -151,25 +151,12 @@ def breakdown(k: int, n: int, r: int = 16) -> dict:
     return out
 
 
-def shared_fraction(sides: list[tuple[float, float]], gemms: list[tuple[float, float]]) -> float | None:
-    """The share of the side kernels' time (intervals start, end) spent while a GEMM interval was open (GEMM intervals
-    do not overlap each other: one stream); None without side time."""
-    total = sum(end - start for start, end in sides)
-    if total <= 0:
-        return None
-    inside = sum(max(0.0, min(end, g_end) - max(start, g_start)) for start, end in sides for g_start, g_end in gemms)
-    return inside / total
-
-
-def overlap_share(k: int, n: int, r: int = 16, steps: int = 3) -> float | None:
-    """With FASTFT_LORA_OVERLAP on: the share of the rank reductions' device time that ran while the dx GEMM ran, from
-    a profiler trace of `steps` fwd+bwd (CUDA only; None elsewhere). Near 0: the streams took turns on the SMs and the
-    overlap can gain nothing, whatever the timings say; near 1: the reductions hid behind the GEMM."""
+def overlap_share(k: int, n: int, r: int = 16) -> float | None:
+    """With FASTFT_LORA_OVERLAP on: the share of the rank reductions' device time that ran while the dx GEMM ran
+    (harness.concurrency_share; CUDA only, None elsewhere). Near 0: the streams took turns on the SMs and the overlap
+    can gain nothing, whatever the timings say; near 1: the reductions hid behind the GEMM."""
     if DEVICE != "cuda":
         return None
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-
     x = torch.randn(M, k, device=DEVICE, dtype=DTYPE, requires_grad=True)
     dy = torch.randn(M, n, device=DEVICE, dtype=DTYPE)
     W = torch.randn(n, k, device=DEVICE, dtype=DTYPE) * k**-0.5
@@ -178,20 +165,12 @@ def overlap_share(k: int, n: int, r: int = 16, steps: int = 3) -> float | None:
     before = overlap.enabled()
     overlap.set_enabled(True)
     try:
-        def step():
-            torch.autograd.grad(lora_linear(x, W, None, A, B, 2.0, backend=BACKEND), [x, A, B], dy)
-        step()
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(steps):
-                step()
-            torch.cuda.synchronize()
+        # the forward's GEMM is the same kernel: it never runs beside a reduction (the join waits for them)
+        return concurrency_share(
+            lambda: torch.autograd.grad(lora_linear(x, W, None, A, B, 2.0, backend=BACKEND), [x, A, B], dy),
+            ("_rank_reduce_pair_kernel", "_rank_reduce_kernel"), ("_lora_gemm_kernel",))
     finally:
         overlap.set_enabled(before)
-    kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
-    spans = lambda names: [(e.time_range.start, e.time_range.end) for e in kernels if any(s in e.name for s in names)]
-    # the forward's GEMM is the same kernel: it never runs beside a reduction (the join waits for them)
-    return shared_fraction(spans(("_rank_reduce_pair_kernel", "_rank_reduce_kernel")), spans(("_lora_gemm_kernel",)))
 
 
 def main() -> int:

@@ -16,14 +16,11 @@ def test_gpu_lora_benchmark_smoke(tmp_path):
     assert "## fastft kernel breakdown at r=16" in stdout
 
 
-def test_shared_fraction_counts_the_side_time_inside_the_gemm_intervals(monkeypatch):
-    import importlib
-    from pathlib import Path
+def test_shared_fraction_counts_the_side_time_inside_the_main_intervals():
+    from fastft.apps.bench import shared_fraction
 
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    gpu_lora = importlib.import_module("gpu_lora")
-    gemms = [(0.0, 10.0), (20.0, 30.0)]
-    assert gpu_lora.shared_fraction([(2.0, 4.0), (8.0, 12.0)], gemms) == 4 / 6  # 2 + 2 of the 2 + 4 units inside
-    assert gpu_lora.shared_fraction([(10.0, 20.0)], gemms) == 0.0  # took turns
-    assert gpu_lora.shared_fraction([(5.0, 25.0)], gemms) == 0.5
-    assert gpu_lora.shared_fraction([], gemms) is None
+    mains = [(0.0, 10.0), (20.0, 30.0)]
+    assert shared_fraction([(2.0, 4.0), (8.0, 12.0)], mains) == 4 / 6  # 2 + 2 of the 2 + 4 units inside
+    assert shared_fraction([(10.0, 20.0)], mains) == 0.0  # took turns
+    assert shared_fraction([(5.0, 25.0)], mains) == 0.5
+    assert shared_fraction([], mains) is None

@@ -8,6 +8,7 @@ timed training run), `methods` (every run of a table, with a progress bar), `rep
 """
 from fastft.apps.bench.harness import (  # noqa: F401 - the harness API the kernel benchmarks import
     card_name,
+    concurrency_share,
     environment,
     graphed,
     host_ms,
@@ -17,6 +18,7 @@ from fastft.apps.bench.harness import (  # noqa: F401 - the harness API the kern
     peak_memory_gib,
     peak_memory_mib,
     rows_per_shape,
+    shared_fraction,
     time_cases,
     time_ms,
     write_results,

@@ -145,6 +145,36 @@ def paired_ratio(case: dict, base: dict) -> float:
     return statistics.median(pairs) if pairs else float("nan")
 
 
+def shared_fraction(sides: list[tuple[float, float]], mains: list[tuple[float, float]]) -> float | None:
+    """The share of the side kernels' time (intervals start, end) spent while a main interval was open (the main
+    intervals do not overlap each other: one stream); None without side time."""
+    total = sum(end - start for start, end in sides)
+    if total <= 0:
+        return None
+    inside = sum(max(0.0, min(end, m_end) - max(start, m_start)) for start, end in sides for m_start, m_end in mains)
+    return inside / total
+
+
+def concurrency_share(step, side_kernels: tuple[str, ...], main_kernels: tuple[str, ...], steps: int = 3):
+    """How much of the `side_kernels`' device time (kernel names containing one of these) ran while a `main_kernels`
+    kernel ran, over a profiler trace of `steps` calls of step() (CUDA only): ~0 means two streams took turns on the
+    SMs, whatever was launched on which, ~1 that the side work hid behind the main. None without side kernels."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+
+    def spans(names):
+        return [(e.time_range.start, e.time_range.end) for e in kernels if any(n in e.name for n in names)]
+    return shared_fraction(spans(side_kernels), spans(main_kernels))
+
+
 def rows_per_shape(shapes, bench_shape, columns: list[str], label: str = "method", on_shape=None) -> list[dict]:
     """bench_shape(k, n) -> rows for each (k, n) in `shapes`, each shape's table printed as it finishes; a shape
     that raises becomes one row (its `label` column saying FAILED and why) and the others are still measured.
