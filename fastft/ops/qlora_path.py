@@ -9,7 +9,8 @@ dequant  W decoded whole into ONE scratch buffer shared by every layer (fastft.k
 Memory: the scratch holds one weight (the largest seen so far, per device and dtype) and is reused by the next
 layer's forward and by every backward, which decodes W again; no layer keeps a bf16 copy. Peak memory of a QLoRA
 model on the dequant path is therefore at most that of the same model's bf16 LoRA layers plus one scratch buffer
-(tests/test_qlora_path.py checks it on the GPU). The buffer lives until `release_dequant_scratch()`.
+(tests/test_qlora_path.py checks it on the GPU). The buffer lives until `release_dequant_scratch()`. Opt-in,
+FASTFT_QLORA_PREFETCH=1 (fastft.ops.qlora_prefetch): two buffers instead, the next layer's decode beside this GEMM.
 Launches are stream-ordered: a layer's GEMM finishes reading the scratch before the next layer's decode writes
 it, on one stream. Threads (a server answering requests with one QLoRA model) launch onto the same stream: a lock
 spans each decode and the launches that read it (`on_dequantized`), so another thread's decode never lands in
