@@ -490,7 +490,7 @@ def time_prefetch(rows):
     in interleaved rounds (ratios paired per round). The gradients with and without must be equal bit for bit."""
     from fastft.ops import qlora_prefetch
 
-    for K, N in SHAPES:
+    for K, N in SHAPES[:1] if SMOKE else SHAPES:  # (the interpreter: one shape, one round, to check the script)
         torch.manual_seed(1)
         Ws = [torch.randn(N, K, dtype=BF16, device=DEV) * 0.02 for _ in range(3)]
         ws = [quantize_nf4(W) for W in Ws]
@@ -524,7 +524,7 @@ def time_prefetch(rows):
         row["prefetch_identical"] = all(torch.equal(g, w) for g, w in zip(got, want))
         cases = {"bf16_base": lambda: bench(base), "dequant": lambda: with_prefetch(False, lambda: bench(step, leaves)),
                  "prefetch": lambda: with_prefetch(True, lambda: bench(step, leaves))}
-        for _ in range(2 if SMOKE else 4):
+        for _ in range(1 if SMOKE else 4):
             for key, timed in cases.items():
                 ms = attempt(f"prefetch rows {key} {K}->{N}", timed, optional=True)
                 if ms:
