@@ -116,14 +116,20 @@ def _check(what, kernel_fn, sig, consts, aligned, options, *, spill_limit: int |
     return 0
 
 
+def split_config(cfg: dict, drop=("PER_SM", "SPLIT_K"), **options) -> tuple[dict, dict]:
+    """(constexprs, compile options) of a tuner config: its num_warps/num_stages (3 where absent) become options (on
+    top of `options`), the host-only keys in `drop` go, the rest are constexprs."""
+    cfg = {k: v for k, v in cfg.items() if k not in drop}
+    return cfg, dict(options, num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages", 3))
+
+
 def _check_configs(what, kernel_fn, sig, configs, consts, aligned, *, drop=("PER_SM", "SPLIT_K"), options=None,
                    spill_limit: int | None = 0) -> int:
-    """_check every launch config of a tuner list: a config's num_warps/num_stages become compile options (with
-    `options`), the host-only keys in `drop` go, the rest are constexprs on top of `consts`."""
+    """_check every launch config of a tuner list (split_config: a config's num_warps/num_stages become compile
+    options, with `options`; the host-only keys in `drop` go; the rest are constexprs on top of `consts`)."""
     failures = 0
     for cfg in configs:
-        cfg = {k: v for k, v in cfg.items() if k not in drop}
-        options = dict(options or {}, num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages", 3))
+        cfg, options = split_config(cfg, drop, **(options or {}))
         failures += _check(f"{what} {cfg} warps={options['num_warps']} stages={options['num_stages']}", kernel_fn,
                            sig, {**consts, **cfg}, aligned, options, spill_limit=spill_limit)
     return failures
@@ -158,6 +164,14 @@ PROJECT_ALIGNED = ["K", "k_per_split", "stride_xm", "stride_wr", "stride_wk", "s
 REDUCE_SIG = dict(l_ptr="*bf16", y_ptr="*bf16", part_ptr="*fp32", M="i32", N="i32", rows_per_split="i32",
                   stride_lm="i32", stride_ym="i32", stride_yn=1, p_drop="fp32", seed="i32")
 REDUCE_ALIGNED = ["N", "rows_per_split", "stride_lm", "stride_ym"]
+# the pair reduction (dA + dB in one launch): ya = x, yb = dy with unit column strides
+PAIR_SIG = dict(la_ptr="*bf16", ya_ptr="*bf16", parta_ptr="*fp32", lb_ptr="*bf16", yb_ptr="*bf16", partb_ptr="*fp32",
+                M="i32", NA="i32", NB="i32", tiles_a="i32", rows_per_split="i32", stride_lam="i32", stride_yam="i32",
+                stride_yan=1, stride_lbm="i32", stride_ybm="i32", stride_ybn=1, p_drop="fp32", seed="i32")
+PAIR_ALIGNED = ["NA", "NB", "rows_per_split", "stride_lam", "stride_yam", "stride_lbm", "stride_ybm"]
+DEQUANT_SIG = dict(packed_ptr="*u8", absmax_ptr="*u8", absmax2_ptr="*fp32", code2_ptr="*fp32", code_ptr="*fp32",
+                   out_ptr="*bf16", numel="i32", nbytes="i32", offset="fp32")
+DEQUANT_ALIGNED = ["packed_ptr", "absmax_ptr", "out_ptr", "numel", "nbytes"]
 COLUMN_DOT_SIG = dict(a_ptr="*bf16", b_ptr="*bf16", part_ptr="*fp32", M="i32", N="i32", rows_per_split="i32",
                       stride_am="i32", stride_an=1, stride_bm="i32", stride_bn=1)
 COLUMN_DOT_ALIGNED = ["N", "rows_per_split", "stride_am", "stride_bm"]
@@ -216,16 +230,12 @@ def lora_fold(every_config: bool = False) -> int:
                                          odd_widths=not aligned, B_NK=False, TAIL_DROPOUT=True, FOLD=True,
                                          USE_TMA=use_tma, BLOCK_R=rank)
     # the fold path's dA + dB in one launch, with and without dropout (ya = x, yb = dy: unit column strides)
-    sig = dict(la_ptr="*bf16", ya_ptr="*bf16", parta_ptr="*fp32", lb_ptr="*bf16", yb_ptr="*bf16", partb_ptr="*fp32",
-               M="i32", NA="i32", NB="i32", tiles_a="i32", rows_per_split="i32", stride_lam="i32", stride_yam="i32",
-               stride_yan=1, stride_lbm="i32", stride_ybm="i32", stride_ybn=1, p_drop="fp32", seed="i32")
     for rank, dropout in itertools.product((16, max_rank), (False, True)):
         failures += _check_configs(f"rank_reduce_pair R={rank} dropout={dropout}", rank_ops._rank_reduce_pair_kernel,
-                                   sig, top(rank_ops.pair_reduce_configs(2, dropout)),
+                                   PAIR_SIG, top(rank_ops.pair_reduce_configs(2, dropout)),
                                    dict(DROPOUT=dropout, UPCAST=False, DOT_PRECISION="tf32", BLOCK_R=rank,
                                         WIDE=False),  # (WIDE, int64 offsets past 2**31 elements, may spill)
-                                   ["NA", "NB", "rows_per_split", "stride_lam", "stride_yam", "stride_lbm",
-                                    "stride_ybm"])
+                                   PAIR_ALIGNED)
     return failures
 
 
@@ -507,30 +517,21 @@ def overlap_pairs() -> int:
              ("dora", dict(B_NK=False, HAS_K_SCALE=True))], gemm_ranks):
         configs = lora_gemm.gemm_configs(True, 2, 0, variant == "dropout", R, True, leave_room=True)
         found = []
-        for cfg in configs:
-            cfg = dict(cfg)
-            options = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
+        for cfg, options in map(split_config, configs):
             found.append(_usage(f"dx GEMM ({variant}) R={R} {cfg} {options}", lora_gemm._lora_gemm_kernel,
                                 _lora_gemm_sig(False), dict(_lora_gemm_consts(**flags, BLOCK_R=R), **cfg),
                                 LORA_GEMM_ALIGNED, options))
         failures += found.count(None)
         gemms[variant, R] = [u for u in found if u is not None]
-    pair_sig = dict(la_ptr="*bf16", ya_ptr="*bf16", parta_ptr="*fp32", lb_ptr="*bf16", yb_ptr="*bf16",
-                    partb_ptr="*fp32", M="i32", NA="i32", NB="i32", tiles_a="i32", rows_per_split="i32",
-                    stride_lam="i32", stride_yam="i32", stride_yan=1, stride_lbm="i32", stride_ybm="i32", stride_ybn=1,
-                    p_drop="fp32", seed="i32")
-    pair_aligned = ["NA", "NB", "rows_per_split", "stride_lam", "stride_yam", "stride_lbm", "stride_ybm"]
-    cfg = {k: v for k, v in rank_ops.BESIDE_GEMM.items() if k != "PER_SM"}
-    options = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
-    col = {k: v for k, v in column_dot._configs()[0].items() if k != "PER_SM"}  # DoRA's dm, R-free
-    col_options = dict(num_warps=col.pop("num_warps"), num_stages=col.pop("num_stages"))
+    cfg, options = split_config(rank_ops.BESIDE_GEMM)
+    col, col_options = split_config(column_dot._configs()[0])  # DoRA's dm, R-free
     col_usage = _usage("column_dot beside the GEMM", column_dot._column_dot_kernel, COLUMN_DOT_SIG,
                        dict(WIDE=False, **col), COLUMN_DOT_ALIGNED, col_options)
     failures += col_usage is None
     for R, dropout in itertools.product((16, 32, 64), (False, True)):
         consts = dict(DROPOUT=dropout, UPCAST=False, DOT_PRECISION="tf32", BLOCK_R=R, WIDE=False, **cfg)
         sides = [_usage(f"rank_reduce_pair beside the GEMM R={R} dropout={dropout}", rank_ops._rank_reduce_pair_kernel,
-                        pair_sig, consts, pair_aligned, options),
+                        PAIR_SIG, consts, PAIR_ALIGNED, options),
                  _usage(f"rank_reduce beside the GEMM R={R} dropout={dropout}", rank_ops._rank_reduce_kernel,
                         REDUCE_SIG, consts, REDUCE_ALIGNED, options)]
         failures += sides.count(None)
@@ -551,20 +552,14 @@ def prefetch_pairs(roomy: list[dict]) -> int:
     (nf4_dequant.beside_gemm_configs), fits on one SM beside a block of every LoRA GEMM config the dequant path may run
     (forward and dx, the descriptor list, and the roomy dx configs of the overlap)."""
     failures = 0
-    sig = dict(packed_ptr="*u8", absmax_ptr="*u8", absmax2_ptr="*fp32", code2_ptr="*fp32", code_ptr="*fp32",
-               out_ptr="*bf16", numel="i32", nbytes="i32", offset="fp32")
     decodes = []
     for cfg in nf4_dequant.beside_gemm_configs():
-        cfg = dict(cfg)
-        options = dict(num_warps=cfg.pop("num_warps"), num_stages=3, **nf4_dequant.launch_options())
-        decodes.append(_usage(f"nf4 dequantize beside the GEMM {cfg}", nf4_dequant._nf4_dequant_kernel, sig,
-                              dict(BS=64, NBS=256, NESTED=True, BF16_BY_HAND=False, **cfg),
-                              ["packed_ptr", "absmax_ptr", "out_ptr", "numel", "nbytes"], options))
+        cfg, options = split_config(cfg, **nf4_dequant.launch_options())
+        decodes.append(_usage(f"nf4 dequantize beside the GEMM {cfg}", nf4_dequant._nf4_dequant_kernel, DEQUANT_SIG,
+                              dict(BS=64, NBS=256, NESTED=True, BF16_BY_HAND=False, **cfg), DEQUANT_ALIGNED, options))
     gemms = list(roomy)
     for b_nk in (True, False):
-        for cfg in lora_gemm.gemm_configs(True, 2):
-            cfg = dict(cfg)
-            options = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
+        for cfg, options in map(split_config, lora_gemm.gemm_configs(True, 2)):
             gemms.append(_usage(f"GEMM b_nk={b_nk} {cfg} {options}", lora_gemm._lora_gemm_kernel,
                                 _lora_gemm_sig(b_nk), dict(_lora_gemm_consts(B_NK=b_nk), **cfg), LORA_GEMM_ALIGNED,
                                 options))
@@ -595,12 +590,9 @@ def main() -> int:
     if sys.argv[1:2] == ["attention"]:
         return 1 if attention_kernels(every_config=sys.argv[2:] == ["all"]) else 0
     failures = compile_loss_rows()
-    sig = dict(packed_ptr="*u8", absmax_ptr="*u8", absmax2_ptr="*fp32", code2_ptr="*fp32", code_ptr="*fp32",
-               out_ptr="*bf16", numel="i32", nbytes="i32", offset="fp32")
-    failures += _check_configs("dequant nested=True", nf4_dequant._nf4_dequant_kernel, sig,
+    failures += _check_configs("dequant nested=True", nf4_dequant._nf4_dequant_kernel, DEQUANT_SIG,
                                nf4_dequant._configs() + nf4_dequant.candidate_configs(),
-                               dict(BS=64, NBS=256, NESTED=True, BF16_BY_HAND=False),
-                               ["packed_ptr", "absmax_ptr", "out_ptr", "numel", "nbytes"],
+                               dict(BS=64, NBS=256, NESTED=True, BF16_BY_HAND=False), DEQUANT_ALIGNED,
                                options=nf4_dequant.launch_options(), spill_limit=None)
     # the forward never masks its tail (dropout acts on x·Aᵀ there); dx does when the LoRA has dropout. The main
     # configs (PRMT decode) may not spill; the others are tuner options, reported.

@@ -223,11 +223,12 @@ def fused_lora_backward(saved, meta, dy, dx_gemm, need_x, need_b, need_A, need_B
     # dA and dB do not wait for the dx GEMM: with FASTFT_LORA_OVERLAP=1 they run on a side stream beside it
     # (fastft.ops.overlap; the same results), launched after it, in the room its configs leave on each SM
     side = overlap.fork(dy2.device, A_p.shape[0]) if need_x and dx is None and (need_A or need_B) else None
+    room = side is not None
     if need_x and dx is None:
-        dx = dx_gemm(dy2, g, tail_factor(A_p, b), dropout_p, seed, side is not None).view(*x_shape)
+        dx = dx_gemm(dy2, g, tail_factor(A_p, b), dropout_p, seed, room).view(*x_shape)
     with overlap.on(side):
         dA, dB = rank_gradients(g, x2, xs, dy2, b, r, A_dtype, B_dtype, need_A, need_B, dropout_p, seed,
-                                beside_gemm=side is not None)
+                                beside_gemm=room)
     overlap.join(side, read=(g, x2, xs, dy2), made=(dA, dB))
     if need_b and bias_dtype is not None:
         db = dy2.sum(0, dtype=torch.float32).to(bias_dtype)

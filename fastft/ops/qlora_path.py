@@ -123,8 +123,7 @@ def on_dequantized(qweight, dtype: torch.dtype, use: Callable[[torch.Tensor], T]
     weight is decoded beside this call's GEMM (order: "forward" or "dx", the pass this call belongs to); not while a
     CUDA graph is being captured."""
     with _SCRATCH_LOCK:
-        capturing = qweight.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-        if qlora_prefetch.enabled() and not capturing and qlora_prefetch.trackable(qweight):
+        if qlora_prefetch.enabled() and qlora_prefetch.usable(qweight):
             return qlora_prefetch.prefetcher(qweight.device, dtype, decode_into).run(qweight, use, order)
         return use(dequant_scratch(qweight, dtype))
 

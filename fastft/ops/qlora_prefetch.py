@@ -47,8 +47,11 @@ def set_enabled(on: bool) -> None:
         release()
 
 
-def trackable(qweight) -> bool:
-    """Whether writes into qweight can be seen (an inference tensor has no version counter)."""
+def usable(qweight) -> bool:
+    """Whether this call may prefetch: not while a CUDA graph is being captured (the single scratch's path), and only
+    for a weight whose writes can be seen (an inference tensor has no version counter)."""
+    if qweight.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return False
     return not any(t.is_inference() for t in qweight._tensors_and_offset())
 
 
@@ -118,10 +121,10 @@ class Prefetcher:
         if self.last is not None and self.last[0] != tag:
             self.successor[self.last] = tag
         current = self.streams.current()
-        i = next((k for k, slot in enumerate(self.slots) if slot.tag == tag and slot.owner() is qweight), None)
+        i = self._holding(tag, qweight)
         if i is None:  # not predicted: decoded on the call's stream, into the slot the previous call did not read
             i = 0 if self.last_slot is None else 1 - self.last_slot
-            self._fill(i, qweight, current)
+            self._fill(i, qweight, tag, current)
         else:
             self.streams.wait(current, self.slots[i].ready)
             self.slots[i].ready = None
@@ -132,8 +135,12 @@ class Prefetcher:
         self._prefetch(1 - i, self.successor.get((tag, order)), before_use)
         return out
 
-    def _fill(self, i: int, qweight, stream) -> None:
-        """qweight decoded into slot i on `stream` (the call's), the buffer grown there if needed."""
+    def _holding(self, tag: tuple, qweight) -> Optional[int]:
+        """The slot holding qweight (this very object, alive) decoded as `tag` says, or None."""
+        return next((k for k, slot in enumerate(self.slots) if slot.tag == tag and slot.owner() is qweight), None)
+
+    def _fill(self, i: int, qweight, tag: tuple, stream) -> None:
+        """qweight (known by `tag`) decoded into slot i on `stream` (the call's), the buffer grown there if needed."""
         slot = self.slots[i]
         self.streams.wait(stream, slot.ready)  # a mispredicted prefetch still writing this buffer finishes first
         slot.ready, slot.tag = None, None
@@ -144,14 +151,14 @@ class Prefetcher:
             slot.buf = torch.empty(qweight.numel(), dtype=self.dtype, device=self.streams.device)
         self.decode(qweight, slot.buf[:qweight.numel()])
         self.decodes += 1
-        slot.tag, slot.owner = weight_tag(qweight, self.dtype), weakref.ref(qweight)
+        slot.tag, slot.owner = tag, weakref.ref(qweight)
 
     def _prefetch(self, j: int, tag: Optional[tuple], after) -> None:
         """The weight `tag` decoded into slot j on the side stream, after the event `after` (the work before the GEMM
         just launched). Only into a buffer already large enough: buffers are allocated on the call's stream alone."""
         ref = self.weights.get(tag)
         qweight = None if ref is None else ref()
-        if qweight is None or any(slot.tag == tag and slot.owner() is qweight for slot in self.slots):
+        if qweight is None or self._holding(tag, qweight) is not None:
             return
         slot = self.slots[j]
         if weight_tag(qweight, self.dtype) != tag or slot.buf is None or slot.buf.numel() < qweight.numel():
