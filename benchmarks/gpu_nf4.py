@@ -319,7 +319,7 @@ def forced_bench(path: str, step, grads) -> float:
         return bench(step, grads)
 
 
-def retime_interleaved(row: dict, retimers: dict, rounds: int = 4) -> None:
+def retime_interleaved(row: dict, retimers: dict, rounds: int = 1 if SMOKE else 4) -> None:
     """Each headline timing again, `rounds` times, one case after another in each round, keeping the best and each
     round's time (KEY_rounds, for paired ratios). Timed once each, in order, the bf16 base ran first on a cool card
     and the later cases paid any clock drift: on 2026-12-04 two runs of one H200 read dequantize + cuBLAS without
@@ -345,7 +345,7 @@ def x_base(row: dict, key: str) -> float:
 
 
 def time_qlora(rows):
-    for K, N in SHAPES:
+    for K, N in SHAPES[:1] if SMOKE else SHAPES:  # (the interpreter: one shape, one round, to check the script)
         W = torch.randn(N, K, dtype=BF16, device=DEV) * 0.02
         w = quantize_nf4(W)
         x = torch.randn(M_TRAIN, K, dtype=BF16, device=DEV, requires_grad=True)

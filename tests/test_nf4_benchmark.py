@@ -13,6 +13,7 @@ def test_gpu_nf4_benchmark_smoke(tmp_path):
     assert {"qlora fused within 1e-2 of fp32", "qlora dequant within 1e-2 of fp32"} <= checks.keys()
     assert [r["shape"] for r in result["dequant"]] == ["64x128", "96x64"]
     assert result["copy"][0]["TBps"] > 0 and all(r["fastft_of_copy"] > 0 for r in result["dequant"])
+    assert [r["shape"] for r in result["qlora"]] == ["128->64"]  # the smoke run: one shape, one round
     for row in result["qlora"]:
         assert all(row[f"{k}_ms"] > 0 for k in ("bf16_base", "fused", "dequant", "auto", "dequant_base", "peft_bnb",
                                                  "dequant_host", "dequant_bf16_adapters"))

@@ -308,14 +308,19 @@ def backward_configs(dtype: torch.dtype, head_dim: int, tma_ok: bool, determinis
     elif bd > 128:
         configs = [cfg(64, 32, 8, 2, 64, 32, 8, 2, tma=tma_ok), cfg(64, 16, 8, 2, 64, 64, 8, 2, tma=tma_ok),
                    cfg(32, 32, 4, 2, 32, 32, 4, 2)]
-    elif bd == 128 and tma_ok:  # 128 × 32 rows (main); FA2/FA3's 128 × 64 on 2 stages and on 1; pointers; the
-        # main dK/dV with a 4-warp 64 × 32 dQ: 65.5 KB, 140 registers (sm_90, triton 3.6), three blocks an SM where the
-        # main dQ (131 KB) runs one: 12 warps an SM instead of 8 (docs/gpu-results.md; not yet timed on a GPU)
+    elif bd == 128 and tma_ok:  # 128 × 32 rows (main); FA2/FA3's 128 × 64 on 2 stages and on 1; pointers; then
+        # 4-warp tiles (sm_90, triton 3.6; docs/gpu-results.md; not yet timed on a GPU): the main dK/dV with a
+        # 64 × 32 dQ (65.5 KB, 140 registers: three blocks an SM where the main dQ, 131 KB, runs one); a 64 × 32
+        # dK/dV (65.8 KB, 252 registers, no spills; varlen 40 B as the main one's) with either dQ: two blocks an SM
+        # where the main dK/dV (253 registers on 8 warps) fills the register file alone — the same 8 warps, but
+        # two blocks whose softmax and MMA phases need not line up
         configs = [cfg(128, 32, 8, 2, 128, 64, 8, 2, tma=True),
                    cfg(128, 64, 8, 2, 128, 64, 8, 2, tma=True),
                    cfg(128, 64, 8, 1, 128, 128, 8, 2, tma=True),
                    cfg(64, 64, 8, 2, 64, 32, 8, 2),
-                   cfg(128, 32, 8, 2, 64, 32, 4, 2, tma=True)]
+                   cfg(128, 32, 8, 2, 64, 32, 4, 2, tma=True),
+                   cfg(64, 32, 4, 2, 128, 64, 8, 2, tma=True),
+                   cfg(64, 32, 4, 2, 64, 32, 4, 2, tma=True)]
     elif bd == 128:  # pointers only (head dims 72..120, unaligned strides)
         configs = [cfg(64, 64, 8, 2, 64, 32, 8, 2), cfg(64, 32, 8, 2, 128, 16, 8, 2)]
     elif tma_ok:  # D <= 64: FA2's 128 keys × 64 rows; atomic dQ on 32-row blocks; pointers
