@@ -100,7 +100,7 @@ run() {  # run CAP NAME CMD...: at most CAP seconds and never into the reserve; 
   pack
 }
 
-about="$(timeout 30 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv,noheader 2>&1)
+about="$(timeout 30 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,clocks.mem,power.limit --format=csv,noheader 2>&1)
 $(timeout 60 python3 -c "import torch, triton, transformers, peft; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)" 2>&1)"
 echo "$about"; echo "work folder $work"
 pack

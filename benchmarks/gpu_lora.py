@@ -29,6 +29,8 @@ from fastft.ops import lora_linear, lora_linear_reference, overlap
 
 M = 40 if SMOKE else 8192
 SHAPES = [(48, 40), (37, 70)] if SMOKE else [(4096, 4096), (4096, 14336), (14336, 4096)]
+# sm_mhz, power_w: the card's mean SM clock and power over the case's timed rounds (harness.time_cases, NVML)
+COLUMNS = ["shape", "method", "r", "ms", "ratio", "peak_mib", "sm_mhz", "power_w"]
 RANKS = [8] if SMOKE else [int(r) for r in os.environ.get("LORA_BENCH_RANKS", "8,16,64").split(",")]
 DTYPE = torch.float32 if SMOKE else torch.bfloat16
 CHECKS = [(37, 48, 40, 8), (5, 37, 70, 16)] if SMOKE else [(1037, 4096, 4096, 16), (8192, 4096, 1024, 64),
@@ -199,12 +201,12 @@ def main() -> int:
                                    breakdown_ms=parts, overlap_share=shares, correctness_failures=failures,
                                    complete=complete))
 
-    rows = rows_per_shape(SHAPES, shape_rows, ["shape", "method", "r", "ms", "ratio", "peak_mib"], on_shape=save)
+    rows = rows_per_shape(SHAPES, shape_rows, COLUMNS, on_shape=save)
     save(rows, complete=True)
     dtype = str(DTYPE).removeprefix("torch.")
     print(f"\n## fused LoRA linear fwd+bwd, M={M}, {dtype}, on {card} (ratio = median over rounds of ms / frozen "
           "base ms in the same round)")
-    print(markdown_table(rows, ["shape", "method", "r", "ms", "ratio", "peak_mib"]))
+    print(markdown_table(rows, COLUMNS))
     print("\n## fastft kernel breakdown at r=16 (ms)")
     names = list(next(iter(parts.values())).keys()) if parts else []
     print(markdown_table([dict(kernel=nm, **{s: p[nm] for s, p in parts.items()}) for nm in names],

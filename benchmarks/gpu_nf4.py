@@ -28,6 +28,7 @@ from smoke_mode import BACKEND, DEVICE as DEV, SMOKE  # first: the interpreter b
 import torch
 
 import fastft
+from fastft.apps.bench.clocks import clock_log, mean_or_none
 from fastft.apps.bench.harness import (card_name, concurrency_share, graphed, hbm_spec_tbps, host_ms, log,
                                        paired_ratio, peak_memory_mib, time_ms, versions, write_results)
 from fastft.kernels.rank_ops import rank_pad
@@ -326,13 +327,19 @@ def retime_interleaved(row: dict, retimers: dict, rounds: int = 1 if SMOKE else 
     LoRA at 1.07 / 1.30 / 1.13 and 1.08 / 1.21 / 1.25 the base, and on 2026-12-05 an H100's base read 2.72 then
     2.42 ms at 4096->14336. The first reading of the base is kept as bf16_base_first_ms, to show the drift."""
     row["bf16_base_first_ms"] = row.get("bf16_base_ms")
-    for _ in range(rounds):
+    clocks = clock_log()  # the SM clock and power each round ran at (KEY_mhz_rounds, KEY_w_rounds): a ratio off by
+    for _ in range(rounds):  # a clock drop is the card's power limit, not the kernels
         for key, timed in retimers.items():
             if row.get(key):
-                ms = attempt(f"{key} {row['shape']}, again", timed, optional=True)
+                ms, window = clocks.timed(lambda: attempt(f"{key} {row['shape']}, again", timed, optional=True))
                 row[key] = min(row[key], ms) if ms else row[key]
                 if ms:
                     row.setdefault(key.replace("_ms", "_rounds"), []).append(ms)
+                    row.setdefault(key.replace("_ms", "_mhz_rounds"), []).append(window and round(window["sm_mhz"]))
+                    row.setdefault(key.replace("_ms", "_w_rounds"), []).append(window and round(window["power_w"]))
+    for key in retimers:
+        row[key.replace("_ms", "_mhz")] = mean_or_none(row.get(key.replace("_ms", "_mhz_rounds"), []))
+        row[key.replace("_ms", "_w")] = mean_or_none(row.get(key.replace("_ms", "_w_rounds"), []))
 
 
 def x_base(row: dict, key: str) -> float:
@@ -593,6 +600,12 @@ def print_tables(failures: list[str]):
         print(f"| {r['shape']} | {_fmt(r.get('bf16_base_ms'))} ({_fmt(r.get('bf16_base_first_ms'))}) | " +
               " | ".join(cells) +
               f" | {peaks} ({_fmt(r.get('scratch_MiB'), '.0f')}) |")
+    keys = ("bf16_base", "fused", "dequant", "auto", "dequant_base", "peft_bnb")
+    print("\n| QLoRA: mean SM MHz / W over the interleaved rounds | " + " | ".join(keys) + " |\n|---"
+          + "|---" * len(keys) + "|")
+    for r in RESULTS.get("qlora") or []:
+        print(f"| {r['shape']} | " + " | ".join(f"{_fmt(r.get(k + '_mhz'), 'd')} / {_fmt(r.get(k + '_w'), 'd')}"
+                                                 for k in keys) + " |")
     print("\n| QLoRA dequant path | eager ms | CUDA graph ms (device only) | host ms a call | bf16 adapters ms "
           "| selected (auto): eager ms / CUDA graph ms |\n|---|---|---|---|---|---|")
     for r in RESULTS.get("qlora") or []:

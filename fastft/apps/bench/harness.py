@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from fastft.apps.bench.clocks import clock_log, mean_or_none
 from fastft.files import atomic_write
 
 _T0 = time.time()
@@ -125,15 +126,21 @@ def host_ms(fn, calls: int = 20) -> float:
 def time_cases(cases: list[dict], rounds: int, timer=time_ms) -> None:
     """Sets case["ms"] for each case dict (its "fn" called once first, so compiling and autotuning stay outside the
     timing): the best of `rounds` rounds, the cases interleaved in each so clock drift hits them alike; and
-    case["ms_rounds"], each round's time, for `paired_ratio`."""
+    case["ms_rounds"], each round's time, for `paired_ratio`. On a card NVML reads (fastft.apps.bench.clocks), also
+    the SM clock and power each round ran at (case["sm_mhz_rounds"], ["power_w_rounds"]) and their means."""
+    clocks = clock_log()
     for case in cases:
         case["fn"]()
-        case["ms_rounds"] = []
+        case["ms_rounds"], case["sm_mhz_rounds"], case["power_w_rounds"] = [], [], []
     for _ in range(rounds):
         for case in cases:
-            ms = timer(case["fn"])
+            ms, window = clocks.timed(lambda: timer(case["fn"]))
             case["ms_rounds"].append(ms)
             case["ms"] = min(case.get("ms", float("inf")), ms)
+            case["sm_mhz_rounds"].append(window and round(window["sm_mhz"]))
+            case["power_w_rounds"].append(window and round(window["power_w"]))
+    for case in cases:
+        case["sm_mhz"], case["power_w"] = mean_or_none(case["sm_mhz_rounds"]), mean_or_none(case["power_w_rounds"])
 
 
 def paired_ratio(case: dict, base: dict) -> float:

@@ -1,0 +1,120 @@
+"""The card's SM clock and board power while a benchmark times something, sampled in the background through NVML.
+
+Ratios of two timings are only fair when both ran at the same clocks. A Hopper card in a long GEMM-heavy run lowers
+its SM clock as it reaches its power limit, and a memory-heavy kernel (a dequantize) draws power the GEMMs then
+lack: on 2026-12-05 an H100 read the same bf16 base at 2.42 and 2.72 ms in one run, and dequantize + cuBLAS cost
+~0.4 ms more than its two dequantizations explain (docs/gpu-results.md). A `ClockLog` samples NVML (the driver's
+libnvidia-ml, through ctypes: no package needed) every few milliseconds on a thread for the whole benchmark and
+keeps (time, MHz, W); `window(t0, t1)` is their mean over one timing's span. Without a CUDA card or without NVML it
+samples nothing and every window is None: the benchmarks run the same without it.
+"""
+from __future__ import annotations
+
+import atexit
+import ctypes
+import threading
+import time
+
+import torch
+
+NVML_CLOCK_SM = 1
+
+
+class _Nvml:
+    """The few NVML calls needed: a handle for the current CUDA device, its SM clock (MHz) and power draw (W)."""
+
+    def __init__(self, lib=None):
+        self.lib = lib if lib is not None else ctypes.CDLL("libnvidia-ml.so.1")
+        if self.lib.nvmlInit_v2() != 0:
+            raise OSError("nvmlInit_v2 failed")
+        self.handle = ctypes.c_void_p()
+        uuid = str(torch.cuda.get_device_properties(torch.cuda.current_device()).uuid)
+        # NVML numbers the cards by PCI bus, CUDA (by default) fastest first, and CUDA_VISIBLE_DEVICES renumbers
+        # them again: the UUID names the same card in both
+        name = uuid if uuid.startswith("GPU-") else f"GPU-{uuid}"
+        if self.lib.nvmlDeviceGetHandleByUUID(name.encode(), ctypes.byref(self.handle)) == 0:
+            return
+        count = ctypes.c_uint()  # a UUID written another way: with one card there is no doubt which
+        if (self.lib.nvmlDeviceGetCount_v2(ctypes.byref(count)) != 0 or count.value != 1
+                or self.lib.nvmlDeviceGetHandleByIndex_v2(0, ctypes.byref(self.handle)) != 0):
+            raise OSError(f"no NVML device with UUID {name}")
+
+    def read(self) -> tuple[float, float] | None:
+        mhz, milliwatts = ctypes.c_uint(), ctypes.c_uint()
+        if (self.lib.nvmlDeviceGetClockInfo(self.handle, NVML_CLOCK_SM, ctypes.byref(mhz)) != 0
+                or self.lib.nvmlDeviceGetPowerUsage(self.handle, ctypes.byref(milliwatts)) != 0):
+            return None
+        return float(mhz.value), milliwatts.value / 1e3
+
+
+class ClockLog:
+    """Samples the current CUDA card's SM clock and power every `interval_ms` on a thread until `stop()`.
+    `source`: something with read() -> (MHz, W) or None (tests pass a stand-in); by default NVML, when a CUDA
+    card and the driver's NVML library are there."""
+
+    def __init__(self, interval_ms: float = 10, source=None):
+        self.samples: list[tuple[float, float, float]] = []  # (time.monotonic(), MHz, W)
+        self.interval = interval_ms / 1e3
+        self._stop = threading.Event()
+        self._thread = None
+        if source is None and torch.cuda.is_available():
+            try:
+                source = _Nvml()
+            except (OSError, AttributeError, RuntimeError):  # no libnvidia-ml, or a torch without .uuid
+                source = None
+        if source is None:
+            return
+        self._source = source
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    @property
+    def sampling(self) -> bool:
+        return self._thread is not None
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            reading = self._source.read()  # ctypes releases the GIL during the call: the benchmark's thread runs
+            if reading is not None:
+                self.samples.append((time.monotonic(), *reading))
+            self._stop.wait(self.interval)
+
+    def window(self, start: float, end: float) -> dict | None:
+        """Mean and lowest SM MHz and mean W of the samples taken between the time.monotonic() readings `start` and
+        `end`; None without a sample there (no card, no NVML, or a window shorter than the interval)."""
+        inside = [(mhz, watts) for t, mhz, watts in list(self.samples) if start <= t <= end]
+        if not inside:
+            return None
+        mhz = [m for m, _ in inside]
+        return dict(sm_mhz=sum(mhz) / len(mhz), sm_mhz_min=min(mhz),
+                    power_w=sum(w for _, w in inside) / len(inside), samples=len(inside))
+
+    def timed(self, fn):
+        """(fn(), the window over its call)."""
+        start = time.monotonic()
+        out = fn()
+        return out, self.window(start, time.monotonic())
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join(timeout=5)
+            self._thread = None
+
+
+_SHARED: ClockLog | None = None
+
+
+def clock_log() -> ClockLog:
+    """The process's one ClockLog, started on first use (it samples nothing without a CUDA card)."""
+    global _SHARED
+    if _SHARED is None:
+        _SHARED = ClockLog()
+        atexit.register(_SHARED.stop)  # the thread ends before the interpreter does, not inside an NVML call
+    return _SHARED
+
+
+def mean_or_none(values) -> int | None:
+    """The rounded mean of the values that are not None (a round without samples), or None."""
+    values = [v for v in values if v is not None]
+    return round(sum(values) / len(values)) if values else None
