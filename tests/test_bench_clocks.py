@@ -22,10 +22,10 @@ def test_a_window_averages_the_samples_taken_inside_it():
     log = clocks.ClockLog(interval_ms=1, source=FakeSource([None, (1980.0, 700.0), (1500.0, 500.0)]))
     try:
         assert log.sampling
-        out, window = log.timed(lambda: time.sleep(0.05) or "done")
+        out, window = log.timed(lambda: time.sleep(0.1) or "done")
     finally:
         log.stop()
-    assert out == "done" and window["samples"] >= 5
+    assert out == "done" and window["samples"] >= 2  # (1 ms apart; a loaded machine may starve the thread)
     assert window["sm_mhz_min"] == 1500.0 and 1500.0 <= window["sm_mhz"] < 1980.0
     assert 500.0 <= window["power_w"] < 700.0
     assert log.window(0.0, 1e-9) is None  # no sample in that span

@@ -31,6 +31,10 @@ def test_step_times_are_the_timed_steps_mean_median_and_tokens_per_s(monkeypatch
         return optimizer
 
     monkeypatch.setattr(run, "make_optimizer", slow_optimizer)
+    marks = []  # the clock window spans the timed steps: marked after the warm-up, read after the last step
+    monkeypatch.setattr(run, "clock_log", lambda: types.SimpleNamespace(
+        mark=lambda: marks.append(("mark", len(delays))) or 7.0,
+        since=lambda mark: marks.append(("since", mark, len(delays))) or dict(sm_mhz=1754.6, power_w=611.2)))
     cfg = BenchConfig(shape="tiny", steps=len(STEP_S), warmup=1, seq_len=8, batch_size=2, methods=("lora",), peers=())
     row = run.run_one(cfg, "lora", "fastft", torch.device("cpu"))
     assert row["status"] == "ok", row
@@ -42,3 +46,5 @@ def test_step_times_are_the_timed_steps_mean_median_and_tokens_per_s(monkeypatch
     assert row["step_ms_median"] == pytest.approx(statistics.median(timed))
     assert row["tokens_per_s"] == pytest.approx(2 * 8 / (statistics.fmean(timed) / 1e3))
     assert row["warmup_steps"] == 1 and row["warmup_s"] == pytest.approx(WARMUP_S)
+    assert marks == [("mark", len(STEP_S)), ("since", 7.0, 0)]
+    assert row["sm_mhz"] == 1755 and row["power_w"] == 611

@@ -89,11 +89,19 @@ class ClockLog:
         return dict(sm_mhz=sum(mhz) / len(mhz), sm_mhz_min=min(mhz),
                     power_w=sum(w for _, w in inside) / len(inside), samples=len(inside))
 
+    def mark(self) -> float:
+        """Now, for `since`."""
+        return time.monotonic()
+
+    def since(self, mark: float) -> dict | None:
+        """The window from `mark` (a `mark()`) to now."""
+        return self.window(mark, time.monotonic())
+
     def timed(self, fn):
         """(fn(), the window over its call)."""
-        start = time.monotonic()
+        start = self.mark()
         out = fn()
-        return out, self.window(start, time.monotonic())
+        return out, self.since(start)
 
     def stop(self) -> None:
         if self._thread is not None:

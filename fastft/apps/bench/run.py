@@ -7,7 +7,8 @@ timed step is bracketed by device synchronisation; tokens/s counts the batch's B
 tuning's virtual tokens are not counted). Any failure becomes the row's status (unavailable / not installed / oom /
 error) and the next run goes on. A run whose loss became NaN/inf is "diverged", and a compiled run that dynamo
 partly ran eagerly (its recompile limit hit, or no graph compiled) is "not compiled": both keep their timings in the
-JSON, but no table cell, ratio or target uses them.
+JSON, but no table cell, ratio or target uses them. On a card, the row also keeps the mean SM clock and power over
+the timed steps (sm_mhz, power_w: fastft.apps.bench.clocks), to tell a power-limited clock from the method.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import traceback
 import torch
 
 from fastft.apps.bench import peers
+from fastft.apps.bench.clocks import clock_log
 from fastft.apps.bench.config import BenchConfig
 from fastft.apps.bench.harness import PeakMemory, release_freed_memory
 from fastft.apps.bench.shapes import build_model, resolve_dtype
@@ -97,6 +99,8 @@ def _measure(cfg: BenchConfig, method: str, implementation: str, device: torch.d
     _sync(device)
     warmup_s = time.perf_counter() - start
     step_ms = []
+    clocks = clock_log()
+    timed_from = clocks.mark()
     with meter:
         for _ in range(cfg.steps):
             _sync(device)
@@ -104,6 +108,7 @@ def _measure(cfg: BenchConfig, method: str, implementation: str, device: torch.d
             losses.append(step())
             _sync(device)
             step_ms.append((time.perf_counter() - t0) * 1e3)
+    clock = clocks.since(timed_from) or {}  # the card's SM clock and power over the timed steps
     losses = [float(v) for v in losses]
     mean_ms = statistics.fmean(step_ms)
     compiled = {} if compile == "off" else {"compile_stats": _counts_since(counts_before)}
@@ -117,6 +122,7 @@ def _measure(cfg: BenchConfig, method: str, implementation: str, device: torch.d
         "trainable_params": sum(p.numel() for p in params),
         "loss_first": losses[0], "loss_last": losses[-1],
         "build_s": build_s, "warmup_s": warmup_s, "warmup_steps": warmup,
+        "sm_mhz": round(clock["sm_mhz"]) if clock else None, "power_w": round(clock["power_w"]) if clock else None,
         **compiled,
         **notes,
     }
