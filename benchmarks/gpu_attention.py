@@ -133,7 +133,7 @@ def check_configs():
             f"{row.get('rel_err', row.get('error'))}")
     if o is None:
         raise RuntimeError("no forward config passed the correctness check")
-    for cfg in kbwd.backward_configs(DTYPE, D, tma):
+    for cfg in kbwd.backward_configs(DTYPE, D, tma, candidates=True):  # the candidates too: checked, timed
         row = dict(section="correctness", kernel="backward", config=cfg_name(cfg))
         try:
             bufs = dict(dq=torch.full_like(q, float("nan")), dk=torch.full_like(k, float("nan")),

@@ -415,8 +415,8 @@ def attention_kernels(every_config: bool = False) -> int:
     with descriptors: the main config of each list (the first: the untimed default and the usual winner) in the
     causal batch layout and varlen with a prefix, must compile, fit shared memory and not spill (beyond
     KNOWN_ATTENTION_SPILLS). every_config (argument `attention all`, ~2 min): also every other config the
-    tuner may pick, with descriptors and from the pointer-only lists (head dims without descriptors), which must
-    compile and fit shared memory (their spills are reported)."""
+    tuner may pick or a GPU run may promote (the candidates), with descriptors and from the pointer-only lists
+    (head dims without descriptors), which must compile and fit shared memory (their spills are reported)."""
     from fastft.kernels import attention_bwd, attention_fwd
 
     failures = 0
@@ -442,7 +442,8 @@ def attention_kernels(every_config: bool = False) -> int:
                              dict(num_warps=warps, num_stages=stages), i == 0))
         bwd_configs = attention_bwd.backward_configs(torch.bfloat16, head_dim, True)
         if every_config:
-            bwd_configs = _unique(bwd_configs + attention_bwd.backward_configs(torch.bfloat16, head_dim, False))
+            bwd_configs = _unique(attention_bwd.backward_configs(torch.bfloat16, head_dim, True, candidates=True)
+                                  + attention_bwd.backward_configs(torch.bfloat16, head_dim, False))
         for i, cfg in enumerate(bwd_configs if every_config else bwd_configs[:1]):
             for varlen, prefix in ((False, False),) + (((True, True),) if i == 0 else ()):
                 tag = f"D={head_dim} varlen={varlen} prefix={prefix} {cfg}"

@@ -79,6 +79,22 @@ def test_deterministic_mode_drops_atomic_dq(monkeypatch):
         attention_bwd.backward_configs.cache_clear()
 
 
+def test_backward_candidates_stay_out_of_the_tuners_list(monkeypatch):
+    """Configs no GPU run has checked are offered to the GPU checks (candidates=True), never to the tuner: a
+    config is the same kernel at other tile sizes, but one never run on a GPU could be silently wrong there."""
+    from fastft.kernels import attention_bwd
+    monkeypatch.setattr(attention_bwd, "INTERPRET", False)
+    attention_bwd.backward_configs.cache_clear()
+    try:
+        tuned = attention_bwd.backward_configs(torch.bfloat16, 128, True)
+        offered = attention_bwd.backward_configs(torch.bfloat16, 128, True, candidates=True)
+        assert offered[:len(tuned)] == tuned and len(offered) > len(tuned)
+        assert all(c["WARPS"] == 4 or c["DQ_WARPS"] == 4 for c in offered[len(tuned):])
+        assert all(c["WARPS"] == 8 and c["DQ_WARPS"] == 8 for c in tuned if c["USE_TMA"])
+    finally:
+        attention_bwd.backward_configs.cache_clear()
+
+
 @interpreter_only
 def test_deterministic_backward_takes_the_dq_kernel(monkeypatch):
     from fastft.kernels import attention_bwd
@@ -337,7 +353,7 @@ def test_gpu_every_config_bf16():
                             dtype=torch.bfloat16, device="cuda")
         tma = tma_eligible(128, args["q"], args["k"], args["v"])
         fwd = forward_configs(torch.bfloat16, 128, tma)
-        bwd = backward_configs(torch.bfloat16, 128, tma)
+        bwd = backward_configs(torch.bfloat16, 128, tma, candidates=True)  # the untried ones too
         check_configs(args, fwd, bwd, torch.bfloat16, causal=True, strict=False)
 
 

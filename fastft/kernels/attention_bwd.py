@@ -292,7 +292,11 @@ def _attn_bwd_dq_kernel(
 # 16 rows, 0 B (64 × 64 spilled 440 B); its pointer fallback still spills (~330 B).
 
 @functools.lru_cache(maxsize=None)
-def backward_configs(dtype: torch.dtype, head_dim: int, tma_ok: bool, deterministic: bool = False) -> list[dict]:
+def backward_configs(dtype: torch.dtype, head_dim: int, tma_ok: bool, deterministic: bool = False,
+                     candidates: bool = False) -> list[dict]:
+    """The tuner's configs. candidates=True adds those no GPU run has checked yet: benchmarks/gpu_attention.py and
+    the GPU test of every config check and time them, tests/sm90_compile.py `attention all` compiles them; the tuner
+    takes them once a run backs them (a config never run on a GPU could be silently wrong there)."""
     def cfg(bn, bm, warps, stages, bm2, bn2, dq_warps, dq_stages, atomic=False, tma=False):
         return dict(BLOCK_N=bn, BLOCK_M=bm, WARPS=warps, STAGES=stages, BLOCK_M2=bm2, BLOCK_N2=bn2,
                     DQ_WARPS=dq_warps, DQ_STAGES=dq_stages, ATOMIC_DQ=atomic, USE_TMA=tma)
@@ -308,19 +312,19 @@ def backward_configs(dtype: torch.dtype, head_dim: int, tma_ok: bool, determinis
     elif bd > 128:
         configs = [cfg(64, 32, 8, 2, 64, 32, 8, 2, tma=tma_ok), cfg(64, 16, 8, 2, 64, 64, 8, 2, tma=tma_ok),
                    cfg(32, 32, 4, 2, 32, 32, 4, 2)]
-    elif bd == 128 and tma_ok:  # 128 × 32 rows (main); FA2/FA3's 128 × 64 on 2 stages and on 1; pointers; then
-        # 4-warp tiles (sm_90, triton 3.6; docs/gpu-results.md; not yet timed on a GPU): the main dK/dV with a
-        # 64 × 32 dQ (65.5 KB, 140 registers: three blocks an SM where the main dQ, 131 KB, runs one); a 64 × 32
-        # dK/dV (65.8 KB, 252 registers, no spills; varlen 40 B as the main one's) with either dQ: two blocks an SM
-        # where the main dK/dV (253 registers on 8 warps) fills the register file alone — the same 8 warps, but
-        # two blocks whose softmax and MMA phases need not line up
+    elif bd == 128 and tma_ok:  # 128 × 32 rows (main); FA2/FA3's 128 × 64 on 2 stages and on 1; pointers
         configs = [cfg(128, 32, 8, 2, 128, 64, 8, 2, tma=True),
                    cfg(128, 64, 8, 2, 128, 64, 8, 2, tma=True),
                    cfg(128, 64, 8, 1, 128, 128, 8, 2, tma=True),
-                   cfg(64, 64, 8, 2, 64, 32, 8, 2),
-                   cfg(128, 32, 8, 2, 64, 32, 4, 2, tma=True),
-                   cfg(64, 32, 4, 2, 128, 64, 8, 2, tma=True),
-                   cfg(64, 32, 4, 2, 64, 32, 4, 2, tma=True)]
+                   cfg(64, 64, 8, 2, 64, 32, 8, 2)]
+        if candidates:  # 4-warp tiles (sm_90, triton 3.6; docs/gpu-results.md): the main dK/dV with a 64 × 32 dQ
+            # (65.5 KB, 140 registers: three blocks an SM where the main dQ, 131 KB, runs one); a 64 × 32 dK/dV
+            # (65.8 KB, 252 registers, no spills; varlen 40 B as the main one's) with either dQ: two blocks an SM
+            # where the main dK/dV (253 registers on 8 warps) fills the register file alone — the same 8 warps, but
+            # two blocks whose softmax and MMA phases need not line up
+            configs += [cfg(128, 32, 8, 2, 64, 32, 4, 2, tma=True),
+                        cfg(64, 32, 4, 2, 128, 64, 8, 2, tma=True),
+                        cfg(64, 32, 4, 2, 64, 32, 4, 2, tma=True)]
     elif bd == 128:  # pointers only (head dims 72..120, unaligned strides)
         configs = [cfg(64, 64, 8, 2, 64, 32, 8, 2), cfg(64, 32, 8, 2, 128, 16, 8, 2)]
     elif tma_ok:  # D <= 64: FA2's 128 keys × 64 rows; atomic dQ on 32-row blocks; pointers
