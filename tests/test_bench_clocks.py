@@ -50,7 +50,7 @@ def test_time_cases_records_each_rounds_clock(monkeypatch):
     log = clocks.ClockLog(interval_ms=1, source=FakeSource([(1755.0, 650.0)]))
     monkeypatch.setattr(harness, "clock_log", lambda: log)
     try:
-        cases = [dict(fn=lambda: time.sleep(0.01))]
+        cases = [dict(fn=lambda: time.sleep(0.05))]  # 50 samples a round: none missed under load
         harness.time_cases(cases, rounds=3)
     finally:
         log.stop()
