@@ -38,7 +38,7 @@ import fastft.kernels.attention_bwd as kbwd
 import fastft.kernels.attention_fwd as kfwd
 from fastft.kernels.attention import tma_eligible
 from fastft.ops import flash_attention
-from fastft.apps.bench.clocks import clock_log
+from fastft.apps.bench.clocks import clock_log, rounded
 from fastft.apps.bench.harness import card_name, log, peak_memory_gib, time_ms, write_results
 from fastft.ops.attention import attention_reference
 
@@ -215,8 +215,7 @@ def time_method(shape, method, fwd, fwd_bwd, flops):
     try:
         row["fwd_ms"] = bench(fwd)
         row["fwdbwd_ms"], clocks = clock_log().timed(lambda: bench(fwd_bwd))  # the clock it ran at (power limit)
-        row["fwdbwd_sm_mhz"], row["fwdbwd_power_w"] = (round(clocks[k]) if clocks else None
-                                                       for k in ("sm_mhz", "power_w"))
+        row["fwdbwd_sm_mhz"], row["fwdbwd_power_w"] = rounded(clocks, "sm_mhz"), rounded(clocks, "power_w")
         row["fwd_tflops"] = flops / row["fwd_ms"] * 1e-9
         row["fwdbwd_tflops"] = 3.5 * flops / row["fwdbwd_ms"] * 1e-9
         row["peak_gib"] = peak_gib(fwd_bwd)

@@ -85,6 +85,8 @@ class FakeNvml:
         return 0
 
     def nvmlDeviceGetPowerUsage(self, handle, milliwatts):
+        if self.count == 3:  # a card that does not report power (some virtual machines)
+            return 3
         milliwatts._obj.value = 612_500
         return 0
 
@@ -99,3 +101,18 @@ def test_nvml_finds_the_cuda_device_by_uuid_and_falls_back_to_the_only_card(monk
     assert clocks._Nvml(FakeNvml(by_uuid=False)).read() == (1590.0, 612.5)  # one card: index 0
     with pytest.raises(OSError, match="UUID"):
         clocks._Nvml(FakeNvml(by_uuid=False, count=2))  # several cards and no UUID match: no guessing
+    assert clocks._Nvml(FakeNvml(by_uuid=True, count=3)).read() == (1980.0, None)  # the clock without power
+
+
+def test_a_card_without_power_readings_still_gives_its_clock(monkeypatch):
+    log = clocks.ClockLog(interval_ms=1, source=FakeSource([(1700.0, None)]))
+    monkeypatch.setattr(harness, "clock_log", lambda: log)
+    try:
+        _, window = log.timed(lambda: time.sleep(0.05))
+        cases = [dict(fn=lambda: time.sleep(0.05))]
+        harness.time_cases(cases, rounds=1)
+    finally:
+        log.stop()
+    assert window["sm_mhz"] == 1700.0 and window["power_w"] is None
+    assert clocks.rounded(window, "power_w") is None and clocks.rounded(None, "sm_mhz") is None
+    assert cases[0]["sm_mhz"] == 1700 and cases[0]["power_w"] is None

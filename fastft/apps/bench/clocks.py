@@ -39,12 +39,13 @@ class _Nvml:
                 or self.lib.nvmlDeviceGetHandleByIndex_v2(0, ctypes.byref(self.handle)) != 0):
             raise OSError(f"no NVML device with UUID {name}")
 
-    def read(self) -> tuple[float, float] | None:
+    def read(self) -> tuple[float, float | None] | None:
+        """(SM MHz, W), W None where the card does not report power (some virtual machines); None without a clock."""
         mhz, milliwatts = ctypes.c_uint(), ctypes.c_uint()
-        if (self.lib.nvmlDeviceGetClockInfo(self.handle, NVML_CLOCK_SM, ctypes.byref(mhz)) != 0
-                or self.lib.nvmlDeviceGetPowerUsage(self.handle, ctypes.byref(milliwatts)) != 0):
+        if self.lib.nvmlDeviceGetClockInfo(self.handle, NVML_CLOCK_SM, ctypes.byref(mhz)) != 0:
             return None
-        return float(mhz.value), milliwatts.value / 1e3
+        power = self.lib.nvmlDeviceGetPowerUsage(self.handle, ctypes.byref(milliwatts))
+        return float(mhz.value), (milliwatts.value / 1e3 if power == 0 else None)
 
 
 class ClockLog:
@@ -53,7 +54,7 @@ class ClockLog:
     card and the driver's NVML library are there."""
 
     def __init__(self, interval_ms: float = 10, source=None):
-        self.samples: list[tuple[float, float, float]] = []  # (time.monotonic(), MHz, W)
+        self.samples: list[tuple[float, float, float | None]] = []  # (time.monotonic(), MHz, W or None)
         self.interval = interval_ms / 1e3
         self._stop = threading.Event()
         self._thread = None
@@ -80,14 +81,16 @@ class ClockLog:
             self._stop.wait(self.interval)
 
     def window(self, start: float, end: float) -> dict | None:
-        """Mean and lowest SM MHz and mean W of the samples taken between the time.monotonic() readings `start` and
-        `end`; None without a sample there (no card, no NVML, or a window shorter than the interval)."""
+        """Mean and lowest SM MHz and mean W (None where no sample had power) of the samples taken between the
+        time.monotonic() readings `start` and `end`; None without a sample there (no card, no NVML, or a window
+        shorter than the interval)."""
         inside = [(mhz, watts) for t, mhz, watts in list(self.samples) if start <= t <= end]
         if not inside:
             return None
         mhz = [m for m, _ in inside]
+        watts = [w for _, w in inside if w is not None]
         return dict(sm_mhz=sum(mhz) / len(mhz), sm_mhz_min=min(mhz),
-                    power_w=sum(w for _, w in inside) / len(inside), samples=len(inside))
+                    power_w=sum(watts) / len(watts) if watts else None, samples=len(inside))
 
     def mark(self) -> float:
         """Now, for `since`."""
@@ -120,6 +123,12 @@ def clock_log() -> ClockLog:
         _SHARED = ClockLog()
         atexit.register(_SHARED.stop)  # the thread ends before the interpreter does, not inside an NVML call
     return _SHARED
+
+
+def rounded(window: dict | None, key: str) -> int | None:
+    """window[key] rounded, or None (no window, or no power reading in it)."""
+    value = None if window is None else window.get(key)
+    return None if value is None else round(value)
 
 
 def mean_or_none(values) -> int | None:

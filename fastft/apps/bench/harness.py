@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from fastft.apps.bench.clocks import clock_log, mean_or_none
+from fastft.apps.bench.clocks import clock_log, mean_or_none, rounded
 from fastft.files import atomic_write
 
 _T0 = time.time()
@@ -137,8 +137,8 @@ def time_cases(cases: list[dict], rounds: int, timer=time_ms) -> None:
             ms, window = clocks.timed(lambda: timer(case["fn"]))
             case["ms_rounds"].append(ms)
             case["ms"] = min(case.get("ms", float("inf")), ms)
-            case["sm_mhz_rounds"].append(window and round(window["sm_mhz"]))
-            case["power_w_rounds"].append(window and round(window["power_w"]))
+            case["sm_mhz_rounds"].append(rounded(window, "sm_mhz"))
+            case["power_w_rounds"].append(rounded(window, "power_w"))
     for case in cases:
         case["sm_mhz"], case["power_w"] = mean_or_none(case["sm_mhz_rounds"]), mean_or_none(case["power_w_rounds"])
 

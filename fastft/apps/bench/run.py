@@ -20,7 +20,7 @@ import traceback
 import torch
 
 from fastft.apps.bench import peers
-from fastft.apps.bench.clocks import clock_log
+from fastft.apps.bench.clocks import clock_log, rounded
 from fastft.apps.bench.config import BenchConfig
 from fastft.apps.bench.harness import PeakMemory, release_freed_memory
 from fastft.apps.bench.shapes import build_model, resolve_dtype
@@ -108,7 +108,7 @@ def _measure(cfg: BenchConfig, method: str, implementation: str, device: torch.d
             losses.append(step())
             _sync(device)
             step_ms.append((time.perf_counter() - t0) * 1e3)
-    clock = clocks.since(timed_from) or {}  # the card's SM clock and power over the timed steps
+    clock = clocks.since(timed_from)  # the card's SM clock and power over the timed steps
     losses = [float(v) for v in losses]
     mean_ms = statistics.fmean(step_ms)
     compiled = {} if compile == "off" else {"compile_stats": _counts_since(counts_before)}
@@ -122,7 +122,7 @@ def _measure(cfg: BenchConfig, method: str, implementation: str, device: torch.d
         "trainable_params": sum(p.numel() for p in params),
         "loss_first": losses[0], "loss_last": losses[-1],
         "build_s": build_s, "warmup_s": warmup_s, "warmup_steps": warmup,
-        "sm_mhz": round(clock["sm_mhz"]) if clock else None, "power_w": round(clock["power_w"]) if clock else None,
+        "sm_mhz": rounded(clock, "sm_mhz"), "power_w": rounded(clock, "power_w"),
         **compiled,
         **notes,
     }
