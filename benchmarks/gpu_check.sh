@@ -196,4 +196,7 @@ for s in $sections; do
 done
 echo "== done in $(( SECONDS - start ))s; summary ($results/summary.md, logs and JSON in $results/results.tar.gz):"
 sed -n '/^| section/,/^$/p' "$results/summary.md"
+# the verdict on each candidate from this run's JSON (no torch: a second; the same runs back home on results.tar.gz)
+echo "== candidates (benchmarks/candidates.py):"
+timeout 30 python3 benchmarks/candidates.py "$work" 2>&1 | tail -n 30
 exit $status
