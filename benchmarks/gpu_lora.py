@@ -55,6 +55,19 @@ def check_correctness() -> list[str]:
             err = ((got.double() - ref).norm() / ref.norm()).item()
             if not err < 2e-2:
                 failures.append(f"{name} at {(m, k, n, r)}: rel err {err:.2e}")
+        # the overlap candidate (FASTFT_LORA_OVERLAP): the same math on two streams with other configs (the dx GEMM's
+        # that leave room, the reductions' small tile), so the default path's gradients to summation-order rounding;
+        # a stream race would be far off (benchmarks/candidates.py promotes it only without failures here)
+        before = overlap.enabled()
+        overlap.set_enabled(True)
+        try:
+            overlapped = torch.autograd.grad(lora_linear(x, W, None, A, B, 2.0, backend=BACKEND), [x, A, B], dy)
+        finally:
+            overlap.set_enabled(before)
+        for name, got, want in zip(("dx", "dA", "dB"), overlapped, grads):
+            err = ((got.double() - want.double()).norm() / want.double().norm()).item()
+            if not err <= 1e-3:
+                failures.append(f"overlapped {name} at {(m, k, n, r)}: {err:.2e} off the default path")
     return failures
 
 

@@ -2,8 +2,10 @@
 runs. On the CPU the streams are stand-ins that log what the backward does with them, in order: the side stream waits
 for the current one (g is ready), the dx GEMM goes to the current stream first, with the configs that leave room
 beside it, then the reductions to the side stream with their small config, and the current stream waits for the side
-one last, with the tensors each stream shares recorded on the other. On the GPU: the same gradients bit for bit,
-eager and under a CUDA graph (where the overlap stays off)."""
+one last, with the tensors each stream shares recorded on the other (the interpreter has one config a kernel, so the
+gradients there are the default path's bit for bit). On the GPU the overlapped backward takes other configs (the dx
+GEMM's that leave room, the reductions' 32×64 tile, whose M-splits group the fp32 sums otherwise): the gradients
+agree with the default path's to fp32 summation order (bf16 outputs to a rounding), and repeat bit for bit."""
 import contextlib
 
 import pytest
@@ -15,7 +17,7 @@ from fastft.kernels import nf4_gemm as nf4_gemm_kernels
 from fastft.kernels import rank_ops
 from fastft.ops import dora_linear, lora_linear, overlap, qlora_linear
 from fastft.quant import quantize_nf4
-from tests.utils import assert_repeats_bit_identical, interpreter_only
+from tests.utils import assert_repeats_bit_identical, interpreter_only, rel_err
 
 
 class FakeStream:
@@ -163,9 +165,11 @@ def test_the_env_switch_is_read_at_import(monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.parametrize("op", ["lora", "qlora", "dora", "qdora"])
 @pytest.mark.parametrize("dropout_p", [0.0, 0.1])
-def test_overlapped_gradients_are_bit_identical_on_the_gpu(op, dropout_p):
-    """The same kernels on the same inputs on two streams: the same outputs and gradients bit for bit, at a size
-    where the reductions and the dx GEMM both take many blocks; under a CUDA graph the overlap stays off."""
+def test_overlapped_gradients_match_the_default_path_on_the_gpu(op, dropout_p):
+    """The same math on two streams, at a size where the reductions and the dx GEMM both take many blocks: the
+    output bit for bit (the forward does not change), the gradients within summation-order rounding of the default
+    path's (other configs: the dx GEMM's that leave room, the reductions' small tile and M-splits), and the
+    overlapped gradients the same bits on every repeat (no stream race)."""
     torch.manual_seed(0)
     M, K, N, r = 2048, 1024, 3072, 16
     x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -190,6 +194,12 @@ def test_overlapped_gradients_are_bit_identical_on_the_gpu(op, dropout_p):
         overlap.set_enabled(False)
         want = grads()
         overlap.set_enabled(True)
-        assert_repeats_bit_identical(grads, want, 3)
+        got = grads()
+        torch.cuda.synchronize()
+        assert torch.equal(got[0], want[0])
+        for name, g, w in zip(("dx", "dA", "dB", "dm"), got[1:], want[1:]):
+            # bf16 dx: a few elements one rounding apart; fp32 adapter gradients: the sums' order only
+            assert rel_err(g, w) <= (1e-3 if g.dtype == torch.bfloat16 else 1e-5), (name, rel_err(g, w))
+        assert_repeats_bit_identical(grads, got, 3)
     finally:
         overlap.set_enabled(before)

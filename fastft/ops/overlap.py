@@ -6,8 +6,9 @@ memory-bound; the dx GEMM (dy·W + g·A) is compute-bound and needs neither of t
 one after the other: on the H100 (docs/gpu-results.md, 2026-12-05) the reductions cost ~0.13 ms of the 2.96 ms
 fwd+bwd at 4096->14336, M = 8192, r = 16, more than the gap to the 1.06× target. With overlap on, the side stream
 first waits for the current stream (g is ready), the dx GEMM is launched on the current stream, then the reductions
-on the side stream, and the current stream waits for the side stream: the same results, and nothing later on the
-current stream sees dA or dB early.
+on the side stream, and the current stream waits for the side stream: nothing later on the current stream sees dA
+or dB early. The results are the default path's up to summation order (the configs below group the fp32 sums
+otherwise), the same bits run to run.
 
 Two kernels overlap only where their blocks share the SMs. The GEMM is persistent (one block an SM) and its fastest
 descriptor configs on sm_90 take 225–229 KB of an SM's 228 KB of shared memory: beside them no reduction block fits
