@@ -116,3 +116,13 @@ def test_a_card_without_power_readings_still_gives_its_clock(monkeypatch):
     assert window["sm_mhz"] == 1700.0 and window["power_w"] is None
     assert clocks.rounded(window, "power_w") is None and clocks.rounded(None, "sm_mhz") is None
     assert cases[0]["sm_mhz"] == 1700 and cases[0]["power_w"] is None
+
+
+def test_a_source_that_fails_ends_the_sampling_quietly():
+    class Broken:
+        def read(self):
+            raise RuntimeError("NVML went away")
+    log = clocks.ClockLog(interval_ms=1, source=Broken())
+    _, window = log.timed(lambda: time.sleep(0.02))
+    log.stop()
+    assert window is None and log.samples == []

@@ -61,7 +61,7 @@ class ClockLog:
         if source is None and torch.cuda.is_available():
             try:
                 source = _Nvml()
-            except (OSError, AttributeError, RuntimeError):  # no libnvidia-ml, or a torch without .uuid
+            except Exception:  # noqa: BLE001 - no libnvidia-ml, a torch without .uuid, ...: a diagnostic, never fatal
                 source = None
         if source is None:
             return
@@ -75,7 +75,10 @@ class ClockLog:
 
     def _sample(self) -> None:
         while not self._stop.is_set():
-            reading = self._source.read()  # ctypes releases the GIL during the call: the benchmark's thread runs
+            try:
+                reading = self._source.read()  # ctypes releases the GIL during the call: the benchmark's thread runs
+            except Exception:  # noqa: BLE001 - a failing read ends the sampling (windows after it are None), no more
+                return
             if reading is not None:
                 self.samples.append((time.monotonic(), *reading))
             self._stop.wait(self.interval)
