@@ -26,7 +26,8 @@
 #   build         ~30-60 s (cap 100)   fastft._C with nvcc for sm_90 (the CUDA GEMV)
 #   kernel-tests  ~100-180 s (cap 180)  the changed kernels' GPU suites vs fp64 (LoRA split/fold and each
 #                 descriptor config, NF4 dequant/GEMM/GEMV, QLoRA paths, attention configs with GQA, prefix,
-#                 window, varlen), 4 pytest-xdist workers (one without xdist): Triton compiles dominate, 16 cores
+#                 window, varlen; the overlap, the prefetch, NF4 on CUDA under FSDP2/NCCL on one rank), 4 pytest-xdist
+#                 workers (one without xdist): Triton compiles dominate, 16 cores
 #   large-offsets ~35 s (cap 60)      the int32-overflow tests on real 2^31-element buffers, one process
 #   lora-paths    ~110-200 s (cap 170)  split vs fold tables and the MEASURED entries for fastft/ops/lora_path.py;
 #                 r 16 and 64 (r 8 pads to R=16: the same kernels); JSON and entries written after each shape
@@ -140,7 +141,7 @@ for s in $sections; do
     kernel-tests) FASTFT_AUTOTUNE=0 run 180 kernel-tests python3 -m pytest -q \
                     $(python3 -c "import xdist" > /dev/null 2>&1 && printf '%s' '-n 4') -m "gpu or anydevice" tests/test_lora_gpu.py \
                     tests/test_nf4_gpu.py tests/test_qlora_path.py tests/test_methods_dora.py tests/test_attention_op.py tests/test_fp16_rank_split_backward.py \
-                    tests/test_inplace_outputs.py tests/test_lora_overlap.py tests/test_qlora_prefetch.py \
+                    tests/test_inplace_outputs.py tests/test_lora_overlap.py tests/test_qlora_prefetch.py tests/test_nf4_fsdp.py \
                     -p no:cacheprovider \
                     --durations=15 ;;
     # one process: each test's buffer is 2^31 elements (4-9 GB); inside kernel-tests' 4 workers the H100 ran out of
@@ -172,7 +173,7 @@ for s in $sections; do
                  tests/test_nf4_gpu.py tests/test_qlora_path.py tests/test_methods_dora.py -p no:cacheprovider ;;
     losses-tests) run 120 losses-tests python3 -m pytest -q -m gpu tests/test_linear_losses_gpu.py tests/test_add_product.py -p no:cacheprovider ;;
     losses) run 150 losses python3 benchmarks/gpu_losses.py ;;
-    train-tests) run 120 train-tests python3 -m pytest -q -m gpu tests/test_train_gpu.py -p no:cacheprovider ;;
+    train-tests) run 170 train-tests python3 -m pytest -q -m gpu tests/test_train_gpu.py tests/test_bench_cli.py -p no:cacheprovider ;;
     train) run 450 train python3 benchmarks/gpu_train.py ;;  # + two compiled (CUDA graph) SmolLM2 runs
     # every method through `fastft train`, patched (--patch-model auto) in bf16; patched vs unpatched losses
     train-methods-tests) run 300 train-methods-tests python3 -m pytest -q -m gpu tests/test_train_methods.py -p no:cacheprovider ;;

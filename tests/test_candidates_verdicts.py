@@ -51,12 +51,17 @@ def test_a_split_k_gemv_joins_the_tuner_where_it_beats_the_pick_and_its_checks_p
 def test_the_script_reads_a_results_folder(monkeypatch, tmp_path, capsys):
     c = _candidates(monkeypatch)
     (tmp_path / "lora.json").write_text(json.dumps(_lora_rows([1.05, 1.09])))
-    (tmp_path / "attention.json").write_text(json.dumps(dict(rows=[
-        dict(section="configs", shape="B4xS2048", kernel="backward", config="32/128/128/64/8/2/8/2+use_tma", ms=2.0),
-        dict(section="configs", shape="B4xS2048", kernel="backward", config="32/64/128/64/4/2/8/2+use_tma", ms=1.8),
-        dict(section="configs", shape="B4xS2048", kernel="backward", config="broken", error="x")])))
+    rows = [dict(section="configs", shape="B4xS2048", kernel="backward", config="main", ms=2.0, candidate=False),
+            dict(section="configs", shape="B4xS2048", kernel="backward", config="other", ms=2.1, candidate=False),
+            dict(section="configs", shape="B4xS2048", kernel="backward", config="4-warp", ms=1.8, candidate=True),
+            dict(section="configs", shape="B4xS2048", kernel="backward", config="broken", error="x", candidate=True),
+            dict(section="configs", shape="B1xS8192", kernel="backward", config="main", ms=5.0, candidate=False),
+            dict(section="configs", shape="B1xS8192", kernel="backward", config="4-warp", ms=4.99, candidate=True)]
+    (tmp_path / "attention.json").write_text(json.dumps(dict(rows=rows)))
     assert c.main([str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "| FASTFT_LORA_OVERLAP | promote" in out
-    assert "| attention backward B4xS2048 | tuner's pick: 32/64/128/64/4/2/8/2+use_tma | 1.800 ms, next" in out
+    assert ("| attention backward B4xS2048 | add candidate 4-warp to the tuner's list: faster than its pick main "
+            "| 2.000 ms; best candidate 4-warp 1.800 ms |") in out
+    assert "| attention backward B1xS8192 | tuner's pick: main |" in out  # 0.2% faster: noise
     assert c.main([str(tmp_path / "missing")]) == 2

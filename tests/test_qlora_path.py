@@ -5,7 +5,7 @@ import torch
 
 from fastft.kernels import autotune
 from fastft.ops import lora_linear, lora_linear_reference, qlora_linear
-from fastft.ops import qlora_path
+from fastft.ops import qlora_path, qlora_prefetch
 from fastft.quant import quantize_nf4
 from tests.utils import assert_close, check_nf4_linear_fp64, interpreter_only
 
@@ -13,11 +13,14 @@ from tests.utils import assert_close, check_nf4_linear_fp64, interpreter_only
 @pytest.fixture(autouse=True)
 def _fresh_choices(monkeypatch):
     monkeypatch.delenv(qlora_path.ENV, raising=False)
+    prefetch = qlora_prefetch.enabled()  # FASTFT_QLORA_PREFETCH=1 exported would hold two buffers, not one scratch
+    qlora_prefetch.set_enabled(False)
     qlora_path.reset_path_choices()
     qlora_path.release_dequant_scratch()
     yield
     qlora_path.reset_path_choices()
     qlora_path.release_dequant_scratch()
+    qlora_prefetch.set_enabled(prefetch)
 
 
 def _problem(lead, K, N, r, dtype, blocksize=64, device="cpu"):

@@ -128,7 +128,7 @@ def test_prefetched_chain_is_bit_identical_on_the_gpu():
     want = step()
     qlora_prefetch.set_enabled(True)
     assert_repeats_bit_identical(step, want, 4)
-    assert _prefetcher("cuda", torch.bfloat16).decodes > 0
+    assert _prefetcher(weights[0].device, torch.bfloat16).decodes > 0  # cuda:0: torch.device("cuda") is another key
     assert qlora_path.dequant_scratch_bytes() <= 3 * max(w.numel() for w in weights) * 2  # the two + the one above
     # under capture: the single scratch (sized and tuned before, outside it), nothing on the side stream
     static_x = torch.randn(2048, dims[0], device="cuda", dtype=torch.bfloat16)

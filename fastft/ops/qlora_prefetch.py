@@ -108,6 +108,7 @@ class Prefetcher:
         self.last: Optional[tuple] = None  # (tag, order) of the previous call
         self.last_slot: Optional[int] = None  # and the slot it read
         self.decodes = 0  # decodes launched (a test's count)
+        self.ahead = 0  # of them, those made ahead of their call (on the side stream on a GPU)
 
     def run(self, qweight, use: Callable[[torch.Tensor], T], order: str) -> T:
         """use(W) with qweight decoded in one of the buffers (waited for, or decoded now), then the predicted next
@@ -175,6 +176,7 @@ class Prefetcher:
         else:
             self.decode(qweight, slot.buf[:qweight.numel()], True)
         self.decodes += 1
+        self.ahead += 1
         slot.tag, slot.owner = tag, ref
 
     def nbytes(self) -> int:
