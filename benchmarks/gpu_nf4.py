@@ -41,7 +41,7 @@ M_TRAIN, RANK, ALPHA = (40 if SMOKE else 8192), 16, 32                          
 BATCHES = (1, 4) if SMOKE else (1, 4, 16)
 # optional variants (the peft+bnb peer) are skipped past this: gpu_check.sh caps the run at 150 s. Not in the CPU
 # smoke run, which checks every variant and whose time depends on the machine's load (CI's 2 workers took >120 s)
-DEADLINE_S = float("inf") if SMOKE else 120
+DEADLINE_S = float("inf") if SMOKE else 130  # optional timings skipped past it: gpu_check's cap is 150 s
 GEMV_TOL = 1e-2  # relative error of the bf16 GEMV against fp32 (bf16 output rounding is ~4e-3)
 T0 = time.time()
 RESULTS: dict = {"errors": []}
@@ -381,9 +381,9 @@ def time_qlora(rows):
                                             lambda: (step(), bench(step, [x, A, B]))[1])
                 retimers[f"{path}_ms"] = lambda path=path, step=step: forced_bench(path, step, [x, A, B])
                 row[f"{path}_peak_MiB"] = attempt("peak", peak_with_scratch)
-        # where the dequant path's time goes beside the bf16 LoRA layer's (at 4096->4096 on an H200 it cost 1.86x the base
-        # where dequantize + the base GEMM cost 1.07x): device time alone (a CUDA graph replay), host time per call
-        # queued back to back, and the same call with bf16 adapters (A, B here are fp32, as peft keeps QLoRA's)
+        # where the dequant path's time goes beside the bf16 LoRA layer's (at 4096->4096 on an H200 it cost 1.86x the
+        # base where dequantize + the base GEMM cost 1.07x): device time alone (a CUDA graph replay), host time per
+        # call queued back to back, and the same call with bf16 adapters (A, B here are fp32, as peft keeps QLoRA's)
         with qlora_path_forced("dequant"):
             row["dequant_host_ms"] = attempt("host", lambda: host_ms(step, 1 if SMOKE else 20))
             if DEV == "cuda":

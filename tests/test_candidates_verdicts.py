@@ -25,6 +25,12 @@ def test_a_switch_is_promoted_only_when_correct_faster_somewhere_and_slower_nowh
     assert c.overlap(_lora_rows([1.095, 1.105]))[0]["verdict"] == "keep opt-in: within noise everywhere"
     failed = dict(_lora_rows([1.0, 1.0]), correctness_failures=["dx rel err"])
     assert "correctness" in c.overlap(failed)[0]["verdict"]
+    failed = dict(_lora_rows([1.0, 1.0]), overlap_failures=["overlapped dA at (1037, 4096, 4096, 16): 3e-2 off"])
+    assert "correctness" in c.overlap(failed)[0]["verdict"]
+    raised = _lora_rows([1.0])
+    raised["rows"].append(dict(shape="4096->14336", r=16, method="fastft fused, overlapped dA/dB", error="boom"))
+    verdict = c.overlap(raised)[0]
+    assert "correctness" in verdict["verdict"] and "boom" in verdict["measured"]
     fast_but_not_identical = dict(prefetch=[dict(shape="4096->14336", dequant_x_base=1.30, prefetch_x_base=1.20,
                                                  prefetch_identical=False)])
     assert "correctness" in c.prefetch(fast_but_not_identical)[0]["verdict"]
@@ -37,7 +43,9 @@ def test_a_switch_is_promoted_only_when_correct_faster_somewhere_and_slower_nowh
 def test_a_split_k_gemv_joins_the_tuner_where_it_beats_the_pick_and_its_checks_passed(monkeypatch):
     c = _candidates(monkeypatch)
     gemv = [dict(shape="4096->14336", batch=1, fastft_us=27.0, table_deep_k4_us=27.1, table_deep_k2_us=21.0),
-            dict(shape="4096->14336", batch=4, fastft_us=28.0, table_deep_k4_us=29.0, table_deep_k2_us=30.0)]
+            dict(shape="4096->14336", batch=4, fastft_us=28.0, table_deep_k4_us=29.0, table_deep_k2_us=30.0),
+            # above 8 rows the candidates launch TABLE's kernel: a "gain" there is noise, never a verdict
+            dict(shape="4096->14336", batch=16, fastft_us=37.0, table_deep_k4_us=30.0, table_deep_k2_us=36.0)]
     checks = {"gemv table_deep_k4 4096->14336 batch 1 rel err": 2e-3,
               "gemv table_deep_k2 4096->14336 batch 1 rel err": 2e-3}
     got = {r["candidate"]: r["verdict"] for r in c.gemv_candidates(dict(gemv=gemv, correctness=checks))}

@@ -6,7 +6,7 @@ from tests.utils import interpreter_only
 @interpreter_only
 def test_gpu_lora_benchmark_smoke(tmp_path):
     result, stdout = run_benchmark_smoke("gpu_lora.py", "lora.json", tmp_path)
-    assert result["correctness_failures"] == []
+    assert result["correctness_failures"] == [] and result["overlap_failures"] == []
     rows = result["rows"]
     assert not [r for r in rows if "FAILED" in r["method"]]
     for shape in ("48->40", "37->70"):
