@@ -7,7 +7,6 @@ timed training run), `methods` (every run of a table, with a progress bar), `rep
 `resume` (carrying on a table cut short), `kernels` (the benchmarks/gpu_*.py families), `clocks` (the card's SM clock
 and power during each timing, through NVML).
 """
-from fastft.apps.bench.clocks import clock_log  # noqa: F401
 from fastft.apps.bench.harness import (  # noqa: F401 - the harness API the kernel benchmarks import
     card_name,
     concurrency_share,
