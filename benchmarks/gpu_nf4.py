@@ -28,7 +28,7 @@ from smoke_mode import BACKEND, DEVICE as DEV, SMOKE  # first: the interpreter b
 import torch
 
 import fastft
-from fastft.apps.bench.clocks import clock_log, mean_or_none, rounded
+from fastft.apps.bench.clocks import clock_log, record_round
 from fastft.apps.bench.harness import (card_name, concurrency_share, graphed, hbm_spec_tbps, host_ms, log,
                                        paired_ratio, peak_memory_mib, time_ms, versions, write_results)
 from fastft.kernels.rank_ops import rank_pad
@@ -336,11 +336,7 @@ def retime_interleaved(row: dict, retimers: dict, rounds: int = 1 if SMOKE else 
                 row[key] = min(row[key], ms) if ms else row[key]
                 if ms:
                     row.setdefault(key.replace("_ms", "_rounds"), []).append(ms)
-                    row.setdefault(key.replace("_ms", "_mhz_rounds"), []).append(rounded(window, "sm_mhz"))
-                    row.setdefault(key.replace("_ms", "_w_rounds"), []).append(rounded(window, "power_w"))
-    for key in retimers:
-        row[key.replace("_ms", "_mhz")] = mean_or_none(row.get(key.replace("_ms", "_mhz_rounds"), []))
-        row[key.replace("_ms", "_w")] = mean_or_none(row.get(key.replace("_ms", "_w_rounds"), []))
+                    record_round(row, window, key.replace("_ms", "_mhz"), key.replace("_ms", "_w"))
 
 
 def x_base(row: dict, key: str) -> float:

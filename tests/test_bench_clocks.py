@@ -57,6 +57,15 @@ def test_time_cases_records_each_rounds_clock(monkeypatch):
     assert cases[0]["sm_mhz_rounds"] == [1755] * 3 and cases[0]["sm_mhz"] == 1755 and cases[0]["power_w"] == 650
 
 
+def test_record_round_keeps_each_round_and_the_mean_under_the_given_keys():
+    row = {}
+    clocks.record_round(row, dict(sm_mhz=1700.4, power_w=None), "qlora_mhz", "qlora_w")
+    clocks.record_round(row, None, "qlora_mhz", "qlora_w")  # a round without samples
+    clocks.record_round(row, dict(sm_mhz=1601.0, power_w=640.6), "qlora_mhz", "qlora_w")
+    assert row == dict(qlora_mhz_rounds=[1700, None, 1601], qlora_mhz=1650, qlora_w_rounds=[None, None, 641],
+                       qlora_w=641)
+
+
 class FakeNvml:
     """libnvidia-ml's calls as _Nvml makes them; by_uuid: whether the UUID lookup succeeds."""
 

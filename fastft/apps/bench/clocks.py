@@ -138,3 +138,12 @@ def mean_or_none(values) -> int | None:
     """The rounded mean of the values that are not None (a round without samples), or None."""
     values = [v for v in values if v is not None]
     return round(sum(values) / len(values)) if values else None
+
+
+def record_round(record: dict, window: dict | None, mhz_key: str = "sm_mhz", w_key: str = "power_w") -> None:
+    """Appends one timing round's SM clock and power (`window`, rounded) to record[mhz_key + "_rounds"] and
+    record[w_key + "_rounds"], and keeps record[mhz_key] / record[w_key] at the mean of the rounds so far."""
+    for key, field in ((mhz_key, "sm_mhz"), (w_key, "power_w")):
+        rounds = record.setdefault(key + "_rounds", [])
+        rounds.append(rounded(window, field))
+        record[key] = mean_or_none(rounds)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from fastft.apps.bench.clocks import clock_log, mean_or_none, rounded
+from fastft.apps.bench.clocks import clock_log, record_round
 from fastft.files import atomic_write
 
 _T0 = time.time()
@@ -132,15 +132,13 @@ def time_cases(cases: list[dict], rounds: int, timer=time_ms) -> None:
     for case in cases:
         case["fn"]()
         case["ms_rounds"], case["sm_mhz_rounds"], case["power_w_rounds"] = [], [], []
+        case["sm_mhz"] = case["power_w"] = None
     for _ in range(rounds):
         for case in cases:
             ms, window = clocks.timed(lambda: timer(case["fn"]))
             case["ms_rounds"].append(ms)
             case["ms"] = min(case.get("ms", float("inf")), ms)
-            case["sm_mhz_rounds"].append(rounded(window, "sm_mhz"))
-            case["power_w_rounds"].append(rounded(window, "power_w"))
-    for case in cases:
-        case["sm_mhz"], case["power_w"] = mean_or_none(case["sm_mhz_rounds"]), mean_or_none(case["power_w_rounds"])
+            record_round(case, window)
 
 
 def paired_ratio(case: dict, base: dict) -> float:
