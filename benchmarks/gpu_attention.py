@@ -92,7 +92,7 @@ def cfg_name(cfg: dict) -> str:
     keys = ("BLOCK_M", "BLOCK_N", "BLOCK_M2", "BLOCK_N2", "num_warps", "WARPS", "num_stages", "STAGES", "DQ_WARPS",
             "DQ_STAGES")
     dims = "/".join(str(cfg[k]) for k in keys if k in cfg)
-    flags = [f for f in ("USE_TMA", "WARP_SPECIALIZE", "ATOMIC_DQ", "PERSISTENT") if cfg.get(f)]
+    flags = [f for f in ("USE_TMA", "WARP_SPECIALIZE", "ATOMIC_DQ", "DQ_REDUCE", "PERSISTENT") if cfg.get(f)]
     return dims + ("+" + "+".join(f.lower() for f in flags) if flags else "")
 
 

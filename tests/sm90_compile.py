@@ -449,13 +449,15 @@ def attention_kernels(every_config: bool = False) -> int:
                 tag = f"D={head_dim} varlen={varlen} prefix={prefix} {cfg}"
                 jobs.append((f"attention bwd dkdv {tag}", attention_bwd._attn_bwd_dkdv_kernel, dkdv_sig,
                              dict(common, VARLEN=varlen, PREFIX=False, ATOMIC_DQ=cfg["ATOMIC_DQ"],
-                                  USE_TMA=cfg["USE_TMA"], BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"]),
+                                  DQ_REDUCE=cfg["DQ_REDUCE"], USE_TMA=cfg["USE_TMA"], BLOCK_M=cfg["BLOCK_M"],
+                                  BLOCK_N=cfg["BLOCK_N"]),
                              dict(num_warps=cfg["WARPS"], num_stages=cfg["STAGES"]), i == 0))
                 if prefix:  # the prefix keys' own dK/dV launch (no masks, fp32 gradients)
                     jobs.append((f"attention bwd dkdv {tag} prefix-keys", attention_bwd._attn_bwd_dkdv_kernel,
                                  dict(dkdv_sig, dk_ptr="*fp32", dv_ptr="*fp32"),
                                  dict(common, VARLEN=varlen, PREFIX=True, ATOMIC_DQ=cfg["ATOMIC_DQ"],
-                                      USE_TMA=cfg["USE_TMA"], BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"]),
+                                      DQ_REDUCE=cfg["DQ_REDUCE"], USE_TMA=cfg["USE_TMA"], BLOCK_M=cfg["BLOCK_M"],
+                                      BLOCK_N=cfg["BLOCK_N"]),
                                  dict(num_warps=cfg["WARPS"], num_stages=cfg["STAGES"]), i == 0))
                 if not cfg["ATOMIC_DQ"]:
                     jobs.append((f"attention bwd dq {tag}", attention_bwd._attn_bwd_dq_kernel, dq_sig,

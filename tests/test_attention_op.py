@@ -5,6 +5,8 @@ ragged. GPU tests (`-m gpu`) run every launch config the tuner may pick, into Na
 """
 from __future__ import annotations
 
+import itertools
+
 import warnings
 
 import pytest
@@ -70,10 +72,10 @@ def test_deterministic_mode_drops_atomic_dq(monkeypatch):
             attention_bwd.backward_configs.cache_clear()
             for dtype in (torch.float32, torch.bfloat16):
                 for head_dim in (64, 128, 256):
-                    for tma in (True, False):
-                        free = attention_bwd.backward_configs(dtype, head_dim, tma)
-                        kept = attention_bwd.backward_configs(dtype, head_dim, tma, True)
-                        assert kept and not any(c["ATOMIC_DQ"] for c in kept), (dtype, head_dim, tma)
+                    for tma, candidates in itertools.product((True, False), (False, True)):
+                        free = attention_bwd.backward_configs(dtype, head_dim, tma, candidates=candidates)
+                        kept = attention_bwd.backward_configs(dtype, head_dim, tma, True, candidates=candidates)
+                        assert kept and not any(c["ATOMIC_DQ"] or c["DQ_REDUCE"] for c in kept), (dtype, head_dim, tma)
                         assert kept == [c for c in free if not c["ATOMIC_DQ"]] or len(kept) == 1
     finally:
         attention_bwd.backward_configs.cache_clear()
@@ -89,7 +91,9 @@ def test_backward_candidates_stay_out_of_the_tuners_list(monkeypatch):
         tuned = attention_bwd.backward_configs(torch.bfloat16, 128, True)
         offered = attention_bwd.backward_configs(torch.bfloat16, 128, True, candidates=True)
         assert offered[:len(tuned)] == tuned and len(offered) > len(tuned)
-        assert all(c["WARPS"] == 4 or c["DQ_WARPS"] == 4 for c in offered[len(tuned):])
+        # the 4-warp tiles and the dQ by TMA reduce-adds
+        assert all(c["WARPS"] == 4 or c["DQ_WARPS"] == 4 or c["DQ_REDUCE"] for c in offered[len(tuned):])
+        assert any(c["DQ_REDUCE"] for c in offered) and not any(c["DQ_REDUCE"] for c in tuned)
         assert all(c["WARPS"] == 8 and c["DQ_WARPS"] == 8 for c in tuned if c["USE_TMA"])
     finally:
         attention_bwd.backward_configs.cache_clear()
@@ -133,9 +137,9 @@ def _fwd_cfg(bm, bn, tma, ws=False, warps=4, stages=1, persistent=False):
                 PERSISTENT=persistent)
 
 
-def _bwd_cfg(bn, bm, bm2, bn2, atomic, tma, warps=4, stages=1):
+def _bwd_cfg(bn, bm, bm2, bn2, atomic, tma, warps=4, stages=1, reduce=False):
     return dict(BLOCK_N=bn, BLOCK_M=bm, WARPS=warps, STAGES=stages, BLOCK_M2=bm2, BLOCK_N2=bn2,
-                DQ_WARPS=warps, DQ_STAGES=stages, ATOMIC_DQ=atomic, USE_TMA=tma)
+                DQ_WARPS=warps, DQ_STAGES=stages, ATOMIC_DQ=atomic, USE_TMA=tma, DQ_REDUCE=reduce)
 
 
 def check_configs(args, fwd_configs, bwd_configs, dtype, causal=True, window=None, strict=True):
@@ -195,15 +199,19 @@ def test_launch_configs(tma):
     # persistent: 4 programs on the CPU (runtime.num_sms) walk 3 row blocks x 8 sequence-heads
     fwd = [_fwd_cfg(16, 32, tma), _fwd_cfg(32, 16, tma, ws=True), _fwd_cfg(16, 16, tma, persistent=True)]
     bwd = [_bwd_cfg(16, 32, 16, 32, True, tma), _bwd_cfg(32, 16, 32, 16, False, tma)]
+    if tma:  # dQ by TMA reduce-adds (an atomic add through the descriptor's pointers under the interpreter)
+        bwd.append(_bwd_cfg(16, 32, 16, 32, True, tma, reduce=True))
     check_configs(args, fwd, bwd, torch.float32, causal=True, window=21)
 
 
 @interpreter_only
 def test_launch_configs_packed_dq_kernel():
-    """Packed documents through the separate dQ kernel (the interpreter's default config uses atomics)."""
+    """Packed documents through the separate dQ kernel (the interpreter's default config uses atomics), and through
+    TMA reduce-adds into each document's own rows (a reduce clipped at the document's end)."""
     args = make_problem(cu=[0, 30, 31, 75], heads=4, kv_heads=2, prefix=6, prefix_batch=2)
     fwd = [_fwd_cfg(16, 32, False), _fwd_cfg(16, 32, True, persistent=True)]  # persistent: skips past short docs
-    check_configs(args, fwd, [_bwd_cfg(32, 16, 32, 16, False, True)], torch.float32)
+    bwd = [_bwd_cfg(32, 16, 32, 16, False, True), _bwd_cfg(16, 32, 16, 32, True, True, reduce=True)]
+    check_configs(args, fwd, bwd, torch.float32)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -11,7 +11,8 @@ gradients go to an fp32 per-sequence buffer that the launcher sums when the pref
 
 Two ways to get dQ, picked by the tuner: the dq kernel (recomputes P and dP: 7 matmuls in all, no
 atomics, deterministic), or ATOMIC_DQ, where the dK/dV kernel also adds dS·K into an fp32 buffer with
-atomics (5 matmuls, FlashAttention-2's choice).
+atomics (5 matmuls, FlashAttention-2's choice). Its per-element atomics spill at D = 128; DQ_REDUCE adds the
+tile by a TMA reduce-add instead (FlashAttention-3's choice): a candidate, not yet run on a GPU.
 
 Hopper (USE_TMA): every tile — Q/dO row blocks, K/V key blocks, the dK/dV/dQ outputs — goes through tensor
 descriptors; pointer tiles keep per-element 64-bit addresses live from load to store, which spilled at D=128.
@@ -69,9 +70,9 @@ def _attn_bwd_delta_kernel(
 
 @triton.jit
 def _dkdv_steps(dk, dv, k, v, q_src, do_src, g, stride_qh, stride_doh, stride_q, stride_do, lse_ptr, delta_ptr,
-                row_off, dq_base, stride_dq, lo, hi, n_q, keys, n_keys, shift, left, right, qk_scale,
+                row_off, dq_dst, stride_dq, lo, hi, n_q, keys, n_keys, shift, left, right, qk_scale,
                 BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, MASK: tl.constexpr,
-                ATOMIC_DQ: tl.constexpr, USE_TMA: tl.constexpr, UPCAST: tl.constexpr,
+                ATOMIC_DQ: tl.constexpr, DQ_REDUCE: tl.constexpr, USE_TMA: tl.constexpr, UPCAST: tl.constexpr,
                 DOT_PRECISION: tl.constexpr):
     """Row blocks [lo, hi) of one query head against this program's keys, in the transposed frame
     (scores are [BLOCK_N, BLOCK_M]). MASK: 0 all visible, 1 positions and bounds, 2 key bound only;
@@ -105,12 +106,15 @@ def _dkdv_steps(dk, dv, k, v, q_src, do_src, g, stride_qh, stride_doh, stride_q,
             p_t = tl.where((keys < n_keys)[:, None], p_t, 0.0)
         dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
-        if ATOMIC_DQ:
-            dq = tl.dot(tl.trans(ds_t.to(k.dtype)), k, input_precision=DOT_PRECISION)
+        ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
+        dk = tl.dot(ds_t, q, dk, input_precision=DOT_PRECISION)
+        if DQ_REDUCE:  # dQᵀ = Kᵀ·dSᵀ: M = D for the warpgroup MMA (dS·K's M = BLOCK_M < 64 took mma.sync)
+            dq_t = tl.dot(tl.trans(k), ds_t, input_precision=DOT_PRECISION)
+            dq_dst.atomic_add([m0, g, 0], tl.trans(dq_t).reshape(BLOCK_M, 1, BLOCK_D))  # a TMA reduce-add
+        elif ATOMIC_DQ:
+            dq = tl.dot(tl.trans(ds_t), k, input_precision=DOT_PRECISION)
             # relaxed: only the sum matters, no ordering with other memory
-            tl.atomic_add(dq_base + rows.to(tl.int64)[:, None] * stride_dq + cols[None, :], dq,
+            tl.atomic_add(dq_dst + rows.to(tl.int64)[:, None] * stride_dq + cols[None, :], dq,
                           mask=(rows < n_q)[:, None] & (cols < HEAD_DIM)[None, :], sem="relaxed")
     return dk, dv
 
@@ -123,10 +127,12 @@ def _attn_bwd_dkdv_kernel(
     stride_dqb, stride_dqs, stride_dqh, stride_lb, stride_lh,
     seqlen_q, seqlen_k, n_prefix, n_kv_heads, group, qk_scale, sm_scale, left, right,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    VARLEN: tl.constexpr, PREFIX: tl.constexpr, ATOMIC_DQ: tl.constexpr, USE_TMA: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    VARLEN: tl.constexpr, PREFIX: tl.constexpr, ATOMIC_DQ: tl.constexpr, DQ_REDUCE: tl.constexpr,
+    USE_TMA: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """PREFIX: k/v/dk/dv address the prefix (n_prefix keys per sequence, no token start, never masked)."""
+    """PREFIX: k/v/dk/dv address the prefix (n_prefix keys per sequence, no token start, never masked).
+    ATOMIC_DQ: dS·K added into dq (fp32) with atomics, per element; DQ_REDUCE (with USE_TMA): a tile at a time, by
+    a TMA reduce-add through a descriptor, where per-element addresses spilled at D = 128."""
     b, kvh, _, start, n_q, n_k = program_seq_head(program_bh(), n_kv_heads, 1, cu_ptr, seqlen_q, seqlen_k, VARLEN)
     n0 = tl.program_id(0) * BLOCK_N
     if PREFIX:
@@ -176,24 +182,31 @@ def _attn_bwd_dkdv_kernel(
     else:
         q_src = q_grp
         do_src = do_grp
+    if DQ_REDUCE:  # the group's dQ rows, laid out as Q's
+        dq_grp = tl.make_tensor_descriptor(head_rows(dq_ptr, b, start, kvh * group, stride_dqb, stride_dqs, stride_dqh),
+                                           shape=[n_q, group, HEAD_DIM], strides=[stride_dqs, stride_dqh, 1],
+                                           block_shape=[BLOCK_M, 1, BLOCK_D])
     for g in range(group):
         h = kvh * group + g
         # one offset for both (delta is laid out as lse): the kernel's pointer arguments cost no registers
         row_off = b.to(tl.int64) * stride_lb + h * stride_lh + start
-        dq_base = head_rows(dq_ptr, b, start, h, stride_dqb, stride_dqs, stride_dqh)
+        if DQ_REDUCE:
+            dq_dst = dq_grp
+        else:
+            dq_dst = head_rows(dq_ptr, b, start, h, stride_dqb, stride_dqs, stride_dqh)
         # (head g of the group, its lse/delta offset, dQ rows): the same for every row-block range below
-        head = (g, stride_qh, stride_doh, stride_qs, stride_dos, lse_ptr, delta_ptr, row_off, dq_base, stride_dqs)
+        head = (g, stride_qh, stride_doh, stride_qs, stride_dos, lse_ptr, delta_ptr, row_off, dq_dst, stride_dqs)
         keys_args = (n_q, keys, n_k, shift, left, right, qk_scale)
         if PREFIX:
             dk, dv = _dkdv_steps(dk, dv, k, v, q_src, do_src, *head, lo, hi, *keys_args,
-                                 BLOCK_M, BLOCK_D, HEAD_DIM, 2, ATOMIC_DQ, USE_TMA, UPCAST, DOT_PRECISION)
+                                 BLOCK_M, BLOCK_D, HEAD_DIM, 2, ATOMIC_DQ, DQ_REDUCE, USE_TMA, UPCAST, DOT_PRECISION)
         else:
             dk, dv = _dkdv_steps(dk, dv, k, v, q_src, do_src, *head, lo, full_lo, *keys_args,
-                                 BLOCK_M, BLOCK_D, HEAD_DIM, 1, ATOMIC_DQ, USE_TMA, UPCAST, DOT_PRECISION)
+                                 BLOCK_M, BLOCK_D, HEAD_DIM, 1, ATOMIC_DQ, DQ_REDUCE, USE_TMA, UPCAST, DOT_PRECISION)
             dk, dv = _dkdv_steps(dk, dv, k, v, q_src, do_src, *head, full_lo, full_hi, *keys_args,
-                                 BLOCK_M, BLOCK_D, HEAD_DIM, 0, ATOMIC_DQ, USE_TMA, UPCAST, DOT_PRECISION)
+                                 BLOCK_M, BLOCK_D, HEAD_DIM, 0, ATOMIC_DQ, DQ_REDUCE, USE_TMA, UPCAST, DOT_PRECISION)
             dk, dv = _dkdv_steps(dk, dv, k, v, q_src, do_src, *head, full_hi, hi, *keys_args,
-                                 BLOCK_M, BLOCK_D, HEAD_DIM, 1, ATOMIC_DQ, USE_TMA, UPCAST, DOT_PRECISION)
+                                 BLOCK_M, BLOCK_D, HEAD_DIM, 1, ATOMIC_DQ, DQ_REDUCE, USE_TMA, UPCAST, DOT_PRECISION)
 
     store_tile(dk_dst, stride_dks, n0, n_k, (dk * sm_scale).to(dk_ptr.dtype.element_ty),
                BLOCK_N, BLOCK_D, HEAD_DIM, USE_TMA)
@@ -297,9 +310,10 @@ def backward_configs(dtype: torch.dtype, head_dim: int, tma_ok: bool, determinis
     """The tuner's configs. candidates=True adds those no GPU run has checked yet: benchmarks/gpu_attention.py and
     the GPU test of every config check and time them, tests/sm90_compile.py `attention all` compiles them; the tuner
     takes them once a run backs them (a config never run on a GPU could be silently wrong there)."""
-    def cfg(bn, bm, warps, stages, bm2, bn2, dq_warps, dq_stages, atomic=False, tma=False):
+    def cfg(bn, bm, warps, stages, bm2, bn2, dq_warps, dq_stages, atomic=False, tma=False, reduce=False):
         return dict(BLOCK_N=bn, BLOCK_M=bm, WARPS=warps, STAGES=stages, BLOCK_M2=bm2, BLOCK_N2=bn2,
-                    DQ_WARPS=dq_warps, DQ_STAGES=dq_stages, ATOMIC_DQ=atomic, USE_TMA=tma)
+                    DQ_WARPS=dq_warps, DQ_STAGES=dq_stages, ATOMIC_DQ=atomic or reduce, USE_TMA=tma or reduce,
+                    DQ_REDUCE=reduce)
 
     configs: list[dict]
     bd = block_d(head_dim)
@@ -325,6 +339,11 @@ def backward_configs(dtype: torch.dtype, head_dim: int, tma_ok: bool, determinis
             configs += [cfg(128, 32, 8, 2, 64, 32, 4, 2, tma=True),
                         cfg(64, 32, 4, 2, 128, 64, 8, 2, tma=True),
                         cfg(64, 32, 4, 2, 64, 32, 4, 2, tma=True)]
+            # dQ in the dK/dV kernel by TMA reduce-adds (FlashAttention-2/3's five matmuls, where the dQ kernel
+            # recomputes P and dP: seven): the main tile, and on 1 stage (0 B; 2 stages: 40 B a thread, loaded
+            # outside the MMA loops, 168 B with the prefix keys). 128 × 64 (80-96 B), 64 × 32 on 4 warps (16-24 B)
+            # and 128 × 16 (32-64 B) spill more (triton 3.6)
+            configs += [cfg(128, 32, 8, 2, 128, 64, 8, 2, reduce=True), cfg(128, 32, 8, 1, 128, 64, 8, 2, reduce=True)]
     elif bd == 128:  # pointers only (head dims 72..120, unaligned strides)
         configs = [cfg(64, 64, 8, 2, 64, 32, 8, 2), cfg(64, 32, 8, 2, 128, 16, 8, 2)]
     elif tma_ok:  # D <= 64: FA2's 128 keys × 64 rows; atomic dQ on 32-row blocks; pointers
@@ -336,7 +355,7 @@ def backward_configs(dtype: torch.dtype, head_dim: int, tma_ok: bool, determinis
         configs = [cfg(128, 32, 8, 2, 128, 64, 8, 2), cfg(128, 32, 8, 2, 128, 64, 8, 2, atomic=True),
                    cfg(64, 64, 8, 2, 128, 32, 8, 3)]
     if deterministic:
-        configs = [c for c in configs if not c["ATOMIC_DQ"]] or [dict(configs[0], ATOMIC_DQ=False)]
+        configs = [c for c in configs if not c["ATOMIC_DQ"]] or [dict(configs[0], ATOMIC_DQ=False, DQ_REDUCE=False)]
     return configs
 
 
@@ -390,7 +409,9 @@ def attention_backward(do, q, k, v, o, lse, *, sm_scale: float, left: int, right
             ensure_descriptor_allocator()
         atomic = cfg["ATOMIC_DQ"]
         dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=dev) if atomic else dq
-        meta = dict(common, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], ATOMIC_DQ=atomic, USE_TMA=use_tma,
+        # the TMA reduce needs descriptors; without them the same sums go through per-element atomics
+        meta = dict(common, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], ATOMIC_DQ=atomic,
+                    DQ_REDUCE=bool(cfg.get("DQ_REDUCE")) and use_tma, USE_TMA=use_tma,
                     num_warps=cfg["WARPS"], num_stages=cfg["STAGES"])
         kv_grid = grid_rows(batch, n_kv, seqlen_k, cfg["BLOCK_N"])
         _attn_bwd_dkdv_kernel[kv_grid](
@@ -409,8 +430,7 @@ def attention_backward(do, q, k, v, o, lse, *, sm_scale: float, left: int, right
                 PREFIX=True, **meta,
             )
         if atomic:
-            torch.mul(dq_acc, sm_scale, out=dq_acc)
-            dq.copy_(dq_acc)
+            torch.mul(dq_acc, sm_scale, out=dq)  # scaled in fp32, rounded once to dq's dtype: one pass
             return
         _attn_bwd_dq_kernel[grid_rows(batch, n_heads, seqlen_q, cfg["BLOCK_M2"])](
             q, k, v, prefix_k if has_prefix else q, prefix_v if has_prefix else q, do, lse, delta, cu, dq,

@@ -21,6 +21,31 @@ except ImportError:  # CPU-only installs may lack triton: the torch reference pa
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _interpret_descriptor_reduce() -> None:
+    """Triton's interpreter (3.6, 3.7) has no descriptor reduce (`desc.atomic_add`, a TMA reduce-add on Hopper): an
+    atomic add through the descriptor's element pointers stands in, those outside its shape masked off as TMA clips
+    them (as the interpreter's own descriptor store does)."""
+    from triton._C.libtriton import ir
+    from triton.runtime import interpreter
+
+    builder = interpreter.InterpreterBuilder
+    if hasattr(builder, "create_descriptor_reduce"):
+        return
+
+    def create_descriptor_reduce(self, kind, desc, value, indices):
+        if kind != ir.DESCRIPTOR_REDUCE_KIND.ADD:
+            raise NotImplementedError(f"descriptor reduce {kind} in the interpreter (fastft emulates ADD only)")
+        ptrs, mask = desc.materialize_pointers(indices)
+        return self.create_atomic_rmw(ir.ATOMIC_OP.FADD, ptrs, value, mask, ir.MEM_SEMANTIC.RELAXED,
+                                      ir.MEM_SYNC_SCOPE.GPU)
+
+    builder.create_descriptor_reduce = create_descriptor_reduce
+
+
+if INTERPRET and HAS_TRITON:
+    _interpret_descriptor_reduce()
+
+
 def triton_runs_on(device: torch.device) -> bool:
     """Triton kernels run on CUDA devices, and on the CPU under the interpreter."""
     if not HAS_TRITON:
