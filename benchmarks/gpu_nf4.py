@@ -9,7 +9,8 @@ decoded in registers; dequant: one shared scratch + the dense LoRA GEMM) and on 
 selects, each checked against fp32 first. Every variant runs in its own try: one that fails is
 reported, the rest go on. Timing, memory, the card and the results file come from the shared harness
 (fastft.apps.bench.harness; medians of triton.testing.do_bench). Dequant and GEMV bandwidths are also given as a
-fraction of a 1 GiB device-to-device copy_ timed in the same run (the issue's yardstick for dequant). Writes
+fraction of a 1 GiB device-to-device copy_ timed in the same run (the issue's yardstick for dequant), and each
+dequant beside a copy moving its bytes (a CUDA graph replay: what a transfer of that size can reach). Writes
 $OUT/nf4.json when $OUT is set (or the --output-dir of `fastft bench kernels --family nf4`) after every shape of every
 part, so a run cut short keeps what finished, and prints short markdown tables last. Exits 1 when a correctness check
 failed, raised or did not run, or a whole part crashed. Budget: about 2–3 minutes on an H100 including compilation.
@@ -274,6 +275,15 @@ def time_dequant(rows):
             if ms_g:
                 row[f"graph_{label}_ms"] = ms_g
                 row[f"graph_{label}_of_copy"] = of_copy(dequant_bytes(w, BF16) / ms_g / 1e9)
+        if DEV == "cuda":  # the floor at this size: 1 GiB's rate is out of reach of a ~40 MB transfer (launch, ramp)
+            half = torch.empty(dequant_bytes(w, BF16) // 2, dtype=torch.uint8, device=DEV)
+            twin = torch.empty_like(half)
+            ms_c = attempt("same-bytes copy graph", lambda: bench(graphed(lambda: twin.copy_(half))), optional=True)
+            if ms_c:
+                row["graph_same_bytes_copy_ms"] = ms_c
+                if row.get("graph_selected_ms"):
+                    row["graph_selected_of_same_bytes_copy"] = ms_c / row["graph_selected_ms"]
+            del half, twin
         if bnbf is not None:
             packed, state, ours = bnb_state(x)
             ms_b = bench(lambda: bnbf.dequantize_4bit(packed, state))
@@ -570,11 +580,13 @@ def print_tables(failures: list[str]):
               f"{_fmt(r.get('bnb_TBps'), '.2f')} |")
     graphs = [r for r in RESULTS.get("dequant") or [] if any(k.startswith("graph_") for k in r)]
     if graphs:
-        print("\n| dequant W, CUDA graph | config: ms (÷ copy) |\n|---|---|")
+        print("\n| dequant W, CUDA graph | config: ms (÷ copy) | copy of the same bytes ms "
+              "| selected, share of its rate |\n|---|---|---|---|")
         for r in graphs:
-            cells = [f"{k[6:-3]}: {_fmt(v)} ({_fmt(r.get(k[:-3] + '_of_copy'), '.0%')})"
-                     for k, v in r.items() if k.startswith("graph_") and k.endswith("_ms")]
-            print(f"| {r['shape']} | {'; '.join(cells)} |")
+            cells = [f"{k[6:-3]}: {_fmt(v)} ({_fmt(r.get(k[:-3] + '_of_copy'), '.0%')})" for k, v in r.items()
+                     if k.startswith("graph_") and k.endswith("_ms") and k != "graph_same_bytes_copy_ms"]
+            print(f"| {r['shape']} | {'; '.join(cells)} | {_fmt(r.get('graph_same_bytes_copy_ms'))} | "
+                  f"{_fmt(r.get('graph_selected_of_same_bytes_copy'), '.0%')} |")
     spec = hbm_spec_tbps(RESULTS["device"])
     print(f"\nGEMV target: ≥ 70% of the datasheet HBM bandwidth ({_fmt(spec, '.2f')} TB/s for {RESULTS['device']}; "
           "— : card not in fastft.apps.bench.harness.HBM_SPEC_TBPS)")

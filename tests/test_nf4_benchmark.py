@@ -67,3 +67,21 @@ def test_hbm_spec_names_each_card_by_its_own_entry():
     cards = {"NVIDIA H200": 4.8, "NVIDIA GH200 480GB": 4.0, "NVIDIA GH200 144G HBM3e": 4.9,
              "NVIDIA H100 80GB HBM3": 3.35, "NVIDIA H100 PCIe": 2.0, "NVIDIA H100 NVL": 3.9, "NVIDIA A100-SXM4-80GB": 2.04, "NVIDIA L4": None}
     assert {card: hbm_spec_tbps(card) for card in cards} == cards
+
+
+def test_the_graph_table_sets_each_dequant_beside_a_copy_of_its_bytes(monkeypatch, capsys):
+    """At 4096x4096 a dequant moves ~40 MB, too little to reach a 1 GiB copy's rate: the CUDA-graph table also gives
+    a copy moving the same bytes and the selected config's share of its rate (the same-bytes copy row is not a
+    config)."""
+    from tests.benchmark_smoke import ROOT
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import gpu_nf4
+
+    row = {"shape": "4096x4096", "fastft_ms": 0.03, "fastft_TBps": 1.4, "graph_selected_ms": 0.020,
+           "graph_selected_of_copy": 0.70, "graph_same_bytes_copy_ms": 0.017, "graph_selected_of_same_bytes_copy": 0.85}
+    monkeypatch.setattr(gpu_nf4, "RESULTS", {"device": "NVIDIA H100 80GB HBM3", "dequant": [row], "errors": []})
+    gpu_nf4.print_tables([])
+    table = capsys.readouterr().out
+    line = next(x for x in table.splitlines() if x.startswith("| 4096x4096 | selected"))
+    assert line == "| 4096x4096 | selected: 0.020 (70%) | 0.017 | 85% |", line
