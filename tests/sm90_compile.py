@@ -113,6 +113,9 @@ def _check(what, kernel_fn, sig, consts, aligned, options, *, spill_limit: int |
     if consts.get("WARP_SPECIALIZE") and not warp_specialized(ptx):  # e.g. 8 warps: the flag is silently ignored
         print(f"FAILED {what}: WARP_SPECIALIZE=True compiled to a kernel that is not warp-specialized")
         return 1
+    if consts.get("DQ_REDUCE") and "cp.reduce.async.bulk.tensor" not in ptx:
+        print(f"FAILED {what}: DQ_REDUCE=True compiled without a TMA reduce-add (per-element atomics spill at D=128)")
+        return 1
     return 0
 
 
@@ -478,6 +481,34 @@ def attention_kernels(every_config: bool = False) -> int:
     return failures
 
 
+def attention_dq_reduce() -> int:
+    """The backward candidates whose dK/dV kernel adds dQ by TMA reduce-adds (attention_bwd DQ_REDUCE), D = 128, in
+    the batch layout and varlen with a prefix (and the prefix keys' own launch): each must compile to warpgroup MMA
+    and a TMA reduce-add; the 1-stage config must not spill (the 2-stage one's spills, outside the MMA loops, are
+    reported). ~15 s: cheap enough for CI, where `attention all` is not."""
+    from fastft.kernels import attention_bwd
+
+    failures = 0
+    sig = _attention_signature(attention_bwd._attn_bwd_dkdv_kernel, fp32_ptrs=("lse_ptr", "delta_ptr", "dq_ptr"))
+    configs = [c for c in attention_bwd.backward_configs(torch.bfloat16, 128, True, candidates=True) if c["DQ_REDUCE"]]
+    if not configs:
+        print("FAILED attention dq-reduce: no DQ_REDUCE candidate at D=128")
+        return 1
+    for cfg in configs:
+        for varlen, prefix, keys in ((False, False, False), (True, True, False), (True, True, True)):
+            consts = dict(HEAD_DIM=128, BLOCK_D=128, UPCAST=False, DOT_PRECISION="tf32", VARLEN=varlen, PREFIX=keys,
+                          ATOMIC_DQ=True, DQ_REDUCE=True, USE_TMA=True, BLOCK_M=cfg["BLOCK_M"],
+                          BLOCK_N=cfg["BLOCK_N"])
+            what = (f"attention bwd dkdv dq-reduce D=128 varlen={varlen} prefix={prefix}{' prefix-keys' if keys else ''}"
+                    f" {cfg['BLOCK_N']}x{cfg['BLOCK_M']} warps={cfg['WARPS']} stages={cfg['STAGES']}")
+            failures += _check(what, attention_bwd._attn_bwd_dkdv_kernel,
+                               dict(sig, dk_ptr="*fp32", dv_ptr="*fp32") if keys else sig, consts,
+                               _attention_aligned(sig, varlen, prefix),
+                               dict(num_warps=cfg["WARPS"], num_stages=cfg["STAGES"]),
+                               spill_limit=0 if cfg["STAGES"] == 1 else None)
+    return failures
+
+
 # An sm_90 SM (H100, H200): what the blocks resident on it share. Each block also holds 1 KB of shared memory for the
 # system; registers are allocated a warp at a time, in units of 8 a thread.
 SM_SMEM, SM_REGS, SM_THREADS, BLOCK_RESERVED_SMEM = 233472, 65536, 2048, 1024
@@ -592,6 +623,8 @@ def main() -> int:
         return 1 if lora_fold(every_config=sys.argv[2:] == ["all"]) else 0
     if sys.argv[1:2] == ["attention"]:
         return 1 if attention_kernels(every_config=sys.argv[2:] == ["all"]) else 0
+    if sys.argv[1:] == ["attention-dq-reduce"]:
+        return 1 if attention_dq_reduce() else 0
     failures = compile_loss_rows()
     failures += _check_configs("dequant nested=True", nf4_dequant._nf4_dequant_kernel, DEQUANT_SIG,
                                nf4_dequant._configs() + nf4_dequant.candidate_configs(),
