@@ -14,7 +14,8 @@ script, not the speed (tests/test_attention_benchmark.py does that in CI).
    outputs poisoned with NaN first. Configs that fail to compile or to match are reported and left out of
    the tuner for the rest of the run. Then the registers and spills of every kernel compiled (this triton).
 2. B4×S2048 and B1×S8192, H=32, D=128, causal, bf16: each config alone, the default (tuned) autograd path,
-   SDPA flash and cuDNN. Times are medians of triton.testing.do_bench.
+   SDPA flash and cuDNN. Times are medians of triton.testing.do_bench. On a GPU, the backward's device time by
+   kernel (a profiler trace): the tuner's fastest config and the dQ-by-TMA-reduce candidates.
 3. A realistic mix of document lengths: fastft packed (varlen) vs padded batches for fastft and SDPA.
 
 FLOPs: forward 4·B·H·S²·D·(½ if causal); backward 2.5× the forward; forward+backward timed together counts
@@ -23,6 +24,7 @@ Packed-vs-padded rates count only the useful FLOPs (Σ over documents of their o
 """
 from __future__ import annotations
 
+import functools
 import math
 import sys
 import time
@@ -39,7 +41,7 @@ import fastft.kernels.attention_fwd as kfwd
 from fastft.kernels.attention import tma_eligible
 from fastft.ops import flash_attention
 from fastft.apps.bench.clocks import clock_log, rounded
-from fastft.apps.bench.harness import card_name, log, peak_memory_gib, time_ms, write_results
+from fastft.apps.bench.harness import card_name, kernel_ms, kernel_spans, log, peak_memory_gib, time_ms, write_results
 from fastft.ops.attention import attention_reference
 
 T0 = time.time()
@@ -265,6 +267,10 @@ def dense(shape, good_fwd, good_bwd):
             log(f"{row['shape']:10s} {kernel:8s} {row['config']:40s} "
                 + (f"{row['ms']:.3f} ms {row['tflops']:.0f} TFLOP/s" if "ms" in row else row["error"]))
 
+    if DEVICE == "cuda":
+        backward_kernels(f"B{B}xS{S}", good_bwd, functools.partial(kbwd.attention_backward, do, qd, kd, vd, o, lse,
+                                                                   **common))
+
     def ours_fwd():
         with torch.no_grad():
             return flash_attention(qd, kd, vd, causal=True, backend=BACKEND)
@@ -290,6 +296,40 @@ def dense(shape, good_fwd, good_bwd):
         rows.append(row)
     del q, k, v, do, o, lse
     return rows
+
+
+def backward_kernels(shape: str, good_bwd: list[dict], backward) -> None:
+    """Where the backward's time goes (device ms a call in each kernel: delta, dK/dV, dQ, torch's fills and the
+    fp32 dQ's scaling): the tuner's fastest config at this shape (its "configs" rows) and each candidate adding dQ by
+    TMA reduce-adds, whose case rests on the dQ kernel's share."""
+    timed = [r for r in ROWS if r.get("section") == "configs" and r.get("kernel") == "backward"
+             and r.get("shape") == shape and "ms" in r and not r.get("candidate")]
+    fastest = min(timed, key=lambda r: r["ms"])["config"] if timed else None
+    for cfg in [c for c in good_bwd if cfg_name(c) == fastest] + [c for c in good_bwd if c.get("DQ_REDUCE")]:
+        row = dict(section="bwd_kernels", shape=shape, config=cfg_name(cfg), candidate=cfg_name(cfg) in CANDIDATES)
+        try:
+            row["kernels_ms"] = kernel_ms(kernel_spans(lambda cfg=cfg: backward(config=cfg)), 3)
+        except Exception as err:  # noqa: BLE001 - a diagnostic: never ends the shape
+            row["error"] = short(err)
+        ROWS.append(row)
+        log(f"{shape:10s} backward kernels {row['config']:40s} "
+            + (", ".join(f"{k} {v:.3f}" for k, v in row["kernels_ms"].items()) if "kernels_ms" in row
+               else row["error"]))
+
+
+def print_backward_kernels() -> None:
+    rows = [r for r in ROWS if r.get("section") == "bwd_kernels"]
+    if not rows:
+        return
+    names = ("_attn_bwd_delta_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel", "torch")
+    print("\n### Backward, device ms a call by kernel (delta / dK-dV / dQ / torch: fills, the fp32 dQ's scaling)")
+    print("| shape | config | delta | dK/dV | dQ | torch | sum |\n|---|---|---|---|---|---|---|")
+    for r in rows:
+        parts = r.get("kernels_ms") or {}
+        cells = " | ".join(fmt(parts.get(n), ".3f") for n in names)
+        total = sum(parts.values()) if parts else None
+        print(f"| {r['shape']} | {r['config']}{' (candidate)' if r.get('candidate') else ''} | {cells} | "
+              f"{fmt(total, '.3f')} |" + (f" {r['error']}" if "error" in r else ""))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -431,6 +471,7 @@ def main():
                   f"{fmt(r.get('fwdbwd_ms'), '.3f')} | {fmt(r.get('fwdbwd_tflops'), '.0f')} | "
                   f"{fmt(r.get('peak_gib'), '.2f')} | {fmt(ratio['sdpa_flash'], '.2f')} | "
                   f"{fmt(ratio['sdpa_cudnn'], '.2f')} |")
+    print_backward_kernels()
     if pack_rows:
         base = next((r for r in pack_rows if r["layout"] == "packed" and "fwdbwd_ms" in r), None)
         print(f"\n### Packed vs padded fwd+bwd: {info['n_docs']} documents, {info['total_tokens']} tokens "

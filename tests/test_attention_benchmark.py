@@ -72,3 +72,25 @@ def test_results_are_written_after_each_shape(monkeypatch):
     except KeyboardInterrupt:
         pass
     assert saved and saved[-1] == [dict(section="dense", shape="B2xS40", method="fastft")]
+
+
+def test_the_backward_kernel_table_gives_each_kernels_share(monkeypatch, capsys):
+    """gpu_attention's breakdown of the backward (CUDA only, so made-up rows here): a column a kernel, a missing one
+    a dash, candidates marked, an error row kept."""
+    from tests.benchmark_smoke import ROOT
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import gpu_attention
+
+    rows = [dict(section="bwd_kernels", shape="B4xS2048", config="main", candidate=False,
+                 kernels_ms={"_attn_bwd_delta_kernel": 0.02, "_attn_bwd_dkdv_kernel": 0.9,
+                             "_attn_bwd_dq_kernel": 0.5}),
+            dict(section="bwd_kernels", shape="B4xS2048", config="reduce", candidate=True,
+                 kernels_ms={"_attn_bwd_delta_kernel": 0.02, "_attn_bwd_dkdv_kernel": 1.1, "torch": 0.11}),
+            dict(section="bwd_kernels", shape="B1xS8192", config="reduce", candidate=True, error="RuntimeError: x")]
+    monkeypatch.setattr(gpu_attention, "ROWS", rows)
+    gpu_attention.print_backward_kernels()
+    lines = capsys.readouterr().out.splitlines()
+    assert "| B4xS2048 | main | 0.020 | 0.900 | 0.500 | — | 1.420 |" in lines
+    assert "| B4xS2048 | reduce (candidate) | 0.020 | 1.100 | — | 0.110 | 1.230 |" in lines
+    assert "| B1xS8192 | reduce (candidate) | — | — | — | — | — | RuntimeError: x" in lines

@@ -24,3 +24,14 @@ def test_shared_fraction_counts_the_side_time_inside_the_main_intervals():
     assert shared_fraction([(10.0, 20.0)], mains) == 0.0  # took turns
     assert shared_fraction([(5.0, 25.0)], mains) == 0.5
     assert shared_fraction([], mains) is None
+
+
+def test_kernel_ms_sums_each_fastft_kernel_and_lumps_torchs():
+    """Per step: a kernel launched twice a step adds up; torch's own kernels (fills, elementwise) go under "torch"."""
+    from fastft.apps.bench.harness import kernel_ms
+
+    spans = [("_attn_bwd_dkdv_kernel", 0.0, 800.0), ("_attn_bwd_dkdv_kernel", 900.0, 1100.0),
+             ("void at::native::vectorized_elementwise_kernel<4, FillFunctor>", 1100.0, 1150.0),
+             ("_attn_bwd_delta_kernel", 1150.0, 1170.0), ("sm90_xmma_gemm_bf16", 1200.0, 1250.0)]
+    parts = kernel_ms(spans, steps=2)
+    assert parts == {"_attn_bwd_dkdv_kernel": 0.5, "torch": 0.05, "_attn_bwd_delta_kernel": 0.01}

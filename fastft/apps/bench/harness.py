@@ -160,10 +160,9 @@ def shared_fraction(sides: list[tuple[float, float]], mains: list[tuple[float, f
     return inside / total
 
 
-def concurrency_share(step, side_kernels: tuple[str, ...], main_kernels: tuple[str, ...], steps: int = 3):
-    """How much of the `side_kernels`' device time (kernel names containing one of these) ran while a `main_kernels`
-    kernel ran, over a profiler trace of `steps` calls of step() (CUDA only): ~0 means two streams took turns on the
-    SMs, whatever was launched on which, ~1 that the side work hid behind the main. None without side kernels."""
+def kernel_spans(step, steps: int = 3) -> list[tuple[str, float, float]]:
+    """(name, start µs, end µs) of every CUDA kernel in a profiler trace of `steps` calls of step(), after one call
+    untraced (CUDA only)."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -173,11 +172,28 @@ def concurrency_share(step, side_kernels: tuple[str, ...], main_kernels: tuple[s
         for _ in range(steps):
             step()
         torch.cuda.synchronize()
-    kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+    return [(e.name, e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type == DeviceType.CUDA]
 
-    def spans(names):
-        return [(e.time_range.start, e.time_range.end) for e in kernels if any(n in e.name for n in names)]
-    return shared_fraction(spans(side_kernels), spans(main_kernels))
+
+def concurrency_share(step, side_kernels: tuple[str, ...], main_kernels: tuple[str, ...], steps: int = 3):
+    """How much of the `side_kernels`' device time (kernel names containing one of these) ran while a `main_kernels`
+    kernel ran, over a profiler trace of `steps` calls of step() (CUDA only): ~0 means two streams took turns on the
+    SMs, whatever was launched on which, ~1 that the side work hid behind the main. None without side kernels."""
+    spans = kernel_spans(step, steps)
+
+    def pick(names):
+        return [(start, end) for name, start, end in spans if any(n in name for n in names)]
+    return shared_fraction(pick(side_kernels), pick(main_kernels))
+
+
+def kernel_ms(spans: list[tuple[str, float, float]], steps: int, ours: str = "_") -> dict[str, float]:
+    """Device ms a step spends in each kernel (kernel_spans of `steps` steps): fastft's Triton kernels (names starting
+    with `ours`) by name, summed over their launches; torch's own (fills, elementwise) together as "torch"."""
+    totals: dict[str, float] = {}
+    for name, start, end in spans:
+        key = name if name.startswith(ours) else "torch"
+        totals[key] = totals.get(key, 0.0) + (end - start) / 1e3 / steps
+    return totals
 
 
 def rows_per_shape(shapes, bench_shape, columns: list[str], label: str = "method", on_shape=None) -> list[dict]:
