@@ -298,17 +298,25 @@ def dense(shape, good_fwd, good_bwd):
     return rows
 
 
-def backward_kernels(shape: str, good_bwd: list[dict], backward) -> None:
+def fastest_config(kernel: str, shape: str, configs: list[dict]) -> dict | None:
+    """The tuner's fastest config at `shape` by its "configs" rows (candidates left out); None where none was timed."""
+    timed = [r for r in ROWS if r.get("section") == "configs" and r.get("kernel") == kernel
+             and r.get("shape") == shape and "ms" in r and not r.get("candidate")]
+    if not timed:
+        return None
+    name = min(timed, key=lambda r: r["ms"])["config"]
+    return next(c for c in configs if cfg_name(c) == name)
+
+
+def backward_kernels(shape: str, good_bwd: list[dict], backward, steps: int = 3) -> None:
     """Where the backward's time goes (device ms a call in each kernel: delta, dK/dV, dQ, torch's fills and the
     fp32 dQ's scaling): the tuner's fastest config at this shape (its "configs" rows) and each candidate adding dQ by
     TMA reduce-adds, whose case rests on the dQ kernel's share."""
-    timed = [r for r in ROWS if r.get("section") == "configs" and r.get("kernel") == "backward"
-             and r.get("shape") == shape and "ms" in r and not r.get("candidate")]
-    fastest = min(timed, key=lambda r: r["ms"])["config"] if timed else None
-    for cfg in [c for c in good_bwd if cfg_name(c) == fastest] + [c for c in good_bwd if c.get("DQ_REDUCE")]:
+    fastest = fastest_config("backward", shape, good_bwd)
+    for cfg in ([fastest] if fastest else []) + [c for c in good_bwd if c.get("DQ_REDUCE")]:
         row = dict(section="bwd_kernels", shape=shape, config=cfg_name(cfg), candidate=cfg_name(cfg) in CANDIDATES)
         try:
-            row["kernels_ms"] = kernel_ms(kernel_spans(lambda cfg=cfg: backward(config=cfg)), 3)
+            row["kernels_ms"] = kernel_ms(kernel_spans(lambda cfg=cfg: backward(config=cfg), steps), steps)
         except Exception as err:  # noqa: BLE001 - a diagnostic: never ends the shape
             row["error"] = short(err)
         ROWS.append(row)
@@ -442,13 +450,8 @@ def main():
             torch.cuda.empty_cache()
 
     def best(kernel):
-        rows = [r for r in ROWS if r.get("section") == "configs" and r.get("kernel") == kernel
-                and r.get("shape") == f"B{SHAPES[0][0]}xS{SHAPES[0][1]}" and "ms" in r and not r.get("candidate")]
         configs = good_fwd if kernel == "forward" else good_bwd
-        if not rows:
-            return configs[0]
-        name = min(rows, key=lambda r: r["ms"])["config"]
-        return next(c for c in configs if cfg_name(c) == name)
+        return fastest_config(kernel, f"B{SHAPES[0][0]}xS{SHAPES[0][1]}", configs) or configs[0]
 
     pack_rows, info = [], {}
     try:
