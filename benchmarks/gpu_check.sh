@@ -142,6 +142,7 @@ for s in $sections; do
                     $(python3 -c "import xdist" > /dev/null 2>&1 && printf '%s' '-n 4') -m "gpu or anydevice" tests/test_lora_gpu.py \
                     tests/test_nf4_gpu.py tests/test_qlora_path.py tests/test_methods_dora.py tests/test_attention_op.py tests/test_fp16_rank_split_backward.py \
                     tests/test_inplace_outputs.py tests/test_lora_overlap.py tests/test_qlora_prefetch.py tests/test_nf4_fsdp.py \
+                    tests/test_direct_launch.py \
                     -p no:cacheprovider \
                     --durations=15 ;;
     # one process: each test's buffer is 2^31 elements (4-9 GB); inside kernel-tests' 4 workers the H100 ran out of
@@ -164,9 +165,9 @@ for s in $sections; do
     # MEASURED entries for fastft/ops/lora_path.py after each shape. The GPU tests of the fold path are in
     # kernel-tests, lora-tests and fuzz-tests.
     lora-paths) LORA_BENCH_RANKS="${LORA_BENCH_RANKS:-16,64}" run 170 lora-paths python3 benchmarks/gpu_lora_paths.py ;;
-    # host time of each fused op's eager fwd+bwd at tiny shapes: launches real (+ Triton's launch path) and stubbed
-    # (fastft's Python); the gap says whether bypassing JITFunction.run is worth it (~30 s with compiles)
-    host) run 90 host python3 benchmarks/host_overhead.py ;;
+    # host time of each fused op's eager fwd+bwd at tiny shapes: launches real (fastft.kernels.launch's direct path,
+    # then triton's own JITFunction.run: what the direct path saves) and stubbed (fastft's Python) (~40 s)
+    host) run 120 host python3 benchmarks/host_overhead.py ;;
     # issue 10's diagnosis: ncu counters of the NF4 GEMV and dequantize, cProfile of eager LoRA / QLoRA calls
     profile) run 180 profile bash benchmarks/gpu_profile.sh ;;
     nf4-tests) run 180 nf4-tests python3 -m pytest -q -m gpu $(python3 -c "import xdist" > /dev/null 2>&1 && printf '%s' '-n 4') \

@@ -11,7 +11,8 @@ the figure is the host path alone). Triton's own launch cost (argument binding, 
 Prints µs per forward+backward (launches stubbed), best of the rounds, beside the floor (a trivial
 autograd.Function with the same inputs: what any custom op pays) and peft's layer or model where there is one (its
 torch ops compute, but at these tiny sizes they are host-bound too); on a GPU also fastft's time with real launches
-(kernels shorter than the host's work: still host time), whose gap to the stubbed figure is Triton's launch path.
+(kernels shorter than the host's work: still host time), whose gap to the stubbed figure is Triton's launch path,
+and the same through triton's own JITFunction.run (fastft.kernels.launch's direct path off: what it saves).
 Writes $OUT/host_overhead.json when OUT is set.
 """
 from __future__ import annotations
@@ -57,6 +58,18 @@ def benchmark_settings():
                 os.environ[key] = value
         if "fastft.integration.attention" in sys.modules:
             sys.modules["fastft.integration.attention"].register_attention("auto")
+
+
+@contextlib.contextmanager
+def direct_launch(enabled: bool):
+    """fastft.kernels.launch.DIRECT set for the block: False launches through triton's own JITFunction.run."""
+    from fastft.kernels import launch
+
+    saved, launch.DIRECT = launch.DIRECT, enabled
+    try:
+        yield
+    finally:
+        launch.DIRECT = saved
 
 
 @contextlib.contextmanager
@@ -323,11 +336,15 @@ def main(argv=None) -> int:
             # time too): a once-per-device check that launches kernels (the NF4 byte-permute decode's) must compare
             # real outputs and cache its verdict before the stub leaves every output unwritten
             real_us = per_call_us(calls["fastft"], args.calls, args.rounds, sync=True) if real else None
+            if real:  # and through triton's own JITFunction.run (fastft.kernels.launch's direct path off)
+                with direct_launch(False):
+                    triton_run_us = per_call_us(calls["fastft"], args.calls, args.rounds, sync=True)
             with launches_stubbed():
                 for name, fn in calls.items():
                     row[f"{name}_us"] = round(per_call_us(fn, args.calls, args.rounds), 1)
             if real:
                 row["fastft_real_launches_us"] = round(real_us, 1)
+                row["fastft_real_launches_triton_run_us"] = round(triton_run_us, 1)
             rows.append(row)
             print(f"{op:18s} " + "   ".join(f"{k.removesuffix('_us')} {v:.1f} µs" for k, v in row.items()
                                             if k.endswith("_us")))

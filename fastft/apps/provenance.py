@@ -12,7 +12,7 @@ CODE = ("fastft", "csrc", "benchmarks")  # what decides a measurement (tests and
 # environment variables that decide which kernels run, how they are tuned or what they check
 KERNEL_ENV = ("FASTFT_LORA_BACKEND", "FASTFT_LORA_PATH", "FASTFT_LORA_OVERLAP", "FASTFT_QLORA_PATH",
               "FASTFT_QLORA_PREFETCH", "FASTFT_LOSS_CHUNK_MIB", "FASTFT_AUTOTUNE", "FASTFT_DETERMINISTIC",
-              "FASTFT_DEBUG", "TRITON_INTERPRET")
+              "FASTFT_DEBUG", "FASTFT_DIRECT_LAUNCH", "TRITON_INTERPRET")
 
 
 def kernel_environment() -> dict[str, str]:

@@ -43,13 +43,14 @@ from fastft.kernels.attention import (
     visible,
 )
 from fastft.kernels.shared import bucket, dot_precision, upcast
+from fastft.kernels.launch import jit
 from fastft.kernels.runtime import (deterministic, ensure_descriptor_allocator, INTERPRET, on_operand_device,
                                    triton)
 
 import triton.language as tl
 
 
-@triton.jit
+@jit
 def _attn_bwd_delta_kernel(
     o_ptr, do_ptr, delta_ptr, cu_ptr,
     stride_ob, stride_os, stride_oh, stride_dob, stride_dos, stride_doh, stride_lb, stride_lh,
@@ -119,7 +120,7 @@ def _dkdv_steps(dk, dv, k, v, q_src, do_src, g, stride_qh, stride_doh, stride_q,
     return dk, dv
 
 
-@triton.jit
+@jit
 def _attn_bwd_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, cu_ptr, dk_ptr, dv_ptr, dq_ptr,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
@@ -237,7 +238,7 @@ def _dq_steps(dq, q, do, lse, delta, k_src, v_src, stride_k, stride_v, lo, hi, n
     return dq
 
 
-@triton.jit
+@jit
 def _attn_bwd_dq_kernel(
     q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, do_ptr, lse_ptr, delta_ptr, cu_ptr, dq_ptr,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,

@@ -32,6 +32,7 @@ from fastft.kernels.attention import (
     visible,
 )
 from fastft.kernels.shared import bucket, dot_precision, upcast
+from fastft.kernels.launch import jit
 from fastft.kernels.runtime import device_sms, ensure_descriptor_allocator, INTERPRET, on_operand_device, triton
 
 import triton.language as tl
@@ -135,7 +136,7 @@ def _fwd_tile(
         tl.store(stats_row(lse_ptr, b, h, start, stride_lb, stride_lh) + rows, lse, mask=rows < n_q)
 
 
-@triton.jit
+@jit
 def _attn_fwd_kernel(
     q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, o_ptr, lse_ptr, cu_ptr,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,

@@ -21,6 +21,7 @@ import functools
 import torch
 
 from fastft.kernels.autotune import tuner
+from fastft.kernels.launch import jit
 from fastft.kernels.runtime import cdiv, INTERPRET, on_operand_device, triton, wide_columns
 from fastft.kernels.shared import bucket, dot_precision, gelu_tanh, tanh, unit_stride, upcast, wide_index
 
@@ -41,7 +42,7 @@ def _activate(p, ACT: tl.constexpr):
         return tanh(p)
 
 
-@triton.jit
+@jit
 def _down_act_kernel(
     h_ptr, d_ptr, bias_ptr, z_ptr, p_ptr,
     M, N,
@@ -72,7 +73,7 @@ def _down_act_kernel(
     tl.store(z_ptr + out, z.to(z_ptr.dtype.element_ty), mask=rows[:, None] < M)
 
 
-@triton.jit
+@jit
 def _up_residual_kernel(
     res_ptr, l_ptr, t_ptr, bias_ptr, out_ptr,
     M, N,

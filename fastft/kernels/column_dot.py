@@ -11,13 +11,14 @@ import functools
 import torch
 
 from fastft.kernels.autotune import tuner
-from fastft.kernels.runtime import cdiv, INTERPRET, on_operand_device, triton, wide_columns
+from fastft.kernels.launch import jit
+from fastft.kernels.runtime import cdiv, INTERPRET, on_operand_device, wide_columns
 from fastft.kernels.shared import bucket, split_partials, sum_partials, wide_index
 
 import triton.language as tl
 
 
-@triton.jit
+@jit
 def _column_dot_kernel(
     a_ptr, b_ptr, part_ptr,
     M, N, rows_per_split,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from fastft.kernels.launch import jit
 from fastft.kernels.runtime import INTERPRET, next_power_of_2, on_operand_device, triton
 from fastft.kernels.shared import tanh
 
@@ -30,7 +31,7 @@ def _capped(x, softcap, HAS_SOFTCAP: tl.constexpr):
     return x
 
 
-@triton.jit
+@jit
 def _ce_rows_kernel(
     x_ptr, stride_x, labels_ptr, scale_ptr, scale_stride, loss_ptr,
     V, ignore_index, smoothing, softcap,
@@ -82,7 +83,7 @@ def _ce_rows_kernel(
             tl.store(x_row + cols, (dz * g).to(x_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@jit
 def _kl_rows_kernel(
     s_ptr, stride_s, t_ptr, stride_t, labels_ptr, scale_ptr, scale_stride, loss_ptr,
     V, ignore_index, inv_temp,

@@ -13,13 +13,14 @@ import functools
 import torch
 
 from fastft.kernels.autotune import tuner
-from fastft.kernels.runtime import cdiv, INTERPRET, on_operand_device, triton
+from fastft.kernels.launch import jit
+from fastft.kernels.runtime import cdiv, INTERPRET, on_operand_device
 from fastft.kernels.shared import bucket, dot_precision, split_partials, sum_partials, upcast
 
 import triton.language as tl
 
 
-@triton.jit
+@jit
 def _row_sq_norm_kernel(
     w_ptr, a_ptr, b_ptr, part_ptr,
     N, K, cols_per_split, scaling,

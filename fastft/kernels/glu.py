@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from fastft.kernels.rounding import emulate_rtne, round_to
+from fastft.kernels.launch import jit
 from fastft.kernels.runtime import cdiv, next_power_of_2, on_operand_device, triton
 from fastft.kernels.shared import gelu_tanh
 
@@ -35,7 +36,7 @@ def _act_and_grad(g, GELU: tl.constexpr, NEED_GRAD: tl.constexpr):
     return a, da
 
 
-@triton.jit
+@jit
 def _glu_fwd_kernel(gate_ptr, up_ptr, y_ptr, N, stride_g, stride_u, stride_y, GELU: tl.constexpr,
                     RTNE: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
@@ -47,7 +48,7 @@ def _glu_fwd_kernel(gate_ptr, up_ptr, y_ptr, N, stride_g, stride_u, stride_y, GE
     tl.store(y_ptr + row * stride_y + cols, round_to(a * u, y_ptr.dtype.element_ty, RTNE), mask=mask)
 
 
-@triton.jit
+@jit
 def _glu_bwd_kernel(dy_ptr, gate_ptr, up_ptr, dg_ptr, du_ptr, N, stride_dy, stride_g, stride_u, stride_dg, stride_du,
                     GELU: tl.constexpr, RTNE: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)

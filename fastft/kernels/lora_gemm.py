@@ -28,6 +28,7 @@ import warnings
 import torch
 
 from fastft.kernels.autotune import tuner
+from fastft.kernels.launch import jit
 from fastft.kernels.shared import (
     block_source,
     bucket,
@@ -49,14 +50,13 @@ from fastft.kernels.runtime import (
     has_tma,
     on_operand_device,
     tma_compatible,
-    triton,
     wide_offsets,
 )
 
 import triton.language as tl
 
 
-@triton.jit
+@jit
 def _lora_gemm_kernel(
     a_ptr, b_ptr, l_ptr, t_ptr, bias_ptr, c_ptr, col_scale_ptr, k_scale_ptr, p_ptr,
     M, N, K,

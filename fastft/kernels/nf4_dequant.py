@@ -17,6 +17,7 @@ import torch
 
 from fastft.kernels.autotune import Tuner
 from fastft.kernels.nf4_codes import NF4_CODE_VALUES
+from fastft.kernels.launch import jit
 from fastft.kernels.runtime import cdiv, INTERPRET, on_operand_device, triton
 
 import triton.language as tl
@@ -147,7 +148,7 @@ def _program_scales(absmax_ptr, absmax2_ptr, code2_ptr, offset, first, numel, BS
     return scale
 
 
-@triton.jit
+@jit
 def _nf4_dequant_kernel(
     packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, code_ptr, out_ptr,
     numel, nbytes, offset,

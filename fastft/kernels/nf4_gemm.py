@@ -36,6 +36,7 @@ from fastft.kernels.nf4_dequant import (
     nf4_code_values,
     nf4_unpack_pairs,
 )
+from fastft.kernels.launch import jit
 from fastft.kernels.runtime import (
     cdiv,
     INTERPRET,
@@ -125,7 +126,7 @@ def _tail_operands(t_ptr, l_ptr, rows, cols, offs_r, M, N, stride_tn, stride_tr,
     return tr, lo
 
 
-@triton.jit
+@jit
 def _nf4_lora_gemm_kernel(
     a_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, code_ptr, l_ptr, t_ptr, bias_ptr, c_ptr,
     M, N, K, WN, WK,

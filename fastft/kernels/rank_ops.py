@@ -21,13 +21,14 @@ import torch
 from fastft.kernels.autotune import tuner
 from fastft.kernels.shared import (bucket, dot_precision, dropout_keep, split_partials, sum_partials, upcast,
                                   wide_index)
+from fastft.kernels.launch import jit
 from fastft.kernels.runtime import (cdiv, INTERPRET, next_power_of_2, on_operand_device, triton, wide_columns,
                                    wide_offsets)
 
 import triton.language as tl
 
 
-@triton.jit
+@jit
 def _rank_project_kernel(
     x_ptr, w_ptr, out_ptr,
     M, K, k_per_split,
@@ -92,7 +93,7 @@ def _reduce_rows(l_ptr, y_ptr, row_start, row_end, cols, N, stride_lm, stride_ym
     return acc
 
 
-@triton.jit
+@jit
 def _rank_reduce_kernel(
     l_ptr, y_ptr, part_ptr,
     M, N, rows_per_split,
@@ -114,7 +115,7 @@ def _rank_reduce_kernel(
     tl.store(out, acc, mask=cols[None, :] < N)
 
 
-@triton.jit
+@jit
 def _rank_reduce_pair_kernel(
     la_ptr, ya_ptr, parta_ptr, lb_ptr, yb_ptr, partb_ptr,
     M, NA, NB, tiles_a, rows_per_split,
@@ -145,7 +146,7 @@ def _rank_reduce_pair_kernel(
                  mask=cols[None, :] < NB)
 
 
-@triton.jit
+@jit
 def _dropout_mask_kernel(out_ptr, M, K, p_drop, seed, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)

@@ -17,13 +17,14 @@ from __future__ import annotations
 import torch
 
 from fastft.kernels.rounding import emulate_rtne, round_to
-from fastft.kernels.runtime import cdiv, device_sms, next_power_of_2, on_operand_device, triton
+from fastft.kernels.launch import jit
+from fastft.kernels.runtime import cdiv, device_sms, next_power_of_2, on_operand_device
 from fastft.kernels.shared import unit_stride
 
 import triton.language as tl
 
 
-@triton.jit
+@jit
 def _rms_norm_fwd_kernel(x_ptr, res_ptr, w_ptr, y_ptr, h_ptr, rstd_ptr, N, stride_x, stride_r, stride_y, stride_h,
                          eps, offset, HAS_RESIDUAL: tl.constexpr, CAST_INPUT: tl.constexpr, RTNE_X: tl.constexpr,
                          RTNE_Y: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -45,7 +46,7 @@ def _rms_norm_fwd_kernel(x_ptr, res_ptr, w_ptr, y_ptr, h_ptr, rstd_ptr, N, strid
     tl.store(y_ptr + row * stride_y + cols, round_to(xhat * w, y_ptr.dtype.element_ty, RTNE_Y), mask=mask)
 
 
-@triton.jit
+@jit
 def _rms_norm_bwd_kernel(dy_ptr, h_ptr, w_ptr, rstd_ptr, dh_in_ptr, dx_ptr, dw_ptr, M, N, stride_dy, stride_h,
                          stride_dhi, stride_dx, offset, rows_per_program, HAS_DH: tl.constexpr,
                          NEED_DW: tl.constexpr, RTNE: tl.constexpr, BLOCK_N: tl.constexpr):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from fastft.kernels.rounding import emulate_rtne, round_to
+from fastft.kernels.launch import jit
 from fastft.kernels.runtime import next_power_of_2, on_operand_device, triton
 
 import triton.language as tl
@@ -42,7 +43,7 @@ def _rotate_heads(src, dst, b, s, n_heads, sb, ss, sh, sd, ob, os, oh, od, c1, c
     tl.store(dst_row + (cols[None, :] + HALF) * od, round_to(o2, dst.dtype.element_ty, RTNE), mask=mask)
 
 
-@triton.jit
+@jit
 def _rope_kernel(q_ptr, q_out, k_ptr, k_out, cos_ptr, sin_ptr, S, HQ, HK, HALF,
                  qb, qs, qh, qd, qob, qos, qoh, qod, kb, ks, kh, kd, kob, kos, koh, kod, cb, cs, cd,
                  INVERSE: tl.constexpr, RTNE: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr):
