@@ -41,3 +41,19 @@ def test_tma_compatible_counts_the_row_stride_in_bytes():
     assert not tma_compatible(torch.zeros(8, 12, dtype=torch.float16))  # 24 bytes
     assert not tma_compatible(torch.zeros(8, 8, dtype=torch.float16).t())  # last stride 8, not 1
     assert not tma_compatible(torch.zeros(2, 8, 8, dtype=torch.float16))   # 3-D
+
+
+def test_descriptors_leave_expanded_rows_to_the_pointer_loads():
+    """A zero stride over a dimension of size > 1 (`expand`) is never given to a descriptor: the interpreter's
+    emulation reads through pointers and cannot show what TMA does with one (an attention fuzz question,
+    2026-12-06). A size-1 dimension's stride is never stepped: any stride is fine there."""
+    from fastft.kernels.attention import tma_eligible
+
+    row = torch.zeros(1, 64, dtype=torch.float16)
+    assert tma_compatible(row) and tma_compatible(row.expand(1, 64))
+    assert not tma_compatible(row.expand(8, 64))
+    q = torch.zeros(2, 16, 4, 64, dtype=torch.float16)  # (batch, tokens, heads, D)
+    assert tma_eligible(64, q, q, q)
+    assert not tma_eligible(64, q, q[:, :1].expand(2, 16, 4, 64), q)  # one token's keys for all
+    assert not tma_eligible(64, q, q[:, :, :1].expand(2, 16, 4, 64), q)  # one KV head expanded over four
+    assert tma_eligible(64, q, q[:1], q[:1])  # batch of 1: its stride is never stepped

@@ -203,6 +203,9 @@ def _check_targets(config: LoraConfig, model: nn.Module) -> None:
     if targeted == [] and not parameters and targets not in (None, "all-linear", DUMMY_TARGET_MODULES):
         shown = sorted(targets) if isinstance(targets, (set, list, tuple)) else targets  # peft's "no LoRA layers"
         hints = _target_hints(_unmatched_targets(targets, names), names)
+        if isinstance(targets, str):  # peft reads one string as a regex over whole names, not as a name ending
+            hints.append(f"a string is a regex that must match a whole module name (such as {names[-1]!r}): for "
+                         f"name endings pass a list, e.g. [{targets!r}]")
         raise ValueError(f"LoraConfig.target_modules={shown!r} matches no module of {type(model).__name__}"
                          f" (with layers_to_transform={config.layers_to_transform!r}); "
                          f"{'; '.join(hints) + ' Its' if hints else 'its'} linear layers are named "

@@ -129,7 +129,9 @@ def block_d(head_dim: int) -> int:
 
 
 def tma_eligible(head_dim: int, *tensors: torch.Tensor) -> bool:
-    """Descriptors need a power-of-two head dim (the tile is the full row) and 16-byte aligned addressing."""
+    """Descriptors need a power-of-two head dim (the tile is the full row) and 16-byte aligned addressing. A zero
+    stride (an `expand`ed dimension of size > 1) takes the pointer loads too: what a TMA descriptor does with one is
+    not something the CPU checks can show (the interpreter emulates descriptors with pointers)."""
     first = tensors[0]
     if not has_tma(first.device) or head_dim != block_d(head_dim) or head_dim > 256:
         return False
@@ -139,8 +141,8 @@ def tma_eligible(head_dim: int, *tensors: torch.Tensor) -> bool:
         size, strides = t.element_size(), t.stride()
         if strides[-1] != 1 or t.data_ptr() % 16:
             return False
-        for s in strides[:-1]:
-            if (s * size) % 16:
+        for n, s in zip(t.shape[:-1], strides[:-1]):
+            if (s * size) % 16 or (s == 0 and n > 1):
                 return False
     return True
 

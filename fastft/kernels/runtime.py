@@ -117,11 +117,13 @@ def has_tma(device: torch.device) -> bool:
 
 
 def tma_compatible(t: torch.Tensor) -> bool:
-    """A 2-D tensor a descriptor can address: unit last stride, 16-byte aligned base and row stride."""
+    """A 2-D tensor a descriptor can address: unit last stride, 16-byte aligned base and row stride, and no rows
+    `expand`ed from one (a zero row stride: not something the interpreter's pointer emulation can vouch for)."""
     if t.dim() != 2:
         return False
     row, col = t.stride()  # one call for both (host time: launchers check several operands per call)
-    return col == 1 and t.data_ptr() % 16 == 0 and (row * t.element_size()) % 16 == 0
+    return (col == 1 and t.data_ptr() % 16 == 0 and (row * t.element_size()) % 16 == 0
+            and (row != 0 or t.shape[0] <= 1))
 
 
 def _descriptor_scratch(size: int, alignment: int, stream):

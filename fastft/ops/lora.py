@@ -109,7 +109,8 @@ def split_scaling(scaling: float, dtype: torch.dtype) -> tuple[float, float]:
     A power of two scales exactly, so nothing is rounded more than before, except that b·B and b·A (b < 1) round
     elements below 2^-14/b into subnormals: those are the small terms of the forward's LoRA tail and the dx tail,
     each far below the fp16 rounding of y and dx. Limit for b > 1: b·A must fit fp16, |A| < 65504/b (4096 at
-    alpha/r = 16; LoRA's A starts near 1/√K); a larger A gives an inf dx, which GradScaler skips."""
+    alpha/r = 16; LoRA's A starts near 1/√K); a larger A gives an inf dx, which GradScaler skips. b is at most
+    2^_MAX_B_EXP: past |s| = 256, |a| > 1 holds the rest."""
     if dtype != torch.float16 or scaling == 0.0:
         return scaling, 1.0
     m, e = math.frexp(scaling)  # s = m·2^e, 0.5 <= |m| < 1
@@ -117,12 +118,18 @@ def split_scaling(scaling: float, dtype: torch.dtype) -> tuple[float, float]:
         m, e = 2.0 * m, e - 1
     if e < _MIN_B_EXP:  # b·B and b·A would round most of their elements into subnormals: the rest stays in a
         m, e = math.ldexp(m, e - _MIN_B_EXP), _MIN_B_EXP
+    elif e > _MAX_B_EXP:  # b·B (forward) and b·A (dx tail) would overflow at |B|, |A| ~ 1: the rest goes into a
+        m, e = math.ldexp(m, e - _MAX_B_EXP), _MAX_B_EXP
     return m, math.ldexp(1.0, e)
 
 
 # The smallest exponent of split_scaling's b: b·A stays in fp16's normal range for |A| ≥ 2^-14/b = 0.016 (LoRA's
 # initial A is U(±1/√K), 1/√K = 0.016 at K = 4096).
 _MIN_B_EXP = -8
+# The largest: b·B and b·A fit fp16 for |B|, |A| < 65504/b = 256. Without it s = 40000 put b = 2^16 into B_p = b·B,
+# inf at |B| = 1 (the torch backend: 24.0). Above |s| = 2^8, a = s/2^8 takes the rest: xs = a·x·Aᵀ and g' = a·dy·B
+# must then fit fp16 (|x·Aᵀ|, |dy·B| < 65504/|a|), as all of s in them did before the split.
+_MAX_B_EXP = 8
 
 
 def rank_operands(x, lora_A, lora_B, scaling):

@@ -25,10 +25,11 @@ class MethodOptions:
     alpha: float = 32.0                 # lora, qlora, dora
     dropout: float = 0.0                # lora, qlora, dora: dropout on the adapter input
     rslora: bool = False                # lora, qlora, dora: scale alpha/sqrt(r) instead of alpha/r
-    target_modules: tuple[str, ...] = ALL_LINEAR   # lora, qlora, dora
+    # lora, qlora, dora: module name endings, or one string, which peft reads as a regex over full names
+    target_modules: tuple[str, ...] | str = ALL_LINEAR
     num_virtual_tokens: int = 32        # prefix, prompt
-    ia3_target_modules: tuple[str, ...] = ("k_proj", "v_proj", "down_proj")   # ia3 (peft's Llama default)
-    ia3_feedforward_modules: tuple[str, ...] = ("down_proj",)                  # ia3: scale the input, not output
+    ia3_target_modules: tuple[str, ...] | str = ("k_proj", "v_proj", "down_proj")   # ia3 (peft's Llama default)
+    ia3_feedforward_modules: tuple[str, ...] | str = ("down_proj",)                  # ia3: scale the input, not output
     adapter_size: int = 64              # adapter: bottleneck width
     adapter_placement: str = "pfeiffer"  # adapter: "pfeiffer" (after the MLP) or "houlsby" (after attn and MLP)
     adapter_activation: str = "relu"    # adapter: relu, silu, gelu_tanh or tanh
@@ -42,10 +43,19 @@ class MethodOptions:
 def _lora_config(options: MethodOptions, **overrides):
     from peft import LoraConfig
 
-    targets = list(options.target_modules)
     return LoraConfig(r=options.rank, lora_alpha=options.alpha, lora_dropout=options.dropout,
-                      use_rslora=options.rslora, target_modules=ALL_LINEAR_SHORTHAND if targets == [ALL_LINEAR_SHORTHAND]
-                      else targets, task_type="CAUSAL_LM", **overrides)
+                      use_rslora=options.rslora, target_modules=peft_targets(options.target_modules),
+                      task_type="CAUSAL_LM", **overrides)
+
+
+def peft_targets(targets):
+    """A target_modules value as peft's configs take it: a string as it is (peft matches it as a regex against full
+    module names; "all-linear" its shorthand), not split into one-letter names as list("q_proj") would; a sequence
+    of name endings as a list, ["all-linear"] as the shorthand."""
+    if isinstance(targets, str):
+        return targets
+    targets = list(targets)
+    return ALL_LINEAR_SHORTHAND if targets == [ALL_LINEAR_SHORTHAND] else targets
 
 
 def _apply_lora(model, options, implementation):
@@ -85,8 +95,8 @@ def _apply_dora(model, options, implementation):
 def _ia3_config(options: MethodOptions):
     from peft import IA3Config
 
-    return IA3Config(target_modules=list(options.ia3_target_modules),
-                     feedforward_modules=list(options.ia3_feedforward_modules), task_type="CAUSAL_LM")
+    return IA3Config(target_modules=peft_targets(options.ia3_target_modules),
+                     feedforward_modules=peft_targets(options.ia3_feedforward_modules), task_type="CAUSAL_LM")
 
 
 def _apply_ia3(model, options, implementation):
