@@ -83,9 +83,9 @@ if HAS_TRITON and not INTERPRET:
 
         def _key(self, args: tuple, kwargs: dict) -> tuple | None:
             """(device, debug, each positional argument's class, the keyword arguments); None where an argument is
-            of a type not classified here. Flat, and written out rather than a
-            call per argument: it runs on every launch. A tensor adds its dtype and then its alignment; the other
-            kinds add one item that no other kind adds, so the sequence reads back one way only."""
+            of a type not classified here. Flat, and written out rather than a call per argument: it runs on every
+            launch. A tensor adds its dtype and then its alignment (a bool); every other kind adds one item, and
+            only a tensor adds a dtype, so two equal keys read back into the same classes one way only."""
             key = [driver.active.get_current_device(), knobs.runtime.debug]
             add = key.append
             first_constexpr = self._first_constexpr

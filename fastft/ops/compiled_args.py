@@ -81,7 +81,25 @@ def traced_seed(x: torch.Tensor, lora_A: torch.Tensor, dropout_p: float) -> Opti
     mask twice. aten.empty is never CSE'd (it is not a pure function), so every call site keeps its own draw."""
     if dropout_p == 0.0:
         return None
+    refuse_partial_memory_budget(dropout_p)
     return draw_seed_op([x, lora_A, torch.empty(0, device=x.device)], device=SEED_DEVICE)
+
+
+def refuse_partial_memory_budget(dropout_p: float) -> None:
+    """torch.compile with torch._functorch.config.activation_memory_budget < 1 lets the min-cut partitioner recompute
+    any node its knapsack picks in the backward, fastft::draw_seed included: it bans recomputing aten's own random
+    ops, not custom ops tagged nondeterministic_seeded (torch 2.13), and replays a generator state only for nodes
+    activation checkpointing marks. The backward then drew a fresh seed, another mask than the forward's: wrong
+    dx, dA, dB at budget 0.5 (fuzz-found, 2026-12-06). Refused while tracing, naming what works instead."""
+    import torch._functorch.config as functorch_config
+
+    budget = functorch_config.activation_memory_budget
+    if budget < 1.0:
+        raise ValueError(f"fastft dropout (p={dropout_p}) under torch.compile with "
+                         f"torch._functorch.config.activation_memory_budget={budget}: the partitioner may redraw its "
+                         "seed in the backward (another mask than the forward's, so wrong gradients). Use "
+                         "activation_memory_budget=1.0 with torch.utils.checkpoint (or gradient checkpointing) to "
+                         "save memory, or dropout 0 (e.g. lora_dropout=0.0)")
 
 
 def seed_int(op: str, seed: Optional[torch.Tensor], dropout_p: float, device: torch.device) -> int:
