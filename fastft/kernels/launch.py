@@ -3,9 +3,9 @@
 Why: a fused LoRA forward+backward launches 5 kernels, and at 4096→4096 the H100 run (docs/gpu-results.md,
 2026-12-05) found the call host-bound: 706 µs a call with real launches against 253 with the launches stubbed.
 Most of a cache-hit `JITFunction.run` is Python that gives the same answer every time: binding the arguments with
-their defaults, specializing each one, building the cache key from them and the options (~34 µs a launch of
-`_lora_gemm_kernel` on the 2-core CPU machine, the C launcher stubbed: `python -m tests.direct_launch_check --time`
-prints what each launcher's call costs either way).
+their defaults, specializing each one, building the cache key from them and the options (~44 µs a launch of
+`_lora_gemm_kernel` under triton 3.6 on the 2-core CPU machine, the C launcher stubbed, ~22 through this path:
+`python -m tests.direct_launch_check --time` prints what each launcher's call costs either way).
 
 `DirectLaunchJIT.run` keeps, per kernel, the compiled kernel of every argument *class* it has launched: each
 positional argument reduced to what triton specializes on (a tensor's dtype and 16-byte alignment; an int's being 1,
