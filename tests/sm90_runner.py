@@ -53,13 +53,19 @@ def _stop_uncollected() -> None:  # a sibling whose test was deselected (-k) is 
 
 
 def _start(family: tuple, triton_path: str | None) -> subprocess.Popen | str:
+    return start_compiled("tests.sm90_compile", *family, triton_path=triton_path)
+
+
+def start_compiled(module: str, *args: str, triton_path: str | None) -> subprocess.Popen | str:
+    """`python -m module args` without TRITON_INTERPRET (compiled, not interpreted), the triton under `triton_path`
+    imported ahead of the venv's (None: the venv's); a string saying why not where that folder holds no triton."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     if triton_path is not None:
         if not os.path.isdir(os.path.join(triton_path, "triton")):
             return (f"no triton under {triton_path}: run scripts/setup.sh, or python -m pip install --no-deps "
                     f"--target {triton_path} -r requirements/gpu-triton.txt")
         env["PYTHONPATH"] = os.pathsep.join(p for p in (triton_path, ROOT, env.get("PYTHONPATH")) if p)
-    return subprocess.Popen([sys.executable, "-m", "tests.sm90_compile", *family], cwd=ROOT, env=env,
+    return subprocess.Popen([sys.executable, "-m", module, *args], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

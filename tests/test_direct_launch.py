@@ -5,32 +5,25 @@ specialization and cache keys running for real on a faked driver: a direct launc
 have picked and hands the launcher exactly the arguments triton's run hands it, for fuzzed arguments of every kind
 and for each fastft launcher. On a GPU (`-m gpu`, in gpu_check.sh's kernel-tests): the fused ops give the same bits
 with the direct path on and off, and the repeat calls took it."""
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
-from tests.sm90_runner import GPU_TRITON, ROOT, TRITONS
+from tests.sm90_runner import ROOT, TRITONS, start_compiled
 
 pytest.importorskip("triton")
 
 
 @pytest.mark.parametrize("triton_path", TRITONS)
 def test_direct_launches_match_tritons_own(triton_path):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    if triton_path is not None:
-        if not os.path.isdir(os.path.join(triton_path, "triton")):
-            pytest.fail(f"no triton under {GPU_TRITON}: run scripts/setup.sh")
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (triton_path, ROOT, env.get("PYTHONPATH")) if p)
-    out = subprocess.run([sys.executable, "-m", "tests.direct_launch_check"], cwd=ROOT, env=env, capture_output=True,
-                         text=True, timeout=600)
-    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
-    lines = out.stdout.splitlines()
-    assert not any(line.startswith("FAILED") for line in lines), out.stdout
+    started = start_compiled("tests.direct_launch_check", triton_path=triton_path)
+    if isinstance(started, str):
+        pytest.fail(started)
+    stdout, stderr = started.communicate(timeout=600)
+    assert started.returncode == 0, stdout[-4000:] + stderr[-4000:]
+    lines = stdout.splitlines()
+    assert not any(line.startswith("FAILED") for line in lines), stdout
     # the fuzzed classes, then each launcher: every one of them launched and went direct on its repeat calls
-    assert sum(line.startswith("ok ") for line in lines) >= 15, out.stdout
+    assert sum(line.startswith("ok ") for line in lines) >= 15, stdout
 
 
 def test_every_launched_kernel_takes_the_direct_path():

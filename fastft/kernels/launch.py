@@ -21,7 +21,6 @@ Under the interpreter `jit` is triton.jit itself (nothing to save, and nothing c
 """
 from __future__ import annotations
 
-import itertools
 import operator
 import os
 
@@ -33,7 +32,6 @@ DIRECT = os.environ.get("FASTFT_DIRECT_LAUNCH", "1") != "0"
 
 _I32_MIN, _I32_END, _U64 = -(2**31), 2**31, 2**63
 _Tensor = torch.Tensor
-_ZEROS = itertools.repeat(0)  # the index of an argument before the first constexpr parameter: not looked at
 
 
 if HAS_TRITON and not INTERPRET:
@@ -89,7 +87,7 @@ if HAS_TRITON and not INTERPRET:
             key = [driver.active.get_current_device(), knobs.runtime.debug]
             add = key.append
             first_constexpr = self._first_constexpr
-            for i, a in enumerate(args) if len(args) > first_constexpr else zip(_ZEROS, args):
+            for i, a in enumerate(args):
                 kind = type(a)
                 if i >= first_constexpr and i in self._constexprs:
                     add(("constexpr", a))  # triton specializes a constexpr on its value

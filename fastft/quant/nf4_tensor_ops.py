@@ -192,17 +192,17 @@ def shard_problem(shape, blocksize: int, world: int, name: str = "weight") -> st
     if not shape:
         return f"{name}: a 0-d NF4 weight has no rows to shard over {world} ranks"
     rows, row = shard_rows(shape[0], world), math.prod(shape[1:])
+    last = (shape[0] - 1) % rows + 1 if rows else 0  # the last non-empty shard's rows
+    cannot = f"{name}: an NF4 weight of shape {shape} cannot be sharded over {world} ranks: "
+    fix = ("; use a process count whose shards hold whole blocks, or leave this layer unquantized "
+           "(quantize_model(..., skip=[...]))")
     if (rows * row) % blocksize:
-        return (f"{name}: an NF4 weight of shape {shape} cannot be sharded over {world} ranks: a shard of {rows} "
-                f"rows (ceil({shape[0]}/{world})) holds {rows * row} values, not a multiple of the blocksize "
-                f"{blocksize}, so a shard boundary would cut through a quantization block; use a process count "
-                "whose shards hold whole blocks, or leave this layer unquantized (quantize_model(..., skip=[...]))")
-    last = shape[0] - rows * (shard_rows(shape[0], rows) - 1) if rows else 0  # the last non-empty shard's rows
+        return (f"{cannot}a shard of {rows} rows (ceil({shape[0]}/{world})) holds {rows * row} values, not a multiple "
+                f"of the blocksize {blocksize}, so a shard boundary would cut through a quantization block{fix}")
     if (last * row) % blocksize:  # it ends the weight, but FSDP2 copies it into a zero buffer's leading rows
-        return (f"{name}: an NF4 weight of shape {shape} cannot be sharded over {world} ranks: its last shard of "
-                f"{last} rows holds {last * row} values, not a multiple of the blocksize {blocksize}, and FSDP2 pads "
-                f"it into a {rows}-row buffer, cutting through a quantization block there; use a process count "
-                "whose shards hold whole blocks, or leave this layer unquantized (quantize_model(..., skip=[...]))")
+        return (f"{cannot}its last shard of {last} rows holds {last * row} values, not a multiple of the blocksize "
+                f"{blocksize}, and FSDP2 pads it into a {rows}-row buffer, cutting through a quantization block "
+                f"there{fix}")
     if shape[0] % world and blocksize % 8:
         return (f"{name}: an NF4 weight of shape {shape} with blocksize {blocksize} cannot be sharded unevenly over "
                 f"{world} ranks: uneven shards all-gather their codes and fp32 scales in one byte a value, which "
