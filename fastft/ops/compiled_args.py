@@ -6,7 +6,8 @@ The dropout seed is drawn at run time by `draw_seed_op`, in its body, from the g
 (fastft.ops.shared.draw_seed, called through its module so a test patches one name for every op family, eager and
 compiled), and handed to an op's forward and backward as an int64 CPU tensor (`Optional[Tensor]`, None without
 dropout): the forward op is then a function of its inputs, so activation checkpointing may recompute it (the draw op
-is tagged random: the partitioner saves its value or replays it under the saved CPU generator state).
+is tagged random: the partitioner saves its value or replays it under the saved CPU generator state; under an
+activation memory budget below 1 fastft.ops.seed_saving marks it saved).
 
 A custom op takes tensors, numbers, bools and strings only, so an NF4Weight (a tensor subclass) crosses the
 boundary as `nf4_args(w)`: its inner tensors (the nested offset a 0-d tensor, so graphs do not specialise on each
@@ -21,6 +22,7 @@ import torch
 
 from fastft.ops import shared
 from fastft.ops.compiled import capturing, unused
+from fastft.ops.seed_saving import refuse_zero_memory_budget, save_drawn_seeds
 from fastft.quant import nf4_format as fmt
 
 SEED_DEVICE = torch.device("cpu")  # dropout seeds come from torch's CPU generator (fastft.ops.shared.draw_seed)
@@ -53,15 +55,17 @@ def draw_seed_op(anchors: list[torch.Tensor], *, device: torch.device) -> torch.
 
 @draw_seed_op.register_fake
 def _(anchors, *, device):
+    save_drawn_seeds()  # a graph holding a draw is about to be partitioned: its seeds must stay saved
     return seed_tensor_like()
 
 
 def seeded_ops(name: str, body, fake, backward=None, setup_context=None) -> dict:
     """{False: fastft::NAME, True: fastft::NAME_dropout}: one body, one fake and (given `backward`) one autograd
-    formula as two custom ops, the second tagged cudagraph_unsafe; the traced doors call `ops[dropout_p > 0]`. An op that reads the host-drawn seed (an int64 CPU
-    tensor) cannot sit in a CUDA-graph partition (mode="reduce-overhead"): cudagraph trees copies each input of a
-    partition into its pool before recording, and the CPU seed failed that ("storage data ptrs are not allocated in
-    pool", H100, torch 2.11, 2026-12-05); a recorded seed would replay one mask besides. Inductor's graph partition
+    formula as two custom ops, the second tagged cudagraph_unsafe; the traced doors call `ops[dropout_p > 0]`. An op
+    that reads the host-drawn seed (an int64 CPU tensor) cannot sit in a CUDA-graph partition
+    (mode="reduce-overhead"): cudagraph trees copies each input of a partition into its pool before recording, and
+    the CPU seed failed that ("storage data ptrs are not allocated in pool", H100, torch 2.11, 2026-12-05); a
+    recorded seed would replay one mask besides. Inductor's graph partition
     runs the twin outside the CUDA graphs, with a fresh seed every step; without dropout the plain op stays inside
     them. A backward that calls a custom op picks that op's own pair by dropout_p."""
     ops = {False: torch.library.custom_op(f"fastft::{name}", body, mutates_args=()),
@@ -81,25 +85,8 @@ def traced_seed(x: torch.Tensor, lora_A: torch.Tensor, dropout_p: float) -> Opti
     mask twice. aten.empty is never CSE'd (it is not a pure function), so every call site keeps its own draw."""
     if dropout_p == 0.0:
         return None
-    refuse_partial_memory_budget(dropout_p)
+    refuse_zero_memory_budget(dropout_p)
     return draw_seed_op([x, lora_A, torch.empty(0, device=x.device)], device=SEED_DEVICE)
-
-
-def refuse_partial_memory_budget(dropout_p: float) -> None:
-    """torch.compile with torch._functorch.config.activation_memory_budget < 1 lets the min-cut partitioner recompute
-    any node its knapsack picks in the backward, fastft::draw_seed included: it bans recomputing aten's own random
-    ops, not custom ops tagged nondeterministic_seeded (torch 2.13), and replays a generator state only for nodes
-    activation checkpointing marks. The backward then drew a fresh seed, another mask than the forward's: wrong
-    dx, dA, dB at budget 0.5 (fuzz-found, 2026-12-06). Refused while tracing, naming what works instead."""
-    import torch._functorch.config as functorch_config
-
-    budget = functorch_config.activation_memory_budget
-    if budget < 1.0:
-        raise ValueError(f"fastft dropout (p={dropout_p}) under torch.compile with "
-                         f"torch._functorch.config.activation_memory_budget={budget}: the partitioner may redraw its "
-                         "seed in the backward (another mask than the forward's, so wrong gradients). Use "
-                         "activation_memory_budget=1.0 with torch.utils.checkpoint (or gradient checkpointing) to "
-                         "save memory, or dropout 0 (e.g. lora_dropout=0.0)")
 
 
 def seed_int(op: str, seed: Optional[torch.Tensor], dropout_p: float, device: torch.device) -> int:
