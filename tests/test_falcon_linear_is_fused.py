@@ -9,7 +9,7 @@ from peft import LoraConfig
 
 import fastft
 from fastft.modules import lora as lora_module
-from fastft.modules.lora import computes_linear
+from fastft.ops.shared import computes_linear
 from fastft.modules.nf4_linear import NF4Linear
 from tests.methods_utils import assert_same_step, copy_trainables, ids, perturb_trainables, step
 

@@ -35,7 +35,9 @@ def test_three_process_ddp_resume_is_bit_identical(tmp_path):
     argv = ["train", "--model", str(tiny), "--data", str(data), "--steps", "3", "--batch-size", "2",
             "--eval-examples", "2", "--max-length", "32", "--dropout", "0", "--lr", "3e-3", "--rank", "4",
             "--distributed", "ddp", "--save-every", "2", "--output-dir", str(out)]
-    jobs = [{"argv": argv}, {"copy": [str(out), str(tmp_path / "straight")]}, {"argv": argv + ["--resume"]}]
+    jobs = [{"argv": argv}, {"copy": [str(out), str(tmp_path / "straight")]},
+            {"remove": str(out / "metrics.json")},  # as if killed after its step-2 checkpoint
+            {"argv": argv + ["--resume"]}]
     (tmp_path / "jobs.json").write_text(json.dumps(jobs))
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "3",
                            str(ROOT / "tests" / "train_jobs_worker.py"), str(tmp_path / "jobs.json")],

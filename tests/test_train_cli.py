@@ -196,15 +196,17 @@ def _text_run(tiny_checkpoint, tmp_path, steps: str, save_every: str):
                  "--eval-examples", "4", "--save-every", save_every, "--output-dir", str(out)]
 
 
-def test_resuming_a_finished_run_does_nothing(tiny_checkpoint, tmp_path, capsys):
+@pytest.mark.parametrize("steps, save_every", [("2", "2"), ("3", "2")])
+def test_resuming_a_finished_run_does_nothing(tiny_checkpoint, tmp_path, capsys, steps, save_every):
     """It evaluated and saved again, overwriting metrics.json with the new process's peak memory beside the first
-    run's tokens/s. --save-merged, which the finished run lacks, still runs its end."""
-    out, args = _text_run(tiny_checkpoint, tmp_path, steps="2", save_every="2")
+    run's tokens/s; with --steps not a multiple of --save-every (the last checkpoint before the last step) it trained
+    the last steps again too. --save-merged, which the finished run lacks, still runs its end."""
+    out, args = _text_run(tiny_checkpoint, tmp_path, steps=steps, save_every=save_every)
     assert main(args) == 0
     before = (out / "metrics.json").read_bytes()
     capsys.readouterr()
     assert main(args + ["--resume"]) == 0
-    assert "holds this run finished (step 2 of 2, metrics.json); nothing to do" in capsys.readouterr().out
+    assert f"holds this run finished (step {steps} of {steps}, metrics.json); nothing to do" in capsys.readouterr().out
     assert (out / "metrics.json").read_bytes() == before
     assert main(args + ["--resume", "--save-merged"]) == 0
     assert (out / "merged" / "config.json").is_file() and json.loads((out / "metrics.json").read_text())["merged_model"]

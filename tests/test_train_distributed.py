@@ -68,6 +68,7 @@ def setup(tmp_path_factory):
         lora = [*common, "--distributed", distributed, "--save-every", "2", "--output-dir", str(out)]
         two(*lora)
         jobs.append({"copy": [str(out), str(root / f"{distributed}-straight")]})
+        jobs.append({"remove": str(out / "metrics.json")})  # as if killed after its step-2 checkpoint
         two(*lora, "--resume")
     qlora = [*common, "--method", "qlora"]
     _one_process([*qlora, "--batch-size", "4", "--output-dir", str(root / "qlora-one")])

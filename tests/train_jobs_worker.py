@@ -5,13 +5,16 @@ accelerate's state and keeps the process group).
 
     python -m torch.distributed.run --standalone --nproc_per_node 2 tests/train_jobs_worker.py JOBS.json
 
-JOBS.json: a list of jobs, each {"argv": [...]} (fastft train's argv: must return 0) or {"copy": [src, dst]}
-(rank 0 copies the folder src to dst, e.g. a finished run's adapter before a --resume run rewrites it). A failing
-job raises, naming it, and the launch ends."""
+JOBS.json: a list of jobs, each {"argv": [...]} (fastft train's argv: must return 0), {"copy": [src, dst]}
+(rank 0 copies the folder src to dst, e.g. a finished run's adapter before a --resume run rewrites it) or
+{"remove": path} (rank 0 removes that file: a finished run's metrics.json, so that it looks killed after its last
+checkpoint and a --resume trains its last steps again). A failing job raises, naming it, and the launch ends."""
 import json
 import os
 import shutil
 import sys
+
+import torch
 
 from fastft.apps.cli import main
 
@@ -19,9 +22,14 @@ from fastft.apps.cli import main
 def run(jobs: list[dict]) -> None:
     rank = int(os.environ.get("RANK", "0"))
     for i, job in enumerate(jobs):
-        if "copy" in job:
+        if "copy" in job or "remove" in job:
             if rank == 0:
-                shutil.copytree(*job["copy"])
+                if "copy" in job:
+                    shutil.copytree(*job["copy"])
+                else:
+                    os.remove(job["remove"])
+            if torch.distributed.is_initialized():  # the other ranks' next run reads what rank 0 changed
+                torch.distributed.barrier()
             continue
         code = main(job["argv"])
         if code != 0:

@@ -17,6 +17,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from fastft.integration.adapter_files import WEIGHTS_NAMES
+from fastft.integration.methods.dora import refuse_nf4_dora_merge
 from fastft.integration.tied_weights import untie_adapted_weights
 
 _ADAPTER_CALL: ContextVar = ContextVar("fastft_adapter_call", default=None)
@@ -58,6 +59,12 @@ def _accepted(method, options: dict) -> dict:
     return {k: v for k, v in options.items() if k in params}
 
 
+def _refuse_unmergeable(model, merge, args, kwargs) -> None:
+    """fastft.integration.methods.dora.refuse_nf4_dora_merge for peft's merge call `merge(*args, **kwargs)`."""
+    adapter_names = inspect.signature(merge).bind(*args, **kwargs).arguments.get("adapter_names")
+    refuse_nf4_dora_merge(model, adapter_names)
+
+
 class FastftAdapterMethods:
     """Mixed into the class of every PeftModel fastft returns (route_adapter_methods): peft's spelling
     `model.add_adapter(name, config)` / `model.load_adapter(path, name)` works as fastft.add_adapter /
@@ -93,12 +100,15 @@ class FastftAdapterMethods:
             load_adapter(self, _adapter_folder(model_id, hub), adapter_name, is_trainable=is_trainable)
         return call.load_result
 
-    # PeftModel forwards these to its tuner (__getattr__); peft would merge lm_head's ΔW into the embeddings too
+    # PeftModel forwards these to its tuner (__getattr__); peft would merge lm_head's ΔW into the embeddings too.
+    # A merge fastft refuses (DoRA into NF4) is refused before any layer changes.
     def merge_and_unload(self, *args, **kwargs):
+        _refuse_unmergeable(self, self.base_model.merge_and_unload, args, kwargs)
         untie_adapted_weights(self)
         return self.base_model.merge_and_unload(*args, **kwargs)
 
     def merge_adapter(self, *args, **kwargs):
+        _refuse_unmergeable(self, self.base_model.merge_adapter, args, kwargs)
         untie_adapted_weights(self)
         return self.base_model.merge_adapter(*args, **kwargs)
 

@@ -18,8 +18,8 @@ from peft.tuners.lora import Linear as PeftLoraLinear
 from torch import nn
 
 from fastft.ops.lora import lora_linear, stacked_adapters
-from fastft.ops.shared import (AUTOCAST_CASTS, BACKENDS, device_hook_moves_nothing, forward_interceptor,
-                               global_module_hooks, replaced_forward, require_triton)
+from fastft.ops.shared import (AUTOCAST_CASTS, BACKENDS, computes_linear, device_hook_moves_nothing,
+                               forward_interceptor, global_module_hooks, replaced_forward, require_triton)
 
 
 def default_backend() -> str:
@@ -30,19 +30,6 @@ def default_backend() -> str:
     if backend == "triton":
         require_triton("FASTFT_LORA_BACKEND=triton", "set it to auto or torch to run without it")
     return backend
-
-
-# nn.Linear subclasses whose own forward computes x·Wᵀ + b as nn.Linear's does (up to rounding: Falcon adds the
-# bias after the matmul), keyed by that forward's qualified name: the fused ops may stand in for them (quantize_model
-# leaves them dense, as transformers + bitsandbytes do: fastft.integration.nf4_skip.plain_forward_layers)
-LINEAR_FORWARDS = frozenset({"transformers.models.falcon.modeling_falcon.FalconLinear.forward"})
-
-
-def computes_linear(module: nn.Module) -> bool:
-    """The layer's class computes x·Wᵀ + b: nn.Linear's own forward, or one listed in LINEAR_FORWARDS."""
-    forward = type(module).forward
-    return (isinstance(module, nn.Linear) and
-            (forward is nn.Linear.forward or f"{forward.__module__}.{forward.__qualname__}" in LINEAR_FORWARDS))
 
 
 def called_as_is(module: nn.Module, device: torch.device) -> bool:

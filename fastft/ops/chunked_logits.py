@@ -314,7 +314,9 @@ def run_chunks(plan: Plan, head: Head, h2: torch.Tensor, scale: torch.Tensor, lo
         grads.bias = torch.zeros(head.vocab, dtype=acc, device=h2.device) if need_b else None
         grads.lora_A = torch.zeros(head.lora_A.shape, dtype=acc, device=h2.device) if need_A else None
         grads.lora_B = torch.zeros(head.lora_B.shape, dtype=acc, device=h2.device) if need_B else None
-    if T == 0:
+    if T == 0:  # no chunk runs: the uninitialised dW buffer (_weight_grad_buffer) is written here instead
+        if grads.weight is not None:
+            grads.weight.zero_()
         return grads
     buf = torch.empty(min(plan.rows, T), head.vocab, dtype=head.dtype, device=h2.device)
     lora_B_dA, dA_c = head.dA_operand(scale) if needs is not None and grads.lora_A is not None else (None, None)

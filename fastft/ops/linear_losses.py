@@ -49,7 +49,8 @@ from fastft.ops.compiled_args import refuse_replayed_dropout
 from fastft.ops.linear_losses_compiled import (check_label_range, checked_on_host,  # noqa: F401 - public here
                                               host_checked, nf4_block_rows, traced_loss)
 from fastft.ops.lm_head import HeadArgs, head_of_module
-from fastft.ops.shared import BACKENDS, autocast_off, check, compute_input, finite, hook_device, resolve_backend
+from fastft.ops.shared import (BACKENDS, autocast_inputs, autocast_off, check, compute_input, finite, hook_device,
+                               resolve_backend)
 
 REDUCTIONS = ("mean", "sum", "none")
 DIRECTIONS = ("forward", "reverse")
@@ -60,6 +61,11 @@ def _check_tensor(op: str, name: str, t, *, floating: bool = True) -> None:
     check(isinstance(t, torch.Tensor), lambda: f"{op}: `{name}` must be a torch.Tensor, got {type(t).__name__}")
     if floating:
         check(t.is_floating_point(), lambda: f"{op}: `{name}` must be a floating-point tensor, got {t.dtype}")
+
+
+def _number(x) -> bool:
+    """A real number, not a bool (True would pass as 1.0)."""
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
 
 def _check_labels(op: str, name: str, labels, hidden: torch.Tensor, vocab: int, ignore_index: int,
@@ -101,7 +107,7 @@ def _check_options(op: str, reduction: str, ignore_index, num_items, backend: st
             check(value > 0 and math.isfinite(value), lambda: f"{op}: `num_items` must be a positive number, got "
                                                               f"a tensor holding {value}")
     else:
-        check(isinstance(num_items, numbers.Real) and not isinstance(num_items, bool) and num_items > 0
+        check(_number(num_items) and num_items > 0
                and finite(num_items), lambda: f"{op}: `num_items` must be a positive number, got {num_items!r}")
 
 
@@ -153,22 +159,20 @@ def _run(op: str, reduction: str, hidden, head: HeadArgs, row: RowLoss, grad_sca
 
 
 def _autocast(hidden: torch.Tensor, head: HeadArgs) -> tuple[torch.Tensor, HeadArgs]:
-    device_type = hidden.device.type
-    if not torch.is_autocast_enabled(device_type):
+    """hidden and the head's dense weight and bias cast as torch.autocast casts a linear's (fp64 stays fp64)."""
+    if not (isinstance(hidden, torch.Tensor) and torch.is_autocast_enabled(hidden.device.type)):
         return hidden, head
-    dtype = torch.get_autocast_dtype(device_type)
-    cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
-    return hidden.to(dtype), HeadArgs(cast(head.weight), head.nf4, cast(head.bias), head.lora_A, head.lora_B,
-                                      head.scaling, head.dropout_p)
+    hidden, weight, bias = autocast_inputs(hidden, head.weight, head.bias)
+    return hidden, HeadArgs(weight, head.nf4, bias, head.lora_A, head.lora_B, head.scaling, head.dropout_p)
 
 
 def _head_cross_entropy(op: str, hidden, head: HeadArgs, labels, *, ignore_index, reduction, label_smoothing,
                         softcap, num_items, backend, chunk_size):
     _check_tensor(op, "hidden", hidden)
     _check_options(op, reduction, ignore_index, num_items, backend)
-    check(isinstance(label_smoothing, numbers.Real) and 0.0 <= label_smoothing <= 1.0,
+    check(_number(label_smoothing) and 0.0 <= label_smoothing <= 1.0,
            lambda: f"{op}: `label_smoothing` must be in [0, 1], got {label_smoothing!r}")
-    check(softcap is None or (isinstance(softcap, numbers.Real) and not isinstance(softcap, bool) and softcap > 0
+    check(softcap is None or (_number(softcap) and softcap > 0
                               and finite(softcap)),
            lambda: f"{op}: `softcap` must be None or a positive finite number (not a bool), got {softcap!r}")
     hidden, head = _autocast(hidden, head)
@@ -269,7 +273,7 @@ def linear_distill_loss(student_hidden, student_weight, teacher_hidden, teacher_
     op = "linear_distill_loss"
     weights = (kl_weight, reverse_kl_weight, ce_weight)
     for name, w in zip(("kl_weight", "reverse_kl_weight", "ce_weight"), weights):
-        check(isinstance(w, numbers.Real) and not isinstance(w, bool) and w >= 0 and finite(w),
+        check(_number(w) and w >= 0 and finite(w),
               lambda: f"{op}: `{name}` must be a number ≥ 0, got {w!r}")
     check(any(weights), lambda: f"{op}: every weight is 0: set kl_weight, reverse_kl_weight or ce_weight")
     check(labels is not None or not ce_weight, lambda: f"{op}: ce_weight={ce_weight} needs `labels`")
@@ -289,7 +293,7 @@ def _teacher_loss(op, row_options, student_hidden, student_weight, teacher_hidde
                     ("teacher_hidden", teacher_hidden), ("teacher_weight", teacher_weight)):
         _check_tensor(op, name, t)
     _check_options(op, reduction, ignore_index, num_items, backend)
-    check(isinstance(temperature, numbers.Real) and temperature > 0 and finite(temperature),
+    check(_number(temperature) and temperature > 0 and finite(temperature),
            lambda: f"{op}: `temperature` must be a positive number, got {temperature!r}")
     head = HeadArgs(weight=student_weight)
     student_hidden, head = _autocast(student_hidden, head)
@@ -363,11 +367,13 @@ def linear_dpo_loss(policy_chosen_hidden, policy_rejected_hidden, weight, chosen
     for name, t in (("ref_chosen_logps", ref_chosen_logps), ("ref_rejected_logps", ref_rejected_logps)):
         check(tuple(t.shape) == (B,), lambda: f"{op}: `{name}` must have shape ({B},) (one log-prob per "
                                                f"sequence), got {tuple(t.shape)}")
-    check(isinstance(beta, numbers.Real) and finite(beta),
+    check(_number(beta) and finite(beta),
            lambda: f"{op}: `beta` must be a finite number, got {beta!r}")
     for name, lab, h in (("chosen_labels", chosen_labels, policy_chosen_hidden),
                          ("rejected_labels", rejected_labels, policy_rejected_hidden)):
         _check_tensor(op, name, lab, floating=False)
+        check(lab.dtype in (torch.int64, torch.int32),
+              lambda: f"{op}: `{name}` must be int64 (or int32), got {lab.dtype}")
         check(tuple(lab.shape) == tuple(h.shape[:-1]),
                lambda: f"{op}: `{name}` has shape {tuple(lab.shape)} but its hidden states need {tuple(h.shape[:-1])}")
         # named here (the pass below sees them concatenated, and checks the rest of the arguments)

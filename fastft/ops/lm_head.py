@@ -15,10 +15,10 @@ import torch
 from torch import nn
 
 from fastft.ops.lora import stacked_adapters
-from fastft.ops.shared import check as shared_check, forward_interceptor, hook_device
+from fastft.ops.shared import check as shared_check, computes_linear, forward_interceptor, hook_device
 from fastft.quant.nf4_weight import NF4Weight
 
-SUPPORTED = ("torch.nn.Linear", "fastft NF4Linear (an NF4Weight .weight)",
+SUPPORTED = ("torch.nn.Linear (or a subclass whose forward is nn.Linear's)", "fastft NF4Linear (an NF4Weight .weight)",
              "peft LoRA Linear (peft.tuners.lora.Linear, fastft FusedLoraLinear / FusedQLoraLinear) over either",
              "peft ModulesToSaveWrapper (modules_to_save) around any of these",
              "peft TrainableTokensWrapper / TrainableTokensLayer (trainable_token_indices) over an nn.Linear")
@@ -79,8 +79,8 @@ def _base_head(op: str, base: nn.Module, what: str) -> HeadArgs:
     weight = getattr(base, "weight", None)
     if isinstance(weight, NF4Weight):
         return HeadArgs(nf4=weight, bias=getattr(base, "bias", None))
-    if type(base) is nn.Linear or (isinstance(base, nn.Linear) and isinstance(weight, torch.Tensor)
-                                   and type(weight) in (torch.Tensor, nn.Parameter)):
+    # the fused losses read the weight instead of calling the head: only where its forward is x·Wᵀ + b
+    if type(base) is nn.Linear or (computes_linear(base) and type(weight) in (torch.Tensor, nn.Parameter)):
         return HeadArgs(weight=base.weight, bias=base.bias)
     raise TypeError(f"{op}: `lm_head` {what + ' ' if what else ''}is a {type(base).__module__}.{type(base).__name__}; "
                     "supported: "
@@ -146,6 +146,8 @@ def head_of_module(op: str, lm_head: nn.Module, *, check_only: bool = False) -> 
                               check_only=check_only)
     if not isinstance(lm_head, PeftLoraLinear):
         return _base_head(op, lm_head, "")
+    if lm_head.disable_adapters and lm_head.merged and not check_only:
+        lm_head.unmerge()  # what peft's forward does here: the base weight without the merged delta
     base = _base_head(op, lm_head.get_base_layer(), "base layer")
     names = [a for a in lm_head.active_adapters if a in lm_head.lora_A]
     if lm_head.disable_adapters or lm_head.merged or not names:

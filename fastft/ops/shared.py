@@ -42,6 +42,19 @@ def check_tensor(op: str, name: str, t, dim: int | None = None) -> None:
         check(t.dim() >= dim, lambda: f"{op}: `{name}` needs at least {dim} dimension(s), got shape {tuple(t.shape)}")
 
 
+# nn.Linear subclasses whose own forward computes x·Wᵀ + b as nn.Linear's does (up to rounding: Falcon adds the
+# bias after the matmul), keyed by that forward's qualified name: the fused ops may stand in for them (quantize_model
+# leaves them dense, as transformers + bitsandbytes do: fastft.integration.nf4_skip.plain_forward_layers)
+LINEAR_FORWARDS = frozenset({"transformers.models.falcon.modeling_falcon.FalconLinear.forward"})
+
+
+def computes_linear(module: torch.nn.Module) -> bool:
+    """The layer's class computes x·Wᵀ + b: nn.Linear's own forward, or one listed in LINEAR_FORWARDS."""
+    forward = type(module).forward
+    return (isinstance(module, torch.nn.Linear) and
+            (forward is torch.nn.Linear.forward or f"{forward.__module__}.{forward.__qualname__}" in LINEAR_FORWARDS))
+
+
 def forward_interceptor(module: torch.nn.Module, device: torch.device | None = None) -> str | None:
     """What would run around `module`'s own forward if it were called (a fused op that reads its weights instead
     would skip it), or None: its forward or backward hooks (nn.Module's call runs both kinds), a forward replaced on

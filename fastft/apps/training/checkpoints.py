@@ -117,7 +117,8 @@ class Checkpoints:
         if missing:
             raise self._damaged(path, "trainer_state.pt", f"it lacks {', '.join(missing)}")
         if state["processes"] != self.accelerator.num_processes:
-            raise ConfigError(f"--resume: {path} was written by {state['processes']} processes, this run has "
+            n = state["processes"]
+            raise ConfigError(f"--resume: {path} was written by {n} process{'es' if n != 1 else ''}, this run has "
                               f"{self.accelerator.num_processes}; resume with the same number")
         self._read(path, "trainable.safetensors", _open_safetensors)
         self._read(path, "optimizer.pt", lambda f: torch.load(f, mmap=True, map_location="cpu", weights_only=False))

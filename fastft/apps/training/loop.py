@@ -272,7 +272,7 @@ def _run(cfg: TrainConfig, accelerator, train_records, eval_records, description
     models = ckpt.model_fingerprints(cfg, model_path)
     if resume_from is not None:
         ckpt.check_resumed_models(models, resumed.get("models"), resume_from)
-        finished = finished_metrics(cfg, resumed["step"])  # every check passed: this very run, ended
+        finished = finished_metrics(cfg)  # every check passed: this very run, ended
         if finished is not None:  # running its end again would only overwrite metrics.json with a new peak memory
             log(f"--resume: {cfg.output_dir} holds this run finished (step {cfg.steps} of {cfg.steps}, metrics.json); "
                 "nothing to do (a larger --steps continues it)")

@@ -79,12 +79,12 @@ def check_resumed_step(cfg: TrainConfig, step: int, checkpoint: Path) -> None:
                           f"{step} or more, or start a new run in another --output-dir")
 
 
-def finished_metrics(cfg: TrainConfig, step: int) -> dict | None:
-    """The metrics.json of this run when it has finished: resumed at its last step, with the final save done
-    (metrics.json is written last), and nothing asked that it lacks (--save-merged's model). None otherwise: a run
-    killed after its last checkpoint finishes its evaluation and saves."""
-    if step != cfg.steps:
-        return None
+def finished_metrics(cfg: TrainConfig) -> dict | None:
+    """The metrics.json of this run when it has finished: written last, by the final save, for these --steps with
+    every step's loss, and nothing asked that it lacks (--save-merged's model). None otherwise: a run killed after
+    its last checkpoint finishes its evaluation and saves. Not read from the checkpoint's step: with --steps not a
+    multiple of --save-every the last checkpoint is before the last step, and a finished run was trained again
+    from there (its adapter and metrics.json rewritten). Called once every resume check passed (this very run)."""
     try:
         metrics = json.loads((Path(cfg.output_dir) / "metrics.json").read_text())
     except (OSError, ValueError):

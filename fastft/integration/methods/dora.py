@@ -123,10 +123,13 @@ class FusedQDoraLinear(_DoraForward, FusedQLoraLinear):
     def lora_variants(self):
         return {(): None, ("use_dora",): _NF4DoraVariant}
 
+    def merges_dora(self, adapter_names=None) -> bool:
+        """Whether merging `adapter_names` (peft's default: the active adapters) would merge a DoRA adapter."""
+        return any(a in self.lora_magnitude_vector for a in (adapter_names or self.active_adapters))
+
     def merge(self, safe_merge: bool = False, adapter_names=None) -> None:
-        if any(a in self.lora_magnitude_vector for a in (adapter_names or self.active_adapters)):
-            raise NotImplementedError("fastft: merging DoRA into an NF4 weight is not supported; "
-                                      "fastft.merge_and_unload(model) dequantizes first and merges in dense")
+        if self.merges_dora(adapter_names):
+            raise NotImplementedError(NF4_DORA_MERGE)
         super().merge(safe_merge=safe_merge, adapter_names=adapter_names)
 
     def to_dense(self, dtype: torch.dtype | None = None):
@@ -135,6 +138,18 @@ class FusedQDoraLinear(_DoraForward, FusedQLoraLinear):
             magnitude.fan_in_fan_out = self.fan_in_fan_out
         self.__class__ = FusedDoraLinear
         return self
+
+
+NF4_DORA_MERGE = ("fastft: merging DoRA into an NF4 weight is not supported; fastft.merge_and_unload(model) "
+                  "dequantizes first and merges in dense")
+
+
+def refuse_nf4_dora_merge(model: nn.Module, adapter_names=None) -> None:
+    """NotImplementedError before a whole-model merge touches any layer when it would merge DoRA into an NF4 weight:
+    peft's merges walk the layers in order, so FusedQDoraLinear.merge's own refusal came after the layers before
+    it were merged (their NF4 weights requantized, which unmerge does not undo), or merged and unloaded."""
+    if any(isinstance(m, FusedQDoraLinear) and m.merges_dora(adapter_names) for m in model.modules()):
+        raise NotImplementedError(NF4_DORA_MERGE)
 
 
 def fused_class_for(module) -> type:
