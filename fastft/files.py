@@ -426,6 +426,18 @@ def output_dir_problem(output_dir: str | os.PathLike, flag: str = "--output-dir"
     return None
 
 
+def output_names_problem(output_dir: str | os.PathLike, files=(), folders=(), flag: str = "--output-dir") -> str | None:
+    """Why a run cannot write its `files` and `folders` (names inside output_dir): one of them is there as the other
+    kind (one line naming `flag`), or None. Checked before any run: the write failed only after the work was done."""
+    for name, want_folder in [*((f, False) for f in files), *((f, True) for f in folders)]:
+        path = Path(output_dir, name)
+        if os.path.lexists(path) and path.is_dir() != want_folder:
+            kind = "not a folder" if want_folder else "a folder"
+            return (f"{flag} {output_dir}: {path} is {kind}, where the {name} {'folder' if want_folder else 'file'} "
+                    f"goes; move it, or give another {flag}")
+    return None
+
+
 def _can_write_in(folder: Path) -> bool:
     """Whether a file can be created in `folder`: tried, since root passes os.access's permission check on a
     read-only file system or an immutable folder. The probe is a temporary of fastft's naming (target

@@ -60,7 +60,8 @@ def test_tiny_bench_rows(tiny_bench):
         if r["status"] != "ok":
             assert (r.get("reason") or r.get("error")) and "tokens_per_s" not in r, r
     env = result["environment"]
-    assert env["card"] == "cpu" and env["versions"]["torch"] == torch.__version__ and env["versions"]["peft"]
+    assert env["card"].startswith("cpu")   # "cpu (<its model>)": a table resumed on another CPU is refused
+    assert env["versions"]["torch"] == torch.__version__ and env["versions"]["peft"]
     assert result["config"]["shape"] == "tiny" and result["config"]["dtype_resolved"] == "fp32"
 
 

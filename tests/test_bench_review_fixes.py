@@ -315,6 +315,16 @@ def test_a_rank_above_a_local_models_hidden_size_is_refused(tmp_path):
     BenchConfig(model=str(tmp_path), rank=64, methods=("lora",)).validate()
 
 
+def test_a_rank_above_the_builtin_models_hidden_size_is_refused_before_it_loads(monkeypatch):
+    """--model smollm2-135m --rank 1000 ran ("known once it loads", but nothing checked it after loading)."""
+    import fastft.apps.bench.config as config_module
+
+    monkeypatch.setattr(config_module, "model_problem", lambda name, what: None)   # its packages need not be here
+    with pytest.raises(ValueError, match="--rank 1000 is larger than --model smollm2-135m's hidden size 576"):
+        BenchConfig(model="smollm2-135m", rank=1000, methods=("lora",)).validate()
+    BenchConfig(model="smollm2-135m", rank=576, methods=("lora",)).validate()
+
+
 def test_help_says_which_flags_apply_to_which_mode(capsys):
     with pytest.raises(SystemExit):
         cli.main(["bench", "--help"])

@@ -122,13 +122,14 @@ def test_finished_cells_are_reused_only_with_the_same_provenance(tmp_path, monke
     for name in KERNEL_ENV:  # the FASTFT_* variables that choose kernels are recorded only when set
         monkeypatch.delenv(name, raising=False)
     here = runner_module.provenance(1234)
-    assert set(here) == {"device_name", "threads", "fastft_version", "git_commit", "split_seed"}
+    assert set(here) == {"device_name", "threads", "fastft_version", "git_commit", "split_seed", "versions"}
     monkeypatch.setenv("FASTFT_LORA_BACKEND", "triton")
     assert runner_module.provenance(1234) == {**here, "kernel_env": {"FASTFT_LORA_BACKEND": "triton"}}
     write_json_atomic(path, {"status": "done", "settings": asdict(SETTINGS), "provenance": here})
     assert _finished(path, SETTINGS, here)["status"] == "done"
     for change in ({"device_name": "NVIDIA H200"}, {"threads": here["threads"] + 1}, {"fastft_version": "0.0.1"},
-                   {"git_commit": "0" * 40}, {"split_seed": 1}, {"kernel_env": {"FASTFT_LORA_BACKEND": "triton"}}):
+                   {"git_commit": "0" * 40}, {"split_seed": 1}, {"kernel_env": {"FASTFT_LORA_BACKEND": "triton"}},
+                   {"versions": {**here["versions"], "peft": "0.0.1"}}):
         assert _finished(path, SETTINGS, {**here, **change}) is None
     write_json_atomic(path, {"status": "done", "settings": asdict(SETTINGS)})   # written before provenance
     assert _finished(path, SETTINGS, here) is None

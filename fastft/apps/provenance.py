@@ -1,10 +1,13 @@
-"""Which code produced a result: the commit of the checkout fastft runs from, and whether its code was edited since.
-The study and `fastft bench` record it, and a resumed run refuses (bench) or reruns (study) what other code
-measured: fastft's version string does not change between commits, and the commit not with uncommitted edits."""
+"""Which code and machine produced a result: the commit of the checkout fastft runs from (and whether its code was
+edited since), the installed packages' versions and the device's name. The study and `fastft bench` record them,
+and a resumed run refuses (bench) or reruns (study) what other code, packages or hardware measured: fastft's
+version string does not change between commits, and the commit not with uncommitted edits."""
 from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.metadata
+import platform
 import subprocess
 from pathlib import Path
 
@@ -61,3 +64,34 @@ def _git(root: Path, *args: str, strip: bool = True) -> str | None:
     if out.returncode != 0:
         return None
     return out.stdout.strip() if strip else out.stdout
+
+
+def library_versions(names) -> dict[str, str | None]:
+    """The Python version, fastft's and each distribution's in `names` (None where one is not installed); torch's
+    as imported, whatever its metadata says, and the CUDA it was built with."""
+    import torch
+
+    out = {"python": platform.python_version()}
+    for name in ("fastft", *names):
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = None
+    out["torch"] = torch.__version__
+    out["cuda"] = torch.version.cuda
+    return out
+
+
+def device_name(device) -> str:
+    """The accelerator's name, or the CPU's model ("cpu (Intel(R) Xeon(R) ...)"): results measured on different
+    hardware are not comparable."""
+    import torch
+
+    if torch.device(device).type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        model = platform.processor()
+    return f"cpu ({model})" if model else "cpu"

@@ -58,7 +58,8 @@ def add_bench_parser(sub) -> None:
     m.add_argument("--seed", type=int, default=d.seed, help="model weights and token ids")
     m.add_argument("--formats", nargs="+", default=",".join(d.formats), metavar="FORMAT",
                    help="files to write, from json, md, png (python -m fastft.apps.bench.report turns the JSON into "
-                        "the others later)")
+                        "the others later); the JSON is written while the table is unfinished whatever this says (a "
+                        "resume reads it) and removed once it is complete if json is not named")
     m.add_argument("--compile", default=d.compile, choices=COMPILE_MODES, metavar="MODE",
                    help="also time every run under torch.compile with this mode (default, reduce-overhead: CUDA "
                         "graphs, max-autotune): each (method, implementation) then has an eager row and a compiled "
@@ -66,7 +67,7 @@ def add_bench_parser(sub) -> None:
                         f"{', '.join(COMPILE_MODES)}")
     m.add_argument("--compile-backend", default=d.compile_backend, choices=COMPILE_BACKENDS,
                    help="--compile's backend (inductor on the CPU needs a C++ compiler; aot_eager: traced graphs run "
-                        "by eager torch)")
+                        "by eager torch); not used with --compile off")
     m.add_argument("--fresh", action="store_true",
                    help="measure every run anew, replacing the table in --output-dir (without it, an unfinished "
                         "table of the same settings there is resumed and one of other settings is refused)")
@@ -112,8 +113,9 @@ def _unused_flags(args, argv: list[str], cfg: BenchConfig) -> list[str]:
     given = _given(args, argv)
     methods = set(cfg.methods)
     unused = {"rank": not methods & set(RANKED_METHODS), "alpha": not methods & set(RANKED_METHODS),
-              "num_virtual_tokens": not methods & set(PROMPT_METHODS), "shape": cfg.model is not None}
-    why = {"shape": "--model is benchmarked instead"}
+              "num_virtual_tokens": not methods & set(PROMPT_METHODS), "shape": cfg.model is not None,
+              "compile_backend": cfg.compile == "off"}
+    why = {"shape": "--model is benchmarked instead", "compile_backend": "--compile is off: nothing is compiled"}
     return [f"note: --{dest.replace('_', '-')} is not used ({why.get(dest, 'no method in --methods reads it')})"
             for dest, idle in unused.items() if idle and dest in given]
 
@@ -179,12 +181,14 @@ def run_bench(args, argv: list[str]) -> int:
         return 2
     from fastft.apps.bench.methods import bench_methods
     from fastft.apps.bench.report import markdown, write_report
+    from fastft.apps.bench.resume import drop_unasked_json, formats_per_row
 
-    every_row = tuple(f for f in cfg.formats if f != "png")   # the plot once, at the end
+    every_row = formats_per_row(cfg.formats)
     clear_outputs(cfg.output_dir, rewritten=every_row)
     result = bench_methods(cfg, on_row=lambda partial: write_report(partial, cfg.output_dir, every_row),
                            previous=previous)
     paths = write_report(result, cfg.output_dir, cfg.formats)
+    drop_unasked_json(cfg.output_dir, cfg.formats)
     print("\n" + markdown(result))
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     if not any(row["status"] == "ok" for row in result["rows"]):

@@ -10,7 +10,7 @@ import torch
 from fastft.apps.bench.peers import PEERS
 from fastft.apps.bench.shapes import DTYPES, SHAPES
 from fastft.apps.compiling import compile_problem
-from fastft.apps.models import model_problem, rank_problem
+from fastft.apps.models import SMOLLM2, model_problem, rank_problem
 from fastft.apps.optimizers import OPTIMIZERS, eight_bit_problem
 from fastft.files import output_dir_problem
 from fastft.integration.methods import METHODS
@@ -99,20 +99,22 @@ class BenchConfig:
             raise ValueError(problem)
 
     def _check_rank(self) -> None:
-        """A rank above the hidden size adds nothing a full-rank update lacks and only costs time (a real --model's
-        size is read from its config.json; the built-in one's is known once it loads)."""
+        """A rank above the hidden size adds nothing a full-rank update lacks and only costs time (a local --model's
+        size is read from its config.json; the built-in SmolLM2-135M's is its shape's, before the 15–30 s load)."""
         ranked = [m for m in self.methods if m in RANKED_METHODS]
         if not ranked:
             return
         if self.model is None:
             hidden, what = SHAPES[self.shape]["hidden_size"], f"--shape {self.shape}"
+        elif self.model == SMOLLM2:
+            hidden, what = SHAPES["smollm2-135m-shape"]["hidden_size"], f"--model {self.model}"
         elif Path(self.model, "config.json").is_file():
             from transformers import AutoConfig
 
             hidden = getattr(AutoConfig.from_pretrained(self.model).get_text_config(), "hidden_size", None)
             what = f"--model {self.model}"
         else:
-            return
+            return   # a folder without config.json: model_problem refused it already
         problem = rank_problem(self.rank, hidden, what, ", ".join(ranked))
         if problem:
             raise ValueError(problem)

@@ -7,7 +7,6 @@ CUDA (smoke runs only) a timing is the wall-clock median of `cpu_rep` calls and 
 """
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import math
 import os
@@ -27,7 +26,10 @@ PEER_PACKAGES = ("torch", "triton", "transformers", "peft", "accelerate", "bitsa
 
 
 def card_name() -> str:
-    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    """The GPU's name, or "cpu (<the CPU's model>)": a CPU table resumed on another CPU model is refused."""
+    from fastft.apps.provenance import device_name
+
+    return device_name(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 # Datasheet HBM bandwidth (TB/s) by card name, first match wins: the yardstick of "x% of HBM bandwidth" targets
@@ -44,19 +46,9 @@ def hbm_spec_tbps(card: str) -> float | None:
 
 def versions() -> dict:
     """Installed versions of fastft and its peers (None where a package is not installed)."""
-    out = {"python": platform.python_version(), "fastft": _version("fastft")}
-    for name in PEER_PACKAGES:
-        out[name] = _version(name)
-    out["torch"] = torch.__version__  # the imported one, whatever the metadata says
-    out["cuda"] = torch.version.cuda
-    return out
+    from fastft.apps.provenance import library_versions
 
-
-def _version(name: str) -> str | None:
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return None
+    return library_versions(PEER_PACKAGES)
 
 
 def environment() -> dict:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib.util
 import io
-import json
 import sys
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from fastft.apps.bench.harness import fmt, write_json
 from fastft.apps.bench.peers import IMPLEMENTATIONS
 from fastft.apps.bench.shapes import DESCRIPTIONS
 from fastft.apps.bench.targets import check_targets
-from fastft.files import atomic_write, output_dir_problem
+from fastft.files import atomic_write
 
 STEM = "bench_methods"
 COLORS = {"fastft": "tab:red", "peft": "tab:blue", "liger": "tab:green", "unsloth": "tab:purple"}
@@ -113,8 +112,9 @@ def markdown(result: dict) -> str:
         f"{what}; B{cfg['batch_size']}×S{cfg['seq_len']}, dtype {cfg['dtype_resolved']}, gradient checkpointing "
         f"{'on' if cfg['gradient_checkpointing'] else 'off'}; {cfg['steps']} timed steps after {cfg['warmup']} "
         f"warm-up; {_method_knobs(cfg)}optimizer {cfg.get('optimizer', 'adamw')} for every row.",
-        f"torch {v.get('torch')}, triton {v.get('triton')}, transformers {v.get('transformers')}, peft {v.get('peft')}, "
-        f"bitsandbytes {v.get('bitsandbytes')}, liger-kernel {v.get('liger-kernel')}, unsloth {v.get('unsloth')}.",
+        f"torch {v.get('torch')}, triton {v.get('triton')}, transformers {v.get('transformers')}, "
+        f"peft {v.get('peft')}, bitsandbytes {v.get('bitsandbytes')}, liger-kernel {v.get('liger-kernel')}, "
+        f"unsloth {v.get('unsloth')}.",
         f"Peak memory: {'; '.join(kinds) or 'not measured'}. tokens/s = B·S / mean step time (forward, backward, "
         "AdamW step). Loss: fastft rows noted \"model patched\" and peft+Liger rows compute it fused, without the "
         "logits tensor; the other rows build the full logits. × peer: against the peft row of the same method "
@@ -204,39 +204,12 @@ def plot_figure(result: dict):
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Errors (a missing or unreadable results file) are one line and exit status 2, as argparse gives them."""
-    import argparse
+    from fastft.apps.redraw import redraw_main
 
-    parser = argparse.ArgumentParser(prog="python -m fastft.apps.bench.report",
-                                     description="Draw the markdown table and the PNG plot again from a fastft bench "
-                                                 "results file.")
-    parser.add_argument("results", metavar="RESULTS.json", help="a results file of fastft bench (bench_methods.json)")
-    parser.add_argument("out_dir", metavar="OUT_DIR", nargs="?", help="where to write them (default: RESULTS.json's "
-                                                                      "folder)")
-    args = parser.parse_args(argv)
-    source = Path(args.results)
-    if not source.is_file():
-        parser.error(f"{source}: {'is a directory' if source.is_dir() else 'no such file'}; give the results JSON "
-                     "that fastft bench wrote (bench_methods.json in its --output-dir)")
-    try:
-        result = json.loads(source.read_text(encoding="utf-8"))
-    except ValueError as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-        parser.error(f"{source}: not valid JSON ({e})")
-    if not (isinstance(result, dict) and isinstance(result.get("config"), dict)
-            and isinstance(result.get("rows"), list) and isinstance(result.get("environment"), dict)):
-        parser.error(f"{source}: not a fastft bench results file (it needs its config, environment and rows); give "
-                     "the bench_methods.json that fastft bench wrote")
-    out_dir = Path(args.out_dir or source.parent)
-    problem = output_dir_problem(out_dir, "OUT_DIR")
-    if problem:
-        parser.error(problem)
-    try:
-        paths = write_report(result, out_dir, formats=("md", "png"))
-    except (KeyError, TypeError) as e:  # a row without its fields: another program's JSON, or one edited by hand
-        parser.error(f"{source}: not a fastft bench results file ({type(e).__name__}: {e}); give the "
-                     "bench_methods.json that fastft bench wrote")
-    print("wrote " + ", ".join(str(p) for p in paths.values()))
-    return 0
+    return redraw_main(argv, module="fastft.apps.bench.report", command="fastft bench", file_name=f"{STEM}.json",
+                       draws="the markdown table and the PNG plot",
+                       fields={"config": dict, "environment": dict, "rows": list},
+                       write=lambda result, out_dir: write_report(result, out_dir, formats=("md", "png")))
 
 
 if __name__ == "__main__":

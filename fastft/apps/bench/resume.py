@@ -1,7 +1,8 @@
 """Resuming a `fastft bench methods` table cut short (killed, a time limit): the results JSON in --output-dir
 holds every finished row and `complete: false`; the same command again measures only the rest. A table of other
-settings (or another card, other package versions) is refused rather than mixed in or overwritten: --fresh
-replaces it.
+settings (or another card or CPU model, CPU count, other package versions) is refused rather than mixed in or
+overwritten: --fresh replaces it. The JSON is written while a table is unfinished whatever --formats asks (it is the
+only record a resume reads), and removed once the table is complete if --formats left it out.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from fastft.apps.bench.config import BenchConfig
 from fastft.apps.bench.harness import environment
 from fastft.apps.bench.methods import table_config
 from fastft.apps.bench.report import FORMATS, STEM
+from fastft.files import output_names_problem
 
 IGNORED = ("output_dir", "formats")   # where and how a table is written, not what it measures
 
@@ -22,17 +24,20 @@ def previous_result(cfg: BenchConfig, device: torch.device, fresh: bool = False)
     """The unfinished table of these settings in cfg.output_dir to resume, or None (nothing there, --fresh, or
     a complete table of these settings: measured again). Raises ValueError, naming --output-dir and --fresh, for a
     table of other settings or a file that is not one."""
-    for fmt in FORMATS:  # a folder where a results file goes: its write (or the clearing of an old one) would fail
-        taken = Path(cfg.output_dir) / f"{STEM}.{fmt}"
-        if taken.is_dir():
-            raise ValueError(f"--output-dir {cfg.output_dir}: {taken} is a folder, where the results' {fmt} file "
-                             "goes; move it, or give another --output-dir")
+    # a folder where a results file goes: its write (or the clearing of an old one) would fail
+    problem = output_names_problem(cfg.output_dir, files=[f"{STEM}.{fmt}" for fmt in FORMATS])
+    if problem:
+        raise ValueError(problem)
     path = Path(cfg.output_dir) / f"{STEM}.json"
     if fresh or not path.is_file():
         return None
     try:
         old = json.loads(path.read_text())
         old_config, old_env = old["config"], old["environment"]
+        for name, value, kind in (("config", old_config, dict), ("environment", old_env, dict),
+                                  ("rows", old.get("rows", []), list)):
+            if not isinstance(value, kind):
+                raise TypeError(f"its {name} is a {type(value).__name__}, not a {kind.__name__}")
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise ValueError(f"--output-dir {cfg.output_dir}: {path} is not a fastft bench results file ({err}); pass "
                          "--fresh to replace it, or give another --output-dir") from None
@@ -45,21 +50,31 @@ def previous_result(cfg: BenchConfig, device: torch.device, fresh: bool = False)
 
 
 def config_differences(old: dict, new: dict) -> list[str]:
-    """'name: old there, new now' for each setting that differs (tuples and lists compare alike)."""
+    """'name: old there, new now' for each setting that differs (tuples and lists compare alike; the compile backend
+    only where something was compiled)."""
     old, new = json.loads(json.dumps(old, default=str)), json.loads(json.dumps(new, default=str))
-    names = [k for k in dict.fromkeys([*new, *old]) if k not in IGNORED]
+    ignored = IGNORED + (("compile_backend",) if old.get("compile") == new.get("compile") == "off" else ())
+    names = [k for k in dict.fromkeys([*new, *old]) if k not in ignored]
     return [f"{k}: {old.get(k)!r} there, {new.get(k)!r} now" for k in names if old.get(k) != new.get(k)]
 
 
 def _env_differences(old_env: dict) -> list[str]:
     env = environment()
-    out = [f"{name}: {old_env.get(name)!r} there, {env[name]!r} now" for name in ("card", "git_commit", "torch_threads")
+    compared = ("card", "cpu_count", "git_commit", "torch_threads")   # card: the GPU, or the CPU's model
+    out = [f"{name}: {old_env.get(name)!r} there, {env[name]!r} now" for name in compared
            if old_env.get(name) != env[name]]
     if old_env.get("kernel_env", {}) != env["kernel_env"]:  # a table written before they were recorded: none set
         out.append(f"kernel environment {old_env.get('kernel_env', {})} there, {env['kernel_env']} now")
     old_versions = old_env.get("versions") or {}
     return out + [f"{name} {old_versions.get(name)} there, {v} now" for name, v in env["versions"].items()
                   if old_versions.get(name) != v]
+
+
+def formats_per_row(formats: tuple[str, ...]) -> tuple[str, ...]:
+    """The files rewritten after every row: the JSON whatever --formats asks (the only record a resume reads: an
+    unfinished table without it could not be resumed, and a resume with `--formats md` deleted the one it read), the
+    markdown when asked; the plot is drawn once, at the end."""
+    return ("json", *(f for f in formats if f == "md"))
 
 
 def clear_outputs(out_dir: str | Path, rewritten: tuple[str, ...] = ()) -> None:
@@ -70,3 +85,10 @@ def clear_outputs(out_dir: str | Path, rewritten: tuple[str, ...] = ()) -> None:
     for fmt in FORMATS:
         if fmt not in rewritten:
             Path(out_dir, f"{STEM}.{fmt}").unlink(missing_ok=True)
+
+
+def drop_unasked_json(out_dir: str | Path, formats: tuple[str, ...]) -> None:
+    """Once the table is complete, remove the JSON that formats_per_row kept for a resume if --formats left it
+    out."""
+    if "json" not in formats:
+        Path(out_dir, f"{STEM}.json").unlink(missing_ok=True)

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from fastft.apps.provenance import device_name
 from fastft.apps.study.models import count_parameters, prepare_model, unfreeze_head
 from fastft.apps.study.tasks import load_study_task, tested_rows, training_rows
 from fastft.integration.methods import apply_method
@@ -48,7 +49,7 @@ class CellSettings:
     batch_size: int
     max_length: int
     lr: float            # the method's parameters (and, for full fine-tuning, the whole model)
-    head_lr: float       # the fresh classification head (MiniLM), the same under every method
+    head_lr: float | None  # the fresh classification head (MiniLM), the same under every method; None: no head
     evals: int           # dev evaluations, spread evenly; the last at the last step
     max_dev: int | None  # evaluate on the first max_dev dev rows (the split itself is fixed)
     max_test: int | None
@@ -72,8 +73,9 @@ def evaluation_steps(steps: int, evals: int) -> set[int]:
 def check_loss(losses: list[float], settings: CellSettings) -> None:
     """Raises Diverged when the latest training loss (losses[-1], of step len(losses)) is not finite."""
     if not math.isfinite(losses[-1]):
-        raise Diverged(f"training loss {losses[-1]} at step {len(losses)} of {settings.steps} (lr {settings.lr:g}, "
-                       f"head lr {settings.head_lr:g})", losses)
+        head = "" if settings.head_lr is None else f", head lr {settings.head_lr:g}"
+        raise Diverged(f"training loss {losses[-1]} at step {len(losses)} of {settings.steps} (lr {settings.lr:g}"
+                       f"{head})", losses)
 
 
 def macro_f1(predictions: list[int], labels: list[int]) -> float:
@@ -256,20 +258,6 @@ def _train_and_test(spec: CellSpec, settings: CellSettings, device) -> dict:
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def device_name(device: torch.device) -> str:
-    """The accelerator's name, or the CPU's model: cells measured on different hardware are not comparable."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
-    except OSError:
-        import platform
-
-        model = platform.processor()
-    return f"cpu ({model})" if model else "cpu"
 
 
 def run_cell(spec: CellSpec, settings: CellSettings, device: torch.device | None = None) -> dict:

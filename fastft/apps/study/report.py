@@ -2,6 +2,8 @@
 
 Scores are each task's headline metric (accuracy; macro-F1 on the unbalanced SMS, TREC and BBC), in
 percent, mean ± sample standard deviation over seeds. Every file is written atomically.
+
+    python -m fastft.apps.study.report RESULTS.json [OUT_DIR]   # report.md and plots/ again from results.json
 """
 from __future__ import annotations
 
@@ -395,14 +397,15 @@ def write_report(results: dict, output_dir) -> dict[str, Path]:
                   "Test score (%) of the dev-selected checkpoint, mean ± std over seeds (* some seeds missing, "
                   "see the cells without a score); "
                   "macro-F1 tasks show the accuracy beside.", "",
-                  accuracy_table(groups, tasks_info, model, regime), "", "Cost (means over tasks and seeds):", "",
+                  accuracy_table(groups, tasks_info, model, regime), "",
+                  "Cost (means over tasks and seeds; peak memory: the largest):", "",
                   cost_table(groups, model, regime), "", majority_check(groups, tasks_info, model, regime)]
         parts += ["", f"![per task](plots/tasks_{name}.png)"] if plots else []
     parts += ["", "## Score against cost", ""]
     parts += (["![score vs trainable parameters](plots/score_vs_params.png)",
                "![score vs tokens/s](plots/score_vs_tokens_per_second.png)"] if plots else
-              ["No plots: matplotlib is not installed (`pip install matplotlib`, then `fastft study` with the same "
-               "flags redraws this report from the stored cells)."])
+              ["No plots: matplotlib is not installed (`pip install matplotlib`, then `python -m "
+               "fastft.apps.study.report results.json` redraws this report with them)."])
     anchors = anchor_rows(groups)
     parts += ["", "## fastft against peft's own implementation", ""]
     if anchors:
@@ -425,3 +428,17 @@ def write_report(results: dict, output_dir) -> dict[str, Path]:
     atomic_write(out / "report.md", "\n".join(parts))
     written["report"] = out / "report.md"
     return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    from fastft.apps.redraw import redraw_main
+
+    return redraw_main(argv, module="fastft.apps.study.report", command="fastft study", file_name="results.json",
+                       draws="report.md and the plots", fields={"config": dict, "tasks": dict, "cells": list},
+                       write=write_report)
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

@@ -2,7 +2,8 @@
 
 Every cell's result is a JSON file under `<output>/cells/`, written atomically when the cell ends; on a
 restart the finished cells ("done", or "diverged": their settings' outcome, which a rerun repeats) whose
-settings and provenance (device, fastft version and commit, split seed) match are read back, not rerun. Cells
+settings and provenance (device, threads, fastft version and commit, library and model/data package versions, split
+seed) match are read back, not rerun; the others are rerun, and the run says how many and why. Cells
 that were unavailable or failed are tried again (a method that has landed since then runs); combinations known
 not to run (UNAVAILABLE) are recorded without running. After each cell the combined `results.json` is
 rewritten; the report is written at the end.
@@ -17,11 +18,12 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from fastft.apps.provenance import git_commit, kernel_environment
-from fastft.apps.study.cell import CellSettings, CellSpec, default_device, device_name, run_cell
-from fastft.apps.study.models import MODEL_FAMILIES
+from fastft.apps.datasets import DATA_PACKAGES
+from fastft.apps.provenance import device_name, git_commit, kernel_environment, library_versions
+from fastft.apps.study.cell import CellSettings, CellSpec, default_device, run_cell
+from fastft.apps.study.models import HEAD_FAMILIES, MODEL_FAMILIES, MODEL_PACKAGES, family_problem
 from fastft.apps.study.tasks import REGIMES, STUDY_TASKS, load_study_task, majority_baseline, tested_split
-from fastft.files import atomic_write, output_dir_problem
+from fastft.files import atomic_write, output_dir_problem, output_names_problem
 from fastft.integration.methods import METHODS
 
 # Learning rates per method, (MiniLM, SmolLM2). Full fine-tuning moves every pretrained weight, so it takes
@@ -46,6 +48,12 @@ STEPS_DEFAULT = {"32-per-class": 60, "full": 150}
 # peft has no full fine-tuning and no bottleneck adapter, and its QLoRA needs a bitsandbytes-quantized model
 # (apply_method refuses it): those cells get no peft anchor.
 NO_PEFT_ANCHOR = ("full", "adapter", "qlora")
+# the distributions whose version a cell records (its provenance): the libraries a cell runs and the packages its
+# model weights and task data come from
+STUDY_PACKAGES = ("torch", "triton", "transformers", "peft", "accelerate", "bitsandbytes",
+                  *(name for names in MODEL_PACKAGES.values() for name in names), *DATA_PACKAGES)
+# what a study writes into its --output-dir: files, then folders
+OUTPUT_FILES, OUTPUT_FOLDERS = ("results.json", "report.md"), ("cells", "plots")
 # (model, method, implementation) that cannot run, known before running: recorded "unavailable" with the reason
 # and never run (a retry would fail the same way on every resume). Remove an entry when its method lands.
 UNAVAILABLE = {
@@ -94,9 +102,26 @@ class StudyConfig:
                 raise ValueError(f"--lr must be a finite number > 0, got {rate} (for {method})")
         if not _finite_positive(self.head_lr):
             raise ValueError(f"--head-lr must be a finite number > 0, got {self.head_lr}")
-        problem = output_dir_problem(self.output_dir)
+        problem = (output_dir_problem(self.output_dir)
+                   or output_names_problem(self.output_dir, OUTPUT_FILES, OUTPUT_FOLDERS))
         if problem:
             raise ValueError(problem)
+
+
+def check_inputs(config: StudyConfig) -> dict:
+    """Each task of the study loaded (returned by name) and each model's package found, before any cell runs; raises
+    ValueError naming --tasks or --models and the package to install (a missing one failed every cell)."""
+    for model in config.models:
+        problem = family_problem(model)
+        if problem:
+            raise ValueError(problem)
+    tasks = {}
+    for name in config.tasks:
+        try:
+            tasks[name] = load_study_task(name)
+        except FileNotFoundError as err:
+            raise ValueError(f"--tasks {name}: {err}") from None
+    return tasks
 
 
 def _finite_positive(rate: float) -> bool:
@@ -129,7 +154,8 @@ def plan(config: StudyConfig) -> list[tuple[CellSpec, CellSettings]]:
                     for method in config.methods:
                         settings = CellSettings(steps=steps, batch_size=config.batch_size,
                                                 max_length=config.max_length,
-                                                lr=learning_rate(config, method, model), head_lr=config.head_lr,
+                                                lr=learning_rate(config, method, model),
+                                                head_lr=config.head_lr if model in HEAD_FAMILIES else None,
                                                 evals=config.evals,
                                                 max_dev=config.max_dev, max_test=config.max_test)
                         implementations = ["fastft"]
@@ -151,14 +177,16 @@ def _unavailable_result(spec: CellSpec, settings: CellSettings, reason: str) -> 
 
 def provenance(split_seed: int) -> dict:
     """What a cell's result depends on beyond its spec and settings: where, with how many CPU threads (tokens/s on
-    a CPU) and by which code it ran, and the split of its task. A stored cell whose provenance differs is rerun on
-    resume, so one report never mixes cells measured under different --threads or FASTFT_* kernel choices."""
+    a CPU), by which code and library versions (torch, transformers, peft, ..., the model and data packages) it ran,
+    and the split of its task. A stored cell whose provenance differs is rerun on resume, so one report never mixes
+    cells measured under different --threads, FASTFT_* kernel choices or package versions."""
     import torch
 
     import fastft
 
     out = {"device_name": device_name(default_device()), "threads": torch.get_num_threads(),
-           "fastft_version": fastft.__version__, "git_commit": git_commit(), "split_seed": split_seed}
+           "fastft_version": fastft.__version__, "git_commit": git_commit(), "split_seed": split_seed,
+           "versions": library_versions(STUDY_PACKAGES)}
     kernels = kernel_environment()
     return {**out, "kernel_env": kernels} if kernels else out  # absent when none is set: older cells still match
 
@@ -183,11 +211,25 @@ def _stored(path: Path) -> dict | None:
         return None
 
 
+def differences(old: dict, new: dict) -> str | None:
+    """'name old → new' for each entry that differs (of a dict in both, the versions, each of its entries that
+    differs), comma-separated; None when none does."""
+    changes = []
+    for k in dict.fromkeys([*new, *old]):
+        was, now = old.get(k), new.get(k)
+        if isinstance(was, dict) and isinstance(now, dict):
+            changes += [f"{name} {was.get(name)!r} → {now.get(name)!r}" for name in dict.fromkeys([*now, *was])
+                        if was.get(name) != now.get(name)]
+        elif was is None and isinstance(now, dict):   # a cell written before they were recorded
+            changes.append(f"{k} not recorded")
+        elif was != now:
+            changes.append(f"{k} {was!r} → {now!r}")
+    return ", ".join(changes) or None
+
+
 def provenance_change(result: dict, expected: dict) -> str | None:
     """How a stored cell's provenance differs from this run's (None: it does not)."""
-    stored = result.get("provenance") or {}
-    changes = [f"{k} {stored.get(k)!r} → {v!r}" for k, v in expected.items() if stored.get(k) != v]
-    return ", ".join(changes) or None
+    return differences(result.get("provenance") or {}, expected)
 
 
 def _finished(path: Path, settings: CellSettings, expected: dict | None = None) -> dict | None:
@@ -204,15 +246,13 @@ def _finished(path: Path, settings: CellSettings, expected: dict | None = None) 
 def run_study(config: StudyConfig, *, progress: bool = True, log=print) -> dict:
     """Run (or resume) the study; returns the combined results, also written to `<output>/results.json`."""
     config.validate()
+    tasks = {name: {**task.summary(), "tested": tested_split(task, config.max_test),
+                    "majority": majority_baseline(task, config.max_test)}
+             for name, task in check_inputs(config).items()}
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     cells = plan(config)
-    tasks = {}
-    for name in config.tasks:
-        task = load_study_task(name)
-        tasks[name] = {**task.summary(), "tested": tested_split(task, config.max_test),
-                       "majority": majority_baseline(task, config.max_test)}
-    results, outcomes, changes = [], Counter(), []
+    results, outcomes, changes = [], Counter(), {"settings": [], "provenance": []}
     log(f"fastft study: {len(cells)} cells ({len(config.models)} models × {len(config.tasks)} tasks × "
         f"{len(config.regimes)} regimes × {config.seeds} seeds × methods/implementations) → {out}")
     bar = tqdm(cells, desc="study", unit="cell", disable=not progress, dynamic_ncols=True)
@@ -221,13 +261,14 @@ def run_study(config: StudyConfig, *, progress: bool = True, log=print) -> dict:
         result, outcome, change = _cell_result(out, spec, settings, provenance(tasks[spec.task]["split_seed"]))
         outcomes[outcome] += 1
         if change:
-            changes.append(change)
+            changes[change[0]].append(change[1])
         results.append(result)
         combined = _combined(config, tasks, results, outcomes["resumed"])
         write_json_atomic(out / "results.json", combined)
-    if changes:
-        log(f"{len(changes)} finished cells rerun: they ran on another device, thread count or code version "
-            f"({changes[0]})")
+    for kind, why in (("settings", "their settings changed"),
+                      ("provenance", "they ran on another device, thread count, code or package versions")):
+        if changes[kind]:
+            log(f"{len(changes[kind])} finished cells rerun: {why} ({changes[kind][0]})")
     log(f"{outcomes['resumed']} finished cells read back, {outcomes['run']} run"
         + (f", {outcomes['unavailable']} unavailable (not run)" if outcomes["unavailable"] else ""))
     diverged = sum(r["status"] == "diverged" for r in results)
@@ -236,10 +277,11 @@ def run_study(config: StudyConfig, *, progress: bool = True, log=print) -> dict:
     return combined
 
 
-def _cell_result(out: Path, spec: CellSpec, settings: CellSettings, expected: dict) -> tuple[dict, str, str | None]:
+def _cell_result(out: Path, spec: CellSpec, settings: CellSettings,
+                 expected: dict) -> tuple[dict, str, tuple[str, str] | None]:
     """(result, outcome, change): the cell known unavailable, read back (finished with the same settings and
-    provenance) or run now; `change` says why a finished cell runs again (another device, thread count or code
-    version)."""
+    provenance) or run now; `change` says why a finished cell runs again: ("settings" or "provenance", what
+    changed)."""
     path = cell_path(out, spec)
     reason = unavailable_reason(spec)
     if reason is not None:
@@ -249,11 +291,22 @@ def _cell_result(out: Path, spec: CellSpec, settings: CellSettings, expected: di
     result = _finished(path, settings, expected)
     if result is not None:
         return result, "resumed", None
-    stale = _finished(path, settings)
-    change = f"{spec.key}: {provenance_change(stale, expected)}" if stale is not None else None
+    why = _rerun_reason(_stored(path), settings, expected)
+    change = (why[0], f"{spec.key}: {why[1]}") if why else None
     result = {**run_cell(spec, settings), "provenance": expected}
     write_json_atomic(path, result)
     return result, "run", change
+
+
+def _rerun_reason(stored: dict | None, settings: CellSettings, expected: dict) -> tuple[str, str] | None:
+    """Why a stored finished cell is not read back: ("settings", what changed) or ("provenance", what changed);
+    None when there is no finished cell."""
+    if stored is None or stored.get("status") not in FINISHED:
+        return None
+    changed = differences(stored.get("settings") or {}, asdict(settings))
+    if changed:
+        return "settings", changed
+    return "provenance", provenance_change(stored, expected)
 
 
 def _combined(config: StudyConfig, tasks: dict, results: list[dict], resumed: int) -> dict:
@@ -265,4 +318,4 @@ def _combined(config: StudyConfig, tasks: dict, results: list[dict], resumed: in
     return {"config": asdict(config), "tasks": tasks, "cells": slim, "resumed_cells": resumed,
             "environment": {"torch": torch.__version__, "python": platform.python_version(),
                             "device": default_device().type, "device_name": device_name(default_device()),
-                            "threads": torch.get_num_threads()}}
+                            "threads": torch.get_num_threads(), "versions": library_versions(STUDY_PACKAGES)}}
