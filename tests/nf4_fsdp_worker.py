@@ -28,14 +28,17 @@ STEPS = 3
 GLOBAL_BATCH, SEQ = 4, 12
 
 
-def build_qlora_model():
+def build_nf4_model():
     """hidden 256: every (rows/2)·K of the Llama's linears is a multiple of 256·64, so shards keep nested scales."""
-    from peft import LoraConfig
-
     model = tiny_llama(seed=0, hidden_size=256, intermediate_size=512, num_attention_heads=4,
                        num_key_value_heads=2)
-    fastft.quantize_model(model, "nf4")
-    model = fastft.get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=ALL_LINEAR,
+    return fastft.quantize_model(model, "nf4")
+
+
+def build_qlora_model():
+    from peft import LoraConfig
+
+    model = fastft.get_peft_model(build_nf4_model(), LoraConfig(r=8, lora_alpha=16, target_modules=ALL_LINEAR,
                                                     lora_dropout=0.0))
     randomize_lora_B(model)
     return model
@@ -178,10 +181,13 @@ def main(out_dir):
         into.load_state_dict(get_model_state_dict(third), assign=True)  # a new shard, not a copy
         report["assigned_other_max_diff"] = (into(x) - refs[1](x)).abs().max().item()
     report.update(load_full_checkpoints(mesh, x))
-    # a sharded model saves as the unsharded one does (gathered onto rank 0, which writes)
-    fastft.save_nf4_model(model, os.path.join(out_dir, "saved_sharded"))
+    # a sharded model saves as the unsharded one does (gathered onto rank 0, which writes; the NF4 model itself:
+    # save_nf4_model refuses one holding adapters)
+    nf4 = build_nf4_model()
+    fastft.shard_model(nf4, mesh)
+    fastft.save_nf4_model(nf4, os.path.join(out_dir, "saved_sharded"))
     if rank == 0:
-        fastft.save_nf4_model(plain, os.path.join(out_dir, "saved_plain"))
+        fastft.save_nf4_model(build_nf4_model(), os.path.join(out_dir, "saved_plain"))
     tied = tied_camembert()
     fastft.shard_model(tied, mesh)
     report["tie_kept"] = tied.lm_head.decoder.weight is tied.roberta.embeddings.word_embeddings.weight

@@ -19,7 +19,8 @@ from torch import nn
 
 from fastft.files import merge_into_folder
 from fastft.integration.checkpoint_keys import CheckpointKeys, stored_namer
-from fastft.integration.nf4_model import finish_nf4_model, set_submodule
+from fastft.integration.nf4_model import (compute_dtype as model_compute_dtype, finish_nf4_model, refuse_adapters,
+                                          set_submodule)
 from fastft.integration.nf4_skip import (check_skip, default_skip, kept_by_default, kept_dense, plain_forward_layers,
                                          quantizable, skip_entries, skipped)
 from fastft.integration.sharded_state import write_on_rank0
@@ -279,7 +280,23 @@ def _quantization_config(model: nn.Module, dtype: torch.dtype) -> dict:
     if len(nested) > 1:
         raise ValueError("save_nf4_model: some NF4 layers use double quantization and some do not; bitsandbytes' "
                          "config has one bnb_4bit_use_double_quant flag")
-    dense = sorted(name for name, m in model.named_modules() if quantizable(m))  # kept dense: bitsandbytes too
+    dense = []  # kept dense: bitsandbytes too
+    for name, m in model.named_modules():
+        if quantizable(m):
+            if not m.weight.is_floating_point():  # bitsandbytes' Params4bit (uint8) or Int8Params
+                raise TypeError(f"save_nf4_model: {name} is a {type(m).__name__} whose weight is a "
+                                f"{type(m.weight).__name__} of {m.weight.dtype}, neither NF4 nor dense: a model "
+                                "quantized by bitsandbytes saves with its own save_pretrained")
+            dense.append(name)
+    dense.sort()
+    # transformers' loader matches the list by suffix at any character: a dense "classifier" keeps "pre_classifier"
+    also_dense = [name for name, m in model.named_modules()
+                  if isinstance(m, NF4Linear) and kept_by_default(name, dense)]
+    if also_dense:
+        warnings.warn(f"save_nf4_model: transformers + bitsandbytes would load {', '.join(also_dense[:3])} dense "
+                      f"(its llm_int8_skip_modules, the dense layers {dense[:3]}..., match it by suffix) and fail on "
+                      "its NF4 weights; fastft.load_nf4_model loads it. To save a checkpoint transformers loads, keep "
+                      "it dense too (quantize_model(..., skip=[its name]))", stacklevel=3)
     return {"quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False,
             "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": next(iter(nested), False),
             "bnb_4bit_compute_dtype": str(dtype).removeprefix("torch."), "bnb_4bit_quant_storage": "uint8",
@@ -299,16 +316,26 @@ def _gathered_state_dict(model: nn.Module) -> dict:
     return state
 
 
-def save_nf4_model(model: nn.Module, path: str, *, compute_dtype: torch.dtype = torch.bfloat16) -> None:
+def save_nf4_model(model: nn.Module, path: str, *, compute_dtype: torch.dtype | None = None) -> None:
     """Write `model` (with NF4Linear layers) to the folder `path` as transformers + bitsandbytes save 4-bit models.
 
+    compute_dtype: the quantization config's bnb_4bit_compute_dtype (what transformers + bitsandbytes compute in
+    after loading it); default: the dtype the model computes in (its embeddings'), fp32 where none is found, as
+    bitsandbytes' default. A model holding peft adapters is refused (their layers would be saved as the model's).
     An FSDP2-sharded model (`shard_model`) is gathered: every rank calls this, rank 0 writes, all return once written.
     """
+    refuse_adapters(model, "save_nf4_model", "save the adapter with fastft.save_adapter (or model.save_pretrained), "
+                                             "or merge it first with fastft.merge_and_unload")
     config = getattr(model, "config", None)
     cfg = None
     if config is not None:  # first: a model bitsandbytes' config cannot describe fails before anything is written
+        dtype = compute_dtype or model_compute_dtype(model) or torch.float32
         cfg = config.to_dict()
-        cfg["quantization_config"] = _quantization_config(model, compute_dtype)
+        cfg["quantization_config"] = _quantization_config(model, dtype)
+        if not cfg.get("architectures"):  # as transformers' save_pretrained writes them (loaders read them)
+            cfg["architectures"] = [_model_class(model).__name__]
+        if not cfg.get("dtype"):
+            cfg["dtype"] = str(model_compute_dtype(model) or torch.float32).removeprefix("torch.")
     # CamembertForCausalLM registers lm_head before the embeddings: the head's key came first and the embedding's,
     # which the loader ties it to, was the one dropped
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -331,6 +358,13 @@ def save_nf4_model(model: nn.Module, path: str, *, compute_dtype: torch.dtype = 
         return
     state = unaliased(_gathered_state_dict(model))  # gathered tensors are copies, tied ones too
     write_on_rank0(lambda: _write(state, path, cfg, tied), "save_nf4_model")  # its error raised on every rank
+
+
+def _model_class(model: nn.Module) -> type:
+    """The model's own class, not FSDP2's subclass of it (FSDPLlamaForCausalLM)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))
 
 
 def _aliased_keys(model: nn.Module, tied_targets) -> set[str]:

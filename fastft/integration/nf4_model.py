@@ -20,7 +20,7 @@ from fastft.integration.checkpointing import (drop_input_grad_hooks_if_unneeded,
 from fastft.integration.nf4_skip import (check_skip, default_skip, kept_dense, plain_forward_layers, quantizable,
                                          skip_entries)
 from fastft.modules.nf4_linear import NF4Linear
-from fastft.quant.nf4_weight import local_nf4
+from fastft.quant.nf4_weight import check_quantizable, local_nf4
 
 
 def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -75,8 +75,12 @@ def quantize_model(model: nn.Module, quant_type: str = "nf4", *, blocksize: int 
     """
     if quant_type != "nf4":
         raise ValueError(f"quantize_model: only quant_type='nf4' is supported, got {quant_type!r}")
-    _refuse_adapters(model)
+    refuse_adapters(model, "quantize_model", "their own nn.Linear layers (lora_A, lora_B) would be quantized and "
+                    "frozen; quantize the base model first, then fastft.get_peft_model(quantized, config) (QLoRA)")
+    _refuse_another_layout(model, blocksize, double_quant)
     targets, kept = layers_to_quantize(model, skip, use_default_skip)
+    for name, linear in targets:  # every weight before the first layer changes: a bad one left a half-quantized model
+        check_quantizable(linear.weight, blocksize, name=f"{name}.weight")
     quantized = {}
     for name, linear in targets:
         if id(linear) not in quantized:  # a layer registered under two names gets one NF4Linear at both
@@ -92,14 +96,24 @@ def quantize_model(model: nn.Module, quant_type: str = "nf4", *, blocksize: int 
     return finish_nf4_model(model)
 
 
-def _refuse_adapters(model: nn.Module) -> None:
+def _refuse_another_layout(model: nn.Module, blocksize: int, double_quant: bool) -> None:
+    """A model already (partly) quantized in another layout: its NF4 layers would silently keep theirs."""
+    for name, module in model.named_modules():
+        weight = local_nf4(module.weight) if isinstance(module, NF4Linear) else None
+        if weight is not None and (weight.blocksize, weight.double_quant) != (blocksize, double_quant):
+            raise ValueError(f"quantize_model: {name} is already NF4 with blocksize={weight.blocksize}, "
+                             f"double_quant={weight.double_quant}, not the blocksize={blocksize}, "
+                             f"double_quant={double_quant} asked; quantize the dense model, or pass its settings to "
+                             "quantize the rest alike")
+
+
+def refuse_adapters(model: nn.Module, op: str, instead: str) -> None:
+    """TypeError for a model holding peft adapters, saying what to do `instead`."""
     from peft import PeftModel
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     if isinstance(model, PeftModel) or any(isinstance(m, BaseTunerLayer) for m in model.modules()):
-        raise TypeError("quantize_model: the model holds peft adapters, whose own nn.Linear layers (lora_A, lora_B) "
-                        "would be quantized and frozen; quantize the base model first, then "
-                        "fastft.get_peft_model(quantized, config) (QLoRA)")
+        raise TypeError(f"{op}: the model holds peft adapters; {instead}")
 
 
 def prepare_model_for_kbit_training(model: nn.Module, use_gradient_checkpointing: bool = True,

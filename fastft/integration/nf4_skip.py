@@ -17,10 +17,18 @@ def skipped(name: str, skip) -> bool:
 
 
 def kept_by_default(name: str, defaults) -> bool:
-    """default_skip's entries match as transformers' should_convert_module matches them for bitsandbytes: the name,
-    a module under it ("lm_head" keeps "lm_head.dense"), or a name ending in it at a dot ("wo", "classifier"), not any
-    run inside a name (GIT's head `output` kept every layer's `output.dense` dense)."""
-    return any(name == d or name.startswith(d + ".") or name.endswith("." + d) for d in defaults)
+    """default_skip's entries (and a saved llm_int8_skip_modules) match as transformers' should_convert_module
+    matches them for bitsandbytes: the name, a module under it ("lm_head" keeps "lm_head.dense"), or a name ending in
+    it ("wo"; with transformers 5 at any character: "classifier" keeps DistilBERT's "pre_classifier" dense too, and a
+    checkpoint holding it NF4 failed transformers' load), not any run inside a name (GIT's head `output` kept every
+    layer's `output.dense` dense). Without transformers: the name, under it, or ending in it at a dot."""
+    if not defaults:
+        return False
+    try:
+        from transformers.quantizers.quantizers_utils import should_convert_module
+    except ImportError:
+        return any(name == d or name.startswith(d + ".") or name.endswith("." + d) for d in defaults)
+    return not should_convert_module(name, list(defaults))
 
 
 def kept_dense(name: str, skip, defaults) -> bool:

@@ -419,18 +419,9 @@ def _refuse_non_finite(t: torch.Tensor, what: str, chunk: int = 1 << 24) -> None
                          "the merge that produced them) before quantizing")
 
 
-def quantize_nf4(tensor: torch.Tensor, blocksize: int = 64, double_quant: bool = True, *,
-                 name: str | None = None) -> NF4Weight:
-    """Quantize `tensor` (fp32/fp16/bf16, any shape and device) to NF4, bit-identical to bitsandbytes'
-    `quantize_4bit(tensor, blocksize, compress_statistics=double_quant, quant_type="nf4")`.
-
-    name: what to call the tensor in errors (e.g. the layer's weight key).
-    A meta `tensor` gives a meta NF4Weight of the same layout (no values to quantize).
-    Non-finite values are refused (ValueError) rather than copied from bitsandbytes: there a NaN makes its
-    whole block NaN and an inf makes its block's scale inf (inf·0 = NaN for the other codes), so the
-    quantized weight is garbage either way; a NaN/inf weight is a broken checkpoint or a diverged merge, and
-    saying so where it enters beats a model that silently outputs NaN. The check is one pass over the input.
-    """
+def check_quantizable(tensor, blocksize: int, *, name: str | None = None) -> None:
+    """quantize_nf4's refusals (TypeError / ValueError naming the tensor) without quantizing: a dense float tensor,
+    not empty, no NaN/inf (a meta tensor has no values to check), and a valid blocksize. One pass over the values."""
     what = f"`{name}`" if name else "`tensor`"
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"quantize_nf4: {what} must be a torch.Tensor, got {type(tensor).__name__}")
@@ -443,11 +434,28 @@ def quantize_nf4(tensor: torch.Tensor, blocksize: int = 64, double_quant: bool =
     fmt.check_blocksize(blocksize, "quantize_nf4")
     if tensor.numel() == 0:
         raise ValueError(f"quantize_nf4: {what} is empty")
+    if not tensor.is_meta:
+        with torch.no_grad():
+            _refuse_non_finite(tensor.detach(), what)
+
+
+def quantize_nf4(tensor: torch.Tensor, blocksize: int = 64, double_quant: bool = True, *,
+                 name: str | None = None) -> NF4Weight:
+    """Quantize `tensor` (fp32/fp16/bf16, any shape and device) to NF4, bit-identical to bitsandbytes'
+    `quantize_4bit(tensor, blocksize, compress_statistics=double_quant, quant_type="nf4")`.
+
+    name: what to call the tensor in errors (e.g. the layer's weight key).
+    A meta `tensor` gives a meta NF4Weight of the same layout (no values to quantize).
+    Non-finite values are refused (ValueError) rather than copied from bitsandbytes: there a NaN makes its
+    whole block NaN and an inf makes its block's scale inf (inf·0 = NaN for the other codes), so the
+    quantized weight is garbage either way; a NaN/inf weight is a broken checkpoint or a diverged merge, and
+    saying so where it enters beats a model that silently outputs NaN. The check is one pass over the input.
+    """
+    check_quantizable(tensor, blocksize, name=name)
     if tensor.is_meta:  # no values (accelerate's init_empty_weights): the layout alone, to fill with to_empty + a load
         return ops.zero_weight(tensor.shape, tensor.dtype, blocksize, double_quant, tensor.device)
     with torch.no_grad():
         t = tensor.detach()
-        _refuse_non_finite(t, what)
         if t.device.type == "cpu" and nf4_cpu.available():
             packed, absmax = nf4_cpu.quantize(t, blocksize)
         else:
