@@ -35,7 +35,8 @@ import torch
 import torch.nn.functional as F
 
 from fastft.integration.attention_masks import (bidirectional_window, causal_mask_window, documents,
-                                               documents_from_mask, fastft_attention_mask, traced_documents)
+                                               documents_from_mask, fastft_attention_mask, forwards_seen,
+                                               traced_documents)
 from fastft.ops.attention import flash_attention, gqa_flag, mask_bounds, visible_mask
 from fastft.ops.compiled import compiling
 from fastft.ops.shared import BACKENDS, require_triton
@@ -69,15 +70,17 @@ def prefix_expected():
 def _once_per_forward(name: str, tensor: torch.Tensor, key, compute):
     """compute() (values read on the host: a sync) once per forward rather than once per layer: every layer gets
     the same `tensor` (position_ids, the 2-D padding mask), so the result is kept for it while it lives unchanged
-    (same object, same version counter) and `key` (what else the result depends on) is the same. An inference
-    tensor has no version counter: computed at every call."""
+    (same object, same version counter), `key` (what else the result depends on) is the same, and no mask was built
+    since (forwards_seen: a buffer rewritten through .data or NumPy keeps its version, and the next forward read
+    the last one's documents). An inference tensor has no version counter: computed at every call."""
     version = None if tensor.is_inference() else tensor._version
     memo = _memos.get(name)
-    if version is not None and memo is not None and memo[0]() is tensor and memo[1] == (version, key):
+    stamp = (version, forwards_seen(), key)
+    if version is not None and memo is not None and memo[0]() is tensor and memo[1] == stamp:
         return memo[2]
     result = compute()
     if version is not None:
-        _memos[name] = (weakref.ref(tensor), (version, key), result)
+        _memos[name] = (weakref.ref(tensor), stamp, result)
     return result
 
 
@@ -319,7 +322,7 @@ def fastft_attention_forward(module, query, key, value, attention_mask, dropout=
     if q.shape[1] == k.shape[1] and position_ids is not None:
         packed = _packed_documents(position_ids, B)
     elif q.shape[1] == k.shape[1] and is_causal:  # GPT-BigCode's layers get no position_ids: the mask's documents
-        packed = documents_from_mask(module)
+        packed = documents_from_mask(module, B * q.shape[1])
     if packed is not None:
         return _cropped(_varlen(q, k, v, *packed, **fkw), v_dim), None
 

@@ -23,26 +23,49 @@ _OVERLAY_UNDER_COMPILE = (
     "Gemma 3's bidirectional image blocks) inside transformers' packed-rows mask, which the traced graph cannot "
     "tell from plain packed rows without reading it: pass attention_mask (a 2-D mask of ones will do) or leave "
     "position_ids out for this batch, use attn_implementation='sdpa', or run it eagerly")
-# Packed rows for attention calls given no position_ids (documents_from_mask): set by the mask function at the start
-# of a forward, read by that forward's attention calls: (id of the config, the documents: _mask_documents) when the
-# mask was for packed rows without a padding mask (traced, for every mask with position_ids: torch.compile cannot
-# read whether rows restart); None otherwise. Eager attention reads its thread's note (forwards may run at once in
-# several threads). Traced attention reads "last" of a dict, not a ContextVar or a thread-local: dynamo traces a
-# dict's reads and writes (the others would break the graph); within one compiled forward the value flows in the
-# graph, while a compiled attention under an eager mask (regional compilation) reads the last eager mask's, one a
-# process.
-_packing_seen: dict[str, tuple | None] = {}
+# Packed rows for attention calls given no position_ids (documents_from_mask): noted by the mask function at the start
+# of a forward, per model (the id of its config; "last": any model, for a layer without a config): (the tokens B·S,
+# the documents: _mask_documents, when the mask was for packed rows without a padding mask (traced, for every mask
+# with position_ids: torch.compile cannot read whether rows restart); else None). Eager attention reads its
+# thread's notes (forwards may run at once in several threads) — but gradient checkpointing's recompute of a layer
+# in the backward reads _recompute_notes: the notes of the last forward of its model with gradients on, kept apart
+# because whatever ran in between (a distillation teacher's forward, a no-grad reference forward of the same model)
+# replaced the note every forward wrote (gradients 10-17 off at scale 40-80, silently), and process-wide because on
+# a GPU the backward runs on autograd's device threads. Traced attention reads a dict, not a ContextVar or a
+# thread-local: dynamo traces a dict's reads and writes (the others would break the graph); within one compiled
+# forward the value flows in the graph, while a compiled attention under an eager mask (regional compilation) reads
+# the last eager mask's, one a process.
+_packing_seen: dict = {}
+_recompute_notes: dict = {}
 _thread_note = threading.local()
-# "bidirectional": (id of the config, the reach of its bidirectional sliding mask: local_size), written by the mask
-# function, read by bidirectional_window; "causal": (id of the config, its causal mask's window or None), read by
-# causal_mask_window (each a constant per config: threads write the same value)
-_mask_reach: dict[str, tuple] = {}
+# ("bidirectional", id of the config): the reach of its bidirectional sliding mask (local_size), read by
+# bidirectional_window; ("causal", id of the config): its causal mask's window or None, read by causal_mask_window.
+# Each a constant of its model, so one per model: a single slot for every model lost a window to another model's
+# forward (another thread's, or a teacher's before a checkpointed backward)
+_mask_reach: dict[tuple, int | None] = {}
+
+
+def _thread_notes() -> dict:
+    notes = getattr(_thread_note, "notes", None)
+    if notes is None:
+        notes = _thread_note.notes = {}
+    return notes
+
+
+def _recomputing() -> bool:
+    """Inside a backward: a layer run there is gradient checkpointing's recompute (reentrant or not)."""
+    return torch._C._current_graph_task_id() != -1
+
+
+def forwards_seen() -> int:
+    """How many masks this thread's forwards built (eagerly): a forward's first attention call sees a new count, so
+    what is kept for one forward (fastft.integration.attention._once_per_forward) is computed again at the next."""
+    return getattr(_thread_note, "masks", 0)
 
 
 def causal_mask_window(config) -> int | None:
     """The sliding window of the causal mask the model of `config` built (None: no window, or no mask seen)."""
-    seen = _mask_reach.get("causal")
-    return seen[1] if seen is not None and seen[0] == id(config) else None
+    return _mask_reach.get(("causal", id(config)))
 
 
 def traced_documents(starts, batch_size: int, refusal: str):
@@ -71,16 +94,27 @@ def documents(starts, batch_size: int):
     return cu, int(cu.diff().max())
 
 
-def documents_from_mask(module):
+def documents_from_mask(module, tokens: int):
     """Packed rows for a model whose layers pass no position_ids on (GPT-BigCode, Persimmon, Fuyu, Whisper's
     decoder...): the documents the mask function found for this forward (fastft_attention_mask, _mask_documents),
-    as the attention's _packed_documents gives them, or None. Traced over several rows, where finding them would
-    read values, a packed batch stops the run in the graph."""
-    seen = _packing_seen.get("last") if compiling() else getattr(_thread_note, "last", None)
+    as the attention's _packed_documents gives them, or None. `tokens`: the call's B·S. Traced over several rows,
+    where finding them would read values, a packed batch stops the run in the graph. Recomputed by gradient
+    checkpointing, a note of other tokens is another forward's of this model, run before this backward: refused."""
     config = getattr(module, "config", None)
-    if seen is None or (config is not None and seen[0] != id(config)):
+    key = id(config) if config is not None else "last"
+    recomputing = not compiling() and _recomputing()
+    seen = (_packing_seen if compiling() else _recompute_notes if recomputing else _thread_notes()).get(key)
+    if seen is None:
         return None
-    found = seen[1]
+    noted, found = seen
+    if recomputing and noted != tokens:
+        raise ValueError(f"attn_implementation='fastft': {type(module).__name__} was called on {tokens} tokens but "
+                         f"the last forward of its model with gradients on masked {noted}: gradient checkpointing "
+                         "recomputing it after another forward of the model, whose packed documents it would read. "
+                         "Run the backward before the next forward with gradients on, or pass position_ids with "
+                         "the packed rows (fastft.integration.packing.PackingCollator)")
+    if found is None:
+        return None
     if isinstance(found, torch.Tensor):  # traced, B > 1: whether some row starts a second document
         torch._assert_async(~found, (
             f"attn_implementation='fastft' under torch.compile: this batch packs documents into several rows and "
@@ -103,11 +137,9 @@ def bidirectional_window(module, sliding_window: int) -> int:
     the op reaches W - 1: ModernBERT passes sliding_window + 1 to its attention, T5Gemma's encoder the
     sliding_window itself (1 short: logits 0.24 off, silently). The mask function notes the mask's reach for the
     config (_mask_reach); the window follows it."""
-    reach = _mask_reach.get("bidirectional")
     config = getattr(module, "config", None)
-    if reach is None or config is None or reach[0] != id(config):
-        return sliding_window
-    return reach[1] + 1
+    reach = _mask_reach.get(("bidirectional", id(config))) if config is not None else None
+    return sliding_window if reach is None else reach + 1
 
 
 def _check_uses_the_interface(config) -> None:
@@ -233,21 +265,28 @@ def fastft_attention_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset
     # cross-attention masks)
     kept = unskippable or (not causal and kwargs.get("allow_is_bidirectional_skip") is False)
     if not causal and kwargs.get("local_size") is not None:  # a bidirectional sliding mask: its reach
-        _mask_reach["bidirectional"] = (id(config), kwargs["local_size"])
-    if causal:  # the window of the causal mask a model without layer_types built this forward (None: no window)
-        _mask_reach["causal"] = (id(config), kwargs.get("local_size"))
+        _mask_reach[("bidirectional", id(config))] = kwargs["local_size"]
+    if causal:  # the window of the causal mask a model without layer_types built (None: no window)
+        _mask_reach[("causal", id(config))] = kwargs.get("local_size")
+    if not compiling():
+        _thread_note.masks = forwards_seen() + 1
     # traced with a static cache, the offsets are tensors: comparing them would branch on data (a graph break)
     traced_offsets = compiling() and any(isinstance(x, torch.Tensor) for x in (q_offset, kv_offset))
     if causal:  # read by the attention calls of this forward (documents_from_mask)
-        note = None
+        found = None
         # eagerly: transformers found rows that restart their positions; traced, it wraps every call with
         # position_ids so (whether a row restarts is found in the graph)
         if unskippable and attention_mask is None and not kwargs.get("use_vmap") and q_length == kv_length \
                 and not traced_offsets and mask_function is not None and q_length >= 2:
-            note = (id(config), _mask_documents(mask_function, batch_size, q_length, q_offset, kwargs.get("device")))
-        _packing_seen["last"] = note
+            found = _mask_documents(mask_function, batch_size, q_length, q_offset, kwargs.get("device"))
+        note = (batch_size * q_length, found)  # the tokens too: a recompute checks it reads its own forward's
+        books = [_packing_seen]  # eagerly too: a compiled attention under an eager mask (regional compilation)
         if not compiling():
-            _thread_note.last = note
+            books.append(_thread_notes())
+            if torch.is_grad_enabled():  # a forward whose layers checkpointing may recompute
+                books.append(_recompute_notes)
+        for book in books:
+            book[id(config)] = book["last"] = note
     if traced_offsets or kwargs.get("use_vmap") or kv_offset + kv_length > q_offset + q_length \
             or (kept and not _supports_flash_mask(config)) \
             or (unskippable and _may_see_later_keys(mask_function, batch_size, q_length, q_offset,
