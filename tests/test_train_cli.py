@@ -268,3 +268,13 @@ def test_distributed_asked_for_in_one_process_is_refused(tiny_checkpoint, tmp_pa
         main(["train", "--model", str(tiny_checkpoint), "--distributed", "fsdp", "--output-dir", str(tmp_path)])
     assert info.value.code == 2
     assert "--distributed fsdp needs several processes, but this is one" in capsys.readouterr().err
+
+
+def test_evaluation_flags_are_noted_when_the_data_is_too_small_to_hold_any_out(tiny_checkpoint, tmp_path, capsys):
+    """9 records hold none out (10% at most): --eval-every was ignored with no note."""
+    data = tmp_path / "small.jsonl"
+    data.write_text("".join(json.dumps({"text": f"Record number {i}."}) + "\n" for i in range(9)))
+    assert main(["train", "--model", str(tiny_checkpoint), "--data", str(data), "--steps", "1", "--batch-size", "2",
+                 "--eval-every", "1", "--max-length", "16", "--output-dir", str(tmp_path / "run")]) == 0
+    assert ("--eval-every (nothing is evaluated: --data holds under 10 records, too few to hold 10% out, and no "
+            "--eval-data is given)") in capsys.readouterr().out

@@ -209,6 +209,32 @@ def test_settings_the_run_does_not_read_are_named():
                                        adapter_attn_output_modules=("self_attn.dense",))) is None
 
 
+def test_compile_and_evaluation_settings_nothing_reads_are_named():
+    """--compile-backend without --compile, and --eval-every / --eval-batch-size when nothing is evaluated
+    (--eval-examples 0, or a --data too small to hold 10% out), were accepted and ignored with no note."""
+    from fastft.apps.training.config import unused_settings
+
+    note = unused_settings(TrainConfig(compile_backend="eager"))
+    assert note.endswith(": --compile-backend (read by --compile, which is off)"), note
+    assert unused_settings(TrainConfig(compile="default", compile_backend="eager")) is None
+    note = unused_settings(TrainConfig(eval_examples=0, eval_every=5, eval_batch_size=4))
+    assert note.endswith(": --eval-every (nothing is evaluated: --eval-examples 0), --eval-batch-size (nothing is "
+                         "evaluated: --eval-examples 0)"), note
+    note = unused_settings(TrainConfig(data="d.jsonl", eval_every=5), eval_records=0)
+    assert note.endswith(": --eval-every (nothing is evaluated: --data holds under 10 records, too few to hold 10% "
+                         "out, and no --eval-data is given)"), note
+    assert unused_settings(TrainConfig(data="d.jsonl", eval_every=5), eval_records=3) is None
+    assert unused_settings(TrainConfig(eval_examples=0)) is None
+
+
+def test_batch_size_help_says_dpo_counts_pairs():
+    """Under --objective dpo a batch holds pairs (2 documents each); the help said "documents" only."""
+    from fastft.apps.training.config import HELP
+
+    for name in ("batch_size", "eval_batch_size"):
+        assert "under --objective dpo, preference pairs (2 documents each" in HELP[name]
+
+
 def test_ia3_module_lists_are_checked_under_ia3_only():
     """One YAML file may hold an IA3 run's knobs: a LoRA run with them was refused ("--ia3-feedforward-modules
     down_proj: not among --ia3-target-modules q_proj"); it notes them as unused."""

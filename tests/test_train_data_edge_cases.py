@@ -130,8 +130,18 @@ def test_sharegpt_and_alpaca_records_are_read_as_their_chats(tmp_path, tokenizer
     assert encoder.encode(records[0]) == encoder.encode({"messages": records[0]["messages"]})
     check_tokenizer(tokenizer, records)
     # a record with a canonical field keeps it, as "text" wins over "messages"
-    (both,) = read_jsonl(_jsonl(tmp_path / "both.jsonl", {"text": "plain", **sharegpt}), "sft")
-    assert Encoder(tokenizer, 64).kind(both) == "text" and "messages" not in both
+    (both,) = read_jsonl(_jsonl(tmp_path / "both.jsonl", {"text": "plain", "messages": CHAT}), "sft")
+    assert Encoder(tokenizer, 64).kind(both) == "text"
+
+
+def test_a_rendered_text_beside_sharegpt_turns_is_not_trained(tmp_path):
+    """As an Alpaca record's: a ShareGPT record with "text" (its rendered chat) was trained as text, every human
+    turn with loss; its turns decide now, the assistant's alone trained."""
+    sharegpt = {"text": "Human: Capital?\nAssistant: Paris.", "conversations": [{"from": "human", "value": "Capital?"},
+                                                                              {"from": "gpt", "value": "Paris."}]}
+    (record,) = read_jsonl(_jsonl(tmp_path / "sg.jsonl", sharegpt), "sft")
+    assert "text" not in record and record["messages"] == [{"role": "user", "content": "Capital?"},
+                                                           {"role": "assistant", "content": "Paris."}]
 
 
 def test_prompt_completion_records_train_the_completion_only(tmp_path, tokenizer):
@@ -194,8 +204,10 @@ def test_other_forms_keep_what_they_hold(tmp_path, tokenizer):
                                                         {"from": "gpt", "value": "Hello."}]}
     alpaca = {"instruction": "And 3+3?", "output": "6", "history": [["2+2?", "4"]],
               "text": "Below is an instruction...\n### Response:\n6"}
-    records = read_jsonl(_jsonl(tmp_path / "forms.jsonl", sharegpt, alpaca), "sft")
+    same = {**sharegpt, "conversations": [{"from": "system", "value": "Be brief."}, *sharegpt["conversations"]]}
+    records = read_jsonl(_jsonl(tmp_path / "forms.jsonl", sharegpt, alpaca, same), "sft")
     assert records[0]["messages"][0] == {"role": "system", "content": "Be brief."}
+    assert records[2]["messages"] == records[0]["messages"]  # the same system prompt twice: kept once
     assert [m["content"] for m in records[1]["messages"]] == ["2+2?", "4", "And 3+3?", "6"]
     assert Encoder(tokenizer, 64).kind(records[1]) == "chat" and "text" not in records[1]
 
@@ -219,6 +231,18 @@ def test_other_forms_keep_what_they_hold(tmp_path, tokenizer):
     ({"instruction": "Q", "output": "A", "system": []}, "an Alpaca record's 'system' must be text, got list"),
     ({"system": {"x": 1}, "conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": "A"}]},
      "'system' must be text, got dict"),
+    # whitespace alone was accepted where an empty field is refused
+    ({"text": " \n\t"}, "'text' must be a non-empty string"),
+    ({"messages": [CHAT[0], {"role": "assistant", "content": "  "}]}, "every assistant turn is empty"),
+    ({"prompt": "Q", "completion": " \n"}, "'completion' is empty"),
+    ({"instruction": "  ", "output": "A"}, "an Alpaca record needs string fields instruction (non-empty)"),
+    # the top-level system prompt was dropped silently beside a system turn
+    ({"system": "Be brief.", "conversations": [{"from": "human", "value": "Q"}, {"from": "system", "value": "Be kind."},
+                                               {"from": "gpt", "value": "A"}]},
+     "'system' differs from the system turn conversations[1]: a chat has one system prompt; keep one of them"),
+    # half an Alpaca record got the generic "expected a 'text', 'messages' or ..."
+    ({"instruction": "Q", "input": "x"}, "an Alpaca record needs 'output' (the answer to train on)"),
+    ({"input": "x", "output": "A"}, "an Alpaca record needs 'instruction'"),
 ])
 def test_malformed_records_of_the_other_forms_are_refused(tmp_path, record, problem):
     data = _jsonl(tmp_path / "bad.jsonl", {"text": "fine"}, record)
@@ -236,6 +260,8 @@ GOOD_PAIR = {"prompt": "Colour of the sky?", "chosen": " blue", "rejected": " gr
     ({"prompt": " \n\t"}, "'prompt' is empty"),
     ({"chosen": ""}, "'chosen' is empty"),
     ({"rejected": ""}, "'rejected' is empty"),
+    ({"chosen": "  "}, "'chosen' is empty"),
+    ({"rejected": "\n"}, "'rejected' is empty"),
     ({"rejected": " blue"}, "'chosen' and 'rejected' are the same text"),
 ])
 def test_dpo_records_without_a_preference_are_refused(tmp_path, change, problem):

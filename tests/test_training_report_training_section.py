@@ -27,3 +27,11 @@ def test_evaluations_are_listed_in_the_runs_order():
     rows = [line for line in text.splitlines() if line.startswith("| before") or line.startswith("| step ")
             or line.startswith("| after")]
     assert rows == ["| before training | 2.25 | 8 |", "| step 2 | 1.875 | 8 |", "| after training | 1.625 | 8 |"]
+
+
+def test_settings_list_only_what_the_method_reads():
+    """report.md listed `rank | 16` (the default) for ia3, prefix, full...: methods that have no rank."""
+    assert "| rank | 16 |" in report_markdown({"config": {"method": "dora", "rank": 16}})
+    for method in ("ia3", "prefix", "prompt", "adapter", "full"):
+        text = report_markdown({"config": {"method": method, "rank": 16, "steps": 3}})
+        assert "| rank |" not in text and f"| method | {method} |" in text and "| steps | 3 |" in text

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from fastft.apps.given_flags import given_dests
 from fastft.apps.training.config import (CHOICES, FIELD_TYPES, FIELDS, HELP, HELP_GROUPS, TUPLE_FIELDS, ConfigError,
-                                         TrainConfig, flag)
+                                         TrainConfig, flag, unreadable)
 
 
 def _base_type(name: str):
@@ -134,9 +134,9 @@ def read_yaml_config(path: str | os.PathLike) -> dict:
     import yaml
 
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"--config {path}: file not found")
     try:
+        if not path.is_file():  # is_file raises where a folder on the way may not be searched
+            raise ConfigError(f"--config {path}: file not found")
         data = _yaml_load_unique_keys(path.read_text(encoding="utf-8"))
         data = {} if data is None else data  # an empty file; a lone 0 / false / [] is refused below
     except _KeyGivenTwice as e:
@@ -144,6 +144,8 @@ def read_yaml_config(path: str | os.PathLike) -> dict:
             from None
     except UnicodeDecodeError:
         raise ConfigError(f"--config {path}: not UTF-8 text; save the file as UTF-8") from None
+    except OSError as e:  # permissions, a failing disk: one line, not a traceback
+        raise ConfigError(f"--config {unreadable(path, e)}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"--config {path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(data, dict):

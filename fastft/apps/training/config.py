@@ -39,6 +39,12 @@ class ConfigError(ValueError):
     """A user error in the settings or the files they name: reported as one line, exit status 2."""
 
 
+def unreadable(path, error: OSError) -> str:
+    """Why a file the settings name could not be read (its permissions, a failing disk), for a ConfigError: the
+    OSError's traceback told the user nothing more."""
+    return f"{path}: cannot read ({error.strerror or error}); check that the file is readable"
+
+
 @dataclass
 class TrainConfig:
     # what to train
@@ -142,7 +148,8 @@ HELP = {
     "epochs": "train for this many passes over the training records instead of --steps (fractions too): steps = "
               "epochs × the whole steps an epoch holds (records ÷ records a step: processes × --grad-accum × "
               "--batch-size), at least 1; 0: --steps decides",
-    "batch_size": "documents per micro-batch per process (packed into one row without padding)",
+    "batch_size": "documents per micro-batch per process (packed into one row without padding); under --objective "
+                  "dpo, preference pairs (2 documents each: chosen and rejected)",
     "grad_accum": "micro-batches per optimizer step; the loss is normalised by the step's true target count",
     "optimizer": "adamw: torch's AdamW (fused on a GPU), fp32 state, 8 bytes a trainable parameter; adamw-8bit: "
                  "bitsandbytes' AdamW8bit, 8-bit blockwise state (2 bytes a parameter; embeddings and tensors under "
@@ -164,7 +171,7 @@ HELP = {
     "ce_weight": "distill: weight of the cross-entropy on the data's labels",
     "temperature": "distill: softmax temperature of both models (the KL terms are scaled by T^2)",
     "eval_examples": "held-out examples evaluated before, during and after training (0: none)",
-    "eval_batch_size": "documents per evaluation batch",
+    "eval_batch_size": "documents per evaluation batch; under --objective dpo, preference pairs (2 documents each)",
     "eval_every": "evaluate every N steps (0: only before and after)",
     "seed": "seed for data order, initialisation and dropout, and for the built-in --task data the held-out split "
             "(runs with different seeds are evaluated on different examples)",
@@ -290,17 +297,35 @@ _READ_BY = {
 }
 
 
-def unused_settings(cfg: TrainConfig) -> str | None:
-    """A one-line note naming the settings changed from their defaults that this run does not read, or None."""
+def reads_setting(settings: typing.Mapping, name: str) -> bool:
+    """Whether a run with these settings (TrainConfig's fields by name: vars(cfg), metrics.json's config) reads the
+    setting `name`: one of _READ_BY only under its methods / objectives, any other always."""
+    kind, users = _READ_BY.get(name, (None, ()))
+    return kind is None or settings.get(kind) in users
+
+
+def unused_settings(cfg: TrainConfig, eval_records: int | None = None) -> str | None:
+    """A one-line note naming the settings changed from their defaults that this run does not read, or None.
+    eval_records: the number of held-out records, once known (a --data too small to hold 10% out has none)."""
     default = TrainConfig()
     default = dataclasses.replace(default, dropout=resolved_dropout(dataclasses.replace(cfg, dropout=None)))
+
+    def changed(name: str) -> bool:
+        return getattr(cfg, name) not in (None, getattr(default, name))
+
     unused = [f"{flag(name)} (read by --{kind} {'/'.join(users)})" for name, (kind, users) in _READ_BY.items()
-              if getattr(cfg, kind) not in users and getattr(cfg, name) not in (None, getattr(default, name))]
+              if not reads_setting(vars(cfg), name) and changed(name)]
     if cfg.data is not None and cfg.task != default.task:
         unused.append("--task (built-in data: --data replaces it)")
-    if cfg.method == "adapter" and cfg.adapter_placement != "houlsby" \
-            and cfg.adapter_attn_output_modules != default.adapter_attn_output_modules:
+    if cfg.method == "adapter" and cfg.adapter_placement != "houlsby" and changed("adapter_attn_output_modules"):
         unused.append(f"{flag('adapter_attn_output_modules')} (read by --adapter-placement houlsby)")
+    if cfg.compile == "off" and changed("compile_backend"):
+        unused.append("--compile-backend (read by --compile, which is off)")
+    if cfg.eval_examples == 0 or eval_records == 0:
+        why = ("--eval-examples 0" if cfg.eval_examples == 0 else
+               "--data holds under 10 records, too few to hold 10% out, and no --eval-data is given")
+        unused += [f"{flag(name)} (nothing is evaluated: {why})" for name in ("eval_every", "eval_batch_size")
+                   if changed(name)]
     if not unused:
         return None
     return f"note: not used by --method {cfg.method} --objective {cfg.objective}: {', '.join(unused)}"
@@ -484,8 +509,11 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         path = getattr(cfg, name)
         if path is not None:
             need(bool(str(path).strip()), f"{flag(name)} is an empty path; give a jsonl file")
-            need(not Path(path).is_dir(), f"{flag(name)} {path}: is a directory; give a jsonl file")
-            need(Path(path).is_file(), f"{flag(name)} {path}: file not found")
+            try:  # is_dir/is_file raise where a folder on the way may not be searched
+                need(not Path(path).is_dir(), f"{flag(name)} {path}: is a directory; give a jsonl file")
+                need(Path(path).is_file(), f"{flag(name)} {path}: file not found")
+            except OSError as e:
+                raise ConfigError(f"{flag(name)} {unreadable(path, e)}") from None
     need(cfg.eval_data is None or cfg.data is not None, "--eval-data needs --data")
     problem = output_dir_problem(cfg.output_dir)
     need(problem is None, problem or "")

@@ -306,7 +306,7 @@ def _run(cfg: TrainConfig, accelerator, train_records, eval_records, description
     check_packing(model, cfg.attn_implementation == "fastft", f"--model {cfg.model}", log, accelerator)
     if teacher is not None:
         check_packing(teacher, cfg.attn_implementation == "fastft", f"--teacher {cfg.teacher}", log, accelerator)
-    note = unused_settings(cfg)
+    note = unused_settings(cfg, len(eval_records))
     if note:
         log(note)
 

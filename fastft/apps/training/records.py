@@ -7,7 +7,7 @@ form: plain text, loss on the completion only) or, for dpo, `{"prompt", "chosen"
 conversational form: lists of messages, the prompt left out when chosen and rejected are whole conversations).
 The other common forms are read as chats: ShareGPT's `{"conversations": [{"from": "human"/"gpt"/"system",
 "value": ...}]}` and Alpaca's `{"instruction", "input", "output"}` (the user turn is the instruction, then the
-input after a blank line).
+input after a blank line); a "text" beside their turns (a rendered prompt) is not trained.
 Other keys are ignored: the objective, not a record's keys, decides whether it is a pair.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ import random
 from pathlib import Path
 
 from fastft.apps.datasets import TASK_NAMES, load_task
-from fastft.apps.training.config import INSTRUCTIONS, ConfigError, TrainConfig
+from fastft.apps.training.config import INSTRUCTIONS, ConfigError, TrainConfig, unreadable
 
 _ROLES = ("system", "user", "assistant")
 _PAIR_KEYS = ("prompt", "chosen", "rejected")
@@ -66,13 +66,14 @@ def _record_problem(record, objective: str) -> str | None:
         if not record["prompt"].strip():  # the answers' first token would open the document: never trained
             return "'prompt' is empty; a dpo record needs the prompt the two answers respond to"
         for key in ("chosen", "rejected"):
-            if not record[key]:
+            if not record[key].strip():  # whitespace alone is no answer either
                 return f"'{key}' is empty; a dpo record needs two non-empty answers"
         if record["chosen"] == record["rejected"]:
             return "'chosen' and 'rejected' are the same text: there is no preference to learn"
         return None
     if "text" in record:
-        return None if isinstance(record["text"], str) and record["text"] else "'text' must be a non-empty string"
+        return None if isinstance(record["text"], str) and record["text"].strip() else \
+            "'text' must be a non-empty string"
     if "messages" in record:
         messages = record["messages"]
         problem = _messages_problem(messages, "messages")
@@ -80,14 +81,14 @@ def _record_problem(record, objective: str) -> str | None:
             return problem
         if not any(m["role"] == "assistant" for m in messages):
             return "'messages' has no assistant turn (nothing to train on)"
-        if not any(m["content"] for m in messages if m["role"] == "assistant"):
+        if not any(m["content"].strip() for m in messages if m["role"] == "assistant"):
             return "every assistant turn is empty (it would only train the end-of-turn: stopping at once)"
         return None
     if "completion" in record:
         if not all(isinstance(record.get(k), str) for k in ("prompt", "completion")):
             return ("a prompt-completion record needs string fields prompt and completion (conversational ones, "
                     "lists of messages, go in one 'messages' list)")
-        if not record["completion"]:
+        if not record["completion"].strip():
             return "'completion' is empty: nothing to train on"
         if not record["prompt"].strip():  # the completion's first token would open the document: never trained
             return "'prompt' is empty; a record without a prompt is a {\"text\": ...} record"
@@ -95,6 +96,9 @@ def _record_problem(record, objective: str) -> str | None:
     if "chosen" in record and "rejected" in record:  # a preference file without --objective dpo
         return (f"a preference pair (prompt, chosen, rejected): train it with --objective dpo (--objective "
                 f"{objective} reads 'text', 'messages' or 'prompt'/'completion' records)")
+    if ("instruction" in record) != ("output" in record):  # half an Alpaca record (both: read as its chat)
+        return ("an Alpaca record needs 'output' (the answer to train on)" if "instruction" in record else
+                "an Alpaca record needs 'instruction' (the user's turn 'output' answers)")
     return ("expected a 'text', 'messages' or 'prompt'/'completion' field (or ShareGPT's 'conversations', Alpaca's "
             "'instruction'/'output')")
 
@@ -149,10 +153,12 @@ _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assista
 
 def _as_chat(record: dict) -> dict | str:
     """ShareGPT and Alpaca records as {"messages": [...]} (the record itself for every other form), or a problem.
-    A record that has one of the canonical fields keeps it (as "text" wins over "messages"), except an Alpaca
-    record's "text" (tatsu-lab/alpaca ships its whole rendered prompt there): instruction and output decide."""
+    A record that has one of the canonical fields keeps it (as "text" wins over "messages"), except a ShareGPT or
+    Alpaca record's "text" (tatsu-lab/alpaca ships its whole rendered prompt there, human turns and all): their
+    turns decide, the assistant's alone trained."""
     alpaca = "instruction" in record and "output" in record and "messages" not in record
-    if any(k in record for k in ("text", "messages", "completion")) and not alpaca:
+    sharegpt = "conversations" in record and "messages" not in record
+    if any(k in record for k in ("text", "messages", "completion")) and not (alpaca or sharegpt):
         return record
     if "conversations" in record:
         turns = record["conversations"]
@@ -169,9 +175,13 @@ def _as_chat(record: dict) -> dict | str:
         system = record.get("system")  # LLaMA-Factory's form keeps the system prompt beside the turns
         if system is not None and not isinstance(system, str):
             return f"'system' must be text, got {type(system).__name__}"
-        if system and messages[0]["role"] != "system":
+        turn = next((i for i, m in enumerate(messages) if m["role"] == "system"), None)
+        if system and turn is None:
             messages.insert(0, {"role": "system", "content": system})
-        return {**record, "messages": messages}
+        elif system and system.strip() != messages[turn]["content"].strip():  # one of them was dropped unannounced
+            return (f"'system' differs from the system turn conversations[{turn}]: a chat has one system prompt; "
+                    "keep one of them")
+        return _read_as_chat(record, messages)
     if alpaca:
         optional = {k: record.get(k) for k in ("input", "system")}
         wrong = next((k for k, v in optional.items() if v is not None and not isinstance(v, str)), None)
@@ -179,7 +189,7 @@ def _as_chat(record: dict) -> dict | str:
             return f"an Alpaca record's '{wrong}' must be text, got {type(optional[wrong]).__name__}"
         instruction, extra, output = record["instruction"], optional["input"] or "", record["output"]
         system, history = optional["system"] or "", record.get("history") or []
-        if not all(isinstance(v, str) for v in (instruction, extra, output, system)) or not instruction:
+        if not all(isinstance(v, str) for v in (instruction, extra, output, system)) or not instruction.strip():
             return "an Alpaca record needs string fields instruction (non-empty), output and optionally input, system"
         pairs = all(isinstance(turn, list) and len(turn) == 2 and all(isinstance(t, str) for t in turn)
                     for turn in history) if isinstance(history, list) else False
@@ -190,8 +200,12 @@ def _as_chat(record: dict) -> dict | str:
         for earlier, answer in history:  # LLaMA-Factory's earlier turns, trained as a chat's are
             messages += [{"role": "user", "content": earlier}, {"role": "assistant", "content": answer}]
         messages += [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
-        return {**{k: v for k, v in record.items() if k != "text"}, "messages": messages}
+        return _read_as_chat(record, messages)
     return record
+
+
+def _read_as_chat(record: dict, messages: list[dict]) -> dict:
+    return {**{k: v for k, v in record.items() if k != "text"}, "messages": messages}  # the rendered text: not trained
 
 
 # files that are not JSON Lines, by their first bytes: what they are, and what to do
@@ -206,6 +220,13 @@ _JSON_ARRAY = ("a JSON array (one document), not JSON Lines; --data needs one JS
 
 def read_jsonl(path: str | Path, objective: str) -> list[dict]:
     """Every record of a jsonl file, checked; a DataError names the file and line of the first bad one."""
+    try:
+        return _read_jsonl(path, objective)
+    except OSError as e:  # permissions, a failing disk: one line, not a traceback
+        raise DataError(unreadable(path, e)) from None
+
+
+def _read_jsonl(path: str | Path, objective: str) -> list[dict]:
     records = []
     with open(path, "rb") as f:  # bytes, decoded line by line: a decoding error then names its line
         start = f.read(4)
@@ -315,10 +336,13 @@ def load_records(cfg: TrainConfig) -> tuple[list[dict], list[dict], str]:
 def file_fingerprint(path: str | Path) -> dict:
     """Size and sha256 of a data file: a checkpoint records them, so data changed at the same path is seen."""
     digest, size = hashlib.sha256(), 0
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-            size += len(block)
+    try:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+                size += len(block)
+    except OSError as e:
+        raise DataError(unreadable(path, e)) from None
     return {"size": size, "sha256": digest.hexdigest()}
 
 

@@ -12,9 +12,11 @@ import math
 import sys
 from pathlib import Path
 
+from fastft.apps.training.config import reads_setting
 from fastft.files import atomic_write
 
-# the settings a reader needs first; the whole config is in metrics.json and config.yaml
+# the settings a reader needs first (those the run's method reads: no rank for ia3); the whole config is in
+# metrics.json and config.yaml
 _SETTINGS = ("model", "method", "objective", "task", "data", "rank", "steps", "batch_size", "grad_accum",
              "max_length", "lr", "schedule", "mixed_precision", "distributed", "compile")
 
@@ -41,7 +43,7 @@ def _evaluations(metrics: dict) -> list[tuple[str, dict]]:
 def report_markdown(metrics: dict) -> str:
     config = metrics.get("config", {})
     lines = ["# fastft train", "", "| setting | value |", "|---|---|"]
-    shown = [key for key in _SETTINGS if config.get(key) is not None
+    shown = [key for key in _SETTINGS if config.get(key) is not None and reads_setting(config, key)  # no rank for ia3
              and not (key == "task" and config.get("data") is not None)]  # --data replaces the built-in task
     lines += [f"| {key.replace('_', '-')} | {_number(config.get(key))} |" for key in shown]
     lines += [f"| device | {metrics.get('device')} × {metrics.get('processes', 1)} process(es) |",
