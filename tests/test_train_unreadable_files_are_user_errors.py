@@ -76,3 +76,20 @@ def test_a_file_in_a_folder_that_cannot_be_searched(tmp_path, monkeypatch):
         validate(TrainConfig(data=str(data), eval_data=str(path)))
     with pytest.raises(ConfigError, match=rf"^--config {path}: cannot read \(Permission denied\)"):
         read_yaml_config(path)
+
+
+def test_a_model_folder_that_cannot_be_searched(tmp_path, monkeypatch):
+    """--model's config.json check raised PermissionError where a folder on the way lacks search permission."""
+    from fastft.apps.models import model_problem
+
+    config = tmp_path / "hidden" / "config.json"
+    real_stat = Path.stat
+
+    def stat(self, *args, **kwargs):
+        if self == config:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
+        return real_stat(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "stat", stat)
+    assert model_problem(str(tmp_path / "hidden"), "--model") == (
+        f"--model '{tmp_path / 'hidden'}': cannot read it (Permission denied); check its permissions")

