@@ -59,9 +59,8 @@ def test_train_exits_2_with_one_line(unreadable, flag, tmp_path, capsys):
                                                    f"{unreadable}: cannot read (")
 
 
-def test_a_file_in_a_folder_that_cannot_be_searched(tmp_path, monkeypatch):
-    """Path.is_file raises PermissionError (not False) where a folder on the way lacks search permission."""
-    path = tmp_path / "hidden" / "data.jsonl"
+def _unsearchable(monkeypatch, path: Path) -> None:
+    """Path.stat of `path` fails as it does under a folder without search permission (root ignores the bits)."""
     real_stat = Path.stat
 
     def stat(self, *args, **kwargs):
@@ -70,6 +69,12 @@ def test_a_file_in_a_folder_that_cannot_be_searched(tmp_path, monkeypatch):
         return real_stat(self, *args, **kwargs)
 
     monkeypatch.setattr(Path, "stat", stat)
+
+
+def test_a_file_in_a_folder_that_cannot_be_searched(tmp_path, monkeypatch):
+    """Path.is_file raises PermissionError (not False) where a folder on the way lacks search permission."""
+    path = tmp_path / "hidden" / "data.jsonl"
+    _unsearchable(monkeypatch, path)
     data = tmp_path / "train.jsonl"
     data.write_text('{"text": "hi"}\n')
     with pytest.raises(ConfigError, match=rf"^--eval-data {path}: cannot read \(Permission denied\)"):
@@ -82,14 +87,6 @@ def test_a_model_folder_that_cannot_be_searched(tmp_path, monkeypatch):
     """--model's config.json check raised PermissionError where a folder on the way lacks search permission."""
     from fastft.apps.models import model_problem
 
-    config = tmp_path / "hidden" / "config.json"
-    real_stat = Path.stat
-
-    def stat(self, *args, **kwargs):
-        if self == config:
-            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
-        return real_stat(self, *args, **kwargs)
-
-    monkeypatch.setattr(Path, "stat", stat)
+    _unsearchable(monkeypatch, tmp_path / "hidden" / "config.json")
     assert model_problem(str(tmp_path / "hidden"), "--model") == (
         f"--model '{tmp_path / 'hidden'}': cannot read it (Permission denied); check its permissions")

@@ -329,13 +329,13 @@ def save_nf4_model(model: nn.Module, path: str, *, compute_dtype: torch.dtype | 
     config = getattr(model, "config", None)
     cfg = None
     if config is not None:  # first: a model bitsandbytes' config cannot describe fails before anything is written
-        dtype = compute_dtype or model_compute_dtype(model) or torch.float32
+        own = model_compute_dtype(model) or torch.float32
         cfg = config.to_dict()
-        cfg["quantization_config"] = _quantization_config(model, dtype)
+        cfg["quantization_config"] = _quantization_config(model, compute_dtype or own)
         if not cfg.get("architectures"):  # as transformers' save_pretrained writes them (loaders read them)
             cfg["architectures"] = [_model_class(model).__name__]
         if not cfg.get("dtype"):
-            cfg["dtype"] = str(model_compute_dtype(model) or torch.float32).removeprefix("torch.")
+            cfg["dtype"] = str(own).removeprefix("torch.")
     # CamembertForCausalLM registers lm_head before the embeddings: the head's key came first and the embedding's,
     # which the loader ties it to, was the one dropped
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
