@@ -72,15 +72,18 @@ def dora_row_norm(weight, lora_A, lora_B, scaling: float, dtype: torch.dtype | N
             return on_dequantized(weight, dtype, lambda w: row_sq_norm(w, A_p, B_p, scaling)).sqrt()
         return row_sq_norm(weight.detach().to(dtype), A_p, B_p, scaling).sqrt()
     N, K = weight.shape
-    A, B = lora_A.detach().float(), lora_B.detach().float()
+    # fp32, or fp64 for fp64 operands; autocast off: it would run B·A in bf16 (and fp64 ops are not its to cast)
+    acc = torch.promote_types(torch.float32, torch.promote_types(dtype, lora_A.dtype))
+    A, B = lora_A.detach().to(acc), lora_B.detach().to(acc)
     rows = max(1, _TORCH_CHUNK // max(1, K))
 
     def dense_rows(start, stop):
         stop = min(stop, N)
         return weight.dequantize_rows(start, stop, dtype) if isinstance(weight, NF4Weight) else weight[start:stop]
 
-    norms = [torch.linalg.vector_norm(dense_rows(i, i + rows).detach().float() + scaling * (B[i:i + rows] @ A), dim=1)
-             for i in range(0, N, rows)]
+    with autocast_off(device.type):
+        norms = [torch.linalg.vector_norm(dense_rows(i, i + rows).detach().to(acc) + scaling * (B[i:i + rows] @ A),
+                                          dim=1) for i in range(0, N, rows)]
     return torch.cat(norms) if norms else torch.zeros(0, device=device)
 
 
@@ -91,8 +94,10 @@ def dora_linear_reference(x, weight, bias, lora_A, lora_B, magnitude, scaling, d
     W = _dense(weight, x.dtype)
     if row_norm is None:
         with torch.no_grad():
-            row_norm = torch.linalg.norm(W.float() + scaling * (lora_B.float() @ lora_A.float()), dim=1)
-    sigma = (magnitude / row_norm.detach().to(magnitude.dtype)).reshape(-1)  # (N,): broadcast over x's rows
+            acc = torch.promote_types(torch.float32, W.dtype)
+            row_norm = torch.linalg.norm(W.to(acc) + scaling * (lora_B.to(acc) @ lora_A.to(acc)), dim=1)
+    # divided in the wider of the two dtypes (peft's promotion): a bf16 magnitude over an fp32 norm is not rounded
+    sigma = (magnitude / row_norm.detach()).reshape(-1)  # (N,): broadcast over x's rows
     bias = None if bias is None else bias.to(x.dtype)
     if keep_mask is None and dropout_p == 0.0:
         lora = F.linear(F.linear(x, lora_A.to(x.dtype)), lora_B.to(x.dtype))
