@@ -18,7 +18,7 @@ from torch import nn
 
 from fastft.integration.adapter_files import WEIGHTS_NAMES
 from fastft.integration.methods.dora import refuse_nf4_dora_merge
-from fastft.integration.tied_weights import untie_adapted_weights
+from fastft.integration.tied_weights import retie_unmerged, untie_adapted_weights
 
 _ADAPTER_CALL: ContextVar = ContextVar("fastft_adapter_call", default=None)
 
@@ -109,8 +109,14 @@ class FastftAdapterMethods:
 
     def merge_adapter(self, *args, **kwargs):
         _refuse_unmergeable(self, self.base_model.merge_adapter, args, kwargs)
-        untie_adapted_weights(self)
+        retie_unmerged(self)  # layers unmerged behind this class's back (peft's set_adapter unmerges) first
+        untie_adapted_weights(self, until_unmerged=True)
         return self.base_model.merge_adapter(*args, **kwargs)
+
+    def unmerge_adapter(self, *args, **kwargs):
+        result = self.base_model.unmerge_adapter(*args, **kwargs)
+        retie_unmerged(self)
+        return result
 
     def __reduce_ex__(self, protocol):
         # pickled and deep-copied as the plain peft class, routed again when rebuilt: the routed class is made at run

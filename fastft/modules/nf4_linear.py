@@ -116,6 +116,10 @@ class NF4Linear(nn.Module):
             linear.weight.copy_(w)
             if self.bias is not None:
                 linear.bias.copy_(self.bias)
+        # frozen as this layer was (a QLoRA merge's dense layers are not trainable parameters all of a sudden)
+        linear.weight.requires_grad_(self.weight.requires_grad)
+        if linear.bias is not None:
+            linear.bias.requires_grad_((self.bias if self.bias is not None else self.weight).requires_grad)
         return linear
 
     # Moves need no code here: `module.to(device)` moves the weight's codes and scales (NF4Weight.to), and dtype
