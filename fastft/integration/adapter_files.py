@@ -65,17 +65,29 @@ def read_weights(file: Path, *, shapes_only: bool = False) -> dict:
                          "from a copy") from None
 
 
-def check_adapter_tensors(base_model: nn.Module, path: Path, config, needs: dict) -> None:
+def check_adapter_tensors(base_model: nn.Module, path: Path, config, needs: dict,
+                          embedding_needs: dict | None = None) -> None:
     """Check a saved adapter's tensors against `base_model` (its base layers, when it holds adapters already):
     every tensor belongs to a module the model has (a parameter-targeted one, target_parameters: as peft nests its
     wrappers), with the shape that module needs, and every linear layer and parameter the config targets has its
     tensors (peft would leave one without them at its fresh initialisation, only warning).
     `needs`: key tail (as in 'base_model.model.<module>.lora_A.weight') -> f(module name, in_features,
-    out_features) giving the shape that tensor must have (None: any size, e.g. the rank)."""
+    out_features) giving the shape that tensor must have (None: any size, e.g. the rank). `embedding_needs`: the same
+    for an nn.Embedding the config targets (in_features = num_embeddings, out_features = embedding_dim); None:
+    embeddings are left to peft."""
     file = adapter_weights_file(path)
     shapes = read_weights(file, shapes_only=True)
     modules = dict(modules_as_bases(base_model))
-    tails = "|".join(re.escape(tail) for tail in needs)
+    tails = "|".join(re.escape(tail) for tail in {**needs, **(embedding_needs or {})})
+
+    def needs_of(module: nn.Module):
+        """(the tails `module` must have, its (in, out) features), or None for a kind not checked here."""
+        features = in_out_features(module)
+        if features is not None:
+            return needs, features
+        if embedding_needs is not None and isinstance(module, nn.Embedding):
+            return embedding_needs, (module.num_embeddings, module.embedding_dim)
+        return None
 
     def saved_tensors(shapes: dict):
         """(key, shape, saved module name, tail, base module name or None) of each adapter tensor of `shapes`."""
@@ -94,21 +106,23 @@ def check_adapter_tensors(base_model: nn.Module, path: Path, config, needs: dict
                              f"'{saved_name}'{_nesting_hint(saved_name, modules, config)}"
                              f"{_conversion_note(converted_from, base_model)}")
         found.add((saved_name, tail))
-        features = in_out_features(modules[module_name])
-        if features is None:
+        kind = needs_of(modules[module_name])
+        if kind is None or tail not in kind[0]:
             continue
-        want = needs[tail](module_name, *features)
+        want = kind[0][tail](module_name, *kind[1])
         if len(shape) != len(want) or any(w is not None and n != w for n, w in zip(shape, want)):
             want = "(" + ", ".join("r" if w is None else str(w) for w in want) + ")"
             raise ValueError(f"load_adapter: '{key}' in {path} has shape {shape}, but module '{module_name}' "
                              f"needs {want}: the adapter was trained for a different model")
     wrappers = [saved for name, module in modules.items() if name
                 for saved in _wrapper_names(name, targeted_parameters(config, name, module))]
-    missing = [name for name in wrappers if any((name, t) not in found for t in needs)]
+    # a parameter's wrapper holds lora_A/lora_B only (no DoRA there)
+    missing = [name for name in wrappers if any((name, t) not in found for t in needs if t in _LORA_TENSORS)]
     if not (config.target_modules in (None, "all-linear") or getattr(config, "ensure_weight_tying", False)):
         # else peft resolves the module targets itself; tied layers share their source's tensors
-        missing += [name for name, module in modules.items() if name and in_out_features(module) is not None
-                    and check_target_module_exists(config, name) and any((name, t) not in found for t in needs)]
+        missing += [name for name, module in modules.items() if name and needs_of(module) is not None
+                    and check_target_module_exists(config, name)
+                    and any((name, t) not in found for t in needs_of(module)[0])]
     missing = sorted(set(missing))
     if missing:
         shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
@@ -193,6 +207,9 @@ def _nesting_hint(saved_name: str, modules: dict, config) -> str:
 
 _LORA_TENSORS = {"lora_A.weight": lambda name, in_f, out_f: (None, in_f),
                  "lora_B.weight": lambda name, in_f, out_f: (out_f, None)}
+_LORA_EMBEDDING_TENSORS = {"lora_embedding_A": lambda name, vocab, dim: (None, vocab),
+                           "lora_embedding_B": lambda name, vocab, dim: (dim, None)}
+_DORA_MAGNITUDE = {"lora_magnitude_vector": lambda name, in_f, out_f: (out_f,)}  # a row norm an output feature
 
 
 def check_adapter_fits(base_model: nn.Module, path: str | os.PathLike) -> LoraConfig:
@@ -206,7 +223,9 @@ def check_adapter_fits(base_model: nn.Module, path: str | os.PathLike) -> LoraCo
     if not isinstance(config, LoraConfig):
         raise ValueError(f"load_adapter: {config_file} describes a {type(config).__name__}, not a LoraConfig")
     if not config.layer_replication:  # with it peft copies layers first: 'layers.2' exists only then
-        check_adapter_tensors(base_model, path, _as_peft_loads(config, base_model, config_file), _LORA_TENSORS)
+        dora = _DORA_MAGNITUDE if config.use_dora else {}  # without it a layer would restart at m = ‖W‖
+        check_adapter_tensors(base_model, path, _as_peft_loads(config, base_model, config_file),
+                              {**_LORA_TENSORS, **dora}, {**_LORA_EMBEDDING_TENSORS, **dora})
     return config
 
 
