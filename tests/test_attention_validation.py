@@ -39,8 +39,11 @@ def _bad(kind):
         return (q, k, v), {}, r"`q` has 4 heads, which is not a multiple of the 3 KV heads"
     if kind == "dtype_mismatch":
         return (q, k.half(), v.half()), {}, r"`q`, `k`, `v` must share a dtype"
-    if kind == "dtype_unsupported":
-        return (q.double(), k.double(), v.double()), {}, r"`q` must be float16, bfloat16 or float32"
+    if kind == "dtype_unsupported":  # fp64 goes to the torch backend on auto
+        return (q.double(), k.double(), v.double()), {}, \
+            r"backend='triton' computes in float16, bfloat16 or float32; `q` is torch.float64"
+    if kind == "dtype_integer":
+        return (q.int(), k.int(), v.int()), {}, r"`q` must be a floating-point tensor"
     if kind == "device_mismatch":
         return (q, k.to("meta"), v.to("meta")), {}, r"all tensors must be on one device"
     if kind == "batch_mismatch":
@@ -86,9 +89,9 @@ def _bad(kind):
     raise AssertionError(kind)
 
 
-KINDS = ["q_rank", "kv_shapes", "head_dim_mismatch", "head_dim_unsupported", "head_dim_too_big",
-         "gqa_not_divisible", "dtype_mismatch", "dtype_unsupported", "device_mismatch", "batch_mismatch",
-         "cu_dtype", "cu_length", "cu_values", "cu_total", "packed_rank", "packed_tokens", "max_seqlen_without_cu",
+KINDS = ["q_rank", "kv_shapes", "head_dim_mismatch", "head_dim_unsupported", "head_dim_too_big", "gqa_not_divisible",
+         "dtype_mismatch", "dtype_unsupported", "dtype_integer", "device_mismatch", "batch_mismatch", "cu_dtype",
+         "cu_length", "cu_values", "cu_total", "packed_rank", "packed_tokens", "max_seqlen_without_cu",
          "prefix_alone", "prefix_shape", "prefix_batch", "prefix_dtype", "scale", "window", "window_type",
          "causal_type", "backend"]
 

@@ -105,8 +105,8 @@ def test_rms_norm_validation():
     x, w = torch.randn(4, 8), torch.randn(8)
     with pytest.raises(ValueError, match="`weight` must have shape \\(8,\\)"):
         rms_norm(x, torch.randn(7), 1e-6)
-    with pytest.raises(ValueError, match="`eps` must be a positive number"):
-        rms_norm(x, w, 0.0)
+    with pytest.raises(ValueError, match="`eps` must be a non-negative number"):
+        rms_norm(x, w, -1e-6)
     with pytest.raises(ValueError, match="`residual` must have x's shape"):
         rms_norm(x, w, 1e-6, residual=torch.randn(4, 9))
     with pytest.raises(ValueError, match="`residual` is torch.float16"):

@@ -161,8 +161,9 @@ def _validate(q, k, v, causal, softmax_scale, cu_seqlens, max_seqlen, prefix_k, 
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check(isinstance(t, torch.Tensor),
                lambda: f"flash_attention: `{name}` must be a torch.Tensor, got {type(t).__name__}")
-        _check(t.dtype in DTYPES,
-               lambda: f"flash_attention: `{name}` must be float16, bfloat16 or float32, got {t.dtype}")
+        # fp64 too: backend="auto" sends it to torch, "triton" refuses it (resolve_backend)
+        _check(t.is_floating_point(), lambda: f"flash_attention: `{name}` must be a floating-point tensor (float16, "
+                                              f"bfloat16 or float32 on the Triton backend), got {t.dtype}")
     varlen = cu_seqlens is not None
     rank, layout = (3, "(total_tokens, heads, head_dim)") if varlen else (4, "(batch, seqlen, heads, head_dim)")
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -459,7 +460,8 @@ def flash_attention(q, k, v, *, causal=False, softmax_scale=None, cu_seqlens=Non
     attends to, unmasked (prefix tuning); they get gradients. `causal` aligns bottom-right when seqlen_q !=
     seqlen_k; `window` = w keeps the w most recent keys (and, without causal, those < w ahead); any w > 2**30
     (e.g. 2**31 - 1 as "no limit") means no window.
-    head_dim: a multiple of 8 from 16 to 256; fp16/bf16/fp32. Returns q's shape and dtype.
+    head_dim: a multiple of 8 from 16 to 256; fp16/bf16/fp32 (fp64 on the torch backend, where auto sends it).
+    Returns q's shape and dtype.
     backend: "auto" (Triton on CUDA, torch elsewhere), "triton" or "torch".
     torch.compile traces the Triton backend as one custom op, fastft::flash_attention (fastft.ops.compiled); a
     missing max_seqlen is then derived inside the op (one sync), which CUDA-graph capture refuses (ValueError).
@@ -470,7 +472,7 @@ def flash_attention(q, k, v, *, causal=False, softmax_scale=None, cu_seqlens=Non
     _validate(q, k, v, causal, softmax_scale, cu_seqlens, max_seqlen, prefix_k, prefix_v, window)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
 
-    backend = resolve_backend("flash_attention", backend, q.device, arg="q")
+    backend = resolve_backend("flash_attention", backend, q.device, arg="q", dtype=q.dtype)
     # an empty q under torch.compile takes the custom op too (the torch path would read cu_seqlens on the host)
     if backend == "torch" or (q.numel() == 0 and not compiling()):
         if cu_seqlens is None:

@@ -139,9 +139,10 @@ def validate_rms_norm_args(x, weight, eps, offset, residual, cast) -> None:
     check(weight.dim() == 1 and weight.shape[0] == N,
           lambda: f"{op}: `weight` must have shape ({N},) to match x's last dimension, got {tuple(weight.shape)}")
     check(weight.device == x.device, lambda: f"{op}: `weight` is on {weight.device} but `x` is on {x.device}")
-    # finite and not a bool: eps=inf gives zeros, offset=nan NaN, True is a slip (both backends would take them)
-    check(isinstance(eps, (int, float)) and not isinstance(eps, bool) and eps > 0 and finite(eps),
-          lambda: f"{op}: `eps` must be a positive number (finite, not a bool), got {eps!r}")
+    # finite and not a bool: eps=inf gives zeros, offset=nan NaN, True is a slip (both backends would take them);
+    # 0 as transformers takes it (a config with rms_norm_eps=0: an all-zero row is then NaN there and here alike)
+    check(isinstance(eps, (int, float)) and not isinstance(eps, bool) and eps >= 0 and finite(eps),
+          lambda: f"{op}: `eps` must be a non-negative number (finite, not a bool), got {eps!r}")
     check(isinstance(offset, (int, float)) and not isinstance(offset, bool) and finite(offset),
           lambda: f"{op}: `offset` must be a finite number (0 for Llama, 1 for Gemma; not a bool), got {offset!r}")
     check(cast in CASTS, lambda: f"{op}: `cast` must be one of {CASTS} or None, got {cast!r}")
