@@ -97,8 +97,9 @@ def apply_to_parts(w, fn: Callable[[torch.Tensor], torch.Tensor], **changes):
         parts.update(absmax2=fn(w.absmax2), code2=fn(w.code2), offset=fn(w.nested_offset))
     parts.update(changes)
     out = w.with_parts(**parts)
-    if out.double_quant and w._offset_cache is not None:  # same value: keep the float, no device read
-        out._offset_cache = (tensor_version(out.nested_offset), w._offset_cache[1])
+    if out.double_quant and w._offset_cache is not None:  # same value: keep the float, no device read...
+        # ...but w's float as of now: `w.offset` reads it again when w's offset was written since (copy_, a load)
+        out._offset_cache = (tensor_version(out.nested_offset), w.offset)
     return out
 
 
