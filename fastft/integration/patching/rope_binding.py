@@ -46,24 +46,33 @@ def calls_rope(cls: type) -> bool:
     return ROPE_NAME in fn.__code__.co_names and ROPE_NAME in fn.__globals__
 
 
+_OWN_NAMES = ("__name__", "__spec__", "__loader__", "__package__", ROPE_NAME)
+
+
 def _shadow_module(fn, backend: str, partial: bool) -> types.ModuleType:
     """A module holding a copy of fn's module globals with fastft's RoPE in them, registered in sys.modules
-    under its own name (torch.compile resolves a function's globals through its module name)."""
+    under its own name (torch.compile resolves a function's globals through its module name). The copy is brought
+    up to date at every call (every patch_model): a global replaced since (another library's or a test's wrapper
+    of eager_attention_forward) is seen by models patched from then on, and by those patched before."""
     name = f"{__name__}.bound.{fn.__module__.replace('.', '_')}.{backend}{'_partial' if partial else ''}"
     module = sys.modules.get(name)
     if module is None:
         module = types.ModuleType(name)
-        module.__dict__.update({k: v for k, v in fn.__globals__.items() if k not in ("__name__", "__spec__",
-                                                                                    "__loader__", "__package__")})
         module.__dict__[ROPE_NAME] = _fastft_rope(backend, partial)
         sys.modules[name] = module
+    module.__dict__.update({k: v for k, v in fn.__globals__.items() if k not in _OWN_NAMES})
     return module
 
 
-@functools.lru_cache(maxsize=None)
 def forward_with_fastft_rope(cls: type, backend: str, partial: bool = False):
     """cls.forward's function with `apply_rotary_pos_emb` resolved to fastft's RoPE (one per class, backend and
     `partial`: rotate the leading cos.shape[-1] dims of each head only)."""
+    _shadow_module(inspect.unwrap(cls.forward), backend, partial)
+    return _bound_forward(cls, backend, partial)
+
+
+@functools.lru_cache(maxsize=None)
+def _bound_forward(cls: type, backend: str, partial: bool):
     fn = inspect.unwrap(cls.forward)
     scope = _shadow_module(fn, backend, partial).__dict__
     new = types.FunctionType(fn.__code__, scope, fn.__name__, fn.__defaults__, fn.__closure__)
