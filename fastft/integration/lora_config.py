@@ -91,6 +91,7 @@ def validate_lora_config(config, model: nn.Module) -> None:
         raise _config_error("init_lora_weights", init, f"fastft creates {_SUPPORTED_INITS} and 'pissa*'. "
                                                        f"Instead: {instead}")
     check_init_fits_base(config, model, "use True, 'gaussian' or 'orthogonal'")
+    _check_olora_targets(config, model)
     if not 0.0 <= config.lora_dropout < 1.0:
         raise _config_error("lora_dropout", config.lora_dropout, "expected a probability in [0, 1)")
     if not isinstance(config.r, int) or config.r <= 0:
@@ -105,6 +106,20 @@ def check_init_fits_base(config: LoraConfig, model: nn.Module, fix: str) -> None
     if (init == "olora" or str(init).startswith("pissa")) and any(isinstance(m, NF4Linear) for m in model.modules()):
         raise _config_error("init_lora_weights", init, f"it decomposes the base weight, which is NF4 here (QLoRA); "
                                                        f"{fix}")
+
+
+def _check_olora_targets(config: LoraConfig, model: nn.Module) -> None:
+    """OLoRA on a transformers Conv1D (GPT-2, weight stored (in, out)): peft decomposes the stored matrix as if it
+    were (out, in) and builds A and B transposed; the model is made, and its first forward fails on a shape."""
+    if config.init_lora_weights != "olora":
+        return
+    conv = [name for name, module in targeted_modules(config, model, TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING)
+            or () if isinstance(module, Conv1D)]
+    if conv:
+        raise _config_error("init_lora_weights", "olora", f"peft's OLoRA takes a transformers Conv1D's weight (stored "
+                                                          f"(in, out)) the wrong way round and builds {conv[0]}'s A "
+                                                          "and B transposed; use True, 'gaussian', 'orthogonal' or "
+                                                          "'pissa' on this model")
 
 
 def with_quantized_targets(config: LoraConfig, model: nn.Module) -> LoraConfig:
@@ -344,7 +359,8 @@ def _check_layer_selection(config: LoraConfig, model: nn.Module) -> None:
     if wanted is None or wanted == [] or isinstance(config.target_modules, str):
         return  # peft refuses layers_to_transform with a regex target_modules itself
     unfiltered = copy.copy(config)
-    unfiltered.layers_to_transform, unfiltered.layers_pattern = None, None
+    # exclude_modules left out too: a layer whose matches it removes still exists (peft adapts the other layers)
+    unfiltered.layers_to_transform, unfiltered.layers_pattern, unfiltered.exclude_modules = None, None, None
     targeted = targeted_modules(unfiltered, model, TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING)
     candidates = [name for name, _ in targeted or ()]
     if not candidates:
