@@ -113,7 +113,10 @@ class Tuner:
                 return config, True
             timings.append((bench(lambda: launch(config)), config))
         if not timings:
-            raise RuntimeError(f"{self.name}: no launch config compiled for {key}") from last_error
+            # the last config's error named: the same for every config when the cause is not the config (an input
+            # the kernel cannot read, a torch.func wrapper), which "no config" alone would hide
+            raise RuntimeError(f"{self.name}: no launch config compiled for {key}; the last one failed with "
+                               f"{type(last_error).__name__}: {last_error}") from last_error
         best = min(timings, key=lambda t: t[0])[1]
         log.info("%s %s -> %s", self.name, key, best)
         for ms, config in sorted(timings, key=lambda t: t[0]):

@@ -26,7 +26,7 @@ from fastft.ops.qlora_path import nf4_base_gemm, release_dequant_scratch  # noqa
 from fastft.ops.lora import (add_rank_path, backward_operands, fused_lora_backward, fused_lora_forward,
                              lora_linear_reference, lora_meta, saved_factors)
 from fastft.ops.shared import (as_rows, autocast_inputs, autocast_off, check, finite, nf4_fused_ok,
-                               first_order_only, resolve_backend, rows_to)
+                               first_order_only, resolve_backend, rows_to, under_func_transform)
 from fastft.quant.nf4_weight import NF4Weight
 
 
@@ -59,7 +59,7 @@ class NF4MatmulTorch(torch.autograd.Function):
 
 
 def _nf4_matmul_torch(x, qweight, bias):
-    if compiling() or not torch.is_grad_enabled():
+    if compiling() or not torch.is_grad_enabled() or under_func_transform():  # (no vmap / jvp rule of its own)
         return nf4_linear_reference(x, qweight, bias)
     return rows_to(NF4MatmulTorch.apply(x, qweight, _bias_as(bias, x)), x)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -161,6 +162,14 @@ def require_triton(setting: str, instead: str) -> None:
         raise ValueError(f"{setting} needs triton, which is not installed (pip install 'fastft[triton]'); {instead}")
 
 
+def under_func_transform() -> bool:
+    """Whether a torch.func transform (grad, vmap, jacrev, jvp, functional differentiation) or forward-mode AD is
+    active: fastft's autograd Functions (the Triton kernels, the NF4 torch matmul) have no vmap or jvp rule, plain
+    torch ops do (what peft's layers run). Not while compiling: dynamo handles the transforms itself."""
+    return not compiling() and (torch._C._functorch.maybe_current_level() is not None
+                                or torch.autograd.forward_ad._current_level >= 0)
+
+
 def resolve_backend(op: str, backend: str, device: torch.device, *, arg: str | None = None,
                     dtype: torch.dtype | None = None) -> str:
     """"triton" or "torch": auto is Triton on CUDA when triton is installed (the interpreter is for tests, chosen
@@ -169,17 +178,31 @@ def resolve_backend(op: str, backend: str, device: torch.device, *, arg: str | N
     accumulate in fp32: fp64 inputs would silently get fp32 accuracy)."""
     check_backend(op, backend)
     kernel_dtype = dtype is None or dtype in KERNEL_DTYPES
+    transformed = under_func_transform()
     if backend == "auto":
-        return "triton" if kernel_dtype and device.type == "cuda" and triton_runs_on(device) else "torch"
+        return "triton" if (kernel_dtype and not transformed and device.type == "cuda"
+                            and triton_runs_on(device)) else "torch"
     what = "the inputs are" if arg is None else f"`{arg}` is"
+    if backend == "triton" and transformed:
+        raise ValueError(f"{op}: backend='triton'{_set_by()} runs under no torch.func transform (grad, vmap, jacrev, "
+                         "jvp) nor forward-mode AD: its kernels have no vmap or jvp rule; backend='auto' or 'torch' "
+                         "runs plain torch ops there")
     if backend == "triton" and not triton_runs_on(device):
         require_triton(f"{op}: backend='triton'", "backend='auto' or 'torch' runs without it")
         where = "CUDA tensors" if arg is None else "a CUDA tensor"
-        raise ValueError(f"{op}: backend='triton' needs {where} (or TRITON_INTERPRET=1 on CPU); {what} on {device}")
+        raise ValueError(f"{op}: backend='triton'{_set_by()} needs {where} (or TRITON_INTERPRET=1 on CPU); {what} on "
+                         f"{device}")
     if backend == "triton" and not kernel_dtype:
-        raise ValueError(f"{op}: backend='triton' computes in float16, bfloat16 or float32; {what} {dtype} "
+        raise ValueError(f"{op}: backend='triton'{_set_by()} computes in float16, bfloat16 or float32; {what} {dtype} "
                          "(backend='torch' takes any float dtype)")
     return backend
+
+
+def _set_by() -> str:
+    """Where a backend='triton' refusal may come from besides the argument: fastft's LoRA layers read it from the
+    environment (fastft.modules.lora)."""
+    return " (FASTFT_LORA_BACKEND=triton, for fastft's LoRA layers)" if os.environ.get(
+        "FASTFT_LORA_BACKEND", "").strip() == "triton" else ""
 
 
 # What torch.autocast casts: float64 is not autocast-eligible (torch's own ops stay fp64 under it), nor are ints.
