@@ -66,8 +66,35 @@ def _subclass(cls: type, mixin: type | None, **attrs) -> type:
     if key not in _SUBCLASSES:
         bases = (mixin, cls) if mixin is not None else (cls,)
         _SUBCLASSES[key] = type(cls.__name__, bases, {"__module__": cls.__module__, "__qualname__": cls.__qualname__,
-                                                      "_fastft_original_class": cls, **attrs})
+                                                      "_fastft_original_class": cls, "__reduce_ex__": _reduce_patched,
+                                                      **attrs})
     return _SUBCLASSES[key]
+
+
+class _PatchedClass:
+    """A patched class inside a module's reduction: deep-copied as itself (copy.deepcopy of a patched model works),
+    refused by pickle with what to do (pickle looks a class up by its name, which names transformers' own class)."""
+
+    def __init__(self, cls: type):
+        self.cls = cls
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __reduce__(self):
+        raise TypeError(f"fastft: cannot pickle a patched model (its {self.cls.__name__} is fastft's subclass made at "
+                        "run time): fastft.unpatch_model(model) before torch.save / pickle and patch_model again after "
+                        "loading, or save the weights (save_pretrained, state_dict)")
+
+
+def _new_patched(patched: _PatchedClass, *args):
+    return patched.cls.__new__(patched.cls, *args)
+
+
+def _reduce_patched(self, protocol):
+    reduced = list(object.__reduce_ex__(self, max(protocol, 2)))  # (copyreg.__newobj__, (cls, *args), state, ...)
+    reduced[0], reduced[1] = _new_patched, (_PatchedClass(type(self)), *reduced[1][1:])
+    return tuple(reduced)
 
 
 def _swap_class(module: nn.Module, new_cls: type) -> None:
