@@ -14,6 +14,7 @@ them with a probe (objectives.packing_isolates) and runs their documents one at 
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -449,11 +450,12 @@ class BatchPlan:
                               f"but the data has {num_records}")
         self.seed = seed
         self.epoch, self.index = 0, 0
+        self.order_rule = ORDER_RULE
         self._order = None
 
     def _epoch_order(self) -> list[int]:
         if self._order is None or self._order[0] != self.epoch:
-            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            g = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch, self.order_rule))
             self._order = (self.epoch, torch.randperm(self.num_records, generator=g).tolist())
         return self._order[1]
 
@@ -477,7 +479,7 @@ class BatchPlan:
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "index": self.index, "per_step": self.per_step, "seed": self.seed,
-                "num_records": self.num_records, "records": self.records}
+                "num_records": self.num_records, "records": self.records, "order_rule": self.order_rule}
 
     def load_state_dict(self, state: dict) -> None:
         """Refused when the steps would take other records: another step size or seed, or other training records
@@ -497,6 +499,24 @@ class BatchPlan:
                               f"seed {state['seed']}, this run has {self.per_step} and {self.seed}; resume with the "
                               "same number of processes, --grad-accum, --batch-size and --seed")
         self.epoch, self.index = state["epoch"], state["index"]
+        # a run started before the rule changed keeps its own (its epoch's remaining records, then its next orders)
+        rule = state.get("order_rule", "seed+epoch")
+        if rule not in ("seed+epoch", ORDER_RULE):
+            raise ConfigError(f"--resume: the checkpoint orders its records by {rule!r}, which this fastft does not "
+                              "know; resume with the fastft version that wrote it")
+        self.order_rule = rule
+
+
+ORDER_RULE = "sha256(seed:epoch)"
+
+
+def epoch_seed(seed: int, epoch: int, rule: str = ORDER_RULE) -> int:
+    """The seed of an epoch's record order. "seed+epoch" (runs checkpointed before the rule changed) made --seed 0's
+    epoch 1 the order of --seed 1's epoch 0: runs with neighbouring seeds trained on the same orders, shifted by an
+    epoch. Now a hash of both, so every (seed, epoch) gets an order of its own."""
+    if rule == "seed+epoch":
+        return seed + epoch
+    return int.from_bytes(hashlib.sha256(f"{seed}:{epoch}".encode()).digest()[:8], "little") >> 1
 
 
 def _first_trained(labels: list[int]) -> int:
