@@ -10,6 +10,9 @@ from fastft.ops.bottleneck_adapter import ACTIVATIONS
 
 PEFT_TYPE = "FASTFT_BOTTLENECK_ADAPTER"  # written to adapter_config.json so loaders can tell it from peft's
 PLACEMENTS = ("pfeiffer", "houlsby")
+# the fresh heads peft's task models train as modules_to_save (PeftModelForSequenceClassification & co.)
+TASK_HEADS = {"CAUSAL_LM": (), "SEQ_2_SEQ_LM": (), "FEATURE_EXTRACTION": (), "SEQ_CLS": ("classifier", "score"),
+              "TOKEN_CLS": ("classifier", "score"), "QUESTION_ANS": ("qa_outputs",)}
 
 
 @dataclass
@@ -23,6 +26,9 @@ class BottleneckAdapterConfig:
     outputs `...output.dense`: attn ("attention.output.dense",), mlp r".*[.]layer[.][0-9]+[.]output[.]dense").
     Initialised near identity: the down-projection ~ N(0, init_std²), the up-projection and both biases zero, so the
     model starts unchanged.
+    modules_to_save: modules trained whole beside the adapters and saved with them (peft's field: names or dotted
+    suffixes); task_type as peft's: "SEQ_CLS" / "TOKEN_CLS" add the fresh head ("classifier", "score"), "QUESTION_ANS"
+    its "qa_outputs", whichever the model has — else a new head would stay at its random initialisation, frozen.
     """
     size: int = 64
     placement: str = "pfeiffer"
@@ -30,12 +36,16 @@ class BottleneckAdapterConfig:
     init_std: float = 0.01
     attn_output_modules: tuple[str, ...] | str = ("o_proj",)
     mlp_output_modules: tuple[str, ...] | str = ("down_proj",)
+    modules_to_save: tuple[str, ...] | None = None
+    task_type: str | None = None
     inference_mode: bool = False
 
     def __post_init__(self):
         for field in ("attn_output_modules", "mlp_output_modules"):
             if not isinstance(getattr(self, field), str):
                 setattr(self, field, tuple(getattr(self, field)))
+        if self.modules_to_save is not None and not isinstance(self.modules_to_save, str):
+            self.modules_to_save = tuple(self.modules_to_save)
         self.validate()
 
     def validate(self) -> None:
@@ -60,6 +70,16 @@ class BottleneckAdapterConfig:
                     raise bad(field, f"a string is a regex the whole module name must match: {e}") from None
             elif not names or not all(isinstance(n, str) and n for n in names):
                 raise bad(field, "expected a non-empty tuple of module names (or one regex string)")
+        saved = self.modules_to_save
+        if saved is not None and (isinstance(saved, str) or not all(isinstance(n, str) and n for n in saved)):
+            raise bad("modules_to_save", "expected a tuple of module names or dotted suffixes, e.g. ('classifier',)")
+        if self.task_type is not None and self.task_type not in TASK_HEADS:
+            raise bad("task_type", f"expected None or one of {sorted(TASK_HEADS)}")
+
+    def heads_to_save(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """(entries that must each name a module: modules_to_save; the task's head names, of which a model has
+        one or none, as peft adds them)."""
+        return tuple(self.modules_to_save or ()), TASK_HEADS.get(self.task_type, ())
 
     def target_fields(self) -> tuple[str, ...]:
         """The fields whose modules get adapters under this placement."""
@@ -79,6 +99,8 @@ class BottleneckAdapterConfig:
         for field in ("attn_output_modules", "mlp_output_modules"):
             value = getattr(self, field)
             d[field] = value if isinstance(value, str) else list(value)
+        if self.modules_to_save is not None:
+            d["modules_to_save"] = list(self.modules_to_save)
         return {"peft_type": PEFT_TYPE, **d}
 
     @classmethod

@@ -3,13 +3,14 @@
 `get_adapter_model(model, config)` freezes the model, wraps every matching output projection in `AdapterAfter`
 and returns a `BottleneckAdapterModel` (a thin wrapper like peft's PeftModel: forward, attribute access and
 `generate` go to the model; `save_pretrained` writes the adapter). Saved as `adapter_config.json` (the config
-with peft_type "FASTFT_BOTTLENECK_ADAPTER") and `adapter_model.safetensors` (only the adapter tensors, keyed by
-module path), each written to a temporary file and renamed into place. `load_bottleneck_adapter` checks every
+with peft_type "FASTFT_BOTTLENECK_ADAPTER") and `adapter_model.safetensors` (the adapter tensors and those of the
+modules trained whole, modules_to_save / the task's head, keyed by module path), each written to a temporary file and renamed into place. `load_bottleneck_adapter` checks every
 tensor against the model before loading.
 """
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from torch import nn
 
 from fastft.files import atomic_write
 from fastft.integration.base_layers import attribute_set, in_out_features
+from fastft.integration.module_names import names_module
 from fastft.integration.methods.adapter.config import PEFT_TYPE, BottleneckAdapterConfig
 from fastft.integration.methods.adapter.layer import AdapterAfter, BottleneckAdapter
 
@@ -27,10 +29,13 @@ CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
 class BottleneckAdapterModel(nn.Module):
     """The model with bottleneck adapters; only the adapters train."""
 
-    def __init__(self, model: nn.Module, config: BottleneckAdapterConfig):
+    def __init__(self, model: nn.Module, config: BottleneckAdapterConfig, heads: list[tuple[str, nn.Module]] = ()):
         super().__init__()
         self.base_model = model
         self.adapter_config = config
+        # (name, a frozen copy of the module as it was) of each module trained whole: what disable_adapter runs (a
+        # plain list: not a submodule, so neither in the state dict nor among the parameters)
+        self._original_heads = list(heads)
 
     def forward(self, *args, **kwargs):
         return self.base_model(*args, **kwargs)
@@ -49,12 +54,26 @@ class BottleneckAdapterModel(nn.Module):
 
     @contextlib.contextmanager
     def disable_adapter(self):
-        """The base model alone inside the block (peft's PeftModel.disable_adapter): DPO's reference."""
+        """The base model alone inside the block (peft's PeftModel.disable_adapter): DPO's reference. Modules trained
+        whole (modules_to_save) are their original copies there, as in peft."""
+        trained = [(name, self.base_model.get_submodule(name)) for name, _ in self._original_heads]
         with attribute_set((m for m in self.base_model.modules() if isinstance(m, AdapterAfter)), "disabled", True):
-            yield
+            try:
+                for (name, original), (_, head) in zip(self._original_heads, trained):
+                    like = next(head.parameters(), None)  # where the model was moved since: the copy goes along
+                    _set_module(self.base_model, name, original if like is None else
+                                original.to(device=like.device, dtype=like.dtype))
+                yield
+            finally:
+                for name, head in trained:
+                    _set_module(self.base_model, name, head)
+
+    def _saved(self, key: str) -> bool:
+        """Whether a key of the base model's state dict is saved with the adapter."""
+        return ".adapter." in key or any(key.startswith(name + ".") for name, _ in self._original_heads)
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach() for k, v in self.base_model.state_dict().items() if ".adapter." in k}
+        return {k: v.detach() for k, v in self.base_model.state_dict().items() if self._saved(k)}
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
@@ -74,7 +93,8 @@ class BottleneckAdapterModel(nn.Module):
         if state_dict is None:
             state_dict = self.adapter_state_dict()
         else:
-            state_dict = {k.removeprefix("base_model."): v for k, v in state_dict.items() if ".adapter." in k}
+            state_dict = {k: v for k, v in ((k.removeprefix("base_model."), v) for k, v in state_dict.items())
+                          if self._saved(k)}
         tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
         atomic_write(path / WEIGHTS_NAME, lambda f: save_file(tensors, f, metadata={"format": "pt"}))
         text = json.dumps(self.adapter_config.to_dict(), indent=2, sort_keys=True)
@@ -104,6 +124,33 @@ def _targets(model: nn.Module, config: BottleneckAdapterConfig) -> list[tuple[st
         names += matched
     names = [n for n in module_names if n in set(names)]  # the model's order
     return [(name, model.get_submodule(name), _output_width(name, model.get_submodule(name))) for name in names]
+
+
+def _heads(model: nn.Module, config: BottleneckAdapterConfig, targets) -> list[tuple[str, nn.Module]]:
+    """(name, module) of every module trained whole: each modules_to_save entry must name one (a typo would leave it
+    frozen); the task's heads where the model has them. None may hold an adapter target (two owners)."""
+    modules = [(n, m) for n, m in model.named_modules() if n]
+    entries, task_heads = config.heads_to_save()
+    names = []
+    for entry in entries:
+        matched = [n for n, _ in modules if names_module(entry, n)]
+        if not matched:
+            raise ValueError(f"BottleneckAdapterConfig.modules_to_save entry {entry!r} matches no module of "
+                             f"{type(model).__name__} (a module name or a dotted suffix of one)")
+        names += matched
+    names += [n for n, _ in modules if any(names_module(head, n) for head in task_heads)]
+    names = [n for n in dict.fromkeys(names) if not any(n.startswith(other + ".") for other in names)]  # outermost
+    for name in names:
+        inside = [t for t, _, _ in targets if t == name or t.startswith(name + ".") or name.startswith(t + ".")]
+        if inside:
+            raise ValueError(f"BottleneckAdapterConfig.modules_to_save: '{name}' holds or is inside the adapter "
+                             f"target '{inside[0]}'; train whole modules apart from the adapted layers")
+    return [(name, model.get_submodule(name)) for name in names]
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
 def _refuse_mixtures_of_experts(model: nn.Module, matched: list[str]) -> None:
@@ -141,18 +188,20 @@ def get_adapter_model(model: nn.Module, config: BottleneckAdapterConfig, adapter
         raise ValueError("bottleneck adapters support one adapter named 'default' and no extra options")
     config.validate()
     targets = _targets(model, config)
+    heads = _heads(model, config, targets)
     for p in model.parameters():
         p.requires_grad_(False)
+    originals = [(name, copy.deepcopy(head)) for name, head in heads]  # frozen: what disable_adapter runs
     for name, base, features in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
         device = next((t.device for t in base.parameters()), None)
         adapter = BottleneckAdapter(features, config.size, config.activation, config.init_std, device=device)
-        setattr(parent, child, AdapterAfter(base, adapter))
+        _set_module(model, name, AdapterAfter(base, adapter))
+    for _, head in heads:
+        head.requires_grad_(True)
     if config.inference_mode:
         for p in model.parameters():
             p.requires_grad_(False)
-    return BottleneckAdapterModel(model, config)
+    return BottleneckAdapterModel(model, config, originals)
 
 
 def is_bottleneck_adapter(path) -> bool:
@@ -183,9 +232,12 @@ def load_bottleneck_adapter(model: nn.Module, path, adapter_name: str = "default
     config = BottleneckAdapterConfig.from_dict(json.loads((path / CONFIG_NAME).read_text()))
     config.inference_mode = not is_trainable
     need = {}
-    for name, _, features in _targets(model, config):  # the tensors the adapters will have, sized on no device
+    targets = _targets(model, config)
+    for name, _, features in targets:  # the tensors the adapters will have, sized on no device
         adapter = BottleneckAdapter(features, config.size, config.activation, config.init_std, device="meta")
         need.update({f"{name}.adapter.{k}": tuple(v.shape) for k, v in adapter.state_dict().items()})
+    for name, head in _heads(model, config, targets):  # modules trained whole: saved as they were
+        need.update({f"{name}.{k}": tuple(v.shape) for k, v in head.state_dict().items()})
     loaded = read_weights(path / WEIGHTS_NAME)
     if loaded.keys() != need.keys():
         missing, extra = sorted(need.keys() - loaded.keys())[:3], sorted(loaded.keys() - need.keys())[:3]
