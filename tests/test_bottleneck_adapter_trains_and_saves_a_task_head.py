@@ -49,7 +49,8 @@ def test_seq_cls_trains_saves_and_loads_the_classifier(tmp_path):
     model.save_pretrained(tmp_path / "a")
     from safetensors.torch import load_file
 
-    assert {"classifier.weight", "classifier.bias"} <= load_file(str(tmp_path / "a" / "adapter_model.safetensors")).keys()
+    saved = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
+    assert {"classifier.weight", "classifier.bias"} <= saved.keys()
     fresh = _bert(0)
     torch.nn.init.normal_(fresh.classifier.weight)  # another random head: the saved one replaces it
     loaded = load_bottleneck_adapter(fresh, tmp_path / "a")

@@ -4,8 +4,8 @@
 and returns a `BottleneckAdapterModel` (a thin wrapper like peft's PeftModel: forward, attribute access and
 `generate` go to the model; `save_pretrained` writes the adapter). Saved as `adapter_config.json` (the config
 with peft_type "FASTFT_BOTTLENECK_ADAPTER") and `adapter_model.safetensors` (the adapter tensors and those of the
-modules trained whole, modules_to_save / the task's head, keyed by module path), each written to a temporary file and renamed into place. `load_bottleneck_adapter` checks every
-tensor against the model before loading.
+modules trained whole, modules_to_save / the task's head, keyed by module path), each written to a temporary file
+and renamed into place. `load_bottleneck_adapter` checks every tensor against the model before loading.
 """
 from __future__ import annotations
 
