@@ -3,6 +3,7 @@ installed, and the progress bar's figures (loss, tokens/s, memory)."""
 from __future__ import annotations
 
 import json
+import math
 import resource
 from pathlib import Path
 
@@ -51,8 +52,8 @@ class RunLog:
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        with open(self.path, "a") as f:  # strict JSON: a non-finite number (an fp16 step the scaler skipped: its
+            f.write(json.dumps(_finite(record), allow_nan=False) + "\n")  # gradient norm is inf) is null
         if self.tensorboard is not None:
             prefix = "eval/" if "eval" in record else "train/"
             values = record.get("eval", record)
@@ -63,6 +64,17 @@ class RunLog:
     def close(self) -> None:
         if self.tensorboard is not None:
             self.tensorboard.close()
+
+
+def _finite(value):
+    """`value` with every non-finite float (inf, nan), nested in dicts and lists too, replaced by None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def _record(line: str) -> dict | None:

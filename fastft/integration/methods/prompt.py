@@ -22,6 +22,7 @@ from fastft.integration.methods.generation import (counts_positions_over_mask, g
                                                    positions_over_mask)
 
 CONFIGS = (PromptTuningConfig, PromptEncoderConfig)
+PACKED_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")  # fastft.integration.packing's
 
 
 def validate_prompt_config(config, model: nn.Module) -> None:
@@ -51,6 +52,17 @@ class FastftPromptModel(PeftModelForCausalLM):
     position + P. A cache other than the default dynamic one (`cache_implementation`, a passed cache that is not
     an empty DynamicCache) would be sized without the P virtual tokens, or hold them from an earlier call: that
     generation recomputes the whole sequence each step, without the cache (the passed one is left untouched)."""
+
+    def forward(self, *args, **kwargs):
+        packed = [k for k in PACKED_KEYS if kwargs.get(k) is not None]
+        if packed and not self._adapters_disabled and isinstance(self.active_peft_config, CONFIGS):
+            # peft puts the virtual tokens in front of the row, and passes the documents' bounds on unchanged: they
+            # end P tokens short (fastft's attention left those rows unwritten: NaN, a loss changing every call)
+            raise ValueError(f"{type(self.active_peft_config).__name__}: a packed batch ({', '.join(packed)}) "
+                             "cannot take prompt tuning's virtual tokens, which peft puts in front of the whole row, "
+                             "not of each document; pad the batch instead (PackingCollator's documents one a row, as "
+                             "fastft train runs prompt tuning)")
+        return super().forward(*args, **kwargs)
 
     def generate(self, *args, **kwargs):
         base = self.get_base_model()
