@@ -46,6 +46,15 @@ if INTERPRET and HAS_TRITON:
     _interpret_descriptor_reduce()
 
 
+def under_func_transform() -> bool:
+    """Whether a torch.func transform (grad, vmap, jacrev, jvp, functional differentiation) or forward-mode AD is
+    active: fastft's autograd Functions (the Triton kernels, the NF4 torch matmul) have no vmap or jvp rule, and the
+    CPU extension reads data pointers, which the transforms' wrapped tensors have none of; plain torch ops do (what
+    peft's layers run). Not while compiling: dynamo handles the transforms itself."""
+    return not torch.compiler.is_compiling() and (torch._C._functorch.maybe_current_level() is not None
+                                                  or torch.autograd.forward_ad._current_level >= 0)
+
+
 def triton_runs_on(device: torch.device) -> bool:
     """Triton kernels run on CUDA devices, and on the CPU under the interpreter."""
     if not HAS_TRITON:

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.modules import module as nn_module
 
-from fastft.kernels.runtime import HAS_TRITON, triton_runs_on
+from fastft.kernels.runtime import HAS_TRITON, triton_runs_on, under_func_transform
 from fastft.ops.compiled import compiling
 
 BACKENDS = ("auto", "triton", "torch")
@@ -160,14 +160,6 @@ def require_triton(setting: str, instead: str) -> None:
     dependency, and without it the torch backend runs everything. `instead`: how to run without it."""
     if not HAS_TRITON:
         raise ValueError(f"{setting} needs triton, which is not installed (pip install 'fastft[triton]'); {instead}")
-
-
-def under_func_transform() -> bool:
-    """Whether a torch.func transform (grad, vmap, jacrev, jvp, functional differentiation) or forward-mode AD is
-    active: fastft's autograd Functions (the Triton kernels, the NF4 torch matmul) have no vmap or jvp rule, plain
-    torch ops do (what peft's layers run). Not while compiling: dynamo handles the transforms itself."""
-    return not compiling() and (torch._C._functorch.maybe_current_level() is not None
-                                or torch.autograd.forward_ad._current_level >= 0)
 
 
 def resolve_backend(op: str, backend: str, device: torch.device, *, arg: str | None = None,

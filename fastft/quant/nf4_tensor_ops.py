@@ -40,7 +40,7 @@ from typing import Callable
 import torch
 
 from fastft.kernels import nf4_cpu
-from fastft.kernels.runtime import HAS_TRITON
+from fastft.kernels.runtime import HAS_TRITON, under_func_transform
 from fastft.quant import nf4_format as fmt
 
 aten = torch.ops.aten
@@ -54,7 +54,7 @@ def dequantize_parts(packed, absmax, absmax2, code2, code, offset, nested_blocks
                      dtype: torch.dtype) -> torch.Tensor:
     """Flat [numel] tensor in dtype from an NF4Weight's parts (bit-identical to bitsandbytes); offset: float or
     0-d fp32 tensor."""
-    if packed.device.type == "cuda" and HAS_TRITON:
+    if packed.device.type == "cuda" and HAS_TRITON and not under_func_transform():
         from fastft.kernels.nf4_dequant import nf4_dequantize as triton_dequantize
         if isinstance(offset, torch.Tensor):  # traced: the nested scales decoded on the device, as the kernel would
             # (bit-identical), not float(offset): a host read a step, refused while a CUDA graph is captured
@@ -66,7 +66,7 @@ def dequantize_parts(packed, absmax, absmax2, code2, code, offset, nested_blocks
                                  offset=float(offset), nested_blocksize=nested_blocksize)
     scales = absmax if absmax2 is None else fmt.dequantize_blockwise8_torch(absmax, absmax2, code2, offset,
                                                                             nested_blocksize)
-    if packed.device.type == "cpu" and nf4_cpu.available():
+    if packed.device.type == "cpu" and nf4_cpu.available() and not under_func_transform():
         return nf4_cpu.dequantize(packed, scales, numel, blocksize, dtype)
     return fmt.dequantize_nf4_torch(packed, scales, numel, blocksize, dtype)
 
