@@ -27,7 +27,8 @@ CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
 
 
 class BottleneckAdapterModel(nn.Module):
-    """The model with bottleneck adapters; only the adapters train."""
+    """The model with bottleneck adapters; only the adapters train (and the modules trained whole: modules_to_save,
+    the task's head)."""
 
     def __init__(self, model: nn.Module, config: BottleneckAdapterConfig, heads: list[tuple[str, nn.Module]] = ()):
         super().__init__()
