@@ -11,7 +11,10 @@ from tests.utils import tiny_llama
 
 def test_a_feedforward_regex_matching_part_of_a_name_is_refused():
     model = tiny_llama()
-    with pytest.raises(ValueError, match=r"IA3Config.feedforward_modules entries \['down_proj'\] match none"):
+    # the message says why (a string is a whole-name regex) and what to give, not "did you mean 'down_proj'?"
+    with pytest.raises(ValueError, match=r"IA3Config.feedforward_modules='down_proj' is a string, which peft reads "
+                                         r"as a regex the whole module name must match.* \(\['down_proj'\]\) or "
+                                         r"a regex of whole names \(r'\.\*\\\.down_proj'\)$"):
         validate_ia3_config(IA3Config(target_modules=r".*\.(v_proj|down_proj)", feedforward_modules="down_proj"),
                             model)
     validate_ia3_config(IA3Config(target_modules=r".*\.(v_proj|down_proj)", feedforward_modules=r".*\.down_proj"),

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from fastft.integration.attention_masks import (bidirectional_window, causal_mask_window, documents,
                                                documents_from_mask, fastft_attention_mask, forwards_seen,
                                                traced_documents)
-from fastft.ops.attention import flash_attention, gqa_flag, mask_bounds, visible_mask
+from fastft.ops.attention import MAX_HEAD_DIM, flash_attention, gqa_flag, mask_bounds, visible_mask
 from fastft.ops.compiled import compiling
 from fastft.ops.shared import BACKENDS, require_triton
 
@@ -337,6 +337,10 @@ def _kernel_head_dims(q, k, v, kw):
     columns give zero output columns, cropped after (`_cropped`); the softmax scale stays the q/k head dim's. As
     transformers' FlashAttention integration pads v for MLA. v_dim None: nothing padded."""
     d_qk, d_v = q.shape[-1], v.shape[-1]
+    if max(d_qk, d_v) > MAX_HEAD_DIM:  # named here: the kernels would name the padded size, not the model's
+        raise ValueError(f"fastft attention: the model's head_dim is {max(d_qk, d_v)} (q/k {d_qk}, v {d_v}); the "
+                         f"kernels take head sizes up to {MAX_HEAD_DIM}: load the model with "
+                         "attn_implementation='sdpa' or 'eager'")
     target = max(16, -(-max(d_qk, d_v) // 8) * 8)
     if d_qk == d_v == target:
         return q, k, v, kw, None

@@ -108,7 +108,8 @@ def _row_numel(w) -> int:
 
 
 def row_range(w, r0: int, r1: int):
-    """Rows [r0, r1) of w along dim 0, sharing its bytes (see the module docstring for the rules)."""
+    """Rows [r0, r1) of w along dim 0, sharing its bytes, or a copy for an un-nested range (see the module
+    docstring for the rules)."""
     if w.ndim == 0:
         raise NotImplementedError("NF4Weight: a 0-d weight has no rows to slice")
     n, bs, row = w.numel(), w.blocksize, _row_numel(w)
@@ -131,10 +132,12 @@ def row_range(w, r0: int, r1: int):
         part._part_of = of + " (sharing its nested offset)"
         part._parent_bytes = (w.packed, e0 // 2, (e1 + 1) // 2)
         return part
-    # un-nest: the decoded fp32 scales of these blocks (what dequantize computes), so the slice stands alone
-    part = w.with_parts(packed=packed, absmax=w.block_absmax()[b0:b1].clone(), absmax2=None, code2=None,
+    # un-nest: a copy of these blocks' codes and of their decoded fp32 scales (what dequantize computes), so the
+    # slice stands alone; a copy, not a view: codes shared with w under scales copied once read w's later codes under
+    # its old scales after a write into w (copy_, load_state_dict), neither the old rows nor the new
+    part = w.with_parts(packed=packed.clone(), absmax=w.block_absmax()[b0:b1].clone(), absmax2=None, code2=None,
                         offset=0.0, shape=shape)
-    part._part_of = of + " (its codes, with a copy of their decoded scales)"
+    part._part_of = of + " (a copy of its codes, with a copy of their decoded scales)"
     return part
 
 
@@ -377,6 +380,8 @@ def _other_rows_are_zero_codes(part) -> bool:
 def _copy_(func, dst, src, non_blocking=False):
     from fastft.quant.nf4_weight import NF4Weight
 
+    if not isinstance(dst, NF4Weight):  # dense.copy_(nf4), dense[:n] = nf4 (transformers' resize): its values
+        return dst.copy_(src.dequantize(dst.dtype if dst.is_floating_point() else src.dtype), non_blocking)
     if not isinstance(src, NF4Weight):
         raise NotImplementedError(f"NF4Weight.copy_: the source must be an NF4Weight, got {type(src).__name__} "
                                   "(quantize it first with fastft.quant.quantize_nf4)")

@@ -273,6 +273,25 @@ class NF4Weight(torch.Tensor):
             raise self._frozen_error()
         torch._C.TensorBase.requires_grad.__set__(self, False)
 
+    @property
+    def data(self) -> torch.Tensor:
+        return torch._C.TensorBase.data.__get__(self)
+
+    @data.setter
+    def data(self, value: torch.Tensor) -> None:
+        """`weight.data = x`: x's values written into this weight (an NF4Weight of the same layout, or a dense tensor
+        quantized in it). torch's own setter swaps the shape only, not the codes and scales this weight's Python
+        fields hold: the layer went on computing with the old weight."""
+        if not isinstance(value, torch.Tensor) or tuple(value.shape) != tuple(self.shape):
+            raise ValueError(f"NF4Weight.data = {type(value).__name__} of shape "
+                             f"{tuple(getattr(value, 'shape', ()))}: expected a tensor of this weight's shape "
+                             f"{tuple(self.shape)} (to give a layer another shape, assign a new weight: "
+                             "layer.weight = quantize_nf4(w))")
+        if not isinstance(value, NF4Weight):
+            value = quantize_nf4(value.detach().to(self.device), self.blocksize, self.double_quant)
+        with torch.no_grad():
+            self.copy_(value)
+
     def _frozen_error(self) -> RuntimeError:
         return RuntimeError(f"NF4Weight of shape {tuple(self.shape)} is frozen: it cannot require gradients "
                             "(requires_grad = True, requires_grad_(True), nn.Parameter(weight) without "

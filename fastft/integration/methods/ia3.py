@@ -60,6 +60,11 @@ def validate_ia3_config(config, model: nn.Module) -> None:
             unmatched = [] if any(re.fullmatch(ff, n) for n in matched) else [ff]
         else:
             unmatched = [e for e in ff if not any(names_module(e, n) for n in matched)]
+        if unmatched and isinstance(ff, str):  # a name given as a string: peft reads it as a regex, matched whole
+            raise ValueError(f"IA3Config.feedforward_modules={ff!r} is a string, which peft reads as a regex the whole "
+                             f"module name must match, and it matches none of the modules IA3 targets (e.g. "
+                             f"{matched[0]!r}); give a list of names (['{ff.rsplit('.', 1)[-1]}']) or a regex of "
+                             f"whole names (r'.*\\.{ff.rsplit('.', 1)[-1]}')")
         if unmatched:
             raise ValueError(f"IA3Config.feedforward_modules entries {unmatched} match none of the modules IA3 "
                              f"targets ({sorted({n.rsplit('.', 1)[-1] for n in matched})}); "
