@@ -55,3 +55,14 @@ def test_a_dense_tensor_takes_an_nf4_weight_s_values():
     linear = nn.Linear(128, 40, bias=False)
     linear.load_state_dict({"weight": w})
     assert torch.equal(linear.weight.detach(), w.dequantize())
+
+
+def test_accelerate_offload_of_an_nf4_layer_says_it_is_not_taken():
+    """accelerate's cpu/disk offload rebuilds each parameter as type(param)(value, requires_grad=...): an NF4Weight
+    raised "unexpected keyword argument 'requires_grad'"; it now says offload is not taken and what to do."""
+    import accelerate
+
+    model = nn.Sequential(NF4Linear.from_linear(nn.Linear(128, 64)), nn.ReLU())
+    with pytest.raises(TypeError, match=r"do not take accelerate's cpu/disk offload; keep them on the execution"):
+        accelerate.cpu_offload(model, execution_device="cpu")
+        model(torch.randn(2, 128))

@@ -54,10 +54,18 @@ class NF4Weight(torch.Tensor):
     __torch_function__ = torch._C._disabled_torch_function_impl
 
     @staticmethod
-    def __new__(cls, packed: torch.Tensor, absmax: torch.Tensor, shape, dtype: torch.dtype, blocksize: int = 64,
-                *, absmax2: torch.Tensor | None = None, code2: torch.Tensor | None = None,
+    def __new__(cls, packed: torch.Tensor, absmax: torch.Tensor = None, shape=None, dtype: torch.dtype = None,
+                blocksize: int = 64, *, absmax2: torch.Tensor | None = None, code2: torch.Tensor | None = None,
                 offset: float | torch.Tensor = 0.0, nested_blocksize: int = fmt.NESTED_BLOCKSIZE,
-                code: torch.Tensor | None = None):
+                code: torch.Tensor | None = None, requires_grad=None):
+        if absmax is None or shape is None or dtype is None or requires_grad is not None:
+            # type(param)(value, requires_grad=...): how accelerate's offload (cpu_offload, dispatch_model with cpu
+            # or disk in the device map) rebuilds a parameter from the tensors it stored, which for an NF4 layer are
+            # its bitsandbytes-keyed parts: one tensor cannot make a weight
+            raise TypeError("NF4Weight cannot be rebuilt from one tensor (accelerate's offload rebuilds parameters "
+                            "as type(param)(value, requires_grad=...)): fastft's NF4 layers do not take accelerate's "
+                            "cpu/disk offload; keep them on the execution device (a device_map without 'cpu' or "
+                            "'disk' for them), or offload a dense model")
         shape = torch.Size(shape)
         if dtype not in fmt.FLOAT_DTYPES:
             raise ValueError(f"NF4Weight of shape {tuple(shape)}: dtype must be one of {fmt.FLOAT_DTYPES}, "
