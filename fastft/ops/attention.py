@@ -25,7 +25,6 @@ from fastft.ops.shared import (autocast_inputs, autocast_off, check_backend, fin
                                resolve_backend, to_dtype)
 from fastft.ops.shared import check as _check  # the name this file's many checks use
 
-DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
 
 

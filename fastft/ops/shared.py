@@ -170,12 +170,11 @@ def resolve_backend(op: str, backend: str, device: torch.device, *, arg: str | N
     accumulate in fp32: fp64 inputs would silently get fp32 accuracy)."""
     check_backend(op, backend)
     kernel_dtype = dtype is None or dtype in KERNEL_DTYPES
-    transformed = under_func_transform()
-    if backend == "auto":
-        return "triton" if (kernel_dtype and not transformed and device.type == "cuda"
-                            and triton_runs_on(device)) else "torch"
+    if backend == "auto":  # (the transform check last: only where the kernels would otherwise run)
+        return "triton" if (kernel_dtype and device.type == "cuda" and triton_runs_on(device)
+                            and not under_func_transform()) else "torch"
     what = "the inputs are" if arg is None else f"`{arg}` is"
-    if backend == "triton" and transformed:
+    if backend == "triton" and under_func_transform():
         raise ValueError(f"{op}: backend='triton'{_set_by()} runs under no torch.func transform (grad, vmap, jacrev, "
                          "jvp) nor forward-mode AD: its kernels have no vmap or jvp rule; backend='auto' or 'torch' "
                          "runs plain torch ops there")
