@@ -18,6 +18,7 @@ from torch import nn
 
 from fastft.integration.adapter_files import WEIGHTS_NAMES
 from fastft.integration.methods.dora import refuse_nf4_dora_merge
+from fastft.integration.methods.ia3_nf4 import refuse_nf4_ia3_merge
 from fastft.integration.tied_weights import retie_unmerged, untie_adapted_weights
 
 _ADAPTER_CALL: ContextVar = ContextVar("fastft_adapter_call", default=None)
@@ -60,9 +61,10 @@ def _accepted(method, options: dict) -> dict:
 
 
 def _refuse_unmergeable(model, merge, args, kwargs) -> None:
-    """fastft.integration.methods.dora.refuse_nf4_dora_merge for peft's merge call `merge(*args, **kwargs)`."""
+    """refuse_nf4_dora_merge / refuse_nf4_ia3_merge for peft's merge call `merge(*args, **kwargs)`."""
     adapter_names = inspect.signature(merge).bind(*args, **kwargs).arguments.get("adapter_names")
     refuse_nf4_dora_merge(model, adapter_names)
+    refuse_nf4_ia3_merge(model, adapter_names)
 
 
 class FastftAdapterMethods:

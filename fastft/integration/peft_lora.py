@@ -27,6 +27,7 @@ from fastft.integration.adapter_files import WEIGHTS_NAMES, check_adapter_fits
 from fastft.integration.adapter_routing import adapter_call, route_adapter_methods
 from fastft.integration.checkpointing import drop_input_grad_hooks_if_unneeded
 from fastft.integration.lora_config import check_loadable, validate_lora_config, with_quantized_targets
+from fastft.integration.methods.ia3_nf4 import NF4IA3Linear
 from fastft.integration.methods.prompt import whole_prompt_encoders
 from fastft.integration.sharded_state import gathered_adapter_state, is_sharded, write_on_rank0
 from fastft.integration.tied_weights import untie_adapted_weights
@@ -175,9 +176,10 @@ def merge_and_unload(model: PeftModel, *, requantize: bool = False, dtype=None, 
 
     QLoRA layers are dequantized first and come back as dense nn.Linear (in `dtype`, default the dtype the model
     computes in: its embeddings', so the merged model runs after `model.to(dtype)`, peft's fp32 upcast or an fp16
-    checkpoint loaded as bf16): W + ΔW exactly, no second rounding; NF4 layers without an adapter come back dense
-    in that dtype too, so the model saves as a plain checkpoint. With requantize=True they stay NF4Linear:
-    W + ΔW is quantized again, which keeps the 4-bit footprint at the cost of one more NF4 rounding (README: "QLoRA").
+    checkpoint loaded as bf16): W + ΔW exactly, no second rounding (IA3 on NF4 layers likewise: W ⊙ l, in dense);
+    NF4 layers without an adapter come back dense in that dtype too, so the model saves as a plain checkpoint. With
+    requantize=True they stay NF4Linear: W + ΔW is quantized again, which keeps the 4-bit footprint at the cost of one
+    more NF4 rounding (README: "QLoRA"; refused for IA3 on NF4).
     Adapters merged into the NF4 weights before (peft's merge_adapter()) already carry that rounding, which no
     unmerge undoes: the dense result keeps it, with a warning naming them.
     """
@@ -193,7 +195,7 @@ def merge_and_unload(model: PeftModel, *, requantize: bool = False, dtype=None, 
         if requantize:
             warnings.simplefilter("ignore", NF4RoundingWarning)  # asked for; the docstring says what it costs
         else:
-            layers = [m for m in model.modules() if isinstance(m, FusedQLoraLinear)]
+            layers = [m for m in model.modules() if isinstance(m, (FusedQLoraLinear, NF4IA3Linear))]
             _warn_merged_into_nf4(layers)
             untargeted = [(name, m) for name, m in model.named_modules(remove_duplicate=False)
                           if isinstance(m, NF4Linear) and not name.endswith(".base_layer")]

@@ -7,12 +7,13 @@ Layer: `FusedIA3Linear` — peft's IA3 Linear (same state `ia3_l`, same save for
 `fastft.ops.ia3_linear`: the learned vector folded into the GEMM (input scale as a prologue on x's K-columns
 for feed-forward modules, output scale as an epilogue column scale otherwise). Several active adapters
 multiply their vectors first, as peft does. Disabled or merged adapters, fan_in_fan_out, non-Linear or hooked
-bases take peft's forward.
+bases take peft's forward; NF4 bases peft's IA3 forward over the NF4 layer (fastft.integration.methods.ia3_nf4).
 Injection: peft builds the model; every plain peft IA3 Linear is swapped in place (no state changes).
 """
 from __future__ import annotations
 
 import re
+import warnings
 from typing import Any
 
 import torch
@@ -20,6 +21,7 @@ from peft import IA3Config
 from peft.tuners.ia3 import Linear as PeftIA3Linear
 from torch import nn
 
+from fastft.integration.methods.ia3_nf4 import nf4_ia3_layers
 from fastft.integration.module_names import name_hint, names_module
 from fastft.modules.lora import default_backend, plain_linear
 from fastft.ops.ia3 import ia3_linear
@@ -32,18 +34,11 @@ def validate_ia3_config(config, model: nn.Module) -> None:
 
     from fastft.integration.lora_config import (check_exclude_modules, check_fan_in_fan_out, check_modules_to_save,
                                                 targeted_modules, warn_unmatched_targets)
-    from fastft.modules.nf4_linear import NF4Linear
-
     if not isinstance(config, IA3Config):
         raise TypeError(f"validate_ia3_config expects a peft.IA3Config, got {type(config).__name__}")
     targeted = targeted_modules(config, model, defaults)
     if config.fan_in_fan_out:
         check_fan_in_fan_out(config, targeted, "IA3Config.fan_in_fan_out")
-    quantized = [name for name, module in targeted or () if isinstance(module, NF4Linear)]
-    if quantized:  # peft would fail on them mid-injection, with IA3 layers already in the model
-        raise ValueError(f"IA3Config.target_modules reaches NF4 layers ({', '.join(quantized[:3])}"
-                         f"{', ...' if len(quantized) > 3 else ''}): IA3 scales dense layers only; keep them dense "
-                         "(fastft.quantize_model(model, skip=[...])) or use LoRA (QLoRA) on the NF4 model")
     targets, ff = config.target_modules, config.feedforward_modules
     if isinstance(targets, (list, set, tuple)) and isinstance(ff, (list, set, tuple)):
         stray = sorted(set(ff) - set(targets))
@@ -58,8 +53,14 @@ def validate_ia3_config(config, model: nn.Module) -> None:
         matched = [n for n, _ in targeted]
         if isinstance(ff, str):  # a regex, matched whole as peft matches it
             unmatched = [] if any(re.fullmatch(ff, n) for n in matched) else [ff]
-        else:
-            unmatched = [e for e in ff if not any(names_module(e, n) for n in matched)]
+        else:  # peft's rule: the name ends with the entry (not only at a dot: 'proj' ends 'k_proj' too)
+            unmatched = [e for e in ff if not any(n.endswith(e) for n in matched)]
+            partial = [e for e in ff if e not in unmatched and not any(names_module(e, n) for n in matched)]
+            if partial:
+                hits = sorted({n.rsplit(".", 1)[-1] for n in matched if n.endswith(partial[0])})
+                warnings.warn(f"IA3Config.feedforward_modules entry {partial[0]!r} is no whole module name, but peft "
+                              f"matches it as the end of a name: {hits} scale their input (feed-forward); name the "
+                              f"modules whole (e.g. {[hits[0]]}) if that is not meant", UserWarning, stacklevel=4)
         if unmatched and isinstance(ff, str):  # a name given as a string: peft reads it as a regex, matched whole
             raise ValueError(f"IA3Config.feedforward_modules={ff!r} is a string, which peft reads as a regex the whole "
                              f"module name must match, and it matches none of the modules IA3 targets (e.g. "
@@ -119,13 +120,15 @@ def get_ia3_model(model: nn.Module, config: IA3Config, adapter_name: str = "defa
     from fastft.integration.peft_lora import quiet_peft_model
 
     validate_ia3_config(config, model)
-    return fuse_ia3_layers(quiet_peft_model(model, config, adapter_name, **kwargs), "get_peft_model")
+    with nf4_ia3_layers():
+        return fuse_ia3_layers(quiet_peft_model(model, config, adapter_name, **kwargs), "get_peft_model")
 
 
 def add_ia3_adapter(model, adapter_name: str, config: IA3Config):
     """`model.add_adapter` for an IA3 adapter on a PeftModel holding IA3 adapters, validated, its layers fused."""
     validate_ia3_config(config, model.get_base_model())
-    model.add_adapter(adapter_name, config)
+    with nf4_ia3_layers():
+        model.add_adapter(adapter_name, config)
     return fuse_ia3_layers(model, "add_adapter")
 
 
@@ -146,8 +149,9 @@ def load_ia3_adapter(model: nn.Module, path, config: IA3Config, adapter_name: st
 
     check_adapter_tensors(base, Path(path), config, {"ia3_l": vector})
     config.inference_mode = not is_trainable
-    if isinstance(model, PeftModel):
-        model.load_adapter(str(path), adapter_name=adapter_name, is_trainable=is_trainable)
-        return fuse_ia3_layers(model, "load_adapter")
-    return fuse_ia3_layers(quiet_peft_load(model, path, adapter_name=adapter_name, is_trainable=is_trainable,
-                                           config=config), "load_adapter")
+    with nf4_ia3_layers():
+        if isinstance(model, PeftModel):
+            model.load_adapter(str(path), adapter_name=adapter_name, is_trainable=is_trainable)
+            return fuse_ia3_layers(model, "load_adapter")
+        return fuse_ia3_layers(quiet_peft_load(model, path, adapter_name=adapter_name, is_trainable=is_trainable,
+                                               config=config), "load_adapter")
