@@ -94,7 +94,7 @@ def test_generation_with_a_passed_cache_gives_the_one_call_tokens(kind):
 
 
 @pytest.mark.parametrize("config, message", [
-    (PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=4), r"PromptTuningConfig.task_type='SEQ_CLS'"),
+    (PromptTuningConfig(task_type="TOKEN_CLS", num_virtual_tokens=4), r"PromptTuningConfig.task_type='TOKEN_CLS'"),
     (PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=0), r"PromptTuningConfig.num_virtual_tokens=0"),
     (PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=-2, encoder_hidden_size=8),
      r"PromptEncoderConfig.num_virtual_tokens=-2"),

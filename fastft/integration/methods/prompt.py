@@ -14,7 +14,8 @@ import copy
 from pathlib import Path
 
 import torch
-from peft import PeftModel, PeftModelForCausalLM, PromptEncoderConfig, PromptTuningConfig
+from peft import (PeftModel, PeftModelForCausalLM, PeftModelForSequenceClassification, PromptEncoderConfig,
+                  PromptTuningConfig)
 from torch import nn
 from transformers import DynamicCache
 
@@ -31,8 +32,8 @@ def validate_prompt_config(config, model: nn.Module) -> None:
                         f"{type(config).__name__}")
     name = type(config).__name__
     task = getattr(config.task_type, "value", config.task_type)
-    if task != "CAUSAL_LM":
-        raise ValueError(f"{name}.task_type={task!r} is not supported by fastft: expected 'CAUSAL_LM'")
+    if task not in ("CAUSAL_LM", "SEQ_CLS"):
+        raise ValueError(f"{name}.task_type={task!r} is not supported by fastft: expected 'CAUSAL_LM' or 'SEQ_CLS'")
     if not isinstance(config.num_virtual_tokens, int) or config.num_virtual_tokens <= 0:
         raise ValueError(f"{name}.num_virtual_tokens={config.num_virtual_tokens!r}: expected a positive integer")
     init = getattr(config, "prompt_tuning_init", None)
@@ -42,6 +43,17 @@ def validate_prompt_config(config, model: nn.Module) -> None:
                          "encodes prompt_tuning_init_text)")
     if model.get_input_embeddings() is None:
         raise ValueError(f"{type(model).__name__} has no input embeddings for {name} to extend")
+
+
+def refuse_packed(model: PeftModel, kwargs: dict) -> None:
+    packed = [k for k in PACKED_KEYS if kwargs.get(k) is not None]
+    if packed and not model._adapters_disabled and isinstance(model.active_peft_config, CONFIGS):
+        # peft puts the virtual tokens in front of the row, and passes the documents' bounds on unchanged: they
+        # end P tokens short (fastft's attention left those rows unwritten: NaN, a loss changing every call)
+        raise ValueError(f"{type(model.active_peft_config).__name__}: a packed batch ({', '.join(packed)}) "
+                         "cannot take prompt tuning's virtual tokens, which peft puts in front of the whole row, "
+                         "not of each document; pad the batch instead (PackingCollator's documents one a row, as "
+                         "fastft train runs prompt tuning)")
 
 
 class FastftPromptModel(PeftModelForCausalLM):
@@ -54,14 +66,7 @@ class FastftPromptModel(PeftModelForCausalLM):
     generation recomputes the whole sequence each step, without the cache (the passed one is left untouched)."""
 
     def forward(self, *args, **kwargs):
-        packed = [k for k in PACKED_KEYS if kwargs.get(k) is not None]
-        if packed and not self._adapters_disabled and isinstance(self.active_peft_config, CONFIGS):
-            # peft puts the virtual tokens in front of the row, and passes the documents' bounds on unchanged: they
-            # end P tokens short (fastft's attention left those rows unwritten: NaN, a loss changing every call)
-            raise ValueError(f"{type(self.active_peft_config).__name__}: a packed batch ({', '.join(packed)}) "
-                             "cannot take prompt tuning's virtual tokens, which peft puts in front of the whole row, "
-                             "not of each document; pad the batch instead (PackingCollator's documents one a row, as "
-                             "fastft train runs prompt tuning)")
+        refuse_packed(self, kwargs)
         return super().forward(*args, **kwargs)
 
     def generate(self, *args, **kwargs):
@@ -109,9 +114,42 @@ class FastftPromptModel(PeftModelForCausalLM):
         return generate_adjusting_inputs(base, with_prompt, args, kwargs)
 
 
+class FastftPromptClassifier(PeftModelForSequenceClassification):
+    """peft's sequence-classification PeftModel (task_type SEQ_CLS), pooling each row's last real token. peft hands
+    the virtual tokens and the row to the model as inputs_embeds, without input_ids, so a decoder's head
+    (transformers' `score`, read at the rightmost token that is not pad_token_id) cannot see the padding: it read the
+    last position, a padding token on a right-padded row (peft's logits there are another row's than the row alone).
+    Here that position of the head's output carries the last real token's, found by transformers' rule on input_ids.
+    Encoders' heads (`classifier`, on the first position's pooled output) are peft's as they are."""
+
+    def forward(self, input_ids=None, *args, **kwargs):
+        refuse_packed(self, kwargs)
+        base = self.get_base_model()
+        config, score = self.active_peft_config, getattr(base, "score", None)
+        pad = base.config.get_text_config().pad_token_id
+        if self._adapters_disabled or not isinstance(config, CONFIGS) or not isinstance(score, nn.Module) \
+                or input_ids is None or pad is None:
+            return super().forward(input_ids, *args, **kwargs)
+        positions = torch.arange(input_ids.shape[-1], device=input_ids.device, dtype=torch.int32)
+        last = (positions * (input_ids != pad).int()).argmax(-1) + config.num_virtual_tokens
+
+        def pool_last_real(module, args, logits):  # (batch, P + length, classes): the last position is read
+            picked = logits[torch.arange(logits.shape[0], device=logits.device), last.to(logits.device)]
+            return torch.cat([logits[:, :-1], picked[:, None]], dim=1)
+
+        handle = score.register_forward_hook(pool_last_real)
+        try:
+            return super().forward(input_ids, *args, **kwargs)
+        finally:
+            handle.remove()
+
+
 def _exact_generation(model: PeftModel) -> PeftModel:
+    """peft's PeftModel class for the task swapped for fastft's (same state): generation, pooling."""
     if type(model) is PeftModelForCausalLM:
         model.__class__ = FastftPromptModel
+    elif type(model) is PeftModelForSequenceClassification:
+        model.__class__ = FastftPromptClassifier
     return model
 
 
