@@ -142,16 +142,18 @@ def row_range(w, r0: int, r1: int):
 
 
 def zero_weight(shape, dtype, blocksize: int, nested: bool, device, *, nested_blocksize: int = fmt.NESTED_BLOCKSIZE,
-                code2: torch.Tensor | None = None, offset: torch.Tensor | None = None):
+                code2: torch.Tensor | None = None, offset: torch.Tensor | None = None,
+                code: torch.Tensor | None = None):
     """An all-zero NF4Weight (every code the zero, every scale 0) built on `device`; on meta, a layout only.
 
-    code2 / offset: the nested code table and offset to keep (default bitsandbytes' table, offset 0)."""
+    code2 / offset / code: the nested code table and offset, and the NF4 table, to keep (default bitsandbytes'
+    tables, offset 0; under torch.compile pass them: a cached table is a real tensor, which tracing cannot copy)."""
     from fastft.quant.nf4_weight import NF4Weight
 
     n = math.prod(shape)
     blocks = fmt.num_blocks(n, blocksize)
     packed = torch.full(((n + 1) // 2,), _ZERO_BYTE, dtype=torch.uint8, device=device)
-    code = fmt.nf4_code(str(device)).clone()
+    code = fmt.nf4_code(str(device)).clone() if code is None else code
     if not nested:
         return NF4Weight(packed, torch.zeros(blocks, device=device), shape, dtype, blocksize, code=code)
     return NF4Weight(packed, torch.zeros(blocks, dtype=torch.uint8, device=device), shape, dtype, blocksize,
@@ -168,11 +170,13 @@ def _zeros_like_layout(w, shape, device=None, dtype=None):
     device = w.device if device is None else torch.device(device)
     blocks = fmt.num_blocks(math.prod(shape), w.blocksize)
     nested = w.double_quant and (torch.Size(shape) == w.shape or _pads_whole_groups(w, blocks))
-    code2 = offset = None
+    code = code2 = offset = None
+    if not w.is_meta:
+        code = w.code.to(device, copy=True)
     if nested and not w.is_meta:
         code2, offset = w.code2.to(device, copy=True), w.nested_offset.to(device, copy=True)
     return zero_weight(torch.Size(shape), cast_dtype(w, dtype, "new_zeros"), w.blocksize, nested, device,
-                       nested_blocksize=w.nested_blocksize, code2=code2, offset=offset)
+                       nested_blocksize=w.nested_blocksize, code2=code2, offset=offset, code=code)
 
 
 def _pads_whole_groups(w, blocks: int) -> bool:

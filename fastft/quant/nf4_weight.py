@@ -182,8 +182,9 @@ class NF4Weight(torch.Tensor):
         """fp32 absmax per block (the nested codes decoded)."""
         if not self.double_quant:
             return self.absmax
-        return fmt.dequantize_blockwise8_torch(self.absmax, self.absmax2, self.code2, self.offset,
-                                               self.nested_blocksize)
+        # traced: the offset as its 0-d tensor (a host read of it cannot be traced); same fp32 value either way
+        offset = self.nested_offset if torch.compiler.is_compiling() else self.offset
+        return fmt.dequantize_blockwise8_torch(self.absmax, self.absmax2, self.code2, offset, self.nested_blocksize)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The tensor in `dtype` (default: the original dtype), bit-identical to bitsandbytes' dequantize_4bit.
