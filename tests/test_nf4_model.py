@@ -62,7 +62,7 @@ def test_nf4_linear_module():
     assert torch.equal(dense.weight.packed, quantize_nf4(linear.weight.detach(), 128, False).packed)
     assert dense.to(torch.bfloat16).weight.dtype == torch.float32 and dense.bias.dtype == torch.bfloat16
     assert torch.allclose(layer.to_linear()(x), layer(x), atol=1e-5)
-    with pytest.raises(ValueError, match=r"\(24, 64\)"):
+    with pytest.raises(RuntimeError, match=r"size mismatch for weight.*\(24, 64\)"):  # as torch reports one
         NF4Linear(64, 24).load_state_dict(NF4Linear.from_linear(nn.Linear(32, 24)).state_dict())
     with pytest.raises(RuntimeError, match="no weight"):
         NF4Linear(64, 24)(x)

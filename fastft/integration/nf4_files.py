@@ -182,6 +182,7 @@ def load_nf4_model(path: str, *, model_cls=None, dtype: torch.dtype = torch.bflo
         # Auto classes build with from_config, a concrete class (LlamaForCausalLM, a subclass) with _from_config
         build = getattr(model_cls, "from_config", None) or model_cls._from_config
         model = build(config, dtype=dtype)
+    _keep_in_fp32(model, dtype)
     names = CheckpointKeys(model, {k for ks in files.values() for k in ks})
     files = {file: [names.name(k) for k in ks] for file, ks in files.items()}  # the model's names from here on
     keys = {t for ks in files.values() for k in ks for t in names.loads_as(k)}  # (converted: what they make)
@@ -204,6 +205,8 @@ def load_nf4_model(path: str, *, model_cls=None, dtype: torch.dtype = torch.bflo
     unexpected = _stream_checkpoint(model, files, targets, conv1d, dtype, blocksize, double_quant, device, names)
     if not isinstance(model.get_output_embeddings(), NF4Linear):
         model.tie_weights()  # a quantized lm_head keeps its own NF4 weight (saved beside the embedding)
+        if not use_default_skip and not pre_quantized:
+            _quantize_tied_head(model, skip, blocksize, double_quant, device)
     missing = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
     missing += [f"{n}.weight" for n in targets if model.get_submodule(n).weight is None]
     initialised = _init_missing(model, missing, path, device, default_skip(model)) if missing else []
@@ -212,6 +215,44 @@ def load_nf4_model(path: str, *, model_cls=None, dtype: torch.dtype = torch.bflo
                       f"for (dropped): {sorted(unexpected)[:8]}; newly initialised (train them): {initialised[:8]}",
                       stacklevel=2)
     return finish_nf4_model(model.to(device).eval())
+
+
+def _quantize_tied_head(model: nn.Module, skip, blocksize: int, double_quant: bool, device) -> None:
+    """use_default_skip=False quantizes the output head, as quantize_model does; a tied checkpoint holds no weight of
+    its own for it (it is the embedding's), so it is quantized here from the embedding it was tied to."""
+    head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
+    if type(head) is not nn.Linear or embeddings is None or head.weight is not getattr(embeddings, "weight", None) \
+            or head.weight.is_meta:
+        return
+    name = next(n for n, m in model.named_modules() if m is head)
+    if not skipped(name, skip):
+        layer = NF4Linear.from_linear(head, blocksize=blocksize, double_quant=double_quant, name=name)
+        set_submodule(model, name, layer.to(device))
+
+
+def _keep_in_fp32(model: nn.Module, dtype: torch.dtype) -> None:
+    """transformers' from_pretrained dtype plan, which from_config leaves out: the model's _keep_in_fp32_modules in
+    fp32 when it loads in fp16 (T5's wo), its _keep_in_fp32_modules_strict in fp16 and bf16; patterns searched in
+    the parameter names as transformers searches them. The (meta) tensors are cast, so the checkpoint's are too."""
+    import re
+
+    patterns = set()
+    if dtype == torch.float16:
+        patterns |= set(getattr(model, "_keep_in_fp32_modules", None) or ())
+    if dtype in (torch.float16, torch.bfloat16):
+        patterns |= set(getattr(model, "_keep_in_fp32_modules_strict", None) or ())
+    if not patterns:
+        return
+    found = re.compile("|".join(f"(?:{p.replace('*', '.*')})" for p in sorted(patterns)))
+    for module_name, module in model.named_modules():
+        for table in (module._parameters, module._buffers):
+            for leaf, tensor in table.items():
+                name = f"{module_name}.{leaf}" if module_name else leaf
+                if tensor is not None and tensor.is_floating_point() and tensor.dtype != torch.float32 \
+                        and found.search(name):
+                    cast = tensor.to(torch.float32)
+                    table[leaf] = nn.Parameter(cast, tensor.requires_grad) if isinstance(tensor, nn.Parameter) \
+                        else cast
 
 
 def _stream_checkpoint(model, files, targets, conv1d, dtype, blocksize, double_quant, device,
@@ -289,18 +330,22 @@ def _quantization_config(model: nn.Module, dtype: torch.dtype) -> dict:
                                 "quantized by bitsandbytes saves with its own save_pretrained")
             dense.append(name)
     dense.sort()
-    # transformers' loader matches the list by suffix at any character: a dense "classifier" keeps "pre_classifier"
+    # transformers' loader keeps dense what this list names (an empty list: nothing; None would bring in its
+    # defaults, lm_head among them, and fail on an NF4 head) and the model's _keep_in_fp32_modules, matched by suffix
+    # at any character: a dense "classifier" keeps "pre_classifier" dense too
+    not_converted = dense + sorted(getattr(model, "_keep_in_fp32_modules", None) or ())
     also_dense = [name for name, m in model.named_modules()
-                  if isinstance(m, NF4Linear) and kept_by_default(name, dense)]
+                  if isinstance(m, NF4Linear) and kept_by_default(name, not_converted)]
     if also_dense:
         warnings.warn(f"save_nf4_model: transformers + bitsandbytes would load {', '.join(also_dense[:3])} dense "
-                      f"(its llm_int8_skip_modules, the dense layers {dense[:3]}..., match it by suffix) and fail on "
+                      f"(its llm_int8_skip_modules, the dense layers {dense[:3]}..., or the model's "
+                      f"_keep_in_fp32_modules match it by suffix) and fail on "
                       "its NF4 weights; fastft.load_nf4_model loads it. To save a checkpoint transformers loads, keep "
                       "it dense too (quantize_model(..., skip=[its name]))", stacklevel=3)
     return {"quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False,
             "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": next(iter(nested), False),
             "bnb_4bit_compute_dtype": str(dtype).removeprefix("torch."), "bnb_4bit_quant_storage": "uint8",
-            "llm_int8_skip_modules": dense or None, "llm_int8_threshold": 6.0,
+            "llm_int8_skip_modules": dense, "llm_int8_threshold": 6.0,
             "llm_int8_has_fp16_weight": False, "llm_int8_enable_fp32_cpu_offload": False}
 
 

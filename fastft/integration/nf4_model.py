@@ -78,6 +78,7 @@ def quantize_model(model: nn.Module, quant_type: str = "nf4", *, blocksize: int 
     refuse_adapters(model, "quantize_model", "their own nn.Linear layers (lora_A, lora_B) would be quantized and "
                     "frozen; quantize the base model first, then fastft.get_peft_model(quantized, config) (QLoRA)")
     _refuse_another_layout(model, blocksize, double_quant)
+    _refuse_integer_weights(model)
     targets, kept = layers_to_quantize(model, skip, use_default_skip)
     for name, linear in targets:  # every weight before the first layer changes: a bad one left a half-quantized model
         check_quantizable(linear.weight, blocksize, name=f"{name}.weight")
@@ -94,6 +95,19 @@ def quantize_model(model: nn.Module, quant_type: str = "nf4", *, blocksize: int 
                       "layer whose owner reads its weight directly (nn.MultiheadAttention's out_proj); an NF4Linear "
                       "in its place would change what it computes", stacklevel=2)
     return finish_nf4_model(model)
+
+
+def _refuse_integer_weights(model: nn.Module) -> None:
+    """A model bitsandbytes quantized (Linear4bit's Params4bit, Linear8bitLt's Int8Params: integer weights): its
+    layers were reported as "left dense", and no layer became NF4Linear."""
+    quantized = [(name, m) for name, m in model.named_modules()
+                 if quantizable(m) and isinstance(m.weight, torch.Tensor) and not m.weight.is_floating_point()]
+    if quantized:
+        name, layer = quantized[0]
+        raise TypeError(f"quantize_model: {name} is a {type(layer).__name__} whose weight is {layer.weight.dtype} "
+                        f"({len(quantized)} such layers): the model is quantized already (bitsandbytes); quantize "
+                        "the dense model (load it without quantization_config), or load a bitsandbytes 4-bit "
+                        "checkpoint with fastft.load_nf4_model(path)")
 
 
 def _refuse_another_layout(model: nn.Module, blocksize: int, double_quant: bool) -> None:

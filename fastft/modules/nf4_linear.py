@@ -4,7 +4,8 @@
 `.dtype`, ...) registered as a frozen Parameter, so `model.parameters()`, `module.to(device)`, peft and FSDP2
 see it; assigning an NF4Weight to `.weight` registers it the same way (a dense tensor is refused). `.bias` is an
 ordinary Parameter. The state dict uses bitsandbytes' keys, so `load_state_dict` takes a transformers +
-bitsandbytes 4-bit checkpoint directly — or a dense float weight, which it quantizes, or an NF4Weight (FSDP2's
+bitsandbytes 4-bit checkpoint directly — or a dense float weight, which it quantizes (a Conv1D's as that
+checkpoint stores it, (in, out)), or an NF4Weight (FSDP2's
 sharded state dict). Loads copy into the current weight in place, as torch loads a parameter (a checkpoint of
 another blocksize or double quantization replaces it instead; `assign=True` always does); an FSDP2-sharded layer
 copies its rank's rows of a whole weight (bitsandbytes' keys, dense or an NF4Weight) into its shard.
@@ -178,6 +179,8 @@ class NF4Linear(nn.Module):
         if local_nf4(value) is not None:  # an NF4Weight itself, or FSDP2's DTensor of one
             return value, False
         dense = value if device is None else value.to(device)  # a dense checkpoint: quantize on load
+        if self.from_conv1d and dense.dim() == 2:  # the Conv1D's own (in, out) layout, as its checkpoints store it
+            dense = dense.t().contiguous()
         return quantize_nf4(dense, blocksize=self.blocksize, double_quant=self.double_quant, name=key), True
 
     def _load_weight(self, current, incoming, key, device, from_checkpoint, assign, error_msgs) -> None:
@@ -185,6 +188,12 @@ class NF4Linear(nn.Module):
         dtype kept; under FSDP2 its shard), or take it as the weight (assign=True, no current weight, or a checkpoint
         of another layout: its blocksize and double quantization are the checkpoint's). A layout mismatch with an
         NF4Weight, or with anything loaded into an FSDP2 shard (FSDP2 keeps its parameter), goes to error_msgs."""
+        if tuple(incoming.shape) != (self.out_features, self.in_features):  # as torch reports it, not raised mid-load
+            layout_note = " (a dense weight in the Conv1D's (in, out) layout, transposed here)" if self.from_conv1d else ""
+            error_msgs.append(f"size mismatch for {key}: the checkpoint's weight is {tuple(incoming.shape)} as "
+                              f"(out_features, in_features){layout_note}, the layer's ({self.out_features}, "
+                              f"{self.in_features})")
+            return
         sharded = current is not None and not isinstance(current, NF4Weight)  # FSDP2's DTensor of an NF4Weight
         whole_into_shard = sharded and isinstance(incoming, NF4Weight)
         rebind = current is None or current.is_meta or (assign and not whole_into_shard) or (
