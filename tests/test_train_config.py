@@ -277,3 +277,22 @@ def test_max_length_past_the_models_positions():
     assert length_problem(TrainConfig(max_length=30, method="lora", num_virtual_tokens=8), gpt2) == (None, None)
     error, warning = length_problem(TrainConfig(max_length=64), llama)
     assert error is None and warning.startswith("warning: --max-length 64 is more than")
+
+
+def test_max_length_past_a_rotary_table_is_refused():
+    """GPT-J and CodeGen look sin/cos up in a table of n_positions rows built once (rotary, but no extrapolation):
+    past it the first long batch raised an IndexError after a warning. Refused as learned positions are."""
+    import torch
+    from transformers import CodeGenConfig, CodeGenForCausalLM, GPTJConfig, GPTJForCausalLM
+
+    from fastft.apps.training.config import length_problem
+
+    for config, model_cls in ((GPTJConfig(n_positions=64, n_embd=32, n_layer=1, n_head=4, rotary_dim=4,
+                                          vocab_size=128), GPTJForCausalLM),
+                              (CodeGenConfig(n_positions=64, n_ctx=64, n_embd=32, n_layer=1, n_head=4, rotary_dim=4,
+                                             vocab_size=128), CodeGenForCausalLM)):
+        with pytest.raises(IndexError):  # what the warning let through
+            model_cls(config)(torch.zeros(1, 96, dtype=torch.long))
+        error, warning = length_problem(TrainConfig(max_length=96), config)
+        assert warning is None and "its rotary table has no row for position 64" in error
+        assert length_problem(TrainConfig(max_length=64), config) == (None, None)

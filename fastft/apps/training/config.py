@@ -353,6 +353,9 @@ def rank_problem(cfg: TrainConfig, model_config) -> str | None:
 
 _POSITION_LIMITS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length")
 _ROTARY_KEYS = ("rope_parameters", "rope_theta", "rope_scaling", "rotary_pct", "rotary_dim", "rotary_emb_base")
+# rotary models that look sin/cos up in a table of limit rows built once (transformers' GPT-J, CodeGen):
+# no row past it, as learned positions
+_ROTARY_TABLE_TYPES = ("gptj", "codegen")
 
 
 def length_problem(cfg: TrainConfig, model_config) -> tuple[str | None, str | None]:
@@ -365,11 +368,13 @@ def length_problem(cfg: TrainConfig, model_config) -> tuple[str | None, str | No
     if limit is None or cfg.max_length + virtual <= limit:
         return None, None
     length = f"--max-length {cfg.max_length}" + (f" + --num-virtual-tokens {virtual}" if virtual else "")
-    if any(getattr(text, key, None) is not None for key in _ROTARY_KEYS):
+    table = getattr(text, "model_type", None) in _ROTARY_TABLE_TYPES
+    if any(getattr(text, key, None) is not None for key in _ROTARY_KEYS) and not table:
         return None, (f"warning: {length} is more than --model {cfg.model}'s {limit} positions: it was not trained "
                       "on such lengths (rotary positions extrapolate); a smaller --max-length stays inside them")
-    return (f"{length} is more than --model {cfg.model}'s {limit} positions (learned position embeddings: "
-            f"no row for position {limit}); give --max-length {limit - virtual} or less"), None
+    kind = "its rotary table has" if table else "learned position embeddings:"
+    return (f"{length} is more than --model {cfg.model}'s {limit} positions ({kind} no row for position "
+            f"{limit}); give --max-length {limit - virtual} or less"), None
 
 
 def weights_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
