@@ -9,8 +9,9 @@ function rotates only each head's first cos.shape[-1] dims (Phi-3's partial_rota
 Nothing global changes: unpatched models of the same architecture, in any thread, keep transformers' function;
 the forward stays a plain function, so torch.compile traces it without graph breaks.
 
-(The decorators left out are argument shims such as `deprecate_kwarg("past_key_values" -> "cache")`; the
-decoder layers call the attention with the current names.)
+transformers' decorators around it (argument shims such as `deprecate_kwarg("past_key_values" -> "cache")`) are
+put back around the rebuilt function: each wrapper copied with the closure cell that held the function it wraps
+holding the rebuilt one (left out, an attention called with the old name ignored it: an unfilled KV cache).
 """
 from __future__ import annotations
 
@@ -75,8 +76,39 @@ def forward_with_fastft_rope(cls: type, backend: str, partial: bool = False):
 def _bound_forward(cls: type, backend: str, partial: bool):
     fn = inspect.unwrap(cls.forward)
     scope = _shadow_module(fn, backend, partial).__dict__
-    new = types.FunctionType(fn.__code__, scope, fn.__name__, fn.__defaults__, fn.__closure__)
+    return _rewrapped(cls.forward, _copied(fn, scope, fn.__closure__))
+
+
+def _copied(fn, scope: dict, closure):
+    new = types.FunctionType(fn.__code__, scope, fn.__name__, fn.__defaults__, closure)
     new.__kwdefaults__ = dict(fn.__kwdefaults__) if fn.__kwdefaults__ else None
     new.__qualname__, new.__doc__ = fn.__qualname__, fn.__doc__
     new.__dict__.update(fn.__dict__)
     return new
+
+
+def _rewrapped(outer, rebuilt):
+    """`outer`'s chain of functools.wraps wrappers around `rebuilt` (in place of the innermost function). A wrapper
+    that does not hold the function it wraps in a closure cell cannot be copied: the chain stops there."""
+    chain = []
+    while hasattr(outer, "__wrapped__"):
+        chain.append(outer)
+        outer = outer.__wrapped__
+    result = rebuilt
+    for wrapper in reversed(chain):
+        inner, cells = wrapper.__wrapped__, wrapper.__closure__ or ()
+        held = [i for i, cell in enumerate(cells) if _contents(cell) is inner]
+        if not held:
+            return result
+        closure = tuple(types.CellType(result) if i in held else cell for i, cell in enumerate(cells))
+        outer_copy = _copied(wrapper, wrapper.__globals__, closure)
+        outer_copy.__wrapped__ = result
+        result = outer_copy
+    return result
+
+
+def _contents(cell):
+    try:
+        return cell.cell_contents
+    except ValueError:  # an empty cell
+        return None
