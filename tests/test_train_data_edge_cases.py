@@ -224,8 +224,9 @@ def test_other_forms_keep_what_they_hold(tmp_path, tokenizer):
     ({"prompt": "Q", "completion": ""}, "'completion' is empty"),
     ({"question": "Q", "answer": "A"}, "expected a 'text', 'messages' or 'prompt'/'completion' field"),
     # an empty answer trained only the end-of-turn (stop at once); a mistyped optional field was dropped silently
-    ({"instruction": "Q", "output": ""}, "every assistant turn is empty"),
-    ({"conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": ""}]}, "every assistant turn is"),
+    ({"instruction": "Q", "output": ""}, "an Alpaca record's 'output' is empty"),
+    ({"conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": ""}]},
+     "every gpt (assistant) turn of 'conversations' is empty"),
     ({"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": ""}]}, "every assistant turn"),
     ({"instruction": "Q", "input": 0, "output": "A"}, "an Alpaca record's 'input' must be text, got int"),
     ({"instruction": "Q", "output": "A", "system": []}, "an Alpaca record's 'system' must be text, got list"),

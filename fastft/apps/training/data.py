@@ -190,6 +190,10 @@ class Encoder:
         last = max((i for i, label in enumerate(labels) if label != IGNORE_INDEX), default=0)
         start = max(0, last + 1 - self.max_length)
         self.last_cut = len(ids) > self.max_length
+        lead = len(self.lead) if ids[: len(self.lead)] == self.lead and len(self.lead) < self.max_length else 0
+        if start and lead:  # cut from the left: the template's leading special tokens (a BOS) stay, as _cut_left's
+            start += lead
+            return Example(ids[:lead] + ids[start: last + 1], [IGNORE_INDEX] * lead + labels[start: last + 1])
         return Example(ids[start: start + self.max_length], labels[start: start + self.max_length])
 
     def _tokenized_pieces(self, pieces: list[tuple[str, bool]]) -> tuple[list[int], list[int]]:
@@ -305,6 +309,10 @@ class Encoder:
             common = next((i for i, (a, b) in enumerate(zip(*answers)) if a != b), min(map(len, answers)))
             prompt, answers = prompt + answers[0][:common], [answer[common:] for answer in answers]
             room = self._answer_room(prompt)
+        if answers[0] == answers[1]:  # the texts differ (read_jsonl refuses equal ones), the tokens do not
+            raise ConfigError(f"{where(record)}: 'chosen' and 'rejected' are the same tokens once encoded (an end of "
+                              "sequence written into one answer, or message fields the chat template does not "
+                              "render): there is no preference to learn; fix or drop the record")
         responses = [answer[:room] for answer in answers]
         prompt = self._cut_left(prompt, max(self.max_length - max(len(r) for r in responses), 1))
         chosen, rejected = (Example(prompt + r, [IGNORE_INDEX] * len(prompt) + r) for r in responses)
@@ -341,6 +349,16 @@ class Encoder:
         return out
 
 
+def _may_encode_alike(record: dict, eos: str | None) -> bool:
+    """Whether a pair's answers, different as read (read_jsonl), may still encode to the same tokens: text ones the
+    same but for an end of sequence written at the end of one (it is appended where missing), conversational ones
+    with the same roles and contents (the template may not render their other fields)."""
+    chosen, rejected = record["chosen"], record["rejected"]
+    if isinstance(chosen, str):
+        return bool(eos) and chosen.removesuffix(eos) == rejected.removesuffix(eos)
+    return [(m["role"], m["content"]) for m in chosen] == [(m["role"], m["content"]) for m in rejected]
+
+
 def check_tokenizer(tokenizer, records: list[dict], objective: str = "sft") -> None:
     """Fail before the model loads when the tokenizer cannot encode the data (no chat template, no end of
     sequence, ...): one record of each kind is encoded, and every chat is rendered turn by turn (string-level,
@@ -351,6 +369,8 @@ def check_tokenizer(tokenizer, records: list[dict], objective: str = "sft") -> N
     for index, record in enumerate(records):
         kind = encoder.kind(record)
         first.setdefault(kind, (index, record))
+        if kind == "pair" and _may_encode_alike(record, tokenizer.eos_token):
+            encoder.encode(record)  # refuses answers that are the same tokens (Encoder.pair), now, not mid-run
         conversational = kind == "pair" and isinstance(record.get("chosen"), list)
         if kind != "chat" and not conversational:
             continue

@@ -181,6 +181,11 @@ def _as_chat(record: dict) -> dict | str:
         elif system and system.strip() != messages[turn]["content"].strip():  # one of them was dropped unannounced
             return (f"'system' differs from the system turn conversations[{turn}]: a chat has one system prompt; "
                     "keep one of them")
+        answers = [m["content"] for m in messages if m["role"] == "assistant"]
+        if not answers:  # named in the file's own terms: its lines have no 'messages' field
+            return "'conversations' has no gpt (assistant) turn: nothing to train on"
+        if not any(a.strip() for a in answers):
+            return "every gpt (assistant) turn of 'conversations' is empty (it would only train stopping at once)"
         return _read_as_chat(record, messages)
     if alpaca:
         optional = {k: record.get(k) for k in ("input", "system")}
@@ -191,6 +196,8 @@ def _as_chat(record: dict) -> dict | str:
         system, history = optional["system"] or "", record.get("history") or []
         if not all(isinstance(v, str) for v in (instruction, extra, output, system)) or not instruction.strip():
             return "an Alpaca record needs string fields instruction (non-empty), output and optionally input, system"
+        if not output.strip():
+            return "an Alpaca record's 'output' is empty: nothing to train on"
         pairs = all(isinstance(turn, list) and len(turn) == 2 and all(isinstance(t, str) for t in turn)
                     for turn in history) if isinstance(history, list) else False
         if not pairs:
