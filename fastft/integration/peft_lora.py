@@ -18,7 +18,7 @@ import warnings
 from pathlib import Path
 
 import peft
-from peft import LoraConfig, PeftModel
+from peft import LoraConfig, PeftConfig, PeftModel
 from peft.tuners.lora import Linear as PeftLoraLinear
 from torch import nn
 
@@ -158,8 +158,12 @@ def _load_adapter(model: nn.Module, path, adapter_name: str, is_trainable: bool)
     config = with_quantized_targets(config, base)
     config.inference_mode = not is_trainable
     if isinstance(model, PeftModel):
-        if adapter_name in model.peft_config:
-            raise ValueError(f"load_adapter: the model already has an adapter named {adapter_name!r}")
+        if adapter_name in model.peft_config:  # peft's reload of an adapter's weights (Trainer's resume and best-model
+            # load call it so): into that adapter, whose layers are built and fused already
+            _check_same_adapter(model.peft_config[adapter_name], PeftConfig.from_pretrained(str(path)), path,
+                                adapter_name)
+            model.load_adapter(str(path), adapter_name=adapter_name, is_trainable=is_trainable)
+            return fuse_lora_layers(model, "load_adapter")
         model.add_adapter(adapter_name, config)  # built from this config (QLoRA layers registered above)
         if is_trainable:
             model.set_requires_grad(adapter_name)
@@ -167,6 +171,23 @@ def _load_adapter(model: nn.Module, path, adapter_name: str, is_trainable: bool)
         return fuse_lora_layers(model, "load_adapter")
     peft_model = quiet_peft_load(model, path, adapter_name=adapter_name, is_trainable=is_trainable, config=config)
     return fuse_lora_layers(peft_model, "load_adapter")
+
+
+# what a reload may change: how the adapter was made or where from, not the layers its weights go into
+_RELOAD_FREE = {"inference_mode", "base_model_name_or_path", "revision", "peft_version", "init_lora_weights",
+                "runtime_config", "task_type", "auto_mapping", "lora_dropout"}
+
+
+def _check_same_adapter(existing, saved, path, adapter_name: str) -> None:
+    """A reload's weights go into the existing adapter's layers: a saved config that builds other layers (another
+    rank, other targets; peft would load what fits and skip the rest silently) is refused naming the field."""
+    have, want = existing.to_dict(), saved.to_dict()
+    differ = sorted(k for k in set(have) | set(want) if k not in _RELOAD_FREE and have.get(k) != want.get(k))
+    if differ:
+        field = differ[0]
+        raise ValueError(f"load_adapter: {path} holds an adapter with {field}={want.get(field)!r}, but the model's "
+                         f"adapter {adapter_name!r} has {field}={have.get(field)!r}; its weights cannot be loaded "
+                         "into that adapter: load it under another adapter_name")
 
 
 def merge_and_unload(model: PeftModel, *, requantize: bool = False, dtype=None, safe_merge: bool = False,
