@@ -40,3 +40,24 @@ def test_a_non_finite_gradient_norm_is_logged_as_null(tmp_path):
     line = (tmp_path / "logs.jsonl").read_text().splitlines()[-1]
     record = json.loads(line, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
     assert record["grad_norm"] is None and record["nested"]["x"] is None and record["loss"] == 2.5
+
+
+@pytest.mark.parametrize("config", [peft.PromptTuningConfig(num_virtual_tokens=4, task_type="CAUSAL_LM"),
+                                    peft.PromptEncoderConfig(num_virtual_tokens=4, task_type="CAUSAL_LM",
+                                                             encoder_hidden_size=32)])
+def test_a_batch_packed_by_position_ids_alone_is_refused(config):
+    """transformers' DataCollatorWithFlattening marks documents by position_ids only (no cu_seq_lens), which peft
+    drops with a warning: the documents of a row attended to each other (a loss 1e-2 off one document a row).
+    Left-padded rows, whose positions restart under the padding only, still run."""
+    from transformers import DataCollatorWithFlattening
+
+    g = torch.Generator().manual_seed(5)
+    batch = DataCollatorWithFlattening()([{"input_ids": torch.randint(3, 128, (n,), generator=g).tolist()}
+                                          for n in (5, 7, 4)])
+    assert "cu_seq_lens_q" not in batch
+    model = fastft.get_peft_model(tiny_llama(), config)
+    with pytest.raises(ValueError, match=r"a packed batch \(position_ids restarting inside a row\)"):
+        model(**batch)
+    ids, mask = torch.randint(3, 128, (2, 6)), torch.tensor([[0, 0, 1, 1, 1, 1], [1] * 6])
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # as generate() counts a left-padded row's
+    assert torch.isfinite(model(input_ids=ids, attention_mask=mask, position_ids=positions, labels=ids).loss)

@@ -47,6 +47,10 @@ def validate_prompt_config(config, model: nn.Module) -> None:
 
 def refuse_packed(model: PeftModel, kwargs: dict) -> None:
     packed = [k for k in PACKED_KEYS if kwargs.get(k) is not None]
+    if _restarts(kwargs.get("position_ids"), kwargs.get("attention_mask")):
+        # transformers' DataCollatorWithFlattening marks documents by position_ids alone, which peft drops: the
+        # documents of a row would attend to each other
+        packed.append("position_ids restarting inside a row")
     if packed and not model._adapters_disabled and isinstance(model.active_peft_config, CONFIGS):
         # peft puts the virtual tokens in front of the row, and passes the documents' bounds on unchanged: they
         # end P tokens short (fastft's attention left those rows unwritten: NaN, a loss changing every call)
@@ -54,6 +58,18 @@ def refuse_packed(model: PeftModel, kwargs: dict) -> None:
                          "cannot take prompt tuning's virtual tokens, which peft puts in front of the whole row, "
                          "not of each document; pad the batch instead (PackingCollator's documents one a row, as "
                          "fastft train runs prompt tuning)")
+
+
+def _restarts(position_ids, attention_mask) -> bool:
+    """Whether positions fail to rise by 1 between two real tokens of a row (several documents in it; a left-padded
+    row's positions restart under its padding only)."""
+    if not isinstance(position_ids, torch.Tensor) or position_ids.dim() != 2 or position_ids.shape[-1] < 2:
+        return False
+    steps = position_ids.diff(dim=-1) != 1
+    if isinstance(attention_mask, torch.Tensor) and attention_mask.shape == position_ids.shape:
+        real = attention_mask.bool()
+        steps &= real[:, 1:] & real[:, :-1]
+    return bool(steps.any())
 
 
 class FastftPromptModel(PeftModelForCausalLM):
