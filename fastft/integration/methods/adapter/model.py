@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
+import inspect
 import json
 from pathlib import Path
 
@@ -37,9 +39,15 @@ class BottleneckAdapterModel(nn.Module):
         # (name, a frozen copy of the module as it was) of each module trained whole: what disable_adapter runs (a
         # plain list: not a submodule, so neither in the state dict nor among the parameters)
         self._original_heads = list(heads)
+        if type(self) is BottleneckAdapterModel:
+            self.__class__ = _with_forward_signature(type(model))
 
     def forward(self, *args, **kwargs):
         return self.base_model(*args, **kwargs)
+
+    def __reduce_ex__(self, protocol):
+        # pickled with the base model's class, from which the class with its forward signature is made again
+        return _rebuilt, (type(self.base_model),), super().__reduce_ex__(2)[2]
 
     def generate(self, *args, **kwargs):
         return self.base_model.generate(*args, **kwargs)
@@ -100,6 +108,26 @@ class BottleneckAdapterModel(nn.Module):
         atomic_write(path / WEIGHTS_NAME, lambda f: save_file(tensors, f, metadata={"format": "pt"}))
         text = json.dumps(self.adapter_config.to_dict(), indent=2, sort_keys=True)
         atomic_write(path / CONFIG_NAME, text)
+
+
+@functools.lru_cache(maxsize=None)
+def _with_forward_signature(base_class: type) -> type:
+    """BottleneckAdapterModel whose forward shows `base_class.forward`'s signature: transformers' Trainer reads it
+    (and the class's, for its label names) to keep the dataset columns the model takes; `(*args, **kwargs)` lost
+    input_ids and labels ("The batch received was empty"). peft's PeftModel gets the same from its base model."""
+    def forward(self, *args, **kwargs):
+        return self.base_model(*args, **kwargs)
+
+    try:
+        forward.__signature__ = inspect.signature(base_class.forward)
+    except (TypeError, ValueError):  # no signature to show: the plain class
+        return BottleneckAdapterModel
+    forward.__qualname__ = "BottleneckAdapterModel.forward"
+    return type("BottleneckAdapterModel", (BottleneckAdapterModel,), {"forward": forward, "__module__": __name__})
+
+
+def _rebuilt(base_class: type) -> BottleneckAdapterModel:
+    return nn.Module.__new__(_with_forward_signature(base_class))
 
 
 def _targets(model: nn.Module, config: BottleneckAdapterConfig) -> list[tuple[str, nn.Module, int]]:
