@@ -27,8 +27,8 @@ def glm4v_moe():
 
     config = Glm4vMoeTextConfig(
         vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, n_routed_experts=4, num_experts_per_tok=2, first_k_dense_replace=1,
-        max_position_embeddings=64, pad_token_id=0, head_dim=16,
+        num_attention_heads=4, num_key_value_heads=2, n_routed_experts=4, num_experts_per_tok=2,
+        first_k_dense_replace=1, max_position_embeddings=64, pad_token_id=0, head_dim=16,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3],
                          "partial_rotary_factor": 1.0})
     return Glm4vMoeTextModel(config)

@@ -189,7 +189,8 @@ class NF4Linear(nn.Module):
         of another layout: its blocksize and double quantization are the checkpoint's). A layout mismatch with an
         NF4Weight, or with anything loaded into an FSDP2 shard (FSDP2 keeps its parameter), goes to error_msgs."""
         if tuple(incoming.shape) != (self.out_features, self.in_features):  # as torch reports it, not raised mid-load
-            layout_note = " (a dense weight in the Conv1D's (in, out) layout, transposed here)" if self.from_conv1d else ""
+            layout_note = " (a dense weight in the Conv1D's (in, out) layout, transposed here)" \
+                if self.from_conv1d else ""
             error_msgs.append(f"size mismatch for {key}: the checkpoint's weight is {tuple(incoming.shape)} as "
                               f"(out_features, in_features){layout_note}, the layer's ({self.out_features}, "
                               f"{self.in_features})")
