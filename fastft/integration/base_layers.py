@@ -21,6 +21,19 @@ except ImportError:  # older peft does not
     moe_conversion = None
 
 
+def transformers_model(model: nn.Module) -> nn.Module:
+    """The model inside a PeftModel (`model` itself otherwise). peft's get_base_model() reads the active adapter's
+    config, which is gone once delete_adapter removed the last one: adding or loading one then raised a KeyError
+    (peft's own add_adapter reads base_model.model)."""
+    from peft import PeftModel
+
+    if not isinstance(model, PeftModel):
+        return model
+    if model.active_adapter in model.peft_config:
+        return model.get_base_model()
+    return getattr(model.base_model, "model", model.base_model)
+
+
 def modules_as_bases(model: nn.Module):
     """(name, module) of every module; a peft adapter layer counts as its base layer (its insides, the base and
     the lora_A/lora_B linears, are skipped), so a model that already holds adapters lists the same names."""

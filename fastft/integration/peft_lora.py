@@ -25,6 +25,7 @@ from torch import nn
 from fastft.files import merge_into_folder
 from fastft.integration.adapter_files import WEIGHTS_NAMES, check_adapter_fits
 from fastft.integration.adapter_routing import adapter_call, route_adapter_methods
+from fastft.integration.base_layers import transformers_model
 from fastft.integration.checkpointing import drop_input_grad_hooks_if_unneeded
 from fastft.integration.lora_config import check_loadable, validate_lora_config, with_quantized_targets
 from fastft.integration.methods.ia3_nf4 import NF4IA3Linear
@@ -49,6 +50,10 @@ def get_peft_model(model: nn.Module, config, adapter_name: str = "default", **kw
         raise TypeError(f"get_peft_model: model must be a torch nn.Module (a transformers model, e.g. from "
                         f"AutoModelForCausalLM.from_pretrained), got {type(model).__name__}")
     refuse_peft_model(model, "get_peft_model")
+    if kwargs.get("mixed"):  # peft's PeftMixedModel: its add_adapter builds unfused layers, and none on NF4 ones
+        raise ValueError("get_peft_model: mixed=True (peft's PeftMixedModel, adapters of several kinds) is not "
+                         "supported by fastft; several adapters of one kind: fastft.add_adapter / "
+                         "fastft.load_adapter on the model fastft.get_peft_model returns")
     if not isinstance(config, LoraConfig) or config.use_dora:
         from fastft.integration.methods import get_method_model
 
@@ -124,9 +129,9 @@ def add_adapter(model: PeftModel, adapter_name: str, config) -> PeftModel:
             from fastft.integration.methods.dora import validate_dora_config as validate
         else:
             validate = validate_lora_config
-        validate(config, model.get_base_model())
+        validate(config, transformers_model(model))
         with checked_patterns():
-            model.add_adapter(adapter_name, with_quantized_targets(config, model.get_base_model()))
+            model.add_adapter(adapter_name, with_quantized_targets(config, transformers_model(model)))
     return fuse_lora_layers(model, "add_adapter")
 
 
@@ -152,7 +157,7 @@ def _load_adapter(model: nn.Module, path, adapter_name: str, is_trainable: bool)
     loaded = load_method_adapter(model, path, adapter_name=adapter_name, is_trainable=is_trainable)
     if loaded is not None:
         return loaded
-    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    base = transformers_model(model)
     config = check_adapter_fits(base, path)
     check_loadable(config, base, Path(path), isinstance(model, PeftModel))
     config = with_quantized_targets(config, base)

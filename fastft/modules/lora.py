@@ -117,7 +117,7 @@ class FusedLoraBase(PeftLoraLinear):
             return lora_A[name].weight, lora_B[name].weight, scaling, dropouts.pop()
         if dropouts != {0.0}:
             return None  # peft draws each active adapter's dropout mask on its own; the fused op draws one
-        return (*stacked_adapters(lora_A, lora_B, self.scaling, names), 1.0, 0.0)
+        return (*stacked_adapters(lora_A, lora_B, self.scaling, names), 0.0)
 
 
 class FusedLoraLinear(FusedLoraBase):

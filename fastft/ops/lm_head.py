@@ -179,7 +179,6 @@ def head_of_module(op: str, lm_head: nn.Module, *, check_only: bool = False) -> 
         name = names[0]
         A, B, scaling = lm_head.lora_A[name].weight, lm_head.lora_B[name].weight, float(lm_head.scaling[name])
     else:  # several active adapters are one LoRA of summed rank
-        A, B = stacked_adapters(lm_head.lora_A, lm_head.lora_B, lm_head.scaling, names)
-        scaling = 1.0
+        A, B, scaling = stacked_adapters(lm_head.lora_A, lm_head.lora_B, lm_head.scaling, names)
     return HeadArgs(weight=base.weight, nf4=base.nf4, bias=base.bias, lora_A=A, lora_B=B, scaling=scaling,
                     dropout_p=dropout_p)

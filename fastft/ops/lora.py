@@ -86,15 +86,21 @@ def validate_lora_linear_args(x, weight, bias, lora_A, lora_B, scaling, dropout_
         raise ValueError(f"lora_linear: `dropout_p` must be in [0, 1), got {dropout_p!r}")
 
 
-def stacked_adapters(lora_A, lora_B, scaling, names) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A, B) of several active peft adapters as one LoRA of summed rank and scaling 1 (lora_A/lora_B: peft's
-    ModuleDicts, scaling its dict): the A's stacked, the B's scaled and stacked, in their widest dtype (an fp32
-    adapter beside a bf16 one keeps its precision, whichever is listed first). Without dropout only: peft draws a
-    mask per adapter, one fused op would draw one for all."""
+def stacked_adapters(lora_A, lora_B, scaling, names) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(A, B, s) of several active peft adapters as one LoRA of summed rank (lora_A/lora_B: peft's ModuleDicts,
+    scaling its dict): the A's stacked, the B's stacked in their widest dtype (an fp32 adapter beside a bf16 one
+    keeps its precision, whichever is listed first), each times s_i / s, and s the largest scaling, left to the op
+    as one adapter's is (split_scaling): all of a small s folded into fp16 B's put them into subnormals (dA 10×
+    peft's error at alpha/r = 1/64). Adapters of one alpha/r: B's unscaled. Scalings held as tensors (peft's
+    hotswap) are folded in whole, s = 1. Without dropout only: peft draws a mask per adapter, one fused op would
+    draw one for all."""
     dtype = functools.reduce(torch.promote_types, [lora_A[n].weight.dtype for n in names])
     A = torch.cat([lora_A[n].weight.to(dtype) for n in names], dim=0)
-    B = torch.cat([lora_B[n].weight.to(dtype) * scaling[n] for n in names], dim=1)
-    return A, B
+    scales = [scaling[n] for n in names]
+    common = 1.0 if any(isinstance(v, torch.Tensor) for v in scales) or not any(scales) else max(scales, key=abs)
+    B = torch.cat([lora_B[n].weight.to(dtype) if v == common else lora_B[n].weight.to(dtype) * (v / common)
+                   for n, v in zip(names, scales)], dim=1)
+    return A, B, float(common)
 
 
 def split_scaling(scaling: float, dtype: torch.dtype) -> tuple[float, float]:

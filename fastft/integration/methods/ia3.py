@@ -21,6 +21,7 @@ from peft import IA3Config
 from peft.tuners.ia3 import Linear as PeftIA3Linear
 from torch import nn
 
+from fastft.integration.base_layers import transformers_model
 from fastft.integration.methods.ia3_nf4 import nf4_ia3_layers
 from fastft.integration.module_names import name_hint, names_module
 from fastft.modules.lora import default_backend, plain_linear
@@ -126,7 +127,7 @@ def get_ia3_model(model: nn.Module, config: IA3Config, adapter_name: str = "defa
 
 def add_ia3_adapter(model, adapter_name: str, config: IA3Config):
     """`model.add_adapter` for an IA3 adapter on a PeftModel holding IA3 adapters, validated, its layers fused."""
-    validate_ia3_config(config, model.get_base_model())
+    validate_ia3_config(config, transformers_model(model))
     with nf4_ia3_layers():
         model.add_adapter(adapter_name, config)
     return fuse_ia3_layers(model, "add_adapter")
@@ -141,7 +142,7 @@ def load_ia3_adapter(model: nn.Module, path, config: IA3Config, adapter_name: st
     from fastft.integration.adapter_files import check_adapter_tensors
     from fastft.integration.peft_lora import quiet_peft_load
 
-    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    base = transformers_model(model)
     validate_ia3_config(config, base)
 
     def vector(name, in_features, out_features):  # peft's IA3 Linear: scales the input, or the output
