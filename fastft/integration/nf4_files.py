@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import warnings
 from collections import defaultdict
 
@@ -234,8 +235,6 @@ def _keep_in_fp32(model: nn.Module, dtype: torch.dtype) -> None:
     """transformers' from_pretrained dtype plan, which from_config leaves out: the model's _keep_in_fp32_modules in
     fp32 when it loads in fp16 (T5's wo), its _keep_in_fp32_modules_strict in fp16 and bf16; patterns searched in
     the parameter names as transformers searches them. The (meta) tensors are cast, so the checkpoint's are too."""
-    import re
-
     patterns = set()
     if dtype == torch.float16:
         patterns |= set(getattr(model, "_keep_in_fp32_modules", None) or ())
