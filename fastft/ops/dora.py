@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from fastft.ops import overlap
 from fastft.ops.compiled import compiling, needed, unused
 from fastft.ops.compiled_args import fresh_like, weight_args, weight_from_args
+from fastft.ops.nf4_matmul import nf4_matmul_torch
 from fastft.ops.qlora_path import nf4_base_gemm, on_dequantized
 from fastft.ops.lora import (backward_operands, rank_operands, split_scaling, tail_factor,
                              times_b)
@@ -91,22 +92,31 @@ def dora_linear_reference(x, weight, bias, lora_A, lora_B, magnitude, scaling, d
                           row_norm=None):
     """peft's DoRA forward in plain torch (autograd through torch); `weight` dense or NF4Weight.
     `row_norm` (detached ‖W'‖) is computed directly from W + s·B·A when not given: the ground truth."""
-    W = _dense(weight, x.dtype)
     if row_norm is None:
         with torch.no_grad():
+            W = _dense(weight, x.dtype)
             acc = torch.promote_types(torch.float32, W.dtype)
             row_norm = torch.linalg.norm(W.to(acc) + scaling * (lora_B.to(acc) @ lora_A.to(acc)), dim=1)
+            del W
     # divided in the wider of the two dtypes (peft's promotion): a bf16 magnitude over an fp32 norm is not rounded
     sigma = (magnitude / row_norm.detach()).reshape(-1)  # (N,): broadcast over x's rows
     bias = None if bias is None else bias.to(x.dtype)
+    if isinstance(weight, NF4Weight):  # dequantized again in backward: no dense W kept for it (as QLoRA's)
+        def base(t, b=None):
+            return nf4_matmul_torch(t, weight, b)
+    else:
+        W = weight.to(x.dtype)
+
+        def base(t, b=None):
+            return F.linear(t, W, b)
     if keep_mask is None and dropout_p == 0.0:
         lora = F.linear(F.linear(x, lora_A.to(x.dtype)), lora_B.to(x.dtype))
-        y = (sigma * (F.linear(x, W) + scaling * lora)).to(x.dtype)
+        y = (sigma * (base(x) + scaling * lora)).to(x.dtype)
         return y if bias is None else y + bias
     x_d = x * keep_mask.to(x.dtype) / (1.0 - dropout_p) if keep_mask is not None else F.dropout(x, dropout_p, True)
     lora = F.linear(F.linear(x_d, lora_A.to(x.dtype)), lora_B.to(x.dtype))
-    extra = (sigma - 1) * F.linear(x_d, W) + sigma * lora * scaling
-    return (F.linear(x, W, bias) + extra).to(x.dtype)
+    extra = (sigma - 1) * base(x_d) + sigma * lora * scaling
+    return (base(x, bias) + extra).to(x.dtype)
 
 
 def validate_dora_linear_args(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p) -> None:

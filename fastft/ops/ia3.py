@@ -85,15 +85,20 @@ class IA3LinearFunction(torch.autograd.Function):
         x2 = as_rows(x)
         scale = _scale(ia3_l)
         y = _forward(x2, weight, bias, scale, feedforward)
-        ctx.save_for_backward(x2 if feedforward else None, y if not feedforward else None, weight, scale, bias)
-        ctx.meta = (x.shape, feedforward, ia3_l.shape, ia3_l.dtype)
+        # W only where backward reads it (dx; feed-forward's dl comes from dx): under autocast it is a cast copy
+        need_w = ctx.needs_input_grad[0] or (feedforward and ctx.needs_input_grad[3])
+        ctx.save_for_backward(x2 if feedforward else None, y if not feedforward else None,
+                              weight if need_w else None, scale, bias)
+        ctx.meta = (x.shape, feedforward, ia3_l.shape, ia3_l.dtype, weight.shape, weight.dtype)
         return y  # as rows: see rows_to
 
     @staticmethod
     @first_order_only
     def backward(ctx, dy):
         x2, y, weight, scale, bias = ctx.saved_tensors
-        x_shape, feedforward, l_shape, l_dtype = ctx.meta
+        x_shape, feedforward, l_shape, l_dtype, w_shape, w_dtype = ctx.meta
+        if weight is None:  # not needed (not kept): its shape and dtype stand in
+            weight = torch.empty(w_shape, dtype=w_dtype, device="meta")
         need_x, _, need_b, need_l = ctx.needs_input_grad[:4]
         dx, db, dl = _backward(dy, x2 if feedforward else y, weight, scale, bias, feedforward, need_x, need_b,
                                need_l, x_shape, l_shape, l_dtype)

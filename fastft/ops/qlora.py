@@ -22,51 +22,24 @@ import torch.nn.functional as F
 from fastft.ops.compiled import compiling, needed, unused
 from fastft.ops.compiled_args import (fresh_like, nf4_args, nf4_from_args, refuse_replayed_dropout, seed_int,
                                       seeded_ops, traced_seed)
+from fastft.ops.nf4_matmul import bias_as, nf4_matmul_torch
 from fastft.ops.qlora_path import nf4_base_gemm, release_dequant_scratch  # noqa: F401 - the latter public here too
 from fastft.ops.lora import (add_rank_path, backward_operands, fused_lora_backward, fused_lora_forward,
                              lora_linear_reference, lora_meta, saved_factors)
 from fastft.ops.shared import (as_rows, autocast_inputs, autocast_off, check, finite, nf4_fused_ok,
-                               first_order_only, resolve_backend, rows_to, under_func_transform)
+                               first_order_only, resolve_backend, rows_to)
 from fastft.quant.nf4_weight import NF4Weight
 
 
 
 def qlora_linear_reference(x, qweight, bias, lora_A, lora_B, scaling, dropout_p=0.0, *, keep_mask=None):
     """Dequantize W to x's dtype, then lora_linear_reference (autograd through torch)."""
-    return lora_linear_reference(x, qweight.dequantize(x.dtype), _bias_as(bias, x), lora_A, lora_B, scaling,
+    return lora_linear_reference(x, qweight.dequantize(x.dtype), bias_as(bias, x), lora_A, lora_B, scaling,
                                  dropout_p, keep_mask=keep_mask)
 
 
 def nf4_linear_reference(x, qweight, bias):
-    return F.linear(x, qweight.dequantize(x.dtype), _bias_as(bias, x))
-
-
-class NF4MatmulTorch(torch.autograd.Function):
-    """x·Wᵀ + b on the torch backend with W dequantized in forward and again in backward: autograd through F.linear
-    would keep the dense W of every layer alive until backward (QLoRA above plain LoRA's memory). Eager only: traced
-    code takes the reference (the compiler decides what it saves)."""
-
-    @staticmethod
-    def forward(ctx, x, qweight, bias):
-        ctx.qweight, ctx.x_shape = qweight, x.shape
-        return F.linear(as_rows(x), qweight.dequantize(x.dtype), bias)  # rows: viewed outside (rows_to)
-
-    @staticmethod
-    def backward(ctx, dy):  # plain torch ops: differentiable again (create_graph), as backend="torch" promises
-        dx = (dy @ ctx.qweight.dequantize(dy.dtype)).view(ctx.x_shape) if ctx.needs_input_grad[0] else None
-        db = dy.sum(0) if ctx.needs_input_grad[2] else None
-        return dx, None, db
-
-
-def _nf4_matmul_torch(x, qweight, bias):
-    if compiling() or not torch.is_grad_enabled() or under_func_transform():  # (no vmap / jvp rule of its own)
-        return nf4_linear_reference(x, qweight, bias)
-    return rows_to(NF4MatmulTorch.apply(x, qweight, _bias_as(bias, x)), x)
-
-
-def _bias_as(bias, x):
-    # The fused kernels add any float bias in fp32; the references match that by casting it to x's dtype.
-    return bias if bias is None or bias.dtype == x.dtype else bias.to(x.dtype)
+    return F.linear(x, qweight.dequantize(x.dtype), bias_as(bias, x))
 
 
 def _validate_base(op: str, x, qweight, bias) -> None:
@@ -312,7 +285,7 @@ def qlora_linear(x, qweight, bias, lora_A, lora_B, scaling, dropout_p=0.0, *, ba
     scaling, dropout_p = float(scaling), float(dropout_p)
     backend = resolve_backend("qlora_linear", backend, x.device, arg="x")
     if backend == "torch" or x.numel() == 0:
-        return add_rank_path(x, _nf4_matmul_torch(x, qweight, bias), lora_A, lora_B, scaling, dropout_p)
+        return add_rank_path(x, nf4_matmul_torch(x, qweight, bias), lora_A, lora_B, scaling, dropout_p)
     with autocast_off(x.device.type):
         if not compiling():
             return rows_to(QLoRALinearFunction.apply(x, qweight, bias, lora_A, lora_B, scaling, dropout_p), x)
@@ -327,7 +300,7 @@ def nf4_linear(x, qweight, bias=None, *, backend="auto"):
     _validate_base("nf4_linear", x, qweight, bias)
     backend = resolve_backend("nf4_linear", backend, x.device, arg="x")
     if backend == "torch" or x.numel() == 0 or not nf4_fused_ok(qweight):
-        return _nf4_matmul_torch(x, qweight, bias)
+        return nf4_matmul_torch(x, qweight, bias)
     with autocast_off(x.device.type):
         if not compiling():
             return rows_to(NF4LinearFunction.apply(x, qweight, bias), x)
