@@ -95,12 +95,20 @@ def _measure(cfg: BenchConfig, method: str, implementation: str, device: torch.d
 
     warmup = warmup_steps(cfg, compile)
     start = time.perf_counter()
-    losses = [step() for _ in range(warmup)]
+    losses, compiled_last = [], False
+    # a compiled step that compiled again (a guard that failed on the second call) is warm-up too: warm up on until
+    # a step compiles nothing, at most EXTRA_WARMUP more (a compile left among the timed steps is flagged below)
+    while len(losses) < warmup or (compiled_last and len(losses) < warmup + EXTRA_WARMUP):
+        before = dynamo_counts() if compile != "off" else None
+        losses.append(step())
+        compiled_last = before is not None and dynamo_counts() != before
+    warmup = len(losses)
     _sync(device)
     warmup_s = time.perf_counter() - start
     step_ms = []
     clocks = clock_log()
     timed_from = clocks.mark()
+    timed_counts = dynamo_counts()
     with meter:
         for _ in range(cfg.steps):
             _sync(device)
@@ -111,7 +119,8 @@ def _measure(cfg: BenchConfig, method: str, implementation: str, device: torch.d
     clock = clocks.since(timed_from)  # the card's SM clock and power over the timed steps
     losses = [float(v) for v in losses]
     mean_ms = statistics.fmean(step_ms)
-    compiled = {} if compile == "off" else {"compile_stats": _counts_since(counts_before)}
+    compiled = {} if compile == "off" else {"compile_stats": _counts_since(counts_before),
+                                            "compiled_while_timed": dynamo_counts() != timed_counts}
     return {
         "tokens_per_s": cfg.batch_size * cfg.seq_len / (mean_ms / 1e3),
         "step_ms": mean_ms,
@@ -156,7 +165,14 @@ def _verdict(row: dict) -> dict:
                 "reason": f"torch._dynamo hit its recompile limit ({hits}x): parts of the step ran eagerly"}
     if stats is not None and stats["graphs"] == 0:
         return {"status": "not compiled", "reason": "torch.compile compiled no graph: the step ran eagerly"}
+    if row.get("compiled_while_timed"):
+        return {"status": "compiled while timed",
+                "reason": f"torch.compile compiled again during the timed steps (after {row['warmup_steps']} warm-up "
+                          "steps): the mean step holds a compilation; give --warmup more steps"}
     return {"status": "ok"}
+
+
+EXTRA_WARMUP = 3  # warm-up steps a compiled run may add while its steps still compile
 
 
 def warmup_steps(cfg: BenchConfig, compile: str) -> int:
