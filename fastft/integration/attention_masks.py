@@ -45,6 +45,13 @@ _thread_note = threading.local()
 _mask_reach: dict[tuple, int | None] = {}
 
 
+def _note_reach(key: tuple, reach: int | None) -> None:
+    """_mask_reach[key] = reach, written only when it changes (an absent key reads None): torch.compile guards on
+    the dict, and a write at every traced forward made the second call of a compiled model compile again."""
+    if _mask_reach.get(key) != reach:
+        _mask_reach[key] = reach
+
+
 def _thread_notes() -> dict:
     notes = getattr(_thread_note, "notes", None)
     if notes is None:
@@ -265,9 +272,9 @@ def fastft_attention_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset
     # cross-attention masks)
     kept = unskippable or (not causal and kwargs.get("allow_is_bidirectional_skip") is False)
     if not causal and kwargs.get("local_size") is not None:  # a bidirectional sliding mask: its reach
-        _mask_reach[("bidirectional", id(config))] = kwargs["local_size"]
+        _note_reach(("bidirectional", id(config)), kwargs["local_size"])
     if causal:  # the window of the causal mask a model without layer_types built (None: no window)
-        _mask_reach[("causal", id(config))] = kwargs.get("local_size")
+        _note_reach(("causal", id(config)), kwargs.get("local_size"))
     if not compiling():
         _thread_note.masks = forwards_seen() + 1
     # traced with a static cache, the offsets are tensors: comparing them would branch on data (a graph break)
@@ -286,7 +293,12 @@ def fastft_attention_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset
             if torch.is_grad_enabled():  # a forward whose layers checkpointing may recompute
                 books.append(_recompute_notes)
         for book in books:
-            book[id(config)] = book["last"] = note
+            for key in (id(config), "last"):
+                # traced, a note that finds no documents (as an absent one reads) only replaces one that did:
+                # torch.compile guards on the dict, and a write at every traced forward compiled the second call again
+                held = book.get(key)
+                if not compiling() or found is not None or (held is not None and held[1] is not None):
+                    book[key] = note
     if traced_offsets or kwargs.get("use_vmap") or kv_offset + kv_length > q_offset + q_length \
             or (kept and not _supports_flash_mask(config)) \
             or (unskippable and _may_see_later_keys(mask_function, batch_size, q_length, q_offset,
