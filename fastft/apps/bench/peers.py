@@ -43,6 +43,16 @@ def label(implementation: str, method: str) -> str:
     return base + ("+liger" if implementation == "liger" else "")
 
 
+def no_path(implementation: str, method: str) -> str | None:
+    """Why a peer has no path for a method at all, known before its package is looked for (a peer that lacks
+    the method reads "unavailable" whether it is installed or not), or None."""
+    if implementation == "unsloth" and method not in UNSLOTH_METHODS:
+        return f"the Unsloth peer is wired for lora and qlora only, not {method!r}"
+    if implementation in ("peft", "liger") and method not in PEFT_METHODS:
+        return f"peft has no {method!r} method"
+    return None
+
+
 def missing_package(implementation: str, method: str) -> str | None:
     """The package a run needs and lacks, or None."""
     needs = {"peft": ["peft"], "liger": ["peft", "liger_kernel"], "unsloth": ["unsloth"]}.get(implementation, [])
@@ -104,8 +114,8 @@ def _fastft(method, options, build, patch_model):
 
 
 def _peft(method, options, build, liger: bool):
-    if method not in PEFT_METHODS:
-        raise Unavailable(f"peft has no {method!r} method")
+    if no_path("peft", method):
+        raise Unavailable(no_path("peft", method))
     model = build()
     if liger:
         _apply_liger(model)
@@ -153,8 +163,8 @@ def quantize_with_bnb(model: nn.Module, skip=("lm_head",)) -> nn.Module:
 
 
 def _unsloth(method, options, build):
-    if method not in UNSLOTH_METHODS:
-        raise Unavailable(f"the Unsloth peer is wired for lora and qlora only, not {method!r}")
+    if no_path("unsloth", method):
+        raise Unavailable(no_path("unsloth", method))
     from unsloth import FastLanguageModel
 
     base = build()

@@ -42,6 +42,8 @@ def run_one(cfg: BenchConfig, method: str, implementation: str, device: torch.de
            "compile": compile}
     if compile != "off":
         row["compile_backend"] = cfg.compile_backend
+    if peers.no_path(implementation, method):
+        return dict(row, status="unavailable", reason=peers.no_path(implementation, method))
     missing = peers.missing_package(implementation, method)
     if missing:
         return dict(row, status="not installed", reason=f"{missing} is not installed")
