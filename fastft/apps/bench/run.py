@@ -79,6 +79,7 @@ def _measure(cfg: BenchConfig, method: str, implementation: str, device: torch.d
         raise RuntimeError(f"{method} ({implementation}) left no parameter requiring grad")
     optimizer = make_optimizer(cfg.optimizer, model, lr=cfg.lr, weight_decay=0.0)
     build_s = time.perf_counter() - start
+    release_freed_memory()  # what building freed (a QLoRA row's dense weights, once quantized): not this row's peak
     vocab = model.config.vocab_size if hasattr(model, "config") else model.get_base_model().config.vocab_size
     if compile != "off":
         fresh_dynamo(device)
