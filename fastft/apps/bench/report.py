@@ -120,9 +120,9 @@ def markdown(result: dict) -> str:
         "logits tensor; the other rows build the full logits. × peer: against the peft row of the same method "
         "(peft+bnb for qlora, plain transformers for full), compiled the same way. compile: off (eager) or the "
         "torch.compile mode (backend) of the model's forward and backward; compilation happens in the warm-up "
-        "steps (a compiled run warms up until a step compiles nothing, up to 3 steps more). Rows without numbers "
-        "say why: diverged (the loss became NaN/inf), not compiled (dynamo ran the step partly eagerly), compiled "
-        "while timed (a compilation among the timed steps), planned (not measured yet), unavailable, not "
+        "steps (one that compiles again warms up until a step compiles nothing, up to 3 steps more). Rows without "
+        "numbers say why: diverged (the loss became NaN/inf), not compiled (dynamo ran the step partly eagerly), "
+        "compiled while timed (a compilation among the timed steps), planned (not measured yet), unavailable, not "
         "installed, oom, error.",
         "",
         "| " + " | ".join(COLUMNS) + " |",

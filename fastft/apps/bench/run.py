@@ -98,13 +98,16 @@ def _measure(cfg: BenchConfig, method: str, implementation: str, device: torch.d
 
     warmup = warmup_steps(cfg, compile)
     start = time.perf_counter()
-    losses, compiled_last = [], False
-    # a compiled step that compiled again (a guard that failed on the second call) is warm-up too: warm up on until
-    # a step compiles nothing, at most EXTRA_WARMUP more (a compile left among the timed steps is flagged below)
-    while len(losses) < warmup or (compiled_last and len(losses) < warmup + EXTRA_WARMUP):
+    losses, compiled_again = [], False
+    # a warm-up step after the first that compiled again (a guard that failed on a later call: a model whose mask
+    # notes its window at the first traced call) says the next may too: warm up on until a step compiles nothing,
+    # at most EXTRA_WARMUP more (the first step always compiles; a compilation left among the timed steps, as with
+    # --warmup 1, is flagged below)
+    while len(losses) < warmup or (compiled_again and len(losses) < warmup + EXTRA_WARMUP):
         before = dynamo_counts() if compile != "off" else None
         losses.append(step())
-        compiled_last = before is not None and dynamo_counts() != before
+        compiled = before is not None and dynamo_counts() != before
+        compiled_again = compiled and len(losses) > 1
     warmup = len(losses)
     _sync(device)
     warmup_s = time.perf_counter() - start
