@@ -106,8 +106,8 @@ def _measure(cfg: BenchConfig, method: str, implementation: str, device: torch.d
     while len(losses) < warmup or (compiled_again and len(losses) < warmup + EXTRA_WARMUP):
         before = dynamo_counts() if compile != "off" else None
         losses.append(step())
-        compiled = before is not None and dynamo_counts() != before
-        compiled_again = compiled and len(losses) > 1
+        compiled_now = before is not None and dynamo_counts() != before
+        compiled_again = compiled_now and len(losses) > 1
     warmup = len(losses)
     _sync(device)
     warmup_s = time.perf_counter() - start
