@@ -84,6 +84,12 @@ def _once_per_forward(name: str, tensor: torch.Tensor, key, compute):
     return result
 
 
+def _marking_documents(position_ids):
+    """position_ids as they mark documents ((B, S) or (1, S)), None for multimodal RoPE's (3, B, S) positions, which
+    mark none (transformers' masks read none from them either)."""
+    return None if position_ids is None or position_ids.dim() > 2 else position_ids
+
+
 def _packed_documents(position_ids, batch_size: int):
     """(cu_seqlens over the B·S flattened tokens, longest document) when some row holds several documents, else None.
 
@@ -91,8 +97,9 @@ def _packed_documents(position_ids, batch_size: int):
     one starts at a row's first token and wherever the position does not rise by 1 (restarts at 0 or at any other
     value; a row that continues a document from an earlier chunk is one document). Eagerly this reads the values
     once per forward (every layer gets the same position_ids tensor). Traced: traced_documents."""
-    if position_ids is None or position_ids.shape[-1] == 1 or position_ids.dim() > 2:
-        return None  # 3-D: multimodal RoPE's (3, B, S) positions, no document bounds (transformers' masks: the same)
+    position_ids = _marking_documents(position_ids)
+    if position_ids is None or position_ids.shape[-1] == 1:
+        return None
     rows = position_ids.reshape(-1, position_ids.shape[-1]).expand(batch_size, -1)
     starts = F.pad(rows.diff(dim=-1) != 1, (1, 0), value=True).reshape(-1)
     if compiling():
@@ -231,8 +238,7 @@ def _sdpa_fallback(query, key, value, mask, scaling, is_causal, window=None, pre
     position_ids (self-attention under torch.compile, whose graph cannot read the mask): the documents they hold
     are kept apart when the mask has no padding, as eagerly (where that mask becomes None: _packed_documents)."""
     n_q, n_k = query.shape[2], key.shape[2]
-    if position_ids is not None and position_ids.dim() > 2:  # multimodal RoPE's: no document bounds
-        position_ids = None
+    position_ids = _marking_documents(position_ids)
     if mask is not None and mask.dim() == 2:
         if position_ids is not None:
             rows = position_ids.reshape(-1, n_k).expand(mask.shape[0], -1)

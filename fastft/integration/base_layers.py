@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import copy
 
+from peft import PeftModel
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers.pytorch_utils import Conv1D
@@ -25,8 +26,6 @@ def transformers_model(model: nn.Module) -> nn.Module:
     """The model inside a PeftModel (`model` itself otherwise). peft's get_base_model() reads the active adapter's
     config, which is gone once delete_adapter removed the last one: adding or loading one then raised a KeyError
     (peft's own add_adapter reads base_model.model)."""
-    from peft import PeftModel
-
     if not isinstance(model, PeftModel):
         return model
     if model.active_adapter in model.peft_config:

@@ -97,8 +97,9 @@ def stacked_adapters(lora_A, lora_B, scaling, names) -> tuple[torch.Tensor, torc
     dtype = functools.reduce(torch.promote_types, [lora_A[n].weight.dtype for n in names])
     A = torch.cat([lora_A[n].weight.to(dtype) for n in names], dim=0)
     scales = [scaling[n] for n in names]
-    common = 1.0 if any(isinstance(v, torch.Tensor) for v in scales) or not any(scales) else max(scales, key=abs)
-    B = torch.cat([lora_B[n].weight.to(dtype) if v == common else lora_B[n].weight.to(dtype) * (v / common)
+    folded = any(isinstance(v, torch.Tensor) for v in scales) or not any(scales)  # (tensors: no value read)
+    common = 1.0 if folded else max(scales, key=abs)
+    B = torch.cat([lora_B[n].weight.to(dtype) * (v / common) if folded or v != common else lora_B[n].weight.to(dtype)
                    for n, v in zip(names, scales)], dim=1)
     return A, B, float(common)
 

@@ -42,8 +42,9 @@ def run_one(cfg: BenchConfig, method: str, implementation: str, device: torch.de
            "compile": compile}
     if compile != "off":
         row["compile_backend"] = cfg.compile_backend
-    if peers.no_path(implementation, method):
-        return dict(row, status="unavailable", reason=peers.no_path(implementation, method))
+    no_path = peers.no_path(implementation, method)
+    if no_path:
+        return dict(row, status="unavailable", reason=no_path)
     missing = peers.missing_package(implementation, method)
     if missing:
         return dict(row, status="not installed", reason=f"{missing} is not installed")
