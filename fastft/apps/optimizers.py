@@ -66,14 +66,13 @@ def parameter_groups(model: nn.Module, weight_decay: float, embeddings_apart: bo
     loraplus_lr_ratio > 0 (LoRA+, Hayou et al. 2024, as peft's create_loraplus_optimizer): LoRA's B matrices and
     the trainable vectors learn at lr × the ratio, in their own group(s). Without weight decay, embeddings apart or
     LoRA+, one group: the layout of checkpoints written before groups existed."""
-    no_decay, embeddings = set(), set()
-    for module in model.modules():
-        norm = "norm" in type(module).__name__.lower()
-        for pname, p in module.named_parameters(recurse=False):
-            if norm or pname == "bias":
-                no_decay.add(id(p))
-        if isinstance(module, nn.Embedding):
-            embeddings.add(id(module.weight))
+    embeddings = {id(module.weight) for module in model.modules() if isinstance(module, nn.Embedding)}
+    named = dict(model.named_parameters(remove_duplicate=False))
+    decayed = {id(named[name]) for name in _decayed_names(model)}
+    no_decay = {id(p) for p in named.values() if id(p) not in decayed}
+    for module in model.modules():  # a normalization class whose weights' names transformers' patterns miss
+        if "norm" in type(module).__name__.lower() and not isinstance(module, nn.Embedding):
+            no_decay |= {id(p) for p in module.parameters(recurse=False)}
     no_decay |= {id(p) for name, p in model.named_parameters() if any(s in name for s in SCALES)}
     if not weight_decay:
         no_decay = set()
@@ -95,6 +94,18 @@ def parameter_groups(model: nn.Module, weight_decay: float, embeddings_apart: bo
             group["lr"] = lr * loraplus_lr_ratio
         out.append(group)
     return out
+
+
+# transformers.Trainer.get_decay_parameter_names' patterns: every name holding "bias" (GPT-OSS's expert biases,
+# Mamba2's dt_bias, not only `bias`), and the normalization layers' names (a NormedEmbedding's table is decayed)
+_NO_DECAY_PATTERNS = [r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)"]
+
+
+def _decayed_names(model: nn.Module) -> list[str]:
+    """The parameter names transformers' Trainer decays (its rule, on the same helper)."""
+    from transformers.trainer_pt_utils import get_parameter_names
+
+    return get_parameter_names(model, [nn.LayerNorm], _NO_DECAY_PATTERNS)
 
 
 _CLASS = None
