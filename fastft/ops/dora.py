@@ -35,7 +35,7 @@ from fastft.ops.compiled import compiling, needed, unused
 from fastft.ops.compiled_args import fresh_like, weight_args, weight_from_args
 from fastft.ops.nf4_matmul import nf4_matmul_torch
 from fastft.ops.qlora_path import nf4_base_gemm, on_dequantized
-from fastft.ops.lora import (backward_operands, rank_operands, split_scaling, tail_factor,
+from fastft.ops.lora import (backward_operands, rank_dtype, rank_operands, split_scaling, tail_factor,
                              times_b)
 from fastft.ops.shared import (as_rows, autocast_inputs, autocast_off, check, check_backend, finite, nf4_fused_ok,
                                first_order_only, padded, resolve_backend, rows_to, safe_div, to_dtype)
@@ -109,12 +109,15 @@ def dora_linear_reference(x, weight, bias, lora_A, lora_B, magnitude, scaling, d
 
         def base(t, b=None):
             return F.linear(t, W, b)
+    # the rank path in rank_dtype (fp32 for fp16 x, as peft's fp32 adapters and LoRA's torch path run it): in fp16
+    # a row with |x·Aᵀ| past 65504 gave NaN where peft's is finite, and dA overflowed at a 4-8× lower loss scale
+    rd = rank_dtype(x.dtype)
     if keep_mask is None and dropout_p == 0.0:
-        lora = F.linear(F.linear(x, lora_A.to(x.dtype)), lora_B.to(x.dtype))
+        lora = F.linear(F.linear(x.to(rd), lora_A.to(rd)), lora_B.to(rd))
         y = (sigma * (base(x) + scaling * lora)).to(x.dtype)
         return y if bias is None else y + bias
     x_d = x * keep_mask.to(x.dtype) / (1.0 - dropout_p) if keep_mask is not None else F.dropout(x, dropout_p, True)
-    lora = F.linear(F.linear(x_d, lora_A.to(x.dtype)), lora_B.to(x.dtype))
+    lora = F.linear(F.linear(x_d.to(rd), lora_A.to(rd)), lora_B.to(rd))
     extra = (sigma - 1) * base(x_d) + sigma * lora * scaling
     return (base(x, bias) + extra).to(x.dtype)
 
