@@ -12,7 +12,10 @@ try:
     from fastft import _C
     import_error = None
 except ImportError as e:  # the extension is optional; why it did not load (a missing library) is kept here
-    _C, import_error = None, e
+    _C = None
+    # (Python's own words for a missing file blame "a circular import")
+    import_error = ImportError(f"fastft._C did not load: not built, or a library it needs is missing ({e}); "
+                               "`bash scripts/setup.sh` builds it")
 
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
@@ -28,8 +31,9 @@ def _check(ok: bool, message) -> None:
 
 def _check_blocksize(blocksize: int) -> None:
     # the C++ loops take a block to start on a byte and trust every size: checked here, before raw pointers
-    _check(isinstance(blocksize, int) and blocksize > 0 and blocksize % 2 == 0,
-           lambda: f"`blocksize` must be a positive even int, got {blocksize!r}")
+    # (at most 2^31: the C++ rounds n up to whole blocks in 64 bits, which a blocksize near 2^63 overflowed)
+    _check(isinstance(blocksize, int) and 0 < blocksize <= 2**31 and blocksize % 2 == 0,
+           lambda: f"`blocksize` must be a positive even int up to 2^31, got {blocksize!r}")
 
 
 def quantize(x: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:

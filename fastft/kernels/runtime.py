@@ -55,6 +55,17 @@ def under_func_transform() -> bool:
                                                   or torch.autograd.forward_ad._current_level >= 0)
 
 
+def raw_pointers_ok(*tensors: torch.Tensor) -> bool:
+    """Whether the compiled extension (which takes data pointers) may run on `tensors`: plain tensors, no torch.func
+    transform, no tracer or fake mode watching. Else the torch reference runs: a FakeTensor's pointer is 0 (a
+    segfault), make_fx recorded only the output's torch.empty (its graph replayed uninitialized memory), and
+    torch.jit.trace handed numel over as a tensor."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+    return (not under_func_transform() and not torch.jit.is_tracing() and _get_current_dispatch_mode() is None
+            and all(type(t) in (torch.Tensor, torch.nn.Parameter) for t in tensors))
+
+
 def triton_runs_on(device: torch.device) -> bool:
     """Triton kernels run on CUDA devices, and on the CPU under the interpreter."""
     if not HAS_TRITON:

@@ -40,7 +40,7 @@ from typing import Callable
 import torch
 
 from fastft.kernels import nf4_cpu
-from fastft.kernels.runtime import HAS_TRITON, under_func_transform
+from fastft.kernels.runtime import HAS_TRITON, raw_pointers_ok, under_func_transform
 from fastft.quant import nf4_format as fmt
 
 aten = torch.ops.aten
@@ -66,7 +66,7 @@ def dequantize_parts(packed, absmax, absmax2, code2, code, offset, nested_blocks
                                  offset=float(offset), nested_blocksize=nested_blocksize)
     scales = absmax if absmax2 is None else fmt.dequantize_blockwise8_torch(absmax, absmax2, code2, offset,
                                                                             nested_blocksize)
-    if packed.device.type == "cpu" and nf4_cpu.available() and not under_func_transform():
+    if packed.device.type == "cpu" and nf4_cpu.available() and raw_pointers_ok(packed, scales):
         return nf4_cpu.dequantize(packed, scales, numel, blocksize, dtype)
     return fmt.dequantize_nf4_torch(packed, scales, numel, blocksize, dtype)
 

@@ -20,6 +20,7 @@ import math
 import torch
 
 from fastft.kernels import nf4_cpu
+from fastft.kernels.runtime import raw_pointers_ok
 from fastft.quant import nf4_format as fmt
 from fastft.quant import nf4_tensor_ops as ops
 
@@ -484,7 +485,7 @@ def quantize_nf4(tensor: torch.Tensor, blocksize: int = 64, double_quant: bool =
         return ops.zero_weight(tensor.shape, tensor.dtype, blocksize, double_quant, tensor.device)
     with torch.no_grad():
         t = tensor.detach()
-        if t.device.type == "cpu" and nf4_cpu.available():
+        if t.device.type == "cpu" and nf4_cpu.available() and raw_pointers_ok(t):
             packed, absmax = nf4_cpu.quantize(t, blocksize)
         else:
             packed, absmax = fmt.quantize_nf4_torch(t, blocksize)
