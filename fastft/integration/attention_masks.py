@@ -274,8 +274,8 @@ def fastft_attention_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset
     if not causal and kwargs.get("local_size") is not None:  # a bidirectional sliding mask: its reach
         _note_reach(("bidirectional", id(config)), kwargs["local_size"])
     # the window of the causal mask a model without layer_types built (None: no window). Only there: a model with
-    # layer_types builds a full and a sliding mask each forward, and a note flipping between them made every
-    # compiled model with a window (Qwen2, Gemma 2...) compile twice; its layers read their window from the types
+    # layer_types builds a full and a sliding mask each forward, and a note flipping between them made such a model
+    # (Qwen2, Qwen2-MoE on attn_implementation='fastft') compile twice; its layers read their window from the types
     if causal and getattr(config, "layer_types", None) is None:
         _note_reach(("causal", id(config)), kwargs.get("local_size"))
     if not compiling():
