@@ -6,20 +6,14 @@ import torch
 from peft import LoraConfig
 
 import fastft
-from tests.utils import tiny_llama
+from tests.utils import graphs_per_training_call, tiny_llama
 
 
 def test_three_compiled_training_steps_compile_one_graph():
-    from torch._dynamo.utils import counters
-
     torch._dynamo.reset()
     model = fastft.patch_model(fastft.get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj"])))
     model.train()
     compiled = torch.compile(model, backend="eager")
     ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(0))
-    graphs = []
-    for _ in range(3):
-        before = counters["stats"]["unique_graphs"]
-        compiled(input_ids=ids, labels=ids).loss.backward()
-        graphs.append(counters["stats"]["unique_graphs"] - before)
+    graphs = graphs_per_training_call(compiled, ids)
     assert graphs == [1, 0, 0], graphs

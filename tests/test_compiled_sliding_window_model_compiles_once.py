@@ -8,6 +8,7 @@ import transformers
 from peft import LoraConfig
 
 import fastft
+from tests.utils import graphs_per_training_call
 
 
 def _tiny(config_class, model_class, **overrides):
@@ -26,8 +27,6 @@ def _tiny(config_class, model_class, **overrides):
                   num_experts_per_tok=2),
 ], ids=["qwen2", "qwen2_moe"])
 def test_three_compiled_training_steps_of_a_sliding_window_model_compile_one_graph(build):
-    from torch._dynamo.utils import counters
-
     torch._dynamo.reset()
     base = build()
     assert {"sliding_attention", "full_attention"} <= set(base.config.layer_types)
@@ -37,11 +36,7 @@ def test_three_compiled_training_steps_of_a_sliding_window_model_compile_one_gra
     model.train()
     compiled = torch.compile(model, backend="eager")
     ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(0))
-    graphs = []
-    for _ in range(3):
-        before = counters["stats"]["unique_graphs"]
-        compiled(input_ids=ids, labels=ids).loss.backward()
-        graphs.append(counters["stats"]["unique_graphs"] - before)
+    graphs = graphs_per_training_call(compiled, ids)
     assert graphs == [1, 0, 0], graphs
     # and each layer still gets its window: the compiled loss is the eager sdpa model's
     with torch.no_grad():

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import fastft
 from fastft.ops import lora_linear
-from tests.utils import TOL, rel_err, tiny_llama
+from tests.utils import TOL, first_inf_loss_scale, rel_err, tiny_llama
 
 M, K, N, R, ALPHA = 256, 32, 24, 4, 16  # s = 4: peft's first inf at a loss scale of 2^13, the old torch path's 2^9
 
@@ -127,14 +127,7 @@ def test_tiny_llama_fp16_first_inf_no_earlier_than_peft(monkeypatch):
 
     def first_inf(make):
         torch.manual_seed(4)  # init_lora_weights=False draws B: the same factors for both
-        model = make(copy.deepcopy(base), copy.deepcopy(config))
-        params = [p for p in model.parameters() if p.requires_grad]
-        for k in range(16, 26):
-            model.zero_grad(set_to_none=True)
-            (model(input_ids=ids, labels=ids).loss * 2.0**k).backward()
-            if not all(torch.isfinite(p.grad).all() for p in params):
-                return k
-        return 26
+        return first_inf_loss_scale(make(copy.deepcopy(base), copy.deepcopy(config)), ids, range(16, 26))
 
     peft_k, ours_k = first_inf(peft.get_peft_model), first_inf(fastft.get_peft_model)
     assert peft_k < 26

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import fastft
-from tests.utils import tiny_llama
+from tests.utils import first_inf_loss_scale, tiny_llama
 
 M, K, N, R = 5, 64, 48, 4
 
@@ -61,14 +61,7 @@ def test_tiny_llama_fp16_dora_first_inf_no_earlier_than_peft(monkeypatch):
 
     def first_inf(make):
         torch.manual_seed(4)  # init_lora_weights=False draws B: the same factors for both
-        model = make(copy.deepcopy(base), copy.deepcopy(config))
-        params = [p for p in model.parameters() if p.requires_grad]
-        for k in range(14, 26):
-            model.zero_grad(set_to_none=True)
-            (model(input_ids=ids, labels=ids).loss * 2.0**k).backward()
-            if not all(torch.isfinite(p.grad).all() for p in params):
-                return k
-        return 26
+        return first_inf_loss_scale(make(copy.deepcopy(base), copy.deepcopy(config)), ids, range(14, 26))
 
     peft_k, ours_k = first_inf(peft.get_peft_model), first_inf(fastft.get_peft_model)
     assert peft_k < 26, "the setup must reach an overflow for the comparison to mean anything"

@@ -93,3 +93,27 @@ def cache_kwarg(cache) -> dict:
 
     name = "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
     return {name: cache}
+
+
+def first_inf_loss_scale(model, ids, exponents: range) -> int:
+    """The first k in `exponents` whose loss scale 2^k gives a trainable parameter an inf/nan gradient (GradScaler's
+    found_inf) in one scaled backward of the causal-LM loss on `ids`; exponents.stop when none does."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    for k in exponents:
+        model.zero_grad(set_to_none=True)
+        (model(input_ids=ids, labels=ids).loss * 2.0**k).backward()
+        if not all(torch.isfinite(p.grad).all() for p in params):
+            return k
+    return exponents.stop
+
+
+def graphs_per_training_call(compiled, ids, calls: int = 3) -> list[int]:
+    """How many graphs dynamo compiled at each of `calls` forward + backward calls of `compiled` on `ids`."""
+    from torch._dynamo.utils import counters
+
+    graphs = []
+    for _ in range(calls):
+        before = counters["stats"]["unique_graphs"]
+        compiled(input_ids=ids, labels=ids).loss.backward()
+        graphs.append(counters["stats"]["unique_graphs"] - before)
+    return graphs
