@@ -33,6 +33,7 @@ def _error(argv, capsys) -> str:
 @pytest.mark.parametrize("argv,message", [
     (["--dropout", "1.5"], "--dropout must be a probability in [0, 1), got 1.5"),
     (["--lr", "-1"], "--lr must be a positive number, got -1.0"),
+    (["--lr", "-1e-3"], "--lr must be a positive number, got -0.001"),  # argparse took it for a flag
     (["--lr", "nan"], "--lr must be a positive number"),
     (["--grad-accum", "0"], "--grad-accum must be at least 1, got 0"),
     (["--steps", "0"], "--steps must be at least 1"),

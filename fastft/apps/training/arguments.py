@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import os
+import re
 import types
 import typing
 from pathlib import Path
@@ -47,6 +48,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
             if name in CHOICES:
                 kwargs["choices"] = CHOICES[name]
             group.add_argument(flag(name), **kwargs)
+    # argparse (3.11) takes "-1e-3" for a flag ("--lr: expected one argument"), "-0.001" for a value: negative
+    # numbers in exponent form too, so that the value's own check says what is wrong with it
+    if hasattr(parser, "_negative_number_matcher"):
+        parser._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
 
 def _coerce(name: str, value, source: str):
