@@ -94,7 +94,7 @@ def test_report_writer_tables_plots_and_headline(tmp_path):
     cells = []
     for seed, jitter in ((0, 0.0), (1, 0.01), (2, -0.01)):
         cells += [_cell("minilm", "subj", "lora", "fastft", seed, 0.90 + jitter, 700_000, 900.0),
-                  _cell("minilm", "subj", "lora", "peft", seed, 0.89 + jitter, 700_000, 800.0),
+                  _cell("minilm", "subj", "lora", "peft", seed, 0.895 + jitter, 700_000, 800.0),
                   _cell("minilm", "subj", "full", "fastft", seed, 0.85 + jitter, 22_700_000, 600.0),
                   _cell("minilm", "trec", "lora", "fastft", seed, 0.80 + jitter, 700_000, 900.0, "macro_f1"),
                   _cell("minilm", "trec", "lora", "peft", seed, 0.60 + jitter, 700_000, 800.0, "macro_f1"),
@@ -114,7 +114,7 @@ def test_report_writer_tables_plots_and_headline(tmp_path):
     assert "| lora (peft) | 700k |" in report and "| full | 22.7M |" in report
     assert "| lora | subj, trec | — |" in report
     assert "| minilm | 32-per-class | trec | lora | 80.0 | 60.0 | +20.0 |" in report and "**differs**" in report
-    assert "| minilm | 32-per-class | subj | lora | 90.0 | 89.0 | +1.0 | 2.0 | 3 | ok |" in report
+    assert "| minilm | 32-per-class | subj | lora | 90.0 | 89.5 | +0.5 | 1.0 | 3 | ok |" in report
     text = headline(aggregate(cells), results["tasks"])
     assert "lora scores best on average (85.0" in text and "Full fine-tuning scores 81.5" in text
     assert "agrees with fastft's within noise in 1 of 2" in text
@@ -138,6 +138,35 @@ def test_report_writer_tables_plots_and_headline(tmp_path):
     assert set(paths) == {"report"} and not (tmp_path / "no-plots" / "plots").exists()
     text = paths["report"].read_text()
     assert "No plots: matplotlib is not installed" in text and "![" not in text and "| lora | 90.0 ± 1.0" in text
+
+
+def _anchor(fastft: dict, peft: dict) -> dict:
+    """The one anchor row of fastft and peft scores by seed ({seed: score})."""
+    (row,) = anchor_rows(aggregate([_cell("minilm", "subj", "lora", impl, seed, score, 1, 1.0)
+                                    for impl, scores in (("fastft", fastft), ("peft", peft))
+                                    for seed, score in scores.items()]))
+    return row
+
+
+def test_the_anchor_compares_the_seeds_both_implementations_scored():
+    """peft's seed 1 failed; on seed 0 both scored 70: the same, not fastft's two-seed mean (80) against 70."""
+    cells = [_cell("minilm", "subj", "lora", "fastft", 0, 0.70, 1, 1.0),
+             _cell("minilm", "subj", "lora", "fastft", 1, 0.90, 1, 1.0),
+             _cell("minilm", "subj", "lora", "peft", 0, 0.70, 1, 1.0),
+             {**_cell("minilm", "subj", "lora", "peft", 1, 0.0, 1, 1.0), "status": "failed"}]
+    (row,) = anchor_rows(aggregate(cells))
+    assert (row["fastft"], row["peft"], row["diff"], row["seeds"], row["flagged"]) == (70.0, 70.0, 0.0, 1, False)
+    assert not anchor_rows(aggregate(cells[1:2] + cells[3:]))  # no seed in common: no row
+
+
+def test_the_anchor_pairs_the_seeds():
+    """Seeds vary far more than the implementations differ: peft 4-5 points above fastft on every seed is flagged
+    (paired t = -15.6, p = 0.004), while a gap of either sign seed by seed is noise."""
+    row = _anchor({0: 0.70, 1: 0.80, 2: 0.90}, {0: 0.74, 1: 0.85, 2: 0.945})
+    assert row["diff"] == pytest.approx(-4.5) and row["flagged"]
+    assert row["threshold"] == pytest.approx(4.303 * 0.5 / 3 ** 0.5, rel=1e-3)  # t(0.975, 2) · sd / √n
+    row = _anchor({0: 0.70, 1: 0.80, 2: 0.90}, {0: 0.74, 1: 0.79, 2: 0.915})
+    assert row["diff"] == pytest.approx(-1.5) and not row["flagged"]
 
 
 def test_one_seed_threshold_is_three_points():

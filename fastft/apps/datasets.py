@@ -185,7 +185,7 @@ def _amazon_reviews() -> list[tuple[str, int]]:
 _TASKS.update({
     "subj": ("SUBJ subjective/objective sentences (Rotten Tomatoes, ~11.3k)", "Sentence: {text}\nThis sentence is",
              (" objective", " subjective"), _subjectivity),
-    "trec": ("TREC question type, 6 coarse classes (5,382 questions)", "Question: {text}\nAnswer type:",
+    "trec": ("TREC question type, 6 coarse classes (5,381 questions)", "Question: {text}\nAnswer type:",
              (" abbreviation", " description", " entity", " human", " location", " number"), _trec_coarse),
     "bbc-news": ("BBC news topic, 5 classes (2,225 articles)", "Article: {text}\nTopic:",
                  (" business", " entertainment", " politics", " sport", " tech"), _bbc_news),

@@ -25,7 +25,7 @@ import torch
 
 from fastft.apps.provenance import device_name
 from fastft.apps.study.models import count_parameters, prepare_model, unfreeze_head
-from fastft.apps.study.tasks import load_study_task, tested_rows, training_rows
+from fastft.apps.study.tasks import capped_rows, load_study_task, tested_rows, training_rows
 from fastft.integration.methods import apply_method
 
 
@@ -192,7 +192,7 @@ def _build(spec: CellSpec, settings: CellSettings, task, device):
 def _train_and_test(spec: CellSpec, settings: CellSettings, device) -> dict:
     task = load_study_task(spec.task)
     train_rows = training_rows(task, spec.regime, spec.seed)
-    dev_rows = task.dev[: settings.max_dev] if settings.max_dev else task.dev
+    dev_rows = capped_rows(task.dev, settings.max_dev)
     test_rows = tested_rows(task, settings.max_test)
     prepared, model, trainable, total, named, optimizer, schedule = _build(spec, settings, task, device)
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else (

@@ -57,8 +57,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--head-lr", type=float, help="MiniLM's fresh classification head, every method (default 3e-3; "
                                                  "SmolLM2 has no new head)")
     p.add_argument("--evals", type=int, help="dev evaluations per cell; the best is tested (default 6)")
-    p.add_argument("--max-dev", type=int, help="evaluate on the first N dev rows (default: all)")
-    p.add_argument("--max-test", type=int, help="test on the first N test rows (default: all)")
+    p.add_argument("--max-dev", type=int, help="evaluate on N dev rows, each class its share (default: all)")
+    p.add_argument("--max-test", type=int, help="test on N test rows, each class its share (default: all)")
     p.add_argument("--with-peft", dest="with_peft", action="store_true", default=None,
                    help="run peft's own implementation of each method beside fastft's (default)")
     p.add_argument("--no-peft", dest="with_peft", action="store_false",

@@ -123,9 +123,27 @@ def training_rows(task: StudyTask, regime: str, seed: int) -> list[Example]:
     return picked
 
 
+def capped_rows(rows: list[Example], n: int | None) -> list[Example]:
+    """`n` of a split's rows keeping its class balance: each class its share (largest remainder) and at least one row
+    while n allows, the first of its rows in the split's order, in that order. (The first n rows alone could leave
+    out a rare class: SMS spam's first 16 dev rows hold no spam, and dev macro-F1 then chose a checkpoint always
+    saying "no".) All the rows without n, or when n covers them."""
+    if not n or n >= len(rows):
+        return list(rows)
+    by_class: dict[int, list[int]] = {}
+    for i, (_, label) in enumerate(rows):
+        by_class.setdefault(label, []).append(i)
+    labels = sorted(by_class)
+    floor = 1 if n >= len(labels) else 0
+    extra = _apportion([len(by_class[label]) - floor for label in labels], n - floor * len(labels))
+    kept = sorted(i for label, k in zip(labels, extra) for i in by_class[label][:floor + k])
+    return [rows[i] for i in kept]
+
+
 def tested_rows(task: StudyTask, max_test: int | None = None) -> list[Example]:
-    """The test rows every cell is tested on: the first `max_test` of the fixed test split (all of it without)."""
-    return task.test[:max_test] if max_test else task.test
+    """The test rows every cell is tested on: `max_test` rows of the fixed test split by capped_rows (all of it
+    without)."""
+    return capped_rows(task.test, max_test)
 
 
 def tested_split(task: StudyTask, max_test: int | None = None) -> dict:
