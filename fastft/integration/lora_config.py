@@ -161,7 +161,7 @@ def _is_all_linear(targets) -> bool:
 def _quantized_linear_names(model: nn.Module) -> set[str]:
     """The names of the NF4 layers peft's "all-linear" would adapt were they the nn.Linear (or Conv1D) layers they
     replaced: all but the output layer (the head of a SEQ_CLS model, which peft also leaves out, cannot be NF4 here:
-    peft trains it whole, refused by _check_modules_to_save_dense); one inside a peft adapter layer counts under that
+    peft trains it whole, refused by check_modules_to_save_dense); one inside a peft adapter layer counts under that
     layer's name."""
     get_output = getattr(model, "get_output_embeddings", None)
     output = get_output() if callable(get_output) else None
@@ -232,7 +232,7 @@ def _check_targets(config: LoraConfig, model: nn.Module) -> None:
         _check_patterns(config, [name for name, _ in targeted], parameters)
     check_exclude_modules(config, names, "LoraConfig")
     check_modules_to_save(config, names, "LoraConfig")
-    _check_modules_to_save_dense(config, model)
+    check_modules_to_save_dense(config, model, "LoraConfig")
 
 
 def _warn_layer_selection_skips_parameters(config: LoraConfig, parameters: list[str]) -> None:
@@ -402,13 +402,27 @@ def _keep_dense(entry: str) -> str:
     return f"to train it, keep it dense when quantizing: fastft.quantize_model(model, skip=[{entry!r}])"
 
 
-def _check_modules_to_save_dense(config: LoraConfig, model: nn.Module) -> None:
-    found = _nf4_module_to_save(config, model)
-    if found is not None:
-        entry, name = found
-        raise ValueError(f"LoraConfig.modules_to_save entry {entry!r} names '{name}', which is or holds an NF4 (QLoRA) "
-                         f"layer: its 4-bit weight cannot be trained or saved whole. {_keep_dense(entry).capitalize()}"
-                         "; or adapt it with LoRA instead (target_modules)")
+def refuse_nf4_trained_whole(label: str, entry: str, name: str, module: nn.Module, task_type=None) -> None:
+    """ValueError when `module`, which a method trains and saves whole (a modules_to_save entry, or the head
+    task_type adds), is or holds an NF4 layer: a frozen 4-bit weight can be neither, and the method found that only
+    after building its layers inside the user's model (NF4Weight's "frozen: it cannot require gradients")."""
+    if not any(isinstance(m, NF4Linear) for m in module.modules()):
+        return
+    what = (f"{label}.task_type={task_type!r} trains its head {entry!r} whole:" if task_type else
+            f"{label}.modules_to_save entry {entry!r} names")
+    raise ValueError(f"{what} '{name}', which is or holds an NF4 (QLoRA) layer: its 4-bit weight cannot be trained "
+                     f"or saved whole. {_keep_dense(entry).capitalize()}"
+                     + ("; or adapt it with LoRA instead (target_modules)" if label == "LoraConfig" else ""))
+
+
+def check_modules_to_save_dense(config, model: nn.Module, label: str) -> None:
+    """refuse_nf4_trained_whole for every module peft would train whole under `config` (LoRA's, IA3's)."""
+    task = getattr(config.task_type, "value", config.task_type)
+    added = [e for e in _PEFT_HEAD_NAMES.get(task, ()) if e not in (getattr(config, "modules_to_save", None) or ())]
+    for entry in (*(getattr(config, "modules_to_save", None) or ()), *added):
+        for name, module in model.named_modules():
+            if name.endswith(entry):
+                refuse_nf4_trained_whole(label, entry, name, module, task if entry in added else None)
 
 
 def _check_patterns(config: LoraConfig, modules: list[str], parameters: list[str]) -> None:
@@ -456,7 +470,8 @@ def check_exclude_modules(config, names: list[str], label: str) -> None:
 
 
 # peft appends these to modules_to_save itself for classification models, whichever of them the model has.
-_PEFT_HEAD_NAMES = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score")}
+_PEFT_HEAD_NAMES = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"),
+                    "QUESTION_ANS": ("qa_outputs",)}
 
 
 def check_modules_to_save(config, names: list[str], label: str) -> None:

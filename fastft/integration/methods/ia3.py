@@ -34,7 +34,8 @@ def validate_ia3_config(config, model: nn.Module) -> None:
     from peft.utils import TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING as defaults
 
     from fastft.integration.lora_config import (check_exclude_modules, check_fan_in_fan_out, check_modules_to_save,
-                                                targeted_modules, warn_unmatched_targets)
+                                                check_modules_to_save_dense, targeted_modules,
+                                                warn_unmatched_targets)
     if not isinstance(config, IA3Config):
         raise TypeError(f"validate_ia3_config expects a peft.IA3Config, got {type(config).__name__}")
     targeted = targeted_modules(config, model, defaults)
@@ -50,6 +51,7 @@ def validate_ia3_config(config, model: nn.Module) -> None:
     warn_unmatched_targets(config, model, names, "IA3Config", "IA3", stacklevel=4)
     check_exclude_modules(config, names, "IA3Config")
     check_modules_to_save(config, names, "IA3Config")
+    check_modules_to_save_dense(config, model, "IA3Config")
     if targeted and ff:  # an entry no targeted module matches scales that module's output, not its input
         matched = [n for n, _ in targeted]
         if isinstance(ff, str):  # a regex, matched whole as peft matches it

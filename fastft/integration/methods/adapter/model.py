@@ -21,6 +21,7 @@ from torch import nn
 
 from fastft.files import atomic_write
 from fastft.integration.base_layers import attribute_set, in_out_features
+from fastft.integration.lora_config import refuse_nf4_trained_whole
 from fastft.integration.module_names import names_module
 from fastft.integration.methods.adapter.config import PEFT_TYPE, BottleneckAdapterConfig
 from fastft.integration.methods.adapter.layer import AdapterAfter, BottleneckAdapter
@@ -174,6 +175,9 @@ def _heads(model: nn.Module, config: BottleneckAdapterConfig, targets) -> list[t
         if inside:
             raise ValueError(f"BottleneckAdapterConfig.modules_to_save: '{name}' holds or is inside the adapter "
                              f"target '{inside[0]}'; train whole modules apart from the adapted layers")
+        entry = next((e for e in entries if names_module(e, name)), None)
+        refuse_nf4_trained_whole("BottleneckAdapterConfig", entry or name.rsplit(".", 1)[-1], name,
+                                 model.get_submodule(name), None if entry else config.task_type)
     return [(name, model.get_submodule(name)) for name in names]
 
 
