@@ -16,9 +16,10 @@ import fastft
 
 def _bart(config_class=transformers.BartConfig, model_class=transformers.BartForConditionalGeneration):
     torch.manual_seed(0)
-    config = config_class(vocab_size=96, pad_token_id=1, decoder_start_token_id=2, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
-                          decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
-                          max_position_embeddings=64, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0)
+    config = config_class(vocab_size=96, pad_token_id=1, decoder_start_token_id=2, d_model=32, encoder_layers=1,
+                          decoder_layers=1, encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
+                          decoder_ffn_dim=64, max_position_embeddings=64, dropout=0.0, attention_dropout=0.0,
+                          activation_dropout=0.0)
     return model_class(config).eval()
 
 

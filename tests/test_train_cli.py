@@ -251,14 +251,17 @@ def test_a_finished_run_without_checkpoints_is_not_overwritten(tiny_checkpoint, 
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["dropout"] is None and saved["mixed_precision"] == "auto"
     before = (out / "metrics.json").read_bytes()
-    for extra in ([], ["--resume", "--lr", "0.01"]):
+    for extra, refusal in (([], "holds a finished run (metrics.json) and no checkpoint of it"),
+                           (["--resume", "--lr", "0.01"], "holds a finished run (metrics.json) without checkpoints, "
+                                                          "written with other settings (--lr ")):
         capsys.readouterr()
         with pytest.raises(SystemExit) as info:
             main(args + extra)
         assert info.value.code == 2
-        assert "holds a finished run (metrics.json) and no checkpoint" in capsys.readouterr().err
+        assert refusal in capsys.readouterr().err
     assert main(args + ["--resume"]) == 0  # the same settings: the finished run stands
-    assert "holds this run finished (metrics.json, the same config.yaml); nothing to do" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "holds this run finished (metrics.json, its config.yaml's settings); nothing to do" in said
     assert (out / "metrics.json").read_bytes() == before
 
 

@@ -39,7 +39,8 @@ def aggregate(cells: list[dict]) -> dict:
             continue
         score, score_std = _mean_std([100 * c["test_metric"] for c in done])
         out[key] = {"status": "done", "n": len(done), "metric": done[0]["metric"], "score": score,
-                    "std": score_std, "by_seed": {c["seed"]: 100 * c["test_metric"] for c in done}, "accuracy": _mean_std([100 * c["test_accuracy"] for c in done])[0],
+                    "std": score_std, "by_seed": {c["seed"]: 100 * c["test_metric"] for c in done},
+                    "accuracy": _mean_std([100 * c["test_accuracy"] for c in done])[0],
                     "macro_f1": _mean_std([100 * c["test_macro_f1"] for c in done])[0],
                     "trainable": done[0]["trainable_parameters"], "total": done[0]["total_parameters"],
                     "tokens_per_second": _mean_std([c["tokens_per_second"] for c in done])[0],

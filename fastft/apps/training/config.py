@@ -217,8 +217,8 @@ HELP = {
     "resume": "continue from the newest checkpoint in --output-dir (same settings; what is evaluated and saved "
               "(--save-every, --eval-every, --eval-examples, --eval-batch-size, --save-merged), how steps are "
               "computed (--gradient-checkpointing, --offload-activations, --compile, --compile-backend, "
-              "--pad-to-buckets, --deterministic), --batch-size/--grad-accum of the same product, --epochs, and --steps under "
-              "--schedule constant --warmup-ratio 0 may change)",
+              "--pad-to-buckets, --deterministic), --batch-size/--grad-accum of the same product, and --steps (or "
+              "--epochs) under --schedule constant --warmup-ratio 0 may change)",
 }
 
 CHOICES = {

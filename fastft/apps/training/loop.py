@@ -37,12 +37,13 @@ from fastft.apps.optimizers import make_optimizer
 from fastft.apps.training.objectives import (ObjectiveModel, causal_lm, check_head_gives_logits, check_vocab_rows,
                                              checked_on_host_for, disable_model_dropout, documents_alone,
                                              is_prompt_learning, packing_isolates, run_documents_alone, token_rows)
-from fastft.apps.training.resume_checks import (check_resumed_data, check_resumed_settings, check_resumed_step,
-                                               finished_metrics)
+from fastft.apps.training.resume_checks import (check_finished_run_settings, check_resumed_data,
+                                               check_resumed_settings, check_resumed_step, finished_metrics,
+                                               resume_may_change)
 from fastft.apps.training.run_lock import hold_output_dir
 from fastft.apps.training.run_setup import (apply_method_or_config_error, launcher_notes, load_models,
-                                            make_accelerator, maybe_patch, nf4_fsdp_problem, precision_notes,
-                                            shard_model)
+                                            make_accelerator, maybe_patch, nf4_fsdp_problem, patch_problem,
+                                            precision_notes, shard_model)
 
 
 class TrainingStopped(RuntimeError):
@@ -208,18 +209,6 @@ def deterministic_algorithms(on: bool):
         torch.use_deterministic_algorithms(before, warn_only=warn_only)
 
 
-def _saved_as_given(out: Path, given: TrainConfig) -> bool:
-    """Whether the run in `out` was started with these settings (its config.yaml; --resume aside)."""
-    import yaml
-
-    try:
-        saved = yaml.safe_load((out / "config.yaml").read_text())
-    except (OSError, yaml.YAMLError):
-        return False
-    ours = to_yaml_dict(given)
-    return isinstance(saved, dict) and {**saved, "resume": None} == {**ours, "resume": None}
-
-
 def _run(cfg: TrainConfig, accelerator, train_records, eval_records, description, as_given: TrainConfig) -> dict:
     """as_given: the settings before validate, for config.yaml: --epochs, not the steps it gives here; an unset
     --dropout or --mixed-precision auto, not what validate resolved them to (reused with --objective dpo or on a GPU,
@@ -259,13 +248,13 @@ def _run(cfg: TrainConfig, accelerator, train_records, eval_records, description
                           "--output-dir (or delete that one) to start a new run")
     elif (out / "metrics.json").is_file():  # a finished run without checkpoints (--save-every 0): overwritten,
         # its merged/ would have stayed beside the new run's adapter; resumed, it would have trained from step 0
-        if cfg.resume and _saved_as_given(out, as_given):
-            log(f"--resume: {cfg.output_dir} holds this run finished (metrics.json, the same config.yaml); nothing "
-                "to do")
-            return json.loads((out / "metrics.json").read_text())
+        if cfg.resume:
+            finished = check_finished_run_settings(cfg, as_given, out)
+            log(f"--resume: {cfg.output_dir} holds this run finished (metrics.json, its config.yaml's settings); "
+                "nothing to do")
+            return finished
         raise ConfigError(f"--output-dir {cfg.output_dir} holds a finished run (metrics.json) and no checkpoint "
-                          f"{'to resume from (its config.yaml differs)' if cfg.resume else 'of it'}; choose another "
-                          "--output-dir (or delete that one) to start a new run")
+                          "of it; choose another --output-dir (or delete that one) to start a new run")
     set_seed(cfg.seed)
 
     model_path, tokenizer, load_model, load_tokenizer = load_models(cfg, device, accelerator)
@@ -274,12 +263,15 @@ def _run(cfg: TrainConfig, accelerator, train_records, eval_records, description
         ckpt.check_resumed_models(models, resumed.get("models"), resume_from)
         finished = finished_metrics(cfg)  # every check passed: this very run, ended
         if finished is not None:  # running its end again would only overwrite metrics.json with a new peak memory
+            longer = ("a larger --steps continues it" if "steps" in resume_may_change(cfg) else
+                      "--steps may grow under --schedule constant --warmup-ratio 0 only")
             log(f"--resume: {cfg.output_dir} holds this run finished (step {cfg.steps} of {cfg.steps}, metrics.json); "
-                "nothing to do (a larger --steps continues it)")
+                f"nothing to do ({longer})")
             return finished
     model_config = AutoConfig.from_pretrained(model_path)  # the sizes, before the weights load
     problem, warning = length_problem(cfg, model_config)
-    problem = rank_problem(cfg, model_config) or nf4_fsdp_problem(cfg, model_config, world) or problem
+    problem = rank_problem(cfg, model_config) or patch_problem(cfg, model_config) \
+        or nf4_fsdp_problem(cfg, model_config, world) or problem
     if problem:
         raise ConfigError(problem)
     if warning:
@@ -389,6 +381,9 @@ def _run(cfg: TrainConfig, accelerator, train_records, eval_records, description
         fastft.save_adapter(inner, path, state_dict=weights)
 
     def trainer_state():
+        # the peak so far travels with the checkpoint: a resumed run reports the whole run's, not its own process's
+        # (a finished run resumed for --save-merged trained nothing: 1.07 GiB where training took 1.79)
+        history["peak_memory_gib"] = max(history.get("peak_memory_gib") or 0.0, peak_memory_gib(device))
         return {"scheduler": schedule.state_dict(), "plan": plan.state_dict(), "history": history,
                 "config": ckpt.comparable_settings(to_yaml_dict(cfg)), "data": fingerprint, "models": models,
                 "scaler": ckpt.scaler_state(accelerator),  # collective (every process saves at the same step):
@@ -503,7 +498,7 @@ def _run(cfg: TrainConfig, accelerator, train_records, eval_records, description
                 stop(step + 1, f"its checkpoint could not be written ({e})", "the next step")
     bar.close()
     stop_unless_finite(cfg.steps, "saving")
-    peak = peak_memory_gib(device)
+    peak = max(peak_memory_gib(device), history.get("peak_memory_gib") or 0.0)
     cut, seen = (int(n) for n in record_flags(make_batch, len(train_records), earlier_flags, accelerator).sum(1))
     if cut:
         log(f"note: {cut:,} of the {seen:,} training records the run tokenized were longer than --max-length "

@@ -41,21 +41,65 @@ def check_resumed_settings(cfg: TrainConfig, saved: dict | None, checkpoint: Pat
     as the paths given, the only check there is."""
     if saved is None:  # written before checkpoints kept their settings
         return
-    # a setting added since the checkpoint was written had its default then; spellings of one setting compare equal
-    raw_saved, raw_now = {**to_yaml_dict(TrainConfig()), **saved}, to_yaml_dict(cfg)
-    saved, now = ckpt.comparable_settings(raw_saved), ckpt.comparable_settings(raw_now)
-    if not models_fingerprinted:
-        for name in ("model", "teacher"):
-            saved[name], now[name] = raw_saved[name], raw_now[name]
-    may_change = resume_may_change(cfg, saved)
-    changed = [f"--{k.replace('_', '-')} {saved[k]!r} -> {now[k]!r}" for k in now
-               if k not in may_change and saved[k] != now[k]]
+    changed = _changed_settings(cfg, to_yaml_dict(cfg), saved, raw=() if models_fingerprinted else ("model", "teacher"))
     if changed:
         raise ConfigError(f"--resume: {checkpoint} was written with other settings ({'; '.join(changed)}); resume "
                           "with the run's own settings (its config.yaml: fastft train --config ... --resume; --steps "
                           "may change under --schedule constant --warmup-ratio 0, --batch-size and --grad-accum when "
                           "their product stays), or start a new run in another --output-dir")
 
+
+
+def _changed_settings(cfg: TrainConfig, now: dict, saved: dict, raw: tuple = (), real: tuple = (),
+                      fixed: tuple = ()) -> list:
+    """"--name saved -> now" for each setting that differs and may not (resume_may_change, less `fixed`). A setting
+    added since `saved` was written had its default then; spellings of one setting compare equal, and paths by
+    content (compared apart), except the `raw` ones, compared as given, and the `real` ones, as the paths they name."""
+    raw_saved, raw_now = {**to_yaml_dict(TrainConfig()), **saved}, now
+    saved, now = ckpt.comparable_settings(raw_saved), ckpt.comparable_settings(raw_now)
+    for name in raw:
+        saved[name], now[name] = raw_saved[name], raw_now[name]
+    for name in real:
+        saved[name], now[name] = _real_path(raw_saved[name]), _real_path(raw_now[name])
+    may_change = [k for k in resume_may_change(cfg, saved) if k not in fixed]
+    return [f"--{k.replace('_', '-')} {saved[k]!r} -> {now[k]!r}" for k in now
+            if k not in may_change and saved.get(k) != now[k]]
+
+
+def _real_path(value):
+    """A path setting as the folder or file it names (a relative and an absolute spelling compare equal); the
+    built-in model's name and None as they are."""
+    return value if value is None or not Path(value).exists() else str(Path(value).resolve())
+
+
+def check_finished_run_settings(cfg: TrainConfig, as_given: TrainConfig, out: Path) -> dict:
+    """--resume on a finished run without checkpoints (--save-every 0): its metrics.json when its config.yaml holds
+    these settings, compared as a checkpoint's are (spellings, paths by what they name; what is evaluated and saved
+    may differ). There is nothing to train again: --steps / --epochs may not grow, and a --save-merged the run
+    lacks cannot be made here (no checkpoint to load) — each a ConfigError saying what to do."""
+    import yaml
+
+    try:
+        saved = yaml.safe_load((out / "config.yaml").read_text())
+        metrics = json.loads((out / "metrics.json").read_text())
+    except (OSError, ValueError, yaml.YAMLError) as e:
+        raise ConfigError(f"--resume: {out} holds a finished run (metrics.json) without checkpoints whose "
+                          f"config.yaml or metrics.json cannot be read ({e}); choose another --output-dir") from None
+    if not isinstance(saved, dict) or not isinstance(metrics, dict):
+        raise ConfigError(f"--resume: {out}/config.yaml or metrics.json is not a mapping; choose another --output-dir")
+    changed = _changed_settings(cfg, to_yaml_dict(as_given), saved, real=ckpt.PATH_SETTINGS,
+                                fixed=("steps", "epochs"))
+    if changed:
+        raise ConfigError(f"--resume: {out} holds a finished run (metrics.json) without checkpoints, written with "
+                          f"other settings ({'; '.join(changed)}); without a checkpoint nothing continues it: resume "
+                          f"with its own settings (fastft train --config {out / 'config.yaml'} --resume), or start a "
+                          "new run in another --output-dir")
+    if cfg.save_merged and not metrics.get("merged_model"):
+        raise ConfigError(f"--resume --save-merged: {out} holds a finished run without checkpoints (--save-every 0), "
+                          f"so there is no model state to resume and merge; merge its adapter in Python "
+                          f"(fastft.load_adapter(base, '{out / 'adapter'}'), then fastft.merge_and_unload and "
+                          "save_pretrained), or train again with --save-merged")
+    return metrics
 
 
 def check_resumed_data(fingerprint: dict, saved: dict | None, checkpoint: Path) -> None:

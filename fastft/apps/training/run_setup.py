@@ -234,6 +234,18 @@ def shard_model(objective: ObjectiveModel, cfg: TrainConfig, accelerator) -> boo
 
 
 
+def patch_problem(cfg: TrainConfig, model_config) -> str | None:
+    """Why --patch-model on would stop, told from --model's config before any weight loads (patch_model itself runs
+    once the model has loaded, its method is applied and the evaluation before training has run), or None."""
+    if cfg.patch_model != "on":
+        return None
+    from fastft.integration.patching.patch import unsupported_config
+
+    reason = unsupported_config(model_config)
+    return None if reason is None else (f"--patch-model on: fastft.patch_model: {reason} (--patch-model auto trains "
+                                        "such a model unpatched)")
+
+
 def nf4_fsdp_problem(cfg: TrainConfig, model_config, world: int) -> str | None:
     """Why --method qlora --distributed fsdp cannot shard --model's NF4 weights over `world` processes (FSDP2 cuts
     their rows into ceil(rows/world)-row shards, uneven ones included, but a shard must hold whole quantization

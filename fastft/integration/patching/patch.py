@@ -127,6 +127,24 @@ def _arch_of_class(base: nn.Module):
                  if cls.__module__ == arch.module and cls.__name__ == arch.causal_lm), None)
 
 
+def unsupported_config(config) -> str | None:
+    """patch_model's architecture check on a model's config alone, before its weights load: why it would refuse, or
+    None where the table has the model type or transformers builds one of the table's classes for it (or the class
+    cannot be told without the model: remote code)."""
+    if getattr(config, "model_type", None) in ARCHITECTURES:
+        return None
+    from transformers import AutoModelForCausalLM
+
+    try:
+        cls = AutoModelForCausalLM._model_mapping[type(config)]
+    except (KeyError, ValueError):
+        return None
+    if any(cls.__module__ == arch.module and cls.__name__ == arch.causal_lm for arch in ARCHITECTURES.values()):
+        return None
+    return (f"architecture {config.model_type!r} is not supported; supported model types: "
+            f"{', '.join(supported_architectures())}")
+
+
 def _plan(base: nn.Module, backend: str, attention: bool, loss: bool = True):
     """(arch, [(module, new class)], attention change or None, summary): checks everything, changes nothing."""
     config = getattr(base, "config", None)
