@@ -22,7 +22,8 @@ LONG_FILES = ("test_study_quick.py", "test_methods_sm90_compile.py", "test_patch
               "test_nf4_sm90_compile.py", "test_train_distributed.py", "test_train_compile.py",
               "test_attention_sm90_compile.py", "test_train_objectives.py", "test_study.py", "test_bench_cli.py",
               "test_train_resume.py", "test_nf4_fsdp.py", "test_methods_smollm2.py", "test_smollm2.py",
-              "test_train_compile_inductor_dropout.py", "test_compiled_sliding_window_model_compiles_once.py")
+              "test_train_compile_inductor_dropout.py", "test_compiled_sliding_window_model_compiles_once.py",
+              "test_train_resume_finished_runs.py")
 
 
 def pytest_collection_modifyitems(config, items):
