@@ -359,7 +359,8 @@ def _tasks_section(tasks_info: dict) -> str:
     seed = next(iter(tasks_info.values()))["split_seed"] if tasks_info else ""
     return (f"Fixed stratified splits, split seed {seed} (test 20% up to 1,000 rows, dev 10% up to 500); "
             "the study's seeds draw the 32-per-class sample, the initialisation and the batch order. The test "
-            "columns describe the test rows every cell is tested on (\"N of M\": the first N, --max-test).\n\n"
+            "columns describe the test rows every cell is tested on (\"N of M\": --max-test rows, each class its "
+            "share).\n\n"
             + "\n".join(lines))
 
 
