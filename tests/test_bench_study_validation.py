@@ -291,7 +291,7 @@ def test_study_reads_a_diverged_cell_back_and_reports_it(tmp_path, monkeypatch):
 # --- bug 5: the tasks table's test columns describe the rows the cells are tested on ------------------------------
 
 def test_tasks_table_describes_the_capped_test_rows(tmp_path, monkeypatch):
-    # 10 test rows, 8 of class a; the first 4 (what --max-test 4 tests on) hold 2 a and 2 b
+    # 10 test rows, 8 of class a; --max-test 4 tests each class its share: 3 a and 1 b (the first 4: 2 and 2)
     test = [("x", 0), ("y", 1), ("z", 0), ("w", 1)] + [(f"t{i}", 0) for i in range(6)]
     task = _toy_task(test_rows=test)
     monkeypatch.setattr(runner_module, "load_study_task", lambda name: task)
@@ -301,10 +301,10 @@ def test_tasks_table_describes_the_capped_test_rows(tmp_path, monkeypatch):
                          steps=2, with_peft=False, max_test=4, output_dir=str(tmp_path))
     results = runner_module.run_study(config, progress=False, log=lambda line: None)
     info = results["tasks"]["subj"]
-    assert info["tested"] == {"examples": 4, "balance": {"a": 2, "b": 2}} and info["majority"]["examples"] == 4
+    assert info["tested"] == {"examples": 4, "balance": {"a": 3, "b": 1}} and info["majority"]["examples"] == 4
     report = write_report(results, tmp_path)["report"].read_text()
     assert "| test (tested rows) |" in report and "| test balance (tested rows) |" in report
-    assert "| subj | accuracy | 16 | 8 | 4 of 10 | 0 | a 2, b 2 | a (50.0% acc) |" in report
+    assert "| subj | accuracy | 16 | 8 | 4 of 10 | 0 | a 3, b 1 | a (75.0% acc) |" in report
     uncapped = runner_module.run_study(StudyConfig(**{**asdict(config), "max_test": None}), progress=False,
                                        log=lambda line: None)
     assert uncapped["tasks"]["subj"]["tested"] == {"examples": 10, "balance": {"a": 8, "b": 2}}
