@@ -7,7 +7,7 @@ from fastft.apps.bench import harness
 
 def test_cpu_meter_subtracts_the_baseline(monkeypatch):
     rss = {"now": 10 * 2**30}
-    monkeypatch.setattr(harness, "_rss_bytes", lambda: rss["now"])
+    monkeypatch.setattr(harness, "rss_bytes", lambda: rss["now"])
     meter = harness.PeakMemory(torch.device("cpu"))
     rss["now"] = 10 * 2**30 + 2**29  # half a GiB more during the stretch
     with meter:

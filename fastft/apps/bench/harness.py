@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from fastft.apps.bench.clocks import clock_log, record_round
+from fastft.apps.host_memory import rss_bytes
 from fastft.files import atomic_write
 
 _T0 = time.time()
@@ -288,7 +289,7 @@ class PeakMemory:
         self.cuda = self.device.type == "cuda"
         self.kind = ("cuda max_memory_allocated" if self.cuda
                      else "cpu peak RSS above the RSS before the model was built (sampled each 10 ms)")
-        self.baseline_rss = None if self.cuda else _rss_bytes()
+        self.baseline_rss = None if self.cuda else rss_bytes()
         self.peak_gib: float | None = None
         self._stop = None
 
@@ -299,12 +300,12 @@ class PeakMemory:
             return self
         import threading
 
-        self._peak_rss = _rss_bytes()
+        self._peak_rss = rss_bytes()
         self._stop = threading.Event()
 
         def sample():
             while not self._stop.wait(0.01):  # coarse: each wake-up takes the GIL from the step
-                self._peak_rss = max(self._peak_rss, _rss_bytes())
+                self._peak_rss = max(self._peak_rss, rss_bytes())
         self._thread = threading.Thread(target=sample, daemon=True)
         self._thread.start()
         return self
@@ -316,7 +317,7 @@ class PeakMemory:
         else:
             self._stop.set()
             self._thread.join()
-            peak = max(self._peak_rss, _rss_bytes())
+            peak = max(self._peak_rss, rss_bytes())
             self.peak_gib = max(0, peak - self.baseline_rss) / 2**30
         return False
 
@@ -335,13 +336,3 @@ def release_freed_memory() -> None:
             ctypes.CDLL("libc.so.6").malloc_trim(0)
         except (OSError, AttributeError):  # not glibc (musl): nothing to trim with
             pass
-
-
-def _rss_bytes() -> int:
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:  # not Linux: the lifetime peak is the best the OS offers
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)

@@ -13,7 +13,6 @@ far; any other error is "failed" with the error. None of them carries a test sco
 from __future__ import annotations
 
 import math
-import os
 import random
 import statistics
 import time
@@ -23,6 +22,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from fastft.apps.host_memory import rss_bytes
 from fastft.apps.provenance import device_name
 from fastft.apps.study.models import count_parameters, prepare_model, unfreeze_head
 from fastft.apps.study.tasks import capped_rows, load_study_task, tested_rows, training_rows
@@ -108,16 +108,6 @@ def evaluate(prepared, model, rows, batch_size: int, device, autocast) -> dict:
     return {"accuracy": accuracy, "macro_f1": macro_f1(predictions, labels), "examples": len(labels)}
 
 
-def _current_rss_gib() -> float:
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30  # resident pages
-    except OSError:  # not Linux: the process's peak so far
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-
 class _PeakMemory:
     """Peak memory of the training steps, and apart from it of the dev/test evaluations. CUDA: the allocator's
     peak, reset before each step and each evaluation so that one phase's peak never counts in the other. CPU: the
@@ -134,7 +124,7 @@ class _PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
 
     def sample(self, phase: str) -> None:
-        now = torch.cuda.max_memory_allocated(self.device) / 2**30 if self.cuda else _current_rss_gib()
+        now = torch.cuda.max_memory_allocated(self.device) / 2**30 if self.cuda else rss_bytes() / 2**30
         self.peaks[phase] = max(self.peaks[phase], now)
 
 

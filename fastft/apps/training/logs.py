@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import json
 import math
-import resource
 from pathlib import Path
 
 import torch
 
+from fastft.apps.host_memory import peak_rss_bytes
 from fastft.files import atomic_write
 
 
 def peak_memory_gib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+    return peak_rss_bytes() / 2**30
 
 
 class RunLog:
