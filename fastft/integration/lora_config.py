@@ -386,16 +386,28 @@ def _check_layer_selection(config: LoraConfig, model: nn.Module) -> None:
                          "give indices among them")
 
 
-def _nf4_module_to_save(config, model: nn.Module) -> tuple[str, str] | None:
-    """(entry, module name) of the first modules_to_save entry (or head peft adds for the task) naming a module that
-    is or holds an NF4 layer: peft trains and saves such a module as a whole copy, which a frozen 4-bit weight cannot
-    be, and finds that only after building LoRA layers inside the user's model."""
-    added = _PEFT_HEAD_NAMES.get(getattr(config.task_type, "value", config.task_type), ())
-    for entry in (*(getattr(config, "modules_to_save", None) or ()), *added):
+def _trained_whole(config, model: nn.Module):
+    """(entry, module name, module, task type or None) of every module peft trains and saves whole under `config`:
+    each modules_to_save entry's, then each head peft adds for the task (its task type given) not named already."""
+    task = getattr(config.task_type, "value", config.task_type)
+    given = tuple(getattr(config, "modules_to_save", None) or ())
+    added = tuple(e for e in _PEFT_HEAD_NAMES.get(task, ()) if e not in given)
+    for entry in (*given, *added):
         for name, module in model.named_modules():
-            if name.endswith(entry) and any(isinstance(m, NF4Linear) for m in module.modules()):
-                return entry, name
-    return None
+            if name.endswith(entry):
+                yield entry, name, module, task if entry in added else None
+
+
+def _holds_nf4(module: nn.Module) -> bool:
+    return any(isinstance(m, NF4Linear) for m in module.modules())
+
+
+def _nf4_module_to_save(config, model: nn.Module) -> tuple[str, str] | None:
+    """(entry, module name) of the first module peft would train whole (_trained_whole) that is or holds an NF4
+    layer: peft trains and saves such a module as a whole copy, which a frozen 4-bit weight cannot be, and finds that
+    only after building LoRA layers inside the user's model."""
+    return next(((entry, name) for entry, name, module, _ in _trained_whole(config, model) if _holds_nf4(module)),
+                None)
 
 
 def _keep_dense(entry: str) -> str:
@@ -406,7 +418,7 @@ def refuse_nf4_trained_whole(label: str, entry: str, name: str, module: nn.Modul
     """ValueError when `module`, which a method trains and saves whole (a modules_to_save entry, or the head
     task_type adds), is or holds an NF4 layer: a frozen 4-bit weight can be neither, and the method found that only
     after building its layers inside the user's model (NF4Weight's "frozen: it cannot require gradients")."""
-    if not any(isinstance(m, NF4Linear) for m in module.modules()):
+    if not _holds_nf4(module):
         return
     what = (f"{label}.task_type={task_type!r} trains its head {entry!r} whole:" if task_type else
             f"{label}.modules_to_save entry {entry!r} names")
@@ -417,12 +429,8 @@ def refuse_nf4_trained_whole(label: str, entry: str, name: str, module: nn.Modul
 
 def check_modules_to_save_dense(config, model: nn.Module, label: str) -> None:
     """refuse_nf4_trained_whole for every module peft would train whole under `config` (LoRA's, IA3's)."""
-    task = getattr(config.task_type, "value", config.task_type)
-    added = [e for e in _PEFT_HEAD_NAMES.get(task, ()) if e not in (getattr(config, "modules_to_save", None) or ())]
-    for entry in (*(getattr(config, "modules_to_save", None) or ()), *added):
-        for name, module in model.named_modules():
-            if name.endswith(entry):
-                refuse_nf4_trained_whole(label, entry, name, module, task if entry in added else None)
+    for entry, name, module, task in _trained_whole(config, model):
+        refuse_nf4_trained_whole(label, entry, name, module, task)
 
 
 def _check_patterns(config: LoraConfig, modules: list[str], parameters: list[str]) -> None:
