@@ -2,7 +2,8 @@
 renamed over the target (else a power cut can publish an empty file) and the folder after (else the rename itself can
 be lost); the other files tests check contents and modes, which a missing fsync does not change. And the temporaries
 of killed writes are told apart from live ones: another host's may still be written (a shared file system) and
-stays, and a writer's start time is the one /proc/PID/stat gives (field 22, clock ticks since boot)."""
+stays, a writer's start time is the one /proc/PID/stat gives (field 22, clock ticks since boot), and a user's file
+named like a temporary, but with an extension its target does not have, is not one."""
 import os
 import subprocess
 import sys
@@ -41,6 +42,17 @@ def test_another_hosts_temporary_is_left_alone(tmp_path):
     local_dead.mkdir()
     assert files.remove_stale_temporaries(tmp_path / "model") == [local_dead]
     assert [p.name for p in tmp_path.iterdir()] == [foreign.name]
+
+
+def test_a_look_alike_whose_extension_is_not_its_targets_is_the_users(tmp_path):
+    ours = tmp_path / ".notes.txt.tmp-0123abcd-4242-abcd1234.txt"  # a killed write of notes.txt
+    theirs = tmp_path / ".notes.tmp-0123abcd-4242-backup01.txt"    # `notes` has no extension: not fastft's naming
+    ours.write_text("partial")
+    theirs.write_text("a user's backup")
+    assert files._temporary_of(theirs.name) is None
+    assert files._temporary_of(ours.name)["target"] == "notes.txt"
+    assert files.remove_temporaries_in(tmp_path) == [ours]   # what `fastft train` runs once it holds the lock
+    assert theirs.read_text() == "a user's backup"
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")

@@ -84,6 +84,11 @@ def setup(tmp_path_factory):
            "--eval-examples", "2", "--max-length", "16", "--dropout", "0"]
     _one_process([*cut, "--batch-size", "4", "--output-dir", str(root / "cut-one")])
     two(*cut, "--output-dir", str(root / "cut-two"))
+    # dropout on records of one length: both processes draw as many numbers, so only their seeds tell them apart
+    same = root / "same-length.jsonl"
+    same.write_text("".join(json.dumps({"text": "every record holds the same words"}) + "\n" for _ in range(8)))
+    two("train", "--model", str(tiny), "--data", str(same), "--steps", "1", "--eval-examples", "2", "--dropout", "0.1",
+        "--save-every", "1", "--output-dir", str(root / "dropout"))
     _two_processes(jobs, root)
     return root
 
@@ -93,6 +98,14 @@ def test_records_cut_count_each_record_once_across_processes(setup):
     records were reported as 15."""
     one, two = (json.loads((setup / d / "metrics.json").read_text())["records_cut"] for d in ("cut-one", "cut-two"))
     assert one == two and 0 < one["cut"] < one["tokenized"] == 22
+
+
+def test_each_process_draws_its_own_dropout_masks(setup):
+    """Every process starts from the same initialisation, then seeds its own generator: the same seed would give
+    every process the same dropout masks (the checkpoint's RNG state, saved per process after one step, shows it)."""
+    states = [torch.load(path, weights_only=False)["torch"] for path in
+              (next((setup / "dropout").glob(f"**/rng-{rank}.pt")) for rank in (0, 1))]
+    assert not torch.equal(*states)
 
 
 @pytest.mark.parametrize("distributed", ["auto", "fsdp"])

@@ -1,14 +1,15 @@
 """`fastft train --resume` on a finished run, from a docs audit: without checkpoints (--save-every 0, the default)
 the run's config.yaml was compared word for word, so `./out` for `out`, `--method qlora` for `--quantize nf4` or a
 new --eval-every were refused as "its config.yaml differs" (naming nothing), against the README; now compared as a
-checkpoint's settings are, naming what differs, and a --save-merged it cannot make says how. A finished run's
-"a larger --steps continues it" is said only where --steps may change. A resume's metrics keep the whole run's
+checkpoint's settings are, naming what differs, and a --save-merged it lacks is merged from its adapter. A finished
+run's "a larger --steps continues it" is said only where --steps may change. A resume's metrics keep the whole run's
 peak memory (a --save-merged resume trained nothing: its own peak replaced the run's). --patch-model on with an
 architecture patch_model refuses stops before the model loads."""
 import json
 import os
 
 import pytest
+import torch
 
 from fastft.apps.cli import main
 from fastft.apps.training import loop
@@ -48,10 +49,41 @@ def test_a_finished_run_without_checkpoints_resumes_as_a_checkpointed_one_does(t
     assert "without checkpoints, written with other settings (--lr 0.001 -> 0.003)" in err, err
     _refused(_train, tiny, out, "--quantize", "nf4", "--steps", "2", "--resume")  # nothing to continue from
     assert "(--steps 1 -> 2)" in capsys.readouterr().err
-    _refused(_train, tiny, out, "--quantize", "nf4", "--save-merged", "--resume")
-    err = capsys.readouterr().err
-    assert "--resume --save-merged" in err and "fastft.load_adapter(base, " in err and not (out / "merged").exists()
     assert (out / "metrics.json").read_text() == metrics
+
+
+@pytest.mark.parametrize("method", ["qlora", "ia3"])
+def test_save_merged_on_a_finished_run_without_checkpoints_merges_its_adapter(tiny, one_thread, tmp_path, capsys,
+                                                                              method):
+    """As the run would have merged at its end: the merged weights of a run trained with --save-merged."""
+    from safetensors.torch import load_file
+
+    assert _train(tiny, tmp_path / "at-the-end", "--method", method, "--save-merged") == 0
+    out = tmp_path / "run"
+    assert _train(tiny, out, "--method", method) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    capsys.readouterr()
+    assert _train(tiny, out, "--method", method, "--save-merged", "--resume") == 0
+    assert "its adapter" in capsys.readouterr().out
+    want, got = (load_file(str(folder / "merged" / "model.safetensors")) for folder in (tmp_path / "at-the-end", out))
+    assert got.keys() == want.keys()
+    for name, weight in want.items():
+        assert torch.equal(got[name], weight), name
+    assert json.loads((out / "metrics.json").read_text()) == {**metrics, "merged_model": str(out / "merged")}
+    assert (out / "merged" / "tokenizer.json").is_file()
+    assert _train(tiny, out, "--method", method, "--save-merged", "--resume") == 0  # merged: nothing to do now
+    assert "nothing to do" in capsys.readouterr().out
+
+
+def test_save_merged_on_a_finished_run_without_its_adapter_says_so(tiny, one_thread, tmp_path, capsys):
+    import shutil
+
+    out = tmp_path / "run"
+    assert _train(tiny, out) == 0
+    shutil.rmtree(out / "adapter")
+    _refused(_train, tiny, out, "--save-merged", "--resume")
+    assert "without its adapter folder, so there is nothing to merge" in capsys.readouterr().err
+    assert not (out / "merged").exists()
 
 
 @pytest.mark.parametrize("schedule, hint", [(["--schedule", "constant", "--warmup-ratio", "0"],

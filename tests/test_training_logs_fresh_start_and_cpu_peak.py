@@ -1,6 +1,7 @@
 """Run logs: a fresh (not resumed) run in a folder holding an earlier run's logs.jsonl starts it empty (the old
 steps would read as this run's), each record is one JSON line; and the CPU peak memory the progress bar and
-metrics.json show is the process's peak resident set in GiB (Linux's ru_maxrss is in KiB)."""
+metrics.json show is the process's peak resident set in GiB (Linux's ru_maxrss is in KiB). A resumed run keeps the
+lines up to its checkpoint's step and drops what is not a step's record (a torn line, a line another tool appended)."""
 import json
 import sys
 
@@ -26,6 +27,18 @@ def test_a_disabled_log_leaves_the_folder_alone(tmp_path):
     log = RunLog(str(tmp_path), False)
     log.write({"step": 1, "loss": 2.5})
     assert (tmp_path / "logs.jsonl").read_text() == "kept\n"
+
+
+def test_a_resumed_run_drops_torn_and_foreign_lines(tmp_path):
+    kept = [{"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.5}, {"step": 2, "eval": {"loss": 2.0}}]
+    foreign = [{"note": "appended by a notebook"}, {"step": "2", "loss": 1.0}, [1, 2], {"step": 1.0, "loss": 4.0}]
+    lines = [json.dumps(kept[0]), json.dumps(foreign[0]), json.dumps(kept[1]), json.dumps(foreign[1]),
+             json.dumps(foreign[2]), json.dumps(foreign[3]), json.dumps(kept[2]), json.dumps({"step": 3, "loss": 2.0}),
+             '{"step": 3, "lo']  # the killed run's step past the checkpoint, and its torn last line
+    (tmp_path / "logs.jsonl").write_text("\n".join(lines))
+    log = RunLog(str(tmp_path), True, resume_step=2, eval_steps=(2,))
+    log.close()
+    assert [json.loads(line) for line in (tmp_path / "logs.jsonl").read_text().splitlines()] == kept
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="VmHWM of /proc/self/status")

@@ -1,7 +1,8 @@
 """--weight-decay spared only parameters named exactly `bias` and every weight of a module whose class name holds
 "norm": GPT-OSS's expert biases (`gate_up_proj_bias`), Mamba2's `dt_bias` were decayed, and a NormedEmbedding's
 whole token table was not — transformers.Trainer does the opposite for both. The split now follows Trainer's
-rule (its name patterns and LayerNorm layers), plus normalization classes and the methods' scales."""
+rule (its name patterns and LayerNorm layers), plus normalization classes and the methods' scales. And make_optimizer
+keeps AdamW unfused under fp16's GradScaler (which always calls a fused step)."""
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, Trainer
@@ -58,3 +59,31 @@ def test_dt_bias_and_odd_norms_spared_a_normed_embedding_decayed():
     assert decayed == {"embed.weight", "proj.weight"}, decayed
     # Trainer's own rule spares dt_bias and decays the embedding; the odd norm class fastft spares besides
     assert set(Trainer.get_decay_parameter_names(None, Block())) == {"embed.weight", "proj.weight", "ln_f.scale"}
+
+
+class Scale(nn.Module):  # a remote-code model's own normalization, its class name without "norm"
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(8))
+
+
+def test_a_weight_named_like_a_norm_is_spared_whatever_its_class():
+    model = nn.Module()
+    model.proj = nn.Linear(8, 8, bias=False)
+    model.final_norm = Scale()  # Trainer's `_norm` pattern spares it; its class says nothing
+    assert _decayed(model) == {"proj.weight"}
+    assert set(Trainer.get_decay_parameter_names(None, model)) == {"proj.weight"}
+
+
+def test_adamw_is_fused_on_cuda_parameters_except_under_the_grad_scaler(monkeypatch):
+    """Only the device type decides: parameters report cuda (no GPU here) and AdamW's `fused` argument is read."""
+    given = []
+    real = torch.optim.AdamW
+    monkeypatch.setattr(torch.optim, "AdamW", lambda groups, **kw: (given.append(kw["fused"]),
+                                                                     real(groups, **{**kw, "fused": None}))[1])
+    monkeypatch.setattr(nn.Parameter, "device", property(lambda self: torch.device("cuda")), raising=False)
+    model = nn.Linear(4, 4)
+    make_optimizer("adamw", model, 1e-3, 0.0, grad_scaler=True)
+    make_optimizer("adamw", model, 1e-3, 0.0, grad_scaler=False)
+    make_optimizer("adamw", model, 1e-3, 0.0, fsdp=True)
+    assert given == [None, True, None]

@@ -31,6 +31,7 @@ from fastft.apps.training.config import (LORA_METHODS, ConfigError, TrainConfig,
 from fastft.apps.training.batches import CUT_RULE, Batches, record_flags
 from fastft.apps.training.data import BatchPlan, Encoder, check_tokenizer
 from fastft.apps.training.evaluation import describe, evaluate, evaluate_merges, objective_knobs
+from fastft.apps.training.finished_merge import merge_finished_run
 from fastft.apps.training.records import data_fingerprint, load_records, records_digest
 from fastft.apps.training.logs import RunLog, peak_memory_gib
 from fastft.apps.optimizers import make_optimizer
@@ -250,6 +251,9 @@ def _run(cfg: TrainConfig, accelerator, train_records, eval_records, description
         # its merged/ would have stayed beside the new run's adapter; resumed, it would have trained from step 0
         if cfg.resume:
             finished = check_finished_run_settings(cfg, as_given, out)
+            if cfg.save_merged and not finished.get("merged_model"):
+                return merge_finished_run(cfg, out, finished, load_models(cfg, device, accelerator), device,
+                                          accelerator, log)
             log(f"--resume: {cfg.output_dir} holds this run finished (metrics.json, its config.yaml's settings); "
                 "nothing to do")
             return finished

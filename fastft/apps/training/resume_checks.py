@@ -75,8 +75,8 @@ def _real_path(value):
 def check_finished_run_settings(cfg: TrainConfig, as_given: TrainConfig, out: Path) -> dict:
     """--resume on a finished run without checkpoints (--save-every 0): its metrics.json when its config.yaml holds
     these settings, compared as a checkpoint's are (spellings, paths by what they name; what is evaluated and saved
-    may differ). There is nothing to train again: --steps / --epochs may not grow, and a --save-merged the run
-    lacks cannot be made here (no checkpoint to load) — each a ConfigError saying what to do."""
+    may differ). There is nothing to train again: --steps / --epochs may not grow (a ConfigError saying what to do);
+    a --save-merged the run lacks is made from its adapter (finished_merge)."""
     import yaml
 
     try:
@@ -94,11 +94,10 @@ def check_finished_run_settings(cfg: TrainConfig, as_given: TrainConfig, out: Pa
                           f"other settings ({'; '.join(changed)}); without a checkpoint nothing continues it: resume "
                           f"with its own settings (fastft train --config {out / 'config.yaml'} --resume), or start a "
                           "new run in another --output-dir")
-    if cfg.save_merged and not metrics.get("merged_model"):
-        raise ConfigError(f"--resume --save-merged: {out} holds a finished run without checkpoints (--save-every 0), "
-                          f"so there is no model state to resume and merge; merge its adapter in Python "
-                          f"(fastft.load_adapter(base, '{out / 'adapter'}'), then fastft.merge_and_unload and "
-                          "save_pretrained), or train again with --save-merged")
+    if cfg.save_merged and not metrics.get("merged_model") and not (out / "adapter").is_dir():
+        raise ConfigError(f"--resume --save-merged: {out} holds a finished run without checkpoints (--save-every 0) "
+                          "and without its adapter folder, so there is nothing to merge; train again with "
+                          "--save-merged")
     return metrics
 
 
