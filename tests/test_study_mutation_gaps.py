@@ -83,6 +83,24 @@ def test_headline_names_the_cheapest_method_within_two_points():
     assert "ia3 comes within 2 points (88.5)" in text
 
 
+def test_headline_names_every_method_tied_at_the_top():
+    """A tie as the report prints it (one decimal) names them all, the cheapest described; dict order picked one."""
+    cells = [_cell("dora", "fastft", 0, 0.90, trainable=800_000), _cell("lora", "fastft", 0, 0.9004, 700_000),
+             _cell("ia3", "fastft", 0, 0.85, 50_000),
+             _cell("dora", "fastft", 0, 0.80, 800_000, task="sst2"), _cell("lora", "fastft", 0, 0.70, 700_000,
+                                                                            task="sst2"),
+             _cell("ia3", "fastft", 0, 0.80, 50_000, task="sst2")]
+    info = {t: {"metric": "accuracy", "majority": {"accuracy": 0.5, "macro_f1": 1 / 3}} for t in ("subj", "sst2")}
+    text = headline(aggregate(cells), info)
+    assert "dora scores best on average (85.0 over 2 tasks, 800k trainable" in text, text
+    assert "per task: dora and lora on subj (90.0), dora and ia3 on sst2 (80.0)." in text, text
+    tied = headline(aggregate(cells[:3]), {"subj": info["subj"]})
+    assert "dora and lora score best on average (90.0 over 1 task, lora: 700k trainable parameters" in tied, tied
+    assert "per task: dora and lora on subj (90.0)." in tied, tied
+    ten = headline(aggregate([_cell("lora", "fastft", 0, 1.0), _cell("ia3", "fastft", 0, 0.95)]), info)
+    assert "lora scores best on average (100.0" in ten and "lora on subj (100.0)." in ten, ten  # 100.0 > 95.0
+
+
 def test_anchor_flags_fastft_below_peft_too():
     groups = aggregate([_cell("lora", "fastft", 0, 0.70), _cell("lora", "peft", 0, 0.80)])
     (row,) = anchor_rows(groups)

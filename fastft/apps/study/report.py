@@ -196,6 +196,12 @@ def unscored_table(cells: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _tops(scores: dict) -> list:
+    """The keys whose score is the highest as the report prints it (one decimal): a tie names them all."""
+    shown = {k: float(f"{v:.1f}") for k, v in scores.items()}
+    return [k for k, v in shown.items() if v == max(shown.values())]
+
+
 def headline(groups: dict, tasks_info: dict) -> str:
     """One paragraph per (model, regime): the best method on average, per-task winners, and its cost against
     full fine-tuning and against the cheapest method that scores within 2 points of it."""
@@ -205,19 +211,21 @@ def headline(groups: dict, tasks_info: dict) -> str:
         means = {k: v for k, v in method_means(groups, model, regime, tasks).items() if k[1] == "fastft"}
         if not means:
             continue
-        best = max(means, key=means.get)
         cost = {m: [g for k, g in groups.items() if k[:2] == (model, regime) and k[3:] == m and g["status"] == "done"]
                 for m in means}
         trainable = {m: sum(g["trainable"] for g in cost[m]) / len(cost[m]) for m in means}
         speed = {m: sum(g["tokens_per_second"] for g in cost[m]) / len(cost[m]) for m in means}
-        text = (f"**{MODEL_NAMES.get(model, model)}, {regime}:** {best[0]} scores best on average "
-                f"({means[best]:.1f} over {len(tasks)} task{'s' * (len(tasks) > 1)}, "
+        tied = _tops(means)
+        best = min(tied, key=trainable.get)  # of methods tied on average, the one described: the cheapest
+        text = (f"**{MODEL_NAMES.get(model, model)}, {regime}:** {' and '.join(m[0] for m in tied)} "
+                f"score{'s' * (len(tied) == 1)} best on average ({means[best]:.1f} over {len(tasks)} "
+                f"task{'s' * (len(tasks) > 1)}, {'' if len(tied) == 1 else best[0] + ': '}"
                 f"{_fmt_count(trainable[best])} trainable parameters, {speed[best]:,.0f} tokens/s)")
         winners = []
         for t in tasks:
             scored = {m: groups[(model, regime, t) + m]["score"] for m in means}
-            top = max(scored, key=scored.get)
-            winners.append(f"{top[0]} on {t} ({scored[top]:.1f})")
+            top = _tops(scored)
+            winners.append(f"{' and '.join(m[0] for m in top)} on {t} ({scored[top[0]]:.1f})")
         text += "; per task: " + ", ".join(winners) + "."
         full = ("full", "fastft")
         if best != full and full in means:
