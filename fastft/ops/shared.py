@@ -11,6 +11,8 @@ import contextlib
 import functools
 import math
 import os
+import threading
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -309,8 +311,55 @@ def compute_input(x: torch.Tensor, weight) -> torch.Tensor:
     underflow. Under autocast the op casts x to autocast's dtype itself."""
     if (x.dtype == torch.float32 and weight.dtype == torch.bfloat16
             and not torch.is_autocast_enabled(x.device.type)):
-        return x.to(weight.dtype)
+        return _shared_cast(x, weight.dtype)
     return x
+
+
+_LAST_CAST = threading.local()  # per thread: nn.DataParallel runs replicas in threads
+
+
+def _shared_cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x.to(dtype), its storage shared with the next layers fed the same x: q, k and v (gate and up) read one
+    residual stream, and each layer's op saves its input for backward; a cast each kept three bf16 copies of it
+    (autograd's saved storages are counted once). Each layer still gets its own cast node, so its gradient reaches x
+    in fp32 and the layers' gradients sum in fp32, as separate casts sum them. Reused only while x is unchanged (its
+    version), the shared cast is alive (held by the graph: weakly referenced here, never kept beyond it) and
+    unchanged. Plain tensors in eager mode only: dynamo, fake and functional tensors and torch.func's wrappers cast
+    afresh (a compiled graph shares the cast itself)."""
+    if torch.compiler.is_compiling() or type(x) is not torch.Tensor or x.is_inference() or under_func_transform():
+        return x.to(dtype)
+    last = getattr(_LAST_CAST, "value", None)
+    cast = None
+    if last is not None:
+        source, version, cast_ref, cast_version = last
+        cast = cast_ref()
+        if not (source() is x and version == x._version and cast is not None and cast.dtype == dtype
+                and cast._version == cast_version):
+            cast = None
+    if cast is None:
+        with torch.no_grad():
+            cast = x.to(dtype)
+    if x.requires_grad and torch.is_grad_enabled():
+        cast = _CastNode.apply(x, cast.detach())
+    elif cast.requires_grad:  # made under grad mode: the history is not this call's
+        cast = cast.detach()
+    # the tensor the layer's op gets (and saves): the one alive while the graph holds it
+    _LAST_CAST.value = (weakref.ref(x), x._version, weakref.ref(cast), cast._version)
+    return cast
+
+
+class _CastNode(torch.autograd.Function):
+    """x's cast (made already: `cast`, no history) as x.to(cast.dtype) gives it: the gradient goes back cast to x's
+    dtype."""
+
+    @staticmethod
+    def forward(ctx, x, cast):
+        ctx.dtype = x.dtype
+        return cast.detach()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.to(ctx.dtype), None
 
 
 def in_compute_dtype(op, x: torch.Tensor, weight, *args, **kwargs) -> torch.Tensor:
