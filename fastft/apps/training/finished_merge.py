@@ -8,7 +8,6 @@ import json
 from pathlib import Path
 
 from fastft.apps.training.config import TrainConfig, weights_dtype
-from fastft.apps.training.report import write_report
 from fastft.apps.training.run_setup import method_options
 from fastft.files import atomic_write, replace_folder, write_failures_as_os_errors
 from fastft.integration.sharded_state import run_shared
@@ -17,6 +16,8 @@ from fastft.integration.sharded_state import run_shared
 def merge_finished_run(cfg: TrainConfig, out: Path, metrics: dict, loaded, device, accelerator, log) -> dict:
     """`loaded`: load_models' (model path, tokenizer, model loader, tokenizer loader). Returns the new metrics."""
     import fastft
+    # not at the top: `python -m fastft.apps.training.report` imports this package first (loop.py says why)
+    from fastft.apps.training.report import write_report
 
     model_path, tokenizer, load_model, _ = loaded
 
