@@ -44,8 +44,10 @@ def test_the_report_is_drawn_again_from_results_json(tmp_path):
 
 def test_its_errors_are_one_line(tmp_path, capsys):
     stray = tmp_path / "other.json"
-    for payload, said in (([1, 2], "not a fastft study results file (it needs its config, tasks, cells)"),
-                          ({"config": {}, "tasks": {}, "cells": [{}]}, "not a fastft study results file (KeyError")):
+    needs = "not a fastft study results file (it needs its config, tasks, cells)"
+    for payload, said in (([1, 2], needs), ({"config": {}, "cells": []}, needs),  # a field missing: named first
+                          ({"config": {}, "tasks": {}, "cells": [{}]}, "not a fastft study results file (KeyError"),
+                          ({"config": {}, "tasks": {}, "cells": [1]}, "not a fastft study results file (TypeError")):
         stray.write_text(json.dumps(payload))
         for argv, about in (([str(stray)], said), ([str(tmp_path / "missing.json")], "no such file")):
             with pytest.raises(SystemExit) as info:
