@@ -8,18 +8,15 @@ from dataclasses import asdict
 
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from fastft.apps import cli
 from fastft.apps.bench.config import BenchConfig
 from fastft.apps.study import cell as cell_module
 from fastft.apps.study import runner as runner_module
 from fastft.apps.study.cell import CellSettings, CellSpec, run_cell
-from fastft.apps.study.models import PreparedModel
 from fastft.apps.study.report import write_report
 from fastft.apps.study.runner import StudyConfig, _finished, write_json_atomic
-from fastft.apps.study.tasks import StudyTask
+from tests.test_study_review_fixes import _toy_task, stand_in_prepared
 
 # one tiny fastft row: what an old build ran before failing late (kept small so a regression fails fast)
 TINY = ["--shape", "tiny", "--methods", "lora", "--peers", "none", "--steps", "1", "--warmup", "1", "--seq-len", "8",
@@ -178,31 +175,14 @@ SETTINGS = CellSettings(steps=6, batch_size=4, max_length=8, lr=1e-2, head_lr=1e
 SPEC = CellSpec("minilm", "subj", "full", "full", "fastft", 0)
 
 
-def _toy_task(test_rows=None) -> StudyTask:
-    rows = [(str(i % 2), i % 2) for i in range(16)]
-    return StudyTask("toy", "toy", "{text}", (" a", " b"), train=rows, dev=rows[:8], test=test_rows or rows[:8])
-
-
 @pytest.fixture
 def stand_in_model(monkeypatch):
     """run_cell's real loop on a stand-in: a 2-class logistic regression over one feature (the row's text)."""
     task = _toy_task()
 
-    def prepare(family, task, max_length, seed):
-        model = nn.Linear(1, 2)
-
-        def collate(rows):
-            return {"x": torch.tensor([[float(t)] for t, _ in rows]), "attention_mask": torch.ones(len(rows), 1),
-                    "labels": torch.tensor([y for _, y in rows])}
-
-        def class_logits(m, batch):
-            return m(batch["x"])
-
-        return PreparedModel("toy", model, None, collate, class_logits,
-                                         lambda m, b: F.cross_entropy(class_logits(m, b), b["labels"]), ())
-
     monkeypatch.setattr(cell_module, "load_study_task", lambda name: task)
-    monkeypatch.setattr(cell_module, "prepare_model", prepare)
+    monkeypatch.setattr(cell_module, "prepare_model", lambda family, task, max_length, seed:
+                        stand_in_prepared(lambda n: torch.ones(n, 1)))
     monkeypatch.setattr(cell_module, "apply_method", lambda model, method, options, implementation: model)
 
 

@@ -5,15 +5,14 @@ class, and the headline names fastft's rows and only methods within 2 points."""
 import pytest
 import torch
 from torch import nn
-import torch.nn.functional as F
 
 from fastft.apps.study import cell as cell_module
 from fastft.apps.study.cell import CellSettings, CellSpec, _build, evaluate, run_cell
-from fastft.apps.study.models import PreparedModel, unfreeze_head
+from fastft.apps.study.models import unfreeze_head
 from fastft.apps.study.report import aggregate, headline
 from fastft.apps.study.tasks import StudyTask, majority_baseline
 from tests.test_study_mutation_gaps import _cell
-from tests.test_study_review_fixes import _toy_task, use_stand_in
+from tests.test_study_review_fixes import _toy_task, stand_in_prepared, use_stand_in
 
 SPEC = CellSpec("minilm", "subj", "full", "lora", "fastft", 0)
 SETTINGS = CellSettings(steps=10, batch_size=4, max_length=8, lr=0.1, head_lr=0.3, evals=2, max_dev=None,
@@ -26,22 +25,8 @@ def stand_in(monkeypatch):
     use_stand_in(monkeypatch)
 
 
-def _prepared(head_names=()):
-    model = nn.Linear(1, 2)
-
-    def collate(rows):
-        return {"x": torch.tensor([[float(t)] for t, _ in rows]), "attention_mask": torch.ones(len(rows), 3),
-                "labels": torch.tensor([y for _, y in rows])}
-
-    def class_logits(m, batch):
-        return m(batch["x"])
-
-    return PreparedModel("toy", model, None, collate, class_logits,
-                         lambda m, b: F.cross_entropy(class_logits(m, b), b["labels"]), head_names)
-
-
 def test_the_head_trains_at_head_lr(stand_in, monkeypatch):
-    monkeypatch.setattr(cell_module, "prepare_model", lambda *a: _prepared(head_names=("bias",)))
+    monkeypatch.setattr(cell_module, "prepare_model", lambda *a: stand_in_prepared(head_names=("bias",)))
     _, _, _, _, named, optimizer, _ = _build(SPEC, SETTINGS, _toy_task(), torch.device("cpu"))
     names = {id(p): n for n, p in named}
     assert [([names[id(p)] for p in g["params"]], g["initial_lr"]) for g in optimizer.param_groups] == \
@@ -66,7 +51,7 @@ def test_the_batch_order_follows_the_cells_seed(stand_in, monkeypatch):
     rows = [(str(i), i % 2) for i in range(16)]
     monkeypatch.setattr(cell_module, "training_rows", lambda task, regime, seed: rows)  # every seed: the same rows
     seen = []
-    prepared = _prepared()
+    prepared = stand_in_prepared()
     collate = prepared.collate
     prepared.collate = lambda batch: (seen.append([t for t, _ in batch]), collate(batch))[1]
     monkeypatch.setattr(cell_module, "prepare_model", lambda *a: prepared)
@@ -84,7 +69,7 @@ def test_the_batch_order_follows_the_cells_seed(stand_in, monkeypatch):
 
 
 def test_an_evaluation_hands_the_model_back_in_training_mode():
-    prepared = _prepared()
+    prepared = stand_in_prepared()
     model = nn.Sequential(prepared.model, nn.Dropout(0.5)).train()
     prepared.class_logits = lambda m, batch: m(batch["x"])
     result = evaluate(prepared, model, [("1", 1), ("0", 0)], 2, torch.device("cpu"), lambda: torch.no_grad())

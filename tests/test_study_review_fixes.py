@@ -30,24 +30,27 @@ def _toy_task(test_rows=None, label_words=(" a", " b")) -> StudyTask:
     return StudyTask("toy", "toy", "{text}", label_words, train=rows, dev=rows[:8], test=test_rows or rows[:8])
 
 
-def use_stand_in(monkeypatch, attention_mask=lambda n: torch.ones(n, 3)):
-    """run_cell's real loop on a stand-in: a 2-class logistic regression over one feature (the row's text);
+def stand_in_prepared(attention_mask=lambda n: torch.ones(n, 3), head_names=()) -> PreparedModel:
+    """A study cell's model stand-in: a 2-class logistic regression over one feature (the row's text);
     attention_mask(n): a batch of n rows' mask (its ones are the tokens counted)."""
-    def prepare(family, task, max_length, seed):
-        model = nn.Linear(1, 2)
+    model = nn.Linear(1, 2)
 
-        def collate(rows):
-            return {"x": torch.tensor([[float(t)] for t, _ in rows]), "attention_mask": attention_mask(len(rows)),
-                    "labels": torch.tensor([y for _, y in rows])}
+    def collate(rows):
+        return {"x": torch.tensor([[float(t)] for t, _ in rows]), "attention_mask": attention_mask(len(rows)),
+                "labels": torch.tensor([y for _, y in rows])}
 
-        def class_logits(m, batch):
-            return m(batch["x"])
+    def class_logits(m, batch):
+        return m(batch["x"])
 
-        return PreparedModel("toy", model, None, collate, class_logits,
-                             lambda m, b: F.cross_entropy(class_logits(m, b), b["labels"]), ())
+    return PreparedModel("toy", model, None, collate, class_logits,
+                         lambda m, b: F.cross_entropy(class_logits(m, b), b["labels"]), head_names)
 
+
+def use_stand_in(monkeypatch, attention_mask=lambda n: torch.ones(n, 3)):
+    """run_cell's real loop on the stand-in (stand_in_prepared) and the toy task."""
     monkeypatch.setattr(cell_module, "load_study_task", lambda name: _toy_task())
-    monkeypatch.setattr(cell_module, "prepare_model", prepare)
+    monkeypatch.setattr(cell_module, "prepare_model", lambda family, task, max_length, seed:
+                        stand_in_prepared(attention_mask))
     monkeypatch.setattr(cell_module, "apply_method", lambda model, method, options, implementation: model)
 
 

@@ -199,7 +199,8 @@ def unscored_table(cells: list[dict]) -> str:
 def _tops(scores: dict) -> list:
     """The keys whose score is the highest as the report prints it (one decimal): a tie names them all."""
     shown = {k: float(f"{v:.1f}") for k, v in scores.items()}
-    return [k for k, v in shown.items() if v == max(shown.values())]
+    top = max(shown.values())
+    return [k for k, v in shown.items() if v == top]
 
 
 def headline(groups: dict, tasks_info: dict) -> str:
