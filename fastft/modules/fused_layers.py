@@ -13,7 +13,7 @@ they were and `unpatch_model` only has to put the original class back. Class att
 """
 from __future__ import annotations
 
-from fastft.ops.glu import geglu, swiglu
+from fastft.ops.glu import geglu, recomputed_in_backward, swiglu
 from fastft.ops.shared import forward_interceptor
 from fastft.ops.rms_norm import rms_norm
 
@@ -49,4 +49,6 @@ class FusedGLUMLPForward:
             gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(glu(gate, up, backend=self._fastft_backend))
+        out = glu(gate, up, backend=self._fastft_backend)
+        with recomputed_in_backward(out, gate, up, self._fastft_gelu, self._fastft_backend):
+            return self.down_proj(out)

@@ -328,14 +328,9 @@ def _shared_cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     afresh (a compiled graph shares the cast itself)."""
     if torch.compiler.is_compiling() or type(x) is not torch.Tensor or x.is_inference() or under_func_transform():
         return x.to(dtype)
-    last = getattr(_LAST_CAST, "value", None)
-    cast = None
-    if last is not None:
-        source, version, cast_ref, cast_version = last
-        cast = cast_ref()
-        if not (source() is x and version == x._version and cast is not None and cast.dtype == dtype
-                and cast._version == cast_version):
-            cast = None
+    cast = shared_cast_of(x)
+    if cast is not None and cast.dtype != dtype:
+        cast = None
     if cast is None:
         with torch.no_grad():
             cast = x.to(dtype)
@@ -346,6 +341,19 @@ def _shared_cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     # the tensor the layer's op gets (and saves): the one alive while the graph holds it
     _LAST_CAST.value = (weakref.ref(x), x._version, weakref.ref(cast), cast._version)
     return cast
+
+
+def shared_cast_of(x: torch.Tensor) -> torch.Tensor | None:
+    """The cast of x that `_shared_cast` made last on this thread, while x and the cast are alive and unchanged;
+    else None."""
+    last = getattr(_LAST_CAST, "value", None)
+    if last is None:
+        return None
+    source, version, cast_ref, cast_version = last
+    cast = cast_ref()
+    if source() is x and version == x._version and cast is not None and cast._version == cast_version:
+        return cast
+    return None
 
 
 class _CastNode(torch.autograd.Function):
