@@ -13,9 +13,13 @@ they were and `unpatch_model` only has to put the original class back. Class att
 """
 from __future__ import annotations
 
-from fastft.ops.glu import geglu, recomputed_in_backward, swiglu
-from fastft.ops.shared import forward_interceptor
+import torch
+
+from fastft.ops.compiled import compiling
+from fastft.ops.glu import geglu, swiglu
+from fastft.ops.recompute import recomputed_outputs, remember
 from fastft.ops.rms_norm import rms_norm
+from fastft.ops.shared import forward_interceptor, resolve_backend
 
 
 class FusedRMSNormForward:
@@ -25,8 +29,20 @@ class FusedRMSNormForward:
     _fastft_backend = "auto"
 
     def forward(self, hidden_states):
-        return rms_norm(hidden_states, self.weight, getattr(self, self._fastft_eps_attr), offset=self._fastft_offset,
-                        cast=self._fastft_cast, backend=self._fastft_backend)
+        def norm():
+            return rms_norm(hidden_states, self.weight, getattr(self, self._fastft_eps_attr),
+                            offset=self._fastft_offset, cast=self._fastft_cast, backend=self._fastft_backend)
+
+        y = norm()
+        if y.requires_grad and not compiling() and self._keeps_input(hidden_states):  # the next gated MLP makes y again in backward
+            remember(y, norm, (hidden_states, self.weight))
+        return y
+
+    def _keeps_input(self, x) -> bool:
+        """Whether the norm's backward keeps x itself: the fused op does; the torch reference keeps its fp32 copy
+        (x itself only when x is fp32)."""
+        return x.dtype == torch.float32 or resolve_backend("rms_norm", self._fastft_backend, x.device, arg="x",
+                                                           dtype=x.dtype) == "triton"
 
 
 class FusedGLUMLPForward:
@@ -45,10 +61,13 @@ class FusedGLUMLPForward:
             # act_fn replaced since patching (another activation) or hooked: the fused op would skip it
             return super().forward(x)
         glu = geglu if self._fastft_gelu else swiglu
-        if self._fastft_gate_up:
-            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        else:
-            gate, up = self.gate_proj(x), self.up_proj(x)
-        out = glu(gate, up, backend=self._fastft_backend)
-        with recomputed_in_backward(out, gate, up, self._fastft_gelu, self._fastft_backend):
+        # the projections' saved inputs, x (a patched norm's output) and the GLU output, made again in backward
+        with recomputed_outputs():
+            if self._fastft_gate_up:
+                gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+            else:
+                gate, up = self.gate_proj(x), self.up_proj(x)
+            out = glu(gate, up, backend=self._fastft_backend)
+            if gate.requires_grad and up.requires_grad:  # else the GLU's backward would not keep them
+                remember(out, lambda: glu(gate, up, backend=self._fastft_backend), (gate, up))
             return self.down_proj(out)

@@ -6,16 +6,11 @@ alive. Under torch.autocast nothing changes dtype: silu, gelu and mul are not au
 """
 from __future__ import annotations
 
-import contextlib
-import weakref
-
 import torch
 import torch.nn.functional as F
 
-from fastft.kernels.runtime import under_func_transform
 from fastft.ops.compiled import compiling
-from fastft.ops.shared import (as_rows, autocast_off, check, check_tensor, first_order_only, resolve_backend, rows_to,
-                               shared_cast_of)
+from fastft.ops.shared import as_rows, autocast_off, check, check_tensor, first_order_only, resolve_backend, rows_to
 
 
 def swiglu_reference(gate, up):
@@ -120,68 +115,3 @@ def swiglu(gate, up, *, backend="auto"):
 def geglu(gate, up, *, backend="auto"):
     """gelu(gate, approximate="tanh")·up, elementwise; gate and up share shape and dtype."""
     return _glu("geglu", gate, up, True, backend)
-
-
-RECOMPUTE_OUTPUT = True  # tests switch it off to compare
-
-
-def recomputed_in_backward(out: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, gelu: bool, backend="auto"):
-    """A block inside which `out` (this op's output: a gated MLP's down-projection input, which the projection's
-    backward needs for its weights' or adapters' gradients) is not kept for backward but made again from gate and
-    up (the same op: the same bits) when backward asks for it. gate and up stay alive anyway (the GLU's own
-    backward reads them), so one activation of the intermediate width per token and layer is saved: ~20% of a
-    Llama layer's activations (Unsloth's LoRA MLP recomputes it too). A no-op where it would not save memory or
-    could not be used: under torch.compile (its partitioner chooses what to recompute), when other saved-tensor
-    hooks run (activation checkpointing, save_on_cpu: ours would keep gate and up alive beside theirs), when gate
-    or up needs no gradient (nothing else keeps it), under torch.func transforms, or without grad mode."""
-    if compiling() or not (RECOMPUTE_OUTPUT and torch.is_grad_enabled() and gate.requires_grad and up.requires_grad
-                           and type(out) is torch.Tensor and not under_func_transform() and _no_saved_tensor_hooks()
-                           and out.numel() > 0 and out.is_contiguous() and out.storage_offset() == 0
-                           and out.untyped_storage().nbytes() == out.numel() * out.element_size()):
-        return contextlib.nullcontext()
-    return torch.autograd.graph.saved_tensors_hooks(*_recipe_hooks(out, gate, up, gelu, backend))
-
-
-def _no_saved_tensor_hooks() -> bool:
-    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
-    return top is not None and top(False) is None
-
-
-class _Recipe:
-    """What a saved view of a GLU output (or of its cast) becomes: its geometry and dtype (the output is made again
-    in backward)."""
-    __slots__ = ("size", "stride", "offset", "dtype")
-
-    def __init__(self, t: torch.Tensor):
-        self.size, self.stride, self.offset, self.dtype = t.size(), t.stride(), t.storage_offset(), t.dtype
-
-
-def _recipe_hooks(out, gate, up, gelu, backend):
-    # nothing here may hold `out` itself: the hooks live as long as what they saved
-    storage, dtype, device, out_ref = out.untyped_storage().data_ptr(), out.dtype, out.device, weakref.ref(out)
-    versions = (gate._version, up._version)
-    op = geglu if gelu else swiglu
-
-    def pack(t):
-        if t.device != device:
-            return t
-        if t.dtype == dtype and t.untyped_storage().data_ptr() == storage:
-            return _Recipe(t)
-        # an NF4 projection fed an fp32 output (after prepare_model_for_kbit_training) saves its bf16 cast
-        source = out_ref()
-        cast = shared_cast_of(source) if source is not None else None
-        if cast is not None and t.dtype == cast.dtype and (t.untyped_storage().data_ptr()
-                                                           == cast.untyped_storage().data_ptr()):
-            return _Recipe(t)
-        return t
-
-    def unpack(saved):
-        if not isinstance(saved, _Recipe):
-            return saved
-        if (gate._version, up._version) != versions:  # as autograd refuses a saved tensor changed in place
-            raise RuntimeError("a gated MLP's gate or up projection output was modified in place after the "
-                               "forward: its activation, which backward makes again from them, would differ")
-        again = op(gate, up, backend=backend).contiguous()  # grad mode as backward runs it (create_graph keeps it)
-        return again.to(saved.dtype).as_strided(saved.size, saved.stride, saved.offset)
-
-    return pack, unpack

@@ -328,9 +328,8 @@ def _shared_cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     afresh (a compiled graph shares the cast itself)."""
     if torch.compiler.is_compiling() or type(x) is not torch.Tensor or x.is_inference() or under_func_transform():
         return x.to(dtype)
-    cast = shared_cast_of(x)
-    if cast is not None and cast.dtype != dtype:
-        cast = None
+    last = last_shared_cast()
+    cast = last[1] if last is not None and last[0] is x and last[1].dtype == dtype else None
     if cast is None:
         with torch.no_grad():
             cast = x.to(dtype)
@@ -343,17 +342,16 @@ def _shared_cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return cast
 
 
-def shared_cast_of(x: torch.Tensor) -> torch.Tensor | None:
-    """The cast of x that `_shared_cast` made last on this thread, while x and the cast are alive and unchanged;
-    else None."""
+def last_shared_cast() -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(x, its cast) of the last cast `_shared_cast` made on this thread, while both are alive and unchanged."""
     last = getattr(_LAST_CAST, "value", None)
     if last is None:
         return None
-    source, version, cast_ref, cast_version = last
-    cast = cast_ref()
-    if source() is x and version == x._version and cast is not None and cast._version == cast_version:
-        return cast
-    return None
+    source_ref, version, cast_ref, cast_version = last
+    source, cast = source_ref(), cast_ref()
+    if source is None or cast is None or source._version != version or cast._version != cast_version:
+        return None
+    return source, cast
 
 
 class _CastNode(torch.autograd.Function):

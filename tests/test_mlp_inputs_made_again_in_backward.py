@@ -1,9 +1,10 @@
-"""A patched gated MLP (fastft.patch_model) does not keep its GLU output act(gate)·up for backward: the down
-projection's backward, which needs it for its adapters' or weights' gradients, gets it made again from gate and up
-(which the GLU's own backward keeps anyway): one activation of the intermediate width less per token and layer,
-the same loss and gradients bit for bit (fastft.ops.glu.recomputed_in_backward). Measured here as the bytes a
-training forward leaves alive (every storage an op makes, weakly tracked: saved-tensor hooks of our own would switch
-the recompute off, as activation checkpointing's do)."""
+"""A patched gated MLP (fastft.patch_model) does not keep its projections' saved inputs for backward: its input
+(the patched post-attention norm's output) and its GLU output act(gate)·up, which gate/up's and down_proj's
+backward need for their adapters' or weights' gradients, are made again from what the norm's and the GLU's own
+backward keep anyway (fastft.ops.recompute): per token and layer one activation of the hidden width and one of the
+intermediate width less, the same loss and gradients bit for bit. Measured here as the bytes a training forward
+leaves alive (every storage an op makes, weakly tracked: saved-tensor hooks of our own would switch the recompute
+off, as activation checkpointing's do)."""
 from __future__ import annotations
 
 import pytest
@@ -14,10 +15,10 @@ from torch.utils._pytree import tree_flatten
 
 import fastft
 from fastft.integration.methods import MethodOptions, apply_method
-from fastft.ops import glu
+from fastft.ops import recompute as made_again
 from tests.utils import interpreter_only, randomize_lora_B, tiny_llama
 
-TOKENS, INTERMEDIATE, LAYERS = 2 * 11, 96, 2
+TOKENS, HIDDEN, INTERMEDIATE, LAYERS = 2 * 11, 64, 96, 2
 BACKENDS = ["torch", pytest.param("triton", marks=interpreter_only)]
 
 
@@ -40,10 +41,10 @@ class _LiveStorages(TorchDispatchMode):
         return sum({ptr: n for ref, n, ptr in self.made if not torch.UntypedStorage._expired(ref)}.values())
 
 
-def _step(build, ids, recompute: bool | None, monkeypatch):
+def _step(build, ids, on: bool | None, monkeypatch):
     """(loss, gradients, bytes the forward left alive) with the recompute on or off (None: as fastft ships)."""
-    if recompute is not None:
-        monkeypatch.setattr(glu, "RECOMPUTE_OUTPUT", recompute)
+    if on is not None:
+        monkeypatch.setattr(made_again, "ENABLED", on)
     model = build()
     live = _LiveStorages()
     with live:
@@ -85,13 +86,18 @@ def ids():
 def test_the_down_projection_input_is_made_again_with_the_same_gradients(method, backend, ids, monkeypatch):
     monkeypatch.setenv("FASTFT_LORA_BACKEND", backend)
     dtype = torch.bfloat16 if method == "qlora" else torch.float32
-    one = LAYERS * TOKENS * INTERMEDIATE * dtype.itemsize
-    _assert_same_step(_patched(method, backend, dtype), ids, monkeypatch, saved_bytes=one)
+    # the norm's output too where gate and up keep it (IA3 adapts down_proj alone there) and the norm's backward
+    # keeps its input (the fused op, or the torch reference in fp32)
+    norm_kept = method != "ia3" and (backend == "triton" or dtype == torch.float32)
+    widths = INTERMEDIATE + (HIDDEN if norm_kept else 0)
+    _assert_same_step(_patched(method, backend, dtype), ids, monkeypatch,
+                      saved_bytes=LAYERS * TOKENS * widths * dtype.itemsize)
 
 
 def test_only_where_gate_and_up_are_kept_anyway(ids, monkeypatch):
     """LoRA on down_proj alone: the first layer's gate and up need no gradient (the embeddings are frozen), so
-    nothing keeps them and the recipe would hold two activations for one; that layer keeps its output as before."""
+    nothing keeps them and the recipe would hold two activations for one; that layer keeps its GLU output as before
+    (and frozen gate/up projections keep no input)."""
     def build():
         model = apply_method(tiny_llama(), "lora", MethodOptions(rank=4, target_modules=("down_proj",)),
                              implementation="fastft")
@@ -103,8 +109,8 @@ def test_only_where_gate_and_up_are_kept_anyway(ids, monkeypatch):
 
 
 def test_on_by_default(ids, monkeypatch):
-    _assert_same_step(_patched("lora", "torch"), ids, monkeypatch, saved_bytes=LAYERS * TOKENS * INTERMEDIATE * 4,
-                      on=None)
+    _assert_same_step(_patched("lora", "torch"), ids, monkeypatch,
+                      saved_bytes=LAYERS * TOKENS * (HIDDEN + INTERMEDIATE) * 4, on=None)
 
 
 def test_bottleneck_adapters_keep_nothing_of_it_and_nothing_changes(ids, monkeypatch):
@@ -114,7 +120,7 @@ def test_bottleneck_adapters_keep_nothing_of_it_and_nothing_changes(ids, monkeyp
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_qlora_after_kbit_preparation_makes_the_bf16_cast_again(backend, ids, monkeypatch):
-    """The fp32 residual stream's MLP feeds its fp32 GLU output to an NF4 down_proj, which keeps the bf16 cast."""
+    """The fp32 residual stream's MLP: its NF4 projections keep the bf16 casts of the fp32 norm and GLU outputs."""
     monkeypatch.setenv("FASTFT_LORA_BACKEND", backend)
 
     def build():
@@ -126,7 +132,7 @@ def test_qlora_after_kbit_preparation_makes_the_bf16_cast_again(backend, ids, mo
         fastft.patch_model(model, backend=backend)
         return model.train()
 
-    _assert_same_step(build, ids, monkeypatch, saved_bytes=LAYERS * TOKENS * INTERMEDIATE * 2)
+    _assert_same_step(build, ids, monkeypatch, saved_bytes=LAYERS * TOKENS * (HIDDEN + INTERMEDIATE) * 2)
 
 
 def test_phi3s_fused_gate_up_halves(ids, monkeypatch):
@@ -144,20 +150,25 @@ def test_phi3s_fused_gate_up_halves(ids, monkeypatch):
         fastft.patch_model(model, backend="torch")
         return model.train()
 
-    _assert_same_step(build, ids, monkeypatch, saved_bytes=LAYERS * TOKENS * INTERMEDIATE * 4)
+    _assert_same_step(build, ids, monkeypatch, saved_bytes=LAYERS * TOKENS * (HIDDEN + INTERMEDIATE) * 4)
 
 
 @pytest.mark.parametrize("how", ["non-reentrant", "reentrant", "save_on_cpu"])
 def test_other_saved_tensor_hooks_keep_their_say(how, ids, monkeypatch):
-    """Activation checkpointing and save_on_cpu decide what is kept: no recipe is made under their hooks (it would
-    keep gate and up alive beside them), and the gradients are those of the plain run. Reentrant checkpointing's
-    first forward runs without grad, its recompute in backward with the recipe."""
-    made = []
-    recipe_hooks = glu._recipe_hooks
-    monkeypatch.setattr(glu, "_recipe_hooks", lambda *a: made.append(1) or recipe_hooks(*a))
+    """Activation checkpointing and save_on_cpu decide what is kept: nothing is saved as a recipe under their hooks
+    (it would keep the norm's input and gate and up alive beside them), and the gradients are those of the plain
+    run. Reentrant checkpointing's first forward runs without grad, its recompute in backward with the recipes."""
+    made, pack = [], made_again._pack
+
+    def counted(t):
+        packed = pack(t)
+        made.extend([1] if isinstance(packed, made_again._Recipe) else [])
+        return packed
+
+    monkeypatch.setattr(made_again, "_pack", counted)
     runs = {}
-    for recompute in (False, True):
-        monkeypatch.setattr(glu, "RECOMPUTE_OUTPUT", recompute)
+    for on in (False, True):
+        monkeypatch.setattr(made_again, "ENABLED", on)
         model = _patched("lora", "torch")()
         if how != "save_on_cpu":
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": how == "reentrant"})
@@ -167,14 +178,14 @@ def test_other_saved_tensor_hooks_keep_their_say(how, ids, monkeypatch):
         if how != "reentrant":
             assert made == []
         loss.backward()
-        runs[recompute] = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-    assert made == ([1] * LAYERS if how == "reentrant" else [])
+        runs[on] = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert (len(made) > 0) == (how == "reentrant")
     for name in runs[False]:
         assert torch.equal(runs[False][name], runs[True][name]), name
 
 
 def test_a_gate_changed_in_place_after_the_forward_is_refused_before_any_gradient(ids, monkeypatch):
-    monkeypatch.setattr(glu, "RECOMPUTE_OUTPUT", True)
+    monkeypatch.setattr(made_again, "ENABLED", True)
     model = _patched("lora", "torch")()
     gates = []
     model.base_model.model.model.layers[1].mlp.gate_proj.register_forward_hook(lambda m, i, o: gates.append(o))
@@ -187,17 +198,44 @@ def test_a_gate_changed_in_place_after_the_forward_is_refused_before_any_gradien
     assert down.lora_A["default"].weight.grad is None  # refused where it was read, not after using it
 
 
+def test_a_norm_weight_changed_in_place_after_the_forward_is_refused_before_any_gradient(ids, monkeypatch):
+    monkeypatch.setattr(made_again, "ENABLED", True)
+    model = _patched("full", "torch")()
+    layer = model.model.layers[1]
+    loss = model(input_ids=ids, labels=ids).loss
+    with torch.no_grad():
+        layer.post_attention_layernorm.weight.mul_(2)
+    with pytest.raises(RuntimeError, match="in ?place"):
+        loss.backward()
+    assert layer.mlp.gate_proj.weight.grad is None  # refused where the norm's output was made again
+
+
+def test_normed_states_changed_in_place_before_the_mlp_are_kept_as_they_are(ids, monkeypatch):
+    """A hook scaling the normed states in place (as Mixtral's router jitter does) before the MLP reads them: the
+    projections keep what they read, not the norm's output made again."""
+    def scale_in_place(module, args):
+        args[0].mul_(1.5)
+
+    def build():
+        model = _patched("lora", "torch")()
+        for layer in model.base_model.model.model.layers:
+            layer.mlp.register_forward_pre_hook(scale_in_place)
+        return model
+
+    _assert_same_step(build, ids, monkeypatch, saved_bytes=LAYERS * TOKENS * INTERMEDIATE * 4)
+
+
 def test_second_order_gradients_are_unchanged(ids, monkeypatch):
     """create_graph: the output made again keeps its history (torch path, the model's own loss: the fused ops
     refuse double backward)."""
     runs = {}
-    for recompute in (False, True):
-        monkeypatch.setattr(glu, "RECOMPUTE_OUTPUT", recompute)
+    for on in (False, True):
+        monkeypatch.setattr(made_again, "ENABLED", on)
         model = _patched("full", "torch", loss=False)()
         params = [p for p in model.parameters() if p.requires_grad]
         loss = model(input_ids=ids, labels=ids).loss
         grads = torch.autograd.grad(loss, params, create_graph=True)
         sum(g.pow(2).sum() for g in grads).backward()
-        runs[recompute] = [p.grad for p in params]
+        runs[on] = [p.grad for p in params]
     for g0, g1 in zip(runs[False], runs[True], strict=True):
         assert torch.equal(g0, g1)
