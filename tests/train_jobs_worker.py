@@ -39,3 +39,5 @@ def run(jobs: list[dict]) -> None:
 if __name__ == "__main__":
     with open(sys.argv[1]) as f:
         run(json.load(f))
+    if torch.distributed.is_initialized():  # as the fastft command does (fastft.apps.cli.command)
+        torch.distributed.destroy_process_group()

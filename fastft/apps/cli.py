@@ -85,5 +85,19 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def command(argv: list[str] | None = None) -> int:
+    """The `fastft` program (`python -m fastft.apps.cli` too): main, then the process group of torchrun's processes
+    is taken down. One left to the interpreter's exit can abort a process whose run had finished (gloo's threads:
+    "terminate called without an active exception", SIGABRT) and torchrun then reports the launch failed. main()
+    itself keeps it: several runs in one process share it."""
+    try:
+        return main(argv)
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(command())
