@@ -13,6 +13,8 @@ they were and `unpatch_model` only has to put the original class back. Class att
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from fastft.ops.compiled import compiling
@@ -34,7 +36,8 @@ class FusedRMSNormForward:
                             offset=self._fastft_offset, cast=self._fastft_cast, backend=self._fastft_backend)
 
         y = norm()
-        if y.requires_grad and not compiling() and self._keeps_input(hidden_states):  # the next gated MLP makes y again in backward
+        # the projections reading y (in a patched attention or gated MLP) make it again in backward
+        if y.requires_grad and not compiling() and self._keeps_input(hidden_states):
             remember(y, norm, (hidden_states, self.weight))
         return y
 
@@ -71,3 +74,14 @@ class FusedGLUMLPForward:
             if gate.requires_grad and up.requires_grad:  # else the GLU's backward would not keep them
                 remember(out, lambda: glu(gate, up, backend=self._fastft_backend), (gate, up))
             return self.down_proj(out)
+
+
+def with_saved_inputs_made_again(forward):
+    """An attention's forward inside recomputed_outputs(): its projections' saved copies of the patched input
+    norm's output (q, k and v read it) are made again in backward from what the norm keeps."""
+    @functools.wraps(forward)
+    def attention_forward(self, *args, **kwargs):
+        with recomputed_outputs():
+            return forward(self, *args, **kwargs)
+
+    return attention_forward

@@ -34,7 +34,7 @@ from transformers.activations import ACT2FN
 from fastft.integration.patching import rope_binding
 from fastft.integration.patching.causal_lm import FusedLossCausalLMForward, forward_with_signature
 from fastft.integration.patching.table import ARCHITECTURES, GELU_TANH, Architecture
-from fastft.modules.fused_layers import FusedGLUMLPForward, FusedRMSNormForward
+from fastft.modules.fused_layers import FusedGLUMLPForward, FusedRMSNormForward, with_saved_inputs_made_again
 from fastft.ops.attention import MAX_HEAD_DIM, head_dim_supported
 from fastft.ops.shared import BACKENDS, bound_to, require_triton
 
@@ -188,8 +188,8 @@ def _plan(base: nn.Module, backend: str, attention: bool, loss: bool = True):
              "mlp": dict(_fastft_gelu=GELU_TANH.get(activation), _fastft_gate_up=arch.fused_gate_up,
                          _fastft_act_type=type(ACT2FN[activation]) if activation in GELU_TANH else None,
                          _fastft_act_attr=act_attr, _fastft_backend=backend),
-             "attention": dict(forward=rope_binding.forward_with_fastft_rope(classes["attention"], backend,
-                                                                             arch.partial_rotary))}
+             "attention": dict(forward=with_saved_inputs_made_again(
+                 rope_binding.forward_with_fastft_rope(classes["attention"], backend, arch.partial_rotary)))}
     if "causal_lm" in classes:  # not with loss=False
         attrs["causal_lm"] = dict(_fastft_softcap_attr=arch.final_softcap_attr,
                                   _fastft_logits_scaling_attr=arch.logits_scaling_attr,

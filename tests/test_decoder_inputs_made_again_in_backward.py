@@ -1,8 +1,9 @@
-"""A patched gated MLP (fastft.patch_model) does not keep its projections' saved inputs for backward: its input
-(the patched post-attention norm's output) and its GLU output act(gate)·up, which gate/up's and down_proj's
-backward need for their adapters' or weights' gradients, are made again from what the norm's and the GLU's own
-backward keep anyway (fastft.ops.recompute): per token and layer one activation of the hidden width and one of the
-intermediate width less, the same loss and gradients bit for bit. Measured here as the bytes a training forward
+"""A patched decoder layer (fastft.patch_model) does not keep its projections' saved inputs that are cheap to
+make again: the input norm's output (q, k, v read it), the post-attention norm's (gate, up) and the GLU output
+act(gate)·up (down_proj), which those projections' backward needs for their adapters' or weights' gradients, are
+made again from what the norms' and the GLU's own backward keep anyway (fastft.ops.recompute): per token and layer
+two activations of the hidden width and one of the intermediate width less, the same loss and gradients bit for
+bit. Measured here as the bytes a training forward
 leaves alive (every storage an op makes, weakly tracked: saved-tensor hooks of our own would switch the recompute
 off, as activation checkpointing's do)."""
 from __future__ import annotations
@@ -86,12 +87,14 @@ def ids():
 def test_the_down_projection_input_is_made_again_with_the_same_gradients(method, backend, ids, monkeypatch):
     monkeypatch.setenv("FASTFT_LORA_BACKEND", backend)
     dtype = torch.bfloat16 if method == "qlora" else torch.float32
-    # the norm's output too where gate and up keep it (IA3 adapts down_proj alone there) and the norm's backward
-    # keeps its input (the fused op, or the torch reference in fp32)
+    # the norms' outputs too where gate and up (q, k and v) keep them (IA3 adapts down_proj, k and v's outputs)
+    # and the norm's backward keeps its input (the fused op, or the torch reference in fp32); the first layer's
+    # input norm only in full fine-tuning (its trained weight: otherwise nothing before it needs a gradient)
     norm_kept = method != "ia3" and (backend == "triton" or dtype == torch.float32)
-    widths = INTERMEDIATE + (HIDDEN if norm_kept else 0)
+    input_norms = (LAYERS if method == "full" else LAYERS - 1) if norm_kept else 0
+    elements = LAYERS * INTERMEDIATE + (LAYERS * HIDDEN if norm_kept else 0) + input_norms * HIDDEN
     _assert_same_step(_patched(method, backend, dtype), ids, monkeypatch,
-                      saved_bytes=LAYERS * TOKENS * widths * dtype.itemsize)
+                      saved_bytes=TOKENS * elements * dtype.itemsize)
 
 
 def test_only_where_gate_and_up_are_kept_anyway(ids, monkeypatch):
@@ -110,7 +113,7 @@ def test_only_where_gate_and_up_are_kept_anyway(ids, monkeypatch):
 
 def test_on_by_default(ids, monkeypatch):
     _assert_same_step(_patched("lora", "torch"), ids, monkeypatch,
-                      saved_bytes=LAYERS * TOKENS * (HIDDEN + INTERMEDIATE) * 4, on=None)
+                      saved_bytes=TOKENS * (LAYERS * (HIDDEN + INTERMEDIATE) + (LAYERS - 1) * HIDDEN) * 4, on=None)
 
 
 def test_bottleneck_adapters_keep_nothing_of_it_and_nothing_changes(ids, monkeypatch):
@@ -132,7 +135,8 @@ def test_qlora_after_kbit_preparation_makes_the_bf16_cast_again(backend, ids, mo
         fastft.patch_model(model, backend=backend)
         return model.train()
 
-    _assert_same_step(build, ids, monkeypatch, saved_bytes=LAYERS * TOKENS * (HIDDEN + INTERMEDIATE) * 2)
+    _assert_same_step(build, ids, monkeypatch,
+                      saved_bytes=TOKENS * (LAYERS * (HIDDEN + INTERMEDIATE) + (LAYERS - 1) * HIDDEN) * 2)
 
 
 def test_phi3s_fused_gate_up_halves(ids, monkeypatch):
@@ -150,7 +154,8 @@ def test_phi3s_fused_gate_up_halves(ids, monkeypatch):
         fastft.patch_model(model, backend="torch")
         return model.train()
 
-    _assert_same_step(build, ids, monkeypatch, saved_bytes=LAYERS * TOKENS * (HIDDEN + INTERMEDIATE) * 4)
+    _assert_same_step(build, ids, monkeypatch,
+                      saved_bytes=TOKENS * (LAYERS * (HIDDEN + INTERMEDIATE) + (LAYERS - 1) * HIDDEN) * 4)
 
 
 @pytest.mark.parametrize("how", ["non-reentrant", "reentrant", "save_on_cpu"])
@@ -222,7 +227,7 @@ def test_normed_states_changed_in_place_before_the_mlp_are_kept_as_they_are(ids,
             layer.mlp.register_forward_pre_hook(scale_in_place)
         return model
 
-    _assert_same_step(build, ids, monkeypatch, saved_bytes=LAYERS * TOKENS * INTERMEDIATE * 4)
+    _assert_same_step(build, ids, monkeypatch, saved_bytes=TOKENS * (LAYERS * INTERMEDIATE + (LAYERS - 1) * HIDDEN) * 4)
 
 
 def test_second_order_gradients_are_unchanged(ids, monkeypatch):
