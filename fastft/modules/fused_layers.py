@@ -1,4 +1,6 @@
-"""Forwards for transformers' RMSNorm and gated-MLP modules through fastft's layer ops.
+"""Forwards for transformers' RMSNorm and gated-MLP modules through fastft's layer ops, and the attention forward's
+wrapper: the projections in a patched attention or MLP save recipes for the norm and GLU outputs they read, made
+again in backward (fastft.ops.recompute), not copies.
 
 These are mixins, not modules with state of their own: `fastft.patch_model` puts one in front of a model's own
 class (a subclass per original class, same name), so parameters, state dict, hooks and `isinstance` stay as
