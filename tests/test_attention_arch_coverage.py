@@ -63,12 +63,16 @@ def test_doge_keeps_its_causal_mask():
     config = DogeConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                         num_attention_heads=4, num_key_value_heads=2)
     eager, fast = _twins(config)
+    sdpa, _ = _twins(config, "sdpa")
     ids = _ids(12)
     later_changed = ids.clone()
     later_changed[0, 6:] = 7
     with torch.no_grad():
-        out, ref = fast(input_ids=ids).logits, eager(input_ids=ids).logits
-        torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+        out, ref, ref_sdpa = fast(input_ids=ids).logits, eager(input_ids=ids).logits, sdpa(input_ids=ids).logits
+        torch.testing.assert_close(out, ref_sdpa, atol=2e-5, rtol=2e-5)
+        # and eager's, where transformers' own two agree (5.17's Doge eager is 0.39 off its sdpa)
+        if torch.allclose(ref, ref_sdpa, atol=2e-5, rtol=2e-5):
+            torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
         moved = (fast(input_ids=later_changed).logits[0, :6] - out[0, :6]).abs().max()
     assert moved == 0  # positions before the changed tokens do not see them
 
@@ -253,8 +257,12 @@ def test_gemma3_image_overlay_under_compile_with_position_ids():
     with torch.no_grad():
         expected = build("eager")(input_ids=ids, token_type_ids=image, position_ids=positions).logits
         fast = torch.compile(build("fastft"), backend="eager")
-        with pytest.raises(RuntimeError, match="cannot tell from plain packed rows"):
-            fast(input_ids=ids, token_type_ids=image, position_ids=positions)
+        try:
+            plain = fast(input_ids=ids, token_type_ids=image, position_ids=positions).logits
+        except RuntimeError as e:
+            assert "cannot tell from plain packed rows" in str(e)
+        else:  # transformers 5.17 does not wrap the traced mask: the overlay is seen by name, and must be right
+            torch.testing.assert_close(plain, expected, atol=2e-5, rtol=2e-5)
         got = fast(input_ids=ids, token_type_ids=image, position_ids=positions, attention_mask=torch.ones_like(ids))
         text_only = fast(input_ids=ids, token_type_ids=torch.zeros_like(ids), position_ids=positions).logits
         text_expected = build("eager")(input_ids=ids, token_type_ids=torch.zeros_like(ids), position_ids=positions)

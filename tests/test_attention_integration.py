@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fastft.integration.packing import IGNORE_INDEX, PackingCollator
-from tests.utils import assert_close, first_layers, interpreter_only
+from tests.utils import assert_close, cache_kwarg, first_layers, interpreter_only
 
 transformers = pytest.importorskip("transformers")
 
@@ -368,7 +368,8 @@ def test_mask_overlays_take_transformers_mask():
     for impl in ("sdpa", "fastft"):
         config._attn_implementation = impl
         masks[impl] = create_causal_mask(config=config, inputs_embeds=torch.zeros(1, 6, 64),
-                                         attention_mask=torch.ones(1, 6, dtype=torch.long), cache=None,
+                                         attention_mask=torch.ones(1, 6, dtype=torch.long),
+                                         **cache_kwarg(None, of=create_causal_mask),
                                          position_ids=torch.arange(6)[None], or_mask_function=block)
     assert masks["fastft"] is not None and torch.equal(masks["fastft"], masks["sdpa"])
     assert masks["fastft"][0, 0, 0, 2]  # token 0 sees token 2

@@ -70,5 +70,33 @@ def test_tensors_transformers_keeps_in_fp32_load_in_fp32(tmp_path):
     ours = fastft.load_nf4_model(str(tmp_path), dtype=torch.bfloat16)
     theirs = transformers.DeepseekV3ForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
     kept = {n for n, t in theirs.state_dict().items() if t.dtype == torch.float32}
-    assert "model.layers.1.mlp.gate.weight" in kept  # what the model keeps in fp32
+    # what the model keeps in fp32: the router's weight and score bias (5.24), the score bias alone (5.17)
+    assert "model.layers.1.mlp.gate.e_score_correction_bias" in kept
     assert {n: ours.state_dict()[n].dtype for n in kept} == {n: torch.float32 for n in kept}
+
+
+@pytest.mark.parametrize("build, stored", [(_gpt_neox, "embed_out.weight"),  # a renaming
+                                           (_mixtral, "model.layers.0.block_sparse_moe.experts.3.w2.weight")])
+def test_the_load_reads_the_keys_without_transformers_newer_helpers(tmp_path, monkeypatch, build, stored):
+    """transformers 5.17 (the GPU machine's) has no `apply_renamings` / `apply_converters` in core_model_loading:
+    importing them stopped every NF4 load of a model with checkpoint conversions there, and save_nf4_model too. The
+    keys are now renamed through each transform's own rename_source_key, in 5.17 and 5.24 alike."""
+    import sys
+    import transformers.core_model_loading as loading
+
+    def not_in_5_17(name, helper):  # transformers' own callers (5.24's save_pretrained) keep theirs
+        def called(*args, **kwargs):
+            assert not sys._getframe(1).f_globals["__name__"].startswith("fastft"), f"fastft called {name}"
+            return helper(*args, **kwargs)
+        return called
+    for name in ("apply_renamings", "apply_converters"):
+        if hasattr(loading, name):
+            monkeypatch.setattr(loading, name, not_in_5_17(name, getattr(loading, name)))
+    test_a_checkpoint_in_the_original_layout_loads_as_the_model(tmp_path / "load", build, stored, None)
+    torch.manual_seed(0)
+    model = fastft.quantize_model(build().eval(), "nf4")
+    fastft.save_nf4_model(model, tmp_path / "saved")
+    ids = torch.randint(0, 96, (2, 11))
+    with torch.no_grad():
+        again = fastft.load_nf4_model(str(tmp_path / "saved"), dtype=torch.float32)
+        assert torch.equal(again(ids).logits, model(ids).logits)

@@ -7,12 +7,12 @@ from peft import LoraConfig
 
 import fastft
 from tests.test_patch_model import _assert_matches, _batch, _run
-from tests.utils import randomize_lora_B
+from tests.utils import known_model_types, randomize_lora_B
 
 transformers = pytest.importorskip("transformers")
 
 
-@pytest.mark.parametrize("model_type", ["exaone", "internlm3"])
+@pytest.mark.parametrize("model_type", known_model_types("exaone", "internlm3"))
 def test_a_llama_class_under_another_model_type_is_patched_as_llama(model_type):
     from transformers import CONFIG_MAPPING, AutoModelForCausalLM
 

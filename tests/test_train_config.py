@@ -292,7 +292,7 @@ def test_max_length_past_a_rotary_table_is_refused():
                                           vocab_size=128), GPTJForCausalLM),
                               (CodeGenConfig(n_positions=64, n_ctx=64, n_embd=32, n_layer=1, n_head=4, rotary_dim=4,
                                              vocab_size=128), CodeGenForCausalLM)):
-        with pytest.raises(IndexError):  # what the warning let through
+        with pytest.raises((IndexError, RuntimeError)):  # what the warning let through (RuntimeError: 5.17)
             model_cls(config)(torch.zeros(1, 96, dtype=torch.long))
         error, warning = length_problem(TrainConfig(max_length=96), config)
         assert warning is None and "its rotary table has no row for position 64" in error

@@ -6,9 +6,10 @@ import pytest
 from transformers import AutoConfig
 
 from fastft.integration.patching.patch import unsupported_config
+from tests.utils import known_model_types
 
 
-@pytest.mark.parametrize("model_type", ["exaone", "internlm3", "iquestcoder"])
+@pytest.mark.parametrize("model_type", known_model_types("exaone", "internlm3", "iquestcoder"))
 def test_llama_built_types_pass(model_type):
     assert unsupported_config(AutoConfig.for_model(model_type)) is None
 

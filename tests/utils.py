@@ -84,15 +84,28 @@ def first_layers(model, n: int = 6):
     return model
 
 
-def cache_kwarg(cache) -> dict:
-    """A decoding step's cache argument: `cache` since transformers 5.2x (which still takes past_key_values, with a
-    warning), `past_key_values` before (5.17, the GPU machine's, puts an unknown `cache` into **kwargs: no cache)."""
+def cache_kwarg(cache, of=None) -> dict:
+    """A decoding step's cache argument to `of` (default LlamaModel.forward): `cache` since transformers 5.2x (which
+    still takes past_key_values, with a warning), `past_key_values` before (5.17, the GPU machine's, puts an unknown
+    `cache` into **kwargs: no cache; its create_causal_mask refuses it)."""
     import inspect
 
     from transformers import LlamaModel
 
-    name = "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
+    name = "cache" if "cache" in inspect.signature(of or LlamaModel.forward).parameters else "past_key_values"
     return {name: cache}
+
+
+def known_model_types(*names) -> list:
+    """pytest parameters: each model type, skipped (saying so) where the installed transformers has no such type
+    (the GPU machine's 5.17 predates EXAONE, InternLM3 and IQuestCoder)."""
+    import pytest
+    import transformers
+    from transformers import CONFIG_MAPPING
+
+    return [pytest.param(name, marks=pytest.mark.skipif(
+        name not in CONFIG_MAPPING, reason=f"transformers {transformers.__version__} has no model type {name!r}"))
+        for name in names]
 
 
 def first_inf_loss_scale(model, ids, exponents: range) -> int:

@@ -72,7 +72,13 @@ def forwards_seen() -> int:
 
 def causal_mask_window(config) -> int | None:
     """The sliding window of the causal mask the model of `config` built (None: no window, or no mask seen)."""
-    return _mask_reach.get(("causal", id(config)))
+    return _mask_reach.get(("causal", _key(config)))
+
+
+def _key(config):
+    """A config's key in the notes. Not id(None): torch 2.11's dynamo (the GPU machine's) cannot trace id() of a
+    constant, and an attention module without a config stopped the trace."""
+    return "none" if config is None else id(config)
 
 
 def traced_documents(starts, batch_size: int, refusal: str):
@@ -272,12 +278,12 @@ def fastft_attention_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset
     # cross-attention masks)
     kept = unskippable or (not causal and kwargs.get("allow_is_bidirectional_skip") is False)
     if not causal and kwargs.get("local_size") is not None:  # a bidirectional sliding mask: its reach
-        _note_reach(("bidirectional", id(config)), kwargs["local_size"])
+        _note_reach(("bidirectional", _key(config)), kwargs["local_size"])
     # the window of the causal mask a model without layer_types built (None: no window). Only there: a model with
     # layer_types builds a full and a sliding mask each forward, and a note flipping between them made such a model
     # (Qwen2, Qwen2-MoE on attn_implementation='fastft') compile twice; its layers read their window from the types
     if causal and getattr(config, "layer_types", None) is None:
-        _note_reach(("causal", id(config)), kwargs.get("local_size"))
+        _note_reach(("causal", _key(config)), kwargs.get("local_size"))
     if not compiling():
         _thread_note.masks = forwards_seen() + 1
     # traced with a static cache, the offsets are tensors: comparing them would branch on data (a graph break)
@@ -296,7 +302,7 @@ def fastft_attention_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset
             if torch.is_grad_enabled():  # a forward whose layers checkpointing may recompute
                 books.append(_recompute_notes)
         for book in books:
-            for key in (id(config), "last"):
+            for key in (_key(config), "last"):
                 # traced, a note that finds no documents (as an absent one reads) only replaces one that did:
                 # torch.compile guards on the dict, and a write at every traced forward compiled the second call again
                 held = book.get(key)

@@ -45,7 +45,7 @@ def stored_namer(model: nn.Module):
     if not renamings:
         return lambda key: key
     from transformers.conversion_mapping import get_model_conversion_mapping
-    from transformers.core_model_loading import PrefixChange, WeightRenaming, apply_renamings
+    from transformers.core_model_loading import PrefixChange, WeightRenaming
 
     reverse = []
 
@@ -58,6 +58,14 @@ def stored_namer(model: nn.Module):
         original = apply_renamings(key, reverse)
         return original if apply_renamings(original, renamings) == key else key
     return stored
+
+
+def apply_renamings(key: str, renamings) -> str:
+    """`key` after every renaming in turn, as transformers' loader renames it (transformers' own `apply_renamings`
+    is not in 5.17, the GPU machine's release; each transform's rename_source_key is in both)."""
+    for renaming in renamings:
+        key, _ = renaming.rename_source_key(key)
+    return key
 
 
 class CheckpointKeys:
@@ -121,17 +129,14 @@ class CheckpointKeys:
             yield from converter.convert(target, model=view, config=getattr(model, "config", None)).items()
 
     def _renamed(self, key: str) -> str:
-        if not self._renamings:
-            return key
-        from transformers.core_model_loading import apply_renamings
         return apply_renamings(key, self._renamings)
 
     def _converter_match(self, name: str) -> tuple[str | None, str | None]:
-        if not self._converters:
-            return None, None
-        from transformers.core_model_loading import apply_converters
-        target, pattern = apply_converters(name, self._converters)
-        return (target, pattern) if pattern is not None else (None, None)
+        for converter in self._converters:  # at most one converter per key, as transformers applies them
+            target, pattern = converter.rename_source_key(name)
+            if pattern is not None:
+                return target, pattern
+        return None, None
 
 
 class _DenseParameters:

@@ -1,5 +1,5 @@
 """What an NF4Weight (fastft/quant/nf4_weight.py) supports as a tensor: its aten op table, row slicing for
-sharding, the FSDP2 all-gather hooks, and the `fastft::nf4_dequantize` custom op.
+sharding, and the `fastft::nf4_dequantize` custom op (FSDP2's all-gather hooks: fastft/quant/nf4_fsdp.py).
 
 The op table is small and explicit (as torchao's NF4Tensor): the ops `nn.Module` moves, `nn.Parameter`,
 deepcopy, FSDP2's `fully_shard` (chunk → split, new_zeros, narrow → slice, copy_, view(-1), as_strided),
@@ -20,12 +20,8 @@ Uneven shards. FSDP2 cuts dim 0 as torch.chunk does, into ceil(N/world)-row shar
 blocksize (`shard_problem`). Each rank pads its shard into `new_zeros` of the first shard's size: zero codes under
 zero scales, which dequantize to zeros. That buffer keeps nested scales only when it and the whole weight hold whole
 groups (else the last shard's leading rows would narrow to an un-nested copy and FSDP2's copy_ into them be lost);
-a nested shard copied into an un-nested buffer brings its scales decoded to fp32. torch requires a padded shard's
-all-gather inputs to have the padded shard's size, so for such a weight every rank sends one uint8 tensor of
-ceil(N/world)×K bytes — its codes, then its blocks' fp32 scales, then zeros (8 bits a weight on the wire instead of
-4.1–4.5; the stored shards stay 4-bit) — and `fsdp_post_all_gather` cuts each rank's codes and scales out of the
-gathered bytes, drops the padding and empty shards, and rebuilds an un-nested weight of N rows (copies, which FSDP2
-frees at reshard and refills on the next all-gather) that dequantizes to the original bit for bit. State dicts of
+a nested shard copied into an un-nested buffer brings its scales decoded to fp32. (FSDP2's all-gather of NF4 shards,
+even and uneven: fastft/quant/nf4_fsdp.py.) State dicts of
 such shards: DTensor pads a short shard with F.pad (`constant_pad_nd`, zero rows, nested as `new_zeros` would be)
 before its all-gather, which agrees on one layout across the ranks first (un-nested fp32 scales if any piece is
 un-nested); a shard that is the leading rows of a padded buffer takes a copy with another nested offset, as the
@@ -103,7 +99,7 @@ def apply_to_parts(w, fn: Callable[[torch.Tensor], torch.Tensor], **changes):
     return out
 
 
-def _row_numel(w) -> int:
+def row_numel(w) -> int:
     return math.prod(w.shape[1:])
 
 
@@ -112,7 +108,7 @@ def row_range(w, r0: int, r1: int):
     docstring for the rules)."""
     if w.ndim == 0:
         raise NotImplementedError("NF4Weight: a 0-d weight has no rows to slice")
-    n, bs, row = w.numel(), w.blocksize, _row_numel(w)
+    n, bs, row = w.numel(), w.blocksize, row_numel(w)
     e0, e1 = r0 * row, r1 * row
     if (r0, r1) == (0, w.shape[0]):
         return w.with_parts(shape=w.shape)
@@ -531,98 +527,3 @@ def dispatch(func, args, kwargs):
                                   "layer's .weight itself, as a router may, needs that layer left dense: "
                                   "quantize_model(..., skip=[its name]))")
     return handler(func, *args, **kwargs)
-
-
-# ----------------------------------------------------------------------------------------------
-# FSDP2 all-gather extension: gather packed bytes and scales; tables and offset travel as metadata.
-# Uneven shards (rows not a multiple of the ranks): torch requires every all-gather input of a padded shard to have
-# the padded shard's size (rows_pad, *rest), so each rank sends one uint8 tensor of that size, a byte a value: its
-# codes, then its blocks' fp32 scales (decoded, so nested and un-nested shards send alike), then zeros.
-
-def fsdp_pre_all_gather(w, mesh, outer_size):
-    world = mesh.size()
-    outer_size = torch.Size(outer_size)
-    if outer_size[0] % world:
-        return _uneven_pre_all_gather(w, world, outer_size)
-    if w.ndim < 1 or tuple(outer_size) != (w.shape[0] * world, *w.shape[1:]):
-        raise ValueError(f"NF4Weight: FSDP shard of shape {tuple(w.shape)} is not 1/{world} of {tuple(outer_size)}"
-                         " (see fastft.quant.nf4_tensor_ops.check_shardable)")
-    scales = (w.absmax,) + ((w.absmax2,) if w.double_quant else ())
-    # torch's one-rank path copies only the first all-gather input: there the (whole) scales ride in the metadata
-    one_rank = world == 1
-    inputs = (w.packed,) if one_rank else (w.packed, *scales)
-    meta = (outer_size, w.blocksize, w.nested_blocksize, w.nested_offset, w.code, w.code2,
-            scales if one_rank else None, None)
-    return inputs, meta
-
-
-def _uneven_pre_all_gather(w, world: int, outer_size: torch.Size):
-    rows = shard_rows(outer_size[0], world)
-    if w.ndim < 1 or w.shape[0] > rows or tuple(w.shape[1:]) != tuple(outer_size[1:]):
-        raise ValueError(f"NF4Weight: FSDP shard of shape {tuple(w.shape)} is not a dim-0 shard of at most {rows} "
-                         f"rows of {tuple(outer_size)}")
-    problem = shard_problem(outer_size, w.blocksize, world)
-    if problem:
-        raise ValueError(f"NF4Weight: {problem}")
-    values = rows * _row_numel(w)
-    wire = torch.zeros(values, dtype=torch.uint8, device=w.device)
-    wire[:w.packed.numel()] = w.packed
-    scales = w.block_absmax().to(torch.float32)
-    wire[values // 2: values // 2 + 4 * scales.numel()] = scales.view(torch.uint8)
-    meta = (outer_size, w.blocksize, w.nested_blocksize, None, w.code, None, None, rows)
-    return (wire.view(rows, *outer_size[1:]),), meta
-
-
-def _uneven_parts(gathered: torch.Tensor, shape: torch.Size, rows: int, blocksize: int):
-    """Each rank's codes and fp32 scales cut out of the gathered uneven wire (see _uneven_pre_all_gather), padding
-    and empty shards dropped: (list of packed pieces, list of scale pieces), in rank order."""
-    row, n = math.prod(shape[1:]), shape[0]
-    values = rows * row
-    wires = gathered.view(-1).split(values)
-    packed, scales = [], []
-    for rank, wire in enumerate(wires):
-        real = max(0, min(rows, n - rank * rows)) * row
-        if real == 0:
-            continue
-        packed.append(wire[:(real + 1) // 2])
-        scales.append(wire[values // 2: values // 2 + 4 * fmt.num_blocks(real, blocksize)].view(torch.float32))
-    return packed, scales
-
-
-def _uneven_post_all_gather(outputs, meta, param_dtype, out):
-    from fastft.quant.nf4_weight import NF4Weight
-
-    shape, blocksize, _, _, code, _, _, rows = meta
-    packed, scales = _uneven_parts(outputs[0], shape, rows, blocksize)
-    if out is not None:  # later all-gathers: into the buffers FSDP2 re-allocated (the returned inner tensors)
-        torch.cat(packed, out=out.packed)
-        torch.cat(scales, out=out.absmax)
-        return None
-    full = NF4Weight(torch.cat(packed), torch.cat(scales), shape, param_dtype, blocksize, code=code)
-    # the codes and scales are copies: FSDP2 frees them (and the gathered wire) at reshard
-    return full, (full.packed, full.absmax)
-
-
-def fsdp_post_all_gather(w, outputs, meta, param_dtype, *, out=None):
-    from fastft.quant.nf4_weight import NF4Weight
-
-    if meta[-1] is not None:
-        return _uneven_post_all_gather(outputs, meta, param_dtype, out)
-    shape, blocksize, nested_blocksize, offset, code, code2, scales, _ = meta
-    # what FSDP2 frees at reshard: only the buffers it gathered into, never the shard's own scales (one rank)
-    gathered = tuple(outputs)
-    if scales is not None:  # one rank: only the packed codes were "gathered"
-        outputs = (outputs[0], *scales)
-    if out is not None:  # later all-gathers write into the buffers `out` already views
-        for mine, got in zip((out.packed, out.absmax, out.absmax2), outputs):
-            if mine.untyped_storage().data_ptr() != got.untyped_storage().data_ptr():
-                raise RuntimeError("NF4Weight: FSDP all-gather output is not the unsharded weight's storage")
-        if out.double_quant and out.nested_offset is not offset:  # a new shard (an assign load): its offset
-            out.nested_offset, out._offset_cache = offset, w._offset_cache
-        return None
-    absmax2 = outputs[2] if len(outputs) > 2 else None
-    full = NF4Weight(outputs[0], outputs[1], shape, param_dtype, blocksize, absmax2=absmax2, code2=code2,
-                     offset=0.0 if offset is None else offset, nested_blocksize=nested_blocksize, code=code)
-    if full.double_quant and w.nested_offset is offset:
-        full._offset_cache = w._offset_cache
-    return full, gathered

@@ -18,10 +18,12 @@ import json
 import math
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 from fastft.kernels import nf4_cpu
 from fastft.kernels.runtime import raw_pointers_ok
 from fastft.quant import nf4_format as fmt
+from fastft.quant import nf4_fsdp
 from fastft.quant import nf4_tensor_ops as ops
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
@@ -184,8 +186,14 @@ class NF4Weight(torch.Tensor):
         if not self.double_quant:
             return self.absmax
         # traced: the offset as its 0-d tensor (a host read of it cannot be traced); same fp32 value either way
-        offset = self.nested_offset if torch.compiler.is_compiling() else self.offset
+        offset = self.nested_offset if self._traced() else self.offset
         return fmt.dequantize_blockwise8_torch(self.absmax, self.absmax2, self.code2, offset, self.nested_blocksize)
+
+    def _traced(self) -> bool:
+        """Under torch.compile, where the nested offset cannot be read on the host. torch 2.11's dynamo (the GPU
+        machine's) puts `w.dequantize()` in the graph as a tensor method and runs it on fake tensors outside
+        is_compiling(): there the inner tensors are fake (reading the offset stopped the trace)."""
+        return torch.compiler.is_compiling() or is_fake(self.packed)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The tensor in `dtype` (default: the original dtype), bit-identical to bitsandbytes' dequantize_4bit.
@@ -194,7 +202,7 @@ class NF4Weight(torch.Tensor):
         dtype = self.dtype if dtype is None else dtype
         if dtype not in fmt.FLOAT_DTYPES:
             raise ValueError(f"NF4Weight.dequantize: dtype must be one of {fmt.FLOAT_DTYPES}, got {dtype}")
-        if torch.compiler.is_compiling():
+        if self._traced():
             flat = torch.ops.fastft.nf4_dequantize(self.packed, self.absmax, self.absmax2, self.code2, self.code,
                                                    self.nested_offset, self.nested_blocksize, self.blocksize,
                                                    self.numel(), dtype)
@@ -347,10 +355,10 @@ class NF4Weight(torch.Tensor):
         return ops.dispatch(func, args, kwargs or {})
 
     def fsdp_pre_all_gather(self, mesh, outer_size, outer_stride, module, mp_policy):
-        return ops.fsdp_pre_all_gather(self, mesh, outer_size)
+        return nf4_fsdp.fsdp_pre_all_gather(self, mesh, outer_size)
 
     def fsdp_post_all_gather(self, all_gather_outputs, metadata, param_dtype, *, out=None):
-        return ops.fsdp_post_all_gather(self, all_gather_outputs, metadata, param_dtype, out=out)
+        return nf4_fsdp.fsdp_post_all_gather(self, all_gather_outputs, metadata, param_dtype, out=out)
 
     def __reduce_ex__(self, proto):
         return (_rebuild_nf4_weight, (self.packed, self.absmax, tuple(self.shape), self.dtype, self.blocksize,
