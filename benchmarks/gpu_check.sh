@@ -4,6 +4,8 @@
 # ../shared/gpu/fetch-peers.sh for bitsandbytes and Liger as peers, then bash scripts/fetch-gpu-test-deps.sh for
 # hypothesis, which tests/fuzz needs, and pytest-xdist). Correctness comes first in every section, then
 # timings; a failing section does not stop the next, and each gets what is left of the time budget.
+# Before device time is spent: `bash scripts/test-gpu-stack.sh` runs the CPU suite under this machine's torch 2.11 /
+# triton 3.6 / transformers 5.17 (what fails there only fails here too, without a minute of the device budget).
 #   bash benchmarks/gpu_check.sh [section ...]    sections: build nf4 attention lora-tests fuzz-tests lora losses-tests losses
 #   (on request: kernel-tests nf4-tests attention-tests methods-tests methods layers-tests layers patch-step train-tests
 #    train train-methods-tests compile-tests bench-1b bench-1b-core bench-1b-compile bench-8b lora-paths host
