@@ -179,6 +179,9 @@ def load_nf4_model(path: str, *, model_cls=None, dtype: torch.dtype = torch.bflo
     if pre_quantized:
         del config.quantization_config  # the layers are fastft's; nothing for transformers to quantize
     model_cls = model_cls or AutoModelForCausalLM
+    # the dtype from_pretrained(dtype=...) records: transformers 5.6 built a head class's inner model (AutoModel
+    # from the same config) in the config's stored dtype, fp32 beside a bf16 head (its forward then stopped)
+    config.dtype = dtype
     with init_empty_weights(include_buffers=False):  # parameters on meta: no memory until loaded
         # Auto classes build with from_config, a concrete class (LlamaForCausalLM, a subclass) with _from_config
         build = getattr(model_cls, "from_config", None) or model_cls._from_config

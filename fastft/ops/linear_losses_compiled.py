@@ -334,7 +334,9 @@ def traced_loss(op: str, reduction: str, hidden, head, row: RowLoss, grad_scale,
                     row.label_smoothing, row.softcap, row.temperature, float(head.scaling),
                     float(head.dropout_p), nf4_ints, chunk_size, bytes_per_logit, list(row.weights))
     grad, dropout = torch.is_grad_enabled(), float(head.dropout_p) > 0.0
-    needs = [grad and t is not None and t.requires_grad for t in args.head]
+    # the head's tensors named one by one: torch 2.10's dynamo cannot iterate a NamedTuple's property (args.head)
+    needs = [grad and t is not None and t.requires_grad for t in (hidden, head.weight, head.bias, head.lora_A,
+                                                                   head.lora_B)]
     if reduction == "none":
         losses, _ = ROW_LOSSES_OPS[dropout](*args, needs == [True, False, False, False, False])
         return losses
