@@ -17,6 +17,7 @@ from torch import nn
 
 from fastft.integration.checkpointing import (drop_input_grad_hooks_if_unneeded, enable_checkpointing,
                                              input_grad_hooks)
+from fastft.integration.nf4_bitsandbytes import adopt_bitsandbytes_nf4
 from fastft.integration.nf4_skip import (check_skip, default_skip, kept_dense, plain_forward_layers, quantizable,
                                          skip_entries)
 from fastft.modules.nf4_linear import NF4Linear
@@ -71,12 +72,17 @@ def quantize_model(model: nn.Module, quant_type: str = "nf4", *, blocksize: int 
     modules, `_keep_in_fp32_modules`, lm_head) — plus `skip`: module names or dotted name parts ("mlp.down_proj");
     an entry that matches no module is refused. use_default_skip=False quantizes the defaults too (only `skip`
     stays dense). One layer is quantized at a time and its dense weight dropped, so memory falls as the walk
-    proceeds.
+    proceeds. A model transformers loaded with a bitsandbytes NF4 `BitsAndBytesConfig` keeps its layers' codes and
+    scales as they are (now fastft NF4Linear layers, fastft.integration.nf4_bitsandbytes).
     """
     if quant_type != "nf4":
         raise ValueError(f"quantize_model: only quant_type='nf4' is supported, got {quant_type!r}")
     refuse_adapters(model, "quantize_model", "their own nn.Linear layers (lora_A, lora_B) would be quantized and "
                     "frozen; quantize the base model first, then fastft.get_peft_model(quantized, config) (QLoRA)")
+    if adopt_bitsandbytes_nf4(model, "quantize_model", warn=False):  # bitsandbytes' NF4 layers: taken as they are
+        targets, kept = layers_to_quantize(model, skip, use_default_skip)
+        if not targets:
+            return model
     _refuse_another_layout(model, blocksize, double_quant)
     _refuse_integer_weights(model)
     targets, kept = layers_to_quantize(model, skip, use_default_skip)
@@ -98,16 +104,18 @@ def quantize_model(model: nn.Module, quant_type: str = "nf4", *, blocksize: int 
 
 
 def _refuse_integer_weights(model: nn.Module) -> None:
-    """A model bitsandbytes quantized (Linear4bit's Params4bit, Linear8bitLt's Int8Params: integer weights): its
-    layers were reported as "left dense", and no layer became NF4Linear."""
+    """A model bitsandbytes quantized in a form fastft does not read (8-bit, FP4; its NF4 layers are adopted before):
+    its layers were reported as "left dense", and no layer became NF4Linear."""
     quantized = [(name, m) for name, m in model.named_modules()
                  if quantizable(m) and isinstance(m.weight, torch.Tensor) and not m.weight.is_floating_point()]
     if quantized:
         name, layer = quantized[0]
         raise TypeError(f"quantize_model: {name} is a {type(layer).__name__} whose weight is {layer.weight.dtype} "
-                        f"({len(quantized)} such layers): the model is quantized already (bitsandbytes); quantize "
-                        "the dense model (load it without quantization_config), or load a bitsandbytes 4-bit "
-                        "checkpoint with fastft.load_nf4_model(path)")
+                        f"({len(quantized)} such layers): the model is quantized already by bitsandbytes, in a form "
+                        "fastft does not read (8-bit or FP4; NF4 layers it takes as they are); quantize the dense "
+                        "model (load it without quantization_config, or with BitsAndBytesConfig(load_in_4bit=True, "
+                        "bnb_4bit_quant_type='nf4')), or load a bitsandbytes NF4 checkpoint with "
+                        "fastft.load_nf4_model(path)")
 
 
 def _refuse_another_layout(model: nn.Module, blocksize: int, double_quant: bool) -> None:

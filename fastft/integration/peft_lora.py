@@ -29,6 +29,7 @@ from fastft.integration.base_layers import transformers_model
 from fastft.integration.checkpointing import drop_input_grad_hooks_if_unneeded
 from fastft.integration.lora_config import check_loadable, validate_lora_config, with_quantized_targets
 from fastft.integration.methods.ia3_nf4 import NF4IA3Linear
+from fastft.integration.nf4_bitsandbytes import adopt_bitsandbytes_nf4
 from fastft.integration.methods.prompt import whole_prompt_encoders
 from fastft.integration.sharded_state import gathered_adapter_state, is_sharded, write_on_rank0
 from fastft.integration.tied_weights import untie_adapted_weights
@@ -41,7 +42,9 @@ def get_peft_model(model: nn.Module, config, adapter_name: str = "default", **kw
     """Like `peft.get_peft_model`, with fused LoRA layers. Only adapter (and modules_to_save) weights train.
 
     On a model quantized by `fastft.quantize_model` / `load_nf4_model` this is QLoRA: the NF4 layers get
-    FusedQLoraLinear adapters (forward through fastft.ops.qlora_linear). LoRA on embeddings, convolutions and
+    FusedQLoraLinear adapters (forward through fastft.ops.qlora_linear). A model transformers loaded with a
+    bitsandbytes NF4 `BitsAndBytesConfig` becomes such a model first, in place and on the same storage
+    (fastft.integration.nf4_bitsandbytes). LoRA on embeddings, convolutions and
     Conv1D layers (GPT-2; peft sets fan_in_fan_out=True for them) runs unfused, through peft's own forward.
     Other methods' configs (LoraConfig with use_dora, IA3Config, PrefixTuningConfig, PromptTuningConfig,
     PromptEncoderConfig, fastft's BottleneckAdapterConfig) go to their rooms in fastft.integration.methods.
@@ -50,6 +53,7 @@ def get_peft_model(model: nn.Module, config, adapter_name: str = "default", **kw
         raise TypeError(f"get_peft_model: model must be a torch nn.Module (a transformers model, e.g. from "
                         f"AutoModelForCausalLM.from_pretrained), got {type(model).__name__}")
     refuse_peft_model(model, "get_peft_model")
+    adopt_bitsandbytes_nf4(model, "get_peft_model")
     if kwargs.get("mixed"):  # peft's PeftMixedModel: its add_adapter builds unfused layers, and none on NF4 ones
         raise ValueError("get_peft_model: mixed=True (peft's PeftMixedModel, adapters of several kinds) is not "
                          "supported by fastft; several adapters of one kind: fastft.add_adapter / "
@@ -154,6 +158,7 @@ def _load_adapter(model: nn.Module, path, adapter_name: str, is_trainable: bool)
 
     if not isinstance(model, PeftModel):
         refuse_peft_model(model, "load_adapter")
+        adopt_bitsandbytes_nf4(model, "load_adapter")
     loaded = load_method_adapter(model, path, adapter_name=adapter_name, is_trainable=is_trainable)
     if loaded is not None:
         return loaded
@@ -319,8 +324,9 @@ def fuse_or_warn(model: nn.Module, layer_type: type, patch, what: str, method: s
     if any(isinstance(m, layer_type) for m in model.modules()):
         patch(model)
     if not any(isinstance(m, layer_type) and not m.fan_in_fan_out for m in model.modules()):
-        warnings.warn(f"fastft.{what}: no {method} layer is fused (none is on a Linear layer: embeddings, "
-                      "convolutions and GPT-2 Conv1D layers run peft's own forward)", stacklevel=3)
+        warnings.warn(f"fastft.{what}: no {method} layer is fused (none is on a dense or NF4 Linear layer: "
+                      "embeddings, convolutions, GPT-2 Conv1D and bitsandbytes 8-bit / FP4 layers run peft's own "
+                      "forward)", stacklevel=3)
     return model
 
 

@@ -1,0 +1,120 @@
+"""A transformers + bitsandbytes 4-bit model made a fastft NF4 model in place, without quantizing again.
+
+peft's QLoRA recipe loads the model with `BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")`: its
+layers are bitsandbytes `Linear4bit`s holding the layout fastft's NF4Weight reads (packed codes, block absmax, the
+nested absmax of double quantization). `adopt_bitsandbytes_nf4` swaps each for an NF4Linear over the same storage
+(no copy; dequantized values bit for bit bitsandbytes') and drops transformers' quantizer from the model, leaving
+what `fastft.load_nf4_model` gives. fastft.get_peft_model (every method), load_adapter and quantize_model call it,
+so that recipe runs fastft's fused kernels instead of peft's bitsandbytes LoRA layers. All or nothing: a model with
+FP4 or 8-bit layers (which fastft does not read) stays as it was, with peft's bitsandbytes layers.
+"""
+from __future__ import annotations
+
+import sys
+import warnings
+
+from torch import nn
+
+from fastft.modules.nf4_linear import NF4Linear
+from fastft.quant.nf4_weight import NF4Weight
+
+
+def bitsandbytes_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, layer) of every bitsandbytes 4-bit or 8-bit linear layer (each name of a layer registered twice)."""
+    bnb = sys.modules.get("bitsandbytes")  # never imported: the model holds none of its layers
+    if bnb is None:
+        return []
+    kinds = (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
+    return [(name, m) for name, m in model.named_modules(remove_duplicate=False) if isinstance(m, kinds)]
+
+
+def _not_nf4(layer: nn.Module) -> str | None:
+    """Why fastft cannot read this layer's weight, or None."""
+    state = getattr(layer.weight, "quant_state", None)
+    quant_type = getattr(state, "quant_type", None)
+    if quant_type is None:
+        return f"{type(layer).__name__} (8-bit)" if not hasattr(layer.weight, "quant_state") else "not quantized yet"
+    if quant_type != "nf4":
+        return f"quant_type {quant_type!r}"
+    if layer.weight.device.type == "meta":
+        return "weights offloaded (on the meta device)"
+    if getattr(state, "packing_format_for_cpu", False):
+        # at an inference forward on a CPU with AVX512-BF16: scales rounded to bf16, and bitsandbytes 0.50's state
+        # dict gives them back out of order (its own dequantize is then ~40% off)
+        return ("repacked by bitsandbytes for its CPU kernel at an inference forward; load the model again and call "
+                "fastft before running it")
+    return None
+
+
+def adopt_bitsandbytes_nf4(model: nn.Module, who: str, *, warn: bool = True) -> int:
+    """Swap every bitsandbytes NF4 Linear4bit of `model` for an NF4Linear on the same storage; returns how many
+    layers changed (0: none, or some layer is one fastft does not read — then nothing changes, with a warning
+    unless `warn=False`). `who`: the calling function, for messages."""
+    layers = bitsandbytes_layers(model)
+    if not layers:
+        return 0
+    unread = [(name, why) for name, m in layers if (why := _not_nf4(m)) is not None]
+    if unread:
+        if not warn:
+            return 0
+        name, why = unread[0]
+        warnings.warn(f"fastft.{who}: {len(unread)} bitsandbytes layer(s) fastft does not read ({name}: {why}); the "
+                      "model keeps its bitsandbytes layers, where peft's own bitsandbytes forward runs (unfused). "
+                      "For fastft's NF4 kernels load it with BitsAndBytesConfig(load_in_4bit=True, "
+                      "bnb_4bit_quant_type='nf4'), or the dense checkpoint with fastft.load_nf4_model", stacklevel=3)
+        return 0
+    _warn_compute_dtype(layers, who)
+    adopted: dict[int, NF4Linear] = {}
+    for name, layer in layers:  # a layer registered under two names gets one NF4Linear at both
+        if id(layer) not in adopted:
+            adopted[id(layer)] = _nf4_linear(layer)
+        model.set_submodule(name, adopted[id(layer)])
+    _drop_quantizer(model)
+    from fastft.integration.nf4_model import finish_nf4_model
+
+    finish_nf4_model(model)
+    return len(adopted)
+
+
+def _nf4_linear(layer: nn.Module) -> NF4Linear:
+    """The NF4Linear over `layer`'s own packed codes and scales (its bias the same Parameter), keeping accelerate's
+    device hook where transformers dispatched the model over devices."""
+    state = {k: v for k, v in layer.state_dict().items() if k.startswith("weight")}
+    weight = NF4Weight.from_bnb_state_dict(state, "weight")
+    new = NF4Linear(layer.in_features, layer.out_features, bias=False, weight=weight, blocksize=weight.blocksize,
+                    double_quant=weight.double_quant)
+    new.bias = layer.bias
+    new.train(layer.training)
+    hook = getattr(layer, "_hf_hook", None)
+    if hook is not None:
+        from accelerate.hooks import add_hook_to_module
+
+        add_hook_to_module(new, hook)
+    return new
+
+
+def _warn_compute_dtype(layers, who: str) -> None:
+    """bitsandbytes computes in `bnb_4bit_compute_dtype` (fp32 unless set); fastft's NF4 layers in their input's
+    dtype (fp32 inputs on weights quantized from bf16: in bf16). Said once where the two differ."""
+    differ = [(name, m) for name, m in layers
+              if m.compute_dtype is not None and m.compute_dtype != m.weight.quant_state.dtype]
+    if differ:
+        name, m = differ[0]
+        warnings.warn(f"fastft.{who}: {len(differ)} bitsandbytes layer(s) had bnb_4bit_compute_dtype="
+                      f"{m.compute_dtype} over weights quantized from {m.weight.quant_state.dtype} ({name}); fastft's "
+                      "NF4 layers compute in their input's dtype (an fp32 input on weights quantized from bf16: in "
+                      "bf16, as bnb_4bit_compute_dtype=torch.bfloat16 would)", stacklevel=3)
+
+
+def _drop_quantizer(model: nn.Module) -> None:
+    """What transformers set on a model it quantized: its layers are fastft's now (transformers' save_pretrained
+    would write them as bitsandbytes layers, peft would look for some). `fastft.save_nf4_model` writes the
+    bitsandbytes config again."""
+    cleared = {"hf_quantizer": None, "quantization_method": None, "is_quantized": False, "is_loaded_in_4bit": False}
+    for module in model.modules():
+        for attribute, value in cleared.items():
+            if attribute in vars(module):
+                setattr(module, attribute, value)
+        config = getattr(module, "config", None)
+        if config is not None and "quantization_config" in vars(config):
+            del config.quantization_config  # the config object the model's submodules share
