@@ -147,6 +147,38 @@ def test_load_adapter_onto_a_bitsandbytes_model(checkpoint, tmp_path):
         torch.testing.assert_close(ours(input_ids=IDS).logits, theirs(input_ids=IDS).logits, rtol=1e-5, atol=1e-5)
 
 
+def test_gpt2_conv1d_layers_merge_back_into_conv1d(tmp_path):
+    """transformers quantizes GPT-2's Conv1D layers transposed, as nn.Linear ones; merged, they are Conv1D again (an
+    nn.Linear under a Conv1D's name saves its weight transposed: c_proj, square, loaded back silently wrong)."""
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=64, bos_token_id=1,
+                                     eos_token_id=2)
+    transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path / "gpt2")
+    model = load_bnb(tmp_path / "gpt2")
+    dense = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "gpt2", dtype=torch.float32)
+    with torch.no_grad():
+        for name, layer in bnb_layers(model).items():
+            dense.get_submodule(name).weight.copy_(
+                bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state).t())
+    lora = peft.LoraConfig(r=4, target_modules=["c_attn", "c_proj", "c_fc"], init_lora_weights=False)
+    ours = fastft.get_peft_model(model, lora)
+    assert sum(isinstance(m, FusedQLoraLinear) for m in ours.modules()) == 8
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # peft: fan_in_fan_out set to True for Conv1D
+        theirs = peft.get_peft_model(dense, peft.LoraConfig(r=4, target_modules=["c_attn", "c_proj", "c_fc"]))
+    theirs.load_state_dict({k: v for k, v in ours.state_dict().items() if "lora_" in k}, strict=False)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids=IDS).logits, theirs(input_ids=IDS).logits, rtol=1e-5, atol=1e-5)
+    merged = fastft.merge_and_unload(ours)
+    assert type(merged.transformer.h[0].attn.c_proj).__name__ == "Conv1D"
+    merged.save_pretrained(tmp_path / "merged")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
+    with torch.no_grad():
+        expected = theirs(input_ids=IDS).logits
+        torch.testing.assert_close(merged(input_ids=IDS).logits, expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(reloaded(input_ids=IDS).logits, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_an_fp4_model_keeps_bitsandbytes_layers_and_says_so(checkpoint):
     theirs = peft.get_peft_model(load_bnb(checkpoint, quant_type="fp4"), adapter_config("lora"))
     with pytest.warns(UserWarning, match=r"14 bitsandbytes layer\(s\) fastft does not read .*quant_type 'fp4'"):

@@ -84,6 +84,7 @@ def _nf4_linear(layer: nn.Module) -> NF4Linear:
     new = NF4Linear(layer.in_features, layer.out_features, bias=False, weight=weight, blocksize=weight.blocksize,
                     double_quant=weight.double_quant)
     new.bias = layer.bias
+    new.from_conv1d = _replaced_conv1d(layer)
     new.train(layer.training)
     hook = getattr(layer, "_hf_hook", None)
     if hook is not None:
@@ -91,6 +92,17 @@ def _nf4_linear(layer: nn.Module) -> NF4Linear:
 
         add_hook_to_module(new, hook)
     return new
+
+
+def _replaced_conv1d(layer: nn.Module) -> bool:
+    """Whether the layer stands for a transformers Conv1D (GPT-2's), whose class transformers records on the layer
+    (`source_cls`) when it quantizes one as bitsandbytes does, transposed: merge_and_unload then gives a Conv1D back,
+    so the merged model saves in its own layout (an nn.Linear's (out, in) weight under a Conv1D's name would load
+    transposed: silently, for a square one)."""
+    from transformers.pytorch_utils import Conv1D
+
+    source = getattr(layer, "source_cls", None)
+    return isinstance(source, type) and issubclass(source, Conv1D)
 
 
 def _warn_compute_dtype(layers, who: str) -> None:
