@@ -201,3 +201,117 @@ def test_a_compute_dtype_fastft_does_not_follow_is_named(checkpoint, compute_dty
     else:
         assert len(said) == 1 and "bnb_4bit_compute_dtype=torch.float32 over weights quantized from torch.bfloat16" \
             in said[0]
+
+
+def assert_still_bitsandbytes(model):
+    assert len(bnb_layers(model)) == 14 and not any(isinstance(m, NF4Linear) for m in model.modules())
+    assert model.hf_quantizer is not None and model.is_loaded_in_4bit and model.is_quantized
+    assert model.config.quantization_config.bnb_4bit_quant_type == "nf4"
+    assert "save_pretrained" not in vars(model) and "get_memory_footprint" not in vars(model)
+
+
+def test_a_refused_call_leaves_the_bitsandbytes_model_as_it_was(checkpoint, tmp_path):
+    """The layers are swapped before the config is checked: a refusal put them back (a save then wrote NF4 tensors
+    under a config without quantization_config, which transformers could not load)."""
+    model = load_bnb(checkpoint)
+    with pytest.raises(ValueError, match="nonexistent"):
+        fastft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["nonexistent"]))
+    assert_still_bitsandbytes(model)
+    with pytest.raises(ValueError, match="double_quant=True, not the blocksize=64, double_quant=False asked"):
+        fastft.quantize_model(model, double_quant=False)
+    assert_still_bitsandbytes(model)
+    with pytest.raises((ValueError, FileNotFoundError)):
+        fastft.load_adapter(model, tmp_path / "no-adapter")
+    assert_still_bitsandbytes(model)
+    model.save_pretrained(tmp_path / "saved")
+    assert len(bnb_layers(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "saved"))) == 14
+
+
+def test_a_model_holding_peft_bitsandbytes_layers_is_refused(checkpoint):
+    """peft's inject_adapter_in_model (or a PeftModel's inner model): an NF4 layer inside peft's bitsandbytes LoRA
+    layer met peft's bitsandbytes merge (AttributeError: 'NF4Weight' object has no attribute 'quant_state')."""
+    model = peft.inject_adapter_in_model(peft.LoraConfig(r=4, target_modules=["q_proj"]), load_bnb(checkpoint))
+    with pytest.raises(TypeError, match="holds peft adapters; load the bitsandbytes model again"):
+        fastft.get_peft_model(model, adapter_config("lora"))
+    assert len(bnb_layers(model)) == 14 and model.hf_quantizer is not None
+
+
+def test_a_classifier_bitsandbytes_quantized_is_refused_naming_its_skip_option():
+    config = transformers.BertConfig(vocab_size=128, hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                     intermediate_size=128, num_labels=64)
+    torch.manual_seed(0)
+    model = transformers.BertForSequenceClassification(config)
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        model.save_pretrained(folder)
+        quantized = transformers.AutoModelForSequenceClassification.from_pretrained(
+            folder, dtype=torch.float32, quantization_config=transformers.BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4"))
+    assert isinstance(quantized.classifier, bnb.nn.Linear4bit)
+    lora = peft.LoraConfig(r=4, target_modules=["query", "value"], task_type="SEQ_CLS")
+    with pytest.raises(ValueError, match=r"llm_int8_skip_modules=\['classifier'\]"):
+        fastft.get_peft_model(quantized, lora)
+    assert isinstance(quantized.classifier, bnb.nn.Linear4bit) and quantized.hf_quantizer is not None
+
+
+def test_save_pretrained_of_an_nf4_model_writes_what_transformers_loads(checkpoint, tmp_path):
+    """transformers' save_pretrained wrote NF4 tensors under a config without quantization_config (peft's recipe:
+    merge_and_unload(requantize=True), then save_pretrained): a checkpoint that did not load. It saves through
+    save_nf4_model now; a merged dense model saves as before; options save_nf4_model lacks are refused."""
+    torch.manual_seed(0)
+    wrapped = fastft.get_peft_model(load_bnb(checkpoint), adapter_config("lora"))
+    merged = fastft.merge_and_unload(wrapped, requantize=True)
+    assert any(isinstance(m, NF4Linear) for m in merged.modules())
+    with pytest.raises(TypeError, match=r"save_nf4_model\(model, path\), which takes no \['max_shard_size'\]"):
+        merged.save_pretrained(tmp_path / "sharded", max_shard_size="1MB")
+    merged.save_pretrained(tmp_path / "nf4")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "nf4", dtype=torch.float32)
+    assert len(bnb_layers(reloaded)) == 14
+    for name, layer in bnb_layers(reloaded).items():
+        ours = merged.get_submodule(name).weight
+        assert torch.equal(bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state),
+                           ours.dequantize()), name
+    dense = fastft.merge_and_unload(fastft.get_peft_model(fastft.quantize_model(tiny_llama(
+        tie_word_embeddings=False, intermediate_size=128)), adapter_config("lora")))
+    assert not any(isinstance(m, NF4Linear) for m in dense.modules())
+    dense.save_pretrained(tmp_path / "dense", max_shard_size="1MB")  # transformers' own save, its options too
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "dense")
+    with torch.no_grad():
+        torch.testing.assert_close(again(input_ids=IDS).logits, dense(input_ids=IDS).logits, rtol=0, atol=0)
+
+
+def test_save_pretrained_takes_transformers_defaults_spelled_out(tmp_path):
+    model = fastft.quantize_model(tiny_llama(tie_word_embeddings=False, intermediate_size=128))
+    model.save_pretrained(tmp_path, push_to_hub=False, safe_serialization=True, is_main_process=True)
+    assert len(bnb_layers(transformers.AutoModelForCausalLM.from_pretrained(tmp_path))) == 14
+    with pytest.raises(TypeError, match=r"which takes no \['push_to_hub'\]"):
+        model.save_pretrained(tmp_path, push_to_hub=True)
+
+
+def test_the_fsdp_qlora_recipe_shards_the_taken_layers(checkpoint, tmp_path):
+    """bnb_4bit_quant_storage=bf16 (FSDP recipes) and fastft.shard_model over 2 ranks (gloo): the loss and gradients
+    of the unsharded model, and the gathered adapter saves as the unsharded one's."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH")) if p))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "tests.bnb_fsdp_worker", str(checkpoint), str(tmp_path)]
+    done = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["gradients"] == 28 and report["losses"][0] == report["losses"][1]
+    assert report["grad_rel_err"] <= 1e-6
+    from safetensors.torch import load_file
+
+    saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    torch.manual_seed(0)  # the worker's adapter, built alike (not trained: the gathered save is the test)
+    fresh = peft.get_peft_model_state_dict(fastft.get_peft_model(load_bnb(checkpoint), adapter_config("lora")))
+    assert saved.keys() == fresh.keys() and len(saved) == 28
+    assert all(torch.equal(saved[k], v) for k, v in fresh.items())

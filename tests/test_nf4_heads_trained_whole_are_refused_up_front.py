@@ -26,16 +26,17 @@ CASES = {
     "lora-qa": (transformers.BertForQuestionAnswering, {"num_labels": 2},
                 lambda: LoraConfig(r=4, target_modules=["query", "value"], task_type="QUESTION_ANS"),
                 r"LoraConfig.task_type='QUESTION_ANS' trains its head 'qa_outputs' whole: 'qa_outputs', which is or "
-                r"holds an NF4 .* skip=\['qa_outputs'\]\); or adapt it with LoRA"),
+                r"holds an NF4 .* skip=\['qa_outputs'\]\) \(a model transformers quantizes: "
+                r"BitsAndBytesConfig\(\.\.\., llm_int8_skip_modules=\['qa_outputs'\]\)\); or adapt it with LoRA"),
     "ia3-token": (transformers.BertForTokenClassification, {"num_labels": 5},
                   lambda: IA3Config(target_modules=["key", "value"], feedforward_modules=[], task_type="TOKEN_CLS"),
                   r"IA3Config.task_type='TOKEN_CLS' trains its head 'classifier' whole: 'classifier', which is or "
-                  r"holds an NF4 .* skip=\['classifier'\]\)$"),
+                  r"holds an NF4 .* skip=\['classifier'\]\) \(.*llm_int8_skip_modules=\['classifier'\]\)\)$"),
     "ia3-modules_to_save": (transformers.BertModel, {},
                             lambda: IA3Config(target_modules=["key", "value"], feedforward_modules=[],
                                               modules_to_save=["pooler.dense"]),
                             r"IA3Config.modules_to_save entry 'pooler.dense' names 'pooler.dense', which is or holds "
-                            r"an NF4 .* skip=\['pooler.dense'\]\)$"),
+                            r"an NF4 .* skip=\['pooler.dense'\]\) \(.*llm_int8_skip_modules=\['pooler.dense'\]\)\)$"),
     "adapter-qa": (transformers.BertForQuestionAnswering, {"num_labels": 2},
                    lambda: fastft.BottleneckAdapterConfig(size=4, mlp_output_modules=r".*\.layer\.\d+\.output\.dense",
                                                           task_type="QUESTION_ANS"),

@@ -411,7 +411,8 @@ def _nf4_module_to_save(config, model: nn.Module) -> tuple[str, str] | None:
 
 
 def _keep_dense(entry: str) -> str:
-    return f"to train it, keep it dense when quantizing: fastft.quantize_model(model, skip=[{entry!r}])"
+    return (f"keep it dense when quantizing: fastft.quantize_model(model, skip=[{entry!r}]) (a model "
+            f"transformers quantizes: BitsAndBytesConfig(..., llm_int8_skip_modules=[{entry!r}]))")
 
 
 def refuse_nf4_trained_whole(label: str, entry: str, name: str, module: nn.Module, task_type=None) -> None:
@@ -423,7 +424,7 @@ def refuse_nf4_trained_whole(label: str, entry: str, name: str, module: nn.Modul
     what = (f"{label}.task_type={task_type!r} trains its head {entry!r} whole:" if task_type else
             f"{label}.modules_to_save entry {entry!r} names")
     raise ValueError(f"{what} '{name}', which is or holds an NF4 (QLoRA) layer: its 4-bit weight cannot be trained "
-                     f"or saved whole. {_keep_dense(entry).capitalize()}"
+                     f"or saved whole. To train it, {_keep_dense(entry)}"
                      + ("; or adapt it with LoRA instead (target_modules)" if label == "LoraConfig" else ""))
 
 
@@ -514,7 +515,7 @@ def check_loadable(config: LoraConfig, base: nn.Module, path: Path, into_peft_mo
     if (found := _nf4_module_to_save(config, base)) is not None:
         raise ValueError(f"load_adapter: {path} has LoraConfig.modules_to_save entry {found[0]!r}, a whole trained "
                          f"copy of '{found[1]}', which is an NF4 (QLoRA) layer here: load it onto the unquantized "
-                         f"model, or {_keep_dense(found[0])}")
+                         f"model, or to train it, {_keep_dense(found[0])}")
     if any(isinstance(m, NF4Linear) for m in base.modules()):
         conv1d = any(getattr(m, "from_conv1d", False) for m in base.modules())  # GPT-2: fan_in_fan_out fits
         for field in (*_UNSUPPORTED_FIELDS, *(() if conv1d else ("fan_in_fan_out",))):

@@ -10,6 +10,8 @@ FP4 or 8-bit layers (which fastft does not read) stays as it was, with peft's bi
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import sys
 import warnings
 
@@ -46,13 +48,33 @@ def _not_nf4(layer: nn.Module) -> str | None:
     return None
 
 
-def adopt_bitsandbytes_nf4(model: nn.Module, who: str, *, warn: bool = True) -> int:
+@contextlib.contextmanager
+def bitsandbytes_nf4_adopted(model: nn.Module, who: str, *, warn: bool = True):
+    """Adopt the model's bitsandbytes NF4 layers (adopt_bitsandbytes_nf4) for the block, yielding how many; if the
+    block raises (a config refused after the swap), the model gets its bitsandbytes layers and transformers'
+    quantizer back, as it was: a failed call changes nothing."""
+    undo = []
+    count = adopt_bitsandbytes_nf4(model, who, warn=warn, undo=undo)
+    try:
+        yield count
+    except BaseException:
+        for restore in reversed(undo):
+            restore()
+        raise
+
+
+def adopt_bitsandbytes_nf4(model: nn.Module, who: str, *, warn: bool = True, undo: list | None = None) -> int:
     """Swap every bitsandbytes NF4 Linear4bit of `model` for an NF4Linear on the same storage; returns how many
     layers changed (0: none, or some layer is one fastft does not read — then nothing changes, with a warning
-    unless `warn=False`). `who`: the calling function, for messages."""
+    unless `warn=False`). `who`: the calling function, for messages. `undo`: gets the calls that put it back."""
     layers = bitsandbytes_layers(model)
     if not layers:
         return 0
+    from fastft.integration.nf4_model import finish_nf4_model, refuse_adapters
+
+    # peft's own bitsandbytes LoRA layers (inject_adapter_in_model, a PeftModel's inner model) hold them: an NF4Linear
+    # inside one would meet peft's bitsandbytes merge, which reads a quant_state
+    refuse_adapters(model, f"fastft.{who}", "load the bitsandbytes model again and give it to fastft before peft")
     unread = [(name, why) for name, m in layers if (why := _not_nf4(m)) is not None]
     if unread:
         if not warn:
@@ -69,10 +91,10 @@ def adopt_bitsandbytes_nf4(model: nn.Module, who: str, *, warn: bool = True) -> 
         if id(layer) not in adopted:
             adopted[id(layer)] = _nf4_linear(layer)
         model.set_submodule(name, adopted[id(layer)])
-    _drop_quantizer(model)
-    from fastft.integration.nf4_model import finish_nf4_model
-
-    finish_nf4_model(model)
+        if undo is not None:
+            undo.append(functools.partial(model.set_submodule, name, layer))
+    _drop_quantizer(model, undo)
+    finish_nf4_model(model, undo)
     return len(adopted)
 
 
@@ -118,7 +140,7 @@ def _warn_compute_dtype(layers, who: str) -> None:
                       "bf16, as bnb_4bit_compute_dtype=torch.bfloat16 would)", stacklevel=3)
 
 
-def _drop_quantizer(model: nn.Module) -> None:
+def _drop_quantizer(model: nn.Module, undo: list | None) -> None:
     """What transformers set on a model it quantized: its layers are fastft's now (transformers' save_pretrained
     would write them as bitsandbytes layers, peft would look for some). `fastft.save_nf4_model` writes the
     bitsandbytes config again."""
@@ -126,7 +148,11 @@ def _drop_quantizer(model: nn.Module) -> None:
     for module in model.modules():
         for attribute, value in cleared.items():
             if attribute in vars(module):
+                if undo is not None:
+                    undo.append(functools.partial(setattr, module, attribute, getattr(module, attribute)))
                 setattr(module, attribute, value)
         config = getattr(module, "config", None)
-        if config is not None and "quantization_config" in vars(config):
-            del config.quantization_config  # the config object the model's submodules share
+        if config is not None and "quantization_config" in vars(config):  # the config the submodules share
+            if undo is not None:
+                undo.append(functools.partial(setattr, config, "quantization_config", config.quantization_config))
+            del config.quantization_config

@@ -10,6 +10,7 @@ Loading and saving checkpoints: fastft.integration.nf4_files; FSDP2 / DDP: fastf
 from __future__ import annotations
 
 import functools
+import inspect
 import warnings
 
 import torch
@@ -17,7 +18,7 @@ from torch import nn
 
 from fastft.integration.checkpointing import (drop_input_grad_hooks_if_unneeded, enable_checkpointing,
                                              input_grad_hooks)
-from fastft.integration.nf4_bitsandbytes import adopt_bitsandbytes_nf4
+from fastft.integration.nf4_bitsandbytes import bitsandbytes_nf4_adopted
 from fastft.integration.nf4_skip import (check_skip, default_skip, kept_dense, plain_forward_layers, quantizable,
                                          skip_entries)
 from fastft.modules.nf4_linear import NF4Linear
@@ -39,11 +40,56 @@ def _nf4_memory_footprint(self, return_buffers: bool = True) -> int:
     return total + (sum(size(b) for b in self.buffers()) if return_buffers else 0)
 
 
-def finish_nf4_model(model: nn.Module) -> nn.Module:
-    """What every NF4 model gets: a transformers model reports its real memory footprint."""
-    if hasattr(model, "get_memory_footprint"):  # a partial, not a bound method: torch.save(model) pickles it
-        model.get_memory_footprint = functools.partial(_nf4_memory_footprint, model)
+def _save_nf4_pretrained(self, save_directory, *args, **kwargs) -> None:
+    """transformers' save_pretrained for a model holding fastft NF4 layers: written by fastft.save_nf4_model, with
+    the bitsandbytes quantization config transformers needs to load the NF4 tensors (its own save wrote them without
+    one: a checkpoint that does not load). A model without NF4 layers (merged) saves as transformers saves it."""
+    if not any(isinstance(m, NF4Linear) for m in self.modules()):
+        return type(self).save_pretrained(self, save_directory, *args, **kwargs)
+    # transformers' own defaults spelled out change nothing (safe_serialization=True: transformers 4's, which 5's
+    # Trainer versions still pass)
+    defaults = {name: p.default for name, p in inspect.signature(type(self).save_pretrained).parameters.items()}
+    defaults.setdefault("safe_serialization", True)
+    unsupported = sorted(k for k, v in kwargs.items()
+                         if k != "is_main_process" and (k not in defaults or not _same(defaults[k], v)))
+    if args or unsupported:
+        raise TypeError(f"save_pretrained: {type(self).__name__} holds fastft NF4 layers and saves through "
+                        f"fastft.save_nf4_model(model, path), which takes no {unsupported or 'positional options'}; "
+                        "call it directly (or save a dense model: fastft.merge_and_unload(model))")
+    from fastft.integration.nf4_files import save_nf4_model
+    from fastft.integration.sharded_state import is_sharded
+
+    if kwargs.get("is_main_process", True) or is_sharded(self):  # FSDP2: every rank gathers, rank 0 writes
+        save_nf4_model(self, save_directory)
+
+
+def _same(default, value) -> bool:
+    try:
+        return bool(default == value)
+    except Exception:  # a tensor, say: not a default
+        return False
+
+
+def finish_nf4_model(model: nn.Module, undo: list | None = None) -> nn.Module:
+    """What every NF4 model gets: a transformers model reports its real memory footprint and saves a checkpoint
+    transformers + bitsandbytes load. Partials, not bound methods: torch.save(model) pickles them. `undo`: gets the
+    calls that put the model's own back."""
+    for name, method in (("get_memory_footprint", _nf4_memory_footprint), ("save_pretrained", _save_nf4_pretrained)):
+        if hasattr(model, name):
+            if undo is not None:
+                undo.append(functools.partial(_restore_attribute, model, name, vars(model).get(name, _MISSING)))
+            setattr(model, name, functools.partial(method, model))
     return model
+
+
+_MISSING = object()
+
+
+def _restore_attribute(obj, name: str, value) -> None:
+    if value is _MISSING:
+        vars(obj).pop(name, None)
+    else:
+        setattr(obj, name, value)
 
 
 def layers_to_quantize(model: nn.Module, skip=(), use_default_skip: bool = True):
@@ -63,8 +109,8 @@ def layers_to_quantize(model: nn.Module, skip=(), use_default_skip: bool = True)
     return [(n, m) for n, m in targets if id(m) in plain], [n for n, m in targets if id(m) not in plain]
 
 
-def quantize_model(model: nn.Module, quant_type: str = "nf4", *, blocksize: int = 64, double_quant: bool = True,
-                   skip=(), use_default_skip: bool = True) -> nn.Module:
+def quantize_model(model: nn.Module, quant_type: str = "nf4", *, blocksize: int | None = None,
+                   double_quant: bool | None = None, skip=(), use_default_skip: bool = True) -> nn.Module:
     """Replace every nn.Linear (and transformers Conv1D) of `model` (in place) by an NF4Linear holding its
     quantized weight.
 
@@ -72,17 +118,25 @@ def quantize_model(model: nn.Module, quant_type: str = "nf4", *, blocksize: int 
     modules, `_keep_in_fp32_modules`, lm_head) — plus `skip`: module names or dotted name parts ("mlp.down_proj");
     an entry that matches no module is refused. use_default_skip=False quantizes the defaults too (only `skip`
     stays dense). One layer is quantized at a time and its dense weight dropped, so memory falls as the walk
-    proceeds. A model transformers loaded with a bitsandbytes NF4 `BitsAndBytesConfig` keeps its layers' codes and
-    scales as they are (now fastft NF4Linear layers, fastft.integration.nf4_bitsandbytes).
+    proceeds. blocksize / double_quant: 64 / True by default. A model transformers loaded with a bitsandbytes NF4
+    `BitsAndBytesConfig` keeps its layers' codes and scales as they are (now fastft NF4Linear layers,
+    fastft.integration.nf4_bitsandbytes), and any layer left to quantize gets their layout by default; a layout
+    asked for that is not theirs is refused, as on a model quantized before.
     """
     if quant_type != "nf4":
         raise ValueError(f"quantize_model: only quant_type='nf4' is supported, got {quant_type!r}")
     refuse_adapters(model, "quantize_model", "their own nn.Linear layers (lora_A, lora_B) would be quantized and "
                     "frozen; quantize the base model first, then fastft.get_peft_model(quantized, config) (QLoRA)")
-    if adopt_bitsandbytes_nf4(model, "quantize_model", warn=False):  # bitsandbytes' NF4 layers: taken as they are
-        targets, kept = layers_to_quantize(model, skip, use_default_skip)
-        if not targets:
-            return model
+    with bitsandbytes_nf4_adopted(model, "quantize_model", warn=False):  # bitsandbytes' NF4 layers: as they are
+        return _quantize_model(model, blocksize, double_quant, skip, use_default_skip)
+
+
+def _quantize_model(model: nn.Module, blocksize: int | None, double_quant: bool | None, skip,
+                    use_default_skip: bool) -> nn.Module:
+    held = next((w for m in model.modules() if isinstance(m, NF4Linear) and (w := local_nf4(m.weight)) is not None),
+                None)  # a layout the model has already (quantized before, or bitsandbytes'): the default for the rest
+    blocksize = blocksize if blocksize is not None else held.blocksize if held is not None else 64
+    double_quant = double_quant if double_quant is not None else held.double_quant if held is not None else True
     _refuse_another_layout(model, blocksize, double_quant)
     _refuse_integer_weights(model)
     targets, kept = layers_to_quantize(model, skip, use_default_skip)
@@ -125,8 +179,8 @@ def _refuse_another_layout(model: nn.Module, blocksize: int, double_quant: bool)
         if weight is not None and (weight.blocksize, weight.double_quant) != (blocksize, double_quant):
             raise ValueError(f"quantize_model: {name} is already NF4 with blocksize={weight.blocksize}, "
                              f"double_quant={weight.double_quant}, not the blocksize={blocksize}, "
-                             f"double_quant={double_quant} asked; quantize the dense model, or pass its settings to "
-                             "quantize the rest alike")
+                             f"double_quant={double_quant} asked; quantize the dense model, or leave blocksize and "
+                             "double_quant unset to quantize the rest alike")
 
 
 def refuse_adapters(model: nn.Module, op: str, instead: str) -> None:

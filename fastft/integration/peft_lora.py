@@ -29,7 +29,7 @@ from fastft.integration.base_layers import transformers_model
 from fastft.integration.checkpointing import drop_input_grad_hooks_if_unneeded
 from fastft.integration.lora_config import check_loadable, validate_lora_config, with_quantized_targets
 from fastft.integration.methods.ia3_nf4 import NF4IA3Linear
-from fastft.integration.nf4_bitsandbytes import adopt_bitsandbytes_nf4
+from fastft.integration.nf4_bitsandbytes import bitsandbytes_nf4_adopted
 from fastft.integration.methods.prompt import whole_prompt_encoders
 from fastft.integration.sharded_state import gathered_adapter_state, is_sharded, write_on_rank0
 from fastft.integration.tied_weights import untie_adapted_weights
@@ -53,7 +53,11 @@ def get_peft_model(model: nn.Module, config, adapter_name: str = "default", **kw
         raise TypeError(f"get_peft_model: model must be a torch nn.Module (a transformers model, e.g. from "
                         f"AutoModelForCausalLM.from_pretrained), got {type(model).__name__}")
     refuse_peft_model(model, "get_peft_model")
-    adopt_bitsandbytes_nf4(model, "get_peft_model")
+    with bitsandbytes_nf4_adopted(model, "get_peft_model"):  # undone if the config is refused
+        return _get_peft_model(model, config, adapter_name, **kwargs)
+
+
+def _get_peft_model(model: nn.Module, config, adapter_name: str, **kwargs) -> PeftModel:
     if kwargs.get("mixed"):  # peft's PeftMixedModel: its add_adapter builds unfused layers, and none on NF4 ones
         raise ValueError("get_peft_model: mixed=True (peft's PeftMixedModel, adapters of several kinds) is not "
                          "supported by fastft; several adapters of one kind: fastft.add_adapter / "
@@ -154,11 +158,16 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
 
 
 def _load_adapter(model: nn.Module, path, adapter_name: str, is_trainable: bool) -> PeftModel:
+    if isinstance(model, PeftModel):
+        return _load_checked(model, path, adapter_name, is_trainable)
+    refuse_peft_model(model, "load_adapter")
+    with bitsandbytes_nf4_adopted(model, "load_adapter"):  # undone if the adapter does not fit
+        return _load_checked(model, path, adapter_name, is_trainable)
+
+
+def _load_checked(model: nn.Module, path, adapter_name: str, is_trainable: bool) -> PeftModel:
     from fastft.integration.methods import load_method_adapter
 
-    if not isinstance(model, PeftModel):
-        refuse_peft_model(model, "load_adapter")
-        adopt_bitsandbytes_nf4(model, "load_adapter")
     loaded = load_method_adapter(model, path, adapter_name=adapter_name, is_trainable=is_trainable)
     if loaded is not None:
         return loaded
