@@ -29,8 +29,8 @@ from fastft.integration.base_layers import transformers_model
 from fastft.integration.checkpointing import drop_input_grad_hooks_if_unneeded
 from fastft.integration.lora_config import check_loadable, validate_lora_config, with_quantized_targets
 from fastft.integration.methods.ia3_nf4 import NF4IA3Linear
-from fastft.integration.nf4_bitsandbytes import bitsandbytes_nf4_adopted
 from fastft.integration.methods.prompt import whole_prompt_encoders
+from fastft.integration.nf4_bitsandbytes import bitsandbytes_nf4_adopted
 from fastft.integration.sharded_state import gathered_adapter_state, is_sharded, write_on_rank0
 from fastft.integration.tied_weights import untie_adapted_weights
 from fastft.modules.lora import FusedLoraLinear
@@ -44,8 +44,8 @@ def get_peft_model(model: nn.Module, config, adapter_name: str = "default", **kw
     On a model quantized by `fastft.quantize_model` / `load_nf4_model` this is QLoRA: the NF4 layers get
     FusedQLoraLinear adapters (forward through fastft.ops.qlora_linear). A model transformers loaded with a
     bitsandbytes NF4 `BitsAndBytesConfig` becomes such a model first, in place and on the same storage
-    (fastft.integration.nf4_bitsandbytes). LoRA on embeddings, convolutions and
-    Conv1D layers (GPT-2; peft sets fan_in_fan_out=True for them) runs unfused, through peft's own forward.
+    (fastft.integration.nf4_bitsandbytes). LoRA on embeddings, convolutions and Conv1D layers (GPT-2; peft sets
+    fan_in_fan_out=True for them) runs unfused, through peft's own forward.
     Other methods' configs (LoraConfig with use_dora, IA3Config, PrefixTuningConfig, PromptTuningConfig,
     PromptEncoderConfig, fastft's BottleneckAdapterConfig) go to their rooms in fastft.integration.methods.
     """
