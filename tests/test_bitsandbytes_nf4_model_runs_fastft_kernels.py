@@ -2,7 +2,9 @@
 bnb_4bit_quant_type="nf4")`, then get_peft_model — ran peft's bitsandbytes LoRA layers under fastft.get_peft_model
 (unfused, with a warning that blamed embeddings and convolutions). Its bitsandbytes NF4 layers now become fastft
 NF4Linear layers over the same bytes (fastft/integration/nf4_bitsandbytes.py) and train through fastft's QLoRA,
-QDoRA and IA3 layers, against peft + bitsandbytes on the same model; FP4 models keep bitsandbytes' layers."""
+QDoRA and IA3 layers, against peft on a dense model holding bitsandbytes' dequantized weights (bitsandbytes' own CPU
+4-bit layer, its scales rounded to bf16, is ~2e-3 off in fp32); FP4 models keep bitsandbytes' layers; a call that
+fails leaves the model as it was; saves load back in transformers (audit round 10, docs/fuzz-results.md)."""
 import warnings
 
 import bitsandbytes as bnb
