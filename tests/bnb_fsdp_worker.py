@@ -13,17 +13,13 @@ from pathlib import Path
 import peft
 import torch
 import torch.distributed as dist
-import transformers
 
 import fastft
+from tests.bnb_utils import load_bnb
 
 
 def build(checkpoint):
-    config = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                             bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32,
-                                             bnb_4bit_quant_storage=torch.bfloat16)
-    model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32,
-                                                              quantization_config=config)
+    model = load_bnb(checkpoint, bnb_4bit_quant_storage=torch.bfloat16)
     torch.manual_seed(0)
     return fastft.get_peft_model(model, peft.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
 

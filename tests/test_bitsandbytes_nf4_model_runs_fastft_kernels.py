@@ -17,6 +17,7 @@ import fastft
 from fastft.integration.methods.ia3_nf4 import NF4IA3Linear
 from fastft.modules.nf4_linear import NF4Linear
 from fastft.modules.qlora import FusedQLoraLinear
+from tests.bnb_utils import bnb_layers, dequantized_twin, load_bnb
 from tests.utils import tiny_llama
 
 IDS = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(0))
@@ -28,17 +29,6 @@ def checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny")
     tiny_llama(tie_word_embeddings=False, intermediate_size=128).save_pretrained(path)
     return path
-
-
-def load_bnb(path, quant_type="nf4", double_quant=True, dtype=torch.float32, compute_dtype=torch.float32):
-    config = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
-                                             bnb_4bit_use_double_quant=double_quant,
-                                             bnb_4bit_compute_dtype=compute_dtype)
-    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype, quantization_config=config)
-
-
-def bnb_layers(model):
-    return {n: m for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
 
 
 @pytest.mark.parametrize("double_quant", [False, True])
@@ -67,18 +57,6 @@ def adapter_config(method):
         return peft.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])
     return peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False,
                            use_dora=method == "dora")
-
-
-def dequantized_twin(path, **quantization):
-    """The dense model holding bitsandbytes' dequantized weights: the reference (bitsandbytes' own CPU 4-bit layer
-    is ~2e-3 off x·Wᵀ of its dequantized W in fp32, so not one)."""
-    quantized = load_bnb(path, **quantization)
-    dense = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    with torch.no_grad():
-        for name, layer in bnb_layers(quantized).items():
-            dense.get_submodule(name).weight.copy_(
-                bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state))
-    return dense
 
 
 @pytest.mark.parametrize("method", ["lora", "dora", "ia3"])
@@ -156,12 +134,7 @@ def test_gpt2_conv1d_layers_merge_back_into_conv1d(tmp_path):
     config = transformers.GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=64, bos_token_id=1,
                                      eos_token_id=2)
     transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path / "gpt2")
-    model = load_bnb(tmp_path / "gpt2")
-    dense = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "gpt2", dtype=torch.float32)
-    with torch.no_grad():
-        for name, layer in bnb_layers(model).items():
-            dense.get_submodule(name).weight.copy_(
-                bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state).t())
+    model, dense = load_bnb(tmp_path / "gpt2"), dequantized_twin(tmp_path / "gpt2")
     lora = peft.LoraConfig(r=4, target_modules=["c_attn", "c_proj", "c_fc"], init_lora_weights=False)
     ours = fastft.get_peft_model(model, lora)
     assert sum(isinstance(m, FusedQLoraLinear) for m in ours.modules()) == 8

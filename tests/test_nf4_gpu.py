@@ -268,30 +268,19 @@ def test_traced_dequantize_captures_in_a_cuda_graph_bit_exact(double_quant):
 def test_a_bitsandbytes_cuda_model_trains_through_fastft_qlora(tmp_path, double_quant):
     """peft's QLoRA recipe on CUDA (transformers loads the model with a bitsandbytes NF4 config): fastft.get_peft_model
     takes bitsandbytes' layers as they are and runs its fused QLoRA, matching peft on the dequantized model."""
-    bnb = pytest.importorskip("bitsandbytes")
+    pytest.importorskip("bitsandbytes")
     import peft
-    import transformers
 
     import fastft
     from fastft.modules.qlora import FusedQLoraLinear
+    from tests.bnb_utils import dequantized_twin, load_bnb
     from tests.methods_utils import assert_same_step, copy_trainables, ids, perturb_trainables, step
     from tests.utils import ALL_LINEAR, tiny_llama
 
     tiny_llama(tie_word_embeddings=False, intermediate_size=128).save_pretrained(tmp_path)
-    config = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                             bnb_4bit_use_double_quant=double_quant,
-                                             bnb_4bit_compute_dtype=torch.float32)
-    quantized = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32,
-                                                                  quantization_config=config, device_map=DEV)
-    dense = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).to(DEV)
-    with torch.no_grad():
-        for name, m in quantized.named_modules():
-            if isinstance(m, bnb.nn.Linear4bit):
-                dense.get_submodule(name).weight.copy_(bnb.functional.dequantize_4bit(m.weight.data,
-                                                                                      m.weight.quant_state))
     lora = lambda: peft.LoraConfig(r=4, target_modules=ALL_LINEAR)  # noqa: E731
-    ours = fastft.get_peft_model(quantized, lora())
-    theirs = peft.get_peft_model(dense, lora())
+    ours = fastft.get_peft_model(load_bnb(tmp_path, double_quant=double_quant, device=DEV), lora())
+    theirs = peft.get_peft_model(dequantized_twin(tmp_path, device=DEV, double_quant=double_quant), lora())
     assert sum(isinstance(m, FusedQLoraLinear) for m in ours.modules()) == 14
     perturb_trainables(ours)
     copy_trainables(ours, theirs)

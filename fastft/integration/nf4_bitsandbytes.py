@@ -2,7 +2,7 @@
 
 peft's QLoRA recipe loads the model with `BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")`: its
 layers are bitsandbytes `Linear4bit`s holding the layout fastft's NF4Weight reads (packed codes, block absmax, the
-nested absmax of double quantization). `adopt_bitsandbytes_nf4` swaps each for an NF4Linear over the same storage
+nested absmax of double quantization). `bitsandbytes_nf4_adopted` swaps each for an NF4Linear over the same storage
 (no copy; dequantized values bit for bit bitsandbytes') and drops transformers' quantizer from the model, leaving
 what `fastft.load_nf4_model` gives. fastft.get_peft_model (every method), load_adapter and quantize_model call it,
 so that recipe runs fastft's fused kernels instead of peft's bitsandbytes LoRA layers. All or nothing: a model with
@@ -50,11 +50,11 @@ def _not_nf4(layer: nn.Module) -> str | None:
 
 @contextlib.contextmanager
 def bitsandbytes_nf4_adopted(model: nn.Module, who: str, *, warn: bool = True):
-    """Adopt the model's bitsandbytes NF4 layers (adopt_bitsandbytes_nf4) for the block, yielding how many; if the
+    """Swap the model's bitsandbytes NF4 layers for NF4Linears (_adopt) for the block, yielding how many; if the
     block raises (a config refused after the swap), the model gets its bitsandbytes layers and transformers'
     quantizer back, as it was: a failed call changes nothing."""
     undo = []
-    count = adopt_bitsandbytes_nf4(model, who, warn=warn, undo=undo)
+    count = _adopt(model, who, warn, undo)
     try:
         yield count
     except BaseException:
@@ -63,10 +63,10 @@ def bitsandbytes_nf4_adopted(model: nn.Module, who: str, *, warn: bool = True):
         raise
 
 
-def adopt_bitsandbytes_nf4(model: nn.Module, who: str, *, warn: bool = True, undo: list | None = None) -> int:
+def _adopt(model: nn.Module, who: str, warn: bool, undo: list) -> int:
     """Swap every bitsandbytes NF4 Linear4bit of `model` for an NF4Linear on the same storage; returns how many
     layers changed (0: none, or some layer is one fastft does not read — then nothing changes, with a warning
-    unless `warn=False`). `who`: the calling function, for messages. `undo`: gets the calls that put it back."""
+    if `warn`). `who`: the calling function, for messages. `undo`: gets the calls that put it back."""
     layers = bitsandbytes_layers(model)
     if not layers:
         return 0
@@ -91,8 +91,7 @@ def adopt_bitsandbytes_nf4(model: nn.Module, who: str, *, warn: bool = True, und
         if id(layer) not in adopted:
             adopted[id(layer)] = _nf4_linear(layer)
         model.set_submodule(name, adopted[id(layer)])
-        if undo is not None:
-            undo.append(functools.partial(model.set_submodule, name, layer))
+        undo.append(functools.partial(model.set_submodule, name, layer))
     _drop_quantizer(model, undo)
     finish_nf4_model(model, undo)
     return len(adopted)
@@ -140,7 +139,7 @@ def _warn_compute_dtype(layers, who: str) -> None:
                       "bf16, as bnb_4bit_compute_dtype=torch.bfloat16 would)", stacklevel=3)
 
 
-def _drop_quantizer(model: nn.Module, undo: list | None) -> None:
+def _drop_quantizer(model: nn.Module, undo: list) -> None:
     """What transformers set on a model it quantized: its layers are fastft's now (transformers' save_pretrained
     would write them as bitsandbytes layers, peft would look for some). `fastft.save_nf4_model` writes the
     bitsandbytes config again."""
@@ -148,11 +147,9 @@ def _drop_quantizer(model: nn.Module, undo: list | None) -> None:
     for module in model.modules():
         for attribute, value in cleared.items():
             if attribute in vars(module):
-                if undo is not None:
-                    undo.append(functools.partial(setattr, module, attribute, getattr(module, attribute)))
+                undo.append(functools.partial(setattr, module, attribute, getattr(module, attribute)))
                 setattr(module, attribute, value)
         config = getattr(module, "config", None)
         if config is not None and "quantization_config" in vars(config):  # the config the submodules share
-            if undo is not None:
-                undo.append(functools.partial(setattr, config, "quantization_config", config.quantization_config))
+            undo.append(functools.partial(setattr, config, "quantization_config", config.quantization_config))
             del config.quantization_config
