@@ -31,6 +31,7 @@ from fastft.integration.lora_config import check_loadable, validate_lora_config,
 from fastft.integration.methods.ia3_nf4 import NF4IA3Linear
 from fastft.integration.methods.prompt import whole_prompt_encoders
 from fastft.integration.nf4_bitsandbytes import bitsandbytes_nf4_adopted
+from fastft.integration.offloaded_weights import refuse_adapters_without_values
 from fastft.integration.sharded_state import gathered_adapter_state, is_sharded, write_on_rank0
 from fastft.integration.tied_weights import untie_adapted_weights
 from fastft.modules.lora import FusedLoraLinear
@@ -54,7 +55,10 @@ def get_peft_model(model: nn.Module, config, adapter_name: str = "default", **kw
                         f"AutoModelForCausalLM.from_pretrained), got {type(model).__name__}")
     refuse_peft_model(model, "get_peft_model")
     with bitsandbytes_nf4_adopted(model, "get_peft_model"):  # undone if the config is refused
-        return _get_peft_model(model, config, adapter_name, **kwargs)
+        peft_model = _get_peft_model(model, config, adapter_name, **kwargs)
+        if not kwargs.get("low_cpu_mem_usage"):  # there, adapters on meta are peft's plan: the caller loads them
+            refuse_adapters_without_values(peft_model, "get_peft_model")
+        return peft_model
 
 
 def _get_peft_model(model: nn.Module, config, adapter_name: str, **kwargs) -> PeftModel:
@@ -128,19 +132,22 @@ def add_adapter(model: PeftModel, adapter_name: str, config) -> PeftModel:
         raise TypeError(f"add_adapter: config is a {type(config).__name__}; fastft adds LoraConfig (DoRA included) "
                         "and IA3Config adapters (use the PeftModel's own add_adapter for other kinds)")
     route_adapter_methods(model)  # model.add_adapter below: peft's, a failure partway undone
-    with adapter_call():
+    with adapter_call() as call:
         if isinstance(config, peft.IA3Config):
             from fastft.integration.methods.ia3 import add_ia3_adapter
 
-            return add_ia3_adapter(model, adapter_name, config)
-        if getattr(config, "use_dora", False):
-            from fastft.integration.methods.dora import validate_dora_config as validate
+            model = add_ia3_adapter(model, adapter_name, config)
         else:
-            validate = validate_lora_config
-        validate(config, transformers_model(model))
-        with checked_patterns():
-            model.add_adapter(adapter_name, with_quantized_targets(config, transformers_model(model)))
-    return fuse_lora_layers(model, "add_adapter")
+            if getattr(config, "use_dora", False):
+                from fastft.integration.methods.dora import validate_dora_config as validate
+            else:
+                validate = validate_lora_config
+            validate(config, transformers_model(model))
+            with checked_patterns():
+                model.add_adapter(adapter_name, with_quantized_targets(config, transformers_model(model)))
+        if not call.options.get("low_cpu_mem_usage"):  # there, adapters on meta are peft's plan
+            refuse_adapters_without_values(model, "add_adapter")
+    return model if isinstance(config, peft.IA3Config) else fuse_lora_layers(model, "add_adapter")
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default",
@@ -154,7 +161,9 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     if isinstance(model, PeftModel):
         route_adapter_methods(model)  # model.add_adapter/load_adapter below (here and in the rooms): peft's
     with adapter_call():
-        return _load_adapter(model, path, adapter_name, is_trainable)
+        loaded = _load_adapter(model, path, adapter_name, is_trainable)
+    refuse_adapters_without_values(loaded, "load_adapter")
+    return loaded
 
 
 def _load_adapter(model: nn.Module, path, adapter_name: str, is_trainable: bool) -> PeftModel:

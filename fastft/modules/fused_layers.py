@@ -33,14 +33,18 @@ class FusedRMSNormForward:
     _fastft_backend = "auto"
 
     def forward(self, hidden_states):
+        # the weight as this call reads it: made again in backward, `self.weight` may be another tensor by then
+        # (accelerate's offload hooks put it back on the meta device after the forward)
+        weight = self.weight
+
         def norm():
-            return rms_norm(hidden_states, self.weight, getattr(self, self._fastft_eps_attr),
+            return rms_norm(hidden_states, weight, getattr(self, self._fastft_eps_attr),
                             offset=self._fastft_offset, cast=self._fastft_cast, backend=self._fastft_backend)
 
         y = norm()
         # the projections reading y (in a patched attention or gated MLP) make it again in backward
         if y.requires_grad and not compiling() and self._keeps_input(hidden_states):
-            remember(y, norm, (hidden_states, self.weight))
+            remember(y, norm, (hidden_states, weight))
         return y
 
     def _keeps_input(self, x) -> bool:
