@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import sys
 import warnings
 
@@ -83,7 +84,8 @@ def _adopt(model: nn.Module, who: str, warn: bool, undo: list) -> int:
         warnings.warn(f"fastft.{who}: {len(unread)} bitsandbytes layer(s) fastft does not read ({name}: {why}); the "
                       "model keeps its bitsandbytes layers, where peft's own bitsandbytes forward runs (unfused). "
                       "For fastft's NF4 kernels load it with BitsAndBytesConfig(load_in_4bit=True, "
-                      "bnb_4bit_quant_type='nf4'), or the dense checkpoint with fastft.load_nf4_model", stacklevel=3)
+                      "bnb_4bit_quant_type='nf4'), or the dense checkpoint with fastft.load_nf4_model",
+                      stacklevel=_user_frame())
         return 0
     _warn_compute_dtype(layers, who)
     adopted: dict[int, NF4Linear] = {}
@@ -136,7 +138,20 @@ def _warn_compute_dtype(layers, who: str) -> None:
         warnings.warn(f"fastft.{who}: {len(differ)} bitsandbytes layer(s) had bnb_4bit_compute_dtype="
                       f"{m.compute_dtype} over weights quantized from {m.weight.quant_state.dtype} ({name}); fastft's "
                       "NF4 layers compute in their input's dtype (an fp32 input on weights quantized from bf16: in "
-                      "bf16, as bnb_4bit_compute_dtype=torch.bfloat16 would)", stacklevel=3)
+                      "bf16, as bnb_4bit_compute_dtype=torch.bfloat16 would)", stacklevel=_user_frame())
+
+
+_FASTFT = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep  # the fastft package's folder
+
+
+def _user_frame() -> int:
+    """warnings.warn's stacklevel, from the function calling this one, of the first frame outside fastft and
+    contextlib: the user's call (the entry points reach the swap through a context manager, at depths that differ)."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and (os.path.abspath(frame.f_code.co_filename).startswith(_FASTFT)
+                                 or frame.f_code.co_filename == contextlib.__file__):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _drop_quantizer(model: nn.Module, undo: list) -> None:
