@@ -125,6 +125,7 @@ def recover_folder(path: str | os.PathLike) -> None:
 
 def _save_folder(path, write, *, keep_others: bool, what: str, alternatives: tuple[tuple[str, ...], ...] = ()) -> Path:
     given, (path, tmp) = Path(path), _start_folder_save(path)
+    cwd = Path.cwd().resolve()
     old = None
     if keep_others and os.path.lexists(path) and not path.is_dir():
         shutil.rmtree(tmp)
@@ -140,6 +141,9 @@ def _save_folder(path, write, *, keep_others: bool, what: str, alternatives: tup
     finally:
         if old != tmp and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)  # only our own unfinished temporary folder
+    if cwd == path or path in cwd.parents:  # the process stood in the folder replaced: into its new version
+        with contextlib.suppress(OSError):
+            os.chdir(cwd)
     if old is not None:
         try:
             _remove(old)
@@ -267,6 +271,8 @@ def _start_folder_save(path: str | os.PathLike) -> tuple[Path, Path]:
     """The resolved target (Path(".") has no name to make a sibling of; a link's folder is the one saved into) and
     a fresh temporary sibling of it. The temporary siblings left by earlier saves of `path` that were killed
     (SIGKILL skips their cleanup) are removed first."""
+    if not os.fspath(path):  # Path("") is Path("."): the working directory, by accident
+        raise ValueError("the folder to save to is an empty path; give a folder, e.g. 'out/adapter'")
     path = Path(path).resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(path)

@@ -191,7 +191,8 @@ def main(out_dir):
     tied = tied_camembert()
     fastft.shard_model(tied, mesh)
     report["tie_kept"] = tied.lm_head.decoder.weight is tied.roberta.embeddings.word_embeddings.weight
-    fastft.save_nf4_model(tied, os.path.join(out_dir, "tied_sharded"))
+    # as transformers' Trainer saves (is_main_process=False on the other ranks): every rank still gathers
+    tied.save_pretrained(os.path.join(out_dir, "tied_sharded"), is_main_process=rank == 0)
     if rank == 0:
         fastft.save_nf4_model(tied_camembert(), os.path.join(out_dir, "tied_plain"))
 

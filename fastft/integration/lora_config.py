@@ -96,6 +96,11 @@ def validate_lora_config(config, model: nn.Module) -> None:
         raise _config_error("lora_dropout", config.lora_dropout, "expected a probability in [0, 1)")
     if not isinstance(config.r, int) or config.r <= 0:
         raise _config_error("r", config.r, "expected a positive integer rank")
+    for field, alpha in [("lora_alpha", config.lora_alpha)] + [
+            (f"alpha_pattern[{k!r}]", v) for k, v in (config.alpha_pattern or {}).items()]:
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < float("inf"):
+            raise _config_error(field, alpha, "expected a positive finite number (the adapter's scale is "
+                                              "lora_alpha / r; 0 would train nothing)")
     _check_targets(config, model)
 
 

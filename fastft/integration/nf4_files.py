@@ -373,6 +373,10 @@ def save_nf4_model(model: nn.Module, path: str, *, compute_dtype: torch.dtype | 
     """
     refuse_adapters(model, "save_nf4_model", "save the adapter with fastft.save_adapter (or model.save_pretrained), "
                                              "or merge it first with fastft.merge_and_unload")
+    computes = (torch.float32, torch.float16, torch.bfloat16)
+    if compute_dtype is not None and compute_dtype not in computes + tuple(str(d)[6:] for d in computes):
+        raise ValueError(f"save_nf4_model: `compute_dtype` must be torch.float32, torch.float16 or torch.bfloat16 "
+                         f"(what bitsandbytes computes in after loading), got {compute_dtype!r}")
     config = getattr(model, "config", None)
     cfg = None
     if config is not None:  # first: a model bitsandbytes' config cannot describe fails before anything is written

@@ -205,6 +205,8 @@ def prepare_model_for_kbit_training(model: nn.Module, use_gradient_checkpointing
     """
     from peft import prepare_model_for_kbit_training as peft_prepare
 
+    refuse_adapters(model, "prepare_model_for_kbit_training", "it freezes every parameter, the adapters' too: call "
+                    "it on the base model, before fastft.get_peft_model")
     kwargs = dict(gradient_checkpointing_kwargs or {})
     if use_gradient_checkpointing and not hasattr(model, "gradient_checkpointing_enable"):
         raise TypeError(f"prepare_model_for_kbit_training: {type(model).__name__} has no gradient_checkpointing_enable "

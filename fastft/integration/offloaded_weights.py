@@ -23,8 +23,9 @@ def unloadable_meta_parameters(model: nn.Module) -> list[str]:
     hook's weights map lacks them). [] for a model without offload hooks (meta there is the caller's plan: peft's
     low_cpu_mem_usage, init_empty_weights)."""
     meta = {name for name, p in model.named_parameters() if p.is_meta}
-    hooked = [(prefix, module, hook) for prefix, module in model.named_modules() if meta
-              for hook in offload_hooks(module)]
+    if not meta:
+        return []
+    hooked = [(prefix, module, hook) for prefix, module in model.named_modules() for hook in offload_hooks(module)]
     if not hooked:
         return []
     from accelerate.utils import named_module_tensors

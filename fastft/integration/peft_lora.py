@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import warnings
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from fastft.integration.lora_config import check_loadable, validate_lora_config,
 from fastft.integration.methods.ia3_nf4 import NF4IA3Linear
 from fastft.integration.methods.prompt import whole_prompt_encoders
 from fastft.integration.nf4_bitsandbytes import bitsandbytes_nf4_adopted
+from fastft.integration.nf4_model import refuse_adapters
 from fastft.integration.offloaded_weights import refuse_adapters_without_values
 from fastft.integration.sharded_state import gathered_adapter_state, is_sharded, write_on_rank0
 from fastft.integration.tied_weights import untie_adapted_weights
@@ -53,8 +55,13 @@ def get_peft_model(model: nn.Module, config, adapter_name: str = "default", **kw
     if not isinstance(model, nn.Module):
         raise TypeError(f"get_peft_model: model must be a torch nn.Module (a transformers model, e.g. from "
                         f"AutoModelForCausalLM.from_pretrained), got {type(model).__name__}")
+    check_adapter_name(adapter_name, "get_peft_model")
     refuse_peft_model(model, "get_peft_model")
     with bitsandbytes_nf4_adopted(model, "get_peft_model"):  # undone if the config is refused
+        # a PeftModel's base (get_base_model()): peft would build adapter 'default' again in its layers, zeroing B
+        refuse_adapters(model, "get_peft_model", "a second get_peft_model would build its adapters again over the "
+                        "trained ones: add another with fastft.add_adapter(peft_model, name, config), or give a fresh "
+                        "base (or peft_model.unload())")
         peft_model = _get_peft_model(model, config, adapter_name, **kwargs)
         if not kwargs.get("low_cpu_mem_usage"):  # there, adapters on meta are peft's plan: the caller loads them
             refuse_adapters_without_values(peft_model, "get_peft_model")
@@ -86,6 +93,12 @@ def checked_patterns():
         warnings.filterwarnings("ignore", message="The following (rank|alpha)_pattern keys did not match any "
                                                   "targeted module", category=RuntimeWarning)
         yield
+
+
+def check_adapter_name(name, what: str) -> None:
+    """peft keys modules by adapter name: one with a '.' (a module path) or not a string failed deep inside torch."""
+    if not isinstance(name, str) or not name or "." in name:
+        raise ValueError(f"{what}: `adapter_name` must be a non-empty str without '.', got {name!r}")
 
 
 def refuse_peft_model(model: nn.Module, what: str) -> None:
@@ -131,6 +144,7 @@ def add_adapter(model: PeftModel, adapter_name: str, config) -> PeftModel:
     if not isinstance(config, (LoraConfig, peft.IA3Config)):
         raise TypeError(f"add_adapter: config is a {type(config).__name__}; fastft adds LoraConfig (DoRA included) "
                         "and IA3Config adapters (use the PeftModel's own add_adapter for other kinds)")
+    check_adapter_name(adapter_name, "add_adapter")
     route_adapter_methods(model)  # model.add_adapter below: peft's, a failure partway undone
     with adapter_call() as call:
         if isinstance(config, peft.IA3Config):
@@ -158,6 +172,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     added under `adapter_name`). The adapter is checked against the model first. Other methods' adapters (IA3,
     prefix, prompt, P-tuning in peft's format; fastft bottleneck adapters) load through their rooms.
     """
+    check_adapter_name(adapter_name, "load_adapter")
     if isinstance(model, PeftModel):
         route_adapter_methods(model)  # model.add_adapter/load_adapter below (here and in the rooms): peft's
     with adapter_call():
@@ -236,6 +251,9 @@ def merge_and_unload(model: PeftModel, *, requantize: bool = False, dtype=None, 
 
     if not isinstance(model, PeftModel):
         raise TypeError(f"merge_and_unload expects a PeftModel, got {type(model).__name__}")
+    if any(config.is_prompt_learning for config in model.peft_config.values()):
+        raise TypeError("merge_and_unload: prefix / prompt tuning adds virtual tokens, not weights: there is nothing "
+                        "to merge; save the adapter with fastft.save_adapter, or use the model as it is")
     _check_adapter_names(model, adapter_names)
     with warnings.catch_warnings():
         # layers an earlier merge_adapter() merged: peft says "already merged" per layer; the warning below says more
@@ -308,9 +326,14 @@ def save_adapter(model: PeftModel, path: str | os.PathLike, **kwargs) -> Path:
 
 
 def _save_whole(model, path, kwargs) -> Path:
+    def write(tmp: Path) -> None:
+        card = Path(path) / "README.md"
+        if card.is_file():  # peft updates a model card in place, keeping its text: give it the folder's
+            shutil.copyfile(card, tmp / "README.md")
+        model.save_pretrained(str(tmp), **kwargs)
+
     with whole_prompt_encoders(model, kwargs.get("state_dict")):  # FSDP2-sharded prompt learning: the whole weights
-        return merge_into_folder(path, lambda tmp: model.save_pretrained(str(tmp), **kwargs),
-                                 alternatives=(WEIGHTS_NAMES,))  # a stale other format would be read
+        return merge_into_folder(path, write, alternatives=(WEIGHTS_NAMES,))  # a stale other format would be read
 
 
 def patch_peft(model: nn.Module) -> nn.Module:

@@ -160,6 +160,8 @@ def ia3_linear(x, weight, bias, ia3_l, *, feedforward: bool, backend="auto"):
     requires grad gets it, on the torch path). fp16 x runs the torch path (the module docstring says why).
     backend: "auto" (Triton on CUDA, torch elsewhere), "triton" or "torch"."""
     check_backend("ia3_linear", backend)
+    if not isinstance(feedforward, bool):  # a string "False" would be taken as True
+        raise TypeError(f"ia3_linear: `feedforward` must be True or False, got {feedforward!r}")
     x, weight = autocast_inputs(x, weight)
     check_tensor("ia3_linear", "x", x, dim=1)
     check_tensor("ia3_linear", "weight", weight)

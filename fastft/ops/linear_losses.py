@@ -367,8 +367,9 @@ def linear_dpo_loss(policy_chosen_hidden, policy_rejected_hidden, weight, chosen
     for name, t in (("ref_chosen_logps", ref_chosen_logps), ("ref_rejected_logps", ref_rejected_logps)):
         check(tuple(t.shape) == (B,), lambda: f"{op}: `{name}` must have shape ({B},) (one log-prob per "
                                                f"sequence), got {tuple(t.shape)}")
-    check(_number(beta) and finite(beta),
-           lambda: f"{op}: `beta` must be a finite number, got {beta!r}")
+    check(_number(beta) and finite(beta) and beta > 0,
+           lambda: f"{op}: `beta` must be a positive finite number (β ≤ 0 would pull towards the rejected answers, "
+                   f"or nowhere), got {beta!r}")
     for name, lab, h in (("chosen_labels", chosen_labels, policy_chosen_hidden),
                          ("rejected_labels", rejected_labels, policy_rejected_hidden)):
         _check_tensor(op, name, lab, floating=False)

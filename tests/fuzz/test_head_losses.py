@@ -290,7 +290,7 @@ def draw_dpo_problem(data, *, device="cpu", max_batch=3, max_seq=9, max_hidden=4
     Bn = dim(data, 1, max_batch, label="B")
     Sc, Sr = dim(data, 0, max_seq, label="S chosen"), dim(data, 0, max_seq, label="S rejected")
     H, V = dim(data, 1, max_hidden, label="H"), dim(data, 1, max_vocab, label="V")
-    beta = data.draw(st.sampled_from([0.1, 0.5, 2.0, -0.3]), label="beta")
+    beta = data.draw(st.sampled_from([0.1, 0.5, 2.0, 0.03]), label="beta")
     ignore_index = data.draw(st.sampled_from([-100, -1]), label="ignore_index")
     rows = data.draw(st.sampled_from(rows_per_chunk), label="rows per chunk")
     on = dict(device=device, requires_grad=True)

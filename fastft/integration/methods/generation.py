@@ -2,6 +2,8 @@
 prompt / P-tuning) add their virtual tokens to transformers' own generation loop."""
 from __future__ import annotations
 
+import threading
+from contextvars import ContextVar
 from typing import Callable
 
 import torch
@@ -24,17 +26,46 @@ def positions_over_mask(mask: torch.Tensor, before: int = 0) -> torch.Tensor:
     return (before + mask.cumsum(1)) * mask - 1
 
 
+_ADJUST: ContextVar = ContextVar("fastft_generation_adjust", default=None)  # this thread's generate call's
+_LOCK = threading.Lock()
+_INSTALLED: dict[int, list] = {}  # id(base) -> [generate calls in flight, what the instance held before, or _NONE]
+_NONE = object()
+
+
 def generate_adjusting_inputs(base: nn.Module, adjust: Callable[[dict], dict], args: tuple, kwargs: dict):
     """`base.generate(*args, **kwargs)`, each step's model inputs (what `prepare_inputs_for_generation` returns)
-    passed through `adjust` first. The wrapper is an instance attribute for the call only."""
-    prepare = base.prepare_inputs_for_generation
+    passed through `adjust` first.
 
-    # transformers reads this signature: generate(inputs_embeds=...) needs the parameter named, and **kwargs
-    def adjusted(*args, inputs_embeds=None, **kwargs):
-        return adjust(prepare(*args, inputs_embeds=inputs_embeds, **kwargs))
-
-    base.prepare_inputs_for_generation = adjusted
+    The wrapper is an instance attribute while calls are in flight, installed by the first and removed by the last;
+    it reads the adjustment of the calling thread's own call (a ContextVar): threads generating from one model at
+    once each get theirs (a wrapper per call wrapped another thread's, and one thread's removal left the other's
+    steps without their virtual tokens)."""
+    token = _ADJUST.set(adjust)
+    with _LOCK:
+        state = _INSTALLED.setdefault(id(base), [0, _NONE])
+        if state[0] == 0:
+            state[1] = base.__dict__.get("prepare_inputs_for_generation", _NONE)
+            base.prepare_inputs_for_generation = _adjusting(base.prepare_inputs_for_generation)
+        state[0] += 1
     try:
         return base.generate(*args, **kwargs)
     finally:
-        del base.prepare_inputs_for_generation
+        with _LOCK:
+            state[0] -= 1
+            if state[0] == 0:
+                del _INSTALLED[id(base)]
+                if state[1] is _NONE:
+                    del base.prepare_inputs_for_generation
+                else:
+                    base.prepare_inputs_for_generation = state[1]
+        _ADJUST.reset(token)
+
+
+def _adjusting(prepare: Callable) -> Callable:
+    # transformers reads this signature: generate(inputs_embeds=...) needs the parameter named, and **kwargs
+    def adjusted(*args, inputs_embeds=None, **kwargs):
+        inputs = prepare(*args, inputs_embeds=inputs_embeds, **kwargs)
+        adjust = _ADJUST.get()
+        return inputs if adjust is None else adjust(inputs)
+
+    return adjusted

@@ -74,15 +74,16 @@ _LOCK = threading.RLock()
 def nf4_ia3_layers():
     """Inside the block peft's IA3 injection (get_peft_model, add_adapter, load_adapter) builds an NF4IA3Linear for
     a targeted NF4Linear; other layers as peft builds them."""
-    original = IA3Model.__dict__["_create_new_module"]
+    with _LOCK:  # read inside: a thread reading it outside could take another's patch for peft's and restore that
+        original = IA3Model.__dict__["_create_new_module"]
 
-    def create(ia3_config, adapter_name, target, **kwargs):
-        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-        if isinstance(base, NF4Linear):
-            return NF4IA3Linear(target, adapter_name, ia3_config, is_feedforward=kwargs.get("is_feedforward", False))
-        return original.__func__(ia3_config, adapter_name, target, **kwargs)
+        def create(ia3_config, adapter_name, target, **kwargs):
+            base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+            if isinstance(base, NF4Linear):
+                return NF4IA3Linear(target, adapter_name, ia3_config,
+                                    is_feedforward=kwargs.get("is_feedforward", False))
+            return original.__func__(ia3_config, adapter_name, target, **kwargs)
 
-    with _LOCK:
         IA3Model._create_new_module = staticmethod(create)
         try:
             yield

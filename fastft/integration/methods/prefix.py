@@ -48,6 +48,9 @@ def validate_prefix_config(config, model: nn.Module) -> None:
     task = getattr(config.task_type, "value", config.task_type)
     if task != "CAUSAL_LM":
         raise ValueError(f"PrefixTuningConfig.task_type={task!r} is not supported by fastft: expected 'CAUSAL_LM'")
+    if not isinstance(config.num_virtual_tokens, int) or config.num_virtual_tokens <= 0:
+        raise ValueError(f"PrefixTuningConfig.num_virtual_tokens={config.num_virtual_tokens!r}: expected a positive "
+                         "integer")
     model_type = getattr(getattr(model, "config", None), "model_type", "")
     if model_type in TRANSFORMERS_MODELS_TO_PREFIX_TUNING_POSTPROCESS_MAPPING or "gemma" in model_type:
         raise ValueError(f"fastft prefix tuning: model_type {model_type!r} reshapes its prefix cache in peft; "
