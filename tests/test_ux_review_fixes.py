@@ -195,7 +195,7 @@ def test_save_adapter_refuses_a_model_without_adapters(tmp_path):
 def test_get_peft_model_names_model_when_it_is_not_a_module():
     from peft import LoraConfig
 
-    with pytest.raises(TypeError, match=r"get_peft_model: model must be a torch nn.Module .*got str"):
+    with pytest.raises(TypeError, match=r"get_peft_model: `model` must be a torch nn.Module .*got str"):
         fastft.get_peft_model("smollm2", LoraConfig(target_modules=["q_proj"]))
 
 

@@ -94,8 +94,9 @@ def validate_lora_config(config, model: nn.Module) -> None:
     _check_olora_targets(config, model)
     if not 0.0 <= config.lora_dropout < 1.0:
         raise _config_error("lora_dropout", config.lora_dropout, "expected a probability in [0, 1)")
-    if not isinstance(config.r, int) or config.r <= 0:
-        raise _config_error("r", config.r, "expected a positive integer rank")
+    for field, r in [("r", config.r)] + [(f"rank_pattern[{k!r}]", v) for k, v in (config.rank_pattern or {}).items()]:
+        if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+            raise _config_error(field, r, "expected a positive integer rank")
     for field, alpha in [("lora_alpha", config.lora_alpha)] + [
             (f"alpha_pattern[{k!r}]", v) for k, v in (config.alpha_pattern or {}).items()]:
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < float("inf"):

@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -18,6 +19,7 @@ from collections import defaultdict
 import torch
 from torch import nn
 
+from fastft.arguments import check_flag, check_float_dtype, check_path
 from fastft.files import merge_into_folder
 from fastft.integration.checkpoint_keys import CheckpointKeys, stored_namer
 from fastft.integration.nf4_model import (compute_dtype as model_compute_dtype, finish_nf4_model, refuse_adapters,
@@ -37,8 +39,6 @@ _WEIGHTS_FILES = ("model.safetensors", "model-*.safetensors", "model.safetensors
 
 def _checkpoint_files(path: str) -> dict[str, list[str]]:
     """file → keys it holds, for a single-file or sharded safetensors checkpoint."""
-    from safetensors import safe_open
-
     index = os.path.join(path, _INDEX_FILE)
     if os.path.exists(index):
         with open(index) as f:
@@ -51,8 +51,22 @@ def _checkpoint_files(path: str) -> dict[str, list[str]]:
     if not os.path.exists(single):
         raise FileNotFoundError(f"load_nf4_model: no {_SINGLE_FILE} or {_INDEX_FILE} in {path!r} "
                                 "(only safetensors checkpoints are supported)")
-    with safe_open(single, framework="pt") as f:
+    with _opened(single) as f:
         return {single: list(f.keys())}
+
+
+@contextlib.contextmanager
+def _opened(file: str, **kwargs):
+    """safe_open, a damaged file refused naming it (safetensors' own error names no file)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        f = safe_open(file, framework="pt", **kwargs)
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"load_nf4_model: {file} ({os.path.getsize(file):,} bytes) is corrupt or truncated ({e}); "
+                         "save the model again or restore the file from a copy") from None
+    with f:
+        yield f
 
 
 def _owner(model: nn.Module, name: str) -> tuple[nn.Module | None, str]:
@@ -173,6 +187,17 @@ def load_nf4_model(path: str, *, model_cls=None, dtype: torch.dtype = torch.bflo
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    check_path(path, "load_nf4_model")
+    dtype = check_float_dtype(dtype, "load_nf4_model")
+    check_flag(double_quant, "load_nf4_model", "double_quant")
+    check_flag(use_default_skip, "load_nf4_model", "use_default_skip")
+    if model_cls is not None and not (isinstance(model_cls, type) and (
+            hasattr(model_cls, "from_config") or hasattr(model_cls, "_from_config"))):
+        raise TypeError(f"load_nf4_model: `model_cls` must be a transformers model class (e.g. "
+                        f"AutoModelForSequenceClassification or LlamaForCausalLM), got {model_cls!r}")
+    if torch.device(device).type == "meta":
+        raise ValueError("load_nf4_model: device='meta' loads no values; for a model without memory build it "
+                         "under accelerate's init_empty_weights() and quantize_model it")
     files = _checkpoint_files(path)  # first: a wrong path fails here, naming the file it looked for
     config = AutoConfig.from_pretrained(path)
     pre_quantized = _check_quantization_config(config, path)
@@ -263,8 +288,6 @@ def _stream_checkpoint(model, files, targets, conv1d, dtype, blocksize, double_q
     `files` name the tensors as the model does, `names` maps the stored names to them and converts the tensors
     transformers' conversions convert (per-expert weights merged into a fused one, a fused projection split), once
     all are read. Returns the names the model has no place for."""
-    from safetensors import safe_open
-
     unexpected = []
     bnb_parts: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)  # packed codes and scales: small
 
@@ -287,7 +310,7 @@ def _stream_checkpoint(model, files, targets, conv1d, dtype, blocksize, double_q
             unexpected.append(key)
 
     for file, file_keys in files.items():
-        with safe_open(file, framework="pt", device="cpu") as f:
+        with _opened(file, device="cpu") as f:
             stored_name = {names.name(k): k for k in f.keys()}
             for key in file_keys:
                 converted = names.converted_into(key)
@@ -373,6 +396,7 @@ def save_nf4_model(model: nn.Module, path: str, *, compute_dtype: torch.dtype | 
     """
     refuse_adapters(model, "save_nf4_model", "save the adapter with fastft.save_adapter (or model.save_pretrained), "
                                              "or merge it first with fastft.merge_and_unload")
+    check_path(path, "save_nf4_model")
     computes = (torch.float32, torch.float16, torch.bfloat16)
     if compute_dtype is not None and compute_dtype not in computes + tuple(str(d)[6:] for d in computes):
         raise ValueError(f"save_nf4_model: `compute_dtype` must be torch.float32, torch.float16 or torch.bfloat16 "

@@ -16,6 +16,7 @@ import warnings
 import torch
 from torch import nn
 
+from fastft.arguments import check_flag, check_model
 from fastft.integration.checkpointing import (drop_input_grad_hooks_if_unneeded, enable_checkpointing,
                                              input_grad_hooks)
 from fastft.integration.nf4_bitsandbytes import bitsandbytes_nf4_adopted
@@ -125,6 +126,8 @@ def quantize_model(model: nn.Module, quant_type: str = "nf4", *, blocksize: int 
     """
     if quant_type != "nf4":
         raise ValueError(f"quantize_model: only quant_type='nf4' is supported, got {quant_type!r}")
+    check_flag(double_quant, "quantize_model", "double_quant", none_ok=True)
+    check_flag(use_default_skip, "quantize_model", "use_default_skip")
     refuse_adapters(model, "quantize_model", "their own nn.Linear layers (lora_A, lora_B) would be quantized and "
                     "frozen; quantize the base model first, then fastft.get_peft_model(quantized, config) (QLoRA)")
     with bitsandbytes_nf4_adopted(model, "quantize_model", warn=False):  # bitsandbytes' NF4 layers: as they are
@@ -184,10 +187,11 @@ def _refuse_another_layout(model: nn.Module, blocksize: int, double_quant: bool)
 
 
 def refuse_adapters(model: nn.Module, op: str, instead: str) -> None:
-    """TypeError for a model holding peft adapters, saying what to do `instead`."""
+    """TypeError for a model holding peft adapters, saying what to do `instead` (and for anything but a model)."""
     from peft import PeftModel
     from peft.tuners.tuners_utils import BaseTunerLayer
 
+    check_model(model, op)
     if isinstance(model, PeftModel) or any(isinstance(m, BaseTunerLayer) for m in model.modules()):
         raise TypeError(f"{op}: the model holds peft adapters; {instead}")
 
@@ -207,6 +211,7 @@ def prepare_model_for_kbit_training(model: nn.Module, use_gradient_checkpointing
 
     refuse_adapters(model, "prepare_model_for_kbit_training", "it freezes every parameter, the adapters' too: call "
                     "it on the base model, before fastft.get_peft_model")
+    check_flag(use_gradient_checkpointing, "prepare_model_for_kbit_training", "use_gradient_checkpointing")
     kwargs = dict(gradient_checkpointing_kwargs or {})
     if use_gradient_checkpointing and not hasattr(model, "gradient_checkpointing_enable"):
         raise TypeError(f"prepare_model_for_kbit_training: {type(model).__name__} has no gradient_checkpointing_enable "

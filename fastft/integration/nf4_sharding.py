@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from fastft.arguments import check_model
 from fastft.quant.nf4_weight import NF4Weight
 
 
@@ -45,6 +46,7 @@ def shard_model(model: nn.Module, mesh=None, *, reshard_after_forward: bool = Tr
 
     from fastft.quant.nf4_tensor_ops import check_shardable
 
+    check_model(model, "shard_model")
     if mesh is None:
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("shard_model: no mesh given and torch.distributed is not initialised "
@@ -106,6 +108,7 @@ def ignore_nf4_in_ddp(model: nn.Module) -> nn.Module:
     """
     from torch.nn.parallel import DistributedDataParallel
 
+    check_model(model, "ignore_nf4_in_ddp")
     names = [name for name, p in model.named_parameters() if isinstance(p, NF4Weight)]
     names += list(getattr(model, "_ddp_params_and_buffers_to_ignore", ()))
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, sorted(set(names)))

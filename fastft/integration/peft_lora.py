@@ -23,6 +23,7 @@ from peft import LoraConfig, PeftConfig, PeftModel
 from peft.tuners.lora import Linear as PeftLoraLinear
 from torch import nn
 
+from fastft.arguments import check_flag, check_float_dtype, check_model, check_path
 from fastft.files import merge_into_folder
 from fastft.integration.adapter_files import WEIGHTS_NAMES, check_adapter_fits
 from fastft.integration.adapter_routing import adapter_call, route_adapter_methods
@@ -52,9 +53,7 @@ def get_peft_model(model: nn.Module, config, adapter_name: str = "default", **kw
     Other methods' configs (LoraConfig with use_dora, IA3Config, PrefixTuningConfig, PromptTuningConfig,
     PromptEncoderConfig, fastft's BottleneckAdapterConfig) go to their rooms in fastft.integration.methods.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"get_peft_model: model must be a torch nn.Module (a transformers model, e.g. from "
-                        f"AutoModelForCausalLM.from_pretrained), got {type(model).__name__}")
+    check_model(model, "get_peft_model")
     check_adapter_name(adapter_name, "get_peft_model")
     refuse_peft_model(model, "get_peft_model")
     with bitsandbytes_nf4_adopted(model, "get_peft_model"):  # undone if the config is refused
@@ -172,7 +171,10 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     added under `adapter_name`). The adapter is checked against the model first. Other methods' adapters (IA3,
     prefix, prompt, P-tuning in peft's format; fastft bottleneck adapters) load through their rooms.
     """
+    check_model(model, "load_adapter")
+    check_path(path, "load_adapter")
     check_adapter_name(adapter_name, "load_adapter")
+    check_flag(is_trainable, "load_adapter", "is_trainable")
     if isinstance(model, PeftModel):
         route_adapter_methods(model)  # model.add_adapter/load_adapter below (here and in the rooms): peft's
     with adapter_call():
@@ -251,6 +253,8 @@ def merge_and_unload(model: PeftModel, *, requantize: bool = False, dtype=None, 
 
     if not isinstance(model, PeftModel):
         raise TypeError(f"merge_and_unload expects a PeftModel, got {type(model).__name__}")
+    check_flag(requantize, "merge_and_unload", "requantize")
+    dtype = check_float_dtype(dtype, "merge_and_unload", none_ok=True)
     if any(config.is_prompt_learning for config in model.peft_config.values()):
         raise TypeError("merge_and_unload: prefix / prompt tuning adds virtual tokens, not weights: there is nothing "
                         "to merge; save the adapter with fastft.save_adapter, or use the model as it is")
@@ -315,6 +319,7 @@ def save_adapter(model: PeftModel, path: str | os.PathLike, **kwargs) -> Path:
         raise TypeError(f"save_adapter: model is a {type(model).__name__}, which holds no adapter (it would write the "
                         "whole model); give the model fastft.get_peft_model or fastft.load_adapter returned, or save "
                         "a full model (e.g. after merge_and_unload) with model.save_pretrained(path)")
+    check_path(path, "save_adapter")
     if kwargs.get("state_dict") is None and is_sharded(model):  # FSDP2: every rank gathers, rank 0 writes
         kwargs.pop("is_main_process", None)
         kwargs["state_dict"] = gathered_adapter_state(model)
@@ -344,6 +349,7 @@ def patch_peft(model: nn.Module) -> nn.Module:
     """
     from fastft.integration.methods.dora import fused_class_for
 
+    check_model(model, "patch_peft")
     found = 0
     for module in model.modules():
         if isinstance(module, PeftLoraLinear):

@@ -18,7 +18,7 @@ from peft.tuners.lora import Linear as PeftLoraLinear
 from torch import nn
 
 from fastft.ops.lora import lora_linear, stacked_adapters
-from fastft.ops.shared import (AUTOCAST_CASTS, BACKENDS, computes_linear, device_hook_moves_nothing,
+from fastft.ops.shared import (AUTOCAST_CASTS, BACKENDS, autocast_enabled, computes_linear, device_hook_moves_nothing,
                                forward_interceptor, global_module_hooks, replaced_forward, require_triton)
 
 
@@ -130,7 +130,7 @@ class FusedLoraLinear(FusedLoraBase):
         w_dtype = base.weight.dtype
         # under autocast the op casts both as torch's own linear would: fp64 is never cast, so a mixed pair stays
         # mixed and takes peft's forward (torch's own error), as without autocast
-        return x.dtype == w_dtype or (torch.is_autocast_enabled(x.device.type) and x.dtype in AUTOCAST_CASTS
+        return x.dtype == w_dtype or (autocast_enabled(x.device.type) and x.dtype in AUTOCAST_CASTS
                                       and w_dtype in AUTOCAST_CASTS)
 
     def _fused(self, x, lora_A, lora_B, scaling, dropout_p):

@@ -20,6 +20,7 @@ import functools
 import torch
 from torch import nn
 
+from fastft.arguments import check_flag
 from fastft.ops.qlora import nf4_linear
 from fastft.ops.shared import in_compute_dtype
 from fastft.quant.nf4_format import check_blocksize
@@ -38,6 +39,10 @@ class NF4Linear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, weight: NF4Weight | None = None,
                  blocksize: int = 64, double_quant: bool = True, device=None, dtype=None):
         super().__init__()
+        for name, size in (("in_features", in_features), ("out_features", out_features)):
+            if not (isinstance(size, int) and not isinstance(size, bool) and size >= 0):
+                raise ValueError(f"NF4Linear: `{name}` must be a non-negative int, got {size!r}")
+        check_flag(double_quant, "NF4Linear", "double_quant")
         self.in_features = in_features
         self.out_features = out_features
         self.blocksize = check_blocksize(blocksize, "NF4Linear")
@@ -56,6 +61,9 @@ class NF4Linear(nn.Module):
                     name: str | None = None) -> NF4Linear:
         """Quantize an nn.Linear or a transformers Conv1D (its bias is kept as is, same tensor). name: the
         layer's, for errors."""
+        if not (isinstance(linear, nn.Linear) or is_conv1d(linear)):
+            raise TypeError(f"NF4Linear.from_linear: `linear` must be an nn.Linear or a transformers Conv1D, got "
+                            f"{type(linear).__name__}")
         in_features, out_features = linear_features(linear)
         weight = quantize_nf4(dense_weight(linear, linear.weight.detach()), blocksize=blocksize,
                               double_quant=double_quant, name=f"{name}.weight" if name else None)

@@ -49,8 +49,8 @@ from fastft.ops.compiled_args import refuse_replayed_dropout
 from fastft.ops.linear_losses_compiled import (check_label_range, checked_on_host,  # noqa: F401 - public here
                                               host_checked, nf4_block_rows, traced_loss)
 from fastft.ops.lm_head import HeadArgs, head_of_module
-from fastft.ops.shared import (BACKENDS, autocast_inputs, autocast_off, check, compute_input, finite, hook_device,
-                               resolve_backend)
+from fastft.ops.shared import (BACKENDS, autocast_enabled, autocast_inputs, autocast_off, check, compute_input, finite,
+                               hook_device, resolve_backend)
 
 REDUCTIONS = ("mean", "sum", "none")
 DIRECTIONS = ("forward", "reverse")
@@ -81,8 +81,8 @@ def _check_labels(op: str, name: str, labels, hidden: torch.Tensor, vocab: int, 
     labels2 = labels.reshape(-1)
     labels2 = (labels2 if labels2.dtype == torch.int64 else labels2.to(torch.int64)).contiguous()
     # one device sync; while torch.compile traces it would break the graph (the custom op's body checks instead),
-    # and a CUDA graph being captured cannot sync
-    if not compiling() and not capturing(labels2.device):
+    # and a CUDA graph being captured cannot sync; meta labels have no values to check
+    if not compiling() and not capturing(labels2.device) and not labels2.is_meta:
         check_label_range(op, labels2, vocab, ignore_index)
     return labels2
 
@@ -160,7 +160,7 @@ def _run(op: str, reduction: str, hidden, head: HeadArgs, row: RowLoss, grad_sca
 
 def _autocast(hidden: torch.Tensor, head: HeadArgs) -> tuple[torch.Tensor, HeadArgs]:
     """hidden and the head's dense weight and bias cast as torch.autocast casts a linear's (fp64 stays fp64)."""
-    if not (isinstance(hidden, torch.Tensor) and torch.is_autocast_enabled(hidden.device.type)):
+    if not (isinstance(hidden, torch.Tensor) and autocast_enabled(hidden.device.type)):
         return hidden, head
     hidden, weight, bias = autocast_inputs(hidden, head.weight, head.bias)
     return hidden, HeadArgs(weight, head.nf4, bias, head.lora_A, head.lora_B, head.scaling, head.dropout_p)

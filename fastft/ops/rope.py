@@ -18,7 +18,8 @@ from __future__ import annotations
 import torch
 
 from fastft.ops.compiled import compiling
-from fastft.ops.shared import autocast_off, check, check_tensor, first_order_only, resolve_backend, to_dtype
+from fastft.ops.shared import (autocast_off, check, check_tensor, finite, first_order_only, resolve_backend,
+                               to_dtype)
 
 
 def rotate_half(x):
@@ -41,6 +42,10 @@ def rope_cos_sin(position_ids, inv_freq, attention_scaling=1.0, dtype=torch.floa
     check_tensor("rope_cos_sin", "inv_freq", inv_freq)
     check(inv_freq.dim() == 1,
           lambda: f"rope_cos_sin: `inv_freq` must be 1-D (head_dim/2,), got {tuple(inv_freq.shape)}")
+    check(isinstance(attention_scaling, (int, float)) and not isinstance(attention_scaling, bool)
+          and finite(attention_scaling) and attention_scaling > 0,
+          lambda: "rope_cos_sin: `attention_scaling` must be a finite positive number (the rotary embedding's "
+                  f"attention_scaling, 1.0 for most rope types), got {attention_scaling!r}")
     freqs = position_ids.float()[..., None] * inv_freq.float().to(position_ids.device)[None, None, :]
     emb = torch.cat((freqs, freqs), dim=-1)
     return (emb.cos() * attention_scaling).to(dtype), (emb.sin() * attention_scaling).to(dtype)
@@ -191,7 +196,7 @@ def validate_rope_args(q, k, cos, sin, unsqueeze_dim, op="rope") -> None:
     check(k.device == q.device, lambda: f"{op}: `k` is on {k.device} but `q` is on {q.device}")
 
 
-def _cos_sin(position_ids, cos, sin, inv_freq, attention_scaling, q, op):
+def _cos_sin(position_ids, cos, sin, inv_freq, attention_scaling, q, unsqueeze_dim, op):
     if position_ids is None:
         check(cos is not None and sin is not None,
               lambda: f"{op}: give `cos` and `sin`, or `position_ids` and `inv_freq`")
@@ -200,13 +205,19 @@ def _cos_sin(position_ids, cos, sin, inv_freq, attention_scaling, q, op):
     check(inv_freq is not None,
           lambda: f"{op}: `position_ids` needs `inv_freq` (the rotary embedding's inverse frequencies)")
     check_tensor(op, "q", q)  # (validated before its dtype is read for the tables)
-    return rope_cos_sin(position_ids, inv_freq, attention_scaling, q.dtype)
+    cos, sin = rope_cos_sin(position_ids, inv_freq, attention_scaling, q.dtype)
+    if q.dim() == 4 and unsqueeze_dim in (1, 2):  # else validate_rope_args says what is wrong with them
+        B, S, D = q.shape[0], q.shape[2 if unsqueeze_dim == 1 else 1], q.shape[-1]
+        check(cos.shape[0] in (1, B) and cos.shape[1] == S and cos.shape[2] == D,
+              lambda: f"{op}: `position_ids` {tuple(position_ids.shape)} and `inv_freq` {tuple(inv_freq.shape)} must "
+                      f"be ({B if B == 1 else f'{B} or 1'}, {S}) and ({D // 2},) for `q` {tuple(q.shape)}")
+    return cos, sin
 
 
 def rope(q, k, cos=None, sin=None, *, position_ids=None, inv_freq=None, attention_scaling=1.0, unsqueeze_dim=1,
          backend="auto"):
     """(q·cos + rotate_half(q)·sin, k·cos + rotate_half(k)·sin) as new tensors; see the module docstring."""
-    cos, sin = _cos_sin(position_ids, cos, sin, inv_freq, attention_scaling, q, "rope")
+    cos, sin = _cos_sin(position_ids, cos, sin, inv_freq, attention_scaling, q, unsqueeze_dim, "rope")
     validate_rope_args(q, k, cos, sin, unsqueeze_dim)
     backend = resolve_backend("rope", backend, q.device, arg="q", dtype=q.dtype)
     if backend == "torch" or q.numel() == 0 or cos.requires_grad or sin.requires_grad:
@@ -228,7 +239,7 @@ def rope_(q, k, cos=None, sin=None, *, position_ids=None, inv_freq=None, attenti
     back, so each element is rotated once. Under torch.compile: fastft::rope_ without autograd, fastft::rope and the
     copies with it.
     """
-    cos, sin = _cos_sin(position_ids, cos, sin, inv_freq, attention_scaling, q, "rope_")
+    cos, sin = _cos_sin(position_ids, cos, sin, inv_freq, attention_scaling, q, unsqueeze_dim, "rope_")
     validate_rope_args(q, k, cos, sin, unsqueeze_dim, op="rope_")
     if not compiling():  # a tensor whose positions share memory (e.g. expanded) has no one right rotation
         for name, t in (("q", q), ("k", k)):

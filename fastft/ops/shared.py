@@ -202,12 +202,17 @@ def _set_by() -> str:
 AUTOCAST_CASTS = frozenset((torch.float32, torch.float16, torch.bfloat16))
 
 
+def autocast_enabled(device_type: str) -> bool:
+    """torch.is_autocast_enabled, False on meta tensors (torch's check raises there: no autocast for meta)."""
+    return device_type != "meta" and torch.is_autocast_enabled(device_type)
+
+
 def autocast_inputs(*tensors):
     """The inputs cast to torch.autocast's dtype when autocast is on for the first one's device, as torch's ops cast
     theirs: fp32/fp16/bf16 tensors only (fp64 ones stay fp64; an NF4Weight stays as it is: it is quantized);
     non-tensors (None, wrong types left for validation) pass unchanged."""
     lead = tensors[0]
-    if not (isinstance(lead, torch.Tensor) and torch.is_autocast_enabled(lead.device.type)):
+    if not (isinstance(lead, torch.Tensor) and autocast_enabled(lead.device.type)):
         return tensors
     dtype = torch.get_autocast_dtype(lead.device.type)
     return tuple(to_dtype(t, dtype) if isinstance(t, torch.Tensor) and t.dtype in AUTOCAST_CASTS else t
@@ -242,7 +247,7 @@ _NO_CONTEXT = contextlib.nullcontext()
 def autocast_off(device_type: str):
     """`torch.autocast(device_type, enabled=False)`, the context the ops run their kernels in; a no-op context when
     autocast is off there already (eager only): entering torch.autocast costs ~8 µs of host time a call."""
-    if compiling() or torch.is_autocast_enabled(device_type):
+    if (compiling() and device_type != "meta") or autocast_enabled(device_type):
         return torch.autocast(device_type, enabled=False)
     return _NO_CONTEXT
 
@@ -310,7 +315,7 @@ def compute_input(x: torch.Tensor, weight) -> torch.Tensor:
     save fp32 activations. Not fp16: without a GradScaler (none runs where nothing autocasts) small gradients would
     underflow. Under autocast the op casts x to autocast's dtype itself."""
     if (x.dtype == torch.float32 and weight.dtype == torch.bfloat16
-            and not torch.is_autocast_enabled(x.device.type)):
+            and not autocast_enabled(x.device.type)):
         return _shared_cast(x, weight.dtype)
     return x
 

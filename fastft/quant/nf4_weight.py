@@ -20,6 +20,7 @@ import math
 import torch
 from torch._subclasses.fake_tensor import is_fake
 
+from fastft.arguments import check_flag
 from fastft.kernels import nf4_cpu
 from fastft.kernels.runtime import raw_pointers_ok
 from fastft.quant import nf4_format as fmt
@@ -489,6 +490,7 @@ def quantize_nf4(tensor: torch.Tensor, blocksize: int = 64, double_quant: bool =
     saying so where it enters beats a model that silently outputs NaN. The check is one pass over the input.
     """
     check_quantizable(tensor, blocksize, name=name)
+    check_flag(double_quant, "quantize_nf4", "double_quant")
     if tensor.is_meta:  # no values (accelerate's init_empty_weights): the layout alone, to fill with to_empty + a load
         return ops.zero_weight(tensor.shape, tensor.dtype, blocksize, double_quant, tensor.device)
     with torch.no_grad():

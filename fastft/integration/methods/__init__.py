@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from fastft.arguments import check_model
+
 METHODS = ("lora", "qlora", "dora", "prefix", "prompt", "ia3", "adapter", "full")
 IMPLEMENTATIONS = ("fastft", "peft")
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -227,6 +229,11 @@ def apply_method(model: nn.Module, method: str, options: MethodOptions | None = 
         raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
     from fastft.integration.peft_lora import quiet_checkpointing_deprecation, refuse_peft_model
 
+    check_model(model, "apply_method")
+    if options is not None and not isinstance(options, MethodOptions):
+        raise TypeError(f"apply_method: `options` must be a fastft.MethodOptions (e.g. MethodOptions(rank=16)) or "
+                        f"None, got {type(options).__name__}" + (": pass MethodOptions(**options)"
+                                                                 if isinstance(options, dict) else ""))
     refuse_peft_model(model, "apply_method")
     try:
         with quiet_checkpointing_deprecation():  # implementation="peft" calls peft.get_peft_model itself

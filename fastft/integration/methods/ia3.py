@@ -26,6 +26,7 @@ from fastft.integration.methods.ia3_nf4 import nf4_ia3_layers
 from fastft.integration.module_names import name_hint, names_module
 from fastft.modules.lora import default_backend, plain_linear
 from fastft.ops.ia3 import ia3_linear
+from fastft.ops.shared import autocast_enabled
 
 
 def validate_ia3_config(config, model: nn.Module) -> None:
@@ -82,7 +83,7 @@ class FusedIA3Linear(PeftIA3Linear):
         base = self.get_base_layer()
         if self.disable_adapters or self.merged or self.fan_in_fan_out or not plain_linear(base, x.device):
             return None
-        if x.dtype != base.weight.dtype and not torch.is_autocast_enabled(x.device.type):
+        if x.dtype != base.weight.dtype and not autocast_enabled(x.device.type):
             return None
         names = [a for a in self.active_adapters if a in self.ia3_l]
         if not names:

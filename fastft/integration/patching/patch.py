@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from torch import nn
 from transformers.activations import ACT2FN
 
+from fastft.arguments import check_flag, check_model
 from fastft.integration.patching import rope_binding
 from fastft.integration.patching.causal_lm import FusedLossCausalLMForward, forward_with_signature
 from fastft.integration.patching.table import ARCHITECTURES, GELU_TANH, Architecture
@@ -251,9 +252,10 @@ def patch_model(model: nn.Module, *, backend: str = "auto", attention: bool = Tr
         raise ValueError(f"fastft.patch_model: `backend` must be one of {BACKENDS}, got {backend!r}")
     if backend == "triton":
         require_triton("fastft.patch_model: backend='triton'", "backend='auto' or 'torch' runs without it")
+    check_model(model, "fastft.patch_model")
+    check_flag(attention, "fastft.patch_model", "attention")
+    check_flag(loss, "fastft.patch_model", "loss")
     base = _transformers_model(model)
-    if not isinstance(loss, bool):
-        raise TypeError(f"fastft.patch_model: `loss` must be True or False, got {loss!r}")
     arch, swaps, attn_change, summary = _plan(base, backend, attention, loss)
     record = PatchRecord(arch=arch, summary=summary)
     for module, new_cls in swaps:
@@ -272,6 +274,7 @@ def patch_model(model: nn.Module, *, backend: str = "auto", attention: bool = Tr
 def unpatch_model(model: nn.Module) -> nn.Module:
     """Undo patch_model exactly: original classes (copies of patched modules made since included) and attention
     implementation. Returns the model."""
+    check_model(model, "fastft.unpatch_model")
     base = _transformers_model(model)
     record = getattr(base, "_fastft_patch", None)
     if record is None:
