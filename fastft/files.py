@@ -24,6 +24,7 @@ import os
 import re
 import shutil
 import socket
+import stat
 import tempfile
 import zlib
 from pathlib import Path
@@ -53,7 +54,9 @@ def atomic_write(path: str | os.PathLike, content: Content) -> Path:
     the path. Temporaries that killed earlier writes of `path` left are removed first."""
     if not (callable(content) or isinstance(content, (str, bytes, bytearray))):
         raise TypeError(f"atomic_write: content must be str, bytes or a callable, got {type(content).__name__}")
-    path = Path(path)
+    given = path = Path(path)
+    if path.is_symlink():  # a link's file is written (as open() writes through it), the link stays
+        path = Path(os.path.realpath(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temporary_prefix(path), suffix=path.suffix)
@@ -73,7 +76,7 @@ def atomic_write(path: str | os.PathLike, content: Content) -> Path:
             os.unlink(tmp)
         raise
     fsync_path(path.parent)
-    return path
+    return given
 
 
 def finish_folder(folder: str | os.PathLike) -> None:
@@ -109,6 +112,67 @@ def merge_into_folder(path: str | os.PathLike, write: Callable[[Path], object], 
     return _save_folder(path, write, keep_others=True, what="save", alternatives=alternatives)
 
 
+@contextlib.contextmanager
+def one_version(folder: str | os.PathLike, *, attempts: int = 20):
+    """The files of `folder` as one save wrote them, for a reader that opens them one after another while another
+    process may save the folder again: yields a private folder holding them (hard links, or copies where the file
+    system has none), removed afterwards. Read through a handle on the folder itself, and kept only if the folder
+    was still the one at that path once all were taken (a save swaps a new folder in, so the files of one save stay
+    together; reading by path, a config of one save was read with the weights of the next). Files only, not
+    subfolders; anything but a folder is yielded as it is."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        yield folder
+        return
+    for _ in range(attempts):
+        snapshot = _snapshot(folder)
+        if snapshot is not None:
+            try:
+                yield snapshot
+            finally:
+                shutil.rmtree(snapshot, ignore_errors=True)
+            return
+    raise OSError(errno.EBUSY, f"{folder} was saved again {attempts} times while it was being read; read it once "
+                               "the saves stop")
+
+
+def _snapshot(folder: Path) -> Path | None:
+    """one_version's private folder, or None when `folder` was replaced while its files were taken."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except FileNotFoundError:  # between a two-rename swap's renames
+        return None
+    snapshot = None
+    try:
+        try:  # beside it (hard links: nothing copied); a folder we may not write beside gets copies elsewhere
+            snapshot = temporary_sibling_folder(folder)
+        except OSError:
+            snapshot = Path(tempfile.mkdtemp(prefix="fastft-read-"))
+        for name in os.listdir(fd):
+            link = stat.S_ISLNK(os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode)
+            if not stat.S_ISREG(os.stat(name, dir_fd=fd).st_mode):
+                continue
+            try:
+                if link:  # a link's file, copied (a relative link would point elsewhere from the snapshot)
+                    raise OSError(errno.EXDEV, "copied")
+                os.link(name, snapshot / name, src_dir_fd=fd, follow_symlinks=False)
+            except OSError as e:
+                if e.errno == errno.ENOENT:
+                    raise
+                with open(os.open(name, os.O_RDONLY, dir_fd=fd), "rb") as source, open(snapshot / name, "wb") as copy:
+                    shutil.copyfileobj(source, copy)
+        current = os.stat(folder)
+        taken = os.fstat(fd)
+        if (current.st_ino, current.st_dev) == (taken.st_ino, taken.st_dev):
+            return snapshot
+    except FileNotFoundError:  # a file of a version being removed after a save swapped it out
+        pass
+    finally:
+        os.close(fd)
+    shutil.rmtree(snapshot, ignore_errors=True)
+    return None
+
+
 def recover_folder(path: str | os.PathLike) -> None:
     """Finish what a folder save killed between its two renames left (only where no exchange in one step is
     possible): `path` missing and its previous version in `.NAME.old` puts that back; both present means the new
@@ -127,9 +191,15 @@ def _save_folder(path, write, *, keep_others: bool, what: str, alternatives: tup
     given, (path, tmp) = Path(path), _start_folder_save(path)
     cwd = Path.cwd().resolve()
     old = None
-    if keep_others and os.path.lexists(path) and not path.is_dir():
+    problem = None
+    if os.path.lexists(path) and not path.is_dir():  # (a file would be swapped out and deleted)
+        problem = NotADirectoryError(f"{given} exists and is not a folder; give a folder, or a path to create")
+    elif path.is_dir() and not _can_write_in(path):  # a folder made read-only: its save fails in peft too
+        problem = PermissionError(f"{given} is a folder this process may not write into (read-only); make it "
+                                  "writable (chmod u+w) or save to another folder")
+    if problem is not None:
         shutil.rmtree(tmp)
-        raise NotADirectoryError(f"{given} exists and is not a folder; give a folder, or a path to create")
+        raise problem
     try:
         recover_folder(path)  # the last complete version goes back first: a failed save must not lose it
         write(tmp)
@@ -154,7 +224,17 @@ def _save_folder(path, write, *, keep_others: bool, what: str, alternatives: tup
 
 
 def _old_version(path: Path) -> Path:
-    return path.with_name(f".{path.name}.old")
+    return path.with_name(f".{_short(path.name)}.old")
+
+
+def _short(name: str) -> str:
+    """`name` as temporary names carry it: a long one (past 160 bytes: a temporary adds ~45 to it, and a name may have
+    255) cut to its first 100 bytes, a checksum of the whole and its extension."""
+    raw = os.fsencode(name)
+    if len(raw) <= 160:
+        return name
+    suffix = Path(name).suffix if len(os.fsencode(Path(name).suffix)) <= 16 else ""
+    return f"{raw[:100].decode('utf-8', 'ignore')}~{zlib.crc32(raw):08x}{suffix}"
 
 
 def _swap_in(tmp: Path, path: Path) -> Path | None:
@@ -267,6 +347,15 @@ def _link_tree(src: Path, dst: Path) -> None:
             fsync_path(dst)
 
 
+def temporary_sibling_folder(path: str | os.PathLike) -> Path:
+    """A fresh temporary folder beside `path`, named as fastft's temporaries are (the next call removes it if its
+    writer was killed), for a writer that puts it in place itself; the stale ones of `path` are removed first."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path)
+    return Path(tempfile.mkdtemp(prefix=_temporary_prefix(path), dir=path.parent))
+
+
 def _start_folder_save(path: str | os.PathLike) -> tuple[Path, Path]:
     """The resolved target (Path(".") has no name to make a sibling of; a link's folder is the one saved into) and
     a fresh temporary sibling of it. The temporary siblings left by earlier saves of `path` that were killed
@@ -274,9 +363,11 @@ def _start_folder_save(path: str | os.PathLike) -> tuple[Path, Path]:
     if not os.fspath(path):  # Path("") is Path("."): the working directory, by accident
         raise ValueError("the folder to save to is an empty path; give a folder, e.g. 'out/adapter'")
     path = Path(path).resolve()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(path)
-    return path, Path(tempfile.mkdtemp(prefix=_temporary_prefix(path), dir=path.parent))
+    try:
+        return path, temporary_sibling_folder(path)
+    except PermissionError as e:  # its error names the temporary folder, which the user never named
+        raise PermissionError(e.errno, f"{path.parent} may not be written into (read-only?): a save of {path.name} "
+                                       "writes its new version beside it first, then swaps it in") from None
 
 
 def _owner() -> str:
@@ -301,7 +392,7 @@ def _start_time(pid: int) -> int | None:
 
 
 def _temporary_prefix(path: Path) -> str:
-    return f".{path.name}.tmp-{_owner()}-"
+    return f".{_short(path.name)}.tmp-{_owner()}-"
 
 
 # The names fastft's temporaries have: `.NAME.tmp-OWNER-XXXXXXXX[.EXT]` (OWNER: `_owner`; XXXXXXXX: mkstemp's or
@@ -331,7 +422,7 @@ def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
     host, removed = _owner().split("-")[0], []
     for stale in path.parent.iterdir() if path.parent.is_dir() else ():
         match = _temporary_of(stale.name)
-        if match is None or path.name not in (match["target"], match["old_target"]) \
+        if match is None or not {path.name, _short(path.name)} & {match["target"], match["old_target"]} \
                 or _being_written(match, host, other_hosts=True):
             continue
         _remove(stale)

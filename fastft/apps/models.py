@@ -15,7 +15,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from fastft.files import finish_folder
+from fastft.files import finish_folder, remove_stale_temporaries, temporary_sibling_folder
 
 SMOLLM2 = "smollm2-135m"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -60,10 +60,11 @@ def smollm2_checkpoint() -> Path:
     """Path of a plain transformers checkpoint of SmolLM2-135M-Instruct (fp32), created on first use (and again
     where the cached one was written by a transformers that converted it wrongly, see _written_right)."""
     target = cache_dir() / "models" / SMOLLM2
+    if target.parent.is_dir():
+        remove_stale_temporaries(target)  # a killed conversion's folder (538 MB)
     if _written_right(target):
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{SMOLLM2}.", dir=target.parent))
+    tmp = temporary_sibling_folder(target)
     try:
         _convert_smollm2(tmp)
         finish_folder(tmp)  # the umask's modes (mkdtemp makes 0700), fsynced before the rename

@@ -103,6 +103,9 @@ class CheckpointKeys:
     def name(self, stored: str) -> str:
         return self._names[stored]
 
+    def __contains__(self, stored: str) -> bool:
+        return stored in self._names
+
     def converted_into(self, name: str) -> str | None:
         return self._conversion.get(name, (None,))[0]
 

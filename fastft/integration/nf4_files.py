@@ -41,8 +41,14 @@ def _checkpoint_files(path: str) -> dict[str, list[str]]:
     """file → keys it holds, for a single-file or sharded safetensors checkpoint."""
     index = os.path.join(path, _INDEX_FILE)
     if os.path.exists(index):
-        with open(index) as f:
-            weight_map = json.load(f)["weight_map"]
+        try:
+            with open(index, encoding="utf-8") as f:
+                weight_map = json.load(f)["weight_map"]
+            if not (isinstance(weight_map, dict) and all(isinstance(v, str) for v in weight_map.values())):
+                raise ValueError("its weight_map is not a mapping of names to files")
+        except (ValueError, KeyError, TypeError) as e:  # (json's and UTF-8's decode errors are ValueErrors)
+            raise ValueError(f"load_nf4_model: {index} is damaged ({type(e).__name__}: {e}); save the model again "
+                             "or restore the file from a copy") from None
         files: dict[str, list[str]] = defaultdict(list)
         for key, file in weight_map.items():
             files[os.path.join(path, file)].append(key)
@@ -60,6 +66,9 @@ def _opened(file: str, **kwargs):
     """safe_open, a damaged file refused naming it (safetensors' own error names no file)."""
     from safetensors import SafetensorError, safe_open
 
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"load_nf4_model: {file}, which {_INDEX_FILE} lists, is missing; save the model "
+                                "again or restore the file from a copy")
     try:
         f = safe_open(file, framework="pt", **kwargs)
     except (SafetensorError, OSError) as e:
@@ -311,7 +320,7 @@ def _stream_checkpoint(model, files, targets, conv1d, dtype, blocksize, double_q
 
     for file, file_keys in files.items():
         with _opened(file, device="cpu") as f:
-            stored_name = {names.name(k): k for k in f.keys()}
+            stored_name = {names.name(k): k for k in f.keys() if k in names}  # the index's keys (a file may hold more)
             for key in file_keys:
                 converted = names.converted_into(key)
                 if converted and targets.get(_weight_owner(converted, targets)):
@@ -332,8 +341,12 @@ def _stream_checkpoint(model, files, targets, conv1d, dtype, blocksize, double_q
     for key, tensor in names.converted(model):
         place(key, tensor)
     for module_name, parts in bnb_parts.items():
-        model.get_submodule(module_name).weight = NF4Weight.from_bnb_state_dict(parts, f"{module_name}.weight",
-                                                                                device=device)
+        try:
+            weight = NF4Weight.from_bnb_state_dict(parts, f"{module_name}.weight", device=device)
+        except KeyError as e:  # a part the files (or the index) lack
+            raise ValueError(f"load_nf4_model: {e.args[0]} in {', '.join(sorted(files))}; save the model again or "
+                             "restore the checkpoint from a copy") from None
+        model.get_submodule(module_name).weight = weight
     return unexpected
 
 

@@ -24,7 +24,7 @@ from peft.tuners.lora import Linear as PeftLoraLinear
 from torch import nn
 
 from fastft.arguments import check_flag, check_float_dtype, check_model, check_path
-from fastft.files import merge_into_folder
+from fastft.files import merge_into_folder, one_version
 from fastft.integration.adapter_files import WEIGHTS_NAMES, check_adapter_fits
 from fastft.integration.adapter_routing import adapter_call, route_adapter_methods
 from fastft.integration.base_layers import transformers_model
@@ -177,10 +177,22 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     check_flag(is_trainable, "load_adapter", "is_trainable")
     if isinstance(model, PeftModel):
         route_adapter_methods(model)  # model.add_adapter/load_adapter below (here and in the rooms): peft's
-    with adapter_call():
-        loaded = _load_adapter(model, path, adapter_name, is_trainable)
+    with adapter_call(), one_version(path) as files, errors_naming(files, path):
+        # (a save of the folder meanwhile: the files of one save, never one's config with the next one's weights)
+        loaded = _load_adapter(model, files, adapter_name, is_trainable)
     refuse_adapters_without_values(loaded, "load_adapter")
     return loaded
+
+
+@contextlib.contextmanager
+def errors_naming(read: Path, given):
+    """An error of the load names the folder the caller gave, not the private copy of its files it read."""
+    try:
+        yield
+    except Exception as e:
+        if read != Path(given):
+            e.args = tuple(a.replace(str(read), os.fspath(given)) if isinstance(a, str) else a for a in e.args)
+        raise
 
 
 def _load_adapter(model: nn.Module, path, adapter_name: str, is_trainable: bool) -> PeftModel:

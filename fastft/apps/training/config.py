@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ from fastft.apps.compiling import COMPILE_BACKENDS, COMPILE_MODES, CUDA_GRAPH_MO
 from fastft.apps.datasets import TASK_NAMES
 from fastft.apps.models import SMOLLM2, model_problem, rank_problem as rank_over_hidden
 from fastft.apps.optimizers import OPTIMIZERS, eight_bit_problem
-from fastft.files import output_dir_problem
+from fastft.files import output_dir_problem, output_names_problem
 from fastft.integration.methods import ALL_LINEAR, ALL_LINEAR_SHORTHAND, METHODS, MethodOptions
 from fastft.ops.bottleneck_adapter import ACTIVATIONS
 
@@ -418,6 +419,11 @@ def resolved_mixed_precision(cfg: TrainConfig) -> str:
     return "bf16" if cfg.method == "full" and cfg.dtype == "auto" and torch.cuda.is_available() else "no"
 
 
+PATH_SETTINGS = ("model", "data", "eval_data", "teacher", "output_dir")
+# what a run writes into --output-dir (besides its folders: checkpoints, adapter or model, merged)
+OUTPUT_FILES = ("metrics.json", "report.md", "losses.png", "logs.jsonl", "config.yaml")
+
+
 def validate(cfg: TrainConfig) -> TrainConfig:
     """Check every setting and the files it names; returns the config with aliases resolved.
     Raises ConfigError (one line, naming the flag) on the first problem."""
@@ -425,6 +431,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         if not ok:
             raise ConfigError(message)
 
+    # '~' as a shell expands it on the command line (a YAML file's paths are not shell-expanded; transformers'
+    # TrainingArguments expands its output_dir so too)
+    cfg = dataclasses.replace(cfg, **{name: os.path.expanduser(getattr(cfg, name)) for name in PATH_SETTINGS
+                                      if isinstance(getattr(cfg, name), str)})
     for name in ("steps", "batch_size", "grad_accum", "rank", "eval_batch_size", "num_virtual_tokens",
                  "adapter_size"):
         need(getattr(cfg, name) >= 1, f"{flag(name)} must be at least 1, got {getattr(cfg, name)}")
@@ -520,8 +530,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
             except OSError as e:
                 raise ConfigError(f"{flag(name)} {unreadable(path, e)}") from None
     need(cfg.eval_data is None or cfg.data is not None, "--eval-data needs --data")
-    problem = output_dir_problem(cfg.output_dir)
-    need(problem is None, problem or "")
+    problem = output_dir_problem(cfg.output_dir) or output_names_problem(cfg.output_dir, OUTPUT_FILES, (
+        "checkpoints", "adapter" if cfg.method != "full" else "model", *(("merged",) if cfg.save_merged else ())))
+    need(problem is None, problem or "")  # (a name of the other kind failed the run only once it had trained)
     if cfg.resume:
         need(Path(cfg.output_dir).is_dir(), f"--resume: the output directory {cfg.output_dir} does not exist "
                                             "(nothing to resume; drop --resume to start a run)")

@@ -38,7 +38,7 @@ class RunLog:
             def keep(record) -> bool:
                 return record is not None and record["step"] <= resume_step \
                     and ("eval" not in record or record["step"] in eval_steps)
-            kept = [line for line in self.path.read_text().splitlines(keepends=True) if keep(_record(line))]
+            kept = [line for line in _lines(self.path) if keep(_record(line))]
             atomic_write(self.path, "".join(kept))
         try:
             from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
@@ -75,6 +75,18 @@ def _finite(value):
     if isinstance(value, (list, tuple)):
         return [_finite(v) for v in value]
     return value
+
+
+def _lines(path: Path) -> list[str]:
+    """The file's lines, each with its newline; a line that is not UTF-8 (garbage a crash left: appends are not
+    fsynced) is dropped, as a torn one is."""
+    lines = []
+    for raw in path.read_bytes().splitlines(keepends=True):
+        try:
+            lines.append(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            continue
+    return lines
 
 
 def _record(line: str) -> dict | None:

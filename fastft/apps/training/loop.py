@@ -290,7 +290,10 @@ def _run(cfg: TrainConfig, accelerator, train_records, eval_records, description
     if accelerator.is_main_process:
         import yaml
 
-        atomic_write(out / "config.yaml", yaml.safe_dump(to_yaml_dict(as_given), sort_keys=False))
+        try:
+            atomic_write(out / "config.yaml", yaml.safe_dump(to_yaml_dict(as_given), sort_keys=False))
+        except OSError as e:  # a full disk, a quota: one line, as a checkpoint's failure is
+            raise TrainingStopped(f"{out / 'config.yaml'} could not be written ({e}); nothing was trained") from None
     model = load_model(model_path, weights_dtype(cfg, device)).to(device)
     check_head_gives_logits(model, f"--model {cfg.model}")
     if cfg.objective == "distill":
@@ -407,14 +410,24 @@ def _run(cfg: TrainConfig, accelerator, train_records, eval_records, description
         log(f"resumed from {resume_from} (step {start_step} of {cfg.steps})")
     elif cfg.resume:
         log(f"--resume: no checkpoint in {checkpoints.root}; starting at step 0")
-    runlog = RunLog(cfg.output_dir, accelerator.is_main_process, start_step if resume_from is not None else None,
-                    eval_steps={e["step"] for e in history["evals"]})
+    try:
+        runlog = RunLog(cfg.output_dir, accelerator.is_main_process, start_step if resume_from is not None else None,
+                        eval_steps={e["step"] for e in history["evals"]})
+    except OSError as e:
+        raise TrainingStopped(f"{out / 'logs.jsonl'} could not be written ({e}); stopped before step {start_step + 1}"
+                              ) from None
 
     def stop(step: int, why: str, before: str = "the optimizer step"):
         last = checkpoints.latest()
         where = f"the last good checkpoint is {last} (fastft train ... --resume continues from it)" if last else \
             "no checkpoint was written (--save-every N writes them)"
         raise TrainingStopped(f"step {step}: {why}; stopped before {before}, {where}")
+
+    def write_log(record: dict):  # a full disk at logs.jsonl: one line naming it, as at a checkpoint
+        try:
+            runlog.write(record)
+        except OSError as e:
+            stop(record["step"], f"{runlog.path} could not be written ({e})", "the next step")
 
     def stop_unless_finite(step: int, before: str):  # an update no later loss saw (the last, or one saved now)
         if not _weights_finite(params, accelerator):
@@ -433,7 +446,7 @@ def _run(cfg: TrainConfig, accelerator, train_records, eval_records, description
         result = evaluate(objective, eval_records, make_batch, cfg.eval_batch_size, accelerator)
         if result is not None:
             history["evals"].append({"step": start_step, **result})
-            runlog.write({"step": start_step, "eval": result})
+            write_log({"step": start_step, "eval": result})
     if start_step < cfg.steps:  # (the first step's first micro-batch, as that step builds it: tokenized now)
         try:
             settle_ddp_buckets(prepared, lambda: make_batch(train_records, plan.peek_step(rank)[0]), accelerator,
@@ -477,7 +490,7 @@ def _run(cfg: TrainConfig, accelerator, train_records, eval_records, description
             history["timed_tokens"] = history.get("timed_tokens", 0) + tokens
         speed = _tokens_per_second(history)
         memory = peak_memory_gib(device)
-        runlog.write({"step": step + 1, "loss": step_loss, "lr": lr, "grad_norm": grad_norm, "targets": count,
+        write_log({"step": step + 1, "loss": step_loss, "lr": lr, "grad_norm": grad_norm, "targets": count,
                       "tokens": tokens, "step_seconds": seconds, "tokens_per_second": speed,
                       "memory_gib": memory})
         bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{speed:,.0f}", mem=f"{memory:.2f}GiB")
@@ -491,7 +504,7 @@ def _run(cfg: TrainConfig, accelerator, train_records, eval_records, description
             result = evaluate(objective, eval_records, make_batch, cfg.eval_batch_size, accelerator)
             if result is not None:
                 history["evals"].append({"step": step + 1, **result})
-                runlog.write({"step": step + 1, "eval": result})
+                write_log({"step": step + 1, "eval": result})
                 bar.write(describe(f"step {step + 1}", result)) if accelerator.is_local_main_process else None
         if cfg.save_every and (step + 1) % cfg.save_every == 0:
             stop_unless_finite(step + 1, "its checkpoint")
@@ -515,7 +528,7 @@ def _run(cfg: TrainConfig, accelerator, train_records, eval_records, description
     merged = evaluate_merges(inner, objective, eval_records, make_batch, cfg, accelerator, log) \
         if cfg.method == "qlora" and eval_records and not sharded_here and cfg.objective != "dpo" else None
     if after is not None:
-        runlog.write({"step": cfg.steps, "eval": after})
+        write_log({"step": cfg.steps, "eval": after})
     runlog.close()
     seconds = history["train_seconds"]
     compile_result = compiled.result()

@@ -4,8 +4,9 @@
 and returns a `BottleneckAdapterModel` (a thin wrapper like peft's PeftModel: forward, attribute access and
 `generate` go to the model; `save_pretrained` writes the adapter). Saved as `adapter_config.json` (the config
 with peft_type "FASTFT_BOTTLENECK_ADAPTER") and `adapter_model.safetensors` (the adapter tensors and those of the
-modules trained whole, modules_to_save / the task's head, keyed by module path), each written to a temporary file
-and renamed into place. `load_bottleneck_adapter` checks every tensor against the model before loading.
+modules trained whole, modules_to_save / the task's head, keyed by module path), both written into a temporary
+folder that then takes the folder's place (fastft.files.merge_into_folder). `load_bottleneck_adapter` checks every
+tensor against the model before loading.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fastft.files import atomic_write
+from fastft.files import merge_into_folder
 from fastft.integration.base_layers import attribute_set, in_out_features
 from fastft.integration.lora_config import refuse_nf4_trained_whole
 from fastft.integration.module_names import names_module
@@ -98,17 +99,19 @@ class BottleneckAdapterModel(nn.Module):
         keys as in `self.named_parameters()`), of which the adapter tensors are saved."""
         from safetensors.torch import save_file
 
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
         if state_dict is None:
             state_dict = self.adapter_state_dict()
         else:
             state_dict = {k: v for k, v in ((k.removeprefix("base_model."), v) for k, v in state_dict.items())
                           if self._saved(k)}
         tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
-        atomic_write(path / WEIGHTS_NAME, lambda f: save_file(tensors, f, metadata={"format": "pt"}))
         text = json.dumps(self.adapter_config.to_dict(), indent=2, sort_keys=True)
-        atomic_write(path / CONFIG_NAME, text)
+
+        def write(tmp: Path) -> None:
+            save_file(tensors, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
+            (tmp / CONFIG_NAME).write_text(text)
+
+        merge_into_folder(path, write)  # both files, or neither: weights under another save's config load silently
 
 
 @functools.lru_cache(maxsize=None)
