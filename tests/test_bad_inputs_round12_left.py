@@ -174,3 +174,14 @@ def test_nf4_linear_arguments(call, error):
 def test_save_adapter_path_type(path):
     with pytest.raises(TypeError, match=r"save_adapter: `path` must be a folder path \(a str or os.PathLike\)"):
         fastft.save_adapter(lora(tiny()), path)
+
+
+@pytest.mark.parametrize("config_class", ["PrefixTuningConfig", "PromptTuningConfig", "PromptEncoderConfig"])
+def test_num_virtual_tokens_true_is_refused(config_class):
+    """True is an int: prefix tuning then failed inside torch, prompt tuning / P-tuning ran with 1 virtual token
+    (found by the mutation run over rounds 11-12)"""
+    import peft
+
+    config = getattr(peft, config_class)(num_virtual_tokens=True, task_type="CAUSAL_LM")
+    with pytest.raises(ValueError, match=rf"{config_class}.num_virtual_tokens=True: expected a positive integer"):
+        fastft.get_peft_model(tiny(), config)

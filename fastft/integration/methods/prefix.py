@@ -48,7 +48,8 @@ def validate_prefix_config(config, model: nn.Module) -> None:
     task = getattr(config.task_type, "value", config.task_type)
     if task != "CAUSAL_LM":
         raise ValueError(f"PrefixTuningConfig.task_type={task!r} is not supported by fastft: expected 'CAUSAL_LM'")
-    if not isinstance(config.num_virtual_tokens, int) or config.num_virtual_tokens <= 0:
+    n = config.num_virtual_tokens
+    if isinstance(n, bool) or not isinstance(n, int) or n <= 0:  # (True is an int: one token)
         raise ValueError(f"PrefixTuningConfig.num_virtual_tokens={config.num_virtual_tokens!r}: expected a positive "
                          "integer")
     model_type = getattr(getattr(model, "config", None), "model_type", "")

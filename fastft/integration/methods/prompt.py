@@ -34,7 +34,8 @@ def validate_prompt_config(config, model: nn.Module) -> None:
     task = getattr(config.task_type, "value", config.task_type)
     if task not in ("CAUSAL_LM", "SEQ_CLS"):
         raise ValueError(f"{name}.task_type={task!r} is not supported by fastft: expected 'CAUSAL_LM' or 'SEQ_CLS'")
-    if not isinstance(config.num_virtual_tokens, int) or config.num_virtual_tokens <= 0:
+    n = config.num_virtual_tokens
+    if isinstance(n, bool) or not isinstance(n, int) or n <= 0:  # (True is an int: one token)
         raise ValueError(f"{name}.num_virtual_tokens={config.num_virtual_tokens!r}: expected a positive integer")
     init = getattr(config, "prompt_tuning_init", None)
     if isinstance(config, PromptTuningConfig) and getattr(init, "value", init) == "TEXT" \
