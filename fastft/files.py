@@ -115,61 +115,62 @@ def merge_into_folder(path: str | os.PathLike, write: Callable[[Path], object], 
 @contextlib.contextmanager
 def one_version(folder: str | os.PathLike, *, attempts: int = 20):
     """The files of `folder` as one save wrote them, for a reader that opens them one after another while another
-    process may save the folder again: yields a private folder holding them (hard links, or copies where the file
-    system has none), removed afterwards. Read through a handle on the folder itself, and kept only if the folder
-    was still the one at that path once all were taken (a save swaps a new folder in, so the files of one save stay
-    together; reading by path, a config of one save was read with the weights of the next). Files only, not
-    subfolders; anything but a folder is yielded as it is."""
+    process may save the folder again (reading by path, a config of one save was read with the weights of the next):
+    yields a private folder of links to them, removed afterwards. Each file is opened through a handle on the folder
+    itself, all before the folder is known to be still the one at that path (a save swaps a whole new folder in,
+    and removes the previous one only after); the links lead to those open files (Linux's /proc/self/fd), so the
+    previous version's removal while they are read takes nothing away. Files only, not subfolders. Where there is
+    no /proc, or for anything but a folder, `folder` itself is yielded."""
     folder = Path(folder)
-    if not folder.is_dir():
+    if not (folder.is_dir() and os.path.isdir("/proc/self/fd")):
         yield folder
         return
     for _ in range(attempts):
-        snapshot = _snapshot(folder)
-        if snapshot is not None:
-            try:
-                yield snapshot
-            finally:
-                shutil.rmtree(snapshot, ignore_errors=True)
-            return
+        opened = _open_version(folder)
+        if opened is None:  # saved again meanwhile: take the new version
+            continue
+        view = Path(tempfile.mkdtemp(prefix="fastft-read-"))
+        try:
+            for name, fd in opened.items():
+                os.symlink(f"/proc/self/fd/{fd}", view / name)
+            yield view
+        finally:
+            shutil.rmtree(view, ignore_errors=True)
+            for fd in opened.values():
+                os.close(fd)
+        return
     raise OSError(errno.EBUSY, f"{folder} was saved again {attempts} times while it was being read; read it once "
                                "the saves stop")
 
 
-def _snapshot(folder: Path) -> Path | None:
-    """one_version's private folder, or None when `folder` was replaced while its files were taken."""
+def _open_version(folder: Path) -> dict[str, int] | None:
+    """{name: an open descriptor} of every file in `folder`, or None when `folder` was replaced meanwhile."""
     try:
-        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        folder_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
     except FileNotFoundError:  # between a two-rename swap's renames
         return None
-    snapshot = None
+    opened: dict[str, int] = {}
     try:
-        try:  # beside it (hard links: nothing copied); a folder we may not write beside gets copies elsewhere
-            snapshot = temporary_sibling_folder(folder)
-        except OSError:
-            snapshot = Path(tempfile.mkdtemp(prefix="fastft-read-"))
-        for name in os.listdir(fd):
-            link = stat.S_ISLNK(os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode)
-            if not stat.S_ISREG(os.stat(name, dir_fd=fd).st_mode):
+        for name in os.listdir(folder_fd):
+            try:  # (a link in the folder: its file; a FIFO is not opened: that would wait for a writer)
+                if not stat.S_ISREG(os.stat(name, dir_fd=folder_fd).st_mode):
+                    continue
+                fd = os.open(name, os.O_RDONLY, dir_fd=folder_fd)
+            except FileNotFoundError:  # a dangling link, or a version being removed (told apart below)
                 continue
-            try:
-                if link:  # a link's file, copied (a relative link would point elsewhere from the snapshot)
-                    raise OSError(errno.EXDEV, "copied")
-                os.link(name, snapshot / name, src_dir_fd=fd, follow_symlinks=False)
-            except OSError as e:
-                if e.errno == errno.ENOENT:
-                    raise
-                with open(os.open(name, os.O_RDONLY, dir_fd=fd), "rb") as source, open(snapshot / name, "wb") as copy:
-                    shutil.copyfileobj(source, copy)
-        current = os.stat(folder)
-        taken = os.fstat(fd)
-        if (current.st_ino, current.st_dev) == (taken.st_ino, taken.st_dev):
-            return snapshot
-    except FileNotFoundError:  # a file of a version being removed after a save swapped it out
+            if stat.S_ISREG(os.fstat(fd).st_mode):
+                opened[name] = fd
+            else:
+                os.close(fd)
+        now, taken = os.stat(folder), os.fstat(folder_fd)
+        if (now.st_ino, now.st_dev) == (taken.st_ino, taken.st_dev):
+            return opened
+    except FileNotFoundError:
         pass
     finally:
+        os.close(folder_fd)
+    for fd in opened.values():
         os.close(fd)
-    shutil.rmtree(snapshot, ignore_errors=True)
     return None
 
 
