@@ -186,7 +186,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
 
 @contextlib.contextmanager
 def errors_naming(read: Path, given):
-    """An error of the load names the folder the caller gave, not the private copy of its files it read."""
+    """An error of the load names the folder the caller gave, not the private folder of links it read through."""
     try:
         yield
     except Exception as e:
