@@ -341,12 +341,8 @@ def _stream_checkpoint(model, files, targets, conv1d, dtype, blocksize, double_q
     for key, tensor in names.converted(model):
         place(key, tensor)
     for module_name, parts in bnb_parts.items():
-        try:
-            weight = NF4Weight.from_bnb_state_dict(parts, f"{module_name}.weight", device=device)
-        except KeyError as e:  # a part the files (or the index) lack
-            raise ValueError(f"load_nf4_model: {e.args[0]} in {', '.join(sorted(files))}; save the model again or "
-                             "restore the checkpoint from a copy") from None
-        model.get_submodule(module_name).weight = weight
+        model.get_submodule(module_name).weight = NF4Weight.from_bnb_state_dict(parts, f"{module_name}.weight",
+                                                                                device=device)
     return unexpected
 
 
