@@ -3,6 +3,7 @@ the method table (default) or the kernel micro-benchmarks."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from fastft.apps.bench.config import PROMPT_METHODS, RANKED_METHODS, BenchConfig, output_dir_error
@@ -15,6 +16,9 @@ from fastft.apps.optimizers import OPTIMIZERS
 from fastft.integration.methods import METHODS
 
 
+MODES = ("methods", "kernels")
+
+
 def add_bench_parser(sub) -> None:
     """The `fastft bench` subcommand and its flags (every knob, with its default, in --help), grouped by the mode
     they apply to; the flags of the other mode are refused (run_bench)."""
@@ -23,15 +27,17 @@ def add_bench_parser(sub) -> None:
                        "method beside the peers (methods, the default), or the kernel micro-benchmarks (kernels)",
                        usage="fastft bench [methods|kernels] [options]   (fastft bench --help lists them by mode)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("what", nargs="?", choices=("methods", "kernels"), default="methods",
+    # checked in run_bench, not by choices: a misspelled flag's value ("--stepz 2") landed here, and argparse blamed
+    # `what` ("invalid choice: '2'") without naming the flag
+    p.add_argument("what", nargs="?", default="methods", metavar="{methods,kernels}",
                    help="methods: the end-to-end training-step table; kernels: benchmarks/gpu_*.py (CUDA only)")
-    p.add_argument("--output-dir", default=d.output_dir,
+    p.add_argument("--output-dir", default=d.output_dir, type=os.path.expanduser,  # '~' in --output-dir=~/x too
                    help="(both modes) where bench_methods.{json,md,png} (or <family>.json for kernels) go")
     modes = {"methods": {}, "kernels": {}}
     m = _Group(p.add_argument_group("methods options (only with `fastft bench` / `fastft bench methods`)"),
                modes["methods"])
     m.add_argument("--shape", default=d.shape, choices=list(SHAPES), help="random-init model of this shape")
-    m.add_argument("--model", default=d.model,
+    m.add_argument("--model", default=d.model, type=os.path.expanduser,
                    help="a real model instead of --shape: 'smollm2-135m' or a local checkpoint dir")
     m.add_argument("--methods", nargs="+", default=",".join(d.methods), metavar="METHOD",
                    help=f"methods to run, space- or comma-separated, from: {', '.join(METHODS)}")
@@ -153,6 +159,8 @@ def config_from_args(args) -> BenchConfig:
 def run_bench(args, argv: list[str]) -> int:
     """`fastft bench` from its parsed `args` and the command line `argv` they came from (`fastft`'s arguments)."""
     try:
+        if args.what not in MODES:
+            raise ValueError(f"expected `fastft bench methods` or `fastft bench kernels`, got {args.what!r}")
         problem = _foreign_flag(args, argv)
         if problem:
             raise ValueError(problem)

@@ -153,13 +153,14 @@ def plot_figure(result: dict):
     out, as the table leaves out its ratio: an RSS delta sampled every 10 ms is too rough to compare."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
 
     rows, cfg = result["rows"], result["config"]
     methods = list(dict.fromkeys(r["method"] for r in rows))
-    # peers not installed at all get no bar slot (the table says so)
+    # an implementation without a measured row gets no bar slot and no legend entry (the table says why)
     modes = list(dict.fromkeys(sorted((_compile(r) for r in rows), key=lambda m: m != "off")))
     impls = [(i, m) for i in IMPLEMENTATIONS for m in modes
-             if any(r["peer"] == i and _compile(r) == m and r["status"] != "not installed" for r in rows)]
+             if any(r["peer"] == i and _compile(r) == m and r["status"] == "ok" for r in rows)]
     panels = [("tokens_per_s", "tokens/s")]
     if any(r.get("memory_kind", "").startswith("cuda") for r in rows if r["status"] == "ok"):
         panels.append(("peak_gib", "peak memory (GiB)"))
@@ -168,6 +169,7 @@ def plot_figure(result: dict):
     FigureCanvasAgg(fig)
     axes = list(fig.subplots(len(panels), 1, sharex=True, squeeze=False)[:, 0])
     width = 0.8 / max(1, len(impls))
+    legend = []  # drawn from the implementations' colours: a panel without a bar of one gave matplotlib's default
     for ax, (key, ylabel) in zip(axes, panels):
         for k, (impl, mode) in enumerate(impls):
             xs, ys = [], []
@@ -185,10 +187,13 @@ def plot_figure(result: dict):
             compiled = mode != "off"   # compiled runs: the implementation's colour, hatched
             backend = next((r.get("compile_backend") for r in rows if r["peer"] == impl and _compile(r) == mode
                             and r.get("compile_backend")), None)
-            ax.bar(xs, ys, width=width, color=COLORS[impl], hatch="//" if compiled else None,
-                   edgecolor="white" if compiled else None,
-                   label=(f"{impl}, compiled ({mode}" + (f", {backend})" if backend else ")")) if compiled
-                   else LEGEND[impl])
+            style = {"facecolor": COLORS[impl], "hatch": "//" if compiled else None,
+                     "edgecolor": "white" if compiled else None}
+            ax.bar(xs, ys, width=width, **style)
+            if ax is axes[0]:
+                legend.append(Patch(**style, label=(f"{impl}, compiled ({mode}" + (f", {backend})" if backend
+                                                                                   else ")")) if compiled
+                                    else LEGEND[impl]))
         ax.set_ylabel(ylabel)
         ax.grid(axis="y", alpha=0.3)
     low, high = axes[0].get_ylim()
@@ -196,7 +201,8 @@ def plot_figure(result: dict):
     axes[-1].set_xticks(range(len(methods)), methods)
     axes[-1].set_xlabel("fine-tuning method")
     # one column per implementation: its compiled entry under its eager one
-    axes[0].legend(fontsize=8, ncols=max(1, len({impl for impl, _ in impls})))
+    if legend:
+        axes[0].legend(handles=legend, fontsize=8, ncols=max(1, len({impl for impl, _ in impls})))
     what = cfg["model"] or cfg["shape"]
     # two lines: one would be wider than a figure of a few methods (clipped at both edges)
     fig.suptitle(f"fastft bench: {what}, B{cfg['batch_size']}×S{cfg['seq_len']}, {cfg['dtype_resolved']}, "

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from fastft.apps.bench.config import BenchConfig
+from fastft.apps.bench.config import PROMPT_METHODS, RANKED_METHODS, BenchConfig
 from fastft.apps.bench.harness import environment
 from fastft.apps.bench.methods import table_config
 from fastft.apps.bench.report import FORMATS, STEM
@@ -51,9 +51,13 @@ def previous_result(cfg: BenchConfig, device: torch.device, fresh: bool = False)
 
 def config_differences(old: dict, new: dict) -> list[str]:
     """'name: old there, new now' for each setting that differs (tuples and lists compare alike; the compile backend
-    only where something was compiled)."""
+    only where something was compiled, --rank / --alpha and --num-virtual-tokens only where a method of either table
+    reads them)."""
     old, new = json.loads(json.dumps(old, default=str)), json.loads(json.dumps(new, default=str))
     ignored = IGNORED + (("compile_backend",) if old.get("compile") == new.get("compile") == "off" else ())
+    for methods, settings in ((RANKED_METHODS, ("rank", "alpha")), (PROMPT_METHODS, ("num_virtual_tokens",))):
+        if not set(methods) & {*(old.get("methods") or ()), *(new.get("methods") or ())}:
+            ignored += settings
     names = [k for k in dict.fromkeys([*new, *old]) if k not in ignored]
     return [f"{k}: {old.get(k)!r} there, {new.get(k)!r} now" for k in names if old.get(k) != new.get(k)]
 

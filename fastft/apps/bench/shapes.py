@@ -53,11 +53,12 @@ def build_model(*, shape: str | None = None, model: str | None = None, seq_len: 
     """A fresh causal LM in training mode: random-init `shape` (built on `device`, weights seeded) or the
     real `model` (a built-in name or a local checkpoint); with activation checkpointing if asked."""
     torch.manual_seed(seed)
-    if model is not None:
-        from fastft.apps.models import load_causal_lm
+    if model is not None:  # the model alone: the bench feeds token ids (a folder without a tokenizer runs)
+        from transformers import AutoModelForCausalLM
 
-        lm, _ = load_causal_lm(model, dtype=dtype)
-        lm.to(device)
+        from fastft.apps.models import resolve_model_path
+
+        lm = AutoModelForCausalLM.from_pretrained(resolve_model_path(model), dtype=dtype).to(device)
     else:
         from transformers import AutoModelForCausalLM
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from fastft.apps.study.models import HEAD_FAMILIES, MODEL_FAMILIES
@@ -64,7 +65,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-peft", dest="with_peft", action="store_false",
                    help="fastft's implementation of each method only, without peft's beside it (the accuracy "
                         "anchor)")
-    p.add_argument("--output-dir", help="default runs/study (runs/study-quick with --quick)")
+    p.add_argument("--output-dir", type=os.path.expanduser,  # '~' in --output-dir=~/x too (the shell leaves it)
+                   help="default runs/study (runs/study-quick with --quick)")
     p.add_argument("--threads", type=int,
                    help="torch CPU threads (default: torch's choice; on a busy CPU, 1 is often fastest)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

