@@ -157,10 +157,10 @@ def plot_figure(result: dict):
 
     rows, cfg = result["rows"], result["config"]
     methods = list(dict.fromkeys(r["method"] for r in rows))
-    # an implementation without a measured row gets no bar slot and no legend entry (the table says why)
+    # peers not installed at all get no bar slot (the table says so)
     modes = list(dict.fromkeys(sorted((_compile(r) for r in rows), key=lambda m: m != "off")))
     impls = [(i, m) for i in IMPLEMENTATIONS for m in modes
-             if any(r["peer"] == i and _compile(r) == m and r["status"] == "ok" for r in rows)]
+             if any(r["peer"] == i and _compile(r) == m and r["status"] != "not installed" for r in rows)]
     panels = [("tokens_per_s", "tokens/s")]
     if any(r.get("memory_kind", "").startswith("cuda") for r in rows if r["status"] == "ok"):
         panels.append(("peak_gib", "peak memory (GiB)"))
