@@ -52,16 +52,14 @@ def build_model(*, shape: str | None = None, model: str | None = None, seq_len: 
                 gradient_checkpointing: bool = False):
     """A fresh causal LM in training mode: random-init `shape` (built on `device`, weights seeded) or the
     real `model` (a built-in name or a local checkpoint); with activation checkpointing if asked."""
+    from transformers import AutoModelForCausalLM
+
     torch.manual_seed(seed)
     if model is not None:  # the model alone: the bench feeds token ids (a folder without a tokenizer runs)
-        from transformers import AutoModelForCausalLM
-
         from fastft.apps.models import resolve_model_path
 
         lm = AutoModelForCausalLM.from_pretrained(resolve_model_path(model), dtype=dtype).to(device)
     else:
-        from transformers import AutoModelForCausalLM
-
         with torch.device(device):
             lm = AutoModelForCausalLM.from_config(llama_config(shape, seq_len), dtype=dtype)
     if gradient_checkpointing:
