@@ -23,3 +23,14 @@ def given_dests(actions: Iterable[argparse.Action], argv: list[str], subcommand:
     argv = list(argv)
     known, _ = probe.parse_known_args(argv[argv.index(subcommand) + 1:] if subcommand in argv else argv)
     return set(vars(known))
+
+
+class ListedOnce(argparse.Action):
+    """A list flag (nargs="+") given at most once: argparse's own store kept only the last of `--methods lora
+    --methods qlora`, silently dropping lora. A second use is refused, naming the flag, rather than guessed at
+    (one reader expects the lists joined, another the later to override)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if getattr(namespace, self.dest, self.default) is not self.default:  # a value parsed earlier on this line
+            raise argparse.ArgumentError(self, f"given twice; list all its values after one {option_string}")
+        setattr(namespace, self.dest, values)

@@ -343,8 +343,12 @@ def save_adapter(model: PeftModel, path: str | os.PathLike, **kwargs) -> Path:
 
 
 def _save_whole(model, path, kwargs) -> Path:
+    card = Path(path) / "README.md"
+    if card.exists() and not card.is_file():  # peft's own save fails there; the swap would replace the folder
+        raise IsADirectoryError(f"save_adapter: {card} is not a file, and the save writes its model card there "
+                                "(peft's save_pretrained does): rename it, or save the adapter to another folder")
+
     def write(tmp: Path) -> None:
-        card = Path(path) / "README.md"
         if card.is_file():  # peft updates a model card in place, keeping its text: give it the folder's
             shutil.copyfile(card, tmp / "README.md")
         model.save_pretrained(str(tmp), **kwargs)

@@ -11,7 +11,7 @@ from fastft.apps.bench.kernels import FAMILIES
 from fastft.apps.bench.peers import PEERS
 from fastft.apps.bench.shapes import DTYPES, SHAPES
 from fastft.apps.compiling import COMPILE_BACKENDS, COMPILE_MODES
-from fastft.apps.given_flags import given_dests
+from fastft.apps.given_flags import ListedOnce, given_dests
 from fastft.apps.optimizers import OPTIMIZERS
 from fastft.integration.methods import METHODS
 
@@ -39,9 +39,9 @@ def add_bench_parser(sub) -> None:
     m.add_argument("--shape", default=d.shape, choices=list(SHAPES), help="random-init model of this shape")
     m.add_argument("--model", default=d.model, type=os.path.expanduser,
                    help="a real model instead of --shape: 'smollm2-135m' or a local checkpoint dir")
-    m.add_argument("--methods", nargs="+", default=",".join(d.methods), metavar="METHOD",
+    m.add_argument("--methods", nargs="+", action=ListedOnce, default=",".join(d.methods), metavar="METHOD",
                    help=f"methods to run, space- or comma-separated, from: {', '.join(METHODS)}")
-    m.add_argument("--peers", nargs="+", default=",".join(d.peers), metavar="PEER",
+    m.add_argument("--peers", nargs="+", action=ListedOnce, default=",".join(d.peers), metavar="PEER",
                    help=f"peers to run beside fastft, from: {', '.join(PEERS)}; 'none' for fastft alone")
     m.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens per sequence")
     m.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences per step")
@@ -62,7 +62,7 @@ def add_bench_parser(sub) -> None:
     m.add_argument("--lr", type=float, default=d.lr,
                    help="AdamW learning rate of every run (small: the table times steps and must not diverge)")
     m.add_argument("--seed", type=int, default=d.seed, help="model weights and token ids")
-    m.add_argument("--formats", nargs="+", default=",".join(d.formats), metavar="FORMAT",
+    m.add_argument("--formats", nargs="+", action=ListedOnce, default=",".join(d.formats), metavar="FORMAT",
                    help="files to write, from json, md, png (python -m fastft.apps.bench.report turns the JSON into "
                         "the others later); the JSON is written while the table is unfinished whatever this says (a "
                         "resume reads it) and removed once it is complete if json is not named")

@@ -233,6 +233,14 @@ def fmt(value, spec: str = ".3f") -> str:
     return format(value, spec)
 
 
+def fmt_gib(value) -> str:
+    """A memory cell in GiB: two decimals, and two significant digits below 0.01 GiB, where two decimals read
+    0.00 (a tiny model's CPU rows) as if nothing had been allocated."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < abs(value) < 0.01:
+        return format(value, ".2g")
+    return fmt(value, ".2f")
+
+
 def markdown_table(rows: list[dict], columns: list[str], formats: dict | None = None) -> str:
     """A markdown table of `rows` (dicts) over `columns`; floats with 3 decimals unless `formats` says."""
     formats = formats or {}

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from fastft.apps.bench import peers
 from fastft.apps.bench.config import BenchConfig
-from fastft.apps.bench.harness import environment
+from fastft.apps.bench.harness import environment, fmt_gib
 from fastft.apps.bench.run import run_one
 from fastft.apps.bench.shapes import DTYPES, resolve_dtype
 
@@ -87,7 +87,7 @@ def bench_methods(cfg: BenchConfig, device: torch.device | None = None, progress
         row = rows[k] = run_one(cfg, method, implementation, device, compile=mode)
         if row["status"] == "ok":
             bar.write(f"{method:8s} {name:16s} {row['tokens_per_s']:>12,.0f} tokens/s "
-                      f"{row['step_ms']:9.1f} ms/step  peak {row['peak_gib']:.2f} GiB")
+                      f"{row['step_ms']:9.1f} ms/step  peak {fmt_gib(row['peak_gib'])} GiB")
         else:
             bar.write(f"{method:8s} {name:16s} {row['status']}: {row.get('reason') or row.get('error')}")
         result["wall_s"] = earlier_s + time.perf_counter() - start

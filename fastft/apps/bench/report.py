@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from fastft.apps.bench.config import PROMPT_METHODS, RANKED_METHODS
-from fastft.apps.bench.harness import fmt, write_json
+from fastft.apps.bench.harness import fmt, fmt_gib, write_json
 from fastft.apps.bench.peers import IMPLEMENTATIONS
 from fastft.apps.bench.shapes import DESCRIPTIONS
 from fastft.apps.bench.targets import check_targets
@@ -71,7 +71,7 @@ def table_rows(result: dict) -> list[dict]:
             "compile": _compile(r) + (f" ({r['compile_backend']})" if r.get("compile_backend") else ""),
             "tokens/s": fmt(r.get("tokens_per_s"), ",.0f") if ok else "—",
             "step ms": fmt(r.get("step_ms"), ".1f") if ok else "—",
-            "peak GiB": fmt(r.get("peak_gib"), ".2f") if ok else "—",
+            "peak GiB": fmt_gib(r.get("peak_gib")) if ok else "—",
             "trainable": fmt(r.get("trainable_params"), ",d") if ok else "—",
             "× peer tokens/s": fmt(r["tokens_per_s"] / peer["tokens_per_s"], ".2f") if peer else "",
             "× peer memory": (fmt(r["peak_gib"] / peer["peak_gib"], ".2f")   # CPU RSS deltas are too rough
@@ -101,6 +101,12 @@ def _method_knobs(cfg: dict) -> str:
     return "".join(parts)
 
 
+def _lr_and_seed(cfg: dict) -> str:
+    """The learning rate and seed every row ran with (a results file written before them has neither)."""
+    parts = [f"{key} {cfg[key]:g}" for key in ("lr", "seed") if key in cfg]
+    return f" ({', '.join(parts)})" if parts else ""
+
+
 def markdown(result: dict) -> str:
     cfg, env = result["config"], result["environment"]
     v = env["versions"]
@@ -111,7 +117,7 @@ def markdown(result: dict) -> str:
         "",
         f"{what}; B{cfg['batch_size']}×S{cfg['seq_len']}, dtype {cfg['dtype_resolved']}, gradient checkpointing "
         f"{'on' if cfg['gradient_checkpointing'] else 'off'}; {cfg['steps']} timed steps after {cfg['warmup']} "
-        f"warm-up; {_method_knobs(cfg)}optimizer {cfg.get('optimizer', 'adamw')} for every row.",
+        f"warm-up; {_method_knobs(cfg)}optimizer {cfg.get('optimizer', 'adamw')} for every row{_lr_and_seed(cfg)}.",
         f"torch {v.get('torch')}, triton {v.get('triton')}, transformers {v.get('transformers')}, "
         f"peft {v.get('peft')}, bitsandbytes {v.get('bitsandbytes')}, liger-kernel {v.get('liger-kernel')}, "
         f"unsloth {v.get('unsloth')}.",

@@ -5,6 +5,7 @@ import argparse
 import os
 import sys
 
+from fastft.apps.given_flags import ListedOnce
 from fastft.apps.study.models import HEAD_FAMILIES, MODEL_FAMILIES
 from fastft.apps.study.runner import LR_DEFAULTS, STEPS_DEFAULT, StudyConfig, plan, quick_config, unavailable_reason
 from fastft.apps.study.tasks import REGIMES, STUDY_TASKS
@@ -44,16 +45,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true",
                    help="a small study (MiniLM; subj, sms-spam; lora, full, ia3, prompt, dora; 32 per class; one "
                         "seed; 16 steps of 8 × 32 tokens): minutes on a CPU. Other flags given override it")
-    p.add_argument("--methods", nargs="+", choices=METHODS, help=f"default: all ({', '.join(METHODS)})")
-    p.add_argument("--tasks", nargs="+", choices=STUDY_TASKS, help=f"default: all ({', '.join(STUDY_TASKS)})")
-    p.add_argument("--models", nargs="+", choices=MODEL_FAMILIES, help="default: both (minilm, smollm2)")
-    p.add_argument("--regimes", nargs="+", choices=REGIMES, help="default: both (32-per-class, full)")
+    listed = {"nargs": "+", "action": ListedOnce}   # a list flag given once (argparse kept the last of two)
+    p.add_argument("--methods", **listed, choices=METHODS, help=f"default: all ({', '.join(METHODS)})")
+    p.add_argument("--tasks", **listed, choices=STUDY_TASKS, help=f"default: all ({', '.join(STUDY_TASKS)})")
+    p.add_argument("--models", **listed, choices=MODEL_FAMILIES, help="default: both (minilm, smollm2)")
+    p.add_argument("--regimes", **listed, choices=REGIMES, help="default: both (32-per-class, full)")
     p.add_argument("--seeds", type=int, help="seeds per cell (default 3)")
     p.add_argument("--steps", type=int, help="training steps per cell (default per regime: "
                                              + ", ".join(f"{k} {v}" for k, v in STEPS_DEFAULT.items()) + ")")
     p.add_argument("--batch-size", type=int, help="default 16")
     p.add_argument("--max-length", type=int, help="tokens per example (default 128)")
-    p.add_argument("--lr", nargs="+", metavar="[METHOD=]RATE",
+    p.add_argument("--lr", **listed, metavar="[METHOD=]RATE",
                    help=f"learning rate for every method, or per method; defaults (MiniLM/SmolLM2): {_lr_table()}")
     p.add_argument("--head-lr", type=float, help="MiniLM's fresh classification head, every method (default 3e-3; "
                                                  "SmolLM2 has no new head)")

@@ -14,7 +14,7 @@ import types
 import typing
 from pathlib import Path
 
-from fastft.apps.given_flags import given_dests
+from fastft.apps.given_flags import ListedOnce, given_dests
 from fastft.apps.training.config import (CHOICES, FIELD_TYPES, FIELDS, HELP, HELP_GROUPS, TUPLE_FIELDS, ConfigError,
                                          TrainConfig, flag, unreadable)
 
@@ -42,7 +42,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                 group.add_argument(flag(name), action=argparse.BooleanOptionalAction, **kwargs)
                 continue
             if typing.get_origin(kind) is tuple:
-                kwargs.update(nargs="+", default=list(default), metavar="NAME")
+                kwargs.update(nargs="+", default=list(default), metavar="NAME", action=ListedOnce)
             else:
                 kwargs["type"] = kind
             if name in CHOICES:
