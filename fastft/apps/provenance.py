@@ -1,7 +1,8 @@
 """Which code and machine produced a result: the commit of the checkout fastft runs from (and whether its code was
-edited since), the installed packages' versions and the device's name. The study and `fastft bench` record them,
-and a resumed run refuses (bench) or reruns (study) what other code, packages or hardware measured: fastft's
-version string does not change between commits, and the commit not with uncommitted edits."""
+edited since; a digest of its files where fastft is installed without git), the installed packages' versions and
+the device's name. The study and `fastft bench` record them, and a resumed run refuses (bench) or reruns (study)
+what other code, packages or hardware measured: fastft's version string does not change between commits, and the
+commit not with uncommitted edits."""
 from __future__ import annotations
 
 import functools
@@ -27,9 +28,26 @@ def kernel_environment() -> dict[str, str]:
 
 
 @functools.cache
-def git_commit() -> str | None:
-    """code_state of the checkout fastft runs from; None for an installed package (or without git)."""
-    return code_state(Path(__file__).resolve().parents[2])
+def git_commit() -> str:
+    """code_state of the checkout fastft runs from; for an installed package (no .git: `pip install fastft`), or
+    without git, "installed.<digest>" of the package's files, as fastft's version string is the same for every
+    commit (a result another fastft measured was read back as this one's)."""
+    package = Path(__file__).resolve().parents[1]
+    return code_state(package.parent) or package_digest(package)
+
+
+def package_digest(package: Path) -> str:
+    """"installed.<sha256>" of every file under `package` (names and contents; compiled caches left out)."""
+    digest = hashlib.sha256()
+    files = sorted(p for p in package.rglob("*") if p.is_file() and "__pycache__" not in p.parts
+                   and p.suffix not in (".pyc", ".pyo"))
+    for path in files:
+        digest.update(path.relative_to(package).as_posix().encode() + b"\0")
+        try:
+            digest.update(path.read_bytes())
+        except OSError:
+            pass
+    return f"installed.{digest.hexdigest()[:16]}"
 
 
 def code_state(root: Path) -> str | None:

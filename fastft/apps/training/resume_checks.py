@@ -39,8 +39,10 @@ def check_resumed_settings(cfg: TrainConfig, saved: dict | None, checkpoint: Pat
     values), so only the RESUME_MAY_CHANGE settings may differ. models_fingerprinted: False for a checkpoint
     written before they kept the models' fingerprints (ckpt.check_resumed_models): --model/--teacher then compare
     as the paths given, the only check there is."""
-    if saved is None:  # written before checkpoints kept their settings
-        return
+    if saved is None:  # fastft before 2026-12-01 (64f39b8): no settings kept, and another learning-rate schedule
+        raise ConfigError(f"--resume: {checkpoint} was written by a fastft from before 2026-12-01, which kept no "
+                          "record of the run's settings or data and followed another learning-rate schedule: "
+                          "resuming it would mix two runs; start a new run in another --output-dir")
     changed = _changed_settings(cfg, to_yaml_dict(cfg), saved, raw=() if models_fingerprinted else ("model", "teacher"))
     if changed:
         raise ConfigError(f"--resume: {checkpoint} was written with other settings ({'; '.join(changed)}); resume "
