@@ -26,6 +26,7 @@ import shutil
 import socket
 import stat
 import tempfile
+import threading
 import zlib
 from pathlib import Path
 from typing import Callable, Union
@@ -59,9 +60,11 @@ def atomic_write(path: str | os.PathLike, content: Content) -> Path:
         path = Path(os.path.realpath(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temporary_prefix(path), suffix=path.suffix)
-    os.close(fd)
+    with _WRITING_LOCK:  # made and held in one step: another thread's sweep never sees it unheld
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temporary_prefix(path), suffix=path.suffix)
+        _WRITING.add(tmp)
     try:
+        os.close(fd)
         if callable(content):
             content(tmp)
         elif isinstance(content, str):
@@ -75,6 +78,8 @@ def atomic_write(path: str | os.PathLike, content: Content) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    finally:
+        _WRITING.discard(tmp)
     fsync_path(path.parent)
     return given
 
@@ -189,29 +194,32 @@ def recover_folder(path: str | os.PathLike) -> None:
 
 
 def _save_folder(path, write, *, keep_others: bool, what: str, alternatives: tuple[tuple[str, ...], ...] = ()) -> Path:
-    given, (path, tmp) = Path(path), _start_folder_save(path)
     cwd = Path.cwd().resolve()
-    old = None
-    problem = None
-    if os.path.lexists(path) and not path.is_dir():  # (a file would be swapped out and deleted)
-        problem = NotADirectoryError(f"{given} exists and is not a folder; give a folder, or a path to create")
-    elif path.is_dir() and not _can_write_in(path):  # a folder made read-only: its save fails in peft too
-        problem = PermissionError(f"{given} is a folder this process may not write into (read-only); make it "
+    old, swapping = None, False
+    given, (path, tmp) = Path(path), _start_folder_save(path)
+    try:  # (everything after the temporary's creation: an interrupt anywhere runs the cleanup below)
+        if os.path.lexists(path) and not path.is_dir():  # (a file would be swapped out and deleted)
+            raise NotADirectoryError(f"{given} exists and is not a folder; give a folder, or a path to create")
+        if path.is_dir() and not _can_write_in(path):  # a folder made read-only: its save fails in peft too
+            raise PermissionError(f"{given} is a folder this process may not write into (read-only); make it "
                                   "writable (chmod u+w) or save to another folder")
-    if problem is not None:
-        shutil.rmtree(tmp)
-        raise problem
-    try:
         recover_folder(path)  # the last complete version goes back first: a failed save must not lose it
         write(tmp)
         finish_folder(tmp)
         if keep_others and path.is_dir():
             _write_through_links(path, tmp)
             _link_missing(path, tmp, alternatives)
+        swapping = True  # tmp is complete from here on
         old = _swap_in(tmp, path)
     finally:
+        if swapping and old is None and not os.path.lexists(path) and tmp.exists():
+            try:  # interrupted between a two-rename swap's renames: the new version goes in
+                os.replace(tmp, path)
+            except BaseException:  # (it cannot: `recover_folder` puts the previous one back later)
+                pass
         if old != tmp and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)  # only our own unfinished temporary folder
+        _WRITING.discard(str(tmp))  # whatever is left at its name (the previous version) is stale from now on
     if cwd == path or path in cwd.parents:  # the process stood in the folder replaced: into its new version
         with contextlib.suppress(OSError):
             os.chdir(cwd)
@@ -348,13 +356,31 @@ def _link_tree(src: Path, dst: Path) -> None:
             fsync_path(dst)
 
 
-def temporary_sibling_folder(path: str | os.PathLike) -> Path:
+# The temporaries this process is writing now: one of this process's own not among them is stale too (an interrupted
+# save's: KeyboardInterrupt), and the next save removes it, as it removes those of processes that ended.
+_WRITING: set[str] = set()
+_WRITING_LOCK = threading.Lock()
+
+
+def temporary_sibling_folder(path: str | os.PathLike, *, held: bool = True) -> Path:
     """A fresh temporary folder beside `path`, named as fastft's temporaries are (the next call removes it if its
-    writer was killed), for a writer that puts it in place itself; the stale ones of `path` are removed first."""
+    writer was killed or interrupted), for a writer that puts it in place itself and then calls
+    `release_temporary`; the stale ones of `path` are removed first. held=False: a folder only to delete (a
+    version moved aside), stale from the start for every other call."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(path)
-    return Path(tempfile.mkdtemp(prefix=_temporary_prefix(path), dir=path.parent))
+    with _WRITING_LOCK:  # made and held in one step: another thread's sweep never sees it unheld
+        tmp = tempfile.mkdtemp(prefix=_temporary_prefix(path), dir=path.parent)
+        if held:
+            _WRITING.add(tmp)
+    return Path(tmp)
+
+
+def release_temporary(tmp: str | os.PathLike) -> None:
+    """Remove a temporary_sibling_folder's folder (what is left at its name) and let its name go."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    _WRITING.discard(str(tmp))
 
 
 def _start_folder_save(path: str | os.PathLike) -> tuple[Path, Path]:
@@ -424,11 +450,20 @@ def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
     for stale in path.parent.iterdir() if path.parent.is_dir() else ():
         match = _temporary_of(stale.name)
         if match is None or not {path.name, _short(path.name)} & {match["target"], match["old_target"]} \
-                or _being_written(match, host, other_hosts=True):
+                or _being_written(match, host, other_hosts=True) and not _abandoned_here(match, stale):
             continue
         _remove(stale)
         removed.append(stale)
     return removed
+
+
+def _abandoned_here(match: re.Match, stale: Path) -> bool:
+    """A temporary of this very process that no write of it holds now (an interrupted one's)."""
+    if match["host"] is None or match["start"] is None or int(match["pid"]) != os.getpid() \
+            or int(match["start"]) != _start_time(os.getpid()):
+        return False
+    with _WRITING_LOCK:
+        return stale.name not in {os.path.basename(t) for t in _WRITING}
 
 
 def remove_temporaries_in(folder: str | os.PathLike) -> list[Path]:
@@ -548,7 +583,9 @@ def _can_write_in(folder: Path) -> bool:
         fd, name = tempfile.mkstemp(dir=folder, prefix=_temporary_prefix(probe))
     except OSError:
         return False
-    os.close(fd)
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(name)
+    try:
+        os.close(fd)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(name)
     return True

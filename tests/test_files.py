@@ -151,7 +151,9 @@ def test_a_dead_writers_temporary_is_removed_when_its_pid_lives_again(tmp_path):
     pid_only = tmp_path / f".model.tmp-{host}-{pid}-ijkl_789"  # the earlier naming: the PID alone decides
     for folder in (live, reused, pid_only):
         folder.mkdir()
+    files._WRITING.add(str(live))  # a write of this process holds it (one no write holds is an interrupted one's)
     assert files.remove_stale_temporaries(tmp_path / "model") == [reused]
+    files._WRITING.discard(str(live))
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, pid_only.name])
 
 

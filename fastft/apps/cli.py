@@ -82,6 +82,10 @@ def main(argv: list[str] | None = None) -> int:
         except (TrainingStopped, NotImplementedError) as e:
             print(f"fastft train: {e}", file=sys.stderr)
             return 1
+        except KeyboardInterrupt:  # Ctrl-C: the cleanup ran (finally blocks); one line, as every other stop
+            print("fastft train: interrupted (Ctrl-C); `fastft train ... --resume` continues from the last checkpoint",
+                  file=sys.stderr)
+            return 130
     return 0
 
 

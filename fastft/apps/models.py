@@ -12,10 +12,9 @@ import importlib.util
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
-from fastft.files import finish_folder, remove_stale_temporaries, temporary_sibling_folder
+from fastft.files import finish_folder, release_temporary, remove_stale_temporaries, temporary_sibling_folder
 
 SMOLLM2 = "smollm2-135m"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -70,7 +69,7 @@ def smollm2_checkpoint() -> Path:
         finish_folder(tmp)  # the umask's modes (mkdtemp makes 0700), fsynced before the rename
         _swap_in(tmp, target)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        release_temporary(tmp)
     return target
 
 
@@ -105,12 +104,14 @@ def _swap_in(new: Path, target: Path) -> None:
     """Rename the finished folder `new` to `target`; a stale `target` is renamed aside first and removed. Another
     process that finished first wins (its folder is as good, and may be being read: it is never moved)."""
     if target.exists() and not _written_right(target):
-        stale = Path(tempfile.mkdtemp(prefix=f".{target.name}.stale.", dir=target.parent))
+        # a temporary no write holds: the next call removes it if this one is interrupted first (538 MB)
+        stale = temporary_sibling_folder(target, held=False)
         try:
             os.replace(target, stale / target.name)
         except FileNotFoundError:  # another process moved it aside
             pass
-        shutil.rmtree(stale, ignore_errors=True)
+        finally:
+            shutil.rmtree(stale, ignore_errors=True)
     try:
         os.replace(new, target)
     except OSError:  # another process finished first

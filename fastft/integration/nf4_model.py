@@ -146,12 +146,14 @@ def _quantize_model(model: nn.Module, blocksize: int | None, double_quant: bool 
     for name, linear in targets:  # every weight before the first layer changes: a bad one left a half-quantized model
         check_quantizable(linear.weight, blocksize, name=f"{name}.weight")
     quantized = {}
+    last_name = {id(linear): name for name, linear in targets}
     for name, linear in targets:
         if id(linear) not in quantized:  # a layer registered under two names gets one NF4Linear at both
             quantized[id(linear)] = NF4Linear.from_linear(linear, blocksize=blocksize, double_quant=double_quant,
                                                           name=name)
-            linear.weight = None  # drop the dense weight now, not when the whole walk ends
         set_submodule(model, name, quantized[id(linear)])
+        if last_name[id(linear)] == name:  # every name holds the NF4Linear: the dense weight goes now, not when the
+            linear.weight = None  # walk ends (dropped before, an interrupt in between lost the layer's weight)
     if kept:
         warnings.warn(f"quantize_model: left {len(kept)} layer(s) dense ({', '.join(kept[:3])}"
                       f"{', ...' if len(kept) > 3 else ''}): an nn.Linear subclass with its own forward, or a "

@@ -122,12 +122,34 @@ def quiet_checkpointing_deprecation():
 def quiet_peft_model(model: nn.Module, config, adapter_name: str = "default", **kwargs) -> PeftModel:
     """`peft.get_peft_model` without peft's deprecation warning (quiet_checkpointing_deprecation). Every method's room
     builds through it."""
-    with quiet_checkpointing_deprecation():
-        wrapped = peft.get_peft_model(model, config, adapter_name=adapter_name, **kwargs)
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    trainable = {name: p.requires_grad for name, p in model.named_parameters()}
+    held = {id(m) for m in model.modules() if isinstance(m, BaseTunerLayer)}
+    try:
+        with quiet_checkpointing_deprecation():
+            wrapped = peft.get_peft_model(model, config, adapter_name=adapter_name, **kwargs)
+    except BaseException:  # (Ctrl-C while peft wraps the layers one by one): the model as it was given
+        _unwrap_adapter_layers(model, trainable, held)
+        raise
     # peft hooks the embedding for checkpointing of either mode (and transformers' enable may have hooked it before):
     # non-reentrant needs none, and compiles without
     drop_input_grad_hooks_if_unneeded(model)
     return wrapped
+
+
+def _unwrap_adapter_layers(model: nn.Module, trainable: dict, held: set) -> None:
+    """Undo a get_peft_model that failed midway: each adapter layer peft put in (not among `held`, the ids of those
+    the model had) gives its place back to its base layer, and the parameters get their requires_grad back."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for name, module in list(model.named_modules(remove_duplicate=False)):
+        if isinstance(module, BaseTunerLayer) and id(module) not in held and name:
+            parent, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, leaf, module.get_base_layer())
+    for name, p in model.named_parameters():
+        if name in trainable:
+            p.requires_grad_(trainable[name])
 
 
 def quiet_peft_load(model: nn.Module, path, **kwargs) -> PeftModel:

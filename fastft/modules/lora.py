@@ -11,6 +11,7 @@ one mask per adapter) take peft's forward unchanged.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -122,6 +123,35 @@ class FusedLoraBase(PeftLoraLinear):
 
 class FusedLoraLinear(FusedLoraBase):
     """LoRA on a plain nn.Linear through fastft.ops.lora_linear."""
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        with self._all_or_nothing():
+            super().merge(safe_merge=safe_merge, adapter_names=adapter_names)
+
+    def unmerge(self) -> None:
+        with self._all_or_nothing():
+            super().unmerge()
+
+    @contextlib.contextmanager
+    def _all_or_nothing(self):
+        """peft's merge adds ΔW to the weight, then records the adapter as merged, and its unmerge drops the record,
+        then subtracts ΔW: interrupted between the two (Ctrl-C lands right after the long add), the next merge added
+        ΔW again, silently. The weight and bias change in copies here, and an exception puts them and the record
+        back as they were (one layer's weight held twice for the moment)."""
+        base = self.get_base_layer()
+        weight, bias = base.weight.data, (base.bias.data if getattr(base, "bias", None) is not None else None)
+        merged = list(self.merged_adapters)
+        try:
+            base.weight.data = weight.clone()
+            if bias is not None:
+                base.bias.data = bias.clone()
+            yield
+        except BaseException:
+            base.weight.data = weight
+            if bias is not None:
+                base.bias.data = bias
+            self.merged_adapters[:] = merged
+            raise
 
     def _base_ok(self, x):
         base = self.base_layer

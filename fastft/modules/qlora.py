@@ -8,6 +8,8 @@ bitsandbytes 4-bit layers. fastft.merge_and_unload(model) instead returns dense 
 """
 from __future__ import annotations
 
+import contextlib
+
 import warnings
 
 import torch
@@ -73,15 +75,30 @@ class FusedQLoraLinear(FusedLoraBase):
         adapters = [a for a in check_adapters_to_merge(self, adapter_names) if a in self.lora_A]
         if adapters:
             warnings.warn(_MERGE_WARNING, NF4RoundingWarning)
-            self._requantize_with(adapters, +1.0, safe=safe_merge)
-            self.merged_adapters.extend(adapters)
+            with self._all_or_nothing():  # the weight and its record change together
+                self._requantize_with(adapters, +1.0, safe=safe_merge)
+                self.merged_adapters.extend(adapters)
 
     def unmerge(self) -> None:
         adapters = [a for a in self.merged_adapters if a in self.lora_A]
-        if adapters:
-            warnings.warn(_UNMERGE_WARNING, NF4RoundingWarning)
-            self._requantize_with(adapters, -1.0)
-        self.merged_adapters = []
+        with self._all_or_nothing():
+            if adapters:
+                warnings.warn(_UNMERGE_WARNING, NF4RoundingWarning)
+                self._requantize_with(adapters, -1.0)
+            self.merged_adapters = []
+
+    @contextlib.contextmanager
+    def _all_or_nothing(self):
+        """The NF4 weight (replaced whole by a requantized one) and the merge record as they were if the block fails
+        or is interrupted (Ctrl-C between the two merged ΔW twice at the next merge, silently)."""
+        base = self.get_base_layer()
+        weight, merged = base.weight, list(self.merged_adapters)
+        try:
+            yield
+        except BaseException:
+            base.weight = weight
+            self.merged_adapters = merged
+            raise
 
     def to_dense(self, dtype: torch.dtype | None = None):
         """This layer with its base dequantized into an nn.Linear in `dtype` (None: the NF4 weight's; merge_and_unload
@@ -89,8 +106,14 @@ class FusedQLoraLinear(FusedLoraBase):
         into it transposed (fan_in_fan_out)."""
         from fastft.modules.lora import FusedLoraLinear
 
-        base = self.get_base_layer()
-        self.base_layer = base.to_linear(dtype)
-        self.__class__ = FusedLoraLinear  # first: this class's fan_in_fan_out is always False
-        self.fan_in_fan_out = base.from_conv1d  # peft's rule for a Conv1D base: ΔW is added transposed
+        base, cls = self.get_base_layer(), type(self)
+        dense = base.to_linear(dtype)
+        try:  # all three or none: a layer left between them could neither run nor be merged again
+            self.base_layer = dense
+            self.__class__ = FusedLoraLinear  # first: this class's fan_in_fan_out is always False
+            self.fan_in_fan_out = base.from_conv1d  # peft's rule for a Conv1D base: ΔW is added transposed
+        except BaseException:
+            self.__class__ = cls
+            self.base_layer = base
+            raise
         return self

@@ -24,6 +24,7 @@ are made at run time); unpatch it first, or save its state dict / adapters as us
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import types
 from dataclasses import dataclass, field
@@ -258,16 +259,26 @@ def patch_model(model: nn.Module, *, backend: str = "auto", attention: bool = Tr
     base = _transformers_model(model)
     arch, swaps, attn_change, summary = _plan(base, backend, attention, loss)
     record = PatchRecord(arch=arch, summary=summary)
-    for module, new_cls in swaps:
-        record.swapped.append((module, new_cls._fastft_original_class))
-        _swap_class(module, new_cls)
-    if attn_change is not None:
-        # importing registers "fastft"; its kernel backend is fastft.register_attention's setting, not `backend`
-        from fastft.integration.attention import NAME
+    try:  # all or nothing: a half-patched model has no record for unpatch_model to undo
+        for module, new_cls in swaps:
+            record.swapped.append((module, new_cls._fastft_original_class))
+            _swap_class(module, new_cls)
+        if attn_change is not None:
+            # importing registers "fastft"; its kernel backend is fastft.register_attention's setting, not `backend`
+            from fastft.integration.attention import NAME
 
-        base.set_attn_implementation(NAME)
-        record.attn_implementation = attn_change
-    base._fastft_patch = record
+            record.attn_implementation = attn_change
+            base.set_attn_implementation(NAME)
+        base._fastft_patch = record
+    except BaseException:
+        for module, cls in reversed(record.swapped):
+            if type(module) is not cls:
+                _swap_class(module, cls)
+        if record.attn_implementation is not None:
+            base.set_attn_implementation(record.attn_implementation)
+        with contextlib.suppress(AttributeError):
+            del base._fastft_patch
+        raise
     return model
 
 
