@@ -26,6 +26,35 @@ def positions_over_mask(mask: torch.Tensor, before: int = 0) -> torch.Tensor:
     return (before + mask.cumsum(1)) * mask - 1
 
 
+class NoContinuousBatching:
+    """For the prompt-learning PeftModels: transformers' continuous batching (generate_batch, a "paged" cache) runs the
+    base model's own forward per request, without the virtual tokens, so its answers would be the base model's
+    (peft's are): refused, naming generate()."""
+
+    def generate_batch(self, *args, **kwargs):
+        raise refuse_continuous_batching(self, "generate_batch")
+
+    def init_continuous_batching(self, *args, **kwargs):
+        raise refuse_continuous_batching(self, "init_continuous_batching")
+
+    def continuous_batching_context_manager(self, *args, **kwargs):
+        raise refuse_continuous_batching(self, "continuous_batching_context_manager")
+
+
+def refuse_continuous_batching(model: nn.Module, what: str) -> NotImplementedError:
+    method = type(getattr(model, "active_peft_config", None)).__name__.replace("Config", "")
+    return NotImplementedError(f"{what}: transformers' continuous batching runs the base model without the adapter's "
+                               f"virtual tokens ({method}), so its answers would be the base model's; use generate() "
+                               "(batched, left-padded), or merge a LoRA-type adapter instead")
+
+
+def paged_cache_asked(base: nn.Module, kwargs: dict) -> bool:
+    """Whether a generate() call asks for transformers' continuous batching ("paged" caches)."""
+    settings = kwargs.get("generation_config") or getattr(base, "generation_config", None)
+    asked = kwargs.get("cache_implementation") or getattr(settings, "cache_implementation", None)
+    return isinstance(asked, str) and "paged" in asked
+
+
 _ADJUST: ContextVar = ContextVar("fastft_generation_adjust", default=None)  # this thread's generate call's
 _LOCK = threading.Lock()
 _INSTALLED: dict[int, list] = {}  # id(base) -> [generate calls in flight, what the instance held before, or _NONE]

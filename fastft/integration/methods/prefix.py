@@ -24,8 +24,9 @@ from torch import nn
 from fastft.integration.attention import NAME, prefix_expected  # importing registers "fastft"
 from fastft.integration.base_layers import attribute_set
 from fastft.integration.checkpointing import reentrant_layers
-from fastft.integration.methods.generation import (counts_positions_over_mask, generate_adjusting_inputs,
-                                                   positions_over_mask)
+from fastft.integration.methods.generation import (NoContinuousBatching, counts_positions_over_mask,
+                                                   generate_adjusting_inputs, paged_cache_asked, positions_over_mask,
+                                                   refuse_continuous_batching)
 
 
 # model types whose attention does more with its cached keys and values than attend to them, or whose layers do not
@@ -73,7 +74,7 @@ def validate_prefix_config(config, model: nn.Module) -> None:
                          "prefix tuning (peft.get_peft_model, or implementation='peft')")
 
 
-class FastftPrefixModel(PeftModelForCausalLM):
+class FastftPrefixModel(NoContinuousBatching, PeftModelForCausalLM):
     """peft's causal-LM PeftModel whose prefix-tuning forward hands the prefix to the fastft attention op."""
 
     def prefix_key_values(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -132,6 +133,8 @@ class FastftPrefixModel(PeftModelForCausalLM):
             return base.generate(*args, **kwargs)
         if not isinstance(config, PrefixTuningConfig):
             return super().generate(*args, **kwargs)
+        if paged_cache_asked(base, kwargs):
+            raise refuse_continuous_batching(self, 'generate(cache_implementation="paged")')
         previous = _attention_implementation(base)
         if previous != NAME:
             # switched away since get_peft_model (unpatch_model, set_attn_implementation): peft's generate would

@@ -19,8 +19,9 @@ from peft import (PeftModel, PeftModelForCausalLM, PeftModelForSequenceClassific
 from torch import nn
 from transformers import DynamicCache
 
-from fastft.integration.methods.generation import (counts_positions_over_mask, generate_adjusting_inputs,
-                                                   positions_over_mask)
+from fastft.integration.methods.generation import (NoContinuousBatching, counts_positions_over_mask,
+                                                   generate_adjusting_inputs, paged_cache_asked, positions_over_mask,
+                                                   refuse_continuous_batching)
 
 CONFIGS = (PromptTuningConfig, PromptEncoderConfig)
 PACKED_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")  # fastft.integration.packing's
@@ -73,7 +74,7 @@ def _restarts(position_ids, attention_mask) -> bool:
     return bool(steps.any())
 
 
-class FastftPromptModel(PeftModelForCausalLM):
+class FastftPromptModel(NoContinuousBatching, PeftModelForCausalLM):
     """peft's causal-LM PeftModel whose `generate` runs as its forward does: under transformers 5 (peft 0.21)
     peft's cached generation scores every token after the first away from what the forward gives (0.1-0.2 on a
     tiny Llama). Here the first step puts the virtual tokens in front (positions 0..P-1, the real tokens from P,
@@ -91,17 +92,10 @@ class FastftPromptModel(PeftModelForCausalLM):
         if self._adapters_disabled:  # peft's disable_adapter() swaps the forward only: generate as the base model
             return base.generate(*args, **kwargs)
         config = self.active_peft_config
-        settings = kwargs.get("generation_config") or base.generation_config
-        passed = kwargs.get("past_key_values", kwargs.get("cache"))
-        if isinstance(passed, DynamicCache) and passed.get_seq_length() == 0:
-            passed = None  # an empty dynamic cache: filled below as the default one is
-        other_cache = kwargs.get("cache_implementation") or getattr(settings, "cache_implementation", None) \
-            or passed is not None
-        if not isinstance(config, CONFIGS) or kwargs.get("use_cache") is False or other_cache:
-            # a passed cache is left out: its length would count the virtual tokens against the real ones
-            # (a cache from an earlier call) and every recomputed step would be appended to it
-            rest = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "cache")}
-            return super().generate(*args, **{**rest, "use_cache": False})
+        if not isinstance(config, CONFIGS):
+            return super().generate(*args, **kwargs)
+        if paged_cache_asked(base, kwargs):
+            raise refuse_continuous_batching(self, 'generate(cache_implementation="paged")')
         P = config.num_virtual_tokens
         over_mask = counts_positions_over_mask(base)
 
@@ -110,7 +104,7 @@ class FastftPromptModel(PeftModelForCausalLM):
             batch, seq = (ids if embeds is None else embeds).shape[:2]
             cache = inputs.get("cache", inputs.get("past_key_values"))
             start = 0 if cache is None else int(cache.get_seq_length())  # the virtual tokens included
-            if start == 0:  # the first step: the virtual tokens in front
+            if start == 0:  # the first step (every step without a cache): the virtual tokens in front
                 embeds = base.get_input_embeddings()(ids) if embeds is None else embeds
                 prompts = self.get_prompt(batch_size=batch).to(embeds.dtype)
                 inputs["input_ids"], inputs["inputs_embeds"] = None, torch.cat([prompts, embeds], dim=1)
@@ -128,7 +122,33 @@ class FastftPromptModel(PeftModelForCausalLM):
                 inputs["position_ids"] = torch.arange(start, start + seq, device=device)[None].expand(batch, -1)
             return inputs
 
+        passed = kwargs.get("past_key_values", kwargs.get("cache"))
+        if isinstance(passed, DynamicCache) and passed.get_seq_length() == 0:
+            passed = None  # an empty dynamic cache: filled as the default one is
+        if passed is not None and _continues(passed, P, args, kwargs):
+            return generate_adjusting_inputs(base, with_prompt, args, kwargs)
+        settings = kwargs.get("generation_config") or base.generation_config
+        other_cache = kwargs.get("cache_implementation") or getattr(settings, "cache_implementation", None) \
+            or passed is not None
+        if kwargs.get("use_cache") is False or other_cache:
+            # a passed cache is left out: its length would count the virtual tokens against the real ones
+            # (a cache from an earlier call) and every recomputed step would be appended to it. Through fastft's
+            # per-call adjustment, not peft's generate: that swaps the shared base model's input preparation, and
+            # took another request's still decoding away from it
+            rest = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "cache", "cache_implementation")}
+            return generate_adjusting_inputs(base, with_prompt, args, {**rest, "use_cache": False})
         return generate_adjusting_inputs(base, with_prompt, args, kwargs)
+
+
+def _continues(cache, P: int, args: tuple, kwargs: dict) -> bool:
+    """Whether a passed cache is continued the way transformers 5 restarts from one: input_ids the new tokens only,
+    the attention mask over the whole conversation (cache + new). A DynamicCache this model filled holds the P
+    virtual tokens first, which the mask (the caller's tokens) does not count."""
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    mask = kwargs.get("attention_mask")
+    return isinstance(cache, DynamicCache) and isinstance(ids, torch.Tensor) and ids.dim() == 2 \
+        and isinstance(mask, torch.Tensor) and mask.dim() == 2 \
+        and mask.shape[-1] == cache.get_seq_length() - P + ids.shape[-1] and cache.get_seq_length() >= P
 
 
 class FastftPromptClassifier(PeftModelForSequenceClassification):
