@@ -61,7 +61,8 @@ def atomic_write(path: str | os.PathLike, content: Content) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(path)
     with _WRITING_LOCK:  # made and held in one step: another thread's sweep never sees it unheld
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temporary_prefix(path), suffix=path.suffix)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temporary_prefix(path),
+                                   suffix=Path(_short(path.name)).suffix)
         _WRITING.add(tmp)
     try:
         os.close(fd)
@@ -197,38 +198,40 @@ def _save_folder(path, write, *, keep_others: bool, what: str, alternatives: tup
     cwd = Path.cwd().resolve()
     old, swapping = None, False
     given, (path, tmp) = Path(path), _start_folder_save(path)
-    try:  # (everything after the temporary's creation: an interrupt anywhere runs the cleanup below)
-        if os.path.lexists(path) and not path.is_dir():  # (a file would be swapped out and deleted)
-            raise NotADirectoryError(f"{given} exists and is not a folder; give a folder, or a path to create")
-        if path.is_dir() and not _can_write_in(path):  # a folder made read-only: its save fails in peft too
-            raise PermissionError(f"{given} is a folder this process may not write into (read-only); make it "
-                                  "writable (chmod u+w) or save to another folder")
-        recover_folder(path)  # the last complete version goes back first: a failed save must not lose it
-        write(tmp)
-        finish_folder(tmp)
-        if keep_others and path.is_dir():
-            _write_through_links(path, tmp)
-            _link_missing(path, tmp, alternatives)
-        swapping = True  # tmp is complete from here on
-        old = _swap_in(tmp, path)
+    try:  # tmp's name is held until the previous version moved there is removed: another thread's sweep leaves it
+        try:  # (everything after the temporary's creation: an interrupt anywhere runs the cleanup below)
+            if os.path.lexists(path) and not path.is_dir():  # (a file would be swapped out and deleted)
+                raise NotADirectoryError(f"{given} exists and is not a folder; give a folder, or a path to create")
+            if path.is_dir() and not _can_write_in(path):  # a folder made read-only: its save fails in peft too
+                raise PermissionError(f"{given} is a folder this process may not write into (read-only); make it "
+                                      "writable (chmod u+w) or save to another folder")
+            recover_folder(path)  # the last complete version goes back first: a failed save must not lose it
+            write(tmp)
+            finish_folder(tmp)
+            if keep_others and path.is_dir():
+                _write_through_links(path, tmp)
+                _link_missing(path, tmp, alternatives)
+            swapping = True  # tmp is complete from here on
+            old = _swap_in(tmp, path)
+        finally:
+            if swapping and old is None and not os.path.lexists(path) and tmp.exists():
+                try:  # interrupted between a two-rename swap's renames: the new version goes in
+                    os.replace(tmp, path)
+                except BaseException:  # (it cannot: `recover_folder` puts the previous one back later)
+                    pass
+            if old != tmp and tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)  # only our own unfinished temporary folder
+        if cwd == path or path in cwd.parents:  # the process stood in the folder replaced: into its new version
+            with contextlib.suppress(OSError):
+                os.chdir(cwd)
+        if old is not None:
+            try:
+                _remove(old)
+            except OSError as e:
+                raise OSError(f"{what}: the new version is saved to {path}, but the previous one moved to {old} "
+                              f"could not be removed ({e}); delete it by hand") from e
     finally:
-        if swapping and old is None and not os.path.lexists(path) and tmp.exists():
-            try:  # interrupted between a two-rename swap's renames: the new version goes in
-                os.replace(tmp, path)
-            except BaseException:  # (it cannot: `recover_folder` puts the previous one back later)
-                pass
-        if old != tmp and tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)  # only our own unfinished temporary folder
-        _WRITING.discard(str(tmp))  # whatever is left at its name (the previous version) is stale from now on
-    if cwd == path or path in cwd.parents:  # the process stood in the folder replaced: into its new version
-        with contextlib.suppress(OSError):
-            os.chdir(cwd)
-    if old is not None:
-        try:
-            _remove(old)
-        except OSError as e:
-            raise OSError(f"{what}: the new version is saved to {path}, but the previous one moved to {old} could not "
-                          f"be removed ({e}); delete it by hand") from e
+        _WRITING.discard(str(tmp))  # whatever is left at its name (an interrupted removal's) is stale from now on
     return given
 
 
@@ -238,11 +241,13 @@ def _old_version(path: Path) -> Path:
 
 def _short(name: str) -> str:
     """`name` as temporary names carry it: a long one (past 160 bytes: a temporary adds ~45 to it, and a name may have
-    255) cut to its first 100 bytes, a checksum of the whole and its extension."""
+    255), or one with an extension past 16 bytes (a file's temporary repeats it), cut to its first 100 bytes, a
+    checksum of the whole and its extension (if at most 16 bytes)."""
     raw = os.fsencode(name)
-    if len(raw) <= 160:
+    short_suffix = len(os.fsencode(Path(name).suffix)) <= 16
+    if len(raw) <= 160 and short_suffix:
         return name
-    suffix = Path(name).suffix if len(os.fsencode(Path(name).suffix)) <= 16 else ""
+    suffix = Path(name).suffix if short_suffix else ""
     return f"{raw[:100].decode('utf-8', 'ignore')}~{zlib.crc32(raw):08x}{suffix}"
 
 
@@ -322,8 +327,11 @@ def _merge_through(src: Path, dst: Path) -> None:
 
 def _link_missing(src: Path, dst: Path, alternatives: tuple[tuple[str, ...], ...] = ()) -> None:
     """Add to folder `dst` every entry of folder `src` it lacks (folders in both: merged the same way), but not a
-    file one of whose `alternatives` `dst` holds."""
+    file one of whose `alternatives` `dst` holds, nor a temporary of fastft's naming (another writer's write probe,
+    there for a moment, or one an interrupted probe left: never part of a save)."""
     for entry in sorted(src.iterdir()):
+        if _temporary_of(entry.name) is not None:
+            continue
         target = dst / entry.name
         superseded = any(_matches(entry.name, group) and any(_matches(name, group) for name in os.listdir(dst))
                          for group in alternatives)
