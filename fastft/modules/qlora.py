@@ -9,7 +9,6 @@ bitsandbytes 4-bit layers. fastft.merge_and_unload(model) instead returns dense 
 from __future__ import annotations
 
 import contextlib
-
 import warnings
 
 import torch
