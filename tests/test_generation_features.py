@@ -211,3 +211,16 @@ def test_prompt_tuning_request_without_cache_leaves_a_cached_request_in_flight_a
         err = max(float((out.logits[t][0] - model(input_ids=out.sequences[:, :6 + t]).logits[0, -1]).abs().max())
                   for t in range(10))
     assert err < 1e-4, f"request A's logits {err:.1e} off its own forward after request B ran without a cache"
+
+
+@pytest.mark.parametrize("options", [{"cache_implementation": "static"}, {"use_cache": False}])
+def test_prompt_tuning_without_a_cache_names_why_assisted_decoding_cannot_run(options):
+    """The no-cache path with prompt lookup failed in transformers ("Assisted decoding requires a cache") although a
+    static cache was asked for; the default dynamic cache runs it."""
+    model = prompt_model()
+    ids = tokens(6, 7)
+    with torch.no_grad(), pytest.raises(ValueError, match="prompt / P-tuning with a static or passed cache"):
+        model.generate(ids, max_new_tokens=N, do_sample=False, prompt_lookup_num_tokens=2, **options)
+    with torch.no_grad():
+        got = model.generate(ids, max_new_tokens=N, do_sample=False, prompt_lookup_num_tokens=2)
+    assert torch.equal(got, greedy_by_forward(model, ids, N))

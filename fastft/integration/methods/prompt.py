@@ -131,6 +131,12 @@ class FastftPromptModel(NoContinuousBatching, PeftModelForCausalLM):
         other_cache = kwargs.get("cache_implementation") or getattr(settings, "cache_implementation", None) \
             or passed is not None
         if kwargs.get("use_cache") is False or other_cache:
+            if kwargs.get("assistant_model") is not None or kwargs.get("prompt_lookup_num_tokens") \
+                    or getattr(settings, "prompt_lookup_num_tokens", None):
+                raise ValueError("generate: prompt / P-tuning with a static or passed cache (or use_cache=False) "
+                                 "recomputes every step without a KV cache (one would be sized without the virtual "
+                                 "tokens), and assisted / prompt-lookup decoding needs one: drop cache_implementation "
+                                 "(the default dynamic cache is exact) or the assistant")
             # a passed cache is left out: its length would count the virtual tokens against the real ones
             # (a cache from an earlier call) and every recomputed step would be appended to it. Through fastft's
             # per-call adjustment, not peft's generate: that swaps the shared base model's input preparation, and
