@@ -106,59 +106,42 @@ def test_lora_continues_a_cached_conversation_from_the_new_tokens_only_control()
 
 # ---- 2. silent wrong tokens: continuous batching / paged generation runs the base model without the virtual tokens
 
-def _refused(run, what):
+def _refused(run):
     """Continuous batching runs the base model's forward per request: refused, saying why (it gave the base model's
     tokens, silently, as peft's model does)."""
-    with pytest.raises(NotImplementedError, match="continuous batching runs the base model without the adapter"):
+    with torch.no_grad(), pytest.raises(NotImplementedError,
+                                        match="continuous batching runs the base model without the adapter"):
         run()
 
 
-@pytest.mark.parametrize("kind", ["prompt", "p-tuning"])
-def test_prompt_learning_generate_batch_keeps_the_virtual_tokens_or_refuses(kind):
-    model = prompt_model(kind)
-    inputs = [tokens(6, 7)[0].tolist(), tokens(4, 9)[0].tolist()]
+def _generate_batch(model, inputs):
     config = GenerationConfig(max_new_tokens=N, do_sample=False, eos_token_id=None, pad_token_id=0)
-
-    def run():
-        with torch.no_grad():
-            out = model.generate_batch(inputs, generation_config=config, continuous_batching_config=small_cb_config(),
-                                       max_new_tokens=N, warmup=False)
-        return [out[k].generated_tokens for k in sorted(out)]
-
-    _refused(run, f"{kind} generate_batch")
+    return model.generate_batch(inputs, generation_config=config, continuous_batching_config=small_cb_config(),
+                                max_new_tokens=N, warmup=False)
 
 
-def test_prompt_tuning_generate_paged_cache_keeps_the_virtual_tokens_or_refuses():
+@pytest.mark.parametrize("kind", ["prompt", "p-tuning"])
+def test_prompt_learning_generate_batch_is_refused(kind):
+    model = prompt_model(kind)
+    _refused(lambda: _generate_batch(model, [tokens(6, 7)[0].tolist(), tokens(4, 9)[0].tolist()]))
+
+
+def test_prompt_tuning_generate_with_a_paged_cache_is_refused():
     """generate(cache_implementation="paged") is transformers' switch to continuous batching: fastft's generate
-    (documented exact for prompt tuning) takes its no-cache path, whose base generate hands the ids alone to it."""
+    took its no-cache path, whose base generate handed the ids alone to it."""
     model = prompt_model()
-    ids = tokens(6, 7)
-    def run():
-        with torch.no_grad():
-            out = model.generate(ids, max_new_tokens=N, do_sample=False, cache_implementation="paged",
-                                 continuous_batching_config=small_cb_config(), warmup=False)
-        return out.reshape(-1)[-N:].tolist()
-
-    _refused(run, "prompt tuning generate(cache_implementation='paged')")
+    _refused(lambda: model.generate(tokens(6, 7), max_new_tokens=N, do_sample=False, cache_implementation="paged",
+                                    continuous_batching_config=small_cb_config(), warmup=False))
 
 
-def test_prefix_generate_batch_after_leaving_fastft_attention_keeps_the_prefix_or_refuses():
+def test_prefix_generate_batch_after_leaving_fastft_attention_is_refused():
     """On fastft attention transformers refuses continuous batching; after set_attn_implementation("sdpa")
-    (what its message asks for) generate_batch runs the base model without the prefix."""
+    (what its message asks for) generate_batch ran the base model without the prefix."""
     model = fastft.get_peft_model(tiny_llama(), peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
     perturb(model)
     model.eval()
-    inputs = [tokens(6, 7)[0].tolist()]
     model.get_base_model().set_attn_implementation("sdpa")
-    config = GenerationConfig(max_new_tokens=N, do_sample=False, eos_token_id=None, pad_token_id=0)
-
-    def run():
-        with torch.no_grad():
-            out = model.generate_batch(inputs, generation_config=config, continuous_batching_config=small_cb_config(),
-                                       max_new_tokens=N, warmup=False)
-        return [out[k].generated_tokens for k in sorted(out)]
-
-    _refused(run, "prefix generate_batch")
+    _refused(lambda: _generate_batch(model, [tokens(6, 7)[0].tolist()]))
 
 
 # ---- 4. unclear messages on prompt tuning's no-cache path -----------------------------------------------------------

@@ -354,7 +354,7 @@ def test_an_interrupted_smollm2_reconversion_leaves_no_stale_copy(tmp_path, monk
         import transformers
         (Path(into) / "config.json").write_text(json.dumps({"transformers_version": transformers.__version__}))
     monkeypatch.setattr(models, "_convert_smollm2", convert)
-    with interrupted_at(models._swap_in, "shutil.rmtree(stale, ignore_errors=True)"):
+    with interrupted_at(models._swap_in, "release_temporary(stale)"):
         models.smollm2_checkpoint()
     models.smollm2_checkpoint()
     assert sorted(p.name for p in target.parent.iterdir()) == [models.SMOLLM2]

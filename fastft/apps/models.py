@@ -11,7 +11,6 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
 from pathlib import Path
 
 from fastft.files import finish_folder, release_temporary, remove_stale_temporaries, temporary_sibling_folder
@@ -111,7 +110,7 @@ def _swap_in(new: Path, target: Path) -> None:
         except FileNotFoundError:  # another process moved it aside
             pass
         finally:
-            shutil.rmtree(stale, ignore_errors=True)
+            release_temporary(stale)
     try:
         os.replace(new, target)
     except OSError:  # another process finished first

@@ -21,6 +21,7 @@ from pathlib import Path
 import peft
 from peft import LoraConfig, PeftConfig, PeftModel
 from peft.tuners.lora import Linear as PeftLoraLinear
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from fastft.arguments import check_flag, check_float_dtype, check_model, check_path
@@ -122,8 +123,6 @@ def quiet_checkpointing_deprecation():
 def quiet_peft_model(model: nn.Module, config, adapter_name: str = "default", **kwargs) -> PeftModel:
     """`peft.get_peft_model` without peft's deprecation warning (quiet_checkpointing_deprecation). Every method's room
     builds through it."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
     trainable = {name: p.requires_grad for name, p in model.named_parameters()}
     held = {id(m) for m in model.modules() if isinstance(m, BaseTunerLayer)}
     try:
@@ -141,8 +140,6 @@ def quiet_peft_model(model: nn.Module, config, adapter_name: str = "default", **
 def _unwrap_adapter_layers(model: nn.Module, trainable: dict, held: set) -> None:
     """Undo a get_peft_model that failed midway: each adapter layer peft put in (not among `held`, the ids of those
     the model had) gives its place back to its base layer, and the parameters get their requires_grad back."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
     for name, module in list(model.named_modules(remove_duplicate=False)):
         if isinstance(module, BaseTunerLayer) and id(module) not in held and name:
             parent, _, leaf = name.rpartition(".")
