@@ -382,3 +382,30 @@ def test_train_interrupted_by_ctrl_c_says_so_in_one_line_and_exits_non_zero(monk
         code = e.code
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 130 and len(err) == 1 and "interrupt" in err[0].lower(), (code, err)
+
+
+@pytest.mark.parametrize("name", ["bench", "study"])
+def test_bench_and_study_interrupted_by_ctrl_c_say_so_in_one_line_and_exit_130(name, monkeypatch, capsys, tmp_path):
+    """Ctrl-C during `fastft bench` or `fastft study` ended in a Python traceback (the KeyboardInterrupt left the
+    program; the shell saw 130 only as the signal's death), where `fastft train` says it in one line and exits 130.
+    Expected the same of both, naming how to resume (the same command: bench_methods.json's rows, cells/)."""
+    from fastft.apps import cli
+    from fastft.apps.bench import methods as bench_methods
+    from fastft.apps.study import runner as study_runner
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    if name == "bench":
+        monkeypatch.setattr(bench_methods, "bench_methods", interrupted)
+        argv = ["bench", "--shape", "tiny", "--methods", "lora", "--peers", "none", "--output-dir", str(tmp_path)]
+    else:
+        monkeypatch.setattr(study_runner, "check_inputs", lambda config: {})
+        monkeypatch.setattr(study_runner, "run_study", interrupted)
+        argv = ["study", "--quick", "--methods", "lora", "--no-progress", "--output-dir", str(tmp_path)]
+    try:
+        code = cli.command(argv)
+    except KeyboardInterrupt:
+        pytest.fail(f"the KeyboardInterrupt escaped `fastft {name}` (a traceback for the user)")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 130 and len(err) == 1, (code, err)
+    assert err[0].startswith(f"fastft {name}: interrupted") and "same command resumes" in err[0], err

@@ -89,13 +89,26 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+# what the same command does after a Ctrl-C of `fastft bench` / `fastft study` (train says its own in main)
+RESUMES = {"bench": "the same command resumes the table (bench_methods.json keeps the finished rows)",
+           "study": "the same command resumes it (--output-dir's cells/ keeps the finished cells)"}
+
+
 def command(argv: list[str] | None = None) -> int:
     """The `fastft` program (`python -m fastft.apps.cli` too): main, then the process group of torchrun's processes
     is taken down. One left to the interpreter's exit can abort a process whose run had finished (gloo's threads:
     "terminate called without an active exception", SIGABRT) and torchrun then reports the launch failed. main()
-    itself keeps it: several runs in one process share it."""
+    itself keeps it: several runs in one process share it. A Ctrl-C of bench or study is one line and status 130, as
+    train's (main lets it through: a caller in the same process, a test, stops as a kill would stop it)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return main(argv)
+    except KeyboardInterrupt:
+        name = next((a for a in argv if not a.startswith("-")), None)
+        if name not in RESUMES:
+            raise
+        print(f"fastft {name}: interrupted (Ctrl-C); {RESUMES[name]}", file=sys.stderr)
+        return 130
     finally:
         import torch.distributed as dist
 
