@@ -409,3 +409,30 @@ def test_bench_and_study_interrupted_by_ctrl_c_say_so_in_one_line_and_exit_130(n
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 130 and len(err) == 1, (code, err)
     assert err[0].startswith(f"fastft {name}: interrupted") and "same command resumes" in err[0], err
+
+
+@pytest.mark.parametrize("checkpoint", [False, True])
+def test_train_interrupted_before_its_first_checkpoint_is_not_sent_to_resume(checkpoint, monkeypatch, capsys,
+                                                                             tmp_path):
+    """The Ctrl-C line said "`fastft train ... --resume` continues from the last checkpoint" wherever the run was
+    stopped: stopped before its --output-dir was made (data loading, the launch), that --resume is refused ("the
+    output directory ... does not exist (nothing to resume; drop --resume to start a run)"). The line names the
+    checkpoint --resume continues from, or says to run the command again when there is none."""
+    import fastft.apps.training as training
+    from fastft.apps import cli
+
+    out = tmp_path / "run"
+    if checkpoint:
+        (out / "checkpoints" / "step-00000002").mkdir(parents=True)
+    monkeypatch.setattr(training, "validate", lambda cfg: cfg)
+
+    def interrupted(cfg):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(training, "train", interrupted)
+    assert cli.main(["train", "--steps", "4", "--output-dir", str(out)]) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    if checkpoint:
+        assert "--resume" in err[0] and "step-00000002" in err[0], err
+    else:
+        assert "--resume" not in err[0] and "run the same command again" in err[0], err

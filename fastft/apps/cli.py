@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 # bitsandbytes (imported by peft, below) logs "Failed to load CPU gemm_4bit_forward from kernels-community ... pip
 # install kernels" at every start on CPUs with AVX512-BF16 when the optional `kernels` package is absent: about its
@@ -72,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "train":
         from fastft.apps.training import TrainingStopped, train, validate
 
+        config = None  # (a Ctrl-C while the settings are read: none to name a checkpoint from)
         try:
             config = config_from_args(commands["train"], args, argv)
             validate(config)  # the settings' errors first; train gets them as given (its config.yaml keeps those)
@@ -83,10 +85,24 @@ def main(argv: list[str] | None = None) -> int:
             print(f"fastft train: {e}", file=sys.stderr)
             return 1
         except KeyboardInterrupt:  # Ctrl-C: the cleanup ran (finally blocks); one line, as every other stop
-            print("fastft train: interrupted (Ctrl-C); `fastft train ... --resume` continues from the last checkpoint",
+            print(f"fastft train: interrupted (Ctrl-C){_after_train_interrupt(config)}",
                   file=sys.stderr)
             return 130
     return 0
+
+
+def _after_train_interrupt(config) -> str:
+    """What continues an interrupted `fastft train`: --resume from its newest checkpoint, or, before the first one,
+    the command again (--resume on an --output-dir not made yet is refused: the line must not send the user there)."""
+    from fastft.apps.training.checkpoints import Checkpoints
+
+    last = Checkpoints(config.output_dir, None).latest() if config is not None else None
+    if last is not None:
+        return f"; `fastft train ... --resume` continues from its last checkpoint, {last}"
+    if config is None:
+        return "; `fastft train ... --resume` continues from the last checkpoint, if one was written"
+    return (f" before its first checkpoint (none in {Path(config.output_dir) / 'checkpoints'}); run the same command "
+            "again to start over")
 
 
 # what the same command does after a Ctrl-C of `fastft bench` / `fastft study` (train says its own in main)
