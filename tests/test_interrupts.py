@@ -384,7 +384,7 @@ def test_train_interrupted_by_ctrl_c_says_so_in_one_line_and_exits_non_zero(monk
     assert code == 130 and len(err) == 1 and "interrupt" in err[0].lower(), (code, err)
 
 
-@pytest.mark.parametrize("name", ["bench", "study"])
+@pytest.mark.parametrize("name", ["bench", "bench kernels", "study"])
 def test_bench_and_study_interrupted_by_ctrl_c_say_so_in_one_line_and_exit_130(name, monkeypatch, capsys, tmp_path):
     """Ctrl-C during `fastft bench` or `fastft study` ended in a Python traceback (the KeyboardInterrupt left the
     program; the shell saw 130 only as the signal's death), where `fastft train` says it in one line and exits 130.
@@ -398,6 +398,11 @@ def test_bench_and_study_interrupted_by_ctrl_c_say_so_in_one_line_and_exit_130(n
     if name == "bench":
         monkeypatch.setattr(bench_methods, "bench_methods", interrupted)
         argv = ["bench", "--shape", "tiny", "--methods", "lora", "--peers", "none", "--output-dir", str(tmp_path)]
+    elif name == "bench kernels":  # its own line: it keeps no table to resume
+        from fastft.apps.bench import kernels as bench_kernels
+
+        monkeypatch.setattr(bench_kernels, "run_kernels", interrupted)
+        argv = ["bench", "kernels", "--output-dir", str(tmp_path)]
     else:
         monkeypatch.setattr(study_runner, "check_inputs", lambda config: {})
         monkeypatch.setattr(study_runner, "run_study", interrupted)
@@ -408,7 +413,9 @@ def test_bench_and_study_interrupted_by_ctrl_c_say_so_in_one_line_and_exit_130(n
         pytest.fail(f"the KeyboardInterrupt escaped `fastft {name}` (a traceback for the user)")
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 130 and len(err) == 1, (code, err)
-    assert err[0].startswith(f"fastft {name}: interrupted") and "same command resumes" in err[0], err
+    command = name.split()[0]
+    expected = "runs the kernel benchmarks again" if name == "bench kernels" else "same command resumes"
+    assert err[0].startswith(f"fastft {command}: interrupted") and expected in err[0], err
 
 
 @pytest.mark.parametrize("checkpoint", [False, True])
@@ -436,3 +443,37 @@ def test_train_interrupted_before_its_first_checkpoint_is_not_sent_to_resume(che
         assert "--resume" in err[0] and "step-00000002" in err[0], err
     else:
         assert "--resume" not in err[0] and "run the same command again" in err[0], err
+
+
+def test_a_study_stopped_midway_leaves_results_marked_incomplete(tmp_path, monkeypatch):
+    """results.json is rewritten after every cell; a study stopped midway left the cells so far under the full
+    plan's config with nothing saying so, and a redraw (python -m fastft.apps.study.report results.json) read as a
+    finished study. Expected: `complete` false with the planned count, and the redrawn report saying it."""
+    import json
+    from dataclasses import asdict
+
+    from fastft.apps.study import runner
+    from fastft.apps.study.report import write_report
+    from tests.test_study_review_fixes import _toy_task
+
+    calls = []
+
+    def run_cell(spec, settings):
+        calls.append(spec.key)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return {"key": spec.key, **asdict(spec), "settings": asdict(settings), "status": "diverged",
+                "reason": "training loss nan at step 1 of 2", "wall_seconds": 0.0}
+
+    monkeypatch.setattr(runner, "run_cell", run_cell)
+    monkeypatch.setattr(runner, "load_study_task", lambda name: _toy_task())
+    config = runner.StudyConfig(methods=("lora",), tasks=("subj",), models=("minilm",), regimes=("32-per-class",),
+                                seeds=3, steps=2, with_peft=False, output_dir=str(tmp_path))
+    with pytest.raises(KeyboardInterrupt):
+        runner.run_study(config, progress=False, log=lambda line: None)
+    stopped = json.loads((tmp_path / "results.json").read_text())
+    assert (stopped["complete"], stopped["planned_cells"], len(stopped["cells"])) == (False, 3, 1)
+    assert "> **Incomplete**: 1 of 3 cells run" in write_report(stopped, tmp_path)["report"].read_text()
+    finished = runner.run_study(config, progress=False, log=lambda line: None)
+    assert (finished["complete"], finished["resumed_cells"], len(calls)) == (True, 1, 4)
+    assert "Incomplete" not in write_report(finished, tmp_path)["report"].read_text()

@@ -37,6 +37,7 @@ def _two_processes(jobs: list[dict], root, timeout=900):
                           str(worker), str(path)], env=dict(os.environ, OMP_NUM_THREADS="1"),
                          capture_output=True, text=True, timeout=timeout)
     assert run.returncode == 0, run.stderr[-3000:]
+    (root / "launch.stderr").write_text(run.stderr)
 
 
 @pytest.fixture(scope="module")
@@ -65,11 +66,14 @@ def setup(tmp_path_factory):
     _one_process([*common, "--batch-size", "4", "--output-dir", str(root / "one")])
     for distributed in ("auto", "fsdp"):  # a straight run, copied aside, then resumed from its step 2
         out = root / distributed
-        lora = [*common, "--distributed", distributed, "--save-every", "2", "--output-dir", str(out)]
-        two(*lora)
+        lora = [*common, "--save-every", "2", "--output-dir", str(out)]
+        two(*lora, "--distributed", distributed)
         jobs.append({"copy": [str(out), str(root / f"{distributed}-straight")]})
         jobs.append({"remove": str(out / "metrics.json")})  # as if killed after its step-2 checkpoint
-        two(*lora, "--resume")
+        if distributed == "fsdp":  # FSDP's sharded optimizer state does not go into DDP: refused
+            jobs.append({"argv": [*lora, "--distributed", "ddp", "--resume", "--batch-size", "2"], "code": 2})
+        # auto's run resumed as --distributed ddp: under torchrun the same DDP, another spelling
+        two(*lora, "--distributed", "ddp" if distributed == "auto" else distributed, "--resume")
     qlora = [*common, "--method", "qlora"]
     _one_process([*qlora, "--batch-size", "4", "--output-dir", str(root / "qlora-one")])
     for distributed in ("ddp", "fsdp"):
@@ -126,7 +130,8 @@ def test_two_processes_train_the_adapter_of_one(setup, distributed):
         assert torch.allclose(a[key], b[key], atol=3e-3), key
     checkpoint = load_file(str(straight / "checkpoints" / "step-00000002" / "trainable.safetensors"))
     assert {tuple(v.shape) for v in checkpoint.values()} == {tuple(v.shape) for v in a.values()}  # whole, not shards
-    # resuming from step 2 (weights, optimizer and RNG scattered back to both processes) redoes step 3 exactly
+    # resuming from step 2 (weights, optimizer and RNG scattered back to both processes) redoes step 3 exactly;
+    # auto's run resumed as --distributed ddp (the same DDP under torchrun: refused as another setting before)
     assert json.loads((resumed / "metrics.json").read_text())["resumed_from"].endswith("step-00000002")
     again = load_file(str(resumed / "adapter" / "adapter_model.safetensors"))
     assert again.keys() == a.keys()
@@ -167,3 +172,11 @@ def test_fsdp_trains_prefix_tuning_and_a_full_fine_tune_like_one_process(setup, 
         assert load_file(str(out / "checkpoints" / "step-00000002" / "adapter" / "adapter_model.safetensors"))
     else:
         assert "lm_head.weight" not in a
+
+
+def test_a_sharded_checkpoint_resumed_whole_is_refused_naming_both_layouts(setup):
+    """An FSDP run's checkpoint (optimizer state by DTensor shard) resumed under DDP: refused before any model
+    loads, naming both layouts (--distributed may change its spelling now, so the layout is what is compared)."""
+    stderr = (setup / "launch.stderr").read_text()
+    assert ("was written by a run whose state was sharded over the processes (FSDP), this run's is whole on every "
+            "process (DDP)") in stderr

@@ -5,7 +5,8 @@ accelerate's state and keeps the process group).
 
     python -m torch.distributed.run --standalone --nproc_per_node 2 tests/train_jobs_worker.py JOBS.json
 
-JOBS.json: a list of jobs, each {"argv": [...]} (fastft train's argv: must return 0), {"copy": [src, dst]}
+JOBS.json: a list of jobs, each {"argv": [...]} (fastft train's argv: must return 0, or "code" when given: a
+refusal's 2), {"copy": [src, dst]}
 (rank 0 copies the folder src to dst, e.g. a finished run's adapter before a --resume run rewrites it) or
 {"remove": path} (rank 0 removes that file: a finished run's metrics.json, so that it looks killed after its last
 checkpoint and a --resume trains its last steps again). A failing job raises, naming it, and the launch ends."""
@@ -31,8 +32,11 @@ def run(jobs: list[dict]) -> None:
             if torch.distributed.is_initialized():  # the other ranks' next run reads what rank 0 changed
                 torch.distributed.barrier()
             continue
-        code = main(job["argv"])
-        if code != 0:
+        try:
+            code = main(job["argv"])
+        except SystemExit as e:  # a refusal (fastft train's settings errors exit 2)
+            code = e.code
+        if code != job.get("code", 0):
             raise SystemExit(f"job {i} ({' '.join(job['argv'])}) returned {code}")
 
 

@@ -107,6 +107,7 @@ def _after_train_interrupt(config) -> str:
 
 # what the same command does after a Ctrl-C of `fastft bench` / `fastft study` (train says its own in main)
 RESUMES = {"bench": "the same command resumes the table (bench_methods.json keeps the finished rows)",
+           "bench kernels": "the same command runs the kernel benchmarks again",
            "study": "the same command resumes it (--output-dir's cells/ keeps the finished cells)"}
 
 
@@ -123,7 +124,8 @@ def command(argv: list[str] | None = None) -> int:
         name = next((a for a in argv if not a.startswith("-")), None)
         if name not in RESUMES:
             raise
-        print(f"fastft {name}: interrupted (Ctrl-C); {RESUMES[name]}", file=sys.stderr)
+        resumes = RESUMES["bench kernels" if name == "bench" and "kernels" in argv else name]
+        print(f"fastft {name}: interrupted (Ctrl-C); {resumes}", file=sys.stderr)
         return 130
     finally:
         import torch.distributed as dist

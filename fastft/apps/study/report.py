@@ -383,6 +383,15 @@ def devices_line(cells: list[dict]) -> str:
     return " Cells ran on: " + "; ".join(f"{name} ({n} cells)" for name, n in names.most_common()) + "."
 
 
+def _incomplete_note(results: dict) -> list[str]:
+    """A warning under the first lines of a study stopped midway (results.json written before `complete` was
+    kept read as complete)."""
+    if results.get("complete", True):
+        return []
+    return ["", f"> **Incomplete**: {len(results['cells'])} of {results.get('planned_cells', '?')} cells run (still "
+                "running, or stopped: the same `fastft study` command resumes, reading the finished cells back)."]
+
+
 def write_report(results: dict, output_dir) -> dict[str, Path]:
     """report.md and plots/*.png (when matplotlib is installed) from the combined results; returns the paths
     written."""
@@ -407,6 +416,7 @@ def write_report(results: dict, output_dir) -> dict[str, Path]:
              + (f"; dev capped at {config['max_dev']} rows" if config.get("max_dev") else "")
              + (f"; test capped at {config['max_test']} rows" if config.get("max_test") else "") + "."
              + devices_line(cells),
+             *_incomplete_note(results),
              "", "## Headline", "", headline(groups, tasks_info), "", "## Tasks", "", _tasks_section(tasks_info)]
     for model, regime in sorted({k[:2] for k in groups}):
         name = f"{model}-{regime}"

@@ -271,7 +271,7 @@ def run_study(config: StudyConfig, *, progress: bool = True, log=print) -> dict:
         if change:
             changes[change[0]].append(change[1])
         results.append(result)
-        combined = _combined(config, tasks, results, outcomes["resumed"])
+        combined = _combined(config, tasks, results, outcomes["resumed"], len(cells))
         write_json_atomic(out / "results.json", combined)
     for kind, why in (("settings", "their settings changed"),
                       ("provenance", "they ran on another device, thread count, code or package versions")):
@@ -317,13 +317,16 @@ def _rerun_reason(stored: dict | None, settings: CellSettings, expected: dict) -
     return "provenance", provenance_change(stored, expected)
 
 
-def _combined(config: StudyConfig, tasks: dict, results: list[dict], resumed: int) -> dict:
+def _combined(config: StudyConfig, tasks: dict, results: list[dict], resumed: int, planned: int) -> dict:
+    """results.json: written after every cell, so a study stopped midway leaves the cells so far, marked
+    incomplete (`complete`, `planned_cells`: a redraw says so, as bench's table does)."""
     import platform
 
     import torch
 
     slim = [{k: v for k, v in r.items() if k not in ("traceback", "train_losses", "dev_curve")} for r in results]
     return {"config": asdict(config), "tasks": tasks, "cells": slim, "resumed_cells": resumed,
+            "planned_cells": planned, "complete": len(results) == planned,
             "environment": {"torch": torch.__version__, "python": platform.python_version(),
                             "device": default_device().type, "device_name": device_name(default_device()),
                             "threads": torch.get_num_threads(), "versions": library_versions(STUDY_PACKAGES)}}

@@ -39,12 +39,12 @@ from fastft.apps.training.objectives import (ObjectiveModel, causal_lm, check_he
                                              checked_on_host_for, disable_model_dropout, documents_alone,
                                              is_prompt_learning, packing_isolates, run_documents_alone, token_rows)
 from fastft.apps.training.resume_checks import (check_finished_run_settings, check_resumed_data,
-                                               check_resumed_settings, check_resumed_step, finished_metrics,
-                                               resume_may_change)
+                                               check_resumed_layout, check_resumed_settings, check_resumed_step,
+                                               finished_metrics, resume_may_change)
 from fastft.apps.training.run_lock import hold_output_dir
-from fastft.apps.training.run_setup import (apply_method_or_config_error, launcher_notes, load_models,
-                                            make_accelerator, maybe_patch, nf4_fsdp_problem, patch_problem,
-                                            precision_notes, shard_model)
+from fastft.apps.training.run_setup import (apply_method_or_config_error, distribution_layout, launcher_notes,
+                                            load_models, make_accelerator, maybe_patch, nf4_fsdp_problem,
+                                            patch_problem, precision_notes, shard_model)
 
 
 class TrainingStopped(RuntimeError):
@@ -214,7 +214,7 @@ def _run(cfg: TrainConfig, accelerator, train_records, eval_records, description
     """as_given: the settings before validate, for config.yaml: --epochs, not the steps it gives here; an unset
     --dropout or --mixed-precision auto, not what validate resolved them to (reused with --objective dpo or on a GPU,
     those would be wrong)."""
-    from accelerate.utils import DistributedType, set_seed
+    from accelerate.utils import set_seed
     from transformers import AutoConfig
 
     import fastft
@@ -230,6 +230,7 @@ def _run(cfg: TrainConfig, accelerator, train_records, eval_records, description
     out = Path(cfg.output_dir)
     checkpoints = ckpt.Checkpoints(out, accelerator)
     resume_from = checkpoints.latest() if cfg.resume else None
+    layout = distribution_layout(cfg, accelerator)
     plan = BatchPlan(len(train_records), cfg.batch_size, cfg.grad_accum, world, cfg.seed,
                      records_digest(train_records))
     if cfg.epochs:
@@ -239,7 +240,9 @@ def _run(cfg: TrainConfig, accelerator, train_records, eval_records, description
             + ("" if given in (TrainConfig.steps, cfg.steps) else f"; --steps {given} is not used"))
     if resume_from is not None:
         resumed = checkpoints.trainer_state(resume_from)  # before any model loads: a mismatch fails fast
-        check_resumed_settings(cfg, resumed.get("config"), resume_from, models_fingerprinted="models" in resumed)
+        check_resumed_settings(cfg, resumed.get("config"), resume_from, models_fingerprinted="models" in resumed,
+                               layout_recorded="layout" in resumed)
+        check_resumed_layout(resumed.get("layout"), layout, resume_from)
         check_resumed_data(fingerprint, resumed.get("data"), resume_from)
         check_resumed_step(cfg, resumed["step"], resume_from)
         plan.load_state_dict(resumed["plan"])
@@ -351,7 +354,7 @@ def _run(cfg: TrainConfig, accelerator, train_records, eval_records, description
         log(describe("before" if key == "eval_before" else "quantized", history[key]))
 
     sharded_here = shard_model(objective, cfg, accelerator)
-    fsdp = sharded_here or accelerator.distributed_type == DistributedType.FSDP  # the plugin shards in prepare
+    fsdp = layout == "fsdp"  # sharded here, or by accelerate's FSDP2 plugin in prepare
     loraplus = cfg.loraplus_lr_ratio if cfg.method in LORA_METHODS else 0.0  # another method's vectors are not LoRA's
     try:
         optimizer = make_optimizer(cfg.optimizer, model, cfg.lr, cfg.weight_decay, fsdp=fsdp,
@@ -393,6 +396,7 @@ def _run(cfg: TrainConfig, accelerator, train_records, eval_records, description
         history["peak_memory_gib"] = max(history.get("peak_memory_gib") or 0.0, peak_memory_gib(device))
         return {"scheduler": schedule.state_dict(), "plan": plan.state_dict(), "history": history,
                 "config": ckpt.comparable_settings(to_yaml_dict(cfg)), "data": fingerprint, "models": models,
+                "layout": layout,
                 "scaler": ckpt.scaler_state(accelerator),  # collective (every process saves at the same step):
                 "record_flags": record_flags(make_batch, len(train_records), earlier_flags, accelerator)}
 

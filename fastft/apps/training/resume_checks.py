@@ -33,17 +33,20 @@ def resume_may_change(cfg: TrainConfig, saved: dict | None = None) -> tuple[str,
 
 
 def check_resumed_settings(cfg: TrainConfig, saved: dict | None, checkpoint: Path,
-                           models_fingerprinted: bool = True) -> None:
+                           models_fingerprinted: bool = True, layout_recorded: bool = False) -> None:
     """A ConfigError naming every training setting that differs from the checkpoint's run: resuming with another
     learning rate, rank, method or data would mix two runs (and a restored optimizer or scheduler keeps the old
     values), so only the RESUME_MAY_CHANGE settings may differ. models_fingerprinted: False for a checkpoint
     written before they kept the models' fingerprints (ckpt.check_resumed_models): --model/--teacher then compare
-    as the paths given, the only check there is."""
+    as the paths given, the only check there is. layout_recorded: the checkpoint keeps its distribution layout
+    (check_resumed_layout compares that): --distributed may then change in its spelling (auto <-> ddp under
+    torchrun, auto <-> none in one process)."""
     if saved is None:  # fastft before 2026-12-01 (64f39b8): no settings kept, and another learning-rate schedule
         raise ConfigError(f"--resume: {checkpoint} was written by a fastft from before 2026-12-01, which kept no "
                           "record of the run's settings or data and followed another learning-rate schedule: "
                           "resuming it would mix two runs; start a new run in another --output-dir")
-    changed = _changed_settings(cfg, to_yaml_dict(cfg), saved, raw=() if models_fingerprinted else ("model", "teacher"))
+    changed = _changed_settings(cfg, to_yaml_dict(cfg), saved, raw=() if models_fingerprinted else ("model", "teacher"),
+                                also=("distributed",) if layout_recorded else ())
     if changed:
         raise ConfigError(f"--resume: {checkpoint} was written with other settings ({'; '.join(changed)}); resume "
                           "with the run's own settings (its config.yaml: fastft train --config ... --resume; --steps "
@@ -53,8 +56,9 @@ def check_resumed_settings(cfg: TrainConfig, saved: dict | None, checkpoint: Pat
 
 
 def _changed_settings(cfg: TrainConfig, now: dict, saved: dict, raw: tuple = (), real: tuple = (),
-                      fixed: tuple = ()) -> list:
-    """"--name saved -> now" for each setting that differs and may not (resume_may_change, less `fixed`). A setting
+                      fixed: tuple = (), also: tuple = ()) -> list:
+    """"--name saved -> now" for each setting that differs and may not (resume_may_change and `also`, less
+    `fixed`). A setting
     added since `saved` was written had its default then; spellings of one setting compare equal, and paths by
     content (compared apart), except the `raw` ones, compared as given, and the `real` ones, as the paths they name."""
     raw_saved, raw_now = {**to_yaml_dict(TrainConfig()), **saved}, now
@@ -63,7 +67,7 @@ def _changed_settings(cfg: TrainConfig, now: dict, saved: dict, raw: tuple = (),
         saved[name], now[name] = raw_saved[name], raw_now[name]
     for name in real:
         saved[name], now[name] = _real_path(raw_saved[name]), _real_path(raw_now[name])
-    may_change = [k for k in resume_may_change(cfg, saved) if k not in fixed]
+    may_change = [k for k in resume_may_change(cfg, saved) + also if k not in fixed]
     return [f"--{k.replace('_', '-')} {saved[k]!r} -> {now[k]!r}" for k in now
             if k not in may_change and saved.get(k) != now[k]]
 
@@ -101,6 +105,22 @@ def check_finished_run_settings(cfg: TrainConfig, as_given: TrainConfig, out: Pa
                           "and without its adapter folder, so there is nothing to merge; train again with "
                           "--save-merged")
     return metrics
+
+
+LAYOUTS = {"fsdp": "sharded over the processes (FSDP)", "ddp": "whole on every process (DDP)",
+           "none": "in one process"}
+
+
+def check_resumed_layout(saved: str | None, now: str, checkpoint: Path) -> None:
+    """A ConfigError when the checkpoint's run kept its weights and optimizer state in another layout
+    (run_setup.distribution_layout) than this run: FSDP's optimizer state does not load into DDP's nor the other
+    way (a KeyError deep in torch), and --distributed auto takes FSDP from an `accelerate launch` config, so the
+    settings alike do not say the layouts are. None: written before checkpoints kept it (--distributed then
+    compares as given)."""
+    if saved is not None and saved != now:
+        raise ConfigError(f"--resume: {checkpoint} was written by a run whose state was {LAYOUTS.get(saved, saved)}, "
+                          f"this run's is {LAYOUTS.get(now, now)}; resume under the launch it started with (the same "
+                          "--distributed and `accelerate launch` config), or start a new run in another --output-dir")
 
 
 def check_resumed_data(fingerprint: dict, saved: dict | None, checkpoint: Path) -> None:

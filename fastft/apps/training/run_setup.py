@@ -179,6 +179,18 @@ def make_accelerator(cfg: TrainConfig):
 
 
 
+def distribution_layout(cfg: TrainConfig, accelerator) -> str:
+    """How the run's state is laid out over its processes: "fsdp" (parameters and optimizer state sharded: fastft's
+    shard_model or accelerate's FSDP2 plugin, also from an `accelerate launch` config under --distributed auto),
+    "ddp" (whole on every process) or "none" (one process). --distributed auto and ddp under torchrun give the same
+    layout, as auto and none do in one process."""
+    from accelerate.utils import DistributedType
+
+    if cfg.distributed == "fsdp" or accelerator.distributed_type == DistributedType.FSDP:  # (fsdp: several, checked)
+        return "fsdp"
+    return "ddp" if accelerator.num_processes > 1 else "none"
+
+
 def launcher_notes(cfg: TrainConfig) -> list[str]:
     """One line per `accelerate launch` setting (its environment variables) that fastft train's flags override."""
     notes = []
