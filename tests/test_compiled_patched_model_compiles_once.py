@@ -17,3 +17,15 @@ def test_three_compiled_training_steps_compile_one_graph():
     ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(0))
     graphs = graphs_per_training_call(compiled, ids)
     assert graphs == [1, 0, 0], graphs
+
+
+def test_a_second_patched_model_reuses_the_first_ones_compiled_graph():
+    """patch_model wrapped the attention forward anew at every call: a new attention class per patched model, so each
+    one compiled again and, past dynamo's recompile limit (8), the next patched model ran eagerly, silently."""
+    torch._dynamo.reset()
+    ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    graphs = []
+    for _ in range(2):
+        model = fastft.patch_model(tiny_llama(), attention=False)  # fastft attention keys its notes per model
+        graphs.append(graphs_per_training_call(torch.compile(model.train(), backend="eager"), ids, calls=1)[0])
+    assert graphs == [1, 0], graphs

@@ -82,9 +82,12 @@ class FusedGLUMLPForward:
             return self.down_proj(out)
 
 
+@functools.lru_cache(maxsize=None)
 def with_saved_inputs_made_again(forward):
     """An attention's forward inside recomputed_outputs(): its projections' saved copies of the patched input
-    norm's output (q, k and v read it) are made again in backward from what the norm keeps."""
+    norm's output (q, k and v read it) are made again in backward from what the norm keeps. One wrapper per
+    forward: a new one at every patch_model made a new attention class, so each patched model compiled afresh
+    and past dynamo's recompile limit the next one ran eagerly."""
     @functools.wraps(forward)
     def attention_forward(self, *args, **kwargs):
         with recomputed_outputs():
