@@ -2,7 +2,8 @@
 generator, so the masks of torch's F.dropout (LoRA on the torch path — the CPU's —, DoRA with dropout on every
 backend, the model's own dropout) were not eager's: the losses drifted from the eager run's from step 2 (0.56%),
 against the README's "a compiled run trains what the eager run trains", and resuming compiled <-> eager did not give
-the same losses. The apps now have inductor take torch's generator (fallback_random). DoRA with dropout draws
+the same losses. The apps now have inductor take torch's generator (fallback_random) while the run lasts (it was
+left set for the process after). DoRA with dropout draws
 through F.dropout on every backend, as LoRA's torch path does (test_train_compile.py runs LoRA under inductor)."""
 import json
 import os
@@ -30,6 +31,7 @@ def test_inductor_compiled_dora_run_with_dropout_trains_the_eager_runs_losses(tm
         torch._dynamo.reset()
         with torch._inductor.config.patch(fallback_random=False):  # as a fresh process has it; restored after
             assert main([*common, "--output-dir", str(tmp_path / name), *extra]) == 0
+            assert torch._inductor.config.fallback_random is False  # the run's setting did not outlive it
         metrics = json.loads((tmp_path / name / "metrics.json").read_text())
         losses[name] = metrics["train_losses"]
         if extra:

@@ -42,9 +42,10 @@ from fastft.apps.training.resume_checks import (check_finished_run_settings, che
                                                check_resumed_layout, check_resumed_settings, check_resumed_step,
                                                finished_metrics, resume_may_change)
 from fastft.apps.training.run_lock import hold_output_dir
-from fastft.apps.training.run_setup import (apply_method_or_config_error, distribution_layout, launcher_notes,
-                                            load_models, make_accelerator, maybe_patch, nf4_fsdp_problem,
-                                            patch_problem, precision_notes, shard_model)
+from fastft.apps.training.run_setup import (apply_method_or_config_error, distribution_layout,
+                                            inductor_takes_torch_random, launcher_notes, load_models,
+                                            make_accelerator, maybe_patch, nf4_fsdp_problem, patch_problem,
+                                            precision_notes, shard_model)
 
 
 class TrainingStopped(RuntimeError):
@@ -188,7 +189,8 @@ def train(cfg: TrainConfig) -> dict:
         torch._dynamo.reset()  # recompile limits) must not decide whether this run's model compiles
     train_records, eval_records, description = load_records(cfg)  # malformed data fails before any model loads
     accelerator = make_accelerator(cfg)
-    with hold_output_dir(cfg.output_dir, accelerator), deterministic_algorithms(cfg.deterministic):
+    with hold_output_dir(cfg.output_dir, accelerator), deterministic_algorithms(cfg.deterministic), \
+            inductor_takes_torch_random(cfg):
         return _run(cfg, accelerator, train_records, eval_records, description, given)  # one run writes there
 
 

@@ -3,6 +3,7 @@ applied to the model (with did-you-mean errors for module names), `fastft.patch_
 notes a run logs about settings it overrides."""
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 
@@ -216,16 +217,21 @@ def dynamo_plugin(cfg: TrainConfig):
 
     if cfg.compile == "off":
         return TorchDynamoPlugin(backend="no")
-    if cfg.compile_backend == "inductor":
-        # inductor draws dropout's random numbers with its own generator unless told to take torch's: a compiled
-        # run's masks (torch's F.dropout: LoRA/QLoRA on the torch path, DoRA with dropout, the model's own) then
-        # differed from eager's, and a run resumed compiled <-> eager did not give the same losses (0.56% at step 2)
-        import torch._inductor.config
-
-        torch._inductor.config.fallback_random = True
     return TorchDynamoPlugin(backend=cfg.compile_backend, mode=cfg.compile, fullgraph=False,
                              use_regional_compilation=False)
 
+
+
+def inductor_takes_torch_random(cfg: TrainConfig):
+    """While an inductor-compiled run lasts (its compilations happen within it), inductor draws dropout's random
+    numbers from torch's generator: with its own, a compiled run's masks (torch's F.dropout: LoRA/QLoRA on the torch
+    path, DoRA with dropout, the model's own) differed from eager's, and a run resumed compiled <-> eager did not give
+    the same losses (0.56% at step 2). The process's setting is restored after (it was left set for good)."""
+    if cfg.compile == "off" or cfg.compile_backend != "inductor":
+        return contextlib.nullcontext()
+    import torch._inductor.config
+
+    return torch._inductor.config.patch(fallback_random=True)
 
 
 def shard_model(objective: ObjectiveModel, cfg: TrainConfig, accelerator) -> bool:
