@@ -58,9 +58,9 @@ def check_resumed_settings(cfg: TrainConfig, saved: dict | None, checkpoint: Pat
 def _changed_settings(cfg: TrainConfig, now: dict, saved: dict, raw: tuple = (), real: tuple = (),
                       fixed: tuple = (), also: tuple = ()) -> list:
     """"--name saved -> now" for each setting that differs and may not (resume_may_change and `also`, less
-    `fixed`). A setting
-    added since `saved` was written had its default then; spellings of one setting compare equal, and paths by
-    content (compared apart), except the `raw` ones, compared as given, and the `real` ones, as the paths they name."""
+    `fixed`). A setting added since `saved` was written had its default then; spellings of one setting compare
+    equal, and paths by content (compared apart), except the `raw` ones, compared as given, and the `real` ones, as
+    the paths they name."""
     raw_saved, raw_now = {**to_yaml_dict(TrainConfig()), **saved}, now
     saved, now = ckpt.comparable_settings(raw_saved), ckpt.comparable_settings(raw_now)
     for name in raw:
