@@ -458,16 +458,17 @@ def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
     for stale in path.parent.iterdir() if path.parent.is_dir() else ():
         match = _temporary_of(stale.name)
         if match is None or not {path.name, _short(path.name)} & {match["target"], match["old_target"]} \
-                or _being_written(match, host, other_hosts=True) and not _abandoned_here(match, stale):
+                or _being_written(match, host, other_hosts=True) and not _abandoned_here(match, stale, host):
             continue
         _remove(stale)
         removed.append(stale)
     return removed
 
 
-def _abandoned_here(match: re.Match, stale: Path) -> bool:
-    """A temporary of this very process that no write of it holds now (an interrupted one's)."""
-    if match["host"] is None or match["start"] is None or int(match["pid"]) != os.getpid() \
+def _abandoned_here(match: re.Match, stale: Path, host: str) -> bool:
+    """A temporary of this very process that no write of it holds now (an interrupted one's). This host's only: a
+    process of another (a container on a shared volume) may have the same PID and start time."""
+    if match["host"] != host or match["start"] is None or int(match["pid"]) != os.getpid() \
             or int(match["start"]) != _start_time(os.getpid()):
         return False
     with _WRITING_LOCK:

@@ -424,3 +424,15 @@ def test_prompt_tuning_leaves_out_an_earlier_calls_cache_passed_as_cache():
         again = model.generate(input_ids=first.sequences, max_new_tokens=3, do_sample=False, cache=cache)
     assert torch.equal(again, want)
     assert cache.get_seq_length() == length   # left untouched
+
+
+# --- bug: another host's temporary was taken for this process's abandoned one ----------------------------------------
+
+def test_another_hosts_temporary_with_this_processs_pid_and_start_time_is_kept(tmp_path):
+    """Two containers on a shared volume may both run fastft as PID 1, started in the same clock tick: a sweep took the
+    other host's live temporary for one of its own interrupted ones (the host was not compared) and removed it."""
+    host, pid, start = ff._owner().split("-")
+    live = tmp_path / f".adapter.tmp-{int(host, 16) ^ 1:08x}-{pid}-{start}-abcd_123"
+    live.mkdir()
+    assert ff.remove_stale_temporaries(tmp_path / "adapter") == []
+    assert live.is_dir()
