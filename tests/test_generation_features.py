@@ -202,7 +202,8 @@ def test_prompt_tuning_without_a_cache_names_why_assisted_decoding_cannot_run(op
     static cache was asked for; the default dynamic cache runs it."""
     model = prompt_model()
     ids = tokens(6, 7)
-    with torch.no_grad(), pytest.raises(ValueError, match="prompt / P-tuning with a static or passed cache"):
+    with torch.no_grad(), pytest.raises(ValueError, match="prompt / P-tuning with a static or passed cache.*"
+                                                          "drop cache_implementation.*leave use_cache on"):
         model.generate(ids, max_new_tokens=N, do_sample=False, prompt_lookup_num_tokens=2, **options)
     with torch.no_grad():
         got = model.generate(ids, max_new_tokens=N, do_sample=False, prompt_lookup_num_tokens=2)

@@ -443,6 +443,7 @@ def test_train_interrupted_before_its_first_checkpoint_is_not_sent_to_resume(che
         assert "--resume" in err[0] and "step-00000002" in err[0], err
     else:
         assert "--resume" not in err[0] and "run the same command again" in err[0], err
+        assert f"{out} not made yet" in err[0], err  # not "none in run/checkpoints", a folder that is not there
 
 
 def test_a_study_stopped_midway_leaves_results_marked_incomplete(tmp_path, monkeypatch):

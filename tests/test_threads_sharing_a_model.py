@@ -17,6 +17,7 @@ from peft import IA3Config, PrefixTuningConfig, PromptTuningConfig
 from peft.tuners.ia3 import IA3Model
 
 import fastft
+from fastft.kernels import runtime
 from tests.utils import tiny_llama
 
 THREADS, CALLS = 2, 6
@@ -97,3 +98,37 @@ def test_ia3_on_nf4_models_built_in_threads_leaves_peft_as_it_was():
             assert IA3Model.__dict__["_create_new_module"] is peft_own
     finally:
         IA3Model._create_new_module = peft_own
+
+
+@pytest.mark.skipif(not runtime.INTERPRET, reason="the Triton interpreter's launches")
+def test_interpreted_launches_from_two_threads_take_turns():
+    """The interpreter patches triton.language for a launch and restores it after, and keeps the grid position in one
+    builder: a launch in another thread that began inside the first and ended after it ran its kernel unpatched
+    ("Did you forget to add @triton.jit ?" — a generate() in threads on a prefix-tuned model, 1 suite run in ~10).
+    Here thread b's launch waits, inside it, for a's to end: with launches taking turns, b starts only after."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def add_one(x_ptr, n, BLOCK: tl.constexpr):
+        offsets = tl.arange(0, BLOCK)
+        mask = offsets < n
+        tl.store(x_ptr + offsets, tl.load(x_ptr + offsets, mask=mask) + 1, mask=mask)
+
+    a_inside, b_inside, a_done = threading.Event(), threading.Event(), threading.Event()
+
+    def launch(name, x, barrier):
+        def grid(meta):  # evaluated inside the launch, after the interpreter patched the builtins
+            (a_inside if name == "a" else b_inside).set()
+            (b_inside if name == "a" else a_done).wait(timeout=2)
+            return (1,)
+        if name == "b":
+            a_inside.wait(timeout=10)
+        add_one[grid](x, x.numel(), BLOCK=8)
+        if name == "a":
+            a_done.set()
+        return x
+
+    xs = [torch.zeros(5), torch.zeros(5)]
+    out = _in_threads(lambda thread, barrier: launch("ab"[thread], xs[thread], barrier))
+    assert all(torch.equal(x, torch.ones(5)) for x in out)

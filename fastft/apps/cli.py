@@ -101,8 +101,9 @@ def _after_train_interrupt(config) -> str:
         return f"; `fastft train ... --resume` continues from its last checkpoint, {last}"
     if config is None:
         return "; `fastft train ... --resume` continues from the last checkpoint, if one was written"
-    return (f" before its first checkpoint (none in {Path(config.output_dir) / 'checkpoints'}); run the same command "
-            "again to start over")
+    out = Path(config.output_dir)
+    where = f"none in {out / 'checkpoints'}" if out.is_dir() else f"{out} not made yet"
+    return f" before its first checkpoint ({where}); run the same command again to start over"
 
 
 # what the same command does after a Ctrl-C of `fastft bench` / `fastft study` (train says its own in main)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 
 import torch
 
@@ -42,8 +43,30 @@ def _interpret_descriptor_reduce() -> None:
     builder.create_descriptor_reduce = create_descriptor_reduce
 
 
+def _interpret_one_launch_at_a_time() -> None:
+    """Triton's interpreter runs a launch through process-wide state: it patches triton.language's builtins for the
+    launch and restores them after, and keeps the grid position in one builder. Two threads launching at once (a
+    server generating from one model in threads, on the CPU) unpatched each other's builtins mid-kernel ("Did you
+    forget to add @triton.jit ?") or could read each other's program ids: launches take turns."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    run = InterpretedFunction.run
+    if getattr(run, "_fastft_one_at_a_time", False):
+        return
+    lock = threading.RLock()  # reentrant: an autotuner's timing launches run inside its own
+
+    @functools.wraps(run)
+    def one_at_a_time(self, *args, **kwargs):
+        with lock:
+            return run(self, *args, **kwargs)
+
+    one_at_a_time._fastft_one_at_a_time = True
+    InterpretedFunction.run = one_at_a_time
+
+
 if INTERPRET and HAS_TRITON:
     _interpret_descriptor_reduce()
+    _interpret_one_launch_at_a_time()
 
 
 def under_func_transform() -> bool:

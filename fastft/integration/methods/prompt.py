@@ -136,7 +136,8 @@ class FastftPromptModel(NoContinuousBatching, PeftModelForCausalLM):
                 raise ValueError("generate: prompt / P-tuning with a static or passed cache (or use_cache=False) "
                                  "recomputes every step without a KV cache (one would be sized without the virtual "
                                  "tokens), and assisted / prompt-lookup decoding needs one: drop cache_implementation "
-                                 "(the default dynamic cache is exact) or the assistant")
+                                 "and the passed cache, leave use_cache on (the default dynamic cache is exact), or "
+                                 "drop the assistant")
             # a passed cache is left out: its length would count the virtual tokens against the real ones
             # (a cache from an earlier call) and every recomputed step would be appended to it. Through fastft's
             # per-call adjustment, not peft's generate: that swaps the shared base model's input preparation, and
