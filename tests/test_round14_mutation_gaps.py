@@ -182,7 +182,7 @@ def test_quantize_model_interrupted_between_a_shared_layers_two_names_loses_no_w
     assert torch.equal(_out(model), reference)
 
 
-# --- integration/methods: continuous batching refused on every entry, however asked ------------------------------------
+# --- integration/methods: continuous batching refused on every entry, however asked -----------------------------------
 
 def _gen():
     from tests import test_generation_features as g

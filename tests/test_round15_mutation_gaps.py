@@ -92,7 +92,7 @@ def test_a_results_json_without_complete_is_read_as_a_finished_study(tmp_path, m
 
 @pytest.mark.skipif(not runtime.INTERPRET, reason="the Triton interpreter's launches")
 def test_an_interpreted_launch_made_inside_another_in_the_same_thread_runs():
-    """The turns' lock is reentrant (a launch made within a launch, as an autotuner's timing runs): a plain lock
+    """The turns' lock is reentrant (a launch made within a launch, here from its grid function): a plain lock
     deadlocked the thread."""
     import triton
     import triton.language as tl
@@ -175,7 +175,7 @@ def test_resume_of_a_checkpoint_without_a_layout_compares_distributed_as_given(_
     assert "--distributed 'auto' -> 'none'" in err, err
 
 
-# --- apps/training/run_setup.py: inductor takes torch's generator only while an inductor-compiled run lasts ------------
+# --- apps/training/run_setup.py: inductor takes torch's generator only while an inductor-compiled run lasts --------
 
 def test_an_eager_run_leaves_inductors_random_setting_alone():
     import torch._inductor.config as inductor

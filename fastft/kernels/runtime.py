@@ -53,7 +53,7 @@ def _interpret_one_launch_at_a_time() -> None:
     run = InterpretedFunction.run
     if getattr(run, "_fastft_one_at_a_time", False):
         return
-    lock = threading.RLock()  # reentrant: an autotuner's timing launches run inside its own
+    lock = threading.RLock()  # reentrant: a launch made within one (a grid function's, a hook's) must not wait on it
 
     @functools.wraps(run)
     def one_at_a_time(self, *args, **kwargs):
