@@ -478,3 +478,5 @@ def test_a_study_stopped_midway_leaves_results_marked_incomplete(tmp_path, monke
     finished = runner.run_study(config, progress=False, log=lambda line: None)
     assert (finished["complete"], finished["resumed_cells"], len(calls)) == (True, 1, 4)
     assert "Incomplete" not in write_report(finished, tmp_path)["report"].read_text()
+    old = {k: v for k, v in finished.items() if k not in ("complete", "planned_cells")}  # written before they were kept
+    assert "Incomplete" not in write_report(old, tmp_path)["report"].read_text()

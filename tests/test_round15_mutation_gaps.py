@@ -66,28 +66,6 @@ def test_the_program_reads_its_command_from_sys_argv_for_the_ctrl_c_line(monkeyp
     assert len(err) == 1 and err[0].startswith("fastft study: interrupted (Ctrl-C); the same command resumes"), err
 
 
-# --- apps/study/report.py: results.json from before `complete` was kept ----------------------------------------------
-
-def test_a_results_json_without_complete_is_read_as_a_finished_study(tmp_path, monkeypatch):
-    from dataclasses import asdict
-
-    from fastft.apps.study import runner
-    from fastft.apps.study.report import write_report
-    from tests.test_study_review_fixes import _toy_task
-
-    def run_cell(spec, settings):
-        return {"key": spec.key, **asdict(spec), "settings": asdict(settings), "status": "diverged",
-                "reason": "training loss nan at step 1 of 2", "wall_seconds": 0.0}
-
-    monkeypatch.setattr(runner, "run_cell", run_cell)
-    monkeypatch.setattr(runner, "load_study_task", lambda name: _toy_task())
-    config = runner.StudyConfig(methods=("lora",), tasks=("subj",), models=("minilm",), regimes=("32-per-class",),
-                                seeds=2, steps=2, with_peft=False, output_dir=str(tmp_path))
-    results = runner.run_study(config, progress=False, log=lambda line: None)
-    old = {k: v for k, v in results.items() if k not in ("complete", "planned_cells")}
-    assert "Incomplete" not in write_report(old, tmp_path)["report"].read_text()
-
-
 # --- kernels/runtime.py: interpreted launches take turns, reentrantly ------------------------------------------------
 
 @pytest.mark.skipif(not runtime.INTERPRET, reason="the Triton interpreter's launches")
