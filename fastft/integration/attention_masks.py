@@ -24,24 +24,25 @@ _OVERLAY_UNDER_COMPILE = (
     "tell from plain packed rows without reading it: pass attention_mask (a 2-D mask of ones will do) or leave "
     "position_ids out for this batch, use attn_implementation='sdpa', or run it eagerly")
 # Packed rows for attention calls given no position_ids (documents_from_mask): noted by the mask function at the start
-# of a forward, per model (the id of its config; "last": any model, for a layer without a config): (the tokens B·S,
-# the documents: _mask_documents, when the mask was for packed rows without a padding mask (traced, for every mask
-# with position_ids: torch.compile cannot read whether rows restart); else None). Eager attention reads its
-# thread's notes (forwards may run at once in several threads) — but gradient checkpointing's recompute of a layer
-# in the backward reads _recompute_notes: the notes of the last forward of its model with gradients on, kept apart
-# because whatever ran in between (a distillation teacher's forward, a no-grad reference forward of the same model)
-# replaced the note every forward wrote (gradients 10-17 off at scale 40-80, silently), and process-wide because on
-# a GPU the backward runs on autograd's device threads. Traced attention reads a dict, not a ContextVar or a
-# thread-local: dynamo traces a dict's reads and writes (the others would break the graph); within one compiled
-# forward the value flows in the graph, while a compiled attention under an eager mask (regional compilation) reads
-# the last eager mask's, one a process.
+# of a forward, per model (_eager_key eagerly, _traced_key for traced readers; "last": any model, for a layer without
+# a config): (the tokens B·S, the documents: _mask_documents, when the mask was for packed rows without a padding mask
+# (traced, for every mask with position_ids: torch.compile cannot read whether rows restart); else None). Eager
+# attention reads its thread's notes (forwards may run at once in several threads) — but gradient checkpointing's
+# recompute of a layer in the backward reads _recompute_notes: the notes of the last forward of its model with
+# gradients on, kept apart because whatever ran in between (a distillation teacher's forward, a no-grad reference
+# forward of the same model) replaced the note every forward wrote (gradients 10-17 off at scale 40-80, silently), and
+# process-wide because on a GPU the backward runs on autograd's device threads. Traced attention reads a dict, not a
+# ContextVar or a thread-local: dynamo traces a dict's reads and writes (the others would break the graph); within one
+# compiled forward the value flows in the graph, while a compiled attention under an eager mask (regional
+# compilation) reads the last eager mask's, one a process.
 _packing_seen: dict = {}
 _recompute_notes: dict = {}
 _thread_note = threading.local()
-# ("bidirectional", id of the config): the reach of its bidirectional sliding mask (local_size), read by
-# bidirectional_window; ("causal", id of the config): its causal mask's window or None, read by causal_mask_window.
-# Each a constant of its model, so one per model: a single slot for every model lost a window to another model's
-# forward (another thread's, or a teacher's before a checkpointed backward)
+# ("bidirectional", a config's key): the reach of its bidirectional sliding mask (local_size), read by
+# bidirectional_window; ("causal", a config's key): its causal mask's window or None, read by causal_mask_window. Each
+# a constant of its model, so one per model: a single slot for every model lost a window to another model's forward
+# (another thread's, or a teacher's before a checkpointed backward). Written under both keys eagerly (a compiled
+# attention may read an eager mask's), under the traced key when traced (an eager reader falls back to it)
 _mask_reach: dict[tuple, int | None] = {}
 
 
@@ -72,13 +73,49 @@ def forwards_seen() -> int:
 
 def causal_mask_window(config) -> int | None:
     """The sliding window of the causal mask the model of `config` built (None: no window, or no mask seen)."""
-    return _mask_reach.get(("causal", _key(config)))
+    return _reach("causal", config)
 
 
 def _key(config):
-    """A config's key in the notes. Not id(None): torch 2.11's dynamo (the GPU machine's) cannot trace id() of a
-    constant, and an attention module without a config stopped the trace."""
+    """A config's key in the notes: _traced_key under torch.compile, _eager_key otherwise."""
+    return _traced_key(config) if compiling() else _eager_key(config)
+
+
+def _eager_key(config):
+    """The config's id: the notes of two models stay apart, however alike (threads, a teacher and its student)."""
     return "none" if config is None else id(config)
+
+
+# the settings a traced key is made of: plain values, each an equality guard for dynamo (no float: a NaN never equals
+# itself, and a guard on it would fail at every call)
+_KEYED_SETTINGS = (bool, int, str, type(None))
+
+
+def _traced_key(config):
+    """The config's class and its plain settings, not its id: dynamo guards on the id of an object whose id() a
+    graph reads, so every new model of a process compiled again, and past its recompile limit (8) the next ran
+    eagerly, silently; on values, a model alike in every setting reuses the graph. Two such models share their
+    traced notes: a reach is the same for both (it follows the settings), and packed documents flow inside one
+    compiled forward. Not id(None) either: torch 2.11's dynamo (the GPU machine's) cannot trace id() of a
+    constant, and an attention module without a config stopped the trace."""
+    if config is None:
+        return "none"
+    return (type(config).__name__, *((k, v) for k, v in vars(config).items() if isinstance(v, _KEYED_SETTINGS)))
+
+
+def _reach(kind: str, config) -> int | None:
+    """The noted reach of `kind` ("causal", "bidirectional") for the model of `config`: eagerly its own note, or,
+    where its mask was traced and its attention runs eagerly, the traced one."""
+    reach = _mask_reach.get((kind, _key(config)))
+    if reach is None and not compiling():
+        reach = _mask_reach.get((kind, _traced_key(config)))
+    return reach
+
+
+def _note_reaches(kind: str, config, reach: int | None) -> None:
+    """_note_reach under the config's traced key, and eagerly under its own too."""
+    for key in (_traced_key(config),) if compiling() else (_traced_key(config), _eager_key(config)):
+        _note_reach((kind, key), reach)
 
 
 def traced_documents(starts, batch_size: int, refusal: str):
@@ -114,7 +151,7 @@ def documents_from_mask(module, tokens: int):
     where finding them would read values, a packed batch stops the run in the graph. Recomputed by gradient
     checkpointing, a note of other tokens is another forward's of this model, run before this backward: refused."""
     config = getattr(module, "config", None)
-    key = id(config) if config is not None else "last"
+    key = _key(config) if config is not None else "last"
     recomputing = not compiling() and _recomputing()
     seen = (_packing_seen if compiling() else _recompute_notes if recomputing else _thread_notes()).get(key)
     if seen is None:
@@ -151,7 +188,7 @@ def bidirectional_window(module, sliding_window: int) -> int:
     sliding_window itself (1 short: logits 0.24 off, silently). The mask function notes the mask's reach for the
     config (_mask_reach); the window follows it."""
     config = getattr(module, "config", None)
-    reach = _mask_reach.get(("bidirectional", id(config))) if config is not None else None
+    reach = _reach("bidirectional", config) if config is not None else None
     return sliding_window if reach is None else reach + 1
 
 
@@ -278,12 +315,12 @@ def fastft_attention_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset
     # cross-attention masks)
     kept = unskippable or (not causal and kwargs.get("allow_is_bidirectional_skip") is False)
     if not causal and kwargs.get("local_size") is not None:  # a bidirectional sliding mask: its reach
-        _note_reach(("bidirectional", _key(config)), kwargs["local_size"])
+        _note_reaches("bidirectional", config, kwargs["local_size"])
     # the window of the causal mask a model without layer_types built (None: no window). Only there: a model with
     # layer_types builds a full and a sliding mask each forward, and a note flipping between them made such a model
     # (Qwen2, Qwen2-MoE on attn_implementation='fastft') compile twice; its layers read their window from the types
     if causal and getattr(config, "layer_types", None) is None:
-        _note_reach(("causal", _key(config)), kwargs.get("local_size"))
+        _note_reaches("causal", config, kwargs.get("local_size"))
     if not compiling():
         _thread_note.masks = forwards_seen() + 1
     # traced with a static cache, the offsets are tensors: comparing them would branch on data (a graph break)
@@ -296,13 +333,15 @@ def fastft_attention_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset
                 and not traced_offsets and mask_function is not None and q_length >= 2:
             found = _mask_documents(mask_function, batch_size, q_length, q_offset, kwargs.get("device"))
         note = (batch_size * q_length, found)  # the tokens too: a recompute checks it reads its own forward's
-        books = [_packing_seen]  # eagerly too: a compiled attention under an eager mask (regional compilation)
+        # (book, its keys): _packing_seen is read by traced attention only (eagerly too: a compiled attention under
+        # an eager mask, regional compilation)
+        books = [(_packing_seen, (_traced_key(config), "last"))]
         if not compiling():
-            books.append(_thread_notes())
+            books.append((_thread_notes(), (_eager_key(config), "last")))
             if torch.is_grad_enabled():  # a forward whose layers checkpointing may recompute
-                books.append(_recompute_notes)
-        for book in books:
-            for key in (_key(config), "last"):
+                books.append((_recompute_notes, (_eager_key(config), "last")))
+        for book, keys in books:
+            for key in keys:
                 # traced, a note that finds no documents (as an absent one reads) only replaces one that did:
                 # torch.compile guards on the dict, and a write at every traced forward compiled the second call again
                 held = book.get(key)
