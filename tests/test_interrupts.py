@@ -480,3 +480,37 @@ def test_a_study_stopped_midway_leaves_results_marked_incomplete(tmp_path, monke
     assert "Incomplete" not in write_report(finished, tmp_path)["report"].read_text()
     old = {k: v for k, v in finished.items() if k not in ("complete", "planned_cells")}  # written before they were kept
     assert "Incomplete" not in write_report(old, tmp_path)["report"].read_text()
+
+
+def test_a_rerun_stopped_midway_leaves_no_report_of_the_earlier_run(tmp_path, monkeypatch):
+    """A finished study's report.md stayed beside the results.json a later run (a larger plan) rewrote and left
+    incomplete when stopped: a report of a finished study over results marked incomplete. The run replaces it
+    first (through a link the user made to it, as every write of it); the command draws it again at the end."""
+    from dataclasses import asdict, replace
+
+    from fastft.apps.study import runner
+    from fastft.apps.study.report import write_report
+    from tests.test_study_review_fixes import _toy_task
+
+    stop = []
+
+    def run_cell(spec, settings):
+        if stop:
+            raise KeyboardInterrupt
+        return {"key": spec.key, **asdict(spec), "settings": asdict(settings), "status": "diverged",
+                "reason": "training loss nan at step 1 of 2", "wall_seconds": 0.0}
+
+    monkeypatch.setattr(runner, "run_cell", run_cell)
+    monkeypatch.setattr(runner, "load_study_task", lambda name: _toy_task())
+    config = runner.StudyConfig(methods=("lora",), tasks=("subj",), models=("minilm",), regimes=("32-per-class",),
+                                seeds=1, steps=2, with_peft=False, output_dir=str(tmp_path))
+    kept = tmp_path / "kept.md"
+    kept.write_text("")
+    (tmp_path / "report.md").symlink_to(kept)
+    write_report(runner.run_study(config, progress=False, log=lambda line: None), tmp_path)
+    assert "Incomplete" not in kept.read_text() and "subj" in kept.read_text()
+    stop.append(True)
+    with pytest.raises(KeyboardInterrupt):
+        runner.run_study(replace(config, seeds=2), progress=False, log=lambda line: None)
+    assert (tmp_path / "report.md").is_symlink()
+    assert "subj" not in kept.read_text() and "python -m fastft.apps.study.report" in kept.read_text()

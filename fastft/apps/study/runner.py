@@ -259,6 +259,12 @@ def run_study(config: StudyConfig, *, progress: bool = True, log=print) -> dict:
              for name, task in check_inputs(config).items()}
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    # an earlier run's report describes results.json no more once this run rewrites it: stopped midway, the old
+    # report read as a finished study beside results marked incomplete. Replaced (written through a user's link, as
+    # every write of it) until the report is drawn at the end
+    if (out / "report.md").exists():
+        atomic_write(out / "report.md", f"# fastft study: running\n\nThis report is drawn again when the run ends; "
+                     f"for the cells so far: `python -m fastft.apps.study.report {out / 'results.json'}`\n")
     cells = plan(config)
     results, outcomes, changes = [], Counter(), {"settings": [], "provenance": []}
     log(f"fastft study: {len(cells)} cells ({len(config.models)} models × {len(config.tasks)} tasks × "
