@@ -61,7 +61,11 @@ def prompt_model(kind="prompt"):
 
 
 def small_cb_config():
-    return ContinuousBatchingConfig(page_size=16, num_blocks=16, max_batch_tokens=64, use_async_batching=False,
+    import inspect
+
+    # transformers 5.17 (the GPU machine's) names the page size block_size; 5.24 page_size (block_size deprecated)
+    size = "page_size" if "page_size" in inspect.signature(ContinuousBatchingConfig).parameters else "block_size"
+    return ContinuousBatchingConfig(**{size: 16}, num_blocks=16, max_batch_tokens=64, use_async_batching=False,
                                     use_cuda_graph=False)
 
 
