@@ -549,6 +549,39 @@ def write_failures_as_os_errors(folder: str | os.PathLike):
         raise OSError(f"{type(e).__name__}: {str(e).strip()}{free}") from e
 
 
+def lock_folder(folder: str | os.PathLike, lock_name: str, who: str):
+    """(the open lock file, None) when this process now holds `folder`/`lock_name` (an `fcntl.flock`, taken without
+    waiting; the kernel drops it when the holder's process ends, however it ends, so a killed run never blocks the
+    next), (None, why not) when another holder has it or it cannot be taken — never an exception (a caller's other
+    processes may wait for the outcome). `who` names such a holder in the refusal ("fastft train run"). Close the
+    file to release it."""
+    import fcntl
+
+    folder = Path(folder)
+    path = folder / lock_name
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        lock = open(path, "a+")
+    except OSError as e:
+        return None, f"--output-dir {folder}: cannot create {path} ({e}); give a folder you can write to"
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "a process"
+        lock.close()
+        return None, (f"--output-dir {folder} is in use by another {who} ({holder} holds its {lock_name} until it "
+                      "ends); wait for it to end, or choose another --output-dir")
+    except OSError as e:  # a file system without locks
+        lock.close()
+        return None, f"--output-dir {folder}: cannot lock {path} ({e}); choose a folder on another file system"
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"process {os.getpid()} on {socket.gethostname()}\n")
+    lock.flush()
+    return lock, None
+
+
 def output_dir_problem(output_dir: str | os.PathLike, flag: str = "--output-dir") -> str | None:
     """Why `output_dir` cannot be made into a folder (one line naming `flag`), or None when it can: the path or
     the nearest of its parents that exists must be a folder we may write in (`fastft train`, `bench` and `study`

@@ -137,7 +137,7 @@ def run(args, parser: argparse.ArgumentParser) -> int:
     import torch
 
     from fastft.apps.study.report import write_report
-    from fastft.apps.study.runner import check_inputs, run_study
+    from fastft.apps.study.runner import OutputDirInUse, check_inputs, holding_output_dir, run_study
 
     config = config_from_args(args, parser)
     if args.plan:
@@ -151,8 +151,11 @@ def run(args, parser: argparse.ArgumentParser) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        results = run_study(config, progress=not args.no_progress)
-        paths = write_report(results, config.output_dir)
+        with holding_output_dir(config.output_dir):
+            results = run_study(config, progress=not args.no_progress)
+            paths = write_report(results, config.output_dir)
+    except OutputDirInUse as e:
+        parser.error(str(e))
     finally:  # a caller in the same process (a test) keeps its own setting
         torch.set_num_threads(threads)
     print(f"report: {paths['report']}")

@@ -10,8 +10,10 @@ rewritten; the report is written at the end.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,7 +25,7 @@ from fastft.apps.provenance import device_name, git_commit, kernel_environment, 
 from fastft.apps.study.cell import CellSettings, CellSpec, default_device, run_cell
 from fastft.apps.study.models import HEAD_FAMILIES, MINILM_POSITIONS, MODEL_FAMILIES, MODEL_PACKAGES, family_problem
 from fastft.apps.study.tasks import REGIMES, STUDY_TASKS, load_study_task, majority_baseline, tested_split
-from fastft.files import atomic_write, output_dir_problem, output_names_problem
+from fastft.files import atomic_write, lock_folder, output_dir_problem, output_names_problem, remove_temporaries_in
 from fastft.integration.methods import METHODS
 
 # Learning rates per method, (MiniLM, SmolLM2). Full fine-tuning moves every pretrained weight, so it takes
@@ -249,6 +251,32 @@ def _finished(path: Path, settings: CellSettings, expected: dict | None = None) 
     if expected is not None and provenance_change(result, expected):
         return None
     return result
+
+
+LOCK_NAME = ".fastft-study.lock"
+
+
+class OutputDirInUse(ValueError):
+    """Another study holds the output folder (or its lock cannot be taken): the message says what to do."""
+
+
+@contextlib.contextmanager
+def holding_output_dir(output_dir: str | os.PathLike):
+    """One study per output folder, held while the `with` block runs (`fastft study`: the run and its report): a
+    second study there ran every cell again beside the first. Entering, it removes the temporaries killed runs left
+    there (a plot's stayed for good once the next plan no longer drew that plot). OutputDirInUse when another holds
+    it."""
+    out = Path(output_dir)
+    lock, problem = lock_folder(out, LOCK_NAME, "fastft study run")
+    if problem is not None:
+        raise OutputDirInUse(problem)
+    try:
+        for folder in (out, out / "cells", out / "plots"):
+            if folder.is_dir():
+                remove_temporaries_in(folder)
+        yield
+    finally:
+        lock.close()
 
 
 def run_study(config: StudyConfig, *, progress: bool = True, log=print) -> dict:

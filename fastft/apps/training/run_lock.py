@@ -12,17 +12,15 @@ a checkpoint save's `.step-*.tmp`, a folder save's `.NAME.old` put back or dropp
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import re
 import shutil
-import socket
 from pathlib import Path
 
 import torch
 
 from fastft.apps.training.config import ConfigError
-from fastft.files import recover_folder, remove_temporaries_in
+from fastft.files import lock_folder, recover_folder, remove_temporaries_in
 
 LOCK_NAME = ".fastft-train.lock"
 
@@ -52,28 +50,7 @@ def hold_output_dir(output_dir: str | os.PathLike, accelerator):
 def _try_lock(output_dir: Path):
     """(the open lock file, None) when locked, (None, why not) when another process holds it or it cannot be
     taken (never an exception: the other processes wait for the outcome)."""
-    path = output_dir / LOCK_NAME
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        lock = open(path, "a+")
-    except OSError as e:
-        return None, f"--output-dir {output_dir}: cannot create {path} ({e}); give a folder you can write to"
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock.seek(0)
-        holder = lock.read().strip() or "a process"
-        lock.close()
-        return None, (f"--output-dir {output_dir} is in use by another fastft train run ({holder} holds its "
-                      f"{LOCK_NAME} until it ends); wait for it to end, or choose another --output-dir")
-    except OSError as e:  # a file system without locks
-        lock.close()
-        return None, f"--output-dir {output_dir}: cannot lock {path} ({e}); choose a folder on another file system"
-    lock.seek(0)
-    lock.truncate()
-    lock.write(f"process {os.getpid()} on {socket.gethostname()}\n")
-    lock.flush()
-    return lock, None
+    return lock_folder(output_dir, LOCK_NAME, "fastft train run")
 
 
 _STALE_CHECKPOINT = re.compile(r"\.step-\d{8}\.tmp")
