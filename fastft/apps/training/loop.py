@@ -39,8 +39,9 @@ from fastft.apps.training.objectives import (ObjectiveModel, causal_lm, check_he
                                              checked_on_host_for, disable_model_dropout, documents_alone,
                                              is_prompt_learning, packing_isolates, run_documents_alone, token_rows)
 from fastft.apps.training.resume_checks import (check_finished_run_settings, check_resumed_data,
-                                               check_resumed_layout, check_resumed_settings, check_resumed_step,
-                                               finished_metrics, resume_may_change)
+                                               check_resumed_dtypes, check_resumed_layout, check_resumed_settings,
+                                               check_resumed_step, finished_metrics, resolved_dtypes,
+                                               resume_may_change)
 from fastft.apps.training.run_lock import hold_output_dir
 from fastft.apps.training.run_setup import (apply_method_or_config_error, distribution_layout,
                                             inductor_takes_torch_random, launcher_notes, load_models,
@@ -232,7 +233,7 @@ def _run(cfg: TrainConfig, accelerator, train_records, eval_records, description
     out = Path(cfg.output_dir)
     checkpoints = ckpt.Checkpoints(out, accelerator)
     resume_from = checkpoints.latest() if cfg.resume else None
-    layout = distribution_layout(cfg, accelerator)
+    layout, dtypes = distribution_layout(cfg, accelerator), resolved_dtypes(cfg, device)
     plan = BatchPlan(len(train_records), cfg.batch_size, cfg.grad_accum, world, cfg.seed,
                      records_digest(train_records))
     if cfg.epochs:
@@ -243,8 +244,9 @@ def _run(cfg: TrainConfig, accelerator, train_records, eval_records, description
     if resume_from is not None:
         resumed = checkpoints.trainer_state(resume_from)  # before any model loads: a mismatch fails fast
         check_resumed_settings(cfg, resumed.get("config"), resume_from, models_fingerprinted="models" in resumed,
-                               layout_recorded="layout" in resumed)
+                               layout_recorded="layout" in resumed, dtypes_recorded="dtypes" in resumed)
         check_resumed_layout(resumed.get("layout"), layout, resume_from)
+        check_resumed_dtypes(resumed.get("dtypes"), dtypes, resume_from)
         check_resumed_data(fingerprint, resumed.get("data"), resume_from)
         check_resumed_step(cfg, resumed["step"], resume_from)
         plan.load_state_dict(resumed["plan"])
@@ -398,7 +400,7 @@ def _run(cfg: TrainConfig, accelerator, train_records, eval_records, description
         history["peak_memory_gib"] = max(history.get("peak_memory_gib") or 0.0, peak_memory_gib(device))
         return {"scheduler": schedule.state_dict(), "plan": plan.state_dict(), "history": history,
                 "config": ckpt.comparable_settings(to_yaml_dict(cfg)), "data": fingerprint, "models": models,
-                "layout": layout,
+                "layout": layout, "dtypes": dtypes,
                 "scaler": ckpt.scaler_state(accelerator),  # collective (every process saves at the same step):
                 "record_flags": record_flags(make_batch, len(train_records), earlier_flags, accelerator)}
 

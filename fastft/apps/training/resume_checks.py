@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from fastft.apps.training import checkpoints as ckpt
-from fastft.apps.training.config import ConfigError, TrainConfig, to_yaml_dict
+from fastft.apps.training.config import ConfigError, TrainConfig, teacher_dtype, to_yaml_dict, weights_dtype
 
 
 # Settings a resumed run may change: they decide what is evaluated and saved, or how the same steps are computed
@@ -33,20 +33,23 @@ def resume_may_change(cfg: TrainConfig, saved: dict | None = None) -> tuple[str,
 
 
 def check_resumed_settings(cfg: TrainConfig, saved: dict | None, checkpoint: Path,
-                           models_fingerprinted: bool = True, layout_recorded: bool = False) -> None:
+                           models_fingerprinted: bool = True, layout_recorded: bool = False,
+                           dtypes_recorded: bool = False) -> None:
     """A ConfigError naming every training setting that differs from the checkpoint's run: resuming with another
     learning rate, rank, method or data would mix two runs (and a restored optimizer or scheduler keeps the old
     values), so only the RESUME_MAY_CHANGE settings may differ. models_fingerprinted: False for a checkpoint
     written before they kept the models' fingerprints (ckpt.check_resumed_models): --model/--teacher then compare
     as the paths given, the only check there is. layout_recorded: the checkpoint keeps its distribution layout
     (check_resumed_layout compares that): --distributed may then change in its spelling (auto <-> ddp under
-    torchrun, auto <-> none in one process)."""
+    torchrun, auto <-> none in one process). dtypes_recorded: the checkpoint keeps the dtypes --dtype gave
+    (check_resumed_dtypes compares those): --dtype may then change in its spelling (auto <-> fp32 on the CPU)."""
     if saved is None:  # fastft before 2026-12-01 (64f39b8): no settings kept, and another learning-rate schedule
         raise ConfigError(f"--resume: {checkpoint} was written by a fastft from before 2026-12-01, which kept no "
                           "record of the run's settings or data and followed another learning-rate schedule: "
                           "resuming it would mix two runs; start a new run in another --output-dir")
+    spelled = (("distributed",) if layout_recorded else ()) + (("dtype",) if dtypes_recorded else ())
     changed = _changed_settings(cfg, to_yaml_dict(cfg), saved, raw=() if models_fingerprinted else ("model", "teacher"),
-                                also=("distributed",) if layout_recorded else ())
+                                also=spelled)
     if changed:
         raise ConfigError(f"--resume: {checkpoint} was written with other settings ({'; '.join(changed)}); resume "
                           "with the run's own settings (its config.yaml: fastft train --config ... --resume; --steps "
@@ -121,6 +124,30 @@ def check_resumed_layout(saved: str | None, now: str, checkpoint: Path) -> None:
         raise ConfigError(f"--resume: {checkpoint} was written by a run whose state was {LAYOUTS.get(saved, saved)}, "
                           f"this run's is {LAYOUTS.get(now, now)}; resume under the launch it started with (the same "
                           "--distributed and `accelerate launch` config), or start a new run in another --output-dir")
+
+
+def resolved_dtypes(cfg: TrainConfig, device) -> dict:
+    """The dtypes --dtype gives the run's weights here, and a distill teacher's (None without one): auto is bf16 on
+    a GPU and fp32 on the CPU (config.weights_dtype), so the setting alike does not say the precision is."""
+    def name(dtype):
+        return str(dtype).removeprefix("torch.")
+
+    return {"weights": name(weights_dtype(cfg, device)),
+            "teacher": name(teacher_dtype(cfg, device)) if cfg.objective == "distill" else None}
+
+
+def check_resumed_dtypes(saved: dict | None, now: dict, checkpoint: Path) -> None:
+    """A ConfigError when the checkpoint's run held its weights (or its teacher) in other dtypes than this run:
+    --dtype auto written on a GPU (bf16) and resumed on the CPU (fp32), or the other way, would continue the run on
+    a base of another precision (the trainable adapters are fp32 either way: their check passes). None: written
+    before checkpoints kept them (--dtype then compares as given)."""
+    if saved is None:
+        return
+    changed = [f"{name} {saved.get(name)} -> {dtype}" for name, dtype in now.items() if saved.get(name) != dtype]
+    if changed:
+        raise ConfigError(f"--resume: {checkpoint} was written by a run whose weights were of other dtypes (--dtype: "
+                          f"{'; '.join(changed)}; auto is bf16 on a GPU, fp32 on the CPU); resume with the --dtype "
+                          "that gives the run's own, or start a new run in another --output-dir")
 
 
 def check_resumed_data(fingerprint: dict, saved: dict | None, checkpoint: Path) -> None:
