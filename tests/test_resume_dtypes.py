@@ -72,3 +72,32 @@ def test_a_gpu_runs_auto_resumed_on_the_cpu_is_refused(_bf16_run, tmp_path, caps
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "weights were of other dtypes (--dtype: weights bfloat16 -> float32" in err, err
     assert state["dtypes"] == {"weights": "bfloat16", "teacher": None}  # what the checkpoint keeps
+
+
+def test_a_resume_says_when_other_code_wrote_its_checkpoint(_bf16_run, tmp_path, capsys):
+    """Checkpoints keep the writer's code (provenance.git_commit): a resume by other code says its steps follow this
+    code's arithmetic (audit round 16: DoRA's fp32 rank path, prefix tuning through the fused loss moved resumed
+    runs of 12-03 / 12-05 checkpoints off their writers' by up to 3.9e-5, silently); by the same code, nothing."""
+    from fastft.apps.cli import main
+    from fastft.apps.provenance import git_commit
+
+    run, argv = _bf16_run
+    for code, said in ((None, "same code"), ("0123abcd", "fastft 0123abcd"), ("drop", "an earlier fastft")):
+        copy = shutil.copytree(run, tmp_path / f"run-{said}")
+        (copy / "metrics.json").unlink()  # killed after its last checkpoint: a resume trains again
+        state_file = copy / "checkpoints" / "step-00000002" / "trainer_state.pt"
+        state = torch.load(state_file, weights_only=False)
+        assert state["code"] == git_commit()
+        if code == "drop":
+            del state["code"]
+        elif code is not None:
+            state["code"] = code
+        torch.save(state, state_file)
+        capsys.readouterr()
+        assert main([*argv, str(copy), "--resume", "--dtype", "bf16"]) == 0
+        out = capsys.readouterr()
+        line = next(x for x in (out.out + out.err).splitlines() if "resumed from" in x)
+        if code is None:
+            assert "written by" not in line, line
+        else:
+            assert f"written by {said}" in line and f"continued by {git_commit()}" in line, line

@@ -38,6 +38,7 @@ from fastft.apps.optimizers import make_optimizer
 from fastft.apps.training.objectives import (ObjectiveModel, causal_lm, check_head_gives_logits, check_vocab_rows,
                                              checked_on_host_for, disable_model_dropout, documents_alone,
                                              is_prompt_learning, packing_isolates, run_documents_alone, token_rows)
+from fastft.apps.provenance import git_commit
 from fastft.apps.training.resume_checks import (check_finished_run_settings, check_resumed_data,
                                                check_resumed_dtypes, check_resumed_layout, check_resumed_settings,
                                                check_resumed_step, finished_metrics, resolved_dtypes,
@@ -211,6 +212,19 @@ def deterministic_algorithms(on: bool):
         yield
     finally:
         torch.use_deterministic_algorithms(before, warn_only=warn_only)
+
+
+def _written_by(code: str | None) -> str:
+    """What a resume says of the fastft that wrote its checkpoint when that was other code: the steps from here
+    follow this code's arithmetic, and a change since (DoRA's rank path in fp32, prefix tuning through the fused
+    loss) moves a resumed run off the writer's uninterrupted one in the last digits (audit round 16: ≤ 3.9e-5).
+    Checkpoints keep the writer's code (provenance.git_commit) from 2026-12-07 on."""
+    here = git_commit()
+    if code == here:
+        return ""
+    writer = "an earlier fastft (no record of its code)" if code is None else f"fastft {code}"
+    return (f"; written by {writer}, continued by {here}: steps computed as this code computes them, which may "
+            "differ in the last digits from the writer's own")
 
 
 def _run(cfg: TrainConfig, accelerator, train_records, eval_records, description, as_given: TrainConfig) -> dict:
@@ -400,7 +414,7 @@ def _run(cfg: TrainConfig, accelerator, train_records, eval_records, description
         history["peak_memory_gib"] = max(history.get("peak_memory_gib") or 0.0, peak_memory_gib(device))
         return {"scheduler": schedule.state_dict(), "plan": plan.state_dict(), "history": history,
                 "config": ckpt.comparable_settings(to_yaml_dict(cfg)), "data": fingerprint, "models": models,
-                "layout": layout, "dtypes": dtypes,
+                "layout": layout, "dtypes": dtypes, "code": git_commit(),
                 "scaler": ckpt.scaler_state(accelerator),  # collective (every process saves at the same step):
                 "record_flags": record_flags(make_batch, len(train_records), earlier_flags, accelerator)}
 
@@ -415,7 +429,7 @@ def _run(cfg: TrainConfig, accelerator, train_records, eval_records, description
         schedule.load_state_dict(resumed["scheduler"])
         ckpt.restore_scaler(accelerator, resumed.get("scaler"))
         history, start_step = resumed["history"], resumed["step"]
-        log(f"resumed from {resume_from} (step {start_step} of {cfg.steps})")
+        log(f"resumed from {resume_from} (step {start_step} of {cfg.steps}){_written_by(resumed.get('code'))}")
     elif cfg.resume:
         log(f"--resume: no checkpoint in {checkpoints.root}; starting at step 0")
     try:
