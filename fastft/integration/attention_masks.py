@@ -103,6 +103,15 @@ def _traced_key(config):
     return (type(config).__name__, *((k, v) for k, v in vars(config).items() if isinstance(v, _KEYED_SETTINGS)))
 
 
+def _packing_key(key):
+    """A key of _packing_seen: a model's (key), and the grad mode of the forward that noted it. Gradient
+    checkpointing recomputes a compiled attention under an eager mask (regional compilation) in the backward, with
+    gradients on, after whatever ran in between: a no-grad forward (a teacher or reference alike in every setting,
+    the model's own evaluation) replaced the note it reads (gradients 34 off at scale 65, silently); under its own
+    mode, it leaves it. (dynamo guards the grad mode anyway: a constant in a graph.)"""
+    return key, torch.is_grad_enabled()
+
+
 def _reach(kind: str, config) -> int | None:
     """The noted reach of `kind` ("causal", "bidirectional") for the model of `config`: eagerly its own note, or,
     where its mask was traced and its attention runs eagerly, the traced one."""
@@ -153,7 +162,8 @@ def documents_from_mask(module, tokens: int):
     config = getattr(module, "config", None)
     key = _key(config) if config is not None else "last"
     recomputing = not compiling() and _recomputing()
-    seen = (_packing_seen if compiling() else _recompute_notes if recomputing else _thread_notes()).get(key)
+    seen = (_packing_seen.get(_packing_key(key)) if compiling()
+            else (_recompute_notes if recomputing else _thread_notes()).get(key))
     if seen is None:
         return None
     noted, found = seen
@@ -335,7 +345,7 @@ def fastft_attention_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset
         note = (batch_size * q_length, found)  # the tokens too: a recompute checks it reads its own forward's
         # (book, its keys): _packing_seen is read by traced attention only (eagerly too: a compiled attention under
         # an eager mask, regional compilation)
-        books = [(_packing_seen, (_traced_key(config), "last"))]
+        books = [(_packing_seen, (_packing_key(_traced_key(config)), _packing_key("last")))]
         if not compiling():
             books.append((_thread_notes(), (_eager_key(config), "last")))
             if torch.is_grad_enabled():  # a forward whose layers checkpointing may recompute
