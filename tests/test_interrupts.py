@@ -446,30 +446,37 @@ def test_train_interrupted_before_its_first_checkpoint_is_not_sent_to_resume(che
         assert f"{out} not made yet" in err[0], err  # not "none in run/checkpoints", a folder that is not there
 
 
-def test_a_study_stopped_midway_leaves_results_marked_incomplete(tmp_path, monkeypatch):
-    """results.json is rewritten after every cell; a study stopped midway left the cells so far under the full
-    plan's config with nothing saying so, and a redraw (python -m fastft.apps.study.report results.json) read as a
-    finished study. Expected: `complete` false with the planned count, and the redrawn report saying it."""
-    import json
+def _toy_study(monkeypatch, tmp_path, seeds: int, interrupt):
+    """A one-task study of `seeds` cells over a toy task, each cell a quick diverged result unless interrupt(key)
+    says to stop there (KeyboardInterrupt); returns its config."""
     from dataclasses import asdict
 
     from fastft.apps.study import runner
-    from fastft.apps.study.report import write_report
     from tests.test_study_review_fixes import _toy_task
 
-    calls = []
-
     def run_cell(spec, settings):
-        calls.append(spec.key)
-        if len(calls) == 2:
+        if interrupt(spec.key):
             raise KeyboardInterrupt
         return {"key": spec.key, **asdict(spec), "settings": asdict(settings), "status": "diverged",
                 "reason": "training loss nan at step 1 of 2", "wall_seconds": 0.0}
 
     monkeypatch.setattr(runner, "run_cell", run_cell)
     monkeypatch.setattr(runner, "load_study_task", lambda name: _toy_task())
-    config = runner.StudyConfig(methods=("lora",), tasks=("subj",), models=("minilm",), regimes=("32-per-class",),
-                                seeds=3, steps=2, with_peft=False, output_dir=str(tmp_path))
+    return runner.StudyConfig(methods=("lora",), tasks=("subj",), models=("minilm",), regimes=("32-per-class",),
+                              seeds=seeds, steps=2, with_peft=False, output_dir=str(tmp_path))
+
+
+def test_a_study_stopped_midway_leaves_results_marked_incomplete(tmp_path, monkeypatch):
+    """results.json is rewritten after every cell; a study stopped midway left the cells so far under the full
+    plan's config with nothing saying so, and a redraw (python -m fastft.apps.study.report results.json) read as a
+    finished study. Expected: `complete` false with the planned count, and the redrawn report saying it."""
+    import json
+
+    from fastft.apps.study import runner
+    from fastft.apps.study.report import write_report
+
+    calls = []
+    config = _toy_study(monkeypatch, tmp_path, 3, lambda key: calls.append(key) or len(calls) == 2)
     with pytest.raises(KeyboardInterrupt):
         runner.run_study(config, progress=False, log=lambda line: None)
     stopped = json.loads((tmp_path / "results.json").read_text())
@@ -486,24 +493,13 @@ def test_a_rerun_stopped_midway_leaves_no_report_of_the_earlier_run(tmp_path, mo
     """A finished study's report.md stayed beside the results.json a later run (a larger plan) rewrote and left
     incomplete when stopped: a report of a finished study over results marked incomplete. The run replaces it
     first (through a link the user made to it, as every write of it); the command draws it again at the end."""
-    from dataclasses import asdict, replace
+    from dataclasses import replace
 
     from fastft.apps.study import runner
     from fastft.apps.study.report import write_report
-    from tests.test_study_review_fixes import _toy_task
 
     stop = []
-
-    def run_cell(spec, settings):
-        if stop:
-            raise KeyboardInterrupt
-        return {"key": spec.key, **asdict(spec), "settings": asdict(settings), "status": "diverged",
-                "reason": "training loss nan at step 1 of 2", "wall_seconds": 0.0}
-
-    monkeypatch.setattr(runner, "run_cell", run_cell)
-    monkeypatch.setattr(runner, "load_study_task", lambda name: _toy_task())
-    config = runner.StudyConfig(methods=("lora",), tasks=("subj",), models=("minilm",), regimes=("32-per-class",),
-                                seeds=1, steps=2, with_peft=False, output_dir=str(tmp_path))
+    config = _toy_study(monkeypatch, tmp_path, 1, lambda key: bool(stop))
     kept = tmp_path / "kept.md"
     kept.write_text("")
     (tmp_path / "report.md").symlink_to(kept)

@@ -101,3 +101,22 @@ def test_a_resume_says_when_other_code_wrote_its_checkpoint(_bf16_run, tmp_path,
             assert "written by" not in line, line
         else:
             assert f"written by {said}" in line and f"continued by {git_commit()}" in line, line
+
+
+def test_a_checkpoint_keeping_no_dtypes_compares_dtype_as_given(_bf16_run, tmp_path, capsys):
+    """A checkpoint written before they kept the dtypes (it keeps its layout): --dtype compares as spelled, so bf16
+    resumed as fp32 is refused, not continued on another precision."""
+    from fastft.apps.cli import main
+
+    run, argv = _bf16_run
+    copy = shutil.copytree(run, tmp_path / "run")
+    state_file = copy / "checkpoints" / "step-00000002" / "trainer_state.pt"
+    state = torch.load(state_file, weights_only=False)
+    assert "layout" in state
+    del state["dtypes"]
+    torch.save(state, state_file)
+    (copy / "metrics.json").unlink()
+    with pytest.raises(SystemExit) as info:
+        main([*argv, str(copy), "--resume", "--dtype", "fp32"])
+    assert info.value.code == 2
+    assert "--dtype 'bf16' -> 'fp32'" in capsys.readouterr().err

@@ -2,7 +2,6 @@
 dtypes a checkpoint keeps): each test fails on a mutant the covering tests let through."""
 import fcntl
 import gc
-import shutil
 import types
 import warnings
 
@@ -193,38 +192,6 @@ def test_lock_folder_makes_the_folder_and_refuses_a_file_system_without_locks(tm
     monkeypatch.setattr(fcntl, "flock", no_locks)
     lock, problem = lock_folder(tmp_path, "x.lock", "test")
     assert lock is None and "cannot lock" in problem and "another file system" in problem
-
-
-# --- the dtypes a checkpoint keeps
-
-@pytest.fixture(scope="module")
-def _bf16_run(tmp_path_factory):
-    """A tiny 2-step run in bf16 with a checkpoint at its last step."""
-    from tests.train_utils import save_tiny_checkpoint
-
-    root = tmp_path_factory.mktemp("dtypes16")
-    tiny = save_tiny_checkpoint(root / "tiny", layers=1)
-    argv = ["train", "--model", str(tiny), "--steps", "2", "--batch-size", "2", "--eval-examples", "0",
-            "--max-length", "16", "--rank", "4", "--save-every", "2", "--output-dir"]
-    assert cli.main([*argv, str(root / "run"), "--dtype", "bf16"]) == 0
-    return root / "run", argv
-
-
-def test_a_checkpoint_keeping_no_dtypes_compares_dtype_as_given(_bf16_run, tmp_path, capsys):
-    """A checkpoint written before they kept the dtypes (it keeps its layout): --dtype compares as spelled, so bf16
-    resumed as fp32 is refused, not continued on another precision."""
-    run, argv = _bf16_run
-    copy = shutil.copytree(run, tmp_path / "run")
-    state_file = copy / "checkpoints" / "step-00000002" / "trainer_state.pt"
-    state = torch.load(state_file, weights_only=False)
-    assert "layout" in state
-    del state["dtypes"]
-    torch.save(state, state_file)
-    (copy / "metrics.json").unlink()
-    with pytest.raises(SystemExit) as info:
-        cli.main([*argv, str(copy), "--resume", "--dtype", "fp32"])
-    assert info.value.code == 2
-    assert "--dtype 'bf16' -> 'fp32'" in capsys.readouterr().err
 
 
 def test_a_mask_built_without_a_config_is_noted_eagerly_and_traced(fresh_dynamo):
