@@ -95,9 +95,11 @@ def _traced_key(config):
     """The config's class and its plain settings, not its id: dynamo guards on the id of an object whose id() a
     graph reads, so every new model of a process compiled again, and past its recompile limit (8) the next ran
     eagerly, silently; on values, a model alike in every setting reuses the graph. Two such models share their
-    traced notes: a reach is the same for both (it follows the settings), and packed documents flow inside one
-    compiled forward. Not id(None) either: torch 2.11's dynamo (the GPU machine's) cannot trace id() of a
-    constant, and an attention module without a config stopped the trace."""
+    traced notes: a reach is the same for both (it follows the settings), packed documents flow inside one compiled
+    forward, and a checkpointed recompute under an eager mask reads its grad mode's (_packing_key; left: an alike
+    model's forward with gradients on between a forward and its backward). Not id(None) either: torch 2.11's dynamo
+    (the GPU machine's) cannot trace id() of a constant, and an attention module without a config stopped the
+    trace."""
     if config is None:
         return "none"
     return (type(config).__name__, *((k, v) for k, v in vars(config).items() if isinstance(v, _KEYED_SETTINGS)))
