@@ -5,11 +5,14 @@ import importlib
 
 __version__ = "0.1.0"
 
-from fastft import quant  # noqa: E402,F401
-from fastft.ops import lora_linear, qlora_linear  # noqa: E402
-
-# Heavier entry points (they import peft/transformers) load on first use.
+# Everything loads on first use, so that `import fastft` (and the `fastft` command's first step) is quick: the
+# command installs its Ctrl-C handling before torch, transformers and peft are imported (seconds), and a Ctrl-C then
+# is its one line, not Python's traceback. The torch.library ops (torch.ops.fastft.*) register when fastft.ops is
+# imported, which every layer, method and patch does.
+_SUBMODULES = ("apps", "arguments", "files", "integration", "kernels", "modules", "ops", "quant")
 _LAZY = {
+    "lora_linear": "fastft.ops",
+    "qlora_linear": "fastft.ops",
     "get_peft_model": "fastft.integration.peft_lora",
     "patch_peft": "fastft.integration.peft_lora",
     "load_adapter": "fastft.integration.peft_lora",
@@ -32,10 +35,16 @@ _LAZY = {
     "unpatch_model": "fastft.integration.patching",
 }
 
-__all__ = ["lora_linear", "qlora_linear", "quant", *_LAZY]
+__all__ = ["quant", *_LAZY]
 
 
 def __getattr__(name: str):
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
+    if name in _SUBMODULES:
+        return importlib.import_module(f"fastft.{name}")
     raise AttributeError(f"module 'fastft' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY, *_SUBMODULES})

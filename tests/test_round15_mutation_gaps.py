@@ -19,9 +19,10 @@ def _interrupted(*args, **kwargs):
 def test_train_interrupted_while_its_settings_are_read_says_so_in_one_line(monkeypatch, capsys, tmp_path):
     """A Ctrl-C inside config_from_args: no config to name a checkpoint from; still one line and 130 (not an
     UnboundLocalError / AttributeError traceback)."""
+    import fastft.apps.training.arguments as arguments
     from fastft.apps import cli
 
-    monkeypatch.setattr(cli, "config_from_args", _interrupted)
+    monkeypatch.setattr(arguments, "config_from_args", _interrupted)
     assert cli.main(["train", "--steps", "2", "--output-dir", str(tmp_path / "run")]) == 130
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("fastft train: interrupted (Ctrl-C)"), err

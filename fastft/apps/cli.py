@@ -13,12 +13,14 @@ from pathlib import Path
 # own CPU 4-bit GEMM, which fastft never calls. Printed above `--help` and every one-line error, it read as a failure.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
-import fastft  # noqa: E402
-from fastft.apps.training.arguments import add_train_arguments, config_from_args  # noqa: E402
-from fastft.apps.training.config import ConfigError  # noqa: E402
+import fastft  # noqa: E402  (quick: fastft loads its modules on first use)
+
+# torch, transformers and peft load when the parser is built (seconds): below, inside `command`'s Ctrl-C handling.
 
 
 def _add_train(sub) -> argparse.ArgumentParser:
+    from fastft.apps.training.arguments import add_train_arguments
+
     train = sub.add_parser(
         "train", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         usage="fastft train [options]   (fastft train --help lists them with their defaults)",
@@ -58,9 +60,16 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     return parser, {"train": train, "study": study}
 
 
+class InterruptedWhileStarting(KeyboardInterrupt):
+    """Ctrl-C while the parser was built (torch, transformers and peft imported): before anything ran."""
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser, commands = _parser()
+    try:
+        parser, commands = _parser()
+    except KeyboardInterrupt:
+        raise InterruptedWhileStarting from None
     args = parser.parse_args(argv)
     if args.command == "bench":
         from fastft.apps.bench.command import run_bench
@@ -71,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_study(args, commands["study"])
     if args.command == "train":
-        from fastft.apps.training import TrainingStopped, train, validate
+        from fastft.apps.training import ConfigError, TrainingStopped, train, validate
+        from fastft.apps.training.arguments import config_from_args
 
         config = None  # (a Ctrl-C while the settings are read: none to name a checkpoint from)
         try:
@@ -121,6 +131,9 @@ def command(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return main(argv)
+    except InterruptedWhileStarting:
+        print("fastft: interrupted (Ctrl-C) while starting; nothing was run or written", file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
         name = next((a for a in argv if not a.startswith("-")), None)
         if name not in RESUMES:
@@ -129,9 +142,8 @@ def command(argv: list[str] | None = None) -> int:
         print(f"fastft {name}: interrupted (Ctrl-C); {resumes}", file=sys.stderr)
         return 130
     finally:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
+        dist = sys.modules.get("torch.distributed")  # (not imported: no process group; a Ctrl-C may have cut torch's)
+        if dist is not None and dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
 
 
