@@ -220,8 +220,8 @@ def test_a_regional_recompute_reads_its_own_documents_after_an_alike_models_forw
     """Attention compiled under an eager mask, checkpointed, a packed batch without position_ids (GPT-BigCode): a
     no-grad forward of another model alike in every setting (a teacher copy) on rows packed otherwise, run between
     the forward and the backward, replaced the note the recompute reads (_packing_seen under the traced key):
-    gradients 34 off at scale 65, silently (e4284c9, keyed by the config's id: exact). The notes are kept per grad
-    mode now (_packing_key): the recompute, with gradients on, reads its own forward's — also after a no-grad
+    gradients 34 off at scale 65, silently (e4284c9, keyed by the config's id: exact). An eager mask leaves a mark
+    there now (_EAGER_MASK): the recompute reads its own forward's notes outside the graph — also after a no-grad
     forward of the same model (which stopped it with a CheckpointError before)."""
     from tests.test_attention_notes_per_model_and_forward import _bigcode, _grads, _packed_batch
     from fastft.integration.packing import PackingCollator
@@ -249,5 +249,46 @@ def test_a_regional_recompute_reads_its_own_documents_after_an_alike_models_forw
 
         got = _grads(student, "fastft", batch, teacher_forward)
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+    finally:
+        fastft.register_attention()
+
+
+@pytest.mark.parametrize("between, reentrant", [("packed", False), ("packed", True), ("unpacked", True)])
+def test_a_regional_recompute_reads_its_own_documents_after_an_alike_models_forward_with_gradients(fresh_dynamo,
+                                                                                                 between, reentrant):
+    """As above, the alike model's forward with gradients on (another student, a teacher trained alongside): it
+    replaced the note under the recompute's own grad mode too (gradients 34-38 off at scale 65, silently; after one
+    without documents 32 off, reentrant). Reentrant checkpointing lost the documents with nothing in between too
+    (28 off): its forward runs without gradients, and the notes were kept per grad mode. An eager mask leaves a mark
+    in the traced book now, kept by a forward without documents, and the compiled attention reads, outside the
+    graph, the notes an eager one reads: its own forward's, by the config's id (the recompute's too), with no guard
+    on the id: an alike model compiles nothing of its own."""
+    from torch._dynamo.utils import counters
+
+    from tests.test_attention_notes_per_model_and_forward import _bigcode, _grads, _packed_batch
+    from fastft.integration.packing import PackingCollator
+
+    masks._packing_seen.clear()  # what earlier tests noted (a no-grad forward's) hid the reentrant case
+    fastft.register_attention(backend="torch")
+    try:
+        student, other_student, third = _bigcode(), _bigcode(), _bigcode()
+        student.train()
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        batch = _packed_batch()
+        want = _grads(student, "sdpa", batch)
+        for m in (student, other_student, third):
+            m.set_attn_implementation("fastft")
+            for block in m.transformer.h:
+                block.attn.compile(backend="eager")
+        docs = [torch.randint(3, 96, (n,), generator=torch.Generator().manual_seed(n)) for n in (5, 6, 8)]
+        other = PackingCollator(return_flash_kwargs=False)([{"input_ids": d} for d in docs])  # 19 tokens too
+        other.pop("labels")
+        if between == "unpacked":
+            other = {"input_ids": other["input_ids"]}
+        got = _grads(student, "fastft", batch, lambda: other_student(**other, use_cache=False))
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+        graphs = counters["stats"]["unique_graphs"]
+        third(**other, use_cache=False).logits.sum().backward()
+        assert counters["stats"]["unique_graphs"] == graphs
     finally:
         fastft.register_attention()

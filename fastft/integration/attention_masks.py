@@ -31,11 +31,19 @@ _OVERLAY_UNDER_COMPILE = (
 # recompute of a layer in the backward reads _recompute_notes: the notes of the last forward of its model with
 # gradients on, kept apart because whatever ran in between (a distillation teacher's forward, a no-grad reference
 # forward of the same model) replaced the note every forward wrote (gradients 10-17 off at scale 40-80, silently), and
-# process-wide because on a GPU the backward runs on autograd's device threads. Traced attention reads a dict, not a
-# ContextVar or a thread-local: dynamo traces a dict's reads and writes (the others would break the graph); within one
-# compiled forward the value flows in the graph, while a compiled attention under an eager mask (regional
-# compilation) reads the last eager mask's, one a process.
+# process-wide because on a GPU the backward runs on autograd's device threads. Traced attention reads _packing_seen, a
+# dict, not a ContextVar or a thread-local: dynamo traces a dict's reads and writes (the others would break the
+# graph); within one compiled forward the note flows in the graph. An eager mask writes _EAGER_MASK there instead of
+# its note: a compiled attention under it (regional compilation) then reads, outside the graph, the notes an eager one
+# reads, its own forward's by the config's id (_eager_documents_from_mask). The traced key is shared by alike models,
+# so the note itself there was another model's after its forward (a student's, a teacher's) between a forward and its
+# checkpointed backward: gradients 34 off at scale 65, silently. (Keyed by grad mode too, it lost the documents in
+# reentrant checkpointing, whose forward runs without gradients under a mask built with them: 28 off.) Left: an alike
+# model compiled whole (its mask traced) run in that window replaces the mark with its traced note, which the
+# recompute reads (use_reentrant=False stops with a CheckpointError, the documents' shapes differing; reentrant:
+# gradients off).
 _packing_seen: dict = {}
+_EAGER_MASK = "eager mask"  # in _packing_seen: this model's last mask was built eagerly
 _recompute_notes: dict = {}
 _thread_note = threading.local()
 # ("bidirectional", a config's key): the reach of its bidirectional sliding mask (local_size), read by
@@ -96,22 +104,13 @@ def _traced_key(config):
     graph reads, so every new model of a process compiled again, and past its recompile limit (8) the next ran
     eagerly, silently; on values, a model alike in every setting reuses the graph. Two such models share their
     traced notes: a reach is the same for both (it follows the settings), packed documents flow inside one compiled
-    forward, and a checkpointed recompute under an eager mask reads its grad mode's (_packing_key; left: an alike
-    model's forward with gradients on between a forward and its backward). Not id(None) either: torch 2.11's dynamo
-    (the GPU machine's) cannot trace id() of a constant, and an attention module without a config stopped the
-    trace."""
+    forward, and a compiled attention under an eager mask reads its own model's outside the graph (_EAGER_MASK), in a
+    checkpointed recompute too, after an alike model's forward (left: one compiled whole, see _packing_seen). Not
+    id(None) either: torch 2.11's dynamo (the GPU machine's) cannot trace id() of a constant, and an attention module
+    without a config stopped the trace."""
     if config is None:
         return "none"
     return (type(config).__name__, *((k, v) for k, v in vars(config).items() if isinstance(v, _KEYED_SETTINGS)))
-
-
-def _packing_key(key):
-    """A key of _packing_seen: a model's (key), and the grad mode of the forward that noted it. Gradient
-    checkpointing recomputes a compiled attention under an eager mask (regional compilation) in the backward, with
-    gradients on, after whatever ran in between: a no-grad forward (a teacher or reference alike in every setting,
-    the model's own evaluation) replaced the note it reads (gradients 34 off at scale 65, silently); under its own
-    mode, it leaves it. (dynamo guards the grad mode anyway: a constant in a graph.)"""
-    return key, torch.is_grad_enabled()
 
 
 def _reach(kind: str, config) -> int | None:
@@ -164,10 +163,12 @@ def documents_from_mask(module, tokens: int):
     config = getattr(module, "config", None)
     key = _key(config) if config is not None else "last"
     recomputing = not compiling() and _recomputing()
-    seen = (_packing_seen.get(_packing_key(key)) if compiling()
+    seen = (_packing_seen.get(key) if compiling()
             else (_recompute_notes if recomputing else _thread_notes()).get(key))
     if seen is None:
         return None
+    if isinstance(seen, str):  # _EAGER_MASK: the mask ran eagerly around this compiled attention
+        return _eager_documents_from_mask(module, tokens)
     noted, found = seen
     if recomputing and noted != tokens:
         raise ValueError(f"attn_implementation='fastft': {type(module).__name__} was called on {tokens} tokens but "
@@ -185,12 +186,15 @@ def documents_from_mask(module, tokens: int):
             "(fastft.integration.packing.PackingCollator, DataCollatorWithFlattening(return_flash_attn_kwargs=True)), "
             "or run this batch eagerly"))
         return None
-    return _eager_documents(found) if callable(found) else found
+    return found() if callable(found) else found  # eagerly: the mask's documents, found at the first call
 
 
-@torch.compiler.disable  # an eager mask under a compiled attention (regional compilation): read outside the graph
-def _eager_documents(find):
-    return find()
+@torch.compiler.disable
+def _eager_documents_from_mask(module, tokens: int):
+    """documents_from_mask run eagerly, for a compiled attention under an eager mask: outside the graph it reads
+    the notes of its own forward, by the config's id (the recompute's in a checkpointed backward), which dynamo would
+    guard (a graph per model) were they read in it."""
+    return documents_from_mask(module, tokens)
 
 
 def bidirectional_window(module, sliding_window: int) -> int:
@@ -345,20 +349,26 @@ def fastft_attention_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset
                 and not traced_offsets and mask_function is not None and q_length >= 2:
             found = _mask_documents(mask_function, batch_size, q_length, q_offset, kwargs.get("device"))
         note = (batch_size * q_length, found)  # the tokens too: a recompute checks it reads its own forward's
-        # (book, its keys): _packing_seen is read by traced attention only (eagerly too: a compiled attention under
-        # an eager mask, regional compilation)
-        books = [(_packing_seen, (_packing_key(_traced_key(config)), _packing_key("last")))]
-        if not compiling():
-            books.append((_thread_notes(), (_eager_key(config), "last")))
-            if torch.is_grad_enabled():  # a forward whose layers checkpointing may recompute
-                books.append((_recompute_notes, (_eager_key(config), "last")))
-        for book, keys in books:
-            for key in keys:
-                # traced, a note that finds no documents (as an absent one reads) only replaces one that did:
+        # read by traced attention: the note, or an eager mask's _EAGER_MASK where it found documents (the attention
+        # reads the eager books then)
+        for key in (_traced_key(config), "last"):
+            held = _packing_seen.get(key)
+            if compiling():
+                # a note that finds no documents (as an absent one reads) only replaces one that did, or the mark:
                 # torch.compile guards on the dict, and a write at every traced forward compiled the second call again
-                held = book.get(key)
-                if not compiling() or found is not None or (held is not None and held[1] is not None):
-                    book[key] = note
+                if found is not None or isinstance(held, str) or (held is not None and held[1] is not None):
+                    _packing_seen[key] = note
+            elif found is not None or (isinstance(held, str) and key != "last"):
+                # kept after an alike model's forward without documents: the recompute of one with them reads it
+                # ("last", any model's, is not: a later compiled forward replacing it would compile again)
+                _packing_seen[key] = _EAGER_MASK
+            else:
+                _packing_seen[key] = note
+        if not compiling():
+            for key in (_eager_key(config), "last"):
+                _thread_notes()[key] = note
+                if torch.is_grad_enabled():  # a forward whose layers checkpointing may recompute
+                    _recompute_notes[key] = note
     if traced_offsets or kwargs.get("use_vmap") or kv_offset + kv_length > q_offset + q_length \
             or (kept and not _supports_flash_mask(config)) \
             or (unskippable and _may_see_later_keys(mask_function, batch_size, q_length, q_offset,
