@@ -13,7 +13,7 @@ import torch
 
 from fastft.ops import flash_attention
 from tests.attention_cases import reference_with_grads, run_with_grads
-from tests.utils import assert_close, interpreter_only
+from tests.utils import assert_close, interpreter_only, rel_err
 
 pytestmark = interpreter_only
 
@@ -41,4 +41,12 @@ def test_ragged_keys_with_every_score_far_below_zero(monkeypatch, causal, prefix
     ref, ref_grads = reference_with_grads(args, dout, **kw)
     assert_close(out, ref, torch.float32, "out")
     for n, g in grads.items():
-        assert_close(g, ref_grads[n], torch.float32, f"d{n}")
+        if n == "q":
+            # dQ = scale·Σ_j dS_j·k_j, and k's common 6u part meets Σ_j dS_j = 0: the backward's fp32 recompute of
+            # the ≈-144 scores leaves Σ_j dS_j ~1e-4 off zero, times |6u|·scale (1.5-2.8e-4 relative on an AMD EPYC,
+            # whose BLAS rounds the forward's and the backward's q·k apart; < 2e-5 where they round alike). What this
+            # test is for, an unmasked key past the end, is NaN or inf (rel_err refuses those)
+            err = rel_err(g, ref_grads[n])
+            assert err <= 1e-3, f"dq: relative error {err:.3e} > 1e-3 (fp32, ill-conditioned by construction)"
+        else:
+            assert_close(g, ref_grads[n], torch.float32, f"d{n}")
