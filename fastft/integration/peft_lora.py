@@ -196,11 +196,27 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     check_flag(is_trainable, "load_adapter", "is_trainable")
     if isinstance(model, PeftModel):
         route_adapter_methods(model)  # model.add_adapter/load_adapter below (here and in the rooms): peft's
+        path = _own_subfolder_on_reload(model, path, adapter_name)
     with adapter_call(), one_version(path) as files, errors_naming(files, path):
         # (a save of the folder meanwhile: the files of one save, never one's config with the next one's weights)
         loaded = _load_adapter(model, files, adapter_name, is_trainable)
     refuse_adapters_without_values(loaded, "load_adapter")
     return loaded
+
+
+def _own_subfolder_on_reload(model: PeftModel, path, adapter_name: str):
+    """A reload of adapter `adapter_name` (not 'default') from a folder peft's save of several adapters wrote
+    ('default' at the root, every other adapter in a subfolder of its name) reads that adapter's subfolder.
+    transformers.Trainer's load_best_model_at_end calls `load_adapter(checkpoint, active_adapter)` on the root:
+    peft then loads 'default''s weights into the trained adapter (silently, where their shapes agree)."""
+    root = Path(path)
+    own = root / adapter_name
+    reload = adapter_name != "default" and adapter_name in model.peft_config
+    if not (reload and (root / "adapter_config.json").is_file() and (own / "adapter_config.json").is_file()):
+        return path
+    warnings.warn(f"load_adapter: {root} holds adapter 'default' at its root and adapter {adapter_name!r} in {own} "
+                  f"(peft's save of several adapters): reloading {adapter_name!r} from {own}", stacklevel=3)
+    return own
 
 
 @contextlib.contextmanager
