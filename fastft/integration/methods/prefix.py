@@ -27,6 +27,7 @@ from fastft.integration.checkpointing import reentrant_layers
 from fastft.integration.methods.generation import (NoContinuousBatching, counts_positions_over_mask,
                                                    generate_adjusting_inputs, paged_cache_asked, positions_over_mask,
                                                    refuse_continuous_batching)
+from fastft.integration.methods.prompt import ReloadKeepsEncoders
 
 
 # model types whose attention does more with its cached keys and values than attend to them, or whose layers do not
@@ -74,7 +75,7 @@ def validate_prefix_config(config, model: nn.Module) -> None:
                          "prefix tuning (peft.get_peft_model, or implementation='peft')")
 
 
-class FastftPrefixModel(NoContinuousBatching, PeftModelForCausalLM):
+class FastftPrefixModel(ReloadKeepsEncoders, NoContinuousBatching, PeftModelForCausalLM):
     """peft's causal-LM PeftModel whose prefix-tuning forward hands the prefix to the fastft attention op."""
 
     def prefix_key_values(self) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -74,7 +74,16 @@ def _restarts(position_ids, attention_mask) -> bool:
     return bool(steps.any())
 
 
-class FastftPromptModel(NoContinuousBatching, PeftModelForCausalLM):
+class ReloadKeepsEncoders:
+    """For the prompt-learning PeftModels: peft's `load_adapter` (transformers.Trainer's resume and best-model reload
+    call it) refuses a reload that would put a saved table where an encoder's input goes."""
+
+    def load_adapter(self, model_id, adapter_name, *args, **kwargs):
+        refuse_reload_into_an_encoder(self, model_id, adapter_name)
+        return super().load_adapter(model_id, adapter_name, *args, **kwargs)
+
+
+class FastftPromptModel(ReloadKeepsEncoders, NoContinuousBatching, PeftModelForCausalLM):
     """peft's causal-LM PeftModel whose `generate` runs as its forward does: under transformers 5 (peft 0.21)
     peft's cached generation scores every token after the first away from what the forward gives (0.1-0.2 on a
     tiny Llama). Here the first step puts the virtual tokens in front (positions 0..P-1, the real tokens from P,
@@ -158,7 +167,7 @@ def _continues(cache, P: int, args: tuple, kwargs: dict) -> bool:
         and mask.shape[-1] == cache.get_seq_length() - P + ids.shape[-1] and cache.get_seq_length() >= P
 
 
-class FastftPromptClassifier(PeftModelForSequenceClassification):
+class FastftPromptClassifier(ReloadKeepsEncoders, PeftModelForSequenceClassification):
     """peft's sequence-classification PeftModel (task_type SEQ_CLS), pooling each row's last real token. peft hands
     the virtual tokens and the row to the model as inputs_embeds, without input_ids, so a decoder's head
     (transformers' `score`, read at the rightmost token that is not pad_token_id) cannot see the padding: it read the
@@ -244,6 +253,7 @@ def load_prompt_learning(model: nn.Module, path, adapter_name: str, is_trainable
     from fastft.integration.peft_lora import quiet_peft_load
 
     read_weights(adapter_weights_file(Path(path)), shapes_only=True)  # missing or damaged: named, as for LoRA
+    refuse_reload_into_an_encoder(model, path, adapter_name)
     was_training = model.training
     if isinstance(model, PeftModel):
         model.load_adapter(str(path), adapter_name=adapter_name)
@@ -254,6 +264,23 @@ def load_prompt_learning(model: nn.Module, path, adapter_name: str, is_trainable
         loaded.prompt_encoder[adapter_name].requires_grad_(True)
         loaded.train(was_training)  # peft's inference load put the model in eval mode
     return loaded
+
+
+def refuse_reload_into_an_encoder(model: nn.Module, path, adapter_name: str) -> None:
+    """A reload into an adapter whose encoder makes the table (P-tuning; prefix tuning with prefix_projection) while
+    training: the file holds the encoder's output, and peft puts it where the encoder's input goes (P-tuning: the
+    same shape, silently; Trainer's resume_from_checkpoint then trained on 0.066 off the run's loss by step 4)."""
+    if not isinstance(model, PeftModel) or adapter_name not in model.peft_config:
+        return
+    config = model.peft_config[adapter_name]
+    encoder = isinstance(config, PromptEncoderConfig) or getattr(config, "prefix_projection", False)
+    if encoder and not config.inference_mode:
+        kind = "P-tuning" if isinstance(config, PromptEncoderConfig) else "prefix-projection"
+        raise ValueError(f"load_adapter: {path} holds the virtual tokens' table that the {kind} encoder of adapter "
+                         f"{adapter_name!r} made, not the encoder's weights: reloading it into that adapter would feed "
+                         "the saved table through a fresh encoder again (peft's models do), so transformers.Trainer's "
+                         "resume_from_checkpoint / load_best_model_at_end cannot restore it; load the table onto a "
+                         "fresh base with fastft.load_adapter(base, path, is_trainable=True) and train that")
 
 
 @contextlib.contextmanager
