@@ -17,6 +17,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from fastft.integration.adapter_files import WEIGHTS_NAMES
+from fastft.integration.base_layers import is_peft_model
 from fastft.integration.methods.dora import refuse_nf4_dora_merge
 from fastft.integration.methods.ia3_nf4 import refuse_nf4_ia3_merge
 from fastft.integration.tied_weights import retie_unmerged, untie_adapted_weights
@@ -150,7 +151,7 @@ def routed_peft_model(cls: type):
 
 def route_adapter_methods(model: nn.Module) -> nn.Module:
     """Route a PeftModel's own add_adapter/load_adapter through fastft's (in place; the class keeps its name)."""
-    if isinstance(model, PeftModel) and not isinstance(model, FastftAdapterMethods):
+    if is_peft_model(model) and not isinstance(model, FastftAdapterMethods):
         model.__class__ = _routed_class(type(model))
     return model
 

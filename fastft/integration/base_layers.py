@@ -22,6 +22,14 @@ except ImportError:  # older peft does not
     moe_conversion = None
 
 
+def is_peft_model(model) -> bool:
+    """Whether `model` is a peft PeftModel holding peft's adapters: not fastft's BottleneckAdapterModel, a PeftModel
+    only so that transformers' Trainer saves and reloads its adapter (fastft.integration.methods.adapter.model)."""
+    from fastft.integration.methods.adapter.model import BottleneckAdapterModel
+
+    return isinstance(model, PeftModel) and not isinstance(model, BottleneckAdapterModel)
+
+
 def transformers_model(model: nn.Module) -> nn.Module:
     """The model inside a PeftModel (`model` itself otherwise). peft's get_base_model() reads the active adapter's
     config, which is gone once delete_adapter removed the last one: adding or loading one then raised a KeyError

@@ -190,11 +190,12 @@ def _refuse_another_layout(model: nn.Module, blocksize: int, double_quant: bool)
 
 def refuse_adapters(model: nn.Module, op: str, instead: str) -> None:
     """TypeError for a model holding peft adapters, saying what to do `instead` (and for anything but a model)."""
-    from peft import PeftModel
     from peft.tuners.tuners_utils import BaseTunerLayer
 
+    from fastft.integration.base_layers import is_peft_model
+
     check_model(model, op)
-    if isinstance(model, PeftModel) or any(isinstance(m, BaseTunerLayer) for m in model.modules()):
+    if is_peft_model(model) or any(isinstance(m, BaseTunerLayer) for m in model.modules()):
         raise TypeError(f"{op}: the model holds peft adapters; {instead}")
 
 

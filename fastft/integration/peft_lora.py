@@ -28,7 +28,7 @@ from fastft.arguments import check_flag, check_float_dtype, check_model, check_p
 from fastft.files import merge_into_folder, one_version
 from fastft.integration.adapter_files import WEIGHTS_NAMES, check_adapter_fits
 from fastft.integration.adapter_routing import adapter_call, route_adapter_methods
-from fastft.integration.base_layers import transformers_model
+from fastft.integration.base_layers import is_peft_model, transformers_model
 from fastft.integration.checkpointing import drop_input_grad_hooks_if_unneeded
 from fastft.integration.lora_config import check_loadable, validate_lora_config, with_quantized_targets
 from fastft.integration.methods.ia3_nf4 import NF4IA3Linear
@@ -106,7 +106,7 @@ def refuse_peft_model(model: nn.Module, what: str) -> None:
     tensors under one config, and a load would drop the inner ones."""
     if isinstance(model, PeftModel) or callable(getattr(model, "get_base_model", None)):  # fastft's adapter models
         more = (", or add a second adapter to this one with fastft.add_adapter or fastft.load_adapter"
-                if isinstance(model, PeftModel) else "")
+                if is_peft_model(model) else "")
         raise TypeError(f"{what}: model is already a {type(model).__name__} holding adapters; give it the base "
                         f"model (a fresh one, or the base after unload()){more}")
 
@@ -157,7 +157,7 @@ def quiet_peft_load(model: nn.Module, path, **kwargs) -> PeftModel:
 
 def add_adapter(model: PeftModel, adapter_name: str, config) -> PeftModel:
     """`model.add_adapter` with validation, keeping every LoRA (DoRA, QLoRA) or IA3 layer fused."""
-    if not isinstance(model, PeftModel):
+    if not is_peft_model(model):
         raise TypeError(f"add_adapter expects a PeftModel (from fastft.get_peft_model), got {type(model).__name__}")
     if not isinstance(config, (LoraConfig, peft.IA3Config)):
         raise TypeError(f"add_adapter: config is a {type(config).__name__}; fastft adds LoraConfig (DoRA included) "
@@ -194,7 +194,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     check_path(path, "load_adapter")
     check_adapter_name(adapter_name, "load_adapter")
     check_flag(is_trainable, "load_adapter", "is_trainable")
-    if isinstance(model, PeftModel):
+    if is_peft_model(model):
         route_adapter_methods(model)  # model.add_adapter/load_adapter below (here and in the rooms): peft's
         path = _own_subfolder_on_reload(model, path, adapter_name)
     with adapter_call(), one_version(path) as files, errors_naming(files, path):
@@ -231,7 +231,7 @@ def errors_naming(read: Path, given):
 
 
 def _load_adapter(model: nn.Module, path, adapter_name: str, is_trainable: bool) -> PeftModel:
-    if isinstance(model, PeftModel):
+    if is_peft_model(model):
         return _load_checked(model, path, adapter_name, is_trainable)
     refuse_peft_model(model, "load_adapter")
     with bitsandbytes_nf4_adopted(model, "load_adapter"):  # undone if the adapter does not fit
@@ -298,7 +298,7 @@ def merge_and_unload(model: PeftModel, *, requantize: bool = False, dtype=None, 
     """
     from fastft.integration.nf4_model import compute_dtype
 
-    if not isinstance(model, PeftModel):
+    if not is_peft_model(model):
         raise TypeError(f"merge_and_unload expects a PeftModel, got {type(model).__name__}")
     check_flag(requantize, "merge_and_unload", "requantize")
     dtype = check_float_dtype(dtype, "merge_and_unload", none_ok=True)

@@ -198,15 +198,14 @@ def load_method_adapter(model: nn.Module, path, adapter_name: str = "default", i
     path = Path(path)
     if not (path / "adapter_config.json").is_file():
         return None  # peft_lora reports the missing file
-    from peft import PeftModel
-
     from fastft.integration.adapter_files import read_peft_config
+    from fastft.integration.base_layers import is_peft_model
     from fastft.integration.methods.adapter import is_bottleneck_adapter, load_bottleneck_adapter
     from fastft.integration.peft_lora import refuse_peft_model
 
     if is_bottleneck_adapter(path):
         return load_bottleneck_adapter(model, path, adapter_name, is_trainable)
-    if not isinstance(model, PeftModel):  # a PeftModel takes another adapter; fastft's adapter models do not
+    if not is_peft_model(model):  # a PeftModel takes another adapter; fastft's adapter models do not
         refuse_peft_model(model, "load_adapter")
     config = read_peft_config(path)
     peft_type = getattr(config.peft_type, "value", config.peft_type)

@@ -30,6 +30,10 @@ class BottleneckAdapterConfig:
     suffixes); task_type as peft's: "SEQ_CLS" / "TOKEN_CLS" add the fresh head ("classifier", "score"), "QUESTION_ANS"
     its "qa_outputs", whichever the model has — else a new head would stay at its random initialisation, frozen.
     """
+    # what transformers' Trainer and peft read of a PeftModel's config (class attributes, not fields: not saved)
+    peft_type = PEFT_TYPE
+    is_prompt_learning = False
+
     size: int = 64
     placement: str = "pfeiffer"
     activation: str = "relu"

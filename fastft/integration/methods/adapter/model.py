@@ -7,6 +7,14 @@ with peft_type "FASTFT_BOTTLENECK_ADAPTER") and `adapter_model.safetensors` (the
 modules trained whole, modules_to_save / the task's head, keyed by module path), both written into a temporary
 folder that then takes the folder's place (fastft.files.merge_into_folder). `load_bottleneck_adapter` checks every
 tensor against the model before loading.
+
+The wrapper is a peft PeftModel to code that asks (isinstance), as transformers' Trainer does: it saves a
+checkpoint with the model's `save_pretrained` (this adapter format) only for a PreTrainedModel or a PeftModel, else
+the whole model's state dict (which safetensors refuses for tied embeddings), and resume_from_checkpoint /
+load_best_model_at_end reload a PeftModel's checkpoint with `load_adapter(checkpoint, "default", is_trainable=)`.
+peft's own __init__ is not run: the wrapper holds no peft tuner (its `base_model` is the transformers model itself),
+and the peft methods that would manage several adapters are refused. fastft's own functions tell it from peft's
+models (fastft.integration.base_layers.is_peft_model).
 """
 from __future__ import annotations
 
@@ -18,6 +26,7 @@ import json
 from pathlib import Path
 
 import torch
+from peft import PeftModel
 from torch import nn
 
 from fastft.files import merge_into_folder
@@ -30,12 +39,13 @@ from fastft.integration.methods.adapter.layer import AdapterAfter, BottleneckAda
 CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
 
 
-class BottleneckAdapterModel(nn.Module):
+class BottleneckAdapterModel(PeftModel):
     """The model with bottleneck adapters; only the adapters train (and the modules trained whole: modules_to_save,
-    the task's head)."""
+    the task's head). A PeftModel subclass for transformers' Trainer (module docstring); it holds one adapter,
+    "default"."""
 
     def __init__(self, model: nn.Module, config: BottleneckAdapterConfig, heads: list[tuple[str, nn.Module]] = ()):
-        super().__init__()
+        nn.Module.__init__(self)  # not peft's __init__: no tuner is built
         self.base_model = model
         self.adapter_config = config
         # (name, a frozen copy of the module as it was) of each module trained whole: what disable_adapter runs (a
@@ -62,6 +72,93 @@ class BottleneckAdapterModel(nn.Module):
 
     def get_base_model(self) -> nn.Module:
         return self.base_model
+
+    # what peft's PeftModel reads from its tuner, and transformers' Trainer from a PeftModel
+    @property
+    def peft_config(self) -> dict[str, BottleneckAdapterConfig]:
+        return {"default": self.adapter_config}
+
+    @property
+    def active_adapter(self) -> str:
+        return "default"
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return ["default"]
+
+    def load_adapter(self, model_id, adapter_name: str = "default", is_trainable: bool = False, **kwargs) -> None:
+        """peft's reload of a saved adapter's weights into the model's adapter, as transformers' Trainer calls it
+        (resume_from_checkpoint with is_trainable=True, load_best_model_at_end): the folder must hold a bottleneck
+        adapter of this model's config, every tensor the model's adapter has and no other, each of its shape; all
+        is checked before a value is copied (in place: an optimizer keeps its parameters). As peft's: is_trainable
+        makes the adapter's parameters trainable, else the model goes to eval mode."""
+        from fastft.files import one_version
+        from fastft.integration.adapter_files import read_weights
+
+        if adapter_name != "default" or kwargs:
+            raise ValueError(f"load_adapter: a {type(self).__name__} holds one adapter, 'default', and takes no extra "
+                             f"options; got adapter_name={adapter_name!r}"
+                             + (f" and {sorted(kwargs)}" if kwargs else "") + "; to load a bottleneck adapter onto "
+                             "another model use fastft.load_adapter(base_model, path)")
+        with one_version(model_id) as path:  # the config and weights of one save
+            for f in (path / CONFIG_NAME, path / WEIGHTS_NAME):
+                if not f.is_file():
+                    raise FileNotFoundError(f"load_adapter: {Path(model_id) / f.name} not found (expected a fastft "
+                                            "bottleneck adapter directory)")
+            if not is_bottleneck_adapter(path):
+                raise ValueError(f"load_adapter: {Path(model_id) / CONFIG_NAME} does not describe a fastft "
+                                 "bottleneck adapter; its weights cannot be loaded into this model's adapter")
+            saved = BottleneckAdapterConfig.from_dict(json.loads((path / CONFIG_NAME).read_text())).to_dict()
+            have = self.adapter_config.to_dict()
+            differ = sorted(k for k in have.keys() | saved.keys() if have.get(k) != saved.get(k))
+            if differ:
+                raise ValueError(f"load_adapter: {model_id} holds a bottleneck adapter with "
+                                 + ", ".join(f"{k}={saved.get(k)!r}" for k in differ) + ", but the model's adapter "
+                                 "has " + ", ".join(f"{k}={have.get(k)!r}" for k in differ) + ": its weights "
+                                 "cannot be loaded into it")
+            loaded = read_weights(path / WEIGHTS_NAME)
+        target = self.adapter_state_dict()
+        if loaded.keys() != target.keys():
+            missing, extra = sorted(target.keys() - loaded.keys())[:3], sorted(loaded.keys() - target.keys())[:3]
+            raise ValueError(f"load_adapter: {model_id} does not fit this model's adapter: missing {missing}, "
+                             f"unexpected {extra}")
+        for key, t in loaded.items():
+            if t.shape != target[key].shape:
+                raise ValueError(f"load_adapter: '{key}' in {model_id} has shape {tuple(t.shape)}, but the model's "
+                                 f"adapter has {tuple(target[key].shape)}")
+        self.base_model.load_state_dict(loaded, strict=False)
+        if is_trainable:
+            for name, p in self.base_model.named_parameters():
+                if self._saved(name):
+                    p.requires_grad_(True)
+        else:
+            self.eval()
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, model_id, adapter_name: str = "default", is_trainable: bool = False,
+                        **kwargs) -> BottleneckAdapterModel:
+        """peft's PeftModel.from_pretrained for a saved bottleneck adapter: fastft.load_adapter."""
+        if kwargs:
+            raise ValueError(f"from_pretrained: bottleneck adapters take no extra options, got {sorted(kwargs)}")
+        from fastft.integration.peft_lora import load_adapter
+
+        if not is_bottleneck_adapter(model_id):
+            raise ValueError(f"from_pretrained: {Path(model_id) / CONFIG_NAME} does not describe a fastft bottleneck "
+                             "adapter (load other adapters with fastft.load_adapter or peft's PeftModel)")
+        return load_adapter(model, model_id, adapter_name=adapter_name, is_trainable=is_trainable)
+
+    def add_adapter(self, adapter_name: str, *args, **kwargs):
+        raise TypeError(f"add_adapter: a {type(self).__name__} holds one adapter, 'default'; a second bottleneck "
+                        "adapter (or another method's) needs a model of its own")
+
+    def set_adapter(self, adapter_name: str, *args, **kwargs) -> None:
+        if adapter_name != "default":
+            raise ValueError(f"set_adapter: a {type(self).__name__} holds one adapter, 'default', not "
+                             f"{adapter_name!r}")
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        raise TypeError(f"delete_adapter: a {type(self).__name__} holds one adapter, 'default'; use "
+                        "get_base_model() for the model without it")
 
     @contextlib.contextmanager
     def disable_adapter(self):
@@ -92,12 +189,17 @@ class BottleneckAdapterModel(nn.Module):
 
     def print_trainable_parameters(self) -> None:
         trainable, total = self.get_nb_trainable_parameters()
-        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
+              f"trainable%: {100 * trainable / total:.4f}")
 
     def save_pretrained(self, path, state_dict: dict | None = None, **kwargs) -> None:
         """Writes the adapter; `state_dict`: this wrapper's weights gathered elsewhere (e.g. from FSDP2 shards,
-        keys as in `self.named_parameters()`), of which the adapter tensors are saved."""
+        keys as in `self.named_parameters()`), of which the adapter tensors are saved. `is_main_process=False`
+        (peft's and transformers' Trainer's multi-process spelling) writes nothing."""
         from safetensors.torch import save_file
+
+        if not kwargs.get("is_main_process", True):
+            return
 
         if state_dict is None:
             state_dict = self.adapter_state_dict()
@@ -254,8 +356,6 @@ def load_bottleneck_adapter(model: nn.Module, path, adapter_name: str = "default
                             is_trainable: bool = False) -> BottleneckAdapterModel:
     """Rebuild the adapters described in `path` on `model` (a plain transformers model) and load their weights.
     The file is read and checked against the model first: a load that fails leaves `model` as it was."""
-    from peft import PeftModel
-
     from fastft.integration.adapter_files import read_weights
 
     path = Path(path)
