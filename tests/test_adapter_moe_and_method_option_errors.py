@@ -38,7 +38,7 @@ def test_a_dense_layer_beside_an_moe_layer_does_not_hide_it():
 def test_a_regex_places_adapters_inside_the_experts_block_on_purpose():
     model = apply_method(_qwen2_moe(), "adapter", MethodOptions(
         adapter_size=8, adapter_mlp_output_modules=r".*\.shared_expert\.down_proj"))
-    placed = [n for n, _ in model.base_model.named_modules() if n.endswith(".adapter")]
+    placed = [n for n, _ in model.get_base_model().named_modules() if n.endswith(".adapter")]
     assert placed == [f"model.layers.{i}.mlp.shared_expert.down_proj.adapter" for i in range(2)]
 
 

@@ -29,5 +29,5 @@ def test_the_dense_layers_alone_take_adapters_through_a_regex():
     """The refusal's way out: a regex string names the dense layers' down_proj on purpose."""
     model = apply_method(_qwen3_moe(mlp_only_layers=[0]), "adapter", MethodOptions(
         adapter_size=8, adapter_mlp_output_modules=r"model\.layers\.0\.mlp\.down_proj"))
-    placed = [n for n, _ in model.base_model.named_modules() if n.endswith(".adapter")]
+    placed = [n for n, _ in model.get_base_model().named_modules() if n.endswith(".adapter")]
     assert placed == ["model.layers.0.mlp.down_proj.adapter"]

@@ -1,7 +1,7 @@
 """Bottleneck adapter save format edges: `save_pretrained(path, state_dict=...)` with the wrapper's own keys (as an
-FSDP2 gather gives them, `base_model.` first) writes the same file as the plain save, one a fresh model loads; and a
-saved config with a field this version does not know is refused by name as a ValueError (not a TypeError from the
-dataclass)."""
+FSDP2 gather gives them, `base_model.model.` first) writes the same file as the plain save, one a fresh model loads;
+and a saved config with a field this version does not know is refused by name as a ValueError (not a TypeError from
+the dataclass)."""
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -21,7 +21,7 @@ def test_a_given_state_dict_is_saved_under_the_adapters_own_keys(tmp_path):
                 p.normal_()
     wrapped.save_pretrained(tmp_path / "plain")
     gathered = {name: p.detach().clone() for name, p in wrapped.named_parameters()}   # "base_model.model..."
-    assert all(name.startswith("base_model.") for name in gathered)
+    assert all(name.startswith("base_model.model.") for name in gathered)
     wrapped.save_pretrained(tmp_path / "given", state_dict=gathered)
     plain, given = load_file(tmp_path / "plain" / WEIGHTS_NAME), load_file(tmp_path / "given" / WEIGHTS_NAME)
     assert plain.keys() == given.keys() and all(torch.equal(plain[k], given[k]) for k in plain)

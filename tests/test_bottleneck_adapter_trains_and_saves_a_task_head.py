@@ -33,7 +33,7 @@ def test_seq_cls_trains_saves_and_loads_the_classifier(tmp_path):
     model = get_adapter_model(_bert(0), BottleneckAdapterConfig(size=8, placement="houlsby", task_type="SEQ_CLS",
                                                                 **BERT_TARGETS))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert {"base_model.classifier.weight", "base_model.classifier.bias"} <= trainable
+    assert {"base_model.model.classifier.weight", "base_model.model.classifier.bias"} <= trainable
     assert all(".adapter." in n or ".classifier." in n for n in trainable)
     batch = _batch()
     with torch.no_grad():

@@ -62,5 +62,5 @@ def test_every_method_matches_its_reference_on_smollm2():
     assert_close(logits, ref.logits, torch.float32, "SmolLM2 adapter logits")
     assert len(grads) == 4 * sum(isinstance(m, AdapterAfter) for m in ours.modules()) > 0
     for name, grad in grads.items():
-        module, _, key = name.removeprefix("base_model.").partition(".adapter.")
+        module, _, key = name.removeprefix("base_model.model.").partition(".adapter.")
         assert_close(grad, params[module][key].grad, torch.float32, f"SmolLM2 adapter grad {name}")

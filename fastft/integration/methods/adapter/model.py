@@ -12,9 +12,11 @@ The wrapper is a peft PeftModel to code that asks (isinstance), as transformers'
 checkpoint with the model's `save_pretrained` (this adapter format) only for a PreTrainedModel or a PeftModel, else
 the whole model's state dict (which safetensors refuses for tied embeddings), and resume_from_checkpoint /
 load_best_model_at_end reload a PeftModel's checkpoint with `load_adapter(checkpoint, "default", is_trainable=)`.
-peft's own __init__ is not run: the wrapper holds no peft tuner (its `base_model` is the transformers model itself),
-and the peft methods that would manage several adapters are refused. fastft's own functions tell it from peft's
-models (fastft.integration.base_layers.is_peft_model).
+peft's own __init__ is not run, but the layout is peft's: `base_model` is a tuner module (BottleneckAdapterTuner, as
+peft's LoraModel) whose `.model` is the transformers model, so state-dict keys read `base_model.model.<key>` and code
+that reads a PeftModel's `base_model.model` (Trainer's label smoothing and NEFTune) finds the transformers model.
+The peft methods that would manage several adapters are refused. fastft's own functions tell it from peft's models
+(fastft.integration.base_layers.is_peft_model).
 """
 from __future__ import annotations
 
@@ -37,6 +39,28 @@ from fastft.integration.methods.adapter.config import PEFT_TYPE, BottleneckAdapt
 from fastft.integration.methods.adapter.layer import AdapterAfter, BottleneckAdapter
 
 CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
+PREFIX = "base_model.model."  # of the wrapper's state-dict keys, before the transformers model's own
+
+
+class BottleneckAdapterTuner(nn.Module):
+    """The wrapper's `base_model`, in the place of peft's tuner (BaseTuner, e.g. LoraModel): `.model` is the
+    transformers model, calls and unknown attributes go to it. Code written for peft's layout (transformers'
+    Trainer reads `peft_model.base_model.model`) finds the transformers model where it looks."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":  # not set up yet (unpickling): no endless recursion
+                raise
+            return getattr(self.model, name)
 
 
 class BottleneckAdapterModel(PeftModel):
@@ -45,8 +69,8 @@ class BottleneckAdapterModel(PeftModel):
     "default"."""
 
     def __init__(self, model: nn.Module, config: BottleneckAdapterConfig, heads: list[tuple[str, nn.Module]] = ()):
-        nn.Module.__init__(self)  # not peft's __init__: no tuner is built
-        self.base_model = model
+        nn.Module.__init__(self)  # not peft's __init__: peft would build its own tuner
+        self.base_model = BottleneckAdapterTuner(model)
         self.adapter_config = config
         # (name, a frozen copy of the module as it was) of each module trained whole: what disable_adapter runs (a
         # plain list: not a submodule, so neither in the state dict nor among the parameters)
@@ -59,10 +83,10 @@ class BottleneckAdapterModel(PeftModel):
 
     def __reduce_ex__(self, protocol):
         # pickled with the base model's class, from which the class with its forward signature is made again
-        return _rebuilt, (type(self.base_model),), super().__reduce_ex__(2)[2]
+        return _rebuilt, (type(self.get_base_model()),), super().__reduce_ex__(2)[2]
 
     def generate(self, *args, **kwargs):
-        return self.base_model.generate(*args, **kwargs)
+        return self.get_base_model().generate(*args, **kwargs)
 
     def __getattr__(self, name: str):
         try:
@@ -71,7 +95,8 @@ class BottleneckAdapterModel(PeftModel):
             return getattr(super().__getattr__("base_model"), name)
 
     def get_base_model(self) -> nn.Module:
-        return self.base_model
+        """The transformers model (peft's spelling; `base_model` is the tuner around it)."""
+        return self.base_model.model
 
     # what peft's PeftModel reads from its tuner, and transformers' Trainer from a PeftModel
     @property
@@ -126,9 +151,9 @@ class BottleneckAdapterModel(PeftModel):
             if t.shape != target[key].shape:
                 raise ValueError(f"load_adapter: '{key}' in {model_id} has shape {tuple(t.shape)}, but the model's "
                                  f"adapter has {tuple(target[key].shape)}")
-        self.base_model.load_state_dict(loaded, strict=False)
+        self.get_base_model().load_state_dict(loaded, strict=False)
         if is_trainable:
-            for name, p in self.base_model.named_parameters():
+            for name, p in self.get_base_model().named_parameters():
                 if self._saved(name):
                     p.requires_grad_(True)
         else:
@@ -164,24 +189,26 @@ class BottleneckAdapterModel(PeftModel):
     def disable_adapter(self):
         """The base model alone inside the block (peft's PeftModel.disable_adapter): DPO's reference. Modules trained
         whole (modules_to_save) are their original copies there, as in peft."""
-        trained = [(name, self.base_model.get_submodule(name)) for name, _ in self._original_heads]
-        with attribute_set((m for m in self.base_model.modules() if isinstance(m, AdapterAfter)), "disabled", True):
+        model = self.get_base_model()
+        trained = [(name, model.get_submodule(name)) for name, _ in self._original_heads]
+        with attribute_set((m for m in model.modules() if isinstance(m, AdapterAfter)), "disabled", True):
             try:
                 for (name, original), (_, head) in zip(self._original_heads, trained):
                     like = next(head.parameters(), None)  # where the model was moved since: the copy goes along
-                    _set_module(self.base_model, name, original if like is None else
+                    _set_module(model, name, original if like is None else
                                 original.to(device=like.device, dtype=like.dtype))
                 yield
             finally:
                 for name, head in trained:
-                    _set_module(self.base_model, name, head)
+                    _set_module(model, name, head)
 
     def _saved(self, key: str) -> bool:
-        """Whether a key of the base model's state dict is saved with the adapter."""
+        """Whether a key of the transformers model's state dict is saved with the adapter."""
         return ".adapter." in key or any(key.startswith(name + ".") for name, _ in self._original_heads)
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach() for k, v in self.base_model.state_dict().items() if self._saved(k)}
+        """The saved tensors, keyed as in the transformers model's state dict (the adapter file's keys)."""
+        return {k: v.detach() for k, v in self.get_base_model().state_dict().items() if self._saved(k)}
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
@@ -194,8 +221,9 @@ class BottleneckAdapterModel(PeftModel):
 
     def save_pretrained(self, path, state_dict: dict | None = None, **kwargs) -> None:
         """Writes the adapter; `state_dict`: this wrapper's weights gathered elsewhere (e.g. from FSDP2 shards,
-        keys as in `self.named_parameters()`), of which the adapter tensors are saved. `is_main_process=False`
-        (peft's and transformers' Trainer's multi-process spelling) writes nothing."""
+        keys as in `self.named_parameters()`: `base_model.model.<key>`), of which the adapter tensors are saved under
+        the transformers model's keys. `is_main_process=False` (peft's and transformers' Trainer's multi-process
+        spelling) writes nothing."""
         from safetensors.torch import save_file
 
         if not kwargs.get("is_main_process", True):
@@ -204,7 +232,7 @@ class BottleneckAdapterModel(PeftModel):
         if state_dict is None:
             state_dict = self.adapter_state_dict()
         else:
-            state_dict = {k: v for k, v in ((k.removeprefix("base_model."), v) for k, v in state_dict.items())
+            state_dict = {k: v for k, v in ((k.removeprefix(PREFIX), v) for k, v in state_dict.items())
                           if self._saved(k)}
         tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
         text = json.dumps(self.adapter_config.to_dict(), indent=2, sort_keys=True)
@@ -384,7 +412,7 @@ def load_bottleneck_adapter(model: nn.Module, path, adapter_name: str = "default
             raise ValueError(f"load_adapter: '{key}' in {path} has shape {tuple(t.shape)}, but the model needs "
                              f"{need[key]}: the adapter was trained for a different model")
     wrapped = get_adapter_model(model, config, adapter_name)
-    wrapped.base_model.load_state_dict(loaded, strict=False)
+    wrapped.get_base_model().load_state_dict(loaded, strict=False)
     if not is_trainable:
         wrapped.eval()
     return wrapped
