@@ -132,3 +132,16 @@ def test_the_wrapper_has_peft_layout_and_runs_under_functional_call():
         got = torch.func.functional_call(model, params, (), {"input_ids": ids}).logits
         assert not torch.equal(got, want)  # the given adapter weights were used...
         assert torch.equal(model(input_ids=ids).logits, want)  # ...and the model's own left alone
+
+
+def test_fastft_train_patches_the_transformers_model_inside_the_wrapper():
+    """--patch-model: patch_model records its changes on the transformers model inside the wrapper, as inside peft's,
+    and fastft train reads the record there."""
+    from fastft.apps.training.config import TrainConfig
+    from fastft.apps.training.run_setup import maybe_patch
+
+    model, lines = _wrapped("llama"), []
+    assert maybe_patch(model, TrainConfig(patch_model="on"), torch.device("cpu"), lines.append)
+    assert len(lines) == 1 and lines[0].startswith("patched by fastft.patch_model: llama:")
+    assert "_fastft_patch" in model.get_base_model().__dict__ and "_fastft_patch" not in model.__dict__
+    fastft.unpatch_model(model)

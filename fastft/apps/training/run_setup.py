@@ -141,8 +141,7 @@ def maybe_patch(model, cfg: TrainConfig, device, log) -> bool:
             raise ConfigError(f"--patch-model on: {e}") from None
         log(f"not patched: {e}; training goes on unpatched (--patch-model off silences this)")
         return False
-    base = causal_lm(model)
-    summary = (getattr(base, "_fastft_patch", None) or model._fastft_patch).summary  # bottleneck wrapper: on it
+    summary = causal_lm(model)._fastft_patch.summary  # on the transformers model, inside any adapter wrapper
     log(f"patched by fastft.patch_model: {summary['model_type']}: {summary['rms_norm']} RMSNorm, "
         f"{summary['glu_mlp']} GLU MLP, {summary['rope_attention']} RoPE attention, attention "
         f"{summary['attention']}")
