@@ -214,8 +214,12 @@ class Checkpoints:
 
         acc = self.accelerator
         weights = load_file(str(path / "trainable.safetensors"))
+        renames = layout_renames(weights, {n for n, p in model.named_parameters() if p.requires_grad})
+        weights = {renames.get(k, k): v for k, v in weights.items()}
         self._check_weights(path, weights, model)
         optim = torch.load(path / "optimizer.pt", weights_only=False)
+        if renames and is_sharded(model):  # its state is keyed by parameter names there (else by position)
+            optim = _renamed_optimizer_state(optim, renames)
         groups, ours = len(optim["param_groups"]), len(optimizer.param_groups)
         if groups != ours:  # e.g. written before weight decay left biases and norms out (a group of their own)
             raise ConfigError(f"--resume: {path} holds optimizer state in {groups} parameter group(s), this "
@@ -225,7 +229,11 @@ class Checkpoints:
         # under FSDP or fp16's GradScaler: fastft.apps.optimizers) must hold whatever the writing run had
         flags = [{k: g[k] for k in _IMPLEMENTATION_FLAGS if k in g} for g in optimizer.param_groups]
         if is_sharded(model):
-            set_model_state_dict(model, weights, options=_options(strict=False))
+            # strict=False: the frozen weights are not in the file; but each of its tensors must land somewhere
+            skipped = set_model_state_dict(model, weights, options=_options(strict=False)).unexpected_keys
+            if skipped:
+                raise ConfigError(f"--resume: {path}: {len(skipped)} tensor(s) of trainable.safetensors match no "
+                                  f"weight of the sharded model ({sorted(skipped)[0]}, ...); they would not load")
             set_optimizer_state_dict(model, optimizer, optim, options=_options())
         else:
             params = dict(model.named_parameters())
@@ -255,6 +263,22 @@ class Checkpoints:
 
 
 _IMPLEMENTATION_FLAGS = ("fused", "foreach", "capturable", "differentiable")
+
+
+def layout_renames(saved, expected: set[str]) -> dict[str, str]:
+    """{old name: new name} for a checkpoint of bottleneck adapters written before BottleneckAdapterModel took peft's
+    layout: its tensors were named `base_model.<key>`, now `base_model.model.<key>`. Empty unless the names differ
+    and that renaming makes them equal exactly (anything else stays a mismatch, which _check_weights refuses)."""
+    if set(saved) == expected:
+        return {}
+    renames = {k: "base_model.model." + k.removeprefix("base_model.") for k in saved if k.startswith("base_model.")}
+    return renames if {renames.get(k, k) for k in saved} == expected else {}
+
+
+def _renamed_optimizer_state(optim: dict, renames: dict[str, str]) -> dict:
+    """A sharded model's full optimizer state (keyed by parameter names) under the renamed parameters."""
+    groups = [{**g, "params": [renames.get(n, n) for n in g["params"]]} for g in optim["param_groups"]]
+    return {**optim, "state": {renames.get(k, k): v for k, v in optim["state"].items()}, "param_groups": groups}
 
 
 def _open_safetensors(file: Path) -> list[str]:
