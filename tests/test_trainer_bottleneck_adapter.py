@@ -10,10 +10,11 @@ import torch
 import transformers
 from peft import PeftModel
 from safetensors.torch import load_file
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer
 
 import fastft
 from fastft import BottleneckAdapterConfig
+from tests.train_utils import trainer_args, trainer_records
 from tests.utils import tiny_llama
 
 
@@ -22,18 +23,8 @@ def _build(base, size=8):
     return fastft.get_peft_model(copy.deepcopy(base), BottleneckAdapterConfig(size=size, placement="houlsby"))
 
 
-def _records(n=8):
-    g = torch.Generator().manual_seed(1)
-    out = []
-    for _ in range(n):
-        ids = torch.randint(3, 128, (10,), generator=g)
-        out.append({"input_ids": ids, "labels": ids.clone()})
-    return out
-
-
 def _args(folder, **kw):
-    return TrainingArguments(str(folder), use_cpu=True, report_to=[], disable_tqdm=True, per_device_train_batch_size=2,
-                             seed=0, learning_rate=1e-2, train_sampling_strategy="sequential", logging_steps=1, **kw)
+    return trainer_args(folder, **{"logging_steps": 1, **kw})
 
 
 def _adapter(model):
@@ -46,7 +37,7 @@ def test_a_checkpoint_holds_the_adapter_as_save_adapter_writes_it(tmp_path, tied
     base = tiny_llama(tie_word_embeddings=tied)
     model = _build(base)
     Trainer(model=model, args=_args(tmp_path / "run", max_steps=2, save_strategy="steps", save_steps=2),
-            train_dataset=_records()).train()
+            train_dataset=trainer_records()).train()
     checkpoint = tmp_path / "run" / "checkpoint-2"
     files = {p.name for p in checkpoint.iterdir()}
     assert {"adapter_config.json", "adapter_model.safetensors"} <= files
@@ -72,7 +63,7 @@ def _losses(trainer):
 def test_resume_from_checkpoint_continues_as_the_uninterrupted_run(tmp_path):
     transformers.logging.set_verbosity_error()
     base = tiny_llama(tie_word_embeddings=True)
-    data = _records()
+    data = trainer_records()
     full = _build(base)
     uninterrupted = Trainer(model=full, args=_args(tmp_path, max_steps=4, save_strategy="steps", save_steps=2),
                             train_dataset=data)
@@ -90,7 +81,7 @@ def test_resume_from_checkpoint_continues_as_the_uninterrupted_run(tmp_path):
 def test_load_best_model_at_end_reloads_the_best_checkpoints_adapter(tmp_path):
     transformers.logging.set_verbosity_error()
     model = _build(tiny_llama(tie_word_embeddings=True))
-    data = _records()
+    data = trainer_records()
     # the highest eval loss is the best: the first checkpoint (training lowers it), not the weights training ends on
     args = _args(tmp_path, max_steps=4, eval_strategy="steps", eval_steps=2, save_strategy="steps", save_steps=2,
                  load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=True)

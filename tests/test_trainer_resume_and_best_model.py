@@ -8,24 +8,15 @@ import pytest
 import torch
 import transformers
 from peft import LoraConfig
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer
 
 import fastft
+from tests.train_utils import trainer_args, trainer_records
 from tests.utils import tiny_llama
 
 
-def _records(n=8):
-    g = torch.Generator().manual_seed(1)
-    out = []
-    for _ in range(n):
-        ids = torch.randint(3, 128, (10,), generator=g)
-        out.append({"input_ids": ids, "labels": ids.clone()})
-    return out
-
-
 def _args(folder, **kw):
-    return TrainingArguments(str(folder), use_cpu=True, report_to=[], disable_tqdm=True, per_device_train_batch_size=2,
-                             max_steps=4, seed=0, learning_rate=1e-2, train_sampling_strategy="sequential", **kw)
+    return trainer_args(folder, **{"max_steps": 4, **kw})
 
 
 @pytest.mark.parametrize("kind", ["lora", "dora", "qlora"])
@@ -41,7 +32,7 @@ def test_resume_from_checkpoint_ends_on_the_uninterrupted_runs_weights(tmp_path,
         return fastft.get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
                                                        use_dora=kind == "dora"))
 
-    data = _records()
+    data = trainer_records()
     full = build()
     Trainer(model=full, args=_args(tmp_path, save_strategy="steps", save_steps=2), train_dataset=data).train()
     resumed = build()
@@ -56,7 +47,7 @@ def test_resume_from_checkpoint_ends_on_the_uninterrupted_runs_weights(tmp_path,
 def test_load_best_model_at_end(tmp_path):
     transformers.logging.set_verbosity_error()
     model = fastft.get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
-    data = _records()
+    data = trainer_records()
     trainer = Trainer(model=model, args=_args(tmp_path, eval_strategy="steps", eval_steps=2, save_strategy="steps",
                                               save_steps=2, load_best_model_at_end=True),
                       train_dataset=data, eval_dataset=data[:4])

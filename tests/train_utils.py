@@ -40,3 +40,21 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def trainer_records(n: int = 8) -> list[dict]:
+    """n rows of 10 random token ids (labels = input_ids) for transformers.Trainer tests on tiny models."""
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(3, 128, (10,), generator=g)
+        out.append({"input_ids": ids, "labels": ids.clone()})
+    return out
+
+
+def trainer_args(folder, **kw):
+    """TrainingArguments for those tests: CPU, no reporting, batches of 2 in order, seed 0, learning rate 1e-2."""
+    from transformers import TrainingArguments
+
+    return TrainingArguments(str(folder), use_cpu=True, report_to=[], disable_tqdm=True, per_device_train_batch_size=2,
+                             seed=0, learning_rate=1e-2, train_sampling_strategy="sequential", **kw)
