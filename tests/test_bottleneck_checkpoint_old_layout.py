@@ -130,3 +130,43 @@ def test_a_sharded_load_skips_no_tensor_of_the_file(tmp_path, accelerator, one_r
     with pytest.raises(ConfigError, match=r"1 tensor\(s\) of trainable.safetensors match no weight of the sharded "
                                           r"model \(base_model.model.nowhere.weight, ...\); they would not load"):
         checkpoints.load(path, fresh, fresh_optimizer)
+
+
+def test_save_pretrained_takes_the_wrappers_own_state_dict_and_refuses_other_names(tmp_path):
+    model, _ = _model()
+    with torch.no_grad():
+        for _, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p))
+    model.save_pretrained(tmp_path / "own")
+    model.save_pretrained(tmp_path / "given", state_dict=model.state_dict())  # Trainer's _save passes this
+    own, given = load_file(tmp_path / "own" / "adapter_model.safetensors"), \
+        load_file(tmp_path / "given" / "adapter_model.safetensors")
+    assert own.keys() == given.keys() and all(torch.equal(own[k], given[k]) for k in own)
+    old_names = {"base_model." + k.removeprefix("base_model.model."): v for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="lacks 8 adapter tensor.* and holds 8 .*under names the model has not"):
+        model.save_pretrained(tmp_path / "old", state_dict=old_names)
+    dropped = dict(model.state_dict())
+    dropped.pop(next(k for k in dropped if ".adapter." in k))
+    with pytest.raises(ValueError, match="lacks 1 adapter tensor"):
+        model.save_pretrained(tmp_path / "dropped", state_dict=dropped)
+    assert not (tmp_path / "old").exists() and not (tmp_path / "dropped").exists()
+
+
+def test_a_tied_head_trained_whole_is_saved_from_the_trainable_parameters(tmp_path):
+    """fastft train saves the trainable parameters, where a tied weight is named once (embed_tokens.weight): an lm_head
+    in modules_to_save under tied embeddings was left out of the adapter file, which no load then took."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = fastft.get_peft_model(LlamaForCausalLM(config),
+                                  BottleneckAdapterConfig(size=4, modules_to_save=["lm_head"]))
+    with torch.no_grad():
+        model.get_base_model().lm_head.weight.add_(1.0)
+    trainable = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    assert not any("lm_head" in n for n in trainable)  # named once, as the embeddings
+    model.save_pretrained(tmp_path, state_dict=trainable)
+    loaded = fastft.load_adapter(LlamaForCausalLM(config), tmp_path)
+    assert torch.equal(loaded.get_base_model().lm_head.weight, model.get_base_model().lm_head.weight)

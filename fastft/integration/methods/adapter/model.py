@@ -210,6 +210,17 @@ class BottleneckAdapterModel(PeftModel):
         """The saved tensors, keyed as in the transformers model's state dict (the adapter file's keys)."""
         return {k: v.detach() for k, v in self.get_base_model().state_dict().items() if self._saved(k)}
 
+    def _saved_part(self, given: dict) -> dict:
+        """The saved tensors of `given` (keyed as the transformers model's state dict), each of them there: a key
+        missing from `given` takes the tensor of a key tied to it (a list of parameters names a tied weight once:
+        lm_head trained whole under tied embeddings is given as embed_tokens.weight)."""
+        own = self.get_base_model().state_dict(keep_vars=True)
+        name_of = {id(own[k]): k for k in given if k in own}
+        saved = {k: given[k] if k in given else given.get(name_of.get(id(v))) for k, v in own.items() if self._saved(k)}
+        _check_saved_keys({k: v for k, v in saved.items() if v is not None} | {
+            k: v for k, v in given.items() if k not in own and self._saved(k)}, set(saved))
+        return saved
+
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
         return trainable, sum(p.numel() for p in self.parameters())
@@ -232,8 +243,7 @@ class BottleneckAdapterModel(PeftModel):
         if state_dict is None:
             state_dict = self.adapter_state_dict()
         else:
-            state_dict = {k: v for k, v in ((k.removeprefix(PREFIX), v) for k, v in state_dict.items())
-                          if self._saved(k)}
+            state_dict = self._saved_part({k.removeprefix(PREFIX): v for k, v in state_dict.items()})
         tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
         text = json.dumps(self.adapter_config.to_dict(), indent=2, sort_keys=True)
 
@@ -242,6 +252,19 @@ class BottleneckAdapterModel(PeftModel):
             (tmp / CONFIG_NAME).write_text(text)
 
         merge_into_folder(path, write)  # both files, or neither: weights under another save's config load silently
+
+
+def _check_saved_keys(given: dict, expected: set[str]) -> None:
+    """A state dict handed to save_pretrained holds every adapter tensor under the wrapper's names, and no other:
+    one keyed otherwise (the transformers model's own keys, the old wrapper's `base_model.<key>`) would be saved
+    under names no load finds, or leave tensors out."""
+    missing, extra = sorted(expected - given.keys()), sorted(given.keys() - expected)
+    if missing or extra:
+        what = " and ".join(([f"lacks {len(missing)} adapter tensor(s) ({missing[0]!r}, ...)"] if missing else []) +
+                            ([f"holds {len(extra)} adapter-like tensor(s) under names the model has not ({extra[0]!r}, "
+                              "...)"] if extra else []))
+        raise ValueError(f"save_pretrained: the given state_dict {what}; give the wrapper's own state dict, keys "
+                         f"'{PREFIX}<key>' as in its named_parameters() (or no state_dict)")
 
 
 @functools.lru_cache(maxsize=None)
