@@ -142,15 +142,8 @@ class BottleneckAdapterModel(PeftModel):
                                  "has " + ", ".join(f"{k}={have.get(k)!r}" for k in differ) + ": its weights "
                                  "cannot be loaded into it")
             loaded = read_weights(path / WEIGHTS_NAME)
-        target = self.adapter_state_dict()
-        if loaded.keys() != target.keys():
-            missing, extra = sorted(target.keys() - loaded.keys())[:3], sorted(loaded.keys() - target.keys())[:3]
-            raise ValueError(f"load_adapter: {model_id} does not fit this model's adapter: missing {missing}, "
-                             f"unexpected {extra}")
-        for key, t in loaded.items():
-            if t.shape != target[key].shape:
-                raise ValueError(f"load_adapter: '{key}' in {model_id} has shape {tuple(t.shape)}, but the model's "
-                                 f"adapter has {tuple(target[key].shape)}")
+        _check_fits(loaded, {k: tuple(v.shape) for k, v in self.adapter_state_dict().items()}, model_id,
+                    type(self.get_base_model()).__name__)
         self.get_base_model().load_state_dict(loaded, strict=False)
         if is_trainable:
             for name, p in self.get_base_model().named_parameters():
@@ -403,6 +396,17 @@ def is_bottleneck_adapter(path) -> bool:
         return False
 
 
+def _check_fits(loaded: dict, need: dict[str, tuple], path, model_name: str) -> None:
+    """The loaded tensors are exactly the adapter tensors `need` names, each of the shape it gives."""
+    if loaded.keys() != need.keys():
+        missing, extra = sorted(need.keys() - loaded.keys())[:3], sorted(loaded.keys() - need.keys())[:3]
+        raise ValueError(f"load_adapter: {path} does not fit {model_name}: missing {missing}, unexpected {extra}")
+    for key, t in loaded.items():
+        if tuple(t.shape) != need[key]:
+            raise ValueError(f"load_adapter: '{key}' in {path} has shape {tuple(t.shape)}, but the model needs "
+                             f"{need[key]}: the adapter was trained for a different model")
+
+
 def load_bottleneck_adapter(model: nn.Module, path, adapter_name: str = "default",
                             is_trainable: bool = False) -> BottleneckAdapterModel:
     """Rebuild the adapters described in `path` on `model` (a plain transformers model) and load their weights.
@@ -413,7 +417,7 @@ def load_bottleneck_adapter(model: nn.Module, path, adapter_name: str = "default
     for f in (path / CONFIG_NAME, path / WEIGHTS_NAME):
         if not f.is_file():
             raise FileNotFoundError(f"load_adapter: {f} not found (expected a fastft bottleneck adapter directory)")
-    if isinstance(model, (PeftModel, BottleneckAdapterModel)) or not isinstance(model, nn.Module):
+    if isinstance(model, PeftModel) or not isinstance(model, nn.Module):  # BottleneckAdapterModel too
         raise TypeError(f"load_adapter: bottleneck adapters load into a plain transformers model, not a "
                         f"{type(model).__name__}; give it the base model (a fresh one, or the base after unload())")
     config = BottleneckAdapterConfig.from_dict(json.loads((path / CONFIG_NAME).read_text()))
@@ -426,14 +430,7 @@ def load_bottleneck_adapter(model: nn.Module, path, adapter_name: str = "default
     for name, head in _heads(model, config, targets):  # modules trained whole: saved as they were
         need.update({f"{name}.{k}": tuple(v.shape) for k, v in head.state_dict().items()})
     loaded = read_weights(path / WEIGHTS_NAME)
-    if loaded.keys() != need.keys():
-        missing, extra = sorted(need.keys() - loaded.keys())[:3], sorted(loaded.keys() - need.keys())[:3]
-        raise ValueError(f"load_adapter: {path} does not fit {type(model).__name__}: missing {missing}, "
-                         f"unexpected {extra}")
-    for key, t in loaded.items():
-        if tuple(t.shape) != need[key]:
-            raise ValueError(f"load_adapter: '{key}' in {path} has shape {tuple(t.shape)}, but the model needs "
-                             f"{need[key]}: the adapter was trained for a different model")
+    _check_fits(loaded, need, path, type(model).__name__)
     wrapped = get_adapter_model(model, config, adapter_name)
     wrapped.get_base_model().load_state_dict(loaded, strict=False)
     if not is_trainable:
